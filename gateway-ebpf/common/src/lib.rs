@@ -1,0 +1,210 @@
+//! The `#[repr(C)]` contract between the eBPF programs and the gateway.
+//!
+//! Every type here is written by one side and read by the other through a BPF
+//! map, so field order, sizes and byte orders are part of the ABI. Addresses
+//! are always stored as IPv6 (IPv4 as `::ffff:a.b.c.d`) in network byte order,
+//! one `u32` word at a time exactly as the kernel hands them over; ports are in
+//! host byte order.
+#![no_std]
+
+/// Length of a task's `comm`, including the trailing NUL.
+pub const COMM_LEN: usize = 16;
+
+/// Maximum number of ports one intercept-set entry can restrict itself to.
+pub const MAX_PORTS: usize = 16;
+
+/// `AF_INET`, as the kernel reports it in socket contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`, as the kernel reports it in socket contexts.
+pub const AF_INET6: u32 = 10;
+
+/// Names of the maps and programs in the object, shared so neither side can
+/// drift from the other.
+pub mod names {
+    /// LPM trie of IPv4 destinations to intercept.
+    pub const INTERCEPT_V4: &str = "INTERCEPT_V4";
+    /// LPM trie of IPv6 destinations to intercept.
+    pub const INTERCEPT_V6: &str = "INTERCEPT_V6";
+    /// Single-entry array holding [`super::RedirectConfig`].
+    pub const CONFIG: &str = "CONFIG";
+    /// LRU map: socket cookie -> [`super::ConnRecord`] between connect() and establishment.
+    pub const PENDING: &str = "PENDING";
+    /// LRU map: [`super::SockKey`] -> [`super::ConnRecord`] until the proxy accepts.
+    pub const ORIGINAL: &str = "ORIGINAL";
+    /// Per-CPU array of counters indexed by [`super::Stat`].
+    pub const STATS: &str = "STATS";
+    /// cgroup/connect4 program.
+    pub const PROG_CONNECT4: &str = "gw_connect4";
+    /// cgroup/connect6 program.
+    pub const PROG_CONNECT6: &str = "gw_connect6";
+    /// sock_ops program that re-keys records by 4-tuple once a connection is established.
+    pub const PROG_SOCK_OPS: &str = "gw_sock_ops";
+    /// cgroup/sock_release program that drops records of sockets that never connected.
+    pub const PROG_SOCK_RELEASE: &str = "gw_sock_release";
+}
+
+/// What the connect hooks do with a connection bound for the intercept set.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Rewrite the destination to the proxy's listener.
+    Redirect = 1,
+    /// Refuse the connect() with EPERM: the gateway has stopped but
+    /// enforcement stays (fail closed).
+    Deny = 2,
+}
+
+/// Global settings of the redirect programs (the single entry of `CONFIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The proxy's IPv4 listener address, network byte order.
+    pub proxy_v4: u32,
+    /// The proxy's IPv6 listener address, network byte order words.
+    pub proxy_v6: [u32; 4],
+    /// The proxy's listener port, host byte order.
+    pub proxy_port: u16,
+    /// Non-zero when IPv6 destinations can be redirected (the proxy listens on IPv6).
+    pub v6_enabled: u16,
+    /// A [`Mode`] value; zero (unset) behaves as `Deny` so a half-filled
+    /// configuration never lets traffic around the gateway.
+    pub mode: u32,
+    /// The gateway's own tgid: its connections are never redirected.
+    pub gateway_tgid: u32,
+    /// Socket mark the gateway sets on upstream sockets: never redirected.
+    pub upstream_mark: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Network namespace cookie of the proxy's listeners. Sockets in other
+    /// namespaces cannot reach them, so intercepted connects from there are refused.
+    pub host_netns_cookie: u64,
+}
+
+impl RedirectConfig {
+    /// The mode as an enum; unknown values fail closed.
+    pub fn mode(&self) -> Mode {
+        if self.mode == Mode::Redirect as u32 {
+            Mode::Redirect
+        } else {
+            Mode::Deny
+        }
+    }
+}
+
+/// One intercept-set entry: which ports of a CIDR are intercepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSet {
+    /// Ports in host byte order; only the first `len` are meaningful.
+    pub ports: [u16; MAX_PORTS],
+    /// Number of ports in use; zero means every port.
+    pub len: u16,
+}
+
+impl PortSet {
+    /// Every port of the prefix.
+    pub const ALL: PortSet = PortSet { ports: [0; MAX_PORTS], len: 0 };
+
+    /// Whether `port` (host byte order) is intercepted.
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        if self.len == 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < MAX_PORTS {
+            if i >= self.len as usize {
+                return false;
+            }
+            if self.ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// What the kernel knew about a redirected connection at connect() time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// Original destination address (IPv4 mapped into IPv6), network byte order words.
+    pub orig_addr: [u32; 4],
+    /// Original destination port, host byte order.
+    pub orig_port: u16,
+    /// Address family of the original destination ([`AF_INET`] or [`AF_INET6`]).
+    pub orig_family: u16,
+    /// Thread group id (the user-space pid).
+    pub tgid: u32,
+    /// Thread id that called connect().
+    pub pid: u32,
+    /// Real uid of the caller.
+    pub uid: u32,
+    /// Real gid of the caller.
+    pub gid: u32,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// cgroup v2 id of the caller.
+    pub cgroup_id: u64,
+    /// Network namespace cookie of the socket.
+    pub netns_cookie: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at connect().
+    pub ts_ns: u64,
+    /// The caller's `comm`, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Key of `ORIGINAL`: the redirected socket as the proxy sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// The client's (peer's) address, IPv4 mapped into IPv6, network byte order words.
+    pub addr: [u32; 4],
+    /// The client's port, host byte order.
+    pub port: u16,
+    /// The proxy listener port the client was sent to, host byte order.
+    pub proxy_port: u16,
+}
+
+/// Indices of the `STATS` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Connects rewritten to the proxy.
+    Redirected = 0,
+    /// Connects refused because the gateway is stopped.
+    DeniedStopped = 1,
+    /// Connects refused because they came from another network namespace.
+    DeniedNetns = 2,
+    /// Connects left alone because the gateway made them.
+    SkippedSelf = 3,
+    /// Redirected sockets re-keyed by 4-tuple at establishment.
+    Established = 4,
+    /// Redirected sockets released before they were established.
+    ReleasedUnestablished = 5,
+}
+
+/// Number of `STATS` slots.
+pub const STATS_LEN: u32 = 6;
+
+/// Maps `family:addr` words for an IPv4 address (network byte order u32) to the
+/// IPv4-mapped IPv6 form used in every key and record.
+#[inline(always)]
+pub const fn v4_mapped(addr_be: u32) -> [u32; 4] {
+    // 0000:0000:0000:0000:0000:ffff: in network byte order is the byte
+    // sequence 00 00 ff ff, which as a native little- or big-endian word is
+    // the same bytes: build it from bytes so the constant is endian-free.
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr_be]
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], contain only integers and arrays
+    // of integers, and have no padding the kernel could leave uninitialised
+    // (explicit `_pad` fields cover alignment holes).
+    unsafe impl aya::Pod for super::RedirectConfig {}
+    unsafe impl aya::Pod for super::PortSet {}
+    unsafe impl aya::Pod for super::ConnRecord {}
+    unsafe impl aya::Pod for super::SockKey {}
+}

@@ -1,0 +1,340 @@
+//! Command line: `gateway run`, `exec`, `status`, `detach`, `config check`,
+//! and the commands of the detector, TLS and findings modules.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{self, Config, LogFormat, Source},
+    intercept::{self, destinations, Cgroup, InterceptSet, Interceptor, RedirectTarget, Status},
+    proxy::{self, Proxy},
+};
+
+/// Transparent interception gateway for shared CI runner hosts.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version, about)]
+pub struct Cli {
+    /// Configuration file (YAML). A missing file means the embedded defaults.
+    #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach to the configured cgroups and run the proxy until SIGINT/SIGTERM.
+    Run,
+    /// Run a command inside the intercepted cgroup of the running gateway.
+    Exec {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Show the pinned interception state (mode, map sizes, counters).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach every program the gateway pinned (uninstalling, or recovering a host).
+    Detach,
+    /// Configuration commands.
+    Config {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Scan files or standard input for static keys, like a secret scanner.
+    Scan(crate::detect::cli::ScanArgs),
+    /// The gateway's certificate authority.
+    Ca(crate::tls::cli::CaArgs),
+    /// Make the host trust the gateway's CA.
+    Trust(crate::tls::cli::TrustArgs),
+    /// Review static-key findings.
+    Findings(crate::findings::cli::FindingsArgs),
+}
+
+/// `gateway config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration.
+    Check {
+        /// The file (defaults to --config).
+        file: Option<PathBuf>,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match &cli.command {
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            let path = file.as_deref().unwrap_or(&cli.config);
+            return config_check(path);
+        }
+        _ => Config::load(&cli.config),
+    };
+    let (config, source) = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    if let Source::Defaults(path) = &source {
+        tracing::info!(path = %path.display(), "configuration file not found; using the embedded defaults");
+    }
+    let result = match &cli.command {
+        Command::Run => run(config),
+        Command::Exec { command } => exec(&config, command),
+        Command::Status { json } => status(&config, *json),
+        Command::Detach => detach(&config),
+        Command::Scan(args) => return crate::detect::cli::run(&config, args),
+        Command::Ca(args) => return crate::tls::cli::run_ca(&config, args),
+        Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
+        Command::Findings(args) => return crate::findings::cli::run(&config, args),
+        Command::Config { .. } => unreachable_config(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn unreachable_config() -> anyhow::Result<()> {
+    bail!("internal error: config commands are handled before loading")
+}
+
+fn config_check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok((_, Source::Defaults(p))) => {
+            eprintln!("gateway: {}: no such file (the gateway would run on its embedded defaults)", p.display());
+            ExitCode::from(2)
+        }
+        Ok((config, Source::File(p))) => {
+            println!("{}: OK", p.display());
+            println!("{config:#?}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Logging may already be set up (tests call into the library); that is fine.
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root (loading eBPF programs and attaching them to cgroups); run it with sudo");
+    }
+    Ok(())
+}
+
+fn resolve_cgroups(config: &Config, create: bool) -> anyhow::Result<Vec<Cgroup>> {
+    let mount = intercept::cgroup::cgroup2_mount()?;
+    config
+        .intercept
+        .cgroups
+        .iter()
+        .map(|spec| Cgroup::resolve(&mount, spec, create).map_err(Into::into))
+        .collect()
+}
+
+/// `gateway run`.
+fn run(config: Config) -> anyhow::Result<()> {
+    require_root("gateway run")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("gateway")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
+    let _lock = lock_state_dir(&config.state_dir)?;
+    let cgroups = resolve_cgroups(&config, true)?;
+
+    // Listen before attaching: from the moment the programs are attached,
+    // redirected connections need someone to accept them.
+    let listeners = proxy::bind_listeners(&config.proxy).context("binding the proxy listeners")?;
+    let target = RedirectTarget {
+        v4: config.proxy.listen_v4,
+        v6: config.proxy.listen_v6,
+        port: config.proxy.port,
+        upstream_mark: config.proxy.upstream_mark,
+    };
+    let mut interceptor = Interceptor::load(&config.intercept.bpffs_dir, target)?;
+
+    let hosts = destinations::hosts(&config.intercept.destinations);
+    let dns_timeout = std::time::Duration::from_secs(2);
+    let resolved = destinations::resolve_all(&hosts, &Default::default(), dns_timeout).await;
+    let set = InterceptSet::build(&config.intercept.destinations, &resolved);
+    interceptor.set_destinations(&set)?;
+    interceptor.attach(&cgroups)?;
+    let interceptor = Arc::new(interceptor);
+    tracing::info!(
+        cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        destinations = set.len(),
+        listen_v4 = %config.proxy.listen_v4,
+        listen_v6 = ?config.proxy.listen_v6,
+        port = config.proxy.port,
+        "gateway running"
+    );
+
+    let shutdown = CancellationToken::new();
+    let refresher = tokio::spawn(refresh_dns(
+        interceptor.clone(),
+        config.intercept.destinations.clone(),
+        hosts,
+        resolved,
+        config.intercept.dns_refresh,
+        shutdown.clone(),
+    ));
+    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone());
+    let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
+
+    wait_for_signal().await?;
+    tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
+    shutdown.cancel();
+    let _ = serving.await;
+    let _ = refresher.await;
+    let interceptor = Arc::try_unwrap(interceptor)
+        .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
+    interceptor.shutdown(config.intercept.on_shutdown)?;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+async fn refresh_dns(
+    interceptor: Arc<Interceptor>,
+    specs: Vec<config::DestinationSpec>,
+    hosts: Vec<String>,
+    mut resolved: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    if hosts.is_empty() {
+        return;
+    }
+    let mut current = InterceptSet::build(&specs, &resolved);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        resolved = destinations::resolve_all(&hosts, &resolved, std::time::Duration::from_secs(5)).await;
+        let next = InterceptSet::build(&specs, &resolved);
+        if next != current {
+            match interceptor.set_destinations(&next) {
+                Ok(()) => {
+                    tracing::info!(entries = next.len(), "intercept set updated after DNS refresh");
+                    current = next;
+                }
+                Err(e) => tracing::error!(error = %e, "updating the intercept set failed; keeping the previous one"),
+            }
+        }
+    }
+}
+
+/// One gateway per state directory: a second one would fight over the pins.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = dir.join("gateway.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!("{}: another gateway is running with this state directory ({e})", path.display())
+    })
+}
+
+/// `gateway exec -- CMD ARGS...`.
+fn exec(config: &Config, command: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    require_root("gateway exec")?;
+    let cgroups = resolve_cgroups(config, false)?;
+    let Some(cgroup) = cgroups.first() else { bail!("intercept.cgroups is empty") };
+    match Status::read(&config.intercept.bpffs_dir)? {
+        None => bail!(
+            "no gateway has attached under {}: start `gateway run` first",
+            config.intercept.bpffs_dir.display()
+        ),
+        Some(s) if s.mode != "redirect" => {
+            eprintln!("gateway: warning: the gateway is stopped; intercepted connections will be refused");
+        }
+        Some(_) => {}
+    }
+    cgroup.add_process(std::process::id())?;
+    let (program, args) = command.split_first().context("no command given")?;
+    let err = std::process::Command::new(program).args(args).exec();
+    bail!("executing {program}: {err}")
+}
+
+/// `gateway status`.
+fn status(config: &Config, json: bool) -> anyhow::Result<()> {
+    require_root("gateway status")?;
+    let Some(status) = Status::read(&config.intercept.bpffs_dir)? else {
+        bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
+    };
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    } else {
+        println!("mode:            {}", status.mode);
+        println!("gateway pid:     {}", status.gateway_tgid);
+        println!("links:           {}", status.links);
+        println!("pending records: {}", status.pending);
+        println!("waiting records: {}", status.original);
+        for (name, value) in &status.stats {
+            println!("{name:<24} {value}");
+        }
+    }
+    Ok(())
+}
+
+/// `gateway detach`.
+fn detach(config: &Config) -> anyhow::Result<()> {
+    require_root("gateway detach")?;
+    intercept::detach_all(&config.intercept.bpffs_dir)?;
+    println!("detached everything pinned under {}", config.intercept.bpffs_dir.display());
+    Ok(())
+}

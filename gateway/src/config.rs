@@ -1,0 +1,368 @@
+//! The gateway's configuration file (YAML) and its embedded defaults.
+//!
+//! Every field is documented in `docs/configuration.md`; keep the two in step.
+//! Unknown fields are errors, so a typo never silently falls back to a default.
+
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Where `gateway` looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ci-gateway/gateway.yaml";
+
+/// A configuration that could not be loaded: names the file, the field and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("{path}: cannot read configuration: {source}")]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The YAML did not parse or did not fit the schema.
+    #[error("{path}: {field}: {reason}")]
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// Dotted path of the offending field (`.` for the document itself).
+        field: String,
+        /// What is wrong, with line and column where the parser knows them.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the gateway's durable state (CA, findings database, secrets).
+    pub state_dir: PathBuf,
+    /// Which connections are intercepted, from which cgroups.
+    pub intercept: InterceptConfig,
+    /// The local proxy that intercepted connections are redirected to.
+    pub proxy: ProxyConfig,
+    /// Logging and connection events.
+    pub log: LogConfig,
+    /// TLS interception: which hosts are terminated, which passed through.
+    pub tls: crate::tls::TlsConfig,
+    /// Static-key detection.
+    pub detect: crate::detect::DetectConfig,
+    /// Findings storage and enforcement actions.
+    pub findings: crate::findings::FindingsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/ci-gateway"),
+            intercept: InterceptConfig::default(),
+            proxy: ProxyConfig::default(),
+            log: LogConfig::default(),
+            tls: Default::default(),
+            detect: Default::default(),
+            findings: Default::default(),
+        }
+    }
+}
+
+/// Which connections are intercepted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InterceptConfig {
+    /// cgroups (v2) whose processes are intercepted, relative to the cgroup2
+    /// mount or absolute below it.
+    pub cgroups: Vec<CgroupSpec>,
+    /// Destinations that are redirected into the proxy.
+    pub destinations: Vec<DestinationSpec>,
+    /// How often host-name destinations are resolved again.
+    #[serde(with = "humantime_serde")]
+    pub dns_refresh: Duration,
+    /// bpffs directory where the gateway pins its programs and maps.
+    pub bpffs_dir: PathBuf,
+    /// What a clean shutdown leaves behind.
+    pub on_shutdown: ShutdownMode,
+}
+
+impl Default for InterceptConfig {
+    fn default() -> Self {
+        Self {
+            cgroups: vec![CgroupSpec { path: PathBuf::from("ci-gateway/jobs"), create: true }],
+            destinations: ["api2.cursor.sh", "api3.cursor.sh", "api4.cursor.sh", "api.cursor.com"]
+                .into_iter()
+                .map(|host| DestinationSpec {
+                    target: Target::Host(host.to_owned()),
+                    ports: vec![443, 80],
+                })
+                .collect(),
+            dns_refresh: Duration::from_secs(30),
+            bpffs_dir: PathBuf::from("/sys/fs/bpf/ci-gateway"),
+            on_shutdown: ShutdownMode::Enforce,
+        }
+    }
+}
+
+/// One intercepted cgroup.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupSpec {
+    /// Path of the cgroup, relative to the cgroup2 mount (or absolute below it).
+    pub path: PathBuf,
+    /// Create the cgroup when it does not exist (otherwise that is an error).
+    #[serde(default)]
+    pub create: bool,
+}
+
+/// One intercept-set entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSpec {
+    /// The addresses.
+    #[serde(flatten)]
+    pub target: Target,
+    /// Ports to intercept; empty means every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// Addresses of an intercept-set entry.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`, or a bare address).
+    Cidr(#[serde(deserialize_with = "de_net")] IpNet),
+    /// A host name, resolved at start and every `dns_refresh`.
+    Host(String),
+}
+
+fn de_net<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    let s = String::deserialize(d)?;
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an IP network (a.b.c.d/n or x::y/n)")))
+}
+
+/// What a clean shutdown leaves behind.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShutdownMode {
+    /// Keep the programs attached in refusing mode: while the gateway is
+    /// down, intercepted connections fail instead of bypassing it.
+    #[default]
+    Enforce,
+    /// Detach everything the gateway attached (development hosts).
+    Detach,
+}
+
+/// The local proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// IPv4 listener address (a loopback address).
+    pub listen_v4: Ipv4Addr,
+    /// IPv6 listener address; `null` disables IPv6 interception (such connects are refused).
+    pub listen_v6: Option<Ipv6Addr>,
+    /// Listener port, shared by both addresses.
+    pub port: u16,
+    /// `SO_MARK` set on the gateway's upstream sockets; never redirected.
+    pub upstream_mark: u32,
+    /// Timeout for connecting to the original destination.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an accepted connection may wait for its eBPF record.
+    #[serde(with = "humantime_serde")]
+    pub attribution_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen_v4: Ipv4Addr::LOCALHOST,
+            listen_v6: Some(Ipv6Addr::LOCALHOST),
+            port: 15001,
+            upstream_mark: 0x4757_4159,
+            connect_timeout: Duration::from_secs(10),
+            attribution_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines (one object per line).
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `gateway=debug`...). `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".to_owned() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where a configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Read from this file.
+    File(PathBuf),
+    /// The file did not exist: embedded defaults.
+    Defaults(PathBuf),
+}
+
+impl Config {
+    /// Loads `path`; a missing file yields the embedded defaults.
+    pub fn load(path: &Path) -> Result<(Config, Source), ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((Self::parse(path, &text)?, Source::File(path.to_owned()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((Config::default(), Source::Defaults(path.to_owned())))
+            }
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
+        }
+    }
+
+    /// Parses and validates a configuration document; `path` names it in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |field: String, reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            reason,
+        };
+        // An empty document is a valid "all defaults" file.
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            invalid(field, e.into_inner().to_string())
+        })?;
+        config.validate().map_err(|(field, reason)| invalid(field, reason))?;
+        Ok(config)
+    }
+
+    /// Checks what the schema cannot express.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if self.intercept.cgroups.is_empty() {
+            return Err(("intercept.cgroups".into(), "at least one cgroup is required".into()));
+        }
+        for (i, cg) in self.intercept.cgroups.iter().enumerate() {
+            let field = format!("intercept.cgroups[{i}].path");
+            if cg.path.as_os_str().is_empty() {
+                return Err((field, "empty path".into()));
+            }
+            let rel = cg.path.strip_prefix("/").unwrap_or(&cg.path);
+            if rel.as_os_str().is_empty() {
+                return Err((field, "the root cgroup is never intercepted: it would capture every process on the host".into()));
+            }
+            if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err((field, format!("`{}` must not contain `..` or `.`", cg.path.display())));
+            }
+        }
+        for (i, d) in self.intercept.destinations.iter().enumerate() {
+            if d.ports.len() > gateway_common::MAX_PORTS {
+                return Err((
+                    format!("intercept.destinations[{i}].ports"),
+                    format!("at most {} ports per entry", gateway_common::MAX_PORTS),
+                ));
+            }
+            if d.ports.contains(&0) {
+                return Err((format!("intercept.destinations[{i}].ports"), "port 0 is not a port".into()));
+            }
+            if let Target::Host(h) = &d.target {
+                if h.is_empty() || h.contains(char::is_whitespace) || h.contains('/') {
+                    return Err((format!("intercept.destinations[{i}].host"), format!("`{h}` is not a host name")));
+                }
+            }
+        }
+        if self.intercept.dns_refresh < Duration::from_secs(1) {
+            return Err(("intercept.dns_refresh".into(), "must be at least 1s".into()));
+        }
+        if !self.intercept.bpffs_dir.is_absolute() {
+            return Err(("intercept.bpffs_dir".into(), "must be an absolute path".into()));
+        }
+        if self.proxy.port == 0 {
+            return Err(("proxy.port".into(), "port 0 is not a port".into()));
+        }
+        if !self.proxy.listen_v4.is_loopback() {
+            return Err(("proxy.listen_v4".into(), "must be a loopback address: jobs must not reach the proxy from outside".into()));
+        }
+        if let Some(v6) = self.proxy.listen_v6 {
+            if !v6.is_loopback() {
+                return Err(("proxy.listen_v6".into(), "must be the loopback address ::1".into()));
+            }
+        }
+        if self.proxy.upstream_mark == 0 {
+            return Err(("proxy.upstream_mark".into(), "must be non-zero".into()));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(("state_dir".into(), "must be an absolute path".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/gw.yaml"), text)
+    }
+
+    #[test]
+    fn empty_document_is_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.proxy.port, 15001);
+        assert_eq!(c.intercept.cgroups[0].path, PathBuf::from("ci-gateway/jobs"));
+    }
+
+    #[test]
+    fn destinations_parse() {
+        let c = parse(
+            "intercept:\n  destinations:\n    - cidr: 10.0.0.0/8\n      ports: [443]\n    - cidr: ::1\n    - host: git.internal\n      ports: [22, 443]\n",
+        )
+        .unwrap();
+        assert_eq!(c.intercept.destinations.len(), 3);
+        assert_eq!(c.intercept.destinations[1].target, Target::Cidr("::1/128".parse().unwrap()));
+        assert_eq!(c.intercept.destinations[2].target, Target::Host("git.internal".into()));
+    }
+
+    #[test]
+    fn errors_name_file_field_and_reason() {
+        let e = parse("proxy:\n  port: 70000\n").unwrap_err().to_string();
+        assert!(e.starts_with("/etc/gw.yaml: proxy.port: "), "{e}");
+        let e = parse("intercept:\n  destinations:\n    - cidr: 10.0.0.0/33\n").unwrap_err().to_string();
+        assert!(e.contains("intercept.destinations[0]"), "{e}");
+        assert!(e.contains("not an IP network"), "{e}");
+        let e = parse("proxy:\n  prot: 1\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `prot`"), "{e}");
+        let e = parse("intercept:\n  cgroups: [{path: /}]\n").unwrap_err().to_string();
+        assert!(e.contains("intercept.cgroups[0].path: the root cgroup"), "{e}");
+        let e = parse("proxy:\n  listen_v4: 10.1.2.3\n").unwrap_err().to_string();
+        assert!(e.contains("proxy.listen_v4: must be a loopback"), "{e}");
+    }
+}

@@ -1,0 +1,92 @@
+//! Structured events: one per intercepted connection.
+//!
+//! Events are tracing events with target [`CONNECTION_TARGET`]; with
+//! `log.format: json` each is one JSON object per line with every field at
+//! the top level, which is what log pipelines (and the tests) read.
+
+use std::{net::SocketAddr, time::Duration};
+
+use crate::process::ProcessInfo;
+
+/// tracing target of connection events.
+pub const CONNECTION_TARGET: &str = "gateway::connection";
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions completed.
+    Closed,
+    /// No eBPF record for the accepted socket: closed without forwarding.
+    Unattributed,
+    /// The original destination could not be reached.
+    UpstreamFailed,
+    /// An I/O error ended the relay.
+    Error,
+    /// Refused by the gateway's policy or detector.
+    Blocked,
+}
+
+impl Outcome {
+    /// The name used in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Closed => "closed",
+            Outcome::Unattributed => "unattributed",
+            Outcome::UpstreamFailed => "upstream_failed",
+            Outcome::Error => "error",
+            Outcome::Blocked => "blocked",
+        }
+    }
+}
+
+/// The summary of one intercepted connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionEvent<'a> {
+    /// Gateway-assigned connection id.
+    pub id: u64,
+    /// The client as the proxy saw it.
+    pub peer: SocketAddr,
+    /// Where the client meant to go.
+    pub orig_dst: Option<SocketAddr>,
+    /// Who the client is.
+    pub process: Option<&'a ProcessInfo>,
+    /// Bytes client -> upstream.
+    pub bytes_up: u64,
+    /// Bytes upstream -> client.
+    pub bytes_down: u64,
+    /// Time from accept to close.
+    pub duration: Duration,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Error text when it ended badly.
+    pub error: Option<String>,
+}
+
+impl ConnectionEvent<'_> {
+    /// Emits the event.
+    pub fn emit(&self) {
+        let p = self.process;
+        let exe = p.and_then(|p| p.exe.as_ref()).map(|e| e.display().to_string());
+        let orig_dst = self.orig_dst.map(|d| d.to_string());
+        tracing::info!(
+            target: CONNECTION_TARGET,
+            conn_id = self.id,
+            peer = %self.peer,
+            orig_dst = orig_dst.as_deref(),
+            pid = p.map(|p| p.pid),
+            tid = p.map(|p| p.tid),
+            uid = p.map(|p| p.uid),
+            gid = p.map(|p| p.gid),
+            comm = p.map(|p| p.comm.as_str()),
+            exe = exe.as_deref(),
+            cgroup = p.and_then(|p| p.cgroup.as_deref()),
+            cgroup_id = p.map(|p| p.cgroup_id),
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = self.duration.as_secs_f64() * 1000.0,
+            outcome = self.outcome.as_str(),
+            error = self.error.as_deref(),
+            "connection"
+        );
+    }
+}

@@ -1,0 +1,507 @@
+//! Transparent interception: loading the eBPF programs, attaching them to
+//! the intercepted cgroups, filling their maps, and handing the proxy the
+//! record of each redirected connection.
+//!
+//! Links and maps are pinned under `intercept.bpffs_dir`, so enforcement
+//! outlives the gateway process: after a crash, intercepted connects are
+//! redirected to a dead listener and refused; after a clean shutdown (mode
+//! `enforce`) the programs refuse them outright. A new gateway takes the pins
+//! over: it attaches its own programs first and only then drops the old ones,
+//! so there is no window in which traffic goes around it.
+
+pub mod bpffs;
+pub mod cgroup;
+pub mod destinations;
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode,
+    },
+    Ebpf,
+};
+use gateway_common::{names, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, STATS_LEN};
+use ipnet::IpNet;
+
+pub use cgroup::{Cgroup, CgroupError};
+pub use destinations::{InterceptSet, TooManyPorts};
+
+/// The eBPF object, built by `build.rs` from `gateway-ebpf/`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
+
+/// Programs in attach order, with the name of their pin files.
+const PROGRAMS: [&str; 4] =
+    [names::PROG_SOCK_RELEASE, names::PROG_SOCK_OPS, names::PROG_CONNECT4, names::PROG_CONNECT6];
+
+/// Maps pinned for `gateway status` and `gateway exec`.
+const PINNED_MAPS: [&str; 4] = [names::CONFIG, names::PENDING, names::ORIGINAL, names::STATS];
+
+/// Everything that can go wrong while setting up or tearing down interception.
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    /// A cgroup problem.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The object did not load.
+    #[error("loading the eBPF programs failed: {0} (the gateway needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    Load(#[source] aya::EbpfError),
+    /// A program did not load or attach.
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// The error.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// The error.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A pin could not be created, read or removed.
+    #[error("bpffs pin {path}: {reason}")]
+    Pin {
+        /// The pin path.
+        path: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+    /// The object lacks a program or map the gateway expects (stale build).
+    #[error("the eBPF object has no {0}; rebuild the gateway")]
+    Missing(&'static str),
+    /// The intercept set does not fit the maps.
+    #[error(transparent)]
+    Ports(#[from] TooManyPorts),
+    /// Some other I/O failure.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> InterceptError {
+    move |source| InterceptError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> InterceptError {
+    move |source| InterceptError::Program { name, source }
+}
+
+/// Where the proxy listens and how the programs recognise the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct RedirectTarget {
+    /// IPv4 listener.
+    pub v4: Ipv4Addr,
+    /// IPv6 listener, if any.
+    pub v6: Option<Ipv6Addr>,
+    /// Listener port.
+    pub port: u16,
+    /// Mark of the gateway's upstream sockets.
+    pub upstream_mark: u32,
+}
+
+/// Address words in the layout the programs use (network byte order).
+pub fn addr_words(ip: IpAddr) -> [u32; 4] {
+    let v6 = match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    [0, 1, 2, 3].map(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+}
+
+/// The inverse of [`addr_words`]; IPv4-mapped addresses come back as IPv4.
+pub fn words_addr(words: [u32; 4]) -> IpAddr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(o);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The live interception: loaded programs, pinned links, and the maps the
+/// gateway writes (intercept set, mode) and reads (connection records).
+pub struct Interceptor {
+    _ebpf: Ebpf,
+    pin_dir: PathBuf,
+    links: Vec<PinnedLink>,
+    config: Mutex<Array<MapData, RedirectConfig>>,
+    tries: Mutex<(LpmTrie<MapData, [u8; 4], PortSet>, LpmTrie<MapData, [u8; 16], PortSet>)>,
+    original: Mutex<BpfHashMap<MapData, SockKey, ConnRecord>>,
+    redirect: RedirectConfig,
+}
+
+impl Interceptor {
+    /// Loads the programs and fills `CONFIG`; nothing is attached yet.
+    pub fn load(pin_dir: &Path, target: RedirectTarget) -> Result<Interceptor, InterceptError> {
+        bpffs::ensure_mounted(pin_dir)?;
+        let mut ebpf = Ebpf::load(OBJECT).map_err(InterceptError::Load)?;
+        for name in PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
+            let loaded = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                aya::programs::Program::CgroupSock(p) => p.load(),
+                _ => return Err(InterceptError::Missing(name)),
+            };
+            loaded.map_err(prog_err(name))?;
+        }
+        pin_maps(&ebpf, &pin_dir.join("maps"))?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
+        let mut config: Array<MapData, RedirectConfig> =
+            Array::try_from(take(&mut ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        let v4 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V4)?).map_err(map_err(names::INTERCEPT_V4))?;
+        let v6 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V6)?).map_err(map_err(names::INTERCEPT_V6))?;
+        let original =
+            BpfHashMap::try_from(take(&mut ebpf, names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
+
+        let redirect = RedirectConfig {
+            proxy_v4: addr_words(IpAddr::V4(target.v4))[3],
+            proxy_v6: target.v6.map(|v6| addr_words(IpAddr::V6(v6))).unwrap_or([0; 4]),
+            proxy_port: target.port,
+            v6_enabled: u16::from(target.v6.is_some()),
+            mode: Mode::Redirect as u32,
+            gateway_tgid: std::process::id(),
+            upstream_mark: target.upstream_mark,
+            _pad: 0,
+            host_netns_cookie: own_netns_cookie()?,
+        };
+        config.set(0, redirect, 0).map_err(map_err(names::CONFIG))?;
+
+        let interceptor = Interceptor {
+            pin_dir: pin_dir.to_owned(),
+            links: Vec::new(),
+            config: Mutex::new(config),
+            tries: Mutex::new((v4, v6)),
+            original: Mutex::new(original),
+            redirect,
+            _ebpf: ebpf,
+        };
+        Ok(interceptor)
+    }
+
+    /// Attaches every program to every cgroup, pins the links, and then
+    /// drops whatever an earlier gateway had pinned.
+    pub fn attach(&mut self, cgroups: &[Cgroup]) -> Result<(), InterceptError> {
+        let links_dir = self.pin_dir.join("links");
+        fs::create_dir_all(&links_dir)
+            .map_err(|source| InterceptError::Io { what: format!("creating {}", links_dir.display()), source })?;
+        let stale = pins_in(&links_dir)?;
+
+        let mut fresh: Vec<(PathBuf, FdLink)> = Vec::new();
+        for cg in cgroups {
+            let file = cg.open()?;
+            for name in PROGRAMS {
+                let prog = self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
+                // Single mode goes through bpf_link on current kernels, which
+                // coexists with other programs attached to the same cgroup.
+                let link: FdLink = match prog {
+                    aya::programs::Program::CgroupSockAddr(p) => {
+                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                        let link = p.take_link(id).map_err(prog_err(name))?;
+                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                            path: cg.dir.clone(),
+                            reason: format!("{name} was not attached with a bpf_link: {e}"),
+                        })?
+                    }
+                    aya::programs::Program::SockOps(p) => {
+                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                        let link = p.take_link(id).map_err(prog_err(name))?;
+                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                            path: cg.dir.clone(),
+                            reason: format!("{name} was not attached with a bpf_link: {e}"),
+                        })?
+                    }
+                    aya::programs::Program::CgroupSock(p) => {
+                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                        let link = p.take_link(id).map_err(prog_err(name))?;
+                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                            path: cg.dir.clone(),
+                            reason: format!("{name} was not attached with a bpf_link: {e}"),
+                        })?
+                    }
+                    _ => return Err(InterceptError::Missing(name)),
+                };
+                fresh.push((links_dir.join(format!("{}-{name}", cg.id)), link));
+            }
+        }
+        // Our programs are live on every cgroup: now the old ones can go.
+        for path in stale {
+            remove_link_pin(&path)?;
+        }
+        for (path, link) in fresh {
+            let pinned = link
+                .pin(&path)
+                .map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
+            self.links.push(pinned);
+        }
+        Ok(())
+    }
+
+    /// Writes the intercept set to the tries: new entries first, then
+    /// stale ones removed, so no intercepted destination is ever missing.
+    pub fn set_destinations(&self, set: &InterceptSet) -> Result<(), InterceptError> {
+        let entries = set.map_entries()?;
+        let mut guard = self.tries.lock().map_err(|_| InterceptError::Missing("intercept trie lock"))?;
+        let (v4, v6) = &mut *guard;
+        let mut want_v4 = Vec::new();
+        let mut want_v6 = Vec::new();
+        for (net, ports) in entries {
+            match net {
+                IpNet::V4(n) => {
+                    let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+                    v4.insert(&key, ports, 0).map_err(map_err(names::INTERCEPT_V4))?;
+                    want_v4.push((key.prefix_len(), key.data()));
+                }
+                IpNet::V6(n) => {
+                    let key = Key::new(u32::from(n.prefix_len()), n.network().octets());
+                    v6.insert(&key, ports, 0).map_err(map_err(names::INTERCEPT_V6))?;
+                    want_v6.push((key.prefix_len(), key.data()));
+                }
+            }
+        }
+        let stale_v4: Vec<Key<[u8; 4]>> =
+            v4.keys().filter_map(Result::ok).filter(|k| !want_v4.contains(&(k.prefix_len(), k.data()))).collect();
+        for key in stale_v4 {
+            v4.remove(&key).map_err(map_err(names::INTERCEPT_V4))?;
+        }
+        let stale_v6: Vec<Key<[u8; 16]>> =
+            v6.keys().filter_map(Result::ok).filter(|k| !want_v6.contains(&(k.prefix_len(), k.data()))).collect();
+        for key in stale_v6 {
+            v6.remove(&key).map_err(map_err(names::INTERCEPT_V6))?;
+        }
+        Ok(())
+    }
+
+    /// Takes (looks up and deletes) the record of an accepted connection.
+    pub fn take_record(&self, peer: SocketAddr, local_port: u16) -> Option<ConnRecord> {
+        let key = SockKey { addr: addr_words(peer.ip()), port: peer.port(), proxy_port: local_port };
+        let mut map = self.original.lock().ok()?;
+        let record = map.get(&key, 0).ok()?;
+        // A failed delete only leaves the entry to the LRU.
+        let _ = map.remove(&key);
+        Some(record)
+    }
+
+    /// The redirect settings the programs run with.
+    pub fn redirect_config(&self) -> RedirectConfig {
+        self.redirect
+    }
+
+    /// Ends this gateway's interception according to `mode`.
+    pub fn shutdown(mut self, mode: crate::config::ShutdownMode) -> Result<(), InterceptError> {
+        match mode {
+            crate::config::ShutdownMode::Enforce => {
+                // The pins keep the programs attached; from now on they refuse.
+                let stopped = RedirectConfig { mode: Mode::Deny as u32, gateway_tgid: 0, ..self.redirect };
+                let mut config = self.config.lock().map_err(|_| InterceptError::Missing("config lock"))?;
+                config.set(0, stopped, 0).map_err(map_err(names::CONFIG))
+            }
+            crate::config::ShutdownMode::Detach => {
+                // Unpinning (in detach_all) drops the last reference to each link.
+                self.links.clear();
+                detach_all(&self.pin_dir)
+            }
+        }
+    }
+}
+
+/// Pins the maps `gateway status` reads, replacing an earlier gateway's pins.
+fn pin_maps(ebpf: &Ebpf, maps_dir: &Path) -> Result<(), InterceptError> {
+    fs::create_dir_all(maps_dir)
+        .map_err(|source| InterceptError::Io { what: format!("creating {}", maps_dir.display()), source })?;
+    for name in PINNED_MAPS {
+        let path = maps_dir.join(name);
+        let pin_err = |reason: String| InterceptError::Pin { path: path.clone(), reason };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(pin_err(e.to_string())),
+        }
+        let map = ebpf.map(name).ok_or(InterceptError::Missing(name))?;
+        map.pin(&path).map_err(|e| pin_err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn pins_in(dir: &Path) -> Result<Vec<PathBuf>, InterceptError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(InterceptError::Io { what: format!("listing {}", dir.display()), source }),
+    };
+    Ok(entries.filter_map(Result::ok).map(|e| e.path()).collect())
+}
+
+fn remove_link_pin(path: &Path) -> Result<(), InterceptError> {
+    match PinnedLink::from_pin(path) {
+        // Unpinning drops the last reference: the kernel detaches the link.
+        Ok(link) => link
+            .unpin()
+            .map(drop)
+            .map_err(|e| InterceptError::Pin { path: path.to_owned(), reason: e.to_string() }),
+        // Not a link (or already gone): remove the file so it cannot confuse the next start.
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "removing unreadable pin");
+            match fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(InterceptError::Pin { path: path.to_owned(), reason: err.to_string() }),
+            }
+        }
+    }
+}
+
+/// Detaches every program pinned under `pin_dir` and removes the pins
+/// (`gateway detach`, and clean shutdown in `detach` mode).
+pub fn detach_all(pin_dir: &Path) -> Result<(), InterceptError> {
+    for path in pins_in(&pin_dir.join("links"))? {
+        remove_link_pin(&path)?;
+    }
+    for path in pins_in(&pin_dir.join("maps"))? {
+        fs::remove_file(&path).map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
+    }
+    for dir in [pin_dir.join("links"), pin_dir.join("maps"), pin_dir.to_owned()] {
+        match fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(InterceptError::Io { what: format!("removing {}", dir.display()), source }),
+        }
+    }
+    Ok(())
+}
+
+/// What `gateway status` reports, read from the pinned maps.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// `redirect` while a gateway runs, `deny` after a clean shutdown.
+    pub mode: String,
+    /// The tgid the programs treat as the gateway (0 when stopped).
+    pub gateway_tgid: u32,
+    /// Number of links pinned (programs x cgroups).
+    pub links: usize,
+    /// Records waiting for establishment (by socket cookie).
+    pub pending: usize,
+    /// Records waiting for the proxy to accept (by 4-tuple).
+    pub original: usize,
+    /// Counters summed over CPUs.
+    pub stats: std::collections::BTreeMap<String, u64>,
+}
+
+impl Status {
+    /// Reads the pinned state under `pin_dir`; `None` when nothing is pinned.
+    pub fn read(pin_dir: &Path) -> Result<Option<Status>, InterceptError> {
+        let maps = pin_dir.join("maps");
+        if !maps.join(names::CONFIG).exists() {
+            return Ok(None);
+        }
+        let open = |name: &'static str| -> Result<Map, InterceptError> {
+            let data = MapData::from_pin(maps.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        let config: Array<MapData, RedirectConfig> =
+            Array::try_from(open(names::CONFIG)?).map_err(map_err(names::CONFIG))?;
+        let cfg = config.get(&0, 0).map_err(map_err(names::CONFIG))?;
+        let pending: BpfHashMap<MapData, u64, ConnRecord> =
+            BpfHashMap::try_from(open(names::PENDING)?).map_err(map_err(names::PENDING))?;
+        let original: BpfHashMap<MapData, SockKey, ConnRecord> =
+            BpfHashMap::try_from(open(names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
+        let stats: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(open(names::STATS)?).map_err(map_err(names::STATS))?;
+        let labels = [
+            (Stat::Redirected, "redirected"),
+            (Stat::DeniedStopped, "denied_stopped"),
+            (Stat::DeniedNetns, "denied_netns"),
+            (Stat::SkippedSelf, "skipped_self"),
+            (Stat::Established, "established"),
+            (Stat::ReleasedUnestablished, "released_unestablished"),
+        ];
+        debug_assert_eq!(labels.len() as u32, STATS_LEN);
+        let mut counters = std::collections::BTreeMap::new();
+        for (stat, label) in labels {
+            let values = stats.get(&(stat as u32), 0).map_err(map_err(names::STATS))?;
+            counters.insert(label.to_owned(), values.iter().sum());
+        }
+        Ok(Some(Status {
+            mode: match cfg.mode() {
+                Mode::Redirect => "redirect".into(),
+                Mode::Deny => "deny".into(),
+            },
+            gateway_tgid: cfg.gateway_tgid,
+            links: pins_in(&pin_dir.join("links"))?.len(),
+            pending: pending.keys().filter(Result::is_ok).count(),
+            original: original.keys().filter(Result::is_ok).count(),
+            stats: counters,
+        }))
+    }
+}
+
+/// The network namespace cookie of the gateway (`SO_NETNS_COOKIE`).
+fn own_netns_cookie() -> Result<u64, InterceptError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+        .map_err(|source| InterceptError::Io { what: "creating a socket".into(), source })?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a u64 out-buffer whose length is passed alongside.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(InterceptError::Io {
+            what: "reading SO_NETNS_COOKIE (needs Linux 5.14+)".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_words_round_trip() {
+        for ip in ["127.0.0.1", "10.1.2.3", "::1", "fd00::1234", "::ffff:1.2.3.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let back = words_addr(addr_words(ip));
+            let expect = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+                v4 => v4,
+            };
+            assert_eq!(back, expect);
+        }
+        // The same words as the eBPF side builds for an IPv4 socket.
+        let v4: Ipv4Addr = "127.0.0.1".parse().unwrap();
+        let be = u32::from_ne_bytes(v4.octets());
+        assert_eq!(addr_words(IpAddr::V4(v4)), gateway_common::v4_mapped(be));
+    }
+}

@@ -1,0 +1,53 @@
+//! Attribution: the process behind an intercepted connection, from the
+//! eBPF record captured at connect() and /proc read at accept time.
+
+use std::path::PathBuf;
+
+use gateway_common::ConnRecord;
+use serde::Serialize;
+
+/// The process that opened an intercepted connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProcessInfo {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Thread that called connect().
+    pub tid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// `comm` at connect() time.
+    pub comm: String,
+    /// Executable, read from /proc at accept time; `None` when the process
+    /// had already exited (never guessed).
+    pub exe: Option<PathBuf>,
+    /// cgroup v2 path (`/a/b`), from /proc at accept time.
+    pub cgroup: Option<String>,
+    /// cgroup id at connect() time.
+    pub cgroup_id: u64,
+    /// Network namespace cookie of the socket.
+    pub netns_cookie: u64,
+    /// CLOCK_MONOTONIC nanoseconds at connect().
+    pub connect_ns: u64,
+}
+
+impl ProcessInfo {
+    /// Builds the attribution of a record, reading what /proc still shows.
+    pub fn from_record(record: &ConnRecord) -> ProcessInfo {
+        let pid = record.tgid;
+        let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(record.comm.len());
+        ProcessInfo {
+            pid,
+            tid: record.pid,
+            uid: record.uid,
+            gid: record.gid,
+            comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
+            exe: std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
+            cgroup: crate::intercept::cgroup::cgroup_of(pid),
+            cgroup_id: record.cgroup_id,
+            netns_cookie: record.netns_cookie,
+            connect_ns: record.ts_ns,
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! The local proxy: accepts redirected connections, attributes them, and
+//! forwards them to their original destination.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument as _;
+
+use crate::{
+    config::ProxyConfig,
+    event::{ConnectionEvent, Outcome},
+    intercept::{words_addr, Interceptor},
+    process::ProcessInfo,
+};
+
+/// Relay buffer per direction: large enough that bulk transfers move in
+/// few syscalls, small enough for thousands of idle connections.
+const RELAY_BUFFER: usize = 64 * 1024;
+
+/// How long in-flight connections may finish after shutdown is requested.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A redirected connection, attributed and ready to be handled.
+#[derive(Debug)]
+pub struct Intercepted {
+    /// Gateway-assigned id, also in every event of the connection.
+    pub id: u64,
+    /// The client side.
+    pub client: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Where the client meant to go.
+    pub orig_dst: SocketAddr,
+    /// Who the client is.
+    pub process: Arc<ProcessInfo>,
+}
+
+/// Shared state of the proxy's accept loops.
+pub struct Proxy {
+    interceptor: Arc<Interceptor>,
+    config: ProxyConfig,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    /// A proxy taking records from `interceptor`.
+    pub fn new(interceptor: Arc<Interceptor>, config: ProxyConfig) -> Arc<Proxy> {
+        Arc::new(Proxy { interceptor, config, next_id: AtomicU64::new(1) })
+    }
+
+    /// Accepts on `listeners` until `shutdown` fires, then gives in-flight
+    /// connections [`DRAIN_TIMEOUT`] to finish.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        for listener in listeners {
+            let proxy = self.clone();
+            let shutdown = shutdown.clone();
+            let conns = tracker.clone();
+            tracker.spawn(async move {
+                loop {
+                    let accepted = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        a = listener.accept() => a,
+                    };
+                    match accepted {
+                        Ok((client, peer)) => {
+                            let proxy = proxy.clone();
+                            conns.spawn(async move { proxy.handle(client, peer).await });
+                        }
+                        // EMFILE and friends: back off instead of spinning.
+                        Err(e) => {
+                            tracing::error!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        tracker.close();
+        shutdown.cancelled().await;
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+            tracing::warn!("in-flight connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+        }
+    }
+
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("conn", id, %peer);
+        async move {
+            let started = Instant::now();
+            let mut event = ConnectionEvent {
+                id,
+                peer,
+                orig_dst: None,
+                process: None,
+                bytes_up: 0,
+                bytes_down: 0,
+                duration: Duration::ZERO,
+                outcome: Outcome::Closed,
+                error: None,
+            };
+            let local_port = client.local_addr().map(|a| a.port()).unwrap_or(self.config.port);
+            let Some(record) = self.await_record(peer, local_port).await else {
+                // Without a record we do not know where the client meant to
+                // go: closing is the only safe choice.
+                event.outcome = Outcome::Unattributed;
+                event.duration = started.elapsed();
+                event.emit();
+                return;
+            };
+            let orig_dst = SocketAddr::new(words_addr(record.orig_addr), record.orig_port);
+            let process = Arc::new(ProcessInfo::from_record(&record));
+            event.orig_dst = Some(orig_dst);
+            let conn = Intercepted { id, client, peer, orig_dst, process: process.clone() };
+            let result = self.passthrough(conn).await;
+            event.process = Some(&process);
+            match result {
+                Ok((up, down)) => {
+                    event.bytes_up = up;
+                    event.bytes_down = down;
+                }
+                Err(RelayError::Connect(e)) => {
+                    event.outcome = Outcome::UpstreamFailed;
+                    event.error = Some(e.to_string());
+                }
+                Err(RelayError::Io { error, up, down }) => {
+                    event.outcome = Outcome::Error;
+                    event.bytes_up = up;
+                    event.bytes_down = down;
+                    event.error = Some(error.to_string());
+                }
+            }
+            event.duration = started.elapsed();
+            event.emit();
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The record is written before the handshake completes, so it is
+    /// normally there at once; the retries cover scheduling hiccups.
+    async fn await_record(&self, peer: SocketAddr, local_port: u16) -> Option<gateway_common::ConnRecord> {
+        let deadline = Instant::now() + self.config.attribution_timeout;
+        let mut pause = Duration::from_micros(200);
+        loop {
+            if let Some(record) = self.interceptor.take_record(peer, local_port) {
+                return Some(record);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Plain TCP forwarding, both directions, half-close honoured.
+    async fn passthrough(&self, conn: Intercepted) -> Result<(u64, u64), RelayError> {
+        let mut upstream = connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
+            .await
+            .map_err(RelayError::Connect)?;
+        let mut client = conn.client;
+        relay(&mut client, &mut upstream).await
+    }
+}
+
+/// Why a relay ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The original destination could not be reached.
+    #[error("connecting upstream: {0}")]
+    Connect(io::Error),
+    /// The relay failed after the given byte counts.
+    #[error("relay: {error}")]
+    Io {
+        /// The error.
+        error: io::Error,
+        /// Bytes client -> upstream before it.
+        up: u64,
+        /// Bytes upstream -> client before it.
+        down: u64,
+    },
+}
+
+/// Copies both directions until both are closed; returns (up, down) bytes.
+pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> Result<(u64, u64), RelayError> {
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
+        .await
+        .map_err(|error| RelayError::Io { error, up: 0, down: 0 })
+}
+
+/// Connects to `dst` from a socket carrying the gateway's mark, so the
+/// connect hooks never redirect it back into the proxy.
+pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_mark(mark)?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    let std_stream: std::net::TcpStream = sock.into();
+    let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
+    match tokio::time::timeout(timeout, socket.connect(dst)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out after {timeout:?}"))),
+    }
+}
+
+/// Binds the proxy's listeners (IPv6 only on IPv6, so the two never clash).
+pub fn bind_listeners(config: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
+    let mut addrs = vec![SocketAddr::from((config.listen_v4, config.port))];
+    if let Some(v6) = config.listen_v6 {
+        addrs.push(SocketAddr::from((v6, config.port)));
+    }
+    addrs
+        .into_iter()
+        .map(|addr| {
+            let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            if addr.is_ipv6() {
+                sock.set_only_v6(true)?;
+            }
+            sock.set_reuse_address(true)?;
+            sock.set_nonblocking(true)?;
+            sock.bind(&addr.into())
+                .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy listener {addr}: {e}")))?;
+            sock.listen(4096)?;
+            TcpListener::from_std(sock.into())
+        })
+        .collect()
+}
