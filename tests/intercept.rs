@@ -1,1 +1,263 @@
-//! Interception tests.
+//! Transparent interception, end to end: real eBPF programs attached to
+//! cgroups these tests create, a real gateway process, real clients.
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, UdpSocket},
+    process::Command,
+    time::Duration,
+};
+
+use gateway_tests::{
+    python_named, run_client, unique_port, EchoServer, GatewayOptions, TestGateway,
+};
+use nix::sys::signal::Signal;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+fn event_for<'a>(events: &'a [serde_json::Value], pid: u32) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["pid"].as_u64() == Some(u64::from(pid))).collect()
+}
+
+#[test]
+fn redirects_ipv4_and_attributes_the_process() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new("ipv4", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+
+    let client = python_named(gw.dir.path(), "gwclient-v4");
+    let mut cmd = gw.command_in_cgroup(&client);
+    // A distinct uid proves the uid comes from the connecting process.
+    gateway_tests::run_as(&mut cmd, 65534, 65534);
+    let (pid, results) = run_client(cmd, &[server.addr], 1).expect("client");
+    assert_eq!(results.len(), 1);
+    let r = &results[0];
+    assert!(r.errno.is_none(), "connect failed: {r:?}");
+    assert!(r.proxied(), "the server saw the client's own socket: not redirected ({r:?})");
+
+    let events = gw.wait_events(1, Duration::from_secs(5));
+    let mine = event_for(&events, pid);
+    assert_eq!(mine.len(), 1, "one event for the client, got {events:#?}");
+    let e = mine[0];
+    assert_eq!(e["orig_dst"], server.addr.to_string());
+    assert_eq!(e["uid"], 65534);
+    assert_eq!(e["comm"], "gwclient-v4");
+    assert_eq!(e["outcome"], "closed");
+    assert_eq!(e["bytes_up"], 5, "the client sent 5 bytes");
+    assert!(e["bytes_down"].as_u64().unwrap_or(0) > 0);
+    assert!(e["cgroup"].as_str().unwrap_or_default().ends_with(&format!("ipv4-{}", std::process::id())), "{e}");
+    assert!(e["exe"].as_str().unwrap_or_default().contains("python"), "{e}");
+    // The proxy consumed the record.
+    assert_eq!(gw.status()["original"], 0);
+}
+
+#[test]
+fn leaves_other_destinations_processes_and_udp_alone() {
+    let port = unique_port();
+    let intercepted = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let other_port = EchoServer::start(addr(&format!("127.0.0.2:{}", unique_port()))).expect("server");
+    let other_addr = EchoServer::start(addr(&format!("127.0.0.3:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new("others", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+
+    // Same cgroup, destinations outside the set: direct.
+    let (_, results) =
+        run_client(gw.command_in_cgroup("python3"), &[other_port.addr, other_addr.addr], 1).expect("client");
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.errno.is_none() && !r.proxied(), "must not be redirected: {r:?}");
+    }
+    // A process outside the cgroup, to the intercepted destination: direct.
+    let (_, results) = run_client(Command::new("python3"), &[intercepted.addr], 1).expect("client");
+    assert!(results[0].errno.is_none() && !results[0].proxied(), "{:?}", results[0]);
+
+    // UDP to the intercepted address and port goes straight through.
+    let udp_server = UdpSocket::bind(intercepted.addr).expect("udp bind");
+    udp_server.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let status = gw
+        .command_in_cgroup("python3")
+        .arg("-c")
+        .arg(format!("import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'dns?', ('127.0.0.2', {port}))"))
+        .status()
+        .expect("udp client");
+    assert!(status.success());
+    let mut buf = [0u8; 16];
+    let (n, _) = udp_server.recv_from(&mut buf).expect("the UDP datagram must arrive directly");
+    assert_eq!(&buf[..n], b"dns?");
+
+    assert!(gw.connection_events().is_empty(), "no connection may reach the proxy: {:#?}", gw.connection_events());
+}
+
+#[test]
+fn redirects_ipv6_and_ipv4_mapped() {
+    let port = unique_port();
+    let v6 = EchoServer::start(addr(&format!("[::1]:{port}"))).expect("server");
+    let v4 = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new(
+        "ipv6",
+        &[&format!("{{cidr: '::1/128', ports: [{port}]}}"), &format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")],
+    ));
+    let mapped = addr(&format!("[::ffff:127.0.0.2]:{port}"));
+    let (pid, results) = run_client(gw.command_in_cgroup("python3"), &[v6.addr, mapped], 1).expect("client");
+    assert_eq!(results.len(), 2);
+    for r in &results {
+        assert!(r.errno.is_none() && r.proxied(), "must be redirected: {r:?}");
+    }
+    let events = gw.wait_events(2, Duration::from_secs(5));
+    let mut dsts: Vec<String> = event_for(&events, pid).iter().map(|e| e["orig_dst"].as_str().unwrap_or("").to_owned()).collect();
+    dsts.sort();
+    let mut want = vec![v6.addr.to_string(), v4.addr.to_string()];
+    want.sort();
+    assert_eq!(dsts, want);
+}
+
+#[test]
+fn host_destinations_are_resolved() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.1:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new("dns", &[&format!("{{host: localhost, ports: [{port}]}}")]));
+    let (pid, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert!(results[0].proxied(), "{:?}", results[0]);
+    let events = gw.wait_events(1, Duration::from_secs(5));
+    assert_eq!(event_for(&events, pid)[0]["orig_dst"], server.addr.to_string());
+}
+
+#[test]
+fn gateway_inside_the_cgroup_is_not_looped_back() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let mut opts = GatewayOptions::new("self", &[&format!("{{cidr: 127.0.0.0/8, ports: [{port}]}}")]);
+    opts.gateway_in_cgroup = true;
+    let gw = TestGateway::start(opts);
+    let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert!(results[0].errno.is_none() && results[0].proxied(), "{:?}", results[0]);
+    std::thread::sleep(Duration::from_millis(200));
+    let events = gw.connection_events();
+    assert_eq!(events.len(), 1, "exactly one proxied connection, no loop: {events:#?}");
+    assert_eq!(server.peers.lock().expect("peers").len(), 1);
+    let status = gw.status();
+    assert!(status["stats"]["skipped_self"].as_u64().unwrap_or(0) >= 1, "{status}");
+}
+
+#[test]
+fn burst_of_200_connections_is_attributed_without_leaks() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new("burst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let before = gw.status();
+
+    // Four processes, fifty concurrent connections each.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let cmd = gw.command_in_cgroup("python3");
+            let target = server.addr;
+            std::thread::spawn(move || run_client(cmd, &[target], 50).expect("client"))
+        })
+        .collect();
+    let mut pids = Vec::new();
+    for h in handles {
+        let (pid, results) = h.join().expect("client thread");
+        assert_eq!(results.len(), 50);
+        for r in &results {
+            assert!(r.errno.is_none() && r.proxied(), "pid {pid}: {r:?}");
+        }
+        pids.push(pid);
+    }
+    let events = gw.wait_events(200, Duration::from_secs(10));
+    assert_eq!(events.len(), 200, "every connection has an event");
+    let mut per_pid: HashMap<u64, usize> = HashMap::new();
+    for e in &events {
+        assert_eq!(e["outcome"], "closed", "{e}");
+        assert_eq!(e["orig_dst"], server.addr.to_string());
+        *per_pid.entry(e["pid"].as_u64().expect("pid")).or_default() += 1;
+    }
+    for pid in pids {
+        assert_eq!(per_pid.get(&u64::from(pid)), Some(&50), "pid {pid}: {per_pid:?}");
+    }
+    let after = gw.status();
+    assert_eq!(after["pending"], before["pending"], "{after}");
+    assert_eq!(after["original"], before["original"], "{after}");
+    assert_eq!(after["stats"]["redirected"].as_u64(), Some(200));
+}
+
+#[test]
+fn fails_closed_when_stopped_or_crashed_and_recovers() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let mut gw = TestGateway::start(GatewayOptions::new("closed", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+
+    // Clean stop: the programs stay and refuse (EPERM).
+    gw.stop(Signal::SIGTERM);
+    assert_eq!(gw.status()["mode"], "deny");
+    let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert_eq!(results[0].errno, Some(i64::from(libc::EPERM)), "{:?}", results[0]);
+
+    // A new gateway takes over the pins: no duplicate links, traffic flows.
+    gw.spawn(false);
+    let status = gw.status();
+    assert_eq!(status["mode"], "redirect");
+    assert_eq!(status["links"], 4, "one link per program, the old ones replaced: {status}");
+    let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert!(results[0].proxied(), "{:?}", results[0]);
+
+    // Crash: the redirect stays and hits a dead listener (ECONNREFUSED).
+    gw.stop(Signal::SIGKILL);
+    let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert_eq!(results[0].errno, Some(i64::from(libc::ECONNREFUSED)), "{:?}", results[0]);
+    assert_eq!(server.peers.lock().expect("peers").len(), 1, "only the proxied connection ever reached the server");
+
+    // And the next start after a crash works.
+    gw.spawn(false);
+    let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
+    assert!(results[0].proxied(), "{:?}", results[0]);
+}
+
+#[test]
+fn exec_runs_a_command_in_the_intercepted_cgroup() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let gw = TestGateway::start(GatewayOptions::new("exec", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let mut cmd = Command::new(gateway_tests::gateway_bin());
+    cmd.arg("--config").arg(&gw.config_path).arg("exec").arg("--").arg("python3");
+    let (_, results) = run_client(cmd, &[server.addr], 1).expect("client");
+    assert!(results[0].proxied(), "{:?}", results[0]);
+    let events = gw.wait_events(1, Duration::from_secs(5));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["comm"], "python3");
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "intercept:\n  destinations:\n    - cidr: 10.0.0.0/40\n").expect("write");
+    let out = Command::new(gateway_tests::gateway_bin()).arg("--config").arg(&path).arg("run").output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&path.display().to_string()), "names the file: {err}");
+    assert!(err.contains("intercept.destinations[0]"), "names the field: {err}");
+    assert!(err.contains("not an IP network"), "gives the reason: {err}");
+
+    std::fs::write(&path, "proxy: [1, 2\n").expect("write");
+    let out = Command::new(gateway_tests::gateway_bin()).arg("--config").arg(&path).arg("run").output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line"), "YAML errors carry a position");
+}
+
+#[test]
+fn missing_cgroup_without_create_is_a_clear_error() {
+    gateway_tests::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let yaml = format!(
+        "state_dir: {}\nintercept:\n  cgroups: [{{path: gateway-tests/does-not-exist-{}, create: false}}]\n  bpffs_dir: /sys/fs/bpf/gateway-tests/none\n",
+        dir.path().join("state").display(),
+        std::process::id()
+    );
+    std::fs::write(&path, yaml).expect("write");
+    let out = Command::new(gateway_tests::gateway_bin()).arg("--config").arg(&path).arg("run").output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not exist") && err.contains("create: true"), "{err}");
+}

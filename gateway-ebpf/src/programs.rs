@@ -1,3 +1,5 @@
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
@@ -255,12 +257,21 @@ pub fn gw_sock_ops(ctx: SockOpsContext) -> u32 {
         return 1;
     };
     let record = *record;
-    let addr = if ctx.family() == AF_INET {
-        v4_mapped(ctx.local_ip4())
-    } else {
-        let ip6 = ctx.local_ip6();
-        [ip6[0], ip6[1], ip6[2], ip6[3]]
+    // Volatile loads of both address forms: otherwise LLVM merges them into
+    // one load at a computed context offset, which the verifier rejects.
+    let ops = ctx.ops;
+    let (ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).local_ip4)),
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+        )
     };
+    let addr = if ctx.family() == AF_INET { v4_mapped(ip4) } else { ip6 };
     let key = SockKey {
         addr,
         port: ctx.local_port() as u16,

@@ -1,1 +1,229 @@
-fn main() {}
+//! Project automation. Every command first runs `setup`, which installs
+//! whatever a fresh machine lacks and skips, in seconds, what is there.
+//!
+//! * `cargo xtask setup` — system packages, nightly rust-src, bpf-linker.
+//! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded defaults).
+//! * `cargo xtask test` — build and run every test (what CI runs).
+//! * `cargo xtask bench` — run the benchmarks.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything the build and the tests need (idempotent).
+    Setup,
+    /// Build the gateway (release) and run it; extra arguments go to `gateway`.
+    Run {
+        /// Arguments for the gateway binary (default: `run`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit, eBPF and end-to-end (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the benchmarks (criterion and the interception harness).
+    Bench {
+        /// Extra arguments for `cargo bench`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the build, the tests and the benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "pkg-config",
+    "libhyperscan-dev",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "nginx-light",
+    "wrk",
+    "curl",
+    "git",
+    "python3",
+    "ca-certificates",
+];
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Run { args } => setup().and_then(|()| run(&args)),
+        Cmd::Test { args } => setup().and_then(|()| test(&args)),
+        Cmd::Bench { args } => setup().and_then(|()| bench(&args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ lives directly under the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).map(|s| s.trim() == "0").unwrap_or(false)
+}
+
+fn cache_dir() -> PathBuf {
+    let home = env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/ci-gateway")
+}
+
+fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+                .map(|s| !s.contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root (or install them)");
+    }
+    eprintln!("xtask: installing {missing:?}");
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        eprintln!("xtask: installing the nightly toolchain (eBPF programs need it)");
+        status(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must link against the same LLVM major as nightly rustc; it is
+/// built against nightly's own libLLVM (no matching system LLVM exists).
+fn bpf_linker() -> Result<()> {
+    let rustc = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = rustc
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("nightly rustc does not report its LLVM version")?
+        .to_owned();
+    let stamp = cache_dir().join("bpf-linker.stamp");
+    let want = format!("llvm-{llvm_major}\n{rustc}");
+    let have_binary = output(Command::new("bpf-linker").arg("--version")).is_ok();
+    if have_binary && std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(());
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&libdir)
+        .with_context(|| format!("listing {}", libdir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .min()
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    let prefix = cache_dir().join("llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link).with_context(|| format!("linking {}", link.display()))?;
+    eprintln!("xtask: building bpf-linker against {} (LLVM {llvm_major})", libllvm.display());
+    status(
+        Command::new("cargo")
+            .args(["+nightly", "install", "bpf-linker", "--locked", "--force", "--no-default-features", "--features"])
+            .arg(format!("llvm-{llvm_major}"))
+            .env("LLVM_PREFIX", &prefix),
+    )?;
+    std::fs::write(&stamp, want).with_context(|| format!("writing {}", stamp.display()))?;
+    Ok(())
+}
+
+fn run(args: &[String]) -> Result<()> {
+    status(cargo().args(["build", "--release", "-p", "gateway"]))?;
+    let bin = workspace_root().join("target/release/gateway");
+    let args: Vec<String> = if args.is_empty() { vec!["run".into()] } else { args.to_vec() };
+    if !is_root() {
+        bail!("the gateway attaches eBPF programs to cgroups and needs root: run `sudo cargo xtask run`");
+    }
+    status(Command::new(bin).args(&args))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the tests attach real eBPF programs to cgroups they create: run `cargo xtask test` as root");
+    }
+    // The end-to-end tests drive the gateway binary; build it first so they
+    // test what was just compiled.
+    status(cargo().args(["build", "-p", "gateway", "--bins"]))?;
+    let bin = workspace_root().join("target/debug/gateway");
+    status(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args).env("GATEWAY_BIN", bin))
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    status(cargo().args(["build", "--release", "-p", "gateway", "--bins"]))?;
+    let bin = workspace_root().join("target/release/gateway");
+    status(cargo().args(["bench", "-p", "gateway-benches"]).args(args).env("GATEWAY_BIN", bin))
+}

@@ -20,7 +20,7 @@ pub enum CgroupError {
     #[error("cgroup {0} does not exist (set `create: true` for it in intercept.cgroups to let the gateway create it)")]
     Missing(PathBuf),
     /// An I/O error on a cgroup path.
-    #[error("cgroup {path}: {source}")]
+    #[error("cgroup {path}")]
     Io {
         /// The path involved.
         path: PathBuf,

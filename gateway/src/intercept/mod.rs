@@ -52,10 +52,10 @@ pub enum InterceptError {
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
     /// The object did not load.
-    #[error("loading the eBPF programs failed: {0} (the gateway needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
+    #[error("loading the eBPF programs failed (the gateway needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)")]
     Load(#[source] aya::EbpfError),
     /// A program did not load or attach.
-    #[error("eBPF program {name}: {source}")]
+    #[error("eBPF program {name}")]
     Program {
         /// The program.
         name: &'static str,
@@ -64,7 +64,7 @@ pub enum InterceptError {
         source: aya::programs::ProgramError,
     },
     /// A map operation failed.
-    #[error("eBPF map {name}: {source}")]
+    #[error("eBPF map {name}")]
     Map {
         /// The map.
         name: &'static str,
@@ -87,7 +87,7 @@ pub enum InterceptError {
     #[error(transparent)]
     Ports(#[from] TooManyPorts),
     /// Some other I/O failure.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What was being done.
         what: String,
