@@ -321,6 +321,8 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return Err(("state_dir".into(), "must be an absolute path".into()));
         }
+        self.tls.validate()?;
+        self.findings.validate()?;
         Ok(())
     }
 }

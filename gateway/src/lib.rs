@@ -15,4 +15,5 @@ pub mod http;
 pub mod intercept;
 pub mod process;
 pub mod proxy;
+pub mod relay;
 pub mod tls;

@@ -20,11 +20,8 @@ use crate::{
     event::{ConnectionEvent, Outcome},
     intercept::{words_addr, Interceptor},
     process::ProcessInfo,
+    relay,
 };
-
-/// Relay buffer per direction: large enough that bulk transfers move in
-/// few syscalls, small enough for thousands of idle connections.
-const RELAY_BUFFER: usize = 64 * 1024;
 
 /// How long in-flight connections may finish after shutdown is requested.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -165,11 +162,13 @@ impl Proxy {
 
     /// Plain TCP forwarding, both directions, half-close honoured.
     async fn passthrough(&self, conn: Intercepted) -> Result<(u64, u64), RelayError> {
-        let mut upstream = connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
+        let upstream = connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
             .await
             .map_err(RelayError::Connect)?;
-        let mut client = conn.client;
-        relay(&mut client, &mut upstream).await
+        let counters = relay::Counters::default();
+        let result = relay::relay(&conn.client, &upstream, &counters).await;
+        let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
+        result.map(|()| (up, down)).map_err(|error| RelayError::Io { error, up, down })
     }
 }
 
@@ -189,13 +188,6 @@ pub enum RelayError {
         /// Bytes upstream -> client before it.
         down: u64,
     },
-}
-
-/// Copies both directions until both are closed; returns (up, down) bytes.
-pub async fn relay(client: &mut TcpStream, upstream: &mut TcpStream) -> Result<(u64, u64), RelayError> {
-    tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER)
-        .await
-        .map_err(|error| RelayError::Io { error, up: 0, down: 0 })
 }
 
 /// Connects to `dst` from a socket carrying the gateway's mark, so the

@@ -1,14 +1,456 @@
-//! `gateway findings ...`.
+//! `gateway findings ...`: the security team's review commands.
+//!
+//! Exit status: 0 on success, 1 when the request cannot be honoured (no such
+//! finding, disallowed status change), 2 on usage, configuration or database
+//! errors.
 
-use std::process::ExitCode;
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
+use time::{format_description::FormatItem, macros::format_description, Duration, OffsetDateTime, UtcOffset};
+
+use super::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status};
 use crate::config::Config;
 
 /// Arguments of `gateway findings`.
 #[derive(Debug, clap::Args)]
-pub struct FindingsArgs {}
+pub struct FindingsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: FindingsCommand,
+}
+
+/// Sub-commands of `gateway findings`.
+#[derive(Debug, clap::Subcommand)]
+pub enum FindingsCommand {
+    /// List findings, most recently seen first.
+    List {
+        /// Only findings with this status (open, acknowledged, resolved, false_positive).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Only findings of rules matching this glob.
+        #[arg(long)]
+        rule: Option<String>,
+        /// Only findings sent to hosts matching this glob.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only findings seen since this time: RFC 3339, a date (YYYY-MM-DD, UTC)
+        /// or an age such as 30m, 24h, 7d.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<OffsetDateTime>,
+        /// Print JSON (an array of findings, with history).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one finding with its review history.
+    Show {
+        /// Finding id (F-12 or 12).
+        #[arg(value_parser = parse_id)]
+        id: FindingId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Acknowledge a finding: seen, rotation under way.
+    Ack(ReviewArgs),
+    /// Mark a finding resolved: the key has been rotated.
+    Resolve(ReviewArgs),
+    /// Mark a finding as not a real key.
+    FalsePositive(ReviewArgs),
+    /// Reopen a finding.
+    Reopen(ReviewArgs),
+    /// Export every finding.
+    Export {
+        /// Output format.
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Write to this file (replaced atomically) instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Arguments of the status-changing commands.
+#[derive(Debug, clap::Args)]
+pub struct ReviewArgs {
+    /// Finding id (F-12 or 12).
+    #[arg(value_parser = parse_id)]
+    pub id: FindingId,
+    /// Who makes the change (recorded in the history).
+    #[arg(long)]
+    pub by: String,
+    /// Why (recorded in the history).
+    #[arg(long)]
+    pub comment: String,
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    s.parse()
+}
+
+fn parse_id(s: &str) -> Result<FindingId, String> {
+    s.parse()
+}
+
+fn parse_since(s: &str) -> Result<OffsetDateTime, String> {
+    parse_since_at(s, OffsetDateTime::now_utc())
+}
+
+fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    if let Ok(d) = time::Date::parse(s, format_description!("[year]-[month]-[day]")) {
+        return Ok(d.midnight().assume_utc());
+    }
+    let err = || format!("`{s}` is not a time (RFC 3339, YYYY-MM-DD, or an age like 30m, 24h, 7d)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let n: i64 = s[..split].parse().map_err(|_| err())?;
+    let age = match &s[split..] {
+        "s" => Duration::seconds(n),
+        "m" => Duration::minutes(n),
+        "h" => Duration::hours(n),
+        "d" => Duration::days(n),
+        "w" => Duration::weeks(n),
+        _ => return Err(err()),
+    };
+    now.checked_sub(age).ok_or_else(err)
+}
 
 /// Runs `gateway findings`.
-pub fn run(_config: &Config, _args: &FindingsArgs) -> ExitCode {
-    ExitCode::from(2)
+pub fn run(config: &Config, args: &FindingsArgs) -> ExitCode {
+    if let Err((field, reason)) = config.findings.validate() {
+        eprintln!("gateway: configuration: {field}: {reason}");
+        return ExitCode::from(2);
+    }
+    let path = config.findings.database_path(&config.state_dir);
+    match execute(&path, &args.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `gateway findings list | head`: the reader has what it wanted.
+        Err(Failure::Findings(FindingsError::Export { source, .. }) | Failure::Output { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::SUCCESS
+        }
+        Err(Failure::Findings(e)) => {
+            eprintln!("gateway: {e}");
+            ExitCode::from(if e.is_request_error() { 1 } else { 2 })
+        }
+        Err(Failure::NotFoundNoDb(id)) => {
+            eprintln!("gateway: {id}: no such finding (there is no findings database at {} yet)", path.display());
+            ExitCode::from(1)
+        }
+        Err(Failure::Output { what, source }) => {
+            eprintln!("gateway: {what}: {source}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Usage(message)) => {
+            eprintln!("gateway: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+enum Failure {
+    Findings(FindingsError),
+    NotFoundNoDb(FindingId),
+    Output { what: String, source: std::io::Error },
+    Usage(String),
+}
+
+impl From<FindingsError> for Failure {
+    fn from(e: FindingsError) -> Self {
+        Failure::Findings(e)
+    }
+}
+
+fn output_error(source: impl Into<std::io::Error>) -> Failure {
+    Failure::Output { what: "writing to standard output".into(), source: source.into() }
+}
+
+fn execute(path: &Path, command: &FindingsCommand) -> Result<(), Failure> {
+    // Reading commands on a host where the gateway never recorded anything
+    // should say so, not create an empty database as the reviewer's user.
+    let store = if path.exists() { Some(FindingStore::open(path)?) } else { None };
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        FindingsCommand::List { status, rule, host, since, json } => {
+            let filter = ListFilter { status: *status, rule: rule.clone(), host: host.clone(), since: *since };
+            let findings = match &store {
+                Some(store) => store.list(&filter)?,
+                None => Vec::new(),
+            };
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &findings).map_err(output_error)?;
+                writeln!(stdout).map_err(output_error)?;
+            } else if findings.is_empty() {
+                let note = if store.is_none() { format!(" (no database at {} yet)", path.display()) } else { String::new() };
+                writeln!(stdout, "no findings{note}").map_err(output_error)?;
+            } else {
+                stdout.write_all(table(&findings).as_bytes()).map_err(output_error)?;
+            }
+        }
+        FindingsCommand::Show { id, json } => {
+            let store = store.ok_or(Failure::NotFoundNoDb(*id))?;
+            let finding = store.get(*id)?.ok_or(FindingsError::NotFound(*id))?;
+            if *json {
+                serde_json::to_writer_pretty(&mut stdout, &finding).map_err(output_error)?;
+                writeln!(stdout).map_err(output_error)?;
+            } else {
+                stdout.write_all(detail(&finding).as_bytes()).map_err(output_error)?;
+            }
+        }
+        FindingsCommand::Ack(a) => review(store, &mut stdout, a, Status::Acknowledged)?,
+        FindingsCommand::Resolve(a) => review(store, &mut stdout, a, Status::Resolved)?,
+        FindingsCommand::FalsePositive(a) => review(store, &mut stdout, a, Status::FalsePositive)?,
+        FindingsCommand::Reopen(a) => review(store, &mut stdout, a, Status::Open)?,
+        FindingsCommand::Export { format, out } => {
+            let export = |w: &mut dyn std::io::Write| -> Result<(), FindingsError> {
+                match &store {
+                    Some(store) => store.export(*format, w),
+                    // No database yet: a valid, empty export.
+                    None => FindingStore::export_empty(*format, w),
+                }
+            };
+            match out.as_deref() {
+                None => export(&mut stdout)?,
+                Some(file) if file == Path::new("-") => export(&mut stdout)?,
+                Some(file) => write_atomically(file, export)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn review(
+    store: Option<FindingStore>,
+    out: &mut dyn std::io::Write,
+    args: &ReviewArgs,
+    to: Status,
+) -> Result<(), Failure> {
+    if args.by.trim().is_empty() {
+        return Err(Failure::Usage("--by must name the reviewer".into()));
+    }
+    let store = store.ok_or(Failure::NotFoundNoDb(args.id))?;
+    let finding = store.set_status(args.id, to, &args.by, &args.comment)?;
+    let from = finding.history.last().and_then(|h| h.from).map_or("-", Status::as_str);
+    writeln!(out, "{}: {} -> {} (by {})", finding.id, from, finding.status, safe(args.by.trim())).map_err(output_error)
+}
+
+/// Writes through a temporary file in the same directory and renames it, so
+/// a failed export never leaves a truncated file where a good one was.
+fn write_atomically(
+    file: &Path,
+    export: impl FnOnce(&mut dyn std::io::Write) -> Result<(), FindingsError>,
+) -> Result<(), Failure> {
+    let name = file.file_name().ok_or_else(|| Failure::Usage(format!("--out {}: not a file name", file.display())))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = file.with_file_name(tmp_name);
+    let io_err = |source: std::io::Error, p: &Path| Failure::Output { what: p.display().to_string(), source };
+    let created = std::fs::File::create(&tmp).map_err(|e| io_err(e, &tmp))?;
+    let mut writer = std::io::BufWriter::new(created);
+    let result = export(&mut writer)
+        .map_err(Failure::from)
+        .and_then(|()| writer.into_inner().map_err(|e| io_err(e.into_error(), &tmp)))
+        .and_then(|f| f.sync_all().map_err(|e| io_err(e, &tmp)))
+        .and_then(|()| std::fs::rename(&tmp, file).map_err(|e| io_err(e, file)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+const TIME_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z");
+
+fn when(t: OffsetDateTime) -> String {
+    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Makes job- or traffic-supplied text safe to print on a reviewer's
+/// terminal: control characters (escape sequences) and bidirectional
+/// overrides are shown escaped instead of being interpreted.
+fn safe(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `safe`, then cut to `width` characters (keeping the end when `tail`,
+/// which is the informative part of a path).
+fn cell(s: &str, width: usize, tail: bool) -> String {
+    let s = safe(s);
+    let n = s.chars().count();
+    if n <= width {
+        return s;
+    }
+    let keep = width.saturating_sub(1);
+    if tail {
+        format!("…{}", s.chars().skip(n - keep).collect::<String>())
+    } else {
+        format!("{}…", s.chars().take(keep).collect::<String>())
+    }
+}
+
+fn table(findings: &[Finding]) -> String {
+    let header = ["ID", "STATUS", "RULE", "PREVIEW", "DESTINATION", "EXE", "COUNT", "LAST SEEN"];
+    let rows: Vec<[String; 8]> = findings
+        .iter()
+        .map(|f| {
+            [
+                f.id.to_string(),
+                f.status.to_string(),
+                cell(&f.rule_id, 28, false),
+                cell(&f.preview, 24, false),
+                cell(&f.destination(), 40, false),
+                cell(f.process.exe.as_deref().unwrap_or("-"), 36, true),
+                f.count.to_string(),
+                when(f.last_seen),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            let pad = w.saturating_sub(c.chars().count());
+            // Right-align the count, left-align the rest.
+            if i == 6 {
+                l.extend(std::iter::repeat_n(' ', pad));
+                l.push_str(c);
+            } else {
+                l.push_str(c);
+                l.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+fn detail(f: &Finding) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let p = &f.process;
+    let _ = writeln!(s, "{}  {}", f.id, f.status);
+    let _ = writeln!(s, "  rule:         {} (confidence {})", safe(&f.rule_id), safe(&f.confidence));
+    let _ = writeln!(s, "  key:          {}", safe(&f.preview));
+    let _ = writeln!(s, "  fingerprint:  {}", safe(&f.fingerprint));
+    let _ = writeln!(s, "  sent to:      {} in {}", safe(&f.destination()), safe(&f.location));
+    let _ = writeln!(s, "  action:       {}", f.action);
+    let _ = writeln!(s, "  seen:         {} time(s), first {}, last {}", f.count, when(f.first_seen), when(f.last_seen));
+    let _ = writeln!(
+        s,
+        "  process:      {} (comm {}, pid {}, uid {})",
+        safe(p.exe.as_deref().unwrap_or("(exited before it was read)")),
+        safe(&p.comm),
+        p.pid,
+        p.uid
+    );
+    let _ = writeln!(s, "  cgroup:       {}", safe(p.cgroup.as_deref().unwrap_or("-")));
+    let _ = writeln!(s, "  identity:     {}", safe(f.identity.as_deref().unwrap_or("-")));
+    if p.job.is_empty() {
+        let _ = writeln!(s, "  job:          -");
+    } else {
+        let _ = writeln!(s, "  job:");
+        for (k, v) in &p.job {
+            let _ = writeln!(s, "    {}={}", safe(k), safe(v));
+        }
+    }
+    let _ = writeln!(s, "history:");
+    for h in &f.history {
+        let change = match h.from {
+            Some(from) => format!("{from} -> {}", h.to),
+            None => format!("(new) -> {}", h.to),
+        };
+        let _ = writeln!(s, "  {}  {:<28}  {}: {}", when(h.at), change, safe(&h.by), safe(&h.comment));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: FindingsArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<FindingsCommand, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("findings").chain(args.iter().copied())).map(|w| w.args.command)
+    }
+
+    #[test]
+    fn command_line() {
+        assert!(matches!(
+            parse(&["list", "--status", "false-positive", "--json"]).unwrap(),
+            FindingsCommand::List { status: Some(Status::FalsePositive), json: true, .. }
+        ));
+        assert!(matches!(parse(&["show", "F-7"]).unwrap(), FindingsCommand::Show { id: FindingId(7), json: false }));
+        match parse(&["false-positive", "3", "--by", "alice", "--comment", "test fixture"]).unwrap() {
+            FindingsCommand::FalsePositive(a) => {
+                assert_eq!((a.id, a.by.as_str(), a.comment.as_str()), (FindingId(3), "alice", "test fixture"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["ack", "3", "--comment", "x"]).is_err(), "--by is required");
+        assert!(parse(&["show", "X-1"]).is_err());
+        assert!(parse(&["list", "--status", "closed"]).is_err());
+        assert!(matches!(
+            parse(&["export", "--format", "sarif", "--out", "/tmp/x"]).unwrap(),
+            FindingsCommand::Export { format: ExportFormat::Sarif, out: Some(_) }
+        ));
+        assert!(parse(&["export", "--format", "xml"]).is_err());
+    }
+
+    #[test]
+    fn since() {
+        let now = datetime!(2024-05-10 12:00 UTC);
+        assert_eq!(parse_since_at("24h", now), Ok(datetime!(2024-05-09 12:00 UTC)));
+        assert_eq!(parse_since_at("7d", now), Ok(datetime!(2024-05-03 12:00 UTC)));
+        assert_eq!(parse_since_at("2024-05-01", now), Ok(datetime!(2024-05-01 0:00 UTC)));
+        assert_eq!(parse_since_at("2024-05-01T10:00:00+02:00", now), Ok(datetime!(2024-05-01 8:00 UTC)));
+        assert!(parse_since_at("yesterday", now).is_err());
+        assert!(parse_since_at("5y", now).is_err());
+        assert!(parse_since_at("h", now).is_err());
+    }
+
+    #[test]
+    fn hostile_text_is_escaped() {
+        assert_eq!(safe("curl\x1b[2J"), "curl\\u{1b}[2J");
+        assert_eq!(safe("a\u{202e}b"), "a\\u{202e}b");
+        assert_eq!(safe("plain/ü"), "plain/ü");
+        assert_eq!(cell("/very/long/path/to/bin/tool", 10, true), "…/bin/tool");
+        assert_eq!(cell("abcdefghijkl", 5, false), "abcd…");
+    }
 }
