@@ -177,10 +177,12 @@ fn run(config: Config) -> anyhow::Result<()> {
 }
 
 async fn run_async(config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
+    create_private_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
     let cgroups = resolve_cgroups(&config, true)?;
+    // Everything that can fail on bad state or configuration comes before
+    // the programs are attached.
+    let services = build_services(&config)?;
 
     // Listen before attaching: from the moment the programs are attached,
     // redirected connections need someone to accept them.
@@ -218,7 +220,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         config.intercept.dns_refresh,
         shutdown.clone(),
     ));
-    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone());
+    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
     let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
 
     wait_for_signal().await?;
@@ -272,6 +274,41 @@ async fn refresh_dns(
             }
         }
     }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating state directory {}", dir.display()))
+}
+
+/// TLS interception, upstream TLS, detector and findings store.
+fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
+    let ca = crate::tls::CertificateAuthority::load_or_create(&config.state_dir)?;
+    let leaf_cache = crate::tls::LeafCache::new(ca, config.tls.leaf_validity, config.tls.leaf_cache_size);
+    let upstream_tls = Arc::new(crate::tls::UpstreamTls::new(&config.tls)?);
+    let detector = Arc::new(crate::detect::Detector::new(&config.detect)?);
+    let fingerprint_key = Arc::new(crate::detect::FingerprintKey::load_or_create(&config.state_dir)?);
+    let db = config.findings.database_path(&config.state_dir);
+    let findings = crate::findings::FindingsHandle::open(&db)?;
+    tracing::info!(rules = detector.rule_count(), findings = %db.display(), "detector and findings store ready");
+    let policy = crate::enforce::Policy {
+        detector,
+        fingerprint_key,
+        findings,
+        actions: config.findings.clone(),
+        body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
+    };
+    Ok(proxy::Services {
+        tls: config.tls.clone(),
+        leaf_cache,
+        upstream_tls,
+        policy: Arc::new(policy),
+        http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
+    })
 }
 
 /// One gateway per state directory: a second one would fight over the pins.

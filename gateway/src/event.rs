@@ -50,6 +50,12 @@ pub struct ConnectionEvent<'a> {
     pub orig_dst: Option<SocketAddr>,
     /// Who the client is.
     pub process: Option<&'a ProcessInfo>,
+    /// How the proxy handled it: `tcp`, `tls-passthrough`, `https`, `http`, `tls`.
+    pub protocol: Option<&'static str>,
+    /// TLS server name the client asked for.
+    pub sni: Option<String>,
+    /// HTTP requests served (intercepted HTTP only).
+    pub requests: Option<u64>,
     /// Bytes client -> upstream.
     pub bytes_up: u64,
     /// Bytes upstream -> client.
@@ -78,6 +84,9 @@ impl ConnectionEvent<'_> {
             uid = p.map(|p| p.uid),
             gid = p.map(|p| p.gid),
             comm = p.map(|p| p.comm.as_str()),
+            protocol = self.protocol,
+            sni = self.sni.as_deref(),
+            requests = self.requests,
             exe = exe.as_deref(),
             cgroup = p.and_then(|p| p.cgroup.as_deref()),
             cgroup_id = p.map(|p| p.cgroup_id),

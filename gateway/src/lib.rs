@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod config;
 pub mod detect;
+pub mod enforce;
 pub mod event;
 pub mod findings;
 pub mod http;

@@ -17,6 +17,8 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+
+pub mod upstream;
 use serde_json::Value;
 
 /// Fails the calling test unless it runs as root, saying why it must.

@@ -1,1 +1,251 @@
-//! HTTP/1.1 and HTTP/2 proxying (owned by the HTTP work stream).
+//! HTTP/1.1 and HTTP/2 intercepting proxy engine.
+//!
+//! [`serve`] speaks HTTP to one (already TLS-terminated, if applicable)
+//! client connection with hyper, shows every request to an [`Inspector`]
+//! before anything reaches upstream, and forwards what the inspector lets
+//! through to the original destination over connections opened by an
+//! [`UpstreamConnector`]. Everything streams: response frames reach the
+//! client as they arrive, and request bodies are held in memory only up to
+//! [`Limits::max_buffered_body`].
+//!
+//! The guarantee the engine exists for: bytes the inspector blocks never
+//! leave for upstream. Small bodies are inspected completely before the
+//! upstream request starts; large bodies are fed to the inspector chunk by
+//! chunk *before* each chunk is forwarded, with the last
+//! [`Limits::hold_back`] bytes held back so that a key split across chunks
+//! is caught before any part of it goes out.
+//!
+//! See `docs/http.md` for the design.
+
+mod body;
+mod error;
+mod exchange;
+mod headers;
+mod server;
+mod upgrade;
+mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use error::HttpError;
+pub use server::{serve, serve_with_shutdown};
+
+/// tracing target of per-request events.
+pub const HTTP_TARGET: &str = "gateway::http";
+
+/// Per-connection facts the inspector sees.
+#[derive(Debug, Clone)]
+pub struct HttpContext {
+    /// Gateway-assigned connection id (also in connection events).
+    pub conn_id: u64,
+    /// SNI, or the `Host` of a plaintext connection. Becomes the authority
+    /// of every upstream request, so what the inspector judged by is what
+    /// upstream sees. Empty means "use the request's own Host".
+    pub server_name: String,
+    /// Where the client meant to connect.
+    pub orig_dst: SocketAddr,
+    /// Whether the client spoke TLS to us (decides `https` vs `http`).
+    pub tls: bool,
+}
+
+/// Verdict on a request head, before anything is sent upstream.
+#[derive(Debug)]
+pub enum HeadVerdict<B> {
+    /// Send the request on. With `Some`, every body chunk is fed to the
+    /// body inspector before it can go upstream; with `None` the body
+    /// streams through uninspected.
+    Forward {
+        /// The body inspector for this request.
+        body: Option<B>,
+    },
+    /// Answer the client with this response; nothing goes upstream.
+    Respond(http::Response<Bytes>),
+}
+
+/// Verdict after some body bytes.
+#[derive(Debug)]
+pub enum BodyVerdict {
+    /// Keep going.
+    Continue,
+    /// Abort the request: if upstream has not been contacted yet, it never
+    /// will be; otherwise the upstream request is reset. The client gets
+    /// this response if its response has not started (else its stream is
+    /// aborted).
+    Respond(http::Response<Bytes>),
+}
+
+/// Judges requests. One instance serves a whole connection (and, if the
+/// caller likes, many connections), so it must be shareable.
+pub trait Inspector: Send + Sync + 'static {
+    /// Inspects one request's body; created per request by
+    /// [`Inspector::inspect_head`].
+    type Body: BodyInspector;
+
+    /// Judges a request head. May modify `parts` (e.g. swap credentials);
+    /// the modified head is what goes upstream, after hop-by-hop headers
+    /// are removed.
+    fn inspect_head(
+        &self,
+        ctx: &HttpContext,
+        parts: &mut http::request::Parts,
+    ) -> impl Future<Output = HeadVerdict<Self::Body>> + Send;
+
+    /// Called once per finished exchange (after the response body ended or
+    /// was abandoned). The default does nothing.
+    fn on_exchange(&self, _ctx: &HttpContext, _exchange: &Exchange) {}
+}
+
+/// Judges one request body, chunk by chunk.
+pub trait BodyInspector: Send + 'static {
+    /// Sees the next chunk. Chunks arrive in order and are not repeated; a
+    /// pattern may straddle two chunks, so implementations keep whatever
+    /// tail they need.
+    fn feed(&mut self, chunk: &[u8]) -> impl Future<Output = BodyVerdict> + Send;
+
+    /// The body ended (also called for requests without a body). Held-back
+    /// bytes go upstream only after this returns `Continue`.
+    fn finish(&mut self) -> impl Future<Output = BodyVerdict> + Send;
+}
+
+/// An upstream byte stream: TCP, TLS, or anything else.
+pub trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> UpstreamIo for T {}
+
+/// A boxed [`UpstreamIo`].
+pub type BoxedIo = Box<dyn UpstreamIo>;
+
+/// What the engine needs from the next upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectHint {
+    /// HTTP/2 may be negotiated (TLS connectors offer `h2` in ALPN only
+    /// then). False for HTTP/1.1 upgrades such as WebSocket, which cannot
+    /// ride an HTTP/2 connection.
+    pub allow_h2: bool,
+    /// The client speaks HTTP/2. Plaintext connectors may mirror it (h2c
+    /// with prior knowledge) when `allow_h2` is set; gRPC over h2c needs
+    /// that.
+    pub client_h2: bool,
+}
+
+/// Opens fresh upstream transports to the original destination.
+pub trait UpstreamConnector: Clone + Send + Sync + 'static {
+    /// Connects (and, for TLS, handshakes) and reports whether HTTP/2 was
+    /// negotiated. TLS verification failures are reported as `io::Error`
+    /// and become a 502 for the client.
+    fn connect(
+        &self,
+        hint: ConnectHint,
+    ) -> impl Future<Output = std::io::Result<(BoxedIo, bool)>> + Send;
+}
+
+/// Resource limits and timeouts of one connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request bodies up to this size are inspected completely before the
+    /// upstream request starts. Larger ones stream with hold-back.
+    pub max_buffered_body: usize,
+    /// Cap on request body bytes buffered by all streams of one connection
+    /// together. Past it, further bodies start streaming (still inspected
+    /// with hold-back) before they were inspected completely, so upstream
+    /// may see the head of a request that is blocked later.
+    pub max_buffered_per_connection: usize,
+    /// While streaming an inspected body, this many already-inspected bytes
+    /// are held back until the next chunk (or the end) was inspected too.
+    /// Must be at least the longest pattern the body inspector looks for.
+    pub hold_back: usize,
+    /// HTTP/1 clients must send a complete request head within this time
+    /// (also bounds idle keep-alive waits).
+    pub header_read_timeout: Duration,
+    /// Connecting (and TLS/HTTP2 handshaking) upstream must finish within
+    /// this time, else the client gets a 502.
+    pub connect_timeout: Duration,
+    /// Idle upstream HTTP/1 connections kept for reuse per client
+    /// connection.
+    pub max_idle_upstream: usize,
+    /// Concurrent streams an HTTP/2 client may open.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_buffered_body: 1024 * 1024,
+            max_buffered_per_connection: 32 * 1024 * 1024,
+            hold_back: 4 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_idle_upstream: 8,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+/// Totals of one client connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServeStats {
+    /// Requests received (forwarded, blocked or failed).
+    pub requests: u64,
+    /// Bytes read from the client (wire bytes: TLS-decrypted HTTP,
+    /// including upgraded tunnels).
+    pub bytes_up: u64,
+    /// Bytes written to the client (same accounting).
+    pub bytes_down: u64,
+}
+
+/// How an exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeOutcome {
+    /// Forwarded and answered by upstream.
+    Forwarded,
+    /// Refused by the inspector (head or body).
+    Blocked,
+    /// Upstream could not be reached or failed; the client got a 502.
+    UpstreamFailed,
+    /// Upstream answered 101 and the connection became a tunnel.
+    Upgraded,
+    /// The response body broke off (client gone, upstream reset).
+    Aborted,
+}
+
+impl ExchangeOutcome {
+    /// The name used in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeOutcome::Forwarded => "forwarded",
+            ExchangeOutcome::Blocked => "blocked",
+            ExchangeOutcome::UpstreamFailed => "upstream_failed",
+            ExchangeOutcome::Upgraded => "upgraded",
+            ExchangeOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// One request/response exchange, as reported to
+/// [`Inspector::on_exchange`] and in the `gateway::http` event.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    /// The connection's id.
+    pub conn_id: u64,
+    /// Request method.
+    pub method: http::Method,
+    /// The authority the request was (or would have been) sent to.
+    pub host: String,
+    /// Request path without the query string (queries may hold keys).
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    /// How it ended.
+    pub outcome: ExchangeOutcome,
+    /// From request head to the end of the response body.
+    pub duration: Duration,
+    /// Request body bytes sent upstream.
+    pub bytes_up: u64,
+    /// Response body bytes sent to the client.
+    pub bytes_down: u64,
+}

@@ -1,5 +1,6 @@
-//! The local proxy: accepts redirected connections, attributes them, and
-//! forwards them to their original destination.
+//! The local proxy: accepts redirected connections, attributes them, hands
+//! them to the protocol handler their first bytes call for ([`dispatch`]),
+//! and emits one event per connection.
 
 use std::{
     io,
@@ -17,11 +18,17 @@ use tracing::Instrument as _;
 
 use crate::{
     config::ProxyConfig,
+    enforce::Policy,
     event::{ConnectionEvent, Outcome},
     intercept::{words_addr, Interceptor},
     process::ProcessInfo,
-    relay,
+    tls::{LeafCache, TlsConfig, UpstreamTls},
 };
+
+mod dispatch;
+mod upstream;
+
+pub use upstream::{PlainConnector, TlsConnector};
 
 /// How long in-flight connections may finish after shutdown is requested.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,17 +48,33 @@ pub struct Intercepted {
     pub process: Arc<ProcessInfo>,
 }
 
+/// What the protocol handlers share: TLS interception, upstream TLS, and
+/// the static-key policy.
+pub struct Services {
+    /// Which hosts are intercepted, which passed through.
+    pub tls: TlsConfig,
+    /// Leaf certificates for intercepted names.
+    pub leaf_cache: LeafCache,
+    /// Verifying TLS client for upstreams.
+    pub upstream_tls: Arc<UpstreamTls>,
+    /// Detection, findings and actions.
+    pub policy: Arc<Policy>,
+    /// HTTP engine limits.
+    pub http_limits: crate::http::Limits,
+}
+
 /// Shared state of the proxy's accept loops.
 pub struct Proxy {
     interceptor: Arc<Interceptor>,
     config: ProxyConfig,
+    services: Services,
     next_id: AtomicU64,
 }
 
 impl Proxy {
     /// A proxy taking records from `interceptor`.
-    pub fn new(interceptor: Arc<Interceptor>, config: ProxyConfig) -> Arc<Proxy> {
-        Arc::new(Proxy { interceptor, config, next_id: AtomicU64::new(1) })
+    pub fn new(interceptor: Arc<Interceptor>, config: ProxyConfig, services: Services) -> Arc<Proxy> {
+        Arc::new(Proxy { interceptor, config, services, next_id: AtomicU64::new(1) })
     }
 
     /// Accepts on `listeners` until `shutdown` fires, then gives in-flight
@@ -99,6 +122,9 @@ impl Proxy {
                 peer,
                 orig_dst: None,
                 process: None,
+                protocol: None,
+                sni: None,
+                requests: None,
                 bytes_up: 0,
                 bytes_down: 0,
                 duration: Duration::ZERO,
@@ -118,24 +144,15 @@ impl Proxy {
             let process = Arc::new(ProcessInfo::from_record(&record));
             event.orig_dst = Some(orig_dst);
             let conn = Intercepted { id, client, peer, orig_dst, process: process.clone() };
-            let result = self.passthrough(conn).await;
+            let handled = self.dispatch(conn).await;
             event.process = Some(&process);
-            match result {
-                Ok((up, down)) => {
-                    event.bytes_up = up;
-                    event.bytes_down = down;
-                }
-                Err(RelayError::Connect(e)) => {
-                    event.outcome = Outcome::UpstreamFailed;
-                    event.error = Some(e.to_string());
-                }
-                Err(RelayError::Io { error, up, down }) => {
-                    event.outcome = Outcome::Error;
-                    event.bytes_up = up;
-                    event.bytes_down = down;
-                    event.error = Some(error.to_string());
-                }
-            }
+            event.protocol = Some(handled.protocol);
+            event.sni = handled.sni;
+            event.requests = handled.requests;
+            event.bytes_up = handled.bytes_up;
+            event.bytes_down = handled.bytes_down;
+            event.outcome = handled.outcome;
+            event.error = handled.error;
             event.duration = started.elapsed();
             event.emit();
         }
@@ -160,34 +177,6 @@ impl Proxy {
         }
     }
 
-    /// Plain TCP forwarding, both directions, half-close honoured.
-    async fn passthrough(&self, conn: Intercepted) -> Result<(u64, u64), RelayError> {
-        let upstream = connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
-            .await
-            .map_err(RelayError::Connect)?;
-        let counters = relay::Counters::default();
-        let result = relay::relay(&conn.client, &upstream, &counters).await;
-        let (up, down) = (counters.up.load(Ordering::Relaxed), counters.down.load(Ordering::Relaxed));
-        result.map(|()| (up, down)).map_err(|error| RelayError::Io { error, up, down })
-    }
-}
-
-/// Why a relay ended badly.
-#[derive(Debug, thiserror::Error)]
-pub enum RelayError {
-    /// The original destination could not be reached.
-    #[error("connecting upstream: {0}")]
-    Connect(io::Error),
-    /// The relay failed after the given byte counts.
-    #[error("relay: {error}")]
-    Io {
-        /// The error.
-        error: io::Error,
-        /// Bytes client -> upstream before it.
-        up: u64,
-        /// Bytes upstream -> client before it.
-        down: u64,
-    },
 }
 
 /// Connects to `dst` from a socket carrying the gateway's mark, so the

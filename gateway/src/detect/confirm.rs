@@ -1,0 +1,245 @@
+//! The precise second phase: checks a candidate secret beyond its shape.
+
+use base64::Engine;
+use serde::Deserialize;
+
+/// Extra validation a rule can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// GitHub `gh?_` tokens: the last 6 characters are the base62 CRC32 of the
+    /// 30 random characters before them.
+    GithubCrc32,
+    /// A JSON Web Token whose header decodes to a JSON object with `alg`.
+    Jwt,
+    /// Base64 of `user:password` with a non-placeholder password (or a long user
+    /// name, for APIs that take the key as the user name).
+    BasicAuth,
+    /// URL userinfo: the password must differ from the user name and from
+    /// well-known defaults.
+    Userinfo,
+}
+
+/// Shannon entropy in bits per byte.
+pub fn shannon_entropy(data: &[u8]) -> f64 {
+    if data.is_empty() {
+        return 0.0;
+    }
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let len = data.len() as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / len;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// Values that are documentation or template stand-ins rather than credentials.
+const PLACEHOLDER_WORDS: &[&[u8]] = &[
+    b"example", b"placeholder", b"changeme", b"change_me", b"change-me", b"redacted", b"dummy", b"your_",
+    b"your-", b"yourkey", b"your.", b"insert_", b"insert-", b"replace_me", b"replace-me", b"sample_", b"fake_",
+    b"0123456789", b"123456789", b"abcdefghij", b"qwertyuiop",
+];
+
+/// Whole values that are never credentials.
+const PLACEHOLDER_VALUES: &[&[u8]] = &[
+    b"password", b"passwd", b"pass", b"secret", b"token", b"apikey", b"api_key", b"api-key", b"changeme", b"test",
+    b"testing", b"user", b"username", b"null", b"none", b"nil", b"undefined", b"true", b"false", b"x-oauth-basic",
+    b"admin", b"root", b"guest", b"default",
+];
+
+/// Whether `secret` looks like a template, variable reference or documentation stand-in.
+pub fn is_placeholder(secret: &[u8]) -> bool {
+    if secret.is_empty() {
+        return true;
+    }
+    let lower = secret.to_ascii_lowercase();
+    if PLACEHOLDER_VALUES.contains(&lower.as_slice()) {
+        return true;
+    }
+    // Template and variable syntaxes: ${VAR}, {{ var }}, $(cmd), %(var)s, %VAR%, <your-key>.
+    const SYNTAX: &[&[u8]] = &[b"${", b"{{", b"}}", b"$(", b"%(", b"<", b">"];
+    if SYNTAX.iter().any(|s| contains(&lower, s)) {
+        return true;
+    }
+    if secret[0] == b'$' && secret.get(1).is_some_and(|b| b.is_ascii_uppercase() || *b == b'_') {
+        return true;
+    }
+    if secret.len() > 2 && secret[0] == b'%' && secret[secret.len() - 1] == b'%' {
+        return true;
+    }
+    if PLACEHOLDER_WORDS.iter().any(|w| contains(&lower, w)) {
+        return true;
+    }
+    // Masked or filler runs: xxxxxx, ******, ......, ######.
+    if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
+        return true;
+    }
+    // A value dominated by one character (aaaa…, 0000…) is filler, not a key.
+    let mut counts = [0usize; 256];
+    for &b in secret {
+        counts[b as usize] += 1;
+    }
+    let max = counts.iter().copied().max().unwrap_or(0);
+    max * 10 >= secret.len() * 6
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn has_run(data: &[u8], c: u8, n: usize) -> bool {
+    let mut run = 0;
+    for &b in data {
+        run = if b == c { run + 1 } else { 0 };
+        if run >= n {
+            return true;
+        }
+    }
+    false
+}
+
+/// Whether one of `keywords` (already lowercase) occurs in `context`, case-insensitively.
+pub fn has_keyword(context: &[u8], keywords: &[Vec<u8>]) -> bool {
+    if keywords.is_empty() {
+        return true;
+    }
+    let lower = context.to_ascii_lowercase();
+    keywords.iter().any(|k| contains(&lower, k))
+}
+
+impl Check {
+    /// Runs the check; `user` is the URL user name for [`Check::Userinfo`].
+    pub fn passes(self, secret: &[u8], user: Option<&[u8]>) -> bool {
+        match self {
+            Check::GithubCrc32 => github_crc32_ok(secret),
+            Check::Jwt => jwt_ok(secret),
+            Check::BasicAuth => basic_auth_ok(secret),
+            Check::Userinfo => userinfo_ok(secret, user.unwrap_or_default()),
+        }
+    }
+}
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Base62 of a CRC32, left-padded with `0` to 6 digits as GitHub does.
+pub fn base62_crc32(data: &[u8]) -> [u8; 6] {
+    let mut n = crc32fast::hash(data);
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
+    }
+    out
+}
+
+fn github_crc32_ok(secret: &[u8]) -> bool {
+    // `ghp_` + 30 random + 6 check digits; fine-grained or other shapes fail.
+    let Some(pos) = secret.iter().position(|&b| b == b'_') else {
+        return false;
+    };
+    let body = &secret[pos + 1..];
+    if body.len() != 36 {
+        return false;
+    }
+    let (random, check) = body.split_at(30);
+    base62_crc32(random) == check
+}
+
+fn jwt_ok(secret: &[u8]) -> bool {
+    let Some(header) = secret.split(|&b| b == b'.').next() else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+        return false;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&decoded) {
+        Ok(serde_json::Value::Object(map)) => {
+            // `alg: none` tokens are unsigned test fixtures, not credentials.
+            map.get("alg").and_then(|a| a.as_str()).is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+        }
+        _ => false,
+    }
+}
+
+fn basic_auth_ok(secret: &[u8]) -> bool {
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(secret) else {
+        return false;
+    };
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+    if password.is_empty() {
+        // Key-as-user-name APIs (Cursor, Stripe): the user name is the secret.
+        return user.len() >= 16 && !is_placeholder(user) && shannon_entropy(user) >= 3.0;
+    }
+    !is_placeholder(password) && password != user
+}
+
+/// Default passwords of database images and brokers; finding them is noise.
+const DEFAULT_PASSWORDS: &[&[u8]] = &[
+    b"postgres", b"mysql", b"root", b"admin", b"guest", b"redis", b"mongo", b"mongodb", b"sa", b"clickhouse",
+    b"rabbitmq", b"123456", b"pass", b"passw0rd", b"p@ssw0rd",
+];
+
+fn userinfo_ok(secret: &[u8], user: &[u8]) -> bool {
+    let lower = secret.to_ascii_lowercase();
+    !is_placeholder(secret)
+        && !secret.eq_ignore_ascii_case(user)
+        && !DEFAULT_PASSWORDS.contains(&lower.as_slice())
+        // Leaves room for `*`/`:` in URLs that are really `scheme://host:port@...` noise.
+        && secret.iter().any(|b| b.is_ascii_alphanumeric())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entropy_bounds() {
+        assert_eq!(shannon_entropy(b""), 0.0);
+        assert_eq!(shannon_entropy(b"aaaa"), 0.0);
+        assert!((shannon_entropy(b"abcd") - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn placeholders() {
+        for p in [
+            &b"${API_KEY}"[..], b"{{ token }}", b"<your-key>", b"xxxxxxxxxxxx", b"AKIAIOSFODNN7EXAMPLE",
+            b"aaaaaaaaaaaaaaaaaaab", b"$API_KEY", b"%API_KEY%", b"********", b"changeme", b"password",
+        ] {
+            assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9"] {
+            assert!(!is_placeholder(p));
+        }
+    }
+
+    #[test]
+    fn github_check_digits() {
+        let random = b"aBcDeFgHiJkLmNoPqRsTuVwXyZ0123";
+        let mut token = b"ghp_".to_vec();
+        token.extend_from_slice(random);
+        token.extend_from_slice(&base62_crc32(random));
+        assert!(github_crc32_ok(&token));
+        let last = token.len() - 1;
+        token[last] = if token[last] == b'A' { b'B' } else { b'A' };
+        assert!(!github_crc32_ok(&token));
+    }
+
+    #[test]
+    fn basic_auth() {
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert!(basic_auth_ok(enc("ci:Zx8Q2mL0pR7vT4nB").as_bytes()));
+        assert!(basic_auth_ok(enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()));
+        assert!(!basic_auth_ok(enc("user:password").as_bytes()));
+        assert!(!basic_auth_ok(enc("user").as_bytes()));
+    }
+}

@@ -1,0 +1,279 @@
+//! HTTP-aware scanning: request line, query parameters, headers (with Basic
+//! credentials decoded) and, through [`BodyScanner`], decoded bodies.
+
+use std::{collections::HashSet, fmt, sync::Arc};
+
+use base64::Engine;
+use http::{HeaderMap, HeaderName, Method, Uri};
+
+pub use super::body::{BodyLimits, BodyScanner};
+use super::{confirm::shannon_entropy, Confidence, Detection, Detector, Secret};
+
+/// Rule id of credentials presented in authentication headers that match no rule.
+pub const UNKNOWN_AUTH_RULE: &str = "unknown-auth-credential";
+
+/// A detection and where in the HTTP message it was found.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// The detection; its offsets are relative to the scanned field (the
+    /// decoded value of a header, parameter or body part) or, for bodies, to the
+    /// decoded body text.
+    pub detection: Detection,
+    /// Where it was found.
+    pub location: Location,
+}
+
+/// Where in an HTTP message a secret was found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// The raw request line (method and request target).
+    RequestLine,
+    /// A query parameter (percent-decoded), by name.
+    Query(String),
+    /// The percent-decoded path.
+    Path,
+    /// A header value, by lowercase header name.
+    Header(String),
+    /// The user name of `Basic` credentials in the named header.
+    BasicAuthUser(String),
+    /// The password of `Basic` credentials in the named header.
+    BasicAuthPassword(String),
+    /// The body: a JSON path (`$.auth.token`), a form field name
+    /// (`form.api_key`), a multipart part (`multipart.file`), or empty for raw text.
+    Body(String),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::RequestLine => f.write_str("request-line"),
+            Location::Query(name) => write!(f, "query:{name}"),
+            Location::Path => f.write_str("path"),
+            Location::Header(name) => write!(f, "header:{name}"),
+            Location::BasicAuthUser(name) => write!(f, "header:{name}:basic-user"),
+            Location::BasicAuthPassword(name) => write!(f, "header:{name}:basic-password"),
+            Location::Body(path) if path.is_empty() => f.write_str("body"),
+            Location::Body(path) => write!(f, "body:{path}"),
+        }
+    }
+}
+
+/// Scans everything before the body: path and query parameters
+/// (percent-decoded), then every header (Basic credentials decoded, bearer and
+/// other schemes' tokens on their own), then the raw request line for anything
+/// the decoded views missed. Each secret is reported once per rule.
+pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<Hit> {
+    let mut hits = Vec::new();
+    let mut seen: HashSet<(Arc<str>, Secret)> = HashSet::new();
+    let mut push = |hits: &mut Vec<Hit>, detection: Detection, location: Location| {
+        if seen.insert((Arc::clone(&detection.rule_id), detection.secret.clone())) {
+            hits.push(Hit { detection, location });
+        }
+    };
+
+    for d in detector.scan(&percent_decode(uri.path().as_bytes(), false)) {
+        push(&mut hits, d, Location::Path);
+    }
+    if let Some(query) = uri.query() {
+        for field in query.split('&').filter(|f| !f.is_empty()) {
+            let decoded = percent_decode(field.as_bytes(), true);
+            let name_len = decoded.iter().position(|&b| b == b'=').unwrap_or(decoded.len());
+            let name = String::from_utf8_lossy(&decoded[..name_len]).into_owned();
+            // Scanned as `name=value` so assignment rules see the parameter name.
+            for d in detector.scan(&decoded) {
+                push(&mut hits, d, Location::Query(name.clone()));
+            }
+        }
+    }
+    for (name, value) in headers {
+        for (d, location) in scan_header(detector, name, value.as_bytes()) {
+            push(&mut hits, d, location);
+        }
+    }
+    let mut line = method.as_str().as_bytes().to_vec();
+    line.push(b' ');
+    line.extend_from_slice(uri.to_string().as_bytes());
+    for d in detector.scan(&line) {
+        push(&mut hits, d, Location::RequestLine);
+    }
+    hits
+}
+
+fn scan_header(detector: &Detector, name: &HeaderName, value: &[u8]) -> Vec<(Detection, Location)> {
+    let lname = name.as_str().to_string();
+    let mut out = Vec::new();
+    if is_authorization(name) {
+        match parse_authorization(value) {
+            Some(Auth::Basic { user, password }) => {
+                for d in detector.scan(&user) {
+                    out.push((d, Location::BasicAuthUser(lname.clone())));
+                }
+                for d in detector.scan(&password) {
+                    out.push((d, Location::BasicAuthPassword(lname.clone())));
+                }
+            }
+            Some(Auth::Token(token)) => {
+                for d in detector.scan(&token) {
+                    out.push((d, Location::Header(lname.clone())));
+                }
+            }
+            None => {}
+        }
+        // The raw value too: schemes with parameters (`Digest`, SigV4) or keys
+        // glued to the scheme.
+        for d in detector.scan(value) {
+            out.push((d, Location::Header(lname.clone())));
+        }
+        return out;
+    }
+    // `name: value`, so assignment rules (`x-api-key: …`) see the header name;
+    // only secrets inside the value count.
+    let mut text = Vec::with_capacity(lname.len() + 2 + value.len());
+    text.extend_from_slice(lname.as_bytes());
+    text.extend_from_slice(b": ");
+    let offset = text.len() as u64;
+    text.extend_from_slice(value);
+    for mut d in detector.scan(&text) {
+        if d.start >= offset {
+            d.start -= offset;
+            d.end -= offset;
+            out.push((d, Location::Header(lname.clone())));
+        }
+    }
+    out
+}
+
+fn is_authorization(name: &HeaderName) -> bool {
+    name == http::header::AUTHORIZATION || name == http::header::PROXY_AUTHORIZATION
+}
+
+enum Auth {
+    Basic { user: Vec<u8>, password: Vec<u8> },
+    Token(Vec<u8>),
+}
+
+fn parse_authorization(value: &[u8]) -> Option<Auth> {
+    let value = value.trim_ascii();
+    let (scheme, rest) = match value.iter().position(|b| b.is_ascii_whitespace()) {
+        Some(i) => (&value[..i], value[i..].trim_ascii()),
+        None => (&[][..], value),
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    if scheme.eq_ignore_ascii_case(b"basic") {
+        if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) {
+            let colon = decoded.iter().position(|&b| b == b':').unwrap_or(decoded.len());
+            let password = decoded.get(colon + 1..).unwrap_or_default().to_vec();
+            return Some(Auth::Basic { user: decoded[..colon].to_vec(), password });
+        }
+    }
+    Some(Auth::Token(rest.to_vec()))
+}
+
+/// Headers that carry API keys or tokens by convention.
+const KEY_HEADERS: &[&str] = &[
+    "x-api-key", "api-key", "apikey", "x-apikey", "x-auth-token", "x-access-token", "x-token", "x-api-token",
+    "private-token", "job-token", "deploy-token", "x-goog-api-key", "x-functions-key", "ocp-apim-subscription-key",
+    "x-figma-token", "x-shopify-access-token", "x-vault-token", "x-jfrog-art-api", "x-auth-key", "x-auth-user",
+    "dd-api-key", "dd-application-key", "x-honeycomb-team", "x-postmark-server-token", "circle-token",
+    "x-gitlab-token", "x-npm-token", "x-pypi-token", "authentication", "x-authorization", "x-secret",
+    "x-client-secret", "x-amz-security-token", "x-sentry-auth",
+];
+
+/// Name parts that mark anti-forgery or tracing tokens rather than credentials.
+const NOT_CREDENTIAL_PARTS: &[&str] = &["csrf", "xsrf", "request", "trace", "correlation", "idempotency", "nonce"];
+
+fn is_key_header(name: &str) -> bool {
+    if KEY_HEADERS.contains(&name) {
+        return true;
+    }
+    if NOT_CREDENTIAL_PARTS.iter().any(|p| name.contains(p)) {
+        return false;
+    }
+    ["api-key", "apikey", "access-key", "secret", "-token", "-auth-key"].iter().any(|p| name.contains(p))
+}
+
+/// Every credential presented in authentication headers, whatever its format:
+/// `Authorization`/`Proxy-Authorization` (`Basic` decoded: the password, or the
+/// user name when the password is empty as with key-as-user APIs; other
+/// schemes' token), and key headers such as `x-api-key` or `private-token`.
+/// The caller decides which are its own (see [`unknown_credentials`]).
+pub fn auth_credentials(headers: &HeaderMap) -> Vec<(Location, Secret)> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        let lname = name.as_str().to_string();
+        if is_authorization(name) {
+            match parse_authorization(value.as_bytes()) {
+                Some(Auth::Basic { password, .. }) if !password.is_empty() => {
+                    out.push((Location::BasicAuthPassword(lname), Secret::new(&password)));
+                }
+                Some(Auth::Basic { user, .. }) if !user.is_empty() => {
+                    out.push((Location::BasicAuthUser(lname), Secret::new(&user)));
+                }
+                Some(Auth::Token(token)) => out.push((Location::Header(lname), Secret::new(&token))),
+                _ => {}
+            }
+        } else if is_key_header(&lname) {
+            let v = value.as_bytes().trim_ascii();
+            if !v.is_empty() {
+                out.push((Location::Header(lname), Secret::new(v)));
+            }
+        }
+    }
+    out
+}
+
+/// Credentials from [`auth_credentials`] that no rule recognizes and that
+/// `is_issued` does not claim as the gateway's own, as hits of rule
+/// [`UNKNOWN_AUTH_RULE`]: a static credential in an unknown format. Medium
+/// confidence when long and random-looking, low otherwise.
+pub fn unknown_credentials(detector: &Detector, headers: &HeaderMap, is_issued: impl Fn(&Secret) -> bool) -> Vec<Hit> {
+    let rule_id: Arc<str> = Arc::from(UNKNOWN_AUTH_RULE);
+    auth_credentials(headers)
+        .into_iter()
+        .filter(|(_, secret)| !is_issued(secret) && detector.scan(secret.as_bytes()).is_empty())
+        .map(|(location, secret)| {
+            let strong = secret.len() >= 16 && shannon_entropy(secret.as_bytes()) >= 3.0;
+            let detection = Detection {
+                rule_id: Arc::clone(&rule_id),
+                confidence: if strong { Confidence::Medium } else { Confidence::Low },
+                start: 0,
+                end: secret.len() as u64,
+                secret,
+            };
+            Hit { detection, location }
+        })
+        .collect()
+}
+
+/// Percent-decodes; with `plus_is_space`, `+` means a space (query strings, forms).
+pub(crate) fn percent_decode(input: &[u8], plus_is_space: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'%' => match (hex_val(input.get(i + 1)), hex_val(input.get(i + 2))) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' if plus_is_space => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+pub(crate) fn hex_val(b: Option<&u8>) -> Option<u8> {
+    match b? {
+        b @ b'0'..=b'9' => Some(b - b'0'),
+        b @ b'a'..=b'f' => Some(b - b'a' + 10),
+        b @ b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}

@@ -1,0 +1,573 @@
+//! Bodies: inspection with hold-back on the way up, observation on the way
+//! down, and byte counting of the client connection.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{ready, Context, Poll},
+};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::{mpsc, oneshot},
+};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use super::{
+    error::BoxError, exchange::ExchangeLog, BodyInspector, BodyVerdict, ExchangeOutcome, HttpError,
+    Limits,
+};
+
+/// Frames in flight between the inspecting pump and hyper. Small, so that
+/// a slow upstream pushes back on the client instead of filling memory.
+const PUMP_CHANNEL_FRAMES: usize = 4;
+
+/// Body of an upstream request.
+pub(crate) struct RequestBody {
+    kind: RequestKind,
+    sent: Arc<AtomicU64>,
+    /// Buffered bytes count against the connection's budget until hyper
+    /// is done with the body.
+    _reservation: Option<Reservation>,
+}
+
+/// Bytes of request bodies buffered by one connection (all its streams).
+pub(crate) type Budget = Arc<AtomicUsize>;
+
+/// A share of a [`Budget`], given back on drop.
+pub(crate) struct Reservation {
+    budget: Budget,
+    bytes: usize,
+}
+
+impl Reservation {
+    fn new(budget: Budget) -> Reservation {
+        Reservation { budget, bytes: 0 }
+    }
+
+    /// Adds `n` bytes; returns the connection's new total.
+    fn grow(&mut self, n: usize) -> usize {
+        self.bytes += n;
+        self.budget.fetch_add(n, Ordering::Relaxed) + n
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+enum RequestKind {
+    /// Not inspected: the client's body as is.
+    Incoming(Incoming),
+    /// Inspected completely and buffered (at most `max_buffered_body`).
+    /// `exact` keeps the client's framing: a length only if the client
+    /// sent one, so chunked stays chunked (and HTTP/1 trailers survive).
+    Frames { frames: VecDeque<Frame<Bytes>>, remaining: u64, exact: bool },
+    /// Inspected while streaming; fed by [`pump`]. `abort` fires when the
+    /// pump gives up, and the body then fails instead of ending, so that
+    /// hyper resets the upstream request rather than completing it.
+    Channel { rx: mpsc::Receiver<Frame<Bytes>>, abort: CancellationToken },
+}
+
+impl RequestBody {
+    pub(crate) fn incoming(body: Incoming, sent: Arc<AtomicU64>) -> RequestBody {
+        RequestBody { kind: RequestKind::Incoming(body), sent, _reservation: None }
+    }
+
+    fn frames(
+        frames: VecDeque<Frame<Bytes>>,
+        exact: bool,
+        sent: Arc<AtomicU64>,
+        reservation: Reservation,
+    ) -> RequestBody {
+        let remaining = frames.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+        RequestBody {
+            kind: RequestKind::Frames { frames, remaining, exact },
+            sent,
+            _reservation: Some(reservation),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = match &mut this.kind {
+            RequestKind::Incoming(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(f)) => Some(f),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => None,
+            },
+            RequestKind::Frames { frames, remaining, .. } => {
+                let f = frames.pop_front();
+                if let Some(d) = f.as_ref().and_then(|f| f.data_ref()) {
+                    *remaining -= d.len() as u64;
+                }
+                f
+            }
+            RequestKind::Channel { rx, abort } => {
+                if abort.is_cancelled() {
+                    return Poll::Ready(Some(Err(HttpError::BodyAborted.into())));
+                }
+                let f = ready!(rx.poll_recv(cx));
+                // The pump cancels before it drops the sender, so a closed
+                // channel after a cancel is an abort, not the end.
+                if f.is_none() && abort.is_cancelled() {
+                    return Poll::Ready(Some(Err(HttpError::BodyAborted.into())));
+                }
+                f
+            }
+        };
+        if let Some(d) = frame.as_ref().and_then(|f| f.data_ref()) {
+            this.sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        Poll::Ready(frame.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Incoming(b) => b.is_end_stream(),
+            RequestKind::Frames { frames, .. } => frames.is_empty(),
+            RequestKind::Channel { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Incoming(b) => b.size_hint(),
+            RequestKind::Frames { remaining, exact: true, .. } => SizeHint::with_exact(*remaining),
+            RequestKind::Frames { .. } => SizeHint::default(),
+            RequestKind::Channel { .. } => SizeHint::default(),
+        }
+    }
+}
+
+/// Result of inspecting a request body up to the buffering limit.
+pub(crate) enum Inspected {
+    /// The inspector refused; nothing was sent anywhere.
+    Blocked(http::Response<Bytes>),
+    /// Fully read and inspected.
+    Buffered(RequestBody),
+    /// Too large to buffer: streams on, still inspected. If the inspector
+    /// refuses later, `blocked` yields its response (after the body was
+    /// aborted).
+    Streaming { body: RequestBody, blocked: oneshot::Receiver<http::Response<Bytes>> },
+}
+
+/// Reads and inspects `incoming` until it ends or exceeds
+/// `limits.max_buffered_body` (or the connection's buffered bytes exceed
+/// `limits.max_buffered_per_connection`: then it streams early rather than
+/// let many HTTP/2 streams pile up memory). Polling the body is what makes
+/// hyper send `100 Continue`, so this must not wait for anything else
+/// first.
+pub(crate) async fn inspect<B: BodyInspector>(
+    mut incoming: Incoming,
+    mut inspector: B,
+    limits: &Limits,
+    abort: CancellationToken,
+    sent: Arc<AtomicU64>,
+    budget: &Budget,
+) -> Result<Inspected, HttpError> {
+    let exact = incoming.size_hint().exact().is_some();
+    let mut reservation = Reservation::new(budget.clone());
+    let mut conn_buffered = 0;
+    let mut frames = VecDeque::new();
+    let mut buffered = 0usize;
+    loop {
+        match incoming.frame().await {
+            None => {
+                if let BodyVerdict::Respond(r) = inspector.finish().await {
+                    return Ok(Inspected::Blocked(r));
+                }
+                return Ok(Inspected::Buffered(RequestBody::frames(
+                    frames,
+                    exact,
+                    sent,
+                    reservation,
+                )));
+            }
+            Some(Err(e)) => return Err(HttpError::ClientBody(e)),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if let BodyVerdict::Respond(r) = inspector.feed(data).await {
+                        return Ok(Inspected::Blocked(r));
+                    }
+                    buffered += data.len();
+                    conn_buffered = reservation.grow(data.len());
+                }
+                frames.push_back(frame);
+                if buffered > limits.max_buffered_body
+                    || conn_buffered > limits.max_buffered_per_connection
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
+    let (blocked_tx, blocked) = oneshot::channel();
+    let pump = Pump { incoming, inspector, tx, blocked: Some(blocked_tx), abort: abort.clone() };
+    tokio::spawn(pump.run(frames, reservation, limits.hold_back));
+    Ok(Inspected::Streaming {
+        body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _reservation: None },
+        blocked,
+    })
+}
+
+/// Moves an over-limit body from the client to upstream, inspecting every
+/// chunk before it may leave and holding back the inspected tail.
+struct Pump<B> {
+    incoming: Incoming,
+    inspector: B,
+    tx: mpsc::Sender<Frame<Bytes>>,
+    blocked: Option<oneshot::Sender<http::Response<Bytes>>>,
+    abort: CancellationToken,
+}
+
+impl<B: BodyInspector> Pump<B> {
+    async fn run(
+        mut self,
+        initial: VecDeque<Frame<Bytes>>,
+        reservation: Reservation,
+        hold_back: usize,
+    ) {
+        let mut held = HoldBack::new(hold_back);
+        let mut trailers: Option<HeaderMap> = None;
+        for frame in initial {
+            match frame.into_data() {
+                Ok(d) => held.push(d),
+                Err(f) => trailers = f.into_trailers().ok(),
+            }
+        }
+        if !held.release(&self.tx).await {
+            return;
+        }
+        // From here on at most hold_back + a few frames are held.
+        drop(reservation);
+        loop {
+            let frame = tokio::select! {
+                f = self.incoming.frame() => f,
+                // Upstream stopped reading (answered early or failed): no
+                // point in pulling more from the client.
+                _ = self.tx.closed() => return,
+            };
+            match frame {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "client request body failed");
+                    self.abort.cancel();
+                    return;
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        if let BodyVerdict::Respond(r) = self.inspector.feed(&data).await {
+                            self.block(r);
+                            return;
+                        }
+                        held.push(data);
+                        if !held.release(&self.tx).await {
+                            return;
+                        }
+                    }
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+            }
+        }
+        if let BodyVerdict::Respond(r) = self.inspector.finish().await {
+            self.block(r);
+            return;
+        }
+        if !held.flush(&self.tx).await {
+            return;
+        }
+        if let Some(t) = trailers {
+            let _ = self.tx.send(Frame::trailers(t)).await;
+        }
+    }
+
+    fn block(&mut self, response: http::Response<Bytes>) {
+        // Abort first: by the time the handler sees the verdict, the
+        // upstream body already fails instead of completing.
+        self.abort.cancel();
+        if let Some(tx) = self.blocked.take() {
+            let _ = tx.send(response);
+        }
+    }
+}
+
+/// Inspected bytes not yet forwarded.
+struct HoldBack {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+    keep: usize,
+}
+
+impl HoldBack {
+    fn new(keep: usize) -> HoldBack {
+        HoldBack { chunks: VecDeque::new(), len: 0, keep }
+    }
+
+    fn push(&mut self, data: Bytes) {
+        self.len += data.len();
+        self.chunks.push_back(data);
+    }
+
+    /// Forwards all but the last `keep` bytes. False if upstream is gone.
+    async fn release(&mut self, tx: &mpsc::Sender<Frame<Bytes>>) -> bool {
+        while self.len > self.keep {
+            let excess = self.len - self.keep;
+            let Some(mut chunk) = self.chunks.pop_front() else { break };
+            if chunk.len() > excess {
+                let rest = chunk.split_off(excess);
+                self.chunks.push_front(rest);
+            }
+            self.len -= chunk.len();
+            if tx.send(Frame::data(chunk)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Forwards everything (the inspector has seen the end).
+    async fn flush(&mut self, tx: &mpsc::Sender<Frame<Bytes>>) -> bool {
+        self.keep = 0;
+        self.release(tx).await
+    }
+}
+
+/// Body of a response to the client.
+pub(crate) struct ResponseBody {
+    kind: ResponseKind,
+    /// Fires when the request body was blocked mid-stream: the response
+    /// must then fail rather than end normally.
+    abort: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    log: ExchangeLog,
+    done: bool,
+}
+
+enum ResponseKind {
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+impl ResponseBody {
+    /// A response made up here (verdicts, 502s, 101s).
+    pub(crate) fn full(data: Bytes, log: ExchangeLog) -> ResponseBody {
+        let data = (!data.is_empty()).then_some(data);
+        ResponseBody { kind: ResponseKind::Full(data), abort: None, log, done: false }
+    }
+
+    /// Upstream's response body, streamed frame by frame.
+    pub(crate) fn upstream(
+        body: Incoming,
+        abort: Option<CancellationToken>,
+        log: ExchangeLog,
+    ) -> ResponseBody {
+        ResponseBody {
+            kind: ResponseKind::Upstream(body),
+            abort: abort.map(|t| Box::pin(t.cancelled_owned())),
+            log,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        self.log.emit();
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(abort) = this.abort.as_mut() {
+            if abort.as_mut().poll(cx).is_ready() {
+                this.log.set_outcome(ExchangeOutcome::Blocked);
+                this.finish();
+                return Poll::Ready(Some(Err(HttpError::BodyAborted.into())));
+            }
+        }
+        let frame = match &mut this.kind {
+            ResponseKind::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
+            ResponseKind::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(f)) => Some(Ok(f)),
+                Some(Err(e)) => {
+                    if this.log.outcome() == ExchangeOutcome::Forwarded {
+                        this.log.set_outcome(ExchangeOutcome::Aborted);
+                    }
+                    this.finish();
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                None => None,
+            },
+        };
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    this.log.add_down(d.len());
+                }
+            }
+            _ => this.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Full(d) => d.is_none(),
+            ResponseKind::Upstream(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
+            ResponseKind::Upstream(b) => b.size_hint(),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if !self.done && !self.is_end_stream() && self.log.outcome() == ExchangeOutcome::Forwarded {
+            // hyper gave up on the body: client gone or stream reset.
+            self.log.set_outcome(ExchangeOutcome::Aborted);
+        }
+        self.finish();
+    }
+}
+
+/// Bytes moved over the client connection.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) up: AtomicU64,
+    pub(crate) down: AtomicU64,
+}
+
+/// Counts the bytes of the client connection (and of tunnels made from
+/// it, since hyper's `Upgraded` keeps wrapping this IO).
+pub(crate) struct CountingIo<T> {
+    inner: T,
+    counters: Arc<Counters>,
+}
+
+impl<T> CountingIo<T> {
+    pub(crate) fn new(inner: T, counters: Arc<Counters>) -> CountingIo<T> {
+        CountingIo { inner, counters }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let n = buf.filled().len() - before;
+        self.counters.up.fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
+        self.counters.down.fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs))?;
+        self.counters.down.fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    async fn drain(rx: &mut mpsc::Receiver<Frame<Bytes>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Ok(f) = rx.try_recv() {
+            out.extend_from_slice(&f.into_data().unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn hold_back_keeps_the_inspected_tail_until_flushed() {
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut held = HoldBack::new(4);
+        held.push(Bytes::from_static(b"0123456789"));
+        assert!(held.release(&tx).await);
+        assert_eq!(drain(&mut rx).await, b"012345");
+        held.push(Bytes::from_static(b"ab"));
+        held.push(Bytes::from_static(b"c"));
+        assert!(held.release(&tx).await);
+        assert_eq!(drain(&mut rx).await, b"678");
+        assert_eq!(held.len, 4);
+        assert!(held.flush(&tx).await);
+        assert_eq!(drain(&mut rx).await, b"9abc");
+        drop(rx);
+        held.push(Bytes::from_static(b"0123456789"));
+        assert!(!held.release(&tx).await, "a gone upstream is reported");
+    }
+}

@@ -1,0 +1,104 @@
+//! Per-exchange accounting: one `gateway::http` event and one
+//! [`Inspector::on_exchange`](super::Inspector::on_exchange) call per
+//! request, emitted when the response is done (or abandoned).
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use super::{Exchange, ExchangeOutcome, HTTP_TARGET};
+
+/// Receives finished exchanges (wraps the inspector's `on_exchange`).
+pub(crate) type Hook = Arc<dyn Fn(&Exchange) + Send + Sync>;
+
+/// An exchange in flight. Emits exactly once: on [`ExchangeLog::emit`] or,
+/// failing that, on drop (hyper drops response bodies it gives up on).
+pub(crate) struct ExchangeLog {
+    exchange: Exchange,
+    started: Instant,
+    /// Shared with the upstream request body, which may still be counting.
+    bytes_up: Arc<AtomicU64>,
+    hook: Option<Hook>,
+}
+
+impl ExchangeLog {
+    pub(crate) fn new(
+        conn_id: u64,
+        method: http::Method,
+        host: String,
+        path: String,
+        started: Instant,
+        hook: Hook,
+    ) -> ExchangeLog {
+        ExchangeLog {
+            exchange: Exchange {
+                conn_id,
+                method,
+                host,
+                path,
+                status: 0,
+                // Until upstream answers: a handler dropped before that
+                // (client reset the stream) was aborted.
+                outcome: ExchangeOutcome::Aborted,
+                duration: Default::default(),
+                bytes_up: 0,
+                bytes_down: 0,
+            },
+            started,
+            bytes_up: Arc::new(AtomicU64::new(0)),
+            hook: Some(hook),
+        }
+    }
+
+    /// The counter the upstream request body adds to.
+    pub(crate) fn bytes_up(&self) -> Arc<AtomicU64> {
+        self.bytes_up.clone()
+    }
+
+    pub(crate) fn set_status(&mut self, status: u16) {
+        self.exchange.status = status;
+    }
+
+    pub(crate) fn set_outcome(&mut self, outcome: ExchangeOutcome) {
+        self.exchange.outcome = outcome;
+    }
+
+    pub(crate) fn outcome(&self) -> ExchangeOutcome {
+        self.exchange.outcome
+    }
+
+    pub(crate) fn add_down(&mut self, n: usize) {
+        self.exchange.bytes_down += n as u64;
+    }
+
+    pub(crate) fn emit(&mut self) {
+        let Some(hook) = self.hook.take() else { return };
+        let e = &mut self.exchange;
+        e.duration = self.started.elapsed();
+        e.bytes_up = self.bytes_up.load(Ordering::Relaxed);
+        tracing::info!(
+            target: HTTP_TARGET,
+            conn_id = e.conn_id,
+            method = %e.method,
+            host = %e.host,
+            path = %e.path,
+            status = e.status,
+            outcome = e.outcome.as_str(),
+            duration_ms = e.duration.as_secs_f64() * 1000.0,
+            bytes_up = e.bytes_up,
+            bytes_down = e.bytes_down,
+            "http exchange"
+        );
+        hook(e);
+    }
+}
+
+impl Drop for ExchangeLog {
+    fn drop(&mut self) {
+        self.emit();
+    }
+}

@@ -1,0 +1,329 @@
+//! The client side: hyper serves the connection, and every request goes
+//! through inspection before it may reach upstream.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::{body::Incoming, server::conn as hyper_conn, service::service_fn, upgrade::OnUpgrade};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    body::{self, Budget, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
+    error::BoxError,
+    exchange::{ExchangeLog, Hook},
+    headers, upgrade,
+    upstream::Upstreams,
+    ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits,
+    ServeStats, UpstreamConnector, HTTP_TARGET,
+};
+
+/// Serves one client connection until it closes.
+///
+/// `client_h2`: `Some` when TLS ALPN decided the protocol, `None` to detect
+/// it from the first bytes (HTTP/2 prior-knowledge preface or HTTP/1.x).
+/// Upgraded tunnels (WebSocket) are waited for before this returns, so the
+/// byte counts include them. Upstream failures do not end the connection
+/// (the client gets a 502 for that request); malformed client HTTP does,
+/// with [`HttpError::Client`].
+pub async fn serve<IO, I, U>(
+    client: IO,
+    client_h2: Option<bool>,
+    ctx: HttpContext,
+    inspector: Arc<I>,
+    upstream: U,
+    limits: Limits,
+) -> Result<ServeStats, HttpError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Inspector,
+    U: UpstreamConnector,
+{
+    let never = CancellationToken::new();
+    serve_with_shutdown(client, client_h2, ctx, inspector, upstream, limits, never).await
+}
+
+/// [`serve`], and when `shutdown` fires, shuts down gracefully: in-flight
+/// requests finish, HTTP/1 stops keep-alive, HTTP/2 sends GOAWAY. Tunnels
+/// are not cut; callers bound the drain with a timeout of their own.
+pub async fn serve_with_shutdown<IO, I, U>(
+    client: IO,
+    client_h2: Option<bool>,
+    ctx: HttpContext,
+    inspector: Arc<I>,
+    upstream: U,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> Result<ServeStats, HttpError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Inspector,
+    U: UpstreamConnector,
+{
+    let counters = Arc::new(Counters::default());
+    let io = TokioIo::new(CountingIo::new(client, counters.clone()));
+    let tunnels = TaskTracker::new();
+    let hook: Hook = {
+        let inspector = inspector.clone();
+        let ctx = ctx.clone();
+        Arc::new(move |e: &Exchange| inspector.on_exchange(&ctx, e))
+    };
+    let shared = Arc::new(Shared {
+        upstreams: Upstreams::new(upstream, limits.clone()),
+        ctx,
+        inspector,
+        limits: limits.clone(),
+        requests: AtomicU64::new(0),
+        buffered: Budget::default(),
+        tunnels: tunnels.clone(),
+        hook,
+    });
+    let service = {
+        let shared = shared.clone();
+        service_fn(move |req| shared.clone().handle(req))
+    };
+
+    // With ALPN's answer the explicit builders; auto's http1_only and
+    // http2_only are ignored when serving with upgrades.
+    let result: Result<(), BoxError> = match client_h2 {
+        Some(false) => {
+            let mut b = hyper_conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(true);
+            let conn = b.serve_connection(io, service).with_upgrades();
+            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+        }
+        Some(true) => {
+            let mut b = hyper_conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
+            let conn = b.serve_connection(io, service);
+            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+        }
+        None => {
+            let mut b = auto::Builder::new(TokioExecutor::new());
+            b.http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .keep_alive(true);
+            b.http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(limits.max_concurrent_streams);
+            let conn = b.serve_connection_with_upgrades(io, service);
+            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+        }
+    };
+
+    tunnels.close();
+    tunnels.wait().await;
+    result.map_err(HttpError::Client)?;
+    Ok(ServeStats {
+        requests: shared.requests.load(Ordering::Relaxed),
+        bytes_up: counters.up.load(Ordering::Relaxed),
+        bytes_down: counters.down.load(Ordering::Relaxed),
+    })
+}
+
+/// Runs a hyper connection, switching it to graceful shutdown once
+/// `shutdown` fires.
+async fn drive<C, E>(
+    conn: C,
+    shutdown: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> Result<(), BoxError>
+where
+    C: Future<Output = Result<(), E>>,
+    E: Into<BoxError>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r.map_err(Into::into),
+        _ = shutdown.cancelled() => {}
+    }
+    graceful(conn.as_mut());
+    conn.await.map_err(Into::into)
+}
+
+/// State shared by all requests of one client connection.
+struct Shared<I, U> {
+    ctx: HttpContext,
+    inspector: Arc<I>,
+    upstreams: Upstreams<U>,
+    limits: Limits,
+    requests: AtomicU64,
+    /// Request body bytes buffered for inspection, all streams together.
+    buffered: Budget,
+    tunnels: TaskTracker,
+    hook: Hook,
+}
+
+impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, HttpError> {
+        let started = Instant::now();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let version = req.version();
+        let client_h2 = version == Version::HTTP_2;
+        let upgrade = headers::is_upgrade_request(&req);
+        let path = req.uri().path().to_string();
+        let (mut parts, body) = req.into_parts();
+
+        let verdict = self.inspector.inspect_head(&self.ctx, &mut parts).await;
+        let authority = headers::authority(&self.ctx, headers::request_host(&parts).as_deref());
+        let mut log = ExchangeLog::new(
+            self.ctx.conn_id,
+            parts.method.clone(),
+            authority.clone(),
+            path,
+            started,
+            self.hook.clone(),
+        );
+        let body_inspector = match verdict {
+            HeadVerdict::Respond(r) => {
+                return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+            }
+            HeadVerdict::Forward { body } => body,
+        };
+        if parts.method == Method::CONNECT {
+            // Tunnels inside an intercepted connection would bypass
+            // inspection; transparent clients have no reason to send one.
+            let mut r = Response::new(Bytes::from_static(b"CONNECT is not supported\n"));
+            *r.status_mut() = StatusCode::NOT_IMPLEMENTED;
+            return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+        }
+
+        let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+
+        let abort = CancellationToken::new();
+        let (body, mut blocked) = match body_inspector {
+            None => (RequestBody::incoming(body, log.bytes_up()), None),
+            Some(inspector) => {
+                let inspected = body::inspect(
+                    body,
+                    inspector,
+                    &self.limits,
+                    abort.clone(),
+                    log.bytes_up(),
+                    &self.buffered,
+                )
+                .await;
+                match inspected {
+                    Ok(Inspected::Blocked(r)) => {
+                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                    }
+                    Ok(Inspected::Buffered(b)) => (b, None),
+                    Ok(Inspected::Streaming { body, blocked }) => (body, Some(blocked)),
+                    Err(e) => {
+                        log.set_outcome(ExchangeOutcome::Aborted);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let streaming = blocked.is_some();
+
+        let hint = ConnectHint { allow_h2: !upgrade, client_h2 };
+        let send =
+            self.upstreams.send(Request::from_parts(parts, body), hint, &authority, self.ctx.tls);
+        tokio::pin!(send);
+        let result = match blocked.as_mut() {
+            None => send.await,
+            Some(rx) => tokio::select! {
+                r = &mut send => r,
+                verdict = rx => {
+                    blocked = None;
+                    match verdict {
+                        Ok(r) => return Ok(local(r, log, ExchangeOutcome::Blocked, version)),
+                        // The pump finished without objection.
+                        Err(_) => send.await,
+                    }
+                }
+            },
+        };
+
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) if abort.is_cancelled() => {
+                // The body was aborted under the request: either blocked
+                // (the verdict is on its way) or the client's body failed.
+                if let Some(rx) = blocked {
+                    if let Ok(r) = rx.await {
+                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                    }
+                }
+                log.set_outcome(ExchangeOutcome::Aborted);
+                return Err(e);
+            }
+            Err(e) => return Ok(self.bad_gateway(&e, log, version)),
+        };
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            match client_upgrade {
+                Some(client_up) if upgrade => {
+                    let upstream_up = hyper::upgrade::on(&mut resp);
+                    self.tunnels.spawn(upgrade::splice(self.ctx.conn_id, client_up, upstream_up));
+                    log.set_outcome(ExchangeOutcome::Upgraded);
+                }
+                _ => {
+                    let e = HttpError::Upgrade("upstream switched protocols unasked".into());
+                    return Ok(self.bad_gateway(&e, log, version));
+                }
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, switching);
+        parts.version = version;
+        log.set_status(parts.status.as_u16());
+        if !switching {
+            log.set_outcome(ExchangeOutcome::Forwarded);
+        }
+        let abort = streaming.then_some(abort);
+        Ok(Response::from_parts(parts, ResponseBody::upstream(body, abort, log)))
+    }
+
+    fn bad_gateway(
+        &self,
+        err: &HttpError,
+        log: ExchangeLog,
+        version: Version,
+    ) -> Response<ResponseBody> {
+        tracing::warn!(target: HTTP_TARGET, conn_id = self.ctx.conn_id, error = %err, "upstream failed");
+        let body = serde_json::json!({ "error": err.to_string(), "conn_id": self.ctx.conn_id });
+        let mut resp = Response::new(Bytes::from(body.to_string()));
+        *resp.status_mut() = StatusCode::BAD_GATEWAY;
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        local(resp, log, ExchangeOutcome::UpstreamFailed, version)
+    }
+}
+
+/// A response made here rather than by upstream.
+fn local(
+    resp: Response<Bytes>,
+    mut log: ExchangeLog,
+    outcome: ExchangeOutcome,
+    version: Version,
+) -> Response<ResponseBody> {
+    let (mut parts, body) = resp.into_parts();
+    parts.version = version;
+    log.set_status(parts.status.as_u16());
+    log.set_outcome(outcome);
+    Response::from_parts(parts, ResponseBody::full(body, log))
+}

@@ -1,0 +1,1122 @@
+//! End-to-end tests: real hyper clients and servers over loopback TCP (and
+//! TLS with rcgen certificates where ALPN matters), with the engine between.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::{
+    body::Incoming,
+    client::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    ClientConfig, RootCertStore, ServerConfig,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::*;
+use crate::http::error::BoxError;
+
+type TestBody = BoxBody<Bytes, BoxError>;
+
+fn full(data: impl Into<Bytes>) -> TestBody {
+    Full::new(data.into()).map_err(|e| match e {}).boxed()
+}
+
+fn empty() -> TestBody {
+    Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// A body fed by hand, frame by frame: chunked framing, delays, trailers.
+struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|f| f.map(Ok))
+    }
+}
+
+fn chan_body() -> (mpsc::Sender<Frame<Bytes>>, TestBody) {
+    let (tx, rx) = mpsc::channel(16);
+    (tx, ChanBody(rx).boxed())
+}
+
+/// Generates `remaining` bytes lazily, counting what it produced.
+struct GenBody {
+    remaining: u64,
+    chunk: Bytes,
+    produced: Arc<AtomicU64>,
+}
+
+impl Body for GenBody {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        self.produced.fetch_add(n as u64, Ordering::SeqCst);
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+// ---------- inspectors ----------
+
+/// Blocks on a header value and/or a body pattern; records exchanges.
+#[derive(Default)]
+struct TestInspector {
+    block_header: Option<(&'static str, &'static str)>,
+    pattern: Option<&'static [u8]>,
+    inspect_body: bool,
+    fed: Arc<AtomicU64>,
+    exchanges: Mutex<Vec<Exchange>>,
+}
+
+impl TestInspector {
+    fn pass() -> Arc<TestInspector> {
+        Arc::new(TestInspector { inspect_body: true, ..Default::default() })
+    }
+}
+
+fn forbidden(why: &str) -> Response<Bytes> {
+    let mut r = Response::new(Bytes::from(format!("blocked: {why}")));
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r
+}
+
+struct Scanner {
+    pattern: Option<&'static [u8]>,
+    tail: Vec<u8>,
+    fed: Arc<AtomicU64>,
+}
+
+impl BodyInspector for Scanner {
+    async fn feed(&mut self, chunk: &[u8]) -> BodyVerdict {
+        self.fed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        let Some(p) = self.pattern else { return BodyVerdict::Continue };
+        // Only the tail of the previous chunk plus a bounded prefix of
+        // this one is ever copied: memory stays small for huge bodies.
+        let mut window = std::mem::take(&mut self.tail);
+        window.extend_from_slice(&chunk[..chunk.len().min(p.len())]);
+        let found =
+            window.windows(p.len()).any(|w| w == p) || chunk.windows(p.len()).any(|w| w == p);
+        let keep = chunk.len().min(p.len() - 1);
+        self.tail = chunk[chunk.len() - keep..].to_vec();
+        if found {
+            BodyVerdict::Respond(forbidden("body"))
+        } else {
+            BodyVerdict::Continue
+        }
+    }
+    async fn finish(&mut self) -> BodyVerdict {
+        BodyVerdict::Continue
+    }
+}
+
+impl Inspector for TestInspector {
+    type Body = Scanner;
+    async fn inspect_head(
+        &self,
+        _ctx: &HttpContext,
+        parts: &mut http::request::Parts,
+    ) -> HeadVerdict<Scanner> {
+        if let Some((name, value)) = self.block_header {
+            if parts.headers.get(name).is_some_and(|v| v == value) {
+                return HeadVerdict::Respond(forbidden("header"));
+            }
+        }
+        let body = self.inspect_body.then(|| Scanner {
+            pattern: self.pattern,
+            tail: Vec::new(),
+            fed: self.fed.clone(),
+        });
+        HeadVerdict::Forward { body }
+    }
+    fn on_exchange(&self, _ctx: &HttpContext, exchange: &Exchange) {
+        self.exchanges.lock().unwrap().push(exchange.clone());
+    }
+}
+
+// ---------- TLS ----------
+
+struct Pki {
+    server: Arc<ServerConfig>,
+    roots: RootCertStore,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn pki() -> Pki {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert: CertificateDer<'static> = ck.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let mut server = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut roots = RootCertStore::empty();
+    roots.add(cert).unwrap();
+    Pki { server: Arc::new(server), roots }
+}
+
+fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut c = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(c)
+}
+
+// ---------- upstream servers ----------
+
+struct Upstream {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+async fn upstream<F, Fut>(tls: Option<Arc<ServerConfig>>, handler: F) -> Upstream
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<TestBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let requests = Arc::new(AtomicUsize::new(0));
+    let (c, r) = (conns.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            c.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
+            let r = r.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let fut = handler(req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = match tls {
+                    Some(cfg) => {
+                        let Ok(s) = TlsAcceptor::from(cfg).accept(tcp).await else { return };
+                        builder.serve_connection_with_upgrades(TokioIo::new(s), svc).await
+                    }
+                    None => builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).await,
+                };
+            });
+        }
+    });
+    Upstream { addr, conns, requests }
+}
+
+#[derive(Clone)]
+struct TestConnector {
+    addr: SocketAddr,
+    /// (offering h2 and http/1.1, offering http/1.1 only)
+    tls: Option<(Arc<ClientConfig>, Arc<ClientConfig>)>,
+    h2c: bool,
+}
+
+impl TestConnector {
+    fn plain(addr: SocketAddr) -> TestConnector {
+        TestConnector { addr, tls: None, h2c: false }
+    }
+    fn h2c(addr: SocketAddr) -> TestConnector {
+        TestConnector { addr, tls: None, h2c: true }
+    }
+    fn tls(addr: SocketAddr, roots: RootCertStore) -> TestConnector {
+        let both = client_config(roots.clone(), &[b"h2", b"http/1.1"]);
+        let h1 = client_config(roots, &[b"http/1.1"]);
+        TestConnector { addr, tls: Some((both, h1)), h2c: false }
+    }
+}
+
+impl UpstreamConnector for TestConnector {
+    async fn connect(&self, hint: ConnectHint) -> std::io::Result<(BoxedIo, bool)> {
+        let tcp = TcpStream::connect(self.addr).await?;
+        match &self.tls {
+            Some((both, h1)) => {
+                let cfg = if hint.allow_h2 { both.clone() } else { h1.clone() };
+                let name = ServerName::try_from("localhost").unwrap();
+                let s = TlsConnector::from(cfg).connect(name, tcp).await?;
+                let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                Ok((Box::new(s), h2))
+            }
+            None => Ok((Box::new(tcp), self.h2c && hint.allow_h2 && hint.client_h2)),
+        }
+    }
+}
+
+// ---------- the proxy under test ----------
+
+struct Front {
+    addr: SocketAddr,
+    results: mpsc::UnboundedReceiver<Result<ServeStats, HttpError>>,
+}
+
+impl Front {
+    async fn next_result(&mut self) -> Result<ServeStats, HttpError> {
+        tokio::time::timeout(Duration::from_secs(10), self.results.recv())
+            .await
+            .expect("serve did not finish")
+            .expect("front gone")
+    }
+}
+
+async fn front<I: Inspector>(
+    inspector: Arc<I>,
+    connector: TestConnector,
+    tls: Option<Arc<ServerConfig>>,
+    limits: Limits,
+) -> Front {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, results) = mpsc::unbounded_channel();
+    let conn_ids = AtomicU64::new(1);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let ctx = HttpContext {
+                conn_id: conn_ids.fetch_add(1, Ordering::Relaxed),
+                server_name: "localhost".into(),
+                orig_dst: connector.addr,
+                tls: tls.is_some(),
+            };
+            let (inspector, connector, limits, tx) =
+                (inspector.clone(), connector.clone(), limits.clone(), tx.clone());
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let r = match tls {
+                    Some(cfg) => {
+                        let s = TlsAcceptor::from(cfg).accept(tcp).await.unwrap();
+                        let h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                        serve(s, Some(h2), ctx, inspector, connector, limits).await
+                    }
+                    None => serve(tcp, None, ctx, inspector, connector, limits).await,
+                };
+                let _ = tx.send(r);
+            });
+        }
+    });
+    Front { addr, results }
+}
+
+// ---------- clients ----------
+
+async fn h1_client(addr: SocketAddr) -> http1::SendRequest<TestBody> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    tx
+}
+
+async fn h2c_client(addr: SocketAddr) -> http2::SendRequest<TestBody> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+async fn h2_tls_client(addr: SocketAddr, roots: RootCertStore) -> http2::SendRequest<TestBody> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let cfg = client_config(roots, &[b"h2"]);
+    let name = ServerName::try_from("localhost").unwrap();
+    let s = TlsConnector::from(cfg).connect(name, tcp).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(s)).await.unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+fn get(path: &str) -> Request<TestBody> {
+    Request::get(path).header("host", "localhost").body(empty()).unwrap()
+}
+
+async fn text(resp: Response<Incoming>) -> String {
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+/// Upstream answering `<method> <path> host=<host> v=<version> body=<len>`.
+async fn echo_upstream(tls: Option<Arc<ServerConfig>>) -> Upstream {
+    upstream(tls, |req: Request<Incoming>| async move {
+        let head = format!(
+            "{} {} host={} v={:?}",
+            req.method(),
+            req.uri().path(),
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .or(req.uri().authority().map(|a| a.as_str()))
+                .unwrap_or("-"),
+            req.version()
+        );
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(format!("{head} body={}", body.len())))
+    })
+    .await
+}
+
+// ---------- HTTP/1.1 ----------
+
+#[tokio::test]
+async fn h1_keep_alive_three_requests_share_one_upstream_connection() {
+    let up = echo_upstream(None).await;
+    let inspector = TestInspector::pass();
+    let mut front =
+        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    for i in 0..3 {
+        client.ready().await.unwrap();
+        let resp = client.send_request(get(&format!("/r{i}?key=sekrit"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let port = up.addr.port();
+        assert_eq!(text(resp).await, format!("GET /r{i} host=localhost:{port} v=HTTP/1.1 body=0"));
+    }
+    drop(client);
+    let stats = front.next_result().await.unwrap();
+    assert_eq!(stats.requests, 3);
+    assert!(stats.bytes_up > 0 && stats.bytes_down > 0);
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1, "upstream connection reused");
+    let ex = inspector.exchanges.lock().unwrap().clone();
+    assert_eq!(ex.len(), 3);
+    assert_eq!(ex[0].path, "/r0", "no query string in exchanges");
+    assert_eq!(ex[2].status, 200);
+    assert_eq!(ex[2].outcome, ExchangeOutcome::Forwarded);
+}
+
+#[tokio::test]
+async fn h1_chunked_request_and_response() {
+    let up = upstream(None, |req: Request<Incoming>| async move {
+        assert!(req.headers().get("content-length").is_none());
+        assert_eq!(req.headers()["transfer-encoding"], "chunked");
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let (tx, resp_body) = chan_body();
+        tokio::spawn(async move {
+            for part in [&b"got:"[..], &body[..], b":done"] {
+                tx.send(Frame::data(Bytes::copy_from_slice(part))).await.unwrap();
+            }
+        });
+        Response::new(resp_body)
+    })
+    .await;
+    let mut front =
+        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let req = Request::post("/upload").header("host", "localhost").body(body).unwrap();
+    tokio::spawn(async move {
+        for part in ["one,", "two,", "three"] {
+            tx.send(Frame::data(Bytes::from(part))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["transfer-encoding"], "chunked");
+    assert_eq!(text(resp).await, "got:one,two,three:done");
+    drop(client);
+    front.next_result().await.unwrap();
+}
+
+#[tokio::test]
+async fn h1_expect_100_continue_like_curl() {
+    let up = echo_upstream(None).await;
+    let mut front =
+        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut tcp = TcpStream::connect(front.addr).await.unwrap();
+    tcp.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n =
+        tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
+    tcp.write_all(b"hello").await.unwrap();
+    let mut response = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        response.extend_from_slice(&buf[..n]);
+        if n == 0 || response.ends_with(b"body=5") {
+            break;
+        }
+    }
+    let response = String::from_utf8_lossy(&response).to_string();
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.contains("POST /upload host=localhost:"), "{response}");
+    assert!(response.ends_with("body=5"), "{response}");
+    drop(tcp);
+    front.next_result().await.unwrap();
+}
+
+#[tokio::test]
+async fn h1_websocket_style_upgrade_is_spliced() {
+    let up = upstream(None, |mut req: Request<Incoming>| async move {
+        assert_eq!(req.headers()["upgrade"], "websocket");
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let mut io = TokioIo::new(on.await.unwrap());
+            let mut buf = [0u8; 64];
+            loop {
+                let n = io.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                io.write_all(&buf[..n]).await.unwrap();
+            }
+        });
+        Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(empty())
+            .unwrap()
+    })
+    .await;
+    let mut front =
+        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let req = Request::get("/ws")
+        .header("host", "localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .body(empty())
+        .unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(resp.headers()["upgrade"], "websocket");
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    for msg in [&b"ping"[..], b"second message"] {
+        io.write_all(msg).await.unwrap();
+        let mut got = vec![0u8; msg.len()];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, msg);
+    }
+    drop(io);
+    drop(client);
+    let stats = front.next_result().await.unwrap();
+    assert_eq!(stats.requests, 1);
+    assert!(stats.bytes_up > 18, "tunnel bytes counted: {stats:?}");
+}
+
+// ---------- HTTP/2 ----------
+
+#[tokio::test]
+async fn h2_fifty_concurrent_streams_over_tls_alpn() {
+    let pki = pki();
+    let up = echo_upstream(Some(pki.server.clone())).await;
+    let connector = TestConnector::tls(up.addr, pki.roots.clone());
+    let mut front =
+        front(TestInspector::pass(), connector, Some(pki.server.clone()), Limits::default()).await;
+    let client = h2_tls_client(front.addr, pki.roots.clone()).await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let req =
+                Request::post(format!("https://localhost/s{i}")).body(full(vec![b'x'; i])).unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            text(resp).await
+        }));
+    }
+    let port = up.addr.port();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(
+            t.await.unwrap(),
+            format!("POST /s{i} host=localhost:{port} v=HTTP/2.0 body={i}")
+        );
+    }
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one multiplexed upstream connection");
+    drop(client);
+    assert_eq!(front.next_result().await.unwrap().requests, 50);
+}
+
+#[tokio::test]
+async fn h2_grpc_like_trailers_both_ways() {
+    let up = upstream(None, |req: Request<Incoming>| async move {
+        assert_eq!(req.headers()["te"], "trailers");
+        let collected = req.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let data = collected.to_bytes();
+        let (tx, body) = chan_body();
+        tokio::spawn(async move {
+            tx.send(Frame::data(Bytes::from(format!("echo:{}", String::from_utf8_lossy(&data)))))
+                .await
+                .unwrap();
+            let mut t = http::HeaderMap::new();
+            t.insert("grpc-status", "0".parse().unwrap());
+            if let Some(v) = trailers.get("x-req-trailer") {
+                t.insert("x-seen-req-trailer", v.clone());
+            }
+            tx.send(Frame::trailers(t)).await.unwrap();
+        });
+        Response::builder().header("content-type", "application/grpc").body(body).unwrap()
+    })
+    .await;
+    // Both the buffered (inspected) and the pass-through body paths.
+    for inspect_body in [true, false] {
+        let inspector = Arc::new(TestInspector { inspect_body, ..Default::default() });
+        let mut front =
+            front(inspector, TestConnector::h2c(up.addr), None, Limits::default()).await;
+        let mut client = h2c_client(front.addr).await;
+        let (tx, body) = chan_body();
+        let req = Request::post("http://localhost/pkg.Svc/Method")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        tokio::spawn(async move {
+            tx.send(Frame::data(Bytes::from_static(b"msg"))).await.unwrap();
+            let mut t = http::HeaderMap::new();
+            t.insert("x-req-trailer", "yes".parse().unwrap());
+            tx.send(Frame::trailers(t)).await.unwrap();
+        });
+        let resp = client.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("response trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(trailers["x-seen-req-trailer"], "yes", "request trailers reached upstream");
+        assert_eq!(collected.to_bytes(), "echo:msg");
+        drop(client);
+        front.next_result().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn streamed_response_first_chunk_arrives_before_last_is_sent() {
+    let last_sent = Arc::new(AtomicBool::new(false));
+    let flag = last_sent.clone();
+    let up = upstream(None, move |_req: Request<Incoming>| {
+        let flag = flag.clone();
+        async move {
+            let (tx, body) = chan_body();
+            tokio::spawn(async move {
+                for i in 0..3 {
+                    if i == 2 {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    tx.send(Frame::data(Bytes::from(format!("chunk{i};")))).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+            Response::new(body)
+        }
+    })
+    .await;
+    for h2 in [false, true] {
+        let mut front =
+            front(TestInspector::pass(), TestConnector::h2c(up.addr), None, Limits::default())
+                .await;
+        let started = Instant::now();
+        let resp = if h2 {
+            h2c_client(front.addr).await.send_request(get("http://localhost/stream")).await
+        } else {
+            h1_client(front.addr).await.send_request(get("/stream")).await
+        };
+        let mut body = resp.unwrap().into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "chunk0;");
+        assert!(!last_sent.load(Ordering::SeqCst), "first chunk waited for the last (h2={h2})");
+        assert!(started.elapsed() < Duration::from_millis(300));
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert_eq!(rest, "chunk1;chunk2;");
+        last_sent.store(false, Ordering::SeqCst);
+        drop(front.results.try_recv());
+    }
+}
+
+#[tokio::test]
+async fn bridges_h1_client_to_h2_upstream_and_h2_client_to_h1_pool() {
+    let pki = pki();
+    // h1 client -> TLS upstream that negotiates h2.
+    let up = echo_upstream(Some(pki.server.clone())).await;
+    let connector = TestConnector::tls(up.addr, pki.roots.clone());
+    let mut front1 = front(TestInspector::pass(), connector, None, Limits::default()).await;
+    let mut client = h1_client(front1.addr).await;
+    let req = Request::post("/a?q=1").header("host", "localhost").body(full("xyz")).unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    let port = up.addr.port();
+    assert_eq!(text(resp).await, format!("POST /a host=localhost:{port} v=HTTP/2.0 body=3"));
+    drop(client);
+    front1.next_result().await.unwrap();
+
+    // h2 client -> plaintext HTTP/1.1 upstream: concurrent streams share a
+    // pool of keep-alive connections.
+    let up = echo_upstream(None).await;
+    let mut front2 =
+        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let client = h2c_client(front2.addr).await;
+    let port = up.addr.port();
+    let mut first_round = 0;
+    for round in 0..2 {
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                let resp =
+                    client.send_request(get(&format!("http://localhost/p{i}"))).await.unwrap();
+                text(resp).await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            assert_eq!(
+                t.await.unwrap(),
+                format!("GET /p{i} host=localhost:{port} v=HTTP/1.1 body=0")
+            );
+        }
+        let conns = up.conns.load(Ordering::SeqCst);
+        if round == 0 {
+            assert!((1..=10).contains(&conns), "{conns} upstream connections");
+            first_round = conns;
+        } else {
+            // Up to max_idle_upstream (8) of them were kept and reused.
+            let reusable = first_round.min(Limits::default().max_idle_upstream);
+            assert!(conns <= first_round + 10 - reusable, "{first_round} then {conns}");
+        }
+        // Let the pooled connections settle back into the idle list.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(client);
+    assert_eq!(front2.next_result().await.unwrap().requests, 20);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_the_connection() {
+    let up = echo_upstream(None).await;
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let token = shutdown.clone();
+    let upstream_addr = up.addr;
+    let server = tokio::spawn(async move {
+        let (conn, _) = tcp.accept().await.unwrap();
+        let ctx = HttpContext {
+            conn_id: 3,
+            server_name: "localhost".into(),
+            orig_dst: upstream_addr,
+            tls: false,
+        };
+        let connector = TestConnector::plain(upstream_addr);
+        serve_with_shutdown(
+            conn,
+            None,
+            ctx,
+            TestInspector::pass(),
+            connector,
+            Limits::default(),
+            token,
+        )
+        .await
+    });
+    let mut client = h1_client(addr).await;
+    assert_eq!(client.send_request(get("/x")).await.unwrap().status(), 200);
+    shutdown.cancel();
+    let stats =
+        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    assert_eq!(stats.requests, 1);
+}
+
+#[tokio::test]
+async fn connect_method_is_refused() {
+    let up = echo_upstream(None).await;
+    let mut front =
+        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let req = Request::connect("example.com:443").body(empty()).unwrap();
+    assert_eq!(client.send_request(req).await.unwrap().status(), 501);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    drop(client);
+    let _ = front.next_result().await;
+}
+
+// ---------- blocking ----------
+
+#[tokio::test]
+async fn blocked_header_gets_403_and_never_reaches_upstream() {
+    let up = echo_upstream(None).await;
+    let inspector = Arc::new(TestInspector {
+        block_header: Some(("x-api-key", "sk-live-123")),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let mut front =
+        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let req = Request::get("/x").header("x-api-key", "sk-live-123").body(empty()).unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(text(resp).await, "blocked: header");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(up.conns.load(Ordering::SeqCst), 0);
+    // The connection keeps serving.
+    client.ready().await.unwrap();
+    let resp = client.send_request(get("/ok")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(client);
+    front.next_result().await.unwrap();
+    let ex = inspector.exchanges.lock().unwrap().clone();
+    assert_eq!(ex[0].outcome, ExchangeOutcome::Blocked);
+    assert_eq!(ex[0].status, 403);
+}
+
+#[tokio::test]
+async fn blocked_body_pattern_split_across_chunks_never_reaches_upstream() {
+    let up = echo_upstream(None).await;
+    let inspector = Arc::new(TestInspector {
+        pattern: Some(b"SECRETKEY"),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let mut front = front(inspector, TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let req = Request::post("/x").header("host", "localhost").body(body).unwrap();
+    tokio::spawn(async move {
+        tx.send(Frame::data(Bytes::from_static(b"aaaa SECRE"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(Frame::data(Bytes::from_static(b"TKEY bbbb"))).await.unwrap();
+    });
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(text(resp).await, "blocked: body");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(up.conns.load(Ordering::SeqCst), 0);
+    drop(client);
+    front.next_result().await.unwrap();
+}
+
+#[tokio::test]
+async fn blocked_while_streaming_holds_back_the_key_and_aborts_upstream() {
+    let received = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let (rcv, failed) = (received.clone(), body_failed.clone());
+    let up = upstream(None, move |req: Request<Incoming>| {
+        let (rcv, failed) = (rcv.clone(), failed.clone());
+        async move {
+            let mut body = req.into_body();
+            while let Some(f) = body.frame().await {
+                match f {
+                    Ok(f) => {
+                        rcv.lock().unwrap().extend_from_slice(f.data_ref().unwrap_or(&Bytes::new()))
+                    }
+                    Err(_) => {
+                        failed.store(true, Ordering::SeqCst);
+                        break;
+                    }
+                }
+            }
+            Response::new(full("upstream answered"))
+        }
+    })
+    .await;
+    let inspector = Arc::new(TestInspector {
+        pattern: Some(b"SECRETKEY"),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let limits = Limits { max_buffered_body: 64, hold_back: 32, ..Limits::default() };
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, limits).await;
+    let mut client = h1_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let req = Request::post("/x").header("host", "localhost").body(body).unwrap();
+    tokio::spawn(async move {
+        tx.send(Frame::data(Bytes::from(vec![b'a'; 200]))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(Frame::data(Bytes::from_static(b"xxSECRE"))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = tx.send(Frame::data(Bytes::from_static(b"TKEYyy"))).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(text(resp).await, "blocked: body");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !body_failed.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(body_failed.load(Ordering::SeqCst), "upstream body was aborted, not completed");
+    let got = received.lock().unwrap().clone();
+    assert!(got.len() >= 200 - 32, "streaming had started: {}", got.len());
+    assert!(
+        got.iter().all(|&b| b == b'a'),
+        "no held-back byte leaked: {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(client);
+    let _ = front.next_result().await;
+    let ex = inspector.exchanges.lock().unwrap().clone();
+    assert_eq!(ex[0].outcome, ExchangeOutcome::Blocked);
+}
+
+#[tokio::test]
+async fn h2_blocked_stream_does_not_break_concurrent_stream() {
+    let up = upstream(None, |req: Request<Incoming>| async move {
+        let slow = req.uri().path() == "/slow";
+        let (tx, body) = chan_body();
+        tokio::spawn(async move {
+            tx.send(Frame::data(Bytes::from_static(b"part1;"))).await.unwrap();
+            if slow {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            tx.send(Frame::data(Bytes::from_static(b"part2"))).await.unwrap();
+        });
+        Response::new(body)
+    })
+    .await;
+    let inspector = Arc::new(TestInspector {
+        block_header: Some(("x-api-key", "sk-live-123")),
+        pattern: Some(b"SECRETKEY"),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let mut front = front(inspector, TestConnector::h2c(up.addr), None, Limits::default()).await;
+    let mut client = h2c_client(front.addr).await;
+    let slow = client.send_request(get("http://localhost/slow")).await.unwrap();
+    let mut slow_body = slow.into_body();
+    assert_eq!(slow_body.frame().await.unwrap().unwrap().into_data().unwrap(), "part1;");
+
+    let blocked = Request::get("http://localhost/bad")
+        .header("x-api-key", "sk-live-123")
+        .body(empty())
+        .unwrap();
+    assert_eq!(client.send_request(blocked).await.unwrap().status(), 403);
+    let blocked = Request::post("http://localhost/bad").body(full("a SECRETKEY b")).unwrap();
+    assert_eq!(client.send_request(blocked).await.unwrap().status(), 403);
+
+    assert_eq!(slow_body.collect().await.unwrap().to_bytes(), "part2");
+    let resp = client.send_request(get("http://localhost/after")).await.unwrap();
+    assert_eq!(text(resp).await, "part1;part2");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+    drop(client);
+    assert_eq!(front.next_result().await.unwrap().requests, 4);
+}
+
+#[tokio::test]
+async fn connection_buffer_budget_switches_to_streaming() {
+    let up = echo_upstream(None).await;
+    let limits = Limits { max_buffered_per_connection: 64, hold_back: 16, ..Limits::default() };
+    let inspector = Arc::new(TestInspector {
+        pattern: Some(b"SECRETKEY"),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, limits).await;
+    let client = h2c_client(front.addr).await;
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let mut client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let (tx, body) = chan_body();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    tx.send(Frame::data(Bytes::from(vec![b'a'; 100]))).await.unwrap();
+                }
+                if i == 0 {
+                    tx.send(Frame::data(Bytes::from_static(b"SECRETKEY"))).await.unwrap();
+                }
+            });
+            let req = Request::post(format!("http://localhost/b{i}")).body(body).unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            (resp.status(), text(resp).await)
+        }));
+    }
+    let port = up.addr.port();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (status, body) = t.await.unwrap();
+        if i == 0 {
+            assert_eq!(status, 403);
+        } else {
+            assert_eq!(body, format!("POST /b{i} host=localhost:{port} v=HTTP/2.0 body=1000"));
+        }
+    }
+    drop(client);
+    front.next_result().await.unwrap();
+}
+
+// ---------- large bodies ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_request_body_streams_with_bounded_memory() {
+    const TOTAL: u64 = 256 * 1024 * 1024;
+    let produced = Arc::new(AtomicU64::new(0));
+    let max_outstanding = Arc::new(AtomicU64::new(0));
+    let (p, m) = (produced.clone(), max_outstanding.clone());
+    let up = upstream(None, move |req: Request<Incoming>| {
+        let (p, m) = (p.clone(), m.clone());
+        async move {
+            let mut body = req.into_body();
+            let mut consumed = 0u64;
+            while let Some(f) = body.frame().await {
+                if let Some(d) = f.unwrap().data_ref() {
+                    consumed += d.len() as u64;
+                    let outstanding = p.load(Ordering::SeqCst) - consumed;
+                    m.fetch_max(outstanding, Ordering::SeqCst);
+                }
+            }
+            Response::new(full(consumed.to_string()))
+        }
+    })
+    .await;
+    let inspector = Arc::new(TestInspector {
+        pattern: Some(b"SECRETKEY"),
+        inspect_body: true,
+        ..Default::default()
+    });
+    let mut front =
+        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let body = GenBody {
+        remaining: TOTAL,
+        chunk: Bytes::from(vec![b'z'; 64 * 1024]),
+        produced: produced.clone(),
+    };
+    let req = Request::post("/big").header("host", "localhost").body(body.boxed()).unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(text(resp).await, TOTAL.to_string());
+    assert_eq!(inspector.fed.load(Ordering::SeqCst), TOTAL, "every byte inspected");
+    let max = max_outstanding.load(Ordering::SeqCst);
+    eprintln!("256 MiB body: peak bytes produced but not yet consumed upstream: {max}");
+    // Socket buffers of two loopback hops plus hyper's buffers; far below
+    // the body size, which is what matters.
+    assert!(max < 48 * 1024 * 1024, "outstanding bytes peaked at {max}");
+    drop(client);
+    let stats = front.next_result().await.unwrap();
+    assert!(stats.bytes_up >= TOTAL);
+    let ex = inspector.exchanges.lock().unwrap().clone();
+    assert_eq!(ex[0].bytes_up, TOTAL);
+}
+
+// ---------- failures ----------
+
+async fn serve_raw(input: &'static [u8], client_h2: Option<bool>) -> Result<ServeStats, HttpError> {
+    let (mut ours, theirs) = tokio::io::duplex(4096);
+    let ctx = HttpContext {
+        conn_id: 7,
+        server_name: "localhost".into(),
+        orig_dst: "127.0.0.1:9".parse().unwrap(),
+        tls: false,
+    };
+    let task = tokio::spawn(serve(
+        theirs,
+        client_h2,
+        ctx,
+        TestInspector::pass(),
+        TestConnector::plain("127.0.0.1:9".parse().unwrap()),
+        Limits::default(),
+    ));
+    ours.write_all(input).await.unwrap();
+    ours.shutdown().await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), ours.read_to_end(&mut sink)).await;
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap()
+}
+
+#[tokio::test]
+async fn malformed_client_input_is_an_error_not_a_panic() {
+    let cases: [(&[u8], Option<bool>); 5] = [
+        (b"GARBAGE GARBAGE GARBAGE\r\n\r\n", None),
+        (b"\x00\x01\x02\x03\x04\x05\x06\x07 not http at all\r\n\r\n", Some(false)),
+        (b"PRI * HTTP/2.0\r\n", None),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00", Some(true)),
+        (b"definitely not a preface, longer than one", Some(true)),
+    ];
+    for (input, h2) in cases {
+        let err = serve_raw(input, h2).await.expect_err("malformed input accepted");
+        assert!(matches!(err, HttpError::Client(_)), "{err:?}");
+        assert!(!err.to_string().is_empty());
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_and_connection_keeps_working() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let mut front =
+        front(TestInspector::pass(), TestConnector::plain(addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    for _ in 0..2 {
+        client.ready().await.unwrap();
+        let resp = client.send_request(get("/x")).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+        assert_eq!(v["conn_id"], 1);
+        assert!(v["error"].as_str().unwrap().contains("connect"), "{v}");
+    }
+    drop(client);
+    assert_eq!(front.next_result().await.unwrap().requests, 2);
+}
+
+#[tokio::test]
+async fn upstream_tls_verification_failure_gives_502() {
+    let pki = pki();
+    let up = echo_upstream(Some(pki.server.clone())).await;
+    // Trusts a different CA than the one upstream's certificate chains to.
+    let connector = TestConnector::tls(up.addr, pki_roots_of_other_ca());
+    let mut front = front(TestInspector::pass(), connector, None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let resp = client.send_request(get("/x")).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(text(resp).await.contains("certificate"));
+    drop(client);
+    front.next_result().await.unwrap();
+}
+
+fn pki_roots_of_other_ca() -> RootCertStore {
+    pki().roots
+}

@@ -1,0 +1,207 @@
+//! Protocol dispatch: the first bytes of an attributed connection decide
+//! whether it is TLS (intercepted or passed through by server name), plain
+//! HTTP (inspected), or anything else (passed through).
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use tokio::net::TcpStream;
+
+use super::{connect_upstream, Intercepted, PlainConnector, Proxy, TlsConnector};
+use crate::{
+    enforce::Enforcer,
+    event::Outcome,
+    http::{self, HttpContext},
+    relay,
+    tls::{self, Peeked, TlsAction},
+};
+
+/// How long a client may stay silent before the connection is taken for a
+/// server-speaks-first protocol (SSH, SMTP, MySQL) and passed through.
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Upper bound on the client's TLS handshake with the gateway.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the first bytes say.
+#[derive(Debug, PartialEq, Eq)]
+enum Sniffed {
+    /// A TLS handshake record.
+    Tls,
+    /// An HTTP/1.x request line or the HTTP/2 preface.
+    Http,
+    /// Something else.
+    Other,
+    /// Nothing within [`SNIFF_TIMEOUT`].
+    Silent,
+    /// The client closed without sending anything.
+    Closed,
+}
+
+const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"PRI * "];
+
+fn classify(first: &[u8]) -> Sniffed {
+    match first {
+        [] => Sniffed::Closed,
+        [0x16, ..] => Sniffed::Tls,
+        _ if METHODS.iter().any(|m| first.starts_with(m)) => Sniffed::Http,
+        _ => Sniffed::Other,
+    }
+}
+
+async fn sniff(client: &TcpStream) -> std::io::Result<Sniffed> {
+    if tokio::time::timeout(SNIFF_TIMEOUT, client.readable()).await.is_err() {
+        return Ok(Sniffed::Silent);
+    }
+    let mut buf = [0u8; 8];
+    let n = client.peek(&mut buf).await?;
+    Ok(classify(&buf[..n]))
+}
+
+/// The result of handling one connection, for its event.
+pub(super) struct Handled {
+    pub protocol: &'static str,
+    pub sni: Option<String>,
+    pub requests: Option<u64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+impl Handled {
+    fn new(protocol: &'static str) -> Handled {
+        Handled { protocol, sni: None, requests: None, bytes_up: 0, bytes_down: 0, outcome: Outcome::Closed, error: None }
+    }
+
+    fn failed(mut self, outcome: Outcome, error: impl std::fmt::Display) -> Handled {
+        self.outcome = outcome;
+        self.error = Some(error.to_string());
+        self
+    }
+}
+
+impl Proxy {
+    pub(super) async fn dispatch(&self, conn: Intercepted) -> Handled {
+        let sniffed = match sniff(&conn.client).await {
+            Ok(s) => s,
+            Err(e) => return Handled::new("tcp").failed(Outcome::Error, format!("reading from the client: {e}")),
+        };
+        match sniffed {
+            Sniffed::Closed => Handled::new("tcp"),
+            Sniffed::Silent | Sniffed::Other => self.passthrough(conn, Handled::new("tcp")).await,
+            Sniffed::Http => self.serve_plain_http(conn).await,
+            Sniffed::Tls => {
+                let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
+                    Ok(Peeked::Tls(hello)) => hello,
+                    // Not a parseable TLS hello although it started like one:
+                    // without a server name nothing can be decided, so the
+                    // connection is refused rather than forwarded blind.
+                    Ok(Peeked::Plaintext) => {
+                        return Handled::new("tls").failed(Outcome::Error, "invalid TLS record header");
+                    }
+                    Err(e) => return Handled::new("tls").failed(Outcome::Error, format!("malformed TLS ClientHello: {e}")),
+                };
+                let mut handled = Handled::new("tls-passthrough");
+                handled.sni = hello.sni.clone();
+                match self.services.tls.action_for(hello.sni.as_deref()) {
+                    TlsAction::Passthrough => self.passthrough(conn, handled).await,
+                    TlsAction::Intercept => self.intercept_tls(conn, hello).await,
+                }
+            }
+        }
+    }
+
+    /// Plain TCP forwarding, both directions, half-close honoured.
+    async fn passthrough(&self, conn: Intercepted, mut handled: Handled) -> Handled {
+        let upstream = match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await {
+            Ok(u) => u,
+            Err(e) => return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}")),
+        };
+        let counters = relay::Counters::default();
+        let result = relay::relay(&conn.client, &upstream, &counters).await;
+        handled.bytes_up = counters.up.load(Ordering::Relaxed);
+        handled.bytes_down = counters.down.load(Ordering::Relaxed);
+        match result {
+            Ok(()) => handled,
+            Err(e) => handled.failed(Outcome::Error, format!("relay: {e}")),
+        }
+    }
+
+    async fn intercept_tls(&self, conn: Intercepted, hello: tls::ClientHelloInfo) -> Handled {
+        let mut handled = Handled::new("https");
+        // Without SNI (intercepted by configuration) the certificate names the address.
+        let name = hello.sni.clone().unwrap_or_else(|| conn.orig_dst.ip().to_string());
+        handled.sni = hello.sni.clone();
+        let server_config = match self.services.leaf_cache.server_config(&name, &hello.alpn) {
+            Ok(c) => c,
+            Err(e) => return handled.failed(Outcome::Error, format!("minting a certificate for {name}: {e}")),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let stream = match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(conn.client)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return handled.failed(Outcome::Error, format!("client TLS handshake: {e}")),
+            Err(_) => return handled.failed(Outcome::Error, "client TLS handshake timed out"),
+        };
+        let client_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let connector = TlsConnector {
+            dst: conn.orig_dst,
+            mark: self.config.upstream_mark,
+            timeout: self.config.connect_timeout,
+            server_name: name.clone(),
+            tls: self.services.upstream_tls.clone(),
+        };
+        let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
+        self.serve_http(stream, Some(client_h2), ctx, conn.process, connector, handled).await
+    }
+
+    async fn serve_plain_http(&self, conn: Intercepted) -> Handled {
+        let connector = PlainConnector { dst: conn.orig_dst, mark: self.config.upstream_mark, timeout: self.config.connect_timeout };
+        // The Host header names the server; the engine falls back to it.
+        let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
+        self.serve_http(conn.client, None, ctx, conn.process, connector, Handled::new("http")).await
+    }
+
+    async fn serve_http<IO, U>(
+        &self,
+        io: IO,
+        client_h2: Option<bool>,
+        ctx: HttpContext,
+        process: std::sync::Arc<crate::process::ProcessInfo>,
+        connector: U,
+        mut handled: Handled,
+    ) -> Handled
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        U: http::UpstreamConnector,
+    {
+        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.policy.clone(), process));
+        let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
+        if enforcer.blocked() > 0 {
+            handled.outcome = Outcome::Blocked;
+        }
+        match result {
+            Ok(stats) => {
+                handled.requests = Some(stats.requests);
+                handled.bytes_up = stats.bytes_up;
+                handled.bytes_down = stats.bytes_down;
+                handled
+            }
+            Err(e) => handled.failed(Outcome::Error, e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(classify(b""), Sniffed::Closed);
+        assert_eq!(classify(&[0x16, 3, 1]), Sniffed::Tls);
+        assert_eq!(classify(b"GET /x H"), Sniffed::Http);
+        assert_eq!(classify(b"PRI * HT"), Sniffed::Http);
+        assert_eq!(classify(b"SSH-2.0-"), Sniffed::Other);
+        assert_eq!(classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Sniffed::Other, "postgres SSLRequest");
+    }
+}

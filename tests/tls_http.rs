@@ -1,0 +1,467 @@
+//! TLS interception, HTTP/1.1 and HTTP/2 proxying and static-key blocking,
+//! end to end: real eBPF redirect, real gateway, real curl / Python / git
+//! clients in the intercepted cgroup, a real HTTPS upstream that trusts
+//! nothing but its own CA, and the findings database read back.
+
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    unique_port,
+    upstream::{TestPki, Upstream},
+    GatewayOptions, TestGateway,
+};
+use rand::{distr::Alphanumeric, Rng as _};
+use serde_json::Value;
+
+const HOST: &str = "api.test.internal";
+const PASS_HOST: &str = "pass.test.internal";
+const UPSTREAM_IP: &str = "127.0.0.7";
+
+/// Fresh, realistic fake keys for one test.
+struct Keys {
+    cursor: String,
+    openai: String,
+    github: String,
+}
+
+fn random(n: usize) -> String {
+    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let hex: String = (0..64).map(|_| char::from(b"0123456789abcdef"[rand::rng().random_range(0..16)])).collect();
+        let gh_random = random(30);
+        let check = gateway::detect::confirm::base62_crc32(gh_random.as_bytes());
+        Keys {
+            cursor: format!("key_{hex}"),
+            openai: format!("sk-proj-{}T3BlbkFJ{}", random(48), random(48)),
+            github: format!("ghp_{gh_random}{}", String::from_utf8_lossy(&check)),
+        }
+    }
+
+    fn all(&self) -> [&str; 3] {
+        [&self.cursor, &self.openai, &self.github]
+    }
+}
+
+struct Scene {
+    gw: TestGateway,
+    upstream: Upstream,
+    port: u16,
+    gateway_ca: PathBuf,
+    upstream_ca: PathBuf,
+    _pki_dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn start(name: &str) -> Scene {
+        let pki_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let pki = TestPki::new(pki_dir.path(), &[HOST, PASS_HOST]);
+        let port = unique_port();
+        let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
+        let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
+        opts.extra_yaml = format!(
+            "tls:\n  intercept: ['*.test.internal']\n  passthrough: ['{PASS_HOST}']\n  extra_upstream_cas: [{}]\n",
+            pki.ca_path.display()
+        );
+        let gw = TestGateway::start(opts);
+        let gateway_ca = gw.dir.path().join("gateway-ca.pem");
+        let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
+        assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
+        Scene { gw, upstream, port, gateway_ca, upstream_ca: pki.ca_path.clone(), _pki_dir: pki_dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{HOST}:{}{path}", self.port)
+    }
+
+    fn resolve(&self, host: &str) -> String {
+        format!("{host}:{}:{UPSTREAM_IP}", self.port)
+    }
+
+    /// curl in the intercepted cgroup, trusting only the gateway CA.
+    fn curl(&self, version: &str, args: &[&str]) -> (u16, String) {
+        let out = self
+            .gw
+            .command_in_cgroup("curl")
+            .args(["-sS", version, "--resolve", &self.resolve(HOST), "--cacert"])
+            .arg(&self.gateway_ca)
+            .args(["-w", "\n%{http_code}"])
+            .args(args)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    /// Python's standard library client in the intercepted cgroup.
+    fn python(&self, spec: Value) -> Value {
+        let out = self
+            .gw
+            .command_in_cgroup("python3")
+            .arg("-c")
+            .arg(PY_HTTP)
+            .arg(spec.to_string())
+            .output()
+            .expect("python");
+        assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("python output")
+    }
+
+    fn findings(&self) -> Vec<Value> {
+        let out = self.gw.cli(&["findings", "list", "--json"]);
+        assert!(out.status.success(), "findings list: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("findings json");
+        v.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every place a key could leak to: the gateway's log, its state
+    /// directory (database, WAL), and whatever the test printed.
+    fn assert_no_key_in_clear(&self, keys: &[&str], extra: &[&str]) {
+        let log = self.gw.log();
+        let mut state = Vec::new();
+        for entry in walk(&self.gw.dir.path().join("state")) {
+            state.push((entry.clone(), std::fs::read(&entry).unwrap_or_default()));
+        }
+        for key in keys {
+            // Compare by presence only; never print the key itself.
+            assert!(!log.contains(key), "a key appears in clear in the gateway log");
+            for (path, bytes) in &state {
+                assert!(
+                    !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+                    "a key appears in clear in {}",
+                    path.display()
+                );
+            }
+            for text in extra {
+                assert!(!text.contains(key), "a key appears in clear in test output");
+            }
+        }
+    }
+
+    fn received_with(&self, needle: &str) -> usize {
+        self.upstream
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.target.contains(needle)
+                    || r.headers.iter().any(|(_, v)| v.contains(needle))
+                    || String::from_utf8_lossy(&r.body).contains(needle)
+            })
+            .count()
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Python client: one JSON spec argument, one JSON result line.
+const PY_HTTP: &str = r#"
+import gzip, http.client, json, socket, ssl, sys, time
+spec = json.loads(sys.argv[1])
+real = socket.create_connection
+def create_connection(address, *a, **kw):
+    host, port = address
+    return real((spec["ip"], port), *a, **kw)
+socket.create_connection = create_connection
+ctx = ssl.create_default_context(cafile=spec["cafile"])
+conn = http.client.HTTPSConnection(spec["host"], spec["port"], context=ctx, timeout=30)
+headers = spec.get("headers", {})
+body = spec.get("body")
+if body is not None:
+    body = body.encode()
+    if spec.get("gzip"):
+        body = gzip.compress(body)
+        headers["Content-Encoding"] = "gzip"
+chunks = spec.get("chunks")
+out = {}
+try:
+    if chunks is not None:
+        def gen():
+            for c in chunks:
+                yield c.encode()
+                time.sleep(0.2)
+        conn.request(spec.get("method", "POST"), spec["path"], body=gen(), headers=headers, encode_chunked=True)
+    else:
+        conn.request(spec.get("method", "GET"), spec["path"], body=body, headers=headers)
+    resp = conn.getresponse()
+    t0 = time.time()
+    arrivals = []
+    data = b""
+    while True:
+        chunk = resp.read1(65536)
+        if not chunk:
+            break
+        arrivals.append(time.time() - t0)
+        data += chunk
+    out = {"status": resp.status, "body": data.decode(errors="replace"), "arrivals": arrivals}
+except Exception as e:
+    out = {"error": repr(e)}
+print(json.dumps(out))
+"#;
+
+fn py_spec(scene: &Scene, extra: Value) -> Value {
+    let mut spec = serde_json::json!({
+        "host": HOST, "port": scene.port, "ip": UPSTREAM_IP,
+        "cafile": scene.gateway_ca.to_str().expect("utf8"),
+    });
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    spec
+}
+
+fn assert_blocked(status: u16, body: &str, rule: &str) -> String {
+    assert_eq!(status, 403, "expected a block, got {status}: {body}");
+    let v: Value = serde_json::from_str(body).expect("403 body is JSON");
+    assert_eq!(v["error"], "static_credential_blocked");
+    let finding = &v["findings"][0];
+    assert_eq!(finding["rule"], rule, "{v}");
+    let id = finding["id"].as_str().expect("finding id in the response").to_owned();
+    assert!(id.starts_with("F-"), "{id}");
+    id
+}
+
+#[test]
+fn curl_http1_and_http2_block_keys_in_headers_basic_auth_and_query() {
+    let scene = Scene::start("curl");
+    let keys = Keys::new();
+    let mut outputs = Vec::new();
+    for version in ["--http1.1", "--http2"] {
+        let (status, body) =
+            scene.curl(version, &["-H", &format!("Authorization: Bearer {}", keys.cursor), &scene.url("/v1/chat")]);
+        assert_blocked(status, &body, "cursor-api-key");
+        outputs.push(body);
+        // Cursor's APIs take the key as the Basic user name.
+        let (status, body) = scene.curl(version, &["-u", &format!("{}:", keys.cursor), &scene.url("/v1/models")]);
+        assert_blocked(status, &body, "cursor-api-key");
+        outputs.push(body);
+        let (status, body) = scene.curl(version, &[&scene.url(&format!("/v1/search?api_key={}", keys.openai))]);
+        assert_blocked(status, &body, "openai-project-key");
+        outputs.push(body);
+    }
+    for key in keys.all() {
+        assert_eq!(scene.received_with(key), 0, "the upstream must never receive a blocked request");
+    }
+    assert!(scene.upstream.requests().is_empty(), "nothing at all reached upstream");
+
+    // A clean request goes through unchanged, on both protocols.
+    for (version, want) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
+        let (status, body) = scene.curl(
+            version,
+            &["-X", "PUT", "-H", "X-Test: clean", "-H", "Content-Type: text/plain", "--data-binary", "hello upstream", &scene.url("/clean?x=1")],
+        );
+        assert_eq!(status, 200, "{body}");
+        let received = scene.upstream.requests();
+        let r = received.last().expect("the clean request arrived");
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.target, "/clean?x=1");
+        assert_eq!(r.body, b"hello upstream");
+        assert_eq!(r.version, want, "the upstream protocol mirrors the client's ALPN");
+        assert!(r.headers.contains(&("x-test".into(), "clean".into())), "{:?}", r.headers);
+        assert!(r.headers.contains(&("content-type".into(), "text/plain".into())));
+    }
+
+    let findings = scene.findings();
+    let cursor: Vec<&Value> = findings.iter().filter(|f| f["rule_id"] == "cursor-api-key").collect();
+    assert!(!cursor.is_empty(), "findings recorded: {findings:#?}");
+    let f = cursor[0];
+    assert_eq!(f["dest_host"], HOST);
+    assert_eq!(f["dest_port"], scene.port);
+    assert_eq!(f["action"], "block");
+    assert_eq!(f["status"], "open");
+    assert!(f["process"]["exe"].as_str().unwrap_or_default().ends_with("curl"), "{f}");
+    assert!(f["count"].as_u64().unwrap_or(0) >= 2, "deduplicated with a count: {f}");
+    assert!(f["fingerprint"].as_str().unwrap_or_default().starts_with("hmac-sha256:"));
+    let preview = f["preview"].as_str().unwrap_or_default();
+    assert!(preview.len() < 16 && preview.starts_with("key_"), "redacted preview only");
+    let refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+    scene.assert_no_key_in_clear(&keys.all(), &refs);
+}
+
+#[test]
+fn python_client_blocks_keys_in_json_gzip_and_split_chunked_bodies() {
+    let scene = Scene::start("python");
+    let keys = Keys::new();
+    let json_body = format!("{{\"model\": \"x\", \"auth\": {{\"token\": \"{}\"}}}}", keys.github);
+    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/json", "body": json_body, "headers": {"Content-Type": "application/json"}})));
+    assert_blocked(r["status"].as_u64().unwrap_or(0) as u16, r["body"].as_str().unwrap_or(""), "github-pat");
+
+    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/gz", "gzip": true, "body": format!("config:\n  openai_key: {}\n", keys.openai), "headers": {"Content-Type": "text/plain"}})));
+    assert_blocked(r["status"].as_u64().unwrap_or(0) as u16, r["body"].as_str().unwrap_or(""), "openai-project-key");
+
+    // The key straddles two chunks sent 200 ms apart.
+    let (a, b) = keys.cursor.split_at(30);
+    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/split", "chunks": [format!("prefix {a}"), format!("{b} suffix")]})));
+    assert_blocked(r["status"].as_u64().unwrap_or(0) as u16, r["body"].as_str().unwrap_or(""), "cursor-api-key");
+
+    for key in keys.all() {
+        assert_eq!(scene.received_with(key), 0);
+    }
+    assert!(scene.upstream.requests().is_empty(), "no blocked request reached upstream");
+
+    // And a clean POST with a body passes.
+    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/ok", "body": "{\"q\": 1}"})));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(scene.upstream.requests().len(), 1);
+    let findings = scene.findings();
+    assert!(findings.iter().any(|f| f["rule_id"] == "github-pat" && f["location"].as_str().unwrap_or("").starts_with("body")), "{findings:#?}");
+    scene.assert_no_key_in_clear(&keys.all(), &[&r.to_string()]);
+}
+
+#[test]
+fn git_over_https_with_a_hard_coded_key_is_blocked() {
+    let scene = Scene::start("git");
+    let keys = Keys::new();
+    let url = format!("https://{}@{HOST}:{}/git/repo.git", keys.cursor, scene.port);
+    let out: Output = scene
+        .gw
+        .command_in_cgroup("git")
+        .args(["-c", &format!("http.curloptResolve={}", scene.resolve(HOST)), "ls-remote", &url])
+        .env("GIT_SSL_CAINFO", &scene.gateway_ca)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("HOME", scene.gw.dir.path())
+        .output()
+        .expect("git");
+    assert!(!out.status.success(), "git must fail: the key is blocked");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("403"), "git reports the 403");
+    // git first asks without credentials (401), then retries with them: only the first reached upstream.
+    let received = scene.upstream.requests();
+    assert!(received.iter().all(|r| !r.headers.iter().any(|(k, _)| k == "authorization")), "no authenticated request reached upstream");
+    assert!(!received.is_empty(), "the unauthenticated probe went through");
+    let findings = scene.findings();
+    let f = findings.iter().find(|f| f["rule_id"] == "cursor-api-key").expect("finding for the git key");
+    assert!(f["process"]["comm"].as_str().unwrap_or("").contains("git"), "{f}");
+    scene.assert_no_key_in_clear(&[&keys.cursor], &[&stderr]);
+}
+
+#[test]
+fn streamed_responses_arrive_chunk_by_chunk() {
+    let scene = Scene::start("stream");
+    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "GET", "path": "/stream"})));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["body"], "chunk 0\nchunk 1\nchunk 2\nchunk 3\nchunk 4\n");
+    let arrivals: Vec<f64> = r["arrivals"].as_array().expect("arrivals").iter().filter_map(Value::as_f64).collect();
+    assert!(arrivals.len() >= 3, "chunks arrive separately: {arrivals:?}");
+    let last = arrivals.last().copied().unwrap_or(0.0);
+    assert!(last - arrivals[0] >= 0.8, "the first chunk came well before the last: {arrivals:?}");
+}
+
+#[test]
+fn passthrough_hosts_keep_end_to_end_tls() {
+    let scene = Scene::start("pass");
+    // Trusting only the upstream's own CA works for the passthrough host:
+    // the client sees the real server certificate.
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--resolve", &scene.resolve(PASS_HOST), "--cacert"])
+        .arg(&scene.upstream_ca)
+        .arg(format!("https://{PASS_HOST}:{}/hello", scene.port))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    // The same CA does not validate the intercepted host: the gateway's leaf is there.
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--resolve", &scene.resolve(HOST), "--cacert"])
+        .arg(&scene.upstream_ca)
+        .arg(scene.url("/hello"))
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "the intercepted host presents the gateway's certificate");
+    let events = scene.gw.wait_events(2, Duration::from_secs(5));
+    assert!(events.iter().any(|e| e["protocol"] == "tls-passthrough" && e["sni"] == PASS_HOST), "{events:#?}");
+}
+
+#[test]
+fn malformed_input_is_an_event_not_a_crash() {
+    let scene = Scene::start("malformed");
+    let target: SocketAddr = format!("{UPSTREAM_IP}:{}", scene.port).parse().expect("addr");
+    let py = |code: &str| {
+        let status = scene.gw.command_in_cgroup("python3").arg("-c").arg(code).status().expect("python");
+        assert!(status.success());
+    };
+    // A ClientHello with absurd lengths.
+    py(&format!(
+        "import socket; s=socket.create_connection(('{}', {})); s.sendall(bytes([0x16,3,1,0,40,1,0xff,0xff,0xff]) + b'x'*36); s.settimeout(5)\ntry: s.recv(10)\nexcept Exception: pass",
+        target.ip(), target.port()
+    ));
+    // A valid TLS handshake followed by garbage instead of HTTP.
+    py(&format!(
+        "import socket, ssl; c=ssl.create_default_context(cafile='{ca}'); s=c.wrap_socket(socket.create_connection(('{ip}', {port})), server_hostname='{HOST}'); s.sendall(b'\\x00\\x01garbage\\r\\n\\r\\n'); s.settimeout(5)\ntry: s.recv(100)\nexcept Exception: pass",
+        ca = scene.gateway_ca.display(), ip = target.ip(), port = target.port()
+    ));
+    // A truncated HTTP/2 preface over h2.
+    py(&format!(
+        "import socket, ssl; c=ssl.create_default_context(cafile='{ca}'); c.set_alpn_protocols(['h2']); s=c.wrap_socket(socket.create_connection(('{ip}', {port})), server_hostname='{HOST}'); s.sendall(b'PRI * HTTP/2.0\\r\\n'); s.close()",
+        ca = scene.gateway_ca.display(), ip = target.ip(), port = target.port()
+    ));
+    let events = scene.gw.wait_events(3, Duration::from_secs(10));
+    assert!(events.iter().any(|e| e["error"].as_str().unwrap_or("").contains("malformed TLS ClientHello")), "{events:#?}");
+    assert!(events.iter().filter(|e| e["outcome"] == "error").count() >= 2, "{events:#?}");
+    // Still serving.
+    let (status, _) = scene.curl("--http2", &[&scene.url("/after")]);
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_one_gib_body_streams_with_bounded_memory() {
+    let scene = Scene::start("big");
+    let pid = scene.gw.child.as_ref().expect("gateway").id();
+    let started = Instant::now();
+    let mut child = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--http1.1", "--resolve", &scene.resolve(HOST), "--cacert"])
+        .arg(&scene.gateway_ca)
+        .args(["-H", "Content-Type: application/octet-stream", "-T", "-", &scene.url("/big")])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("curl");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        let block = vec![b'a'; 1 << 20];
+        for _ in 0..1024 {
+            stdin.write_all(&block).expect("write body");
+        }
+    }
+    let out = child.wait_with_output().expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains(&format!("\"received\":{}", 1u64 << 30)), "the upstream got the whole GiB: {body}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("gateway status");
+    let hwm_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM");
+    assert!(hwm_kib < 256 * 1024, "gateway peak RSS {hwm_kib} KiB for a 1 GiB body: memory must stay bounded");
+    eprintln!("1 GiB through the gateway in {:?}, peak RSS {} MiB", started.elapsed(), hwm_kib / 1024);
+}
