@@ -216,8 +216,9 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the tests attach real eBPF programs to cgroups they create: run `cargo xtask test` as root");
     }
     // The end-to-end tests drive the gateway binary; build it first so they
-    // test what was just compiled.
-    status(cargo().args(["build", "-p", "gateway", "--bins"]))?;
+    // test what was just compiled. Building tests in the same command keeps
+    // feature unification identical to `cargo test`, so nothing builds twice.
+    status(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     let bin = workspace_root().join("target/debug/gateway");
     status(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args).env("GATEWAY_BIN", bin))
 }
