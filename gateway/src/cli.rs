@@ -77,14 +77,11 @@ pub enum ConfigCommand {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match &cli.command {
-        Command::Config { command: ConfigCommand::Check { file } } => {
-            let path = file.as_deref().unwrap_or(&cli.config);
-            return config_check(path);
-        }
-        _ => Config::load(&cli.config),
-    };
-    let (config, source) = match loaded {
+    // Checking a configuration must not require a loadable one.
+    if let Command::Config { command: ConfigCommand::Check { file } } = &cli.command {
+        return config_check(file.as_deref().unwrap_or(&cli.config));
+    }
+    let (config, source) = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: {e}");
@@ -104,7 +101,9 @@ pub fn main() -> ExitCode {
         Command::Ca(args) => return crate::tls::cli::run_ca(&config, args),
         Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
         Command::Findings(args) => return crate::findings::cli::run(&config, args),
-        Command::Config { .. } => unreachable_config(),
+        Command::Config { command: ConfigCommand::Check { file } } => {
+            return config_check(file.as_deref().unwrap_or(&cli.config))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,10 +112,6 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn unreachable_config() -> anyhow::Result<()> {
-    bail!("internal error: config commands are handled before loading")
 }
 
 fn config_check(path: &Path) -> ExitCode {

@@ -197,7 +197,7 @@ impl Inspector for Enforcer {
                 return HeadVerdict::Respond(response);
             }
         }
-        let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.policy.body_limits.clone());
+        let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.policy.body_limits);
         HeadVerdict::Forward {
             body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner }),
         }

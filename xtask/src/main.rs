@@ -220,7 +220,50 @@ fn test(args: &[String]) -> Result<()> {
     // feature unification identical to `cargo test`, so nothing builds twice.
     status(cargo().args(["build", "--workspace", "--bins", "--tests"]))?;
     let bin = workspace_root().join("target/debug/gateway");
-    status(cargo().args(["test", "--workspace", "--no-fail-fast"]).args(args).env("GATEWAY_BIN", bin))
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"]).args(args).env("GATEWAY_BIN", bin);
+    run_counting_tests(cmd)
+}
+
+/// Runs `cargo test`, echoing its output, and ends with one total line over
+/// every test binary (cargo's own last line is that of some crate's doc
+/// tests, often "0 passed", which says nothing about the run).
+fn run_counting_tests(mut cmd: Command) -> Result<()> {
+    use std::io::BufRead as _;
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("running {cmd:?}"))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(['.', ';']) {
+                let mut words = part.split_whitespace();
+                if let (Some(n), Some(what)) = (words.next().and_then(|n| n.parse::<u64>().ok()), words.next()) {
+                    match what {
+                        "passed" => passed += n,
+                        "failed" => failed += n,
+                        "ignored" => ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let st = child.wait()?;
+    // The plain closing line CI systems read: "N passed, N failed[, N skipped]".
+    if ignored > 0 {
+        println!("\nxtask: {passed} passed, {failed} failed, {ignored} skipped");
+    } else {
+        println!("\nxtask: {passed} passed, {failed} failed");
+    }
+    if !st.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
 }
 
 fn bench(args: &[String]) -> Result<()> {
