@@ -42,16 +42,55 @@ pub fn shannon_entropy(data: &[u8]) -> f64 {
 
 /// Values that are documentation or template stand-ins rather than credentials.
 const PLACEHOLDER_WORDS: &[&[u8]] = &[
-    b"example", b"placeholder", b"changeme", b"change_me", b"change-me", b"redacted", b"dummy", b"your_",
-    b"your-", b"yourkey", b"your.", b"insert_", b"insert-", b"replace_me", b"replace-me", b"sample_", b"fake_",
-    b"0123456789", b"123456789", b"abcdefghij", b"qwertyuiop",
+    b"example",
+    b"placeholder",
+    b"changeme",
+    b"change_me",
+    b"change-me",
+    b"redacted",
+    b"dummy",
+    b"your_",
+    b"your-",
+    b"yourkey",
+    b"your.",
+    b"insert_",
+    b"insert-",
+    b"replace_me",
+    b"replace-me",
+    b"sample_",
+    b"fake_",
+    b"0123456789",
+    b"123456789",
+    b"abcdefghij",
+    b"qwertyuiop",
 ];
 
 /// Whole values that are never credentials.
 const PLACEHOLDER_VALUES: &[&[u8]] = &[
-    b"password", b"passwd", b"pass", b"secret", b"token", b"apikey", b"api_key", b"api-key", b"changeme", b"test",
-    b"testing", b"user", b"username", b"null", b"none", b"nil", b"undefined", b"true", b"false", b"x-oauth-basic",
-    b"admin", b"root", b"guest", b"default",
+    b"password",
+    b"passwd",
+    b"pass",
+    b"secret",
+    b"token",
+    b"apikey",
+    b"api_key",
+    b"api-key",
+    b"changeme",
+    b"test",
+    b"testing",
+    b"user",
+    b"username",
+    b"null",
+    b"none",
+    b"nil",
+    b"undefined",
+    b"true",
+    b"false",
+    b"x-oauth-basic",
+    b"admin",
+    b"root",
+    b"guest",
+    b"default",
 ];
 
 /// Whether `secret` looks like a template, variable reference or documentation stand-in.
@@ -68,7 +107,11 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if SYNTAX.iter().any(|s| contains(&lower, s)) {
         return true;
     }
-    if secret[0] == b'$' && secret.get(1).is_some_and(|b| b.is_ascii_uppercase() || *b == b'_') {
+    if secret[0] == b'$'
+        && secret
+            .get(1)
+            .is_some_and(|b| b.is_ascii_uppercase() || *b == b'_')
+    {
         return true;
     }
     if secret.len() > 2 && secret[0] == b'%' && secret[secret.len() - 1] == b'%' {
@@ -78,7 +121,10 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
         return true;
     }
     // Masked or filler runs: xxxxxx, ******, ......, ######.
-    if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
+    if [b'x', b'*', b'.', b'#']
+        .iter()
+        .any(|&c| has_run(&lower, c, 6))
+    {
         return true;
     }
     // A value dominated by one character (aaaa…, 0000…) is filler, not a key.
@@ -162,7 +208,9 @@ fn jwt_ok(secret: &[u8]) -> bool {
     match serde_json::from_slice::<serde_json::Value>(&decoded) {
         Ok(serde_json::Value::Object(map)) => {
             // `alg: none` tokens are unsigned test fixtures, not credentials.
-            map.get("alg").and_then(|a| a.as_str()).is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+            map.get("alg")
+                .and_then(|a| a.as_str())
+                .is_some_and(|a| !a.eq_ignore_ascii_case("none"))
         }
         _ => false,
     }
@@ -185,8 +233,21 @@ fn basic_auth_ok(secret: &[u8]) -> bool {
 
 /// Default passwords of database images and brokers; finding them is noise.
 const DEFAULT_PASSWORDS: &[&[u8]] = &[
-    b"postgres", b"mysql", b"root", b"admin", b"guest", b"redis", b"mongo", b"mongodb", b"sa", b"clickhouse",
-    b"rabbitmq", b"123456", b"pass", b"passw0rd", b"p@ssw0rd",
+    b"postgres",
+    b"mysql",
+    b"root",
+    b"admin",
+    b"guest",
+    b"redis",
+    b"mongo",
+    b"mongodb",
+    b"sa",
+    b"clickhouse",
+    b"rabbitmq",
+    b"123456",
+    b"pass",
+    b"passw0rd",
+    b"p@ssw0rd",
 ];
 
 fn userinfo_ok(secret: &[u8], user: &[u8]) -> bool {
@@ -212,8 +273,17 @@ mod tests {
     #[test]
     fn placeholders() {
         for p in [
-            &b"${API_KEY}"[..], b"{{ token }}", b"<your-key>", b"xxxxxxxxxxxx", b"AKIAIOSFODNN7EXAMPLE",
-            b"aaaaaaaaaaaaaaaaaaab", b"$API_KEY", b"%API_KEY%", b"********", b"changeme", b"password",
+            &b"${API_KEY}"[..],
+            b"{{ token }}",
+            b"<your-key>",
+            b"xxxxxxxxxxxx",
+            b"AKIAIOSFODNN7EXAMPLE",
+            b"aaaaaaaaaaaaaaaaaaab",
+            b"$API_KEY",
+            b"%API_KEY%",
+            b"********",
+            b"changeme",
+            b"password",
         ] {
             assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
@@ -238,7 +308,9 @@ mod tests {
     fn basic_auth() {
         let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         assert!(basic_auth_ok(enc("ci:Zx8Q2mL0pR7vT4nB").as_bytes()));
-        assert!(basic_auth_ok(enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()));
+        assert!(basic_auth_ok(
+            enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()
+        ));
         assert!(!basic_auth_ok(enc("user:password").as_bytes()));
         assert!(!basic_auth_ok(enc("user").as_bytes()));
     }

@@ -32,7 +32,9 @@ pub struct Detector {
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detector").field("rules", &self.rules.len()).finish()
+        f.debug_struct("Detector")
+            .field("rules", &self.rules.len())
+            .finish()
     }
 }
 
@@ -51,11 +53,19 @@ impl Detector {
     pub fn new(config: &DetectConfig) -> Result<Detector, DetectError> {
         let mut specs: Vec<(String, RuleSpec)> = Vec::new();
         if config.builtin_rules {
-            specs.extend(rules::builtin_specs()?.into_iter().map(|s| (BUILTIN_SOURCE.to_string(), s)));
+            specs.extend(
+                rules::builtin_specs()?
+                    .into_iter()
+                    .map(|s| (BUILTIN_SOURCE.to_string(), s)),
+            );
         }
         if let Some(path) = &config.custom_rules {
             let source = path.display().to_string();
-            specs.extend(rules::load_rule_file(path)?.into_iter().map(|s| (source.clone(), s)));
+            specs.extend(
+                rules::load_rule_file(path)?
+                    .into_iter()
+                    .map(|s| (source.clone(), s)),
+            );
         }
         for id in &config.disabled_rules {
             if !specs.iter().any(|(_, s)| &s.id == id) {
@@ -89,9 +99,9 @@ impl Detector {
                 .map_err(|e| rule_err(format!("pattern: {e}")))?;
             pattern.id = Some(i);
             // Validates the expression on its own so errors name the rule.
-            let info = pattern
-                .info()
-                .map_err(|e| rule_err(format!("pattern is not a valid Hyperscan expression: {e}")))?;
+            let info = pattern.info().map_err(|e| {
+                rule_err(format!("pattern is not a valid Hyperscan expression: {e}"))
+            })?;
             if info.min_width() == 0 {
                 return Err(rule_err("pattern can match the empty string".into()));
             }
@@ -107,7 +117,12 @@ impl Detector {
             Some(db)
         };
         let tail = compiled.iter().map(|r| r.lookback).max().unwrap_or(0) + KEYWORD_CONTEXT;
-        let detector = Detector { rules: compiled, db, scratch: Mutex::new(Vec::new()), tail };
+        let detector = Detector {
+            rules: compiled,
+            db,
+            scratch: Mutex::new(Vec::new()),
+            tail,
+        };
         // Fail at startup, not on the first request, if scratch cannot be had.
         let scratch = detector.take_scratch()?;
         detector.put_scratch(scratch);
@@ -126,7 +141,10 @@ impl Detector {
 
     /// Human-readable name of a rule.
     pub fn rule_name(&self, id: &str) -> Option<&str> {
-        self.rules.iter().find(|r| &*r.id == id).map(|r| r.name.as_str())
+        self.rules
+            .iter()
+            .find(|r| &*r.id == id)
+            .map(|r| r.name.as_str())
     }
 
     /// The rules' prefilter patterns (e.g. to benchmark other engines on them).
@@ -154,7 +172,9 @@ impl Detector {
         let pooled = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match (pooled, &self.db) {
             (Some(s), _) => Ok(s),
-            (None, Some(db)) => db.alloc_scratch().map_err(|e| DetectError::Hyperscan(e.to_string())),
+            (None, Some(db)) => db
+                .alloc_scratch()
+                .map_err(|e| DetectError::Hyperscan(e.to_string())),
             (None, None) => Err(DetectError::Hyperscan("no database".into())),
         }
     }
@@ -197,7 +217,9 @@ impl Detector {
         let windows = match self.prefilter(data) {
             Some(hits) => self.windows(data.len(), &hits),
             // Degraded but still correct: every rule over the whole buffer.
-            None if self.db.is_some() => (0..self.rules.len()).map(|r| (r, 0, data.len(), false)).collect(),
+            None if self.db.is_some() => (0..self.rules.len())
+                .map(|r| (r, 0, data.len(), false))
+                .collect(),
             None => Vec::new(),
         };
         for (rule_idx, start, end, cut) in windows {
@@ -206,7 +228,10 @@ impl Detector {
             }
             self.confirm(rule_idx, data, start, end, &mut found);
         }
-        ScanOutcome { detections: resolve_overlaps(found), incomplete_from }
+        ScanOutcome {
+            detections: resolve_overlaps(found),
+            incomplete_from,
+        }
     }
 
     /// Merged confirm windows `(rule, start, end, cut_by_buffer_end)` per rule.
@@ -214,10 +239,16 @@ impl Detector {
         let mut out: Vec<(usize, usize, usize, bool)> = Vec::new();
         for &(id, end) in hits {
             let rule_idx = id as usize;
-            let Some(rule) = self.rules.get(rule_idx) else { continue };
+            let Some(rule) = self.rules.get(rule_idx) else {
+                continue;
+            };
             let start = end.saturating_sub(rule.lookback + KEYWORD_CONTEXT);
             let wanted = end.saturating_add(rule.window);
-            let (stop, cut) = if wanted >= len { (len, true) } else { (wanted, false) };
+            let (stop, cut) = if wanted >= len {
+                (len, true)
+            } else {
+                (wanted, false)
+            };
             match out.last_mut() {
                 Some(last) if last.0 == rule_idx && start <= last.2 => {
                     last.2 = last.2.max(stop);
@@ -229,19 +260,34 @@ impl Detector {
         out
     }
 
-    fn confirm(&self, rule_idx: usize, data: &[u8], start: usize, stop: usize, found: &mut Vec<(usize, Detection)>) {
+    fn confirm(
+        &self,
+        rule_idx: usize,
+        data: &[u8],
+        start: usize,
+        stop: usize,
+        found: &mut Vec<(usize, Detection)>,
+    ) {
         let rule = &self.rules[rule_idx];
         let hay = &data[..stop];
         let mut pos = start;
         while pos < stop {
-            let Some(caps) = rule.confirm.captures_at(hay, pos) else { break };
+            let Some(caps) = rule.confirm.captures_at(hay, pos) else {
+                break;
+            };
             let Some(whole) = caps.get(0) else { break };
-            pos = if whole.end() > whole.start() { whole.end() } else { whole.start() + 1 };
+            pos = if whole.end() > whole.start() {
+                whole.end()
+            } else {
+                whole.start() + 1
+            };
             // A match running into an artificial window edge may be truncated.
             if whole.end() == stop && stop < data.len() {
                 continue;
             }
-            let Some(m) = caps.get(rule.secret_group) else { continue };
+            let Some(m) = caps.get(rule.secret_group) else {
+                continue;
+            };
             let secret = m.as_bytes();
             if secret.is_empty() || is_placeholder(secret) {
                 continue;
@@ -256,7 +302,10 @@ impl Detector {
                 continue;
             }
             if let Some(check) = rule.check {
-                let user = rule.user_group.and_then(|g| caps.get(g)).map(|u| u.as_bytes());
+                let user = rule
+                    .user_group
+                    .and_then(|g| caps.get(g))
+                    .map(|u| u.as_bytes());
                 if !check.passes(secret, user) {
                     continue;
                 }
@@ -279,7 +328,7 @@ impl Detector {
 /// one (and among equals the earlier rule), so that `API_KEY=sk_live_…` is
 /// reported once as a Stripe key rather than also as a generic assignment.
 fn resolve_overlaps(mut found: Vec<(usize, Detection)>) -> Vec<Detection> {
-    found.sort_by(|a, b| (a.1.start, a.1.end, a.0).cmp(&(b.1.start, b.1.end, b.0)));
+    found.sort_by_key(|a| (a.1.start, a.1.end, a.0));
     found.dedup_by(|b, a| a.0 == b.0 && a.1.start == b.1.start && a.1.end == b.1.end);
     let rank = |f: &(usize, Detection)| (std::cmp::Reverse(f.1.confidence), f.0);
     let mut keep = vec![true; found.len()];
@@ -300,5 +349,9 @@ fn resolve_overlaps(mut found: Vec<(usize, Detection)>) -> Vec<Detection> {
             }
         }
     }
-    found.into_iter().zip(keep).filter_map(|(f, k)| k.then_some(f.1)).collect()
+    found
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(f, k)| k.then_some(f.1))
+        .collect()
 }

@@ -28,7 +28,11 @@ impl MultipartParser {
         let mut delimiter = b"\r\n--".to_vec();
         delimiter.extend_from_slice(boundary.as_bytes());
         // The first delimiter has no CRLF before it; pretend it has one.
-        Self { delimiter, state: State::Preamble, buf: b"\r\n".to_vec() }
+        Self {
+            delimiter,
+            state: State::Preamble,
+            buf: b"\r\n".to_vec(),
+        }
     }
 
     pub(crate) fn feed(&mut self, data: &[u8], sink: &mut impl Emit) {
@@ -67,7 +71,11 @@ impl MultipartParser {
                     }
                 }
                 State::Headers => {
-                    let end = if self.buf.starts_with(b"\r\n") { Some((0, 2)) } else { find(&self.buf, b"\r\n\r\n").map(|i| (i, 4)) };
+                    let end = if self.buf.starts_with(b"\r\n") {
+                        Some((0, 2))
+                    } else {
+                        find(&self.buf, b"\r\n\r\n").map(|i| (i, 4))
+                    };
                     match end {
                         Some((i, sep)) => {
                             let name = part_name(&self.buf[..i]);
@@ -133,7 +141,9 @@ impl MultipartParser {
 /// The `name` parameter of `Content-Disposition`.
 fn part_name(headers: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(headers);
-    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))?;
+    let line = text
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))?;
     line.split(';').skip(1).find_map(|param| {
         let (k, v) = param.split_once('=')?;
         (k.trim().eq_ignore_ascii_case("name")).then(|| {

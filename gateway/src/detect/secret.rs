@@ -59,7 +59,13 @@ impl Secret {
         let text = String::from_utf8_lossy(&self.0);
         let chars: Vec<char> = text.chars().collect();
         let shown = (chars.len() / 4).min(4);
-        let printable = |c: &char| if c.is_control() || *c == '\u{FFFD}' { '?' } else { *c };
+        let printable = |c: &char| {
+            if c.is_control() || *c == '\u{FFFD}' {
+                '?'
+            } else {
+                *c
+            }
+        };
         let mut out = String::with_capacity(shown * 2 + 3);
         out.extend(chars[..shown].iter().map(printable));
         out.push('…');
@@ -86,7 +92,10 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Secret").field("len", &self.0.len()).field("preview", &self.preview()).finish()
+        f.debug_struct("Secret")
+            .field("len", &self.0.len())
+            .field("preview", &self.preview())
+            .finish()
     }
 }
 
@@ -146,17 +155,27 @@ impl FingerprintKey {
         let key = Self::ephemeral();
         let created = {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
         };
         match created {
             Ok(mut file) => {
                 file.write_all(&key.0)
                     .and_then(|()| file.sync_all())
-                    .map_err(|source| DetectError::Io { path: path.clone(), source })?;
+                    .map_err(|source| DetectError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
                 Ok(key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let bytes = std::fs::read(&path).map_err(|source| DetectError::Io { path: path.clone(), source })?;
+                let bytes = std::fs::read(&path).map_err(|source| DetectError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 Self::parse(&path, &bytes)
             }
             Err(source) => Err(DetectError::Io { path, source }),
@@ -184,7 +203,11 @@ mod tests {
         assert_eq!(Secret::new(b"abc").preview(), "…");
         for len in 0..40 {
             let v = vec![b'z'; len];
-            let shown = Secret::new(&v).preview().chars().filter(|c| *c == 'z').count();
+            let shown = Secret::new(&v)
+                .preview()
+                .chars()
+                .filter(|c| *c == 'z')
+                .count();
             assert!(shown * 2 <= len, "len {len} shows {shown}");
         }
     }
@@ -216,7 +239,10 @@ mod tests {
         let k1 = FingerprintKey::load_or_create(dir.path()).unwrap();
         let k2 = FingerprintKey::load_or_create(dir.path()).unwrap();
         assert_eq!(k1.0, k2.0);
-        let mode = std::fs::metadata(FingerprintKey::path(dir.path())).unwrap().permissions().mode();
+        let mode = std::fs::metadata(FingerprintKey::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }
