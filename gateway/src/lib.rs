@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod detect;
 pub mod enforce;
 pub mod event;
