@@ -7,7 +7,7 @@ use std::{
     io::Write as _,
     net::SocketAddr,
     path::PathBuf,
-    process::Output,
+    process::{Command, Output},
     time::{Duration, Instant},
 };
 
@@ -62,6 +62,12 @@ struct Scene {
 
 impl Scene {
     fn start(name: &str) -> Scene {
+        Scene::start_with(name, |_| String::new())
+    }
+
+    /// A scene whose gateway configuration gets extra YAML, built from the
+    /// scene's directory (for files the configuration points at).
+    fn start_with(name: &str, extra: impl FnOnce(&std::path::Path) -> String) -> Scene {
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST, PASS_HOST]);
@@ -69,8 +75,9 @@ impl Scene {
         let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
         let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
         opts.extra_yaml = format!(
-            "tls:\n  intercept: ['*.test.internal']\n  passthrough: ['{PASS_HOST}']\n  extra_upstream_cas: [{}]\n",
-            pki.ca_path.display()
+            "tls:\n  intercept: ['*.test.internal']\n  passthrough: ['{PASS_HOST}']\n  extra_upstream_cas: [{}]\n{}",
+            pki.ca_path.display(),
+            extra(pki_dir.path())
         );
         let gw = TestGateway::start(opts);
         let gateway_ca = gw.dir.path().join("gateway-ca.pem");
@@ -464,4 +471,131 @@ fn a_one_gib_body_streams_with_bounded_memory() {
         .expect("VmHWM");
     assert!(hwm_kib < 256 * 1024, "gateway peak RSS {hwm_kib} KiB for a 1 GiB body: memory must stay bounded");
     eprintln!("1 GiB through the gateway in {:?}, peak RSS {} MiB", started.elapsed(), hwm_kib / 1024);
+}
+
+#[test]
+fn swap_replaces_the_static_key_with_the_credential_the_gateway_holds() {
+    let held = format!("held-{}", random(40));
+    let held_for_closure = held.clone();
+    let scene = Scene::start_with("swap", move |dir| {
+        let file = dir.join("cursor-credential");
+        std::fs::write(&file, format!("{held_for_closure}\n")).expect("write credential");
+        std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        format!(
+            "findings:\n  actions:\n    - {{host: '{HOST}', action: swap}}\ncredentials:\n  credentials:\n    - identity: '**'\n      host: '{HOST}'\n      source: {{file: {}}}\n      inject: {{bearer: '{{credential}}'}}\n",
+            file.display()
+        )
+    });
+    let keys = Keys::new();
+    for version in ["--http1.1", "--http2"] {
+        let (status, body) =
+            scene.curl(version, &["-H", &format!("Authorization: Bearer {}", keys.cursor), &scene.url("/v1/swap")]);
+        assert_eq!(status, 200, "the job's request succeeds: {body}");
+    }
+    let received = scene.upstream.requests();
+    assert_eq!(received.len(), 2);
+    for r in &received {
+        let auth: Vec<&String> = r.headers.iter().filter(|(k, _)| k == "authorization").map(|(_, v)| v).collect();
+        assert_eq!(auth, vec![&format!("Bearer {held}")], "upstream receives the held credential, once");
+    }
+    assert_eq!(scene.received_with(&keys.cursor), 0, "upstream never receives the hard-coded key");
+    let findings = scene.findings();
+    let f = findings.iter().find(|f| f["rule_id"] == "cursor-api-key").expect("finding recorded");
+    assert_eq!(f["action"], "swap");
+    assert_eq!(f["identity"], "spiffe://ci-gateway.local/unmapped");
+    scene.assert_no_key_in_clear(&[&keys.cursor, &held], &[]);
+}
+
+#[test]
+fn identities_from_mappings_reach_events_and_findings() {
+    let scene = Scene::start_with("identity", |dir| {
+        let mappings = dir.join("mappings.yaml");
+        std::fs::write(
+            &mappings,
+            "rules:\n  - name: nobody\n    match:\n      uid: 65534\n    identity: 'spiffe://ci.example/user/nobody'\n  - name: repo\n    match:\n      uid: 0\n      env:\n        GITHUB_REPOSITORY: 'acme/*'\n    identity: 'spiffe://ci.example/repo/{env.GITHUB_REPOSITORY}'\n",
+        )
+        .expect("write mappings");
+        format!("identity:\n  mappings: {}\n", mappings.display())
+    });
+    let keys = Keys::new();
+    // A job as uid 65534.
+    let mut cmd = scene.gw.command_in_cgroup("curl");
+    gateway_tests::run_as(&mut cmd, 65534, 65534);
+    let out = cmd
+        .args(["-sS", "--resolve", &scene.resolve(HOST), "--cacert"])
+        .arg(&scene.gateway_ca)
+        .args(["-H", &format!("Authorization: Bearer {}", keys.cursor), &scene.url("/as-nobody")])
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("static_credential_blocked"));
+    // A job as root with the repository in its environment.
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .env("GITHUB_REPOSITORY", "acme/api")
+        .env("GITHUB_RUN_ID", "4242")
+        .args(["-sS", "--resolve", &scene.resolve(HOST), "--cacert"])
+        .arg(&scene.gateway_ca)
+        .args(["-H", &format!("Authorization: Bearer {}", keys.openai), &scene.url("/as-repo")])
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("static_credential_blocked"));
+    // A job that matches no rule.
+    let (status, _) = scene.curl("--http1.1", &[&scene.url("/unmapped")]);
+    assert_eq!(status, 200);
+
+    let findings = scene.findings();
+    let nobody = findings.iter().find(|f| f["rule_id"] == "cursor-api-key").expect("nobody's finding");
+    assert_eq!(nobody["identity"], "spiffe://ci.example/user/nobody");
+    assert_eq!(nobody["process"]["uid"], 65534);
+    let repo = findings.iter().find(|f| f["rule_id"] == "openai-project-key").expect("repo's finding");
+    // Job-controlled values are one path segment each: the `/` is encoded, so
+    // a job cannot add segments to its identity.
+    assert_eq!(repo["identity"], "spiffe://ci.example/repo/acme%2Fapi");
+    assert_eq!(repo["process"]["job"]["GITHUB_RUN_ID"], "4242", "CI job variables are recorded: {repo}");
+    let events = scene.gw.wait_events(3, Duration::from_secs(5));
+    let identities: Vec<&str> = events.iter().filter_map(|e| e["identity"].as_str()).collect();
+    assert!(identities.contains(&"spiffe://ci-gateway.local/unmapped"), "{identities:?}");
+    assert!(identities.contains(&"spiffe://ci.example/user/nobody"), "{identities:?}");
+    assert!(identities.contains(&"spiffe://ci.example/repo/acme%2Fapi"), "{identities:?}");
+}
+
+#[test]
+fn minted_jwts_replace_static_keys_and_verify_against_the_served_jwks() {
+    let scene = Scene::start_with("jwt", |_| {
+        format!(
+            "findings:\n  actions:\n    - {{host: '{HOST}', action: swap}}\ncredentials:\n  jwt:\n    issuer: https://gateway.test\n  credentials:\n    - identity: '**'\n      host: '{HOST}'\n      inject: {{bearer: '{{jwt}}'}}\n"
+        )
+    });
+    let keys = Keys::new();
+    let (status, body) =
+        scene.curl("--http1.1", &["-H", &format!("Authorization: Bearer {}", keys.cursor), &scene.url("/v1/jwt")]);
+    assert_eq!(status, 200, "{body}");
+    let received = scene.upstream.requests();
+    let auth = received[0].headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.clone()).expect("authorization");
+    let token = auth.strip_prefix("Bearer ").expect("bearer").to_owned();
+
+    // Verify with a standard library against the JWKS the gateway serves.
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://127.0.0.1:{}/.well-known/jwks.json", scene.gw.api_port)])
+        .output()
+        .expect("fetch jwks");
+    let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&out.stdout).expect("jwks json");
+    let header = jsonwebtoken::decode_header(&token).expect("jwt header");
+    let kid = header.kid.expect("kid");
+    let jwk = jwks.find(&kid).expect("the signing key is published");
+    let key = jsonwebtoken::DecodingKey::from_jwk(jwk).expect("decoding key");
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_audience(&[HOST]);
+    validation.set_issuer(&["https://gateway.test"]);
+    let claims = jsonwebtoken::decode::<Value>(&token, &key, &validation).expect("the minted token verifies");
+    assert_eq!(claims.claims["sub"], "spiffe://ci-gateway.local/unmapped");
+    let lifetime = claims.claims["exp"].as_u64().unwrap_or(0) - claims.claims["iat"].as_u64().unwrap_or(0);
+    assert_eq!(lifetime, 15 * 60, "15 minutes by default");
+
+    // A wrong audience is refused by the same library.
+    let mut wrong = jsonwebtoken::Validation::new(header.alg);
+    wrong.set_audience(&["other.internal"]);
+    assert!(jsonwebtoken::decode::<Value>(&token, &key, &wrong).is_err());
+    assert_eq!(scene.received_with(&keys.cursor), 0);
 }

@@ -155,7 +155,7 @@ fn orchestrate() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\nproxy:\n  port: {proxy_port}\nlog:\n  level: warn\n",
+            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\nproxy:\n  port: {proxy_port}\napi:\n  listen: null\nlog:\n  level: warn\n",
             dir.path().join("state").display(),
             std::process::id()
         ),
@@ -182,7 +182,7 @@ fn orchestrate() -> Result<()> {
         .chain([port.to_string(), "-j".into(), "REDIRECT".into(), "--to-ports".into(), proxy_port.to_string()])
         .collect();
     let iptables_ok = Command::new("iptables").args(&rule).status().map(|s| s.success()).unwrap_or(false);
-    let mut setup = Setup { gateway, config, cgroup: cgroup.clone(), iptables_rule: iptables_ok.then_some(rule), _dir: dir };
+    let setup = Setup { gateway, config, cgroup: cgroup.clone(), iptables_rule: iptables_ok.then_some(rule), _dir: dir };
 
     let me = std::env::current_exe()?;
     let run_client = |in_cgroup: bool, args: &[String]| -> Result<String> {
@@ -249,7 +249,7 @@ fn orchestrate() -> Result<()> {
     println!("\nbulk transfer of {} MiB, median of {ROUNDS} rounds", BULK_BYTES >> 20);
     println!("direct:             {d:.2} GB/s");
     println!("through the gateway: {p:.2} GB/s  (ratio {:.2}, target >= 0.90)", p / d);
-    drop(&mut setup);
+    drop(setup);
     Ok(())
 }
 

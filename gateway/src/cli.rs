@@ -62,6 +62,8 @@ pub enum Command {
     Trust(crate::tls::cli::TrustArgs),
     /// Review static-key findings.
     Findings(crate::findings::cli::FindingsArgs),
+    /// Explain process identities, check mapping files.
+    Identity(crate::identity::IdentityArgs),
 }
 
 /// `gateway config ...`.
@@ -101,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Ca(args) => return crate::tls::cli::run_ca(&config, args),
         Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
         Command::Findings(args) => return crate::findings::cli::run(&config, args),
+        Command::Identity(args) => return crate::identity::run(&config.identity, args),
         Command::Config { command: ConfigCommand::Check { file } } => {
             return config_check(file.as_deref().unwrap_or(&cli.config))
         }
@@ -215,29 +218,101 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         config.intercept.dns_refresh,
         shutdown.clone(),
     ));
+    let services_identities = services.identities.clone();
+    let services_credentials = services.policy.credentials.clone();
+    let minter = services.policy.minter.clone();
+    let mut api_task = None;
+    if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin API on {addr}"))?;
+        tracing::info!(%addr, "admin API listening");
+        api_task = Some(tokio::spawn(crate::api::serve(listener, minter, shutdown.clone())));
+    }
+    if let Some(minter) = minter {
+        tokio::spawn(rotate_keys(minter, shutdown.clone()));
+    }
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
     let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
 
-    wait_for_signal().await?;
+    let reloadable = Reloadable {
+        identities: services_identities,
+        credentials: services_credentials,
+        mappings: config.identity.mappings.clone(),
+    };
+    wait_for_signal(&reloadable).await?;
     tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
     shutdown.cancel();
     let _ = serving.await;
     let _ = refresher.await;
+    if let Some(api) = api_task {
+        let _ = api.await;
+    }
     let interceptor = Arc::try_unwrap(interceptor)
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
     interceptor.shutdown(config.intercept.on_shutdown)?;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// What SIGHUP reloads: identity mappings and held credentials. A broken
+/// new version is reported and the old one stays in force.
+#[derive(Clone)]
+struct Reloadable {
+    identities: Arc<crate::identity::IdentityResolver>,
+    credentials: Arc<crate::credentials::CredentialStore>,
+    mappings: Option<PathBuf>,
+}
+
+impl Reloadable {
+    fn reload(&self) {
+        if let Some(path) = &self.mappings {
+            match self.identities.reload(path) {
+                Ok(()) => tracing::info!(path = %path.display(), "identity mappings reloaded"),
+                Err(errors) => {
+                    for e in errors {
+                        tracing::error!(error = %e, "identity mappings rejected; the previous mappings stay in force");
+                    }
+                }
+            }
+        }
+        match self.credentials.reload() {
+            Ok(()) => tracing::info!(entries = self.credentials.len(), "credentials reloaded"),
+            Err(e) => tracing::error!(error = %e, "credentials reload failed; the previous credentials stay in force"),
+        }
+    }
+}
+
+async fn wait_for_signal(reloadable: &Reloadable) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                // Reading files and running credential commands blocks.
+                let r = reloadable.clone();
+                let _ = tokio::task::spawn_blocking(move || r.reload()).await;
+            }
+        }
     }
-    Ok(())
+}
+
+/// Rotates the JWT signing key when due and prunes expired public keys.
+async fn rotate_keys(minter: Arc<crate::credentials::Minter>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+        }
+        match minter.rotate_if_due() {
+            Ok(Some(kid)) => tracing::info!(kid, "JWT signing key rotated"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "JWT key rotation failed; the current key stays in use"),
+        }
+    }
 }
 
 async fn refresh_dns(
@@ -290,18 +365,38 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
     let db = config.findings.database_path(&config.state_dir);
     let findings = crate::findings::FindingsHandle::open(&db)?;
     tracing::info!(rules = detector.rule_count(), findings = %db.display(), "detector and findings store ready");
+    let identities = Arc::new(crate::identity::IdentityResolver::new(&config.identity));
+    if let Some(path) = &config.identity.mappings {
+        identities.reload(path).map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("identity mappings:\n  {}", text.join("\n  "))
+        })?;
+    }
+    let credentials = Arc::new(
+        crate::credentials::CredentialStore::load(config.credentials.credentials.clone())
+            .map_err(|e| anyhow::anyhow!("credentials: {e}"))?,
+    );
+    let minter = crate::credentials::Minter::open(
+        &config.credentials.jwt,
+        &config.credentials.jwt.key_dir(&config.state_dir),
+        Arc::new(crate::credentials::SystemClock),
+    )?;
     let policy = crate::enforce::Policy {
         detector,
         fingerprint_key,
         findings,
         actions: config.findings.clone(),
         body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
+        credentials,
+        minter: Some(Arc::new(minter)),
     };
     Ok(proxy::Services {
         tls: config.tls.clone(),
         leaf_cache,
         upstream_tls,
         policy: Arc::new(policy),
+        attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
+        identities,
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
     })
 }

@@ -56,6 +56,12 @@ pub struct Config {
     pub detect: crate::detect::DetectConfig,
     /// Findings storage and enforcement actions.
     pub findings: crate::findings::FindingsConfig,
+    /// Attestation and the mapping from processes to identities.
+    pub identity: crate::identity::IdentityConfig,
+    /// Credentials the gateway holds, JWT minting, OIDC validation.
+    pub credentials: crate::credentials::CredentialsConfig,
+    /// The admin HTTP API (JWKS, discovery, health).
+    pub api: crate::api::ApiConfig,
 }
 
 impl Default for Config {
@@ -68,6 +74,9 @@ impl Default for Config {
             tls: Default::default(),
             detect: Default::default(),
             findings: Default::default(),
+            identity: Default::default(),
+            credentials: Default::default(),
+            api: Default::default(),
         }
     }
 }
@@ -323,6 +332,12 @@ impl Config {
         }
         self.tls.validate()?;
         self.findings.validate()?;
+        self.credentials.validate()?;
+        if let Some(addr) = self.api.listen {
+            if !addr.ip().is_loopback() {
+                return Err(("api.listen".into(), "must be a loopback address".into()));
+            }
+        }
         Ok(())
     }
 }

@@ -16,12 +16,14 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::{
+    credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, SwapTarget},
     detect::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
         Detector, FingerprintKey,
     },
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
     http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector},
+    identity::Identity,
     process::ProcessInfo,
 };
 
@@ -40,20 +42,35 @@ pub struct Policy {
     pub actions: FindingsConfig,
     /// Body decoding limits.
     pub body_limits: BodyLimits,
+    /// Credentials the gateway holds per identity and destination (`swap`).
+    pub credentials: Arc<CredentialStore>,
+    /// Short-lived tokens for `{jwt}` injections.
+    pub minter: Option<Arc<Minter>>,
+}
+
+/// Who is calling: the attributed process and the identity it is pinned to.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The process.
+    pub process: Arc<ProcessInfo>,
+    /// Its identity.
+    pub identity: Identity,
+    /// Allowlisted CI job variables of the process.
+    pub job: std::collections::BTreeMap<String, String>,
 }
 
 /// The [`Inspector`] of one intercepted connection.
 #[derive(Clone)]
 pub struct Enforcer {
     policy: Arc<Policy>,
-    process: Arc<ProcessInfo>,
+    caller: Arc<Caller>,
     blocked: Arc<AtomicU64>,
 }
 
 impl Enforcer {
-    /// Enforcement for a connection made by `process`.
-    pub fn new(policy: Arc<Policy>, process: Arc<ProcessInfo>) -> Enforcer {
-        Enforcer { policy, process, blocked: Arc::new(AtomicU64::new(0)) }
+    /// Enforcement for a connection made by `caller`.
+    pub fn new(policy: Arc<Policy>, caller: Arc<Caller>) -> Enforcer {
+        Enforcer { policy, caller, blocked: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Requests blocked so far on this connection.
@@ -61,26 +78,67 @@ impl Enforcer {
         self.blocked.load(Ordering::Relaxed)
     }
 
-    /// Records every hit as a finding; returns the response that blocks the
-    /// request when any hit's action says so.
-    async fn judge(&self, ctx: &HttpContext, host: &str, hits: Vec<Hit>) -> Option<http::Response<Bytes>> {
+    /// Decides every hit, swaps credentials in `head` where that is the
+    /// action (heads only: a key in a body cannot be swapped), records each
+    /// hit as a finding, and returns the response that blocks the request
+    /// when any hit's final action is `block`.
+    async fn judge(
+        &self,
+        ctx: &HttpContext,
+        host: &str,
+        hits: Vec<Hit>,
+        head: Option<&mut http::request::Parts>,
+    ) -> Option<http::Response<Bytes>> {
+        let identity = &self.caller.identity;
+        let credential = match head {
+            Some(_) => self.policy.credentials.lookup(&identity.uri, host),
+            None => None,
+        };
         let mut seen = HashSet::new();
-        let mut blocked = Vec::new();
+        let mut decided: Vec<(Hit, String, String, Action)> = Vec::new();
+        let mut swap_targets = Vec::new();
         for hit in hits {
             let fingerprint = hit.detection.secret.fingerprint(&self.policy.fingerprint_key);
             let location = hit.location.to_string();
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }
-            let rule = hit.detection.rule_id.to_string();
-            let action = self.policy.actions.action_for(host, &rule);
-            // `swap` needs a credential held for the job's identity, which
-            // does not exist yet: until it does, swap fails closed.
-            let enforced = match action {
+            let action = match self.policy.actions.action_for(host, &hit.detection.rule_id) {
                 Action::Flag => Action::Flag,
-                Action::Block | Action::Swap => Action::Block,
+                Action::Block => Action::Block,
+                // Nothing held for this identity and destination, or a key
+                // where it cannot be replaced: swapping fails closed.
+                Action::Swap => match (credential.is_some(), SwapTarget::from_location(&hit.location)) {
+                    (true, Some(target)) => {
+                        swap_targets.push(target);
+                        Action::Swap
+                    }
+                    _ => Action::Block,
+                },
             };
+            decided.push((hit, fingerprint, location, action));
+        }
+        let blocking = decided.iter().any(|(.., a)| *a == Action::Block);
+        if !blocking && !swap_targets.is_empty() {
+            let swapped = match (head, credential.as_ref()) {
+                (Some(parts), Some(credential)) => self.swap(parts, credential, host, &swap_targets),
+                _ => Err("no request head or credential to swap".to_owned()),
+            };
+            if let Err(reason) = swapped {
+                tracing::error!(target: FINDING_TARGET, conn_id = ctx.conn_id, reason, "credential swap failed; blocking the request");
+                for d in decided.iter_mut() {
+                    if d.3 == Action::Swap {
+                        d.3 = Action::Block;
+                    }
+                }
+            }
+        }
+
+        let mut blocked = Vec::new();
+        for (hit, fingerprint, location, action) in decided {
+            let rule = hit.detection.rule_id.to_string();
             let preview = hit.detection.secret.preview();
+            let entry = json!({"rule": rule, "location": location, "fingerprint": fingerprint, "preview": preview});
             let finding = NewFinding {
                 rule_id: rule.clone(),
                 confidence: hit.detection.confidence.to_string(),
@@ -89,9 +147,9 @@ impl Enforcer {
                 location: location.clone(),
                 dest_host: host.to_owned(),
                 dest_port: ctx.orig_dst.port(),
-                process: snapshot(&self.process),
-                identity: None,
-                action: enforced,
+                process: snapshot(&self.caller),
+                identity: Some(identity.uri.clone()),
+                action,
                 seen_at: time::OffsetDateTime::now_utc(),
             };
             let id = match self.policy.findings.record(finding).await {
@@ -99,7 +157,7 @@ impl Enforcer {
                 Err(e) => {
                     // Losing the finding must not let the key through.
                     tracing::error!(target: FINDING_TARGET, error = %e, rule, "recording a finding failed; blocking the request");
-                    blocked.push(json!({"id": null, "rule": rule, "location": location, "fingerprint": fingerprint, "preview": preview}));
+                    blocked.push(entry);
                     continue;
                 }
             };
@@ -114,14 +172,17 @@ impl Enforcer {
                 location,
                 host,
                 port = ctx.orig_dst.port(),
-                pid = self.process.pid,
-                uid = self.process.uid,
-                exe = self.process.exe.as_ref().map(|e| e.display().to_string()),
-                action = enforced.as_str(),
+                identity = identity.uri,
+                pid = self.caller.process.pid,
+                uid = self.caller.process.uid,
+                exe = self.caller.process.exe.as_ref().map(|e| e.display().to_string()),
+                action = action.as_str(),
                 "static credential"
             );
-            if enforced == Action::Block {
-                blocked.push(json!({"id": id, "rule": rule, "location": location, "fingerprint": fingerprint, "preview": preview}));
+            if action == Action::Block {
+                let mut entry = entry;
+                entry["id"] = json!(id);
+                blocked.push(entry);
             }
         }
         if blocked.is_empty() {
@@ -130,16 +191,45 @@ impl Enforcer {
         self.blocked.fetch_add(1, Ordering::Relaxed);
         Some(blocked_response(ctx.conn_id, blocked))
     }
+
+    /// Replaces the job's static key with the credential the gateway holds.
+    fn swap(
+        &self,
+        parts: &mut http::request::Parts,
+        credential: &crate::credentials::Credential,
+        host: &str,
+        targets: &[SwapTarget],
+    ) -> Result<(), String> {
+        let identity = &self.caller.identity;
+        let mint = MintRequest {
+            subject: identity.uri.clone(),
+            audience: host.to_owned(),
+            labels: identity.labels.clone(),
+            job: self.caller.job.clone(),
+        };
+        let rendered = prepare(credential, self.policy.minter.as_deref(), &mint).map_err(|e| e.to_string())?;
+        let outcome = apply_swap(parts, targets, &rendered).map_err(|e| e.to_string())?;
+        tracing::info!(
+            target: FINDING_TARGET,
+            identity = identity.uri,
+            host,
+            credential_entry = credential.entry,
+            removed = outcome.removed,
+            "swapped a static credential for the gateway-held one"
+        );
+        Ok(())
+    }
 }
 
-fn snapshot(p: &ProcessInfo) -> ProcessSnapshot {
+fn snapshot(caller: &Caller) -> ProcessSnapshot {
+    let p = &caller.process;
     ProcessSnapshot {
         pid: p.pid,
         uid: p.uid,
         exe: p.exe.as_ref().map(|e| e.display().to_string()),
         comm: p.comm.clone(),
         cgroup: p.cgroup.clone(),
-        job: Default::default(),
+        job: caller.job.clone(),
     }
 }
 
@@ -193,7 +283,7 @@ impl Inspector for Enforcer {
         // credential in an authentication header is a static one.
         hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
         if !hits.is_empty() {
-            if let Some(response) = self.judge(ctx, &host, hits).await {
+            if let Some(response) = self.judge(ctx, &host, hits, Some(&mut *parts)).await {
                 return HeadVerdict::Respond(response);
             }
         }
@@ -217,7 +307,7 @@ impl BodyEnforcer {
         if hits.is_empty() {
             return BodyVerdict::Continue;
         }
-        match self.enforcer.judge(&self.ctx, &self.host, hits).await {
+        match self.enforcer.judge(&self.ctx, &self.host, hits, None).await {
             Some(response) => BodyVerdict::Respond(response),
             None => BodyVerdict::Continue,
         }

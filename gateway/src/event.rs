@@ -50,6 +50,8 @@ pub struct ConnectionEvent<'a> {
     pub orig_dst: Option<SocketAddr>,
     /// Who the client is.
     pub process: Option<&'a ProcessInfo>,
+    /// The identity the process is pinned to.
+    pub identity: Option<&'a str>,
     /// How the proxy handled it: `tcp`, `tls-passthrough`, `https`, `http`, `tls`.
     pub protocol: Option<&'static str>,
     /// TLS server name the client asked for.
@@ -84,6 +86,7 @@ impl ConnectionEvent<'_> {
             uid = p.map(|p| p.uid),
             gid = p.map(|p| p.gid),
             comm = p.map(|p| p.comm.as_str()),
+            identity = self.identity,
             protocol = self.protocol,
             sni = self.sni.as_deref(),
             requests = self.requests,

@@ -6,6 +6,7 @@
 //! ([`http`]), looks for static keys ([`detect`]), enforces and records
 //! findings ([`findings`]), and forwards to the original destination.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod credentials;
@@ -14,6 +15,7 @@ pub mod enforce;
 pub mod event;
 pub mod findings;
 pub mod http;
+pub mod identity;
 pub mod intercept;
 pub mod process;
 pub mod proxy;

@@ -107,6 +107,8 @@ pub struct TestGateway {
     pub bpffs_dir: PathBuf,
     /// The proxy port.
     pub proxy_port: u16,
+    /// The admin API port.
+    pub api_port: u16,
     /// Temp dir holding config and state.
     pub dir: tempfile::TempDir,
     /// JSON log lines collected from the gateway's stderr.
@@ -125,6 +127,7 @@ impl TestGateway {
         let cgroup_rel = format!("gateway-tests/{tag}");
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/gateway-tests/{tag}"));
         let proxy_port = unique_port();
+        let api_port = unique_port();
         let mut yaml = format!(
             "state_dir: {state}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: {bpffs}\n  destinations:\n",
             state = dir.path().join("state").display(),
@@ -133,7 +136,9 @@ impl TestGateway {
         for d in &opts.destinations {
             yaml.push_str(&format!("    - {d}\n"));
         }
-        yaml.push_str(&format!("proxy:\n  port: {proxy_port}\nlog:\n  format: json\n  level: info\n"));
+        yaml.push_str(&format!(
+            "proxy:\n  port: {proxy_port}\napi:\n  listen: 127.0.0.1:{api_port}\nlog:\n  format: json\n  level: info\n"
+        ));
         yaml.push_str(&opts.extra_yaml);
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, &yaml).expect("write config");
@@ -145,6 +150,7 @@ impl TestGateway {
             cgroup_parent,
             bpffs_dir,
             proxy_port,
+            api_port,
             dir,
             lines: Arc::new(Mutex::new(Vec::new())),
         };

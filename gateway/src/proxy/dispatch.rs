@@ -151,14 +151,14 @@ impl Proxy {
             tls: self.services.upstream_tls.clone(),
         };
         let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
-        self.serve_http(stream, Some(client_h2), ctx, conn.process, connector, handled).await
+        self.serve_http(stream, Some(client_h2), ctx, conn.caller, connector, handled).await
     }
 
     async fn serve_plain_http(&self, conn: Intercepted) -> Handled {
         let connector = PlainConnector { dst: conn.orig_dst, mark: self.config.upstream_mark, timeout: self.config.connect_timeout };
         // The Host header names the server; the engine falls back to it.
         let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
-        self.serve_http(conn.client, None, ctx, conn.process, connector, Handled::new("http")).await
+        self.serve_http(conn.client, None, ctx, conn.caller, connector, Handled::new("http")).await
     }
 
     async fn serve_http<IO, U>(
@@ -166,7 +166,7 @@ impl Proxy {
         io: IO,
         client_h2: Option<bool>,
         ctx: HttpContext,
-        process: std::sync::Arc<crate::process::ProcessInfo>,
+        caller: std::sync::Arc<crate::enforce::Caller>,
         connector: U,
         mut handled: Handled,
     ) -> Handled
@@ -174,7 +174,7 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: http::UpstreamConnector,
     {
-        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.policy.clone(), process));
+        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.policy.clone(), caller));
         let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
         if enforcer.blocked() > 0 {
             handled.outcome = Outcome::Blocked;

@@ -18,9 +18,10 @@ use tracing::Instrument as _;
 
 use crate::{
     config::ProxyConfig,
-    enforce::Policy,
+    enforce::{Caller, Policy},
     event::{ConnectionEvent, Outcome},
     intercept::{words_addr, Interceptor},
+    identity::{Attestation, Attestor, IdentityResolver},
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
 };
@@ -44,8 +45,8 @@ pub struct Intercepted {
     pub peer: SocketAddr,
     /// Where the client meant to go.
     pub orig_dst: SocketAddr,
-    /// Who the client is.
-    pub process: Arc<ProcessInfo>,
+    /// Who the client is and the identity it is pinned to.
+    pub caller: Arc<Caller>,
 }
 
 /// What the protocol handlers share: TLS interception, upstream TLS, and
@@ -59,6 +60,10 @@ pub struct Services {
     pub upstream_tls: Arc<UpstreamTls>,
     /// Detection, findings and actions.
     pub policy: Arc<Policy>,
+    /// Attestation of connecting processes.
+    pub attestor: Arc<Attestor>,
+    /// Operator mappings from attested processes to identities.
+    pub identities: Arc<IdentityResolver>,
     /// HTTP engine limits.
     pub http_limits: crate::http::Limits,
 }
@@ -122,6 +127,7 @@ impl Proxy {
                 peer,
                 orig_dst: None,
                 process: None,
+                identity: None,
                 protocol: None,
                 sni: None,
                 requests: None,
@@ -141,11 +147,12 @@ impl Proxy {
                 return;
             };
             let orig_dst = SocketAddr::new(words_addr(record.orig_addr), record.orig_port);
-            let process = Arc::new(ProcessInfo::from_record(&record));
+            let caller = Arc::new(self.identify(record).await);
             event.orig_dst = Some(orig_dst);
-            let conn = Intercepted { id, client, peer, orig_dst, process: process.clone() };
+            let conn = Intercepted { id, client, peer, orig_dst, caller: caller.clone() };
             let handled = self.dispatch(conn).await;
-            event.process = Some(&process);
+            event.process = Some(&caller.process);
+            event.identity = Some(&caller.identity.uri);
             event.protocol = Some(handled.protocol);
             event.sni = handled.sni;
             event.requests = handled.requests;
@@ -158,6 +165,26 @@ impl Proxy {
         }
         .instrument(span)
         .await
+    }
+
+    /// Attributes and attests the connecting process and resolves its
+    /// identity. Attestation reads /proc and may hash an executable, so it
+    /// runs on the blocking pool.
+    async fn identify(&self, record: gateway_common::ConnRecord) -> Caller {
+        let process = Arc::new(ProcessInfo::from_record(&record));
+        let attestor = self.services.attestor.clone();
+        let attestation = tokio::task::spawn_blocking(move || attestor.attest(&record))
+            .await
+            .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
+        let identity = self.services.identities.resolve(&attestation);
+        let job = match attestation {
+            Attestation::Attested(a) => a.env,
+            Attestation::Unattested { reason } => {
+                tracing::warn!(pid = record.tgid, reason, "connection is unattested");
+                Default::default()
+            }
+        };
+        Caller { process, identity, job }
     }
 
     /// The record is written before the handshake completes, so it is
