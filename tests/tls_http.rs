@@ -599,3 +599,102 @@ fn minted_jwts_replace_static_keys_and_verify_against_the_served_jwks() {
     assert!(jsonwebtoken::decode::<Value>(&token, &key, &wrong).is_err());
     assert_eq!(scene.received_with(&keys.cursor), 0);
 }
+
+/// A local OIDC issuer: an ES256 key, its JWKS in a file, and a minting function.
+struct Issuer {
+    key: jsonwebtoken::EncodingKey,
+    kid: String,
+}
+
+impl Issuer {
+    fn new(dir: &std::path::Path, kid: &str) -> (Issuer, PathBuf) {
+        use base64::Engine as _;
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("issuer key");
+        let raw = pair.public_key_raw();
+        // Uncompressed point: 0x04 || x || y.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+            "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65]),
+        }]});
+        let path = dir.join(format!("jwks-{kid}.json"));
+        std::fs::write(&path, jwks.to_string()).expect("write jwks");
+        let key = jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der());
+        (Issuer { key, kid: kid.to_owned() }, path)
+    }
+
+    fn token(&self, audience: &str, exp_offset: i64) -> String {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").as_secs() as i64;
+        let claims = serde_json::json!({
+            "iss": "https://ci.test", "sub": "repo:acme/api:ref:refs/heads/main", "aud": audience,
+            "iat": now - 10, "exp": now + exp_offset, "repository": "acme/api", "run_id": "777",
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).expect("sign")
+    }
+}
+
+#[test]
+fn oidc_tokens_presented_by_jobs_are_verified_or_refused() {
+    let keys_dir = tempfile::tempdir().expect("tempdir");
+    let (issuer, jwks) = Issuer::new(keys_dir.path(), "ci-key-1");
+    let (impostor, _) = Issuer::new(keys_dir.path(), "ci-key-1-impostor");
+    let jwks_path = jwks.display().to_string();
+    let scene = Scene::start_with("oidc", move |_| {
+        format!(
+            "findings:\n  actions:\n    - {{host: '{HOST}', action: flag}}\ncredentials:\n  oidc:\n    - issuer: https://ci.test\n      audiences: [ci-gateway]\n      jwks_file: {jwks_path}\n      claims: {{repository: repository, run_id: run_id}}\n"
+        )
+    });
+    let header = |token: &str| format!("X-CI-OIDC-Token: {token}");
+
+    // Valid: forwarded, and the token itself never reaches upstream.
+    let valid = issuer.token("ci-gateway", 600);
+    let (status, body) = scene.curl("--http1.1", &["-H", &header(&valid), &scene.url("/with-token")]);
+    assert_eq!(status, 200, "{body}");
+    let received = scene.upstream.requests();
+    assert_eq!(received.len(), 1);
+    assert!(!received[0].headers.iter().any(|(k, _)| k == "x-ci-oidc-token"), "the ID token is consumed by the gateway");
+
+    // Tampered payload, expired, wrong audience, foreign signature: 401 each, nothing forwarded.
+    let mut parts: Vec<&str> = valid.split('.').collect();
+    use base64::Engine as _;
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
+        serde_json::json!({"iss": "https://ci.test", "sub": "attacker", "aud": "ci-gateway", "exp": 4_000_000_000u64, "iat": 1}).to_string(),
+    );
+    parts[1] = &forged;
+    let tampered = parts.join(".");
+    let mut foreign_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    foreign_header.kid = Some("ci-key-1".into());
+    let foreign_claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(valid.split('.').nth(1).expect("payload")).expect("b64"),
+    )
+    .expect("claims");
+    let foreign = jsonwebtoken::encode(&foreign_header, &foreign_claims, &impostor.key).expect("sign");
+    for (token, code) in [
+        (tampered, "bad_signature"),
+        (issuer.token("ci-gateway", -3600), "expired"),
+        (issuer.token("someone-else", 600), "wrong_audience"),
+        (foreign, "bad_signature"),
+    ] {
+        let (status, body) = scene.curl("--http2", &["-H", &header(&token), &scene.url("/with-bad-token")]);
+        assert_eq!(status, 401, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("401 body is JSON");
+        assert_eq!(v["error"], "invalid_oidc_token");
+        assert_eq!(v["code"], code, "{v}");
+    }
+    assert_eq!(scene.upstream.requests().len(), 1, "no request with a bad token reached upstream");
+    assert!(scene.gw.log().contains("ID token rejected"), "each rejection is an event");
+
+    // Verified claims are bound to what the gateway records.
+    let keys = Keys::new();
+    let (status, _) = scene.curl(
+        "--http1.1",
+        &["-H", &header(&issuer.token("ci-gateway", 600)), "-H", &format!("x-api-key: {}", keys.openai), &scene.url("/flagged")],
+    );
+    assert_eq!(status, 200, "flag forwards");
+    let findings = scene.findings();
+    let f = findings.iter().find(|f| f["rule_id"] == "openai-project-key").expect("finding");
+    assert_eq!(f["process"]["job"]["oidc.repository"], "acme/api", "{f}");
+    assert_eq!(f["process"]["job"]["oidc.run_id"], "777", "{f}");
+}

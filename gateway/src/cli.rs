@@ -381,6 +381,16 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         &config.credentials.jwt.key_dir(&config.state_dir),
         Arc::new(crate::credentials::SystemClock),
     )?;
+    let oidc = if config.credentials.oidc.is_empty() {
+        None
+    } else {
+        let validator = crate::credentials::OidcValidator::new(
+            config.credentials.oidc.clone(),
+            Arc::new(crate::credentials::SystemClock),
+            Some(crate::tls::UpstreamTls::new(&config.tls)?),
+        )?;
+        Some(Arc::new(validator))
+    };
     let policy = crate::enforce::Policy {
         detector,
         fingerprint_key,
@@ -389,6 +399,9 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
         credentials,
         minter: Some(Arc::new(minter)),
+        oidc,
+        oidc_header: http::HeaderName::from_bytes(config.credentials.oidc_header.as_bytes())
+            .context("credentials.oidc_header")?,
     };
     Ok(proxy::Services {
         tls: config.tls.clone(),

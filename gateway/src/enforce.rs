@@ -5,7 +5,7 @@
 //! forwarded and flagged.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use crate::{
-    credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, SwapTarget},
+    credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, OidcValidator, SwapTarget},
     detect::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
         Detector, FingerprintKey,
@@ -29,6 +29,8 @@ use crate::{
 
 /// tracing target of finding events.
 pub const FINDING_TARGET: &str = "gateway::finding";
+/// tracing target of ID token validation events.
+pub const OIDC_TARGET: &str = "gateway::oidc";
 
 /// What every connection's enforcement shares.
 pub struct Policy {
@@ -46,6 +48,10 @@ pub struct Policy {
     pub credentials: Arc<CredentialStore>,
     /// Short-lived tokens for `{jwt}` injections.
     pub minter: Option<Arc<Minter>>,
+    /// Validates ID tokens jobs present in `oidc_header` (none configured: `None`).
+    pub oidc: Option<Arc<OidcValidator>>,
+    /// The header jobs present ID tokens in.
+    pub oidc_header: http::HeaderName,
 }
 
 /// Who is calling: the attributed process and the identity it is pinned to.
@@ -88,6 +94,7 @@ impl Enforcer {
         host: &str,
         hits: Vec<Hit>,
         head: Option<&mut http::request::Parts>,
+        verified: &BTreeMap<String, String>,
     ) -> Option<http::Response<Bytes>> {
         let identity = &self.caller.identity;
         let credential = match head {
@@ -121,7 +128,7 @@ impl Enforcer {
         let blocking = decided.iter().any(|(.., a)| *a == Action::Block);
         if !blocking && !swap_targets.is_empty() {
             let swapped = match (head, credential.as_ref()) {
-                (Some(parts), Some(credential)) => self.swap(parts, credential, host, &swap_targets),
+                (Some(parts), Some(credential)) => self.swap(parts, credential, host, &swap_targets, verified),
                 _ => Err("no request head or credential to swap".to_owned()),
             };
             if let Err(reason) = swapped {
@@ -147,7 +154,7 @@ impl Enforcer {
                 location: location.clone(),
                 dest_host: host.to_owned(),
                 dest_port: ctx.orig_dst.port(),
-                process: snapshot(&self.caller),
+                process: snapshot(&self.caller, verified),
                 identity: Some(identity.uri.clone()),
                 action,
                 seen_at: time::OffsetDateTime::now_utc(),
@@ -192,6 +199,54 @@ impl Enforcer {
         Some(blocked_response(ctx.conn_id, blocked))
     }
 
+    /// Validates an ID token the job presents in the configured header. The
+    /// header never goes upstream; a token that does not validate gets a 401
+    /// and an event. Returns the verified claims to bind to the request.
+    async fn verify_presented_token(
+        &self,
+        ctx: &HttpContext,
+        parts: &mut http::request::Parts,
+    ) -> Result<BTreeMap<String, String>, http::Response<Bytes>> {
+        let Some(value) = parts.headers.remove(&self.policy.oidc_header) else {
+            return Ok(BTreeMap::new());
+        };
+        let Some(validator) = &self.policy.oidc else {
+            tracing::warn!(target: OIDC_TARGET, conn_id = ctx.conn_id, "an ID token was presented but no OIDC issuer is configured; token dropped");
+            return Ok(BTreeMap::new());
+        };
+        let token = value.to_str().unwrap_or_default().trim();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        match validator.validate(token).await {
+            Ok(claims) => {
+                tracing::info!(
+                    target: OIDC_TARGET,
+                    conn_id = ctx.conn_id,
+                    issuer = claims.issuer,
+                    subject = claims.subject,
+                    identity = self.caller.identity.uri,
+                    "ID token verified"
+                );
+                let mut verified = claims.attributes;
+                verified.insert("sub".into(), claims.subject);
+                verified.insert("iss".into(), claims.issuer);
+                Ok(verified)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: OIDC_TARGET,
+                    conn_id = ctx.conn_id,
+                    code = e.code(),
+                    reason = %e,
+                    identity = self.caller.identity.uri,
+                    pid = self.caller.process.pid,
+                    "ID token rejected"
+                );
+                self.blocked.fetch_add(1, Ordering::Relaxed);
+                Err(invalid_token_response(ctx.conn_id, &e))
+            }
+        }
+    }
+
     /// Replaces the job's static key with the credential the gateway holds.
     fn swap(
         &self,
@@ -199,13 +254,17 @@ impl Enforcer {
         credential: &crate::credentials::Credential,
         host: &str,
         targets: &[SwapTarget],
+        verified: &BTreeMap<String, String>,
     ) -> Result<(), String> {
         let identity = &self.caller.identity;
+        let mut job = self.caller.job.clone();
+        // Verified OIDC claims win over the job's own environment.
+        job.extend(verified.iter().map(|(k, v)| (k.clone(), v.clone())));
         let mint = MintRequest {
             subject: identity.uri.clone(),
             audience: host.to_owned(),
             labels: identity.labels.clone(),
-            job: self.caller.job.clone(),
+            job,
         };
         let rendered = prepare(credential, self.policy.minter.as_deref(), &mint).map_err(|e| e.to_string())?;
         let outcome = apply_swap(parts, targets, &rendered).map_err(|e| e.to_string())?;
@@ -221,16 +280,34 @@ impl Enforcer {
     }
 }
 
-fn snapshot(caller: &Caller) -> ProcessSnapshot {
+fn snapshot(caller: &Caller, verified: &BTreeMap<String, String>) -> ProcessSnapshot {
     let p = &caller.process;
+    let mut job = caller.job.clone();
+    job.extend(verified.iter().map(|(k, v)| (format!("oidc.{k}"), v.clone())));
     ProcessSnapshot {
         pid: p.pid,
         uid: p.uid,
         exe: p.exe.as_ref().map(|e| e.display().to_string()),
         comm: p.comm.clone(),
         cgroup: p.cgroup.clone(),
-        job: caller.job.clone(),
+        job,
     }
+}
+
+/// 401 for an ID token that did not validate.
+fn invalid_token_response(conn_id: u64, error: &crate::credentials::OidcError) -> http::Response<Bytes> {
+    let body = json!({
+        "error": "invalid_oidc_token",
+        "code": error.code(),
+        "message": format!("The CI gateway rejected the identity token this request presented: {error}."),
+        "conn_id": conn_id,
+    });
+    let mut response = http::Response::new(Bytes::from(body.to_string()));
+    *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }
 
 fn blocked_response(conn_id: u64, findings: Vec<serde_json::Value>) -> http::Response<Bytes> {
@@ -277,19 +354,23 @@ impl Inspector for Enforcer {
 
     async fn inspect_head(&self, ctx: &HttpContext, parts: &mut http::request::Parts) -> HeadVerdict<BodyEnforcer> {
         let host = request_host(ctx, parts);
+        let verified = match self.verify_presented_token(ctx, parts).await {
+            Ok(v) => v,
+            Err(response) => return HeadVerdict::Respond(response),
+        };
         let detector = &self.policy.detector;
         let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
         // The gateway issues no credentials of its own yet, so every
         // credential in an authentication header is a static one.
         hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
         if !hits.is_empty() {
-            if let Some(response) = self.judge(ctx, &host, hits, Some(&mut *parts)).await {
+            if let Some(response) = self.judge(ctx, &host, hits, Some(&mut *parts), &verified).await {
                 return HeadVerdict::Respond(response);
             }
         }
         let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.policy.body_limits);
         HeadVerdict::Forward {
-            body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner }),
+            body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner, verified }),
         }
     }
 }
@@ -300,6 +381,7 @@ pub struct BodyEnforcer {
     ctx: HttpContext,
     host: String,
     scanner: BodyScanner,
+    verified: BTreeMap<String, String>,
 }
 
 impl BodyEnforcer {
@@ -307,7 +389,7 @@ impl BodyEnforcer {
         if hits.is_empty() {
             return BodyVerdict::Continue;
         }
-        match self.enforcer.judge(&self.ctx, &self.host, hits, None).await {
+        match self.enforcer.judge(&self.ctx, &self.host, hits, None, &self.verified).await {
             Some(response) => BodyVerdict::Respond(response),
             None => BodyVerdict::Continue,
         }

@@ -9,8 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use super::glob;
 
+/// Header in which jobs present an OIDC ID token to the gateway by default.
+pub const DEFAULT_OIDC_HEADER: &str = "x-ci-oidc-token";
+
 /// The `credentials` section.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CredentialsConfig {
     /// Upstream credentials, first match (identity and host) wins.
@@ -19,6 +22,20 @@ pub struct CredentialsConfig {
     pub jwt: JwtConfig,
     /// Issuers whose ID tokens jobs may present.
     pub oidc: Vec<OidcProvider>,
+    /// Request header in which a job presents its ID token. The gateway
+    /// validates it, removes it, and binds the verified claims to the request.
+    pub oidc_header: String,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        CredentialsConfig {
+            credentials: Vec::new(),
+            jwt: JwtConfig::default(),
+            oidc: Vec::new(),
+            oidc_header: DEFAULT_OIDC_HEADER.to_owned(),
+        }
+    }
 }
 
 /// One upstream credential and where it applies.
@@ -249,6 +266,9 @@ impl CredentialsConfig {
     /// with the field's dotted path below the configuration root (this section
     /// is `credentials`).
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if http::HeaderName::from_bytes(self.oidc_header.as_bytes()).is_err() {
+            return Err(("credentials.oidc_header".into(), format!("`{}` is not a header name", self.oidc_header)));
+        }
         let mut needs_jwt = false;
         for (i, entry) in self.credentials.iter().enumerate() {
             let at = |f: &str| format!("credentials.credentials[{i}].{f}");
