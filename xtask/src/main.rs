@@ -173,12 +173,14 @@ fn bpf_linker() -> Result<()> {
         .to_owned();
     let stamp = cache_dir().join("bpf-linker.stamp");
     let want = format!("llvm-{llvm_major}\n{rustc}");
-    let have_binary = output(Command::new("bpf-linker").arg("--version")).is_ok();
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    // bpf-linker loads nightly's libLLVM at run time; rustc finds it through
+    // the toolchain's library path, so check it the same way.
+    let have_binary = output(Command::new("bpf-linker").arg("--version").env("LD_LIBRARY_PATH", &libdir)).is_ok();
     if have_binary && std::fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         return Ok(());
     }
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
-    let libdir = Path::new(sysroot.trim()).join("lib");
     let libllvm = std::fs::read_dir(&libdir)
         .with_context(|| format!("listing {}", libdir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
