@@ -17,7 +17,7 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn event_for<'a>(events: &'a [serde_json::Value], pid: u32) -> Vec<&'a serde_json::Value> {
+fn event_for(events: &[serde_json::Value], pid: u32) -> Vec<&serde_json::Value> {
     events.iter().filter(|e| e["pid"].as_u64() == Some(u64::from(pid))).collect()
 }
 

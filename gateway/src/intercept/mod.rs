@@ -141,6 +141,9 @@ pub fn words_addr(words: [u32; 4]) -> IpAddr {
     }
 }
 
+/// The IPv4 and IPv6 intercept-set tries, updated together.
+type Tries = (LpmTrie<MapData, [u8; 4], PortSet>, LpmTrie<MapData, [u8; 16], PortSet>);
+
 /// The live interception: loaded programs, pinned links, and the maps the
 /// gateway writes (intercept set, mode) and reads (connection records).
 pub struct Interceptor {
@@ -148,7 +151,7 @@ pub struct Interceptor {
     pin_dir: PathBuf,
     links: Vec<PinnedLink>,
     config: Mutex<Array<MapData, RedirectConfig>>,
-    tries: Mutex<(LpmTrie<MapData, [u8; 4], PortSet>, LpmTrie<MapData, [u8; 16], PortSet>)>,
+    tries: Mutex<Tries>,
     original: Mutex<BpfHashMap<MapData, SockKey, ConnRecord>>,
     redirect: RedirectConfig,
 }
