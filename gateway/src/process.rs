@@ -36,15 +36,25 @@ impl ProcessInfo {
     /// Builds the attribution of a record, reading what /proc still shows.
     pub fn from_record(record: &ConnRecord) -> ProcessInfo {
         let pid = record.tgid;
+        Self::with(record, std::fs::read_link(format!("/proc/{pid}/exe")).ok(), crate::intercept::cgroup::cgroup_of(pid))
+    }
+
+    /// Builds the attribution from what attestation already read from /proc
+    /// (so the per-connection path reads it once).
+    pub fn from_attested(record: &ConnRecord, attested: &crate::identity::Attested) -> ProcessInfo {
+        Self::with(record, Some(PathBuf::from(&attested.exe.path)), attested.cgroup.clone())
+    }
+
+    fn with(record: &ConnRecord, exe: Option<PathBuf>, cgroup: Option<String>) -> ProcessInfo {
         let comm_len = record.comm.iter().position(|&b| b == 0).unwrap_or(record.comm.len());
         ProcessInfo {
-            pid,
+            pid: record.tgid,
             tid: record.pid,
             uid: record.uid,
             gid: record.gid,
             comm: String::from_utf8_lossy(&record.comm[..comm_len]).into_owned(),
-            exe: std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
-            cgroup: crate::intercept::cgroup::cgroup_of(pid),
+            exe,
+            cgroup,
             cgroup_id: record.cgroup_id,
             netns_cookie: record.netns_cookie,
             connect_ns: record.ts_ns,

@@ -171,20 +171,23 @@ impl Proxy {
     /// identity. Attestation reads /proc and may hash an executable, so it
     /// runs on the blocking pool.
     async fn identify(&self, record: gateway_common::ConnRecord) -> Caller {
-        let process = Arc::new(ProcessInfo::from_record(&record));
         let attestor = self.services.attestor.clone();
         let attestation = tokio::task::spawn_blocking(move || attestor.attest(&record))
             .await
             .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
         let identity = self.services.identities.resolve(&attestation);
-        let job = match attestation {
-            Attestation::Attested(a) => a.env,
+        match attestation {
+            Attestation::Attested(a) => {
+                let process = Arc::new(ProcessInfo::from_attested(&record, &a));
+                Caller { process, identity, job: a.env }
+            }
             Attestation::Unattested { reason } => {
                 tracing::warn!(pid = record.tgid, reason, "connection is unattested");
-                Default::default()
+                // Whatever /proc still shows, for the event; never used for identity.
+                let process = Arc::new(ProcessInfo::from_record(&record));
+                Caller { process, identity, job: Default::default() }
             }
-        };
-        Caller { process, identity, job }
+        }
     }
 
     /// The record is written before the handshake completes, so it is
