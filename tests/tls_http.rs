@@ -57,7 +57,7 @@ struct Scene {
     port: u16,
     gateway_ca: PathBuf,
     upstream_ca: PathBuf,
-    _pki_dir: tempfile::TempDir,
+    pki_dir: tempfile::TempDir,
 }
 
 impl Scene {
@@ -83,7 +83,7 @@ impl Scene {
         let gateway_ca = gw.dir.path().join("gateway-ca.pem");
         let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
         assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
-        Scene { gw, upstream, port, gateway_ca, upstream_ca: pki.ca_path.clone(), _pki_dir: pki_dir }
+        Scene { gw, upstream, port, gateway_ca, upstream_ca: pki.ca_path.clone(), pki_dir: pki_dir }
     }
 
     fn url(&self, path: &str) -> String {
@@ -558,6 +558,30 @@ fn identities_from_mappings_reach_events_and_findings() {
     assert!(identities.contains(&"spiffe://ci-gateway.local/unmapped"), "{identities:?}");
     assert!(identities.contains(&"spiffe://ci.example/user/nobody"), "{identities:?}");
     assert!(identities.contains(&"spiffe://ci.example/repo/acme%2Fapi"), "{identities:?}");
+
+    // A broken mapping file on reload is reported and the old mappings stay.
+    let mappings = scene.pki_dir.path().join("mappings.yaml");
+    std::fs::write(&mappings, "rules:\n  - name: broken\n    match:\n      exe: '[unclosed'\n    identity: 'spiffe://x/y'\n").expect("write");
+    let pid = nix::unistd::Pid::from_raw(scene.gw.child.as_ref().expect("gateway").id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scene.gw.log().contains("identity mappings rejected") {
+        assert!(Instant::now() < deadline, "the rejected reload is reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(scene.gw.log().contains("mappings.yaml:4:"), "the error names file and line");
+    let mut cmd = scene.gw.command_in_cgroup("curl");
+    gateway_tests::run_as(&mut cmd, 65534, 65534);
+    let out = cmd
+        .args(["-sS", "--resolve", &scene.resolve(HOST), "--cacert"])
+        .arg(&scene.gateway_ca)
+        .arg(scene.url("/after-reload"))
+        .output()
+        .expect("curl");
+    assert!(out.status.success());
+    let events = scene.gw.wait_events(4, Duration::from_secs(5));
+    let last = events.last().expect("event");
+    assert_eq!(last["identity"], "spiffe://ci.example/user/nobody", "the old mappings are still in force: {last}");
 }
 
 #[test]
