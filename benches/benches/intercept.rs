@@ -33,7 +33,9 @@ fn main() -> Result<()> {
 }
 
 /// Client mode: `connect N ADDR` prints per-connect nanoseconds; `bulk ADDR`
-/// prints bytes received and seconds.
+/// prints bytes received and seconds. The bulk server speaks first, so the
+/// gateway is configured with a 5 ms `client_first_timeout`: the figure is the
+/// relay's throughput, not the protocol sniffing delay.
 fn client(args: &[String]) -> Result<()> {
     match args {
         [mode, n, addr] if mode == "connect" => {
@@ -155,7 +157,7 @@ fn orchestrate() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\nproxy:\n  port: {proxy_port}\napi:\n  listen: null\nlog:\n  level: warn\n",
+            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\nproxy:\n  port: {proxy_port}\n  client_first_timeout: 5ms\napi:\n  listen: null\nlog:\n  level: warn\n",
             dir.path().join("state").display(),
             std::process::id()
         ),
@@ -165,7 +167,7 @@ fn orchestrate() -> Result<()> {
         .arg(&config)
         .arg("run")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("gateway.log"))?)
         .spawn()?;
     // Ready when the proxy accepts.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -234,7 +236,10 @@ fn orchestrate() -> Result<()> {
     let mut proxied_bw: Vec<f64> = Vec::new();
     for _ in 0..ROUNDS {
         for (in_cgroup, acc) in [(false, &mut direct_bw), (true, &mut proxied_bw)] {
-            let out = run_client(in_cgroup, &["bulk".into(), bulk_target.to_string()])?;
+            let out = run_client(in_cgroup, &["bulk".into(), bulk_target.to_string()]).map_err(|e| {
+                let log = std::fs::read_to_string(setup._dir.path().join("gateway.log")).unwrap_or_default();
+                e.context(format!("bulk client (through the gateway: {in_cgroup}); gateway log:\n{log}"))
+            })?;
             let mut it = out.split_whitespace();
             let bytes: f64 = it.next().context("bytes")?.parse()?;
             let secs: f64 = it.next().context("secs")?.parse()?;

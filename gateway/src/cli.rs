@@ -138,7 +138,12 @@ fn config_check(path: &Path) -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A closed stderr (a restarted journald, a dead pipe) must not take the
+    // gateway down: its own error reporting would panic on the same stream.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     // Logging may already be set up (tests call into the library); that is fine.
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),

@@ -190,6 +190,11 @@ pub struct ProxyConfig {
     /// How long an accepted connection may wait for its eBPF record.
     #[serde(with = "humantime_serde")]
     pub attribution_timeout: Duration,
+    /// How long the proxy waits for a client's first bytes (which pick TLS,
+    /// HTTP or passthrough) before taking the connection for a
+    /// server-speaks-first protocol (SSH, SMTP, MySQL) and passing it through.
+    #[serde(with = "humantime_serde")]
+    pub client_first_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -201,6 +206,7 @@ impl Default for ProxyConfig {
             upstream_mark: 0x4757_4159,
             connect_timeout: Duration::from_secs(10),
             attribution_timeout: Duration::from_millis(500),
+            client_first_timeout: Duration::from_millis(500),
         }
     }
 }

@@ -15,10 +15,6 @@ use crate::{
     tls::{self, Peeked, TlsAction},
 };
 
-/// How long a client may stay silent before the connection is taken for a
-/// server-speaks-first protocol (SSH, SMTP, MySQL) and passed through.
-const SNIFF_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Upper bound on the client's TLS handshake with the gateway.
 const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -31,7 +27,7 @@ enum Sniffed {
     Http,
     /// Something else.
     Other,
-    /// Nothing within [`SNIFF_TIMEOUT`].
+    /// Nothing within `proxy.client_first_timeout`.
     Silent,
     /// The client closed without sending anything.
     Closed,
@@ -48,13 +44,15 @@ fn classify(first: &[u8]) -> Sniffed {
     }
 }
 
-async fn sniff(client: &TcpStream) -> std::io::Result<Sniffed> {
-    if tokio::time::timeout(SNIFF_TIMEOUT, client.readable()).await.is_err() {
-        return Ok(Sniffed::Silent);
-    }
+async fn sniff(client: &TcpStream, wait: Duration) -> std::io::Result<Sniffed> {
+    // Bound the peek itself: readiness alone can be reported before any
+    // byte is there, and a server-speaks-first client sends nothing.
     let mut buf = [0u8; 8];
-    let n = client.peek(&mut buf).await?;
-    Ok(classify(&buf[..n]))
+    match tokio::time::timeout(wait, client.peek(&mut buf)).await {
+        Err(_) => Ok(Sniffed::Silent),
+        Ok(Ok(n)) => Ok(classify(&buf[..n])),
+        Ok(Err(e)) => Err(e),
+    }
 }
 
 /// The result of handling one connection, for its event.
@@ -82,7 +80,7 @@ impl Handled {
 
 impl Proxy {
     pub(super) async fn dispatch(&self, conn: Intercepted) -> Handled {
-        let sniffed = match sniff(&conn.client).await {
+        let sniffed = match sniff(&conn.client, self.config.client_first_timeout).await {
             Ok(s) => s,
             Err(e) => return Handled::new("tcp").failed(Outcome::Error, format!("reading from the client: {e}")),
         };

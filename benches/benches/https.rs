@@ -1,0 +1,1102 @@
+//! HTTPS through the gateway, against the same requests sent directly and
+//! through an nginx TLS reverse proxy that does the same work, all in one run
+//! on the same machine.
+//!
+//! Topology (loopback only, nothing leaves the host):
+//!
+//! * **origin**: nginx on `127.0.0.8:P`, TLS with a leaf from a test CA
+//!   generated here, HTTP/1.1 keep-alive, answering `GET /` with `ok\n` and
+//!   serving a 100 MiB static file at `/big.bin`. One worker: it is the same
+//!   server for every path, not the thing being compared.
+//! * **nginx proxies** on `127.0.0.9`: terminate TLS with their own leaf and
+//!   re-encrypt to the origin, verifying it against the test CA
+//!   (`proxy_ssl_verify on`), with a pool of kept-alive upstream connections.
+//!   Two instances: `worker_processes 1` (one core) and `worker_processes
+//!   auto` (one per core, the same CPU budget as the gateway's multi-threaded
+//!   runtime). Both are reported; the target is judged against each.
+//! * **gateway**: the release binary, intercepting `127.0.0.8:P` for its own
+//!   cgroup, terminating TLS with its CA (wrk sends the IP as SNI, curl sends
+//!   none: both are intercepted), scanning every request with the built-in
+//!   rules, and re-encrypting to the origin, verified against the test CA.
+//!
+//! The gateway path uses the *same URL* as the direct path, dialled by a
+//! client placed in the gateway's cgroup, so the redirect is transparent.
+//! After every gateway measurement the harness checks the eBPF `redirected`
+//! counter and the gateway's connection events (one TLS-terminated `https`
+//! connection per client connection; response bytes for downloads) and fails
+//! if the traffic did not go through the gateway: a benchmark that silently
+//! measured the direct path would be worthless.
+//!
+//! Measurements: wrk keep-alive requests/s and p50/p99 latency at 1 and 16
+//! connections (rounds interleaved across paths, median per metric), the CPU
+//! time the proxy and the origin spent per request, and curl downloads of
+//! the 100 MiB file (best of 3, fresh connection each).
+//!
+//! Needs root, nginx (`nginx-light`) and wrk; `cargo xtask setup` installs
+//! both. Run with `cargo xtask bench --bench https`, or
+//! `GATEWAY_BIN=target/release/gateway cargo bench -p gateway-benches --bench https`
+//! after `cargo build --release -p gateway --bins`. `HTTPS_BENCH_SECS`
+//! (default 3) and `HTTPS_BENCH_ROUNDS` (default 3) change the length of each
+//! wrk run and the number of rounds. See docs/benchmarks.md.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use nix::{
+    sys::signal::{kill, killpg, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
+    unistd::Pid,
+};
+use serde_json::Value;
+
+const ORIGIN_IP: &str = "127.0.0.8";
+const PROXY_IP: &str = "127.0.0.9";
+/// DNS name in the origin's certificate. nginx checks `proxy_ssl_name` with
+/// `X509_check_host`, which never matches an IP SAN, so the nginx proxies
+/// verify this name; the gateway verifies the IP SAN (it has no name: wrk
+/// and curl dial the address).
+const ORIGIN_NAME: &str = "origin.bench.internal";
+const PROXY_NAME: &str = "proxy.bench.internal";
+/// Body of `GET /`.
+const SMALL_BODY: &str = "ok\n";
+const BIG_PATH: &str = "/big.bin";
+/// The origin's `stub_status` page.
+const STATUS_PATH: &str = "/nginx-status";
+const BIG_BYTES: u64 = 100 << 20;
+const DOWNLOADS: usize = 3;
+/// (connections, wrk threads).
+const LOADS: [(u32, u32); 2] = [(1, 1), (16, 2)];
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; a filter argument is meaningless for a
+    // single fixed scenario, so arguments are ignored.
+    catch_interrupts()?;
+    let settings = Settings::from_env()?;
+    let tools = Tools::find()?;
+    let scene = Scene::start(&tools)?;
+    // Ctrl-C also reaches wrk and the gateway, so the measurement in flight
+    // may fail for that reason: say so.
+    let report = run(&tools, &scene, &settings).map_err(|e| match INTERRUPTED.load(Ordering::SeqCst) {
+        true => e.context("interrupted"),
+        false => e,
+    })?;
+    report.print(&settings);
+    // `scene` drops here: gateway stopped and detached, nginx stopped, cgroup
+    // and temp files removed. Errors above drop it on the way out too.
+    Ok(())
+}
+
+/// Set once SIGINT, SIGTERM or SIGHUP arrived.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns Ctrl-C into an error at the next measurement, so that the scene's
+/// destructors stop and detach everything and remove the cgroup and the temp
+/// directory (a default SIGINT would kill the harness with them undone). A
+/// handler rather than a blocked mask: spawned children inherit the mask but
+/// not the handler, and the gateway must keep receiving SIGTERM.
+fn catch_interrupts() -> Result<()> {
+    // SA_RESTART: the wait for wrk or curl carries on; the flag is checked after.
+    let action = SigAction::new(SigHandler::Handler(on_interrupt), SaFlags::SA_RESTART, SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing a {sig} handler"))?;
+    }
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    ensure!(!INTERRUPTED.load(Ordering::SeqCst), "stopped before the next measurement");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Settings and tools
+
+struct Settings {
+    secs: u64,
+    rounds: usize,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        let get = |name: &str, default: u64| -> Result<u64> {
+            match std::env::var(name) {
+                Ok(v) => v.parse().with_context(|| format!("{name}={v} is not a positive integer")),
+                Err(_) => Ok(default),
+            }
+        };
+        let secs = get("HTTPS_BENCH_SECS", 3)?;
+        let rounds = get("HTTPS_BENCH_ROUNDS", 3)? as usize;
+        ensure!(secs >= 1 && rounds >= 1, "HTTPS_BENCH_SECS and HTTPS_BENCH_ROUNDS must be at least 1");
+        Ok(Settings { secs, rounds })
+    }
+}
+
+struct Tools {
+    gateway: PathBuf,
+    nginx: PathBuf,
+    wrk: PathBuf,
+    curl: PathBuf,
+}
+
+impl Tools {
+    /// Checks privileges and finds every program, failing with what to do.
+    fn find() -> Result<Tools> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!(
+                "the HTTPS benchmark attaches the gateway's eBPF programs to a cgroup it creates and moves \
+                 its clients into it: run it as root (`sudo cargo xtask bench --bench https`)"
+            );
+        }
+        let gateway = std::env::var_os("GATEWAY_BIN").map(PathBuf::from).unwrap_or_else(|| {
+            // target/release/deps/https-<hash> -> target/release/gateway
+            let exe = std::env::current_exe().unwrap_or_default();
+            exe.parent().and_then(Path::parent).map(|d| d.join("gateway")).unwrap_or_default()
+        });
+        ensure!(
+            gateway.is_file(),
+            "gateway binary not found at {}: run `cargo build --release -p gateway --bins` or set GATEWAY_BIN \
+             (`cargo xtask bench` does both)",
+            gateway.display()
+        );
+        let missing = |what: &str| format!("{what} not found: install it with `cargo xtask setup`");
+        Ok(Tools {
+            gateway,
+            nginx: which("nginx").with_context(|| missing("nginx (package nginx-light, /usr/sbin/nginx)"))?,
+            wrk: which("wrk").with_context(|| missing("wrk (package wrk)"))?,
+            curl: which("curl").with_context(|| missing("curl (package curl)"))?,
+        })
+    }
+}
+
+/// Looks `name` up in PATH, then in the sbin directories a non-login root
+/// shell may not have in PATH.
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A port free on `ip` right now. Racy by nature; the listener that takes it
+/// reports a clear error if someone else got it first.
+fn free_port(ip: &str) -> Result<u16> {
+    let l = TcpListener::bind((ip, 0)).with_context(|| format!("finding a free port on {ip}"))?;
+    Ok(l.local_addr()?.port())
+}
+
+fn wait_listening(addr: SocketAddr, what: &str, mut exited: impl FnMut() -> Result<Option<String>>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if let Some(why) = exited()? {
+            bail!("{what} exited before listening on {addr}:\n{why}");
+        }
+        ensure!(Instant::now() < deadline, "{what} did not listen on {addr} within 30s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Test PKI
+
+struct Pki {
+    ca: PathBuf,
+    origin: (PathBuf, PathBuf),
+    proxy: (PathBuf, PathBuf),
+}
+
+/// A fresh CA trusted by nothing but this run, and leaves for the origin and
+/// the nginx proxies (PEM certificate and PKCS#8 key files).
+fn make_pki(dir: &Path) -> Result<Pki> {
+    let ca_key = rcgen::KeyPair::generate().context("generating the CA key")?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "HTTPS Bench Test CA");
+    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca_cert = ca_params.self_signed(&ca_key).context("self-signing the CA")?;
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem())?;
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let leaf = |stem: &str, names: &[&str]| -> Result<(PathBuf, PathBuf)> {
+        let key = rcgen::KeyPair::generate()?;
+        // Strings that parse as IP addresses become IP SANs.
+        let mut params = rcgen::CertificateParams::new(names.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &issuer).with_context(|| format!("signing the {stem} leaf"))?;
+        let (crt, pem) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+        std::fs::write(&crt, cert.pem())?;
+        std::fs::write(&pem, key.serialize_pem())?;
+        Ok((crt, pem))
+    };
+    Ok(Pki { origin: leaf("origin", &[ORIGIN_NAME, ORIGIN_IP])?, proxy: leaf("proxy", &[PROXY_NAME, PROXY_IP])?, ca })
+}
+
+// ---------------------------------------------------------------------------
+// nginx
+
+/// A running nginx (master and workers in their own process group); stopped
+/// on drop.
+struct Nginx {
+    child: Child,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    /// Writes `nginx.conf` under `prefix` (with `server_blocks` inside
+    /// `http {}`), checks it, starts nginx in the foreground, and waits until
+    /// it accepts on `listen`.
+    fn start(tools: &Tools, prefix: PathBuf, workers: &str, server_blocks: &str, listen: SocketAddr) -> Result<Nginx> {
+        std::fs::create_dir_all(prefix.join("tmp"))?;
+        let p = prefix.display();
+        let conf = format!(
+            r#"# Written by benches/benches/https.rs.
+daemon off;
+master_process on;
+worker_processes {workers};
+# Workers read the static file from the harness's private (0700) temp dir.
+user root;
+pid {p}/nginx.pid;
+error_log {p}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type text/plain;
+    # The compiled-in temp paths are under /var/lib/nginx; keep everything here.
+    client_body_temp_path {p}/tmp/body;
+    proxy_temp_path {p}/tmp/proxy;
+    fastcgi_temp_path {p}/tmp/fastcgi;
+    uwsgi_temp_path {p}/tmp/uwsgi;
+    scgi_temp_path {p}/tmp/scgi;
+    # nginx closes a keep-alive connection after 1000 requests by default;
+    # wrk would then pay a new handshake on the nginx paths only.
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    ssl_protocols TLSv1.2 TLSv1.3;
+{server_blocks}
+}}
+"#
+        );
+        let conf_path = prefix.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let args = |cmd: &mut Command| {
+            cmd.arg("-p").arg(&prefix).arg("-c").arg(&conf_path).arg("-e").arg(prefix.join("error.log"));
+        };
+        let mut test = Command::new(&tools.nginx);
+        args(&mut test);
+        let out = test.args(["-t", "-q"]).output().context("running nginx -t")?;
+        ensure!(
+            out.status.success(),
+            "nginx rejected {}:\n{}",
+            conf_path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut cmd = Command::new(&tools.nginx);
+        args(&mut cmd);
+        // Own process group: stopping it reaches the workers even if the
+        // master is gone.
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+        term_with_parent(&mut cmd);
+        let child = cmd.spawn().context("starting nginx")?;
+        let mut nginx = Nginx { child, prefix };
+        let log = nginx.prefix.join("error.log");
+        wait_listening(listen, "nginx", || {
+            Ok(nginx.child.try_wait()?.map(|s| format!("{s}\n{}", std::fs::read_to_string(&log).unwrap_or_default())))
+        })?;
+        Ok(nginx)
+    }
+
+    fn pgid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM is nginx's fast shutdown: the master stops its workers, then exits.
+        let _ = killpg(self.pgid(), Signal::SIGTERM);
+        if !wait_exit(&mut self.child, Duration::from_secs(5)) {
+            let _ = killpg(self.pgid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Destructors do not run when the harness is killed (Ctrl-C reaches only
+/// the foreground process group, and nginx runs in its own): the child then
+/// gets SIGTERM from the kernel, so nginx stops its workers and the gateway
+/// detaches (`on_shutdown: detach`).
+fn term_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; true if it did.
+fn wait_exit(child: &mut Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) if Instant::now() >= deadline => return false,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn origin_server(pki: &Pki, port: u16, www: &Path) -> String {
+    format!(
+        r#"    server {{
+        listen {ORIGIN_IP}:{port} ssl;
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        root {www};
+        location = / {{ return 200 "{body}"; }}
+        # Accepted connections: shows whether a proxy pools its upstream
+        # connections or opens new ones (each a TLS handshake) under load.
+        location = {STATUS_PATH} {{ stub_status; }}
+        location / {{ }}
+    }}"#,
+        crt = pki.origin.0.display(),
+        key = pki.origin.1.display(),
+        www = www.display(),
+        body = SMALL_BODY.escape_default(),
+    )
+}
+
+/// A TLS reverse proxy doing what the gateway does for one upstream:
+/// terminate, re-encrypt with verification, HTTP/1.1 with pooled upstream
+/// connections.
+fn proxy_server(pki: &Pki, port: u16, origin_port: u16) -> String {
+    format!(
+        r#"    upstream origin {{
+        server {ORIGIN_IP}:{origin_port};
+        keepalive 32;
+        # Default 1000: a pooled connection would be closed (and a new TLS
+        # handshake paid) every 1000 requests, which the gateway never does.
+        keepalive_requests 10000000;
+        keepalive_timeout 300s;
+    }}
+    server {{
+        listen {PROXY_IP}:{port} ssl;
+        ssl_certificate {crt};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass https://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {ca};
+            proxy_ssl_name {ORIGIN_NAME};
+            proxy_ssl_session_reuse on;
+            # Stream large responses through memory buffers like the gateway
+            # does, never spooling them to a temp file.
+            proxy_max_temp_file_size 0;
+        }}
+    }}"#,
+        crt = pki.proxy.0.display(),
+        key = pki.proxy.1.display(),
+        ca = pki.ca.display(),
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The gateway
+
+/// The gateway process on its own cgroup and bpffs directory; stopped,
+/// detached and its cgroup removed on drop.
+struct Gateway {
+    child: Child,
+    bin: PathBuf,
+    config: PathBuf,
+    cgroup: PathBuf,
+    bpffs: PathBuf,
+    /// Its stderr: JSON log lines. A file, not a pipe: the gateway panics
+    /// when a log write fails (tracing-subscriber's internal-error report
+    /// goes to the same broken stderr), and then it would not detach if this
+    /// harness died first.
+    log: PathBuf,
+}
+
+impl Gateway {
+    fn start(tools: &Tools, dir: &Path, origin: SocketAddr, ca: &Path) -> Result<Gateway> {
+        let tag = format!("gateway-bench-https-{}", std::process::id());
+        let cgroup = gateway::intercept::cgroup::cgroup2_mount()?.join(&tag);
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
+        let proxy_port = free_port("127.0.0.1")?;
+        // Log level warn, except the events this harness needs: connection
+        // events (one per connection, not per request, so they cost nothing
+        // at keep-alive rates) prove interception; "gateway running" says
+        // the programs are attached. No admin API: its default port is fixed
+        // and would clash with any other gateway running on the host.
+        let yaml = format!(
+            r#"state_dir: {state}
+intercept:
+  cgroups: [{{path: {tag}, create: true}}]
+  bpffs_dir: {bpffs}
+  on_shutdown: detach
+  destinations:
+    - {{cidr: {ip}/32, ports: [{port}]}}
+proxy:
+  port: {proxy_port}
+api:
+  listen: null
+log:
+  format: json
+  level: "warn,gateway::connection=info,gateway::cli=info"
+tls:
+  intercept: ['{ip}']
+  intercept_without_sni: true
+  extra_upstream_cas: [{ca}]
+"#,
+            state = dir.join("state").display(),
+            bpffs = bpffs.display(),
+            ip = origin.ip(),
+            port = origin.port(),
+            ca = ca.display(),
+        );
+        let config = dir.join("gateway.yaml");
+        std::fs::write(&config, yaml)?;
+        let mut cmd = Command::new(&tools.gateway);
+        cmd.arg("--config").arg(&config).arg("run").env_remove("RUST_LOG");
+        let log = dir.join("gateway.log");
+        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        term_with_parent(&mut cmd);
+        let child = cmd.spawn().with_context(|| format!("starting {}", tools.gateway.display()))?;
+        let mut gw = Gateway { child, bin: tools.gateway.clone(), config, cgroup, bpffs, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !gw.log().contains("\"gateway running\"") {
+            if let Some(status) = gw.child.try_wait()? {
+                bail!("the gateway exited with {status} before it was running:\n{}", gw.log());
+            }
+            ensure!(Instant::now() < deadline, "the gateway did not start within 30s:\n{}", gw.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(gw)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Bytes logged so far (the file only grows while the gateway runs).
+    fn log_bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.log).unwrap_or_default()
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log_bytes()).into_owned()
+    }
+
+    /// Connection events logged after the first `from` bytes of the log.
+    fn events_since(&self, from: usize) -> Vec<Value> {
+        let log = self.log_bytes();
+        log.get(from..)
+            .unwrap_or_default()
+            .split(|&b| b == b'\n')
+            .filter_map(|l| serde_json::from_slice::<Value>(l).ok())
+            .filter(|v| v["target"] == "gateway::connection")
+            .collect()
+    }
+
+    /// The eBPF programs' `redirected` counter (`gateway status --json`).
+    fn redirected(&self) -> Result<u64> {
+        let out = Command::new(&self.bin).arg("--config").arg(&self.config).args(["status", "--json"]).output()?;
+        ensure!(out.status.success(), "gateway status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).context("parsing gateway status --json")?;
+        v["stats"]["redirected"].as_u64().with_context(|| format!("no stats.redirected in gateway status: {v}"))
+    }
+
+    /// Makes `cmd`'s process join the intercepted cgroup between fork and
+    /// exec, so its connects are redirected from the first one.
+    fn place_in_cgroup(&self, cmd: &mut Command) {
+        let procs = self.cgroup.join("cgroup.procs");
+        // SAFETY: only open/write/close between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || std::fs::write(&procs, b"0"));
+        }
+    }
+
+    /// A snapshot to check a gateway measurement against.
+    fn mark(&self) -> Result<GatewayMark> {
+        Ok(GatewayMark { log_len: self.log_bytes().len(), redirected: self.redirected()? })
+    }
+
+    /// Fails unless the traffic since `mark` went through the gateway: at
+    /// least `connections` more redirects by its programs, as many
+    /// TLS-terminated (`https`) connection events to the origin from
+    /// `client`, and at least `bytes_down` response bytes among them.
+    ///
+    /// Request counts are not compared with the client's: when a client
+    /// closes without a TLS close_notify (wrk at the end of a run) the
+    /// gateway logs the connection as an error without its request and byte
+    /// counts. Every one of the client's connections being intercepted is
+    /// the proof that matters; byte counts are checked for curl, which
+    /// closes cleanly. Events are logged at close, shortly after the client
+    /// exits.
+    fn verify(
+        &self,
+        mark: &GatewayMark,
+        origin: SocketAddr,
+        client: &str,
+        connections: u64,
+        bytes_down: u64,
+    ) -> Result<()> {
+        let redirected = self.redirected()?.saturating_sub(mark.redirected);
+        ensure!(
+            redirected >= connections,
+            "the gateway's programs redirected {redirected} connections while {client} opened {connections}: \
+             the measurement did not go through the gateway"
+        );
+        let origin = origin.to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let events = self.events_since(mark.log_len);
+            let ours: Vec<&Value> = events
+                .iter()
+                .filter(|e| e["protocol"] == "https" && e["orig_dst"] == origin.as_str() && e["comm"] == client)
+                .collect();
+            let down: u64 = ours.iter().filter_map(|e| e["bytes_down"].as_u64()).sum();
+            if ours.len() as u64 >= connections && down >= bytes_down {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let shown: Vec<String> = events.iter().take(20).map(Value::to_string).collect();
+                bail!(
+                    "the gateway did not intercept the measured traffic: expected {connections} https connections \
+                     from {client} to {origin} with >= {bytes_down} bytes down, its events show {} with {down} \
+                     bytes. First events:\n{}",
+                    ours.len(),
+                    shown.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+struct GatewayMark {
+    /// Bytes logged so far (a line boundary: the gateway writes whole lines).
+    log_len: usize,
+    redirected: u64,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SIGTERM: a clean shutdown with `on_shutdown: detach` detaches.
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if !wait_exit(&mut self.child, Duration::from_secs(10)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Never leave programs attached, whatever happened above.
+        let _ = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("detach")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = gateway::intercept::detach_all(&self.bpffs);
+        // Clients have exited; the kernel may take a moment to empty the cgroup.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The scene
+
+/// Everything the benchmark runs. Fields drop in order: the gateway first
+/// (detach before anything else), then the nginx instances, then the temp
+/// directory holding their files.
+struct Scene {
+    gateway: Gateway,
+    proxies: Vec<(Route, Nginx)>,
+    origin: Nginx,
+    origin_addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+#[derive(Clone)]
+struct Route {
+    label: &'static str,
+    /// `https://ip:port`
+    base: String,
+    via_gateway: bool,
+}
+
+impl Scene {
+    fn start(tools: &Tools) -> Result<Scene> {
+        let dir = tempfile::Builder::new().prefix("gateway-bench-https-").tempdir()?;
+        let pki = make_pki(dir.path())?;
+        let www = dir.path().join("www");
+        std::fs::create_dir_all(&www)?;
+        write_big_file(&www.join(BIG_PATH.trim_start_matches('/')))?;
+
+        let origin_port = free_port(ORIGIN_IP)?;
+        let origin_addr = SocketAddr::new(ORIGIN_IP.parse()?, origin_port);
+        let origin =
+            Nginx::start(tools, dir.path().join("origin"), "1", &origin_server(&pki, origin_port, &www), origin_addr)
+                .context("starting the origin nginx")?;
+
+        let mut proxies = Vec::new();
+        for (label, workers) in [("nginx proxy, 1 worker", "1"), ("nginx proxy, workers auto", "auto")] {
+            let port = free_port(PROXY_IP)?;
+            let addr = SocketAddr::new(PROXY_IP.parse()?, port);
+            let prefix = dir.path().join(format!("proxy-{workers}"));
+            let nginx = Nginx::start(tools, prefix, workers, &proxy_server(&pki, port, origin_port), addr)
+                .with_context(|| format!("starting the {label}"))?;
+            proxies.push((Route { label, base: format!("https://{addr}"), via_gateway: false }, nginx));
+        }
+
+        let gateway = Gateway::start(tools, dir.path(), origin_addr, &pki.ca).context("starting the gateway")?;
+        Ok(Scene { gateway, proxies, origin, origin_addr, _dir: dir })
+    }
+
+    /// Direct, the nginx proxies, the gateway: the order of the tables.
+    fn routes(&self) -> Vec<Route> {
+        let direct = format!("https://{}", self.origin_addr);
+        let mut routes = vec![Route { label: "direct", base: direct.clone(), via_gateway: false }];
+        routes.extend(self.proxies.iter().map(|(r, _)| r.clone()));
+        routes.push(Route { label: "gateway (detection on)", base: direct, via_gateway: true });
+        routes
+    }
+
+    /// CPU time so far of the proxy serving `route` (None for direct): the
+    /// gateway process, or the nginx instance's process group.
+    fn proxy_cpu(&self, route: &Route) -> Result<Option<Duration>> {
+        if route.via_gateway {
+            return cpu_time(|pid, _| pid == self.gateway.pid()).map(Some);
+        }
+        match self.proxies.iter().find(|(r, _)| r.label == route.label) {
+            Some((_, nginx)) => cpu_time(|_, pgid| pgid == nginx.pgid().as_raw() as u32).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Connections the origin has accepted so far (`stub_status`), read
+    /// directly. The reading's own connection is counted too.
+    fn origin_accepts(&self, tools: &Tools) -> Result<u64> {
+        let url = format!("https://{}{STATUS_PATH}", self.origin_addr);
+        let out = Command::new(&tools.curl).args(["-k", "-sS", "--max-time", "10"]).arg(&url).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(out.status.success(), "curl {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+        // "server accepts handled requests\n 12 12 345"
+        let counts = text
+            .lines()
+            .skip_while(|l| !l.starts_with("server accepts"))
+            .nth(1)
+            .with_context(|| format!("unexpected stub_status page: {text}"))?;
+        let accepts = counts.split_whitespace().next().context("no accepts count")?;
+        accepts.parse().with_context(|| format!("stub_status accepts `{accepts}`"))
+    }
+
+    fn origin_cpu(&self) -> Result<Duration> {
+        cpu_time(|_, pgid| pgid == self.origin.pgid().as_raw() as u32)
+    }
+
+    fn command(&self, program: &Path, route: &Route) -> Command {
+        let mut cmd = Command::new(program);
+        if route.via_gateway {
+            self.gateway.place_in_cgroup(&mut cmd);
+        }
+        cmd
+    }
+}
+
+/// 100 MiB of non-repeating-looking bytes (nothing on the path compresses,
+/// but a sparse file would measure nothing but page-cache zero pages).
+fn write_big_file(path: &Path) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..(BIG_BYTES >> 20) {
+        for b in chunk.chunks_exact_mut(8) {
+            // xorshift64: cheap and good enough to defeat any accidental dedup.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b.copy_from_slice(&state.to_le_bytes());
+        }
+        f.write_all(&chunk)?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// CPU time (user + system, all threads, live processes only) of the
+/// processes `select(pid, pgid)` picks, from /proc/*/stat.
+fn cpu_time(select: impl Fn(u32, u32) -> bool) -> Result<Duration> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        // The process may exit between readdir and read: skip it.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the parenthesised comm (which may contain spaces):
+        // state ppid pgrp ... utime(14) stime(15), counted from 1 overall.
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(pgrp), Some(utime), Some(stime)) = (f.get(2), f.get(11), f.get(12)) else { continue };
+        if select(pid, pgrp.parse().unwrap_or(0)) {
+            total += utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
+        }
+    }
+    Ok(Duration::from_secs_f64(total as f64 / ticks as f64))
+}
+
+// ---------------------------------------------------------------------------
+// Measurements
+
+#[derive(Debug, Clone, Copy)]
+struct WrkRun {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    requests: u64,
+    /// Proxy CPU time per request (None for direct).
+    proxy_cpu_us: Option<f64>,
+    origin_cpu_us: f64,
+    /// Connections the origin accepted during the run.
+    origin_conns: u64,
+}
+
+fn wrk(tools: &Tools, scene: &Scene, route: &Route, conns: u32, threads: u32, secs: u64) -> Result<WrkRun> {
+    let url = format!("{}/", route.base);
+    let mark = if route.via_gateway { Some(scene.gateway.mark()?) } else { None };
+    let accepts0 = scene.origin_accepts(tools)?;
+    let (proxy0, origin0) = (scene.proxy_cpu(route)?, scene.origin_cpu()?);
+    let out = scene
+        .command(&tools.wrk, route)
+        .args([format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"), "--timeout".into(), "5s".into()])
+        .arg("--latency")
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "wrk {url} failed ({}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
+    let parsed = parse_wrk(&text).with_context(|| format!("wrk {url} -c{conns}, output:\n{text}"))?;
+    let (proxy1, origin1) = (scene.proxy_cpu(route)?, scene.origin_cpu()?);
+    // Minus the second reading's own connection.
+    let origin_conns = scene.origin_accepts(tools)?.saturating_sub(accepts0 + 1);
+    if let Some(mark) = mark {
+        scene.gateway.verify(&mark, scene.origin_addr, "wrk", conns.into(), 0)?;
+    }
+    let per_req = |d: Duration| d.as_secs_f64() * 1e6 / parsed.requests.max(1) as f64;
+    Ok(WrkRun {
+        proxy_cpu_us: proxy0.zip(proxy1).map(|(a, b)| per_req(b.saturating_sub(a))),
+        origin_cpu_us: per_req(origin1.saturating_sub(origin0)),
+        origin_conns,
+        ..parsed
+    })
+}
+
+/// Parses wrk's `--latency` report; refuses runs with errors or non-2xx
+/// answers (a 502 from a proxy is fast and would look like a win).
+fn parse_wrk(text: &str) -> Result<WrkRun> {
+    let mut rps = None;
+    let mut p50 = None;
+    let mut p99 = None;
+    let mut requests = None;
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["Requests/sec:", v] => rps = Some(v.parse::<f64>()?),
+            ["50%", v] => p50 = Some(duration_us(v)?),
+            ["99%", v] => p99 = Some(duration_us(v)?),
+            [n, "requests", "in", ..] => requests = Some(n.parse::<u64>()?),
+            _ if line.starts_with("Non-2xx or 3xx responses:") => bail!("wrk got error responses: {line}"),
+            _ if line.starts_with("Socket errors:") => bail!("wrk saw socket errors: {line}"),
+            _ => {}
+        }
+    }
+    let requests = requests.context("no `N requests in` line")?;
+    ensure!(requests > 0, "wrk completed no requests");
+    Ok(WrkRun {
+        rps: rps.context("no Requests/sec line")?,
+        p50_us: p50.context("no 50% latency line")?,
+        p99_us: p99.context("no 99% latency line")?,
+        requests,
+        proxy_cpu_us: None,
+        origin_cpu_us: 0.0,
+        origin_conns: 0,
+    })
+}
+
+/// wrk prints latencies as `52.00us`, `1.20ms`, `2.00s`.
+fn duration_us(v: &str) -> Result<f64> {
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        bail!("unknown wrk duration `{v}`")
+    };
+    Ok(num.parse::<f64>().with_context(|| format!("wrk duration `{v}`"))? * scale)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Download {
+    secs: f64,
+    ttfb_secs: f64,
+}
+
+/// One curl download of the big file on a fresh connection. HTTP/1.1 on
+/// every path: curl would otherwise negotiate h2 with the gateway (it
+/// mirrors ALPN) but not with nginx (no `http2` on its listeners).
+fn download(tools: &Tools, scene: &Scene, route: &Route) -> Result<Download> {
+    let url = format!("{}{BIG_PATH}", route.base);
+    let mark = if route.via_gateway { Some(scene.gateway.mark()?) } else { None };
+    let out = scene
+        .command(&tools.curl, route)
+        .args([
+            "-k",
+            "-sS",
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{time_starttransfer} %{time_total}",
+        ])
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(out.status.success(), "curl {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let f: Vec<&str> = text.split_whitespace().collect();
+    let [code, size, ttfb, total] = f.as_slice() else { bail!("unexpected curl -w output `{text}`") };
+    ensure!(*code == "200", "curl {url}: HTTP {code}");
+    let size: u64 = size.parse()?;
+    ensure!(size == BIG_BYTES, "curl {url}: {size} bytes, expected {BIG_BYTES}");
+    if let Some(mark) = mark {
+        scene.gateway.verify(&mark, scene.origin_addr, "curl", 1, BIG_BYTES)?;
+    }
+    Ok(Download { secs: total.parse()?, ttfb_secs: ttfb.parse()? })
+}
+
+/// One small request on each route before measuring: proves every path
+/// answers what the origin answers (and that the gateway intercepts), and
+/// warms the gateway's leaf cache and every TLS session cache.
+fn smoke(tools: &Tools, scene: &Scene, route: &Route) -> Result<()> {
+    let url = format!("{}/", route.base);
+    let mark = if route.via_gateway { Some(scene.gateway.mark()?) } else { None };
+    let out = scene
+        .command(&tools.curl, route)
+        .args(["-k", "-sS", "--http1.1", "--max-time", "10"])
+        .arg(&url)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl")?;
+    ensure!(
+        out.status.success() && out.stdout == SMALL_BODY.as_bytes(),
+        "{}: GET {url} answered {:?} ({}): {}",
+        route.label,
+        String::from_utf8_lossy(&out.stdout),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if let Some(mark) = mark {
+        scene.gateway.verify(&mark, scene.origin_addr, "curl", 1, 0)?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Orchestration and report
+
+struct Report {
+    routes: Vec<Route>,
+    /// `runs[load][route]`: one entry per round.
+    runs: Vec<Vec<Vec<WrkRun>>>,
+    /// `downloads[route]`.
+    downloads: Vec<Vec<Download>>,
+}
+
+fn run(tools: &Tools, scene: &Scene, settings: &Settings) -> Result<Report> {
+    let routes = scene.routes();
+    for route in &routes {
+        check_interrupted()?;
+        smoke(tools, scene, route)?;
+    }
+    let mut runs = vec![vec![Vec::new(); routes.len()]; LOADS.len()];
+    // Rounds interleave the paths so that load from other users of the
+    // machine spreads over all of them rather than hitting one.
+    for round in 1..=settings.rounds {
+        for (l, &(conns, threads)) in LOADS.iter().enumerate() {
+            for (r, route) in routes.iter().enumerate() {
+                check_interrupted()?;
+                let run = wrk(tools, scene, route, conns, threads, settings.secs)?;
+                eprintln!(
+                    "round {round}/{}  c={conns:<2}  {:<28} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  \
+                     origin conns {}",
+                    settings.rounds, route.label, run.rps, run.p50_us, run.p99_us, run.origin_conns
+                );
+                runs[l][r].push(run);
+            }
+        }
+    }
+    let mut downloads = vec![Vec::new(); routes.len()];
+    for _ in 0..DOWNLOADS {
+        for (r, route) in routes.iter().enumerate() {
+            check_interrupted()?;
+            downloads[r].push(download(tools, scene, route)?);
+        }
+    }
+    Ok(Report { routes, runs, downloads })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Median of each metric over the rounds of one path.
+struct Summary {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    proxy_cpu: Option<f64>,
+    origin_cpu: f64,
+    origin_conns: f64,
+}
+
+impl Summary {
+    fn of(runs: &[WrkRun]) -> Summary {
+        let m = |f: fn(&WrkRun) -> f64| median(runs.iter().map(f).collect());
+        Summary {
+            rps: m(|r| r.rps),
+            p50: m(|r| r.p50_us),
+            p99: m(|r| r.p99_us),
+            proxy_cpu: runs[0].proxy_cpu_us.map(|_| m(|r| r.proxy_cpu_us.unwrap_or(f64::NAN))),
+            origin_cpu: m(|r| r.origin_cpu_us),
+            origin_conns: m(|r| r.origin_conns as f64),
+        }
+    }
+}
+
+impl Report {
+    fn print(&self, settings: &Settings) {
+        let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(0);
+        println!("\nHTTPS through the gateway vs direct vs nginx TLS reverse proxy ({cores} cores, all on this host)");
+        println!(
+            "wrk keep-alive GET / ({} byte body), {}s per run, median of {} interleaved rounds",
+            SMALL_BODY.len(),
+            settings.secs,
+            settings.rounds
+        );
+        let gw = self.routes.len() - 1;
+        for (l, &(conns, threads)) in LOADS.iter().enumerate() {
+            let s: Vec<Summary> = self.runs[l].iter().map(|r| Summary::of(r)).collect();
+            let direct = &s[0];
+            println!("\n{conns} connection(s), wrk -t{threads} -c{conns}");
+            println!(
+                "{:<28} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>14} {:>15} {:>13}",
+                "path",
+                "req/s",
+                "p50 us",
+                "p99 us",
+                "+p50 us",
+                "+p99 us",
+                "÷direct",
+                "proxy CPU/req",
+                "origin CPU/req",
+                "origin conns"
+            );
+            for (route, x) in self.routes.iter().zip(&s) {
+                let added = |v: f64, base: f64| {
+                    if route.label == "direct" {
+                        "-".to_owned()
+                    } else {
+                        format!("{:.1}", v - base)
+                    }
+                };
+                let cpu = x.proxy_cpu.map_or("-".to_owned(), |c| format!("{c:.1} us"));
+                println!(
+                    "{:<28} {:>9.0} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.2} {:>14} {:>15} {:>13.0}",
+                    route.label,
+                    x.rps,
+                    x.p50,
+                    x.p99,
+                    added(x.p50, direct.p50),
+                    added(x.p99, direct.p99),
+                    x.rps / direct.rps,
+                    cpu,
+                    format!("{:.1} us", x.origin_cpu),
+                    x.origin_conns,
+                );
+            }
+            let g = &s[gw];
+            for (route, n) in self.routes.iter().zip(&s).skip(1).take(gw - 1) {
+                let rps_ok = g.rps >= n.rps;
+                let p50_ok = g.p50 - direct.p50 <= n.p50 - direct.p50;
+                println!(
+                    "gateway vs {:<26} req/s ratio {:.2} ({}), added p50 {:+.1} us vs {:+.1} us ({}), added p99 {:+.1} us vs {:+.1} us",
+                    route.label,
+                    g.rps / n.rps,
+                    if rps_ok { "target met" } else { "TARGET MISSED" },
+                    g.p50 - direct.p50,
+                    n.p50 - direct.p50,
+                    if p50_ok { "target met" } else { "TARGET MISSED" },
+                    g.p99 - direct.p99,
+                    n.p99 - direct.p99,
+                );
+            }
+        }
+
+        println!(
+            "\nstreamed {} MiB response, curl --http1.1, new connection each, best of {DOWNLOADS}",
+            BIG_BYTES >> 20
+        );
+        println!("{:<28} {:>9} {:>9} {:>10} {:>8}", "path", "MB/s", "time s", "TTFB ms", "÷direct");
+        let best: Vec<(f64, f64)> = self
+            .downloads
+            .iter()
+            .map(|d| {
+                let secs = d.iter().map(|x| x.secs).fold(f64::INFINITY, f64::min);
+                let ttfb = d.iter().map(|x| x.ttfb_secs).fold(f64::INFINITY, f64::min);
+                (secs, ttfb)
+            })
+            .collect();
+        let direct_mbs = BIG_BYTES as f64 / best[0].0 / 1e6;
+        for (route, (secs, ttfb)) in self.routes.iter().zip(&best) {
+            let mbs = BIG_BYTES as f64 / secs / 1e6;
+            println!("{:<28} {:>9.0} {:>9.3} {:>10.2} {:>8.2}", route.label, mbs, secs, ttfb * 1e3, mbs / direct_mbs);
+        }
+        println!(
+            "\n+p50/+p99: latency added over direct. CPU columns: user+system CPU time of the proxy process(es) \
+             and of the origin per request (clock-tick resolution). origin conns: connections the origin accepted \
+             during a run; a pooling proxy needs one per client connection. wrk makes one probe connect before \
+             each run, so direct shows c+1 (the gateway never forwards the probe). Every gateway measurement was \
+             checked to have been intercepted (eBPF redirect counter and https connection events)."
+        );
+    }
+}
