@@ -302,8 +302,12 @@ fn invalid_token_response(conn_id: u64, error: &crate::credentials::OidcError) -
         "message": format!("The CI gateway rejected the identity token this request presented: {error}."),
         "conn_id": conn_id,
     });
+    json_response(http::StatusCode::UNAUTHORIZED, &body)
+}
+
+fn json_response(status: http::StatusCode, body: &serde_json::Value) -> http::Response<Bytes> {
     let mut response = http::Response::new(Bytes::from(body.to_string()));
-    *response.status_mut() = http::StatusCode::UNAUTHORIZED;
+    *response.status_mut() = status;
     response
         .headers_mut()
         .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
@@ -324,12 +328,7 @@ fn blocked_response(conn_id: u64, findings: Vec<serde_json::Value>) -> http::Res
         "findings": findings,
         "conn_id": conn_id,
     });
-    let mut response = http::Response::new(Bytes::from(body.to_string()));
-    *response.status_mut() = http::StatusCode::FORBIDDEN;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    response
+    json_response(http::StatusCode::FORBIDDEN, &body)
 }
 
 /// The authority a request goes to: SNI or Host, without the port.
