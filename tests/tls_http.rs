@@ -83,7 +83,7 @@ impl Scene {
         let gateway_ca = gw.dir.path().join("gateway-ca.pem");
         let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
         assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
-        Scene { gw, upstream, port, gateway_ca, upstream_ca: pki.ca_path.clone(), pki_dir: pki_dir }
+        Scene { gw, upstream, port, gateway_ca, upstream_ca: pki.ca_path.clone(), pki_dir }
     }
 
     fn url(&self, path: &str) -> String {
