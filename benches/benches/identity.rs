@@ -119,7 +119,19 @@ fn bench_end_to_end(c: &mut Criterion) {
     let att = attestor.attest(&record);
     let warm = r.resolve(&att);
     assert_eq!(warm.uri, "spiffe://ci.example/repo/org%2Frepo/wf/build", "{att:?}");
+    // What the proxy does per connection: collect only what the rules use.
+    let needs = r.needs();
+    assert!(!needs.ancestors, "the bench rules use no ancestor selector");
     c.bench_function("identity/cached attestation + 100 rules", |b| {
+        b.iter(|| black_box(r.resolve(&attestor.attest_with(black_box(&record), needs))))
+    });
+    // Baselines in the same run: one /proc file read (the unit attestation
+    // cost is made of), and everything `identity explain` collects.
+    let stat_path = format!("/proc/{}/stat", child.0.id());
+    c.bench_function("identity/baseline: read one /proc file", |b| {
+        b.iter(|| black_box(std::fs::read(black_box(&stat_path)).map(|v| v.len())))
+    });
+    c.bench_function("identity/full attestation (explain) + 100 rules", |b| {
         b.iter(|| black_box(r.resolve(&attestor.attest(black_box(&record)))))
     });
 }

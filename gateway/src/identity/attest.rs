@@ -220,6 +220,31 @@ impl ExeCache {
 /// (pid, start ticks): names one process for the life of the boot.
 type AncestorKey = (u32, u64);
 
+/// Which optional attributes an attestation collects. Every /proc read
+/// costs a few microseconds on the per-connection path, so the proxy reads
+/// only what the loaded mapping rules can use ([`IdentityResolver::needs`]);
+/// `identity explain` reads everything.
+///
+/// [`IdentityResolver::needs`]: super::IdentityResolver::needs
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttestNeeds {
+    /// The parent chain (for `parent_exe` / `ancestor_exe` selectors).
+    pub ancestors: bool,
+    /// Command line and working directory (shown by explain; no selector
+    /// or template uses them).
+    pub cmdline: bool,
+}
+
+impl AttestNeeds {
+    /// Everything.
+    pub const ALL: AttestNeeds = AttestNeeds { ancestors: true, cmdline: true };
+}
+
+/// cgroup ids are never reused while the host is up, so a path resolved
+/// (and verified) once for an id stays right; the bound guards memory
+/// against hosts creating cgroups endlessly.
+const CGROUP_CACHE_CAP: usize = 16_384;
+
 /// Attests connections. Cheap to share (`&self` everywhere).
 pub struct Attestor {
     env_allowlist: Vec<String>,
@@ -228,6 +253,8 @@ pub struct Attestor {
     exe_cache: Mutex<ExeCache>,
     users: Mutex<HashMap<u32, Option<String>>>,
     ancestor_cache: Mutex<HashMap<AncestorKey, (String, Option<ExeInfo>)>>,
+    cgroup_cache: Mutex<HashMap<u64, Arc<str>>>,
+    cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl Attestor {
@@ -244,13 +271,23 @@ impl Attestor {
             }),
             users: Mutex::new(HashMap::new()),
             ancestor_cache: Mutex::new(HashMap::new()),
+            cgroup_cache: Mutex::new(HashMap::new()),
+            cgroup_root: crate::intercept::cgroup::cgroup2_mount().ok(),
         }
     }
 
-    /// Attests the process that made a connection. Never guesses: any doubt
-    /// that /proc still describes the connecting process yields `Unattested`.
+    /// Attests the process that made a connection, collecting everything.
+    /// Never guesses: any doubt that /proc still describes the connecting
+    /// process yields `Unattested`.
     pub fn attest(&self, record: &ConnRecord) -> Attestation {
-        match self.try_attest(record) {
+        self.attest_with(record, AttestNeeds::ALL)
+    }
+
+    /// [`Attestor::attest`], collecting only the optional attributes in
+    /// `needs` (the checks against pid reuse, credential change and exec
+    /// are always made).
+    pub fn attest_with(&self, record: &ConnRecord, needs: AttestNeeds) -> Attestation {
+        match self.try_attest_with(record, needs) {
             Ok(a) => Attestation::Attested(Box::new(a)),
             Err(e) => Attestation::Unattested { reason: e.to_string() },
         }
@@ -258,40 +295,46 @@ impl Attestor {
 
     /// Like [`Attestor::attest`], with the failure as a typed error.
     pub fn try_attest(&self, record: &ConnRecord) -> Result<Attested, AttestError> {
+        self.try_attest_with(record, AttestNeeds::ALL)
+    }
+
+    /// Like [`Attestor::attest_with`], with the failure as a typed error.
+    pub fn try_attest_with(&self, record: &ConnRecord, needs: AttestNeeds) -> Result<Attested, AttestError> {
         let pid = record.tgid;
         let dir = ProcDir::open(pid)?;
-        let mut buf = Vec::with_capacity(1024);
+        // Large enough for a typical CI job's environment in one read.
+        let mut buf = Vec::with_capacity(16 * 1024);
 
         let stat = dir.stat(&mut buf)?;
         if matches!(stat.state, b'Z' | b'X' | b'x') {
             return Err(AttestError::Exited(pid));
         }
         self.check_start_time(pid, stat.start_ticks, record.ts_ns)?;
-
-        let (proc_uid, proc_gid) = dir.real_ids(&mut buf)?;
-        if proc_uid != record.uid || proc_gid != record.gid {
-            return Err(AttestError::CredentialMismatch {
-                pid,
-                uid: record.uid,
-                gid: record.gid,
-                proc_uid,
-                proc_gid,
-            });
-        }
-
         let comm = comm_of(record);
-        self.check_comm(&dir, record, &comm, &mut buf)?;
+        // The main thread's name is in `stat` already: one file fewer.
+        let stat_comm = (record.pid == record.tgid).then(|| procfs::stat_comm(&buf)).flatten();
+
+        self.check_ids(&dir, record, &mut buf)?;
+        match stat_comm {
+            Some(now) if now == comm => {}
+            Some(now) => {
+                return Err(AttestError::CommChanged { pid, tid: record.pid, then: comm, now });
+            }
+            None => self.check_comm(&dir, record, &comm, &mut buf)?,
+        }
 
         let exe = self.exe_info(&dir, true)?;
 
-        dir.read_into("cmdline", &mut buf, 64 * 1024)?;
-        let cmdline = procfs::split_nul(&buf);
-        let cwd = dir.readlink("cwd").ok();
-        dir.read_into("cgroup", &mut buf, 64 * 1024)?;
-        let cgroup = procfs::parse_cgroup(&buf);
+        let (cmdline, cwd) = if needs.cmdline {
+            dir.read_into("cmdline", &mut buf, 64 * 1024)?;
+            (procfs::split_nul(&buf), dir.readlink("cwd").ok())
+        } else {
+            (Vec::new(), None)
+        };
+        let cgroup = self.cgroup_path(&dir, record.cgroup_id, &mut buf)?;
         let container = cgroup.as_deref().and_then(parse_container);
         let env = self.read_env(&dir, &mut buf)?;
-        let ancestors = self.ancestors(stat.ppid, &mut buf);
+        let ancestors = if needs.ancestors { self.ancestors(stat.ppid, &mut buf) } else { Vec::new() };
 
         Ok(Attested {
             pid,
@@ -303,7 +346,7 @@ impl Attestor {
             exe,
             cmdline,
             cwd,
-            cgroup,
+            cgroup: cgroup.map(|c| c.to_string()),
             cgroup_id: record.cgroup_id,
             container,
             env,
@@ -311,6 +354,57 @@ impl Attestor {
             start_ticks: stat.start_ticks,
             connect_ns: record.ts_ns,
         })
+    }
+
+    /// The credential guard: /proc must show the real ids the kernel
+    /// recorded at connect(). `/proc/<pid>` itself is owned by the effective
+    /// ids (or root for non-dumpable processes); when those equal the
+    /// recorded ones, as for nearly every job, one `fstat` replaces parsing
+    /// `status`. Otherwise `status` decides.
+    fn check_ids(&self, dir: &ProcDir, record: &ConnRecord, buf: &mut Vec<u8>) -> Result<(), AttestError> {
+        if dir.owner().is_ok_and(|ids| ids == (record.uid, record.gid)) {
+            return Ok(());
+        }
+        let (proc_uid, proc_gid) = dir.real_ids(buf)?;
+        if proc_uid != record.uid || proc_gid != record.gid {
+            return Err(AttestError::CredentialMismatch {
+                pid: record.tgid,
+                uid: record.uid,
+                gid: record.gid,
+                proc_uid,
+                proc_gid,
+            });
+        }
+        Ok(())
+    }
+
+    /// The cgroup the connection was made from. The eBPF record names it by
+    /// id at connect() time; the path is read from /proc once per id and
+    /// kept only after checking that it still names that id (a process
+    /// that moved since connect() is described as it is now, uncached).
+    fn cgroup_path(&self, dir: &ProcDir, cgroup_id: u64, buf: &mut Vec<u8>) -> Result<Option<Arc<str>>, AttestError> {
+        if cgroup_id != 0 {
+            if let Some(hit) = self.cgroup_cache.lock().ok().and_then(|c| c.get(&cgroup_id).cloned()) {
+                return Ok(Some(hit));
+            }
+        }
+        dir.read_into("cgroup", buf, 64 * 1024)?;
+        let Some(path) = procfs::parse_cgroup(buf) else { return Ok(None) };
+        let path: Arc<str> = Arc::from(path);
+        let verified = cgroup_id != 0
+            && self.cgroup_root.as_ref().is_some_and(|root| {
+                let dir = root.join(path.trim_start_matches('/'));
+                std::fs::metadata(dir).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == cgroup_id)
+            });
+        if verified {
+            if let Ok(mut c) = self.cgroup_cache.lock() {
+                if c.len() >= CGROUP_CACHE_CAP {
+                    c.clear();
+                }
+                c.insert(cgroup_id, path.clone());
+            }
+        }
+        Ok(Some(path))
     }
 
     /// The pid-reuse guard: a process that started after the connect cannot
@@ -524,6 +618,12 @@ pub fn record_for_live_pid(pid: u32) -> Result<ConnRecord, AttestError> {
     let name = buf.strip_suffix(b"\n").unwrap_or(&buf);
     let n = name.len().min(gateway_common::COMM_LEN - 1);
     comm[..n].copy_from_slice(&name[..n]);
+    // What connect() would have recorded: the id (inode) of its cgroup.
+    dir.read_into("cgroup", &mut buf, 64 * 1024)?;
+    let cgroup_id = procfs::parse_cgroup(&buf)
+        .zip(crate::intercept::cgroup::cgroup2_mount().ok())
+        .and_then(|(path, root)| std::fs::metadata(root.join(path.trim_start_matches('/'))).ok())
+        .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
     Ok(ConnRecord {
         orig_addr: [0; 4],
         orig_port: 0,
@@ -533,7 +633,7 @@ pub fn record_for_live_pid(pid: u32) -> Result<ConnRecord, AttestError> {
         uid,
         gid,
         _pad: 0,
-        cgroup_id: 0,
+        cgroup_id,
         netns_cookie: 0,
         ts_ns: procfs::monotonic_ns(),
         comm,

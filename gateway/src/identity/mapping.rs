@@ -124,6 +124,12 @@ pub struct MappingFile {
 }
 
 impl MappingFile {
+    /// Whether any rule looks at ancestors (`parent_exe`, `ancestor_exe`):
+    /// attestation skips the parent chain otherwise.
+    pub fn uses_ancestors(&self) -> bool {
+        self.rules.iter().any(|r| r.parent_exe.is_some() || r.ancestor_exe.is_some())
+    }
+
     /// Reads and compiles `path` with the default configuration
     /// (default trust domain and env allowlist).
     pub fn load(path: &Path) -> Result<MappingFile, Vec<MappingError>> {

@@ -111,6 +111,13 @@ impl ProcDir {
         parse_stat(buf).ok_or(ProcError::Malformed { pid: self.pid, file: "stat" })
     }
 
+    /// Owner uid and gid of `/proc/<pid>`: the effective ids of a dumpable
+    /// process, root otherwise.
+    pub fn owner(&self) -> Result<(u32, u32), ProcError> {
+        let st = nix::sys::stat::fstat(&self.fd).map_err(|e| map_err(self.pid, "", e))?;
+        Ok((st.st_uid, st.st_gid))
+    }
+
     /// Real uid and gid from `status`.
     pub fn real_ids(&self, buf: &mut Vec<u8>) -> Result<(u32, u32), ProcError> {
         self.read_into("status", buf, 16 * 1024)?;
@@ -157,10 +164,14 @@ pub fn stat_of(pid: u32, buf: &mut Vec<u8>) -> Result<(Stat, String), ProcError>
     let f = File::open(&path).map_err(|e| map_err(pid, "stat", Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
     read_bounded(f, buf, 4096).map_err(|e| map_err(pid, "stat", e))?;
     let stat = parse_stat(buf).ok_or(ProcError::Malformed { pid, file: "stat" })?;
-    let open = buf.iter().position(|&b| b == b'(').unwrap_or(0);
-    let close = buf.iter().rposition(|&b| b == b')').unwrap_or(open);
-    let comm = String::from_utf8_lossy(buf.get(open + 1..close).unwrap_or_default()).into_owned();
-    Ok((stat, comm))
+    Ok((stat, stat_comm(buf).unwrap_or_default()))
+}
+
+/// The name (`comm`) field of `stat` contents.
+pub fn stat_comm(text: &[u8]) -> Option<String> {
+    let open = text.iter().position(|&b| b == b'(')?;
+    let close = text.iter().rposition(|&b| b == b')')?;
+    Some(String::from_utf8_lossy(text.get(open + 1..close)?).into_owned())
 }
 
 fn map_err(pid: u32, file: &str, e: Errno) -> ProcError {

@@ -140,6 +140,12 @@ impl IdentityResolver {
         }
     }
 
+    /// What attestation must collect for the mappings in force.
+    pub fn needs(&self) -> super::AttestNeeds {
+        let ancestors = self.mappings().is_some_and(|m| m.uses_ancestors());
+        super::AttestNeeds { ancestors, cmdline: false }
+    }
+
     /// The mapping file in force.
     pub fn mappings(&self) -> Option<Arc<MappingFile>> {
         match self.current.read() {

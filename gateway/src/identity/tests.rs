@@ -345,3 +345,34 @@ fn cli_check_exit_codes() {
     let cfg = IdentityConfig { mappings: Some(good), ..config() };
     assert_eq!(cli_explain(&cfg, p.pid(), true), std::process::ExitCode::SUCCESS);
 }
+
+#[test]
+fn trimmed_attestation_keeps_every_guard_and_skips_only_what_rules_cannot_use() {
+    let sleep = require_file("/bin/sleep");
+    let p = spawn(&sleep, &[("GITHUB_REPOSITORY", "a/b")], None);
+    let needs = AttestNeeds { ancestors: false, cmdline: false };
+    let a = attestor();
+    let full = attested(&a.attest(&record(p.pid()))).clone();
+    let trimmed = attested(&a.attest_with(&record(p.pid()), needs)).clone();
+    assert!(!full.ancestors.is_empty() && !full.cmdline.is_empty(), "{full:?}");
+    assert!(trimmed.ancestors.is_empty() && trimmed.cmdline.is_empty() && trimmed.cwd.is_none());
+    assert_eq!((&trimmed.exe, &trimmed.env, trimmed.uid), (&full.exe, &full.env, full.uid));
+    // The path comes from the cgroup id cache the second time; both agree with /proc.
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid())).expect("cgroup");
+    let want = cgroup.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned);
+    assert!(record(p.pid()).cgroup_id != 0, "record_for_live_pid resolves the cgroup id");
+    assert_eq!((&trimmed.cgroup, &full.cgroup), (&want, &want));
+
+    let mut rec = record(p.pid());
+    rec.uid = 4242;
+    assert!(unattested_reason(&a.attest_with(&rec, needs)).contains("uid"));
+    let mut rec = record(p.pid());
+    rec.comm = [0; gateway_common::COMM_LEN];
+    rec.comm[..4].copy_from_slice(b"bash");
+    assert!(unattested_reason(&a.attest_with(&rec, needs)).contains("exec"));
+
+    let (with_parent, _d) = resolver_with("rules:\n  - match: { parent_exe: \"/**\", uid: 0 }\n    identity: spiffe://ci.test/p\n");
+    assert!(with_parent.needs().ancestors);
+    let (without, _d2) = resolver_with("rules:\n  - match: { uid: 0 }\n    identity: spiffe://ci.test/u\n");
+    assert_eq!(without.needs(), needs);
+}

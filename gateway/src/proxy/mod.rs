@@ -172,7 +172,8 @@ impl Proxy {
     /// runs on the blocking pool.
     async fn identify(&self, record: gateway_common::ConnRecord) -> Caller {
         let attestor = self.services.attestor.clone();
-        let attestation = tokio::task::spawn_blocking(move || attestor.attest(&record))
+        let needs = self.services.identities.needs();
+        let attestation = tokio::task::spawn_blocking(move || attestor.attest_with(&record, needs))
             .await
             .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
         let identity = self.services.identities.resolve(&attestation);
