@@ -22,7 +22,7 @@ use crate::{
         Detector, FingerprintKey,
     },
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
-    http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector},
+    http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector, PassResponses},
     identity::Identity,
     process::ProcessInfo,
 };
@@ -350,8 +350,9 @@ fn request_host(ctx: &HttpContext, parts: &http::request::Parts) -> String {
 
 impl Inspector for Enforcer {
     type Body = BodyEnforcer;
+    type Response = PassResponses;
 
-    async fn inspect_head(&self, ctx: &HttpContext, parts: &mut http::request::Parts) -> HeadVerdict<BodyEnforcer> {
+    async fn inspect_head(&self, ctx: &HttpContext, parts: &mut http::request::Parts) -> HeadVerdict<BodyEnforcer, PassResponses> {
         let host = request_host(ctx, parts);
         let verified = match self.verify_presented_token(ctx, parts).await {
             Ok(v) => v,
@@ -370,6 +371,7 @@ impl Inspector for Enforcer {
         let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.policy.body_limits);
         HeadVerdict::Forward {
             body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner, verified }),
+            response: None,
         }
     }
 }

@@ -368,7 +368,19 @@ pub(crate) struct ResponseBody {
     /// must then fail rather than end normally.
     abort: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     log: ExchangeLog,
+    /// Data goes through the log's response inspector (masking).
+    filter: Filter,
+    /// A frame that must follow the filter's final output (trailers).
+    pending: Option<Frame<Bytes>>,
     done: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    Off,
+    On,
+    /// `end` was called; only `pending` and the end remain.
+    Ended,
 }
 
 enum ResponseKind {
@@ -380,19 +392,30 @@ impl ResponseBody {
     /// A response made up here (verdicts, 502s, 101s).
     pub(crate) fn full(data: Bytes, log: ExchangeLog) -> ResponseBody {
         let data = (!data.is_empty()).then_some(data);
-        ResponseBody { kind: ResponseKind::Full(data), abort: None, log, done: false }
+        ResponseBody {
+            kind: ResponseKind::Full(data),
+            abort: None,
+            log,
+            filter: Filter::Off,
+            pending: None,
+            done: false,
+        }
     }
 
-    /// Upstream's response body, streamed frame by frame.
+    /// Upstream's response body, streamed frame by frame; with `filter`,
+    /// every data frame goes through the response inspector first.
     pub(crate) fn upstream(
         body: Incoming,
         abort: Option<CancellationToken>,
         log: ExchangeLog,
+        filter: bool,
     ) -> ResponseBody {
         ResponseBody {
             kind: ResponseKind::Upstream(body),
             abort: abort.map(|t| Box::pin(t.cancelled_owned())),
             log,
+            filter: if filter { Filter::On } else { Filter::Off },
+            pending: None,
             done: false,
         }
     }
@@ -400,6 +423,25 @@ impl ResponseBody {
     fn finish(&mut self) {
         self.done = true;
         self.log.emit();
+    }
+
+    /// The response cannot continue: the client sees its stream fail.
+    fn fail(&mut self, e: BoxError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.log.outcome() == ExchangeOutcome::Forwarded {
+            self.log.set_outcome(ExchangeOutcome::Aborted);
+        }
+        self.finish();
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Runs the filter over a data chunk, or flushes it at the end.
+    fn filtered(&mut self, data: Option<Bytes>) -> Result<Bytes, BoxError> {
+        let Some(inspector) = self.log.response_inspector() else { return Ok(data.unwrap_or_default()) };
+        let out = match data {
+            Some(d) => inspector.chunk(d),
+            None => inspector.end(),
+        };
+        out.map_err(|reason| HttpError::ResponseFilter(reason).into())
     }
 }
 
@@ -412,52 +454,85 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        if let Some(abort) = this.abort.as_mut() {
-            if abort.as_mut().poll(cx).is_ready() {
-                this.log.set_outcome(ExchangeOutcome::Blocked);
-                this.finish();
-                return Poll::Ready(Some(Err(HttpError::BodyAborted.into())));
+        loop {
+            if this.done {
+                return Poll::Ready(None);
             }
-        }
-        let frame = match &mut this.kind {
-            ResponseKind::Full(data) => data.take().map(|d| Ok(Frame::data(d))),
-            ResponseKind::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
-                Some(Ok(f)) => Some(Ok(f)),
-                Some(Err(e)) => {
-                    if this.log.outcome() == ExchangeOutcome::Forwarded {
-                        this.log.set_outcome(ExchangeOutcome::Aborted);
-                    }
+            if let Some(abort) = this.abort.as_mut() {
+                if abort.as_mut().poll(cx).is_ready() {
+                    this.log.set_outcome(ExchangeOutcome::Blocked);
                     this.finish();
-                    return Poll::Ready(Some(Err(e.into())));
-                }
-                None => None,
-            },
-        };
-        match &frame {
-            Some(Ok(f)) => {
-                if let Some(d) = f.data_ref() {
-                    this.log.add_down(d.len());
+                    return Poll::Ready(Some(Err(HttpError::BodyAborted.into())));
                 }
             }
-            _ => this.finish(),
+            if this.filter == Filter::Ended {
+                let frame = this.pending.take();
+                if frame.is_none() {
+                    this.finish();
+                }
+                return Poll::Ready(frame.map(Ok));
+            }
+            let frame = match &mut this.kind {
+                ResponseKind::Full(data) => data.take().map(Frame::data),
+                ResponseKind::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
+                    Some(Ok(f)) => Some(f),
+                    Some(Err(e)) => return this.fail(e.into()),
+                    None => None,
+                },
+            };
+            let frame = match (this.filter, frame) {
+                (Filter::Off, frame) => frame,
+                (_, Some(f)) if f.is_data() => {
+                    let data = f.into_data().unwrap_or_default();
+                    match this.filtered(Some(data)) {
+                        // Held back whole: nothing to send yet.
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => Some(Frame::data(out)),
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                // End of data (trailers or the end): flush what the filter held.
+                (_, rest) => {
+                    this.filter = Filter::Ended;
+                    this.pending = rest;
+                    match this.filtered(None) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => Some(Frame::data(out)),
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            };
+            match &frame {
+                Some(f) => {
+                    if let Some(d) = f.data_ref() {
+                        this.log.add_down(d.len());
+                    }
+                }
+                None => this.finish(),
+            }
+            return Poll::Ready(frame.map(Ok));
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            ResponseKind::Full(d) => d.is_none(),
-            ResponseKind::Upstream(b) => b.is_end_stream(),
+        if self.done {
+            return true;
+        }
+        match (&self.kind, self.filter) {
+            (_, Filter::Ended) => self.pending.is_none(),
+            (_, Filter::On) => false,
+            (ResponseKind::Full(d), Filter::Off) => d.is_none(),
+            (ResponseKind::Upstream(b), Filter::Off) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            ResponseKind::Full(d) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
-            ResponseKind::Upstream(b) => b.size_hint(),
+        match (&self.kind, self.filter) {
+            (_, Filter::On | Filter::Ended) => SizeHint::default(),
+            (ResponseKind::Full(d), Filter::Off) => {
+                SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            (ResponseKind::Upstream(b), Filter::Off) => b.size_hint(),
         }
     }
 }

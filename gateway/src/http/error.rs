@@ -36,4 +36,9 @@ pub enum HttpError {
     /// client's body failed); hyper resets the upstream request with it.
     #[error("request body aborted")]
     BodyAborted,
+    /// The response inspector could not process the response body (for
+    /// example undecodable compressed data while masking): the client's
+    /// response is cut off rather than passed on unprocessed.
+    #[error("response refused by the inspector: {0}")]
+    ResponseFilter(String),
 }

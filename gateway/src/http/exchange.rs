@@ -10,7 +10,7 @@ use std::{
     time::Instant,
 };
 
-use super::{Exchange, ExchangeOutcome, HTTP_TARGET};
+use super::{Exchange, ExchangeOutcome, ResponseInspector, HTTP_TARGET};
 
 /// Receives finished exchanges (wraps the inspector's `on_exchange`).
 pub(crate) type Hook = Arc<dyn Fn(&Exchange) + Send + Sync>;
@@ -23,6 +23,9 @@ pub(crate) struct ExchangeLog {
     /// Shared with the upstream request body, which may still be counting.
     bytes_up: Arc<AtomicU64>,
     hook: Option<Hook>,
+    /// The request's response inspector: filters the body while it
+    /// streams and is told the outcome when the log emits.
+    response: Option<Box<dyn ResponseInspector>>,
 }
 
 impl ExchangeLog {
@@ -51,7 +54,18 @@ impl ExchangeLog {
             started,
             bytes_up: Arc::new(AtomicU64::new(0)),
             hook: Some(hook),
+            response: None,
         }
+    }
+
+    /// Attaches the request's response inspector.
+    pub(crate) fn set_response_inspector(&mut self, inspector: Box<dyn ResponseInspector>) {
+        self.response = Some(inspector);
+    }
+
+    /// The request's response inspector, if any.
+    pub(crate) fn response_inspector(&mut self) -> Option<&mut (dyn ResponseInspector + 'static)> {
+        self.response.as_deref_mut()
     }
 
     /// The counter the upstream request body adds to.
@@ -94,6 +108,9 @@ impl ExchangeLog {
             "http exchange"
         );
         hook(e);
+        if let Some(mut r) = self.response.take() {
+            r.finish(e);
+        }
     }
 }
 

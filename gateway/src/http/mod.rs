@@ -56,13 +56,15 @@ pub struct HttpContext {
 
 /// Verdict on a request head, before anything is sent upstream.
 #[derive(Debug)]
-pub enum HeadVerdict<B> {
+pub enum HeadVerdict<B, R> {
     /// Send the request on. With `Some`, every body chunk is fed to the
     /// body inspector before it can go upstream; with `None` the body
     /// streams through uninspected.
     Forward {
         /// The body inspector for this request.
         body: Option<B>,
+        /// Follows the request to its response (masking, recording).
+        response: Option<R>,
     },
     /// Answer the client with this response; nothing goes upstream.
     Respond(http::Response<Bytes>),
@@ -80,12 +82,52 @@ pub enum BodyVerdict {
     Respond(http::Response<Bytes>),
 }
 
+/// What happens to a response before the client sees it.
+#[derive(Debug)]
+pub enum ResponseVerdict {
+    /// Pass the body through untouched.
+    Pass,
+    /// Pass every body chunk through [`ResponseInspector::chunk`] (and
+    /// [`ResponseInspector::end`]); the body is re-framed, since its length
+    /// may change.
+    Filter,
+    /// Answer with this instead; upstream's body is dropped.
+    Replace(http::Response<Bytes>),
+}
+
+/// Follows one forwarded request to its response: may rewrite the response
+/// head and body (masking) and learns how the exchange ended (recording).
+/// Object-safe: the engine boxes it.
+pub trait ResponseInspector: Send + 'static {
+    /// Sees (and may edit) upstream's response head. Not called for
+    /// responses made by the engine (blocks, 502s).
+    fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict;
+
+    /// Rewrites one body chunk (after [`ResponseVerdict::Filter`]). An error
+    /// cuts the client's response off: nothing unprocessed goes out.
+    fn chunk(&mut self, data: Bytes) -> Result<Bytes, String> {
+        Ok(data)
+    }
+
+    /// The body ended: whatever the inspector still held back.
+    fn end(&mut self) -> Result<Bytes, String> {
+        Ok(Bytes::new())
+    }
+
+    /// The exchange is over (answered, blocked, failed or abandoned); called
+    /// exactly once.
+    fn finish(&mut self, _exchange: &Exchange) {}
+}
+
 /// Judges requests. One instance serves a whole connection (and, if the
 /// caller likes, many connections), so it must be shareable.
 pub trait Inspector: Send + Sync + 'static {
     /// Inspects one request's body; created per request by
     /// [`Inspector::inspect_head`].
     type Body: BodyInspector;
+    /// Follows one request to its response; created per request by
+    /// [`Inspector::inspect_head`].
+    type Response: ResponseInspector;
 
     /// Judges a request head. May modify `parts` (e.g. swap credentials);
     /// the modified head is what goes upstream, after hop-by-hop headers
@@ -94,7 +136,7 @@ pub trait Inspector: Send + Sync + 'static {
         &self,
         ctx: &HttpContext,
         parts: &mut http::request::Parts,
-    ) -> impl Future<Output = HeadVerdict<Self::Body>> + Send;
+    ) -> impl Future<Output = HeadVerdict<Self::Body, Self::Response>> + Send;
 
     /// Called once per finished exchange (after the response body ended or
     /// was abandoned). The default does nothing.
@@ -111,6 +153,16 @@ pub trait BodyInspector: Send + 'static {
     /// The body ended (also called for requests without a body). Held-back
     /// bytes go upstream only after this returns `Continue`.
     fn finish(&mut self) -> impl Future<Output = BodyVerdict> + Send;
+}
+
+/// A [`ResponseInspector`] for inspectors that leave responses alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassResponses;
+
+impl ResponseInspector for PassResponses {
+    fn head(&mut self, _parts: &mut http::response::Parts) -> ResponseVerdict {
+        ResponseVerdict::Pass
+    }
 }
 
 /// An upstream byte stream: TCP, TLS, or anything else.

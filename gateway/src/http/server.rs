@@ -28,7 +28,7 @@ use super::{
     headers, upgrade,
     upstream::Upstreams,
     ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits,
-    ServeStats, UpstreamConnector, HTTP_TARGET,
+    ResponseVerdict, ServeStats, UpstreamConnector, HTTP_TARGET,
 };
 
 /// Serves one client connection until it closes.
@@ -197,8 +197,14 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             HeadVerdict::Respond(r) => {
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));
             }
-            HeadVerdict::Forward { body } => body,
+            HeadVerdict::Forward { body, response } => {
+                if let Some(r) = response {
+                    log.set_response_inspector(Box::new(r));
+                }
+                body
+            }
         };
+        let bodyless_response = parts.method == Method::HEAD;
         if parts.method == Method::CONNECT {
             // Tunnels inside an intercepted connection would bypass
             // inspection; transparent clients have no reason to send one.
@@ -289,13 +295,33 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         }
         let (mut parts, body) = resp.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, switching);
+        let verdict = log.response_inspector().map(|r| r.head(&mut parts));
+        let filter = match verdict {
+            // A tunnel's bytes are not HTTP: nothing to filter.
+            _ if switching => false,
+            None | Some(ResponseVerdict::Pass) => false,
+            Some(ResponseVerdict::Filter) => {
+                let has_body = !bodyless_response
+                    && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+                // The filter may change the length; hyper re-frames
+                // (chunked on HTTP/1.1). A HEAD answer's length describes a
+                // body never sent, so it stays.
+                if has_body {
+                    parts.headers.remove(header::CONTENT_LENGTH);
+                }
+                has_body
+            }
+            Some(ResponseVerdict::Replace(r)) => {
+                return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+            }
+        };
         parts.version = version;
         log.set_status(parts.status.as_u16());
         if !switching {
             log.set_outcome(ExchangeOutcome::Forwarded);
         }
         let abort = streaming.then_some(abort);
-        Ok(Response::from_parts(parts, ResponseBody::upstream(body, abort, log)))
+        Ok(Response::from_parts(parts, ResponseBody::upstream(body, abort, log, filter)))
     }
 
     fn bad_gateway(

@@ -106,6 +106,78 @@ struct TestInspector {
     inspect_body: bool,
     fed: Arc<AtomicU64>,
     exchanges: Mutex<Vec<Exchange>>,
+    /// Response bodies: this pattern becomes `[X]`, also across chunks.
+    mask: Option<&'static [u8]>,
+    /// (status, outcome) of each exchange, as the response inspector saw it.
+    finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
+}
+
+/// Replaces a pattern in response bodies, holding back `pattern.len() - 1`
+/// bytes so that a pattern split across chunks is still replaced.
+struct Masker {
+    pattern: Option<&'static [u8]>,
+    held: Vec<u8>,
+    finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
+}
+
+impl Masker {
+    fn replace_all(&self, data: &[u8]) -> (Vec<u8>, usize) {
+        let Some(p) = self.pattern else { return (data.to_vec(), 0) };
+        let (mut out, mut i, mut consumed) = (Vec::new(), 0, 0);
+        while i + p.len() <= data.len() {
+            if &data[i..i + p.len()] == p {
+                out.extend_from_slice(&data[consumed..i]);
+                out.extend_from_slice(b"[X]");
+                i += p.len();
+                consumed = i;
+            } else {
+                i += 1;
+            }
+        }
+        out.extend_from_slice(&data[consumed..]);
+        (out, consumed)
+    }
+}
+
+impl ResponseInspector for Masker {
+    fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict {
+        if parts.headers.get("x-refuse").is_some() {
+            return ResponseVerdict::Replace(forbidden("response"));
+        }
+        if self.pattern.is_some() {
+            ResponseVerdict::Filter
+        } else {
+            ResponseVerdict::Pass
+        }
+    }
+    fn chunk(&mut self, data: Bytes) -> Result<Bytes, String> {
+        if data.as_ref() == b"POISON" {
+            return Err("poisoned chunk".into());
+        }
+        let Some(p) = self.pattern else { return Ok(data) };
+        self.held.extend_from_slice(&data);
+        // Everything but a possible pattern prefix at the end may go.
+        let keep = (p.len() - 1).min(self.held.len());
+        let cut = self.held.len() - keep;
+        let (mut out, consumed) = self.replace_all(&self.held[..]);
+        if consumed > cut {
+            // A replacement ended inside the kept tail: nothing is held.
+            self.held.clear();
+            return Ok(out.into());
+        }
+        let tail_len = self.held.len() - cut;
+        out.truncate(out.len() - tail_len);
+        self.held.drain(..cut);
+        Ok(out.into())
+    }
+    fn end(&mut self) -> Result<Bytes, String> {
+        let held = std::mem::take(&mut self.held);
+        let (out, _) = self.replace_all(&held);
+        Ok(out.into())
+    }
+    fn finish(&mut self, exchange: &Exchange) {
+        self.finished.lock().unwrap().push((exchange.status, exchange.outcome));
+    }
 }
 
 impl TestInspector {
@@ -151,11 +223,12 @@ impl BodyInspector for Scanner {
 
 impl Inspector for TestInspector {
     type Body = Scanner;
+    type Response = Masker;
     async fn inspect_head(
         &self,
         _ctx: &HttpContext,
         parts: &mut http::request::Parts,
-    ) -> HeadVerdict<Scanner> {
+    ) -> HeadVerdict<Scanner, Masker> {
         if let Some((name, value)) = self.block_header {
             if parts.headers.get(name).is_some_and(|v| v == value) {
                 return HeadVerdict::Respond(forbidden("header"));
@@ -166,7 +239,9 @@ impl Inspector for TestInspector {
             tail: Vec::new(),
             fed: self.fed.clone(),
         });
-        HeadVerdict::Forward { body }
+        let response =
+            Masker { pattern: self.mask, held: Vec::new(), finished: self.finished.clone() };
+        HeadVerdict::Forward { body, response: Some(response) }
     }
     fn on_exchange(&self, _ctx: &HttpContext, exchange: &Exchange) {
         self.exchanges.lock().unwrap().push(exchange.clone());
@@ -1119,4 +1194,84 @@ async fn upstream_tls_verification_failure_gives_502() {
 
 fn pki_roots_of_other_ca() -> RootCertStore {
     pki().roots
+}
+
+/// An upstream that sends `chunks` as separate data frames, 20 ms apart,
+/// with a Content-Length when `length` is set; header `x-refuse` on `/refuse`.
+async fn chunked_upstream(chunks: &'static [&'static str], length: bool) -> Upstream {
+    upstream(None, move |req: Request<Incoming>| async move {
+        let (tx, body) = chan_body();
+        tokio::spawn(async move {
+            for c in chunks {
+                tx.send(Frame::data(Bytes::from_static(c.as_bytes()))).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let mut resp = Response::new(body);
+        if length {
+            let total: usize = chunks.iter().map(|c| c.len()).sum();
+            resp.headers_mut().insert(http::header::CONTENT_LENGTH, total.into());
+        }
+        if req.uri().path() == "/refuse" {
+            resp.headers_mut().insert("x-refuse", http::HeaderValue::from_static("1"));
+        }
+        resp
+    })
+    .await
+}
+
+#[tokio::test]
+async fn response_filter_rewrites_split_patterns_and_reframes_h1_and_h2() {
+    static CHUNKS: &[&str] = &["hello SEC", "RET and SECR", "ET", " bye"];
+    let up = chunked_upstream(CHUNKS, true).await;
+    for h2 in [false, true] {
+        let inspector = Arc::new(TestInspector { mask: Some(b"SECRET"), ..Default::default() });
+        let mut front =
+            front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
+        let resp = if h2 {
+            h2c_client(front.addr).await.send_request(get("http://localhost/r")).await
+        } else {
+            h1_client(front.addr).await.send_request(get("/r")).await
+        }
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        // The length changed, so upstream's Content-Length must not survive.
+        assert!(resp.headers().get(http::header::CONTENT_LENGTH).is_none(), "h2={h2}");
+        assert_eq!(text(resp).await, "hello [X] and [X] bye", "h2={h2}");
+        drop(front.results.try_recv());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let finished = inspector.finished.lock().unwrap().clone();
+        assert_eq!(finished, vec![(200, ExchangeOutcome::Forwarded)], "finish once (h2={h2})");
+    }
+}
+
+#[tokio::test]
+async fn response_filter_error_cuts_the_response_and_replace_answers_locally() {
+    static CHUNKS: &[&str] = &["fine so far;", "POISON", "never seen"];
+    let up = chunked_upstream(CHUNKS, false).await;
+    let inspector = Arc::new(TestInspector { mask: Some(b"SECRET"), ..Default::default() });
+    let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let resp = client.send_request(get("/poison")).await.unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    let err = loop {
+        match body.frame().await {
+            Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap_or_default()),
+            Some(Err(e)) => break e,
+            None => panic!("the response must not end normally after a filter error"),
+        }
+    };
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(!got.contains("never seen") && !got.contains("POISON"), "{got} / {err}");
+
+    let mut client = h2c_client(front.addr).await;
+    let resp = client.send_request(get("http://localhost/refuse")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(text(resp).await, "blocked: response");
+    drop(front.results.try_recv());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let finished = inspector.finished.lock().unwrap().clone();
+    assert!(finished.contains(&(200, ExchangeOutcome::Aborted)), "{finished:?}");
+    assert!(finished.contains(&(403, ExchangeOutcome::Blocked)), "{finished:?}");
 }
