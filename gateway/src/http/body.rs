@@ -198,6 +198,9 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 if let BodyVerdict::Respond(r) = inspector.finish().await {
                     return Ok(Inspected::Blocked(r));
                 }
+                if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
+                    return Ok(Inspected::Blocked(r));
+                }
                 return Ok(Inspected::Buffered(RequestBody::frames(
                     frames,
                     exact,
@@ -225,6 +228,9 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 }
             }
         }
+    }
+    if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
+        return Ok(Inspected::Blocked(r));
     }
     let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
     let (blocked_tx, blocked) = oneshot::channel();

@@ -153,6 +153,14 @@ pub trait BodyInspector: Send + 'static {
     /// The body ended (also called for requests without a body). Held-back
     /// bytes go upstream only after this returns `Continue`.
     fn finish(&mut self) -> impl Future<Output = BodyVerdict> + Send;
+
+    /// Upstream is about to be contacted: called once, after the whole body
+    /// (if it fit [`Limits::max_buffered_body`]) or its buffered prefix was
+    /// fed. The last point where the request can be held (for example for
+    /// a human approval) or refused with nothing sent upstream.
+    fn before_upstream(&mut self) -> impl Future<Output = BodyVerdict> + Send {
+        std::future::ready(BodyVerdict::Continue)
+    }
 }
 
 /// A [`ResponseInspector`] for inspectors that leave responses alone.

@@ -110,6 +110,7 @@ struct TestInspector {
     mask: Option<&'static [u8]>,
     /// (status, outcome) of each exchange, as the response inspector saw it.
     finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
+    at_upstream: Arc<Mutex<Vec<u64>>>,
 }
 
 /// Replaces a pattern in response bodies, holding back `pattern.len() - 1`
@@ -196,6 +197,10 @@ struct Scanner {
     pattern: Option<&'static [u8]>,
     tail: Vec<u8>,
     fed: Arc<AtomicU64>,
+    /// Bytes fed when upstream was about to be contacted; refuses when the
+    /// request carried `x-hold: refuse`.
+    at_upstream: Arc<Mutex<Vec<u64>>>,
+    refuse_at_upstream: bool,
 }
 
 impl BodyInspector for Scanner {
@@ -219,6 +224,13 @@ impl BodyInspector for Scanner {
     async fn finish(&mut self) -> BodyVerdict {
         BodyVerdict::Continue
     }
+    async fn before_upstream(&mut self) -> BodyVerdict {
+        self.at_upstream.lock().unwrap().push(self.fed.load(Ordering::SeqCst));
+        if self.refuse_at_upstream {
+            return BodyVerdict::Respond(forbidden("held"));
+        }
+        BodyVerdict::Continue
+    }
 }
 
 impl Inspector for TestInspector {
@@ -238,6 +250,8 @@ impl Inspector for TestInspector {
             pattern: self.pattern,
             tail: Vec::new(),
             fed: self.fed.clone(),
+            at_upstream: self.at_upstream.clone(),
+            refuse_at_upstream: parts.headers.get("x-hold").is_some_and(|v| v == "refuse"),
         });
         let response =
             Masker { pattern: self.mask, held: Vec::new(), finished: self.finished.clone() };
@@ -1274,4 +1288,36 @@ async fn response_filter_error_cuts_the_response_and_replace_answers_locally() {
     let finished = inspector.finished.lock().unwrap().clone();
     assert!(finished.contains(&(200, ExchangeOutcome::Aborted)), "{finished:?}");
     assert!(finished.contains(&(403, ExchangeOutcome::Blocked)), "{finished:?}");
+}
+
+#[tokio::test]
+async fn before_upstream_runs_once_after_the_buffered_body_and_can_refuse() {
+    let up = echo_upstream(None).await;
+    let inspector = TestInspector::pass();
+    let limits = Limits { max_buffered_body: 1000, ..Limits::default() };
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, limits).await;
+    let mut client = h1_client(front.addr).await;
+    // Small body: seen whole before upstream.
+    let resp = client.send_request(Request::post("/small").body(full("x".repeat(300))).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    text(resp).await;
+    // Large body: its buffered prefix (just over the limit) was seen first.
+    client.ready().await.unwrap();
+    let resp = client.send_request(Request::post("/large").body(full("y".repeat(50_000))).unwrap()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    text(resp).await;
+    let seen = inspector.at_upstream.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0], 300);
+    assert!(seen[1] > 1000 && seen[1] < 50_000, "{seen:?}");
+    // Refused there: upstream never sees the request.
+    let before = up.requests.load(Ordering::SeqCst);
+    client.ready().await.unwrap();
+    let req = Request::post("/held").header("x-hold", "refuse").body(full("z".repeat(10))).unwrap();
+    let resp = client.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(text(resp).await, "blocked: held");
+    assert_eq!(up.requests.load(Ordering::SeqCst), before);
+    drop(client);
+    drop(front.next_result().await);
 }
