@@ -224,8 +224,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let services_identities = services.identities.clone();
-    let services_credentials = services.policy.credentials.clone();
-    let minter = services.policy.minter.clone();
+    let services_credentials = services.enforcement.credentials.clone();
+    let minter = services.enforcement.minter.clone();
     let mut api_task = None;
     if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -396,7 +396,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         )?;
         Some(Arc::new(validator))
     };
-    let policy = crate::enforce::Policy {
+    let enforcement = crate::enforce::Enforcement {
         detector,
         fingerprint_key,
         findings,
@@ -412,7 +412,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         tls: config.tls.clone(),
         leaf_cache,
         upstream_tls,
-        policy: Arc::new(policy),
+        enforcement: Arc::new(enforcement),
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         identities,
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },

@@ -172,7 +172,7 @@ impl Proxy {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: http::UpstreamConnector,
     {
-        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.policy.clone(), caller));
+        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.enforcement.clone(), caller));
         let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
         if enforcer.blocked() > 0 {
             handled.outcome = Outcome::Blocked;

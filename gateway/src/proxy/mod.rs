@@ -18,7 +18,7 @@ use tracing::Instrument as _;
 
 use crate::{
     config::ProxyConfig,
-    enforce::{Caller, Policy},
+    enforce::{Caller, Enforcement},
     event::{ConnectionEvent, Outcome},
     intercept::{words_addr, Interceptor},
     identity::{Attestation, Attestor, IdentityResolver},
@@ -59,7 +59,7 @@ pub struct Services {
     /// Verifying TLS client for upstreams.
     pub upstream_tls: Arc<UpstreamTls>,
     /// Detection, findings and actions.
-    pub policy: Arc<Policy>,
+    pub enforcement: Arc<Enforcement>,
     /// Attestation of connecting processes.
     pub attestor: Arc<Attestor>,
     /// Operator mappings from attested processes to identities.

@@ -1,4 +1,4 @@
-//! Enforcement of the static-key policy on intercepted HTTP: every request
+//! Enforcement on intercepted HTTP: every request head and body is scanned
 //! head and body is scanned by the detector before anything goes upstream;
 //! each hit becomes a durable finding, and the configured action decides
 //! whether the request is blocked (403, nothing reaches upstream) or
@@ -33,7 +33,7 @@ pub const FINDING_TARGET: &str = "gateway::finding";
 pub const OIDC_TARGET: &str = "gateway::oidc";
 
 /// What every connection's enforcement shares.
-pub struct Policy {
+pub struct Enforcement {
     /// The detector.
     pub detector: Arc<Detector>,
     /// Per-installation key for fingerprints.
@@ -68,15 +68,15 @@ pub struct Caller {
 /// The [`Inspector`] of one intercepted connection.
 #[derive(Clone)]
 pub struct Enforcer {
-    policy: Arc<Policy>,
+    shared: Arc<Enforcement>,
     caller: Arc<Caller>,
     blocked: Arc<AtomicU64>,
 }
 
 impl Enforcer {
     /// Enforcement for a connection made by `caller`.
-    pub fn new(policy: Arc<Policy>, caller: Arc<Caller>) -> Enforcer {
-        Enforcer { policy, caller, blocked: Arc::new(AtomicU64::new(0)) }
+    pub fn new(shared: Arc<Enforcement>, caller: Arc<Caller>) -> Enforcer {
+        Enforcer { shared, caller, blocked: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Requests blocked so far on this connection.
@@ -98,19 +98,19 @@ impl Enforcer {
     ) -> Option<http::Response<Bytes>> {
         let identity = &self.caller.identity;
         let credential = match head {
-            Some(_) => self.policy.credentials.lookup(&identity.uri, host),
+            Some(_) => self.shared.credentials.lookup(&identity.uri, host),
             None => None,
         };
         let mut seen = HashSet::new();
         let mut decided: Vec<(Hit, String, String, Action)> = Vec::new();
         let mut swap_targets = Vec::new();
         for hit in hits {
-            let fingerprint = hit.detection.secret.fingerprint(&self.policy.fingerprint_key);
+            let fingerprint = hit.detection.secret.fingerprint(&self.shared.fingerprint_key);
             let location = hit.location.to_string();
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }
-            let action = match self.policy.actions.action_for(host, &hit.detection.rule_id) {
+            let action = match self.shared.actions.action_for(host, &hit.detection.rule_id) {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
                 // Nothing held for this identity and destination, or a key
@@ -159,7 +159,7 @@ impl Enforcer {
                 action,
                 seen_at: time::OffsetDateTime::now_utc(),
             };
-            let id = match self.policy.findings.record(finding).await {
+            let id = match self.shared.findings.record(finding).await {
                 Ok(recorded) => Some(recorded.id.to_string()),
                 Err(e) => {
                     // Losing the finding must not let the key through.
@@ -207,10 +207,10 @@ impl Enforcer {
         ctx: &HttpContext,
         parts: &mut http::request::Parts,
     ) -> Result<BTreeMap<String, String>, http::Response<Bytes>> {
-        let Some(value) = parts.headers.remove(&self.policy.oidc_header) else {
+        let Some(value) = parts.headers.remove(&self.shared.oidc_header) else {
             return Ok(BTreeMap::new());
         };
-        let Some(validator) = &self.policy.oidc else {
+        let Some(validator) = &self.shared.oidc else {
             tracing::warn!(target: OIDC_TARGET, conn_id = ctx.conn_id, "an ID token was presented but no OIDC issuer is configured; token dropped");
             return Ok(BTreeMap::new());
         };
@@ -266,7 +266,7 @@ impl Enforcer {
             labels: identity.labels.clone(),
             job,
         };
-        let rendered = prepare(credential, self.policy.minter.as_deref(), &mint).map_err(|e| e.to_string())?;
+        let rendered = prepare(credential, self.shared.minter.as_deref(), &mint).map_err(|e| e.to_string())?;
         let outcome = apply_swap(parts, targets, &rendered).map_err(|e| e.to_string())?;
         tracing::info!(
             target: FINDING_TARGET,
@@ -358,7 +358,7 @@ impl Inspector for Enforcer {
             Ok(v) => v,
             Err(response) => return HeadVerdict::Respond(response),
         };
-        let detector = &self.policy.detector;
+        let detector = &self.shared.detector;
         let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
         // The gateway issues no credentials of its own yet, so every
         // credential in an authentication header is a static one.
@@ -368,7 +368,7 @@ impl Inspector for Enforcer {
                 return HeadVerdict::Respond(response);
             }
         }
-        let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.policy.body_limits);
+        let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.shared.body_limits);
         HeadVerdict::Forward {
             body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner, verified }),
             response: None,
