@@ -1,8 +1,8 @@
-//! Enforcement on intercepted HTTP: every request head and body is scanned
-//! head and body is scanned by the detector before anything goes upstream;
-//! each hit becomes a durable finding, and the configured action decides
-//! whether the request is blocked (403, nothing reaches upstream) or
-//! forwarded and flagged.
+//! Enforcement on intercepted HTTP, per request: the policy decides
+//! (allow, deny, hold for approval, mask, record level), every request head
+//! and body is scanned by the detector before anything goes upstream, each
+//! hit becomes a durable finding, and the static-key action blocks the
+//! request (403, nothing reaches upstream), flags it, or swaps the key.
 
 use std::{
     collections::{BTreeMap, HashSet},
