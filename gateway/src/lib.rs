@@ -19,5 +19,6 @@ pub mod identity;
 pub mod intercept;
 pub mod process;
 pub mod proxy;
+pub mod record;
 pub mod relay;
 pub mod tls;

@@ -1,0 +1,650 @@
+//! `gateway sessions ...`: list, show, replay, export and verify recorded
+//! sessions.
+//!
+//! Exit status: 0 on success, 1 when a session does not exist, an id prefix
+//! is ambiguous or verification finds a broken session; errors (database,
+//! output) are returned for the caller to report (exit 2).
+
+use std::{fmt::Write as _, io::Write, path::Path, process::ExitCode, time::Duration};
+
+use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+
+use super::{
+    chain, BodyData, EventData, ExchangeData, MessageData, Record, RecordError, SessionEnd, SessionFilter, SessionMeta,
+    SessionStore, SessionSummary,
+};
+
+/// Arguments of `gateway sessions`.
+#[derive(Debug, clap::Args)]
+pub struct SessionsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+}
+
+/// Sub-commands of `gateway sessions`.
+#[derive(Debug, clap::Subcommand)]
+pub enum SessionsCommand {
+    /// List sessions, newest first.
+    List {
+        /// Only sessions whose identity matches this glob (`*`, `?`, `[...]`).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only sessions started since: RFC 3339 time, or an age such as 30m, 1h, 7d.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<OffsetDateTime>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON (an array of sessions).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a session's metadata and every record.
+    Show {
+        /// Session id, or an unambiguous prefix of it.
+        id: String,
+        /// Print JSON (metadata and records, record data decoded).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a session's exchanges and events in order, with relative times.
+    Replay {
+        /// Session id, or an unambiguous prefix of it.
+        id: String,
+        /// Wait between records as long as the session did.
+        #[arg(long)]
+        realtime: bool,
+    },
+    /// Print a session's records as JSON lines, hashes included, for offline
+    /// verification.
+    Export {
+        /// Session id, or an unambiguous prefix of it.
+        id: String,
+    },
+    /// Check sessions' hash chains; exit 1 at the first broken one.
+    Verify {
+        /// Session id, or an unambiguous prefix of it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Verify every session.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn parse_since(s: &str) -> Result<OffsetDateTime, String> {
+    parse_since_at(s, OffsetDateTime::now_utc())
+}
+
+fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let age = humantime::parse_duration(s)
+        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor an age like 30m, 1h, 7d"))?;
+    time::Duration::try_from(age)
+        .ok()
+        .and_then(|age| now.checked_sub(age))
+        .ok_or_else(|| format!("`{s}`: too long ago"))
+}
+
+/// Runs `gateway sessions` against the database at `database`.
+pub fn run(args: &SessionsArgs, database: &Path) -> anyhow::Result<ExitCode> {
+    // Reading commands on a host where the gateway never recorded should say
+    // so, not create an empty database as the reviewer's user.
+    let store = if database.exists() { Some(SessionStore::open(database)?) } else { None };
+    let mut stdout = std::io::stdout().lock();
+    match execute(store.as_ref(), database, &args.command, &mut stdout) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                // `gateway sessions list | head`: the reader has what it wanted.
+                if io.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            if let Some(re) = e.downcast_ref::<RecordError>() {
+                if re.is_request_error() {
+                    eprintln!("gateway: {re}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+fn execute(
+    store: Option<&SessionStore>,
+    database: &Path,
+    command: &SessionsCommand,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let need = |id: &str| -> Result<&SessionStore, RecordError> {
+        store.ok_or_else(|| {
+            RecordError::NotFound(format!("{id} (there is no sessions database at {} yet)", database.display()))
+        })
+    };
+    match command {
+        SessionsCommand::List { identity, since, limit, json } => {
+            let filter = SessionFilter { identity: identity.clone(), since: *since, limit: Some(*limit) };
+            let sessions = match store {
+                Some(store) => store.list(&filter)?,
+                None => Vec::new(),
+            };
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &sessions)?;
+                writeln!(out)?;
+            } else if sessions.is_empty() {
+                let note = if store.is_none() {
+                    format!(" (no database at {} yet)", database.display())
+                } else {
+                    String::new()
+                };
+                writeln!(out, "no sessions{note}")?;
+            } else {
+                out.write_all(table(&sessions).as_bytes())?;
+            }
+        }
+        SessionsCommand::Show { id, json } => {
+            let store = need(id)?;
+            let id = store.resolve(id)?;
+            let summary = store.summary(&id)?;
+            let records = store.records(&id)?;
+            if *json {
+                serde_json::to_writer_pretty(&mut *out, &show_json(&summary, &records))?;
+                writeln!(out)?;
+            } else {
+                out.write_all(show_text(&summary, &records).as_bytes())?;
+            }
+        }
+        SessionsCommand::Replay { id, realtime } => {
+            let store = need(id)?;
+            let id = store.resolve(id)?;
+            let summary = store.summary(&id)?;
+            let records = store.records(&id)?;
+            replay(&summary, &records, *realtime, out)?;
+        }
+        SessionsCommand::Export { id } => {
+            let store = need(id)?;
+            let id = store.resolve(id)?;
+            for record in store.records(&id)? {
+                serde_json::to_writer(&mut *out, &record)?;
+                writeln!(out)?;
+            }
+        }
+        SessionsCommand::Verify { id: Some(id), .. } => {
+            let store = need(id)?;
+            let id = store.resolve(id)?;
+            let verdict = store.verify(&id)?;
+            let ok = verdict.is_intact();
+            writeln!(out, "{}  {verdict}", safe(id.as_str()))?;
+            return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        SessionsCommand::Verify { id: None, .. } => {
+            let Some(store) = store else {
+                writeln!(out, "no sessions (no database at {} yet)", database.display())?;
+                return Ok(ExitCode::SUCCESS);
+            };
+            let (mut checked, mut broken) = (0u64, 0u64);
+            for id in store.session_ids()? {
+                let verdict = match store.verify(&id) {
+                    Ok(v) => v,
+                    // Pruned between the listing and the check.
+                    Err(RecordError::NotFound(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                checked += 1;
+                if !verdict.is_intact() {
+                    broken += 1;
+                    writeln!(out, "{}  {verdict}", safe(id.as_str()))?;
+                }
+            }
+            let orphans = store.orphaned_sessions()?;
+            for id in &orphans {
+                writeln!(out, "{}  BROKEN: records without a sessions row (the row was deleted)", safe(id))?;
+            }
+            writeln!(out, "{checked} sessions verified, {} broken", broken + orphans.len() as u64)?;
+            return Ok(if broken == 0 && orphans.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const TIME_FORMAT: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z");
+
+fn when(t: OffsetDateTime) -> String {
+    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Seconds between two Unix-nanosecond times, as `+1.234s`.
+fn offset(from: i64, to: i64) -> String {
+    let d = to.saturating_sub(from);
+    let sign = if d < 0 { "-" } else { "+" };
+    let d = d.unsigned_abs();
+    format!("{sign}{}.{:03}s", d / 1_000_000_000, (d % 1_000_000_000) / 1_000_000)
+}
+
+fn duration(ns: u64) -> String {
+    let d = Duration::from_nanos(ns);
+    if d < Duration::from_millis(1) {
+        format!("{}µs", d.as_micros())
+    } else if d < Duration::from_secs(1) {
+        format!("{:.1}ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{:.3}s", d.as_secs_f64())
+    }
+}
+
+/// Makes traffic- or job-supplied text safe to print on a reviewer's
+/// terminal: control characters (escape sequences) and bidirectional
+/// overrides are shown escaped instead of being interpreted.
+fn safe(s: &str) -> String {
+    safe_keeping(s, &[])
+}
+
+fn safe_keeping(s: &str, keep: &[char]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let hostile =
+            c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if hostile && !keep.contains(&c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `safe`, then cut to `width` characters.
+fn cell(s: &str, width: usize) -> String {
+    let s = safe(s);
+    if s.chars().count() <= width {
+        return s;
+    }
+    format!("{}…", s.chars().take(width.saturating_sub(1)).collect::<String>())
+}
+
+fn table(sessions: &[SessionSummary]) -> String {
+    const HEADER: [&str; 9] =
+        ["ID", "STARTED", "STATE", "DURATION", "IDENTITY", "DESTINATION", "PROCESS", "EXCH", "OUTCOME"];
+    let rows: Vec<[String; 9]> = sessions
+        .iter()
+        .map(|s| {
+            let started = s.started.unix_timestamp_nanos();
+            let until = s.ended.unwrap_or(s.last_activity).unix_timestamp_nanos();
+            let nanos = u64::try_from(until.saturating_sub(started)).unwrap_or(0);
+            [
+                cell(s.id.as_str(), 40),
+                when(s.started),
+                s.state.to_string(),
+                duration(nanos),
+                cell(if s.identity.is_empty() { "-" } else { &s.identity }, 40),
+                cell(&format!("{} ({})", s.host, s.orig_dst), 48),
+                cell(&format!("{}[{}]", s.comm, s.pid), 24),
+                s.exchanges.to_string(),
+                cell(s.outcome.as_deref().unwrap_or("-"), 24),
+            ]
+        })
+        .collect();
+    let mut widths = HEADER.map(str::len);
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; 9]| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            l.push_str(c);
+            l.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(HEADER);
+    for row in &rows {
+        line(row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+fn show_json(summary: &SessionSummary, records: &[Record]) -> serde_json::Value {
+    let records: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "seq": r.seq,
+                "ts": r.ts,
+                "time": r.time().format(&time::format_description::well_known::Rfc3339).ok(),
+                "kind": r.kind,
+                "data": serde_json::from_str::<serde_json::Value>(&r.data).unwrap_or(serde_json::Value::String(r.data.clone())),
+                "prev_hash": r.prev_hash,
+                "hash": r.hash,
+            })
+        })
+        .collect();
+    serde_json::json!({ "session": summary, "records": records })
+}
+
+fn meta_of(records: &[Record]) -> Option<SessionMeta> {
+    records.first().filter(|r| r.kind == chain::KIND_START).and_then(|r| serde_json::from_str(&r.data).ok())
+}
+
+fn show_text(s: &SessionSummary, records: &[Record]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "session {}  {}", safe(s.id.as_str()), s.state);
+    match meta_of(records) {
+        Some(m) => describe_meta(&mut o, &m),
+        None => {
+            let _ = writeln!(o, "  (the start record is missing or unreadable; run `gateway sessions verify`)");
+        }
+    }
+    let _ = writeln!(o, "  started:      {}", when(s.started));
+    match (s.ended, s.bytes_up, s.bytes_down) {
+        (Some(ended), Some(up), Some(down)) => {
+            let _ = writeln!(
+                o,
+                "  ended:        {}  {}  (up {up} B, down {down} B)",
+                when(ended),
+                safe(s.outcome.as_deref().unwrap_or(""))
+            );
+        }
+        _ => {
+            let _ = writeln!(o, "  ended:        - (last record {})", when(s.last_activity));
+        }
+    }
+    let _ = writeln!(o, "  exchanges:    {}", s.exchanges);
+    if let Some(last) = records.last() {
+        let _ = writeln!(o, "  last hash:    {} (record {})", safe(&last.hash), last.seq);
+    }
+    let _ = writeln!(o, "records ({}):", records.len());
+    let start = s.started.unix_timestamp_nanos();
+    let start = i64::try_from(start).unwrap_or(0);
+    for r in records {
+        let hash: String = safe(&r.hash).chars().take(12).collect();
+        let _ = writeln!(
+            o,
+            "  #{:<4} {}  {:>9}  {:<8}  {}  [{hash}…]",
+            r.seq,
+            when(r.time()),
+            offset(start, r.ts),
+            safe(&r.kind),
+            record_line(r)
+        );
+    }
+    o
+}
+
+fn describe_meta(o: &mut String, m: &SessionMeta) {
+    let p = &m.process;
+    let _ = writeln!(o, "  identity:     {}", safe(if m.identity.is_empty() { "-" } else { &m.identity }));
+    for (k, v) in &m.identity_labels {
+        let _ = writeln!(o, "    {}={}", safe(k), safe(v));
+    }
+    let _ = writeln!(
+        o,
+        "  process:      {} (comm {}, pid {}, uid {}, gid {})",
+        safe(p.exe.as_deref().unwrap_or("(exe unknown)")),
+        safe(&p.comm),
+        p.pid,
+        p.uid,
+        p.gid
+    );
+    let _ = writeln!(o, "  cgroup:       {}", safe(p.cgroup.as_deref().unwrap_or("-")));
+    if !p.job.is_empty() {
+        let _ = writeln!(o, "  job:");
+        for (k, v) in &p.job {
+            let _ = writeln!(o, "    {}={}", safe(k), safe(v));
+        }
+    }
+    let sni = m.sni.as_deref().map(|s| format!(", SNI {}", safe(s))).unwrap_or_default();
+    let _ = writeln!(o, "  destination:  {} ({}{sni})", safe(&m.host), safe(&m.orig_dst));
+    let _ = writeln!(o, "  protocol:     {}", safe(&m.protocol));
+    match &m.tls {
+        Some(t) => {
+            let alpn = t.alpn.as_deref().map(|a| format!(", ALPN {}", safe(a))).unwrap_or_default();
+            let _ = writeln!(o, "  tls:          {} {}{alpn}", safe(&t.version), safe(&t.cipher));
+        }
+        None => {
+            let _ = writeln!(o, "  tls:          - (plaintext or passed through)");
+        }
+    }
+    let _ = writeln!(o, "  connection:   {}", m.conn_id);
+}
+
+/// One line describing a record.
+fn record_line(r: &Record) -> String {
+    match r.kind.as_str() {
+        chain::KIND_START => "session metadata".into(),
+        chain::KIND_EXCHANGE => match serde_json::from_str::<ExchangeData>(&r.data) {
+            Ok(e) => {
+                let mut l =
+                    format!("{} {} -> {} ({})", safe(&e.method), cell(&e.url, 80), e.status, duration(e.duration_ns));
+                let _ = write!(l, " stream {}", e.stream);
+                if let Some(rpc) = &e.rpc {
+                    let _ = write!(l, " rpc {}", safe(rpc));
+                }
+                if let Some(d) = &e.decision {
+                    let _ = write!(l, " decision {} by {}", safe(&d.action), safe(&d.rule));
+                }
+                if !e.findings.is_empty() {
+                    let _ = write!(l, " findings {}", safe(&e.findings.join(",")));
+                }
+                let _ =
+                    write!(l, " [{} B up, {} B down, {}]", e.request.body_size, e.response.body_size, safe(&e.outcome));
+                l
+            }
+            Err(_) => "(undecodable exchange)".into(),
+        },
+        chain::KIND_EVENT => match serde_json::from_str::<EventData>(&r.data) {
+            Ok(ev) => format!("{} {}", safe(&ev.name), cell(&ev.detail.to_string(), 160)),
+            Err(_) => "(undecodable event)".into(),
+        },
+        chain::KIND_END => match serde_json::from_str::<SessionEnd>(&r.data) {
+            Ok(end) => format!("{} (up {} B, down {} B)", safe(&end.outcome), end.bytes_up, end.bytes_down),
+            Err(_) => "(undecodable end)".into(),
+        },
+        other => format!("(unknown kind {})", safe(other)),
+    }
+}
+
+/// Longest body preview replay prints.
+const PREVIEW_BYTES: usize = 2048;
+
+fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+    let start = i64::try_from(s.started.unix_timestamp_nanos()).unwrap_or(0);
+    let mut head = format!("session {}  {}\n", safe(s.id.as_str()), s.state);
+    if let Some(m) = meta_of(records) {
+        describe_meta(&mut head, &m);
+    }
+    out.write_all(head.as_bytes())?;
+    // An exchange is recorded when it completes; replay puts it where it
+    // began. The sort is stable: ties keep chain order.
+    let mut timeline: Vec<(i64, &Record)> = records
+        .iter()
+        .map(|r| {
+            let at = if r.kind == chain::KIND_EXCHANGE {
+                serde_json::from_str::<ExchangeData>(&r.data).map_or(r.ts, |e| e.started)
+            } else {
+                r.ts
+            };
+            (at, r)
+        })
+        .collect();
+    timeline.sort_by_key(|(at, r)| (r.kind != chain::KIND_START, *at));
+    let mut previous = start;
+    for (at, r) in timeline {
+        if realtime && at > previous {
+            out.flush()?;
+            std::thread::sleep(Duration::from_nanos(u64::try_from(at - previous).unwrap_or(0)));
+        }
+        previous = previous.max(at);
+        let mut block = String::new();
+        let t = offset(start, at);
+        match r.kind.as_str() {
+            chain::KIND_START => {
+                let _ = writeln!(block, "{t}  start");
+            }
+            chain::KIND_EXCHANGE => match serde_json::from_str::<ExchangeData>(&r.data) {
+                Ok(e) => exchange_block(&mut block, &t, &e),
+                Err(e) => {
+                    let _ = writeln!(block, "{t}  exchange (undecodable: {e})");
+                }
+            },
+            _ => {
+                let _ = writeln!(block, "{t}  {} {}", safe(&r.kind), record_line(r));
+            }
+        }
+        out.write_all(block.as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn exchange_block(b: &mut String, t: &str, e: &ExchangeData) {
+    let pad = " ".repeat(t.len() + 2);
+    let rpc = e.rpc.as_deref().map(|r| format!("  rpc {}", safe(r))).unwrap_or_default();
+    let _ = writeln!(b, "{t}  stream {}  {} {}{rpc}", e.stream, safe(&e.method), safe(&e.url));
+    message_lines(b, &pad, '>', &e.request);
+    let mut status = format!("{} in {}  {}", e.status, duration(e.duration_ns), safe(&e.outcome));
+    if let Some(d) = &e.decision {
+        let _ = write!(status, "  decision {} (rule {})", safe(&d.action), safe(&d.rule));
+    }
+    if !e.findings.is_empty() {
+        let _ = write!(status, "  findings {}", safe(&e.findings.join(", ")));
+    }
+    let _ = writeln!(b, "{pad}< {status}");
+    message_lines(b, &pad, '<', &e.response);
+}
+
+fn message_lines(b: &mut String, pad: &str, dir: char, m: &MessageData) {
+    if let Some(headers) = &m.headers {
+        for (k, v) in headers {
+            let _ = writeln!(b, "{pad}{dir} {}: {}", safe(k), safe(v));
+        }
+    }
+    match &m.body {
+        Some(body) if m.body_size > 0 => {
+            let _ = writeln!(b, "{pad}{dir} {}", body_note(body, m.body_size));
+            if let Some(preview) = body_preview(body) {
+                for line in preview.lines() {
+                    let _ = writeln!(b, "{pad}{dir}   {line}");
+                }
+            }
+        }
+        Some(_) => {}
+        None if m.body_size > 0 => {
+            let _ = writeln!(b, "{pad}{dir} (body {} B, not recorded at metadata level)", m.body_size);
+        }
+        None => {}
+    }
+}
+
+fn body_note(body: &BodyData, size: u64) -> String {
+    let kind = if body.encoding == "utf8" { "text" } else { "binary" };
+    if body.truncated {
+        format!("(body {size} B, {kind}, first {} B recorded)", body.stored)
+    } else {
+        format!("(body {size} B, {kind})")
+    }
+}
+
+/// The start of a text body, escaped for the terminal; `None` for binary.
+fn body_preview(body: &BodyData) -> Option<String> {
+    if body.encoding != "utf8" {
+        return None;
+    }
+    let text = &body.content;
+    let mut end = text.len().min(PREVIEW_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut preview = safe_keeping(&text[..end], &['\n', '\t']);
+    if end < text.len() {
+        let _ = write!(preview, "\n… ({} more bytes recorded)", text.len() - end);
+    }
+    Some(preview)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use clap::Parser as _;
+    use time::macros::datetime;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: SessionsArgs,
+    }
+
+    pub(crate) fn parse(args: &[&str]) -> Result<SessionsCommand, clap::Error> {
+        Wrapper::try_parse_from(std::iter::once("sessions").chain(args.iter().copied())).map(|w| w.args.command)
+    }
+
+    /// Runs a command against `database`, returning the exit code and stdout.
+    pub(crate) fn run_captured(database: &Path, args: &[&str]) -> (ExitCode, String) {
+        let command = parse(args).unwrap();
+        let store = database.exists().then(|| SessionStore::open(database).unwrap());
+        let mut out = Vec::new();
+        let code = match execute(store.as_ref(), database, &command, &mut out) {
+            Ok(code) => code,
+            Err(e) => match e.downcast_ref::<RecordError>() {
+                Some(re) if re.is_request_error() => ExitCode::from(1),
+                _ => panic!("{e:#}"),
+            },
+        };
+        (code, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn command_line() {
+        assert!(matches!(
+            parse(&["list", "--identity", "spiffe://ci/*", "--limit", "5", "--json"]).unwrap(),
+            SessionsCommand::List { identity: Some(_), limit: 5, json: true, .. }
+        ));
+        assert!(matches!(parse(&["verify", "--all"]).unwrap(), SessionsCommand::Verify { id: None, all: true }));
+        assert!(matches!(parse(&["verify", "0193"]).unwrap(), SessionsCommand::Verify { id: Some(_), all: false }));
+        assert!(parse(&["verify"]).is_err(), "an id or --all is required");
+        assert!(parse(&["verify", "0193", "--all"]).is_err());
+        assert!(matches!(
+            parse(&["replay", "ab", "--realtime"]).unwrap(),
+            SessionsCommand::Replay { realtime: true, .. }
+        ));
+        assert!(parse(&["list", "--since", "yesterday"]).is_err());
+    }
+
+    #[test]
+    fn since() {
+        let now = datetime!(2024-05-10 12:00 UTC);
+        assert_eq!(parse_since_at("1h", now), Ok(datetime!(2024-05-10 11:00 UTC)));
+        assert_eq!(parse_since_at("7d", now), Ok(datetime!(2024-05-03 12:00 UTC)));
+        assert_eq!(parse_since_at("1h 30m", now), Ok(datetime!(2024-05-10 10:30 UTC)));
+        assert_eq!(parse_since_at("2024-05-01T10:00:00+02:00", now), Ok(datetime!(2024-05-01 8:00 UTC)));
+        assert!(parse_since_at("yesterday", now).is_err());
+        assert!(parse_since_at("", now).is_err());
+    }
+
+    #[test]
+    fn formatting() {
+        assert_eq!(offset(1_000_000_000, 2_234_000_000), "+1.234s");
+        assert_eq!(offset(0, 0), "+0.000s");
+        assert_eq!(offset(2_000_000_000, 1_500_000_000), "-0.500s");
+        assert_eq!(duration(1_500), "1µs");
+        assert_eq!(duration(12_340_000), "12.3ms");
+        assert_eq!(duration(2_000_000_000), "2.000s");
+        assert_eq!(safe("curl\x1b[2J"), "curl\\u{1b}[2J");
+        assert_eq!(safe_keeping("a\nb\x07", &['\n']), "a\nb\\u{7}");
+        assert_eq!(cell("abcdefghijkl", 5), "abcd…");
+    }
+}

@@ -1,0 +1,420 @@
+//! The recording data model: what the proxy hands over, what each record's
+//! JSON holds, and what the store returns.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Identifier of a session: `<unix milliseconds, 12 hex>-<48 random bits, 12
+/// hex>`. Unique across restarts, and sorting ids sorts sessions by start
+/// time (to the millisecond).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SessionId(String);
+
+impl SessionId {
+    /// A fresh id for a session starting at `at`.
+    pub fn generate(at: SystemTime) -> SessionId {
+        let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) & 0xffff_ffff_ffff;
+        let random = rand::random::<u64>() & 0xffff_ffff_ffff;
+        SessionId(format!("{ms:012x}-{random:012x}"))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps an id read from the database.
+    pub(crate) fn from_stored(id: String) -> SessionId {
+        SessionId(id)
+    }
+}
+
+impl std::fmt::Display for SessionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The process behind a session, as attribution saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessFacts {
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// Real gid.
+    pub gid: u32,
+    /// `comm` at connect() time.
+    pub comm: String,
+    /// Executable, when /proc still showed it.
+    pub exe: Option<String>,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
+    /// CI job variables; values of credential-looking names are redacted
+    /// by the recorder whatever the caller passes.
+    pub job: BTreeMap<String, String>,
+}
+
+impl ProcessFacts {
+    /// The facts of an attributed process plus its job variables.
+    pub fn new(info: &crate::process::ProcessInfo, job: BTreeMap<String, String>) -> ProcessFacts {
+        ProcessFacts {
+            pid: info.pid,
+            uid: info.uid,
+            gid: info.gid,
+            comm: info.comm.clone(),
+            exe: info.exe.as_ref().map(|p| p.to_string_lossy().into_owned()),
+            cgroup: info.cgroup.clone(),
+            job,
+        }
+    }
+}
+
+/// The negotiated TLS parameters of the client side of a session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFacts {
+    /// Protocol version (`TLSv1.3`).
+    pub version: String,
+    /// Cipher suite (`TLS13_AES_128_GCM_SHA256`).
+    pub cipher: String,
+    /// Negotiated ALPN protocol, if any.
+    pub alpn: Option<String>,
+}
+
+/// What the proxy knows when a connection is intercepted.
+#[derive(Debug, Clone)]
+pub struct SessionStart {
+    /// The proxy's connection number (for correlating with logs).
+    pub conn_id: u64,
+    /// Identity URI the process is pinned to (empty when unattributed).
+    pub identity: String,
+    /// Labels of that identity.
+    pub identity_labels: BTreeMap<String, String>,
+    /// The process that connected.
+    pub process: ProcessFacts,
+    /// Destination host name (SNI, Host or the address).
+    pub host: String,
+    /// The original destination the connection was redirected from.
+    pub orig_dst: SocketAddr,
+    /// Server name the client sent, for TLS.
+    pub sni: Option<String>,
+    /// TLS parameters; `None` for plaintext or passed-through connections.
+    pub tls: Option<TlsFacts>,
+    /// What the proxy speaks on it (`https`, `http`, `h2`, `tcp`...).
+    pub protocol: String,
+}
+
+/// The data of a session's first record (seq 0), mirrored in the sessions
+/// table for listing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionMeta {
+    /// The session this record starts.
+    pub session: SessionId,
+    /// The proxy's connection number.
+    pub conn_id: u64,
+    /// Start, Unix nanoseconds.
+    pub started: i64,
+    /// Identity URI.
+    pub identity: String,
+    /// Identity labels.
+    pub identity_labels: BTreeMap<String, String>,
+    /// The process that connected.
+    pub process: ProcessFacts,
+    /// Destination host.
+    pub host: String,
+    /// Original destination, `addr:port`.
+    pub orig_dst: String,
+    /// TLS server name.
+    pub sni: Option<String>,
+    /// TLS parameters (absent for plaintext).
+    pub tls: Option<TlsFacts>,
+    /// Protocol spoken.
+    pub protocol: String,
+}
+
+/// How a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEnd {
+    /// Bytes from the client to the upstream.
+    pub bytes_up: u64,
+    /// Bytes from the upstream to the client.
+    pub bytes_down: u64,
+    /// `ok`, `denied`, `error: ...`, `dropped` (the recorder was dropped
+    /// without an end)...
+    pub outcome: String,
+}
+
+/// How much of one exchange is recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordLevel {
+    /// Everything, headers and (capped) bodies included.
+    #[default]
+    Full,
+    /// Request line, status, sizes, timing, decision; no headers, no bodies.
+    Metadata,
+    /// Nothing: the exchange is not recorded (the session still is).
+    None,
+}
+
+/// The policy decision taken for an exchange.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionFacts {
+    /// Name of the rule that decided.
+    pub rule: String,
+    /// What it decided (`allow`, `deny`, `approve`...).
+    pub action: String,
+}
+
+/// One HTTP (or gRPC/Connect) exchange, as the proxy hands it over. Headers
+/// and bodies must already be masked; headers are redacted once more (see
+/// [`redact_header_pairs`](super::redact_header_pairs)) before storage.
+#[derive(Debug, Clone)]
+pub struct ExchangeRecord {
+    /// How much of it to keep.
+    pub level: RecordLevel,
+    /// Stream number within the connection (request number for HTTP/1).
+    pub stream: u64,
+    /// When the request started.
+    pub started: SystemTime,
+    /// Until the response ended (or the exchange failed).
+    pub duration: Duration,
+    /// Request method.
+    pub method: String,
+    /// Path and query, already redacted.
+    pub url: String,
+    /// Response status (0 when there was no response).
+    pub status: u16,
+    /// `ok`, `denied`, `upstream error: ...`...
+    pub outcome: String,
+    /// gRPC / Connect method (`/pkg.Service/Method`).
+    pub rpc: Option<String>,
+    /// Request headers, redacted.
+    pub request_headers: Vec<(String, String)>,
+    /// Request body as seen (possibly already shortened), masked.
+    pub request_body: Bytes,
+    /// Full size of the request body.
+    pub request_body_size: u64,
+    /// Response headers, redacted.
+    pub response_headers: Vec<(String, String)>,
+    /// Response body as seen (possibly already shortened), masked.
+    pub response_body: Bytes,
+    /// Full size of the response body.
+    pub response_body_size: u64,
+    /// Policy decision, if policy ran.
+    pub decision: Option<DecisionFacts>,
+    /// Finding ids raised by this exchange (`F-12`).
+    pub findings: Vec<String>,
+}
+
+/// The data of an `exchange` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangeData {
+    /// [`RecordLevel::Full`] or [`RecordLevel::Metadata`].
+    pub level: RecordLevel,
+    /// Stream number.
+    pub stream: u64,
+    /// Request start, Unix nanoseconds.
+    pub started: i64,
+    /// Duration, nanoseconds.
+    pub duration_ns: u64,
+    /// Request method.
+    pub method: String,
+    /// Path and query.
+    pub url: String,
+    /// Response status.
+    pub status: u16,
+    /// Outcome.
+    pub outcome: String,
+    /// gRPC / Connect method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc: Option<String>,
+    /// The request.
+    pub request: MessageData,
+    /// The response.
+    pub response: MessageData,
+    /// Policy decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionFacts>,
+    /// Finding ids.
+    #[serde(default)]
+    pub findings: Vec<String>,
+}
+
+/// One side of an exchange.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageData {
+    /// Full body size.
+    pub body_size: u64,
+    /// Headers, in order (absent at metadata level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<(String, String)>>,
+    /// The stored part of the body (absent at metadata level).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<BodyData>,
+}
+
+/// A stored (possibly cut) body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BodyData {
+    /// Bytes stored (after the cut, before encoding).
+    pub stored: u64,
+    /// True when `stored` is less than the full body size.
+    pub truncated: bool,
+    /// `utf8` (content is the text) or `base64`.
+    pub encoding: String,
+    /// The stored bytes, encoded.
+    pub content: String,
+}
+
+impl BodyData {
+    /// The stored bytes, decoded; `None` if the content is damaged.
+    pub fn bytes(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        match self.encoding.as_str() {
+            "utf8" => Some(self.content.as_bytes().to_vec()),
+            "base64" => base64::engine::general_purpose::STANDARD.decode(&self.content).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// The data of an `event` record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventData {
+    /// What happened (`denied`, `approval_requested`, `masked`, `error`...).
+    pub name: String,
+    /// Free-form details from the proxy.
+    pub detail: serde_json::Value,
+}
+
+/// One stored record of a session's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The session.
+    pub session: SessionId,
+    /// Position in the chain; 0 is the `start` record.
+    pub seq: u64,
+    /// When it happened, Unix nanoseconds.
+    pub ts: i64,
+    /// `start`, `exchange`, `event` or `end`.
+    pub kind: String,
+    /// Canonical JSON, exactly the bytes that were hashed.
+    pub data: String,
+    /// `hash` of the previous record (64 zeros for seq 0).
+    pub prev_hash: String,
+    /// SHA-256 of this record, hex (see [`hash_record`](super::hash_record)).
+    pub hash: String,
+}
+
+impl Record {
+    /// `ts` as a time.
+    pub fn time(&self) -> OffsetDateTime {
+        from_nanos(self.ts)
+    }
+}
+
+/// Whether a session is still going.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionState {
+    /// The connection is live in the running gateway.
+    Open,
+    /// The connection ended and its end is recorded.
+    Ended,
+    /// No end was recorded and the gateway that recorded it is gone (killed
+    /// or crashed): the chain stops at the last committed record.
+    Interrupted,
+}
+
+impl SessionState {
+    /// The name shown in listings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Open => "open",
+            SessionState::Ended => "ended",
+            SessionState::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A session as listed (from the sessions table).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionSummary {
+    /// The session.
+    pub id: SessionId,
+    /// The proxy's connection number.
+    pub conn_id: u64,
+    /// Start.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started: OffsetDateTime,
+    /// Identity URI.
+    pub identity: String,
+    /// Destination host.
+    pub host: String,
+    /// Original destination.
+    pub orig_dst: String,
+    /// Protocol spoken.
+    pub protocol: String,
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub comm: String,
+    /// Open, ended or interrupted.
+    pub state: SessionState,
+    /// End, if recorded.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended: Option<OffsetDateTime>,
+    /// Recorded end: bytes up.
+    pub bytes_up: Option<u64>,
+    /// Recorded end: bytes down.
+    pub bytes_down: Option<u64>,
+    /// Recorded end: outcome.
+    pub outcome: Option<String>,
+    /// Exchange records.
+    pub exchanges: u64,
+    /// Records in the chain (last seq + 1).
+    pub records: u64,
+    /// Time of the last committed record.
+    #[serde(with = "time::serde::rfc3339")]
+    pub last_activity: OffsetDateTime,
+}
+
+/// Which sessions [`SessionStore::list`](super::SessionStore::list) returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    /// Only identities matching this glob (`*`, `?`, `[...]`).
+    pub identity: Option<String>,
+    /// Only sessions started at or after this instant.
+    pub since: Option<OffsetDateTime>,
+    /// At most this many (the newest).
+    pub limit: Option<usize>,
+}
+
+/// Unix nanoseconds of `t`, saturating outside 1677..2262.
+pub(crate) fn nanos(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
+/// The time of Unix nanoseconds `n` (always representable: i64 nanoseconds
+/// span 1677..2262).
+pub(crate) fn from_nanos(n: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}

@@ -1,0 +1,564 @@
+//! The SQLite sessions store: schema, the writer's batch commit, reads,
+//! verification and pruning.
+//!
+//! Durability: WAL with `synchronous=FULL`. The writer commits a small
+//! transaction at least every `flush_interval`; each commit is fsynced, so
+//! what is committed survives both the gateway being killed and the host
+//! losing power, and WAL never leaves a half-written transaction visible.
+//! Every write runs in `BEGIN IMMEDIATE` so the writer, the pruner and a
+//! reviewer's CLI can share the file (`busy_timeout` queues writers).
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rusqlite::{
+    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OpenFlags, OptionalExtension as _, Row,
+    Transaction, TransactionBehavior,
+};
+
+use super::{
+    chain::{self, Verdict},
+    lock,
+    model::{from_nanos, SessionEnd},
+    Record, RecordError, SessionFilter, SessionId, SessionState, SessionSummary,
+};
+
+/// Newest schema this build knows (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[r#"
+-- One row per session: a copy of the start record's data (`meta`) and the
+-- fields listings filter on, plus the chain's current tail and the end.
+-- `verify` checks all of it against the records.
+CREATE TABLE sessions (
+    id          TEXT    PRIMARY KEY,
+    conn_id     INTEGER NOT NULL,
+    started     INTEGER NOT NULL,  -- Unix time, nanoseconds, UTC
+    identity    TEXT    NOT NULL,
+    host        TEXT    NOT NULL,
+    orig_dst    TEXT    NOT NULL,
+    protocol    TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,
+    comm        TEXT    NOT NULL,
+    meta        TEXT    NOT NULL,
+    exchanges   INTEGER NOT NULL,
+    last_seq    INTEGER NOT NULL,
+    last_hash   TEXT    NOT NULL,
+    last_ts     INTEGER NOT NULL,  -- the last record's time (the end, once ended)
+    ended       INTEGER,
+    bytes_up    INTEGER,
+    bytes_down  INTEGER,
+    outcome     TEXT
+) STRICT;
+CREATE INDEX sessions_started ON sessions (started);
+CREATE INDEX sessions_last_ts ON sessions (last_ts);
+-- The hash chains. A rowid table (not WITHOUT ROWID): rows carry bodies of
+-- up to max_body_bytes.
+CREATE TABLE records (
+    id          INTEGER PRIMARY KEY,
+    session     TEXT    NOT NULL,
+    seq         INTEGER NOT NULL,
+    ts          INTEGER NOT NULL,
+    kind        TEXT    NOT NULL,
+    data        TEXT    NOT NULL,  -- canonical JSON, exactly what was hashed
+    prev_hash   TEXT    NOT NULL,
+    hash        TEXT    NOT NULL,
+    UNIQUE (session, seq)
+) STRICT;
+"#];
+
+/// How long a writer waits for another connection's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Cap on the WAL file left after a checkpoint: bursts of bodies can grow it
+/// far beyond its steady-state size.
+const JOURNAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
+
+/// Columns of `sessions` in the order [`SessionRow::from_row`] reads them.
+const SESSION_COLUMNS: &str = "id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges, \
+     last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome";
+
+/// A sessions database connection. Not `Sync`: one per thread.
+pub struct SessionStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SessionStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// A row of `sessions`, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SessionRow {
+    pub(crate) id: SessionId,
+    pub(crate) conn_id: u64,
+    pub(crate) started: i64,
+    pub(crate) identity: String,
+    pub(crate) host: String,
+    pub(crate) orig_dst: String,
+    pub(crate) protocol: String,
+    pub(crate) pid: u32,
+    pub(crate) comm: String,
+    pub(crate) meta: String,
+    pub(crate) exchanges: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) last_hash: String,
+    pub(crate) last_ts: i64,
+    pub(crate) ended: Option<i64>,
+    pub(crate) bytes_up: Option<u64>,
+    pub(crate) bytes_down: Option<u64>,
+    pub(crate) outcome: Option<String>,
+}
+
+// Unsigned counters are stored as their i64 bit pattern (SQLite integers are
+// signed); the round trip is exact.
+impl SessionRow {
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<(SessionRow, i64)> {
+        let pid: i64 = r.get(7)?;
+        Ok((
+            SessionRow {
+                id: SessionId::from_stored(r.get(0)?),
+                conn_id: r.get::<_, i64>(1)? as u64,
+                started: r.get(2)?,
+                identity: r.get(3)?,
+                host: r.get(4)?,
+                orig_dst: r.get(5)?,
+                protocol: r.get(6)?,
+                pid: u32::try_from(pid).unwrap_or(u32::MAX),
+                comm: r.get(8)?,
+                meta: r.get(9)?,
+                exchanges: r.get::<_, i64>(10)? as u64,
+                last_seq: r.get::<_, i64>(11)? as u64,
+                last_hash: r.get(12)?,
+                last_ts: r.get(13)?,
+                ended: r.get(14)?,
+                bytes_up: r.get::<_, Option<i64>>(15)?.map(|n| n as u64),
+                bytes_down: r.get::<_, Option<i64>>(16)?.map(|n| n as u64),
+                outcome: r.get(17)?,
+            },
+            pid,
+        ))
+    }
+
+    fn summary(&self, live_since: Option<i64>) -> SessionSummary {
+        let state = if self.ended.is_some() {
+            SessionState::Ended
+        } else if live_since.is_some_and(|since| self.started >= since) {
+            SessionState::Open
+        } else {
+            SessionState::Interrupted
+        };
+        SessionSummary {
+            id: self.id.clone(),
+            conn_id: self.conn_id,
+            started: from_nanos(self.started),
+            identity: self.identity.clone(),
+            host: self.host.clone(),
+            orig_dst: self.orig_dst.clone(),
+            protocol: self.protocol.clone(),
+            pid: self.pid,
+            comm: self.comm.clone(),
+            state,
+            ended: self.ended.map(from_nanos),
+            bytes_up: self.bytes_up,
+            bytes_down: self.bytes_down,
+            outcome: self.outcome.clone(),
+            exchanges: self.exchanges,
+            records: self.last_seq + 1,
+            last_activity: from_nanos(self.last_ts),
+        }
+    }
+}
+
+/// The tail of a session's chain after a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tail {
+    pub(crate) last_seq: u64,
+    pub(crate) last_hash: String,
+    pub(crate) last_ts: i64,
+    pub(crate) exchanges: u64,
+    pub(crate) end: Option<SessionEnd>,
+}
+
+/// What the writer commits in one transaction.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Sessions started in this batch (their row as of the start record).
+    pub(crate) new_sessions: Vec<SessionRow>,
+    /// Records, in chain order per session.
+    pub(crate) records: Vec<Record>,
+    /// Each touched session's tail after the batch.
+    pub(crate) tails: BTreeMap<SessionId, Tail>,
+    /// Approximate size, to cut batches of big bodies short.
+    pub(crate) bytes: usize,
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        *self = Batch::default();
+    }
+}
+
+impl SessionStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema
+    /// up to date. The directory must exist.
+    pub fn open(path: &Path) -> Result<SessionStore, RecordError> {
+        let open_err = |reason: String| RecordError::Open { path: path.to_owned(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(open_err(format!("directory {} does not exist", dir.display())));
+            }
+        }
+        if path.is_dir() {
+            return Err(open_err("it is a directory".into()));
+        }
+        // Recordings hold request and response contents: owner-only (SQLite
+        // gives its -wal and -shm files the database file's mode).
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(open_err(e.to_string())),
+        }
+        // SQLite reports permission problems as "unable to open database
+        // file"; the OS error says what is actually wrong.
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
+            return Err(open_err(format!("{e} (uid {})", nix::unistd::geteuid())));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
+        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+            return Err(open_err(format!("the file is not writable by this user (uid {})", nix::unistd::geteuid())));
+        }
+        let store = SessionStore { conn, path: path.to_owned() };
+        store.conn.busy_timeout(BUSY_TIMEOUT).map_err(store.err("setting busy_timeout"))?;
+        let mode: String = store
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(|e| match e.sqlite_error_code() {
+                Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen) => open_err(format!(
+                    "{e}: SQLite must create the -wal and -shm files next to it; is the directory writable by this user (uid {})?",
+                    nix::unistd::geteuid()
+                )),
+                _ => classify(path, "enabling WAL", e),
+            })?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(open_err(format!("cannot enable WAL journaling (journal_mode is {mode})")));
+        }
+        // FULL, not WAL's usual NORMAL: NORMAL may lose the last commits on
+        // power loss. The fsync is paid by the writer thread once per group
+        // commit (at most every flush_interval under steady load), never by
+        // the proxy.
+        store.conn.pragma_update(None, "synchronous", "FULL").map_err(store.err("setting synchronous"))?;
+        store
+            .conn
+            .pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+            .map_err(store.err("setting journal_size_limit"))?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, doing: &'static str) -> impl FnOnce(rusqlite::Error) -> RecordError + '_ {
+        move |e| classify(&self.path, doing, e)
+    }
+
+    fn migrate(&self) -> Result<(), RecordError> {
+        if self.user_version()? == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = self.begin(TransactionBehavior::Immediate)?;
+        // Read again under the write lock: another process may have migrated
+        // between the first read and the lock.
+        let version = self.user_version()?;
+        if !(0..=SCHEMA_VERSION).contains(&version) {
+            return Err(RecordError::UnsupportedSchema {
+                path: self.path.clone(),
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let start = usize::try_from(version).unwrap_or(0);
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
+            tx.execute_batch(sql).map_err(self.err("creating the schema"))?;
+            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(self.err("setting the schema version"))?;
+        }
+        tx.commit().map_err(self.err("committing the schema"))
+    }
+
+    fn user_version(&self) -> Result<i64, RecordError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(self.err("reading the schema version"))
+    }
+
+    fn begin(&self, behavior: TransactionBehavior) -> Result<Transaction<'_>, RecordError> {
+        Transaction::new_unchecked(&self.conn, behavior).map_err(self.err("starting a transaction"))
+    }
+
+    /// Commits a writer batch in one transaction. Returns the sessions whose
+    /// row was gone (deleted or pruned while live): their records are stored
+    /// but no listing will show them.
+    pub(crate) fn write_batch(&self, batch: &Batch) -> Result<Vec<SessionId>, RecordError> {
+        let tx = self.begin(TransactionBehavior::Immediate)?;
+        for s in &batch.new_sessions {
+            tx.prepare_cached(&format!(
+                "INSERT INTO sessions ({SESSION_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, NULL, NULL, NULL, NULL)"
+            ))
+            .and_then(|mut st| {
+                st.execute(params![
+                    s.id.as_str(),
+                    s.conn_id as i64,
+                    s.started,
+                    s.identity,
+                    s.host,
+                    s.orig_dst,
+                    s.protocol,
+                    s.pid,
+                    s.comm,
+                    s.meta,
+                    s.exchanges as i64,
+                    s.last_seq as i64,
+                    s.last_hash,
+                    s.last_ts,
+                ])
+            })
+            .map_err(self.err("inserting a session"))?;
+        }
+        for r in &batch.records {
+            tx.prepare_cached(
+                "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![r.session.as_str(), r.seq as i64, r.ts, r.kind, r.data, r.prev_hash, r.hash])
+            })
+            .map_err(self.err("inserting a record"))?;
+        }
+        let mut missing = Vec::new();
+        for (id, t) in &batch.tails {
+            let end = t.end.as_ref();
+            let changed = tx
+                .prepare_cached(
+                    "UPDATE sessions SET last_seq = ?2, last_hash = ?3, last_ts = ?4, exchanges = ?5, \
+                     ended = iif(?6, ?4, ended), bytes_up = coalesce(?7, bytes_up), \
+                     bytes_down = coalesce(?8, bytes_down), outcome = coalesce(?9, outcome) WHERE id = ?1",
+                )
+                .and_then(|mut st| {
+                    st.execute(params![
+                        id.as_str(),
+                        t.last_seq as i64,
+                        t.last_hash,
+                        t.last_ts,
+                        t.exchanges as i64,
+                        end.is_some(),
+                        end.map(|e| e.bytes_up as i64),
+                        end.map(|e| e.bytes_down as i64),
+                        end.map(|e| e.outcome.as_str()),
+                    ])
+                })
+                .map_err(self.err("updating a session"))?;
+            if changed == 0 {
+                missing.push(id.clone());
+            }
+        }
+        tx.commit().map_err(self.err("committing records"))?;
+        Ok(missing)
+    }
+
+    /// Sessions matching `filter`, newest first.
+    pub fn list(&self, filter: &SessionFilter) -> Result<Vec<SessionSummary>, RecordError> {
+        let mut clauses = Vec::new();
+        let mut args: Vec<Value> = Vec::new();
+        if let Some(identity) = &filter.identity {
+            args.push(Value::Text(identity.clone()));
+            clauses.push(format!("identity GLOB ?{}", args.len()));
+        }
+        if let Some(since) = filter.since {
+            let n = since.unix_timestamp_nanos();
+            args.push(Value::Integer(i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })));
+            clauses.push(format!("started >= ?{}", args.len()));
+        }
+        let wher = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+        let limit = filter.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
+        args.push(Value::Integer(limit));
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions {wher} ORDER BY started DESC, id DESC LIMIT ?{}",
+            args.len()
+        );
+        let rows = self
+            .conn
+            .prepare(&sql)
+            .and_then(|mut st| {
+                st.query_map(params_from_iter(args), SessionRow::from_row)?.collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(self.err("listing sessions"))?;
+        let live = lock::live_since(&self.path);
+        rows.into_iter().map(|row| self.checked(row).map(|row| row.summary(live))).collect()
+    }
+
+    /// The full id of the one session whose id starts with `prefix` (dashes
+    /// optional).
+    pub fn resolve(&self, prefix: &str) -> Result<SessionId, RecordError> {
+        let wanted: String = prefix.trim().to_ascii_lowercase();
+        if wanted.is_empty() || !wanted.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(RecordError::BadId(prefix.to_owned()));
+        }
+        // Ids are `<12 hex>-<12 hex>`: put the dash back where it belongs.
+        let digits: String = wanted.chars().filter(|c| *c != '-').collect();
+        let normalized = if digits.len() > 12 { format!("{}-{}", &digits[..12], &digits[12..]) } else { digits };
+        let ids: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT id FROM sessions WHERE id GLOB ?1 || '*' ORDER BY id LIMIT 4")
+            .and_then(|mut st| st.query_map([&normalized], |r| r.get(0))?.collect())
+            .map_err(self.err("looking up a session"))?;
+        match ids.as_slice() {
+            [] => Err(RecordError::NotFound(prefix.to_owned())),
+            [one] => Ok(SessionId::from_stored(one.clone())),
+            many => Err(RecordError::Ambiguous { prefix: prefix.to_owned(), matches: many.join(", ") }),
+        }
+    }
+
+    fn row(&self, id: &SessionId) -> Result<Option<SessionRow>, RecordError> {
+        let row = self
+            .conn
+            .prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"))
+            .and_then(|mut st| st.query_row([id.as_str()], SessionRow::from_row).optional())
+            .map_err(self.err("reading a session"))?;
+        row.map(|row| self.checked(row)).transpose()
+    }
+
+    fn checked(&self, (row, pid): (SessionRow, i64)) -> Result<SessionRow, RecordError> {
+        if u32::try_from(pid).is_err() {
+            return Err(RecordError::BadRow {
+                path: self.path.clone(),
+                id: row.id.to_string(),
+                field: "pid",
+                reason: format!("{pid} is not a process id"),
+            });
+        }
+        Ok(row)
+    }
+
+    /// One session's summary.
+    pub fn summary(&self, id: &SessionId) -> Result<SessionSummary, RecordError> {
+        let row = self.row(id)?.ok_or_else(|| RecordError::NotFound(id.to_string()))?;
+        Ok(row.summary(lock::live_since(&self.path)))
+    }
+
+    /// One session's records, in chain order.
+    pub fn records(&self, id: &SessionId) -> Result<Vec<Record>, RecordError> {
+        self.conn
+            .prepare_cached("SELECT seq, ts, kind, data, prev_hash, hash FROM records WHERE session = ?1 ORDER BY seq")
+            .and_then(|mut st| {
+                st.query_map([id.as_str()], |r| {
+                    Ok(Record {
+                        session: id.clone(),
+                        seq: r.get::<_, i64>(0)? as u64,
+                        ts: r.get(1)?,
+                        kind: r.get(2)?,
+                        data: r.get(3)?,
+                        prev_hash: r.get(4)?,
+                        hash: r.get(5)?,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(self.err("reading records"))
+    }
+
+    /// Verifies one session's chain against itself and its sessions row
+    /// (see [`Verdict`]). Reads in one transaction, so a session being
+    /// written meanwhile is checked as of one commit.
+    pub fn verify(&self, id: &SessionId) -> Result<Verdict, RecordError> {
+        let tx = self.begin(TransactionBehavior::Deferred)?;
+        let row = self.row(id)?.ok_or_else(|| RecordError::NotFound(id.to_string()))?;
+        let records = self.records(id)?;
+        tx.finish().map_err(self.err("ending a read"))?;
+        Ok(chain::verify(&row, &records))
+    }
+
+    /// Every session id, oldest first.
+    pub fn session_ids(&self) -> Result<Vec<SessionId>, RecordError> {
+        self.conn
+            .prepare("SELECT id FROM sessions ORDER BY started, id")
+            .and_then(|mut st| st.query_map([], |r| r.get(0).map(SessionId::from_stored))?.collect())
+            .map_err(self.err("listing sessions"))
+    }
+
+    /// Session ids that have records but no sessions row: a deleted row, or
+    /// a session pruned while still live.
+    pub fn orphaned_sessions(&self) -> Result<Vec<String>, RecordError> {
+        self.conn
+            .prepare(
+                "SELECT DISTINCT session FROM records WHERE session NOT IN (SELECT id FROM sessions) ORDER BY session",
+            )
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .map_err(self.err("looking for orphaned records"))
+    }
+
+    /// Deletes sessions whose last record is older than `cutoff` (Unix ns),
+    /// `batch` sessions per transaction so the write lock is never held
+    /// long. Unended sessions started at or after `keep_unended_since` are
+    /// kept: they are live in the running gateway. Returns how many went.
+    pub fn prune(&self, cutoff: i64, keep_unended_since: i64, batch: usize) -> Result<u64, RecordError> {
+        let batch = i64::try_from(batch.max(1)).unwrap_or(i64::MAX);
+        let mut total = 0u64;
+        loop {
+            let tx = self.begin(TransactionBehavior::Immediate)?;
+            let ids: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT id FROM sessions WHERE last_ts < ?1 AND (ended IS NOT NULL OR started < ?2) LIMIT ?3",
+                )
+                .and_then(|mut st| st.query_map(params![cutoff, keep_unended_since, batch], |r| r.get(0))?.collect())
+                .map_err(self.err("finding expired sessions"))?;
+            for id in &ids {
+                tx.prepare_cached("DELETE FROM records WHERE session = ?1")
+                    .and_then(|mut st| st.execute([id]))
+                    .map_err(self.err("deleting records"))?;
+                tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")
+                    .and_then(|mut st| st.execute([id]))
+                    .map_err(self.err("deleting a session"))?;
+            }
+            tx.commit().map_err(self.err("committing a prune"))?;
+            total += ids.len() as u64;
+            if (ids.len() as i64) < batch {
+                return Ok(total);
+            }
+            // Let the recording writer in between batches.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The underlying connection, for tests that tamper with the database.
+    #[cfg(test)]
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Maps SQLite's "this file is damaged / not a database" codes to
+/// [`RecordError::Corrupt`] so the message says what to do about it.
+fn classify(path: &Path, doing: &'static str, e: rusqlite::Error) -> RecordError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            RecordError::Corrupt { path: path.to_owned(), source: e }
+        }
+        _ => RecordError::Database { path: path.to_owned(), doing, source: e },
+    }
+}

@@ -1,0 +1,614 @@
+//! The recording path: [`Recorder`] and [`SessionRecorder`] enqueue, one
+//! writer thread serializes, chains and commits.
+//!
+//! Callers only take the time, allocate a message and push it on an
+//! unbounded channel: no SQLite, no lock shared with the writer, no await.
+//! The writer groups everything that arrives within `flush_interval` of the
+//! first uncommitted record into one transaction (one fsync). Nothing is
+//! dropped when SQLite is slow: the queue grows and the recorder says so
+//! loudly; a failed commit is retried with back-off, keeping the batch.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        mpsc::{self, RecvTimeoutError},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{
+    chain::{self, canonical_json, hash_record, GENESIS_HASH},
+    lock::{self, WriterLock},
+    model::{nanos, BodyData, EventData, ExchangeData, MessageData, SessionMeta},
+    redact::{redact_header_pairs, redact_job},
+    retention::Pruner,
+    store::{Batch, SessionRow, SessionStore, Tail},
+    ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordLevel, SessionEnd, SessionId, SessionStart,
+};
+
+/// Commit early when a batch holds this many records...
+const MAX_BATCH_RECORDS: usize = 2_000;
+/// ... or this many bytes of record data.
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Queue lengths at which the recorder logs an error (then every further
+/// power of ten).
+const QUEUE_ALARM: usize = 10_000;
+/// Back-off between attempts to commit a failed batch.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Attempts per batch once the recorder is shutting down.
+const SHUTDOWN_ATTEMPTS: u32 = 3;
+
+/// Caps on text that comes from the traffic or the job (attacker-controlled
+/// on a shared runner), so one hostile job cannot bloat the database with
+/// megabyte URLs or thousands of headers.
+mod limits {
+    pub const SHORT: usize = 256;
+    pub const TEXT: usize = 4096;
+    pub const URL: usize = 8192;
+    pub const HEADERS: usize = 256;
+    pub const HEADER_VALUE: usize = 8192;
+    pub const LABELS: usize = 64;
+    pub const JOB_VARS: usize = 128;
+    pub const FINDINGS: usize = 256;
+    /// A free-form event larger than this is replaced by its size.
+    pub const EVENT: usize = 256 * 1024;
+}
+
+/// Log target of the recorder.
+const TARGET: &str = "gateway::record";
+
+enum Msg {
+    Start { id: SessionId, ts: i64, start: Box<SessionStart> },
+    Exchange { id: SessionId, ts: i64, exchange: Box<ExchangeRecord> },
+    Event { id: SessionId, ts: i64, name: String, detail: serde_json::Value },
+    End { id: SessionId, ts: i64, end: SessionEnd },
+    Flush(mpsc::SyncSender<Result<(), String>>),
+    Shutdown,
+}
+
+/// State shared by the senders and the writer.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Records sent and not yet taken by the writer.
+    queued: AtomicUsize,
+    /// Set when the queue alarm fired, until the writer catches up.
+    alarmed: AtomicBool,
+    /// Set by [`Recorder::shutdown`]: failed commits are no longer retried forever.
+    stopping: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct Sink {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl Sink {
+    fn send(&self, msg: Msg) {
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        if queued >= QUEUE_ALARM && is_power_of_ten(queued) {
+            self.shared.alarmed.store(true, Ordering::Relaxed);
+            tracing::error!(
+                target: TARGET,
+                queued,
+                "session records are arriving faster than the database commits them; they are kept in memory \
+                 (none is dropped) and memory use grows until the writer catches up"
+            );
+        }
+        if self.tx.send(msg).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            tracing::error!(target: TARGET, "the session recorder has shut down; a session record is lost");
+        }
+    }
+}
+
+fn is_power_of_ten(mut n: usize) -> bool {
+    while n >= 10 && n.is_multiple_of(10) {
+        n /= 10;
+    }
+    n == 1
+}
+
+/// Records sessions into the sessions database. Cheap to clone; every clone
+/// feeds the same writer thread. A disabled recorder accepts every call and
+/// records nothing.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    sink: Sink,
+    path: PathBuf,
+    threads: Mutex<Option<Threads>>,
+}
+
+#[derive(Debug)]
+struct Threads {
+    writer: JoinHandle<()>,
+    pruner: Pruner,
+}
+
+impl Recorder {
+    /// Opens the database (see [`RecordConfig::database_path`]), takes the
+    /// writer lock and starts the writer and pruner threads; a disabled
+    /// recorder if `config.enabled` is false. Blocks while opening: call it
+    /// at start-up.
+    pub fn open(config: &RecordConfig, state_dir: &Path) -> Result<Recorder, RecordError> {
+        if !config.enabled {
+            return Ok(Recorder::disabled());
+        }
+        let path = config.database_path(state_dir);
+        if let Err((field, reason)) = config.validate() {
+            return Err(RecordError::Open { path, reason: format!("configuration: {field}: {reason}") });
+        }
+        let writer_lock = lock::acquire(&path)?;
+        let store = SessionStore::open(&path)?;
+        let live_since = writer_lock.since;
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            store,
+            rx,
+            shared: Arc::clone(&shared),
+            flush_interval: config.flush_interval,
+            max_body_bytes: config.max_body_bytes,
+            chains: HashMap::new(),
+            batch: Batch::default(),
+            waiters: Vec::new(),
+            _lock: writer_lock,
+        };
+        let writer = std::thread::Builder::new()
+            .name("record-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| RecordError::Writer(format!("cannot start the writer thread: {e}")))?;
+        let pruner = Pruner::spawn(path.clone(), config.retention, config.prune_interval, live_since)?;
+        tracing::info!(target: TARGET, database = %path.display(), "session recording enabled");
+        Ok(Recorder {
+            inner: Some(Arc::new(Inner {
+                sink: Sink { tx, shared },
+                path,
+                threads: Mutex::new(Some(Threads { writer, pruner })),
+            })),
+        })
+    }
+
+    /// A recorder that records nothing.
+    pub fn disabled() -> Recorder {
+        Recorder { inner: None }
+    }
+
+    /// The database, if recording.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.as_ref().map(|i| i.path.as_path())
+    }
+
+    /// Starts recording a session (its start record is the session metadata).
+    pub fn start(&self, start: SessionStart) -> SessionRecorder {
+        let now = SystemTime::now();
+        let id = SessionId::generate(now);
+        let sink = self.inner.as_ref().map(|inner| inner.sink.clone());
+        if let Some(sink) = &sink {
+            sink.send(Msg::Start { id: id.clone(), ts: nanos(now), start: Box::new(start) });
+        }
+        SessionRecorder { id, sink, ended: AtomicBool::new(false) }
+    }
+
+    /// Blocks until everything enqueued before the call is committed (not
+    /// for async code: use `spawn_blocking`).
+    pub fn flush(&self) -> Result<(), RecordError> {
+        let Some(inner) = &self.inner else { return Ok(()) };
+        let (reply, done) = mpsc::sync_channel(1);
+        inner.sink.tx.send(Msg::Flush(reply)).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
+        match done.recv() {
+            Ok(result) => result.map_err(RecordError::Writer),
+            Err(_) => Err(RecordError::Writer("the writer has stopped".into())),
+        }
+    }
+
+    /// Commits everything enqueued so far and stops the threads. Records
+    /// sent afterwards (by sessions still open) are lost, and logged as such.
+    pub fn shutdown(self) {
+        let Some(inner) = self.inner else { return };
+        inner.sink.shared.stopping.store(true, Ordering::Relaxed);
+        // The writer drains the queue up to this message before exiting.
+        let _ = inner.sink.tx.send(Msg::Shutdown);
+        let threads = match inner.threads.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(Threads { writer, pruner }) = threads {
+            if writer.join().is_err() {
+                tracing::error!(target: TARGET, "the session writer thread panicked");
+            }
+            pruner.stop();
+        }
+    }
+}
+
+/// Records one session. Calls only enqueue. Share it between a connection's
+/// streams with an `Arc`; dropping it without [`SessionRecorder::end`]
+/// records an end with outcome `dropped`.
+#[derive(Debug)]
+pub struct SessionRecorder {
+    id: SessionId,
+    sink: Option<Sink>,
+    ended: AtomicBool,
+}
+
+impl SessionRecorder {
+    /// The session id (for logs and responses).
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// Whether anything is recorded (false for a disabled recorder).
+    pub fn is_recording(&self) -> bool {
+        self.sink.is_some()
+    }
+
+    /// Records an exchange (nothing at [`RecordLevel::None`]).
+    pub fn exchange(&self, exchange: ExchangeRecord) {
+        if exchange.level == RecordLevel::None {
+            return;
+        }
+        if let Some(sink) = &self.sink {
+            let ts = nanos(SystemTime::now());
+            sink.send(Msg::Exchange { id: self.id.clone(), ts, exchange: Box::new(exchange) });
+        }
+    }
+
+    /// Records a free-form event (`denied`, `approval_requested`,
+    /// `approval_decided`, `masked`, `error`...) with details.
+    pub fn event(&self, kind: &str, detail: serde_json::Value) {
+        if let Some(sink) = &self.sink {
+            let ts = nanos(SystemTime::now());
+            sink.send(Msg::Event { id: self.id.clone(), ts, name: kind.to_owned(), detail });
+        }
+    }
+
+    /// Records the end of the session. Only the first end counts; records
+    /// sent after it are lost (and logged as such by the writer).
+    pub fn end(&self, end: SessionEnd) {
+        if self.ended.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        if let Some(sink) = &self.sink {
+            sink.send(Msg::End { id: self.id.clone(), ts: nanos(SystemTime::now()), end });
+        }
+    }
+}
+
+impl Drop for SessionRecorder {
+    fn drop(&mut self) {
+        self.end(SessionEnd { bytes_up: 0, bytes_down: 0, outcome: "dropped".into() });
+    }
+}
+
+/// A session's chain as far as the writer has built it.
+struct Chain {
+    next_seq: u64,
+    last_hash: String,
+    exchanges: u64,
+}
+
+struct Writer {
+    store: SessionStore,
+    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    flush_interval: Duration,
+    max_body_bytes: usize,
+    chains: HashMap<SessionId, Chain>,
+    batch: Batch,
+    waiters: Vec<mpsc::SyncSender<Result<(), String>>>,
+    /// Held until the thread exits (or the process dies).
+    _lock: WriterLock,
+}
+
+/// What a message asks of the batching loop.
+enum After {
+    Continue,
+    CommitNow,
+    Stop,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut stop = false;
+        while !stop {
+            let Ok(first) = self.rx.recv() else { break };
+            let deadline = Instant::now() + self.flush_interval;
+            let mut after = self.take(first);
+            while matches!(after, After::Continue) && !self.batch_full() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.rx.recv_timeout(left) {
+                    Ok(msg) => after = self.take(msg),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => after = After::Stop,
+                }
+            }
+            if matches!(after, After::Stop) {
+                self.shared.stopping.store(true, Ordering::Relaxed);
+                // Whatever clones sent before they noticed the shutdown.
+                while let Ok(msg) = self.rx.try_recv() {
+                    self.take(msg);
+                }
+                stop = true;
+            }
+            self.commit();
+        }
+        if !self.chains.is_empty() {
+            tracing::info!(target: TARGET, open = self.chains.len(), "recorder stopped with sessions still open; they are listed as interrupted");
+        }
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.records.len() >= MAX_BATCH_RECORDS || self.batch.bytes >= MAX_BATCH_BYTES
+    }
+
+    fn take(&mut self, msg: Msg) -> After {
+        match msg {
+            Msg::Start { id, ts, start } => {
+                self.taken();
+                self.start(id, ts, &start);
+            }
+            Msg::Exchange { id, ts, exchange } => {
+                self.taken();
+                let data = exchange_data(&exchange, self.max_body_bytes);
+                self.append(&id, ts, chain::KIND_EXCHANGE, to_canonical(&data), None);
+            }
+            Msg::Event { id, ts, name, detail } => {
+                self.taken();
+                let mut data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
+                if data.len() > limits::EVENT {
+                    let detail = serde_json::json!({ "oversized_bytes": data.len() });
+                    data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
+                }
+                self.append(&id, ts, chain::KIND_EVENT, data, None);
+            }
+            Msg::End { id, ts, end } => {
+                self.taken();
+                let end = SessionEnd { outcome: cap(&end.outcome, limits::TEXT), ..end };
+                self.append(&id, ts, chain::KIND_END, to_canonical(&end), Some(end));
+                self.chains.remove(&id);
+            }
+            Msg::Flush(reply) => {
+                self.waiters.push(reply);
+                return After::CommitNow;
+            }
+            Msg::Shutdown => return After::Stop,
+        }
+        After::Continue
+    }
+
+    fn taken(&self) {
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn start(&mut self, id: SessionId, ts: i64, s: &SessionStart) {
+        let meta = SessionMeta {
+            session: id.clone(),
+            conn_id: s.conn_id,
+            started: ts,
+            identity: cap(&s.identity, limits::TEXT),
+            identity_labels: s
+                .identity_labels
+                .iter()
+                .take(limits::LABELS)
+                .map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT)))
+                .collect(),
+            process: process_facts(&s.process),
+            host: cap(&s.host, limits::SHORT),
+            orig_dst: s.orig_dst.to_string(),
+            sni: s.sni.as_deref().map(|v| cap(v, limits::SHORT)),
+            tls: s.tls.as_ref().map(|t| super::TlsFacts {
+                version: cap(&t.version, limits::SHORT),
+                cipher: cap(&t.cipher, limits::SHORT),
+                alpn: t.alpn.as_deref().map(|v| cap(v, limits::SHORT)),
+            }),
+            protocol: cap(&s.protocol, limits::SHORT),
+        };
+        let data = to_canonical(&meta);
+        let hash = hash_record(id.as_str(), GENESIS_HASH, 0, ts, chain::KIND_START, &data);
+        self.batch.new_sessions.push(SessionRow {
+            id: id.clone(),
+            conn_id: meta.conn_id,
+            started: ts,
+            identity: meta.identity.clone(),
+            host: meta.host.clone(),
+            orig_dst: meta.orig_dst.clone(),
+            protocol: meta.protocol.clone(),
+            pid: meta.process.pid,
+            comm: meta.process.comm.clone(),
+            meta: data.clone(),
+            exchanges: 0,
+            last_seq: 0,
+            last_hash: hash.clone(),
+            last_ts: ts,
+            ended: None,
+            bytes_up: None,
+            bytes_down: None,
+            outcome: None,
+        });
+        self.batch.bytes += data.len();
+        self.batch.records.push(Record {
+            session: id.clone(),
+            seq: 0,
+            ts,
+            kind: chain::KIND_START.into(),
+            data,
+            prev_hash: GENESIS_HASH.into(),
+            hash: hash.clone(),
+        });
+        self.chains.insert(id, Chain { next_seq: 1, last_hash: hash, exchanges: 0 });
+    }
+
+    fn append(&mut self, id: &SessionId, ts: i64, kind: &str, data: String, end: Option<SessionEnd>) {
+        let Some(chain) = self.chains.get_mut(id) else {
+            // Only possible after a start was given up at shutdown, or for a
+            // record sent after its session's end: nothing to chain it to.
+            tracing::error!(target: TARGET, session = %id, kind, "a record for a session that is not open is lost");
+            return;
+        };
+        if kind == chain::KIND_EXCHANGE {
+            chain.exchanges += 1;
+        }
+        let seq = chain.next_seq;
+        let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind, &data);
+        let prev_hash = std::mem::replace(&mut chain.last_hash, hash.clone());
+        chain.next_seq += 1;
+        self.batch.tails.insert(
+            id.clone(),
+            Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end },
+        );
+        self.batch.bytes += data.len();
+        self.batch.records.push(Record { session: id.clone(), seq, ts, kind: kind.into(), data, prev_hash, hash });
+    }
+
+    /// Commits the batch, retrying with back-off until it succeeds (or, once
+    /// stopping, a few times), and answers flush waiters.
+    fn commit(&mut self) {
+        let mut attempt = 0u32;
+        let mut pause = RETRY_FIRST;
+        while !self.batch.is_empty() {
+            match self.store.write_batch(&self.batch) {
+                Ok(missing) => {
+                    for id in missing {
+                        tracing::warn!(target: TARGET, session = %id, "session row vanished (pruned or deleted) while the session was live; its later records are orphaned");
+                    }
+                    self.batch.clear();
+                }
+                Err(e) => {
+                    attempt += 1;
+                    let records = self.batch.records.len();
+                    for waiter in self.waiters.drain(..) {
+                        let _ = waiter.send(Err(e.to_string()));
+                    }
+                    if self.shared.stopping.load(Ordering::Relaxed) && attempt >= SHUTDOWN_ATTEMPTS {
+                        tracing::error!(target: TARGET, error = %e, records, "giving up: these session records are lost");
+                        self.batch.clear();
+                        break;
+                    }
+                    tracing::error!(target: TARGET, error = %e, records, attempt, retry_in = ?pause, "committing session records failed; the batch is kept and retried");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(RETRY_MAX);
+                }
+            }
+        }
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Ok(()));
+        }
+        if self.shared.alarmed.load(Ordering::Relaxed) && self.shared.queued.load(Ordering::Relaxed) < QUEUE_ALARM / 10
+        {
+            self.shared.alarmed.store(false, Ordering::Relaxed);
+            tracing::warn!(target: TARGET, "the session writer has caught up with its queue");
+        }
+    }
+}
+
+/// Serializes `value` canonically. The recorder's own types always
+/// serialize; the fallback only keeps a record if that ever changes.
+fn to_canonical<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(v) => canonical_json(&v),
+        Err(e) => {
+            tracing::error!(target: TARGET, error = %e, "a session record does not serialize");
+            canonical_json(&serde_json::json!({ "unserializable": e.to_string() }))
+        }
+    }
+}
+
+fn process_facts(p: &ProcessFacts) -> ProcessFacts {
+    let job = p.job.iter().take(limits::JOB_VARS).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT))).collect();
+    ProcessFacts {
+        pid: p.pid,
+        uid: p.uid,
+        gid: p.gid,
+        comm: cap(&p.comm, limits::SHORT),
+        exe: p.exe.as_deref().map(|v| cap(v, limits::TEXT)),
+        cgroup: p.cgroup.as_deref().map(|v| cap(v, limits::TEXT)),
+        job: redact_job(&job),
+    }
+}
+
+/// The stored form of an exchange at its level.
+pub(crate) fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
+    let full = e.level == RecordLevel::Full;
+    let message = |headers: &[(String, String)], body: &Bytes, size: u64| MessageData {
+        body_size: size,
+        headers: full.then(|| {
+            let kept: Vec<_> = headers
+                .iter()
+                .take(limits::HEADERS)
+                .map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::HEADER_VALUE)))
+                .collect();
+            redact_header_pairs(&kept)
+        }),
+        body: full.then(|| body_data(body, size, max_body_bytes)),
+    };
+    ExchangeData {
+        level: e.level,
+        stream: e.stream,
+        started: nanos(e.started),
+        duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
+        method: cap(&e.method, limits::SHORT),
+        url: cap(&e.url, limits::URL),
+        status: e.status,
+        outcome: cap(&e.outcome, limits::TEXT),
+        rpc: e.rpc.as_deref().map(|v| cap(v, limits::TEXT)),
+        request: message(&e.request_headers, &e.request_body, e.request_body_size),
+        response: message(&e.response_headers, &e.response_body, e.response_body_size),
+        decision: e
+            .decision
+            .as_ref()
+            .map(|d| super::DecisionFacts { rule: cap(&d.rule, limits::SHORT), action: cap(&d.action, limits::SHORT) }),
+        findings: e.findings.iter().take(limits::FINDINGS).map(|f| cap(f, limits::SHORT)).collect(),
+    }
+}
+
+/// At most `max` bytes of `body`; text when the kept part is UTF-8 (cut on a
+/// character boundary), base64 otherwise.
+fn body_data(body: &[u8], size: u64, max: usize) -> BodyData {
+    let mut kept = &body[..body.len().min(max)];
+    if let Err(e) = std::str::from_utf8(kept) {
+        // Only a character cut in half by the cap: keep the text before it.
+        if e.error_len().is_none() && (kept.len() as u64) < size.max(body.len() as u64) {
+            kept = &kept[..e.valid_up_to()];
+        }
+    }
+    let size = size.max(body.len() as u64);
+    let truncated = (kept.len() as u64) < size;
+    match std::str::from_utf8(kept) {
+        Ok(text) => {
+            BodyData { stored: kept.len() as u64, truncated, encoding: "utf8".into(), content: text.to_owned() }
+        }
+        Err(_) => BodyData {
+            stored: kept.len() as u64,
+            truncated,
+            encoding: "base64".into(),
+            content: base64::engine::general_purpose::STANDARD.encode(kept),
+        },
+    }
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
