@@ -7,6 +7,7 @@
 //! findings ([`findings`]), and forwards to the original destination.
 
 pub mod api;
+pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod credentials;

@@ -1,0 +1,62 @@
+//! The public, read-only API on loopback TCP: JWKS, OIDC discovery, health.
+
+use std::sync::Arc;
+
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::any,
+    Router,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::credentials::Minter;
+
+/// Path of the JWKS document.
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+/// Path of the OIDC discovery document.
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+
+#[derive(Clone)]
+struct Public {
+    minter: Arc<Minter>,
+    jwks_uri: Arc<str>,
+}
+
+/// Serves the public API on `listener` until `shutdown` fires.
+pub async fn serve(listener: TcpListener, minter: Arc<Minter>, shutdown: CancellationToken) {
+    let jwks_uri = match listener.local_addr() {
+        Ok(addr) => format!("http://{addr}{JWKS_PATH}"),
+        Err(_) => JWKS_PATH.to_owned(),
+    };
+    let app = router(minter, jwks_uri);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await {
+        tracing::error!(error = %e, "public API stopped");
+    }
+}
+
+fn router(minter: Arc<Minter>, jwks_uri: String) -> Router {
+    // `any`: the documents answer every method as before; the JWKS handler
+    // itself refuses what it does not serve.
+    Router::new()
+        .route(JWKS_PATH, any(jwks))
+        .route(DISCOVERY_PATH, any(discovery))
+        .route("/healthz", any(|| async { json(StatusCode::OK, "{\"status\":\"ok\"}".to_owned()) }))
+        .fallback(|| async { json(StatusCode::NOT_FOUND, "{\"error\":\"not_found\"}".to_owned()) })
+        .with_state(Public { minter, jwks_uri: jwks_uri.into() })
+}
+
+async fn jwks(State(state): State<Public>, request: Request) -> Response {
+    state.minter.handle_jwks_request(&request).map(Body::new)
+}
+
+async fn discovery(State(state): State<Public>) -> Response {
+    json(StatusCode::OK, state.minter.discovery_document(&state.jwks_uri).to_string())
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
+}

@@ -1,0 +1,329 @@
+//! `gateway approvals ...`: list, inspect, approve and deny held requests.
+//! A client of the admin API on its unix socket, so the gateway (not this
+//! process) checks who is deciding.
+//!
+//! Exit status: 0 on success, 1 when the gateway refused the request (not an
+//! approver, no such request, already decided...), 2 when it could not be
+//! asked (not running, no access to the socket...).
+
+use std::{io::Write, path::Path, process::ExitCode};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+use time::{macros::format_description, OffsetDateTime};
+
+use super::{ApprovalId, ApprovalView, ListFilter, State, Verdict};
+use crate::api::{AdminClient, ClientError};
+
+/// Arguments of `gateway approvals`.
+#[derive(Debug, clap::Args)]
+pub struct ApprovalsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ApprovalsCommand,
+}
+
+/// Sub-commands of `gateway approvals`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ApprovalsCommand {
+    /// List approval requests, newest first (pending ones unless --all or --state).
+    List {
+        /// Every request, whatever its state.
+        #[arg(long, conflicts_with = "state")]
+        all: bool,
+        /// Only requests in this state (pending, approved, denied, timed_out, abandoned).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<State>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one request with its decisions.
+    Show {
+        /// Request id (A-12 or 12).
+        #[arg(value_parser = parse_id)]
+        id: ApprovalId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a held request.
+    Approve(DecideArgs),
+    /// Deny a held request (it is refused at once).
+    Deny(DecideArgs),
+}
+
+/// Arguments of `approve` and `deny`.
+#[derive(Debug, clap::Args)]
+pub struct DecideArgs {
+    /// Request id (A-12 or 12).
+    #[arg(value_parser = parse_id)]
+    pub id: ApprovalId,
+    /// The approver: your own user name (the default); root may name another approver.
+    #[arg(long)]
+    pub by: Option<String>,
+    /// Why (recorded, sent to the webhook).
+    #[arg(long)]
+    pub comment: Option<String>,
+    /// Print the request afterwards as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_state(s: &str) -> Result<State, String> {
+    s.parse()
+}
+
+fn parse_id(s: &str) -> Result<ApprovalId, String> {
+    s.parse()
+}
+
+/// `GET /v1/approvals` answer.
+#[derive(Debug, Deserialize)]
+struct ListAnswer {
+    approvals: Vec<ApprovalView>,
+}
+
+/// Requests matching `filter`, from the gateway at `client`.
+pub async fn list(client: &AdminClient, filter: &ListFilter) -> Result<Vec<ApprovalView>, ClientError> {
+    let mut path = format!("/v1/approvals?limit={}", filter.limit);
+    if let Some(state) = filter.state {
+        path.push_str("&state=");
+        path.push_str(state.as_str());
+    }
+    Ok(client.get::<ListAnswer>(&path).await?.approvals)
+}
+
+/// One request.
+pub async fn show(client: &AdminClient, id: ApprovalId) -> Result<ApprovalView, ClientError> {
+    client.get(&format!("/v1/approvals/{id}")).await
+}
+
+/// Approves or denies request `id` as `by`.
+pub async fn decide(
+    client: &AdminClient,
+    id: ApprovalId,
+    verdict: Verdict,
+    by: &str,
+    comment: Option<&str>,
+) -> Result<ApprovalView, ClientError> {
+    let body = serde_json::json!({ "by": by, "comment": comment });
+    client.post(&format!("/v1/approvals/{id}/{}", verdict.as_str()), &body).await
+}
+
+/// Runs `gateway approvals` from synchronous code against the admin socket
+/// `socket` (`api.admin_socket`; `None` when the admin API is disabled):
+/// prints errors, returns the exit status.
+pub fn run_blocking(args: &ApprovalsArgs, socket: Option<&Path>) -> ExitCode {
+    let Some(socket) = socket else {
+        eprintln!("gateway: api.admin_socket is null: the admin API, and with it approvals, is disabled");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(args, socket)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs `gateway approvals` against the admin socket at `socket`, printing
+/// to standard output. Refusals by the gateway are printed and give exit
+/// status 1; an `Err` is for the caller to print (exit status 2).
+pub async fn run(args: &ApprovalsArgs, socket: &Path) -> anyhow::Result<ExitCode> {
+    run_to(args, socket, &mut std::io::stdout().lock()).await
+}
+
+/// [`run`], printing to `out`.
+pub async fn run_to(args: &ApprovalsArgs, socket: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(socket);
+    let result = match &args.command {
+        ApprovalsCommand::List { all, state, limit, json } => {
+            let state = if *all { None } else { Some(state.unwrap_or(State::Pending)) };
+            let filter = ListFilter { state, limit: *limit };
+            list(&client, &filter).await.map(|views| render_list(&views, *json))
+        }
+        ApprovalsCommand::Show { id, json } => show(&client, *id).await.map(|view| render_one(&view, *json)),
+        ApprovalsCommand::Approve(d) | ApprovalsCommand::Deny(d) => {
+            let verdict =
+                if matches!(args.command, ApprovalsCommand::Approve(_)) { Verdict::Approve } else { Verdict::Deny };
+            let by = match &d.by {
+                Some(by) => by.clone(),
+                None => own_user_name().with_context(|| {
+                    format!("uid {} has no user name; name the approver with --by", nix::unistd::getuid())
+                })?,
+            };
+            decide(&client, d.id, verdict, &by, d.comment.as_deref()).await.map(|view| {
+                if d.json {
+                    render_json(&view)
+                } else {
+                    render_decision(&view, verdict, &by)
+                }
+            })
+        }
+    };
+    match result {
+        Ok(text) => match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            // `gateway approvals list | head`: the reader has what it wanted.
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to standard output"),
+            _ => Ok(ExitCode::SUCCESS),
+        },
+        Err(e) if e.is_refusal() => {
+            eprintln!("gateway: {e}");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn own_user_name() -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name)
+}
+
+fn render_decision(view: &ApprovalView, verdict: Verdict, by: &str) -> String {
+    let what = match verdict {
+        Verdict::Approve => "approved",
+        Verdict::Deny => "denied",
+    };
+    let state = match view.state {
+        State::Pending => format!("still pending: {} of {} approvals", view.approved_by().len(), view.min_approvals),
+        State::Approved => "approved: the request is released".to_owned(),
+        State::Denied => "denied: the request is refused".to_owned(),
+        other => other.to_string(),
+    };
+    format!("{} {what} by {}; {state}\n", view.id, clean(by))
+}
+
+fn render_json<T: serde::Serialize>(value: &T) -> String {
+    // Serialising these plain data types cannot fail.
+    serde_json::to_string_pretty(value).unwrap_or_default() + "\n"
+}
+
+fn render_list(views: &[ApprovalView], json: bool) -> String {
+    if json {
+        return render_json(&views);
+    }
+    if views.is_empty() {
+        return "no approval requests\n".to_owned();
+    }
+    let mut text = format!(
+        "{:<8} {:<10} {:<20} {:<7} {:<20} {:<40} {}\n",
+        "ID", "STATE", "REQUESTED", "VOTES", "RULE", "REQUEST", "IDENTITY"
+    );
+    for v in views {
+        text.push_str(&format!(
+            "{:<8} {:<10} {:<20} {:<7} {:<20} {:<40} {}\n",
+            v.id.to_string(),
+            v.state.as_str(),
+            when(v.created_at),
+            format!("{}/{}", v.approved_by().len(), v.min_approvals),
+            clean(&v.rule),
+            clean(&format!("{} {}", v.method, v.url)),
+            clean(&v.identity),
+        ));
+    }
+    text
+}
+
+fn render_one(v: &ApprovalView, json: bool) -> String {
+    if json {
+        return render_json(v);
+    }
+    let mut text = String::new();
+    let mut line = |label: &str, value: &str| text.push_str(&format!("{label:<14} {}\n", clean(value)));
+    line("id:", &v.id.to_string());
+    line("state:", v.state.as_str());
+    line("rule:", &v.rule);
+    line("approvers:", &format!("group {}, {} of {} approvals", v.group, v.approved_by().len(), v.min_approvals));
+    line("request:", &format!("{} {}", v.method, v.url));
+    line("destination:", &v.destination);
+    line("identity:", &v.identity);
+    for (k, val) in &v.identity_labels {
+        line("  label:", &format!("{k}={val}"));
+    }
+    line("process:", &v.process.to_string());
+    for (k, val) in &v.job {
+        line("  job:", &format!("{k}={val}"));
+    }
+    if let Some(session) = &v.session_id {
+        line("session:", session);
+    }
+    line("requesters:", &v.requesters.join(", "));
+    line("requested:", &when(v.created_at));
+    line("expires:", &when(v.expires_at));
+    if let Some(t) = v.finished_at {
+        line("finished:", &when(t));
+    }
+    for d in &v.decisions {
+        let comment = d.comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
+        line(
+            "decision:",
+            &format!("{} {} by {} (uid {}, pid {}){comment}", when(d.at), d.verdict, d.recorded_as, d.uid, d.pid),
+        );
+    }
+    if !v.body_preview.is_empty() {
+        text.push_str("body preview (masked):\n");
+        for l in v.body_preview.lines() {
+            text.push_str(&format!("  {}\n", clean(l)));
+        }
+    }
+    text
+}
+
+fn when(t: OffsetDateTime) -> String {
+    t.format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z"))
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// Escapes control characters: URLs, bodies, labels and job variables come
+/// from the jobs, and must not drive the approver's terminal (a crafted
+/// escape sequence could repaint what the approver reads).
+fn clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() { c.escape_default().collect() } else { vec![c] };
+            escaped.into_iter()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(clean("ok /path?q=1"), "ok /path?q=1");
+        assert_eq!(clean("a\u{1b}[2Jb\r\n"), "a\\u{1b}[2Jb\\r\\n");
+        assert_eq!(clean("naïve"), "naïve");
+    }
+
+    #[test]
+    fn arguments_parse() {
+        use clap::Parser as _;
+        #[derive(Debug, clap::Parser)]
+        struct Top {
+            #[command(subcommand)]
+            cmd: ApprovalsCommand,
+        }
+        let t = Top::try_parse_from(["x", "approve", "A-4", "--by", "alice", "--comment", "ok"]).unwrap();
+        assert!(
+            matches!(t.cmd, ApprovalsCommand::Approve(DecideArgs { id: ApprovalId(4), ref by, .. }) if by.as_deref() == Some("alice"))
+        );
+        let t = Top::try_parse_from(["x", "list", "--state", "timed_out"]).unwrap();
+        assert!(matches!(t.cmd, ApprovalsCommand::List { state: Some(State::TimedOut), all: false, .. }));
+        assert!(Top::try_parse_from(["x", "list", "--all", "--state", "pending"]).is_err());
+        assert!(Top::try_parse_from(["x", "show", "F-1"]).is_err());
+    }
+}
