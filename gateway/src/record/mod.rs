@@ -5,11 +5,11 @@
 //! The proxy opens one [`Recorder`] at start-up, calls [`Recorder::start`]
 //! per connection and reports exchanges, events and the end through the
 //! returned [`SessionRecorder`]. Those calls only enqueue: a dedicated writer
-//! thread ([`writer`]) serializes, hash-chains ([`chain`]) and commits in
+//! thread (`writer`) serializes, hash-chains (`chain`) and commits in
 //! small transactions at least every `flush_interval`, so the request path
 //! never waits for SQLite. Reviewers read with `gateway sessions ...`
 //! ([`cli`]) through a [`SessionStore`]; old sessions are removed by a
-//! background pruner ([`retention`]).
+//! background pruner (`retention`).
 
 use std::{
     path::{Path, PathBuf},
