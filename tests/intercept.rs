@@ -261,3 +261,39 @@ fn missing_cgroup_without_create_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not exist") && err.contains("create: true"), "{err}");
 }
+
+/// Protocols where the server speaks first (SMTP, MySQL, SSH...): the proxy
+/// cannot sniff a first client byte, so after `proxy.client_first_timeout`
+/// it splices anyway and the greeting must arrive.
+#[test]
+fn server_speaks_first_protocols_are_passed_through() {
+    let port = unique_port();
+    let server_addr = addr(&format!("127.0.0.2:{port}"));
+    let listener = std::net::TcpListener::bind(server_addr).expect("bind");
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut s, _) = listener.accept().expect("accept");
+        s.write_all(b"220 greetings\r\n").expect("greet");
+        let mut got = [0u8; 6];
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        s.read_exact(&mut got).expect("client reply");
+        s.write_all(b"221 bye\r\n").expect("bye");
+        got
+    });
+    let gw = TestGateway::start(GatewayOptions::new("srvfirst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let out = gw
+        .command_in_cgroup("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket,time; s=socket.create_connection(('127.0.0.2',{port})); s.settimeout(10); t=time.time(); g=s.recv(100); \
+             s.sendall(b'QUIT\\r\\n'); b=s.recv(100); print(repr(g), repr(b), round(time.time()-t, 3))"
+        ))
+        .output()
+        .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "client failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("b'220 greetings\\r\\n' b'221 bye\\r\\n'"), "{stdout}");
+    assert_eq!(&server.join().expect("server thread"), b"QUIT\r\n");
+    let events = gw.wait_events(1, Duration::from_secs(5));
+    assert!(events.iter().any(|e| e["orig_dst"] == server_addr.to_string() && e["bytes_down"].as_u64() == Some(24)), "{events:#?}");
+}

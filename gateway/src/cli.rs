@@ -64,6 +64,12 @@ pub enum Command {
     Findings(crate::findings::cli::FindingsArgs),
     /// Explain process identities, check mapping files.
     Identity(crate::identity::IdentityArgs),
+    /// Check policy files, explain which rule decides a request.
+    Policy(crate::policy::PolicyArgs),
+    /// List, approve and deny requests held for just-in-time approval.
+    Approvals(crate::approval::cli::ApprovalsArgs),
+    /// List, show, replay, export and verify recorded sessions.
+    Sessions(crate::record::cli::SessionsArgs),
 }
 
 /// `gateway config ...`.
@@ -104,6 +110,11 @@ pub fn main() -> ExitCode {
         Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
         Command::Findings(args) => return crate::findings::cli::run(&config, args),
         Command::Identity(args) => return crate::identity::run(&config.identity, args),
+        Command::Policy(args) => return exit_code(crate::policy::run(args, config.policy.file.as_deref())),
+        Command::Approvals(args) => return crate::approval::cli::run_blocking(args, config.api.admin_socket.as_deref()),
+        Command::Sessions(args) => {
+            return exit_code(crate::record::cli::run(args, &config.record.database_path(&config.state_dir)))
+        }
         Command::Config { command: ConfigCommand::Check { file } } => {
             return config_check(file.as_deref().unwrap_or(&cli.config))
         }
@@ -115,6 +126,15 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a subcommand that reports its own outcome, or 2 with the
+/// error when it could not run at all.
+fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|e| {
+        eprintln!("gateway: {e:#}");
+        ExitCode::from(2)
+    })
 }
 
 fn config_check(path: &Path) -> ExitCode {
@@ -190,6 +210,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     // Listen before attaching: from the moment the programs are attached,
     // redirected connections need someone to accept them.
     let listeners = proxy::bind_listeners(&config.proxy).context("binding the proxy listeners")?;
+    let admin_listener = match &config.api.admin_socket {
+        Some(path) => Some(crate::api::bind_admin(path, config.api.admin_group.as_deref())?),
+        None => None,
+    };
     let target = RedirectTarget {
         v4: config.proxy.listen_v4,
         v6: config.proxy.listen_v6,
@@ -225,6 +249,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     ));
     let services_identities = services.identities.clone();
     let services_credentials = services.enforcement.credentials.clone();
+    let services_policy = services.enforcement.policy.clone();
     let minter = services.enforcement.minter.clone();
     let mut api_task = None;
     if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
@@ -237,6 +262,17 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     if let Some(minter) = minter {
         tokio::spawn(rotate_keys(minter, shutdown.clone()));
     }
+    let mut admin_task = None;
+    if let Some(listener) = admin_listener {
+        let lookup = job_identity_lookup(&services, &cgroups);
+        let approvals = services.enforcement.approvals.clone();
+        admin_task = Some(tokio::spawn(crate::api::serve_admin(listener, approvals, lookup, shutdown.clone())));
+    }
+    let policy_watch = config.policy.watch.then(|| {
+        let handle = services.enforcement.policy.clone();
+        tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
+    });
+    let recorder = services.enforcement.recorder.clone();
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
     let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
 
@@ -244,6 +280,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         identities: services_identities,
         credentials: services_credentials,
         mappings: config.identity.mappings.clone(),
+        policy: services_policy,
     };
     wait_for_signal(&reloadable).await?;
     tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
@@ -253,19 +290,28 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     if let Some(api) = api_task {
         let _ = api.await;
     }
+    if let Some(admin) = admin_task {
+        let _ = admin.await;
+    }
+    if let Some(watch) = policy_watch {
+        let _ = watch.await;
+    }
+    // Connections have drained: every session record is queued; commit them.
+    tokio::task::spawn_blocking(move || recorder.shutdown()).await.context("closing the session recorder")?;
     let interceptor = Arc::try_unwrap(interceptor)
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
     interceptor.shutdown(config.intercept.on_shutdown)?;
     Ok(())
 }
 
-/// What SIGHUP reloads: identity mappings and held credentials. A broken
+/// What SIGHUP reloads: identity mappings, policy and held credentials. A broken
 /// new version is reported and the old one stays in force.
 #[derive(Clone)]
 struct Reloadable {
     identities: Arc<crate::identity::IdentityResolver>,
     credentials: Arc<crate::credentials::CredentialStore>,
     mappings: Option<PathBuf>,
+    policy: crate::policy::PolicyHandle,
 }
 
 impl Reloadable {
@@ -280,6 +326,9 @@ impl Reloadable {
                 }
             }
         }
+        // The policy handle logs its own outcome (and keeps the old policy
+        // when the new one is invalid).
+        let _ = self.policy.reload();
         match self.credentials.reload() {
             Ok(()) => tracing::info!(entries = self.credentials.len(), "credentials reloaded"),
             Err(e) => tracing::error!(error = %e, "credentials reload failed; the previous credentials stay in force"),
@@ -396,7 +445,28 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         )?;
         Some(Arc::new(validator))
     };
+    let policy = crate::policy::PolicyHandle::load(&config.policy).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("policy:\n  {}", text.join("\n  "))
+    })?;
+    let approvals = crate::approval::Approvals::open(
+        &config.approvals,
+        &config.state_dir,
+        Some(crate::tls::UpstreamTls::new(&config.tls)?),
+    )?;
+    let recorder = crate::record::Recorder::open(&config.record, &config.state_dir)?;
+    tracing::info!(
+        policy = %policy.current().short_digest(),
+        rules = policy.current().len(),
+        sessions = ?recorder.path(),
+        "policy, approvals and session recording ready"
+    );
     let enforcement = crate::enforce::Enforcement {
+        masks: crate::enforce::MaskCache::new(detector.clone()).context("building the recording masker")?,
+        policy,
+        approvals,
+        recorder,
+        record_body_cap: config.record.max_body_bytes,
         detector,
         fingerprint_key,
         findings,
@@ -416,6 +486,25 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         identities,
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
+    })
+}
+
+/// For the admin API's self-approval check: the identity of a process that
+/// runs inside an intercepted cgroup (a CI job), `None` for anything else
+/// (an operator's shell), so that an unmapped operator is not mistaken for
+/// an unmapped job.
+fn job_identity_lookup(services: &proxy::Services, cgroups: &[Cgroup]) -> crate::api::IdentityLookup {
+    let attestor = services.attestor.clone();
+    let identities = services.identities.clone();
+    let intercepted: Vec<String> = cgroups.iter().map(|c| c.name.clone()).collect();
+    Arc::new(move |pid: u32| {
+        let cgroup = intercept::cgroup::cgroup_of(pid)?;
+        let inside = intercepted.iter().any(|c| cgroup == *c || cgroup.starts_with(&format!("{c}/")));
+        if !inside {
+            return None;
+        }
+        let record = crate::identity::record_for_live_pid(pid).ok()?;
+        Some(identities.resolve(&attestor.attest(&record)).uri)
     })
 }
 

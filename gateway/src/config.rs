@@ -60,8 +60,15 @@ pub struct Config {
     pub identity: crate::identity::IdentityConfig,
     /// Credentials the gateway holds, JWT minting, OIDC validation.
     pub credentials: crate::credentials::CredentialsConfig,
-    /// The admin HTTP API (JWKS, discovery, health).
+    /// The admin APIs: public (JWKS, discovery, health) on loopback TCP,
+    /// privileged (approvals) on a unix socket.
     pub api: crate::api::ApiConfig,
+    /// The policy file: who may do what where.
+    pub policy: crate::policy::PolicyConfig,
+    /// Just-in-time approval: approver groups, database, webhook.
+    pub approvals: crate::approval::ApprovalConfig,
+    /// Session recording.
+    pub record: crate::record::RecordConfig,
 }
 
 impl Default for Config {
@@ -77,6 +84,9 @@ impl Default for Config {
             identity: Default::default(),
             credentials: Default::default(),
             api: Default::default(),
+            policy: Default::default(),
+            approvals: Default::default(),
+            record: Default::default(),
         }
     }
 }
@@ -344,6 +354,9 @@ impl Config {
                 return Err(("api.listen".into(), "must be a loopback address".into()));
             }
         }
+        self.api.validate()?;
+        self.approvals.validate()?;
+        self.record.validate()?;
         Ok(())
     }
 }

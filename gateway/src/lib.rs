@@ -18,6 +18,8 @@ pub mod findings;
 pub mod http;
 pub mod identity;
 pub mod intercept;
+pub mod mask;
+pub mod policy;
 pub mod process;
 pub mod proxy;
 pub mod record;

@@ -137,7 +137,8 @@ impl TestGateway {
             yaml.push_str(&format!("    - {d}\n"));
         }
         yaml.push_str(&format!(
-            "proxy:\n  port: {proxy_port}\napi:\n  listen: 127.0.0.1:{api_port}\nlog:\n  format: json\n  level: info\n"
+            "proxy:\n  port: {proxy_port}\napi:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
+            socket = dir.path().join("admin.sock").display(),
         ));
         yaml.push_str(&opts.extra_yaml);
         let config_path = dir.path().join("gateway.yaml");

@@ -68,6 +68,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Everything it received.
     pub received: Arc<Mutex<Vec<Received>>>,
+    /// What `/leak/...` routes put into their responses.
+    pub leak: Arc<Mutex<String>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -77,7 +79,9 @@ impl Upstream {
     /// Routes: `/stream` sends five chunks 300 ms apart; `/git/...` answers
     /// 401 with a Basic challenge unless credentials are present; `/big`
     /// consumes the body and answers with its length; anything else answers
-    /// 200 with a small JSON body.
+    /// 200 with a small JSON body. `/leak/stream` streams `leak` split
+    /// across two chunks 200 ms apart; `/leak/gzip` answers a gzip JSON
+    /// document holding `leak` and a `password` field.
     pub fn start(addr: SocketAddr, pki: &TestPki) -> Upstream {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -93,21 +97,24 @@ impl Upstream {
         let listener = runtime.block_on(tokio::net::TcpListener::bind(addr)).expect("bind upstream");
         let addr = listener.local_addr().expect("addr");
         let log = received.clone();
+        let leak = Arc::new(Mutex::new(String::new()));
+        let leaked = leak.clone();
         runtime.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let acceptor = acceptor.clone();
                 let log = log.clone();
+                let leaked = leaked.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(move |req| handle(req, log.clone()));
+                    let service = hyper::service::service_fn(move |req| handle(req, log.clone(), leaked.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                         .await;
                 });
             }
         });
-        Upstream { addr, received, _runtime: runtime }
+        Upstream { addr, received, leak, _runtime: runtime }
     }
 
     /// Requests received so far.
@@ -118,7 +125,11 @@ impl Upstream {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn handle(req: hyper::Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<Received>>>) -> Result<hyper::Response<Body>, Infallible> {
+async fn handle(
+    req: hyper::Request<hyper::body::Incoming>,
+    log: Arc<Mutex<Vec<Received>>>,
+    leak: Arc<Mutex<String>>,
+) -> Result<hyper::Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
     let headers = parts
@@ -148,7 +159,30 @@ async fn handle(req: hyper::Request<hyper::body::Incoming>, log: Arc<Mutex<Vec<R
         headers,
         body: body_bytes,
     });
-    let response = if path == "/stream" {
+    let leak = leak.lock().expect("leak").clone();
+    let response = if path == "/leak/stream" {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
+        let (a, b) = leak.split_at(leak.len() / 2);
+        let chunks = [format!("{{\"token\": \"{a}"), format!("{b}\", \"n\": 1}}\n")];
+        tokio::spawn(async move {
+            for c in chunks {
+                if tx.send(Ok(Frame::data(Bytes::from(c)))).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        hyper::Response::new(StreamBody::new(tokio_stream_from(rx)).boxed())
+    } else if path == "/leak/gzip" {
+        use std::io::Write as _;
+        let doc = format!("{{\"user\": \"ci\", \"password\": \"hunter2-letmein\", \"token\": \"{leak}\"}}");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        let body = gz.write_all(doc.as_bytes()).and_then(|()| gz.finish()).expect("gzip");
+        let mut r = hyper::Response::new(Full::new(Bytes::from(body)).boxed());
+        r.headers_mut().insert("content-encoding", hyper::header::HeaderValue::from_static("gzip"));
+        r.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+        r
+    } else if path == "/stream" {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
         tokio::spawn(async move {
             for i in 0..5 {

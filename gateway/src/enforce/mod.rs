@@ -15,14 +15,23 @@ use std::{
 use bytes::Bytes;
 use serde_json::json;
 
+mod exchange;
+mod masks;
+
+pub use exchange::{ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
+pub use masks::{decode_prefix, MaskCache};
+
 use crate::{
+    approval::{Approvals, NewApproval, Outcome as ApprovalOutcome},
+    policy::{self, HttpRequestFacts, PolicyHandle, RequestFacts},
+    record::{DecisionFacts, RecordLevel, Recorder, SessionRecorder},
     credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, OidcValidator, SwapTarget},
     detect::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
         Detector, FingerprintKey,
     },
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
-    http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector, PassResponses},
+    http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector},
     identity::Identity,
     process::ProcessInfo,
 };
@@ -31,6 +40,8 @@ use crate::{
 pub const FINDING_TARGET: &str = "gateway::finding";
 /// tracing target of ID token validation events.
 pub const OIDC_TARGET: &str = "gateway::oidc";
+/// tracing target of policy decisions (denials, approvals).
+pub const POLICY_TARGET: &str = "gateway::policy";
 
 /// What every connection's enforcement shares.
 pub struct Enforcement {
@@ -52,6 +63,16 @@ pub struct Enforcement {
     pub oidc: Option<Arc<OidcValidator>>,
     /// The header jobs present ID tokens in.
     pub oidc_header: http::HeaderName,
+    /// Who may do what where (reloadable).
+    pub policy: PolicyHandle,
+    /// Requests held for just-in-time approval.
+    pub approvals: Approvals,
+    /// Session recording.
+    pub recorder: Recorder,
+    /// Compiled response maskers of the policy in force.
+    pub masks: MaskCache,
+    /// Body bytes a recording keeps per direction.
+    pub record_body_cap: usize,
 }
 
 /// Who is calling: the attributed process and the identity it is pinned to.
@@ -71,12 +92,31 @@ pub struct Enforcer {
     shared: Arc<Enforcement>,
     caller: Arc<Caller>,
     blocked: Arc<AtomicU64>,
+    /// The connection's recording, if it is recorded.
+    session: Option<Arc<SessionRecorder>>,
+    /// Requests seen on the connection (numbers exchanges in the recording).
+    requests: Arc<AtomicU64>,
+}
+
+/// What one request carries from its head to its body inspection.
+struct RequestState {
+    host: String,
+    verified: BTreeMap<String, String>,
+    /// The policy's static-key action, overriding `findings.actions`.
+    static_keys: Option<Action>,
+    capture: SharedCapture,
 }
 
 impl Enforcer {
-    /// Enforcement for a connection made by `caller`.
-    pub fn new(shared: Arc<Enforcement>, caller: Arc<Caller>) -> Enforcer {
-        Enforcer { shared, caller, blocked: Arc::new(AtomicU64::new(0)) }
+    /// Enforcement for a connection made by `caller`, recorded in `session`.
+    pub fn new(shared: Arc<Enforcement>, caller: Arc<Caller>, session: Option<Arc<SessionRecorder>>) -> Enforcer {
+        Enforcer {
+            shared,
+            caller,
+            blocked: Arc::new(AtomicU64::new(0)),
+            session,
+            requests: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Requests blocked so far on this connection.
@@ -91,11 +131,11 @@ impl Enforcer {
     async fn judge(
         &self,
         ctx: &HttpContext,
-        host: &str,
+        req: &RequestState,
         hits: Vec<Hit>,
         head: Option<&mut http::request::Parts>,
-        verified: &BTreeMap<String, String>,
     ) -> Option<http::Response<Bytes>> {
+        let (host, verified) = (req.host.as_str(), &req.verified);
         let identity = &self.caller.identity;
         let credential = match head {
             Some(_) => self.shared.credentials.lookup(&identity.uri, host),
@@ -110,7 +150,8 @@ impl Enforcer {
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }
-            let action = match self.shared.actions.action_for(host, &hit.detection.rule_id) {
+            let configured = req.static_keys.unwrap_or_else(|| self.shared.actions.action_for(host, &hit.detection.rule_id));
+            let action = match configured {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
                 // Nothing held for this identity and destination, or a key
@@ -160,7 +201,10 @@ impl Enforcer {
                 seen_at: time::OffsetDateTime::now_utc(),
             };
             let id = match self.shared.findings.record(finding).await {
-                Ok(recorded) => Some(recorded.id.to_string()),
+                Ok(recorded) => {
+                    exchange::lock(&req.capture).findings.push(recorded.id.to_string());
+                    Some(recorded.id.to_string())
+                }
                 Err(e) => {
                     // Losing the finding must not let the key through.
                     tracing::error!(target: FINDING_TARGET, error = %e, rule, "recording a finding failed; blocking the request");
@@ -350,55 +394,348 @@ fn request_host(ctx: &HttpContext, parts: &http::request::Parts) -> String {
 
 impl Inspector for Enforcer {
     type Body = BodyEnforcer;
-    type Response = PassResponses;
+    type Response = ExchangeWatch;
 
-    async fn inspect_head(&self, ctx: &HttpContext, parts: &mut http::request::Parts) -> HeadVerdict<BodyEnforcer, PassResponses> {
+    async fn inspect_head(
+        &self,
+        ctx: &HttpContext,
+        parts: &mut http::request::Parts,
+    ) -> HeadVerdict<BodyEnforcer, ExchangeWatch> {
+        let stream = self.requests.fetch_add(1, Ordering::Relaxed);
         let host = request_host(ctx, parts);
+        let summary = self.summarize(parts);
         let verified = match self.verify_presented_token(ctx, parts).await {
             Ok(v) => v,
-            Err(response) => return HeadVerdict::Respond(response),
+            Err(response) => {
+                self.record_refusal(stream, summary, &response, "oidc", "invalid_token");
+                return HeadVerdict::Respond(response);
+            }
         };
+
+        let policy = self.shared.policy.current();
+        let identity = &self.caller.identity;
+        let facts = RequestFacts {
+            identity_uri: &identity.uri,
+            labels: &identity.labels,
+            claims: &verified,
+            unmapped: identity.rule.is_none(),
+            host: &host,
+            port: ctx.orig_dst.port(),
+            tls: ctx.tls,
+            request: Some(HttpRequestFacts { method: parts.method.as_str(), path: path_and_query(parts), headers: &parts.headers }),
+        };
+        let decision = policy.evaluate(&facts);
+        let decided = DecisionFacts { rule: decision.rule.to_owned(), action: decision.action.name().to_owned() };
+        let level = record_level(decision.record);
+        if let policy::Action::Deny { reason } = decision.action {
+            tracing::info!(target: POLICY_TARGET, conn_id = ctx.conn_id, rule = decision.rule, identity = identity.uri, host, "request denied by policy");
+            self.blocked.fetch_add(1, Ordering::Relaxed);
+            let response = denied_response(ctx.conn_id, decision.rule, reason);
+            self.record_refusal(stream, summary, &response, decision.rule, "deny");
+            return HeadVerdict::Respond(response);
+        }
+        let approval = match decision.action {
+            policy::Action::RequireApproval(spec) => Some((decision.rule.to_owned(), spec.clone())),
+            _ => None,
+        };
+        let mask = match (decision.mask, decision.mask_id) {
+            (Some(rule), Some(id)) => Some(self.shared.masks.get(&policy, id, rule)),
+            _ => None,
+        };
+        if mask.is_some() {
+            // Only encodings the masker can decode and re-encode may come back.
+            restrict_accept_encoding(&mut parts.headers);
+        }
+        let capture = SharedCapture::default();
+        exchange::lock(&capture).encoding = parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let req = RequestState { host, verified, static_keys: decision.static_keys, capture: capture.clone() };
+        drop(policy);
+
         let detector = &self.shared.detector;
         let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
         // The gateway issues no credentials of its own yet, so every
         // credential in an authentication header is a static one.
         hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
+        let watch = ExchangeWatch::new(WatchSpec {
+            conn_id: ctx.conn_id,
+            stream,
+            session: self.session.clone(),
+            level,
+            decision: decided,
+            request: summary,
+            capture: capture.clone(),
+            mask,
+            recording: self.shared.masks.recording().clone(),
+            cap: self.shared.record_body_cap,
+        });
         if !hits.is_empty() {
-            if let Some(response) = self.judge(ctx, &host, hits, Some(&mut *parts), &verified).await {
+            if let Some(response) = self.judge(ctx, &req, hits, Some(&mut *parts)).await {
+                // The watch records the blocked exchange when it finishes.
+                let mut watch = watch;
+                let exchange = blocked_exchange(ctx, parts, &req.host, &response);
+                crate::http::ResponseInspector::finish(&mut watch, &exchange);
                 return HeadVerdict::Respond(response);
             }
         }
         let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.shared.body_limits);
-        HeadVerdict::Forward {
-            body: Some(BodyEnforcer { enforcer: self.clone(), ctx: ctx.clone(), host, scanner, verified }),
-            response: None,
-        }
+        let body = BodyEnforcer {
+            enforcer: self.clone(),
+            ctx: ctx.clone(),
+            req,
+            scanner,
+            approval,
+            method: parts.method.to_string(),
+            url: self.summarize_url(parts),
+        };
+        HeadVerdict::Forward { body: Some(body), response: Some(watch) }
     }
 }
 
-/// Scans one request body as it streams.
+impl Enforcer {
+    /// The request head as a recording may keep it: secrets masked,
+    /// credentials redacted.
+    fn summarize(&self, parts: &http::request::Parts) -> RequestSummary {
+        let recording = self.shared.masks.recording();
+        let mut headers = parts.headers.clone();
+        recording.mask_headers(&mut headers);
+        RequestSummary {
+            method: parts.method.to_string(),
+            url: self.summarize_url(parts),
+            rpc: policy::rpc_method(
+                parts.method.as_str(),
+                path_and_query(parts),
+                parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
+            )
+            .map(str::to_owned),
+            headers: crate::record::redact_headers(&headers),
+            started: std::time::SystemTime::now(),
+        }
+    }
+
+    fn summarize_url(&self, parts: &http::request::Parts) -> String {
+        let (masked, _) = self.shared.masks.recording().mask_bytes(path_and_query(parts).as_bytes());
+        String::from_utf8_lossy(&masked).into_owned()
+    }
+
+    /// Records a request refused at its head (no watch follows it).
+    fn record_refusal(
+        &self,
+        stream: u64,
+        request: RequestSummary,
+        response: &http::Response<Bytes>,
+        rule: &str,
+        action: &str,
+    ) {
+        let Some(session) = &self.session else { return };
+        session.event("refused", json!({ "stream": stream, "rule": rule, "action": action, "status": response.status().as_u16() }));
+        session.exchange(crate::record::ExchangeRecord {
+            level: RecordLevel::Metadata,
+            stream,
+            started: request.started,
+            duration: request.started.elapsed().unwrap_or_default(),
+            method: request.method,
+            url: request.url,
+            status: response.status().as_u16(),
+            outcome: crate::http::ExchangeOutcome::Blocked.as_str().to_owned(),
+            rpc: request.rpc,
+            request_headers: Vec::new(),
+            request_body: Bytes::new(),
+            request_body_size: 0,
+            response_headers: Vec::new(),
+            response_body: Bytes::new(),
+            response_body_size: response.body().len() as u64,
+            decision: Some(DecisionFacts { rule: rule.to_owned(), action: action.to_owned() }),
+            findings: Vec::new(),
+        });
+    }
+}
+
+/// An exchange refused at its head, as the engine would have reported it.
+fn blocked_exchange(
+    ctx: &HttpContext,
+    parts: &http::request::Parts,
+    host: &str,
+    response: &http::Response<Bytes>,
+) -> crate::http::Exchange {
+    crate::http::Exchange {
+        conn_id: ctx.conn_id,
+        method: parts.method.clone(),
+        host: host.to_owned(),
+        path: parts.uri.path().to_owned(),
+        status: response.status().as_u16(),
+        outcome: crate::http::ExchangeOutcome::Blocked,
+        duration: std::time::Duration::ZERO,
+        bytes_up: 0,
+        bytes_down: response.body().len() as u64,
+    }
+}
+
+fn path_and_query(parts: &http::request::Parts) -> &str {
+    parts.uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+fn record_level(level: policy::RecordLevel) -> RecordLevel {
+    match level {
+        policy::RecordLevel::Full => RecordLevel::Full,
+        policy::RecordLevel::Metadata => RecordLevel::Metadata,
+        policy::RecordLevel::None => RecordLevel::None,
+    }
+}
+
+/// Keeps only the content codings the masker handles in `Accept-Encoding`
+/// (`identity` when none remain), so that upstream never answers in one it
+/// cannot mask.
+fn restrict_accept_encoding(headers: &mut http::HeaderMap) {
+    let supported: Vec<&str> = crate::mask::supported_encodings().split(',').map(str::trim).collect();
+    let accepted: Vec<String> = headers
+        .get_all(http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|item| item.trim().to_owned())
+        .filter(|item| {
+            let coding = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            supported.contains(&coding.as_str())
+        })
+        .collect();
+    let value = if accepted.is_empty() { "identity".to_owned() } else { accepted.join(", ") };
+    headers.remove(http::header::ACCEPT_ENCODING);
+    if let Ok(v) = http::HeaderValue::from_str(&value) {
+        headers.insert(http::header::ACCEPT_ENCODING, v);
+    }
+}
+
+/// 403 for a request the policy denies.
+fn denied_response(conn_id: u64, rule: &str, reason: &str) -> http::Response<Bytes> {
+    let body = json!({
+        "error": "denied_by_policy",
+        "rule": rule,
+        "reason": reason,
+        "message": format!("The CI gateway's policy denies this request: {reason}"),
+        "conn_id": conn_id,
+    });
+    json_response(http::StatusCode::FORBIDDEN, &body)
+}
+
+/// 403 for a request whose approval was denied, timed out or failed.
+fn not_approved_response(conn_id: u64, approval: Option<&str>, error: &str, message: String) -> http::Response<Bytes> {
+    let body = json!({ "error": error, "approval": approval, "message": message, "conn_id": conn_id });
+    json_response(http::StatusCode::FORBIDDEN, &body)
+}
+
+/// Scans one request body as it streams, keeps its start for the
+/// recording, and holds the request for approval when the policy says so.
 pub struct BodyEnforcer {
     enforcer: Enforcer,
     ctx: HttpContext,
-    host: String,
+    req: RequestState,
     scanner: BodyScanner,
-    verified: BTreeMap<String, String>,
+    /// (rule, spec) when the request needs approval.
+    approval: Option<(String, policy::ApprovalSpec)>,
+    method: String,
+    url: String,
 }
+
+/// Shown to approvers: enough to judge, small enough for a webhook.
+const APPROVAL_PREVIEW_BYTES: usize = 4096;
 
 impl BodyEnforcer {
     async fn verdict(&self, hits: Vec<Hit>) -> BodyVerdict {
         if hits.is_empty() {
             return BodyVerdict::Continue;
         }
-        match self.enforcer.judge(&self.ctx, &self.host, hits, None, &self.verified).await {
+        match self.enforcer.judge(&self.ctx, &self.req, hits, None).await {
             Some(response) => BodyVerdict::Respond(response),
             None => BodyVerdict::Continue,
         }
+    }
+
+    /// Holds the request until its approval is decided.
+    async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
+        let enforcer = &self.enforcer;
+        let caller = &enforcer.caller;
+        let preview = {
+            let capture = exchange::lock(&self.req.capture);
+            let head = &capture.body[..capture.body.len().min(APPROVAL_PREVIEW_BYTES)];
+            let plain = decode_prefix(capture.encoding.as_deref().unwrap_or(""), head, APPROVAL_PREVIEW_BYTES)
+                .unwrap_or_default();
+            String::from_utf8_lossy(&enforcer.shared.masks.recording().mask_bytes(&plain).0).into_owned()
+        };
+        let p = &caller.process;
+        let new = NewApproval {
+            identity: caller.identity.uri.clone(),
+            identity_labels: caller.identity.labels.clone(),
+            process: json!({
+                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
+                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
+            }),
+            job: caller.job.clone(),
+            session_id: enforcer.session.as_ref().map(|s| s.id().as_str().to_owned()),
+            method: self.method.clone(),
+            url: self.url.clone(),
+            destination: format!("{}:{}", self.req.host, self.ctx.orig_dst.port()),
+            body_preview: preview,
+            rule: rule.to_owned(),
+            requesters: Vec::new(),
+        };
+        let approval_spec = crate::approval::ApprovalSpec {
+            group: spec.group.clone(),
+            min_approvals: spec.min_approvals,
+            timeout: spec.timeout,
+        };
+        let session = enforcer.session.clone();
+        if let Some(s) = &session {
+            s.event("approval_requested", json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }));
+        }
+        tracing::info!(target: POLICY_TARGET, conn_id = self.ctx.conn_id, rule, group = spec.group, identity = caller.identity.uri, "request held for approval");
+        let outcome = enforcer.shared.approvals.request(new, &approval_spec).await;
+        let (verdict, event) = match &outcome {
+            ApprovalOutcome::Approved { id, by } => (BodyVerdict::Continue, json!({ "approval": id.to_string(), "outcome": "approved", "by": by })),
+            ApprovalOutcome::Denied { id, by, comment } => (
+                BodyVerdict::Respond(not_approved_response(
+                    self.ctx.conn_id,
+                    Some(&id.to_string()),
+                    "approval_denied",
+                    format!("Approval {id} was denied by {by}{}.", comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default()),
+                )),
+                json!({ "approval": id.to_string(), "outcome": "denied", "by": by }),
+            ),
+            ApprovalOutcome::TimedOut { id } => (
+                BodyVerdict::Respond(not_approved_response(
+                    self.ctx.conn_id,
+                    Some(&id.to_string()),
+                    "approval_timed_out",
+                    format!("Nobody approved request {id} within {}; it was not sent.", humantime::format_duration(spec.timeout)),
+                )),
+                json!({ "approval": id.to_string(), "outcome": "timed_out" }),
+            ),
+            ApprovalOutcome::Failed { reason } => (
+                BodyVerdict::Respond(not_approved_response(
+                    self.ctx.conn_id,
+                    None,
+                    "approval_unavailable",
+                    format!("This request needs approval, which could not be requested ({reason}); it was not sent."),
+                )),
+                json!({ "outcome": "failed", "reason": reason }),
+            ),
+        };
+        if let Some(s) = &session {
+            s.event("approval_decided", event);
+        }
+        if matches!(verdict, BodyVerdict::Respond(_)) {
+            enforcer.blocked.fetch_add(1, Ordering::Relaxed);
+        }
+        verdict
     }
 }
 
 impl BodyInspector for BodyEnforcer {
     async fn feed(&mut self, chunk: &[u8]) -> BodyVerdict {
+        exchange::lock(&self.req.capture).push(chunk, self.enforcer.shared.record_body_cap.max(APPROVAL_PREVIEW_BYTES));
         let hits = self.scanner.feed(chunk);
         self.verdict(hits).await
     }
@@ -406,5 +743,12 @@ impl BodyInspector for BodyEnforcer {
     async fn finish(&mut self) -> BodyVerdict {
         let hits = self.scanner.finish();
         self.verdict(hits).await
+    }
+
+    async fn before_upstream(&mut self) -> BodyVerdict {
+        match self.approval.take() {
+            Some((rule, spec)) => self.await_approval(&rule, &spec).await,
+            None => BodyVerdict::Continue,
+        }
     }
 }

@@ -374,16 +374,28 @@ pub(crate) struct ResponseBody {
     /// must then fail rather than end normally.
     abort: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     log: ExchangeLog,
-    /// Data goes through the log's response inspector (masking).
+    /// Whether data goes through the log's response inspector.
     filter: Filter,
     /// A frame that must follow the filter's final output (trailers).
     pending: Option<Frame<Bytes>>,
     done: bool,
 }
 
+/// What the response inspector does with upstream's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyFilter {
+    /// Nothing.
+    Off,
+    /// Sees every chunk; the body and its framing are unchanged.
+    Observe,
+    /// Rewrites every chunk (masking).
+    Rewrite,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Filter {
     Off,
+    Observe,
     On,
     /// `end` was called; only `pending` and the end remain.
     Ended,
@@ -408,19 +420,23 @@ impl ResponseBody {
         }
     }
 
-    /// Upstream's response body, streamed frame by frame; with `filter`,
-    /// every data frame goes through the response inspector first.
+    /// Upstream's response body, streamed frame by frame; `filter` says
+    /// whether the response inspector sees or rewrites data frames.
     pub(crate) fn upstream(
         body: Incoming,
         abort: Option<CancellationToken>,
         log: ExchangeLog,
-        filter: bool,
+        filter: BodyFilter,
     ) -> ResponseBody {
         ResponseBody {
             kind: ResponseKind::Upstream(body),
             abort: abort.map(|t| Box::pin(t.cancelled_owned())),
             log,
-            filter: if filter { Filter::On } else { Filter::Off },
+            filter: match filter {
+                BodyFilter::Off => Filter::Off,
+                BodyFilter::Observe => Filter::Observe,
+                BodyFilter::Rewrite => Filter::On,
+            },
             pending: None,
             done: false,
         }
@@ -488,6 +504,14 @@ impl Body for ResponseBody {
             };
             let frame = match (this.filter, frame) {
                 (Filter::Off, frame) => frame,
+                (Filter::Observe, frame) => {
+                    if let (Some(d), Some(inspector)) =
+                        (frame.as_ref().and_then(Frame::data_ref), this.log.response_inspector())
+                    {
+                        inspector.observe(d);
+                    }
+                    frame
+                }
                 (_, Some(f)) if f.is_data() => {
                     let data = f.into_data().unwrap_or_default();
                     match this.filtered(Some(data)) {
@@ -527,18 +551,18 @@ impl Body for ResponseBody {
         match (&self.kind, self.filter) {
             (_, Filter::Ended) => self.pending.is_none(),
             (_, Filter::On) => false,
-            (ResponseKind::Full(d), Filter::Off) => d.is_none(),
-            (ResponseKind::Upstream(b), Filter::Off) => b.is_end_stream(),
+            (ResponseKind::Full(d), Filter::Off | Filter::Observe) => d.is_none(),
+            (ResponseKind::Upstream(b), Filter::Off | Filter::Observe) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match (&self.kind, self.filter) {
             (_, Filter::On | Filter::Ended) => SizeHint::default(),
-            (ResponseKind::Full(d), Filter::Off) => {
+            (ResponseKind::Full(d), Filter::Off | Filter::Observe) => {
                 SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64))
             }
-            (ResponseKind::Upstream(b), Filter::Off) => b.size_hint(),
+            (ResponseKind::Upstream(b), Filter::Off | Filter::Observe) => b.size_hint(),
         }
     }
 }

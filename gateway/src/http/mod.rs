@@ -87,6 +87,9 @@ pub enum BodyVerdict {
 pub enum ResponseVerdict {
     /// Pass the body through untouched.
     Pass,
+    /// Pass the body through untouched and framed as upstream sent it, but
+    /// show every chunk to [`ResponseInspector::observe`] (recording).
+    Observe,
     /// Pass every body chunk through [`ResponseInspector::chunk`] (and
     /// [`ResponseInspector::end`]); the body is re-framed, since its length
     /// may change.
@@ -102,6 +105,10 @@ pub trait ResponseInspector: Send + 'static {
     /// Sees (and may edit) upstream's response head. Not called for
     /// responses made by the engine (blocks, 502s).
     fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict;
+
+    /// Sees one body chunk on its way to the client (after
+    /// [`ResponseVerdict::Observe`]).
+    fn observe(&mut self, _data: &Bytes) {}
 
     /// Rewrites one body chunk (after [`ResponseVerdict::Filter`]). An error
     /// cuts the client's response off: nothing unprocessed goes out.

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    body::{self, Budget, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
+    body::{self, BodyFilter, Budget, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
     error::BoxError,
     exchange::{ExchangeLog, Hook},
     headers, upgrade,
@@ -298,8 +298,9 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         let verdict = log.response_inspector().map(|r| r.head(&mut parts));
         let filter = match verdict {
             // A tunnel's bytes are not HTTP: nothing to filter.
-            _ if switching => false,
-            None | Some(ResponseVerdict::Pass) => false,
+            _ if switching => BodyFilter::Off,
+            None | Some(ResponseVerdict::Pass) => BodyFilter::Off,
+            Some(ResponseVerdict::Observe) => BodyFilter::Observe,
             Some(ResponseVerdict::Filter) => {
                 let has_body = !bodyless_response
                     && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
@@ -308,8 +309,10 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
                 // body never sent, so it stays.
                 if has_body {
                     parts.headers.remove(header::CONTENT_LENGTH);
+                    BodyFilter::Rewrite
+                } else {
+                    BodyFilter::Off
                 }
-                has_body
             }
             Some(ResponseVerdict::Replace(r)) => {
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));

@@ -111,6 +111,8 @@ struct TestInspector {
     /// (status, outcome) of each exchange, as the response inspector saw it.
     finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
     at_upstream: Arc<Mutex<Vec<u64>>>,
+    /// Response body bytes seen in `Observe` mode (requests to `/observe`).
+    observed: Arc<AtomicU64>,
 }
 
 /// Replaces a pattern in response bodies, holding back `pattern.len() - 1`
@@ -119,6 +121,8 @@ struct Masker {
     pattern: Option<&'static [u8]>,
     held: Vec<u8>,
     finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
+    observe: bool,
+    observed: Arc<AtomicU64>,
 }
 
 impl Masker {
@@ -145,11 +149,17 @@ impl ResponseInspector for Masker {
         if parts.headers.get("x-refuse").is_some() {
             return ResponseVerdict::Replace(forbidden("response"));
         }
+        if self.observe {
+            return ResponseVerdict::Observe;
+        }
         if self.pattern.is_some() {
             ResponseVerdict::Filter
         } else {
             ResponseVerdict::Pass
         }
+    }
+    fn observe(&mut self, data: &Bytes) {
+        self.observed.fetch_add(data.len() as u64, Ordering::SeqCst);
     }
     fn chunk(&mut self, data: Bytes) -> Result<Bytes, String> {
         if data.as_ref() == b"POISON" {
@@ -253,8 +263,13 @@ impl Inspector for TestInspector {
             at_upstream: self.at_upstream.clone(),
             refuse_at_upstream: parts.headers.get("x-hold").is_some_and(|v| v == "refuse"),
         });
-        let response =
-            Masker { pattern: self.mask, held: Vec::new(), finished: self.finished.clone() };
+        let response = Masker {
+            pattern: self.mask,
+            held: Vec::new(),
+            finished: self.finished.clone(),
+            observe: parts.uri.path() == "/observe",
+            observed: self.observed.clone(),
+        };
         HeadVerdict::Forward { body, response: Some(response) }
     }
     fn on_exchange(&self, _ctx: &HttpContext, exchange: &Exchange) {
@@ -1257,6 +1272,14 @@ async fn response_filter_rewrites_split_patterns_and_reframes_h1_and_h2() {
         let finished = inspector.finished.lock().unwrap().clone();
         assert_eq!(finished, vec![(200, ExchangeOutcome::Forwarded)], "finish once (h2={h2})");
     }
+    // Observing sees every byte and keeps upstream's framing.
+    let inspector = Arc::new(TestInspector { mask: Some(b"SECRET"), ..Default::default() });
+    let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
+    let resp = h1_client(front.addr).await.send_request(get("/observe")).await.unwrap();
+    assert_eq!(resp.headers().get(http::header::CONTENT_LENGTH).map(|v| v.to_str().unwrap().to_owned()), Some("27".into()));
+    assert_eq!(text(resp).await, "hello SECRET and SECRET bye");
+    assert_eq!(inspector.observed.load(Ordering::SeqCst), 27);
+    drop(front.results.try_recv());
 }
 
 #[tokio::test]

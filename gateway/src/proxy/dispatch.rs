@@ -2,15 +2,22 @@
 //! whether it is TLS (intercepted or passed through by server name), plain
 //! HTTP (inspected), or anything else (passed through).
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
+use serde_json::json;
 use tokio::net::TcpStream;
 
 use super::{connect_upstream, Intercepted, PlainConnector, Proxy, TlsConnector};
 use crate::{
+    approval::Outcome as ApprovalOutcome,
     enforce::Enforcer,
     event::Outcome,
     http::{self, HttpContext},
+    policy::{self, RequestFacts},
+    record::{ProcessFacts, SessionEnd, SessionRecorder, SessionStart, TlsFacts},
     relay,
     tls::{self, Peeked, TlsAction},
 };
@@ -109,20 +116,138 @@ impl Proxy {
         }
     }
 
-    /// Plain TCP forwarding, both directions, half-close honoured.
+    /// Plain TCP forwarding, both directions, half-close honoured, after
+    /// the policy allowed the connection (content is not inspected, so the
+    /// policy judges it once, as protocol `tcp`).
     async fn passthrough(&self, conn: Intercepted, mut handled: Handled) -> Handled {
+        let host = handled.sni.clone().unwrap_or_else(|| conn.orig_dst.ip().to_string()).to_ascii_lowercase();
+        let (action, rule, level) = {
+            let policy = self.services.enforcement.policy.current();
+            let identity = &conn.caller.identity;
+            let facts = RequestFacts {
+                identity_uri: &identity.uri,
+                labels: &identity.labels,
+                claims: &policy::NO_ATTRIBUTES,
+                unmapped: identity.rule.is_none(),
+                host: &host,
+                port: conn.orig_dst.port(),
+                tls: handled.protocol == "tls-passthrough",
+                request: None,
+            };
+            let d = policy.evaluate(&facts);
+            (d.action.clone(), d.rule.to_owned(), d.record)
+        };
+        let session = (level != policy::RecordLevel::None)
+            .then(|| self.start_session(Who::of(&conn), &host, handled.sni.clone(), None, handled.protocol))
+            .flatten();
+        if let Some(s) = &session {
+            s.event("decision", json!({ "rule": rule, "action": action.name() }));
+        }
+        let refused = match &action {
+            policy::Action::Allow => None,
+            policy::Action::Deny { reason } => Some(format!("denied by policy rule {rule}: {reason}")),
+            policy::Action::RequireApproval(spec) => self.approve_connection(&conn, &host, &rule, spec, session.as_deref()).await,
+        };
+        if let Some(reason) = refused {
+            tracing::info!(target: crate::enforce::POLICY_TARGET, conn_id = conn.id, rule, host, reason, "connection refused by policy");
+            end_session(session.as_deref(), &handled, "refused");
+            return handled.failed(Outcome::Blocked, reason);
+        }
         let upstream = match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await {
             Ok(u) => u,
-            Err(e) => return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}")),
+            Err(e) => {
+                end_session(session.as_deref(), &handled, "upstream_failed");
+                return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}"));
+            }
         };
         let counters = relay::Counters::default();
         let result = relay::relay(&conn.client, &upstream, &counters).await;
         handled.bytes_up = counters.up.load(Ordering::Relaxed);
         handled.bytes_down = counters.down.load(Ordering::Relaxed);
+        end_session(session.as_deref(), &handled, if result.is_ok() { "closed" } else { "error" });
         match result {
             Ok(()) => handled,
             Err(e) => handled.failed(Outcome::Error, format!("relay: {e}")),
         }
+    }
+
+    /// Holds a passed-through connection until a human approves it; the
+    /// refusal reason otherwise.
+    async fn approve_connection(
+        &self,
+        conn: &Intercepted,
+        host: &str,
+        rule: &str,
+        spec: &policy::ApprovalSpec,
+        session: Option<&SessionRecorder>,
+    ) -> Option<String> {
+        let caller = &conn.caller;
+        let p = &caller.process;
+        let new = crate::approval::NewApproval {
+            identity: caller.identity.uri.clone(),
+            identity_labels: caller.identity.labels.clone(),
+            process: json!({
+                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
+                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
+            }),
+            job: caller.job.clone(),
+            session_id: session.map(|s| s.id().as_str().to_owned()),
+            method: "CONNECT".into(),
+            url: format!("tcp://{host}:{}", conn.orig_dst.port()),
+            destination: format!("{host}:{}", conn.orig_dst.port()),
+            body_preview: String::new(),
+            rule: rule.to_owned(),
+            requesters: Vec::new(),
+        };
+        let approval_spec = crate::approval::ApprovalSpec {
+            group: spec.group.clone(),
+            min_approvals: spec.min_approvals,
+            timeout: spec.timeout,
+        };
+        if let Some(s) = session {
+            s.event("approval_requested", json!({ "rule": rule, "group": spec.group }));
+        }
+        let outcome = self.services.enforcement.approvals.request(new, &approval_spec).await;
+        let (refused, event) = match outcome {
+            ApprovalOutcome::Approved { id, by } => (None, json!({ "approval": id.to_string(), "outcome": "approved", "by": by })),
+            ApprovalOutcome::Denied { id, by, .. } => {
+                (Some(format!("approval {id} denied by {by}")), json!({ "approval": id.to_string(), "outcome": "denied", "by": by }))
+            }
+            ApprovalOutcome::TimedOut { id } => {
+                (Some(format!("approval {id} timed out")), json!({ "approval": id.to_string(), "outcome": "timed_out" }))
+            }
+            ApprovalOutcome::Failed { reason } => {
+                (Some(format!("approval unavailable: {reason}")), json!({ "outcome": "failed", "reason": reason }))
+            }
+        };
+        if let Some(s) = session {
+            s.event("approval_decided", event);
+        }
+        refused
+    }
+
+    /// Starts the recording of a connection; `None` when recording is off.
+    fn start_session(
+        &self,
+        conn: Who<'_>,
+        host: &str,
+        sni: Option<String>,
+        tls: Option<TlsFacts>,
+        protocol: &str,
+    ) -> Option<Arc<SessionRecorder>> {
+        let caller = conn.caller;
+        let session = self.services.enforcement.recorder.start(SessionStart {
+            conn_id: conn.id,
+            identity: caller.identity.uri.clone(),
+            identity_labels: caller.identity.labels.clone(),
+            process: ProcessFacts::new(&caller.process, caller.job.clone()),
+            host: host.to_owned(),
+            orig_dst: conn.orig_dst,
+            sni,
+            tls,
+            protocol: protocol.to_owned(),
+        });
+        session.is_recording().then(|| Arc::new(session))
     }
 
     async fn intercept_tls(&self, conn: Intercepted, hello: tls::ClientHelloInfo) -> Handled {
@@ -140,7 +265,15 @@ impl Proxy {
             Ok(Err(e)) => return handled.failed(Outcome::Error, format!("client TLS handshake: {e}")),
             Err(_) => return handled.failed(Outcome::Error, "client TLS handshake timed out"),
         };
-        let client_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let tls_conn = stream.get_ref().1;
+        let client_h2 = tls_conn.alpn_protocol() == Some(b"h2".as_slice());
+        let tls_facts = TlsFacts {
+            version: tls_conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+            cipher: tls_conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default(),
+            alpn: tls_conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+        };
+        let who = Who { id: conn.id, caller: &conn.caller, orig_dst: conn.orig_dst };
+        let session = self.start_session(who, &name.to_ascii_lowercase(), hello.sni.clone(), Some(tls_facts), "https");
         let connector = TlsConnector {
             dst: conn.orig_dst,
             mark: self.config.upstream_mark,
@@ -149,14 +282,16 @@ impl Proxy {
             tls: self.services.upstream_tls.clone(),
         };
         let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
-        self.serve_http(stream, Some(client_h2), ctx, conn.caller, connector, handled).await
+        self.serve_http(stream, Some(client_h2), ctx, conn.caller, connector, handled, session).await
     }
 
     async fn serve_plain_http(&self, conn: Intercepted) -> Handled {
         let connector = PlainConnector { dst: conn.orig_dst, mark: self.config.upstream_mark, timeout: self.config.connect_timeout };
         // The Host header names the server; the engine falls back to it.
         let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
-        self.serve_http(conn.client, None, ctx, conn.caller, connector, Handled::new("http")).await
+        let session = self.start_session(Who::of(&conn), &conn.orig_dst.ip().to_string(), None, None, "http");
+        let client = conn.client;
+        self.serve_http(client, None, ctx, conn.caller, connector, Handled::new("http"), session).await
     }
 
     async fn serve_http<IO, U>(
@@ -167,25 +302,54 @@ impl Proxy {
         caller: std::sync::Arc<crate::enforce::Caller>,
         connector: U,
         mut handled: Handled,
+        session: Option<Arc<SessionRecorder>>,
     ) -> Handled
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: http::UpstreamConnector,
     {
-        let enforcer = std::sync::Arc::new(Enforcer::new(self.services.enforcement.clone(), caller));
+        let enforcer = Arc::new(Enforcer::new(self.services.enforcement.clone(), caller, session.clone()));
         let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
         if enforcer.blocked() > 0 {
             handled.outcome = Outcome::Blocked;
         }
-        match result {
+        let handled = match result {
             Ok(stats) => {
                 handled.requests = Some(stats.requests);
                 handled.bytes_up = stats.bytes_up;
                 handled.bytes_down = stats.bytes_down;
                 handled
             }
-            Err(e) => handled.failed(Outcome::Error, e),
-        }
+            Err(e) => {
+                if let Some(s) = &session {
+                    s.event("error", json!({ "error": e.to_string() }));
+                }
+                handled.failed(Outcome::Error, e)
+            }
+        };
+        end_session(session.as_deref(), &handled, handled.outcome.as_str());
+        handled
+    }
+}
+
+/// Who a session belongs to (the parts of an [`Intercepted`] that outlive
+/// handing its socket to TLS).
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    id: u64,
+    caller: &'a crate::enforce::Caller,
+    orig_dst: std::net::SocketAddr,
+}
+
+impl<'a> Who<'a> {
+    fn of(conn: &'a Intercepted) -> Who<'a> {
+        Who { id: conn.id, caller: &conn.caller, orig_dst: conn.orig_dst }
+    }
+}
+
+fn end_session(session: Option<&SessionRecorder>, handled: &Handled, outcome: &str) {
+    if let Some(s) = session {
+        s.end(SessionEnd { bytes_up: handled.bytes_up, bytes_down: handled.bytes_down, outcome: outcome.to_owned() });
     }
 }
 

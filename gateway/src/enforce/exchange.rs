@@ -1,0 +1,261 @@
+//! One request's journey past the policy: masks the response when the
+//! policy says so and records the exchange at the level it says, secrets
+//! masked whatever the policy.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use super::masks::decode_prefix;
+use crate::{
+    http::{Exchange, ResponseInspector, ResponseVerdict},
+    mask::{BodyMasker, Masker},
+    record::{redact_headers, DecisionFacts, ExchangeRecord, RecordLevel, SessionRecorder},
+};
+
+/// What a request's body inspector learns that its recording needs.
+#[derive(Debug, Default)]
+pub struct RequestCapture {
+    /// The first `cap` bytes of the request body as the client sent it.
+    pub body: Vec<u8>,
+    /// All request body bytes seen.
+    pub total: u64,
+    /// Ids of the findings the request produced.
+    pub findings: Vec<String>,
+    /// Content-Encoding of the request body.
+    pub encoding: Option<String>,
+}
+
+impl RequestCapture {
+    /// Keeps the start of the body, up to `cap`.
+    pub fn push(&mut self, chunk: &[u8], cap: usize) {
+        self.total += chunk.len() as u64;
+        let room = cap.saturating_sub(self.body.len());
+        self.body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+}
+
+/// Shared between a request's body inspector and its [`ExchangeWatch`].
+pub type SharedCapture = Arc<Mutex<RequestCapture>>;
+
+/// Locks a capture; a poisoned lock still holds usable data.
+pub fn lock(capture: &SharedCapture) -> std::sync::MutexGuard<'_, RequestCapture> {
+    match capture.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// How a request head looked, for its recording (masked already).
+pub struct RequestSummary {
+    /// Request method.
+    pub method: String,
+    /// Path and query, secrets masked.
+    pub url: String,
+    /// gRPC or Connect `service/method`.
+    pub rpc: Option<String>,
+    /// Headers, credentials redacted and secrets masked.
+    pub headers: Vec<(String, String)>,
+    /// When the request arrived.
+    pub started: SystemTime,
+}
+
+/// The [`ResponseInspector`] of one forwarded request.
+pub struct ExchangeWatch {
+    conn_id: u64,
+    stream: u64,
+    session: Option<Arc<SessionRecorder>>,
+    level: RecordLevel,
+    decision: DecisionFacts,
+    request: RequestSummary,
+    capture: SharedCapture,
+    /// The policy's mask for this request: compiled, or why it could not be.
+    mask: Option<Result<Arc<Masker>, String>>,
+    body_masker: Option<BodyMasker>,
+    recording: Arc<Masker>,
+    cap: usize,
+    response_headers: Vec<(String, String)>,
+    response_encoding: Option<String>,
+    response_body: Vec<u8>,
+    response_total: u64,
+    masked_in_headers: usize,
+}
+
+/// Everything an [`ExchangeWatch`] is built from.
+pub struct WatchSpec {
+    /// The connection.
+    pub conn_id: u64,
+    /// Sequence number of the request on its connection.
+    pub stream: u64,
+    /// The connection's session, when it is recorded.
+    pub session: Option<Arc<SessionRecorder>>,
+    /// How much of the exchange is recorded.
+    pub level: RecordLevel,
+    /// The deciding policy rule and its action.
+    pub decision: DecisionFacts,
+    /// The request head, masked.
+    pub request: RequestSummary,
+    /// Filled in by the body inspector.
+    pub capture: SharedCapture,
+    /// Response masking the policy asks for.
+    pub mask: Option<Result<Arc<Masker>, String>>,
+    /// Masks recordings.
+    pub recording: Arc<Masker>,
+    /// Body bytes kept per direction.
+    pub cap: usize,
+}
+
+impl ExchangeWatch {
+    /// A watch for one request.
+    pub fn new(spec: WatchSpec) -> ExchangeWatch {
+        ExchangeWatch {
+            conn_id: spec.conn_id,
+            stream: spec.stream,
+            session: spec.session,
+            level: spec.level,
+            decision: spec.decision,
+            request: spec.request,
+            capture: spec.capture,
+            mask: spec.mask,
+            body_masker: None,
+            recording: spec.recording,
+            cap: spec.cap,
+            response_headers: Vec::new(),
+            response_encoding: None,
+            response_body: Vec::new(),
+            response_total: 0,
+            masked_in_headers: 0,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.session.is_some() && self.level == RecordLevel::Full
+    }
+
+    fn keep(&mut self, data: &[u8]) {
+        self.response_total += data.len() as u64;
+        if self.full() {
+            let room = self.cap.saturating_sub(self.response_body.len());
+            self.response_body.extend_from_slice(&data[..data.len().min(room)]);
+        }
+    }
+
+    /// A captured body as a recording may hold it: decoded and masked.
+    fn for_recording(&self, data: &[u8], encoding: Option<&str>) -> Bytes {
+        if data.is_empty() {
+            return Bytes::new();
+        }
+        match decode_prefix(encoding.unwrap_or(""), data, self.cap) {
+            Some(plain) => Bytes::from(self.recording.mask_bytes(&plain).0),
+            None => Bytes::from(format!("[{} bytes in an undecodable encoding: not recorded]", data.len())),
+        }
+    }
+}
+
+fn refuse(conn_id: u64, reason: &str) -> http::Response<Bytes> {
+    let body = json!({
+        "error": "response_not_maskable",
+        "message": format!("The CI gateway must mask this response but cannot ({reason}); it was not delivered."),
+        "conn_id": conn_id,
+    });
+    super::json_response(http::StatusCode::BAD_GATEWAY, &body)
+}
+
+impl ResponseInspector for ExchangeWatch {
+    fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict {
+        let encoding = parts
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let verdict = match &self.mask {
+            Some(Err(reason)) => return ResponseVerdict::Replace(refuse(self.conn_id, reason)),
+            Some(Ok(masker)) => {
+                self.masked_in_headers = masker.mask_headers(&mut parts.headers).len();
+                match masker.body(encoding.as_deref()) {
+                    Ok(body) => {
+                        self.body_masker = Some(body);
+                        ResponseVerdict::Filter
+                    }
+                    // Never deliver what could not be masked.
+                    Err(e) => return ResponseVerdict::Replace(refuse(self.conn_id, &e.to_string())),
+                }
+            }
+            None if self.full() => ResponseVerdict::Observe,
+            None => ResponseVerdict::Pass,
+        };
+        self.response_encoding = encoding;
+        if self.full() {
+            let mut headers = parts.headers.clone();
+            self.recording.mask_headers(&mut headers);
+            self.response_headers = redact_headers(&headers);
+        }
+        verdict
+    }
+
+    fn observe(&mut self, data: &Bytes) {
+        self.keep(data);
+    }
+
+    fn chunk(&mut self, data: Bytes) -> Result<Bytes, String> {
+        let Some(masker) = self.body_masker.as_mut() else { return Ok(data) };
+        let out = masker.push(&data).map_err(|e| e.to_string())?;
+        self.keep(&out);
+        Ok(out)
+    }
+
+    fn end(&mut self) -> Result<Bytes, String> {
+        let Some(masker) = self.body_masker.as_mut() else { return Ok(Bytes::new()) };
+        let out = masker.finish().map_err(|e| e.to_string())?;
+        self.keep(&out);
+        Ok(out)
+    }
+
+    fn finish(&mut self, exchange: &Exchange) {
+        let masked = self.body_masker.as_mut().map(|m| m.take_masked()).unwrap_or_default();
+        let masked_total = self.body_masker.as_ref().map_or(0, |m| m.masked_count()) as usize + self.masked_in_headers;
+        let Some(session) = self.session.clone() else { return };
+        if masked_total > 0 {
+            let mut rules: Vec<&str> = masked.iter().map(|m| &*m.rule).collect();
+            rules.sort_unstable();
+            rules.dedup();
+            session.event("masked", json!({ "stream": self.stream, "count": masked_total, "rules": rules }));
+        }
+        if self.level == RecordLevel::None {
+            return;
+        }
+        let (request_body, request_body_size, findings) = {
+            let capture = lock(&self.capture);
+            let body = if self.full() {
+                self.for_recording(&capture.body, capture.encoding.as_deref())
+            } else {
+                Bytes::new()
+            };
+            (body, capture.total, capture.findings.clone())
+        };
+        let response_body = self.for_recording(&self.response_body, self.response_encoding.as_deref());
+        session.exchange(ExchangeRecord {
+            level: self.level,
+            stream: self.stream,
+            started: self.request.started,
+            duration: exchange.duration,
+            method: self.request.method.clone(),
+            url: self.request.url.clone(),
+            status: exchange.status,
+            outcome: exchange.outcome.as_str().to_owned(),
+            rpc: self.request.rpc.clone(),
+            request_headers: std::mem::take(&mut self.request.headers),
+            request_body,
+            request_body_size,
+            response_headers: std::mem::take(&mut self.response_headers),
+            response_body,
+            response_body_size: self.response_total,
+            decision: Some(self.decision.clone()),
+            findings,
+        });
+    }
+}

@@ -1,0 +1,431 @@
+//! Policy, just-in-time approval, response masking and session recording,
+//! end to end: real eBPF redirect, a real gateway with a policy file, curl
+//! and Python clients in the intercepted cgroup, a real HTTPS upstream, the
+//! `gateway approvals` and `gateway sessions` commands as second processes,
+//! and the SQLite session database read back (and tampered with).
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    unique_port,
+    upstream::{TestPki, Upstream},
+    GatewayOptions, TestGateway,
+};
+use rand::{distr::Alphanumeric, Rng as _};
+use serde_json::Value;
+
+const HOST: &str = "api.test.internal";
+const UPSTREAM_IP: &str = "127.0.0.7";
+
+const POLICY: &str = r#"version: 1
+rules:
+  - name: deny-admin
+    match: { request: { path: "/admin/**" } }
+    action: deny
+    reason: "admin endpoints are off limits for CI"
+  - name: deploy-needs-approval
+    match: { request: { method: [POST], path: "/deploy/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 1, timeout: 60s }
+  - name: prod-needs-two
+    match: { request: { path: "/prod/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 2, timeout: 60s }
+  - name: quick-approval
+    match: { request: { path: "/quick/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 1, timeout: 2s }
+  - name: mask-leaks
+    match: { request: { path: "/leak/**" } }
+    action: allow
+    mask: { rules: all, json_fields: [password] }
+  - name: quiet
+    match: { request: { path: "/quiet/**" } }
+    action: allow
+    record: metadata
+defaults:
+  action: allow
+  record: full
+"#;
+
+/// A realistic GitHub token (valid checksum) the detector recognizes.
+fn github_token() -> String {
+    let random: String = rand::rng().sample_iter(&Alphanumeric).take(30).map(char::from).collect();
+    let check = gateway::detect::confirm::base62_crc32(random.as_bytes());
+    format!("ghp_{random}{}", String::from_utf8_lossy(&check))
+}
+
+struct Scene {
+    gw: TestGateway,
+    upstream: Upstream,
+    port: u16,
+    gateway_ca: PathBuf,
+    policy: PathBuf,
+    _pki_dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn start(name: &str) -> Scene {
+        let pki_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let pki = TestPki::new(pki_dir.path(), &[HOST]);
+        let port = unique_port();
+        let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
+        let policy = pki_dir.path().join("policy.yaml");
+        std::fs::write(&policy, POLICY).expect("write policy");
+        let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
+        opts.extra_yaml = format!(
+            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\
+             policy:\n  file: {policy}\n  watch: false\n\
+             approvals:\n  groups: {{ release: [alice, bob] }}\n\
+             record:\n  flush_interval: 50ms\n",
+            ca = pki.ca_path.display(),
+            policy = policy.display(),
+        );
+        let gw = TestGateway::start(opts);
+        let gateway_ca = gw.dir.path().join("gateway-ca.pem");
+        let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
+        assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
+        Scene { gw, upstream, port, gateway_ca, policy, _pki_dir: pki_dir }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{HOST}:{}{path}", self.port)
+    }
+
+    /// curl in the intercepted cgroup, trusting only the gateway CA.
+    fn curl_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.gw.command_in_cgroup("curl");
+        cmd.args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", self.port), "--cacert"])
+            .arg(&self.gateway_ca)
+            .args(["-w", "\n%{http_code}"])
+            .args(args);
+        cmd
+    }
+
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        parse_curl(&self.curl_cmd(args).output().expect("curl").stdout)
+    }
+
+    fn spawn_curl(&self, args: &[&str]) -> Child {
+        self.curl_cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("curl")
+    }
+
+    fn received(&self, path: &str) -> usize {
+        self.upstream.requests().iter().filter(|r| r.target.starts_with(path)).count()
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.gw.cli(args);
+        assert!(out.status.success(), "gateway {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("gateway {args:?}: not JSON ({e})"))
+    }
+
+    /// Waits for the pending approval of a request to `path`.
+    fn pending(&self, path: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let list = self.cli_json(&["approvals", "list", "--json"]);
+            let found = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["state"] == "pending" && a["url"].as_str().is_some_and(|u| u.starts_with(path)));
+            if let Some(a) = found {
+                return a.clone();
+            }
+            assert!(Instant::now() < deadline, "no pending approval for {path}: {list:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn decide(&self, id: &str, verb: &str, by: &str) -> std::process::Output {
+        self.gw.cli(&["approvals", verb, id, "--by", by, "--comment", "e2e"])
+    }
+
+    fn sessions(&self) -> Vec<Value> {
+        self.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default()
+    }
+
+    fn database(&self) -> PathBuf {
+        self.gw.dir.path().join("state").join("sessions.db")
+    }
+}
+
+fn parse_curl(stdout: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn finish(child: Child) -> (u16, String) {
+    let out = child.wait_with_output().expect("curl");
+    parse_curl(&out.stdout)
+}
+
+fn still_waiting(child: &mut Child) -> bool {
+    child.try_wait().expect("try_wait").is_none()
+}
+
+#[test]
+fn allow_and_deny_with_the_reason_shown_to_the_client() {
+    let scene = Scene::start("pol-deny");
+    let (status, _) = scene.curl(&[&scene.url("/hello")]);
+    assert_eq!(status, 200);
+    let (status, body) = scene.curl(&[&scene.url("/admin/users")]);
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"], "denied_by_policy");
+    assert_eq!(v["rule"], "deny-admin");
+    assert_eq!(v["reason"], "admin endpoints are off limits for CI");
+    assert_eq!(scene.received("/admin"), 0, "a denied request never reaches upstream");
+    assert_eq!(scene.received("/hello"), 1);
+}
+
+#[test]
+fn approval_granted_by_a_second_process_releases_the_waiting_request() {
+    let scene = Scene::start("pol-approve");
+    let mut client = scene.spawn_curl(&["-X", "POST", "-d", "{\"release\": \"v1.2\"}", &scene.url("/deploy/app")]);
+    let pending = scene.pending("/deploy/app");
+    let id = pending["id"].as_str().expect("id").to_owned();
+    assert_eq!(pending["rule"], "deploy-needs-approval");
+    assert!(pending["body_preview"].as_str().unwrap_or_default().contains("v1.2"), "{pending:#}");
+    assert!(pending["identity"].as_str().unwrap_or_default().starts_with("spiffe://"), "{pending:#}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(still_waiting(&mut client), "the client must wait for the decision");
+    assert_eq!(scene.received("/deploy"), 0, "nothing reaches upstream before approval");
+
+    // A non-member of the group cannot approve.
+    let out = scene.decide(&id, "approve", "mallory");
+    assert!(!out.status.success(), "mallory is not in the release group");
+    let out = scene.decide(&id, "approve", "alice");
+    assert!(out.status.success(), "approve: {}", String::from_utf8_lossy(&out.stderr));
+    let (status, body) = finish(client);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(scene.received("/deploy/app"), 1);
+    let shown = scene.cli_json(&["approvals", "show", &id, "--json"]);
+    assert_eq!(shown["state"], "approved", "{shown:#}");
+
+    // The decision is recorded beside the session.
+    std::thread::sleep(Duration::from_millis(300));
+    let session = scene.sessions().into_iter().find(|s| s["host"] == HOST).expect("session");
+    let shown = scene.gw.cli(&["sessions", "show", session["session"].as_str().or(session["id"].as_str()).expect("id"), "--json"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("approval_requested") && text.contains("approval_decided"), "{text}");
+}
+
+#[test]
+fn approval_denied_timed_out_and_self_approval_refused() {
+    let scene = Scene::start("pol-refuse");
+    // Denied.
+    let client = scene.spawn_curl(&["-X", "POST", &scene.url("/deploy/denied")]);
+    let id = scene.pending("/deploy/denied")["id"].as_str().expect("id").to_owned();
+    let out = scene.decide(&id, "deny", "bob");
+    assert!(out.status.success(), "deny: {}", String::from_utf8_lossy(&out.stderr));
+    let (status, body) = finish(client);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("approval_denied"), "{body}");
+
+    // Self-approval: the approving process runs in the job's cgroup, so it
+    // has the identity that asked.
+    let client = scene.spawn_curl(&["-X", "POST", &scene.url("/deploy/self")]);
+    let id = scene.pending("/deploy/self")["id"].as_str().expect("id").to_owned();
+    let out = scene
+        .gw
+        .command_in_cgroup(gateway_tests::gateway_bin())
+        .args(["--config", scene.gw.config_path.to_str().expect("utf8"), "approvals", "approve", &id, "--by", "alice"])
+        .output()
+        .expect("approve from the job");
+    assert!(!out.status.success(), "a job must not approve its own request");
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("own") || err.contains("self") || err.contains("identity"), "{err}");
+    let out = scene.decide(&id, "deny", "alice");
+    assert!(out.status.success());
+    assert_eq!(finish(client).0, 403);
+
+    // Timed out (2 s): denied with a clear response.
+    let started = Instant::now();
+    let (status, body) = scene.curl(&[&scene.url("/quick/x")]);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("approval_timed_out"), "{body}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(scene.received("/deploy") + scene.received("/quick"), 0);
+}
+
+#[test]
+fn two_approver_rule_needs_two_distinct_approvers() {
+    let scene = Scene::start("pol-two");
+    let mut client = scene.spawn_curl(&[&scene.url("/prod/rollout")]);
+    let id = scene.pending("/prod/rollout")["id"].as_str().expect("id").to_owned();
+    assert!(scene.decide(&id, "approve", "alice").status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(still_waiting(&mut client), "one approval of two must not release the request");
+    let again = scene.decide(&id, "approve", "alice");
+    assert!(!again.status.success(), "the same approver twice does not count twice");
+    assert!(still_waiting(&mut client));
+    assert!(scene.decide(&id, "approve", "bob").status.success());
+    assert_eq!(finish(client).0, 200);
+    assert_eq!(scene.received("/prod/rollout"), 1);
+}
+
+#[test]
+fn secrets_in_streamed_and_gzip_responses_are_masked_for_the_client() {
+    let scene = Scene::start("pol-mask");
+    let token = github_token();
+    *scene.upstream.leak.lock().expect("leak") = token.clone();
+    // Streamed, the token split across two chunks 200 ms apart, HTTP/1.1 and HTTP/2.
+    for version in ["--http1.1", "--http2"] {
+        let (status, body) = scene.curl(&[version, &scene.url("/leak/stream")]);
+        assert_eq!(status, 200);
+        assert!(!body.contains(&token), "the token reached the client ({version})");
+        assert!(body.contains("[MASKED:"), "{version}: {body}");
+        assert!(body.ends_with("\"n\": 1}\n"), "the rest of the stream arrives: {body}");
+    }
+    // gzip: curl decodes; the token and the password field are masked.
+    let (status, body) = scene.curl(&["--compressed", &scene.url("/leak/gzip")]);
+    assert_eq!(status, 200);
+    assert!(!body.contains(&token) && !body.contains("hunter2-letmein"), "secrets reached the client");
+    assert!(body.contains("\"user\": \"ci\""), "the rest of the document is intact: {body}");
+    assert_eq!(body.matches("[MASKED:").count(), 2, "{body}");
+    // Upstream did send them in clear: the masking is the gateway's doing.
+    assert_eq!(scene.received("/leak"), 3);
+    // Nothing in clear in the recordings or the log either.
+    std::thread::sleep(Duration::from_millis(300));
+    let db = std::fs::read(scene.database()).expect("sessions.db");
+    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()), "the token is in the session database");
+    assert!(!scene.gw.log().contains(&token), "the token is in the log");
+}
+
+#[test]
+fn sessions_read_back_verify_and_detect_tampering() {
+    let scene = Scene::start("pol-record");
+    for path in ["/one", "/two?x=1", "/quiet/three"] {
+        assert_eq!(scene.curl(&[&scene.url(path)]).0, 200);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let sessions = scene.sessions();
+    assert_eq!(sessions.len(), 3, "one session per connection: {sessions:#?}");
+    let id_of = |s: &Value| s["session"].as_str().or(s["id"].as_str()).expect("session id").to_owned();
+    for s in &sessions {
+        assert_eq!(s["identity"].as_str().map(|i| i.starts_with("spiffe://")), Some(true), "{s:#}");
+        let out = scene.gw.cli(&["sessions", "verify", &id_of(s)]);
+        assert!(out.status.success(), "verify: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let exported: Vec<Value> = sessions
+        .iter()
+        .flat_map(|s| {
+            let out = scene.gw.cli(&["sessions", "export", &id_of(s)]);
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("json line")).collect::<Vec<_>>()
+        })
+        .collect();
+    let data: Vec<Value> =
+        exported.iter().filter_map(|r| r["data"].as_str().and_then(|d| serde_json::from_str(d).ok())).collect();
+    let two = data.iter().find(|d| d["url"] == "/two?x=1").unwrap_or_else(|| panic!("no /two exchange: {data:#?}"));
+    assert_eq!((two["status"].as_u64(), two["method"].as_str()), (Some(200), Some("GET")), "{two:#}");
+    assert!(two["response"]["body"]["content"].as_str().is_some_and(|b| b.contains("ok")), "bodies recorded: {two:#}");
+    let quiet = data.iter().find(|d| d["url"] == "/quiet/three").expect("quiet exchange");
+    assert!(quiet["request"].get("headers").is_none(), "metadata level keeps no headers: {quiet:#}");
+    assert!(data.iter().any(|d| d["tls"]["version"] == "TLSv1_3"), "TLS parameters are recorded");
+    let replay = scene.gw.cli(&["sessions", "replay", &id_of(&sessions[0])]);
+    assert!(replay.status.success(), "replay: {}", String::from_utf8_lossy(&replay.stderr));
+
+    // Edit one record behind the gateway's back: verify names it.
+    let victim = id_of(&sessions[0]);
+    let conn = rusqlite_edit(&scene.database(), &victim);
+    let out = scene.gw.cli(&["sessions", "verify", &victim]);
+    assert!(!out.status.success(), "an edited record must fail verification ({conn})");
+}
+
+/// Rewrites the data of one exchange record of `session`; returns what it changed.
+fn rusqlite_edit(db: &Path, session: &str) -> String {
+    let script = format!(
+        "import sqlite3; c=sqlite3.connect('{db}'); cur=c.execute(\"select seq from records where session=? and kind='exchange' order by seq limit 1\", ('{session}',)); \
+         seq=cur.fetchone()[0]; c.execute(\"update records set data=replace(data, '200', '201') where session=? and seq=?\", ('{session}', seq)); c.commit(); print(seq)",
+        db = db.display()
+    );
+    let out = Command::new("python3").arg("-c").arg(&script).output().expect("python3 sqlite3");
+    assert!(out.status.success(), "editing the database: {}", String::from_utf8_lossy(&out.stderr));
+    format!("seq {}", String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[test]
+fn sigkill_during_a_long_session_keeps_every_earlier_record() {
+    let mut scene = Scene::start("pol-kill");
+    // One keep-alive connection, many requests, then the gateway dies mid-session.
+    let script = format!(
+        "import http.client, ssl, sys, time\n\
+         ctx = ssl.create_default_context(cafile='{ca}')\n\
+         c = http.client.HTTPSConnection('{ip}', {port}, context=ctx)\n\
+         c.sock = None\n\
+         import socket\n\
+         raw = socket.create_connection(('{ip}', {port}))\n\
+         c.sock = ctx.wrap_socket(raw, server_hostname='{HOST}')\n\
+         for i in range(10):\n    c.request('GET', '/long/%d' % i, headers={{'Host': '{HOST}'}})\n    r = c.getresponse(); r.read(); print(r.status, flush=True)\n\
+         time.sleep(30)\n",
+        ca = scene.gateway_ca.display(),
+        ip = UPSTREAM_IP,
+        port = scene.port,
+    );
+    let mut client = scene
+        .gw
+        .command_in_cgroup("python3")
+        .arg("-c")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scene.received("/long/") < 10 {
+        assert!(Instant::now() < deadline, "the client did not finish its requests");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the flush interval: the records are committed.
+    std::thread::sleep(Duration::from_millis(500));
+    scene.gw.stop(nix::sys::signal::Signal::SIGKILL);
+    let _ = client.kill();
+    let _ = client.wait();
+    let sessions = scene.sessions();
+    let s = sessions.iter().find(|s| s["host"] == HOST).unwrap_or_else(|| panic!("no session: {sessions:#?}"));
+    let id = s["session"].as_str().or(s["id"].as_str()).expect("id").to_owned();
+    let out = scene.gw.cli(&["sessions", "export", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for i in 0..10 {
+        assert!(text.contains(&format!("/long/{i}")), "exchange {i} lost after SIGKILL: {text}");
+    }
+    let out = scene.gw.cli(&["sessions", "verify", &id]);
+    assert!(out.status.success(), "the committed part verifies: {}", String::from_utf8_lossy(&out.stdout));
+    // Restart so that the scene's drop cleans up normally.
+    scene.gw.spawn(false);
+}
+
+#[test]
+fn invalid_policy_reload_keeps_the_old_policy_in_force() {
+    let scene = Scene::start("pol-reload");
+    std::fs::write(&scene.policy, "version: 1\nrules:\n  - match: { request: { path: \"/admin/**\" } }\n    action: maybe\n")
+        .expect("write bad policy");
+    let pid = nix::unistd::Pid::from_raw(scene.gw.child.as_ref().expect("running").id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !scene.gw.log().contains("policy") || !scene.gw.log().contains("rejected") {
+        assert!(Instant::now() < deadline, "no rejection logged: {}", scene.gw.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, body) = scene.curl(&[&scene.url("/admin/users")]);
+    assert_eq!(status, 403, "the old policy still denies: {body}");
+    // A valid policy replaces it.
+    std::fs::write(&scene.policy, "version: 1\nrules: []\ndefaults:\n  action: allow\n").expect("write policy");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = scene.curl(&[&scene.url("/admin/users")]);
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new policy never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
