@@ -282,7 +282,7 @@ impl Proxy {
             tls: self.services.upstream_tls.clone(),
         };
         let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
-        self.serve_http(stream, Some(client_h2), ctx, conn.caller, connector, handled, session).await
+        self.serve_http(stream, Some(client_h2), HttpConn { ctx, caller: conn.caller, session }, connector, handled).await
     }
 
     async fn serve_plain_http(&self, conn: Intercepted) -> Handled {
@@ -291,23 +291,22 @@ impl Proxy {
         let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
         let session = self.start_session(Who::of(&conn), &conn.orig_dst.ip().to_string(), None, None, "http");
         let client = conn.client;
-        self.serve_http(client, None, ctx, conn.caller, connector, Handled::new("http"), session).await
+        self.serve_http(client, None, HttpConn { ctx, caller: conn.caller, session }, connector, Handled::new("http")).await
     }
 
     async fn serve_http<IO, U>(
         &self,
         io: IO,
         client_h2: Option<bool>,
-        ctx: HttpContext,
-        caller: std::sync::Arc<crate::enforce::Caller>,
+        conn: HttpConn,
         connector: U,
         mut handled: Handled,
-        session: Option<Arc<SessionRecorder>>,
     ) -> Handled
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
         U: http::UpstreamConnector,
     {
+        let HttpConn { ctx, caller, session } = conn;
         let enforcer = Arc::new(Enforcer::new(self.services.enforcement.clone(), caller, session.clone()));
         let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
         if enforcer.blocked() > 0 {
@@ -330,6 +329,13 @@ impl Proxy {
         end_session(session.as_deref(), &handled, handled.outcome.as_str());
         handled
     }
+}
+
+/// An HTTP connection's context, caller and recording.
+struct HttpConn {
+    ctx: HttpContext,
+    caller: Arc<crate::enforce::Caller>,
+    session: Option<Arc<SessionRecorder>>,
 }
 
 /// Who a session belongs to (the parts of an [`Intercepted`] that outlive
