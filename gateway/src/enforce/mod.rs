@@ -403,7 +403,9 @@ impl Inspector for Enforcer {
     ) -> HeadVerdict<BodyEnforcer, ExchangeWatch> {
         let stream = self.requests.fetch_add(1, Ordering::Relaxed);
         let host = request_host(ctx, parts);
-        let summary = self.summarize(parts);
+        // Before the OIDC header is removed; headers only once the policy
+        // says the exchange is recorded in full.
+        let mut summary = self.summarize(parts);
         let verified = match self.verify_presented_token(ctx, parts).await {
             Ok(v) => v,
             Err(response) => {
@@ -427,6 +429,9 @@ impl Inspector for Enforcer {
         let decision = policy.evaluate(&facts);
         let decided = DecisionFacts { rule: decision.rule.to_owned(), action: decision.action.name().to_owned() };
         let level = record_level(decision.record);
+        if level == RecordLevel::Full && self.session.is_some() {
+            summary.headers = self.recorded_headers(&parts.headers);
+        }
         if let policy::Action::Deny { reason } = decision.action {
             tracing::info!(target: POLICY_TARGET, conn_id = ctx.conn_id, rule = decision.rule, identity = identity.uri, host, "request denied by policy");
             self.blocked.fetch_add(1, Ordering::Relaxed);
@@ -482,6 +487,8 @@ impl Inspector for Enforcer {
             }
         }
         let scanner = BodyScanner::new(detector.clone(), &parts.headers, self.shared.body_limits);
+        // Approvers see the URL masked; nobody else needs it here.
+        let url = if approval.is_some() { self.summarize_url(parts) } else { String::new() };
         let body = BodyEnforcer {
             enforcer: self.clone(),
             ctx: ctx.clone(),
@@ -489,19 +496,25 @@ impl Inspector for Enforcer {
             scanner,
             approval,
             method: parts.method.to_string(),
-            url: self.summarize_url(parts),
+            url,
         };
         HeadVerdict::Forward { body: Some(body), response: Some(watch) }
     }
 }
 
 impl Enforcer {
-    /// The request head as a recording may keep it: secrets masked,
-    /// credentials redacted.
+    /// The request line as a recording may keep it (secrets masked); empty
+    /// when the connection is not recorded.
     fn summarize(&self, parts: &http::request::Parts) -> RequestSummary {
-        let recording = self.shared.masks.recording();
-        let mut headers = parts.headers.clone();
-        recording.mask_headers(&mut headers);
+        if self.session.is_none() {
+            return RequestSummary {
+                method: String::new(),
+                url: String::new(),
+                rpc: None,
+                headers: Vec::new(),
+                started: std::time::SystemTime::now(),
+            };
+        }
         RequestSummary {
             method: parts.method.to_string(),
             url: self.summarize_url(parts),
@@ -511,9 +524,17 @@ impl Enforcer {
                 parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
             )
             .map(str::to_owned),
-            headers: crate::record::redact_headers(&headers),
+            headers: Vec::new(),
             started: std::time::SystemTime::now(),
         }
+    }
+
+    /// Request headers as a recording may keep them: secrets masked,
+    /// credentials redacted.
+    fn recorded_headers(&self, headers: &http::HeaderMap) -> Vec<(String, String)> {
+        let mut headers = headers.clone();
+        self.shared.masks.recording().mask_headers(&mut headers);
+        crate::record::redact_headers(&headers)
     }
 
     fn summarize_url(&self, parts: &http::request::Parts) -> String {
