@@ -17,6 +17,7 @@ pub mod findings;
 pub mod http;
 pub mod identity;
 pub mod intercept;
+pub mod mask;
 pub mod process;
 pub mod proxy;
 pub mod relay;
