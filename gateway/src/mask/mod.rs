@@ -1,0 +1,386 @@
+//! Response masking: secrets in upstream responses are replaced with
+//! `[MASKED:<rule>]` before the client sees them.
+//!
+//! A [`Masker`] is compiled once per policy rule from a [`MaskSpec`]: which
+//! detector rules to apply, named regex patterns and JSON field names. It
+//! masks header values in place ([`Masker::mask_headers`]), whole buffers
+//! ([`Masker::mask_bytes`]) and bodies streamed in chunks
+//! ([`Masker::body`] → [`BodyMasker`]), which undoes and redoes `gzip`,
+//! `deflate` and `br` content encodings. Streaming holds back the last bytes
+//! of the data seen (at most [`Masker::max_hold_back`]) until it is certain
+//! that no secret starts in them, so a secret split across chunks is still
+//! replaced whole and the output never depends on how the body was chunked.
+//! See `docs/masking.md`.
+
+use std::{collections::HashMap, fmt, sync::Arc};
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::detect::{
+    rules::{MAX_LOOKBACK, MAX_WINDOW},
+    Detector,
+};
+
+mod codec;
+mod json;
+mod pattern;
+mod plain;
+mod window;
+
+#[cfg(test)]
+mod tests;
+
+pub use codec::{supported_encodings, BodyMasker};
+pub use json::MAX_FIELD_LEN;
+pub use pattern::MAX_PATTERN_LEN;
+
+use json::{Field, JsonFields};
+use pattern::{BoundedRegex, LOOK};
+use plain::PlainMasker;
+use window::{LabelId, Range};
+
+/// Longest pattern name accepted.
+pub const MAX_NAME_LEN: usize = 64;
+/// [`Masked`] records kept per stream until taken; the count goes on.
+const MAX_LOGGED: usize = 1024;
+
+/// What to mask, as a policy rule states it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaskSpec {
+    /// Which detector rules' matches are masked.
+    pub rules: MaskRules,
+    /// Named regular expressions whose matches are masked.
+    pub patterns: Vec<MaskPattern>,
+    /// JSON field names whose values are masked (exact, case-sensitive).
+    pub json_fields: Vec<String>,
+}
+
+/// Detector rules whose matches are masked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MaskRules {
+    /// Every rule of the detector.
+    #[default]
+    All,
+    /// Only these rule ids (none: the detector is not used).
+    Only(Vec<String>),
+}
+
+/// A named regular expression (Rust `regex` syntax) to mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskPattern {
+    /// Name shown in the replacement, `[MASKED:<name>]`: letters, digits,
+    /// `_`, `.` and `-`.
+    pub name: String,
+    /// The expression; its matches must be between 1 and
+    /// [`MAX_PATTERN_LEN`] bytes long.
+    pub regex: String,
+}
+
+/// Why a masker could not be built or a body could not be masked.
+#[derive(Debug, thiserror::Error)]
+pub enum MaskError {
+    /// A pattern is unusable.
+    #[error("mask pattern `{name}`: {reason}")]
+    Pattern {
+        /// The pattern's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A rule id in [`MaskRules::Only`] is not one of the detector's rules.
+    #[error("mask rule `{0}` is not an active detector rule")]
+    UnknownRule(String),
+    /// A JSON field name is unusable.
+    #[error("mask json field {name:?}: {reason}")]
+    JsonField {
+        /// The field name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The body's `Content-Encoding` cannot be decoded and re-encoded.
+    #[error("unsupported content-encoding `{0}` (supported: gzip, deflate, br)")]
+    UnsupportedEncoding(String),
+    /// The compressed body is malformed or truncated.
+    #[error("cannot decode the {encoding} body: {reason}")]
+    Decode {
+        /// The content encoding.
+        encoding: &'static str,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// The masked body could not be compressed again.
+    #[error("cannot re-encode the masked body as {encoding}: {reason}")]
+    Encode {
+        /// The content encoding.
+        encoding: &'static str,
+        /// The encoder's complaint.
+        reason: String,
+    },
+    /// The body decompresses to far more than it is (a decompression bomb).
+    #[error("the {encoding} body expands more than {ratio}:1 beyond its first {slack} decoded bytes")]
+    Expansion {
+        /// The content encoding.
+        encoding: &'static str,
+        /// Largest decoded-to-encoded ratio accepted.
+        ratio: u64,
+        /// Decoded bytes always accepted.
+        slack: u64,
+    },
+    /// The masker failed before or was finished; nothing more comes out.
+    #[error("body masker already failed or finished")]
+    Closed,
+}
+
+/// One replacement: which rule matched and where. Never holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Masked {
+    /// Detector rule id, pattern name, or `json:<field>`.
+    pub rule: Arc<str>,
+    /// Where the replaced text was.
+    pub location: MaskLocation,
+}
+
+/// Where a replacement was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaskLocation {
+    /// In the value of this header.
+    Header(HeaderName),
+    /// In the (decoded) body, at this byte offset of the original plaintext.
+    Body {
+        /// Offset of the first replaced byte.
+        offset: u64,
+    },
+}
+
+impl fmt::Display for MaskLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MaskLocation::Header(name) => write!(f, "header:{name}"),
+            MaskLocation::Body { offset } => write!(f, "body@{offset}"),
+        }
+    }
+}
+
+/// Replacements made so far in one stream: the first [`MAX_LOGGED`] not yet
+/// taken, and the total count.
+#[derive(Debug, Default)]
+pub(crate) struct MaskedLog {
+    items: Vec<Masked>,
+    total: u64,
+}
+
+impl MaskedLog {
+    pub(crate) fn push(&mut self, masked: Masked) {
+        self.total += 1;
+        if self.items.len() < MAX_LOGGED {
+            self.items.push(masked);
+        }
+    }
+
+    pub(crate) fn take(&mut self) -> Vec<Masked> {
+        std::mem::take(&mut self.items)
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
+/// A replacement: the rule it names and the bytes written instead.
+#[derive(Debug, Clone)]
+pub(crate) struct Label {
+    pub rule: Arc<str>,
+    pub text: Box<[u8]>,
+}
+
+impl Label {
+    fn new(rule: &str, quoted: bool) -> Self {
+        let text = if quoted { format!("\"[MASKED:{rule}]\"") } else { format!("[MASKED:{rule}]") };
+        Self { rule: Arc::from(rule), text: text.into_bytes().into_boxed_slice() }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct CompiledPattern {
+    regex: BoundedRegex,
+    label: LabelId,
+}
+
+/// A compiled [`MaskSpec`]. Build it once and share it (`Arc<Masker>`):
+/// it is `Send + Sync`, and per-response state lives in [`BodyMasker`].
+pub struct Masker {
+    /// Absent when no detector rule is selected.
+    detector: Option<Arc<Detector>>,
+    /// Selected detector rules and their labels.
+    rule_labels: HashMap<Arc<str>, LabelId>,
+    patterns: Vec<CompiledPattern>,
+    json: Option<JsonFields>,
+    /// Replacement texts; a lower id wins when ranges start together.
+    labels: Vec<Label>,
+    hold_back: usize,
+}
+
+impl fmt::Debug for Masker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Masker")
+            .field("rules", &self.rule_labels.len())
+            .field("patterns", &self.patterns.len())
+            .field("json_fields", &self.json.as_ref().map_or(0, |j| j.len()))
+            .field("hold_back", &self.hold_back)
+            .finish()
+    }
+}
+
+impl Masker {
+    /// Compiles `spec` against `detector`. Errors name the offending
+    /// pattern, field or rule id.
+    pub fn new(detector: Arc<Detector>, spec: &MaskSpec) -> Result<Masker, MaskError> {
+        let mut labels = Vec::new();
+        let mut rule_labels = HashMap::new();
+        let selected: Option<&[String]> = match &spec.rules {
+            MaskRules::All => None,
+            MaskRules::Only(ids) => {
+                if let Some(unknown) = ids.iter().find(|id| !detector.rule_ids().any(|r| r == id.as_str())) {
+                    return Err(MaskError::UnknownRule(unknown.clone()));
+                }
+                Some(ids)
+            }
+        };
+        // Detector priority order, so that the more specific rule names a
+        // replacement when two matches start at the same byte.
+        for id in detector.rule_ids() {
+            if selected.is_none_or(|s| s.iter().any(|x| x == id)) {
+                rule_labels.insert(Arc::from(id), label_id(labels.len()));
+                labels.push(Label::new(id, false));
+            }
+        }
+        let mut patterns = Vec::with_capacity(spec.patterns.len());
+        for p in &spec.patterns {
+            let err = |reason: String| MaskError::Pattern { name: p.name.clone(), reason };
+            if p.name.is_empty()
+                || p.name.len() > MAX_NAME_LEN
+                || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            {
+                return Err(err(format!("the name must be 1 to {MAX_NAME_LEN} letters, digits, '_', '.' or '-'")));
+            }
+            let regex = BoundedRegex::new(&p.regex).map_err(|e| err(format!("regex {e}")))?;
+            patterns.push(CompiledPattern { regex, label: label_id(labels.len()) });
+            labels.push(Label::new(&p.name, false));
+        }
+        let json = if spec.json_fields.is_empty() {
+            None
+        } else {
+            let mut fields = Vec::with_capacity(spec.json_fields.len());
+            for name in &spec.json_fields {
+                let err = |reason: &str| MaskError::JsonField { name: name.clone(), reason: reason.to_string() };
+                if name.is_empty() || name.len() > MAX_FIELD_LEN {
+                    return Err(err(&format!("must be 1 to {MAX_FIELD_LEN} bytes")));
+                }
+                if name.bytes().any(|b| b == b'"' || b == b'\\' || b.is_ascii_control()) {
+                    return Err(err("must not contain quotes, backslashes or control characters"));
+                }
+                let rule = format!("json:{name}");
+                fields.push(Field {
+                    name: name.as_bytes().into(),
+                    string_label: label_id(labels.len()),
+                    value_label: label_id(labels.len() + 1),
+                });
+                labels.push(Label::new(&rule, false));
+                labels.push(Label::new(&rule, true));
+            }
+            Some(
+                JsonFields::new(fields)
+                    .map_err(|reason| MaskError::JsonField { name: spec.json_fields.join(", "), reason })?,
+            )
+        };
+        let detector = (!rule_labels.is_empty()).then_some(detector);
+        // The detector's stream keeps at most this much (see
+        // `detect::stream`), the regexes their longest match plus look-around.
+        let mut hold_back = detector.as_ref().map_or(0, |_| MAX_WINDOW + 2 * MAX_LOOKBACK);
+        for p in &patterns {
+            hold_back = hold_back.max(p.regex.max_len + LOOK);
+        }
+        if let Some(j) = &json {
+            hold_back = hold_back.max(j.max_key_len() + LOOK);
+        }
+        Ok(Masker { detector, rule_labels, patterns, json, labels, hold_back })
+    }
+
+    /// Whether the spec masks anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.detector.is_none() && self.patterns.is_empty() && self.json.is_none()
+    }
+
+    /// Most bytes a stream holds back: output lags input by at most this much
+    /// until the stream ends. The usual lag is far less (about the
+    /// detector's [`overlap`](Detector::overlap)); it grows only while a
+    /// candidate such as a PEM block awaits its end.
+    pub fn max_hold_back(&self) -> usize {
+        self.hold_back
+    }
+
+    /// A streaming masker for a response body with this `Content-Encoding`
+    /// (the header's value, several headers joined by commas). Fails for
+    /// encodings it cannot decode and re-encode: the caller must then not
+    /// pass the body through.
+    pub fn body(self: &Arc<Self>, content_encoding: Option<&str>) -> Result<BodyMasker, MaskError> {
+        BodyMasker::new(Arc::clone(self), content_encoding)
+    }
+
+    /// Masks a whole buffer (e.g. a recorded request body); the same result
+    /// as streaming it through [`body`](Self::body) without encoding.
+    pub fn mask_bytes(&self, data: &[u8]) -> (Vec<u8>, Vec<Masked>) {
+        let mut plain = PlainMasker::new(self, true);
+        let mut out = BytesMut::with_capacity(data.len());
+        plain.push(self, data, &mut out);
+        plain.finish(self, &mut out);
+        (out.to_vec(), plain.log.take())
+    }
+
+    /// Masks header values in place (all headers, `Set-Cookie` included) and
+    /// returns what was replaced. Detector rules see `name: value`, so rules
+    /// keyed on a name (`x-api-key: …`) apply; only the value is changed.
+    pub fn mask_headers(&self, headers: &mut HeaderMap) -> Vec<Masked> {
+        let mut masked = Vec::new();
+        let mut text = Vec::new();
+        for (name, value) in headers.iter_mut() {
+            let mut plain = PlainMasker::new(self, false);
+            if let Some(detector) = &self.detector {
+                text.clear();
+                text.extend_from_slice(name.as_str().as_bytes());
+                text.extend_from_slice(b": ");
+                let offset = text.len() as u64;
+                text.extend_from_slice(value.as_bytes());
+                for d in detector.scan(&text) {
+                    if d.end <= offset {
+                        continue;
+                    }
+                    if let Some(&label) = self.rule_labels.get(&*d.rule_id) {
+                        plain.add_range(Range { start: d.start.saturating_sub(offset), end: d.end - offset, label });
+                    }
+                }
+            }
+            let mut out = BytesMut::with_capacity(value.len());
+            plain.push(self, value.as_bytes(), &mut out);
+            plain.finish(self, &mut out);
+            let found = plain.log.take();
+            if found.is_empty() {
+                continue;
+            }
+            // Replacements are visible ASCII, so this only fails if the value
+            // was already invalid; never keep the original then.
+            *value =
+                HeaderValue::from_maybe_shared(out.freeze()).unwrap_or_else(|_| HeaderValue::from_static("[MASKED]"));
+            masked.extend(
+                found.into_iter().map(|m| Masked { rule: m.rule, location: MaskLocation::Header(name.clone()) }),
+            );
+        }
+        masked
+    }
+}
+
+fn label_id(index: usize) -> LabelId {
+    LabelId::try_from(index).unwrap_or(LabelId::MAX)
+}
