@@ -208,6 +208,12 @@ impl ResponseInspector for ExchangeWatch {
         Ok(out)
     }
 
+    fn trailers(&mut self, trailers: &mut http::HeaderMap) {
+        if let Some(Ok(masker)) = &self.mask {
+            self.masked_in_headers += masker.mask_headers(trailers).len();
+        }
+    }
+
     fn end(&mut self) -> Result<Bytes, String> {
         let Some(masker) = self.body_masker.as_mut() else { return Ok(Bytes::new()) };
         let out = masker.finish().map_err(|e| e.to_string())?;

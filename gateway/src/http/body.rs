@@ -524,7 +524,16 @@ impl Body for ResponseBody {
                 // End of data (trailers or the end): flush what the filter held.
                 (_, rest) => {
                     this.filter = Filter::Ended;
-                    this.pending = rest;
+                    this.pending = match rest.map(Frame::into_trailers) {
+                        Some(Ok(mut trailers)) => {
+                            if let Some(inspector) = this.log.response_inspector() {
+                                inspector.trailers(&mut trailers);
+                            }
+                            Some(Frame::trailers(trailers))
+                        }
+                        Some(Err(other)) => Some(other),
+                        None => None,
+                    };
                     match this.filtered(None) {
                         Ok(out) if out.is_empty() => continue,
                         Ok(out) => Some(Frame::data(out)),

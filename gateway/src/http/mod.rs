@@ -116,6 +116,9 @@ pub trait ResponseInspector: Send + 'static {
         Ok(data)
     }
 
+    /// Rewrites the response's trailers (after [`ResponseVerdict::Filter`]).
+    fn trailers(&mut self, _trailers: &mut http::HeaderMap) {}
+
     /// The body ended: whatever the inspector still held back.
     fn end(&mut self) -> Result<Bytes, String> {
         Ok(Bytes::new())

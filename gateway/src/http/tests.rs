@@ -181,6 +181,9 @@ impl ResponseInspector for Masker {
         self.held.drain(..cut);
         Ok(out.into())
     }
+    fn trailers(&mut self, trailers: &mut http::HeaderMap) {
+        trailers.insert("x-filtered", http::HeaderValue::from_static("1"));
+    }
     fn end(&mut self) -> Result<Bytes, String> {
         let held = std::mem::take(&mut self.held);
         let (out, _) = self.replace_all(&held);
@@ -710,9 +713,10 @@ async fn h2_grpc_like_trailers_both_ways() {
         Response::builder().header("content-type", "application/grpc").body(body).unwrap()
     })
     .await;
-    // Both the buffered (inspected) and the pass-through body paths.
-    for inspect_body in [true, false] {
-        let inspector = Arc::new(TestInspector { inspect_body, ..Default::default() });
+    // Both the buffered (inspected) and the pass-through body paths, and
+    // a response filter (which also sees the trailers).
+    for (inspect_body, mask) in [(true, None), (false, None), (true, Some(&b"ZZZ"[..]))] {
+        let inspector = Arc::new(TestInspector { inspect_body, mask, ..Default::default() });
         let mut front =
             front(inspector, TestConnector::h2c(up.addr), None, Limits::default()).await;
         let mut client = h2c_client(front.addr).await;
@@ -734,6 +738,7 @@ async fn h2_grpc_like_trailers_both_ways() {
         let trailers = collected.trailers().cloned().expect("response trailers");
         assert_eq!(trailers["grpc-status"], "0");
         assert_eq!(trailers["x-seen-req-trailer"], "yes", "request trailers reached upstream");
+        assert_eq!(trailers.contains_key("x-filtered"), mask.is_some(), "the filter saw the trailers");
         assert_eq!(collected.to_bytes(), "echo:msg");
         drop(client);
         front.next_result().await.unwrap();
