@@ -16,6 +16,7 @@ pub mod event;
 pub mod findings;
 pub mod http;
 pub mod identity;
+pub mod policy;
 pub mod intercept;
 pub mod process;
 pub mod proxy;
