@@ -3,8 +3,10 @@
 //! Data flows one way: an intercepted connection ([`intercept`]) is
 //! attributed to the process that made it ([`process`]), handed to the proxy
 //! ([`proxy`]) which terminates TLS where configured ([`tls`]), speaks HTTP
-//! ([`http`]), looks for static keys ([`detect`]), enforces and records
-//! findings ([`findings`]), and forwards to the original destination.
+//! ([`http`]), applies the policy ([`policy`], [`enforce`], [`approval`]),
+//! looks for static keys ([`detect`]) and records findings ([`findings`]),
+//! masks responses ([`mask`]), records the session ([`record`]), and
+//! forwards to the original destination.
 
 pub mod api;
 pub mod approval;

@@ -1,0 +1,565 @@
+//! Validation and compilation of a policy file: every rule is checked, and
+//! every error is reported with its line and column.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::compiled::{digest, Outcome, Policy, PolicySource, Rule, Selectors};
+use super::decision::{Action, ApprovalSpec, MaskRule, MaskRules, NamedPattern, RecordLevel, DEFAULT_RULE};
+use super::error::{segments, strip_location, Locator, PolicyError, Seg};
+use super::facts::Protocol;
+use super::glob::GlobList;
+use super::model::{
+    ActionKind, ApprovalSpecRaw, DefaultsSpec, FileSpec, MaskRulesSpec, MaskSetting, MaskSpec, MatchSpec, OneOrMany,
+    RuleSpec,
+};
+
+/// The only `version` this gateway reads.
+pub const POLICY_VERSION: u32 = 1;
+
+/// How long a held request waits for approval when `approval.timeout` is
+/// not given.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Compiles `text`, naming `path` in errors.
+pub(super) fn compile(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
+    let mut c = Compiler { path, locator: Locator::new(text), errors: Vec::new(), masks: Vec::new() };
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let spec: FileSpec = match serde_path_to_error::deserialize(de) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let message = match e.path().to_string().as_str() {
+                "." => strip_location(&e.inner().to_string()),
+                at => format!("{at}: {}", strip_location(&e.inner().to_string())),
+            };
+            let (line, column) = match e.inner().location() {
+                Some(l) => (l.line(), l.column()),
+                None => c.locator.locate(&segments(e.path()), false),
+            };
+            return Err(vec![PolicyError { file: path.to_owned(), line, column, rule: None, message }]);
+        }
+    };
+    if spec.version != POLICY_VERSION {
+        c.err(
+            None,
+            vec![Seg::key("version")],
+            false,
+            format!("unsupported version {} (expected {POLICY_VERSION})", spec.version),
+        );
+    }
+    let default = c.defaults(spec.defaults);
+    let mut names = HashMap::new();
+    let mut rules = Vec::with_capacity(spec.rules.len());
+    for (index, value) in spec.rules.into_iter().enumerate() {
+        if let Some(rule) = c.rule(index, value, &default, &mut names) {
+            rules.push(rule);
+        }
+    }
+    let Some(default) = default.filter(|_| c.errors.is_empty()) else {
+        return Err(c.errors);
+    };
+    let warnings = unreachable(&c, &rules);
+    Ok(Policy {
+        source: PolicySource::File(path.to_owned()),
+        digest: digest(text.as_bytes()),
+        rules,
+        default,
+        masks: c.masks,
+        warnings,
+    })
+}
+
+/// Rules after one that matches everything can never decide.
+fn unreachable(c: &Compiler<'_>, rules: &[Rule]) -> Vec<PolicyError> {
+    let Some(at) = rules.iter().position(|r| r.selectors.is_empty()) else { return Vec::new() };
+    if at + 1 >= rules.len() {
+        return Vec::new();
+    }
+    let next = at + 1;
+    let (line, column) = c.locator.locate(&rule_path(next), false);
+    vec![PolicyError {
+        file: c.path.to_owned(),
+        line,
+        column,
+        rule: Some(next),
+        message: format!(
+            "this rule and the {} after it are unreachable: rule `{}` matches every request",
+            rules.len() - next - 1,
+            rules[at].name
+        ),
+    }]
+}
+
+fn rule_path(index: usize) -> Vec<Seg> {
+    vec![Seg::key("rules"), Seg::Index(index)]
+}
+
+fn with(base: &[Seg], more: &[&str]) -> Vec<Seg> {
+    let mut p = base.to_vec();
+    p.extend(more.iter().map(|k| Seg::key(k)));
+    p
+}
+
+fn push(mut path: Vec<Seg>, seg: Seg) -> Vec<Seg> {
+    path.push(seg);
+    path
+}
+
+/// The defaults every rule inherits from.
+struct Inherited {
+    static_keys: Option<super::decision::StaticKeyAction>,
+    mask_id: Option<usize>,
+    record: RecordLevel,
+}
+
+struct Compiler<'a> {
+    path: &'a Path,
+    locator: Locator<'a>,
+    errors: Vec<PolicyError>,
+    masks: Vec<MaskRule>,
+}
+
+impl Compiler<'_> {
+    fn err(&mut self, rule: Option<usize>, at: Vec<Seg>, at_key: bool, message: String) {
+        let (line, column) = self.locator.locate(&at, at_key);
+        self.errors.push(PolicyError { file: self.path.to_owned(), line, column, rule, message });
+    }
+
+    /// Types a rule or `defaults` from its YAML value.
+    fn typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        rule: Option<usize>,
+        base: &[Seg],
+        value: serde_yaml_ng::Value,
+    ) -> Option<T> {
+        match serde_path_to_error::deserialize(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let message = e.inner().to_string();
+                let mut at = base.to_vec();
+                at.extend(segments(e.path()));
+                let relative = e.path().to_string();
+                let message = if relative == "." { message } else { format!("{relative}: {message}") };
+                let at_key = message.contains("unknown field");
+                self.err(rule, at, at_key, strip_location(&message));
+                None
+            }
+        }
+    }
+
+    fn defaults(&mut self, value: serde_yaml_ng::Value) -> Option<Outcome> {
+        let base = vec![Seg::key("defaults")];
+        let spec: DefaultsSpec = self.typed(None, &base, value)?;
+        let before = self.errors.len();
+        let action = match spec.action {
+            ActionKind::Allow => {
+                if spec.reason.is_some() {
+                    self.err(None, with(&base, &["reason"]), true, "`reason` is only used with `action: deny`".into());
+                }
+                Action::Allow
+            }
+            ActionKind::Deny => {
+                Action::Deny { reason: spec.reason.unwrap_or_else(|| "denied by the policy's default rule".into()) }
+            }
+            ActionKind::RequireApproval => {
+                self.err(None, with(&base, &["action"]), false, "the default action must be `allow` or `deny`".into());
+                Action::Allow
+            }
+        };
+        let mask_id = match spec.mask {
+            None | Some(MaskSetting::Off) => None,
+            Some(MaskSetting::On(m)) => self.mask(None, &with(&base, &["mask"]), m),
+        };
+        let outcome =
+            Outcome { action, static_keys: spec.static_keys, mask_id, record: spec.record.unwrap_or_default() };
+        (self.errors.len() == before).then_some(outcome)
+    }
+
+    fn rule(
+        &mut self,
+        index: usize,
+        value: serde_yaml_ng::Value,
+        default: &Option<Outcome>,
+        names: &mut HashMap<String, usize>,
+    ) -> Option<Rule> {
+        let base = rule_path(index);
+        let spec: RuleSpec = self.typed(Some(index), &base, value)?;
+        let before = self.errors.len();
+        let name = match spec.name {
+            Some(name) => {
+                let problem = if name.trim().is_empty() {
+                    Some("empty rule name".to_owned())
+                } else if name.starts_with('#') {
+                    Some(format!("rule names may not start with `#` (reserved for unnamed rules: `#{index}`)"))
+                } else if name == DEFAULT_RULE {
+                    Some(format!("`{DEFAULT_RULE}` is reserved for the closing default rule"))
+                } else {
+                    names.get(&name).map(|first| format!("duplicate rule name `{name}` (first at rule #{first})"))
+                };
+                match problem {
+                    Some(m) => self.err(Some(index), with(&base, &["name"]), false, m),
+                    None => {
+                        names.insert(name.clone(), index);
+                    }
+                }
+                name
+            }
+            None => format!("#{index}"),
+        };
+        let selectors = self.selectors(index, &with(&base, &["match"]), spec.selectors);
+        let action = self.action(index, &base, &name, spec.action, spec.reason, spec.approval);
+        let inherited = match default {
+            Some(d) => Inherited { static_keys: d.static_keys, mask_id: d.mask_id, record: d.record },
+            None => Inherited { static_keys: None, mask_id: None, record: RecordLevel::Full },
+        };
+        let mask_id = match spec.mask {
+            None => inherited.mask_id,
+            Some(MaskSetting::Off) => None,
+            Some(MaskSetting::On(m)) => self.mask(Some(index), &with(&base, &["mask"]), m),
+        };
+        if self.errors.len() > before {
+            return None;
+        }
+        let outcome = Outcome {
+            action: action?,
+            static_keys: spec.static_keys.or(inherited.static_keys),
+            mask_id,
+            record: spec.record.unwrap_or(inherited.record),
+        };
+        Some(Rule { name, selectors: selectors?, outcome })
+    }
+
+    fn action(
+        &mut self,
+        index: usize,
+        base: &[Seg],
+        name: &str,
+        kind: ActionKind,
+        reason: Option<String>,
+        approval: Option<ApprovalSpecRaw>,
+    ) -> Option<Action> {
+        let rule = Some(index);
+        if kind != ActionKind::RequireApproval && approval.is_some() {
+            self.err(
+                rule,
+                with(base, &["approval"]),
+                true,
+                "`approval` is only used with `action: require_approval`".into(),
+            );
+        }
+        match kind {
+            ActionKind::Allow => {
+                if reason.is_some() {
+                    self.err(
+                        rule,
+                        with(base, &["reason"]),
+                        true,
+                        "`reason` is only used with `deny` and `require_approval`".into(),
+                    );
+                }
+                Some(Action::Allow)
+            }
+            ActionKind::Deny => {
+                Some(Action::Deny { reason: reason.unwrap_or_else(|| format!("denied by policy rule `{name}`")) })
+            }
+            ActionKind::RequireApproval => {
+                let Some(a) = approval else {
+                    self.err(
+                        rule,
+                        with(base, &["action"]),
+                        false,
+                        "`require_approval` needs an `approval` section (group, min_approvals, timeout)".into(),
+                    );
+                    return None;
+                };
+                let at = with(base, &["approval"]);
+                if a.group.trim().is_empty() {
+                    self.err(rule, with(&at, &["group"]), false, "empty approval group".into());
+                }
+                let min = a.min_approvals.unwrap_or(1);
+                let min_approvals = match u32::try_from(min) {
+                    Ok(n) if n >= 1 => n,
+                    _ => {
+                        self.err(
+                            rule,
+                            with(&at, &["min_approvals"]),
+                            false,
+                            format!("min_approvals must be at least 1 (got {min})"),
+                        );
+                        1
+                    }
+                };
+                let timeout = a.timeout.unwrap_or(DEFAULT_APPROVAL_TIMEOUT);
+                if timeout.is_zero() {
+                    self.err(rule, with(&at, &["timeout"]), false, "approval timeout must be longer than 0s".into());
+                }
+                let reason =
+                    reason.unwrap_or_else(|| format!("approval by `{}` required by policy rule `{name}`", a.group));
+                Some(Action::RequireApproval(ApprovalSpec { group: a.group, min_approvals, timeout, reason }))
+            }
+        }
+    }
+
+    /// Compiles `values` into a glob list, reporting errors at the value
+    /// (or the failing element of a list).
+    fn globs(
+        &mut self,
+        rule: usize,
+        at: Vec<Seg>,
+        spec: Option<OneOrMany<String>>,
+        case_insensitive: bool,
+        check: impl Fn(&str) -> Option<String>,
+    ) -> Option<Option<GlobList>> {
+        let Some(spec) = spec else { return Some(None) };
+        let (values, is_list) = spec.into_parts();
+        let element = |i: usize| if is_list { push(at.clone(), Seg::Index(i)) } else { at.clone() };
+        if values.is_empty() {
+            self.err(Some(rule), at.clone(), false, "empty list: give at least one value, or omit the selector".into());
+            return None;
+        }
+        let mut ok = true;
+        for (i, v) in values.iter().enumerate() {
+            if let Some(m) = check(v) {
+                self.err(Some(rule), element(i), false, m);
+                ok = false;
+            }
+        }
+        if !ok {
+            return None;
+        }
+        match GlobList::new(values, case_insensitive) {
+            Ok(g) => Some(Some(g)),
+            Err(e) => {
+                let at = e.index.map_or_else(|| at.clone(), element);
+                self.err(Some(rule), at, false, e.message);
+                None
+            }
+        }
+    }
+
+    fn selectors(&mut self, rule: usize, base: &[Seg], spec: MatchSpec) -> Option<Selectors> {
+        let before = self.errors.len();
+        let mut s = Selectors::default();
+        if let Some(id) = spec.identity {
+            let at = with(base, &["identity"]);
+            s.uri = self.globs(rule, with(&at, &["uri"]), id.uri, false, |_| None).flatten();
+            for (what, map) in [("labels", id.labels), ("claims", id.claims)] {
+                let mut out = Vec::with_capacity(map.len());
+                for (key, values) in map {
+                    let key_at = with(&at, &[what, &key]);
+                    if key.is_empty() {
+                        self.err(Some(rule), key_at.clone(), true, format!("empty {what} key"));
+                    }
+                    if let Some(g) = self.globs(rule, key_at, Some(values), false, |_| None).flatten() {
+                        out.push((key, g));
+                    }
+                }
+                if what == "labels" {
+                    s.labels = out;
+                } else {
+                    s.claims = out;
+                }
+            }
+            s.unmapped = id.unmapped;
+        }
+        if let Some(dst) = spec.destination {
+            let at = with(base, &["destination"]);
+            let hosts = dst.host.map(|h| match h {
+                OneOrMany::One(v) => OneOrMany::One(normalize_host(&v)),
+                OneOrMany::Many(v) => OneOrMany::Many(v.iter().map(|h| normalize_host(h)).collect()),
+            });
+            s.host = self.globs(rule, with(&at, &["host"]), hosts, true, check_host).flatten();
+            if let Some(ports) = dst.port {
+                let (ports, is_list) = ports.into_parts();
+                if ports.is_empty() {
+                    self.err(
+                        Some(rule),
+                        with(&at, &["port"]),
+                        false,
+                        "empty list: give at least one port, or omit the selector".into(),
+                    );
+                }
+                for (i, p) in ports.into_iter().enumerate() {
+                    match u16::try_from(p) {
+                        Ok(p) if p > 0 => s.ports.push(p),
+                        _ => {
+                            let mut where_ = with(&at, &["port"]);
+                            if is_list {
+                                where_.push(Seg::Index(i));
+                            }
+                            self.err(Some(rule), where_, false, format!("port {p} is out of range (1-65535)"));
+                        }
+                    }
+                }
+            }
+            if let Some(protocols) = dst.protocol {
+                let (protocols, _) = protocols.into_parts();
+                if protocols.is_empty() {
+                    self.err(
+                        Some(rule),
+                        with(&at, &["protocol"]),
+                        false,
+                        "empty list: give at least one protocol, or omit the selector".into(),
+                    );
+                }
+                s.protocols = protocols.iter().fold(0, |bits, p| bits | p.bit());
+            }
+        }
+        if let Some(req) = spec.request {
+            let at = with(base, &["request"]);
+            if let Some(methods) = req.method {
+                let (methods, is_list) = methods.into_parts();
+                if methods.is_empty() {
+                    self.err(
+                        Some(rule),
+                        with(&at, &["method"]),
+                        false,
+                        "empty list: give at least one method, or omit the selector".into(),
+                    );
+                }
+                for (i, m) in methods.into_iter().enumerate() {
+                    if m.is_empty() || http::Method::from_bytes(m.as_bytes()).is_err() {
+                        let mut where_ = with(&at, &["method"]);
+                        if is_list {
+                            where_.push(Seg::Index(i));
+                        }
+                        self.err(Some(rule), where_, false, format!("`{m}` is not an HTTP method"));
+                    } else {
+                        s.methods.push(m.to_ascii_uppercase());
+                    }
+                }
+            }
+            s.path = self.globs(rule, with(&at, &["path"]), req.path, false, check_path).flatten();
+            s.rpc = self.globs(rule, with(&at, &["rpc"]), req.rpc, false, check_rpc).flatten();
+            if let Some(h) = req.headers {
+                s.present = self.header_names(rule, with(&at, &["headers", "present"]), h.present);
+                s.absent = self.header_names(rule, with(&at, &["headers", "absent"]), h.absent);
+            }
+            if s.protocols == Protocol::Tcp.bit() && s.needs_request() {
+                self.err(
+                    Some(rule),
+                    at,
+                    true,
+                    "request selectors never match `protocol: tcp` (a tcp connection has no HTTP request)".into(),
+                );
+            }
+        }
+        (self.errors.len() == before).then_some(s)
+    }
+
+    fn header_names(&mut self, rule: usize, at: Vec<Seg>, spec: Option<OneOrMany<String>>) -> Vec<HeaderName> {
+        let Some(spec) = spec else { return Vec::new() };
+        let (names, is_list) = spec.into_parts();
+        let mut out = Vec::with_capacity(names.len());
+        for (i, n) in names.into_iter().enumerate() {
+            match HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => out.push(h),
+                Err(_) => {
+                    let where_ = if is_list { push(at.clone(), Seg::Index(i)) } else { at.clone() };
+                    self.err(Some(rule), where_, false, format!("`{n}` is not a header name"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Validates a masking spec and returns its id in `masks` (identical
+    /// specs share one id).
+    fn mask(&mut self, rule: Option<usize>, at: &[Seg], spec: MaskSpec) -> Option<usize> {
+        let before = self.errors.len();
+        let rules = match spec.rules {
+            None => MaskRules::Only(Vec::new()),
+            Some(MaskRulesSpec::All) => MaskRules::All,
+            Some(MaskRulesSpec::Only(ids)) => {
+                for (i, id) in ids.iter().enumerate() {
+                    if id.trim().is_empty() || id.chars().any(char::is_whitespace) {
+                        self.err(
+                            rule,
+                            push(with(at, &["rules"]), Seg::Index(i)),
+                            false,
+                            format!("`{id}` is not a rule id"),
+                        );
+                    }
+                }
+                MaskRules::Only(ids)
+            }
+        };
+        let mut patterns: Vec<NamedPattern> = Vec::with_capacity(spec.patterns.len());
+        for (i, p) in spec.patterns.into_iter().enumerate() {
+            let p_at = push(with(at, &["patterns"]), Seg::Index(i));
+            if p.name.trim().is_empty() {
+                self.err(rule, with(&p_at, &["name"]), false, "empty pattern name".into());
+            } else if patterns.iter().any(|q| q.name == p.name) {
+                self.err(rule, with(&p_at, &["name"]), false, format!("duplicate pattern name `{}`", p.name));
+            }
+            match regex::Regex::new(&p.regex) {
+                Err(e) => {
+                    let why = e.to_string().lines().last().unwrap_or("invalid").trim().to_owned();
+                    self.err(rule, with(&p_at, &["regex"]), false, format!("bad regex: {why}"));
+                }
+                Ok(r) if r.is_match("") => {
+                    self.err(rule, with(&p_at, &["regex"]), false, "regex matches the empty string".into());
+                }
+                Ok(_) => {}
+            }
+            patterns.push(NamedPattern { name: p.name, regex: p.regex });
+        }
+        for (i, f) in spec.json_fields.iter().enumerate() {
+            if f.is_empty() {
+                self.err(rule, push(with(at, &["json_fields"]), Seg::Index(i)), false, "empty JSON field name".into());
+            }
+        }
+        let m = MaskRule { rules, patterns, json_fields: spec.json_fields };
+        if m.rules == MaskRules::Only(Vec::new()) && m.patterns.is_empty() && m.json_fields.is_empty() {
+            self.err(
+                rule,
+                at.to_vec(),
+                false,
+                "mask masks nothing: give rules, patterns or json_fields (or `mask: false`)".into(),
+            );
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(self.masks.iter().position(|x| *x == m).unwrap_or_else(|| {
+            self.masks.push(m);
+            self.masks.len() - 1
+        }))
+    }
+}
+
+/// Host patterns compare lowercase; a trailing dot and IPv6 brackets are
+/// dropped as they are from facts.
+fn normalize_host(h: &str) -> String {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    let h = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(h);
+    h.to_ascii_lowercase()
+}
+
+fn check_host(h: &str) -> Option<String> {
+    if h.contains('/') {
+        return Some(format!("host `{h}` must be a host name or IP address glob, without scheme or path"));
+    }
+    let colons = h.matches(':').count();
+    if colons == 1 {
+        return Some(format!("host `{h}` has a port: put it in `port`"));
+    }
+    None
+}
+
+fn check_path(p: &str) -> Option<String> {
+    (!p.starts_with('/') && !p.starts_with('*')).then(|| format!("path `{p}` must start with `/`"))
+}
+
+fn check_rpc(r: &str) -> Option<String> {
+    if r.starts_with('/') {
+        Some(format!("rpc `{r}` is written `package.Service/Method`, without the leading `/`"))
+    } else if !r.contains('/') && !r.contains("**") {
+        Some(format!("rpc `{r}` must be `package.Service/Method` (use `package.Service/*` for any method)"))
+    } else {
+        None
+    }
+}

@@ -1,0 +1,223 @@
+//! A validated policy, ready to evaluate: globs compiled, host patterns
+//! lowercased, header names parsed, and each rule's outcome resolved against
+//! `defaults` once, so evaluation only borrows.
+
+use std::path::{Path, PathBuf};
+
+use http::HeaderName;
+use sha2::{Digest, Sha256};
+
+use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, DEFAULT_RULE};
+use super::error::PolicyError;
+use super::glob::GlobList;
+
+/// The policy in force when none is configured: allow everything, record
+/// in full, and leave static keys to `findings.actions`.
+pub const BUILTIN_POLICY: &str = "\
+# Built-in policy: used when `policy.file` is not set.
+version: 1
+rules: []
+defaults:
+  action: allow
+  record: full
+";
+
+/// Where a policy came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// [`BUILTIN_POLICY`].
+    Builtin,
+    /// An operator's file.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::Builtin => f.write_str("<builtin>"),
+            PolicySource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// A compiled policy file.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub(super) source: PolicySource,
+    pub(super) digest: String,
+    pub(super) rules: Vec<Rule>,
+    pub(super) default: Outcome,
+    pub(super) masks: Vec<MaskRule>,
+    pub(super) warnings: Vec<PolicyError>,
+}
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub(super) struct Rule {
+    pub(super) name: String,
+    pub(super) selectors: Selectors,
+    pub(super) outcome: Outcome,
+}
+
+/// A rule's selectors; absent ones (`0`, empty, `None`) match anything.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Selectors {
+    /// Bits of [`super::Protocol`]s; 0 = any.
+    pub(super) protocols: u8,
+    pub(super) ports: Vec<u16>,
+    pub(super) unmapped: Option<bool>,
+    /// Upper case; compared ignoring case.
+    pub(super) methods: Vec<String>,
+    /// Lowercase globs, matched ignoring ASCII case.
+    pub(super) host: Option<GlobList>,
+    pub(super) uri: Option<GlobList>,
+    pub(super) labels: Vec<(String, GlobList)>,
+    pub(super) claims: Vec<(String, GlobList)>,
+    pub(super) path: Option<GlobList>,
+    pub(super) rpc: Option<GlobList>,
+    pub(super) present: Vec<HeaderName>,
+    pub(super) absent: Vec<HeaderName>,
+}
+
+impl Selectors {
+    /// Whether any `match.request` selector is set: such a rule never
+    /// matches a `tcp` connection.
+    pub(super) fn needs_request(&self) -> bool {
+        !self.methods.is_empty()
+            || self.path.is_some()
+            || self.rpc.is_some()
+            || !self.present.is_empty()
+            || !self.absent.is_empty()
+    }
+
+    /// Whether the rule matches everything.
+    pub(super) fn is_empty(&self) -> bool {
+        self.protocols == 0
+            && self.ports.is_empty()
+            && self.unmapped.is_none()
+            && self.host.is_none()
+            && self.uri.is_none()
+            && self.labels.is_empty()
+            && self.claims.is_empty()
+            && !self.needs_request()
+    }
+
+    fn memory_usage(&self) -> usize {
+        let globs = [&self.host, &self.uri, &self.path, &self.rpc].into_iter().flatten().map(GlobList::memory_usage);
+        let maps = self.labels.iter().chain(&self.claims).map(|(k, g)| k.capacity() + g.memory_usage());
+        globs.chain(maps).sum::<usize>()
+            + self.ports.capacity() * 2
+            + self.methods.iter().map(String::capacity).sum::<usize>()
+    }
+}
+
+/// What a rule decides, with `defaults` already applied.
+#[derive(Debug, Clone)]
+pub(super) struct Outcome {
+    pub(super) action: Action,
+    pub(super) static_keys: Option<StaticKeyAction>,
+    pub(super) mask_id: Option<usize>,
+    pub(super) record: RecordLevel,
+}
+
+impl Policy {
+    /// [`BUILTIN_POLICY`], built without parsing.
+    pub fn builtin() -> Policy {
+        Policy {
+            source: PolicySource::Builtin,
+            digest: digest(BUILTIN_POLICY.as_bytes()),
+            rules: Vec::new(),
+            default: Outcome { action: Action::Allow, static_keys: None, mask_id: None, record: RecordLevel::Full },
+            masks: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Reads and compiles the policy file at `path`, returning every error
+    /// found.
+    pub fn load(path: &Path) -> Result<Policy, Vec<PolicyError>> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| vec![PolicyError::file(path.to_owned(), format!("reading the policy file: {e}"))])?;
+        Policy::parse(path, &text)
+    }
+
+    /// Compiles `text`, naming `path` in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
+        super::compile::compile(path, text)
+    }
+
+    /// Where the policy came from.
+    pub fn source(&self) -> &PolicySource {
+        &self.source
+    }
+
+    /// SHA-256 (hex) of the policy text: names this version of the policy in
+    /// logs, recordings and masker caches.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The first 12 hex digits of [`Policy::digest`], for humans.
+    pub fn short_digest(&self) -> &str {
+        self.digest.get(..12).unwrap_or(&self.digest)
+    }
+
+    /// Number of rules (the closing default not counted).
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether only the default rule decides.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Names of the rules, in order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| r.name.as_str())
+    }
+
+    /// Every distinct masking spec, indexed by [`Decision::mask_id`]:
+    /// compile maskers for all of them when the policy is loaded.
+    pub fn masks(&self) -> &[MaskRule] {
+        &self.masks
+    }
+
+    /// Likely mistakes that do not make the file invalid (unreachable rules).
+    pub fn warnings(&self) -> &[PolicyError] {
+        &self.warnings
+    }
+
+    /// Approximate heap bytes held by the compiled rules.
+    pub fn memory_usage(&self) -> usize {
+        self.rules.iter().map(|r| r.name.capacity() + r.selectors.memory_usage()).sum()
+    }
+
+    pub(super) fn decision<'p>(&'p self, rule: &'p str, index: Option<usize>, o: &'p Outcome) -> Decision<'p> {
+        Decision {
+            rule,
+            index,
+            action: &o.action,
+            static_keys: o.static_keys,
+            mask: o.mask_id.and_then(|i| self.masks.get(i)),
+            mask_id: o.mask_id,
+            record: o.record,
+        }
+    }
+
+    /// The closing default rule's decision.
+    pub fn default_decision(&self) -> Decision<'_> {
+        self.decision(DEFAULT_RULE, None, &self.default)
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::builtin()
+    }
+}
+
+/// Hex SHA-256 of policy text.
+pub(super) fn digest(text: &[u8]) -> String {
+    hex::encode(Sha256::digest(text))
+}

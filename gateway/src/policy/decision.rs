@@ -1,0 +1,129 @@
+//! What a policy decides for a request: the action, and how to treat static
+//! keys, response masking and recording.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// What to do with a detected static key; the same values as
+/// `findings.actions` (`block`, `swap`, `flag`).
+pub use crate::findings::Action as StaticKeyAction;
+
+/// Name of the closing default rule in decisions and explanations.
+pub const DEFAULT_RULE: &str = "default";
+
+/// What happens to the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Forward it.
+    Allow,
+    /// Refuse it; `reason` is shown to the client.
+    Deny {
+        /// Why, for the client.
+        reason: String,
+    },
+    /// Hold it until enough members of a group approve.
+    RequireApproval(ApprovalSpec),
+}
+
+impl Action {
+    /// `allow`, `deny` or `require_approval`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny { .. } => "deny",
+            Action::RequireApproval(_) => "require_approval",
+        }
+    }
+}
+
+/// Who must approve a held request, and for how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApprovalSpec {
+    /// The approvers' group.
+    pub group: String,
+    /// Distinct approvals needed (at least 1).
+    pub min_approvals: u32,
+    /// How long the request waits before it is refused.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Why approval is needed, for the client and the approvers.
+    pub reason: String,
+}
+
+/// How much of an exchange the session recorder keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordLevel {
+    /// Headers and bodies (after masking).
+    #[default]
+    Full,
+    /// Request line, status, sizes and timings only.
+    Metadata,
+    /// Nothing.
+    None,
+}
+
+impl RecordLevel {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordLevel::Full => "full",
+            RecordLevel::Metadata => "metadata",
+            RecordLevel::None => "none",
+        }
+    }
+}
+
+/// Response masking for matching requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MaskRule {
+    /// Which detector rules' matches are masked.
+    pub rules: MaskRules,
+    /// Extra patterns to mask (validated regular expressions).
+    pub patterns: Vec<NamedPattern>,
+    /// JSON object keys whose values are masked wherever they appear.
+    pub json_fields: Vec<String>,
+}
+
+/// The detector rules a [`MaskRule`] applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskRules {
+    /// Every detector rule.
+    All,
+    /// Only these rule ids (possibly none).
+    Only(Vec<String>),
+}
+
+/// An operator-defined masking pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamedPattern {
+    /// Shown in place of the masked text and in recordings.
+    pub name: String,
+    /// The regular expression (`regex` crate syntax), known to compile.
+    pub regex: String,
+}
+
+/// The outcome of evaluating a request; borrows from the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Decision<'p> {
+    /// The deciding rule's name (`#<index>` when unnamed, [`DEFAULT_RULE`]
+    /// for the closing default).
+    pub rule: &'p str,
+    /// The deciding rule's index in `rules`; `None` for the default.
+    pub index: Option<usize>,
+    /// What to do.
+    pub action: &'p Action,
+    /// Override of `findings.actions` for static keys; `None` lets
+    /// `findings.actions` decide.
+    pub static_keys: Option<StaticKeyAction>,
+    /// Response masking, if any.
+    pub mask: Option<&'p MaskRule>,
+    /// Index of `mask` in [`super::Policy::masks`]: stable for one policy
+    /// digest, so compiled maskers can be cached by `(digest, mask_id)`.
+    pub mask_id: Option<usize>,
+    /// What the session recorder keeps.
+    pub record: RecordLevel,
+}

@@ -1,0 +1,162 @@
+//! What the proxy knows about a connection or request when it asks the
+//! policy: all borrowed, so building facts and evaluating them allocates
+//! nothing.
+
+use std::collections::BTreeMap;
+
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+/// An empty label or claim map, for facts without labels or claims.
+pub static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
+
+/// `match.destination.protocol` values.
+///
+/// A request can be several at once: a gRPC request over TLS is both
+/// `https` and `grpc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// An HTTP request on a plaintext connection (h2c gRPC included).
+    Http,
+    /// An HTTP request on a TLS connection the gateway terminated (gRPC included).
+    Https,
+    /// A gRPC request (`content-type: application/grpc*`), either transport.
+    Grpc,
+    /// A connection the gateway does not parse as HTTP: non-HTTP protocols,
+    /// or TLS it does not terminate. Judged once per connection.
+    Tcp,
+}
+
+impl Protocol {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    pub(super) fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// The connection (and, for HTTP, the request) being judged.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    /// The client's identity URI.
+    pub identity_uri: &'a str,
+    /// The identity's labels.
+    pub labels: &'a BTreeMap<String, String>,
+    /// Verified OIDC claims, stringified.
+    pub claims: &'a BTreeMap<String, String>,
+    /// Whether the identity is the built-in `unmapped` one.
+    pub unmapped: bool,
+    /// Destination host name or IP address, without port. Any letter case;
+    /// a trailing dot and IPv6 brackets are ignored.
+    pub host: &'a str,
+    /// Destination port.
+    pub port: u16,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+    /// The HTTP request; `None` for a `tcp` connection, which no rule with
+    /// request selectors matches.
+    pub request: Option<HttpRequestFacts<'a>>,
+}
+
+/// An HTTP request's facts.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequestFacts<'a> {
+    /// The method as sent (methods are case-sensitive).
+    pub method: &'a str,
+    /// The request target's path; a `?query` suffix is ignored.
+    pub path: &'a str,
+    /// The request headers (`content-type` decides gRPC/Connect).
+    pub headers: &'a HeaderMap,
+}
+
+impl RequestFacts<'_> {
+    /// The most specific protocol of these facts: `grpc` over `http`/`https`.
+    pub fn protocol(&self) -> Protocol {
+        match &self.request {
+            None => Protocol::Tcp,
+            Some(r) if is_grpc(content_type(r.headers)) => Protocol::Grpc,
+            Some(_) if self.tls => Protocol::Https,
+            Some(_) => Protocol::Http,
+        }
+    }
+}
+
+/// Facts derived once per evaluation, shared by every rule.
+pub(super) struct Derived<'a> {
+    /// Bits of every [`Protocol`] the facts are.
+    pub(super) protocols: u8,
+    pub(super) host: &'a str,
+    pub(super) path: &'a str,
+    pub(super) rpc: Option<&'a str>,
+}
+
+impl<'a> Derived<'a> {
+    pub(super) fn new(f: &RequestFacts<'a>) -> Derived<'a> {
+        let host = f.host.strip_suffix('.').unwrap_or(f.host);
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let (protocols, path, rpc) = match &f.request {
+            None => (Protocol::Tcp.bit(), "", None),
+            Some(r) => {
+                let path = r.path.split_once('?').map_or(r.path, |(p, _)| p);
+                let ct = content_type(r.headers);
+                let transport = if f.tls { Protocol::Https } else { Protocol::Http };
+                let grpc = if is_grpc(ct) { Protocol::Grpc.bit() } else { 0 };
+                (transport.bit() | grpc, path, rpc_method(r.method, r.path, ct))
+            }
+        };
+        Derived { protocols, host, path, rpc }
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> Option<&str> {
+    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok())
+}
+
+/// The media type of a `content-type` value, without parameters.
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+fn has_prefix_ignore_case(s: &str, prefix: &str) -> bool {
+    s.len() >= prefix.len() && s.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn is_grpc(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| has_prefix_ignore_case(media_type(ct), "application/grpc"))
+}
+
+/// The `package.Service/Method` of a gRPC or Connect request, if it is one.
+///
+/// gRPC (and gRPC-Web) is recognised by `content-type: application/grpc*`,
+/// Connect streaming by `application/connect+*`; Connect unary calls are
+/// `POST`s of `application/proto` or `application/json` (or `GET`s with a
+/// `connect=v1` query) whose service is a dotted name (`/acme.v1.Svc/Get`),
+/// which keeps ordinary JSON APIs (`/api/users`) out. The path must be
+/// exactly `/<service>/<method>`; a `?query` is ignored.
+pub fn rpc_method<'p>(method: &str, path: &'p str, content_type: Option<&str>) -> Option<&'p str> {
+    let (path, query) = path.split_once('?').map_or((path, ""), |(p, q)| (p, q));
+    let rpc = path.strip_prefix('/')?;
+    let (service, name) = rpc.split_once('/')?;
+    if service.is_empty() || name.is_empty() || name.contains('/') {
+        return None;
+    }
+    let media = media_type(content_type.unwrap_or(""));
+    let framed =
+        has_prefix_ignore_case(media, "application/grpc") || has_prefix_ignore_case(media, "application/connect+");
+    let unary_body = method == "POST"
+        && (media.eq_ignore_ascii_case("application/proto") || media.eq_ignore_ascii_case("application/json"));
+    let unary_get = method == "GET" && query.split('&').any(|kv| kv == "connect=v1");
+    let qualified = service.contains('.')
+        && service.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    (framed || ((unary_body || unary_get) && qualified)).then_some(rpc)
+}

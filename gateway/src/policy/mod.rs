@@ -1,0 +1,60 @@
+//! The operator's policy: one YAML file saying which identities may do what,
+//! where. Ordered rules match on identity, destination and request; the
+//! first match decides (allow, deny, or hold for approval) and also says how
+//! to treat static keys, which responses to mask and how much to record.
+//!
+//! [`Policy::parse`] validates a file (every error with line and column)
+//! and compiles it; [`Policy::evaluate`] judges borrowed [`RequestFacts`]
+//! without allocating and returns a [`Decision`] borrowed from the policy;
+//! [`Policy::explain`] says why. [`PolicyHandle`] holds the policy in force
+//! and reloads it ([`watch`] on file changes). See `docs/policy.md`.
+
+mod cli;
+mod compile;
+mod compiled;
+mod decision;
+mod error;
+mod eval;
+mod explain;
+mod facts;
+mod glob;
+mod model;
+mod reload;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use cli::{run, PolicyArgs, PolicyCommand};
+pub use compile::{DEFAULT_APPROVAL_TIMEOUT, POLICY_VERSION};
+pub use compiled::{Policy, PolicySource, BUILTIN_POLICY};
+pub use decision::{
+    Action, ApprovalSpec, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction, DEFAULT_RULE,
+};
+pub use error::PolicyError;
+pub use explain::{Explanation, RuleMiss};
+pub use facts::{rpc_method, HttpRequestFacts, Protocol, RequestFacts, NO_ATTRIBUTES};
+pub use reload::{watch, PolicyHandle, ReloadOutcome};
+
+/// The `policy:` section of the gateway configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// The policy file; `None` uses [`BUILTIN_POLICY`] (allow everything).
+    pub file: Option<PathBuf>,
+    /// Reload the file when its content changes.
+    pub watch: bool,
+    /// How often the watcher checks the file.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig { file: None, watch: true, watch_interval: Duration::from_secs(1) }
+    }
+}

@@ -1,0 +1,695 @@
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue};
+
+use super::*;
+
+fn parse(text: &str) -> Policy {
+    match Policy::parse(Path::new("p.yaml"), text) {
+        Ok(p) => p,
+        Err(e) => panic!("{}", e.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")),
+    }
+}
+
+fn errs(text: &str) -> Vec<PolicyError> {
+    match Policy::parse(Path::new("p.yaml"), text) {
+        Ok(_) => panic!("expected errors"),
+        Err(e) => e,
+    }
+}
+
+/// Owned inputs for [`RequestFacts`].
+struct F {
+    uri: String,
+    labels: BTreeMap<String, String>,
+    claims: BTreeMap<String, String>,
+    unmapped: bool,
+    host: String,
+    port: u16,
+    tls: bool,
+    http: bool,
+    method: String,
+    path: String,
+    headers: HeaderMap,
+}
+
+impl F {
+    fn https(host: &str, path: &str) -> F {
+        F {
+            uri: "spiffe://ci.example/repo/acme/web".into(),
+            labels: BTreeMap::new(),
+            claims: BTreeMap::new(),
+            unmapped: false,
+            host: host.into(),
+            port: 443,
+            tls: true,
+            http: true,
+            method: "GET".into(),
+            path: path.into(),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    fn tcp(host: &str, port: u16) -> F {
+        F { http: false, tls: false, port, ..F::https(host, "/") }
+    }
+
+    fn method(mut self, m: &str) -> F {
+        self.method = m.into();
+        self
+    }
+
+    fn uri(mut self, u: &str) -> F {
+        self.uri = u.into();
+        self
+    }
+
+    fn label(mut self, k: &str, v: &str) -> F {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+
+    fn claim(mut self, k: &str, v: &str) -> F {
+        self.claims.insert(k.into(), v.into());
+        self
+    }
+
+    fn header(mut self, k: &'static str, v: &'static str) -> F {
+        self.headers.insert(k, HeaderValue::from_static(v));
+        self
+    }
+
+    fn facts(&self) -> RequestFacts<'_> {
+        RequestFacts {
+            identity_uri: &self.uri,
+            labels: &self.labels,
+            claims: &self.claims,
+            unmapped: self.unmapped,
+            host: &self.host,
+            port: self.port,
+            tls: self.tls,
+            request: self.http.then_some(HttpRequestFacts {
+                method: &self.method,
+                path: &self.path,
+                headers: &self.headers,
+            }),
+        }
+    }
+}
+
+fn rule_for(p: &Policy, f: &F) -> String {
+    p.evaluate(&f.facts()).rule.to_owned()
+}
+
+const FULL: &str = r#"
+version: 1
+rules:
+  - name: deny-prod-db-writes
+    match:
+      identity:
+        uri: "spiffe://ci.example/repo/acme/*"
+        labels: { team: payments }
+      destination:
+        host: ["*.cursor.sh", "api.internal"]
+        port: [443, 8443]
+        protocol: https
+      request:
+        method: [POST, PUT]
+        path: "/v1/admin/**"
+    action: deny
+    reason: "writes to prod need a change ticket"
+  - name: billing-approval
+    match:
+      request:
+        rpc: "acme.billing.v1.BillingService/*"
+    action: require_approval
+    approval: { group: security, min_approvals: 2, timeout: 10m }
+    static_keys: block
+    mask:
+      rules: all
+      patterns: [{ name: internal-token, regex: "itk_[A-Za-z0-9]{32}" }]
+      json_fields: [password, client_secret]
+    record: metadata
+  - match:
+      identity: { claims: { repository: "acme/*" } }
+    action: allow
+    mask: false
+defaults:
+  action: allow
+  record: full
+  static_keys: flag
+  mask: { json_fields: [token] }
+"#;
+
+#[test]
+fn parses_the_reference_example() {
+    let p = parse(FULL);
+    assert_eq!(p.len(), 3);
+    assert_eq!(p.rule_names().collect::<Vec<_>>(), ["deny-prod-db-writes", "billing-approval", "#2"]);
+    assert_eq!(p.masks().len(), 2);
+    assert_eq!(p.digest().len(), 64);
+    assert!(p.warnings().is_empty());
+    let d = p.default_decision();
+    assert_eq!((d.rule, d.index, d.action), (DEFAULT_RULE, None, &Action::Allow));
+    assert_eq!(d.static_keys, Some(StaticKeyAction::Flag));
+    assert_eq!(d.mask.map(|m| m.json_fields.clone()), Some(vec!["token".to_owned()]));
+}
+
+#[test]
+fn first_match_wins_and_outcomes_inherit_defaults() {
+    let p = parse(FULL);
+    let write = F::https("api.internal", "/v1/admin/users/7").method("POST").label("team", "payments");
+    let d = p.evaluate(&write.facts());
+    assert_eq!((d.rule, d.index), ("deny-prod-db-writes", Some(0)));
+    assert_eq!(d.action, &Action::Deny { reason: "writes to prod need a change ticket".into() });
+    // Inherited from defaults.
+    assert_eq!(d.static_keys, Some(StaticKeyAction::Flag));
+    assert_eq!(d.record, RecordLevel::Full);
+    assert_eq!(d.mask_id, p.default_decision().mask_id);
+
+    let rpc = F::https("billing.internal", "/acme.billing.v1.BillingService/Refund")
+        .method("POST")
+        .header("content-type", "application/grpc")
+        .claim("repository", "acme/web");
+    let d = p.evaluate(&rpc.facts());
+    assert_eq!(d.rule, "billing-approval");
+    let Action::RequireApproval(a) = d.action else { panic!("{d:?}") };
+    assert_eq!((a.group.as_str(), a.min_approvals, a.timeout), ("security", 2, Duration::from_secs(600)));
+    assert_eq!(d.static_keys, Some(StaticKeyAction::Block));
+    assert_eq!(d.record, RecordLevel::Metadata);
+    assert_eq!(d.mask.map(|m| &m.rules), Some(&MaskRules::All));
+
+    // Same request without gRPC: falls to the claims rule, which drops the mask.
+    let plain = F::https("billing.internal", "/acme.billing.v1.BillingService/Refund").claim("repository", "acme/web");
+    let d = p.evaluate(&plain.facts());
+    assert_eq!((d.rule, d.index, d.mask, d.mask_id), ("#2", Some(2), None, None));
+
+    let other = F::https("example.com", "/");
+    assert_eq!(p.evaluate(&other.facts()).index, None);
+}
+
+#[test]
+fn identity_selectors() {
+    let p = parse(
+        r#"
+version: 1
+rules:
+  - name: uri
+    match: { identity: { uri: ["spiffe://td/a/*", "spiffe://td/b"] } }
+    action: allow
+  - name: labels
+    match: { identity: { labels: { team: [pay*, billing], env: prod } } }
+    action: allow
+  - name: claims
+    match: { identity: { claims: { repository: "acme/*", ref: refs/heads/main } } }
+    action: allow
+  - name: unmapped
+    match: { identity: { unmapped: true } }
+    action: deny
+defaults: { action: deny }
+"#,
+    );
+    let base = || F::https("h", "/").uri("spiffe://td/other");
+    assert_eq!(rule_for(&p, &base().uri("spiffe://td/a/x")), "uri");
+    assert_eq!(rule_for(&p, &base().uri("spiffe://td/a/x/y")), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &base().uri("spiffe://td/b")), "uri");
+    assert_eq!(rule_for(&p, &base().label("team", "payments").label("env", "prod")), "labels");
+    assert_eq!(rule_for(&p, &base().label("team", "billing").label("env", "prod")), "labels");
+    assert_eq!(rule_for(&p, &base().label("team", "payments")), DEFAULT_RULE, "all labels must match");
+    assert_eq!(rule_for(&p, &base().label("team", "infra").label("env", "prod")), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &base().claim("repository", "acme/x").claim("ref", "refs/heads/main")), "claims");
+    assert_eq!(rule_for(&p, &base().claim("repository", "acme/x").claim("ref", "refs/heads/dev")), DEFAULT_RULE);
+    let mut unmapped = base();
+    unmapped.unmapped = true;
+    assert_eq!(rule_for(&p, &unmapped), "unmapped");
+}
+
+#[test]
+fn destination_selectors_and_case_insensitive_hosts() {
+    let p = parse(
+        r#"
+version: 1
+rules:
+  - name: cursor
+    match: { destination: { host: "*.Cursor.SH" } }
+    action: allow
+  - name: ports
+    match: { destination: { host: db.internal, port: [5432, 3306] } }
+    action: allow
+  - name: grpc
+    match: { destination: { protocol: grpc } }
+    action: allow
+  - name: plain
+    match: { destination: { protocol: [http, tcp] } }
+    action: allow
+defaults: { action: deny }
+"#,
+    );
+    assert_eq!(rule_for(&p, &F::https("api2.cursor.sh", "/")), "cursor");
+    assert_eq!(rule_for(&p, &F::https("API2.CURSOR.SH.", "/")), "cursor", "case and trailing dot ignored");
+    assert_eq!(rule_for(&p, &F::https("cursor.sh", "/")), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &F::tcp("db.internal", 5432)), "ports");
+    assert_eq!(rule_for(&p, &F::tcp("db.internal", 5433)), "plain");
+    assert_eq!(rule_for(&p, &F::https("x", "/").header("content-type", "application/grpc+proto")), "grpc");
+    let mut h = F::https("x", "/");
+    h.tls = false;
+    assert_eq!(rule_for(&p, &h), "plain");
+    assert_eq!(rule_for(&p, &F::https("x", "/")), DEFAULT_RULE);
+}
+
+#[test]
+fn grpc_over_tls_is_both_https_and_grpc() {
+    let p = parse("version: 1\nrules:\n  - match: { destination: { protocol: https } }\n    action: deny\ndefaults: { action: allow }\n");
+    let f = F::https("x", "/a.B/C").method("POST").header("content-type", "application/grpc");
+    assert_eq!(f.facts().protocol(), Protocol::Grpc);
+    assert_eq!(p.evaluate(&f.facts()).index, Some(0));
+}
+
+#[test]
+fn request_selectors() {
+    let p = parse(
+        r#"
+version: 1
+rules:
+  - name: admin
+    match: { request: { path: "/v1/admin/**", method: [post, DELETE] } }
+    action: deny
+  - name: rpc
+    match: { request: { rpc: "acme.billing.v1.*/Get*" } }
+    action: allow
+  - name: debug
+    match: { request: { headers: { present: [X-Debug], absent: authorization } } }
+    action: deny
+defaults: { action: allow }
+"#,
+    );
+    assert_eq!(rule_for(&p, &F::https("h", "/v1/admin/users?x=1").method("POST")), "admin");
+    assert_eq!(rule_for(&p, &F::https("h", "/v1/admin/users").method("delete")), "admin");
+    assert_eq!(rule_for(&p, &F::https("h", "/v1/admin/users").method("GET")), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &F::https("h", "/v1/public").method("POST")), DEFAULT_RULE);
+    let grpc = |path: &str| F::https("h", path).method("POST").header("content-type", "application/grpc");
+    assert_eq!(rule_for(&p, &grpc("/acme.billing.v1.Invoices/GetInvoice")), "rpc");
+    assert_eq!(rule_for(&p, &grpc("/acme.billing.v1.Invoices/Refund")), DEFAULT_RULE);
+    let connect =
+        F::https("h", "/acme.billing.v1.Invoices/GetInvoice").method("POST").header("content-type", "application/json");
+    assert_eq!(rule_for(&p, &connect), "rpc");
+    assert_eq!(
+        rule_for(&p, &F::https("h", "/acme.billing.v1.Invoices/GetInvoice")),
+        DEFAULT_RULE,
+        "plain GET is no RPC"
+    );
+    assert_eq!(rule_for(&p, &F::https("h", "/").header("x-debug", "1")), "debug");
+    assert_eq!(rule_for(&p, &F::https("h", "/").header("x-debug", "1").header("authorization", "x")), DEFAULT_RULE);
+}
+
+#[test]
+fn tcp_facts_never_match_request_selectors() {
+    let p = parse(
+        r#"
+version: 1
+rules:
+  - name: needs-request
+    match: { destination: { host: db }, request: { method: GET } }
+    action: deny
+  - name: host-only
+    match: { destination: { host: db } }
+    action: allow
+defaults: { action: deny }
+"#,
+    );
+    let f = F::tcp("db", 5432);
+    assert_eq!(rule_for(&p, &f), "host-only");
+    let e = p.explain(&f.facts());
+    assert_eq!(e.skipped[0].selector, "request");
+    assert_eq!(e.protocol, Protocol::Tcp);
+}
+
+#[test]
+fn rpc_method_detection() {
+    let g = Some("application/grpc");
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/Get", g), Some("acme.v1.Svc/Get"));
+    assert_eq!(rpc_method("POST", "/Svc/Get", Some("application/grpc-web+proto")), Some("Svc/Get"));
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/Get", Some("application/connect+json")), Some("acme.v1.Svc/Get"));
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/Get", Some("application/proto")), Some("acme.v1.Svc/Get"));
+    assert_eq!(
+        rpc_method("POST", "/acme.v1.Svc/Get", Some("Application/JSON; charset=utf-8")),
+        Some("acme.v1.Svc/Get")
+    );
+    assert_eq!(rpc_method("GET", "/acme.v1.Svc/Get?connect=v1&encoding=json", None), Some("acme.v1.Svc/Get"));
+    // Ordinary JSON APIs are not Connect.
+    assert_eq!(rpc_method("POST", "/api/users", Some("application/json")), None);
+    assert_eq!(rpc_method("GET", "/acme.v1.Svc/Get", Some("application/json")), None);
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/Get", Some("text/plain")), None);
+    // Shape.
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/Get/extra", g), None);
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc", g), None);
+    assert_eq!(rpc_method("POST", "//Get", g), None);
+    assert_eq!(rpc_method("POST", "/acme.v1.Svc/", g), None);
+}
+
+#[test]
+fn explain_names_the_first_failing_selector_of_each_earlier_rule() {
+    let p = parse(FULL);
+    let f = F::https("example.com", "/x").claim("repository", "acme/web");
+    let e = p.explain(&f.facts());
+    assert_eq!(e.decision, p.evaluate(&f.facts()));
+    assert_eq!(e.decision.rule, "#2");
+    let misses: Vec<(&str, &str)> = e.skipped.iter().map(|m| (m.rule, m.selector.as_str())).collect();
+    assert_eq!(misses, [("deny-prod-db-writes", "request.method"), ("billing-approval", "request.rpc")]);
+    assert_eq!(e.skipped[0].detail, "`GET` is not any of `POST`, `PUT`");
+    assert_eq!(e.skipped[1].detail, "not a gRPC or Connect request");
+
+    let f = F::https("example.com", "/v1/admin/x").method("POST").label("team", "infra");
+    let e = p.explain(&f.facts());
+    assert_eq!(e.skipped[0].selector, "destination.host");
+    assert_eq!(e.skipped[0].detail, "`example.com` matches none of `*.cursor.sh`, `api.internal`");
+    let f = F::https("api.internal", "/v1/admin/x").method("POST").label("team", "infra");
+    let e = p.explain(&f.facts());
+    assert_eq!(e.skipped[0].selector, "identity.labels.team");
+    assert_eq!(e.skipped[0].detail, "label `team` is `infra`, which matches none of `payments`");
+    let json = serde_json::to_value(&e).unwrap();
+    assert_eq!(json["decision"]["rule"], "default");
+    assert_eq!(json["decision"]["action"]["action"], "allow");
+}
+
+#[test]
+fn syntax_error_has_line_and_column() {
+    let e = errs("version: 1\nrules:\n  - name: a\n    action: [unclosed\ndefaults: { action: allow }\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].line, 5, "{}", e[0]);
+    assert!(e[0].to_string().starts_with("p.yaml:5:"), "{}", e[0]);
+}
+
+#[test]
+fn unknown_fields_in_several_rules_are_all_reported_at_the_key() {
+    let text = "\
+version: 1
+rules:
+  - name: a
+    action: allow
+    colour: red
+  - name: b
+    match:
+      destination: { hots: x }
+    action: deny
+defaults: { action: allow }
+";
+    let e = errs(text);
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert_eq!((e[0].rule, e[0].line, e[0].column), (Some(0), 5, 5), "{}", e[0]);
+    assert!(e[0].message.contains("unknown field `colour`"), "{}", e[0].message);
+    assert_eq!((e[1].rule, e[1].line, e[1].column), (Some(1), 8, 22), "{}", e[1]);
+    assert!(e[1].message.contains("hots"), "{}", e[1].message);
+    let e = errs("version: 1\nextra: 1\ndefaults: { action: allow }\n");
+    assert_eq!((e[0].line, e[0].column), (2, 1), "{}", e[0]);
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_positions() {
+    let text = r#"version: 1
+rules:
+  - name: bad-glob
+    match:
+      destination:
+        host: ["ok.com", "[bad"]
+    action: deny
+  - name: bad-port
+    match: { destination: { port: [443, 70000] } }
+    action: deny
+  - name: bad-protocol
+    match: { destination: { protocol: quic } }
+    action: deny
+  - name: approval-missing
+    action: require_approval
+  - name: approval-wrong
+    action: allow
+    approval: { group: sec }
+  - name: zero
+    action: require_approval
+    approval:
+      group: sec
+      min_approvals: 0
+  - name: bad-regex
+    action: allow
+    mask:
+      patterns:
+        - name: x
+          regex: "itk_[A-Z"
+  - name: bad-glob
+    action: allow
+defaults:
+  action: require_approval
+"#;
+    let e = errs(text);
+    let got: Vec<(Option<usize>, usize, usize)> = e.iter().map(|e| (e.rule, e.line, e.column)).collect();
+    assert_eq!(
+        got,
+        [
+            (None, 33, 11),
+            (Some(0), 6, 26),
+            (Some(1), 9, 41),
+            (Some(2), 12, 39),
+            (Some(3), 15, 13),
+            (Some(4), 18, 5),
+            (Some(5), 23, 22),
+            (Some(6), 29, 18),
+            (Some(7), 30, 11),
+        ],
+        "{e:#?}"
+    );
+    let messages: Vec<&str> = e.iter().map(|e| e.message.as_str()).collect();
+    assert!(messages[0].contains("default action must be `allow` or `deny`"), "{messages:?}");
+    assert!(messages[1].contains("bad glob `[bad`"), "{messages:?}");
+    assert!(messages[2].contains("port 70000 is out of range"), "{messages:?}");
+    assert!(messages[3].contains("unknown variant `quic`"), "{messages:?}");
+    assert!(messages[4].contains("needs an `approval` section"), "{messages:?}");
+    assert!(messages[5].contains("only used with `action: require_approval`"), "{messages:?}");
+    assert!(messages[6].contains("min_approvals must be at least 1"), "{messages:?}");
+    assert!(messages[7].starts_with("bad regex"), "{messages:?}");
+    assert!(messages[8].contains("duplicate rule name `bad-glob`"), "{messages:?}");
+    assert!(e[0].to_string().starts_with("p.yaml:33:11: "), "{}", e[0]);
+}
+
+#[test]
+fn more_invalid_combinations() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "  - match: { destination: { protocol: tcp }, request: { method: GET } }\n    action: deny\n",
+            "never match `protocol: tcp`",
+        ),
+        ("  - match: { destination: { host: \"a.com:443\" } }\n    action: deny\n", "put it in `port`"),
+        ("  - match: { destination: { host: \"https://a.com\" } }\n    action: deny\n", "without scheme"),
+        ("  - match: { destination: { port: 0 } }\n    action: deny\n", "out of range"),
+        ("  - match: { destination: { host: [] } }\n    action: deny\n", "empty list"),
+        ("  - match: { request: { path: v1/x } }\n    action: deny\n", "must start with `/`"),
+        ("  - match: { request: { rpc: /a.B/C } }\n    action: deny\n", "without the leading `/`"),
+        ("  - match: { request: { method: \"GE T\" } }\n    action: deny\n", "not an HTTP method"),
+        ("  - match: { request: { headers: { present: [\"bad header\"] } } }\n    action: deny\n", "not a header name"),
+        ("  - action: allow\n    reason: why\n", "`reason` is only used"),
+        ("  - action: allow\n    mask: {}\n", "masks nothing"),
+        ("  - action: allow\n    mask: { patterns: [{ name: e, regex: \"a*\" }] }\n", "matches the empty string"),
+        ("  - action: allow\n    mask: true\n", "`mask: true` is not meaningful"),
+        ("  - action: allow\n    mask: { rules: some }\n", "`all` or a list"),
+        ("  - action: require_approval\n    approval: { group: s, timeout: 0s }\n", "longer than 0s"),
+        ("  - action: require_approval\n    approval: { group: \"\" }\n", "empty approval group"),
+        ("  - name: \"#1\"\n    action: allow\n", "may not start with `#`"),
+        ("  - name: default\n    action: allow\n", "reserved"),
+        ("  - action: permit\n", "unknown variant `permit`"),
+        ("  - action: deny\n    record: everything\n", "unknown variant `everything`"),
+        ("  - action: deny\n    static_keys: maybe\n", "unknown variant `maybe`"),
+        ("  - action: deny\n    match: { destination: { port: abc } }\n", "invalid type"),
+    ];
+    for (rule, want) in cases {
+        let text = format!("version: 1\nrules:\n{rule}defaults: {{ action: allow }}\n");
+        let e = errs(&text);
+        assert_eq!(e.len(), 1, "{text}\n{e:#?}");
+        assert!(e[0].message.contains(want), "{text}\nwant {want:?} in {:?}", e[0].message);
+        assert!(e[0].line >= 3, "{}", e[0]);
+        assert_eq!(e[0].rule, Some(0), "{}", e[0]);
+    }
+    let e = errs("version: 2\ndefaults: { action: allow }\n");
+    assert_eq!((e[0].line, e[0].column), (1, 10), "{}", e[0]);
+    let e = errs("version: 1\nrules: []\n");
+    assert!(e[0].message.contains("missing field `defaults`"), "{}", e[0]);
+    let e = errs("");
+    assert_eq!(e.len(), 1);
+}
+
+#[test]
+fn unreachable_rules_are_warned_about() {
+    let p =
+        parse("version: 1\nrules:\n  - action: allow\n  - name: never\n    action: deny\ndefaults: { action: deny }\n");
+    assert_eq!(p.warnings().len(), 1);
+    assert_eq!((p.warnings()[0].rule, p.warnings()[0].line), (Some(1), 4));
+}
+
+#[test]
+fn identical_masks_share_an_id() {
+    let p = parse(
+        "version: 1\nrules:\n  - match: { destination: { port: 1 } }\n    action: allow\n    mask: { rules: [a, b] }\n  - action: allow\n    mask: { rules: [a, b] }\ndefaults: { action: allow }\n",
+    );
+    assert_eq!(p.masks().len(), 1);
+    assert_eq!(p.masks()[0].rules, MaskRules::Only(vec!["a".into(), "b".into()]));
+}
+
+#[test]
+fn builtin_policy_allows_everything_and_matches_its_text() {
+    let b = Policy::builtin();
+    let parsed = parse(BUILTIN_POLICY);
+    assert_eq!(b.digest(), parsed.digest());
+    assert!(parsed.is_empty());
+    let f = F::https("anything", "/");
+    for p in [&b, &parsed] {
+        let d = p.evaluate(&f.facts());
+        assert_eq!((d.action, d.static_keys, d.mask, d.record), (&Action::Allow, None, None, RecordLevel::Full));
+    }
+    assert_eq!(*b.source(), PolicySource::Builtin);
+}
+
+#[test]
+fn every_example_policy_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("policy-") && name.ends_with(".yaml") {
+            let p = Policy::load(&path).unwrap_or_else(|e| panic!("{e:#?}"));
+            assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "expected policy examples in {}", dir.display());
+}
+
+#[test]
+fn config_section_defaults_and_rejects_unknown_fields() {
+    let c: PolicyConfig = serde_yaml_ng::from_str("file: /etc/p.yaml\n").unwrap();
+    assert_eq!(c.file, Some(PathBuf::from("/etc/p.yaml")));
+    assert!(c.watch);
+    assert_eq!(c.watch_interval, Duration::from_secs(1));
+    let c: PolicyConfig = serde_yaml_ng::from_str("watch: false\nwatch_interval: 5s\n").unwrap();
+    assert_eq!((c.watch, c.watch_interval), (false, Duration::from_secs(5)));
+    assert!(serde_yaml_ng::from_str::<PolicyConfig>("fille: x\n").is_err());
+}
+
+const ALLOW: &str = "version: 1\ndefaults: { action: allow }\n";
+const DENY: &str = "version: 1\ndefaults: { action: deny, reason: closed }\n";
+
+#[test]
+fn reload_swaps_valid_files_and_keeps_the_old_policy_on_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, ALLOW).unwrap();
+    let config = PolicyConfig { file: Some(file.clone()), ..Default::default() };
+    let h = PolicyHandle::load(&config).unwrap();
+    let before = h.current().digest().to_owned();
+    let reader = h.clone();
+    assert_eq!(h.reload().unwrap(), ReloadOutcome::Unchanged { digest: before.clone() });
+
+    std::fs::write(&file, "version: 1\ndefaults: { action: maybe }\n").unwrap();
+    let e = h.reload().unwrap_err();
+    assert_eq!((e[0].line, e[0].column), (2, 21), "{}", e[0]);
+    assert_eq!(reader.current().digest(), before);
+    assert_eq!(h.generation(), 0);
+
+    std::fs::write(&file, DENY).unwrap();
+    let ReloadOutcome::Replaced { previous, rules, .. } = h.reload().unwrap() else { panic!() };
+    assert_eq!((previous.as_str(), rules), (before.as_str(), 0));
+    let f = F::https("x", "/");
+    assert_eq!(reader.current().evaluate(&f.facts()).action, &Action::Deny { reason: "closed".into() });
+    assert_eq!(h.generation(), 1);
+
+    std::fs::remove_file(&file).unwrap();
+    assert!(h.reload().is_err());
+    assert_eq!(reader.current().evaluate(&f.facts()).action.name(), "deny");
+
+    assert_eq!(PolicyHandle::builtin().reload().unwrap(), ReloadOutcome::NoFile);
+    let missing = PolicyConfig { file: Some(dir.path().join("nope.yaml")), ..Default::default() };
+    assert!(PolicyHandle::load(&missing).is_err());
+}
+
+#[tokio::test]
+async fn watcher_reloads_on_change_and_stops_on_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(&file, ALLOW).unwrap();
+    let h = PolicyHandle::load(&PolicyConfig { file: Some(file.clone()), ..Default::default() }).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(watch(h.clone(), Duration::from_millis(20), cancel.clone()));
+    let f = F::https("x", "/");
+
+    let wait_for = |want: &'static str| {
+        let h = h.clone();
+        async move {
+            for _ in 0..250 {
+                let f = F::https("x", "/");
+                if h.current().evaluate(&f.facts()).action.name() == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        }
+    };
+    std::fs::write(&file, DENY).unwrap();
+    assert!(wait_for("deny").await, "watcher did not pick up the change");
+    // An invalid file is ignored...
+    std::fs::write(&file, "version: 1\ndefaults: [\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(h.current().evaluate(&f.facts()).action.name(), "deny");
+    assert_eq!(h.generation(), 1);
+    // ...and the next valid one is taken.
+    std::fs::write(&file, ALLOW).unwrap();
+    assert!(wait_for("allow").await);
+    assert_eq!(h.generation(), 2);
+
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+}
+
+#[test]
+fn explain_cli_parses_urls_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(&file, FULL).unwrap();
+    let args = |extra: &[&str]| {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: PolicyArgs,
+        }
+        let mut argv = vec!["gateway"];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).a
+    };
+    let ok = args(&[
+        "explain",
+        "--identity",
+        "spiffe://ci.example/repo/acme/web",
+        "--label",
+        "team=payments",
+        "--url",
+        "https://API.internal/v1/admin/x",
+        "--method",
+        "POST",
+        "--json",
+    ]);
+    assert_eq!(run(&ok, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
+    let tcp = args(&["explain", "--identity", "spiffe://x/y", "--url", "tcp://db.internal:5432"]);
+    assert_eq!(run(&tcp, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
+    let bad = args(&["explain", "--identity", "spiffe://x/y", "--url", "ftp://x"]);
+    assert!(run(&bad, Some(&file)).is_err());
+    let bad = args(&["explain", "--identity", "spiffe://x/y", "--url", "tcp://x"]);
+    assert!(run(&bad, Some(&file)).is_err());
+    let bad = args(&["explain", "--identity", "spiffe://x/y", "--label", "nokey", "--url", "https://x"]);
+    assert!(run(&bad, Some(&file)).is_err());
+    let check = args(&["check"]);
+    assert_eq!(run(&check, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
+    assert!(run(&check, None).is_err());
+    std::fs::write(&file, "version: 1\n").unwrap();
+    assert_eq!(run(&check, Some(&file)).unwrap(), std::process::ExitCode::FAILURE);
+}
