@@ -228,7 +228,9 @@ fn approval_denied_timed_out_and_self_approval_refused() {
     assert!(out.status.success(), "deny: {}", String::from_utf8_lossy(&out.stderr));
     let (status, body) = finish(client);
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains("approval_denied"), "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"], "approval_denied", "{body}");
+    assert!(v["reason"].as_str().is_some_and(|r| !r.is_empty()), "the rule's reason is shown: {body}");
 
     // Self-approval: the approving process runs in the job's cgroup, so it
     // has the identity that asked.

@@ -642,9 +642,18 @@ fn denied_response(conn_id: u64, rule: &str, reason: &str) -> http::Response<Byt
     json_response(http::StatusCode::FORBIDDEN, &body)
 }
 
-/// 403 for a request whose approval was denied, timed out or failed.
-fn not_approved_response(conn_id: u64, approval: Option<&str>, error: &str, message: String) -> http::Response<Bytes> {
-    let body = json!({ "error": error, "approval": approval, "message": message, "conn_id": conn_id });
+/// Why a held request was refused.
+struct Refusal<'a> {
+    approval: Option<String>,
+    error: &'a str,
+    message: String,
+}
+
+/// 403 for a request whose approval was denied, timed out or failed, with
+/// the policy's reason for needing approval.
+fn not_approved_response(conn_id: u64, refusal: Refusal<'_>, reason: &str) -> http::Response<Bytes> {
+    let Refusal { approval, error, message } = refusal;
+    let body = json!({ "error": error, "approval": approval, "message": message, "reason": reason, "conn_id": conn_id });
     json_response(http::StatusCode::FORBIDDEN, &body)
 }
 
@@ -714,33 +723,41 @@ impl BodyEnforcer {
         }
         tracing::info!(target: POLICY_TARGET, conn_id = self.ctx.conn_id, rule, group = spec.group, identity = caller.identity.uri, "request held for approval");
         let outcome = enforcer.shared.approvals.request(new, &approval_spec).await;
+        let refused = |refusal: Refusal<'_>| {
+            BodyVerdict::Respond(not_approved_response(self.ctx.conn_id, refusal, &spec.reason))
+        };
         let (verdict, event) = match &outcome {
-            ApprovalOutcome::Approved { id, by } => (BodyVerdict::Continue, json!({ "approval": id.to_string(), "outcome": "approved", "by": by })),
+            ApprovalOutcome::Approved { id, by } => {
+                (BodyVerdict::Continue, json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
+            }
             ApprovalOutcome::Denied { id, by, comment } => (
-                BodyVerdict::Respond(not_approved_response(
-                    self.ctx.conn_id,
-                    Some(&id.to_string()),
-                    "approval_denied",
-                    format!("Approval {id} was denied by {by}{}.", comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default()),
-                )),
+                refused(Refusal {
+                    approval: Some(id.to_string()),
+                    error: "approval_denied",
+                    message: format!(
+                        "Approval {id} was denied by {by}{}.",
+                        comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
+                    ),
+                }),
                 json!({ "approval": id.to_string(), "outcome": "denied", "by": by }),
             ),
             ApprovalOutcome::TimedOut { id } => (
-                BodyVerdict::Respond(not_approved_response(
-                    self.ctx.conn_id,
-                    Some(&id.to_string()),
-                    "approval_timed_out",
-                    format!("Nobody approved request {id} within {}; it was not sent.", humantime::format_duration(spec.timeout)),
-                )),
+                refused(Refusal {
+                    approval: Some(id.to_string()),
+                    error: "approval_timed_out",
+                    message: format!(
+                        "Nobody approved request {id} within {}; it was not sent.",
+                        humantime::format_duration(spec.timeout)
+                    ),
+                }),
                 json!({ "approval": id.to_string(), "outcome": "timed_out" }),
             ),
             ApprovalOutcome::Failed { reason } => (
-                BodyVerdict::Respond(not_approved_response(
-                    self.ctx.conn_id,
-                    None,
-                    "approval_unavailable",
-                    format!("This request needs approval, which could not be requested ({reason}); it was not sent."),
-                )),
+                refused(Refusal {
+                    approval: None,
+                    error: "approval_unavailable",
+                    message: format!("This request needs approval, which could not be requested ({reason}); it was not sent."),
+                }),
                 json!({ "outcome": "failed", "reason": reason }),
             ),
         };
