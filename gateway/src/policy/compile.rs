@@ -59,6 +59,8 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError
         }
     }
     let Some(default) = default.filter(|_| c.errors.is_empty()) else {
+        // In file order, whatever order the checks ran in.
+        c.errors.sort_by_key(|e| (e.line, e.column));
         return Err(c.errors);
     };
     let warnings = unreachable(&c, &rules);
