@@ -52,8 +52,9 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError
     }
     let default = c.defaults(spec.defaults);
     let mut names = HashMap::new();
-    let mut rules = Vec::with_capacity(spec.rules.len());
-    for (index, value) in spec.rules.into_iter().enumerate() {
+    let specs = spec.rules.unwrap_or_default();
+    let mut rules = Vec::with_capacity(specs.len());
+    for (index, value) in specs.into_iter().enumerate() {
         if let Some(rule) = c.rule(index, value, &default, &mut names) {
             rules.push(rule);
         }

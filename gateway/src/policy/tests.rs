@@ -515,6 +515,7 @@ fn more_invalid_combinations() {
     assert!(e[0].message.contains("missing field `defaults`"), "{}", e[0]);
     let e = errs("");
     assert_eq!(e.len(), 1);
+    assert!(parse("version: 1\nrules:\ndefaults: { action: deny }\n").is_empty());
 }
 
 #[test]
