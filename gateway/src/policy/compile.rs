@@ -52,13 +52,16 @@ pub(super) fn compile(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError
     }
     let default = c.defaults(spec.defaults);
     let mut names = HashMap::new();
-    let mut rules = Vec::with_capacity(spec.rules.len());
-    for (index, value) in spec.rules.into_iter().enumerate() {
+    let specs = spec.rules.unwrap_or_default();
+    let mut rules = Vec::with_capacity(specs.len());
+    for (index, value) in specs.into_iter().enumerate() {
         if let Some(rule) = c.rule(index, value, &default, &mut names) {
             rules.push(rule);
         }
     }
     let Some(default) = default.filter(|_| c.errors.is_empty()) else {
+        // In file order, whatever order the checks ran in.
+        c.errors.sort_by_key(|e| (e.line, e.column));
         return Err(c.errors);
     };
     let warnings = unreachable(&c, &rules);

@@ -86,11 +86,16 @@ fn attribute(kind: &str, key: &str, value: Option<&String>, globs: &GlobList) ->
 
 fn describe(s: &Selectors, miss: Miss, f: &RequestFacts<'_>, d: &Derived<'_>) -> (String, String) {
     let protocols = [Protocol::Http, Protocol::Https, Protocol::Grpc, Protocol::Tcp];
-    let names = |bits: u8| quoted(protocols.iter().filter(|p| bits & p.bit() != 0).map(|p| p.as_str()));
+    let names = |bits: u8, sep: &str| {
+        let names: Vec<String> =
+            protocols.iter().filter(|p| bits & p.bit() != 0).map(|p| format!("`{}`", p.as_str())).collect();
+        names.join(sep)
+    };
     let (selector, detail) = match miss {
-        Miss::Protocol => {
-            ("destination.protocol".to_owned(), format!("{} is not any of {}", names(d.protocols), names(s.protocols)))
-        }
+        Miss::Protocol => (
+            "destination.protocol".to_owned(),
+            format!("{} is not {}", names(d.protocols, " + "), names(s.protocols, " or ")),
+        ),
         Miss::Port => ("destination.port".to_owned(), format!("port {} is not any of {}", f.port, quoted(&s.ports))),
         Miss::Unmapped => (
             "identity.unmapped".to_owned(),

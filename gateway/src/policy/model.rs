@@ -21,8 +21,9 @@ use super::facts::Protocol;
 #[serde(deny_unknown_fields)]
 pub(super) struct FileSpec {
     pub(super) version: u32,
+    /// `Option` so that an empty `rules:` (null) reads as no rules.
     #[serde(default)]
-    pub(super) rules: Vec<serde_yaml_ng::Value>,
+    pub(super) rules: Option<Vec<serde_yaml_ng::Value>>,
     pub(super) defaults: serde_yaml_ng::Value,
 }
 

@@ -447,7 +447,6 @@ defaults:
     assert_eq!(
         got,
         [
-            (None, 33, 11),
             (Some(0), 6, 26),
             (Some(1), 9, 41),
             (Some(2), 12, 39),
@@ -456,20 +455,21 @@ defaults:
             (Some(5), 23, 22),
             (Some(6), 29, 18),
             (Some(7), 30, 11),
+            (None, 33, 11),
         ],
         "{e:#?}"
     );
     let messages: Vec<&str> = e.iter().map(|e| e.message.as_str()).collect();
-    assert!(messages[0].contains("default action must be `allow` or `deny`"), "{messages:?}");
-    assert!(messages[1].contains("bad glob `[bad`"), "{messages:?}");
-    assert!(messages[2].contains("port 70000 is out of range"), "{messages:?}");
-    assert!(messages[3].contains("unknown variant `quic`"), "{messages:?}");
-    assert!(messages[4].contains("needs an `approval` section"), "{messages:?}");
-    assert!(messages[5].contains("only used with `action: require_approval`"), "{messages:?}");
-    assert!(messages[6].contains("min_approvals must be at least 1"), "{messages:?}");
-    assert!(messages[7].starts_with("bad regex"), "{messages:?}");
-    assert!(messages[8].contains("duplicate rule name `bad-glob`"), "{messages:?}");
-    assert!(e[0].to_string().starts_with("p.yaml:33:11: "), "{}", e[0]);
+    assert!(messages[0].contains("bad glob `[bad`"), "{messages:?}");
+    assert!(messages[1].contains("port 70000 is out of range"), "{messages:?}");
+    assert!(messages[2].contains("unknown variant `quic`"), "{messages:?}");
+    assert!(messages[3].contains("needs an `approval` section"), "{messages:?}");
+    assert!(messages[4].contains("only used with `action: require_approval`"), "{messages:?}");
+    assert!(messages[5].contains("min_approvals must be at least 1"), "{messages:?}");
+    assert!(messages[6].starts_with("bad regex"), "{messages:?}");
+    assert!(messages[7].contains("duplicate rule name `bad-glob`"), "{messages:?}");
+    assert!(messages[8].contains("default action must be `allow` or `deny`"), "{messages:?}");
+    assert!(e[8].to_string().starts_with("p.yaml:33:11: "), "{}", e[8]);
 }
 
 #[test]
@@ -515,6 +515,7 @@ fn more_invalid_combinations() {
     assert!(e[0].message.contains("missing field `defaults`"), "{}", e[0]);
     let e = errs("");
     assert_eq!(e.len(), 1);
+    assert!(parse("version: 1\nrules:\ndefaults: { action: deny }\n").is_empty());
 }
 
 #[test]
