@@ -461,8 +461,17 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         sessions = ?recorder.path(),
         "policy, approvals and session recording ready"
     );
+    let masks = crate::enforce::MaskCache::new(detector.clone()).context("building the recording masker")?;
+    // A mask naming an unknown detector rule would refuse every response it
+    // covers: better not to start. (After a reload the same error is
+    // logged and those responses are refused.)
+    let current = policy.current();
+    for (id, rule) in current.masks().iter().enumerate() {
+        masks.get(&current, id, rule).map_err(|e| anyhow::anyhow!("policy: mask #{id}: {e}"))?;
+    }
+    drop(current);
     let enforcement = crate::enforce::Enforcement {
-        masks: crate::enforce::MaskCache::new(detector.clone()).context("building the recording masker")?,
+        masks,
         policy,
         approvals,
         recorder,
