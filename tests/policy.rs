@@ -47,6 +47,10 @@ rules:
     match: { request: { path: "/quiet/**" } }
     action: allow
     record: metadata
+  - name: no-raw-tcp
+    match: { destination: { protocol: tcp } }
+    action: deny
+    reason: "raw TCP to internal hosts is not allowed"
 defaults:
   action: allow
   record: full
@@ -70,6 +74,11 @@ struct Scene {
 
 impl Scene {
     fn start(name: &str) -> Scene {
+        Scene::start_with(name, &[])
+    }
+
+    /// A scene that also intercepts `extra` destinations (YAML list items).
+    fn start_with(name: &str, extra: &[&str]) -> Scene {
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST]);
@@ -77,7 +86,10 @@ impl Scene {
         let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
         let policy = pki_dir.path().join("policy.yaml");
         std::fs::write(&policy, POLICY).expect("write policy");
-        let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
+        let upstream_dest = format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}");
+        let mut destinations = vec![upstream_dest.as_str()];
+        destinations.extend_from_slice(extra);
+        let mut opts = GatewayOptions::new(name, &destinations);
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\
              policy:\n  file: {policy}\n  watch: false\n\
@@ -430,4 +442,33 @@ fn invalid_policy_reload_keeps_the_old_policy_in_force() {
         assert!(Instant::now() < deadline, "the new policy never took effect");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn non_http_connections_are_judged_once_as_tcp() {
+    let tcp_port = unique_port();
+    let echo = gateway_tests::EchoServer::start(format!("{UPSTREAM_IP}:{tcp_port}").parse().expect("addr")).expect("echo");
+    let scene = Scene::start_with("pol-tcp", &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{tcp_port}]}}")]);
+    let out = scene
+        .gw
+        .command_in_cgroup("python3")
+        .arg("-c")
+        .arg(format!(
+            "import socket; s=socket.create_connection(('{UPSTREAM_IP}', {tcp_port})); s.settimeout(5); s.sendall(b'hello'); print(repr(s.recv(100)))"
+        ))
+        .output()
+        .expect("python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Closed without an answer (or reset): never forwarded.
+    assert!(!out.status.success() || stdout.trim() == "b''", "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(echo.peers.lock().expect("peers").is_empty(), "the denied connection reached the server");
+    let events = scene.gw.wait_events(1, Duration::from_secs(5));
+    let e = events
+        .iter()
+        .find(|e| e["orig_dst"] == format!("{UPSTREAM_IP}:{tcp_port}"))
+        .unwrap_or_else(|| panic!("no event: {events:#?}"));
+    assert_eq!(e["outcome"], "blocked", "{e}");
+    assert!(e["error"].as_str().unwrap_or_default().contains("no-raw-tcp"), "{e}");
+    // HTTPS on the other destination is unaffected.
+    assert_eq!(scene.curl(&[&scene.url("/hello")]).0, 200);
 }
