@@ -811,28 +811,6 @@ fn sigkill_keeps_every_committed_record() {
     recorder.shutdown();
 }
 
-/// Rough cost of recording one exchange on the caller's thread (enqueue
-/// only). Run with `--ignored --nocapture` in release mode.
-#[test]
-#[ignore = "benchmark"]
-fn enqueue_cost() {
-    let dir = tempfile::tempdir().unwrap();
-    let recorder = open(dir.path());
-    let session = recorder.start(start_facts());
-    let n = 100_000u32;
-    let exchanges: Vec<ExchangeRecord> = (0..n).map(|i| exchange(u64::from(i))).collect();
-    let begun = Instant::now();
-    for e in exchanges {
-        session.exchange(e);
-    }
-    let per = begun.elapsed() / n;
-    let drained = Instant::now();
-    recorder.flush().unwrap();
-    println!("enqueue: {per:?} per exchange; writer drained {n} in {:?}", drained.elapsed() + begun.elapsed());
-    session.end(end());
-    recorder.shutdown();
-}
-
 #[test]
 fn recorders_can_be_shared_across_tasks() {
     fn shareable<T: Send + Sync + Clone>() {}
