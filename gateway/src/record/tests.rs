@@ -728,12 +728,10 @@ fn hash_encoding_is_pinned() {
 
 const CHILD_ENV: &str = "GATEWAY_RECORD_SIGKILL_CHILD_DB";
 
-/// The child of `sigkill_keeps_every_committed_record`: records exchanges
-/// until killed, reporting each flushed (committed) stream number.
-#[test]
-#[ignore = "child process of sigkill_keeps_every_committed_record"]
-fn sigkill_child() {
-    let Ok(database) = std::env::var(CHILD_ENV) else { return };
+/// The child side of `sigkill_keeps_every_committed_record` (the same test
+/// re-run in a child process with `CHILD_ENV` set): records exchanges until
+/// killed, reporting each flushed (committed) stream number.
+fn sigkill_child(database: String) {
     let config = RecordConfig {
         database: Some(database.into()),
         flush_interval: Duration::from_millis(20),
@@ -756,10 +754,13 @@ fn sigkill_child() {
 #[test]
 fn sigkill_keeps_every_committed_record() {
     use std::os::unix::process::ExitStatusExt as _;
+    if let Ok(database) = std::env::var(CHILD_ENV) {
+        return sigkill_child(database);
+    }
     let dir = tempfile::tempdir().unwrap();
     let database = db(dir.path());
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["record::tests::sigkill_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args(["record::tests::sigkill_keeps_every_committed_record", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, &database)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
