@@ -26,4 +26,5 @@ pub mod process;
 pub mod proxy;
 pub mod record;
 pub mod relay;
+pub mod sqlite;
 pub mod tls;

@@ -11,12 +11,11 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction, TransactionBehavior};
 use time::OffsetDateTime;
 
 use super::{
@@ -24,8 +23,6 @@ use super::{
     State, Verdict,
 };
 
-/// Newest schema this build knows (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
@@ -107,36 +104,8 @@ impl ApprovalStore {
     /// Opens (creating if needed) the database at `path` and brings its
     /// schema up to date. The directory must exist.
     pub fn open(path: &Path) -> Result<ApprovalStore, ApprovalError> {
-        let open_err = |reason: String| ApprovalError::Open { path: path.to_owned(), reason };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(open_err(format!("directory {} does not exist", dir.display())));
-            }
-        }
-        if path.is_dir() {
-            return Err(open_err("it is a directory".into()));
-        }
-        // Requests describe jobs' traffic: owner-only, like the findings.
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(open_err(e.to_string())),
-        }
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
-        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
-            return Err(open_err(format!("the file is not writable by this user (uid {})", nix::unistd::geteuid())));
-        }
+        let conn = crate::sqlite::open_private(path, BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
         let store = ApprovalStore { conn, path: path.to_owned() };
-        store.conn.busy_timeout(BUSY_TIMEOUT).map_err(store.err("setting busy_timeout"))?;
-        let mode: String = store
-            .conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| open_err(format!("cannot enable WAL journaling: {e} (is this a SQLite database?)")))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(open_err(format!("cannot enable WAL journaling (journal_mode is {mode})")));
-        }
-        store.conn.pragma_update(None, "synchronous", "FULL").map_err(store.err("setting synchronous"))?;
         store.conn.pragma_update(None, "foreign_keys", true).map_err(store.err("enabling foreign keys"))?;
         store.migrate()?;
         Ok(store)
@@ -151,28 +120,7 @@ impl ApprovalStore {
     }
 
     fn migrate(&self) -> Result<(), ApprovalError> {
-        let read_version = |conn: &Connection| -> Result<i64, ApprovalError> {
-            conn.pragma_query_value(None, "user_version", |row| row.get(0))
-                .map_err(self.err("reading the schema version"))
-        };
-        if read_version(&self.conn)? == SCHEMA_VERSION {
-            return Ok(());
-        }
-        let tx = self.begin()?;
-        let version = read_version(&tx)?;
-        if !(0..=SCHEMA_VERSION).contains(&version) {
-            return Err(ApprovalError::UnsupportedSchema {
-                path: self.path.clone(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        let start = usize::try_from(version).unwrap_or(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
-            tx.execute_batch(sql).map_err(self.err("creating the schema"))?;
-            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(self.err("setting the schema version"))?;
-        }
-        tx.commit().map_err(self.err("committing the schema"))
+        crate::sqlite::migrate(&self.conn, MIGRATIONS).map_err(|e| open_error(&self.path, e))
     }
 
     fn begin(&self) -> Result<Transaction<'_>, ApprovalError> {
@@ -528,4 +476,16 @@ fn nanos(t: OffsetDateTime) -> i64 {
 
 fn from_nanos(n: i64) -> Result<OffsetDateTime, String> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).map_err(|e| e.to_string())
+}
+
+fn open_error(path: &Path, e: crate::sqlite::OpenError) -> ApprovalError {
+    match e {
+        crate::sqlite::OpenError::Unusable(reason) => ApprovalError::Open { path: path.to_owned(), reason },
+        crate::sqlite::OpenError::Sqlite { doing, source } => {
+            ApprovalError::Database { path: path.to_owned(), doing, source }
+        }
+        crate::sqlite::OpenError::UnsupportedSchema { found, supported } => {
+            ApprovalError::UnsupportedSchema { path: path.to_owned(), found, supported }
+        }
+    }
 }

@@ -9,13 +9,12 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use rusqlite::{
-    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OpenFlags, OptionalExtension as _, Row,
+    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row,
     Transaction, TransactionBehavior,
 };
 use time::OffsetDateTime;
@@ -25,8 +24,6 @@ pub use super::model::{
     ExportFormat, Finding, FindingId, ListFilter, NewFinding, ProcessSnapshot, Recorded, Status, StatusChange,
 };
 
-/// Newest schema this build knows (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 ///
@@ -121,57 +118,8 @@ impl FindingStore {
     /// Opens (creating if needed) the database at `path` and brings its schema
     /// up to date. The directory must exist.
     pub fn open(path: &Path) -> Result<FindingStore, FindingsError> {
-        let open_err = |reason: String| FindingsError::Open { path: path.to_owned(), reason };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.is_dir() {
-                return Err(open_err(format!("directory {} does not exist", dir.display())));
-            }
-        }
-        if path.is_dir() {
-            return Err(open_err("it is a directory".into()));
-        }
-        // The findings are for the security team, not for the jobs sharing the
-        // host: create the file owner-only (SQLite gives its -wal and -shm
-        // files the database file's mode).
-        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(open_err(e.to_string())),
-        }
-        // SQLite reports permission problems as "unable to open database
-        // file"; the OS error says what is actually wrong.
-        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
-            return Err(open_err(format!("{e} (uid {})", nix::unistd::geteuid())));
-        }
-        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(|e| open_err(e.to_string()))?;
-        // SQLite silently falls back to read-only for a write-protected file;
-        // a store that cannot record must say so now, not at the first finding.
-        if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
-            return Err(open_err(format!(
-                "the file is not writable by this user (uid {})",
-                nix::unistd::geteuid()
-            )));
-        }
+        let conn = crate::sqlite::open_private(path, BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
         let store = FindingStore { conn, path: path.to_owned() };
-        store.conn.busy_timeout(BUSY_TIMEOUT).map_err(store.err("setting busy_timeout"))?;
-        let mode: String = store
-            .conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(|e| match e.sqlite_error_code() {
-                Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen) => open_err(format!(
-                    "{e}: SQLite must create {}-wal and -shm next to it; is the directory writable by this user (uid {})?",
-                    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
-                    nix::unistd::geteuid()
-                )),
-                _ => classify(path, "enabling WAL", e),
-            })?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(open_err(format!("cannot enable WAL journaling (journal_mode is {mode})")));
-        }
-        // FULL (not WAL's usual NORMAL): NORMAL may lose the last commits on
-        // power loss, and a finding id already sent in a 403 must exist.
-        store.conn.pragma_update(None, "synchronous", "FULL").map_err(store.err("setting synchronous"))?;
         store.conn.pragma_update(None, "foreign_keys", true).map_err(store.err("enabling foreign keys"))?;
         store.migrate()?;
         Ok(store)
@@ -187,33 +135,7 @@ impl FindingStore {
     }
 
     fn migrate(&self) -> Result<(), FindingsError> {
-        let version = self.user_version()?;
-        if version == SCHEMA_VERSION {
-            return Ok(());
-        }
-        let tx = self.begin()?;
-        // Read again under the write lock: another process may have migrated
-        // between the first read and the lock.
-        let version = self.user_version()?;
-        if !(0..=SCHEMA_VERSION).contains(&version) {
-            return Err(FindingsError::UnsupportedSchema {
-                path: self.path.clone(),
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        let start = usize::try_from(version).unwrap_or(0);
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
-            tx.execute_batch(sql).map_err(self.err("creating the schema"))?;
-            tx.pragma_update(None, "user_version", i as i64 + 1).map_err(self.err("setting the schema version"))?;
-        }
-        tx.commit().map_err(self.err("committing the schema"))
-    }
-
-    fn user_version(&self) -> Result<i64, FindingsError> {
-        self.conn
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(self.err("reading the schema version"))
+        crate::sqlite::migrate(&self.conn, MIGRATIONS).map_err(|e| open_error(&self.path, e))
     }
 
     fn begin(&self) -> Result<Transaction<'_>, FindingsError> {
@@ -521,6 +443,16 @@ fn insert_history(
 
 /// Maps SQLite's "this file is damaged / not a database" codes to
 /// [`FindingsError::Corrupt`] so the message says what to do about it.
+fn open_error(path: &Path, e: crate::sqlite::OpenError) -> FindingsError {
+    match e {
+        crate::sqlite::OpenError::Unusable(reason) => FindingsError::Open { path: path.to_owned(), reason },
+        crate::sqlite::OpenError::Sqlite { doing, source } => classify(path, doing, source),
+        crate::sqlite::OpenError::UnsupportedSchema { found, supported } => {
+            FindingsError::UnsupportedSchema { path: path.to_owned(), found, supported }
+        }
+    }
+}
+
 fn classify(path: &Path, doing: &'static str, e: rusqlite::Error) -> FindingsError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {

@@ -1,0 +1,131 @@
+//! What every SQLite store of the gateway (findings, approvals, sessions)
+//! does the same way: create the file owner-only, open it read-write, WAL
+//! with `synchronous = FULL`, and bring the schema up to date by
+//! `user_version`.
+
+use std::{os::unix::fs::OpenOptionsExt as _, path::Path, time::Duration};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
+
+/// Why a store could not be opened; each store maps it to its own error.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The file cannot be used, with the reason in words.
+    Unusable(String),
+    /// SQLite failed while doing this.
+    Sqlite {
+        /// What was being done.
+        doing: &'static str,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer gateway.
+    UnsupportedSchema {
+        /// Its `user_version`.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+}
+
+fn sqlite(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> OpenError {
+    move |source| OpenError::Sqlite { doing, source }
+}
+
+/// Opens (creating if needed) the database at `path`, owner-only (its
+/// contents describe jobs' traffic; SQLite gives the -wal and -shm files
+/// the database file's mode), in WAL mode with `synchronous = FULL` (WAL's
+/// usual NORMAL may lose the last commits on power loss). The directory
+/// must exist.
+pub fn open_private(path: &Path, busy_timeout: Duration) -> Result<Connection, OpenError> {
+    let uid = nix::unistd::geteuid();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(OpenError::Unusable(format!("directory {} does not exist", dir.display())));
+        }
+    }
+    if path.is_dir() {
+        return Err(OpenError::Unusable("it is a directory".into()));
+    }
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(OpenError::Unusable(e.to_string())),
+    }
+    // SQLite reports permission problems as "unable to open database file";
+    // the OS error says what is actually wrong.
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        return Err(OpenError::Unusable(format!("{e} (uid {uid})")));
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| OpenError::Unusable(e.to_string()))?;
+    // SQLite silently falls back to read-only for a write-protected file; a
+    // store that cannot write must say so now, not at its first write.
+    if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+        return Err(OpenError::Unusable(format!("the file is not writable by this user (uid {uid})")));
+    }
+    conn.busy_timeout(busy_timeout).map_err(sqlite("setting busy_timeout"))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen) => OpenError::Unusable(format!(
+                "{e}: SQLite must create the -wal and -shm files next to it; is the directory writable by this user (uid {uid})?"
+            )),
+            _ => OpenError::Sqlite { doing: "enabling WAL", source: e },
+        })?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpenError::Unusable(format!("cannot enable WAL journaling (journal_mode is {mode})")));
+    }
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sqlite("setting synchronous"))?;
+    Ok(conn)
+}
+
+/// Applies the `migrations` the database has not seen yet (`user_version`
+/// counts those applied), in one immediate transaction.
+pub fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), OpenError> {
+    let supported = migrations.len() as i64;
+    let version = |conn: &Connection| -> Result<i64, OpenError> {
+        conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(sqlite("reading the schema version"))
+    };
+    if version(conn)? == supported {
+        return Ok(());
+    }
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(sqlite("starting a transaction"))?;
+    // Read again under the write lock: another process may have migrated
+    // between the first read and the lock.
+    let found = version(&tx)?;
+    if !(0..=supported).contains(&found) {
+        return Err(OpenError::UnsupportedSchema { found, supported });
+    }
+    let start = usize::try_from(found).unwrap_or(0);
+    for (i, sql) in migrations.iter().enumerate().skip(start) {
+        tx.execute_batch(sql).map_err(sqlite("creating the schema"))?;
+        tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sqlite("setting the schema version"))?;
+    }
+    tx.commit().map_err(sqlite("committing the schema"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_owner_only_wal_and_migrates_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.db");
+        let migrations = ["CREATE TABLE a (x INTEGER);", "CREATE TABLE b (y INTEGER);"];
+        let conn = open_private(&path, Duration::from_secs(1)).expect("open");
+        migrate(&conn, &migrations).expect("migrate");
+        migrate(&conn, &migrations).expect("migrating again is a no-op");
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+        assert_eq!(version, 2);
+        let mode = std::fs::metadata(&path).expect("metadata").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let newer = migrate(&conn, &migrations[..1]).expect_err("a newer schema is refused");
+        assert!(matches!(newer, OpenError::UnsupportedSchema { found: 2, supported: 1 }), "{newer:?}");
+        assert!(matches!(open_private(dir.path(), Duration::from_secs(1)), Err(OpenError::Unusable(_))));
+        let missing = dir.path().join("nope").join("x.db");
+        assert!(matches!(open_private(&missing, Duration::from_secs(1)), Err(OpenError::Unusable(_))));
+    }
+}
