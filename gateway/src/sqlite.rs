@@ -47,14 +47,20 @@ pub fn open_private(path: &Path, busy_timeout: Duration) -> Result<Connection, O
     if path.is_dir() {
         return Err(OpenError::Unusable("it is a directory".into()));
     }
+    // Only ever closes a descriptor of a file this call created, which no
+    // connection can hold locks on yet.
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(OpenError::Unusable(e.to_string())),
     }
     // SQLite reports permission problems as "unable to open database file";
-    // the OS error says what is actually wrong.
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    // the OS error says what is actually wrong. access(2), not open+close:
+    // closing any descriptor of the file drops every POSIX lock this process
+    // holds on it, including those of another connection (the session
+    // writer's while the pruner opens its own), after which a reader could
+    // delete the WAL under the writer.
+    if let Err(e) = nix::unistd::access(path, nix::unistd::AccessFlags::R_OK | nix::unistd::AccessFlags::W_OK) {
         return Err(OpenError::Unusable(format!("{e} (uid {uid})")));
     }
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -127,5 +133,27 @@ mod tests {
         assert!(matches!(open_private(dir.path(), Duration::from_secs(1)), Err(OpenError::Unusable(_))));
         let missing = dir.path().join("nope").join("x.db");
         assert!(matches!(open_private(&missing, Duration::from_secs(1)), Err(OpenError::Unusable(_))));
+    }
+
+    /// Opening a second connection in the same process must not drop the
+    /// first one's POSIX locks: otherwise another process that opens and
+    /// closes the database thinks it was the last user and deletes the WAL
+    /// the first connection still writes to (committed records vanish).
+    #[test]
+    fn a_second_connection_keeps_the_first_ones_locks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.db");
+        let writer = open_private(&path, Duration::from_secs(1)).expect("open");
+        migrate(&writer, &["CREATE TABLE t (x INTEGER);"]).expect("migrate");
+        writer.execute("INSERT INTO t VALUES (1)", []).expect("insert");
+        drop(open_private(&path, Duration::from_secs(1)).expect("second connection"));
+        let script = format!("import sqlite3; c=sqlite3.connect('{}'); c.execute('select count(*) from t').fetchone(); c.close()", path.display());
+        let status = std::process::Command::new("python3").arg("-c").arg(&script).status().expect("python3");
+        assert!(status.success());
+        let wal = dir.path().join("x.db-wal");
+        assert!(wal.exists(), "another process deleted the WAL of a live connection");
+        writer.execute("INSERT INTO t VALUES (2)", []).expect("insert after");
+        let n: i64 = writer.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 2);
     }
 }

@@ -81,7 +81,6 @@ pub struct ExchangeWatch {
     response_headers: Vec<(String, String)>,
     response_encoding: Option<String>,
     response_body: Vec<u8>,
-    response_total: u64,
     masked_in_headers: usize,
 }
 
@@ -127,7 +126,6 @@ impl ExchangeWatch {
             response_headers: Vec::new(),
             response_encoding: None,
             response_body: Vec::new(),
-            response_total: 0,
             masked_in_headers: 0,
         }
     }
@@ -137,7 +135,6 @@ impl ExchangeWatch {
     }
 
     fn keep(&mut self, data: &[u8]) {
-        self.response_total += data.len() as u64;
         if self.full() {
             let room = self.cap.saturating_sub(self.response_body.len());
             self.response_body.extend_from_slice(&data[..data.len().min(room)]);
@@ -259,7 +256,9 @@ impl ResponseInspector for ExchangeWatch {
             request_body_size,
             response_headers: std::mem::take(&mut self.response_headers),
             response_body,
-            response_body_size: self.response_total,
+            // What the client received (the watch counts bytes only when
+            // it sees the body, at `full` or when masking).
+            response_body_size: exchange.bytes_down,
             decision: Some(self.decision.clone()),
             findings,
         });
