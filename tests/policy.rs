@@ -196,6 +196,14 @@ fn allow_and_deny_with_the_reason_shown_to_the_client() {
     assert_eq!(v["reason"], "admin endpoints are off limits for CI");
     assert_eq!(scene.received("/admin"), 0, "a denied request never reaches upstream");
     assert_eq!(scene.received("/hello"), 1);
+    // A hard-coded key in a denied request still becomes a finding.
+    let token = github_token();
+    let (status, _) = scene.curl(&["-H", &format!("X-Api-Token: {token}"), &scene.url("/admin/keys")]);
+    assert_eq!(status, 403);
+    let findings = scene.cli_json(&["findings", "list", "--json"]);
+    let found = findings.as_array().into_iter().flatten().any(|f| f["rule_id"].as_str().is_some_and(|r| r.contains("github")));
+    assert!(found, "no finding for the key in the denied request: {findings:#}");
+    assert!(!findings.to_string().contains(&token), "findings never hold the key");
 }
 
 #[test]

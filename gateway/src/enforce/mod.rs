@@ -437,6 +437,18 @@ impl Inspector for Enforcer {
             self.blocked.fetch_add(1, Ordering::Relaxed);
             let response = denied_response(ctx.conn_id, decision.rule, reason);
             self.record_refusal(stream, summary, &response, decision.rule, "deny");
+            // Nothing left, but a hard-coded key the job sent is still one
+            // to rotate: it becomes a finding like any other (as blocked).
+            let hits = self.head_hits(parts);
+            if !hits.is_empty() {
+                let req = RequestState {
+                    host,
+                    verified,
+                    static_keys: Some(Action::Block),
+                    capture: SharedCapture::default(),
+                };
+                let _ = self.judge(ctx, &req, hits, None).await;
+            }
             return HeadVerdict::Respond(response);
         }
         let approval = match decision.action {
@@ -461,10 +473,7 @@ impl Inspector for Enforcer {
         drop(policy);
 
         let detector = &self.shared.detector;
-        let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
-        // The gateway issues no credentials of its own yet, so every
-        // credential in an authentication header is a static one.
-        hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
+        let hits = self.head_hits(parts);
         let watch = ExchangeWatch::new(WatchSpec {
             conn_id: ctx.conn_id,
             stream,
@@ -540,6 +549,16 @@ impl Enforcer {
     fn summarize_url(&self, parts: &http::request::Parts) -> String {
         let (masked, _) = self.shared.masks.recording().mask_bytes(path_and_query(parts).as_bytes());
         String::from_utf8_lossy(&masked).into_owned()
+    }
+
+    /// Static keys in a request head.
+    fn head_hits(&self, parts: &http::request::Parts) -> Vec<Hit> {
+        let detector = &self.shared.detector;
+        let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
+        // The gateway issues no credentials of its own yet, so every
+        // credential in an authentication header is a static one.
+        hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
+        hits
     }
 
     /// Records a request refused at its head (no watch follows it).
