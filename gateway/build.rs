@@ -7,9 +7,8 @@ use anyhow::{anyhow, Context as _};
 fn main() -> anyhow::Result<()> {
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?;
     let ebpf_dir = std::path::Path::new(&manifest_dir).join("../gateway-ebpf");
-    let ebpf_dir = ebpf_dir
-        .canonicalize()
-        .with_context(|| format!("eBPF crate not found at {}", ebpf_dir.display()))?;
+    let ebpf_dir =
+        ebpf_dir.canonicalize().with_context(|| format!("eBPF crate not found at {}", ebpf_dir.display()))?;
     let root_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non UTF-8 path {}", ebpf_dir.display()))?;
     if which_bpf_linker().is_none() {
         return Err(anyhow!(

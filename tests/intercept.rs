@@ -8,9 +8,7 @@ use std::{
     time::Duration,
 };
 
-use gateway_tests::{
-    python_named, run_client, unique_port, EchoServer, GatewayOptions, TestGateway,
-};
+use gateway_tests::{python_named, run_client, unique_port, EchoServer, GatewayOptions, TestGateway};
 use nix::sys::signal::Signal;
 
 fn addr(s: &str) -> SocketAddr {
@@ -105,7 +103,8 @@ fn redirects_ipv6_and_ipv4_mapped() {
         assert!(r.errno.is_none() && r.proxied(), "must be redirected: {r:?}");
     }
     let events = gw.wait_events(2, Duration::from_secs(5));
-    let mut dsts: Vec<String> = event_for(&events, pid).iter().map(|e| e["orig_dst"].as_str().unwrap_or("").to_owned()).collect();
+    let mut dsts: Vec<String> =
+        event_for(&events, pid).iter().map(|e| e["orig_dst"].as_str().unwrap_or("").to_owned()).collect();
     dsts.sort();
     let mut want = vec![v6.addr.to_string(), v4.addr.to_string()];
     want.sort();
@@ -185,7 +184,8 @@ fn burst_of_200_connections_is_attributed_without_leaks() {
 fn fails_closed_when_stopped_or_crashed_and_recovers() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let mut gw = TestGateway::start(GatewayOptions::new("closed", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let mut gw =
+        TestGateway::start(GatewayOptions::new("closed", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
 
     // Clean stop: the programs stay and refuse (EPERM).
     gw.stop(Signal::SIGTERM);
@@ -280,7 +280,8 @@ fn server_speaks_first_protocols_are_passed_through() {
         s.write_all(b"221 bye\r\n").expect("bye");
         got
     });
-    let gw = TestGateway::start(GatewayOptions::new("srvfirst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let gw =
+        TestGateway::start(GatewayOptions::new("srvfirst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
     let out = gw
         .command_in_cgroup("python3")
         .arg("-c")
@@ -295,5 +296,8 @@ fn server_speaks_first_protocols_are_passed_through() {
     assert!(stdout.starts_with("b'220 greetings\\r\\n' b'221 bye\\r\\n'"), "{stdout}");
     assert_eq!(&server.join().expect("server thread"), b"QUIT\r\n");
     let events = gw.wait_events(1, Duration::from_secs(5));
-    assert!(events.iter().any(|e| e["orig_dst"] == server_addr.to_string() && e["bytes_down"].as_u64() == Some(24)), "{events:#?}");
+    assert!(
+        events.iter().any(|e| e["orig_dst"] == server_addr.to_string() && e["bytes_down"].as_u64() == Some(24)),
+        "{events:#?}"
+    );
 }

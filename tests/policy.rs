@@ -201,7 +201,8 @@ fn allow_and_deny_with_the_reason_shown_to_the_client() {
     let (status, _) = scene.curl(&["-H", &format!("X-Api-Token: {token}"), &scene.url("/admin/keys")]);
     assert_eq!(status, 403);
     let findings = scene.cli_json(&["findings", "list", "--json"]);
-    let found = findings.as_array().into_iter().flatten().any(|f| f["rule_id"].as_str().is_some_and(|r| r.contains("github")));
+    let found =
+        findings.as_array().into_iter().flatten().any(|f| f["rule_id"].as_str().is_some_and(|r| r.contains("github")));
     assert!(found, "no finding for the key in the denied request: {findings:#}");
     assert!(!findings.to_string().contains(&token), "findings never hold the key");
 }
@@ -233,7 +234,12 @@ fn approval_granted_by_a_second_process_releases_the_waiting_request() {
     // The decision is recorded beside the session.
     std::thread::sleep(Duration::from_millis(300));
     let session = scene.sessions().into_iter().find(|s| s["host"] == HOST).expect("session");
-    let shown = scene.gw.cli(&["sessions", "show", session["session"].as_str().or(session["id"].as_str()).expect("id"), "--json"]);
+    let shown = scene.gw.cli(&[
+        "sessions",
+        "show",
+        session["session"].as_str().or(session["id"].as_str()).expect("id"),
+        "--json",
+    ]);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("approval_requested") && text.contains("approval_decided"), "{text}");
 }
@@ -341,7 +347,10 @@ fn sessions_read_back_verify_and_detect_tampering() {
         .iter()
         .flat_map(|s| {
             let out = scene.gw.cli(&["sessions", "export", &id_of(s)]);
-            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<Value>(l).expect("json line")).collect::<Vec<_>>()
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).expect("json line"))
+                .collect::<Vec<_>>()
         })
         .collect();
     let data: Vec<Value> =
@@ -392,14 +401,8 @@ fn sigkill_during_a_long_session_keeps_every_earlier_record() {
         ip = UPSTREAM_IP,
         port = scene.port,
     );
-    let mut client = scene
-        .gw
-        .command_in_cgroup("python3")
-        .arg("-c")
-        .arg(&script)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python");
+    let mut client =
+        scene.gw.command_in_cgroup("python3").arg("-c").arg(&script).stdout(Stdio::piped()).spawn().expect("python");
     let deadline = Instant::now() + Duration::from_secs(20);
     while scene.received("/long/") < 10 {
         assert!(Instant::now() < deadline, "the client did not finish its requests");
@@ -427,8 +430,11 @@ fn sigkill_during_a_long_session_keeps_every_earlier_record() {
 #[test]
 fn invalid_policy_reload_keeps_the_old_policy_in_force() {
     let scene = Scene::start("pol-reload");
-    std::fs::write(&scene.policy, "version: 1\nrules:\n  - match: { request: { path: \"/admin/**\" } }\n    action: maybe\n")
-        .expect("write bad policy");
+    std::fs::write(
+        &scene.policy,
+        "version: 1\nrules:\n  - match: { request: { path: \"/admin/**\" } }\n    action: maybe\n",
+    )
+    .expect("write bad policy");
     let pid = nix::unistd::Pid::from_raw(scene.gw.child.as_ref().expect("running").id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -455,7 +461,8 @@ fn invalid_policy_reload_keeps_the_old_policy_in_force() {
 #[test]
 fn non_http_connections_are_judged_once_as_tcp() {
     let tcp_port = unique_port();
-    let echo = gateway_tests::EchoServer::start(format!("{UPSTREAM_IP}:{tcp_port}").parse().expect("addr")).expect("echo");
+    let echo =
+        gateway_tests::EchoServer::start(format!("{UPSTREAM_IP}:{tcp_port}").parse().expect("addr")).expect("echo");
     let scene = Scene::start_with("pol-tcp", &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{tcp_port}]}}")]);
     let out = scene
         .gw

@@ -112,14 +112,8 @@ impl Scene {
 
     /// Python's standard library client in the intercepted cgroup.
     fn python(&self, spec: Value) -> Value {
-        let out = self
-            .gw
-            .command_in_cgroup("python3")
-            .arg("-c")
-            .arg(PY_HTTP)
-            .arg(spec.to_string())
-            .output()
-            .expect("python");
+        let out =
+            self.gw.command_in_cgroup("python3").arg("-c").arg(PY_HTTP).arg(spec.to_string()).output().expect("python");
         assert!(out.status.success(), "python client failed: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).expect("python output")
     }
@@ -279,7 +273,17 @@ fn curl_http1_and_http2_block_keys_in_headers_basic_auth_and_query() {
     for (version, want) in [("--http1.1", "HTTP/1.1"), ("--http2", "HTTP/2.0")] {
         let (status, body) = scene.curl(
             version,
-            &["-X", "PUT", "-H", "X-Test: clean", "-H", "Content-Type: text/plain", "--data-binary", "hello upstream", &scene.url("/clean?x=1")],
+            &[
+                "-X",
+                "PUT",
+                "-H",
+                "X-Test: clean",
+                "-H",
+                "Content-Type: text/plain",
+                "--data-binary",
+                "hello upstream",
+                &scene.url("/clean?x=1"),
+            ],
         );
         assert_eq!(status, 200, "{body}");
         let received = scene.upstream.requests();
@@ -331,11 +335,17 @@ fn python_client_blocks_keys_in_json_gzip_and_split_chunked_bodies() {
     assert!(scene.upstream.requests().is_empty(), "no blocked request reached upstream");
 
     // And a clean POST with a body passes.
-    let r = scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/ok", "body": "{\"q\": 1}"})));
+    let r =
+        scene.python(py_spec(&scene, serde_json::json!({"method": "POST", "path": "/v1/ok", "body": "{\"q\": 1}"})));
     assert_eq!(r["status"], 200, "{r}");
     assert_eq!(scene.upstream.requests().len(), 1);
     let findings = scene.findings();
-    assert!(findings.iter().any(|f| f["rule_id"] == "github-pat" && f["location"].as_str().unwrap_or("").starts_with("body")), "{findings:#?}");
+    assert!(
+        findings
+            .iter()
+            .any(|f| f["rule_id"] == "github-pat" && f["location"].as_str().unwrap_or("").starts_with("body")),
+        "{findings:#?}"
+    );
     scene.assert_no_key_in_clear(&keys.all(), &[&r.to_string()]);
 }
 
@@ -358,7 +368,10 @@ fn git_over_https_with_a_hard_coded_key_is_blocked() {
     assert!(stderr.contains("403"), "git reports the 403");
     // git first asks without credentials (401), then retries with them: only the first reached upstream.
     let received = scene.upstream.requests();
-    assert!(received.iter().all(|r| !r.headers.iter().any(|(k, _)| k == "authorization")), "no authenticated request reached upstream");
+    assert!(
+        received.iter().all(|r| !r.headers.iter().any(|(k, _)| k == "authorization")),
+        "no authenticated request reached upstream"
+    );
     assert!(!received.is_empty(), "the unauthenticated probe went through");
     let findings = scene.findings();
     let f = findings.iter().find(|f| f["rule_id"] == "cursor-api-key").expect("finding for the git key");
@@ -430,7 +443,10 @@ fn malformed_input_is_an_event_not_a_crash() {
         ca = scene.gateway_ca.display(), ip = target.ip(), port = target.port()
     ));
     let events = scene.gw.wait_events(3, Duration::from_secs(10));
-    assert!(events.iter().any(|e| e["error"].as_str().unwrap_or("").contains("malformed TLS ClientHello")), "{events:#?}");
+    assert!(
+        events.iter().any(|e| e["error"].as_str().unwrap_or("").contains("malformed TLS ClientHello")),
+        "{events:#?}"
+    );
     assert!(events.iter().filter(|e| e["outcome"] == "error").count() >= 2, "{events:#?}");
     // Still serving.
     let (status, _) = scene.curl("--http2", &[&scene.url("/after")]);
@@ -561,7 +577,11 @@ fn identities_from_mappings_reach_events_and_findings() {
 
     // A broken mapping file on reload is reported and the old mappings stay.
     let mappings = scene.pki_dir.path().join("mappings.yaml");
-    std::fs::write(&mappings, "rules:\n  - name: broken\n    match:\n      exe: '[unclosed'\n    identity: 'spiffe://x/y'\n").expect("write");
+    std::fs::write(
+        &mappings,
+        "rules:\n  - name: broken\n    match:\n      exe: '[unclosed'\n    identity: 'spiffe://x/y'\n",
+    )
+    .expect("write");
     let pid = nix::unistd::Pid::from_raw(scene.gw.child.as_ref().expect("gateway").id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -596,7 +616,8 @@ fn minted_jwts_replace_static_keys_and_verify_against_the_served_jwks() {
         scene.curl("--http1.1", &["-H", &format!("Authorization: Bearer {}", keys.cursor), &scene.url("/v1/jwt")]);
     assert_eq!(status, 200, "{body}");
     let received = scene.upstream.requests();
-    let auth = received[0].headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.clone()).expect("authorization");
+    let auth =
+        received[0].headers.iter().find(|(k, _)| k == "authorization").map(|(_, v)| v.clone()).expect("authorization");
     let token = auth.strip_prefix("Bearer ").expect("bearer").to_owned();
 
     // Verify with a standard library against the JWKS the gateway serves.
@@ -678,7 +699,10 @@ fn oidc_tokens_presented_by_jobs_are_verified_or_refused() {
     assert_eq!(status, 200, "{body}");
     let received = scene.upstream.requests();
     assert_eq!(received.len(), 1);
-    assert!(!received[0].headers.iter().any(|(k, _)| k == "x-ci-oidc-token"), "the ID token is consumed by the gateway");
+    assert!(
+        !received[0].headers.iter().any(|(k, _)| k == "x-ci-oidc-token"),
+        "the ID token is consumed by the gateway"
+    );
 
     // Tampered payload, expired, wrong audience, foreign signature: 401 each, nothing forwarded.
     let mut parts: Vec<&str> = valid.split('.').collect();
@@ -691,7 +715,9 @@ fn oidc_tokens_presented_by_jobs_are_verified_or_refused() {
     let mut foreign_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     foreign_header.kid = Some("ci-key-1".into());
     let foreign_claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(valid.split('.').nth(1).expect("payload")).expect("b64"),
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(valid.split('.').nth(1).expect("payload"))
+            .expect("b64"),
     )
     .expect("claims");
     let foreign = jsonwebtoken::encode(&foreign_header, &foreign_claims, &impostor.key).expect("sign");
@@ -714,7 +740,13 @@ fn oidc_tokens_presented_by_jobs_are_verified_or_refused() {
     let keys = Keys::new();
     let (status, _) = scene.curl(
         "--http1.1",
-        &["-H", &header(&issuer.token("ci-gateway", 600)), "-H", &format!("x-api-key: {}", keys.openai), &scene.url("/flagged")],
+        &[
+            "-H",
+            &header(&issuer.token("ci-gateway", 600)),
+            "-H",
+            &format!("x-api-key: {}", keys.openai),
+            &scene.url("/flagged"),
+        ],
     );
     assert_eq!(status, 200, "flag forwards");
     let findings = scene.findings();

@@ -26,10 +26,7 @@ struct Lcg(u64);
 
 impl Lcg {
     fn next(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         self.0 >> 33
     }
 
@@ -38,29 +35,20 @@ impl Lcg {
     }
 
     fn token(&mut self, alphabet: &[u8], len: usize) -> String {
-        (0..len)
-            .map(|_| alphabet[self.next() as usize % alphabet.len()] as char)
-            .collect()
+        (0..len).map(|_| alphabet[self.next() as usize % alphabet.len()] as char).collect()
     }
 }
 
 const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 const HEX: &[u8] = b"0123456789abcdef";
 const WORDS: &[&str] = &[
-    "build", "artifact", "pipeline", "status", "commit", "branch", "release", "deploy", "package",
-    "version", "runner", "cache", "result", "metadata", "checksum", "module", "target", "config",
-    "report", "coverage",
+    "build", "artifact", "pipeline", "status", "commit", "branch", "release", "deploy", "package", "version", "runner",
+    "cache", "result", "metadata", "checksum", "module", "target", "config", "report", "coverage",
 ];
 
 fn message(rng: &mut Lcg, with_key: bool) -> Vec<u8> {
     let method = rng.pick(&["GET", "POST", "PUT", "PATCH"]);
-    let host = rng.pick(&[
-        "api.github.com",
-        "registry.npmjs.org",
-        "pypi.org",
-        "api.openai.com",
-        "s3.amazonaws.com",
-    ]);
+    let host = rng.pick(&["api.github.com", "registry.npmjs.org", "pypi.org", "api.openai.com", "s3.amazonaws.com"]);
     let mut m = format!(
         "{method} /v1/{}/{}?page={}&per_page=100 HTTP/1.1\r\nhost: {host}\r\nuser-agent: ci-runner/2.3 (linux; x86_64)\r\naccept: application/json\r\naccept-encoding: gzip, br\r\nx-request-id: {}\r\ncookie: session={}; theme=dark\r\ncontent-type: application/json\r\n\r\n",
         rng.pick(WORDS),
@@ -76,18 +64,9 @@ fn message(rng: &mut Lcg, with_key: bool) -> Vec<u8> {
         let value = match rng.next() % 5 {
             0 => format!("{}", rng.next()),
             1 => format!("\"{}\"", rng.token(HEX, 40)),
-            2 => format!(
-                "\"{} {} {}\"",
-                rng.pick(WORDS),
-                rng.pick(WORDS),
-                rng.pick(WORDS)
-            ),
+            2 => format!("\"{} {} {}\"", rng.pick(WORDS), rng.pick(WORDS), rng.pick(WORDS)),
             3 => "true".to_string(),
-            _ => format!(
-                "\"https://{host}/{}/{}\"",
-                rng.pick(WORDS),
-                rng.token(ALNUM, 10)
-            ),
+            _ => format!("\"https://{host}/{}/{}\"", rng.pick(WORDS), rng.token(ALNUM, 10)),
         };
         if i > 0 {
             m.push(',');
@@ -114,9 +93,7 @@ fn message(rng: &mut Lcg, with_key: bool) -> Vec<u8> {
 
 fn corpus() -> Vec<Vec<u8>> {
     let mut rng = Lcg(0x5eed);
-    (0..MESSAGES)
-        .map(|i| message(&mut rng, i % KEY_EVERY == KEY_EVERY / 2))
-        .collect()
+    (0..MESSAGES).map(|i| message(&mut rng, i % KEY_EVERY == KEY_EVERY / 2)).collect()
 }
 
 fn regex_set(detector: &Detector) -> RegexSet {
@@ -164,20 +141,10 @@ fn main() {
     let mut group = c.benchmark_group("detect");
     group.throughput(Throughput::Bytes(bytes as u64));
     group.bench_function("hyperscan-detector", |b| {
-        b.iter(|| {
-            corpus
-                .iter()
-                .map(|m| detector.scan(black_box(m)).len())
-                .sum::<usize>()
-        })
+        b.iter(|| corpus.iter().map(|m| detector.scan(black_box(m)).len()).sum::<usize>())
     });
     group.bench_function("regex-set", |b| {
-        b.iter(|| {
-            corpus
-                .iter()
-                .map(|m| set.matches(black_box(m)).iter().count())
-                .sum::<usize>()
-        })
+        b.iter(|| corpus.iter().map(|m| set.matches(black_box(m)).iter().count()).sum::<usize>())
     });
     group.finish();
 

@@ -103,10 +103,14 @@ fn bench_match(c: &mut Criterion) {
     for n in [10usize, 100, 1000] {
         let hit = resolver(n, true);
         assert!(hit.resolve(&att).rule.is_some(), "last rule must match");
-        g.bench_with_input(BenchmarkId::new("match-last", n), &n, |b, _| b.iter(|| black_box(hit.resolve(black_box(&att)))));
+        g.bench_with_input(BenchmarkId::new("match-last", n), &n, |b, _| {
+            b.iter(|| black_box(hit.resolve(black_box(&att))))
+        });
         let miss = resolver(n, false);
         assert!(miss.resolve(&att).rule.is_none());
-        g.bench_with_input(BenchmarkId::new("no-match", n), &n, |b, _| b.iter(|| black_box(miss.resolve(black_box(&att)))));
+        g.bench_with_input(BenchmarkId::new("no-match", n), &n, |b, _| {
+            b.iter(|| black_box(miss.resolve(black_box(&att))))
+        });
     }
     g.finish();
 }

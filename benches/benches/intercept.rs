@@ -184,7 +184,8 @@ fn orchestrate() -> Result<()> {
         .chain([port.to_string(), "-j".into(), "REDIRECT".into(), "--to-ports".into(), proxy_port.to_string()])
         .collect();
     let iptables_ok = Command::new("iptables").args(&rule).status().map(|s| s.success()).unwrap_or(false);
-    let setup = Setup { gateway, config, cgroup: cgroup.clone(), iptables_rule: iptables_ok.then_some(rule), _dir: dir };
+    let setup =
+        Setup { gateway, config, cgroup: cgroup.clone(), iptables_rule: iptables_ok.then_some(rule), _dir: dir };
 
     let me = std::env::current_exe()?;
     let run_client = |in_cgroup: bool, args: &[String]| -> Result<String> {
@@ -220,7 +221,9 @@ fn orchestrate() -> Result<()> {
     println!("connect() latency over {} connects per path (microseconds)", CONNECTS * ROUNDS);
     println!("{:<28} {:>8} {:>8} {:>8} {:>10}", "path", "p50", "p99", "mean", "p50/direct");
     let base = percentile(&mut direct.clone(), 50.0);
-    for (name, v) in [("direct (no program)", &mut direct), ("gateway eBPF redirect", &mut ebpf), ("iptables REDIRECT", &mut ipt)] {
+    for (name, v) in
+        [("direct (no program)", &mut direct), ("gateway eBPF redirect", &mut ebpf), ("iptables REDIRECT", &mut ipt)]
+    {
         if v.is_empty() {
             println!("{name:<28} (unavailable: iptables nat rule could not be added)");
             continue;

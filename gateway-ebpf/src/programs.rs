@@ -3,8 +3,7 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
@@ -13,8 +12,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use gateway_common::{
-    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6,
-    COMM_LEN, STATS_LEN,
+    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6, COMM_LEN, STATS_LEN,
 };
 
 /// Return value of cgroup hooks that lets the operation proceed.
@@ -184,12 +182,7 @@ fn intercepted_v4(ip_be: u32, port: u16) -> bool {
 /// Decides what happens to a connect() bound for the intercept set and, when
 /// it is to be redirected, records who made it.
 #[inline(always)]
-fn claim(
-    ctx: &SockAddrContext,
-    sa: &bpf_sock_addr,
-    cfg: &RedirectConfig,
-    dst: &Destination,
-) -> Verdict {
+fn claim(ctx: &SockAddrContext, sa: &bpf_sock_addr, cfg: &RedirectConfig, dst: &Destination) -> Verdict {
     if is_gateway(sa, cfg) {
         count(Stat::SkippedSelf);
         return Verdict::Leave;
@@ -294,4 +287,3 @@ pub fn gw_sock_release(ctx: SockContext) -> i32 {
     }
     PROCEED
 }
-

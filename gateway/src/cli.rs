@@ -111,7 +111,9 @@ pub fn main() -> ExitCode {
         Command::Findings(args) => return crate::findings::cli::run(&config, args),
         Command::Identity(args) => return crate::identity::run(&config.identity, args),
         Command::Policy(args) => return exit_code(crate::policy::run(args, config.policy.file.as_deref())),
-        Command::Approvals(args) => return crate::approval::cli::run_blocking(args, config.api.admin_socket.as_deref()),
+        Command::Approvals(args) => {
+            return crate::approval::cli::run_blocking(args, config.api.admin_socket.as_deref())
+        }
         Command::Sessions(args) => {
             return exit_code(crate::record::cli::run(args, &config.record.database_path(&config.state_dir)))
         }
@@ -160,10 +162,8 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     // A closed stderr (a restarted journald, a dead pipe) must not take the
     // gateway down: its own error reporting would panic on the same stream.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false);
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
     // Logging may already be set up (tests call into the library); that is fine.
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
@@ -180,12 +180,7 @@ fn require_root(what: &str) -> anyhow::Result<()> {
 
 fn resolve_cgroups(config: &Config, create: bool) -> anyhow::Result<Vec<Cgroup>> {
     let mount = intercept::cgroup::cgroup2_mount()?;
-    config
-        .intercept
-        .cgroups
-        .iter()
-        .map(|spec| Cgroup::resolve(&mount, spec, create).map_err(Into::into))
-        .collect()
+    config.intercept.cgroups.iter().map(|spec| Cgroup::resolve(&mount, spec, create).map_err(Into::into)).collect()
 }
 
 /// `gateway run`.
@@ -253,9 +248,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let minter = services.enforcement.minter.clone();
     let mut api_task = None;
     if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin API on {addr}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the admin API on {addr}"))?;
         tracing::info!(%addr, "admin API listening");
         api_task = Some(tokio::spawn(crate::api::serve(listener, minter, shutdown.clone())));
     }
@@ -538,10 +532,9 @@ fn exec(config: &Config, command: &[String]) -> anyhow::Result<()> {
     let cgroups = resolve_cgroups(config, false)?;
     let Some(cgroup) = cgroups.first() else { bail!("intercept.cgroups is empty") };
     match Status::read(&config.intercept.bpffs_dir)? {
-        None => bail!(
-            "no gateway has attached under {}: start `gateway run` first",
-            config.intercept.bpffs_dir.display()
-        ),
+        None => {
+            bail!("no gateway has attached under {}: start `gateway run` first", config.intercept.bpffs_dir.display())
+        }
         Some(s) if s.mode != "redirect" => {
             eprintln!("gateway: warning: the gateway is stopped; intercepted connections will be refused");
         }

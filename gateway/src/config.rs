@@ -115,10 +115,7 @@ impl Default for InterceptConfig {
             cgroups: vec![CgroupSpec { path: PathBuf::from("ci-gateway/jobs"), create: true }],
             destinations: ["api2.cursor.sh", "api3.cursor.sh", "api4.cursor.sh", "api.cursor.com"]
                 .into_iter()
-                .map(|host| DestinationSpec {
-                    target: Target::Host(host.to_owned()),
-                    ports: vec![443, 80],
-                })
+                .map(|host| DestinationSpec { target: Target::Host(host.to_owned()), ports: vec![443, 80] })
                 .collect(),
             dns_refresh: Duration::from_secs(30),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/ci-gateway"),
@@ -271,11 +268,7 @@ impl Config {
 
     /// Parses and validates a configuration document; `path` names it in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let invalid = |field: String, reason: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            reason,
-        };
+        let invalid = |field: String, reason: String| ConfigError::Invalid { path: path.to_owned(), field, reason };
         // An empty document is a valid "all defaults" file.
         if text.trim().is_empty() {
             return Ok(Config::default());
@@ -301,7 +294,10 @@ impl Config {
             }
             let rel = cg.path.strip_prefix("/").unwrap_or(&cg.path);
             if rel.as_os_str().is_empty() {
-                return Err((field, "the root cgroup is never intercepted: it would capture every process on the host".into()));
+                return Err((
+                    field,
+                    "the root cgroup is never intercepted: it would capture every process on the host".into(),
+                ));
             }
             if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
                 return Err((field, format!("`{}` must not contain `..` or `.`", cg.path.display())));
@@ -333,7 +329,10 @@ impl Config {
             return Err(("proxy.port".into(), "port 0 is not a port".into()));
         }
         if !self.proxy.listen_v4.is_loopback() {
-            return Err(("proxy.listen_v4".into(), "must be a loopback address: jobs must not reach the proxy from outside".into()));
+            return Err((
+                "proxy.listen_v4".into(),
+                "must be a loopback address: jobs must not reach the proxy from outside".into(),
+            ));
         }
         if let Some(v6) = self.proxy.listen_v6 {
             if !v6.is_loopback() {

@@ -36,7 +36,11 @@ impl ProcessInfo {
     /// Builds the attribution of a record, reading what /proc still shows.
     pub fn from_record(record: &ConnRecord) -> ProcessInfo {
         let pid = record.tgid;
-        Self::with(record, std::fs::read_link(format!("/proc/{pid}/exe")).ok(), crate::intercept::cgroup::cgroup_of(pid))
+        Self::with(
+            record,
+            std::fs::read_link(format!("/proc/{pid}/exe")).ok(),
+            crate::intercept::cgroup::cgroup_of(pid),
+        )
     }
 
     /// Builds the attribution from what attestation already read from /proc

@@ -96,7 +96,8 @@ pub fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), OpenError> 
     if version(conn)? == supported {
         return Ok(());
     }
-    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(sqlite("starting a transaction"))?;
+    let tx =
+        Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(sqlite("starting a transaction"))?;
     // Read again under the write lock: another process may have migrated
     // between the first read and the lock.
     let found = version(&tx)?;
@@ -147,7 +148,10 @@ mod tests {
         migrate(&writer, &["CREATE TABLE t (x INTEGER);"]).expect("migrate");
         writer.execute("INSERT INTO t VALUES (1)", []).expect("insert");
         drop(open_private(&path, Duration::from_secs(1)).expect("second connection"));
-        let script = format!("import sqlite3; c=sqlite3.connect('{}'); c.execute('select count(*) from t').fetchone(); c.close()", path.display());
+        let script = format!(
+            "import sqlite3; c=sqlite3.connect('{}'); c.execute('select count(*) from t').fetchone(); c.close()",
+            path.display()
+        );
         let status = std::process::Command::new("python3").arg("-c").arg(&script).status().expect("python3");
         assert!(status.success());
         let wal = dir.path().join("x.db-wal");

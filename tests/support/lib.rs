@@ -230,12 +230,7 @@ impl TestGateway {
 
     /// Runs a gateway sub-command with this gateway's config.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(gateway_bin())
-            .arg("--config")
-            .arg(&self.config_path)
-            .args(args)
-            .output()
-            .expect("run gateway cli")
+        Command::new(gateway_bin()).arg("--config").arg(&self.config_path).args(args).output().expect("run gateway cli")
     }
 
     /// Sends `signal` to the gateway and waits for it to exit.

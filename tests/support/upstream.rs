@@ -83,7 +83,8 @@ impl Upstream {
     /// across two chunks 200 ms apart; `/leak/gzip` answers a gzip JSON
     /// document holding `leak` and a `password` field.
     pub fn start(addr: SocketAddr, pki: &TestPki) -> Upstream {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()

@@ -23,7 +23,6 @@ use super::{
     State, Verdict,
 };
 
-
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE approvals (

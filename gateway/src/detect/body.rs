@@ -26,18 +26,14 @@ pub struct BodyLimits {
 
 impl Default for BodyLimits {
     fn default() -> Self {
-        Self {
-            max_decoded: super::DEFAULT_MAX_DECODED_BODY,
-        }
+        Self { max_decoded: super::DEFAULT_MAX_DECODED_BODY }
     }
 }
 
 impl BodyLimits {
     /// The limits configured in `detect:`.
     pub fn from_config(config: &DetectConfig) -> Self {
-        Self {
-            max_decoded: config.max_decoded_body,
-        }
+        Self { max_decoded: config.max_decoded_body }
     }
 }
 
@@ -67,20 +63,15 @@ pub struct BodyScanner {
 
 impl std::fmt::Debug for BodyScanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BodyScanner")
-            .field("status", &self.status)
-            .finish()
+        f.debug_struct("BodyScanner").field("status", &self.status).finish()
     }
 }
 
 impl BodyScanner {
     /// A scanner for a body with these headers (`Content-Encoding`, `Content-Type`).
     pub fn new(detector: Arc<Detector>, headers: &HeaderMap, limits: BodyLimits) -> Self {
-        let content_type = headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let content_type =
+            headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let sink = Sink {
             parser: Parser::for_content_type(&content_type),
             segments: Segments::new(detector),
@@ -103,14 +94,11 @@ impl BodyScanner {
         for enc in encodings {
             stage = match enc.as_str() {
                 "gzip" | "x-gzip" => Stage::Gzip(Box::new(flate2::write::GzDecoder::new(stage))),
-                "deflate" => {
-                    Stage::Deflate(Box::new(DeflateAuto::Undecided(Vec::new(), Some(stage))))
-                }
+                "deflate" => Stage::Deflate(Box::new(DeflateAuto::Undecided(Vec::new(), Some(stage)))),
                 "br" => Stage::Brotli(Box::new(brotli::DecompressorWriter::new(stage, 16 * 1024))),
                 other => {
                     // Unknown encodings are scanned as they are: better than nothing.
-                    status =
-                        BodyStatus::DecodeError(format!("unsupported content-encoding `{other}`"));
+                    status = BodyStatus::DecodeError(format!("unsupported content-encoding `{other}`"));
                     stage
                 }
             };
@@ -188,9 +176,8 @@ impl DeflateAuto {
                 return Ok(());
             };
             let head = std::mem::take(head);
-            let zlib = head.len() >= 2
-                && head[0] & 0x0f == 8
-                && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
+            let zlib =
+                head.len() >= 2 && head[0] & 0x0f == 8 && (u16::from(head[0]) << 8 | u16::from(head[1])) % 31 == 0;
             *self = if zlib {
                 DeflateAuto::Zlib(flate2::write::ZlibDecoder::new(next))
             } else {
@@ -357,10 +344,7 @@ impl Parser {
     fn for_content_type(content_type: &str) -> Parser {
         let lower = content_type.to_ascii_lowercase();
         let essence = lower.split(';').next().unwrap_or("").trim();
-        if essence == "application/json"
-            || essence.ends_with("+json")
-            || essence == "application/x-ndjson"
-        {
+        if essence == "application/json" || essence.ends_with("+json") || essence == "application/x-ndjson" {
             Parser::Json(Box::default())
         } else if essence == "application/x-www-form-urlencoded" {
             Parser::Form(FormParser::default())
@@ -411,9 +395,7 @@ fn multipart_boundary(content_type: &str) -> Option<String> {
         .skip(1)
         .find_map(|param| {
             let (k, v) = param.split_once('=')?;
-            k.trim()
-                .eq_ignore_ascii_case("boundary")
-                .then(|| v.trim().trim_matches('"').to_string())
+            k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_string())
         })
         .filter(|b| !b.is_empty() && b.len() <= 200)
 }
@@ -430,29 +412,19 @@ struct Segments {
 
 impl Segments {
     fn new(detector: Arc<Detector>) -> Self {
-        Self {
-            scanner: detector.stream(),
-            marks: VecDeque::new(),
-            hits: Vec::new(),
-        }
+        Self { scanner: detector.stream(), marks: VecDeque::new(), hits: Vec::new() }
     }
 
     fn location(&self, offset: u64) -> Location {
         let idx = self.marks.partition_point(|(start, _)| *start <= offset);
-        let path = idx
-            .checked_sub(1)
-            .and_then(|i| self.marks.get(i))
-            .map_or("", |(_, p)| &**p);
+        let path = idx.checked_sub(1).and_then(|i| self.marks.get(i)).map_or("", |(_, p)| &**p);
         Location::Body(path.to_string())
     }
 
     fn collect(&mut self, detections: Vec<super::Detection>) {
         for detection in detections {
             let location = self.location(detection.start);
-            self.hits.push(Hit {
-                detection,
-                location,
-            });
+            self.hits.push(Hit { detection, location });
         }
         // Marks before the scanner's retained tail can no longer be needed, but
         // the one covering its first byte still is.
@@ -475,8 +447,7 @@ impl Emit for Segments {
             let d = self.scanner.feed(b"\n");
             self.collect(d);
         }
-        self.marks
-            .push_back((self.scanner.offset(), Arc::from(path)));
+        self.marks.push_back((self.scanner.offset(), Arc::from(path)));
     }
 
     fn data(&mut self, bytes: &[u8]) {
@@ -505,8 +476,7 @@ impl FormParser {
             if !self.pending.is_empty() {
                 self.pending.push(b);
                 if self.pending.len() == 3 {
-                    let decoded = match (hex_val(self.pending.get(1)), hex_val(self.pending.get(2)))
-                    {
+                    let decoded = match (hex_val(self.pending.get(1)), hex_val(self.pending.get(2))) {
                         (Some(h), Some(l)) => vec![h << 4 | l],
                         _ => std::mem::take(&mut self.pending),
                     };

@@ -66,11 +66,7 @@ pub fn run(config: &Config, args: &ScanArgs) -> ExitCode {
         found: 0,
         errors: 0,
     };
-    let paths = if args.paths.is_empty() {
-        vec![PathBuf::from("-")]
-    } else {
-        args.paths.clone()
-    };
+    let paths = if args.paths.is_empty() { vec![PathBuf::from("-")] } else { args.paths.clone() };
     for path in &paths {
         if path.as_os_str() == "-" {
             scan.stdin();
@@ -102,11 +98,7 @@ struct Scan<W: Write> {
 
 impl<W: Write> Scan<W> {
     fn path(&mut self, path: &Path, named: bool) {
-        let meta = match if named {
-            std::fs::metadata(path)
-        } else {
-            std::fs::symlink_metadata(path)
-        } {
+        let meta = match if named { std::fs::metadata(path) } else { std::fs::symlink_metadata(path) } {
             Ok(m) => m,
             Err(e) => return self.error(path, &e),
         };
@@ -125,11 +117,7 @@ impl<W: Write> Scan<W> {
             }
         } else if meta.is_file() {
             if meta.len() > self.max_file_size {
-                eprintln!(
-                    "gateway scan: {}: skipped, larger than {} bytes",
-                    path.display(),
-                    self.max_file_size
-                );
+                eprintln!("gateway scan: {}: skipped, larger than {} bytes", path.display(), self.max_file_size);
                 return;
             }
             match std::fs::read(path) {
@@ -190,11 +178,7 @@ impl<W: Write> Scan<W> {
             });
             writeln!(self.out, "{obj}")
         } else {
-            writeln!(
-                self.out,
-                "{name}:{line}:{column}: {} ({}) {fingerprint} {preview}",
-                d.rule_id, d.confidence
-            )
+            writeln!(self.out, "{name}:{line}:{column}: {} ({}) {fingerprint} {preview}", d.rule_id, d.confidence)
         };
         if result.is_err() {
             self.errors += 1;
@@ -223,12 +207,7 @@ struct LineIndex {
 
 impl LineIndex {
     fn push(&mut self, base: u64, data: &[u8]) {
-        self.newlines.extend(
-            data.iter()
-                .enumerate()
-                .filter(|(_, &b)| b == b'\n')
-                .map(|(i, _)| base + i as u64),
-        );
+        self.newlines.extend(data.iter().enumerate().filter(|(_, &b)| b == b'\n').map(|(i, _)| base + i as u64));
     }
 
     fn prune(&mut self, keep_from: u64) {
@@ -243,9 +222,7 @@ impl LineIndex {
     /// 1-based line and column (in bytes) of `offset`.
     fn position(&self, offset: u64) -> (u64, u64) {
         let before = self.newlines.partition_point(|&nl| nl < offset);
-        let line_start = before
-            .checked_sub(1)
-            .map_or(self.dropped_line_start, |i| self.newlines[i] + 1);
+        let line_start = before.checked_sub(1).map_or(self.dropped_line_start, |i| self.newlines[i] + 1);
         (self.dropped + before as u64 + 1, offset - line_start + 1)
     }
 }

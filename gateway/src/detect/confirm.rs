@@ -107,11 +107,7 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if SYNTAX.iter().any(|s| contains(&lower, s)) {
         return true;
     }
-    if secret[0] == b'$'
-        && secret
-            .get(1)
-            .is_some_and(|b| b.is_ascii_uppercase() || *b == b'_')
-    {
+    if secret[0] == b'$' && secret.get(1).is_some_and(|b| b.is_ascii_uppercase() || *b == b'_') {
         return true;
     }
     if secret.len() > 2 && secret[0] == b'%' && secret[secret.len() - 1] == b'%' {
@@ -121,10 +117,7 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
         return true;
     }
     // Masked or filler runs: xxxxxx, ******, ......, ######.
-    if [b'x', b'*', b'.', b'#']
-        .iter()
-        .any(|&c| has_run(&lower, c, 6))
-    {
+    if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
         return true;
     }
     // A value dominated by one character (aaaa…, 0000…) is filler, not a key.
@@ -208,9 +201,7 @@ fn jwt_ok(secret: &[u8]) -> bool {
     match serde_json::from_slice::<serde_json::Value>(&decoded) {
         Ok(serde_json::Value::Object(map)) => {
             // `alg: none` tokens are unsigned test fixtures, not credentials.
-            map.get("alg")
-                .and_then(|a| a.as_str())
-                .is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+            map.get("alg").and_then(|a| a.as_str()).is_some_and(|a| !a.eq_ignore_ascii_case("none"))
         }
         _ => false,
     }
@@ -308,9 +299,7 @@ mod tests {
     fn basic_auth() {
         let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         assert!(basic_auth_ok(enc("ci:Zx8Q2mL0pR7vT4nB").as_bytes()));
-        assert!(basic_auth_ok(
-            enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()
-        ));
+        assert!(basic_auth_ok(enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()));
         assert!(!basic_auth_ok(enc("user:password").as_bytes()));
         assert!(!basic_auth_ok(enc("user").as_bytes()));
     }

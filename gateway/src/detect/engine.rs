@@ -32,9 +32,7 @@ pub struct Detector {
 
 impl std::fmt::Debug for Detector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Detector")
-            .field("rules", &self.rules.len())
-            .finish()
+        f.debug_struct("Detector").field("rules", &self.rules.len()).finish()
     }
 }
 
@@ -53,19 +51,11 @@ impl Detector {
     pub fn new(config: &DetectConfig) -> Result<Detector, DetectError> {
         let mut specs: Vec<(String, RuleSpec)> = Vec::new();
         if config.builtin_rules {
-            specs.extend(
-                rules::builtin_specs()?
-                    .into_iter()
-                    .map(|s| (BUILTIN_SOURCE.to_string(), s)),
-            );
+            specs.extend(rules::builtin_specs()?.into_iter().map(|s| (BUILTIN_SOURCE.to_string(), s)));
         }
         if let Some(path) = &config.custom_rules {
             let source = path.display().to_string();
-            specs.extend(
-                rules::load_rule_file(path)?
-                    .into_iter()
-                    .map(|s| (source.clone(), s)),
-            );
+            specs.extend(rules::load_rule_file(path)?.into_iter().map(|s| (source.clone(), s)));
         }
         for id in &config.disabled_rules {
             if !specs.iter().any(|(_, s)| &s.id == id) {
@@ -87,21 +77,16 @@ impl Detector {
         let mut compiled = Vec::with_capacity(specs.len());
         let mut patterns = Vec::with_capacity(specs.len());
         for (i, (source, spec)) in specs.iter().enumerate() {
-            let rule_err = |reason: String| DetectError::Rule {
-                source_name: source.clone(),
-                rule: spec.id.clone(),
-                reason,
-            };
+            let rule_err =
+                |reason: String| DetectError::Rule { source_name: source.clone(), rule: spec.id.clone(), reason };
             if !seen.insert(spec.id.as_str()) {
                 return Err(rule_err("duplicate rule id".into()));
             }
-            let mut pattern = Pattern::new(spec.pattern.as_str())
-                .map_err(|e| rule_err(format!("pattern: {e}")))?;
+            let mut pattern = Pattern::new(spec.pattern.as_str()).map_err(|e| rule_err(format!("pattern: {e}")))?;
             pattern.id = Some(i);
             // Validates the expression on its own so errors name the rule.
-            let info = pattern.info().map_err(|e| {
-                rule_err(format!("pattern is not a valid Hyperscan expression: {e}"))
-            })?;
+            let info =
+                pattern.info().map_err(|e| rule_err(format!("pattern is not a valid Hyperscan expression: {e}")))?;
             if info.min_width() == 0 {
                 return Err(rule_err("pattern can match the empty string".into()));
             }
@@ -111,18 +96,11 @@ impl Detector {
         let db = if patterns.is_empty() {
             None
         } else {
-            let db: BlockDatabase = Patterns(patterns)
-                .build()
-                .map_err(|e| DetectError::Hyperscan(e.to_string()))?;
+            let db: BlockDatabase = Patterns(patterns).build().map_err(|e| DetectError::Hyperscan(e.to_string()))?;
             Some(db)
         };
         let tail = compiled.iter().map(|r| r.lookback).max().unwrap_or(0) + KEYWORD_CONTEXT;
-        let detector = Detector {
-            rules: compiled,
-            db,
-            scratch: Mutex::new(Vec::new()),
-            tail,
-        };
+        let detector = Detector { rules: compiled, db, scratch: Mutex::new(Vec::new()), tail };
         // Fail at startup, not on the first request, if scratch cannot be had.
         let scratch = detector.take_scratch()?;
         detector.put_scratch(scratch);
@@ -141,10 +119,7 @@ impl Detector {
 
     /// Human-readable name of a rule.
     pub fn rule_name(&self, id: &str) -> Option<&str> {
-        self.rules
-            .iter()
-            .find(|r| &*r.id == id)
-            .map(|r| r.name.as_str())
+        self.rules.iter().find(|r| &*r.id == id).map(|r| r.name.as_str())
     }
 
     /// The rules' prefilter patterns (e.g. to benchmark other engines on them).
@@ -172,9 +147,7 @@ impl Detector {
         let pooled = self.scratch.lock().unwrap_or_else(|e| e.into_inner()).pop();
         match (pooled, &self.db) {
             (Some(s), _) => Ok(s),
-            (None, Some(db)) => db
-                .alloc_scratch()
-                .map_err(|e| DetectError::Hyperscan(e.to_string())),
+            (None, Some(db)) => db.alloc_scratch().map_err(|e| DetectError::Hyperscan(e.to_string())),
             (None, None) => Err(DetectError::Hyperscan("no database".into())),
         }
     }
@@ -217,9 +190,7 @@ impl Detector {
         let windows = match self.prefilter(data) {
             Some(hits) => self.windows(data.len(), &hits),
             // Degraded but still correct: every rule over the whole buffer.
-            None if self.db.is_some() => (0..self.rules.len())
-                .map(|r| (r, 0, data.len(), false))
-                .collect(),
+            None if self.db.is_some() => (0..self.rules.len()).map(|r| (r, 0, data.len(), false)).collect(),
             None => Vec::new(),
         };
         for (rule_idx, start, end, cut) in windows {
@@ -228,10 +199,7 @@ impl Detector {
             }
             self.confirm(rule_idx, data, start, end, &mut found);
         }
-        ScanOutcome {
-            detections: resolve_overlaps(found),
-            incomplete_from,
-        }
+        ScanOutcome { detections: resolve_overlaps(found), incomplete_from }
     }
 
     /// Merged confirm windows `(rule, start, end, cut_by_buffer_end)` per rule.
@@ -244,11 +212,7 @@ impl Detector {
             };
             let start = end.saturating_sub(rule.lookback + KEYWORD_CONTEXT);
             let wanted = end.saturating_add(rule.window);
-            let (stop, cut) = if wanted >= len {
-                (len, true)
-            } else {
-                (wanted, false)
-            };
+            let (stop, cut) = if wanted >= len { (len, true) } else { (wanted, false) };
             match out.last_mut() {
                 Some(last) if last.0 == rule_idx && start <= last.2 => {
                     last.2 = last.2.max(stop);
@@ -260,14 +224,7 @@ impl Detector {
         out
     }
 
-    fn confirm(
-        &self,
-        rule_idx: usize,
-        data: &[u8],
-        start: usize,
-        stop: usize,
-        found: &mut Vec<(usize, Detection)>,
-    ) {
+    fn confirm(&self, rule_idx: usize, data: &[u8], start: usize, stop: usize, found: &mut Vec<(usize, Detection)>) {
         let rule = &self.rules[rule_idx];
         let hay = &data[..stop];
         let mut pos = start;
@@ -276,11 +233,7 @@ impl Detector {
                 break;
             };
             let Some(whole) = caps.get(0) else { break };
-            pos = if whole.end() > whole.start() {
-                whole.end()
-            } else {
-                whole.start() + 1
-            };
+            pos = if whole.end() > whole.start() { whole.end() } else { whole.start() + 1 };
             // A match running into an artificial window edge may be truncated.
             if whole.end() == stop && stop < data.len() {
                 continue;
@@ -302,10 +255,7 @@ impl Detector {
                 continue;
             }
             if let Some(check) = rule.check {
-                let user = rule
-                    .user_group
-                    .and_then(|g| caps.get(g))
-                    .map(|u| u.as_bytes());
+                let user = rule.user_group.and_then(|g| caps.get(g)).map(|u| u.as_bytes());
                 if !check.passes(secret, user) {
                     continue;
                 }
@@ -349,9 +299,5 @@ fn resolve_overlaps(mut found: Vec<(usize, Detection)>) -> Vec<Detection> {
             }
         }
     }
-    found
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(f, k)| k.then_some(f.1))
-        .collect()
+    found.into_iter().zip(keep).filter_map(|(f, k)| k.then_some(f.1)).collect()
 }

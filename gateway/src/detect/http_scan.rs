@@ -67,10 +67,7 @@ pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &Head
     let mut seen: HashSet<(Arc<str>, Secret)> = HashSet::new();
     let mut push = |hits: &mut Vec<Hit>, detection: Detection, location: Location| {
         if seen.insert((Arc::clone(&detection.rule_id), detection.secret.clone())) {
-            hits.push(Hit {
-                detection,
-                location,
-            });
+            hits.push(Hit { detection, location });
         }
     };
 
@@ -80,10 +77,7 @@ pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &Head
     if let Some(query) = uri.query() {
         for field in query.split('&').filter(|f| !f.is_empty()) {
             let decoded = percent_decode(field.as_bytes(), true);
-            let name_len = decoded
-                .iter()
-                .position(|&b| b == b'=')
-                .unwrap_or(decoded.len());
+            let name_len = decoded.iter().position(|&b| b == b'=').unwrap_or(decoded.len());
             let name = String::from_utf8_lossy(&decoded[..name_len]).into_owned();
             // Scanned as `name=value` so assignment rules see the parameter name.
             for d in detector.scan(&decoded) {
@@ -169,15 +163,9 @@ fn parse_authorization(value: &[u8]) -> Option<Auth> {
     }
     if scheme.eq_ignore_ascii_case(b"basic") {
         if let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(rest) {
-            let colon = decoded
-                .iter()
-                .position(|&b| b == b':')
-                .unwrap_or(decoded.len());
+            let colon = decoded.iter().position(|&b| b == b':').unwrap_or(decoded.len());
             let password = decoded.get(colon + 1..).unwrap_or_default().to_vec();
-            return Some(Auth::Basic {
-                user: decoded[..colon].to_vec(),
-                password,
-            });
+            return Some(Auth::Basic { user: decoded[..colon].to_vec(), password });
         }
     }
     Some(Auth::Token(rest.to_vec()))
@@ -222,15 +210,7 @@ const KEY_HEADERS: &[&str] = &[
 ];
 
 /// Name parts that mark anti-forgery or tracing tokens rather than credentials.
-const NOT_CREDENTIAL_PARTS: &[&str] = &[
-    "csrf",
-    "xsrf",
-    "request",
-    "trace",
-    "correlation",
-    "idempotency",
-    "nonce",
-];
+const NOT_CREDENTIAL_PARTS: &[&str] = &["csrf", "xsrf", "request", "trace", "correlation", "idempotency", "nonce"];
 
 fn is_key_header(name: &str) -> bool {
     if KEY_HEADERS.contains(&name) {
@@ -239,16 +219,7 @@ fn is_key_header(name: &str) -> bool {
     if NOT_CREDENTIAL_PARTS.iter().any(|p| name.contains(p)) {
         return false;
     }
-    [
-        "api-key",
-        "apikey",
-        "access-key",
-        "secret",
-        "-token",
-        "-auth-key",
-    ]
-    .iter()
-    .any(|p| name.contains(p))
+    ["api-key", "apikey", "access-key", "secret", "-token", "-auth-key"].iter().any(|p| name.contains(p))
 }
 
 /// Every credential presented in authentication headers, whatever its format:
@@ -268,9 +239,7 @@ pub fn auth_credentials(headers: &HeaderMap) -> Vec<(Location, Secret)> {
                 Some(Auth::Basic { user, .. }) if !user.is_empty() => {
                     out.push((Location::BasicAuthUser(lname), Secret::new(&user)));
                 }
-                Some(Auth::Token(token)) => {
-                    out.push((Location::Header(lname), Secret::new(&token)))
-                }
+                Some(Auth::Token(token)) => out.push((Location::Header(lname), Secret::new(&token))),
                 _ => {}
             }
         } else if is_key_header(&lname) {
@@ -287,11 +256,7 @@ pub fn auth_credentials(headers: &HeaderMap) -> Vec<(Location, Secret)> {
 /// `is_issued` does not claim as the gateway's own, as hits of rule
 /// [`UNKNOWN_AUTH_RULE`]: a static credential in an unknown format. Medium
 /// confidence when long and random-looking, low otherwise.
-pub fn unknown_credentials(
-    detector: &Detector,
-    headers: &HeaderMap,
-    is_issued: impl Fn(&Secret) -> bool,
-) -> Vec<Hit> {
+pub fn unknown_credentials(detector: &Detector, headers: &HeaderMap, is_issued: impl Fn(&Secret) -> bool) -> Vec<Hit> {
     let rule_id: Arc<str> = Arc::from(UNKNOWN_AUTH_RULE);
     auth_credentials(headers)
         .into_iter()
@@ -300,19 +265,12 @@ pub fn unknown_credentials(
             let strong = secret.len() >= 16 && shannon_entropy(secret.as_bytes()) >= 3.0;
             let detection = Detection {
                 rule_id: Arc::clone(&rule_id),
-                confidence: if strong {
-                    Confidence::Medium
-                } else {
-                    Confidence::Low
-                },
+                confidence: if strong { Confidence::Medium } else { Confidence::Low },
                 start: 0,
                 end: secret.len() as u64,
                 secret,
             };
-            Hit {
-                detection,
-                location,
-            }
+            Hit { detection, location }
         })
         .collect()
 }

@@ -95,9 +95,7 @@ impl JsonLexer {
                     self.stack.push(Frame::Array { index: 0 });
                     self.state = State::Value;
                 }
-                (State::Key | State::After | State::Value, b'}' | b']')
-                    if !self.stack.is_empty() =>
-                {
+                (State::Key | State::After | State::Value, b'}' | b']') if !self.stack.is_empty() => {
                     self.stack.pop();
                     self.state = State::After;
                 }
@@ -120,9 +118,7 @@ impl JsonLexer {
                     self.begin_value(sink);
                     self.state = State::Str;
                 }
-                (State::Value | State::After, b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-                    self.state = State::Literal
-                }
+                (State::Value | State::After, b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => self.state = State::Literal,
                 _ => return Err(i),
             }
         }
@@ -153,10 +149,7 @@ impl JsonLexer {
         for frame in self.stack.iter().take(MAX_DEPTH) {
             match frame {
                 Frame::Object { key }
-                    if !key.is_empty()
-                        && key
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
+                    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
                 {
                     path.push('.');
                     path.push_str(key);
@@ -195,10 +188,7 @@ impl JsonLexer {
                     b'b' => 0x08,
                     b'f' => 0x0c,
                     b'u' => {
-                        self.escape = Escape::Unicode {
-                            digits: 0,
-                            value: 0,
-                        };
+                        self.escape = Escape::Unicode { digits: 0, value: 0 };
                         return;
                     }
                     other => other,
@@ -214,10 +204,7 @@ impl JsonLexer {
                 };
                 let value = value << 4 | u16::from(v);
                 if digits < 3 {
-                    self.escape = Escape::Unicode {
-                        digits: digits + 1,
-                        value,
-                    };
+                    self.escape = Escape::Unicode { digits: digits + 1, value };
                 } else {
                     self.escape = Escape::None;
                     self.code_unit(value, sink);
@@ -232,9 +219,9 @@ impl JsonLexer {
                 self.high_surrogate = Some(unit);
                 return;
             }
-            (Some(high), 0xDC00..=0xDFFF) => char::from_u32(
-                0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00),
-            ),
+            (Some(high), 0xDC00..=0xDFFF) => {
+                char::from_u32(0x10000 + ((u32::from(high) - 0xD800) << 10) + (u32::from(unit) - 0xDC00))
+            }
             (Some(_), _) | (None, 0xDC00..=0xDFFF) => Some('\u{FFFD}'),
             (None, _) => char::from_u32(u32::from(unit)),
         };

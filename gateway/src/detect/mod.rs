@@ -109,9 +109,7 @@ pub enum DetectError {
 }
 
 /// How sure a rule is that a match is a live credential.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Confidence {
     /// Generic or heuristic match (e.g. `password=…` with enough entropy).

@@ -28,11 +28,7 @@ impl MultipartParser {
         let mut delimiter = b"\r\n--".to_vec();
         delimiter.extend_from_slice(boundary.as_bytes());
         // The first delimiter has no CRLF before it; pretend it has one.
-        Self {
-            delimiter,
-            state: State::Preamble,
-            buf: b"\r\n".to_vec(),
-        }
+        Self { delimiter, state: State::Preamble, buf: b"\r\n".to_vec() }
     }
 
     pub(crate) fn feed(&mut self, data: &[u8], sink: &mut impl Emit) {
@@ -141,9 +137,7 @@ impl MultipartParser {
 /// The `name` parameter of `Content-Disposition`.
 fn part_name(headers: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(headers);
-    let line = text
-        .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))?;
+    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"))?;
     line.split(';').skip(1).find_map(|param| {
         let (k, v) = param.split_once('=')?;
         (k.trim().eq_ignore_ascii_case("name")).then(|| {

@@ -101,30 +101,23 @@ pub struct Rule {
 
 impl fmt::Debug for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Rule")
-            .field("id", &self.id)
-            .field("confidence", &self.confidence)
-            .finish()
+        f.debug_struct("Rule").field("id", &self.id).field("confidence", &self.confidence).finish()
     }
 }
 
 /// Parses a rule file's text; `source` names it in errors.
 pub fn parse_rule_file(source: &str, text: &str) -> Result<Vec<RuleSpec>, DetectError> {
     let de = serde_yaml_ng::Deserializer::from_str(text);
-    let file: RuleFile =
-        serde_path_to_error::deserialize(de).map_err(|e| DetectError::RuleFile {
-            source_name: source.to_string(),
-            reason: format!("{}: {}", e.path(), e.inner()),
-        })?;
+    let file: RuleFile = serde_path_to_error::deserialize(de).map_err(|e| DetectError::RuleFile {
+        source_name: source.to_string(),
+        reason: format!("{}: {}", e.path(), e.inner()),
+    })?;
     Ok(file.rules)
 }
 
 /// Reads and parses a custom rule file.
 pub fn load_rule_file(path: &Path) -> Result<Vec<RuleSpec>, DetectError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DetectError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| DetectError::Io { path: path.to_path_buf(), source })?;
     parse_rule_file(&path.display().to_string(), &text)
 }
 
@@ -136,25 +129,10 @@ pub fn builtin_specs() -> Result<Vec<RuleSpec>, DetectError> {
 impl RuleSpec {
     /// Validates and compiles the rule; `source` names its file in errors.
     /// `prefilter_max_width` is Hyperscan's maximum match width of `pattern`.
-    pub(crate) fn compile(
-        &self,
-        source: &str,
-        prefilter_max_width: usize,
-    ) -> Result<Rule, DetectError> {
-        let err = |reason: String| DetectError::Rule {
-            source_name: source.to_string(),
-            rule: self.id.clone(),
-            reason,
-        };
-        if self.id.is_empty()
-            || !self
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return Err(err(
-                "id must be non-empty lowercase letters, digits and '-'".into(),
-            ));
+    pub(crate) fn compile(&self, source: &str, prefilter_max_width: usize) -> Result<Rule, DetectError> {
+        let err = |reason: String| DetectError::Rule { source_name: source.to_string(), rule: self.id.clone(), reason };
+        if self.id.is_empty() || !self.id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            return Err(err("id must be non-empty lowercase letters, digits and '-'".into()));
         }
         if self.pattern.is_empty() {
             return Err(err("pattern is empty".into()));
@@ -166,9 +144,7 @@ impl RuleSpec {
         }
         let window = self.window.unwrap_or(DEFAULT_WINDOW);
         if window > MAX_WINDOW {
-            return Err(err(format!(
-                "window {window} exceeds the maximum {MAX_WINDOW}"
-            )));
+            return Err(err(format!("window {window} exceeds the maximum {MAX_WINDOW}")));
         }
         if self.keywords.iter().any(|k| k.is_empty()) {
             return Err(err("keywords must not be empty strings".into()));
@@ -186,15 +162,11 @@ impl RuleSpec {
             .build()
             .map_err(|e| err(format!("confirm regex does not compile: {e}")))?;
         let names: Vec<Option<&str>> = confirm.capture_names().collect();
-        let secret_group = names
-            .iter()
-            .position(|n| *n == Some("secret"))
-            .unwrap_or(if names.len() > 1 { 1 } else { 0 });
+        let secret_group =
+            names.iter().position(|n| *n == Some("secret")).unwrap_or(if names.len() > 1 { 1 } else { 0 });
         let user_group = names.iter().position(|n| *n == Some("user"));
         if self.check == Some(Check::Userinfo) && user_group.is_none() {
-            return Err(err(
-                "check `userinfo` needs a confirm regex with a `user` group".into(),
-            ));
+            return Err(err("check `userinfo` needs a confirm regex with a `user` group".into()));
         }
         let lookback = prefilter_max_width.min(MAX_LOOKBACK);
         Ok(Rule {
@@ -204,11 +176,7 @@ impl RuleSpec {
             confirm,
             secret_group,
             user_group,
-            keywords: self
-                .keywords
-                .iter()
-                .map(|k| k.to_ascii_lowercase().into_bytes())
-                .collect(),
+            keywords: self.keywords.iter().map(|k| k.to_ascii_lowercase().into_bytes()).collect(),
             entropy: self.entropy,
             confidence: self.confidence,
             check: self.check,

@@ -92,10 +92,7 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Secret")
-            .field("len", &self.0.len())
-            .field("preview", &self.preview())
-            .finish()
+        f.debug_struct("Secret").field("len", &self.0.len()).field("preview", &self.preview()).finish()
     }
 }
 
@@ -155,27 +152,17 @@ impl FingerprintKey {
         let key = Self::ephemeral();
         let created = {
             use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)
         };
         match created {
             Ok(mut file) => {
                 file.write_all(&key.0)
                     .and_then(|()| file.sync_all())
-                    .map_err(|source| DetectError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    .map_err(|source| DetectError::Io { path: path.clone(), source })?;
                 Ok(key)
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let bytes = std::fs::read(&path).map_err(|source| DetectError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+                let bytes = std::fs::read(&path).map_err(|source| DetectError::Io { path: path.clone(), source })?;
                 Self::parse(&path, &bytes)
             }
             Err(source) => Err(DetectError::Io { path, source }),
@@ -203,11 +190,7 @@ mod tests {
         assert_eq!(Secret::new(b"abc").preview(), "…");
         for len in 0..40 {
             let v = vec![b'z'; len];
-            let shown = Secret::new(&v)
-                .preview()
-                .chars()
-                .filter(|c| *c == 'z')
-                .count();
+            let shown = Secret::new(&v).preview().chars().filter(|c| *c == 'z').count();
             assert!(shown * 2 <= len, "len {len} shows {shown}");
         }
     }
@@ -239,10 +222,7 @@ mod tests {
         let k1 = FingerprintKey::load_or_create(dir.path()).unwrap();
         let k2 = FingerprintKey::load_or_create(dir.path()).unwrap();
         assert_eq!(k1.0, k2.0);
-        let mode = std::fs::metadata(FingerprintKey::path(dir.path()))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(FingerprintKey::path(dir.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

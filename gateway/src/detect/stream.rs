@@ -29,22 +29,14 @@ pub struct StreamScanner {
 
 impl std::fmt::Debug for StreamScanner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamScanner")
-            .field("offset", &self.offset())
-            .field("tail", &self.buf.len())
-            .finish()
+        f.debug_struct("StreamScanner").field("offset", &self.offset()).field("tail", &self.buf.len()).finish()
     }
 }
 
 impl StreamScanner {
     /// A scanner at offset 0.
     pub fn new(detector: Arc<Detector>) -> Self {
-        Self {
-            detector,
-            buf: Vec::new(),
-            base: 0,
-            reported: HashSet::new(),
-        }
+        Self { detector, buf: Vec::new(), base: 0, reported: HashSet::new() }
     }
 
     /// Total bytes fed so far.
@@ -99,10 +91,7 @@ impl StreamScanner {
             }
             d.start += self.base;
             d.end += self.base;
-            if self
-                .reported
-                .insert((Arc::clone(&d.rule_id), d.start, d.end))
-            {
+            if self.reported.insert((Arc::clone(&d.rule_id), d.start, d.end)) {
                 out.push(d);
             }
         }
@@ -146,10 +135,7 @@ mod tests {
                     found.extend(s.feed(c));
                 }
                 found.extend(s.finish());
-                let ghs: Vec<_> = found
-                    .iter()
-                    .filter(|d| &*d.rule_id == "github-pat")
-                    .collect();
+                let ghs: Vec<_> = found.iter().filter(|d| &*d.rule_id == "github-pat").collect();
                 assert_eq!(ghs.len(), 1, "split {split} chunk {chunk_size}: {found:?}");
                 assert_eq!(ghs[0].start, start);
                 assert_eq!(ghs[0].end, start + token.len() as u64);
@@ -189,13 +175,6 @@ mod tests {
             found.extend(s.feed(c));
         }
         found.extend(s.finish());
-        assert_eq!(
-            found
-                .iter()
-                .filter(|d| &*d.rule_id == "private-key")
-                .count(),
-            1,
-            "{found:?}"
-        );
+        assert_eq!(found.iter().filter(|d| &*d.rule_id == "private-key").count(), 1, "{found:?}");
     }
 }

@@ -13,12 +13,7 @@ use super::{
 
 fn redact(s: &str) -> String {
     let secret = Secret::new(s.as_bytes());
-    format!(
-        "{} ({} bytes, {})",
-        secret.preview(),
-        s.len(),
-        secret.fingerprint(&FingerprintKey::from_bytes([7; 32]))
-    )
+    format!("{} ({} bytes, {})", secret.preview(), s.len(), secret.fingerprint(&FingerprintKey::from_bytes([7; 32])))
 }
 
 fn detector() -> Arc<Detector> {
@@ -41,44 +36,20 @@ fn every_rule_detects_its_examples_and_no_rule_detects_negatives() {
             failures.push(format!("{}: no examples", spec.id));
         }
         for ex in &spec.examples {
-            if !det
-                .scan(ex.as_bytes())
-                .iter()
-                .any(|d| *d.rule_id == *spec.id)
-            {
-                let got: Vec<String> = det
-                    .scan(ex.as_bytes())
-                    .iter()
-                    .map(|d| d.rule_id.to_string())
-                    .collect();
-                failures.push(format!(
-                    "{}: example {} not detected (got {got:?})",
-                    spec.id,
-                    redact(ex)
-                ));
+            if !det.scan(ex.as_bytes()).iter().any(|d| *d.rule_id == *spec.id) {
+                let got: Vec<String> = det.scan(ex.as_bytes()).iter().map(|d| d.rule_id.to_string()).collect();
+                failures.push(format!("{}: example {} not detected (got {got:?})", spec.id, redact(ex)));
             }
         }
         for neg in &spec.negatives {
             let found = det.scan(neg.as_bytes());
             if !found.is_empty() {
-                let by: Vec<String> = found
-                    .iter()
-                    .map(|d| format!("{} {}", d.rule_id, d.secret.preview()))
-                    .collect();
-                failures.push(format!(
-                    "{}: negative {} detected by {by:?}",
-                    spec.id,
-                    redact(neg)
-                ));
+                let by: Vec<String> = found.iter().map(|d| format!("{} {}", d.rule_id, d.secret.preview())).collect();
+                failures.push(format!("{}: negative {} detected by {by:?}", spec.id, redact(neg)));
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} failures:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -89,9 +60,7 @@ fn examples_survive_embedding_in_traffic() {
         for ex in &spec.examples {
             let text = format!("GET /x HTTP/1.1\nhost: a\n\nlead text {ex} trailing text\n");
             assert!(
-                det.scan(text.as_bytes())
-                    .iter()
-                    .any(|d| *d.rule_id == *spec.id),
+                det.scan(text.as_bytes()).iter().any(|d| *d.rule_id == *spec.id),
                 "{}: {} not found in context",
                 spec.id,
                 redact(ex)
@@ -117,11 +86,7 @@ fn concurrent_scans_share_one_detector() {
         .map(|_| {
             let det = Arc::clone(&det);
             let data = format!("k={token}\n").repeat(50);
-            std::thread::spawn(move || {
-                (0..50)
-                    .map(|_| det.scan(data.as_bytes()).len())
-                    .collect::<Vec<_>>()
-            })
+            std::thread::spawn(move || (0..50).map(|_| det.scan(data.as_bytes()).len()).collect::<Vec<_>>())
         })
         .collect();
     for h in handles {
@@ -145,62 +110,34 @@ fn custom_rules_and_disabled_rules() {
     let (_dir, path) = write_rules(
         "rules:\n- id: acme-token\n  pattern: 'acme_[a-z0-9]{24}'\n  keywords: [acme_]\n  entropy: 3.0\n  confidence: high\n",
     );
-    let config = DetectConfig {
-        custom_rules: Some(path),
-        disabled_rules: vec!["cursor-api-key".into()],
-        ..Default::default()
-    };
+    let config =
+        DetectConfig { custom_rules: Some(path), disabled_rules: vec!["cursor-api-key".into()], ..Default::default() };
     let det = Detector::new(&config).unwrap();
     assert_eq!(det.rule_count(), detector().rule_count());
     let found = det.scan(b"ACME=acme_k3j4h5g6f7d8s9a0q1w2e3r4 and ".as_slice());
-    assert_eq!(
-        found.iter().map(|d| &*d.rule_id).collect::<Vec<_>>(),
-        ["acme-token"]
-    );
+    assert_eq!(found.iter().map(|d| &*d.rule_id).collect::<Vec<_>>(), ["acme-token"]);
     assert!(det.scan(cursor_key().as_bytes()).is_empty());
 }
 
 #[test]
 fn invalid_custom_rules_name_file_rule_and_reason() {
     let (_dir, path) = write_rules("rules:\n- id: broken\n  pattern: 'abc(['\n");
-    let err = Detector::new(&DetectConfig {
-        custom_rules: Some(path.clone()),
-        ..Default::default()
-    })
-    .unwrap_err();
+    let err = Detector::new(&DetectConfig { custom_rules: Some(path.clone()), ..Default::default() }).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, DetectError::Rule { .. }), "{msg}");
-    assert!(
-        msg.contains(&path.display().to_string()) && msg.contains("broken"),
-        "{msg}"
-    );
+    assert!(msg.contains(&path.display().to_string()) && msg.contains("broken"), "{msg}");
 
     let (_dir, path) = write_rules("rules:\n- id: x\n  pattern: 'abc'\n  entropy: high\n");
-    let msg = Detector::new(&DetectConfig {
-        custom_rules: Some(path.clone()),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(
-        msg.contains(&path.display().to_string()) && msg.contains("entropy"),
-        "{msg}"
-    );
+    let msg = Detector::new(&DetectConfig { custom_rules: Some(path.clone()), ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains(&path.display().to_string()) && msg.contains("entropy"), "{msg}");
 
     let (_dir, path) = write_rules("rules:\n- id: github-pat\n  pattern: 'abcdef'\n");
-    let msg = Detector::new(&DetectConfig {
-        custom_rules: Some(path),
-        ..Default::default()
-    })
-    .unwrap_err()
-    .to_string();
+    let msg = Detector::new(&DetectConfig { custom_rules: Some(path), ..Default::default() }).unwrap_err().to_string();
     assert!(msg.contains("duplicate"), "{msg}");
 
-    let err = Detector::new(&DetectConfig {
-        disabled_rules: vec!["nope".into()],
-        ..Default::default()
-    })
-    .unwrap_err();
+    let err = Detector::new(&DetectConfig { disabled_rules: vec!["nope".into()], ..Default::default() }).unwrap_err();
     assert!(err.to_string().contains("nope"));
 }
 
@@ -208,40 +145,17 @@ fn invalid_custom_rules_name_file_rule_and_reason() {
 fn head_scanning_covers_query_headers_and_basic_auth() {
     let det = detector();
     let key = cursor_key();
-    let uri: Uri = format!(
-        "/v1/things?api_key={}&x=1",
-        key.replacen("key_", "key%5F", 1)
-    )
-    .parse()
-    .unwrap();
+    let uri: Uri = format!("/v1/things?api_key={}&x=1", key.replacen("key_", "key%5F", 1)).parse().unwrap();
     let mut headers = HeaderMap::new();
     let other_key = key.replace('3', "7");
     let basic = base64::engine::general_purpose::STANDARD.encode(format!("{other_key}:"));
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Basic {basic}")).unwrap(),
-    );
-    headers.insert(
-        "x-api-key",
-        HeaderValue::from_static("Zx8Q2mL0pR7vT4nB6wK1yH3jQ9"),
-    );
+    headers.insert("authorization", HeaderValue::from_str(&format!("Basic {basic}")).unwrap());
+    headers.insert("x-api-key", HeaderValue::from_static("Zx8Q2mL0pR7vT4nB6wK1yH3jQ9"));
     let hits = http_scan::scan_head(&det, &Method::GET, &uri, &headers);
-    let locs: Vec<String> = hits
-        .iter()
-        .map(|h| format!("{} {}", h.detection.rule_id, h.location))
-        .collect();
-    assert!(
-        locs.contains(&"cursor-api-key query:api_key".to_string()),
-        "{locs:?}"
-    );
-    assert!(
-        locs.contains(&"cursor-api-key header:authorization:basic-user".to_string()),
-        "{locs:?}"
-    );
-    assert!(
-        locs.contains(&"generic-api-key header:x-api-key".to_string()),
-        "{locs:?}"
-    );
+    let locs: Vec<String> = hits.iter().map(|h| format!("{} {}", h.detection.rule_id, h.location)).collect();
+    assert!(locs.contains(&"cursor-api-key query:api_key".to_string()), "{locs:?}");
+    assert!(locs.contains(&"cursor-api-key header:authorization:basic-user".to_string()), "{locs:?}");
+    assert!(locs.contains(&"generic-api-key header:x-api-key".to_string()), "{locs:?}");
     // The raw request line repeats the query secret: each secret is reported once.
     assert_eq!(hits.len(), 3, "{locs:?}");
 }
@@ -250,31 +164,16 @@ fn head_scanning_covers_query_headers_and_basic_auth() {
 fn bearer_and_unknown_credentials() {
     let det = detector();
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {}", cursor_key())).unwrap(),
-    );
-    headers.insert(
-        "private-token",
-        HeaderValue::from_static("opaque-Format-7Hq2Lx9Vz3Kp"),
-    );
-    headers.insert(
-        "x-csrf-token",
-        HeaderValue::from_static("not-a-credential-123456"),
-    );
+    headers.insert("authorization", HeaderValue::from_str(&format!("Bearer {}", cursor_key())).unwrap());
+    headers.insert("private-token", HeaderValue::from_static("opaque-Format-7Hq2Lx9Vz3Kp"));
+    headers.insert("x-csrf-token", HeaderValue::from_static("not-a-credential-123456"));
     let creds = http_scan::auth_credentials(&headers);
     assert_eq!(creds.len(), 2, "{creds:?}");
     let unknown = http_scan::unknown_credentials(&det, &headers, |_| false);
     assert_eq!(unknown.len(), 1);
     assert_eq!(&*unknown[0].detection.rule_id, http_scan::UNKNOWN_AUTH_RULE);
-    assert_eq!(
-        unknown[0].location,
-        Location::Header("private-token".into())
-    );
-    assert!(http_scan::unknown_credentials(&det, &headers, |s| s
-        .as_bytes()
-        .starts_with(b"opaque"))
-    .is_empty());
+    assert_eq!(unknown[0].location, Location::Header("private-token".into()));
+    assert!(http_scan::unknown_credentials(&det, &headers, |s| s.as_bytes().starts_with(b"opaque")).is_empty());
 }
 
 fn body_hits(headers: &HeaderMap, body: &[u8], chunk: usize) -> Vec<http_scan::Hit> {
@@ -304,15 +203,8 @@ fn json_body_with_escapes_reports_path() {
     let escaped = key.replacen('_', "\\u005f", 1);
     let body = format!(r#"{{"items":[1,{{"x":true}}],"auth":{{"token":"{escaped}","n":null}}}}"#);
     for chunk in [1, 5, 4096] {
-        let hits = body_hits(
-            &headers("application/json; charset=utf-8", None),
-            body.as_bytes(),
-            chunk,
-        );
-        let locs: Vec<String> = hits
-            .iter()
-            .map(|h| format!("{} {}", h.detection.rule_id, h.location))
-            .collect();
+        let hits = body_hits(&headers("application/json; charset=utf-8", None), body.as_bytes(), chunk);
+        let locs: Vec<String> = hits.iter().map(|h| format!("{} {}", h.detection.rule_id, h.location)).collect();
         assert_eq!(locs, ["cursor-api-key body:$.auth.token"], "chunk {chunk}");
     }
 }
@@ -337,20 +229,9 @@ fn compressed_bodies_are_decoded_in_chunks() {
     }
     for (enc, data) in [("gzip", gz), ("deflate", zl), ("deflate", raw), ("br", br)] {
         for chunk in [7, 1000] {
-            let hits = body_hits(
-                &headers("application/x-www-form-urlencoded", Some(enc)),
-                &data,
-                chunk,
-            );
-            let locs: Vec<String> = hits
-                .iter()
-                .map(|h| format!("{} {}", h.detection.rule_id, h.location))
-                .collect();
-            assert_eq!(
-                locs,
-                ["cursor-api-key body:form.api_key"],
-                "{enc} chunk {chunk}"
-            );
+            let hits = body_hits(&headers("application/x-www-form-urlencoded", Some(enc)), &data, chunk);
+            let locs: Vec<String> = hits.iter().map(|h| format!("{} {}", h.detection.rule_id, h.location)).collect();
+            assert_eq!(locs, ["cursor-api-key body:form.api_key"], "{enc} chunk {chunk}");
         }
     }
 }
@@ -361,11 +242,8 @@ fn decoded_size_is_capped() {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&body).unwrap();
     let gz = gz.finish().unwrap();
-    let mut scanner = BodyScanner::new(
-        detector(),
-        &headers("text/plain", Some("gzip")),
-        BodyLimits { max_decoded: 4096 },
-    );
+    let mut scanner =
+        BodyScanner::new(detector(), &headers("text/plain", Some("gzip")), BodyLimits { max_decoded: 4096 });
     scanner.feed(&gz);
     scanner.finish();
     assert_eq!(scanner.status(), super::body::BodyStatus::Truncated);
@@ -379,15 +257,8 @@ fn multipart_fields_are_located() {
         "--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--XyZ\r\nContent-Disposition: form-data; name=\"cfg\"; filename=\"a.env\"\r\nContent-Type: text/plain\r\n\r\nCURSOR={key}\n\r\n--XyZ--\r\n"
     );
     for chunk in [1, 3, 64, 4096] {
-        let hits = body_hits(
-            &headers("multipart/form-data; boundary=XyZ", None),
-            body.as_bytes(),
-            chunk,
-        );
-        let locs: Vec<String> = hits
-            .iter()
-            .map(|h| format!("{} {}", h.detection.rule_id, h.location))
-            .collect();
+        let hits = body_hits(&headers("multipart/form-data; boundary=XyZ", None), body.as_bytes(), chunk);
+        let locs: Vec<String> = hits.iter().map(|h| format!("{} {}", h.detection.rule_id, h.location)).collect();
         assert_eq!(locs, ["cursor-api-key body:multipart.cfg"], "chunk {chunk}");
     }
 }

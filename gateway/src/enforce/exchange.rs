@@ -164,11 +164,8 @@ fn refuse(conn_id: u64, reason: &str) -> http::Response<Bytes> {
 
 impl ResponseInspector for ExchangeWatch {
     fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict {
-        let encoding = parts
-            .headers
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let encoding =
+            parts.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let verdict = match &self.mask {
             Some(Err(reason)) => return ResponseVerdict::Replace(refuse(self.conn_id, reason)),
             Some(Ok(masker)) => {
@@ -233,11 +230,8 @@ impl ResponseInspector for ExchangeWatch {
         }
         let (request_body, request_body_size, findings) = {
             let capture = lock(&self.capture);
-            let body = if self.full() {
-                self.for_recording(&capture.body, capture.encoding.as_deref())
-            } else {
-                Bytes::new()
-            };
+            let body =
+                if self.full() { self.for_recording(&capture.body, capture.encoding.as_deref()) } else { Bytes::new() };
             (body, capture.total, capture.findings.clone())
         };
         let response_body = self.for_recording(&self.response_body, self.response_encoding.as_deref());

@@ -71,11 +71,7 @@ fn spec_of(rule: &MaskRule) -> MaskSpec {
             policy::MaskRules::All => MaskRules::All,
             policy::MaskRules::Only(ids) => MaskRules::Only(ids.clone()),
         },
-        patterns: rule
-            .patterns
-            .iter()
-            .map(|p| MaskPattern { name: p.name.clone(), regex: p.regex.clone() })
-            .collect(),
+        patterns: rule.patterns.iter().map(|p| MaskPattern { name: p.name.clone(), regex: p.regex.clone() }).collect(),
         json_fields: rule.json_fields.clone(),
     }
 }

@@ -23,8 +23,6 @@ pub use masks::{decode_prefix, MaskCache};
 
 use crate::{
     approval::{Approvals, NewApproval, Outcome as ApprovalOutcome},
-    policy::{self, HttpRequestFacts, PolicyHandle, RequestFacts},
-    record::{DecisionFacts, RecordLevel, Recorder, SessionRecorder},
     credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, OidcValidator, SwapTarget},
     detect::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
@@ -33,7 +31,9 @@ use crate::{
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
     http::{BodyInspector, BodyVerdict, HeadVerdict, HttpContext, Inspector},
     identity::Identity,
+    policy::{self, HttpRequestFacts, PolicyHandle, RequestFacts},
     process::ProcessInfo,
+    record::{DecisionFacts, RecordLevel, Recorder, SessionRecorder},
 };
 
 /// tracing target of finding events.
@@ -150,7 +150,8 @@ impl Enforcer {
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }
-            let configured = req.static_keys.unwrap_or_else(|| self.shared.actions.action_for(host, &hit.detection.rule_id));
+            let configured =
+                req.static_keys.unwrap_or_else(|| self.shared.actions.action_for(host, &hit.detection.rule_id));
             let action = match configured {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
@@ -352,9 +353,7 @@ fn invalid_token_response(conn_id: u64, error: &crate::credentials::OidcError) -
 fn json_response(status: http::StatusCode, body: &serde_json::Value) -> http::Response<Bytes> {
     let mut response = http::Response::new(Bytes::from(body.to_string()));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     response
 }
 
@@ -424,7 +423,11 @@ impl Inspector for Enforcer {
             host: &host,
             port: ctx.orig_dst.port(),
             tls: ctx.tls,
-            request: Some(HttpRequestFacts { method: parts.method.as_str(), path: path_and_query(parts), headers: &parts.headers }),
+            request: Some(HttpRequestFacts {
+                method: parts.method.as_str(),
+                path: path_and_query(parts),
+                headers: &parts.headers,
+            }),
         };
         let decision = policy.evaluate(&facts);
         let decided = DecisionFacts { rule: decision.rule.to_owned(), action: decision.action.name().to_owned() };
@@ -464,11 +467,8 @@ impl Inspector for Enforcer {
             restrict_accept_encoding(&mut parts.headers);
         }
         let capture = SharedCapture::default();
-        exchange::lock(&capture).encoding = parts
-            .headers
-            .get(http::header::CONTENT_ENCODING)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        exchange::lock(&capture).encoding =
+            parts.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let req = RequestState { host, verified, static_keys: decision.static_keys, capture: capture.clone() };
         drop(policy);
 
@@ -571,7 +571,10 @@ impl Enforcer {
         action: &str,
     ) {
         let Some(session) = &self.session else { return };
-        session.event("refused", json!({ "stream": stream, "rule": rule, "action": action, "status": response.status().as_u16() }));
+        session.event(
+            "refused",
+            json!({ "stream": stream, "rule": rule, "action": action, "status": response.status().as_u16() }),
+        );
         session.exchange(crate::record::ExchangeRecord {
             level: RecordLevel::Metadata,
             stream,
@@ -672,7 +675,8 @@ struct Refusal<'a> {
 /// the policy's reason for needing approval.
 fn not_approved_response(conn_id: u64, refusal: Refusal<'_>, reason: &str) -> http::Response<Bytes> {
     let Refusal { approval, error, message } = refusal;
-    let body = json!({ "error": error, "approval": approval, "message": message, "reason": reason, "conn_id": conn_id });
+    let body =
+        json!({ "error": error, "approval": approval, "message": message, "reason": reason, "conn_id": conn_id });
     json_response(http::StatusCode::FORBIDDEN, &body)
 }
 
@@ -738,13 +742,15 @@ impl BodyEnforcer {
         };
         let session = enforcer.session.clone();
         if let Some(s) = &session {
-            s.event("approval_requested", json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }));
+            s.event(
+                "approval_requested",
+                json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }),
+            );
         }
         tracing::info!(target: POLICY_TARGET, conn_id = self.ctx.conn_id, rule, group = spec.group, identity = caller.identity.uri, "request held for approval");
         let outcome = enforcer.shared.approvals.request(new, &approval_spec).await;
-        let refused = |refusal: Refusal<'_>| {
-            BodyVerdict::Respond(not_approved_response(self.ctx.conn_id, refusal, &spec.reason))
-        };
+        let refused =
+            |refusal: Refusal<'_>| BodyVerdict::Respond(not_approved_response(self.ctx.conn_id, refusal, &spec.reason));
         let (verdict, event) = match &outcome {
             ApprovalOutcome::Approved { id, by } => {
                 (BodyVerdict::Continue, json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
@@ -775,7 +781,9 @@ impl BodyEnforcer {
                 refused(Refusal {
                     approval: None,
                     error: "approval_unavailable",
-                    message: format!("This request needs approval, which could not be requested ({reason}); it was not sent."),
+                    message: format!(
+                        "This request needs approval, which could not be requested ({reason}); it was not sent."
+                    ),
                 }),
                 json!({ "outcome": "failed", "reason": reason }),
             ),

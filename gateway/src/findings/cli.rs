@@ -188,7 +188,8 @@ fn execute(path: &Path, command: &FindingsCommand) -> Result<(), Failure> {
                 serde_json::to_writer_pretty(&mut stdout, &findings).map_err(output_error)?;
                 writeln!(stdout).map_err(output_error)?;
             } else if findings.is_empty() {
-                let note = if store.is_none() { format!(" (no database at {} yet)", path.display()) } else { String::new() };
+                let note =
+                    if store.is_none() { format!(" (no database at {} yet)", path.display()) } else { String::new() };
                 writeln!(stdout, "no findings{note}").map_err(output_error)?;
             } else {
                 stdout.write_all(table(&findings).as_bytes()).map_err(output_error)?;
@@ -363,7 +364,8 @@ fn detail(f: &Finding) -> String {
     let _ = writeln!(s, "  fingerprint:  {}", safe(&f.fingerprint));
     let _ = writeln!(s, "  sent to:      {} in {}", safe(&f.destination()), safe(&f.location));
     let _ = writeln!(s, "  action:       {}", f.action);
-    let _ = writeln!(s, "  seen:         {} time(s), first {}, last {}", f.count, when(f.first_seen), when(f.last_seen));
+    let _ =
+        writeln!(s, "  seen:         {} time(s), first {}, last {}", f.count, when(f.first_seen), when(f.last_seen));
     let _ = writeln!(
         s,
         "  process:      {} (comm {}, pid {}, uid {})",

@@ -102,7 +102,8 @@ pub(super) fn sarif(findings: &[Finding]) -> Value {
                     .find(|h| h.to == Status::FalsePositive)
                     .map(|h| format!("{} ({})", h.comment, h.by))
                     .unwrap_or_default();
-                result["suppressions"] = json!([{ "kind": "external", "status": "accepted", "justification": justification }]);
+                result["suppressions"] =
+                    json!([{ "kind": "external", "status": "accepted", "justification": justification }]);
             }
             result
         })
@@ -125,8 +126,26 @@ pub(super) fn sarif(findings: &[Finding]) -> Value {
 
 /// CSV columns, in order.
 pub(super) const CSV_HEADER: &[&str] = &[
-    "id", "status", "rule_id", "confidence", "fingerprint", "preview", "location", "dest_host", "dest_port", "pid",
-    "uid", "exe", "comm", "cgroup", "job", "identity", "first_seen", "last_seen", "count", "action",
+    "id",
+    "status",
+    "rule_id",
+    "confidence",
+    "fingerprint",
+    "preview",
+    "location",
+    "dest_host",
+    "dest_port",
+    "pid",
+    "uid",
+    "exe",
+    "comm",
+    "cgroup",
+    "job",
+    "identity",
+    "first_seen",
+    "last_seen",
+    "count",
+    "action",
 ];
 
 /// RFC 4180 CSV (CRLF line ends, fields quoted when needed).
@@ -171,11 +190,8 @@ fn csv_row(out: &mut dyn Write, fields: &[String]) -> std::io::Result<()> {
 /// a leading `'`: previews, locations and process names come from the CI
 /// job, and a spreadsheet must not evaluate `=HYPERLINK(...)` planted there.
 fn csv_field(value: &str) -> String {
-    let value = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
-        format!("'{value}")
-    } else {
-        value.to_owned()
-    };
+    let value =
+        if value.starts_with(['=', '+', '-', '@', '\t', '\r']) { format!("'{value}") } else { value.to_owned() };
     if value.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", value.replace('"', "\"\""))
     } else {

@@ -45,13 +45,9 @@ impl FindingsHandle {
     pub fn new(store: FindingStore) -> Result<FindingsHandle, FindingsError> {
         let path = Arc::new(store.path().to_owned());
         let (tx, rx) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
-            .name("findings-writer".into())
-            .spawn(move || writer(store, rx))
-            .map_err(|e| FindingsError::Open {
-                path: path.as_ref().clone(),
-                reason: format!("cannot start the writer thread: {e}"),
-            })?;
+        std::thread::Builder::new().name("findings-writer".into()).spawn(move || writer(store, rx)).map_err(|e| {
+            FindingsError::Open { path: path.as_ref().clone(), reason: format!("cannot start the writer thread: {e}") }
+        })?;
         Ok(FindingsHandle { tx, path })
     }
 

@@ -133,7 +133,10 @@ impl FindingsConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         if let Some(db) = &self.database {
             if db.as_os_str().is_empty() {
-                return Err(("findings.database".into(), "empty path (omit the field for state_dir/gateway.db)".into()));
+                return Err((
+                    "findings.database".into(),
+                    "empty path (omit the field for state_dir/gateway.db)".into(),
+                ));
             }
             if db.file_name().is_none() {
                 return Err(("findings.database".into(), format!("`{}` does not name a file", db.display())));
@@ -145,7 +148,10 @@ impl FindingsConfig {
                 return Err((field, "empty host (use `*` for any host)".into()));
             }
             if rule.host.contains(|c: char| c.is_whitespace() || c == '/' || c == ':') {
-                return Err((field, format!("`{}` is not a host name or host glob (no scheme, port or path)", rule.host)));
+                return Err((
+                    field,
+                    format!("`{}` is not a host name or host glob (no scheme, port or path)", rule.host),
+                ));
             }
             if let Some(pattern) = &rule.rule {
                 if pattern.is_empty() {
@@ -290,9 +296,7 @@ impl FindingsError {
     /// database or environment failures; the CLI exits 1 for these and 2 for
     /// the rest.
     pub fn is_request_error(&self) -> bool {
-        matches!(
-            self,
-            FindingsError::NotFound(_) | FindingsError::InvalidTransition { .. })
+        matches!(self, FindingsError::NotFound(_) | FindingsError::InvalidTransition { .. })
     }
 }
 
@@ -351,10 +355,7 @@ mod tests {
         assert_eq!(c.actions[1].action, Action::Swap);
         assert_eq!(c.database_path(Path::new("/var/lib/gw")), PathBuf::from("/var/lib/gw/findings.db"));
         assert_eq!(c.validate(), Ok(()));
-        assert_eq!(
-            FindingsConfig::default().database_path(Path::new("/s")),
-            PathBuf::from("/s/gateway.db")
-        );
+        assert_eq!(FindingsConfig::default().database_path(Path::new("/s")), PathBuf::from("/s/gateway.db"));
         let abs = FindingsConfig { database: Some("/data/f.db".into()), ..Default::default() };
         assert_eq!(abs.database_path(Path::new("/s")), PathBuf::from("/data/f.db"));
 

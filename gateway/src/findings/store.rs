@@ -14,16 +14,15 @@ use std::{
 };
 
 use rusqlite::{
-    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row,
-    Transaction, TransactionBehavior,
+    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row, Transaction,
+    TransactionBehavior,
 };
 use time::OffsetDateTime;
 
-use super::{export, Action, FindingsError};
 pub use super::model::{
     ExportFormat, Finding, FindingId, ListFilter, NewFinding, ProcessSnapshot, Recorded, Status, StatusChange,
 };
-
+use super::{export, Action, FindingsError};
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 ///
@@ -211,8 +210,22 @@ impl FindingStore {
             )
             .and_then(|mut st| {
                 st.execute(params![
-                    f.rule_id, f.confidence, f.fingerprint, f.preview, f.location, f.dest_host, f.dest_port,
-                    f.pid, f.uid, f.exe, f.comm, f.cgroup, f.job, f.identity, f.seen, f.action.as_str(),
+                    f.rule_id,
+                    f.confidence,
+                    f.fingerprint,
+                    f.preview,
+                    f.location,
+                    f.dest_host,
+                    f.dest_port,
+                    f.pid,
+                    f.uid,
+                    f.exe,
+                    f.comm,
+                    f.cgroup,
+                    f.job,
+                    f.identity,
+                    f.seen,
+                    f.action.as_str(),
                 ])
             })
             .map_err(self.err("inserting a finding"))?;
@@ -238,8 +251,19 @@ impl FindingStore {
         )
         .and_then(|mut st| {
             st.execute(params![
-                id, count, f.seen, latest, f.location, f.pid, f.uid, f.comm, f.cgroup, f.job, f.identity,
-                f.action.as_str(), reopen,
+                id,
+                count,
+                f.seen,
+                latest,
+                f.location,
+                f.pid,
+                f.uid,
+                f.comm,
+                f.cgroup,
+                f.job,
+                f.identity,
+                f.action.as_str(),
+                reopen,
             ])
         })
         .map_err(self.err("updating a finding"))?;
@@ -296,7 +320,9 @@ impl FindingStore {
         let raws = self
             .conn
             .prepare(&sql)
-            .and_then(|mut st| st.query_map(params_from_iter(args), RawFinding::from_row)?.collect::<Result<Vec<_>, _>>())
+            .and_then(|mut st| {
+                st.query_map(params_from_iter(args), RawFinding::from_row)?.collect::<Result<Vec<_>, _>>()
+            })
             .map_err(self.err("listing findings"))?;
         raws.into_iter().map(|raw| self.complete(raw)).collect()
     }
@@ -550,8 +576,8 @@ impl Sanitized {
         if dest_host.is_empty() {
             return Err(invalid("empty destination host"));
         }
-        let seen = i64::try_from(f.seen_at.unix_timestamp_nanos())
-            .map_err(|_| invalid("seen_at is outside 1677..2262"))?;
+        let seen =
+            i64::try_from(f.seen_at.unix_timestamp_nanos()).map_err(|_| invalid("seen_at is outside 1677..2262"))?;
         let job: BTreeMap<String, String> = f
             .process
             .job
@@ -606,8 +632,21 @@ fn cap(s: &str, max: usize) -> String {
 /// `CI_JOB_JWT`...). Such values are never stored, whatever the caller sends.
 fn looks_secret(name: &str) -> bool {
     const MARKERS: &[&str] = &[
-        "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL", "PRIVATE", "AUTH", "COOKIE", "SESSION",
-        "JWT", "APIKEY", "API_KEY", "ACCESS_KEY", "SIGNATURE",
+        "TOKEN",
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "PASSPHRASE",
+        "CREDENTIAL",
+        "PRIVATE",
+        "AUTH",
+        "COOKIE",
+        "SESSION",
+        "JWT",
+        "APIKEY",
+        "API_KEY",
+        "ACCESS_KEY",
+        "SIGNATURE",
     ];
     let upper = name.to_ascii_uppercase();
     MARKERS.iter().any(|m| upper.contains(m))

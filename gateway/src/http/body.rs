@@ -24,10 +24,7 @@ use tokio::{
 };
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::{
-    error::BoxError, exchange::ExchangeLog, BodyInspector, BodyVerdict, ExchangeOutcome, HttpError,
-    Limits,
-};
+use super::{error::BoxError, exchange::ExchangeLog, BodyInspector, BodyVerdict, ExchangeOutcome, HttpError, Limits};
 
 /// Frames in flight between the inspecting pump and hyper. Small, so that
 /// a slow upstream pushes back on the client instead of filling memory.
@@ -94,11 +91,7 @@ impl RequestBody {
         reservation: Reservation,
     ) -> RequestBody {
         let remaining = frames.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
-        RequestBody {
-            kind: RequestKind::Frames { frames, remaining, exact },
-            sent,
-            _reservation: Some(reservation),
-        }
+        RequestBody { kind: RequestKind::Frames { frames, remaining, exact }, sent, _reservation: Some(reservation) }
     }
 }
 
@@ -106,10 +99,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = match &mut this.kind {
             RequestKind::Incoming(body) => match ready!(Pin::new(body).poll_frame(cx)) {
@@ -201,12 +191,7 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
                     return Ok(Inspected::Blocked(r));
                 }
-                return Ok(Inspected::Buffered(RequestBody::frames(
-                    frames,
-                    exact,
-                    sent,
-                    reservation,
-                )));
+                return Ok(Inspected::Buffered(RequestBody::frames(frames, exact, sent, reservation)));
             }
             Some(Err(e)) => return Err(HttpError::ClientBody(e)),
             Some(Ok(frame)) => {
@@ -221,9 +206,7 @@ pub(crate) async fn inspect<B: BodyInspector>(
                     conn_buffered = reservation.grow(data.len());
                 }
                 frames.push_back(frame);
-                if buffered > limits.max_buffered_body
-                    || conn_buffered > limits.max_buffered_per_connection
-                {
+                if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
                     break;
                 }
             }
@@ -253,12 +236,7 @@ struct Pump<B> {
 }
 
 impl<B: BodyInspector> Pump<B> {
-    async fn run(
-        mut self,
-        initial: VecDeque<Frame<Bytes>>,
-        reservation: Reservation,
-        hold_back: usize,
-    ) {
+    async fn run(mut self, initial: VecDeque<Frame<Bytes>>, reservation: Reservation, hold_back: usize) {
         let mut held = HoldBack::new(hold_back);
         let mut trailers: Option<HeaderMap> = None;
         for frame in initial {
@@ -471,10 +449,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
             if this.done {
@@ -607,11 +582,7 @@ impl<T> CountingIo<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
         let n = buf.filled().len() - before;
@@ -621,11 +592,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let n = ready!(Pin::new(&mut self.inner).poll_write(cx, buf))?;
         self.counters.down.fetch_add(n as u64, Ordering::Relaxed);
         Poll::Ready(Ok(n))

@@ -12,15 +12,8 @@ use super::HttpContext;
 
 /// Headers that describe one hop, never the message (RFC 9110 7.6.1), plus
 /// `Expect`: we answer `100-continue` ourselves, by reading the body.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "upgrade",
-    "te",
-    "expect",
-];
+const HOP_BY_HOP: [&str; 7] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "expect"];
 
 /// Whether `headers`' `Connection` lists `token`.
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -103,26 +96,21 @@ pub(crate) fn authority(ctx: &HttpContext, req_host: Option<&str>) -> String {
 /// The Host the client addressed: `:authority` (HTTP/2, absolute-form) or
 /// the `Host` header.
 pub(crate) fn request_host(parts: &http::request::Parts) -> Option<String> {
-    parts.uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
-        parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
-    })
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))
 }
 
 /// Rewrites a request (already stripped of hop-by-hop headers) for the
 /// upstream protocol: origin-form URI plus `Host` for HTTP/1.1, absolute
 /// URI (which hyper turns into `:scheme`/`:authority`) for HTTP/2.
-pub(crate) fn prepare<B>(
-    req: &mut Request<B>,
-    h2: bool,
-    authority: &str,
-    tls: bool,
-) -> Result<(), http::Error> {
+pub(crate) fn prepare<B>(req: &mut Request<B>, h2: bool, authority: &str, tls: bool) -> Result<(), http::Error> {
     let path = match req.uri().path_and_query() {
         Some(pq) => pq.clone(),
         // OPTIONS * has no path; everything else without one means "/".
-        None if req.method() == Method::OPTIONS && req.uri() == "*" => {
-            PathAndQuery::from_static("*")
-        }
+        None if req.method() == Method::OPTIONS && req.uri() == "*" => PathAndQuery::from_static("*"),
         None => PathAndQuery::from_static("/"),
     };
     let authority: Authority = authority.parse()?;

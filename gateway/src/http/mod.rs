@@ -208,10 +208,7 @@ pub trait UpstreamConnector: Clone + Send + Sync + 'static {
     /// Connects (and, for TLS, handshakes) and reports whether HTTP/2 was
     /// negotiated. TLS verification failures are reported as `io::Error`
     /// and become a 502 for the client.
-    fn connect(
-        &self,
-        hint: ConnectHint,
-    ) -> impl Future<Output = std::io::Result<(BoxedIo, bool)>> + Send;
+    fn connect(&self, hint: ConnectHint) -> impl Future<Output = std::io::Result<(BoxedIo, bool)>> + Send;
 }
 
 /// Resource limits and timeouts of one connection.

@@ -27,8 +27,8 @@ use super::{
     exchange::{ExchangeLog, Hook},
     headers, upgrade,
     upstream::Upstreams,
-    ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits,
-    ResponseVerdict, ServeStats, UpstreamConnector, HTTP_TARGET,
+    ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits, ResponseVerdict,
+    ServeStats, UpstreamConnector, HTTP_TARGET,
 };
 
 /// Serves one client connection until it closes.
@@ -101,9 +101,7 @@ where
     let result: Result<(), BoxError> = match client_h2 {
         Some(false) => {
             let mut b = hyper_conn::http1::Builder::new();
-            b.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .keep_alive(true);
+            b.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
             let conn = b.serve_connection(io, service).with_upgrades();
             drive(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
@@ -115,13 +113,8 @@ where
         }
         None => {
             let mut b = auto::Builder::new(TokioExecutor::new());
-            b.http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
-                .keep_alive(true);
-            b.http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(limits.max_concurrent_streams);
+            b.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+            b.http2().timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
             let conn = b.serve_connection_with_upgrades(io, service);
             drive(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
@@ -139,11 +132,7 @@ where
 
 /// Runs a hyper connection, switching it to graceful shutdown once
 /// `shutdown` fires.
-async fn drive<C, E>(
-    conn: C,
-    shutdown: &CancellationToken,
-    graceful: impl FnOnce(Pin<&mut C>),
-) -> Result<(), BoxError>
+async fn drive<C, E>(conn: C, shutdown: &CancellationToken, graceful: impl FnOnce(Pin<&mut C>)) -> Result<(), BoxError>
 where
     C: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
@@ -171,10 +160,7 @@ struct Shared<I, U> {
 }
 
 impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
-    async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<ResponseBody>, HttpError> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ResponseBody>, HttpError> {
         let started = Instant::now();
         self.requests.fetch_add(1, Ordering::Relaxed);
         let version = req.version();
@@ -220,15 +206,8 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         let (body, mut blocked) = match body_inspector {
             None => (RequestBody::incoming(body, log.bytes_up()), None),
             Some(inspector) => {
-                let inspected = body::inspect(
-                    body,
-                    inspector,
-                    &self.limits,
-                    abort.clone(),
-                    log.bytes_up(),
-                    &self.buffered,
-                )
-                .await;
+                let inspected =
+                    body::inspect(body, inspector, &self.limits, abort.clone(), log.bytes_up(), &self.buffered).await;
                 match inspected {
                     Ok(Inspected::Blocked(r)) => {
                         return Ok(local(r, log, ExchangeOutcome::Blocked, version));
@@ -245,8 +224,7 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         let streaming = blocked.is_some();
 
         let hint = ConnectHint { allow_h2: !upgrade, client_h2 };
-        let send =
-            self.upstreams.send(Request::from_parts(parts, body), hint, &authority, self.ctx.tls);
+        let send = self.upstreams.send(Request::from_parts(parts, body), hint, &authority, self.ctx.tls);
         tokio::pin!(send);
         let result = match blocked.as_mut() {
             None => send.await,
@@ -302,8 +280,8 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             None | Some(ResponseVerdict::Pass) => BodyFilter::Off,
             Some(ResponseVerdict::Observe) => BodyFilter::Observe,
             Some(ResponseVerdict::Filter) => {
-                let has_body = !bodyless_response
-                    && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+                let has_body =
+                    !bodyless_response && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
                 // The filter may change the length; hyper re-frames
                 // (chunked on HTTP/1.1). A HEAD answer's length describes a
                 // body never sent, so it stays.
@@ -327,18 +305,12 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         Ok(Response::from_parts(parts, ResponseBody::upstream(body, abort, log, filter)))
     }
 
-    fn bad_gateway(
-        &self,
-        err: &HttpError,
-        log: ExchangeLog,
-        version: Version,
-    ) -> Response<ResponseBody> {
+    fn bad_gateway(&self, err: &HttpError, log: ExchangeLog, version: Version) -> Response<ResponseBody> {
         tracing::warn!(target: HTTP_TARGET, conn_id = self.ctx.conn_id, error = %err, "upstream failed");
         let body = serde_json::json!({ "error": err.to_string(), "conn_id": self.ctx.conn_id });
         let mut resp = Response::new(Bytes::from(body.to_string()));
         *resp.status_mut() = StatusCode::BAD_GATEWAY;
-        resp.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         local(resp, log, ExchangeOutcome::UpstreamFailed, version)
     }
 }

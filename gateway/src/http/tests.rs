@@ -56,10 +56,7 @@ struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
 impl Body for ChanBody {
     type Data = Bytes;
     type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.0.poll_recv(cx).map(|f| f.map(Ok))
     }
 }
@@ -79,10 +76,7 @@ struct GenBody {
 impl Body for GenBody {
     type Data = Bytes;
     type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -224,8 +218,7 @@ impl BodyInspector for Scanner {
         // this one is ever copied: memory stays small for huge bodies.
         let mut window = std::mem::take(&mut self.tail);
         window.extend_from_slice(&chunk[..chunk.len().min(p.len())]);
-        let found =
-            window.windows(p.len()).any(|w| w == p) || chunk.windows(p.len()).any(|w| w == p);
+        let found = window.windows(p.len()).any(|w| w == p) || chunk.windows(p.len()).any(|w| w == p);
         let keep = chunk.len().min(p.len() - 1);
         self.tail = chunk[chunk.len() - keep..].to_vec();
         if found {
@@ -249,11 +242,7 @@ impl BodyInspector for Scanner {
 impl Inspector for TestInspector {
     type Body = Scanner;
     type Response = Masker;
-    async fn inspect_head(
-        &self,
-        _ctx: &HttpContext,
-        parts: &mut http::request::Parts,
-    ) -> HeadVerdict<Scanner, Masker> {
+    async fn inspect_head(&self, _ctx: &HttpContext, parts: &mut http::request::Parts) -> HeadVerdict<Scanner, Masker> {
         if let Some((name, value)) = self.block_header {
             if parts.headers.get(name).is_some_and(|v| v == value) {
                 return HeadVerdict::Respond(forbidden("header"));
@@ -435,8 +424,7 @@ async fn front<I: Inspector>(
                 orig_dst: connector.addr,
                 tls: tls.is_some(),
             };
-            let (inspector, connector, limits, tx) =
-                (inspector.clone(), connector.clone(), limits.clone(), tx.clone());
+            let (inspector, connector, limits, tx) = (inspector.clone(), connector.clone(), limits.clone(), tx.clone());
             let tls = tls.clone();
             tokio::spawn(async move {
                 let r = match tls {
@@ -516,8 +504,7 @@ async fn echo_upstream(tls: Option<Arc<ServerConfig>>) -> Upstream {
 async fn h1_keep_alive_three_requests_share_one_upstream_connection() {
     let up = echo_upstream(None).await;
     let inspector = TestInspector::pass();
-    let mut front =
-        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     for i in 0..3 {
         client.ready().await.unwrap();
@@ -553,8 +540,7 @@ async fn h1_chunked_request_and_response() {
         Response::new(resp_body)
     })
     .await;
-    let mut front =
-        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     let (tx, body) = chan_body();
     let req = Request::post("/upload").header("host", "localhost").body(body).unwrap();
@@ -575,26 +561,19 @@ async fn h1_chunked_request_and_response() {
 #[tokio::test]
 async fn h1_expect_100_continue_like_curl() {
     let up = echo_upstream(None).await;
-    let mut front =
-        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut tcp = TcpStream::connect(front.addr).await.unwrap();
-    tcp.write_all(
-        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    tcp.write_all(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 1024];
-    let n =
-        tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap();
     let interim = String::from_utf8_lossy(&buf[..n]).to_string();
     assert!(interim.starts_with("HTTP/1.1 100 Continue\r\n"), "{interim}");
     tcp.write_all(b"hello").await.unwrap();
     let mut response = Vec::new();
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap();
         response.extend_from_slice(&buf[..n]);
         if n == 0 || response.ends_with(b"body=5") {
             break;
@@ -632,8 +611,7 @@ async fn h1_websocket_style_upgrade_is_spliced() {
             .unwrap()
     })
     .await;
-    let mut front =
-        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     let req = Request::get("/ws")
         .header("host", "localhost")
@@ -665,15 +643,13 @@ async fn h2_fifty_concurrent_streams_over_tls_alpn() {
     let pki = pki();
     let up = echo_upstream(Some(pki.server.clone())).await;
     let connector = TestConnector::tls(up.addr, pki.roots.clone());
-    let mut front =
-        front(TestInspector::pass(), connector, Some(pki.server.clone()), Limits::default()).await;
+    let mut front = front(TestInspector::pass(), connector, Some(pki.server.clone()), Limits::default()).await;
     let client = h2_tls_client(front.addr, pki.roots.clone()).await;
     let mut tasks = Vec::new();
     for i in 0..50 {
         let mut client = client.clone();
         tasks.push(tokio::spawn(async move {
-            let req =
-                Request::post(format!("https://localhost/s{i}")).body(full(vec![b'x'; i])).unwrap();
+            let req = Request::post(format!("https://localhost/s{i}")).body(full(vec![b'x'; i])).unwrap();
             let resp = client.send_request(req).await.unwrap();
             assert_eq!(resp.status(), 200);
             text(resp).await
@@ -681,10 +657,7 @@ async fn h2_fifty_concurrent_streams_over_tls_alpn() {
     }
     let port = up.addr.port();
     for (i, t) in tasks.into_iter().enumerate() {
-        assert_eq!(
-            t.await.unwrap(),
-            format!("POST /s{i} host=localhost:{port} v=HTTP/2.0 body={i}")
-        );
+        assert_eq!(t.await.unwrap(), format!("POST /s{i} host=localhost:{port} v=HTTP/2.0 body={i}"));
     }
     assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one multiplexed upstream connection");
     drop(client);
@@ -700,9 +673,7 @@ async fn h2_grpc_like_trailers_both_ways() {
         let data = collected.to_bytes();
         let (tx, body) = chan_body();
         tokio::spawn(async move {
-            tx.send(Frame::data(Bytes::from(format!("echo:{}", String::from_utf8_lossy(&data)))))
-                .await
-                .unwrap();
+            tx.send(Frame::data(Bytes::from(format!("echo:{}", String::from_utf8_lossy(&data))))).await.unwrap();
             let mut t = http::HeaderMap::new();
             t.insert("grpc-status", "0".parse().unwrap());
             if let Some(v) = trailers.get("x-req-trailer") {
@@ -717,8 +688,7 @@ async fn h2_grpc_like_trailers_both_ways() {
     // a response filter (which also sees the trailers).
     for (inspect_body, mask) in [(true, None), (false, None), (true, Some(&b"ZZZ"[..]))] {
         let inspector = Arc::new(TestInspector { inspect_body, mask, ..Default::default() });
-        let mut front =
-            front(inspector, TestConnector::h2c(up.addr), None, Limits::default()).await;
+        let mut front = front(inspector, TestConnector::h2c(up.addr), None, Limits::default()).await;
         let mut client = h2c_client(front.addr).await;
         let (tx, body) = chan_body();
         let req = Request::post("http://localhost/pkg.Svc/Method")
@@ -767,9 +737,7 @@ async fn streamed_response_first_chunk_arrives_before_last_is_sent() {
     })
     .await;
     for h2 in [false, true] {
-        let mut front =
-            front(TestInspector::pass(), TestConnector::h2c(up.addr), None, Limits::default())
-                .await;
+        let mut front = front(TestInspector::pass(), TestConnector::h2c(up.addr), None, Limits::default()).await;
         let started = Instant::now();
         let resp = if h2 {
             h2c_client(front.addr).await.send_request(get("http://localhost/stream")).await
@@ -806,8 +774,7 @@ async fn bridges_h1_client_to_h2_upstream_and_h2_client_to_h1_pool() {
     // h2 client -> plaintext HTTP/1.1 upstream: concurrent streams share a
     // pool of keep-alive connections.
     let up = echo_upstream(None).await;
-    let mut front2 =
-        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front2 = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let client = h2c_client(front2.addr).await;
     let port = up.addr.port();
     let mut first_round = 0;
@@ -816,16 +783,12 @@ async fn bridges_h1_client_to_h2_upstream_and_h2_client_to_h1_pool() {
         for i in 0..10 {
             let mut client = client.clone();
             tasks.push(tokio::spawn(async move {
-                let resp =
-                    client.send_request(get(&format!("http://localhost/p{i}"))).await.unwrap();
+                let resp = client.send_request(get(&format!("http://localhost/p{i}"))).await.unwrap();
                 text(resp).await
             }));
         }
         for (i, t) in tasks.into_iter().enumerate() {
-            assert_eq!(
-                t.await.unwrap(),
-                format!("GET /p{i} host=localhost:{port} v=HTTP/1.1 body=0")
-            );
+            assert_eq!(t.await.unwrap(), format!("GET /p{i} host=localhost:{port} v=HTTP/1.1 body=0"));
         }
         let conns = up.conns.load(Ordering::SeqCst);
         if round == 0 {
@@ -853,37 +816,21 @@ async fn graceful_shutdown_finishes_the_connection() {
     let upstream_addr = up.addr;
     let server = tokio::spawn(async move {
         let (conn, _) = tcp.accept().await.unwrap();
-        let ctx = HttpContext {
-            conn_id: 3,
-            server_name: "localhost".into(),
-            orig_dst: upstream_addr,
-            tls: false,
-        };
+        let ctx = HttpContext { conn_id: 3, server_name: "localhost".into(), orig_dst: upstream_addr, tls: false };
         let connector = TestConnector::plain(upstream_addr);
-        serve_with_shutdown(
-            conn,
-            None,
-            ctx,
-            TestInspector::pass(),
-            connector,
-            Limits::default(),
-            token,
-        )
-        .await
+        serve_with_shutdown(conn, None, ctx, TestInspector::pass(), connector, Limits::default(), token).await
     });
     let mut client = h1_client(addr).await;
     assert_eq!(client.send_request(get("/x")).await.unwrap().status(), 200);
     shutdown.cancel();
-    let stats =
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
+    let stats = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap().unwrap();
     assert_eq!(stats.requests, 1);
 }
 
 #[tokio::test]
 async fn connect_method_is_refused() {
     let up = echo_upstream(None).await;
-    let mut front =
-        front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     let req = Request::connect("example.com:443").body(empty()).unwrap();
     assert_eq!(client.send_request(req).await.unwrap().status(), 501);
@@ -902,8 +849,7 @@ async fn blocked_header_gets_403_and_never_reaches_upstream() {
         inspect_body: true,
         ..Default::default()
     });
-    let mut front =
-        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     let req = Request::get("/x").header("x-api-key", "sk-live-123").body(empty()).unwrap();
     let resp = client.send_request(req).await.unwrap();
@@ -925,11 +871,7 @@ async fn blocked_header_gets_403_and_never_reaches_upstream() {
 #[tokio::test]
 async fn blocked_body_pattern_split_across_chunks_never_reaches_upstream() {
     let up = echo_upstream(None).await;
-    let inspector = Arc::new(TestInspector {
-        pattern: Some(b"SECRETKEY"),
-        inspect_body: true,
-        ..Default::default()
-    });
+    let inspector = Arc::new(TestInspector { pattern: Some(b"SECRETKEY"), inspect_body: true, ..Default::default() });
     let mut front = front(inspector, TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     let (tx, body) = chan_body();
@@ -959,9 +901,7 @@ async fn blocked_while_streaming_holds_back_the_key_and_aborts_upstream() {
             let mut body = req.into_body();
             while let Some(f) = body.frame().await {
                 match f {
-                    Ok(f) => {
-                        rcv.lock().unwrap().extend_from_slice(f.data_ref().unwrap_or(&Bytes::new()))
-                    }
+                    Ok(f) => rcv.lock().unwrap().extend_from_slice(f.data_ref().unwrap_or(&Bytes::new())),
                     Err(_) => {
                         failed.store(true, Ordering::SeqCst);
                         break;
@@ -972,11 +912,7 @@ async fn blocked_while_streaming_holds_back_the_key_and_aborts_upstream() {
         }
     })
     .await;
-    let inspector = Arc::new(TestInspector {
-        pattern: Some(b"SECRETKEY"),
-        inspect_body: true,
-        ..Default::default()
-    });
+    let inspector = Arc::new(TestInspector { pattern: Some(b"SECRETKEY"), inspect_body: true, ..Default::default() });
     let limits = Limits { max_buffered_body: 64, hold_back: 32, ..Limits::default() };
     let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, limits).await;
     let mut client = h1_client(front.addr).await;
@@ -1000,11 +936,7 @@ async fn blocked_while_streaming_holds_back_the_key_and_aborts_upstream() {
     assert!(body_failed.load(Ordering::SeqCst), "upstream body was aborted, not completed");
     let got = received.lock().unwrap().clone();
     assert!(got.len() >= 200 - 32, "streaming had started: {}", got.len());
-    assert!(
-        got.iter().all(|&b| b == b'a'),
-        "no held-back byte leaked: {:?}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.iter().all(|&b| b == b'a'), "no held-back byte leaked: {:?}", String::from_utf8_lossy(&got));
     drop(client);
     let _ = front.next_result().await;
     let ex = inspector.exchanges.lock().unwrap().clone();
@@ -1038,10 +970,7 @@ async fn h2_blocked_stream_does_not_break_concurrent_stream() {
     let mut slow_body = slow.into_body();
     assert_eq!(slow_body.frame().await.unwrap().unwrap().into_data().unwrap(), "part1;");
 
-    let blocked = Request::get("http://localhost/bad")
-        .header("x-api-key", "sk-live-123")
-        .body(empty())
-        .unwrap();
+    let blocked = Request::get("http://localhost/bad").header("x-api-key", "sk-live-123").body(empty()).unwrap();
     assert_eq!(client.send_request(blocked).await.unwrap().status(), 403);
     let blocked = Request::post("http://localhost/bad").body(full("a SECRETKEY b")).unwrap();
     assert_eq!(client.send_request(blocked).await.unwrap().status(), 403);
@@ -1058,11 +987,7 @@ async fn h2_blocked_stream_does_not_break_concurrent_stream() {
 async fn connection_buffer_budget_switches_to_streaming() {
     let up = echo_upstream(None).await;
     let limits = Limits { max_buffered_per_connection: 64, hold_back: 16, ..Limits::default() };
-    let inspector = Arc::new(TestInspector {
-        pattern: Some(b"SECRETKEY"),
-        inspect_body: true,
-        ..Default::default()
-    });
+    let inspector = Arc::new(TestInspector { pattern: Some(b"SECRETKEY"), inspect_body: true, ..Default::default() });
     let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, limits).await;
     let client = h2c_client(front.addr).await;
     let mut tasks = Vec::new();
@@ -1120,19 +1045,10 @@ async fn large_request_body_streams_with_bounded_memory() {
         }
     })
     .await;
-    let inspector = Arc::new(TestInspector {
-        pattern: Some(b"SECRETKEY"),
-        inspect_body: true,
-        ..Default::default()
-    });
-    let mut front =
-        front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let inspector = Arc::new(TestInspector { pattern: Some(b"SECRETKEY"), inspect_body: true, ..Default::default() });
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
-    let body = GenBody {
-        remaining: TOTAL,
-        chunk: Bytes::from(vec![b'z'; 64 * 1024]),
-        produced: produced.clone(),
-    };
+    let body = GenBody { remaining: TOTAL, chunk: Bytes::from(vec![b'z'; 64 * 1024]), produced: produced.clone() };
     let req = Request::post("/big").header("host", "localhost").body(body.boxed()).unwrap();
     let resp = client.send_request(req).await.unwrap();
     assert_eq!(text(resp).await, TOTAL.to_string());
@@ -1195,8 +1111,7 @@ async fn upstream_down_gives_502_and_connection_keeps_working() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let mut front =
-        front(TestInspector::pass(), TestConnector::plain(addr), None, Limits::default()).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(addr), None, Limits::default()).await;
     let mut client = h1_client(front.addr).await;
     for _ in 0..2 {
         client.ready().await.unwrap();
@@ -1260,8 +1175,7 @@ async fn response_filter_rewrites_split_patterns_and_reframes_h1_and_h2() {
     let up = chunked_upstream(CHUNKS, true).await;
     for h2 in [false, true] {
         let inspector = Arc::new(TestInspector { mask: Some(b"SECRET"), ..Default::default() });
-        let mut front =
-            front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
+        let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
         let resp = if h2 {
             h2c_client(front.addr).await.send_request(get("http://localhost/r")).await
         } else {
@@ -1281,7 +1195,10 @@ async fn response_filter_rewrites_split_patterns_and_reframes_h1_and_h2() {
     let inspector = Arc::new(TestInspector { mask: Some(b"SECRET"), ..Default::default() });
     let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, Limits::default()).await;
     let resp = h1_client(front.addr).await.send_request(get("/observe")).await.unwrap();
-    assert_eq!(resp.headers().get(http::header::CONTENT_LENGTH).map(|v| v.to_str().unwrap().to_owned()), Some("27".into()));
+    assert_eq!(
+        resp.headers().get(http::header::CONTENT_LENGTH).map(|v| v.to_str().unwrap().to_owned()),
+        Some("27".into())
+    );
     assert_eq!(text(resp).await, "hello SECRET and SECRET bye");
     assert_eq!(inspector.observed.load(Ordering::SeqCst), 27);
     drop(front.results.try_recv());

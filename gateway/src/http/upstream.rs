@@ -91,8 +91,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
                     (r, attempt < 2)
                 }
                 Sender::H1 { mut tx, reused, pooled } => {
-                    headers::prepare(&mut req, false, authority, tls)
-                        .map_err(HttpError::Request)?;
+                    headers::prepare(&mut req, false, authority, tls).map_err(HttpError::Request)?;
                     let r = tx.try_send_request(req).await;
                     if let Ok(resp) = &r {
                         if pooled && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -120,9 +119,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
         if !hint.allow_h2 {
             return match self.connect(hint).await? {
                 Conn::H1(tx) => Ok(Sender::H1 { tx, reused: false, pooled: false }),
-                Conn::H2(_) => Err(HttpError::Upgrade(
-                    "upstream negotiated HTTP/2 for an HTTP/1.1 upgrade".into(),
-                )),
+                Conn::H2(_) => Err(HttpError::Upgrade("upstream negotiated HTTP/2 for an HTTP/1.1 upgrade".into())),
             };
         }
         if let Some(tx) = self.take_idle() {
@@ -162,9 +159,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
 
     async fn connect(&self, hint: ConnectHint) -> Result<Conn, HttpError> {
         let timeout = self.limits.connect_timeout;
-        tokio::time::timeout(timeout, self.connect_inner(hint))
-            .await
-            .map_err(|_| HttpError::ConnectTimeout(timeout))?
+        tokio::time::timeout(timeout, self.connect_inner(hint)).await.map_err(|_| HttpError::ConnectTimeout(timeout))?
     }
 
     async fn connect_inner(&self, hint: ConnectHint) -> Result<Conn, HttpError> {
@@ -184,8 +179,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
             });
             Ok(Conn::H2(tx))
         } else {
-            let (tx, conn) =
-                http1::Builder::new().handshake(io).await.map_err(HttpError::Handshake)?;
+            let (tx, conn) = http1::Builder::new().handshake(io).await.map_err(HttpError::Handshake)?;
             tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream h1 connection ended");

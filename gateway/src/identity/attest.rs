@@ -486,7 +486,11 @@ impl Attestor {
         while out.len() < self.parent_depth && ppid != 0 {
             let Ok((stat, comm)) = procfs::stat_of(ppid, buf) else { break };
             let key = (ppid, stat.start_ticks);
-            let cached = self.ancestor_cache.lock().ok().and_then(|c| c.get(&key).filter(|(n, _)| *n == comm).map(|(_, e)| e.clone()));
+            let cached = self
+                .ancestor_cache
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&key).filter(|(n, _)| *n == comm).map(|(_, e)| e.clone()));
             let exe = match cached {
                 Some(exe) => exe,
                 None => {
@@ -527,11 +531,8 @@ impl Attestor {
 /// namespaces), and takes the cache key from the same open file.
 fn examine_exe(dir: &ProcDir, path: &str, deleted: bool, want_hash: bool) -> Result<(ExeKey, ExeDigest), AttestError> {
     let mut file = dir.open_target("exe")?;
-    let st = nix::sys::stat::fstat(&file).map_err(|errno| ProcError::Io {
-        pid: dir.pid(),
-        file: "exe".into(),
-        errno,
-    })?;
+    let st =
+        nix::sys::stat::fstat(&file).map_err(|errno| ProcError::Io { pid: dir.pid(), file: "exe".into(), errno })?;
     let file_safe = st.st_uid == 0 && st.st_mode & 0o022 == 0;
     let root_owned = file_safe && !deleted && dirs_root_owned(dir, path);
     let sha256 = if want_hash && (st.st_size as u64) <= MAX_HASH_BYTES {

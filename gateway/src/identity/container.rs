@@ -113,10 +113,7 @@ mod tests {
     #[test]
     fn docker_cgroupfs_and_systemd() {
         assert_eq!(parse(&format!("/docker/{ID}")), Some((Runtime::Docker, ID.into(), None)));
-        assert_eq!(
-            parse(&format!("/system.slice/docker-{ID}.scope")),
-            Some((Runtime::Docker, ID.into(), None))
-        );
+        assert_eq!(parse(&format!("/system.slice/docker-{ID}.scope")), Some((Runtime::Docker, ID.into(), None)));
     }
 
     #[test]

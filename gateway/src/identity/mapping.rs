@@ -170,7 +170,13 @@ impl MappingFile {
         for (index, r) in spec.rules.into_iter().enumerate() {
             if let Some(name) = &r.name {
                 if let Some(first) = names.insert(name.clone(), index) {
-                    errors.push(locate(path, text, Some(index), &["name"], format!("duplicate rule name `{name}` (first at rule {first})")));
+                    errors.push(locate(
+                        path,
+                        text,
+                        Some(index),
+                        &["name"],
+                        format!("duplicate rule name `{name}` (first at rule {first})"),
+                    ));
                 }
             }
             let mut c = Compiler { path, text, index, errors: &mut errors, allow: &allow, sets: &mut sets };
@@ -181,9 +187,9 @@ impl MappingFile {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let sets = sets.build().map_err(|message| {
-            vec![MappingError { file: path.to_owned(), line: 1, column: 1, rule: None, message }]
-        })?;
+        let sets = sets
+            .build()
+            .map_err(|message| vec![MappingError { file: path.to_owned(), line: 1, column: 1, rule: None, message }])?;
         for rule in &mut rules {
             for (name, set, _) in &mut rule.env {
                 *set = sets.env_index(name);
@@ -226,7 +232,12 @@ impl Compiler<'_> {
         self.errors.push(locate(self.path, self.text, Some(self.index), keys, message));
     }
 
-    fn patterns(&mut self, key: &str, field: Result<Field, &str>, spec: Option<OneOrMany<String>>) -> Option<Vec<Pattern>> {
+    fn patterns(
+        &mut self,
+        key: &str,
+        field: Result<Field, &str>,
+        spec: Option<OneOrMany<String>>,
+    ) -> Option<Vec<Pattern>> {
         let values = spec?.into_vec();
         if values.is_empty() {
             self.err(&["match", key], format!("`{key}` has no values"));
@@ -251,7 +262,10 @@ impl Compiler<'_> {
                 for p in t.placeholders() {
                     if let Placeholder::Env(name) = p {
                         if self.allow.binary_search(name).is_err() {
-                            self.err(keys, format!("`{{env.{name}}}` is not collected: add {name} to identity.env_allowlist"));
+                            self.err(
+                                keys,
+                                format!("`{{env.{name}}}` is not collected: add {name} to identity.env_allowlist"),
+                            );
                         }
                     }
                 }
@@ -297,7 +311,10 @@ impl Compiler<'_> {
         let mut env = Vec::new();
         for (name, values) in s.env {
             if self.allow.binary_search(&name).is_err() {
-                self.err(&["match", "env", &name], format!("`{name}` is not collected: add it to identity.env_allowlist"));
+                self.err(
+                    &["match", "env", &name],
+                    format!("`{name}` is not collected: add it to identity.env_allowlist"),
+                );
             }
             let pats = self.patterns("env", Err(&name), Some(values)).unwrap_or_default();
             env.push((name, None, pats));
@@ -368,7 +385,14 @@ fn locate(path: &Path, text: &str, rule: Option<usize>, keys: &[&str], message: 
 
 /// [`locate`], moved `offset` bytes into the value when it is a plain or
 /// quoted scalar on the key's line (template errors carry such offsets).
-fn locate_at(path: &Path, text: &str, rule: Option<usize>, keys: &[&str], offset: Option<usize>, message: String) -> MappingError {
+fn locate_at(
+    path: &Path,
+    text: &str,
+    rule: Option<usize>,
+    keys: &[&str],
+    offset: Option<usize>,
+    message: String,
+) -> MappingError {
     let lines: Vec<&str> = text.lines().collect();
     let (start, end) = match rule {
         Some(i) => rule_span(&lines, i).unwrap_or((0, 0)),
@@ -381,7 +405,8 @@ fn locate_at(path: &Path, text: &str, rule: Option<usize>, keys: &[&str], offset
     }
     let mut from = start;
     for key in keys {
-        let found = (from..end.max(start + 1).min(lines.len())).find_map(|n| key_in_line(lines[n], key).map(|c| (n, c)));
+        let found =
+            (from..end.max(start + 1).min(lines.len())).find_map(|n| key_in_line(lines[n], key).map(|c| (n, c)));
         if let Some((n, c)) = found {
             line = n + 1;
             column = c + 1;

@@ -24,7 +24,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use attest::{record_for_live_pid, Ancestor, AttestError, AttestNeeds, Attestation, Attested, Attestor, ExeInfo, MAX_HASH_BYTES};
+pub use attest::{
+    record_for_live_pid, Ancestor, AttestError, AttestNeeds, Attestation, Attested, Attestor, ExeInfo, MAX_HASH_BYTES,
+};
 pub use cli::{cli_check, cli_explain, run, IdentityArgs, IdentityCommand};
 pub use container::{parse_container, ContainerRef, Runtime};
 pub use mapping::{MappingError, MappingFile};

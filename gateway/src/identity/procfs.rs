@@ -62,11 +62,7 @@ impl ProcDir {
     /// Opens `/proc/<pid>`; a missing directory means the process is gone.
     pub fn open(pid: u32) -> Result<ProcDir, ProcError> {
         let path = format!("/proc/{pid}");
-        match nix::fcntl::open(
-            path.as_str(),
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
+        match nix::fcntl::open(path.as_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty()) {
             Ok(fd) => Ok(ProcDir { fd, pid }),
             Err(e) => Err(map_err(pid, "", e)),
         }
@@ -87,8 +83,7 @@ impl ProcDir {
 
     /// `readlink` of an entry (`exe`, `cwd`).
     pub fn readlink(&self, file: &str) -> Result<String, ProcError> {
-        let target: OsString =
-            nix::fcntl::readlinkat(&self.fd, file).map_err(|e| map_err(self.pid, file, e))?;
+        let target: OsString = nix::fcntl::readlinkat(&self.fd, file).map_err(|e| map_err(self.pid, file, e))?;
         Ok(String::from_utf8_lossy(&target.into_vec()).into_owned())
     }
 
@@ -161,7 +156,8 @@ fn read_bounded(mut f: File, buf: &mut Vec<u8>, limit: usize) -> Result<(), Errn
 pub fn stat_of(pid: u32, buf: &mut Vec<u8>) -> Result<(Stat, String), ProcError> {
     buf.clear();
     let path = format!("/proc/{pid}/stat");
-    let f = File::open(&path).map_err(|e| map_err(pid, "stat", Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
+    let f =
+        File::open(&path).map_err(|e| map_err(pid, "stat", Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
     read_bounded(f, buf, 4096).map_err(|e| map_err(pid, "stat", e))?;
     let stat = parse_stat(buf).ok_or(ProcError::Malformed { pid, file: "stat" })?;
     Ok((stat, stat_comm(buf).unwrap_or_default()))
@@ -218,10 +214,7 @@ pub fn parse_cgroup(text: &[u8]) -> Option<String> {
 
 /// Splits a NUL-separated buffer (cmdline) into strings.
 pub fn split_nul(buf: &[u8]) -> Vec<String> {
-    buf.split(|&b| b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect()
+    buf.split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
 }
 
 /// Overwrites a buffer that held secrets before it is freed or reused.

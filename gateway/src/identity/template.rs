@@ -288,7 +288,10 @@ mod tests {
 
     #[test]
     fn renders_and_encodes() {
-        assert_eq!(render("spiffe://{trust_domain}/r/{env.GITHUB_REPOSITORY}/u/{uid}").as_deref(), Ok("spiffe://td/r/org%2Frepo/u/1001"));
+        assert_eq!(
+            render("spiffe://{trust_domain}/r/{env.GITHUB_REPOSITORY}/u/{uid}").as_deref(),
+            Ok("spiffe://td/r/org%2Frepo/u/1001")
+        );
     }
 
     #[test]

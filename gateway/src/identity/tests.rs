@@ -201,7 +201,10 @@ fn unmatched_and_untrusted_processes_are_unmapped() {
     let job_binary = spawn(&copy, &[], None);
 
     let id = resolver.resolve(&attestor().attest(&record(plain.pid())));
-    assert_eq!(id, Identity { uri: "spiffe://ci.test/unmapped".into(), labels: Default::default(), rule: None, attested: true });
+    assert_eq!(
+        id,
+        Identity { uri: "spiffe://ci.test/unmapped".into(), labels: Default::default(), rule: None, attested: true }
+    );
 
     // Path and comm match the tmp rule, but /tmp is writable by anyone, so
     // nothing trustworthy matched and the rule (require_trusted) refuses.
@@ -244,7 +247,8 @@ rules:
 #[test]
 fn env_cannot_inject_path_segments() {
     let sleep = require_file("/bin/sleep");
-    let text = "rules:\n  - match: { exe: /usr/bin/sleep }\n    identity: spiffe://ci.test/repo/{env.GITHUB_REPOSITORY}/ci\n";
+    let text =
+        "rules:\n  - match: { exe: /usr/bin/sleep }\n    identity: spiffe://ci.test/repo/{env.GITHUB_REPOSITORY}/ci\n";
     let (resolver, _dir) = resolver_with(text);
     let evil = spawn(&sleep, &[("GITHUB_REPOSITORY", "x/../../admin\u{1}/")], None);
     let id = resolver.resolve(&attestor().attest(&record(evil.pid())));
@@ -256,7 +260,9 @@ fn env_cannot_inject_path_segments() {
     let dots = spawn(&sleep, &[("GITHUB_REPOSITORY", "..")], None);
     let att = attestor().attest(&record(dots.pid()));
     assert_eq!(resolver.resolve(&att).uri, "spiffe://ci.test/unmapped");
-    assert!(matches!(&resolver.explain(&att).rules[0].outcome, RuleOutcome::TemplateFailed { reason } if reason.contains("unsafe")));
+    assert!(
+        matches!(&resolver.explain(&att).rules[0].outcome, RuleOutcome::TemplateFailed { reason } if reason.contains("unsafe"))
+    );
 }
 
 #[test]
@@ -371,7 +377,8 @@ fn trimmed_attestation_keeps_every_guard_and_skips_only_what_rules_cannot_use() 
     rec.comm[..4].copy_from_slice(b"bash");
     assert!(unattested_reason(&a.attest_with(&rec, needs)).contains("exec"));
 
-    let (with_parent, _d) = resolver_with("rules:\n  - match: { parent_exe: \"/**\", uid: 0 }\n    identity: spiffe://ci.test/p\n");
+    let (with_parent, _d) =
+        resolver_with("rules:\n  - match: { parent_exe: \"/**\", uid: 0 }\n    identity: spiffe://ci.test/p\n");
     assert!(with_parent.needs().ancestors);
     let (without, _d2) = resolver_with("rules:\n  - match: { uid: 0 }\n    identity: spiffe://ci.test/u\n");
     assert_eq!(without.needs(), needs);

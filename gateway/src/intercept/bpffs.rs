@@ -23,11 +23,9 @@ pub fn ensure_mounted(pin_dir: &Path) -> Result<(), InterceptError> {
     }
     std::fs::create_dir_all(DEFAULT_BPFFS)
         .map_err(|source| InterceptError::Io { what: format!("creating {DEFAULT_BPFFS}"), source })?;
-    nix::mount::mount(Some("bpf"), DEFAULT_BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| InterceptError::Io {
-            what: format!("mounting bpffs at {DEFAULT_BPFFS}"),
-            source: std::io::Error::from(e),
-        })?;
+    nix::mount::mount(Some("bpf"), DEFAULT_BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>).map_err(
+        |e| InterceptError::Io { what: format!("mounting bpffs at {DEFAULT_BPFFS}"), source: std::io::Error::from(e) },
+    )?;
     tracing::info!(path = DEFAULT_BPFFS, "mounted the bpf file system");
     Ok(())
 }

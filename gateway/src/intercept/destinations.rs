@@ -88,9 +88,7 @@ impl InterceptSet {
             .map(|(net, ports)| {
                 let set = match ports {
                     None => PortSet::ALL,
-                    Some(p) if p.len() > MAX_PORTS => {
-                        return Err(TooManyPorts { net: *net, count: p.len() })
-                    }
+                    Some(p) if p.len() > MAX_PORTS => return Err(TooManyPorts { net: *net, count: p.len() }),
                     Some(p) => {
                         let mut set = PortSet { ports: [0; MAX_PORTS], len: p.len() as u16 };
                         for (slot, port) in set.ports.iter_mut().zip(p) {

@@ -177,8 +177,7 @@ impl Interceptor {
             Array::try_from(take(&mut ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
         let v4 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V4)?).map_err(map_err(names::INTERCEPT_V4))?;
         let v6 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V6)?).map_err(map_err(names::INTERCEPT_V6))?;
-        let original =
-            BpfHashMap::try_from(take(&mut ebpf, names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
+        let original = BpfHashMap::try_from(take(&mut ebpf, names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
 
         let redirect = RedirectConfig {
             proxy_v4: addr_words(IpAddr::V4(target.v4))[3],
@@ -255,9 +254,8 @@ impl Interceptor {
             remove_link_pin(&path)?;
         }
         for (path, link) in fresh {
-            let pinned = link
-                .pin(&path)
-                .map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
+            let pinned =
+                link.pin(&path).map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
             self.links.push(pinned);
         }
         Ok(())
@@ -361,10 +359,9 @@ fn pins_in(dir: &Path) -> Result<Vec<PathBuf>, InterceptError> {
 fn remove_link_pin(path: &Path) -> Result<(), InterceptError> {
     match PinnedLink::from_pin(path) {
         // Unpinning drops the last reference: the kernel detaches the link.
-        Ok(link) => link
-            .unpin()
-            .map(drop)
-            .map_err(|e| InterceptError::Pin { path: path.to_owned(), reason: e.to_string() }),
+        Ok(link) => {
+            link.unpin().map(drop).map_err(|e| InterceptError::Pin { path: path.to_owned(), reason: e.to_string() })
+        }
         // Not a link (or already gone): remove the file so it cannot confuse the next start.
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "removing unreadable pin");

@@ -40,7 +40,8 @@ enum Sniffed {
     Closed,
 }
 
-const METHODS: [&[u8]; 9] = [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"PRI * "];
+const METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"PRI * "];
 
 fn classify(first: &[u8]) -> Sniffed {
     match first {
@@ -75,7 +76,15 @@ pub(super) struct Handled {
 
 impl Handled {
     fn new(protocol: &'static str) -> Handled {
-        Handled { protocol, sni: None, requests: None, bytes_up: 0, bytes_down: 0, outcome: Outcome::Closed, error: None }
+        Handled {
+            protocol,
+            sni: None,
+            requests: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Closed,
+            error: None,
+        }
     }
 
     fn failed(mut self, outcome: Outcome, error: impl std::fmt::Display) -> Handled {
@@ -104,7 +113,9 @@ impl Proxy {
                     Ok(Peeked::Plaintext) => {
                         return Handled::new("tls").failed(Outcome::Error, "invalid TLS record header");
                     }
-                    Err(e) => return Handled::new("tls").failed(Outcome::Error, format!("malformed TLS ClientHello: {e}")),
+                    Err(e) => {
+                        return Handled::new("tls").failed(Outcome::Error, format!("malformed TLS ClientHello: {e}"))
+                    }
                 };
                 let mut handled = Handled::new("tls-passthrough");
                 handled.sni = hello.sni.clone();
@@ -146,20 +157,23 @@ impl Proxy {
         let refused = match &action {
             policy::Action::Allow => None,
             policy::Action::Deny { reason } => Some(format!("denied by policy rule {rule}: {reason}")),
-            policy::Action::RequireApproval(spec) => self.approve_connection(&conn, &host, &rule, spec, session.as_deref()).await,
+            policy::Action::RequireApproval(spec) => {
+                self.approve_connection(&conn, &host, &rule, spec, session.as_deref()).await
+            }
         };
         if let Some(reason) = refused {
             tracing::info!(target: crate::enforce::POLICY_TARGET, conn_id = conn.id, rule, host, reason, "connection refused by policy");
             end_session(session.as_deref(), &handled, "refused");
             return handled.failed(Outcome::Blocked, reason);
         }
-        let upstream = match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await {
-            Ok(u) => u,
-            Err(e) => {
-                end_session(session.as_deref(), &handled, "upstream_failed");
-                return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}"));
-            }
-        };
+        let upstream =
+            match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await {
+                Ok(u) => u,
+                Err(e) => {
+                    end_session(session.as_deref(), &handled, "upstream_failed");
+                    return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}"));
+                }
+            };
         let counters = relay::Counters::default();
         let result = relay::relay(&conn.client, &upstream, &counters).await;
         handled.bytes_up = counters.up.load(Ordering::Relaxed);
@@ -209,13 +223,17 @@ impl Proxy {
         }
         let outcome = self.services.enforcement.approvals.request(new, &approval_spec).await;
         let (refused, event) = match outcome {
-            ApprovalOutcome::Approved { id, by } => (None, json!({ "approval": id.to_string(), "outcome": "approved", "by": by })),
-            ApprovalOutcome::Denied { id, by, .. } => {
-                (Some(format!("approval {id} denied by {by}")), json!({ "approval": id.to_string(), "outcome": "denied", "by": by }))
+            ApprovalOutcome::Approved { id, by } => {
+                (None, json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
             }
-            ApprovalOutcome::TimedOut { id } => {
-                (Some(format!("approval {id} timed out")), json!({ "approval": id.to_string(), "outcome": "timed_out" }))
-            }
+            ApprovalOutcome::Denied { id, by, .. } => (
+                Some(format!("approval {id} denied by {by}")),
+                json!({ "approval": id.to_string(), "outcome": "denied", "by": by }),
+            ),
+            ApprovalOutcome::TimedOut { id } => (
+                Some(format!("approval {id} timed out")),
+                json!({ "approval": id.to_string(), "outcome": "timed_out" }),
+            ),
             ApprovalOutcome::Failed { reason } => {
                 (Some(format!("approval unavailable: {reason}")), json!({ "outcome": "failed", "reason": reason }))
             }
@@ -282,16 +300,22 @@ impl Proxy {
             tls: self.services.upstream_tls.clone(),
         };
         let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
-        self.serve_http(stream, Some(client_h2), HttpConn { ctx, caller: conn.caller, session }, connector, handled).await
+        self.serve_http(stream, Some(client_h2), HttpConn { ctx, caller: conn.caller, session }, connector, handled)
+            .await
     }
 
     async fn serve_plain_http(&self, conn: Intercepted) -> Handled {
-        let connector = PlainConnector { dst: conn.orig_dst, mark: self.config.upstream_mark, timeout: self.config.connect_timeout };
+        let connector = PlainConnector {
+            dst: conn.orig_dst,
+            mark: self.config.upstream_mark,
+            timeout: self.config.connect_timeout,
+        };
         // The Host header names the server; the engine falls back to it.
         let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
         let session = self.start_session(Who::of(&conn), &conn.orig_dst.ip().to_string(), None, None, "http");
         let client = conn.client;
-        self.serve_http(client, None, HttpConn { ctx, caller: conn.caller, session }, connector, Handled::new("http")).await
+        self.serve_http(client, None, HttpConn { ctx, caller: conn.caller, session }, connector, Handled::new("http"))
+            .await
     }
 
     async fn serve_http<IO, U>(
@@ -308,7 +332,8 @@ impl Proxy {
     {
         let HttpConn { ctx, caller, session } = conn;
         let enforcer = Arc::new(Enforcer::new(self.services.enforcement.clone(), caller, session.clone()));
-        let result = http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
+        let result =
+            http::serve(io, client_h2, ctx, enforcer.clone(), connector, self.services.http_limits.clone()).await;
         if enforcer.blocked() > 0 {
             handled.outcome = Outcome::Blocked;
         }

@@ -20,8 +20,8 @@ use crate::{
     config::ProxyConfig,
     enforce::{Caller, Enforcement},
     event::{ConnectionEvent, Outcome},
-    intercept::{words_addr, Interceptor},
     identity::{Attestation, Attestor, IdentityResolver},
+    intercept::{words_addr, Interceptor},
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
 };
@@ -207,13 +207,13 @@ impl Proxy {
             pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
-
 }
 
 /// Connects to `dst` from a socket carrying the gateway's mark, so the
 /// connect hooks never redirect it back into the proxy.
 pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let sock = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let sock =
+        socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_mark(mark)?;
     sock.set_nonblocking(true)?;
     sock.set_tcp_nodelay(true)?;
@@ -234,7 +234,11 @@ pub fn bind_listeners(config: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
     addrs
         .into_iter()
         .map(|addr| {
-            let sock = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
             if addr.is_ipv6() {
                 sock.set_only_v6(true)?;
             }

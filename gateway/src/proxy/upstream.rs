@@ -53,11 +53,14 @@ impl UpstreamConnector for TlsConnector {
         let tcp = connect_upstream(self.dst, self.mark, self.timeout).await?;
         // Mirror the client: an HTTP/1.1 client gets an HTTP/1.1 upstream, so
         // what the server sees is what the job sent.
-        let alpn = if hint.allow_h2 && hint.client_h2 { vec![H2.to_vec(), HTTP11.to_vec()] } else { vec![HTTP11.to_vec()] };
+        let alpn =
+            if hint.allow_h2 && hint.client_h2 { vec![H2.to_vec(), HTTP11.to_vec()] } else { vec![HTTP11.to_vec()] };
         let handshake = self.tls.connect(tcp, &self.server_name, alpn);
         let stream = tokio::time::timeout(self.timeout, handshake)
             .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("TLS handshake with {} timed out", self.server_name)))?
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, format!("TLS handshake with {} timed out", self.server_name))
+            })?
             .map_err(io::Error::other)?;
         let h2 = stream.get_ref().1.alpn_protocol() == Some(H2);
         Ok((Box::new(stream), h2))

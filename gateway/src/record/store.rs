@@ -15,8 +15,8 @@ use std::{
 };
 
 use rusqlite::{
-    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row,
-    Transaction, TransactionBehavior,
+    ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row, Transaction,
+    TransactionBehavior,
 };
 
 use super::{
@@ -25,7 +25,6 @@ use super::{
     model::{from_nanos, SessionEnd},
     Record, RecordError, SessionFilter, SessionId, SessionState, SessionSummary,
 };
-
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[r#"

@@ -198,23 +198,20 @@ impl CertificateAuthority {
 
         // rcgen's DN parser panics on some malformed names instead of failing;
         // a damaged file must be an error, not a crash of the proxy.
-        let issuer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Issuer::from_ca_cert_der(&cert_der, key)
-        }))
-        .map_err(|_| corrupt(&paths.cert, "malformed certificate".into()))?
-        .map_err(|e| corrupt(&paths.cert, format!("not a usable CA certificate: {e}")))?;
+        let issuer =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Issuer::from_ca_cert_der(&cert_der, key)))
+                .map_err(|_| corrupt(&paths.cert, "malformed certificate".into()))?
+                .map_err(|e| corrupt(&paths.cert, format!("not a usable CA certificate: {e}")))?;
         // Trust anchors are not checked for CA-ness by verifiers, so a leaf
         // dropped in by mistake would "work" here and fail in every client.
         if !issuer.key_usages().contains(&KeyUsagePurpose::KeyCertSign) {
-            return Err(corrupt(&paths.cert, "not a CA certificate: its key usage does not allow signing certificates".into()));
+            return Err(corrupt(
+                &paths.cert,
+                "not a CA certificate: its key usage does not allow signing certificates".into(),
+            ));
         }
 
-        Ok(Self {
-            cert_pem: pem_encode(&cert_der),
-            cert_der,
-            cert_path: paths.cert.clone(),
-            issuer,
-        })
+        Ok(Self { cert_pem: pem_encode(&cert_der), cert_der, cert_path: paths.cert.clone(), issuer })
     }
 
     /// Mints a throw-away leaf and verifies it against the CA certificate alone,
@@ -345,12 +342,10 @@ pub(crate) fn pem_encode(der: &CertificateDer<'_>) -> String {
 #[cfg(test)]
 pub(crate) fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = fs::read(path).map_err(|e| TlsError::io(path, "read", e))?;
-    rustls_pemfile::certs(&mut bytes.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError::CaCorrupt {
-        path: path.to_owned(),
-        reason: format!("not valid PEM: {e}"),
-    })
+    rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::CaCorrupt { path: path.to_owned(), reason: format!("not valid PEM: {e}") })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -378,7 +373,8 @@ mod tests {
         assert_eq!(bc.path_len_constraint, Some(0));
         let ku = parsed.key_usage().expect("ku").expect("present").value;
         assert!(ku.key_cert_sign() && ku.crl_sign() && !ku.digital_signature());
-        let years = (parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp()) / (365 * 86400);
+        let years =
+            (parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp()) / (365 * 86400);
         assert_eq!(years, 10);
 
         let again = CertificateAuthority::load_or_create(dir.path()).expect("reload");
@@ -442,7 +438,10 @@ mod tests {
         let paths = CaPaths::new(dir.path());
         fs::create_dir_all(&paths.dir).expect("mkdir");
         let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec!["not-a-ca.example".to_owned()]).expect("params").self_signed(&key).expect("cert");
+        let cert = CertificateParams::new(vec!["not-a-ca.example".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
         fs::write(&paths.key, key.serialize_pem()).expect("write");
         fs::write(&paths.cert, cert.pem()).expect("write");
         let err = CertificateAuthority::load_or_create(dir.path()).expect_err("non-CA").to_string();

@@ -196,7 +196,11 @@ pub fn install_trust(paths: &TrustPaths, ca: &CertificateAuthority, system: bool
         bundle.push_str(&pem_encode(ca.cert_der()));
     }
     write_atomically(&paths.bundle, bundle.as_bytes(), 0o644)?;
-    done.push(format!("wrote {} (system roots from {} plus the gateway CA)", paths.bundle.display(), system_bundle.display()));
+    done.push(format!(
+        "wrote {} (system roots from {} plus the gateway CA)",
+        paths.bundle.display(),
+        system_bundle.display()
+    ));
     if let Some(line) = open_for_jobs(&paths.ca.dir)? {
         done.push(line);
     }
@@ -292,10 +296,7 @@ fn open_for_jobs(dir: &Path) -> Result<Option<String>, TlsError> {
     }
     let new_mode = mode | 0o011;
     fs::set_permissions(dir, fs::Permissions::from_mode(new_mode)).map_err(|e| TlsError::io(dir, "chmod", e))?;
-    Ok(Some(format!(
-        "made {} searchable by jobs (mode {new_mode:o}; the key itself stays 0600)",
-        dir.display()
-    )))
+    Ok(Some(format!("made {} searchable by jobs (mode {new_mode:o}; the key itself stays 0600)", dir.display())))
 }
 
 fn remove_if_present(path: &Path) -> Result<bool, TlsError> {
@@ -395,7 +396,10 @@ mod tests {
         assert_eq!(count_certs(&f.paths.bundle), 2);
 
         let actions = uninstall_trust(&f.paths, true).expect("uninstall");
-        assert!(!f.paths.system_anchor.exists() && !f.paths.env_file.exists() && !f.paths.bundle.exists(), "{actions:?}");
+        assert!(
+            !f.paths.system_anchor.exists() && !f.paths.env_file.exists() && !f.paths.bundle.exists(),
+            "{actions:?}"
+        );
         assert!(f.paths.ca.key.exists() && f.paths.ca.cert.exists());
         assert_eq!(fs::read_to_string(f.root.path().join("update.log")).expect("log"), "run\nrun\nrun\n");
         // Uninstalling twice is harmless and runs nothing.

@@ -174,11 +174,16 @@ fn parse(buf: &[u8]) -> Parse {
         handshake.extend_from_slice(available);
         if handshake.len() >= 4 {
             if handshake[0] != HANDSHAKE_CLIENT_HELLO {
-                return Parse::Malformed(format!("first handshake message has type {}, not ClientHello (1)", handshake[0]));
+                return Parse::Malformed(format!(
+                    "first handshake message has type {}, not ClientHello (1)",
+                    handshake[0]
+                ));
             }
             let msg_len = usize::from(handshake[1]) << 16 | usize::from(handshake[2]) << 8 | usize::from(handshake[3]);
             if msg_len + 4 > MAX_HELLO_LEN {
-                return Parse::Malformed(format!("ClientHello of {msg_len} bytes exceeds the {MAX_HELLO_LEN}-byte limit"));
+                return Parse::Malformed(format!(
+                    "ClientHello of {msg_len} bytes exceeds the {MAX_HELLO_LEN}-byte limit"
+                ));
             }
             if handshake.len() >= msg_len + 4 {
                 // Complete; whatever follows in the record is the client's next
@@ -277,13 +282,8 @@ fn parse_client_hello(body: &[u8]) -> Result<ClientHelloInfo, String> {
     if r.vec8("legacy_compression_methods")?.is_empty() {
         return Err("legacy_compression_methods is empty".into());
     }
-    let mut info = ClientHelloInfo {
-        sni: None,
-        alpn: Vec::new(),
-        legacy_version,
-        supported_versions: Vec::new(),
-        wire_len: 0,
-    };
+    let mut info =
+        ClientHelloInfo { sni: None, alpn: Vec::new(), legacy_version, supported_versions: Vec::new(), wire_len: 0 };
     // Pre-TLS 1.2 clients may omit the extensions block entirely.
     if r.remaining() == 0 {
         return Ok(info);
@@ -524,7 +524,9 @@ mod tests {
         assert!(malformed(&records(&hello(&[sni]), 16384)).contains("server_name"));
         // Empty ALPN list and empty protocol name.
         assert!(malformed(&records(&hello(&[ext(EXT_ALPN, &[0, 0])]), 16384)).contains("ALPN protocol list is empty"));
-        assert!(malformed(&records(&hello(&[ext(EXT_ALPN, &[0, 1, 0])]), 16384)).contains("ALPN protocol name is empty"));
+        assert!(
+            malformed(&records(&hello(&[ext(EXT_ALPN, &[0, 1, 0])]), 16384)).contains("ALPN protocol name is empty")
+        );
         // Duplicate extension.
         assert!(malformed(&records(&hello(&[alpn_ext(&[b"h2"]), alpn_ext(&[b"h2"])]), 16384)).contains("twice"));
         // Two host names.
@@ -616,7 +618,8 @@ mod tests {
     async fn peeks_a_real_rustls_hello_then_handshakes_on_the_same_stream() {
         let (_dir, ca) = temp_ca();
         let (client, server) = tcp_pair().await;
-        let connector = tokio_rustls::TlsConnector::from(client_config(&[ca.cert_der().clone()], &[b"h2", b"http/1.1"]));
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(&[ca.cert_der().clone()], &[b"h2", b"http/1.1"]));
         let client_task = tokio::spawn(async move {
             let name = rustls::pki_types::ServerName::try_from("api2.cursor.sh").expect("name");
             let mut tls = connector.connect(name, client).await?;

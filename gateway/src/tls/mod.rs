@@ -351,7 +351,8 @@ mod tests {
 
     #[test]
     fn validate_names_field_and_reason() {
-        let bad = |p: &str| TlsConfig { intercept: vec!["ok.example".into(), p.into()], ..TlsConfig::default() }.validate();
+        let bad =
+            |p: &str| TlsConfig { intercept: vec!["ok.example".into(), p.into()], ..TlsConfig::default() }.validate();
         for p in ["", "*.", "api*.cursor.sh", "*.*.x", "a..b", "spa ce.com", "ü.com", "x.*.com"] {
             let (field, reason) = bad(p).expect_err(p);
             assert_eq!(field, "tls.intercept[1]", "{p}");

@@ -129,7 +129,9 @@ fn status_transitions_are_recorded_with_who_when_and_why() {
 
     assert!(matches!(store.set_status(id, Status::Open, " ", "x"), Err(FindingsError::MissingReviewer)));
     let missing = FindingId(9999);
-    assert!(matches!(store.set_status(missing, Status::Open, "a", "x"), Err(FindingsError::NotFound(m)) if m == missing));
+    assert!(
+        matches!(store.set_status(missing, Status::Open, "a", "x"), Err(FindingsError::NotFound(m)) if m == missing)
+    );
     assert_eq!(store.get(missing).unwrap(), None);
 
     let f = store.set_status(id, Status::Open, "carol", "still in a fork").unwrap();
@@ -292,7 +294,10 @@ fn export_sarif() {
         assert!(r["properties"]["process"]["pid"].is_u64());
         assert!(r["properties"]["count"].is_u64());
     }
-    assert_eq!(results[0]["locations"][0]["logicalLocations"][0]["fullyQualifiedName"], "api.openai.com:443/body:$.auth[\"key\"]");
+    assert_eq!(
+        results[0]["locations"][0]["logicalLocations"][0]["fullyQualifiedName"],
+        "api.openai.com:443/body:$.auth[\"key\"]"
+    );
     assert_eq!(results[0]["level"], "error");
     assert_eq!(results[1]["properties"]["status"], "false_positive");
     assert_eq!(results[1]["suppressions"][0]["kind"], "external");
@@ -413,7 +418,8 @@ fn handle_reports_invalid_findings_without_losing_the_batch() {
         let good = handle.record(simple("ok")).await.unwrap();
         let bad = handle.record(simple("")).await.unwrap_err();
         assert!(matches!(bad, FindingsError::InvalidFinding(_)), "{bad}");
-        let (a, b, c) = tokio::join!(handle.record(simple("a")), handle.record(simple("")), handle.record(simple("ok")));
+        let (a, b, c) =
+            tokio::join!(handle.record(simple("a")), handle.record(simple("")), handle.record(simple("ok")));
         assert!(a.unwrap().new);
         assert!(b.is_err());
         assert_eq!(c.unwrap(), Recorded { id: good.id, new: false, count: 2 });
@@ -532,11 +538,32 @@ fn no_column_can_hold_a_raw_key() {
     assert_eq!(
         columns("findings"),
         [
-            "id", "rule_id", "confidence", "fingerprint", "preview", "location", "dest_host", "dest_port", "pid",
-            "uid", "exe", "comm", "cgroup", "job", "identity", "first_seen", "last_seen", "count", "action", "status"
+            "id",
+            "rule_id",
+            "confidence",
+            "fingerprint",
+            "preview",
+            "location",
+            "dest_host",
+            "dest_port",
+            "pid",
+            "uid",
+            "exe",
+            "comm",
+            "cgroup",
+            "job",
+            "identity",
+            "first_seen",
+            "last_seen",
+            "count",
+            "action",
+            "status"
         ]
     );
-    assert_eq!(columns("status_history"), ["id", "finding_id", "from_status", "to_status", "changed_by", "changed_at", "comment"]);
+    assert_eq!(
+        columns("status_history"),
+        ["id", "finding_id", "from_status", "to_status", "changed_by", "changed_at", "comment"]
+    );
     for c in columns("findings").iter().chain(&columns("status_history")) {
         for word in ["key", "secret", "token", "raw", "value", "credential"] {
             assert!(!c.contains(word), "column {c}");
@@ -553,7 +580,9 @@ fn caller_mistakes_cannot_leak_secrets_or_bloat_rows() {
     f.process.job.insert("CI_JOB_TOKEN".into(), "glcbt-secret".into());
     f.process.job.insert("CI_REGISTRY_PASSWORD".into(), "hunter2".into());
     f.process.job.insert("DEPLOY_KEY".into(), "ssh-ed25519 AAAA".into());
-    f.process.job.insert("CI_REPOSITORY_URL".into(), "https://gitlab-ci-token:glcbt-xyz@git.example/grp/proj.git".into());
+    f.process
+        .job
+        .insert("CI_REPOSITORY_URL".into(), "https://gitlab-ci-token:glcbt-xyz@git.example/grp/proj.git".into());
     f.location = "h".repeat(10_000);
     let id = store.record(&f).unwrap().id;
     let got = store.get(id).unwrap().unwrap();
@@ -569,8 +598,14 @@ fn caller_mistakes_cannot_leak_secrets_or_bloat_rows() {
     let mut too_long = simple(&"f".repeat(300));
     too_long.seen_at = T0;
     assert!(matches!(store.record(&too_long), Err(FindingsError::InvalidFinding(_))));
-    assert!(matches!(store.record(&NewFinding { rule_id: " ".into(), ..simple("x") }), Err(FindingsError::InvalidFinding(_))));
-    assert!(matches!(store.record(&NewFinding { dest_host: ".".into(), ..simple("x") }), Err(FindingsError::InvalidFinding(_))));
+    assert!(matches!(
+        store.record(&NewFinding { rule_id: " ".into(), ..simple("x") }),
+        Err(FindingsError::InvalidFinding(_))
+    ));
+    assert!(matches!(
+        store.record(&NewFinding { dest_host: ".".into(), ..simple("x") }),
+        Err(FindingsError::InvalidFinding(_))
+    ));
 }
 
 #[test]
