@@ -25,6 +25,7 @@ pub mod policy;
 pub mod process;
 pub mod proxy;
 pub mod record;
+pub mod redact;
 pub mod relay;
 pub mod sqlite;
 pub mod tls;

@@ -15,6 +15,7 @@ use std::{
     time::Duration,
 };
 
+use crate::redact::cap;
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction, TransactionBehavior};
 use time::OffsetDateTime;
 
@@ -177,7 +178,8 @@ impl ApprovalStore {
                 cap(&new.identity, limits::IDENTITY),
                 map_json(&new.identity_labels),
                 process,
-                map_json(&new.job),
+                // Like findings and recordings: never a credential-named value.
+                map_json(&crate::redact::redact_job(&new.job)),
                 new.session_id.as_deref().map(|s| cap(s, limits::SHORT)),
                 cap(&new.method, limits::METHOD),
                 cap(&new.url, limits::URL),
@@ -454,18 +456,6 @@ fn map_json(map: &BTreeMap<String, String>) -> String {
     let bounded: BTreeMap<String, String> =
         map.iter().take(limits::MAP_ENTRIES).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::MAP_VALUE))).collect();
     serde_json::to_string(&bounded).unwrap_or_else(|_| "{}".to_owned())
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn cap(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }
 
 fn nanos(t: OffsetDateTime) -> i64 {

@@ -116,7 +116,7 @@ pub struct ProcessSnapshot {
     /// Identifying CI job variables (`CI_JOB_ID`, `CI_PROJECT_PATH`...).
     /// Callers pass identifying variables only; as a safety net the store
     /// replaces the value of any variable whose name suggests a secret
-    /// (`*TOKEN*`, `*PASSWORD*`...) with `[redacted]`.
+    /// (`*TOKEN*`, `*PASSWORD*`...) with `[REDACTED]`.
     pub job: BTreeMap<String, String>,
 }
 

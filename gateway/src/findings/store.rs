@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use crate::redact::cap;
 use rusqlite::{
     ffi::ErrorCode, params, params_from_iter, types::Value, Connection, OptionalExtension as _, Row, Transaction,
     TransactionBehavior,
@@ -584,7 +585,7 @@ impl Sanitized {
             .iter()
             .take(limits::JOB_VARS)
             .map(|(name, value)| {
-                let value = if looks_secret(name) { "[redacted]".to_owned() } else { strip_userinfo(value) };
+                let value = crate::redact::redact_variable(name, value);
                 (cap(name, limits::JOB_NAME), cap(&value, limits::JOB_VALUE))
             })
             .collect();
@@ -613,68 +614,6 @@ impl Sanitized {
 /// Host names compare case-insensitively and without the root dot.
 fn normalize_host(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn cap(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
-}
-
-/// Whether a CI variable name suggests its value is a credential
-/// (`CI_JOB_TOKEN`, `CI_REGISTRY_PASSWORD`, `ACTIONS_ID_TOKEN_REQUEST_TOKEN`,
-/// `CI_JOB_JWT`...). Such values are never stored, whatever the caller sends.
-fn looks_secret(name: &str) -> bool {
-    const MARKERS: &[&str] = &[
-        "TOKEN",
-        "SECRET",
-        "PASSWORD",
-        "PASSWD",
-        "PASSPHRASE",
-        "CREDENTIAL",
-        "PRIVATE",
-        "AUTH",
-        "COOKIE",
-        "SESSION",
-        "JWT",
-        "APIKEY",
-        "API_KEY",
-        "ACCESS_KEY",
-        "SIGNATURE",
-    ];
-    let upper = name.to_ascii_uppercase();
-    MARKERS.iter().any(|m| upper.contains(m))
-        || upper == "KEY"
-        || upper.ends_with("_KEY")
-        || upper.ends_with("_PASS")
-        || upper.ends_with("_PWD")
-}
-
-/// Removes `user:password@` from URLs in a value: GitLab's
-/// `CI_REPOSITORY_URL` embeds the job token that way.
-fn strip_userinfo(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    let mut rest = value;
-    while let Some(pos) = rest.find("://") {
-        let (head, tail) = rest.split_at(pos + 3);
-        out.push_str(head);
-        let authority_end = tail.find(['/', '?', '#', ' ']).unwrap_or(tail.len());
-        match tail[..authority_end].rfind('@') {
-            Some(at) => {
-                out.push_str("[redacted]");
-                rest = &tail[at..];
-            }
-            None => rest = tail,
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 fn nanos_saturating(t: OffsetDateTime) -> i64 {

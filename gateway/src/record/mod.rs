@@ -22,17 +22,16 @@ mod chain;
 pub mod cli;
 mod lock;
 mod model;
-mod redact;
 mod retention;
 mod store;
 mod writer;
 
+pub use crate::redact::{redact_header_pairs, redact_headers, REDACTED};
 pub use chain::{hash_record, Verdict, GENESIS_HASH};
 pub use model::{
     BodyData, DecisionFacts, EventData, ExchangeData, ExchangeRecord, MessageData, ProcessFacts, Record, RecordLevel,
     SessionEnd, SessionFilter, SessionId, SessionMeta, SessionStart, SessionState, SessionSummary, TlsFacts,
 };
-pub use redact::{redact_header_pairs, redact_headers, REDACTED};
 pub use retention::prune;
 pub use store::SessionStore;
 pub use writer::{Recorder, SessionRecorder};

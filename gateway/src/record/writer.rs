@@ -24,11 +24,12 @@ use base64::Engine as _;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::redact::{cap, redact_header_pairs, redact_job};
+
 use super::{
     chain::{self, canonical_json, hash_record, GENESIS_HASH},
     lock::{self, WriterLock},
     model::{nanos, BodyData, EventData, ExchangeData, MessageData, SessionMeta},
-    redact::{redact_header_pairs, redact_job},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
     ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordLevel, SessionEnd, SessionId, SessionStart,
@@ -599,16 +600,4 @@ fn body_data(body: &[u8], size: u64, max: usize) -> BodyData {
             content: base64::engine::general_purpose::STANDARD.encode(kept),
         },
     }
-}
-
-/// At most `max` bytes of `s`, cut on a character boundary.
-fn cap(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_owned()
 }

@@ -1,5 +1,7 @@
-//! Keeping credentials out of recordings: header values and CI job variables
-//! whose names say they carry one are replaced by [`REDACTED`].
+//! Keeping credentials and unbounded job-controlled text out of everything
+//! the gateway stores (findings, approvals, recordings): header values and
+//! CI job variables whose names say they carry one are replaced by
+//! [`REDACTED`], and stored strings are capped ([`cap`]).
 //!
 //! Names decide, not values: the detector finds keys by their shape, this
 //! catches what has no recognizable shape (session cookies, opaque tokens).
@@ -110,13 +112,17 @@ fn redact_value(name: &str, value: &str) -> String {
 /// (`CI_JOB_TOKEN`, `CI_REGISTRY_PASSWORD`, `*_KEY`...) are redacted and
 /// `user:password@` is cut out of URLs (GitLab's `CI_REPOSITORY_URL` embeds
 /// the job token that way).
-pub(crate) fn redact_job(job: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    job.iter()
-        .map(|(name, value)| {
-            let value = if is_sensitive_variable(name) { REDACTED.to_owned() } else { strip_userinfo(value) };
-            (name.clone(), value)
-        })
-        .collect()
+pub fn redact_job(job: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    job.iter().map(|(name, value)| (name.clone(), redact_variable(name, value))).collect()
+}
+
+/// One CI variable's value as [`redact_job`] stores it.
+pub fn redact_variable(name: &str, value: &str) -> String {
+    if is_sensitive_variable(name) {
+        REDACTED.to_owned()
+    } else {
+        strip_userinfo(value)
+    }
 }
 
 fn is_sensitive_variable(name: &str) -> bool {
@@ -125,7 +131,7 @@ fn is_sensitive_variable(name: &str) -> bool {
 }
 
 /// Replaces the `user:password@` of every URL in `value` by `[REDACTED]@`.
-pub(crate) fn strip_userinfo(value: &str) -> String {
+pub fn strip_userinfo(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(pos) = rest.find("://") {
@@ -142,4 +148,39 @@ pub(crate) fn strip_userinfo(value: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+pub fn cap(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_userinfo_cases() {
+        assert_eq!(strip_userinfo("plain"), "plain");
+        assert_eq!(strip_userinfo("https://host/a@b"), "https://host/a@b");
+        assert_eq!(strip_userinfo("https://u:p@host/x https://h2"), "https://[REDACTED]@host/x https://h2");
+        assert_eq!(strip_userinfo("a://x@y b://z@w"), "a://[REDACTED]@y b://[REDACTED]@w");
+    }
+
+    #[test]
+    fn credential_variables_are_redacted_and_others_kept() {
+        for name in ["CI_JOB_TOKEN", "CI_REGISTRY_PASSWORD", "DEPLOY_KEY", "KEY", "DB_PASS", "X_PWD", "CI_JOB_JWT"] {
+            assert_eq!(redact_variable(name, "s3cr3t"), REDACTED, "{name}");
+        }
+        assert_eq!(redact_variable("GITHUB_REPOSITORY", "acme/api"), "acme/api");
+        assert_eq!(cap("héllo", 2), "h");
+        assert_eq!(cap("héllo", 3), "hé");
+    }
 }
