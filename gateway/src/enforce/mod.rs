@@ -15,14 +15,16 @@ use std::{
 use bytes::Bytes;
 use serde_json::json;
 
+mod approve;
 mod exchange;
 mod masks;
 
+pub use approve::{ApprovalAsk, Refusal};
 pub use exchange::{ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
 pub use masks::{decode_prefix, MaskCache};
 
 use crate::{
-    approval::{Approvals, NewApproval, Outcome as ApprovalOutcome},
+    approval::Approvals,
     credentials::{apply_swap, prepare, CredentialStore, MintRequest, Minter, OidcValidator, SwapTarget},
     detect::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
@@ -664,16 +666,9 @@ fn denied_response(conn_id: u64, rule: &str, reason: &str) -> http::Response<Byt
     json_response(http::StatusCode::FORBIDDEN, &body)
 }
 
-/// Why a held request was refused.
-struct Refusal<'a> {
-    approval: Option<String>,
-    error: &'a str,
-    message: String,
-}
-
 /// 403 for a request whose approval was denied, timed out or failed, with
 /// the policy's reason for needing approval.
-fn not_approved_response(conn_id: u64, refusal: Refusal<'_>, reason: &str) -> http::Response<Bytes> {
+fn not_approved_response(conn_id: u64, refusal: Refusal, reason: &str) -> http::Response<Bytes> {
     let Refusal { approval, error, message } = refusal;
     let body =
         json!({ "error": error, "approval": approval, "message": message, "reason": reason, "conn_id": conn_id });
@@ -710,91 +705,29 @@ impl BodyEnforcer {
     /// Holds the request until its approval is decided.
     async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
         let enforcer = &self.enforcer;
-        let caller = &enforcer.caller;
-        let preview = {
+        let body_preview = {
             let capture = exchange::lock(&self.req.capture);
             let head = &capture.body[..capture.body.len().min(APPROVAL_PREVIEW_BYTES)];
             let plain = decode_prefix(capture.encoding.as_deref().unwrap_or(""), head, APPROVAL_PREVIEW_BYTES)
                 .unwrap_or_default();
             String::from_utf8_lossy(&enforcer.shared.masks.recording().mask_bytes(&plain).0).into_owned()
         };
-        let p = &caller.process;
-        let new = NewApproval {
-            identity: caller.identity.uri.clone(),
-            identity_labels: caller.identity.labels.clone(),
-            process: json!({
-                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
-                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
-            }),
-            job: caller.job.clone(),
-            session_id: enforcer.session.as_ref().map(|s| s.id().as_str().to_owned()),
+        let ask = ApprovalAsk {
+            rule,
+            spec,
             method: self.method.clone(),
             url: self.url.clone(),
             destination: format!("{}:{}", self.req.host, self.ctx.orig_dst.port()),
-            body_preview: preview,
-            rule: rule.to_owned(),
-            requesters: Vec::new(),
+            body_preview,
         };
-        let approval_spec = crate::approval::ApprovalSpec {
-            group: spec.group.clone(),
-            min_approvals: spec.min_approvals,
-            timeout: spec.timeout,
-        };
-        let session = enforcer.session.clone();
-        if let Some(s) = &session {
-            s.event(
-                "approval_requested",
-                json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }),
-            );
-        }
-        tracing::info!(target: POLICY_TARGET, conn_id = self.ctx.conn_id, rule, group = spec.group, identity = caller.identity.uri, "request held for approval");
-        let outcome = enforcer.shared.approvals.request(new, &approval_spec).await;
-        let refused =
-            |refusal: Refusal<'_>| BodyVerdict::Respond(not_approved_response(self.ctx.conn_id, refusal, &spec.reason));
-        let (verdict, event) = match &outcome {
-            ApprovalOutcome::Approved { id, by } => {
-                (BodyVerdict::Continue, json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
+        let asked = enforcer.shared.ask_approval(self.ctx.conn_id, &enforcer.caller, enforcer.session.as_deref(), ask);
+        match asked.await {
+            Ok(()) => BodyVerdict::Continue,
+            Err(refusal) => {
+                enforcer.blocked.fetch_add(1, Ordering::Relaxed);
+                BodyVerdict::Respond(not_approved_response(self.ctx.conn_id, refusal, &spec.reason))
             }
-            ApprovalOutcome::Denied { id, by, comment } => (
-                refused(Refusal {
-                    approval: Some(id.to_string()),
-                    error: "approval_denied",
-                    message: format!(
-                        "Approval {id} was denied by {by}{}.",
-                        comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
-                    ),
-                }),
-                json!({ "approval": id.to_string(), "outcome": "denied", "by": by }),
-            ),
-            ApprovalOutcome::TimedOut { id } => (
-                refused(Refusal {
-                    approval: Some(id.to_string()),
-                    error: "approval_timed_out",
-                    message: format!(
-                        "Nobody approved request {id} within {}; it was not sent.",
-                        humantime::format_duration(spec.timeout)
-                    ),
-                }),
-                json!({ "approval": id.to_string(), "outcome": "timed_out" }),
-            ),
-            ApprovalOutcome::Failed { reason } => (
-                refused(Refusal {
-                    approval: None,
-                    error: "approval_unavailable",
-                    message: format!(
-                        "This request needs approval, which could not be requested ({reason}); it was not sent."
-                    ),
-                }),
-                json!({ "outcome": "failed", "reason": reason }),
-            ),
-        };
-        if let Some(s) = &session {
-            s.event("approval_decided", event);
         }
-        if matches!(verdict, BodyVerdict::Respond(_)) {
-            enforcer.blocked.fetch_add(1, Ordering::Relaxed);
-        }
-        verdict
     }
 }
 

@@ -12,8 +12,7 @@ use tokio::net::TcpStream;
 
 use super::{connect_upstream, Intercepted, PlainConnector, Proxy, TlsConnector};
 use crate::{
-    approval::Outcome as ApprovalOutcome,
-    enforce::Enforcer,
+    enforce::{ApprovalAsk, Enforcer},
     event::Outcome,
     http::{self, HttpContext},
     policy::{self, RequestFacts},
@@ -158,7 +157,17 @@ impl Proxy {
             policy::Action::Allow => None,
             policy::Action::Deny { reason } => Some(format!("denied by policy rule {rule}: {reason}")),
             policy::Action::RequireApproval(spec) => {
-                self.approve_connection(&conn, &host, &rule, spec, session.as_deref()).await
+                let ask = ApprovalAsk {
+                    rule: &rule,
+                    spec,
+                    method: "CONNECT".into(),
+                    url: format!("tcp://{host}:{}", conn.orig_dst.port()),
+                    destination: format!("{host}:{}", conn.orig_dst.port()),
+                    body_preview: String::new(),
+                };
+                let enforcement = &self.services.enforcement;
+                let asked = enforcement.ask_approval(conn.id, &conn.caller, session.as_deref(), ask).await;
+                asked.err().map(|refusal| refusal.message)
             }
         };
         if let Some(reason) = refused {
@@ -183,65 +192,6 @@ impl Proxy {
             Ok(()) => handled,
             Err(e) => handled.failed(Outcome::Error, format!("relay: {e}")),
         }
-    }
-
-    /// Holds a passed-through connection until a human approves it; the
-    /// refusal reason otherwise.
-    async fn approve_connection(
-        &self,
-        conn: &Intercepted,
-        host: &str,
-        rule: &str,
-        spec: &policy::ApprovalSpec,
-        session: Option<&SessionRecorder>,
-    ) -> Option<String> {
-        let caller = &conn.caller;
-        let p = &caller.process;
-        let new = crate::approval::NewApproval {
-            identity: caller.identity.uri.clone(),
-            identity_labels: caller.identity.labels.clone(),
-            process: json!({
-                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
-                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
-            }),
-            job: caller.job.clone(),
-            session_id: session.map(|s| s.id().as_str().to_owned()),
-            method: "CONNECT".into(),
-            url: format!("tcp://{host}:{}", conn.orig_dst.port()),
-            destination: format!("{host}:{}", conn.orig_dst.port()),
-            body_preview: String::new(),
-            rule: rule.to_owned(),
-            requesters: Vec::new(),
-        };
-        let approval_spec = crate::approval::ApprovalSpec {
-            group: spec.group.clone(),
-            min_approvals: spec.min_approvals,
-            timeout: spec.timeout,
-        };
-        if let Some(s) = session {
-            s.event("approval_requested", json!({ "rule": rule, "group": spec.group }));
-        }
-        let outcome = self.services.enforcement.approvals.request(new, &approval_spec).await;
-        let (refused, event) = match outcome {
-            ApprovalOutcome::Approved { id, by } => {
-                (None, json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
-            }
-            ApprovalOutcome::Denied { id, by, .. } => (
-                Some(format!("approval {id} denied by {by}")),
-                json!({ "approval": id.to_string(), "outcome": "denied", "by": by }),
-            ),
-            ApprovalOutcome::TimedOut { id } => (
-                Some(format!("approval {id} timed out")),
-                json!({ "approval": id.to_string(), "outcome": "timed_out" }),
-            ),
-            ApprovalOutcome::Failed { reason } => {
-                (Some(format!("approval unavailable: {reason}")), json!({ "outcome": "failed", "reason": reason }))
-            }
-        };
-        if let Some(s) = session {
-            s.event("approval_decided", event);
-        }
-        refused
     }
 
     /// Starts the recording of a connection; `None` when recording is off.
