@@ -317,10 +317,14 @@ async fn pending_requests_of_a_previous_run_are_abandoned_and_decisions_survive(
     let mut events = approvals.subscribe();
     let (next, task) = held(&approvals, &mut events, spec(1, Duration::from_secs(60))).await;
     assert!(next > left_pending);
+    // Listed before the new request goes away: aborting it abandons it too,
+    // on a blocking task that would race this query.
+    let abandoned = approvals.list(ListFilter { state: Some(State::Abandoned), limit: 10 }).await.unwrap();
+    assert_eq!(abandoned.iter().map(|v| v.id).collect::<Vec<_>>(), [left_pending]);
     task.abort();
-
-    let pending = approvals.list(ListFilter { state: Some(State::Abandoned), limit: 10 }).await.unwrap();
-    assert_eq!(pending.iter().map(|v| v.id).collect::<Vec<_>>(), [left_pending]);
+    assert_eq!(next_event(&mut events).await.kind, EventKind::ApprovalAbandoned);
+    let abandoned = approvals.list(ListFilter { state: Some(State::Abandoned), limit: 10 }).await.unwrap();
+    assert_eq!(abandoned.iter().map(|v| v.id).collect::<Vec<_>>(), [next, left_pending]);
 }
 
 #[tokio::test]
