@@ -301,3 +301,54 @@ fn server_speaks_first_protocols_are_passed_through() {
         "{events:#?}"
     );
 }
+
+#[test]
+fn a_process_keeps_its_attestation_until_it_execs() {
+    let port = unique_port();
+    let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
+    let mut opts = GatewayOptions::new("attcache", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mappings = dir.path().join("mappings.yaml");
+    std::fs::write(
+        &mappings,
+        "rules:\n  - name: shell\n    match: { exe: /usr/bin/bash }\n    identity: spiffe://ci.test/shell\n  \
+         - name: python\n    match: { exe: '/usr/bin/python3*' }\n    identity: spiffe://ci.test/python\n",
+    )
+    .expect("write mappings");
+    opts.extra_yaml = format!("identity:\n  mappings: {}\n", mappings.display());
+    let gw = TestGateway::start(opts);
+    let python = python_named(gw.dir.path(), "gwafterexec");
+
+    // Three connections from one shell, then the same process becomes
+    // python (same pid) and connects again.
+    let script = format!(
+        "for i in 1 2 3; do exec 3<>/dev/tcp/127.0.0.2/{port} || exit 1; echo hi-$i >&3; read -r line <&3 || exit 2; \
+         exec 3<&-; done; exec {py} -c \"import socket; s=socket.create_connection(('127.0.0.2',{port})); \
+         s.sendall(b'py'); s.settimeout(10); s.recv(100)\"",
+        py = python.display()
+    );
+    let out = gw.command_in_cgroup("/usr/bin/bash").arg("-c").arg(&script).output().expect("bash");
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(server.peers.lock().expect("peers").len(), 4, "every connection reached the server");
+
+    let events = gw.wait_events(4, Duration::from_secs(10));
+    let mut mine: Vec<_> = events.iter().filter(|e| e["orig_dst"] == server.addr.to_string()).collect();
+    mine.sort_by_key(|e| e["conn_id"].as_u64());
+    let seen: Vec<(&str, &str)> = mine
+        .iter()
+        .map(|e| (e["identity"].as_str().unwrap_or("?"), e["attestation"].as_str().unwrap_or("?")))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("spiffe://ci.test/shell", "fresh"),
+            ("spiffe://ci.test/shell", "cached"),
+            ("spiffe://ci.test/shell", "cached"),
+            // exec ended the epoch: attested afresh, never the shell's identity.
+            ("spiffe://ci.test/python", "fresh"),
+        ],
+        "{mine:#?}"
+    );
+    let pids: std::collections::BTreeSet<_> = mine.iter().map(|e| e["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 1, "one process throughout: {mine:#?}");
+}

@@ -1,15 +1,17 @@
 //! Machine identity cost per new connection: attestation of a real process
 //! (cold: the executable is hashed; cached) and rule matching for 10, 100
-//! and 1,000 rules (match at the end, or no match). Target: cached
-//! attestation + matching of 100 rules under 20 µs.
+//! and 1,000 rules (match at the end, or no match); and the per-connection
+//! path: full attestation, and an attestation kept for the same process
+//! while the kernel reports no exec or exit. Target: cached attestation +
+//! matching of 100 rules under 20 µs. Needs root (loads eBPF tracepoints).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use gateway::identity::{
-    record_for_live_pid, AttestConfig, Attestation, Attested, Attestor, ExeInfo, IdentityConfig, IdentityResolver,
-    MappingFile,
+    record_for_live_pid, AttestConfig, Attestation, AttestationCache, Attested, Attestor, ExeInfo, IdentityConfig,
+    IdentityResolver, MappingFile,
 };
 
 struct Sleeper(Child);
@@ -126,8 +128,24 @@ fn bench_end_to_end(c: &mut Criterion) {
     // What the proxy does per connection: collect only what the rules use.
     let needs = r.needs();
     assert!(!needs.ancestors, "the bench rules use no ancestor selector");
-    c.bench_function("identity/cached attestation + 100 rules", |b| {
+    c.bench_function("identity/fresh attestation (exe hash cached) + 100 rules", |b| {
         b.iter(|| black_box(r.resolve(&attestor.attest_with(black_box(&record), needs))))
+    });
+    // A later connection of a process whose attestation is kept while the
+    // kernel's exec/exit tracepoints vouch it is unchanged (what the proxy
+    // does from the second connection of a process on).
+    let watch = gateway::intercept::ExecWatch::load()
+        .unwrap_or_else(|e| panic!("loading the exec/exit tracepoints (run as root): {e:#?}"));
+    let cache = AttestationCache::new(std::sync::Arc::new(watch));
+    assert!(matches!(cache.attest(&attestor, &record, needs), Attestation::Attested(_)));
+    let later = record_for_live_pid(child.0.id()).unwrap_or_else(|e| panic!("record: {e}"));
+    let kept = cache.lookup(&later, needs).expect("the second connection is a hit");
+    assert_eq!(r.resolve(&Attestation::Attested(Box::new(kept))).uri, warm.uri);
+    c.bench_function("identity/kept attestation (same process) + 100 rules", |b| {
+        b.iter(|| {
+            let kept = cache.lookup(black_box(&later), needs).expect("hit");
+            black_box(r.resolve(&Attestation::Attested(Box::new(kept))))
+        })
     });
     // Baselines in the same run: one /proc file read (the unit attestation
     // cost is made of), and everything `identity explain` collects.

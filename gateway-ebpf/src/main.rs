@@ -9,6 +9,9 @@
 //!   handshake is sent, so the record is there before accept() returns.
 //! * `gw_sock_release` (cgroup/sock_release): a socket that never got
 //!   established (refused, timed out) drops its pending record.
+//! * `gw_exec` / `gw_exit` (raw tracepoints sched_process_exec / _exit): delete
+//!   a process's entry in `PROCESS_EPOCH` when it execs or its leader
+//!   exits, so the gateway knows when an attestation it keeps goes stale.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

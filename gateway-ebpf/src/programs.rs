@@ -6,13 +6,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map, raw_tracepoint, sock_ops},
     maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{RawTracePointContext, SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use gateway_common::{
-    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6, COMM_LEN, STATS_LEN,
+    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6, COMM_LEN,
+    PROCESS_EPOCHS, STATS_LEN,
 };
 
 /// Return value of cgroup hooks that lets the operation proceed.
@@ -39,6 +40,11 @@ static ORIGINAL: LruHashMap<SockKey, ConnRecord> = LruHashMap::with_max_entries(
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Written by the gateway only (tgid -> token); deleting an entry is how the
+/// kernel tells it that the process it attested is no longer that image.
+#[map]
+static PROCESS_EPOCH: LruHashMap<u32, u64> = LruHashMap::with_max_entries(PROCESS_EPOCHS, 0);
 
 #[inline(always)]
 fn count(stat: Stat) {
@@ -286,4 +292,28 @@ pub fn gw_sock_release(ctx: SockContext) -> i32 {
         count(Stat::ReleasedUnestablished);
     }
     PROCEED
+}
+
+/// A process replaced its image: whatever the gateway attested about it
+/// (executable, environment, command line) no longer holds.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn gw_exec(_ctx: RawTracePointContext) -> i32 {
+    // After exec the current task is the thread-group leader, whichever
+    // thread called execve().
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let _ = PROCESS_EPOCH.remove(&tgid);
+    0
+}
+
+/// A thread exited. Only the leader's exit ends the epoch: its pid is the
+/// one that can be reused, and the process's parent chain may change for
+/// its children. Other threads come and go without changing the process.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn gw_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == pid_tgid as u32 {
+        let _ = PROCESS_EPOCH.remove(&tgid);
+    }
+    0
 }

@@ -481,12 +481,27 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         oidc_header: http::HeaderName::from_bytes(config.credentials.oidc_header.as_bytes())
             .context("credentials.oidc_header")?,
     };
+    let attestations = if config.identity.attestation_cache {
+        match intercept::ExecWatch::load() {
+            Ok(watch) => Some(Arc::new(crate::identity::AttestationCache::new(Arc::new(watch)))),
+            Err(e) => {
+                tracing::warn!(
+                    error = %format!("{:#}", anyhow::Error::new(e)),
+                    "cannot track process exec/exit: every connection is attested in full"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(proxy::Services {
         tls: config.tls.clone(),
         leaf_cache,
         upstream_tls,
         enforcement: Arc::new(enforcement),
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
+        attestations,
         identities,
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
     })

@@ -48,6 +48,10 @@ pub struct ConnectionEvent<'a> {
     pub peer: SocketAddr,
     /// Where the client meant to go.
     pub orig_dst: Option<SocketAddr>,
+    /// How the process was attested: `fresh` (from /proc), `cached` (kept
+    /// from an earlier connection of the same unchanged process) or
+    /// `unattested`.
+    pub attestation: Option<&'static str>,
     /// Who the client is.
     pub process: Option<&'a ProcessInfo>,
     /// The identity the process is pinned to.
@@ -87,6 +91,7 @@ impl ConnectionEvent<'_> {
             gid = p.map(|p| p.gid),
             comm = p.map(|p| p.comm.as_str()),
             identity = self.identity,
+            attestation = self.attestation,
             protocol = self.protocol,
             sni = self.sni.as_deref(),
             requests = self.requests,

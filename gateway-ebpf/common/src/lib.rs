@@ -41,7 +41,18 @@ pub mod names {
     pub const PROG_SOCK_OPS: &str = "gw_sock_ops";
     /// cgroup/sock_release program that drops records of sockets that never connected.
     pub const PROG_SOCK_RELEASE: &str = "gw_sock_release";
+    /// LRU map: tgid -> epoch token of a process the gateway has attested;
+    /// the kernel deletes the entry when the process execs or exits.
+    pub const PROCESS_EPOCH: &str = "PROCESS_EPOCH";
+    /// Raw tracepoint program (sched_process_exec) that ends an epoch.
+    pub const PROG_EXEC: &str = "gw_exec";
+    /// Raw tracepoint program (sched_process_exit) that ends an epoch.
+    pub const PROG_EXIT: &str = "gw_exit";
 }
+
+/// Capacity of the `PROCESS_EPOCH` map: processes whose attestation the
+/// gateway can keep at once.
+pub const PROCESS_EPOCHS: u32 = 65536;
 
 /// What the connect hooks do with a connection bound for the intercept set.
 #[repr(u32)]

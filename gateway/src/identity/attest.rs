@@ -50,6 +50,9 @@ pub struct Ancestor {
     pub pid: u32,
     /// Its executable; `None` for kernel threads or when unreadable.
     pub exe: Option<ExeInfo>,
+    /// Its start time, clock ticks since boot (with the pid, names it for
+    /// the life of the boot).
+    pub start_ticks: u64,
 }
 
 /// Everything attestation established about a connecting process.
@@ -505,7 +508,22 @@ impl Attestor {
                     exe
                 }
             };
-            out.push(Ancestor { pid: ppid, exe });
+            out.push(Ancestor { pid: ppid, exe, start_ticks: stat.start_ticks });
+            ppid = stat.ppid;
+        }
+        out
+    }
+
+    /// The parent chain of `pid` as (pid, start ticks), as far as
+    /// [`Attestor::ancestors`] would walk it, reading only `stat` files.
+    pub(super) fn lineage(&self, pid: u32) -> Vec<(u32, u64)> {
+        let mut buf = Vec::with_capacity(1024);
+        let mut out = Vec::with_capacity(self.parent_depth);
+        let Ok((stat, _)) = procfs::stat_of(pid, &mut buf) else { return out };
+        let mut ppid = stat.ppid;
+        while out.len() < self.parent_depth && ppid != 0 {
+            let Ok((stat, _)) = procfs::stat_of(ppid, &mut buf) else { break };
+            out.push((ppid, stat.start_ticks));
             ppid = stat.ppid;
         }
         out
@@ -603,7 +621,7 @@ fn filter_env(buf: &[u8], allow: &[String]) -> BTreeMap<String, String> {
     env
 }
 
-fn comm_of(record: &ConnRecord) -> String {
+pub(super) fn comm_of(record: &ConnRecord) -> String {
     let len = record.comm.iter().position(|&b| b == 0).unwrap_or(record.comm.len());
     String::from_utf8_lossy(&record.comm[..len]).into_owned()
 }

@@ -9,6 +9,7 @@
 //! [`Identity`]. See `docs/identity.md` for the file format and trust model.
 
 mod attest;
+mod cache;
 mod cli;
 mod container;
 mod mapping;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 pub use attest::{
     record_for_live_pid, Ancestor, AttestError, AttestNeeds, Attestation, Attested, Attestor, ExeInfo, MAX_HASH_BYTES,
 };
+pub use cache::{AttestationCache, CacheStats, ProcessEpochs};
 pub use cli::{cli_check, cli_explain, run, IdentityArgs, IdentityCommand};
 pub use container::{parse_container, ContainerRef, Runtime};
 pub use mapping::{MappingError, MappingFile};
@@ -78,6 +80,10 @@ pub struct IdentityConfig {
     pub trust_domain: String,
     /// Maximum number of executables whose SHA-256 is remembered.
     pub exe_hash_cache_size: usize,
+    /// Keep each process's attestation while the kernel reports no exec or
+    /// exit of it (or of the ancestors rules look at), so later connections
+    /// of the same process skip /proc.
+    pub attestation_cache: bool,
 }
 
 impl Default for IdentityConfig {
@@ -88,6 +94,7 @@ impl Default for IdentityConfig {
             parent_depth: 4,
             trust_domain: "ci-gateway.local".to_owned(),
             exe_hash_cache_size: 4096,
+            attestation_cache: true,
         }
     }
 }

@@ -12,6 +12,7 @@
 pub mod bpffs;
 pub mod cgroup;
 pub mod destinations;
+pub mod epochs;
 
 use std::{
     fs,
@@ -34,6 +35,7 @@ use ipnet::IpNet;
 
 pub use cgroup::{Cgroup, CgroupError};
 pub use destinations::{InterceptSet, TooManyPorts};
+pub use epochs::ExecWatch;
 
 /// The eBPF object, built by `build.rs` from `gateway-ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));

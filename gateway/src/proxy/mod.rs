@@ -20,7 +20,7 @@ use crate::{
     config::ProxyConfig,
     enforce::{Caller, Enforcement},
     event::{ConnectionEvent, Outcome},
-    identity::{Attestation, Attestor, IdentityResolver},
+    identity::{Attestation, AttestationCache, Attestor, IdentityResolver},
     intercept::{words_addr, Interceptor},
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
@@ -62,6 +62,9 @@ pub struct Services {
     pub enforcement: Arc<Enforcement>,
     /// Attestation of connecting processes.
     pub attestor: Arc<Attestor>,
+    /// Attestations kept while the kernel vouches the process is unchanged;
+    /// `None` attests every connection in full.
+    pub attestations: Option<Arc<AttestationCache>>,
     /// Operator mappings from attested processes to identities.
     pub identities: Arc<IdentityResolver>,
     /// HTTP engine limits.
@@ -126,6 +129,7 @@ impl Proxy {
                 id,
                 peer,
                 orig_dst: None,
+                attestation: None,
                 process: None,
                 identity: None,
                 protocol: None,
@@ -147,7 +151,9 @@ impl Proxy {
                 return;
             };
             let orig_dst = SocketAddr::new(words_addr(record.orig_addr), record.orig_port);
-            let caller = Arc::new(self.identify(record).await);
+            let (caller, attestation) = self.identify(record).await;
+            let caller = Arc::new(caller);
+            event.attestation = Some(attestation);
             event.orig_dst = Some(orig_dst);
             let conn = Intercepted { id, client, peer, orig_dst, caller: caller.clone() };
             let handled = self.dispatch(conn).await;
@@ -168,25 +174,36 @@ impl Proxy {
     }
 
     /// Attributes and attests the connecting process and resolves its
-    /// identity. Attestation reads /proc and may hash an executable, so it
-    /// runs on the blocking pool.
-    async fn identify(&self, record: gateway_common::ConnRecord) -> Caller {
-        let attestor = self.services.attestor.clone();
+    /// identity; also says how (`cached`, `fresh`, `unattested`). A kept
+    /// attestation is checked inline; a full one reads /proc and may hash
+    /// an executable, so it runs on the blocking pool.
+    async fn identify(&self, record: gateway_common::ConnRecord) -> (Caller, &'static str) {
         let needs = self.services.identities.needs();
-        let attestation = tokio::task::spawn_blocking(move || attestor.attest_with(&record, needs))
-            .await
-            .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
+        let cache = self.services.attestations.clone();
+        let (attestation, how) = match cache.as_ref().and_then(|c| c.lookup(&record, needs)) {
+            Some(kept) => (Attestation::Attested(Box::new(kept)), "cached"),
+            None => {
+                let attestor = self.services.attestor.clone();
+                let attested = tokio::task::spawn_blocking(move || match cache {
+                    Some(cache) => cache.attest(&attestor, &record, needs),
+                    None => attestor.attest_with(&record, needs),
+                })
+                .await
+                .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
+                (attested, "fresh")
+            }
+        };
         let identity = self.services.identities.resolve(&attestation);
         match attestation {
             Attestation::Attested(a) => {
                 let process = Arc::new(ProcessInfo::from_attested(&record, &a));
-                Caller { process, identity, job: a.env }
+                (Caller { process, identity, job: a.env }, how)
             }
             Attestation::Unattested { reason } => {
                 tracing::warn!(pid = record.tgid, reason, "connection is unattested");
                 // Whatever /proc still shows, for the event; never used for identity.
                 let process = Arc::new(ProcessInfo::from_record(&record));
-                Caller { process, identity, job: Default::default() }
+                (Caller { process, identity, job: Default::default() }, "unattested")
             }
         }
     }
