@@ -12,8 +12,8 @@ use aya_ebpf::{
     EbpfContext,
 };
 use gateway_common::{
-    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6, COMM_LEN,
-    PROCESS_EPOCHS, STATS_LEN,
+    v4_mapped, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, AF_INET, AF_INET6, COMM_LEN, PROCESS_EPOCHS,
+    STATS_LEN,
 };
 
 /// Return value of cgroup hooks that lets the operation proceed.

@@ -29,7 +29,7 @@ use std::{
 
 use gateway_common::ConnRecord;
 
-use super::attest::{comm_of, Attestation, AttestNeeds, Attested, Attestor};
+use super::attest::{comm_of, AttestNeeds, Attestation, Attested, Attestor};
 use super::procfs;
 
 /// The kernel's view of which processes kept the image the gateway attested.
@@ -162,7 +162,10 @@ impl AttestationCache {
         if let Attestation::Attested(a) = &attestation {
             let same_lineage = !needs.ancestors
                 || (a.ancestors.len() == lineage.len()
-                    && a.ancestors.iter().zip(&lineage).all(|(x, &(pid, start))| x.pid == pid && x.start_ticks == start));
+                    && a.ancestors
+                        .iter()
+                        .zip(&lineage)
+                        .all(|(x, &(pid, start))| x.pid == pid && x.start_ticks == start));
             if same_lineage {
                 self.keep(Entry { epoch, ancestors, since, needs, attested: (**a).clone() });
             }

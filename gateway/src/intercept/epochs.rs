@@ -45,11 +45,8 @@ impl ExecWatch {
         }
         let mut ebpf = loader.load(OBJECT).map_err(InterceptError::Load)?;
         for (name, tracepoint) in [(names::PROG_EXEC, "sched_process_exec"), (names::PROG_EXIT, "sched_process_exit")] {
-            let prog: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or(InterceptError::Missing(name))?
-                .try_into()
-                .map_err(prog_err(name))?;
+            let prog: &mut RawTracePoint =
+                ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
             prog.load().map_err(prog_err(name))?;
             prog.attach(tracepoint).map_err(prog_err(name))?;
         }
@@ -70,9 +67,7 @@ impl ProcessEpochs for ExecWatch {
             Ok(()) => Some(token),
             // Already tracked (another connection of the same process), or
             // ended again in between: then there is nothing to join.
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                map.get(&tgid, 0).ok()
-            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => map.get(&tgid, 0).ok(),
             Err(e) => {
                 tracing::debug!(tgid, error = %e, "cannot track a process's epoch; its attestation is not kept");
                 None
