@@ -110,7 +110,13 @@ pub fn main() -> ExitCode {
         Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
         Command::Findings(args) => return crate::findings::cli::run(&config, args),
         Command::Identity(args) => return crate::identity::run(&config.identity, args),
-        Command::Policy(args) => return exit_code(crate::policy::run(args, config.policy.file.as_deref())),
+        Command::Policy(args) => {
+            return exit_code(crate::policy::run(
+                args,
+                config.policy.file.as_deref(),
+                &config.approvals.policy_context(),
+            ))
+        }
         Command::Approvals(args) => {
             return crate::approval::cli::run_blocking(args, config.api.admin_socket.as_deref())
         }
@@ -439,10 +445,11 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         )?;
         Some(Arc::new(validator))
     };
-    let policy = crate::policy::PolicyHandle::load(&config.policy).map_err(|errors| {
-        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        anyhow::anyhow!("policy:\n  {}", text.join("\n  "))
-    })?;
+    let policy =
+        crate::policy::PolicyHandle::load_in(&config.policy, config.approvals.policy_context()).map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("policy:\n  {}", text.join("\n  "))
+        })?;
     let approvals = crate::approval::Approvals::open(
         &config.approvals,
         &config.state_dir,

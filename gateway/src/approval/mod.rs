@@ -128,6 +128,17 @@ impl ApprovalConfig {
         Ok(())
     }
 
+    /// What a policy file is checked against: every `require_approval`
+    /// rule must pass [`ApprovalConfig::check_spec`].
+    pub fn policy_context(&self) -> crate::policy::PolicyContext {
+        let approvals = self.clone();
+        crate::policy::PolicyContext {
+            approval_check: Some(std::sync::Arc::new(move |spec: &crate::policy::ApprovalSpec| {
+                approvals.check_spec(&ApprovalSpec::from(spec))
+            })),
+        }
+    }
+
     /// Checks a policy rule's approval settings against this configuration,
     /// so a rule that could never be approved is refused when the policy is
     /// loaded rather than when a job hits it.

@@ -136,6 +136,14 @@ pub struct ApprovalSpec {
     pub timeout: Duration,
 }
 
+impl From<&crate::policy::ApprovalSpec> for ApprovalSpec {
+    /// The part of a compiled policy rule's approval the approval service
+    /// needs (the reason stays with the policy).
+    fn from(spec: &crate::policy::ApprovalSpec) -> ApprovalSpec {
+        ApprovalSpec { group: spec.group.clone(), min_approvals: spec.min_approvals, timeout: spec.timeout }
+    }
+}
+
 fn one() -> u32 {
     1
 }

@@ -66,8 +66,7 @@ impl Enforcement {
             rule: rule.to_owned(),
             requesters: Vec::new(),
         };
-        let approval_spec =
-            ApprovalSpec { group: spec.group.clone(), min_approvals: spec.min_approvals, timeout: spec.timeout };
+        let approval_spec = ApprovalSpec::from(spec);
         if let Some(s) = session {
             s.event(
                 "approval_requested",

@@ -14,6 +14,7 @@ use super::decision::{Action, MaskRules};
 use super::error::PolicyError;
 use super::explain::Explanation;
 use super::facts::{HttpRequestFacts, RequestFacts};
+use super::PolicyContext;
 
 /// `gateway policy ...`.
 #[derive(Debug, Clone, Args)]
@@ -74,11 +75,13 @@ pub struct ExplainArgs {
 }
 
 /// Runs a `gateway policy` subcommand; `config_file` is `policy.file` of the
-/// gateway configuration, if any. Exit 1 when the policy file is invalid.
-pub fn run(args: &PolicyArgs, config_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+/// gateway configuration, if any, and `context` what `check` also checks the
+/// file against (the configuration's approver groups). Exit 1 when the
+/// policy file is invalid.
+pub fn run(args: &PolicyArgs, config_file: Option<&Path>, context: &PolicyContext) -> anyhow::Result<ExitCode> {
     match &args.command {
         PolicyCommand::Check { file } => match file.as_deref().or(config_file) {
-            Some(f) => Ok(check(f)),
+            Some(f) => Ok(check(f, context)),
             None => bail!("no policy file given, and `policy.file` is not set in the configuration"),
         },
         PolicyCommand::Explain(e) => explain(e, e.file.as_deref().or(config_file)),
@@ -92,8 +95,8 @@ fn print_errors(file: &Path, errors: &[PolicyError]) {
     eprintln!("{}: {} error(s)", file.display(), errors.len());
 }
 
-fn check(file: &Path) -> ExitCode {
-    match Policy::load(file) {
+fn check(file: &Path, context: &PolicyContext) -> ExitCode {
+    match Policy::load_in(file, context) {
         Ok(p) => {
             for w in p.warnings() {
                 eprintln!("warning: {w}");

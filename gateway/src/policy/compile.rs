@@ -16,6 +16,7 @@ use super::model::{
     ActionKind, ApprovalSpecRaw, DefaultsSpec, FileSpec, MaskRulesSpec, MaskSetting, MaskSpec, MatchSpec, OneOrMany,
     RuleSpec,
 };
+use super::PolicyContext;
 
 /// The only `version` this gateway reads.
 pub const POLICY_VERSION: u32 = 1;
@@ -25,8 +26,8 @@ pub const POLICY_VERSION: u32 = 1;
 pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Compiles `text`, naming `path` in errors.
-pub(super) fn compile(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
-    let mut c = Compiler { path, locator: Locator::new(text), errors: Vec::new(), masks: Vec::new() };
+pub(super) fn compile(path: &Path, text: &str, context: &PolicyContext) -> Result<Policy, Vec<PolicyError>> {
+    let mut c = Compiler { path, context, locator: Locator::new(text), errors: Vec::new(), masks: Vec::new() };
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let spec: FileSpec = match serde_path_to_error::deserialize(de) {
         Ok(spec) => spec,
@@ -120,6 +121,7 @@ struct Inherited {
 
 struct Compiler<'a> {
     path: &'a Path,
+    context: &'a PolicyContext,
     locator: Locator<'a>,
     errors: Vec<PolicyError>,
     masks: Vec<MaskRule>,
@@ -279,6 +281,7 @@ impl Compiler<'_> {
                     return None;
                 };
                 let at = with(base, &["approval"]);
+                let before = self.errors.len();
                 if a.group.trim().is_empty() {
                     self.err(rule, with(&at, &["group"]), false, "empty approval group".into());
                 }
@@ -301,7 +304,14 @@ impl Compiler<'_> {
                 }
                 let reason =
                     reason.unwrap_or_else(|| format!("approval by `{}` required by policy rule `{name}`", a.group));
-                Some(Action::RequireApproval(ApprovalSpec { group: a.group, min_approvals, timeout, reason }))
+                let spec = ApprovalSpec { group: a.group, min_approvals, timeout, reason };
+                // Only a spec that is valid in itself is judged by the configuration.
+                if let Some(check) = self.context.approval_check.as_ref().filter(|_| self.errors.len() == before) {
+                    if let Err(message) = check(&spec) {
+                        self.err(rule, at, true, format!("{message} (see `approvals` in the gateway configuration)"));
+                    }
+                }
+                Some(Action::RequireApproval(spec))
             }
         }
     }

@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, DEFAULT_RULE};
 use super::error::PolicyError;
 use super::glob::GlobList;
+use super::PolicyContext;
 
 /// The policy in force when none is configured: allow everything, record
 /// in full, and leave static keys to `findings.actions`.
@@ -136,14 +137,24 @@ impl Policy {
     /// Reads and compiles the policy file at `path`, returning every error
     /// found.
     pub fn load(path: &Path) -> Result<Policy, Vec<PolicyError>> {
+        Policy::load_in(path, &PolicyContext::default())
+    }
+
+    /// [`Policy::load`], also checking the file against `context`.
+    pub fn load_in(path: &Path, context: &PolicyContext) -> Result<Policy, Vec<PolicyError>> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| vec![PolicyError::file(path.to_owned(), format!("reading the policy file: {e}"))])?;
-        Policy::parse(path, &text)
+        Policy::parse_in(path, &text, context)
     }
 
     /// Compiles `text`, naming `path` in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Policy, Vec<PolicyError>> {
-        super::compile::compile(path, text)
+        Policy::parse_in(path, text, &PolicyContext::default())
+    }
+
+    /// [`Policy::parse`], also checking the text against `context`.
+    pub fn parse_in(path: &Path, text: &str, context: &PolicyContext) -> Result<Policy, Vec<PolicyError>> {
+        super::compile::compile(path, text, context)
     }
 
     /// Where the policy came from.

@@ -40,6 +40,26 @@ pub use explain::{Explanation, RuleMiss};
 pub use facts::{rpc_method, HttpRequestFacts, Protocol, RequestFacts, NO_ATTRIBUTES};
 pub use reload::{watch, PolicyHandle, ReloadOutcome};
 
+/// Checks one `require_approval` rule's settings against the gateway's
+/// approvals configuration; the error says what is wrong.
+pub type ApprovalCheck = std::sync::Arc<dyn Fn(&ApprovalSpec) -> Result<(), String> + Send + Sync>;
+
+/// What a policy file is checked against beyond itself, at load and at
+/// every reload: a rule that could never be approved is an error then, not
+/// a refusal when a job first hits it.
+#[derive(Clone, Default)]
+pub struct PolicyContext {
+    /// The approvals configuration's verdict on each approval spec; `None`
+    /// leaves approval specs unchecked.
+    pub approval_check: Option<ApprovalCheck>,
+}
+
+impl std::fmt::Debug for PolicyContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyContext").field("approval_check", &self.approval_check.is_some()).finish()
+    }
+}
+
 /// The `policy:` section of the gateway configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::compiled::{digest, Policy};
 use super::error::PolicyError;
-use super::PolicyConfig;
+use super::{PolicyConfig, PolicyContext};
 
 /// Errors logged one by one per failed reload; the rest are counted.
 const LOGGED_ERRORS: usize = 20;
@@ -36,6 +36,7 @@ pub struct PolicyHandle {
 #[derive(Debug)]
 struct Inner {
     file: Option<PathBuf>,
+    context: PolicyContext,
     current: ArcSwap<Policy>,
     generation: AtomicU64,
     /// Serialises reloads so an older file never overwrites a newer one.
@@ -66,9 +67,16 @@ pub enum ReloadOutcome {
 impl PolicyHandle {
     /// A handle on `policy`, reloadable from `file` when given.
     pub fn new(policy: Policy, file: Option<PathBuf>) -> PolicyHandle {
+        PolicyHandle::with_context(policy, file, PolicyContext::default())
+    }
+
+    /// A handle on `policy`, reloadable from `file` when given, every
+    /// reload checked against `context`.
+    pub fn with_context(policy: Policy, file: Option<PathBuf>, context: PolicyContext) -> PolicyHandle {
         PolicyHandle {
             inner: Arc::new(Inner {
                 file,
+                context,
                 current: ArcSwap::from_pointee(policy),
                 generation: AtomicU64::new(0),
                 reloading: Mutex::new(()),
@@ -85,6 +93,12 @@ impl PolicyHandle {
     /// an error here: the gateway should not start with a policy other
     /// than the one configured.
     pub fn load(config: &PolicyConfig) -> Result<PolicyHandle, Vec<PolicyError>> {
+        PolicyHandle::load_in(config, PolicyContext::default())
+    }
+
+    /// [`PolicyHandle::load`], checking the file (now and at every reload)
+    /// against `context`.
+    pub fn load_in(config: &PolicyConfig, context: PolicyContext) -> Result<PolicyHandle, Vec<PolicyError>> {
         let Some(file) = &config.file else {
             let handle = PolicyHandle::builtin();
             tracing::info!(
@@ -95,7 +109,7 @@ impl PolicyHandle {
             );
             return Ok(handle);
         };
-        let policy = Policy::load(file)?;
+        let policy = Policy::load_in(file, &context)?;
         tracing::info!(
             target: "gateway::policy",
             file = %file.display(),
@@ -106,7 +120,7 @@ impl PolicyHandle {
             "policy loaded"
         );
         log_warnings(&policy);
-        Ok(PolicyHandle::new(policy, Some(file.clone())))
+        Ok(PolicyHandle::with_context(policy, Some(file.clone()), context))
     }
 
     /// The policy in force. Hold it for one connection or request, not
@@ -163,7 +177,7 @@ impl PolicyHandle {
                 return Err(errors);
             }
         };
-        match Policy::parse(file, text) {
+        match Policy::parse_in(file, text, &self.inner.context) {
             Ok(policy) => {
                 let rules = policy.len();
                 tracing::info!(

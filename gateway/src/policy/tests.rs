@@ -551,13 +551,17 @@ fn builtin_policy_allows_everything_and_matches_its_text() {
 
 #[test]
 fn every_example_policy_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    // The example policies' approval groups exist in the example configuration.
+    let (config, _) = crate::config::Config::load(&deploy.join("gateway.yaml")).unwrap();
+    let context = config.approvals.policy_context();
+    let dir = deploy.join("examples");
     let mut seen = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
         if name.starts_with("policy-") && name.ends_with(".yaml") {
-            let p = Policy::load(&path).unwrap_or_else(|e| panic!("{e:#?}"));
+            let p = Policy::load_in(&path, &context).unwrap_or_else(|e| panic!("{e:#?}"));
             assert!(p.warnings().is_empty(), "{:?}", p.warnings());
             seen += 1;
         }
@@ -667,6 +671,7 @@ fn explain_cli_parses_urls_and_runs() {
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).a
     };
+    let none = PolicyContext::default();
     let ok = args(&[
         "explain",
         "--identity",
@@ -679,18 +684,72 @@ fn explain_cli_parses_urls_and_runs() {
         "POST",
         "--json",
     ]);
-    assert_eq!(run(&ok, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
+    assert_eq!(run(&ok, Some(&file), &none).unwrap(), std::process::ExitCode::SUCCESS);
     let tcp = args(&["explain", "--identity", "spiffe://x/y", "--url", "tcp://db.internal:5432"]);
-    assert_eq!(run(&tcp, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
+    assert_eq!(run(&tcp, Some(&file), &none).unwrap(), std::process::ExitCode::SUCCESS);
     let bad = args(&["explain", "--identity", "spiffe://x/y", "--url", "ftp://x"]);
-    assert!(run(&bad, Some(&file)).is_err());
+    assert!(run(&bad, Some(&file), &none).is_err());
     let bad = args(&["explain", "--identity", "spiffe://x/y", "--url", "tcp://x"]);
-    assert!(run(&bad, Some(&file)).is_err());
+    assert!(run(&bad, Some(&file), &none).is_err());
     let bad = args(&["explain", "--identity", "spiffe://x/y", "--label", "nokey", "--url", "https://x"]);
-    assert!(run(&bad, Some(&file)).is_err());
+    assert!(run(&bad, Some(&file), &none).is_err());
     let check = args(&["check"]);
-    assert_eq!(run(&check, Some(&file)).unwrap(), std::process::ExitCode::SUCCESS);
-    assert!(run(&check, None).is_err());
+    assert_eq!(run(&check, Some(&file), &none).unwrap(), std::process::ExitCode::SUCCESS);
+    assert!(run(&check, None, &none).is_err());
+    // `check` judges approval rules by the configuration's groups.
+    assert_eq!(run(&check, Some(&file), &release_group_context()).unwrap(), std::process::ExitCode::FAILURE);
     std::fs::write(&file, "version: 1\n").unwrap();
-    assert_eq!(run(&check, Some(&file)).unwrap(), std::process::ExitCode::FAILURE);
+    assert_eq!(run(&check, Some(&file), &none).unwrap(), std::process::ExitCode::FAILURE);
+}
+
+/// A context knowing one group, `release`, with two members.
+fn release_group_context() -> PolicyContext {
+    PolicyContext {
+        approval_check: Some(std::sync::Arc::new(|spec: &ApprovalSpec| match spec.group.as_str() {
+            "release" if spec.min_approvals <= 2 => Ok(()),
+            "release" => {
+                Err(format!("min_approvals is {} but group `release` has only 2 member(s)", spec.min_approvals))
+            }
+            other => Err(format!("approver group `{other}` is not defined in approvals.groups (defined: release)")),
+        })),
+    }
+}
+
+fn approval_rule(group: &str, min: u32) -> String {
+    format!(
+        "version: 1\nrules:\n  - name: ok\n    action: allow\n  - name: held\n    action: require_approval\n    \
+         approval:\n      group: {group}\n      min_approvals: {min}\ndefaults: {{ action: deny }}\n"
+    )
+}
+
+#[test]
+fn approval_rules_are_checked_against_the_configuration_at_load_and_reload() {
+    let ctx = release_group_context();
+    let file = Path::new("p.yaml");
+    assert!(Policy::parse_in(file, &approval_rule("release", 2), &ctx).is_ok());
+    // Without a context (no configuration at hand) the group is not judged.
+    assert!(Policy::parse(file, &approval_rule("nobody", 1)).is_ok());
+
+    let e = Policy::parse_in(file, &approval_rule("nobody", 1), &ctx).unwrap_err();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!((e[0].line, e[0].rule), (7, Some(1)), "points at the rule's approval section: {}", e[0]);
+    assert!(e[0].message.contains("approver group `nobody` is not defined"), "{}", e[0]);
+    let e = Policy::parse_in(file, &approval_rule("release", 3), &ctx).unwrap_err();
+    assert!(e[0].message.contains("has only 2 member(s)"), "{}", e[0]);
+
+    // A reload that names an unknown group is refused; the old policy stays.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, approval_rule("release", 1)).unwrap();
+    let config = PolicyConfig { file: Some(path.clone()), ..Default::default() };
+    assert!(PolicyHandle::load_in(&config, ctx.clone()).is_ok());
+    std::fs::write(&path, approval_rule("nobody", 1)).unwrap();
+    assert!(PolicyHandle::load_in(&config, ctx.clone()).is_err(), "the gateway does not start with it");
+    std::fs::write(&path, approval_rule("release", 1)).unwrap();
+    let h = PolicyHandle::load_in(&config, ctx).unwrap();
+    let before = h.current().digest().to_owned();
+    std::fs::write(&path, approval_rule("release", 5)).unwrap();
+    assert!(h.reload().is_err());
+    assert_eq!(h.current().digest(), before);
+    assert_eq!(h.generation(), 0);
 }
