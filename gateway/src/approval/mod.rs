@@ -68,10 +68,26 @@ pub struct WebhookConfig {
     /// Extra request headers (e.g. `Authorization`).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Further attempts after a failed delivery (no answer, connection
+    /// error, 429 or 5xx; other statuses are final).
+    #[serde(default = "default_webhook_retries")]
+    pub retries: u32,
+    /// Pause before the first retry, doubled for each further one (at most
+    /// a minute).
+    #[serde(default = "default_webhook_backoff", with = "humantime_serde")]
+    pub retry_backoff: Duration,
 }
 
 fn default_webhook_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_webhook_retries() -> u32 {
+    3
+}
+
+fn default_webhook_backoff() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl std::fmt::Debug for WebhookConfig {
@@ -83,6 +99,8 @@ impl std::fmt::Debug for WebhookConfig {
             .field("url", &self.url)
             .field("timeout", &self.timeout)
             .field("headers", &headers)
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
             .finish()
     }
 }

@@ -455,16 +455,27 @@ mod webhook {
 
     /// A webhook receiver: forwards (header, JSON body) of every POST.
     async fn receiver() -> (SocketAddr, mpsc::UnboundedReceiver<(Option<String>, serde_json::Value)>) {
+        receiver_answering(Vec::new()).await
+    }
+
+    /// A webhook receiver answering the statuses of `script` in turn, then
+    /// 200s; every POST is forwarded, whatever the answer.
+    async fn receiver_answering(
+        script: Vec<http::StatusCode>,
+    ) -> (SocketAddr, mpsc::UnboundedReceiver<(Option<String>, serde_json::Value)>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
+        let script = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::from(script)));
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 let tx = tx.clone();
+                let script = script.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let tx = tx.clone();
+                        let status = script.lock().unwrap().pop_front().unwrap_or(http::StatusCode::OK);
                         async move {
                             assert_eq!(req.method(), http::Method::POST);
                             assert_eq!(req.uri().path(), "/hook");
@@ -472,7 +483,9 @@ mod webhook {
                             let token = req.headers().get("x-token").and_then(|v| v.to_str().ok()).map(str::to_owned);
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let _ = tx.send((token, serde_json::from_slice(&body).unwrap()));
-                            Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *response.status_mut() = status;
+                            Ok::<_, std::convert::Infallible>(response)
                         }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -494,6 +507,8 @@ mod webhook {
                 url,
                 timeout: Duration::from_secs(2),
                 headers: BTreeMap::from([("X-Token".to_owned(), "hook-secret".to_owned())]),
+                retries: 2,
+                retry_backoff: Duration::from_millis(20),
             }),
             ..config()
         }
@@ -538,6 +553,65 @@ mod webhook {
             kinds.push(event["event"].as_str().unwrap().to_owned());
         }
         assert_eq!(kinds, ["approval_requested", "approval_timed_out"]);
+    }
+
+    #[tokio::test]
+    async fn failed_deliveries_are_retried_and_refusals_are_not() {
+        use http::StatusCode;
+        // The first event meets a restarting bridge (503, then 429), the
+        // second a final refusal (400), the third a bridge that is down
+        // for longer than the retries last.
+        let script = vec![
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK,
+            StatusCode::BAD_REQUEST,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+        ];
+        let (addr, mut received) = receiver_answering(script).await;
+        let dir = tempfile::tempdir().unwrap();
+        let approvals = open_with(dir.path(), &with_hook(format!("http://{addr}/hook")));
+        let mut events = approvals.subscribe();
+        let (id, task) = held(&approvals, &mut events, spec(1, Duration::from_secs(60))).await;
+        approvals.decide(id, Verdict::Approve, root_for("alice"), None).await.unwrap();
+        assert!(matches!(outcome(task).await, Outcome::Approved { .. }));
+        assert_eq!(next_event(&mut events).await.kind, EventKind::ApprovalDecided);
+        let (second, task) = held(&approvals, &mut events, spec(1, Duration::from_secs(60))).await;
+        task.abort();
+        assert_eq!(next_event(&mut events).await.kind, EventKind::ApprovalAbandoned);
+
+        let mut calls = Vec::new();
+        for _ in 0..7 {
+            let (_, event) = recv(&mut received).await;
+            calls.push((
+                event["event"].as_str().unwrap().to_owned(),
+                event["approval"]["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+        let call = |kind: &str, id: ApprovalId| (kind.to_owned(), id.to_string());
+        assert_eq!(
+            calls,
+            [
+                // 503 and 429 are retried until the 200.
+                call("approval_requested", id),
+                call("approval_requested", id),
+                call("approval_requested", id),
+                // 400 is final.
+                call("approval_decided", id),
+                // 502 three times: the first attempt and both retries.
+                call("approval_requested", second),
+                call("approval_requested", second),
+                call("approval_requested", second),
+            ]
+        );
+        // Then the next event, delivered at once: nothing more of the third.
+        let (_, next) = recv(&mut received).await;
+        assert_eq!(
+            (next["event"].as_str(), next["approval"]["id"].as_str()),
+            (Some("approval_abandoned"), Some(second.to_string().as_str()))
+        );
     }
 
     #[tokio::test]

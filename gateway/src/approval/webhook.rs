@@ -1,9 +1,11 @@
 //! Announces approval events to an HTTP(S) endpoint (chat bot, paging...).
 //!
-//! Deliveries run on one background task, in event order, each bounded by
-//! the configured timeout; a slow or failing endpoint only delays other
-//! deliveries and is logged, never felt by held requests or approvers. A
-//! delivery is attempted once: the database stays the record of truth.
+//! Deliveries run on one background task, in event order, each attempt
+//! bounded by the configured timeout; a slow or failing endpoint only delays
+//! other deliveries and is logged, never felt by held requests or approvers.
+//! A failed delivery (no answer, connection error, 429, 5xx) is retried
+//! `retries` times with doubling pauses, so a chat bridge restarting does
+//! not lose announcements; the database stays the record of truth.
 
 use std::time::Duration;
 
@@ -18,6 +20,9 @@ use crate::tls::UpstreamTls;
 
 /// Events waiting for delivery before new ones are dropped (and logged).
 const QUEUE: usize = 1024;
+
+/// Longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// Checks `approvals.webhook`; errors are (field, reason).
 pub(crate) fn validate(hook: &WebhookConfig) -> Result<(), (String, String)> {
@@ -71,6 +76,8 @@ struct Target {
     https: bool,
     headers: HeaderMap,
     timeout: Duration,
+    retries: u32,
+    backoff: Duration,
     tls: Option<UpstreamTls>,
 }
 
@@ -107,26 +114,46 @@ impl Target {
             }
             headers.insert(name, value);
         }
-        Ok(Target { uri, host, port, https, headers, timeout: hook.timeout, tls })
+        Ok(Target {
+            uri,
+            host,
+            port,
+            https,
+            headers,
+            timeout: hook.timeout,
+            retries: hook.retries,
+            backoff: hook.retry_backoff.min(MAX_BACKOFF),
+            tls,
+        })
     }
 }
 
 async fn deliver_all(target: Target, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(body) = rx.recv().await {
-        match tokio::time::timeout(target.timeout, post(&target, body)).await {
-            Ok(Ok(status)) if status.is_success() => {
-                tracing::debug!(target: TARGET, %status, "approval webhook delivered");
+        let mut pause = target.backoff;
+        for attempt in 0..=target.retries {
+            if attempt > 0 {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
             }
-            Ok(Ok(status)) => {
-                tracing::warn!(target: TARGET, url = %target.uri, %status, "approval webhook refused the event");
-            }
-            Ok(Err(reason)) => {
-                tracing::warn!(target: TARGET, url = %target.uri, %reason, "approval webhook delivery failed");
-            }
-            Err(_) => tracing::warn!(
-                target: TARGET, url = %target.uri, timeout = ?target.timeout,
-                "approval webhook did not answer in time"
-            ),
+            let failure = match tokio::time::timeout(target.timeout, post(&target, body.clone())).await {
+                Ok(Ok(status)) if status.is_success() => {
+                    tracing::debug!(target: TARGET, %status, attempt, "approval webhook delivered");
+                    break;
+                }
+                Ok(Ok(status)) if status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error() => {
+                    tracing::warn!(target: TARGET, url = %target.uri, %status, "approval webhook refused the event");
+                    break;
+                }
+                Ok(Ok(status)) => format!("answered {status}"),
+                Ok(Err(reason)) => reason,
+                Err(_) => format!("no answer within {:?}", target.timeout),
+            };
+            let last = attempt == target.retries;
+            tracing::warn!(
+                target: TARGET, url = %target.uri, reason = %failure, attempt, retries = target.retries,
+                "approval webhook delivery failed{}", if last { "; giving up on this event" } else { "; will retry" }
+            );
         }
     }
 }
@@ -174,7 +201,13 @@ mod tests {
     use super::*;
 
     fn hook(url: &str) -> WebhookConfig {
-        WebhookConfig { url: url.into(), timeout: Duration::from_secs(2), headers: BTreeMap::new() }
+        WebhookConfig {
+            url: url.into(),
+            timeout: Duration::from_secs(2),
+            headers: BTreeMap::new(),
+            retries: 0,
+            retry_backoff: Duration::from_millis(10),
+        }
     }
 
     #[test]
