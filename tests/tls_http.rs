@@ -365,7 +365,7 @@ fn git_over_https_with_a_hard_coded_key_is_blocked() {
         .expect("git");
     assert!(!out.status.success(), "git must fail: the key is blocked");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("403"), "git reports the 403");
+    assert!(stderr.contains("403"), "git reports the 403: {stderr}\n{}", scene.gw.log());
     // git first asks without credentials (401), then retries with them: only the first reached upstream.
     let received = scene.upstream.requests();
     assert!(
