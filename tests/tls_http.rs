@@ -184,7 +184,10 @@ spec = json.loads(sys.argv[1])
 real = socket.create_connection
 def create_connection(address, *a, **kw):
     host, port = address
-    return real((spec["ip"], port), *a, **kw)
+    s = real((spec["ip"], port), *a, **kw)
+    # A client that says nothing for a while before its TLS hello.
+    time.sleep(spec.get("pause_after_connect", 0))
+    return s
 socket.create_connection = create_connection
 ctx = ssl.create_default_context(cafile=spec["cafile"])
 conn = http.client.HTTPSConnection(spec["host"], spec["port"], context=ctx, timeout=30)
@@ -346,6 +349,27 @@ fn python_client_blocks_keys_in_json_gzip_and_split_chunked_bodies() {
             .any(|f| f["rule_id"] == "github-pat" && f["location"].as_str().unwrap_or("").starts_with("body")),
         "{findings:#?}"
     );
+    scene.assert_no_key_in_clear(&keys.all(), &[&r.to_string()]);
+}
+
+#[test]
+fn a_client_that_pauses_before_its_hello_is_still_inspected() {
+    // Longer than client_first_timeout (500 ms): the gateway dials upstream
+    // to see who speaks first, the client does, and it is intercepted.
+    let scene = Scene::start("pause");
+    let keys = Keys::new();
+    let spec = serde_json::json!({"method": "GET", "path": "/v1/paused", "pause_after_connect": 1.5,
+        "headers": {"Authorization": format!("Bearer {}", keys.cursor)}});
+    let r = scene.python(py_spec(&scene, spec));
+    assert_blocked(r["status"].as_u64().unwrap_or(0) as u16, r["body"].as_str().unwrap_or(""), "cursor-api-key");
+    assert!(scene.upstream.requests().is_empty(), "the blocked request never reached upstream");
+    let events = scene.gw.wait_events(1, Duration::from_secs(10));
+    assert!(events.iter().any(|e| e["protocol"] == "https" && e["outcome"] == "blocked"), "{events:#?}");
+    // And a clean request after the same pause goes through.
+    let spec = serde_json::json!({"method": "GET", "path": "/v1/paused-ok", "pause_after_connect": 1.5});
+    let r = scene.python(py_spec(&scene, spec));
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(scene.upstream.requests().len(), 1);
     scene.assert_no_key_in_clear(&keys.all(), &[&r.to_string()]);
 }
 

@@ -1,6 +1,13 @@
 //! Protocol dispatch: the first bytes of an attributed connection decide
 //! whether it is TLS (intercepted or passed through by server name), plain
 //! HTTP (inspected), or anything else (passed through).
+//!
+//! A client that says nothing within `proxy.client_first_timeout` is either
+//! talking a server-speaks-first protocol or just slow (a loaded host, or a
+//! job pausing on purpose). Only the server can tell: upstream is dialled
+//! (no byte relayed) and whoever speaks first decides. A client that then
+//! sends a TLS hello or an HTTP request is inspected like any other, so
+//! waiting is never a way around inspection.
 
 use std::{
     sync::{atomic::Ordering, Arc},
@@ -25,7 +32,7 @@ use crate::{
 const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the first bytes say.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum Sniffed {
     /// A TLS handshake record.
     Tls,
@@ -33,6 +40,8 @@ enum Sniffed {
     Http,
     /// Something else.
     Other,
+    /// Too few bytes yet: they begin like an HTTP method.
+    Partial,
     /// Nothing within `proxy.client_first_timeout`.
     Silent,
     /// The client closed without sending anything.
@@ -42,24 +51,66 @@ enum Sniffed {
 const METHODS: [&[u8]; 9] =
     [b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"TRACE ", b"PRI * "];
 
+/// Longest thing [`classify`] needs to see.
+const SNIFF_LEN: usize = 8;
+
 fn classify(first: &[u8]) -> Sniffed {
     match first {
         [] => Sniffed::Closed,
         [0x16, ..] => Sniffed::Tls,
         _ if METHODS.iter().any(|m| first.starts_with(m)) => Sniffed::Http,
+        // A request line sent a byte at a time must not be mistaken for
+        // another protocol and spliced through uninspected.
+        _ if METHODS.iter().any(|m| m.starts_with(first)) => Sniffed::Partial,
         _ => Sniffed::Other,
     }
 }
 
+/// Waits up to `wait` for the client's first bytes and classifies them.
+/// Bytes that begin like an HTTP method are waited on until they decide; if
+/// they never do, the connection goes to the HTTP parser (which rejects
+/// what is not HTTP), never around it.
 async fn sniff(client: &TcpStream, wait: Duration) -> std::io::Result<Sniffed> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut buf = [0u8; SNIFF_LEN];
     // Bound the peek itself: readiness alone can be reported before any
     // byte is there, and a server-speaks-first client sends nothing.
-    let mut buf = [0u8; 8];
-    match tokio::time::timeout(wait, client.peek(&mut buf)).await {
-        Err(_) => Ok(Sniffed::Silent),
-        Ok(Ok(n)) => Ok(classify(&buf[..n])),
-        Ok(Err(e)) => Err(e),
+    let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+        Err(_) => return Ok(Sniffed::Silent),
+        Ok(r) => r?,
+    };
+    sniff_more(client, &mut buf, n, deadline).await
+}
+
+/// Classifies the `n` bytes already peeked into `buf`, peeking again while
+/// they are only the beginning of a method (peek returns at once while
+/// data is queued, so this polls briefly).
+async fn sniff_more(
+    client: &TcpStream,
+    buf: &mut [u8; SNIFF_LEN],
+    mut n: usize,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<Sniffed> {
+    loop {
+        match classify(&buf[..n]) {
+            Sniffed::Partial if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Returns at once with the queued bytes (so a close after a
+                // fragment shows only at the deadline, as a fragment).
+                n = client.peek(buf).await?.max(n);
+            }
+            Sniffed::Partial => return Ok(Sniffed::Http),
+            decided => return Ok(decided),
+        }
     }
+}
+
+/// Who spoke first on a connection whose client was silent at first.
+enum FirstWord {
+    /// The client, saying this.
+    Client(Sniffed),
+    /// The server (or it closed).
+    Server,
 }
 
 /// The result of handling one connection, for its event.
@@ -99,9 +150,51 @@ impl Proxy {
             Ok(s) => s,
             Err(e) => return Handled::new("tcp").failed(Outcome::Error, format!("reading from the client: {e}")),
         };
+        if sniffed != Sniffed::Silent {
+            return self.handle_sniffed(conn, sniffed, None).await;
+        }
+        let upstream = match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
+            .await
+        {
+            Ok(u) => u,
+            Err(e) => return Handled::new("tcp").failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}")),
+        };
+        match self.first_word(&conn.client, &upstream).await {
+            Ok(FirstWord::Server) => self.handle_sniffed(conn, Sniffed::Other, Some(upstream)).await,
+            Ok(FirstWord::Client(sniffed @ (Sniffed::Tls | Sniffed::Http))) => {
+                tracing::debug!(conn_id = conn.id, ?sniffed, "a slow client spoke first: inspected as usual");
+                // The inspecting handlers dial their own upstream.
+                drop(upstream);
+                self.handle_sniffed(conn, sniffed, None).await
+            }
+            Ok(FirstWord::Client(sniffed)) => self.handle_sniffed(conn, sniffed, Some(upstream)).await,
+            Err(e) => Handled::new("tcp").failed(Outcome::Error, format!("reading from the client: {e}")),
+        }
+    }
+
+    /// Waits for the first bytes from either side of a connection whose
+    /// client was silent at first.
+    async fn first_word(&self, client: &TcpStream, upstream: &TcpStream) -> std::io::Result<FirstWord> {
+        let mut c = [0u8; SNIFF_LEN];
+        let mut u = [0u8; 1];
+        tokio::select! {
+            biased;
+            n = client.peek(&mut c) => {
+                let deadline = tokio::time::Instant::now() + self.config.client_first_timeout;
+                Ok(FirstWord::Client(sniff_more(client, &mut c, n?, deadline).await?))
+            }
+            _ = upstream.peek(&mut u) => Ok(FirstWord::Server),
+        }
+    }
+
+    /// Hands the connection to the handler its first bytes call for;
+    /// `upstream` is an already dialled server connection, for passthrough.
+    async fn handle_sniffed(&self, conn: Intercepted, sniffed: Sniffed, upstream: Option<TcpStream>) -> Handled {
         match sniffed {
             Sniffed::Closed => Handled::new("tcp"),
-            Sniffed::Silent | Sniffed::Other => self.passthrough(conn, Handled::new("tcp")).await,
+            Sniffed::Silent | Sniffed::Other | Sniffed::Partial => {
+                self.passthrough(conn, Handled::new("tcp"), upstream).await
+            }
             Sniffed::Http => self.serve_plain_http(conn).await,
             Sniffed::Tls => {
                 let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
@@ -119,7 +212,7 @@ impl Proxy {
                 let mut handled = Handled::new("tls-passthrough");
                 handled.sni = hello.sni.clone();
                 match self.services.tls.action_for(hello.sni.as_deref()) {
-                    TlsAction::Passthrough => self.passthrough(conn, handled).await,
+                    TlsAction::Passthrough => self.passthrough(conn, handled, None).await,
                     TlsAction::Intercept => self.intercept_tls(conn, hello).await,
                 }
             }
@@ -128,8 +221,11 @@ impl Proxy {
 
     /// Plain TCP forwarding, both directions, half-close honoured, after
     /// the policy allowed the connection (content is not inspected, so the
-    /// policy judges it once, as protocol `tcp`).
-    async fn passthrough(&self, conn: Intercepted, mut handled: Handled) -> Handled {
+    /// policy judges it once, as protocol `tcp`). `dialled` is an upstream
+    /// connection opened to see who speaks first: used when the policy
+    /// allows at once, dropped otherwise (a held connection dials afresh
+    /// once approved, so a server-first greeting is not lost to a timeout).
+    async fn passthrough(&self, conn: Intercepted, mut handled: Handled, dialled: Option<TcpStream>) -> Handled {
         let host = handled.sni.clone().unwrap_or_else(|| conn.orig_dst.ip().to_string()).to_ascii_lowercase();
         let (action, rule, level) = {
             let policy = self.services.enforcement.policy.current();
@@ -153,10 +249,12 @@ impl Proxy {
         if let Some(s) = &session {
             s.event("decision", json!({ "rule": rule, "action": action.name() }));
         }
+        let mut dialled = dialled;
         let refused = match &action {
             policy::Action::Allow => None,
             policy::Action::Deny { reason } => Some(format!("denied by policy rule {rule}: {reason}")),
             policy::Action::RequireApproval(spec) => {
+                dialled = None;
                 let ask = ApprovalAsk {
                     rule: &rule,
                     spec,
@@ -175,14 +273,17 @@ impl Proxy {
             end_session(session.as_deref(), &handled, "refused");
             return handled.failed(Outcome::Blocked, reason);
         }
-        let upstream =
-            match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await {
+        let upstream = match dialled {
+            Some(u) => u,
+            None => match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await
+            {
                 Ok(u) => u,
                 Err(e) => {
                     end_session(session.as_deref(), &handled, "upstream_failed");
                     return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}"));
                 }
-            };
+            },
+        };
         let counters = relay::Counters::default();
         let result = relay::relay(&conn.client, &upstream, &counters).await;
         handled.bytes_up = counters.up.load(Ordering::Relaxed);
@@ -346,5 +447,64 @@ mod tests {
         assert_eq!(classify(b"PRI * HT"), Sniffed::Http);
         assert_eq!(classify(b"SSH-2.0-"), Sniffed::Other);
         assert_eq!(classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Sniffed::Other, "postgres SSLRequest");
+        assert_eq!(classify(b"G"), Sniffed::Partial);
+        assert_eq!(classify(b"OPTION"), Sniffed::Partial);
+        assert_eq!(classify(b"PI"), Sniffed::Other, "redis PING shares only the first letter");
+    }
+
+    use tokio::io::AsyncWriteExt as _;
+
+    /// (the client application's socket, the proxy's accepted socket)
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (proxy, _) = listener.accept().await.unwrap();
+        (app, proxy)
+    }
+
+    /// Writes `bytes` one at a time with a pause between them.
+    fn trickle(mut app: TcpStream, bytes: &'static [u8]) -> tokio::task::JoinHandle<TcpStream> {
+        tokio::spawn(async move {
+            for b in bytes {
+                app.write_all(std::slice::from_ref(b)).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            app
+        })
+    }
+
+    #[tokio::test]
+    async fn a_request_line_sent_a_byte_at_a_time_is_http() {
+        let (app, proxy) = pair().await;
+        let _app = trickle(app, b"OPTIONS * HTTP/1.1\r\n");
+        assert_eq!(sniff(&proxy, Duration::from_secs(10)).await.unwrap(), Sniffed::Http);
+    }
+
+    #[tokio::test]
+    async fn another_protocol_sharing_a_first_letter_is_not() {
+        let (app, proxy) = pair().await;
+        let _app = trickle(app, b"PING\r\n");
+        assert_eq!(sniff(&proxy, Duration::from_secs(10)).await.unwrap(), Sniffed::Other);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_method_prefix_goes_to_the_http_parser_not_around_it() {
+        let (app, proxy) = pair().await;
+        let app = trickle(app, b"GE").await.unwrap();
+        assert_eq!(sniff(&proxy, Duration::from_millis(200)).await.unwrap(), Sniffed::Http);
+        // Closing after a fragment: the same (peek keeps returning the
+        // queued fragment, so the close only shows once it is read).
+        drop(app);
+        let (app, proxy) = pair().await;
+        drop(trickle(app, b"P").await.unwrap());
+        assert_eq!(sniff(&proxy, Duration::from_millis(200)).await.unwrap(), Sniffed::Http);
+    }
+
+    #[tokio::test]
+    async fn silence_and_close_are_told_apart() {
+        let (app, proxy) = pair().await;
+        assert_eq!(sniff(&proxy, Duration::from_millis(100)).await.unwrap(), Sniffed::Silent);
+        drop(app);
+        assert_eq!(sniff(&proxy, Duration::from_secs(10)).await.unwrap(), Sniffed::Closed);
     }
 }
