@@ -90,6 +90,11 @@ impl Scene {
         let mut destinations = vec![upstream_dest.as_str()];
         destinations.extend_from_slice(extra);
         let mut opts = GatewayOptions::new(name, &destinations);
+        // Every client here speaks first (TLS or HTTP). A client that the
+        // loaded machine holds up for longer than the default 500 ms between
+        // connect and its first byte would be taken for a server-speaks-first
+        // protocol and spliced through uninspected.
+        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\
              policy:\n  file: {policy}\n  watch: false\n\

@@ -74,6 +74,11 @@ impl Scene {
         let port = unique_port();
         let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
         let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
+        // Every client here speaks first (TLS or HTTP). A client that the
+        // loaded machine holds up for longer than the default 500 ms between
+        // connect and its first byte would be taken for a server-speaks-first
+        // protocol and spliced through uninspected.
+        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  passthrough: ['{PASS_HOST}']\n  extra_upstream_cas: [{}]\n{}",
             pki.ca_path.display(),

@@ -102,6 +102,8 @@ pub struct GatewayOptions {
     pub destinations: Vec<String>,
     /// Extra top-level YAML appended to the config.
     pub extra_yaml: String,
+    /// Extra lines under `proxy:` (each indented by two spaces).
+    pub proxy_yaml: String,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
 }
@@ -113,6 +115,7 @@ impl GatewayOptions {
             name: name.to_owned(),
             destinations: destinations.iter().map(|s| (*s).to_owned()).collect(),
             extra_yaml: String::new(),
+            proxy_yaml: String::new(),
             gateway_in_cgroup: false,
         }
     }
@@ -161,8 +164,9 @@ impl TestGateway {
         for d in &opts.destinations {
             yaml.push_str(&format!("    - {d}\n"));
         }
+        yaml.push_str(&format!("proxy:\n  port: {proxy_port}\n{}", opts.proxy_yaml));
         yaml.push_str(&format!(
-            "proxy:\n  port: {proxy_port}\napi:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
+            "api:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
             socket = dir.path().join("admin.sock").display(),
         ));
         yaml.push_str(&opts.extra_yaml);
@@ -205,7 +209,7 @@ impl TestGateway {
             }
         });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             if self.lines.lock().expect("lines")[start..].iter().any(|l| l.contains("\"gateway running\"")) {
                 return;
@@ -213,7 +217,7 @@ impl TestGateway {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("gateway exited with {status} before it was running:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway did not start within 30s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "gateway did not start within {PATIENCE:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -265,7 +269,7 @@ impl TestGateway {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, signal);
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + PATIENCE;
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
