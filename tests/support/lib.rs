@@ -57,7 +57,7 @@ pub fn cgroup2_mount() -> PathBuf {
 /// a shorter bound only turns a slow moment into a failure.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Polls `probe` every 20 ms until it returns `Some`, and fails the test
+/// Polls `probe` every 20 ms until it returns `Ok`, and fails the test
 /// naming `what` (with the last `Err` the probe gave) after [`PATIENCE`].
 pub fn wait_for<T, E: std::fmt::Display>(what: &str, mut probe: impl FnMut() -> Result<T, E>) -> T {
     let deadline = Instant::now() + PATIENCE;
