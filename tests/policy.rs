@@ -13,7 +13,7 @@ use std::{
 use gateway_tests::{
     unique_port,
     upstream::{TestPki, Upstream},
-    GatewayOptions, TestGateway,
+    wait_for, GatewayOptions, TestGateway, PATIENCE,
 };
 use rand::{distr::Alphanumeric, Rng as _};
 use serde_json::Value;
@@ -90,6 +90,11 @@ impl Scene {
         let mut destinations = vec![upstream_dest.as_str()];
         destinations.extend_from_slice(extra);
         let mut opts = GatewayOptions::new(name, &destinations);
+        // Every client here speaks first (TLS or HTTP). A client that the
+        // loaded machine holds up for longer than the default 500 ms between
+        // connect and its first byte would be taken for a server-speaks-first
+        // protocol and spliced through uninspected.
+        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\
              policy:\n  file: {policy}\n  watch: false\n\
@@ -139,7 +144,7 @@ impl Scene {
 
     /// Waits for the pending approval of a request to `path`.
     fn pending(&self, path: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             let list = self.cli_json(&["approvals", "list", "--json"]);
             let found = list
@@ -163,9 +168,44 @@ impl Scene {
         self.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default()
     }
 
+    /// The exchanges (their `data` documents) committed so far, all sessions.
+    fn recorded_exchanges(&self) -> Vec<Value> {
+        self.sessions()
+            .iter()
+            .flat_map(|s| {
+                let out = self.gw.cli(&["sessions", "export", &session_id(s)]);
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .filter_map(|r| r["data"].as_str().and_then(|d| serde_json::from_str::<Value>(d).ok()))
+                    .filter(|d| d.get("url").is_some())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Waits until the recorder committed an exchange for each of `urls`.
+    /// Records are committed by a background writer every flush interval,
+    /// so a response the client already has may not be in the database yet.
+    fn wait_recorded(&self, urls: &[&str]) -> Vec<Value> {
+        wait_for("the exchanges are recorded", || {
+            let data = self.recorded_exchanges();
+            let missing: Vec<&&str> = urls.iter().filter(|u| !data.iter().any(|d| d["url"] == **u)).collect();
+            if missing.is_empty() {
+                Ok(data)
+            } else {
+                Err(format!("not yet recorded: {missing:?}"))
+            }
+        })
+    }
+
     fn database(&self) -> PathBuf {
         self.gw.dir.path().join("state").join("sessions.db")
     }
+}
+
+fn session_id(s: &Value) -> String {
+    s["session"].as_str().or(s["id"].as_str()).expect("session id").to_owned()
 }
 
 fn parse_curl(stdout: &[u8]) -> (u16, String) {
@@ -231,17 +271,18 @@ fn approval_granted_by_a_second_process_releases_the_waiting_request() {
     let shown = scene.cli_json(&["approvals", "show", &id, "--json"]);
     assert_eq!(shown["state"], "approved", "{shown:#}");
 
-    // The decision is recorded beside the session.
-    std::thread::sleep(Duration::from_millis(300));
-    let session = scene.sessions().into_iter().find(|s| s["host"] == HOST).expect("session");
-    let shown = scene.gw.cli(&[
-        "sessions",
-        "show",
-        session["session"].as_str().or(session["id"].as_str()).expect("id"),
-        "--json",
-    ]);
-    let text = String::from_utf8_lossy(&shown.stdout);
-    assert!(text.contains("approval_requested") && text.contains("approval_decided"), "{text}");
+    // The decision is recorded beside the session (committed by the
+    // recorder's writer within its flush interval).
+    wait_for("the approval is recorded beside the session", || {
+        let session = scene.sessions().into_iter().find(|s| s["host"] == HOST).ok_or("no session yet".to_owned())?;
+        let shown = scene.gw.cli(&["sessions", "show", &session_id(&session), "--json"]);
+        let text = String::from_utf8_lossy(&shown.stdout).into_owned();
+        if text.contains("approval_requested") && text.contains("approval_decided") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
 }
 
 #[test]
@@ -321,10 +362,14 @@ fn secrets_in_streamed_and_gzip_responses_are_masked_for_the_client() {
     assert_eq!(body.matches("[MASKED:").count(), 2, "{body}");
     // Upstream did send them in clear: the masking is the gateway's doing.
     assert_eq!(scene.received("/leak"), 3);
-    // Nothing in clear in the recordings or the log either.
-    std::thread::sleep(Duration::from_millis(300));
-    let db = std::fs::read(scene.database()).expect("sessions.db");
-    assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()), "the token is in the session database");
+    // Nothing in clear in the recordings (once they are committed: the
+    // database file and its write-ahead log) or the log either.
+    let recorded = scene.wait_recorded(&["/leak/stream", "/leak/gzip"]);
+    assert!(!Value::from(recorded).to_string().contains(&token), "the token is in a recorded exchange");
+    for file in [scene.database(), scene.database().with_extension("db-wal")] {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()), "the token is in {}", file.display());
+    }
     assert!(!scene.gw.log().contains(&token), "the token is in the log");
 }
 
@@ -334,10 +379,10 @@ fn sessions_read_back_verify_and_detect_tampering() {
     for path in ["/one", "/two?x=1", "/quiet/three"] {
         assert_eq!(scene.curl(&[&scene.url(path)]).0, 200);
     }
-    std::thread::sleep(Duration::from_millis(300));
+    scene.wait_recorded(&["/one", "/two?x=1", "/quiet/three"]);
     let sessions = scene.sessions();
     assert_eq!(sessions.len(), 3, "one session per connection: {sessions:#?}");
-    let id_of = |s: &Value| s["session"].as_str().or(s["id"].as_str()).expect("session id").to_owned();
+    let id_of = session_id;
     for s in &sessions {
         assert_eq!(s["identity"].as_str().map(|i| i.starts_with("spiffe://")), Some(true), "{s:#}");
         let out = scene.gw.cli(&["sessions", "verify", &id_of(s)]);
@@ -403,13 +448,10 @@ fn sigkill_during_a_long_session_keeps_every_earlier_record() {
     );
     let mut client =
         scene.gw.command_in_cgroup("python3").arg("-c").arg(&script).stdout(Stdio::piped()).spawn().expect("python");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while scene.received("/long/") < 10 {
-        assert!(Instant::now() < deadline, "the client did not finish its requests");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Past the flush interval: the records are committed.
-    std::thread::sleep(Duration::from_millis(500));
+    // Every exchange committed (the writer does so within its flush
+    // interval), the session still open: then the gateway dies.
+    let urls: Vec<String> = (0..10).map(|i| format!("/long/{i}")).collect();
+    scene.wait_recorded(&urls.iter().map(String::as_str).collect::<Vec<_>>());
     scene.gw.stop(nix::sys::signal::Signal::SIGKILL);
     let _ = client.kill();
     let _ = client.wait();
@@ -437,25 +479,23 @@ fn invalid_policy_reload_keeps_the_old_policy_in_force() {
     .expect("write bad policy");
     let pid = nix::unistd::Pid::from_raw(scene.gw.child.as_ref().expect("running").id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !scene.gw.log().contains("policy") || !scene.gw.log().contains("rejected") {
-        assert!(Instant::now() < deadline, "no rejection logged: {}", scene.gw.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the rejected policy is reported", || {
+        let log = scene.gw.log();
+        if log.contains("policy") && log.contains("rejected") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
     let (status, body) = scene.curl(&[&scene.url("/admin/users")]);
     assert_eq!(status, 403, "the old policy still denies: {body}");
     // A valid policy replaces it.
     std::fs::write(&scene.policy, "version: 1\nrules: []\ndefaults:\n  action: allow\n").expect("write policy");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, _) = scene.curl(&[&scene.url("/admin/users")]);
-        if status == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new policy never took effect");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("the new policy takes effect", || match scene.curl(&[&scene.url("/admin/users")]) {
+        (200, _) => Ok(()),
+        (status, body) => Err(format!("{status} {body}")),
+    });
 }
 
 #[test]
@@ -469,7 +509,7 @@ fn non_http_connections_are_judged_once_as_tcp() {
         .command_in_cgroup("python3")
         .arg("-c")
         .arg(format!(
-            "import socket; s=socket.create_connection(('{UPSTREAM_IP}', {tcp_port})); s.settimeout(5); s.sendall(b'hello'); print(repr(s.recv(100)))"
+            "import socket; s=socket.create_connection(('{UPSTREAM_IP}', {tcp_port})); s.settimeout(60); s.sendall(b'hello'); print(repr(s.recv(100)))"
         ))
         .output()
         .expect("python");
@@ -477,7 +517,7 @@ fn non_http_connections_are_judged_once_as_tcp() {
     // Closed without an answer (or reset): never forwarded.
     assert!(!out.status.success() || stdout.trim() == "b''", "{stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(echo.peers.lock().expect("peers").is_empty(), "the denied connection reached the server");
-    let events = scene.gw.wait_events(1, Duration::from_secs(5));
+    let events = scene.gw.wait_events(1);
     let e = events
         .iter()
         .find(|e| e["orig_dst"] == format!("{UPSTREAM_IP}:{tcp_port}"))

@@ -230,6 +230,10 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     interceptor.set_destinations(&set)?;
     interceptor.attach(&cgroups)?;
     let interceptor = Arc::new(interceptor);
+    // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
+    // must reach these handlers, not kill the process with the default
+    // action (skipping the clean shutdown and leaving the programs redirecting).
+    let signals = Signals::install()?;
     tracing::info!(
         cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
         destinations = set.len(),
@@ -282,7 +286,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         mappings: config.identity.mappings.clone(),
         policy: services_policy,
     };
-    wait_for_signal(&reloadable).await?;
+    wait_for_signal(signals, &reloadable).await;
     tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
     shutdown.cancel();
     let _ = serving.await;
@@ -336,15 +340,30 @@ impl Reloadable {
     }
 }
 
-async fn wait_for_signal(reloadable: &Reloadable) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+/// The signals `gateway run` handles: SIGTERM and SIGINT stop it, SIGHUP reloads.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+}
+
+async fn wait_for_signal(signals: Signals, reloadable: &Reloadable) {
+    let Signals { mut term, mut int, mut hup } = signals;
     loop {
         tokio::select! {
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return,
+            _ = int.recv() => return,
             _ = hup.recv() => {
                 // Reading files and running credential commands blocks.
                 let r = reloadable.clone();

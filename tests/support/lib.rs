@@ -51,16 +51,41 @@ pub fn cgroup2_mount() -> PathBuf {
     gateway::intercept::cgroup::cgroup2_mount().expect("cgroup v2 must be mounted for these tests")
 }
 
+/// How long a test waits for something that happens in the background (a
+/// connection event, a log line, a commit, a reload) before it fails. A
+/// passing test never waits this long; CI machines are small and loaded, and
+/// a shorter bound only turns a slow moment into a failure.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `probe` every 20 ms until it returns `Ok`, and fails the test
+/// naming `what` (with the last `Err` the probe gave) after [`PATIENCE`].
+pub fn wait_for<T, E: std::fmt::Display>(what: &str, mut probe: impl FnMut() -> Result<T, E>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match probe() {
+            Ok(v) => return v,
+            Err(last) => assert!(Instant::now() < deadline, "{what}: still not the case after {PATIENCE:?}: {last}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// Ports handed out by [`unique_port`]: below Linux's default ephemeral range
+/// (32768-60999), so no outgoing connection of this or another test can take
+/// the port between the probe and the bind that uses it.
+const PORTS: std::ops::Range<u16> = 20000..32000;
 
 /// A port unlikely to collide with another test in this process or another
 /// test binary running at the same time.
 pub fn unique_port() -> u16 {
-    let base = 20000 + (std::process::id() % 2000) as u16 * 10;
-    let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let offset = std::process::id() % 1000 * 12;
+    let n = u32::from(NEXT_PORT.fetch_add(1, Ordering::Relaxed));
     // Probe so a port another process holds is skipped.
-    for k in 0..200u16 {
-        let port = base.wrapping_add((n * 7 + k) % 20000);
+    for k in 0..200u32 {
+        let port = PORTS.start + ((offset + n * 7 + k) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
@@ -77,6 +102,8 @@ pub struct GatewayOptions {
     pub destinations: Vec<String>,
     /// Extra top-level YAML appended to the config.
     pub extra_yaml: String,
+    /// Extra lines under `proxy:` (each indented by two spaces).
+    pub proxy_yaml: String,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
 }
@@ -88,6 +115,7 @@ impl GatewayOptions {
             name: name.to_owned(),
             destinations: destinations.iter().map(|s| (*s).to_owned()).collect(),
             extra_yaml: String::new(),
+            proxy_yaml: String::new(),
             gateway_in_cgroup: false,
         }
     }
@@ -136,8 +164,9 @@ impl TestGateway {
         for d in &opts.destinations {
             yaml.push_str(&format!("    - {d}\n"));
         }
+        yaml.push_str(&format!("proxy:\n  port: {proxy_port}\n{}", opts.proxy_yaml));
         yaml.push_str(&format!(
-            "proxy:\n  port: {proxy_port}\napi:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
+            "api:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
             socket = dir.path().join("admin.sock").display(),
         ));
         yaml.push_str(&opts.extra_yaml);
@@ -180,7 +209,7 @@ impl TestGateway {
             }
         });
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + PATIENCE;
         loop {
             if self.lines.lock().expect("lines")[start..].iter().any(|l| l.contains("\"gateway running\"")) {
                 return;
@@ -188,7 +217,7 @@ impl TestGateway {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("gateway exited with {status} before it was running:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway did not start within 30s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "gateway did not start within {PATIENCE:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -209,9 +238,11 @@ impl TestGateway {
             .collect()
     }
 
-    /// Waits until at least `n` connection events were logged.
-    pub fn wait_events(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
+    /// Waits (up to [`PATIENCE`]) until at least `n` connection events were
+    /// logged, and returns the events logged by then. A connection's event is
+    /// logged when it closes, after the client may already have exited.
+    pub fn wait_events(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + PATIENCE;
         loop {
             let events = self.connection_events();
             if events.len() >= n || Instant::now() >= deadline {
@@ -238,7 +269,7 @@ impl TestGateway {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, signal);
-            let deadline = Instant::now() + Duration::from_secs(15);
+            let deadline = Instant::now() + PATIENCE;
             loop {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
@@ -342,7 +373,7 @@ impl EchoServer {
                         p.lock().expect("peers").push(peer);
                         std::thread::spawn(move || {
                             let _ = conn.set_nonblocking(false);
-                            let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                            let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
                             let mut buf = vec![0u8; 4096];
                             let n = conn.read(&mut buf).unwrap_or(0);
                             let reply = serde_json::json!({
@@ -383,7 +414,7 @@ lock = threading.Lock()
 def one(host, port):
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(10)
+    s.settimeout(60)
     out = {"target": f"{host}:{port}"}
     try:
         s.connect((host, port))

@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -70,6 +70,8 @@ pub struct Upstream {
     pub received: Arc<Mutex<Vec<Received>>>,
     /// What `/leak/...` routes put into their responses.
     pub leak: Arc<Mutex<String>>,
+    /// When each chunk of `/stream` responses was handed to the connection.
+    pub stream_sent: Arc<Mutex<Vec<SystemTime>>>,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -100,22 +102,26 @@ impl Upstream {
         let log = received.clone();
         let leak = Arc::new(Mutex::new(String::new()));
         let leaked = leak.clone();
+        let stream_sent = Arc::new(Mutex::new(Vec::new()));
+        let sent = stream_sent.clone();
         runtime.spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
                 let acceptor = acceptor.clone();
                 let log = log.clone();
                 let leaked = leaked.clone();
+                let sent = sent.clone();
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
-                    let service = hyper::service::service_fn(move |req| handle(req, log.clone(), leaked.clone()));
+                    let service =
+                        hyper::service::service_fn(move |req| handle(req, log.clone(), leaked.clone(), sent.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                         .await;
                 });
             }
         });
-        Upstream { addr, received, leak, _runtime: runtime }
+        Upstream { addr, received, leak, stream_sent, _runtime: runtime }
     }
 
     /// Requests received so far.
@@ -130,6 +136,7 @@ async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
     log: Arc<Mutex<Vec<Received>>>,
     leak: Arc<Mutex<String>>,
+    stream_sent: Arc<Mutex<Vec<SystemTime>>>,
 ) -> Result<hyper::Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let target = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
@@ -190,6 +197,7 @@ async fn handle(
                 if tx.send(Ok(Frame::data(Bytes::from(format!("chunk {i}\n"))))).await.is_err() {
                     return;
                 }
+                stream_sent.lock().expect("stream_sent").push(SystemTime::now());
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
         });

@@ -70,7 +70,7 @@ async fn hold(approvals: &Approvals, min: u32) -> (ApprovalId, tokio::task::Join
     let spec = ApprovalSpec { group: "release".into(), min_approvals: min, timeout: Duration::from_secs(60) };
     let task = tokio::spawn(async move { a.request(request(), &spec).await });
     loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(60), events.recv()).await.unwrap().unwrap();
         if event.kind == EventKind::ApprovalRequested {
             return (event.approval.id, task);
         }
@@ -131,7 +131,7 @@ async fn approvers_decide_over_the_unix_socket() {
     assert!(cli::list(&a.client, &ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap().is_empty());
 
     a.shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), a.server).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), a.server).await.unwrap().unwrap();
     assert!(!a.socket.exists(), "the socket is removed at shutdown");
 }
 
@@ -335,6 +335,6 @@ mod public {
         assert_eq!((status, missing), (StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"})));
 
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(60), server).await.unwrap().unwrap();
     }
 }

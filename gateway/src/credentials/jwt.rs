@@ -614,7 +614,7 @@ mod tests {
         let m = Arc::clone(minter);
         let server = test_support::serve(move |req| m.handle_jwks_request(&req)).await;
         let (status, body) =
-            crate::credentials::http_fetch::get(&server.url("/.well-known/jwks.json"), None, Duration::from_secs(5))
+            crate::credentials::http_fetch::get(&server.url("/.well-known/jwks.json"), None, Duration::from_secs(60))
                 .await
                 .unwrap();
         assert_eq!(status, StatusCode::OK);

@@ -51,7 +51,9 @@ fn spawn(exe: &Path, env: &[(&str, &str)], uid: Option<u32>) -> Proc {
 fn wait_for_exec(pid: u32, exe: &Path) {
     let want = std::fs::canonicalize(exe).unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
     let name: String = want.file_name().map(|n| n.to_string_lossy().chars().take(15).collect()).unwrap_or_default();
-    for _ in 0..2000 {
+    // Generous: on a loaded machine a fork+exec can take seconds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         let exe_now = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         // execve switches comm and exe before it sets up argv and the
@@ -62,7 +64,22 @@ fn wait_for_exec(pid: u32, exe: &Path) {
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    panic!("child {pid} did not exec {} within 2 s", want.display());
+    panic!("child {pid} did not exec {} within 60 s", want.display());
+}
+
+/// Waits until `pid` has died but is not reaped yet (state `Z`).
+fn wait_for_zombie(pid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The state follows the parenthesised comm, which may hold spaces.
+        let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+        if state == Some('Z') {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "child {pid} did not die after SIGKILL: {stat}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 fn sha256_of(path: &Path) -> String {
@@ -288,8 +305,9 @@ fn exited_processes_are_unattested() {
     let mut p = spawn(&sleep, &[], None);
     let rec = record(p.pid());
     p.0.kill().expect("kill");
-    // Not yet reaped: a zombie still has /proc entries but no exe.
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    // Not yet reaped: a zombie still has /proc entries but no exe. SIGKILL
+    // takes effect when the child is next scheduled: wait for the zombie.
+    wait_for_zombie(p.pid());
     assert!(unattested_reason(&attestor().attest(&rec)).contains("exited"));
     p.0.wait().expect("reap");
     assert!(unattested_reason(&attestor().attest(&rec)).contains("exited"));

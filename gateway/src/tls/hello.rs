@@ -694,9 +694,9 @@ mod tests {
         client.write_all(&wire[..wire.len() / 2]).await.expect("write");
         client.shutdown().await.expect("shutdown");
         let started = std::time::Instant::now();
-        let result = peek_client_hello(&server, Duration::from_secs(5)).await;
+        let result = peek_client_hello(&server, Duration::from_secs(120)).await;
         assert!(matches!(result, Err(HelloError::Eof)), "{result:?}");
-        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
 
         // Half a hello and silence.
         let (mut client, server) = tcp_pair().await;
