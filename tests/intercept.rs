@@ -335,7 +335,7 @@ fn a_process_keeps_its_attestation_until_it_execs() {
     assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(server.peers.lock().expect("peers").len(), 4, "every connection reached the server");
 
-    let events = gw.wait_events(4, Duration::from_secs(10));
+    let events = gw.wait_events(4);
     let mut mine: Vec<_> = events.iter().filter(|e| e["orig_dst"] == server.addr.to_string()).collect();
     mine.sort_by_key(|e| e["conn_id"].as_u64());
     let seen: Vec<(&str, &str)> = mine

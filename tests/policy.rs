@@ -90,10 +90,10 @@ impl Scene {
         let mut destinations = vec![upstream_dest.as_str()];
         destinations.extend_from_slice(extra);
         let mut opts = GatewayOptions::new(name, &destinations);
-        // Every client here speaks first (TLS or HTTP). A client that the
-        // loaded machine holds up for longer than the default 500 ms between
-        // connect and its first byte would be taken for a server-speaks-first
-        // protocol and spliced through uninspected.
+        // Every client here speaks first. One that the loaded machine holds
+        // up for longer than the default 500 ms would make the gateway dial
+        // upstream to see who speaks first (still inspected), and the tcp
+        // test asserts that a denied connection never reaches its server.
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\

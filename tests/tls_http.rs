@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Command, Output},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use gateway_tests::{
@@ -68,17 +68,21 @@ impl Scene {
     /// A scene whose gateway configuration gets extra YAML, built from the
     /// scene's directory (for files the configuration points at).
     fn start_with(name: &str, extra: impl FnOnce(&std::path::Path) -> String) -> Scene {
+        // Every client here speaks first (TLS or HTTP). One that the loaded
+        // machine holds up for longer than the default 500 ms would make
+        // the gateway dial upstream to see who speaks first: still
+        // inspected, but tests counting upstream connections would see it.
+        Scene::start_full(name, Duration::from_secs(30), extra)
+    }
+
+    fn start_full(name: &str, client_first_timeout: Duration, extra: impl FnOnce(&std::path::Path) -> String) -> Scene {
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST, PASS_HOST]);
         let port = unique_port();
         let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
         let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
-        // Every client here speaks first (TLS or HTTP). A client that the
-        // loaded machine holds up for longer than the default 500 ms between
-        // connect and its first byte would be taken for a server-speaks-first
-        // protocol and spliced through uninspected.
-        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
+        opts.proxy_yaml = format!("  client_first_timeout: {}ms\n", client_first_timeout.as_millis());
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  passthrough: ['{PASS_HOST}']\n  extra_upstream_cas: [{}]\n{}",
             pki.ca_path.display(),
@@ -359,16 +363,16 @@ fn python_client_blocks_keys_in_json_gzip_and_split_chunked_bodies() {
 
 #[test]
 fn a_client_that_pauses_before_its_hello_is_still_inspected() {
-    // Longer than client_first_timeout (500 ms): the gateway dials upstream
-    // to see who speaks first, the client does, and it is intercepted.
-    let scene = Scene::start("pause");
+    // Longer than client_first_timeout: the gateway dials upstream to see
+    // who speaks first, the client does, and it is intercepted.
+    let scene = Scene::start_full("pause", Duration::from_millis(300), |_| String::new());
     let keys = Keys::new();
     let spec = serde_json::json!({"method": "GET", "path": "/v1/paused", "pause_after_connect": 1.5,
         "headers": {"Authorization": format!("Bearer {}", keys.cursor)}});
     let r = scene.python(py_spec(&scene, spec));
     assert_blocked(r["status"].as_u64().unwrap_or(0) as u16, r["body"].as_str().unwrap_or(""), "cursor-api-key");
     assert!(scene.upstream.requests().is_empty(), "the blocked request never reached upstream");
-    let events = scene.gw.wait_events(1, Duration::from_secs(10));
+    let events = scene.gw.wait_events(1);
     assert!(events.iter().any(|e| e["protocol"] == "https" && e["outcome"] == "blocked"), "{events:#?}");
     // And a clean request after the same pause goes through.
     let spec = serde_json::json!({"method": "GET", "path": "/v1/paused-ok", "pause_after_connect": 1.5});
