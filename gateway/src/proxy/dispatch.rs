@@ -192,10 +192,10 @@ impl Proxy {
     async fn handle_sniffed(&self, conn: Intercepted, sniffed: Sniffed, upstream: Option<TcpStream>) -> Handled {
         match sniffed {
             Sniffed::Closed => Handled::new("tcp"),
-            Sniffed::Silent | Sniffed::Other | Sniffed::Partial => {
-                self.passthrough(conn, Handled::new("tcp"), upstream).await
-            }
-            Sniffed::Http => self.serve_plain_http(conn).await,
+            Sniffed::Silent | Sniffed::Other => self.passthrough(conn, Handled::new("tcp"), upstream).await,
+            // (`sniff_more` never leaves a fragment undecided; if it did, the
+            // HTTP parser is the safe side.)
+            Sniffed::Http | Sniffed::Partial => self.serve_plain_http(conn).await,
             Sniffed::Tls => {
                 let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
                     Ok(Peeked::Tls(hello)) => hello,
