@@ -44,12 +44,16 @@ pub fn hash_record(session: &str, prev_hash: &str, seq: u64, ts: i64, kind: &str
 /// `value` as canonical JSON: no whitespace, object keys sorted by code
 /// point, strings and numbers as serde_json writes them. Canonical so the
 /// same content always hashes the same, whatever order fields were built in.
+/// The reference definition: the writer produces the same bytes without a
+/// `Value` (`encode`), and tests hold it to this.
+#[cfg(test)]
 pub(crate) fn canonical_json(value: &serde_json::Value) -> String {
     let mut out = String::new();
     write_canonical(value, &mut out);
     out
 }
 
+#[cfg(test)]
 fn write_canonical(value: &serde_json::Value, out: &mut String) {
     use serde_json::Value;
     match value {

@@ -43,24 +43,25 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// The process behind a session, as attribution saw it.
+/// The process behind a session, as attribution saw it. Fields are in sorted
+/// order: the start record serializes it as canonical JSON directly.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessFacts {
-    /// Process id (tgid).
-    pub pid: u32,
-    /// Real uid.
-    pub uid: u32,
-    /// Real gid.
-    pub gid: u32,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
     /// `comm` at connect() time.
     pub comm: String,
     /// Executable, when /proc still showed it.
     pub exe: Option<String>,
-    /// cgroup v2 path.
-    pub cgroup: Option<String>,
+    /// Real gid.
+    pub gid: u32,
     /// CI job variables; values of credential-looking names are redacted
     /// by the recorder whatever the caller passes.
     pub job: BTreeMap<String, String>,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Real uid.
+    pub uid: u32,
 }
 
 impl ProcessFacts {
@@ -78,15 +79,16 @@ impl ProcessFacts {
     }
 }
 
-/// The negotiated TLS parameters of the client side of a session.
+/// The negotiated TLS parameters of the client side of a session (fields in
+/// sorted order, see [`ProcessFacts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFacts {
-    /// Protocol version (`TLSv1.3`).
-    pub version: String,
-    /// Cipher suite (`TLS13_AES_128_GCM_SHA256`).
-    pub cipher: String,
     /// Negotiated ALPN protocol, if any.
     pub alpn: Option<String>,
+    /// Cipher suite (`TLS13_AES_128_GCM_SHA256`).
+    pub cipher: String,
+    /// Protocol version (`TLSv1.3`).
+    pub version: String,
 }
 
 /// What the proxy knows when a connection is intercepted.
@@ -113,40 +115,42 @@ pub struct SessionStart {
 }
 
 /// The data of a session's first record (seq 0), mirrored in the sessions
-/// table for listing.
+/// table for listing. Fields are in sorted order: the writer serializes it
+/// as canonical JSON directly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionMeta {
-    /// The session this record starts.
-    pub session: SessionId,
     /// The proxy's connection number.
     pub conn_id: u64,
-    /// Start, Unix nanoseconds.
-    pub started: i64,
+    /// Destination host.
+    pub host: String,
     /// Identity URI.
     pub identity: String,
     /// Identity labels.
     pub identity_labels: BTreeMap<String, String>,
-    /// The process that connected.
-    pub process: ProcessFacts,
-    /// Destination host.
-    pub host: String,
     /// Original destination, `addr:port`.
     pub orig_dst: String,
-    /// TLS server name.
-    pub sni: Option<String>,
-    /// TLS parameters (absent for plaintext).
-    pub tls: Option<TlsFacts>,
+    /// The process that connected.
+    pub process: ProcessFacts,
     /// Protocol spoken.
     pub protocol: String,
+    /// The session this record starts.
+    pub session: SessionId,
+    /// TLS server name.
+    pub sni: Option<String>,
+    /// Start, Unix nanoseconds.
+    pub started: i64,
+    /// TLS parameters (absent for plaintext).
+    pub tls: Option<TlsFacts>,
 }
 
-/// How a connection ended.
+/// How a connection ended (the data of an `end` record; fields in sorted
+/// order, see [`SessionMeta`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionEnd {
-    /// Bytes from the client to the upstream.
-    pub bytes_up: u64,
     /// Bytes from the upstream to the client.
     pub bytes_down: u64,
+    /// Bytes from the client to the upstream.
+    pub bytes_up: u64,
     /// `ok`, `denied`, `error: ...`, `dropped` (the recorder was dropped
     /// without an end)...
     pub outcome: String,

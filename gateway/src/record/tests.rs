@@ -12,7 +12,7 @@ use bytes::Bytes;
 use rusqlite::params;
 
 use super::{
-    cli::tests::run_captured, writer::exchange_data, DecisionFacts, EventData, ExchangeData, ExchangeRecord,
+    cli::tests::run_captured, DecisionFacts, EventData, ExchangeData, ExchangeRecord,
     ProcessFacts, RecordConfig, RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta,
     SessionStart, SessionState, SessionStore, TlsFacts, Verdict,
 };
@@ -84,6 +84,11 @@ fn exchange(stream: u64) -> ExchangeRecord {
         decision: Some(DecisionFacts { rule: "allow-api".into(), action: "allow".into() }),
         findings: vec!["F-3".into()],
     }
+}
+
+/// An exchange as the writer stores it, read back.
+fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
+    serde_json::from_str(&super::encode::exchange(e, max_body_bytes)).unwrap()
 }
 
 fn end() -> SessionEnd {

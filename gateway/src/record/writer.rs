@@ -20,16 +20,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use base64::Engine as _;
-use bytes::Bytes;
-use serde::Serialize;
-
-use crate::redact::{cap, redact_header_pairs, redact_job};
+use crate::redact::{cap, redact_job};
 
 use super::{
-    chain::{self, canonical_json, hash_record, GENESIS_HASH},
+    chain::{self, hash_record, GENESIS_HASH},
+    encode::{self, limits},
     lock::{self, WriterLock},
-    model::{nanos, BodyData, EventData, ExchangeData, MessageData, SessionMeta},
+    model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
     ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordLevel, SessionEnd, SessionId, SessionStart,
@@ -47,22 +44,6 @@ const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Attempts per batch once the recorder is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
-
-/// Caps on text that comes from the traffic or the job (attacker-controlled
-/// on a shared runner), so one hostile job cannot bloat the database with
-/// megabyte URLs or thousands of headers.
-mod limits {
-    pub const SHORT: usize = 256;
-    pub const TEXT: usize = 4096;
-    pub const URL: usize = 8192;
-    pub const HEADERS: usize = 256;
-    pub const HEADER_VALUE: usize = 8192;
-    pub const LABELS: usize = 64;
-    pub const JOB_VARS: usize = 128;
-    pub const FINDINGS: usize = 256;
-    /// A free-form event larger than this is replaced by its size.
-    pub const EVENT: usize = 256 * 1024;
-}
 
 /// Log target of the recorder.
 const TARGET: &str = "gateway::record";
@@ -365,22 +346,18 @@ impl Writer {
             }
             Msg::Exchange { id, ts, exchange } => {
                 self.taken();
-                let data = exchange_data(&exchange, self.max_body_bytes);
-                self.append(&id, ts, chain::KIND_EXCHANGE, to_canonical(&data), None);
+                let data = encode::exchange(&exchange, self.max_body_bytes);
+                self.append(&id, ts, chain::KIND_EXCHANGE, data, None);
             }
             Msg::Event { id, ts, name, detail } => {
                 self.taken();
-                let mut data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
-                if data.len() > limits::EVENT {
-                    let detail = serde_json::json!({ "oversized_bytes": data.len() });
-                    data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
-                }
+                let data = encode::event(&name, &detail);
                 self.append(&id, ts, chain::KIND_EVENT, data, None);
             }
             Msg::End { id, ts, end } => {
                 self.taken();
                 let end = SessionEnd { outcome: cap(&end.outcome, limits::TEXT), ..end };
-                self.append(&id, ts, chain::KIND_END, to_canonical(&end), Some(end));
+                self.append(&id, ts, chain::KIND_END, encode::to_json(&end), Some(end));
                 self.chains.remove(&id);
             }
             Msg::Flush(reply) => {
@@ -419,7 +396,7 @@ impl Writer {
             }),
             protocol: cap(&s.protocol, limits::SHORT),
         };
-        let data = to_canonical(&meta);
+        let data = encode::to_json(&meta);
         let hash = hash_record(id.as_str(), GENESIS_HASH, 0, ts, chain::KIND_START, &data);
         self.batch.new_sessions.push(SessionRow {
             id: id.clone(),
@@ -517,18 +494,6 @@ impl Writer {
     }
 }
 
-/// Serializes `value` canonically. The recorder's own types always
-/// serialize; the fallback only keeps a record if that ever changes.
-fn to_canonical<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(v) => canonical_json(&v),
-        Err(e) => {
-            tracing::error!(target: TARGET, error = %e, "a session record does not serialize");
-            canonical_json(&serde_json::json!({ "unserializable": e.to_string() }))
-        }
-    }
-}
-
 fn process_facts(p: &ProcessFacts) -> ProcessFacts {
     let job = p.job.iter().take(limits::JOB_VARS).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT))).collect();
     ProcessFacts {
@@ -539,65 +504,5 @@ fn process_facts(p: &ProcessFacts) -> ProcessFacts {
         exe: p.exe.as_deref().map(|v| cap(v, limits::TEXT)),
         cgroup: p.cgroup.as_deref().map(|v| cap(v, limits::TEXT)),
         job: redact_job(&job),
-    }
-}
-
-/// The stored form of an exchange at its level.
-pub(crate) fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
-    let full = e.level == RecordLevel::Full;
-    let message = |headers: &[(String, String)], body: &Bytes, size: u64| MessageData {
-        body_size: size,
-        headers: full.then(|| {
-            let kept: Vec<_> = headers
-                .iter()
-                .take(limits::HEADERS)
-                .map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::HEADER_VALUE)))
-                .collect();
-            redact_header_pairs(&kept)
-        }),
-        body: full.then(|| body_data(body, size, max_body_bytes)),
-    };
-    ExchangeData {
-        level: e.level,
-        stream: e.stream,
-        started: nanos(e.started),
-        duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
-        method: cap(&e.method, limits::SHORT),
-        url: cap(&e.url, limits::URL),
-        status: e.status,
-        outcome: cap(&e.outcome, limits::TEXT),
-        rpc: e.rpc.as_deref().map(|v| cap(v, limits::TEXT)),
-        request: message(&e.request_headers, &e.request_body, e.request_body_size),
-        response: message(&e.response_headers, &e.response_body, e.response_body_size),
-        decision: e
-            .decision
-            .as_ref()
-            .map(|d| super::DecisionFacts { rule: cap(&d.rule, limits::SHORT), action: cap(&d.action, limits::SHORT) }),
-        findings: e.findings.iter().take(limits::FINDINGS).map(|f| cap(f, limits::SHORT)).collect(),
-    }
-}
-
-/// At most `max` bytes of `body`; text when the kept part is UTF-8 (cut on a
-/// character boundary), base64 otherwise.
-fn body_data(body: &[u8], size: u64, max: usize) -> BodyData {
-    let mut kept = &body[..body.len().min(max)];
-    if let Err(e) = std::str::from_utf8(kept) {
-        // Only a character cut in half by the cap: keep the text before it.
-        if e.error_len().is_none() && (kept.len() as u64) < size.max(body.len() as u64) {
-            kept = &kept[..e.valid_up_to()];
-        }
-    }
-    let size = size.max(body.len() as u64);
-    let truncated = (kept.len() as u64) < size;
-    match std::str::from_utf8(kept) {
-        Ok(text) => {
-            BodyData { stored: kept.len() as u64, truncated, encoding: "utf8".into(), content: text.to_owned() }
-        }
-        Err(_) => BodyData {
-            stored: kept.len() as u64,
-            truncated,
-            encoding: "base64".into(),
-            content: base64::engine::general_purpose::STANDARD.encode(kept),
-        },
     }
 }
