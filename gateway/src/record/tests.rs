@@ -393,6 +393,43 @@ fn records_are_committed_within_the_flush_interval() {
 }
 
 #[test]
+fn the_writer_wakes_per_batch_not_per_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::open(&config(dir.path(), Duration::from_secs(2)), dir.path()).unwrap();
+    let session = recorder.start(start_facts());
+    let id = session.id().clone();
+    // Records trickle in, each sent after the writer could have gone back to sleep.
+    for stream in 1..=200 {
+        session.exchange(exchange(stream));
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    session.end(end());
+    recorder.flush().unwrap();
+    // The first record, the deadline (or a spurious wake-up or two) and the flush.
+    let wakeups = recorder.writer_wakeups();
+    assert!(wakeups <= 8, "the writer woke {wakeups} times for 202 records");
+    recorder.shutdown();
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    assert_eq!(store.verify(&id).unwrap(), Verdict::Intact { records: 202 });
+
+    // A full batch does not wait for the deadline.
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::open(&config(dir.path(), Duration::from_secs(10)), dir.path()).unwrap();
+    let session = recorder.start(start_facts());
+    for stream in 1..=2_500 {
+        session.exchange(exchange(stream));
+    }
+    let sent = Instant::now();
+    while committed_records(&db(dir.path())) < 2_000 {
+        assert!(sent.elapsed() < Duration::from_secs(5), "a full batch waited for the 10s flush interval");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(session);
+    recorder.shutdown();
+    assert_eq!(committed_records(&db(dir.path())), 2_502, "shutdown commits the rest");
+}
+
+#[test]
 fn dropped_and_interrupted_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = open(dir.path());

@@ -3,20 +3,24 @@
 //!
 //! Callers only take the time, allocate a message and push it on an
 //! unbounded channel: no SQLite, no lock shared with the writer, no await.
-//! The writer groups everything that arrives within `flush_interval` of the
-//! first uncommitted record into one transaction (one fsync). Nothing is
-//! dropped when SQLite is slow: the queue grows and the recorder says so
-//! loudly; a failed commit is retried with back-off, keeping the batch.
+//! The writer groups everything sent within `flush_interval` of the first
+//! uncommitted record into one transaction (one fsync). It wakes once per
+//! batch, not once per record: the first record of a batch wakes it, then it
+//! sleeps until the batch's deadline and takes everything queued meanwhile.
+//! Senders wake it early only for a flush, a shutdown or a full batch.
+//! Nothing is dropped when SQLite is slow: the queue grows and the recorder
+//! says so loudly; a failed commit is retried with back-off, keeping the
+//! batch.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        mpsc::{self, RecvTimeoutError},
+        mpsc::{self, TryRecvError},
         Arc, Mutex,
     },
-    thread::JoinHandle,
+    thread::{JoinHandle, Thread},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -57,26 +61,57 @@ enum Msg {
     Shutdown,
 }
 
+impl Msg {
+    /// When a record was sent (Unix ns); `None` for control messages.
+    fn sent(&self) -> Option<i64> {
+        match self {
+            Msg::Start { ts, .. } | Msg::Exchange { ts, .. } | Msg::Event { ts, .. } | Msg::End { ts, .. } => Some(*ts),
+            Msg::Flush(_) | Msg::Shutdown => None,
+        }
+    }
+
+    /// Body bytes it carries, which dominate a queued record's size.
+    fn body_bytes(&self) -> usize {
+        match self {
+            Msg::Exchange { exchange, .. } => exchange.request_body.len() + exchange.response_body.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// State shared by the senders and the writer.
 #[derive(Debug, Default)]
 struct Shared {
     /// Records sent and not yet taken by the writer.
     queued: AtomicUsize,
+    /// Body bytes of those records.
+    queued_bytes: AtomicUsize,
     /// Set when the queue alarm fired, until the writer catches up.
     alarmed: AtomicBool,
     /// Set by [`Recorder::shutdown`]: failed commits are no longer retried forever.
     stopping: AtomicBool,
+    /// Times the writer woke up (tests check it wakes per batch).
+    #[cfg(test)]
+    wakeups: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
 struct Sink {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+    /// The writer thread, to wake it before its deadline.
+    writer: Thread,
 }
 
 impl Sink {
+    /// Enqueues a record. Sending does not wake a writer that is collecting
+    /// a batch (a context switch per record would cost more than the
+    /// record): only the record that fills a batch does.
     fn send(&self, msg: Msg) {
+        let body_bytes = msg.body_bytes();
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes_before =
+            if body_bytes > 0 { self.shared.queued_bytes.fetch_add(body_bytes, Ordering::Relaxed) } else { 0 };
         if queued >= QUEUE_ALARM && is_power_of_ten(queued) {
             self.shared.alarmed.store(true, Ordering::Relaxed);
             tracing::error!(
@@ -88,8 +123,21 @@ impl Sink {
         }
         if self.tx.send(msg).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.queued_bytes.fetch_sub(body_bytes, Ordering::Relaxed);
             tracing::error!(target: TARGET, "the session recorder has shut down; a session record is lost");
+            return;
         }
+        let fills_bytes = (bytes_before + body_bytes) / MAX_BATCH_BYTES > bytes_before / MAX_BATCH_BYTES;
+        if queued.is_multiple_of(MAX_BATCH_RECORDS) || fills_bytes {
+            self.writer.unpark();
+        }
+    }
+
+    /// Sends a flush or shutdown request and wakes the writer for it.
+    fn send_control(&self, msg: Msg) -> Result<(), RecordError> {
+        self.tx.send(msg).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
+        self.writer.unpark();
+        Ok(())
     }
 }
 
@@ -154,11 +202,12 @@ impl Recorder {
             .name("record-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| RecordError::Writer(format!("cannot start the writer thread: {e}")))?;
+        let sink = Sink { tx, shared, writer: writer.thread().clone() };
         let pruner = Pruner::spawn(path.clone(), config.retention, config.prune_interval, live_since)?;
         tracing::info!(target: TARGET, database = %path.display(), "session recording enabled");
         Ok(Recorder {
             inner: Some(Arc::new(Inner {
-                sink: Sink { tx, shared },
+                sink,
                 path,
                 threads: Mutex::new(Some(Threads { writer, pruner })),
             })),
@@ -173,6 +222,12 @@ impl Recorder {
     /// The database, if recording.
     pub fn path(&self) -> Option<&Path> {
         self.inner.as_ref().map(|i| i.path.as_path())
+    }
+
+    /// How often the writer has woken up so far.
+    #[cfg(test)]
+    pub(crate) fn writer_wakeups(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.sink.shared.wakeups.load(Ordering::Relaxed))
     }
 
     /// Starts recording a session (its start record is the session metadata).
@@ -191,7 +246,7 @@ impl Recorder {
     pub fn flush(&self) -> Result<(), RecordError> {
         let Some(inner) = &self.inner else { return Ok(()) };
         let (reply, done) = mpsc::sync_channel(1);
-        inner.sink.tx.send(Msg::Flush(reply)).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
+        inner.sink.send_control(Msg::Flush(reply))?;
         match done.recv() {
             Ok(result) => result.map_err(RecordError::Writer),
             Err(_) => Err(RecordError::Writer("the writer has stopped".into())),
@@ -204,7 +259,7 @@ impl Recorder {
         let Some(inner) = self.inner else { return };
         inner.sink.shared.stopping.store(true, Ordering::Relaxed);
         // The writer drains the queue up to this message before exiting.
-        let _ = inner.sink.tx.send(Msg::Shutdown);
+        let _ = inner.sink.send_control(Msg::Shutdown);
         let threads = match inner.threads.lock() {
             Ok(mut guard) => guard.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -308,16 +363,22 @@ impl Writer {
     fn run(mut self) {
         let mut stop = false;
         while !stop {
+            // Idle until a record arrives: the one wake-up a batch costs its
+            // senders.
             let Ok(first) = self.rx.recv() else { break };
-            let deadline = Instant::now() + self.flush_interval;
+            self.woke();
+            let deadline = self.deadline(&first);
             let mut after = self.take(first);
-            while matches!(after, After::Continue) && !self.batch_full() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match self.rx.recv_timeout(left) {
-                    Ok(msg) => after = self.take(msg),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => after = After::Stop,
+            while matches!(after, After::Continue) {
+                after = self.drain();
+                let now = Instant::now();
+                if !matches!(after, After::Continue) || now >= deadline {
+                    break;
                 }
+                // Woken early by a flush, a shutdown or a full batch (or
+                // spuriously: the loop only drains once more).
+                std::thread::park_timeout(deadline - now);
+                self.woke();
             }
             if matches!(after, After::Stop) {
                 self.shared.stopping.store(true, Ordering::Relaxed);
@@ -334,28 +395,56 @@ impl Writer {
         }
     }
 
+    fn woke(&self) {
+        #[cfg(test)]
+        self.shared.wakeups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When the batch `first` opens must be committed: `flush_interval`
+    /// after it was sent, however long it waited for a commit in progress.
+    fn deadline(&self, first: &Msg) -> Instant {
+        let now = Instant::now();
+        let waited = first.sent().map_or(0, |sent| nanos(SystemTime::now()).saturating_sub(sent));
+        now + self.flush_interval.saturating_sub(Duration::from_nanos(u64::try_from(waited).unwrap_or(0)))
+    }
+
+    /// Takes everything queued, committing whenever the batch is full; stops
+    /// early at a flush or shutdown request.
+    fn drain(&mut self) -> After {
+        loop {
+            if self.batch_full() {
+                self.commit();
+            }
+            match self.rx.try_recv() {
+                Ok(msg) => match self.take(msg) {
+                    After::Continue => {}
+                    other => return other,
+                },
+                Err(TryRecvError::Empty) => return After::Continue,
+                Err(TryRecvError::Disconnected) => return After::Stop,
+            }
+        }
+    }
+
     fn batch_full(&self) -> bool {
         self.batch.records.len() >= MAX_BATCH_RECORDS || self.batch.bytes >= MAX_BATCH_BYTES
     }
 
     fn take(&mut self, msg: Msg) -> After {
+        self.taken(&msg);
         match msg {
             Msg::Start { id, ts, start } => {
-                self.taken();
                 self.start(id, ts, &start);
             }
             Msg::Exchange { id, ts, exchange } => {
-                self.taken();
                 let data = encode::exchange(&exchange, self.max_body_bytes);
                 self.append(&id, ts, chain::KIND_EXCHANGE, data, None);
             }
             Msg::Event { id, ts, name, detail } => {
-                self.taken();
                 let data = encode::event(&name, &detail);
                 self.append(&id, ts, chain::KIND_EVENT, data, None);
             }
             Msg::End { id, ts, end } => {
-                self.taken();
                 let end = SessionEnd { outcome: cap(&end.outcome, limits::TEXT), ..end };
                 self.append(&id, ts, chain::KIND_END, encode::to_json(&end), Some(end));
                 self.chains.remove(&id);
@@ -369,8 +458,14 @@ impl Writer {
         After::Continue
     }
 
-    fn taken(&self) {
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+    fn taken(&self, msg: &Msg) {
+        if msg.sent().is_some() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        let body_bytes = msg.body_bytes();
+        if body_bytes > 0 {
+            self.shared.queued_bytes.fetch_sub(body_bytes, Ordering::Relaxed);
+        }
     }
 
     fn start(&mut self, id: SessionId, ts: i64, s: &SessionStart) {
