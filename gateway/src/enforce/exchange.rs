@@ -146,11 +146,23 @@ impl ExchangeWatch {
         if data.is_empty() {
             return Bytes::new();
         }
-        match decode_prefix(encoding.unwrap_or(""), data, self.cap) {
+        let encoding = encoding.unwrap_or("");
+        if is_identity(encoding) {
+            // Plain already: mask the capture itself, not a decoded copy.
+            return Bytes::from(self.recording.mask_bytes(&data[..data.len().min(self.cap)]).0);
+        }
+        match decode_prefix(encoding, data, self.cap) {
             Some(plain) => Bytes::from(self.recording.mask_bytes(&plain).0),
             None => Bytes::from(format!("[{} bytes in an undecodable encoding: not recorded]", data.len())),
         }
     }
+}
+
+/// Whether a `Content-Encoding` value means no encoding (as `decode_prefix`
+/// reads it).
+fn is_identity(encoding: &str) -> bool {
+    let encoding = encoding.trim();
+    encoding.is_empty() || encoding.eq_ignore_ascii_case("identity")
 }
 
 fn refuse(conn_id: u64, reason: &str) -> http::Response<Bytes> {
@@ -229,22 +241,23 @@ impl ResponseInspector for ExchangeWatch {
             return;
         }
         let (request_body, request_body_size, findings) = {
-            let capture = lock(&self.capture);
+            let mut capture = lock(&self.capture);
             let body =
                 if self.full() { self.for_recording(&capture.body, capture.encoding.as_deref()) } else { Bytes::new() };
-            (body, capture.total, capture.findings.clone())
+            (body, capture.total, std::mem::take(&mut capture.findings))
         };
         let response_body = self.for_recording(&self.response_body, self.response_encoding.as_deref());
+        // A watch finishes once: what it recorded can be moved out.
         session.exchange(ExchangeRecord {
             level: self.level,
             stream: self.stream,
             started: self.request.started,
             duration: exchange.duration,
-            method: self.request.method.clone(),
-            url: self.request.url.clone(),
+            method: std::mem::take(&mut self.request.method),
+            url: std::mem::take(&mut self.request.url),
             status: exchange.status,
             outcome: exchange.outcome.as_str().to_owned(),
-            rpc: self.request.rpc.clone(),
+            rpc: self.request.rpc.take(),
             request_headers: std::mem::take(&mut self.request.headers),
             request_body,
             request_body_size,
@@ -253,7 +266,7 @@ impl ResponseInspector for ExchangeWatch {
             // What the client received (the watch counts bytes only when
             // it sees the body, at `full` or when masking).
             response_body_size: exchange.bytes_down,
-            decision: Some(self.decision.clone()),
+            decision: Some(std::mem::take(&mut self.decision)),
             findings,
         });
     }

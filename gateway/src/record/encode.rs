@@ -12,7 +12,7 @@
 //! are exactly those of the `Value`-based encoding of earlier versions, so
 //! the chain format did not change; tests compare the two for every kind.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, cell::RefCell, collections::HashMap};
 
 use base64::Engine as _;
 use serde::{ser::SerializeMap as _, Serialize, Serializer};
@@ -57,8 +57,34 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 /// The data of an `exchange` record at the exchange's level.
-pub(crate) fn exchange(e: &ExchangeRecord, max_body_bytes: usize) -> String {
-    to_json(&Exchange::new(e, max_body_bytes))
+pub(crate) fn exchange(e: &ExchangeRecord, max_body_bytes: usize, names: &SensitiveNames) -> String {
+    to_json(&Exchange::new(e, max_body_bytes, names))
+}
+
+/// Which header names carry credentials, remembered: every exchange brings
+/// the same few names, and deciding takes a lowercase copy and a dozen
+/// substring searches.
+#[derive(Debug, Default)]
+pub(crate) struct SensitiveNames(RefCell<HashMap<Box<str>, bool>>);
+
+/// Names remembered at most; a job sending ever new names only makes the
+/// memory start over.
+const MAX_NAMES: usize = 1024;
+
+impl SensitiveNames {
+    fn get(&self, name: &str) -> bool {
+        // Never borrowed re-entrantly: nothing below calls back.
+        let mut known = self.0.borrow_mut();
+        if let Some(&sensitive) = known.get(name) {
+            return sensitive;
+        }
+        let sensitive = is_sensitive_header(name);
+        if known.len() >= MAX_NAMES {
+            known.clear();
+        }
+        known.insert(name.into(), sensitive);
+        sensitive
+    }
 }
 
 /// The data of an `event` record; an event whose data would exceed
@@ -140,12 +166,12 @@ pub(crate) struct Body<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    fn new(e: &'a ExchangeRecord, max_body_bytes: usize) -> Exchange<'a> {
+    fn new(e: &'a ExchangeRecord, max_body_bytes: usize, names: &'a SensitiveNames) -> Exchange<'a> {
         let full = e.level == RecordLevel::Full;
         let message = |headers: &'a [(String, String)], body: &'a [u8], size: u64| Message {
             body: full.then(|| Body::new(body, size, max_body_bytes)),
             body_size: size,
-            headers: full.then_some(Headers(headers)),
+            headers: full.then_some(Headers { pairs: headers, names }),
         };
         Exchange {
             decision: e
@@ -204,23 +230,23 @@ impl Serialize for Findings<'_> {
 /// Headers as `[name, value]` pairs, in order: the first
 /// [`limits::HEADERS`], names and values capped, then redacted (again,
 /// whatever the proxy did). Only redacted values are copied.
-struct Headers<'a>(&'a [(String, String)]);
+struct Headers<'a> {
+    pairs: &'a [(String, String)],
+    names: &'a SensitiveNames,
+}
 
 impl Serialize for Headers<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().take(limits::HEADERS).map(|(name, value)| {
+        serializer.collect_seq(self.pairs.iter().take(limits::HEADERS).map(|(name, value)| {
             let name = capped(name, limits::SHORT);
             let value = capped(value, limits::HEADER_VALUE);
-            (name, redacted(name, value))
+            (name, if self.names.get(name) { redacted(name, value) } else { Cow::Borrowed(value) })
         }))
     }
 }
 
-/// `value` as stored under header `name`.
+/// `value` as stored under `name`, a credential header.
 fn redacted<'a>(name: &str, value: &'a str) -> Cow<'a, str> {
-    if !is_sensitive_header(name) {
-        return Cow::Borrowed(value);
-    }
     let pair = [(name.to_owned(), value.to_owned())];
     redact_header_pairs(&pair).into_iter().next().map_or(Cow::Borrowed(REDACTED), |(_, v)| Cow::Owned(v))
 }
@@ -417,13 +443,15 @@ mod tests {
             (ExchangeRecord { started: SystemTime::now(), ..bare.clone() }, 64),
             (bare, 64),
         ];
+        // One memory of names across cases, as in the writer.
+        let names = SensitiveNames::default();
         for (i, (e, max)) in cases.iter().enumerate() {
-            let new = exchange(e, *max);
+            let new = exchange(e, *max, &names);
             assert_eq!(new, v1::exchange(e, *max), "case {i}");
             assert_eq!(canonical_json(&serde_json::from_str(&new).unwrap()), new, "case {i} is canonical");
         }
         // And it reads back as the model type.
-        let data: ExchangeData = serde_json::from_str(&exchange(&rich, 64)).unwrap();
+        let data: ExchangeData = serde_json::from_str(&exchange(&rich, 64, &names)).unwrap();
         assert_eq!(data.request.headers.as_ref().map(Vec::len), Some(limits::HEADERS));
         assert_eq!(data.request.headers.unwrap()[1], ("authorization".to_owned(), "Bearer [REDACTED]".to_owned()));
         assert_eq!(data.findings.len(), limits::FINDINGS);
@@ -480,6 +508,20 @@ mod tests {
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let end = SessionEnd { bytes_up: 1, bytes_down: u64::MAX, outcome: AWKWARD.into() };
         assert_eq!(to_json(&end), canonical(serde_json::to_value(&end).unwrap()));
+    }
+
+    #[test]
+    fn sensitive_names_are_remembered_and_bounded() {
+        let names = SensitiveNames::default();
+        for round in 0..2 {
+            assert!(names.get("authorization") && names.get("x-api-key") && names.get("X-Auth-Token"), "{round}");
+            assert!(!names.get("content-type") && !names.get("host"), "{round}");
+        }
+        for i in 0..3 * MAX_NAMES {
+            assert_eq!(names.get(&format!("x-h{i}")), false);
+            assert!(names.0.borrow().len() <= MAX_NAMES);
+        }
+        assert!(names.get("cookie") && !names.get("date"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -13,17 +14,29 @@ use time::OffsetDateTime;
 
 /// Identifier of a session: `<unix milliseconds, 12 hex>-<48 random bits, 12
 /// hex>`. Unique across restarts, and sorting ids sorts sessions by start
-/// time (to the millisecond).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SessionId(String);
+/// time (to the millisecond). Cheap to clone: every record of a session
+/// carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(Arc<str>);
+
+impl Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SessionId::from_stored)
+    }
+}
 
 impl SessionId {
     /// A fresh id for a session starting at `at`.
     pub fn generate(at: SystemTime) -> SessionId {
         let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) & 0xffff_ffff_ffff;
         let random = rand::random::<u64>() & 0xffff_ffff_ffff;
-        SessionId(format!("{ms:012x}-{random:012x}"))
+        SessionId(format!("{ms:012x}-{random:012x}").into())
     }
 
     /// The id as text.
@@ -33,7 +46,7 @@ impl SessionId {
 
     /// Wraps an id read from the database.
     pub(crate) fn from_stored(id: String) -> SessionId {
-        SessionId(id)
+        SessionId(id.into())
     }
 }
 

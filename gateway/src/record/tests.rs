@@ -88,7 +88,7 @@ fn exchange(stream: u64) -> ExchangeRecord {
 
 /// An exchange as the writer stores it, read back.
 fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
-    serde_json::from_str(&super::encode::exchange(e, max_body_bytes)).unwrap()
+    serde_json::from_str(&super::encode::exchange(e, max_body_bytes, &Default::default())).unwrap()
 }
 
 fn end() -> SessionEnd {
@@ -762,6 +762,20 @@ fn hash_encoding_is_pinned() {
         "{\"a\":1}",
     );
     assert_eq!(h, "95a21cb88749217618a6f7b134a2d0c2fd4df5bf78e10a21c60a8b78f609ed2a");
+    // Extreme numbers are written in full decimal, as `to_string` does.
+    for (seq, ts) in [(u64::MAX, i64::MIN), (0, -1), (7, i64::MAX)] {
+        let reference = {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            h.update(b"ci-gateway session record v1\0");
+            for field in ["s", super::GENESIS_HASH, &seq.to_string(), &ts.to_string(), "end", "{}"] {
+                h.update((field.len() as u64).to_be_bytes());
+                h.update(field.as_bytes());
+            }
+            hex::encode(h.finalize())
+        };
+        assert_eq!(super::hash_record("s", super::GENESIS_HASH, seq, ts, "end", "{}"), reference);
+    }
     assert_eq!(
         super::chain::canonical_json(&serde_json::json!({"b": [1, {"d": null, "c": "x\n"}], "a": true})),
         r#"{"a":true,"b":[1,{"c":"x\n","d":null}]}"#

@@ -28,7 +28,7 @@ use crate::redact::{cap, redact_job};
 
 use super::{
     chain::{self, hash_record, GENESIS_HASH},
-    encode::{self, limits},
+    encode::{self, limits, SensitiveNames},
     lock::{self, WriterLock},
     model::{nanos, SessionMeta},
     retention::Pruner,
@@ -195,6 +195,7 @@ impl Recorder {
             max_body_bytes: config.max_body_bytes,
             chains: HashMap::new(),
             batch: Batch::default(),
+            names: SensitiveNames::default(),
             waiters: Vec::new(),
             _lock: writer_lock,
         };
@@ -347,6 +348,7 @@ struct Writer {
     max_body_bytes: usize,
     chains: HashMap<SessionId, Chain>,
     batch: Batch,
+    names: SensitiveNames,
     waiters: Vec<mpsc::SyncSender<Result<(), String>>>,
     /// Held until the thread exits (or the process dies).
     _lock: WriterLock,
@@ -437,7 +439,7 @@ impl Writer {
                 self.start(id, ts, &start);
             }
             Msg::Exchange { id, ts, exchange } => {
-                let data = encode::exchange(&exchange, self.max_body_bytes);
+                let data = encode::exchange(&exchange, self.max_body_bytes, &self.names);
                 self.append(&id, ts, chain::KIND_EXCHANGE, data, None);
             }
             Msg::Event { id, ts, name, detail } => {
@@ -540,10 +542,13 @@ impl Writer {
         let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind, &data);
         let prev_hash = std::mem::replace(&mut chain.last_hash, hash.clone());
         chain.next_seq += 1;
-        self.batch.tails.insert(
-            id.clone(),
-            Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end },
-        );
+        let tail = Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end };
+        match self.batch.tails.get_mut(id) {
+            Some(known) => *known = tail,
+            None => {
+                self.batch.tails.insert(id.clone(), tail);
+            }
+        }
         self.batch.bytes += data.len();
         self.batch.records.push(Record { session: id.clone(), seq, ts, kind: kind.into(), data, prev_hash, hash });
     }
