@@ -47,9 +47,14 @@ pub fn hash_record(session: &str, prev_hash: &str, seq: u64, ts: i64, kind: &str
     let ts_len = decimal(&mut ts_buf, &ts);
     let mut h = Sha256::new();
     h.update(DOMAIN);
-    for field in
-        [session.as_bytes(), prev_hash.as_bytes(), &seq_buf[..seq_len], &ts_buf[..ts_len], kind.as_bytes(), data.as_bytes()]
-    {
+    for field in [
+        session.as_bytes(),
+        prev_hash.as_bytes(),
+        &seq_buf[..seq_len],
+        &ts_buf[..ts_len],
+        kind.as_bytes(),
+        data.as_bytes(),
+    ] {
         h.update((field.len() as u64).to_be_bytes());
         h.update(field);
     }

@@ -308,10 +308,13 @@ mod tests {
         }
 
         pub fn event(name: &str, detail: serde_json::Value) -> String {
-            let data = canonical_json(&serde_json::to_value(EventData { name: cap(name, limits::SHORT), detail }).unwrap());
+            let data =
+                canonical_json(&serde_json::to_value(EventData { name: cap(name, limits::SHORT), detail }).unwrap());
             if data.len() > limits::EVENT {
                 let detail = json!({ "oversized_bytes": data.len() });
-                return canonical_json(&serde_json::to_value(EventData { name: cap(name, limits::SHORT), detail }).unwrap());
+                return canonical_json(
+                    &serde_json::to_value(EventData { name: cap(name, limits::SHORT), detail }).unwrap(),
+                );
             }
             data
         }
@@ -342,10 +345,10 @@ mod tests {
                 rpc: e.rpc.as_deref().map(|v| cap(v, limits::TEXT)),
                 request: message(&e.request_headers, &e.request_body, e.request_body_size),
                 response: message(&e.response_headers, &e.response_body, e.response_body_size),
-                decision: e
-                    .decision
-                    .as_ref()
-                    .map(|d| DecisionFacts { rule: cap(&d.rule, limits::SHORT), action: cap(&d.action, limits::SHORT) }),
+                decision: e.decision.as_ref().map(|d| DecisionFacts {
+                    rule: cap(&d.rule, limits::SHORT),
+                    action: cap(&d.action, limits::SHORT),
+                }),
                 findings: e.findings.iter().take(limits::FINDINGS).map(|f| cap(f, limits::SHORT)).collect(),
             }
         }
@@ -518,7 +521,7 @@ mod tests {
             assert!(!names.get("content-type") && !names.get("host"), "{round}");
         }
         for i in 0..3 * MAX_NAMES {
-            assert_eq!(names.get(&format!("x-h{i}")), false);
+            assert!(!names.get(&format!("x-h{i}")));
             assert!(names.0.borrow().len() <= MAX_NAMES);
         }
         assert!(names.get("cookie") && !names.get("date"));

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use rusqlite::params;
 
 use super::{
-    cli::tests::run_captured, DecisionFacts, EventData, ExchangeData, ExchangeRecord,
-    ProcessFacts, RecordConfig, RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta,
-    SessionStart, SessionState, SessionStore, TlsFacts, Verdict,
+    cli::tests::run_captured, DecisionFacts, EventData, ExchangeData, ExchangeRecord, ProcessFacts, RecordConfig,
+    RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionStart, SessionState,
+    SessionStore, TlsFacts, Verdict,
 };
 
 const SECRET: &str = "sk-live-9f8e7d6c5b4a39281706";

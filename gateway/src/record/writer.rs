@@ -207,11 +207,7 @@ impl Recorder {
         let pruner = Pruner::spawn(path.clone(), config.retention, config.prune_interval, live_since)?;
         tracing::info!(target: TARGET, database = %path.display(), "session recording enabled");
         Ok(Recorder {
-            inner: Some(Arc::new(Inner {
-                sink,
-                path,
-                threads: Mutex::new(Some(Threads { writer, pruner })),
-            })),
+            inner: Some(Arc::new(Inner { sink, path, threads: Mutex::new(Some(Threads { writer, pruner })) })),
         })
     }
 
