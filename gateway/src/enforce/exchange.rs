@@ -3,6 +3,8 @@
 //! masked whatever the policy.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::SystemTime,
 };
@@ -14,7 +16,8 @@ use super::masks::decode_prefix;
 use crate::{
     http::{Exchange, ResponseInspector, ResponseVerdict},
     mask::{BodyMasker, Masker},
-    record::{redact_headers, DecisionFacts, ExchangeRecord, RecordLevel, SessionRecorder},
+    record::{redact_header_pairs, DecisionFacts, ExchangeRecord, RecordLevel, SessionRecorder},
+    redact::is_sensitive_header,
 };
 
 /// What a request's body inspector learns that its recording needs.
@@ -146,11 +149,64 @@ impl ExchangeWatch {
         if data.is_empty() {
             return Bytes::new();
         }
-        match decode_prefix(encoding.unwrap_or(""), data, self.cap) {
+        let encoding = encoding.unwrap_or("");
+        if is_identity(encoding) {
+            // Plain already: mask the capture itself, not a decoded copy.
+            return Bytes::from(self.recording.mask_bytes(&data[..data.len().min(self.cap)]).0);
+        }
+        match decode_prefix(encoding, data, self.cap) {
             Some(plain) => Bytes::from(self.recording.mask_bytes(&plain).0),
             None => Bytes::from(format!("[{} bytes in an undecodable encoding: not recorded]", data.len())),
         }
     }
+}
+
+/// Names remembered per thread by [`redact_response_headers`]; a response
+/// with ever new names only makes the memory start over.
+const MAX_REMEMBERED_NAMES: usize = 1024;
+
+thread_local! {
+    /// Which header names carry credentials, as `is_sensitive_header` says.
+    static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool>> = RefCell::new(HashMap::new());
+}
+
+/// What `record::redact_headers` returns, for every response at `full`:
+/// responses bring the same few names, so whether a name is a credential
+/// name is remembered rather than decided again (a lowercase copy and a
+/// dozen substring searches per header).
+fn redact_response_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    SENSITIVE_NAMES.with(|known| {
+        // Never borrowed re-entrantly: nothing below calls back.
+        let mut known = known.borrow_mut();
+        headers
+            .iter()
+            .map(|(name, value)| {
+                let sensitive = match known.get(name) {
+                    Some(&sensitive) => sensitive,
+                    None => {
+                        let sensitive = is_sensitive_header(name.as_str());
+                        if known.len() >= MAX_REMEMBERED_NAMES {
+                            known.clear();
+                        }
+                        known.insert(name.clone(), sensitive);
+                        sensitive
+                    }
+                };
+                let pair = (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned());
+                match sensitive {
+                    false => pair,
+                    true => redact_header_pairs(&[pair]).pop().unwrap_or_default(),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Whether a `Content-Encoding` value means no encoding (as `decode_prefix`
+/// reads it).
+fn is_identity(encoding: &str) -> bool {
+    let encoding = encoding.trim();
+    encoding.is_empty() || encoding.eq_ignore_ascii_case("identity")
 }
 
 fn refuse(conn_id: u64, reason: &str) -> http::Response<Bytes> {
@@ -186,7 +242,7 @@ impl ResponseInspector for ExchangeWatch {
         if self.full() {
             let mut headers = parts.headers.clone();
             self.recording.mask_headers(&mut headers);
-            self.response_headers = redact_headers(&headers);
+            self.response_headers = redact_response_headers(&headers);
         }
         verdict
     }
@@ -229,22 +285,23 @@ impl ResponseInspector for ExchangeWatch {
             return;
         }
         let (request_body, request_body_size, findings) = {
-            let capture = lock(&self.capture);
+            let mut capture = lock(&self.capture);
             let body =
                 if self.full() { self.for_recording(&capture.body, capture.encoding.as_deref()) } else { Bytes::new() };
-            (body, capture.total, capture.findings.clone())
+            (body, capture.total, std::mem::take(&mut capture.findings))
         };
         let response_body = self.for_recording(&self.response_body, self.response_encoding.as_deref());
+        // A watch finishes once: what it recorded can be moved out.
         session.exchange(ExchangeRecord {
             level: self.level,
             stream: self.stream,
             started: self.request.started,
             duration: exchange.duration,
-            method: self.request.method.clone(),
-            url: self.request.url.clone(),
+            method: std::mem::take(&mut self.request.method),
+            url: std::mem::take(&mut self.request.url),
             status: exchange.status,
             outcome: exchange.outcome.as_str().to_owned(),
-            rpc: self.request.rpc.clone(),
+            rpc: self.request.rpc.take(),
             request_headers: std::mem::take(&mut self.request.headers),
             request_body,
             request_body_size,
@@ -253,8 +310,56 @@ impl ResponseInspector for ExchangeWatch {
             // What the client received (the watch counts bytes only when
             // it sees the body, at `full` or when masking).
             response_body_size: exchange.bytes_down,
-            decision: Some(self.decision.clone()),
+            decision: Some(std::mem::take(&mut self.decision)),
             findings,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    use super::*;
+
+    #[test]
+    fn response_headers_are_redacted_as_redact_headers_does() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("set-cookie", "sid=s3cr3t; HttpOnly"),
+            ("set-cookie", "theme=dark"),
+            ("authorization", "Bearer s3cr3t"),
+            ("x-upstream-token", "s3cr3t"),
+            ("x-request-id", "abc"),
+            ("www-authenticate", "Basic realm=x"),
+        ] {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static(value));
+        }
+        headers.append("x-binary", HeaderValue::from_bytes(b"\xff\xfeok").unwrap());
+        // Twice: the second time from the remembered names.
+        for _ in 0..2 {
+            assert_eq!(redact_response_headers(&headers), crate::record::redact_headers(&headers));
+        }
+        let redacted = redact_response_headers(&headers);
+        assert!(redacted.iter().all(|(_, v)| !v.contains("s3cr3t")), "{redacted:?}");
+        // Past the memory's bound it starts over and stays right.
+        for i in 0..MAX_REMEMBERED_NAMES + 10 {
+            let mut one = HeaderMap::new();
+            one.insert(HeaderName::try_from(format!("x-h{i}")).unwrap(), HeaderValue::from_static("v"));
+            assert_eq!(redact_response_headers(&one), vec![(format!("x-h{i}"), "v".to_owned())]);
+        }
+        assert_eq!(redact_response_headers(&headers), crate::record::redact_headers(&headers));
+        SENSITIVE_NAMES.with(|known| assert!(known.borrow().len() <= MAX_REMEMBERED_NAMES));
+    }
+
+    #[test]
+    fn identity_encodings() {
+        for identity in ["", " ", "identity", "Identity "] {
+            assert!(is_identity(identity), "{identity:?}");
+        }
+        for other in ["gzip", "br", "identity, gzip"] {
+            assert!(!is_identity(other), "{other:?}");
+        }
     }
 }

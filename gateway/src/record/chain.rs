@@ -32,24 +32,51 @@ pub(crate) const KIND_END: &str = "end";
 
 /// The hash of a record (lower-case hex SHA-256).
 pub fn hash_record(session: &str, prev_hash: &str, seq: u64, ts: i64, kind: &str, data: &str) -> String {
+    use std::io::Write as _;
+    // The writer hashes every record: decimal and hex go through stack
+    // buffers rather than temporary strings.
+    let mut seq_buf = [0u8; 20];
+    let mut ts_buf = [0u8; 20];
+    let decimal = |buf: &mut [u8; 20], n: &dyn std::fmt::Display| -> usize {
+        let mut cursor = std::io::Cursor::new(&mut buf[..]);
+        // At most 20 characters (u64::MAX, i64::MIN): always fits.
+        let _ = write!(cursor, "{n}");
+        cursor.position() as usize
+    };
+    let seq_len = decimal(&mut seq_buf, &seq);
+    let ts_len = decimal(&mut ts_buf, &ts);
     let mut h = Sha256::new();
     h.update(DOMAIN);
-    for field in [session, prev_hash, &seq.to_string(), &ts.to_string(), kind, data] {
+    for field in [
+        session.as_bytes(),
+        prev_hash.as_bytes(),
+        &seq_buf[..seq_len],
+        &ts_buf[..ts_len],
+        kind.as_bytes(),
+        data.as_bytes(),
+    ] {
         h.update((field.len() as u64).to_be_bytes());
-        h.update(field.as_bytes());
+        h.update(field);
     }
-    hex::encode(h.finalize())
+    let mut out = [0u8; 64];
+    // 32 bytes always fill 64 hex digits, which are ASCII.
+    let _ = hex::encode_to_slice(h.finalize(), &mut out);
+    out.iter().map(|&c| char::from(c)).collect()
 }
 
 /// `value` as canonical JSON: no whitespace, object keys sorted by code
 /// point, strings and numbers as serde_json writes them. Canonical so the
 /// same content always hashes the same, whatever order fields were built in.
+/// The reference definition: the writer produces the same bytes without a
+/// `Value` (`encode`), and tests hold it to this.
+#[cfg(test)]
 pub(crate) fn canonical_json(value: &serde_json::Value) -> String {
     let mut out = String::new();
     write_canonical(value, &mut out);
     out
 }
 
+#[cfg(test)]
 fn write_canonical(value: &serde_json::Value, out: &mut String) {
     use serde_json::Value;
     match value {

@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 mod chain;
 pub mod cli;
+mod encode;
 mod lock;
 mod model;
 mod retention;

@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -13,17 +14,29 @@ use time::OffsetDateTime;
 
 /// Identifier of a session: `<unix milliseconds, 12 hex>-<48 random bits, 12
 /// hex>`. Unique across restarts, and sorting ids sorts sessions by start
-/// time (to the millisecond).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SessionId(String);
+/// time (to the millisecond). Cheap to clone: every record of a session
+/// carries it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SessionId(Arc<str>);
+
+impl Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SessionId::from_stored)
+    }
+}
 
 impl SessionId {
     /// A fresh id for a session starting at `at`.
     pub fn generate(at: SystemTime) -> SessionId {
         let ms = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis()) & 0xffff_ffff_ffff;
         let random = rand::random::<u64>() & 0xffff_ffff_ffff;
-        SessionId(format!("{ms:012x}-{random:012x}"))
+        SessionId(format!("{ms:012x}-{random:012x}").into())
     }
 
     /// The id as text.
@@ -33,7 +46,7 @@ impl SessionId {
 
     /// Wraps an id read from the database.
     pub(crate) fn from_stored(id: String) -> SessionId {
-        SessionId(id)
+        SessionId(id.into())
     }
 }
 
@@ -43,24 +56,25 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// The process behind a session, as attribution saw it.
+/// The process behind a session, as attribution saw it. Fields are in sorted
+/// order: the start record serializes it as canonical JSON directly.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessFacts {
-    /// Process id (tgid).
-    pub pid: u32,
-    /// Real uid.
-    pub uid: u32,
-    /// Real gid.
-    pub gid: u32,
+    /// cgroup v2 path.
+    pub cgroup: Option<String>,
     /// `comm` at connect() time.
     pub comm: String,
     /// Executable, when /proc still showed it.
     pub exe: Option<String>,
-    /// cgroup v2 path.
-    pub cgroup: Option<String>,
+    /// Real gid.
+    pub gid: u32,
     /// CI job variables; values of credential-looking names are redacted
     /// by the recorder whatever the caller passes.
     pub job: BTreeMap<String, String>,
+    /// Process id (tgid).
+    pub pid: u32,
+    /// Real uid.
+    pub uid: u32,
 }
 
 impl ProcessFacts {
@@ -78,15 +92,16 @@ impl ProcessFacts {
     }
 }
 
-/// The negotiated TLS parameters of the client side of a session.
+/// The negotiated TLS parameters of the client side of a session (fields in
+/// sorted order, see [`ProcessFacts`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFacts {
-    /// Protocol version (`TLSv1.3`).
-    pub version: String,
-    /// Cipher suite (`TLS13_AES_128_GCM_SHA256`).
-    pub cipher: String,
     /// Negotiated ALPN protocol, if any.
     pub alpn: Option<String>,
+    /// Cipher suite (`TLS13_AES_128_GCM_SHA256`).
+    pub cipher: String,
+    /// Protocol version (`TLSv1.3`).
+    pub version: String,
 }
 
 /// What the proxy knows when a connection is intercepted.
@@ -113,40 +128,42 @@ pub struct SessionStart {
 }
 
 /// The data of a session's first record (seq 0), mirrored in the sessions
-/// table for listing.
+/// table for listing. Fields are in sorted order: the writer serializes it
+/// as canonical JSON directly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionMeta {
-    /// The session this record starts.
-    pub session: SessionId,
     /// The proxy's connection number.
     pub conn_id: u64,
-    /// Start, Unix nanoseconds.
-    pub started: i64,
+    /// Destination host.
+    pub host: String,
     /// Identity URI.
     pub identity: String,
     /// Identity labels.
     pub identity_labels: BTreeMap<String, String>,
-    /// The process that connected.
-    pub process: ProcessFacts,
-    /// Destination host.
-    pub host: String,
     /// Original destination, `addr:port`.
     pub orig_dst: String,
-    /// TLS server name.
-    pub sni: Option<String>,
-    /// TLS parameters (absent for plaintext).
-    pub tls: Option<TlsFacts>,
+    /// The process that connected.
+    pub process: ProcessFacts,
     /// Protocol spoken.
     pub protocol: String,
+    /// The session this record starts.
+    pub session: SessionId,
+    /// TLS server name.
+    pub sni: Option<String>,
+    /// Start, Unix nanoseconds.
+    pub started: i64,
+    /// TLS parameters (absent for plaintext).
+    pub tls: Option<TlsFacts>,
 }
 
-/// How a connection ended.
+/// How a connection ended (the data of an `end` record; fields in sorted
+/// order, see [`SessionMeta`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionEnd {
-    /// Bytes from the client to the upstream.
-    pub bytes_up: u64,
     /// Bytes from the upstream to the client.
     pub bytes_down: u64,
+    /// Bytes from the client to the upstream.
+    pub bytes_up: u64,
     /// `ok`, `denied`, `error: ...`, `dropped` (the recorder was dropped
     /// without an end)...
     pub outcome: String,

@@ -271,15 +271,18 @@ impl SessionStore {
             })
             .map_err(self.err("inserting a session"))?;
         }
-        for r in &batch.records {
-            tx.prepare_cached(
+        // One statement for the whole batch: it holds up to thousands of records.
+        let mut insert = tx
+            .prepare_cached(
                 "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
-            .and_then(|mut st| {
-                st.execute(params![r.session.as_str(), r.seq as i64, r.ts, r.kind, r.data, r.prev_hash, r.hash])
-            })
             .map_err(self.err("inserting a record"))?;
+        for r in &batch.records {
+            insert
+                .execute(params![r.session.as_str(), r.seq as i64, r.ts, r.kind, r.data, r.prev_hash, r.hash])
+                .map_err(self.err("inserting a record"))?;
         }
+        drop(insert);
         let mut missing = Vec::new();
         for (id, t) in &batch.tails {
             let end = t.end.as_ref();

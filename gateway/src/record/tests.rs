@@ -12,9 +12,9 @@ use bytes::Bytes;
 use rusqlite::params;
 
 use super::{
-    cli::tests::run_captured, writer::exchange_data, DecisionFacts, EventData, ExchangeData, ExchangeRecord,
-    ProcessFacts, RecordConfig, RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta,
-    SessionStart, SessionState, SessionStore, TlsFacts, Verdict,
+    cli::tests::run_captured, DecisionFacts, EventData, ExchangeData, ExchangeRecord, ProcessFacts, RecordConfig,
+    RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionStart, SessionState,
+    SessionStore, TlsFacts, Verdict,
 };
 
 const SECRET: &str = "sk-live-9f8e7d6c5b4a39281706";
@@ -84,6 +84,11 @@ fn exchange(stream: u64) -> ExchangeRecord {
         decision: Some(DecisionFacts { rule: "allow-api".into(), action: "allow".into() }),
         findings: vec!["F-3".into()],
     }
+}
+
+/// An exchange as the writer stores it, read back.
+fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
+    serde_json::from_str(&super::encode::exchange(e, max_body_bytes, &Default::default())).unwrap()
 }
 
 fn end() -> SessionEnd {
@@ -389,6 +394,43 @@ fn records_are_committed_within_the_flush_interval() {
     session.end(end());
     recorder.shutdown();
     assert_eq!(committed_records(&db(dir.path())), 3, "shutdown commits what is queued");
+}
+
+#[test]
+fn the_writer_wakes_per_batch_not_per_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::open(&config(dir.path(), Duration::from_secs(2)), dir.path()).unwrap();
+    let session = recorder.start(start_facts());
+    let id = session.id().clone();
+    // Records trickle in, each sent after the writer could have gone back to sleep.
+    for stream in 1..=200 {
+        session.exchange(exchange(stream));
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    session.end(end());
+    recorder.flush().unwrap();
+    // The first record, the deadline (or a spurious wake-up or two) and the flush.
+    let wakeups = recorder.writer_wakeups();
+    assert!(wakeups <= 8, "the writer woke {wakeups} times for 202 records");
+    recorder.shutdown();
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    assert_eq!(store.verify(&id).unwrap(), Verdict::Intact { records: 202 });
+
+    // A full batch does not wait for the deadline.
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Recorder::open(&config(dir.path(), Duration::from_secs(10)), dir.path()).unwrap();
+    let session = recorder.start(start_facts());
+    for stream in 1..=2_500 {
+        session.exchange(exchange(stream));
+    }
+    let sent = Instant::now();
+    while committed_records(&db(dir.path())) < 2_000 {
+        assert!(sent.elapsed() < Duration::from_secs(5), "a full batch waited for the 10s flush interval");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(session);
+    recorder.shutdown();
+    assert_eq!(committed_records(&db(dir.path())), 2_502, "shutdown commits the rest");
 }
 
 #[test]
@@ -734,6 +776,20 @@ fn hash_encoding_is_pinned() {
         "{\"a\":1}",
     );
     assert_eq!(h, "95a21cb88749217618a6f7b134a2d0c2fd4df5bf78e10a21c60a8b78f609ed2a");
+    // Extreme numbers are written in full decimal, as `to_string` does.
+    for (seq, ts) in [(u64::MAX, i64::MIN), (0, -1), (7, i64::MAX)] {
+        let reference = {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            h.update(b"ci-gateway session record v1\0");
+            for field in ["s", super::GENESIS_HASH, &seq.to_string(), &ts.to_string(), "end", "{}"] {
+                h.update((field.len() as u64).to_be_bytes());
+                h.update(field.as_bytes());
+            }
+            hex::encode(h.finalize())
+        };
+        assert_eq!(super::hash_record("s", super::GENESIS_HASH, seq, ts, "end", "{}"), reference);
+    }
     assert_eq!(
         super::chain::canonical_json(&serde_json::json!({"b": [1, {"d": null, "c": "x\n"}], "a": true})),
         r#"{"a":true,"b":[1,{"c":"x\n","d":null}]}"#

@@ -3,33 +3,34 @@
 //!
 //! Callers only take the time, allocate a message and push it on an
 //! unbounded channel: no SQLite, no lock shared with the writer, no await.
-//! The writer groups everything that arrives within `flush_interval` of the
-//! first uncommitted record into one transaction (one fsync). Nothing is
-//! dropped when SQLite is slow: the queue grows and the recorder says so
-//! loudly; a failed commit is retried with back-off, keeping the batch.
+//! The writer groups everything sent within `flush_interval` of the first
+//! uncommitted record into one transaction (one fsync). It wakes once per
+//! batch, not once per record: the first record of a batch wakes it, then it
+//! sleeps until the batch's deadline and takes everything queued meanwhile.
+//! Senders wake it early only for a flush, a shutdown or a full batch.
+//! Nothing is dropped when SQLite is slow: the queue grows and the recorder
+//! says so loudly; a failed commit is retried with back-off, keeping the
+//! batch.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        mpsc::{self, RecvTimeoutError},
+        mpsc::{self, TryRecvError},
         Arc, Mutex,
     },
-    thread::JoinHandle,
+    thread::{JoinHandle, Thread},
     time::{Duration, Instant, SystemTime},
 };
 
-use base64::Engine as _;
-use bytes::Bytes;
-use serde::Serialize;
-
-use crate::redact::{cap, redact_header_pairs, redact_job};
+use crate::redact::{cap, redact_job};
 
 use super::{
-    chain::{self, canonical_json, hash_record, GENESIS_HASH},
+    chain::{self, hash_record, GENESIS_HASH},
+    encode::{self, limits, SensitiveNames},
     lock::{self, WriterLock},
-    model::{nanos, BodyData, EventData, ExchangeData, MessageData, SessionMeta},
+    model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
     ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordLevel, SessionEnd, SessionId, SessionStart,
@@ -48,22 +49,6 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Attempts per batch once the recorder is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 
-/// Caps on text that comes from the traffic or the job (attacker-controlled
-/// on a shared runner), so one hostile job cannot bloat the database with
-/// megabyte URLs or thousands of headers.
-mod limits {
-    pub const SHORT: usize = 256;
-    pub const TEXT: usize = 4096;
-    pub const URL: usize = 8192;
-    pub const HEADERS: usize = 256;
-    pub const HEADER_VALUE: usize = 8192;
-    pub const LABELS: usize = 64;
-    pub const JOB_VARS: usize = 128;
-    pub const FINDINGS: usize = 256;
-    /// A free-form event larger than this is replaced by its size.
-    pub const EVENT: usize = 256 * 1024;
-}
-
 /// Log target of the recorder.
 const TARGET: &str = "gateway::record";
 
@@ -76,26 +61,57 @@ enum Msg {
     Shutdown,
 }
 
+impl Msg {
+    /// When a record was sent (Unix ns); `None` for control messages.
+    fn sent(&self) -> Option<i64> {
+        match self {
+            Msg::Start { ts, .. } | Msg::Exchange { ts, .. } | Msg::Event { ts, .. } | Msg::End { ts, .. } => Some(*ts),
+            Msg::Flush(_) | Msg::Shutdown => None,
+        }
+    }
+
+    /// Body bytes it carries, which dominate a queued record's size.
+    fn body_bytes(&self) -> usize {
+        match self {
+            Msg::Exchange { exchange, .. } => exchange.request_body.len() + exchange.response_body.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// State shared by the senders and the writer.
 #[derive(Debug, Default)]
 struct Shared {
     /// Records sent and not yet taken by the writer.
     queued: AtomicUsize,
+    /// Body bytes of those records.
+    queued_bytes: AtomicUsize,
     /// Set when the queue alarm fired, until the writer catches up.
     alarmed: AtomicBool,
     /// Set by [`Recorder::shutdown`]: failed commits are no longer retried forever.
     stopping: AtomicBool,
+    /// Times the writer woke up (tests check it wakes per batch).
+    #[cfg(test)]
+    wakeups: AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
 struct Sink {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
+    /// The writer thread, to wake it before its deadline.
+    writer: Thread,
 }
 
 impl Sink {
+    /// Enqueues a record. Sending does not wake a writer that is collecting
+    /// a batch (a context switch per record would cost more than the
+    /// record): only the record that fills a batch does.
     fn send(&self, msg: Msg) {
+        let body_bytes = msg.body_bytes();
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes_before =
+            if body_bytes > 0 { self.shared.queued_bytes.fetch_add(body_bytes, Ordering::Relaxed) } else { 0 };
         if queued >= QUEUE_ALARM && is_power_of_ten(queued) {
             self.shared.alarmed.store(true, Ordering::Relaxed);
             tracing::error!(
@@ -107,8 +123,21 @@ impl Sink {
         }
         if self.tx.send(msg).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            self.shared.queued_bytes.fetch_sub(body_bytes, Ordering::Relaxed);
             tracing::error!(target: TARGET, "the session recorder has shut down; a session record is lost");
+            return;
         }
+        let fills_bytes = (bytes_before + body_bytes) / MAX_BATCH_BYTES > bytes_before / MAX_BATCH_BYTES;
+        if queued.is_multiple_of(MAX_BATCH_RECORDS) || fills_bytes {
+            self.writer.unpark();
+        }
+    }
+
+    /// Sends a flush or shutdown request and wakes the writer for it.
+    fn send_control(&self, msg: Msg) -> Result<(), RecordError> {
+        self.tx.send(msg).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
+        self.writer.unpark();
+        Ok(())
     }
 }
 
@@ -166,6 +195,7 @@ impl Recorder {
             max_body_bytes: config.max_body_bytes,
             chains: HashMap::new(),
             batch: Batch::default(),
+            names: SensitiveNames::default(),
             waiters: Vec::new(),
             _lock: writer_lock,
         };
@@ -173,14 +203,11 @@ impl Recorder {
             .name("record-writer".into())
             .spawn(move || writer.run())
             .map_err(|e| RecordError::Writer(format!("cannot start the writer thread: {e}")))?;
+        let sink = Sink { tx, shared, writer: writer.thread().clone() };
         let pruner = Pruner::spawn(path.clone(), config.retention, config.prune_interval, live_since)?;
         tracing::info!(target: TARGET, database = %path.display(), "session recording enabled");
         Ok(Recorder {
-            inner: Some(Arc::new(Inner {
-                sink: Sink { tx, shared },
-                path,
-                threads: Mutex::new(Some(Threads { writer, pruner })),
-            })),
+            inner: Some(Arc::new(Inner { sink, path, threads: Mutex::new(Some(Threads { writer, pruner })) })),
         })
     }
 
@@ -192,6 +219,12 @@ impl Recorder {
     /// The database, if recording.
     pub fn path(&self) -> Option<&Path> {
         self.inner.as_ref().map(|i| i.path.as_path())
+    }
+
+    /// How often the writer has woken up so far.
+    #[cfg(test)]
+    pub(crate) fn writer_wakeups(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.sink.shared.wakeups.load(Ordering::Relaxed))
     }
 
     /// Starts recording a session (its start record is the session metadata).
@@ -210,7 +243,7 @@ impl Recorder {
     pub fn flush(&self) -> Result<(), RecordError> {
         let Some(inner) = &self.inner else { return Ok(()) };
         let (reply, done) = mpsc::sync_channel(1);
-        inner.sink.tx.send(Msg::Flush(reply)).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
+        inner.sink.send_control(Msg::Flush(reply))?;
         match done.recv() {
             Ok(result) => result.map_err(RecordError::Writer),
             Err(_) => Err(RecordError::Writer("the writer has stopped".into())),
@@ -223,7 +256,7 @@ impl Recorder {
         let Some(inner) = self.inner else { return };
         inner.sink.shared.stopping.store(true, Ordering::Relaxed);
         // The writer drains the queue up to this message before exiting.
-        let _ = inner.sink.tx.send(Msg::Shutdown);
+        let _ = inner.sink.send_control(Msg::Shutdown);
         let threads = match inner.threads.lock() {
             Ok(mut guard) => guard.take(),
             Err(poisoned) => poisoned.into_inner().take(),
@@ -311,6 +344,7 @@ struct Writer {
     max_body_bytes: usize,
     chains: HashMap<SessionId, Chain>,
     batch: Batch,
+    names: SensitiveNames,
     waiters: Vec<mpsc::SyncSender<Result<(), String>>>,
     /// Held until the thread exits (or the process dies).
     _lock: WriterLock,
@@ -327,16 +361,22 @@ impl Writer {
     fn run(mut self) {
         let mut stop = false;
         while !stop {
+            // Idle until a record arrives: the one wake-up a batch costs its
+            // senders.
             let Ok(first) = self.rx.recv() else { break };
-            let deadline = Instant::now() + self.flush_interval;
+            self.woke();
+            let deadline = self.deadline(&first);
             let mut after = self.take(first);
-            while matches!(after, After::Continue) && !self.batch_full() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match self.rx.recv_timeout(left) {
-                    Ok(msg) => after = self.take(msg),
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => after = After::Stop,
+            while matches!(after, After::Continue) {
+                after = self.drain();
+                let now = Instant::now();
+                if !matches!(after, After::Continue) || now >= deadline {
+                    break;
                 }
+                // Woken early by a flush, a shutdown or a full batch (or
+                // spuriously: the loop only drains once more).
+                std::thread::park_timeout(deadline - now);
+                self.woke();
             }
             if matches!(after, After::Stop) {
                 self.shared.stopping.store(true, Ordering::Relaxed);
@@ -353,34 +393,58 @@ impl Writer {
         }
     }
 
+    fn woke(&self) {
+        #[cfg(test)]
+        self.shared.wakeups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When the batch `first` opens must be committed: `flush_interval`
+    /// after it was sent, however long it waited for a commit in progress.
+    fn deadline(&self, first: &Msg) -> Instant {
+        let now = Instant::now();
+        let waited = first.sent().map_or(0, |sent| nanos(SystemTime::now()).saturating_sub(sent));
+        now + self.flush_interval.saturating_sub(Duration::from_nanos(u64::try_from(waited).unwrap_or(0)))
+    }
+
+    /// Takes everything queued, committing whenever the batch is full; stops
+    /// early at a flush or shutdown request.
+    fn drain(&mut self) -> After {
+        loop {
+            if self.batch_full() {
+                self.commit();
+            }
+            match self.rx.try_recv() {
+                Ok(msg) => match self.take(msg) {
+                    After::Continue => {}
+                    other => return other,
+                },
+                Err(TryRecvError::Empty) => return After::Continue,
+                Err(TryRecvError::Disconnected) => return After::Stop,
+            }
+        }
+    }
+
     fn batch_full(&self) -> bool {
         self.batch.records.len() >= MAX_BATCH_RECORDS || self.batch.bytes >= MAX_BATCH_BYTES
     }
 
     fn take(&mut self, msg: Msg) -> After {
+        self.taken(&msg);
         match msg {
             Msg::Start { id, ts, start } => {
-                self.taken();
                 self.start(id, ts, &start);
             }
             Msg::Exchange { id, ts, exchange } => {
-                self.taken();
-                let data = exchange_data(&exchange, self.max_body_bytes);
-                self.append(&id, ts, chain::KIND_EXCHANGE, to_canonical(&data), None);
+                let data = encode::exchange(&exchange, self.max_body_bytes, &self.names);
+                self.append(&id, ts, chain::KIND_EXCHANGE, data, None);
             }
             Msg::Event { id, ts, name, detail } => {
-                self.taken();
-                let mut data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
-                if data.len() > limits::EVENT {
-                    let detail = serde_json::json!({ "oversized_bytes": data.len() });
-                    data = to_canonical(&EventData { name: cap(&name, limits::SHORT), detail });
-                }
+                let data = encode::event(&name, &detail);
                 self.append(&id, ts, chain::KIND_EVENT, data, None);
             }
             Msg::End { id, ts, end } => {
-                self.taken();
                 let end = SessionEnd { outcome: cap(&end.outcome, limits::TEXT), ..end };
-                self.append(&id, ts, chain::KIND_END, to_canonical(&end), Some(end));
+                self.append(&id, ts, chain::KIND_END, encode::to_json(&end), Some(end));
                 self.chains.remove(&id);
             }
             Msg::Flush(reply) => {
@@ -392,8 +456,14 @@ impl Writer {
         After::Continue
     }
 
-    fn taken(&self) {
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+    fn taken(&self, msg: &Msg) {
+        if msg.sent().is_some() {
+            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        let body_bytes = msg.body_bytes();
+        if body_bytes > 0 {
+            self.shared.queued_bytes.fetch_sub(body_bytes, Ordering::Relaxed);
+        }
     }
 
     fn start(&mut self, id: SessionId, ts: i64, s: &SessionStart) {
@@ -419,7 +489,7 @@ impl Writer {
             }),
             protocol: cap(&s.protocol, limits::SHORT),
         };
-        let data = to_canonical(&meta);
+        let data = encode::to_json(&meta);
         let hash = hash_record(id.as_str(), GENESIS_HASH, 0, ts, chain::KIND_START, &data);
         self.batch.new_sessions.push(SessionRow {
             id: id.clone(),
@@ -468,10 +538,13 @@ impl Writer {
         let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind, &data);
         let prev_hash = std::mem::replace(&mut chain.last_hash, hash.clone());
         chain.next_seq += 1;
-        self.batch.tails.insert(
-            id.clone(),
-            Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end },
-        );
+        let tail = Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end };
+        match self.batch.tails.get_mut(id) {
+            Some(known) => *known = tail,
+            None => {
+                self.batch.tails.insert(id.clone(), tail);
+            }
+        }
         self.batch.bytes += data.len();
         self.batch.records.push(Record { session: id.clone(), seq, ts, kind: kind.into(), data, prev_hash, hash });
     }
@@ -517,18 +590,6 @@ impl Writer {
     }
 }
 
-/// Serializes `value` canonically. The recorder's own types always
-/// serialize; the fallback only keeps a record if that ever changes.
-fn to_canonical<T: Serialize>(value: &T) -> String {
-    match serde_json::to_value(value) {
-        Ok(v) => canonical_json(&v),
-        Err(e) => {
-            tracing::error!(target: TARGET, error = %e, "a session record does not serialize");
-            canonical_json(&serde_json::json!({ "unserializable": e.to_string() }))
-        }
-    }
-}
-
 fn process_facts(p: &ProcessFacts) -> ProcessFacts {
     let job = p.job.iter().take(limits::JOB_VARS).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT))).collect();
     ProcessFacts {
@@ -539,65 +600,5 @@ fn process_facts(p: &ProcessFacts) -> ProcessFacts {
         exe: p.exe.as_deref().map(|v| cap(v, limits::TEXT)),
         cgroup: p.cgroup.as_deref().map(|v| cap(v, limits::TEXT)),
         job: redact_job(&job),
-    }
-}
-
-/// The stored form of an exchange at its level.
-pub(crate) fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
-    let full = e.level == RecordLevel::Full;
-    let message = |headers: &[(String, String)], body: &Bytes, size: u64| MessageData {
-        body_size: size,
-        headers: full.then(|| {
-            let kept: Vec<_> = headers
-                .iter()
-                .take(limits::HEADERS)
-                .map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::HEADER_VALUE)))
-                .collect();
-            redact_header_pairs(&kept)
-        }),
-        body: full.then(|| body_data(body, size, max_body_bytes)),
-    };
-    ExchangeData {
-        level: e.level,
-        stream: e.stream,
-        started: nanos(e.started),
-        duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
-        method: cap(&e.method, limits::SHORT),
-        url: cap(&e.url, limits::URL),
-        status: e.status,
-        outcome: cap(&e.outcome, limits::TEXT),
-        rpc: e.rpc.as_deref().map(|v| cap(v, limits::TEXT)),
-        request: message(&e.request_headers, &e.request_body, e.request_body_size),
-        response: message(&e.response_headers, &e.response_body, e.response_body_size),
-        decision: e
-            .decision
-            .as_ref()
-            .map(|d| super::DecisionFacts { rule: cap(&d.rule, limits::SHORT), action: cap(&d.action, limits::SHORT) }),
-        findings: e.findings.iter().take(limits::FINDINGS).map(|f| cap(f, limits::SHORT)).collect(),
-    }
-}
-
-/// At most `max` bytes of `body`; text when the kept part is UTF-8 (cut on a
-/// character boundary), base64 otherwise.
-fn body_data(body: &[u8], size: u64, max: usize) -> BodyData {
-    let mut kept = &body[..body.len().min(max)];
-    if let Err(e) = std::str::from_utf8(kept) {
-        // Only a character cut in half by the cap: keep the text before it.
-        if e.error_len().is_none() && (kept.len() as u64) < size.max(body.len() as u64) {
-            kept = &kept[..e.valid_up_to()];
-        }
-    }
-    let size = size.max(body.len() as u64);
-    let truncated = (kept.len() as u64) < size;
-    match std::str::from_utf8(kept) {
-        Ok(text) => {
-            BodyData { stored: kept.len() as u64, truncated, encoding: "utf8".into(), content: text.to_owned() }
-        }
-        Err(_) => BodyData {
-            stored: kept.len() as u64,
-            truncated,
-            encoding: "base64".into(),
-            content: base64::engine::general_purpose::STANDARD.encode(kept),
-        },
     }
 }
