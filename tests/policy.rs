@@ -194,7 +194,7 @@ impl Scene {
             if missing.is_empty() {
                 Ok(data)
             } else {
-                Err(format!("not yet recorded: {missing:?}"))
+                Err(format!("not yet recorded: {missing:?}; gateway errors:\n{}", self.gw.log_errors()))
             }
         })
     }

@@ -227,6 +227,13 @@ impl TestGateway {
         self.lines.lock().expect("lines").join("\n")
     }
 
+    /// The warnings and errors logged so far (for failure messages).
+    pub fn log_errors(&self) -> String {
+        let lines = self.lines.lock().expect("lines");
+        let bad = lines.iter().filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""));
+        bad.cloned().collect::<Vec<_>>().join("\n")
+    }
+
     /// Connection events logged so far.
     pub fn connection_events(&self) -> Vec<Value> {
         self.lines

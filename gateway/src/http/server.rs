@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::{body::Incoming, server::conn as hyper_conn, service::service_fn, upgrade::OnUpgrade};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,8 +35,9 @@ use super::{
 ///
 /// `client_h2`: `Some` when TLS ALPN decided the protocol, `None` to detect
 /// it from the first bytes (HTTP/2 prior-knowledge preface or HTTP/1.x).
-/// Upgraded tunnels (WebSocket) are waited for before this returns, so the
-/// byte counts include them. Upstream failures do not end the connection
+/// Upgraded tunnels (WebSocket) and HTTP/2 streams are waited for before
+/// this returns, so the byte counts include them and every exchange of the
+/// connection has finished (been logged and recorded) by then. Upstream failures do not end the connection
 /// (the client gets a 502 for that request); malformed client HTTP does,
 /// with [`HttpError::Client`].
 pub async fn serve<IO, I, U>(
@@ -106,13 +107,13 @@ where
             drive(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
         Some(true) => {
-            let mut b = hyper_conn::http2::Builder::new(TokioExecutor::new());
+            let mut b = hyper_conn::http2::Builder::new(StreamExecutor(tunnels.clone()));
             b.timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
             let conn = b.serve_connection(io, service);
             drive(conn, &shutdown, |c| c.graceful_shutdown()).await
         }
         None => {
-            let mut b = auto::Builder::new(TokioExecutor::new());
+            let mut b = auto::Builder::new(StreamExecutor(tunnels.clone()));
             b.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
             b.http2().timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
             let conn = b.serve_connection_with_upgrades(io, service);
@@ -128,6 +129,23 @@ where
         bytes_up: counters.up.load(Ordering::Relaxed),
         bytes_down: counters.down.load(Ordering::Relaxed),
     })
+}
+
+/// Spawns hyper's HTTP/2 stream tasks where `serve` waits for them. A
+/// stream's exchange finishes when its task drops the response body, which
+/// can be after the connection itself closed: untracked, its record reached
+/// the session recorder after the session had ended, and was lost.
+#[derive(Clone)]
+struct StreamExecutor(TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
 }
 
 /// Runs a hyper connection, switching it to graceful shutdown once

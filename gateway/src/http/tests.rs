@@ -757,6 +757,46 @@ async fn streamed_response_first_chunk_arrives_before_last_is_sent() {
 }
 
 #[tokio::test]
+async fn h2_exchanges_have_finished_when_serve_returns() {
+    // The response streams on; the client goes away after its first chunk.
+    let up = upstream(None, |_req: Request<Incoming>| async move {
+        let (tx, body) = chan_body();
+        tokio::spawn(async move {
+            let _ = tx.send(Frame::data(Bytes::from_static(b"first;"))).await;
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        });
+        Response::new(body)
+    })
+    .await;
+    let inspector = TestInspector::pass();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (upstream_addr, seen) = (up.addr, inspector.clone());
+    let server = tokio::spawn(async move {
+        let (conn, _) = listener.accept().await.unwrap();
+        let ctx = HttpContext { conn_id: 5, server_name: "localhost".into(), orig_dst: upstream_addr, tls: false };
+        let connector = TestConnector::h2c(upstream_addr);
+        let _ = serve(conn, Some(true), ctx, seen.clone(), connector, Limits::default()).await;
+        // What the connection's owner (which ends the session recording
+        // then) sees the moment serve returns.
+        seen.exchanges.lock().unwrap().len()
+    });
+    let tcp = TcpStream::connect(addr).await.unwrap().into_std().unwrap();
+    let cut = tcp.try_clone().unwrap();
+    let (mut client, conn) =
+        http2::handshake(TokioExecutor::new(), TokioIo::new(TcpStream::from_std(tcp).unwrap())).await.unwrap();
+    tokio::spawn(conn);
+    let resp = client.send_request(get("http://localhost/slow")).await.unwrap();
+    let mut body = resp.into_body();
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "first;");
+    // Gone without a word (no RST_STREAM, no GOAWAY): the stream ends with
+    // the connection.
+    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    let logged = tokio::time::timeout(Duration::from_secs(60), server).await.unwrap().unwrap();
+    assert_eq!(logged, 1, "the exchange must be logged (and recorded) before serve returns");
+}
+
+#[tokio::test]
 async fn bridges_h1_client_to_h2_upstream_and_h2_client_to_h1_pool() {
     let pki = pki();
     // h1 client -> TLS upstream that negotiates h2.
