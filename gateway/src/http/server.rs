@@ -37,9 +37,9 @@ use super::{
 /// it from the first bytes (HTTP/2 prior-knowledge preface or HTTP/1.x).
 /// Upgraded tunnels (WebSocket) and HTTP/2 streams are waited for before
 /// this returns, so the byte counts include them and every exchange of the
-/// connection has finished (been logged and recorded) by then. Upstream failures do not end the connection
-/// (the client gets a 502 for that request); malformed client HTTP does,
-/// with [`HttpError::Client`].
+/// connection has finished (been logged and recorded) by then. Upstream
+/// failures do not end the connection (the client gets a 502 for that
+/// request); malformed client HTTP does, with [`HttpError::Client`].
 pub async fn serve<IO, I, U>(
     client: IO,
     client_h2: Option<bool>,
