@@ -23,7 +23,7 @@ fn event_for(events: &[serde_json::Value], pid: u32) -> Vec<&serde_json::Value> 
 fn redirects_ipv4_and_attributes_the_process() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new("ipv4", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let gw = TestGateway::start(GatewayOptions::opaque("ipv4", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
 
     let client = python_named(gw.dir.path(), "gwclient-v4");
     let mut cmd = gw.command_in_cgroup(&client);
@@ -57,7 +57,8 @@ fn leaves_other_destinations_processes_and_udp_alone() {
     let intercepted = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
     let other_port = EchoServer::start(addr(&format!("127.0.0.2:{}", unique_port()))).expect("server");
     let other_addr = EchoServer::start(addr(&format!("127.0.0.3:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new("others", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let gw =
+        TestGateway::start(GatewayOptions::opaque("others", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
 
     // Same cgroup, destinations outside the set: direct.
     let (_, results) =
@@ -92,7 +93,7 @@ fn redirects_ipv6_and_ipv4_mapped() {
     let port = unique_port();
     let v6 = EchoServer::start(addr(&format!("[::1]:{port}"))).expect("server");
     let v4 = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new(
+    let gw = TestGateway::start(GatewayOptions::opaque(
         "ipv6",
         &[&format!("{{cidr: '::1/128', ports: [{port}]}}"), &format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")],
     ));
@@ -115,7 +116,7 @@ fn redirects_ipv6_and_ipv4_mapped() {
 fn host_destinations_are_resolved() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.1:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new("dns", &[&format!("{{host: localhost, ports: [{port}]}}")]));
+    let gw = TestGateway::start(GatewayOptions::opaque("dns", &[&format!("{{host: localhost, ports: [{port}]}}")]));
     let (pid, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
     assert!(results[0].proxied(), "{:?}", results[0]);
     let events = gw.wait_events(1);
@@ -126,7 +127,7 @@ fn host_destinations_are_resolved() {
 fn gateway_inside_the_cgroup_is_not_looped_back() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let mut opts = GatewayOptions::new("self", &[&format!("{{cidr: 127.0.0.0/8, ports: [{port}]}}")]);
+    let mut opts = GatewayOptions::opaque("self", &[&format!("{{cidr: 127.0.0.0/8, ports: [{port}]}}")]);
     opts.gateway_in_cgroup = true;
     let gw = TestGateway::start(opts);
     let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
@@ -147,7 +148,8 @@ fn gateway_inside_the_cgroup_is_not_looped_back() {
 fn burst_of_200_connections_is_attributed_without_leaks() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new("burst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let gw =
+        TestGateway::start(GatewayOptions::opaque("burst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
     let before = gw.status();
 
     // Four processes, fifty concurrent connections each.
@@ -189,7 +191,7 @@ fn fails_closed_when_stopped_or_crashed_and_recovers() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
     let mut gw =
-        TestGateway::start(GatewayOptions::new("closed", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+        TestGateway::start(GatewayOptions::opaque("closed", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
 
     // Clean stop: the programs stay and refuse (EPERM).
     gw.stop(Signal::SIGTERM);
@@ -221,7 +223,7 @@ fn fails_closed_when_stopped_or_crashed_and_recovers() {
 fn exec_runs_a_command_in_the_intercepted_cgroup() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let gw = TestGateway::start(GatewayOptions::new("exec", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+    let gw = TestGateway::start(GatewayOptions::opaque("exec", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
     let mut cmd = Command::new(gateway_tests::gateway_bin());
     cmd.arg("--config").arg(&gw.config_path).arg("exec").arg("--").arg("python3");
     let (_, results) = run_client(cmd, &[server.addr], 1).expect("client");
@@ -285,7 +287,7 @@ fn server_speaks_first_protocols_are_passed_through() {
         got
     });
     let gw =
-        TestGateway::start(GatewayOptions::new("srvfirst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
+        TestGateway::start(GatewayOptions::opaque("srvfirst", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]));
     let out = gw
         .command_in_cgroup("python3")
         .arg("-c")
@@ -310,7 +312,7 @@ fn server_speaks_first_protocols_are_passed_through() {
 fn a_process_keeps_its_attestation_until_it_execs() {
     let port = unique_port();
     let server = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
-    let mut opts = GatewayOptions::new("attcache", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]);
+    let mut opts = GatewayOptions::opaque("attcache", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]);
     let dir = tempfile::tempdir().expect("tempdir");
     let mappings = dir.path().join("mappings.yaml");
     std::fs::write(

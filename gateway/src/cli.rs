@@ -228,6 +228,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let resolved = destinations::resolve_all(&hosts, &Default::default(), dns_timeout).await;
     let set = InterceptSet::build(&config.intercept.destinations, &resolved);
     interceptor.set_destinations(&set)?;
+    services.gate.destinations.update(&resolved);
     interceptor.attach(&cgroups)?;
     let interceptor = Arc::new(interceptor);
     // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
@@ -246,6 +247,7 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let refresher = tokio::spawn(refresh_dns(
         interceptor.clone(),
+        services.gate.destinations.clone(),
         config.intercept.destinations.clone(),
         hosts,
         resolved,
@@ -253,9 +255,9 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let services_identities = services.identities.clone();
-    let services_credentials = services.enforcement.credentials.clone();
-    let services_policy = services.enforcement.policy.clone();
-    let minter = services.enforcement.minter.clone();
+    let services_credentials = services.gate.credentials.clone();
+    let services_policy = services.gate.policy.clone();
+    let minter = services.gate.minter.clone();
     let mut api_task = None;
     if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
         let listener =
@@ -269,14 +271,14 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     let mut admin_task = None;
     if let Some(listener) = admin_listener {
         let lookup = job_identity_lookup(&services, &cgroups);
-        let approvals = services.enforcement.approvals.clone();
+        let approvals = services.gate.approvals.clone();
         admin_task = Some(tokio::spawn(crate::api::serve_admin(listener, approvals, lookup, shutdown.clone())));
     }
     let policy_watch = config.policy.watch.then(|| {
-        let handle = services.enforcement.policy.clone();
+        let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
     });
-    let recorder = services.enforcement.recorder.clone();
+    let recorder = services.gate.recorder.clone();
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
     let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
 
@@ -390,6 +392,7 @@ async fn rotate_keys(minter: Arc<crate::credentials::Minter>, shutdown: Cancella
 
 async fn refresh_dns(
     interceptor: Arc<Interceptor>,
+    names: Arc<crate::enforce::DestinationNames>,
     specs: Vec<config::DestinationSpec>,
     hosts: Vec<String>,
     mut resolved: std::collections::HashMap<String, Vec<std::net::IpAddr>>,
@@ -407,6 +410,7 @@ async fn refresh_dns(
         }
         resolved = destinations::resolve_all(&hosts, &resolved, std::time::Duration::from_secs(5)).await;
         let next = InterceptSet::build(&specs, &resolved);
+        names.update(&resolved);
         if next != current {
             match interceptor.set_destinations(&next) {
                 Ok(()) => {
@@ -490,7 +494,17 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         masks.get(&current, id, rule).map_err(|e| anyhow::anyhow!("policy: mask #{id}: {e}"))?;
     }
     drop(current);
-    let enforcement = crate::enforce::Enforcement {
+    let protected = crate::enforce::ProtectedNames::new(
+        config
+            .tls
+            .intercept
+            .iter()
+            .cloned()
+            .chain(crate::intercept::destinations::hosts(&config.intercept.destinations)),
+    );
+    let gate = crate::enforce::Gate {
+        protected,
+        destinations: Default::default(),
         masks,
         policy,
         approvals,
@@ -525,7 +539,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         tls: config.tls.clone(),
         leaf_cache,
         upstream_tls,
-        enforcement: Arc::new(enforcement),
+        gate: Arc::new(gate),
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         attestations,
         identities,

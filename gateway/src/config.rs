@@ -198,10 +198,16 @@ pub struct ProxyConfig {
     #[serde(with = "humantime_serde")]
     pub attribution_timeout: Duration,
     /// How long the proxy waits for a client's first bytes (which pick TLS,
-    /// HTTP or passthrough) before taking the connection for a
-    /// server-speaks-first protocol (SSH, SMTP, MySQL) and passing it through.
+    /// HTTP or another protocol) before it considers that the server may
+    /// speak first (SSH, SMTP, MySQL): only where the policy lets traffic
+    /// the gateway cannot inspect through (`uninspectable: pass|scan_raw`).
     #[serde(with = "humantime_serde")]
     pub client_first_timeout: Duration,
+    /// A connection on which nobody (neither the client nor, where the
+    /// policy allows opaque traffic, the server) says anything for this long
+    /// is closed, with a `refused` event (`silent_client`).
+    #[serde(with = "humantime_serde")]
+    pub client_silence_timeout: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -214,6 +220,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             attribution_timeout: Duration::from_millis(500),
             client_first_timeout: Duration::from_millis(500),
+            client_silence_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -39,6 +39,35 @@ impl Outcome {
     }
 }
 
+/// How the proxy handled a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Protocol {
+    /// Bytes the gateway does not parse (relayed, scanned raw, or refused).
+    Tcp,
+    /// TLS the gateway does not terminate.
+    TlsPassthrough,
+    /// TLS the gateway terminated, carrying HTTP.
+    Https,
+    /// Plaintext HTTP.
+    Http,
+    /// TLS that ended before the protocol inside was known (a malformed
+    /// hello, a failed handshake).
+    Tls,
+}
+
+impl Protocol {
+    /// The name used in events and recordings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::TlsPassthrough => "tls-passthrough",
+            Protocol::Https => "https",
+            Protocol::Http => "http",
+            Protocol::Tls => "tls",
+        }
+    }
+}
+
 /// The summary of one intercepted connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionEvent<'a> {
@@ -56,8 +85,8 @@ pub struct ConnectionEvent<'a> {
     pub process: Option<&'a ProcessInfo>,
     /// The identity the process is pinned to.
     pub identity: Option<&'a str>,
-    /// How the proxy handled it: `tcp`, `tls-passthrough`, `https`, `http`, `tls`.
-    pub protocol: Option<&'static str>,
+    /// How the proxy handled it.
+    pub protocol: Option<Protocol>,
     /// TLS server name the client asked for.
     pub sni: Option<String>,
     /// HTTP requests served (intercepted HTTP only).
@@ -92,7 +121,7 @@ impl ConnectionEvent<'_> {
             comm = p.map(|p| p.comm.as_str()),
             identity = self.identity,
             attestation = self.attestation,
-            protocol = self.protocol,
+            protocol = self.protocol.map(Protocol::as_str),
             sni = self.sni.as_deref(),
             requests = self.requests,
             exe = exe.as_deref(),

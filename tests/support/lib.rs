@@ -106,6 +106,8 @@ pub struct GatewayOptions {
     pub proxy_yaml: String,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
+    /// A policy file's content; `None` runs the built-in policy.
+    pub policy_yaml: Option<String>,
 }
 
 impl GatewayOptions {
@@ -117,9 +119,24 @@ impl GatewayOptions {
             extra_yaml: String::new(),
             proxy_yaml: String::new(),
             gateway_in_cgroup: false,
+            policy_yaml: None,
         }
     }
+
+    /// Options for tests of interception itself, whose clients speak no
+    /// protocol the gateway inspects: the policy opts every destination out
+    /// of inspection (`uninspectable: pass`), as an operator would for such
+    /// traffic. Without it the gateway refuses what it cannot inspect.
+    pub fn opaque(name: &str, destinations: &[&str]) -> Self {
+        let mut opts = GatewayOptions::new(name, destinations);
+        opts.policy_yaml = Some(OPAQUE_POLICY.to_owned());
+        opts
+    }
 }
+
+/// A policy that lets traffic the gateway cannot inspect through to every
+/// destination.
+pub const OPAQUE_POLICY: &str = "version: 1\nrules: []\ndefaults:\n  action: allow\n  uninspectable: pass\n";
 
 /// A running gateway process with its own cgroup, pins and port.
 pub struct TestGateway {
@@ -169,6 +186,11 @@ impl TestGateway {
             "api:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
             socket = dir.path().join("admin.sock").display(),
         ));
+        if let Some(policy) = &opts.policy_yaml {
+            let path = dir.path().join("policy.yaml");
+            std::fs::write(&path, policy).expect("write policy");
+            yaml.push_str(&format!("policy:\n  file: {}\n  watch: false\n", path.display()));
+        }
         yaml.push_str(&opts.extra_yaml);
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, &yaml).expect("write config");

@@ -204,6 +204,10 @@ pub(crate) async fn inspect<B: BodyInspector>(
                     }
                     buffered += data.len();
                     conn_buffered = reservation.grow(data.len());
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    if let BodyVerdict::Respond(r) = inspector.trailers(trailers).await {
+                        return Ok(Inspected::Blocked(r));
+                    }
                 }
                 frames.push_back(frame);
                 if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
@@ -238,6 +242,7 @@ struct Pump<B> {
 impl<B: BodyInspector> Pump<B> {
     async fn run(mut self, initial: VecDeque<Frame<Bytes>>, reservation: Reservation, hold_back: usize) {
         let mut held = HoldBack::new(hold_back);
+        // Trailers of the buffered prefix were inspected already.
         let mut trailers: Option<HeaderMap> = None;
         for frame in initial {
             match frame.into_data() {
@@ -278,7 +283,15 @@ impl<B: BodyInspector> Pump<B> {
                             return;
                         }
                     }
-                    Err(f) => trailers = f.into_trailers().ok(),
+                    Err(f) => {
+                        if let Ok(t) = f.into_trailers() {
+                            if let BodyVerdict::Respond(r) = self.inspector.trailers(&t).await {
+                                self.block(r);
+                                return;
+                            }
+                            trailers = Some(t);
+                        }
+                    }
                 },
             }
         }

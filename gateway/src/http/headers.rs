@@ -26,10 +26,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Whether an HTTP/1.x request asks to switch protocols (e.g. WebSocket).
-pub(crate) fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.version() <= Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_has(req.headers(), "upgrade")
+pub(crate) fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
+    version <= Version::HTTP_11 && headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
 }
 
 /// Removes hop-by-hop headers, including those `Connection` names. With

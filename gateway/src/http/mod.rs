@@ -35,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use error::HttpError;
 pub use server::{serve, serve_with_shutdown};
+pub use upgrade::TUNNEL_LINGER;
 
 /// tracing target of per-request events.
 pub const HTTP_TARGET: &str = "gateway::http";
@@ -127,6 +128,63 @@ pub trait ResponseInspector: Send + 'static {
     /// The exchange is over (answered, blocked, failed or abandoned); called
     /// exactly once.
     fn finish(&mut self, _exchange: &Exchange) {}
+
+    /// Upstream switched protocols (101) with these response headers: how
+    /// the client's bytes of the tunnel are inspected. The default refuses,
+    /// so an inspector that does not follow tunnels never gets one
+    /// uninspected.
+    fn upgraded(&mut self, _headers: &http::HeaderMap) -> Tunnel {
+        let mut r = http::Response::new(Bytes::from_static(b"{\"error\":\"upgrade_refused\"}"));
+        *r.status_mut() = http::StatusCode::FORBIDDEN;
+        Tunnel::Refuse(r)
+    }
+}
+
+/// What happens to an upgraded connection (WebSocket and the like).
+pub enum Tunnel {
+    /// The client's bytes go through this inspector before upstream.
+    Inspect(Box<dyn TunnelInspector>),
+    /// Bytes are relayed untouched (the operator opted the destination out).
+    Pass,
+    /// The client gets this response instead of the 101; upstream's side
+    /// is closed.
+    Refuse(http::Response<Bytes>),
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tunnel::Inspect(_) => f.write_str("Inspect"),
+            Tunnel::Pass => f.write_str("Pass"),
+            Tunnel::Refuse(r) => write!(f, "Refuse({})", r.status()),
+        }
+    }
+}
+
+/// A boxed future, for the object-safe [`TunnelInspector`].
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Judges the client's side of an upgraded connection. The engine keeps
+/// the bytes fed but not yet released, and sends upstream only what a
+/// verdict releases, so nothing leaves before it was seen.
+pub trait TunnelInspector: Send + 'static {
+    /// Sees the next bytes from the client.
+    fn feed<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, TunnelVerdict>;
+    /// No more bytes arrived for a moment: release what can be released
+    /// without seeing more (an interactive protocol waits for an answer).
+    fn idle(&mut self) -> BoxFuture<'_, TunnelVerdict>;
+    /// The client closed its side.
+    fn finish(&mut self) -> BoxFuture<'_, TunnelVerdict>;
+}
+
+/// A [`TunnelInspector`]'s verdict.
+#[derive(Debug)]
+pub enum TunnelVerdict {
+    /// The first `n` bytes fed and not yet released may go upstream.
+    Release(usize),
+    /// End the tunnel: send these bytes to the client (a WebSocket close
+    /// frame, say), then close both sides. Nothing unreleased goes upstream.
+    Close(Bytes),
 }
 
 /// Judges requests. One instance serves a whole connection (and, if the
@@ -163,6 +221,13 @@ pub trait BodyInspector: Send + 'static {
     /// The body ended (also called for requests without a body). Held-back
     /// bytes go upstream only after this returns `Continue`.
     fn finish(&mut self) -> impl Future<Output = BodyVerdict> + Send;
+
+    /// The body ended with these trailers (HTTP/1.1 chunked trailers or
+    /// HTTP/2 trailing headers), which go upstream only if this returns
+    /// `Continue`. The default lets them through unseen.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) -> impl Future<Output = BodyVerdict> + Send {
+        std::future::ready(BodyVerdict::Continue)
+    }
 
     /// Upstream is about to be contacted: called once, after the whole body
     /// (if it fit [`Limits::max_buffered_body`]) or its buffered prefix was

@@ -27,8 +27,8 @@ use super::{
     exchange::{ExchangeLog, Hook},
     headers, upgrade,
     upstream::Upstreams,
-    ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits, ResponseVerdict,
-    ServeStats, UpstreamConnector, HTTP_TARGET,
+    ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits, ResponseInspector,
+    ResponseVerdict, ServeStats, Tunnel, UpstreamConnector, HTTP_TARGET,
 };
 
 /// Serves one client connection until it closes.
@@ -183,11 +183,13 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let version = req.version();
         let client_h2 = version == Version::HTTP_2;
-        let upgrade = headers::is_upgrade_request(&req);
         let path = req.uri().path().to_string();
         let (mut parts, body) = req.into_parts();
 
         let verdict = self.inspector.inspect_head(&self.ctx, &mut parts).await;
+        // After the inspector, which may have declined an upgrade by
+        // removing its headers (h2c, say).
+        let upgrade = headers::is_upgrade_request(version, &parts.headers);
         let authority = headers::authority(&self.ctx, headers::request_host(&parts).as_deref());
         let mut log = ExchangeLog::new(
             self.ctx.conn_id,
@@ -279,8 +281,16 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         if switching {
             match client_upgrade {
                 Some(client_up) if upgrade => {
+                    let tunnel = match log.response_inspector() {
+                        Some(inspector) => inspector.upgraded(resp.headers()),
+                        None => ResponseInspector::upgraded(&mut super::PassResponses, resp.headers()),
+                    };
+                    if let Tunnel::Refuse(r) = tunnel {
+                        // Upstream's side of the tunnel is dropped unused.
+                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                    }
                     let upstream_up = hyper::upgrade::on(&mut resp);
-                    self.tunnels.spawn(upgrade::splice(self.ctx.conn_id, client_up, upstream_up));
+                    self.tunnels.spawn(upgrade::run(self.ctx.conn_id, client_up, upstream_up, tunnel));
                     log.set_outcome(ExchangeOutcome::Upgraded);
                 }
                 _ => {

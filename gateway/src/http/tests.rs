@@ -92,9 +92,55 @@ impl Body for GenBody {
 
 // ---------- inspectors ----------
 
+/// What the test inspector does with an upgraded connection.
+#[derive(Default, Clone, Copy)]
+enum TunnelMode {
+    /// Relays it untouched.
+    #[default]
+    Pass,
+    /// The engine's default: refused.
+    Default,
+    /// Inspects the client's bytes, closing the tunnel on this pattern.
+    Close(&'static [u8]),
+}
+
+/// Closes a tunnel whose client sends `pattern`, releasing bytes only once
+/// seen (holding back a possible start of the pattern).
+struct PatternTunnel {
+    pattern: &'static [u8],
+    seen: Vec<u8>,
+    released: usize,
+}
+
+impl PatternTunnel {
+    fn verdict(&mut self, all: bool) -> TunnelVerdict {
+        if self.seen.windows(self.pattern.len()).any(|w| w == self.pattern) {
+            return TunnelVerdict::Close(Bytes::from_static(b"refused"));
+        }
+        let until = if all { self.seen.len() } else { self.seen.len().saturating_sub(self.pattern.len() - 1) };
+        let n = until.saturating_sub(self.released);
+        self.released += n;
+        TunnelVerdict::Release(n)
+    }
+}
+
+impl TunnelInspector for PatternTunnel {
+    fn feed<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, TunnelVerdict> {
+        self.seen.extend_from_slice(data);
+        Box::pin(std::future::ready(self.verdict(false)))
+    }
+    fn idle(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        Box::pin(std::future::ready(self.verdict(true)))
+    }
+    fn finish(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        Box::pin(std::future::ready(self.verdict(true)))
+    }
+}
+
 /// Blocks on a header value and/or a body pattern; records exchanges.
 #[derive(Default)]
 struct TestInspector {
+    tunnel: TunnelMode,
     block_header: Option<(&'static str, &'static str)>,
     pattern: Option<&'static [u8]>,
     inspect_body: bool,
@@ -112,6 +158,7 @@ struct TestInspector {
 /// Replaces a pattern in response bodies, holding back `pattern.len() - 1`
 /// bytes so that a pattern split across chunks is still replaced.
 struct Masker {
+    tunnel: TunnelMode,
     pattern: Option<&'static [u8]>,
     held: Vec<u8>,
     finished: Arc<Mutex<Vec<(u16, ExchangeOutcome)>>>,
@@ -186,6 +233,15 @@ impl ResponseInspector for Masker {
     fn finish(&mut self, exchange: &Exchange) {
         self.finished.lock().unwrap().push((exchange.status, exchange.outcome));
     }
+    fn upgraded(&mut self, headers: &http::HeaderMap) -> Tunnel {
+        match self.tunnel {
+            TunnelMode::Pass => Tunnel::Pass,
+            TunnelMode::Default => PassResponses.upgraded(headers),
+            TunnelMode::Close(pattern) => {
+                Tunnel::Inspect(Box::new(PatternTunnel { pattern, seen: Vec::new(), released: 0 }))
+            }
+        }
+    }
 }
 
 impl TestInspector {
@@ -256,6 +312,7 @@ impl Inspector for TestInspector {
             refuse_at_upstream: parts.headers.get("x-hold").is_some_and(|v| v == "refuse"),
         });
         let response = Masker {
+            tunnel: self.tunnel,
             pattern: self.mask,
             held: Vec::new(),
             finished: self.finished.clone(),
@@ -634,6 +691,91 @@ async fn h1_websocket_style_upgrade_is_spliced() {
     let stats = front.next_result().await.unwrap();
     assert_eq!(stats.requests, 1);
     assert!(stats.bytes_up > 18, "tunnel bytes counted: {stats:?}");
+}
+
+/// An upstream that answers `Upgrade` with 101 and logs what the tunnel
+/// brings it, echoing it back.
+async fn upgrading_upstream(got: Arc<Mutex<Vec<u8>>>) -> Upstream {
+    upstream(None, move |mut req: Request<Incoming>| {
+        let got = got.clone();
+        async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(on.await.unwrap());
+                let mut buf = [0u8; 64];
+                loop {
+                    let n = io.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "custom")
+                .body(empty())
+                .unwrap()
+        }
+    })
+    .await
+}
+
+fn upgrade_request() -> Request<TestBody> {
+    Request::get("/up")
+        .header("host", "localhost")
+        .header("connection", "Upgrade")
+        .header("upgrade", "custom")
+        .body(empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn h1_upgrade_is_refused_unless_the_inspector_follows_it() {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let up = upgrading_upstream(got.clone()).await;
+    let inspector = Arc::new(TestInspector { tunnel: TunnelMode::Default, inspect_body: true, ..Default::default() });
+    let mut front = front(inspector, TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let resp = client.send_request(upgrade_request()).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN, "no tunnel the inspector does not follow");
+    drop(client);
+    front.next_result().await.unwrap();
+    assert!(got.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn h1_upgrade_tunnel_bytes_are_inspected_before_upstream() {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let up = upgrading_upstream(got.clone()).await;
+    let inspector =
+        Arc::new(TestInspector { tunnel: TunnelMode::Close(b"SECRET"), inspect_body: true, ..Default::default() });
+    let mut front = front(inspector, TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    let resp = client.send_request(upgrade_request()).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    // A clean message goes through (released after a pause) and is echoed.
+    io.write_all(b"hello there").await.unwrap();
+    let mut echo = vec![0u8; 11];
+    io.read_exact(&mut echo).await.unwrap();
+    assert_eq!(echo, b"hello there");
+    // A pattern split across two writes never reaches upstream whole.
+    io.write_all(b"xxSEC").await.unwrap();
+    io.write_all(b"RETyy").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await;
+    assert!(rest.ends_with(b"refused"), "the client is told: {:?}", String::from_utf8_lossy(&rest));
+    drop(io);
+    drop(client);
+    front.next_result().await.unwrap();
+    let got = got.lock().unwrap().clone();
+    assert!(!got.windows(6).any(|w| w == b"SECRET"), "upstream got {:?}", String::from_utf8_lossy(&got));
+    assert!(got.starts_with(b"hello there"));
 }
 
 // ---------- HTTP/2 ----------

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use http::HeaderName;
 use sha2::{Digest, Sha256};
 
-use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, DEFAULT_RULE};
+use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, Uninspectable, DEFAULT_RULE};
 use super::error::PolicyError;
 use super::glob::GlobList;
 use super::PolicyContext;
@@ -213,6 +213,7 @@ impl Policy {
             mask: o.mask_id.and_then(|i| self.masks.get(i)),
             mask_id: o.mask_id,
             record: o.record,
+            uninspectable: Uninspectable::Refuse,
         }
     }
 

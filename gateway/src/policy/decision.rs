@@ -106,6 +106,30 @@ pub struct NamedPattern {
     pub regex: String,
 }
 
+/// What a destination may do with traffic the gateway cannot inspect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Uninspectable {
+    /// Refuse it (the default).
+    #[default]
+    Refuse,
+    /// Scan the raw bytes with every rule and pass them if clean.
+    ScanRaw,
+    /// Pass it untouched.
+    Pass,
+}
+
+impl Uninspectable {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uninspectable::Refuse => "refuse",
+            Uninspectable::ScanRaw => "scan_raw",
+            Uninspectable::Pass => "pass",
+        }
+    }
+}
+
 /// The outcome of evaluating a request; borrows from the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Decision<'p> {
@@ -126,4 +150,7 @@ pub struct Decision<'p> {
     pub mask_id: Option<usize>,
     /// What the session recorder keeps.
     pub record: RecordLevel,
+    /// What happens to traffic to this destination that the gateway
+    /// cannot inspect.
+    pub uninspectable: Uninspectable,
 }

@@ -33,7 +33,8 @@ pub use cli::{run, PolicyArgs, PolicyCommand};
 pub use compile::{DEFAULT_APPROVAL_TIMEOUT, POLICY_VERSION};
 pub use compiled::{Policy, PolicySource, BUILTIN_POLICY};
 pub use decision::{
-    Action, ApprovalSpec, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction, DEFAULT_RULE,
+    Action, ApprovalSpec, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction, Uninspectable,
+    DEFAULT_RULE,
 };
 pub use error::PolicyError;
 pub use explain::{Explanation, RuleMiss};

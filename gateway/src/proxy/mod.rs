@@ -1,6 +1,8 @@
 //! The local proxy: accepts redirected connections, attributes them, hands
-//! them to the protocol handler their first bytes call for ([`dispatch`]),
-//! and emits one event per connection.
+//! them to the protocol handler their first bytes call for ([`dispatch`]:
+//! `http` for HTTP and terminated TLS, `tcp` for what the gateway does not
+//! parse), and emits one event per connection. Handlers translate; the gate
+//! ([`crate::enforce::gate`]) decides.
 
 use std::{
     io,
@@ -18,8 +20,8 @@ use tracing::Instrument as _;
 
 use crate::{
     config::ProxyConfig,
-    enforce::{Caller, Enforcement},
-    event::{ConnectionEvent, Outcome},
+    enforce::{Caller, Capture, Gate, Refusal},
+    event::{ConnectionEvent, Outcome, Protocol},
     identity::{Attestation, AttestationCache, Attestor, IdentityResolver},
     intercept::{words_addr, Interceptor},
     process::ProcessInfo,
@@ -27,6 +29,8 @@ use crate::{
 };
 
 mod dispatch;
+mod http;
+mod tcp;
 mod upstream;
 
 pub use upstream::{PlainConnector, TlsConnector};
@@ -47,6 +51,8 @@ pub struct Intercepted {
     pub orig_dst: SocketAddr,
     /// Who the client is and the identity it is pinned to.
     pub caller: Arc<Caller>,
+    /// How the connection was captured.
+    pub capture: Capture,
 }
 
 /// What the protocol handlers share: TLS interception, upstream TLS, and
@@ -58,8 +64,8 @@ pub struct Services {
     pub leaf_cache: LeafCache,
     /// Verifying TLS client for upstreams.
     pub upstream_tls: Arc<UpstreamTls>,
-    /// Detection, findings and actions.
-    pub enforcement: Arc<Enforcement>,
+    /// The gate: every decision about connections and requests.
+    pub gate: Arc<Gate>,
     /// Attestation of connecting processes.
     pub attestor: Arc<Attestor>,
     /// Attestations kept while the kernel vouches the process is unchanged;
@@ -155,7 +161,8 @@ impl Proxy {
             let caller = Arc::new(caller);
             event.attestation = Some(attestation);
             event.orig_dst = Some(orig_dst);
-            let conn = Intercepted { id, client, peer, orig_dst, caller: caller.clone() };
+            let capture = Capture::Destination;
+            let conn = Intercepted { id, client, peer, orig_dst, caller: caller.clone(), capture };
             let handled = self.dispatch(conn).await;
             event.process = Some(&caller.process);
             event.identity = Some(&caller.identity.uri);
@@ -223,6 +230,42 @@ impl Proxy {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
+    }
+}
+
+/// The result of handling one connection, for its event.
+pub(super) struct Handled {
+    pub protocol: Protocol,
+    pub sni: Option<String>,
+    pub requests: Option<u64>,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+impl Handled {
+    fn new(protocol: Protocol) -> Handled {
+        Handled {
+            protocol,
+            sni: None,
+            requests: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            outcome: Outcome::Closed,
+            error: None,
+        }
+    }
+
+    fn failed(mut self, outcome: Outcome, error: impl std::fmt::Display) -> Handled {
+        self.outcome = outcome;
+        self.error = Some(error.to_string());
+        self
+    }
+
+    /// The gate refused the connection.
+    fn refused(self, refusal: &Refusal) -> Handled {
+        self.failed(Outcome::Blocked, refusal)
     }
 }
 

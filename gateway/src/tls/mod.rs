@@ -153,8 +153,9 @@ impl TlsConfig {
 }
 
 /// Whether `name` matches `pattern`; both may carry a trailing dot and any case.
-/// Byte-wise so no allocation happens on the per-connection path.
-fn pattern_matches(pattern: &str, name: &str) -> bool {
+/// Byte-wise so no allocation happens on the per-connection path (the gate
+/// matches protected names with it too).
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     let pattern = pattern.strip_suffix('.').unwrap_or(pattern).as_bytes();
     let name = name.strip_suffix('.').unwrap_or(name).as_bytes();
     if name.is_empty() {

@@ -1,0 +1,743 @@
+//! The gate: the one place where a connection or a request becomes a
+//! decision, for every protocol.
+//!
+//! Protocol handlers (`proxy::tcp`, `proxy::http`, and the ones that come
+//! next) only translate: they turn what they understood of a connection or
+//! a request into protocol-neutral facts, ask the gate, and render its
+//! answer back into their protocol (a [`Refusal`] becomes an HTTP status, a
+//! TLS alert or a closed socket). The gate evaluates the policy, turns
+//! every detected key into a finding and applies the static-key action,
+//! holds requests for approval, and records the session from its start to
+//! its end.
+//!
+//! Fail closed by construction: for a protected destination the gate knows
+//! one of two things. Either the handler understood the traffic (it is
+//! judged request by request), or it did not ([`Uninspectable`]: an unknown
+//! protocol, TLS it does not terminate, an undecodable body, an upgrade it
+//! does not follow). Not understood is refused unless a policy rule for the
+//! destination says `uninspectable: scan_raw` or `pass`: nothing is passed
+//! by accident.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use serde_json::json;
+
+use super::{
+    refusal::{BlockedFinding, NotApproved, Reason, Refusal, Uninspectable},
+    Caller, MaskCache, FINDING_TARGET, POLICY_TARGET,
+};
+use crate::{
+    approval::{self, Approvals, NewApproval},
+    credentials::{prepare, CredentialStore, MintRequest, Minter, OidcValidator, RenderedInjection, SwapTarget},
+    detect::{
+        http_scan::{BodyLimits, Hit},
+        Detector, FingerprintKey,
+    },
+    event::Protocol,
+    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
+    mask::Masker,
+    policy::{self, PolicyHandle, RequestFacts},
+    record::{DecisionFacts, RecordLevel, Recorder, SessionEnd, SessionRecorder, SessionStart, TlsFacts},
+    tls::pattern_matches,
+};
+
+/// Findings recorded one by one per request; keys beyond it are counted.
+pub const MAX_FINDINGS_PER_REQUEST: usize = 256;
+
+/// What every connection's gate shares: detection, findings, credentials,
+/// policy, approvals and recording.
+pub struct Gate {
+    /// The detector.
+    pub detector: Arc<Detector>,
+    /// Per-installation key for fingerprints.
+    pub fingerprint_key: Arc<FingerprintKey>,
+    /// Durable findings.
+    pub findings: FindingsHandle,
+    /// Actions per destination and rule.
+    pub actions: FindingsConfig,
+    /// Body decoding limits.
+    pub body_limits: BodyLimits,
+    /// Credentials the gateway holds per identity and destination (`swap`).
+    pub credentials: Arc<CredentialStore>,
+    /// Short-lived tokens for `{jwt}` injections.
+    pub minter: Option<Arc<Minter>>,
+    /// Validates ID tokens jobs present in `oidc_header` (none configured: `None`).
+    pub oidc: Option<Arc<OidcValidator>>,
+    /// The header jobs present ID tokens in.
+    pub oidc_header: http::HeaderName,
+    /// Who may do what where (reloadable).
+    pub policy: PolicyHandle,
+    /// Requests held for just-in-time approval.
+    pub approvals: Approvals,
+    /// Session recording.
+    pub recorder: Recorder,
+    /// Compiled response maskers of the policy in force.
+    pub masks: MaskCache,
+    /// Body bytes a recording keeps per direction.
+    pub record_body_cap: usize,
+    /// Which names are protected wherever they are reached.
+    pub protected: ProtectedNames,
+    /// Configured names of intercepted addresses.
+    pub destinations: Arc<DestinationNames>,
+}
+
+/// Names whose traffic is inspected at any address: the `tls.intercept`
+/// patterns and the host names of `intercept.destinations`.
+#[derive(Debug, Clone, Default)]
+pub struct ProtectedNames {
+    patterns: Vec<String>,
+}
+
+impl ProtectedNames {
+    /// Protects names matching `patterns` (`tls.intercept` syntax: exact,
+    /// `*.suffix`, `*`).
+    pub fn new(patterns: impl IntoIterator<Item = String>) -> ProtectedNames {
+        ProtectedNames { patterns: patterns.into_iter().collect() }
+    }
+
+    /// Whether `host` is protected.
+    pub fn contains(&self, host: &str) -> bool {
+        self.patterns.iter().any(|p| pattern_matches(p, host))
+    }
+}
+
+/// The configured host names of intercepted addresses (`intercept.
+/// destinations` entries by host, as last resolved). A connection to a
+/// protected address is judged by these names, never by the server name
+/// the client claims: opting a destination out must not be something a job
+/// can do by sending another name.
+#[derive(Debug, Default)]
+pub struct DestinationNames(arc_swap::ArcSwap<std::collections::HashMap<std::net::IpAddr, Arc<str>>>);
+
+impl DestinationNames {
+    /// Replaces the names with those of `resolved` (host -> addresses).
+    pub fn update(&self, resolved: &std::collections::HashMap<String, Vec<std::net::IpAddr>>) {
+        let mut by_addr = std::collections::HashMap::new();
+        // Sorted, so an address shared by two names is always judged by the same one.
+        let mut hosts: Vec<_> = resolved.iter().collect();
+        hosts.sort();
+        for (host, addrs) in hosts {
+            let name: Arc<str> = Arc::from(host.to_ascii_lowercase());
+            for addr in addrs {
+                by_addr.entry(canonical(*addr)).or_insert_with(|| name.clone());
+            }
+        }
+        self.0.store(Arc::new(by_addr));
+    }
+
+    /// The configured name of `addr`, if it is one of a host destination's.
+    pub fn name_of(&self, addr: std::net::IpAddr) -> Option<Arc<str>> {
+        self.0.load().get(&canonical(addr)).cloned()
+    }
+}
+
+/// IPv4-mapped IPv6 addresses are their IPv4 address.
+fn canonical(addr: std::net::IpAddr) -> std::net::IpAddr {
+    match addr {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// How a connection reached the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capture {
+    /// Its address is in the intercept set: a protected destination,
+    /// whatever name the client gives.
+    Destination,
+    /// Only its port is captured: the server name (TLS) or `Host` (HTTP)
+    /// decides whether it is protected.
+    Port,
+}
+
+/// What the gate knows of a connection when it opens.
+#[derive(Debug, Clone)]
+pub struct ConnFacts {
+    /// Gateway-assigned connection id.
+    pub id: u64,
+    /// Who made it.
+    pub caller: Arc<Caller>,
+    /// Where the client meant to go.
+    pub dst: SocketAddr,
+    /// How it was captured.
+    pub capture: Capture,
+}
+
+/// What to do with bytes the gateway does not understand, once the policy
+/// allowed them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opaque {
+    /// Relay them untouched.
+    Pass,
+    /// Scan the client's bytes with every rule; a key ends the connection.
+    ScanRaw,
+}
+
+/// The policy's decision for one request, as the handler needs it.
+#[derive(Debug)]
+pub struct RequestDecision {
+    /// The deciding rule and action, for the recording.
+    pub decided: DecisionFacts,
+    /// The policy's static-key action, overriding `findings.actions`.
+    pub static_keys: Option<Action>,
+    /// Response masking: the compiled masker, or why it could not be.
+    pub mask: Option<Result<Arc<Masker>, String>>,
+    /// How much of the exchange the session keeps.
+    pub record: RecordLevel,
+    /// Hold for approval before upstream: (rule, spec).
+    pub approval: Option<(String, policy::ApprovalSpec)>,
+    /// What the request may do with content the gateway cannot inspect.
+    pub uninspectable: policy::Uninspectable,
+    /// Whether keys in it are looked for (the destination is protected).
+    pub inspect: bool,
+}
+
+/// One judged request: what the static-key actions and findings need.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// The judged host.
+    pub host: String,
+    /// Verified OIDC claims bound to the request.
+    pub verified: BTreeMap<String, String>,
+    /// The policy's static-key action.
+    pub static_keys: Option<Action>,
+}
+
+/// The outcome of judging the keys in (part of) a request.
+#[derive(Debug, Default)]
+pub struct Judgement {
+    /// Ids of the findings recorded.
+    pub findings: Vec<String>,
+    /// Set when the request must not go on.
+    pub refusal: Option<Refusal>,
+}
+
+/// One connection's passage through the gate: its caller, destination,
+/// recording and counters. Protocol handlers ask it for every decision.
+pub struct Passage {
+    gate: Arc<Gate>,
+    conn: ConnFacts,
+    session: Option<Arc<SessionRecorder>>,
+    refused: AtomicU64,
+}
+
+impl Gate {
+    /// Opens the gate for a connection. The session starts when the
+    /// handler knows what the connection is ([`Passage::start_session`]).
+    pub fn open(self: &Arc<Self>, conn: ConnFacts) -> Passage {
+        Passage { gate: self.clone(), conn, session: None, refused: AtomicU64::new(0) }
+    }
+
+    /// Masks every detector rule: applied to everything a recording keeps.
+    pub fn recording_masker(&self) -> &Arc<Masker> {
+        self.masks.recording()
+    }
+}
+
+impl Passage {
+    /// The connection's facts.
+    pub fn conn(&self) -> &ConnFacts {
+        &self.conn
+    }
+
+    /// The gate.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// The connection's recording, when it is recorded.
+    pub fn session(&self) -> Option<&Arc<SessionRecorder>> {
+        self.session.as_ref()
+    }
+
+    /// Requests and connections refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Whether `host` (a TLS server name or HTTP host) is protected on this
+    /// connection: always when the address was captured as a destination,
+    /// else when the name is.
+    pub fn protects(&self, host: Option<&str>) -> bool {
+        match self.conn.capture {
+            Capture::Destination => true,
+            // Without a name, nothing says the address is not protected.
+            Capture::Port => host.is_none_or(|h| self.gate.protected.contains(h)),
+        }
+    }
+
+    /// The host a connection-level decision is judged by: for a protected
+    /// address its configured name (or the address), whatever the client
+    /// claims; for an address captured only by port, the server name.
+    pub fn destination_host(&self, sni: Option<&str>) -> String {
+        let ip = self.conn.dst.ip();
+        let named = match (self.conn.capture, sni) {
+            (Capture::Destination, _) => self.gate.destinations.name_of(ip).map(|n| n.to_string()),
+            (Capture::Port, Some(sni)) => Some(sni.to_ascii_lowercase()),
+            (Capture::Port, None) => None,
+        };
+        named.unwrap_or_else(|| canonical(ip).to_string())
+    }
+
+    /// Starts the recording of the connection, as `protocol` to `host`.
+    pub fn start_session(&mut self, protocol: Protocol, host: &str, sni: Option<String>, tls: Option<TlsFacts>) {
+        let caller = &self.conn.caller;
+        let session = self.gate.recorder.start(SessionStart {
+            conn_id: self.conn.id,
+            identity: caller.identity.uri.clone(),
+            identity_labels: caller.identity.labels.clone(),
+            process: crate::record::ProcessFacts::new(&caller.process, caller.job.clone()),
+            host: host.to_owned(),
+            orig_dst: self.conn.dst,
+            sni,
+            tls,
+            protocol: protocol.as_str().to_owned(),
+        });
+        self.session = session.is_recording().then(|| Arc::new(session));
+    }
+
+    /// Ends the recording with the connection's totals.
+    pub fn end_session(&self, outcome: &str, bytes_up: u64, bytes_down: u64) {
+        if let Some(s) = &self.session {
+            s.end(SessionEnd { bytes_up, bytes_down, outcome: outcome.to_owned() });
+        }
+    }
+
+    /// Policy facts about the connection and, for requests, the request.
+    fn facts<'a>(
+        &'a self,
+        host: &'a str,
+        tls: bool,
+        claims: &'a BTreeMap<String, String>,
+        request: Option<policy::HttpRequestFacts<'a>>,
+    ) -> RequestFacts<'a> {
+        let identity = &self.conn.caller.identity;
+        RequestFacts {
+            identity_uri: &identity.uri,
+            labels: &identity.labels,
+            claims,
+            unmapped: identity.rule.is_none(),
+            host,
+            port: self.conn.dst.port(),
+            tls,
+            request,
+        }
+    }
+
+    /// Whether the policy would let bytes the gateway does not understand
+    /// through: asked before deciding to wait for a server's greeting,
+    /// without recording anything.
+    pub fn may_pass_opaque(&self) -> bool {
+        let host = self.destination_host(None);
+        if !self.protects(Some(&host)) {
+            return true;
+        }
+        let policy = self.gate.policy.current();
+        let d = policy.evaluate(&self.facts(&host, false, &policy::NO_ATTRIBUTES, None));
+        !matches!(d.action, policy::Action::Deny { .. }) && d.uninspectable != policy::Uninspectable::Refuse
+    }
+
+    /// What the policy allows for content of this connection the gateway
+    /// cannot inspect (an undecodable body, an upgrade), judged by the
+    /// destination, not by a name the client chose.
+    pub fn uninspectable(&self) -> policy::Uninspectable {
+        let host = self.destination_host(None);
+        let policy = self.gate.policy.current();
+        policy.evaluate(&self.facts(&host, false, &policy::NO_ATTRIBUTES, None)).uninspectable
+    }
+
+    /// Decides a connection whose bytes the handler does not understand
+    /// (`why`), judged once as protocol `tcp` for its destination (see
+    /// [`Passage::destination_host`]). Starts its recording. `Ok` says how
+    /// to relay it; a refusal is recorded and the handler closes the
+    /// connection in its protocol's way.
+    pub async fn opaque(
+        &mut self,
+        why: Uninspectable,
+        protocol: Protocol,
+        sni: Option<String>,
+    ) -> Result<Opaque, Refusal> {
+        let protected = self.protects(sni.as_deref());
+        let tls = sni.is_some() || protocol == Protocol::TlsPassthrough;
+        let host = self.destination_host(sni.as_deref());
+        let host = host.as_str();
+        let (action, rule, record, uninspectable) = {
+            let policy = self.gate.policy.current();
+            let d = policy.evaluate(&self.facts(host, tls, &policy::NO_ATTRIBUTES, None));
+            (d.action.clone(), d.rule.to_owned(), d.record, d.uninspectable)
+        };
+        if record != policy::RecordLevel::None {
+            self.start_session(protocol, host, sni, None);
+        }
+        if let Some(s) = &self.session {
+            s.event(
+                "decision",
+                json!({ "rule": rule, "action": action.name(), "uninspectable": uninspectable.as_str(), "why": why }),
+            );
+        }
+        let refusal = match &action {
+            policy::Action::Deny { reason } => Some(Reason::Denied { rule: rule.clone(), reason: reason.clone() }),
+            _ if protected && uninspectable == policy::Uninspectable::Refuse => Some(Reason::Uninspectable(why)),
+            policy::Action::RequireApproval(spec) => {
+                let port = self.conn.dst.port();
+                let ask = ApprovalAsk {
+                    rule: &rule,
+                    spec,
+                    method: "CONNECT".into(),
+                    url: format!("tcp://{host}:{port}"),
+                    destination: format!("{host}:{port}"),
+                    body_preview: String::new(),
+                };
+                self.approve(ask).await.err().map(|r| r.reason)
+            }
+            policy::Action::Allow => None,
+        };
+        if let Some(reason) = refusal {
+            return Err(self.refuse(reason, &rule));
+        }
+        Ok(match uninspectable {
+            policy::Uninspectable::ScanRaw if protected => Opaque::ScanRaw,
+            _ => Opaque::Pass,
+        })
+    }
+
+    /// Records a refusal (event, log line, counter) and returns it for the
+    /// handler to render.
+    pub fn refuse(&self, reason: Reason, rule: &str) -> Refusal {
+        let refusal = Refusal { conn_id: self.conn.id, reason };
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let code = refusal.reason.code();
+        tracing::info!(
+            target: POLICY_TARGET,
+            conn_id = self.conn.id,
+            rule,
+            reason = code,
+            identity = self.conn.caller.identity.uri,
+            dst = %self.conn.dst,
+            "refused: {}",
+            refusal.message()
+        );
+        if let Some(s) = &self.session {
+            let mut detail = refusal.detail();
+            detail["reason"] = json!(code);
+            detail["rule"] = json!(rule);
+            s.event("refused", detail);
+        }
+        refusal
+    }
+
+    /// Evaluates the policy for a request to `host` that the handler
+    /// understood. A `deny` is a refusal (recorded by the caller with the
+    /// request); everything else says how to treat the request.
+    pub fn request(
+        &self,
+        host: &str,
+        tls: bool,
+        claims: &BTreeMap<String, String>,
+        request: policy::HttpRequestFacts<'_>,
+    ) -> Result<RequestDecision, (Reason, String)> {
+        let policy = self.gate.policy.current();
+        let d = policy.evaluate(&self.facts(host, tls, claims, Some(request)));
+        let decided = DecisionFacts { rule: d.rule.to_owned(), action: d.action.name().to_owned() };
+        if let policy::Action::Deny { reason } = d.action {
+            return Err((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));
+        }
+        let approval = match d.action {
+            policy::Action::RequireApproval(spec) => Some((d.rule.to_owned(), spec.clone())),
+            _ => None,
+        };
+        let mask = match (d.mask, d.mask_id) {
+            (Some(rule), Some(id)) => Some(self.gate.masks.get(&policy, id, rule)),
+            _ => None,
+        };
+        let (static_keys, record) = (d.static_keys, record_level(d.record));
+        drop(policy);
+        Ok(RequestDecision {
+            decided,
+            static_keys,
+            mask,
+            record,
+            approval,
+            uninspectable: self.uninspectable(),
+            inspect: self.protects(Some(host)),
+        })
+    }
+
+    /// Decides every key found in a request: each becomes a durable finding
+    /// (up to [`MAX_FINDINGS_PER_REQUEST`], the rest counted), the
+    /// static-key action for the destination and rule says block, flag or
+    /// swap, and the swap (heads only: a key in a body cannot be replaced)
+    /// is applied through `swap`, the handler's protocol-specific part.
+    /// A swap without a held credential, or one that fails, blocks: it
+    /// fails closed. Losing a finding blocks too.
+    pub async fn judge(
+        &self,
+        req: &Judged,
+        hits: Vec<Hit>,
+        swap: Option<&mut (dyn FnMut(&[SwapTarget], &RenderedInjection) -> Result<(), String> + Send)>,
+    ) -> Judgement {
+        let host = req.host.as_str();
+        let identity = &self.conn.caller.identity;
+        let credential = match swap {
+            Some(_) => self.gate.credentials.lookup(&identity.uri, host),
+            None => None,
+        };
+        let mut seen = HashSet::new();
+        let mut decided: Vec<(Hit, String, String, Action)> = Vec::new();
+        let mut swap_targets = Vec::new();
+        // Keys beyond the cap: counted, and still blocking when their action is.
+        let (mut more, mut more_block) = (0u64, false);
+        for hit in hits {
+            let fingerprint = hit.detection.secret.fingerprint(&self.gate.fingerprint_key);
+            let location = hit.location.to_string();
+            if !seen.insert((fingerprint.clone(), location.clone())) {
+                continue;
+            }
+            let configured =
+                req.static_keys.unwrap_or_else(|| self.gate.actions.action_for(host, &hit.detection.rule_id));
+            let action = match configured {
+                Action::Flag => Action::Flag,
+                Action::Block => Action::Block,
+                Action::Swap => match (credential.is_some(), SwapTarget::from_location(&hit.location)) {
+                    (true, Some(target)) => {
+                        swap_targets.push(target);
+                        Action::Swap
+                    }
+                    _ => Action::Block,
+                },
+            };
+            if decided.len() >= MAX_FINDINGS_PER_REQUEST {
+                more += 1;
+                more_block |= action == Action::Block;
+                continue;
+            }
+            decided.push((hit, fingerprint, location, action));
+        }
+        let blocking = more_block || decided.iter().any(|(.., a)| *a == Action::Block);
+        if !blocking && !swap_targets.is_empty() {
+            let swapped = match (swap, credential.as_ref()) {
+                (Some(apply), Some(credential)) => self.swap(credential, host, &req.verified).and_then(|rendered| {
+                    apply(&swap_targets, &rendered)?;
+                    tracing::info!(
+                        target: FINDING_TARGET,
+                        identity = identity.uri,
+                        host,
+                        credential_entry = credential.entry,
+                        "swapped a static credential for the gateway-held one"
+                    );
+                    Ok(())
+                }),
+                _ => Err("no request head or credential to swap".to_owned()),
+            };
+            if let Err(reason) = swapped {
+                tracing::error!(target: FINDING_TARGET, conn_id = self.conn.id, reason, "credential swap failed; blocking the request");
+                for d in decided.iter_mut() {
+                    if d.3 == Action::Swap {
+                        d.3 = Action::Block;
+                    }
+                }
+            }
+        }
+
+        let mut judgement = Judgement::default();
+        let mut blocked = Vec::new();
+        for (hit, fingerprint, location, action) in decided {
+            let rule = hit.detection.rule_id.to_string();
+            let preview = hit.detection.secret.preview();
+            let finding = NewFinding {
+                rule_id: rule.clone(),
+                confidence: hit.detection.confidence.to_string(),
+                fingerprint: fingerprint.clone(),
+                preview: preview.clone(),
+                location: location.clone(),
+                dest_host: host.to_owned(),
+                dest_port: self.conn.dst.port(),
+                process: self.snapshot(&req.verified),
+                identity: Some(identity.uri.clone()),
+                action,
+                seen_at: time::OffsetDateTime::now_utc(),
+            };
+            let mut entry = BlockedFinding { id: None, rule, location, fingerprint, preview };
+            match self.gate.findings.record(finding).await {
+                Ok(recorded) => {
+                    let id = recorded.id.to_string();
+                    judgement.findings.push(id.clone());
+                    entry.id = Some(id);
+                }
+                Err(e) => {
+                    // Losing the finding must not let the key through.
+                    tracing::error!(target: FINDING_TARGET, error = %e, rule = entry.rule, "recording a finding failed; blocking the request");
+                    blocked.push(entry);
+                    continue;
+                }
+            }
+            let p = &self.conn.caller.process;
+            tracing::warn!(
+                target: FINDING_TARGET,
+                conn_id = self.conn.id,
+                finding = entry.id.as_deref(),
+                rule = entry.rule,
+                confidence = %hit.detection.confidence,
+                fingerprint = entry.fingerprint,
+                preview = entry.preview,
+                location = entry.location,
+                host,
+                port = self.conn.dst.port(),
+                identity = identity.uri,
+                pid = p.pid,
+                uid = p.uid,
+                exe = p.exe.as_ref().map(|e| e.display().to_string()),
+                action = action.as_str(),
+                "static credential"
+            );
+            if action == Action::Block {
+                blocked.push(entry);
+            }
+        }
+        if more > 0 {
+            tracing::warn!(target: FINDING_TARGET, conn_id = self.conn.id, more, cap = MAX_FINDINGS_PER_REQUEST, "more keys in one request than are recorded one by one");
+        }
+        if !blocked.is_empty() || more_block {
+            judgement.refusal =
+                Some(Refusal { conn_id: self.conn.id, reason: Reason::StaticCredential { findings: blocked, more } });
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        judgement
+    }
+
+    /// Renders the credential the gateway holds for this caller and `host`.
+    fn swap(
+        &self,
+        credential: &crate::credentials::Credential,
+        host: &str,
+        verified: &BTreeMap<String, String>,
+    ) -> Result<RenderedInjection, String> {
+        let identity = &self.conn.caller.identity;
+        let mut job = self.conn.caller.job.clone();
+        // Verified OIDC claims win over the job's own environment.
+        job.extend(verified.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mint = MintRequest {
+            subject: identity.uri.clone(),
+            audience: host.to_owned(),
+            labels: identity.labels.clone(),
+            job,
+        };
+        prepare(credential, self.gate.minter.as_deref(), &mint).map_err(|e| e.to_string())
+    }
+
+    fn snapshot(&self, verified: &BTreeMap<String, String>) -> ProcessSnapshot {
+        let caller = &self.conn.caller;
+        let p = &caller.process;
+        let mut job = caller.job.clone();
+        job.extend(verified.iter().map(|(k, v)| (format!("oidc.{k}"), v.clone())));
+        ProcessSnapshot {
+            pid: p.pid,
+            uid: p.uid,
+            exe: p.exe.as_ref().map(|e| e.display().to_string()),
+            comm: p.comm.clone(),
+            cgroup: p.cgroup.clone(),
+            job,
+        }
+    }
+
+    /// Holds the caller's request until its approval is decided, recording
+    /// the request and the decision. `Ok` releases it.
+    pub async fn approve(&self, ask: ApprovalAsk<'_>) -> Result<(), Refusal> {
+        let ApprovalAsk { rule, spec, method, url, destination, body_preview } = ask;
+        let caller = &self.conn.caller;
+        let session = self.session.as_deref();
+        let p = &caller.process;
+        let new = NewApproval {
+            identity: caller.identity.uri.clone(),
+            identity_labels: caller.identity.labels.clone(),
+            process: json!({
+                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
+                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
+            }),
+            job: caller.job.clone(),
+            session_id: session.map(|s| s.id().as_str().to_owned()),
+            method,
+            url,
+            destination,
+            body_preview,
+            rule: rule.to_owned(),
+            requesters: Vec::new(),
+        };
+        let approval_spec = approval::ApprovalSpec::from(spec);
+        if let Some(s) = session {
+            s.event(
+                "approval_requested",
+                json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }),
+            );
+        }
+        tracing::info!(target: POLICY_TARGET, conn_id = self.conn.id, rule, group = spec.group, identity = caller.identity.uri, "held for approval");
+        let outcome = self.gate.approvals.request(new, &approval_spec).await;
+        let not_approved = |approval: Option<String>, outcome: NotApproved, message: String| Reason::NotApproved {
+            approval,
+            outcome,
+            message,
+            reason: spec.reason.clone(),
+        };
+        let (result, event) = match outcome {
+            approval::Outcome::Approved { id, by } => {
+                (Ok(()), json!({ "approval": id.to_string(), "outcome": "approved", "by": by }))
+            }
+            approval::Outcome::Denied { id, by, comment } => {
+                let event = json!({ "approval": id.to_string(), "outcome": "denied", "by": by });
+                let comment = comment.as_deref().map(|c| format!(": {c}")).unwrap_or_default();
+                let message = format!("Approval {id} was denied by {by}{comment}.");
+                (Err(not_approved(Some(id.to_string()), NotApproved::Denied, message)), event)
+            }
+            approval::Outcome::TimedOut { id } => {
+                let message = format!(
+                    "Nobody approved request {id} within {}; it was not sent.",
+                    humantime::format_duration(spec.timeout)
+                );
+                let event = json!({ "approval": id.to_string(), "outcome": "timed_out" });
+                (Err(not_approved(Some(id.to_string()), NotApproved::TimedOut, message)), event)
+            }
+            approval::Outcome::Failed { reason } => {
+                let event = json!({ "outcome": "failed", "reason": reason });
+                let message =
+                    format!("This request needs approval, which could not be requested ({reason}); it was not sent.");
+                (Err(not_approved(None, NotApproved::Unavailable, message)), event)
+            }
+        };
+        if let Some(s) = session {
+            s.event("approval_decided", event);
+        }
+        result.map_err(|reason| self.refuse(reason, rule))
+    }
+}
+
+/// What a held request asks approvers for.
+pub struct ApprovalAsk<'a> {
+    /// The policy rule that requires approval.
+    pub rule: &'a str,
+    /// Its approval settings.
+    pub spec: &'a policy::ApprovalSpec,
+    /// Request method (`CONNECT` for a non-HTTP connection).
+    pub method: String,
+    /// URL, secrets masked.
+    pub url: String,
+    /// `host:port`.
+    pub destination: String,
+    /// The start of the body, secrets masked.
+    pub body_preview: String,
+}
+
+fn record_level(level: policy::RecordLevel) -> RecordLevel {
+    match level {
+        policy::RecordLevel::Full => RecordLevel::Full,
+        policy::RecordLevel::Metadata => RecordLevel::Metadata,
+        policy::RecordLevel::None => RecordLevel::None,
+    }
+}

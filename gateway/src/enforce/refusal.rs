@@ -1,0 +1,254 @@
+//! One refusal type for every protocol.
+//!
+//! The gate says *why* it refuses; each protocol handler renders that into
+//! its protocol (an HTTP status and JSON body, a TLS alert, a closed TCP
+//! connection, later a PostgreSQL `ErrorResponse`), the way rustls maps one
+//! error type to TLS alerts. Every refusal is also a `refused` event in the
+//! session recording, with [`Reason::code`] as its machine-readable reason.
+
+use std::{fmt, time::Duration};
+
+use serde::Serialize;
+
+/// A refusal: what the gate decided, for the connection it concerns.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The connection.
+    pub conn_id: u64,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// Why the gate refused.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Reason {
+    /// A policy rule denies it.
+    Denied {
+        /// The deciding rule.
+        rule: String,
+        /// The rule's reason, for the client.
+        reason: String,
+    },
+    /// It carries hard-coded credentials whose action is `block`.
+    StaticCredential {
+        /// The findings that blocked it (ids, rules, fingerprints, previews).
+        findings: Vec<BlockedFinding>,
+        /// Keys found beyond the per-request findings cap (not recorded
+        /// one by one).
+        more: u64,
+    },
+    /// It needed approval and did not get it.
+    NotApproved {
+        /// The approval request, when one was stored.
+        approval: Option<String>,
+        /// How the approval ended.
+        outcome: NotApproved,
+        /// For the client.
+        message: String,
+        /// The policy's reason for needing approval.
+        reason: String,
+    },
+    /// An identity token the job presented did not validate.
+    InvalidToken {
+        /// Machine-readable validation failure.
+        code: &'static str,
+        /// For the client.
+        message: String,
+    },
+    /// The gateway could not understand what was sent, and the policy did
+    /// not opt the destination out.
+    Uninspectable(Uninspectable),
+    /// A request path that could be read two ways (an encoded `/` or `\`,
+    /// an invalid escape): refused rather than guessed.
+    AmbiguousPath {
+        /// What is ambiguous about it.
+        detail: String,
+    },
+}
+
+/// How a held request ended without approval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotApproved {
+    /// An approver denied it.
+    Denied,
+    /// Nobody approved it in time.
+    TimedOut,
+    /// Approval could not be requested.
+    Unavailable,
+}
+
+impl NotApproved {
+    /// The machine-readable error clients see.
+    pub fn code(self) -> &'static str {
+        match self {
+            NotApproved::Denied => "approval_denied",
+            NotApproved::TimedOut => "approval_timed_out",
+            NotApproved::Unavailable => "approval_unavailable",
+        }
+    }
+}
+
+/// One finding that blocked a request, as the client and the recording see
+/// it: never the key, only its fingerprint and a redacted preview.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockedFinding {
+    /// The finding's id (`None` when it could not be stored: the request
+    /// is blocked all the same).
+    pub id: Option<String>,
+    /// The rule that found the key.
+    pub rule: String,
+    /// Where in the request.
+    pub location: String,
+    /// HMAC fingerprint of the key.
+    pub fingerprint: String,
+    /// Redacted preview.
+    pub preview: String,
+}
+
+/// What the gateway could not understand. Not understood is refused unless
+/// the policy opts the destination out (`uninspectable: scan_raw | pass`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Uninspectable {
+    /// The client's first bytes are no protocol the gateway inspects.
+    UnknownProtocol,
+    /// The server spoke first (SSH, SMTP, MySQL greetings...).
+    ServerSpeaksFirst,
+    /// The client said nothing at all.
+    Silent {
+        /// How long the gateway waited.
+        #[serde(with = "humantime_serde")]
+        waited: Duration,
+    },
+    /// TLS whose server name the gateway does not terminate (no name, a
+    /// name outside `tls.intercept`, or a `tls.passthrough` name) to a
+    /// protected destination.
+    TlsNotIntercepted {
+        /// The server name the client asked for.
+        sni: Option<String>,
+    },
+    /// A request body the gateway could not decode or scan completely.
+    Body {
+        /// Why (unknown content coding, broken compression, over the limit).
+        detail: String,
+    },
+    /// An HTTP upgrade to a protocol the gateway does not follow.
+    Upgrade {
+        /// The `Upgrade` header's value.
+        protocol: String,
+    },
+    /// A WebSocket stream the gateway could not parse.
+    WebSocket {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl Uninspectable {
+    /// Short machine-readable name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Uninspectable::UnknownProtocol => "unknown_protocol",
+            Uninspectable::ServerSpeaksFirst => "server_speaks_first",
+            Uninspectable::Silent { .. } => "silent_client",
+            Uninspectable::TlsNotIntercepted { .. } => "tls_not_intercepted",
+            Uninspectable::Body { .. } => "uninspectable_body",
+            Uninspectable::Upgrade { .. } => "unsupported_upgrade",
+            Uninspectable::WebSocket { .. } => "uninspectable_websocket",
+        }
+    }
+}
+
+impl fmt::Display for Uninspectable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Uninspectable::UnknownProtocol => f.write_str("the client speaks a protocol the gateway does not inspect"),
+            Uninspectable::ServerSpeaksFirst => {
+                f.write_str("the server speaks first, a protocol the gateway does not inspect")
+            }
+            Uninspectable::Silent { waited } => {
+                write!(f, "the client sent nothing for {}", humantime::format_duration(*waited))
+            }
+            Uninspectable::TlsNotIntercepted { sni: Some(sni) } => {
+                write!(f, "TLS for `{sni}`, a name the gateway does not terminate, to a protected destination")
+            }
+            Uninspectable::TlsNotIntercepted { sni: None } => {
+                f.write_str("TLS without a server name to a protected destination")
+            }
+            Uninspectable::Body { detail } => write!(f, "the request body cannot be inspected: {detail}"),
+            Uninspectable::Upgrade { protocol } => {
+                write!(f, "an upgrade to `{protocol}`, a protocol the gateway does not inspect")
+            }
+            Uninspectable::WebSocket { detail } => write!(f, "the WebSocket stream cannot be inspected: {detail}"),
+        }
+    }
+}
+
+impl Reason {
+    /// The machine-readable error clients and recordings see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Denied { .. } => "denied_by_policy",
+            Reason::StaticCredential { .. } => "static_credential_blocked",
+            Reason::NotApproved { outcome, .. } => outcome.code(),
+            Reason::InvalidToken { .. } => "invalid_oidc_token",
+            Reason::Uninspectable(_) => "uninspectable",
+            Reason::AmbiguousPath { .. } => "ambiguous_path",
+        }
+    }
+}
+
+impl Refusal {
+    /// What the job shows its user: what happened, and what to do about it.
+    pub fn message(&self) -> String {
+        match &self.reason {
+            Reason::Denied { rule, reason } => {
+                format!("The CI gateway's policy denies this request (rule `{rule}`): {reason}")
+            }
+            Reason::StaticCredential { findings, more } => {
+                let rules: Vec<&str> = findings.iter().map(|f| f.rule.as_str()).collect();
+                let ids: Vec<&str> = findings.iter().filter_map(|f| f.id.as_deref()).collect();
+                let more = if *more > 0 { format!(" and {more} more") } else { String::new() };
+                format!(
+                    "The CI gateway blocked this request: it carries a hard-coded credential ({}{more}). \
+                     Nothing was sent to the server. Remove the key from the job, rotate it, and ask \
+                     the security team about finding {} if this is unexpected.",
+                    rules.join(", "),
+                    if ids.is_empty() { "(not recorded)".to_owned() } else { ids.join(", ") },
+                )
+            }
+            Reason::NotApproved { message, .. } => message.clone(),
+            Reason::InvalidToken { message, .. } => message.clone(),
+            Reason::Uninspectable(what) => format!(
+                "The CI gateway refused this: {what}. Nothing was sent to the server. The gateway only \
+                 lets through what it can inspect; ask the operators to opt this destination out \
+                 (`uninspectable` in the policy) if it must carry this traffic."
+            ),
+            Reason::AmbiguousPath { detail } => format!(
+                "The CI gateway refused this request: its path is ambiguous ({detail}). Nothing was sent \
+                 to the server. Send the path without encoded slashes or backslashes."
+            ),
+        }
+    }
+
+    /// Details for the recording's `refused` event and the client's JSON.
+    pub fn detail(&self) -> serde_json::Value {
+        use serde_json::json;
+        match &self.reason {
+            Reason::Denied { rule, reason } => json!({ "rule": rule, "reason": reason }),
+            Reason::StaticCredential { findings, more } => json!({ "findings": findings, "more": more }),
+            Reason::NotApproved { approval, reason, .. } => json!({ "approval": approval, "reason": reason }),
+            Reason::InvalidToken { code, .. } => json!({ "code": code }),
+            Reason::Uninspectable(what) => json!({ "uninspectable": what }),
+            Reason::AmbiguousPath { detail } => json!({ "detail": detail }),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason.code(), self.message())
+    }
+}

@@ -1,0 +1,827 @@
+//! The HTTP protocol handler: translates each intercepted HTTP request into
+//! the gate's facts (judged host, method, normalised path, headers, the keys
+//! in its head and body) and the gate's decisions back into HTTP (403, 401,
+//! 400, 415, a swapped credential, a held request, a masked response).
+//!
+//! It decides nothing itself: every decision is the gate's
+//! ([`crate::enforce::gate`]). What it cannot inspect (a body it cannot
+//! decode, an upgrade it cannot follow) it reports to the gate as
+//! [`Uninspectable`], which refuses unless the policy opted the
+//! destination out.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use serde_json::json;
+
+use crate::{
+    credentials::{apply_swap, RenderedInjection, SwapTarget},
+    detect::{
+        body::BodyStatus,
+        http_scan::{self, BodyScanner, Hit},
+    },
+    enforce::{
+        decode_prefix, lock, ApprovalAsk, ExchangeWatch, Judged, Passage, Reason, Refusal, RequestDecision,
+        RequestSummary, SharedCapture, Uninspectable, WatchSpec, OIDC_TARGET,
+    },
+    event::{Outcome, Protocol},
+    http::{
+        BodyInspector, BodyVerdict, BoxFuture, HeadVerdict, HttpContext, Inspector, ResponseInspector, ResponseVerdict,
+        Tunnel, TunnelInspector, TunnelVerdict,
+    },
+    policy::{self, HttpRequestFacts},
+    record::{DecisionFacts, ExchangeRecord, RecordLevel, TlsFacts},
+    tls,
+};
+
+use super::{tcp::RawScan, Handled, Intercepted, PlainConnector, Proxy, TlsConnector};
+
+/// Upper bound on the client's TLS handshake with the gateway.
+const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Proxy {
+    /// Terminates TLS for an intercepted server name (with a leaf the
+    /// gateway CA mints for it) and serves the HTTP inside.
+    pub(super) async fn intercept_tls(
+        &self,
+        conn: Intercepted,
+        mut passage: Passage,
+        hello: tls::ClientHelloInfo,
+    ) -> Handled {
+        let mut handled = Handled::new(Protocol::Https);
+        // Without SNI (intercepted by configuration) the certificate names the address.
+        let name = hello.sni.clone().unwrap_or_else(|| conn.orig_dst.ip().to_string());
+        handled.sni = hello.sni.clone();
+        let server_config = match self.services.leaf_cache.server_config(&name, &hello.alpn) {
+            Ok(c) => c,
+            Err(e) => return handled.failed(Outcome::Error, format!("minting a certificate for {name}: {e}")),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config);
+        let stream = match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, acceptor.accept(conn.client)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return handled.failed(Outcome::Error, format!("client TLS handshake: {e}")),
+            Err(_) => return handled.failed(Outcome::Error, "client TLS handshake timed out"),
+        };
+        let tls_conn = stream.get_ref().1;
+        let client_h2 = tls_conn.alpn_protocol() == Some(b"h2".as_slice());
+        let tls_facts = TlsFacts {
+            version: tls_conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+            cipher: tls_conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default(),
+            alpn: tls_conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+        };
+        passage.start_session(Protocol::Https, &name.to_ascii_lowercase(), hello.sni.clone(), Some(tls_facts));
+        let connector = TlsConnector {
+            dst: conn.orig_dst,
+            mark: self.config.upstream_mark,
+            timeout: self.config.connect_timeout,
+            server_name: name.clone(),
+            tls: self.services.upstream_tls.clone(),
+        };
+        let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
+        self.serve_http(stream, Some(client_h2), ctx, passage, connector, handled).await
+    }
+
+    /// Serves plaintext HTTP (HTTP/1.x, or HTTP/2 with prior knowledge).
+    pub(super) async fn serve_plain_http(&self, conn: Intercepted, mut passage: Passage) -> Handled {
+        let connector = PlainConnector {
+            dst: conn.orig_dst,
+            mark: self.config.upstream_mark,
+            timeout: self.config.connect_timeout,
+        };
+        // The Host header names the server; the engine falls back to it.
+        let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
+        passage.start_session(Protocol::Http, &conn.orig_dst.ip().to_string(), None, None);
+        self.serve_http(conn.client, None, ctx, passage, connector, Handled::new(Protocol::Http)).await
+    }
+
+    async fn serve_http<IO, U>(
+        &self,
+        io: IO,
+        client_h2: Option<bool>,
+        ctx: HttpContext,
+        passage: Passage,
+        connector: U,
+        mut handled: Handled,
+    ) -> Handled
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        U: crate::http::UpstreamConnector,
+    {
+        let passage = Arc::new(passage);
+        let inspector = Arc::new(HttpGate::new(passage.clone()));
+        let result =
+            crate::http::serve(io, client_h2, ctx, inspector, connector, self.services.http_limits.clone()).await;
+        if passage.refused() > 0 {
+            handled.outcome = Outcome::Blocked;
+        }
+        let handled = match result {
+            Ok(stats) => {
+                handled.requests = Some(stats.requests);
+                handled.bytes_up = stats.bytes_up;
+                handled.bytes_down = stats.bytes_down;
+                handled
+            }
+            Err(e) => {
+                if let Some(s) = passage.session() {
+                    s.event("error", json!({ "error": e.to_string() }));
+                }
+                handled.failed(Outcome::Error, e)
+            }
+        };
+        passage.end_session(handled.outcome.as_str(), handled.bytes_up, handled.bytes_down);
+        handled
+    }
+}
+
+/// Shown to approvers: enough to judge, small enough for a webhook.
+const APPROVAL_PREVIEW_BYTES: usize = 4096;
+
+/// The [`Inspector`] of one intercepted HTTP connection.
+pub(super) struct HttpGate {
+    passage: Arc<Passage>,
+    /// Requests seen on the connection (numbers exchanges in the recording).
+    requests: AtomicU64,
+}
+
+impl HttpGate {
+    /// The inspector of the connection going through `passage`.
+    pub(super) fn new(passage: Arc<Passage>) -> HttpGate {
+        HttpGate { passage, requests: AtomicU64::new(0) }
+    }
+}
+
+/// The host a request is judged by: the TLS server name, else the
+/// request's authority or `Host`, else the address; lowercase, without
+/// port, brackets or trailing dot.
+pub(crate) fn judged_host(ctx: &HttpContext, parts: &http::request::Parts) -> String {
+    if !ctx.server_name.is_empty() {
+        return normalise_host(&ctx.server_name);
+    }
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+    match authority.map(host_of_authority) {
+        Some(host) if !host.is_empty() => normalise_host(host),
+        _ => ctx.orig_dst.ip().to_string(),
+    }
+}
+
+/// The host part of `host[:port]`, `[v6][:port]` or a bare IPv6 address.
+fn host_of_authority(authority: &str) -> &str {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h).trim();
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(h, _)| h);
+    }
+    match authority.rsplit_once(':') {
+        // More than one colon and no brackets: a bare IPv6 address.
+        Some((h, _)) if !h.contains(':') => h,
+        _ => authority,
+    }
+}
+
+fn normalise_host(host: &str) -> String {
+    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+fn path_and_query(parts: &http::request::Parts) -> &str {
+    parts.uri.path_and_query().map_or("/", |p| p.as_str())
+}
+
+/// Renders a refusal as the HTTP response the job sees: a status saying
+/// what kind of refusal it is, and a JSON body with the machine-readable
+/// reason, a message for people, and the details (finding ids, rule,
+/// approval).
+pub(crate) fn render(refusal: &Refusal) -> http::Response<Bytes> {
+    use http::StatusCode;
+    let status = match &refusal.reason {
+        Reason::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
+        Reason::AmbiguousPath { .. } => StatusCode::BAD_REQUEST,
+        Reason::Uninspectable(Uninspectable::Body { .. }) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        _ => StatusCode::FORBIDDEN,
+    };
+    let mut body = json!({
+        "error": refusal.reason.code(),
+        "message": refusal.message(),
+        "conn_id": refusal.conn_id,
+    });
+    if let (Some(body), serde_json::Value::Object(detail)) = (body.as_object_mut(), refusal.detail()) {
+        for (k, v) in detail {
+            body.entry(k).or_insert(v);
+        }
+    }
+    crate::enforce::json_response(status, &body)
+}
+
+/// What one request carries from its head to its body inspection.
+struct RequestState {
+    judged: Judged,
+    capture: SharedCapture,
+    /// What the policy allows for content the gateway cannot decode.
+    uninspectable: policy::Uninspectable,
+}
+
+impl HttpGate {
+    /// Validates an ID token the job presents in the configured header. The
+    /// header never goes upstream; a token that does not validate is
+    /// refused. Returns the verified claims to bind to the request.
+    async fn verify_presented_token(
+        &self,
+        parts: &mut http::request::Parts,
+    ) -> Result<BTreeMap<String, String>, Refusal> {
+        let gate = self.passage.gate();
+        let conn_id = self.passage.conn().id;
+        let caller = &self.passage.conn().caller;
+        let Some(value) = parts.headers.remove(&gate.oidc_header) else {
+            return Ok(BTreeMap::new());
+        };
+        let Some(validator) = &gate.oidc else {
+            tracing::warn!(target: OIDC_TARGET, conn_id, "an ID token was presented but no OIDC issuer is configured; token dropped");
+            return Ok(BTreeMap::new());
+        };
+        let token = value.to_str().unwrap_or_default().trim();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token);
+        match validator.validate(token).await {
+            Ok(claims) => {
+                tracing::info!(
+                    target: OIDC_TARGET,
+                    conn_id,
+                    issuer = claims.issuer,
+                    subject = claims.subject,
+                    identity = caller.identity.uri,
+                    "ID token verified"
+                );
+                let mut verified = claims.attributes;
+                verified.insert("sub".into(), claims.subject);
+                verified.insert("iss".into(), claims.issuer);
+                Ok(verified)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    target: OIDC_TARGET,
+                    conn_id,
+                    code = e.code(),
+                    reason = %e,
+                    identity = caller.identity.uri,
+                    pid = caller.process.pid,
+                    "ID token rejected"
+                );
+                let message = format!("The CI gateway rejected the identity token this request presented: {e}.");
+                Err(self.passage.refuse(Reason::InvalidToken { code: e.code(), message }, "oidc"))
+            }
+        }
+    }
+
+    /// The request line as a recording may keep it (secrets masked); empty
+    /// when the connection is not recorded.
+    fn summarize(&self, parts: &http::request::Parts) -> RequestSummary {
+        if self.passage.session().is_none() {
+            return RequestSummary {
+                method: String::new(),
+                url: String::new(),
+                rpc: None,
+                headers: Vec::new(),
+                started: std::time::SystemTime::now(),
+            };
+        }
+        RequestSummary {
+            method: parts.method.to_string(),
+            url: self.masked_url(parts),
+            rpc: policy::rpc_method(
+                parts.method.as_str(),
+                path_and_query(parts),
+                parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
+            )
+            .map(str::to_owned),
+            headers: Vec::new(),
+            started: std::time::SystemTime::now(),
+        }
+    }
+
+    /// Request headers as a recording may keep them: secrets masked,
+    /// credentials redacted.
+    fn recorded_headers(&self, headers: &http::HeaderMap) -> Vec<(String, String)> {
+        let mut headers = headers.clone();
+        self.passage.gate().recording_masker().mask_headers(&mut headers);
+        crate::record::redact_headers(&headers)
+    }
+
+    fn masked_url(&self, parts: &http::request::Parts) -> String {
+        let (masked, _) = self.passage.gate().recording_masker().mask_bytes(path_and_query(parts).as_bytes());
+        String::from_utf8_lossy(&masked).into_owned()
+    }
+
+    /// Static keys in a request head.
+    fn head_hits(&self, parts: &http::request::Parts) -> Vec<Hit> {
+        let detector = &self.passage.gate().detector;
+        let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
+        // The gateway issues no credentials of its own yet, so every
+        // credential in an authentication header is a static one.
+        hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
+        hits
+    }
+
+    /// Records a request refused at its head (no watch follows it).
+    fn record_refusal(
+        &self,
+        stream: u64,
+        request: RequestSummary,
+        response: &http::Response<Bytes>,
+        refusal: &Refusal,
+        rule: &str,
+    ) {
+        let Some(session) = self.passage.session() else { return };
+        session.exchange(ExchangeRecord {
+            level: RecordLevel::Metadata,
+            stream,
+            started: request.started,
+            duration: request.started.elapsed().unwrap_or_default(),
+            method: request.method,
+            url: request.url,
+            status: response.status().as_u16(),
+            outcome: crate::http::ExchangeOutcome::Blocked.as_str().to_owned(),
+            rpc: request.rpc,
+            request_headers: Vec::new(),
+            request_body: Bytes::new(),
+            request_body_size: 0,
+            response_headers: Vec::new(),
+            response_body: Bytes::new(),
+            response_body_size: response.body().len() as u64,
+            decision: Some(DecisionFacts { rule: rule.to_owned(), action: refusal.reason.code().to_owned() }),
+            findings: Vec::new(),
+        });
+    }
+
+    /// Refuses a request at its head: renders and records the refusal, and
+    /// still turns the keys in its head into findings (a key the job sent is
+    /// one to rotate, whether or not the request went anywhere).
+    async fn refuse_head(
+        &self,
+        stream: u64,
+        summary: RequestSummary,
+        parts: &http::request::Parts,
+        judged: Judged,
+        refusal: Refusal,
+        rule: &str,
+    ) -> HeadVerdict<BodyGate, GatedResponse> {
+        let response = render(&refusal);
+        self.record_refusal(stream, summary, &response, &refusal, rule);
+        let hits = self.head_hits(parts);
+        if !hits.is_empty() {
+            let judged = Judged { static_keys: Some(crate::findings::Action::Block), ..judged };
+            let _ = self.passage.judge(&judged, hits, None).await;
+        }
+        HeadVerdict::Respond(response)
+    }
+}
+
+impl Inspector for HttpGate {
+    type Body = BodyGate;
+    type Response = GatedResponse;
+
+    async fn inspect_head(
+        &self,
+        ctx: &HttpContext,
+        parts: &mut http::request::Parts,
+    ) -> HeadVerdict<BodyGate, GatedResponse> {
+        let stream = self.requests.fetch_add(1, Ordering::Relaxed);
+        let host = judged_host(ctx, parts);
+        // Before the OIDC header is removed; headers only once the policy
+        // says the exchange is recorded in full.
+        let mut summary = self.summarize(parts);
+        let verified = match self.verify_presented_token(parts).await {
+            Ok(v) => v,
+            Err(refusal) => {
+                let judged = Judged { host, verified: BTreeMap::new(), static_keys: None };
+                return self.refuse_head(stream, summary, parts, judged, refusal, "oidc").await;
+            }
+        };
+        let facts =
+            HttpRequestFacts { method: parts.method.as_str(), path: path_and_query(parts), headers: &parts.headers };
+        let decision = self.passage.request(&host, ctx.tls, &verified, facts);
+        let RequestDecision { decided, static_keys, mask, record, approval, uninspectable, inspect } = match decision {
+            Ok(d) => d,
+            Err((reason, rule)) => {
+                let refusal = self.passage.refuse(reason, &rule);
+                let judged = Judged { host, verified, static_keys: None };
+                return self.refuse_head(stream, summary, parts, judged, refusal, &rule).await;
+            }
+        };
+        let tunnel = match self.upgrade_plan(parts, uninspectable) {
+            Ok(plan) => plan,
+            Err(why) => {
+                let refusal = self.passage.refuse(Reason::Uninspectable(why), "uninspectable");
+                let judged = Judged { host, verified, static_keys };
+                return self.refuse_head(stream, summary, parts, judged, refusal, "uninspectable").await;
+            }
+        };
+        if record == RecordLevel::Full && self.passage.session().is_some() {
+            summary.headers = self.recorded_headers(&parts.headers);
+        }
+        if mask.is_some() {
+            // Only encodings the masker can decode and re-encode may come back.
+            restrict_accept_encoding(&mut parts.headers);
+        }
+        let capture = SharedCapture::default();
+        lock(&capture).encoding =
+            parts.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let judged = Judged { host, verified, static_keys };
+        let gate = self.passage.gate();
+        let watch = ExchangeWatch::new(WatchSpec {
+            conn_id: ctx.conn_id,
+            stream,
+            session: self.passage.session().cloned(),
+            level: record,
+            decision: decided,
+            request: summary,
+            capture: capture.clone(),
+            mask,
+            recording: gate.recording_masker().clone(),
+            cap: gate.record_body_cap,
+        });
+        if !inspect {
+            // Not a protected destination (a name reached only because its
+            // port is captured): judged by the policy, not scanned for keys.
+            let response = GatedResponse { watch, tunnel: TunnelPlan::Pass };
+            return HeadVerdict::Forward { body: None, response: Some(response) };
+        }
+        let watch = GatedResponse { watch, tunnel };
+        let hits = self.head_hits(parts);
+        if !hits.is_empty() {
+            let mut swap = |targets: &[SwapTarget], rendered: &RenderedInjection| {
+                apply_swap(parts, targets, rendered)
+                    .map(|outcome| tracing::debug!(removed = outcome.removed, "credential swapped in the request head"))
+                    .map_err(|e| e.to_string())
+            };
+            let judgement = self.passage.judge(&judged, hits, Some(&mut swap)).await;
+            lock(&capture).findings.extend(judgement.findings);
+            if let Some(refusal) = judgement.refusal {
+                // The watch records the blocked exchange when it finishes.
+                let response = render(&refusal);
+                let mut watch = watch;
+                let exchange = blocked_exchange(ctx, parts, &judged.host, &response);
+                ResponseInspector::finish(&mut watch, &exchange);
+                return HeadVerdict::Respond(response);
+            }
+        }
+        let scanner = BodyScanner::new(gate.detector.clone(), &parts.headers, gate.body_limits);
+        // Approvers see the URL masked; nobody else needs it here.
+        let url = if approval.is_some() { self.masked_url(parts) } else { String::new() };
+        let body = BodyGate {
+            passage: self.passage.clone(),
+            req: RequestState { judged, capture, uninspectable },
+            scanner: Scan::Decoded(scanner),
+            approval,
+            method: parts.method.to_string(),
+            url,
+        };
+        HeadVerdict::Forward { body: Some(body), response: Some(watch) }
+    }
+}
+
+impl HttpGate {
+    /// What happens if upstream accepts the request's `Upgrade`: `h2c` is
+    /// declined (its headers removed: the request is served as HTTP/1.1,
+    /// which RFC 9110 §7.8 allows); anything else the gateway cannot follow
+    /// is refused unless the policy opted the destination out.
+    fn upgrade_plan(
+        &self,
+        parts: &mut http::request::Parts,
+        uninspectable: policy::Uninspectable,
+    ) -> Result<TunnelPlan, Uninspectable> {
+        let Some(upgrade) = parts.headers.get(http::header::UPGRADE) else { return Ok(TunnelPlan::None) };
+        let protocol = String::from_utf8_lossy(upgrade.as_bytes()).trim().to_ascii_lowercase();
+        let tokens: Vec<&str> = protocol.split(',').map(str::trim).filter(|t| !t.is_empty()).collect();
+        if tokens.iter().all(|t| *t == "h2c") {
+            decline_upgrade(&mut parts.headers);
+            return Ok(TunnelPlan::None);
+        }
+        match uninspectable {
+            policy::Uninspectable::Pass => Ok(TunnelPlan::Pass),
+            policy::Uninspectable::ScanRaw => Ok(TunnelPlan::ScanRaw(self.passage.clone())),
+            policy::Uninspectable::Refuse => Err(Uninspectable::Upgrade { protocol }),
+        }
+    }
+}
+
+/// Removes an upgrade offer from a request head.
+fn decline_upgrade(headers: &mut http::HeaderMap) {
+    headers.remove(http::header::UPGRADE);
+    headers.remove("http2-settings");
+    let kept: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade") && !t.eq_ignore_ascii_case("http2-settings"))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(http::header::CONNECTION);
+    if let Ok(v) = http::HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(http::header::CONNECTION, v);
+        }
+    }
+}
+
+/// What a request's tunnel would be, decided with its head.
+enum TunnelPlan {
+    /// The request asks for no upgrade: a 101 from upstream is refused.
+    None,
+    /// Relayed as is (the policy opted the destination out).
+    Pass,
+    /// The client's bytes are scanned raw (`uninspectable: scan_raw`).
+    ScanRaw(Arc<Passage>),
+}
+
+/// The response side of one request: the recording watch, and what an
+/// upgrade becomes.
+pub(super) struct GatedResponse {
+    watch: ExchangeWatch,
+    tunnel: TunnelPlan,
+}
+
+impl ResponseInspector for GatedResponse {
+    fn head(&mut self, parts: &mut http::response::Parts) -> ResponseVerdict {
+        self.watch.head(parts)
+    }
+    fn observe(&mut self, data: &Bytes) {
+        self.watch.observe(data)
+    }
+    fn chunk(&mut self, data: Bytes) -> Result<Bytes, String> {
+        self.watch.chunk(data)
+    }
+    fn trailers(&mut self, trailers: &mut http::HeaderMap) {
+        self.watch.trailers(trailers)
+    }
+    fn end(&mut self) -> Result<Bytes, String> {
+        self.watch.end()
+    }
+    fn finish(&mut self, exchange: &crate::http::Exchange) {
+        self.watch.finish(exchange)
+    }
+    fn upgraded(&mut self, headers: &http::HeaderMap) -> Tunnel {
+        match &self.tunnel {
+            TunnelPlan::Pass => Tunnel::Pass,
+            TunnelPlan::ScanRaw(passage) => Tunnel::Inspect(Box::new(RawTunnel::new(passage.clone()))),
+            TunnelPlan::None => {
+                let mut this = crate::http::PassResponses;
+                ResponseInspector::upgraded(&mut this, headers)
+            }
+        }
+    }
+}
+
+/// The client's side of a tunnel the policy lets through only scanned
+/// (`uninspectable: scan_raw`): a key whose action blocks ends it.
+struct RawTunnel {
+    passage: Arc<Passage>,
+    scan: RawScan,
+    judged: Judged,
+}
+
+impl RawTunnel {
+    fn new(passage: Arc<Passage>) -> RawTunnel {
+        let host = passage.destination_host(None);
+        let scan = RawScan::new(passage.gate().detector.clone());
+        RawTunnel { passage, scan, judged: Judged { host, verified: BTreeMap::new(), static_keys: None } }
+    }
+
+    async fn verdict(&mut self, hits: Vec<Hit>, release_all: bool) -> TunnelVerdict {
+        if !hits.is_empty() && self.passage.judge(&self.judged, hits, None).await.refusal.is_some() {
+            return TunnelVerdict::Close(Bytes::new());
+        }
+        TunnelVerdict::Release(self.scan.release(release_all))
+    }
+}
+
+impl TunnelInspector for RawTunnel {
+    fn feed<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, TunnelVerdict> {
+        Box::pin(async move {
+            let hits = self.scan.feed(data);
+            self.verdict(hits, false).await
+        })
+    }
+    fn idle(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        Box::pin(async move { TunnelVerdict::Release(self.scan.release(true)) })
+    }
+    fn finish(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        Box::pin(async move {
+            let hits = self.scan.finish();
+            self.verdict(hits, true).await
+        })
+    }
+}
+
+/// An exchange refused at its head, as the engine would have reported it.
+fn blocked_exchange(
+    ctx: &HttpContext,
+    parts: &http::request::Parts,
+    host: &str,
+    response: &http::Response<Bytes>,
+) -> crate::http::Exchange {
+    crate::http::Exchange {
+        conn_id: ctx.conn_id,
+        method: parts.method.clone(),
+        host: host.to_owned(),
+        path: parts.uri.path().to_owned(),
+        status: response.status().as_u16(),
+        outcome: crate::http::ExchangeOutcome::Blocked,
+        duration: std::time::Duration::ZERO,
+        bytes_up: 0,
+        bytes_down: response.body().len() as u64,
+    }
+}
+
+/// Keeps only the content codings the masker handles in `Accept-Encoding`
+/// (`identity` when none remain), so that upstream never answers in one it
+/// cannot mask.
+fn restrict_accept_encoding(headers: &mut http::HeaderMap) {
+    let supported: Vec<&str> = crate::mask::supported_encodings().split(',').map(str::trim).collect();
+    let accepted: Vec<String> = headers
+        .get_all(http::header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|item| item.trim().to_owned())
+        .filter(|item| {
+            let coding = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            supported.contains(&coding.as_str())
+        })
+        .collect();
+    let value = if accepted.is_empty() { "identity".to_owned() } else { accepted.join(", ") };
+    headers.remove(http::header::ACCEPT_ENCODING);
+    if let Ok(v) = http::HeaderValue::from_str(&value) {
+        headers.insert(http::header::ACCEPT_ENCODING, v);
+    }
+}
+
+/// How a body is scanned.
+enum Scan {
+    /// Decoded as its headers and its content say.
+    Decoded(BodyScanner),
+    /// As raw bytes: the body could not be decoded and the policy says
+    /// `uninspectable: scan_raw` for the destination.
+    Raw(RawScan),
+    /// Not at all: the policy says `uninspectable: pass`.
+    Off,
+}
+
+/// Scans one request body as it streams, keeps its start for the
+/// recording, and holds the request for approval when the policy says so.
+pub(super) struct BodyGate {
+    passage: Arc<Passage>,
+    req: RequestState,
+    scanner: Scan,
+    /// (rule, spec) when the request needs approval.
+    approval: Option<(String, policy::ApprovalSpec)>,
+    method: String,
+    url: String,
+}
+
+impl BodyGate {
+    async fn verdict(&mut self, hits: Vec<Hit>) -> BodyVerdict {
+        if let Some(refusal) = self.understood().await {
+            return BodyVerdict::Respond(render(&refusal));
+        }
+        if hits.is_empty() {
+            return BodyVerdict::Continue;
+        }
+        let judgement = self.passage.judge(&self.req.judged, hits, None).await;
+        lock(&self.req.capture).findings.extend(judgement.findings);
+        match judgement.refusal {
+            Some(refusal) => BodyVerdict::Respond(render(&refusal)),
+            None => BodyVerdict::Continue,
+        }
+    }
+
+    /// Whether everything fed so far was understood; if not, what the
+    /// policy allows decides: a refusal, raw scanning or no scanning.
+    async fn understood(&mut self) -> Option<Refusal> {
+        let Scan::Decoded(scanner) = &self.scanner else { return None };
+        let detail = match scanner.status() {
+            BodyStatus::Complete => return None,
+            BodyStatus::Truncated => format!(
+                "it decodes to more than {} bytes, the most the gateway scans",
+                self.passage.gate().body_limits.max_decoded
+            ),
+            BodyStatus::DecodeError(e) => e,
+        };
+        match self.req.uninspectable {
+            policy::Uninspectable::Refuse => {
+                let why = Reason::Uninspectable(Uninspectable::Body { detail });
+                Some(self.passage.refuse(why, "uninspectable"))
+            }
+            policy::Uninspectable::ScanRaw => {
+                // What was fed so far went through the decoders' raw input;
+                // from here on the raw bytes are scanned.
+                self.scanner = Scan::Raw(RawScan::new(self.passage.gate().detector.clone()));
+                None
+            }
+            policy::Uninspectable::Pass => {
+                self.scanner = Scan::Off;
+                None
+            }
+        }
+    }
+
+    /// Holds the request until its approval is decided.
+    async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
+        let body_preview = {
+            let capture = lock(&self.req.capture);
+            let head = &capture.body[..capture.body.len().min(APPROVAL_PREVIEW_BYTES)];
+            let plain = decode_prefix(capture.encoding.as_deref().unwrap_or(""), head, APPROVAL_PREVIEW_BYTES)
+                .unwrap_or_default();
+            String::from_utf8_lossy(&self.passage.gate().recording_masker().mask_bytes(&plain).0).into_owned()
+        };
+        let ask = ApprovalAsk {
+            rule,
+            spec,
+            method: self.method.clone(),
+            url: self.url.clone(),
+            destination: format!("{}:{}", self.req.judged.host, self.passage.conn().dst.port()),
+            body_preview,
+        };
+        match self.passage.approve(ask).await {
+            Ok(()) => BodyVerdict::Continue,
+            Err(refusal) => BodyVerdict::Respond(render(&refusal)),
+        }
+    }
+}
+
+impl BodyInspector for BodyGate {
+    async fn feed(&mut self, chunk: &[u8]) -> BodyVerdict {
+        lock(&self.req.capture).push(chunk, self.passage.gate().record_body_cap.max(APPROVAL_PREVIEW_BYTES));
+        let hits = match &mut self.scanner {
+            Scan::Decoded(s) => s.feed(chunk),
+            Scan::Raw(s) => s.feed(chunk),
+            Scan::Off => Vec::new(),
+        };
+        self.verdict(hits).await
+    }
+
+    async fn finish(&mut self) -> BodyVerdict {
+        let hits = match &mut self.scanner {
+            Scan::Decoded(s) => s.finish(),
+            Scan::Raw(s) => s.finish(),
+            Scan::Off => Vec::new(),
+        };
+        self.verdict(hits).await
+    }
+
+    async fn trailers(&mut self, trailers: &http::HeaderMap) -> BodyVerdict {
+        if matches!(self.scanner, Scan::Off) {
+            return BodyVerdict::Continue;
+        }
+        // Trailers are headers that come late: scanned the same way.
+        let detector = &self.passage.gate().detector;
+        let mut hits = http_scan::scan_head(detector, &http::Method::GET, &http::Uri::from_static("/"), trailers);
+        hits.extend(http_scan::unknown_credentials(detector, trailers, |_| false));
+        self.verdict(hits).await
+    }
+
+    async fn before_upstream(&mut self) -> BodyVerdict {
+        match self.approval.take() {
+            Some((rule, spec)) => self.await_approval(&rule, &spec).await,
+            None => BodyVerdict::Continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> http::request::Parts {
+        let mut b = http::Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn ctx(name: &str) -> HttpContext {
+        HttpContext { conn_id: 1, server_name: name.into(), orig_dst: "10.0.0.1:80".parse().unwrap(), tls: false }
+    }
+
+    #[test]
+    fn the_judged_host_of_every_host_form() {
+        assert_eq!(judged_host(&ctx(""), &parts("/", Some("[::1]"))), "::1");
+        assert_eq!(judged_host(&ctx(""), &parts("/", Some("[::1]:8080"))), "::1");
+        assert_eq!(judged_host(&ctx(""), &parts("/", Some("API.Example.com.:443"))), "api.example.com");
+        assert_eq!(judged_host(&ctx(""), &parts("/", Some("api.example.com"))), "api.example.com");
+        assert_eq!(judged_host(&ctx(""), &parts("http://u@h.example:1/x", None)), "h.example");
+        assert_eq!(judged_host(&ctx(""), &parts("/", None)), "10.0.0.1");
+        assert_eq!(judged_host(&ctx("Cursor.sh"), &parts("/", Some("other.example"))), "cursor.sh");
+    }
+}
