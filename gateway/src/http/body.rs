@@ -200,7 +200,7 @@ pub(crate) async fn inspect<B: BodyInspector>(
                         continue;
                     }
                     if let BodyVerdict::Respond(r) = inspector.feed(data).await {
-                        return Ok(Inspected::Blocked(r));
+                        return Ok(Inspected::Blocked(drain(incoming, inspector, r, limits).await));
                     }
                     buffered += data.len();
                     conn_buffered = reservation.grow(data.len());
@@ -221,12 +221,56 @@ pub(crate) async fn inspect<B: BodyInspector>(
     }
     let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
     let (blocked_tx, blocked) = oneshot::channel();
-    let pump = Pump { incoming, inspector, tx, blocked: Some(blocked_tx), abort: abort.clone() };
-    tokio::spawn(pump.run(frames, reservation, limits.hold_back));
+    let pump =
+        Pump { incoming, inspector, tx, blocked: Some(blocked_tx), abort: abort.clone(), limits: limits.clone() };
+    tokio::spawn(pump.run(frames, reservation));
     Ok(Inspected::Streaming {
         body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _reservation: None },
         blocked,
     })
+}
+
+/// A request was refused with `response`: reads the rest of its body
+/// (bounded by [`Limits::drain_after_refusal`] and
+/// [`Limits::drain_timeout`]) into the inspector, so that every key in it
+/// is found; nothing goes anywhere. The inspector's latest refusal (which
+/// may name more findings) is the answer.
+pub(crate) async fn drain<B: BodyInspector>(
+    mut incoming: Incoming,
+    mut inspector: B,
+    mut response: http::Response<Bytes>,
+    limits: &Limits,
+) -> http::Response<Bytes> {
+    let mut read = 0usize;
+    let deadline = tokio::time::Instant::now() + limits.drain_timeout;
+    loop {
+        if read > limits.drain_after_refusal {
+            return response;
+        }
+        let frame = match tokio::time::timeout_at(deadline, incoming.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            // The end, a broken body, or a client too slow to wait for.
+            Ok(None) => break,
+            Ok(Some(Err(_))) | Err(_) => return response,
+        };
+        let verdict = match frame.data_ref() {
+            Some(data) => {
+                read += data.len();
+                inspector.feed(data).await
+            }
+            None => match frame.trailers_ref() {
+                Some(trailers) => inspector.trailers(trailers).await,
+                None => BodyVerdict::Continue,
+            },
+        };
+        if let BodyVerdict::Respond(r) = verdict {
+            response = r;
+        }
+    }
+    if let BodyVerdict::Respond(r) = inspector.finish().await {
+        response = r;
+    }
+    response
 }
 
 /// Moves an over-limit body from the client to upstream, inspecting every
@@ -237,11 +281,12 @@ struct Pump<B> {
     tx: mpsc::Sender<Frame<Bytes>>,
     blocked: Option<oneshot::Sender<http::Response<Bytes>>>,
     abort: CancellationToken,
+    limits: Limits,
 }
 
 impl<B: BodyInspector> Pump<B> {
-    async fn run(mut self, initial: VecDeque<Frame<Bytes>>, reservation: Reservation, hold_back: usize) {
-        let mut held = HoldBack::new(hold_back);
+    async fn run(mut self, initial: VecDeque<Frame<Bytes>>, reservation: Reservation) {
+        let mut held = HoldBack::new(self.limits.hold_back);
         // Trailers of the buffered prefix were inspected already.
         let mut trailers: Option<HeaderMap> = None;
         for frame in initial {
@@ -275,7 +320,13 @@ impl<B: BodyInspector> Pump<B> {
                             continue;
                         }
                         if let BodyVerdict::Respond(r) = self.inspector.feed(&data).await {
-                            self.block(r);
+                            // Upstream's request fails at once; the rest of
+                            // the body is still read for its keys.
+                            self.abort.cancel();
+                            let r = drain(self.incoming, self.inspector, r, &self.limits).await;
+                            if let Some(tx) = self.blocked.take() {
+                                let _ = tx.send(r);
+                            }
                             return;
                         }
                         held.push(data);

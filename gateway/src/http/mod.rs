@@ -69,6 +69,19 @@ pub enum HeadVerdict<B, R> {
     },
     /// Answer the client with this response; nothing goes upstream.
     Respond(http::Response<Bytes>),
+    /// Answer the client, but first show the request's body (what the
+    /// client sends of it within [`Limits::drain_after_refusal`]) to `body`,
+    /// so that every key in a refused request is still seen; a `Respond`
+    /// from it replaces `response`. Nothing goes upstream. `watch`, if
+    /// any, is told how the exchange ended.
+    RespondAfterBody {
+        /// The answer, unless the body inspector gives a later one.
+        response: http::Response<Bytes>,
+        /// Sees the body.
+        body: B,
+        /// Learns how the exchange ended (recording).
+        watch: Option<R>,
+    },
 }
 
 /// Verdict after some body bytes.
@@ -302,6 +315,12 @@ pub struct Limits {
     pub max_idle_upstream: usize,
     /// Concurrent streams an HTTP/2 client may open.
     pub max_concurrent_streams: u32,
+    /// After a request is refused, up to this many more of its body bytes
+    /// are read and inspected (never forwarded), within
+    /// [`Limits::drain_timeout`], so every key it carries is found.
+    pub drain_after_refusal: usize,
+    /// How long reading the rest of a refused request's body may take.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -314,6 +333,8 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(10),
             max_idle_upstream: 8,
             max_concurrent_streams: 256,
+            drain_after_refusal: 8 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(2),
         }
     }
 }

@@ -203,6 +203,13 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             HeadVerdict::Respond(r) => {
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));
             }
+            HeadVerdict::RespondAfterBody { response, body: inspector, watch } => {
+                if let Some(w) = watch {
+                    log.set_response_inspector(Box::new(w));
+                }
+                let r = body::drain(body, inspector, response, &self.limits).await;
+                return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+            }
             HeadVerdict::Forward { body, response } => {
                 if let Some(r) = response {
                     log.set_response_inspector(Box::new(r));

@@ -362,8 +362,8 @@ impl HttpGate {
     }
 
     /// Refuses a request at its head: renders and records the refusal, and
-    /// still turns the keys in its head into findings (a key the job sent is
-    /// one to rotate, whether or not the request went anywhere).
+    /// still turns the keys in its head and body into findings (a key the
+    /// job sent is one to rotate, whether or not the request went anywhere).
     async fn refuse_head(
         &self,
         stream: u64,
@@ -375,12 +375,30 @@ impl HttpGate {
     ) -> HeadVerdict<BodyGate, GatedResponse> {
         let response = render(&refusal);
         self.record_refusal(stream, summary, &response, &refusal, rule);
+        let judged = Judged { static_keys: Some(crate::findings::Action::Block), ..judged };
         let hits = self.head_hits(parts);
+        let mut refused = refusal;
         if !hits.is_empty() {
-            let judged = Judged { static_keys: Some(crate::findings::Action::Block), ..judged };
-            let _ = self.passage.judge(&judged, hits, None).await;
+            if let Some(more) = self.passage.judge(&judged, hits, None).await.refusal {
+                merge(&mut refused, more);
+            }
         }
-        HeadVerdict::Respond(response)
+        let body = BodyGate::draining(self.passage.clone(), judged, SharedCapture::default(), &parts.headers, refused);
+        HeadVerdict::RespondAfterBody { response, body, watch: None }
+    }
+}
+
+/// Folds a later refusal of the same request into the first: the keys of
+/// both are listed; otherwise the first reason stands.
+fn merge(first: &mut Refusal, later: Refusal) {
+    match (&mut first.reason, later.reason) {
+        (Reason::StaticCredential { findings, more }, Reason::StaticCredential { findings: f, more: m }) => {
+            findings.extend(f);
+            *more += m;
+        }
+        // A refusal for another reason that also carried keys: the keys are
+        // recorded as findings; the response keeps the first reason.
+        _ => {}
     }
 }
 
@@ -465,12 +483,11 @@ impl Inspector for HttpGate {
             let judgement = self.passage.judge(&judged, hits, Some(&mut swap)).await;
             lock(&capture).findings.extend(judgement.findings);
             if let Some(refusal) = judgement.refusal {
-                // The watch records the blocked exchange when it finishes.
+                // The watch records the blocked exchange when it finishes;
+                // the body is still read for its keys.
                 let response = render(&refusal);
-                let mut watch = watch;
-                let exchange = blocked_exchange(ctx, parts, &judged.host, &response);
-                ResponseInspector::finish(&mut watch, &exchange);
-                return HeadVerdict::Respond(response);
+                let body = BodyGate::draining(self.passage.clone(), judged, capture, &parts.headers, refusal);
+                return HeadVerdict::RespondAfterBody { response, body, watch: Some(watch) };
             }
         }
         let scanner = BodyScanner::new(gate.detector.clone(), &parts.headers, gate.body_limits);
@@ -483,6 +500,7 @@ impl Inspector for HttpGate {
             approval,
             method: parts.method.to_string(),
             url,
+            refused: None,
         };
         HeadVerdict::Forward { body: Some(body), response: Some(watch) }
     }
@@ -623,25 +641,6 @@ impl TunnelInspector for RawTunnel {
     }
 }
 
-/// An exchange refused at its head, as the engine would have reported it.
-fn blocked_exchange(
-    ctx: &HttpContext,
-    parts: &http::request::Parts,
-    host: &str,
-    response: &http::Response<Bytes>,
-) -> crate::http::Exchange {
-    crate::http::Exchange {
-        conn_id: ctx.conn_id,
-        method: parts.method.clone(),
-        host: host.to_owned(),
-        path: parts.uri.path().to_owned(),
-        status: response.status().as_u16(),
-        outcome: crate::http::ExchangeOutcome::Blocked,
-        duration: std::time::Duration::ZERO,
-        bytes_up: 0,
-        bytes_down: response.body().len() as u64,
-    }
-}
 
 /// Keeps only the content codings the masker handles in `Accept-Encoding`
 /// (`identity` when none remain), so that upstream never answers in one it
@@ -687,20 +686,50 @@ pub(super) struct BodyGate {
     approval: Option<(String, policy::ApprovalSpec)>,
     method: String,
     url: String,
+    /// Set once the request is refused: the rest of the body is still
+    /// scanned (by the engine's drain) and its keys recorded and listed.
+    refused: Option<Refusal>,
 }
 
 impl BodyGate {
+    /// The body inspector of a request refused at its head: it only looks
+    /// for keys (each one a finding, listed in the refusal).
+    fn draining(
+        passage: Arc<Passage>,
+        judged: Judged,
+        capture: SharedCapture,
+        headers: &http::HeaderMap,
+        refusal: Refusal,
+    ) -> BodyGate {
+        let gate = passage.gate();
+        let scanner = BodyScanner::new(gate.detector.clone(), headers, gate.body_limits);
+        BodyGate {
+            req: RequestState { judged, capture, uninspectable: policy::Uninspectable::Pass },
+            scanner: Scan::Decoded(scanner),
+            approval: None,
+            method: String::new(),
+            url: String::new(),
+            refused: Some(refusal),
+            passage,
+        }
+    }
+
     async fn verdict(&mut self, hits: Vec<Hit>) -> BodyVerdict {
-        if let Some(refusal) = self.understood().await {
-            return BodyVerdict::Respond(render(&refusal));
+        if self.refused.is_none() {
+            self.refused = self.understood().await;
         }
-        if hits.is_empty() {
-            return BodyVerdict::Continue;
+        if !hits.is_empty() {
+            let judgement = self.passage.judge(&self.req.judged, hits, None).await;
+            lock(&self.req.capture).findings.extend(judgement.findings);
+            if let Some(refusal) = judgement.refusal {
+                match &mut self.refused {
+                    Some(first) => merge(first, refusal),
+                    None => self.refused = Some(refusal),
+                }
+            }
         }
-        let judgement = self.passage.judge(&self.req.judged, hits, None).await;
-        lock(&self.req.capture).findings.extend(judgement.findings);
-        match judgement.refusal {
-            Some(refusal) => BodyVerdict::Respond(render(&refusal)),
+        match &self.refused {
+            Some(refusal) => BodyVerdict::Respond(render(refusal)),
             None => BodyVerdict::Continue,
         }
     }
