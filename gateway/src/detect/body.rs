@@ -50,6 +50,10 @@ impl BodyLimits {
 const MAX_NESTING: u8 = 4;
 /// Bytes looked at before deciding what a text body is.
 const SNIFF_BYTES: usize = 512;
+/// Protobuf bodies held whole for walking; a larger one goes on as a plain
+/// stream (every byte still scanned, keys found after any length byte), so
+/// one request cannot pin the whole decoded-body budget in memory.
+const MAX_WHOLE: usize = 4 << 20;
 
 /// Scans a request or response body fed in chunks, as its headers and its
 /// first bytes describe it. [`status`](Self::status) says after every
@@ -448,7 +452,6 @@ impl Kind {
                 | "application/x-protobuf"
                 | "application/x-google-protobuf"
                 | "application/vnd.google.protobuf"
-                | "application/octet-stream"
         ) {
             Kind::Protobuf
         } else {
@@ -573,7 +576,15 @@ impl Parser {
                 inner.feed(buf, out);
                 buf.clear();
             }
-            Parser::Whole { buf } => buf.extend_from_slice(data),
+            Parser::Whole { buf } => {
+                if buf.len() + data.len() <= MAX_WHOLE {
+                    buf.extend_from_slice(data);
+                } else {
+                    let held = std::mem::take(buf);
+                    *self = Parser::Raw { started: false, lead: held };
+                    self.feed(data, out);
+                }
+            }
         }
     }
 

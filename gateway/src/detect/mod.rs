@@ -41,6 +41,8 @@ pub mod websocket;
 #[cfg(test)]
 mod decode_tests;
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
 
 pub use collect::MAX_HITS_PER_MESSAGE;
