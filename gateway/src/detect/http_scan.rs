@@ -1,13 +1,22 @@
 //! HTTP-aware scanning: request line, query parameters, headers (with Basic
-//! credentials decoded) and, through [`BodyScanner`], decoded bodies.
+//! credentials and base64 values decoded) and, through [`BodyScanner`],
+//! decoded bodies; [`WsScanner`] for WebSocket messages after an upgrade.
 
 use std::{collections::HashSet, fmt, sync::Arc};
 
 use base64::Engine;
 use http::{HeaderMap, HeaderName, Method, Uri};
 
-pub use super::body::{BodyLimits, BodyScanner};
-use super::{confirm::shannon_entropy, Confidence, Detection, Detector, Secret};
+use super::{b64, collect::Budget, confirm::shannon_entropy, payload, Confidence, Detection, Detector, Secret};
+pub use super::{
+    body::{BodyLimits, BodyScanner},
+    collect::MAX_HITS_PER_MESSAGE,
+    status::{EncodingLayer, Format, ScanStatus, Uninspectable},
+    websocket::{DeflateParams, WsConfig, WsScanner},
+};
+
+/// Decoded bytes a base64 header value may expand to (it may be compressed).
+const HEADER_DECODE_BUDGET: usize = 1 << 20;
 
 /// Rule id of credentials presented in authentication headers that match no rule.
 pub const UNKNOWN_AUTH_RULE: &str = "unknown-auth-credential";
@@ -59,14 +68,24 @@ impl fmt::Display for Location {
 }
 
 /// Scans everything before the body: path and query parameters
-/// (percent-decoded), then every header (Basic credentials decoded, bearer and
-/// other schemes' tokens on their own), then the raw request line for anything
-/// the decoded views missed. Each secret is reported once per rule.
+/// (percent-decoded, base64 runs in values decoded), then every header
+/// (Basic credentials decoded, bearer and other schemes' tokens on their
+/// own, base64 runs in other headers' values decoded), then the raw request
+/// line for anything the decoded views missed. Each `(rule, secret,
+/// location)` is reported once; the request line only adds secrets not
+/// found elsewhere.
 pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<Hit> {
     let mut hits = Vec::new();
-    let mut seen: HashSet<(Arc<str>, Secret)> = HashSet::new();
+    let mut seen: HashSet<(Arc<str>, Secret, Location)> = HashSet::new();
+    let mut secrets: HashSet<(Arc<str>, Secret)> = HashSet::new();
     let mut push = |hits: &mut Vec<Hit>, detection: Detection, location: Location| {
-        if seen.insert((Arc::clone(&detection.rule_id), detection.secret.clone())) {
+        if location == Location::RequestLine
+            && secrets.contains(&(Arc::clone(&detection.rule_id), detection.secret.clone()))
+        {
+            return;
+        }
+        secrets.insert((Arc::clone(&detection.rule_id), detection.secret.clone()));
+        if seen.insert((Arc::clone(&detection.rule_id), detection.secret.clone(), location.clone())) {
             hits.push(Hit { detection, location });
         }
     };
@@ -83,6 +102,9 @@ pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &Head
             for d in detector.scan(&decoded) {
                 push(&mut hits, d, Location::Query(name.clone()));
             }
+            for d in base64_views(detector, decoded.get(name_len + 1..).unwrap_or_default(), 1) {
+                push(&mut hits, d, Location::Query(name.clone()));
+            }
         }
     }
     for (name, value) in headers {
@@ -97,6 +119,24 @@ pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &Head
         push(&mut hits, d, Location::RequestLine);
     }
     hits
+}
+
+/// Detections in the base64 runs of `value`, each decoded from its start
+/// and, up to `alignments`, from its next characters (a run that starts
+/// before its base64 does), through every view of the decoded bytes.
+fn base64_views(detector: &Detector, value: &[u8], alignments: usize) -> Vec<Detection> {
+    let mut out = Vec::new();
+    for (s, e) in b64::runs(value) {
+        for skip in 0..alignments {
+            let decoded = b64::decode_run(&value[s..e], skip);
+            let mut budget = Budget { used: 0, limit: HEADER_DECODE_BUDGET };
+            // A header has no status of its own: what does not decode here
+            // was scanned as it is above.
+            let mut status = ScanStatus::Complete;
+            out.extend(payload::scan(detector, &mut budget, &mut status, &decoded, "").into_iter().map(|(d, _)| d));
+        }
+    }
+    out
 }
 
 fn scan_header(detector: &Detector, name: &HeaderName, value: &[u8]) -> Vec<(Detection, Location)> {
@@ -139,6 +179,10 @@ fn scan_header(detector: &Detector, name: &HeaderName, value: &[u8]) -> Vec<(Det
             d.end -= offset;
             out.push((d, Location::Header(lname.clone())));
         }
+    }
+    // Values are short: every alignment of every base64 run is affordable.
+    for d in base64_views(detector, value, 4) {
+        out.push((d, Location::Header(lname.clone())));
     }
     out
 }

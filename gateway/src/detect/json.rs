@@ -1,14 +1,21 @@
-//! An incremental, lenient JSON lexer that unescapes string values and knows
-//! their path (`$.auth.token`, `$.items[3].key`).
+//! An incremental, lenient JSON lexer that unescapes strings and knows their
+//! path (`$.auth.token`, `$.items[3].key`).
 //!
-//! It validates only as much as it needs to track nesting; anything that is
-//! clearly not JSON makes [`JsonLexer::feed`] give up so the caller can scan
-//! the rest as raw text.
+//! Lenient the way real clients are: `NaN`/`Infinity`, comments (`//`,
+//! `/* */`), single-quoted strings, unquoted keys, trailing or missing
+//! commas, several documents in a row (NDJSON). It validates only as much as
+//! it needs to track nesting. Nothing it consumes goes unscanned: keys,
+//! string values and comments are emitted, and literals are checked to be
+//! literals. Anything that is clearly not JSON makes [`JsonLexer::feed`]
+//! give up, and [`JsonLexer::take_pending`] returns what it had consumed but
+//! not emitted, so the caller can scan that and the rest as raw text.
 
-use super::body::{Emit, MAX_NAME};
+use super::collect::{Emit, MAX_NAME};
 
 /// Nesting deeper than this is still lexed, but paths stop growing.
 const MAX_DEPTH: usize = 64;
+/// Longest literal (number, `true`, `Infinity`…) accepted.
+const MAX_LITERAL: usize = 64;
 
 enum Frame {
     Object { key: String },
@@ -27,8 +34,16 @@ enum State {
     After,
     /// Inside a string (key or value).
     Str,
-    /// Inside a number or `true`/`false`/`null`.
+    /// Inside a number or `true`/`false`/`null`/`NaN`/`Infinity`.
     Literal,
+    /// Inside an unquoted key.
+    Ident,
+    /// After a `/` that starts a comment.
+    Slash,
+    /// Inside a `//` comment.
+    LineComment,
+    /// Inside a `/* */` comment; `true` after a `*`.
+    BlockComment(bool),
 }
 
 #[derive(Clone, Copy)]
@@ -46,8 +61,12 @@ enum Escape {
 pub(crate) struct JsonLexer {
     stack: Vec<Frame>,
     state: State,
+    /// Where a comment returns to.
+    resume: State,
     in_key: bool,
+    quote: u8,
     key: Vec<u8>,
+    literal: Vec<u8>,
     escape: Escape,
     high_surrogate: Option<u16>,
     out: Vec<u8>,
@@ -58,8 +77,11 @@ impl Default for JsonLexer {
         Self {
             stack: Vec::new(),
             state: State::Start,
+            resume: State::Start,
             in_key: false,
+            quote: b'"',
             key: Vec::new(),
+            literal: Vec::new(),
             escape: Escape::None,
             high_surrogate: None,
             out: Vec::new(),
@@ -67,25 +89,93 @@ impl Default for JsonLexer {
     }
 }
 
+fn literal_ok(lit: &[u8]) -> bool {
+    const WORDS: &[&[u8]] =
+        &[b"true", b"false", b"null", b"NaN", b"Infinity", b"-Infinity", b"+Infinity", b"-NaN", b"+NaN", b"undefined"];
+    WORDS.contains(&lit)
+        || (lit.first().is_some_and(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.'))
+            && lit.iter().all(|b| b.is_ascii_hexdigit() || matches!(b, b'-' | b'+' | b'.' | b'x' | b'X')))
+}
+
 impl JsonLexer {
-    /// Lexes the next chunk. `Err(i)` means the input is not JSON from byte `i` on.
+    /// Lexes the next chunk. `Err(i)` means the input is not JSON from byte
+    /// `i` on; [`take_pending`](Self::take_pending) then has the bytes
+    /// consumed before `i` that were not emitted.
     pub(crate) fn feed(&mut self, data: &[u8], sink: &mut impl Emit) -> Result<(), usize> {
         for (i, &b) in data.iter().enumerate() {
-            if self.state == State::Str {
-                self.string_byte(b, sink);
-                continue;
-            }
-            if self.state == State::Literal {
-                if matches!(b, b',' | b'}' | b']') || b.is_ascii_whitespace() {
-                    self.state = State::After;
-                } else {
+            match self.state {
+                State::Str => {
+                    self.string_byte(b, sink);
                     continue;
                 }
+                State::LineComment => {
+                    if b == b'\n' {
+                        self.state = self.resume;
+                    } else {
+                        self.push_out(b, sink);
+                    }
+                    continue;
+                }
+                State::BlockComment(star) => {
+                    if star && b == b'/' {
+                        self.state = self.resume;
+                    } else {
+                        self.state = State::BlockComment(b == b'*');
+                        self.push_out(b, sink);
+                    }
+                    continue;
+                }
+                State::Slash => {
+                    self.state = match b {
+                        b'/' => State::LineComment,
+                        b'*' => State::BlockComment(false),
+                        _ => {
+                            self.literal = b"/".to_vec();
+                            return Err(i);
+                        }
+                    };
+                    self.flush(sink);
+                    let path = self.path();
+                    sink.begin(&path);
+                    continue;
+                }
+                State::Literal => {
+                    if matches!(b, b',' | b'}' | b']' | b'/') || b.is_ascii_whitespace() {
+                        if !literal_ok(&self.literal) {
+                            return Err(i);
+                        }
+                        self.literal.clear();
+                        self.state = State::After;
+                    } else {
+                        self.literal.push(b);
+                        if self.literal.len() > MAX_LITERAL {
+                            return Err(i + 1);
+                        }
+                        continue;
+                    }
+                }
+                State::Ident => {
+                    if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'-') {
+                        self.push(b, sink);
+                        continue;
+                    }
+                    self.end_key(sink);
+                    if b == b':' {
+                        self.state = State::Value;
+                        continue;
+                    }
+                }
+                _ => {}
             }
-            if b.is_ascii_whitespace() {
+            // A byte-order mark (UTF-8, or UTF-16 transcoded) may open the document.
+            if b.is_ascii_whitespace() || (self.state == State::Start && matches!(b, 0xef | 0xbb | 0xbf)) {
                 continue;
             }
             match (self.state, b) {
+                (_, b'/') => {
+                    self.resume = self.state;
+                    self.state = State::Slash;
+                }
                 // `After` too: lenient about missing commas, and NDJSON documents.
                 (State::Start | State::Value | State::After, b'{') => {
                     self.stack.push(Frame::Object { key: String::new() });
@@ -108,17 +198,29 @@ impl JsonLexer {
                     None => return Err(i),
                 },
                 (State::After, b':') => self.state = State::Value,
-                (State::Key, b'"') => {
-                    self.in_key = true;
-                    self.key.clear();
+                (State::Key, b'"' | b'\'') => {
+                    self.start_key(b, sink);
                     self.state = State::Str;
                 }
-                (State::Start | State::Value | State::After, b'"') => {
+                (State::Key, b) if b.is_ascii_alphabetic() || matches!(b, b'_' | b'$') => {
+                    self.start_key(0, sink);
+                    self.push(b, sink);
+                    self.state = State::Ident;
+                }
+                (State::Start | State::Value | State::After, b'"' | b'\'') => {
                     self.in_key = false;
+                    self.quote = b;
                     self.begin_value(sink);
                     self.state = State::Str;
                 }
-                (State::Value | State::After, b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => self.state = State::Literal,
+                (
+                    State::Start | State::Value | State::After,
+                    b'-' | b'+' | b'.' | b'0'..=b'9' | b't' | b'f' | b'n' | b'N' | b'I' | b'u',
+                ) => {
+                    self.literal.clear();
+                    self.literal.push(b);
+                    self.state = State::Literal;
+                }
                 _ => return Err(i),
             }
         }
@@ -126,12 +228,38 @@ impl JsonLexer {
         Ok(())
     }
 
+    /// Bytes consumed but not emitted before the input stopped being JSON
+    /// (a would-be literal, a lone `/`).
+    pub(crate) fn take_pending(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.literal)
+    }
+
     /// Ends the document.
     pub(crate) fn finish(&mut self, sink: &mut impl Emit) {
+        if self.state == State::Ident {
+            self.end_key(sink);
+        }
+        if self.state == State::Literal && !literal_ok(&self.literal) {
+            // Not a literal after all: its bytes are scanned as text.
+            let lit = std::mem::take(&mut self.literal);
+            sink.begin("");
+            sink.data(&lit);
+        }
         self.flush(sink);
     }
 
+    fn start_key(&mut self, quote: u8, sink: &mut impl Emit) {
+        self.in_key = true;
+        self.quote = quote;
+        self.key.clear();
+        // Keys are text a job chooses: scanned like values, at the object's path.
+        self.flush(sink);
+        let path = self.path();
+        sink.begin(&path);
+    }
+
     fn begin_value(&mut self, sink: &mut impl Emit) {
+        self.flush(sink);
         let path = self.path();
         sink.begin(&path);
         // `"key": "` so assignment rules (`"password": "…"`) see the key.
@@ -176,7 +304,7 @@ impl JsonLexer {
         match self.escape {
             Escape::None => match b {
                 b'\\' => self.escape = Escape::Backslash,
-                b'"' => self.end_string(sink),
+                _ if b == self.quote => self.end_string(sink),
                 _ => self.push(b, sink),
             },
             Escape::Backslash => {
@@ -232,28 +360,35 @@ impl JsonLexer {
     }
 
     fn push(&mut self, b: u8, sink: &mut impl Emit) {
-        if self.in_key {
-            if self.key.len() < MAX_NAME {
-                self.key.push(b);
-            }
-        } else {
-            self.out.push(b);
-            if self.out.len() >= 8192 {
-                self.flush(sink);
-            }
+        if self.in_key && self.key.len() < MAX_NAME {
+            self.key.push(b);
         }
+        self.push_out(b, sink);
+    }
+
+    fn push_out(&mut self, b: u8, sink: &mut impl Emit) {
+        self.out.push(b);
+        if self.out.len() >= 8192 {
+            self.flush(sink);
+        }
+    }
+
+    fn end_key(&mut self, sink: &mut impl Emit) {
+        let key = String::from_utf8_lossy(&self.key).into_owned();
+        if let Some(Frame::Object { key: k }) = self.stack.last_mut() {
+            *k = key;
+        }
+        self.in_key = false;
+        self.flush(sink);
+        self.state = State::After;
     }
 
     fn end_string(&mut self, sink: &mut impl Emit) {
         self.high_surrogate = None;
         if self.in_key {
-            let key = String::from_utf8_lossy(&self.key).into_owned();
-            if let Some(Frame::Object { key: k }) = self.stack.last_mut() {
-                *k = key;
-            }
-            self.in_key = false;
+            self.end_key(sink);
         } else {
-            self.out.extend_from_slice(b"\"");
+            self.out.push(self.quote);
             self.flush(sink);
         }
         self.state = State::After;
@@ -265,4 +400,10 @@ impl JsonLexer {
             self.out.clear();
         }
     }
+}
+
+/// Whether a buffer looks like a JSON document: an object or array after
+/// optional whitespace (a byte-order mark already removed).
+pub(crate) fn looks_like_json(data: &[u8]) -> bool {
+    matches!(data.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
 }

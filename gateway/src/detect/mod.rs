@@ -9,30 +9,48 @@
 //! custom rules use the same format (see `docs/detection.md`).
 //!
 //! Entry points: [`Detector`] for byte slices, [`StreamScanner`] for data that
-//! arrives in chunks, [`http_scan`] for HTTP heads and bodies, and `gateway
-//! scan` ([`cli`]) for files.
+//! arrives in chunks, [`http_scan`] for HTTP heads and bodies (decoded by
+//! what they are: compression, JSON, forms, multipart, gRPC / Connect /
+//! protobuf, base64), [`WsScanner`] for WebSocket messages, and `gateway
+//! scan` ([`cli`]) for files. Body and WebSocket scanners fail closed: their
+//! [`ScanStatus`] says whether everything was understood.
 
 use std::{path::PathBuf, sync::Arc};
 
 use serde::Deserialize;
 
+mod b64;
 pub mod body;
 pub mod cli;
+mod collect;
 pub mod confirm;
 mod engine;
+mod grpc;
 pub mod http_scan;
 mod json;
 mod multipart;
+mod payload;
+mod protobuf;
 pub mod rules;
 pub mod secret;
+pub mod status;
 pub mod stream;
+mod utf16;
+pub mod websocket;
 
+#[cfg(test)]
+mod decode_tests;
+#[cfg(test)]
+mod prop_tests;
 #[cfg(test)]
 mod tests;
 
+pub use collect::MAX_HITS_PER_MESSAGE;
 pub use engine::Detector;
 pub use secret::{FingerprintKey, Secret};
+pub use status::{ScanStatus, Uninspectable};
 pub use stream::StreamScanner;
+pub use websocket::{WsConfig, WsScanner};
 
 /// Default cap on decoded body bytes scanned per message (64 MiB).
 pub const DEFAULT_MAX_DECODED_BODY: usize = 64 << 20;
@@ -47,8 +65,8 @@ pub struct DetectConfig {
     pub custom_rules: Option<PathBuf>,
     /// Rule ids to leave out (built-in or custom); unknown ids are an error.
     pub disabled_rules: Vec<String>,
-    /// Decoded (decompressed) body bytes scanned per HTTP message; the rest is
-    /// passed through unscanned.
+    /// Decoded (decompressed) bytes scanned per HTTP body or WebSocket
+    /// message; a message that decodes to more is uninspectable.
     pub max_decoded_body: usize,
 }
 

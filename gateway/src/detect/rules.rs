@@ -41,7 +41,7 @@ pub struct RuleSpec {
     pub name: Option<String>,
     /// Hyperscan expression for the prefilter (must also compile as a Rust regex).
     pub pattern: String,
-    /// Rust regex that extracts the secret; defaults to the pattern framed by word boundaries.
+    /// Rust regex that extracts the secret; defaults to the pattern itself (no boundaries).
     #[serde(default)]
     pub confirm: Option<String>,
     /// One of these must occur (case-insensitively) in or just before the secret.
@@ -151,9 +151,10 @@ impl RuleSpec {
         }
         let confirm_src = match &self.confirm {
             Some(c) => c.clone(),
-            // Half word boundaries so `xghp_...` or a token running on into more
-            // word characters is not taken for a key.
-            None => format!(r"\b{{start-half}}(?:{})\b{{end-half}}", self.pattern),
+            // No boundaries: binary framing puts arbitrary bytes right before
+            // a key (a protobuf length byte 0x44 is `D`), and `x` + a key is
+            // still that key. Formats distinctive enough to be rules need none.
+            None => format!("(?:{})", self.pattern),
         };
         let confirm = RegexBuilder::new(&confirm_src)
             .unicode(false)

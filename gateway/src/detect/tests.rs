@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::{
     http_scan::{self, BodyLimits, BodyScanner, Location},
-    rules, DetectConfig, DetectError, Detector, FingerprintKey, Secret,
+    rules, DetectConfig, DetectError, Detector, FingerprintKey, ScanStatus, Secret, Uninspectable,
 };
 
 fn redact(s: &str) -> String {
@@ -183,7 +183,7 @@ fn body_hits(headers: &HeaderMap, body: &[u8], chunk: usize) -> Vec<http_scan::H
         hits.extend(scanner.feed(c));
     }
     hits.extend(scanner.finish());
-    assert_eq!(scanner.status(), super::body::BodyStatus::Complete);
+    assert_eq!(scanner.status(), ScanStatus::Complete);
     hits
 }
 
@@ -246,7 +246,7 @@ fn decoded_size_is_capped() {
         BodyScanner::new(detector(), &headers("text/plain", Some("gzip")), BodyLimits { max_decoded: 4096 });
     scanner.feed(&gz);
     scanner.finish();
-    assert_eq!(scanner.status(), super::body::BodyStatus::Truncated);
+    assert_eq!(scanner.status(), ScanStatus::Uninspectable(Uninspectable::TooLarge { limit: 4096 }));
     assert_eq!(scanner.decoded_bytes(), 4096);
 }
 
