@@ -415,6 +415,18 @@ impl Inspector for Enforcer {
             }
         };
 
+        // Judged normalised (forwarded as sent); what servers read in more
+        // than one way is refused. (h-policy: minimal wiring for the gate.)
+        let path = match policy::normalize(path_and_query(parts)) {
+            Ok(path) => path,
+            Err(rejection) => {
+                let message = format!("The CI gateway refuses this request path: {rejection}. Nothing was sent.");
+                let body = json!({ "error": "path_refused", "code": rejection.code(), "message": message, "conn_id": ctx.conn_id });
+                let response = json_response(http::StatusCode::BAD_REQUEST, &body);
+                self.record_refusal(stream, summary, &response, "path", rejection.code());
+                return HeadVerdict::Respond(response);
+            }
+        };
         let policy = self.shared.policy.current();
         let identity = &self.caller.identity;
         let facts = RequestFacts {
@@ -423,13 +435,10 @@ impl Inspector for Enforcer {
             claims: &verified,
             unmapped: identity.rule.is_none(),
             host: &host,
+            addr: ctx.orig_dst.ip(),
             port: ctx.orig_dst.port(),
             tls: ctx.tls,
-            request: Some(HttpRequestFacts {
-                method: parts.method.as_str(),
-                path: path_and_query(parts),
-                headers: &parts.headers,
-            }),
+            request: Some(HttpRequestFacts { method: parts.method.as_str(), path: &path, headers: &parts.headers }),
         };
         let decision = policy.evaluate(&facts);
         let decided = DecisionFacts { rule: decision.rule.to_owned(), action: decision.action.name().to_owned() };

@@ -236,6 +236,7 @@ impl Proxy {
                 claims: &policy::NO_ATTRIBUTES,
                 unmapped: identity.rule.is_none(),
                 host: &host,
+                addr: conn.orig_dst.ip(),
                 port: conn.orig_dst.port(),
                 tls: handled.protocol == "tls-passthrough",
                 request: None,
