@@ -79,7 +79,7 @@ pub struct ExplainArgs {
     #[arg(long, value_enum, default_value = "tcp", requires = "host")]
     pub protocol: ConnectionProtocol,
     /// The destination IP address, for `destination.cidr` (default: the host
-    /// when it is an address).
+    /// when it is an address, else 0.0.0.0).
     #[arg(long)]
     pub addr: Option<IpAddr>,
     /// The HTTP method.
@@ -203,16 +203,20 @@ fn destination(args: &ExplainArgs) -> anyhow::Result<Target> {
     }
 }
 
-/// `--addr`, else the host when it is an address. Without either, only a
-/// policy without `destination.cidr` selectors can be explained.
-fn address(args: &ExplainArgs, host: &str, policy: &Policy) -> anyhow::Result<IpAddr> {
+/// `--addr`, else the host when it is an address, else `0.0.0.0`, which
+/// only `0.0.0.0/0`-like networks contain (with a note when the policy has
+/// `cidr` selectors, whose outcome then says little).
+fn address(args: &ExplainArgs, host: &str, policy: &Policy) -> IpAddr {
     if let Some(addr) = args.addr.or_else(|| host.parse().ok()) {
-        return Ok(addr);
+        return addr;
     }
     if policy.uses_cidr() {
-        bail!("the policy matches destinations by `cidr`: give the address `{host}` resolves to with --addr");
+        eprintln!(
+            "note: the policy has `cidr` selectors and no address was given: they are judged against 0.0.0.0; \
+             give the address `{host}` resolves to with --addr"
+        );
     }
-    Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
 }
 
 fn headers(args: &ExplainArgs) -> anyhow::Result<HeaderMap> {
@@ -243,7 +247,7 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
     let labels = pairs("label", &args.labels)?;
     let claims = pairs("claim", &args.claims)?;
     let t = destination(args)?;
-    let addr = address(args, &t.host, &policy)?;
+    let addr = address(args, &t.host, &policy);
     let headers = headers(args)?;
     let path = if t.http {
         match normalize(&t.path) {

@@ -1042,9 +1042,8 @@ fn explain_cli_judges_connections_by_host_and_port() {
     assert_eq!(run_with(&["--host", "10.20.1.5", "--port", "22", "--protocol", "tcp"]).unwrap(), ok);
     assert_eq!(run_with(&["--host", "git.example", "--port", "22", "--addr", "10.20.1.5", "--json"]).unwrap(), ok);
     assert_eq!(run_with(&["--host", "[fd00:1::5]", "--port", "443", "--protocol", "tls"]).unwrap(), ok);
-    // A host name alone cannot be judged against CIDRs.
-    let e = run_with(&["--host", "git.example", "--port", "22"]).unwrap_err();
-    assert!(e.to_string().contains("--addr"), "{e}");
+    // A host name without --addr is judged as 0.0.0.0 (with a note).
+    assert_eq!(run_with(&["--host", "git.example", "--port", "22"]).unwrap(), ok);
     // Refused paths are explained, not errors.
     assert_eq!(run_with(&["--url", "https://10.1.1.1/a%2Fb"]).unwrap(), ok);
     assert_eq!(run_with(&["--url", "https://10.1.1.1/a%2Fb", "--json"]).unwrap(), ok);
