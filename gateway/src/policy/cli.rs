@@ -36,7 +36,7 @@ pub enum PolicyCommand {
         file: Option<PathBuf>,
     },
     /// Show which rule decides a request, and why each earlier rule does not.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
 /// `gateway policy explain` options: a request (`--url`) or a connection
