@@ -527,3 +527,93 @@ fn non_http_connections_are_judged_once_as_tcp() {
     // HTTPS on the other destination is unaffected.
     assert_eq!(scene.curl(&[&scene.url("/hello")]).0, 200);
 }
+
+/// Every spelling of `/admin/...` a server would route to the admin API is
+/// judged as `/admin/...` (and denied); a path servers read in more than one
+/// way is refused before any rule is consulted; neither reaches upstream,
+/// and an allowed request goes upstream exactly as the client wrote it.
+#[test]
+fn path_bypasses_are_denied_or_refused_and_clean_paths_pass_unchanged() {
+    let scene = Scene::start("pol-paths");
+    let denied = [
+        "/admin//users",
+        "//admin/users",
+        "/%61dmin/users",
+        "/%61%64%6D%69%6E/users",
+        "/./admin/users",
+        "/x/../admin/users",
+        "/x/%2e%2e/admin/users",
+        "/x/.%2E/admin/users",
+        "/../admin/users",
+        "/ADMIN/users",
+        "/Admin/./Users",
+    ];
+    for path in denied {
+        let (status, body) = scene.curl(&["--path-as-is", &scene.url(path)]);
+        assert_eq!(status, 403, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert_eq!(v["rule"], "deny-admin", "{path}: {body}");
+    }
+    let refused = [
+        ("/admin%2Fusers", "encoded_slash"),
+        ("/x%2fadmin/users", "encoded_slash"),
+        ("/admin%5Cusers", "encoded_backslash"),
+        ("/x\\admin/users", "backslash"),
+        ("/admin;jsessionid=1/users", "path_parameter"),
+        ("/admin%00/users", "encoded_control"),
+        ("/%2561dmin/users", "double_encoding"),
+        ("/%C0%AFadmin/users", "encoded_not_utf8"),
+        ("/x//../admin/users", "ambiguous_dot_segment"),
+        ("/admin%zz", "invalid_percent_encoding"),
+    ];
+    for (path, code) in refused {
+        let (status, body) = scene.curl(&["--path-as-is", &scene.url(path)]);
+        assert_eq!(status, 400, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+        assert_eq!((v["error"].as_str(), v["code"].as_str()), (Some("path_refused"), Some(code)), "{path}: {body}");
+    }
+    // Clean requests to allowed paths work, and go upstream as sent: the
+    // normalised form is for judging only.
+    for path in ["/hello", "/hello//there/./x?q=/admin/", "/admin-docs/%7Eread"] {
+        let (status, body) = scene.curl(&["--path-as-is", &scene.url(path)]);
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let targets: Vec<String> = scene.upstream.requests().iter().map(|r| r.target.clone()).collect();
+    assert_eq!(
+        targets,
+        ["/hello", "/hello//there/./x?q=/admin/", "/admin-docs/%7Eread"],
+        "upstream saw only the allowed requests, unchanged"
+    );
+}
+
+/// `gateway policy explain` shows the connection-level decision for a
+/// destination, `uninspectable` included (no gateway running: the CLI alone).
+#[test]
+fn explain_shows_the_connection_level_decision_with_uninspectable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nrules:\n  - name: git-ssh-is-opaque\n    match: { destination: { cidr: 10.20.0.0/16, port: 22 } }\n    action: allow\n    uninspectable: pass\ndefaults:\n  action: allow\n",
+    )
+    .expect("write policy");
+    let explain = |args: &[&str]| {
+        let out = Command::new(gateway_tests::gateway_bin())
+            .args(["policy", "explain", "--file"])
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("gateway policy explain");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = explain(&["--host", "10.20.1.5", "--port", "22", "--protocol", "tcp"]);
+    assert!(text.contains("rule 0     git-ssh-is-opaque            MATCH"), "{text}");
+    assert!(text.contains("uninspectable pass"), "{text}");
+    let text = explain(&["--host", "10.21.1.5", "--port", "22"]);
+    assert!(text.contains("no: destination.cidr: address 10.21.1.5 is in none of `10.20.0.0/16`"), "{text}");
+    assert!(text.contains("uninspectable refuse"), "{text}");
+    let json: Value = serde_json::from_str(&explain(&["--host", "10.20.0.9", "--port", "22", "--json"])).expect("json");
+    assert_eq!(json["decision"]["uninspectable"], "pass", "{json:#}");
+    assert_eq!(json["protocol"], "tcp", "{json:#}");
+}

@@ -3,12 +3,14 @@
 //! claims, RPC, headers), the deciding rule second to last; plus the
 //! no-match case (every rule checked, then the default), a `tcp`
 //! connection, and compiling a 1,000-rule file (the cost of a reload).
+//! Also the per-request path normalisation the gate does before it asks
+//! the policy: an already-canonical path, and one that must be rewritten.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use gateway::policy::{HttpRequestFacts, Policy, RequestFacts};
+use gateway::policy::{normalize, HttpRequestFacts, Policy, RequestFacts};
 use http::{HeaderMap, HeaderValue};
 
 /// `n` rules cycling through the selector kinds; rule `n - 2` decides for
@@ -30,7 +32,11 @@ fn policy_text(n: usize) -> String {
                 }
                 4 => format!("destination: {{ protocol: grpc }}\n      request: {{ rpc: \"acme.svc{i}.v1.*/Get*\" }}"),
                 5 => format!("request: {{ headers: {{ present: [x-debug-{i}] }} }}"),
-                6 => format!("destination: {{ host: \"db{i}.internal\", port: {} }}", 1000 + i),
+                6 => format!(
+                    "destination: {{ host: \"db{i}.internal\", port: {}, cidr: [\"10.{}.0.0/16\", \"fd00:{i:x}::/32\"] }}",
+                    1000 + i,
+                    i % 256
+                ),
                 _ => format!("identity: {{ unmapped: true }}\n      destination: {{ host: \"*.{i}.example.com\" }}"),
             }
         };
@@ -46,19 +52,21 @@ fn bench(c: &mut Criterion) {
     let mut headers = HeaderMap::new();
     headers.insert("content-type", HeaderValue::from_static("application/json"));
     headers.insert("user-agent", HeaderValue::from_static("curl/8.5.0"));
+    let (items, other) = (normalize("/v1/items/42").unwrap(), normalize("/v9/other").unwrap());
     let facts = |host, path| RequestFacts {
         identity_uri: "spiffe://ci.example/repo/acme/web",
         labels: &labels,
         claims: &claims,
         unmapped: false,
         host,
+        addr: std::net::IpAddr::from([10, 1, 2, 3]),
         port: 443,
         tls: true,
         request: Some(HttpRequestFacts { method: "POST", path, headers: &headers }),
     };
-    let decided = facts("api.target.example.com", "/v1/items/42");
-    let unmatched = facts("api.elsewhere.example.org", "/v9/other");
-    let tcp = RequestFacts { request: None, port: 5432, ..facts("db.internal", "") };
+    let decided = facts("api.target.example.com", &items);
+    let unmatched = facts("api.elsewhere.example.org", &other);
+    let tcp = RequestFacts { request: None, port: 5432, ..facts("db.internal", &other) };
 
     let mut group = c.benchmark_group("policy/evaluate");
     for n in [10, 100, 1000] {
@@ -78,6 +86,15 @@ fn bench(c: &mut Criterion) {
             eprintln!("policy/{n} rules: compiled form ~{} KiB", policy.memory_usage() / 1024);
         }
     }
+    group.finish();
+
+    let mut group = c.benchmark_group("policy/normalize");
+    let canonical = "/api/v4/projects/1234/repository/files/src-main.rs/raw?ref=main";
+    let rewritten = "/api/v4//projects/./1234/x/../repository/%66iles/src-main.rs/raw?ref=main";
+    assert!(normalize(canonical).unwrap().is_unchanged());
+    assert_eq!(normalize(rewritten).unwrap().as_str(), normalize(canonical).unwrap().as_str());
+    group.bench_function("canonical", |b| b.iter(|| black_box(normalize(black_box(canonical)))));
+    group.bench_function("rewritten", |b| b.iter(|| black_box(normalize(black_box(rewritten)))));
     group.finish();
 
     let text = policy_text(1000);

@@ -181,6 +181,17 @@ pub enum Opaque {
     ScanRaw,
 }
 
+/// An HTTP request as the handler read it, before the gate normalises it.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAsk<'a> {
+    /// The method as sent.
+    pub method: &'a str,
+    /// The request target as sent (`/path?query` or `*`).
+    pub target: &'a str,
+    /// The request headers.
+    pub headers: &'a http::HeaderMap,
+}
+
 /// The policy's decision for one request, as the handler needs it.
 #[derive(Debug)]
 pub struct RequestDecision {
@@ -326,6 +337,7 @@ impl Passage {
             claims,
             unmapped: identity.rule.is_none(),
             host,
+            addr: self.conn.dst.ip(),
             port: self.conn.dst.port(),
             tls,
             request,
@@ -442,10 +454,15 @@ impl Passage {
         host: &str,
         tls: bool,
         claims: &BTreeMap<String, String>,
-        request: policy::HttpRequestFacts<'_>,
+        request: HttpAsk<'_>,
     ) -> Result<RequestDecision, (Reason, String)> {
+        // Judged on its canonical path (forwarded as sent); a path servers
+        // read in more than one way is refused rather than guessed.
+        let path = policy::normalize(request.target)
+            .map_err(|why| (Reason::AmbiguousPath { detail: why.to_string() }, "path".to_owned()))?;
+        let facts = policy::HttpRequestFacts { method: request.method, path: &path, headers: request.headers };
         let policy = self.gate.policy.current();
-        let d = policy.evaluate(&self.facts(host, tls, claims, Some(request)));
+        let d = policy.evaluate(&self.facts(host, tls, claims, Some(facts)));
         let decided = DecisionFacts { rule: d.rule.to_owned(), action: d.action.name().to_owned() };
         if let policy::Action::Deny { reason } = d.action {
             return Err((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));

@@ -13,7 +13,7 @@ pub mod refusal;
 
 pub use exchange::{lock, ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
 pub use gate::{
-    ApprovalAsk, Capture, ConnFacts, DestinationNames, Gate, Judged, Judgement, Opaque, Passage, ProtectedNames,
+    ApprovalAsk, Capture, ConnFacts, DestinationNames, Gate, HttpAsk, Judged, Judgement, Opaque, Passage, ProtectedNames,
     RequestDecision, MAX_FINDINGS_PER_REQUEST,
 };
 pub use masks::{decode_prefix, MaskCache};

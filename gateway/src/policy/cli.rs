@@ -2,11 +2,12 @@
 //! file itself) and asking what it decides for a request.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use clap::{Args, Subcommand};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::compiled::Policy;
@@ -14,6 +15,8 @@ use super::decision::{Action, MaskRules};
 use super::error::PolicyError;
 use super::explain::Explanation;
 use super::facts::{HttpRequestFacts, RequestFacts};
+use super::host::judged_host;
+use super::path::{normalize, PathRejection};
 use super::PolicyContext;
 
 /// `gateway policy ...`.
@@ -33,18 +36,21 @@ pub enum PolicyCommand {
         file: Option<PathBuf>,
     },
     /// Show which rule decides a request, and why each earlier rule does not.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
 }
 
-/// `gateway policy explain` options.
+/// `gateway policy explain` options: a request (`--url`) or a connection
+/// the gateway does not parse as HTTP (`--host` and `--port`).
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("destination").required(true).args(["url", "host"])))]
 pub struct ExplainArgs {
     /// The policy file (default: `policy.file` of the configuration, else
     /// the built-in policy).
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// The client's identity URI.
-    #[arg(long)]
+    /// The client's identity URI (default: none, which identity selectors
+    /// other than `unmapped: false` do not match).
+    #[arg(long, default_value = "")]
     pub identity: String,
     /// An identity label, `key=value` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE")]
@@ -59,7 +65,23 @@ pub struct ExplainArgs {
     /// `tcp://host:port` / `tls://host:port` for a connection not parsed as
     /// HTTP.
     #[arg(long)]
-    pub url: String,
+    pub url: Option<String>,
+    /// The destination host (name or IP address) of a connection judged
+    /// without a request: what applies when the gateway cannot understand
+    /// the connection, `uninspectable` included.
+    #[arg(long, requires = "port", conflicts_with = "url")]
+    pub host: Option<String>,
+    /// The destination port, with `--host`.
+    #[arg(long, requires = "host")]
+    pub port: Option<u16>,
+    /// The connection's protocol, with `--host`: `tcp`, or `tls` the gateway
+    /// does not terminate.
+    #[arg(long, value_enum, default_value = "tcp", requires = "host")]
+    pub protocol: ConnectionProtocol,
+    /// The destination IP address, for `destination.cidr` (default: the host
+    /// when it is an address, else 0.0.0.0).
+    #[arg(long)]
+    pub addr: Option<IpAddr>,
     /// The HTTP method.
     #[arg(long, default_value = "GET")]
     pub method: String,
@@ -72,6 +94,15 @@ pub struct ExplainArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `gateway policy explain --protocol` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectionProtocol {
+    /// A connection not parsed as HTTP.
+    Tcp,
+    /// A TLS connection the gateway does not terminate.
+    Tls,
 }
 
 /// Runs a `gateway policy` subcommand; `config_file` is `policy.file` of the
@@ -153,7 +184,39 @@ fn target(url: &str) -> anyhow::Result<Target> {
     let Some(host) = uri.host() else { bail!("--url `{url}` has no host") };
     let Some(port) = uri.port_u16().or(default_port) else { bail!("--url `{url}`: tcp and tls URLs need a port") };
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    Ok(Target { tls, http, host: host.to_ascii_lowercase(), port, path })
+    let host = judged_host(host).with_context(|| format!("--url `{url}`: host"))?.into_owned();
+    Ok(Target { tls, http, host, port, path })
+}
+
+/// The `--host`/`--port`/`--protocol` connection, or the `--url` target.
+fn destination(args: &ExplainArgs) -> anyhow::Result<Target> {
+    match (&args.url, &args.host, args.port) {
+        (Some(url), _, _) => target(url),
+        (None, Some(host), Some(port)) => Ok(Target {
+            tls: args.protocol == ConnectionProtocol::Tls,
+            http: false,
+            host: judged_host(host).with_context(|| format!("--host `{host}`"))?.into_owned(),
+            port,
+            path: String::new(),
+        }),
+        _ => bail!("give --url, or --host and --port"),
+    }
+}
+
+/// `--addr`, else the host when it is an address, else `0.0.0.0`, which
+/// only `0.0.0.0/0`-like networks contain (with a note when the policy has
+/// `cidr` selectors, whose outcome then says little).
+fn address(args: &ExplainArgs, host: &str, policy: &Policy) -> IpAddr {
+    if let Some(addr) = args.addr.or_else(|| host.parse().ok()) {
+        return addr;
+    }
+    if policy.uses_cidr() {
+        eprintln!(
+            "note: the policy has `cidr` selectors and no address was given: they are judged against 0.0.0.0; \
+             give the address `{host}` resolves to with --addr"
+        );
+    }
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
 }
 
 fn headers(args: &ExplainArgs) -> anyhow::Result<HeaderMap> {
@@ -183,15 +246,28 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
     };
     let labels = pairs("label", &args.labels)?;
     let claims = pairs("claim", &args.claims)?;
-    let t = target(&args.url)?;
+    let t = destination(args)?;
+    let addr = address(args, &t.host, &policy);
     let headers = headers(args)?;
-    let request = t.http.then_some(HttpRequestFacts { method: &args.method, path: &t.path, headers: &headers });
+    let path = if t.http {
+        match normalize(&t.path) {
+            Ok(p) => Some(p),
+            Err(rejection) => {
+                print_refusal(args.json, &t.path, rejection)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    } else {
+        None
+    };
+    let request = path.as_ref().map(|path| HttpRequestFacts { method: &args.method, path, headers: &headers });
     let facts = RequestFacts {
         identity_uri: &args.identity,
         labels: &labels,
         claims: &claims,
         unmapped: args.unmapped,
         host: &t.host,
+        addr,
         port: t.port,
         tls: t.tls,
         request,
@@ -205,10 +281,26 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
+/// A path the gateway refuses before any rule is consulted.
+fn print_refusal(json: bool, raw: &str, rejection: PathRejection) -> anyhow::Result<()> {
+    if json {
+        let body = serde_json::json!({ "refused": { "path": raw, "code": rejection.code(), "reason": rejection.to_string() } });
+        println!("{}", serde_json::to_string_pretty(&body).context("serialising the refusal")?);
+    } else {
+        println!("request      {raw}");
+        println!("decision     refused before the policy (400): {rejection}");
+    }
+    Ok(())
+}
+
 fn print_explanation(e: &Explanation<'_>, f: &RequestFacts<'_>) {
     println!("policy       {} (sha256 {})", e.policy, e.digest.get(..12).unwrap_or(e.digest));
     let request = f.request.as_ref().map_or(String::new(), |r| format!(" {} {}", r.method, r.path));
-    println!("request      {} {}:{}{request}", e.protocol.as_str(), f.host, f.port);
+    let tls = if f.request.is_none() && f.tls { " (tls, not terminated)" } else { "" };
+    println!("request      {} {}:{}{request}{tls}", e.protocol.as_str(), f.host, f.port);
+    if !f.addr.is_unspecified() {
+        println!("  addr       {}", f.addr);
+    }
     if let Some(rpc) = &e.rpc {
         println!("  rpc        {rpc}");
     }
@@ -257,4 +349,5 @@ fn print_explanation(e: &Explanation<'_>, f: &RequestFacts<'_>) {
         _ => println!("mask         none"),
     }
     println!("record       {}", d.record.as_str());
+    println!("uninspectable {}", d.uninspectable.as_str());
 }

@@ -2,13 +2,17 @@
 //! every error is reported with its line and column.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use http::HeaderName;
+use ipnet::{IpNet, Ipv4Net};
 
 use super::compiled::{digest, Outcome, Policy, PolicySource, Rule, Selectors};
-use super::decision::{Action, ApprovalSpec, MaskRule, MaskRules, NamedPattern, RecordLevel, DEFAULT_RULE};
+use super::decision::{
+    Action, ApprovalSpec, MaskRule, MaskRules, NamedPattern, RecordLevel, Uninspectable, DEFAULT_RULE,
+};
 use super::error::{segments, strip_location, Locator, PolicyError, Seg};
 use super::facts::Protocol;
 use super::glob::GlobList;
@@ -27,7 +31,14 @@ pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Compiles `text`, naming `path` in errors.
 pub(super) fn compile(path: &Path, text: &str, context: &PolicyContext) -> Result<Policy, Vec<PolicyError>> {
-    let mut c = Compiler { path, context, locator: Locator::new(text), errors: Vec::new(), masks: Vec::new() };
+    let mut c = Compiler {
+        path,
+        context,
+        locator: Locator::new(text),
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        masks: Vec::new(),
+    };
     let de = serde_yaml_ng::Deserializer::from_str(text);
     let spec: FileSpec = match serde_path_to_error::deserialize(de) {
         Ok(spec) => spec,
@@ -65,7 +76,9 @@ pub(super) fn compile(path: &Path, text: &str, context: &PolicyContext) -> Resul
         c.errors.sort_by_key(|e| (e.line, e.column));
         return Err(c.errors);
     };
-    let warnings = unreachable(&c, &rules);
+    let mut warnings = std::mem::take(&mut c.warnings);
+    warnings.extend(unreachable(&c, &rules));
+    warnings.sort_by_key(|e| (e.line, e.column));
     Ok(Policy {
         source: PolicySource::File(path.to_owned()),
         digest: digest(text.as_bytes()),
@@ -117,6 +130,7 @@ struct Inherited {
     static_keys: Option<super::decision::StaticKeyAction>,
     mask_id: Option<usize>,
     record: RecordLevel,
+    uninspectable: Uninspectable,
 }
 
 struct Compiler<'a> {
@@ -124,6 +138,7 @@ struct Compiler<'a> {
     context: &'a PolicyContext,
     locator: Locator<'a>,
     errors: Vec<PolicyError>,
+    warnings: Vec<PolicyError>,
     masks: Vec<MaskRule>,
 }
 
@@ -131,6 +146,11 @@ impl Compiler<'_> {
     fn err(&mut self, rule: Option<usize>, at: Vec<Seg>, at_key: bool, message: String) {
         let (line, column) = self.locator.locate(&at, at_key);
         self.errors.push(PolicyError { file: self.path.to_owned(), line, column, rule, message });
+    }
+
+    fn warn(&mut self, rule: Option<usize>, at: Vec<Seg>, message: String) {
+        let (line, column) = self.locator.locate(&at, false);
+        self.warnings.push(PolicyError { file: self.path.to_owned(), line, column, rule, message });
     }
 
     /// Types a rule or `defaults` from its YAML value.
@@ -178,8 +198,23 @@ impl Compiler<'_> {
             None | Some(MaskSetting::Off) => None,
             Some(MaskSetting::On(m)) => self.mask(None, &with(&base, &["mask"]), m),
         };
-        let outcome =
-            Outcome { action, static_keys: spec.static_keys, mask_id, record: spec.record.unwrap_or_default() };
+        let uninspectable = spec.uninspectable.unwrap_or_default();
+        if uninspectable == Uninspectable::Pass {
+            self.warn(
+                None,
+                with(&base, &["uninspectable"]),
+                "`uninspectable: pass` in `defaults` passes every intercepted destination the gateway cannot \
+                 inspect unless a rule says otherwise: opt destinations out in rules instead"
+                    .into(),
+            );
+        }
+        let outcome = Outcome {
+            action,
+            static_keys: spec.static_keys,
+            mask_id,
+            record: spec.record.unwrap_or_default(),
+            uninspectable,
+        };
         (self.errors.len() == before).then_some(outcome)
     }
 
@@ -215,10 +250,22 @@ impl Compiler<'_> {
             None => format!("#{index}"),
         };
         let selectors = self.selectors(index, &with(&base, &["match"]), spec.selectors);
-        let action = self.action(index, &base, &name, spec.action, spec.reason, spec.approval);
+        let kind = spec.action;
+        let action = self.action(index, &base, &name, kind, spec.reason, spec.approval);
+        self.check_uninspectable(index, &base, kind, spec.uninspectable, selectors.as_ref());
         let inherited = match default {
-            Some(d) => Inherited { static_keys: d.static_keys, mask_id: d.mask_id, record: d.record },
-            None => Inherited { static_keys: None, mask_id: None, record: RecordLevel::Full },
+            Some(d) => Inherited {
+                static_keys: d.static_keys,
+                mask_id: d.mask_id,
+                record: d.record,
+                uninspectable: d.uninspectable,
+            },
+            None => Inherited {
+                static_keys: None,
+                mask_id: None,
+                record: RecordLevel::Full,
+                uninspectable: Uninspectable::Refuse,
+            },
         };
         let mask_id = match spec.mask {
             None => inherited.mask_id,
@@ -233,8 +280,46 @@ impl Compiler<'_> {
             static_keys: spec.static_keys.or(inherited.static_keys),
             mask_id,
             record: spec.record.unwrap_or(inherited.record),
+            uninspectable: spec.uninspectable.unwrap_or(inherited.uninspectable),
         };
         Some(Rule { name, selectors: selectors?, outcome })
+    }
+
+    /// A rule's own `uninspectable` must be able to apply: not on a `deny`
+    /// (refused either way), and `pass` not behind request selectors, which
+    /// connection-level judgements never match and which test what the job
+    /// itself sends.
+    fn check_uninspectable(
+        &mut self,
+        index: usize,
+        base: &[Seg],
+        kind: ActionKind,
+        value: Option<Uninspectable>,
+        selectors: Option<&Selectors>,
+    ) {
+        let Some(value) = value else { return };
+        let at = with(base, &["uninspectable"]);
+        if kind == ActionKind::Deny {
+            self.err(
+                Some(index),
+                at,
+                false,
+                format!(
+                    "`uninspectable: {}` has no effect with `action: deny`: the destination is refused either way",
+                    value.as_str()
+                ),
+            );
+        } else if value == Uninspectable::Pass && selectors.is_some_and(Selectors::needs_request) {
+            self.err(
+                Some(index),
+                at,
+                false,
+                "`uninspectable: pass` can never apply to a rule with `match.request` selectors: what the gateway \
+                 cannot understand is judged per connection, without a request (use `scan_raw`, or a rule \
+                 matching on identity and destination only)"
+                    .into(),
+            );
+        }
     }
 
     fn action(
@@ -408,6 +493,27 @@ impl Compiler<'_> {
                     }
                 }
             }
+            if let Some(cidrs) = dst.cidr {
+                let (cidrs, is_list) = cidrs.into_parts();
+                if cidrs.is_empty() {
+                    self.err(
+                        Some(rule),
+                        with(&at, &["cidr"]),
+                        false,
+                        "empty list: give at least one network, or omit the selector".into(),
+                    );
+                }
+                for (i, c) in cidrs.iter().enumerate() {
+                    match parse_cidr(c) {
+                        Ok(net) => s.cidrs.push(net),
+                        Err(m) => {
+                            let where_ =
+                                if is_list { push(with(&at, &["cidr"]), Seg::Index(i)) } else { with(&at, &["cidr"]) };
+                            self.err(Some(rule), where_, false, m);
+                        }
+                    }
+                }
+            }
             if let Some(protocols) = dst.protocol {
                 let (protocols, _) = protocols.into_parts();
                 if protocols.is_empty() {
@@ -445,8 +551,17 @@ impl Compiler<'_> {
                     }
                 }
             }
-            s.path = self.globs(rule, with(&at, &["path"]), req.path, false, check_path).flatten();
-            s.rpc = self.globs(rule, with(&at, &["rpc"]), req.rpc, false, check_rpc).flatten();
+            let case_sensitive = req.case_sensitive.unwrap_or(false);
+            if req.case_sensitive.is_some() && req.path.is_none() && req.rpc.is_none() {
+                self.err(
+                    Some(rule),
+                    with(&at, &["case_sensitive"]),
+                    true,
+                    "`case_sensitive` applies to `path` and `rpc`: give one of them".into(),
+                );
+            }
+            s.path = self.globs(rule, with(&at, &["path"]), req.path, !case_sensitive, check_path).flatten();
+            s.rpc = self.globs(rule, with(&at, &["rpc"]), req.rpc, !case_sensitive, check_rpc).flatten();
             if let Some(h) = req.headers {
                 s.present = self.header_names(rule, with(&at, &["headers", "present"]), h.present);
                 s.absent = self.header_names(rule, with(&at, &["headers", "absent"]), h.absent);
@@ -564,7 +679,58 @@ fn check_host(h: &str) -> Option<String> {
 }
 
 fn check_path(p: &str) -> Option<String> {
-    (!p.starts_with('/') && !p.starts_with('*')).then(|| format!("path `{p}` must start with `/`"))
+    if !p.starts_with('/') && !p.starts_with('*') {
+        return Some(format!("path `{p}` must start with `/`"));
+    }
+    // Requests are judged normalised (`super::path`): a glob spelled
+    // otherwise would silently never match.
+    let never = |why: &str| Some(format!("path `{p}` can never match: requests are judged normalised ({why})"));
+    if p.contains("//") {
+        return never("`//` is merged into `/`");
+    }
+    if p.split('/').any(|seg| seg == "." || seg == "..") {
+        return never("dot segments are removed");
+    }
+    if p.contains(';') {
+        return never("paths with `;` are refused");
+    }
+    let bytes = p.as_bytes();
+    for (i, _) in p.match_indices('%') {
+        let escape = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let Some(value) = escape.and_then(|h| u8::from_str_radix(h, 16).ok()) else {
+            return never("`%` must start an escape such as `%20`");
+        };
+        if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+            return never(&format!("`%{}` is judged decoded: write `{}`", escape.unwrap_or(""), char::from(value)));
+        }
+        if matches!(value, b'/' | b'\\') || value < 0x20 || value == 0x7f {
+            return never("encoded slashes, backslashes and control characters are refused");
+        }
+        if escape.is_some_and(|h| h.bytes().any(|b| b.is_ascii_lowercase())) {
+            return never("escapes are judged with upper-case hex digits");
+        }
+    }
+    None
+}
+
+/// A `destination.cidr` value: a network, or one address. IPv4-mapped
+/// IPv6 networks become IPv4 networks, as addresses are judged.
+fn parse_cidr(c: &str) -> Result<IpNet, String> {
+    let net = match (c.parse::<IpNet>(), c.parse::<IpAddr>()) {
+        (Ok(net), _) => net,
+        (_, Ok(ip)) => IpNet::from(ip),
+        _ => return Err(format!("`{c}` is not a network (`10.0.0.0/8`, `fd00::/8`) or an IP address")),
+    };
+    if net.trunc() != net {
+        return Err(format!("`{c}` has bits set after the prefix: write `{}`", net.trunc()));
+    }
+    Ok(match net {
+        IpNet::V6(n) if n.prefix_len() >= 96 => match n.addr().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, n.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
+    })
 }
 
 fn check_rpc(r: &str) -> Option<String> {

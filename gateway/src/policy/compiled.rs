@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use http::HeaderName;
+use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
 use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, Uninspectable, DEFAULT_RULE};
@@ -13,7 +14,8 @@ use super::glob::GlobList;
 use super::PolicyContext;
 
 /// The policy in force when none is configured: allow everything, record
-/// in full, and leave static keys to `findings.actions`.
+/// in full, leave static keys to `findings.actions`, and refuse what the
+/// gateway cannot inspect.
 pub const BUILTIN_POLICY: &str = "\
 # Built-in policy: used when `policy.file` is not set.
 version: 1
@@ -21,6 +23,7 @@ rules: []
 defaults:
   action: allow
   record: full
+  uninspectable: refuse
 ";
 
 /// Where a policy came from.
@@ -66,6 +69,8 @@ pub(super) struct Selectors {
     /// Bits of [`super::Protocol`]s; 0 = any.
     pub(super) protocols: u8,
     pub(super) ports: Vec<u16>,
+    /// Destination networks; IPv4-mapped IPv6 networks stored as IPv4.
+    pub(super) cidrs: Vec<IpNet>,
     pub(super) unmapped: Option<bool>,
     /// Upper case; compared ignoring case.
     pub(super) methods: Vec<String>,
@@ -95,6 +100,7 @@ impl Selectors {
     pub(super) fn is_empty(&self) -> bool {
         self.protocols == 0
             && self.ports.is_empty()
+            && self.cidrs.is_empty()
             && self.unmapped.is_none()
             && self.host.is_none()
             && self.uri.is_none()
@@ -108,6 +114,7 @@ impl Selectors {
         let maps = self.labels.iter().chain(&self.claims).map(|(k, g)| k.capacity() + g.memory_usage());
         globs.chain(maps).sum::<usize>()
             + self.ports.capacity() * 2
+            + self.cidrs.capacity() * std::mem::size_of::<IpNet>()
             + self.methods.iter().map(String::capacity).sum::<usize>()
     }
 }
@@ -119,6 +126,7 @@ pub(super) struct Outcome {
     pub(super) static_keys: Option<StaticKeyAction>,
     pub(super) mask_id: Option<usize>,
     pub(super) record: RecordLevel,
+    pub(super) uninspectable: Uninspectable,
 }
 
 impl Policy {
@@ -128,7 +136,13 @@ impl Policy {
             source: PolicySource::Builtin,
             digest: digest(BUILTIN_POLICY.as_bytes()),
             rules: Vec::new(),
-            default: Outcome { action: Action::Allow, static_keys: None, mask_id: None, record: RecordLevel::Full },
+            default: Outcome {
+                action: Action::Allow,
+                static_keys: None,
+                mask_id: None,
+                record: RecordLevel::Full,
+                uninspectable: Uninspectable::Refuse,
+            },
             masks: Vec::new(),
             warnings: Vec::new(),
         }
@@ -199,6 +213,12 @@ impl Policy {
         &self.warnings
     }
 
+    /// Whether any rule matches destinations by `cidr` (then facts need the
+    /// real destination address).
+    pub(super) fn uses_cidr(&self) -> bool {
+        self.rules.iter().any(|r| !r.selectors.cidrs.is_empty())
+    }
+
     /// Approximate heap bytes held by the compiled rules.
     pub fn memory_usage(&self) -> usize {
         self.rules.iter().map(|r| r.name.capacity() + r.selectors.memory_usage()).sum()
@@ -213,7 +233,7 @@ impl Policy {
             mask: o.mask_id.and_then(|i| self.masks.get(i)),
             mask_id: o.mask_id,
             record: o.record,
-            uninspectable: Uninspectable::Refuse,
+            uninspectable: o.uninspectable,
         }
     }
 

@@ -76,6 +76,37 @@ impl RecordLevel {
     }
 }
 
+/// What the gateway does with a connection or request to a destination it
+/// intercepts but cannot fully understand (an unknown protocol, TLS it does
+/// not terminate, a body it cannot decode or that exceeds its limits, an
+/// upgrade to a protocol it cannot follow).
+///
+/// Only an explicit `uninspectable:` in the policy changes the default:
+/// nothing is passed uninspected by accident.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Uninspectable {
+    /// Refuse it (the default).
+    #[default]
+    Refuse,
+    /// Scan the raw bytes with every detection rule; pass them if nothing
+    /// is found, refuse otherwise.
+    ScanRaw,
+    /// Pass it without inspection: the operator opted this destination out.
+    Pass,
+}
+
+impl Uninspectable {
+    /// The name used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Uninspectable::Refuse => "refuse",
+            Uninspectable::ScanRaw => "scan_raw",
+            Uninspectable::Pass => "pass",
+        }
+    }
+}
+
 /// Response masking for matching requests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MaskRule {
@@ -106,30 +137,6 @@ pub struct NamedPattern {
     pub regex: String,
 }
 
-/// What a destination may do with traffic the gateway cannot inspect.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Uninspectable {
-    /// Refuse it (the default).
-    #[default]
-    Refuse,
-    /// Scan the raw bytes with every rule and pass them if clean.
-    ScanRaw,
-    /// Pass it untouched.
-    Pass,
-}
-
-impl Uninspectable {
-    /// The name used in policy files.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Uninspectable::Refuse => "refuse",
-            Uninspectable::ScanRaw => "scan_raw",
-            Uninspectable::Pass => "pass",
-        }
-    }
-}
-
 /// The outcome of evaluating a request; borrows from the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Decision<'p> {
@@ -150,7 +157,6 @@ pub struct Decision<'p> {
     pub mask_id: Option<usize>,
     /// What the session recorder keeps.
     pub record: RecordLevel,
-    /// What happens to traffic to this destination that the gateway
-    /// cannot inspect.
+    /// What to do with what the gateway cannot understand.
     pub uninspectable: Uninspectable,
 }

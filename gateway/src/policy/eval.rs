@@ -11,6 +11,7 @@ use super::facts::{Derived, RequestFacts};
 pub(super) enum Miss {
     Protocol,
     Port,
+    Cidr,
     Unmapped,
     /// The rule has request selectors and the facts are a `tcp` connection.
     NoRequest,
@@ -53,6 +54,9 @@ pub(super) fn check(s: &Selectors, f: &RequestFacts<'_>, d: &Derived<'_>) -> Res
     }
     if !s.ports.is_empty() && !s.ports.contains(&f.port) {
         return Err(Miss::Port);
+    }
+    if !s.cidrs.is_empty() && !s.cidrs.iter().any(|net| net.contains(&d.addr)) {
+        return Err(Miss::Cidr);
     }
     if s.unmapped.is_some_and(|u| u != f.unmapped) {
         return Err(Miss::Unmapped);

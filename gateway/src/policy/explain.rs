@@ -97,6 +97,7 @@ fn describe(s: &Selectors, miss: Miss, f: &RequestFacts<'_>, d: &Derived<'_>) ->
             format!("{} is not {}", names(d.protocols, " + "), names(s.protocols, " or ")),
         ),
         Miss::Port => ("destination.port".to_owned(), format!("port {} is not any of {}", f.port, quoted(&s.ports))),
+        Miss::Cidr => ("destination.cidr".to_owned(), format!("address {} is in none of {}", d.addr, quoted(&s.cidrs))),
         Miss::Unmapped => (
             "identity.unmapped".to_owned(),
             if f.unmapped { "the identity is unmapped".to_owned() } else { "the identity is mapped".to_owned() },

@@ -3,9 +3,12 @@
 //! nothing.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
+
+use super::path::NormalizedPath;
 
 /// An empty label or claim map, for facts without labels or claims.
 pub static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
@@ -55,9 +58,14 @@ pub struct RequestFacts<'a> {
     pub claims: &'a BTreeMap<String, String>,
     /// Whether the identity is the built-in `unmapped` one.
     pub unmapped: bool,
-    /// Destination host name or IP address, without port. Any letter case;
-    /// a trailing dot and IPv6 brackets are ignored.
+    /// Destination host name or IP address, without port: the TLS SNI, else
+    /// the request's authority or `Host`, else the address, as
+    /// [`super::judged_host`] extracts it. (Any letter case, a trailing dot
+    /// and IPv6 brackets are tolerated.)
     pub host: &'a str,
+    /// Destination IP address (the connection's original destination), for
+    /// `destination.cidr`.
+    pub addr: IpAddr,
     /// Destination port.
     pub port: u16,
     /// Whether the client connection is TLS.
@@ -72,8 +80,10 @@ pub struct RequestFacts<'a> {
 pub struct HttpRequestFacts<'a> {
     /// The method as sent (methods are case-sensitive).
     pub method: &'a str,
-    /// The request target's path; a `?query` suffix is ignored.
-    pub path: &'a str,
+    /// The request target, normalised by [`super::path::normalize`]: path
+    /// and rpc selectors match its canonical path; a request whose path
+    /// cannot be normalised is refused before it is judged.
+    pub path: &'a NormalizedPath<'a>,
     /// The request headers (`content-type` decides gRPC/Connect).
     pub headers: &'a HeaderMap,
 }
@@ -95,6 +105,8 @@ pub(super) struct Derived<'a> {
     /// Bits of every [`Protocol`] the facts are.
     pub(super) protocols: u8,
     pub(super) host: &'a str,
+    /// The address, IPv4-mapped IPv6 addresses as IPv4.
+    pub(super) addr: IpAddr,
     pub(super) path: &'a str,
     pub(super) rpc: Option<&'a str>,
 }
@@ -106,14 +118,13 @@ impl<'a> Derived<'a> {
         let (protocols, path, rpc) = match &f.request {
             None => (Protocol::Tcp.bit(), "", None),
             Some(r) => {
-                let path = r.path.split_once('?').map_or(r.path, |(p, _)| p);
                 let ct = content_type(r.headers);
                 let transport = if f.tls { Protocol::Https } else { Protocol::Http };
                 let grpc = if is_grpc(ct) { Protocol::Grpc.bit() } else { 0 };
-                (transport.bit() | grpc, path, rpc_method(r.method, r.path, ct))
+                (transport.bit() | grpc, r.path.as_str(), r.path.rpc(r.method, ct))
             }
         };
-        Derived { protocols, host, path, rpc }
+        Derived { protocols, host, addr: f.addr.to_canonical(), path, rpc }
     }
 }
 
@@ -134,7 +145,9 @@ fn is_grpc(content_type: Option<&str>) -> bool {
     content_type.is_some_and(|ct| has_prefix_ignore_case(media_type(ct), "application/grpc"))
 }
 
-/// The `package.Service/Method` of a gRPC or Connect request, if it is one.
+/// The `package.Service/Method` of a gRPC or Connect request, if it is one,
+/// from the raw `path?query` (for display; the policy judges
+/// [`NormalizedPath::rpc`], the same on the normalised path).
 ///
 /// gRPC (and gRPC-Web) is recognised by `content-type: application/grpc*`,
 /// Connect streaming by `application/connect+*`; Connect unary calls are
@@ -144,6 +157,11 @@ fn is_grpc(content_type: Option<&str>) -> bool {
 /// exactly `/<service>/<method>`; a `?query` is ignored.
 pub fn rpc_method<'p>(method: &str, path: &'p str, content_type: Option<&str>) -> Option<&'p str> {
     let (path, query) = path.split_once('?').map_or((path, ""), |(p, q)| (p, q));
+    rpc_of(method, path, query, content_type)
+}
+
+/// [`rpc_method`] of a path and query already split.
+pub(super) fn rpc_of<'p>(method: &str, path: &'p str, query: &str, content_type: Option<&str>) -> Option<&'p str> {
     let rpc = path.strip_prefix('/')?;
     let (service, name) = rpc.split_once('/')?;
     if service.is_empty() || name.is_empty() || name.contains('/') {

@@ -6,6 +6,9 @@
 //! [`Policy::parse`] validates a file (every error with line and column)
 //! and compiles it; [`Policy::evaluate`] judges borrowed [`RequestFacts`]
 //! without allocating and returns a [`Decision`] borrowed from the policy;
+//! the facts carry the request path as [`path::normalize`] canonicalised it
+//! and the host as [`judged_host`] extracted it, so every spelling of a
+//! destination is judged as one;
 //! [`Policy::explain`] says why. [`PolicyHandle`] holds the policy in force
 //! and reloads it ([`watch`] on file changes). See `docs/policy.md`.
 
@@ -18,7 +21,9 @@ mod eval;
 mod explain;
 mod facts;
 mod glob;
+mod host;
 mod model;
+pub mod path;
 mod reload;
 
 #[cfg(test)]
@@ -39,6 +44,8 @@ pub use decision::{
 pub use error::PolicyError;
 pub use explain::{Explanation, RuleMiss};
 pub use facts::{rpc_method, HttpRequestFacts, Protocol, RequestFacts, NO_ATTRIBUTES};
+pub use host::{judged_host, HostError};
+pub use path::{normalize, NormalizedPath, PathRejection};
 pub use reload::{watch, PolicyHandle, ReloadOutcome};
 
 /// Checks one `require_approval` rule's settings against the gateway's

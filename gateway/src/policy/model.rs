@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::decision::{RecordLevel, StaticKeyAction};
+use super::decision::{RecordLevel, StaticKeyAction, Uninspectable};
 use super::facts::Protocol;
 
 /// The top level of a policy file.
@@ -46,6 +46,8 @@ pub(super) struct RuleSpec {
     pub(super) mask: Option<MaskSetting>,
     #[serde(default)]
     pub(super) record: Option<RecordLevel>,
+    #[serde(default)]
+    pub(super) uninspectable: Option<Uninspectable>,
 }
 
 /// `defaults`: the closing rule that decides when no rule matches, and the
@@ -62,6 +64,8 @@ pub(super) struct DefaultsSpec {
     pub(super) mask: Option<MaskSetting>,
     #[serde(default)]
     pub(super) record: Option<RecordLevel>,
+    #[serde(default)]
+    pub(super) uninspectable: Option<Uninspectable>,
 }
 
 /// `action:` values.
@@ -109,6 +113,9 @@ pub(super) struct DestinationSpec {
     /// (with every other error) rather than stopping the parse.
     #[serde(default)]
     pub(super) port: Option<OneOrMany<i64>>,
+    /// Networks (`10.0.0.0/8`) or addresses, parsed by validation.
+    #[serde(default)]
+    pub(super) cidr: Option<OneOrMany<String>>,
     #[serde(default)]
     pub(super) protocol: Option<OneOrMany<Protocol>>,
 }
@@ -123,6 +130,9 @@ pub(super) struct RequestSpec {
     pub(super) path: Option<OneOrMany<String>>,
     #[serde(default)]
     pub(super) rpc: Option<OneOrMany<String>>,
+    /// Match `path` and `rpc` case-sensitively (default: ignoring ASCII case).
+    #[serde(default)]
+    pub(super) case_sensitive: Option<bool>,
     #[serde(default)]
     pub(super) headers: Option<HeadersSpec>,
 }

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -27,12 +28,23 @@ struct F {
     claims: BTreeMap<String, String>,
     unmapped: bool,
     host: String,
+    addr: IpAddr,
     port: u16,
     tls: bool,
     http: bool,
     method: String,
-    path: String,
+    path: NormalizedPath<'static>,
     headers: HeaderMap,
+}
+
+/// `raw` normalised, as the gate does before it asks the policy; leaked so
+/// that test facts can own it.
+fn normalized(raw: &str) -> NormalizedPath<'static> {
+    let raw: &'static str = Box::leak(raw.to_owned().into_boxed_str());
+    match path::normalize(raw) {
+        Ok(p) => p,
+        Err(e) => panic!("{raw}: {e}"),
+    }
 }
 
 impl F {
@@ -43,13 +55,19 @@ impl F {
             claims: BTreeMap::new(),
             unmapped: false,
             host: host.into(),
+            addr: host.parse().unwrap_or(IpAddr::from([192, 0, 2, 1])),
             port: 443,
             tls: true,
             http: true,
             method: "GET".into(),
-            path: path.into(),
+            path: normalized(path),
             headers: HeaderMap::new(),
         }
+    }
+
+    fn addr(mut self, a: &str) -> F {
+        self.addr = a.parse().unwrap();
+        self
     }
 
     fn tcp(host: &str, port: u16) -> F {
@@ -88,6 +106,7 @@ impl F {
             claims: &self.claims,
             unmapped: self.unmapped,
             host: &self.host,
+            addr: self.addr,
             port: self.port,
             tls: self.tls,
             request: self.http.then_some(HttpRequestFacts {
@@ -753,4 +772,283 @@ fn approval_rules_are_checked_against_the_configuration_at_load_and_reload() {
     assert!(h.reload().is_err());
     assert_eq!(h.current().digest(), before);
     assert_eq!(h.generation(), 0);
+}
+
+const ADMIN: &str = r#"
+version: 1
+rules:
+  - name: deny-admin
+    match: { request: { path: "/v1/admin/**" } }
+    action: deny
+  - name: approve-deploy
+    match: { request: { path: ["/deploy", "/deploy/**"] } }
+    action: require_approval
+    approval: { group: release }
+  - name: exact-case
+    match: { request: { path: "/Exact/**", case_sensitive: true } }
+    action: deny
+  - name: billing-rpc
+    match: { request: { rpc: "acme.billing.v1.BillingService/Refund" } }
+    action: deny
+defaults: { action: allow }
+"#;
+
+#[test]
+fn path_rules_judge_every_spelling_of_the_path() {
+    let p = parse(ADMIN);
+    let bypasses = [
+        "/v1/admin/users",
+        "/v1//admin/users",
+        "//v1/admin//users",
+        "/v1/%61dmin/users",
+        "/%76%31/admin/users",
+        "/v1/./admin/users",
+        "/./v1/admin/users",
+        "/v1/y/../admin/users",
+        "/v1/%2e%2e/v1/admin/users",
+        "/v1/x/%2E%2E/admin/users",
+        "/v1/x/.%2e/admin/users",
+        "/x/../../v1/admin/users",
+        "/V1/Admin/users",
+        "/v1/ADMIN/users?x=1",
+        "/v1/AdMiN/%55sers",
+    ];
+    for raw in bypasses {
+        assert_eq!(rule_for(&p, &F::https("h", raw)), "deny-admin", "{raw}");
+    }
+    for raw in ["/deploy", "/deploy/", "/DEPLOY/prod", "/x/../deploy", "//deploy//prod", "/%64eploy"] {
+        assert_eq!(rule_for(&p, &F::https("h", raw)), "approve-deploy", "{raw}");
+    }
+    // Near misses stay allowed.
+    for raw in ["/v1/administrator", "/v1/admin", "/v2/admin/x", "/v1/public/../admins/x", "/deployment"] {
+        assert_eq!(rule_for(&p, &F::https("h", raw)), DEFAULT_RULE, "{raw}");
+    }
+    // Case-sensitive by opt-in: the other case is another resource.
+    assert_eq!(rule_for(&p, &F::https("h", "/Exact/x")), "exact-case");
+    assert_eq!(rule_for(&p, &F::https("h", "/Ex%61ct/./x")), "exact-case");
+    assert_eq!(rule_for(&p, &F::https("h", "/exact/x")), DEFAULT_RULE);
+    // Explain shows the path as judged.
+    let f = F::https("h", "/v1//x/../public");
+    let e = p.explain(&f.facts());
+    assert_eq!(e.skipped[0].detail, "`/v1/public` matches none of `/v1/admin/**`");
+}
+
+#[test]
+fn ambiguous_paths_never_reach_the_rules() {
+    for raw in [
+        "/v1/admin%2Fusers",
+        "/v1%2fadmin/users",
+        "/v1/admin%5Cusers",
+        "/v1\\admin/users",
+        "/v1/admin%00/users",
+        "/v1/admin;x=1/users",
+        "/v1/%2561dmin/users",
+        "/v1/%C0%AFadmin",
+        "/v1/%zz",
+        "/x//../v1/admin/users",
+    ] {
+        assert!(path::normalize(raw).is_err(), "{raw}");
+    }
+}
+
+#[test]
+fn rpc_rules_match_the_normalised_path() {
+    let p = parse(ADMIN);
+    let grpc = |path: &str| F::https("h", path).method("POST").header("content-type", "application/grpc");
+    for raw in [
+        "/acme.billing.v1.BillingService/Refund",
+        "//acme.billing.v1.BillingService//Refund",
+        "/acme.billing.v1.BillingService/./Refund",
+        "/x/../acme.billing.v1.BillingService/Refund",
+        "/acme.billing.v1.BillingService/%52efund",
+        "/ACME.Billing.v1.BillingService/refund",
+    ] {
+        let f = grpc(raw);
+        assert_eq!(f.path.rpc("POST", Some("application/grpc")), Some(f.path.as_str()).map(|s| &s[1..]));
+        assert_eq!(rule_for(&p, &f), "billing-rpc", "{raw}");
+    }
+    assert_eq!(rule_for(&p, &grpc("/acme.billing.v1.BillingService/Refunds")), DEFAULT_RULE);
+}
+
+#[test]
+fn path_globs_that_could_never_match_are_errors() {
+    let cases: &[(&str, &str)] = &[
+        ("/v1//admin", "`//` is merged"),
+        ("/v1/./admin", "dot segments"),
+        ("/v1/../admin/**", "dot segments"),
+        ("/v1/%61dmin", "write `a`"),
+        ("/v1/%2Fx", "encoded slashes"),
+        ("/v1/%c3%a9", "upper-case hex"),
+        ("/v1/%zz", "must start an escape"),
+        ("/v1/a;b", "`;`"),
+    ];
+    for (glob, want) in cases {
+        let text = format!("version: 1\nrules:\n  - match: {{ request: {{ path: \"{glob}\" }} }}\n    action: deny\ndefaults: {{ action: allow }}\n");
+        let e = errs(&text);
+        assert_eq!(e.len(), 1, "{glob}: {e:#?}");
+        assert!(e[0].message.contains(want), "{glob}: want {want:?} in {:?}", e[0].message);
+        assert_eq!((e[0].line, e[0].column), (3, 31), "{}", e[0]);
+    }
+    parse("version: 1\nrules:\n  - match: { request: { path: [\"/a%C3%A9/**\", \"/x/**/y\", \"/100%25\"] } }\n    action: deny\ndefaults: { action: allow }\n");
+    let e = errs("version: 1\nrules:\n  - match: { request: { method: GET, case_sensitive: true } }\n    action: deny\ndefaults: { action: allow }\n");
+    assert!(e[0].message.contains("applies to `path` and `rpc`"), "{}", e[0]);
+}
+
+const OPAQUE: &str = r#"
+version: 1
+rules:
+  - name: git-ssh-is-opaque
+    match: { destination: { cidr: 10.20.0.0/16, port: 22 } }
+    action: allow
+    uninspectable: pass
+  - name: v6-and-list
+    match: { destination: { cidr: ["fd00:1::/32", "192.168.7.0/24", "::ffff:172.16.0.0/108", 198.51.100.9] } }
+    action: allow
+    uninspectable: scan_raw
+  - name: uploads-scanned
+    match: { request: { path: "/upload/**" } }
+    action: allow
+    uninspectable: scan_raw
+  - name: internal
+    match: { destination: { host: "*.internal" } }
+    action: allow
+defaults:
+  action: allow
+"#;
+
+#[test]
+fn uninspectable_defaults_to_refuse_and_is_set_per_destination() {
+    let p = parse(OPAQUE);
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+    let conn = |addr: &str, port| F::tcp("git.example", port).addr(addr);
+    let d = p.evaluate(&conn("10.20.1.5", 22).facts());
+    assert_eq!((d.rule, d.uninspectable), ("git-ssh-is-opaque", Uninspectable::Pass));
+    // The same network on another port, or another network: refused.
+    let d = p.evaluate(&conn("10.20.1.5", 2222).facts());
+    assert_eq!((d.rule, d.uninspectable), (DEFAULT_RULE, Uninspectable::Refuse));
+    let d = p.evaluate(&conn("10.21.0.1", 22).facts());
+    assert_eq!((d.rule, d.uninspectable), (DEFAULT_RULE, Uninspectable::Refuse));
+    // IPv4-mapped IPv6 addresses are judged as IPv4, both ways round.
+    assert_eq!(rule_for(&p, &conn("::ffff:10.20.9.9", 22)), "git-ssh-is-opaque");
+    assert_eq!(rule_for(&p, &conn("172.16.0.7", 1)), "v6-and-list");
+    assert_eq!(rule_for(&p, &conn("172.31.255.255", 1)), "v6-and-list");
+    assert_eq!(rule_for(&p, &conn("172.32.0.0", 1)), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &conn("fd00:1:2::3", 1)), "v6-and-list");
+    assert_eq!(rule_for(&p, &conn("fd00:2::3", 1)), DEFAULT_RULE);
+    assert_eq!(rule_for(&p, &conn("::ffff:192.168.7.200", 1)), "v6-and-list");
+    assert_eq!(rule_for(&p, &conn("198.51.100.9", 1)), "v6-and-list");
+    assert_eq!(rule_for(&p, &conn("198.51.100.10", 1)), DEFAULT_RULE);
+    // A request-level rule never decides a connection; rules without
+    // request selectors inherit `refuse`.
+    let d = p.evaluate(&F::tcp("db.internal", 5432).addr("10.1.1.1").facts());
+    assert_eq!((d.rule, d.uninspectable), ("internal", Uninspectable::Refuse));
+    let d = p.evaluate(&F::https("x.example", "/upload/a").addr("10.1.1.1").facts());
+    assert_eq!((d.rule, d.uninspectable), ("uploads-scanned", Uninspectable::ScanRaw));
+
+    // Explain says which address missed which networks, and the outcome.
+    let f = conn("10.21.0.1", 22);
+    let e = p.explain(&f.facts());
+    assert_eq!(
+        (e.skipped[0].selector.as_str(), e.skipped[0].detail.as_str()),
+        ("destination.cidr", "address 10.21.0.1 is in none of `10.20.0.0/16`")
+    );
+    assert_eq!(
+        e.skipped[1].detail,
+        "address 10.21.0.1 is in none of `fd00:1::/32`, `192.168.7.0/24`, `172.16.0.0/12`, `198.51.100.9/32`"
+    );
+    assert_eq!(e.skipped[2].selector, "request");
+    let json = serde_json::to_value(p.explain(&conn("10.20.0.1", 22).facts())).unwrap();
+    assert_eq!(json["decision"]["uninspectable"], "pass");
+    assert_eq!(Policy::builtin().default_decision().uninspectable, Uninspectable::Refuse);
+}
+
+#[test]
+fn uninspectable_is_inherited_from_defaults() {
+    let p = parse(
+        "version: 1\nrules:\n  - name: a\n    match: { destination: { port: 1 } }\n    action: allow\n  - name: b\n    match: { destination: { port: 2 } }\n    action: allow\n    uninspectable: refuse\ndefaults:\n  action: deny\n  uninspectable: scan_raw\n",
+    );
+    let tcp = |port| F::tcp("h", port);
+    assert_eq!(p.evaluate(&tcp(1).facts()).uninspectable, Uninspectable::ScanRaw);
+    assert_eq!(p.evaluate(&tcp(2).facts()).uninspectable, Uninspectable::Refuse);
+    assert_eq!(p.evaluate(&tcp(3).facts()).uninspectable, Uninspectable::ScanRaw);
+    assert!(p.warnings().is_empty());
+    // A blanket `pass` is allowed, but `check` warns about it.
+    let p = parse("version: 1\nrules: []\ndefaults:\n  action: allow\n  uninspectable: pass\n");
+    assert_eq!(p.warnings().len(), 1, "{:?}", p.warnings());
+    assert_eq!((p.warnings()[0].line, p.warnings()[0].column), (5, 18), "{}", p.warnings()[0]);
+    assert!(p.warnings()[0].message.contains("every intercepted destination"), "{}", p.warnings()[0]);
+}
+
+#[test]
+fn uninspectable_and_cidr_errors_name_their_position() {
+    let cases: &[(&str, &str, (usize, usize))] = &[
+        (
+            "  - match: { destination: { cidr: 10.0.0.0/8 } }\n    action: deny\n    uninspectable: pass\n",
+            "no effect with `action: deny`",
+            (5, 20),
+        ),
+        (
+            "  - match: { destination: { port: 22 } }\n    action: deny\n    uninspectable: refuse\n",
+            "no effect with `action: deny`",
+            (5, 20),
+        ),
+        (
+            "  - match: { destination: { cidr: 10.0.0.0/8 }, request: { path: /x } }\n    action: allow\n    uninspectable: pass\n",
+            "`uninspectable: pass` can never apply",
+            (5, 20),
+        ),
+        (
+            "  - match: { request: { method: GET } }\n    action: require_approval\n    approval: { group: g }\n    uninspectable: pass\n",
+            "can never apply",
+            (6, 20),
+        ),
+        ("  - action: allow\n    uninspectable: maybe\n", "unknown variant `maybe`", (4, 20)),
+        ("  - match: { destination: { cidr: 10.0.0.1/8 } }\n    action: allow\n", "write `10.0.0.0/8`", (3, 35)),
+        ("  - match: { destination: { cidr: [10.0.0.0/8, nope] } }\n    action: allow\n", "is not a network", (3, 48)),
+        ("  - match: { destination: { cidr: \"10.0.0.0/33\" } }\n    action: allow\n", "is not a network", (3, 35)),
+        ("  - match: { destination: { cidr: [] } }\n    action: allow\n", "empty list", (3, 35)),
+    ];
+    for (rule, want, at) in cases {
+        let text = format!("version: 1\nrules:\n{rule}defaults: {{ action: allow }}\n");
+        let e = errs(&text);
+        assert_eq!(e.len(), 1, "{text}\n{e:#?}");
+        assert!(e[0].message.contains(want), "{text}\nwant {want:?} in {:?}", e[0].message);
+        assert_eq!((e[0].line, e[0].column), *at, "{text}\n{}", e[0]);
+        assert_eq!(e[0].rule, Some(0), "{}", e[0]);
+    }
+    // `scan_raw` behind request selectors is fine: bodies are judged per request.
+    parse("version: 1\nrules:\n  - match: { request: { path: /x } }\n    action: allow\n    uninspectable: scan_raw\ndefaults: { action: allow }\n");
+}
+
+#[test]
+fn explain_cli_judges_connections_by_host_and_port() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: PolicyArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(&file, OPAQUE).unwrap();
+    let none = PolicyContext::default();
+    let run_with = |extra: &[&str]| {
+        let mut argv = vec!["gateway", "explain"];
+        argv.extend_from_slice(extra);
+        let args = Cli::try_parse_from(argv).map_err(|e| anyhow::anyhow!("{e}"))?.a;
+        run(&args, Some(&file), &none)
+    };
+    let ok = std::process::ExitCode::SUCCESS;
+    assert_eq!(run_with(&["--host", "10.20.1.5", "--port", "22", "--protocol", "tcp"]).unwrap(), ok);
+    assert_eq!(run_with(&["--host", "git.example", "--port", "22", "--addr", "10.20.1.5", "--json"]).unwrap(), ok);
+    assert_eq!(run_with(&["--host", "[fd00:1::5]", "--port", "443", "--protocol", "tls"]).unwrap(), ok);
+    // A host name without --addr is judged as 0.0.0.0 (with a note).
+    assert_eq!(run_with(&["--host", "git.example", "--port", "22"]).unwrap(), ok);
+    // Refused paths are explained, not errors.
+    assert_eq!(run_with(&["--url", "https://10.1.1.1/a%2Fb"]).unwrap(), ok);
+    assert_eq!(run_with(&["--url", "https://10.1.1.1/a%2Fb", "--json"]).unwrap(), ok);
+    assert!(run_with(&["--host", "h", "--port", "1", "--url", "https://h/"]).is_err());
+    assert!(run_with(&["--host", "h"]).is_err());
+    assert!(run_with(&[]).is_err());
+    assert!(run_with(&["--host", "a b", "--port", "1"]).is_err());
 }

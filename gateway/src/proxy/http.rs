@@ -24,11 +24,11 @@ use serde_json::json;
 use crate::{
     credentials::{apply_swap, RenderedInjection, SwapTarget},
     detect::{
-        body::BodyStatus,
         http_scan::{self, BodyScanner, Hit},
+        ScanStatus,
     },
     enforce::{
-        decode_prefix, lock, ApprovalAsk, ExchangeWatch, Judged, Passage, Reason, Refusal, RequestDecision,
+        decode_prefix, lock, ApprovalAsk, ExchangeWatch, HttpAsk, Judged, Passage, Reason, Refusal, RequestDecision,
         RequestSummary, SharedCapture, Uninspectable, WatchSpec, OIDC_TARGET,
     },
     event::{Outcome, Protocol},
@@ -36,7 +36,7 @@ use crate::{
         BodyInspector, BodyVerdict, BoxFuture, HeadVerdict, HttpContext, Inspector, ResponseInspector, ResponseVerdict,
         Tunnel, TunnelInspector, TunnelVerdict,
     },
-    policy::{self, HttpRequestFacts},
+    policy,
     record::{DecisionFacts, ExchangeRecord, RecordLevel, TlsFacts},
     tls,
 };
@@ -158,39 +158,23 @@ impl HttpGate {
 }
 
 /// The host a request is judged by: the TLS server name, else the
-/// request's authority or `Host`, else the address; lowercase, without
-/// port, brackets or trailing dot.
+/// request's authority or `Host` as the policy reads hosts
+/// ([`policy::judged_host`]), else (absent, or with userinfo or invalid
+/// characters a server might read another way) the address.
 pub(crate) fn judged_host(ctx: &HttpContext, parts: &http::request::Parts) -> String {
+    let by_address = || ctx.orig_dst.ip().to_string();
     if !ctx.server_name.is_empty() {
-        return normalise_host(&ctx.server_name);
+        return policy::judged_host(&ctx.server_name).map_or_else(|_| by_address(), |h| h.into_owned());
     }
     let authority = parts
         .uri
         .authority()
         .map(|a| a.as_str())
         .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
-    match authority.map(host_of_authority) {
-        Some(host) if !host.is_empty() => normalise_host(host),
-        _ => ctx.orig_dst.ip().to_string(),
+    match authority.map(|a| policy::judged_host(a.trim())) {
+        Some(Ok(host)) => host.into_owned(),
+        _ => by_address(),
     }
-}
-
-/// The host part of `host[:port]`, `[v6][:port]` or a bare IPv6 address.
-fn host_of_authority(authority: &str) -> &str {
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h).trim();
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split_once(']').map_or(rest, |(h, _)| h);
-    }
-    match authority.rsplit_once(':') {
-        // More than one colon and no brackets: a bare IPv6 address.
-        Some((h, _)) if !h.contains(':') => h,
-        _ => authority,
-    }
-}
-
-fn normalise_host(host: &str) -> String {
-    let host = host.trim().trim_start_matches('[').trim_end_matches(']');
-    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 fn path_and_query(parts: &http::request::Parts) -> &str {
@@ -423,8 +407,7 @@ impl Inspector for HttpGate {
                 return self.refuse_head(stream, summary, parts, judged, refusal, "oidc").await;
             }
         };
-        let facts =
-            HttpRequestFacts { method: parts.method.as_str(), path: path_and_query(parts), headers: &parts.headers };
+        let facts = HttpAsk { method: parts.method.as_str(), target: path_and_query(parts), headers: &parts.headers };
         let decision = self.passage.request(&host, ctx.tls, &verified, facts);
         let RequestDecision { decided, static_keys, mask, record, approval, uninspectable, inspect } = match decision {
             Ok(d) => d,
@@ -739,12 +722,8 @@ impl BodyGate {
     async fn understood(&mut self) -> Option<Refusal> {
         let Scan::Decoded(scanner) = &self.scanner else { return None };
         let detail = match scanner.status() {
-            BodyStatus::Complete => return None,
-            BodyStatus::Truncated => format!(
-                "it decodes to more than {} bytes, the most the gateway scans",
-                self.passage.gate().body_limits.max_decoded
-            ),
-            BodyStatus::DecodeError(e) => e,
+            ScanStatus::Complete => return None,
+            ScanStatus::Uninspectable(why) => why.to_string(),
         };
         match self.req.uninspectable {
             policy::Uninspectable::Refuse => {
@@ -849,7 +828,7 @@ mod tests {
         assert_eq!(judged_host(&ctx(""), &parts("/", Some("[::1]:8080"))), "::1");
         assert_eq!(judged_host(&ctx(""), &parts("/", Some("API.Example.com.:443"))), "api.example.com");
         assert_eq!(judged_host(&ctx(""), &parts("/", Some("api.example.com"))), "api.example.com");
-        assert_eq!(judged_host(&ctx(""), &parts("http://u@h.example:1/x", None)), "h.example");
+        assert_eq!(judged_host(&ctx(""), &parts("http://u@h.example:1/x", None)), "10.0.0.1");
         assert_eq!(judged_host(&ctx(""), &parts("/", None)), "10.0.0.1");
         assert_eq!(judged_host(&ctx("Cursor.sh"), &parts("/", Some("other.example"))), "cursor.sh");
     }
