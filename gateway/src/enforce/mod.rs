@@ -148,7 +148,8 @@ impl Enforcer {
         let mut swap_targets = Vec::new();
         for hit in hits {
             let fingerprint = hit.detection.secret.fingerprint(&self.shared.fingerprint_key);
-            let location = hit.location.to_string();
+            // A name can be the key itself (`?<key>`, `{"<key>": 1}`).
+            let location = self.shared.masks.recording().mask_text(&hit.location.to_string()).into_owned();
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }
@@ -534,7 +535,7 @@ impl Enforcer {
                 path_and_query(parts),
                 parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
             )
-            .map(str::to_owned),
+            .map(|rpc| self.shared.masks.recording().mask_text(rpc).into_owned()),
             headers: Vec::new(),
             started: std::time::SystemTime::now(),
         }
@@ -705,13 +706,8 @@ impl BodyEnforcer {
     /// Holds the request until its approval is decided.
     async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
         let enforcer = &self.enforcer;
-        let body_preview = {
-            let capture = exchange::lock(&self.req.capture);
-            let head = &capture.body[..capture.body.len().min(APPROVAL_PREVIEW_BYTES)];
-            let plain = decode_prefix(capture.encoding.as_deref().unwrap_or(""), head, APPROVAL_PREVIEW_BYTES)
-                .unwrap_or_default();
-            String::from_utf8_lossy(&enforcer.shared.masks.recording().mask_bytes(&plain).0).into_owned()
-        };
+        let body_preview =
+            exchange::lock(&self.req.capture).masked_preview(enforcer.shared.masks.recording(), APPROVAL_PREVIEW_BYTES);
         let ask = ApprovalAsk {
             rule,
             spec,
