@@ -8,6 +8,13 @@
 //! * `mask-gzip`: a gzip response decoded, masked and re-encoded;
 //! * `mask-identity-1k`: all rules, 1 KiB chunks (per-chunk overhead).
 //!
+//! And what recording one exchange costs (`Masker::mask_bytes` and
+//! `mask_headers` with all rules, as the recorder and approvals use them):
+//!
+//! * `record-body-64k`: a 64 KiB JSON body (the default `max_body_bytes`);
+//! * `record-url`: a request target with a query string;
+//! * `record-headers`: twelve typical request headers.
+//!
 //! Run with `cargo bench -p gateway-benches --bench mask`. A MB/s summary is
 //! printed at the end.
 
@@ -90,6 +97,45 @@ fn mbps(bytes: usize, mut f: impl FnMut() -> usize) -> f64 {
     bytes as f64 / best / 1e6
 }
 
+/// Body bytes a recording keeps by default (`record.max_body_bytes`).
+const RECORD_BODY: usize = 64 << 10;
+
+/// Typical request headers of an API client.
+fn request_headers() -> http::HeaderMap {
+    let mut h = http::HeaderMap::new();
+    for (name, value) in [
+        ("host", "gitlab.example.org"),
+        ("user-agent", "curl/8.5.0"),
+        ("accept", "application/json"),
+        ("accept-encoding", "gzip, deflate, br"),
+        ("content-type", "application/json; charset=utf-8"),
+        ("content-length", "1834"),
+        ("x-request-id", "3f2c9a4e-5b1d-4c8e-9f0a-7e6d5c4b3a21"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjaSJ9.c2lnbmF0dXJlLW5vdC1yZWFs"),
+        ("cookie", "session=3a1f9c7e2b; theme=dark"),
+        ("x-gitlab-ci-job-id", "918273645"),
+        ("if-none-match", "W/\"5e1b2c3d4e5f\""),
+    ] {
+        h.append(http::HeaderName::from_static(name), http::HeaderValue::from_static(value));
+    }
+    h
+}
+
+/// Wall-clock microseconds per call of `f`, best of a few rounds.
+fn micros(mut f: impl FnMut() -> usize) -> f64 {
+    const CALLS: u32 = 200;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            black_box(f());
+        }
+        best = best.min(start.elapsed().as_secs_f64() / f64::from(CALLS));
+    }
+    best * 1e6
+}
+
 fn main() {
     let detector = Arc::new(Detector::builtin().unwrap_or_else(|e| panic!("built-in rules: {e}")));
     let all =
@@ -141,6 +187,23 @@ fn main() {
     group.bench_function("mask-identity-1k", |b| b.iter(|| stream(&all, None, &data, 1024)));
     group.finish();
 
+    // One recorded exchange: its body, URL and headers.
+    let record_body = &data[..RECORD_BODY];
+    let url = "/api/v4/projects/1234/pipelines?ref=main&per_page=50&page=2&scope=finished&order_by=updated_at";
+    let headers = request_headers();
+    let mut group = c.benchmark_group("record");
+    group.throughput(Throughput::Bytes(record_body.len() as u64));
+    group.bench_function("record-body-64k", |b| b.iter(|| all.mask_bytes(black_box(record_body)).0.len()));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("record-url", |b| b.iter(|| all.mask_bytes(black_box(url.as_bytes())).0.len()));
+    group.bench_function("record-headers", |b| {
+        b.iter(|| {
+            let mut h = headers.clone();
+            all.mask_headers(black_box(&mut h)).len()
+        })
+    });
+    group.finish();
+
     let n = data.len();
     println!(
         "summary (one core, MB/s of plaintext): copy {:.0}, detector scan {:.0}, mask {:.0}, \
@@ -151,6 +214,15 @@ fn main() {
         mbps(n, || stream(&rich, None, &data, CHUNK)),
         mbps(n, || stream(&all, Some("gzip"), &gz, CHUNK)),
         mbps(n, || stream(&all, None, &data, 1024)),
+    );
+    println!(
+        "recording (one core): 64 KiB body {:.1} µs, URL {:.2} µs, 12 headers {:.2} µs",
+        micros(|| all.mask_bytes(record_body).0.len()),
+        micros(|| all.mask_bytes(url.as_bytes()).0.len()),
+        micros(|| {
+            let mut h = headers.clone();
+            all.mask_headers(&mut h).len()
+        }),
     );
     c.final_summary();
 }

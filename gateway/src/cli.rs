@@ -168,8 +168,11 @@ fn init_logging(config: &Config) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     // A closed stderr (a restarted journald, a dead pipe) must not take the
     // gateway down: its own error reporting would panic on the same stream.
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).log_internal_errors(false);
+    // Lines are masked once `gateway run` has its detector (see `mask::log`).
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(crate::mask::log::MaskedStderr)
+        .log_internal_errors(false);
     // Logging may already be set up (tests call into the library); that is fine.
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
@@ -486,6 +489,8 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         "policy, approvals and session recording ready"
     );
     let masks = crate::enforce::MaskCache::new(detector.clone()).context("building the recording masker")?;
+    // From here on the log holds traffic: it is masked like a recording.
+    crate::mask::log::install(masks.recording().clone());
     // A mask naming an unknown detector rule would refuse every response it
     // covers: better not to start. (After a reload the same error is
     // logged and those responses are refused.)

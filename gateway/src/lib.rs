@@ -28,4 +28,5 @@ pub mod record;
 pub mod redact;
 pub mod relay;
 pub mod sqlite;
+pub mod term;
 pub mod tls;

@@ -83,7 +83,8 @@ impl Upstream {
     /// consumes the body and answers with its length; anything else answers
     /// 200 with a small JSON body. `/leak/stream` streams `leak` split
     /// across two chunks 200 ms apart; `/leak/gzip` answers a gzip JSON
-    /// document holding `leak` and a `password` field.
+    /// document holding `leak` and a `password` field. `/echo/...` answers
+    /// with the request's body and content type.
     pub fn start(addr: SocketAddr, pki: &TestPki) -> Upstream {
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
@@ -160,6 +161,7 @@ async fn handle(
             }
         }
     }
+    let echo = path.starts_with("/echo/").then(|| body_bytes.clone());
     log.lock().expect("log").push(Received {
         method: parts.method.to_string(),
         target,
@@ -168,7 +170,13 @@ async fn handle(
         body: body_bytes,
     });
     let leak = leak.lock().expect("leak").clone();
-    let response = if path == "/leak/stream" {
+    let response = if let Some(body) = echo {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(body)).boxed());
+        if let Some(ct) = parts.headers.get(hyper::header::CONTENT_TYPE) {
+            r.headers_mut().insert(hyper::header::CONTENT_TYPE, ct.clone());
+        }
+        r
+    } else if path == "/leak/stream" {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
         let (a, b) = leak.split_at(leak.len() / 2);
         let chunks = [format!("{{\"token\": \"{a}"), format!("{b}\", \"n\": 1}}\n")];

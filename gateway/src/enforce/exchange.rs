@@ -1,8 +1,14 @@
 //! One request's journey past the policy: masks the response when the
 //! policy says so and records the exchange at the level it says, secrets
 //! masked whatever the policy.
+//!
+//! Captured bodies run [`MASK_SLACK`] bytes past what is kept: they are
+//! decoded and masked whole, and only then cut, so a key (or an escaped,
+//! longer form of one) that straddles the cut is masked rather than kept in
+//! part.
 
 use std::{
+    borrow::Cow,
     cell::RefCell,
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -20,10 +26,15 @@ use crate::{
     redact::is_sensitive_header,
 };
 
+/// Bytes captured past a recording's or preview's cut: room for the
+/// longest key the masker must see whole, in its longest (escaped) form.
+pub const MASK_SLACK: usize = 16 * 1024;
+
 /// What a request's body inspector learns that its recording needs.
 #[derive(Debug, Default)]
 pub struct RequestCapture {
-    /// The first `cap` bytes of the request body as the client sent it.
+    /// The first `cap` + [`MASK_SLACK`] bytes of the request body as the
+    /// client sent it.
     pub body: Vec<u8>,
     /// All request body bytes seen.
     pub total: u64,
@@ -34,12 +45,45 @@ pub struct RequestCapture {
 }
 
 impl RequestCapture {
-    /// Keeps the start of the body, up to `cap`.
+    /// Keeps the start of the body: what a recording or preview of `cap`
+    /// bytes needs (`cap` + [`MASK_SLACK`]).
     pub fn push(&mut self, chunk: &[u8], cap: usize) {
         self.total += chunk.len() as u64;
-        let room = cap.saturating_sub(self.body.len());
+        let room = cap.saturating_add(MASK_SLACK).saturating_sub(self.body.len());
         self.body.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
+
+    /// The start of the body as approvers may see it: decoded, masked, then
+    /// cut to at most `max` bytes.
+    pub fn masked_preview(&self, masker: &Masker, max: usize) -> String {
+        match masked_prefix(masker, &self.body, self.encoding.as_deref(), max) {
+            Some(masked) => String::from_utf8_lossy(&masked).into_owned(),
+            None => format!("[{} bytes in an undecodable content encoding]", self.total),
+        }
+    }
+}
+
+/// The first `cap` bytes of a captured body (`encoding` undone), masked
+/// before the cut; `None` when the encoding cannot be decoded.
+fn masked_prefix(masker: &Masker, data: &[u8], encoding: Option<&str>, cap: usize) -> Option<Vec<u8>> {
+    let encoding = encoding.unwrap_or("");
+    let seen = cap.saturating_add(MASK_SLACK);
+    let plain = if is_identity(encoding) {
+        // Plain already: mask the capture itself, not a decoded copy.
+        Cow::Borrowed(&data[..data.len().min(seen)])
+    } else {
+        Cow::Owned(decode_prefix(encoding, data, seen)?)
+    };
+    let mut masked = masker.mask_bytes(&plain).0;
+    if masked.len() > cap {
+        // On a character boundary, so that a text body stays text.
+        let mut end = cap;
+        while end > 0 && masked[end] & 0xc0 == 0x80 {
+            end -= 1;
+        }
+        masked.truncate(if end == 0 { cap } else { end });
+    }
+    Some(masked)
 }
 
 /// Shared between a request's body inspector and its [`ExchangeWatch`].
@@ -139,23 +183,18 @@ impl ExchangeWatch {
 
     fn keep(&mut self, data: &[u8]) {
         if self.full() {
-            let room = self.cap.saturating_sub(self.response_body.len());
+            let room = self.cap.saturating_add(MASK_SLACK).saturating_sub(self.response_body.len());
             self.response_body.extend_from_slice(&data[..data.len().min(room)]);
         }
     }
 
-    /// A captured body as a recording may hold it: decoded and masked.
+    /// A captured body as a recording may hold it: decoded, masked, cut.
     fn for_recording(&self, data: &[u8], encoding: Option<&str>) -> Bytes {
         if data.is_empty() {
             return Bytes::new();
         }
-        let encoding = encoding.unwrap_or("");
-        if is_identity(encoding) {
-            // Plain already: mask the capture itself, not a decoded copy.
-            return Bytes::from(self.recording.mask_bytes(&data[..data.len().min(self.cap)]).0);
-        }
-        match decode_prefix(encoding, data, self.cap) {
-            Some(plain) => Bytes::from(self.recording.mask_bytes(&plain).0),
+        match masked_prefix(&self.recording, data, encoding, self.cap) {
+            Some(masked) => Bytes::from(masked),
             None => Bytes::from(format!("[{} bytes in an undecodable encoding: not recorded]", data.len())),
         }
     }
@@ -351,6 +390,54 @@ mod tests {
         }
         assert_eq!(redact_response_headers(&headers), crate::record::redact_headers(&headers));
         SENSITIVE_NAMES.with(|known| assert!(known.borrow().len() <= MAX_REMEMBERED_NAMES));
+    }
+
+    fn recording_masker() -> Masker {
+        let detector = std::sync::Arc::new(crate::detect::Detector::builtin().expect("built-in rules"));
+        Masker::new(detector, &crate::mask::MaskSpec::default()).expect("masker")
+    }
+
+    /// A fake OpenAI project key, made up at run time.
+    fn fake_key() -> String {
+        use rand::{distr::Alphanumeric, Rng as _};
+        let random = |n| rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect::<String>();
+        format!("sk-proj-{}T3BlbkFJ{}", random(40), random(40))
+    }
+
+    #[test]
+    fn a_key_across_the_cut_is_masked_not_kept_in_part() {
+        let masker = recording_masker();
+        let key = fake_key();
+        let lead = "x ".repeat(50);
+        for escaped in [false, true] {
+            let written = if escaped { key.replace('-', "\\u002d") } else { key.clone() };
+            let body = format!("{{\"pad\": \"{lead}\", \"key\": \"{written}\", \"end\": 1}}");
+            let cap = body.find(&written).expect("key in body") + 20;
+            let mut capture = RequestCapture::default();
+            capture.push(body.as_bytes(), cap);
+            let kept = masked_prefix(&masker, &capture.body, None, cap).expect("identity");
+            assert!(kept.len() <= cap);
+            let kept = String::from_utf8(kept).expect("text");
+            assert!(kept.contains("[MASKED:"), "escaped {escaped}: {kept}");
+            assert!(!kept.contains(&written[..12]), "the start of the key is kept (escaped {escaped})");
+        }
+    }
+
+    #[test]
+    fn previews_and_recordings_decode_before_masking() {
+        use std::io::Write as _;
+        let masker = recording_masker();
+        let key = fake_key();
+        let doc = format!("{{\"a\": \"\\u0073{}\", \"b\": \"{}\"}}", &key[1..], key.replace('-', "%2D"));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(doc.as_bytes()).expect("gzip");
+        let mut capture = RequestCapture { encoding: Some("gzip".into()), ..RequestCapture::default() };
+        capture.push(&gz.finish().expect("gzip"), 4096);
+        let preview = capture.masked_preview(&masker, 4096);
+        assert_eq!(preview, "{\"a\": \"[MASKED:openai-project-key]\", \"b\": \"[MASKED:openai-project-key]\"}");
+        let unknown =
+            RequestCapture { encoding: Some("zstd".into()), body: b"(zstd)".to_vec(), total: 6, ..Default::default() };
+        assert_eq!(unknown.masked_preview(&masker, 4096), "[6 bytes in an undecodable content encoding]");
     }
 
     #[test]

@@ -514,7 +514,8 @@ impl Passage {
         let (mut more, mut more_block) = (0u64, false);
         for hit in hits {
             let fingerprint = hit.detection.secret.fingerprint(&self.gate.fingerprint_key);
-            let location = hit.location.to_string();
+            // A name can be the key itself (`?<key>`, `{"<key>": 1}`).
+            let location = self.gate.masks.recording().mask_text(&hit.location.to_string()).into_owned();
             if !seen.insert((fingerprint.clone(), location.clone())) {
                 continue;
             }

@@ -13,7 +13,7 @@ use std::{
 use time::{format_description::FormatItem, macros::format_description, Duration, OffsetDateTime, UtcOffset};
 
 use super::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status};
-use crate::config::Config;
+use crate::{config::Config, term::safe};
 
 /// Arguments of `gateway findings`.
 #[derive(Debug, clap::Args)]
@@ -271,21 +271,6 @@ const TIME_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-
 
 fn when(t: OffsetDateTime) -> String {
     t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
-/// Makes job- or traffic-supplied text safe to print on a reviewer's
-/// terminal: control characters (escape sequences) and bidirectional
-/// overrides are shown escaped instead of being interpreted.
-fn safe(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `safe`, then cut to `width` characters (keeping the end when `tail`,

@@ -1,18 +1,26 @@
-//! Response masking: secrets in upstream responses are replaced with
-//! `[MASKED:<rule>]` before the client sees them.
+//! Masking: secrets are replaced with `[MASKED:<rule>]` in upstream
+//! responses before the client sees them (when the policy says so), and in
+//! everything the gateway stores or logs about a request (always).
 //!
 //! A [`Masker`] is compiled once per policy rule from a [`MaskSpec`]: which
 //! detector rules to apply, named regex patterns and JSON field names. It
-//! masks header values in place ([`Masker::mask_headers`]), whole buffers
-//! ([`Masker::mask_bytes`]) and bodies streamed in chunks
-//! ([`Masker::body`] → [`BodyMasker`]), which undoes and redoes `gzip`,
-//! `deflate` and `br` content encodings. Streaming holds back the last bytes
-//! of the data seen (at most [`Masker::max_hold_back`]) until it is certain
-//! that no secret starts in them, so a secret split across chunks is still
-//! replaced whole and the output never depends on how the body was chunked.
-//! See `docs/masking.md`.
+//! masks bodies streamed in chunks ([`Masker::body`] → [`BodyMasker`]),
+//! which undoes and redoes `gzip`, `deflate` and `br` content encodings.
+//! Streaming holds back the last bytes of the data seen (at most
+//! [`Masker::max_hold_back`]) until it is certain that no secret starts in
+//! them, so a secret split across chunks is still replaced whole and the
+//! output never depends on how the body was chunked.
+//!
+//! What is stored or logged goes through the one-shot methods instead:
+//! whole buffers ([`Masker::mask_bytes`], [`Masker::mask_text`]) and header
+//! values ([`Masker::mask_headers`]). They also find the detector's secrets
+//! in their encoded forms (`views`: percent-encoding, form encoding,
+//! backslash escapes, quoted-printable, base64) and mask those where they
+//! stand, so no recording, approval, finding or log line keeps a key in any
+//! encoding. The log itself is masked line by line ([`log`]). See
+//! `docs/masking.md`.
 
-use std::{collections::HashMap, fmt, sync::Arc};
+use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -24,8 +32,10 @@ use crate::detect::{
 
 mod codec;
 mod json;
+pub mod log;
 mod pattern;
 mod plain;
+mod views;
 mod window;
 
 #[cfg(test)]
@@ -42,6 +52,9 @@ use window::{LabelId, Range};
 
 /// Longest pattern name accepted.
 pub const MAX_NAME_LEN: usize = 64;
+/// The rule named when a text holds more nested encodings than the one-shot
+/// methods decode: the whole text is replaced rather than kept unmasked.
+pub const TOO_MANY_ENCODINGS: &str = "too-many-encodings";
 /// [`Masked`] records kept per stream until taken; the count goes on.
 const MAX_LOGGED: usize = 1024;
 
@@ -329,36 +342,57 @@ impl Masker {
         BodyMasker::new(Arc::clone(self), content_encoding)
     }
 
-    /// Masks a whole buffer (e.g. a recorded request body); the same result
-    /// as streaming it through [`body`](Self::body) without encoding.
+    /// Masks a whole buffer as a stored or logged copy may hold it (a
+    /// recorded body, a URL, an approval preview, a log line): what
+    /// streaming it through [`body`](Self::body) masks, plus the detector's
+    /// secrets in their encoded forms (see `views`), masked where they
+    /// stand: exactly the escape sequences of a JSON-escaped or
+    /// percent-encoded key, the whole base64 run holding one. A buffer with
+    /// more nested encodings than can be decoded within bounds is replaced
+    /// whole by `[MASKED:too-many-encodings]`.
     pub fn mask_bytes(&self, data: &[u8]) -> (Vec<u8>, Vec<Masked>) {
-        let mut plain = PlainMasker::new(self, true);
-        let mut out = BytesMut::with_capacity(data.len());
-        plain.push(self, data, &mut out);
-        plain.finish(self, &mut out);
-        (out.to_vec(), plain.log.take())
+        let mut log = MaskedLog::default();
+        let out = self.mask_stored(data, &mut log).into_owned();
+        (out, log.take())
+    }
+
+    /// [`mask_bytes`](Self::mask_bytes) for text, borrowing it back when
+    /// nothing needed masking (the usual case for a log line or a URL).
+    pub fn mask_text<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        match self.mask_stored(text.as_bytes(), &mut MaskedLog::default()) {
+            Cow::Borrowed(_) => Cow::Borrowed(text),
+            // Ranges cover whole characters and labels are ASCII; lossy only
+            // in name.
+            Cow::Owned(bytes) => Cow::Owned(String::from_utf8_lossy(&bytes).into_owned()),
+        }
     }
 
     /// Masks header values in place (all headers, `Set-Cookie` included) and
     /// returns what was replaced. Detector rules see `name: value`, so rules
-    /// keyed on a name (`x-api-key: …`) apply; only the value is changed.
+    /// keyed on a name (`x-api-key: …`) apply, encoded forms included (a
+    /// base64 value is masked whole); only the value is changed.
     pub fn mask_headers(&self, headers: &mut HeaderMap) -> Vec<Masked> {
         let mut masked = Vec::new();
         let mut text = Vec::new();
         for (name, value) in headers.iter_mut() {
             let mut plain = PlainMasker::new(self, false);
-            if let Some(detector) = &self.detector {
+            if self.detector.is_some() {
                 text.clear();
                 text.extend_from_slice(name.as_str().as_bytes());
                 text.extend_from_slice(b": ");
                 let offset = text.len() as u64;
                 text.extend_from_slice(value.as_bytes());
-                for d in detector.scan(&text) {
-                    if d.end <= offset {
-                        continue;
+                match self.secret_ranges(&text) {
+                    Ok(ranges) => {
+                        for r in ranges.into_iter().filter(|r| r.end > offset) {
+                            plain.add_range(Range { start: r.start.saturating_sub(offset), end: r.end - offset, ..r });
+                        }
                     }
-                    if let Some(&label) = self.rule_labels.get(&*d.rule_id) {
-                        plain.add_range(Range { start: d.start.saturating_sub(offset), end: d.end - offset, label });
+                    Err(views::OverBudget) => {
+                        let rule: Arc<str> = Arc::from(TOO_MANY_ENCODINGS);
+                        *value = HeaderValue::from_static("[MASKED:too-many-encodings]");
+                        masked.push(Masked { rule, location: MaskLocation::Header(name.clone()) });
+                        continue;
                     }
                 }
             }
@@ -378,6 +412,57 @@ impl Masker {
             );
         }
         masked
+    }
+
+    /// The one-shot masking behind [`mask_bytes`](Self::mask_bytes): `data`
+    /// itself when nothing matched.
+    fn mask_stored<'a>(&self, data: &'a [u8], log: &mut MaskedLog) -> Cow<'a, [u8]> {
+        let ranges = match self.secret_ranges(data) {
+            Ok(ranges) => ranges,
+            Err(views::OverBudget) => {
+                log.push(Masked { rule: Arc::from(TOO_MANY_ENCODINGS), location: MaskLocation::Body { offset: 0 } });
+                return Cow::Owned(b"[MASKED:too-many-encodings]".to_vec());
+            }
+        };
+        if ranges.is_empty() && self.patterns.is_empty() && self.json.is_none() {
+            return Cow::Borrowed(data);
+        }
+        let mut plain = PlainMasker::new(self, false);
+        for r in ranges {
+            plain.add_range(r);
+        }
+        let mut out = BytesMut::with_capacity(data.len());
+        plain.push(self, data, &mut out);
+        plain.finish(self, &mut out);
+        let found = plain.log.take();
+        if found.is_empty() {
+            return Cow::Borrowed(data);
+        }
+        for m in found {
+            log.push(m);
+        }
+        Cow::Owned(out.to_vec())
+    }
+
+    /// Where the selected detector rules find secrets in `text`, raw or
+    /// encoded; sorted by start.
+    fn secret_ranges(&self, text: &[u8]) -> Result<Vec<Range>, views::OverBudget> {
+        let Some(detector) = &self.detector else { return Ok(Vec::new()) };
+        let mut ranges = Vec::new();
+        for d in detector.scan(text) {
+            if let Some(&label) = self.rule_labels.get(&*d.rule_id) {
+                ranges.push(Range { start: d.start, end: d.end, label });
+            }
+        }
+        for found in views::find(detector, text)? {
+            if let Some(&label) = self.rule_labels.get(&*found.rule) {
+                if found.range.end > found.range.start {
+                    ranges.push(Range { start: found.range.start as u64, end: found.range.end as u64, label });
+                }
+            }
+        }
+        ranges.sort_unstable_by_key(|r| (r.start, r.label, r.end));
+        Ok(ranges)
     }
 }
 

@@ -708,3 +708,228 @@ fn streamed_patterns_match_a_whole_text_reference() {
         assert_eq!(text(&out), text(&expected), "round {round} chunked: {:?}", text(&data));
     }
 }
+
+// ---------- What the gateway stores or logs: every encoding ----------
+
+fn b64_std(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+fn b64_url(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(data)
+}
+
+/// Every byte as `%XX` (or `%xx`).
+fn percent_all(data: &[u8], upper: bool) -> String {
+    data.iter().map(|b| if upper { format!("%{b:02X}") } else { format!("%{b:02x}") }).collect()
+}
+
+/// Every byte as `\u00XX` (or `\u00xx`).
+fn json_escape_all(data: &[u8], upper: bool) -> String {
+    data.iter().map(|b| if upper { format!("\\u{b:04X}") } else { format!("\\u{b:04x}") }).collect()
+}
+
+/// The characters of base64(`data`) that depend on `data` alone when it
+/// starts `align` bytes into the encoded text.
+fn b64_core(data: &[u8], align: usize, url: bool) -> String {
+    let mut padded = vec![0u8; align];
+    padded.extend_from_slice(data);
+    let encoded = if url { b64_url(&padded) } else { b64_std(&padded) };
+    let first = (8 * align).div_ceil(6);
+    let last = 8 * (align + data.len()) / 6;
+    encoded[first..last].to_owned()
+}
+
+/// The forms a key must not appear in: raw, every 16-byte window of it,
+/// fully JSON-escaped and percent-encoded (both hex cases), base64 in both
+/// alphabets at each of the three alignments.
+fn forms(key: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = vec![("raw".to_owned(), key.to_vec())];
+    for (i, w) in key.windows(16).enumerate() {
+        out.push((format!("raw window at {i}"), w.to_vec()));
+    }
+    for upper in [false, true] {
+        out.push((format!("json-escaped (upper {upper})"), json_escape_all(key, upper).into_bytes()));
+        out.push((format!("percent-encoded (upper {upper})"), percent_all(key, upper).into_bytes()));
+    }
+    for align in 0..3 {
+        out.push((format!("base64 at {align}"), b64_core(key, align, false).into_bytes()));
+        out.push((format!("base64url at {align}"), b64_core(key, align, true).into_bytes()));
+    }
+    out
+}
+
+#[track_caller]
+fn assert_no_form(out: &[u8], key: &[u8], what: &str) {
+    for (form, bytes) in forms(key) {
+        assert!(!contains(out, &bytes), "{what}: key {} survives {form}", preview(key));
+    }
+}
+
+/// The key in the texts a job can send it in, one encoding each.
+fn encoded_texts(k: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
+    let ks = text(k);
+    let dash_escaped = ks.replace('-', "\\u002d");
+    let first_escaped = format!("\\u{:04x}{}", k[0], &ks[1..]);
+    let pct_dashes = ks.replace('-', "%2D").replace('_', "%5f");
+    let mut qp = format!("{}=\r\n{}", &ks[..ks.len() / 2], &ks[ks.len() / 2..]);
+    qp = qp.replacen('-', "=2D", 1);
+    let mut wrapped_doc = b64_std(format!("{{\"user\": \"ci\", \"note\": \"{ks}\", \"n\": 1}}").as_bytes());
+    wrapped_doc = wrapped_doc.as_bytes().chunks(76).map(|c| text(c)).collect::<Vec<_>>().join("\r\n");
+    let pct_b64: String = b64_std(&cat(&[b"\xff\xfe", k]))
+        .chars()
+        .map(|c| match c {
+            '+' => "%2B".to_owned(),
+            '/' => "%2F".to_owned(),
+            '=' => "%3D".to_owned(),
+            c => c.to_string(),
+        })
+        .collect();
+    vec![
+        ("json \\u lower", format!("{{\"note\":\"{}\"}}", json_escape_all(k, false)).into_bytes()),
+        ("json \\u upper", format!("{{\"note\":\"{}\"}}", json_escape_all(k, true)).into_bytes()),
+        ("json first char escaped", format!("{{\"note\": \"{first_escaped}\"}}").into_bytes()),
+        ("json dashes escaped", format!("{{\"note\": \"{dash_escaped}\"}}").into_bytes()),
+        (
+            "json inside a json string",
+            format!("{{\"doc\": \"{{\\\"k\\\": \\\"\\\\u{:04x}{}\\\"}}\"}}", k[0], &ks[1..]).into_bytes(),
+        ),
+        ("rust debug \\u{..}", format!("key=\"\\u{{{:x}}}{}\"", k[0], &ks[1..]).into_bytes()),
+        ("percent upper", format!("/v1/x?k={}&n=1", percent_all(k, true)).into_bytes()),
+        ("percent lower", format!("/v1/x?k={}&n=1", percent_all(k, false)).into_bytes()),
+        ("percent dashes", format!("/v1/{pct_dashes}/items").into_bytes()),
+        ("double percent", format!("/v1/x?k={}", pct_dashes.replace('%', "%25")).into_bytes()),
+        ("form body", format!("a=1&note={}&b=2", percent_all(k, true)).into_bytes()),
+        ("json holding a url", format!("{{\"url\":\"https://h/cb?k={pct_dashes}\"}}").into_bytes()),
+        ("base64 std", format!("data: {}\n", b64_std(k)).into_bytes()),
+        ("base64 url", format!("data: {}\n", b64_url(k)).into_bytes()),
+        // Non-word neighbours: today's rules want a boundary around a key.
+        ("base64 at 1", format!("{{\"blob\":\"{}\"}}", b64_std(&cat(&[b"\"", k, b"\""]))).into_bytes()),
+        ("base64url at 2", format!("{{\"blob\":\"{}\"}}", b64_url(&cat(&[b": ", k, b"\n"]))).into_bytes()),
+        ("base64 in a path", format!("/api/v2x/{}/run", b64_url(k)).into_bytes()),
+        (
+            "mime-wrapped base64",
+            format!("--b\r\nContent-Transfer-Encoding: base64\r\n\r\n{wrapped_doc}\r\n--b--").into_bytes(),
+        ),
+        (
+            "quoted-printable",
+            format!("--b\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n{qp}\r\n--b--").into_bytes(),
+        ),
+        ("percent-encoded base64", format!("/cb?state={pct_b64}").into_bytes()),
+        ("base64 of escaped json", b64_std(format!("{{\"k\":\"{first_escaped}\"}}").as_bytes()).into_bytes()),
+    ]
+}
+
+#[test]
+fn stored_copies_keep_no_encoded_form_of_a_key() {
+    let m = all_rules();
+    for rule in ["openai-project-key", "github-pat", "stripe-secret-key"] {
+        let k = key(rule);
+        for (what, body) in encoded_texts(&k) {
+            let (out, masked) = m.mask_bytes(&body);
+            assert_no_form(&out, &k, &format!("{rule}: {what}"));
+            assert!(masked.iter().any(|x| &*x.rule == rule), "{rule}: {what}: {masked:?}");
+            assert!(contains(&out, format!("[MASKED:{rule}]").as_bytes()), "{rule}: {what}: {}", text(&out));
+        }
+    }
+}
+
+#[test]
+fn escaped_keys_are_masked_exactly_where_the_mapping_is_exact() {
+    let m = all_rules();
+    let k = key("openai-project-key");
+    let ks = text(&k);
+    let cases = [
+        (
+            format!("{{\"a\":\"\\u{:04x}{}\",\"b\":\"c\\n\"}}", k[0], &ks[1..]),
+            "{\"a\":\"[MASKED:openai-project-key]\",\"b\":\"c\\n\"}",
+        ),
+        (format!("/v1/{}?x=1", ks.replace('-', "%2D")), "/v1/[MASKED:openai-project-key]?x=1"),
+        (format!("/v1/x?k={}&n=1", percent_all(&k, false)), "/v1/x?k=[MASKED:openai-project-key]&n=1"),
+        // A base64 run is masked whole.
+        (format!("x-data: {} end", b64_std(&k)), "x-data: [MASKED:openai-project-key] end"),
+    ];
+    for (input, want) in cases {
+        assert_eq!(m.mask_text(&input), want);
+    }
+}
+
+#[test]
+fn form_encoding_spaces_are_decoded_for_assignment_rules() {
+    let specs = rules::builtin_specs().unwrap();
+    let example = &specs.iter().find(|s| s.id == "generic-password").unwrap().examples[0];
+    let (_, value) = example.split_once('=').unwrap();
+    let form = format!("user=ci&note=DB_PASSWORD+%3D+{}", percent_all(value.as_bytes(), true));
+    let out = all_rules().mask_text(&form).into_owned();
+    assert!(out.contains("[MASKED:generic-password]"), "{out}");
+    assert!(!out.contains(&percent_all(value.as_bytes(), true)), "{out}");
+}
+
+#[test]
+fn header_values_in_every_encoding_are_masked() {
+    let m = all_rules();
+    let k = key("openai-project-key");
+    let mut headers = HeaderMap::new();
+    headers.insert("x-data", HeaderValue::from_str(&b64_std(&k)).unwrap());
+    headers.insert("x-data-url", HeaderValue::from_str(&b64_url(&cat(&[b"k:", &k]))).unwrap());
+    headers.insert("x-callback", HeaderValue::from_str(&format!("https://h/?k={}", percent_all(&k, true))).unwrap());
+    headers.insert("x-json", HeaderValue::from_str(&format!("{{\"k\":\"{}\"}}", json_escape_all(&k, false))).unwrap());
+    headers.insert("accept", HeaderValue::from_static("application/json"));
+    let masked = m.mask_headers(&mut headers);
+    assert_eq!(masked.len(), 4, "{masked:?}");
+    for (name, value) in &headers {
+        assert_no_form(value.as_bytes(), &k, name.as_str());
+    }
+    assert_eq!(headers["x-data"], "[MASKED:openai-project-key]");
+    assert_eq!(headers["accept"], "application/json");
+}
+
+#[test]
+fn clean_text_is_returned_as_it_is() {
+    let m = all_rules();
+    let texts = [
+        "/api/v4/projects/1234/pipelines?ref=main&per_page=50&q=a+b%20c",
+        r#"{"msg":"caf\u00e9 \"quoted\"\nnext","path":"a%2Fb","sha":"3f2c9a4e5b1d4c8e9f0a7e6d5c4b3a21f0e1d2c3"}"#,
+        "Content-Transfer-Encoding: base64\r\n\r\nVGhlIHF1aWNrIGJyb3duIGZveCBqdW1wcyBvdmVyIHRoZSBsYXp5IGRvZy4=\r\n",
+        "line one=\r\nstill line one",
+    ];
+    for t in texts {
+        assert!(matches!(m.mask_text(t), std::borrow::Cow::Borrowed(_)), "{t}");
+        assert_eq!(m.mask_bytes(t.as_bytes()).0, t.as_bytes());
+    }
+}
+
+#[test]
+fn text_with_too_many_nested_encodings_is_withheld_whole() {
+    let unit = "%25%5C+\\u0025\\\\=\r\nQUJDREVGR0hJSktMTU5PUFFSU1RVVldY ";
+    let hostile = unit.repeat(4096);
+    let (out, masked) = all_rules().mask_bytes(hostile.as_bytes());
+    assert_eq!(text(&out), "[MASKED:too-many-encodings]");
+    assert_eq!(&*masked[0].rule, TOO_MANY_ENCODINGS);
+    let mut headers = HeaderMap::new();
+    headers.insert("x-h", HeaderValue::from_str(&unit.replace("\r\n", "").repeat(2048)).unwrap());
+    all_rules().mask_headers(&mut headers);
+    assert_eq!(headers["x-h"], "[MASKED:too-many-encodings]");
+}
+
+#[test]
+fn log_lines_are_masked_json_and_text_alike() {
+    let k = key("openai-project-key");
+    let ks = text(&k);
+    let mut sink = Vec::new();
+    {
+        let mut w = log::MaskedWriter::with_masker(&mut sink, all_rules());
+        let json =
+            serde_json::json!({"target": "gateway::http", "path": format!("/v1/{ks}"), "q": format!("\u{0}{ks}")});
+        w.write_all(format!("{json}\n").as_bytes()).unwrap();
+        w.write_all(format!("INFO gateway::http: path=/v1/{}\n", ks.replace('-', "%2D")).as_bytes()).unwrap();
+    }
+    assert_no_form(&sink, &k, "log");
+    let lines: Vec<&str> = std::str::from_utf8(&sink).unwrap().lines().collect();
+    assert_eq!(lines.len(), 2);
+    let first: serde_json::Value = serde_json::from_str(lines[0]).expect("still one JSON object per line");
+    assert_eq!(first["path"], "/v1/[MASKED:openai-project-key]");
+    assert_eq!(lines[1], "INFO gateway::http: path=/v1/[MASKED:openai-project-key]");
+}

@@ -285,7 +285,7 @@ impl HttpGate {
                 path_and_query(parts),
                 parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()),
             )
-            .map(str::to_owned),
+            .map(|rpc| self.passage.gate().recording_masker().mask_text(rpc).into_owned()),
             headers: Vec::new(),
             started: std::time::SystemTime::now(),
         }
@@ -745,13 +745,8 @@ impl BodyGate {
 
     /// Holds the request until its approval is decided.
     async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
-        let body_preview = {
-            let capture = lock(&self.req.capture);
-            let head = &capture.body[..capture.body.len().min(APPROVAL_PREVIEW_BYTES)];
-            let plain = decode_prefix(capture.encoding.as_deref().unwrap_or(""), head, APPROVAL_PREVIEW_BYTES)
-                .unwrap_or_default();
-            String::from_utf8_lossy(&self.passage.gate().recording_masker().mask_bytes(&plain).0).into_owned()
-        };
+        let body_preview =
+            lock(&self.req.capture).masked_preview(self.passage.gate().recording_masker(), APPROVAL_PREVIEW_BYTES);
         let ask = ApprovalAsk {
             rule,
             spec,

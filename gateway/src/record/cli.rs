@@ -9,6 +9,8 @@ use std::{fmt::Write as _, io::Write, path::Path, process::ExitCode, time::Durat
 
 use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
 
+use crate::term::{safe, safe_keeping};
+
 use super::{
     chain, BodyData, EventData, ExchangeData, MessageData, Record, RecordError, SessionEnd, SessionFilter, SessionMeta,
     SessionStore, SessionSummary,
@@ -237,27 +239,6 @@ fn duration(ns: u64) -> String {
     } else {
         format!("{:.3}s", d.as_secs_f64())
     }
-}
-
-/// Makes traffic- or job-supplied text safe to print on a reviewer's
-/// terminal: control characters (escape sequences) and bidirectional
-/// overrides are shown escaped instead of being interpreted.
-fn safe(s: &str) -> String {
-    safe_keeping(s, &[])
-}
-
-fn safe_keeping(s: &str, keep: &[char]) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        let hostile =
-            c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if hostile && !keep.contains(&c) {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `safe`, then cut to `width` characters.

@@ -1,0 +1,622 @@
+//! Encoded forms of secrets, for what the gateway stores or logs: a key
+//! written as `\u0073k-…` (JSON), `sk%2D…` (URL), `sk-…` cut by a
+//! quoted-printable soft line break, or base64 of a header value is not a
+//! key to the detector on the raw bytes, yet it is one in the record.
+//!
+//! Each *view* decodes one encoding and keeps a map back to the source
+//! bytes; the detector scans the view, and every detection becomes a source
+//! range to mask:
+//!
+//! * bytewise views (percent-encoding, percent-encoding with `+` as space,
+//!   backslash escapes including `\uXXXX` surrogate pairs, quoted-printable):
+//!   every decoded byte comes from a known run of source bytes, so the range
+//!   is exact and always covers whole escape sequences (never half of one,
+//!   which keeps JSON and URLs well-formed around the replacement);
+//! * base64 runs (standard and URL-safe alphabets, padded or not, wrapped at
+//!   line ends as MIME does): a detection anywhere in a run's decoded bytes
+//!   masks the whole run, since a secret's bits do not map onto whole base64
+//!   characters.
+//!
+//! Views nest ([`MAX_DEPTH`] deep): `%2B` inside base64, base64 of escaped
+//! JSON, double percent-encoding. Cost stays proportional to what is
+//! actually encoded: a bytewise view decodes only the neighbourhood
+//! ([`CONTEXT`] bytes) of its escapes, base64 is tried on runs of at least
+//! [`MIN_RUN`] characters only, and text without escapes or long runs
+//! costs one pass of `memchr`-class searches. A hostile text built to make
+//! views multiply stops at [`Budget`]; the caller then withholds the text
+//! rather than keep it unmasked.
+
+use std::{ops::Range, sync::Arc};
+
+use base64::{
+    alphabet,
+    engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
+    Engine as _,
+};
+
+use crate::detect::Detector;
+
+/// Views of views, at most this deep (a view of the text is depth 1).
+const MAX_DEPTH: u8 = 3;
+/// Raw bytes decoded on each side of an escape: room for the longest
+/// ordinary key and the assignment before it (`"password": "…`).
+const CONTEXT: usize = 1024;
+/// Shortest base64 run decoded: 12 bytes, shorter than any key a rule finds.
+const MIN_RUN: usize = 16;
+/// Decoded view bytes allowed per source byte, beyond [`BUDGET_SLACK`].
+const BUDGET_FACTOR: usize = 16;
+/// View bytes always allowed.
+const BUDGET_SLACK: usize = 64 << 10;
+
+/// A secret found in a decoded view: where it sits in the source text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Found {
+    /// Source bytes to mask (whole escape sequences, whole base64 runs).
+    pub range: Range<usize>,
+    /// The detector rule that found it.
+    pub rule: Arc<str>,
+}
+
+/// The views' output was cut short: the text holds more encodings than the
+/// budget allows decoding, so what it hides is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OverBudget;
+
+/// Decoded bytes the views of one text may produce in all.
+#[derive(Debug)]
+struct Budget(usize);
+
+impl Budget {
+    fn for_text(len: usize) -> Budget {
+        Budget(len.saturating_mul(BUDGET_FACTOR).saturating_add(BUDGET_SLACK))
+    }
+
+    fn spend(&mut self, n: usize) -> Result<(), OverBudget> {
+        self.0 = self.0.checked_sub(n).ok_or(OverBudget)?;
+        Ok(())
+    }
+}
+
+/// Every secret the detector finds in a decoded view of `text` (not in
+/// `text` itself: the raw pass is the caller's), as source ranges.
+pub(crate) fn find(detector: &Detector, text: &[u8]) -> Result<Vec<Found>, OverBudget> {
+    let mut out = Vec::new();
+    let mut budget = Budget::for_text(text.len());
+    find_in(detector, text, 1, &mut budget, &mut out)?;
+    Ok(out)
+}
+
+fn find_in(
+    detector: &Detector,
+    text: &[u8],
+    depth: u8,
+    budget: &mut Budget,
+    out: &mut Vec<Found>,
+) -> Result<(), OverBudget> {
+    for escapes in [Escapes::Percent, Escapes::Form, Escapes::Backslash, Escapes::QuotedPrintable] {
+        let Some(view) = ByteView::build(escapes, text, budget)? else { continue };
+        let mut found = Vec::new();
+        scan(detector, &view.bytes, depth, budget, &mut found)?;
+        out.extend(found.into_iter().map(|f| Found { range: view.source(f.range), rule: f.rule }));
+    }
+    if let Some(view) = Base64View::build(text, budget)? {
+        for d in detector.scan(&view.bytes) {
+            out.push(Found { range: view.source(d.start as usize..d.end as usize), rule: d.rule_id });
+        }
+        if depth < MAX_DEPTH {
+            // Only decoded text can hold further encodings worth decoding;
+            // binary segments (hashes, compressed data) are scanned above.
+            for seg in view.segments.iter().filter(|s| is_text(&view.bytes[s.view.clone()])) {
+                let mut inner = Vec::new();
+                find_in(detector, &view.bytes[seg.view.clone()], depth + 1, budget, &mut inner)?;
+                out.extend(inner.into_iter().map(|f| Found { range: seg.src.clone(), rule: f.rule }));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The detector's findings in `bytes` (a view), and in its own views while
+/// `depth` allows, in `bytes` coordinates.
+fn scan(
+    detector: &Detector,
+    bytes: &[u8],
+    depth: u8,
+    budget: &mut Budget,
+    out: &mut Vec<Found>,
+) -> Result<(), OverBudget> {
+    for d in detector.scan(bytes) {
+        out.push(Found { range: d.start as usize..d.end as usize, rule: d.rule_id });
+    }
+    if depth < MAX_DEPTH {
+        find_in(detector, bytes, depth + 1, budget, out)?;
+    }
+    Ok(())
+}
+
+/// Valid UTF-8 without control characters other than whitespace.
+fn is_text(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(|s| s.chars().all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r')))
+}
+
+/// Escape syntaxes decoded byte by byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Escapes {
+    /// `%XX` (URLs, cookies).
+    Percent,
+    /// `%XX` and `+` for a space (query strings, form bodies).
+    Form,
+    /// `\n`, `\"`, `\uXXXX` (surrogate pairs too), `\u{X…}`, `\xXX`, and
+    /// `\c` for any other `c` (JSON, JavaScript, Python, Rust `Debug`).
+    Backslash,
+    /// `=XX` and soft line breaks (`=` at a line end), as in MIME parts.
+    QuotedPrintable,
+}
+
+impl Escapes {
+    /// Where an escape may start at or after `from`.
+    fn next_trigger(self, text: &[u8], from: usize) -> Option<usize> {
+        let rest = text.get(from..)?;
+        let at = match self {
+            Escapes::Percent => memchr::memchr(b'%', rest),
+            Escapes::Form => memchr::memchr2(b'%', b'+', rest),
+            Escapes::Backslash => memchr::memchr(b'\\', rest),
+            Escapes::QuotedPrintable => memchr::memchr(b'=', rest),
+        };
+        at.map(|i| from + i)
+    }
+
+    /// Whether an escape at `at` makes this view worth building. Views that
+    /// would equal another one are not: `Form` differs from `Percent` only
+    /// by its `+`, and quoted-printable is recognized by its soft line
+    /// breaks (`=XX` alone is everywhere in query strings).
+    fn marks_view(self, text: &[u8], at: usize) -> bool {
+        match self {
+            Escapes::Form => text[at] == b'+',
+            Escapes::QuotedPrintable => soft_break_len(&text[at..]).is_some(),
+            Escapes::Percent | Escapes::Backslash => self.decode(text, at, &mut Vec::new()).is_some(),
+        }
+    }
+
+    /// Decodes the escape starting at `text[at]` onto `out`; returns the
+    /// source bytes it took, or `None` (and writes nothing) when none
+    /// starts there.
+    fn decode(self, text: &[u8], at: usize, out: &mut Vec<u8>) -> Option<usize> {
+        let rest = &text[at..];
+        match (self, rest.first()?) {
+            (Escapes::Percent | Escapes::Form, b'%') => {
+                let byte = hex_byte(rest.get(1..3)?)?;
+                out.push(byte);
+                Some(3)
+            }
+            (Escapes::Form, b'+') => {
+                out.push(b' ');
+                Some(1)
+            }
+            (Escapes::Backslash, b'\\') => backslash(rest, out),
+            (Escapes::QuotedPrintable, b'=') => {
+                if let Some(n) = soft_break_len(rest) {
+                    return Some(n);
+                }
+                let byte = hex_byte(rest.get(1..3)?)?;
+                out.push(byte);
+                Some(3)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `=\r\n` or `=\n` at the start of `rest`: its length.
+fn soft_break_len(rest: &[u8]) -> Option<usize> {
+    match rest {
+        [b'=', b'\r', b'\n', ..] => Some(3),
+        [b'=', b'\n', ..] => Some(2),
+        _ => None,
+    }
+}
+
+fn hex_byte(pair: &[u8]) -> Option<u8> {
+    match pair {
+        [h, l] => Some(hex_digit(*h)? << 4 | hex_digit(*l)?),
+        _ => None,
+    }
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Four hex digits at the start of `s`.
+fn hex_u16(s: &[u8]) -> Option<u16> {
+    let d = s.get(..4)?;
+    d.iter().try_fold(0u16, |acc, &b| Some(acc << 4 | u16::from(hex_digit(b)?)))
+}
+
+/// One backslash escape at the start of `rest` (which starts with `\`).
+fn backslash(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
+    let c = *rest.get(1)?;
+    let simple = |b: u8, out: &mut Vec<u8>| {
+        out.push(b);
+        Some(2)
+    };
+    match c {
+        b'n' => simple(b'\n', out),
+        b'r' => simple(b'\r', out),
+        b't' => simple(b'\t', out),
+        b'b' => simple(0x08, out),
+        b'f' => simple(0x0c, out),
+        b'0' => simple(0, out),
+        b'x' => {
+            out.push(hex_byte(rest.get(2..4)?)?);
+            Some(4)
+        }
+        b'u' if rest.get(2) == Some(&b'{') => {
+            // `\u{1F600}` (Rust, ES2015).
+            let close = rest.iter().take(11).position(|&b| b == b'}')?;
+            let digits = &rest[3..close];
+            if digits.is_empty() || digits.len() > 6 {
+                return None;
+            }
+            let value = digits.iter().try_fold(0u32, |acc, &b| Some(acc << 4 | u32::from(hex_digit(b)?)))?;
+            push_char(char::from_u32(value).unwrap_or('\u{FFFD}'), out);
+            Some(close + 1)
+        }
+        b'u' => {
+            let unit = hex_u16(&rest[2..])?;
+            if (0xD800..0xDC00).contains(&unit) {
+                // A high surrogate: with its low half, one character.
+                if let (Some(b'\\'), Some(b'u')) = (rest.get(6), rest.get(7)) {
+                    if let Some(low @ 0xDC00..=0xDFFF) = rest.get(8..).and_then(hex_u16) {
+                        let value = 0x10000 + ((u32::from(unit) - 0xD800) << 10) + (u32::from(low) - 0xDC00);
+                        push_char(char::from_u32(value).unwrap_or('\u{FFFD}'), out);
+                        return Some(12);
+                    }
+                }
+            }
+            push_char(char::from_u32(u32::from(unit)).unwrap_or('\u{FFFD}'), out);
+            Some(6)
+        }
+        // `\"`, `\\`, `\/`, and whatever else: the character itself, as the
+        // detector's JSON reader and JavaScript take it.
+        other => simple(other, out),
+    }
+}
+
+fn push_char(c: char, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 4];
+    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+}
+
+/// A bytewise view: the decoded neighbourhoods of a text's escapes.
+#[derive(Debug)]
+struct ByteView {
+    /// Decoded clusters, separated by `\n`.
+    bytes: Vec<u8>,
+    /// Source offset of each decoded byte (a separator: the end of the
+    /// cluster before it), plus the source end of the last cluster.
+    starts: Vec<usize>,
+}
+
+impl ByteView {
+    /// The view of `text`, or `None` when no escape of this kind is in it.
+    fn build(escapes: Escapes, text: &[u8], budget: &mut Budget) -> Result<Option<ByteView>, OverBudget> {
+        let mut at = 0;
+        let mut clusters: Vec<Range<usize>> = Vec::new();
+        let mut marked = false;
+        while let Some(i) = escapes.next_trigger(text, at) {
+            at = i + 1;
+            if !marked && escapes.marks_view(text, i) {
+                marked = true;
+            }
+            let from = i.saturating_sub(CONTEXT);
+            let to = (i + CONTEXT).min(text.len());
+            match clusters.last_mut() {
+                Some(last) if from <= last.end => last.end = to,
+                _ => clusters.push(from..to),
+            }
+        }
+        if !marked {
+            return Ok(None);
+        }
+        let size: usize = clusters.iter().map(|c| c.len() + 1).sum();
+        budget.spend(size)?;
+        let mut view = ByteView { bytes: Vec::with_capacity(size), starts: Vec::with_capacity(size + 1) };
+        for (n, cluster) in clusters.iter().enumerate() {
+            if n > 0 {
+                view.bytes.push(b'\n');
+                view.starts.push(clusters[n - 1].end);
+            }
+            let mut i = cluster.start;
+            while i < cluster.end {
+                let before = view.bytes.len();
+                let taken = escapes.decode(text, i, &mut view.bytes).unwrap_or_else(|| {
+                    view.bytes.push(text[i]);
+                    1
+                });
+                // An escape may end past the cluster: it still maps whole.
+                view.starts.extend(std::iter::repeat_n(i, view.bytes.len() - before));
+                i += taken;
+            }
+        }
+        view.starts.push(clusters.last().map_or(0, |c| c.end.max(view.starts.last().copied().unwrap_or(0))));
+        Ok(Some(view))
+    }
+
+    /// The source bytes that decoded to `view[range]`: from the start of
+    /// the escape of its first byte to the end of the escape of its last.
+    fn source(&self, range: Range<usize>) -> Range<usize> {
+        let n = self.bytes.len();
+        if n == 0 {
+            return 0..0;
+        }
+        let start = range.start.min(n - 1);
+        let end = range.end.clamp(start + 1, n);
+        let last = self.starts[end - 1];
+        // The bytes of one escape share its start; the next start is its end
+        // (`starts[n]` is the end of the last cluster).
+        let mut j = end;
+        while j < n && self.starts[j] <= last {
+            j += 1;
+        }
+        self.starts[start]..self.starts[j].max(last + 1)
+    }
+}
+
+/// Base64 runs of a text, decoded.
+#[derive(Debug)]
+struct Base64View {
+    /// Decoded runs (one per tried alignment), separated by `\n`.
+    bytes: Vec<u8>,
+    /// Where each decoded run is, in order.
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    view: Range<usize>,
+    /// The whole run, padding included.
+    src: Range<usize>,
+}
+
+/// Standard alphabet (URL-safe characters are mapped onto it), any
+/// padding, stray low bits tolerated: what lenient decoders accept.
+const LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_allow_trailing_bits(true)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+fn is_b64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
+}
+
+impl Base64View {
+    /// The view of `text`'s runs of at least [`MIN_RUN`] base64 characters,
+    /// or `None` when it has none.
+    fn build(text: &[u8], budget: &mut Budget) -> Result<Option<Base64View>, OverBudget> {
+        let mut view = Base64View { bytes: Vec::new(), segments: Vec::new() };
+        let mut chars = Vec::new();
+        let mut i = 0;
+        while i < text.len() {
+            if !is_b64(text[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            chars.clear();
+            // Characters of the run (normalized to the standard alphabet)
+            // and the alignments worth trying: the run's own, and the one
+            // after each separator-like character, since `/v1/`, `x-` or
+            // `a_` before the encoded part belong to the run too.
+            let mut alignments = 1u8;
+            let mut line = 0;
+            loop {
+                match text.get(i) {
+                    Some(&b) if is_b64(b) => {
+                        if matches!(b, b'+' | b'/' | b'-' | b'_') {
+                            alignments |= 1 << ((chars.len() + 1) % 4);
+                        }
+                        chars.push(match b {
+                            b'-' => b'+',
+                            b'_' => b'/',
+                            b => b,
+                        });
+                        line += 1;
+                        i += 1;
+                    }
+                    // MIME and PEM wrap base64 at a fixed width: a long
+                    // line continuing on the next is one run.
+                    Some(b'\r' | b'\n') if line >= MIN_RUN => {
+                        let next = if text[i] == b'\r' && text.get(i + 1) == Some(&b'\n') { i + 2 } else { i + 1 };
+                        if !text.get(next).copied().is_some_and(is_b64) {
+                            break;
+                        }
+                        line = 0;
+                        i = next;
+                    }
+                    _ => break,
+                }
+            }
+            let mut end = i;
+            while end < text.len() && end - i < 2 && text[end] == b'=' {
+                end += 1;
+            }
+            i = end;
+            if chars.len() < MIN_RUN {
+                continue;
+            }
+            for offset in 0..4usize {
+                if alignments & (1 << offset) == 0 || chars.len() - offset < MIN_RUN {
+                    continue;
+                }
+                let mut usable = &chars[offset..];
+                if usable.len() % 4 == 1 {
+                    // A lone last character carries no whole byte.
+                    usable = &usable[..usable.len() - 1];
+                }
+                budget.spend(usable.len() / 4 * 3 + 3)?;
+                if !view.bytes.is_empty() {
+                    view.bytes.push(b'\n');
+                }
+                let from = view.bytes.len();
+                if LENIENT.decode_vec(usable, &mut view.bytes).is_err() {
+                    // Only the characters checked above reach the decoder.
+                    view.bytes.truncate(from);
+                    continue;
+                }
+                view.segments.push(Segment { view: from..view.bytes.len(), src: start..end });
+            }
+        }
+        Ok((!view.segments.is_empty()).then_some(view))
+    }
+
+    /// The runs whose decoded bytes `view[range]` touches, as one source
+    /// range (runs between them included: masking more, never less).
+    fn source(&self, range: Range<usize>) -> Range<usize> {
+        let first = self.segments.partition_point(|s| s.view.end <= range.start);
+        let last = self.segments.partition_point(|s| s.view.start < range.end.max(range.start + 1));
+        let first = first.min(self.segments.len().saturating_sub(1));
+        let last = last.saturating_sub(1).max(first);
+        match (self.segments.get(first), self.segments.get(last)) {
+            (Some(a), Some(b)) => a.src.start.min(b.src.start)..a.src.end.max(b.src.end),
+            _ => 0..0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(escapes: Escapes, text: &str) -> Option<(String, ByteView)> {
+        let v = ByteView::build(escapes, text.as_bytes(), &mut Budget::for_text(text.len())).unwrap()?;
+        Some((String::from_utf8_lossy(&v.bytes).into_owned(), v))
+    }
+
+    fn src<'a>(text: &'a str, v: &ByteView, decoded: &str, needle: &str) -> &'a str {
+        let at = decoded.find(needle).unwrap();
+        &text[v.source(at..at + needle.len())]
+    }
+
+    #[test]
+    fn percent_views_map_whole_escapes() {
+        let text = "/a/sk%2Dproj%2dx?q=a+b%20c";
+        let (decoded, v) = view(Escapes::Percent, text).unwrap();
+        assert_eq!(decoded, "/a/sk-proj-x?q=a+b c");
+        assert_eq!(src(text, &v, &decoded, "k-p"), "k%2Dp");
+        assert_eq!(src(text, &v, &decoded, "-"), "%2D");
+        let (decoded, v) = view(Escapes::Form, text).unwrap();
+        assert_eq!(decoded, "/a/sk-proj-x?q=a b c");
+        assert_eq!(src(text, &v, &decoded, "a b"), "a+b");
+        // Nothing to decode, or a `+`-less text the percent view covers.
+        assert!(view(Escapes::Percent, "100% sure").is_none());
+        assert!(view(Escapes::Form, "a%20b").is_none());
+    }
+
+    #[test]
+    fn backslash_views_decode_json_and_friends() {
+        let text = r#"{"k":"\u0073k\u002dx \ud83d\ude00 \n\"\/ \x41 \u{1F600} \q"}"#;
+        let (decoded, v) = view(Escapes::Backslash, text).unwrap();
+        assert_eq!(decoded, "{\"k\":\"sk-x 😀 \n\"/ A 😀 q\"}");
+        assert_eq!(src(text, &v, &decoded, "sk-x"), r"\u0073k\u002dx");
+        assert_eq!(src(text, &v, &decoded, "😀"), r"\ud83d\ude00");
+        // Half of a multi-byte character still maps to its whole escape.
+        let at = decoded.find('😀').unwrap();
+        assert_eq!(&text[v.source(at + 1..at + 2)], r"\ud83d\ude00");
+        // A lone surrogate becomes U+FFFD, one escape long.
+        let (decoded, v) = view(Escapes::Backslash, r"a\ud800b").unwrap();
+        assert_eq!(decoded, "a\u{FFFD}b");
+        assert_eq!(&r"a\ud800b"[v.source(1..4)], r"\ud800");
+    }
+
+    #[test]
+    fn quoted_printable_views_need_a_soft_break() {
+        let text = "key: sk-pr=\r\noj=2Dx=\nyz";
+        let (decoded, v) = view(Escapes::QuotedPrintable, text).unwrap();
+        assert_eq!(decoded, "key: sk-proj-xyz");
+        assert_eq!(src(text, &v, &decoded, "sk-proj-xyz"), "sk-pr=\r\noj=2Dx=\nyz");
+        assert!(view(Escapes::QuotedPrintable, "a=1&b=20&c=3D").is_none());
+    }
+
+    #[test]
+    fn views_decode_only_around_escapes() {
+        let far = "x".repeat(3 * CONTEXT);
+        let text = format!("{far}%41{far}%42{far}");
+        let (decoded, v) = view(Escapes::Percent, &text).unwrap();
+        assert_eq!(decoded.len(), 2 * (2 * CONTEXT - 2) + 1, "two clusters and a separator");
+        assert_eq!(src(&text, &v, &decoded, "A"), "%41");
+        assert_eq!(src(&text, &v, &decoded, "B"), "%42");
+    }
+
+    fn b64(data: &[u8], url: bool) -> String {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        if url {
+            URL_SAFE_NO_PAD.encode(data)
+        } else {
+            STANDARD.encode(data)
+        }
+    }
+
+    fn base64_decoded(text: &str) -> Option<(Vec<u8>, Base64View)> {
+        let v = Base64View::build(text.as_bytes(), &mut Budget::for_text(text.len())).unwrap()?;
+        Some((v.bytes.clone(), v))
+    }
+
+    #[test]
+    fn base64_runs_decode_in_both_alphabets_and_map_to_the_whole_run() {
+        let plain = b"\xfb\xff\xfe hello base64 world ?>";
+        for url in [false, true] {
+            let encoded = b64(plain, url);
+            let text = format!("a {encoded} b");
+            let (bytes, v) = base64_decoded(&text).unwrap();
+            let at = bytes.windows(5).position(|w| w == b"hello").unwrap();
+            assert_eq!(&text[v.source(at..at + 5)], encoded, "url-safe: {url}");
+        }
+        // Too short to hold a key: not decoded.
+        assert!(base64_decoded("abc aGVsbG8gd29ybGQ= xyz").is_none());
+    }
+
+    #[test]
+    fn base64_after_a_prefix_in_the_same_run_is_found_at_its_alignment() {
+        let plain = b"the quick brown fox jumps";
+        for prefix in ["/v1/", "/v2x/", "/a/bc/", "x-", "id_"] {
+            let text = format!("{prefix}{}", b64(plain, prefix.contains(['-', '_'])));
+            let (bytes, v) = base64_decoded(&text).unwrap();
+            let at = bytes.windows(5).position(|w| w == b"quick").unwrap_or_else(|| panic!("prefix {prefix}"));
+            assert_eq!(v.source(at..at + 5), 0..text.len(), "prefix {prefix}");
+        }
+    }
+
+    #[test]
+    fn wrapped_base64_is_one_run() {
+        let plain = "the quick brown fox jumps over the lazy dog ".repeat(4);
+        let encoded = b64(plain.as_bytes(), false);
+        let wrapped: Vec<&str> = encoded.as_bytes().chunks(76).map(|c| std::str::from_utf8(c).unwrap()).collect();
+        let text = format!("--b\r\n\r\n{}\r\n--b--", wrapped.join("\r\n"));
+        let (bytes, v) = base64_decoded(&text).unwrap();
+        let at = bytes.windows(8).position(|w| w == b"lazy dog").unwrap();
+        let run = v.source(at..at + 8);
+        assert_eq!(&text[run], wrapped.join("\r\n"));
+    }
+
+    #[test]
+    fn hostile_nesting_runs_out_of_budget() {
+        let detector = Detector::builtin().unwrap();
+        // Every view of this text is as long as the text and holds every
+        // trigger again.
+        let unit = "%25%5C+\\u0025\\\\=\r\nQUJDREVGR0hJSktMTU5PUFFSU1RVVldY ";
+        let text = unit.repeat(4096);
+        assert_eq!(find(&detector, text.as_bytes()), Err(OverBudget));
+        // Ordinary escaped text is nowhere near it.
+        let json =
+            r#"{"msg":"caf\u00e9 \"quoted\" line\nnext","path":"a%2Fb","id":"3f2c9a4e5b1d4c8e9f0a7e6d5c4b3a21"} "#;
+        assert!(find(&detector, json.repeat(1000).as_bytes()).is_ok());
+    }
+}
