@@ -225,6 +225,14 @@ impl Capture {
             Capture::Destination
         }
     }
+
+    /// The name used in events: `destination` or `port`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Destination => "destination",
+            Capture::Port => "port",
+        }
+    }
 }
 
 /// Key of `ORIGINAL`: the redirected socket as the proxy sees its peer.

@@ -171,19 +171,17 @@ pub fn open_in(pid: u32, spec: ListenSpec, bring_up_loopback: bool) -> Result<Op
             };
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| io_err("entering the network namespace")(io::Error::from(e)))?;
+            // A fresh namespace (`unshare -n`) has its loopback down: 127.0.0.1
+            // binds, but nothing can connect to it.
             let mut brought_up_loopback = false;
-            let v4 = match bind_listener(SocketAddr::from((spec.v4, spec.port))) {
-                Ok(l) => l,
-                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && !loopback_is_up().unwrap_or(true) => {
-                    if !bring_up_loopback {
-                        return Err(NetnsError::LoopbackDown { pid });
-                    }
-                    set_loopback_up().map_err(io_err("bringing the loopback interface up"))?;
-                    brought_up_loopback = true;
-                    bind_listener(SocketAddr::from((spec.v4, spec.port))).map_err(io_err("binding"))?
+            if !loopback_is_up().map_err(io_err("reading the loopback interface"))? {
+                if !bring_up_loopback {
+                    return Err(NetnsError::LoopbackDown { pid });
                 }
-                Err(e) => return Err(io_err("binding")(e)),
-            };
+                set_loopback_up().map_err(io_err("bringing the loopback interface up"))?;
+                brought_up_loopback = true;
+            }
+            let v4 = bind_listener(SocketAddr::from((spec.v4, spec.port))).map_err(io_err("binding"))?;
             let v6 = match spec.v6 {
                 // No ::1 (IPv6 disabled in the namespace): the programs
                 // refuse its IPv6 connects instead.

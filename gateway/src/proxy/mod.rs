@@ -151,6 +151,7 @@ impl Proxy {
                 id,
                 peer,
                 orig_dst: None,
+                capture: None,
                 attestation: None,
                 process: None,
                 identity: None,
@@ -181,6 +182,7 @@ impl Proxy {
             event.attestation = Some(attestation);
             event.orig_dst = Some(orig_dst);
             let capture = Capture::from_raw(record.capture);
+            event.capture = Some(capture.as_str());
             let conn = Intercepted { id, client, peer, orig_dst, capture, netns, caller: caller.clone() };
             let handled = self.dispatch(conn).await;
             event.process = Some(&caller.process);
