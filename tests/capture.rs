@@ -626,7 +626,8 @@ fn a_job_leaving_the_intercepted_cgroup_is_reported() {
         .arg(format!("sleep 0.5; echo $$ > {}/cgroup.procs; echo $$", outside.display()))
         .output()
         .expect("sh");
-    let _ = std::fs::remove_dir(&outside);
+    // The process has exited; the kernel drops it from the cgroup shortly after.
+    wait_for("the outside cgroup is removed", || std::fs::remove_dir(&outside));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pid: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid");
     let reported = wait_for("the move is reported", || {
