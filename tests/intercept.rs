@@ -52,7 +52,7 @@ fn redirects_ipv4_and_attributes_the_process() {
 }
 
 #[test]
-fn leaves_other_destinations_processes_and_udp_alone() {
+fn leaves_other_destinations_and_processes_alone_and_refuses_udp_to_captured_ones() {
     let port = unique_port();
     let intercepted = EchoServer::start(addr(&format!("127.0.0.2:{port}"))).expect("server");
     let other_port = EchoServer::start(addr(&format!("127.0.0.2:{}", unique_port()))).expect("server");
@@ -71,19 +71,28 @@ fn leaves_other_destinations_processes_and_udp_alone() {
     let (_, results) = run_client(Command::new("python3"), &[intercepted.addr], 1).expect("client");
     assert!(results[0].errno.is_none() && !results[0].proxied(), "{:?}", results[0]);
 
-    // UDP to the intercepted address and port goes straight through.
-    let udp_server = UdpSocket::bind(intercepted.addr).expect("udp bind");
-    udp_server.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    let status = gw
+    // UDP: to the intercepted address and port it is refused (it cannot be
+    // inspected: QUIC would get around the gateway), to another port of the
+    // same address it goes straight through.
+    let udp_other = UdpSocket::bind(other_port.addr).expect("udp bind");
+    udp_other.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let out = gw
         .command_in_cgroup("python3")
         .arg("-c")
-        .arg(format!("import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'dns?', ('127.0.0.2', {port}))"))
-        .status()
+        .arg(format!(
+            "import socket\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             try: s.sendto(b'quic?', ('127.0.0.2', {port})); print('sent')\nexcept OSError as e: print(e.errno)\n\
+             s.sendto(b'other', ('127.0.0.2', {other}))",
+            other = other_port.addr.port()
+        ))
+        .output()
         .expect("udp client");
-    assert!(status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), libc::EPERM.to_string(), "UDP to a captured destination");
     let mut buf = [0u8; 16];
-    let (n, _) = udp_server.recv_from(&mut buf).expect("the UDP datagram must arrive directly");
-    assert_eq!(&buf[..n], b"dns?");
+    let (n, _) = udp_other.recv_from(&mut buf).expect("the other UDP datagram must arrive directly");
+    assert_eq!(&buf[..n], b"other");
+    assert_eq!(gw.status()["stats"]["denied_udp"], 1);
 
     assert!(gw.connection_events().is_empty(), "no connection may reach the proxy: {:#?}", gw.connection_events());
 }
@@ -203,7 +212,7 @@ fn fails_closed_when_stopped_or_crashed_and_recovers() {
     gw.spawn(false);
     let status = gw.status();
     assert_eq!(status["mode"], "redirect");
-    assert_eq!(status["links"], 4, "one link per program, the old ones replaced: {status}");
+    assert_eq!(status["links"], 6, "one link per program, the old ones replaced: {status}");
     let (_, results) = run_client(gw.command_in_cgroup("python3"), &[server.addr], 1).expect("client");
     assert!(results[0].proxied(), "{:?}", results[0]);
 

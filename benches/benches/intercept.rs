@@ -1,8 +1,11 @@
 //! Interception benchmarks, all in one run on the same machine:
 //!
 //! * connect() latency: direct (no program), redirected by the gateway's
-//!   eBPF programs, and redirected by an iptables `REDIRECT` rule to the same
-//!   listener, as ratios against direct.
+//!   eBPF programs in address mode (intercept set) and in port-capture mode
+//!   (an address outside the set, on a captured port), and redirected by an
+//!   iptables `REDIRECT` rule to the same listener, as ratios against direct;
+//!   and a job in its own network namespace (served by a listener the
+//!   gateway opened there) against a host job.
 //! * bulk throughput through the gateway's passthrough proxy against direct.
 //!
 //! Needs root (eBPF, cgroups, iptables). Run with `cargo xtask bench`, or
@@ -79,11 +82,78 @@ struct Setup {
     config: PathBuf,
     cgroup: PathBuf,
     iptables_rule: Option<Vec<String>>,
+    netns: Netns,
+    holder: std::process::Child,
     _dir: tempfile::TempDir,
+}
+
+/// A network namespace on a veth pair: the port-capture server lives in it,
+/// and the namespace job runs in it.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    ns_ip: String,
+}
+
+impl Netns {
+    fn create() -> Result<Netns> {
+        let tag = std::process::id() % 100_000;
+        let ns = Netns {
+            name: format!("gwbench-{tag}"),
+            host_if: format!("gwbh{tag}"),
+            host_ip: "10.254.0.1".into(),
+            ns_ip: "10.254.0.2".into(),
+        };
+        let ns_if = format!("gwbn{tag}");
+        let ip = |args: &[&str]| -> Result<()> {
+            let st = Command::new("ip").args(args).status()?;
+            if !st.success() {
+                bail!("ip {args:?} failed");
+            }
+            Ok(())
+        };
+        ip(&["netns", "add", &ns.name])?;
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &ns_if])?;
+        ip(&["link", "set", &ns_if, "netns", &ns.name])?;
+        ip(&["addr", "add", &format!("{}/30", ns.host_ip), "dev", &ns.host_if])?;
+        ip(&["link", "set", &ns.host_if, "up"])?;
+        ip(&["-n", &ns.name, "addr", "add", &format!("{}/30", ns.ns_ip), "dev", &ns_if])?;
+        ip(&["-n", &ns.name, "link", "set", &ns_if, "up"])?;
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// An accept-and-close server on `addr` inside the namespace.
+    fn accept_server(&self, addr: SocketAddr) -> Result<()> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let listener = std::thread::spawn(move || -> Result<TcpListener> {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(TcpListener::bind(addr)?)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("namespace thread panicked"))??;
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(Stdio::null()).status();
+    }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
         let _ = self.gateway.kill();
         let _ = self.gateway.wait();
         let _ = Command::new(gateway_bin()).arg("--config").arg(&self.config).arg("detach").output();
@@ -120,15 +190,22 @@ fn orchestrate() -> Result<()> {
     let port = free_port()?;
     let proxy_port = free_port()?;
     let bulk_port = free_port()?;
+    let capture_port = free_port()?;
+    let netns = Netns::create()?;
 
-    // Accept-and-close server for connects; a bulk sender for throughput.
+    // Accept-and-close servers for connects; a bulk sender for throughput.
     let target: SocketAddr = format!("127.0.0.5:{port}").parse()?;
-    let accept = TcpListener::bind(target)?;
-    std::thread::spawn(move || {
-        for conn in accept.incoming() {
-            drop(conn);
-        }
-    });
+    let by_port: SocketAddr = format!("{}:{capture_port}", netns.ns_ip).parse()?;
+    let host_side: SocketAddr = format!("{}:{port}", netns.host_ip).parse()?;
+    netns.accept_server(by_port)?;
+    for addr in [target, host_side] {
+        let accept = TcpListener::bind(addr)?;
+        std::thread::spawn(move || {
+            for conn in accept.incoming() {
+                drop(conn);
+            }
+        });
+    }
     let bulk_target: SocketAddr = format!("127.0.0.5:{bulk_port}").parse()?;
     let bulk = TcpListener::bind(bulk_target)?;
     std::thread::spawn(move || {
@@ -157,9 +234,11 @@ fn orchestrate() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\nproxy:\n  port: {proxy_port}\n  client_first_timeout: 5ms\napi:\n  listen: null\nlog:\n  level: warn\n",
+            "state_dir: {}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: /sys/fs/bpf/gateway-bench-{}\n  on_shutdown: detach\n  capture_ports: [{capture_port}]\n  destinations:\n    - {{cidr: 127.0.0.5/32}}\n    - {{cidr: {}/32}}\nproxy:\n  port: {proxy_port}\n  client_first_timeout: 5ms\napi:\n  listen: null\n  admin_socket: {}\nlog:\n  level: warn\n",
             dir.path().join("state").display(),
-            std::process::id()
+            std::process::id(),
+            netns.host_ip,
+            dir.path().join("admin.sock").display(),
         ),
     )?;
     let mut gateway = Command::new(&bin)
@@ -184,12 +263,49 @@ fn orchestrate() -> Result<()> {
         .chain([port.to_string(), "-j".into(), "REDIRECT".into(), "--to-ports".into(), proxy_port.to_string()])
         .collect();
     let iptables_ok = Command::new("iptables").args(&rule).status().map(|s| s.success()).unwrap_or(false);
-    let setup =
-        Setup { gateway, config, cgroup: cgroup.clone(), iptables_rule: iptables_ok.then_some(rule), _dir: dir };
+    // A process of the intercepted cgroup in the namespace, so the gateway
+    // serves it before the namespace job's first connect.
+    let mut holder_cmd = Command::new("ip");
+    holder_cmd.args(["netns", "exec", &netns.name, "sleep", "600"]);
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: only a write(2) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut holder_cmd, move || std::fs::write(&procs, b"0"));
+    }
+    let holder = holder_cmd.spawn()?;
+    let setup = Setup {
+        gateway,
+        config,
+        cgroup: cgroup.clone(),
+        iptables_rule: iptables_ok.then_some(rule),
+        netns,
+        holder,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(&bin).arg("--config").arg(&setup.config).args(["status", "--json"]).output()?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let served = status["namespaces"].as_array().is_some_and(|l| l.iter().any(|n| n["host"] == false));
+        if served {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the gateway did not serve the benchmark's namespace: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let me = std::env::current_exe()?;
-    let run_client = |in_cgroup: bool, args: &[String]| -> Result<String> {
-        let mut cmd = Command::new(&me);
+    let netns_name = setup.netns.name.clone();
+    let run_client_in = |in_cgroup: bool, in_netns: bool, args: &[String]| -> Result<String> {
+        let mut cmd = if in_netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &netns_name]).arg(&me);
+            c
+        } else {
+            Command::new(&me)
+        };
         cmd.arg("--client").args(args).stdout(Stdio::piped()).stderr(Stdio::inherit());
         if in_cgroup {
             let procs = cgroup.join("cgroup.procs");
@@ -204,35 +320,58 @@ fn orchestrate() -> Result<()> {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
+    let run_client = |in_cgroup: bool, args: &[String]| run_client_in(in_cgroup, false, args);
 
-    // connect() latency, the three paths interleaved per round.
+    // connect() latency, every path interleaved per round.
     let mut direct = Vec::new();
     let mut ebpf = Vec::new();
     let mut ipt = Vec::new();
+    let mut direct_veth = Vec::new();
+    let mut by_port_v = Vec::new();
+    let mut host_job = Vec::new();
+    let mut ns_direct = Vec::new();
+    let mut ns_job = Vec::new();
     let iptables_target: SocketAddr = format!("127.0.0.6:{port}").parse()?;
     let n = CONNECTS.to_string();
+    let connect = |to: SocketAddr| -> Vec<String> { vec!["connect".into(), n.clone(), to.to_string()] };
     for _ in 0..ROUNDS {
-        direct.extend(parse_ns(&run_client(false, &["connect".into(), n.clone(), target.to_string()])?));
-        ebpf.extend(parse_ns(&run_client(true, &["connect".into(), n.clone(), target.to_string()])?));
+        direct.extend(parse_ns(&run_client(false, &connect(target))?));
+        ebpf.extend(parse_ns(&run_client(true, &connect(target))?));
         if iptables_ok {
-            ipt.extend(parse_ns(&run_client(false, &["connect".into(), n.clone(), iptables_target.to_string()])?));
+            ipt.extend(parse_ns(&run_client(false, &connect(iptables_target))?));
         }
+        direct_veth.extend(parse_ns(&run_client(false, &connect(by_port))?));
+        by_port_v.extend(parse_ns(&run_client(true, &connect(by_port))?));
+        host_job.extend(parse_ns(&run_client(true, &connect(host_side))?));
+        ns_direct.extend(parse_ns(&run_client_in(false, true, &connect(host_side))?));
+        ns_job.extend(parse_ns(&run_client_in(true, true, &connect(host_side))?));
     }
     println!("connect() latency over {} connects per path (microseconds)", CONNECTS * ROUNDS);
-    println!("{:<28} {:>8} {:>8} {:>8} {:>10}", "path", "p50", "p99", "mean", "p50/direct");
-    let base = percentile(&mut direct.clone(), 50.0);
-    for (name, v) in
-        [("direct (no program)", &mut direct), ("gateway eBPF redirect", &mut ebpf), ("iptables REDIRECT", &mut ipt)]
-    {
+    println!("{:<44} {:>8} {:>8} {:>8} {:>10}", "path", "p50", "p99", "mean", "p50/base");
+    let report = |name: &str, v: &mut Vec<f64>, base: f64| {
         if v.is_empty() {
-            println!("{name:<28} (unavailable: iptables nat rule could not be added)");
-            continue;
+            println!("{name:<44} (unavailable: iptables nat rule could not be added)");
+            return;
         }
         let p50 = percentile(v, 50.0);
         let p99 = percentile(v, 99.0);
         let mean = v.iter().sum::<f64>() / v.len() as f64;
-        println!("{name:<28} {:>8.1} {:>8.1} {:>8.1} {:>10.2}", p50 / 1e3, p99 / 1e3, mean / 1e3, p50 / base);
-    }
+        println!("{name:<44} {:>8.1} {:>8.1} {:>8.1} {:>10.2}", p50 / 1e3, p99 / 1e3, mean / 1e3, p50 / base);
+    };
+    let base = percentile(&mut direct.clone(), 50.0);
+    println!("-- loopback destination; base: direct");
+    report("direct (no program)", &mut direct, base);
+    report("gateway, address mode (intercept set)", &mut ebpf, base);
+    report("iptables REDIRECT", &mut ipt, base);
+    let base = percentile(&mut direct_veth.clone(), 50.0);
+    println!("-- address outside the set, on a captured port (veth); base: direct");
+    report("direct (no program)", &mut direct_veth, base);
+    report("gateway, port-capture mode", &mut by_port_v, base);
+    let base = percentile(&mut host_job.clone(), 50.0);
+    println!("-- intercept-set address on the host's veth; base: host job through the gateway");
+    report("host job through the gateway", &mut host_job, base);
+    report("namespace job, direct (not intercepted)", &mut ns_direct, base);
+    report("namespace job through the gateway", &mut ns_job, base);
 
     // Bulk throughput, interleaved rounds, best of each.
     let mut direct_bw: Vec<f64> = Vec::new();

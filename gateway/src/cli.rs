@@ -203,7 +203,12 @@ fn run(config: Config) -> anyhow::Result<()> {
     runtime.block_on(run_async(config))
 }
 
-async fn run_async(config: Config) -> anyhow::Result<()> {
+async fn run_async(mut config: Config) -> anyhow::Result<()> {
+    if config.proxy.upstream_mark == 0 {
+        // A fresh mark per start: a job cannot know it in advance (and the
+        // programs only honour it on the gateway's own sockets anyway).
+        config.proxy.upstream_mark = rand::random_range(1..=u32::MAX);
+    }
     create_private_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
     let cgroups = resolve_cgroups(&config, true)?;
@@ -223,8 +228,15 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         v6: config.proxy.listen_v6,
         port: config.proxy.port,
         upstream_mark: config.proxy.upstream_mark,
+        capture_ports: config.intercept.capture_ports.clone(),
     };
     let mut interceptor = Interceptor::load(&config.intercept.bpffs_dir, target)?;
+    if let Err(e) = interceptor.watch_cgroup_moves() {
+        tracing::warn!(
+            error = %format!("{:#}", anyhow::Error::new(e)),
+            "cannot watch cgroup moves: jobs leaving the intercepted cgroups are not reported, and new namespaces are found by scans and refused connects only"
+        );
+    }
 
     let hosts = destinations::hosts(&config.intercept.destinations);
     let dns_timeout = std::time::Duration::from_secs(2);
@@ -283,7 +295,21 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     });
     let recorder = services.gate.recorder.clone();
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
-    let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
+    let serving = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
+    // Namespaces of jobs that run in their own network namespace (containers,
+    // `ip netns`, `unshare -n`): a listener in each, accepted by the same proxy.
+    let namespaces = intercept::netns::NamespaceServer::new(
+        interceptor.clone(),
+        cgroups.clone(),
+        intercept::netns::ListenSpec { v4: config.proxy.listen_v4, v6: config.proxy.listen_v6, port: config.proxy.port },
+        config.intercept.bring_up_loopback,
+        proxy,
+    )?;
+    let alerts_task = interceptor
+        .take_alerts()
+        .map(|ring| tokio::spawn(intercept::alerts::run(ring, namespaces.clone(), shutdown.clone())));
+    let namespaces_task =
+        tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
 
     let reloadable = Reloadable {
         identities: services_identities,
@@ -295,6 +321,11 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
     tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
     shutdown.cancel();
     let _ = serving.await;
+    let _ = namespaces_task.await;
+    if let Some(alerts) = alerts_task {
+        let _ = alerts.await;
+    }
+    drop(namespaces);
     let _ = refresher.await;
     if let Some(api) = api_task {
         let _ = api.await;
@@ -617,9 +648,24 @@ fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     } else {
         println!("mode:            {}", status.mode);
         println!("gateway pid:     {}", status.gateway_tgid);
+        println!("upstream mark:   {:#x}", status.upstream_mark);
+        let ports: Vec<String> = status.capture_ports.iter().map(u16::to_string).collect();
+        println!("capture ports:   {}", if ports.is_empty() { "(off)".to_owned() } else { ports.join(", ") });
         println!("links:           {}", status.links);
         println!("pending records: {}", status.pending);
         println!("waiting records: {}", status.original);
+        println!("served namespaces:");
+        for ns in &status.namespaces {
+            let cgroup = ns.cgroup.clone().unwrap_or_else(|| "-".into());
+            let families = match (ns.v4, ns.v6) {
+                (true, true) => "v4+v6",
+                (true, false) => "v4",
+                (false, true) => "v6",
+                (false, false) => "none",
+            };
+            let what = if ns.host { "(gateway's own)" } else { cgroup.as_str() };
+            println!("  netns {:<12} pid {:<8} {families:<6} {what}", ns.cookie, ns.pid);
+        }
         for (name, value) in &status.stats {
             println!("{name:<24} {value}");
         }

@@ -100,6 +100,20 @@ pub struct InterceptConfig {
     pub cgroups: Vec<CgroupSpec>,
     /// Destinations that are redirected into the proxy.
     pub destinations: Vec<DestinationSpec>,
+    /// Ports captured whatever the address (port capture): every outbound
+    /// TCP connect to them goes to the proxy, where the TLS server name or
+    /// HTTP Host decides between inspection and passthrough; UDP to them is
+    /// refused. Loopback and link-local addresses are left alone. Empty
+    /// turns port capture off (only `destinations` are captured).
+    pub capture_ports: Vec<u16>,
+    /// How often the intercepted cgroups are walked for processes in other
+    /// network namespaces (besides the kernel's events).
+    #[serde(with = "humantime_serde")]
+    pub netns_scan_interval: Duration,
+    /// Whether the gateway may bring up the loopback interface of a job's
+    /// namespace that has it down (a fresh `unshare -n`) to listen there;
+    /// when false such a namespace's captured connects are refused.
+    pub bring_up_loopback: bool,
     /// How often host-name destinations are resolved again.
     #[serde(with = "humantime_serde")]
     pub dns_refresh: Duration,
@@ -117,6 +131,9 @@ impl Default for InterceptConfig {
                 .into_iter()
                 .map(|host| DestinationSpec { target: Target::Host(host.to_owned()), ports: vec![443, 80] })
                 .collect(),
+            capture_ports: vec![443, 80],
+            netns_scan_interval: Duration::from_secs(2),
+            bring_up_loopback: true,
             dns_refresh: Duration::from_secs(30),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/ci-gateway"),
             on_shutdown: ShutdownMode::Enforce,
@@ -189,7 +206,9 @@ pub struct ProxyConfig {
     pub listen_v6: Option<Ipv6Addr>,
     /// Listener port, shared by both addresses.
     pub port: u16,
-    /// `SO_MARK` set on the gateway's upstream sockets; never redirected.
+    /// `SO_MARK` set on the gateway's upstream sockets; 0 (the default)
+    /// picks a random one at every start. The programs only honour it on
+    /// the gateway's own sockets.
     pub upstream_mark: u32,
     /// Timeout for connecting to the original destination.
     #[serde(with = "humantime_serde")]
@@ -216,7 +235,7 @@ impl Default for ProxyConfig {
             listen_v4: Ipv4Addr::LOCALHOST,
             listen_v6: Some(Ipv6Addr::LOCALHOST),
             port: 15001,
-            upstream_mark: 0x4757_4159,
+            upstream_mark: 0,
             connect_timeout: Duration::from_secs(10),
             attribution_timeout: Duration::from_millis(500),
             client_first_timeout: Duration::from_millis(500),
@@ -326,6 +345,21 @@ impl Config {
                 }
             }
         }
+        if self.intercept.capture_ports.len() > gateway_common::MAX_PORTS {
+            return Err((
+                "intercept.capture_ports".into(),
+                format!("at most {} ports", gateway_common::MAX_PORTS),
+            ));
+        }
+        if self.intercept.capture_ports.contains(&0) {
+            return Err(("intercept.capture_ports".into(), "port 0 is not a port".into()));
+        }
+        if self.intercept.capture_ports.contains(&self.proxy.port) {
+            return Err(("intercept.capture_ports".into(), "must not contain the proxy's own port".into()));
+        }
+        if self.intercept.netns_scan_interval < Duration::from_millis(100) {
+            return Err(("intercept.netns_scan_interval".into(), "must be at least 100ms".into()));
+        }
         if self.intercept.dns_refresh < Duration::from_secs(1) {
             return Err(("intercept.dns_refresh".into(), "must be at least 1s".into()));
         }
@@ -345,9 +379,6 @@ impl Config {
             if !v6.is_loopback() {
                 return Err(("proxy.listen_v6".into(), "must be the loopback address ::1".into()));
             }
-        }
-        if self.proxy.upstream_mark == 0 {
-            return Err(("proxy.upstream_mark".into(), "must be non-zero".into()));
         }
         if !self.state_dir.is_absolute() {
             return Err(("state_dir".into(), "must be an absolute path".into()));
@@ -380,6 +411,16 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.proxy.port, 15001);
         assert_eq!(c.intercept.cgroups[0].path, PathBuf::from("ci-gateway/jobs"));
+    }
+
+    #[test]
+    fn port_capture_is_on_by_default_and_can_be_turned_off() {
+        assert_eq!(parse("").unwrap().intercept.capture_ports, vec![443, 80]);
+        assert_eq!(parse("proxy:\n  port: 15002\n").unwrap().intercept.capture_ports, vec![443, 80]);
+        assert!(parse("intercept:\n  capture_ports: []\n").unwrap().intercept.capture_ports.is_empty());
+        let e = parse("intercept:\n  capture_ports: [443, 15001]\n").unwrap_err().to_string();
+        assert!(e.contains("intercept.capture_ports: must not contain the proxy's own port"), "{e}");
+        assert_eq!(parse("").unwrap().proxy.upstream_mark, 0, "random at start unless configured");
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub struct ConnectionEvent<'a> {
     pub peer: SocketAddr,
     /// Where the client meant to go.
     pub orig_dst: Option<SocketAddr>,
+    /// How it was captured: `destination` (intercept set) or `port` (port capture).
+    pub capture: Option<&'static str>,
     /// How the process was attested: `fresh` (from /proc), `cached` (kept
     /// from an earlier connection of the same unchanged process) or
     /// `unattested`.
@@ -114,6 +116,7 @@ impl ConnectionEvent<'_> {
             conn_id = self.id,
             peer = %self.peer,
             orig_dst = orig_dst.as_deref(),
+            capture = self.capture,
             pid = p.map(|p| p.pid),
             tid = p.map(|p| p.tid),
             uid = p.map(|p| p.uid),
@@ -127,6 +130,7 @@ impl ConnectionEvent<'_> {
             exe = exe.as_deref(),
             cgroup = p.and_then(|p| p.cgroup.as_deref()),
             cgroup_id = p.map(|p| p.cgroup_id),
+            netns = p.map(|p| p.netns_cookie),
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_secs_f64() * 1000.0,

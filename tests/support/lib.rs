@@ -104,6 +104,8 @@ pub struct GatewayOptions {
     pub extra_yaml: String,
     /// Extra lines under `proxy:` (each indented by two spaces).
     pub proxy_yaml: String,
+    /// Extra lines under `intercept:` (each indented by two spaces).
+    pub intercept_yaml: String,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
     /// A policy file's content; `None` runs the built-in policy.
@@ -118,6 +120,7 @@ impl GatewayOptions {
             destinations: destinations.iter().map(|s| (*s).to_owned()).collect(),
             extra_yaml: String::new(),
             proxy_yaml: String::new(),
+            intercept_yaml: String::new(),
             gateway_in_cgroup: false,
             policy_yaml: None,
         }
@@ -174,9 +177,10 @@ impl TestGateway {
         let proxy_port = unique_port();
         let api_port = unique_port();
         let mut yaml = format!(
-            "state_dir: {state}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: {bpffs}\n  destinations:\n",
+            "state_dir: {state}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: {bpffs}\n{extra}  destinations:\n",
             state = dir.path().join("state").display(),
             bpffs = bpffs_dir.display(),
+            extra = opts.intercept_yaml,
         );
         for d in &opts.destinations {
             yaml.push_str(&format!("    - {d}\n"));

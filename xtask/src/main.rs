@@ -1,7 +1,8 @@
 //! Project automation. Every command first runs `setup`, which installs
 //! whatever a fresh machine lacks and skips, in seconds, what is there.
 //!
-//! * `cargo xtask setup` — system packages, nightly rust-src, bpf-linker.
+//! * `cargo xtask setup` — system packages, nightly rust-src, bpf-linker,
+//!   the Python packages the end-to-end clients use.
 //! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded defaults).
 //! * `cargo xtask test` — build and run every test (what CI runs).
 //! * `cargo xtask bench` — run the benchmarks.
@@ -58,6 +59,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "git",
     "python3",
+    "python3-pip",
     "ca-certificates",
 ];
 
@@ -118,6 +120,27 @@ fn setup() -> Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    python_packages()?;
+    Ok(())
+}
+
+/// Python packages the end-to-end tests' clients use (a real QUIC client
+/// and server for the UDP refusal test), installed for the `python3` the
+/// tests run.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic")];
+
+fn python_packages() -> Result<()> {
+    for (module, package) in PYTHON_PACKAGES {
+        if output(Command::new("python3").args(["-c", &format!("import {module}")])).is_ok() {
+            continue;
+        }
+        eprintln!("xtask: installing the Python package {package}");
+        let pip = Command::new("python3").args(["-m", "pip", "install", "--quiet", package]).status();
+        if !pip.is_ok_and(|s| s.success()) {
+            // Debian's own python3 refuses pip into the system site.
+            status(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--break-system-packages", package]))?;
+        }
+    }
     Ok(())
 }
 

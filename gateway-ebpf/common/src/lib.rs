@@ -48,7 +48,32 @@ pub mod names {
     pub const PROG_EXEC: &str = "gw_exec";
     /// Raw tracepoint program (sched_process_exit) that ends an epoch.
     pub const PROG_EXIT: &str = "gw_exit";
+    /// Hash map: network namespace cookie -> [`super::ServedNetns`], the
+    /// namespaces in which the gateway has a listener.
+    pub const SERVED_NETNS: &str = "SERVED_NETNS";
+    /// Ring buffer of [`super::Alert`]s: what the programs refused or noticed.
+    pub const ALERTS: &str = "ALERTS";
+    /// cgroup/sendmsg4 program: refuses UDP datagrams to captured destinations.
+    pub const PROG_SENDMSG4: &str = "gw_sendmsg4";
+    /// cgroup/sendmsg6 program: refuses UDP datagrams to captured destinations.
+    pub const PROG_SENDMSG6: &str = "gw_sendmsg6";
+    /// Tracepoint program (cgroup/cgroup_attach_task): reports processes moved between cgroups.
+    pub const PROG_CGROUP_ATTACH: &str = "gw_cgroup_attach";
 }
+
+/// Layout of the `cgroup:cgroup_attach_task` tracepoint record the
+/// programs read (checked against the kernel's format file before attaching).
+pub mod attach_tp {
+    /// Offset of `int dst_root` (the hierarchy id; 0 is cgroup v2).
+    pub const DST_ROOT: usize = 8;
+    /// Offset of `u64 dst_id` (the destination cgroup's id).
+    pub const DST_ID: usize = 16;
+    /// Offset of `int pid` (the task that moved).
+    pub const PID: usize = 24;
+}
+
+/// UDP port left alone even when captured: DNS must keep working.
+pub const DNS_PORT: u16 = 53;
 
 /// Capacity of the `PROCESS_EPOCH` map: processes whose attestation the
 /// gateway can keep at once.
@@ -66,6 +91,10 @@ pub enum Mode {
 }
 
 /// Global settings of the redirect programs (the single entry of `CONFIG`).
+///
+/// The proxy listens on the same address and port in every namespace it
+/// serves, so one target serves all of them; which namespaces have a
+/// listener is `SERVED_NETNS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RedirectConfig {
@@ -75,20 +104,22 @@ pub struct RedirectConfig {
     pub proxy_v6: [u32; 4],
     /// The proxy's listener port, host byte order.
     pub proxy_port: u16,
-    /// Non-zero when IPv6 destinations can be redirected (the proxy listens on IPv6).
-    pub v6_enabled: u16,
+    /// Padding, always zero.
+    pub _pad0: u16,
     /// A [`Mode`] value; zero (unset) behaves as `Deny` so a half-filled
     /// configuration never lets traffic around the gateway.
     pub mode: u32,
     /// The gateway's own tgid: its connections are never redirected.
     pub gateway_tgid: u32,
-    /// Socket mark the gateway sets on upstream sockets: never redirected.
+    /// Socket mark the gateway sets on upstream sockets. Only a socket of
+    /// the gateway's own tgid is trusted with it; on any other socket it is
+    /// counted as spoofed and ignored.
     pub upstream_mark: u32,
+    /// Ports captured whatever the address (port capture); an empty set
+    /// (`len == 0`) turns port capture off.
+    pub capture_ports: PortSet,
     /// Padding, always zero.
-    pub _pad: u32,
-    /// Network namespace cookie of the proxy's listeners. Sockets in other
-    /// namespaces cannot reach them, so intercepted connects from there are refused.
-    pub host_netns_cookie: u64,
+    pub _pad1: u16,
 }
 
 impl RedirectConfig {
@@ -99,6 +130,14 @@ impl RedirectConfig {
         } else {
             Mode::Deny
         }
+    }
+
+    /// Whether port capture takes `port` (host byte order) whatever the address.
+    #[inline(always)]
+    pub fn captures_port(&self, port: u16) -> bool {
+        // An empty `capture_ports` means "port capture off", not "every
+        // port" as it does for an intercept-set entry.
+        self.capture_ports.len != 0 && self.capture_ports.contains(port)
     }
 }
 
@@ -154,8 +193,8 @@ pub struct ConnRecord {
     pub uid: u32,
     /// Real gid of the caller.
     pub gid: u32,
-    /// Padding, always zero.
-    pub _pad: u32,
+    /// How the connection was captured: a [`Capture`] value.
+    pub capture: u32,
     /// cgroup v2 id of the caller.
     pub cgroup_id: u64,
     /// Network namespace cookie of the socket.
@@ -166,7 +205,38 @@ pub struct ConnRecord {
     pub comm: [u8; COMM_LEN],
 }
 
+/// Why a connect() was sent to the proxy (the `capture` of a [`ConnRecord`]).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// The address is in the intercept set: a protected destination.
+    Destination = 1,
+    /// Captured only because of its port (port capture).
+    Port = 2,
+}
+
+impl Capture {
+    /// The kind a record carries; anything unknown is treated as the
+    /// stricter `Destination`.
+    pub fn from_raw(raw: u32) -> Capture {
+        if raw == Capture::Port as u32 {
+            Capture::Port
+        } else {
+            Capture::Destination
+        }
+    }
+
+    /// The name used in events: `destination` or `port`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capture::Destination => "destination",
+            Capture::Port => "port",
+        }
+    }
+}
+
 /// Key of `ORIGINAL`: the redirected socket as the proxy sees its peer.
+/// The namespace cookie keeps `127.0.0.1:port` of two namespaces apart.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct SockKey {
@@ -176,7 +246,73 @@ pub struct SockKey {
     pub port: u16,
     /// The proxy listener port the client was sent to, host byte order.
     pub proxy_port: u16,
+    /// Padding, always zero (part of the hash key).
+    pub _pad: u32,
+    /// Network namespace cookie of the client's socket.
+    pub netns_cookie: u64,
 }
+
+/// Value of `SERVED_NETNS`: a namespace in which the proxy listens.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServedNetns {
+    /// [`SERVED_V4`] and/or [`SERVED_V6`]: which listener addresses exist there.
+    pub flags: u32,
+    /// A process of the namespace the gateway found it through.
+    pub pid: u32,
+    /// That process's cgroup id.
+    pub cgroup_id: u64,
+}
+
+/// `ServedNetns::flags`: the IPv4 listener exists in the namespace.
+pub const SERVED_V4: u32 = 1;
+/// `ServedNetns::flags`: the IPv6 listener exists in the namespace.
+pub const SERVED_V6: u32 = 2;
+/// `ServedNetns::flags`: the gateway's own namespace (its main listeners).
+pub const SERVED_HOST: u32 = 4;
+
+/// What an [`Alert`] reports.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// A connect() from a namespace without a listener was refused.
+    UnservedNetns = 1,
+    /// A UDP datagram (or UDP connect) to a captured destination was refused.
+    UdpRefused = 2,
+    /// A socket not owned by the gateway carried the gateway's upstream mark.
+    SpoofedMark = 3,
+    /// A process was moved to another cgroup (v2); `other` is the destination cgroup id.
+    CgroupAttach = 4,
+}
+
+/// One entry of the `ALERTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Alert {
+    /// An [`AlertKind`] value.
+    pub kind: u32,
+    /// The process concerned (the caller, or the task that moved).
+    pub tgid: u32,
+    /// cgroup id of the caller.
+    pub cgroup_id: u64,
+    /// Network namespace cookie of the socket (0 when not about a socket).
+    pub netns_cookie: u64,
+    /// Destination address (IPv4 mapped), network byte order words.
+    pub addr: [u32; 4],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// Address family of the destination.
+    pub family: u16,
+    /// Padding, always zero.
+    pub _pad: u32,
+    /// Kind-specific: the destination cgroup id of a [`AlertKind::CgroupAttach`].
+    pub other: u64,
+    /// The caller's `comm`, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Size of the `ALERTS` ring buffer in bytes (a power of two, page aligned).
+pub const ALERTS_BYTES: u32 = 256 * 1024;
 
 /// Indices of the `STATS` counters.
 #[repr(u32)]
@@ -186,7 +322,7 @@ pub enum Stat {
     Redirected = 0,
     /// Connects refused because the gateway is stopped.
     DeniedStopped = 1,
-    /// Connects refused because they came from another network namespace.
+    /// Connects refused because their network namespace has no listener (yet).
     DeniedNetns = 2,
     /// Connects left alone because the gateway made them.
     SkippedSelf = 3,
@@ -194,10 +330,18 @@ pub enum Stat {
     Established = 4,
     /// Redirected sockets released before they were established.
     ReleasedUnestablished = 5,
+    /// Connects redirected only because of their port (a subset of `Redirected`).
+    RedirectedPort = 6,
+    /// UDP datagrams or UDP connects refused because their destination is captured.
+    DeniedUdp = 7,
+    /// Sockets that carried the upstream mark without belonging to the gateway.
+    SpoofedMark = 8,
+    /// Connects refused because the namespace has no IPv6 listener.
+    DeniedNoV6 = 9,
 }
 
 /// Number of `STATS` slots.
-pub const STATS_LEN: u32 = 6;
+pub const STATS_LEN: u32 = 10;
 
 /// Maps `family:addr` words for an IPv4 address (network byte order u32) to the
 /// IPv4-mapped IPv6 form used in every key and record.
@@ -218,4 +362,6 @@ mod pod {
     unsafe impl aya::Pod for super::PortSet {}
     unsafe impl aya::Pod for super::ConnRecord {}
     unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::ServedNetns {}
+    unsafe impl aya::Pod for super::Alert {}
 }

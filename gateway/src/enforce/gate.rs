@@ -146,17 +146,7 @@ fn canonical(addr: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
-/// How a connection reached the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Capture {
-    /// Its address is in the intercept set: a protected destination,
-    /// whatever name the client gives.
-    Destination,
-    /// Only its port is captured: the server name (TLS) or `Host` (HTTP)
-    /// decides whether it is protected.
-    Port,
-}
+pub use crate::intercept::Capture;
 
 /// What the gate knows of a connection when it opens.
 #[derive(Debug, Clone)]

@@ -651,7 +651,7 @@ pub fn record_for_live_pid(pid: u32) -> Result<ConnRecord, AttestError> {
         pid,
         uid,
         gid,
-        _pad: 0,
+        capture: 0,
         cgroup_id,
         netns_cookie: 0,
         ts_ns: procfs::monotonic_ns(),

@@ -122,6 +122,31 @@ pub fn cgroup_of(pid: u32) -> Option<String> {
     text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
 }
 
+/// The paths (`/a/b`) of the cgroups with the given ids, found by walking
+/// the cgroup2 tree below `mount` (ids that are not found are left out).
+pub fn paths_of_ids(mount: &Path, ids: &[u64]) -> std::collections::HashMap<u64, String> {
+    let mut found = std::collections::HashMap::new();
+    let mut stack = vec![mount.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if found.len() == ids.len() {
+            break;
+        }
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_dir() {
+                continue;
+            }
+            if ids.contains(&meta.ino()) {
+                let rel = entry.path().strip_prefix(mount).map(|p| p.display().to_string()).unwrap_or_default();
+                found.insert(meta.ino(), format!("/{rel}"));
+            }
+            stack.push(entry.path());
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,18 @@ const BPF_NOEXIST: u64 = 1;
 /// Maps of the shared object that this loader never uses: one entry each
 /// instead of their real sizes, so the second copy of the object costs no
 /// kernel memory worth mentioning.
-const UNUSED_MAPS: [&str; 6] =
-    [names::INTERCEPT_V4, names::INTERCEPT_V6, names::PENDING, names::ORIGINAL, names::STATS, names::CONFIG];
+const UNUSED_MAPS: [&str; 7] = [
+    names::INTERCEPT_V4,
+    names::INTERCEPT_V6,
+    names::PENDING,
+    names::ORIGINAL,
+    names::STATS,
+    names::CONFIG,
+    names::SERVED_NETNS,
+];
+
+/// The smallest ring buffer the kernel accepts (one page).
+const UNUSED_RING_BYTES: u32 = 4096;
 
 /// Live exec/exit tracking of attested processes.
 pub struct ExecWatch {
@@ -43,6 +53,7 @@ impl ExecWatch {
         for name in UNUSED_MAPS {
             loader.map_max_entries(name, 1);
         }
+        loader.map_max_entries(names::ALERTS, UNUSED_RING_BYTES);
         let mut ebpf = loader.load(OBJECT).map_err(InterceptError::Load)?;
         for (name, tracepoint) in [(names::PROG_EXEC, "sched_process_exec"), (names::PROG_EXIT, "sched_process_exit")] {
             let prog: &mut RawTracePoint =

@@ -8,29 +8,42 @@
 //! `enforce`) the programs refuse them outright. A new gateway takes the pins
 //! over: it attaches its own programs first and only then drops the old ones,
 //! so there is no window in which traffic goes around it.
+//!
+//! A connect is captured because its address is in the intercept set
+//! ([`Capture::Destination`]) or, with port capture, because of its port
+//! ([`Capture::Port`]); it is redirected to the proxy's listener in the
+//! caller's own network namespace ([`netns`] opens those), and refused when
+//! that namespace has no listener yet. UDP to a captured destination is
+//! refused. What the programs refuse or notice reaches the gateway as
+//! [`alerts`].
 
+pub mod alerts;
 pub mod bpffs;
 pub mod cgroup;
 pub mod destinations;
 pub mod epochs;
+pub mod netns;
 
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::Mutex,
 };
 
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, Map, MapData, PerCpuArray, RingBuf},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode,
+        CgroupAttachMode, TracePoint,
     },
     Ebpf,
 };
-use gateway_common::{names, ConnRecord, Mode, PortSet, RedirectConfig, SockKey, Stat, STATS_LEN};
+pub use gateway_common::Capture;
+use gateway_common::{
+    names, ConnRecord, Mode, PortSet, RedirectConfig, ServedNetns, SockKey, Stat, MAX_PORTS, SERVED_HOST, SERVED_V4, SERVED_V6,
+    STATS_LEN,
+};
 use ipnet::IpNet;
 
 pub use cgroup::{Cgroup, CgroupError};
@@ -41,11 +54,25 @@ pub use epochs::ExecWatch;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
 
 /// Programs in attach order, with the name of their pin files.
-const PROGRAMS: [&str; 4] =
-    [names::PROG_SOCK_RELEASE, names::PROG_SOCK_OPS, names::PROG_CONNECT4, names::PROG_CONNECT6];
+const PROGRAMS: [&str; 6] = [
+    names::PROG_SOCK_RELEASE,
+    names::PROG_SOCK_OPS,
+    names::PROG_SENDMSG4,
+    names::PROG_SENDMSG6,
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+];
 
 /// Maps pinned for `gateway status` and `gateway exec`.
-const PINNED_MAPS: [&str; 4] = [names::CONFIG, names::PENDING, names::ORIGINAL, names::STATS];
+const PINNED_MAPS: [&str; 5] = [names::CONFIG, names::PENDING, names::ORIGINAL, names::STATS, names::SERVED_NETNS];
+
+/// The `cgroup:cgroup_attach_task` record layout the program assumes, as
+/// the kernel's format file must show it.
+const ATTACH_FORMAT: [&str; 3] = [
+    "field:int dst_root;\toffset:8;",
+    "field:u64 dst_id;\toffset:16;",
+    "field:int pid;\toffset:24;",
+];
 
 /// Everything that can go wrong while setting up or tearing down interception.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +115,9 @@ pub enum InterceptError {
     /// The intercept set does not fit the maps.
     #[error(transparent)]
     Ports(#[from] TooManyPorts),
+    /// Too many port-capture ports.
+    #[error("intercept.capture_ports: {0} distinct ports; at most {MAX_PORTS} fit")]
+    CapturePorts(usize),
     /// Some other I/O failure.
     #[error("{what}")]
     Io {
@@ -107,8 +137,9 @@ fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> I
     move |source| InterceptError::Program { name, source }
 }
 
-/// Where the proxy listens and how the programs recognise the gateway.
-#[derive(Debug, Clone, Copy)]
+/// Where the proxy listens, what is captured by port, and how the programs
+/// recognise the gateway.
+#[derive(Debug, Clone)]
 pub struct RedirectTarget {
     /// IPv4 listener.
     pub v4: Ipv4Addr,
@@ -118,6 +149,23 @@ pub struct RedirectTarget {
     pub port: u16,
     /// Mark of the gateway's upstream sockets.
     pub upstream_mark: u32,
+    /// Ports captured whatever the address; empty turns port capture off.
+    pub capture_ports: Vec<u16>,
+}
+
+/// Port-capture ports as the map value the programs read.
+fn capture_port_set(ports: &[u16]) -> Result<PortSet, InterceptError> {
+    let mut unique: Vec<u16> = ports.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    if unique.len() > MAX_PORTS {
+        return Err(InterceptError::CapturePorts(unique.len()));
+    }
+    let mut set = PortSet { ports: [0; MAX_PORTS], len: unique.len() as u16 };
+    for (slot, port) in set.ports.iter_mut().zip(&unique) {
+        *slot = *port;
+    }
+    Ok(set)
 }
 
 /// Address words in the layout the programs use (network byte order).
@@ -147,7 +195,8 @@ pub fn words_addr(words: [u32; 4]) -> IpAddr {
 type Tries = (LpmTrie<MapData, [u8; 4], PortSet>, LpmTrie<MapData, [u8; 16], PortSet>);
 
 /// The live interception: loaded programs, pinned links, and the maps the
-/// gateway writes (intercept set, mode) and reads (connection records).
+/// gateway writes (intercept set, mode, served namespaces) and reads
+/// (connection records, alerts).
 pub struct Interceptor {
     _ebpf: Ebpf,
     pin_dir: PathBuf,
@@ -155,7 +204,10 @@ pub struct Interceptor {
     config: Mutex<Array<MapData, RedirectConfig>>,
     tries: Mutex<Tries>,
     original: Mutex<BpfHashMap<MapData, SockKey, ConnRecord>>,
+    served: Mutex<BpfHashMap<MapData, u64, ServedNetns>>,
+    alerts: Mutex<Option<RingBuf<MapData>>>,
     redirect: RedirectConfig,
+    host_netns_cookie: u64,
 }
 
 impl Interceptor {
@@ -180,19 +232,32 @@ impl Interceptor {
         let v4 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V4)?).map_err(map_err(names::INTERCEPT_V4))?;
         let v6 = LpmTrie::try_from(take(&mut ebpf, names::INTERCEPT_V6)?).map_err(map_err(names::INTERCEPT_V6))?;
         let original = BpfHashMap::try_from(take(&mut ebpf, names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
+        let mut served: BpfHashMap<MapData, u64, ServedNetns> =
+            BpfHashMap::try_from(take(&mut ebpf, names::SERVED_NETNS)?).map_err(map_err(names::SERVED_NETNS))?;
+        let alerts = RingBuf::try_from(take(&mut ebpf, names::ALERTS)?).map_err(map_err(names::ALERTS))?;
 
         let redirect = RedirectConfig {
             proxy_v4: addr_words(IpAddr::V4(target.v4))[3],
             proxy_v6: target.v6.map(|v6| addr_words(IpAddr::V6(v6))).unwrap_or([0; 4]),
             proxy_port: target.port,
-            v6_enabled: u16::from(target.v6.is_some()),
+            _pad0: 0,
             mode: Mode::Redirect as u32,
             gateway_tgid: std::process::id(),
             upstream_mark: target.upstream_mark,
-            _pad: 0,
-            host_netns_cookie: own_netns_cookie()?,
+            capture_ports: capture_port_set(&target.capture_ports)?,
+            _pad1: 0,
         };
         config.set(0, redirect, 0).map_err(map_err(names::CONFIG))?;
+        // The gateway's own namespace is served by the listeners `run`
+        // bound before loading; other namespaces are added by `netns`.
+        let host_netns_cookie = netns::current_netns_cookie()
+            .map_err(|source| InterceptError::Io { what: "reading SO_NETNS_COOKIE (needs Linux 5.14+)".into(), source })?;
+        let host = ServedNetns {
+            flags: SERVED_HOST | SERVED_V4 | if target.v6.is_some() { SERVED_V6 } else { 0 },
+            pid: std::process::id(),
+            cgroup_id: 0,
+        };
+        served.insert(host_netns_cookie, host, 0).map_err(map_err(names::SERVED_NETNS))?;
 
         let interceptor = Interceptor {
             pin_dir: pin_dir.to_owned(),
@@ -200,10 +265,63 @@ impl Interceptor {
             config: Mutex::new(config),
             tries: Mutex::new((v4, v6)),
             original: Mutex::new(original),
+            served: Mutex::new(served),
+            alerts: Mutex::new(Some(alerts)),
             redirect,
+            host_netns_cookie,
             _ebpf: ebpf,
         };
         Ok(interceptor)
+    }
+
+    /// Attaches the host-wide `cgroup_attach_task` tracepoint, which tells
+    /// the gateway about processes entering or leaving the intercepted
+    /// tree. It only reports, so the link is not pinned: it ends with the
+    /// gateway. Fails when the kernel's record layout is not the expected one.
+    pub fn watch_cgroup_moves(&mut self) -> Result<(), InterceptError> {
+        let path = Path::new("/sys/kernel/tracing/events/cgroup/cgroup_attach_task/format");
+        let format = fs::read_to_string(path)
+            .or_else(|_| fs::read_to_string("/sys/kernel/debug/tracing/events/cgroup/cgroup_attach_task/format"))
+            .map_err(|source| InterceptError::Io { what: format!("reading {}", path.display()), source })?;
+        if let Some(missing) = ATTACH_FORMAT.iter().find(|field| !format.contains(*field)) {
+            return Err(InterceptError::Pin {
+                path: path.to_owned(),
+                reason: format!("unexpected tracepoint layout (no `{missing}`)"),
+            });
+        }
+        let name = names::PROG_CGROUP_ATTACH;
+        let prog: &mut TracePoint =
+            self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        prog.load().map_err(prog_err(name))?;
+        prog.attach("cgroup", "cgroup_attach_task").map_err(prog_err(name))?;
+        Ok(())
+    }
+
+    /// Hands out the alert ring buffer (once: it has one reader).
+    pub fn take_alerts(&self) -> Option<RingBuf<MapData>> {
+        self.alerts.lock().ok()?.take()
+    }
+
+    /// The gateway's own network namespace (served by the main listeners).
+    pub fn host_netns_cookie(&self) -> u64 {
+        self.host_netns_cookie
+    }
+
+    /// Marks a namespace as served: from now on its captured connects are
+    /// redirected to the listener in it instead of refused.
+    pub fn serve_netns(&self, cookie: u64, served: ServedNetns) -> Result<(), InterceptError> {
+        let mut map = self.served.lock().map_err(|_| InterceptError::Missing("served namespaces lock"))?;
+        map.insert(cookie, served, 0).map_err(map_err(names::SERVED_NETNS))
+    }
+
+    /// Stops serving a namespace: its captured connects are refused again.
+    pub fn unserve_netns(&self, cookie: u64) -> Result<(), InterceptError> {
+        let mut map = self.served.lock().map_err(|_| InterceptError::Missing("served namespaces lock"))?;
+        match map.remove(&cookie) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(names::SERVED_NETNS)(e)),
+        }
     }
 
     /// Attaches every program to every cgroup, pins the links, and then
@@ -298,9 +416,11 @@ impl Interceptor {
         Ok(())
     }
 
-    /// Takes (looks up and deletes) the record of an accepted connection.
-    pub fn take_record(&self, peer: SocketAddr, local_port: u16) -> Option<ConnRecord> {
-        let key = SockKey { addr: addr_words(peer.ip()), port: peer.port(), proxy_port: local_port };
+    /// Takes (looks up and deletes) the record of a connection accepted on
+    /// `local_port` in the namespace `netns_cookie`.
+    pub fn take_record(&self, peer: SocketAddr, local_port: u16, netns_cookie: u64) -> Option<ConnRecord> {
+        let key =
+            SockKey { addr: addr_words(peer.ip()), port: peer.port(), proxy_port: local_port, _pad: 0, netns_cookie };
         let mut map = self.original.lock().ok()?;
         let record = map.get(&key, 0).ok()?;
         // A failed delete only leaves the entry to the LRU.
@@ -395,6 +515,25 @@ pub fn detach_all(pin_dir: &Path) -> Result<(), InterceptError> {
     Ok(())
 }
 
+/// A served namespace as `gateway status` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NamespaceStatus {
+    /// Its cookie (what connection events report as `netns`).
+    pub cookie: u64,
+    /// A process the gateway found it through.
+    pub pid: u32,
+    /// That process's cgroup id.
+    pub cgroup_id: u64,
+    /// That cgroup's path (`/a/b`), when it still exists.
+    pub cgroup: Option<String>,
+    /// Whether it is the gateway's own namespace.
+    pub host: bool,
+    /// Whether it has an IPv4 listener.
+    pub v4: bool,
+    /// Whether it has an IPv6 listener.
+    pub v6: bool,
+}
+
 /// What `gateway status` reports, read from the pinned maps.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -402,6 +541,12 @@ pub struct Status {
     pub mode: String,
     /// The tgid the programs treat as the gateway (0 when stopped).
     pub gateway_tgid: u32,
+    /// The mark on the gateway's upstream sockets (chosen at start unless configured).
+    pub upstream_mark: u32,
+    /// Ports captured whatever the address (empty: port capture off).
+    pub capture_ports: Vec<u16>,
+    /// Namespaces with a proxy listener.
+    pub namespaces: Vec<NamespaceStatus>,
     /// Number of links pinned (programs x cgroups).
     pub links: usize,
     /// Records waiting for establishment (by socket cookie).
@@ -432,6 +577,31 @@ impl Status {
             BpfHashMap::try_from(open(names::ORIGINAL)?).map_err(map_err(names::ORIGINAL))?;
         let stats: PerCpuArray<MapData, u64> =
             PerCpuArray::try_from(open(names::STATS)?).map_err(map_err(names::STATS))?;
+        let served: BpfHashMap<MapData, u64, ServedNetns> =
+            BpfHashMap::try_from(open(names::SERVED_NETNS)?).map_err(map_err(names::SERVED_NETNS))?;
+        let mut namespaces: Vec<NamespaceStatus> = served
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, s)| NamespaceStatus {
+                cookie,
+                pid: s.pid,
+                cgroup_id: s.cgroup_id,
+                cgroup: None,
+                host: s.flags & SERVED_HOST != 0,
+                v4: s.flags & SERVED_V4 != 0,
+                v6: s.flags & SERVED_V6 != 0,
+            })
+            .collect();
+        namespaces.sort_by_key(|n| (!n.host, n.cookie));
+        if namespaces.iter().any(|n| !n.host) {
+            if let Ok(mount) = cgroup::cgroup2_mount() {
+                let ids: Vec<u64> = namespaces.iter().filter(|n| !n.host).map(|n| n.cgroup_id).collect();
+                let paths = cgroup::paths_of_ids(&mount, &ids);
+                for ns in namespaces.iter_mut() {
+                    ns.cgroup = paths.get(&ns.cgroup_id).cloned();
+                }
+            }
+        }
         let labels = [
             (Stat::Redirected, "redirected"),
             (Stat::DeniedStopped, "denied_stopped"),
@@ -439,6 +609,10 @@ impl Status {
             (Stat::SkippedSelf, "skipped_self"),
             (Stat::Established, "established"),
             (Stat::ReleasedUnestablished, "released_unestablished"),
+            (Stat::RedirectedPort, "redirected_port"),
+            (Stat::DeniedUdp, "denied_udp"),
+            (Stat::SpoofedMark, "spoofed_mark"),
+            (Stat::DeniedNoV6, "denied_no_v6"),
         ];
         debug_assert_eq!(labels.len() as u32, STATS_LEN);
         let mut counters = std::collections::BTreeMap::new();
@@ -452,38 +626,19 @@ impl Status {
                 Mode::Deny => "deny".into(),
             },
             gateway_tgid: cfg.gateway_tgid,
+            upstream_mark: cfg.upstream_mark,
+            capture_ports: if cfg.capture_ports.len == 0 {
+                Vec::new()
+            } else {
+                cfg.capture_ports.ports[..usize::from(cfg.capture_ports.len).min(MAX_PORTS)].to_vec()
+            },
+            namespaces,
             links: pins_in(&pin_dir.join("links"))?.len(),
             pending: pending.keys().filter(Result::is_ok).count(),
             original: original.keys().filter(Result::is_ok).count(),
             stats: counters,
         }))
     }
-}
-
-/// The network namespace cookie of the gateway (`SO_NETNS_COOKIE`).
-fn own_netns_cookie() -> Result<u64, InterceptError> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-        .map_err(|source| InterceptError::Io { what: "creating a socket".into(), source })?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a u64 out-buffer whose length is passed alongside.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(InterceptError::Io {
-            what: "reading SO_NETNS_COOKIE (needs Linux 5.14+)".into(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(cookie)
 }
 
 #[cfg(test)]

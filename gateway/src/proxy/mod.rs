@@ -14,16 +14,18 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::AsFd as _;
+
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument as _;
 
 use crate::{
     config::ProxyConfig,
-    enforce::{Caller, Capture, Gate, Refusal},
+    enforce::{Caller, Gate, Refusal},
     event::{ConnectionEvent, Outcome, Protocol},
     identity::{Attestation, AttestationCache, Attestor, IdentityResolver},
-    intercept::{words_addr, Interceptor},
+    intercept::{netns, words_addr, Capture, Interceptor},
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
 };
@@ -49,10 +51,14 @@ pub struct Intercepted {
     pub peer: SocketAddr,
     /// Where the client meant to go.
     pub orig_dst: SocketAddr,
+    /// How the connection was captured: a protected destination (anything
+    /// not understood is refused) or only its port (the TLS server name or
+    /// HTTP Host decides whether it is inspected or passed through).
+    pub capture: Capture,
+    /// Network namespace cookie of the client's socket.
+    pub netns: u64,
     /// Who the client is and the identity it is pinned to.
     pub caller: Arc<Caller>,
-    /// How the connection was captured.
-    pub capture: Capture,
 }
 
 /// What the protocol handlers share: TLS interception, upstream TLS, and
@@ -83,46 +89,60 @@ pub struct Proxy {
     config: ProxyConfig,
     services: Services,
     next_id: AtomicU64,
+    /// Accept loops and connections, of the main listeners and of those
+    /// opened in other namespaces alike: shutdown drains them all.
+    tracker: TaskTracker,
+    /// Fires at shutdown (set by `serve`): stops every accept loop.
+    shutdown: CancellationToken,
 }
 
 impl Proxy {
     /// A proxy taking records from `interceptor`.
     pub fn new(interceptor: Arc<Interceptor>, config: ProxyConfig, services: Services) -> Arc<Proxy> {
-        Arc::new(Proxy { interceptor, config, services, next_id: AtomicU64::new(1) })
+        Arc::new(Proxy {
+            interceptor,
+            config,
+            services,
+            next_id: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+        })
     }
 
     /// Accepts on `listeners` until `shutdown` fires, then gives in-flight
     /// connections [`DRAIN_TIMEOUT`] to finish.
     pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
         for listener in listeners {
-            let proxy = self.clone();
-            let shutdown = shutdown.clone();
-            let conns = tracker.clone();
-            tracker.spawn(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        a = listener.accept() => a,
-                    };
-                    match accepted {
-                        Ok((client, peer)) => {
-                            let proxy = proxy.clone();
-                            conns.spawn(async move { proxy.handle(client, peer).await });
-                        }
-                        // EMFILE and friends: back off instead of spinning.
-                        Err(e) => {
-                            tracing::error!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                }
-            });
+            self.tracker.spawn(self.clone().accept_loop(listener, shutdown.clone()));
         }
-        tracker.close();
         shutdown.cancelled().await;
-        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        self.shutdown.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.tracker.wait()).await.is_err() {
             tracing::warn!("in-flight connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
+        }
+    }
+
+    /// Accepts on one listener until `stop` fires or the proxy shuts down;
+    /// every connection goes to [`Proxy::handle`].
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.shutdown.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((client, peer)) => {
+                    let proxy = self.clone();
+                    self.tracker.spawn(async move { proxy.handle(client, peer).await });
+                }
+                // EMFILE and friends: back off instead of spinning.
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     }
 
@@ -135,6 +155,7 @@ impl Proxy {
                 id,
                 peer,
                 orig_dst: None,
+                capture: None,
                 attestation: None,
                 process: None,
                 identity: None,
@@ -148,7 +169,10 @@ impl Proxy {
                 error: None,
             };
             let local_port = client.local_addr().map(|a| a.port()).unwrap_or(self.config.port);
-            let Some(record) = self.await_record(peer, local_port).await else {
+            // The accepted socket lives in the client's namespace (the
+            // listener's): that names the record among namespaces.
+            let netns = netns::socket_netns_cookie(client.as_fd()).unwrap_or(0);
+            let Some(record) = self.await_record(peer, local_port, netns).await else {
                 // Without a record we do not know where the client meant to
                 // go: closing is the only safe choice.
                 event.outcome = Outcome::Unattributed;
@@ -161,8 +185,9 @@ impl Proxy {
             let caller = Arc::new(caller);
             event.attestation = Some(attestation);
             event.orig_dst = Some(orig_dst);
-            let capture = Capture::Destination;
-            let conn = Intercepted { id, client, peer, orig_dst, caller: caller.clone(), capture };
+            let capture = Capture::from_raw(record.capture);
+            event.capture = Some(capture.as_str());
+            let conn = Intercepted { id, client, peer, orig_dst, capture, netns, caller: caller.clone() };
             let handled = self.dispatch(conn).await;
             event.process = Some(&caller.process);
             event.identity = Some(&caller.identity.uri);
@@ -217,11 +242,11 @@ impl Proxy {
 
     /// The record is written before the handshake completes, so it is
     /// normally there at once; the retries cover scheduling hiccups.
-    async fn await_record(&self, peer: SocketAddr, local_port: u16) -> Option<gateway_common::ConnRecord> {
+    async fn await_record(&self, peer: SocketAddr, local_port: u16, netns: u64) -> Option<gateway_common::ConnRecord> {
         let deadline = Instant::now() + self.config.attribution_timeout;
         let mut pause = Duration::from_micros(200);
         loop {
-            if let Some(record) = self.interceptor.take_record(peer, local_port) {
+            if let Some(record) = self.interceptor.take_record(peer, local_port, netns) {
                 return Some(record);
             }
             if Instant::now() >= deadline {
@@ -285,29 +310,25 @@ pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> 
     }
 }
 
-/// Binds the proxy's listeners (IPv6 only on IPv6, so the two never clash).
+/// Listeners opened in other network namespaces feed the same accept loop.
+impl netns::ListenerSink for Proxy {
+    fn accept_on(self: Arc<Self>, listener: std::net::TcpListener, stop: CancellationToken) {
+        match TcpListener::from_std(listener) {
+            // Stops with the namespace or with the gateway, whichever is first.
+            Ok(listener) => {
+                let tracker = self.tracker.clone();
+                tracker.spawn(self.accept_loop(listener, stop));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register a namespace listener"),
+        }
+    }
+}
+
+/// Binds the proxy's listeners in the gateway's own namespace.
 pub fn bind_listeners(config: &ProxyConfig) -> io::Result<Vec<TcpListener>> {
     let mut addrs = vec![SocketAddr::from((config.listen_v4, config.port))];
     if let Some(v6) = config.listen_v6 {
         addrs.push(SocketAddr::from((v6, config.port)));
     }
-    addrs
-        .into_iter()
-        .map(|addr| {
-            let sock = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            if addr.is_ipv6() {
-                sock.set_only_v6(true)?;
-            }
-            sock.set_reuse_address(true)?;
-            sock.set_nonblocking(true)?;
-            sock.bind(&addr.into())
-                .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy listener {addr}: {e}")))?;
-            sock.listen(4096)?;
-            TcpListener::from_std(sock.into())
-        })
-        .collect()
+    addrs.into_iter().map(|addr| TcpListener::from_std(netns::bind_listener(addr)?)).collect()
 }
