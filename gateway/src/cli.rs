@@ -529,6 +529,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         attestations,
         identities,
+        containers: Arc::new(config.identity.container_runtimes()),
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
     })
 }
@@ -540,6 +541,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
 fn job_identity_lookup(services: &proxy::Services, cgroups: &[Cgroup]) -> crate::api::IdentityLookup {
     let attestor = services.attestor.clone();
     let identities = services.identities.clone();
+    let containers = services.containers.clone();
     let intercepted: Vec<String> = cgroups.iter().map(|c| c.name.clone()).collect();
     Arc::new(move |pid: u32| {
         let cgroup = intercept::cgroup::cgroup_of(pid)?;
@@ -548,7 +550,15 @@ fn job_identity_lookup(services: &proxy::Services, cgroups: &[Cgroup]) -> crate:
             return None;
         }
         let record = crate::identity::record_for_live_pid(pid).ok()?;
-        Some(identities.resolve(&attestor.attest(&record)).uri)
+        let mut attestation = attestor.attest(&record);
+        // The same identity the proxy would give: rules may select on the
+        // container's name and image. Called on the blocking pool.
+        if let (crate::identity::Attestation::Attested(a), Ok(runtime)) =
+            (&mut attestation, tokio::runtime::Handle::try_current())
+        {
+            runtime.block_on(containers.enrich(a));
+        }
+        Some(identities.resolve(&attestation).uri)
     })
 }
 

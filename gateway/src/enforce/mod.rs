@@ -337,6 +337,7 @@ fn snapshot(caller: &Caller, verified: &BTreeMap<String, String>) -> ProcessSnap
         exe: p.exe.as_ref().map(|e| e.display().to_string()),
         comm: p.comm.clone(),
         cgroup: p.cgroup.clone(),
+        container: p.container.clone(),
         job,
     }
 }
