@@ -59,6 +59,8 @@ const APT_PACKAGES: &[&str] = &[
     "git",
     "python3",
     "ca-certificates",
+    // dockerd, containerd and runc: the container tests start their own daemon.
+    "docker.io",
 ];
 
 fn main() -> ExitCode {

@@ -35,7 +35,7 @@ pub use cli::{cli_check, cli_explain, run, IdentityArgs, IdentityCommand};
 pub use container::{parse_container, ContainerRef, Runtime};
 pub use mapping::{MappingError, MappingFile};
 pub use resolver::{Explanation, Identity, IdentityResolver, RuleExplanation, RuleOutcome};
-pub use runtime::{ContainerRuntimes, RuntimeContainer, RuntimeError, SocketListing};
+pub use runtime::{under_any, ContainerRuntimes, RuntimeContainer, RuntimeError, SocketListing};
 
 /// Environment variables collected by default: CI systems' job coordinates.
 /// Everything else in a job's environment may be a secret and is never kept.

@@ -126,6 +126,16 @@ impl RuntimeContainer {
     }
 }
 
+/// Whether a process in cgroup `cgroup` is intercepted by a program
+/// attached to one of `intercepted` (cgroup paths as /proc shows them):
+/// attachments apply to a cgroup and everything below it.
+pub fn under_any(cgroup: &str, intercepted: &[String]) -> bool {
+    intercepted.iter().any(|c| {
+        let c = c.trim_end_matches('/');
+        !c.is_empty() && (cgroup == c || cgroup.strip_prefix(c).is_some_and(|rest| rest.starts_with('/')))
+    })
+}
+
 /// One socket's answer to "which containers are running".
 #[derive(Debug)]
 pub struct SocketListing {
@@ -409,9 +419,11 @@ impl Inspect {
     }
 }
 
-/// Capped, without control characters (they reach terminals and logs).
+/// Capped, without control characters or bidirectional overrides: names
+/// and images reach terminals, logs, findings and recordings.
 fn clean(s: &str, max: usize) -> String {
-    s.chars().filter(|c| !c.is_control()).take(max).collect()
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    s.chars().filter(|&c| !c.is_control() && !bidi(c)).take(max).collect()
 }
 
 #[cfg(test)]
@@ -447,9 +459,20 @@ mod tests {
     }
 
     #[test]
+    fn coverage_is_by_cgroup_subtree() {
+        let intercepted = vec!["/ci/jobs".to_owned(), "/docker".to_owned()];
+        assert!(under_any(&format!("/ci/jobs/{ID}"), &intercepted));
+        assert!(under_any("/ci/jobs", &intercepted));
+        assert!(under_any(&format!("/docker/{ID}"), &intercepted));
+        assert!(!under_any(&format!("/ci/jobs2/{ID}"), &intercepted));
+        assert!(!under_any(&format!("/system.slice/docker-{ID}.scope"), &intercepted));
+        assert!(!under_any("/anything", &["/".to_owned()]), "the root is never intercepted");
+    }
+
+    #[test]
     fn inspect_answers_decode_and_are_cleaned() {
         let body = format!(
-            r#"{{"Id":"{ID}","Name":"/job\u001b[31m","Image":"sha256:abc","Config":{{"Image":"alpine:3.20","Env":["SECRET=x"]}},"State":{{"Running":false,"Pid":0}}}}"#
+            r#"{{"Id":"{ID}","Name":"/job\u001b[31m\u202e","Image":"sha256:abc","Config":{{"Image":"alpine:3.20","Env":["SECRET=x"]}},"State":{{"Running":false,"Pid":0}}}}"#
         );
         let inspected: Inspect = serde_json::from_str(&body).expect("decodes");
         let c = inspected.into_container(Path::new("/x.sock"));
