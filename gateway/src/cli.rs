@@ -579,6 +579,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         attestations,
         identities,
+        containers: Arc::new(config.identity.container_runtimes()),
         http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
     })
 }
@@ -590,6 +591,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
 fn job_identity_lookup(services: &proxy::Services, cgroups: &[Cgroup]) -> crate::api::IdentityLookup {
     let attestor = services.attestor.clone();
     let identities = services.identities.clone();
+    let containers = services.containers.clone();
     let intercepted: Vec<String> = cgroups.iter().map(|c| c.name.clone()).collect();
     Arc::new(move |pid: u32| {
         let cgroup = intercept::cgroup::cgroup_of(pid)?;
@@ -598,7 +600,15 @@ fn job_identity_lookup(services: &proxy::Services, cgroups: &[Cgroup]) -> crate:
             return None;
         }
         let record = crate::identity::record_for_live_pid(pid).ok()?;
-        Some(identities.resolve(&attestor.attest(&record)).uri)
+        let mut attestation = attestor.attest(&record);
+        // The same identity the proxy would give: rules may select on the
+        // container's name and image. Called on the blocking pool.
+        if let (crate::identity::Attestation::Attested(a), Ok(runtime)) =
+            (&mut attestation, tokio::runtime::Handle::try_current())
+        {
+            runtime.block_on(containers.enrich(a));
+        }
+        Some(identities.resolve(&attestation).uri)
     })
 }
 
@@ -643,8 +653,16 @@ fn status(config: &Config, json: bool) -> anyhow::Result<()> {
     let Some(status) = Status::read(&config.intercept.bpffs_dir)? else {
         bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
     };
+    let containers = container_status(config)?;
     if json {
-        println!("{}", serde_json::to_string(&status)?);
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            intercept: &'a Status,
+            #[serde(flatten)]
+            containers: &'a ContainerStatus,
+        }
+        println!("{}", serde_json::to_string(&Report { intercept: &status, containers: &containers })?);
     } else {
         println!("mode:            {}", status.mode);
         println!("gateway pid:     {}", status.gateway_tgid);
@@ -669,8 +687,88 @@ fn status(config: &Config, json: bool) -> anyhow::Result<()> {
         for (name, value) in &status.stats {
             println!("{name:<24} {value}");
         }
+        containers.print();
     }
     Ok(())
+}
+
+/// The container part of `gateway status`: what the configured runtimes
+/// run, and which of it the intercepted cgroups cover.
+#[derive(Debug, serde::Serialize)]
+struct ContainerStatus {
+    /// Running containers of every configured runtime that answered.
+    containers: Vec<ContainerLine>,
+    /// Runtimes that could not be asked.
+    runtime_errors: Vec<String>,
+    /// Containers whose traffic the gateway does not see.
+    warnings: Vec<String>,
+}
+
+/// One running container in `gateway status`.
+#[derive(Debug, serde::Serialize)]
+struct ContainerLine {
+    #[serde(flatten)]
+    container: crate::identity::RuntimeContainer,
+    /// Its cgroup is in (or below) an intercepted cgroup.
+    intercepted: bool,
+}
+
+fn container_status(config: &Config) -> anyhow::Result<ContainerStatus> {
+    let intercepted: Vec<String> = resolve_cgroups(config, false)?.into_iter().map(|c| c.name).collect();
+    let runtimes = config.identity.container_runtimes();
+    let listings = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(runtimes.running());
+    let mut out = ContainerStatus { containers: Vec::new(), runtime_errors: Vec::new(), warnings: Vec::new() };
+    for listing in listings {
+        match listing.containers {
+            Ok(found) => {
+                for container in found {
+                    let covered =
+                        container.cgroup.as_deref().is_some_and(|c| crate::identity::under_any(c, &intercepted));
+                    if !covered {
+                        out.warnings.push(format!(
+                            "container {} ({}, image {}) runs in cgroup {} outside the intercepted cgroups ({}): its connections are not inspected; start job containers with --cgroup-parent under an intercepted cgroup (see docs/operations.md)",
+                            &container.id[..container.id.len().min(12)],
+                            container.name,
+                            container.image,
+                            container.cgroup.as_deref().unwrap_or("(unknown)"),
+                            intercepted.join(", "),
+                        ));
+                    }
+                    out.containers.push(ContainerLine { container, intercepted: covered });
+                }
+            }
+            Err(e) => out.runtime_errors.push(e.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+impl ContainerStatus {
+    fn print(&self) {
+        println!("containers:      {} running (identity.container_runtimes)", self.containers.len());
+        for line in &self.containers {
+            let c = &line.container;
+            println!(
+                "  {} {:<24} {:<32} pid {:<8} {} {}",
+                &c.id[..c.id.len().min(12)],
+                c.name,
+                c.image,
+                c.pid,
+                c.cgroup.as_deref().unwrap_or("-"),
+                if line.intercepted { "intercepted" } else { "NOT INTERCEPTED" }
+            );
+        }
+        for e in &self.runtime_errors {
+            println!("runtime error:   {e}");
+        }
+        for w in &self.warnings {
+            println!("warning: {w}");
+        }
+    }
 }
 
 /// `gateway detach`.

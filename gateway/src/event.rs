@@ -111,6 +111,7 @@ impl ConnectionEvent<'_> {
         let p = self.process;
         let exe = p.and_then(|p| p.exe.as_ref()).map(|e| e.display().to_string());
         let orig_dst = self.orig_dst.map(|d| d.to_string());
+        let container = p.and_then(|p| p.container.as_ref());
         tracing::info!(
             target: CONNECTION_TARGET,
             conn_id = self.id,
@@ -131,6 +132,10 @@ impl ConnectionEvent<'_> {
             cgroup = p.and_then(|p| p.cgroup.as_deref()),
             cgroup_id = p.map(|p| p.cgroup_id),
             netns = p.map(|p| p.netns_cookie),
+            container_id = container.map(|c| c.id.as_str()),
+            container_name = container.and_then(|c| c.name.as_deref()),
+            container_image = container.and_then(|c| c.image.as_deref()),
+            container_runtime = container.map(|c| c.runtime.as_str()),
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_secs_f64() * 1000.0,

@@ -18,6 +18,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+pub mod docker;
 pub mod upstream;
 use serde_json::Value;
 
@@ -110,6 +111,9 @@ pub struct GatewayOptions {
     pub gateway_in_cgroup: bool,
     /// A policy file's content; `None` runs the built-in policy.
     pub policy_yaml: Option<String>,
+    /// More cgroups to intercept (paths relative to the cgroup2 mount,
+    /// created if missing and removed at drop).
+    pub extra_cgroups: Vec<String>,
 }
 
 impl GatewayOptions {
@@ -123,6 +127,7 @@ impl GatewayOptions {
             intercept_yaml: String::new(),
             gateway_in_cgroup: false,
             policy_yaml: None,
+            extra_cgroups: Vec::new(),
         }
     }
 
@@ -151,6 +156,8 @@ pub struct TestGateway {
     pub cgroup_dir: PathBuf,
     /// Parent directory of the test cgroups (removed at drop when empty).
     cgroup_parent: PathBuf,
+    /// [`GatewayOptions::extra_cgroups`] (removed at drop).
+    extra_cgroup_dirs: Vec<PathBuf>,
     /// bpffs pin directory.
     pub bpffs_dir: PathBuf,
     /// The proxy port.
@@ -176,8 +183,12 @@ impl TestGateway {
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/gateway-tests/{tag}"));
         let proxy_port = unique_port();
         let api_port = unique_port();
+        let mut cgroups = format!("{{path: {cgroup_rel}, create: true}}");
+        for extra in &opts.extra_cgroups {
+            cgroups.push_str(&format!(", {{path: {extra}, create: true}}"));
+        }
         let mut yaml = format!(
-            "state_dir: {state}\nintercept:\n  cgroups: [{{path: {cgroup_rel}, create: true}}]\n  bpffs_dir: {bpffs}\n{extra}  destinations:\n",
+            "state_dir: {state}\nintercept:\n  cgroups: [{cgroups}]\n  bpffs_dir: {bpffs}\n{extra}  destinations:\n",
             state = dir.path().join("state").display(),
             bpffs = bpffs_dir.display(),
             extra = opts.intercept_yaml,
@@ -204,6 +215,11 @@ impl TestGateway {
             config_path,
             cgroup_dir,
             cgroup_parent,
+            extra_cgroup_dirs: opts
+                .extra_cgroups
+                .iter()
+                .map(|c| cgroup2_mount().join(c.trim_start_matches('/')))
+                .collect(),
             bpffs_dir,
             proxy_port,
             api_port,
@@ -246,6 +262,13 @@ impl TestGateway {
             assert!(Instant::now() < deadline, "gateway did not start within {PATIENCE:?}:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The intercepted cgroup as /proc shows it (`/gateway-tests/<tag>`):
+    /// what `docker run --cgroup-parent` takes.
+    pub fn cgroup_path(&self) -> String {
+        let rel = self.cgroup_dir.strip_prefix(cgroup2_mount()).expect("the cgroup is below the cgroup2 mount");
+        format!("/{}", rel.display())
     }
 
     /// Everything the gateway logged so far.
@@ -373,6 +396,9 @@ impl Drop for TestGateway {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        for dir in &self.extra_cgroup_dirs {
+            let _ = std::fs::remove_dir(dir);
         }
         let _ = std::fs::remove_dir(&self.cgroup_parent);
         let _ = std::fs::remove_dir("/sys/fs/bpf/gateway-tests");

@@ -61,6 +61,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "python3-pip",
     "ca-certificates",
+    // dockerd, containerd and runc: the container tests start their own daemon.
+    "docker.io",
 ];
 
 fn main() -> ExitCode {

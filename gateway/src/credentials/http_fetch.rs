@@ -52,7 +52,10 @@ async fn get_inner(url: &str, tls: Option<&UpstreamTls>) -> Result<(StatusCode, 
     }
 }
 
-async fn send<I>(io: I, request: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), String>
+/// One request on a fresh HTTP/1.1 connection over `io`, the body capped at
+/// [`MAX_BODY`] (also used for container runtimes' unix sockets). The
+/// caller bounds the time.
+pub(crate) async fn send<I>(io: I, request: Request<Empty<Bytes>>) -> Result<(StatusCode, Bytes), String>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {

@@ -21,7 +21,7 @@
 pub mod clock;
 pub mod config;
 mod glob;
-mod http_fetch;
+pub(crate) mod http_fetch;
 pub mod jwt;
 pub mod oidc;
 pub mod secret;

@@ -652,6 +652,7 @@ impl Passage {
             exe: p.exe.as_ref().map(|e| e.display().to_string()),
             comm: p.comm.clone(),
             cgroup: p.cgroup.clone(),
+            container: p.container.clone(),
             job,
         }
     }

@@ -360,6 +360,16 @@ fn detail(f: &Finding) -> String {
         p.uid
     );
     let _ = writeln!(s, "  cgroup:       {}", safe(p.cgroup.as_deref().unwrap_or("-")));
+    if let Some(c) = &p.container {
+        let _ = writeln!(
+            s,
+            "  container:    {} {} (name {}, image {})",
+            c.runtime.as_str(),
+            safe(&c.id),
+            safe(c.name.as_deref().unwrap_or("-")),
+            safe(c.image.as_deref().unwrap_or("-"))
+        );
+    }
     let _ = writeln!(s, "  identity:     {}", safe(f.identity.as_deref().unwrap_or("-")));
     if p.job.is_empty() {
         let _ = writeln!(s, "  job:          -");

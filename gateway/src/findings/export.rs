@@ -146,6 +146,9 @@ pub(super) const CSV_HEADER: &[&str] = &[
     "last_seen",
     "count",
     "action",
+    "container_id",
+    "container_name",
+    "container_image",
 ];
 
 /// RFC 4180 CSV (CRLF line ends, fields quoted when needed).
@@ -153,6 +156,7 @@ fn csv(findings: &[Finding], out: &mut dyn Write) -> std::io::Result<()> {
     let header: Vec<String> = CSV_HEADER.iter().map(|h| (*h).to_owned()).collect();
     csv_row(out, &header)?;
     for f in findings {
+        let container = f.process.container.as_ref();
         let row = vec![
             f.id.to_string(),
             f.status.to_string(),
@@ -174,6 +178,9 @@ fn csv(findings: &[Finding], out: &mut dyn Write) -> std::io::Result<()> {
             rfc3339(f.last_seen),
             f.count.to_string(),
             f.action.to_string(),
+            container.map(|c| c.id.clone()).unwrap_or_default(),
+            container.and_then(|c| c.name.clone()).unwrap_or_default(),
+            container.and_then(|c| c.image.clone()).unwrap_or_default(),
         ];
         csv_row(out, &row)?;
     }

@@ -113,6 +113,10 @@ pub struct ProcessSnapshot {
     pub comm: String,
     /// cgroup v2 path.
     pub cgroup: Option<String>,
+    /// The container it ran in: id, runtime, and name and image when the
+    /// runtime confirmed them.
+    #[serde(default)]
+    pub container: Option<crate::identity::ContainerRef>,
     /// Identifying CI job variables (`CI_JOB_ID`, `CI_PROJECT_PATH`...).
     /// Callers pass identifying variables only; as a safety net the store
     /// replaces the value of any variable whose name suggests a secret

@@ -30,7 +30,8 @@ use super::{export, Action, FindingsError};
 /// There is deliberately no column for a raw key: a finding is identified by
 /// its HMAC fingerprint and shown by the detector's redacted preview
 /// (`tests::no_column_can_hold_a_raw_key` pins the column list).
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE findings (
     -- AUTOINCREMENT: ids are quoted in 403 responses and tickets and must
     -- never be reused, even if rows are ever deleted.
@@ -69,14 +70,19 @@ CREATE TABLE status_history (
     comment     TEXT    NOT NULL
 ) STRICT;
 CREATE INDEX status_history_finding ON status_history (finding_id, id);
-"#];
+"#,
+    r#"
+-- The container of the latest sighting (JSON: id, runtime, name, image...).
+ALTER TABLE findings ADD COLUMN container TEXT;
+"#,
+];
 
 /// Who automatic status changes are attributed to.
 pub const GATEWAY_ACTOR: &str = "gateway";
 
 /// Columns of `findings` in the order [`RawFinding::from_row`] reads them.
 const FINDING_COLUMNS: &str = "id, rule_id, confidence, fingerprint, preview, location, dest_host, dest_port, \
-     pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status";
+     pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status, container";
 
 /// How long a writer waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -99,6 +105,8 @@ mod limits {
     pub const JOB_VARS: usize = 64;
     pub const JOB_NAME: usize = 128;
     pub const JOB_VALUE: usize = 1024;
+    pub const CONTAINER_ID: usize = 64;
+    pub const CONTAINER_TEXT: usize = 1024;
 }
 
 /// A findings database. One connection; not `Sync` (use one store per thread,
@@ -206,8 +214,8 @@ impl FindingStore {
         let Some((id, status, count, last_seen)) = existing else {
             tx.prepare_cached(
                 "INSERT INTO findings (rule_id, confidence, fingerprint, preview, location, dest_host, dest_port, \
-                 pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, 1, ?16, 'open')",
+                 pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status, container) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?15, 1, ?16, 'open', ?17)",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -227,6 +235,7 @@ impl FindingStore {
                     f.identity,
                     f.seen,
                     f.action.as_str(),
+                    f.container,
                 ])
             })
             .map_err(self.err("inserting a finding"))?;
@@ -247,7 +256,7 @@ impl FindingStore {
                  location = iif(?4, ?5, location), pid = iif(?4, ?6, pid), uid = iif(?4, ?7, uid), \
                  comm = iif(?4, ?8, comm), cgroup = iif(?4, ?9, cgroup), job = iif(?4, ?10, job), \
                  identity = iif(?4 AND ?11 IS NOT NULL, ?11, identity), action = iif(?4, ?12, action), \
-                 status = iif(?13, 'open', status) \
+                 status = iif(?13, 'open', status), container = iif(?4, ?14, container) \
              WHERE id = ?1",
         )
         .and_then(|mut st| {
@@ -265,6 +274,7 @@ impl FindingStore {
                 f.identity,
                 f.action.as_str(),
                 reopen,
+                f.container,
             ])
         })
         .map_err(self.err("updating a finding"))?;
@@ -420,6 +430,12 @@ impl FindingStore {
             .collect::<Result<Vec<_>, FindingsError>>()?;
         let job: BTreeMap<String, String> =
             serde_json::from_str(&raw.job).map_err(|e| self.bad_row(id, "job", e.to_string()))?;
+        let container = raw
+            .container
+            .as_deref()
+            .map(serde_json::from_str)
+            .transpose()
+            .map_err(|e| self.bad_row(id, "container", e.to_string()))?;
         Ok(Finding {
             id,
             rule_id: raw.rule_id,
@@ -435,6 +451,7 @@ impl FindingStore {
                 exe: raw.exe,
                 comm: raw.comm,
                 cgroup: raw.cgroup,
+                container,
                 job,
             },
             identity: raw.identity,
@@ -511,6 +528,7 @@ struct RawFinding {
     count: i64,
     action: String,
     status: String,
+    container: Option<String>,
 }
 
 impl RawFinding {
@@ -536,6 +554,7 @@ impl RawFinding {
             count: r.get(17)?,
             action: r.get(18)?,
             status: r.get(19)?,
+            container: r.get(20)?,
         })
     }
 }
@@ -558,6 +577,8 @@ struct Sanitized {
     identity: Option<String>,
     action: Action,
     seen: i64,
+    /// JSON of the sender's container.
+    container: Option<String>,
 }
 
 impl Sanitized {
@@ -607,6 +628,18 @@ impl Sanitized {
             identity: f.identity.as_deref().map(|i| cap(i, limits::IDENTITY)),
             action: f.action,
             seen,
+            container: f.process.container.as_ref().map(|c| {
+                let c = crate::identity::ContainerRef {
+                    id: cap(&c.id, limits::CONTAINER_ID),
+                    image: c.image.as_deref().map(|v| cap(v, limits::CONTAINER_TEXT)),
+                    image_id: c.image_id.as_deref().map(|v| cap(v, limits::CONTAINER_TEXT)),
+                    name: c.name.as_deref().map(|v| cap(v, limits::CONTAINER_TEXT)),
+                    pod_uid: c.pod_uid.as_deref().map(|v| cap(v, limits::CONTAINER_ID)),
+                    runtime: c.runtime,
+                };
+                // Strings and an enum: always serializes.
+                serde_json::to_string(&c).unwrap_or_default()
+            }),
         })
     }
 }

@@ -82,10 +82,17 @@ pub fn cli_explain(config: &IdentityConfig, pid: u32, json: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let attestation = match record_for_live_pid(pid) {
+    let mut attestation = match record_for_live_pid(pid) {
         Ok(record) => Attestor::new(&config.attest_config()).attest(&record),
         Err(e) => Attestation::Unattested { reason: e.to_string() },
     };
+    if let Attestation::Attested(a) = &mut attestation {
+        // What the proxy adds before resolving: the container's name and image.
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(config.container_runtimes().enrich(a)),
+            Err(e) => eprintln!("not asking the container runtime: {e}"),
+        }
+    }
     let explanation = resolver.explain(&attestation);
     if json {
         let out = serde_json::json!({ "attestation": attestation, "explanation": explanation });
@@ -123,7 +130,11 @@ fn print_attested(a: &Attested) {
     println!("  cwd          {}", a.cwd.as_deref().unwrap_or("-"));
     println!("  cgroup       {}", a.cgroup.as_deref().unwrap_or("-"));
     if let Some(c) = &a.container {
-        println!("  container    {:?} {} pod {}", c.runtime, c.id, c.pod_uid.as_deref().unwrap_or("-"));
+        println!("  container    {} {} pod {}", c.runtime.as_str(), c.id, c.pod_uid.as_deref().unwrap_or("-"));
+        match (&c.name, &c.image) {
+            (Some(name), Some(image)) => println!("  container    name {name:?} image {image:?}"),
+            _ => println!("  container    no name or image: no configured runtime confirmed it"),
+        }
     }
     for (k, v) in &a.env {
         println!("  env          {k}={v}");

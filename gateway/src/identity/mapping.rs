@@ -87,6 +87,8 @@ struct SelectorSpec {
     user: Option<OneOrMany<String>>,
     cgroup: Option<OneOrMany<String>>,
     container: Option<OneOrMany<String>>,
+    container_name: Option<OneOrMany<String>>,
+    container_image: Option<OneOrMany<String>>,
     #[serde(default)]
     env: BTreeMap<String, OneOrMany<String>>,
     parent_exe: Option<OneOrMany<String>>,
@@ -106,6 +108,12 @@ pub(crate) struct Rule {
     pub(crate) exe: Option<Vec<Pattern>>,
     pub(crate) cgroup: Option<Vec<Pattern>>,
     pub(crate) container: Option<Vec<Pattern>>,
+    /// Job-controlled (whoever starts the container names it): never
+    /// trusted evidence.
+    pub(crate) container_name: Option<Vec<Pattern>>,
+    /// Job-controlled (a CI job's configuration picks its image): never
+    /// trusted evidence.
+    pub(crate) container_image: Option<Vec<Pattern>>,
     pub(crate) parent_exe: Option<Vec<Pattern>>,
     pub(crate) ancestor_exe: Option<Vec<Pattern>>,
     pub(crate) comm: Option<Vec<Pattern>>,
@@ -305,6 +313,8 @@ impl Compiler<'_> {
         let exe = self.patterns("exe", Ok(Field::Exe), s.exe);
         let cgroup = self.patterns("cgroup", Ok(Field::Cgroup), s.cgroup);
         let container = self.patterns("container", Ok(Field::Container), s.container);
+        let container_name = self.patterns("container_name", Ok(Field::ContainerName), s.container_name);
+        let container_image = self.patterns("container_image", Ok(Field::ContainerImage), s.container_image);
         let parent_exe = self.patterns("parent_exe", Ok(Field::Ancestor), s.parent_exe);
         let ancestor_exe = self.patterns("ancestor_exe", Ok(Field::Ancestor), s.ancestor_exe);
         let comm = self.patterns("comm", Ok(Field::Comm), s.comm);
@@ -331,7 +341,7 @@ impl Compiler<'_> {
         if require_trusted && !has_trusted {
             self.err(
                 &["match"],
-                "rule requires trusted evidence (require_trusted) but has only job-controlled selectors (env, comm): add exe_sha256, exe, uid/user, cgroup, container or parent_exe/ancestor_exe, or set require_trusted: false".into(),
+                "rule requires trusted evidence (require_trusted) but has only job-controlled selectors (env, comm, container_name, container_image): add exe_sha256, exe, uid/user, cgroup, container or parent_exe/ancestor_exe, or set require_trusted: false".into(),
             );
         }
         let uri = self.template(&["identity"], &r.identity, Escape::UriSegment, td);
@@ -356,6 +366,8 @@ impl Compiler<'_> {
             exe,
             cgroup,
             container,
+            container_name,
+            container_image,
             parent_exe,
             ancestor_exe,
             comm,

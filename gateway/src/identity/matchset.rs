@@ -18,9 +18,13 @@ pub(crate) enum Field {
     Comm,
     /// Ancestors' executables (`parent_exe` and `ancestor_exe`).
     Ancestor,
+    /// Container name, from the runtime.
+    ContainerName,
+    /// Container image, from the runtime.
+    ContainerImage,
 }
 
-const FIELDS: usize = 5;
+const FIELDS: usize = 7;
 
 /// A pattern of a rule: its id in its field's set.
 #[derive(Debug, Clone)]
@@ -126,6 +130,8 @@ impl Sets {
                     x if x == Field::Cgroup as usize => a.cgroup.as_deref(),
                     x if x == Field::Container as usize => a.container.as_ref().map(|c| c.id.as_str()),
                     x if x == Field::Comm as usize => Some(a.comm.as_str()),
+                    x if x == Field::ContainerName as usize => a.container.as_ref().and_then(|c| c.name.as_deref()),
+                    x if x == Field::ContainerImage as usize => a.container.as_ref().and_then(|c| c.image.as_deref()),
                     _ => None,
                 };
                 if let Some(v) = value {

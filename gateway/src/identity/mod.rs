@@ -16,12 +16,14 @@ mod mapping;
 mod matchset;
 mod procfs;
 mod resolver;
+mod runtime;
 mod template;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +35,7 @@ pub use cli::{cli_check, cli_explain, run, IdentityArgs, IdentityCommand};
 pub use container::{parse_container, ContainerRef, Runtime};
 pub use mapping::{MappingError, MappingFile};
 pub use resolver::{Explanation, Identity, IdentityResolver, RuleExplanation, RuleOutcome};
+pub use runtime::{under_any, ContainerRuntimes, RuntimeContainer, RuntimeError, SocketListing};
 
 /// Environment variables collected by default: CI systems' job coordinates.
 /// Everything else in a job's environment may be a secret and is never kept.
@@ -84,6 +87,15 @@ pub struct IdentityConfig {
     /// exit of it (or of the ancestors rules look at), so later connections
     /// of the same process skip /proc.
     pub attestation_cache: bool,
+    /// Unix sockets of container runtimes speaking the Docker Engine API
+    /// (dockerd, podman's compatibility socket), asked in order for the
+    /// name and image of a container a connecting process runs in. Sockets
+    /// that do not exist are skipped; empty: never ask.
+    pub container_runtimes: Vec<PathBuf>,
+    /// How long a connection waits for a runtime's answer before it is
+    /// attributed without name and image (the answer is kept for the next).
+    #[serde(with = "humantime_serde")]
+    pub container_lookup_timeout: Duration,
 }
 
 impl Default for IdentityConfig {
@@ -95,6 +107,8 @@ impl Default for IdentityConfig {
             trust_domain: "ci-gateway.local".to_owned(),
             exe_hash_cache_size: 4096,
             attestation_cache: true,
+            container_runtimes: vec![PathBuf::from("/var/run/docker.sock")],
+            container_lookup_timeout: Duration::from_millis(250),
         }
     }
 }
@@ -107,6 +121,11 @@ impl IdentityConfig {
             parent_depth: self.parent_depth,
             exe_hash_cache_size: self.exe_hash_cache_size,
         }
+    }
+
+    /// The container runtimes to ask about containers.
+    pub fn container_runtimes(&self) -> ContainerRuntimes {
+        ContainerRuntimes::new(self.container_runtimes.clone(), self.container_lookup_timeout)
     }
 
     /// Default plus operator environment names, sorted and deduplicated.

@@ -86,6 +86,8 @@ enum Miss {
     Exe,
     Cgroup,
     Container,
+    ContainerName,
+    ContainerImage,
     ParentExe,
     AncestorExe,
     Comm,
@@ -248,6 +250,18 @@ fn eval(rule: &Rule, a: &Attested, hits: &Hits) -> Result<(), Miss> {
             return Err(Miss::Comm);
         }
     }
+    // Name and image: only present once the runtime confirmed the
+    // container, and chosen by whoever started it, so never trusted.
+    if let Some(pats) = &rule.container_name {
+        if !hits.any(Field::ContainerName, pats) {
+            return Err(Miss::ContainerName);
+        }
+    }
+    if let Some(pats) = &rule.container_image {
+        if !hits.any(Field::ContainerImage, pats) {
+            return Err(Miss::ContainerImage);
+        }
+    }
     for (i, (_, set, pats)) in rule.env.iter().enumerate() {
         if !hits.env(*set, pats) {
             return Err(Miss::Env(i));
@@ -317,6 +331,22 @@ fn describe(rule: &Rule, miss: Miss, a: &Attested) -> RuleOutcome {
                 "container {} does not match {}",
                 a.container.as_ref().map(|c| &c.id).unwrap_or(&none),
                 list(rule.container.as_deref().unwrap_or_default())
+            ),
+        ),
+        Miss::ContainerName => (
+            "container_name",
+            format!(
+                "container name {} does not match {}",
+                a.container.as_ref().and_then(|c| c.name.as_ref()).unwrap_or(&none),
+                list(rule.container_name.as_deref().unwrap_or_default())
+            ),
+        ),
+        Miss::ContainerImage => (
+            "container_image",
+            format!(
+                "container image {} does not match {}",
+                a.container.as_ref().and_then(|c| c.image.as_ref()).unwrap_or(&none),
+                list(rule.container_image.as_deref().unwrap_or_default())
             ),
         ),
         Miss::ParentExe => (

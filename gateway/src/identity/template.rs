@@ -24,6 +24,10 @@ pub enum Placeholder {
     Exe,
     /// `{container}`: container id.
     Container,
+    /// `{container.name}`: container name, from the runtime.
+    ContainerName,
+    /// `{container.image}`: container image, from the runtime.
+    ContainerImage,
     /// `{pod}`: Kubernetes pod uid.
     Pod,
     /// `{cgroup}`: cgroup v2 path.
@@ -38,6 +42,8 @@ impl Placeholder {
             "comm" => Placeholder::Comm,
             "exe" => Placeholder::Exe,
             "container" => Placeholder::Container,
+            "container.name" => Placeholder::ContainerName,
+            "container.image" => Placeholder::ContainerImage,
             "pod" => Placeholder::Pod,
             "cgroup" => Placeholder::Cgroup,
             _ => {
@@ -61,6 +67,8 @@ impl Placeholder {
             Placeholder::Comm => "comm".into(),
             Placeholder::Exe => "exe".into(),
             Placeholder::Container => "container".into(),
+            Placeholder::ContainerName => "container.name".into(),
+            Placeholder::ContainerImage => "container.image".into(),
             Placeholder::Pod => "pod".into(),
             Placeholder::Cgroup => "cgroup".into(),
         }
@@ -135,7 +143,7 @@ impl Template {
                 let ph = Placeholder::parse(name).ok_or_else(|| TemplateError {
                     offset: offset + open,
                     message: format!(
-                        "unknown placeholder `{{{name}}}` (known: env.NAME, uid, user, comm, exe, container, pod, cgroup, trust_domain)"
+                        "unknown placeholder `{{{name}}}` (known: env.NAME, uid, user, comm, exe, container, container.name, container.image, pod, cgroup, trust_domain)"
                     ),
                 })?;
                 if escape == Escape::UriSegment && !lit_is_in_path(&parts, &lit) {
@@ -206,6 +214,16 @@ impl Template {
                         Placeholder::Container => {
                             self.push(out, p, a.container.as_ref().map(|c| c.id.as_str()).ok_or_else(missing)?)?
                         }
+                        Placeholder::ContainerName => self.push(
+                            out,
+                            p,
+                            a.container.as_ref().and_then(|c| c.name.as_deref()).ok_or_else(missing)?,
+                        )?,
+                        Placeholder::ContainerImage => self.push(
+                            out,
+                            p,
+                            a.container.as_ref().and_then(|c| c.image.as_deref()).ok_or_else(missing)?,
+                        )?,
                         Placeholder::Pod => self.push(
                             out,
                             p,
@@ -299,6 +317,25 @@ mod tests {
         assert!(matches!(render("spiffe://td/{env.EVIL}"), Err(RenderError::Unsafe(..))));
         assert!(matches!(render("spiffe://td/{env.NL}"), Err(RenderError::Unsafe(..))));
         assert_eq!(render("spiffe://td/{env.GITHUB_REF}"), Err(RenderError::Missing("env.GITHUB_REF".into())));
+    }
+
+    #[test]
+    fn container_name_and_image_come_from_the_runtime_answer() {
+        let t = Template::compile("spiffe://td/c/{container.name}/{container.image}", Escape::UriSegment, "td")
+            .expect("compiles");
+        let mut a = attested();
+        let mut out = String::new();
+        assert_eq!(t.render(&a, &mut out), Err(RenderError::Missing("container.name".into())));
+        let mut c = crate::identity::parse_container(&format!("/ci/{}", "a".repeat(64))).expect("container");
+        a.container = Some(c.clone());
+        out.clear();
+        assert_eq!(t.render(&a, &mut out), Err(RenderError::Missing("container.name".into())), "not confirmed yet");
+        c.name = Some("build-1".into());
+        c.image = Some("registry/ci:1.2".into());
+        a.container = Some(c);
+        out.clear();
+        assert_eq!(t.render(&a, &mut out), Ok(()));
+        assert_eq!(out, "spiffe://td/c/build-1/registry%2Fci%3A1.2");
     }
 
     #[test]

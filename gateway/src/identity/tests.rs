@@ -401,3 +401,48 @@ fn trimmed_attestation_keeps_every_guard_and_skips_only_what_rules_cannot_use() 
     let (without, _d2) = resolver_with("rules:\n  - match: { uid: 0 }\n    identity: spiffe://ci.test/u\n");
     assert_eq!(without.needs(), needs);
 }
+
+#[test]
+fn container_name_and_image_select_but_never_count_as_trusted_evidence() {
+    let id = "c".repeat(64);
+    let text = format!(
+        r#"
+rules:
+  - name: gitlab-build
+    match:
+      container: "{id}"
+      container_name: "runner-*-build"
+      container_image: ["registry.example/ci/*", "alpine:*"]
+    identity: spiffe://ci.test/build/{{container.name}}
+  - name: image-only
+    require_trusted: true
+    match:
+      uid: 0
+      container_image: "alpine:*"
+    identity: spiffe://ci.test/alpine
+"#
+    );
+    let (resolver, _dir) = resolver_with(&text);
+    let mut container = parse_container(&format!("/ci/jobs/{id}")).expect("a container");
+    let mut a = Attested { uid: 1000, cgroup: Some(format!("/ci/jobs/{id}")), ..Default::default() };
+    a.container = Some(container.clone());
+    // Not confirmed by the runtime (no name, no image): the rule cannot match.
+    let att = Attestation::Attested(Box::new(a.clone()));
+    assert_eq!(resolver.resolve(&att).uri, "spiffe://ci.test/unmapped");
+    let why = resolver.explain(&att);
+    assert!(
+        matches!(&why.rules[0].outcome, RuleOutcome::SelectorFailed { selector, .. } if selector == "container_name"),
+        "{why:?}"
+    );
+
+    container.name = Some("runner-abc-build".into());
+    container.image = Some("alpine:3.20".into());
+    a.container = Some(container);
+    let identity = resolver.resolve(&Attestation::Attested(Box::new(a.clone())));
+    assert_eq!(identity.uri, "spiffe://ci.test/build/runner-abc-build");
+
+    // Name and image alone are no trusted evidence.
+    let only = "rules:\n  - match: { container_name: x, container_image: y }\n    identity: spiffe://ci.test/x\n";
+    let errors = MappingFile::parse_with(Path::new("m.yaml"), only, &config()).expect_err("must be rejected");
+    assert!(errors[0].message.contains("require_trusted"), "{errors:?}");
+}

@@ -24,7 +24,7 @@ use crate::{
     config::ProxyConfig,
     enforce::{Caller, Gate, Refusal},
     event::{ConnectionEvent, Outcome, Protocol},
-    identity::{Attestation, AttestationCache, Attestor, IdentityResolver},
+    identity::{Attestation, AttestationCache, Attestor, ContainerRuntimes, IdentityResolver},
     intercept::{netns, words_addr, Capture, Interceptor},
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
@@ -79,6 +79,8 @@ pub struct Services {
     pub attestations: Option<Arc<AttestationCache>>,
     /// Operator mappings from attested processes to identities.
     pub identities: Arc<IdentityResolver>,
+    /// Container runtimes asked for the name and image of a caller's container.
+    pub containers: Arc<ContainerRuntimes>,
     /// HTTP engine limits.
     pub http_limits: crate::http::Limits,
 }
@@ -208,11 +210,13 @@ impl Proxy {
     /// Attributes and attests the connecting process and resolves its
     /// identity; also says how (`cached`, `fresh`, `unattested`). A kept
     /// attestation is checked inline; a full one reads /proc and may hash
-    /// an executable, so it runs on the blocking pool.
+    /// an executable, so it runs on the blocking pool. A container's name
+    /// and image come from its runtime (bounded wait) before the mappings
+    /// are consulted, as rules may select on them.
     async fn identify(&self, record: gateway_common::ConnRecord) -> (Caller, &'static str) {
         let needs = self.services.identities.needs();
         let cache = self.services.attestations.clone();
-        let (attestation, how) = match cache.as_ref().and_then(|c| c.lookup(&record, needs)) {
+        let (mut attestation, how) = match cache.as_ref().and_then(|c| c.lookup(&record, needs)) {
             Some(kept) => (Attestation::Attested(Box::new(kept)), "cached"),
             None => {
                 let attestor = self.services.attestor.clone();
@@ -225,6 +229,9 @@ impl Proxy {
                 (attested, "fresh")
             }
         };
+        if let Attestation::Attested(a) = &mut attestation {
+            self.services.containers.enrich(a).await;
+        }
         let identity = self.services.identities.resolve(&attestation);
         match attestation {
             Attestation::Attested(a) => {

@@ -491,6 +491,7 @@ mod tests {
             comm: AWKWARD.into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: None,
+            container: None,
             job,
         };
         let meta = SessionMeta {
@@ -508,6 +509,14 @@ mod tests {
         };
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let meta = SessionMeta { sni: Some("s".into()), tls: None, ..meta };
+        assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
+        // A container job's start record is canonical too.
+        let mut container = crate::identity::parse_container(&format!("/ci/{}", "b".repeat(64))).unwrap();
+        container.name = Some(AWKWARD.into());
+        container.image = Some("alpine:3.20".into());
+        container.image_id = Some("sha256:00".into());
+        let process = ProcessFacts { container: Some(container), ..meta.process.clone() };
+        let meta = SessionMeta { process, ..meta };
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let end = SessionEnd { bytes_up: 1, bytes_down: u64::MAX, outcome: AWKWARD.into() };
         assert_eq!(to_json(&end), canonical(serde_json::to_value(&end).unwrap()));

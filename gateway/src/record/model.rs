@@ -64,6 +64,10 @@ pub struct ProcessFacts {
     pub cgroup: Option<String>,
     /// `comm` at connect() time.
     pub comm: String,
+    /// The container the process ran in (absent for host processes, so
+    /// their start records are byte for byte what they were before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<crate::identity::ContainerRef>,
     /// Executable, when /proc still showed it.
     pub exe: Option<String>,
     /// Real gid.
@@ -87,6 +91,7 @@ impl ProcessFacts {
             comm: info.comm.clone(),
             exe: info.exe.as_ref().map(|p| p.to_string_lossy().into_owned()),
             cgroup: info.cgroup.clone(),
+            container: info.container.clone(),
             job,
         }
     }

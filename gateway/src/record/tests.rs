@@ -47,6 +47,7 @@ fn start_facts() -> SessionStart {
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: Some("/ci/job-4242".into()),
+            container: None,
             job,
         },
         host: "api.example.com".into(),

@@ -599,6 +599,14 @@ fn process_facts(p: &ProcessFacts) -> ProcessFacts {
         comm: cap(&p.comm, limits::SHORT),
         exe: p.exe.as_deref().map(|v| cap(v, limits::TEXT)),
         cgroup: p.cgroup.as_deref().map(|v| cap(v, limits::TEXT)),
+        container: p.container.as_ref().map(|c| crate::identity::ContainerRef {
+            id: cap(&c.id, limits::SHORT),
+            image: c.image.as_deref().map(|v| cap(v, limits::TEXT)),
+            image_id: c.image_id.as_deref().map(|v| cap(v, limits::SHORT)),
+            name: c.name.as_deref().map(|v| cap(v, limits::SHORT)),
+            pod_uid: c.pod_uid.as_deref().map(|v| cap(v, limits::SHORT)),
+            runtime: c.runtime,
+        }),
         job: redact_job(&job),
     }
 }

@@ -28,6 +28,7 @@ fn finding(fp: &str, exe: Option<&str>, host: &str, port: u16, at: OffsetDateTim
             exe: exe.map(Into::into),
             comm: "curl".into(),
             cgroup: Some("/ci-gateway/jobs/job-17".into()),
+            container: None,
             job: BTreeMap::from([("CI_JOB_ID".into(), "17".into()), ("CI_PROJECT_PATH".into(), "grp/proj".into())]),
         },
         identity: None,
@@ -558,7 +559,8 @@ fn no_column_can_hold_a_raw_key() {
             "last_seen",
             "count",
             "action",
-            "status"
+            "status",
+            "container"
         ]
     );
     assert_eq!(
@@ -645,7 +647,7 @@ fn newer_schema_is_refused_and_reopen_keeps_data() {
     store.conn.pragma_update(None, "user_version", 99).unwrap();
     drop(store);
     let e = FindingStore::open(&path).unwrap_err();
-    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 1, .. }), "{e:?}");
+    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 2, .. }), "{e:?}");
 }
 
 #[test]
@@ -654,4 +656,67 @@ fn pragmas_are_durable() {
     let mode: String = store.conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     let sync: i64 = store.conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
     assert_eq!((mode.as_str(), sync), ("wal", 2));
+}
+
+#[test]
+fn the_container_of_the_latest_sighting_is_kept_and_exported() {
+    let (_dir, store) = temp_store();
+    let host_job = store.record(&simple("fp-c")).unwrap();
+    assert_eq!(store.get(host_job.id).unwrap().unwrap().process.container, None);
+
+    let mut container =
+        crate::identity::parse_container(&format!("/ci/jobs/{}", "ab".repeat(32))).expect("a container");
+    container.runtime = crate::identity::Runtime::Docker;
+    container.name = Some("runner-x-project-1-concurrent-0-build".into());
+    container.image = Some(format!("registry.example/ci:{}", "t".repeat(5000)));
+    container.image_id = Some("sha256:0123".into());
+    let mut later = simple("fp-c");
+    later.seen_at = T0 + Duration::minutes(1);
+    later.process.container = Some(container.clone());
+    let again = store.record(&later).unwrap();
+    assert_eq!(again.id, host_job.id, "the container is no part of the dedup key");
+    let got = store.get(again.id).unwrap().unwrap().process.container.expect("the container is stored");
+    assert_eq!((got.id.as_str(), got.runtime), (container.id.as_str(), crate::identity::Runtime::Docker));
+    assert_eq!(got.name, container.name);
+    assert_eq!(got.image_id, container.image_id);
+    assert_eq!(got.image.as_deref().map(str::len), Some(1024), "runtime text is capped");
+
+    // An older sighting arriving late does not replace it.
+    let mut older = simple("fp-c");
+    older.seen_at = T0 - Duration::minutes(1);
+    store.record(&older).unwrap();
+    assert!(store.get(again.id).unwrap().unwrap().process.container.is_some());
+
+    let mut json = Vec::new();
+    store.export(ExportFormat::Json, &mut json).unwrap();
+    let exported: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(exported[0]["process"]["container"]["name"], "runner-x-project-1-concurrent-0-build");
+    let mut csv = Vec::new();
+    store.export(ExportFormat::Csv, &mut csv).unwrap();
+    let csv = String::from_utf8(csv).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",container_id,container_name,container_image"), "{csv}");
+    assert!(csv.contains(&container.id) && csv.contains("runner-x-project-1-concurrent-0-build"), "{csv}");
+}
+
+#[test]
+fn a_database_from_before_containers_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.db");
+    {
+        // What the previous version created: the first migration only.
+        let conn = crate::sqlite::open_private(&path, std::time::Duration::from_secs(1)).unwrap();
+        crate::sqlite::migrate(&conn, &MIGRATIONS[..1]).unwrap();
+        conn.execute(
+            "INSERT INTO findings (rule_id, confidence, fingerprint, preview, location, dest_host, dest_port, \
+             pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status) \
+             VALUES ('r', 'high', 'fp-old', 'p', 'l', 'h', 443, 1, 0, NULL, 'c', NULL, '{}', NULL, 0, 0, 1, 'block', 'open')",
+            [],
+        )
+        .unwrap();
+    }
+    let store = FindingStore::open(&path).unwrap();
+    let all = store.list(&ListFilter::default()).unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].fingerprint, "fp-old");
+    assert_eq!(all[0].process.container, None);
 }
