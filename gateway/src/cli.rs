@@ -277,7 +277,8 @@ async fn run_async(config: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
     });
     let recorder = services.enforcement.recorder.clone();
-    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
+    let fds = proxy::Descriptors::raise().context("raising the descriptor limit")?;
+    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services, fds);
     let serving = tokio::spawn(proxy.serve(listeners, shutdown.clone()));
 
     let reloadable = Reloadable {
@@ -529,7 +530,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         attestor: Arc::new(crate::identity::Attestor::new(&config.identity.attest_config())),
         attestations,
         identities,
-        http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
+        http_limits: config.proxy.limits.http(config.proxy.connect_timeout),
     })
 }
 

@@ -32,7 +32,7 @@ pub struct Refusal {
     /// The approval request, when one was stored.
     pub approval: Option<String>,
     /// Machine-readable reason (`approval_denied`, `approval_timed_out`,
-    /// `approval_unavailable`).
+    /// `approval_unavailable`, `approval_limit`).
     pub error: &'static str,
     /// For the client.
     pub message: String,
@@ -65,6 +65,7 @@ impl Enforcement {
             body_preview,
             rule: rule.to_owned(),
             requesters: Vec::new(),
+            cgroup_id: p.cgroup_id,
         };
         let approval_spec = ApprovalSpec::from(spec);
         if let Some(s) = session {
@@ -99,6 +100,18 @@ impl Enforcement {
                     ),
                 };
                 (Err(refusal), json!({ "approval": id.to_string(), "outcome": "timed_out" }))
+            }
+            Outcome::Limited(limit) => {
+                let event =
+                    json!({ "outcome": "refused", "reason": "limit", "limit": limit.limit.as_str(), "max": limit.max });
+                let refusal = Refusal {
+                    approval: None,
+                    error: "approval_limit",
+                    message: format!(
+                        "This request needs approval, but {limit}; it was not sent. Retry once earlier requests are decided."
+                    ),
+                };
+                (Err(refusal), event)
             }
             Outcome::Failed { reason } => {
                 let event = json!({ "outcome": "failed", "reason": reason });
