@@ -242,6 +242,9 @@ pub struct ProxyLimits {
     /// requests of a kept-alive connection).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// HTTP/1.1 read and write buffer per connection (also the largest
+    /// request head).
+    pub h1_buffer_bytes: usize,
     /// An HTTP connection without an exchange in progress this long is
     /// closed gracefully (HTTP/2: GOAWAY).
     #[serde(with = "humantime_serde")]
@@ -278,6 +281,7 @@ impl Default for ProxyLimits {
             max_concurrent_streams: http.max_concurrent_streams,
             max_upstream_per_connection: http.max_upstream_per_connection,
             header_read_timeout: http.header_read_timeout,
+            h1_buffer_bytes: http.h1_max_buffer,
             idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(20)),
             body_idle_timeout: http.body_idle_timeout,
             h2_keep_alive_interval: http.h2_keep_alive_interval.unwrap_or(Duration::from_secs(30)),
@@ -303,6 +307,7 @@ impl ProxyLimits {
             )),
             buffer_wait: self.buffer_wait,
             header_read_timeout: self.header_read_timeout,
+            h1_max_buffer: self.h1_buffer_bytes,
             idle_timeout: Some(self.idle_timeout),
             body_idle_timeout: self.body_idle_timeout,
             h2_keep_alive_interval: Some(self.h2_keep_alive_interval),
@@ -334,6 +339,9 @@ impl ProxyLimits {
             if value == 0 {
                 return Err((field(name), "must be at least 1".into()));
             }
+        }
+        if self.h1_buffer_bytes < 8192 {
+            return Err((field("h1_buffer_bytes"), "must be at least 8192".into()));
         }
         if !(1..=100).contains(&self.cgroup_fd_share_percent) {
             return Err((field("cgroup_fd_share_percent"), "must be between 1 and 100".into()));

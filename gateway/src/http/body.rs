@@ -235,6 +235,13 @@ pub(crate) async fn inspect<B: BodyInspector>(
                     buffered += data.len();
                     conn_buffered = held.grow(data.len(), reserved);
                 }
+                // A frame is a slice of hyper's (or h2's) read buffer and
+                // would pin all of it while buffered: kept as a copy of its
+                // own size, the memory held is what the pools count.
+                let frame = match frame.into_data() {
+                    Ok(data) => Frame::data(Bytes::copy_from_slice(&data)),
+                    Err(other) => other,
+                };
                 frames.push_back(frame);
                 if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
                     break;

@@ -275,6 +275,10 @@ pub struct Limits {
     /// (counted from the end of the previous response on a kept-alive
     /// connection: hyper's timer).
     pub header_read_timeout: Duration,
+    /// hyper's HTTP/1 read (and write) buffer per connection: the most a
+    /// client's bytes can occupy before the engine reads them. Also bounds
+    /// a request head. At least 8192.
+    pub h1_max_buffer: usize,
     /// A connection with no exchange in progress for this long is closed
     /// gracefully (HTTP/1.1: closed between requests; HTTP/2 and h2c:
     /// GOAWAY). `None` keeps idle connections open.
@@ -319,6 +323,7 @@ impl Default for Limits {
             buffer_wait: Duration::from_secs(5),
             hold_back: 4 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            h1_max_buffer: 64 * 1024,
             idle_timeout: Some(Duration::from_secs(20)),
             body_idle_timeout: Duration::from_secs(30),
             h2_keep_alive_interval: Some(Duration::from_secs(30)),

@@ -182,7 +182,8 @@ where
 }
 
 /// HTTP/1.1 limits: a request head must arrive within
-/// `header_read_timeout` (also while kept alive, as hyper counts it).
+/// `header_read_timeout` (also while kept alive, as hyper counts it), and
+/// hyper's buffers stay within `h1_max_buffer`.
 fn h1_limits<T>(b: &mut T, limits: &Limits)
 where
     T: H1Knobs,
@@ -207,13 +208,22 @@ trait H1Knobs {
 
 impl H1Knobs for hyper_conn::http1::Builder {
     fn knobs(&mut self, limits: &Limits) {
-        self.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+        self.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.h1_max_buffer.max(MIN_H1_BUFFER))
+            .keep_alive(true);
     }
 }
 
+/// hyper refuses smaller HTTP/1 buffers.
+const MIN_H1_BUFFER: usize = 8192;
+
 impl<E> H1Knobs for auto::Http1Builder<'_, E> {
     fn knobs(&mut self, limits: &Limits) {
-        self.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+        self.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.h1_max_buffer.max(MIN_H1_BUFFER))
+            .keep_alive(true);
     }
 }
 
