@@ -294,7 +294,8 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
     });
     let recorder = services.gate.recorder.clone();
-    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services);
+    let fds = proxy::Descriptors::raise().context("raising the descriptor limit")?;
+    let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services, fds);
     let serving = tokio::spawn(proxy.clone().serve(listeners, shutdown.clone()));
     // Namespaces of jobs that run in their own network namespace (containers,
     // `ip netns`, `unshare -n`): a listener in each, accepted by the same proxy.
@@ -580,7 +581,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         attestations,
         identities,
         containers: Arc::new(config.identity.container_runtimes()),
-        http_limits: crate::http::Limits { connect_timeout: config.proxy.connect_timeout, ..Default::default() },
+        http_limits: config.proxy.limits.http(config.proxy.connect_timeout),
     })
 }
 

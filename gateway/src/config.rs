@@ -227,6 +227,176 @@ pub struct ProxyConfig {
     /// is closed, with a `refused` event (`silent_client`).
     #[serde(with = "humantime_serde")]
     pub client_silence_timeout: Duration,
+    /// Resource limits that hold against a hostile job.
+    pub limits: ProxyLimits,
+}
+
+/// `proxy.limits`: what one job (one cgroup) and the gateway as a whole may
+/// hold. Each limit and what the job sees when it hits it is described in
+/// `docs/configuration.md` and `docs/limits.md`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyLimits {
+    /// Concurrent connections one cgroup may hold.
+    pub max_connections_per_cgroup: usize,
+    /// The most of the gateway's connection capacity (its descriptor table)
+    /// one cgroup may hold, in percent.
+    pub cgroup_fd_share_percent: u8,
+    /// Descriptors kept out of connection admission: for extra upstream
+    /// connections, stores, the admin API, logs.
+    pub fd_reserve: u64,
+    /// Request bodies up to this size are inspected whole before upstream
+    /// is contacted; larger ones stream, inspected with hold-back.
+    pub max_buffered_body_bytes: usize,
+    /// Buffered request body bytes of one connection (all its streams); past
+    /// it that connection's further bodies stream early.
+    pub max_buffered_per_connection_bytes: usize,
+    /// Buffered request body bytes of one cgroup's connections together.
+    pub max_buffered_per_cgroup_bytes: usize,
+    /// Buffered request body bytes of the whole gateway.
+    pub max_buffered_total_bytes: usize,
+    /// How long a request waits (not reading its body) for room in the
+    /// cgroup's or the gateway's pool before it is refused.
+    #[serde(with = "humantime_serde")]
+    pub buffer_wait: Duration,
+    /// Concurrent streams per HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+    /// Upstream HTTP/1.1 connections open at once per client connection.
+    pub max_upstream_per_connection: usize,
+    /// An HTTP/1.1 request head must arrive within this (also between
+    /// requests of a kept-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// HTTP/1.1 read and write buffer per connection (also the largest
+    /// request head).
+    pub h1_buffer_bytes: usize,
+    /// An HTTP connection without an exchange in progress this long is
+    /// closed gracefully (HTTP/2: GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A request body that sends nothing this long is aborted (408).
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// HTTP/2 PING interval towards clients.
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is dropped.
+    #[serde(with = "humantime_serde")]
+    pub h2_keep_alive_timeout: Duration,
+    /// HTTP/2 receive window per stream granted to clients.
+    pub h2_stream_window_bytes: u32,
+    /// HTTP/2 receive window per connection granted to clients.
+    pub h2_connection_window_bytes: u32,
+    /// Response bytes queued per HTTP/2 stream for a client that is not reading.
+    pub h2_send_buffer_bytes: usize,
+}
+
+impl Default for ProxyLimits {
+    fn default() -> Self {
+        let http = crate::http::Limits::default();
+        Self {
+            max_connections_per_cgroup: 512,
+            cgroup_fd_share_percent: 50,
+            fd_reserve: 256,
+            max_buffered_body_bytes: http.max_buffered_body,
+            max_buffered_per_connection_bytes: http.max_buffered_per_connection,
+            max_buffered_per_cgroup_bytes: 64 * 1024 * 1024,
+            max_buffered_total_bytes: 256 * 1024 * 1024,
+            buffer_wait: http.buffer_wait,
+            max_concurrent_streams: http.max_concurrent_streams,
+            max_upstream_per_connection: http.max_upstream_per_connection,
+            header_read_timeout: http.header_read_timeout,
+            h1_buffer_bytes: http.h1_max_buffer,
+            idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(20)),
+            body_idle_timeout: http.body_idle_timeout,
+            h2_keep_alive_interval: http.h2_keep_alive_interval.unwrap_or(Duration::from_secs(30)),
+            h2_keep_alive_timeout: http.h2_keep_alive_timeout,
+            h2_stream_window_bytes: http.h2_stream_window,
+            h2_connection_window_bytes: http.h2_connection_window,
+            h2_send_buffer_bytes: http.h2_send_buffer,
+        }
+    }
+}
+
+impl ProxyLimits {
+    /// The HTTP engine's limits. Bodies are counted in one pool of
+    /// `max_buffered_total_bytes` here; the proxy swaps in per-cgroup pools
+    /// nested in it.
+    pub fn http(&self, connect_timeout: Duration) -> crate::http::Limits {
+        crate::http::Limits {
+            max_buffered_body: self.max_buffered_body_bytes,
+            max_buffered_per_connection: self.max_buffered_per_connection_bytes,
+            body_pool: crate::http::BodyPool::Shared(crate::limits::Budget::new(
+                crate::limits::Limit::BufferedTotal,
+                self.max_buffered_total_bytes,
+            )),
+            buffer_wait: self.buffer_wait,
+            header_read_timeout: self.header_read_timeout,
+            h1_max_buffer: self.h1_buffer_bytes,
+            idle_timeout: Some(self.idle_timeout),
+            body_idle_timeout: self.body_idle_timeout,
+            h2_keep_alive_interval: Some(self.h2_keep_alive_interval),
+            h2_keep_alive_timeout: self.h2_keep_alive_timeout,
+            h2_stream_window: self.h2_stream_window_bytes,
+            h2_connection_window: self.h2_connection_window_bytes,
+            h2_send_buffer: self.h2_send_buffer_bytes,
+            connect_timeout,
+            max_upstream_per_connection: self.max_upstream_per_connection,
+            max_concurrent_streams: self.max_concurrent_streams,
+            ..crate::http::Limits::default()
+        }
+    }
+
+    /// Checks what the schema cannot express.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let field = |name: &str| format!("proxy.limits.{name}");
+        let positive = [
+            ("max_connections_per_cgroup", self.max_connections_per_cgroup),
+            ("max_buffered_body_bytes", self.max_buffered_body_bytes),
+            ("max_buffered_per_connection_bytes", self.max_buffered_per_connection_bytes),
+            ("max_buffered_per_cgroup_bytes", self.max_buffered_per_cgroup_bytes),
+            ("max_buffered_total_bytes", self.max_buffered_total_bytes),
+            ("max_concurrent_streams", self.max_concurrent_streams as usize),
+            ("max_upstream_per_connection", self.max_upstream_per_connection),
+            ("h2_send_buffer_bytes", self.h2_send_buffer_bytes),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err((field(name), "must be at least 1".into()));
+            }
+        }
+        if self.h1_buffer_bytes < 8192 {
+            return Err((field("h1_buffer_bytes"), "must be at least 8192".into()));
+        }
+        if !(1..=100).contains(&self.cgroup_fd_share_percent) {
+            return Err((field("cgroup_fd_share_percent"), "must be between 1 and 100".into()));
+        }
+        if self.max_buffered_per_cgroup_bytes > self.max_buffered_total_bytes {
+            return Err((field("max_buffered_per_cgroup_bytes"), "must not exceed max_buffered_total_bytes".into()));
+        }
+        // A window below the protocol's default would stall clients that
+        // do not wait for the SETTINGS frame; above 2^31-1 is invalid.
+        for (name, value) in [
+            ("h2_stream_window_bytes", self.h2_stream_window_bytes),
+            ("h2_connection_window_bytes", self.h2_connection_window_bytes),
+        ] {
+            if !(65_535..=0x7fff_ffff).contains(&value) {
+                return Err((field(name), "must be between 65535 and 2147483647".into()));
+            }
+        }
+        for (name, value) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("idle_timeout", self.idle_timeout),
+            ("body_idle_timeout", self.body_idle_timeout),
+            ("h2_keep_alive_interval", self.h2_keep_alive_interval),
+            ("h2_keep_alive_timeout", self.h2_keep_alive_timeout),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err((field(name), "must be at least 100ms".into()));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ProxyConfig {
@@ -240,6 +410,7 @@ impl Default for ProxyConfig {
             attribution_timeout: Duration::from_millis(500),
             client_first_timeout: Duration::from_millis(500),
             client_silence_timeout: Duration::from_secs(30),
+            limits: ProxyLimits::default(),
         }
     }
 }
@@ -380,6 +551,7 @@ impl Config {
                 return Err(("proxy.listen_v6".into(), "must be the loopback address ::1".into()));
             }
         }
+        self.proxy.limits.validate()?;
         if !self.state_dir.is_absolute() {
             return Err(("state_dir".into(), "must be an absolute path".into()));
         }
@@ -447,5 +619,24 @@ mod tests {
         assert!(e.contains("intercept.cgroups[0].path: the root cgroup"), "{e}");
         let e = parse("proxy:\n  listen_v4: 10.1.2.3\n").unwrap_err().to_string();
         assert!(e.contains("proxy.listen_v4: must be a loopback"), "{e}");
+        let e =
+            parse("proxy:\n  limits:\n    max_buffered_per_cgroup_bytes: 2000\n    max_buffered_total_bytes: 1000\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("proxy.limits.max_buffered_per_cgroup_bytes: must not exceed"), "{e}");
+        let e = parse("proxy:\n  limits:\n    cgroup_fd_share_percent: 0\n").unwrap_err().to_string();
+        assert!(e.contains("proxy.limits.cgroup_fd_share_percent"), "{e}");
+    }
+
+    #[test]
+    fn limits_parse_and_reach_the_http_engine() {
+        let c = parse("proxy:\n  connect_timeout: 3s\n  limits:\n    idle_timeout: 7s\n    max_buffered_body_bytes: 4096\n    h2_stream_window_bytes: 70000\n")
+            .unwrap();
+        let http = c.proxy.limits.http(c.proxy.connect_timeout);
+        assert_eq!(http.idle_timeout, Some(Duration::from_secs(7)));
+        assert_eq!(http.max_buffered_body, 4096);
+        assert_eq!(http.h2_stream_window, 70_000);
+        assert_eq!(http.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.proxy.limits.max_connections_per_cgroup, 512, "the rest keep their defaults");
     }
 }

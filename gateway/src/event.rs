@@ -24,6 +24,9 @@ pub enum Outcome {
     Error,
     /// Refused by the gateway's policy or detector.
     Blocked,
+    /// Refused at once because a resource limit was reached (see the
+    /// event's `limit`); nothing was forwarded.
+    Refused,
 }
 
 impl Outcome {
@@ -35,6 +38,7 @@ impl Outcome {
             Outcome::UpstreamFailed => "upstream_failed",
             Outcome::Error => "error",
             Outcome::Blocked => "blocked",
+            Outcome::Refused => "refused",
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct ConnectionEvent<'a> {
     pub outcome: Outcome,
     /// Error text when it ended badly.
     pub error: Option<String>,
+    /// The limit that refused it (with outcome `refused`).
+    pub limit: Option<crate::limits::LimitExceeded>,
 }
 
 impl ConnectionEvent<'_> {
@@ -140,6 +146,9 @@ impl ConnectionEvent<'_> {
             bytes_down = self.bytes_down,
             duration_ms = self.duration.as_secs_f64() * 1000.0,
             outcome = self.outcome.as_str(),
+            reason = self.limit.map(|_| "limit"),
+            limit = self.limit.map(|l| l.limit.as_str()),
+            limit_max = self.limit.map(|l| l.max),
             error = self.error.as_deref(),
             "connection"
         );

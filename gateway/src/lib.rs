@@ -20,6 +20,7 @@ pub mod findings;
 pub mod http;
 pub mod identity;
 pub mod intercept;
+pub mod limits;
 pub mod mask;
 pub mod policy;
 pub mod process;

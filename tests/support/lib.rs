@@ -114,6 +114,9 @@ pub struct GatewayOptions {
     /// More cgroups to intercept (paths relative to the cgroup2 mount,
     /// created if missing and removed at drop).
     pub extra_cgroups: Vec<String>,
+    /// RLIMIT_NOFILE (soft and hard) the gateway starts with; `None`
+    /// inherits the test's.
+    pub nofile: Option<u64>,
 }
 
 impl GatewayOptions {
@@ -128,6 +131,7 @@ impl GatewayOptions {
             gateway_in_cgroup: false,
             policy_yaml: None,
             extra_cgroups: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -168,6 +172,8 @@ pub struct TestGateway {
     pub dir: tempfile::TempDir,
     /// JSON log lines collected from the gateway's stderr.
     lines: Arc<Mutex<Vec<String>>>,
+    /// RLIMIT_NOFILE the gateway starts with.
+    nofile: Option<u64>,
 }
 
 impl TestGateway {
@@ -225,6 +231,7 @@ impl TestGateway {
             api_port,
             dir,
             lines: Arc::new(Mutex::new(Vec::new())),
+            nofile: opts.nofile,
         };
         if opts.gateway_in_cgroup {
             std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
@@ -240,6 +247,16 @@ impl TestGateway {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("RUST_LOG");
         if in_cgroup {
             in_cgroup_pre_exec(&mut cmd, &self.cgroup_dir);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+                        .map_err(std::io::Error::from)
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn gateway");
         let stderr = child.stderr.take().expect("stderr");
@@ -340,11 +357,68 @@ impl TestGateway {
         }
     }
 
+    /// The gateway's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("gateway running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("gateway status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Log lines (JSON objects) with this message.
+    pub fn log_messages(&self, message: &str) -> Vec<Value> {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+
+    /// A cgroup below the intercepted one (intercepted too, with a cgroup
+    /// id of its own: a second job), removed when the guard is dropped.
+    pub fn child_cgroup(&self, name: &str) -> ChildCgroup {
+        let dir = self.cgroup_dir.join(name);
+        std::fs::create_dir_all(&dir).expect("create child cgroup");
+        ChildCgroup { dir }
+    }
+
     /// A command that runs inside the intercepted cgroup.
     pub fn command_in_cgroup(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new(program);
         in_cgroup_pre_exec(&mut cmd, &self.cgroup_dir);
         cmd
+    }
+}
+
+/// A cgroup made by [`TestGateway::child_cgroup`]; drop it before the
+/// gateway (its processes must have exited).
+pub struct ChildCgroup {
+    /// Its directory.
+    pub dir: PathBuf,
+}
+
+impl ChildCgroup {
+    /// A command that runs inside this cgroup.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        in_cgroup_pre_exec(&mut cmd, &self.dir);
+        cmd
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        for _ in 0..250 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

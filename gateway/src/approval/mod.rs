@@ -43,7 +43,7 @@ pub const DEFAULT_DATABASE_FILE: &str = "approvals.db";
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Approval settings (`approvals:` in the configuration file).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApprovalConfig {
     /// Approver groups: group name -> the unix user names of its members.
@@ -53,6 +53,23 @@ pub struct ApprovalConfig {
     pub database: Option<PathBuf>,
     /// Where new requests and decisions are announced.
     pub webhook: Option<WebhookConfig>,
+    /// Approval requests one cgroup (one job) may have open at once; more
+    /// are refused at once without being stored or announced.
+    pub max_pending_per_cgroup: usize,
+    /// Approval requests open in the whole gateway at once.
+    pub max_pending: usize,
+}
+
+impl Default for ApprovalConfig {
+    fn default() -> Self {
+        ApprovalConfig {
+            groups: BTreeMap::new(),
+            database: None,
+            webhook: None,
+            max_pending_per_cgroup: 8,
+            max_pending: 256,
+        }
+    }
 }
 
 /// `approvals.webhook`: an HTTP(S) endpoint that receives a JSON POST for
@@ -142,6 +159,12 @@ impl ApprovalConfig {
         }
         if let Some(hook) = &self.webhook {
             webhook::validate(hook).map_err(|(field, reason)| (format!("approvals.webhook.{field}"), reason))?;
+        }
+        if self.max_pending_per_cgroup == 0 {
+            return Err(("approvals.max_pending_per_cgroup".into(), "must be at least 1".into()));
+        }
+        if self.max_pending < self.max_pending_per_cgroup {
+            return Err(("approvals.max_pending".into(), "must be at least max_pending_per_cgroup".into()));
         }
         Ok(())
     }

@@ -184,6 +184,10 @@ pub struct NewApproval {
     /// identity URI, the process's unix user and the CI actor variables of
     /// `job` are added automatically.
     pub requesters: Vec<String>,
+    /// cgroup id of the requesting process at connect time: open requests
+    /// are limited per cgroup (one job), not per identity, which many jobs
+    /// may share.
+    pub cgroup_id: u64,
 }
 
 /// Who is taking a decision, as the admin API established it.
@@ -338,6 +342,9 @@ pub enum Outcome {
         /// Why, for logs and the refusal.
         reason: String,
     },
+    /// Refuse it at once: too many approval requests are open (for the
+    /// cgroup, or in all); nothing was stored or announced.
+    Limited(crate::limits::LimitExceeded),
 }
 
 /// What happened to an approval request.

@@ -304,6 +304,7 @@ mod tests {
         let new = NewApproval {
             identity: "spiffe://ci/job".into(),
             requesters: vec!["Dave".into(), "dave".into(), " ".into()],
+            cgroup_id: 1,
             job: BTreeMap::from([
                 ("GITHUB_ACTOR".to_owned(), "octocat".to_owned()),
                 ("CI_JOB_ID".to_owned(), "12".to_owned()),

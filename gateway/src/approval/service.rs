@@ -2,7 +2,7 @@
 //! API decides through.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::Path,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -18,7 +18,10 @@ use super::{
     ApprovalConfig, ApprovalError, ApprovalEvent, ApprovalId, ApprovalSpec, ApprovalView, Approver, DecisionView,
     EventKind, ListFilter, NewApproval, Outcome, State, Verdict,
 };
-use crate::tls::UpstreamTls;
+use crate::{
+    limits::{Limit, LimitExceeded},
+    tls::UpstreamTls,
+};
 
 /// Tracing target of every approval log line.
 pub(crate) const TARGET: &str = "gateway::approval";
@@ -42,6 +45,58 @@ struct Inner {
     events: broadcast::Sender<ApprovalEvent>,
     webhook: Option<Webhook>,
     users: UserLookup,
+    /// Requests open (admitted and not yet resolved), per cgroup and in all.
+    pending: Mutex<Pending>,
+}
+
+/// Open approval requests, for `approvals.max_pending_per_cgroup` and
+/// `approvals.max_pending`.
+#[derive(Debug, Default)]
+struct Pending {
+    total: usize,
+    per_cgroup: HashMap<u64, usize>,
+}
+
+/// One open request's place in [`Pending`], given back on drop.
+struct PendingSlot {
+    inner: Arc<Inner>,
+    cgroup_id: u64,
+}
+
+impl Inner {
+    fn pending(&self) -> MutexGuard<'_, Pending> {
+        // Plain counters: a panic elsewhere cannot leave them half-updated.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a place for a new request of `cgroup_id`, or names the limit
+    /// that is reached.
+    fn admit(self: &Arc<Self>, cgroup_id: u64) -> Result<PendingSlot, LimitExceeded> {
+        let mut pending = self.pending();
+        if pending.total >= self.config.max_pending {
+            return Err(LimitExceeded::new(Limit::PendingApprovals, self.config.max_pending));
+        }
+        let mine = pending.per_cgroup.entry(cgroup_id).or_default();
+        if *mine >= self.config.max_pending_per_cgroup {
+            return Err(LimitExceeded::new(Limit::PendingApprovalsPerCgroup, self.config.max_pending_per_cgroup));
+        }
+        *mine += 1;
+        pending.total += 1;
+        Ok(PendingSlot { inner: self.clone(), cgroup_id })
+    }
+}
+
+impl Drop for PendingSlot {
+    fn drop(&mut self) {
+        let mut pending = self.inner.pending();
+        pending.total = pending.total.saturating_sub(1);
+        if let Some(n) = pending.per_cgroup.get_mut(&self.cgroup_id) {
+            *n -= 1;
+            if *n == 0 {
+                pending.per_cgroup.remove(&self.cgroup_id);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Approvals {
@@ -122,6 +177,7 @@ impl Approvals {
             events,
             webhook,
             users,
+            pending: Mutex::new(Pending::default()),
         };
         for view in abandoned {
             tracing::info!(target: TARGET, id = %view.id, "approval request left pending by a previous run marked abandoned");
@@ -148,13 +204,23 @@ impl Approvals {
 
     /// Stores `new`, announces it and waits for the decision or
     /// `spec.timeout`. Never fails: a request that cannot be stored resolves
-    /// to [`Outcome::Failed`] (refuse it). If the caller stops waiting (the
-    /// client went away), the request is marked abandoned.
+    /// to [`Outcome::Failed`] (refuse it), and one beyond
+    /// `approvals.max_pending_per_cgroup` (for `new.cgroup_id`) or
+    /// `approvals.max_pending` to [`Outcome::Limited`] at once, neither
+    /// stored nor announced. If the caller stops waiting (the client went
+    /// away), the request is marked abandoned.
     pub async fn request(&self, new: NewApproval, spec: &ApprovalSpec) -> Outcome {
         if let Err(reason) = self.inner.config.check_spec(spec) {
             tracing::error!(target: TARGET, rule = %new.rule, %reason, "approval rule does not fit the approvals configuration; refusing");
             return Outcome::Failed { reason };
         }
+        let _slot = match self.inner.admit(new.cgroup_id) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                tracing::warn!(target: TARGET, rule = %new.rule, identity = %new.identity, cgroup_id = new.cgroup_id, %limit, "approval request refused");
+                return Outcome::Limited(limit);
+            }
+        };
         let ticket = Arc::new(Mutex::new(Ticket::default()));
         let mut guard = AbandonOnDrop { inner: self.inner.clone(), ticket: ticket.clone(), armed: true };
         let inner = self.inner.clone();

@@ -9,6 +9,7 @@ use super::{
     store::ApprovalStore, ApprovalConfig, ApprovalError, ApprovalEvent, ApprovalId, ApprovalSpec, Approvals, Approver,
     EventKind, ListFilter, NewApproval, Outcome, State, Verdict, WebhookConfig,
 };
+use crate::limits::{Limit, LimitExceeded};
 
 const IDENTITY: &str = "spiffe://ci.test/deployer";
 
@@ -61,6 +62,7 @@ fn new_request() -> NewApproval {
         body_preview: "{\"version\":\"1.2.3\"}".into(),
         rule: "prod-deploys".into(),
         requesters: Vec::new(),
+        cgroup_id: 1,
     }
 }
 
@@ -336,10 +338,12 @@ async fn concurrent_requests_each_get_their_own_decision() {
     let approvals = open(dir.path());
     let mut events = approvals.subscribe();
     let mut held_requests = Vec::new();
-    for _ in 0..16 {
+    for job in 0..16 {
         let a = approvals.clone();
-        held_requests
-            .push(tokio::spawn(async move { a.request(new_request(), &spec(1, Duration::from_secs(60))).await }));
+        // One request per job: a single job may hold only
+        // `max_pending_per_cgroup` open at once.
+        let new = NewApproval { cgroup_id: job, ..new_request() };
+        held_requests.push(tokio::spawn(async move { a.request(new, &spec(1, Duration::from_secs(60))).await }));
     }
     let mut ids = Vec::new();
     while ids.len() < 16 {
@@ -372,6 +376,73 @@ async fn concurrent_requests_each_get_their_own_decision() {
     assert_eq!(all.len(), 16);
     assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
     assert!(approvals.list(ListFilter { state: Some(State::Pending), limit: 100 }).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn one_job_cannot_open_more_requests_than_its_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ApprovalConfig { max_pending_per_cgroup: 3, max_pending: 5, ..config() };
+    let approvals = open_with(dir.path(), &config);
+    let mut events = approvals.subscribe();
+    let hostile = |a: &Approvals| {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.request(NewApproval { cgroup_id: 66, ..new_request() }, &spec(1, Duration::from_secs(60))).await
+        })
+    };
+    // One connection's worth of requests: three are held, the rest refused
+    // at once, never stored or announced.
+    let held: Vec<_> = (0..3).map(|_| hostile(&approvals)).collect();
+    let mut ids = Vec::new();
+    while ids.len() < 3 {
+        let event = next_event(&mut events).await;
+        if event.kind == EventKind::ApprovalRequested {
+            ids.push(event.approval.id);
+        }
+    }
+    for _ in 0..100 {
+        match hostile(&approvals).await.unwrap() {
+            Outcome::Limited(limit) => {
+                assert_eq!(limit, LimitExceeded::new(Limit::PendingApprovalsPerCgroup, 3u64));
+            }
+            other => panic!("the 4th request of one job must be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(approvals.list(ListFilter::default()).await.unwrap().len(), 3, "nothing more was stored");
+    // Another job is not affected, up to the gateway's total.
+    let other = |cgroup_id| {
+        let a = approvals.clone();
+        tokio::spawn(async move {
+            a.request(NewApproval { cgroup_id, ..new_request() }, &spec(1, Duration::from_secs(60))).await
+        })
+    };
+    let _o1 = other(67);
+    let _o2 = other(68);
+    while approvals.waiting() < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match other(69).await.unwrap() {
+        Outcome::Limited(limit) => assert_eq!(limit.limit, Limit::PendingApprovals),
+        other => panic!("the gateway's total is reached, got {other:?}"),
+    }
+    // Decisions give the job its places back.
+    for id in ids {
+        approvals.decide(id, Verdict::Approve, root_for("alice"), None).await.unwrap();
+    }
+    for task in held {
+        assert!(matches!(outcome(task).await, Outcome::Approved { .. }));
+    }
+    let again = hostile(&approvals);
+    let next = loop {
+        // The other jobs' two requests are pending too: the newest is ours.
+        let pending = approvals.list(ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap();
+        if pending.len() == 3 {
+            break pending[0].id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    approvals.decide(next, Verdict::Deny, root_for("alice"), None).await.unwrap();
+    assert!(matches!(outcome(again).await, Outcome::Denied { .. }));
 }
 
 #[tokio::test]

@@ -679,6 +679,7 @@ impl Passage {
             body_preview,
             rule: rule.to_owned(),
             requesters: Vec::new(),
+            cgroup_id: p.cgroup_id,
         };
         let approval_spec = approval::ApprovalSpec::from(spec);
         if let Some(s) = session {
@@ -712,6 +713,14 @@ impl Passage {
                 );
                 let event = json!({ "approval": id.to_string(), "outcome": "timed_out" });
                 (Err(not_approved(Some(id.to_string()), NotApproved::TimedOut, message)), event)
+            }
+            approval::Outcome::Limited(limit) => {
+                let event =
+                    json!({ "outcome": "refused", "reason": "limit", "limit": limit.limit.as_str(), "max": limit.max });
+                let message = format!(
+                    "This request needs approval, but {limit}; it was not sent. Retry once earlier requests are decided."
+                );
+                (Err(not_approved(None, NotApproved::Limited, message)), event)
             }
             approval::Outcome::Failed { reason } => {
                 let event = json!({ "outcome": "failed", "reason": reason });

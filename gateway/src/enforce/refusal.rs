@@ -77,6 +77,8 @@ pub enum NotApproved {
     TimedOut,
     /// Approval could not be requested.
     Unavailable,
+    /// The caller already has as many requests waiting as it may.
+    Limited,
 }
 
 impl NotApproved {
@@ -86,6 +88,7 @@ impl NotApproved {
             NotApproved::Denied => "approval_denied",
             NotApproved::TimedOut => "approval_timed_out",
             NotApproved::Unavailable => "approval_unavailable",
+            NotApproved::Limited => "approval_limit",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::{
         Arc,
     },
     task::{ready, Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -25,6 +26,7 @@ use tokio::{
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{error::BoxError, exchange::ExchangeLog, BodyInspector, BodyVerdict, ExchangeOutcome, HttpError, Limits};
+use crate::limits::{Budget, Limit, LimitExceeded, Reservation};
 
 /// Frames in flight between the inspecting pump and hyper. Small, so that
 /// a slow upstream pushes back on the client instead of filling memory.
@@ -34,35 +36,38 @@ const PUMP_CHANNEL_FRAMES: usize = 4;
 pub(crate) struct RequestBody {
     kind: RequestKind,
     sent: Arc<AtomicU64>,
-    /// Buffered bytes count against the connection's budget until hyper
-    /// is done with the body.
-    _reservation: Option<Reservation>,
+    /// Buffered bytes count against the connection's share and the pools
+    /// until hyper is done with the body.
+    _held: Option<Held>,
 }
 
 /// Bytes of request bodies buffered by one connection (all its streams).
-pub(crate) type Budget = Arc<AtomicUsize>;
+pub(crate) type ConnBuffered = Arc<AtomicUsize>;
 
-/// A share of a [`Budget`], given back on drop.
-pub(crate) struct Reservation {
-    budget: Budget,
+/// Bytes one request holds buffered: its part of the connection's count
+/// and its reservation in the pools (cgroup, gateway). Given back on drop.
+pub(crate) struct Held {
+    conn: ConnBuffered,
     bytes: usize,
+    _pools: Reservation,
 }
 
-impl Reservation {
-    fn new(budget: Budget) -> Reservation {
-        Reservation { budget, bytes: 0 }
+impl Held {
+    fn new(conn: ConnBuffered) -> Held {
+        Held { conn, bytes: 0, _pools: Reservation::default() }
     }
 
-    /// Adds `n` bytes; returns the connection's new total.
-    fn grow(&mut self, n: usize) -> usize {
+    /// Adds `n` bytes reserved in `pools`; returns the connection's new total.
+    fn grow(&mut self, n: usize, pools: Reservation) -> usize {
         self.bytes += n;
-        self.budget.fetch_add(n, Ordering::Relaxed) + n
+        self._pools.absorb(pools);
+        self.conn.fetch_add(n, Ordering::Relaxed) + n
     }
 }
 
-impl Drop for Reservation {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.budget.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.conn.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -81,17 +86,12 @@ enum RequestKind {
 
 impl RequestBody {
     pub(crate) fn incoming(body: Incoming, sent: Arc<AtomicU64>) -> RequestBody {
-        RequestBody { kind: RequestKind::Incoming(body), sent, _reservation: None }
+        RequestBody { kind: RequestKind::Incoming(body), sent, _held: None }
     }
 
-    fn frames(
-        frames: VecDeque<Frame<Bytes>>,
-        exact: bool,
-        sent: Arc<AtomicU64>,
-        reservation: Reservation,
-    ) -> RequestBody {
+    fn frames(frames: VecDeque<Frame<Bytes>>, exact: bool, sent: Arc<AtomicU64>, held: Held) -> RequestBody {
         let remaining = frames.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
-        RequestBody { kind: RequestKind::Frames { frames, remaining, exact }, sent, _reservation: Some(reservation) }
+        RequestBody { kind: RequestKind::Frames { frames, remaining, exact }, sent, _held: Some(held) }
     }
 }
 
@@ -155,35 +155,56 @@ impl Body for RequestBody {
 pub(crate) enum Inspected {
     /// The inspector refused; nothing was sent anywhere.
     Blocked(http::Response<Bytes>),
+    /// A limit refused (no room to buffer, or the body stalled); nothing
+    /// was sent anywhere.
+    Refused(LimitExceeded),
     /// Fully read and inspected.
     Buffered(RequestBody),
     /// Too large to buffer: streams on, still inspected. If the inspector
-    /// refuses later, `blocked` yields its response (after the body was
-    /// aborted).
+    /// (or the body idle timeout) refuses later, `blocked` yields the
+    /// response for the client (after the body was aborted).
     Streaming { body: RequestBody, blocked: oneshot::Receiver<http::Response<Bytes>> },
+}
+
+/// What a request body's buffering draws on.
+pub(crate) struct BodyBudgets<'a> {
+    /// The connection's limits.
+    pub(crate) limits: &'a Limits,
+    /// Bytes buffered by the connection's streams together.
+    pub(crate) conn: &'a ConnBuffered,
+    /// The pools the connection's buffered bytes are counted in.
+    pub(crate) pool: &'a Budget,
+    /// For refusals.
+    pub(crate) conn_id: u64,
 }
 
 /// Reads and inspects `incoming` until it ends or exceeds
 /// `limits.max_buffered_body` (or the connection's buffered bytes exceed
 /// `limits.max_buffered_per_connection`: then it streams early rather than
-/// let many HTTP/2 streams pile up memory). Polling the body is what makes
-/// hyper send `100 Continue`, so this must not wait for anything else
-/// first.
+/// let many HTTP/2 streams pile up memory). Every buffered byte is reserved
+/// in `budgets.pool` first: without room, the body is not read (the client
+/// is held back) for up to `limits.buffer_wait`, then refused. A body that
+/// sends nothing for `limits.body_idle_timeout` is refused too. Polling the
+/// body is what makes hyper send `100 Continue`, so this must not wait for
+/// anything else first.
 pub(crate) async fn inspect<B: BodyInspector>(
     mut incoming: Incoming,
     mut inspector: B,
-    limits: &Limits,
+    budgets: BodyBudgets<'_>,
     abort: CancellationToken,
     sent: Arc<AtomicU64>,
-    budget: &Budget,
 ) -> Result<Inspected, HttpError> {
+    let limits = budgets.limits;
     let exact = incoming.size_hint().exact().is_some();
-    let mut reservation = Reservation::new(budget.clone());
+    let mut held = Held::new(budgets.conn.clone());
     let mut conn_buffered = 0;
     let mut frames = VecDeque::new();
     let mut buffered = 0usize;
     loop {
-        match incoming.frame().await {
+        let Ok(next) = tokio::time::timeout(limits.body_idle_timeout, incoming.frame()).await else {
+            return Ok(Inspected::Refused(body_idle(limits)));
+        };
+        match next {
             None => {
                 if let BodyVerdict::Respond(r) = inspector.finish().await {
                     return Ok(Inspected::Blocked(r));
@@ -191,7 +212,7 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
                     return Ok(Inspected::Blocked(r));
                 }
-                return Ok(Inspected::Buffered(RequestBody::frames(frames, exact, sent, reservation)));
+                return Ok(Inspected::Buffered(RequestBody::frames(frames, exact, sent, held)));
             }
             Some(Err(e)) => return Err(HttpError::ClientBody(e)),
             Some(Ok(frame)) => {
@@ -199,16 +220,32 @@ pub(crate) async fn inspect<B: BodyInspector>(
                     if data.is_empty() {
                         continue;
                     }
+                    // Room first: while there is none, nothing more is read
+                    // from this client (its window or socket fills up).
+                    let reserved = match budgets.pool.reserve(data.len(), limits.buffer_wait).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::info!(conn_id = budgets.conn_id, limit = %e.limit, max = e.max, "request refused: no room to buffer its body");
+                            return Ok(Inspected::Refused(e));
+                        }
+                    };
                     if let BodyVerdict::Respond(r) = inspector.feed(data).await {
                         return Ok(Inspected::Blocked(drain(incoming, inspector, r, limits).await));
                     }
                     buffered += data.len();
-                    conn_buffered = reservation.grow(data.len());
+                    conn_buffered = held.grow(data.len(), reserved);
                 } else if let Some(trailers) = frame.trailers_ref() {
                     if let BodyVerdict::Respond(r) = inspector.trailers(trailers).await {
                         return Ok(Inspected::Blocked(r));
                     }
                 }
+                // A frame is a slice of hyper's (or h2's) read buffer and
+                // would pin all of it while buffered: kept as a copy of its
+                // own size, the memory held is what the pools count.
+                let frame = match frame.into_data() {
+                    Ok(data) => Frame::data(Bytes::copy_from_slice(&data)),
+                    Err(other) => other,
+                };
                 frames.push_back(frame);
                 if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
                     break;
@@ -221,11 +258,18 @@ pub(crate) async fn inspect<B: BodyInspector>(
     }
     let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
     let (blocked_tx, blocked) = oneshot::channel();
-    let pump =
-        Pump { incoming, inspector, tx, blocked: Some(blocked_tx), abort: abort.clone(), limits: limits.clone() };
-    tokio::spawn(pump.run(frames, reservation));
+    let pump = Pump {
+        incoming,
+        inspector,
+        tx,
+        blocked: Some(blocked_tx),
+        abort: abort.clone(),
+        limits: limits.clone(),
+        conn_id: budgets.conn_id,
+    };
+    tokio::spawn(pump.run(frames, held));
     Ok(Inspected::Streaming {
-        body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _reservation: None },
+        body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _held: None },
         blocked,
     })
 }
@@ -273,6 +317,10 @@ pub(crate) async fn drain<B: BodyInspector>(
     response
 }
 
+fn body_idle(limits: &Limits) -> LimitExceeded {
+    LimitExceeded::new(Limit::BodyIdle, limits.body_idle_timeout.as_secs())
+}
+
 /// Moves an over-limit body from the client to upstream, inspecting every
 /// chunk before it may leave and holding back the inspected tail.
 struct Pump<B> {
@@ -282,10 +330,11 @@ struct Pump<B> {
     blocked: Option<oneshot::Sender<http::Response<Bytes>>>,
     abort: CancellationToken,
     limits: Limits,
+    conn_id: u64,
 }
 
 impl<B: BodyInspector> Pump<B> {
-    async fn run(mut self, initial: VecDeque<Frame<Bytes>>, reservation: Reservation) {
+    async fn run(mut self, initial: VecDeque<Frame<Bytes>>, buffered: Held) {
         let mut held = HoldBack::new(self.limits.hold_back);
         // Trailers of the buffered prefix were inspected already.
         let mut trailers: Option<HeaderMap> = None;
@@ -299,10 +348,18 @@ impl<B: BodyInspector> Pump<B> {
             return;
         }
         // From here on at most hold_back + a few frames are held.
-        drop(reservation);
+        drop(buffered);
         loop {
             let frame = tokio::select! {
-                f = self.incoming.frame() => f,
+                f = tokio::time::timeout(self.limits.body_idle_timeout, self.incoming.frame()) => match f {
+                    Ok(f) => f,
+                    Err(_) => {
+                        let limit = LimitExceeded::new(Limit::BodyIdle, self.limits.body_idle_timeout.as_secs());
+                        tracing::info!(conn_id = self.conn_id, limit = %limit.limit, "request body stalled; aborting the request");
+                        self.block(limit.http_response(self.conn_id));
+                        return;
+                    }
+                },
                 // Upstream stopped reading (answered early or failed): no
                 // point in pulling more from the client.
                 _ = self.tx.closed() => return,

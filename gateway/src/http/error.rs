@@ -36,6 +36,10 @@ pub enum HttpError {
     /// client's body failed); hyper resets the upstream request with it.
     #[error("request body aborted")]
     BodyAborted,
+    /// The upstream connection slots of the client connection were closed
+    /// (never happens while the connection is served).
+    #[error("upstream connection slots closed")]
+    SlotsClosed,
     /// The response inspector could not process the response body (for
     /// example undecodable compressed data while masking): the client's
     /// response is cut off rather than passed on unprocessed.

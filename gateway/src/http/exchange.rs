@@ -7,8 +7,10 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
+
+use tokio::sync::watch;
 
 use super::{Exchange, ExchangeOutcome, ResponseInspector, HTTP_TARGET};
 
@@ -26,6 +28,48 @@ pub(crate) struct ExchangeLog {
     /// The request's response inspector: filters the body while it
     /// streams and is told the outcome when the log emits.
     response: Option<Box<dyn ResponseInspector>>,
+    /// Keeps the connection from counting as idle while the exchange runs.
+    _active: Option<Active>,
+}
+
+/// Exchanges in progress on one connection, for its idle timeout.
+#[derive(Clone)]
+pub(crate) struct Activity(Arc<watch::Sender<usize>>);
+
+/// One exchange in progress; the count goes down on drop.
+pub(crate) struct Active(Arc<watch::Sender<usize>>);
+
+impl Activity {
+    pub(crate) fn new() -> Activity {
+        Activity(Arc::new(watch::Sender::new(0)))
+    }
+
+    /// An exchange starts.
+    pub(crate) fn begin(&self) -> Active {
+        self.0.send_modify(|n| *n += 1);
+        Active(self.0.clone())
+    }
+
+    /// Resolves once no exchange has been in progress for `timeout` (the
+    /// clock restarts whenever one starts or ends).
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
+        let mut rx = self.0.subscribe();
+        loop {
+            let busy = *rx.borrow_and_update() > 0;
+            if busy {
+                // The sender lives as long as `self`: `changed` cannot fail.
+                let _ = rx.changed().await;
+            } else if tokio::time::timeout(timeout, rx.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl ExchangeLog {
@@ -55,7 +99,13 @@ impl ExchangeLog {
             bytes_up: Arc::new(AtomicU64::new(0)),
             hook: Some(hook),
             response: None,
+            _active: None,
         }
+    }
+
+    /// Counts the exchange as in progress until the log is dropped.
+    pub(crate) fn hold_active(&mut self, active: Active) {
+        self._active = Some(active);
     }
 
     /// Attaches the request's response inspector.

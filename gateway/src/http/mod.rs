@@ -28,12 +28,14 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use error::HttpError;
+
+use crate::limits::{Budget, Limit};
 pub use server::{serve, serve_with_shutdown};
 pub use upgrade::TUNNEL_LINGER;
 
@@ -289,30 +291,103 @@ pub trait UpstreamConnector: Clone + Send + Sync + 'static {
     fn connect(&self, hint: ConnectHint) -> impl Future<Output = std::io::Result<(BoxedIo, bool)>> + Send;
 }
 
-/// Resource limits and timeouts of one connection.
+/// Where a connection's buffered request bodies are counted, besides its
+/// own [`Limits::max_buffered_per_connection`]: a pool shared with other
+/// connections (see [`crate::limits::Budget`]).
+#[derive(Clone)]
+pub enum BodyPool {
+    /// One pool for every connection served with these limits.
+    Shared(Budget),
+    /// Chosen per connection by the caller (the proxy gives each
+    /// connection its cgroup's pool, nested in the gateway's).
+    PerConnection(Arc<dyn Fn(&HttpContext) -> Budget + Send + Sync>),
+}
+
+impl BodyPool {
+    /// The pool `ctx`'s connection draws from.
+    pub fn for_connection(&self, ctx: &HttpContext) -> Budget {
+        match self {
+            BodyPool::Shared(b) => b.clone(),
+            BodyPool::PerConnection(pick) => pick(ctx),
+        }
+    }
+}
+
+impl std::fmt::Debug for BodyPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyPool::Shared(b) => f.debug_tuple("Shared").field(b).finish(),
+            BodyPool::PerConnection(_) => f.write_str("PerConnection"),
+        }
+    }
+}
+
+/// Resource limits and timeouts of one connection. Every one holds against
+/// a client that tries to exhaust the gateway; `docs/limits.md` says what
+/// the client sees when it hits each.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Request bodies up to this size are inspected completely before the
     /// upstream request starts. Larger ones stream with hold-back.
     pub max_buffered_body: usize,
     /// Cap on request body bytes buffered by all streams of one connection
-    /// together. Past it, further bodies start streaming (still inspected
-    /// with hold-back) before they were inspected completely, so upstream
-    /// may see the head of a request that is blocked later.
+    /// together. Past it, further bodies of that connection start streaming
+    /// (every byte still inspected before it is forwarded, with hold-back)
+    /// before they were inspected completely, so upstream may see the
+    /// (inspected, clean) head of a request that is blocked later. Only the
+    /// connection's own streams are affected; the pools in `body_pool`
+    /// never cause this (they wait, then refuse).
     pub max_buffered_per_connection: usize,
+    /// The pools buffered bodies are also counted in. When one has no room,
+    /// the request stops reading its body for up to `buffer_wait`, then is
+    /// refused (503/429 with a JSON body naming the limit); it never streams
+    /// early because of them.
+    pub body_pool: BodyPool,
+    /// How long a request may wait for room in `body_pool`.
+    pub buffer_wait: Duration,
     /// While streaming an inspected body, this many already-inspected bytes
     /// are held back until the next chunk (or the end) was inspected too.
     /// Must be at least the longest pattern the body inspector looks for.
     pub hold_back: usize,
     /// HTTP/1 clients must send a complete request head within this time
-    /// (also bounds idle keep-alive waits).
+    /// (counted from the end of the previous response on a kept-alive
+    /// connection: hyper's timer).
     pub header_read_timeout: Duration,
+    /// hyper's HTTP/1 read (and write) buffer per connection: the most a
+    /// client's bytes can occupy before the engine reads them. Also bounds
+    /// a request head. At least 8192.
+    pub h1_max_buffer: usize,
+    /// A connection with no exchange in progress for this long is closed
+    /// gracefully (HTTP/1.1: closed between requests; HTTP/2 and h2c:
+    /// GOAWAY). `None` keeps idle connections open.
+    pub idle_timeout: Option<Duration>,
+    /// A request body that sends nothing for this long mid-body is aborted:
+    /// 408 if the response has not started, else the stream is cut (and
+    /// upstream's request reset).
+    pub body_idle_timeout: Duration,
+    /// HTTP/2 PING interval towards the client; a client that does not
+    /// answer within `h2_keep_alive_timeout` is dropped. `None` disables.
+    pub h2_keep_alive_interval: Option<Duration>,
+    /// How long an HTTP/2 PING may go unanswered.
+    pub h2_keep_alive_timeout: Duration,
+    /// HTTP/2 receive window per stream granted to clients: the most a
+    /// stream can push into the gateway's memory while nobody reads it.
+    pub h2_stream_window: u32,
+    /// HTTP/2 receive window per connection granted to clients (all streams).
+    pub h2_connection_window: u32,
+    /// Response bytes queued per HTTP/2 stream for a client that does not
+    /// read them (hyper's send buffer).
+    pub h2_send_buffer: usize,
     /// Connecting (and TLS/HTTP2 handshaking) upstream must finish within
     /// this time, else the client gets a 502.
     pub connect_timeout: Duration,
     /// Idle upstream HTTP/1 connections kept for reuse per client
     /// connection.
     pub max_idle_upstream: usize,
+    /// Upstream HTTP/1 connections open at once for one client connection
+    /// (an HTTP/2 client's streams to an HTTP/1.1 upstream would otherwise
+    /// open one each); further requests wait for one to be free.
+    pub max_upstream_per_connection: usize,
     /// Concurrent streams an HTTP/2 client may open.
     pub max_concurrent_streams: u32,
     /// After a request is refused, up to this many more of its body bytes
@@ -328,10 +403,21 @@ impl Default for Limits {
         Limits {
             max_buffered_body: 1024 * 1024,
             max_buffered_per_connection: 32 * 1024 * 1024,
+            body_pool: BodyPool::Shared(Budget::new(Limit::BufferedTotal, 256 * 1024 * 1024)),
+            buffer_wait: Duration::from_secs(5),
             hold_back: 4 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            h1_max_buffer: 64 * 1024,
+            idle_timeout: Some(Duration::from_secs(20)),
+            body_idle_timeout: Duration::from_secs(30),
+            h2_keep_alive_interval: Some(Duration::from_secs(30)),
+            h2_keep_alive_timeout: Duration::from_secs(20),
+            h2_stream_window: 128 * 1024,
+            h2_connection_window: 256 * 1024,
+            h2_send_buffer: 64 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_idle_upstream: 8,
+            max_upstream_per_connection: 8,
             max_concurrent_streams: 256,
             drain_after_refusal: 8 * 1024 * 1024,
             drain_timeout: Duration::from_secs(2),
@@ -364,6 +450,9 @@ pub enum ExchangeOutcome {
     Upgraded,
     /// The response body broke off (client gone, upstream reset).
     Aborted,
+    /// A resource limit refused it (no room to buffer the body, a body
+    /// that stalled); nothing was sent upstream.
+    Refused,
 }
 
 impl ExchangeOutcome {
@@ -375,6 +464,7 @@ impl ExchangeOutcome {
             ExchangeOutcome::UpstreamFailed => "upstream_failed",
             ExchangeOutcome::Upgraded => "upgraded",
             ExchangeOutcome::Aborted => "aborted",
+            ExchangeOutcome::Refused => "refused",
         }
     }
 }

@@ -22,9 +22,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    body::{self, BodyFilter, Budget, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
+    body::{self, BodyBudgets, BodyFilter, ConnBuffered, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
     error::BoxError,
-    exchange::{ExchangeLog, Hook},
+    exchange::{Activity, ExchangeLog, Hook},
     headers, upgrade,
     upstream::Upstreams,
     ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits, ResponseInspector,
@@ -39,7 +39,9 @@ use super::{
 /// this returns, so the byte counts include them and every exchange of the
 /// connection has finished (been logged and recorded) by then. Upstream
 /// failures do not end the connection (the client gets a 502 for that
-/// request); malformed client HTTP does, with [`HttpError::Client`].
+/// request); malformed client HTTP does, with [`HttpError::Client`]. A
+/// connection without an exchange in progress for [`Limits::idle_timeout`]
+/// is shut down gracefully (HTTP/2: GOAWAY), and ends normally.
 pub async fn serve<IO, I, U>(
     client: IO,
     client_h2: Option<bool>,
@@ -82,42 +84,51 @@ where
         let ctx = ctx.clone();
         Arc::new(move |e: &Exchange| inspector.on_exchange(&ctx, e))
     };
+    let activity = Activity::new();
     let shared = Arc::new(Shared {
         upstreams: Upstreams::new(upstream, limits.clone()),
+        pool: limits.body_pool.for_connection(&ctx),
         ctx,
         inspector,
         limits: limits.clone(),
         requests: AtomicU64::new(0),
-        buffered: Budget::default(),
+        buffered: ConnBuffered::default(),
         tunnels: tunnels.clone(),
         hook,
+        activity: activity.clone(),
     });
     let service = {
         let shared = shared.clone();
         service_fn(move |req| shared.clone().handle(req))
     };
 
+    let idle = async {
+        match limits.idle_timeout {
+            Some(t) => activity.idle_for(t).await,
+            None => std::future::pending().await,
+        }
+    };
     // With ALPN's answer the explicit builders; auto's http1_only and
     // http2_only are ignored when serving with upgrades.
     let result: Result<(), BoxError> = match client_h2 {
         Some(false) => {
             let mut b = hyper_conn::http1::Builder::new();
-            b.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
+            h1_limits(&mut b, &limits);
             let conn = b.serve_connection(io, service).with_upgrades();
-            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
         }
         Some(true) => {
             let mut b = hyper_conn::http2::Builder::new(StreamExecutor(tunnels.clone()));
-            b.timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
+            h2_limits(&mut b, &limits);
             let conn = b.serve_connection(io, service);
-            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
         }
         None => {
             let mut b = auto::Builder::new(StreamExecutor(tunnels.clone()));
-            b.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
-            b.http2().timer(TokioTimer::new()).max_concurrent_streams(limits.max_concurrent_streams);
+            h1_limits(&mut b.http1(), &limits);
+            h2_limits(&mut b.http2(), &limits);
             let conn = b.serve_connection_with_upgrades(io, service);
-            drive(conn, &shutdown, |c| c.graceful_shutdown()).await
+            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
         }
     };
 
@@ -149,8 +160,13 @@ where
 }
 
 /// Runs a hyper connection, switching it to graceful shutdown once
-/// `shutdown` fires.
-async fn drive<C, E>(conn: C, shutdown: &CancellationToken, graceful: impl FnOnce(Pin<&mut C>)) -> Result<(), BoxError>
+/// `shutdown` fires or the connection has been `idle` long enough.
+async fn drive<C, E>(
+    conn: C,
+    shutdown: &CancellationToken,
+    idle: impl Future<Output = ()>,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> Result<(), BoxError>
 where
     C: Future<Output = Result<(), E>>,
     E: Into<BoxError>,
@@ -159,9 +175,85 @@ where
     tokio::select! {
         r = conn.as_mut() => return r.map_err(Into::into),
         _ = shutdown.cancelled() => {}
+        _ = idle => tracing::debug!(target: HTTP_TARGET, "connection idle; closing it"),
     }
     graceful(conn.as_mut());
     conn.await.map_err(Into::into)
+}
+
+/// HTTP/1.1 limits: a request head must arrive within
+/// `header_read_timeout` (also while kept alive, as hyper counts it), and
+/// hyper's buffers stay within `h1_max_buffer`.
+fn h1_limits<T>(b: &mut T, limits: &Limits)
+where
+    T: H1Knobs,
+{
+    b.knobs(limits);
+}
+
+/// HTTP/2 limits: concurrent streams, receive windows (what a client can
+/// push into memory unread), send buffers (what a client that does not
+/// read can make the gateway queue), and PINGs that drop dead peers.
+fn h2_limits<T>(b: &mut T, limits: &Limits)
+where
+    T: H2Knobs,
+{
+    b.knobs(limits);
+}
+
+/// The HTTP/1 settings, on both of hyper's builder types.
+trait H1Knobs {
+    fn knobs(&mut self, limits: &Limits);
+}
+
+impl H1Knobs for hyper_conn::http1::Builder {
+    fn knobs(&mut self, limits: &Limits) {
+        self.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.h1_max_buffer.max(MIN_H1_BUFFER))
+            .keep_alive(true);
+    }
+}
+
+/// hyper refuses smaller HTTP/1 buffers.
+const MIN_H1_BUFFER: usize = 8192;
+
+impl<E> H1Knobs for auto::Http1Builder<'_, E> {
+    fn knobs(&mut self, limits: &Limits) {
+        self.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.h1_max_buffer.max(MIN_H1_BUFFER))
+            .keep_alive(true);
+    }
+}
+
+/// The HTTP/2 settings, on both of hyper's builder types.
+trait H2Knobs {
+    fn knobs(&mut self, limits: &Limits);
+}
+
+impl<E> H2Knobs for hyper_conn::http2::Builder<E> {
+    fn knobs(&mut self, limits: &Limits) {
+        self.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_send_buf_size(limits.h2_send_buffer)
+            .keep_alive_interval(limits.h2_keep_alive_interval)
+            .keep_alive_timeout(limits.h2_keep_alive_timeout);
+    }
+}
+
+impl<E> H2Knobs for auto::Http2Builder<'_, E> {
+    fn knobs(&mut self, limits: &Limits) {
+        self.timer(TokioTimer::new())
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .initial_stream_window_size(limits.h2_stream_window)
+            .initial_connection_window_size(limits.h2_connection_window)
+            .max_send_buf_size(limits.h2_send_buffer)
+            .keep_alive_interval(limits.h2_keep_alive_interval)
+            .keep_alive_timeout(limits.h2_keep_alive_timeout);
+    }
 }
 
 /// State shared by all requests of one client connection.
@@ -172,14 +264,19 @@ struct Shared<I, U> {
     limits: Limits,
     requests: AtomicU64,
     /// Request body bytes buffered for inspection, all streams together.
-    buffered: Budget,
+    buffered: ConnBuffered,
+    /// The pools (cgroup, gateway) buffered bytes are also counted in.
+    pool: crate::limits::Budget,
     tunnels: TaskTracker,
     hook: Hook,
+    /// Exchanges in progress, for the idle timeout.
+    activity: Activity,
 }
 
 impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ResponseBody>, HttpError> {
         let started = Instant::now();
+        let active = self.activity.begin();
         self.requests.fetch_add(1, Ordering::Relaxed);
         let version = req.version();
         let client_h2 = version == Version::HTTP_2;
@@ -199,6 +296,7 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             started,
             self.hook.clone(),
         );
+        log.hold_active(active);
         let body_inspector = match verdict {
             HeadVerdict::Respond(r) => {
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));
@@ -233,11 +331,25 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         let (body, mut blocked) = match body_inspector {
             None => (RequestBody::incoming(body, log.bytes_up()), None),
             Some(inspector) => {
-                let inspected =
-                    body::inspect(body, inspector, &self.limits, abort.clone(), log.bytes_up(), &self.buffered).await;
+                let budgets = BodyBudgets {
+                    limits: &self.limits,
+                    conn: &self.buffered,
+                    pool: &self.pool,
+                    conn_id: self.ctx.conn_id,
+                };
+                let inspected = body::inspect(body, inspector, budgets, abort.clone(), log.bytes_up()).await;
                 match inspected {
                     Ok(Inspected::Blocked(r)) => {
                         return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                    }
+                    Ok(Inspected::Refused(limit)) => {
+                        let mut r = limit.http_response(self.ctx.conn_id);
+                        if version < Version::HTTP_2 {
+                            // The body was not read to its end: the
+                            // connection cannot carry another request.
+                            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        return Ok(local(r, log, ExchangeOutcome::Refused, version));
                     }
                     Ok(Inspected::Buffered(b)) => (b, None),
                     Ok(Inspected::Streaming { body, blocked }) => (body, Some(blocked)),

@@ -1464,3 +1464,312 @@ async fn before_upstream_runs_once_after_the_buffered_body_and_can_refuse() {
     drop(client);
     drop(front.next_result().await);
 }
+
+// ---------- limits that hold against a hostile client ----------
+
+/// A pool of `max` bytes shared by the connections of one test.
+fn pool(max: usize) -> (crate::limits::Budget, BodyPool) {
+    let b = crate::limits::Budget::new(crate::limits::Limit::BufferedTotal, max);
+    (b.clone(), BodyPool::Shared(b))
+}
+
+/// Sends `n` bytes on a fresh stream and keeps the body open (no
+/// END_STREAM) until the returned sender is dropped.
+async fn open_body(
+    client: &mut http2::SendRequest<TestBody>,
+    path: &str,
+    n: usize,
+) -> (mpsc::Sender<Frame<Bytes>>, tokio::task::JoinHandle<Result<Response<Incoming>, hyper::Error>>) {
+    let (tx, body) = chan_body();
+    let req = Request::post(format!("http://localhost{path}")).body(body).unwrap();
+    client.ready().await.unwrap();
+    let sending = client.send_request(req);
+    let task = tokio::spawn(sending);
+    for _ in 0..n / 1024 {
+        tx.send(Frame::data(Bytes::from(vec![b'h'; 1024]))).await.unwrap();
+    }
+    (tx, task)
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not the case after 60s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_pool_holds_the_client_back_then_refuses_and_never_streams_early() {
+    let up = echo_upstream(None).await;
+    let (budget, body_pool) = pool(64 * 1024);
+    let limits = Limits { body_pool, buffer_wait: Duration::from_millis(300), ..Limits::default() };
+    let inspector = Arc::new(TestInspector { pattern: Some(b"SECRETKEY"), inspect_body: true, ..Default::default() });
+    let mut front = front(inspector.clone(), TestConnector::h2c(up.addr), None, limits).await;
+    let mut client = h2c_client(front.addr).await;
+    // A hostile stream fills the pool and stalls mid-body.
+    let (hostile, hostile_resp) = open_body(&mut client, "/hostile", 60 * 1024).await;
+    wait_until("the hostile body is buffered", || budget.in_use() >= 60 * 1024).await;
+    // A small body no longer fits: it waits (not read), then is refused
+    // with a JSON body naming the limit. It never streams early.
+    let resp = client.send_request(Request::post("http://localhost/small").body(full(vec![b's'; 8 * 1024])).unwrap());
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    assert_eq!((body["error"].as_str(), body["limit"].as_str()), (Some("limit"), Some("buffered_total")));
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0, "nothing reached upstream");
+    // Room freed within the wait lets a waiting body through.
+    let waiting = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let req = Request::post("http://localhost/patient").body(full(vec![b'p'; 8 * 1024])).unwrap();
+            let resp = client.send_request(req).await.unwrap();
+            (resp.status(), text(resp).await)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(hostile);
+    let hostile_resp = hostile_resp.await.unwrap().unwrap();
+    assert_eq!(
+        text(hostile_resp).await,
+        format!("POST /hostile host=localhost:{} v=HTTP/2.0 body=61440", up.addr.port())
+    );
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!((status.as_u16(), body.ends_with("body=8192")), (200, true), "{body}");
+    drop(client);
+    front.next_result().await.unwrap();
+    assert_eq!(budget.in_use(), 0, "every buffered byte was given back");
+    let outcomes: Vec<_> = inspector.exchanges.lock().unwrap().iter().map(|e| e.outcome).collect();
+    assert!(outcomes.contains(&ExchangeOutcome::Refused), "{outcomes:?}");
+}
+
+/// The adversarial finding, scaled down: many HTTP/2 connections with many
+/// streams holding bodies open without END_STREAM. Buffered bytes stay
+/// within the pool and are all given back when the clients go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_streams_without_end_stream_stay_within_the_pool() {
+    const CONNS: usize = 10;
+    const STREAMS: usize = 32;
+    const BODY: usize = 64 * 1024;
+    let up = echo_upstream(None).await;
+    let (budget, body_pool) = pool(2 * 1024 * 1024);
+    let limits = Limits {
+        body_pool,
+        buffer_wait: Duration::from_millis(200),
+        max_buffered_body: 1024 * 1024,
+        ..Limits::default()
+    };
+    let mut front = front(TestInspector::pass(), TestConnector::h2c(up.addr), None, limits).await;
+    let mut held = Vec::new();
+    let mut responses: Vec<tokio::task::JoinHandle<Result<Response<Incoming>, hyper::Error>>> = Vec::new();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (budget, peak) = (budget.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(budget.in_use(), Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    for _ in 0..CONNS {
+        let mut client = h2c_client(front.addr).await;
+        for s in 0..STREAMS {
+            let (tx, body) = chan_body();
+            client.ready().await.unwrap();
+            responses.push(tokio::spawn(
+                client.send_request(Request::post(format!("http://localhost/{s}")).body(body).unwrap()),
+            ));
+            // Best effort: a stream held back by the pool stops accepting.
+            let tx2 = tx.clone();
+            tokio::spawn(async move {
+                for _ in 0..BODY / 1024 {
+                    if tx2.send(Frame::data(Bytes::from(vec![b'x'; 1024]))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            held.push(tx);
+        }
+        held.push(mpsc::channel(1).0);
+        drop(client);
+    }
+    // Every stream ends one way or the other: refused (503) once the pool
+    // stays full, or still waiting.
+    let mut refused = 0;
+    let rest = responses.split_off(CONNS * STREAMS / 2);
+    for r in responses {
+        if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(60), r).await.unwrap() {
+            if resp.status() == 503 {
+                refused += 1;
+            }
+        }
+    }
+    let peak = peak.load(Ordering::SeqCst);
+    eprintln!("{CONNS}x{STREAMS} open bodies of {BODY} bytes: peak buffered {peak}, {refused} refused");
+    assert!(peak <= 2 * 1024 * 1024, "buffered bytes peaked at {peak}, beyond the pool");
+    assert!(refused > 0, "once the pool stayed full, streams were refused");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0, "no unfinished body went upstream");
+    drop(held);
+    for r in rest {
+        let _ = r.await;
+    }
+    wait_until("every buffered byte is given back", || budget.in_use() == 0).await;
+    watcher.abort();
+    for _ in 0..CONNS {
+        let _ = front.next_result().await;
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_h2_with_goaway_and_h1_between_requests() {
+    let up = echo_upstream(None).await;
+    let limits = Limits { idle_timeout: Some(Duration::from_millis(300)), ..Limits::default() };
+    let mut front = front(TestInspector::pass(), TestConnector::h2c(up.addr), None, limits).await;
+    // HTTP/2 (h2c): one exchange, then silence. The client's connection
+    // task ends because the gateway sent GOAWAY and closed.
+    let tcp = TcpStream::connect(front.addr).await.unwrap();
+    let (mut h2, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    let h2_conn = tokio::spawn(conn);
+    let resp = h2.send_request(get("http://localhost/once")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), h2_conn)
+        .await
+        .expect("the idle h2 connection was closed")
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250), "not before it was idle");
+    assert_eq!(front.next_result().await.unwrap().requests, 1, "an idle close is a normal end");
+    // An h2 connection with a stream in progress is not idle.
+    let mut h2 = h2c_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let pending = tokio::spawn(h2.send_request(Request::post("http://localhost/slow").body(body).unwrap()));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tx.send(Frame::data(Bytes::from_static(b"late"))).await.unwrap();
+    drop(tx);
+    assert_eq!(pending.await.unwrap().unwrap().status(), 200, "a busy connection stays open");
+    // HTTP/1.1 keep-alive: closed between requests.
+    let tcp = TcpStream::connect(front.addr).await.unwrap();
+    let (mut h1, conn) = http1::handshake::<_, TestBody>(TokioIo::new(tcp)).await.unwrap();
+    let h1_conn = tokio::spawn(conn);
+    let resp = h1.send_request(get("/once")).await.unwrap();
+    assert_eq!(text(resp).await.len() > 0, true);
+    tokio::time::timeout(Duration::from_secs(60), h1_conn)
+        .await
+        .expect("the idle h1 connection was closed")
+        .unwrap()
+        .unwrap();
+    drop(h2);
+    let mut ended = 0;
+    while ended < 2 {
+        front.next_result().await.unwrap();
+        ended += 1;
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_is_refused_with_408_and_its_buffer_given_back() {
+    let up = echo_upstream(None).await;
+    let (budget, body_pool) = pool(1024 * 1024);
+    let limits = Limits { body_pool, body_idle_timeout: Duration::from_millis(300), ..Limits::default() };
+    let inspector = TestInspector::pass();
+    let mut front = front(inspector.clone(), TestConnector::plain(up.addr), None, limits).await;
+    let mut client = h1_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let req = Request::post("/stall").header("host", "localhost").header("content-length", "100").body(body).unwrap();
+    let sending = tokio::spawn(client.send_request(req));
+    tx.send(Frame::data(Bytes::from_static(b"0123456789"))).await.unwrap();
+    let resp = sending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 408);
+    let body: serde_json::Value = serde_json::from_str(&text(resp).await).unwrap();
+    assert_eq!(body["limit"], "body_idle");
+    assert_eq!(up.requests.load(Ordering::SeqCst), 0);
+    assert_eq!(budget.in_use(), 0, "the stalled body's buffer was given back");
+    drop((tx, client));
+    let _ = front.next_result().await;
+    assert_eq!(inspector.exchanges.lock().unwrap()[0].outcome, ExchangeOutcome::Refused);
+}
+
+#[tokio::test]
+async fn a_streaming_body_that_stalls_is_cut_off_and_upstream_reset() {
+    let body_failed = Arc::new(AtomicBool::new(false));
+    let failed = body_failed.clone();
+    let up = upstream(None, move |req: Request<Incoming>| {
+        let failed = failed.clone();
+        async move {
+            if req.into_body().collect().await.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+            Response::new(full("upstream answered"))
+        }
+    })
+    .await;
+    let limits = Limits {
+        max_buffered_body: 64,
+        hold_back: 16,
+        body_idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, limits).await;
+    let mut client = h1_client(front.addr).await;
+    let (tx, body) = chan_body();
+    let req = Request::post("/stall").header("host", "localhost").body(body).unwrap();
+    let sending = tokio::spawn(client.send_request(req));
+    tx.send(Frame::data(Bytes::from(vec![b'a'; 200]))).await.unwrap();
+    let resp = sending.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 408);
+    wait_until("upstream's request was reset", || body_failed.load(Ordering::SeqCst)).await;
+    drop((tx, client));
+    let _ = front.next_result().await;
+}
+
+#[tokio::test]
+async fn an_h2_client_gets_at_most_n_upstream_h1_connections() {
+    let up = upstream(None, |req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Response::new(full(req.uri().path().to_owned()))
+    })
+    .await;
+    let limits = Limits { max_upstream_per_connection: 2, ..Limits::default() };
+    // h2 client, HTTP/1.1 upstream: without the cap, one connection each.
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, limits).await;
+    let client = h2c_client(front.addr).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                text(client.send_request(get(&format!("http://localhost/r{i}"))).await.unwrap()).await
+            })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), format!("/r{i}"));
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 10);
+    assert!(up.conns.load(Ordering::SeqCst) <= 2, "{} upstream connections", up.conns.load(Ordering::SeqCst));
+    drop(client);
+    front.next_result().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_h2_peer_that_stops_answering_pings_is_dropped() {
+    let up = echo_upstream(None).await;
+    let limits = Limits {
+        idle_timeout: None,
+        h2_keep_alive_interval: Some(Duration::from_millis(200)),
+        h2_keep_alive_timeout: Duration::from_millis(200),
+        ..Limits::default()
+    };
+    let mut front = front(TestInspector::pass(), TestConnector::h2c(up.addr), None, limits).await;
+    // A raw peer: the preface and an empty SETTINGS frame, then nothing
+    // (no SETTINGS ack, no PING ack), as a dead or frozen client.
+    let mut raw = TcpStream::connect(front.addr).await.unwrap();
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    let started = Instant::now();
+    let result = front.next_result().await;
+    assert!(result.is_err(), "a keep-alive timeout ends the connection with an error: {result:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    drop(raw);
+}

@@ -1,6 +1,9 @@
 //! Upstream connections of one client connection: a single multiplexed
 //! HTTP/2 connection when upstream negotiates h2, else a small pool of
-//! HTTP/1.1 keep-alive connections.
+//! HTTP/1.1 keep-alive connections. At most
+//! [`Limits::max_upstream_per_connection`] are open at once, so one client
+//! connection (an HTTP/2 client with many streams towards an HTTP/1.1
+//! upstream) cannot take a descriptor per stream.
 
 use std::{
     sync::{Arc, Mutex, Weak},
@@ -13,6 +16,7 @@ use hyper::{
     client::conn::{http1, http2},
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::{body::RequestBody, headers, ConnectHint, HttpError, Limits, UpstreamConnector};
 
@@ -55,15 +59,29 @@ pub(crate) struct Upstreams<U> {
     /// one each.
     state: tokio::sync::Mutex<State>,
     idle: Arc<Mutex<Vec<H1>>>,
+    /// One permit per open upstream connection, held by its task.
+    slots: Arc<Semaphore>,
+    /// Wakes requests waiting for a slot when a connection returns to the pool.
+    recycled: Arc<Notify>,
+}
+
+/// What a request waiting to connect got.
+enum Slot {
+    /// Room for a new connection.
+    New(OwnedSemaphorePermit),
+    /// A pooled connection came free meanwhile.
+    Idle(H1),
 }
 
 impl<U: UpstreamConnector> Upstreams<U> {
     pub(crate) fn new(connector: U, limits: Limits) -> Upstreams<U> {
         Upstreams {
             connector,
-            limits,
             state: tokio::sync::Mutex::new(State::default()),
             idle: Arc::new(Mutex::new(Vec::new())),
+            slots: Arc::new(Semaphore::new(limits.max_upstream_per_connection.max(1))),
+            recycled: Arc::new(Notify::new()),
+            limits,
         }
     }
 
@@ -117,7 +135,16 @@ impl<U: UpstreamConnector> Upstreams<U> {
 
     async fn acquire(&self, hint: ConnectHint) -> Result<Sender, HttpError> {
         if !hint.allow_h2 {
-            return match self.connect(hint).await? {
+            // An upgrade needs a connection of its own; an idle pooled one
+            // gives its slot up for it.
+            let permit = match self.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    drop(self.take_idle());
+                    self.slots.clone().acquire_owned().await.map_err(|_| HttpError::SlotsClosed)?
+                }
+            };
+            return match self.connect(hint, permit).await? {
                 Conn::H1(tx) => Ok(Sender::H1 { tx, reused: false, pooled: false }),
                 Conn::H2(_) => Err(HttpError::Upgrade("upstream negotiated HTTP/2 for an HTTP/1.1 upgrade".into())),
             };
@@ -134,10 +161,11 @@ impl<U: UpstreamConnector> Upstreams<U> {
         }
         if state.known_h1 {
             drop(state);
-            if let Some(tx) = self.take_idle() {
-                return Ok(Sender::H1 { tx, reused: true, pooled: true });
-            }
-            return Ok(match self.connect(hint).await? {
+            let permit = match self.slot().await? {
+                Slot::Idle(tx) => return Ok(Sender::H1 { tx, reused: true, pooled: true }),
+                Slot::New(permit) => permit,
+            };
+            return Ok(match self.connect(hint, permit).await? {
                 Conn::H1(tx) => Sender::H1 { tx, reused: false, pooled: true },
                 Conn::H2(tx) => {
                     self.state.lock().await.h2 = Some(tx.clone());
@@ -145,7 +173,11 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 }
             });
         }
-        Ok(match self.connect(hint).await? {
+        let permit = match self.slot().await? {
+            Slot::Idle(tx) => return Ok(Sender::H1 { tx, reused: true, pooled: true }),
+            Slot::New(permit) => permit,
+        };
+        Ok(match self.connect(hint, permit).await? {
             Conn::H1(tx) => {
                 state.known_h1 = true;
                 Sender::H1 { tx, reused: false, pooled: true }
@@ -157,14 +189,38 @@ impl<U: UpstreamConnector> Upstreams<U> {
         })
     }
 
-    async fn connect(&self, hint: ConnectHint) -> Result<Conn, HttpError> {
-        let timeout = self.limits.connect_timeout;
-        tokio::time::timeout(timeout, self.connect_inner(hint)).await.map_err(|_| HttpError::ConnectTimeout(timeout))?
+    /// Waits for room to open a connection, or for a pooled one to come
+    /// free, whichever is first.
+    async fn slot(&self) -> Result<Slot, HttpError> {
+        loop {
+            let recycled = self.recycled.notified();
+            tokio::pin!(recycled);
+            // Registered before looking, so a recycle in between is not missed.
+            recycled.as_mut().enable();
+            if let Some(tx) = self.take_idle() {
+                return Ok(Slot::Idle(tx));
+            }
+            tokio::select! {
+                permit = self.slots.clone().acquire_owned() => {
+                    return permit.map(Slot::New).map_err(|_| HttpError::SlotsClosed);
+                }
+                _ = &mut recycled => {}
+            }
+        }
     }
 
-    async fn connect_inner(&self, hint: ConnectHint) -> Result<Conn, HttpError> {
+    async fn connect(&self, hint: ConnectHint, permit: OwnedSemaphorePermit) -> Result<Conn, HttpError> {
+        let timeout = self.limits.connect_timeout;
+        tokio::time::timeout(timeout, self.connect_inner(hint, permit))
+            .await
+            .map_err(|_| HttpError::ConnectTimeout(timeout))?
+    }
+
+    async fn connect_inner(&self, hint: ConnectHint, permit: OwnedSemaphorePermit) -> Result<Conn, HttpError> {
         let (io, h2) = self.connector.connect(hint).await.map_err(HttpError::Connect)?;
         let io = TokioIo::new(io);
+        // The permit lives as long as the connection's task: the slot comes
+        // free when the connection closes.
         if h2 {
             let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -176,6 +232,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
+                drop(permit);
             });
             Ok(Conn::H2(tx))
         } else {
@@ -184,6 +241,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream h1 connection ended");
                 }
+                drop(permit);
             });
             Ok(Conn::H1(tx))
         }
@@ -204,6 +262,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
     /// is never pooled.
     fn recycle(&self, mut tx: H1) {
         let idle: Weak<Mutex<Vec<H1>>> = Arc::downgrade(&self.idle);
+        let recycled = self.recycled.clone();
         let max = self.limits.max_idle_upstream;
         tokio::spawn(async move {
             if tx.ready().await.is_err() {
@@ -213,6 +272,8 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < max {
                     idle.push(tx);
+                    drop(idle);
+                    recycled.notify_one();
                 }
             }
         });

@@ -1,8 +1,9 @@
-//! The local proxy: accepts redirected connections, attributes them, hands
-//! them to the protocol handler their first bytes call for ([`dispatch`]:
-//! `http` for HTTP and terminated TLS, `tcp` for what the gateway does not
-//! parse), and emits one event per connection. Handlers translate; the gate
-//! ([`crate::enforce::gate`]) decides.
+//! The local proxy: accepts redirected connections, admits them within the
+//! limits of their cgroup and of the gateway ([`admission`]), attributes
+//! them, hands them to the protocol handler their first bytes call for
+//! ([`dispatch`]: `http` for HTTP and terminated TLS, `tcp` for what the
+//! gateway does not parse), and emits one event per connection. Handlers
+//! translate; the gate ([`crate::enforce::gate`]) decides.
 
 use std::{
     io,
@@ -26,19 +27,25 @@ use crate::{
     event::{ConnectionEvent, Outcome, Protocol},
     identity::{Attestation, AttestationCache, Attestor, ContainerRuntimes, IdentityResolver},
     intercept::{netns, words_addr, Capture, Interceptor},
+    limits::LimitExceeded,
     process::ProcessInfo,
     tls::{LeafCache, TlsConfig, UpstreamTls},
 };
 
+pub mod admission;
 mod dispatch;
 mod http;
 mod tcp;
 mod upstream;
 
+pub use admission::{Admission, Admitted, Descriptors};
 pub use upstream::{PlainConnector, TlsConnector};
 
 /// How long in-flight connections may finish after shutdown is requested.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accept failures are logged at most once per this interval (with a count).
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// A redirected connection, attributed and ready to be handled.
 #[derive(Debug)]
@@ -90,6 +97,7 @@ pub struct Proxy {
     interceptor: Arc<Interceptor>,
     config: ProxyConfig,
     services: Services,
+    admission: Arc<Admission>,
     next_id: AtomicU64,
     /// Accept loops and connections, of the main listeners and of those
     /// opened in other namespaces alike: shutdown drains them all.
@@ -99,12 +107,27 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy taking records from `interceptor`.
-    pub fn new(interceptor: Arc<Interceptor>, config: ProxyConfig, services: Services) -> Arc<Proxy> {
+    /// A proxy taking records from `interceptor`, admitting connections
+    /// within `config.limits` on a descriptor table of `fds` (see
+    /// [`Descriptors::raise`]). Bodies buffered by the HTTP engine are
+    /// counted per cgroup, in pools nested in the gateway's.
+    pub fn new(
+        interceptor: Arc<Interceptor>,
+        config: ProxyConfig,
+        mut services: Services,
+        fds: Descriptors,
+    ) -> Arc<Proxy> {
+        let admission = Admission::new(&config.limits, fds);
+        let pools = admission.clone();
+        services.http_limits.body_pool =
+            crate::http::BodyPool::PerConnection(Arc::new(move |ctx: &crate::http::HttpContext| {
+                pools.budget_for(ctx.conn_id)
+            }));
         Arc::new(Proxy {
             interceptor,
             config,
             services,
+            admission,
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -126,8 +149,13 @@ impl Proxy {
     }
 
     /// Accepts on one listener until `stop` fires or the proxy shuts down;
-    /// every connection goes to [`Proxy::handle`].
+    /// every connection goes to [`Proxy::handle`]. Every listener (host or
+    /// per namespace) runs this loop, so admission and error handling are
+    /// the same for all: accept failures (EMFILE...) pause the loop, growing
+    /// pauses while they last, and are logged once per
+    /// [`ACCEPT_ERROR_LOG_INTERVAL`] with a count.
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        let mut errors = admission::AcceptErrors::new(ACCEPT_ERROR_LOG_INTERVAL);
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => break,
@@ -136,16 +164,29 @@ impl Proxy {
             };
             match accepted {
                 Ok((client, peer)) => {
+                    errors.succeeded();
                     let proxy = self.clone();
                     self.tracker.spawn(async move { proxy.handle(client, peer).await });
                 }
-                // EMFILE and friends: back off instead of spinning.
                 Err(e) => {
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let (line, pause) = errors.failed(std::time::Instant::now());
+                    if let Some(failures) = line {
+                        let open = self.admission.open(0).0;
+                        tracing::error!(error = %e, failures, open_connections = open, "accept failed");
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
+    }
+
+    /// The proxy's connection admission.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     async fn handle(&self, client: TcpStream, peer: SocketAddr) {
@@ -169,6 +210,26 @@ impl Proxy {
                 duration: Duration::ZERO,
                 outcome: Outcome::Closed,
                 error: None,
+                limit: None,
+            };
+            let refuse = |mut event: ConnectionEvent<'_>, limit: LimitExceeded| {
+                // Closed at once: the gate renders refusals per protocol
+                // (HTTP 429 with the JSON of `LimitExceeded::http_response`).
+                tracing::warn!(conn_id = id, limit = %limit.limit, max = limit.max, "connection refused: {limit}");
+                event.outcome = Outcome::Refused;
+                event.error = Some(limit.to_string());
+                event.limit = Some(limit);
+                event.duration = started.elapsed();
+                event.emit();
+            };
+            let mut admitted = match self.admission.accept(id) {
+                Ok(a) => a,
+                Err(limit) => {
+                    // The record is left to the map's LRU: reading it
+                    // would keep the descriptor longer.
+                    drop(client);
+                    return refuse(event, limit);
+                }
             };
             let local_port = client.local_addr().map(|a| a.port()).unwrap_or(self.config.port);
             // The accepted socket lives in the client's namespace (the
@@ -183,10 +244,16 @@ impl Proxy {
                 return;
             };
             let orig_dst = SocketAddr::new(words_addr(record.orig_addr), record.orig_port);
+            event.orig_dst = Some(orig_dst);
+            if let Err(limit) = admitted.attribute(record.cgroup_id) {
+                drop(client);
+                let process = ProcessInfo::from_record(&record);
+                event.process = Some(&process);
+                return refuse(event, limit);
+            }
             let (caller, attestation) = self.identify(record).await;
             let caller = Arc::new(caller);
             event.attestation = Some(attestation);
-            event.orig_dst = Some(orig_dst);
             let capture = Capture::from_raw(record.capture);
             event.capture = Some(capture.as_str());
             let conn = Intercepted { id, client, peer, orig_dst, capture, netns, caller: caller.clone() };
@@ -202,6 +269,7 @@ impl Proxy {
             event.error = handled.error;
             event.duration = started.elapsed();
             event.emit();
+            drop(admitted);
         }
         .instrument(span)
         .await
