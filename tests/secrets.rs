@@ -33,7 +33,6 @@ use serde_json::Value;
 
 const HOST: &str = "api.test.internal";
 const UPSTREAM_IP: &str = "127.0.0.7";
-const RULE: &str = "openai-project-key";
 
 const POLICY: &str = r#"version: 1
 rules:
@@ -489,10 +488,11 @@ fn a_key_in_any_encoding_is_never_stored_logged_or_shown() {
         found.ok_or_else(|| format!("nothing pending; gateway errors:\n{}", scene.gw.log_errors()))
     });
     let id = pending["id"].as_str().expect("approval id").to_owned();
-    let preview = pending["body_preview"].as_str().unwrap_or_default();
-    
+    let preview = pending["body_preview"].as_str().unwrap_or_default().to_owned();
+    assert!(!preview.is_empty(), "the approver sees a (masked) preview of the held body");
 
     let mut written = Written::default();
+    written.add("approval body preview", preview);
     written.add("approvals list", scene.cli(&["approvals", "list"]));
     written.add("approvals list --json", scene.cli(&["approvals", "list", "--json"]));
     written.add("approvals show (pending)", scene.cli(&["approvals", "show", &id]));
@@ -512,12 +512,11 @@ fn a_key_in_any_encoding_is_never_stored_logged_or_shown() {
     for (i, p) in hooks.iter().enumerate() {
         written.add(format!("webhook payload {i}"), p.clone());
     }
-    
 
     // Every request is recorded (the flagged ones in full) before anything
     // is read back.
     let requests = 19;
-    let exchanges = wait_for("every exchange is recorded", || {
+    let exchanges: Vec<Value> = wait_for("every exchange is recorded", || {
         let e = scene.exchanges();
         if e.len() >= requests {
             Ok(e)
@@ -525,6 +524,7 @@ fn a_key_in_any_encoding_is_never_stored_logged_or_shown() {
             Err(format!("{} of {requests} exchanges recorded; gateway errors:\n{}", e.len(), scene.gw.log_errors()))
         }
     });
+    written.add("recorded exchanges", serde_json::to_vec(&exchanges).expect("json"));
     // Read back everything the gateway wrote.
     for id in scene.session_ids() {
         written.add(format!("sessions export {id}"), scene.cli(&["sessions", "export", &id]));

@@ -436,19 +436,37 @@ fn streamed_responses_arrive_chunk_by_chunk() {
     );
 }
 
+/// A passthrough name is not the job's way around inspection: at a
+/// protected destination the gateway refuses the handshake (TLS alert)
+/// unless the policy opts the destination out; opted out, the client sees
+/// the real server end to end.
 #[test]
 fn passthrough_hosts_keep_end_to_end_tls() {
-    let scene = Scene::start("pass");
+    let curl_pass = |scene: &Scene| {
+        scene
+            .gw
+            .command_in_cgroup("curl")
+            .args(["-sS", "--resolve", &scene.resolve(PASS_HOST), "--cacert"])
+            .arg(&scene.upstream_ca)
+            .arg(format!("https://{PASS_HOST}:{}/hello", scene.port))
+            .output()
+            .expect("curl")
+    };
+    let protected = Scene::start("pass-refused");
+    let out = curl_pass(&protected);
+    assert!(!out.status.success(), "a passthrough name at a protected destination is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("access denied"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(protected.upstream.requests().is_empty(), "nothing reached the server");
+    drop(protected);
+
+    let scene = Scene::start_with("pass", |dir| {
+        let policy = dir.join("policy.yaml");
+        std::fs::write(&policy, format!("version: 1\nrules:\n  - name: opaque-ok\n    match: {{ destination: {{ cidr: {UPSTREAM_IP}/32 }} }}\n    action: allow\n    uninspectable: pass\ndefaults:\n  action: allow\n")).expect("policy");
+        format!("policy:\n  file: {}\n  watch: false\n", policy.display())
+    });
     // Trusting only the upstream's own CA works for the passthrough host:
     // the client sees the real server certificate.
-    let out = scene
-        .gw
-        .command_in_cgroup("curl")
-        .args(["-sS", "--resolve", &scene.resolve(PASS_HOST), "--cacert"])
-        .arg(&scene.upstream_ca)
-        .arg(format!("https://{PASS_HOST}:{}/hello", scene.port))
-        .output()
-        .expect("curl");
+    let out = curl_pass(&scene);
     assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
     // The same CA does not validate the intercepted host: the gateway's leaf is there.
     let out = scene
@@ -498,9 +516,16 @@ fn malformed_input_is_an_event_not_a_crash() {
     assert_eq!(status, 200);
 }
 
+/// A body beyond the decoding limit (64 MiB) is not forwarded unscanned:
+/// by default it is refused; where the policy says `scan_raw` the rest
+/// streams on, scanned raw, in bounded memory.
 #[test]
 fn a_one_gib_body_streams_with_bounded_memory() {
-    let scene = Scene::start("big");
+    let scene = Scene::start_with("big", |dir| {
+        let policy = dir.join("policy.yaml");
+        std::fs::write(&policy, format!("version: 1\nrules:\n  - name: bulk-upload\n    match: {{ destination: {{ cidr: {UPSTREAM_IP}/32 }} }}\n    action: allow\n    uninspectable: scan_raw\ndefaults:\n  action: allow\n")).expect("policy");
+        format!("policy:\n  file: {}\n  watch: false\n", policy.display())
+    });
     let pid = scene.gw.child.as_ref().expect("gateway").id();
     let started = Instant::now();
     let mut child = scene

@@ -302,15 +302,18 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let namespaces = intercept::netns::NamespaceServer::new(
         interceptor.clone(),
         cgroups.clone(),
-        intercept::netns::ListenSpec { v4: config.proxy.listen_v4, v6: config.proxy.listen_v6, port: config.proxy.port },
+        intercept::netns::ListenSpec {
+            v4: config.proxy.listen_v4,
+            v6: config.proxy.listen_v6,
+            port: config.proxy.port,
+        },
         config.intercept.bring_up_loopback,
         proxy,
     )?;
     let alerts_task = interceptor
         .take_alerts()
         .map(|ring| tokio::spawn(intercept::alerts::run(ring, namespaces.clone(), shutdown.clone())));
-    let namespaces_task =
-        tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
+    let namespaces_task = tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
 
     let reloadable = Reloadable {
         identities: services_identities,

@@ -517,10 +517,7 @@ impl Config {
             }
         }
         if self.intercept.capture_ports.len() > gateway_common::MAX_PORTS {
-            return Err((
-                "intercept.capture_ports".into(),
-                format!("at most {} ports", gateway_common::MAX_PORTS),
-            ));
+            return Err(("intercept.capture_ports".into(), format!("at most {} ports", gateway_common::MAX_PORTS)));
         }
         if self.intercept.capture_ports.contains(&0) {
             return Err(("intercept.capture_ports".into(), "port 0 is not a port".into()));

@@ -140,7 +140,14 @@ fn python_packages() -> Result<()> {
         let pip = Command::new("python3").args(["-m", "pip", "install", "--quiet", package]).status();
         if !pip.is_ok_and(|s| s.success()) {
             // Debian's own python3 refuses pip into the system site.
-            status(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--break-system-packages", package]))?;
+            status(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--break-system-packages",
+                package,
+            ]))?;
         }
     }
     Ok(())

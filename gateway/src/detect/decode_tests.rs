@@ -657,3 +657,26 @@ fn websocket_framing_it_cannot_follow_is_uninspectable() {
         assert!(!status.is_complete(), "{what}");
     }
 }
+
+#[test]
+fn websocket_bytes_are_released_only_at_message_boundaries() {
+    let mut scanner = WsScanner::new(detector(), WsConfig::default());
+    let first = ws_frame(false, false, 1, b"hello ", [1, 2, 3, 4]);
+    let ping = ws_frame(true, false, 9, b"p", [5, 6, 7, 8]);
+    let last = ws_frame(true, false, 0, b"world", [9, 9, 9, 9]);
+    scanner.feed(&first);
+    assert_eq!(scanner.scanned_through(), 0, "a fragment is not a whole message");
+    scanner.feed(&ping);
+    assert_eq!(scanner.scanned_through(), 0, "a ping inside a fragmented message is no boundary");
+    scanner.feed(&last[..3]);
+    assert_eq!(scanner.scanned_through(), 0);
+    scanner.feed(&last[3..]);
+    let total = (first.len() + ping.len() + last.len()) as u64;
+    assert_eq!(scanner.scanned_through(), total, "the message is complete");
+    let next = ws_frame(true, false, 2, b"bin", [0, 0, 0, 1]);
+    scanner.feed(&next[..2]);
+    assert_eq!(scanner.scanned_through(), total);
+    scanner.feed(&next[2..]);
+    assert_eq!(scanner.scanned_through(), total + next.len() as u64);
+    assert!(scanner.status().is_complete());
+}

@@ -196,7 +196,8 @@ const PLACEMENTS: &[(&str, Build)] = &[
     }),
     ("connect protobuf zstd", |ex| {
         let body = [frame(1, &zstd(&proto(ex))), frame(2, b"{}")].concat();
-        let h: [(&str, &[u8]); 2] = [("content-type", b"application/connect+proto"), ("connect-content-encoding", b"zstd")];
+        let h: [(&str, &[u8]); 2] =
+            [("content-type", b"application/connect+proto"), ("connect-content-encoding", b"zstd")];
         http("/pkg.Svc/Stream", &h, body)
     }),
     ("grpc-web-text protobuf", |ex| {
@@ -294,9 +295,7 @@ fn check(rule: &str, secret: Option<&str>, placement: &str, message: &Message, s
             let found = hits.iter().any(|h| {
                 let got = h.detection.secret.as_bytes();
                 *h.detection.rule_id == *rule
-                    && [secret.as_bytes(), unescaped.as_bytes()]
-                        .iter()
-                        .any(|s| contains(got, s) || contains(s, got))
+                    && [secret.as_bytes(), unescaped.as_bytes()].iter().any(|s| contains(got, s) || contains(s, got))
             });
             (!found).then(|| {
                 let got: Vec<String> = hits.iter().map(|h| format!("{} {}", h.detection.rule_id, h.location)).collect();
@@ -304,8 +303,10 @@ fn check(rule: &str, secret: Option<&str>, placement: &str, message: &Message, s
             })
         }
         None => (!hits.is_empty()).then(|| {
-            let got: Vec<String> =
-                hits.iter().map(|h| format!("{} {} {}", h.detection.rule_id, h.location, h.detection.secret.preview())).collect();
+            let got: Vec<String> = hits
+                .iter()
+                .map(|h| format!("{} {} {}", h.detection.rule_id, h.location, h.detection.secret.preview()))
+                .collect();
             format!("{placement} {splits:?}: negative detected: {got:?}")
         }),
     }
@@ -393,7 +394,9 @@ fn a_key_split_at_every_boundary_is_found() {
             // In plain JSON only splits inside the key (and next to it) can
             // hide it; compressed, any split can.
             let splits: Vec<usize> = match body.windows(secret.len()).position(|w| w == secret.as_bytes()) {
-                Some(at) if placement == "json" => (at.saturating_sub(2)..=(at + secret.len() + 2).min(body.len())).collect(),
+                Some(at) if placement == "json" => {
+                    (at.saturating_sub(2)..=(at + secret.len() + 2).min(body.len())).collect()
+                }
                 _ => (0..=body.len()).collect(),
             };
             for split in splits {

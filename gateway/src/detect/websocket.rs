@@ -101,6 +101,11 @@ pub struct WsScanner {
     index: u64,
     /// Framing lost: the rest is scanned as plain bytes.
     lost: bool,
+    /// Bytes fed so far.
+    fed: u64,
+    /// Bytes fed up to the end of the last whole message (or control frame
+    /// outside a message): everything before it was scanned.
+    boundary: u64,
 }
 
 impl std::fmt::Debug for WsScanner {
@@ -127,6 +132,8 @@ impl WsScanner {
             inflater,
             index: 0,
             lost: false,
+            fed: 0,
+            boundary: 0,
         }
     }
 
@@ -142,6 +149,7 @@ impl WsScanner {
                     let take = self.head_needed().saturating_sub(self.head.len()).clamp(1, bytes.len());
                     self.head.extend_from_slice(&bytes[..take]);
                     bytes = &bytes[take..];
+                    self.fed += take as u64;
                     if self.head.len() >= self.head_needed() {
                         self.start_frame();
                     }
@@ -150,14 +158,25 @@ impl WsScanner {
                     let take = (head.len - done).min(bytes.len());
                     self.payload(&bytes[..take], head, done);
                     bytes = &bytes[take..];
+                    self.fed += take as u64;
                     self.frame = Some((head, done + take));
                     if done + take == head.len {
                         self.end_frame(head);
                     }
                 }
             }
+            if !self.lost && self.frame.is_none() && self.head.is_empty() && self.message.is_none() {
+                self.boundary = self.fed;
+            }
         }
         self.out.take_hits()
+    }
+
+    /// How many of the bytes fed so far end at a message boundary: all of
+    /// them were scanned as whole messages, so they may be forwarded once
+    /// their hits are judged. Bytes of a message still arriving are not.
+    pub fn scanned_through(&self) -> u64 {
+        self.boundary
     }
 
     /// The connection ended: a frame or message cut short is scanned as far

@@ -338,10 +338,12 @@ impl Passage {
     /// through: asked before deciding to wait for a server's greeting,
     /// without recording anything.
     pub fn may_pass_opaque(&self) -> bool {
-        let host = self.destination_host(None);
-        if !self.protects(Some(&host)) {
+        // Judged as [`Passage::opaque`] would judge it: without a name, an
+        // address captured only by port counts as protected.
+        if !self.protects(None) {
             return true;
         }
+        let host = self.destination_host(None);
         let policy = self.gate.policy.current();
         let d = policy.evaluate(&self.facts(&host, false, &policy::NO_ATTRIBUTES, None));
         !matches!(d.action, policy::Action::Deny { .. }) && d.uninspectable != policy::Uninspectable::Refuse
@@ -449,7 +451,7 @@ impl Passage {
         // Judged on its canonical path (forwarded as sent); a path servers
         // read in more than one way is refused rather than guessed.
         let path = policy::normalize(request.target)
-            .map_err(|why| (Reason::AmbiguousPath { detail: why.to_string() }, "path".to_owned()))?;
+            .map_err(|why| (Reason::AmbiguousPath { code: why.code(), detail: why.to_string() }, "path".to_owned()))?;
         let facts = policy::HttpRequestFacts { method: request.method, path: &path, headers: request.headers };
         let policy = self.gate.policy.current();
         let d = policy.evaluate(&self.facts(host, tls, claims, Some(facts)));

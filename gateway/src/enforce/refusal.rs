@@ -62,6 +62,8 @@ pub enum Reason {
     /// A request path that could be read two ways (an encoded `/` or `\`,
     /// an invalid escape): refused rather than guessed.
     AmbiguousPath {
+        /// Which rule of normalisation refused it (`encoded_slash`, ...).
+        code: &'static str,
         /// What is ambiguous about it.
         detail: String,
     },
@@ -198,7 +200,7 @@ impl Reason {
             Reason::NotApproved { outcome, .. } => outcome.code(),
             Reason::InvalidToken { .. } => "invalid_oidc_token",
             Reason::Uninspectable(_) => "uninspectable",
-            Reason::AmbiguousPath { .. } => "ambiguous_path",
+            Reason::AmbiguousPath { .. } => "path_refused",
         }
     }
 }
@@ -229,7 +231,7 @@ impl Refusal {
                  lets through what it can inspect; ask the operators to opt this destination out \
                  (`uninspectable` in the policy) if it must carry this traffic."
             ),
-            Reason::AmbiguousPath { detail } => format!(
+            Reason::AmbiguousPath { detail, .. } => format!(
                 "The CI gateway refused this request: its path is ambiguous ({detail}). Nothing was sent \
                  to the server. Send the path without encoded slashes or backslashes."
             ),
@@ -245,7 +247,7 @@ impl Refusal {
             Reason::NotApproved { approval, reason, .. } => json!({ "approval": approval, "reason": reason }),
             Reason::InvalidToken { code, .. } => json!({ "code": code }),
             Reason::Uninspectable(what) => json!({ "uninspectable": what }),
-            Reason::AmbiguousPath { detail } => json!({ "detail": detail }),
+            Reason::AmbiguousPath { code, detail } => json!({ "code": code, "detail": detail }),
         }
     }
 }

@@ -11,7 +11,6 @@ use std::{
         Arc,
     },
     task::{ready, Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;

@@ -220,9 +220,8 @@ mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
         };
         // SAFETY: reading the bytes of a plain-old-data value.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&alert as *const Alert).cast::<u8>(), std::mem::size_of::<Alert>())
-        };
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&alert as *const Alert).cast::<u8>(), std::mem::size_of::<Alert>()) };
         assert_eq!(
             KernelAlert::decode(bytes),
             Some(KernelAlert::UdpRefused {

@@ -41,8 +41,8 @@ use aya::{
 };
 pub use gateway_common::Capture;
 use gateway_common::{
-    names, ConnRecord, Mode, PortSet, RedirectConfig, ServedNetns, SockKey, Stat, MAX_PORTS, SERVED_HOST, SERVED_V4, SERVED_V6,
-    STATS_LEN,
+    names, ConnRecord, Mode, PortSet, RedirectConfig, ServedNetns, SockKey, Stat, MAX_PORTS, SERVED_HOST, SERVED_V4,
+    SERVED_V6, STATS_LEN,
 };
 use ipnet::IpNet;
 
@@ -68,11 +68,8 @@ const PINNED_MAPS: [&str; 5] = [names::CONFIG, names::PENDING, names::ORIGINAL, 
 
 /// The `cgroup:cgroup_attach_task` record layout the program assumes, as
 /// the kernel's format file must show it.
-const ATTACH_FORMAT: [&str; 3] = [
-    "field:int dst_root;\toffset:8;",
-    "field:u64 dst_id;\toffset:16;",
-    "field:int pid;\toffset:24;",
-];
+const ATTACH_FORMAT: [&str; 3] =
+    ["field:int dst_root;\toffset:8;", "field:u64 dst_id;\toffset:16;", "field:int pid;\toffset:24;"];
 
 /// Everything that can go wrong while setting up or tearing down interception.
 #[derive(Debug, thiserror::Error)]
@@ -250,8 +247,10 @@ impl Interceptor {
         config.set(0, redirect, 0).map_err(map_err(names::CONFIG))?;
         // The gateway's own namespace is served by the listeners `run`
         // bound before loading; other namespaces are added by `netns`.
-        let host_netns_cookie = netns::current_netns_cookie()
-            .map_err(|source| InterceptError::Io { what: "reading SO_NETNS_COOKIE (needs Linux 5.14+)".into(), source })?;
+        let host_netns_cookie = netns::current_netns_cookie().map_err(|source| InterceptError::Io {
+            what: "reading SO_NETNS_COOKIE (needs Linux 5.14+)".into(),
+            source,
+        })?;
         let host = ServedNetns {
             flags: SERVED_HOST | SERVED_V4 | if target.v6.is_some() { SERVED_V6 } else { 0 },
             pid: std::process::id(),
@@ -279,6 +278,7 @@ impl Interceptor {
     /// tree. It only reports, so the link is not pinned: it ends with the
     /// gateway. Fails when the kernel's record layout is not the expected one.
     pub fn watch_cgroup_moves(&mut self) -> Result<(), InterceptError> {
+        mount_tracefs();
         let path = Path::new("/sys/kernel/tracing/events/cgroup/cgroup_attach_task/format");
         let format = fs::read_to_string(path)
             .or_else(|_| fs::read_to_string("/sys/kernel/debug/tracing/events/cgroup/cgroup_attach_task/format"))
@@ -660,5 +660,20 @@ mod tests {
         let v4: Ipv4Addr = "127.0.0.1".parse().unwrap();
         let be = u32::from_ne_bytes(v4.octets());
         assert_eq!(addr_words(IpAddr::V4(v4)), gateway_common::v4_mapped(be));
+    }
+}
+
+/// Mounts tracefs at its usual place when nothing is there (minimal hosts
+/// and fresh containers boot without it): tracepoints are found through it.
+/// Failing is not fatal; the caller reports what it could not read.
+fn mount_tracefs() {
+    let at = Path::new("/sys/kernel/tracing");
+    if at.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return;
+    }
+    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC;
+    match nix::mount::mount(Some("tracefs"), at, Some("tracefs"), flags, None::<&str>) {
+        Ok(()) => tracing::info!(path = %at.display(), "mounted tracefs to watch cgroup moves"),
+        Err(e) => tracing::warn!(path = %at.display(), error = %e, "cannot mount tracefs"),
     }
 }

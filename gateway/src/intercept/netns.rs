@@ -19,8 +19,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fs,
-    io,
+    fs, io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsFd, AsRawFd as _, BorrowedFd},
@@ -158,7 +157,8 @@ pub fn open_in(pid: u32, spec: ListenSpec, bring_up_loopback: bool) -> Result<Op
         io::ErrorKind::NotFound => NetnsError::Gone { pid },
         _ => NetnsError::Io { pid, what: "opening /proc/PID/ns/net".into(), source: e },
     })?;
-    let id = NsId::of_file(&file).map_err(|source| NetnsError::Io { pid, what: "reading the namespace".into(), source })?;
+    let id =
+        NsId::of_file(&file).map_err(|source| NetnsError::Io { pid, what: "reading the namespace".into(), source })?;
     // setns changes the namespace of the calling thread only, and sockets
     // stay in the namespace they were created in: a throwaway thread keeps
     // the runtime's threads where they are.
@@ -307,9 +307,16 @@ impl NamespaceServer {
         sink: Arc<dyn ListenerSink>,
     ) -> Result<Arc<NamespaceServer>, NetnsError> {
         let me = std::process::id();
-        let host = NsId::of_pid(me).map_err(|source| NetnsError::Io { pid: me, what: "reading own namespace".into(), source })?;
-        let mount = super::cgroup::cgroup2_mount()
-            .map_err(|e| NetnsError::Io { pid: me, what: e.to_string(), source: io::Error::other("no cgroup2") })?;
+        let host = NsId::of_pid(me).map_err(|source| NetnsError::Io {
+            pid: me,
+            what: "reading own namespace".into(),
+            source,
+        })?;
+        let mount = super::cgroup::cgroup2_mount().map_err(|e| NetnsError::Io {
+            pid: me,
+            what: e.to_string(),
+            source: io::Error::other("no cgroup2"),
+        })?;
         Ok(Arc::new(NamespaceServer {
             interceptor,
             roots,
@@ -547,7 +554,9 @@ fn pids_in_tree(dir: &Path) -> Vec<(u32, PathBuf)> {
             out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()).map(|pid| (pid, d.clone())));
         }
         if let Ok(entries) = fs::read_dir(&d) {
-            stack.extend(entries.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+            stack.extend(
+                entries.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()),
+            );
         }
     }
     out

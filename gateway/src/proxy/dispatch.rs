@@ -84,8 +84,9 @@ fn classify(first: &[u8]) -> Sniffed {
 
 /// Waits up to `wait` for the client's first bytes and classifies them.
 /// Bytes that begin like an HTTP request are waited on until they decide;
-/// if they never do, the connection goes to the HTTP parser (which rejects
-/// what is not HTTP), never around it.
+/// if they never do, a started request line goes to the HTTP parser (which
+/// rejects what is not HTTP) and a lone word counts as another protocol:
+/// neither goes around the gate.
 async fn sniff(client: &TcpStream, wait: Duration) -> std::io::Result<Sniffed> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut buf = [0u8; SNIFF_LEN];
@@ -114,7 +115,13 @@ async fn sniff_more(
                 // fragment shows only at the deadline, as a fragment).
                 n = client.peek(buf).await?.max(n);
             }
-            Sniffed::Partial => return Ok(Sniffed::Http),
+            // A request line under way (a method and a space already) goes
+            // to the HTTP parser; a lone word that stops (`hello`, an
+            // echo or line protocol waiting for its answer) is not HTTP.
+            // Either way it is judged: unknown protocols are refused unless
+            // the policy opts the destination out.
+            Sniffed::Partial if buf[..n].contains(&b' ') => return Ok(Sniffed::Http),
+            Sniffed::Partial => return Ok(Sniffed::Other),
             decided => return Ok(decided),
         }
     }

@@ -25,11 +25,11 @@ use crate::{
     credentials::{apply_swap, RenderedInjection, SwapTarget},
     detect::{
         http_scan::{self, BodyScanner, Hit},
-        ScanStatus,
+        ScanStatus, WsConfig, WsScanner,
     },
     enforce::{
-        decode_prefix, lock, ApprovalAsk, ExchangeWatch, HttpAsk, Judged, Passage, Reason, Refusal, RequestDecision,
-        RequestSummary, SharedCapture, Uninspectable, WatchSpec, OIDC_TARGET,
+        lock, ApprovalAsk, ExchangeWatch, HttpAsk, Judged, Passage, Reason, Refusal, RequestDecision, RequestSummary,
+        SharedCapture, Uninspectable, WatchSpec, OIDC_TARGET,
     },
     event::{Outcome, Protocol},
     http::{
@@ -436,6 +436,10 @@ impl Inspector for HttpGate {
         lock(&capture).encoding =
             parts.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let judged = Judged { host, verified, static_keys };
+        let mut tunnel = tunnel;
+        if let TunnelPlan::WebSocket(_, ws) = &mut tunnel {
+            *ws = judged.clone();
+        }
         let gate = self.passage.gate();
         let watch = ExchangeWatch::new(WatchSpec {
             conn_id: ctx.conn_id,
@@ -506,6 +510,11 @@ impl HttpGate {
             decline_upgrade(&mut parts.headers);
             return Ok(TunnelPlan::None);
         }
+        if tokens == ["websocket"] && uninspectable != policy::Uninspectable::Pass {
+            // The judged request is filled in once the head is judged.
+            let judged = Judged { host: String::new(), verified: BTreeMap::new(), static_keys: None };
+            return Ok(TunnelPlan::WebSocket(self.passage.clone(), judged));
+        }
         match uninspectable {
             policy::Uninspectable::Pass => Ok(TunnelPlan::Pass),
             policy::Uninspectable::ScanRaw => Ok(TunnelPlan::ScanRaw(self.passage.clone())),
@@ -543,6 +552,9 @@ enum TunnelPlan {
     Pass,
     /// The client's bytes are scanned raw (`uninspectable: scan_raw`).
     ScanRaw(Arc<Passage>),
+    /// A WebSocket: every client message is decoded and scanned, and
+    /// released only once judged.
+    WebSocket(Arc<Passage>, Judged),
 }
 
 /// The response side of one request: the recording watch, and what an
@@ -575,6 +587,12 @@ impl ResponseInspector for GatedResponse {
         match &self.tunnel {
             TunnelPlan::Pass => Tunnel::Pass,
             TunnelPlan::ScanRaw(passage) => Tunnel::Inspect(Box::new(RawTunnel::new(passage.clone()))),
+            TunnelPlan::WebSocket(passage, judged) => {
+                let config = WsConfig::from_handshake(headers, passage.gate().body_limits);
+                let scanner = WsScanner::new(passage.gate().detector.clone(), config);
+                let ws = WsTunnel { passage: passage.clone(), judged: judged.clone(), scanner, released: 0 };
+                Tunnel::Inspect(Box::new(ws))
+            }
             TunnelPlan::None => {
                 let mut this = crate::http::PassResponses;
                 ResponseInspector::upgraded(&mut this, headers)
@@ -624,6 +642,74 @@ impl TunnelInspector for RawTunnel {
     }
 }
 
+/// The client's side of a WebSocket: each message is decoded (framing,
+/// masking, permessage-deflate) and scanned, and its bytes go upstream only
+/// once the whole message is judged. A key whose action blocks ends the
+/// connection with a close frame (1008, policy violation); so does data the
+/// scanner cannot follow (broken framing, an unknown extension, a message
+/// over the limit): masked frames defeat a raw scan, so `scan_raw` does not
+/// help here and only `uninspectable: pass` opts a WebSocket out.
+struct WsTunnel {
+    passage: Arc<Passage>,
+    judged: Judged,
+    scanner: WsScanner,
+    /// Bytes released upstream so far.
+    released: u64,
+}
+
+/// A WebSocket close frame from the server side (unmasked): 1008, policy
+/// violation, with a short reason.
+fn ws_close(reason: &str) -> Bytes {
+    let reason = &reason.as_bytes()[..reason.len().min(120)];
+    let mut frame = vec![0x88, (reason.len() + 2) as u8, 0x03, 0xf0];
+    frame.extend_from_slice(reason);
+    Bytes::from(frame)
+}
+
+impl WsTunnel {
+    async fn verdict(&mut self, hits: Vec<Hit>) -> TunnelVerdict {
+        if !hits.is_empty() {
+            let judgement = self.passage.judge(&self.judged, hits, None).await;
+            if let Some(refusal) = judgement.refusal {
+                tracing::info!(
+                    conn_id = self.passage.conn().id,
+                    code = refusal.reason.code(),
+                    "WebSocket message refused"
+                );
+                return TunnelVerdict::Close(ws_close("blocked by the CI gateway: a static credential"));
+            }
+        }
+        if let ScanStatus::Uninspectable(why) = self.scanner.status() {
+            let why = Reason::Uninspectable(Uninspectable::WebSocket { detail: why.to_string() });
+            let refusal = self.passage.refuse(why, "uninspectable");
+            tracing::info!(conn_id = refusal.conn_id, "WebSocket refused: {}", refusal.message());
+            return TunnelVerdict::Close(ws_close("refused by the CI gateway: uninspectable WebSocket data"));
+        }
+        let through = self.scanner.scanned_through();
+        let n = usize::try_from(through - self.released).unwrap_or(usize::MAX);
+        self.released = through;
+        TunnelVerdict::Release(n)
+    }
+}
+
+impl TunnelInspector for WsTunnel {
+    fn feed<'a>(&'a mut self, data: &'a [u8]) -> BoxFuture<'a, TunnelVerdict> {
+        Box::pin(async move {
+            let hits = self.scanner.feed(data);
+            self.verdict(hits).await
+        })
+    }
+    fn idle(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        // Only whole messages go: an incomplete one waits for its end.
+        Box::pin(async { TunnelVerdict::Release(0) })
+    }
+    fn finish(&mut self) -> BoxFuture<'_, TunnelVerdict> {
+        Box::pin(async move {
+            let hits = self.scanner.finish();
+            self.verdict(hits).await
+        })
+    }
+}
 
 /// Keeps only the content codings the masker handles in `Accept-Encoding`
 /// (`identity` when none remain), so that upstream never answers in one it
