@@ -508,6 +508,8 @@ fn quic_to_a_captured_port_is_refused_and_the_tcp_fallback_is_captured() {
     let _server_guard = KillOnDrop(server.id());
     let mut ready = [0u8; 5];
     server.stdout.as_mut().expect("stdout").read_exact(&mut ready).expect("quic server ready");
+    // Reaped when the test ends (killed by the guard first).
+    let _reaper = std::thread::spawn(move || server.wait());
 
     let mut opts = GatewayOptions::new("quic", &["{cidr: 127.0.0.2/32, ports: [9]}"]);
     opts.intercept_yaml = format!("  capture_ports: [{port}]\n");

@@ -524,7 +524,7 @@ fn a_silent_client_never_makes_the_gateway_dial_upstream() {
         "closed after the 1s + 2s timeouts: {waited:?}"
     );
     assert_eq!(scene.plain.connections.load(Ordering::SeqCst), before, "no upstream connection for a silent client");
-    let clean = scene.plain_raw(format!("GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes());
+    let clean = scene.plain_raw(b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(status_of(&clean), 200, "a client that speaks is served: {clean}");
 }
 

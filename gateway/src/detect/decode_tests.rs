@@ -413,7 +413,8 @@ fn grpc_connect_and_grpc_web_messages_are_walked() {
     let plain = [frame(0, b"\x0a\x02hi"), frame(0, &msg)].concat();
     let compressed = [frame(1, &gzip(b"\x0a\x02hi")), frame(1, &gzip(&msg))].concat();
     let zstd_frames = [frame(0, b""), frame(1, &zstd(&msg))].concat();
-    let cases: Vec<(Vec<(&str, &str)>, Vec<u8>, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec![("content-type", "application/grpc")], plain.clone(), "body:grpc[1]/5/2"),
         (
             vec![("content-type", "application/grpc+proto"), ("grpc-encoding", "gzip")],
@@ -458,7 +459,8 @@ fn grpc_framing_it_cannot_follow_is_uninspectable() {
     let ct = [("content-type", "application/grpc")];
     let truncated = frame(0, &msg)[..10].to_vec();
     let reserved = frame(0x04, &msg);
-    let cases: Vec<(Vec<(&str, &str)>, Vec<u8>)> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, Vec<u8>);
+    let cases: Vec<Case> = vec![
         (ct.to_vec(), truncated),
         (ct.to_vec(), reserved),
         (vec![ct[0], ("grpc-encoding", "snappy")], frame(1, &msg)),

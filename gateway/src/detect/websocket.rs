@@ -291,7 +291,7 @@ impl WsScanner {
     fn end_frame(&mut self, head: FrameHead) {
         self.frame = None;
         match head.opcode {
-            8 | 9 | 10 => {
+            8..=10 => {
                 let control = std::mem::take(&mut self.control);
                 // A close frame's status code is binary; its reason is text.
                 let body = if head.opcode == 8 { control.get(2..).unwrap_or_default() } else { &control };

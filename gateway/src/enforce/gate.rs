@@ -201,6 +201,10 @@ pub struct RequestDecision {
     pub inspect: bool,
 }
 
+/// The handler's part of a credential swap: replaces the keys at the
+/// targets in its request with the rendered credential.
+pub type SwapFn<'a> = dyn FnMut(&[SwapTarget], &RenderedInjection) -> Result<(), String> + Send + 'a;
+
 /// One judged request: what the static-key actions and findings need.
 #[derive(Debug, Clone)]
 pub struct Judged {
@@ -487,12 +491,7 @@ impl Passage {
     /// is applied through `swap`, the handler's protocol-specific part.
     /// A swap without a held credential, or one that fails, blocks: it
     /// fails closed. Losing a finding blocks too.
-    pub async fn judge(
-        &self,
-        req: &Judged,
-        hits: Vec<Hit>,
-        swap: Option<&mut (dyn FnMut(&[SwapTarget], &RenderedInjection) -> Result<(), String> + Send)>,
-    ) -> Judgement {
+    pub async fn judge(&self, req: &Judged, hits: Vec<Hit>, swap: Option<&mut SwapFn<'_>>) -> Judgement {
         let host = req.host.as_str();
         let identity = &self.conn.caller.identity;
         let credential = match swap {

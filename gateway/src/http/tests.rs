@@ -1655,7 +1655,7 @@ async fn idle_connections_are_closed_h2_with_goaway_and_h1_between_requests() {
     let (mut h1, conn) = http1::handshake::<_, TestBody>(TokioIo::new(tcp)).await.unwrap();
     let h1_conn = tokio::spawn(conn);
     let resp = h1.send_request(get("/once")).await.unwrap();
-    assert_eq!(text(resp).await.len() > 0, true);
+    assert!(!text(resp).await.is_empty());
     tokio::time::timeout(Duration::from_secs(60), h1_conn)
         .await
         .expect("the idle h1 connection was closed")

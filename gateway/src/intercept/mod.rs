@@ -641,6 +641,21 @@ impl Status {
     }
 }
 
+/// Mounts tracefs at its usual place when nothing is there (minimal hosts
+/// and fresh containers boot without it): tracepoints are found through it.
+/// Failing is not fatal; the caller reports what it could not read.
+fn mount_tracefs() {
+    let at = Path::new("/sys/kernel/tracing");
+    if at.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return;
+    }
+    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC;
+    match nix::mount::mount(Some("tracefs"), at, Some("tracefs"), flags, None::<&str>) {
+        Ok(()) => tracing::info!(path = %at.display(), "mounted tracefs to watch cgroup moves"),
+        Err(e) => tracing::warn!(path = %at.display(), error = %e, "cannot mount tracefs"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,20 +675,5 @@ mod tests {
         let v4: Ipv4Addr = "127.0.0.1".parse().unwrap();
         let be = u32::from_ne_bytes(v4.octets());
         assert_eq!(addr_words(IpAddr::V4(v4)), gateway_common::v4_mapped(be));
-    }
-}
-
-/// Mounts tracefs at its usual place when nothing is there (minimal hosts
-/// and fresh containers boot without it): tracepoints are found through it.
-/// Failing is not fatal; the caller reports what it could not read.
-fn mount_tracefs() {
-    let at = Path::new("/sys/kernel/tracing");
-    if at.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
-        return;
-    }
-    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC;
-    match nix::mount::mount(Some("tracefs"), at, Some("tracefs"), flags, None::<&str>) {
-        Ok(()) => tracing::info!(path = %at.display(), "mounted tracefs to watch cgroup moves"),
-        Err(e) => tracing::warn!(path = %at.display(), error = %e, "cannot mount tracefs"),
     }
 }

@@ -777,7 +777,7 @@ fn encoded_texts(k: &[u8]) -> Vec<(&'static str, Vec<u8>)> {
     let mut qp = format!("{}=\r\n{}", &ks[..ks.len() / 2], &ks[ks.len() / 2..]);
     qp = qp.replacen('-', "=2D", 1);
     let mut wrapped_doc = b64_std(format!("{{\"user\": \"ci\", \"note\": \"{ks}\", \"n\": 1}}").as_bytes());
-    wrapped_doc = wrapped_doc.as_bytes().chunks(76).map(|c| text(c)).collect::<Vec<_>>().join("\r\n");
+    wrapped_doc = wrapped_doc.as_bytes().chunks(76).map(text).collect::<Vec<_>>().join("\r\n");
     let pct_b64: String = b64_std(&cat(&[b"\xff\xfe", k]))
         .chars()
         .map(|c| match c {

@@ -375,14 +375,13 @@ impl HttpGate {
 /// Folds a later refusal of the same request into the first: the keys of
 /// both are listed; otherwise the first reason stands.
 fn merge(first: &mut Refusal, later: Refusal) {
-    match (&mut first.reason, later.reason) {
-        (Reason::StaticCredential { findings, more }, Reason::StaticCredential { findings: f, more: m }) => {
-            findings.extend(f);
-            *more += m;
-        }
-        // A refusal for another reason that also carried keys: the keys are
-        // recorded as findings; the response keeps the first reason.
-        _ => {}
+    // A refusal for another reason that also carried keys: the keys are
+    // recorded as findings; the response keeps the first reason.
+    if let (Reason::StaticCredential { findings, more }, Reason::StaticCredential { findings: f, more: m }) =
+        (&mut first.reason, later.reason)
+    {
+        findings.extend(f);
+        *more += m;
     }
 }
 
