@@ -559,7 +559,9 @@ fn a_job_that_sets_the_upstream_mark_is_still_redirected() {
     let mark = gw.status()["upstream_mark"].as_u64().expect("mark");
     assert_ne!(mark, 0);
     let script = format!(
-        "import json, socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, {mark})\n\
+        // As bytes: a mark above 2^31 does not fit Python's C int.
+        "import json, socket, struct\ns = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, struct.pack('I', {mark}))\n\
          s.connect(('127.0.0.2', {port}))\nlocal = s.getsockname()[1]\ns.sendall(b'hello')\n\
          print(json.dumps({{'local': local, 'reply': json.loads(s.makefile().readline())}}))"
     );
