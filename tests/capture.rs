@@ -333,8 +333,11 @@ print(json.dumps(out))
 "#;
 
 /// `unshare -n`: a namespace with nothing but a loopback that is down. The
-/// first connect is refused (EPERM) and reported; the gateway brings the
-/// loopback up, listens there, and the retry goes through the proxy.
+/// gateway serves it (brings the loopback up, listens there) as soon as it
+/// learns of it: from the process entering the cgroup (the cgroup-move
+/// tracepoint) when that is handled after `unshare`, else from the first
+/// connect, which is then refused (EPERM) and reported, and the retry goes
+/// through the proxy. Either way nothing goes around the gateway.
 #[test]
 fn unshare_namespace_is_served_after_its_first_refused_connect() {
     let port = unique_port();
@@ -351,22 +354,25 @@ fn unshare_namespace_is_served_after_its_first_refused_connect() {
         .expect("unshare");
     assert!(out.status.success(), "client failed: {}\n{}", String::from_utf8_lossy(&out.stderr), gw.log_errors());
     let r: Value = serde_json::from_slice(&out.stdout).expect("client output");
-    assert_eq!(r["errnos"], serde_json::json!([libc::EPERM]), "exactly the first connect is refused: {r}");
+    let refused_first = r["errnos"] == serde_json::json!([libc::EPERM]);
+    assert!(refused_first || r["errnos"] == serde_json::json!([]), "at most the first connect is refused: {r}");
     assert!(r["clean"].as_str().unwrap_or_default().contains(" 200 "), "{r}");
     assert!(r["keyed"].as_str().unwrap_or_default().contains(" 403 "), "{r}");
     assert_eq!(server.saw("GET /ns"), 1, "only the clean request reached the upstream");
     assert_eq!(server.saw(&key), 0);
 
     let refused = intercept_events(&gw, "refused_unserved_netns");
-    assert_eq!(refused.len(), 1, "the refusal is reported once: {refused:?}");
+    assert_eq!(refused.len(), usize::from(refused_first), "a refusal is reported once: {refused:?}");
     let served = intercept_events(&gw, "netns_served");
     assert_eq!(served.len(), 1, "{served:?}");
     assert_eq!(served[0]["brought_up_loopback"], true, "{served:?}");
     let cookie = served[0]["netns"].as_u64().expect("cookie");
-    assert_eq!(refused[0]["netns"].as_u64(), Some(cookie));
+    if let Some(first) = refused.first() {
+        assert_eq!(first["netns"].as_u64(), Some(cookie));
+    }
     let events = gw.wait_events(2);
     assert!(events.iter().all(|e| e["netns"].as_u64() == Some(cookie)), "{events:#?}");
-    assert_eq!(gw.status()["stats"]["denied_netns"], 1);
+    assert_eq!(gw.status()["stats"]["denied_netns"], u64::from(refused_first));
 }
 
 /// With `bring_up_loopback: false`, the refusal says why.
