@@ -435,6 +435,44 @@ fn port_capture_takes_any_address_on_captured_ports() {
     assert_eq!(stats["redirected"], 2, "{stats}");
 }
 
+/// Where only the port is captured, the name a request gives decides
+/// whether it is inspected, so the name must be one a job cannot blur: a
+/// protected name at another address is inspected, a request naming no host
+/// is inspected as protected, and a `Host` servers could read another way
+/// (userinfo) is refused, never judged by a guess.
+#[test]
+fn a_port_captured_request_cannot_blur_its_host_to_skip_inspection() {
+    let ns = Netns::create();
+    let port = unique_port();
+    let server = HttpServer::start_in(&ns.name, format!("{}:{port}", ns.ns_ip).parse().expect("addr"));
+    let mut opts = GatewayOptions::new("blurhost", &["{cidr: 127.0.0.2/32, ports: [9]}"]);
+    opts.intercept_yaml = format!("  capture_ports: [{port}]\n");
+    opts.extra_yaml = "tls:\n  intercept: ['*.test.internal']\n".into();
+    let gw = TestGateway::start(opts);
+    let key = fake_key();
+    let auth = format!("Authorization: Bearer {key}");
+    let url = format!("http://{}/blur", server.addr);
+    let send = |headers: &[String], extra: &[&str]| {
+        let mut cmd = gw.command_in_cgroup("curl");
+        cmd.args(extra);
+        curl(cmd, &url, headers)
+    };
+    // A protected name at an address only its port brought: inspected.
+    let (status, body) = send(&["Host: api.test.internal".into(), auth.clone()], &[]);
+    assert_eq!(status, 403, "a protected name is inspected at any address: {body}");
+    let (status, body) = send(&["Host: api.test.internal".into()], &[]);
+    assert_eq!(status, 200, "the same request without the key passes: {body}");
+    // Userinfo in Host: servers disagree on which part is the host.
+    let (status, body) = send(&["Host: x@api.test.internal".into(), auth.clone()], &[]);
+    assert_eq!(status, 400, "an ambiguous host is refused: {body}");
+    assert!(body.contains("host_refused"), "{body}");
+    // HTTP/1.0 without a Host: no name, so inspected as protected.
+    let (status, body) = send(&["Host:".into(), auth.clone()], &["--http1.0"]);
+    assert_eq!(status, 403, "a request naming no host is inspected: {body}");
+    assert_eq!(server.saw(&key), 0, "no key reached the server");
+    assert_eq!(server.saw("/blur"), 1, "only the clean request did");
+}
+
 /// A QUIC server (aioquic) answering the handshake, and a client that tries
 /// QUIC first and falls back to TCP, like browsers and HTTP/3 clients do.
 const QUIC_SERVER: &str = r#"

@@ -180,6 +180,10 @@ pub struct HttpAsk<'a> {
     pub target: &'a str,
     /// The request headers.
     pub headers: &'a http::HeaderMap,
+    /// Whether the request named its host (TLS server name, authority or
+    /// `Host`); one that names none is judged by its address and, where
+    /// only its port was captured, inspected as protected.
+    pub host_named: bool,
 }
 
 /// The policy's decision for one request, as the handler needs it.
@@ -480,7 +484,7 @@ impl Passage {
             record,
             approval,
             uninspectable: self.uninspectable(),
-            inspect: self.protects(Some(host)),
+            inspect: self.protects(request.host_named.then_some(host)),
         })
     }
 

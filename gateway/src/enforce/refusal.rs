@@ -59,6 +59,12 @@ pub enum Reason {
     /// The gateway could not understand what was sent, and the policy did
     /// not opt the destination out.
     Uninspectable(Uninspectable),
+    /// A request host servers could read more than one way (userinfo,
+    /// characters no host name has): refused rather than guessed.
+    AmbiguousHost {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A request path that could be read two ways (an encoded `/` or `\`,
     /// an invalid escape): refused rather than guessed.
     AmbiguousPath {
@@ -201,6 +207,7 @@ impl Reason {
             Reason::InvalidToken { .. } => "invalid_oidc_token",
             Reason::Uninspectable(_) => "uninspectable",
             Reason::AmbiguousPath { .. } => "path_refused",
+            Reason::AmbiguousHost { .. } => "host_refused",
         }
     }
 }
@@ -231,6 +238,10 @@ impl Refusal {
                  lets through what it can inspect; ask the operators to opt this destination out \
                  (`uninspectable` in the policy) if it must carry this traffic."
             ),
+            Reason::AmbiguousHost { detail } => format!(
+                "The CI gateway refused this request: its host is ambiguous ({detail}). Nothing was sent \
+                 to the server. Send a plain host name in the URL and `Host` header."
+            ),
             Reason::AmbiguousPath { detail, .. } => format!(
                 "The CI gateway refused this request: its path is ambiguous ({detail}). Nothing was sent \
                  to the server. Send the path without encoded slashes or backslashes."
@@ -248,6 +259,7 @@ impl Refusal {
             Reason::InvalidToken { code, .. } => json!({ "code": code }),
             Reason::Uninspectable(what) => json!({ "uninspectable": what }),
             Reason::AmbiguousPath { code, detail } => json!({ "code": code, "detail": detail }),
+            Reason::AmbiguousHost { detail } => json!({ "detail": detail }),
         }
     }
 }

@@ -157,23 +157,26 @@ impl HttpGate {
     }
 }
 
-/// The host a request is judged by: the TLS server name, else the
-/// request's authority or `Host` as the policy reads hosts
-/// ([`policy::judged_host`]), else (absent, or with userinfo or invalid
-/// characters a server might read another way) the address.
-pub(crate) fn judged_host(ctx: &HttpContext, parts: &http::request::Parts) -> String {
-    let by_address = || ctx.orig_dst.ip().to_string();
+/// The host a request names: the TLS server name, else the request's
+/// authority or `Host`, as the policy reads hosts ([`policy::judged_host`]).
+/// `None` when it names none (the gate then judges it by its address); an
+/// error when the name is one servers could read another way (userinfo,
+/// invalid characters): refused, never judged by a guess.
+pub(crate) fn judged_host(
+    ctx: &HttpContext,
+    parts: &http::request::Parts,
+) -> Result<Option<String>, policy::HostError> {
     if !ctx.server_name.is_empty() {
-        return policy::judged_host(&ctx.server_name).map_or_else(|_| by_address(), |h| h.into_owned());
+        return policy::judged_host(&ctx.server_name).map(|h| Some(h.into_owned()));
     }
     let authority = parts
         .uri
         .authority()
         .map(|a| a.as_str())
         .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
-    match authority.map(|a| policy::judged_host(a.trim())) {
-        Some(Ok(host)) => host.into_owned(),
-        _ => by_address(),
+    match authority {
+        Some(a) => policy::judged_host(a.trim()).map(|h| Some(h.into_owned())),
+        None => Ok(None),
     }
 }
 
@@ -189,7 +192,7 @@ pub(crate) fn render(refusal: &Refusal) -> http::Response<Bytes> {
     use http::StatusCode;
     let status = match &refusal.reason {
         Reason::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
-        Reason::AmbiguousPath { .. } => StatusCode::BAD_REQUEST,
+        Reason::AmbiguousPath { .. } | Reason::AmbiguousHost { .. } => StatusCode::BAD_REQUEST,
         Reason::Uninspectable(Uninspectable::Body { .. }) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         _ => StatusCode::FORBIDDEN,
     };
@@ -395,10 +398,21 @@ impl Inspector for HttpGate {
         parts: &mut http::request::Parts,
     ) -> HeadVerdict<BodyGate, GatedResponse> {
         let stream = self.requests.fetch_add(1, Ordering::Relaxed);
-        let host = judged_host(ctx, parts);
         // Before the OIDC header is removed; headers only once the policy
         // says the exchange is recorded in full.
         let mut summary = self.summarize(parts);
+        let named = match judged_host(ctx, parts) {
+            Ok(named) => named,
+            Err(why) => {
+                let reason = Reason::AmbiguousHost { detail: why.to_string() };
+                let refusal = self.passage.refuse(reason, "host");
+                let host = self.passage.destination_host(None);
+                let judged = Judged { host, verified: BTreeMap::new(), static_keys: None };
+                return self.refuse_head(stream, summary, parts, judged, refusal, "host").await;
+            }
+        };
+        let host_named = named.is_some();
+        let host = named.unwrap_or_else(|| self.passage.destination_host(None));
         let verified = match self.verify_presented_token(parts).await {
             Ok(v) => v,
             Err(refusal) => {
@@ -406,7 +420,12 @@ impl Inspector for HttpGate {
                 return self.refuse_head(stream, summary, parts, judged, refusal, "oidc").await;
             }
         };
-        let facts = HttpAsk { method: parts.method.as_str(), target: path_and_query(parts), headers: &parts.headers };
+        let facts = HttpAsk {
+            method: parts.method.as_str(),
+            target: path_and_query(parts),
+            headers: &parts.headers,
+            host_named,
+        };
         let decision = self.passage.request(&host, ctx.tls, &verified, facts);
         let RequestDecision { decided, static_keys, mask, record, approval, uninspectable, inspect } = match decision {
             Ok(d) => d,
@@ -904,12 +923,16 @@ mod tests {
 
     #[test]
     fn the_judged_host_of_every_host_form() {
-        assert_eq!(judged_host(&ctx(""), &parts("/", Some("[::1]"))), "::1");
-        assert_eq!(judged_host(&ctx(""), &parts("/", Some("[::1]:8080"))), "::1");
-        assert_eq!(judged_host(&ctx(""), &parts("/", Some("API.Example.com.:443"))), "api.example.com");
-        assert_eq!(judged_host(&ctx(""), &parts("/", Some("api.example.com"))), "api.example.com");
-        assert_eq!(judged_host(&ctx(""), &parts("http://u@h.example:1/x", None)), "10.0.0.1");
-        assert_eq!(judged_host(&ctx(""), &parts("/", None)), "10.0.0.1");
-        assert_eq!(judged_host(&ctx("Cursor.sh"), &parts("/", Some("other.example"))), "cursor.sh");
+        let named = |c: &HttpContext, p: &http::request::Parts| judged_host(c, p).unwrap();
+        assert_eq!(named(&ctx(""), &parts("/", Some("[::1]"))).as_deref(), Some("::1"));
+        assert_eq!(named(&ctx(""), &parts("/", Some("[::1]:8080"))).as_deref(), Some("::1"));
+        assert_eq!(named(&ctx(""), &parts("/", Some("API.Example.com.:443"))).as_deref(), Some("api.example.com"));
+        assert_eq!(named(&ctx(""), &parts("/", Some("api.example.com"))).as_deref(), Some("api.example.com"));
+        assert_eq!(named(&ctx(""), &parts("/", None)), None, "no name: judged by the address");
+        assert_eq!(named(&ctx("Cursor.sh"), &parts("/", Some("other.example"))).as_deref(), Some("cursor.sh"));
+        // A host servers could read another way is refused, not guessed.
+        assert!(judged_host(&ctx(""), &parts("http://u@h.example:1/x", None)).is_err());
+        assert!(judged_host(&ctx(""), &parts("/", Some("evil@api.example.com"))).is_err());
+        assert!(judged_host(&ctx(""), &parts("/", Some("api.example.com /x"))).is_err());
     }
 }
