@@ -154,6 +154,11 @@ impl Scene {
     /// A scene whose gateway waits `client_first` for a client's first
     /// bytes (then `client_silence_timeout`, 2 s, for anyone's).
     fn start_waiting(name: &str, client_first: &str) -> Scene {
+        Scene::start_full(name, client_first, POLICY)
+    }
+
+    /// A scene under `policy` (its file's content).
+    fn start_full(name: &str, client_first: &str, policy_yaml: &str) -> Scene {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(dir.path(), &[HOST]);
@@ -164,7 +169,7 @@ impl Scene {
         let opted_out_port = unique_port();
         let opted_out = Upstream::start(format!("{OPTED_OUT_IP}:{opted_out_port}").parse().expect("addr"), &pki);
         let policy = dir.path().join("policy.yaml");
-        std::fs::write(&policy, POLICY).expect("policy");
+        std::fs::write(&policy, policy_yaml).expect("policy");
         let dests = [
             format!("{{cidr: {TLS_IP}/32, ports: [{tls_port}]}}"),
             format!("{{cidr: {PLAIN_IP}/32, ports: [{plain_port}]}}"),
@@ -676,3 +681,27 @@ print(json.dumps({
     "closed_by_gateway": b"\x88" in frames and b"\x03\xf0" in frames,
 }))
 "#;
+
+/// `uninspectable: scan_raw` lets a body the decoders give up on through
+/// only as raw bytes scanned with every rule, from its first undecodable
+/// byte on: a key right there is still found.
+#[test]
+fn scan_raw_scans_the_very_bytes_the_decoders_gave_up_on() {
+    gateway_tests::require_root();
+    let policy = format!(
+        "version: 1\nrules:\n  - name: raw-ok\n    match: {{ destination: {{ cidr: {TLS_IP}/32 }} }}\n    \
+         action: allow\n    uninspectable: scan_raw\ndefaults:\n  action: allow\n"
+    );
+    let scene = Scene::start_full("fc-scanraw", "30s", &policy);
+    let key = cursor_key();
+    let post = |path: &str, body: &str| {
+        let url = scene.url(path);
+        scene.curl(&["-X", "POST", "-H", "Content-Encoding: gzip", "--data-binary", body, &url])
+    };
+    let (code, json) = post("/raw/keyed", &format!(r#"{{"token": "{key}"}}"#));
+    assert_eq!(code, 403, "a key in bytes that are not gzip is found raw: {json}");
+    let (code, json) = post("/raw/clean", r#"{"ok": true}"#);
+    assert_eq!(code, 200, "clean undecodable bytes pass where the policy says scan_raw: {json}");
+    assert_eq!(scene.tls_received("/raw/keyed"), 0);
+    assert_eq!(scene.tls_received("/raw/clean"), 1);
+}

@@ -803,7 +803,7 @@ impl BodyGate {
 
     async fn verdict(&mut self, hits: Vec<Hit>) -> BodyVerdict {
         if self.refused.is_none() {
-            self.refused = self.understood().await;
+            self.refused = self.understood();
         }
         if !hits.is_empty() {
             let judgement = self.passage.judge(&self.req.judged, hits, None).await;
@@ -821,30 +821,44 @@ impl BodyGate {
         }
     }
 
-    /// Whether everything fed so far was understood; if not, what the
-    /// policy allows decides: a refusal, raw scanning or no scanning.
-    async fn understood(&mut self) -> Option<Refusal> {
-        let Scan::Decoded(scanner) = &self.scanner else { return None };
-        let detail = match scanner.status() {
-            ScanStatus::Complete => return None,
-            ScanStatus::Uninspectable(why) => why.to_string(),
+    /// Feeds `chunk` to the scanner in use. A decoded scan that stops
+    /// understanding the body falls back, at once, to what the policy
+    /// allows for the destination: raw scanning (from this chunk on, so no
+    /// byte that could still go upstream escapes it) or none; by default
+    /// [`understood`](Self::understood) refuses.
+    fn scan(&mut self, chunk: &[u8]) -> Vec<Hit> {
+        let mut hits = match &mut self.scanner {
+            Scan::Decoded(s) => s.feed(chunk),
+            Scan::Raw(s) => s.feed(chunk),
+            Scan::Off => Vec::new(),
         };
-        match self.req.uninspectable {
-            policy::Uninspectable::Refuse => {
-                let why = Reason::Uninspectable(Uninspectable::Body { detail });
-                Some(self.passage.refuse(why, "uninspectable"))
-            }
-            policy::Uninspectable::ScanRaw => {
-                // What was fed so far went through the decoders' raw input;
-                // from here on the raw bytes are scanned.
-                self.scanner = Scan::Raw(RawScan::new(self.passage.gate().detector.clone()));
-                None
-            }
-            policy::Uninspectable::Pass => {
-                self.scanner = Scan::Off;
-                None
+        if matches!(&self.scanner, Scan::Decoded(s) if !s.status().is_complete()) {
+            match self.req.uninspectable {
+                policy::Uninspectable::Refuse => {}
+                policy::Uninspectable::ScanRaw => {
+                    let mut raw = RawScan::new(self.passage.gate().detector.clone());
+                    hits.extend(raw.feed(chunk));
+                    self.scanner = Scan::Raw(raw);
+                }
+                policy::Uninspectable::Pass => self.scanner = Scan::Off,
             }
         }
+        hits
+    }
+
+    /// Whether everything fed so far was understood: a body the decoders
+    /// gave up on is refused unless the policy opted the destination out
+    /// (then [`scan`](Self::scan) already switched scanners).
+    fn understood(&self) -> Option<Refusal> {
+        let Scan::Decoded(scanner) = &self.scanner else { return None };
+        let ScanStatus::Uninspectable(why) = scanner.status() else { return None };
+        if self.req.uninspectable != policy::Uninspectable::Refuse {
+            // Failed at the very end (a truncated stream): nothing is left
+            // to scan another way.
+            return None;
+        }
+        let why = Reason::Uninspectable(Uninspectable::Body { detail: why.to_string() });
+        Some(self.passage.refuse(why, "uninspectable"))
     }
 
     /// Holds the request until its approval is decided.
@@ -869,11 +883,7 @@ impl BodyGate {
 impl BodyInspector for BodyGate {
     async fn feed(&mut self, chunk: &[u8]) -> BodyVerdict {
         lock(&self.req.capture).push(chunk, self.passage.gate().record_body_cap.max(APPROVAL_PREVIEW_BYTES));
-        let hits = match &mut self.scanner {
-            Scan::Decoded(s) => s.feed(chunk),
-            Scan::Raw(s) => s.feed(chunk),
-            Scan::Off => Vec::new(),
-        };
+        let hits = self.scan(chunk);
         self.verdict(hits).await
     }
 
