@@ -604,9 +604,13 @@ fn ws_text(text: &str) -> Vec<u8> {
     let mut f = vec![0x81];
     match text.len() {
         n if n < 126 => f.push(0x80 | n as u8),
-        n => {
+        n if n < 65536 => {
             f.push(0x80 | 126);
             f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
         }
     }
     f.extend_from_slice(&mask);
@@ -639,7 +643,17 @@ fn websocket_messages_are_inspected_and_a_keyed_one_closes_the_session() {
             data.extend(ws_text(m));
         }
         let spec = json!({ "host": "127.0.0.24", "port": server.addr.port(), "data": b64(&data) });
-        let out = gw.command_in_cgroup("python3").arg("-c").arg(PY_WS).arg(spec.to_string()).output().expect("py");
+        // On stdin: a large message does not fit an argument list.
+        let mut child = gw
+            .command_in_cgroup("python3")
+            .args(["-c", PY_WS])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("py");
+        child.stdin.take().expect("stdin").write_all(spec.to_string().as_bytes()).expect("spec");
+        let out = child.wait_with_output().expect("py");
         assert!(out.status.success(), "python ws client: {}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice::<Value>(&out.stdout).expect("python output")
     };
@@ -654,13 +668,18 @@ fn websocket_messages_are_inspected_and_a_keyed_one_closes_the_session() {
     // keyed message, and a refusal releases nothing of what it saw.
     assert!(!payloads.iter().any(|p| p.contains(&key) || p == "after"), "nothing from the key on: {payloads:?}");
     assert!(!gw.log().contains(&key), "no key in the log");
+    // A message larger than the gateway holds to judge whole (1 MiB by
+    // default) is not forwarded unjudged: the session is closed.
+    let big = session(&["x".repeat(2 << 20)]);
+    assert_eq!(big["closed_by_gateway"], true, "an oversize message closes the session: {big}");
+    assert!(server.payloads.lock().expect("payloads").iter().all(|p| p.len() < 1 << 20), "it never reached the server");
 }
 
 /// Sends the handshake and frames, reads until the connection closes:
 /// `{"response": head, "acks": n, "closed_by_gateway": bool}`.
 const PY_WS: &str = r#"
 import base64, json, socket, sys
-spec = json.loads(sys.argv[1])
+spec = json.loads(sys.stdin.read())
 s = socket.create_connection((spec["host"], spec["port"]), timeout=15)
 s.sendall(base64.b64decode(spec["data"]))
 got = b""

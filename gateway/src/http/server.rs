@@ -409,7 +409,8 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
                         return Ok(local(r, log, ExchangeOutcome::Blocked, version));
                     }
                     let upstream_up = hyper::upgrade::on(&mut resp);
-                    self.tunnels.spawn(upgrade::run(self.ctx.conn_id, client_up, upstream_up, tunnel));
+                    let max_pending = self.limits.max_buffered_body;
+                    self.tunnels.spawn(upgrade::run(self.ctx.conn_id, client_up, upstream_up, tunnel, max_pending));
                     log.set_outcome(ExchangeOutcome::Upgraded);
                 }
                 _ => {

@@ -22,8 +22,11 @@ use super::{Tunnel, TunnelInspector, TunnelVerdict};
 pub const TUNNEL_LINGER: Duration = Duration::from_millis(20);
 
 /// Waits for both sides to finish the 101 handshake, then runs the tunnel
-/// until both sides are done.
-pub(crate) async fn run(conn_id: u64, client: OnUpgrade, upstream: OnUpgrade, tunnel: Tunnel) {
+/// until both sides are done. An inspected tunnel holds at most
+/// `max_pending` client bytes its inspector has not released (a message
+/// waiting to be judged whole); past that it is closed, never forwarded
+/// unjudged.
+pub(crate) async fn run(conn_id: u64, client: OnUpgrade, upstream: OnUpgrade, tunnel: Tunnel, max_pending: usize) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -35,7 +38,7 @@ pub(crate) async fn run(conn_id: u64, client: OnUpgrade, upstream: OnUpgrade, tu
     let mut upstream = TokioIo::new(upstream);
     let result = match tunnel {
         Tunnel::Pass => tokio::io::copy_bidirectional(&mut client, &mut upstream).await.map(|_| ()),
-        Tunnel::Inspect(inspector) => inspected(client, upstream, inspector).await,
+        Tunnel::Inspect(inspector) => inspected(conn_id, client, upstream, inspector, max_pending).await,
         // Refused tunnels never get here.
         Tunnel::Refuse(_) => Ok(()),
     };
@@ -46,9 +49,11 @@ pub(crate) async fn run(conn_id: u64, client: OnUpgrade, upstream: OnUpgrade, tu
 }
 
 async fn inspected(
+    conn_id: u64,
     client: TokioIo<Upgraded>,
     upstream: TokioIo<Upgraded>,
     mut inspector: Box<dyn TunnelInspector>,
+    max_pending: usize,
 ) -> std::io::Result<()> {
     let (mut client_r, client_w) = tokio::io::split(client);
     let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream);
@@ -93,6 +98,15 @@ async fn inspected(
                     }
                 }
                 TunnelVerdict::Close(to_client) => return Ok::<_, std::io::Error>(Some(to_client)),
+            }
+            if pending.len() > max_pending {
+                tracing::info!(
+                    conn_id,
+                    held = pending.len(),
+                    max_pending,
+                    "tunnel closed: too much unjudged data held"
+                );
+                return Ok(Some(bytes::Bytes::new()));
             }
             if read == Some(0) {
                 upstream_w.shutdown().await?;

@@ -24,7 +24,7 @@ use serde_json::json;
 use crate::{
     credentials::{apply_swap, RenderedInjection, SwapTarget},
     detect::{
-        http_scan::{self, BodyScanner, Hit},
+        http_scan::{self, BodyLimits, BodyScanner, Hit},
         ScanStatus, WsConfig, WsScanner,
     },
     enforce::{
@@ -115,7 +115,7 @@ impl Proxy {
         U: crate::http::UpstreamConnector,
     {
         let passage = Arc::new(passage);
-        let inspector = Arc::new(HttpGate::new(passage.clone()));
+        let inspector = Arc::new(HttpGate::new(passage.clone(), &self.services.http_limits));
         let result =
             crate::http::serve(io, client_h2, ctx, inspector, connector, self.services.http_limits.clone()).await;
         if passage.refused() > 0 {
@@ -148,12 +148,16 @@ pub(super) struct HttpGate {
     passage: Arc<Passage>,
     /// Requests seen on the connection (numbers exchanges in the recording).
     requests: AtomicU64,
+    /// The largest WebSocket message followed: it is held whole until
+    /// judged, like a buffered body (`proxy.limits.max_buffered_body_bytes`).
+    max_ws_message: usize,
 }
 
 impl HttpGate {
     /// The inspector of the connection going through `passage`.
-    pub(super) fn new(passage: Arc<Passage>) -> HttpGate {
-        HttpGate { passage, requests: AtomicU64::new(0) }
+    pub(super) fn new(passage: Arc<Passage>, limits: &crate::http::Limits) -> HttpGate {
+        let max_ws_message = limits.max_buffered_body.min(passage.gate().body_limits.max_decoded);
+        HttpGate { passage, requests: AtomicU64::new(0), max_ws_message }
     }
 }
 
@@ -455,7 +459,7 @@ impl Inspector for HttpGate {
             parts.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let judged = Judged { host, verified, static_keys };
         let mut tunnel = tunnel;
-        if let TunnelPlan::WebSocket(_, ws) = &mut tunnel {
+        if let TunnelPlan::WebSocket(_, ws, _) = &mut tunnel {
             *ws = judged.clone();
         }
         let gate = self.passage.gate();
@@ -531,7 +535,7 @@ impl HttpGate {
         if tokens == ["websocket"] && uninspectable != policy::Uninspectable::Pass {
             // The judged request is filled in once the head is judged.
             let judged = Judged { host: String::new(), verified: BTreeMap::new(), static_keys: None };
-            return Ok(TunnelPlan::WebSocket(self.passage.clone(), judged));
+            return Ok(TunnelPlan::WebSocket(self.passage.clone(), judged, self.max_ws_message));
         }
         match uninspectable {
             policy::Uninspectable::Pass => Ok(TunnelPlan::Pass),
@@ -572,7 +576,7 @@ enum TunnelPlan {
     ScanRaw(Arc<Passage>),
     /// A WebSocket: every client message is decoded and scanned, and
     /// released only once judged.
-    WebSocket(Arc<Passage>, Judged),
+    WebSocket(Arc<Passage>, Judged, usize),
 }
 
 /// The response side of one request: the recording watch, and what an
@@ -605,8 +609,9 @@ impl ResponseInspector for GatedResponse {
         match &self.tunnel {
             TunnelPlan::Pass => Tunnel::Pass,
             TunnelPlan::ScanRaw(passage) => Tunnel::Inspect(Box::new(RawTunnel::new(passage.clone()))),
-            TunnelPlan::WebSocket(passage, judged) => {
-                let config = WsConfig::from_handshake(headers, passage.gate().body_limits);
+            TunnelPlan::WebSocket(passage, judged, max_message) => {
+                let limits = BodyLimits { max_decoded: *max_message };
+                let config = WsConfig::from_handshake(headers, limits);
                 let scanner = WsScanner::new(passage.gate().detector.clone(), config);
                 let ws = WsTunnel { passage: passage.clone(), judged: judged.clone(), scanner, released: 0 };
                 Tunnel::Inspect(Box::new(ws))
