@@ -20,7 +20,6 @@ use std::{
 
 use gateway_tests::{cgroup2_mount, unique_port, wait_for, EchoServer, GatewayOptions, TestGateway};
 use nix::sys::signal::Signal;
-use rand::Rng as _;
 use serde_json::Value;
 
 static NEXT_NET: AtomicU32 = AtomicU32::new(0);
@@ -163,12 +162,6 @@ impl HttpServer {
     }
 }
 
-/// A Cursor-style key built at run time (never a real one).
-fn fake_key() -> String {
-    let hex: String = (0..64).map(|_| char::from(b"0123456789abcdef"[rand::rng().random_range(0..16)])).collect();
-    format!("key_{hex}")
-}
-
 /// curl's status code and body for `url` (plain HTTP).
 fn curl(mut cmd: Command, url: &str, headers: &[String]) -> (u16, String) {
     cmd.args(["-sS", "-m", "60", "-w", "\n%{http_code}"]);
@@ -272,7 +265,7 @@ fn ip_netns_job_is_served_attributed_and_inspected() {
     assert!(e["cgroup"].as_str().unwrap_or_default().ends_with(&format!("{name}-{}", std::process::id())), "{e}");
 
     // A hard-coded key: blocked, never forwarded.
-    let key = fake_key();
+    let key = gateway_tests::keys::cursor_key();
     let (status, body) = curl(
         ns.command_in_cgroup(&gw, "curl"),
         &format!("http://{}:{port}/keyed", ns.host_ip),
@@ -346,7 +339,7 @@ fn unshare_namespace_is_served_after_its_first_refused_connect() {
     // Only the kernel's refusal can tell the gateway about this namespace.
     opts.intercept_yaml = "  netns_scan_interval: 1h\n".into();
     let gw = TestGateway::start(opts);
-    let key = fake_key();
+    let key = gateway_tests::keys::cursor_key();
     let out = gw
         .command_in_cgroup("unshare")
         .args(["-n", "python3", "-c", UNSHARE_CLIENT, "127.0.0.2", &port.to_string(), &key])
@@ -449,7 +442,7 @@ fn a_port_captured_request_cannot_blur_its_host_to_skip_inspection() {
     opts.intercept_yaml = format!("  capture_ports: [{port}]\n");
     opts.extra_yaml = "tls:\n  intercept: ['*.test.internal']\n".into();
     let gw = TestGateway::start(opts);
-    let key = fake_key();
+    let key = gateway_tests::keys::cursor_key();
     let auth = format!("Authorization: Bearer {key}");
     let url = format!("http://{}/blur", server.addr);
     let send = |headers: &[String], extra: &[&str]| {

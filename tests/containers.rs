@@ -16,16 +16,9 @@ use gateway_tests::{
     upstream::{TestPki, Upstream},
     wait_for, GatewayOptions, TestGateway,
 };
-use rand::Rng as _;
 use serde_json::Value;
 
 const HOST: &str = "api.test.internal";
-
-/// A Cursor-style key built at run time (never committed).
-fn cursor_key() -> String {
-    let hex: String = (0..64).map(|_| char::from(b"0123456789abcdef"[rand::rng().random_range(0..16)])).collect();
-    format!("key_{hex}")
-}
 
 /// A gateway intercepting an HTTPS upstream on the bridge's host address,
 /// asking the test daemon about containers, with its CA where containers
@@ -220,7 +213,7 @@ fn a_host_network_container_job_is_attributed_to_its_container() {
     });
     // The mapping line above continues the `identity:` section.
     let c = scene.container("hostnet", true);
-    let key = cursor_key();
+    let key = gateway_tests::keys::cursor_key();
 
     let (status, body, out) = scene.curl(&c, &[&scene.url("/clean")]);
     assert_eq!(
@@ -297,7 +290,7 @@ fn the_daemon_default_parent_is_intercepted_and_status_warns_about_containers_ou
         host_network: true,
         mounts: Vec::new(),
     });
-    let key = cursor_key();
+    let key = gateway_tests::keys::cursor_key();
     let (status, body, _) = scene.curl(&inside, &["-H", &format!("Authorization: Bearer {key}"), &scene.url("/x")]);
     let id = assert_blocked(status, &body);
     assert_names_container(&scene.findings(), &id, &inside);
@@ -331,7 +324,7 @@ fn while_the_gateway_is_stopped_container_connects_are_refused() {
     let bridge = scene.container("stopped-bridge", false);
     let host = scene.container("stopped-host", true);
     scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
-    let key = cursor_key();
+    let key = gateway_tests::keys::cursor_key();
     for c in [&bridge, &host] {
         let (status, _, out) = scene.curl(c, &["-H", &format!("Authorization: Bearer {key}"), &scene.url("/stopped")]);
         assert_eq!(status, 0, "no HTTP answer while the gateway is stopped ({})", c.name);
@@ -349,7 +342,7 @@ fn while_the_gateway_is_stopped_container_connects_are_refused() {
 fn bridge_container_jobs_are_inspected_like_host_jobs() {
     let scene = Scene::start("ctr-bridge");
     let c = scene.container("bridge", false);
-    let key = cursor_key();
+    let key = gateway_tests::keys::cursor_key();
 
     let (status, body, out) = scene.curl(&c, &[&scene.url("/clean")]);
     assert_eq!(

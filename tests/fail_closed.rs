@@ -18,11 +18,11 @@ use std::{
 };
 
 use gateway_tests::{
+    keys::{cursor_key, github_token, openai_key},
     unique_port,
     upstream::{TestPki, Upstream},
     wait_for, GatewayOptions, TestGateway,
 };
-use rand::{distr::Alphanumeric, Rng as _};
 use serde_json::{json, Value};
 
 const HOST: &str = "api.test.internal";
@@ -43,27 +43,6 @@ defaults:
   action: allow
   record: full
 "#;
-
-fn random(n: usize) -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
-}
-
-/// A fresh fake Cursor key (`key_` + 64 hex: 68 bytes, so in protobuf its
-/// length byte is 0x44, `D`).
-fn cursor_key() -> String {
-    let hex: String = (0..64).map(|_| char::from(b"0123456789abcdef"[rand::rng().random_range(0..16)])).collect();
-    format!("key_{hex}")
-}
-
-fn openai_key() -> String {
-    format!("sk-proj-{}T3BlbkFJ{}", random(48), random(48))
-}
-
-fn github_token() -> String {
-    let r = random(30);
-    let check = gateway::detect::confirm::base62_crc32(r.as_bytes());
-    format!("ghp_{r}{}", String::from_utf8_lossy(&check))
-}
 
 /// A plain HTTP/1.1 server that keeps every byte it was sent and answers
 /// each request `200 ok` (bodies by `Content-Length` or chunked).

@@ -11,11 +11,11 @@ use std::{
 };
 
 use gateway_tests::{
+    keys::github_token,
     unique_port,
     upstream::{TestPki, Upstream},
     wait_for, GatewayOptions, TestGateway, PATIENCE,
 };
-use rand::{distr::Alphanumeric, Rng as _};
 use serde_json::Value;
 
 const HOST: &str = "api.test.internal";
@@ -55,13 +55,6 @@ defaults:
   action: allow
   record: full
 "#;
-
-/// A realistic GitHub token (valid checksum) the detector recognizes.
-fn github_token() -> String {
-    let random: String = rand::rng().sample_iter(&Alphanumeric).take(30).map(char::from).collect();
-    let check = gateway::detect::confirm::base62_crc32(random.as_bytes());
-    format!("ghp_{random}{}", String::from_utf8_lossy(&check))
-}
 
 struct Scene {
     gw: TestGateway,

@@ -12,11 +12,11 @@ use std::{
 };
 
 use gateway_tests::{
+    keys::{self, random},
     unique_port,
     upstream::{TestPki, Upstream},
     wait_for, GatewayOptions, TestGateway,
 };
-use rand::{distr::Alphanumeric, Rng as _};
 use serde_json::Value;
 
 const HOST: &str = "api.test.internal";
@@ -30,20 +30,9 @@ struct Keys {
     github: String,
 }
 
-fn random(n: usize) -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
-}
-
 impl Keys {
     fn new() -> Keys {
-        let hex: String = (0..64).map(|_| char::from(b"0123456789abcdef"[rand::rng().random_range(0..16)])).collect();
-        let gh_random = random(30);
-        let check = gateway::detect::confirm::base62_crc32(gh_random.as_bytes());
-        Keys {
-            cursor: format!("key_{hex}"),
-            openai: format!("sk-proj-{}T3BlbkFJ{}", random(48), random(48)),
-            github: format!("ghp_{gh_random}{}", String::from_utf8_lossy(&check)),
-        }
+        Keys { cursor: keys::cursor_key(), openai: keys::openai_key(), github: keys::github_token() }
     }
 
     fn all(&self) -> [&str; 3] {

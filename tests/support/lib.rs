@@ -19,6 +19,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 pub mod docker;
+pub mod keys;
 pub mod upstream;
 use serde_json::Value;
 
