@@ -164,14 +164,13 @@ impl HttpServer {
 
 /// curl's status code and body for `url` (plain HTTP).
 fn curl(mut cmd: Command, url: &str, headers: &[String]) -> (u16, String) {
-    cmd.args(["-sS", "-m", "60", "-w", "\n%{http_code}"]);
+    cmd.args(["-sS", "-m", "60"]).args(gateway_tests::CURL_STATUS);
     for h in headers {
         cmd.arg("-H").arg(h);
     }
     let out = cmd.arg(url).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
+    let (code, body) = gateway_tests::curl_reply(&out.stdout);
+    (code, format!("{body}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 fn namespaces(gw: &TestGateway) -> Vec<Value> {

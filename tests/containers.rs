@@ -86,12 +86,11 @@ impl Scene {
     fn curl(&self, c: &Container, args: &[&str]) -> (u16, String, Output) {
         let resolve = self.resolve();
         let mut all = vec!["curl", "-sS", "--max-time", "60", "--resolve", &resolve, "--cacert", "/pki/gateway-ca.pem"];
-        all.extend(["-w", "\n%{http_code}"]);
+        all.extend(gateway_tests::CURL_STATUS);
         all.extend(args);
         let out = c.exec(&all);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned(), out)
+        let (code, body) = gateway_tests::curl_reply(&out.stdout);
+        (code, body, out)
     }
 
     /// Python's standard library inside `c`: POSTs `body` as JSON.

@@ -188,13 +188,12 @@ impl Scene {
             .command_in_cgroup("curl")
             .args(["-sS", "--resolve", &format!("{HOST}:{}:{TLS_IP}", self.tls_port), "--cacert"])
             .arg(&self.gateway_ca)
-            .args(["-w", "\n%{http_code}"])
+            .args(gateway_tests::CURL_STATUS)
             .args(args)
             .output()
             .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+        let (code, body) = gateway_tests::curl_reply(&out.stdout);
+        (code, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     fn url(&self, path: &str) -> String {

@@ -112,13 +112,13 @@ impl Scene {
         let mut cmd = self.gw.command_in_cgroup("curl");
         cmd.args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", self.port), "--cacert"])
             .arg(&self.gateway_ca)
-            .args(["-w", "\n%{http_code}"])
+            .args(gateway_tests::CURL_STATUS)
             .args(args);
         cmd
     }
 
     fn curl(&self, args: &[&str]) -> (u16, String) {
-        parse_curl(&self.curl_cmd(args).output().expect("curl").stdout)
+        gateway_tests::curl_reply(&self.curl_cmd(args).output().expect("curl").stdout)
     }
 
     fn spawn_curl(&self, args: &[&str]) -> Child {
@@ -201,15 +201,9 @@ fn session_id(s: &Value) -> String {
     s["session"].as_str().or(s["id"].as_str()).expect("session id").to_owned()
 }
 
-fn parse_curl(stdout: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
 fn finish(child: Child) -> (u16, String) {
     let out = child.wait_with_output().expect("curl");
-    parse_curl(&out.stdout)
+    gateway_tests::curl_reply(&out.stdout)
 }
 
 fn still_waiting(child: &mut Child) -> bool {

@@ -263,13 +263,11 @@ impl Scene {
             .command_in_cgroup("curl")
             .args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", self.port), "--cacert"])
             .arg(&self.gateway_ca)
-            .args(["-w", "\n%{http_code}"])
+            .args(gateway_tests::CURL_STATUS)
             .args(args)
             .output()
             .expect("curl");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
+        gateway_tests::curl_reply(&out.stdout)
     }
 
     /// Python's http.client in the intercepted cgroup, started.

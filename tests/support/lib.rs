@@ -644,3 +644,15 @@ fn which_python() -> PathBuf {
         .expect("python3 must be installed for the end-to-end tests");
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
+
+/// curl arguments that append the response's status code on a line of its
+/// own; [`curl_reply`] reads it back.
+pub const CURL_STATUS: [&str; 2] = ["-w", "\n%{http_code}"];
+
+/// The status code and body of a curl run with [`CURL_STATUS`] (status 0
+/// when curl got no response).
+pub fn curl_reply(stdout: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
