@@ -236,13 +236,22 @@ pub struct Passage {
     conn: ConnFacts,
     session: Option<Arc<SessionRecorder>>,
     refused: AtomicU64,
+    /// The destination's `uninspectable`, judged once per connection (by
+    /// its address, like every connection-level decision), not per request.
+    uninspectable: std::sync::OnceLock<policy::Uninspectable>,
 }
 
 impl Gate {
     /// Opens the gate for a connection. The session starts when the
     /// handler knows what the connection is ([`Passage::start_session`]).
     pub fn open(self: &Arc<Self>, conn: ConnFacts) -> Passage {
-        Passage { gate: self.clone(), conn, session: None, refused: AtomicU64::new(0) }
+        Passage {
+            gate: self.clone(),
+            conn,
+            session: None,
+            refused: AtomicU64::new(0),
+            uninspectable: std::sync::OnceLock::new(),
+        }
     }
 
     /// Masks every detector rule: applied to everything a recording keeps.
@@ -361,9 +370,11 @@ impl Passage {
     /// cannot inspect (an undecodable body, an upgrade), judged by the
     /// destination, not by a name the client chose.
     pub fn uninspectable(&self) -> policy::Uninspectable {
-        let host = self.destination_host(None);
-        let policy = self.gate.policy.current();
-        policy.evaluate(&self.facts(&host, false, &policy::NO_ATTRIBUTES, None)).uninspectable
+        *self.uninspectable.get_or_init(|| {
+            let host = self.destination_host(None);
+            let policy = self.gate.policy.current();
+            policy.evaluate(&self.facts(&host, false, &policy::NO_ATTRIBUTES, None)).uninspectable
+        })
     }
 
     /// Decides a connection whose bytes the handler does not understand
