@@ -24,7 +24,10 @@ use tokio::{
 };
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use super::{error::BoxError, exchange::ExchangeLog, BodyInspector, BodyVerdict, ExchangeOutcome, HttpError, Limits};
+use super::{
+    error::BoxError, exchange::ExchangeLog, upstream::PoolReturn, BodyInspector, BodyVerdict, ExchangeOutcome,
+    HttpError, Limits,
+};
 use crate::limits::{Budget, Limit, LimitExceeded, Reservation};
 
 /// Frames in flight between the inspecting pump and hyper. Small, so that
@@ -501,7 +504,9 @@ enum Filter {
 
 enum ResponseKind {
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    /// Upstream's body, and the way its connection goes back to the pool
+    /// once the body has ended.
+    Upstream(Incoming, Option<PoolReturn>),
 }
 
 impl ResponseBody {
@@ -522,12 +527,13 @@ impl ResponseBody {
     /// whether the response inspector sees or rewrites data frames.
     pub(crate) fn upstream(
         body: Incoming,
+        pool_return: Option<PoolReturn>,
         abort: Option<CancellationToken>,
         log: ExchangeLog,
         filter: BodyFilter,
     ) -> ResponseBody {
         ResponseBody {
-            kind: ResponseKind::Upstream(body),
+            kind: ResponseKind::Upstream(body, pool_return),
             abort: abort.map(|t| Box::pin(t.cancelled_owned())),
             log,
             filter: match filter {
@@ -591,11 +597,21 @@ impl Body for ResponseBody {
             }
             let frame = match &mut this.kind {
                 ResponseKind::Full(data) => data.take().map(Frame::data),
-                ResponseKind::Upstream(body) => match ready!(Pin::new(body).poll_frame(cx)) {
-                    Some(Ok(f)) => Some(f),
-                    Some(Err(e)) => return this.fail(e.into()),
-                    None => None,
-                },
+                ResponseKind::Upstream(body, pool_return) => {
+                    let frame = match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                        Some(Ok(f)) => Some(f),
+                        Some(Err(e)) => return this.fail(e.into()),
+                        None => None,
+                    };
+                    // hyper stops polling once a body says it has ended, so
+                    // the end is noticed here, with the last frame.
+                    if frame.is_none() || body.is_end_stream() {
+                        if let Some(back) = pool_return.take() {
+                            back.body_ended();
+                        }
+                    }
+                    frame
+                }
             };
             let frame = match (this.filter, frame) {
                 (Filter::Off, frame) => frame,
@@ -656,7 +672,7 @@ impl Body for ResponseBody {
             (_, Filter::Ended) => self.pending.is_none(),
             (_, Filter::On) => false,
             (ResponseKind::Full(d), Filter::Off | Filter::Observe) => d.is_none(),
-            (ResponseKind::Upstream(b), Filter::Off | Filter::Observe) => b.is_end_stream(),
+            (ResponseKind::Upstream(b, _), Filter::Off | Filter::Observe) => b.is_end_stream(),
         }
     }
 
@@ -666,7 +682,7 @@ impl Body for ResponseBody {
             (ResponseKind::Full(d), Filter::Off | Filter::Observe) => {
                 SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64))
             }
-            (ResponseKind::Upstream(b), Filter::Off | Filter::Observe) => b.size_hint(),
+            (ResponseKind::Upstream(b, _), Filter::Off | Filter::Observe) => b.size_hint(),
         }
     }
 }

@@ -380,8 +380,8 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             },
         };
 
-        let mut resp = match result {
-            Ok(resp) => resp,
+        let (mut resp, pool_return) = match result {
+            Ok(sent) => sent,
             Err(e) if abort.is_cancelled() => {
                 // The body was aborted under the request: either blocked
                 // (the verdict is on its way) or the client's body failed.
@@ -450,7 +450,7 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
             log.set_outcome(ExchangeOutcome::Forwarded);
         }
         let abort = streaming.then_some(abort);
-        Ok(Response::from_parts(parts, ResponseBody::upstream(body, abort, log, filter)))
+        Ok(Response::from_parts(parts, ResponseBody::upstream(body, pool_return, abort, log, filter)))
     }
 
     fn bad_gateway(&self, err: &HttpError, log: ExchangeLog, version: Version) -> Response<ResponseBody> {

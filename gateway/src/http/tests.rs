@@ -582,6 +582,25 @@ async fn h1_keep_alive_three_requests_share_one_upstream_connection() {
     assert_eq!(ex[2].outcome, ExchangeOutcome::Forwarded);
 }
 
+/// Under a multi-threaded runtime the pooled connection must be back in the
+/// pool before the client's next request needs it: a keep-alive client gets
+/// exactly one upstream connection, however the tasks are scheduled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h1_keep_alive_many_requests_one_upstream_connection_on_many_threads() {
+    let up = echo_upstream(None).await;
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, Limits::default()).await;
+    let mut client = h1_client(front.addr).await;
+    for i in 0..300 {
+        client.ready().await.unwrap();
+        let resp = client.send_request(get(&format!("/r{i}"))).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        text(resp).await;
+    }
+    drop(client);
+    assert_eq!(front.next_result().await.unwrap().requests, 300);
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one upstream connection for one keep-alive client");
+}
+
 #[tokio::test]
 async fn h1_chunked_request_and_response() {
     let up = upstream(None, |req: Request<Incoming>| async move {

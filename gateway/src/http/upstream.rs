@@ -94,33 +94,34 @@ impl<U: UpstreamConnector> Upstreams<U> {
         hint: ConnectHint,
         authority: &str,
         tls: bool,
-    ) -> Result<Response<Incoming>, HttpError> {
+    ) -> Result<(Response<Incoming>, Option<PoolReturn>), HttpError> {
         let max_attempts = self.limits.max_idle_upstream + 2;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let (result, retry_ok) = match self.acquire(hint).await? {
+            let (result, retry_ok, back) = match self.acquire(hint).await? {
                 Sender::H2(mut tx) => {
                     headers::prepare(&mut req, true, authority, tls).map_err(HttpError::Request)?;
                     let r = tx.try_send_request(req).await;
                     if r.is_err() {
                         self.forget_h2(&tx).await;
                     }
-                    (r, attempt < 2)
+                    (r, attempt < 2, None)
                 }
                 Sender::H1 { mut tx, reused, pooled } => {
                     headers::prepare(&mut req, false, authority, tls).map_err(HttpError::Request)?;
                     let r = tx.try_send_request(req).await;
-                    if let Ok(resp) = &r {
-                        if pooled && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                            self.recycle(tx);
+                    let back = match &r {
+                        Ok(resp) if pooled && resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
+                            Some(self.pool_return(tx))
                         }
-                    }
-                    (r, reused || attempt < 2)
+                        _ => None,
+                    };
+                    (r, reused || attempt < 2, back)
                 }
             };
             match result {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, back)),
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to replay, body untouched.
                     Some(back) if retry_ok && attempt < max_attempts => {
@@ -257,26 +258,14 @@ impl<U: UpstreamConnector> Upstreams<U> {
         None
     }
 
-    /// Returns `tx` to the pool once its exchange is over (response body
-    /// read to the end). A connection whose exchange breaks off closes and
-    /// is never pooled.
-    fn recycle(&self, mut tx: H1) {
-        let idle: Weak<Mutex<Vec<H1>>> = Arc::downgrade(&self.idle);
-        let recycled = self.recycled.clone();
-        let max = self.limits.max_idle_upstream;
-        tokio::spawn(async move {
-            if tx.ready().await.is_err() {
-                return;
-            }
-            if let Some(idle) = idle.upgrade() {
-                let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < max {
-                    idle.push(tx);
-                    drop(idle);
-                    recycled.notify_one();
-                }
-            }
-        });
+    /// The way back to the pool for `tx`, whose response is being read.
+    fn pool_return(&self, tx: H1) -> PoolReturn {
+        PoolReturn {
+            tx: Some(tx),
+            idle: Arc::downgrade(&self.idle),
+            recycled: self.recycled.clone(),
+            max: self.limits.max_idle_upstream,
+        }
     }
 
     /// Drops the shared h2 connection if it is the one that failed, so the
@@ -288,5 +277,59 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 state.h2 = None;
             }
         }
+    }
+}
+
+/// A pooled HTTP/1.1 connection whose response body is still being read:
+/// it goes back to the pool when the body ends.
+///
+/// The response body calls [`PoolReturn::body_ended`] as it hands the end of
+/// the body on, so the connection is idle again before the client can send
+/// its next request: a keep-alive client keeps exactly one upstream
+/// connection. (Waiting for readiness in a task of its own raced that next
+/// request on a multi-threaded runtime and opened a second connection.)
+/// Dropped otherwise (a body that hyper never polls, a local reply), it is
+/// returned once hyper says it is ready; a connection whose exchange broke
+/// off never becomes ready and closes.
+pub(crate) struct PoolReturn {
+    tx: Option<H1>,
+    idle: Weak<Mutex<Vec<H1>>>,
+    recycled: Arc<Notify>,
+    max: usize,
+}
+
+impl PoolReturn {
+    /// The response body was read to its end.
+    pub(crate) fn body_ended(mut self) {
+        // The connection's task marks it ready as soon as it has read the
+        // last byte, which is before the end reached this body.
+        if let Some(tx) = self.tx.take_if(|tx| tx.is_ready()) {
+            put_back(&self.idle, &self.recycled, self.max, tx);
+        }
+    }
+}
+
+impl Drop for PoolReturn {
+    fn drop(&mut self) {
+        let Some(mut tx) = self.tx.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (idle, recycled, max) = (self.idle.clone(), self.recycled.clone(), self.max);
+        runtime.spawn(async move {
+            if tx.ready().await.is_ok() {
+                put_back(&idle, &recycled, max, tx);
+            }
+        });
+    }
+}
+
+/// Adds `tx` to the idle list if the connection's [`Upstreams`] still
+/// exists and has room.
+fn put_back(idle: &Weak<Mutex<Vec<H1>>>, recycled: &Notify, max: usize, tx: H1) {
+    let Some(idle) = idle.upgrade() else { return };
+    let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+    if idle.len() < max && !tx.is_closed() {
+        idle.push(tx);
+        drop(idle);
+        recycled.notify_one();
     }
 }
