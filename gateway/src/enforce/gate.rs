@@ -44,7 +44,9 @@ use crate::{
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
     mask::Masker,
     policy::{self, PolicyHandle, RequestFacts},
-    record::{DecisionFacts, RecordLevel, Recorder, SessionEnd, SessionRecorder, SessionStart, TlsFacts},
+    record::{
+        DecisionFacts, EventKind, RecordLevel, Recorder, SessionOutcome, SessionRecorder, SessionStart, TlsFacts,
+    },
     tls::pattern_matches,
 };
 
@@ -317,15 +319,15 @@ impl Passage {
             orig_dst: self.conn.dst,
             sni,
             tls,
-            protocol: protocol.as_str().to_owned(),
+            protocol,
         });
         self.session = session.is_recording().then(|| Arc::new(session));
     }
 
     /// Ends the recording with the connection's totals.
-    pub fn end_session(&self, outcome: &str, bytes_up: u64, bytes_down: u64) {
+    pub fn end_session(&self, outcome: SessionOutcome, bytes_up: u64, bytes_down: u64) {
         if let Some(s) = &self.session {
-            s.end(SessionEnd { bytes_up, bytes_down, outcome: outcome.to_owned() });
+            s.end(outcome, bytes_up, bytes_down);
         }
     }
 
@@ -402,7 +404,7 @@ impl Passage {
         }
         if let Some(s) = &self.session {
             s.event(
-                "decision",
+                EventKind::Decision,
                 json!({ "rule": rule, "action": action.name(), "uninspectable": uninspectable.as_str(), "why": why }),
             );
         }
@@ -452,7 +454,7 @@ impl Passage {
             let mut detail = refusal.detail();
             detail["reason"] = json!(code);
             detail["rule"] = json!(rule);
-            s.event("refused", detail);
+            s.event(EventKind::Refused, detail);
         }
         refusal
     }
@@ -700,7 +702,7 @@ impl Passage {
         let approval_spec = approval::ApprovalSpec::from(spec);
         if let Some(s) = session {
             s.event(
-                "approval_requested",
+                EventKind::ApprovalRequested,
                 json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }),
             );
         }
@@ -746,7 +748,7 @@ impl Passage {
             }
         };
         if let Some(s) = session {
-            s.event("approval_decided", event);
+            s.event(EventKind::ApprovalDecided, event);
         }
         result.map_err(|reason| self.refuse(reason, rule))
     }

@@ -6,7 +6,7 @@
 //! key, records the sighting through a [`FindingsHandle`] (which returns only
 //! once the finding is durably committed, so the id it puts in a 403 response
 //! always exists), and reviewers work through `gateway findings ...`
-//! ([`cli`]).
+//! (`crate::cli::findings`).
 //!
 //! Nothing secret is stored: the caller hands over an HMAC fingerprint and a
 //! redacted preview, never the key (there is no field for it in
@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub mod cli;
 mod export;
 mod handle;
 mod model;

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::attest::{record_for_live_pid, Attestation, Attested, Attestor};
-use super::mapping::MappingFile;
-use super::resolver::{Explanation, IdentityResolver, RuleOutcome};
-use super::IdentityConfig;
+use crate::config::Config;
+use crate::identity::{
+    record_for_live_pid, Attestation, Attested, Attestor, Explanation, IdentityConfig, IdentityResolver, MappingFile,
+    RuleOutcome,
+};
 
 /// `gateway identity ...`.
 #[derive(Debug, Clone, Args)]
@@ -40,20 +41,17 @@ pub enum IdentityCommand {
 }
 
 /// Runs a `gateway identity` subcommand.
-pub fn run(config: &IdentityConfig, args: &IdentityArgs) -> ExitCode {
-    match &args.command {
-        IdentityCommand::Explain { pid, json } => cli_explain(config, *pid, *json),
+pub fn run(config: &Config, args: &IdentityArgs) -> anyhow::Result<ExitCode> {
+    let config = &config.identity;
+    Ok(match &args.command {
+        IdentityCommand::Explain { pid, json } => explain(config, *pid, *json),
         IdentityCommand::Check { file } => check_with(config, file),
-    }
+    })
 }
 
-/// Validates `path` with the default configuration: exit 0 when valid,
-/// 2 (after printing each error as `file:line:column: message`) otherwise.
-pub fn cli_check(path: &Path) -> ExitCode {
-    check_with(&IdentityConfig::default(), path)
-}
-
-fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
+/// Validates `path` under `config`: exit 0 when valid, 2 (after printing
+/// each error as `file:line:column: message`) otherwise.
+pub fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
     match MappingFile::load_with(path, config) {
         Ok(f) => {
             println!("{}: OK ({} rules)", path.display(), f.len());
@@ -72,7 +70,7 @@ fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
 /// Attests live process `pid` with connect time = now and explains its
 /// identity under `config.mappings`. Exit 0 when attested, 1 when not,
 /// 2 when the mapping file is broken.
-pub fn cli_explain(config: &IdentityConfig, pid: u32, json: bool) -> ExitCode {
+pub fn explain(config: &IdentityConfig, pid: u32, json: bool) -> ExitCode {
     let resolver = match IdentityResolver::from_config(config) {
         Ok(r) => r,
         Err(errors) => {

@@ -10,10 +10,14 @@ use std::{
     process::ExitCode,
 };
 
-use time::{format_description::FormatItem, macros::format_description, Duration, OffsetDateTime, UtcOffset};
+use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
 
-use super::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status};
-use crate::{config::Config, term::safe};
+use super::since::parse_since;
+use crate::{
+    config::Config,
+    findings::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status},
+    term::safe,
+};
 
 /// Arguments of `gateway findings`.
 #[derive(Debug, clap::Args)]
@@ -38,7 +42,7 @@ pub enum FindingsCommand {
         #[arg(long)]
         host: Option<String>,
         /// Only findings seen since this time: RFC 3339, a date (YYYY-MM-DD, UTC)
-        /// or an age such as 30m, 24h, 7d.
+        /// or an age such as 30m, 24h, 7d, 1h 30m.
         #[arg(long, value_parser = parse_since)]
         since: Option<OffsetDateTime>,
         /// Print JSON (an array of findings, with history).
@@ -95,34 +99,13 @@ fn parse_id(s: &str) -> Result<FindingId, String> {
     s.parse()
 }
 
-fn parse_since(s: &str) -> Result<OffsetDateTime, String> {
-    parse_since_at(s, OffsetDateTime::now_utc())
-}
-
-fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok(t);
-    }
-    if let Ok(d) = time::Date::parse(s, format_description!("[year]-[month]-[day]")) {
-        return Ok(d.midnight().assume_utc());
-    }
-    let err = || format!("`{s}` is not a time (RFC 3339, YYYY-MM-DD, or an age like 30m, 24h, 7d)");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let n: i64 = s[..split].parse().map_err(|_| err())?;
-    let age = match &s[split..] {
-        "s" => Duration::seconds(n),
-        "m" => Duration::minutes(n),
-        "h" => Duration::hours(n),
-        "d" => Duration::days(n),
-        "w" => Duration::weeks(n),
-        _ => return Err(err()),
-    };
-    now.checked_sub(age).ok_or_else(err)
-}
-
 /// Runs `gateway findings`.
-pub fn run(config: &Config, args: &FindingsArgs) -> ExitCode {
+pub fn run(config: &Config, args: &FindingsArgs) -> anyhow::Result<ExitCode> {
+    Ok(run_reporting(config, args))
+}
+
+/// [`run`]: every failure is printed here, with its exit status.
+fn run_reporting(config: &Config, args: &FindingsArgs) -> ExitCode {
     if let Err((field, reason)) = config.findings.validate() {
         eprintln!("gateway: configuration: {field}: {reason}");
         return ExitCode::from(2);
@@ -393,7 +376,6 @@ fn detail(f: &Finding) -> String {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
-    use time::macros::datetime;
 
     use super::*;
 
@@ -428,18 +410,6 @@ mod tests {
             FindingsCommand::Export { format: ExportFormat::Sarif, out: Some(_) }
         ));
         assert!(parse(&["export", "--format", "xml"]).is_err());
-    }
-
-    #[test]
-    fn since() {
-        let now = datetime!(2024-05-10 12:00 UTC);
-        assert_eq!(parse_since_at("24h", now), Ok(datetime!(2024-05-09 12:00 UTC)));
-        assert_eq!(parse_since_at("7d", now), Ok(datetime!(2024-05-03 12:00 UTC)));
-        assert_eq!(parse_since_at("2024-05-01", now), Ok(datetime!(2024-05-01 0:00 UTC)));
-        assert_eq!(parse_since_at("2024-05-01T10:00:00+02:00", now), Ok(datetime!(2024-05-01 8:00 UTC)));
-        assert!(parse_since_at("yesterday", now).is_err());
-        assert!(parse_since_at("5y", now).is_err());
-        assert!(parse_since_at("h", now).is_err());
     }
 
     #[test]

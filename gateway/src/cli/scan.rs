@@ -8,8 +8,10 @@ use std::{
     sync::Arc,
 };
 
-use super::{DetectConfig, Detection, Detector, FingerprintKey};
-use crate::config::Config;
+use crate::{
+    config::Config,
+    detect::{DetectConfig, Detection, Detector, FingerprintKey},
+};
 
 /// Bytes checked for NUL to decide that a file is binary.
 const BINARY_SNIFF: usize = 8192;
@@ -34,7 +36,11 @@ pub struct ScanArgs {
 
 /// Runs `gateway scan`: exit status 1 when secrets were found, 0 when none,
 /// 2 on errors. Secrets are shown only as fingerprints and redacted previews.
-pub fn run(config: &Config, args: &ScanArgs) -> ExitCode {
+pub fn run(config: &Config, args: &ScanArgs) -> anyhow::Result<ExitCode> {
+    Ok(scan(config, args))
+}
+
+fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
     let mut detect: DetectConfig = config.detect.clone();
     if let Some(rules) = &args.rules {
         detect.custom_rules = Some(rules.clone());
