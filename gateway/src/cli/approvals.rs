@@ -9,13 +9,12 @@
 use std::{io::Write, path::Path, process::ExitCode};
 
 use anyhow::{bail, Context as _};
-use time::{macros::format_description, OffsetDateTime};
 
 use crate::{
     api::AdminClient,
     approval::{ApprovalId, ApprovalView, ListFilter, State, Verdict},
     config::Config,
-    term::safe,
+    term::{safe, when},
 };
 
 /// Arguments of `gateway approvals`.
@@ -233,18 +232,13 @@ fn render_one(v: &ApprovalView, json: bool) -> String {
     text
 }
 
-fn when(t: OffsetDateTime) -> String {
-    t.format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z"))
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn job_text_cannot_drive_the_terminal() {
-        let now = OffsetDateTime::now_utc();
+        let now = time::OffsetDateTime::now_utc();
         let view = ApprovalView {
             id: ApprovalId(7),
             state: State::Pending,
@@ -257,7 +251,7 @@ mod tests {
             job: Default::default(),
             session_id: None,
             method: "POST".into(),
-            url: "/deploy/\u{202e}dorp\u{1b}[2J".into(),
+            url: "/deploy/\u{202e}dorp\u{1b}[2J\u{061c}\u{2069}".into(),
             destination: "api.internal:443".into(),
             body_preview: "line\u{2066}one\nline two".into(),
             requesters: Vec::new(),
@@ -267,8 +261,8 @@ mod tests {
             decisions: Vec::new(),
         };
         for text in [render_list(std::slice::from_ref(&view), false), render_one(&view, false)] {
-            assert!(text.contains("/deploy/\\u{202e}dorp\\u{1b}[2J"), "{text}");
-            assert!(!text.contains(['\u{202e}', '\u{1b}', '\u{2066}']), "{text}");
+            assert!(text.contains("/deploy/\\u{202e}dorp\\u{1b}[2J\\u{61c}\\u{2069}"), "{text}");
+            assert!(!text.contains(['\u{202e}', '\u{1b}', '\u{2066}', '\u{061c}', '\u{2069}']), "{text}");
         }
     }
 

@@ -10,13 +10,13 @@ use std::{
     process::ExitCode,
 };
 
-use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use super::since::parse_since;
 use crate::{
     config::Config,
     findings::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status},
-    term::safe,
+    term::{cell, safe, when, Keep, Table},
 };
 
 /// Arguments of `gateway findings`.
@@ -250,76 +250,23 @@ fn write_atomically(
     result
 }
 
-const TIME_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z");
-
-fn when(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
-/// `safe`, then cut to `width` characters (keeping the end when `tail`,
-/// which is the informative part of a path).
-fn cell(s: &str, width: usize, tail: bool) -> String {
-    let s = safe(s);
-    let n = s.chars().count();
-    if n <= width {
-        return s;
-    }
-    let keep = width.saturating_sub(1);
-    if tail {
-        format!("…{}", s.chars().skip(n - keep).collect::<String>())
-    } else {
-        format!("{}…", s.chars().take(keep).collect::<String>())
-    }
-}
-
 fn table(findings: &[Finding]) -> String {
-    let header = ["ID", "STATUS", "RULE", "PREVIEW", "DESTINATION", "EXE", "COUNT", "LAST SEEN"];
-    let rows: Vec<[String; 8]> = findings
-        .iter()
-        .map(|f| {
-            [
-                f.id.to_string(),
-                f.status.to_string(),
-                cell(&f.rule_id, 28, false),
-                cell(&f.preview, 24, false),
-                cell(&f.destination(), 40, false),
-                cell(f.process.exe.as_deref().unwrap_or("-"), 36, true),
-                f.count.to_string(),
-                when(f.last_seen),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
+    let mut table = Table::new(["ID", "STATUS", "RULE", "PREVIEW", "DESTINATION", "EXE", "COUNT", "LAST SEEN"])
+        // The count.
+        .right_align(6);
+    for f in findings {
+        table.row([
+            f.id.to_string(),
+            f.status.to_string(),
+            cell(&f.rule_id, 28, Keep::Start),
+            cell(&f.preview, 24, Keep::Start),
+            cell(&f.destination(), 40, Keep::Start),
+            cell(f.process.exe.as_deref().unwrap_or("-"), 36, Keep::End),
+            f.count.to_string(),
+            when(f.last_seen),
+        ]);
     }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            let pad = w.saturating_sub(c.chars().count());
-            // Right-align the count, left-align the rest.
-            if i == 6 {
-                l.extend(std::iter::repeat_n(' ', pad));
-                l.push_str(c);
-            } else {
-                l.push_str(c);
-                l.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    table.render()
 }
 
 fn detail(f: &Finding) -> String {
@@ -413,11 +360,45 @@ mod tests {
     }
 
     #[test]
-    fn hostile_text_is_escaped() {
-        assert_eq!(safe("curl\x1b[2J"), "curl\\u{1b}[2J");
-        assert_eq!(safe("a\u{202e}b"), "a\\u{202e}b");
-        assert_eq!(safe("plain/ü"), "plain/ü");
-        assert_eq!(cell("/very/long/path/to/bin/tool", 10, true), "…/bin/tool");
-        assert_eq!(cell("abcdefghijkl", 5, false), "abcd…");
+    fn job_text_cannot_drive_the_terminal() {
+        let at = time::macros::datetime!(2024-05-02 09:14:03 UTC);
+        let finding = Finding {
+            id: FindingId(1),
+            rule_id: "openai-api-key".into(),
+            confidence: "high".into(),
+            fingerprint: "fp".into(),
+            preview: "sk-ab…wxyz".into(),
+            location: "header:authorization\u{1b}".into(),
+            dest_host: "api.openai.com".into(),
+            dest_port: 443,
+            process: crate::findings::ProcessSnapshot {
+                exe: Some("/usr/bin/cu\u{202e}lr".into()),
+                comm: "curl\u{1b}[2J".into(),
+                job: [("CI_JOB_NAME".to_owned(), "build\u{2067}".to_owned())].into(),
+                ..Default::default()
+            },
+            identity: Some("spiffe://ci/\u{061c}job".into()),
+            first_seen: at,
+            last_seen: at,
+            count: 2,
+            action: crate::findings::Action::Block,
+            status: Status::Open,
+            history: vec![crate::findings::StatusChange {
+                from: None,
+                to: Status::Open,
+                by: "gateway".into(),
+                at,
+                comment: "seen\u{200f}".into(),
+            }],
+        };
+        let list = table(std::slice::from_ref(&finding));
+        assert!(list.contains("/usr/bin/cu\\u{202e}lr") && list.contains("2024-05-02 09:14:03Z"), "{list}");
+        let shown = detail(&finding);
+        for escaped in ["curl\\u{1b}[2J", "build\\u{2067}", "\\u{61c}job", "seen\\u{200f}", "authorization\\u{1b}"] {
+            assert!(shown.contains(escaped), "{escaped} in {shown}");
+        }
+        for text in [list, shown] {
+            assert!(!text.contains(['\u{1b}', '\u{202e}', '\u{2067}', '\u{061c}', '\u{200f}']), "{text}");
+        }
     }
 }

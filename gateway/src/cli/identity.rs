@@ -1,5 +1,7 @@
 //! `gateway identity explain|check`: the operator's view of attestation and
-//! mappings, for writing rules and for CI of the mapping file itself.
+//! mappings, for writing rules and for CI of the mapping file itself. What
+//! the process controls (paths, environment, labels built from it) is
+//! printed through [`crate::term::safe`].
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,6 +13,7 @@ use crate::identity::{
     record_for_live_pid, Attestation, Attested, Attestor, Explanation, IdentityConfig, IdentityResolver, MappingFile,
     RuleOutcome,
 };
+use crate::term::safe;
 
 /// `gateway identity ...`.
 #[derive(Debug, Clone, Args)]
@@ -119,33 +122,38 @@ fn print_attested(a: &Attested) {
     println!("  uid/gid      {}/{} ({})", a.uid, a.gid, a.user.as_deref().unwrap_or("no passwd entry"));
     println!(
         "  exe          {}{}{}",
-        a.exe.path,
+        safe(&a.exe.path),
         if a.exe.deleted { " (deleted)" } else { "" },
         if a.exe.root_owned { " [root-owned]" } else { " [not root-owned: path is job-controlled]" }
     );
     println!("  exe sha256   {}", a.exe.sha256);
     println!("  cmdline      {:?}", a.cmdline);
-    println!("  cwd          {}", a.cwd.as_deref().unwrap_or("-"));
-    println!("  cgroup       {}", a.cgroup.as_deref().unwrap_or("-"));
+    println!("  cwd          {}", safe(a.cwd.as_deref().unwrap_or("-")));
+    println!("  cgroup       {}", safe(a.cgroup.as_deref().unwrap_or("-")));
     if let Some(c) = &a.container {
-        println!("  container    {} {} pod {}", c.runtime.as_str(), c.id, c.pod_uid.as_deref().unwrap_or("-"));
+        println!(
+            "  container    {} {} pod {}",
+            c.runtime.as_str(),
+            safe(&c.id),
+            safe(c.pod_uid.as_deref().unwrap_or("-"))
+        );
         match (&c.name, &c.image) {
             (Some(name), Some(image)) => println!("  container    name {name:?} image {image:?}"),
             _ => println!("  container    no name or image: no configured runtime confirmed it"),
         }
     }
     for (k, v) in &a.env {
-        println!("  env          {k}={v}");
+        println!("  env          {}={}", safe(k), safe(v));
     }
     for p in &a.ancestors {
         let exe = p.exe.as_ref().map_or("-", |e| e.path.as_str());
-        println!("  ancestor     {} {exe}", p.pid);
+        println!("  ancestor     {} {}", p.pid, safe(exe));
     }
 }
 
 fn print_explanation(e: &Explanation) {
     if let Some(reason) = &e.unattested_reason {
-        println!("unattested: {reason}");
+        println!("unattested: {}", safe(reason));
     }
     match &e.mappings {
         Some(m) => println!("mappings     {m}"),
@@ -163,10 +171,10 @@ fn print_explanation(e: &Explanation) {
             RuleOutcome::Untrusted { reason } => format!("no: {reason}"),
             RuleOutcome::TemplateFailed { reason } => format!("no: {reason}"),
         };
-        println!("  rule {:<4} {:<24} {verdict}", r.index, r.rule);
+        println!("  rule {:<4} {:<24} {}", r.index, safe(&r.rule), safe(&verdict));
     }
-    println!("identity     {}", e.identity.uri);
+    println!("identity     {}", safe(&e.identity.uri));
     for (k, v) in &e.identity.labels {
-        println!("  label      {k}={v}");
+        println!("  label      {}={}", safe(k), safe(v));
     }
 }

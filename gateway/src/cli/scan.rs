@@ -11,6 +11,7 @@ use std::{
 use crate::{
     config::Config,
     detect::{DetectConfig, Detection, Detector, FingerprintKey},
+    term::safe,
 };
 
 /// Bytes checked for NUL to decide that a file is binary.
@@ -123,7 +124,11 @@ impl<W: Write> Scan<W> {
             }
         } else if meta.is_file() {
             if meta.len() > self.max_file_size {
-                eprintln!("gateway scan: {}: skipped, larger than {} bytes", path.display(), self.max_file_size);
+                eprintln!(
+                    "gateway scan: {}: skipped, larger than {} bytes",
+                    safe(&path.display().to_string()),
+                    self.max_file_size
+                );
                 return;
             }
             match std::fs::read(path) {
@@ -184,7 +189,15 @@ impl<W: Write> Scan<W> {
             });
             writeln!(self.out, "{obj}")
         } else {
-            writeln!(self.out, "{name}:{line}:{column}: {} ({}) {fingerprint} {preview}", d.rule_id, d.confidence)
+            // File names come from the scanned tree, which may be a job's.
+            writeln!(
+                self.out,
+                "{}:{line}:{column}: {} ({}) {fingerprint} {}",
+                safe(name),
+                d.rule_id,
+                d.confidence,
+                safe(&preview)
+            )
         };
         if result.is_err() {
             self.errors += 1;
@@ -192,7 +205,7 @@ impl<W: Write> Scan<W> {
     }
 
     fn error(&mut self, path: &Path, e: &std::io::Error) {
-        eprintln!("gateway scan: {}: {e}", path.display());
+        eprintln!("gateway scan: {}: {e}", safe(&path.display().to_string()));
         self.errors += 1;
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{fmt::Write as _, io::Write, path::Path, process::ExitCode, time::Duration};
 
-use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
 use super::since::parse_since;
 use crate::{
@@ -16,7 +16,7 @@ use crate::{
         BodyData, EventData, ExchangeData, MessageData, Record, RecordError, RecordKind, SessionEnd, SessionFilter,
         SessionMeta, SessionStore, SessionSummary,
     },
-    term::{safe, safe_keeping},
+    term::{safe, safe_keeping, when_ms as when, Keep, Table},
 };
 
 /// Arguments of `gateway sessions`.
@@ -207,13 +207,6 @@ fn execute(
     Ok(ExitCode::SUCCESS)
 }
 
-const TIME_FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z");
-
-fn when(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
 /// Seconds between two Unix-nanosecond times, as `+1.234s`.
 fn offset(from: i64, to: i64) -> String {
     let d = to.saturating_sub(from);
@@ -233,61 +226,31 @@ fn duration(ns: u64) -> String {
     }
 }
 
-/// `safe`, then cut to `width` characters.
+/// [`term::cell`](crate::term::cell) keeping the start.
 fn cell(s: &str, width: usize) -> String {
-    let s = safe(s);
-    if s.chars().count() <= width {
-        return s;
-    }
-    format!("{}…", s.chars().take(width.saturating_sub(1)).collect::<String>())
+    crate::term::cell(s, width, Keep::Start)
 }
 
 fn table(sessions: &[SessionSummary]) -> String {
-    const HEADER: [&str; 9] =
-        ["ID", "STARTED", "STATE", "DURATION", "IDENTITY", "DESTINATION", "PROCESS", "EXCH", "OUTCOME"];
-    let rows: Vec<[String; 9]> = sessions
-        .iter()
-        .map(|s| {
-            let started = s.started.unix_timestamp_nanos();
-            let until = s.ended.unwrap_or(s.last_activity).unix_timestamp_nanos();
-            let nanos = u64::try_from(until.saturating_sub(started)).unwrap_or(0);
-            [
-                cell(s.id.as_str(), 40),
-                when(s.started),
-                s.state.to_string(),
-                duration(nanos),
-                cell(if s.identity.is_empty() { "-" } else { &s.identity }, 40),
-                cell(&format!("{} ({})", s.host, s.orig_dst), 48),
-                cell(&format!("{}[{}]", s.comm, s.pid), 24),
-                s.exchanges.to_string(),
-                cell(s.outcome.as_deref().unwrap_or("-"), 24),
-            ]
-        })
-        .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
+    let mut table =
+        Table::new(["ID", "STARTED", "STATE", "DURATION", "IDENTITY", "DESTINATION", "PROCESS", "EXCH", "OUTCOME"]);
+    for s in sessions {
+        let started = s.started.unix_timestamp_nanos();
+        let until = s.ended.unwrap_or(s.last_activity).unix_timestamp_nanos();
+        let nanos = u64::try_from(until.saturating_sub(started)).unwrap_or(0);
+        table.row([
+            cell(s.id.as_str(), 40),
+            when(s.started),
+            s.state.to_string(),
+            duration(nanos),
+            cell(if s.identity.is_empty() { "-" } else { &s.identity }, 40),
+            cell(&format!("{} ({})", s.host, s.orig_dst), 48),
+            cell(&format!("{}[{}]", s.comm, s.pid), 24),
+            s.exchanges.to_string(),
+            cell(s.outcome.as_deref().unwrap_or("-"), 24),
+        ]);
     }
-    let mut out = String::new();
-    let mut line = |cells: [&str; 9]| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            l.push_str(c);
-            l.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(HEADER);
-    for row in &rows {
-        line(row.each_ref().map(String::as_str));
-    }
-    out
+    table.render()
 }
 
 fn show_json(summary: &SessionSummary, records: &[Record]) -> serde_json::Value {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 
 use super::{require_root, resolve_cgroups};
-use crate::{config::Config, intercept::Status};
+use crate::{config::Config, intercept::Status, term::safe};
 
 /// `gateway status`.
 pub fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
@@ -93,7 +93,7 @@ fn container_status(config: &Config) -> anyhow::Result<ContainerStatus> {
                     if !covered {
                         out.warnings.push(format!(
                             "container {} ({}, image {}) runs in cgroup {} outside the intercepted cgroups ({}): its connections are not inspected; start job containers with --cgroup-parent under an intercepted cgroup (see docs/operations.md)",
-                            &container.id[..container.id.len().min(12)],
+                            container.id.get(..12).unwrap_or(&container.id),
                             container.name,
                             container.image,
                             container.cgroup.as_deref().unwrap_or("(unknown)"),
@@ -114,21 +114,22 @@ impl ContainerStatus {
         println!("containers:      {} running (identity.container_runtimes)", self.containers.len());
         for line in &self.containers {
             let c = &line.container;
+            // Container names and images are chosen by whoever started them.
             println!(
                 "  {} {:<24} {:<32} pid {:<8} {} {}",
-                &c.id[..c.id.len().min(12)],
-                c.name,
-                c.image,
+                safe(c.id.get(..12).unwrap_or(&c.id)),
+                safe(&c.name),
+                safe(&c.image),
                 c.pid,
-                c.cgroup.as_deref().unwrap_or("-"),
+                safe(c.cgroup.as_deref().unwrap_or("-")),
                 if line.intercepted { "intercepted" } else { "NOT INTERCEPTED" }
             );
         }
         for e in &self.runtime_errors {
-            println!("runtime error:   {e}");
+            println!("runtime error:   {}", safe(e));
         }
         for w in &self.warnings {
-            println!("warning: {w}");
+            println!("warning: {}", safe(w));
         }
     }
 }
