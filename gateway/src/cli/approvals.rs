@@ -203,7 +203,7 @@ fn render_one(v: &ApprovalView, json: bool) -> String {
     for (k, val) in &v.identity_labels {
         line("  label:", &format!("{k}={val}"));
     }
-    line("process:", &v.process.to_string());
+    line("process:", &serde_json::to_string(&v.process).unwrap_or_default());
     for (k, val) in &v.job {
         line("  job:", &format!("{k}={val}"));
     }
@@ -247,7 +247,7 @@ mod tests {
             min_approvals: 1,
             identity: "spiffe://ci/job".into(),
             identity_labels: Default::default(),
-            process: serde_json::json!({"comm": "curl\u{202e}"}),
+            process: crate::process::ProcessSnapshot { comm: "curl\u{202e}".into(), ..Default::default() },
             job: Default::default(),
             session_id: None,
             method: "POST".into(),

@@ -371,7 +371,7 @@ mod tests {
             location: "header:authorization\u{1b}".into(),
             dest_host: "api.openai.com".into(),
             dest_port: 443,
-            process: crate::findings::ProcessSnapshot {
+            process: crate::process::ProcessSnapshot {
                 exe: Some("/usr/bin/cu\u{202e}lr".into()),
                 comm: "curl\u{1b}[2J".into(),
                 job: [("CI_JOB_NAME".to_owned(), "build\u{2067}".to_owned())].into(),

@@ -336,7 +336,7 @@ fn describe_meta(o: &mut String, m: &SessionMeta) {
         safe(&p.comm),
         p.pid,
         p.uid,
-        p.gid
+        p.gid.map_or_else(|| "-".to_owned(), |g| g.to_string())
     );
     let _ = writeln!(o, "  cgroup:       {}", safe(p.cgroup.as_deref().unwrap_or("-")));
     if !p.job.is_empty() {

@@ -41,7 +41,7 @@ use crate::{
         Detector, FingerprintKey,
     },
     event::Protocol,
-    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
+    findings::{Action, FindingsConfig, FindingsHandle, NewFinding},
     mask::Masker,
     policy::{self, PolicyHandle, RequestFacts},
     record::{
@@ -314,7 +314,7 @@ impl Passage {
             conn_id: self.conn.id,
             identity: caller.identity.uri.clone(),
             identity_labels: caller.identity.labels.clone(),
-            process: crate::record::ProcessFacts::new(&caller.process, caller.job.clone()),
+            process: caller.process.snapshot(caller.job.clone()),
             host: host.to_owned(),
             orig_dst: self.conn.dst,
             sni,
@@ -659,20 +659,12 @@ impl Passage {
         prepare(credential, self.gate.minter.as_deref(), &mint).map_err(|e| e.to_string())
     }
 
-    fn snapshot(&self, verified: &BTreeMap<String, String>) -> ProcessSnapshot {
+    fn snapshot(&self, verified: &BTreeMap<String, String>) -> crate::process::ProcessSnapshot {
         let caller = &self.conn.caller;
         let p = &caller.process;
         let mut job = caller.job.clone();
         job.extend(verified.iter().map(|(k, v)| (format!("oidc.{k}"), v.clone())));
-        ProcessSnapshot {
-            pid: p.pid,
-            uid: p.uid,
-            exe: p.exe.as_ref().map(|e| e.display().to_string()),
-            comm: p.comm.clone(),
-            cgroup: p.cgroup.clone(),
-            container: p.container.clone(),
-            job,
-        }
+        p.snapshot(job)
     }
 
     /// Holds the caller's request until its approval is decided, recording
@@ -685,10 +677,8 @@ impl Passage {
         let new = NewApproval {
             identity: caller.identity.uri.clone(),
             identity_labels: caller.identity.labels.clone(),
-            process: json!({
-                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
-                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
-            }),
+            // The job's variables are the request's own `job`.
+            process: p.snapshot(BTreeMap::new()),
             job: caller.job.clone(),
             session_id: session.map(|s| s.id().as_str().to_owned()),
             method,

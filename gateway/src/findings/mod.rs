@@ -22,9 +22,7 @@ mod model;
 pub mod store;
 
 pub use handle::FindingsHandle;
-pub use model::{
-    ExportFormat, Finding, FindingId, ListFilter, NewFinding, ProcessSnapshot, Recorded, Status, StatusChange,
-};
+pub use model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
 pub use store::FindingStore;
 
 /// File name of the findings database inside `state_dir` when

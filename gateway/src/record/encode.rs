@@ -289,9 +289,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        process::ProcessSnapshot,
         record::{
-            chain::canonical_json, BodyData, DecisionFacts, EventData, ExchangeData, MessageData, ProcessFacts,
-            SessionEnd, SessionId, SessionMeta, TlsFacts,
+            chain::canonical_json, BodyData, DecisionFacts, EventData, ExchangeData, MessageData, SessionEnd,
+            SessionId, SessionMeta, TlsFacts,
         },
         redact::cap,
     };
@@ -484,10 +485,10 @@ mod tests {
     fn start_and_end_records_encode_exactly_as_before() {
         let canonical = |v: serde_json::Value| canonical_json(&v);
         let job = BTreeMap::from([("CI_JOB_ID".to_owned(), "42".to_owned()), ("A_B".to_owned(), AWKWARD.to_owned())]);
-        let process = ProcessFacts {
+        let process = ProcessSnapshot {
             pid: 1,
             uid: 2,
-            gid: 3,
+            gid: Some(3),
             comm: AWKWARD.into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: None,
@@ -515,7 +516,7 @@ mod tests {
         container.name = Some(AWKWARD.into());
         container.image = Some("alpine:3.20".into());
         container.image_id = Some("sha256:00".into());
-        let process = ProcessFacts { container: Some(container), ..meta.process.clone() };
+        let process = ProcessSnapshot { container: Some(container), ..meta.process.clone() };
         let meta = SessionMeta { process, ..meta };
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let end = SessionEnd { bytes_up: 1, bytes_down: u64::MAX, outcome: AWKWARD.into() };

@@ -29,9 +29,9 @@ mod writer;
 pub use crate::redact::{redact_header_pairs, redact_headers, REDACTED};
 pub use chain::{hash_record, Verdict, GENESIS_HASH};
 pub use model::{
-    BodyData, DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, MessageData, ProcessFacts, Record,
-    RecordKind, RecordLevel, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionStart,
-    SessionState, SessionSummary, TlsFacts,
+    BodyData, DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, MessageData, Record, RecordKind,
+    RecordLevel, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionStart, SessionState,
+    SessionSummary, TlsFacts,
 };
 pub use retention::prune;
 pub use store::SessionStore;

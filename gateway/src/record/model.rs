@@ -12,6 +12,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::process::ProcessSnapshot;
+
 /// Identifier of a session: `<unix milliseconds, 12 hex>-<48 random bits, 12
 /// hex>`. Unique across restarts, and sorting ids sorts sessions by start
 /// time (to the millisecond). Cheap to clone: every record of a session
@@ -56,49 +58,8 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// The process behind a session, as attribution saw it. Fields are in sorted
-/// order: the start record serializes it as canonical JSON directly.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessFacts {
-    /// cgroup v2 path.
-    pub cgroup: Option<String>,
-    /// `comm` at connect() time.
-    pub comm: String,
-    /// The container the process ran in (absent for host processes, so
-    /// their start records are byte for byte what they were before).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<crate::identity::ContainerRef>,
-    /// Executable, when /proc still showed it.
-    pub exe: Option<String>,
-    /// Real gid.
-    pub gid: u32,
-    /// CI job variables; values of credential-looking names are redacted
-    /// by the recorder whatever the caller passes.
-    pub job: BTreeMap<String, String>,
-    /// Process id (tgid).
-    pub pid: u32,
-    /// Real uid.
-    pub uid: u32,
-}
-
-impl ProcessFacts {
-    /// The facts of an attributed process plus its job variables.
-    pub fn new(info: &crate::process::ProcessInfo, job: BTreeMap<String, String>) -> ProcessFacts {
-        ProcessFacts {
-            pid: info.pid,
-            uid: info.uid,
-            gid: info.gid,
-            comm: info.comm.clone(),
-            exe: info.exe.as_ref().map(|p| p.to_string_lossy().into_owned()),
-            cgroup: info.cgroup.clone(),
-            container: info.container.clone(),
-            job,
-        }
-    }
-}
-
 /// The negotiated TLS parameters of the client side of a session (fields in
-/// sorted order, see [`ProcessFacts`]).
+/// sorted order, see [`SessionMeta`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFacts {
     /// Negotiated ALPN protocol, if any.
@@ -119,7 +80,7 @@ pub struct SessionStart {
     /// Labels of that identity.
     pub identity_labels: BTreeMap<String, String>,
     /// The process that connected.
-    pub process: ProcessFacts,
+    pub process: ProcessSnapshot,
     /// Destination host name (SNI, Host or the address).
     pub host: String,
     /// The original destination the connection was redirected from.
@@ -148,7 +109,7 @@ pub struct SessionMeta {
     /// Original destination, `addr:port`.
     pub orig_dst: String,
     /// The process that connected.
-    pub process: ProcessFacts,
+    pub process: ProcessSnapshot,
     /// Protocol spoken.
     pub protocol: String,
     /// The session this record starts.

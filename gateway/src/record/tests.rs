@@ -12,11 +12,11 @@ use bytes::Bytes;
 use rusqlite::params;
 
 use super::{
-    DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, ProcessFacts, RecordConfig, RecordError,
-    RecordLevel, Recorder, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionRecorder, SessionStart,
-    SessionState, SessionStore, TlsFacts, Verdict,
+    DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, RecordConfig, RecordError, RecordLevel,
+    Recorder, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionRecorder, SessionStart, SessionState,
+    SessionStore, TlsFacts, Verdict,
 };
-use crate::cli::sessions::tests::run_captured;
+use crate::{cli::sessions::tests::run_captured, process::ProcessSnapshot};
 
 const SECRET: &str = "sk-live-9f8e7d6c5b4a39281706";
 
@@ -41,10 +41,10 @@ fn start_facts() -> SessionStart {
         conn_id: 7,
         identity: "spiffe://ci.example/project/42".into(),
         identity_labels: BTreeMap::from([("env".to_owned(), "prod".to_owned())]),
-        process: ProcessFacts {
+        process: ProcessSnapshot {
             pid: 4321,
             uid: 1000,
-            gid: 1000,
+            gid: Some(1000),
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: Some("/ci/job-4242".into()),
@@ -148,7 +148,7 @@ fn a_complete_session_reads_back() {
     let meta: SessionMeta = serde_json::from_str(&records[0].data).unwrap();
     assert_eq!(meta.session, id);
     assert_eq!(meta.identity_labels["env"], "prod");
-    assert_eq!(meta.process.gid, 1000);
+    assert_eq!(meta.process.gid, Some(1000));
     assert_eq!(meta.process.cgroup.as_deref(), Some("/ci/job-4242"));
     assert_eq!(meta.sni.as_deref(), Some("api.example.com"));
     assert_eq!(meta.tls.as_ref().unwrap().alpn.as_deref(), Some("h2"));

@@ -24,7 +24,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::redact::{cap, redact_job};
+use crate::{
+    process::ProcessSnapshot,
+    redact::{cap, redact_job},
+};
 
 use super::{
     chain::{hash_record, GENESIS_HASH},
@@ -33,8 +36,8 @@ use super::{
     model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
-    EventKind, ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd,
-    SessionId, SessionOutcome, SessionStart,
+    EventKind, ExchangeRecord, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd, SessionId,
+    SessionOutcome, SessionStart,
 };
 
 /// Commit early when a batch holds this many records...
@@ -599,9 +602,9 @@ impl Writer {
     }
 }
 
-fn process_facts(p: &ProcessFacts) -> ProcessFacts {
+fn process_facts(p: &ProcessSnapshot) -> ProcessSnapshot {
     let job = p.job.iter().take(limits::JOB_VARS).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT))).collect();
-    ProcessFacts {
+    ProcessSnapshot {
         pid: p.pid,
         uid: p.uid,
         gid: p.gid,
