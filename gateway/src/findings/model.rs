@@ -224,7 +224,7 @@ pub struct ListFilter {
 }
 
 /// Export formats of [`FindingStore::export`](super::FindingStore::export).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExportFormat {
     /// A JSON array of findings, history included.
     Json,
