@@ -20,14 +20,14 @@ use crate::{
 };
 
 /// `gateway run`: runs until SIGINT/SIGTERM.
-pub fn run(config: Config) -> anyhow::Result<ExitCode> {
+pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
     require_root("gateway run")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gateway")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_async(config))?;
+    runtime.block_on(run_async(config.clone()))?;
     Ok(ExitCode::SUCCESS)
 }
 

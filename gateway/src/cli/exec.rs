@@ -8,9 +8,18 @@ use anyhow::{bail, Context as _};
 use super::{require_root, resolve_cgroups};
 use crate::{config::Config, intercept, intercept::Status};
 
+/// Arguments of `gateway exec`.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+}
+
 /// `gateway exec -- CMD ARGS...`: only returns when the command could not
 /// be started.
-pub fn run(config: &Config, command: &[String]) -> anyhow::Result<ExitCode> {
+pub fn run(config: &Config, args: &ExecArgs) -> anyhow::Result<ExitCode> {
+    let command = &args.command;
     use std::os::unix::process::CommandExt as _;
     require_root("gateway exec")?;
     let cgroups = resolve_cgroups(config, false)?;

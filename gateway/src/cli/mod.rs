@@ -5,8 +5,9 @@
 //! arguments, call their library functions and print what they return
 //! through [`crate::term`].
 //!
-//! Every command group has the same shape: `run(config, args) ->
-//! anyhow::Result<ExitCode>`. `Ok` carries the command's own outcome
+//! Every command has the same shape: `run(&Config, &Args) ->
+//! anyhow::Result<ExitCode>` (`config check` takes the file instead: it must
+//! work when the configuration does not load). `Ok` carries the command's own outcome
 //! (commands that report a refusal or a verification failure print it and
 //! choose the status); `Err` means the command could not run at all, and is
 //! printed as `gateway: <error>` with the status of [`Command::error_status`].
@@ -52,17 +53,9 @@ pub enum Command {
     /// Attach to the configured cgroups and run the proxy until SIGINT/SIGTERM.
     Run,
     /// Run a command inside the intercepted cgroup of the running gateway.
-    Exec {
-        /// The command and its arguments.
-        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
+    Exec(exec::ExecArgs),
     /// Show the pinned interception state (mode, map sizes, counters).
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Status(status::StatusArgs),
     /// Detach every program the gateway pinned (uninstalling, or recovering a host).
     Detach,
     /// Configuration commands.
@@ -106,7 +99,7 @@ impl Command {
     /// (a refusal, a missing finding, a broken session).
     pub fn error_status(&self) -> ExitCode {
         match self {
-            Command::Run | Command::Exec { .. } | Command::Status { .. } | Command::Detach => ExitCode::FAILURE,
+            Command::Run | Command::Exec(_) | Command::Status(_) | Command::Detach => ExitCode::FAILURE,
             Command::Ca(_) | Command::Trust(_) => ExitCode::FAILURE,
             Command::Config { .. }
             | Command::Scan(_)
@@ -147,9 +140,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         tracing::info!(path = %path.display(), "configuration file not found; using the embedded defaults");
     }
     match &cli.command {
-        Command::Run => daemon::run(config),
-        Command::Exec { command } => exec::run(&config, command),
-        Command::Status { json } => status::run(&config, *json),
+        Command::Run => daemon::run(&config),
+        Command::Exec(args) => exec::run(&config, args),
+        Command::Status(args) => status::run(&config, args),
         Command::Detach => exec::detach(&config),
         Command::Scan(args) => scan::run(&config, args),
         Command::Ca(args) => ca::run_ca(&config, args),

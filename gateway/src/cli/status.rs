@@ -9,8 +9,17 @@ use anyhow::{bail, Context as _};
 use super::{require_root, resolve_cgroups};
 use crate::{config::Config, intercept::Status, term::safe};
 
+/// Arguments of `gateway status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `gateway status`.
-pub fn run(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
+pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
     require_root("gateway status")?;
     let Some(status) = Status::read(&config.intercept.bpffs_dir)? else {
         bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
