@@ -339,7 +339,7 @@ impl ResponseInspector for ExchangeWatch {
             method: std::mem::take(&mut self.request.method),
             url: std::mem::take(&mut self.request.url),
             status: exchange.status,
-            outcome: exchange.outcome.as_str().to_owned(),
+            outcome: exchange.outcome,
             rpc: self.request.rpc.take(),
             request_headers: std::mem::take(&mut self.request.headers),
             request_body,

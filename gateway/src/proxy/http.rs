@@ -339,7 +339,7 @@ impl HttpGate {
             method: request.method,
             url: request.url,
             status: response.status().as_u16(),
-            outcome: crate::http::ExchangeOutcome::Blocked.as_str().to_owned(),
+            outcome: crate::http::ExchangeOutcome::Blocked,
             rpc: request.rpc,
             request_headers: Vec::new(),
             request_body: Bytes::new(),

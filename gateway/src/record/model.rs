@@ -176,8 +176,9 @@ pub struct ExchangeRecord {
     pub url: String,
     /// Response status (0 when there was no response).
     pub status: u16,
-    /// `ok`, `denied`, `upstream error: ...`...
-    pub outcome: String,
+    /// How the exchange ended (stored by its name: `forwarded`, `blocked`,
+    /// `upstream_failed`, ...).
+    pub outcome: crate::http::ExchangeOutcome,
     /// gRPC / Connect method (`/pkg.Service/Method`).
     pub rpc: Option<String>,
     /// Request headers, redacted.

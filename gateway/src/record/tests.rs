@@ -72,7 +72,7 @@ fn exchange(stream: u64) -> ExchangeRecord {
         method: "POST".into(),
         url: format!("/v1/items/{stream}?page=2"),
         status: 201,
-        outcome: "ok".into(),
+        outcome: crate::http::ExchangeOutcome::Forwarded,
         rpc: None,
         request_headers: vec![
             ("content-type".into(), "application/json".into()),
