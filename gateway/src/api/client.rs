@@ -1,5 +1,5 @@
 //! Client of the admin API over its unix socket (the `gateway approvals`
-//! commands use it).
+//! commands use it): generic JSON calls and the approval requests.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,6 +12,8 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper_util::rt::TokioIo;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::UnixStream;
+
+use crate::approval::{ApprovalId, ApprovalView, ListFilter, Verdict};
 
 /// Largest response accepted (a long approval list).
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
@@ -76,6 +78,39 @@ impl AdminClient {
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| self.exchange(format!("encoding the request: {e}")))?;
         self.call(Method::POST, path, Some(Bytes::from(body))).await
+    }
+
+    /// Approval requests matching `filter` (`GET /v1/approvals`).
+    pub async fn approvals(&self, filter: &ListFilter) -> Result<Vec<ApprovalView>, ClientError> {
+        /// `GET /v1/approvals` answer.
+        #[derive(serde::Deserialize)]
+        struct ListAnswer {
+            approvals: Vec<ApprovalView>,
+        }
+        let mut path = format!("/v1/approvals?limit={}", filter.limit);
+        if let Some(state) = filter.state {
+            path.push_str("&state=");
+            path.push_str(state.as_str());
+        }
+        Ok(self.get::<ListAnswer>(&path).await?.approvals)
+    }
+
+    /// One approval request.
+    pub async fn approval(&self, id: ApprovalId) -> Result<ApprovalView, ClientError> {
+        self.get(&format!("/v1/approvals/{id}")).await
+    }
+
+    /// Approves or denies request `id` as `by`; the gateway checks that the
+    /// caller may.
+    pub async fn decide(
+        &self,
+        id: ApprovalId,
+        verdict: Verdict,
+        by: &str,
+        comment: Option<&str>,
+    ) -> Result<ApprovalView, ClientError> {
+        let body = serde_json::json!({ "by": by, "comment": comment });
+        self.post(&format!("/v1/approvals/{id}/{}", verdict.as_str()), &body).await
     }
 
     fn exchange(&self, reason: String) -> ClientError {

@@ -15,8 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{bind_admin, serve_admin, AdminClient, ApiConfig, ApiError, ClientError, IdentityLookup};
 use crate::approval::{
-    cli, ApprovalConfig, ApprovalId, ApprovalSpec, Approvals, EventKind, ListFilter, NewApproval, Outcome, State,
-    Verdict,
+    ApprovalConfig, ApprovalId, ApprovalSpec, Approvals, EventKind, ListFilter, NewApproval, Outcome, State, Verdict,
 };
 
 const JOB_IDENTITY: &str = "spiffe://ci.test/job";
@@ -91,44 +90,44 @@ async fn approvers_decide_over_the_unix_socket() {
     assert_eq!(mode, 0o660);
 
     let (id, task) = hold(&a.approvals, 2).await;
-    let pending = cli::list(&a.client, &ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap();
+    let pending = a.client.approvals(&ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap();
     assert_eq!(pending.iter().map(|v| v.id).collect::<Vec<_>>(), [id]);
-    let shown = cli::show(&a.client, id).await.unwrap();
+    let shown = a.client.approval(id).await.unwrap();
     assert_eq!((shown.state, shown.url.as_str()), (State::Pending, "https://deploy.internal/release"));
 
     // Root (the test) acting for a named approver is recorded as such.
-    let view = cli::decide(&a.client, id, Verdict::Approve, "alice", Some("looks fine")).await.unwrap();
+    let view = a.client.decide(id, Verdict::Approve, "alice", Some("looks fine")).await.unwrap();
     assert_eq!(view.state, State::Pending);
     assert_eq!(view.decisions[0].recorded_as, "alice (via uid 0)");
     assert_eq!(view.decisions[0].uid, 0);
     assert_eq!(view.decisions[0].pid, std::process::id());
 
     // Not in the group: 403, and nothing recorded.
-    let err = cli::decide(&a.client, id, Verdict::Approve, "mallory", None).await.unwrap_err();
+    let err = a.client.decide(id, Verdict::Approve, "mallory", None).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::FORBIDDEN);
     assert!(err.is_refusal());
     assert!(err.to_string().contains("not a member"), "{err}");
     // The same approver twice: 409.
-    let err = cli::decide(&a.client, id, Verdict::Approve, "alice", None).await.unwrap_err();
+    let err = a.client.decide(id, Verdict::Approve, "alice", None).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::CONFLICT);
 
-    let view = cli::decide(&a.client, id, Verdict::Approve, "bob", None).await.unwrap();
+    let view = a.client.decide(id, Verdict::Approve, "bob", None).await.unwrap();
     assert_eq!(view.state, State::Approved);
     assert!(matches!(task.await.unwrap(), Outcome::Approved { by, .. } if by.len() == 2));
 
     // Finished: 409 with the state in the message.
-    let err = cli::decide(&a.client, id, Verdict::Deny, "bob", None).await.unwrap_err();
+    let err = a.client.decide(id, Verdict::Deny, "bob", None).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::CONFLICT);
     assert!(err.to_string().contains("already approved"), "{err}");
     // Unknown id: 404.
-    let err = cli::show(&a.client, ApprovalId(4040)).await.unwrap_err();
+    let err = a.client.approval(ApprovalId(4040)).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::NOT_FOUND);
-    let err = cli::decide(&a.client, ApprovalId(4040), Verdict::Deny, "bob", None).await.unwrap_err();
+    let err = a.client.decide(ApprovalId(4040), Verdict::Deny, "bob", None).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::NOT_FOUND);
 
-    let all = cli::list(&a.client, &ListFilter::default()).await.unwrap();
+    let all = a.client.approvals(&ListFilter::default()).await.unwrap();
     assert_eq!(all.len(), 1);
-    assert!(cli::list(&a.client, &ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap().is_empty());
+    assert!(a.client.approvals(&ListFilter { state: Some(State::Pending), limit: 10 }).await.unwrap().is_empty());
 
     a.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(60), a.server).await.unwrap().unwrap();
@@ -139,7 +138,7 @@ async fn approvers_decide_over_the_unix_socket() {
 async fn deny_over_the_socket_refuses_the_held_request() {
     let a = admin(no_identity()).await;
     let (id, task) = hold(&a.approvals, 1).await;
-    let view = cli::decide(&a.client, id, Verdict::Deny, "bob", Some("no")).await.unwrap();
+    let view = a.client.decide(id, Verdict::Deny, "bob", Some("no")).await.unwrap();
     assert_eq!(view.state, State::Denied);
     assert_eq!(task.await.unwrap(), Outcome::Denied { id, by: "bob (via uid 0)".into(), comment: Some("no".into()) });
 }
@@ -151,7 +150,7 @@ async fn the_callers_identity_comes_from_its_pid() {
     let resolve: IdentityLookup = Arc::new(move |pid| (pid == me).then(|| JOB_IDENTITY.to_owned()));
     let a = admin(resolve).await;
     let (id, task) = hold(&a.approvals, 1).await;
-    let err = cli::decide(&a.client, id, Verdict::Approve, "alice", None).await.unwrap_err();
+    let err = a.client.decide(id, Verdict::Approve, "alice", None).await.unwrap_err();
     assert_eq!(refused_with(&err), StatusCode::FORBIDDEN);
     assert!(err.to_string().contains("own request"), "{err}");
     assert!(!task.is_finished());
@@ -182,7 +181,7 @@ async fn a_live_socket_is_never_taken_over_and_a_stale_one_is_replaced() {
     let a = admin(no_identity()).await;
     assert!(matches!(bind_admin(&a.socket, None), Err(ApiError::InUse { .. })));
     // Still served.
-    assert!(cli::list(&a.client, &ListFilter::default()).await.is_ok());
+    assert!(a.client.approvals(&ListFilter::default()).await.is_ok());
 
     let dir = tempfile::tempdir().unwrap();
     let stale = dir.path().join("stale.sock");
@@ -213,13 +212,13 @@ async fn the_socket_can_be_given_to_a_group() {
 async fn the_client_says_when_the_gateway_is_not_running() {
     let dir = tempfile::tempdir().unwrap();
     let missing = AdminClient::new(&dir.path().join("admin.sock"));
-    let err = cli::list(&missing, &ListFilter::default()).await.unwrap_err();
+    let err = missing.approvals(&ListFilter::default()).await.unwrap_err();
     assert!(!err.is_refusal());
     assert!(err.to_string().contains("is the gateway running"), "{err}");
 
     let stale = dir.path().join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    let err = cli::list(&AdminClient::new(&stale), &ListFilter::default()).await.unwrap_err();
+    let err = AdminClient::new(&stale).approvals(&ListFilter::default()).await.unwrap_err();
     assert!(err.to_string().contains("not running"), "{err}");
 }
 
@@ -229,7 +228,7 @@ async fn the_cli_command_exits_by_outcome() {
     #[derive(clap::Parser)]
     struct Top {
         #[command(flatten)]
-        args: cli::ApprovalsArgs,
+        args: crate::cli::approvals::ApprovalsArgs,
     }
     let parse = |args: &[&str]| Top::try_parse_from(std::iter::once("x").chain(args.iter().copied())).unwrap().args;
     let a = admin(no_identity()).await;
@@ -240,7 +239,7 @@ async fn the_cli_command_exits_by_outcome() {
         let socket = socket.clone();
         async move {
             let mut out = Vec::new();
-            let code = cli::run_to(&parse(args), &socket, &mut out).await.unwrap();
+            let code = crate::cli::approvals::run_to(&parse(args), &socket, &mut out).await.unwrap();
             (code, String::from_utf8(out).unwrap())
         }
     };
@@ -266,7 +265,9 @@ async fn the_cli_command_exits_by_outcome() {
     assert_eq!(code, std::process::ExitCode::SUCCESS);
     assert_eq!(run(&["show", "A-999"]).await.0, std::process::ExitCode::from(1));
     // Not reachable: an error for the caller (exit 2).
-    let err = cli::run_to(&parse(&["list"]), &socket.with_file_name("gone.sock"), &mut Vec::new()).await.unwrap_err();
+    let err = crate::cli::approvals::run_to(&parse(&["list"]), &socket.with_file_name("gone.sock"), &mut Vec::new())
+        .await
+        .unwrap_err();
     assert!(format!("{err:#}").contains("is the gateway running"), "{err:#}");
 }
 

@@ -6,7 +6,8 @@
 //! announces it (webhook, [`Approvals::subscribe`]) and waits for the
 //! decision or the timeout. Approvers decide through the admin API on a unix
 //! socket (`crate::api`), where the kernel tells who they are, or with the
-//! `gateway approvals ...` commands ([`cli`]), which are clients of that API.
+//! `gateway approvals ...` commands (`crate::cli::approvals`), which are
+//! clients of that API ([`crate::api::AdminClient`]).
 //! Every request and decision is stored in SQLite (`store`).
 
 use std::{
@@ -17,7 +18,6 @@ use std::{
 
 use serde::Deserialize;
 
-pub mod cli;
 mod model;
 mod rules;
 mod service;

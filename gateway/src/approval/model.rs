@@ -6,6 +6,8 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::OffsetDateTime;
 
+use crate::process::ProcessSnapshot;
+
 /// Identifier of an approval request; shown (and accepted) as `A-<n>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ApprovalId(pub i64);
@@ -164,7 +166,7 @@ pub struct NewApproval {
     /// Labels of that identity.
     pub identity_labels: BTreeMap<String, String>,
     /// The requesting process (pid, uid, comm, exe, cgroup...).
-    pub process: serde_json::Value,
+    pub process: ProcessSnapshot,
     /// Identifying CI job variables.
     pub job: BTreeMap<String, String>,
     /// The recorded session this request belongs to, if any.
@@ -244,7 +246,7 @@ pub struct ApprovalView {
     /// Labels of that identity.
     pub identity_labels: BTreeMap<String, String>,
     /// The requesting process.
-    pub process: serde_json::Value,
+    pub process: ProcessSnapshot,
     /// Identifying CI job variables.
     pub job: BTreeMap<String, String>,
     /// The recorded session, if any.

@@ -145,8 +145,7 @@ pub(crate) fn requester_names(new: &NewApproval, user_of_uid: &dyn Fn(u32) -> Op
             add(value);
         }
     }
-    let uid = new.process.get("uid").and_then(serde_json::Value::as_u64).and_then(|u| u32::try_from(u).ok());
-    if let Some(user) = uid.and_then(user_of_uid) {
+    if let Some(user) = user_of_uid(new.process.uid) {
         add(&user);
     }
     names
@@ -168,7 +167,7 @@ mod tests {
             min_approvals: min,
             identity: "spiffe://ci/deployer".into(),
             identity_labels: BTreeMap::new(),
-            process: serde_json::Value::Null,
+            process: Default::default(),
             job: BTreeMap::new(),
             session_id: None,
             method: "POST".into(),
@@ -309,7 +308,7 @@ mod tests {
                 ("GITHUB_ACTOR".to_owned(), "octocat".to_owned()),
                 ("CI_JOB_ID".to_owned(), "12".to_owned()),
             ]),
-            process: serde_json::json!({"pid": 5, "uid": 1500}),
+            process: crate::process::ProcessSnapshot { pid: 5, uid: 1500, ..Default::default() },
             ..Default::default()
         };
         let names = requester_names(&new, &|uid| (uid == 1500).then(|| "runner".to_owned()));

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::redact::cap;
+use crate::{process::ProcessSnapshot, redact::cap};
 use rusqlite::{params, Connection, OptionalExtension as _, Row, Transaction, TransactionBehavior};
 use time::OffsetDateTime;
 
@@ -72,6 +72,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Caps on what the proxy hands over: much of it comes from the job's own
 /// traffic or process, so one hostile job must not bloat the database.
+/// The `process` column of a request whose process was too large to
+/// store, as earlier versions wrote it.
+const TRUNCATED_PROCESS: &str = r#"{"truncated":true}"#;
+
 mod limits {
     pub const SHORT: usize = 128;
     pub const IDENTITY: usize = 512;
@@ -155,9 +159,18 @@ impl ApprovalStore {
         let expires = now.checked_add(time::Duration::try_from(spec.timeout).unwrap_or(time::Duration::MAX));
         let expires = expires.unwrap_or(now);
         let process = {
-            let json = new.process.to_string();
+            let json = serde_json::to_string(&new.process).unwrap_or_default();
             if json.len() > limits::PROCESS_JSON {
-                serde_json::json!({"truncated": true}).to_string()
+                // Who it was, without the long, job-chosen parts.
+                let short = ProcessSnapshot {
+                    comm: cap(&new.process.comm, limits::SHORT),
+                    exe: None,
+                    cgroup: None,
+                    container: None,
+                    job: BTreeMap::new(),
+                    ..new.process.clone()
+                };
+                serde_json::to_string(&short).unwrap_or_default()
             } else {
                 json
             }
@@ -377,8 +390,13 @@ impl RawApproval {
     fn decode(self, store: &ApprovalStore, decisions: Vec<DecisionView>) -> Result<ApprovalView, ApprovalError> {
         let id = self.id;
         let bad = |field: &'static str| move |e: String| store.bad_row(id, field, e);
-        let json = |field: &'static str, text: &str| -> Result<serde_json::Value, ApprovalError> {
-            serde_json::from_str(text).map_err(|e| store.bad_row(id, field, e))
+        let process = |text: &str| -> Result<ProcessSnapshot, ApprovalError> {
+            match serde_json::from_str(text) {
+                Ok(p) => Ok(p),
+                // What earlier versions stored for an oversized process.
+                Err(_) if text == TRUNCATED_PROCESS => Ok(ProcessSnapshot::default()),
+                Err(e) => Err(store.bad_row(id, "process", e)),
+            }
         };
         let map = |field: &'static str, text: &str| -> Result<BTreeMap<String, String>, ApprovalError> {
             serde_json::from_str(text).map_err(|e| store.bad_row(id, field, e))
@@ -391,7 +409,7 @@ impl RawApproval {
             min_approvals: u32::try_from(self.min_approvals).map_err(|e| store.bad_row(id, "min_approvals", e))?,
             identity: self.identity,
             identity_labels: map("identity_labels", &self.identity_labels)?,
-            process: json("process", &self.process)?,
+            process: process(&self.process)?,
             job: map("job", &self.job)?,
             session_id: self.session_id,
             method: self.method,

@@ -50,7 +50,7 @@ fn new_request() -> NewApproval {
     NewApproval {
         identity: IDENTITY.into(),
         identity_labels: BTreeMap::from([("team".to_owned(), "payments".to_owned())]),
-        process: serde_json::json!({"pid": 4242, "uid": 1500, "comm": "curl"}),
+        process: crate::process::ProcessSnapshot { pid: 4242, uid: 1500, comm: "curl".into(), ..Default::default() },
         job: BTreeMap::from([
             ("CI_JOB_ID".to_owned(), "77".to_owned()),
             ("GITHUB_ACTOR".to_owned(), "carol".to_owned()),
@@ -105,7 +105,7 @@ async fn an_approval_releases_the_held_request_and_is_stored() {
     assert_eq!(stored.rule, "prod-deploys");
     assert_eq!(stored.group, "release");
     assert_eq!(stored.session_id.as_deref(), Some("S-9"));
-    assert_eq!(stored.process["comm"], "curl");
+    assert_eq!(stored.process.comm, "curl");
     assert_eq!(stored.identity_labels["team"], "payments");
     assert_eq!(stored.requesters, [IDENTITY, "carol", "runner"]);
     assert!(stored.expires_at > stored.created_at);

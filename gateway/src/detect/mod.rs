@@ -12,7 +12,7 @@
 //! arrives in chunks, [`http_scan`] for HTTP heads and bodies (decoded by
 //! what they are: compression, JSON, forms, multipart, gRPC / Connect /
 //! protobuf, base64), [`WsScanner`] for WebSocket messages, and `gateway
-//! scan` ([`cli`]) for files. Body and WebSocket scanners fail closed: their
+//! scan` (`crate::cli::scan`) for files. Body and WebSocket scanners fail closed: their
 //! [`ScanStatus`] says whether everything was understood.
 
 use std::{path::PathBuf, sync::Arc};
@@ -21,7 +21,6 @@ use serde::Deserialize;
 
 mod b64;
 pub mod body;
-pub mod cli;
 mod collect;
 pub mod confirm;
 mod engine;

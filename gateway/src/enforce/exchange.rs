@@ -22,7 +22,7 @@ use super::masks::decode_prefix;
 use crate::{
     http::{Exchange, ResponseInspector, ResponseVerdict},
     mask::{BodyMasker, Masker},
-    record::{redact_header_pairs, DecisionFacts, ExchangeRecord, RecordLevel, SessionRecorder},
+    record::{redact_header_pairs, DecisionFacts, EventKind, ExchangeRecord, RecordLevel, SessionRecorder},
     redact::is_sensitive_header,
 };
 
@@ -318,7 +318,7 @@ impl ResponseInspector for ExchangeWatch {
             let mut rules: Vec<&str> = masked.iter().map(|m| &*m.rule).collect();
             rules.sort_unstable();
             rules.dedup();
-            session.event("masked", json!({ "stream": self.stream, "count": masked_total, "rules": rules }));
+            session.event(EventKind::Masked, json!({ "stream": self.stream, "count": masked_total, "rules": rules }));
         }
         if self.level == RecordLevel::None {
             return;
@@ -339,7 +339,7 @@ impl ResponseInspector for ExchangeWatch {
             method: std::mem::take(&mut self.request.method),
             url: std::mem::take(&mut self.request.url),
             status: exchange.status,
-            outcome: exchange.outcome.as_str().to_owned(),
+            outcome: exchange.outcome,
             rpc: self.request.rpc.take(),
             request_headers: std::mem::take(&mut self.request.headers),
             request_body,

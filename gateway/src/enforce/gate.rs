@@ -41,10 +41,12 @@ use crate::{
         Detector, FingerprintKey,
     },
     event::Protocol,
-    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, ProcessSnapshot},
+    findings::{Action, FindingsConfig, FindingsHandle, NewFinding},
     mask::Masker,
     policy::{self, PolicyHandle, RequestFacts},
-    record::{DecisionFacts, RecordLevel, Recorder, SessionEnd, SessionRecorder, SessionStart, TlsFacts},
+    record::{
+        DecisionFacts, EventKind, RecordLevel, Recorder, SessionOutcome, SessionRecorder, SessionStart, TlsFacts,
+    },
     tls::pattern_matches,
 };
 
@@ -312,20 +314,20 @@ impl Passage {
             conn_id: self.conn.id,
             identity: caller.identity.uri.clone(),
             identity_labels: caller.identity.labels.clone(),
-            process: crate::record::ProcessFacts::new(&caller.process, caller.job.clone()),
+            process: caller.process.snapshot(caller.job.clone()),
             host: host.to_owned(),
             orig_dst: self.conn.dst,
             sni,
             tls,
-            protocol: protocol.as_str().to_owned(),
+            protocol,
         });
         self.session = session.is_recording().then(|| Arc::new(session));
     }
 
     /// Ends the recording with the connection's totals.
-    pub fn end_session(&self, outcome: &str, bytes_up: u64, bytes_down: u64) {
+    pub fn end_session(&self, outcome: SessionOutcome, bytes_up: u64, bytes_down: u64) {
         if let Some(s) = &self.session {
-            s.end(SessionEnd { bytes_up, bytes_down, outcome: outcome.to_owned() });
+            s.end(outcome, bytes_up, bytes_down);
         }
     }
 
@@ -402,7 +404,7 @@ impl Passage {
         }
         if let Some(s) = &self.session {
             s.event(
-                "decision",
+                EventKind::Decision,
                 json!({ "rule": rule, "action": action.name(), "uninspectable": uninspectable.as_str(), "why": why }),
             );
         }
@@ -452,7 +454,7 @@ impl Passage {
             let mut detail = refusal.detail();
             detail["reason"] = json!(code);
             detail["rule"] = json!(rule);
-            s.event("refused", detail);
+            s.event(EventKind::Refused, detail);
         }
         refusal
     }
@@ -657,20 +659,12 @@ impl Passage {
         prepare(credential, self.gate.minter.as_deref(), &mint).map_err(|e| e.to_string())
     }
 
-    fn snapshot(&self, verified: &BTreeMap<String, String>) -> ProcessSnapshot {
+    fn snapshot(&self, verified: &BTreeMap<String, String>) -> crate::process::ProcessSnapshot {
         let caller = &self.conn.caller;
         let p = &caller.process;
         let mut job = caller.job.clone();
         job.extend(verified.iter().map(|(k, v)| (format!("oidc.{k}"), v.clone())));
-        ProcessSnapshot {
-            pid: p.pid,
-            uid: p.uid,
-            exe: p.exe.as_ref().map(|e| e.display().to_string()),
-            comm: p.comm.clone(),
-            cgroup: p.cgroup.clone(),
-            container: p.container.clone(),
-            job,
-        }
+        p.snapshot(job)
     }
 
     /// Holds the caller's request until its approval is decided, recording
@@ -683,10 +677,8 @@ impl Passage {
         let new = NewApproval {
             identity: caller.identity.uri.clone(),
             identity_labels: caller.identity.labels.clone(),
-            process: json!({
-                "pid": p.pid, "uid": p.uid, "gid": p.gid, "comm": p.comm,
-                "exe": p.exe.as_ref().map(|e| e.display().to_string()), "cgroup": p.cgroup,
-            }),
+            // The job's variables are the request's own `job`.
+            process: p.snapshot(BTreeMap::new()),
             job: caller.job.clone(),
             session_id: session.map(|s| s.id().as_str().to_owned()),
             method,
@@ -700,7 +692,7 @@ impl Passage {
         let approval_spec = approval::ApprovalSpec::from(spec);
         if let Some(s) = session {
             s.event(
-                "approval_requested",
+                EventKind::ApprovalRequested,
                 json!({ "rule": rule, "group": spec.group, "min_approvals": spec.min_approvals }),
             );
         }
@@ -746,7 +738,7 @@ impl Passage {
             }
         };
         if let Some(s) = session {
-            s.event("approval_decided", event);
+            s.event(EventKind::ApprovalDecided, event);
         }
         result.map_err(|reason| self.refuse(reason, rule))
     }

@@ -6,7 +6,7 @@
 //! key, records the sighting through a [`FindingsHandle`] (which returns only
 //! once the finding is durably committed, so the id it puts in a 403 response
 //! always exists), and reviewers work through `gateway findings ...`
-//! ([`cli`]).
+//! (`crate::cli::findings`).
 //!
 //! Nothing secret is stored: the caller hands over an HMAC fingerprint and a
 //! redacted preview, never the key (there is no field for it in
@@ -16,16 +16,13 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub mod cli;
 mod export;
 mod handle;
 mod model;
 pub mod store;
 
 pub use handle::FindingsHandle;
-pub use model::{
-    ExportFormat, Finding, FindingId, ListFilter, NewFinding, ProcessSnapshot, Recorded, Status, StatusChange,
-};
+pub use model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
 pub use store::FindingStore;
 
 /// File name of the findings database inside `state_dir` when

@@ -1,11 +1,10 @@
 //! The findings data model, shared by the store, the exports and the CLI.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize, Serializer};
 use time::OffsetDateTime;
 
 use super::Action;
+use crate::process::ProcessSnapshot;
 
 /// Identifier of a finding; shown (and accepted) as `F-<n>`, the form the
 /// proxy puts in its 403 responses and reviewers put in tickets.
@@ -98,30 +97,6 @@ impl std::str::FromStr for Status {
             _ => Err(format!("`{s}` is not a status (open, acknowledged, resolved, false_positive)")),
         }
     }
-}
-
-/// The process that sent a key, as attributed by the gateway.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessSnapshot {
-    /// Process id (tgid).
-    pub pid: u32,
-    /// Real uid.
-    pub uid: u32,
-    /// Executable path; `None` when the process exited before it was read.
-    pub exe: Option<String>,
-    /// `comm` (kernel task name).
-    pub comm: String,
-    /// cgroup v2 path.
-    pub cgroup: Option<String>,
-    /// The container it ran in: id, runtime, and name and image when the
-    /// runtime confirmed them.
-    #[serde(default)]
-    pub container: Option<crate::identity::ContainerRef>,
-    /// Identifying CI job variables (`CI_JOB_ID`, `CI_PROJECT_PATH`...).
-    /// Callers pass identifying variables only; as a safety net the store
-    /// replaces the value of any variable whose name suggests a secret
-    /// (`*TOKEN*`, `*PASSWORD*`...) with `[REDACTED]`.
-    pub job: BTreeMap<String, String>,
 }
 
 /// A sighting of a static key, as handed to the store by the proxy.
@@ -249,7 +224,7 @@ pub struct ListFilter {
 }
 
 /// Export formats of [`FindingStore::export`](super::FindingStore::export).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ExportFormat {
     /// A JSON array of findings, history included.
     Json,

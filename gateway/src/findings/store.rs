@@ -20,10 +20,9 @@ use rusqlite::{
 };
 use time::OffsetDateTime;
 
-pub use super::model::{
-    ExportFormat, Finding, FindingId, ListFilter, NewFinding, ProcessSnapshot, Recorded, Status, StatusChange,
-};
+pub use super::model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
 use super::{export, Action, FindingsError};
+use crate::process::ProcessSnapshot;
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
 ///
@@ -452,6 +451,8 @@ impl FindingStore {
                 comm: raw.comm,
                 cgroup: raw.cgroup,
                 container,
+                // Not kept: a finding is about the key, not the group.
+                gid: None,
                 job,
             },
             identity: raw.identity,

@@ -10,7 +10,6 @@
 
 mod attest;
 mod cache;
-mod cli;
 mod container;
 mod mapping;
 mod matchset;
@@ -31,7 +30,6 @@ pub use attest::{
     record_for_live_pid, Ancestor, AttestError, AttestNeeds, Attestation, Attested, Attestor, ExeInfo, MAX_HASH_BYTES,
 };
 pub use cache::{AttestationCache, CacheStats, ProcessEpochs};
-pub use cli::{cli_check, cli_explain, run, IdentityArgs, IdentityCommand};
 pub use container::{parse_container, ContainerRef, Runtime};
 pub use mapping::{MappingError, MappingFile};
 pub use resolver::{Explanation, Identity, IdentityResolver, RuleExplanation, RuleOutcome};

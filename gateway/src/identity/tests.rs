@@ -358,6 +358,8 @@ fn broken_reload_keeps_old_mappings_and_locates_the_error() {
 
 #[test]
 fn cli_check_exit_codes() {
+    use crate::cli::identity::{check_with, explain};
+    let cli_check = |path: &Path| check_with(&IdentityConfig::default(), path);
     let dir = tempfile::tempdir().expect("tempdir");
     let good = dir.path().join("good.yaml");
     std::fs::write(&good, "rules:\n  - match: { uid: 0 }\n    identity: spiffe://ci.test/root\n").expect("write");
@@ -367,7 +369,7 @@ fn cli_check_exit_codes() {
     assert_eq!(cli_check(&bad), std::process::ExitCode::from(2));
     let p = spawn(&require_file("/bin/sleep"), &[], None);
     let cfg = IdentityConfig { mappings: Some(good), ..config() };
-    assert_eq!(cli_explain(&cfg, p.pid(), true), std::process::ExitCode::SUCCESS);
+    assert_eq!(explain(&cfg, p.pid(), true), std::process::ExitCode::SUCCESS);
 }
 
 #[test]

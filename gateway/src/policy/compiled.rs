@@ -202,6 +202,11 @@ impl Policy {
         self.rules.iter().map(|r| r.name.as_str())
     }
 
+    /// The rules' actions, in order (the closing default not included).
+    pub fn rule_actions(&self) -> impl Iterator<Item = &Action> {
+        self.rules.iter().map(|r| &r.outcome.action)
+    }
+
     /// Every distinct masking spec, indexed by [`Decision::mask_id`]:
     /// compile maskers for all of them when the policy is loaded.
     pub fn masks(&self) -> &[MaskRule] {
@@ -215,7 +220,7 @@ impl Policy {
 
     /// Whether any rule matches destinations by `cidr` (then facts need the
     /// real destination address).
-    pub(super) fn uses_cidr(&self) -> bool {
+    pub fn uses_cidr(&self) -> bool {
         self.rules.iter().any(|r| !r.selectors.cidrs.is_empty())
     }
 

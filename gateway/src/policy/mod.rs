@@ -12,7 +12,6 @@
 //! [`Policy::explain`] says why. [`PolicyHandle`] holds the policy in force
 //! and reloads it ([`watch`] on file changes). See `docs/policy.md`.
 
-mod cli;
 mod compile;
 mod compiled;
 mod decision;
@@ -34,7 +33,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use cli::{run, PolicyArgs, PolicyCommand};
 pub use compile::{DEFAULT_APPROVAL_TIMEOUT, POLICY_VERSION};
 pub use compiled::{Policy, PolicySource, BUILTIN_POLICY};
 pub use decision::{

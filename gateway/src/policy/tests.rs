@@ -677,6 +677,7 @@ async fn watcher_reloads_on_change_and_stops_on_cancel() {
 
 #[test]
 fn explain_cli_parses_urls_and_runs() {
+    use crate::cli::policy::{run_with as run, PolicyArgs};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.yaml");
     std::fs::write(&file, FULL).unwrap();
@@ -1022,6 +1023,7 @@ fn uninspectable_and_cidr_errors_name_their_position() {
 
 #[test]
 fn explain_cli_judges_connections_by_host_and_port() {
+    use crate::cli::policy::{run_with as run, PolicyArgs};
     use clap::Parser;
     #[derive(Parser)]
     struct Cli {

@@ -130,12 +130,12 @@ impl Proxy {
             }
             Err(e) => {
                 if let Some(s) = passage.session() {
-                    s.event("error", json!({ "error": e.to_string() }));
+                    s.event(crate::record::EventKind::Error, json!({ "error": e.to_string() }));
                 }
                 handled.failed(Outcome::Error, e)
             }
         };
-        passage.end_session(handled.outcome.as_str(), handled.bytes_up, handled.bytes_down);
+        passage.end_session(handled.outcome.into(), handled.bytes_up, handled.bytes_down);
         handled
     }
 }
@@ -339,7 +339,7 @@ impl HttpGate {
             method: request.method,
             url: request.url,
             status: response.status().as_u16(),
-            outcome: crate::http::ExchangeOutcome::Blocked.as_str().to_owned(),
+            outcome: crate::http::ExchangeOutcome::Blocked,
             rpc: request.rpc,
             request_headers: Vec::new(),
             request_body: Bytes::new(),

@@ -22,6 +22,7 @@ use crate::{
     },
     enforce::{Judged, Opaque, Passage, Refusal, Uninspectable},
     event::{Outcome, Protocol},
+    record::SessionOutcome,
     relay,
 };
 
@@ -46,7 +47,7 @@ impl Proxy {
             Ok(o) => o,
             Err(refusal) => {
                 refuse(&conn.client, handled.protocol).await;
-                passage.end_session("refused", 0, 0);
+                passage.end_session(SessionOutcome::Refused, 0, 0);
                 return handled.refused(&refusal);
             }
         };
@@ -56,7 +57,7 @@ impl Proxy {
             {
                 Ok(u) => u,
                 Err(e) => {
-                    passage.end_session("upstream_failed", 0, 0);
+                    passage.end_session(SessionOutcome::UpstreamFailed, 0, 0);
                     return handled.failed(Outcome::UpstreamFailed, format!("connecting upstream: {e}"));
                 }
             },
@@ -72,9 +73,9 @@ impl Proxy {
         handled.bytes_up = counters.up.load(Ordering::Relaxed);
         handled.bytes_down = counters.down.load(Ordering::Relaxed);
         let (outcome, handled) = match result {
-            Ok(()) => ("closed", handled),
-            Err(ScanEnd::Refused(refusal)) => ("refused", handled.refused(&refusal)),
-            Err(ScanEnd::Io(e)) => ("error", handled.failed(Outcome::Error, format!("relay: {e}"))),
+            Ok(()) => (SessionOutcome::Closed, handled),
+            Err(ScanEnd::Refused(refusal)) => (SessionOutcome::Refused, handled.refused(&refusal)),
+            Err(ScanEnd::Io(e)) => (SessionOutcome::Error, handled.failed(Outcome::Error, format!("relay: {e}"))),
         };
         passage.end_session(outcome, handled.bytes_up, handled.bytes_down);
         handled

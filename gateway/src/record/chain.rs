@@ -13,7 +13,7 @@
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    model::{SessionEnd, SessionMeta},
+    model::{RecordKind, SessionEnd, SessionMeta},
     store::SessionRow,
     Record,
 };
@@ -23,12 +23,6 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 
 /// Domain separation: these hashes mean nothing anywhere else.
 const DOMAIN: &[u8] = b"ci-gateway session record v1\0";
-
-/// Record kinds, in the order they may appear.
-pub(crate) const KIND_START: &str = "start";
-pub(crate) const KIND_EXCHANGE: &str = "exchange";
-pub(crate) const KIND_EVENT: &str = "event";
-pub(crate) const KIND_END: &str = "end";
 
 /// The hash of a record (lower-case hex SHA-256).
 pub fn hash_record(session: &str, prev_hash: &str, seq: u64, ts: i64, kind: &str, data: &str) -> String {
@@ -172,14 +166,14 @@ pub(crate) fn verify(row: &SessionRow, records: &[Record]) -> Verdict {
             return broken(Some(r.seq), "hash mismatch: its time, kind or data was changed");
         }
         let last = i + 1 == records.len();
-        match r.kind.as_str() {
-            KIND_START if r.seq == 0 => {}
+        match r.record_kind() {
+            Some(RecordKind::Start) if r.seq == 0 => {}
             _ if r.seq == 0 => return broken(Some(0), format!("the first record is `{}`, not `start`", r.kind)),
-            KIND_EXCHANGE => exchanges += 1,
-            KIND_EVENT => {}
-            KIND_END if last => {}
-            KIND_END => return broken(Some(r.seq), "an `end` record that is not the last record"),
-            other => return broken(Some(r.seq), format!("unknown record kind `{other}`")),
+            Some(RecordKind::Exchange) => exchanges += 1,
+            Some(RecordKind::Event) => {}
+            Some(RecordKind::End) if last => {}
+            Some(RecordKind::End) => return broken(Some(r.seq), "an `end` record that is not the last record"),
+            Some(RecordKind::Start) | None => return broken(Some(r.seq), format!("unknown record kind `{}`", r.kind)),
         }
         prev = &r.hash;
     }
@@ -205,7 +199,7 @@ pub(crate) fn verify(row: &SessionRow, records: &[Record]) -> Verdict {
     if row.exchanges != exchanges {
         return broken(None, format!("counts {} exchanges, the chain holds {exchanges}", row.exchanges));
     }
-    if last.kind == KIND_END {
+    if last.record_kind() == Some(RecordKind::End) {
         let Ok(end) = serde_json::from_str::<SessionEnd>(&last.data) else {
             return broken(Some(last.seq), "the end record's data does not decode");
         };

@@ -182,7 +182,7 @@ impl<'a> Exchange<'a> {
             findings: Findings(&e.findings),
             level: e.level,
             method: capped(&e.method, limits::SHORT),
-            outcome: capped(&e.outcome, limits::TEXT),
+            outcome: e.outcome.as_str(),
             request: message(&e.request_headers, &e.request_body, e.request_body_size),
             response: message(&e.response_headers, &e.response_body, e.response_body_size),
             rpc: e.rpc.as_deref().map(|v| capped(v, limits::TEXT)),
@@ -289,9 +289,10 @@ mod tests {
 
     use super::*;
     use crate::{
+        process::ProcessSnapshot,
         record::{
-            chain::canonical_json, BodyData, DecisionFacts, EventData, ExchangeData, MessageData, ProcessFacts,
-            SessionEnd, SessionId, SessionMeta, TlsFacts,
+            chain::canonical_json, BodyData, DecisionFacts, EventData, ExchangeData, MessageData, SessionEnd,
+            SessionId, SessionMeta, TlsFacts,
         },
         redact::cap,
     };
@@ -341,7 +342,7 @@ mod tests {
                 method: cap(&e.method, limits::SHORT),
                 url: cap(&e.url, limits::URL),
                 status: e.status,
-                outcome: cap(&e.outcome, limits::TEXT),
+                outcome: e.outcome.as_str().to_owned(),
                 rpc: e.rpc.as_deref().map(|v| cap(v, limits::TEXT)),
                 request: message(&e.request_headers, &e.request_body, e.request_body_size),
                 response: message(&e.response_headers, &e.response_body, e.response_body_size),
@@ -401,7 +402,7 @@ mod tests {
             method: format!("PATCH{AWKWARD}"),
             url: format!("/v1/{AWKWARD}?q={}", "u".repeat(limits::URL)),
             status: 503,
-            outcome: format!("upstream error: {AWKWARD}"),
+            outcome: crate::http::ExchangeOutcome::UpstreamFailed,
             rpc: Some("/pkg.Service/Method".into()),
             request_headers,
             request_body: Bytes::from(format!("{{\"k\":\"{AWKWARD}\"}}")),
@@ -425,7 +426,7 @@ mod tests {
             method: String::new(),
             url: String::new(),
             status: 0,
-            outcome: String::new(),
+            outcome: crate::http::ExchangeOutcome::Forwarded,
             rpc: None,
             request_headers: Vec::new(),
             request_body: Bytes::new(),
@@ -484,10 +485,10 @@ mod tests {
     fn start_and_end_records_encode_exactly_as_before() {
         let canonical = |v: serde_json::Value| canonical_json(&v);
         let job = BTreeMap::from([("CI_JOB_ID".to_owned(), "42".to_owned()), ("A_B".to_owned(), AWKWARD.to_owned())]);
-        let process = ProcessFacts {
+        let process = ProcessSnapshot {
             pid: 1,
             uid: 2,
-            gid: 3,
+            gid: Some(3),
             comm: AWKWARD.into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: None,
@@ -515,7 +516,7 @@ mod tests {
         container.name = Some(AWKWARD.into());
         container.image = Some("alpine:3.20".into());
         container.image_id = Some("sha256:00".into());
-        let process = ProcessFacts { container: Some(container), ..meta.process.clone() };
+        let process = ProcessSnapshot { container: Some(container), ..meta.process.clone() };
         let meta = SessionMeta { process, ..meta };
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let end = SessionEnd { bytes_up: 1, bytes_down: u64::MAX, outcome: AWKWARD.into() };

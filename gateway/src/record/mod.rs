@@ -8,7 +8,7 @@
 //! thread (`writer`) serializes, hash-chains (`chain`) and commits in
 //! small transactions at least every `flush_interval`, so the request path
 //! never waits for SQLite. Reviewers read with `gateway sessions ...`
-//! ([`cli`]) through a [`SessionStore`]; old sessions are removed by a
+//! (`crate::cli::sessions`) through a [`SessionStore`]; old sessions are removed by a
 //! background pruner (`retention`).
 
 use std::{
@@ -19,7 +19,6 @@ use std::{
 use serde::Deserialize;
 
 mod chain;
-pub mod cli;
 mod encode;
 mod lock;
 mod model;
@@ -30,8 +29,9 @@ mod writer;
 pub use crate::redact::{redact_header_pairs, redact_headers, REDACTED};
 pub use chain::{hash_record, Verdict, GENESIS_HASH};
 pub use model::{
-    BodyData, DecisionFacts, EventData, ExchangeData, ExchangeRecord, MessageData, ProcessFacts, Record, RecordLevel,
-    SessionEnd, SessionFilter, SessionId, SessionMeta, SessionStart, SessionState, SessionSummary, TlsFacts,
+    BodyData, DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, MessageData, Record, RecordKind,
+    RecordLevel, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionStart, SessionState,
+    SessionSummary, TlsFacts,
 };
 pub use retention::prune;
 pub use store::SessionStore;

@@ -12,6 +12,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::process::ProcessSnapshot;
+
 /// Identifier of a session: `<unix milliseconds, 12 hex>-<48 random bits, 12
 /// hex>`. Unique across restarts, and sorting ids sorts sessions by start
 /// time (to the millisecond). Cheap to clone: every record of a session
@@ -56,49 +58,8 @@ impl std::fmt::Display for SessionId {
     }
 }
 
-/// The process behind a session, as attribution saw it. Fields are in sorted
-/// order: the start record serializes it as canonical JSON directly.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessFacts {
-    /// cgroup v2 path.
-    pub cgroup: Option<String>,
-    /// `comm` at connect() time.
-    pub comm: String,
-    /// The container the process ran in (absent for host processes, so
-    /// their start records are byte for byte what they were before).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<crate::identity::ContainerRef>,
-    /// Executable, when /proc still showed it.
-    pub exe: Option<String>,
-    /// Real gid.
-    pub gid: u32,
-    /// CI job variables; values of credential-looking names are redacted
-    /// by the recorder whatever the caller passes.
-    pub job: BTreeMap<String, String>,
-    /// Process id (tgid).
-    pub pid: u32,
-    /// Real uid.
-    pub uid: u32,
-}
-
-impl ProcessFacts {
-    /// The facts of an attributed process plus its job variables.
-    pub fn new(info: &crate::process::ProcessInfo, job: BTreeMap<String, String>) -> ProcessFacts {
-        ProcessFacts {
-            pid: info.pid,
-            uid: info.uid,
-            gid: info.gid,
-            comm: info.comm.clone(),
-            exe: info.exe.as_ref().map(|p| p.to_string_lossy().into_owned()),
-            cgroup: info.cgroup.clone(),
-            container: info.container.clone(),
-            job,
-        }
-    }
-}
-
 /// The negotiated TLS parameters of the client side of a session (fields in
-/// sorted order, see [`ProcessFacts`]).
+/// sorted order, see [`SessionMeta`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsFacts {
     /// Negotiated ALPN protocol, if any.
@@ -119,7 +80,7 @@ pub struct SessionStart {
     /// Labels of that identity.
     pub identity_labels: BTreeMap<String, String>,
     /// The process that connected.
-    pub process: ProcessFacts,
+    pub process: ProcessSnapshot,
     /// Destination host name (SNI, Host or the address).
     pub host: String,
     /// The original destination the connection was redirected from.
@@ -128,8 +89,8 @@ pub struct SessionStart {
     pub sni: Option<String>,
     /// TLS parameters; `None` for plaintext or passed-through connections.
     pub tls: Option<TlsFacts>,
-    /// What the proxy speaks on it (`https`, `http`, `h2`, `tcp`...).
-    pub protocol: String,
+    /// How the proxy handles it (`https`, `http`, `tcp`, `tls-passthrough`...).
+    pub protocol: crate::event::Protocol,
 }
 
 /// The data of a session's first record (seq 0), mirrored in the sessions
@@ -148,7 +109,7 @@ pub struct SessionMeta {
     /// Original destination, `addr:port`.
     pub orig_dst: String,
     /// The process that connected.
-    pub process: ProcessFacts,
+    pub process: ProcessSnapshot,
     /// Protocol spoken.
     pub protocol: String,
     /// The session this record starts.
@@ -169,8 +130,8 @@ pub struct SessionEnd {
     pub bytes_down: u64,
     /// Bytes from the client to the upstream.
     pub bytes_up: u64,
-    /// `ok`, `denied`, `error: ...`, `dropped` (the recorder was dropped
-    /// without an end)...
+    /// A [`SessionOutcome`] name (`closed`, `refused`, `dropped`, ...), as
+    /// stored: text, so that outcomes of older versions still read.
     pub outcome: String,
 }
 
@@ -215,8 +176,9 @@ pub struct ExchangeRecord {
     pub url: String,
     /// Response status (0 when there was no response).
     pub status: u16,
-    /// `ok`, `denied`, `upstream error: ...`...
-    pub outcome: String,
+    /// How the exchange ended (stored by its name: `forwarded`, `blocked`,
+    /// `upstream_failed`, ...).
+    pub outcome: crate::http::ExchangeOutcome,
     /// gRPC / Connect method (`/pkg.Service/Method`).
     pub rpc: Option<String>,
     /// Request headers, redacted.
@@ -309,13 +271,157 @@ impl BodyData {
     }
 }
 
+/// What an `event` record says happened: its `name`. The names are part of
+/// the stored format; recordings read back keep the name as text
+/// ([`EventData::name`]), so names of older versions still read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The policy's decision on a connection judged without a request.
+    Decision,
+    /// The gate refused the connection or a request.
+    Refused,
+    /// A request is held for approval.
+    ApprovalRequested,
+    /// The approvers (or the timeout) decided a held request.
+    ApprovalDecided,
+    /// Response parts were masked.
+    Masked,
+    /// The protocol handler failed.
+    Error,
+}
+
+impl EventKind {
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Decision => "decision",
+            EventKind::Refused => "refused",
+            EventKind::ApprovalRequested => "approval_requested",
+            EventKind::ApprovalDecided => "approval_decided",
+            EventKind::Masked => "masked",
+            EventKind::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a recorded session ended: the `outcome` of its `end` record. The
+/// names are part of the stored format (and the same as the connection
+/// event's `outcome`); recordings read back keep the outcome as text
+/// ([`SessionEnd::outcome`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionOutcome {
+    /// Both directions completed.
+    Closed,
+    /// No eBPF record for the accepted socket.
+    Unattributed,
+    /// The original destination could not be reached.
+    UpstreamFailed,
+    /// An I/O or protocol error ended the connection.
+    Error,
+    /// The policy or the detector refused one of its requests.
+    Blocked,
+    /// The gate refused the connection.
+    Refused,
+    /// The recorder was dropped without an end (a proxy bug or a panicking
+    /// task).
+    Dropped,
+}
+
+impl SessionOutcome {
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SessionOutcome::Closed => "closed",
+            SessionOutcome::Unattributed => "unattributed",
+            SessionOutcome::UpstreamFailed => "upstream_failed",
+            SessionOutcome::Error => "error",
+            SessionOutcome::Blocked => "blocked",
+            SessionOutcome::Refused => "refused",
+            SessionOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+impl std::fmt::Display for SessionOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<crate::event::Outcome> for SessionOutcome {
+    fn from(o: crate::event::Outcome) -> Self {
+        use crate::event::Outcome;
+        match o {
+            Outcome::Closed => SessionOutcome::Closed,
+            Outcome::Unattributed => SessionOutcome::Unattributed,
+            Outcome::UpstreamFailed => SessionOutcome::UpstreamFailed,
+            Outcome::Error => SessionOutcome::Error,
+            Outcome::Blocked => SessionOutcome::Blocked,
+            Outcome::Refused => SessionOutcome::Refused,
+        }
+    }
+}
+
 /// The data of an `event` record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventData {
-    /// What happened (`denied`, `approval_requested`, `masked`, `error`...).
+    /// What happened: an [`EventKind`] name (`refused`,
+    /// `approval_requested`, `masked`, ...; older recordings also hold
+    /// `denied`).
     pub name: String,
     /// Free-form details from the proxy.
     pub detail: serde_json::Value,
+}
+
+/// The kind of a chain record, in the order they may appear: one `start`,
+/// any number of `exchange` and `event`, at most one `end`. The names are
+/// part of the hashed, stored format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    /// The session's metadata ([`SessionMeta`]); always record 0.
+    Start,
+    /// One request and its response ([`ExchangeData`]).
+    Exchange,
+    /// Something the gate did ([`EventData`]).
+    Event,
+    /// How the connection ended ([`SessionEnd`]); always the last record.
+    End,
+}
+
+impl RecordKind {
+    /// Every kind.
+    pub const ALL: [RecordKind; 4] = [RecordKind::Start, RecordKind::Exchange, RecordKind::Event, RecordKind::End];
+
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Start => "start",
+            RecordKind::Exchange => "exchange",
+            RecordKind::Event => "event",
+            RecordKind::End => "end",
+        }
+    }
+
+    /// The kind stored as `name`; `None` for anything else (a damaged or
+    /// tampered record).
+    pub fn parse(name: &str) -> Option<RecordKind> {
+        RecordKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for RecordKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One stored record of a session's hash chain.
@@ -327,7 +433,8 @@ pub struct Record {
     pub seq: u64,
     /// When it happened, Unix nanoseconds.
     pub ts: i64,
-    /// `start`, `exchange`, `event` or `end`.
+    /// The kind as stored: a [`RecordKind`] name, unless the record was
+    /// damaged (kept as text so that verification can say so).
     pub kind: String,
     /// Canonical JSON, exactly the bytes that were hashed.
     pub data: String,
@@ -338,6 +445,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record's kind; `None` when the stored name is none of them.
+    pub fn record_kind(&self) -> Option<RecordKind> {
+        RecordKind::parse(&self.kind)
+    }
+
     /// `ts` as a time.
     pub fn time(&self) -> OffsetDateTime {
         from_nanos(self.ts)

@@ -12,10 +12,11 @@ use bytes::Bytes;
 use rusqlite::params;
 
 use super::{
-    cli::tests::run_captured, DecisionFacts, EventData, ExchangeData, ExchangeRecord, ProcessFacts, RecordConfig,
-    RecordError, RecordLevel, Recorder, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionStart, SessionState,
+    DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, RecordConfig, RecordError, RecordLevel,
+    Recorder, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionRecorder, SessionStart, SessionState,
     SessionStore, TlsFacts, Verdict,
 };
+use crate::{cli::sessions::tests::run_captured, process::ProcessSnapshot};
 
 const SECRET: &str = "sk-live-9f8e7d6c5b4a39281706";
 
@@ -40,10 +41,10 @@ fn start_facts() -> SessionStart {
         conn_id: 7,
         identity: "spiffe://ci.example/project/42".into(),
         identity_labels: BTreeMap::from([("env".to_owned(), "prod".to_owned())]),
-        process: ProcessFacts {
+        process: ProcessSnapshot {
             pid: 4321,
             uid: 1000,
-            gid: 1000,
+            gid: Some(1000),
             comm: "curl".into(),
             exe: Some("/usr/bin/curl".into()),
             cgroup: Some("/ci/job-4242".into()),
@@ -58,7 +59,7 @@ fn start_facts() -> SessionStart {
             cipher: "TLS13_AES_128_GCM_SHA256".into(),
             alpn: Some("h2".into()),
         }),
-        protocol: "https".into(),
+        protocol: crate::event::Protocol::Https,
     }
 }
 
@@ -71,7 +72,7 @@ fn exchange(stream: u64) -> ExchangeRecord {
         method: "POST".into(),
         url: format!("/v1/items/{stream}?page=2"),
         status: 201,
-        outcome: "ok".into(),
+        outcome: crate::http::ExchangeOutcome::Forwarded,
         rpc: None,
         request_headers: vec![
             ("content-type".into(), "application/json".into()),
@@ -92,8 +93,9 @@ fn exchange_data(e: &ExchangeRecord, max_body_bytes: usize) -> ExchangeData {
     serde_json::from_str(&super::encode::exchange(e, max_body_bytes, &Default::default())).unwrap()
 }
 
-fn end() -> SessionEnd {
-    SessionEnd { bytes_up: 1234, bytes_down: 5678, outcome: "ok".into() }
+/// Ends `session` as a connection that closed after 1234 bytes up, 5678 down.
+fn end(session: &SessionRecorder) {
+    session.end(SessionOutcome::Closed, 1234, 5678)
 }
 
 /// Records one complete session (start, two exchanges, an event, the end)
@@ -103,8 +105,8 @@ fn complete_session(recorder: &Recorder) -> SessionId {
     let id = session.id().clone();
     session.exchange(exchange(1));
     session.exchange(exchange(3));
-    session.event("denied", serde_json::json!({ "rule": "no-delete", "stream": 5 }));
-    session.end(end());
+    session.event(EventKind::Refused, serde_json::json!({ "rule": "no-delete", "stream": 5 }));
+    end(&session);
     id
 }
 
@@ -131,7 +133,7 @@ fn a_complete_session_reads_back() {
     assert_eq!(s.id, id);
     assert_eq!(s.state, SessionState::Ended);
     assert_eq!((s.exchanges, s.records), (2, 5));
-    assert_eq!((s.bytes_up, s.bytes_down, s.outcome.as_deref()), (Some(1234), Some(5678), Some("ok")));
+    assert_eq!((s.bytes_up, s.bytes_down, s.outcome.as_deref()), (Some(1234), Some(5678), Some("closed")));
     assert_eq!(
         (s.identity.as_str(), s.host.as_str(), s.orig_dst.as_str()),
         ("spiffe://ci.example/project/42", "api.example.com", "203.0.113.7:443")
@@ -146,7 +148,7 @@ fn a_complete_session_reads_back() {
     let meta: SessionMeta = serde_json::from_str(&records[0].data).unwrap();
     assert_eq!(meta.session, id);
     assert_eq!(meta.identity_labels["env"], "prod");
-    assert_eq!(meta.process.gid, 1000);
+    assert_eq!(meta.process.gid, Some(1000));
     assert_eq!(meta.process.cgroup.as_deref(), Some("/ci/job-4242"));
     assert_eq!(meta.sni.as_deref(), Some("api.example.com"));
     assert_eq!(meta.tls.as_ref().unwrap().alpn.as_deref(), Some("h2"));
@@ -166,7 +168,7 @@ fn a_complete_session_reads_back() {
     assert_eq!(ex.response.body.as_ref().unwrap().content, "{\"id\":1}");
 
     let ev: EventData = serde_json::from_str(&records[3].data).unwrap();
-    assert_eq!((ev.name.as_str(), ev.detail["rule"].as_str()), ("denied", Some("no-delete")));
+    assert_eq!((ev.name.as_str(), ev.detail["rule"].as_str()), ("refused", Some("no-delete")));
     assert_eq!(store.verify(&id).unwrap(), Verdict::Intact { records: 5 });
 
     // Nothing secret anywhere in the file, the WAL included.
@@ -207,7 +209,7 @@ fn cli_reads_back() {
     let (code, out) = run_captured(&database, &["show", short]);
     assert_eq!(code, ExitCode::SUCCESS);
     for expected in
-        ["TLSv1.3", "/usr/bin/curl", "CI_JOB_TOKEN=[REDACTED]", "POST /v1/items/1?page=2 -> 201", "denied", "#4"]
+        ["TLSv1.3", "/usr/bin/curl", "CI_JOB_TOKEN=[REDACTED]", "POST /v1/items/1?page=2 -> 201", "refused", "#4"]
     {
         assert!(out.contains(expected), "missing {expected:?} in\n{out}");
     }
@@ -392,7 +394,7 @@ fn records_are_committed_within_the_flush_interval() {
     assert_eq!(committed_records(&db(dir.path())), 0, "committed before the flush interval");
     recorder.flush().unwrap();
     assert_eq!(committed_records(&db(dir.path())), 2);
-    session.end(end());
+    end(&session);
     recorder.shutdown();
     assert_eq!(committed_records(&db(dir.path())), 3, "shutdown commits what is queued");
 }
@@ -408,7 +410,7 @@ fn the_writer_wakes_per_batch_not_per_record() {
         session.exchange(exchange(stream));
         std::thread::sleep(Duration::from_micros(500));
     }
-    session.end(end());
+    end(&session);
     recorder.flush().unwrap();
     // The first record, the deadline (or a spurious wake-up or two) and the flush.
     let wakeups = recorder.writer_wakeups();
@@ -446,8 +448,8 @@ fn dropped_and_interrupted_sessions() {
     let shared_id = shared.id().clone();
     let stream = std::sync::Arc::clone(&shared);
     std::thread::spawn(move || stream.exchange(exchange(1))).join().unwrap();
-    shared.end(end());
-    shared.end(SessionEnd { outcome: "again".into(), ..end() });
+    end(&shared);
+    shared.end(SessionOutcome::Error, 1, 2);
     drop(shared);
     let interrupted = recorder.start(start_facts());
     let interrupted_id = interrupted.id().clone();
@@ -461,7 +463,7 @@ fn dropped_and_interrupted_sessions() {
     let d = store.summary(&dropped_id).unwrap();
     assert_eq!((d.state, d.outcome.as_deref()), (SessionState::Ended, Some("dropped")));
     let s = store.summary(&shared_id).unwrap();
-    assert_eq!((s.outcome.as_deref(), s.exchanges, s.records), (Some("ok"), 1, 3));
+    assert_eq!((s.outcome.as_deref(), s.exchanges, s.records), (Some("closed"), 1, 3));
     assert_eq!(store.verify(&shared_id).unwrap(), Verdict::Intact { records: 3 });
     let i = store.summary(&interrupted_id).unwrap();
     assert_eq!((i.state, i.ended, i.records), (SessionState::Interrupted, None, 2));
@@ -479,7 +481,7 @@ fn levels_and_body_cap() {
     session.exchange(exchange(1));
     session.exchange(ExchangeRecord { level: RecordLevel::Metadata, ..exchange(3) });
     session.exchange(ExchangeRecord { level: RecordLevel::None, ..exchange(5) });
-    session.end(end());
+    end(&session);
     recorder.shutdown();
 
     let store = SessionStore::open(&db(dir.path())).unwrap();
@@ -669,7 +671,7 @@ fn the_pruner_thread_runs_and_spares_live_sessions() {
     assert_eq!(store.summary(&live_id).unwrap().state, SessionState::Open);
     assert_eq!(store.verify(&live_id).unwrap(), Verdict::Intact { records: 1 });
     let ending = Instant::now();
-    live.end(end());
+    end(&live);
     recorder.shutdown();
     // Once ended, it expires in its turn: if this thread was held up for the
     // retention before the shutdown stopped the pruner, it is rightly gone.
@@ -705,7 +707,7 @@ fn disabled_recorder_records_nothing() {
     let session = recorder.start(start_facts());
     assert!(!session.is_recording());
     session.exchange(exchange(1));
-    session.end(end());
+    end(&session);
     recorder.flush().unwrap();
     recorder.shutdown();
     assert!(!db(dir.path()).exists());

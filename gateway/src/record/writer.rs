@@ -24,16 +24,20 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use crate::redact::{cap, redact_job};
+use crate::{
+    process::ProcessSnapshot,
+    redact::{cap, redact_job},
+};
 
 use super::{
-    chain::{self, hash_record, GENESIS_HASH},
+    chain::{hash_record, GENESIS_HASH},
     encode::{self, limits, SensitiveNames},
     lock::{self, WriterLock},
     model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
-    ExchangeRecord, ProcessFacts, Record, RecordConfig, RecordError, RecordLevel, SessionEnd, SessionId, SessionStart,
+    EventKind, ExchangeRecord, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd, SessionId,
+    SessionOutcome, SessionStart,
 };
 
 /// Commit early when a batch holds this many records...
@@ -55,7 +59,7 @@ const TARGET: &str = "gateway::record";
 enum Msg {
     Start { id: SessionId, ts: i64, start: Box<SessionStart> },
     Exchange { id: SessionId, ts: i64, exchange: Box<ExchangeRecord> },
-    Event { id: SessionId, ts: i64, name: String, detail: serde_json::Value },
+    Event { id: SessionId, ts: i64, kind: EventKind, detail: serde_json::Value },
     End { id: SessionId, ts: i64, end: SessionEnd },
     Flush(mpsc::SyncSender<Result<(), String>>),
     Shutdown,
@@ -302,22 +306,23 @@ impl SessionRecorder {
         }
     }
 
-    /// Records a free-form event (`denied`, `approval_requested`,
-    /// `approval_decided`, `masked`, `error`...) with details.
-    pub fn event(&self, kind: &str, detail: serde_json::Value) {
+    /// Records an event (`refused`, `approval_requested`, `masked`, ...)
+    /// with free-form details.
+    pub fn event(&self, kind: EventKind, detail: serde_json::Value) {
         if let Some(sink) = &self.sink {
             let ts = nanos(SystemTime::now());
-            sink.send(Msg::Event { id: self.id.clone(), ts, name: kind.to_owned(), detail });
+            sink.send(Msg::Event { id: self.id.clone(), ts, kind, detail });
         }
     }
 
     /// Records the end of the session. Only the first end counts; records
     /// sent after it are lost (and logged as such by the writer).
-    pub fn end(&self, end: SessionEnd) {
+    pub fn end(&self, outcome: SessionOutcome, bytes_up: u64, bytes_down: u64) {
         if self.ended.swap(true, Ordering::Relaxed) {
             return;
         }
         if let Some(sink) = &self.sink {
+            let end = SessionEnd { bytes_up, bytes_down, outcome: outcome.as_str().to_owned() };
             sink.send(Msg::End { id: self.id.clone(), ts: nanos(SystemTime::now()), end });
         }
     }
@@ -325,7 +330,7 @@ impl SessionRecorder {
 
 impl Drop for SessionRecorder {
     fn drop(&mut self) {
-        self.end(SessionEnd { bytes_up: 0, bytes_down: 0, outcome: "dropped".into() });
+        self.end(SessionOutcome::Dropped, 0, 0);
     }
 }
 
@@ -436,15 +441,14 @@ impl Writer {
             }
             Msg::Exchange { id, ts, exchange } => {
                 let data = encode::exchange(&exchange, self.max_body_bytes, &self.names);
-                self.append(&id, ts, chain::KIND_EXCHANGE, data, None);
+                self.append(&id, ts, RecordKind::Exchange, data, None);
             }
-            Msg::Event { id, ts, name, detail } => {
-                let data = encode::event(&name, &detail);
-                self.append(&id, ts, chain::KIND_EVENT, data, None);
+            Msg::Event { id, ts, kind, detail } => {
+                let data = encode::event(kind.as_str(), &detail);
+                self.append(&id, ts, RecordKind::Event, data, None);
             }
             Msg::End { id, ts, end } => {
-                let end = SessionEnd { outcome: cap(&end.outcome, limits::TEXT), ..end };
-                self.append(&id, ts, chain::KIND_END, encode::to_json(&end), Some(end));
+                self.append(&id, ts, RecordKind::End, encode::to_json(&end), Some(end));
                 self.chains.remove(&id);
             }
             Msg::Flush(reply) => {
@@ -487,10 +491,10 @@ impl Writer {
                 cipher: cap(&t.cipher, limits::SHORT),
                 alpn: t.alpn.as_deref().map(|v| cap(v, limits::SHORT)),
             }),
-            protocol: cap(&s.protocol, limits::SHORT),
+            protocol: s.protocol.as_str().to_owned(),
         };
         let data = encode::to_json(&meta);
-        let hash = hash_record(id.as_str(), GENESIS_HASH, 0, ts, chain::KIND_START, &data);
+        let hash = hash_record(id.as_str(), GENESIS_HASH, 0, ts, RecordKind::Start.as_str(), &data);
         self.batch.new_sessions.push(SessionRow {
             id: id.clone(),
             conn_id: meta.conn_id,
@@ -516,7 +520,7 @@ impl Writer {
             session: id.clone(),
             seq: 0,
             ts,
-            kind: chain::KIND_START.into(),
+            kind: RecordKind::Start.as_str().into(),
             data,
             prev_hash: GENESIS_HASH.into(),
             hash: hash.clone(),
@@ -524,18 +528,18 @@ impl Writer {
         self.chains.insert(id, Chain { next_seq: 1, last_hash: hash, exchanges: 0 });
     }
 
-    fn append(&mut self, id: &SessionId, ts: i64, kind: &str, data: String, end: Option<SessionEnd>) {
+    fn append(&mut self, id: &SessionId, ts: i64, kind: RecordKind, data: String, end: Option<SessionEnd>) {
         let Some(chain) = self.chains.get_mut(id) else {
             // Only possible after a start was given up at shutdown, or for a
             // record sent after its session's end: nothing to chain it to.
-            tracing::error!(target: TARGET, session = %id, kind, "a record for a session that is not open is lost");
+            tracing::error!(target: TARGET, session = %id, kind = kind.as_str(), "a record for a session that is not open is lost");
             return;
         };
-        if kind == chain::KIND_EXCHANGE {
+        if kind == RecordKind::Exchange {
             chain.exchanges += 1;
         }
         let seq = chain.next_seq;
-        let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind, &data);
+        let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind.as_str(), &data);
         let prev_hash = std::mem::replace(&mut chain.last_hash, hash.clone());
         chain.next_seq += 1;
         let tail = Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end };
@@ -546,7 +550,15 @@ impl Writer {
             }
         }
         self.batch.bytes += data.len();
-        self.batch.records.push(Record { session: id.clone(), seq, ts, kind: kind.into(), data, prev_hash, hash });
+        self.batch.records.push(Record {
+            session: id.clone(),
+            seq,
+            ts,
+            kind: kind.as_str().into(),
+            data,
+            prev_hash,
+            hash,
+        });
     }
 
     /// Commits the batch, retrying with back-off until it succeeds (or, once
@@ -590,9 +602,9 @@ impl Writer {
     }
 }
 
-fn process_facts(p: &ProcessFacts) -> ProcessFacts {
+fn process_facts(p: &ProcessSnapshot) -> ProcessSnapshot {
     let job = p.job.iter().take(limits::JOB_VARS).map(|(k, v)| (cap(k, limits::SHORT), cap(v, limits::TEXT))).collect();
-    ProcessFacts {
+    ProcessSnapshot {
         pid: p.pid,
         uid: p.uid,
         gid: p.gid,

@@ -23,11 +23,11 @@ use std::{
 use serde::Deserialize;
 
 pub mod ca;
-pub mod cli;
 pub mod hello;
 pub mod mint;
 #[cfg(test)]
 mod test_support;
+pub mod trust;
 pub mod upstream;
 
 pub use ca::CertificateAuthority;

@@ -29,6 +29,7 @@ fn finding(fp: &str, exe: Option<&str>, host: &str, port: u16, at: OffsetDateTim
             comm: "curl".into(),
             cgroup: Some("/ci-gateway/jobs/job-17".into()),
             container: None,
+            gid: None,
             job: BTreeMap::from([("CI_JOB_ID".into(), "17".into()), ("CI_PROJECT_PATH".into(), "grp/proj".into())]),
         },
         identity: None,

@@ -8,14 +8,13 @@
 
 use std::{io::Write, path::Path, process::ExitCode};
 
-use anyhow::Context as _;
-use serde::Deserialize;
-use time::{macros::format_description, OffsetDateTime};
+use anyhow::{bail, Context as _};
 
-use super::{ApprovalId, ApprovalView, ListFilter, State, Verdict};
 use crate::{
-    api::{AdminClient, ClientError},
-    term::safe,
+    api::AdminClient,
+    approval::{ApprovalId, ApprovalView, ListFilter, State, Verdict},
+    config::Config,
+    term::{safe, when},
 };
 
 /// Arguments of `gateway approvals`.
@@ -84,80 +83,29 @@ fn parse_id(s: &str) -> Result<ApprovalId, String> {
     s.parse()
 }
 
-/// `GET /v1/approvals` answer.
-#[derive(Debug, Deserialize)]
-struct ListAnswer {
-    approvals: Vec<ApprovalView>,
-}
-
-/// Requests matching `filter`, from the gateway at `client`.
-pub async fn list(client: &AdminClient, filter: &ListFilter) -> Result<Vec<ApprovalView>, ClientError> {
-    let mut path = format!("/v1/approvals?limit={}", filter.limit);
-    if let Some(state) = filter.state {
-        path.push_str("&state=");
-        path.push_str(state.as_str());
-    }
-    Ok(client.get::<ListAnswer>(&path).await?.approvals)
-}
-
-/// One request.
-pub async fn show(client: &AdminClient, id: ApprovalId) -> Result<ApprovalView, ClientError> {
-    client.get(&format!("/v1/approvals/{id}")).await
-}
-
-/// Approves or denies request `id` as `by`.
-pub async fn decide(
-    client: &AdminClient,
-    id: ApprovalId,
-    verdict: Verdict,
-    by: &str,
-    comment: Option<&str>,
-) -> Result<ApprovalView, ClientError> {
-    let body = serde_json::json!({ "by": by, "comment": comment });
-    client.post(&format!("/v1/approvals/{id}/{}", verdict.as_str()), &body).await
-}
-
-/// Runs `gateway approvals` from synchronous code against the admin socket
-/// `socket` (`api.admin_socket`; `None` when the admin API is disabled):
-/// prints errors, returns the exit status.
-pub fn run_blocking(args: &ApprovalsArgs, socket: Option<&Path>) -> ExitCode {
-    let Some(socket) = socket else {
-        eprintln!("gateway: api.admin_socket is null: the admin API, and with it approvals, is disabled");
-        return ExitCode::from(2);
+/// Runs `gateway approvals` against the admin socket of `config`
+/// (`api.admin_socket`).
+pub fn run(config: &Config, args: &ApprovalsArgs) -> anyhow::Result<ExitCode> {
+    let Some(socket) = config.api.admin_socket.as_deref() else {
+        bail!("api.admin_socket is null: the admin API, and with it approvals, is disabled");
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("gateway: starting the async runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match runtime.block_on(run(args, socket)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("gateway: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(run_to(args, socket, &mut std::io::stdout().lock()))
 }
 
 /// Runs `gateway approvals` against the admin socket at `socket`, printing
-/// to standard output. Refusals by the gateway are printed and give exit
-/// status 1; an `Err` is for the caller to print (exit status 2).
-pub async fn run(args: &ApprovalsArgs, socket: &Path) -> anyhow::Result<ExitCode> {
-    run_to(args, socket, &mut std::io::stdout().lock()).await
-}
-
-/// [`run`], printing to `out`.
+/// to `out`. Refusals by the gateway are printed and give exit status 1; an
+/// `Err` is for the caller to print (exit status 2).
 pub async fn run_to(args: &ApprovalsArgs, socket: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(socket);
     let result = match &args.command {
         ApprovalsCommand::List { all, state, limit, json } => {
             let state = if *all { None } else { Some(state.unwrap_or(State::Pending)) };
             let filter = ListFilter { state, limit: *limit };
-            list(&client, &filter).await.map(|views| render_list(&views, *json))
+            client.approvals(&filter).await.map(|views| render_list(&views, *json))
         }
-        ApprovalsCommand::Show { id, json } => show(&client, *id).await.map(|view| render_one(&view, *json)),
+        ApprovalsCommand::Show { id, json } => client.approval(*id).await.map(|view| render_one(&view, *json)),
         ApprovalsCommand::Approve(d) | ApprovalsCommand::Deny(d) => {
             let verdict =
                 if matches!(args.command, ApprovalsCommand::Approve(_)) { Verdict::Approve } else { Verdict::Deny };
@@ -167,7 +115,7 @@ pub async fn run_to(args: &ApprovalsArgs, socket: &Path, out: &mut dyn Write) ->
                     format!("uid {} has no user name; name the approver with --by", nix::unistd::getuid())
                 })?,
             };
-            decide(&client, d.id, verdict, &by, d.comment.as_deref()).await.map(|view| {
+            client.decide(d.id, verdict, &by, d.comment.as_deref()).await.map(|view| {
                 if d.json {
                     render_json(&view)
                 } else {
@@ -255,7 +203,7 @@ fn render_one(v: &ApprovalView, json: bool) -> String {
     for (k, val) in &v.identity_labels {
         line("  label:", &format!("{k}={val}"));
     }
-    line("process:", &v.process.to_string());
+    line("process:", &serde_json::to_string(&v.process).unwrap_or_default());
     for (k, val) in &v.job {
         line("  job:", &format!("{k}={val}"));
     }
@@ -284,18 +232,13 @@ fn render_one(v: &ApprovalView, json: bool) -> String {
     text
 }
 
-fn when(t: OffsetDateTime) -> String {
-    t.format(format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z"))
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn job_text_cannot_drive_the_terminal() {
-        let now = OffsetDateTime::now_utc();
+        let now = time::OffsetDateTime::now_utc();
         let view = ApprovalView {
             id: ApprovalId(7),
             state: State::Pending,
@@ -304,11 +247,11 @@ mod tests {
             min_approvals: 1,
             identity: "spiffe://ci/job".into(),
             identity_labels: Default::default(),
-            process: serde_json::json!({"comm": "curl\u{202e}"}),
+            process: crate::process::ProcessSnapshot { comm: "curl\u{202e}".into(), ..Default::default() },
             job: Default::default(),
             session_id: None,
             method: "POST".into(),
-            url: "/deploy/\u{202e}dorp\u{1b}[2J".into(),
+            url: "/deploy/\u{202e}dorp\u{1b}[2J\u{061c}\u{2069}".into(),
             destination: "api.internal:443".into(),
             body_preview: "line\u{2066}one\nline two".into(),
             requesters: Vec::new(),
@@ -318,8 +261,8 @@ mod tests {
             decisions: Vec::new(),
         };
         for text in [render_list(std::slice::from_ref(&view), false), render_one(&view, false)] {
-            assert!(text.contains("/deploy/\\u{202e}dorp\\u{1b}[2J"), "{text}");
-            assert!(!text.contains(['\u{202e}', '\u{1b}', '\u{2066}']), "{text}");
+            assert!(text.contains("/deploy/\\u{202e}dorp\\u{1b}[2J\\u{61c}\\u{2069}"), "{text}");
+            assert!(!text.contains(['\u{202e}', '\u{1b}', '\u{2066}', '\u{061c}', '\u{2069}']), "{text}");
         }
     }
 

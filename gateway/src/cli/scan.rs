@@ -8,8 +8,11 @@ use std::{
     sync::Arc,
 };
 
-use super::{DetectConfig, Detection, Detector, FingerprintKey};
-use crate::config::Config;
+use crate::{
+    config::Config,
+    detect::{DetectConfig, Detection, Detector, FingerprintKey},
+    term::safe,
+};
 
 /// Bytes checked for NUL to decide that a file is binary.
 const BINARY_SNIFF: usize = 8192;
@@ -34,7 +37,11 @@ pub struct ScanArgs {
 
 /// Runs `gateway scan`: exit status 1 when secrets were found, 0 when none,
 /// 2 on errors. Secrets are shown only as fingerprints and redacted previews.
-pub fn run(config: &Config, args: &ScanArgs) -> ExitCode {
+pub fn run(config: &Config, args: &ScanArgs) -> anyhow::Result<ExitCode> {
+    Ok(scan(config, args))
+}
+
+fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
     let mut detect: DetectConfig = config.detect.clone();
     if let Some(rules) = &args.rules {
         detect.custom_rules = Some(rules.clone());
@@ -117,7 +124,11 @@ impl<W: Write> Scan<W> {
             }
         } else if meta.is_file() {
             if meta.len() > self.max_file_size {
-                eprintln!("gateway scan: {}: skipped, larger than {} bytes", path.display(), self.max_file_size);
+                eprintln!(
+                    "gateway scan: {}: skipped, larger than {} bytes",
+                    safe(&path.display().to_string()),
+                    self.max_file_size
+                );
                 return;
             }
             match std::fs::read(path) {
@@ -178,7 +189,15 @@ impl<W: Write> Scan<W> {
             });
             writeln!(self.out, "{obj}")
         } else {
-            writeln!(self.out, "{name}:{line}:{column}: {} ({}) {fingerprint} {preview}", d.rule_id, d.confidence)
+            // File names come from the scanned tree, which may be a job's.
+            writeln!(
+                self.out,
+                "{}:{line}:{column}: {} ({}) {fingerprint} {}",
+                safe(name),
+                d.rule_id,
+                d.confidence,
+                safe(&preview)
+            )
         };
         if result.is_err() {
             self.errors += 1;
@@ -186,7 +205,7 @@ impl<W: Write> Scan<W> {
     }
 
     fn error(&mut self, path: &Path, e: &std::io::Error) {
-        eprintln!("gateway scan: {}: {e}", path.display());
+        eprintln!("gateway scan: {}: {e}", safe(&path.display().to_string()));
         self.errors += 1;
     }
 }

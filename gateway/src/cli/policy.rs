@@ -10,14 +10,11 @@ use anyhow::{bail, Context};
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use super::compiled::Policy;
-use super::decision::{Action, MaskRules};
-use super::error::PolicyError;
-use super::explain::Explanation;
-use super::facts::{HttpRequestFacts, RequestFacts};
-use super::host::judged_host;
-use super::path::{normalize, PathRejection};
-use super::PolicyContext;
+use crate::config::Config;
+use crate::policy::{
+    judged_host, normalize, Action, Explanation, HttpRequestFacts, MaskRules, PathRejection, Policy, PolicyContext,
+    PolicyError, RequestFacts,
+};
 
 /// `gateway policy ...`.
 #[derive(Debug, Clone, Args)]
@@ -105,11 +102,16 @@ pub enum ConnectionProtocol {
     Tls,
 }
 
-/// Runs a `gateway policy` subcommand; `config_file` is `policy.file` of the
-/// gateway configuration, if any, and `context` what `check` also checks the
-/// file against (the configuration's approver groups). Exit 1 when the
-/// policy file is invalid.
-pub fn run(args: &PolicyArgs, config_file: Option<&Path>, context: &PolicyContext) -> anyhow::Result<ExitCode> {
+/// Runs a `gateway policy` subcommand with the configuration's policy file
+/// and approver groups. Exit 1 when the policy file is invalid.
+pub fn run(config: &Config, args: &PolicyArgs) -> anyhow::Result<ExitCode> {
+    run_with(args, config.policy.file.as_deref(), &config.approvals.policy_context())
+}
+
+/// [`run`] with `config_file` as `policy.file` of the gateway configuration,
+/// if any, and `context` what `check` also checks the file against (the
+/// configuration's approver groups).
+pub fn run_with(args: &PolicyArgs, config_file: Option<&Path>, context: &PolicyContext) -> anyhow::Result<ExitCode> {
     match &args.command {
         PolicyCommand::Check { file } => match file.as_deref().or(config_file) {
             Some(f) => Ok(check(f, context)),
@@ -132,15 +134,15 @@ fn check(file: &Path, context: &PolicyContext) -> ExitCode {
             for w in p.warnings() {
                 eprintln!("warning: {w}");
             }
-            let approvals = p.rules.iter().filter(|r| matches!(r.outcome.action, Action::RequireApproval(_))).count();
-            let denies = p.rules.iter().filter(|r| matches!(r.outcome.action, Action::Deny { .. })).count();
+            let approvals = p.rule_actions().filter(|a| matches!(a, Action::RequireApproval(_))).count();
+            let denies = p.rule_actions().filter(|a| matches!(a, Action::Deny { .. })).count();
             println!(
                 "{}: OK: {} rules ({} deny, {} require approval), default {}, {} mask spec(s), sha256 {}",
                 file.display(),
                 p.len(),
                 denies,
                 approvals,
-                p.default.action.name(),
+                p.default_decision().action.name(),
                 p.masks().len(),
                 p.short_digest()
             );

@@ -1,4 +1,4 @@
-//! `gateway ca ...` and `gateway trust ...`.
+//! Making the host and its jobs trust the gateway's CA (`gateway trust ...`).
 //!
 //! The work is done by [`install_trust`] and [`uninstall_trust`], which take
 //! every path as a parameter ([`TrustPaths`]) so tests run them against a
@@ -9,14 +9,13 @@ use std::{
     io::ErrorKind,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::Command,
 };
 
 use super::{
     ca::{pem_encode, write_atomically, CaPaths},
     CertificateAuthority, TlsError,
 };
-use crate::config::Config;
 
 /// Where `trust install` puts the CA for `update-ca-certificates`.
 pub const SYSTEM_ANCHOR: &str = "/usr/local/share/ca-certificates/ci-gateway.crt";
@@ -29,56 +28,6 @@ pub const SYSTEM_BUNDLES: [&str; 4] = [
 ];
 /// First line of every env file we write; uninstall only removes files carrying it.
 const ENV_MARKER: &str = "# Written by `gateway trust install`";
-
-/// Arguments of `gateway ca`.
-#[derive(Debug, clap::Args)]
-pub struct CaArgs {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: CaCommand,
-}
-
-/// `gateway ca ...`.
-#[derive(Debug, clap::Subcommand)]
-pub enum CaCommand {
-    /// Print the CA certificate (PEM), creating the CA on first use.
-    Export {
-        /// Write the certificate to this file instead of standard output.
-        #[arg(long, value_name = "FILE")]
-        out: Option<PathBuf>,
-    },
-}
-
-/// Arguments of `gateway trust`.
-#[derive(Debug, clap::Args)]
-pub struct TrustArgs {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: TrustCommand,
-}
-
-/// `gateway trust ...`.
-#[derive(Debug, clap::Subcommand)]
-pub enum TrustCommand {
-    /// Trust the gateway CA: system store, a CA bundle for jobs, and an env file.
-    Install {
-        /// Environment file to write (default: tls.env_file).
-        #[arg(long, value_name = "PATH")]
-        env_file: Option<PathBuf>,
-        /// Leave the system trust store alone.
-        #[arg(long)]
-        no_system: bool,
-    },
-    /// Undo `trust install` (the CA itself is kept).
-    Uninstall {
-        /// Environment file to remove (default: tls.env_file).
-        #[arg(long, value_name = "PATH")]
-        env_file: Option<PathBuf>,
-        /// Leave the system trust store alone.
-        #[arg(long)]
-        no_system: bool,
-    },
-}
 
 /// Every path `trust install` and `uninstall` touch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,54 +57,6 @@ impl TrustPaths {
             system_bundles: SYSTEM_BUNDLES.iter().map(PathBuf::from).collect(),
             update_command: PathBuf::from("update-ca-certificates"),
             env_file: env_file.to_owned(),
-        }
-    }
-}
-
-/// Runs `gateway ca`.
-pub fn run_ca(config: &Config, args: &CaArgs) -> ExitCode {
-    let CaCommand::Export { out } = &args.command;
-    let result = CertificateAuthority::load_or_create(&config.state_dir).and_then(|ca| match out {
-        None => {
-            print!("{}", ca.cert_pem());
-            Ok(())
-        }
-        Some(path) => {
-            fs::write(path, ca.cert_pem()).map_err(|e| TlsError::io(path, "write", e))?;
-            eprintln!("wrote the gateway CA certificate to {}", path.display());
-            Ok(())
-        }
-    });
-    finish(result.map(|()| Vec::new()))
-}
-
-/// Runs `gateway trust`.
-pub fn run_trust(config: &Config, args: &TrustArgs) -> ExitCode {
-    let result = match &args.command {
-        TrustCommand::Install { env_file, no_system } => {
-            let paths = TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
-            CertificateAuthority::load_or_create(&config.state_dir)
-                .and_then(|ca| install_trust(&paths, &ca, !no_system))
-        }
-        TrustCommand::Uninstall { env_file, no_system } => {
-            let paths = TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
-            uninstall_trust(&paths, !no_system)
-        }
-    };
-    finish(result)
-}
-
-fn finish(result: Result<Vec<String>, TlsError>) -> ExitCode {
-    match result {
-        Ok(actions) => {
-            for action in actions {
-                println!("{action}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            ExitCode::FAILURE
         }
     }
 }
@@ -477,19 +378,5 @@ mod tests {
         paths.bundle = f.root.path().join("with space/bundle.pem");
         let err = install_trust(&paths, &f.ca, false).expect_err("space");
         assert!(matches!(err, TlsError::UnsafeEnvPath { .. }), "{err}");
-    }
-
-    #[test]
-    fn clap_accepts_the_documented_command_lines() {
-        use clap::Parser as _;
-        for line in [
-            &["gateway", "ca", "export"][..],
-            &["gateway", "ca", "export", "--out", "/tmp/ca.pem"],
-            &["gateway", "trust", "install"],
-            &["gateway", "trust", "install", "--env-file", "/tmp/x.env", "--no-system"],
-            &["gateway", "trust", "uninstall", "--no-system"],
-        ] {
-            crate::cli::Cli::try_parse_from(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
-        }
     }
 }

@@ -7,13 +7,16 @@
 
 use std::{fmt::Write as _, io::Write, path::Path, process::ExitCode, time::Duration};
 
-use time::{format_description::FormatItem, macros::format_description, OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
-use crate::term::{safe, safe_keeping};
-
-use super::{
-    chain, BodyData, EventData, ExchangeData, MessageData, Record, RecordError, SessionEnd, SessionFilter, SessionMeta,
-    SessionStore, SessionSummary,
+use super::since::parse_since;
+use crate::{
+    config::Config,
+    record::{
+        BodyData, EventData, ExchangeData, MessageData, Record, RecordError, RecordKind, SessionEnd, SessionFilter,
+        SessionMeta, SessionStore, SessionSummary,
+    },
+    term::{safe, safe_keeping, when_ms as when, Keep, Table},
 };
 
 /// Arguments of `gateway sessions`.
@@ -32,7 +35,8 @@ pub enum SessionsCommand {
         /// Only sessions whose identity matches this glob (`*`, `?`, `[...]`).
         #[arg(long)]
         identity: Option<String>,
-        /// Only sessions started since: RFC 3339 time, or an age such as 30m, 1h, 7d.
+        /// Only sessions started since: RFC 3339, a date (YYYY-MM-DD, UTC) or an
+        /// age such as 30m, 1h, 7d, 1h 30m.
         #[arg(long, value_parser = parse_since)]
         since: Option<OffsetDateTime>,
         /// At most this many.
@@ -75,25 +79,13 @@ pub enum SessionsCommand {
     },
 }
 
-fn parse_since(s: &str) -> Result<OffsetDateTime, String> {
-    parse_since_at(s, OffsetDateTime::now_utc())
-}
-
-fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok(t);
-    }
-    let age = humantime::parse_duration(s)
-        .map_err(|_| format!("`{s}` is neither an RFC 3339 time nor an age like 30m, 1h, 7d"))?;
-    time::Duration::try_from(age)
-        .ok()
-        .and_then(|age| now.checked_sub(age))
-        .ok_or_else(|| format!("`{s}`: too long ago"))
+/// Runs `gateway sessions` against the configuration's sessions database.
+pub fn run(config: &Config, args: &SessionsArgs) -> anyhow::Result<ExitCode> {
+    run_on(args, &config.record.database_path(&config.state_dir))
 }
 
 /// Runs `gateway sessions` against the database at `database`.
-pub fn run(args: &SessionsArgs, database: &Path) -> anyhow::Result<ExitCode> {
+pub fn run_on(args: &SessionsArgs, database: &Path) -> anyhow::Result<ExitCode> {
     // Reading commands on a host where the gateway never recorded should say
     // so, not create an empty database as the reviewer's user.
     let store = if database.exists() { Some(SessionStore::open(database)?) } else { None };
@@ -215,13 +207,6 @@ fn execute(
     Ok(ExitCode::SUCCESS)
 }
 
-const TIME_FORMAT: &[FormatItem<'static>] =
-    format_description!("[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3]Z");
-
-fn when(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
 /// Seconds between two Unix-nanosecond times, as `+1.234s`.
 fn offset(from: i64, to: i64) -> String {
     let d = to.saturating_sub(from);
@@ -241,61 +226,31 @@ fn duration(ns: u64) -> String {
     }
 }
 
-/// `safe`, then cut to `width` characters.
+/// [`term::cell`](crate::term::cell) keeping the start.
 fn cell(s: &str, width: usize) -> String {
-    let s = safe(s);
-    if s.chars().count() <= width {
-        return s;
-    }
-    format!("{}…", s.chars().take(width.saturating_sub(1)).collect::<String>())
+    crate::term::cell(s, width, Keep::Start)
 }
 
 fn table(sessions: &[SessionSummary]) -> String {
-    const HEADER: [&str; 9] =
-        ["ID", "STARTED", "STATE", "DURATION", "IDENTITY", "DESTINATION", "PROCESS", "EXCH", "OUTCOME"];
-    let rows: Vec<[String; 9]> = sessions
-        .iter()
-        .map(|s| {
-            let started = s.started.unix_timestamp_nanos();
-            let until = s.ended.unwrap_or(s.last_activity).unix_timestamp_nanos();
-            let nanos = u64::try_from(until.saturating_sub(started)).unwrap_or(0);
-            [
-                cell(s.id.as_str(), 40),
-                when(s.started),
-                s.state.to_string(),
-                duration(nanos),
-                cell(if s.identity.is_empty() { "-" } else { &s.identity }, 40),
-                cell(&format!("{} ({})", s.host, s.orig_dst), 48),
-                cell(&format!("{}[{}]", s.comm, s.pid), 24),
-                s.exchanges.to_string(),
-                cell(s.outcome.as_deref().unwrap_or("-"), 24),
-            ]
-        })
-        .collect();
-    let mut widths = HEADER.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
+    let mut table =
+        Table::new(["ID", "STARTED", "STATE", "DURATION", "IDENTITY", "DESTINATION", "PROCESS", "EXCH", "OUTCOME"]);
+    for s in sessions {
+        let started = s.started.unix_timestamp_nanos();
+        let until = s.ended.unwrap_or(s.last_activity).unix_timestamp_nanos();
+        let nanos = u64::try_from(until.saturating_sub(started)).unwrap_or(0);
+        table.row([
+            cell(s.id.as_str(), 40),
+            when(s.started),
+            s.state.to_string(),
+            duration(nanos),
+            cell(if s.identity.is_empty() { "-" } else { &s.identity }, 40),
+            cell(&format!("{} ({})", s.host, s.orig_dst), 48),
+            cell(&format!("{}[{}]", s.comm, s.pid), 24),
+            s.exchanges.to_string(),
+            cell(s.outcome.as_deref().unwrap_or("-"), 24),
+        ]);
     }
-    let mut out = String::new();
-    let mut line = |cells: [&str; 9]| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            l.push_str(c);
-            l.extend(std::iter::repeat_n(' ', w.saturating_sub(c.chars().count())));
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(HEADER);
-    for row in &rows {
-        line(row.each_ref().map(String::as_str));
-    }
-    out
+    table.render()
 }
 
 fn show_json(summary: &SessionSummary, records: &[Record]) -> serde_json::Value {
@@ -317,7 +272,10 @@ fn show_json(summary: &SessionSummary, records: &[Record]) -> serde_json::Value 
 }
 
 fn meta_of(records: &[Record]) -> Option<SessionMeta> {
-    records.first().filter(|r| r.kind == chain::KIND_START).and_then(|r| serde_json::from_str(&r.data).ok())
+    records
+        .first()
+        .filter(|r| r.record_kind() == Some(RecordKind::Start))
+        .and_then(|r| serde_json::from_str(&r.data).ok())
 }
 
 fn show_text(s: &SessionSummary, records: &[Record]) -> String {
@@ -378,7 +336,7 @@ fn describe_meta(o: &mut String, m: &SessionMeta) {
         safe(&p.comm),
         p.pid,
         p.uid,
-        p.gid
+        p.gid.map_or_else(|| "-".to_owned(), |g| g.to_string())
     );
     let _ = writeln!(o, "  cgroup:       {}", safe(p.cgroup.as_deref().unwrap_or("-")));
     if !p.job.is_empty() {
@@ -404,9 +362,9 @@ fn describe_meta(o: &mut String, m: &SessionMeta) {
 
 /// One line describing a record.
 fn record_line(r: &Record) -> String {
-    match r.kind.as_str() {
-        chain::KIND_START => "session metadata".into(),
-        chain::KIND_EXCHANGE => match serde_json::from_str::<ExchangeData>(&r.data) {
+    match r.record_kind() {
+        Some(RecordKind::Start) => "session metadata".into(),
+        Some(RecordKind::Exchange) => match serde_json::from_str::<ExchangeData>(&r.data) {
             Ok(e) => {
                 let mut l =
                     format!("{} {} -> {} ({})", safe(&e.method), cell(&e.url, 80), e.status, duration(e.duration_ns));
@@ -426,15 +384,15 @@ fn record_line(r: &Record) -> String {
             }
             Err(_) => "(undecodable exchange)".into(),
         },
-        chain::KIND_EVENT => match serde_json::from_str::<EventData>(&r.data) {
+        Some(RecordKind::Event) => match serde_json::from_str::<EventData>(&r.data) {
             Ok(ev) => format!("{} {}", safe(&ev.name), cell(&ev.detail.to_string(), 160)),
             Err(_) => "(undecodable event)".into(),
         },
-        chain::KIND_END => match serde_json::from_str::<SessionEnd>(&r.data) {
+        Some(RecordKind::End) => match serde_json::from_str::<SessionEnd>(&r.data) {
             Ok(end) => format!("{} (up {} B, down {} B)", safe(&end.outcome), end.bytes_up, end.bytes_down),
             Err(_) => "(undecodable end)".into(),
         },
-        other => format!("(unknown kind {})", safe(other)),
+        None => format!("(unknown kind {})", safe(&r.kind)),
     }
 }
 
@@ -453,7 +411,7 @@ fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn 
     let mut timeline: Vec<(i64, &Record)> = records
         .iter()
         .map(|r| {
-            let at = if r.kind == chain::KIND_EXCHANGE {
+            let at = if r.record_kind() == Some(RecordKind::Exchange) {
                 serde_json::from_str::<ExchangeData>(&r.data).map_or(r.ts, |e| e.started)
             } else {
                 r.ts
@@ -461,7 +419,7 @@ fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn 
             (at, r)
         })
         .collect();
-    timeline.sort_by_key(|(at, r)| (r.kind != chain::KIND_START, *at));
+    timeline.sort_by_key(|(at, r)| (r.record_kind() != Some(RecordKind::Start), *at));
     let mut previous = start;
     for (at, r) in timeline {
         if realtime && at > previous {
@@ -471,11 +429,11 @@ fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn 
         previous = previous.max(at);
         let mut block = String::new();
         let t = offset(start, at);
-        match r.kind.as_str() {
-            chain::KIND_START => {
+        match r.record_kind() {
+            Some(RecordKind::Start) => {
                 let _ = writeln!(block, "{t}  start");
             }
-            chain::KIND_EXCHANGE => match serde_json::from_str::<ExchangeData>(&r.data) {
+            Some(RecordKind::Exchange) => match serde_json::from_str::<ExchangeData>(&r.data) {
                 Ok(e) => exchange_block(&mut block, &t, &e),
                 Err(e) => {
                     let _ = writeln!(block, "{t}  exchange (undecodable: {e})");
@@ -559,7 +517,6 @@ fn body_preview(body: &BodyData) -> Option<String> {
 #[cfg(test)]
 pub(crate) mod tests {
     use clap::Parser as _;
-    use time::macros::datetime;
 
     use super::*;
 
@@ -603,17 +560,6 @@ pub(crate) mod tests {
             SessionsCommand::Replay { realtime: true, .. }
         ));
         assert!(parse(&["list", "--since", "yesterday"]).is_err());
-    }
-
-    #[test]
-    fn since() {
-        let now = datetime!(2024-05-10 12:00 UTC);
-        assert_eq!(parse_since_at("1h", now), Ok(datetime!(2024-05-10 11:00 UTC)));
-        assert_eq!(parse_since_at("7d", now), Ok(datetime!(2024-05-03 12:00 UTC)));
-        assert_eq!(parse_since_at("1h 30m", now), Ok(datetime!(2024-05-10 10:30 UTC)));
-        assert_eq!(parse_since_at("2024-05-01T10:00:00+02:00", now), Ok(datetime!(2024-05-01 8:00 UTC)));
-        assert!(parse_since_at("yesterday", now).is_err());
-        assert!(parse_since_at("", now).is_err());
     }
 
     #[test]

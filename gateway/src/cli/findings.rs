@@ -10,10 +10,14 @@ use std::{
     process::ExitCode,
 };
 
-use time::{format_description::FormatItem, macros::format_description, Duration, OffsetDateTime, UtcOffset};
+use time::OffsetDateTime;
 
-use super::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status};
-use crate::{config::Config, term::safe};
+use super::since::parse_since;
+use crate::{
+    config::Config,
+    findings::{ExportFormat, Finding, FindingId, FindingStore, FindingsError, ListFilter, Status},
+    term::{cell, safe, when, Keep, Table},
+};
 
 /// Arguments of `gateway findings`.
 #[derive(Debug, clap::Args)]
@@ -38,7 +42,7 @@ pub enum FindingsCommand {
         #[arg(long)]
         host: Option<String>,
         /// Only findings seen since this time: RFC 3339, a date (YYYY-MM-DD, UTC)
-        /// or an age such as 30m, 24h, 7d.
+        /// or an age such as 30m, 24h, 7d, 1h 30m.
         #[arg(long, value_parser = parse_since)]
         since: Option<OffsetDateTime>,
         /// Print JSON (an array of findings, with history).
@@ -66,11 +70,32 @@ pub enum FindingsCommand {
     Export {
         /// Output format.
         #[arg(long, value_enum)]
-        format: ExportFormat,
+        format: Format,
         /// Write to this file (replaced atomically) instead of standard output.
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// `--format` of `gateway findings export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A JSON array of findings, history included.
+    Json,
+    /// SARIF 2.1.0, for code-scanning dashboards.
+    Sarif,
+    /// CSV with a header row, for spreadsheets.
+    Csv,
+}
+
+impl From<Format> for ExportFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Json => ExportFormat::Json,
+            Format::Sarif => ExportFormat::Sarif,
+            Format::Csv => ExportFormat::Csv,
+        }
+    }
 }
 
 /// Arguments of the status-changing commands.
@@ -95,34 +120,13 @@ fn parse_id(s: &str) -> Result<FindingId, String> {
     s.parse()
 }
 
-fn parse_since(s: &str) -> Result<OffsetDateTime, String> {
-    parse_since_at(s, OffsetDateTime::now_utc())
-}
-
-fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, String> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok(t);
-    }
-    if let Ok(d) = time::Date::parse(s, format_description!("[year]-[month]-[day]")) {
-        return Ok(d.midnight().assume_utc());
-    }
-    let err = || format!("`{s}` is not a time (RFC 3339, YYYY-MM-DD, or an age like 30m, 24h, 7d)");
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let n: i64 = s[..split].parse().map_err(|_| err())?;
-    let age = match &s[split..] {
-        "s" => Duration::seconds(n),
-        "m" => Duration::minutes(n),
-        "h" => Duration::hours(n),
-        "d" => Duration::days(n),
-        "w" => Duration::weeks(n),
-        _ => return Err(err()),
-    };
-    now.checked_sub(age).ok_or_else(err)
-}
-
 /// Runs `gateway findings`.
-pub fn run(config: &Config, args: &FindingsArgs) -> ExitCode {
+pub fn run(config: &Config, args: &FindingsArgs) -> anyhow::Result<ExitCode> {
+    Ok(run_reporting(config, args))
+}
+
+/// [`run`]: every failure is printed here, with its exit status.
+fn run_reporting(config: &Config, args: &FindingsArgs) -> ExitCode {
     if let Err((field, reason)) = config.findings.validate() {
         eprintln!("gateway: configuration: {field}: {reason}");
         return ExitCode::from(2);
@@ -210,11 +214,12 @@ fn execute(path: &Path, command: &FindingsCommand) -> Result<(), Failure> {
         FindingsCommand::FalsePositive(a) => review(store, &mut stdout, a, Status::FalsePositive)?,
         FindingsCommand::Reopen(a) => review(store, &mut stdout, a, Status::Open)?,
         FindingsCommand::Export { format, out } => {
+            let format = ExportFormat::from(*format);
             let export = |w: &mut dyn std::io::Write| -> Result<(), FindingsError> {
                 match &store {
-                    Some(store) => store.export(*format, w),
+                    Some(store) => store.export(format, w),
                     // No database yet: a valid, empty export.
-                    None => FindingStore::export_empty(*format, w),
+                    None => FindingStore::export_empty(format, w),
                 }
             };
             match out.as_deref() {
@@ -267,76 +272,23 @@ fn write_atomically(
     result
 }
 
-const TIME_FORMAT: &[FormatItem<'static>] = format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z");
-
-fn when(t: OffsetDateTime) -> String {
-    t.to_offset(UtcOffset::UTC).format(TIME_FORMAT).unwrap_or_else(|_| t.unix_timestamp().to_string())
-}
-
-/// `safe`, then cut to `width` characters (keeping the end when `tail`,
-/// which is the informative part of a path).
-fn cell(s: &str, width: usize, tail: bool) -> String {
-    let s = safe(s);
-    let n = s.chars().count();
-    if n <= width {
-        return s;
-    }
-    let keep = width.saturating_sub(1);
-    if tail {
-        format!("…{}", s.chars().skip(n - keep).collect::<String>())
-    } else {
-        format!("{}…", s.chars().take(keep).collect::<String>())
-    }
-}
-
 fn table(findings: &[Finding]) -> String {
-    let header = ["ID", "STATUS", "RULE", "PREVIEW", "DESTINATION", "EXE", "COUNT", "LAST SEEN"];
-    let rows: Vec<[String; 8]> = findings
-        .iter()
-        .map(|f| {
-            [
-                f.id.to_string(),
-                f.status.to_string(),
-                cell(&f.rule_id, 28, false),
-                cell(&f.preview, 24, false),
-                cell(&f.destination(), 40, false),
-                cell(f.process.exe.as_deref().unwrap_or("-"), 36, true),
-                f.count.to_string(),
-                when(f.last_seen),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
+    let mut table = Table::new(["ID", "STATUS", "RULE", "PREVIEW", "DESTINATION", "EXE", "COUNT", "LAST SEEN"])
+        // The count.
+        .right_align(6);
+    for f in findings {
+        table.row([
+            f.id.to_string(),
+            f.status.to_string(),
+            cell(&f.rule_id, 28, Keep::Start),
+            cell(&f.preview, 24, Keep::Start),
+            cell(&f.destination(), 40, Keep::Start),
+            cell(f.process.exe.as_deref().unwrap_or("-"), 36, Keep::End),
+            f.count.to_string(),
+            when(f.last_seen),
+        ]);
     }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
-            if i > 0 {
-                l.push_str("  ");
-            }
-            let pad = w.saturating_sub(c.chars().count());
-            // Right-align the count, left-align the rest.
-            if i == 6 {
-                l.extend(std::iter::repeat_n(' ', pad));
-                l.push_str(c);
-            } else {
-                l.push_str(c);
-                l.extend(std::iter::repeat_n(' ', pad));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    table.render()
 }
 
 fn detail(f: &Finding) -> String {
@@ -393,7 +345,6 @@ fn detail(f: &Finding) -> String {
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
-    use time::macros::datetime;
 
     use super::*;
 
@@ -425,29 +376,51 @@ mod tests {
         assert!(parse(&["list", "--status", "closed"]).is_err());
         assert!(matches!(
             parse(&["export", "--format", "sarif", "--out", "/tmp/x"]).unwrap(),
-            FindingsCommand::Export { format: ExportFormat::Sarif, out: Some(_) }
+            FindingsCommand::Export { format: Format::Sarif, out: Some(_) }
         ));
         assert!(parse(&["export", "--format", "xml"]).is_err());
     }
 
     #[test]
-    fn since() {
-        let now = datetime!(2024-05-10 12:00 UTC);
-        assert_eq!(parse_since_at("24h", now), Ok(datetime!(2024-05-09 12:00 UTC)));
-        assert_eq!(parse_since_at("7d", now), Ok(datetime!(2024-05-03 12:00 UTC)));
-        assert_eq!(parse_since_at("2024-05-01", now), Ok(datetime!(2024-05-01 0:00 UTC)));
-        assert_eq!(parse_since_at("2024-05-01T10:00:00+02:00", now), Ok(datetime!(2024-05-01 8:00 UTC)));
-        assert!(parse_since_at("yesterday", now).is_err());
-        assert!(parse_since_at("5y", now).is_err());
-        assert!(parse_since_at("h", now).is_err());
-    }
-
-    #[test]
-    fn hostile_text_is_escaped() {
-        assert_eq!(safe("curl\x1b[2J"), "curl\\u{1b}[2J");
-        assert_eq!(safe("a\u{202e}b"), "a\\u{202e}b");
-        assert_eq!(safe("plain/ü"), "plain/ü");
-        assert_eq!(cell("/very/long/path/to/bin/tool", 10, true), "…/bin/tool");
-        assert_eq!(cell("abcdefghijkl", 5, false), "abcd…");
+    fn job_text_cannot_drive_the_terminal() {
+        let at = time::macros::datetime!(2024-05-02 09:14:03 UTC);
+        let finding = Finding {
+            id: FindingId(1),
+            rule_id: "openai-api-key".into(),
+            confidence: "high".into(),
+            fingerprint: "fp".into(),
+            preview: "sk-ab…wxyz".into(),
+            location: "header:authorization\u{1b}".into(),
+            dest_host: "api.openai.com".into(),
+            dest_port: 443,
+            process: crate::process::ProcessSnapshot {
+                exe: Some("/usr/bin/cu\u{202e}lr".into()),
+                comm: "curl\u{1b}[2J".into(),
+                job: [("CI_JOB_NAME".to_owned(), "build\u{2067}".to_owned())].into(),
+                ..Default::default()
+            },
+            identity: Some("spiffe://ci/\u{061c}job".into()),
+            first_seen: at,
+            last_seen: at,
+            count: 2,
+            action: crate::findings::Action::Block,
+            status: Status::Open,
+            history: vec![crate::findings::StatusChange {
+                from: None,
+                to: Status::Open,
+                by: "gateway".into(),
+                at,
+                comment: "seen\u{200f}".into(),
+            }],
+        };
+        let list = table(std::slice::from_ref(&finding));
+        assert!(list.contains("/usr/bin/cu\\u{202e}lr") && list.contains("2024-05-02 09:14:03Z"), "{list}");
+        let shown = detail(&finding);
+        for escaped in ["curl\\u{1b}[2J", "build\\u{2067}", "\\u{61c}job", "seen\\u{200f}", "authorization\\u{1b}"] {
+            assert!(shown.contains(escaped), "{escaped} in {shown}");
+        }
+        for text in [list, shown] {
+            assert!(!text.contains(['\u{1b}', '\u{202e}', '\u{2067}', '\u{061c}', '\u{200f}']), "{text}");
+        }
     }
 }

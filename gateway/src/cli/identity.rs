@@ -1,15 +1,19 @@
 //! `gateway identity explain|check`: the operator's view of attestation and
-//! mappings, for writing rules and for CI of the mapping file itself.
+//! mappings, for writing rules and for CI of the mapping file itself. What
+//! the process controls (paths, environment, labels built from it) is
+//! printed through [`crate::term::safe`].
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::attest::{record_for_live_pid, Attestation, Attested, Attestor};
-use super::mapping::MappingFile;
-use super::resolver::{Explanation, IdentityResolver, RuleOutcome};
-use super::IdentityConfig;
+use crate::config::Config;
+use crate::identity::{
+    record_for_live_pid, Attestation, Attested, Attestor, Explanation, IdentityConfig, IdentityResolver, MappingFile,
+    RuleOutcome,
+};
+use crate::term::safe;
 
 /// `gateway identity ...`.
 #[derive(Debug, Clone, Args)]
@@ -40,20 +44,17 @@ pub enum IdentityCommand {
 }
 
 /// Runs a `gateway identity` subcommand.
-pub fn run(config: &IdentityConfig, args: &IdentityArgs) -> ExitCode {
-    match &args.command {
-        IdentityCommand::Explain { pid, json } => cli_explain(config, *pid, *json),
+pub fn run(config: &Config, args: &IdentityArgs) -> anyhow::Result<ExitCode> {
+    let config = &config.identity;
+    Ok(match &args.command {
+        IdentityCommand::Explain { pid, json } => explain(config, *pid, *json),
         IdentityCommand::Check { file } => check_with(config, file),
-    }
+    })
 }
 
-/// Validates `path` with the default configuration: exit 0 when valid,
-/// 2 (after printing each error as `file:line:column: message`) otherwise.
-pub fn cli_check(path: &Path) -> ExitCode {
-    check_with(&IdentityConfig::default(), path)
-}
-
-fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
+/// Validates `path` under `config`: exit 0 when valid, 2 (after printing
+/// each error as `file:line:column: message`) otherwise.
+pub fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
     match MappingFile::load_with(path, config) {
         Ok(f) => {
             println!("{}: OK ({} rules)", path.display(), f.len());
@@ -72,7 +73,7 @@ fn check_with(config: &IdentityConfig, path: &Path) -> ExitCode {
 /// Attests live process `pid` with connect time = now and explains its
 /// identity under `config.mappings`. Exit 0 when attested, 1 when not,
 /// 2 when the mapping file is broken.
-pub fn cli_explain(config: &IdentityConfig, pid: u32, json: bool) -> ExitCode {
+pub fn explain(config: &IdentityConfig, pid: u32, json: bool) -> ExitCode {
     let resolver = match IdentityResolver::from_config(config) {
         Ok(r) => r,
         Err(errors) => {
@@ -121,33 +122,38 @@ fn print_attested(a: &Attested) {
     println!("  uid/gid      {}/{} ({})", a.uid, a.gid, a.user.as_deref().unwrap_or("no passwd entry"));
     println!(
         "  exe          {}{}{}",
-        a.exe.path,
+        safe(&a.exe.path),
         if a.exe.deleted { " (deleted)" } else { "" },
         if a.exe.root_owned { " [root-owned]" } else { " [not root-owned: path is job-controlled]" }
     );
     println!("  exe sha256   {}", a.exe.sha256);
     println!("  cmdline      {:?}", a.cmdline);
-    println!("  cwd          {}", a.cwd.as_deref().unwrap_or("-"));
-    println!("  cgroup       {}", a.cgroup.as_deref().unwrap_or("-"));
+    println!("  cwd          {}", safe(a.cwd.as_deref().unwrap_or("-")));
+    println!("  cgroup       {}", safe(a.cgroup.as_deref().unwrap_or("-")));
     if let Some(c) = &a.container {
-        println!("  container    {} {} pod {}", c.runtime.as_str(), c.id, c.pod_uid.as_deref().unwrap_or("-"));
+        println!(
+            "  container    {} {} pod {}",
+            c.runtime.as_str(),
+            safe(&c.id),
+            safe(c.pod_uid.as_deref().unwrap_or("-"))
+        );
         match (&c.name, &c.image) {
             (Some(name), Some(image)) => println!("  container    name {name:?} image {image:?}"),
             _ => println!("  container    no name or image: no configured runtime confirmed it"),
         }
     }
     for (k, v) in &a.env {
-        println!("  env          {k}={v}");
+        println!("  env          {}={}", safe(k), safe(v));
     }
     for p in &a.ancestors {
         let exe = p.exe.as_ref().map_or("-", |e| e.path.as_str());
-        println!("  ancestor     {} {exe}", p.pid);
+        println!("  ancestor     {} {}", p.pid, safe(exe));
     }
 }
 
 fn print_explanation(e: &Explanation) {
     if let Some(reason) = &e.unattested_reason {
-        println!("unattested: {reason}");
+        println!("unattested: {}", safe(reason));
     }
     match &e.mappings {
         Some(m) => println!("mappings     {m}"),
@@ -165,10 +171,10 @@ fn print_explanation(e: &Explanation) {
             RuleOutcome::Untrusted { reason } => format!("no: {reason}"),
             RuleOutcome::TemplateFailed { reason } => format!("no: {reason}"),
         };
-        println!("  rule {:<4} {:<24} {verdict}", r.index, r.rule);
+        println!("  rule {:<4} {:<24} {}", r.index, safe(&r.rule), safe(&verdict));
     }
-    println!("identity     {}", e.identity.uri);
+    println!("identity     {}", safe(&e.identity.uri));
     for (k, v) in &e.identity.labels {
-        println!("  label      {k}={v}");
+        println!("  label      {}={}", safe(k), safe(v));
     }
 }

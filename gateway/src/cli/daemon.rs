@@ -1,5 +1,7 @@
-//! Command line: `gateway run`, `exec`, `status`, `detach`, `config check`,
-//! and the commands of the detector, TLS and findings modules.
+//! `gateway run`: the daemon's start-up (state directory, services,
+//! listeners, eBPF programs), its background tasks (DNS refresh, key
+//! rotation, policy watch, memory release), SIGHUP reloads and the clean
+//! shutdown on SIGTERM/SIGINT.
 
 use std::{
     path::{Path, PathBuf},
@@ -7,200 +9,26 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
+use super::{require_root, resolve_cgroups};
 use crate::{
-    config::{self, Config, LogFormat, Source},
-    intercept::{self, destinations, Cgroup, InterceptSet, Interceptor, RedirectTarget, Status},
+    config::{self, Config},
+    intercept::{self, destinations, Cgroup, InterceptSet, Interceptor, RedirectTarget},
     proxy::{self, Proxy},
 };
 
-/// Transparent interception gateway for shared CI runner hosts.
-#[derive(Debug, Parser)]
-#[command(name = "gateway", version, about)]
-pub struct Cli {
-    /// Configuration file (YAML). A missing file means the embedded defaults.
-    #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Sub-commands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Attach to the configured cgroups and run the proxy until SIGINT/SIGTERM.
-    Run,
-    /// Run a command inside the intercepted cgroup of the running gateway.
-    Exec {
-        /// The command and its arguments.
-        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
-        command: Vec<String>,
-    },
-    /// Show the pinned interception state (mode, map sizes, counters).
-    Status {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Detach every program the gateway pinned (uninstalling, or recovering a host).
-    Detach,
-    /// Configuration commands.
-    Config {
-        /// What to do with it.
-        #[command(subcommand)]
-        command: ConfigCommand,
-    },
-    /// Scan files or standard input for static keys, like a secret scanner.
-    Scan(crate::detect::cli::ScanArgs),
-    /// The gateway's certificate authority.
-    Ca(crate::tls::cli::CaArgs),
-    /// Make the host trust the gateway's CA.
-    Trust(crate::tls::cli::TrustArgs),
-    /// Review static-key findings.
-    Findings(crate::findings::cli::FindingsArgs),
-    /// Explain process identities, check mapping files.
-    Identity(crate::identity::IdentityArgs),
-    /// Check policy files, explain which rule decides a request.
-    Policy(crate::policy::PolicyArgs),
-    /// List, approve and deny requests held for just-in-time approval.
-    Approvals(crate::approval::cli::ApprovalsArgs),
-    /// List, show, replay, export and verify recorded sessions.
-    Sessions(crate::record::cli::SessionsArgs),
-}
-
-/// `gateway config ...`.
-#[derive(Debug, Subcommand)]
-pub enum ConfigCommand {
-    /// Validate a configuration file and print the effective configuration.
-    Check {
-        /// The file (defaults to --config).
-        file: Option<PathBuf>,
-    },
-}
-
-/// Entry point of the binary.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // Checking a configuration must not require a loadable one.
-    if let Command::Config { command: ConfigCommand::Check { file } } = &cli.command {
-        return config_check(file.as_deref().unwrap_or(&cli.config));
-    }
-    let (config, source) = match Config::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    init_logging(&config);
-    if let Source::Defaults(path) = &source {
-        tracing::info!(path = %path.display(), "configuration file not found; using the embedded defaults");
-    }
-    let result = match &cli.command {
-        Command::Run => run(config),
-        Command::Exec { command } => exec(&config, command),
-        Command::Status { json } => status(&config, *json),
-        Command::Detach => detach(&config),
-        Command::Scan(args) => return crate::detect::cli::run(&config, args),
-        Command::Ca(args) => return crate::tls::cli::run_ca(&config, args),
-        Command::Trust(args) => return crate::tls::cli::run_trust(&config, args),
-        Command::Findings(args) => return crate::findings::cli::run(&config, args),
-        Command::Identity(args) => return crate::identity::run(&config.identity, args),
-        Command::Policy(args) => {
-            return exit_code(crate::policy::run(
-                args,
-                config.policy.file.as_deref(),
-                &config.approvals.policy_context(),
-            ))
-        }
-        Command::Approvals(args) => {
-            return crate::approval::cli::run_blocking(args, config.api.admin_socket.as_deref())
-        }
-        Command::Sessions(args) => {
-            return exit_code(crate::record::cli::run(args, &config.record.database_path(&config.state_dir)))
-        }
-        Command::Config { command: ConfigCommand::Check { file } } => {
-            return config_check(file.as_deref().unwrap_or(&cli.config))
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Exit status of a subcommand that reports its own outcome, or 2 with the
-/// error when it could not run at all.
-fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
-    result.unwrap_or_else(|e| {
-        eprintln!("gateway: {e:#}");
-        ExitCode::from(2)
-    })
-}
-
-fn config_check(path: &Path) -> ExitCode {
-    match Config::load(path) {
-        Ok((_, Source::Defaults(p))) => {
-            eprintln!("gateway: {}: no such file (the gateway would run on its embedded defaults)", p.display());
-            ExitCode::from(2)
-        }
-        Ok((config, Source::File(p))) => {
-            println!("{}: OK", p.display());
-            println!("{config:#?}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("gateway: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    // A closed stderr (a restarted journald, a dead pipe) must not take the
-    // gateway down: its own error reporting would panic on the same stream.
-    // Lines are masked once `gateway run` has its detector (see `mask::log`).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::mask::log::MaskedStderr)
-        .log_internal_errors(false);
-    // Logging may already be set up (tests call into the library); that is fine.
-    let _ = match config.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
-}
-
-fn require_root(what: &str) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("{what} needs root (loading eBPF programs and attaching them to cgroups); run it with sudo");
-    }
-    Ok(())
-}
-
-fn resolve_cgroups(config: &Config, create: bool) -> anyhow::Result<Vec<Cgroup>> {
-    let mount = intercept::cgroup::cgroup2_mount()?;
-    config.intercept.cgroups.iter().map(|spec| Cgroup::resolve(&mount, spec, create).map_err(Into::into)).collect()
-}
-
-/// `gateway run`.
-fn run(config: Config) -> anyhow::Result<()> {
+/// `gateway run`: runs until SIGINT/SIGTERM.
+pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
     require_root("gateway run")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gateway")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(run_async(config))
+    runtime.block_on(run_async(config.clone()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run_async(mut config: Config) -> anyhow::Result<()> {
@@ -629,159 +457,6 @@ fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
         anyhow::anyhow!("{}: another gateway is running with this state directory ({e})", path.display())
     })
-}
-
-/// `gateway exec -- CMD ARGS...`.
-fn exec(config: &Config, command: &[String]) -> anyhow::Result<()> {
-    use std::os::unix::process::CommandExt as _;
-    require_root("gateway exec")?;
-    let cgroups = resolve_cgroups(config, false)?;
-    let Some(cgroup) = cgroups.first() else { bail!("intercept.cgroups is empty") };
-    match Status::read(&config.intercept.bpffs_dir)? {
-        None => {
-            bail!("no gateway has attached under {}: start `gateway run` first", config.intercept.bpffs_dir.display())
-        }
-        Some(s) if s.mode != "redirect" => {
-            eprintln!("gateway: warning: the gateway is stopped; intercepted connections will be refused");
-        }
-        Some(_) => {}
-    }
-    cgroup.add_process(std::process::id())?;
-    let (program, args) = command.split_first().context("no command given")?;
-    let err = std::process::Command::new(program).args(args).exec();
-    bail!("executing {program}: {err}")
-}
-
-/// `gateway status`.
-fn status(config: &Config, json: bool) -> anyhow::Result<()> {
-    require_root("gateway status")?;
-    let Some(status) = Status::read(&config.intercept.bpffs_dir)? else {
-        bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
-    };
-    let containers = container_status(config)?;
-    if json {
-        #[derive(serde::Serialize)]
-        struct Report<'a> {
-            #[serde(flatten)]
-            intercept: &'a Status,
-            #[serde(flatten)]
-            containers: &'a ContainerStatus,
-        }
-        println!("{}", serde_json::to_string(&Report { intercept: &status, containers: &containers })?);
-    } else {
-        println!("mode:            {}", status.mode);
-        println!("gateway pid:     {}", status.gateway_tgid);
-        println!("upstream mark:   {:#x}", status.upstream_mark);
-        let ports: Vec<String> = status.capture_ports.iter().map(u16::to_string).collect();
-        println!("capture ports:   {}", if ports.is_empty() { "(off)".to_owned() } else { ports.join(", ") });
-        println!("links:           {}", status.links);
-        println!("pending records: {}", status.pending);
-        println!("waiting records: {}", status.original);
-        println!("served namespaces:");
-        for ns in &status.namespaces {
-            let cgroup = ns.cgroup.clone().unwrap_or_else(|| "-".into());
-            let families = match (ns.v4, ns.v6) {
-                (true, true) => "v4+v6",
-                (true, false) => "v4",
-                (false, true) => "v6",
-                (false, false) => "none",
-            };
-            let what = if ns.host { "(gateway's own)" } else { cgroup.as_str() };
-            println!("  netns {:<12} pid {:<8} {families:<6} {what}", ns.cookie, ns.pid);
-        }
-        for (name, value) in &status.stats {
-            println!("{name:<24} {value}");
-        }
-        containers.print();
-    }
-    Ok(())
-}
-
-/// The container part of `gateway status`: what the configured runtimes
-/// run, and which of it the intercepted cgroups cover.
-#[derive(Debug, serde::Serialize)]
-struct ContainerStatus {
-    /// Running containers of every configured runtime that answered.
-    containers: Vec<ContainerLine>,
-    /// Runtimes that could not be asked.
-    runtime_errors: Vec<String>,
-    /// Containers whose traffic the gateway does not see.
-    warnings: Vec<String>,
-}
-
-/// One running container in `gateway status`.
-#[derive(Debug, serde::Serialize)]
-struct ContainerLine {
-    #[serde(flatten)]
-    container: crate::identity::RuntimeContainer,
-    /// Its cgroup is in (or below) an intercepted cgroup.
-    intercepted: bool,
-}
-
-fn container_status(config: &Config) -> anyhow::Result<ContainerStatus> {
-    let intercepted: Vec<String> = resolve_cgroups(config, false)?.into_iter().map(|c| c.name).collect();
-    let runtimes = config.identity.container_runtimes();
-    let listings = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(runtimes.running());
-    let mut out = ContainerStatus { containers: Vec::new(), runtime_errors: Vec::new(), warnings: Vec::new() };
-    for listing in listings {
-        match listing.containers {
-            Ok(found) => {
-                for container in found {
-                    let covered =
-                        container.cgroup.as_deref().is_some_and(|c| crate::identity::under_any(c, &intercepted));
-                    if !covered {
-                        out.warnings.push(format!(
-                            "container {} ({}, image {}) runs in cgroup {} outside the intercepted cgroups ({}): its connections are not inspected; start job containers with --cgroup-parent under an intercepted cgroup (see docs/operations.md)",
-                            &container.id[..container.id.len().min(12)],
-                            container.name,
-                            container.image,
-                            container.cgroup.as_deref().unwrap_or("(unknown)"),
-                            intercepted.join(", "),
-                        ));
-                    }
-                    out.containers.push(ContainerLine { container, intercepted: covered });
-                }
-            }
-            Err(e) => out.runtime_errors.push(e.to_string()),
-        }
-    }
-    Ok(out)
-}
-
-impl ContainerStatus {
-    fn print(&self) {
-        println!("containers:      {} running (identity.container_runtimes)", self.containers.len());
-        for line in &self.containers {
-            let c = &line.container;
-            println!(
-                "  {} {:<24} {:<32} pid {:<8} {} {}",
-                &c.id[..c.id.len().min(12)],
-                c.name,
-                c.image,
-                c.pid,
-                c.cgroup.as_deref().unwrap_or("-"),
-                if line.intercepted { "intercepted" } else { "NOT INTERCEPTED" }
-            );
-        }
-        for e in &self.runtime_errors {
-            println!("runtime error:   {e}");
-        }
-        for w in &self.warnings {
-            println!("warning: {w}");
-        }
-    }
-}
-
-/// `gateway detach`.
-fn detach(config: &Config) -> anyhow::Result<()> {
-    require_root("gateway detach")?;
-    intercept::detach_all(&config.intercept.bpffs_dir)?;
-    println!("detached everything pinned under {}", config.intercept.bpffs_dir.display());
-    Ok(())
 }
 
 /// Hands memory freed after a burst (a hostile job's thousand connections,

@@ -1,0 +1,144 @@
+//! `gateway status`: the pinned interception state (mode, map sizes,
+//! counters, served namespaces) and the containers the configured runtimes
+//! run, with those the intercepted cgroups do not cover.
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+
+use super::{require_root, resolve_cgroups};
+use crate::{config::Config, intercept::Status, term::safe};
+
+/// Arguments of `gateway status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `gateway status`.
+pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
+    let json = args.json;
+    require_root("gateway status")?;
+    let Some(status) = Status::read(&config.intercept.bpffs_dir)? else {
+        bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
+    };
+    let containers = container_status(config)?;
+    if json {
+        #[derive(serde::Serialize)]
+        struct Report<'a> {
+            #[serde(flatten)]
+            intercept: &'a Status,
+            #[serde(flatten)]
+            containers: &'a ContainerStatus,
+        }
+        println!("{}", serde_json::to_string(&Report { intercept: &status, containers: &containers })?);
+    } else {
+        println!("mode:            {}", status.mode);
+        println!("gateway pid:     {}", status.gateway_tgid);
+        println!("upstream mark:   {:#x}", status.upstream_mark);
+        let ports: Vec<String> = status.capture_ports.iter().map(u16::to_string).collect();
+        println!("capture ports:   {}", if ports.is_empty() { "(off)".to_owned() } else { ports.join(", ") });
+        println!("links:           {}", status.links);
+        println!("pending records: {}", status.pending);
+        println!("waiting records: {}", status.original);
+        println!("served namespaces:");
+        for ns in &status.namespaces {
+            let cgroup = ns.cgroup.clone().unwrap_or_else(|| "-".into());
+            let families = match (ns.v4, ns.v6) {
+                (true, true) => "v4+v6",
+                (true, false) => "v4",
+                (false, true) => "v6",
+                (false, false) => "none",
+            };
+            let what = if ns.host { "(gateway's own)" } else { cgroup.as_str() };
+            println!("  netns {:<12} pid {:<8} {families:<6} {what}", ns.cookie, ns.pid);
+        }
+        for (name, value) in &status.stats {
+            println!("{name:<24} {value}");
+        }
+        containers.print();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The container part of `gateway status`: what the configured runtimes
+/// run, and which of it the intercepted cgroups cover.
+#[derive(Debug, serde::Serialize)]
+struct ContainerStatus {
+    /// Running containers of every configured runtime that answered.
+    containers: Vec<ContainerLine>,
+    /// Runtimes that could not be asked.
+    runtime_errors: Vec<String>,
+    /// Containers whose traffic the gateway does not see.
+    warnings: Vec<String>,
+}
+
+/// One running container in `gateway status`.
+#[derive(Debug, serde::Serialize)]
+struct ContainerLine {
+    #[serde(flatten)]
+    container: crate::identity::RuntimeContainer,
+    /// Its cgroup is in (or below) an intercepted cgroup.
+    intercepted: bool,
+}
+
+fn container_status(config: &Config) -> anyhow::Result<ContainerStatus> {
+    let intercepted: Vec<String> = resolve_cgroups(config, false)?.into_iter().map(|c| c.name).collect();
+    let runtimes = config.identity.container_runtimes();
+    let listings = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(runtimes.running());
+    let mut out = ContainerStatus { containers: Vec::new(), runtime_errors: Vec::new(), warnings: Vec::new() };
+    for listing in listings {
+        match listing.containers {
+            Ok(found) => {
+                for container in found {
+                    let covered =
+                        container.cgroup.as_deref().is_some_and(|c| crate::identity::under_any(c, &intercepted));
+                    if !covered {
+                        out.warnings.push(format!(
+                            "container {} ({}, image {}) runs in cgroup {} outside the intercepted cgroups ({}): its connections are not inspected; start job containers with --cgroup-parent under an intercepted cgroup (see docs/operations.md)",
+                            container.id.get(..12).unwrap_or(&container.id),
+                            container.name,
+                            container.image,
+                            container.cgroup.as_deref().unwrap_or("(unknown)"),
+                            intercepted.join(", "),
+                        ));
+                    }
+                    out.containers.push(ContainerLine { container, intercepted: covered });
+                }
+            }
+            Err(e) => out.runtime_errors.push(e.to_string()),
+        }
+    }
+    Ok(out)
+}
+
+impl ContainerStatus {
+    fn print(&self) {
+        println!("containers:      {} running (identity.container_runtimes)", self.containers.len());
+        for line in &self.containers {
+            let c = &line.container;
+            // Container names and images are chosen by whoever started them.
+            println!(
+                "  {} {:<24} {:<32} pid {:<8} {} {}",
+                safe(c.id.get(..12).unwrap_or(&c.id)),
+                safe(&c.name),
+                safe(&c.image),
+                c.pid,
+                safe(c.cgroup.as_deref().unwrap_or("-")),
+                if line.intercepted { "intercepted" } else { "NOT INTERCEPTED" }
+            );
+        }
+        for e in &self.runtime_errors {
+            println!("runtime error:   {}", safe(e));
+        }
+        for w in &self.warnings {
+            println!("warning: {}", safe(w));
+        }
+    }
+}
