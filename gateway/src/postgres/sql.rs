@@ -18,10 +18,10 @@
 //!   [`Statement::inner`], classified like a top-level statement.
 //! - Relations are collected from the whole parse tree, subqueries, CTEs
 //!   and inner statements included, as PostgreSQL resolves identifiers:
-//!   unquoted names folded to lower case, quoted ones as written. A CTE's
-//!   name used as a table is listed too (the parse tree does not tell them
-//!   apart from tables before analysis): over-listing only makes rules on
-//!   relations match more.
+//!   unquoted names folded to lower case, quoted ones as written. An
+//!   unqualified name referring to a CTE in scope (PostgreSQL's scoping:
+//!   a CTE's query sees earlier CTEs only, unless `RECURSIVE`) is not a
+//!   relation; the table a statement writes or creates always is.
 //! - `SELECT ... INTO t` creates a table: it is [`StatementKind::Ddl`].
 //! - `SET ROLE` and `SET SESSION AUTHORIZATION` change the privileges the
 //!   session acts with: [`StatementKind::Grant`], like `GRANT`, `ALTER ROLE`
@@ -510,24 +510,63 @@ fn top_kind(node: &NodeEnum) -> (StatementKind, Option<bool>, Option<&pg_query::
     (kind, None, None)
 }
 
-/// Every `RangeVar` in a serialised parse tree. The JSON walk reaches every
-/// node whatever its type, so no statement type can hide a relation from a
-/// hand-written traversal that forgot it.
+/// Every `RangeVar` in a serialised parse tree, except unqualified
+/// references to a common table expression in scope. The JSON walk reaches
+/// every node whatever its type, so no statement type can hide a relation
+/// from a hand-written traversal that forgot it.
 fn collect_relations(v: &Value, out: &mut BTreeSet<Relation>) {
+    walk_relations(v, &mut Vec::new(), out);
+}
+
+/// `scope`: the CTE names an unqualified `RangeVar` here would refer to, as
+/// PostgreSQL scopes them: a `WITH`'s statement sees all of its CTEs; a
+/// CTE's own query sees the ones before it, or all of them with
+/// `RECURSIVE`. Tables written or created (`relation`: the target of
+/// `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `COPY`...; `into_clause`) are
+/// never CTEs, so they are always listed.
+fn walk_relations(v: &Value, scope: &mut Vec<String>, out: &mut BTreeSet<Relation>) {
     match v {
         Value::Object(map) => {
             // RangeVar is the only node with these three fields.
             if let (Some(Value::String(name)), Some(Value::String(schema)), Some(_)) =
                 (map.get("relname"), map.get("schemaname"), map.get("catalogname"))
             {
-                if !name.is_empty() {
+                let cte = schema.is_empty() && scope.iter().any(|n| n == name);
+                if !name.is_empty() && !cte {
                     let schema = (!schema.is_empty()).then(|| schema.clone());
                     out.insert(Relation { schema, name: name.clone() });
                 }
             }
-            map.values().for_each(|v| collect_relations(v, out));
+            let base = scope.len();
+            let with = map.get("with_clause").filter(|w| !w.is_null());
+            if let Some(with) = with {
+                let ctes: Vec<(String, &Value)> = with
+                    .get("ctes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.get("node")?.get("CommonTableExpr"))
+                    .map(|c| (c.get("ctename").and_then(Value::as_str).unwrap_or("").to_owned(), c))
+                    .collect();
+                let recursive = with.get("recursive").and_then(Value::as_bool).unwrap_or(false);
+                for (i, (_, cte)) in ctes.iter().enumerate() {
+                    let visible = if recursive { &ctes[..] } else { &ctes[..i] };
+                    scope.extend(visible.iter().map(|(n, _)| n.clone()));
+                    walk_relations(cte, scope, out);
+                    scope.truncate(base);
+                }
+                scope.extend(ctes.iter().map(|(n, _)| n.clone()));
+            }
+            for (key, value) in map {
+                match key.as_str() {
+                    "with_clause" if with.is_some() => {}
+                    "relation" | "into_clause" => walk_relations(value, &mut Vec::new(), out),
+                    _ => walk_relations(value, scope, out),
+                }
+            }
+            scope.truncate(base);
         }
-        Value::Array(items) => items.iter().for_each(|v| collect_relations(v, out)),
+        Value::Array(items) => items.iter().for_each(|v| walk_relations(v, scope, out)),
         _ => {}
     }
 }

@@ -125,7 +125,7 @@ fn relations_hidden_in_subqueries_ctes_and_expressions_are_found() {
         ("SELECT (SELECT max(x) FROM s.secrets) FROM t", &["s.secrets", "t"]),
         ("SELECT * FROM t WHERE id IN (SELECT id FROM s.secrets)", &["s.secrets", "t"]),
         ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM secrets)", &["secrets", "t"]),
-        ("WITH x AS (SELECT * FROM secrets) SELECT * FROM x", &["secrets", "x"]),
+        ("WITH x AS (SELECT * FROM secrets) SELECT * FROM x", &["secrets"]),
         ("SELECT * FROM t UNION ALL SELECT * FROM secrets", &["secrets", "t"]),
         ("SELECT * FROM (SELECT * FROM secrets) q", &["secrets"]),
         ("SELECT * FROM t, LATERAL (SELECT * FROM secrets) q", &["secrets", "t"]),
@@ -150,6 +150,37 @@ fn relations_hidden_in_subqueries_ctes_and_expressions_are_found() {
     for (sql, expected) in cases {
         assert_eq!(rels(&one(sql)), *expected, "{sql}");
     }
+}
+
+#[test]
+fn cte_names_are_not_relations_only_where_postgres_resolves_them_to_the_cte() {
+    let cases: &[(&str, &[&str])] = &[
+        ("WITH x AS (SELECT 1) SELECT * FROM x", &[]),
+        // Qualified: a table, never the CTE.
+        ("WITH x AS (SELECT 1) SELECT * FROM public.x", &["public.x"]),
+        // Out of the CTE's scope: the table of that name.
+        ("SELECT * FROM secrets, (WITH secrets AS (SELECT 1) SELECT * FROM secrets) q", &["secrets"]),
+        // A CTE's query sees only earlier CTEs (without RECURSIVE)...
+        ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b", &["b"]),
+        ("WITH b AS (SELECT 1), a AS (SELECT * FROM b) SELECT * FROM a", &[]),
+        // ...and all of them with it.
+        ("WITH RECURSIVE a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a", &[]),
+        ("WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT * FROM t", &[]),
+        // Set operations share the WITH.
+        ("WITH x AS (SELECT 1) SELECT * FROM x UNION SELECT * FROM y", &["y"]),
+        // The table a statement writes is never a CTE.
+        ("WITH secrets AS (SELECT 1) DELETE FROM secrets", &["secrets"]),
+        ("WITH secrets AS (SELECT 1) INSERT INTO secrets SELECT * FROM secrets", &["secrets"]),
+        ("WITH secrets AS (SELECT 1), d AS (DELETE FROM secrets) SELECT 1", &["secrets"]),
+        ("WITH t AS (SELECT 1) SELECT * INTO t FROM t", &["t"]),
+        ("WITH s AS (SELECT 1 AS id) MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", &["t"]),
+    ];
+    for (sql, expected) in cases {
+        assert_eq!(rels(&one(sql)), *expected, "{sql}");
+    }
+    // The nested DELETE's own relations too.
+    let s = one("WITH secrets AS (SELECT 1), d AS (DELETE FROM secrets) SELECT 1");
+    assert_eq!(rels(&s.inner[0]), ["secrets"]);
 }
 
 #[test]

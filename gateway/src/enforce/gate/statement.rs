@@ -1,0 +1,249 @@
+//! The gate for PostgreSQL: a session judged at startup, then every query
+//! judged statement by statement (each statement and every statement it
+//! carries), in protocol-neutral terms the wire-protocol handler renders.
+//!
+//! A query is decided as a whole by its strictest statement: one denied
+//! statement refuses the query (nothing of it goes upstream), one needing
+//! approval holds it. A statement the gateway cannot classify (a parse
+//! failure, or a statement kind it does not know) is refused unless a rule
+//! naming `kind: unknown` allows it.
+
+use std::sync::Arc;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use super::{record_level, ApprovalAsk, Passage};
+use crate::{
+    enforce::refusal::{Reason, Refusal},
+    findings::Action,
+    mask::Masker,
+    policy::{self, PostgresFacts},
+    postgres::sql::{SqlError, Statement, StatementKind},
+    record::{DecisionFacts, RecordLevel},
+};
+
+/// A PostgreSQL session, and the query judged (if any).
+#[derive(Debug, Clone, Copy)]
+pub struct StatementAsk<'a> {
+    /// The judged destination host ([`Passage::destination_host`]).
+    pub host: &'a str,
+    /// Whether the client's leg is TLS.
+    pub tls: bool,
+    /// The database of the startup message.
+    pub database: &'a str,
+    /// The user of the startup message.
+    pub user: &'a str,
+    /// The query's statements, as [`crate::postgres::sql::classify_with`]
+    /// returned them (`Err`: judged as one statement of kind `unknown`).
+    pub statements: Result<&'a [Statement], &'a SqlError>,
+}
+
+/// The gate's decision for a PostgreSQL session or query that may go on.
+#[derive(Debug)]
+pub struct StatementDecision {
+    /// The query's deciding rule and action (its strictest statement's), for
+    /// the recording.
+    pub decided: DecisionFacts,
+    /// One per top-level statement, in order: what masks its result rows.
+    pub statements: Vec<StatementVerdict>,
+    /// Hold the query for approval before anything of it goes upstream:
+    /// (rule, spec). See [`Passage::approve_statement`].
+    pub approval: Option<(String, policy::ApprovalSpec)>,
+    /// The fullest record level of any statement.
+    pub record: RecordLevel,
+    /// The policy's static-key action (of the deciding statement),
+    /// overriding `findings.actions` for keys in the query.
+    pub static_keys: Option<Action>,
+}
+
+/// One top-level statement's outcome.
+#[derive(Debug)]
+pub struct StatementVerdict {
+    /// What the statement is.
+    pub kind: StatementKind,
+    /// Its deciding rule and action (the strictest of it and the
+    /// statements it carries).
+    pub decided: DecisionFacts,
+    /// How to mask its result rows; `None`: unmasked.
+    pub mask: Option<ResultMask>,
+}
+
+/// Masking for a statement's result rows: whole columns by name, and the
+/// policy's detector rules and patterns inside every other value.
+#[derive(Debug, Clone)]
+pub struct ResultMask {
+    /// The column globs as written, for the recording.
+    pub columns: Vec<String>,
+    /// `None`: a column glob did not compile, so every column is masked.
+    columns_set: Option<GlobSet>,
+    /// Applied to the text of every value of columns not masked whole: the
+    /// compiled masker, or why it could not be (then refuse the rows). `None`
+    /// when the mask names only columns.
+    pub values: Option<Result<Arc<Masker>, String>>,
+}
+
+impl ResultMask {
+    /// Whether every value of the column `name` (as `RowDescription` names
+    /// it) is masked.
+    pub fn masks_column(&self, name: &str) -> bool {
+        self.columns_set.as_ref().is_none_or(|set| set.is_match(name))
+    }
+}
+
+impl Passage {
+    /// Judges a PostgreSQL session at startup (`ask.statements` is
+    /// `Ok(&[])`) or a query: every statement and every statement it
+    /// carries, as protocol `postgres` ([`policy::Policy::evaluate_postgres`]).
+    /// `Err` is the refusal reason and deciding rule (not yet recorded:
+    /// pass them to [`Passage::refuse`]).
+    pub fn statements(&self, ask: StatementAsk<'_>) -> Result<StatementDecision, (Reason, String)> {
+        let unparsed;
+        let (statements, syntax_error) = match ask.statements {
+            Ok(s) => (s, None),
+            Err(e) => {
+                unparsed = [Statement {
+                    kind: StatementKind::Unknown,
+                    relations: Vec::new(),
+                    has_where: None,
+                    span: 0..0,
+                    inner: Vec::new(),
+                }];
+                (&unparsed[..], Some(e.to_string()))
+            }
+        };
+        let policy = self.gate.policy.current();
+        let facts = self.facts(ask.host, ask.tls, &policy::NO_ATTRIBUTES, None);
+        let judge = |statement: Option<&Statement>| {
+            let pg = PostgresFacts { database: ask.database, user: ask.user, statement };
+            policy.evaluate_postgres(&facts, &pg)
+        };
+        if statements.is_empty() {
+            let d = judge(None);
+            if let policy::Action::Deny { reason } = d.action {
+                return Err((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));
+            }
+            return Ok(StatementDecision {
+                decided: decided(&d),
+                statements: Vec::new(),
+                approval: approval(&d),
+                record: record_level(d.record),
+                static_keys: d.static_keys,
+            });
+        }
+        let mut query: Option<policy::Decision<'_>> = None;
+        let mut record = policy::RecordLevel::None;
+        let mut verdicts = Vec::with_capacity(statements.len());
+        for top in statements {
+            let mut strictest: Option<policy::Decision<'_>> = None;
+            let mut columns: Vec<String> = Vec::new();
+            let mut values = None;
+            let mut refusal = None;
+            top.visit(&mut |st| {
+                if refusal.is_some() {
+                    return;
+                }
+                let d = judge(Some(st));
+                if d.rule == policy::UNCLASSIFIED_RULE {
+                    let detail = syntax_error.clone();
+                    refusal = Some((Reason::UnclassifiedStatement { syntax_error: detail }, d.rule.to_owned()));
+                    return;
+                }
+                if let policy::Action::Deny { reason } = d.action {
+                    refusal =
+                        Some((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));
+                    return;
+                }
+                record = fuller(record, d.record);
+                if let (Some(m), Some(id)) = (d.mask, d.mask_id) {
+                    for c in &m.columns {
+                        if !columns.contains(c) {
+                            columns.push(c.clone());
+                        }
+                    }
+                    let masks_values = m.rules != policy::MaskRules::Only(Vec::new()) || !m.patterns.is_empty();
+                    if masks_values && values.is_none() {
+                        values = Some(self.gate.masks.get(&policy, id, m));
+                    }
+                }
+                if strictest.is_none_or(|s| d.action.strictness() > s.action.strictness()) {
+                    strictest = Some(d);
+                }
+            });
+            if let Some(refused) = refusal {
+                return Err(refused);
+            }
+            let Some(d) = strictest else { continue };
+            let mask = (!columns.is_empty() || values.is_some()).then(|| result_mask(columns, values));
+            verdicts.push(StatementVerdict { kind: top.kind, decided: decided(&d), mask });
+            if query.is_none_or(|q| d.action.strictness() > q.action.strictness()) {
+                query = Some(d);
+            }
+        }
+        let Some(d) = query else {
+            // Unreachable: every statement yields a decision or a refusal.
+            return Err((Reason::UnclassifiedStatement { syntax_error }, policy::UNCLASSIFIED_RULE.to_owned()));
+        };
+        Ok(StatementDecision {
+            decided: decided(&d),
+            statements: verdicts,
+            approval: approval(&d),
+            record: record_level(record),
+            static_keys: d.static_keys,
+        })
+    }
+
+    /// Holds a query that [`Passage::statements`] said needs approval until
+    /// approvers decide; the approvers see `query` with every detected key
+    /// masked. `port` is the destination port.
+    pub async fn approve_statement(
+        &self,
+        ask: &StatementAsk<'_>,
+        decision: &StatementDecision,
+        query: &str,
+    ) -> Result<(), Refusal> {
+        let Some((rule, spec)) = &decision.approval else { return Ok(()) };
+        let port = self.conn.dst.port();
+        let masked = self.gate.masks.recording().mask_text(query).into_owned();
+        self.approve(ApprovalAsk {
+            rule,
+            spec,
+            method: "SQL".into(),
+            url: format!("postgres://{}@{}:{port}/{}", ask.user, ask.host, ask.database),
+            destination: format!("{}:{port}", ask.host),
+            body_preview: masked,
+        })
+        .await
+    }
+}
+
+fn decided(d: &policy::Decision<'_>) -> DecisionFacts {
+    DecisionFacts { rule: d.rule.to_owned(), action: d.action.name().to_owned() }
+}
+
+fn approval(d: &policy::Decision<'_>) -> Option<(String, policy::ApprovalSpec)> {
+    match d.action {
+        policy::Action::RequireApproval(spec) => Some((d.rule.to_owned(), spec.clone())),
+        _ => None,
+    }
+}
+
+/// The level that keeps more.
+fn fuller(a: policy::RecordLevel, b: policy::RecordLevel) -> policy::RecordLevel {
+    use policy::RecordLevel::{Full, Metadata, None};
+    match (a, b) {
+        (Full, _) | (_, Full) => Full,
+        (Metadata, _) | (_, Metadata) => Metadata,
+        (None, None) => None,
+    }
+}
+
+fn result_mask(columns: Vec<String>, values: Option<Result<Arc<Masker>, String>>) -> ResultMask {
+    // Validated when the policy was compiled; a set that does not build
+    // masks every column rather than none.
+    let set = columns.iter().try_fold(GlobSetBuilder::new(), |mut set, c| {
+        set.add(GlobBuilder::new(c).literal_separator(false).backslash_escape(true).build()?);
+        Ok::<_, globset::Error>(set)
+    });
+    let columns_set = set.and_then(|s| s.build()).ok();
+    ResultMask { columns, columns_set, values }
+}
