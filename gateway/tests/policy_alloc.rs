@@ -179,13 +179,35 @@ fn evaluation_never_allocates() {
 fn postgres_evaluation_never_allocates() {
     use gateway::policy::PostgresFacts;
     use gateway::postgres::sql::classify;
-    let text = "version: 1\nrules:\n\
-  - name: no-unfiltered-writes\n    match:\n      postgres: { kind: [update, delete], where: false }\n    action: deny\n\
-  - name: secrets\n    match:\n      postgres: { database: \"app*\", relations: [\"vault.*\", secrets] }\n    action: deny\n\
-  - name: reads\n    match:\n      destination: { protocol: postgres }\n      postgres: { kind: [select, explain], only_relations: [\"public.*\", \"*.reports\"] }\n    action: allow\n    mask: { columns: [ssn, \"*_token\"] }\n\
-  - name: migrations\n    match:\n      postgres: { user: \"migrator\", kind: ddl }\n    action: require_approval\n    approval: { group: dba }\n\
-  - name: unknown\n    match:\n      postgres: { user: \"legacy\", kind: unknown }\n    action: allow\n\
-defaults:\n  action: deny\n";
+    let text = r#"
+version: 1
+rules:
+  - name: no-unfiltered-writes
+    match:
+      postgres: { kind: [update, delete], where: false }
+    action: deny
+  - name: secrets
+    match:
+      postgres: { database: "app*", relations: ["vault.keys", secrets] }
+    action: deny
+  - name: reads
+    match:
+      destination: { protocol: postgres }
+      postgres: { kind: [select, explain], only_relations: ["public.*", "*.reports"] }
+    action: allow
+    mask: { columns: [ssn, "*_token"] }
+  - name: migrations
+    match:
+      postgres: { user: "migrator", kind: ddl }
+    action: require_approval
+    approval: { group: dba }
+  - name: unknown
+    match:
+      postgres: { user: "legacy", kind: unknown }
+    action: allow
+defaults:
+  action: deny
+"#;
     let policy = Policy::parse(Path::new("pg.yaml"), text).unwrap();
     let labels = BTreeMap::new();
     let facts = RequestFacts {

@@ -247,3 +247,176 @@ fn result_mask(columns: Vec<String>, values: Option<Result<Arc<Masker>, String>>
     let columns_set = set.and_then(|s| s.build()).ok();
     ResultMask { columns, columns_set, values }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        approval::{ApprovalConfig, Approvals},
+        credentials::CredentialStore,
+        detect::{body::BodyLimits, DetectConfig, Detector, FingerprintKey},
+        enforce::{Caller, ConnFacts, Gate, MaskCache, ProtectedNames},
+        findings::{FindingsConfig, FindingsHandle},
+        identity::Identity,
+        intercept::Capture,
+        policy::{Policy, PolicyHandle},
+        postgres::sql::classify,
+        process::ProcessInfo,
+        record::Recorder,
+    };
+
+    const POLICY: &str = r#"
+version: 1
+rules:
+  - name: no-unfiltered-writes
+    match: { postgres: { kind: [update, delete], where: false } }
+    action: deny
+    reason: "UPDATE and DELETE need a WHERE clause"
+  - name: replica
+    match: { postgres: { database: replica } }
+    action: deny
+  - name: migrations
+    match: { postgres: { user: migrator, kind: ddl } }
+    action: require_approval
+    approval: { group: dba }
+  - name: people
+    match: { postgres: { kind: select, only_relations: "public.people" } }
+    action: allow
+    mask: { columns: [ssn, "*_token"] }
+    record: full
+  - name: reads
+    match: { postgres: { kind: [select, insert, update, delete] } }
+    action: allow
+    record: metadata
+  - name: legacy
+    match: { postgres: { user: legacy, kind: unknown } }
+    action: allow
+defaults: { action: allow, record: none }
+"#;
+
+    fn passage(dir: &Path) -> Passage {
+        let detector = Arc::new(Detector::builtin().expect("detector"));
+        let policy = Policy::parse(Path::new("pg.yaml"), POLICY).expect("policy");
+        let gate = Arc::new(Gate {
+            fingerprint_key: Arc::new(FingerprintKey::load_or_create(dir).expect("key")),
+            findings: FindingsHandle::open(&dir.join("findings.db")).expect("findings"),
+            actions: FindingsConfig::default(),
+            body_limits: BodyLimits::from_config(&DetectConfig::default()),
+            credentials: Arc::new(CredentialStore::load(Vec::new()).expect("credentials")),
+            minter: None,
+            oidc: None,
+            oidc_header: http::HeaderName::from_static("x-ci-oidc"),
+            policy: PolicyHandle::new(policy, None),
+            approvals: Approvals::open(&ApprovalConfig::default(), dir, None).expect("approvals"),
+            recorder: Recorder::disabled(),
+            masks: MaskCache::new(detector.clone()).expect("masks"),
+            record_body_cap: 0,
+            protected: ProtectedNames::new(Vec::new()),
+            destinations: Default::default(),
+            detector,
+        });
+        let process = ProcessInfo {
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            gid: 0,
+            comm: "psql".into(),
+            exe: None,
+            cgroup: None,
+            cgroup_id: 0,
+            container: None,
+            netns_cookie: 0,
+            connect_ns: 0,
+        };
+        let identity = Identity {
+            uri: "spiffe://ci.example/repo/acme/web".into(),
+            labels: Default::default(),
+            rule: Some("ci".into()),
+            attested: true,
+        };
+        let caller = Arc::new(Caller { process: Arc::new(process), identity, job: Default::default() });
+        gate.open(ConnFacts {
+            id: 7,
+            caller,
+            dst: "10.0.0.5:5432".parse().expect("addr"),
+            capture: Capture::Destination,
+        })
+    }
+
+    fn ask<'a>(
+        database: &'a str,
+        user: &'a str,
+        statements: Result<&'a [Statement], &'a SqlError>,
+    ) -> StatementAsk<'a> {
+        StatementAsk { host: "db.internal", tls: true, database, user, statements }
+    }
+
+    #[tokio::test]
+    async fn queries_are_decided_by_their_strictest_statement() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = passage(dir.path());
+        let judge = |database: &str, user: &str, sql: &str| {
+            let parsed = classify(sql);
+            let statements = parsed.as_deref().map_err(|e| e.clone());
+            match &statements {
+                Ok(s) => p.statements(ask(database, user, Ok(s))),
+                Err(e) => p.statements(ask(database, user, Err(e))),
+            }
+        };
+
+        // The session at startup.
+        let d = p.statements(ask("app", "ci", Ok(&[]))).expect("session");
+        assert_eq!(d.decided.rule, "default");
+        assert!(
+            matches!(p.statements(ask("replica", "ci", Ok(&[]))), Err((Reason::Denied { .. }, rule)) if rule == "replica")
+        );
+
+        // Denied: the whole query, by its denied statement, however nested.
+        for sql in [
+            "DELETE FROM t",
+            "SELECT 1; UPDATE t SET a = 1",
+            "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+            "EXPLAIN ANALYZE DELETE FROM t",
+        ] {
+            match judge("app", "ci", sql) {
+                Err((Reason::Denied { rule, reason }, _)) => {
+                    assert_eq!(rule, "no-unfiltered-writes", "{sql}");
+                    assert_eq!(reason, "UPDATE and DELETE need a WHERE clause");
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+
+        // Allowed, with per-statement masks and the fullest record level.
+        let d = judge("app", "ci", "SELECT ssn, name FROM public.people; SELECT 1 FROM t").expect("allowed");
+        assert_eq!(d.statements.len(), 2);
+        let mask = d.statements[0].mask.as_ref().expect("people are masked");
+        assert!(mask.masks_column("ssn") && mask.masks_column("api_token") && !mask.masks_column("name"));
+        assert!(mask.values.is_none());
+        assert!(d.statements[1].mask.is_none());
+        assert_eq!(d.statements[1].decided.rule, "reads");
+        assert_eq!(d.record, RecordLevel::Full);
+        assert!(d.approval.is_none());
+
+        // Held for approval.
+        let d = judge("app", "migrator", "SELECT 1 FROM t; CREATE TABLE x (a int)").expect("held");
+        assert_eq!(
+            d.approval.as_ref().map(|(rule, spec)| (rule.as_str(), spec.group.as_str())),
+            Some(("migrations", "dba"))
+        );
+        assert_eq!(d.decided.action, "require_approval");
+
+        // What the gateway cannot classify: refused unless a rule allows `unknown`.
+        match judge("app", "ci", "SELEC 1") {
+            Err((Reason::UnclassifiedStatement { syntax_error: Some(e) }, rule)) => {
+                assert!(e.contains("syntax error"), "{e}");
+                assert_eq!(rule, policy::UNCLASSIFIED_RULE);
+            }
+            other => panic!("{other:?}"),
+        }
+        let d = judge("app", "legacy", "SELEC 1").expect("legacy may");
+        assert_eq!(d.decided.rule, "legacy");
+    }
+}

@@ -128,7 +128,10 @@ fn relations_may_match_for_relations_and_must_match_for_only_relations() {
 fn the_strictest_statement_decides_the_query() {
     let p = parse(PG);
     // An allowed read carrying a delete without WHERE.
-    assert_eq!(verdict(&p, "WITH d AS (DELETE FROM public.orders RETURNING *) SELECT * FROM d"), "no-unfiltered-writes");
+    assert_eq!(
+        verdict(&p, "WITH d AS (DELETE FROM public.orders RETURNING *) SELECT * FROM d"),
+        "no-unfiltered-writes"
+    );
     assert_eq!(verdict(&p, "WITH d AS (SELECT * FROM public.orders) SELECT * FROM d"), "reads");
     assert_eq!(verdict(&p, "EXPLAIN ANALYZE DELETE FROM public.orders"), "no-unfiltered-writes");
     assert_eq!(verdict(&p, "EXPLAIN SELECT * FROM public.orders"), "reads");
