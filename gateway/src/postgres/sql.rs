@@ -55,26 +55,34 @@ pub enum SqlError {
     /// The parse tree could not be read back (a bug, not the client's).
     #[error("the parse tree could not be read: {0}")]
     Tree(String),
+    /// The text reads as different statements with `standard_conforming_strings`
+    /// on and off, and the setting in force was not given: refused rather
+    /// than guessed.
+    #[error(
+        "the statement reads differently with standard_conforming_strings on and off (a backslash in a \
+         '...' literal): write E'...' strings or double the quotes"
+    )]
+    Ambiguous,
 }
 
 /// How the session's server lexes string literals: the parser must lex them
 /// as the server does, or `'\'; DELETE FROM t; --'` is one statement to one
 /// and two to the other.
 ///
-/// The handler tracks `standard_conforming_strings` from the server's
-/// `ParameterStatus` messages (the server reports every change, `SET`
-/// included) and passes the current value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `standard_conforming_strings` changes with `SET` (and `set_config`), and a
+/// pipelining client can send its next statement before the server's
+/// `ParameterStatus` reporting the change reaches the handler, so the
+/// default asks nothing of the handler: the text must read the same both
+/// ways (it does unless a `'...'` literal holds a backslash). A reading that
+/// does not parse is one the server cannot execute either, so the other
+/// one decides; two readings that parse and differ are
+/// [`SqlError::Ambiguous`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ParseOptions {
-    /// The server's `standard_conforming_strings` (on by default since
-    /// PostgreSQL 9.1): off makes `\` an escape inside `'...'`.
-    pub standard_conforming_strings: bool,
-}
-
-impl Default for ParseOptions {
-    fn default() -> Self {
-        ParseOptions { standard_conforming_strings: true }
-    }
+    /// The server's `standard_conforming_strings` when the handler knows it
+    /// for certain (off makes `\` an escape inside `'...'`); `None` (the
+    /// default): both readings must agree.
+    pub standard_conforming_strings: Option<bool>,
 }
 
 /// The direction of a `COPY`.
@@ -296,8 +304,8 @@ impl Statement {
     }
 }
 
-/// Classifies every statement of `query` with the server's default lexing
-/// ([`ParseOptions::default`]).
+/// Classifies every statement of `query` however the server lexes string
+/// literals ([`ParseOptions::default`]).
 pub fn classify(query: &str) -> Result<Vec<Statement>, SqlError> {
     classify_with(query, ParseOptions::default())
 }
@@ -305,8 +313,23 @@ pub fn classify(query: &str) -> Result<Vec<Statement>, SqlError> {
 /// Classifies every statement of `query`, lexing it as `options` say the
 /// server does. An empty query (or only comments) has no statements.
 pub fn classify_with(query: &str, options: ParseOptions) -> Result<Vec<Statement>, SqlError> {
+    match options.standard_conforming_strings {
+        Some(on) => classify_lexed(query, on),
+        // Without a backslash both readings are the same text.
+        None if !query.contains('\\') => classify_lexed(query, true),
+        None => match (classify_lexed(query, true), classify_lexed(query, false)) {
+            (Ok(on), Ok(off)) if on == off => Ok(on),
+            (Ok(_), Ok(_)) => Err(SqlError::Ambiguous),
+            (Ok(one), Err(_)) | (Err(_), Ok(one)) => Ok(one),
+            (Err(e), Err(_)) => Err(e),
+        },
+    }
+}
+
+/// Classifies `query` with `standard_conforming_strings` set to `on`.
+fn classify_lexed(query: &str, on: bool) -> Result<Vec<Statement>, SqlError> {
     let mut parser = pg_query::ParserOptions::DEFAULT;
-    if !options.standard_conforming_strings {
+    if !on {
         parser |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
     }
     let parsed = pg_query::parse(query, parser).map_err(|e| match e {

@@ -282,15 +282,22 @@ fn smuggling_through_literals_comments_and_quoting_is_seen_through() {
 
 #[test]
 fn lexing_follows_standard_conforming_strings() {
-    // With the default (on), a backslash is an ordinary character: one
-    // statement, a string `\` and then a DELETE.
+    let kinds = |v: Vec<Statement>| v.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>();
+    let setting = |on| ParseOptions { standard_conforming_strings: Some(on) };
+    // On (the default since 9.1), a backslash is an ordinary character: a
+    // string `\` and then a DELETE.
     let q = r"SELECT '\'; DELETE FROM t; -- '";
-    let on = classify(q).unwrap();
-    assert_eq!(on.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>(), ["select", "delete"]);
-    // Off, `\'` escapes the quote: one SELECT of a string. The handler must
-    // pass the session's setting, or the two would disagree.
-    let off = classify_with(q, ParseOptions { standard_conforming_strings: false }).unwrap();
-    assert_eq!(off.iter().map(|s| s.kind.as_str()).collect::<Vec<_>>(), ["select"]);
+    assert_eq!(kinds(classify_with(q, setting(true)).unwrap()), ["select", "delete"]);
+    // Off, `\'` escapes the quote: one SELECT of a string.
+    assert_eq!(kinds(classify_with(q, setting(false)).unwrap()), ["select"]);
+    // Not told which: two readings that parse and differ are refused.
+    assert_eq!(classify(q), Err(SqlError::Ambiguous));
+    // One reading the server could not execute: the other decides.
+    assert_eq!(kinds(classify(r"SELECT 'C:\'").unwrap()), ["select"]);
+    assert_eq!(kinds(classify(r"SELECT 'it\'s'").unwrap()), ["select"]);
+    // Backslashes that read the same both ways.
+    assert_eq!(kinds(classify(r"SELECT E'a\'b', 'x\y' FROM t; DELETE FROM u WHERE v").unwrap()), ["select", "delete"]);
+    assert!(matches!(classify(r"SELECT '\"), Err(SqlError::Syntax(_))));
 }
 
 #[test]
