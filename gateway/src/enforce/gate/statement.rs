@@ -194,7 +194,7 @@ impl Passage {
 
     /// Holds a query that [`Passage::statements`] said needs approval until
     /// approvers decide; the approvers see `query` with every detected key
-    /// masked. `port` is the destination port.
+    /// masked, and the destination as `postgres://user@host:port/database`.
     pub async fn approve_statement(
         &self,
         ask: &StatementAsk<'_>,
