@@ -174,3 +174,77 @@ fn evaluation_never_allocates() {
     let policy = Policy::parse(Path::new("p.yaml"), &policy_text(10)).unwrap();
     assert!(allocations(|| drop(std::hint::black_box(policy.explain(&cases[0])))) > 0);
 }
+
+#[test]
+fn postgres_evaluation_never_allocates() {
+    use gateway::policy::PostgresFacts;
+    use gateway::postgres::sql::classify;
+    let text = r#"
+version: 1
+rules:
+  - name: no-unfiltered-writes
+    match:
+      postgres: { kind: [update, delete], where: false }
+    action: deny
+  - name: secrets
+    match:
+      postgres: { database: "app*", relations: ["vault.keys", secrets] }
+    action: deny
+  - name: reads
+    match:
+      destination: { protocol: postgres }
+      postgres: { kind: [select, explain], only_relations: ["public.*", "*.reports"] }
+    action: allow
+    mask: { columns: [ssn, "*_token"] }
+  - name: migrations
+    match:
+      postgres: { user: "migrator", kind: ddl }
+    action: require_approval
+    approval: { group: dba }
+  - name: unknown
+    match:
+      postgres: { user: "legacy", kind: unknown }
+    action: allow
+defaults:
+  action: deny
+"#;
+    let policy = Policy::parse(Path::new("pg.yaml"), text).unwrap();
+    let labels = BTreeMap::new();
+    let facts = RequestFacts {
+        identity_uri: "spiffe://ci.example/repo/acme/web",
+        labels: &labels,
+        claims: &labels,
+        unmapped: false,
+        host: "db.internal",
+        addr: std::net::IpAddr::from([10, 0, 0, 9]),
+        port: 5432,
+        tls: true,
+        request: None,
+    };
+    let queries = [
+        "DELETE FROM t",
+        "SELECT * FROM vault.keys",
+        "SELECT * FROM public.a JOIN x.reports ON true",
+        "CREATE TABLE t (a int)",
+        "UPDATE t SET a = 1 WHERE b",
+        "SELECT * FROM users",
+    ];
+    let statements: Vec<_> = queries.iter().map(|q| classify(q).unwrap().remove(0)).collect();
+    let users = ["ci", "ci", "ci", "migrator", "ci", "legacy"];
+    let pg: Vec<PostgresFacts<'_>> = statements
+        .iter()
+        .zip(users)
+        .map(|(s, user)| PostgresFacts { database: "app_prod", user, statement: Some(s) })
+        .collect();
+    let decided: Vec<&str> = pg.iter().map(|f| policy.evaluate_postgres(&facts, f).rule).collect();
+    assert_eq!(decided, ["no-unfiltered-writes", "secrets", "reads", "migrations", "default", "default"]);
+    let session = PostgresFacts { database: "app_prod", user: "ci", statement: None };
+    let count = allocations(|| {
+        for _ in 0..200 {
+            for f in pg.iter().chain([&session]) {
+                std::hint::black_box(policy.evaluate_postgres(&facts, std::hint::black_box(f)));
+            }
+        }
+    });
+    assert_eq!(count, 0, "evaluate_postgres allocated {count} times");
+}

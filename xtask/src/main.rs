@@ -63,6 +63,8 @@ const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     // dockerd, containerd and runc: the container tests start their own daemon.
     "docker.io",
+    // bindgen in pg_query's build (libpg_query: PostgreSQL's own SQL grammar) needs libclang.
+    "libclang-dev",
 ];
 
 fn main() -> ExitCode {

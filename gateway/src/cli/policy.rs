@@ -88,6 +88,16 @@ pub struct ExplainArgs {
     /// The request's content type (decides gRPC and Connect).
     #[arg(long)]
     pub content_type: Option<String>,
+    /// A SQL query judged as PostgreSQL statements, one by one (with
+    /// `--host`, `--port` and `--database`).
+    #[arg(long, requires_all = ["host", "database"])]
+    pub sql: Option<String>,
+    /// The PostgreSQL database, with `--sql`.
+    #[arg(long, requires = "sql")]
+    pub database: Option<String>,
+    /// The PostgreSQL user, with `--sql`.
+    #[arg(long = "db-user", requires = "sql", default_value = "")]
+    pub db_user: String,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -274,6 +284,10 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
         tls: t.tls,
         request,
     };
+    if let Some(sql) = &args.sql {
+        let database = args.database.as_deref().unwrap_or("");
+        return super::explain::print_sql(&policy, &facts, database, &args.db_user, sql, args.json);
+    }
     let e = policy.explain(&facts);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&e).context("serialising the explanation")?);

@@ -50,6 +50,10 @@ use crate::{
     tls::pattern_matches,
 };
 
+mod statement;
+
+pub use statement::{ResultMask, StatementAsk, StatementDecision, StatementVerdict};
+
 /// Findings recorded one by one per request; keys beyond it are counted.
 pub const MAX_FINDINGS_PER_REQUEST: usize = 256;
 

@@ -73,6 +73,13 @@ pub enum Reason {
         /// What is ambiguous about it.
         detail: String,
     },
+    /// A SQL statement the gateway cannot classify, which no policy rule
+    /// naming `kind: unknown` allows (PostgreSQL: SQLSTATE 42601 with a
+    /// syntax error, else 42501).
+    UnclassifiedStatement {
+        /// The parser's complaint, when the text does not parse.
+        syntax_error: Option<String>,
+    },
 }
 
 /// How a held request ended without approval.
@@ -208,6 +215,7 @@ impl Reason {
             Reason::Uninspectable(_) => "uninspectable",
             Reason::AmbiguousPath { .. } => "path_refused",
             Reason::AmbiguousHost { .. } => "host_refused",
+            Reason::UnclassifiedStatement { .. } => "unclassified_statement",
         }
     }
 }
@@ -246,6 +254,14 @@ impl Refusal {
                 "The CI gateway refused this request: its path is ambiguous ({detail}). Nothing was sent \
                  to the server. Send the path without encoded slashes or backslashes."
             ),
+            Reason::UnclassifiedStatement { syntax_error: Some(e) } => format!(
+                "The CI gateway refused this statement: it does not parse as PostgreSQL SQL ({e}). Nothing \
+                 was sent to the server."
+            ),
+            Reason::UnclassifiedStatement { syntax_error: None } => "The CI gateway refused this statement: it \
+                 cannot classify it, and the policy only lets such statements through with a rule naming \
+                 `kind: unknown`. Nothing was sent to the server."
+                .to_owned(),
         }
     }
 
@@ -260,6 +276,7 @@ impl Refusal {
             Reason::Uninspectable(what) => json!({ "uninspectable": what }),
             Reason::AmbiguousPath { code, detail } => json!({ "code": code, "detail": detail }),
             Reason::AmbiguousHost { detail } => json!({ "detail": detail }),
+            Reason::UnclassifiedStatement { syntax_error } => json!({ "syntax_error": syntax_error }),
         }
     }
 }

@@ -9,18 +9,20 @@ use std::time::Duration;
 use http::HeaderName;
 use ipnet::{IpNet, Ipv4Net};
 
-use super::compiled::{digest, Outcome, Policy, PolicySource, Rule, Selectors};
+use super::compiled::{digest, Outcome, Policy, PolicySource, RelationGlobs, Rule, Selectors};
 use super::decision::{
     Action, ApprovalSpec, MaskRule, MaskRules, NamedPattern, RecordLevel, Uninspectable, DEFAULT_RULE,
+    UNCLASSIFIED_RULE,
 };
 use super::error::{segments, strip_location, Locator, PolicyError, Seg};
 use super::facts::Protocol;
 use super::glob::GlobList;
 use super::model::{
     ActionKind, ApprovalSpecRaw, DefaultsSpec, FileSpec, MaskRulesSpec, MaskSetting, MaskSpec, MatchSpec, OneOrMany,
-    RuleSpec,
+    PostgresSpec, RuleSpec,
 };
 use super::PolicyContext;
+use crate::postgres::sql::StatementKind;
 
 /// The only `version` this gateway reads.
 pub const POLICY_VERSION: u32 = 1;
@@ -86,6 +88,7 @@ pub(super) fn compile(path: &Path, text: &str, context: &PolicyContext) -> Resul
         default,
         masks: c.masks,
         warnings,
+        unclassified: super::compiled::unclassified_action(),
     })
 }
 
@@ -236,6 +239,10 @@ impl Compiler<'_> {
                     Some(format!("rule names may not start with `#` (reserved for unnamed rules: `#{index}`)"))
                 } else if name == DEFAULT_RULE {
                     Some(format!("`{DEFAULT_RULE}` is reserved for the closing default rule"))
+                } else if name == UNCLASSIFIED_RULE {
+                    Some(format!(
+                        "`{UNCLASSIFIED_RULE}` is reserved for refusals of statements the gateway cannot classify"
+                    ))
                 } else {
                     names.get(&name).map(|first| format!("duplicate rule name `{name}` (first at rule #{first})"))
                 };
@@ -309,14 +316,14 @@ impl Compiler<'_> {
                     value.as_str()
                 ),
             );
-        } else if value == Uninspectable::Pass && selectors.is_some_and(Selectors::needs_request) {
+        } else if value == Uninspectable::Pass && selectors.is_some_and(|s| s.needs_request() || s.needs_statement()) {
             self.err(
                 Some(index),
                 at,
                 false,
-                "`uninspectable: pass` can never apply to a rule with `match.request` selectors: what the gateway \
-                 cannot understand is judged per connection, without a request (use `scan_raw`, or a rule \
-                 matching on identity and destination only)"
+                "`uninspectable: pass` can never apply to a rule with `match.request` or statement selectors: \
+                 what the gateway cannot understand is judged per connection, without a request (use \
+                 `scan_raw`, or a rule matching on identity and destination only)"
                     .into(),
             );
         }
@@ -575,7 +582,163 @@ impl Compiler<'_> {
                 );
             }
         }
+        if let Some(pg) = spec.postgres {
+            self.postgres(rule, &with(base, &["postgres"]), pg, &mut s);
+        }
         (self.errors.len() == before).then_some(s)
+    }
+
+    /// `match.postgres`: database and user globs, statement kinds,
+    /// relation patterns and `where`.
+    fn postgres(&mut self, rule: usize, at: &[Seg], spec: PostgresSpec, s: &mut Selectors) {
+        s.databases = self.name_globs(rule, with(at, &["database"]), spec.database, "database");
+        s.users = self.name_globs(rule, with(at, &["user"]), spec.user, "user");
+        if let Some(kinds) = spec.kind {
+            let (kinds, is_list) = kinds.into_parts();
+            if kinds.is_empty() {
+                self.err(
+                    Some(rule),
+                    with(at, &["kind"]),
+                    false,
+                    "empty list: give at least one statement kind, or omit the selector".into(),
+                );
+            }
+            for (i, k) in kinds.iter().enumerate() {
+                match StatementKind::bits_of_name(k) {
+                    Some(bits) => s.kinds |= bits,
+                    None => {
+                        let where_ =
+                            if is_list { push(with(at, &["kind"]), Seg::Index(i)) } else { with(at, &["kind"]) };
+                        self.err(
+                            Some(rule),
+                            where_,
+                            false,
+                            format!("`{k}` is not a statement kind (one of {})", StatementKind::NAMES.join(", ")),
+                        );
+                    }
+                }
+            }
+        }
+        s.relations = self.relation_globs(rule, with(at, &["relations"]), spec.relations);
+        s.only_relations = self.relation_globs(rule, with(at, &["only_relations"]), spec.only_relations);
+        if let Some(w) = spec.has_where {
+            s.has_where = Some(w);
+            let row_kinds =
+                StatementKind::bits_of_name("update").unwrap_or(0) | StatementKind::bits_of_name("delete").unwrap_or(0);
+            if s.kinds != 0 && s.kinds & row_kinds == 0 {
+                self.err(
+                    Some(rule),
+                    with(at, &["where"]),
+                    true,
+                    "`where` only matches `update` and `delete` statements: add one of them to `kind`".into(),
+                );
+            }
+        }
+        if s.protocols != 0 && s.protocols & Protocol::Postgres.bit() == 0 {
+            self.err(
+                Some(rule),
+                at.to_vec(),
+                true,
+                "`match.postgres` only matches `protocol: postgres`: this rule's protocols exclude it".into(),
+            );
+        }
+        if s.needs_request() {
+            self.err(
+                Some(rule),
+                at.to_vec(),
+                true,
+                "a rule cannot match both `request` (HTTP) and `postgres`: split it in two".into(),
+            );
+        }
+    }
+
+    /// Case-sensitive globs over PostgreSQL names (databases, users,
+    /// columns), which are stored as written.
+    fn name_globs(
+        &mut self,
+        rule: usize,
+        at: Vec<Seg>,
+        spec: Option<OneOrMany<String>>,
+        what: &str,
+    ) -> Option<GlobList> {
+        let spec = spec?;
+        let (values, is_list) = spec.into_parts();
+        if values.is_empty() {
+            self.err(Some(rule), at, false, format!("empty list: give at least one {what}, or omit the selector"));
+            return None;
+        }
+        match GlobList::names(values, false) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                let at = match e.index {
+                    Some(i) if is_list => push(at, Seg::Index(i)),
+                    _ => at,
+                };
+                self.err(Some(rule), at, false, e.message);
+                None
+            }
+        }
+    }
+
+    /// `relations` / `only_relations`: `name` or `schema.name` globs.
+    fn relation_globs(&mut self, rule: usize, at: Vec<Seg>, spec: Option<OneOrMany<String>>) -> Option<RelationGlobs> {
+        let spec = spec?;
+        let (values, is_list) = spec.into_parts();
+        if values.is_empty() {
+            self.err(Some(rule), at, false, "empty list: give at least one relation, or omit the selector".into());
+            return None;
+        }
+        let mut patterns = Vec::with_capacity(values.len());
+        let mut ok = true;
+        for (i, v) in values.iter().enumerate() {
+            let element = if is_list { push(at.clone(), Seg::Index(i)) } else { at.clone() };
+            let (schema, name) = match v.split_once('.') {
+                Some((schema, name)) => (Some(schema), name),
+                None => (None, v.as_str()),
+            };
+            let problem = if name.contains('.') {
+                Some(format!(
+                    "relation `{v}` must be `name` or `schema.name` (the database is `match.postgres.database`)"
+                ))
+            } else if schema == Some("") || name.is_empty() {
+                Some(format!("relation `{v}` has an empty schema or name"))
+            } else {
+                None
+            };
+            if let Some(m) = problem {
+                self.err(Some(rule), element, false, m);
+                ok = false;
+                continue;
+            }
+            if v.chars().any(|c| c.is_ascii_uppercase()) {
+                self.warn(
+                    Some(rule),
+                    element.clone(),
+                    format!(
+                        "relation `{v}` has upper-case letters: it only matches quoted identifiers \
+                         (PostgreSQL folds unquoted names to lower case)"
+                    ),
+                );
+            }
+            // `*.name` admits every schema: the same as `name`.
+            let schema = schema.filter(|s| *s != "*");
+            let schema = match schema.map(|s| GlobList::names(vec![s.to_owned()], false)).transpose() {
+                Ok(g) => g,
+                Err(e) => {
+                    self.err(Some(rule), element, false, e.message);
+                    ok = false;
+                    continue;
+                }
+            };
+            match GlobList::names(vec![name.to_owned()], false) {
+                Ok(n) => patterns.push((schema, n)),
+                Err(e) => {
+                    self.err(Some(rule), element, false, e.message);
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(RelationGlobs { sources: values, patterns })
     }
 
     fn header_names(&mut self, rule: usize, at: Vec<Seg>, spec: Option<OneOrMany<String>>) -> Vec<HeaderName> {
@@ -640,13 +803,22 @@ impl Compiler<'_> {
                 self.err(rule, push(with(at, &["json_fields"]), Seg::Index(i)), false, "empty JSON field name".into());
             }
         }
-        let m = MaskRule { rules, patterns, json_fields: spec.json_fields };
-        if m.rules == MaskRules::Only(Vec::new()) && m.patterns.is_empty() && m.json_fields.is_empty() {
+        for (i, c) in spec.columns.iter().enumerate() {
+            if let Err(e) = GlobList::names(vec![c.clone()], false) {
+                self.err(rule, push(with(at, &["columns"]), Seg::Index(i)), false, e.message);
+            }
+        }
+        let m = MaskRule { rules, patterns, json_fields: spec.json_fields, columns: spec.columns };
+        if m.rules == MaskRules::Only(Vec::new())
+            && m.patterns.is_empty()
+            && m.json_fields.is_empty()
+            && m.columns.is_empty()
+        {
             self.err(
                 rule,
                 at.to_vec(),
                 false,
-                "mask masks nothing: give rules, patterns or json_fields (or `mask: false`)".into(),
+                "mask masks nothing: give rules, patterns, json_fields or columns (or `mask: false`)".into(),
             );
         }
         if self.errors.len() > before {

@@ -8,10 +8,13 @@ use http::HeaderName;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
-use super::decision::{Action, Decision, MaskRule, RecordLevel, StaticKeyAction, Uninspectable, DEFAULT_RULE};
+use super::decision::{
+    Action, Decision, MaskRule, RecordLevel, StaticKeyAction, Uninspectable, DEFAULT_RULE, UNCLASSIFIED_REASON,
+};
 use super::error::PolicyError;
 use super::glob::GlobList;
 use super::PolicyContext;
+use crate::postgres::sql::Relation;
 
 /// The policy in force when none is configured: allow everything, record
 /// in full, leave static keys to `findings.actions`, and refuse what the
@@ -53,6 +56,9 @@ pub struct Policy {
     pub(super) default: Outcome,
     pub(super) masks: Vec<MaskRule>,
     pub(super) warnings: Vec<PolicyError>,
+    /// The action of [`UNCLASSIFIED_RULE`] decisions (built once, so
+    /// evaluation borrows it).
+    pub(super) unclassified: Action,
 }
 
 /// One compiled rule.
@@ -83,6 +89,63 @@ pub(super) struct Selectors {
     pub(super) rpc: Option<GlobList>,
     pub(super) present: Vec<HeaderName>,
     pub(super) absent: Vec<HeaderName>,
+    /// `match.postgres.database` / `user`: case-sensitive name globs.
+    pub(super) databases: Option<GlobList>,
+    pub(super) users: Option<GlobList>,
+    /// Bits of statement kinds ([`crate::postgres::sql::StatementKind::bit`]); 0 = any.
+    pub(super) kinds: u32,
+    pub(super) relations: Option<RelationGlobs>,
+    pub(super) only_relations: Option<RelationGlobs>,
+    /// `match.postgres.where`.
+    pub(super) has_where: Option<bool>,
+}
+
+/// Relation patterns (`billing.*`, `secrets`, `*.audit_log`), each a schema
+/// glob (`None`: any schema) and a name glob.
+///
+/// An unqualified relation in a statement resolves through the session's
+/// `search_path`, which the gateway does not know, so it could be in any
+/// schema: it *may* be a pattern's relation when its name matches
+/// (`relations`), but it is only *surely* one when the pattern admits every
+/// schema (`only_relations`).
+#[derive(Debug, Clone)]
+pub(super) struct RelationGlobs {
+    pub(super) sources: Vec<String>,
+    pub(super) patterns: Vec<(Option<GlobList>, GlobList)>,
+}
+
+impl RelationGlobs {
+    /// Whether `r` may be one of the patterns' relations.
+    pub(super) fn may_match(&self, r: &Relation) -> bool {
+        self.patterns.iter().any(|(schema, name)| {
+            name.is_match(&r.name)
+                && match (schema, &r.schema) {
+                    (None, _) | (Some(_), None) => true,
+                    (Some(g), Some(s)) => g.is_match(s),
+                }
+        })
+    }
+
+    /// Whether `r` is surely one of the patterns' relations.
+    pub(super) fn must_match(&self, r: &Relation) -> bool {
+        self.patterns.iter().any(|(schema, name)| {
+            name.is_match(&r.name)
+                && match (schema, &r.schema) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(g), Some(s)) => g.is_match(s),
+                }
+        })
+    }
+
+    fn memory_usage(&self) -> usize {
+        self.sources.iter().map(String::capacity).sum::<usize>()
+            + self
+                .patterns
+                .iter()
+                .map(|(s, n)| s.as_ref().map_or(0, GlobList::memory_usage) + n.memory_usage())
+                .sum::<usize>()
+    }
 }
 
 impl Selectors {
@@ -96,6 +159,18 @@ impl Selectors {
             || !self.absent.is_empty()
     }
 
+    /// Whether any `match.postgres` selector judging a statement is set:
+    /// such a rule never matches a session judged at startup.
+    pub(super) fn needs_statement(&self) -> bool {
+        self.kinds != 0 || self.relations.is_some() || self.only_relations.is_some() || self.has_where.is_some()
+    }
+
+    /// Whether any `match.postgres` selector is set: such a rule only
+    /// matches PostgreSQL sessions and statements.
+    pub(super) fn needs_postgres(&self) -> bool {
+        self.databases.is_some() || self.users.is_some() || self.needs_statement()
+    }
+
     /// Whether the rule matches everything.
     pub(super) fn is_empty(&self) -> bool {
         self.protocols == 0
@@ -107,15 +182,25 @@ impl Selectors {
             && self.labels.is_empty()
             && self.claims.is_empty()
             && !self.needs_request()
+            && !self.needs_postgres()
     }
 
     fn memory_usage(&self) -> usize {
-        let globs = [&self.host, &self.uri, &self.path, &self.rpc].into_iter().flatten().map(GlobList::memory_usage);
+        let globs = [&self.host, &self.uri, &self.path, &self.rpc, &self.databases, &self.users]
+            .into_iter()
+            .flatten()
+            .map(GlobList::memory_usage);
+        let relations = [&self.relations, &self.only_relations]
+            .into_iter()
+            .flatten()
+            .map(RelationGlobs::memory_usage)
+            .sum::<usize>();
         let maps = self.labels.iter().chain(&self.claims).map(|(k, g)| k.capacity() + g.memory_usage());
         globs.chain(maps).sum::<usize>()
             + self.ports.capacity() * 2
             + self.cidrs.capacity() * std::mem::size_of::<IpNet>()
             + self.methods.iter().map(String::capacity).sum::<usize>()
+            + relations
     }
 }
 
@@ -145,6 +230,7 @@ impl Policy {
             },
             masks: Vec::new(),
             warnings: Vec::new(),
+            unclassified: unclassified_action(),
         }
     }
 
@@ -252,6 +338,11 @@ impl Default for Policy {
     fn default() -> Self {
         Policy::builtin()
     }
+}
+
+/// The action refusing a statement the gateway cannot classify.
+pub(super) fn unclassified_action() -> Action {
+    Action::Deny { reason: UNCLASSIFIED_REASON.to_owned() }
 }
 
 /// Hex SHA-256 of policy text.

@@ -12,6 +12,14 @@ pub use crate::findings::Action as StaticKeyAction;
 /// Name of the closing default rule in decisions and explanations.
 pub const DEFAULT_RULE: &str = "default";
 
+/// Name in decisions for a PostgreSQL statement the gateway cannot classify
+/// that no rule naming `kind: unknown` allowed: it is refused.
+pub const UNCLASSIFIED_RULE: &str = "unclassified";
+
+/// The reason given for [`UNCLASSIFIED_RULE`] refusals.
+pub const UNCLASSIFIED_REASON: &str =
+    "the gateway cannot classify this statement; only a policy rule with `kind: unknown` allows it";
+
 /// What happens to the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -34,6 +42,16 @@ impl Action {
             Action::Allow => "allow",
             Action::Deny { .. } => "deny",
             Action::RequireApproval(_) => "require_approval",
+        }
+    }
+
+    /// How strict the action is: of several decisions for one query (its
+    /// statements), the strictest decides. `deny` > `require_approval` > `allow`.
+    pub fn strictness(&self) -> u8 {
+        match self {
+            Action::Allow => 0,
+            Action::RequireApproval(_) => 1,
+            Action::Deny { .. } => 2,
         }
     }
 }
@@ -116,6 +134,10 @@ pub struct MaskRule {
     pub patterns: Vec<NamedPattern>,
     /// JSON object keys whose values are masked wherever they appear.
     pub json_fields: Vec<String>,
+    /// PostgreSQL result columns whose every value is masked, by name
+    /// (globs over the names in `RowDescription`, case-sensitive as
+    /// PostgreSQL stores them: unquoted names are lower case).
+    pub columns: Vec<String>,
 }
 
 /// The detector rules a [`MaskRule`] applies.

@@ -2,8 +2,9 @@
 //! default. Nothing here allocates (see `tests/policy_alloc.rs`).
 
 use super::compiled::{Policy, Rule, Selectors};
-use super::decision::Decision;
-use super::facts::{Derived, RequestFacts};
+use super::decision::{Decision, UNCLASSIFIED_RULE};
+use super::facts::{Derived, PostgresFacts, RequestFacts};
+use crate::postgres::sql::StatementKind;
 
 /// The first selector of a rule that did not match, in evaluation order
 /// (cheap comparisons before globs).
@@ -28,6 +29,18 @@ pub(super) enum Miss {
     HeaderPresent(usize),
     /// Index into the rule's forbidden headers.
     HeaderAbsent(usize),
+    /// The rule has `match.postgres` selectors and the facts are not a
+    /// PostgreSQL session or statement.
+    NoPostgres,
+    /// The rule has statement selectors and the session is judged at startup.
+    NoStatement,
+    Kind,
+    Where,
+    Database,
+    User,
+    Relations,
+    /// Index into the statement's relations: one not surely in `only_relations`.
+    OnlyRelations(usize),
 }
 
 impl Policy {
@@ -35,11 +48,45 @@ impl Policy {
     pub fn evaluate(&self, facts: &RequestFacts<'_>) -> Decision<'_> {
         let derived = Derived::new(facts);
         for (index, rule) in self.rules.iter().enumerate() {
-            if check(&rule.selectors, facts, &derived).is_ok() {
+            if check(&rule.selectors, facts, &derived, None).is_ok() {
                 return self.rule_decision(index, rule);
             }
         }
         self.default_decision()
+    }
+
+    /// Decides a PostgreSQL session (`pg.statement` is `None`) or one
+    /// statement of it, as protocol `postgres`: the first matching rule,
+    /// else the default. `facts` are the connection's (`request` is
+    /// ignored). A statement of kind `unknown` is refused
+    /// ([`UNCLASSIFIED_RULE`]) unless the deciding rule names `unknown` in
+    /// `kind` or denies it anyway. Allocates nothing.
+    pub fn evaluate_postgres(&self, facts: &RequestFacts<'_>, pg: &PostgresFacts<'_>) -> Decision<'_> {
+        let derived = Derived::postgres(facts);
+        let facts = RequestFacts { request: None, ..*facts };
+        let decided =
+            self.rules.iter().enumerate().find(|(_, rule)| check(&rule.selectors, &facts, &derived, Some(pg)).is_ok());
+        let decision = match decided {
+            Some((index, rule)) => self.rule_decision(index, rule),
+            None => self.default_decision(),
+        };
+        self.unless_unclassified(decision, decided.map(|(_, r)| r), pg)
+    }
+
+    /// `decision`, or the refusal of a statement the gateway cannot
+    /// classify that `rule` (`None`: the default) does not explicitly allow.
+    pub(super) fn unless_unclassified<'p>(
+        &'p self,
+        decision: Decision<'p>,
+        rule: Option<&Rule>,
+        pg: &PostgresFacts<'_>,
+    ) -> Decision<'p> {
+        let unknown = pg.statement.is_some_and(|s| s.kind == StatementKind::Unknown);
+        let named = rule.is_some_and(|r| r.selectors.kinds & StatementKind::Unknown.bit() != 0);
+        if !unknown || named || matches!(decision.action, super::Action::Deny { .. }) {
+            return decision;
+        }
+        Decision { rule: UNCLASSIFIED_RULE, index: None, action: &self.unclassified, ..decision }
     }
 
     pub(super) fn rule_decision<'p>(&'p self, index: usize, rule: &'p Rule) -> Decision<'p> {
@@ -48,7 +95,12 @@ impl Policy {
 }
 
 /// Whether every selector of `s` matches.
-pub(super) fn check(s: &Selectors, f: &RequestFacts<'_>, d: &Derived<'_>) -> Result<(), Miss> {
+pub(super) fn check(
+    s: &Selectors,
+    f: &RequestFacts<'_>,
+    d: &Derived<'_>,
+    pg: Option<&PostgresFacts<'_>>,
+) -> Result<(), Miss> {
     if s.protocols != 0 && s.protocols & d.protocols == 0 {
         return Err(Miss::Protocol);
     }
@@ -71,6 +123,22 @@ pub(super) fn check(s: &Selectors, f: &RequestFacts<'_>, d: &Derived<'_>) -> Res
             return Err(Miss::Method);
         }
     }
+    let statement = match pg {
+        None if s.needs_postgres() => return Err(Miss::NoPostgres),
+        None => None,
+        Some(pg) => match pg.statement {
+            None if s.needs_statement() => return Err(Miss::NoStatement),
+            st => st,
+        },
+    };
+    if let Some(st) = statement {
+        if s.kinds != 0 && s.kinds & st.kind.bit() == 0 {
+            return Err(Miss::Kind);
+        }
+        if s.has_where.is_some() && st.has_where != s.has_where {
+            return Err(Miss::Where);
+        }
+    }
     if s.host.as_ref().is_some_and(|g| !g.is_match(d.host)) {
         return Err(Miss::Host);
     }
@@ -85,6 +153,24 @@ pub(super) fn check(s: &Selectors, f: &RequestFacts<'_>, d: &Derived<'_>) -> Res
     for (i, (key, globs)) in s.claims.iter().enumerate() {
         if !f.claims.get(key).is_some_and(|v| globs.is_match(v)) {
             return Err(Miss::Claim(i));
+        }
+    }
+    if let Some(pg) = pg {
+        if s.databases.as_ref().is_some_and(|g| !g.is_match(pg.database)) {
+            return Err(Miss::Database);
+        }
+        if s.users.as_ref().is_some_and(|g| !g.is_match(pg.user)) {
+            return Err(Miss::User);
+        }
+    }
+    if let Some(st) = statement {
+        if s.relations.as_ref().is_some_and(|g| !st.relations.iter().any(|r| g.may_match(r))) {
+            return Err(Miss::Relations);
+        }
+        if let Some(g) = &s.only_relations {
+            if let Some(i) = st.relations.iter().position(|r| !g.must_match(r)) {
+                return Err(Miss::OnlyRelations(i));
+            }
         }
     }
     let Some(r) = request else { return Ok(()) };

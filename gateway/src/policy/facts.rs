@@ -9,6 +9,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use super::path::NormalizedPath;
+use crate::postgres::sql::Statement;
 
 /// An empty label or claim map, for facts without labels or claims.
 pub static NO_ATTRIBUTES: BTreeMap<String, String> = BTreeMap::new();
@@ -29,6 +30,10 @@ pub enum Protocol {
     /// A connection the gateway does not parse as HTTP: non-HTTP protocols,
     /// or TLS it does not terminate. Judged once per connection.
     Tcp,
+    /// A PostgreSQL session the gateway speaks the wire protocol of: judged
+    /// for the session at startup and then statement by statement
+    /// ([`PostgresFacts`], [`super::Policy::evaluate_postgres`]).
+    Postgres,
 }
 
 impl Protocol {
@@ -39,6 +44,7 @@ impl Protocol {
             Protocol::Https => "https",
             Protocol::Grpc => "grpc",
             Protocol::Tcp => "tcp",
+            Protocol::Postgres => "postgres",
         }
     }
 
@@ -100,6 +106,21 @@ impl RequestFacts<'_> {
     }
 }
 
+/// A PostgreSQL session's facts and, when judging one, a statement's. With
+/// the connection's [`RequestFacts`] (whose `request` is `None`) they are
+/// judged by [`super::Policy::evaluate_postgres`] as protocol `postgres`.
+#[derive(Debug, Clone, Copy)]
+pub struct PostgresFacts<'a> {
+    /// The database the client asked for in its startup message.
+    pub database: &'a str,
+    /// The database user the client asked for in its startup message.
+    pub user: &'a str,
+    /// The statement judged (itself only: the caller judges each of its
+    /// [`Statement::inner`] statements too); `None` judges the session at
+    /// startup, which no rule with statement selectors matches.
+    pub statement: Option<&'a Statement>,
+}
+
 /// Facts derived once per evaluation, shared by every rule.
 pub(super) struct Derived<'a> {
     /// Bits of every [`Protocol`] the facts are.
@@ -125,6 +146,11 @@ impl<'a> Derived<'a> {
             }
         };
         Derived { protocols, host, addr: f.addr.to_canonical(), path, rpc }
+    }
+
+    /// [`Derived::new`] for a PostgreSQL session or statement.
+    pub(super) fn postgres(f: &RequestFacts<'a>) -> Derived<'a> {
+        Derived { protocols: Protocol::Postgres.bit(), ..Derived::new(f) }
     }
 }
 

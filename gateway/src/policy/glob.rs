@@ -86,13 +86,24 @@ impl GlobList {
     /// Compiles `sources`. With `case_insensitive`, ASCII letters match
     /// either case.
     pub(super) fn new(sources: Vec<String>, case_insensitive: bool) -> Result<GlobList, GlobError> {
+        GlobList::build(sources, case_insensitive, true)
+    }
+
+    /// Compiles globs over names that have no `/` structure (database
+    /// names, SQL identifiers): `*` and `?` match any character, `/`
+    /// included, so a quoted identifier holding a `/` cannot slip past.
+    pub(super) fn names(sources: Vec<String>, case_insensitive: bool) -> Result<GlobList, GlobError> {
+        GlobList::build(sources, case_insensitive, false)
+    }
+
+    fn build(sources: Vec<String>, case_insensitive: bool, literal_separator: bool) -> Result<GlobList, GlobError> {
         let mut regexes = Vec::with_capacity(sources.len());
         for (index, src) in sources.iter().enumerate() {
             if src.is_empty() {
                 return Err(GlobError { index: Some(index), message: "empty pattern".into() });
             }
             let glob = GlobBuilder::new(src)
-                .literal_separator(true)
+                .literal_separator(literal_separator)
                 .backslash_escape(true)
                 .case_insensitive(case_insensitive)
                 .build()
@@ -183,6 +194,15 @@ mod tests {
         assert!(!l.is_match("cursor.sh"));
         assert!(!l.is_match("api.internal.evil.com"));
         assert!(!l.is_match("xapi.internal"));
+    }
+
+    #[test]
+    fn name_globs_cross_every_character() {
+        let l = GlobList::names(vec!["sec*".into(), "a?c".into()], false).unwrap();
+        assert!(l.is_match("sec/ret"));
+        assert!(l.is_match("secrets"));
+        assert!(l.is_match("a/c"));
+        assert!(!l.is_match("Secrets"));
     }
 
     #[test]

@@ -37,11 +37,11 @@ pub use compile::{DEFAULT_APPROVAL_TIMEOUT, POLICY_VERSION};
 pub use compiled::{Policy, PolicySource, BUILTIN_POLICY};
 pub use decision::{
     Action, ApprovalSpec, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction, Uninspectable,
-    DEFAULT_RULE,
+    DEFAULT_RULE, UNCLASSIFIED_REASON, UNCLASSIFIED_RULE,
 };
 pub use error::PolicyError;
-pub use explain::{Explanation, RuleMiss};
-pub use facts::{rpc_method, HttpRequestFacts, Protocol, RequestFacts, NO_ATTRIBUTES};
+pub use explain::{Explanation, RuleMiss, SqlExplanation, StatementExplanation};
+pub use facts::{rpc_method, HttpRequestFacts, PostgresFacts, Protocol, RequestFacts, NO_ATTRIBUTES};
 pub use host::{judged_host, HostError};
 pub use path::{normalize, NormalizedPath, PathRejection};
 pub use reload::{watch, PolicyHandle, ReloadOutcome};

@@ -87,6 +87,30 @@ pub(super) struct MatchSpec {
     pub(super) destination: Option<DestinationSpec>,
     #[serde(default)]
     pub(super) request: Option<RequestSpec>,
+    #[serde(default)]
+    pub(super) postgres: Option<PostgresSpec>,
+}
+
+/// `match.postgres`: a PostgreSQL session and its statements.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PostgresSpec {
+    #[serde(default)]
+    pub(super) database: Option<OneOrMany<String>>,
+    #[serde(default)]
+    pub(super) user: Option<OneOrMany<String>>,
+    /// Statement kinds (`select`, `delete`, `copy`, `unknown`, ...).
+    #[serde(default)]
+    pub(super) kind: Option<OneOrMany<String>>,
+    /// Matches when the statement may touch any of these relations.
+    #[serde(default)]
+    pub(super) relations: Option<OneOrMany<String>>,
+    /// Matches when every relation the statement touches is one of these.
+    #[serde(default)]
+    pub(super) only_relations: Option<OneOrMany<String>>,
+    /// `false`: an `UPDATE`/`DELETE` without `WHERE`; `true`: with one.
+    #[serde(default, rename = "where")]
+    pub(super) has_where: Option<bool>,
 }
 
 /// `match.identity`.
@@ -176,6 +200,8 @@ pub(super) struct MaskSpec {
     pub(super) patterns: Vec<PatternSpec>,
     #[serde(default)]
     pub(super) json_fields: Vec<String>,
+    #[serde(default)]
+    pub(super) columns: Vec<String>,
 }
 
 /// `mask.rules`: `all` or a list of detector rule ids.

@@ -1054,3 +1054,5 @@ fn explain_cli_judges_connections_by_host_and_port() {
     assert!(run_with(&[]).is_err());
     assert!(run_with(&["--host", "a b", "--port", "1"]).is_err());
 }
+
+mod postgres;

@@ -1,0 +1,674 @@
+//! SQL statements classified for the policy with PostgreSQL's own grammar.
+//!
+//! [`classify`] parses a query string with libpg_query (the `pg_query`
+//! crate: the server's parser, compiled in) and returns one [`Statement`]
+//! per statement of the query: its [`StatementKind`], every relation it
+//! touches, whether an `UPDATE`/`DELETE` has a `WHERE` clause, and the
+//! statements it carries inside that run too ([`Statement::inner`]). A
+//! parser that disagreed with the server would be a bypass, hence the real
+//! grammar; text it cannot parse is an error, and the caller refuses it.
+//!
+//! What the policy sees, and why:
+//! - Each statement of a multi-statement query is classified on its own.
+//! - Statements that carry another statement are judged for it too:
+//!   `EXPLAIN [ANALYZE] <stmt>`, `PREPARE x AS <stmt>`,
+//!   `DECLARE c CURSOR FOR <query>`, `COPY (<query>) TO`, and every
+//!   data-modifying statement nested anywhere (`WITH d AS (DELETE ...)
+//!   SELECT ...`, rule actions): each becomes an entry of
+//!   [`Statement::inner`], classified like a top-level statement.
+//! - Relations are collected from the whole parse tree, subqueries, CTEs
+//!   and inner statements included, as PostgreSQL resolves identifiers:
+//!   unquoted names folded to lower case, quoted ones as written. An
+//!   unqualified name referring to a CTE in scope (PostgreSQL's scoping:
+//!   a CTE's query sees earlier CTEs only, unless `RECURSIVE`) is not a
+//!   relation; the table a statement writes or creates always is.
+//! - `SELECT ... INTO t` creates a table: it is [`StatementKind::Ddl`].
+//! - `SET ROLE` and `SET SESSION AUTHORIZATION` change the privileges the
+//!   session acts with: [`StatementKind::Grant`], like `GRANT`, `ALTER ROLE`
+//!   and `ALTER ... OWNER TO`.
+//!
+//! Out of scope, by design (document them to operators, never rely on
+//! them): side effects of functions called from any statement
+//! (`SELECT pg_terminate_backend(...)`, `dblink_exec`, `lo_import`,
+//! `set_config`), the bodies of functions, procedures and `DO` blocks
+//! (strings to the parser: a `DO` is [`StatementKind::Call`]), what
+//! triggers and rules do, and which schema an unqualified name resolves to
+//! (the session's `search_path`: see `docs/policy.md` on relation matching).
+//! `EXECUTE x` runs what `PREPARE x` prepared, which was judged then.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::ops::Range;
+
+use pg_query::protobuf::{AlterTableType, ObjectType};
+use pg_query::NodeEnum;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Why a query could not be classified; the caller refuses it
+/// (SQLSTATE 42601, syntax error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SqlError {
+    /// PostgreSQL's grammar rejects the text (or it holds a NUL byte).
+    #[error("the statement does not parse as PostgreSQL SQL: {0}")]
+    Syntax(String),
+    /// The parse tree could not be read back (a bug, not the client's).
+    #[error("the parse tree could not be read: {0}")]
+    Tree(String),
+    /// The text reads as different statements with `standard_conforming_strings`
+    /// on and off, and the setting in force was not given: refused rather
+    /// than guessed.
+    #[error(
+        "the statement reads differently with standard_conforming_strings on and off (a backslash in a \
+         '...' literal): write E'...' strings or double the quotes"
+    )]
+    Ambiguous,
+}
+
+/// How the session's server lexes string literals: the parser must lex them
+/// as the server does, or `'\'; DELETE FROM t; --'` is one statement to one
+/// and two to the other.
+///
+/// `standard_conforming_strings` changes with `SET` (and `set_config`), and a
+/// pipelining client can send its next statement before the server's
+/// `ParameterStatus` reporting the change reaches the handler, so the
+/// default asks nothing of the handler: the text must read the same both
+/// ways (it does unless a `'...'` literal holds a backslash). A reading that
+/// does not parse is one the server cannot execute either, so the other
+/// one decides; two readings that parse and differ are
+/// [`SqlError::Ambiguous`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ParseOptions {
+    /// The server's `standard_conforming_strings` when the handler knows it
+    /// for certain (off makes `\` an escape inside `'...'`); `None` (the
+    /// default): both readings must agree.
+    pub standard_conforming_strings: Option<bool>,
+}
+
+/// The direction of a `COPY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyDirection {
+    /// `COPY ... FROM`: rows into a table.
+    From,
+    /// `COPY ... TO`: rows out of a table or query.
+    To,
+}
+
+/// What kind of statement it is, for `match.statement.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum StatementKind {
+    /// `SELECT`, `VALUES`, `TABLE t` (`SELECT ... INTO` is [`StatementKind::Ddl`]).
+    Select,
+    /// `INSERT`.
+    Insert,
+    /// `UPDATE`.
+    Update,
+    /// `DELETE`.
+    Delete,
+    /// `MERGE`.
+    Merge,
+    /// Schema changes: `CREATE`, `ALTER`, `DROP`, `COMMENT`, `REFRESH
+    /// MATERIALIZED VIEW`, `CREATE TABLE AS`, `SELECT ... INTO`, ...
+    Ddl,
+    /// `TRUNCATE`.
+    Truncate,
+    /// `COPY`.
+    Copy {
+        /// Into (`FROM`) or out of (`TO`) the database.
+        direction: CopyDirection,
+        /// `FROM PROGRAM` / `TO PROGRAM`: the server runs a shell command.
+        program: bool,
+    },
+    /// Privileges and roles: `GRANT`, `REVOKE`, `CREATE/ALTER/DROP ROLE`,
+    /// `ALTER DEFAULT PRIVILEGES`, `ALTER ... OWNER TO`, `REASSIGN OWNED`,
+    /// `DROP OWNED`, `SET ROLE`, `SET SESSION AUTHORIZATION`.
+    Grant,
+    /// `CALL` and `DO`.
+    Call,
+    /// `BEGIN`, `START TRANSACTION`, `COMMIT`, `ROLLBACK`, `SAVEPOINT`,
+    /// `RELEASE`, `PREPARE TRANSACTION`, `COMMIT/ROLLBACK PREPARED`.
+    Transaction,
+    /// `SET`, `RESET`, `SET TRANSACTION`, `SET CONSTRAINTS`.
+    Set,
+    /// `SHOW`.
+    Show,
+    /// `EXPLAIN` (the explained statement is an inner statement).
+    Explain,
+    /// `PREPARE x AS ...` (the prepared statement is an inner statement).
+    Prepare,
+    /// `EXECUTE x`.
+    Execute,
+    /// `DEALLOCATE`.
+    Deallocate,
+    /// `DECLARE ... CURSOR` (its query is an inner statement), `FETCH`,
+    /// `MOVE`, `CLOSE`.
+    Cursor,
+    /// `LISTEN`, `UNLISTEN`.
+    Listen,
+    /// `NOTIFY`.
+    Notify,
+    /// Maintenance and session utilities: `VACUUM`, `ANALYZE`, `CLUSTER`,
+    /// `REINDEX`, `CHECKPOINT`, `DISCARD`, `LOCK`, `LOAD`, `ALTER SYSTEM`.
+    Utility,
+    /// A statement this classifier does not know (a grammar newer than it):
+    /// refused unless a rule allows `unknown`.
+    Unknown,
+}
+
+impl StatementKind {
+    /// Every kind name a policy may use, each with the kinds it stands for.
+    /// `copy` is both directions.
+    pub const NAMES: &'static [&'static str] = &[
+        "select",
+        "insert",
+        "update",
+        "delete",
+        "merge",
+        "ddl",
+        "truncate",
+        "copy",
+        "copy_from",
+        "copy_to",
+        "grant",
+        "call",
+        "transaction",
+        "set",
+        "show",
+        "explain",
+        "prepare",
+        "execute",
+        "deallocate",
+        "cursor",
+        "listen",
+        "notify",
+        "utility",
+        "unknown",
+    ];
+
+    /// The kind's name in policies (`copy_from` / `copy_to` for `COPY`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementKind::Select => "select",
+            StatementKind::Insert => "insert",
+            StatementKind::Update => "update",
+            StatementKind::Delete => "delete",
+            StatementKind::Merge => "merge",
+            StatementKind::Ddl => "ddl",
+            StatementKind::Truncate => "truncate",
+            StatementKind::Copy { direction: CopyDirection::From, .. } => "copy_from",
+            StatementKind::Copy { direction: CopyDirection::To, .. } => "copy_to",
+            StatementKind::Grant => "grant",
+            StatementKind::Call => "call",
+            StatementKind::Transaction => "transaction",
+            StatementKind::Set => "set",
+            StatementKind::Show => "show",
+            StatementKind::Explain => "explain",
+            StatementKind::Prepare => "prepare",
+            StatementKind::Execute => "execute",
+            StatementKind::Deallocate => "deallocate",
+            StatementKind::Cursor => "cursor",
+            StatementKind::Listen => "listen",
+            StatementKind::Notify => "notify",
+            StatementKind::Utility => "utility",
+            StatementKind::Unknown => "unknown",
+        }
+    }
+
+    /// One bit per policy kind name (index in [`StatementKind::NAMES`]),
+    /// so a rule's kinds are a mask and matching allocates nothing.
+    pub fn bit(self) -> u32 {
+        let name = self.as_str();
+        let index = Self::NAMES.iter().position(|n| *n == name).unwrap_or(Self::NAMES.len() - 1);
+        1 << index
+    }
+
+    /// The bits a policy kind name stands for (`copy`: both directions);
+    /// `None` for an unknown name.
+    pub fn bits_of_name(name: &str) -> Option<u32> {
+        if name == "copy" {
+            let from = StatementKind::Copy { direction: CopyDirection::From, program: false };
+            let to = StatementKind::Copy { direction: CopyDirection::To, program: false };
+            return Some(from.bit() | to.bit());
+        }
+        Self::NAMES.iter().position(|n| *n == name).map(|i| 1 << i)
+    }
+
+    /// Whether `UPDATE`/`DELETE`: the kinds a `where` selector applies to.
+    pub fn filters_rows(self) -> bool {
+        matches!(self, StatementKind::Update | StatementKind::Delete)
+    }
+}
+
+impl fmt::Display for StatementKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A table, view, sequence or other relation a statement names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Relation {
+    /// The schema when the statement wrote one (`billing.invoices`); `None`
+    /// when unqualified: then the session's `search_path` decides, which the
+    /// gateway does not know.
+    pub schema: Option<String>,
+    /// The relation's name, as PostgreSQL resolves the identifier (unquoted:
+    /// lower case; quoted: as written).
+    pub name: String,
+}
+
+impl fmt::Display for Relation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+/// One classified statement.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    /// What kind of statement it is.
+    pub kind: StatementKind,
+    /// Every relation the statement names, anywhere in it (inner statements
+    /// included), each once, ordered by (schema, name), unqualified first.
+    pub relations: Vec<Relation>,
+    /// For `UPDATE` and `DELETE`: whether it has a `WHERE` clause (`WHERE
+    /// CURRENT OF` included); `None` for other kinds.
+    pub has_where: Option<bool>,
+    /// Byte range of the statement in the query text (for inner statements:
+    /// the enclosing top-level statement's).
+    pub span: Range<usize>,
+    /// Statements this one carries that run too, each judged on its own:
+    /// `EXPLAIN`'s, `PREPARE`'s and `DECLARE CURSOR`'s statement, `COPY`'s
+    /// query, and data-modifying statements nested anywhere (CTEs, rules).
+    pub inner: Vec<Statement>,
+}
+
+impl Statement {
+    /// This statement's text in `query` (the string it was classified from).
+    pub fn text<'q>(&self, query: &'q str) -> &'q str {
+        query.get(self.span.clone()).unwrap_or("")
+    }
+
+    /// Calls `f` on this statement and every inner statement, depth first:
+    /// everything the policy judges for it.
+    pub fn visit<'s>(&'s self, f: &mut impl FnMut(&'s Statement)) {
+        f(self);
+        for s in &self.inner {
+            s.visit(f);
+        }
+    }
+}
+
+/// Classifies every statement of `query` however the server lexes string
+/// literals ([`ParseOptions::default`]).
+pub fn classify(query: &str) -> Result<Vec<Statement>, SqlError> {
+    classify_with(query, ParseOptions::default())
+}
+
+/// Classifies every statement of `query`, lexing it as `options` say the
+/// server does. An empty query (or only comments) has no statements.
+pub fn classify_with(query: &str, options: ParseOptions) -> Result<Vec<Statement>, SqlError> {
+    match options.standard_conforming_strings {
+        Some(on) => classify_lexed(query, on),
+        // Without a backslash both readings are the same text.
+        None if !query.contains('\\') => classify_lexed(query, true),
+        None => match (classify_lexed(query, true), classify_lexed(query, false)) {
+            (Ok(on), Ok(off)) if on == off => Ok(on),
+            (Ok(_), Ok(_)) => Err(SqlError::Ambiguous),
+            (Ok(one), Err(_)) | (Err(_), Ok(one)) => Ok(one),
+            (Err(e), Err(_)) => Err(e),
+        },
+    }
+}
+
+/// Classifies `query` with `standard_conforming_strings` set to `on`.
+fn classify_lexed(query: &str, on: bool) -> Result<Vec<Statement>, SqlError> {
+    let mut parser = pg_query::ParserOptions::DEFAULT;
+    if !on {
+        parser |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
+    }
+    let parsed = pg_query::parse(query, parser).map_err(|e| match e {
+        pg_query::Error::Parse(m) => SqlError::Syntax(m),
+        pg_query::Error::Conversion(_) => SqlError::Syntax("the text holds a NUL byte".into()),
+        other => SqlError::Tree(other.to_string()),
+    })?;
+    let mut out = Vec::with_capacity(parsed.protobuf.stmts.len());
+    for raw in &parsed.protobuf.stmts {
+        let start = usize::try_from(raw.stmt_location).unwrap_or(0).min(query.len());
+        // A length of 0 means "to the end of the text".
+        let end = match usize::try_from(raw.stmt_len) {
+            Ok(0) | Err(_) => query.len(),
+            Ok(len) => start.saturating_add(len).min(query.len()),
+        };
+        let node = raw
+            .stmt
+            .as_ref()
+            .and_then(|n| n.node.as_ref())
+            .ok_or_else(|| SqlError::Tree("a statement without a parse tree".into()))?;
+        out.push(classify_node(node, start..end)?);
+    }
+    Ok(out)
+}
+
+/// Classifies one parsed statement.
+fn classify_node(node: &NodeEnum, span: Range<usize>) -> Result<Statement, SqlError> {
+    let tree = serde_json::to_value(node).map_err(|e| SqlError::Tree(e.to_string()))?;
+    let mut relations = BTreeSet::new();
+    collect_relations(&tree, &mut relations);
+    if let NodeEnum::DropStmt(d) = node {
+        dropped_relations(d, &mut relations);
+    }
+    let (kind, has_where, carried) = top_kind(node);
+    let mut inner = match carried {
+        Some(inner) => match inner.node.as_ref() {
+            Some(n) => vec![classify_node(n, span.clone())?],
+            None => Vec::new(),
+        },
+        None => {
+            let mut inner = Vec::new();
+            nested_modifications(&tree, true, &span, &mut inner);
+            inner
+        }
+    };
+    // `ALTER TABLE t OWNER TO r, ADD ...`: a privilege change inside a schema change.
+    if kind == StatementKind::Ddl && changes_owner(node) {
+        let relations = relations.iter().cloned().collect();
+        inner.push(Statement {
+            kind: StatementKind::Grant,
+            relations,
+            has_where: None,
+            span: span.clone(),
+            inner: vec![],
+        });
+    }
+    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner })
+}
+
+/// Whether an `ALTER TABLE` changes the owner among other changes.
+fn changes_owner(node: &NodeEnum) -> bool {
+    let NodeEnum::AlterTableStmt(a) = node else { return false };
+    a.cmds.iter().any(|c| matches!(c.node.as_ref(), Some(NodeEnum::AlterTableCmd(c)) if c.subtype == AlterTableType::AtChangeOwner as i32))
+}
+
+/// Whether every change of an `ALTER TABLE` is an owner change.
+fn only_changes_owner(a: &pg_query::protobuf::AlterTableStmt) -> bool {
+    !a.cmds.is_empty()
+        && a.cmds.iter().all(|c| matches!(c.node.as_ref(), Some(NodeEnum::AlterTableCmd(c)) if c.subtype == AlterTableType::AtChangeOwner as i32))
+}
+
+/// The kind of a top-level statement, whether an `UPDATE`/`DELETE` filters,
+/// and the statement it carries (`EXPLAIN`, `PREPARE`, `DECLARE`, `COPY (query)`).
+fn top_kind(node: &NodeEnum) -> (StatementKind, Option<bool>, Option<&pg_query::Node>) {
+    use StatementKind as K;
+    let kind = match node {
+        NodeEnum::SelectStmt(s) if s.into_clause.is_some() => K::Ddl,
+        NodeEnum::SelectStmt(_) => K::Select,
+        NodeEnum::InsertStmt(_) => K::Insert,
+        NodeEnum::UpdateStmt(u) => return (K::Update, Some(u.where_clause.is_some()), None),
+        NodeEnum::DeleteStmt(d) => return (K::Delete, Some(d.where_clause.is_some()), None),
+        NodeEnum::MergeStmt(_) => K::Merge,
+        NodeEnum::TruncateStmt(_) => K::Truncate,
+        NodeEnum::CopyStmt(c) => {
+            let direction = if c.is_from { CopyDirection::From } else { CopyDirection::To };
+            return (K::Copy { direction, program: c.is_program }, None, c.query.as_deref());
+        }
+        NodeEnum::ExplainStmt(e) => return (K::Explain, None, e.query.as_deref()),
+        NodeEnum::PrepareStmt(p) => return (K::Prepare, None, p.query.as_deref()),
+        NodeEnum::DeclareCursorStmt(d) => return (K::Cursor, None, d.query.as_deref()),
+        NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => K::Cursor,
+        NodeEnum::ExecuteStmt(_) => K::Execute,
+        NodeEnum::DeallocateStmt(_) => K::Deallocate,
+        NodeEnum::AlterTableStmt(a) if only_changes_owner(a) => K::Grant,
+        NodeEnum::TransactionStmt(_) => K::Transaction,
+        NodeEnum::VariableSetStmt(v) => {
+            // `RESET ROLE` too: any change to whom the session acts as.
+            if v.name == "role" || v.name == "session_authorization" {
+                K::Grant
+            } else {
+                K::Set
+            }
+        }
+        NodeEnum::ConstraintsSetStmt(_) => K::Set,
+        NodeEnum::VariableShowStmt(_) => K::Show,
+        NodeEnum::CallStmt(_) | NodeEnum::DoStmt(_) => K::Call,
+        NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => K::Listen,
+        NodeEnum::NotifyStmt(_) => K::Notify,
+        NodeEnum::GrantStmt(_)
+        | NodeEnum::GrantRoleStmt(_)
+        | NodeEnum::AlterDefaultPrivilegesStmt(_)
+        | NodeEnum::CreateRoleStmt(_)
+        | NodeEnum::AlterRoleStmt(_)
+        | NodeEnum::AlterRoleSetStmt(_)
+        | NodeEnum::DropRoleStmt(_)
+        | NodeEnum::AlterOwnerStmt(_)
+        | NodeEnum::ReassignOwnedStmt(_)
+        | NodeEnum::DropOwnedStmt(_)
+        | NodeEnum::CreateUserMappingStmt(_)
+        | NodeEnum::AlterUserMappingStmt(_)
+        | NodeEnum::DropUserMappingStmt(_) => K::Grant,
+        NodeEnum::VacuumStmt(_)
+        | NodeEnum::ClusterStmt(_)
+        | NodeEnum::ReindexStmt(_)
+        | NodeEnum::CheckPointStmt(_)
+        | NodeEnum::DiscardStmt(_)
+        | NodeEnum::LockStmt(_)
+        | NodeEnum::LoadStmt(_)
+        | NodeEnum::AlterSystemStmt(_) => K::Utility,
+        NodeEnum::CreateSchemaStmt(_)
+        | NodeEnum::AlterTableStmt(_)
+        | NodeEnum::ReplicaIdentityStmt(_)
+        | NodeEnum::AlterCollationStmt(_)
+        | NodeEnum::AlterDomainStmt(_)
+        | NodeEnum::CreateStmt(_)
+        | NodeEnum::CreateTableSpaceStmt(_)
+        | NodeEnum::DropTableSpaceStmt(_)
+        | NodeEnum::AlterTableSpaceOptionsStmt(_)
+        | NodeEnum::AlterTableMoveAllStmt(_)
+        | NodeEnum::CreateExtensionStmt(_)
+        | NodeEnum::AlterExtensionStmt(_)
+        | NodeEnum::AlterExtensionContentsStmt(_)
+        | NodeEnum::CreateFdwStmt(_)
+        | NodeEnum::AlterFdwStmt(_)
+        | NodeEnum::CreateForeignServerStmt(_)
+        | NodeEnum::AlterForeignServerStmt(_)
+        | NodeEnum::CreateForeignTableStmt(_)
+        | NodeEnum::ImportForeignSchemaStmt(_)
+        | NodeEnum::CreatePolicyStmt(_)
+        | NodeEnum::AlterPolicyStmt(_)
+        | NodeEnum::CreateAmStmt(_)
+        | NodeEnum::CreateTrigStmt(_)
+        | NodeEnum::CreateEventTrigStmt(_)
+        | NodeEnum::AlterEventTrigStmt(_)
+        | NodeEnum::CreatePlangStmt(_)
+        | NodeEnum::CreateSeqStmt(_)
+        | NodeEnum::AlterSeqStmt(_)
+        | NodeEnum::DefineStmt(_)
+        | NodeEnum::CreateDomainStmt(_)
+        | NodeEnum::CreateOpClassStmt(_)
+        | NodeEnum::CreateOpFamilyStmt(_)
+        | NodeEnum::AlterOpFamilyStmt(_)
+        | NodeEnum::DropStmt(_)
+        | NodeEnum::CommentStmt(_)
+        | NodeEnum::SecLabelStmt(_)
+        | NodeEnum::IndexStmt(_)
+        | NodeEnum::CreateStatsStmt(_)
+        | NodeEnum::AlterStatsStmt(_)
+        | NodeEnum::CreateFunctionStmt(_)
+        | NodeEnum::AlterFunctionStmt(_)
+        | NodeEnum::RenameStmt(_)
+        | NodeEnum::AlterObjectDependsStmt(_)
+        | NodeEnum::AlterObjectSchemaStmt(_)
+        | NodeEnum::AlterOperatorStmt(_)
+        | NodeEnum::AlterTypeStmt(_)
+        | NodeEnum::RuleStmt(_)
+        | NodeEnum::CompositeTypeStmt(_)
+        | NodeEnum::CreateEnumStmt(_)
+        | NodeEnum::CreateRangeStmt(_)
+        | NodeEnum::AlterEnumStmt(_)
+        | NodeEnum::ViewStmt(_)
+        | NodeEnum::CreatedbStmt(_)
+        | NodeEnum::AlterDatabaseStmt(_)
+        | NodeEnum::AlterDatabaseRefreshCollStmt(_)
+        | NodeEnum::AlterDatabaseSetStmt(_)
+        | NodeEnum::DropdbStmt(_)
+        | NodeEnum::CreateTableAsStmt(_)
+        | NodeEnum::RefreshMatViewStmt(_)
+        | NodeEnum::CreateConversionStmt(_)
+        | NodeEnum::CreateCastStmt(_)
+        | NodeEnum::CreateTransformStmt(_)
+        | NodeEnum::AlterTsdictionaryStmt(_)
+        | NodeEnum::AlterTsconfigurationStmt(_)
+        | NodeEnum::CreatePublicationStmt(_)
+        | NodeEnum::AlterPublicationStmt(_)
+        | NodeEnum::CreateSubscriptionStmt(_)
+        | NodeEnum::AlterSubscriptionStmt(_)
+        | NodeEnum::DropSubscriptionStmt(_) => K::Ddl,
+        _ => K::Unknown,
+    };
+    (kind, None, None)
+}
+
+/// Every `RangeVar` in a serialised parse tree, except unqualified
+/// references to a common table expression in scope. The JSON walk reaches
+/// every node whatever its type, so no statement type can hide a relation
+/// from a hand-written traversal that forgot it.
+fn collect_relations(v: &Value, out: &mut BTreeSet<Relation>) {
+    walk_relations(v, &mut Vec::new(), out);
+}
+
+/// `scope`: the CTE names an unqualified `RangeVar` here would refer to, as
+/// PostgreSQL scopes them: a `WITH`'s statement sees all of its CTEs; a
+/// CTE's own query sees the ones before it, or all of them with
+/// `RECURSIVE`. Tables written or created (`relation`: the target of
+/// `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `COPY`...; `into_clause`) are
+/// never CTEs, so they are always listed.
+fn walk_relations(v: &Value, scope: &mut Vec<String>, out: &mut BTreeSet<Relation>) {
+    match v {
+        Value::Object(map) => {
+            // RangeVar is the only node with these three fields.
+            if let (Some(Value::String(name)), Some(Value::String(schema)), Some(_)) =
+                (map.get("relname"), map.get("schemaname"), map.get("catalogname"))
+            {
+                let cte = schema.is_empty() && scope.iter().any(|n| n == name);
+                if !name.is_empty() && !cte {
+                    let schema = (!schema.is_empty()).then(|| schema.clone());
+                    out.insert(Relation { schema, name: name.clone() });
+                }
+            }
+            let base = scope.len();
+            let with = map.get("with_clause").filter(|w| !w.is_null());
+            if let Some(with) = with {
+                let ctes: Vec<(String, &Value)> = with
+                    .get("ctes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c.get("node")?.get("CommonTableExpr"))
+                    .map(|c| (c.get("ctename").and_then(Value::as_str).unwrap_or("").to_owned(), c))
+                    .collect();
+                let recursive = with.get("recursive").and_then(Value::as_bool).unwrap_or(false);
+                for (i, (_, cte)) in ctes.iter().enumerate() {
+                    let visible = if recursive { &ctes[..] } else { &ctes[..i] };
+                    scope.extend(visible.iter().map(|(n, _)| n.clone()));
+                    walk_relations(cte, scope, out);
+                    scope.truncate(base);
+                }
+                scope.extend(ctes.iter().map(|(n, _)| n.clone()));
+            }
+            for (key, value) in map {
+                match key.as_str() {
+                    "with_clause" if with.is_some() => {}
+                    "relation" | "into_clause" => walk_relations(value, &mut Vec::new(), out),
+                    _ => walk_relations(value, scope, out),
+                }
+            }
+            scope.truncate(base);
+        }
+        Value::Array(items) => items.iter().for_each(|v| walk_relations(v, scope, out)),
+        _ => {}
+    }
+}
+
+/// `DROP TABLE/VIEW/...` names its relations as name lists, not `RangeVar`s.
+fn dropped_relations(d: &pg_query::protobuf::DropStmt, out: &mut BTreeSet<Relation>) {
+    let relation_types = [
+        ObjectType::ObjectTable,
+        ObjectType::ObjectView,
+        ObjectType::ObjectMatview,
+        ObjectType::ObjectSequence,
+        ObjectType::ObjectForeignTable,
+        ObjectType::ObjectIndex,
+    ];
+    if !relation_types.iter().any(|t| *t as i32 == d.remove_type) {
+        return;
+    }
+    for object in &d.objects {
+        let Some(NodeEnum::List(list)) = object.node.as_ref() else { continue };
+        let parts: Vec<&str> = list
+            .items
+            .iter()
+            .filter_map(|i| match i.node.as_ref() {
+                Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                _ => None,
+            })
+            .collect();
+        // `[catalog.][schema.]name`: the catalog can only be the current database.
+        match parts.as_slice() {
+            [.., schema, name] => {
+                out.insert(Relation { schema: Some((*schema).to_owned()), name: (*name).to_owned() });
+            }
+            [name] => {
+                out.insert(Relation { schema: None, name: (*name).to_owned() });
+            }
+            [] => {}
+        }
+    }
+}
+
+/// Data-modifying statements nested in a serialised tree (CTEs, rule
+/// actions), each classified with its own nested ones. `top` skips the
+/// statement itself.
+fn nested_modifications(v: &Value, top: bool, span: &Range<usize>, out: &mut Vec<Statement>) {
+    match v {
+        Value::Object(map) => {
+            if !top && map.len() == 1 {
+                if let Some((tag, body)) = map.iter().next() {
+                    let kind = match tag.as_str() {
+                        "InsertStmt" => Some(StatementKind::Insert),
+                        "UpdateStmt" => Some(StatementKind::Update),
+                        "DeleteStmt" => Some(StatementKind::Delete),
+                        "MergeStmt" => Some(StatementKind::Merge),
+                        _ => None,
+                    };
+                    if let Some(kind) = kind {
+                        let mut relations = BTreeSet::new();
+                        collect_relations(body, &mut relations);
+                        let has_where =
+                            kind.filters_rows().then(|| body.get("where_clause").is_some_and(|w| !w.is_null()));
+                        let mut inner = Vec::new();
+                        nested_modifications(body, false, span, &mut inner);
+                        out.push(Statement {
+                            kind,
+                            relations: relations.into_iter().collect(),
+                            has_where,
+                            span: span.clone(),
+                            inner,
+                        });
+                        return;
+                    }
+                }
+            }
+            map.values().for_each(|v| nested_modifications(v, false, span, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| nested_modifications(v, false, span, out)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;
