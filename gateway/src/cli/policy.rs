@@ -286,7 +286,7 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
     };
     if let Some(sql) = &args.sql {
         let database = args.database.as_deref().unwrap_or("");
-        return super::explain::print_sql(&policy, &facts, database, &args.db_user, sql, args.json);
+        return explain_sql(&policy, &facts, database, &args.db_user, sql, args.json);
     }
     let e = policy.explain(&facts);
     if args.json {
@@ -366,4 +366,31 @@ fn print_explanation(e: &Explanation<'_>, f: &RequestFacts<'_>) {
     }
     println!("record       {}", d.record.as_str());
     println!("uninspectable {}", d.uninspectable.as_str());
+}
+
+/// `gateway policy explain --sql`: why the policy decides what it decides
+/// for each statement of `query` (text, or JSON with `json`).
+fn explain_sql(
+    policy: &Policy,
+    facts: &RequestFacts<'_>,
+    database: &str,
+    user: &str,
+    query: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    match policy.explain_sql(facts, database, user, query) {
+        Ok(e) if json => println!("{}", serde_json::to_string_pretty(&e).context("serialising the explanation")?),
+        Ok(e) => print!("{}", e.render()),
+        Err(err) => {
+            let e = policy.explain_unclassified(facts, database, user, query);
+            if json {
+                let body = serde_json::json!({ "syntax_error": err.to_string(), "explanation": e });
+                println!("{}", serde_json::to_string_pretty(&body).context("serialising the explanation")?);
+            } else {
+                println!("syntax error {err}: judged as one statement of kind `unknown`");
+                print!("{}", e.render());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -124,57 +124,39 @@ impl Policy {
             .map(|(i, _)| i);
         Ok(SqlExplanation { database: database.to_owned(), user: user.to_owned(), statements: out, verdict })
     }
-}
 
-/// `gateway policy explain --sql`: prints why the policy decides what it
-/// decides for each statement of `query` (text, or JSON with `json`).
-pub(super) fn print_sql(
-    policy: &Policy,
-    facts: &RequestFacts<'_>,
-    database: &str,
-    user: &str,
-    query: &str,
-    json: bool,
-) -> anyhow::Result<std::process::ExitCode> {
-    use anyhow::Context;
-    match policy.explain_sql(facts, database, user, query) {
-        Ok(e) if json => println!("{}", serde_json::to_string_pretty(&e).context("serialising the explanation")?),
-        Ok(e) => print!("{}", e.render()),
-        Err(err) => {
-            // Judged as one statement of kind `unknown`, as the gate does.
-            let unknown = Statement {
+    /// What the gate decides for a query its parser rejects: the query is
+    /// judged as one statement of kind `unknown`.
+    pub fn explain_unclassified<'p>(
+        &'p self,
+        facts: &RequestFacts<'_>,
+        database: &str,
+        user: &str,
+        query: &str,
+    ) -> SqlExplanation<'p> {
+        let unknown = Statement {
+            kind: StatementKind::Unknown,
+            relations: Vec::new(),
+            has_where: None,
+            span: 0..0,
+            inner: vec![],
+        };
+        let pg = PostgresFacts { database, user, statement: Some(&unknown) };
+        SqlExplanation {
+            database: database.to_owned(),
+            user: user.to_owned(),
+            statements: vec![StatementExplanation {
+                number: 1,
+                depth: 0,
+                text: query.trim().to_owned(),
                 kind: StatementKind::Unknown,
                 relations: Vec::new(),
                 has_where: None,
-                span: 0..0,
-                inner: vec![],
-            };
-            let pg = PostgresFacts { database, user, statement: Some(&unknown) };
-            let e = policy.explain_postgres(facts, &pg);
-            if json {
-                let body = serde_json::json!({ "syntax_error": err.to_string(), "explanation": e });
-                println!("{}", serde_json::to_string_pretty(&body).context("serialising the explanation")?);
-            } else {
-                println!("syntax error {err}: judged as one statement of kind `unknown`");
-                let verdict = SqlExplanation {
-                    database: database.to_owned(),
-                    user: user.to_owned(),
-                    statements: vec![StatementExplanation {
-                        number: 1,
-                        depth: 0,
-                        text: query.trim().to_owned(),
-                        kind: StatementKind::Unknown,
-                        relations: Vec::new(),
-                        has_where: None,
-                        explanation: e,
-                    }],
-                    verdict: Some(0),
-                };
-                print!("{}", verdict.render());
-            }
+                explanation: self.explain_postgres(facts, &pg),
+            }],
+            verdict: Some(0),
         }
     }
-    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn collect<'s>(st: &'s Statement, depth: usize, out: &mut Vec<(&'s Statement, usize)>) {

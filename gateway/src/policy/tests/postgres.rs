@@ -319,6 +319,7 @@ defaults: { action: allow }
 
 #[test]
 fn explain_cli_judges_sql() {
+    use crate::cli::policy::{run_with as run, PolicyArgs};
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.yaml");
     std::fs::write(&file, PG).unwrap();
