@@ -543,7 +543,7 @@ fn orchestrate() -> Result<()> {
     // Ports, all distinct. Captured: connect, first, bulk (namespace and
     // bridge). In the address set: `by_addr`. Neither: `plain`. Redirected
     // by iptables: `ipt`.
-    let port = || gateway_tests::unique_port();
+    let port = gateway_tests::unique_port;
     let ns_ports = Ports { accept: vec![port(), port(), port()], first: port(), bulk: port() };
     let (captured, by_addr, plain) = (ns_ports.accept[0], ns_ports.accept[1], ns_ports.accept[2]);
     let ipt_port = port();
@@ -556,7 +556,8 @@ fn orchestrate() -> Result<()> {
         let (ip, p) = (ns_ip.clone(), Ports { accept: ns_ports.accept.clone(), ..ns_ports });
         netns.within(move || serve_on(&ip, &p, bulk_bytes))?;
     }
-    let at = |p: u16| -> SocketAddr { SocketAddr::new(ns_ip.parse().expect("ip"), p) };
+    let ns_addr: std::net::IpAddr = ns_ip.parse().context("namespace address")?;
+    let at = |p: u16| SocketAddr::new(ns_addr, p);
 
     let docker = knobs.containers.then(docker);
     let bridge_ip = docker.map(|d| d.host_ip());
@@ -679,11 +680,10 @@ fn orchestrate() -> Result<()> {
                 Job::HostIn(g) => Some(redirected(g)),
                 _ => None,
             };
-            series.rounds.push(Vec::new());
             let samples = parse_ns(&run_client(*job, args)?);
             ensure!(samples.len() == args[1].parse::<usize>()?, "{}: missing samples", series.name);
-            // Keep each round's samples in round order for the ratios.
-            *series.rounds.last_mut().expect("pushed") = samples;
+            // One entry per round, in round order, for the per-round ratios.
+            series.rounds.push(samples);
             if let (Some(b), Job::HostIn(g)) = (before, *job) {
                 let rose = redirected(g) - b;
                 let not_captured = series.name.starts_with("program attached");
