@@ -23,6 +23,7 @@ pub mod intercept;
 pub mod limits;
 pub mod mask;
 pub mod policy;
+pub mod postgres;
 pub mod process;
 pub mod proxy;
 pub mod record;

@@ -63,6 +63,9 @@ const APT_PACKAGES: &[&str] = &[
     "ca-certificates",
     // dockerd, containerd and runc: the container tests start their own daemon.
     "docker.io",
+    // The PostgreSQL tests' server (initdb, postgres) and clients (psql, pgbench).
+    "postgresql",
+    "postgresql-client",
 ];
 
 fn main() -> ExitCode {
@@ -129,7 +132,7 @@ fn setup() -> Result<()> {
 /// Python packages the end-to-end tests' clients use (a real QUIC client
 /// and server for the UDP refusal test), installed for the `python3` the
 /// tests run.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]")];
 
 fn python_packages() -> Result<()> {
     for (module, package) in PYTHON_PACKAGES {
