@@ -231,13 +231,13 @@ impl Scene {
         for c in commands {
             cmd.args(["-c", c]);
         }
-        cmd.output().expect("run psql")
+        run(cmd)
     }
 
     fn pgbench(&self, ip: &str, args: &[&str]) -> Output {
         let mut cmd = self.gw.command_in_cgroup("pgbench");
         cmd.env("PGPASSWORD", &self.job_password).args(args).arg(self.conninfo(ip));
-        cmd.output().expect("run pgbench")
+        run(cmd)
     }
 
     /// A Python script with psycopg 3 in the intercepted cgroup; `DSN`
@@ -246,7 +246,7 @@ impl Scene {
         let python = gateway_tests::python_named(self.gw.dir.path(), "pgclient");
         let mut cmd = self.gw.command_in_cgroup(python);
         cmd.env("DSN", self.conninfo(ip)).env("PGPASSWORD", &self.job_password).args(["-c", script]);
-        cmd.output().expect("run python")
+        run(cmd)
     }
 
     fn cli_json(&self, args: &[&str]) -> Value {
@@ -262,6 +262,28 @@ impl Scene {
         self.findings().into_iter().filter(|f| f["rule_id"] == rule && f.to_string().contains(host)).collect()
     }
 }
+
+/// Runs `cmd` for at most [`CLIENT_PATIENCE`]: a client that hangs fails
+/// the test (and is killed) instead of hanging it.
+fn run(mut cmd: Command) -> Output {
+    use std::process::Stdio;
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn client");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLIENT_PATIENCE) {
+        Ok(out) => out.expect("client output"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("{cmd:?} did not finish within {CLIENT_PATIENCE:?}");
+        }
+    }
+}
+
+/// How long one client run may take.
+const CLIENT_PATIENCE: Duration = Duration::from_secs(120);
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
@@ -299,6 +321,29 @@ fn postgres_through_the_gateway() {
         flagged[0].to_string().contains("user=ci") && flagged[0].to_string().contains("database=app"),
         "{flagged:?}"
     );
+
+    // --- PostgreSQL 17's direct TLS (ALPN `postgresql`, no SSLRequest),
+    // with psycopg's libpq (18).
+    let script = r#"
+import os, psycopg
+conn = psycopg.connect(os.environ["DSN"] + " sslnegotiation=direct")
+print("direct", conn.execute("select current_user").fetchone()[0], conn.pgconn.ssl_in_use)
+"#;
+    let out = scene.python(FLAG_IP, script);
+    assert_eq!(ok("direct TLS", &out).trim(), "direct ci True");
+
+    // --- replication connections are refused (WAL cannot be judged).
+    let mut cmd = scene.gw.command_in_cgroup("psql");
+    cmd.env("PGPASSWORD", &scene.job_password).args([
+        "-X",
+        "-At",
+        &format!("{} replication=database", scene.conninfo(FLAG_IP)),
+        "-c",
+        "IDENTIFY_SYSTEM",
+    ]);
+    let out = run(cmd);
+    let said = text(&out);
+    assert!(!out.status.success() && said.contains("replication"), "a replication connection is refused:\n{said}");
 
     // --- swap: a wrong (old) password in the job, the held one upstream.
     let out = scene.psql(SWAP_IP, "an-old-password-that-no-longer-works", &["select current_user"]);

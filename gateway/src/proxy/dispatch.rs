@@ -245,7 +245,7 @@ impl Proxy {
             // (`sniff_more` never leaves a fragment undecided; if it did, the
             // HTTP parser is the safe side.)
             Sniffed::Http | Sniffed::Partial => self.serve_plain_http(conn, passage).await,
-            Sniffed::Postgres => self.serve_postgres(conn, passage).await,
+            Sniffed::Postgres => self.serve_postgres(conn, passage, false).await,
             Sniffed::Tls => {
                 let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
                     Ok(Peeked::Tls(hello)) => hello,
@@ -260,6 +260,10 @@ impl Proxy {
                             .failed(Outcome::Error, format!("malformed TLS ClientHello: {e}"))
                     }
                 };
+                // PostgreSQL 17's direct TLS: ALPN says what is inside.
+                if hello.alpn.iter().any(|p| p == super::postgres::ALPN) {
+                    return self.serve_postgres(conn, passage, true).await;
+                }
                 match self.services.tls.action_for(hello.sni.as_deref()) {
                     TlsAction::Intercept => self.intercept_tls(conn, passage, hello).await,
                     TlsAction::Passthrough => {

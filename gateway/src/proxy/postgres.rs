@@ -37,7 +37,7 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use serde_json::json;
 use sha2::Digest as _;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf};
 
 use super::{connect_upstream, Handled, Intercepted, Proxy};
 use crate::{
@@ -54,7 +54,11 @@ use crate::{
         codec::{self, CodecError, Frame, Frontend, Severity, Startup, Value},
     },
     record::TlsFacts,
+    tls,
 };
+
+/// The ALPN protocol id of PostgreSQL over TLS.
+pub const ALPN: &[u8] = b"postgresql";
 
 /// Rule id of the finding a client's database password becomes.
 pub const PASSWORD_RULE: &str = "postgres-password";
@@ -118,11 +122,13 @@ struct Upstream {
 }
 
 impl Proxy {
-    /// Serves a connection whose first bytes are a PostgreSQL startup packet.
-    pub(super) async fn serve_postgres(&self, conn: Intercepted, mut passage: Passage) -> Handled {
+    /// Serves a connection whose first bytes are a PostgreSQL startup
+    /// packet, or (`direct`) a TLS ClientHello offering ALPN `postgresql`.
+    pub(super) async fn serve_postgres(&self, conn: Intercepted, mut passage: Passage, direct: bool) -> Handled {
         let mut handled = Handled::new(Protocol::Postgres);
         let host = passage.destination_host(None);
-        let negotiated = match tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, self.negotiate(conn.client, &host)).await {
+        let negotiation = self.negotiate(conn.client, &host, direct);
+        let negotiated = match tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, negotiation).await {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return handled.failed(Outcome::Error, format!("PostgreSQL negotiation: {e}")),
             Err(_) => return handled.failed(Outcome::Error, "PostgreSQL negotiation timed out"),
@@ -157,18 +163,30 @@ impl Proxy {
         }
     }
 
-    /// Reads startup packets: TLS on SSLRequest, `N` to GSSENCRequest,
-    /// until a StartupMessage or a CancelRequest.
-    async fn negotiate(&self, client: tokio::net::TcpStream, host: &str) -> Result<Negotiated, String> {
-        let mut io: BoxedIo = Box::new(client);
+    /// Reads startup packets: TLS on SSLRequest (or at once, for a client
+    /// that starts with TLS: `direct`), `N` to GSSENCRequest, until a
+    /// StartupMessage or a CancelRequest.
+    async fn negotiate(&self, client: tokio::net::TcpStream, host: &str, direct: bool) -> Result<Negotiated, String> {
+        let mut plain = Some(client);
+        let mut io: Option<BoxedIo> = None;
         let mut tls = None;
         let mut buf = BytesMut::with_capacity(1024);
+        if direct {
+            let (stream, facts) = self.accept_tls(plain.take(), host).await?;
+            io = Some(stream);
+            tls = Some(facts);
+        }
         for _ in 0..MAX_NEGOTIATION_ROUNDS {
             let startup = loop {
                 if let Some(s) = codec::decode_startup(&mut buf).map_err(|e| e.to_string())? {
                     break s;
                 }
-                if io.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+                let read = match (&mut io, &mut plain) {
+                    (Some(io), _) => io.read_buf(&mut buf).await,
+                    (None, Some(tcp)) => tcp.read_buf(&mut buf).await,
+                    (None, None) => return Err("no connection".into()),
+                };
+                if read.map_err(|e| e.to_string())? == 0 {
                     return Err("the client closed during negotiation".into());
                 }
             };
@@ -182,27 +200,60 @@ impl Proxy {
                     return Err("bytes after an encryption request, before its answer".into());
                 }
                 Startup::Ssl => {
-                    io.write_all(b"S").await.map_err(|e| e.to_string())?;
-                    let config = self
-                        .services
-                        .leaf_cache
-                        .server_config(host, &[])
-                        .map_err(|e| format!("minting a certificate for {host}: {e}"))?;
-                    let stream = tokio_rustls::TlsAcceptor::from(config)
-                        .accept(io)
-                        .await
-                        .map_err(|e| format!("client TLS handshake: {e}"))?;
-                    tls = Some(tls_facts(stream.get_ref().1));
-                    io = Box::new(stream);
+                    if let Some(tcp) = &mut plain {
+                        tcp.write_all(b"S").await.map_err(|e| e.to_string())?;
+                    }
+                    let (stream, facts) = self.accept_tls(plain.take(), host).await?;
+                    io = Some(stream);
+                    tls = Some(facts);
                 }
-                Startup::GssEnc => io.write_all(b"N").await.map_err(|e| e.to_string())?,
+                Startup::GssEnc => {
+                    if let Some(tcp) = &mut plain {
+                        tcp.write_all(b"N").await.map_err(|e| e.to_string())?;
+                    }
+                }
                 Startup::Cancel { process_id, secret_key } => return Ok(Negotiated::Cancel { process_id, secret_key }),
                 Startup::Params { minor, params } => {
+                    let io = match (io, plain) {
+                        (Some(io), _) => io,
+                        (None, Some(tcp)) => Box::new(tcp),
+                        (None, None) => return Err("no connection".into()),
+                    };
                     return Ok(Negotiated::Startup { io, tls, minor, params, rest: buf });
                 }
             }
         }
         Err("too many negotiation rounds".into())
+    }
+
+    /// Terminates the client's TLS with a leaf for the name it asks for
+    /// (its server name, else the destination's `host`), offering ALPN
+    /// `postgresql` (PostgreSQL 17's direct TLS requires it).
+    async fn accept_tls(
+        &self,
+        client: Option<tokio::net::TcpStream>,
+        host: &str,
+    ) -> Result<(BoxedIo, TlsFacts), String> {
+        let client = client.ok_or("TLS requested twice")?;
+        let hello = match tls::peek_client_hello(&client, HANDSHAKE_TIMEOUT).await {
+            Ok(tls::Peeked::Tls(hello)) => hello,
+            Ok(tls::Peeked::Plaintext) => return Err("no TLS ClientHello after the SSLRequest".into()),
+            Err(e) => return Err(format!("malformed TLS ClientHello: {e}")),
+        };
+        let name = hello.sni.as_deref().unwrap_or(host);
+        let config = self
+            .services
+            .leaf_cache
+            .server_config(name, &[])
+            .map_err(|e| format!("minting a certificate for {name}: {e}"))?;
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let stream = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            .accept(client)
+            .await
+            .map_err(|e| format!("client TLS handshake: {e}"))?;
+        let facts = tls_facts(stream.get_ref().1);
+        Ok((Box::new(stream), facts))
     }
 
     /// Sends a client's CancelRequest to the upstream session its key
@@ -275,7 +326,7 @@ impl Proxy {
             Ok(d) => d,
             Err(refusal) => {
                 codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_AUTHORIZATION, &refusal.message());
-                let _ = client.write_all(&out).await;
+                let _ = send(&mut *client, &out).await;
                 return Err(End::Refused(refusal));
             }
         };
@@ -285,14 +336,14 @@ impl Proxy {
                 let why = Uninspectable::Postgres { detail: "a replication connection".into() };
                 let refusal = passage.refuse(Reason::Uninspectable(why), "uninspectable");
                 codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_AUTHORIZATION, &refusal.message());
-                let _ = client.write_all(&out).await;
+                let _ = send(&mut *client, &out).await;
                 return Err(End::Refused(refusal));
             }
         }
 
         // The password, in cleartext: the gateway must see it to judge it.
         codec::auth_cleartext(&mut out);
-        client.write_all(&out).await.map_err(End::failed)?;
+        send(&mut *client, &out).await.map_err(End::failed)?;
         out.clear();
         let frame =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut client, &mut rest, codec::MAX_PASSWORD_LEN))
@@ -317,7 +368,7 @@ impl Proxy {
             Ok(None) => (SecretString::new(user.clone()), password),
             Err(refusal) => {
                 codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_PASSWORD, &refusal.message());
-                let _ = client.write_all(&out).await;
+                let _ = send(&mut *client, &out).await;
                 return Err(End::Refused(refusal));
             }
         };
@@ -326,13 +377,13 @@ impl Proxy {
             Ok(u) => u,
             Err(LoginError::Server(error)) => {
                 // The server's own words (wrong password, no such database).
-                let _ = client.write_all(&error).await;
+                let _ = send(&mut *client, &error).await;
                 return Err(End::Failed(Outcome::UpstreamFailed, "the server refused the login".into()));
             }
             Err(LoginError::Other(outcome, e)) => {
                 let text = format!("The CI gateway could not log in to the database server: {e}");
                 codec::error_response(&mut out, Severity::Fatal, "08006", &text);
-                let _ = client.write_all(&out).await;
+                let _ = send(&mut *client, &out).await;
                 return Err(End::Failed(outcome, e));
             }
         };
@@ -361,7 +412,7 @@ impl Proxy {
             codec::backend_key_data(&mut out, issued.key.0, issued.key.1);
         }
         out.extend_from_slice(&greeting);
-        client.write_all(&out).await.map_err(End::failed)?;
+        send(&mut *client, &out).await.map_err(End::failed)?;
 
         let relay = Relay {
             passage,
@@ -427,7 +478,7 @@ impl Proxy {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .chain([("user", user.expose())]);
         codec::startup_message(&mut startup, forwarded);
-        io.write_all(&startup).await.map_err(|e| other(e.to_string()))?;
+        send(&mut io, &startup).await.map_err(|e| other(e.to_string()))?;
 
         let mut buf = BytesMut::with_capacity(4096);
         let mut scram: Option<ScramSha256> = None;
@@ -496,7 +547,7 @@ impl Proxy {
                     return Err(other(format!("authentication method {other_code:?} is not supported by the gateway")));
                 }
             }
-            io.write_all(&out).await.map_err(|e| other(e.to_string()))?;
+            send(&mut io, &out).await.map_err(|e| other(e.to_string()))?;
         }
         // The server's greeting, up to its first ReadyForQuery.
         let mut greeting = BytesMut::new();
@@ -533,10 +584,17 @@ enum LoginError {
     Other(Outcome, String),
 }
 
+/// Writes `bytes` and flushes them: a TLS stream keeps what it was given
+/// until flushed.
+async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// Tells the client why its session ends, and ends it.
 async fn fatal(client: &mut BoxedIo, mut out: BytesMut, code: &str, text: &str) -> Result<(), End> {
     codec::error_response(&mut out, Severity::Fatal, code, text);
-    let _ = client.write_all(&out).await;
+    let _ = send(&mut *client, &out).await;
     Err(End::failed(text))
 }
 
@@ -722,7 +780,7 @@ impl Relay<'_> {
         if let Some(End::Refused(refusal)) = &end {
             let mut out = BytesMut::new();
             codec::error_response(&mut out, Severity::Fatal, SQLSTATE_PROTOCOL_VIOLATION, &refusal.message());
-            let _ = client_write.write_all(&out).await;
+            let _ = send(&mut client_write, &out).await;
         }
         let _ = client_write.shutdown().await;
         let _ = upstream_write.shutdown().await;
@@ -750,7 +808,7 @@ impl Relay<'_> {
                 Ok(Some(f)) => f,
                 Ok(None) => {
                     if !out.is_empty() {
-                        upstream.write_all(&out).await.map_err(End::failed)?;
+                        send(upstream, &out).await.map_err(End::failed)?;
                         *bytes_up += out.len() as u64;
                         out.clear();
                     }
@@ -862,7 +920,7 @@ impl Relay<'_> {
                 }
                 Frontend::Terminate => {
                     out.extend_from_slice(&raw(&frame));
-                    upstream.write_all(&out).await.map_err(End::failed)?;
+                    send(upstream, &out).await.map_err(End::failed)?;
                     *bytes_up += out.len() as u64;
                     return Ok(());
                 }
@@ -943,7 +1001,7 @@ impl Relay<'_> {
                 }
             }
             if !out.is_empty() {
-                client.write_all(&out).await.map_err(End::failed)?;
+                send(&mut *client, &out).await.map_err(End::failed)?;
                 *bytes_down += out.len() as u64;
                 out.clear();
             }
