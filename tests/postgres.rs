@@ -485,8 +485,8 @@ print("closed", read()[0] is None)
         ok("sessions verify", &out);
     }
     let tail = |s: &str| s.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect::<String>();
-    assert!(replayed.contains("select current_user"), "statements are replayed:\n{}", tail(&replayed));
-    assert!(replayed.contains("SELECT 1"), "command tags are replayed:\n{}", tail(&replayed));
+    assert!(replayed.contains("=> select current_user"), "statements are replayed:\n{}", tail(&replayed));
+    assert!(replayed.contains("   SELECT 1"), "command tags are replayed:\n{}", tail(&replayed));
     assert!(!replayed.contains(&github) && !replayed.contains(&openai), "keys are masked in recordings");
 
     // --- no password in clear anywhere the gateway wrote.
