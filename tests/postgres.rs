@@ -360,6 +360,20 @@ print("direct", conn.execute("select current_user").fetchone()[0], conn.pgconn.s
         assert!(report.contains("number of transactions actually processed: 80/80"), "pgbench -M {mode}:\n{report}");
         assert!(report.contains("number of failed transactions: 0"), "pgbench -M {mode}:\n{report}");
     }
+    // Throughput, for information (debug build, loaded host: not asserted):
+    // select-only through the gateway and directly (outside the cgroup).
+    let select_only = ["-S", "-c", "4", "-j", "2", "-T", "5", "-n", "-M", "prepared"];
+    let through = tps(&ok("pgbench -S through", &scene.pgbench(FLAG_IP, &select_only)));
+    let mut direct = Command::new("pgbench");
+    direct
+        .env("PGPASSWORD", &scene.job_password)
+        .args(select_only)
+        .arg(format!("host={FLAG_IP} port={port} user=ci dbname=app sslmode=require"));
+    let direct = tps(&ok("pgbench -S direct", &run(direct)));
+    eprintln!(
+        "pgbench select-only, 4 clients: {through:.0} tps through the gateway, {direct:.0} tps direct ({:.2}x)",
+        through / direct
+    );
     let counted = scene.psql(FLAG_IP, &scene.job_password, &["select count(*) from pgbench_accounts"]);
     assert_eq!(ok("count", &counted).trim(), "100000", "COPY through the gateway loaded every row");
 
@@ -467,13 +481,22 @@ print("closed", read()[0] is None)
     assert!(said.contains("closed True"), "{said}");
 
     // --- recording: sessions as postgres, statements and results, replayable.
-    let sessions = wait_for("the recorded sessions", || {
+    let export = |sessions: &[Value]| {
+        let mut exported = String::new();
+        for s in sessions {
+            let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
+            exported.push_str(&String::from_utf8_lossy(&scene.gw.cli(&["sessions", "export", id]).stdout));
+        }
+        exported
+    };
+    // The malformed client's session is the last to end.
+    let (sessions, exported) = wait_for("the recorded sessions", || {
         let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
-        let refused = all.iter().any(|s| s.to_string().contains("refused"));
-        if all.len() >= 10 && refused {
-            Ok(all)
+        let exported = export(&all);
+        if exported.contains("unexpected message type 'z'") {
+            Ok((all, exported))
         } else {
-            Err(format!("{} sessions so far", all.len()))
+            Err(format!("{} sessions so far, the refused one not yet", all.len()))
         }
     });
     let mut replayed = String::new();
@@ -491,11 +514,6 @@ print("closed", read()[0] is None)
 
     // --- no password in clear anywhere the gateway wrote.
     let findings = serde_json::to_string(&scene.findings()).expect("json");
-    let mut exported = String::new();
-    for s in &sessions {
-        let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
-        exported.push_str(&String::from_utf8_lossy(&scene.gw.cli(&["sessions", "export", id]).stdout));
-    }
     assert!(
         exported.contains("unexpected message type 'z'") && exported.contains("\\\"uninspectable\\\""),
         "the refused message is recorded as a refusal: {}",
@@ -516,6 +534,16 @@ print("closed", read()[0] is None)
     }
     let events = scene.gw.connection_events();
     assert!(events.iter().any(|e| e["protocol"] == "postgres"), "connection events say postgres");
+}
+
+/// The `tps = …` figure of a pgbench report.
+fn tps(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in the pgbench report:\n{report}"))
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {

@@ -72,6 +72,8 @@ const MAX_NEGOTIATION_ROUNDS: usize = 4;
 const MAX_PARSED_BACKEND: usize = 1 << 20;
 /// The server's own cap on a message (`PQ_LARGE_MESSAGE_LIMIT` is 1 GiB).
 const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+/// A Terminate message.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
 /// SQL text and values a recording keeps per statement.
 const RECORDED_TEXT: usize = 4096;
 
@@ -633,6 +635,13 @@ fn raw(frame: &Frame) -> Bytes {
     out.freeze()
 }
 
+/// Appends a frame as it goes on the wire.
+fn put_frame(out: &mut BytesMut, frame: &Frame) {
+    out.put_u8(frame.tag);
+    out.put_u32(frame.body.len() as u32 + 4);
+    out.extend_from_slice(&frame.body);
+}
+
 /// Reads one typed message (at most `max` long); `None` when the peer
 /// closed between messages.
 async fn read_frame<R: AsyncRead + Unpin>(
@@ -813,7 +822,12 @@ impl Relay<'_> {
                         out.clear();
                     }
                     match reader.read_buf(&mut buf).await {
-                        Ok(0) if buf.is_empty() => return Ok(()),
+                        Ok(0) if buf.is_empty() => {
+                            // Gone without a Terminate: end the server's
+                            // session the way the client should have.
+                            let _ = send(upstream, TERMINATE).await;
+                            return Ok(());
+                        }
                         Ok(0) => return Err(self.refuse_message("the connection ended inside a message".into())),
                         Ok(_) => continue,
                         Err(e) => return Err(End::failed(e)),
@@ -848,9 +862,9 @@ impl Relay<'_> {
                     match (verdict, kind) {
                         (Verdict::Allow, "query") => {
                             self.owe(None);
-                            out.extend_from_slice(&raw(&frame));
+                            put_frame(&mut out, &frame);
                         }
-                        (Verdict::Allow, _) => out.extend_from_slice(&raw(&frame)),
+                        (Verdict::Allow, _) => put_frame(&mut out, &frame),
                         (Verdict::Deny(error), "query") => {
                             self.owe(Some(error));
                             codec::sync(&mut out);
@@ -867,9 +881,9 @@ impl Relay<'_> {
                     match (verdict, call) {
                         (Verdict::Allow, true) => {
                             self.owe(None);
-                            out.extend_from_slice(&raw(&frame));
+                            put_frame(&mut out, &frame);
                         }
-                        (Verdict::Allow, false) => out.extend_from_slice(&raw(&frame)),
+                        (Verdict::Allow, false) => put_frame(&mut out, &frame),
                         (Verdict::Deny(error), true) => {
                             self.owe(Some(error));
                             codec::sync(&mut out);
@@ -885,7 +899,7 @@ impl Relay<'_> {
                         .map(|detection| Hit { detection, location: Location::Postgres("copy".into()) })
                         .collect();
                     match self.judge_keys(hits).await {
-                        Verdict::Allow => out.extend_from_slice(&raw(&frame)),
+                        Verdict::Allow => put_frame(&mut out, &frame),
                         Verdict::Deny(_) => {
                             // The server ends the COPY with its own error, and
                             // the session stays in step.
@@ -912,14 +926,14 @@ impl Relay<'_> {
                             continue;
                         }
                     }
-                    out.extend_from_slice(&raw(&frame));
+                    put_frame(&mut out, &frame);
                 }
                 Frontend::Sync => {
                     self.owe(None);
-                    out.extend_from_slice(&raw(&frame));
+                    put_frame(&mut out, &frame);
                 }
                 Frontend::Terminate => {
-                    out.extend_from_slice(&raw(&frame));
+                    put_frame(&mut out, &frame);
                     send(upstream, &out).await.map_err(End::failed)?;
                     *bytes_up += out.len() as u64;
                     return Ok(());
@@ -928,7 +942,7 @@ impl Relay<'_> {
                 | Frontend::Execute { .. }
                 | Frontend::Close(..)
                 | Frontend::Flush
-                | Frontend::CopyFail(_) => out.extend_from_slice(&raw(&frame)),
+                | Frontend::CopyFail(_) => put_frame(&mut out, &frame),
             }
         }
     }
@@ -979,13 +993,13 @@ impl Relay<'_> {
                         if let Some(error) = owed.and_then(|o| o.error) {
                             out.extend_from_slice(&error);
                         }
-                        out.extend_from_slice(&raw(&frame));
+                        put_frame(&mut out, &frame);
                     }
                     b'C' => {
                         if let Some(s) = self.passage.session() {
                             s.event("postgres_result", json!({ "tag": codec::command_tag(&frame.body) }));
                         }
-                        out.extend_from_slice(&raw(&frame));
+                        put_frame(&mut out, &frame);
                     }
                     b'E' => {
                         if let Some(s) = self.passage.session() {
@@ -994,7 +1008,7 @@ impl Relay<'_> {
                             let text = text.map(|t| masker.mask_text(&t).into_owned());
                             s.event("postgres_error", json!({ "sqlstate": code, "message": text }));
                         }
-                        out.extend_from_slice(&raw(&frame));
+                        put_frame(&mut out, &frame);
                     }
                     // The client has the gateway's key; the server's stays here.
                     _ => {}
