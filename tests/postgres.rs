@@ -509,6 +509,11 @@ print("closed", read()[0] is None)
     }
     let tail = |s: &str| s.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect::<String>();
     assert!(replayed.contains("=> select current_user"), "statements are replayed:\n{}", tail(&replayed));
+    assert!(
+        replayed.contains("server TLSv1_3 SCRAM-SHA-256-PLUS"),
+        "the gateway logged in over TLS with SCRAM and channel binding:\n{}",
+        tail(&replayed)
+    );
     assert!(replayed.contains("   SELECT 1"), "command tags are replayed:\n{}", tail(&replayed));
     assert!(!replayed.contains(&github) && !replayed.contains(&openai), "keys are masked in recordings");
 

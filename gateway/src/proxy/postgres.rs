@@ -119,6 +119,8 @@ struct Upstream {
     key: Option<(i32, i32)>,
     /// The upstream leg's TLS, when it has one.
     tls: Option<TlsFacts>,
+    /// How the gateway authenticated (`SCRAM-SHA-256-PLUS`, `md5`, ...).
+    auth: &'static str,
     /// Bytes read past the greeting.
     rest: BytesMut,
 }
@@ -396,11 +398,11 @@ impl Proxy {
                 json!({
                     "user": user, "database": database,
                     "upstream_user_swapped": login_user.expose() != user,
-                    "client_tls": tls, "upstream_tls": upstream.tls,
+                    "client_tls": tls, "upstream_tls": upstream.tls, "upstream_auth": upstream.auth,
                 }),
             );
         }
-        let Upstream { io: upstream_io, greeting, key, tls: _, rest: upstream_rest } = upstream;
+        let Upstream { io: upstream_io, greeting, key, rest: upstream_rest, .. } = upstream;
         let issued = key.map(|(process_id, secret_key)| {
             self.pg_cancel.issue(CancelTarget {
                 dst: passage.conn().dst,
@@ -484,6 +486,7 @@ impl Proxy {
 
         let mut buf = BytesMut::with_capacity(4096);
         let mut scram: Option<ScramSha256> = None;
+        let mut auth = "trust";
         let mut out = BytesMut::new();
         // Authentication.
         loop {
@@ -505,6 +508,7 @@ impl Proxy {
                         .map_err(|e| other(e.to_string()))?
                 }
                 Some(5) => {
+                    auth = "md5";
                     let salt: [u8; 4] = data.try_into().map_err(|_| other("malformed MD5 request".into()))?;
                     let hash = postgres_protocol::authentication::md5_hash(
                         user.expose().as_bytes(),
@@ -528,6 +532,7 @@ impl Proxy {
                     if !mechanisms.contains(&mechanism.as_bytes()) {
                         return Err(other("the server offers no SASL mechanism the gateway speaks".into()));
                     }
+                    auth = mechanism;
                     let s = ScramSha256::new(password.expose().as_bytes(), binding);
                     postgres_protocol::message::frontend::sasl_initial_response(mechanism, s.message(), &mut out)
                         .map_err(|e| other(e.to_string()))?;
@@ -574,7 +579,7 @@ impl Proxy {
                 t => return Err(other(format!("unexpected message {:?} after authentication", t as char))),
             }
         }
-        Ok(Upstream { io, greeting, key, tls, rest: buf })
+        Ok(Upstream { io, greeting, key, tls, auth, rest: buf })
     }
 }
 

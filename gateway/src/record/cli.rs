@@ -454,7 +454,12 @@ fn postgres_line(name: &str, d: &serde_json::Value) -> Option<String> {
         "postgres_login" => {
             let tls = |key: &str| d[key]["version"].as_str().map_or("no TLS".to_owned(), safe);
             let swapped = if d["upstream_user_swapped"] == true { ", swapped login" } else { "" };
-            format!("postgres login (client {}, server {}{swapped})", tls("client_tls"), tls("upstream_tls"))
+            format!(
+                "postgres login (client {}, server {} {}{swapped})",
+                tls("client_tls"),
+                tls("upstream_tls"),
+                text("upstream_auth")
+            )
         }
         "postgres_password" => format!(
             "postgres password: findings {}{}",
