@@ -57,6 +57,8 @@ pub enum Protocol {
     /// TLS that ended before the protocol inside was known (a malformed
     /// hello, a failed handshake).
     Tls,
+    /// PostgreSQL (frontend/backend protocol 3.0), over TLS or not.
+    Postgres,
 }
 
 impl Protocol {
@@ -68,6 +70,7 @@ impl Protocol {
             Protocol::Https => "https",
             Protocol::Http => "http",
             Protocol::Tls => "tls",
+            Protocol::Postgres => "postgres",
         }
     }
 }

@@ -65,6 +65,9 @@ const APT_PACKAGES: &[&str] = &[
     "docker.io",
     // bindgen in pg_query's build (libpg_query: PostgreSQL's own SQL grammar) needs libclang.
     "libclang-dev",
+    // The PostgreSQL tests' server (initdb, postgres) and clients (psql, pgbench).
+    "postgresql",
+    "postgresql-client",
 ];
 
 fn main() -> ExitCode {
@@ -131,7 +134,7 @@ fn setup() -> Result<()> {
 /// Python packages the end-to-end tests' clients use (a real QUIC client
 /// and server for the UDP refusal test), installed for the `python3` the
 /// tests run.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]")];
 
 fn python_packages() -> Result<()> {
     for (module, package) in PYTHON_PACKAGES {

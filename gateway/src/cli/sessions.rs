@@ -385,7 +385,8 @@ fn record_line(r: &Record) -> String {
             Err(_) => "(undecodable exchange)".into(),
         },
         Some(RecordKind::Event) => match serde_json::from_str::<EventData>(&r.data) {
-            Ok(ev) => format!("{} {}", safe(&ev.name), cell(&ev.detail.to_string(), 160)),
+            Ok(ev) => postgres_line(&ev.name, &ev.detail)
+                .unwrap_or_else(|| format!("{} {}", safe(&ev.name), cell(&ev.detail.to_string(), 160))),
             Err(_) => "(undecodable event)".into(),
         },
         Some(RecordKind::End) => match serde_json::from_str::<SessionEnd>(&r.data) {
@@ -394,6 +395,49 @@ fn record_line(r: &Record) -> String {
         },
         None => format!("(unknown kind {})", safe(&r.kind)),
     }
+}
+
+/// A PostgreSQL session's events read like a psql transcript: the
+/// statement after a prompt, then its command tag or error.
+fn postgres_line(name: &str, d: &serde_json::Value) -> Option<String> {
+    let text = |key: &str| d[key].as_str().map(safe).unwrap_or_default();
+    let line = match name {
+        "postgres_startup" => format!(
+            "postgres connect user={} database={} (rule {}: {})",
+            text("user"),
+            text("database"),
+            text("rule"),
+            text("action")
+        ),
+        "postgres_login" => {
+            let tls = |key: &str| d[key]["version"].as_str().map_or("no TLS".to_owned(), safe);
+            let swapped = if d["upstream_user_swapped"] == true { ", swapped login" } else { "" };
+            format!(
+                "postgres login (client {}, server {} {}{swapped})",
+                tls("client_tls"),
+                tls("upstream_tls"),
+                text("upstream_auth")
+            )
+        }
+        "postgres_password" => format!(
+            "postgres password: findings {}{}",
+            cell(&d["findings"].to_string(), 80),
+            if d["swapped"] == true { ", swapped" } else { "" }
+        ),
+        "postgres_statement" => {
+            let prompt = if d["kind"] == "parse" { "parse" } else { "=>" };
+            let decision = match d["decision"].as_str() {
+                Some("allow") | None => String::new(),
+                Some(other) => format!("    [{}]", safe(other)),
+            };
+            format!("{prompt} {}{decision}", cell(&text("sql"), 400))
+        }
+        "postgres_params" => format!("   params {}", cell(&d["params"].to_string(), 200)),
+        "postgres_result" => format!("   {}", text("tag")),
+        "postgres_error" => format!("   ERROR {}: {}", text("sqlstate"), cell(&text("message"), 200)),
+        _ => return None,
+    };
+    Some(line)
 }
 
 /// Longest body preview replay prints.
@@ -573,5 +617,25 @@ pub(crate) mod tests {
         assert_eq!(safe("curl\x1b[2J"), "curl\\u{1b}[2J");
         assert_eq!(safe_keeping("a\nb\x07", &['\n']), "a\nb\\u{7}");
         assert_eq!(cell("abcdefghijkl", 5), "abcd…");
+    }
+
+    #[test]
+    fn postgres_events_read_like_psql() {
+        use serde_json::json;
+        let line = |name, d| postgres_line(name, &d).unwrap();
+        assert_eq!(
+            line("postgres_statement", json!({"kind": "query", "sql": "select 1", "decision": "allow"})),
+            "=> select 1"
+        );
+        assert_eq!(
+            line("postgres_statement", json!({"kind": "query", "sql": "select 2", "decision": "deny"})),
+            "=> select 2    [deny]"
+        );
+        assert_eq!(line("postgres_result", json!({"tag": "SELECT 1"})), "   SELECT 1");
+        assert_eq!(
+            line("postgres_error", json!({"sqlstate": "42501", "message": "no\x1b"})),
+            "   ERROR 42501: no\\u{1b}"
+        );
+        assert!(postgres_line("refused", &json!({})).is_none());
     }
 }

@@ -118,6 +118,15 @@ pub enum Injection {
         /// Parameter value template.
         value: String,
     },
+    /// A PostgreSQL login: the gateway authenticates upstream with this
+    /// password (and user, when set) instead of the job's.
+    Postgres {
+        /// User name template; the client's own user when absent.
+        #[serde(default)]
+        user: Option<String>,
+        /// Password template.
+        password: String,
+    },
 }
 
 impl Default for Injection {
@@ -138,6 +147,9 @@ impl Injection {
             Injection::Bearer(t) | Injection::BasicUser(t) => vec![t],
             Injection::Basic { user, password } => vec![user, password],
             Injection::Header { value, .. } | Injection::Query { value, .. } => vec![value],
+            Injection::Postgres { user, password } => {
+                user.iter().map(String::as_str).chain([password.as_str()]).collect()
+            }
         }
     }
 
@@ -415,6 +427,7 @@ fn validate_injection(inject: &Injection) -> Result<(), (String, String)> {
         Injection::Basic { .. } => ("basic", None),
         Injection::Header { name, .. } => ("header", Some(name)),
         Injection::Query { name, .. } => ("query", Some(name)),
+        Injection::Postgres { .. } => ("postgres", None),
     };
     if let Some(name) = name {
         if name.is_empty() {

@@ -37,6 +37,10 @@ pub enum SwapError {
     /// The request URI could not be rebuilt with the new query.
     #[error("cannot rebuild the request URI: {0}")]
     InvalidUri(String),
+    /// A database login cannot go into an HTTP request, nor a header into a
+    /// database login.
+    #[error("the credential's injection does not fit this protocol")]
+    NotHttp,
     /// The template uses `{jwt}` and minting failed.
     #[error("cannot mint a token: {0}")]
     Mint(#[from] JwtError),
@@ -69,6 +73,9 @@ pub enum SwapTarget {
     BasicAuth(String),
     /// Every query parameter with this (percent-decoded) name.
     Query(String),
+    /// The password of a PostgreSQL login (the gateway authenticates
+    /// upstream with the injection's login instead).
+    PostgresPassword,
 }
 
 impl SwapTarget {
@@ -82,7 +89,8 @@ impl SwapTarget {
                 Some(SwapTarget::BasicAuth(name.clone()))
             }
             Location::Query(name) => Some(SwapTarget::Query(name.clone())),
-            Location::RequestLine | Location::Path | Location::Body(_) => None,
+            Location::PostgresPassword { .. } => Some(SwapTarget::PostgresPassword),
+            Location::RequestLine | Location::Path | Location::Body(_) | Location::Postgres(_) => None,
         }
     }
 }
@@ -104,6 +112,13 @@ pub enum RenderedInjection {
         /// Value (unencoded).
         value: SecretString,
     },
+    /// Log in to a database with this user (or the client's own) and password.
+    Login {
+        /// The user name, when the credential names one.
+        user: Option<SecretString>,
+        /// The password.
+        password: SecretString,
+    },
 }
 
 impl fmt::Debug for RenderedInjection {
@@ -111,6 +126,7 @@ impl fmt::Debug for RenderedInjection {
         match self {
             RenderedInjection::Header { name, .. } => write!(f, "Header({name}: [redacted])"),
             RenderedInjection::Query { name, .. } => write!(f, "Query({name}=[redacted])"),
+            RenderedInjection::Login { .. } => f.write_str("Login([redacted])"),
         }
     }
 }
@@ -150,6 +166,9 @@ impl Injection {
             }
             Injection::Query { name, value } => {
                 Ok(RenderedInjection::Query { name: name.clone(), value: fill(value)? })
+            }
+            Injection::Postgres { user, password } => {
+                Ok(RenderedInjection::Login { user: user.as_deref().map(fill).transpose()?, password: fill(password)? })
             }
         }
     }
@@ -209,11 +228,13 @@ pub fn apply_swap(
                 }
             }
             SwapTarget::Query(name) => remove_params.push(name),
+            SwapTarget::PostgresPassword => return Err(SwapError::NotHttp),
         }
     }
     let (inject_header, inject_param) = match inject {
         RenderedInjection::Header { name, value } => (Some((name, value)), None),
         RenderedInjection::Query { name, value } => (None, Some((name.as_str(), value))),
+        RenderedInjection::Login { .. } => return Err(SwapError::NotHttp),
     };
     if let Some((name, _)) = inject_header {
         remove_headers.push(name.clone());

@@ -50,6 +50,17 @@ pub enum Location {
     /// The body: a JSON path (`$.auth.token`), a form field name
     /// (`form.api_key`), a multipart part (`multipart.file`), or empty for raw text.
     Body(String),
+    /// The password a PostgreSQL client authenticated with, for this
+    /// database user and database.
+    PostgresPassword {
+        /// The database user.
+        user: String,
+        /// The database.
+        database: String,
+    },
+    /// A PostgreSQL message after authentication: `query`, `parse`,
+    /// `bind:$n`, `copy`, `function-call:$n`.
+    Postgres(String),
 }
 
 impl fmt::Display for Location {
@@ -63,6 +74,10 @@ impl fmt::Display for Location {
             Location::BasicAuthPassword(name) => write!(f, "header:{name}:basic-password"),
             Location::Body(path) if path.is_empty() => f.write_str("body"),
             Location::Body(path) => write!(f, "body:{path}"),
+            Location::PostgresPassword { user, database } => {
+                write!(f, "postgres:password(user={user},database={database})")
+            }
+            Location::Postgres(what) => write!(f, "postgres:{what}"),
         }
     }
 }

@@ -211,6 +211,20 @@ pub struct RequestDecision {
     pub inspect: bool,
 }
 
+/// The policy's decision for a connection judged as a whole at its start
+/// (PostgreSQL).
+#[derive(Debug, Clone)]
+pub struct ConnectionDecision {
+    /// The host it is judged by.
+    pub host: String,
+    /// The deciding rule.
+    pub rule: String,
+    /// The policy's static-key action, overriding `findings.actions`.
+    pub static_keys: Option<Action>,
+    /// How much of the session is kept.
+    pub record: RecordLevel,
+}
+
 /// The handler's part of a credential swap: replaces the keys at the
 /// targets in its request with the rendered credential.
 pub type SwapFn<'a> = dyn FnMut(&[SwapTarget], &RenderedInjection) -> Result<(), String> + Send + 'a;
@@ -436,6 +450,54 @@ impl Passage {
             policy::Uninspectable::ScanRaw if protected => Opaque::ScanRaw,
             _ => Opaque::Pass,
         })
+    }
+
+    /// Decides a PostgreSQL connection at its startup, judged by its
+    /// destination ([`Passage::destination_host`]) as a connection with TLS
+    /// or not; starts its recording (unless the policy says `record: none`)
+    /// with the database and user. A deny, or an approval not granted, is a
+    /// refusal (recorded); otherwise says which static-key action applies.
+    pub async fn postgres_connection(
+        &mut self,
+        tls: Option<TlsFacts>,
+        database: &str,
+        user: &str,
+    ) -> Result<ConnectionDecision, Refusal> {
+        let host = self.destination_host(None);
+        let (action, rule, record, static_keys) = {
+            let policy = self.gate.policy.current();
+            let d = policy.evaluate(&self.facts(&host, tls.is_some(), &policy::NO_ATTRIBUTES, None));
+            (d.action.clone(), d.rule.to_owned(), d.record, d.static_keys)
+        };
+        if record != policy::RecordLevel::None {
+            self.start_session(Protocol::Postgres, &host, None, tls);
+        }
+        if let Some(s) = &self.session {
+            s.event(
+                EventKind::PostgresStartup,
+                json!({ "database": database, "user": user, "rule": rule, "action": action.name() }),
+            );
+        }
+        let refusal = match &action {
+            policy::Action::Deny { reason } => Some(Reason::Denied { rule: rule.clone(), reason: reason.clone() }),
+            policy::Action::RequireApproval(spec) => {
+                let port = self.conn.dst.port();
+                let ask = ApprovalAsk {
+                    rule: &rule,
+                    spec,
+                    method: "CONNECT".into(),
+                    url: format!("postgres://{user}@{host}:{port}/{database}"),
+                    destination: format!("{host}:{port}"),
+                    body_preview: String::new(),
+                };
+                self.approve(ask).await.err().map(|r| r.reason)
+            }
+            policy::Action::Allow => None,
+        };
+        if let Some(reason) = refusal {
+            return Err(self.refuse(reason, &rule));
+        }
+        Ok(ConnectionDecision { host, rule, static_keys, record: record_level(record) })
     }
 
     /// Records a refusal (event, log line, counter) and returns it for the

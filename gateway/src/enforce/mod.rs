@@ -13,8 +13,8 @@ pub mod refusal;
 
 pub use exchange::{lock, ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
 pub use gate::{
-    ApprovalAsk, Capture, ConnFacts, DestinationNames, Gate, HttpAsk, Judged, Judgement, Opaque, Passage,
-    ProtectedNames, RequestDecision, ResultMask, StatementAsk, StatementDecision, StatementVerdict,
+    ApprovalAsk, Capture, ConnFacts, ConnectionDecision, DestinationNames, Gate, HttpAsk, Judged, Judgement, Opaque,
+    Passage, ProtectedNames, RequestDecision, ResultMask, StatementAsk, StatementDecision, StatementVerdict,
     MAX_FINDINGS_PER_REQUEST,
 };
 pub use masks::{decode_prefix, MaskCache};

@@ -162,6 +162,11 @@ pub enum Uninspectable {
         /// What was wrong.
         detail: String,
     },
+    /// A PostgreSQL message the gateway could not parse or does not know.
+    Postgres {
+        /// What was wrong.
+        detail: String,
+    },
 }
 
 impl Uninspectable {
@@ -175,6 +180,7 @@ impl Uninspectable {
             Uninspectable::Body { .. } => "uninspectable_body",
             Uninspectable::Upgrade { .. } => "unsupported_upgrade",
             Uninspectable::WebSocket { .. } => "uninspectable_websocket",
+            Uninspectable::Postgres { .. } => "uninspectable_postgres",
         }
     }
 }
@@ -200,6 +206,7 @@ impl fmt::Display for Uninspectable {
                 write!(f, "an upgrade to `{protocol}`, a protocol the gateway does not inspect")
             }
             Uninspectable::WebSocket { detail } => write!(f, "the WebSocket stream cannot be inspected: {detail}"),
+            Uninspectable::Postgres { detail } => write!(f, "a PostgreSQL message cannot be inspected: {detail}"),
         }
     }
 }

@@ -3,7 +3,8 @@
 //! handler (terminated and served as HTTP when its server name is
 //! intercepted, else handed to the gate as bytes it cannot inspect), a
 //! prefix of an HTTP/1.x request or the HTTP/2 preface goes to the HTTP
-//! handler, and anything else goes to the gate as an unknown protocol,
+//! handler, a PostgreSQL startup packet (StartupMessage 3.x, SSLRequest,
+//! GSSENCRequest, CancelRequest) to the PostgreSQL handler, and anything else goes to the gate as an unknown protocol,
 //! which refuses it unless the policy opted the destination out.
 //!
 //! A client that says nothing is waited for, never dialled around: only
@@ -34,6 +35,8 @@ enum Sniffed {
     /// The start of an HTTP/1.x request (any method, leading empty lines
     /// allowed as RFC 9112 §2.2 says) or the HTTP/2 preface.
     Http,
+    /// A PostgreSQL startup packet.
+    Postgres,
     /// Something else.
     Other,
     /// Too few bytes yet: a valid prefix of an HTTP request line.
@@ -58,6 +61,15 @@ fn classify(first: &[u8]) -> Sniffed {
     }
     if first[0] == 0x16 {
         return Sniffed::Tls;
+    }
+    // A startup packet's length is below 10000: its first byte is 0, which
+    // no HTTP request starts with.
+    if first[0] == 0 {
+        return match first.len() {
+            ..8 => Sniffed::Partial,
+            _ if crate::postgres::codec::looks_like_startup(first) => Sniffed::Postgres,
+            _ => Sniffed::Other,
+        };
     }
     if first.starts_with(H2_PREFACE) {
         return Sniffed::Http;
@@ -182,7 +194,7 @@ impl Proxy {
                 let why = Uninspectable::Silent { waited };
                 self.opaque(conn, passage, why, Handled::new(Protocol::Tcp), None).await
             }
-            Ok(FirstWord::Client(sniffed @ (Sniffed::Tls | Sniffed::Http | Sniffed::Partial))) => {
+            Ok(FirstWord::Client(sniffed @ (Sniffed::Tls | Sniffed::Http | Sniffed::Partial | Sniffed::Postgres))) => {
                 tracing::debug!(conn_id = conn.id, ?sniffed, "a slow client spoke first: inspected as usual");
                 // The inspecting handlers dial their own upstream.
                 drop(upstream);
@@ -233,6 +245,7 @@ impl Proxy {
             // (`sniff_more` never leaves a fragment undecided; if it did, the
             // HTTP parser is the safe side.)
             Sniffed::Http | Sniffed::Partial => self.serve_plain_http(conn, passage).await,
+            Sniffed::Postgres => self.serve_postgres(conn, passage, false).await,
             Sniffed::Tls => {
                 let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
                     Ok(Peeked::Tls(hello)) => hello,
@@ -247,6 +260,10 @@ impl Proxy {
                             .failed(Outcome::Error, format!("malformed TLS ClientHello: {e}"))
                     }
                 };
+                // PostgreSQL 17's direct TLS: ALPN says what is inside.
+                if hello.alpn.iter().any(|p| p == super::postgres::ALPN) {
+                    return self.serve_postgres(conn, passage, true).await;
+                }
                 match self.services.tls.action_for(hello.sni.as_deref()) {
                     TlsAction::Intercept => self.intercept_tls(conn, passage, hello).await,
                     TlsAction::Passthrough => {
@@ -273,7 +290,12 @@ mod tests {
         assert_eq!(classify(b"GET /x HTTP/1.1\r\n"), Sniffed::Http);
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Sniffed::Http);
         assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2\r\n"), Sniffed::Other);
-        assert_eq!(classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Sniffed::Other, "postgres SSLRequest");
+        assert_eq!(classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"), Sniffed::Postgres, "postgres SSLRequest");
+        assert_eq!(classify(b"\x00\x00\x00\x08\x04\xd2\x16\x30"), Sniffed::Postgres, "postgres GSSENCRequest");
+        assert_eq!(classify(b"\x00\x00\x00\x10\x04\xd2\x16\x2e\0\0\0\x01\0\0\0\x02"), Sniffed::Postgres, "cancel");
+        assert_eq!(classify(b"\x00\x00\x00\x29\x00\x03\x00\x00user\0"), Sniffed::Postgres, "startup 3.0");
+        assert_eq!(classify(b"\x00\x00\x00"), Sniffed::Partial, "a startup packet under way");
+        assert_eq!(classify(b"\x00\x00\x00\x29\x00\x02\x00\x00"), Sniffed::Other, "protocol 2");
         assert_eq!(classify(b"G"), Sniffed::Partial);
         assert_eq!(classify(b"OPTION"), Sniffed::Partial);
         assert_eq!(classify(b"PING\r\n"), Sniffed::Other, "redis PING is no request line");

@@ -1,8 +1,8 @@
 //! The local proxy: accepts redirected connections, admits them within the
 //! limits of their cgroup and of the gateway ([`admission`]), attributes
 //! them, hands them to the protocol handler their first bytes call for
-//! ([`dispatch`]: `http` for HTTP and terminated TLS, `tcp` for what the
-//! gateway does not parse), and emits one event per connection. Handlers
+//! ([`dispatch`]: `http` for HTTP and terminated TLS, `postgres` for
+//! PostgreSQL, `tcp` for what the gateway does not parse), and emits one event per connection. Handlers
 //! translate; the gate ([`crate::enforce::gate`]) decides.
 
 use std::{
@@ -35,10 +35,12 @@ use crate::{
 pub mod admission;
 mod dispatch;
 mod http;
+mod postgres;
 mod tcp;
 mod upstream;
 
 pub use admission::{Admission, Admitted, Descriptors};
+pub use postgres::PASSWORD_RULE as POSTGRES_PASSWORD_RULE;
 pub use upstream::{PlainConnector, TlsConnector};
 
 /// How long in-flight connections may finish after shutdown is requested.
@@ -104,6 +106,8 @@ pub struct Proxy {
     tracker: TaskTracker,
     /// Fires at shutdown (set by `serve`): stops every accept loop.
     shutdown: CancellationToken,
+    /// The PostgreSQL cancel keys issued to open sessions.
+    pg_cancel: crate::postgres::cancel::CancelKeys,
 }
 
 impl Proxy {
@@ -131,6 +135,7 @@ impl Proxy {
             next_id: AtomicU64::new(1),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            pg_cancel: Default::default(),
         })
     }
 

@@ -289,6 +289,21 @@ pub enum EventKind {
     Masked,
     /// The protocol handler failed.
     Error,
+    /// A PostgreSQL session's startup: database, user and the decision.
+    PostgresStartup,
+    /// The password a PostgreSQL client presented was judged (findings,
+    /// swapped or not; never the password).
+    PostgresPassword,
+    /// The gateway logged in upstream (method, TLS of both legs).
+    PostgresLogin,
+    /// A statement (masked text) and its decision.
+    PostgresStatement,
+    /// Bind or function-call parameters (masked).
+    PostgresParams,
+    /// A statement's command tag.
+    PostgresResult,
+    /// An error the server returned (SQLSTATE and message).
+    PostgresError,
 }
 
 impl EventKind {
@@ -301,6 +316,13 @@ impl EventKind {
             EventKind::ApprovalDecided => "approval_decided",
             EventKind::Masked => "masked",
             EventKind::Error => "error",
+            EventKind::PostgresStartup => "postgres_startup",
+            EventKind::PostgresPassword => "postgres_password",
+            EventKind::PostgresLogin => "postgres_login",
+            EventKind::PostgresStatement => "postgres_statement",
+            EventKind::PostgresParams => "postgres_params",
+            EventKind::PostgresResult => "postgres_result",
+            EventKind::PostgresError => "postgres_error",
         }
     }
 }

@@ -1,0 +1,1145 @@
+//! The PostgreSQL protocol handler: translates a PostgreSQL connection into
+//! the gate's facts and the gate's decisions back into PostgreSQL messages.
+//!
+//! * Negotiation: an SSLRequest is answered `S` and TLS is terminated with
+//!   a leaf the gateway CA mints for the destination; a GSSENCRequest is
+//!   answered `N` (GSSAPI encryption would hide everything from the
+//!   gateway), so clients fall back to what it can inspect.
+//! * Authentication: the gateway answers the client's startup itself and
+//!   asks for the password in cleartext (over the TLS leg, or the loopback
+//!   one), turns it into a `postgres-password` finding and applies the
+//!   static-key action: block (authentication fails naming the finding),
+//!   flag (upstream gets the job's password) or swap (upstream gets the
+//!   credential the gateway holds for the identity and destination). It
+//!   then logs in upstream itself (TLS whenever the server accepts it,
+//!   verified as for HTTPS; SCRAM-SHA-256 with channel binding over TLS,
+//!   MD5 or cleartext, as the server asks) and hands the client the
+//!   server's parameters and a cancel key of its own.
+//! * After authentication every client message is parsed and judged
+//!   before it goes upstream (SQL text, bind parameters, COPY data and
+//!   function arguments are scanned for keys); what does not parse, or is
+//!   of a type the handler does not know, ends the session with an
+//!   ErrorResponse and a recorded refusal. Nothing is relayed blind.
+//!
+//! A statement refused is answered with an ErrorResponse (SQLSTATE 42501)
+//! in the place of its results: the handler sends a Sync upstream instead
+//! of the refused message (or of the rest of an extended-protocol batch up
+//! to the client's Sync), and puts the error before the ReadyForQuery that
+//! Sync produces, so the client sees the server's own transaction status.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use serde_json::json;
+use sha2::Digest as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf};
+
+use super::{connect_upstream, Handled, Intercepted, Proxy};
+use crate::{
+    credentials::{RenderedInjection, SecretString, SwapTarget},
+    detect::{
+        http_scan::{Hit, Location},
+        Confidence, Detection, Secret, StreamScanner,
+    },
+    enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, Uninspectable},
+    event::{Outcome, Protocol},
+    http::BoxedIo,
+    postgres::{
+        cancel::CancelTarget,
+        codec::{self, CodecError, Frame, Frontend, Severity, Startup, Value},
+    },
+    record::{EventKind, SessionOutcome, TlsFacts},
+    tls,
+};
+
+/// The ALPN protocol id of PostgreSQL over TLS.
+pub const ALPN: &[u8] = b"postgresql";
+
+/// Rule id of the finding a client's database password becomes.
+pub const PASSWORD_RULE: &str = "postgres-password";
+
+/// Upper bound on each step of the negotiation and authentication.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// SSLRequest / GSSENCRequest rounds before the startup message.
+const MAX_NEGOTIATION_ROUNDS: usize = 4;
+/// Backend messages the handler parses (authentication, ErrorResponse,
+/// CommandComplete) are at most this long; the others stream through.
+const MAX_PARSED_BACKEND: usize = 1 << 20;
+/// The server's own cap on a message (`PQ_LARGE_MESSAGE_LIMIT` is 1 GiB).
+const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+/// A Terminate message.
+const TERMINATE: &[u8] = b"X\0\0\0\x04";
+/// SQL text and values a recording keeps per statement.
+const RECORDED_TEXT: usize = 4096;
+
+/// SQLSTATE `insufficient_privilege`: a statement the gateway refused.
+const SQLSTATE_REFUSED: &str = "42501";
+/// SQLSTATE `invalid_password`: a password the gateway refused.
+const SQLSTATE_INVALID_PASSWORD: &str = "28P01";
+/// SQLSTATE `invalid_authorization_specification`: a connection refused.
+const SQLSTATE_INVALID_AUTHORIZATION: &str = "28000";
+/// SQLSTATE `protocol_violation`.
+const SQLSTATE_PROTOCOL_VIOLATION: &str = "08P01";
+
+/// How a connection's negotiation ended.
+enum Negotiated {
+    /// A startup message: the session starts.
+    Startup { io: BoxedIo, tls: Option<TlsFacts>, minor: u16, params: Vec<(String, String)>, rest: BytesMut },
+    /// A CancelRequest.
+    Cancel { process_id: i32, secret_key: i32 },
+}
+
+/// Why a session ended early.
+#[derive(Debug)]
+enum End {
+    /// The gate refused; the client was told with this message.
+    Refused(Refusal),
+    /// An error (I/O, the server's), for the connection event.
+    Failed(Outcome, String),
+}
+
+impl End {
+    fn failed(what: impl std::fmt::Display) -> End {
+        End::Failed(Outcome::Error, what.to_string())
+    }
+}
+
+/// The upstream session once logged in.
+struct Upstream {
+    io: BoxedIo,
+    /// What the server sent after AuthenticationOk (ParameterStatus,
+    /// notices, ReadyForQuery), to relay to the client.
+    greeting: BytesMut,
+    /// The server's BackendKeyData.
+    key: Option<(i32, i32)>,
+    /// The upstream leg's TLS, when it has one.
+    tls: Option<TlsFacts>,
+    /// How the gateway authenticated (`SCRAM-SHA-256-PLUS`, `md5`, ...).
+    auth: &'static str,
+    /// Bytes read past the greeting.
+    rest: BytesMut,
+}
+
+impl Proxy {
+    /// Serves a connection whose first bytes are a PostgreSQL startup
+    /// packet, or (`direct`) a TLS ClientHello offering ALPN `postgresql`.
+    pub(super) async fn serve_postgres(&self, conn: Intercepted, mut passage: Passage, direct: bool) -> Handled {
+        let mut handled = Handled::new(Protocol::Postgres);
+        let host = passage.destination_host(None);
+        let negotiation = self.negotiate(conn.client, &host, direct);
+        let negotiated = match tokio::time::timeout(HANDSHAKE_TIMEOUT * 2, negotiation).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => return handled.failed(Outcome::Error, format!("PostgreSQL negotiation: {e}")),
+            Err(_) => return handled.failed(Outcome::Error, "PostgreSQL negotiation timed out"),
+        };
+        match negotiated {
+            Negotiated::Cancel { process_id, secret_key } => {
+                self.forward_cancel(&passage, process_id, secret_key).await;
+                handled
+            }
+            Negotiated::Startup { io, tls, minor, params, rest } => {
+                let result = self.session(&mut passage, io, tls, minor, params, rest, &mut handled).await;
+                let outcome = match result {
+                    Ok(()) => SessionOutcome::Closed,
+                    Err(End::Refused(refusal)) => {
+                        handled = handled.refused(&refusal);
+                        SessionOutcome::Refused
+                    }
+                    Err(End::Failed(outcome, error)) => {
+                        if let Some(s) = passage.session() {
+                            s.event(EventKind::Error, json!({ "error": error }));
+                        }
+                        handled = handled.failed(outcome, error);
+                        SessionOutcome::Error
+                    }
+                };
+                if passage.refused() > 0 && handled.outcome == Outcome::Closed {
+                    handled.outcome = Outcome::Blocked;
+                }
+                passage.end_session(outcome, handled.bytes_up, handled.bytes_down);
+                handled
+            }
+        }
+    }
+
+    /// Reads startup packets: TLS on SSLRequest (or at once, for a client
+    /// that starts with TLS: `direct`), `N` to GSSENCRequest, until a
+    /// StartupMessage or a CancelRequest.
+    async fn negotiate(&self, client: tokio::net::TcpStream, host: &str, direct: bool) -> Result<Negotiated, String> {
+        let mut plain = Some(client);
+        let mut io: Option<BoxedIo> = None;
+        let mut tls = None;
+        let mut buf = BytesMut::with_capacity(1024);
+        if direct {
+            let (stream, facts) = self.accept_tls(plain.take(), host).await?;
+            io = Some(stream);
+            tls = Some(facts);
+        }
+        for _ in 0..MAX_NEGOTIATION_ROUNDS {
+            let startup = loop {
+                if let Some(s) = codec::decode_startup(&mut buf).map_err(|e| e.to_string())? {
+                    break s;
+                }
+                let read = match (&mut io, &mut plain) {
+                    (Some(io), _) => io.read_buf(&mut buf).await,
+                    (None, Some(tcp)) => tcp.read_buf(&mut buf).await,
+                    (None, None) => return Err("no connection".into()),
+                };
+                if read.map_err(|e| e.to_string())? == 0 {
+                    return Err("the client closed during negotiation".into());
+                }
+            };
+            match startup {
+                Startup::Ssl | Startup::GssEnc if tls.is_some() => {
+                    return Err("encryption requested again inside TLS".into());
+                }
+                // Bytes sent after the request but before the handshake
+                // would be read as if they came over TLS (CVE-2021-23222).
+                Startup::Ssl | Startup::GssEnc if !buf.is_empty() => {
+                    return Err("bytes after an encryption request, before its answer".into());
+                }
+                Startup::Ssl => {
+                    if let Some(tcp) = &mut plain {
+                        tcp.write_all(b"S").await.map_err(|e| e.to_string())?;
+                    }
+                    let (stream, facts) = self.accept_tls(plain.take(), host).await?;
+                    io = Some(stream);
+                    tls = Some(facts);
+                }
+                Startup::GssEnc => {
+                    if let Some(tcp) = &mut plain {
+                        tcp.write_all(b"N").await.map_err(|e| e.to_string())?;
+                    }
+                }
+                Startup::Cancel { process_id, secret_key } => return Ok(Negotiated::Cancel { process_id, secret_key }),
+                Startup::Params { minor, params } => {
+                    let io = match (io, plain) {
+                        (Some(io), _) => io,
+                        (None, Some(tcp)) => Box::new(tcp),
+                        (None, None) => return Err("no connection".into()),
+                    };
+                    return Ok(Negotiated::Startup { io, tls, minor, params, rest: buf });
+                }
+            }
+        }
+        Err("too many negotiation rounds".into())
+    }
+
+    /// Terminates the client's TLS with a leaf for the name it asks for
+    /// (its server name, else the destination's `host`), offering ALPN
+    /// `postgresql` (PostgreSQL 17's direct TLS requires it).
+    async fn accept_tls(
+        &self,
+        client: Option<tokio::net::TcpStream>,
+        host: &str,
+    ) -> Result<(BoxedIo, TlsFacts), String> {
+        let client = client.ok_or("TLS requested twice")?;
+        let hello = match tls::peek_client_hello(&client, HANDSHAKE_TIMEOUT).await {
+            Ok(tls::Peeked::Tls(hello)) => hello,
+            Ok(tls::Peeked::Plaintext) => return Err("no TLS ClientHello after the SSLRequest".into()),
+            Err(e) => return Err(format!("malformed TLS ClientHello: {e}")),
+        };
+        let name = hello.sni.as_deref().unwrap_or(host);
+        let config = self
+            .services
+            .leaf_cache
+            .server_config(name, &[])
+            .map_err(|e| format!("minting a certificate for {name}: {e}"))?;
+        let mut config = (*config).clone();
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let stream = tokio_rustls::TlsAcceptor::from(Arc::new(config))
+            .accept(client)
+            .await
+            .map_err(|e| format!("client TLS handshake: {e}"))?;
+        let facts = tls_facts(stream.get_ref().1);
+        Ok((Box::new(stream), facts))
+    }
+
+    /// Sends a client's CancelRequest to the upstream session its key
+    /// stands for, if the key is one the gateway issued to this identity.
+    async fn forward_cancel(&self, passage: &Passage, process_id: i32, secret_key: i32) {
+        let identity = &passage.conn().caller.identity.uri;
+        let Some(target) = self.pg_cancel.lookup(process_id, secret_key).filter(|t| &t.identity == identity) else {
+            tracing::info!(
+                conn_id = passage.conn().id,
+                identity,
+                "PostgreSQL cancel request with an unknown key ignored"
+            );
+            return;
+        };
+        let mut packet = BytesMut::new();
+        codec::cancel_request(&mut packet, target.process_id, target.secret_key);
+        let sent = async {
+            let mut upstream =
+                connect_upstream(target.dst, self.config.upstream_mark, self.config.connect_timeout).await?;
+            upstream.write_all(&packet).await?;
+            // The server answers by closing; wait for it so the cancel is
+            // delivered before the client's connection ends.
+            let mut sink = [0u8; 16];
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, upstream.read(&mut sink)).await;
+            std::io::Result::Ok(())
+        };
+        match sent.await {
+            Ok(()) => {
+                tracing::info!(conn_id = passage.conn().id, dst = %target.dst, "PostgreSQL cancel request forwarded")
+            }
+            Err(e) => {
+                tracing::warn!(conn_id = passage.conn().id, error = %e, "forwarding a PostgreSQL cancel request failed")
+            }
+        }
+    }
+
+    /// One PostgreSQL session from its StartupMessage to its end.
+    #[allow(clippy::too_many_arguments)]
+    async fn session(
+        &self,
+        passage: &mut Passage,
+        mut client: BoxedIo,
+        tls: Option<TlsFacts>,
+        minor: u16,
+        mut params: Vec<(String, String)>,
+        mut rest: BytesMut,
+        handled: &mut Handled,
+    ) -> Result<(), End> {
+        let mut out = BytesMut::new();
+        // Protocol 3.x options the gateway does not speak are declined the
+        // way the server declines them, and never forwarded.
+        let unknown: Vec<String> =
+            params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.clone()).collect();
+        if minor > 0 || !unknown.is_empty() {
+            let names: Vec<&str> = unknown.iter().map(String::as_str).collect();
+            codec::negotiate_protocol_version(&mut out, &names);
+            params.retain(|(k, _)| !k.starts_with("_pq_."));
+        }
+        let Some(user) = Startup::param(&params, "user").map(str::to_owned) else {
+            return fatal(
+                &mut client,
+                out,
+                SQLSTATE_INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in the startup packet",
+            )
+            .await;
+        };
+        let database = Startup::param(&params, "database").unwrap_or(&user).to_owned();
+        let decision = match passage.postgres_connection(tls.clone(), &database, &user).await {
+            Ok(d) => d,
+            Err(refusal) => {
+                codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_AUTHORIZATION, &refusal.message());
+                let _ = send(&mut *client, &out).await;
+                return Err(End::Refused(refusal));
+            }
+        };
+        if let Some(replication) = Startup::param(&params, "replication") {
+            if !matches!(replication.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") {
+                // Replication streams WAL, which the gateway cannot judge.
+                let why = Uninspectable::Postgres { detail: "a replication connection".into() };
+                let refusal = passage.refuse(Reason::Uninspectable(why), "uninspectable");
+                codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_AUTHORIZATION, &refusal.message());
+                let _ = send(&mut *client, &out).await;
+                return Err(End::Refused(refusal));
+            }
+        }
+
+        // The password, in cleartext: the gateway must see it to judge it.
+        codec::auth_cleartext(&mut out);
+        send(&mut *client, &out).await.map_err(End::failed)?;
+        out.clear();
+        let frame =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut client, &mut rest, codec::MAX_PASSWORD_LEN))
+                .await
+            {
+                Ok(Ok(Some(f))) => f,
+                // A client without a password hangs up to ask its user for one.
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(e)) => return fatal(&mut client, out, SQLSTATE_PROTOCOL_VIOLATION, &e.to_string()).await,
+                Err(_) => return Err(End::failed("the client sent no password in time")),
+            };
+        let password = match codec::password(&frame) {
+            Ok(p) if !p.is_empty() => SecretString::new(String::from_utf8_lossy(&p).into_owned()),
+            Ok(_) => return fatal(&mut client, out, SQLSTATE_INVALID_PASSWORD, "empty password").await,
+            Err(e) => return fatal(&mut client, out, SQLSTATE_PROTOCOL_VIOLATION, &e.to_string()).await,
+        };
+        drop(frame);
+        let (login_user, login_password) = match judge_password(passage, &decision, &user, &database, &password).await {
+            Ok(Some((swapped_user, swapped_password))) => {
+                (swapped_user.unwrap_or_else(|| SecretString::new(user.clone())), swapped_password)
+            }
+            Ok(None) => (SecretString::new(user.clone()), password),
+            Err(refusal) => {
+                codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_PASSWORD, &refusal.message());
+                let _ = send(&mut *client, &out).await;
+                return Err(End::Refused(refusal));
+            }
+        };
+
+        let upstream = match self.login_upstream(passage, &decision.host, &params, &login_user, &login_password).await {
+            Ok(u) => u,
+            Err(LoginError::Server(error)) => {
+                // The server's own words (wrong password, no such database).
+                let _ = send(&mut *client, &error).await;
+                return Err(End::Failed(Outcome::UpstreamFailed, "the server refused the login".into()));
+            }
+            Err(LoginError::Other(outcome, e)) => {
+                let text = format!("The CI gateway could not log in to the database server: {e}");
+                codec::error_response(&mut out, Severity::Fatal, "08006", &text);
+                let _ = send(&mut *client, &out).await;
+                return Err(End::Failed(outcome, e));
+            }
+        };
+        drop(login_password);
+        if let Some(s) = passage.session() {
+            s.event(
+                EventKind::PostgresLogin,
+                json!({
+                    "user": user, "database": database,
+                    "upstream_user_swapped": login_user.expose() != user,
+                    "client_tls": tls, "upstream_tls": upstream.tls, "upstream_auth": upstream.auth,
+                }),
+            );
+        }
+        let Upstream { io: upstream_io, greeting, key, rest: upstream_rest, .. } = upstream;
+        let issued = key.map(|(process_id, secret_key)| {
+            self.pg_cancel.issue(CancelTarget {
+                dst: passage.conn().dst,
+                process_id,
+                secret_key,
+                identity: passage.conn().caller.identity.uri.clone(),
+            })
+        });
+        codec::auth_ok(&mut out);
+        if let Some(issued) = &issued {
+            codec::backend_key_data(&mut out, issued.key.0, issued.key.1);
+        }
+        out.extend_from_slice(&greeting);
+        send(&mut *client, &out).await.map_err(End::failed)?;
+
+        let relay = Relay {
+            passage,
+            judged: Judged {
+                host: decision.host.clone(),
+                verified: BTreeMap::new(),
+                static_keys: decision.static_keys,
+            },
+            max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
+            pipeline: Mutex::new(VecDeque::new()),
+        };
+        let result = relay.run(client, rest, upstream_io, upstream_rest).await;
+        handled.bytes_up = result.up;
+        handled.bytes_down = result.down;
+        handled.requests = Some(result.statements);
+        drop(issued);
+        result.end.map_or(Ok(()), Err)
+    }
+
+    /// Connects and logs in upstream as `user` with `password`, with TLS
+    /// when the server accepts it.
+    async fn login_upstream(
+        &self,
+        passage: &Passage,
+        host: &str,
+        params: &[(String, String)],
+        user: &SecretString,
+        password: &SecretString,
+    ) -> Result<Upstream, LoginError> {
+        let dst = passage.conn().dst;
+        let other = |e: String| LoginError::Other(Outcome::UpstreamFailed, e);
+        let mut tcp = connect_upstream(dst, self.config.upstream_mark, self.config.connect_timeout)
+            .await
+            .map_err(|e| other(format!("connecting to {dst}: {e}")))?;
+        let mut ssl = BytesMut::new();
+        ssl.put_u32(8);
+        ssl.put_u32(codec::SSL_REQUEST);
+        tcp.write_all(&ssl).await.map_err(|e| other(e.to_string()))?;
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, tcp.read_exact(&mut answer))
+            .await
+            .map_err(|_| other("the server did not answer the SSLRequest".into()))?
+            .map_err(|e| other(format!("reading the server's SSL answer: {e}")))?;
+        let (mut io, tls, binding): (BoxedIo, _, _) = match answer[0] {
+            b'S' => {
+                let stream =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, self.services.upstream_tls.connect(tcp, host, Vec::new()))
+                        .await
+                        .map_err(|_| other("the upstream TLS handshake timed out".into()))?
+                        .map_err(|e| LoginError::Other(Outcome::UpstreamFailed, e.to_string()))?;
+                let conn = stream.get_ref().1;
+                let binding = conn.peer_certificates().and_then(|c| c.first()).and_then(|c| end_point_hash(c));
+                let facts = tls_facts(conn);
+                (Box::new(stream), Some(facts), binding)
+            }
+            b'N' => (Box::new(tcp), None, None),
+            other_byte => return Err(other(format!("unexpected answer {other_byte:#04x} to the SSLRequest"))),
+        };
+        let mut startup = BytesMut::new();
+        let forwarded = params
+            .iter()
+            .filter(|(k, _)| k != "user" && k != "replication")
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain([("user", user.expose())]);
+        codec::startup_message(&mut startup, forwarded);
+        send(&mut io, &startup).await.map_err(|e| other(e.to_string()))?;
+
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut scram: Option<ScramSha256> = None;
+        let mut auth = "trust";
+        let mut out = BytesMut::new();
+        // Authentication.
+        loop {
+            let frame = next_backend(&mut io, &mut buf).await.map_err(other)?;
+            match frame.tag {
+                b'R' => {}
+                b'E' => return Err(LoginError::Server(raw(&frame))),
+                b'v' | b'N' => continue,
+                t => return Err(other(format!("unexpected message {:?} during authentication", t as char))),
+            }
+            let body = &frame.body;
+            let code = body.get(..4).map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let data = body.get(4..).unwrap_or_default();
+            out.clear();
+            match code {
+                Some(0) => break,
+                Some(3) => {
+                    postgres_protocol::message::frontend::password_message(password.expose().as_bytes(), &mut out)
+                        .map_err(|e| other(e.to_string()))?
+                }
+                Some(5) => {
+                    auth = "md5";
+                    let salt: [u8; 4] = data.try_into().map_err(|_| other("malformed MD5 request".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        user.expose().as_bytes(),
+                        password.expose().as_bytes(),
+                        salt,
+                    );
+                    postgres_protocol::message::frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(|e| other(e.to_string()))?;
+                }
+                Some(10) => {
+                    let mechanisms: Vec<&[u8]> = data.split(|&b| b == 0).filter(|m| !m.is_empty()).collect();
+                    let plus = mechanisms.contains(&sasl::SCRAM_SHA_256_PLUS.as_bytes());
+                    let (mechanism, binding) = match (&binding, plus) {
+                        (Some(hash), true) => {
+                            (sasl::SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(hash.clone()))
+                        }
+                        (Some(_), false) => (sasl::SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (None, _) if tls.is_some() => (sasl::SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (None, _) => (sasl::SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    if !mechanisms.contains(&mechanism.as_bytes()) {
+                        return Err(other("the server offers no SASL mechanism the gateway speaks".into()));
+                    }
+                    auth = mechanism;
+                    let s = ScramSha256::new(password.expose().as_bytes(), binding);
+                    postgres_protocol::message::frontend::sasl_initial_response(mechanism, s.message(), &mut out)
+                        .map_err(|e| other(e.to_string()))?;
+                    scram = Some(s);
+                }
+                Some(11) => {
+                    let s = scram.as_mut().ok_or_else(|| other("SASL continue without a start".into()))?;
+                    s.update(data).map_err(|e| other(format!("SCRAM: {e}")))?;
+                    postgres_protocol::message::frontend::sasl_response(s.message(), &mut out)
+                        .map_err(|e| other(e.to_string()))?;
+                }
+                Some(12) => {
+                    let s = scram.as_mut().ok_or_else(|| other("SASL final without a start".into()))?;
+                    // Proves the server knew the password too.
+                    s.finish(data).map_err(|e| other(format!("SCRAM server signature: {e}")))?;
+                    continue;
+                }
+                other_code => {
+                    return Err(other(format!("authentication method {other_code:?} is not supported by the gateway")));
+                }
+            }
+            send(&mut io, &out).await.map_err(|e| other(e.to_string()))?;
+        }
+        // The server's greeting, up to its first ReadyForQuery.
+        let mut greeting = BytesMut::new();
+        let mut key = None;
+        loop {
+            let frame = next_backend(&mut io, &mut buf).await.map_err(other)?;
+            match frame.tag {
+                b'K' if frame.body.len() == 8 => {
+                    let b = &frame.body;
+                    key = Some((
+                        i32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                        i32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+                    ));
+                }
+                b'K' => return Err(other("malformed BackendKeyData".into())),
+                b'E' => return Err(LoginError::Server(raw(&frame))),
+                b'S' | b'N' | b'v' => greeting.extend_from_slice(&raw(&frame)),
+                b'Z' => {
+                    greeting.extend_from_slice(&raw(&frame));
+                    break;
+                }
+                t => return Err(other(format!("unexpected message {:?} after authentication", t as char))),
+            }
+        }
+        Ok(Upstream { io, greeting, key, tls, auth, rest: buf })
+    }
+}
+
+/// Why logging in upstream failed.
+enum LoginError {
+    /// The server said no: its ErrorResponse, for the client.
+    Server(Bytes),
+    /// Anything else.
+    Other(Outcome, String),
+}
+
+/// Writes `bytes` and flushes them: a TLS stream keeps what it was given
+/// until flushed.
+async fn send<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
+/// Tells the client why its session ends, and ends it.
+async fn fatal(client: &mut BoxedIo, mut out: BytesMut, code: &str, text: &str) -> Result<(), End> {
+    codec::error_response(&mut out, Severity::Fatal, code, text);
+    let _ = send(&mut *client, &out).await;
+    Err(End::failed(text))
+}
+
+/// The TLS parameters of a connection, for the recording.
+fn tls_facts<D>(conn: &rustls::ConnectionCommon<D>) -> TlsFacts {
+    TlsFacts {
+        version: conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+        cipher: conn.negotiated_cipher_suite().map(|c| format!("{:?}", c.suite())).unwrap_or_default(),
+        alpn: conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned()),
+    }
+}
+
+/// The `tls-server-end-point` channel binding of a certificate (RFC 5929
+/// §4.1): its hash with the signature's hash function, SHA-256 for MD5 and
+/// SHA-1; `None` where that is undefined (EdDSA), so no binding is offered.
+fn end_point_hash(cert: &[u8]) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let oid = parsed.signature_algorithm.algorithm.to_id_string();
+    match oid.as_str() {
+        // sha384WithRSAEncryption, ecdsa-with-SHA384
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(sha2::Sha384::digest(cert).to_vec()),
+        // sha512WithRSAEncryption, ecdsa-with-SHA512
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(sha2::Sha512::digest(cert).to_vec()),
+        // Ed25519, Ed448, RSASSA-PSS (hash in parameters): not bound.
+        "1.3.101.112" | "1.3.101.113" | "1.2.840.113549.1.1.10" => None,
+        _ => Some(sha2::Sha256::digest(cert).to_vec()),
+    }
+}
+
+/// A frame as it goes on the wire.
+fn raw(frame: &Frame) -> Bytes {
+    let mut out = BytesMut::with_capacity(frame.body.len() + 5);
+    out.put_u8(frame.tag);
+    out.put_u32(frame.body.len() as u32 + 4);
+    out.extend_from_slice(&frame.body);
+    out.freeze()
+}
+
+/// Appends a frame as it goes on the wire.
+fn put_frame(out: &mut BytesMut, frame: &Frame) {
+    out.put_u8(frame.tag);
+    out.put_u32(frame.body.len() as u32 + 4);
+    out.extend_from_slice(&frame.body);
+}
+
+/// Reads one typed message (at most `max` long); `None` when the peer
+/// closed between messages.
+async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<Option<Frame>, CodecError> {
+    loop {
+        if let Some(frame) = codec::decode_frame(buf, max)? {
+            return Ok(Some(frame));
+        }
+        match io.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) | Err(_) => {
+                return Err(CodecError::Malformed { tag: "?".into(), detail: "the connection ended inside a message" })
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One backend message during the upstream login.
+async fn next_backend(io: &mut BoxedIo, buf: &mut BytesMut) -> Result<Frame, String> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(io, buf, MAX_PARSED_BACKEND))
+        .await
+        .map_err(|_| "the server did not answer in time".to_owned())?
+        .map_err(|e| format!("from the server: {e}"))?
+        .ok_or_else(|| "the server closed the connection".to_owned())
+}
+
+/// Turns the client's password into a finding and applies its action:
+/// `Ok(Some(login))` when it is swapped for the credential the gateway
+/// holds, `Ok(None)` when the job's own goes upstream, a refusal when it
+/// is blocked (or a swap was due and could not be made).
+async fn judge_password(
+    passage: &Passage,
+    decision: &ConnectionDecision,
+    user: &str,
+    database: &str,
+    password: &SecretString,
+) -> Result<Option<(Option<SecretString>, SecretString)>, Refusal> {
+    let secret = Secret::new(password.expose().as_bytes());
+    let detection = Detection {
+        rule_id: Arc::from(PASSWORD_RULE),
+        confidence: Confidence::High,
+        start: 0,
+        end: secret.len() as u64,
+        secret,
+    };
+    let location = Location::PostgresPassword { user: user.to_owned(), database: database.to_owned() };
+    let judged = Judged { host: decision.host.clone(), verified: BTreeMap::new(), static_keys: decision.static_keys };
+    let mut login = None;
+    let mut swap =
+        |targets: &[SwapTarget], rendered: &RenderedInjection| match rendered {
+            RenderedInjection::Login { user, password } if targets == [SwapTarget::PostgresPassword] => {
+                login = Some((user.clone(), password.clone()));
+                Ok(())
+            }
+            _ => Err("the credential held for this destination is no PostgreSQL login (`inject: {postgres: ...}`)"
+                .to_owned()),
+        };
+    let judgement = passage.judge(&judged, vec![Hit { detection, location }], Some(&mut swap)).await;
+    if let Some(refusal) = judgement.refusal {
+        record_refusal(passage, &refusal, "static_keys");
+        return Err(refusal);
+    }
+    if let Some(s) = passage.session() {
+        s.event(EventKind::PostgresPassword, json!({ "findings": judgement.findings, "swapped": login.is_some() }));
+    }
+    Ok(login)
+}
+
+/// Records a refusal the gate already counted (a judged key).
+fn record_refusal(passage: &Passage, refusal: &Refusal, rule: &str) {
+    if let Some(s) = passage.session() {
+        let mut detail = refusal.detail();
+        detail["reason"] = json!(refusal.reason.code());
+        detail["rule"] = json!(rule);
+        s.event(EventKind::Refused, detail);
+    }
+}
+
+/// What the statement judge says about one piece of SQL (or data).
+enum Verdict {
+    /// It may go upstream.
+    Allow,
+    /// It may not: the client gets this ErrorResponse in its results' place.
+    Deny(Bytes),
+}
+
+/// A ReadyForQuery the server owes the client, and what goes before it.
+#[derive(Default)]
+struct Owed {
+    /// An ErrorResponse for a refused statement, sent just before.
+    error: Option<Bytes>,
+}
+
+/// The relay of one logged-in session.
+struct Relay<'a> {
+    passage: &'a Passage,
+    judged: Judged,
+    max_message: usize,
+    /// One entry per Query, Sync or FunctionCall sent upstream, in order:
+    /// each is answered by one ReadyForQuery.
+    pipeline: Mutex<VecDeque<Owed>>,
+}
+
+/// How the relay ended.
+struct RelayEnd {
+    up: u64,
+    down: u64,
+    statements: u64,
+    end: Option<End>,
+}
+
+type Half = WriteHalf<BoxedIo>;
+
+impl Relay<'_> {
+    async fn run(
+        &self,
+        client: BoxedIo,
+        client_rest: BytesMut,
+        upstream: BoxedIo,
+        upstream_rest: BytesMut,
+    ) -> RelayEnd {
+        let (client_read, mut client_write) = tokio::io::split(client);
+        let (upstream_read, mut upstream_write) = tokio::io::split(upstream);
+        let mut counts = (0u64, 0u64, 0u64);
+        let end = {
+            let up = self.client_side(client_read, client_rest, &mut upstream_write, &mut counts.0, &mut counts.2);
+            let down = self.server_side(upstream_read, upstream_rest, &mut client_write, &mut counts.1);
+            tokio::pin!(up, down);
+            tokio::select! {
+                r = &mut up => match r {
+                    // The client is done: let the server's last answers out.
+                    Ok(()) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), &mut down).await;
+                        None
+                    }
+                    Err(end) => Some(end),
+                },
+                r = &mut down => r.err(),
+            }
+        };
+        if let Some(End::Refused(refusal)) = &end {
+            let mut out = BytesMut::new();
+            codec::error_response(&mut out, Severity::Fatal, SQLSTATE_PROTOCOL_VIOLATION, &refusal.message());
+            let _ = send(&mut client_write, &out).await;
+        }
+        let _ = client_write.shutdown().await;
+        let _ = upstream_write.shutdown().await;
+        RelayEnd { up: counts.0, down: counts.1, statements: counts.2, end }
+    }
+
+    /// Client to server: every message parsed and judged before it goes.
+    async fn client_side(
+        &self,
+        mut reader: ReadHalf<BoxedIo>,
+        mut buf: BytesMut,
+        upstream: &mut Half,
+        bytes_up: &mut u64,
+        statements: &mut u64,
+    ) -> Result<(), End> {
+        let mut out = BytesMut::new();
+        // Set after a refused extended-protocol message: the batch is
+        // dropped up to its Sync, then answered with this error.
+        let mut discarding: Option<Bytes> = None;
+        // Set after refused COPY data: the rest of the copy is dropped.
+        let mut copy_refused = false;
+        let mut copy_scan: Option<StreamScanner> = None;
+        loop {
+            let frame = match codec::decode_frame(&mut buf, self.max_message) {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    if !out.is_empty() {
+                        send(upstream, &out).await.map_err(End::failed)?;
+                        *bytes_up += out.len() as u64;
+                        out.clear();
+                    }
+                    match reader.read_buf(&mut buf).await {
+                        Ok(0) if buf.is_empty() => {
+                            // Gone without a Terminate: end the server's
+                            // session the way the client should have.
+                            let _ = send(upstream, TERMINATE).await;
+                            return Ok(());
+                        }
+                        Ok(0) => return Err(self.refuse_message("the connection ended inside a message".into())),
+                        Ok(_) => continue,
+                        Err(e) => return Err(End::failed(e)),
+                    }
+                }
+                Err(e) => return Err(self.refuse_message(e.to_string())),
+            };
+            let message = Frontend::parse(&frame).map_err(|e| self.refuse_message(e.to_string()))?;
+            if let Some(error) = &discarding {
+                if message == Frontend::Sync {
+                    self.owe(Some(error.clone()));
+                    codec::sync(&mut out);
+                    discarding = None;
+                }
+                continue;
+            }
+            let copying = matches!(message, Frontend::CopyData(_) | Frontend::CopyDone | Frontend::CopyFail(_));
+            if copy_refused {
+                if copying {
+                    continue;
+                }
+                copy_refused = false;
+            }
+            if !copying {
+                copy_scan = None;
+            }
+            match &message {
+                Frontend::Query { sql } | Frontend::Parse { sql, .. } => {
+                    *statements += 1;
+                    let kind = if matches!(message, Frontend::Query { .. }) { "query" } else { "parse" };
+                    let verdict = judge_statements(self.passage, &self.judged, kind, sql).await;
+                    match (verdict, kind) {
+                        (Verdict::Allow, "query") => {
+                            self.owe(None);
+                            put_frame(&mut out, &frame);
+                        }
+                        (Verdict::Allow, _) => put_frame(&mut out, &frame),
+                        (Verdict::Deny(error), "query") => {
+                            self.owe(Some(error));
+                            codec::sync(&mut out);
+                        }
+                        (Verdict::Deny(error), _) => discarding = Some(error),
+                    }
+                }
+                Frontend::Bind { params, .. } | Frontend::FunctionCall { args: params, .. } => {
+                    let call = matches!(message, Frontend::FunctionCall { .. });
+                    let prefix = if call { "function-call" } else { "bind" };
+                    let hits = self.scan_values(prefix, params);
+                    self.record_values(prefix, params);
+                    let verdict = self.judge_keys(hits).await;
+                    match (verdict, call) {
+                        (Verdict::Allow, true) => {
+                            self.owe(None);
+                            put_frame(&mut out, &frame);
+                        }
+                        (Verdict::Allow, false) => put_frame(&mut out, &frame),
+                        (Verdict::Deny(error), true) => {
+                            self.owe(Some(error));
+                            codec::sync(&mut out);
+                        }
+                        (Verdict::Deny(error), false) => discarding = Some(error),
+                    }
+                }
+                Frontend::CopyData(data) => {
+                    let scanner = copy_scan.get_or_insert_with(|| self.passage.gate().detector.stream());
+                    let hits = scanner
+                        .feed(data)
+                        .into_iter()
+                        .map(|detection| Hit { detection, location: Location::Postgres("copy".into()) })
+                        .collect();
+                    match self.judge_keys(hits).await {
+                        Verdict::Allow => put_frame(&mut out, &frame),
+                        Verdict::Deny(_) => {
+                            // The server ends the COPY with its own error, and
+                            // the session stays in step.
+                            codec::copy_fail(
+                                &mut out,
+                                "refused by the CI gateway: the data carries a hard-coded credential",
+                            );
+                            copy_refused = true;
+                        }
+                    }
+                }
+                Frontend::CopyDone => {
+                    if let Some(mut scanner) = copy_scan.take() {
+                        let hits = scanner
+                            .finish()
+                            .into_iter()
+                            .map(|detection| Hit { detection, location: Location::Postgres("copy".into()) })
+                            .collect();
+                        if let Verdict::Deny(_) = self.judge_keys(hits).await {
+                            codec::copy_fail(
+                                &mut out,
+                                "refused by the CI gateway: the data carries a hard-coded credential",
+                            );
+                            continue;
+                        }
+                    }
+                    put_frame(&mut out, &frame);
+                }
+                Frontend::Sync => {
+                    self.owe(None);
+                    put_frame(&mut out, &frame);
+                }
+                Frontend::Terminate => {
+                    put_frame(&mut out, &frame);
+                    send(upstream, &out).await.map_err(End::failed)?;
+                    *bytes_up += out.len() as u64;
+                    return Ok(());
+                }
+                Frontend::Describe(..)
+                | Frontend::Execute { .. }
+                | Frontend::Close(..)
+                | Frontend::Flush
+                | Frontend::CopyFail(_) => put_frame(&mut out, &frame),
+            }
+        }
+    }
+
+    /// Server to client: relayed as it comes (large rows stream through),
+    /// the gateway's errors put before the ReadyForQuery they belong to,
+    /// results recorded.
+    async fn server_side(
+        &self,
+        mut reader: ReadHalf<BoxedIo>,
+        mut buf: BytesMut,
+        client: &mut Half,
+        bytes_down: &mut u64,
+    ) -> Result<(), End> {
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        // Bytes of a streamed message still to pass through.
+        let mut streaming = 0usize;
+        loop {
+            loop {
+                if streaming > 0 {
+                    let n = streaming.min(buf.len());
+                    if n == 0 {
+                        break;
+                    }
+                    out.extend_from_slice(&buf.split_to(n));
+                    streaming -= n;
+                    continue;
+                }
+                let Some((tag, len)) = codec::header(&buf, MAX_BACKEND_MESSAGE)
+                    .map_err(|e| End::failed(format!("from the server: {e}")))?
+                else {
+                    break;
+                };
+                if !matches!(tag, b'Z' | b'C' | b'E' | b'K') {
+                    out.extend_from_slice(&buf.split_to(5));
+                    streaming = len;
+                    continue;
+                }
+                if len > MAX_PARSED_BACKEND {
+                    return Err(End::failed(format!("the server sent a {:?} message of {len} bytes", tag as char)));
+                }
+                let Some(frame) = codec::decode_frame(&mut buf, MAX_PARSED_BACKEND).map_err(End::failed)? else {
+                    break;
+                };
+                match frame.tag {
+                    b'Z' => {
+                        let owed = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                        if let Some(error) = owed.and_then(|o| o.error) {
+                            out.extend_from_slice(&error);
+                        }
+                        put_frame(&mut out, &frame);
+                    }
+                    b'C' => {
+                        if let Some(s) = self.passage.session() {
+                            s.event(EventKind::PostgresResult, json!({ "tag": codec::command_tag(&frame.body) }));
+                        }
+                        put_frame(&mut out, &frame);
+                    }
+                    b'E' => {
+                        if let Some(s) = self.passage.session() {
+                            let (code, text) = codec::error_fields(&frame.body);
+                            let masker = self.passage.gate().recording_masker();
+                            let text = text.map(|t| masker.mask_text(&t).into_owned());
+                            s.event(EventKind::PostgresError, json!({ "sqlstate": code, "message": text }));
+                        }
+                        put_frame(&mut out, &frame);
+                    }
+                    // The client has the gateway's key; the server's stays here.
+                    _ => {}
+                }
+            }
+            if !out.is_empty() {
+                send(&mut *client, &out).await.map_err(End::failed)?;
+                *bytes_down += out.len() as u64;
+                out.clear();
+            }
+            if out.capacity() > 1 << 20 {
+                out = BytesMut::with_capacity(16 * 1024);
+            }
+            match reader.read_buf(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(End::failed(e)),
+            }
+        }
+    }
+
+    /// Notes a ReadyForQuery the server will send, before what asks for it
+    /// goes upstream.
+    fn owe(&self, error: Option<Bytes>) {
+        self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).push_back(Owed { error });
+    }
+
+    /// A message the handler cannot understand: refused, and the session ends.
+    fn refuse_message(&self, detail: String) -> End {
+        let why = Uninspectable::Postgres { detail };
+        End::Refused(self.passage.refuse(Reason::Uninspectable(why), "uninspectable"))
+    }
+
+    fn scan_values(&self, prefix: &str, values: &[Value]) -> Vec<Hit> {
+        let detector = &self.passage.gate().detector;
+        let mut hits = Vec::new();
+        for (i, value) in values.iter().enumerate() {
+            if let Value::Bytes(bytes) = value {
+                let location = Location::Postgres(format!("{prefix}:${}", i + 1));
+                hits.extend(
+                    detector.scan(bytes).into_iter().map(|detection| Hit { detection, location: location.clone() }),
+                );
+            }
+        }
+        hits
+    }
+
+    fn record_values(&self, prefix: &str, values: &[Value]) {
+        let Some(s) = self.passage.session() else { return };
+        let masker = self.passage.gate().recording_masker();
+        let shown: Vec<serde_json::Value> = values
+            .iter()
+            .map(|v| match v {
+                Value::Null => serde_json::Value::Null,
+                Value::Bytes(b) => {
+                    let text = String::from_utf8_lossy(&b[..b.len().min(RECORDED_TEXT)]).into_owned();
+                    json!(masker.mask_text(&text))
+                }
+            })
+            .collect();
+        s.event(EventKind::PostgresParams, json!({ "kind": prefix, "params": shown }));
+    }
+
+    async fn judge_keys(&self, hits: Vec<Hit>) -> Verdict {
+        judge_keys(self.passage, &self.judged, hits).await
+    }
+}
+
+/// Judges the keys found in a message: each is a finding; a blocking one
+/// denies the message with an ErrorResponse naming the findings.
+async fn judge_keys(passage: &Passage, judged: &Judged, hits: Vec<Hit>) -> Verdict {
+    if hits.is_empty() {
+        return Verdict::Allow;
+    }
+    let judgement = passage.judge(judged, hits, None).await;
+    match judgement.refusal {
+        Some(refusal) => {
+            record_refusal(passage, &refusal, "static_keys");
+            Verdict::Deny(error_bytes(&refusal.message()))
+        }
+        None => Verdict::Allow,
+    }
+}
+
+fn error_bytes(text: &str) -> Bytes {
+    let mut out = BytesMut::new();
+    codec::error_response(&mut out, Severity::Error, SQLSTATE_REFUSED, text);
+    out.freeze()
+}
+
+/// THE STATEMENT JUDGE. Every piece of SQL a client sends (a simple Query,
+/// or a Parse) is judged here before it goes upstream, and recorded.
+///
+/// For now it scans the SQL for keys (each one a finding, a blocking one
+/// denies the statement) and otherwise allows. TO BE WIRED to the policy's
+/// `protocol: postgres` rules (statement kind, relations, WHERE clause,
+/// parsed with `postgres::sql`): a deny becomes
+/// `Verdict::Deny(error_bytes(reason))` (SQLSTATE 42501).
+async fn judge_statements(passage: &Passage, judged: &Judged, kind: &str, sql: &str) -> Verdict {
+    let detector = &passage.gate().detector;
+    let location = Location::Postgres(kind.to_owned());
+    let hits: Vec<Hit> = detector
+        .scan(sql.as_bytes())
+        .into_iter()
+        .map(|detection| Hit { detection, location: location.clone() })
+        .collect();
+    let found = hits.len();
+    let verdict = judge_keys(passage, judged, hits).await;
+    if let Some(s) = passage.session() {
+        let masker = passage.gate().recording_masker();
+        let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
+        let decision = match verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny(_) => "deny",
+        };
+        s.event(
+            EventKind::PostgresStatement,
+            json!({ "kind": kind, "sql": masker.mask_text(text), "decision": decision, "keys": found }),
+        );
+    }
+    verdict
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
+}
