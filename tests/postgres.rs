@@ -194,6 +194,17 @@ impl Scene {
         let destinations: Vec<&str> = destinations.iter().map(String::as_str).collect();
         let mut opts = GatewayOptions::new("postgres", &destinations);
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
+        // Statement rules (judged with PostgreSQL's own grammar); everything
+        // else allowed, findings.actions deciding static keys.
+        opts.policy_yaml = Some(
+            "version: 1\nrules:\n\
+             \x20 - name: bounded-deletes\n    match: { postgres: { kind: [update, delete], where: false } }\n\
+             \x20   action: deny\n    reason: \"UPDATE and DELETE need a WHERE clause\"\n\
+             \x20 - name: vault\n    match: { postgres: { relations: [vault_keys, public.vault_keys] } }\n\
+             \x20   action: deny\n    reason: \"the vault is off limits to CI\"\n\
+             defaults: { action: allow }\n"
+                .into(),
+        );
         opts.extra_yaml = format!(
             "tls:\n  extra_upstream_cas: [{ca}]\n\
              findings:\n  default_action: flag\n  actions:\n\
@@ -331,6 +342,50 @@ print("direct", conn.execute("select current_user").fetchone()[0], conn.pgconn.s
 "#;
     let out = scene.python(FLAG_IP, script);
     assert_eq!(ok("direct TLS", &out).trim(), "direct ci True");
+
+    // --- statement policy: each statement of a query judged on its own, a
+    // denied one answered 42501 with the rule's reason, the session going on.
+    let out = scene.psql(
+        FLAG_IP,
+        &scene.job_password,
+        &[
+            "create table if not exists scratch (a int); insert into scratch values (1), (2)",
+            "delete from scratch",
+            "select count(*) from scratch",
+            "with gone as (delete from scratch returning a) select count(*) from gone",
+            "select 1; select * from vault_keys",
+            "delete from scratch where a = 1",
+            "select count(*) from scratch",
+        ],
+    );
+    let said = text(&out);
+    assert!(
+        said.contains("UPDATE and DELETE need a WHERE clause"),
+        "a bare DELETE is refused with the reason:\n{said}"
+    );
+    assert!(said.contains("the vault is off limits"), "a statement touching the vault is refused:\n{said}");
+    let counts: Vec<&str> = said.lines().filter(|l| l.trim().parse::<u32>().is_ok()).collect();
+    assert_eq!(counts, ["2", "1"], "the refused statements never ran; the bounded one did:\n{said}");
+    // A query PostgreSQL's grammar rejects is refused by the gateway (42601),
+    // never sent on for the server to interpret.
+    let out = scene.psql(FLAG_IP, &scene.job_password, &["selec 1", "select 42"]);
+    let said = text(&out);
+    assert!(said.contains("does not parse as PostgreSQL SQL"), "refused by the gateway:\n{said}");
+    assert!(said.lines().any(|l| l.trim() == "42"), "the session goes on:\n{said}");
+    let explained = scene.gw.cli(&[
+        "policy",
+        "explain",
+        "--host",
+        FLAG_IP,
+        "--port",
+        &port.to_string(),
+        "--database",
+        "app",
+        "--sql",
+        "delete from scratch",
+    ]);
+    let explained = ok("policy explain --sql", &explained);
+    assert!(explained.contains("bounded-deletes"), "explain names the deciding rule:\n{explained}");
 
     // --- replication connections are refused (WAL cannot be judged).
     let mut cmd = scene.gw.command_in_cgroup("psql");

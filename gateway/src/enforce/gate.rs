@@ -466,7 +466,11 @@ impl Passage {
         let host = self.destination_host(None);
         let (action, rule, record, static_keys) = {
             let policy = self.gate.policy.current();
-            let d = policy.evaluate(&self.facts(&host, tls.is_some(), &policy::NO_ATTRIBUTES, None));
+            let facts = self.facts(&host, tls.is_some(), &policy::NO_ATTRIBUTES, None);
+            // `match.postgres` rules on the database and user decide here;
+            // rules on statements decide each query ([`Passage::statements`]).
+            let pg = policy::PostgresFacts { database, user, statement: None };
+            let d = policy.evaluate_postgres(&facts, &pg);
             (d.action.clone(), d.rule.to_owned(), d.record, d.static_keys)
         };
         if record != policy::RecordLevel::None {

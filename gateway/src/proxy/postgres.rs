@@ -46,12 +46,13 @@ use crate::{
         http_scan::{Hit, Location},
         Confidence, Detection, Secret, StreamScanner,
     },
-    enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, Uninspectable},
+    enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, StatementAsk, Uninspectable},
     event::{Outcome, Protocol},
     http::BoxedIo,
     postgres::{
         cancel::CancelTarget,
         codec::{self, CodecError, Frame, Frontend, Severity, Startup, Value},
+        sql,
     },
     record::{EventKind, SessionOutcome, TlsFacts},
     tls,
@@ -79,6 +80,8 @@ const RECORDED_TEXT: usize = 4096;
 
 /// SQLSTATE `insufficient_privilege`: a statement the gateway refused.
 const SQLSTATE_REFUSED: &str = "42501";
+/// `syntax_error`: a query PostgreSQL's grammar rejects.
+const SQLSTATE_SYNTAX_ERROR: &str = "42601";
 /// SQLSTATE `invalid_password`: a password the gateway refused.
 const SQLSTATE_INVALID_PASSWORD: &str = "28P01";
 /// SQLSTATE `invalid_authorization_specification`: a connection refused.
@@ -425,6 +428,9 @@ impl Proxy {
                 verified: BTreeMap::new(),
                 static_keys: decision.static_keys,
             },
+            database: database.clone(),
+            user: user.clone(),
+            tls: tls.is_some(),
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
         };
@@ -748,6 +754,11 @@ struct Owed {
 struct Relay<'a> {
     passage: &'a Passage,
     judged: Judged,
+    /// The session's database and user, as its startup message named them.
+    database: String,
+    user: String,
+    /// Whether the client's leg is TLS.
+    tls: bool,
     max_message: usize,
     /// One entry per Query, Sync or FunctionCall sent upstream, in order:
     /// each is answered by one ReadyForQuery.
@@ -863,7 +874,7 @@ impl Relay<'_> {
                 Frontend::Query { sql } | Frontend::Parse { sql, .. } => {
                     *statements += 1;
                     let kind = if matches!(message, Frontend::Query { .. }) { "query" } else { "parse" };
-                    let verdict = judge_statements(self.passage, &self.judged, kind, sql).await;
+                    let verdict = self.judge_statements(kind, sql).await;
                     match (verdict, kind) {
                         (Verdict::Allow, "query") => {
                             self.owe(None);
@@ -1099,42 +1110,100 @@ async fn judge_keys(passage: &Passage, judged: &Judged, hits: Vec<Hit>) -> Verdi
 }
 
 fn error_bytes(text: &str) -> Bytes {
+    error_bytes_with(SQLSTATE_REFUSED, text)
+}
+
+fn error_bytes_with(sqlstate: &str, text: &str) -> Bytes {
     let mut out = BytesMut::new();
-    codec::error_response(&mut out, Severity::Error, SQLSTATE_REFUSED, text);
+    codec::error_response(&mut out, Severity::Error, sqlstate, text);
     out.freeze()
 }
 
-/// THE STATEMENT JUDGE. Every piece of SQL a client sends (a simple Query,
-/// or a Parse) is judged here before it goes upstream, and recorded.
-///
-/// For now it scans the SQL for keys (each one a finding, a blocking one
-/// denies the statement) and otherwise allows. TO BE WIRED to the policy's
-/// `protocol: postgres` rules (statement kind, relations, WHERE clause,
-/// parsed with `postgres::sql`): a deny becomes
-/// `Verdict::Deny(error_bytes(reason))` (SQLSTATE 42501).
-async fn judge_statements(passage: &Passage, judged: &Judged, kind: &str, sql: &str) -> Verdict {
-    let detector = &passage.gate().detector;
-    let location = Location::Postgres(kind.to_owned());
-    let hits: Vec<Hit> = detector
-        .scan(sql.as_bytes())
-        .into_iter()
-        .map(|detection| Hit { detection, location: location.clone() })
-        .collect();
-    let found = hits.len();
-    let verdict = judge_keys(passage, judged, hits).await;
-    if let Some(s) = passage.session() {
-        let masker = passage.gate().recording_masker();
-        let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
-        let decision = match verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny(_) => "deny",
-        };
-        s.event(
-            EventKind::PostgresStatement,
-            json!({ "kind": kind, "sql": masker.mask_text(text), "decision": decision, "keys": found }),
-        );
+impl Relay<'_> {
+    /// Judges every piece of SQL a client sends (a simple Query, or a
+    /// Parse) before it goes upstream, and records it: keys in the text are
+    /// findings (a blocking one denies), then each statement, classified
+    /// with PostgreSQL's own grammar, is judged by the policy's
+    /// `protocol: postgres` rules at the gate, held for approval where a
+    /// rule says so. A query the parser cannot classify is refused unless a
+    /// rule allows `unknown`.
+    async fn judge_statements(&self, kind: &str, sql: &str) -> Verdict {
+        let passage = self.passage;
+        let detector = &passage.gate().detector;
+        let location = Location::Postgres(kind.to_owned());
+        let hits: Vec<Hit> = detector
+            .scan(sql.as_bytes())
+            .into_iter()
+            .map(|detection| Hit { detection, location: location.clone() })
+            .collect();
+        let found = hits.len();
+        let mut verdict = judge_keys(passage, &self.judged, hits).await;
+        let mut rule = None;
+        if matches!(verdict, Verdict::Allow) {
+            let (v, r) = self.judge_policy(sql).await;
+            verdict = v;
+            rule = Some(r);
+        }
+        if let Some(s) = passage.session() {
+            let masker = passage.gate().recording_masker();
+            let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
+            let decision = match verdict {
+                Verdict::Allow => "allow",
+                Verdict::Deny(_) => "deny",
+            };
+            s.event(
+                EventKind::PostgresStatement,
+                json!({ "kind": kind, "sql": masker.mask_text(text), "decision": decision, "rule": rule, "keys": found }),
+            );
+        }
+        verdict
     }
-    verdict
+
+    /// The policy's verdict on `sql`'s statements, and the deciding rule.
+    async fn judge_policy(&self, sql: &str) -> (Verdict, String) {
+        let passage = self.passage;
+        let classified = sql::classify(sql);
+        let ask = StatementAsk {
+            host: &self.judged.host,
+            tls: self.tls,
+            database: &self.database,
+            user: &self.user,
+            statements: classified.as_deref(),
+        };
+        let decision = match passage.statements(ask) {
+            Ok(d) => d,
+            Err((reason, rule)) => {
+                let sqlstate = match &reason {
+                    Reason::UnclassifiedStatement { syntax_error: Some(_) } => SQLSTATE_SYNTAX_ERROR,
+                    _ => SQLSTATE_REFUSED,
+                };
+                let refusal = passage.refuse(reason, &rule);
+                return (Verdict::Deny(error_bytes_with(sqlstate, &refusal.message())), rule);
+            }
+        };
+        let rule = decision.decided.rule.clone();
+        // Result rows are not masked yet: a statement the policy says to
+        // mask is refused rather than answered in clear.
+        if decision.statements.iter().any(|v| v.mask.is_some()) {
+            let reason = Reason::Uninspectable(Uninspectable::Postgres {
+                detail: "the policy masks this statement's results, which the gateway cannot do for PostgreSQL yet"
+                    .into(),
+            });
+            let refusal = passage.refuse(reason, &rule);
+            return (Verdict::Deny(error_bytes(&refusal.message())), rule);
+        }
+        let ask = StatementAsk {
+            host: &self.judged.host,
+            tls: self.tls,
+            database: &self.database,
+            user: &self.user,
+            statements: classified.as_deref(),
+        };
+        match passage.approve_statement(&ask, &decision, sql).await {
+            Ok(()) => (Verdict::Allow, rule),
+            Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule),
+        }
+    }
 }
 
 fn floor_char_boundary(s: &str, max: usize) -> usize {
