@@ -1864,7 +1864,7 @@ fn dumps(out: &Path) -> Result<Vec<PathBuf>> {
             Some((n, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     Ok(found.into_iter().map(|(_, p)| p).collect())
 }
 
