@@ -365,7 +365,7 @@ fn remembered_header_lines_mask_as_mask_headers_does() {
     // A line remembered as clean for one masker is not clean for another:
     // a pattern masker masks the user agent the first masker passed.
     let other = masker(MaskSpec {
-        patterns: vec![MaskPattern { name: "agent".into(), regex: "curl/[0-9.]+".into() }],
+        patterns: vec![MaskPattern { name: "agent".into(), regex: "curl/[0-9.]{1,16}".into() }],
         ..MaskSpec::default()
     });
     let mut got = headers();
