@@ -55,6 +55,18 @@
 //! baseline no database at all, `none` sessions without exchanges,
 //! `metadata` and `full` one exchange per request at their level, read back
 //! with `gateway sessions list/show --json` once the gateways have stopped.
+//!
+//! `HTTPS_BENCH_MODE=callgrind` counts instructions instead of time (issue
+//! 13: wall-clock figures swing with the machine's other load, instruction
+//! counts do not). It runs an nginx TLS reverse proxy (one process) and two
+//! gateways (recording `full`, the default, and recording off) under
+//! `valgrind --tool=callgrind`, sends a fixed number of keep-alive requests
+//! through each on one curl connection, and reads the user-space
+//! instructions the proxy executed from a callgrind dump. Each proxy gets N
+//! and 2N requests with its counters zeroed before each; the difference over
+//! N is the cost of one request, start-up, handshake and idle work cancelled.
+//! The gateway runs keep the interception checks, plus one: its connection
+//! event counts every request.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -95,7 +107,7 @@ fn main() -> Result<()> {
     // single fixed scenario, so arguments are ignored.
     catch_interrupts()?;
     let settings = Settings::from_env()?;
-    let tools = Tools::find()?;
+    let tools = Tools::find(settings.mode)?;
     let mut scene = Scene::start(&tools, settings.mode)?;
     // Ctrl-C also reaches wrk and the gateway, so the measurement in flight
     // may fail for that reason: say so.
@@ -106,6 +118,7 @@ fn main() -> Result<()> {
     match settings.mode {
         Mode::Proxies => run(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
         Mode::Recording => run_recording(&tools, &mut scene, &settings).map_err(interrupted)?.print(&settings),
+        Mode::Callgrind => run_callgrind(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
     }
     // `scene` drops here: gateway stopped and detached, nginx stopped, cgroup
     // and temp files removed. Errors above drop it on the way out too.
@@ -149,12 +162,16 @@ enum Mode {
     Proxies,
     /// Session recording levels against a gateway that does not record.
     Recording,
+    /// Instructions per request of the gateway and of nginx, under callgrind.
+    Callgrind,
 }
 
 struct Settings {
     mode: Mode,
     secs: u64,
     rounds: usize,
+    /// [`Mode::Callgrind`]: N, the smaller of the two request counts.
+    requests: u64,
 }
 
 impl Settings {
@@ -171,9 +188,14 @@ impl Settings {
         let mode = match std::env::var("HTTPS_BENCH_MODE").as_deref() {
             Err(_) | Ok("" | "proxies") => Mode::Proxies,
             Ok("recording") => Mode::Recording,
-            Ok(other) => bail!("HTTPS_BENCH_MODE={other}: expected `proxies` (the default) or `recording`"),
+            Ok("callgrind") => Mode::Callgrind,
+            Ok(other) => {
+                bail!("HTTPS_BENCH_MODE={other}: expected `proxies` (the default), `recording` or `callgrind`")
+            }
         };
-        Ok(Settings { mode, secs, rounds })
+        let requests = get("HTTPS_BENCH_REQUESTS", 1000)?;
+        ensure!(requests >= 10, "HTTPS_BENCH_REQUESTS must be at least 10");
+        Ok(Settings { mode, secs, rounds, requests })
     }
 }
 
@@ -182,11 +204,14 @@ struct Tools {
     nginx: PathBuf,
     wrk: PathBuf,
     curl: PathBuf,
+    /// [`Mode::Callgrind`] only: `valgrind` and `callgrind_control`.
+    valgrind: Option<(PathBuf, PathBuf)>,
 }
 
 impl Tools {
-    /// Checks privileges and finds every program, failing with what to do.
-    fn find() -> Result<Tools> {
+    /// Checks privileges and finds every program `mode` needs, failing with
+    /// what to do.
+    fn find(mode: Mode) -> Result<Tools> {
         if !nix::unistd::geteuid().is_root() {
             bail!(
                 "the HTTPS benchmark attaches the gateway's eBPF programs to a cgroup it creates and moves \
@@ -205,7 +230,15 @@ impl Tools {
             gateway.display()
         );
         let missing = |what: &str| format!("{what} not found: install it with `cargo xtask setup`");
+        let valgrind = match mode {
+            Mode::Callgrind => Some((
+                which("valgrind").with_context(|| missing("valgrind (package valgrind)"))?,
+                which("callgrind_control").with_context(|| missing("callgrind_control (package valgrind)"))?,
+            )),
+            Mode::Proxies | Mode::Recording => None,
+        };
         Ok(Tools {
+            valgrind,
             gateway,
             nginx: which("nginx").with_context(|| missing("nginx (package nginx-light, /usr/sbin/nginx)"))?,
             wrk: which("wrk").with_context(|| missing("wrk (package wrk)"))?,
@@ -231,13 +264,18 @@ fn free_port(ip: &str) -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn wait_listening(addr: SocketAddr, what: &str, mut exited: impl FnMut() -> Result<Option<String>>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+fn wait_listening(
+    addr: SocketAddr,
+    what: &str,
+    secs: u64,
+    mut exited: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         if let Some(why) = exited()? {
             bail!("{what} exited before listening on {addr}:\n{why}");
         }
-        ensure!(Instant::now() < deadline, "{what} did not listen on {addr} within 30s");
+        ensure!(Instant::now() < deadline, "{what} did not listen on {addr} within {secs}s");
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -292,13 +330,24 @@ impl Nginx {
     /// Writes `nginx.conf` under `prefix` (with `server_blocks` inside
     /// `http {}`), checks it, starts nginx in the foreground, and waits until
     /// it accepts on `listen`.
-    fn start(tools: &Tools, prefix: PathBuf, workers: &str, server_blocks: &str, listen: SocketAddr) -> Result<Nginx> {
+    ///
+    /// With a `launcher` (valgrind), nginx runs as one process
+    /// (`master_process off`), so that the launcher sees all of its work.
+    fn start(
+        tools: &Tools,
+        prefix: PathBuf,
+        workers: &str,
+        server_blocks: &str,
+        listen: SocketAddr,
+        launcher: Option<&Launcher>,
+    ) -> Result<Nginx> {
         std::fs::create_dir_all(prefix.join("tmp"))?;
+        let master = if launcher.is_some() { "off" } else { "on" };
         let p = prefix.display();
         let conf = format!(
             r#"# Written by benches/benches/https.rs.
 daemon off;
-master_process on;
+master_process {master};
 worker_processes {workers};
 # Workers read the static file from the harness's private (0700) temp dir.
 user root;
@@ -337,7 +386,7 @@ http {{
             conf_path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut cmd = Command::new(&tools.nginx);
+        let mut cmd = launched(launcher, &tools.nginx);
         args(&mut cmd);
         // Own process group: stopping it reaches the workers even if the
         // master is gone.
@@ -346,7 +395,7 @@ http {{
         let child = cmd.spawn().context("starting nginx")?;
         let mut nginx = Nginx { child, prefix };
         let log = nginx.prefix.join("error.log");
-        wait_listening(listen, "nginx", || {
+        wait_listening(listen, "nginx", launcher.map_or(30, |_| 300), || {
             Ok(nginx.child.try_wait()?.map(|s| format!("{s}\n{}", std::fs::read_to_string(&log).unwrap_or_default())))
         })?;
         Ok(nginx)
@@ -474,7 +523,16 @@ impl Gateway {
     /// port and files are its own) with its files under `dir`, intercepting
     /// `origin` for its cgroup. `sections` is appended to its configuration
     /// (policy and recording settings).
-    fn start(tools: &Tools, dir: &Path, name: &str, origin: SocketAddr, ca: &Path, sections: &str) -> Result<Gateway> {
+    /// With a `launcher` (valgrind), the gateway runs under it.
+    fn start(
+        tools: &Tools,
+        dir: &Path,
+        name: &str,
+        origin: SocketAddr,
+        ca: &Path,
+        sections: &str,
+        launcher: Option<&Launcher>,
+    ) -> Result<Gateway> {
         let tag = format!("gateway-bench-https-{}-{name}", std::process::id());
         let cgroup = gateway::intercept::cgroup::cgroup2_mount()?.join(&tag);
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/{tag}"));
@@ -518,7 +576,7 @@ tls:
         );
         let config = dir.join("gateway.yaml");
         std::fs::write(&config, yaml)?;
-        let mut cmd = Command::new(&tools.gateway);
+        let mut cmd = launched(launcher, &tools.gateway);
         cmd.arg("--config").arg(&config).arg("run").env_remove("RUST_LOG");
         let log = dir.join("gateway.log");
         let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -526,12 +584,14 @@ tls:
         term_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("starting {}", tools.gateway.display()))?;
         let mut gw = Gateway { child, bin: tools.gateway.clone(), config, state, stopped: false, cgroup, bpffs, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Under valgrind, compiling the detector's rules alone takes a minute.
+        let secs = launcher.map_or(30, |_| 600);
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while !gw.log().contains("\"gateway running\"") {
             if let Some(status) = gw.child.try_wait()? {
                 bail!("the gateway exited with {status} before it was running:\n{}", gw.log());
             }
-            ensure!(Instant::now() < deadline, "the gateway did not start within 30s:\n{}", gw.log());
+            ensure!(Instant::now() < deadline, "the gateway did not start within {secs}s:\n{}", gw.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(gw)
@@ -704,13 +764,15 @@ impl Drop for Gateway {
 /// (detach before anything else), then the nginx instances, then the temp
 /// directory holding their files.
 struct Scene {
-    /// One in [`Mode::Proxies`], one per entry of [`RECORDING`] otherwise.
+    /// One in [`Mode::Proxies`], one per entry of [`RECORDING`] or
+    /// [`CALLGRIND`] otherwise.
     gateways: Vec<Gateway>,
     proxies: Vec<(Route, Nginx)>,
     origin: Nginx,
     origin_addr: SocketAddr,
     mode: Mode,
-    _dir: tempfile::TempDir,
+    /// The temp directory holding everyone's files.
+    dir: tempfile::TempDir,
 }
 
 #[derive(Clone)]
@@ -731,6 +793,31 @@ const RECORDING: [(&str, &str, Option<&str>); 4] = [
     ("record: metadata", "metadata", Some("metadata")),
     ("record: full", "full", Some("full")),
 ];
+
+/// The gateways of [`Mode::Callgrind`], as in [`RECORDING`]: the default
+/// (recording `full`) and recording off.
+const CALLGRIND: [(&str, &str, Option<&str>); 2] =
+    [("gateway, record full", "full", Some("full")), ("gateway, recording off", "off", None)];
+
+/// The label of [`Mode::Callgrind`]'s nginx proxy.
+const CALLGRIND_NGINX: &str = "nginx proxy (1 process)";
+
+/// Runs a program under `valgrind --tool=callgrind`, its counts dumped to
+/// `out` (`out.1`, `out.2`... for each `callgrind_control --dump`).
+struct Launcher {
+    valgrind: PathBuf,
+    out: PathBuf,
+}
+
+/// A command running `program`, under `launcher` if there is one.
+fn launched(launcher: Option<&Launcher>, program: &Path) -> Command {
+    let Some(l) = launcher else { return Command::new(program) };
+    let mut cmd = Command::new(&l.valgrind);
+    cmd.args(["-q", "--tool=callgrind", "--dump-instr=no", "--collect-systime=no"])
+        .arg(format!("--callgrind-out-file={}", l.out.display()))
+        .arg(program);
+    cmd
+}
 
 /// Configuration sections of a [`RECORDING`] gateway. Every gateway gets the
 /// same policy (the built-in one, but for its `record` default) with no
@@ -756,9 +843,15 @@ impl Scene {
 
         let origin_port = free_port(ORIGIN_IP)?;
         let origin_addr = SocketAddr::new(ORIGIN_IP.parse()?, origin_port);
-        let origin =
-            Nginx::start(tools, dir.path().join("origin"), "1", &origin_server(&pki, origin_port, &www), origin_addr)
-                .context("starting the origin nginx")?;
+        let origin = Nginx::start(
+            tools,
+            dir.path().join("origin"),
+            "1",
+            &origin_server(&pki, origin_port, &www),
+            origin_addr,
+            None,
+        )
+        .context("starting the origin nginx")?;
 
         let mut proxies = Vec::new();
         let mut gateways = Vec::new();
@@ -768,22 +861,43 @@ impl Scene {
                     let port = free_port(PROXY_IP)?;
                     let addr = SocketAddr::new(PROXY_IP.parse()?, port);
                     let prefix = dir.path().join(format!("proxy-{workers}"));
-                    let nginx = Nginx::start(tools, prefix, workers, &proxy_server(&pki, port, origin_port), addr)
-                        .with_context(|| format!("starting the {label}"))?;
+                    let nginx =
+                        Nginx::start(tools, prefix, workers, &proxy_server(&pki, port, origin_port), addr, None)
+                            .with_context(|| format!("starting the {label}"))?;
                     proxies.push((Route { label, base: format!("https://{addr}"), gateway: None }, nginx));
                 }
-                let gw = Gateway::start(tools, dir.path(), "gw", origin_addr, &pki.ca, "");
+                let gw = Gateway::start(tools, dir.path(), "gw", origin_addr, &pki.ca, "", None);
                 gateways.push(gw.context("starting the gateway")?);
             }
             Mode::Recording => {
                 for (label, name, level) in RECORDING {
                     let sections = recording_sections(dir.path(), name, level)?;
-                    let gw = Gateway::start(tools, dir.path(), name, origin_addr, &pki.ca, &sections);
+                    let gw = Gateway::start(tools, dir.path(), name, origin_addr, &pki.ca, &sections, None);
                     gateways.push(gw.with_context(|| format!("starting the gateway `{label}`"))?);
                 }
             }
+            Mode::Callgrind => {
+                let (valgrind, _) = tools.valgrind.clone().context("valgrind not found")?;
+                let port = free_port(PROXY_IP)?;
+                let addr = SocketAddr::new(PROXY_IP.parse()?, port);
+                let prefix = dir.path().join("proxy-callgrind");
+                std::fs::create_dir_all(&prefix)?;
+                let launcher = Launcher { valgrind: valgrind.clone(), out: prefix.join("callgrind.out") };
+                let server = proxy_server(&pki, port, origin_port);
+                let nginx = Nginx::start(tools, prefix, "1", &server, addr, Some(&launcher))
+                    .context("starting the nginx proxy under valgrind")?;
+                proxies.push((Route { label: CALLGRIND_NGINX, base: format!("https://{addr}"), gateway: None }, nginx));
+                for (label, name, level) in CALLGRIND {
+                    let sections = recording_sections(dir.path(), name, level)?;
+                    // Gateway::start puts its files in `gateway-<name>`.
+                    let out = dir.path().join(format!("gateway-{name}")).join("callgrind.out");
+                    let launcher = Launcher { valgrind: valgrind.clone(), out };
+                    let gw = Gateway::start(tools, dir.path(), name, origin_addr, &pki.ca, &sections, Some(&launcher));
+                    gateways.push(gw.with_context(|| format!("starting the gateway `{label}` under valgrind"))?);
+                }
+            }
         }
-        Ok(Scene { gateways, proxies, origin, origin_addr, mode, _dir: dir })
+        Ok(Scene { gateways, proxies, origin, origin_addr, mode, dir })
     }
 
     /// The order of the tables. Proxies: direct, the nginx proxies, the
@@ -802,6 +916,15 @@ impl Scene {
                 .enumerate()
                 .map(|(i, (label, _, _))| Route { label, base: direct.clone(), gateway: Some(i) })
                 .collect(),
+            Mode::Callgrind => {
+                let mut routes: Vec<Route> = self.proxies.iter().map(|(r, _)| r.clone()).collect();
+                routes.extend(CALLGRIND.iter().enumerate().map(|(i, (label, _, _))| Route {
+                    label,
+                    base: direct.clone(),
+                    gateway: Some(i),
+                }));
+                routes
+            }
         }
     }
 
@@ -969,16 +1092,21 @@ const IDLE_CPU: Duration = Duration::from_millis(10);
 /// docs/benchmarks.md). A writer that lags behind either burns CPU or waits
 /// for an fsync (state `D`), both seen here.
 fn wait_idle(gw: &Gateway) -> Result<Duration> {
+    wait_idle_pid(gw.pid())
+}
+
+/// [`wait_idle`] for any process.
+fn wait_idle_pid(pid: u32) -> Result<Duration> {
     let start = Instant::now();
-    let cpu = || cpu_time(|pid, _| pid == gw.pid());
+    let cpu = || cpu_time(|p, _| p == pid);
     let mut last = cpu()?;
     loop {
         std::thread::sleep(IDLE_WINDOW);
         let now = cpu()?;
-        if now.saturating_sub(last) <= IDLE_CPU && !in_disk_wait(gw.pid()) {
+        if now.saturating_sub(last) <= IDLE_CPU && !in_disk_wait(pid) {
             return Ok(start.elapsed().saturating_sub(IDLE_WINDOW));
         }
-        ensure!(start.elapsed() < Duration::from_secs(60), "the gateway was still busy 60s after wrk ended");
+        ensure!(start.elapsed() < Duration::from_secs(60), "process {pid} was still busy 60s after its client ended");
         last = now;
     }
 }
@@ -1555,6 +1683,270 @@ impl RecordingReport {
                 1.0 / cpu,
                 (1.0 - 1.0 / cpu) * 100.0
             );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Callgrind mode
+
+/// What [`run_callgrind`] counted.
+struct CallgrindReport {
+    routes: Vec<Route>,
+    /// N: the smaller request count.
+    requests: u64,
+    /// `counts[route]`: (instructions for N requests, for 2N), one per round.
+    counts: Vec<Vec<(u64, u64)>>,
+    /// `profiles[route]`: the last round's N and 2N dumps, copied out of the
+    /// temp directory when `HTTPS_BENCH_PROFILES` names a directory.
+    profiles: Vec<Option<[PathBuf; 2]>>,
+}
+
+/// Every proxy under callgrind, N and 2N requests each, rounds interleaved.
+fn run_callgrind(tools: &Tools, scene: &Scene, settings: &Settings) -> Result<CallgrindReport> {
+    let routes = scene.routes();
+    for route in &routes {
+        check_interrupted()?;
+        // Also warms the gateway's leaf cache and the TLS session caches.
+        smoke(tools, scene, route)?;
+    }
+    let n = settings.requests;
+    let mut counts = vec![Vec::new(); routes.len()];
+    let mut last: Vec<Option<[PathBuf; 2]>> = vec![None; routes.len()];
+    for round in 1..=settings.rounds {
+        for (r, route) in routes.iter().enumerate() {
+            let mut pair = [0u64; 2];
+            let mut dumps: [PathBuf; 2] = Default::default();
+            for (i, requests) in [n, 2 * n].into_iter().enumerate() {
+                check_interrupted()?;
+                (pair[i], dumps[i]) = counted(tools, scene, route, requests)?;
+            }
+            last[r] = Some(dumps);
+            eprintln!(
+                "round {round}/{}  {:<26} {n} requests: {} Ir, {}: {} Ir, {:.0} Ir/request",
+                settings.rounds,
+                route.label,
+                pair[0],
+                2 * n,
+                pair[1],
+                pair[1].saturating_sub(pair[0]) as f64 / n as f64
+            );
+            counts[r].push((pair[0], pair[1]));
+        }
+    }
+    let keep = std::env::var_os("HTTPS_BENCH_PROFILES").map(PathBuf::from);
+    let mut profiles = Vec::new();
+    for (route, dumps) in routes.iter().zip(last) {
+        let (Some(dir), Some(dumps)) = (&keep, dumps) else {
+            profiles.push(None);
+            continue;
+        };
+        std::fs::create_dir_all(dir)?;
+        let name: String =
+            route.label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect::<String>();
+        let mut kept: [PathBuf; 2] = Default::default();
+        for (i, requests) in [n, 2 * n].into_iter().enumerate() {
+            let to = dir.join(format!("callgrind.{name}.{requests}.out"));
+            std::fs::copy(&dumps[i], &to)
+                .with_context(|| format!("copying {} to {}", dumps[i].display(), to.display()))?;
+            kept[i] = to;
+        }
+        profiles.push(Some(kept));
+    }
+    Ok(CallgrindReport { routes, requests: n, counts, profiles })
+}
+
+/// The instructions `route`'s proxy executed for `requests` keep-alive
+/// requests on one curl connection (counters zeroed before, dumped after it
+/// went idle), and the dump file.
+fn counted(tools: &Tools, scene: &Scene, route: &Route, requests: u64) -> Result<(u64, PathBuf)> {
+    let (_, control) = tools.valgrind.as_ref().context("callgrind_control not found")?;
+    let gw = scene.gateway(route);
+    let (pid, out) = match gw {
+        Some(gw) => (gw.pid(), gw.log.with_file_name("callgrind.out")),
+        None => {
+            let (_, nginx) = scene.proxies.iter().find(|(r, _)| r.label == route.label).context("no such proxy")?;
+            (nginx.child.id(), nginx.prefix.join("callgrind.out"))
+        }
+    };
+    let mark = gw.map(Gateway::mark).transpose()?;
+    // Whatever the last measurement left behind is done before zeroing.
+    wait_idle_pid(pid)?;
+    callgrind_control(control, pid, "--zero")?;
+
+    let config = scene.dir.path().join(format!("curl-{requests}.conf"));
+    let url = format!("{}/", route.base);
+    let one = format!("url = \"{url}\"\noutput = \"/dev/null\"\n");
+    std::fs::write(&config, one.repeat(requests as usize))?;
+    let out_text = scene
+        .command(&tools.curl, route)
+        .args(["-k", "-sS", "--http1.1", "--max-time", "600", "-w", "%{http_code} %{num_connects}\\n", "-K"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8_lossy(&out_text.stdout);
+    ensure!(
+        out_text.status.success(),
+        "curl -K {} failed: {}",
+        config.display(),
+        String::from_utf8_lossy(&out_text.stderr)
+    );
+    let mut answered = 0u64;
+    let mut connects = 0u64;
+    for line in text.lines() {
+        let (code, conns) = line.split_once(' ').with_context(|| format!("unexpected curl -w line `{line}`"))?;
+        ensure!(code == "200", "{}: a request answered HTTP {code}", route.label);
+        answered += 1;
+        connects += conns.parse::<u64>().with_context(|| format!("num_connects `{conns}`"))?;
+    }
+    ensure!(answered == requests, "{}: {answered} answers to {requests} requests", route.label);
+    ensure!(connects == 1, "{}: curl opened {connects} connections for one keep-alive run", route.label);
+
+    // The gateway logs its connection event once it has closed the
+    // connection; the recorder commits on its own time. Both belong to the
+    // measurement: wait for the event, then for the process to go idle.
+    if let (Some(gw), Some(mark)) = (gw, &mark) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !gw.events_since(mark.log_len, "gateway::connection").iter().any(|e| e["comm"] == "curl") {
+            ensure!(Instant::now() < deadline, "{}: no connection event 120s after curl ended", route.label);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    wait_idle_pid(pid)?;
+    let dumps_before = dumps(&out)?;
+    callgrind_control(control, pid, "--dump")?;
+    let dump = dumps(&out)?
+        .into_iter()
+        .find(|d| !dumps_before.contains(d))
+        .with_context(|| format!("callgrind_control --dump wrote no new {}.N", out.display()))?;
+    let ir = dump_total(&dump)?;
+
+    if let (Some(gw), Some(mark)) = (gw, &mark) {
+        gw.verify(mark, scene.origin_addr, "curl", 1, 0)?;
+        let served: u64 = gw
+            .events_since(mark.log_len, "gateway::connection")
+            .iter()
+            .filter(|e| e["protocol"] == "https" && e["comm"] == "curl")
+            .filter_map(|e| e["requests"].as_u64())
+            .sum();
+        ensure!(
+            served == requests,
+            "{}: the gateway's connection event counts {served} requests, curl sent {requests}",
+            route.label
+        );
+    }
+    Ok((ir, dump))
+}
+
+/// Runs `callgrind_control ARG PID`.
+fn callgrind_control(control: &Path, pid: u32, arg: &str) -> Result<()> {
+    let out = Command::new(control).arg(arg).arg(pid.to_string()).stdin(Stdio::null()).output()?;
+    ensure!(
+        out.status.success(),
+        "callgrind_control {arg} {pid} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The numbered dumps of `out` (`out.1`, `out.2`...), newest first.
+fn dumps(out: &Path) -> Result<Vec<PathBuf>> {
+    let dir = out.parent().context("a dump path without a directory")?;
+    let stem = format!("{}.", out.file_name().and_then(|n| n.to_str()).context("a dump name")?);
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            // `callgrind.out.3`, or `callgrind.out.3-01` with one file per thread.
+            let n = name.strip_prefix(&stem)?.split('-').next()?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// The `totals:` (or `summary:`) instruction count of a callgrind dump.
+fn dump_total(dump: &Path) -> Result<u64> {
+    let text = std::fs::read_to_string(dump).with_context(|| format!("reading {}", dump.display()))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("totals:") || l.starts_with("summary:"))
+        .with_context(|| format!("no totals in {}", dump.display()))?;
+    let ir = line.split_whitespace().nth(1).with_context(|| format!("`{line}` in {}", dump.display()))?;
+    ir.parse().with_context(|| format!("`{line}` in {}", dump.display()))
+}
+
+impl CallgrindReport {
+    fn print(&self, settings: &Settings) {
+        let n = self.requests;
+        println!("\nInstructions per HTTPS request under callgrind: user space, the proxy's process only");
+        println!(
+            "curl --http1.1 keep-alive GET / ({} byte body), {n} and {} requests on one connection, counters zeroed \
+             before each run; median of {} interleaved rounds",
+            SMALL_BODY.len(),
+            2 * n,
+            settings.rounds
+        );
+        println!(
+            "{:<26} {:>14} {:>14} {:>12} {:>9}",
+            "proxy",
+            format!("Ir({n})"),
+            format!("Ir({})", 2 * n),
+            "Ir/request",
+            "÷nginx"
+        );
+        let per: Vec<f64> = self
+            .counts
+            .iter()
+            .map(|c| median(c.iter().map(|(a, b)| b.saturating_sub(*a) as f64 / n as f64).collect()))
+            .collect();
+        let nginx = self.routes.iter().position(|r| r.gateway.is_none()).map(|i| per[i]);
+        for ((route, counts), ir) in self.routes.iter().zip(&self.counts).zip(&per) {
+            let m = |f: fn(&(u64, u64)) -> u64| median(counts.iter().map(|c| f(c) as f64).collect());
+            println!(
+                "{:<26} {:>14.0} {:>14.0} {:>12.0} {:>9.2}",
+                route.label,
+                m(|c| c.0),
+                m(|c| c.1),
+                ir,
+                ir / nginx.unwrap_or(f64::NAN)
+            );
+        }
+        println!(
+            "\nIr/request: (Ir({}) - Ir({n})) / {n}, so the start-up, the handshake, the connection's end and idle \
+             work cancel out. Every gateway run was checked to have been intercepted (eBPF redirect counter, an https \
+             connection event from curl counting every request).",
+            2 * n
+        );
+        let at = |label: &str| self.routes.iter().position(|r| r.label == label).map(|i| per[i]);
+        if let (Some(full), Some(off), Some(nginx)) = (at(CALLGRIND[0].0), at(CALLGRIND[1].0), nginx) {
+            println!(
+                "Target (issue 13): gateway CPU per request <= 0.8x nginx's: {:.2}x (recording full), {:.2}x \
+                 (recording off): {}",
+                full / nginx,
+                off / nginx,
+                if full <= 0.8 * nginx { "PASS" } else { "FAIL" }
+            );
+            println!(
+                "Target (issue 13): full recording <= 10% of CPU per request over recording off: +{:.1}%: {}",
+                (full / off - 1.0) * 100.0,
+                if full <= 1.1 * off { "PASS" } else { "FAIL" }
+            );
+        }
+        for (route, profile) in self.routes.iter().zip(&self.profiles) {
+            if let Some([small, large]) = profile {
+                println!(
+                    "profiles of {}: {} ({n} requests), {} ({} requests); per request: the difference of \
+                     `callgrind_annotate --inclusive=yes` costs over {n}",
+                    route.label,
+                    small.display(),
+                    large.display(),
+                    2 * n
+                );
+            }
         }
     }
 }

@@ -57,6 +57,8 @@ const APT_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "curl",
+    // valgrind (callgrind): instruction counts per request, HTTPS_BENCH_MODE=callgrind.
+    "valgrind",
     "git",
     "python3",
     "python3-pip",

@@ -289,22 +289,23 @@ fn is_key_header(name: &str) -> bool {
 pub fn auth_credentials(headers: &HeaderMap) -> Vec<(Location, Secret)> {
     let mut out = Vec::new();
     for (name, value) in headers {
-        let lname = name.as_str().to_string();
+        // Owned only for what is returned: most headers are neither.
+        let lname = || name.as_str().to_string();
         if is_authorization(name) {
             match parse_authorization(value.as_bytes()) {
                 Some(Auth::Basic { password, .. }) if !password.is_empty() => {
-                    out.push((Location::BasicAuthPassword(lname), Secret::new(&password)));
+                    out.push((Location::BasicAuthPassword(lname()), Secret::new(&password)));
                 }
                 Some(Auth::Basic { user, .. }) if !user.is_empty() => {
-                    out.push((Location::BasicAuthUser(lname), Secret::new(&user)));
+                    out.push((Location::BasicAuthUser(lname()), Secret::new(&user)));
                 }
-                Some(Auth::Token(token)) => out.push((Location::Header(lname), Secret::new(&token))),
+                Some(Auth::Token(token)) => out.push((Location::Header(lname()), Secret::new(&token))),
                 _ => {}
             }
-        } else if is_key_header(&lname) {
+        } else if is_key_header(name.as_str()) {
             let v = value.as_bytes().trim_ascii();
             if !v.is_empty() {
-                out.push((Location::Header(lname), Secret::new(v)));
+                out.push((Location::Header(lname()), Secret::new(v)));
             }
         }
     }

@@ -209,11 +209,11 @@ thread_local! {
     static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool>> = RefCell::new(HashMap::new());
 }
 
-/// What `record::redact_headers` returns, for every response at `full`:
-/// responses bring the same few names, so whether a name is a credential
+/// What `record::redact_headers` returns, for every request and response
+/// recorded at `full`: they bring the same few names, so whether a name is a credential
 /// name is remembered rather than decided again (a lowercase copy and a
 /// dozen substring searches per header).
-fn redact_response_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+pub(crate) fn redact_response_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
     SENSITIVE_NAMES.with(|known| {
         // Never borrowed re-entrantly: nothing below calls back.
         let mut known = known.borrow_mut();
@@ -280,7 +280,7 @@ impl ResponseInspector for ExchangeWatch {
         self.response_encoding = encoding;
         if self.full() {
             let mut headers = parts.headers.clone();
-            self.recording.mask_headers(&mut headers);
+            self.recording.mask_headers_remembered(&mut headers);
             self.response_headers = redact_response_headers(&headers);
         }
         verdict

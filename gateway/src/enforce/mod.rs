@@ -11,6 +11,8 @@ pub mod gate;
 mod masks;
 pub mod refusal;
 
+/// Recorded request and response headers, credentials redacted.
+pub(crate) use exchange::redact_response_headers as redact_recorded_headers;
 pub use exchange::{lock, ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
 pub use gate::{
     ApprovalAsk, Capture, ConnFacts, ConnectionDecision, DestinationNames, Gate, HttpAsk, Judged, Judgement, Opaque,

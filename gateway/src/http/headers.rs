@@ -12,8 +12,17 @@ use super::HttpContext;
 
 /// Headers that describe one hop, never the message (RFC 9110 7.6.1), plus
 /// `Expect`: we answer `100-continue` ourselves, by reading the body.
-const HOP_BY_HOP: [&str; 7] =
-    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te", "expect"];
+/// Typed names: a `&str` would be parsed and hashed again for every
+/// removal, twice per request.
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TE,
+    header::EXPECT,
+];
 
 /// Whether `headers`' `Connection` lists `token`.
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -34,6 +43,11 @@ pub(crate) fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool 
 /// `upgrade`, `Connection: upgrade` and `Upgrade` survive, because an
 /// upgrade handshake is exactly what must reach the other side.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over their few names instead of a
+    // lookup per hop-by-hop name.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -51,7 +65,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     // Restored here; `prepare` drops it again for HTTP/1 upstreams.

@@ -20,7 +20,14 @@
 //! encoding. The log itself is masked line by line ([`log`]). See
 //! `docs/masking.md`.
 
-use std::{borrow::Cow, collections::HashMap, fmt, sync::Arc};
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    collections::HashMap,
+    fmt,
+    hash::{BuildHasher as _, RandomState},
+    sync::Arc,
+};
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -57,6 +64,36 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const TOO_MANY_ENCODINGS: &str = "too-many-encodings";
 /// [`Masked`] records kept per stream until taken; the count goes on.
 const MAX_LOGGED: usize = 1024;
+/// Header lines [`Masker::mask_headers_remembered`] remembers per thread;
+/// when full, the memory starts over.
+const MAX_REMEMBERED_LINES: usize = 256;
+/// Longest header value remembered (longer ones are masked every time).
+const MAX_REMEMBERED_VALUE: usize = 512;
+
+/// Header lines one masker passed unchanged, for
+/// [`Masker::mask_headers_remembered`]: owned copies (a parsed value would
+/// pin its whole read buffer), found by a hash and compared in full.
+#[derive(Default)]
+struct CleanLines {
+    /// The masker they passed; held, so that its address is not reused.
+    masker: Option<Arc<Masker>>,
+    hasher: RandomState,
+    lines: HashMap<u64, (Box<str>, Box<[u8]>)>,
+}
+
+impl CleanLines {
+    fn key(&self, name: &HeaderName, value: &HeaderValue) -> u64 {
+        self.hasher.hash_one((name.as_str(), value.as_bytes()))
+    }
+
+    fn contains(&self, key: u64, name: &HeaderName, value: &HeaderValue) -> bool {
+        self.lines.get(&key).is_some_and(|(n, v)| **n == *name.as_str() && **v == *value.as_bytes())
+    }
+}
+
+thread_local! {
+    static CLEAN_LINES: RefCell<CleanLines> = RefCell::new(CleanLines::default());
+}
 
 /// What to mask, as a policy rule states it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -375,43 +412,92 @@ impl Masker {
         let mut masked = Vec::new();
         let mut text = Vec::new();
         for (name, value) in headers.iter_mut() {
-            let mut plain = PlainMasker::new(self, false);
-            if self.detector.is_some() {
-                text.clear();
-                text.extend_from_slice(name.as_str().as_bytes());
-                text.extend_from_slice(b": ");
-                let offset = text.len() as u64;
-                text.extend_from_slice(value.as_bytes());
-                match self.secret_ranges(&text) {
-                    Ok(ranges) => {
-                        for r in ranges.into_iter().filter(|r| r.end > offset) {
-                            plain.add_range(Range { start: r.start.saturating_sub(offset), end: r.end - offset, ..r });
-                        }
-                    }
-                    Err(views::OverBudget) => {
-                        let rule: Arc<str> = Arc::from(TOO_MANY_ENCODINGS);
-                        *value = HeaderValue::from_static("[MASKED:too-many-encodings]");
-                        masked.push(Masked { rule, location: MaskLocation::Header(name.clone()) });
-                        continue;
-                    }
-                }
-            }
-            let mut out = BytesMut::with_capacity(value.len());
-            plain.push(self, value.as_bytes(), &mut out);
-            plain.finish(self, &mut out);
-            let found = plain.log.take();
-            if found.is_empty() {
-                continue;
-            }
-            // Replacements are visible ASCII, so this only fails if the value
-            // was already invalid; never keep the original then.
-            *value =
-                HeaderValue::from_maybe_shared(out.freeze()).unwrap_or_else(|_| HeaderValue::from_static("[MASKED]"));
-            masked.extend(
-                found.into_iter().map(|m| Masked { rule: m.rule, location: MaskLocation::Header(name.clone()) }),
-            );
+            self.mask_header(name, value, &mut text, &mut masked);
         }
         masked
+    }
+
+    /// [`mask_headers`](Self::mask_headers) for a masker that sees the same
+    /// header lines again and again (the recording masker: `Host`,
+    /// `User-Agent`, `Server`, `Content-Type` on every request of a
+    /// connection). Masking is a function of the masker and the bytes
+    /// alone, so a line this masker passed unchanged passes unchanged again:
+    /// each thread remembers up to [`MAX_REMEMBERED_LINES`] such lines and
+    /// skips the detector and its views for them. Only lines that needed no
+    /// masking are remembered, and only to be compared with.
+    pub fn mask_headers_remembered(self: &Arc<Self>, headers: &mut HeaderMap) -> Vec<Masked> {
+        CLEAN_LINES.with(|memory| {
+            // Never borrowed re-entrantly: masking does not call back here.
+            let mut memory = memory.borrow_mut();
+            if !memory.masker.as_ref().is_some_and(|m| Arc::ptr_eq(m, self)) {
+                *memory = CleanLines { masker: Some(Arc::clone(self)), ..CleanLines::default() };
+            }
+            let mut masked = Vec::new();
+            let mut text = Vec::new();
+            for (name, value) in headers.iter_mut() {
+                let key = memory.key(name, value);
+                if memory.contains(key, name, value) {
+                    continue;
+                }
+                let before = masked.len();
+                self.mask_header(name, value, &mut text, &mut masked);
+                if masked.len() == before && value.len() <= MAX_REMEMBERED_VALUE {
+                    if memory.lines.len() >= MAX_REMEMBERED_LINES {
+                        memory.lines.clear();
+                    }
+                    memory.lines.insert(key, (name.as_str().into(), value.as_bytes().into()));
+                }
+            }
+            masked
+        })
+    }
+
+    /// Masks one header value in place, adding what it replaced to `masked`
+    /// (`text` is scratch space).
+    fn mask_header(&self, name: &HeaderName, value: &mut HeaderValue, text: &mut Vec<u8>, masked: &mut Vec<Masked>) {
+        let mut ranges = Vec::new();
+        if self.detector.is_some() {
+            text.clear();
+            text.extend_from_slice(name.as_str().as_bytes());
+            text.extend_from_slice(b": ");
+            let offset = text.len() as u64;
+            text.extend_from_slice(value.as_bytes());
+            match self.secret_ranges(text) {
+                Ok(found) => {
+                    ranges.extend(found.into_iter().filter(|r| r.end > offset).map(|r| Range {
+                        start: r.start.saturating_sub(offset),
+                        end: r.end - offset,
+                        ..r
+                    }));
+                }
+                Err(views::OverBudget) => {
+                    let rule: Arc<str> = Arc::from(TOO_MANY_ENCODINGS);
+                    *value = HeaderValue::from_static("[MASKED:too-many-encodings]");
+                    masked.push(Masked { rule, location: MaskLocation::Header(name.clone()) });
+                    return;
+                }
+            }
+        }
+        if ranges.is_empty() && self.patterns.is_empty() && self.json.is_none() {
+            // Nothing can match: the value passes as it is (what the stream
+            // below would release unchanged).
+            return;
+        }
+        let mut plain = PlainMasker::new(self, false);
+        for r in ranges {
+            plain.add_range(r);
+        }
+        let mut out = BytesMut::with_capacity(value.len());
+        plain.push(self, value.as_bytes(), &mut out);
+        plain.finish(self, &mut out);
+        let found = plain.log.take();
+        if found.is_empty() {
+            return;
+        }
+        // Replacements are visible ASCII, so this only fails if the value
+        // was already invalid; never keep the original then.
+        *value = HeaderValue::from_maybe_shared(out.freeze()).unwrap_or_else(|_| HeaderValue::from_static("[MASKED]"));
+        masked.extend(found.into_iter().map(|m| Masked { rule: m.rule, location: MaskLocation::Header(name.clone()) }));
     }
 
     /// The one-shot masking behind [`mask_bytes`](Self::mask_bytes): `data`

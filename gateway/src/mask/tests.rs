@@ -335,6 +335,62 @@ fn headers_are_masked_in_place() {
 }
 
 #[test]
+fn remembered_header_lines_mask_as_mask_headers_does() {
+    let ghp = key("github-pat");
+    let sk = key("stripe-secret-key");
+    let headers = || {
+        let mut h = HeaderMap::new();
+        h.insert("user-agent", HeaderValue::from_static("curl/8.5.0"));
+        h.insert("x-token", HeaderValue::from_bytes(&ghp).unwrap());
+        h.append("set-cookie", HeaderValue::from_bytes(&cat(&[b"k=", &sk, b"; Path=/"])).unwrap());
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h
+    };
+    let m = all_rules();
+    let mut expected = headers();
+    let expected_masked = m.mask_headers(&mut expected);
+    assert_eq!(expected_masked.len(), 2);
+    // The first call remembers the clean lines; later ones skip them and
+    // still mask the keys every time.
+    for round in 0..3 {
+        let mut got = headers();
+        let masked = m.mask_headers_remembered(&mut got);
+        assert_eq!(got, expected, "round {round}");
+        assert_eq!(masked, expected_masked, "round {round}");
+        for v in got.values() {
+            assert_absent(v.as_bytes(), &ghp);
+            assert_absent(v.as_bytes(), &sk);
+        }
+    }
+    // A line remembered as clean for one masker is not clean for another:
+    // a pattern masker masks the user agent the first masker passed.
+    let other = masker(MaskSpec {
+        patterns: vec![MaskPattern { name: "agent".into(), regex: "curl/[0-9.]{1,16}".into() }],
+        ..MaskSpec::default()
+    });
+    let mut got = headers();
+    other.mask_headers_remembered(&mut got);
+    assert_eq!(got["user-agent"], "[MASKED:agent]");
+    // And back: the first masker starts over and still masks the keys.
+    let mut got = headers();
+    m.mask_headers_remembered(&mut got);
+    assert_eq!(got, expected);
+    CLEAN_LINES.with(|memory| assert!(memory.borrow().lines.len() <= MAX_REMEMBERED_LINES));
+}
+
+#[test]
+fn remembered_lines_are_bounded() {
+    let m = all_rules();
+    for i in 0..MAX_REMEMBERED_LINES + 10 {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_str(&format!("req-{i}")).unwrap());
+        m.mask_headers_remembered(&mut h);
+        assert_eq!(h["x-request-id"], format!("req-{i}").as_str());
+    }
+    CLEAN_LINES.with(|memory| assert!(memory.borrow().lines.len() <= MAX_REMEMBERED_LINES));
+}
+
+#[test]
 fn header_rules_keyed_on_the_name_apply() {
     let specs = rules::builtin_specs().unwrap();
     let basic = &specs.iter().find(|s| s.id == "http-basic-auth-header").unwrap().examples[0];

@@ -302,8 +302,8 @@ impl HttpGate {
     /// credentials redacted.
     fn recorded_headers(&self, headers: &http::HeaderMap) -> Vec<(String, String)> {
         let mut headers = headers.clone();
-        self.passage.gate().recording_masker().mask_headers(&mut headers);
-        crate::record::redact_headers(&headers)
+        self.passage.gate().recording_masker().mask_headers_remembered(&mut headers);
+        crate::enforce::redact_recorded_headers(&headers)
     }
 
     fn masked_url(&self, parts: &http::request::Parts) -> String {
