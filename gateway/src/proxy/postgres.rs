@@ -28,7 +28,7 @@
 //! Sync produces, so the client sees the server's own transaction status.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
@@ -80,6 +80,13 @@ const RECORDED_TEXT: usize = 4096;
 
 /// SQLSTATE `insufficient_privilege`: a statement the gateway refused.
 const SQLSTATE_REFUSED: &str = "42501";
+/// Queries a session remembers classified, and the longest one remembered.
+const MAX_REMEMBERED_QUERIES: usize = 256;
+const MAX_REMEMBERED_QUERY: usize = 8 * 1024;
+
+/// What [`sql::classify`] made of a query.
+type Classified = Result<Vec<sql::Statement>, sql::SqlError>;
+
 /// `syntax_error`: a query PostgreSQL's grammar rejects.
 const SQLSTATE_SYNTAX_ERROR: &str = "42601";
 /// SQLSTATE `invalid_password`: a password the gateway refused.
@@ -431,6 +438,7 @@ impl Proxy {
             database: database.clone(),
             user: user.clone(),
             tls: tls.is_some(),
+            classified: Mutex::new(HashMap::new()),
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
         };
@@ -759,6 +767,10 @@ struct Relay<'a> {
     user: String,
     /// Whether the client's leg is TLS.
     tls: bool,
+    /// Queries already classified in this session, by text: drivers send
+    /// the same statements again and again (a Parse per execution in the
+    /// extended protocol), and classification is a function of the text.
+    classified: Mutex<HashMap<Box<str>, Arc<Classified>>>,
     max_message: usize,
     /// One entry per Query, Sync or FunctionCall sent upstream, in order:
     /// each is answered by one ReadyForQuery.
@@ -1159,16 +1171,33 @@ impl Relay<'_> {
         verdict
     }
 
+    /// `sql` classified, from the session's memory when it was seen before.
+    fn classify(&self, sql: &str) -> Arc<Classified> {
+        let lock = || self.classified.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = lock().get(sql) {
+            return Arc::clone(known);
+        }
+        let fresh = Arc::new(sql::classify(sql));
+        if sql.len() <= MAX_REMEMBERED_QUERY {
+            let mut memory = lock();
+            if memory.len() >= MAX_REMEMBERED_QUERIES {
+                memory.clear();
+            }
+            memory.insert(sql.into(), Arc::clone(&fresh));
+        }
+        fresh
+    }
+
     /// The policy's verdict on `sql`'s statements, and the deciding rule.
     async fn judge_policy(&self, sql: &str) -> (Verdict, String) {
         let passage = self.passage;
-        let classified = sql::classify(sql);
+        let classified = self.classify(sql);
         let ask = StatementAsk {
             host: &self.judged.host,
             tls: self.tls,
             database: &self.database,
             user: &self.user,
-            statements: classified.as_deref(),
+            statements: classified.as_ref().as_deref(),
         };
         let decision = match passage.statements(ask) {
             Ok(d) => d,
@@ -1197,7 +1226,7 @@ impl Relay<'_> {
             tls: self.tls,
             database: &self.database,
             user: &self.user,
-            statements: classified.as_deref(),
+            statements: classified.as_ref().as_deref(),
         };
         match passage.approve_statement(&ask, &decision, sql).await {
             Ok(()) => (Verdict::Allow, rule),
