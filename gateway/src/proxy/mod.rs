@@ -170,6 +170,13 @@ impl Proxy {
             match accepted {
                 Ok((client, peer)) => {
                     errors.succeeded();
+                    // As on the upstream leg: what the proxy writes (a
+                    // relayed PostgreSQL message, a TLS flight, a response
+                    // head) goes out at once, not held by Nagle for the
+                    // client's delayed ACK.
+                    if let Err(e) = client.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY on the client socket");
+                    }
                     let proxy = self.clone();
                     self.tracker.spawn(async move { proxy.handle(client, peer).await });
                 }
