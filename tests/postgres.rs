@@ -628,7 +628,8 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 /// against `FLAG_IP`. Each runs the same script (see [`CLIENT_SCRIPT_LINES`])
 /// with `HOST`, `PORT`, `CA` (the gateway's CA), `PGPASSWORD` (the job's
 /// password), `KEY_FLAG` (a key the gateway flags), `KEY_BLOCK` (one it
-/// blocks) and `TABLE` in its environment.
+/// blocks) and `TABLE` in its environment; with `LOGIN_ONLY` set it stops
+/// after printing `user <current_user>`.
 #[derive(Debug, Clone, Copy)]
 enum Driver {
     /// asyncpg (PyPI): its own protocol code, binary formats, its own SCRAM.
@@ -655,6 +656,9 @@ async def main():
                                  database="app", password=os.environ["PGPASSWORD"], ssl=ctx)
     table = os.environ["TABLE"]
     print("user", await conn.fetchval("select current_user"))
+    if os.environ.get("LOGIN_ONLY"):
+        await conn.close()
+        return
     flag, block = os.environ["KEY_FLAG"], os.environ["KEY_BLOCK"]
     print("bound", str(await conn.fetchval("select $1::text", flag) == flag).lower())
     try:
@@ -684,6 +688,7 @@ const env = process.env;
                          password: env.PGPASSWORD, ssl: { ca: fs.readFileSync(env.CA) } });
   await c.connect();
   console.log('user', (await c.query('select current_user as u')).rows[0].u);
+  if (env.LOGIN_ONLY) { await c.end(); return; }
   const bound = await c.query('select $1::text as v', [env.KEY_FLAG]);
   console.log('bound', bound.rows[0].v === env.KEY_FLAG);
   try {
@@ -724,6 +729,7 @@ public class PgClient {
                 r.next();
                 System.out.println("user " + r.getString(1));
             }
+            if (env.get("LOGIN_ONLY") != null) return;
             try (PreparedStatement p = c.prepareStatement("select ?::text")) {
                 p.setString(1, flag);
                 try (ResultSet r = p.executeQuery()) {
@@ -895,6 +901,25 @@ fn postgres_real_drivers() {
         eprintln!("{driver:?}: passed in {:.1}s; {}", started.elapsed().as_secs_f64(), lines[4]);
         keys_used.push(flag);
         keys_used.push(block);
+    }
+
+    // Swap: the job's connection string holds an old password; the server
+    // sees the login the gateway holds.
+    for driver in [Driver::Asyncpg, Driver::NodePg, Driver::TokioPostgres, Driver::Jdbc] {
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", SWAP_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", "an-old-password-that-no-longer-works")
+            .env("TABLE", driver.table())
+            .env("LOGIN_ONLY", "1");
+        let said = ok(&format!("{driver:?} through swap"), &run(cmd));
+        assert_eq!(said.trim(), "user ci_swap", "{driver:?}: the server saw the gateway-held login");
+        let swapped = scene.findings_of("postgres-password", SWAP_IP);
+        assert!(
+            swapped.iter().any(|f| f["action"] == "swap" && f["process"]["comm"] == driver.comm()),
+            "{driver:?}'s swapped password is a finding: {swapped:?}"
+        );
     }
 
     // No password and no key in clear anywhere the gateway wrote.
