@@ -643,6 +643,9 @@ enum Driver {
     TokioPostgres,
 }
 
+/// Every driver, in the order the test runs them.
+const DRIVERS: [Driver; 4] = [Driver::Asyncpg, Driver::NodePg, Driver::TokioPostgres, Driver::Jdbc];
+
 /// What every driver prints when everything goes as it should (`denied`
 /// is followed by the driver's error text).
 const CLIENT_SCRIPT_LINES: [&str; 6] =
@@ -851,7 +854,7 @@ fn postgres_real_drivers() {
     let scene = Scene::start("postgres-drivers");
     let port = scene.server.port.to_string();
     let mut keys_used = Vec::new();
-    for driver in [Driver::Asyncpg, Driver::NodePg, Driver::TokioPostgres, Driver::Jdbc] {
+    for driver in DRIVERS {
         let started = Instant::now();
         let (flag, block) = (keys::openai_key(), keys::github_token());
         let mut cmd = driver.command(&scene);
@@ -905,7 +908,7 @@ fn postgres_real_drivers() {
 
     // Swap: the job's connection string holds an old password; the server
     // sees the login the gateway holds.
-    for driver in [Driver::Asyncpg, Driver::NodePg, Driver::TokioPostgres, Driver::Jdbc] {
+    for driver in DRIVERS {
         let mut cmd = driver.command(&scene);
         cmd.env("HOST", SWAP_IP)
             .env("PORT", &port)
@@ -923,6 +926,24 @@ fn postgres_real_drivers() {
     }
 
     // No password and no key in clear anywhere the gateway wrote.
+    // Every driver's two sessions recorded (a session is written when it ends).
+    let exported = wait_for("the drivers' recorded sessions", || {
+        let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
+        if all.len() < 2 * DRIVERS.len() {
+            return Err(format!("{} sessions so far", all.len()));
+        }
+        let mut exported = String::new();
+        for s in &all {
+            let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
+            exported.push_str(&ok("sessions export", &scene.gw.cli(&["sessions", "export", id])));
+        }
+        Ok(exported)
+    });
+    for driver in DRIVERS {
+        let denied = format!("delete from {}", driver.table());
+        assert!(exported.contains(&denied), "{driver:?}'s denied statement is recorded");
+    }
+    assert!(exported.contains("bounded-deletes"), "the deciding rule is recorded");
     let log = scene.gw.log();
     let findings = serde_json::to_string(&scene.findings()).expect("json");
     let mut files = Vec::new();
@@ -931,6 +952,7 @@ fn postgres_real_drivers() {
     for (n, secret) in secrets.enumerate() {
         assert!(!log.contains(secret.as_str()), "secret #{n} is in the gateway's log");
         assert!(!findings.contains(secret.as_str()), "secret #{n} is in the findings");
+        assert!(!exported.contains(secret.as_str()), "secret #{n} is in a session export");
         for (path, bytes) in &files {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
