@@ -145,27 +145,36 @@ fn setup() -> Result<()> {
 const PYTHON_PACKAGES: &[(&str, &str)] =
     &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]"), ("asyncpg", "asyncpg")];
 
-/// The python the tests run: Debian's (readable by every uid; a pyenv
-/// first on root's PATH is not what the tests use), else `python3`.
-fn tests_python() -> &'static str {
+/// The pythons the tests run: Debian's (what clients running as other uids
+/// use; a pyenv first on root's PATH is not readable by them) and whatever
+/// `python3` is first on PATH (what the other tests spawn).
+fn tests_pythons() -> Vec<&'static str> {
+    let mut pythons = vec!["python3"];
     if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
+        pythons.push("/usr/bin/python3");
     }
+    pythons
 }
 
 fn python_packages() -> Result<()> {
-    let python = tests_python();
-    for (module, package) in PYTHON_PACKAGES {
-        if output(Command::new(python).args(["-c", &format!("import {module}")])).is_ok() {
-            continue;
-        }
-        eprintln!("xtask: installing the Python package {package}");
-        let pip = Command::new(python).args(["-m", "pip", "install", "--quiet", package]).status();
-        if !pip.is_ok_and(|s| s.success()) {
-            // Debian's own python3 refuses pip into the system site.
-            status(Command::new(python).args(["-m", "pip", "install", "--quiet", "--break-system-packages", package]))?;
+    for python in tests_pythons() {
+        for (module, package) in PYTHON_PACKAGES {
+            if output(Command::new(python).args(["-c", &format!("import {module}")])).is_ok() {
+                continue;
+            }
+            eprintln!("xtask: installing the Python package {package} for {python}");
+            let pip = Command::new(python).args(["-m", "pip", "install", "--quiet", package]).status();
+            if !pip.is_ok_and(|s| s.success()) {
+                // Debian's own python3 refuses pip into the system site.
+                status(Command::new(python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--break-system-packages",
+                    package,
+                ]))?;
+            }
         }
     }
     Ok(())
