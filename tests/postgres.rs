@@ -629,7 +629,8 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 /// with `HOST`, `PORT`, `CA` (the gateway's CA), `PGPASSWORD` (the job's
 /// password), `KEY_FLAG` (a key the gateway flags), `KEY_BLOCK` (one it
 /// blocks) and `TABLE` in its environment; with `LOGIN_ONLY` set it stops
-/// after printing `user <current_user>`.
+/// after printing `user <current_user>`; with `CANCEL` set it cancels a
+/// long query through the gateway and prints `cancelled true`.
 #[derive(Debug, Clone, Copy)]
 enum Driver {
     /// asyncpg (PyPI): its own protocol code, binary formats, its own SCRAM.
@@ -652,7 +653,7 @@ const CLIENT_SCRIPT_LINES: [&str; 6] =
     ["user ci", "bound true", "refused 42501 true false", "after 42", "denied 42501 ", "count 2"];
 
 const ASYNCPG_SCRIPT: &str = r#"
-import asyncio, os, ssl, asyncpg
+import asyncio, os, ssl, time, asyncpg
 async def main():
     ctx = ssl.create_default_context(cafile=os.environ["CA"])
     conn = await asyncpg.connect(host=os.environ["HOST"], port=int(os.environ["PORT"]), user="ci",
@@ -660,6 +661,17 @@ async def main():
     table = os.environ["TABLE"]
     print("user", await conn.fetchval("select current_user"))
     if os.environ.get("LOGIN_ONLY"):
+        await conn.close()
+        return
+    if os.environ.get("CANCEL"):
+        # On a timeout asyncpg cancels the query (a CancelRequest on a new
+        # connection); the next query only answers once the sleep is gone.
+        t = time.monotonic()
+        try:
+            await conn.fetchval("select pg_sleep(60)", timeout=1)
+        except asyncio.TimeoutError:
+            pass
+        print("cancelled", str(await conn.fetchval("select 1") == 1 and time.monotonic() - t < 20).lower())
         await conn.close()
         return
     flag, block = os.environ["KEY_FLAG"], os.environ["KEY_BLOCK"]
@@ -733,6 +745,19 @@ public class PgClient {
                 System.out.println("user " + r.getString(1));
             }
             if (env.get("LOGIN_ONLY") != null) return;
+            if (env.get("CANCEL") != null) {
+                long t = System.nanoTime();
+                new Thread(() -> {
+                    try { Thread.sleep(1000); s.cancel(); } catch (Exception e) { e.printStackTrace(); }
+                }).start();
+                try {
+                    s.execute("select pg_sleep(60)");
+                    System.out.println("NOT CANCELLED");
+                } catch (SQLException e) {
+                    System.out.println("cancelled " + ("57014".equals(e.getSQLState()) && System.nanoTime() - t < 20_000_000_000L));
+                }
+                return;
+            }
             try (PreparedStatement p = c.prepareStatement("select ?::text")) {
                 p.setString(1, flag);
                 try (ResultSet r = p.executeQuery()) {
@@ -926,10 +951,23 @@ fn postgres_real_drivers() {
     }
 
     // No password and no key in clear anywhere the gateway wrote.
+    // Cancel through the gateway's cancel key (node-postgres has no cancel).
+    for driver in [Driver::Asyncpg, Driver::TokioPostgres, Driver::Jdbc] {
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", FLAG_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", &scene.job_password)
+            .env("TABLE", driver.table())
+            .env("CANCEL", "1");
+        let said = ok(&format!("{driver:?} cancel"), &run(cmd));
+        assert_eq!(said.trim(), "user ci\ncancelled true", "{driver:?}: the cancel took effect at once");
+    }
+
     // Every driver's two sessions recorded (a session is written when it ends).
     let exported = wait_for("the drivers' recorded sessions", || {
         let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
-        if all.len() < 2 * DRIVERS.len() {
+        if all.len() < 2 * DRIVERS.len() + 3 {
             return Err(format!("{} sessions so far", all.len()));
         }
         let mut exported = String::new();

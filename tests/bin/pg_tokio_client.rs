@@ -3,7 +3,8 @@
 //! cgroup (a test process cannot move only itself there). It runs the same
 //! script as the other drivers there, with the same environment (`HOST`,
 //! `PORT`, `CA`, `PGPASSWORD`, `KEY_FLAG`, `KEY_BLOCK`, `TABLE`), and prints
-//! the same lines (`LOGIN_ONLY`: only the first). tokio-postgres binds parameters and reads results in
+//! the same lines (`LOGIN_ONLY`: only the first; `CANCEL`: a long query
+//! cancelled through the gateway). tokio-postgres binds parameters and reads results in
 //! binary format; TLS is rustls (tokio-postgres-rustls) trusting only the
 //! gateway's CA.
 
@@ -11,6 +12,7 @@ use std::{env, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use tokio_postgres::{error::SqlState, Client};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 fn var(name: &str) -> Result<String> {
     env::var(name).with_context(|| format!("{name} is not set"))
@@ -24,10 +26,23 @@ fn sqlstate_and_message(e: &tokio_postgres::Error) -> (String, String) {
     }
 }
 
-async fn script(client: &Client) -> Result<()> {
+async fn script(client: &Client, tls: MakeRustlsConnect) -> Result<()> {
     let user: String = client.query_one("select current_user::text", &[]).await?.get(0);
     println!("user {user}");
     if env::var_os("LOGIN_ONLY").is_some() {
+        return Ok(());
+    }
+    if env::var_os("CANCEL").is_some() {
+        let started = std::time::Instant::now();
+        let token = client.cancel_token();
+        let cancel = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            token.cancel_query(tls).await
+        });
+        let result = client.execute("select pg_sleep(60)", &[]).await;
+        cancel.await?.context("cancelling")?;
+        let cancelled = result.err().and_then(|e| e.code().cloned()) == Some(SqlState::QUERY_CANCELED);
+        println!("cancelled {}", cancelled && started.elapsed() < std::time::Duration::from_secs(20));
         return Ok(());
     }
     let (flag, block, table) = (var("KEY_FLAG")?, var("KEY_BLOCK")?, var("TABLE")?);
@@ -77,10 +92,10 @@ async fn main() -> Result<()> {
         .dbname("app")
         .password(var("PGPASSWORD")?)
         .ssl_mode(tokio_postgres::config::SslMode::Require);
-    let (client, connection) =
-        config.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await.context("connecting")?;
+    let connector = MakeRustlsConnect::new(tls);
+    let (client, connection) = config.connect(connector.clone()).await.context("connecting")?;
     let connection = tokio::spawn(connection);
-    script(&client).await?;
+    script(&client, connector).await?;
     drop(client);
     connection.await?.context("the connection")?;
     Ok(())
