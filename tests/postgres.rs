@@ -1,7 +1,8 @@
 //! PostgreSQL through the gateway, end to end: a real server (Debian's
 //! PostgreSQL 15, initialised here in a temporary directory, SCRAM-SHA-256
 //! only, TLS only, on loopback addresses) and real clients nobody here
-//! wrote (psql, pgbench, psycopg 3) in the intercepted cgroup.
+//! wrote (psql, pgbench, psycopg 3; and in a second scene asyncpg,
+//! node-postgres, tokio-postgres and pgjdbc) in the intercepted cgroup.
 //!
 //! One server listens on three addresses the gateway intercepts, each
 //! with its own static-key action (`findings.actions`): `block`, `flag`
@@ -171,7 +172,9 @@ struct Scene {
 }
 
 impl Scene {
-    fn start() -> Scene {
+    /// Starts a server and a gateway named `name` (its cgroup and pins are
+    /// named after it, so two scenes run side by side in one test binary).
+    fn start(name: &str) -> Scene {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let ips = [BLOCK_IP, FLAG_IP, SWAP_IP];
@@ -192,7 +195,7 @@ impl Scene {
         std::fs::set_permissions(&held, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
         let destinations: Vec<String> = ips.iter().map(|ip| format!("{{cidr: {ip}/32, ports: [{port}]}}")).collect();
         let destinations: Vec<&str> = destinations.iter().map(String::as_str).collect();
-        let mut opts = GatewayOptions::new("postgres", &destinations);
+        let mut opts = GatewayOptions::new(name, &destinations);
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         // Statement rules (judged with PostgreSQL's own grammar); everything
         // else allowed, findings.actions deciding static keys.
@@ -278,6 +281,9 @@ impl Scene {
 /// the test (and is killed) instead of hanging it.
 fn run(mut cmd: Command) -> Output {
     use std::process::Stdio;
+    // Only the program is named on failure: arguments and environment
+    // carry passwords and keys.
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn client");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -288,7 +294,7 @@ fn run(mut cmd: Command) -> Output {
         Ok(out) => out.expect("client output"),
         Err(_) => {
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            panic!("{cmd:?} did not finish within {CLIENT_PATIENCE:?}");
+            panic!("{program} did not finish within {CLIENT_PATIENCE:?}");
         }
     }
 }
@@ -303,7 +309,7 @@ fn text(out: &Output) -> String {
 #[test]
 fn postgres_through_the_gateway() {
     gateway_tests::require_root();
-    let scene = Scene::start();
+    let scene = Scene::start("postgres");
     let port = scene.server.port;
 
     // --- block: the hard-coded password never reaches the server.
@@ -614,6 +620,383 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
             collect_files(&path, out);
         } else if let Ok(bytes) = std::fs::read(&path) {
             out.push((path, bytes));
+        }
+    }
+}
+
+/// A PostgreSQL driver nobody here wrote, run in the intercepted cgroup
+/// against `FLAG_IP`. Each runs the same script (see [`CLIENT_SCRIPT_LINES`])
+/// with `HOST`, `PORT`, `CA` (the gateway's CA), `PGPASSWORD` (the job's
+/// password), `KEY_FLAG` (a key the gateway flags), `KEY_BLOCK` (one it
+/// blocks) and `TABLE` in its environment; with `LOGIN_ONLY` set it stops
+/// after printing `user <current_user>`; with `CANCEL` set it cancels a
+/// long query through the gateway and prints `cancelled true`.
+#[derive(Debug, Clone, Copy)]
+enum Driver {
+    /// asyncpg (PyPI): its own protocol code, binary formats, its own SCRAM.
+    Asyncpg,
+    /// node-postgres (`pg` from npm).
+    NodePg,
+    /// pgjdbc (Debian's `libpostgresql-jdbc-java`).
+    Jdbc,
+    /// tokio-postgres (tests/bin/pg_tokio_client.rs): binary formats,
+    /// rustls.
+    TokioPostgres,
+}
+
+/// Every driver, in the order the test runs them.
+const DRIVERS: [Driver; 4] = [Driver::Asyncpg, Driver::NodePg, Driver::TokioPostgres, Driver::Jdbc];
+
+/// What every driver prints when everything goes as it should (`denied`
+/// is followed by the driver's error text).
+const CLIENT_SCRIPT_LINES: [&str; 6] =
+    ["user ci", "bound true", "refused 42501 true false", "after 42", "denied 42501 ", "count 2"];
+
+const ASYNCPG_SCRIPT: &str = r#"
+import asyncio, os, ssl, time, asyncpg
+async def main():
+    ctx = ssl.create_default_context(cafile=os.environ["CA"])
+    conn = await asyncpg.connect(host=os.environ["HOST"], port=int(os.environ["PORT"]), user="ci",
+                                 database="app", password=os.environ["PGPASSWORD"], ssl=ctx)
+    table = os.environ["TABLE"]
+    print("user", await conn.fetchval("select current_user"))
+    if os.environ.get("LOGIN_ONLY"):
+        await conn.close()
+        return
+    if os.environ.get("CANCEL"):
+        # On a timeout asyncpg cancels the query (a CancelRequest on a new
+        # connection); the next query only answers once the sleep is gone.
+        t = time.monotonic()
+        try:
+            await conn.fetchval("select pg_sleep(60)", timeout=1)
+        except asyncio.TimeoutError:
+            pass
+        print("cancelled", str(await conn.fetchval("select 1") == 1 and time.monotonic() - t < 20).lower())
+        await conn.close()
+        return
+    flag, block = os.environ["KEY_FLAG"], os.environ["KEY_BLOCK"]
+    print("bound", str(await conn.fetchval("select $1::text", flag) == flag).lower())
+    try:
+        await conn.fetchval("select $1::text", block)
+        print("NOT REFUSED")
+    except asyncpg.exceptions.InsufficientPrivilegeError as e:
+        print("refused", e.sqlstate, str("github-pat" in str(e)).lower(), str(block in str(e)).lower())
+    print("after", await conn.fetchval("select $1::int + 1", 41))
+    await conn.execute(f"create table {table} (a int)")
+    await conn.execute(f"insert into {table} values (1), (2)")
+    try:
+        await conn.execute(f"delete from {table}")
+        print("NOT DENIED")
+    except asyncpg.exceptions.InsufficientPrivilegeError as e:
+        print("denied", e.sqlstate, str(e))
+    print("count", await conn.fetchval(f"select count(*) from {table}"))
+    await conn.close()
+asyncio.run(main())
+"#;
+
+const NODE_PG_SCRIPT: &str = r#"
+const { Client } = require('pg');
+const fs = require('fs');
+const env = process.env;
+(async () => {
+  const c = new Client({ host: env.HOST, port: Number(env.PORT), user: 'ci', database: 'app',
+                         password: env.PGPASSWORD, ssl: { ca: fs.readFileSync(env.CA) } });
+  await c.connect();
+  console.log('user', (await c.query('select current_user as u')).rows[0].u);
+  if (env.LOGIN_ONLY) { await c.end(); return; }
+  const bound = await c.query('select $1::text as v', [env.KEY_FLAG]);
+  console.log('bound', bound.rows[0].v === env.KEY_FLAG);
+  try {
+    await c.query('select $1::text as v', [env.KEY_BLOCK]);
+    console.log('NOT REFUSED');
+  } catch (e) {
+    console.log('refused', e.code, e.message.includes('github-pat'), e.message.includes(env.KEY_BLOCK));
+  }
+  console.log('after', (await c.query('select $1::int + 1 as v', [41])).rows[0].v);
+  await c.query(`create table ${env.TABLE} (a int)`);
+  await c.query(`insert into ${env.TABLE} values (1), (2)`);
+  try {
+    await c.query(`delete from ${env.TABLE}`);
+    console.log('NOT DENIED');
+  } catch (e) {
+    console.log('denied', e.code, e.message);
+  }
+  console.log('count', (await c.query(`select count(*)::int as n from ${env.TABLE}`)).rows[0].n);
+  await c.end();
+})().catch((e) => { console.error('client error', e.code, e.message); process.exit(1); });
+"#;
+
+const JDBC_SOURCE: &str = r#"
+import java.sql.*;
+import java.util.Properties;
+
+public class PgClient {
+    public static void main(String[] args) throws Exception {
+        var env = System.getenv();
+        String url = "jdbc:postgresql://" + env.get("HOST") + ":" + env.get("PORT")
+            + "/app?sslmode=verify-full&sslrootcert=" + env.get("CA");
+        Properties props = new Properties();
+        props.setProperty("user", "ci");
+        props.setProperty("password", env.get("PGPASSWORD"));
+        String table = env.get("TABLE"), flag = env.get("KEY_FLAG"), block = env.get("KEY_BLOCK");
+        try (Connection c = DriverManager.getConnection(url, props); Statement s = c.createStatement()) {
+            try (ResultSet r = s.executeQuery("select current_user")) {
+                r.next();
+                System.out.println("user " + r.getString(1));
+            }
+            if (env.get("LOGIN_ONLY") != null) return;
+            if (env.get("CANCEL") != null) {
+                long t = System.nanoTime();
+                new Thread(() -> {
+                    try { Thread.sleep(1000); s.cancel(); } catch (Exception e) { e.printStackTrace(); }
+                }).start();
+                try {
+                    s.execute("select pg_sleep(60)");
+                    System.out.println("NOT CANCELLED");
+                } catch (SQLException e) {
+                    System.out.println("cancelled " + ("57014".equals(e.getSQLState()) && System.nanoTime() - t < 20_000_000_000L));
+                }
+                return;
+            }
+            try (PreparedStatement p = c.prepareStatement("select ?::text")) {
+                p.setString(1, flag);
+                try (ResultSet r = p.executeQuery()) {
+                    r.next();
+                    System.out.println("bound " + flag.equals(r.getString(1)));
+                }
+            }
+            try (PreparedStatement p = c.prepareStatement("select ?::text")) {
+                p.setString(1, block);
+                p.executeQuery();
+                System.out.println("NOT REFUSED");
+            } catch (SQLException e) {
+                String m = String.valueOf(e.getMessage());
+                System.out.println("refused " + e.getSQLState() + " " + m.contains("github-pat") + " " + m.contains(block));
+            }
+            try (PreparedStatement p = c.prepareStatement("select ?::int + 1")) {
+                p.setInt(1, 41);
+                try (ResultSet r = p.executeQuery()) {
+                    r.next();
+                    System.out.println("after " + r.getInt(1));
+                }
+            }
+            s.execute("create table " + table + " (a int)");
+            s.execute("insert into " + table + " values (1), (2)");
+            try {
+                s.execute("delete from " + table);
+                System.out.println("NOT DENIED");
+            } catch (SQLException e) {
+                System.out.println("denied " + e.getSQLState() + " " + e.getMessage());
+            }
+            try (ResultSet r = s.executeQuery("select count(*) from " + table)) {
+                r.next();
+                System.out.println("count " + r.getLong(1));
+            }
+        }
+    }
+}
+"#;
+
+/// Where `cargo xtask setup` installs node-postgres (`npm install pg`):
+/// `$HOME/.cache/ci-gateway/npm/node_modules`.
+fn node_modules() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/ci-gateway/npm/node_modules")
+}
+
+/// Debian's pgjdbc jar.
+const JDBC_JAR: &str = "/usr/share/java/postgresql.jar";
+
+impl Driver {
+    /// The table this driver creates (one per driver: they share a database).
+    fn table(self) -> &'static str {
+        match self {
+            Driver::Asyncpg => "scratch_asyncpg",
+            Driver::NodePg => "scratch_node",
+            Driver::Jdbc => "scratch_jdbc",
+            Driver::TokioPostgres => "scratch_tokio",
+        }
+    }
+
+    /// The `comm` the gateway attributes the driver's connections to.
+    fn comm(self) -> &'static str {
+        match self {
+            Driver::Asyncpg => "asyncpg",
+            Driver::NodePg => "node",
+            Driver::Jdbc => "java",
+            Driver::TokioPostgres => "pg-tokio-client",
+        }
+    }
+
+    /// The driver's command in the intercepted cgroup, failing loudly when
+    /// the driver is not installed.
+    fn command(self, scene: &Scene) -> Command {
+        let installed = |what: &str, out: std::io::Result<Output>| {
+            let out = out.unwrap_or_else(|e| panic!("{what}: {e}: run `cargo xtask setup`"));
+            assert!(out.status.success(), "{what} is not installed: run `cargo xtask setup`\n{}", text(&out));
+        };
+        match self {
+            Driver::Asyncpg => {
+                let python = gateway_tests::python_named(scene.gw.dir.path(), self.comm());
+                installed(
+                    "asyncpg (pip install asyncpg)",
+                    Command::new(&python).args(["-c", "import asyncpg"]).output(),
+                );
+                let mut cmd = scene.gw.command_in_cgroup(python);
+                cmd.args(["-c", ASYNCPG_SCRIPT]);
+                cmd
+            }
+            Driver::NodePg => {
+                let modules = node_modules();
+                installed(
+                    "node-postgres (npm install pg)",
+                    Command::new("node").env("NODE_PATH", &modules).args(["-e", "require('pg')"]).output(),
+                );
+                let mut cmd = scene.gw.command_in_cgroup("node");
+                cmd.env("NODE_PATH", &modules).args(["-e", NODE_PG_SCRIPT]);
+                cmd
+            }
+            Driver::Jdbc => {
+                assert!(
+                    Path::new(JDBC_JAR).is_file(),
+                    "pgjdbc is not installed at {JDBC_JAR}: install Debian's libpostgresql-jdbc-java (cargo xtask setup)"
+                );
+                let source = scene.gw.dir.path().join("PgClient.java");
+                std::fs::write(&source, JDBC_SOURCE).expect("write the JDBC client");
+                // The single-file source launcher (JDK 11+) compiles and runs it.
+                let mut cmd = scene.gw.command_in_cgroup("java");
+                cmd.args(["-cp", JDBC_JAR]).arg(source);
+                cmd
+            }
+            Driver::TokioPostgres => scene.gw.command_in_cgroup(env!("CARGO_BIN_EXE_pg-tokio-client")),
+        }
+    }
+}
+
+#[test]
+fn postgres_real_drivers() {
+    gateway_tests::require_root();
+    let scene = Scene::start("postgres-drivers");
+    let port = scene.server.port.to_string();
+    let mut keys_used = Vec::new();
+    for driver in DRIVERS {
+        let started = Instant::now();
+        let (flag, block) = (keys::openai_key(), keys::github_token());
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", FLAG_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", &scene.job_password)
+            .env("KEY_FLAG", &flag)
+            .env("KEY_BLOCK", &block)
+            .env("TABLE", driver.table());
+        let out = run(cmd);
+        let said = ok(&format!("{driver:?}"), &out);
+        let lines: Vec<&str> = said.lines().collect();
+        assert_eq!(lines.len(), CLIENT_SCRIPT_LINES.len(), "{driver:?} printed:\n{said}");
+        for (line, want) in lines.iter().zip(CLIENT_SCRIPT_LINES) {
+            assert!(line.starts_with(want), "{driver:?}: expected `{want}…`, got `{line}`:\n{said}");
+        }
+        assert!(
+            lines[4].contains("UPDATE and DELETE need a WHERE clause"),
+            "{driver:?} shows the gateway's reason for the denied statement:\n{said}"
+        );
+        // The flagged key in a bind parameter is a finding of this driver's process.
+        let bound = wait_for(&format!("{driver:?}'s bind-parameter finding"), || {
+            let found: Vec<Value> = scene
+                .findings_of("openai-project-key", FLAG_IP)
+                .into_iter()
+                .filter(|f| f["location"] == "postgres:bind:$1" && f["process"]["comm"] == driver.comm())
+                .collect();
+            if found.is_empty() {
+                Err(format!("none yet among {:?}", scene.findings_of("openai-project-key", FLAG_IP)))
+            } else {
+                Ok(found)
+            }
+        });
+        assert!(bound.iter().any(|f| f["action"] == "flag"), "{driver:?}: {bound:?}");
+        let blocked = scene.findings_of("github-pat", FLAG_IP);
+        assert!(
+            blocked.iter().any(|f| f["action"] == "block" && f["process"]["comm"] == driver.comm()),
+            "{driver:?}'s blocked key is a finding: {blocked:?}"
+        );
+        assert!(!scene.server.log().contains(&block), "{driver:?}: the blocked key never reached the server");
+        let logins = scene.findings_of("postgres-password", FLAG_IP);
+        assert!(
+            logins.iter().any(|f| f["action"] == "flag" && f["process"]["comm"] == driver.comm()),
+            "{driver:?}'s hard-coded password is a flagged finding: {logins:?}"
+        );
+        eprintln!("{driver:?}: passed in {:.1}s; {}", started.elapsed().as_secs_f64(), lines[4]);
+        keys_used.push(flag);
+        keys_used.push(block);
+    }
+
+    // Swap: the job's connection string holds an old password; the server
+    // sees the login the gateway holds.
+    for driver in DRIVERS {
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", SWAP_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", "an-old-password-that-no-longer-works")
+            .env("TABLE", driver.table())
+            .env("LOGIN_ONLY", "1");
+        let said = ok(&format!("{driver:?} through swap"), &run(cmd));
+        assert_eq!(said.trim(), "user ci_swap", "{driver:?}: the server saw the gateway-held login");
+        let swapped = scene.findings_of("postgres-password", SWAP_IP);
+        assert!(
+            swapped.iter().any(|f| f["action"] == "swap" && f["process"]["comm"] == driver.comm()),
+            "{driver:?}'s swapped password is a finding: {swapped:?}"
+        );
+    }
+
+    // No password and no key in clear anywhere the gateway wrote.
+    // Cancel through the gateway's cancel key (node-postgres has no cancel).
+    for driver in [Driver::Asyncpg, Driver::TokioPostgres, Driver::Jdbc] {
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", FLAG_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", &scene.job_password)
+            .env("TABLE", driver.table())
+            .env("CANCEL", "1");
+        let said = ok(&format!("{driver:?} cancel"), &run(cmd));
+        assert_eq!(said.trim(), "user ci\ncancelled true", "{driver:?}: the cancel took effect at once");
+    }
+
+    // Every driver's two sessions recorded (a session is written when it ends).
+    let exported = wait_for("the drivers' recorded sessions", || {
+        let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
+        if all.len() < 2 * DRIVERS.len() + 3 {
+            return Err(format!("{} sessions so far", all.len()));
+        }
+        let mut exported = String::new();
+        for s in &all {
+            let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
+            exported.push_str(&ok("sessions export", &scene.gw.cli(&["sessions", "export", id])));
+        }
+        Ok(exported)
+    });
+    for driver in DRIVERS {
+        let denied = format!("delete from {}", driver.table());
+        assert!(exported.contains(&denied), "{driver:?}'s denied statement is recorded");
+    }
+    assert!(exported.contains("bounded-deletes"), "the deciding rule is recorded");
+    let log = scene.gw.log();
+    let findings = serde_json::to_string(&scene.findings()).expect("json");
+    let mut files = Vec::new();
+    collect_files(&scene.gw.dir.path().join("state"), &mut files);
+    let secrets = [&scene.job_password, &scene.swap_password].into_iter().chain(keys_used.iter());
+    for (n, secret) in secrets.enumerate() {
+        assert!(!log.contains(secret.as_str()), "secret #{n} is in the gateway's log");
+        assert!(!findings.contains(secret.as_str()), "secret #{n} is in the findings");
+        assert!(!exported.contains(secret.as_str()), "secret #{n} is in a session export");
+        for (path, bytes) in &files {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "secret #{n} is in {}",
+                path.display()
+            );
         }
     }
 }

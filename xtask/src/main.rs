@@ -2,7 +2,7 @@
 //! whatever a fresh machine lacks and skips, in seconds, what is there.
 //!
 //! * `cargo xtask setup` — system packages, nightly rust-src, bpf-linker,
-//!   the Python packages the end-to-end clients use.
+//!   the Python and npm packages the end-to-end clients use.
 //! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded defaults).
 //! * `cargo xtask test` — build and run every test (what CI runs).
 //! * `cargo xtask bench` — run the benchmarks.
@@ -70,6 +70,11 @@ const APT_PACKAGES: &[&str] = &[
     // The PostgreSQL tests' server (initdb, postgres) and clients (psql, pgbench).
     "postgresql",
     "postgresql-client",
+    // More real PostgreSQL clients: pgjdbc, run by the JDK's single-file
+    // source launcher; node for node-postgres (installed by npm below).
+    "libpostgresql-jdbc-java",
+    "default-jdk-headless",
+    "nodejs",
 ];
 
 fn main() -> ExitCode {
@@ -130,34 +135,87 @@ fn setup() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     python_packages()?;
+    npm_packages()?;
     Ok(())
 }
 
 /// Python packages the end-to-end tests' clients use (a real QUIC client
-/// and server for the UDP refusal test), installed for the `python3` the
-/// tests run.
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]")];
+/// and server for the UDP refusal test, PostgreSQL drivers), installed for
+/// the `python3` the tests run.
+const PYTHON_PACKAGES: &[(&str, &str)] =
+    &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]"), ("asyncpg", "asyncpg")];
+
+/// The pythons the tests run: Debian's (what clients running as other uids
+/// use; a pyenv first on root's PATH is not readable by them) and whatever
+/// `python3` is first on PATH (what the other tests spawn).
+fn tests_pythons() -> Vec<&'static str> {
+    let mut pythons = vec!["python3"];
+    if Path::new("/usr/bin/python3").exists() {
+        pythons.push("/usr/bin/python3");
+    }
+    pythons
+}
 
 fn python_packages() -> Result<()> {
-    for (module, package) in PYTHON_PACKAGES {
-        if output(Command::new("python3").args(["-c", &format!("import {module}")])).is_ok() {
-            continue;
-        }
-        eprintln!("xtask: installing the Python package {package}");
-        let pip = Command::new("python3").args(["-m", "pip", "install", "--quiet", package]).status();
-        if !pip.is_ok_and(|s| s.success()) {
-            // Debian's own python3 refuses pip into the system site.
-            status(Command::new("python3").args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--break-system-packages",
-                package,
-            ]))?;
+    for python in tests_pythons() {
+        for (module, package) in PYTHON_PACKAGES {
+            if output(Command::new(python).args(["-c", &format!("import {module}")])).is_ok() {
+                continue;
+            }
+            eprintln!("xtask: installing the Python package {package} for {python}");
+            let pip = Command::new(python).args(["-m", "pip", "install", "--quiet", package]).status();
+            if !pip.is_ok_and(|s| s.success()) {
+                // Debian's own python3 refuses pip into the system site.
+                status(Command::new(python).args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--break-system-packages",
+                    package,
+                ]))?;
+            }
         }
     }
     Ok(())
+}
+
+/// npm packages the end-to-end tests' clients use (node-postgres), as
+/// (module, package): installed below [`cache_dir`]`/npm`, where the tests
+/// look for them (`$HOME/.cache/ci-gateway/npm/node_modules`).
+const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "pg")];
+
+fn npm_packages() -> Result<()> {
+    let prefix = cache_dir().join("npm");
+    let modules = prefix.join("node_modules");
+    let missing: Vec<&str> = NPM_PACKAGES
+        .iter()
+        .filter(|(module, _)| {
+            output(Command::new("node").env("NODE_PATH", &modules).args(["-e", &format!("require('{module}')")]))
+                .is_err()
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output(Command::new("npm").arg("--version")).is_err() {
+        // NodeSource's nodejs bundles npm; Debian's ships it apart.
+        eprintln!("xtask: installing npm");
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends", "npm"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    std::fs::create_dir_all(&prefix).with_context(|| format!("creating {}", prefix.display()))?;
+    eprintln!("xtask: installing the npm packages {missing:?}");
+    status(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&prefix)
+            .args(&missing),
+    )
 }
 
 fn apt_packages() -> Result<()> {
