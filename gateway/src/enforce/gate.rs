@@ -426,22 +426,16 @@ impl Passage {
                 json!({ "rule": rule, "action": action.name(), "uninspectable": uninspectable.as_str(), "why": why }),
             );
         }
-        let refusal = match &action {
-            policy::Action::Deny { reason } => Some(Reason::Denied { rule: rule.clone(), reason: reason.clone() }),
-            _ if protected && uninspectable == policy::Uninspectable::Refuse => Some(Reason::Uninspectable(why)),
-            policy::Action::RequireApproval(spec) => {
-                let port = self.conn.dst.port();
-                let ask = ApprovalAsk {
-                    rule: &rule,
-                    spec,
-                    method: "CONNECT".into(),
-                    url: format!("tcp://{host}:{port}"),
-                    destination: format!("{host}:{port}"),
-                    body_preview: String::new(),
-                };
-                self.approve(ask).await.err().map(|r| r.reason)
-            }
-            policy::Action::Allow => None,
+        let refusal = if protected
+            && uninspectable == policy::Uninspectable::Refuse
+            && !matches!(action, policy::Action::Deny { .. })
+        {
+            // What cannot be inspected is refused before anyone is asked to
+            // approve it; a deny still says its own reason.
+            Some(Reason::Uninspectable(why))
+        } else {
+            let port = self.conn.dst.port();
+            self.connection_action(&action, &rule, host, format!("tcp://{host}:{port}")).await
         };
         if let Some(reason) = refusal {
             return Err(self.refuse(reason, &rule));
@@ -482,26 +476,34 @@ impl Passage {
                 json!({ "database": database, "user": user, "rule": rule, "action": action.name() }),
             );
         }
-        let refusal = match &action {
-            policy::Action::Deny { reason } => Some(Reason::Denied { rule: rule.clone(), reason: reason.clone() }),
+        let port = self.conn.dst.port();
+        let url = format!("postgres://{user}@{host}:{port}/{database}");
+        let refusal = self.connection_action(&action, &rule, &host, url).await;
+        if let Some(reason) = refusal {
+            return Err(self.refuse(reason, &rule));
+        }
+        Ok(ConnectionDecision { host, rule, static_keys, record: record_level(record) })
+    }
+
+    /// What a connection-level decision means for the connection to `host`
+    /// (`url` as approvers see it): the reason to refuse it when the rule
+    /// denies or approvers do not grant it.
+    async fn connection_action(&self, action: &policy::Action, rule: &str, host: &str, url: String) -> Option<Reason> {
+        match action {
+            policy::Action::Deny { reason } => Some(Reason::Denied { rule: rule.to_owned(), reason: reason.clone() }),
             policy::Action::RequireApproval(spec) => {
-                let port = self.conn.dst.port();
                 let ask = ApprovalAsk {
-                    rule: &rule,
+                    rule,
                     spec,
                     method: "CONNECT".into(),
-                    url: format!("postgres://{user}@{host}:{port}/{database}"),
-                    destination: format!("{host}:{port}"),
+                    url,
+                    destination: format!("{host}:{}", self.conn.dst.port()),
                     body_preview: String::new(),
                 };
                 self.approve(ask).await.err().map(|r| r.reason)
             }
             policy::Action::Allow => None,
-        };
-        if let Some(reason) = refusal {
-            return Err(self.refuse(reason, &rule));
         }
-        Ok(ConnectionDecision { host, rule, static_keys, record: record_level(record) })
     }
 
     /// Records a refusal (event, log line, counter) and returns it for the
