@@ -203,6 +203,8 @@ impl Scene {
             "version: 1\nrules:\n\
              \x20 - name: bounded-deletes\n    match: { postgres: { kind: [update, delete], where: false } }\n\
              \x20   action: deny\n    reason: \"UPDATE and DELETE need a WHERE clause\"\n\
+             \x20 - name: no-fastpath\n    match: { postgres: { kind: call } }\n\
+             \x20   action: deny\n    reason: \"function calls are not for CI\"\n\
              \x20 - name: vault\n    match: { postgres: { relations: [vault_keys, public.vault_keys] } }\n\
              \x20   action: deny\n    reason: \"the vault is off limits to CI\"\n\
              defaults: { action: allow }\n"
@@ -530,6 +532,23 @@ while True:
     t, b = read()
     assert t is not None and t != b"E", b
     if t == b"Z": break
+# A fastpath FunctionCall (int4abs(-5), oid looked up first) names no SQL:
+# judged as a `call`, which the policy denies.
+s.sendall(msg(b"Q", b"select 'int4abs'::regproc::oid\0"))
+oid = None
+while True:
+    t, b = read()
+    assert t is not None and t != b"E", b
+    if t == b"D": oid = int(b[6:])
+    if t == b"Z": break
+s.sendall(msg(b"F", struct.pack("!IhhI", oid, 0, 1, 2) + b"-5" + struct.pack("!h", 0)))
+answers = []
+while True:
+    t, b = read()
+    answers.append(t)
+    if t == b"E": print("call refused", b"42501" in b, b"function calls are not for CI" in b)
+    if t == b"Z": break
+print("call answers", b"".join(answers).decode())
 s.sendall(msg(b"z", b"garbage"))
 t, b = read()
 print("answer", t.decode(), b"08P01" in b, b"unexpected message type" in b)
@@ -538,6 +557,8 @@ print("closed", read()[0] is None)
     );
     let out = scene.python(FLAG_IP, &script);
     let said = ok("raw client", &out);
+    assert!(said.contains("call refused True True"), "a fastpath call is judged as `call`: {said}");
+    assert!(said.contains("call answers EZ"), "refused, never run (no FunctionCallResponse): {said}");
     assert!(said.contains("answer E True True"), "{said}");
     assert!(said.contains("closed True"), "{said}");
 

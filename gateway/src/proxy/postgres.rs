@@ -905,7 +905,10 @@ impl Relay<'_> {
                     let prefix = if call { "function-call" } else { "bind" };
                     let hits = self.scan_values(prefix, params);
                     self.record_values(prefix, params);
-                    let verdict = self.judge_keys(hits).await;
+                    let mut verdict = self.judge_keys(hits).await;
+                    if let (Verdict::Allow, Frontend::FunctionCall { oid, .. }) = (&verdict, &message) {
+                        verdict = self.judge_call(*oid).await;
+                    }
                     match (verdict, call) {
                         (Verdict::Allow, true) => {
                             self.owe(None);
@@ -1190,14 +1193,38 @@ impl Relay<'_> {
 
     /// The policy's verdict on `sql`'s statements, and the deciding rule.
     async fn judge_policy(&self, sql: &str) -> (Verdict, String) {
-        let passage = self.passage;
         let classified = self.classify(sql);
+        self.judge_parsed(classified.as_ref().as_deref(), sql).await
+    }
+
+    /// The policy's verdict on a fastpath FunctionCall, which runs a
+    /// function without any SQL: judged as a statement of kind `call` that
+    /// names no relation, so a policy that does not allow calls refuses it.
+    async fn judge_call(&self, oid: u32) -> Verdict {
+        let call = [sql::Statement {
+            kind: sql::StatementKind::Call,
+            relations: Vec::new(),
+            has_where: None,
+            span: 0..0,
+            inner: Vec::new(),
+        }];
+        self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}")).await.0
+    }
+
+    /// The policy's verdict on `statements` (classified from `text`, which
+    /// approvers see masked), and the deciding rule.
+    async fn judge_parsed(
+        &self,
+        statements: Result<&[sql::Statement], &sql::SqlError>,
+        text: &str,
+    ) -> (Verdict, String) {
+        let passage = self.passage;
         let ask = StatementAsk {
             host: &self.judged.host,
             tls: self.tls,
             database: &self.database,
             user: &self.user,
-            statements: classified.as_ref().as_deref(),
+            statements,
         };
         let decision = match passage.statements(ask) {
             Ok(d) => d,
@@ -1221,14 +1248,7 @@ impl Relay<'_> {
             let refusal = passage.refuse(reason, &rule);
             return (Verdict::Deny(error_bytes(&refusal.message())), rule);
         }
-        let ask = StatementAsk {
-            host: &self.judged.host,
-            tls: self.tls,
-            database: &self.database,
-            user: &self.user,
-            statements: classified.as_ref().as_deref(),
-        };
-        match passage.approve_statement(&ask, &decision, sql).await {
+        match passage.approve_statement(&ask, &decision, text).await {
             Ok(()) => (Verdict::Allow, rule),
             Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule),
         }
