@@ -437,6 +437,68 @@ impl Reader {
     }
 }
 
+/// One column of a RowDescription (`T`), as far as masking needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    /// The column's name (its alias when the query gave one).
+    pub name: String,
+    /// The column's type OID.
+    pub type_oid: u32,
+    /// Whether its values come in binary format (format code 1).
+    pub binary: bool,
+}
+
+/// The columns a RowDescription body describes.
+pub fn row_description(body: &Bytes) -> Result<Vec<Field>, CodecError> {
+    let mut r = Reader::new("T", body.clone());
+    let n = r.count()?;
+    let mut fields = Vec::with_capacity(n.min(1664));
+    for _ in 0..n {
+        let name = r.cstr()?;
+        let _table = r.u32()?;
+        let _column = r.i16()?;
+        let type_oid = r.u32()?;
+        let _size = r.i16()?;
+        let _modifier = r.i32()?;
+        let binary = match r.i16()? {
+            0 => false,
+            1 => true,
+            _ => return Err(r.err("format code is neither text nor binary")),
+        };
+        fields.push(Field { name, type_oid, binary });
+    }
+    r.end()?;
+    Ok(fields)
+}
+
+/// The values of a DataRow (`D`) body, `None` for NULL, borrowed from it.
+pub fn data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, CodecError> {
+    let err = |detail| malformed("D", detail);
+    let (count, mut rest) = body.split_first_chunk::<2>().ok_or_else(|| err("truncated"))?;
+    let count = usize::try_from(i16::from_be_bytes(*count)).map_err(|_| err("negative count"))?;
+    let mut values = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(|| err("truncated"))?;
+        let len = i32::from_be_bytes(*len);
+        if len == -1 {
+            values.push(None);
+            rest = tail;
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| err("negative value length"))?;
+        if tail.len() < len {
+            return Err(err("value runs past the message"));
+        }
+        let (value, tail) = tail.split_at(len);
+        values.push(Some(value));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        return Err(err("trailing bytes"));
+    }
+    Ok(values)
+}
+
 /// The password of a PasswordMessage (`p`) answering a cleartext request.
 pub fn password(frame: &Frame) -> Result<Bytes, CodecError> {
     if frame.tag != b'p' {
@@ -517,6 +579,30 @@ pub fn negotiate_protocol_version(out: &mut BytesMut, unknown: &[&str]) {
         for name in unknown {
             put_cstr(b, name);
         }
+    });
+}
+
+/// A DataRow of `values` (`None`: NULL), its length computed.
+pub fn put_data_row<'a>(out: &mut BytesMut, values: impl ExactSizeIterator<Item = Option<&'a [u8]>>) {
+    message(out, b'D', |b| {
+        b.put_i16(values.len() as i16);
+        for value in values {
+            match value {
+                None => b.put_i32(-1),
+                Some(v) => {
+                    b.put_i32(v.len() as i32);
+                    b.extend_from_slice(v);
+                }
+            }
+        }
+    });
+}
+
+/// A Describe of the portal `name`.
+pub fn describe_portal(out: &mut BytesMut, name: &str) {
+    message(out, b'D', |b| {
+        b.put_u8(b'P');
+        put_cstr(b, name);
     });
 }
 

@@ -83,6 +83,12 @@ pub struct ResultMask {
 }
 
 impl ResultMask {
+    /// Masks the columns matching `columns` (globs) whole, and applies
+    /// `values` inside every other value.
+    pub fn new(columns: Vec<String>, values: Option<Result<Arc<Masker>, String>>) -> ResultMask {
+        result_mask(columns, values)
+    }
+
     /// Whether every value of the column `name` (as `RowDescription` names
     /// it) is masked.
     pub fn masks_column(&self, name: &str) -> bool {
