@@ -46,12 +46,13 @@ use crate::{
         http_scan::{Hit, Location},
         Confidence, Detection, Secret, StreamScanner,
     },
-    enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, StatementAsk, Uninspectable},
+    enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, StatementAsk, StatementVerdict, Uninspectable},
     event::{Outcome, Protocol},
     http::BoxedIo,
     postgres::{
         cancel::CancelTarget,
-        codec::{self, CodecError, Frame, Frontend, Severity, Startup, Value},
+        codec::{self, CodecError, Frame, Frontend, Severity, Startup, Target, Value},
+        rows::{MaskCounts, RowMask, RowPlan},
         sql,
     },
     record::{EventKind, SessionOutcome, TlsFacts},
@@ -441,6 +442,7 @@ impl Proxy {
             classified: Mutex::new(HashMap::new()),
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
+            prepared: Mutex::new(Prepared::default()),
         };
         let result = relay.run(client, rest, upstream_io, upstream_rest).await;
         handled.bytes_up = result.up;
@@ -751,11 +753,59 @@ enum Verdict {
     Deny(Bytes),
 }
 
-/// A ReadyForQuery the server owes the client, and what goes before it.
+/// What the server owes the client for a message sent upstream, in order:
+/// the server side matches the server's answers to it.
+enum Pending {
+    /// A ReadyForQuery (for a Query, Sync or FunctionCall).
+    Ready {
+        /// An ErrorResponse for a refused statement, sent just before.
+        error: Option<Bytes>,
+        /// For a Query whose results are masked: its statements' masks.
+        query: Option<QueryMasks>,
+    },
+    /// The client's Describe: its RowDescription or NoData is relayed.
+    Describe,
+    /// A Describe of a portal the gateway sent before a masked Execute: its
+    /// answer is the gateway's, to learn the columns it masks.
+    Learn(Arc<RowMask>),
+    /// An Execute, its rows masked with this.
+    Execute(Option<Arc<RowMask>>),
+}
+
+/// The result masks of a simple Query's statements, in order.
+struct QueryMasks {
+    masks: Vec<Option<Arc<RowMask>>>,
+    /// The statement whose results come now.
+    at: usize,
+}
+
+impl QueryMasks {
+    /// The mask of the statement whose results come now. Past the
+    /// statements the gateway classified (which the server's own grammar
+    /// should never give), every mask of the query applies.
+    fn current(&self) -> Option<Arc<RowMask>> {
+        match self.masks.get(self.at) {
+            Some(m) => m.clone(),
+            None => RowMask::union(self.masks.iter().flatten().flat_map(|m| m.parts())).map(Arc::new),
+        }
+    }
+}
+
+/// Masks of the session's prepared statements and portals, by name.
 #[derive(Default)]
-struct Owed {
-    /// An ErrorResponse for a refused statement, sent just before.
-    error: Option<Bytes>,
+struct Prepared {
+    statements: HashMap<String, Option<Arc<RowMask>>>,
+    portals: HashMap<String, Option<Arc<RowMask>>>,
+    /// Every mask of a statement whose rows a later one returns (`PREPARE`,
+    /// `DECLARE ... CURSOR`): applied to `EXECUTE`, `FETCH` and to portals
+    /// the client did not Bind (cursors).
+    deferred: Option<Arc<RowMask>>,
+}
+
+/// The masking of the result whose rows pass now.
+struct Active {
+    plan: RowPlan,
+    counts: MaskCounts,
 }
 
 /// The relay of one logged-in session.
@@ -772,9 +822,12 @@ struct Relay<'a> {
     /// extended protocol), and classification is a function of the text.
     classified: Mutex<HashMap<Box<str>, Arc<Classified>>>,
     max_message: usize,
-    /// One entry per Query, Sync or FunctionCall sent upstream, in order:
-    /// each is answered by one ReadyForQuery.
-    pipeline: Mutex<VecDeque<Owed>>,
+    /// What the server owes for each message sent upstream that it
+    /// answers (a ReadyForQuery per Query, Sync or FunctionCall; results of
+    /// Describe and Execute), in order.
+    pipeline: Mutex<VecDeque<Pending>>,
+    /// Result masks of prepared statements and portals.
+    prepared: Mutex<Prepared>,
 }
 
 /// How the relay ended.
@@ -886,13 +939,22 @@ impl Relay<'_> {
                 Frontend::Query { sql } | Frontend::Parse { sql, .. } => {
                     *statements += 1;
                     let kind = if matches!(message, Frontend::Query { .. }) { "query" } else { "parse" };
-                    let verdict = self.judge_statements(kind, sql).await;
+                    let (verdict, masks) = self.judge_statements(kind, sql).await;
                     match (verdict, kind) {
                         (Verdict::Allow, "query") => {
-                            self.owe(None);
+                            let query = masks.iter().any(Option::is_some).then_some(QueryMasks { masks, at: 0 });
+                            self.expect(Pending::Ready { error: None, query });
                             put_frame(&mut out, &frame);
                         }
-                        (Verdict::Allow, _) => put_frame(&mut out, &frame),
+                        (Verdict::Allow, _) => {
+                            if let Frontend::Parse { name, .. } = &message {
+                                // One statement (the server refuses more):
+                                // all the masks, to be sure.
+                                let mask = RowMask::union(masks.iter().flatten().flat_map(|m| m.parts())).map(Arc::new);
+                                self.prepared().statements.insert(name.clone(), mask);
+                            }
+                            put_frame(&mut out, &frame);
+                        }
                         (Verdict::Deny(error), "query") => {
                             self.owe(Some(error));
                             codec::sync(&mut out);
@@ -914,7 +976,20 @@ impl Relay<'_> {
                             self.owe(None);
                             put_frame(&mut out, &frame);
                         }
-                        (Verdict::Allow, false) => put_frame(&mut out, &frame),
+                        (Verdict::Allow, false) => {
+                            if let Frontend::Bind { portal, statement, .. } = &message {
+                                let mut prepared = self.prepared();
+                                // Every statement is Parsed through the
+                                // gateway; one it did not see gets every
+                                // deferred mask, to be sure.
+                                let mask = match prepared.statements.get(statement) {
+                                    Some(m) => m.clone(),
+                                    None => prepared.deferred.clone(),
+                                };
+                                prepared.portals.insert(portal.clone(), mask);
+                            }
+                            put_frame(&mut out, &frame)
+                        }
                         (Verdict::Deny(error), true) => {
                             self.owe(Some(error));
                             codec::sync(&mut out);
@@ -969,18 +1044,44 @@ impl Relay<'_> {
                     *bytes_up += out.len() as u64;
                     return Ok(());
                 }
-                Frontend::Describe(..)
-                | Frontend::Execute { .. }
-                | Frontend::Close(..)
-                | Frontend::Flush
-                | Frontend::CopyFail(_) => put_frame(&mut out, &frame),
+                Frontend::Execute { portal, .. } => {
+                    let mask = {
+                        let prepared = self.prepared();
+                        // A portal not Bound here is a cursor (`DECLARE`).
+                        match prepared.portals.get(portal) {
+                            Some(m) => m.clone(),
+                            None => prepared.deferred.clone(),
+                        }
+                    };
+                    if let Some(mask) = &mask {
+                        // The portal's columns and formats, for the gateway.
+                        self.expect(Pending::Learn(Arc::clone(mask)));
+                        codec::describe_portal(&mut out, portal);
+                    }
+                    self.expect(Pending::Execute(mask));
+                    put_frame(&mut out, &frame);
+                }
+                Frontend::Describe(..) => {
+                    self.expect(Pending::Describe);
+                    put_frame(&mut out, &frame);
+                }
+                Frontend::Close(target, name) => {
+                    let mut prepared = self.prepared();
+                    match target {
+                        Target::Statement => prepared.statements.remove(name),
+                        Target::Portal => prepared.portals.remove(name),
+                    };
+                    drop(prepared);
+                    put_frame(&mut out, &frame);
+                }
+                Frontend::Flush | Frontend::CopyFail(_) => put_frame(&mut out, &frame),
             }
         }
     }
 
     /// Server to client: relayed as it comes (large rows stream through),
     /// the gateway's errors put before the ReadyForQuery they belong to,
-    /// results recorded.
+    /// rows of masked results rewritten one by one, results recorded.
     async fn server_side(
         &self,
         mut reader: ReadHalf<BoxedIo>,
@@ -991,6 +1092,8 @@ impl Relay<'_> {
         let mut out = BytesMut::with_capacity(16 * 1024);
         // Bytes of a streamed message still to pass through.
         let mut streaming = 0usize;
+        // The masking of the rows passing now.
+        let mut active: Option<Active> = None;
         loop {
             loop {
                 if streaming > 0 {
@@ -1007,32 +1110,122 @@ impl Relay<'_> {
                 else {
                     break;
                 };
-                if !matches!(tag, b'Z' | b'C' | b'E' | b'K') {
+                let parsed = match tag {
+                    b'Z' | b'C' | b'E' | b'K' | b'T' | b'n' | b'I' | b's' => true,
+                    b'D' => match &active {
+                        Some(a) => !a.plan.is_noop(),
+                        None if self.masking_now() => {
+                            return Err(End::failed("the server sent rows of a masked result before describing them"));
+                        }
+                        None => false,
+                    },
+                    b'H' | b'W' if active.as_ref().is_some_and(|a| !a.plan.is_noop()) || self.masking_now() => {
+                        // Refused at the gate (COPY ... TO of masked data).
+                        return Err(End::failed("the server started a COPY of masked results"));
+                    }
+                    _ => false,
+                };
+                if !parsed {
                     out.extend_from_slice(&buf.split_to(5));
                     streaming = len;
                     continue;
                 }
-                if len > MAX_PARSED_BACKEND {
+                let cap = if tag == b'D' { self.max_message } else { MAX_PARSED_BACKEND };
+                if len > cap {
                     return Err(End::failed(format!("the server sent a {:?} message of {len} bytes", tag as char)));
                 }
-                let Some(frame) = codec::decode_frame(&mut buf, MAX_PARSED_BACKEND).map_err(End::failed)? else {
+                let Some(frame) = codec::decode_frame(&mut buf, cap).map_err(End::failed)? else {
                     break;
                 };
                 match frame.tag {
+                    b'D' => {
+                        if let Some(a) = &mut active {
+                            a.plan
+                                .mask_row(&frame.body, &mut out, &mut a.counts)
+                                .map_err(|e| End::failed(format!("from the server: {e}")))?;
+                        }
+                    }
+                    b'T' | b'n' => {
+                        // Whose description this is: the gateway's own
+                        // (a Describe it added), a masked Query statement's,
+                        // or the client's.
+                        let (mask, ours) = {
+                            let mut pipeline = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                            match pipeline.front() {
+                                Some(Pending::Learn(mask)) => {
+                                    let mask = Arc::clone(mask);
+                                    pipeline.pop_front();
+                                    (Some(mask), true)
+                                }
+                                Some(Pending::Describe) => {
+                                    pipeline.pop_front();
+                                    (None, false)
+                                }
+                                Some(Pending::Ready { query: Some(q), .. }) => (q.current(), false),
+                                _ => (None, false),
+                            }
+                        };
+                        if let Some(mask) = mask {
+                            let fields = match frame.tag {
+                                b'T' => codec::row_description(&frame.body)
+                                    .map_err(|e| End::failed(format!("from the server: {e}")))?,
+                                _ => Vec::new(),
+                            };
+                            let plan = mask.plan(&fields).map_err(End::failed)?;
+                            self.finish(active.replace(Active { plan, counts: MaskCounts::default() }));
+                        }
+                        if !ours {
+                            put_frame(&mut out, &frame);
+                        }
+                    }
                     b'Z' => {
-                        let owed = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
-                        if let Some(error) = owed.and_then(|o| o.error) {
+                        self.finish(active.take());
+                        let owed = {
+                            let mut pipeline = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                            loop {
+                                match pipeline.pop_front() {
+                                    Some(Pending::Ready { error, .. }) => break error,
+                                    Some(_) => continue,
+                                    None => break None,
+                                }
+                            }
+                        };
+                        if let Some(error) = owed {
                             out.extend_from_slice(&error);
                         }
                         put_frame(&mut out, &frame);
                     }
-                    b'C' => {
-                        if let Some(s) = self.passage.session() {
-                            s.event(EventKind::PostgresResult, json!({ "tag": codec::command_tag(&frame.body) }));
+                    b'C' | b'I' | b's' => {
+                        self.finish(active.take());
+                        {
+                            let mut pipeline = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                            match pipeline.front_mut() {
+                                Some(Pending::Execute(_)) => {
+                                    pipeline.pop_front();
+                                }
+                                Some(Pending::Ready { query: Some(q), .. }) if frame.tag != b's' => q.at += 1,
+                                _ => {}
+                            }
+                        }
+                        if frame.tag == b'C' {
+                            if let Some(s) = self.passage.session() {
+                                s.event(EventKind::PostgresResult, json!({ "tag": codec::command_tag(&frame.body) }));
+                            }
                         }
                         put_frame(&mut out, &frame);
                     }
                     b'E' => {
+                        self.finish(active.take());
+                        {
+                            // The server skips the rest of an extended batch.
+                            let mut pipeline = self.pipeline.lock().unwrap_or_else(PoisonError::into_inner);
+                            while matches!(
+                                pipeline.front(),
+                                Some(Pending::Execute(_) | Pending::Describe | Pending::Learn(_))
+                            ) {
+                                pipeline.pop_front();
+                            }
+                        }
                         if let Some(s) = self.passage.session() {
                             let (code, text) = codec::error_fields(&frame.body);
                             let masker = self.passage.gate().recording_masker();
@@ -1061,10 +1254,47 @@ impl Relay<'_> {
         }
     }
 
+    /// Whether the result the server answers now is masked (its rows must
+    /// not pass before its description).
+    fn masking_now(&self) -> bool {
+        match self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).front() {
+            Some(Pending::Execute(Some(_)) | Pending::Learn(_)) => true,
+            Some(Pending::Ready { query: Some(q), .. }) => q.current().is_some(),
+            _ => false,
+        }
+    }
+
+    /// Records what a result's masking replaced (counts, never values).
+    fn finish(&self, active: Option<Active>) {
+        let Some(Active { counts, .. }) = active else { return };
+        if !counts.any() {
+            return;
+        }
+        if let Some(s) = self.passage.session() {
+            s.event(
+                EventKind::Masked,
+                json!({
+                    "stream": "postgres_rows", "rows": counts.rows, "columns": counts.columns,
+                    "nulled": counts.nulled, "count": counts.rules.values().sum::<u64>(), "rules": counts.rules,
+                }),
+            );
+        }
+    }
+
     /// Notes a ReadyForQuery the server will send, before what asks for it
     /// goes upstream.
     fn owe(&self, error: Option<Bytes>) {
-        self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).push_back(Owed { error });
+        self.expect(Pending::Ready { error, query: None });
+    }
+
+    /// Notes an answer the server will send, before what asks for it goes
+    /// upstream.
+    fn expect(&self, pending: Pending) {
+        self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).push_back(pending);
+    }
+
+    fn prepared(&self) -> std::sync::MutexGuard<'_, Prepared> {
+        self.prepared.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// A message the handler cannot understand: refused, and the session ends.
@@ -1141,8 +1371,9 @@ impl Relay<'_> {
     /// with PostgreSQL's own grammar, is judged by the policy's
     /// `protocol: postgres` rules at the gate, held for approval where a
     /// rule says so. A query the parser cannot classify is refused unless a
-    /// rule allows `unknown`.
-    async fn judge_statements(&self, kind: &str, sql: &str) -> Verdict {
+    /// rule allows `unknown`. With an allowing verdict come the result
+    /// masks of the statements, in order.
+    async fn judge_statements(&self, kind: &str, sql: &str) -> (Verdict, Vec<Option<Arc<RowMask>>>) {
         let passage = self.passage;
         let detector = &passage.gate().detector;
         let location = Location::Postgres(kind.to_owned());
@@ -1154,10 +1385,12 @@ impl Relay<'_> {
         let found = hits.len();
         let mut verdict = judge_keys(passage, &self.judged, hits).await;
         let mut rule = None;
+        let mut masks = Vec::new();
         if matches!(verdict, Verdict::Allow) {
-            let (v, r) = self.judge_policy(sql).await;
+            let (v, r, m) = self.judge_policy(sql).await;
             verdict = v;
             rule = Some(r);
+            masks = m;
         }
         if let Some(s) = passage.session() {
             let masker = passage.gate().recording_masker();
@@ -1168,10 +1401,13 @@ impl Relay<'_> {
             };
             s.event(
                 EventKind::PostgresStatement,
-                json!({ "kind": kind, "sql": masker.mask_text(text), "decision": decision, "rule": rule, "keys": found }),
+                json!({
+                    "kind": kind, "sql": masker.mask_text(text), "decision": decision, "rule": rule, "keys": found,
+                    "masked": masks.iter().any(Option::is_some),
+                }),
             );
         }
-        verdict
+        (verdict, masks)
     }
 
     /// `sql` classified, from the session's memory when it was seen before.
@@ -1191,8 +1427,9 @@ impl Relay<'_> {
         fresh
     }
 
-    /// The policy's verdict on `sql`'s statements, and the deciding rule.
-    async fn judge_policy(&self, sql: &str) -> (Verdict, String) {
+    /// The policy's verdict on `sql`'s statements, the deciding rule and the
+    /// statements' result masks.
+    async fn judge_policy(&self, sql: &str) -> (Verdict, String, Vec<Option<Arc<RowMask>>>) {
         let classified = self.classify(sql);
         self.judge_parsed(classified.as_ref().as_deref(), sql).await
     }
@@ -1208,16 +1445,27 @@ impl Relay<'_> {
             span: 0..0,
             inner: Vec::new(),
         }];
-        self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}")).await.0
+        let (verdict, rule, masks) =
+            self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}")).await;
+        if masks.iter().any(Option::is_some) {
+            // A function's result names no column: nothing to mask it by.
+            let reason = Reason::Uninspectable(Uninspectable::Postgres {
+                detail: "the policy masks this function call's result, which has no columns to mask".into(),
+            });
+            let refusal = self.passage.refuse(reason, &rule);
+            return Verdict::Deny(error_bytes(&refusal.message()));
+        }
+        verdict
     }
 
     /// The policy's verdict on `statements` (classified from `text`, which
-    /// approvers see masked), and the deciding rule.
+    /// approvers see masked), the deciding rule, and (allowed) the
+    /// statements' result masks.
     async fn judge_parsed(
         &self,
         statements: Result<&[sql::Statement], &sql::SqlError>,
         text: &str,
-    ) -> (Verdict, String) {
+    ) -> (Verdict, String, Vec<Option<Arc<RowMask>>>) {
         let passage = self.passage;
         let ask = StatementAsk {
             host: &self.judged.host,
@@ -1234,24 +1482,57 @@ impl Relay<'_> {
                     _ => SQLSTATE_REFUSED,
                 };
                 let refusal = passage.refuse(reason, &rule);
-                return (Verdict::Deny(error_bytes_with(sqlstate, &refusal.message())), rule);
+                return (Verdict::Deny(error_bytes_with(sqlstate, &refusal.message())), rule, Vec::new());
             }
         };
         let rule = decision.decided.rule.clone();
-        // Result rows are not masked yet: a statement the policy says to
-        // mask is refused rather than answered in clear.
-        if decision.statements.iter().any(|v| v.mask.is_some()) {
-            let reason = Reason::Uninspectable(Uninspectable::Postgres {
-                detail: "the policy masks this statement's results, which the gateway cannot do for PostgreSQL yet"
-                    .into(),
-            });
-            let refusal = passage.refuse(reason, &rule);
-            return (Verdict::Deny(error_bytes(&refusal.message())), rule);
-        }
+        let masks = match self.result_masks(&decision.statements) {
+            Ok(m) => m,
+            Err(detail) => {
+                let refusal = passage.refuse(Reason::Uninspectable(Uninspectable::Postgres { detail }), &rule);
+                return (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new());
+            }
+        };
         match passage.approve_statement(&ask, &decision, text).await {
-            Ok(()) => (Verdict::Allow, rule),
-            Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule),
+            Ok(()) => (Verdict::Allow, rule, masks),
+            Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new()),
         }
+    }
+
+    /// The result mask of each statement: its own, and for a statement that
+    /// returns rows another one selected (`EXECUTE`, `FETCH`) every mask of
+    /// the statements and cursors it may run (`PREPARE`, `DECLARE`), which
+    /// the session keeps. `Err`: the rows could not be masked (`COPY ... TO`,
+    /// whose data the gateway does not mask; a masker that did not compile).
+    fn result_masks(&self, verdicts: &[StatementVerdict]) -> Result<Vec<Option<Arc<RowMask>>>, String> {
+        let mut masks = Vec::with_capacity(verdicts.len());
+        for v in verdicts {
+            let own = v.mask.clone().map(Arc::new);
+            if let Some(mask) = &own {
+                if let sql::StatementKind::Copy { direction: sql::CopyDirection::To, .. } = v.kind {
+                    return Err("the policy masks this COPY's data, which the gateway does not mask; \
+                                SELECT the rows instead"
+                        .into());
+                }
+                if let Some(e) = RowMask::union([Arc::clone(mask)]).and_then(|m| m.unusable()) {
+                    return Err(format!("the policy's mask for these results cannot be applied: {e}"));
+                }
+            }
+            let mut prepared = self.prepared();
+            let mask = match v.kind {
+                sql::StatementKind::Prepare | sql::StatementKind::Cursor | sql::StatementKind::Execute => {
+                    if let Some(mask) = &own {
+                        let parts = prepared.deferred.iter().flat_map(|d| d.parts()).chain([Arc::clone(mask)]);
+                        prepared.deferred = RowMask::union(parts.collect::<Vec<_>>()).map(Arc::new);
+                    }
+                    let parts = prepared.deferred.iter().flat_map(|d| d.parts()).chain(own);
+                    RowMask::union(parts.collect::<Vec<_>>()).map(Arc::new)
+                }
+                _ => own.and_then(|m| RowMask::union([m])).map(Arc::new),
+            };
+            masks.push(mask);
+        }
+        Ok(masks)
     }
 }
 
