@@ -136,8 +136,13 @@ impl PgServer {
 
     /// Runs SQL as the superuser over the unix socket (not intercepted).
     fn admin_sql(&self, sql: &str) -> String {
+        self.admin_sql_in("postgres", sql)
+    }
+
+    /// [`PgServer::admin_sql`] in database `db`.
+    fn admin_sql_in(&self, db: &str, sql: &str) -> String {
         let out = as_postgres("psql")
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-U", "admin", "-d", "postgres", "-h"])
+            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-U", "admin", "-d", db, "-h"])
             .arg(self.dir.path())
             .args(["-p", &self.port.to_string(), "-c", sql])
             .output()
@@ -175,6 +180,12 @@ impl Scene {
     /// Starts a server and a gateway named `name` (its cgroup and pins are
     /// named after it, so two scenes run side by side in one test binary).
     fn start(name: &str) -> Scene {
+        Scene::with_rules(name, "")
+    }
+
+    /// [`Scene::start`] with more policy `rules` (YAML list items) after
+    /// the scene's own, before its default.
+    fn with_rules(name: &str, rules: &str) -> Scene {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let ips = [BLOCK_IP, FLAG_IP, SWAP_IP];
@@ -199,17 +210,16 @@ impl Scene {
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         // Statement rules (judged with PostgreSQL's own grammar); everything
         // else allowed, findings.actions deciding static keys.
-        opts.policy_yaml = Some(
+        opts.policy_yaml = Some(format!(
             "version: 1\nrules:\n\
-             \x20 - name: bounded-deletes\n    match: { postgres: { kind: [update, delete], where: false } }\n\
+             \x20 - name: bounded-deletes\n    match: {{ postgres: {{ kind: [update, delete], where: false }} }}\n\
              \x20   action: deny\n    reason: \"UPDATE and DELETE need a WHERE clause\"\n\
-             \x20 - name: no-fastpath\n    match: { postgres: { kind: call } }\n\
+             \x20 - name: no-fastpath\n    match: {{ postgres: {{ kind: call }} }}\n\
              \x20   action: deny\n    reason: \"function calls are not for CI\"\n\
-             \x20 - name: vault\n    match: { postgres: { relations: [vault_keys, public.vault_keys] } }\n\
+             \x20 - name: vault\n    match: {{ postgres: {{ relations: [vault_keys, public.vault_keys] }} }}\n\
              \x20   action: deny\n    reason: \"the vault is off limits to CI\"\n\
-             defaults: { action: allow }\n"
-                .into(),
-        );
+             {rules}defaults: {{ action: allow }}\n"
+        ));
         opts.extra_yaml = format!(
             "tls:\n  extra_upstream_cas: [{ca}]\n\
              findings:\n  default_action: flag\n  actions:\n\
@@ -1019,5 +1029,151 @@ fn postgres_real_drivers() {
                 path.display()
             );
         }
+    }
+}
+
+/// Policy rules of the masking test: `people` masked by column and by
+/// detector rules, `big` (100k rows) by column.
+const MASK_RULES: &str = "\x20 - name: people\n    match: { postgres: { relations: [people, public.people] } }\n\
+                          \x20   action: allow\n    mask: { columns: [ssn, \"*_token\", pin], rules: all }\n\
+                          \x20 - name: big\n    match: { postgres: { relations: [big, public.big] } }\n\
+                          \x20   action: allow\n    mask: { columns: [secret] }\n";
+
+/// What psql (text format) shows of `people` through the gateway.
+const PEOPLE_TEXT: [&str; 3] = [
+    "1|alice|[MASKED:column]|[MASKED:column]|[MASKED:column]|10|plain note|{a,b}",
+    "2|bob||[MASKED:column]||20|deploy with [MASKED:github-pat] now|{[MASKED:github-pat]}",
+    "3|carol|[MASKED:column]|[MASKED:column]|[MASKED:column]|30||",
+];
+
+/// What tokio-postgres (binary format) gets of the same rows: a masked
+/// `int4` is NULL, a `text[]` holding a key NULL.
+const PEOPLE_BINARY: [&str; 7] = [
+    "user ci",
+    "people 1 alice [MASKED:column] [MASKED:column] NULL 10 plain note a,b",
+    "people 2 bob NULL [MASKED:column] NULL 20 deploy with [MASKED:github-pat] now NULL",
+    "people 3 carol [MASKED:column] [MASKED:column] NULL 30 NULL NULL",
+    "prepared 1 [MASKED:column]",
+    "prepared 3 [MASKED:column]",
+    "big 100000 100000",
+];
+
+#[test]
+fn postgres_result_masking() {
+    gateway_tests::require_root();
+    let scene = Scene::with_rules("postgres-mask", MASK_RULES);
+    let key = keys::github_token();
+    // Written straight to the server (not through the gateway): the key is
+    // planted, as if it had been in the database all along.
+    scene.server.admin_sql_in(
+        "app",
+        &format!(
+            "CREATE TABLE people (id int PRIMARY KEY, name text, ssn text, api_token text, pin int, score int, \
+             note text, tags text[]);\
+             INSERT INTO people VALUES (1, 'alice', '123-45-6789', 'tok-a', 1234, 10, 'plain note', '{{a,b}}'),\
+             (2, 'bob', NULL, 'tok-b', NULL, 20, 'deploy with {key} now', ARRAY['{key}']),\
+             (3, 'carol', '987-65-4321', 'tok-c', 4321, 30, NULL, NULL);\
+             CREATE TABLE big AS SELECT g AS id, md5(g::text) AS secret, repeat('x', 1000) AS pad \
+             FROM generate_series(1, 100000) g;\
+             GRANT SELECT ON people, big TO ci;"
+        ),
+    );
+    let clean = |said: &str| assert!(!said.contains(&key), "the planted key reached the client");
+
+    // --- psql, text format: masked columns masked, the others intact.
+    let out = scene.psql(
+        FLAG_IP,
+        &scene.job_password,
+        &["select id, name, ssn, api_token, pin, score, note, tags from people order by id"],
+    );
+    let said = ok("psql people", &out);
+    clean(&said);
+    assert_eq!(said.lines().collect::<Vec<_>>(), PEOPLE_TEXT, "psql sees the rows masked");
+
+    // Rows a later statement returns carry the mask of the one that chose
+    // them: cursors and prepared statements.
+    let out = scene.psql(
+        FLAG_IP,
+        &scene.job_password,
+        &[
+            "begin",
+            "declare c cursor for select id, ssn from people order by id",
+            "fetch all from c",
+            "commit",
+            "prepare p as select id, ssn from people where id = 3",
+            "execute p",
+            "select count(*) from big",
+        ],
+    );
+    let said = ok("psql cursor", &out);
+    clean(&said);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "BEGIN",
+            "DECLARE CURSOR",
+            "1|[MASKED:column]",
+            "2|",
+            "3|[MASKED:column]",
+            "COMMIT",
+            "PREPARE",
+            "3|[MASKED:column]",
+            "100000"
+        ],
+        "{said}"
+    );
+
+    // COPY out of a masked table is refused, not sent in clear.
+    let out = scene.psql(FLAG_IP, &scene.job_password, &["copy people to stdout"]);
+    let said = text(&out);
+    clean(&said);
+    assert!(!out.status.success() && said.contains("COPY's data"), "COPY of masked data is refused: {said}");
+
+    // --- tokio-postgres, binary format, while the gateway's memory is watched.
+    let mut cmd = Driver::TokioPostgres.command(&scene);
+    cmd.env("HOST", FLAG_IP)
+        .env("PORT", scene.server.port.to_string())
+        .env("CA", &scene.gateway_ca)
+        .env("PGPASSWORD", &scene.job_password)
+        .env("MASK", "1")
+        .env("KEY", &key);
+    let before = scene.gw.rss_kib();
+    let client = std::thread::spawn(move || run(cmd));
+    let mut peak = before;
+    while !client.is_finished() {
+        peak = peak.max(scene.gw.rss_kib());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = client.join().expect("client thread");
+    let said = ok("tokio-postgres masked", &out);
+    clean(&said);
+    assert_eq!(said.lines().collect::<Vec<_>>(), PEOPLE_BINARY, "tokio-postgres sees the rows masked");
+    // About 105 MB of rows went through; the gateway held one at a time.
+    let grew = peak.saturating_sub(before);
+    eprintln!("gateway RSS {before} KiB before the 100k-row result, peak {peak} KiB (+{grew} KiB)");
+    assert!(grew < 48 * 1024, "the gateway's RSS grew by {grew} KiB streaming a masked result");
+
+    // --- the recording counts what was masked, never the values.
+    let exported = wait_for("the masked sessions", || {
+        let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
+        let mut exported = String::new();
+        for s in &all {
+            let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
+            exported.push_str(&ok("sessions export", &scene.gw.cli(&["sessions", "export", id])));
+        }
+        if exported.matches("postgres_rows").count() >= 4 {
+            Ok(exported)
+        } else {
+            Err(format!("{} sessions so far", all.len()))
+        }
+    });
+    assert!(exported.contains("\\\"github-pat\\\""), "masked matches are counted by rule");
+    clean(&exported);
+    clean(&scene.gw.log());
+    let mut files = Vec::new();
+    collect_files(&scene.gw.dir.path().join("state"), &mut files);
+    for (path, bytes) in &files {
+        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "the key is in {}", path.display());
     }
 }

@@ -4,7 +4,8 @@
 //! script as the other drivers there, with the same environment (`HOST`,
 //! `PORT`, `CA`, `PGPASSWORD`, `KEY_FLAG`, `KEY_BLOCK`, `TABLE`), and prints
 //! the same lines (`LOGIN_ONLY`: only the first; `CANCEL`: a long query
-//! cancelled through the gateway). tokio-postgres binds parameters and reads results in
+//! cancelled through the gateway; `MASK`: reads masked tables, see
+//! [`masked`]). tokio-postgres binds parameters and reads results in
 //! binary format; TLS is rustls (tokio-postgres-rustls) trusting only the
 //! gateway's CA.
 
@@ -45,6 +46,9 @@ async fn script(client: &Client, tls: MakeRustlsConnect) -> Result<()> {
         println!("cancelled {}", cancelled && started.elapsed() < std::time::Duration::from_secs(20));
         return Ok(());
     }
+    if env::var_os("MASK").is_some() {
+        return masked(client).await;
+    }
     let (flag, block, table) = (var("KEY_FLAG")?, var("KEY_BLOCK")?, var("TABLE")?);
     let bound: String = client.query_one("select $1::text", &[&flag]).await?.get(0);
     println!("bound {}", bound == flag);
@@ -67,6 +71,53 @@ async fn script(client: &Client, tls: MakeRustlsConnect) -> Result<()> {
     }
     let count: i64 = client.query_one(&format!("select count(*) from {table}"), &[]).await?.get(0);
     println!("count {count}");
+    Ok(())
+}
+
+/// `MASK`: reads the `people` table (binary results) and the 100k rows of
+/// `big` (streamed, not collected) and prints what arrived, never the
+/// planted key (`KEY`): `LEAKED` in its place, should it arrive.
+async fn masked(client: &Client) -> Result<()> {
+    let key = var("KEY")?;
+    let show = |v: Option<String>| match v {
+        Some(v) if v.contains(&key) => "LEAKED".to_owned(),
+        Some(v) => v,
+        None => "NULL".to_owned(),
+    };
+    let rows =
+        client.query("select id, name, ssn, api_token, pin, score, note, tags from people order by id", &[]).await?;
+    for row in &rows {
+        let id: i32 = row.try_get(0)?;
+        let pin: Option<i32> = row.try_get(4)?;
+        let tags: Option<Vec<String>> = row.try_get(7)?;
+        println!(
+            "people {id} {} {} {} {} {} {} {}",
+            show(row.try_get(1)?),
+            show(row.try_get(2)?),
+            show(row.try_get(3)?),
+            pin.map_or("NULL".to_owned(), |p| p.to_string()),
+            row.try_get::<_, i32>(5)?,
+            show(row.try_get(6)?),
+            show(tags.map(|t| t.join(","))),
+        );
+    }
+    // Prepared once, executed twice with a row limit per Execute (a portal).
+    let statement = client.prepare("select id, ssn from people where id = $1").await?;
+    for id in [1i32, 3] {
+        let row = client.query_one(&statement, &[&id]).await?;
+        println!("prepared {id} {}", show(row.try_get(1)?));
+    }
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 0] = [];
+    let stream = client.query_raw("select id, secret, pad from big order by id", params).await?;
+    let mut stream = std::pin::pin!(stream);
+    let (mut rows, mut masked) = (0u64, 0u64);
+    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream).await? {
+        rows += 1;
+        if row.try_get::<_, String>(1)? == "[MASKED:column]" {
+            masked += 1;
+        }
+    }
+    println!("big {rows} {masked}");
     Ok(())
 }
 
