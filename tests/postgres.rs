@@ -169,6 +169,8 @@ struct Scene {
     gw: TestGateway,
     server: PgServer,
     gateway_ca: PathBuf,
+    /// The CA of the server's own certificate (for clients that go direct).
+    server_ca: PathBuf,
     /// The password hard-coded in the job (the `ci` role's real one).
     job_password: String,
     /// The password of `ci_swap`, which only the gateway holds.
@@ -238,7 +240,7 @@ impl Scene {
         let gateway_ca = dir.path().join("gateway-ca.pem");
         let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
         ok("ca export", &out);
-        Scene { gw, server, gateway_ca, job_password, swap_password, _dir: dir }
+        Scene { gw, server, gateway_ca, server_ca: ca_path, job_password, swap_password, _dir: dir }
     }
 
     fn conninfo(&self, ip: &str) -> String {
@@ -1058,10 +1060,10 @@ const PEOPLE_BINARY: [&str; 7] = [
     "big 100000 100000",
 ];
 
-#[test]
-fn postgres_result_masking() {
-    gateway_tests::require_root();
-    let scene = Scene::with_rules("postgres-mask", MASK_RULES);
+/// A scene with [`MASK_RULES`] and the `people` table (with `big` if asked)
+/// in database `app`, a planted GitHub token in it: the scene and the key.
+fn masked_scene(name: &str, big: bool) -> (Scene, String) {
+    let scene = Scene::with_rules(name, MASK_RULES);
     let key = keys::github_token();
     // Written straight to the server (not through the gateway): the key is
     // planted, as if it had been in the database all along.
@@ -1073,11 +1075,23 @@ fn postgres_result_masking() {
              INSERT INTO people VALUES (1, 'alice', '123-45-6789', 'tok-a', 1234, 10, 'plain note', '{{a,b}}'),\
              (2, 'bob', NULL, 'tok-b', NULL, 20, 'deploy with {key} now', ARRAY['{key}']),\
              (3, 'carol', '987-65-4321', 'tok-c', 4321, 30, NULL, NULL);\
-             CREATE TABLE big AS SELECT g AS id, md5(g::text) AS secret, repeat('x', 1000) AS pad \
-             FROM generate_series(1, 100000) g;\
-             GRANT SELECT ON people, big TO ci;"
+             GRANT SELECT ON people TO ci;"
         ),
     );
+    if big {
+        scene.server.admin_sql_in(
+            "app",
+            "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS secret, repeat('x', 1000) AS pad \
+             FROM generate_series(1, 100000) g; GRANT SELECT ON big TO ci;",
+        );
+    }
+    (scene, key)
+}
+
+#[test]
+fn postgres_result_masking() {
+    gateway_tests::require_root();
+    let (scene, key) = masked_scene("postgres-mask", true);
     let clean = |said: &str| assert!(!said.contains(&key), "the planted key reached the client");
 
     // --- psql, text format: masked columns masked, the others intact.
@@ -1176,4 +1190,192 @@ fn postgres_result_masking() {
     for (path, bytes) in &files {
         assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "the key is in {}", path.display());
     }
+}
+
+/// Statements the differential test runs directly and through the gateway,
+/// each in the simple protocol, and in the extended one with text and with
+/// binary results: types, NULLs, errors, command tags, notices, a large
+/// value, a temporary table (each connection has its own).
+const DIFFERENTIAL_STATEMENTS: &[&str] = &[
+    "select 1::int2 as a, 2::int4, 3::int8, 1.5::numeric, 2.5::float4, 3.25::float8, true, false",
+    "select 'x'::text, 'y'::varchar(3), 'z'::char(2), 'n'::name, '\\xdeadbeef'::bytea, ''::text, null::text",
+    "select date '2024-02-29', timestamp '2024-01-02 03:04:05.678', timestamptz '2024-01-02 03:04:05+02', \
+     interval '1 day 2 hours', time '12:34:56'",
+    "select '6ba7b810-9dad-11d1-80b4-00c04fd430c8'::uuid, '{\"a\": [1, 2]}'::json, '{\"b\": {\"c\": null}}'::jsonb, \
+     '192.168.0.1/24'::inet, point(1, 2), 'infinity'::float8, 'NaN'::numeric",
+    "select array[1, 2, null]::int[], array['a', 'b c']::text[], row(1, 'a'), '{}'::int[]",
+    "select g, g * 2 as twice, g::text || 'x' from generate_series(1, 50) g",
+    "select repeat('x', 100000)",
+    "values (1, 'one'), (2, 'two')",
+    "select 1 / 0",
+    "select * from no_such_table",
+    "selec 1",
+    "create temp table t (id int primary key, v text)",
+    "insert into t values (1, 'a'), (2, 'b'), (3, 'c')",
+    "update t set v = v || '!' where id < 3",
+    "delete from t where id = 3",
+    "select * from t order by id",
+    "insert into t values (1, 'dup')",
+    "drop table if exists no_such_table_either",
+    "select id, name, score from people order by id",
+    "begin",
+    "select 1",
+    "commit",
+    "",
+];
+
+/// Runs [`DIFFERENTIAL_STATEMENTS`] with libpq (psycopg's `pgconn`) and
+/// prints one JSON line per statement and mode: status, command tag,
+/// SQLSTATE, message (not for 42601: the gateway answers syntax errors
+/// itself), column names, types, formats, raw values, notices.
+const DIFFERENTIAL_SCRIPT: &str = r#"
+import json, os, psycopg
+from psycopg import pq
+conn = psycopg.connect(os.environ["DSN"], autocommit=True)
+notices = []
+conn.add_notice_handler(lambda d: notices.append([d.sqlstate, d.message_primary]))
+pg = conn.pgconn
+F = pq.DiagnosticField
+for sql in json.loads(os.environ["STATEMENTS"]):
+    for mode in ("simple", "text", "binary"):
+        if mode == "simple":
+            res = pg.exec_(sql.encode())
+        else:
+            res = pg.exec_params(sql.encode(), [], result_format=1 if mode == "binary" else 0)
+        state = (res.error_field(F.SQLSTATE) or b"").decode()
+        out = {
+            "sql": sql, "mode": mode, "status": int(res.status), "tag": (res.command_status or b"").decode(),
+            "sqlstate": state,
+            "message": "" if state == "42601" else (res.error_field(F.MESSAGE_PRIMARY) or b"").decode(),
+            "names": [res.fname(c).decode() for c in range(res.nfields)],
+            "types": [res.ftype(c) for c in range(res.nfields)],
+            "formats": [res.fformat(c) for c in range(res.nfields)],
+            "rows": [[None if res.get_value(r, c) is None else res.get_value(r, c).hex()
+                      for c in range(res.nfields)] for r in range(res.ntuples)],
+            "notices": notices[:],
+        }
+        notices.clear()
+        print(json.dumps(out))
+"#;
+
+/// A raw client sends a script of messages (simple and extended, a masked
+/// result in text and binary format, a denied statement, a blocked key in
+/// a bind parameter) whole, then split in two at every byte boundary, then
+/// a byte at a time, and prints whether the answers were the same.
+const SPLIT_SCRIPT: &str = r#"
+import os, socket, struct, time
+s = socket.create_connection((os.environ["HOST"], int(os.environ["PORT"])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def msg(t, body): return t + struct.pack("!I", len(body) + 4) + body
+def cstr(x): return x.encode() + b"\0"
+def read():
+    t = s.recv(1)
+    if not t: return None, b""
+    n = struct.unpack("!I", s.recv(4, socket.MSG_WAITALL))[0]
+    return t, s.recv(n - 4, socket.MSG_WAITALL) if n > 4 else b""
+params = b"user\0ci\0database\0app\0\0"
+s.sendall(struct.pack("!II", len(params) + 8, 196608) + params)
+t, b = read(); assert t == b"R" and b == struct.pack("!I", 3), (t, b)
+s.sendall(msg(b"p", os.environ["PGPASSWORD"].encode() + b"\0"))
+while True:
+    t, b = read()
+    assert t is not None and t != b"E", b
+    if t == b"Z": break
+key = os.environ["KEY"].encode()
+script = b"".join([
+    msg(b"Q", cstr("select id, ssn, note from people order by id")),
+    msg(b"P", cstr("") + cstr("select id, api_token, note from people where id = $1") + struct.pack("!hI", 1, 23)),
+    msg(b"B", cstr("") + cstr("") + struct.pack("!hhi", 0, 1, 1) + b"2" + struct.pack("!hh", 1, 1)),
+    msg(b"D", b"P" + cstr("")),
+    msg(b"E", cstr("") + struct.pack("!i", 0)),
+    msg(b"S", b""),
+    msg(b"Q", cstr("delete from people")),
+    msg(b"P", cstr("") + cstr("select $1::text") + struct.pack("!h", 0)),
+    msg(b"B", cstr("") + cstr("") + struct.pack("!hhi", 0, 1, len(key)) + key + struct.pack("!h", 0)),
+    msg(b"E", cstr("") + struct.pack("!i", 0)),
+    msg(b"S", b""),
+    msg(b"Q", cstr("select 1")),
+])
+def exchange(parts):
+    for i, p in enumerate(parts):
+        if i: time.sleep(0.002)
+        s.sendall(p)
+    got, ready = b"", 0
+    while ready < 5:
+        t, b = read()
+        assert t is not None, "the gateway closed the connection"
+        got += t + struct.pack("!I", len(b) + 4) + b
+        if t == b"Z": ready += 1
+    return got
+ref = exchange([script])
+print("reference", ref.count(b"[MASKED:column]"), ref.count(b"[MASKED:github-pat]"), key in ref,
+      ref.count(b"42501"), ref.count(b"UPDATE and DELETE need a WHERE clause"))
+bad = [k for k in range(1, len(script)) if exchange([script[:k], script[k:]]) != ref]
+print("splits", len(script) - 1, "differing", bad[:5])
+print("bytewise", exchange([script[i:i + 1] for i in range(len(script))]) == ref)
+"#;
+
+#[test]
+fn postgres_transparency_and_split_messages() {
+    gateway_tests::require_root();
+    let (scene, key) = masked_scene("postgres-diff", false);
+    let port = scene.server.port;
+
+    // --- (a) differential: the same statements, directly and through the
+    // gateway, give the same rows, types, formats, tags, SQLSTATEs, notices.
+    let statements = serde_json::to_string(DIFFERENTIAL_STATEMENTS).expect("json");
+    let python = gateway_tests::python_named(scene.gw.dir.path(), "pgdiff");
+    let mut direct = Command::new(&python);
+    direct
+        .env(
+            "DSN",
+            format!(
+                "host={FLAG_IP} port={port} user=ci dbname=app sslmode=verify-full sslrootcert={} connect_timeout=30",
+                scene.server_ca.display()
+            ),
+        )
+        .env("PGPASSWORD", &scene.job_password)
+        .env("STATEMENTS", &statements)
+        .args(["-c", DIFFERENTIAL_SCRIPT]);
+    let direct = ok("direct", &run(direct));
+    let mut through = scene.gw.command_in_cgroup(&python);
+    through
+        .env("DSN", scene.conninfo(FLAG_IP))
+        .env("PGPASSWORD", &scene.job_password)
+        .env("STATEMENTS", &statements)
+        .args(["-c", DIFFERENTIAL_SCRIPT]);
+    let through = ok("through the gateway", &run(through));
+    let (direct, through): (Vec<&str>, Vec<&str>) = (direct.lines().collect(), through.lines().collect());
+    assert_eq!(direct.len(), DIFFERENTIAL_STATEMENTS.len() * 3, "one line per statement and mode");
+    for (d, t) in direct.iter().zip(&through) {
+        assert_eq!(d, t, "direct and through the gateway differ");
+    }
+    assert_eq!(direct.len(), through.len());
+    let joined = direct.join("\n");
+    for wanted in
+        ["\"sqlstate\": \"22012\"", "\"sqlstate\": \"42P01\"", "\"sqlstate\": \"23505\"", "\"tag\": \"UPDATE 2\""]
+    {
+        assert!(joined.contains(wanted), "the script exercises {wanted}");
+    }
+    assert!(joined.contains("\"formats\": [1, 1"), "binary results were asked for and given");
+    assert!(joined.contains("does not exist, skipping"), "a NOTICE came through");
+
+    // --- (b) every client message split at every byte boundary is read
+    // and judged the same.
+    let python = gateway_tests::python_named(scene.gw.dir.path(), "pgsplit");
+    let mut cmd = scene.gw.command_in_cgroup(python);
+    cmd.env("HOST", FLAG_IP)
+        .env("PORT", port.to_string())
+        .env("PGPASSWORD", &scene.job_password)
+        .env("KEY", &key)
+        .args(["-c", SPLIT_SCRIPT]);
+    let said = ok("split client", &run(cmd));
+    assert!(!said.contains(&key), "the key reached the client");
+    let lines: Vec<&str> = said.lines().collect();
+    // Masked: ssn of alice and carol (text), api_token of bob (binary); the
+    // key in bob's note (text and binary); refused: the bare DELETE and the
+    // blocked key.
+    assert_eq!(lines.first(), Some(&"reference 3 2 False 2 1"), "{said}");
+    assert!(lines.get(1).is_some_and(|l| l.ends_with("differing []")), "{said}");
+    assert_eq!(lines.get(2), Some(&"bytewise True"), "{said}");
 }
