@@ -33,10 +33,10 @@ pub const COLUMN_MASK: &[u8] = b"[MASKED:column]";
 /// The same as a binary `jsonb` value: version 1, then a JSON string.
 const JSONB_COLUMN_MASK: &[u8] = b"\x01\"[MASKED:column]\"";
 
-/// Type OIDs whose binary format is their text (or raw bytes, `bytea`).
+/// Type OIDs whose binary format is their text (or raw bytes, `bytea`) of
+/// any length (not `"char"`: one byte).
 const TEXT_LIKE: &[u32] = &[
     17,   // bytea
-    18,   // "char"
     19,   // name
     25,   // text
     114,  // json
