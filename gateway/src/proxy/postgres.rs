@@ -20,6 +20,12 @@
 //!   function arguments are scanned for keys); what does not parse, or is
 //!   of a type the handler does not know, ends the session with an
 //!   ErrorResponse and a recorded refusal. Nothing is relayed blind.
+//! * Result rows of a statement the policy masks are rewritten one DataRow
+//!   at a time (`postgres::rows`): the mask goes from a Query's statement,
+//!   or a Parse, to its portals; before a masked Execute the handler sends
+//!   its own Describe of the portal to learn the columns and formats, and
+//!   keeps its answer. A FIFO of what the server owes ([`Pending`]) matches
+//!   the server's answers to what asked for them.
 //!
 //! A statement refused is answered with an ErrorResponse (SQLSTATE 42501)
 //! in the place of its results: the handler sends a Sync upstream instead
