@@ -24,7 +24,7 @@
 //!   at a time (`postgres::rows`): the mask goes from a Query's statement,
 //!   or a Parse, to its portals; before a masked Execute the handler sends
 //!   its own Describe of the portal to learn the columns and formats, and
-//!   keeps its answer. A FIFO of what the server owes ([`Pending`]) matches
+//!   keeps its answer. A FIFO of what the server owes (`Pending`) matches
 //!   the server's answers to what asked for them.
 //!
 //! A statement refused is answered with an ErrorResponse (SQLSTATE 42501)
