@@ -277,6 +277,10 @@ pub struct ProxyLimits {
     /// A request body that sends nothing this long is aborted (408).
     #[serde(with = "humantime_serde")]
     pub body_idle_timeout: Duration,
+    /// A client connection with no exchange in progress this long closes
+    /// its idle upstream connections (they are reopened on its next request).
+    #[serde(with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
     /// HTTP/2 PING interval towards clients.
     #[serde(with = "humantime_serde")]
     pub h2_keep_alive_interval: Duration,
@@ -309,6 +313,7 @@ impl Default for ProxyLimits {
             h1_buffer_bytes: http.h1_max_buffer,
             idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(20)),
             body_idle_timeout: http.body_idle_timeout,
+            upstream_idle_timeout: http.upstream_idle_timeout.unwrap_or(Duration::from_secs(5)),
             h2_keep_alive_interval: http.h2_keep_alive_interval.unwrap_or(Duration::from_secs(30)),
             h2_keep_alive_timeout: http.h2_keep_alive_timeout,
             h2_stream_window_bytes: http.h2_stream_window,
@@ -335,6 +340,7 @@ impl ProxyLimits {
             h1_max_buffer: self.h1_buffer_bytes,
             idle_timeout: Some(self.idle_timeout),
             body_idle_timeout: self.body_idle_timeout,
+            upstream_idle_timeout: Some(self.upstream_idle_timeout),
             h2_keep_alive_interval: Some(self.h2_keep_alive_interval),
             h2_keep_alive_timeout: self.h2_keep_alive_timeout,
             h2_stream_window: self.h2_stream_window_bytes,

@@ -51,16 +51,39 @@ impl Activity {
     }
 
     /// Resolves once no exchange has been in progress for `timeout` (the
-    /// clock restarts whenever one starts or ends).
-    pub(crate) async fn idle_for(&self, timeout: Duration) {
+    /// clock restarts whenever one starts or ends); `None` never resolves.
+    /// Each time the connection has been idle for `first.0` (shorter than
+    /// `timeout`), calls `first.1` once on the way.
+    pub(crate) async fn idle_for(&self, timeout: Option<Duration>, mut first: Option<(Duration, impl FnMut())>) {
+        if let (Some((early, _)), Some(t)) = (&first, timeout) {
+            if *early >= t {
+                first = None;
+            }
+        }
         let mut rx = self.0.subscribe();
         loop {
-            let busy = *rx.borrow_and_update() > 0;
-            if busy {
+            if *rx.borrow_and_update() > 0 {
                 // The sender lives as long as `self`: `changed` cannot fail.
                 let _ = rx.changed().await;
-            } else if tokio::time::timeout(timeout, rx.changed()).await.is_err() {
-                return;
+                continue;
+            }
+            let mut waited = Duration::ZERO;
+            if let Some((early, on_early)) = first.as_mut() {
+                if tokio::time::timeout(*early, rx.changed()).await.is_ok() {
+                    continue;
+                }
+                on_early();
+                waited = *early;
+            }
+            match timeout {
+                Some(t) => {
+                    if tokio::time::timeout(t - waited, rx.changed()).await.is_err() {
+                        return;
+                    }
+                }
+                None => {
+                    let _ = rx.changed().await;
+                }
             }
         }
     }

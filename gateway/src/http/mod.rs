@@ -384,6 +384,11 @@ pub struct Limits {
     /// Idle upstream HTTP/1 connections kept for reuse per client
     /// connection.
     pub max_idle_upstream: usize,
+    /// A client connection with no exchange in progress for this long lets
+    /// its idle upstream HTTP/1 connections go (HAProxy's pool-purge-delay):
+    /// an idle client then holds only its own socket's state. `None` keeps
+    /// them as long as the client connection.
+    pub upstream_idle_timeout: Option<Duration>,
     /// Upstream HTTP/1 connections open at once for one client connection
     /// (an HTTP/2 client's streams to an HTTP/1.1 upstream would otherwise
     /// open one each); further requests wait for one to be free.
@@ -417,6 +422,7 @@ impl Default for Limits {
             h2_send_buffer: 64 * 1024,
             connect_timeout: Duration::from_secs(10),
             max_idle_upstream: 8,
+            upstream_idle_timeout: Some(Duration::from_secs(5)),
             max_upstream_per_connection: 8,
             max_concurrent_streams: 256,
             drain_after_refusal: 8 * 1024 * 1024,

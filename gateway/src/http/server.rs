@@ -99,36 +99,39 @@ where
     });
     let service = {
         let shared = shared.clone();
-        service_fn(move |req| shared.clone().handle(req))
+        // Boxed: hyper keeps room for one in-flight request future per
+        // connection, so an inline one (11 KiB) would sit in every idle
+        // keep-alive connection; boxed it exists only while a request does.
+        service_fn(move |req| Box::pin(shared.clone().handle(req)))
     };
 
     let idle = async {
-        match limits.idle_timeout {
-            Some(t) => activity.idle_for(t).await,
-            None => std::future::pending().await,
-        }
+        let release = limits.upstream_idle_timeout.map(|t| (t, || shared.upstreams.release_idle()));
+        activity.idle_for(limits.idle_timeout, release).await;
     };
     // With ALPN's answer the explicit builders; auto's http1_only and
     // http2_only are ignored when serving with upgrades.
+    // Each arm's connection is boxed so that an HTTP/1.1 connection does
+    // not carry room for HTTP/2's (or auto's) state.
     let result: Result<(), BoxError> = match client_h2 {
         Some(false) => {
             let mut b = hyper_conn::http1::Builder::new();
             h1_limits(&mut b, &limits);
             let conn = b.serve_connection(io, service).with_upgrades();
-            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
         }
         Some(true) => {
             let mut b = hyper_conn::http2::Builder::new(StreamExecutor(tunnels.clone()));
             h2_limits(&mut b, &limits);
             let conn = b.serve_connection(io, service);
-            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
         }
         None => {
             let mut b = auto::Builder::new(StreamExecutor(tunnels.clone()));
             h1_limits(&mut b.http1(), &limits);
             h2_limits(&mut b.http2(), &limits);
             let conn = b.serve_connection_with_upgrades(io, service);
-            drive(conn, &shutdown, idle, |c| c.graceful_shutdown()).await
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
         }
     };
 

@@ -368,6 +368,8 @@ fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> Arc<ClientConfig> {
 struct Upstream {
     addr: SocketAddr,
     conns: Arc<AtomicUsize>,
+    /// Connections open now.
+    open: Arc<AtomicUsize>,
     requests: Arc<AtomicUsize>,
 }
 
@@ -380,7 +382,8 @@ where
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicUsize::new(0));
     let requests = Arc::new(AtomicUsize::new(0));
-    let (c, r) = (conns.clone(), requests.clone());
+    let open = Arc::new(AtomicUsize::new(0));
+    let (c, r, o) = (conns.clone(), requests.clone(), open.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else { return };
@@ -388,7 +391,12 @@ where
             let handler = handler.clone();
             let r = r.clone();
             let tls = tls.clone();
+            let o = o.clone();
             tokio::spawn(async move {
+                o.fetch_add(1, Ordering::SeqCst);
+                let _open = scopeguard(move || {
+                    o.fetch_sub(1, Ordering::SeqCst);
+                });
                 let svc = service_fn(move |req| {
                     r.fetch_add(1, Ordering::SeqCst);
                     let fut = handler(req);
@@ -405,7 +413,20 @@ where
             });
         }
     });
-    Upstream { addr, conns, requests }
+    Upstream { addr, conns, open, requests }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 #[derive(Clone)]
@@ -599,6 +620,33 @@ async fn h1_keep_alive_many_requests_one_upstream_connection_on_many_threads() {
     drop(client);
     assert_eq!(front.next_result().await.unwrap().requests, 300);
     assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one upstream connection for one keep-alive client");
+}
+
+/// A client connection idle past `upstream_idle_timeout` gives its pooled
+/// upstream connection back (an idle client then costs only its own
+/// socket); its next request opens a new one. Busier than that, it keeps it.
+#[tokio::test]
+async fn h1_idle_client_releases_its_upstream_connection() {
+    let up = echo_upstream(None).await;
+    let limits = Limits { upstream_idle_timeout: Some(Duration::from_millis(150)), ..Limits::default() };
+    let mut front = front(TestInspector::pass(), TestConnector::plain(up.addr), None, limits).await;
+    let mut client = h1_client(front.addr).await;
+    let mut get_once = async |path: &str| {
+        client.ready().await.unwrap();
+        let resp = client.send_request(get(path)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        text(resp).await;
+    };
+    get_once("/a").await;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    get_once("/b").await;
+    assert_eq!(up.conns.load(Ordering::SeqCst), 1, "reused within the timeout");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(up.open.load(Ordering::SeqCst), 0, "the idle upstream connection was closed");
+    get_once("/c").await;
+    assert_eq!(up.conns.load(Ordering::SeqCst), 2, "a new upstream connection after the idle release");
+    drop(client);
+    assert_eq!(front.next_result().await.unwrap().requests, 3);
 }
 
 #[tokio::test]

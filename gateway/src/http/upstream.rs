@@ -248,6 +248,15 @@ impl<U: UpstreamConnector> Upstreams<U> {
         }
     }
 
+    /// Closes the idle pooled connections (the client connection has been
+    /// idle a while): dropping a connection's last sender ends its task.
+    pub(crate) fn release_idle(&self) {
+        let released = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+        if !released.is_empty() {
+            tracing::debug!(connections = released.len(), "client idle: closing its idle upstream connections");
+        }
+    }
+
     fn take_idle(&self) -> Option<H1> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(tx) = idle.pop() {

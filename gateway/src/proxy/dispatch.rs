@@ -152,11 +152,15 @@ enum FirstWord {
 impl Proxy {
     /// Opens the gate for the connection and hands it to the handler its
     /// first bytes call for.
+    ///
+    /// Each handler's future is boxed: a task's future is as large as its
+    /// largest state, so inline, every idle connection would carry the
+    /// biggest handler's state (26 KiB) whatever protocol it speaks.
     pub(super) async fn dispatch(&self, conn: Intercepted) -> Handled {
         let facts = ConnFacts { id: conn.id, caller: conn.caller.clone(), dst: conn.orig_dst, capture: conn.capture };
         let passage = self.services.gate.open(facts);
         match sniff(&conn.client, self.config.client_first_timeout).await {
-            Ok(Sniffed::Silent) => self.silent(conn, passage).await,
+            Ok(Sniffed::Silent) => Box::pin(self.silent(conn, passage)).await,
             Ok(sniffed) => self.handle_sniffed(conn, passage, sniffed, None).await,
             Err(e) => Handled::new(Protocol::Tcp).failed(Outcome::Error, format!("reading from the client: {e}")),
         }
@@ -240,12 +244,12 @@ impl Proxy {
             Sniffed::Closed => Handled::new(Protocol::Tcp),
             Sniffed::Silent | Sniffed::Other => {
                 let why = Uninspectable::UnknownProtocol;
-                self.opaque(conn, passage, why, Handled::new(Protocol::Tcp), upstream).await
+                Box::pin(self.opaque(conn, passage, why, Handled::new(Protocol::Tcp), upstream)).await
             }
             // (`sniff_more` never leaves a fragment undecided; if it did, the
             // HTTP parser is the safe side.)
-            Sniffed::Http | Sniffed::Partial => self.serve_plain_http(conn, passage).await,
-            Sniffed::Postgres => self.serve_postgres(conn, passage, false).await,
+            Sniffed::Http | Sniffed::Partial => Box::pin(self.serve_plain_http(conn, passage)).await,
+            Sniffed::Postgres => Box::pin(self.serve_postgres(conn, passage, false)).await,
             Sniffed::Tls => {
                 let hello = match tls::peek_client_hello(&conn.client, self.services.tls.client_hello_timeout).await {
                     Ok(Peeked::Tls(hello)) => hello,
@@ -262,15 +266,15 @@ impl Proxy {
                 };
                 // PostgreSQL 17's direct TLS: ALPN says what is inside.
                 if hello.alpn.iter().any(|p| p == super::postgres::ALPN) {
-                    return self.serve_postgres(conn, passage, true).await;
+                    return Box::pin(self.serve_postgres(conn, passage, true)).await;
                 }
                 match self.services.tls.action_for(hello.sni.as_deref()) {
-                    TlsAction::Intercept => self.intercept_tls(conn, passage, hello).await,
+                    TlsAction::Intercept => Box::pin(self.intercept_tls(conn, passage, hello)).await,
                     TlsAction::Passthrough => {
                         let mut handled = Handled::new(Protocol::TlsPassthrough);
                         handled.sni = hello.sni.clone();
                         let why = Uninspectable::TlsNotIntercepted { sni: hello.sni };
-                        self.opaque(conn, passage, why, handled, None).await
+                        Box::pin(self.opaque(conn, passage, why, handled, None)).await
                     }
                 }
             }
