@@ -401,10 +401,19 @@ impl ser::SerializeStruct for RelStruct<'_> {
                 let names: Vec<String> = scope.ctes.iter().map(|(n, _)| n.clone()).collect();
                 let queries: Vec<String> = walk.pending.drain(scope.start..).collect();
                 let mut escaped = Vec::new();
-                for (i, (_, range)) in scope.ctes.iter().enumerate() {
-                    let visible = if scope.recursive { &names[..] } else { &names[..i] };
-                    let own = queries.get(range.start - scope.start..range.end - scope.start).unwrap_or(&[]);
-                    escaped.extend(own.iter().filter(|n| !visible.contains(n)).cloned());
+                for (offset, name) in queries.into_iter().enumerate() {
+                    let at = scope.start + offset;
+                    // The CTE whose query named it; a name outside every
+                    // CTE (no such tree is known) sees no CTE of this WITH:
+                    // kept rather than lost.
+                    let visible = match scope.ctes.iter().position(|(_, r)| r.contains(&at)) {
+                        Some(_) if scope.recursive => &names[..],
+                        Some(i) => &names[..i],
+                        None => &[][..],
+                    };
+                    if !visible.contains(&name) {
+                        escaped.push(name);
+                    }
                 }
                 walk.finished_with = Some((names, escaped));
             }
