@@ -70,6 +70,8 @@ const APT_PACKAGES: &[&str] = &[
     // The PostgreSQL tests' server (initdb, postgres) and clients (psql, pgbench).
     "postgresql",
     "postgresql-client",
+    // The postgres benchmark's baseline proxy (pool_mode session, TLS both sides).
+    "pgbouncer",
     // More real PostgreSQL clients: pgjdbc, run by the JDK's single-file
     // source launcher; node for node-postgres (installed by npm below).
     "libpostgresql-jdbc-java",

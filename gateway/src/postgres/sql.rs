@@ -43,7 +43,6 @@ use std::ops::Range;
 use pg_query::protobuf::{AlterTableType, ObjectType};
 use pg_query::NodeEnum;
 use serde::Serialize;
-use serde_json::Value;
 
 /// Why a query could not be classified; the caller refuses it
 /// (SQLSTATE 42601, syntax error).
@@ -328,6 +327,16 @@ pub fn classify_with(query: &str, options: ParseOptions) -> Result<Vec<Statement
 
 /// Classifies `query` with `standard_conforming_strings` set to `on`.
 fn classify_lexed(query: &str, on: bool) -> Result<Vec<Statement>, SqlError> {
+    classify_parsed(query, on, classify_node)
+}
+
+/// Parses `query` and classifies each statement with `node_kind` (the
+/// tests compare two classifiers on the same parse).
+fn classify_parsed(
+    query: &str,
+    on: bool,
+    node_kind: fn(&NodeEnum, Range<usize>) -> Result<Statement, SqlError>,
+) -> Result<Vec<Statement>, SqlError> {
     let mut parser = pg_query::ParserOptions::DEFAULT;
     if !on {
         parser |= pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS;
@@ -350,16 +359,15 @@ fn classify_lexed(query: &str, on: bool) -> Result<Vec<Statement>, SqlError> {
             .as_ref()
             .and_then(|n| n.node.as_ref())
             .ok_or_else(|| SqlError::Tree("a statement without a parse tree".into()))?;
-        out.push(classify_node(node, start..end)?);
+        out.push(node_kind(node, start..end)?);
     }
     Ok(out)
 }
 
 /// Classifies one parsed statement.
 fn classify_node(node: &NodeEnum, span: Range<usize>) -> Result<Statement, SqlError> {
-    let tree = serde_json::to_value(node).map_err(|e| SqlError::Tree(e.to_string()))?;
-    let mut relations = BTreeSet::new();
-    collect_relations(&tree, &mut relations);
+    let tree_error = |e: walk::WalkError| SqlError::Tree(e.to_string());
+    let (mut relations, _) = walk::relations(node).map_err(tree_error)?;
     if let NodeEnum::DropStmt(d) = node {
         dropped_relations(d, &mut relations);
     }
@@ -369,24 +377,30 @@ fn classify_node(node: &NodeEnum, span: Range<usize>) -> Result<Statement, SqlEr
             Some(n) => vec![classify_node(n, span.clone())?],
             None => Vec::new(),
         },
-        None => {
-            let mut inner = Vec::new();
-            nested_modifications(&tree, true, &span, &mut inner);
-            inner
-        }
+        None => walk::modifications(node, true, &span).map_err(tree_error)?,
     };
-    // `ALTER TABLE t OWNER TO r, ADD ...`: a privilege change inside a schema change.
+    owner_change(node, kind, &relations, &span, &mut inner);
+    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner })
+}
+
+/// `ALTER TABLE t OWNER TO r, ADD ...`: a privilege change inside a schema
+/// change, judged as an inner statement.
+fn owner_change(
+    node: &NodeEnum,
+    kind: StatementKind,
+    relations: &BTreeSet<Relation>,
+    span: &Range<usize>,
+    inner: &mut Vec<Statement>,
+) {
     if kind == StatementKind::Ddl && changes_owner(node) {
-        let relations = relations.iter().cloned().collect();
         inner.push(Statement {
             kind: StatementKind::Grant,
-            relations,
+            relations: relations.iter().cloned().collect(),
             has_where: None,
             span: span.clone(),
             inner: vec![],
         });
     }
-    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner })
 }
 
 /// Whether an `ALTER TABLE` changes the owner among other changes.
@@ -533,67 +547,6 @@ fn top_kind(node: &NodeEnum) -> (StatementKind, Option<bool>, Option<&pg_query::
     (kind, None, None)
 }
 
-/// Every `RangeVar` in a serialised parse tree, except unqualified
-/// references to a common table expression in scope. The JSON walk reaches
-/// every node whatever its type, so no statement type can hide a relation
-/// from a hand-written traversal that forgot it.
-fn collect_relations(v: &Value, out: &mut BTreeSet<Relation>) {
-    walk_relations(v, &mut Vec::new(), out);
-}
-
-/// `scope`: the CTE names an unqualified `RangeVar` here would refer to, as
-/// PostgreSQL scopes them: a `WITH`'s statement sees all of its CTEs; a
-/// CTE's own query sees the ones before it, or all of them with
-/// `RECURSIVE`. Tables written or created (`relation`: the target of
-/// `INSERT`, `UPDATE`, `DELETE`, `MERGE`, `COPY`...; `into_clause`) are
-/// never CTEs, so they are always listed.
-fn walk_relations(v: &Value, scope: &mut Vec<String>, out: &mut BTreeSet<Relation>) {
-    match v {
-        Value::Object(map) => {
-            // RangeVar is the only node with these three fields.
-            if let (Some(Value::String(name)), Some(Value::String(schema)), Some(_)) =
-                (map.get("relname"), map.get("schemaname"), map.get("catalogname"))
-            {
-                let cte = schema.is_empty() && scope.iter().any(|n| n == name);
-                if !name.is_empty() && !cte {
-                    let schema = (!schema.is_empty()).then(|| schema.clone());
-                    out.insert(Relation { schema, name: name.clone() });
-                }
-            }
-            let base = scope.len();
-            let with = map.get("with_clause").filter(|w| !w.is_null());
-            if let Some(with) = with {
-                let ctes: Vec<(String, &Value)> = with
-                    .get("ctes")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c.get("node")?.get("CommonTableExpr"))
-                    .map(|c| (c.get("ctename").and_then(Value::as_str).unwrap_or("").to_owned(), c))
-                    .collect();
-                let recursive = with.get("recursive").and_then(Value::as_bool).unwrap_or(false);
-                for (i, (_, cte)) in ctes.iter().enumerate() {
-                    let visible = if recursive { &ctes[..] } else { &ctes[..i] };
-                    scope.extend(visible.iter().map(|(n, _)| n.clone()));
-                    walk_relations(cte, scope, out);
-                    scope.truncate(base);
-                }
-                scope.extend(ctes.iter().map(|(n, _)| n.clone()));
-            }
-            for (key, value) in map {
-                match key.as_str() {
-                    "with_clause" if with.is_some() => {}
-                    "relation" | "into_clause" => walk_relations(value, &mut Vec::new(), out),
-                    _ => walk_relations(value, scope, out),
-                }
-            }
-            scope.truncate(base);
-        }
-        Value::Array(items) => items.iter().for_each(|v| walk_relations(v, scope, out)),
-        _ => {}
-    }
-}
-
 /// `DROP TABLE/VIEW/...` names its relations as name lists, not `RangeVar`s.
 fn dropped_relations(d: &pg_query::protobuf::DropStmt, out: &mut BTreeSet<Relation>) {
     let relation_types = [
@@ -630,45 +583,8 @@ fn dropped_relations(d: &pg_query::protobuf::DropStmt, out: &mut BTreeSet<Relati
     }
 }
 
-/// Data-modifying statements nested in a serialised tree (CTEs, rule
-/// actions), each classified with its own nested ones. `top` skips the
-/// statement itself.
-fn nested_modifications(v: &Value, top: bool, span: &Range<usize>, out: &mut Vec<Statement>) {
-    match v {
-        Value::Object(map) => {
-            if !top && map.len() == 1 {
-                if let Some((tag, body)) = map.iter().next() {
-                    let kind = match tag.as_str() {
-                        "InsertStmt" => Some(StatementKind::Insert),
-                        "UpdateStmt" => Some(StatementKind::Update),
-                        "DeleteStmt" => Some(StatementKind::Delete),
-                        "MergeStmt" => Some(StatementKind::Merge),
-                        _ => None,
-                    };
-                    if let Some(kind) = kind {
-                        let mut relations = BTreeSet::new();
-                        collect_relations(body, &mut relations);
-                        let has_where =
-                            kind.filters_rows().then(|| body.get("where_clause").is_some_and(|w| !w.is_null()));
-                        let mut inner = Vec::new();
-                        nested_modifications(body, false, span, &mut inner);
-                        out.push(Statement {
-                            kind,
-                            relations: relations.into_iter().collect(),
-                            has_where,
-                            span: span.clone(),
-                            inner,
-                        });
-                        return;
-                    }
-                }
-            }
-            map.values().for_each(|v| nested_modifications(v, false, span, out));
-        }
-        Value::Array(items) => items.iter().for_each(|v| nested_modifications(v, false, span, out)),
-        _ => {}
-    }
-}
-
+#[cfg(test)]
+mod json_walk;
 #[cfg(test)]
 mod tests;
+mod walk;

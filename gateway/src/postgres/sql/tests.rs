@@ -334,3 +334,288 @@ fn kind_names_and_bits_agree() {
         assert_eq!(StatementKind::bits_of_name(k.as_str()), Some(k.bit()), "{sql}");
     }
 }
+
+/// Statements of every shape the walk must see through: each is classified
+/// by the direct walk and by the former JSON walk, which must agree.
+const DIFFERENTIAL_CORPUS: &[&str] = &[
+    "SELECT 1",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 48213",
+    "UPDATE pgbench_accounts SET abalance = abalance + -3214 WHERE aid = 48213",
+    "UPDATE pgbench_tellers SET tbalance = tbalance + 12 WHERE tid = 3",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (7, 1, 48213, -3214, CURRENT_TIMESTAMP)",
+    "BEGIN", "END", "COMMIT", "ROLLBACK", "SAVEPOINT s", "RELEASE s", "START TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "select * from T", "SELECT * FROM \"T\"", "SELECT * FROM \"MiXed\".\"Case\"", "SELECT * FROM db.s.t",
+    "SELECT a.b FROM s.a, s.b JOIN c USING (id) LEFT JOIN d ON d.x = c.x CROSS JOIN e",
+    "SELECT (SELECT max(x) FROM hidden) FROM t",
+    "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id) AND id IN (SELECT id FROM v)",
+    "SELECT * FROM t WHERE x = ANY (ARRAY(SELECT y FROM w))",
+    "SELECT f((SELECT count(*) FROM arg_t)), g(x) FILTER (WHERE x > (SELECT 1 FROM filt)) FROM t",
+    "SELECT sum(x) OVER (PARTITION BY (SELECT 1 FROM win) ORDER BY y) FROM t",
+    "SELECT CASE WHEN (SELECT true FROM c1) THEN (SELECT 1 FROM c2) ELSE (SELECT 2 FROM c3) END",
+    "SELECT * FROM t, LATERAL (SELECT * FROM u WHERE u.t = t.id) l",
+    "SELECT * FROM generate_series(1, (SELECT n FROM cfg)) g",
+    "SELECT * FROM ROWS FROM (f(1), g((SELECT 1 FROM rf))) r",
+    "SELECT x FROM t GROUP BY GROUPING SETS ((x), ()) HAVING count(*) > (SELECT 1 FROM hv)",
+    "SELECT * FROM t ORDER BY (SELECT 1 FROM ordt) LIMIT (SELECT 1 FROM lim) OFFSET (SELECT 2 FROM off)",
+    "SELECT * FROM t FOR UPDATE OF t SKIP LOCKED",
+    "SELECT * FROM t TABLESAMPLE SYSTEM (10)",
+    "SELECT * FROM XMLTABLE('/r' PASSING (SELECT doc FROM xdocs) COLUMNS a int PATH 'a') x",
+    "SELECT * FROM JSON_TABLE((SELECT j FROM jdocs), '$[*]' COLUMNS (a int PATH '$.a')) jt",
+    "SELECT json_agg(x ORDER BY y) FROM t",
+    "SELECT $1::int, $2 FROM t WHERE a = $3",
+    "VALUES (1, 'a'), ((SELECT 2 FROM vals), 'b')",
+    "TABLE t",
+    "SELECT 1 UNION SELECT 2 FROM u INTERSECT SELECT 3 FROM v EXCEPT SELECT 4 FROM w",
+    "(WITH x AS (SELECT 1) SELECT * FROM x) UNION (WITH y AS (SELECT 2) SELECT * FROM y, x)",
+    "(SELECT * FROM a ORDER BY 1 LIMIT 1) UNION ALL (SELECT * FROM b)",
+    "WITH x AS (SELECT 1) SELECT * FROM x",
+    "WITH x AS (SELECT 1) SELECT * FROM public.x",
+    "SELECT * FROM secrets, (WITH secrets AS (SELECT 1) SELECT * FROM secrets) q",
+    "WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b",
+    "WITH b AS (SELECT 1), a AS (SELECT * FROM b) SELECT * FROM a",
+    "WITH RECURSIVE a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a",
+    "WITH RECURSIVE t(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM t) SELECT * FROM t",
+    "WITH t AS (SELECT * FROM t) SELECT * FROM t",
+    "WITH x AS (SELECT 1) SELECT * FROM x UNION SELECT * FROM y",
+    "WITH x AS (WITH y AS (SELECT 1) SELECT * FROM y, z) SELECT * FROM x, y",
+    "WITH x AS (SELECT 1) SELECT * FROM (WITH y AS (SELECT * FROM x) SELECT * FROM y, x) q",
+    "WITH x AS (SELECT 1) SELECT * FROM (WITH x AS (SELECT * FROM x) SELECT * FROM x) q",
+    "WITH x AS MATERIALIZED (SELECT 1) SELECT * FROM x",
+    "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s) SEARCH DEPTH FIRST BY n SET ord SELECT * FROM s",
+    "WITH secrets AS (SELECT 1) DELETE FROM secrets",
+    "WITH secrets AS (SELECT 1) INSERT INTO secrets SELECT * FROM secrets",
+    "WITH secrets AS (SELECT 1), d AS (DELETE FROM secrets) SELECT 1",
+    "WITH t AS (SELECT 1) SELECT * INTO t FROM t",
+    "WITH s AS (SELECT 1 AS id) MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+    "WITH d AS (DELETE FROM secrets RETURNING *) SELECT * FROM d",
+    "WITH a AS (UPDATE t SET x = 1 WHERE id = 1 RETURNING id), b AS (INSERT INTO log SELECT id FROM a RETURNING id) DELETE FROM u WHERE id IN (SELECT id FROM b)",
+    "WITH a AS (INSERT INTO t WITH b AS (DELETE FROM u RETURNING *) SELECT * FROM b RETURNING *) SELECT 1",
+    "SELECT * FROM (WITH d AS (DELETE FROM deep RETURNING *) SELECT * FROM d) q WHERE EXISTS (WITH u AS (UPDATE up SET a = 1 RETURNING *) SELECT 1)",
+    "INSERT INTO t VALUES (1)",
+    "INSERT INTO t (a, b) SELECT a, b FROM u WHERE c",
+    "INSERT INTO t SELECT * FROM u ON CONFLICT DO NOTHING",
+    "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = (SELECT a FROM conflict_src) WHERE t.b > 0 RETURNING (SELECT 1 FROM ret)",
+    "INSERT INTO t DEFAULT VALUES RETURNING *",
+    "INSERT INTO t OVERRIDING SYSTEM VALUE VALUES (1)",
+    "UPDATE t SET a = 1",
+    "UPDATE t SET a = 1 WHERE id = 2",
+    "UPDATE t SET (a, b) = (SELECT x, y FROM src WHERE src.id = t.id) FROM other WHERE other.k = t.k RETURNING t.*",
+    "UPDATE ONLY t AS tt SET a = DEFAULT WHERE CURRENT OF cur",
+    "DELETE FROM t",
+    "DELETE FROM t WHERE id = 1",
+    "DELETE FROM t USING (SELECT * FROM u WHERE x) q",
+    "DELETE FROM s.t USING u, v WHERE t.a = u.a RETURNING (SELECT 1 FROM del_ret)",
+    "DELETE FROM t WHERE CURRENT OF c",
+    "MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE",
+    "MERGE INTO t USING (SELECT * FROM src) s ON t.id = s.id WHEN MATCHED AND s.x THEN UPDATE SET a = s.a WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.a) RETURNING *",
+    "MERGE INTO t USING s ON t.id = s.id WHEN NOT MATCHED BY SOURCE THEN DELETE",
+    "CREATE TABLE t (id int)",
+    "CREATE TABLE IF NOT EXISTS app.events (id bigserial PRIMARY KEY, owner int REFERENCES app.users(id) ON DELETE CASCADE, CHECK (id > 0))",
+    "CREATE TABLE c (LIKE p INCLUDING ALL) INHERITS (base)",
+    "CREATE TABLE part PARTITION OF parent FOR VALUES FROM (1) TO (10)",
+    "CREATE TEMP TABLE tmp ON COMMIT DROP AS SELECT * FROM src",
+    "CREATE TABLE n AS SELECT * FROM t",
+    "CREATE TABLE n AS WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+    "CREATE MATERIALIZED VIEW mv AS SELECT * FROM t WITH NO DATA",
+    "REFRESH MATERIALIZED VIEW CONCURRENTLY s.mv",
+    "CREATE VIEW v AS SELECT * FROM t",
+    "CREATE OR REPLACE VIEW v AS WITH x AS (SELECT 1) SELECT * FROM x, y",
+    "CREATE RECURSIVE VIEW rv (n) AS SELECT 1 UNION ALL SELECT n + 1 FROM rv",
+    "SELECT * INTO n FROM t",
+    "SELECT * INTO TEMP n FROM t WHERE x",
+    "ALTER TABLE t ADD COLUMN b text",
+    "ALTER TABLE t OWNER TO bob",
+    "ALTER TABLE t OWNER TO bob, ADD COLUMN c int",
+    "ALTER TABLE IF EXISTS s.t RENAME TO u",
+    "ALTER TABLE t ADD CONSTRAINT fk FOREIGN KEY (a) REFERENCES other (b)",
+    "ALTER TABLE t ALTER COLUMN a SET DEFAULT (1)",
+    "ALTER TABLE p ATTACH PARTITION c FOR VALUES IN (1)",
+    "ALTER INDEX i RENAME TO j",
+    "ALTER SEQUENCE sq OWNED BY t.id",
+    "ALTER VIEW v OWNER TO bob",
+    "ALTER FUNCTION f(int) OWNER TO bob",
+    "DROP TABLE t",
+    "DROP TABLE IF EXISTS a, s.b, c.s.d CASCADE",
+    "DROP VIEW v", "DROP MATERIALIZED VIEW mv", "DROP SEQUENCE sq", "DROP INDEX s.i", "DROP FOREIGN TABLE ft",
+    "DROP FUNCTION f(int)", "DROP SCHEMA s CASCADE", "DROP TYPE ty", "DROP EXTENSION e",
+    "CREATE INDEX i ON t (a)",
+    "CREATE UNIQUE INDEX CONCURRENTLY i ON s.t USING btree (lower(a)) WHERE b IS NOT NULL",
+    "CREATE SEQUENCE sq START 1",
+    "CREATE FUNCTION f() RETURNS int AS 'select 1' LANGUAGE sql",
+    "CREATE FUNCTION g() RETURNS int LANGUAGE sql RETURN (SELECT count(*) FROM inlined)",
+    "CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC DELETE FROM proc_t; END",
+    "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW WHEN (NEW.a > 0) EXECUTE FUNCTION f()",
+    "CREATE RULE r AS ON INSERT TO t DO ALSO DELETE FROM audit",
+    "CREATE RULE r AS ON UPDATE TO t DO INSTEAD (INSERT INTO log VALUES (1); UPDATE other SET a = 1)",
+    "CREATE POLICY p ON t USING (owner = current_user AND EXISTS (SELECT 1 FROM acl))",
+    "CREATE SCHEMA s CREATE TABLE st (a int) CREATE VIEW sv AS SELECT * FROM st",
+    "CREATE DOMAIN d AS int CHECK (VALUE > 0)",
+    "CREATE TYPE ty AS (a int, b text)",
+    "CREATE TYPE en AS ENUM ('a', 'b')",
+    "CREATE EXTENSION dblink",
+    "CREATE STATISTICS st ON a, b FROM t",
+    "CREATE PUBLICATION pub FOR TABLE t, s.u",
+    "CREATE FOREIGN TABLE ft (a int) SERVER srv",
+    "COMMENT ON TABLE t IS 'x'",
+    "COMMENT ON COLUMN s.t.c IS 'y'",
+    "SECURITY LABEL ON TABLE t IS 'x'",
+    "TRUNCATE t, u",
+    "TRUNCATE ONLY s.t RESTART IDENTITY CASCADE",
+    "COPY t FROM STDIN",
+    "COPY t (a, b) TO STDOUT WITH (FORMAT csv)",
+    "COPY (SELECT * FROM t) TO STDOUT",
+    "COPY (DELETE FROM t RETURNING *) TO STDOUT",
+    "COPY t FROM PROGRAM 'cat /etc/passwd'",
+    "COPY t FROM STDIN WHERE a > 0",
+    "GRANT SELECT ON t TO bob",
+    "GRANT SELECT (a) ON s.t TO bob WITH GRANT OPTION",
+    "GRANT ALL ON ALL TABLES IN SCHEMA s TO bob",
+    "REVOKE ALL ON t FROM bob",
+    "GRANT admin TO bob",
+    "CREATE ROLE x LOGIN",
+    "ALTER ROLE x SUPERUSER",
+    "ALTER ROLE x SET search_path = s",
+    "DROP ROLE x",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA s GRANT SELECT ON TABLES TO bob",
+    "REASSIGN OWNED BY a TO b",
+    "DROP OWNED BY a",
+    "SET ROLE admin", "RESET ROLE", "SET SESSION AUTHORIZATION bob",
+    "SET search_path = s, public", "SET LOCAL statement_timeout = 5", "RESET ALL", "SET TRANSACTION READ ONLY",
+    "SET CONSTRAINTS ALL DEFERRED",
+    "SHOW search_path", "SHOW ALL",
+    "CALL p(1, (SELECT 2 FROM call_arg))",
+    "DO $$BEGIN DELETE FROM t; END$$",
+    "EXPLAIN SELECT 1",
+    "EXPLAIN ANALYZE DELETE FROM secrets",
+    "EXPLAIN (ANALYZE, FORMAT JSON) CREATE TABLE n AS SELECT 1",
+    "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+    "EXPLAIN EXECUTE p(1)",
+    "PREPARE p (int) AS DELETE FROM t WHERE id = $1",
+    "PREPARE p AS UPDATE t SET a = 1",
+    "PREPARE p AS WITH i AS (INSERT INTO t VALUES (1) RETURNING *) SELECT * FROM i",
+    "EXECUTE p(1, 'x')",
+    "DEALLOCATE p", "DEALLOCATE ALL",
+    "DECLARE c CURSOR FOR SELECT * FROM t",
+    "DECLARE c SCROLL CURSOR WITH HOLD FOR SELECT * FROM t FOR SHARE",
+    "FETCH 10 FROM c", "MOVE NEXT IN c", "CLOSE c", "CLOSE ALL",
+    "LISTEN ch", "UNLISTEN *", "NOTIFY ch, 'payload'",
+    "VACUUM ANALYZE t", "VACUUM (FULL, VERBOSE) s.t (a)", "ANALYZE t (a, b)", "CLUSTER t USING i", "REINDEX TABLE t",
+    "CHECKPOINT", "DISCARD ALL", "LOCK TABLE t, s.u IN ACCESS EXCLUSIVE MODE", "LOAD 'auto_explain'",
+    "ALTER SYSTEM SET work_mem = '64MB'",
+    "CREATE DATABASE d", "DROP DATABASE d", "ALTER DATABASE d SET x = 1",
+    "IMPORT FOREIGN SCHEMA r FROM SERVER srv INTO s",
+    "SELECT 1; DELETE FROM t; UPDATE u SET a = 1 WHERE b",
+    "SELECT * FROM t WHERE s = 'it''s; DROP TABLE x' -- comment\n AND y = E'\\\\'",
+    "SELECT /* DELETE FROM hidden */ 1 FROM t",
+    "SELECT $q$; DROP TABLE t; $q$ FROM u",
+    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity",
+    "SELECT set_config('role', 'admin', false)",
+    "SELECT * FROM t1 NATURAL FULL JOIN t2 RIGHT JOIN (t3 JOIN t4 ON true) ON true",
+    "SELECT DISTINCT ON ((SELECT 1 FROM dist)) a FROM t",
+    "SELECT ROW(1, (SELECT 2 FROM rowsub))",
+    "SELECT ARRAY[(SELECT 1 FROM arr)]",
+    "SELECT x::text COLLATE \"C\" FROM t",
+    "SELECT a[1:2], (b).c FROM t",
+    "SELECT * FROM t WHERE a BETWEEN (SELECT 1 FROM lo) AND (SELECT 2 FROM hi)",
+    "SELECT * FROM t WHERE a IS DISTINCT FROM (SELECT 1 FROM dis)",
+    "SELECT COALESCE(a, (SELECT 1 FROM coal)), NULLIF(a, b), GREATEST(1, (SELECT 2 FROM gr))",
+    "SELECT xmlelement(name x, (SELECT 1 FROM xm))",
+    "SELECT JSON_OBJECT('a': (SELECT 1 FROM jo))",
+    "SELECT * FROM t WHERE a LIKE (SELECT p FROM pat) ESCAPE '!'",
+    "SELECT nextval('sq'), currval('s.sq')",
+    "SELECT * FROM t WINDOW w AS (PARTITION BY (SELECT 1 FROM wdef))",
+    "SELECT * FROM t ORDER BY a FETCH FIRST 3 ROWS WITH TIES",
+];
+
+/// Statements for the generated part of the corpus: each is put in every
+/// wrapper below.
+const DIFFERENTIAL_INNER: &[&str] = &[
+    "SELECT * FROM t",
+    "SELECT * FROM c, s.t",
+    "SELECT * FROM c WHERE x IN (SELECT y FROM c2)",
+    "DELETE FROM c WHERE x RETURNING *",
+    "DELETE FROM t USING c RETURNING *",
+    "INSERT INTO c SELECT * FROM t RETURNING *",
+    "UPDATE t SET a = (SELECT a FROM c) FROM c2 RETURNING *",
+    "UPDATE c SET a = 1 WHERE id = 2 RETURNING *",
+    "MERGE INTO t USING c ON t.id = c.id WHEN MATCHED THEN DELETE RETURNING *",
+    "WITH c AS (SELECT 1) SELECT * FROM c, t",
+    "WITH RECURSIVE c AS (SELECT * FROM c2), c2 AS (SELECT 1) SELECT * FROM c",
+    "WITH d AS (DELETE FROM c RETURNING *) SELECT * FROM d",
+    "SELECT 1 FROM t UNION SELECT 2 FROM c",
+    "VALUES (1)",
+];
+
+/// `{}` is replaced by a statement of [`DIFFERENTIAL_INNER`] (many
+/// combinations do not parse: both walks must then fail alike).
+const DIFFERENTIAL_WRAPPERS: &[&str] = &[
+    "{}",
+    "EXPLAIN ANALYZE {}",
+    "PREPARE p AS {}",
+    "DECLARE cur CURSOR FOR {}",
+    "COPY ({}) TO STDOUT",
+    "CREATE TABLE n AS {}",
+    "CREATE VIEW v AS {}",
+    "WITH c AS ({}) SELECT * FROM c",
+    "WITH c AS ({}), c2 AS (SELECT * FROM c) SELECT * FROM c2, c",
+    "WITH RECURSIVE c AS ({}) SELECT * FROM c",
+    "WITH c2 AS ({}), c AS (SELECT * FROM c2) DELETE FROM c WHERE x",
+    "WITH c AS (SELECT 1) {}",
+    "WITH c AS (SELECT 1), w AS ({}) SELECT * FROM w",
+    "WITH c AS (SELECT 1) INSERT INTO c WITH i AS ({}) SELECT * FROM i",
+    "SELECT * FROM ({}) q, c",
+    "SELECT * FROM t WHERE EXISTS ({})",
+    "SELECT (WITH c AS ({}) SELECT 1 FROM c)",
+    "INSERT INTO c WITH w AS ({}) SELECT * FROM w, c",
+    "UPDATE c SET a = 1 FROM (WITH w AS ({}) SELECT * FROM w) q",
+    "CREATE RULE r AS ON INSERT TO c DO ALSO {}",
+    "{}; {}",
+];
+
+/// `inner` in a canonical order, recursively: the JSON walk listed nested
+/// statements in the alphabetical order of field names, the direct walk in
+/// the tree's field order.
+fn canonical(mut statements: Vec<Statement>) -> Vec<Statement> {
+    for s in &mut statements {
+        s.inner = canonical(std::mem::take(&mut s.inner));
+    }
+    statements.sort_by_key(|s| format!("{s:?}"));
+    statements
+}
+
+fn canonical_top(result: Result<Vec<Statement>, SqlError>) -> Result<Vec<Statement>, SqlError> {
+    result.map(|v| {
+        v.into_iter()
+            .map(|mut s| {
+                s.inner = canonical(std::mem::take(&mut s.inner));
+                s
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn direct_walk_agrees_with_the_json_walk() {
+    let mut queries: Vec<String> = DIFFERENTIAL_CORPUS.iter().map(|s| (*s).to_owned()).collect();
+    for wrapper in DIFFERENTIAL_WRAPPERS {
+        for inner in DIFFERENTIAL_INNER {
+            queries.push(wrapper.replace("{}", inner));
+        }
+    }
+    let mut classified = 0;
+    for q in &queries {
+        let direct = canonical_top(classify_lexed(q, true));
+        let json = canonical_top(json_walk::classify_json(q));
+        assert_eq!(direct, json, "{q}");
+        if let Ok(v) = direct {
+            classified += 1;
+            assert!(!v.is_empty(), "{q}");
+        }
+    }
+    // Every hand-written statement parses, so the comparison is not vacuous.
+    for q in DIFFERENTIAL_CORPUS {
+        assert!(classify_lexed(q, true).is_ok(), "does not parse: {q}");
+    }
+    assert!(queries.len() > 400, "{} queries", queries.len());
+    assert!(classified > 350, "only {classified} of {} queries classified", queries.len());
+}
