@@ -308,6 +308,8 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
     let fingerprint_key = Arc::new(crate::detect::FingerprintKey::load_or_create(&config.state_dir)?);
     let db = config.findings.database_path(&config.state_dir);
     let findings = crate::findings::FindingsHandle::open(&db)?;
+    let waivers = crate::findings::WaiverSet::default();
+    crate::findings::allowlist::start_refresher(crate::findings::FindingStore::open(&db)?, waivers.clone())?;
     tracing::info!(rules = detector.rule_count(), findings = %db.display(), "detector and findings store ready");
     let identities = Arc::new(crate::identity::IdentityResolver::new(&config.identity));
     if let Some(path) = &config.identity.mappings {
@@ -383,6 +385,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         fingerprint_key,
         findings,
         actions: config.findings.clone(),
+        waivers,
         body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
         credentials,
         minter: Some(Arc::new(minter)),

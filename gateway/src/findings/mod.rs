@@ -16,13 +16,19 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod allowlist;
 mod export;
 mod handle;
 mod model;
+pub mod origin;
 pub mod store;
 
+pub use allowlist::{AllowEntry, AllowId, Scope, WaiverSet, Waivers};
 pub use handle::FindingsHandle;
-pub use model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
+pub use model::{
+    project_of, ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Sighting, Status, StatusChange,
+    PROJECT_VARIABLES,
+};
 pub use store::FindingStore;
 
 /// File name of the findings database inside `state_dir` when
@@ -255,6 +261,9 @@ pub enum FindingsError {
     /// No finding with that id.
     #[error("{0}: no such finding")]
     NotFound(FindingId),
+    /// No active allowlist entry with that id.
+    #[error("{0}: no such active allowlist entry")]
+    NoSuchAllowEntry(AllowId),
     /// The requested review status change is not allowed.
     #[error("{id} is {from}; it cannot become {to} (allowed from {from}: {allowed})")]
     InvalidTransition {
@@ -293,7 +302,10 @@ impl FindingsError {
     /// database or environment failures; the CLI exits 1 for these and 2 for
     /// the rest.
     pub fn is_request_error(&self) -> bool {
-        matches!(self, FindingsError::NotFound(_) | FindingsError::InvalidTransition { .. })
+        matches!(
+            self,
+            FindingsError::NotFound(_) | FindingsError::NoSuchAllowEntry(_) | FindingsError::InvalidTransition { .. }
+        )
     }
 }
 
