@@ -1,0 +1,216 @@
+//! A reviewer works a finding end to end: a real gateway (eBPF redirect on
+//! a test cgroup, TLS interception, a real HTTPS upstream) blocks curl's
+//! planted key with a 403 naming the finding; the finding's timeline names
+//! the process, its masked command line and the recorded session, and the
+//! session links back; the reviewer allows the key for that destination
+//! with a short expiry and the next identical request passes, then blocks
+//! again once the entry expires; a false positive likewise stops blocking
+//! until it is reopened. Placeholders in Authorization are not blocked as
+//! keys while an unknown real-looking credential still is.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    keys, unique_port,
+    upstream::{TestPki, Upstream},
+    wait_for, GatewayOptions, TestGateway,
+};
+use serde_json::Value;
+
+const HOST: &str = "api.test.internal";
+const UPSTREAM_IP: &str = "127.0.0.9";
+
+const POLICY: &str = "version: 1\nrules: []\ndefaults:\n  action: allow\n  record: metadata\n";
+
+struct Scene {
+    gw: TestGateway,
+    upstream: Upstream,
+    port: u16,
+    gateway_ca: PathBuf,
+    _pki_dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn start(name: &str) -> Scene {
+        let pki_dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let pki = TestPki::new(pki_dir.path(), &[HOST]);
+        let port = unique_port();
+        let upstream = Upstream::start(format!("{UPSTREAM_IP}:{port}").parse().expect("addr"), &pki);
+        let mut opts = GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{port}]}}")]);
+        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
+        opts.policy_yaml = Some(POLICY.into());
+        opts.extra_yaml = format!(
+            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n",
+            ca = pki.ca_path.display(),
+        );
+        let gw = TestGateway::start(opts);
+        let gateway_ca = gw.dir.path().join("gateway-ca.pem");
+        let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
+        assert!(out.status.success(), "ca export: {}", String::from_utf8_lossy(&out.stderr));
+        Scene { gw, upstream, port, gateway_ca, _pki_dir: pki_dir }
+    }
+
+    /// curl in the intercepted cgroup sending `authorization`: (status, body).
+    fn curl(&self, authorization: &str) -> (u16, String) {
+        let out = self
+            .gw
+            .command_in_cgroup("curl")
+            .args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", self.port), "--cacert"])
+            .arg(&self.gateway_ca)
+            .args(gateway_tests::CURL_STATUS)
+            .args(["-H", &format!("Authorization: {authorization}")])
+            .arg(format!("https://{HOST}:{}/v1/models", self.port))
+            .output()
+            .expect("curl");
+        gateway_tests::curl_reply(&out.stdout)
+    }
+
+    fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.gw.cli(args);
+        assert!(out.status.success(), "gateway {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli_ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("gateway {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// Waits until a request with `authorization` gets `status` (the gateway
+    /// picks up a CLI decision within its one-second refresh).
+    fn until_status(&self, authorization: &str, status: u16, what: &str) -> (u16, String) {
+        wait_for(what, || {
+            let (code, body) = self.curl(authorization);
+            if code == status {
+                Ok((code, body))
+            } else {
+                Err(format!("got {code}: {body}"))
+            }
+        })
+    }
+}
+
+fn finding_id_in(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("403 body is not JSON ({e}): {body}"));
+    v["findings"][0]["id"].as_str().unwrap_or_else(|| panic!("no finding id in {body}")).to_owned()
+}
+
+#[test]
+fn a_reviewer_allows_a_key_for_a_destination_until_it_expires_and_false_positives_unblock() {
+    let scene = Scene::start("review-allow");
+    let key = keys::openai_key();
+    let bearer = format!("Bearer {key}");
+
+    // Blocked, naming the finding.
+    let (code, body) = scene.curl(&bearer);
+    assert_eq!(code, 403, "{body}");
+    let id = finding_id_in(&body);
+    assert!(!body.contains(&key), "the 403 must not echo the key");
+    assert_eq!(scene.upstream.requests().len(), 0, "the blocked request reached the upstream");
+
+    // The timeline: process, masked command line, session; the session links back.
+    let shown = scene.cli_json(&["findings", "show", &id, "--json"]);
+    let sightings = shown["sightings"].as_array().expect("sightings");
+    assert_eq!(sightings.len(), 1, "{shown:#}");
+    let s = &sightings[0];
+    assert_eq!(s["action"], "block");
+    assert_eq!(s["dest_host"], HOST);
+    assert!(s["process"]["exe"].as_str().is_some_and(|e| e.ends_with("curl")), "{s:#}");
+    let command = s["command"].as_str().expect("command line");
+    assert!(command.contains("curl") && command.contains("Authorization: Bearer [REDACTED]"), "{command}");
+    assert!(!shown.to_string().contains(&key), "the key is in the finding: {shown:#}");
+    let session = s["session_id"].as_str().expect("a session id").to_owned();
+    let ids = |args: &[&str]| -> Vec<String> {
+        let listed = scene.cli_json(args);
+        listed.as_array().expect("array").iter().filter_map(|s| s["id"].as_str().map(str::to_owned)).collect()
+    };
+    // The session row is written by the recorder's flush, shortly after.
+    wait_for("sessions list --finding names the finding's session", || {
+        let linked = ids(&["sessions", "list", "--finding", &id, "--json"]);
+        if linked == [session.clone()] {
+            Ok(())
+        } else {
+            Err(format!("{linked:?}"))
+        }
+    });
+    wait_for("the blocked session is listed by outcome and host", || {
+        let blocked = ids(&["sessions", "list", "--outcome", "blocked", "--host", "*.test.internal", "--json"]);
+        if blocked.contains(&session) {
+            Ok(())
+        } else {
+            Err(format!("{blocked:?}"))
+        }
+    });
+    let text = scene.cli_ok(&["findings", "show", &id]);
+    assert!(text.contains("sightings (1):") && text.contains(&session), "{text}");
+
+    // Allowed elsewhere only: still blocked here.
+    scene.cli_ok(&[
+        "findings",
+        "allow",
+        &id,
+        "--scope",
+        "destination=elsewhere.test.internal",
+        "--expires",
+        "1h",
+        "--reason",
+        "other host",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(scene.curl(&bearer).0, 403, "an entry for another destination must not waive this one");
+
+    // Allowed for this destination, briefly: passes, then blocks again.
+    let expires = 8;
+    let out = scene.cli_ok(&[
+        "findings",
+        "allow",
+        &id,
+        "--scope",
+        &format!("destination={HOST}"),
+        "--expires",
+        &format!("{expires}s"),
+        "--reason",
+        "vendor sandbox key, rotation ticket SEC-1",
+    ]);
+    let allowed_at = Instant::now();
+    let entry = out.split(':').next().expect("entry id").trim().to_owned();
+    assert!(entry.starts_with("A-"), "{out}");
+    scene.until_status(&bearer, 200, "the allowed key passes");
+    assert!(allowed_at.elapsed() < Duration::from_secs(expires - 2), "took too long to take effect");
+    assert!(
+        scene.upstream.requests().iter().any(|r| r.headers.iter().any(|(n, v)| n == "authorization" && *v == bearer)),
+        "the allowed request reached the upstream unchanged"
+    );
+    let list = scene.cli_json(&["findings", "allowlist", "--json"]);
+    assert!(list.as_array().expect("array").iter().any(|e| e["id"] == entry.as_str()), "{list:#}");
+    std::thread::sleep(Duration::from_secs(expires).saturating_sub(allowed_at.elapsed()) + Duration::from_millis(200));
+    let (code, body) = scene.curl(&bearer);
+    assert_eq!(code, 403, "expiry restores blocking: {body}");
+    assert_eq!(finding_id_in(&body), id, "the same finding");
+
+    // The decision is audited and the passing sighting names it.
+    let shown = scene.cli_json(&["findings", "show", &id, "--json"]);
+    let history = shown["history"].as_array().expect("history");
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name).expect("user name");
+    assert!(
+        history.iter().any(|h| h["comment"].as_str().is_some_and(|c| c.contains(&entry)) && h["by"] == me.as_str()),
+        "{history:#?}"
+    );
+    assert!(
+        shown["sightings"].as_array().expect("sightings").iter().any(|s| s["allowed_by"] == entry.as_str()),
+        "{shown:#}"
+    );
+
+    // False positive: unblocks everywhere until reopened.
+    scene.cli_ok(&["findings", "false-positive", &id, "--comment", "documentation example"]);
+    scene.until_status(&bearer, 200, "a false positive passes");
+    scene.cli_ok(&["findings", "reopen", &id, "--comment", "it is real after all"]);
+    let (_, body) = scene.until_status(&bearer, 403, "a reopened finding blocks again");
+    assert_eq!(finding_id_in(&body), id);
+    let log = scene.gw.log();
+    assert!(!log.contains(&key), "the key is in the gateway's log");
+}
