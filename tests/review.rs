@@ -14,7 +14,7 @@ use std::{
 };
 
 use gateway_tests::{
-    keys, unique_port,
+    gateway_bin, keys, run_as, unique_port,
     upstream::{TestPki, Upstream},
     wait_for, GatewayOptions, TestGateway,
 };
@@ -35,6 +35,10 @@ struct Scene {
 
 impl Scene {
     fn start(name: &str) -> Scene {
+        Scene::start_with(name, "")
+    }
+
+    fn start_with(name: &str, findings_yaml: &str) -> Scene {
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST]);
@@ -44,7 +48,7 @@ impl Scene {
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.policy_yaml = Some(POLICY.into());
         opts.extra_yaml = format!(
-            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n",
+            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n{findings_yaml}",
             ca = pki.ca_path.display(),
         );
         let gw = TestGateway::start(opts);
@@ -213,4 +217,105 @@ fn a_reviewer_allows_a_key_for_a_destination_until_it_expires_and_false_positive
     assert_eq!(finding_id_in(&body), id);
     let log = scene.gw.log();
     assert!(!log.contains(&key), "the key is in the gateway's log");
+}
+
+/// A unix group and users created for a test, removed at drop.
+struct Accounts {
+    group: String,
+    users: Vec<String>,
+}
+
+impl Accounts {
+    fn new(group: &str) -> Accounts {
+        let _ = std::process::Command::new("groupdel").arg(group).stderr(std::process::Stdio::null()).status();
+        let ok = std::process::Command::new("groupadd").arg(group).status().expect("groupadd");
+        assert!(ok.success(), "groupadd {group}");
+        Accounts { group: group.to_owned(), users: Vec::new() }
+    }
+
+    /// Creates `name` (primary group `group`); its (uid, gid).
+    fn user(&mut self, name: &str, group: &str) -> (u32, u32) {
+        let _ = std::process::Command::new("userdel").arg(name).stderr(std::process::Stdio::null()).status();
+        let ok = std::process::Command::new("useradd")
+            .args(["-M", "-N", "-g", group, "-s", "/usr/sbin/nologin", name])
+            .status()
+            .expect("useradd");
+        assert!(ok.success(), "useradd {name}");
+        self.users.push(name.to_owned());
+        let user = nix::unistd::User::from_name(name).expect("getpwnam").expect("the new user");
+        (user.uid.as_raw(), user.gid.as_raw())
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        for u in &self.users {
+            let _ = std::process::Command::new("userdel").arg(u).status();
+        }
+        let _ = std::process::Command::new("groupdel").arg(&self.group).status();
+    }
+}
+
+#[test]
+fn reviewers_act_through_the_socket_as_the_kernel_vouched_user_without_root() {
+    let tag = std::process::id() % 100_000;
+    let group = format!("gwrev{tag}");
+    let mut accounts = Accounts::new(&group);
+    let reviewer = format!("gwrevr{tag}");
+    let (uid, gid) = accounts.user(&reviewer, &group);
+    let (out_uid, out_gid) = accounts.user(&format!("gwrevo{tag}"), "nogroup");
+
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(socket_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let socket = socket_dir.path().join("review.sock");
+    let scene = Scene::start_with(
+        "review-socket",
+        &format!("findings:\n  review_socket: {}\n  reviewers_group: {group}\n", socket.display()),
+    );
+    let as_user = |uid: u32, gid: u32, args: &[&str]| {
+        let mut cmd = std::process::Command::new(gateway_bin());
+        cmd.arg("--config").arg(&scene.gw.config_path).args(args);
+        run_as(&mut cmd, uid, gid);
+        cmd.output().expect("gateway cli")
+    };
+
+    let bearer = format!("Bearer {}", keys::openai_key());
+    let (code, body) = scene.curl(&bearer);
+    assert_eq!(code, 403, "{body}");
+    let id = finding_id_in(&body);
+
+    // The reviewer reads without root.
+    let out = as_user(uid, gid, &["findings", "show", &id, "--json"]);
+    assert!(out.status.success(), "reviewer show: {}", String::from_utf8_lossy(&out.stderr));
+    let shown: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(shown["id"], id.as_str());
+    // Somebody outside the group cannot even connect.
+    let out = as_user(out_uid, out_gid, &["findings", "list"]);
+    assert!(!out.status.success(), "an outsider listed findings: {}", String::from_utf8_lossy(&out.stdout));
+    // Nor may the reviewer decide under another name.
+    let out = as_user(uid, gid, &["findings", "ack", &id, "--comment", "x", "--by", "root"]);
+    assert_eq!(out.status.code(), Some(1), "--by another name: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The decision is recorded under the reviewer's name and applies at once.
+    let out = as_user(uid, gid, &["findings", "false-positive", &id, "--comment", "vendor docs example"]);
+    assert!(out.status.success(), "reviewer false-positive: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(scene.curl(&bearer).0, 200, "a false positive passes at once");
+    let shown = scene.cli_json(&["findings", "show", &id, "--json"]);
+    let last = shown["history"].as_array().and_then(|h| h.last()).cloned().expect("history");
+    assert_eq!((last["by"].as_str(), last["to"].as_str()), (Some(reviewer.as_str()), Some("false_positive")));
+
+    let out = as_user(uid, gid, &["findings", "reopen", &id, "--comment", "real after all"]);
+    assert!(out.status.success(), "reviewer reopen: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(scene.curl(&bearer).0, 403, "reopened: blocked at once");
+    let out = as_user(
+        uid,
+        gid,
+        &["findings", "allow", &id, "--scope", "everywhere", "--expires", "1h", "--reason", "migration window"],
+    );
+    assert!(out.status.success(), "reviewer allow: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(scene.curl(&bearer).0, 200, "allowed: passes at once");
+    let list = as_user(uid, gid, &["findings", "allowlist", "--json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).expect("allowlist json");
+    assert_eq!(list[0]["created_by"], reviewer.as_str());
+    drop(accounts);
 }

@@ -51,6 +51,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         Some(path) => Some(crate::api::bind_admin(path, config.api.admin_group.as_deref())?),
         None => None,
     };
+    let review_listener = match &config.findings.review_socket {
+        Some(path) => Some(crate::api::bind_admin(path, Some(config.findings.reviewers_group()))?),
+        None => None,
+    };
     let target = RedirectTarget {
         v4: config.proxy.listen_v4,
         v6: config.proxy.listen_v6,
@@ -117,6 +121,13 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         let approvals = services.gate.approvals.clone();
         admin_task = Some(tokio::spawn(crate::api::serve_admin(listener, approvals, lookup, shutdown.clone())));
     }
+    let mut review_task = None;
+    if let Some(listener) = review_listener {
+        let store = crate::findings::FindingStore::open(&config.findings.database_path(&config.state_dir))?;
+        let group = Some(config.findings.reviewers_group().to_owned());
+        let waivers = services.gate.waivers.clone();
+        review_task = Some(tokio::spawn(crate::api::serve_review(listener, store, waivers, group, shutdown.clone())));
+    }
     let policy_watch = config.policy.watch.then(|| {
         let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
@@ -165,6 +176,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     }
     if let Some(admin) = admin_task {
         let _ = admin.await;
+    }
+    if let Some(review) = review_task {
+        let _ = review.await;
     }
     if let Some(watch) = policy_watch {
         let _ = watch.await;

@@ -204,6 +204,11 @@ fn run_reporting(config: &Config, args: &FindingsArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let path = config.findings.database_path(&config.state_dir);
+    if let Some(socket) = config.findings.review_socket.as_deref() {
+        if !matches!(args.command, FindingsCommand::Export { .. }) {
+            return through_socket(socket, &args.command);
+        }
+    }
     match execute(&path, &args.command) {
         Ok(()) => ExitCode::SUCCESS,
         // `gateway findings list | head`: the reader has what it wanted.
@@ -382,6 +387,148 @@ fn allow_table(entries: &[AllowEntry], now: OffsetDateTime) -> String {
         ]);
     }
     table.render()
+}
+
+/// Runs a review command through the gateway's review socket: the gateway
+/// records the decision under the caller the kernel reports and applies it
+/// to the gate at once. `--by` is passed on; the gateway honours it for root
+/// only.
+fn through_socket(socket: &Path, command: &FindingsCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gateway: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = crate::api::AdminClient::new(socket);
+    let result = runtime.block_on(socket_call(&client, command));
+    match result {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("gateway: writing to standard output: {e}");
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            ExitCode::from(if e.is_refusal() { 1 } else { 2 })
+        }
+    }
+}
+
+fn pretty(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).map(|s| s + "\n").unwrap_or_default()
+}
+
+async fn socket_call(
+    client: &crate::api::AdminClient,
+    command: &FindingsCommand,
+) -> Result<String, crate::api::ClientError> {
+    use serde_json::{json, Value};
+    let status = |client: &crate::api::AdminClient, a: &ReviewArgs, to: Status| {
+        let body = json!({ "status": to, "comment": a.comment, "by": a.by });
+        let path = format!("/v1/findings/{}/status", a.id);
+        let client = client.clone();
+        async move {
+            let f: Value = client.post(&path, &body).await?;
+            let by = f["history"].as_array().and_then(|h| h.last()).and_then(|h| h["by"].as_str()).unwrap_or("-");
+            let from = f["history"].as_array().and_then(|h| h.last()).and_then(|h| h["from"].as_str()).unwrap_or("-");
+            Ok::<_, crate::api::ClientError>(format!(
+                "{}: {} -> {} (by {})\n",
+                safe(f["id"].as_str().unwrap_or("-")),
+                safe(from),
+                safe(f["status"].as_str().unwrap_or("-")),
+                safe(by)
+            ))
+        }
+    };
+    match command {
+        FindingsCommand::List { status, rule, host, fingerprint, identity, project, since, json } => {
+            let mut query = Vec::new();
+            let mut add = |k: &str, v: Option<String>| {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", percent(&v)));
+                }
+            };
+            add("status", status.map(|s| s.as_str().to_owned()));
+            add("rule", rule.clone());
+            add("host", host.clone());
+            add("fingerprint", fingerprint.clone());
+            add("identity", identity.clone());
+            add("project", project.clone());
+            add("since", since.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()));
+            let path =
+                if query.is_empty() { "/v1/findings".to_owned() } else { format!("/v1/findings?{}", query.join("&")) };
+            let v: Value = client.get(&path).await?;
+            if *json {
+                return Ok(pretty(&v));
+            }
+            let findings: Vec<Finding> = serde_json::from_value(v).map_err(|e| crate::api::ClientError::Exchange {
+                path: PathBuf::new(),
+                reason: format!("decoding findings: {e}"),
+            })?;
+            Ok(if findings.is_empty() { "no findings\n".to_owned() } else { table(&findings) })
+        }
+        FindingsCommand::Show { id, json } => {
+            let v: Value = client.get(&format!("/v1/findings/{id}")).await?;
+            if *json {
+                return Ok(pretty(&v));
+            }
+            let finding: Finding = serde_json::from_value(v).map_err(|e| crate::api::ClientError::Exchange {
+                path: PathBuf::new(),
+                reason: format!("decoding the finding: {e}"),
+            })?;
+            Ok(detail(&finding))
+        }
+        FindingsCommand::Ack(a) => status(client, a, Status::Acknowledged).await,
+        FindingsCommand::Resolve(a) => status(client, a, Status::Resolved).await,
+        FindingsCommand::FalsePositive(a) => status(client, a, Status::FalsePositive).await,
+        FindingsCommand::Reopen(a) => status(client, a, Status::Open).await,
+        FindingsCommand::Allow { id, scope, expires, reason, by } => {
+            let expires_at = expires.at().and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+            let body = json!({ "scope": scope.to_string(), "expires_at": expires_at, "reason": reason, "by": by });
+            let e: AllowEntry = client.post(&format!("/v1/findings/{id}/allow"), &body).await?;
+            Ok(allow_line(&e) + "\n")
+        }
+        FindingsCommand::Allowlist { all, json } => {
+            let mut entries: Vec<AllowEntry> = client.get("/v1/allowlist").await?;
+            let now = OffsetDateTime::now_utc();
+            if !*all {
+                entries.retain(|e| e.active(now));
+            }
+            Ok(if *json {
+                pretty(&entries)
+            } else if entries.is_empty() {
+                "no allowlist entries\n".to_owned()
+            } else {
+                allow_table(&entries, now)
+            })
+        }
+        FindingsCommand::Revoke { id, comment, by } => {
+            let body = json!({ "comment": comment, "by": by });
+            let e: AllowEntry = client.post(&format!("/v1/allowlist/{id}/revoke"), &body).await?;
+            Ok(format!("{}: revoked (by {})\n", e.id, safe(e.revoked_by.as_deref().unwrap_or("-"))))
+        }
+        // Exports read the database directly (root), see `run_reporting`.
+        FindingsCommand::Export { .. } => Ok(String::new()),
+    }
+}
+
+/// Percent-encodes a query value.
+fn percent(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'*' | b'?' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Writes through a temporary file in the same directory and renames it, so

@@ -47,6 +47,12 @@ pub struct FindingsConfig {
     /// Per-destination (and optionally per-rule) actions, in order; the first
     /// match wins.
     pub actions: Vec<ActionRule>,
+    /// Unix socket of the reviewers' API (`gateway findings` goes through it
+    /// when set, so reviewers need no root and decisions are recorded under
+    /// the kernel-vouched caller); `None` disables it.
+    pub review_socket: Option<PathBuf>,
+    /// Unix group given access to the review socket; `reviewers` when unset.
+    pub reviewers_group: Option<String>,
 }
 
 /// What the proxy does with a request carrying a detected static key.
@@ -109,7 +115,15 @@ pub struct ActionRule {
     pub action: Action,
 }
 
+/// The reviewers' group when `findings.reviewers_group` is not set.
+pub const DEFAULT_REVIEWERS_GROUP: &str = "reviewers";
+
 impl FindingsConfig {
+    /// The unix group of the review socket.
+    pub fn reviewers_group(&self) -> &str {
+        self.reviewers_group.as_deref().unwrap_or(DEFAULT_REVIEWERS_GROUP)
+    }
+
     /// The action for a key found by `rule_id` in a request to `host`.
     pub fn action_for(&self, host: &str, rule_id: &str) -> Action {
         let host = normalize_host(host);
@@ -338,6 +352,8 @@ mod tests {
     fn action_first_match_wins() {
         let c = FindingsConfig {
             database: None,
+            review_socket: None,
+            reviewers_group: None,
             default_action: Action::Block,
             actions: vec![
                 rule("*.internal", Some("github-*"), Action::Block),
@@ -351,6 +367,7 @@ mod tests {
         assert_eq!(c.action_for("api.example.com", "aws-key"), Action::Swap);
         assert_eq!(c.action_for("other.com", "aws-key"), Action::Block);
         let flag_all = FindingsConfig { default_action: Action::Flag, ..Default::default() };
+        assert_eq!(flag_all.reviewers_group(), "reviewers");
         assert_eq!(flag_all.action_for("x", "y"), Action::Flag);
     }
 

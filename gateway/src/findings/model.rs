@@ -36,6 +36,12 @@ impl Serialize for FindingId {
     }
 }
 
+impl<'de> Deserialize<'de> for FindingId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Review status of a finding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,7 +147,7 @@ pub struct NewFinding {
 }
 
 /// One sighting of a finding's key, as kept in the timeline.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Sighting {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
@@ -197,7 +203,7 @@ pub struct Recorded {
 }
 
 /// One entry of a finding's review history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusChange {
     /// Previous status; `None` for the entry that created the finding.
     pub from: Option<Status>,
@@ -218,7 +224,7 @@ pub struct StatusChange {
 /// from the first sighting; the sighting fields here (location, process,
 /// identity, action, destination) are the latest one's, and
 /// [`Finding::sightings`] has them all.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// Id.
     pub id: FindingId,
@@ -257,12 +263,12 @@ pub struct Finding {
     /// Set on findings of databases from before one-finding-per-key that
     /// were folded into an older finding of the same key and rule; their
     /// sightings are that finding's.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub merged_into: Option<FindingId>,
     /// Every sighting, oldest first: filled by
     /// [`FindingStore::get`](super::FindingStore::get) and the exports,
     /// empty in lists.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sightings: Vec<Sighting>,
 }
 
