@@ -319,3 +319,28 @@ fn reviewers_act_through_the_socket_as_the_kernel_vouched_user_without_root() {
     assert_eq!(list[0]["created_by"], reviewer.as_str());
     drop(accounts);
 }
+
+#[test]
+fn placeholders_in_authorization_pass_while_unknown_real_credentials_are_blocked() {
+    let scene = Scene::start("review-placeholders");
+    for placeholder in ["none", "null", "xxx", "<token>", "changeme", "abc123", "aaaaaaaaaaaaaaaaaaaaaaaaaaaa"] {
+        let (code, body) = scene.curl(&format!("Bearer {placeholder}"));
+        assert_eq!(code, 200, "Bearer {placeholder} was refused: {body}");
+    }
+    let (code, body) = scene.curl("Basic Og==");
+    assert_eq!(code, 200, "an empty Basic credential was refused: {body}");
+    let passed = scene.upstream.requests().len();
+    assert_eq!(passed, 8, "every placeholder request reached the upstream");
+    let findings = scene.cli_json(&["findings", "list", "--json"]);
+    assert_eq!(findings.as_array().map(Vec::len), Some(0), "placeholders became findings: {findings:#}");
+
+    // A real-looking credential in no known format is still a key.
+    let opaque = keys::random(40);
+    let (code, body) = scene.curl(&format!("Bearer {opaque}"));
+    assert_eq!(code, 403, "an unknown real credential passed: {body}");
+    let id = finding_id_in(&body);
+    let shown = scene.cli_json(&["findings", "show", &id, "--json"]);
+    assert_eq!(shown["rule_id"], "unknown-auth-credential");
+    assert_eq!(shown["confidence"], "medium");
+    assert_eq!(scene.upstream.requests().len(), passed, "the blocked request reached the upstream");
+}

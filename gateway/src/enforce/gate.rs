@@ -597,6 +597,18 @@ impl Passage {
         // Keys beyond the cap: counted, and still blocking when their action is.
         let (mut more, mut more_block) = (0u64, false);
         for hit in hits {
+            let threshold = self.gate.actions.min_confidence_for(&hit.detection.rule_id);
+            if hit.detection.confidence < threshold {
+                tracing::debug!(
+                    target: FINDING_TARGET,
+                    conn_id = self.conn.id,
+                    rule = %hit.detection.rule_id,
+                    confidence = %hit.detection.confidence,
+                    %threshold,
+                    "match below the rule's confidence threshold: not a key"
+                );
+                continue;
+            }
             let fingerprint = hit.detection.secret.fingerprint(&self.gate.fingerprint_key);
             // A name can be the key itself (`?<key>`, `{"<key>": 1}`).
             let location = self.gate.masks.recording().mask_text(&hit.location.to_string()).into_owned();

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::detect::Confidence;
+
 pub mod allowlist;
 mod export;
 mod handle;
@@ -53,7 +55,28 @@ pub struct FindingsConfig {
     pub review_socket: Option<PathBuf>,
     /// Unix group given access to the review socket; `reviewers` when unset.
     pub reviewers_group: Option<String>,
+    /// Least detector confidence at which a rule's match counts as a key
+    /// (recorded, and blocked where the action says so), per rule glob; the
+    /// first match wins, then [`DEFAULT_MIN_CONFIDENCE`], then `low`.
+    pub min_confidence: Vec<ConfidenceRule>,
 }
+
+/// One entry of `findings.min_confidence`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfidenceRule {
+    /// Detection rule id glob.
+    pub rule: String,
+    /// Matches below this are not keys.
+    pub confidence: Confidence,
+}
+
+/// Built-in thresholds, after the configured ones: an Authorization value
+/// in no known format is a key only when long and random-looking (medium),
+/// so placeholders (`none`, `null`, `xxx`, `<token>`, `changeme`, empty)
+/// and short or low-entropy values that SDKs require are not blocked.
+pub const DEFAULT_MIN_CONFIDENCE: &[(&str, Confidence)] =
+    &[(crate::detect::http_scan::UNKNOWN_AUTH_RULE, Confidence::Medium)];
 
 /// What the proxy does with a request carrying a detected static key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -119,6 +142,16 @@ pub struct ActionRule {
 pub const DEFAULT_REVIEWERS_GROUP: &str = "reviewers";
 
 impl FindingsConfig {
+    /// The least confidence at which a match of `rule_id` is a key.
+    pub fn min_confidence_for(&self, rule_id: &str) -> Confidence {
+        self.min_confidence
+            .iter()
+            .find(|r| glob_match(&r.rule, rule_id))
+            .map(|r| r.confidence)
+            .or_else(|| DEFAULT_MIN_CONFIDENCE.iter().find(|(r, _)| glob_match(r, rule_id)).map(|(_, c)| *c))
+            .unwrap_or(Confidence::Low)
+    }
+
     /// The unix group of the review socket.
     pub fn reviewers_group(&self) -> &str {
         self.reviewers_group.as_deref().unwrap_or(DEFAULT_REVIEWERS_GROUP)
@@ -354,6 +387,7 @@ mod tests {
             database: None,
             review_socket: None,
             reviewers_group: None,
+            min_confidence: Vec::new(),
             default_action: Action::Block,
             actions: vec![
                 rule("*.internal", Some("github-*"), Action::Block),
@@ -368,6 +402,14 @@ mod tests {
         assert_eq!(c.action_for("other.com", "aws-key"), Action::Block);
         let flag_all = FindingsConfig { default_action: Action::Flag, ..Default::default() };
         assert_eq!(flag_all.reviewers_group(), "reviewers");
+        assert_eq!(flag_all.min_confidence_for("unknown-auth-credential"), Confidence::Medium);
+        assert_eq!(flag_all.min_confidence_for("openai-api-key"), Confidence::Low);
+        let strict: FindingsConfig = serde_yaml_ng::from_str(
+            "min_confidence:\n  - {rule: unknown-*, confidence: low}\n  - {rule: '*', confidence: high}\n",
+        )
+        .unwrap();
+        assert_eq!(strict.min_confidence_for("unknown-auth-credential"), Confidence::Low);
+        assert_eq!(strict.min_confidence_for("openai-api-key"), Confidence::High);
         assert_eq!(flag_all.action_for("x", "y"), Action::Flag);
     }
 
