@@ -154,9 +154,10 @@ impl From<Format> for ExportFormat {
 /// Arguments of the status-changing commands.
 #[derive(Debug, clap::Args)]
 pub struct ReviewArgs {
-    /// Finding id (F-12 or 12).
-    #[arg(value_parser = parse_id)]
-    pub id: FindingId,
+    /// Finding ids (F-12 or 12); several are changed in order, stopping at
+    /// the first that cannot be.
+    #[arg(value_parser = parse_id, required = true, num_args = 1..)]
+    pub ids: Vec<FindingId>,
     /// Who makes the change (recorded in the history); defaults to your
     /// user name (only root may name somebody else).
     #[arg(long)]
@@ -354,10 +355,14 @@ fn review(
     to: Status,
 ) -> Result<(), Failure> {
     let by = reviewer(args.by.as_deref()).map_err(Failure::Usage)?;
-    let store = store.ok_or(Failure::NotFoundNoDb(args.id))?;
-    let finding = store.set_status(args.id, to, &by, &args.comment)?;
-    let from = finding.history.last().and_then(|h| h.from).map_or("-", Status::as_str);
-    writeln!(out, "{}: {} -> {} (by {})", finding.id, from, finding.status, safe(&by)).map_err(output_error)
+    let first = args.ids.first().copied().unwrap_or(FindingId(0));
+    let store = store.ok_or(Failure::NotFoundNoDb(first))?;
+    for id in &args.ids {
+        let finding = store.set_status(*id, to, &by, &args.comment)?;
+        let from = finding.history.last().and_then(|h| h.from).map_or("-", Status::as_str);
+        writeln!(out, "{}: {} -> {} (by {})", finding.id, from, finding.status, safe(&by)).map_err(output_error)?;
+    }
+    Ok(())
 }
 
 /// `A-3: F-12 allowed destination=api.example.com until ... (by alice)`.
@@ -432,19 +437,22 @@ async fn socket_call(
     use serde_json::{json, Value};
     let status = |client: &crate::api::AdminClient, a: &ReviewArgs, to: Status| {
         let body = json!({ "status": to, "comment": a.comment, "by": a.by });
-        let path = format!("/v1/findings/{}/status", a.id);
         let client = client.clone();
+        let ids = a.ids.clone();
         async move {
-            let f: Value = client.post(&path, &body).await?;
-            let by = f["history"].as_array().and_then(|h| h.last()).and_then(|h| h["by"].as_str()).unwrap_or("-");
-            let from = f["history"].as_array().and_then(|h| h.last()).and_then(|h| h["from"].as_str()).unwrap_or("-");
-            Ok::<_, crate::api::ClientError>(format!(
-                "{}: {} -> {} (by {})\n",
-                safe(f["id"].as_str().unwrap_or("-")),
-                safe(from),
-                safe(f["status"].as_str().unwrap_or("-")),
-                safe(by)
-            ))
+            let mut text = String::new();
+            for id in ids {
+                let f: Value = client.post(&format!("/v1/findings/{id}/status"), &body).await?;
+                let last = f["history"].as_array().and_then(|h| h.last()).cloned().unwrap_or_default();
+                text.push_str(&format!(
+                    "{}: {} -> {} (by {})\n",
+                    safe(f["id"].as_str().unwrap_or("-")),
+                    safe(last["from"].as_str().unwrap_or("-")),
+                    safe(f["status"].as_str().unwrap_or("-")),
+                    safe(last["by"].as_str().unwrap_or("-"))
+                ));
+            }
+            Ok::<_, crate::api::ClientError>(text)
         }
     };
     match command {
@@ -717,11 +725,19 @@ mod tests {
         assert!(matches!(parse(&["show", "F-7"]).unwrap(), FindingsCommand::Show { id: FindingId(7), json: false }));
         match parse(&["false-positive", "3", "--by", "alice", "--comment", "test fixture"]).unwrap() {
             FindingsCommand::FalsePositive(a) => {
-                assert_eq!((a.id, a.by.as_deref(), a.comment.as_str()), (FindingId(3), Some("alice"), "test fixture"))
+                assert_eq!(
+                    (a.ids, a.by.as_deref(), a.comment.as_str()),
+                    (vec![FindingId(3)], Some("alice"), "test fixture")
+                )
             }
             other => panic!("{other:?}"),
         }
         assert!(parse(&["ack", "3", "--comment", "x"]).is_ok(), "--by defaults to the caller");
+        match parse(&["resolve", "F-1", "F-2", "3", "--comment", "rotated"]).unwrap() {
+            FindingsCommand::Resolve(a) => assert_eq!(a.ids, [FindingId(1), FindingId(2), FindingId(3)]),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["resolve", "--comment", "rotated"]).is_err(), "an id is required");
         assert!(matches!(
             parse(&["allow", "F-3", "--scope", "destination=API.a.com", "--expires", "90s", "--reason", "r"]).unwrap(),
             FindingsCommand::Allow { id: FindingId(3), scope: Scope::Destination(_), expires: Expiry::At(_), .. }

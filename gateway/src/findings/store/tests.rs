@@ -429,6 +429,27 @@ fn export_sarif() {
     assert_eq!(results[1]["suppressions"][0]["kind"], "external");
     assert_eq!(results[1]["suppressions"][0]["justification"], "docs example (alice)");
     assert_eq!(results[1]["level"], "note");
+    assert_eq!(results[0]["properties"]["project"], "grp/proj");
+    assert_eq!(results[0]["properties"]["sightings"], 1);
+}
+
+#[test]
+fn sarif_places_a_finding_at_its_script_in_the_checkout() {
+    let (_dir, store) = temp_store();
+    let mut f = simple("fp-s");
+    f.process.job.insert("CI_PROJECT_DIR".into(), "/builds/grp/proj".into());
+    f.script = Some("/builds/grp/proj/tools/deploy.py".into());
+    store.record(&f).unwrap();
+    let mut other = simple("fp-t");
+    other.script = Some("/opt/elsewhere/run.py".into());
+    store.record(&other).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&export_to_string(&store, ExportFormat::Sarif)).unwrap();
+    let results = v["runs"][0]["results"].as_array().unwrap();
+    let artifact = &results[0]["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert_eq!((artifact["uri"].as_str(), artifact["uriBaseId"].as_str()), (Some("tools/deploy.py"), Some("SRCROOT")));
+    let artifact = &results[1]["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert_eq!(artifact["uri"], "file:///opt/elsewhere/run.py");
+    assert_eq!(results[0]["properties"]["job"]["CI_JOB_ID"], "17");
 }
 
 #[test]
