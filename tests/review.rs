@@ -9,7 +9,10 @@
 //! keys while an unknown real-looking credential still is.
 
 use std::{
+    io::{Read as _, Write as _},
+    net::TcpListener,
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -219,6 +222,67 @@ fn a_reviewer_allows_a_key_for_a_destination_until_it_expires_and_false_positive
     assert!(!log.contains(&key), "the key is in the gateway's log");
 }
 
+/// A webhook endpoint that keeps the JSON bodies it receives.
+struct Webhook {
+    port: u16,
+    bodies: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Webhook {
+    fn start() -> Webhook {
+        let port = unique_port();
+        let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind webhook");
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut data = Vec::new();
+                let mut buf = [0u8; 16 * 1024];
+                let body_at = loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break None,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break Some(i + 4);
+                    }
+                };
+                let Some(body_at) = body_at else { continue };
+                let head = String::from_utf8_lossy(&data[..body_at]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                while data.len() < body_at + length {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => data.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = serde_json::from_slice(&data[body_at..]).unwrap_or(Value::Null);
+                kept.lock().expect("bodies").push(body);
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            }
+        });
+        Webhook { port, bodies }
+    }
+
+    /// Waits for an event named `event` about finding `id`.
+    fn wait_event(&self, event: &str, id: &str) -> Value {
+        wait_for(&format!("webhook event {event} for {id}"), || {
+            let bodies = self.bodies.lock().expect("bodies").clone();
+            bodies
+                .iter()
+                .find(|b| b["event"] == event && b["finding"]["id"] == id)
+                .cloned()
+                .ok_or_else(|| format!("{bodies:?}"))
+        })
+    }
+}
+
 /// A unix group and users created for a test, removed at drop.
 struct Accounts {
     group: String,
@@ -268,9 +332,14 @@ fn reviewers_act_through_the_socket_as_the_kernel_vouched_user_without_root() {
     let socket_dir = tempfile::tempdir().expect("tempdir");
     std::fs::set_permissions(socket_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
     let socket = socket_dir.path().join("review.sock");
+    let hook = Webhook::start();
     let scene = Scene::start_with(
         "review-socket",
-        &format!("findings:\n  review_socket: {}\n  reviewers_group: {group}\n", socket.display()),
+        &format!(
+            "findings:\n  review_socket: {}\n  reviewers_group: {group}\n  webhook: {{ url: 'http://127.0.0.1:{}/hook' }}\n",
+            socket.display(),
+            hook.port
+        ),
     );
     let as_user = |uid: u32, gid: u32, args: &[&str]| {
         let mut cmd = std::process::Command::new(gateway_bin());
@@ -279,10 +348,15 @@ fn reviewers_act_through_the_socket_as_the_kernel_vouched_user_without_root() {
         cmd.output().expect("gateway cli")
     };
 
-    let bearer = format!("Bearer {}", keys::openai_key());
+    let key = keys::openai_key();
+    let bearer = format!("Bearer {key}");
     let (code, body) = scene.curl(&bearer);
     assert_eq!(code, 403, "{body}");
     let id = finding_id_in(&body);
+    let new = hook.wait_event("finding.new", &id);
+    assert!(new["finding"]["rule_id"].as_str().is_some_and(|r| r.starts_with("openai")), "{new:#}");
+    assert_eq!(new["finding"]["action"], "block", "{new:#}");
+    assert!(new["finding"]["session_id"].is_string(), "{new:#}");
 
     // The reviewer reads without root.
     let out = as_user(uid, gid, &["findings", "show", &id, "--json"]);
@@ -317,6 +391,17 @@ fn reviewers_act_through_the_socket_as_the_kernel_vouched_user_without_root() {
     let list = as_user(uid, gid, &["findings", "allowlist", "--json"]);
     let list: Value = serde_json::from_slice(&list.stdout).expect("allowlist json");
     assert_eq!(list[0]["created_by"], reviewer.as_str());
+
+    // Each decision reached the webhook, under the reviewer's name; the key never did.
+    let status = hook.wait_event("finding.status", &id);
+    assert_eq!(status["decision"]["by"], reviewer.as_str(), "{status:#}");
+    let allowed = hook.wait_event("finding.allowed", &id);
+    assert_eq!(
+        (allowed["decision"]["scope"].as_str(), allowed["decision"]["created_by"].as_str()),
+        (Some("everywhere"), Some(reviewer.as_str()))
+    );
+    let all = format!("{:?}", hook.bodies.lock().expect("bodies"));
+    assert!(!all.contains(&key), "the key reached the webhook");
     drop(accounts);
 }
 

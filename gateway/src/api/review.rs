@@ -23,7 +23,9 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use super::admin::{error, AdminListener, Peer};
-use crate::findings::{AllowId, FindingId, FindingStore, FindingsError, ListFilter, Scope, Status, WaiverSet};
+use crate::findings::{
+    AllowId, FindingEvent, FindingId, FindingStore, FindingsError, ListFilter, Notifier, Scope, Status, WaiverSet,
+};
 
 /// Decisions are a few short strings.
 const MAX_BODY: usize = 16 * 1024;
@@ -32,20 +34,23 @@ const MAX_BODY: usize = 16 * 1024;
 struct Review {
     store: Arc<Mutex<FindingStore>>,
     waivers: WaiverSet,
+    notifier: Notifier,
     group: Option<String>,
 }
 
 /// Serves the reviewers' API on `listener` (bound with [`super::bind_admin`]
 /// and group `group`) until `shutdown` fires, then removes the socket file.
+/// Decisions are announced through `notifier`.
 pub async fn serve_review(
     listener: AdminListener,
     store: FindingStore,
     waivers: WaiverSet,
+    notifier: Notifier,
     group: Option<String>,
     shutdown: CancellationToken,
 ) {
     let path = listener.path().to_owned();
-    let app = router(Review { store: Arc::new(Mutex::new(store)), waivers, group });
+    let app = router(Review { store: Arc::new(Mutex::new(store)), waivers, notifier, group });
     tracing::info!(path = %path.display(), "reviewers' API listening");
     let served = axum::serve(listener.into_inner(), app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -238,7 +243,13 @@ async fn set_status(
         Err((status, message)) => return error(status, message),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %status, by, uid, "review decision");
-    with_store(&review, true, move |store| store.set_status(id, status, &by, &body.comment)).await
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let finding = store.set_status(id, status, &by, &body.comment)?;
+        notifier.status(&finding);
+        Ok(finding)
+    })
+    .await
 }
 
 /// Body of `POST /v1/findings/{id}/allow`.
@@ -277,7 +288,13 @@ async fn allow(
         Err((status, message)) => return error(status, message),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %scope, by, uid, "allowlist entry");
-    with_store(&review, true, move |store| store.allow(id, &scope, body.expires_at, &body.reason, &by)).await
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let entry = store.allow(id, &scope, body.expires_at, &body.reason, &by)?;
+        notifier.allowlist(FindingEvent::Allowed, &entry);
+        Ok(entry)
+    })
+    .await
 }
 
 async fn allowlist(State(review): State<Review>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
@@ -318,5 +335,11 @@ async fn revoke(
         Ok(by) => by,
         Err((status, message)) => return error(status, message),
     };
-    with_store(&review, true, move |store| store.revoke(id, &by, &body.comment)).await
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let entry = store.revoke(id, &by, &body.comment)?;
+        notifier.allowlist(FindingEvent::Revoked, &entry);
+        Ok(entry)
+    })
+    .await
 }

@@ -126,7 +126,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         let store = crate::findings::FindingStore::open(&config.findings.database_path(&config.state_dir))?;
         let group = Some(config.findings.reviewers_group().to_owned());
         let waivers = services.gate.waivers.clone();
-        review_task = Some(tokio::spawn(crate::api::serve_review(listener, store, waivers, group, shutdown.clone())));
+        let notifier = services.gate.notifier.clone();
+        review_task =
+            Some(tokio::spawn(crate::api::serve_review(listener, store, waivers, notifier, group, shutdown.clone())));
     }
     let policy_watch = config.policy.watch.then(|| {
         let handle = services.gate.policy.clone();
@@ -323,6 +325,11 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
     let db = config.findings.database_path(&config.state_dir);
     let findings = crate::findings::FindingsHandle::open(&db)?;
     let waivers = crate::findings::WaiverSet::default();
+    let notifier = crate::findings::Notifier::start(
+        config.findings.webhook.as_ref(),
+        Some(crate::tls::UpstreamTls::new(&config.tls)?),
+    )
+    .map_err(|e| anyhow::anyhow!("findings.webhook: {e}"))?;
     crate::findings::allowlist::start_refresher(crate::findings::FindingStore::open(&db)?, waivers.clone())?;
     tracing::info!(rules = detector.rule_count(), findings = %db.display(), "detector and findings store ready");
     let identities = Arc::new(crate::identity::IdentityResolver::new(&config.identity));
@@ -400,6 +407,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         findings,
         actions: config.findings.clone(),
         waivers,
+        notifier,
         body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
         credentials,
         minter: Some(Arc::new(minter)),

@@ -41,7 +41,7 @@ use crate::{
         Detector, FingerprintKey, Secret,
     },
     event::Protocol,
-    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, WaiverSet},
+    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, Notifier, WaiverSet},
     mask::Masker,
     policy::{self, PolicyHandle, RequestFacts},
     record::{
@@ -70,6 +70,8 @@ pub struct Gate {
     pub actions: FindingsConfig,
     /// Reviewers' waivers (false positives, allowlist entries), in memory.
     pub waivers: WaiverSet,
+    /// Announces new findings (`findings.webhook`).
+    pub notifier: Notifier,
     /// Body decoding limits.
     pub body_limits: BodyLimits,
     /// Credentials the gateway holds per identity and destination (`swap`).
@@ -698,6 +700,26 @@ impl Passage {
             let mut entry = BlockedFinding { id: None, rule, location, fingerprint, preview };
             match self.gate.findings.record(finding).await {
                 Ok(recorded) => {
+                    if recorded.new {
+                        let p = &self.conn.caller.process;
+                        self.gate.notifier.new_finding(json!({
+                            "id": recorded.id,
+                            "rule_id": entry.rule,
+                            "confidence": hit.detection.confidence,
+                            "fingerprint": entry.fingerprint,
+                            "preview": entry.preview,
+                            "status": "open",
+                            "destination": format!("{host}:{}", self.conn.dst.port()),
+                            "location": entry.location,
+                            "action": action,
+                            "allowed_by": allowed_by,
+                            "identity": identity.uri,
+                            "project": crate::findings::project_of(&self.conn.caller.job),
+                            "exe": p.exe.as_ref().map(|e| e.display().to_string()),
+                            "script": origin.script,
+                            "session_id": self.session.as_ref().map(|s| s.id().as_str().to_owned()),
+                        }));
+                    }
                     let id = recorded.id.to_string();
                     judgement.findings.push(id.clone());
                     entry.id = Some(id);

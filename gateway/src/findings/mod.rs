@@ -22,6 +22,7 @@ pub mod allowlist;
 mod export;
 mod handle;
 mod model;
+pub mod notify;
 pub mod origin;
 pub mod store;
 
@@ -31,6 +32,7 @@ pub use model::{
     project_of, ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Sighting, Status, StatusChange,
     PROJECT_VARIABLES,
 };
+pub use notify::{FindingEvent, Notifier};
 pub use store::FindingStore;
 
 /// File name of the findings database inside `state_dir` when
@@ -41,6 +43,9 @@ pub const DEFAULT_DATABASE_FILE: &str = "gateway.db";
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FindingsConfig {
+    /// An HTTP(S) endpoint that receives a JSON POST for every new finding
+    /// and review decision (same shape of settings as `approvals.webhook`).
+    pub webhook: Option<crate::approval::WebhookConfig>,
     /// The SQLite database; relative paths are below `state_dir`.
     /// `None` means `state_dir/gateway.db`.
     pub database: Option<PathBuf>,
@@ -181,6 +186,10 @@ impl FindingsConfig {
     /// Checks what the schema cannot express; errors are (dotted field, reason)
     /// like `Config::validate`.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(hook) = &self.webhook {
+            crate::approval::webhook::validate(hook)
+                .map_err(|(field, reason)| (format!("findings.webhook.{field}"), reason))?;
+        }
         if let Some(db) = &self.database {
             if db.as_os_str().is_empty() {
                 return Err((
@@ -388,6 +397,7 @@ mod tests {
             review_socket: None,
             reviewers_group: None,
             min_confidence: Vec::new(),
+            webhook: None,
             default_action: Action::Block,
             actions: vec![
                 rule("*.internal", Some("github-*"), Action::Block),

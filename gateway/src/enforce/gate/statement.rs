@@ -304,6 +304,7 @@ defaults: { action: allow, record: none }
             findings: FindingsHandle::open(&dir.join("findings.db")).expect("findings"),
             actions: FindingsConfig::default(),
             waivers: Default::default(),
+            notifier: Default::default(),
             body_limits: BodyLimits::from_config(&DetectConfig::default()),
             credentials: Arc::new(CredentialStore::load(Vec::new()).expect("credentials")),
             minter: None,
