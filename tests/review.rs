@@ -428,4 +428,22 @@ fn placeholders_in_authorization_pass_while_unknown_real_credentials_are_blocked
     assert_eq!(shown["rule_id"], "unknown-auth-credential");
     assert_eq!(shown["confidence"], "medium");
     assert_eq!(scene.upstream.requests().len(), passed, "the blocked request reached the upstream");
+
+    // Short-lived by construction: a JWT expiring within the hour passes and
+    // is reported as such; one living a month is a static key.
+    let jwt = |lifetime: u64| {
+        use base64::Engine as _;
+        let enc = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+        let claims = serde_json::json!({"sub": "job", "exp": now + lifetime, "nonce": keys::random(24)});
+        format!("{}.{}.{}", enc(serde_json::json!({"alg": "RS256"})), enc(claims), keys::random(43))
+    };
+    let (code, body) = scene.curl(&format!("Bearer {}", jwt(300)));
+    assert_eq!(code, 200, "a JWT expiring in 5 minutes was refused: {body}");
+    wait_for("a log line reporting the short-lived token", || {
+        let lines = scene.gw.log_messages("short-lived credential sent by a job (not a static key)");
+        lines.first().cloned().ok_or("none yet")
+    });
+    let (code, body) = scene.curl(&format!("Bearer {}", jwt(30 * 86_400)));
+    assert_eq!(code, 403, "a month-long JWT passed: {body}");
 }

@@ -611,6 +611,26 @@ impl Passage {
                 );
                 continue;
             }
+            if let Some(short) =
+                crate::detect::short_lived::classify(&hit.detection.rule_id, &hit.detection.secret, now)
+            {
+                // Expires on its own: reported, not a static-key finding.
+                tracing::info!(
+                    target: FINDING_TARGET,
+                    conn_id = self.conn.id,
+                    rule = %hit.detection.rule_id,
+                    kind = short.kind(),
+                    expires_at = match short {
+                        crate::detect::short_lived::ShortLived::Jwt { expires_at } => Some(expires_at),
+                        crate::detect::short_lived::ShortLived::AwsSession => None,
+                    },
+                    preview = hit.detection.secret.preview(),
+                    host,
+                    identity = identity.uri,
+                    "short-lived credential sent by a job (not a static key)"
+                );
+                continue;
+            }
             let fingerprint = hit.detection.secret.fingerprint(&self.gate.fingerprint_key);
             // A name can be the key itself (`?<key>`, `{"<key>": 1}`).
             let location = self.gate.masks.recording().mask_text(&hit.location.to_string()).into_owned();
