@@ -696,7 +696,8 @@ impl Passage {
         let mut blocked = Vec::new();
         let secrets: Vec<(Secret, String)> =
             decided.iter().map(|(hit, ..)| (hit.detection.secret.clone(), hit.detection.secret.preview())).collect();
-        let origin = self.origin(&secrets);
+        // Only when there is something to record: the clean path reads no /proc.
+        let origin = if decided.is_empty() { Default::default() } else { self.origin(&secrets) };
         for (hit, fingerprint, location, action, allowed_by) in decided {
             let rule = hit.detection.rule_id.to_string();
             let preview = hit.detection.secret.preview();
