@@ -125,7 +125,8 @@ pub fn redact_variable(name: &str, value: &str) -> String {
     }
 }
 
-fn is_sensitive_variable(name: &str) -> bool {
+/// Whether a variable (or command-line option) named `name` holds a secret.
+pub(crate) fn is_sensitive_variable(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     is_sensitive_header(&lower) || lower.ends_with("_pass") || lower.ends_with("_pwd")
 }

@@ -53,6 +53,10 @@ impl AdminListener {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    pub(super) fn into_inner(self) -> UnixListener {
+        self.listener
+    }
 }
 
 /// Checks that `path` can name a unix socket.
@@ -129,9 +133,9 @@ fn remove_stale(path: &Path) -> Result<(), ApiError> {
 
 /// The caller at the other end of a connection, as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Peer {
-    uid: Option<u32>,
-    pid: Option<u32>,
+pub(super) struct Peer {
+    pub(super) uid: Option<u32>,
+    pub(super) pid: Option<u32>,
 }
 
 impl Connected<IncomingStream<'_, UnixListener>> for Peer {
@@ -186,7 +190,7 @@ fn router(admin: Admin) -> Router {
         .with_state(admin)
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub(super) fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 

@@ -1,12 +1,14 @@
 //! The gateway's HTTP APIs.
 //!
-//! Two listeners, two audiences:
+//! Three listeners, three audiences:
 //! - [`serve`]: read-only and public, on a loopback TCP address: what
 //!   internal backends need to verify the gateway's tokens (the JWKS
 //!   document and OIDC discovery) and a health check.
 //! - [`serve_admin`]: privileged, on a unix socket, where the kernel tells
 //!   who is calling (peer credentials): approval decisions
 //!   (`docs/approvals.md`). [`AdminClient`] is its client, used by the CLI.
+//! - [`serve_review`]: the reviewers' findings API, on a unix socket of its
+//!   own whose group is the reviewers' (`docs/findings.md`).
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -15,10 +17,12 @@ use serde::Deserialize;
 mod admin;
 mod client;
 mod public;
+mod review;
 
 pub use admin::{bind_admin, serve_admin, AdminListener, IdentityLookup};
 pub use client::{AdminClient, ClientError};
 pub use public::{serve, DISCOVERY_PATH, JWKS_PATH};
+pub use review::serve_review;
 
 /// Where the admin socket lives when `api.admin_socket` is not set.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ci-gateway/admin.sock";

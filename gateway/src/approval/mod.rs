@@ -23,7 +23,7 @@ mod rules;
 mod service;
 mod store;
 mod waiters;
-mod webhook;
+pub(crate) mod webhook;
 
 #[cfg(test)]
 mod tests;

@@ -50,6 +50,14 @@ impl Webhook {
         Ok(Webhook { tx })
     }
 
+    /// Queues an already encoded JSON body for delivery; `what` names it in
+    /// the log if the backlog is full.
+    pub(crate) fn send_body(&self, body: Bytes, what: &str) {
+        if self.tx.try_send(body).is_err() {
+            tracing::warn!(target: TARGET, what, "webhook backlog full (or sender stopped); event not delivered");
+        }
+    }
+
     /// Queues `event` for delivery.
     pub(crate) fn send(&self, event: &ApprovalEvent) {
         let body = match serde_json::to_vec(event) {

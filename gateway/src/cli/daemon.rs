@@ -51,6 +51,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         Some(path) => Some(crate::api::bind_admin(path, config.api.admin_group.as_deref())?),
         None => None,
     };
+    let review_listener = match &config.findings.review_socket {
+        Some(path) => Some(crate::api::bind_admin(path, Some(config.findings.reviewers_group()))?),
+        None => None,
+    };
     let target = RedirectTarget {
         v4: config.proxy.listen_v4,
         v6: config.proxy.listen_v6,
@@ -117,6 +121,15 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         let approvals = services.gate.approvals.clone();
         admin_task = Some(tokio::spawn(crate::api::serve_admin(listener, approvals, lookup, shutdown.clone())));
     }
+    let mut review_task = None;
+    if let Some(listener) = review_listener {
+        let store = crate::findings::FindingStore::open(&config.findings.database_path(&config.state_dir))?;
+        let group = Some(config.findings.reviewers_group().to_owned());
+        let waivers = services.gate.waivers.clone();
+        let notifier = services.gate.notifier.clone();
+        review_task =
+            Some(tokio::spawn(crate::api::serve_review(listener, store, waivers, notifier, group, shutdown.clone())));
+    }
     let policy_watch = config.policy.watch.then(|| {
         let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
@@ -165,6 +178,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     }
     if let Some(admin) = admin_task {
         let _ = admin.await;
+    }
+    if let Some(review) = review_task {
+        let _ = review.await;
     }
     if let Some(watch) = policy_watch {
         let _ = watch.await;
@@ -308,6 +324,13 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
     let fingerprint_key = Arc::new(crate::detect::FingerprintKey::load_or_create(&config.state_dir)?);
     let db = config.findings.database_path(&config.state_dir);
     let findings = crate::findings::FindingsHandle::open(&db)?;
+    let waivers = crate::findings::WaiverSet::default();
+    let notifier = crate::findings::Notifier::start(
+        config.findings.webhook.as_ref(),
+        Some(crate::tls::UpstreamTls::new(&config.tls)?),
+    )
+    .map_err(|e| anyhow::anyhow!("findings.webhook: {e}"))?;
+    crate::findings::allowlist::start_refresher(crate::findings::FindingStore::open(&db)?, waivers.clone())?;
     tracing::info!(rules = detector.rule_count(), findings = %db.display(), "detector and findings store ready");
     let identities = Arc::new(crate::identity::IdentityResolver::new(&config.identity));
     if let Some(path) = &config.identity.mappings {
@@ -383,6 +406,8 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         fingerprint_key,
         findings,
         actions: config.findings.clone(),
+        waivers,
+        notifier,
         body_limits: crate::detect::http_scan::BodyLimits::from_config(&config.detect),
         credentials,
         minter: Some(Arc::new(minter)),

@@ -12,9 +12,10 @@ use time::OffsetDateTime;
 use super::since::parse_since;
 use crate::{
     config::Config,
+    findings::FindingId,
     record::{
         BodyData, EventData, ExchangeData, MessageData, Record, RecordError, RecordKind, SessionEnd, SessionFilter,
-        SessionMeta, SessionStore, SessionSummary,
+        SessionMeta, SessionOutcome, SessionStore, SessionSummary,
     },
     term::{safe, safe_keeping, when_ms as when, Keep, Table},
 };
@@ -39,6 +40,16 @@ pub enum SessionsCommand {
         /// age such as 30m, 1h, 7d, 1h 30m.
         #[arg(long, value_parser = parse_since)]
         since: Option<OffsetDateTime>,
+        /// Only sessions to hosts matching this glob.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only sessions that ended this way (closed, blocked, refused, error,
+        /// upstream_failed, unattributed, dropped).
+        #[arg(long)]
+        outcome: Option<SessionOutcome>,
+        /// Only the sessions in which this finding's key was seen (F-12).
+        #[arg(long, value_parser = |s: &str| s.parse::<FindingId>())]
+        finding: Option<FindingId>,
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -81,16 +92,38 @@ pub enum SessionsCommand {
 
 /// Runs `gateway sessions` against the configuration's sessions database.
 pub fn run(config: &Config, args: &SessionsArgs) -> anyhow::Result<ExitCode> {
-    run_on(args, &config.record.database_path(&config.state_dir))
+    let findings = config.findings.database_path(&config.state_dir);
+    run_on_with(args, &config.record.database_path(&config.state_dir), Some(&findings))
 }
 
 /// Runs `gateway sessions` against the database at `database`.
 pub fn run_on(args: &SessionsArgs, database: &Path) -> anyhow::Result<ExitCode> {
+    run_on_with(args, database, None)
+}
+
+/// [`run_on`], with the findings database that `--finding` reads.
+fn run_on_with(args: &SessionsArgs, database: &Path, findings: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let mut args_ids = None;
+    if let SessionsCommand::List { finding: Some(id), .. } = &args.command {
+        let path = findings.ok_or_else(|| anyhow::anyhow!("--finding needs the findings database"))?;
+        if !path.exists() {
+            eprintln!("gateway: {id}: no such finding (there is no findings database at {} yet)", path.display());
+            return Ok(ExitCode::from(1));
+        }
+        match crate::findings::FindingStore::open(path)?.sessions_of(*id) {
+            Ok(ids) => args_ids = Some(ids),
+            Err(e) if e.is_request_error() => {
+                eprintln!("gateway: {e}");
+                return Ok(ExitCode::from(1));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     // Reading commands on a host where the gateway never recorded should say
     // so, not create an empty database as the reviewer's user.
     let store = if database.exists() { Some(SessionStore::open(database)?) } else { None };
     let mut stdout = std::io::stdout().lock();
-    match execute(store.as_ref(), database, &args.command, &mut stdout) {
+    match execute(store.as_ref(), database, &args.command, args_ids, &mut stdout) {
         Ok(code) => Ok(code),
         Err(e) => {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
@@ -114,6 +147,7 @@ fn execute(
     store: Option<&SessionStore>,
     database: &Path,
     command: &SessionsCommand,
+    finding_sessions: Option<Vec<String>>,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
     let need = |id: &str| -> Result<&SessionStore, RecordError> {
@@ -122,8 +156,15 @@ fn execute(
         })
     };
     match command {
-        SessionsCommand::List { identity, since, limit, json } => {
-            let filter = SessionFilter { identity: identity.clone(), since: *since, limit: Some(*limit) };
+        SessionsCommand::List { identity, since, limit, json, host, outcome, finding: _ } => {
+            let filter = SessionFilter {
+                identity: identity.clone(),
+                since: *since,
+                limit: Some(*limit),
+                host: host.clone(),
+                outcome: *outcome,
+                ids: finding_sessions,
+            };
             let sessions = match store {
                 Some(store) => store.list(&filter)?,
                 None => Vec::new(),
@@ -579,7 +620,7 @@ pub(crate) mod tests {
         let command = parse(args).unwrap();
         let store = database.exists().then(|| SessionStore::open(database).unwrap());
         let mut out = Vec::new();
-        let code = match execute(store.as_ref(), database, &command, &mut out) {
+        let code = match execute(store.as_ref(), database, &command, None, &mut out) {
             Ok(code) => code,
             Err(e) => match e.downcast_ref::<RecordError>() {
                 Some(re) if re.is_request_error() => ExitCode::from(1),

@@ -31,11 +31,68 @@ pub fn parse_since_at(s: &str, now: OffsetDateTime) -> Result<OffsetDateTime, St
         .ok_or_else(|| format!("`{s}`: too long ago"))
 }
 
+/// An `--expires` value: a time, or `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Until revoked.
+    Never,
+    /// At this instant.
+    At(OffsetDateTime),
+}
+
+impl Expiry {
+    /// The instant, `None` for never.
+    pub fn at(self) -> Option<OffsetDateTime> {
+        match self {
+            Expiry::Never => None,
+            Expiry::At(t) => Some(t),
+        }
+    }
+}
+
+/// Parses an `--expires` value (a clap value parser): `never`, an RFC 3339
+/// time, a date (its midnight, UTC) or a duration from now (`90s`, `8h`,
+/// `30d`, `1h 30m`).
+pub fn parse_expiry(s: &str) -> Result<Expiry, String> {
+    parse_expiry_at(s, OffsetDateTime::now_utc())
+}
+
+/// [`parse_expiry`] with `now` as the current time.
+pub fn parse_expiry_at(s: &str, now: OffsetDateTime) -> Result<Expiry, String> {
+    if s == "never" {
+        return Ok(Expiry::Never);
+    }
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(Expiry::At(t));
+    }
+    if let Ok(d) = time::Date::parse(s, format_description!("[year]-[month]-[day]")) {
+        return Ok(Expiry::At(d.midnight().assume_utc()));
+    }
+    let after = humantime::parse_duration(s).map_err(|_| {
+        format!("`{s}` is not an expiry (never, RFC 3339, YYYY-MM-DD, or a duration like 90s, 8h, 30d)")
+    })?;
+    time::Duration::try_from(after)
+        .ok()
+        .and_then(|after| now.checked_add(after))
+        .map(Expiry::At)
+        .ok_or_else(|| format!("`{s}`: too far ahead"))
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
 
     use super::*;
+
+    #[test]
+    fn expiries_parse() {
+        let now = datetime!(2024-05-10 12:00 UTC);
+        assert_eq!(parse_expiry_at("never", now), Ok(Expiry::Never));
+        assert_eq!(parse_expiry_at("90s", now), Ok(Expiry::At(datetime!(2024-05-10 12:01:30 UTC))));
+        assert_eq!(parse_expiry_at("30d", now), Ok(Expiry::At(datetime!(2024-06-09 12:00 UTC))));
+        assert_eq!(parse_expiry_at("2024-06-01", now), Ok(Expiry::At(datetime!(2024-06-01 0:00 UTC))));
+        assert!(parse_expiry_at("soon", now).is_err());
+    }
 
     #[test]
     fn every_documented_form_parses() {

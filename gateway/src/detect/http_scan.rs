@@ -21,6 +21,13 @@ const HEADER_DECODE_BUDGET: usize = 1 << 20;
 /// Rule id of credentials presented in authentication headers that match no rule.
 pub const UNKNOWN_AUTH_RULE: &str = "unknown-auth-credential";
 
+/// Shortest unknown credential reported at medium confidence.
+pub const MIN_STRONG_UNKNOWN: usize = 16;
+
+/// Least Shannon entropy (bits per byte) of an unknown credential reported
+/// at medium confidence.
+pub const MIN_UNKNOWN_ENTROPY: f64 = 3.0;
+
 /// A detection and where in the HTTP message it was found.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -315,14 +322,21 @@ pub fn auth_credentials(headers: &HeaderMap) -> Vec<(Location, Secret)> {
 /// Credentials from [`auth_credentials`] that no rule recognizes and that
 /// `is_issued` does not claim as the gateway's own, as hits of rule
 /// [`UNKNOWN_AUTH_RULE`]: a static credential in an unknown format. Medium
-/// confidence when long and random-looking, low otherwise.
+/// confidence when long and random-looking and not a placeholder, low
+/// otherwise.
 pub fn unknown_credentials(detector: &Detector, headers: &HeaderMap, is_issued: impl Fn(&Secret) -> bool) -> Vec<Hit> {
     let rule_id: Arc<str> = Arc::from(UNKNOWN_AUTH_RULE);
     auth_credentials(headers)
         .into_iter()
         .filter(|(_, secret)| !is_issued(secret) && detector.scan(secret.as_bytes()).is_empty())
         .map(|(location, secret)| {
-            let strong = secret.len() >= 16 && shannon_entropy(secret.as_bytes()) >= 3.0;
+            // Placeholders SDKs demand (`none`, `<token>`, `changeme`...),
+            // short and low-entropy values are low confidence: below the
+            // rule's default threshold (`findings.min_confidence`), so they
+            // are not blocked as keys.
+            let strong = secret.len() >= MIN_STRONG_UNKNOWN
+                && shannon_entropy(secret.as_bytes()) >= MIN_UNKNOWN_ENTROPY
+                && !crate::detect::confirm::is_placeholder(secret.as_bytes());
             let detection = Detection {
                 rule_id: Arc::clone(&rule_id),
                 confidence: if strong { Confidence::Medium } else { Confidence::Low },

@@ -32,6 +32,7 @@ mod payload;
 mod protobuf;
 pub mod rules;
 pub mod secret;
+pub mod short_lived;
 pub mod status;
 pub mod stream;
 mod utf16;

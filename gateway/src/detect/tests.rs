@@ -176,6 +176,34 @@ fn bearer_and_unknown_credentials() {
     assert!(http_scan::unknown_credentials(&det, &headers, |s| s.as_bytes().starts_with(b"opaque")).is_empty());
 }
 
+#[test]
+fn placeholders_and_weak_unknown_credentials_are_low_confidence() {
+    let det = detector();
+    let confidence = |value: &str| {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_str(value).unwrap());
+        let hits = http_scan::unknown_credentials(&det, &headers, |_| false);
+        hits.first().map(|h| h.detection.confidence)
+    };
+    for placeholder in [
+        "Bearer ",
+        "Bearer none",
+        "Bearer null",
+        "Bearer xxx",
+        "Bearer <token>",
+        "Bearer changeme",
+        "Bearer abc123",
+        "Bearer aaaaaaaaaaaaaaaaaaaaaaaa",
+        "Bearer <your-api-key-goes-here>",
+        "Bearer ${OPENAI_API_KEY_PLACEHOLDER}",
+        "Bearer xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ] {
+        let c = confidence(placeholder);
+        assert!(c.is_none_or(|c| c == crate::detect::Confidence::Low), "{placeholder}: {c:?}");
+    }
+    assert_eq!(confidence("Bearer q8Zr2LwV9xKp3TnB7mYc4HsJ6dFa"), Some(crate::detect::Confidence::Medium));
+}
+
 fn body_hits(headers: &HeaderMap, body: &[u8], chunk: usize) -> Vec<http_scan::Hit> {
     let mut scanner = BodyScanner::new(detector(), headers, BodyLimits::default());
     let mut hits = Vec::new();

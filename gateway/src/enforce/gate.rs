@@ -38,10 +38,10 @@ use crate::{
     credentials::{prepare, CredentialStore, MintRequest, Minter, OidcValidator, RenderedInjection, SwapTarget},
     detect::{
         http_scan::{BodyLimits, Hit},
-        Detector, FingerprintKey,
+        Detector, FingerprintKey, Secret,
     },
     event::Protocol,
-    findings::{Action, FindingsConfig, FindingsHandle, NewFinding},
+    findings::{Action, FindingsConfig, FindingsHandle, NewFinding, Notifier, WaiverSet},
     mask::Masker,
     policy::{self, PolicyHandle, RequestFacts},
     record::{
@@ -68,6 +68,10 @@ pub struct Gate {
     pub findings: FindingsHandle,
     /// Actions per destination and rule.
     pub actions: FindingsConfig,
+    /// Reviewers' waivers (false positives, allowlist entries), in memory.
+    pub waivers: WaiverSet,
+    /// Announces new findings (`findings.webhook`).
+    pub notifier: Notifier,
     /// Body decoding limits.
     pub body_limits: BodyLimits,
     /// Credentials the gateway holds per identity and destination (`swap`).
@@ -588,11 +592,45 @@ impl Passage {
             None => None,
         };
         let mut seen = HashSet::new();
-        let mut decided: Vec<(Hit, String, String, Action)> = Vec::new();
+        let waivers = self.gate.waivers.current();
+        let now = time::OffsetDateTime::now_utc();
+        let mut decided: Vec<(Hit, String, String, Action, Option<String>)> = Vec::new();
         let mut swap_targets = Vec::new();
         // Keys beyond the cap: counted, and still blocking when their action is.
         let (mut more, mut more_block) = (0u64, false);
         for hit in hits {
+            let threshold = self.gate.actions.min_confidence_for(&hit.detection.rule_id);
+            if hit.detection.confidence < threshold {
+                tracing::debug!(
+                    target: FINDING_TARGET,
+                    conn_id = self.conn.id,
+                    rule = %hit.detection.rule_id,
+                    confidence = %hit.detection.confidence,
+                    %threshold,
+                    "match below the rule's confidence threshold: not a key"
+                );
+                continue;
+            }
+            if let Some(short) =
+                crate::detect::short_lived::classify(&hit.detection.rule_id, &hit.detection.secret, now)
+            {
+                // Expires on its own: reported, not a static-key finding.
+                tracing::info!(
+                    target: FINDING_TARGET,
+                    conn_id = self.conn.id,
+                    rule = %hit.detection.rule_id,
+                    kind = short.kind(),
+                    expires_at = match short {
+                        crate::detect::short_lived::ShortLived::Jwt { expires_at } => Some(expires_at),
+                        crate::detect::short_lived::ShortLived::AwsSession => None,
+                    },
+                    preview = hit.detection.secret.preview(),
+                    host,
+                    identity = identity.uri,
+                    "short-lived credential sent by a job (not a static key)"
+                );
+                continue;
+            }
             let fingerprint = hit.detection.secret.fingerprint(&self.gate.fingerprint_key);
             // A name can be the key itself (`?<key>`, `{"<key>": 1}`).
             let location = self.gate.masks.recording().mask_text(&hit.location.to_string()).into_owned();
@@ -601,7 +639,7 @@ impl Passage {
             }
             let configured =
                 req.static_keys.unwrap_or_else(|| self.gate.actions.action_for(host, &hit.detection.rule_id));
-            let action = match configured {
+            let mut action = match configured {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
                 Action::Swap => match (credential.is_some(), SwapTarget::from_location(&hit.location)) {
@@ -612,14 +650,23 @@ impl Passage {
                     _ => Action::Block,
                 },
             };
+            // A reviewer's waiver (false positive, accepted risk in scope)
+            // lets the key through unchanged; it is still recorded.
+            let mut allowed_by = None;
+            if action == Action::Block {
+                if let Some(by) = waivers.waiver(&fingerprint, host, Some(&identity.uri), now) {
+                    action = Action::Flag;
+                    allowed_by = Some(by.to_owned());
+                }
+            }
             if decided.len() >= MAX_FINDINGS_PER_REQUEST {
                 more += 1;
                 more_block |= action == Action::Block;
                 continue;
             }
-            decided.push((hit, fingerprint, location, action));
+            decided.push((hit, fingerprint, location, action, allowed_by));
         }
-        let blocking = more_block || decided.iter().any(|(.., a)| *a == Action::Block);
+        let blocking = more_block || decided.iter().any(|(_, _, _, a, _)| *a == Action::Block);
         if !blocking && !swap_targets.is_empty() {
             let swapped = match (swap, credential.as_ref()) {
                 (Some(apply), Some(credential)) => self.swap(credential, host, &req.verified).and_then(|rendered| {
@@ -647,7 +694,11 @@ impl Passage {
 
         let mut judgement = Judgement::default();
         let mut blocked = Vec::new();
-        for (hit, fingerprint, location, action) in decided {
+        let secrets: Vec<(Secret, String)> =
+            decided.iter().map(|(hit, ..)| (hit.detection.secret.clone(), hit.detection.secret.preview())).collect();
+        // Only when there is something to record: the clean path reads no /proc.
+        let origin = if decided.is_empty() { Default::default() } else { self.origin(&secrets) };
+        for (hit, fingerprint, location, action, allowed_by) in decided {
             let rule = hit.detection.rule_id.to_string();
             let preview = hit.detection.secret.preview();
             let finding = NewFinding {
@@ -662,10 +713,34 @@ impl Passage {
                 identity: Some(identity.uri.clone()),
                 action,
                 seen_at: time::OffsetDateTime::now_utc(),
+                session_id: self.session.as_ref().map(|s| s.id().as_str().to_owned()),
+                command: origin.command.clone(),
+                script: origin.script.clone(),
+                allowed_by: allowed_by.clone(),
             };
             let mut entry = BlockedFinding { id: None, rule, location, fingerprint, preview };
             match self.gate.findings.record(finding).await {
                 Ok(recorded) => {
+                    if recorded.new {
+                        let p = &self.conn.caller.process;
+                        self.gate.notifier.new_finding(json!({
+                            "id": recorded.id,
+                            "rule_id": entry.rule,
+                            "confidence": hit.detection.confidence,
+                            "fingerprint": entry.fingerprint,
+                            "preview": entry.preview,
+                            "status": "open",
+                            "destination": format!("{host}:{}", self.conn.dst.port()),
+                            "location": entry.location,
+                            "action": action,
+                            "allowed_by": allowed_by,
+                            "identity": identity.uri,
+                            "project": crate::findings::project_of(&self.conn.caller.job),
+                            "exe": p.exe.as_ref().map(|e| e.display().to_string()),
+                            "script": origin.script,
+                            "session_id": self.session.as_ref().map(|s| s.id().as_str().to_owned()),
+                        }));
+                    }
                     let id = recorded.id.to_string();
                     judgement.findings.push(id.clone());
                     entry.id = Some(id);
@@ -694,6 +769,7 @@ impl Passage {
                 uid = p.uid,
                 exe = p.exe.as_ref().map(|e| e.display().to_string()),
                 action = action.as_str(),
+                allowed_by,
                 "static credential"
             );
             if action == Action::Block {
@@ -729,6 +805,17 @@ impl Passage {
             job,
         };
         prepare(credential, self.gate.minter.as_deref(), &mint).map_err(|e| e.to_string())
+    }
+
+    /// The sender's command line (masked) and script, read from /proc while
+    /// the request's connection is still open (so the pid is still the
+    /// sender's). Read only when a key was found: never on the clean path.
+    fn origin(&self, secrets: &[(Secret, String)]) -> crate::findings::origin::Origin {
+        let p = &self.conn.caller.process;
+        let masker = self.gate.masks.recording();
+        crate::findings::origin::Origin::read(p.pid, p.exe.as_deref(), secrets, |text| {
+            masker.mask_text(text).into_owned()
+        })
     }
 
     fn snapshot(&self, verified: &BTreeMap<String, String>) -> crate::process::ProcessSnapshot {

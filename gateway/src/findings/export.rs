@@ -94,6 +94,31 @@ pub(super) fn sarif(findings: &[Finding]) -> Value {
                     "history": f.history,
                 },
             });
+            // The best place known: the script of the latest sighting that
+            // ran one (relative to the checkout when the job says where that
+            // is), and the project and job, so code scanning can place it.
+            if let Some(x) = f.sightings.iter().rev().find(|x| x.script.as_deref().is_some_and(|s| s.starts_with('/')))
+            {
+                let script = x.script.as_deref().unwrap_or_default();
+                let root = ["CI_PROJECT_DIR", "GITHUB_WORKSPACE", "BUILDKITE_BUILD_CHECKOUT_PATH", "WORKSPACE"]
+                    .iter()
+                    .find_map(|v| x.process.job.get(*v))
+                    .and_then(|dir| script.strip_prefix(dir.trim_end_matches('/')))
+                    .and_then(|rest| rest.strip_prefix('/'));
+                let artifact = match root {
+                    Some(relative) => json!({ "uri": relative, "uriBaseId": "SRCROOT" }),
+                    None => json!({ "uri": format!("file://{script}") }),
+                };
+                result["locations"][0]["physicalLocation"] = json!({ "artifactLocation": artifact });
+            }
+            if let Some(x) = f.sightings.last() {
+                result["properties"]["project"] = json!(super::model::project_of(&x.process.job));
+                result["properties"]["job"] = json!(x.process.job);
+                result["properties"]["script"] = json!(x.script);
+                result["properties"]["command"] = json!(x.command);
+                result["properties"]["sessionId"] = json!(x.session_id);
+                result["properties"]["sightings"] = json!(f.sightings.len());
+            }
             if f.status == Status::FalsePositive {
                 let justification = f
                     .history

@@ -16,13 +16,23 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::detect::Confidence;
+
+pub mod allowlist;
 mod export;
 mod handle;
 mod model;
+pub mod notify;
+pub mod origin;
 pub mod store;
 
+pub use allowlist::{AllowEntry, AllowId, Scope, WaiverSet, Waivers};
 pub use handle::FindingsHandle;
-pub use model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
+pub use model::{
+    project_of, ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Sighting, Status, StatusChange,
+    PROJECT_VARIABLES,
+};
+pub use notify::{FindingEvent, Notifier};
 pub use store::FindingStore;
 
 /// File name of the findings database inside `state_dir` when
@@ -33,6 +43,9 @@ pub const DEFAULT_DATABASE_FILE: &str = "gateway.db";
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FindingsConfig {
+    /// An HTTP(S) endpoint that receives a JSON POST for every new finding
+    /// and review decision (same shape of settings as `approvals.webhook`).
+    pub webhook: Option<crate::approval::WebhookConfig>,
     /// The SQLite database; relative paths are below `state_dir`.
     /// `None` means `state_dir/gateway.db`.
     pub database: Option<PathBuf>,
@@ -41,7 +54,34 @@ pub struct FindingsConfig {
     /// Per-destination (and optionally per-rule) actions, in order; the first
     /// match wins.
     pub actions: Vec<ActionRule>,
+    /// Unix socket of the reviewers' API (`gateway findings` goes through it
+    /// when set, so reviewers need no root and decisions are recorded under
+    /// the kernel-vouched caller); `None` disables it.
+    pub review_socket: Option<PathBuf>,
+    /// Unix group given access to the review socket; `reviewers` when unset.
+    pub reviewers_group: Option<String>,
+    /// Least detector confidence at which a rule's match counts as a key
+    /// (recorded, and blocked where the action says so), per rule glob; the
+    /// first match wins, then [`DEFAULT_MIN_CONFIDENCE`], then `low`.
+    pub min_confidence: Vec<ConfidenceRule>,
 }
+
+/// One entry of `findings.min_confidence`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfidenceRule {
+    /// Detection rule id glob.
+    pub rule: String,
+    /// Matches below this are not keys.
+    pub confidence: Confidence,
+}
+
+/// Built-in thresholds, after the configured ones: an Authorization value
+/// in no known format is a key only when long and random-looking (medium),
+/// so placeholders (`none`, `null`, `xxx`, `<token>`, `changeme`, empty)
+/// and short or low-entropy values that SDKs require are not blocked.
+pub const DEFAULT_MIN_CONFIDENCE: &[(&str, Confidence)] =
+    &[(crate::detect::http_scan::UNKNOWN_AUTH_RULE, Confidence::Medium)];
 
 /// What the proxy does with a request carrying a detected static key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,7 +143,25 @@ pub struct ActionRule {
     pub action: Action,
 }
 
+/// The reviewers' group when `findings.reviewers_group` is not set.
+pub const DEFAULT_REVIEWERS_GROUP: &str = "reviewers";
+
 impl FindingsConfig {
+    /// The least confidence at which a match of `rule_id` is a key.
+    pub fn min_confidence_for(&self, rule_id: &str) -> Confidence {
+        self.min_confidence
+            .iter()
+            .find(|r| glob_match(&r.rule, rule_id))
+            .map(|r| r.confidence)
+            .or_else(|| DEFAULT_MIN_CONFIDENCE.iter().find(|(r, _)| glob_match(r, rule_id)).map(|(_, c)| *c))
+            .unwrap_or(Confidence::Low)
+    }
+
+    /// The unix group of the review socket.
+    pub fn reviewers_group(&self) -> &str {
+        self.reviewers_group.as_deref().unwrap_or(DEFAULT_REVIEWERS_GROUP)
+    }
+
     /// The action for a key found by `rule_id` in a request to `host`.
     pub fn action_for(&self, host: &str, rule_id: &str) -> Action {
         let host = normalize_host(host);
@@ -128,6 +186,10 @@ impl FindingsConfig {
     /// Checks what the schema cannot express; errors are (dotted field, reason)
     /// like `Config::validate`.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(hook) = &self.webhook {
+            crate::approval::webhook::validate(hook)
+                .map_err(|(field, reason)| (format!("findings.webhook.{field}"), reason))?;
+        }
         if let Some(db) = &self.database {
             if db.as_os_str().is_empty() {
                 return Err((
@@ -255,6 +317,9 @@ pub enum FindingsError {
     /// No finding with that id.
     #[error("{0}: no such finding")]
     NotFound(FindingId),
+    /// No active allowlist entry with that id.
+    #[error("{0}: no such active allowlist entry")]
+    NoSuchAllowEntry(AllowId),
     /// The requested review status change is not allowed.
     #[error("{id} is {from}; it cannot become {to} (allowed from {from}: {allowed})")]
     InvalidTransition {
@@ -293,7 +358,10 @@ impl FindingsError {
     /// database or environment failures; the CLI exits 1 for these and 2 for
     /// the rest.
     pub fn is_request_error(&self) -> bool {
-        matches!(self, FindingsError::NotFound(_) | FindingsError::InvalidTransition { .. })
+        matches!(
+            self,
+            FindingsError::NotFound(_) | FindingsError::NoSuchAllowEntry(_) | FindingsError::InvalidTransition { .. }
+        )
     }
 }
 
@@ -326,6 +394,10 @@ mod tests {
     fn action_first_match_wins() {
         let c = FindingsConfig {
             database: None,
+            review_socket: None,
+            reviewers_group: None,
+            min_confidence: Vec::new(),
+            webhook: None,
             default_action: Action::Block,
             actions: vec![
                 rule("*.internal", Some("github-*"), Action::Block),
@@ -339,6 +411,15 @@ mod tests {
         assert_eq!(c.action_for("api.example.com", "aws-key"), Action::Swap);
         assert_eq!(c.action_for("other.com", "aws-key"), Action::Block);
         let flag_all = FindingsConfig { default_action: Action::Flag, ..Default::default() };
+        assert_eq!(flag_all.reviewers_group(), "reviewers");
+        assert_eq!(flag_all.min_confidence_for("unknown-auth-credential"), Confidence::Medium);
+        assert_eq!(flag_all.min_confidence_for("openai-api-key"), Confidence::Low);
+        let strict: FindingsConfig = serde_yaml_ng::from_str(
+            "min_confidence:\n  - {rule: unknown-*, confidence: low}\n  - {rule: '*', confidence: high}\n",
+        )
+        .unwrap();
+        assert_eq!(strict.min_confidence_for("unknown-auth-credential"), Confidence::Low);
+        assert_eq!(strict.min_confidence_for("openai-api-key"), Confidence::High);
         assert_eq!(flag_all.action_for("x", "y"), Action::Flag);
     }
 

@@ -36,6 +36,12 @@ impl Serialize for FindingId {
     }
 }
 
+impl<'de> Deserialize<'de> for FindingId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Review status of a finding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -126,6 +132,63 @@ pub struct NewFinding {
     pub action: Action,
     /// When it was seen.
     pub seen_at: OffsetDateTime,
+    /// The recorded session the request belongs to, if it is recorded.
+    pub session_id: Option<String>,
+    /// The sender's command line, with secrets masked (see
+    /// `crate::findings::mask_command`).
+    pub command: Option<String>,
+    /// For interpreters (python, node, ruby, sh...): the script being run,
+    /// resolved against the working directory.
+    pub script: Option<String>,
+    /// Why a key that would have been blocked was let through: the
+    /// allowlist entry (`A-3`) or the false-positive finding. `None` when
+    /// nothing was waived.
+    pub allowed_by: Option<String>,
+}
+
+/// One sighting of a finding's key, as kept in the timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sighting {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub seen_at: OffsetDateTime,
+    /// Workload identity of the job.
+    pub identity: Option<String>,
+    /// The sending process: exe, pid, uid, cgroup, container and the CI job
+    /// variables (project, job id, pipeline) it had.
+    pub process: ProcessSnapshot,
+    /// Command line, secrets masked.
+    pub command: Option<String>,
+    /// Script path for interpreters.
+    pub script: Option<String>,
+    /// Destination host.
+    pub dest_host: String,
+    /// Destination port.
+    pub dest_port: u16,
+    /// Where in the request.
+    pub location: String,
+    /// What the gateway did.
+    pub action: Action,
+    /// The allowlist entry or false-positive decision that let it through.
+    pub allowed_by: Option<String>,
+    /// Recorded session, if any (`gateway sessions show <id>`).
+    pub session_id: Option<String>,
+}
+
+impl Sighting {
+    /// The CI project of the job, from whichever CI's variable names it.
+    pub fn project(&self) -> Option<&str> {
+        project_of(&self.process.job)
+    }
+}
+
+/// CI variables that name the project, in order of preference.
+pub const PROJECT_VARIABLES: [&str; 4] =
+    ["CI_PROJECT_PATH", "GITHUB_REPOSITORY", "BUILDKITE_PIPELINE_SLUG", "JOB_NAME"];
+
+/// The project named by CI job variables `job`.
+pub fn project_of(job: &std::collections::BTreeMap<String, String>) -> Option<&str> {
+    PROJECT_VARIABLES.iter().find_map(|v| job.get(*v)).map(String::as_str)
 }
 
 /// Result of [`FindingStore::record`](super::FindingStore::record).
@@ -140,7 +203,7 @@ pub struct Recorded {
 }
 
 /// One entry of a finding's review history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusChange {
     /// Previous status; `None` for the entry that created the finding.
     pub from: Option<Status>,
@@ -155,12 +218,13 @@ pub struct StatusChange {
     pub comment: String,
 }
 
-/// A stored finding.
+/// A stored finding: one per key (fingerprint) and detection rule.
 ///
 /// What identifies the key (rule, confidence, fingerprint, preview) comes
-/// from the first sighting; what describes a sighting (location, process,
-/// identity, action) is the latest one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// from the first sighting; the sighting fields here (location, process,
+/// identity, action, destination) are the latest one's, and
+/// [`Finding::sightings`] has them all.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     /// Id.
     pub id: FindingId,
@@ -196,6 +260,16 @@ pub struct Finding {
     pub status: Status,
     /// Review history, oldest first (starts with the creation entry).
     pub history: Vec<StatusChange>,
+    /// Set on findings of databases from before one-finding-per-key that
+    /// were folded into an older finding of the same key and rule; their
+    /// sightings are that finding's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<FindingId>,
+    /// Every sighting, oldest first: filled by
+    /// [`FindingStore::get`](super::FindingStore::get) and the exports,
+    /// empty in lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sightings: Vec<Sighting>,
 }
 
 impl Finding {
@@ -221,6 +295,13 @@ pub struct ListFilter {
     pub host: Option<String>,
     /// Only findings seen at or after this instant.
     pub since: Option<OffsetDateTime>,
+    /// Only the finding(s) of this exact fingerprint.
+    pub fingerprint: Option<String>,
+    /// Only findings with a sighting by this identity (glob).
+    pub identity: Option<String>,
+    /// Only findings with a sighting from this CI project (glob on
+    /// [`PROJECT_VARIABLES`]).
+    pub project: Option<String>,
 }
 
 /// Export formats of [`FindingStore::export`](super::FindingStore::export).

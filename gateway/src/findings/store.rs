@@ -20,8 +20,13 @@ use rusqlite::{
 };
 use time::OffsetDateTime;
 
-pub use super::model::{ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Status, StatusChange};
-use super::{export, Action, FindingsError};
+pub use super::model::{
+    ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Sighting, Status, StatusChange,
+};
+use super::{
+    allowlist::{AllowEntry, AllowId, Scope, Waivers},
+    export, Action, FindingsError,
+};
 use crate::process::ProcessSnapshot;
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
@@ -74,6 +79,75 @@ CREATE INDEX status_history_finding ON status_history (finding_id, id);
 -- The container of the latest sighting (JSON: id, runtime, name, image...).
 ALTER TABLE findings ADD COLUMN container TEXT;
 "#,
+    // One finding per key and rule, with every sighting kept. Findings that
+    // the old dedup rule (key, executable, destination) split are folded
+    // into the oldest of them: its id was the first quoted in a 403; the
+    // others keep their rows (their ids are in tickets) and point at it.
+    r#"
+ALTER TABLE findings ADD COLUMN merged_into INTEGER REFERENCES findings (id);
+CREATE TABLE sightings (
+    id          INTEGER PRIMARY KEY,
+    finding_id  INTEGER NOT NULL REFERENCES findings (id),
+    seen_at     INTEGER NOT NULL,  -- Unix time, nanoseconds, UTC
+    identity    TEXT,
+    job         TEXT    NOT NULL,  -- JSON object of CI job variables
+    pid         INTEGER NOT NULL,
+    uid         INTEGER NOT NULL,
+    exe         TEXT,
+    comm        TEXT    NOT NULL,
+    cgroup      TEXT,
+    container   TEXT,
+    command     TEXT,              -- command line, secrets masked
+    script      TEXT,
+    dest_host   TEXT    NOT NULL,
+    dest_port   INTEGER NOT NULL,
+    location    TEXT    NOT NULL,
+    action      TEXT    NOT NULL CHECK (action IN ('block', 'flag', 'swap')),
+    allowed_by  TEXT,
+    session_id  TEXT
+) STRICT;
+CREATE INDEX sightings_finding ON sightings (finding_id, seen_at);
+CREATE INDEX sightings_session ON sightings (session_id) WHERE session_id IS NOT NULL;
+-- The old schema kept only the latest sighting of each finding.
+INSERT INTO sightings (finding_id, seen_at, identity, job, pid, uid, exe, comm, cgroup, container,
+                       dest_host, dest_port, location, action)
+    SELECT id, last_seen, identity, job, pid, uid, exe, comm, cgroup, container,
+           dest_host, dest_port, location, action FROM findings;
+UPDATE findings SET merged_into = (
+        SELECT min(o.id) FROM findings o WHERE o.fingerprint = findings.fingerprint AND o.rule_id = findings.rule_id)
+    WHERE id > (
+        SELECT min(o.id) FROM findings o WHERE o.fingerprint = findings.fingerprint AND o.rule_id = findings.rule_id);
+UPDATE sightings SET finding_id = (SELECT merged_into FROM findings WHERE id = sightings.finding_id)
+    WHERE finding_id IN (SELECT id FROM findings WHERE merged_into IS NOT NULL);
+UPDATE findings SET
+        count = (SELECT sum(o.count) FROM findings o WHERE o.id = findings.id OR o.merged_into = findings.id),
+        first_seen = (SELECT min(o.first_seen) FROM findings o WHERE o.id = findings.id OR o.merged_into = findings.id),
+        last_seen = (SELECT max(o.last_seen) FROM findings o WHERE o.id = findings.id OR o.merged_into = findings.id)
+    WHERE merged_into IS NULL AND EXISTS (SELECT 1 FROM findings o WHERE o.merged_into = findings.id);
+INSERT INTO status_history (finding_id, from_status, to_status, changed_by, changed_at, comment)
+    SELECT id, status, status, 'gateway', last_seen, 'merged into F-' || merged_into || ' (one finding per key and rule)'
+    FROM findings WHERE merged_into IS NOT NULL;
+DROP INDEX findings_dedup;
+-- The dedup rule: one finding per key and detection rule.
+CREATE UNIQUE INDEX findings_key ON findings (fingerprint, rule_id) WHERE merged_into IS NULL;
+-- Reviewers' waivers: accepted risk for a key in a scope, until an expiry.
+CREATE TABLE allowlist (
+    -- AUTOINCREMENT: `A-<n>` ids are quoted in sightings and audits.
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    finding_id  INTEGER NOT NULL REFERENCES findings (id),
+    fingerprint TEXT    NOT NULL,
+    scope       TEXT    NOT NULL CHECK (scope IN ('everywhere', 'destination', 'identity')),
+    scope_value TEXT,
+    expires_at  INTEGER,           -- NULL: until revoked
+    reason      TEXT    NOT NULL,
+    created_by  TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    revoked_by  TEXT,
+    revoked_at  INTEGER,
+    CHECK ((scope = 'everywhere') = (scope_value IS NULL))
+) STRICT;
+CREATE INDEX allowlist_fingerprint ON allowlist (fingerprint);
+"#,
 ];
 
 /// Who automatic status changes are attributed to.
@@ -81,7 +155,7 @@ pub const GATEWAY_ACTOR: &str = "gateway";
 
 /// Columns of `findings` in the order [`RawFinding::from_row`] reads them.
 const FINDING_COLUMNS: &str = "id, rule_id, confidence, fingerprint, preview, location, dest_host, dest_port, \
-     pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status, container";
+     pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status, container, merged_into";
 
 /// How long a writer waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -106,6 +180,7 @@ mod limits {
     pub const JOB_VALUE: usize = 1024;
     pub const CONTAINER_ID: usize = 64;
     pub const CONTAINER_TEXT: usize = 1024;
+    pub const COMMAND: usize = 4096;
 }
 
 /// A findings database. One connection; not `Sync` (use one store per thread,
@@ -150,8 +225,8 @@ impl FindingStore {
             .map_err(self.err("starting a transaction"))
     }
 
-    /// Records a sighting: creates a finding, or updates the one with the same
-    /// fingerprint, executable and destination. Returns once committed.
+    /// Records a sighting: creates a finding, or adds the sighting to the one
+    /// with the same fingerprint and rule. Returns once committed.
     pub fn record(&self, f: &NewFinding) -> Result<Recorded, FindingsError> {
         let tx = self.begin()?;
         let recorded = self.record_in(&tx, f)?;
@@ -200,10 +275,10 @@ impl FindingStore {
         let existing = tx
             .prepare_cached(
                 "SELECT id, status, count, last_seen FROM findings \
-                 WHERE fingerprint = ?1 AND ifnull(exe, '') = ?2 AND dest_host = ?3 AND dest_port = ?4",
+                 WHERE fingerprint = ?1 AND rule_id = ?2 AND merged_into IS NULL",
             )
             .and_then(|mut st| {
-                st.query_row(params![f.fingerprint, f.exe.as_deref().unwrap_or(""), f.dest_host, f.dest_port], |r| {
+                st.query_row(params![f.fingerprint, f.rule_id], |r| {
                     Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?))
                 })
                 .optional()
@@ -241,6 +316,7 @@ impl FindingStore {
             let id = tx.last_insert_rowid();
             insert_history(tx, id, None, Status::Open, GATEWAY_ACTOR, f.seen, "first seen")
                 .map_err(self.err("recording history"))?;
+            self.insert_sighting(tx, id, &f)?;
             return Ok(Recorded { id: FindingId(id), new: true, count: 1 });
         };
 
@@ -255,7 +331,8 @@ impl FindingStore {
                  location = iif(?4, ?5, location), pid = iif(?4, ?6, pid), uid = iif(?4, ?7, uid), \
                  comm = iif(?4, ?8, comm), cgroup = iif(?4, ?9, cgroup), job = iif(?4, ?10, job), \
                  identity = iif(?4 AND ?11 IS NOT NULL, ?11, identity), action = iif(?4, ?12, action), \
-                 status = iif(?13, 'open', status), container = iif(?4, ?14, container) \
+                 status = iif(?13, 'open', status), container = iif(?4, ?14, container), \
+                 exe = iif(?4, ?15, exe), dest_host = iif(?4, ?16, dest_host), dest_port = iif(?4, ?17, dest_port) \
              WHERE id = ?1",
         )
         .and_then(|mut st| {
@@ -274,9 +351,13 @@ impl FindingStore {
                 f.action.as_str(),
                 reopen,
                 f.container,
+                f.exe,
+                f.dest_host,
+                f.dest_port,
             ])
         })
         .map_err(self.err("updating a finding"))?;
+        self.insert_sighting(tx, id, &f)?;
         if reopen {
             // Seen after "resolved" means the key is still in use: the
             // rotation did not happen or did not reach this job.
@@ -294,14 +375,145 @@ impl FindingStore {
         Ok(Recorded { id: FindingId(id), new: false, count: u64::try_from(count).unwrap_or(0) })
     }
 
-    /// One finding with its history.
+    fn insert_sighting(&self, tx: &Transaction<'_>, id: i64, f: &Sanitized) -> Result<(), FindingsError> {
+        tx.prepare_cached(
+            "INSERT INTO sightings (finding_id, seen_at, identity, job, pid, uid, exe, comm, cgroup, container, \
+             command, script, dest_host, dest_port, location, action, allowed_by, session_id) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+        )
+        .and_then(|mut st| {
+            st.execute(params![
+                id,
+                f.seen,
+                f.identity,
+                f.job,
+                f.pid,
+                f.uid,
+                f.exe,
+                f.comm,
+                f.cgroup,
+                f.container,
+                f.command,
+                f.script,
+                f.dest_host,
+                f.dest_port,
+                f.location,
+                f.action.as_str(),
+                f.allowed_by,
+                f.session_id,
+            ])
+        })
+        .map_err(self.err("recording a sighting"))?;
+        Ok(())
+    }
+
+    /// One finding with its history and every sighting. A finding folded
+    /// into another by the one-finding-per-key migration is returned with
+    /// `merged_into` set and the sightings of the one it was folded into.
     pub fn get(&self, id: FindingId) -> Result<Option<Finding>, FindingsError> {
         let raw = self
             .conn
             .prepare_cached(&format!("SELECT {FINDING_COLUMNS} FROM findings WHERE id = ?1"))
             .and_then(|mut st| st.query_row([id.0], RawFinding::from_row).optional())
             .map_err(self.err("reading a finding"))?;
-        raw.map(|raw| self.complete(raw)).transpose()
+        let Some(raw) = raw else { return Ok(None) };
+        let owner = raw.merged_into.unwrap_or(raw.id);
+        let mut finding = self.complete(raw)?;
+        finding.sightings = self.sightings(FindingId(owner))?;
+        Ok(Some(finding))
+    }
+
+    /// Every sighting of finding `id`, oldest first.
+    pub fn sightings(&self, id: FindingId) -> Result<Vec<Sighting>, FindingsError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT seen_at, identity, job, pid, uid, exe, comm, cgroup, container, command, script, \
+                 dest_host, dest_port, location, action, allowed_by, session_id \
+                 FROM sightings WHERE finding_id = ?1 ORDER BY seen_at, id",
+            )
+            .and_then(|mut st| {
+                st.query_map([id.0], |r| {
+                    Ok(RawSighting {
+                        seen_at: r.get(0)?,
+                        identity: r.get(1)?,
+                        job: r.get(2)?,
+                        pid: r.get(3)?,
+                        uid: r.get(4)?,
+                        exe: r.get(5)?,
+                        comm: r.get(6)?,
+                        cgroup: r.get(7)?,
+                        container: r.get(8)?,
+                        command: r.get(9)?,
+                        script: r.get(10)?,
+                        dest_host: r.get(11)?,
+                        dest_port: r.get(12)?,
+                        location: r.get(13)?,
+                        action: r.get(14)?,
+                        allowed_by: r.get(15)?,
+                        session_id: r.get(16)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(self.err("reading sightings"))?;
+        rows.into_iter()
+            .map(|r| {
+                let bad = |field: &'static str| move |reason: String| self.bad_row(id, field, reason);
+                Ok(Sighting {
+                    seen_at: from_nanos(r.seen_at).map_err(bad("sighting time"))?,
+                    identity: r.identity,
+                    process: ProcessSnapshot {
+                        pid: u32::try_from(r.pid).map_err(|e| bad("sighting pid")(e.to_string()))?,
+                        uid: u32::try_from(r.uid).map_err(|e| bad("sighting uid")(e.to_string()))?,
+                        exe: r.exe,
+                        comm: r.comm,
+                        cgroup: r.cgroup,
+                        container: r
+                            .container
+                            .as_deref()
+                            .map(serde_json::from_str)
+                            .transpose()
+                            .map_err(|e| bad("sighting container")(e.to_string()))?,
+                        gid: None,
+                        job: serde_json::from_str(&r.job).map_err(|e| bad("sighting job")(e.to_string()))?,
+                    },
+                    command: r.command,
+                    script: r.script,
+                    dest_host: r.dest_host,
+                    dest_port: u16::try_from(r.dest_port).map_err(|e| bad("sighting port")(e.to_string()))?,
+                    location: r.location,
+                    action: r.action.parse().map_err(bad("sighting action"))?,
+                    allowed_by: r.allowed_by,
+                    session_id: r.session_id,
+                })
+            })
+            .collect()
+    }
+
+    /// Ids of the findings with a sighting in recorded session `session_id`.
+    pub fn findings_of_session(&self, session_id: &str) -> Result<Vec<FindingId>, FindingsError> {
+        self.conn
+            .prepare_cached("SELECT DISTINCT finding_id FROM sightings WHERE session_id = ?1 ORDER BY finding_id")
+            .and_then(|mut st| st.query_map([session_id], |r| r.get(0).map(FindingId))?.collect())
+            .map_err(self.err("reading sightings"))
+    }
+
+    /// Session ids of finding `id`'s sightings, oldest first, each once.
+    pub fn sessions_of(&self, id: FindingId) -> Result<Vec<String>, FindingsError> {
+        let owner: Option<i64> = self
+            .conn
+            .query_row("SELECT ifnull(merged_into, id) FROM findings WHERE id = ?1", [id.0], |r| r.get(0))
+            .optional()
+            .map_err(self.err("reading a finding"))?;
+        let Some(owner) = owner else { return Err(FindingsError::NotFound(id)) };
+        self.conn
+            .prepare_cached(
+                "SELECT session_id FROM sightings WHERE finding_id = ?1 AND session_id IS NOT NULL \
+                 GROUP BY session_id ORDER BY min(seen_at)",
+            )
+            .and_then(|mut st| st.query_map([owner], |r| r.get(0))?.collect())
+            .map_err(self.err("reading sightings"))
     }
 
     /// Findings matching `filter`, most recently seen first.
@@ -317,15 +529,42 @@ impl FindingStore {
             args.push(Value::Text(rule.clone()));
             clauses.push(format!("rule_id GLOB ?{}", args.len()));
         }
+        // Sighting-level filters match any sighting, not only the latest.
         if let Some(host) = &filter.host {
             args.push(Value::Text(normalize_host(host)));
-            clauses.push(format!("dest_host GLOB ?{}", args.len()));
+            clauses.push(format!(
+                "EXISTS (SELECT 1 FROM sightings s WHERE s.finding_id = findings.id AND s.dest_host GLOB ?{})",
+                args.len()
+            ));
+        }
+        if let Some(fingerprint) = &filter.fingerprint {
+            args.push(Value::Text(fingerprint.clone()));
+            clauses.push(format!("fingerprint = ?{}", args.len()));
+        }
+        if let Some(identity) = &filter.identity {
+            args.push(Value::Text(identity.clone()));
+            clauses.push(format!(
+                "EXISTS (SELECT 1 FROM sightings s WHERE s.finding_id = findings.id AND s.identity GLOB ?{})",
+                args.len()
+            ));
+        }
+        if let Some(project) = &filter.project {
+            args.push(Value::Text(project.clone()));
+            let n = args.len();
+            let vars = super::model::PROJECT_VARIABLES
+                .iter()
+                .map(|v| format!("json_extract(s.job, '$.{v}') GLOB ?{n}"))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            clauses.push(format!("EXISTS (SELECT 1 FROM sightings s WHERE s.finding_id = findings.id AND ({vars}))"));
         }
         if let Some(since) = filter.since {
             args.push(Value::Integer(nanos_saturating(since)));
             clauses.push(format!("last_seen >= ?{}", args.len()));
         }
-        let wher = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+        // Folded findings are listed through the finding they were folded into.
+        clauses.push("merged_into IS NULL".to_owned());
+        let wher = format!("WHERE {}", clauses.join(" AND "));
         let sql = format!("SELECT {FINDING_COLUMNS} FROM findings {wher} ORDER BY last_seen DESC, id DESC");
         let raws = self
             .conn
@@ -364,10 +603,199 @@ impl FindingStore {
         self.get(id)?.ok_or(FindingsError::NotFound(id))
     }
 
+    /// Accepts the risk of finding `id`'s key in `scope` until `expires_at`
+    /// (`None`: until revoked) on behalf of reviewer `by`: the gate stops
+    /// blocking it there. The decision is recorded in the finding's history.
+    pub fn allow(
+        &self,
+        id: FindingId,
+        scope: &Scope,
+        expires_at: Option<OffsetDateTime>,
+        reason: &str,
+        by: &str,
+    ) -> Result<AllowEntry, FindingsError> {
+        let by = by.trim();
+        if by.is_empty() {
+            return Err(FindingsError::MissingReviewer);
+        }
+        if reason.trim().is_empty() {
+            return Err(FindingsError::InvalidFinding("an allowlist entry needs a reason".into()));
+        }
+        let now = OffsetDateTime::now_utc();
+        if expires_at.is_some_and(|e| e <= now) {
+            return Err(FindingsError::InvalidFinding("the expiry is in the past".into()));
+        }
+        let tx = self.begin()?;
+        let row: Option<(i64, String, String)> = tx
+            .query_row(
+                "SELECT f.id, f.fingerprint, f.status FROM findings f \
+                 WHERE f.id = (SELECT ifnull(merged_into, id) FROM findings WHERE id = ?1)",
+                [id.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(self.err("reading a finding"))?;
+        let Some((owner, fingerprint, status)) = row else { return Err(FindingsError::NotFound(id)) };
+        let status = status.parse::<Status>().map_err(|reason| self.bad_row(id, "status", reason))?;
+        let reason = cap(reason.trim(), limits::LOCATION);
+        let by = cap(by, limits::IDENTITY);
+        let now_nanos = nanos_saturating(now);
+        tx.execute(
+            "INSERT INTO allowlist (finding_id, fingerprint, scope, scope_value, expires_at, reason, created_by, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                owner,
+                fingerprint,
+                scope.kind(),
+                scope.value().map(|v| cap(v, limits::IDENTITY)),
+                expires_at.map(nanos_saturating),
+                reason,
+                by,
+                now_nanos
+            ],
+        )
+        .map_err(self.err("adding an allowlist entry"))?;
+        let aid = AllowId(tx.last_insert_rowid());
+        let until = expires_at.map_or_else(|| "until revoked".to_owned(), |e| format!("until {}", rfc3339(e)));
+        insert_history(
+            &tx,
+            owner,
+            Some(status),
+            status,
+            &by,
+            now_nanos,
+            &format!("allowed {aid} {scope} {until}: {reason}"),
+        )
+        .map_err(self.err("recording history"))?;
+        tx.commit().map_err(self.err("committing an allowlist entry"))?;
+        self.allow_entry(aid)?.ok_or(FindingsError::InvalidFinding(format!("{aid} vanished")))
+    }
+
+    /// Revokes allowlist entry `aid` on behalf of `by`: blocking resumes.
+    pub fn revoke(&self, aid: AllowId, by: &str, comment: &str) -> Result<AllowEntry, FindingsError> {
+        let by = by.trim();
+        if by.is_empty() {
+            return Err(FindingsError::MissingReviewer);
+        }
+        let tx = self.begin()?;
+        let row: Option<(i64, String, Option<i64>)> = tx
+            .query_row(
+                "SELECT a.finding_id, f.status, a.revoked_at FROM allowlist a JOIN findings f ON f.id = a.finding_id \
+                 WHERE a.id = ?1",
+                [aid.0],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(self.err("reading the allowlist"))?;
+        let Some((finding, status, revoked)) = row else { return Err(FindingsError::NoSuchAllowEntry(aid)) };
+        if revoked.is_some() {
+            return Err(FindingsError::NoSuchAllowEntry(aid));
+        }
+        let status = status.parse::<Status>().map_err(|reason| self.bad_row(FindingId(finding), "status", reason))?;
+        let now = nanos_saturating(OffsetDateTime::now_utc());
+        let by = cap(by, limits::IDENTITY);
+        tx.execute("UPDATE allowlist SET revoked_by = ?2, revoked_at = ?3 WHERE id = ?1", params![aid.0, by, now])
+            .map_err(self.err("revoking an allowlist entry"))?;
+        insert_history(&tx, finding, Some(status), status, &by, now, &format!("revoked {aid}: {}", comment.trim()))
+            .map_err(self.err("recording history"))?;
+        tx.commit().map_err(self.err("committing a revocation"))?;
+        self.allow_entry(aid)?.ok_or(FindingsError::NoSuchAllowEntry(aid))
+    }
+
+    fn allow_entry(&self, aid: AllowId) -> Result<Option<AllowEntry>, FindingsError> {
+        Ok(self.allow_entries(Some(aid))?.into_iter().next())
+    }
+
+    /// Every allowlist entry, newest first (active, expired and revoked).
+    pub fn allowlist(&self) -> Result<Vec<AllowEntry>, FindingsError> {
+        self.allow_entries(None)
+    }
+
+    fn allow_entries(&self, only: Option<AllowId>) -> Result<Vec<AllowEntry>, FindingsError> {
+        type Row =
+            (i64, i64, String, String, Option<String>, Option<i64>, String, String, i64, Option<String>, Option<i64>);
+        let rows: Vec<Row> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, finding_id, fingerprint, scope, scope_value, expires_at, reason, created_by, created_at, \
+                 revoked_by, revoked_at FROM allowlist WHERE ?1 IS NULL OR id = ?1 ORDER BY id DESC",
+            )
+            .and_then(|mut st| {
+                st.query_map([only.map(|a| a.0)], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                        r.get(10)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(self.err("reading the allowlist"))?;
+        rows.into_iter()
+            .map(|(id, finding, fingerprint, scope, value, expires, reason, by, at, revoked_by, revoked_at)| {
+                let bad = |field: &'static str| move |reason: String| self.bad_row(FindingId(finding), field, reason);
+                Ok(AllowEntry {
+                    id: AllowId(id),
+                    finding: FindingId(finding),
+                    fingerprint,
+                    scope: Scope::from_parts(&scope, value).map_err(bad("allowlist scope"))?,
+                    expires_at: expires.map(from_nanos).transpose().map_err(bad("allowlist expiry"))?,
+                    reason,
+                    created_by: by,
+                    created_at: from_nanos(at).map_err(bad("allowlist time"))?,
+                    revoked_by,
+                    revoked_at: revoked_at.map(from_nanos).transpose().map_err(bad("allowlist revocation"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The waivers in force at `now`: active allowlist entries and the keys
+    /// of false-positive findings.
+    pub fn waivers(&self, now: OffsetDateTime) -> Result<Waivers, FindingsError> {
+        let mut waivers = Waivers::default();
+        let active = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM allowlist WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?1)",
+            )
+            .and_then(|mut st| {
+                st.query_map([nanos_saturating(now)], |r| r.get(0).map(AllowId))?.collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(self.err("reading the allowlist"))?;
+        for aid in active {
+            if let Some(entry) = self.allow_entry(aid)? {
+                waivers.add_entry(&entry, now);
+            }
+        }
+        let false_positives: Vec<(i64, String)> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, fingerprint FROM findings WHERE status = 'false_positive' AND merged_into IS NULL",
+            )
+            .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+            .map_err(self.err("reading false positives"))?;
+        for (id, fingerprint) in false_positives {
+            waivers.add_false_positive(FindingId(id), &fingerprint);
+        }
+        Ok(waivers)
+    }
+
     /// Writes every finding (ordered by id) in `format`.
     pub fn export(&self, format: ExportFormat, out: &mut dyn std::io::Write) -> Result<(), FindingsError> {
         let mut findings = self.list(&ListFilter::default())?;
         findings.sort_by_key(|f| f.id);
+        for f in &mut findings {
+            f.sightings = self.sightings(f.id)?;
+        }
         export::write(format, &findings, out).map_err(|source| FindingsError::Export { format, source })
     }
 
@@ -462,6 +890,8 @@ impl FindingStore {
             action: raw.action.parse().map_err(|e| self.bad_row(id, "action", e))?,
             status: raw.status.parse().map_err(|e| self.bad_row(id, "status", e))?,
             history,
+            merged_into: raw.merged_into.map(FindingId),
+            sightings: Vec::new(),
         })
     }
 
@@ -530,6 +960,7 @@ struct RawFinding {
     action: String,
     status: String,
     container: Option<String>,
+    merged_into: Option<i64>,
 }
 
 impl RawFinding {
@@ -556,8 +987,30 @@ impl RawFinding {
             action: r.get(18)?,
             status: r.get(19)?,
             container: r.get(20)?,
+            merged_into: r.get(21)?,
         })
     }
+}
+
+/// A row of `sightings` before validation.
+struct RawSighting {
+    seen_at: i64,
+    identity: Option<String>,
+    job: String,
+    pid: i64,
+    uid: i64,
+    exe: Option<String>,
+    comm: String,
+    cgroup: Option<String>,
+    container: Option<String>,
+    command: Option<String>,
+    script: Option<String>,
+    dest_host: String,
+    dest_port: i64,
+    location: String,
+    action: String,
+    allowed_by: Option<String>,
+    session_id: Option<String>,
 }
 
 /// A [`NewFinding`] checked, bounded and normalized for storage.
@@ -580,6 +1033,10 @@ struct Sanitized {
     seen: i64,
     /// JSON of the sender's container.
     container: Option<String>,
+    command: Option<String>,
+    script: Option<String>,
+    allowed_by: Option<String>,
+    session_id: Option<String>,
 }
 
 impl Sanitized {
@@ -641,6 +1098,10 @@ impl Sanitized {
                 // Strings and an enum: always serializes.
                 serde_json::to_string(&c).unwrap_or_default()
             }),
+            command: f.command.as_deref().map(|c| cap(c, limits::COMMAND)),
+            script: f.script.as_deref().map(|c| cap(c, limits::PATH)),
+            allowed_by: f.allowed_by.as_deref().map(|c| cap(c, limits::RULE_ID)),
+            session_id: f.session_id.as_deref().map(|c| cap(c, limits::RULE_ID)),
         })
     }
 }
@@ -648,6 +1109,10 @@ impl Sanitized {
 /// Host names compare case-insensitively and without the root dot.
 fn normalize_host(host: &str) -> String {
     host.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 fn nanos_saturating(t: OffsetDateTime) -> i64 {

@@ -372,6 +372,32 @@ impl SessionOutcome {
     }
 }
 
+impl SessionOutcome {
+    /// Every outcome.
+    pub const ALL: [SessionOutcome; 7] = [
+        SessionOutcome::Closed,
+        SessionOutcome::Unattributed,
+        SessionOutcome::UpstreamFailed,
+        SessionOutcome::Error,
+        SessionOutcome::Blocked,
+        SessionOutcome::Refused,
+        SessionOutcome::Dropped,
+    ];
+}
+
+impl std::str::FromStr for SessionOutcome {
+    type Err = String;
+
+    /// The stored names (`upstream-failed` also accepted).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let wanted = s.replace('-', "_");
+        SessionOutcome::ALL.into_iter().find(|o| o.as_str() == wanted).ok_or_else(|| {
+            let names: Vec<&str> = SessionOutcome::ALL.iter().map(|o| o.as_str()).collect();
+            format!("`{s}` is not a session outcome ({})", names.join(", "))
+        })
+    }
+}
+
 impl std::fmt::Display for SessionOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -559,6 +585,12 @@ pub struct SessionFilter {
     pub since: Option<OffsetDateTime>,
     /// At most this many (the newest).
     pub limit: Option<usize>,
+    /// Only sessions to hosts matching this glob (case-insensitive).
+    pub host: Option<String>,
+    /// Only sessions that ended this way.
+    pub outcome: Option<SessionOutcome>,
+    /// Only these sessions (those of a finding's sightings).
+    pub ids: Option<Vec<String>>,
 }
 
 /// Unix nanoseconds of `t`, saturating outside 1677..2262.

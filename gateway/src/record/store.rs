@@ -327,6 +327,22 @@ impl SessionStore {
             args.push(Value::Integer(i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })));
             clauses.push(format!("started >= ?{}", args.len()));
         }
+        if let Some(host) = &filter.host {
+            args.push(Value::Text(host.trim_end_matches('.').to_ascii_lowercase()));
+            clauses.push(format!("lower(host) GLOB ?{}", args.len()));
+        }
+        if let Some(outcome) = filter.outcome {
+            args.push(Value::Text(outcome.as_str().to_owned()));
+            clauses.push(format!("outcome = ?{}", args.len()));
+        }
+        if let Some(ids) = &filter.ids {
+            let mut marks = Vec::with_capacity(ids.len());
+            for id in ids {
+                args.push(Value::Text(id.clone()));
+                marks.push(format!("?{}", args.len()));
+            }
+            clauses.push(if marks.is_empty() { "0".to_owned() } else { format!("id IN ({})", marks.join(", ")) });
+        }
         let wher = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
         let limit = filter.limit.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX));
         args.push(Value::Integer(limit));

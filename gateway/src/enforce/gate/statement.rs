@@ -309,6 +309,8 @@ defaults: { action: allow, record: none }
             fingerprint_key: Arc::new(FingerprintKey::load_or_create(dir).expect("key")),
             findings: FindingsHandle::open(&dir.join("findings.db")).expect("findings"),
             actions: FindingsConfig::default(),
+            waivers: Default::default(),
+            notifier: Default::default(),
             body_limits: BodyLimits::from_config(&DetectConfig::default()),
             credentials: Arc::new(CredentialStore::load(Vec::new()).expect("credentials")),
             minter: None,

@@ -35,6 +35,10 @@ fn finding(fp: &str, exe: Option<&str>, host: &str, port: u16, at: OffsetDateTim
         identity: None,
         action: Action::Block,
         seen_at: at,
+        session_id: None,
+        command: None,
+        script: None,
+        allowed_by: None,
     }
 }
 
@@ -49,7 +53,7 @@ fn temp_store() -> (tempfile::TempDir, FindingStore) {
 }
 
 #[test]
-fn dedup_by_fingerprint_exe_and_destination() {
+fn one_finding_per_key_and_rule_with_every_sighting() {
     let (_dir, store) = temp_store();
     let first = store.record(&simple("fp1")).unwrap();
     assert_eq!(first, Recorded { id: first.id, new: true, count: 1 });
@@ -73,18 +77,137 @@ fn dedup_by_fingerprint_exe_and_destination() {
     assert_eq!(f.dest_host, "api.openai.com");
     assert_eq!(f.status, Status::Open);
 
-    // Another executable, port, host or key: another finding.
-    let other_exe = store.record(&finding("fp1", Some("/usr/bin/python3"), "api.openai.com", 443, T0)).unwrap();
-    assert!(other_exe.new);
-    assert_ne!(other_exe.id, first.id);
-    assert!(store.record(&finding("fp1", Some("/usr/bin/curl"), "api.openai.com", 8443, T0)).unwrap().new);
-    assert!(store.record(&finding("fp1", Some("/usr/bin/curl"), "example.com", 443, T0)).unwrap().new);
+    // Another executable, port or host: the same key, the same finding,
+    // one more sighting. Another key or rule: another finding.
+    let mut python = finding("fp1", Some("/usr/bin/python3.11"), "example.com", 8443, T0 + Duration::minutes(9));
+    python.process.job.insert("CI_PROJECT_PATH".into(), "other/proj".into());
+    python.identity = Some("spiffe://ci/other".into());
+    python.command = Some("python3.11 tools/deploy.py".into());
+    python.script = Some("/builds/other/proj/tools/deploy.py".into());
+    python.session_id = Some("s-42".into());
+    assert_eq!(store.record(&python).unwrap(), Recorded { id: first.id, new: false, count: 3 });
+    assert!(store.record(&finding("fp1", None, "api.openai.com", 443, T0)).is_ok_and(|r| !r.new));
     assert!(store.record(&simple("fp2")).unwrap().new);
-    // An unknown executable dedups with other unknown ones.
-    assert!(store.record(&finding("fp1", None, "api.openai.com", 443, T0)).unwrap().new);
-    assert_eq!(store.record(&finding("fp1", None, "api.openai.com", 443, T0)).unwrap().count, 2);
-    assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 6);
-    assert_eq!(store.get(first.id).unwrap().unwrap().count, 2);
+    let other_rule = NewFinding { rule_id: "generic-bearer".into(), ..simple("fp1") };
+    assert!(store.record(&other_rule).unwrap().new);
+    assert_eq!(store.list(&ListFilter::default()).unwrap().len(), 3);
+
+    let f = store.get(first.id).unwrap().unwrap();
+    assert_eq!(f.count, 4);
+    assert_eq!(f.sightings.len(), 4, "every sighting is kept");
+    let times: Vec<_> = f.sightings.iter().map(|x| x.seen_at).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "timeline in time order: {times:?}");
+    let last = f.sightings.last().unwrap();
+    assert_eq!(last.process.exe.as_deref(), Some("/usr/bin/python3.11"));
+    assert_eq!((last.dest_host.as_str(), last.dest_port), ("example.com", 8443));
+    assert_eq!(last.project(), Some("other/proj"));
+    assert_eq!(last.script.as_deref(), Some("/builds/other/proj/tools/deploy.py"));
+    assert_eq!(last.command.as_deref(), Some("python3.11 tools/deploy.py"));
+    assert_eq!(last.session_id.as_deref(), Some("s-42"));
+    assert_eq!(store.sessions_of(first.id).unwrap(), ["s-42"]);
+    assert_eq!(store.findings_of_session("s-42").unwrap(), [first.id]);
+    assert!(
+        f.sightings.iter().any(|x| x.action == Action::Flag && x.location == "query:key" && x.process.pid == 999),
+        "{:?}",
+        f.sightings
+    );
+
+    // Filters look at every sighting, not only the latest.
+    let ids = |filter: ListFilter| store.list(&filter).unwrap().into_iter().map(|f| f.id).collect::<Vec<_>>();
+    assert_eq!(ids(ListFilter { project: Some("grp/*".into()), ..Default::default() }).len(), 3);
+    assert_eq!(ids(ListFilter { project: Some("other/*".into()), ..Default::default() }), [first.id]);
+    assert_eq!(ids(ListFilter { identity: Some("spiffe://ci/*".into()), ..Default::default() }), [first.id]);
+    assert_eq!(ids(ListFilter { host: Some("example.com".into()), ..Default::default() }), [first.id]);
+    assert_eq!(ids(ListFilter { fingerprint: Some("fp2".into()), ..Default::default() }).len(), 1);
+    assert_eq!(ids(ListFilter { fingerprint: Some("fp1".into()), ..Default::default() }).len(), 2);
+}
+
+#[test]
+fn allowlist_entries_and_false_positives_become_waivers() {
+    let (_dir, store) = temp_store();
+    let a = store.record(&simple("fp-a")).unwrap().id;
+    let b = store.record(&simple("fp-b")).unwrap().id;
+    let now = OffsetDateTime::now_utc();
+    assert!(store.waivers(now).unwrap().is_empty());
+
+    let scope: crate::findings::Scope = "destination=api.openai.com".parse().unwrap();
+    let entry = store.allow(a, &scope, Some(now + Duration::minutes(10)), "vendor sandbox key", "alice").unwrap();
+    assert_eq!(entry.finding, a);
+    assert!(store.allow(a, &scope, Some(now - Duration::minutes(1)), "r", "alice").is_err(), "past expiry");
+    assert!(store.allow(a, &scope, None, " ", "alice").is_err(), "a reason is required");
+    assert!(matches!(store.allow(FindingId(99), &scope, None, "r", "alice"), Err(FindingsError::NotFound(_))));
+    store.set_status(b, Status::FalsePositive, "bob", "docs example").unwrap();
+
+    let w = store.waivers(now).unwrap();
+    assert_eq!(w.waiver("fp-a", "api.openai.com", None, now), Some(entry.id.to_string().as_str()));
+    assert_eq!(w.waiver("fp-a", "example.com", None, now), None, "out of scope");
+    assert_eq!(w.waiver("fp-a", "api.openai.com", None, now + Duration::minutes(11)), None, "expired");
+    assert!(w.waiver("fp-b", "anywhere", None, now).is_some_and(|by| by.contains("false positive")));
+    assert!(store.waivers(now + Duration::minutes(11)).unwrap().waiver("fp-a", "api.openai.com", None, now).is_none());
+
+    // Audited in the finding's history; listed; revocable once.
+    let history = store.get(a).unwrap().unwrap().history;
+    let last = history.last().unwrap();
+    assert_eq!((last.by.as_str(), last.from, last.to), ("alice", Some(Status::Open), Status::Open));
+    assert!(last.comment.contains(&entry.id.to_string()) && last.comment.contains("vendor sandbox key"), "{last:?}");
+    assert_eq!(store.allowlist().unwrap(), std::slice::from_ref(&entry));
+    let revoked = store.revoke(entry.id, "carol", "no longer needed").unwrap();
+    assert_eq!(revoked.revoked_by.as_deref(), Some("carol"));
+    assert!(matches!(store.revoke(entry.id, "carol", "again"), Err(FindingsError::NoSuchAllowEntry(_))));
+    assert_eq!(store.waivers(now).unwrap().waiver("fp-a", "api.openai.com", None, now), None);
+    // Reopening a false positive restores blocking.
+    store.set_status(b, Status::Open, "bob", "real after all").unwrap();
+    assert!(store.waivers(now).unwrap().is_empty());
+}
+
+#[test]
+fn a_database_with_split_findings_is_folded_per_key_and_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.db");
+    {
+        // The schema before one finding per key: (key, exe, destination) dedup.
+        let conn = crate::sqlite::open_private(&path, std::time::Duration::from_secs(1)).unwrap();
+        crate::sqlite::migrate(&conn, &MIGRATIONS[..2]).unwrap();
+        let insert = |fp: &str, exe: &str, host: &str, first: i64, last: i64, count: i64, status: &str| {
+            conn.execute(
+                "INSERT INTO findings (rule_id, confidence, fingerprint, preview, location, dest_host, dest_port, \
+                 pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status) \
+                 VALUES ('openai-api-key', 'high', ?1, 'sk-…', 'header:authorization', ?2, 443, 7, 1000, ?3, 'c', \
+                 NULL, '{\"CI_PROJECT_PATH\":\"g/p\"}', NULL, ?4, ?5, ?6, 'block', ?7)",
+                rusqlite::params![fp, host, exe, first, last, count, status],
+            )
+            .unwrap();
+            let id = conn.last_insert_rowid();
+            conn.execute(
+                "INSERT INTO status_history (finding_id, from_status, to_status, changed_by, changed_at, comment) \
+                 VALUES (?1, NULL, 'open', 'gateway', ?2, 'first seen')",
+                rusqlite::params![id, first],
+            )
+            .unwrap();
+            id
+        };
+        assert_eq!(insert("fp", "/usr/bin/curl", "api.openai.com", 10, 20, 3, "acknowledged"), 1);
+        assert_eq!(insert("fp", "/usr/bin/python3", "api.openai.com", 5, 30, 2, "open"), 2);
+        assert_eq!(insert("fp", "/usr/bin/curl", "example.com", 15, 25, 1, "open"), 3);
+        assert_eq!(insert("other", "/usr/bin/curl", "example.com", 1, 1, 1, "open"), 4);
+    }
+    let store = FindingStore::open(&path).unwrap();
+    let listed = store.list(&ListFilter::default()).unwrap();
+    assert_eq!(listed.iter().map(|f| f.id.0).collect::<Vec<_>>(), [1, 4], "one finding per key and rule");
+    let f = store.get(FindingId(1)).unwrap().unwrap();
+    assert_eq!((f.count, f.status), (6, Status::Acknowledged), "counts add up; the oldest id's review stands");
+    assert_eq!((f.first_seen, f.last_seen), (from_nanos(5).unwrap(), from_nanos(30).unwrap()));
+    let exes: BTreeSet<_> = f.sightings.iter().filter_map(|x| x.process.exe.clone()).collect();
+    assert_eq!(exes.len(), 2, "the old findings' latest sightings: {:?}", f.sightings);
+    assert_eq!(f.sightings.len(), 3);
+    // The folded ids still answer, pointing at the finding they joined.
+    let folded = store.get(FindingId(2)).unwrap().unwrap();
+    assert_eq!(folded.merged_into, Some(FindingId(1)));
+    assert_eq!(folded.sightings.len(), 3);
+    assert!(folded.history.last().unwrap().comment.contains("merged into F-1"));
+    // New sightings of the key land on the surviving finding.
+    let r = store.record(&NewFinding { rule_id: "openai-api-key".into(), ..simple("fp") }).unwrap();
+    assert_eq!((r.id, r.new, r.count), (FindingId(1), false, 7));
 }
 
 #[test]
@@ -198,7 +321,8 @@ fn list_filters_and_order() {
             status: Some(Status::Open),
             host: Some("*.internal".into()),
             since: Some(T0),
-            rule: Some("*".into())
+            rule: Some("*".into()),
+            ..Default::default()
         }),
         vec![a]
     );
@@ -305,6 +429,27 @@ fn export_sarif() {
     assert_eq!(results[1]["suppressions"][0]["kind"], "external");
     assert_eq!(results[1]["suppressions"][0]["justification"], "docs example (alice)");
     assert_eq!(results[1]["level"], "note");
+    assert_eq!(results[0]["properties"]["project"], "grp/proj");
+    assert_eq!(results[0]["properties"]["sightings"], 1);
+}
+
+#[test]
+fn sarif_places_a_finding_at_its_script_in_the_checkout() {
+    let (_dir, store) = temp_store();
+    let mut f = simple("fp-s");
+    f.process.job.insert("CI_PROJECT_DIR".into(), "/builds/grp/proj".into());
+    f.script = Some("/builds/grp/proj/tools/deploy.py".into());
+    store.record(&f).unwrap();
+    let mut other = simple("fp-t");
+    other.script = Some("/opt/elsewhere/run.py".into());
+    store.record(&other).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&export_to_string(&store, ExportFormat::Sarif)).unwrap();
+    let results = v["runs"][0]["results"].as_array().unwrap();
+    let artifact = &results[0]["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert_eq!((artifact["uri"].as_str(), artifact["uriBaseId"].as_str()), (Some("tools/deploy.py"), Some("SRCROOT")));
+    let artifact = &results[1]["locations"][0]["physicalLocation"]["artifactLocation"];
+    assert_eq!(artifact["uri"], "file:///opt/elsewhere/run.py");
+    assert_eq!(results[0]["properties"]["job"]["CI_JOB_ID"], "17");
 }
 
 #[test]
@@ -524,7 +669,16 @@ fn no_column_can_hold_a_raw_key() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(tables, BTreeSet::from(["findings".into(), "status_history".into(), "sqlite_sequence".into()]));
+    assert_eq!(
+        tables,
+        BTreeSet::from([
+            "findings".into(),
+            "status_history".into(),
+            "sqlite_sequence".into(),
+            "sightings".into(),
+            "allowlist".into()
+        ])
+    );
     let columns = |table: &str| -> Vec<String> {
         store
             .conn
@@ -561,14 +715,56 @@ fn no_column_can_hold_a_raw_key() {
             "count",
             "action",
             "status",
-            "container"
+            "container",
+            "merged_into"
+        ]
+    );
+    // `command` is masked (findings::origin) before it is stored.
+    assert_eq!(
+        columns("sightings"),
+        [
+            "id",
+            "finding_id",
+            "seen_at",
+            "identity",
+            "job",
+            "pid",
+            "uid",
+            "exe",
+            "comm",
+            "cgroup",
+            "container",
+            "command",
+            "script",
+            "dest_host",
+            "dest_port",
+            "location",
+            "action",
+            "allowed_by",
+            "session_id"
+        ]
+    );
+    assert_eq!(
+        columns("allowlist"),
+        [
+            "id",
+            "finding_id",
+            "fingerprint",
+            "scope",
+            "scope_value",
+            "expires_at",
+            "reason",
+            "created_by",
+            "created_at",
+            "revoked_by",
+            "revoked_at"
         ]
     );
     assert_eq!(
         columns("status_history"),
         ["id", "finding_id", "from_status", "to_status", "changed_by", "changed_at", "comment"]
     );
-    for c in columns("findings").iter().chain(&columns("status_history")) {
+    for c in columns("findings").iter().chain(&columns("status_history")).chain(&columns("sightings")) {
         for word in ["key", "secret", "token", "raw", "value", "credential"] {
             assert!(!c.contains(word), "column {c}");
         }
@@ -648,7 +844,7 @@ fn newer_schema_is_refused_and_reopen_keeps_data() {
     store.conn.pragma_update(None, "user_version", 99).unwrap();
     drop(store);
     let e = FindingStore::open(&path).unwrap_err();
-    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 2, .. }), "{e:?}");
+    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 3, .. }), "{e:?}");
 }
 
 #[test]

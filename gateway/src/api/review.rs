@@ -1,0 +1,345 @@
+//! The reviewers' API, on a unix socket of its own (`findings.review_socket`),
+//! where the kernel tells who is calling (peer credentials).
+//!
+//! Who can connect is the socket's file mode (0660) and group
+//! (`findings.reviewers_group`, `reviewers` by default), so reviewers need
+//! neither root nor access to the database file. Every decision (status
+//! change, allowlist entry, revocation) is recorded under the caller's user
+//! name as the kernel reports its uid; only root may record one under
+//! another name. Decisions take effect in the gate at once: the waivers are
+//! reloaded before the answer is sent.
+
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    extract::{rejection::JsonRejection, ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::admin::{error, AdminListener, Peer};
+use crate::findings::{
+    AllowId, FindingEvent, FindingId, FindingStore, FindingsError, ListFilter, Notifier, Scope, Status, WaiverSet,
+};
+
+/// Decisions are a few short strings.
+const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Clone)]
+struct Review {
+    store: Arc<Mutex<FindingStore>>,
+    waivers: WaiverSet,
+    notifier: Notifier,
+    group: Option<String>,
+}
+
+/// Serves the reviewers' API on `listener` (bound with [`super::bind_admin`]
+/// and group `group`) until `shutdown` fires, then removes the socket file.
+/// Decisions are announced through `notifier`.
+pub async fn serve_review(
+    listener: AdminListener,
+    store: FindingStore,
+    waivers: WaiverSet,
+    notifier: Notifier,
+    group: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let path = listener.path().to_owned();
+    let app = router(Review { store: Arc::new(Mutex::new(store)), waivers, notifier, group });
+    tracing::info!(path = %path.display(), "reviewers' API listening");
+    let served = axum::serve(listener.into_inner(), app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, path = %path.display(), "reviewers' API stopped");
+    }
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::debug!(error = %e, path = %path.display(), "review socket not removed");
+    }
+}
+
+fn router(review: Review) -> Router {
+    Router::new()
+        .route("/v1/findings", get(list))
+        .route("/v1/findings/{id}", get(show))
+        .route("/v1/findings/{id}/status", post(set_status))
+        .route("/v1/findings/{id}/allow", post(allow))
+        .route("/v1/allowlist", get(allowlist))
+        .route("/v1/allowlist/{id}/revoke", post(revoke))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(review)
+}
+
+/// The caller's user name, if it is root or a member of the reviewers'
+/// group (the socket's mode already keeps others out; this holds if the
+/// file's mode or group is ever changed by hand).
+fn reviewer(review: &Review, peer: Peer) -> Result<(u32, String), Refused> {
+    let Some(uid) = peer.uid else {
+        return Err((StatusCode::FORBIDDEN, "the caller's credentials are unknown".into()));
+    };
+    let user = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+    let name = user.as_ref().map_or_else(|| format!("uid {uid}"), |u| u.name.clone());
+    if uid == 0 {
+        return Ok((uid, name));
+    }
+    let member = review.group.as_deref().is_some_and(|g| {
+        nix::unistd::Group::from_name(g)
+            .ok()
+            .flatten()
+            .is_some_and(|group| group.mem.contains(&name) || user.as_ref().is_some_and(|u| u.gid == group.gid))
+    });
+    if member {
+        Ok((uid, name))
+    } else {
+        Err((StatusCode::FORBIDDEN, format!("{name} is not root nor in the reviewers' group")))
+    }
+}
+
+/// A refusal: its status and message.
+type Refused = (StatusCode, String);
+
+/// The name a decision is recorded under: the caller's, or `by` for root.
+fn decided_by(uid: u32, name: String, by: Option<String>) -> Result<String, Refused> {
+    match by.map(|b| b.trim().to_owned()) {
+        None => Ok(name),
+        Some(b) if b == name => Ok(name),
+        Some(b) if uid == 0 && !b.is_empty() => Ok(b),
+        Some(b) => Err((StatusCode::FORBIDDEN, format!("you are {name}; only root may decide as {b}"))),
+    }
+}
+
+fn findings_error(e: &FindingsError) -> Response {
+    let status = match e {
+        FindingsError::NotFound(_) | FindingsError::NoSuchAllowEntry(_) => StatusCode::NOT_FOUND,
+        FindingsError::InvalidTransition { .. } => StatusCode::CONFLICT,
+        FindingsError::InvalidFinding(_) | FindingsError::MissingReviewer => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Runs `work` on the store on the blocking pool; after a decision
+/// (`refresh`), reloads the gate's waivers before answering.
+async fn with_store<T: serde::Serialize + Send + 'static>(
+    review: &Review,
+    refresh: bool,
+    work: impl FnOnce(&FindingStore) -> Result<T, FindingsError> + Send + 'static,
+) -> Response {
+    let store = review.store.clone();
+    let waivers = review.waivers.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let store = store.lock().map_err(|_| FindingsError::WriterStopped)?;
+        let answer = work(&store)?;
+        if refresh {
+            waivers.replace(store.waivers(OffsetDateTime::now_utc())?);
+        }
+        Ok::<_, FindingsError>(answer)
+    })
+    .await;
+    match done {
+        Ok(Ok(answer)) => Json(answer).into_response(),
+        Ok(Err(e)) => findings_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the store task failed: {e}")),
+    }
+}
+
+/// `GET /v1/findings` query: the filters of `gateway findings list`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    rule: Option<String>,
+    host: Option<String>,
+    fingerprint: Option<String>,
+    identity: Option<String>,
+    project: Option<String>,
+    /// RFC 3339.
+    since: Option<String>,
+}
+
+async fn list(
+    State(review): State<Review>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Err((status, message)) = reviewer(&review, peer) {
+        return error(status, message);
+    }
+    let status = match q.status.as_deref().map(str::parse::<Status>).transpose() {
+        Ok(s) => s,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let since = match q.since.as_deref().map(|s| {
+        OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|e| format!("since: {e}"))
+    }) {
+        Some(Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
+        Some(Ok(t)) => Some(t),
+        None => None,
+    };
+    let filter = ListFilter {
+        status,
+        rule: q.rule,
+        host: q.host,
+        since,
+        fingerprint: q.fingerprint,
+        identity: q.identity,
+        project: q.project,
+    };
+    with_store(&review, false, move |store| store.list(&filter)).await
+}
+
+async fn show(
+    State(review): State<Review>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(raw): UrlPath<String>,
+) -> Response {
+    if let Err((status, message)) = reviewer(&review, peer) {
+        return error(status, message);
+    }
+    let id = match raw.parse::<FindingId>() {
+        Ok(id) => id,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    with_store(&review, false, move |store| store.get(id)?.ok_or(FindingsError::NotFound(id))).await
+}
+
+/// Body of `POST /v1/findings/{id}/status`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusBody {
+    status: String,
+    comment: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn set_status(
+    State(review): State<Review>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(raw): UrlPath<String>,
+    body: Result<Json<StatusBody>, JsonRejection>,
+) -> Response {
+    let (uid, name) = match reviewer(&review, peer) {
+        Ok(who) => who,
+        Err((status, message)) => return error(status, message),
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (id, status) = match (raw.parse::<FindingId>(), body.status.parse::<Status>()) {
+        (Ok(id), Ok(status)) => (id, status),
+        (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let by = match decided_by(uid, name, body.by) {
+        Ok(by) => by,
+        Err((status, message)) => return error(status, message),
+    };
+    tracing::info!(target: "gateway::finding", finding = %id, %status, by, uid, "review decision");
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let finding = store.set_status(id, status, &by, &body.comment)?;
+        notifier.status(&finding);
+        Ok(finding)
+    })
+    .await
+}
+
+/// Body of `POST /v1/findings/{id}/allow`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowBody {
+    scope: String,
+    /// RFC 3339; absent: until revoked.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+    reason: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn allow(
+    State(review): State<Review>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(raw): UrlPath<String>,
+    body: Result<Json<AllowBody>, JsonRejection>,
+) -> Response {
+    let (uid, name) = match reviewer(&review, peer) {
+        Ok(who) => who,
+        Err((status, message)) => return error(status, message),
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let (id, scope) = match (raw.parse::<FindingId>(), body.scope.parse::<Scope>()) {
+        (Ok(id), Ok(scope)) => (id, scope),
+        (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let by = match decided_by(uid, name, body.by) {
+        Ok(by) => by,
+        Err((status, message)) => return error(status, message),
+    };
+    tracing::info!(target: "gateway::finding", finding = %id, %scope, by, uid, "allowlist entry");
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let entry = store.allow(id, &scope, body.expires_at, &body.reason, &by)?;
+        notifier.allowlist(FindingEvent::Allowed, &entry);
+        Ok(entry)
+    })
+    .await
+}
+
+async fn allowlist(State(review): State<Review>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
+    if let Err((status, message)) = reviewer(&review, peer) {
+        return error(status, message);
+    }
+    with_store(&review, false, |store| store.allowlist()).await
+}
+
+/// Body of `POST /v1/allowlist/{id}/revoke`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    comment: String,
+    #[serde(default)]
+    by: Option<String>,
+}
+
+async fn revoke(
+    State(review): State<Review>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(raw): UrlPath<String>,
+    body: Result<Json<RevokeBody>, JsonRejection>,
+) -> Response {
+    let (uid, name) = match reviewer(&review, peer) {
+        Ok(who) => who,
+        Err((status, message)) => return error(status, message),
+    };
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let id = match raw.parse::<AllowId>() {
+        Ok(id) => id,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let by = match decided_by(uid, name, body.by) {
+        Ok(by) => by,
+        Err((status, message)) => return error(status, message),
+    };
+    let notifier = review.notifier.clone();
+    with_store(&review, true, move |store| {
+        let entry = store.revoke(id, &by, &body.comment)?;
+        notifier.allowlist(FindingEvent::Revoked, &entry);
+        Ok(entry)
+    })
+    .await
+}
