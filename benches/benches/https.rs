@@ -67,6 +67,9 @@
 //! N is the cost of one request, start-up, handshake and idle work cancelled.
 //! The gateway runs keep the interception checks, plus one: its connection
 //! event counts every request.
+//!
+//! `HTTPS_BENCH_MODE=idle` measures memory per idle TLS connection instead:
+//! see [`idle`].
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -83,6 +86,9 @@ use nix::{
     unistd::Pid,
 };
 use serde_json::Value;
+
+#[path = "https/idle.rs"]
+mod idle;
 
 const ORIGIN_IP: &str = "127.0.0.8";
 const PROXY_IP: &str = "127.0.0.9";
@@ -103,6 +109,10 @@ const DOWNLOADS: usize = 3;
 const LOADS: [(u32, u32); 2] = [(1, 1), (16, 2)];
 
 fn main() -> Result<()> {
+    if let Ok(spec) = std::env::var(idle::CLIENT_ENV) {
+        // This executable re-run as the idle mode's client.
+        return idle::client(&spec);
+    }
     // `cargo bench` passes `--bench`; a filter argument is meaningless for a
     // single fixed scenario, so arguments are ignored.
     catch_interrupts()?;
@@ -119,6 +129,7 @@ fn main() -> Result<()> {
         Mode::Proxies => run(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
         Mode::Recording => run_recording(&tools, &mut scene, &settings).map_err(interrupted)?.print(&settings),
         Mode::Callgrind => run_callgrind(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
+        Mode::Idle => idle::run(&scene, settings.rounds).map_err(interrupted)?.print(),
     }
     // `scene` drops here: gateway stopped and detached, nginx stopped, cgroup
     // and temp files removed. Errors above drop it on the way out too.
@@ -164,6 +175,8 @@ enum Mode {
     Recording,
     /// Instructions per request of the gateway and of nginx, under callgrind.
     Callgrind,
+    /// Memory per idle TLS connection of the gateway and of nginx.
+    Idle,
 }
 
 struct Settings {
@@ -189,8 +202,9 @@ impl Settings {
             Err(_) | Ok("" | "proxies") => Mode::Proxies,
             Ok("recording") => Mode::Recording,
             Ok("callgrind") => Mode::Callgrind,
+            Ok("idle") => Mode::Idle,
             Ok(other) => {
-                bail!("HTTPS_BENCH_MODE={other}: expected `proxies` (the default), `recording` or `callgrind`")
+                bail!("HTTPS_BENCH_MODE={other}: expected `proxies` (the default), `recording`, `callgrind` or `idle`")
             }
         };
         let requests = get("HTTPS_BENCH_REQUESTS", 1000)?;
@@ -235,7 +249,7 @@ impl Tools {
                 which("valgrind").with_context(|| missing("valgrind (package valgrind)"))?,
                 which("callgrind_control").with_context(|| missing("callgrind_control (package valgrind)"))?,
             )),
-            Mode::Proxies | Mode::Recording => None,
+            Mode::Proxies | Mode::Recording | Mode::Idle => None,
         };
         Ok(Tools {
             valgrind,
@@ -353,7 +367,10 @@ worker_processes {workers};
 user root;
 pid {p}/nginx.pid;
 error_log {p}/error.log warn;
-events {{ worker_connections 4096; }}
+# The idle mode holds thousands of connections (each also needs an upstream
+# descriptor while its request runs).
+worker_rlimit_nofile 20000;
+events {{ worker_connections 20000; }}
 http {{
     access_log off;
     default_type text/plain;
@@ -556,6 +573,9 @@ intercept:
     - {{cidr: {ip}/32, ports: [{port}]}}
 proxy:
   port: {proxy_port}
+  # The idle mode holds thousands of connections from one cgroup for longer
+  # than the default 20 s idle timeout (nginx's keepalive_timeout is 300 s).
+  limits: {{max_connections_per_cgroup: 20000, cgroup_fd_share_percent: 100, idle_timeout: 300s}}
 api:
   listen: null
   admin_socket: {admin}
@@ -799,6 +819,10 @@ const RECORDING: [(&str, &str, Option<&str>); 4] = [
 const CALLGRIND: [(&str, &str, Option<&str>); 2] =
     [("gateway, record full", "full", Some("full")), ("gateway, recording off", "off", None)];
 
+/// [`Mode::Idle`]'s nginx proxy: (label, `worker_processes`), the same CPU
+/// budget as the gateway's runtime.
+const IDLE_NGINX: (&str, &str) = ("nginx proxy, workers auto", "auto");
+
 /// The label of [`Mode::Callgrind`]'s nginx proxy.
 const CALLGRIND_NGINX: &str = "nginx proxy (1 process)";
 
@@ -876,6 +900,17 @@ impl Scene {
                     gateways.push(gw.with_context(|| format!("starting the gateway `{label}`"))?);
                 }
             }
+            Mode::Idle => {
+                let (label, workers) = IDLE_NGINX;
+                let port = free_port(PROXY_IP)?;
+                let addr = SocketAddr::new(PROXY_IP.parse()?, port);
+                let prefix = dir.path().join(format!("proxy-{workers}"));
+                let nginx = Nginx::start(tools, prefix, workers, &proxy_server(&pki, port, origin_port), addr, None)
+                    .with_context(|| format!("starting the {label}"))?;
+                proxies.push((Route { label, base: format!("https://{addr}"), gateway: None }, nginx));
+                let gw = Gateway::start(tools, dir.path(), "gw", origin_addr, &pki.ca, "", None);
+                gateways.push(gw.context("starting the gateway")?);
+            }
             Mode::Callgrind => {
                 let (valgrind, _) = tools.valgrind.clone().context("valgrind not found")?;
                 let port = free_port(PROXY_IP)?;
@@ -916,6 +951,11 @@ impl Scene {
                 .enumerate()
                 .map(|(i, (label, _, _))| Route { label, base: direct.clone(), gateway: Some(i) })
                 .collect(),
+            Mode::Idle => {
+                let mut routes: Vec<Route> = self.proxies.iter().map(|(r, _)| r.clone()).collect();
+                routes.push(Route { label: "gateway (detection on)", base: direct, gateway: Some(0) });
+                routes
+            }
             Mode::Callgrind => {
                 let mut routes: Vec<Route> = self.proxies.iter().map(|(r, _)| r.clone()).collect();
                 routes.extend(CALLGRIND.iter().enumerate().map(|(i, (label, _, _))| Route {
@@ -943,6 +983,33 @@ impl Scene {
             Some((_, nginx)) => cpu_time(|_, pgid| pgid == nginx.pgid().as_raw() as u32).map(Some),
             None => Ok(None),
         }
+    }
+
+    /// Resident memory (KiB) of the proxy serving `route`: the gateway
+    /// process, or every process of the nginx instance.
+    fn proxy_rss_kib(&self, route: &Route) -> Result<u64> {
+        let pids: Vec<u32> = match self.gateway(route) {
+            Some(gw) => vec![gw.pid()],
+            None => {
+                let (_, nginx) = self
+                    .proxies
+                    .iter()
+                    .find(|(r, _)| r.label == route.label)
+                    .with_context(|| format!("no proxy serves {}", route.label))?;
+                let pgid = nginx.pgid().as_raw() as u32;
+                processes()?.into_iter().filter(|p| p.pgrp == pgid).map(|p| p.pid).collect()
+            }
+        };
+        let mut total = 0;
+        for pid in pids {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+            let rss = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .with_context(|| format!("no VmRSS for pid {pid}"))?;
+            total += rss.trim().trim_end_matches("kB").trim().parse::<u64>()?;
+        }
+        Ok(total)
     }
 
     /// Connections the origin has accepted so far (`stub_status`), read
@@ -1002,7 +1069,21 @@ fn cpu_time(select: impl Fn(u32, u32) -> bool) -> Result<Duration> {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
-    let mut total = 0u64;
+    let total: u64 = processes()?.iter().filter(|p| select(p.pid, p.pgrp)).map(|p| p.cpu_ticks).sum();
+    Ok(Duration::from_secs_f64(total as f64 / ticks as f64))
+}
+
+/// A live process, from /proc/<pid>/stat.
+struct Process {
+    pid: u32,
+    pgrp: u32,
+    /// utime + stime, in clock ticks.
+    cpu_ticks: u64,
+}
+
+/// Every live process.
+fn processes() -> Result<Vec<Process>> {
+    let mut all = Vec::new();
     for entry in std::fs::read_dir("/proc")?.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
         // The process may exit between readdir and read: skip it.
@@ -1012,11 +1093,10 @@ fn cpu_time(select: impl Fn(u32, u32) -> bool) -> Result<Duration> {
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let (Some(pgrp), Some(utime), Some(stime)) = (f.get(2), f.get(11), f.get(12)) else { continue };
-        if select(pid, pgrp.parse().unwrap_or(0)) {
-            total += utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
-        }
+        let cpu_ticks = utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
+        all.push(Process { pid, pgrp: pgrp.parse().unwrap_or(0), cpu_ticks });
     }
-    Ok(Duration::from_secs_f64(total as f64 / ticks as f64))
+    Ok(all)
 }
 
 // ---------------------------------------------------------------------------
