@@ -30,7 +30,7 @@ pub use store::FindingStore;
 pub const DEFAULT_DATABASE_FILE: &str = "gateway.db";
 
 /// Findings settings (`findings:` in the configuration file).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FindingsConfig {
     /// The SQLite database; relative paths are below `state_dir`.
@@ -90,7 +90,7 @@ impl std::str::FromStr for Action {
 }
 
 /// One entry of `findings.actions`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRule {
     /// Destination host: exact (`api.example.com`), a glob (`*.internal`),
