@@ -118,6 +118,8 @@ pub struct GatewayOptions {
     /// RLIMIT_NOFILE (soft and hard) the gateway starts with; `None`
     /// inherits the test's.
     pub nofile: Option<u64>,
+    /// Extra environment variables of the gateway process.
+    pub env: Vec<(String, String)>,
 }
 
 impl GatewayOptions {
@@ -133,6 +135,7 @@ impl GatewayOptions {
             policy_yaml: None,
             extra_cgroups: Vec::new(),
             nofile: None,
+            env: Vec::new(),
         }
     }
 
@@ -175,6 +178,8 @@ pub struct TestGateway {
     lines: Arc<Mutex<Vec<String>>>,
     /// RLIMIT_NOFILE the gateway starts with.
     nofile: Option<u64>,
+    /// Extra environment of the gateway process.
+    env: Vec<(String, String)>,
 }
 
 impl TestGateway {
@@ -233,6 +238,7 @@ impl TestGateway {
             dir,
             lines: Arc::new(Mutex::new(Vec::new())),
             nofile: opts.nofile,
+            env: opts.env.clone(),
         };
         if opts.gateway_in_cgroup {
             std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
@@ -246,6 +252,7 @@ impl TestGateway {
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("--config").arg(&self.config_path).arg("run");
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("RUST_LOG");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if in_cgroup {
             in_cgroup_pre_exec(&mut cmd, &self.cgroup_dir);
         }
