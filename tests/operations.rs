@@ -74,6 +74,21 @@ fn config_check_prints_the_effective_configuration_as_yaml_without_secrets() {
     assert!(out.status.success(), "the printed configuration does not load: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// `cargo xtask run` says it needs root before installing or building
+/// anything (it used to build for minutes first).
+#[test]
+fn xtask_run_refuses_a_non_root_user_at_once() {
+    require_root();
+    let xtask = gateway_bin().parent().expect("target dir").join("xtask");
+    assert!(xtask.is_file(), "{} missing: `cargo build --workspace --bins` builds it", xtask.display());
+    let started = std::time::Instant::now();
+    let out = run(Command::new("runuser").args(["-u", "nobody", "--"]).arg(&xtask).arg("run"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs root"), "{}: {err}", out.status);
+    assert!(!err.contains("Compiling") && !err.contains("installing"), "it set up or built first: {err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
 /// The unit as shipped, with the binary path pointed at the one under test
 /// (`verify` checks that ExecStart's program exists).
 #[test]
