@@ -297,15 +297,15 @@ pub fn run(config: &Config, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                 s.spawn(move || {
                     let dir = scratch.join(format!("{runtime:?}"));
                     let _ = std::fs::create_dir_all(&dir);
-                    (runtime, runtime.probe(url, &dir))
+                    runtime.probe(url, &dir)
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                let (runtime, verdict) =
-                    h.join().unwrap_or((Runtime::Curl, Verdict::Unknown { said: "probe panicked".into() }));
+        RUNTIMES
+            .iter()
+            .zip(handles)
+            .map(|(&runtime, h)| {
+                let verdict = h.join().unwrap_or_else(|_| Verdict::Unknown { said: "the probe panicked".into() });
                 let fix =
                     matches!(verdict, Verdict::DoesNotTrust { .. }).then(|| runtime.fix(&ca, &config.tls.env_file));
                 Report { runtime, verdict, fix }
