@@ -114,6 +114,62 @@ fn the_systemd_unit_verifies() {
     assert!(out.status.success() && complaints.is_empty(), "systemd-analyze verify: {said}");
 }
 
+/// The unit's capability bounding set is enough: a gateway started with
+/// exactly those capabilities (and no-new-privileges, as the unit does)
+/// attaches, serves an intercepted connection of a job run by another user
+/// and attests it in full (its executable read through /proc), with no
+/// warning logged.
+#[test]
+fn the_units_capabilities_are_enough_to_intercept_and_attest() {
+    require_root();
+    let unit = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ci-gateway.service"))
+        .expect("read the unit");
+    let caps: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let port = gateway_tests::unique_port();
+    let listener = std::net::TcpListener::bind(("127.0.0.9", port)).expect("bind the destination");
+    let server = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("read");
+        s.write_all(&buf).expect("echo");
+    });
+    let mut opts = GatewayOptions::opaque("caps", &[&format!("{{cidr: 127.0.0.9/32, ports: [{port}]}}")]);
+    opts.wrapper = vec![
+        "setpriv".into(),
+        format!("--bounding-set=-all,{}", caps.join(",")),
+        "--inh-caps=-all".into(),
+        "--no-new-privs".into(),
+    ];
+    let gw = TestGateway::start(opts);
+    let client = format!(
+        "import socket; s = socket.create_connection(('127.0.0.9', {port})); s.sendall(b'ping'); assert s.recv(4) == b'ping'"
+    );
+    let out = gw
+        .command_in_cgroup("runuser")
+        .args(["-u", "nobody", "--", "python3", "-c", &client])
+        .output()
+        .expect("client");
+    assert!(out.status.success(), "the job's connection failed: {}", String::from_utf8_lossy(&out.stderr));
+    server.join().expect("server");
+    let events = gw.wait_events(1);
+    assert_eq!(events.len(), 1, "{}", gw.log());
+    let e = &events[0];
+    assert_eq!(e["uid"], 65534, "{e}");
+    assert!(e["exe"].as_str().is_some_and(|x| x.contains("python3")), "the executable is attested: {e}");
+    assert_eq!(e["attestation"], "fresh", "{e}");
+    // The opaque test policy's own warning aside.
+    let errors = gw.log_errors();
+    let other: Vec<&str> = errors.lines().filter(|l| !l.contains("uninspectable: pass")).collect();
+    assert!(other.is_empty(), "warnings with the unit's capabilities:\n{}", other.join("\n"));
+}
+
 /// systemd's side of `Type=notify`: a datagram socket named by
 /// `NOTIFY_SOCKET`. READY=1 must come only once the gateway is running (its
 /// "gateway running" line: programs attached, listeners bound), and

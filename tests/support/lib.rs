@@ -120,6 +120,9 @@ pub struct GatewayOptions {
     pub nofile: Option<u64>,
     /// Extra environment variables of the gateway process.
     pub env: Vec<(String, String)>,
+    /// A program (and its arguments) the gateway is started through, e.g.
+    /// `setpriv` limiting its capabilities; empty: started directly.
+    pub wrapper: Vec<String>,
 }
 
 impl GatewayOptions {
@@ -136,6 +139,7 @@ impl GatewayOptions {
             extra_cgroups: Vec::new(),
             nofile: None,
             env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -180,6 +184,8 @@ pub struct TestGateway {
     nofile: Option<u64>,
     /// Extra environment of the gateway process.
     env: Vec<(String, String)>,
+    /// [`GatewayOptions::wrapper`].
+    wrapper: Vec<String>,
 }
 
 impl TestGateway {
@@ -239,6 +245,7 @@ impl TestGateway {
             lines: Arc::new(Mutex::new(Vec::new())),
             nofile: opts.nofile,
             env: opts.env.clone(),
+            wrapper: opts.wrapper.clone(),
         };
         if opts.gateway_in_cgroup {
             std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
@@ -249,7 +256,14 @@ impl TestGateway {
 
     /// Starts (or restarts) the gateway process and waits until it runs.
     pub fn spawn(&mut self, in_cgroup: bool) {
-        let mut cmd = Command::new(gateway_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(gateway_bin());
+                cmd
+            }
+            None => Command::new(gateway_bin()),
+        };
         cmd.arg("--config").arg(&self.config_path).arg("run");
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("RUST_LOG");
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
