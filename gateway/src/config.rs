@@ -10,7 +10,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Where `gateway` looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ci-gateway/gateway.yaml";
@@ -26,6 +26,15 @@ pub enum ConfigError {
         /// Why reading failed.
         source: std::io::Error,
     },
+    /// A file named explicitly (`--config`, `GATEWAY_CONFIG`, `config check
+    /// FILE`) does not exist. Only the default path may be absent: running
+    /// the embedded defaults because of a typo would mean another state
+    /// directory, another CA and another policy than the operator meant.
+    #[error("{path}: no such configuration file (the embedded defaults apply only when no file is named and {DEFAULT_CONFIG_PATH} does not exist)")]
+    Missing {
+        /// The file that was named.
+        path: PathBuf,
+    },
     /// The YAML did not parse or did not fit the schema.
     #[error("{path}: {field}: {reason}")]
     Invalid {
@@ -39,7 +48,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Directory for the gateway's durable state (CA, findings database, secrets).
@@ -92,7 +101,7 @@ impl Default for Config {
 }
 
 /// Which connections are intercepted.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InterceptConfig {
     /// cgroups (v2) whose processes are intercepted, relative to the cgroup2
@@ -142,7 +151,7 @@ impl Default for InterceptConfig {
 }
 
 /// One intercepted cgroup.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct CgroupSpec {
     /// Path of the cgroup, relative to the cgroup2 mount (or absolute below it).
@@ -153,7 +162,7 @@ pub struct CgroupSpec {
 }
 
 /// One intercept-set entry.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationSpec {
     /// The addresses.
@@ -165,13 +174,17 @@ pub struct DestinationSpec {
 }
 
 /// Addresses of an intercept-set entry.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`, or a bare address).
-    Cidr(#[serde(deserialize_with = "de_net")] IpNet),
+    Cidr(#[serde(deserialize_with = "de_net", serialize_with = "ser_display")] IpNet),
     /// A host name, resolved at start and every `dns_refresh`.
     Host(String),
+}
+
+fn ser_display<S: serde::Serializer>(value: &IpNet, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(value)
 }
 
 fn de_net<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
@@ -185,7 +198,7 @@ fn de_net<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
 }
 
 /// What a clean shutdown leaves behind.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ShutdownMode {
     /// Keep the programs attached in refusing mode: while the gateway is
@@ -197,7 +210,7 @@ pub enum ShutdownMode {
 }
 
 /// The local proxy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyConfig {
     /// IPv4 listener address (a loopback address).
@@ -234,7 +247,7 @@ pub struct ProxyConfig {
 /// `proxy.limits`: what one job (one cgroup) and the gateway as a whole may
 /// hold. Each limit and what the job sees when it hits it is described in
 /// `docs/configuration.md` and `docs/limits.md`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProxyLimits {
     /// Concurrent connections one cgroup may hold.
@@ -422,7 +435,7 @@ impl Default for ProxyConfig {
 }
 
 /// Logging.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` for people, `json` for log pipelines (one object per line).
@@ -438,7 +451,7 @@ impl Default for LogConfig {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -458,6 +471,27 @@ pub enum Source {
 }
 
 impl Config {
+    /// Loads the file named on the command line, which must exist, or, when
+    /// none was named, [`DEFAULT_CONFIG_PATH`], whose absence means the
+    /// embedded defaults.
+    pub fn load_chosen(explicit: Option<&Path>) -> Result<(Config, Source), ConfigError> {
+        match explicit {
+            Some(path) => match Self::load(path)? {
+                (_, Source::Defaults(path)) => Err(ConfigError::Missing { path }),
+                loaded => Ok(loaded),
+            },
+            None => Self::load(Path::new(DEFAULT_CONFIG_PATH)),
+        }
+    }
+
+    /// The effective configuration as YAML, in the file's own schema (every
+    /// field, defaults filled in). Secrets never appear: credentials are
+    /// configured as references (`file`, `env`, `command`), and the one
+    /// inline secret, webhook header values, is written as `[redacted]`.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml_ng::Error> {
+        serde_yaml_ng::to_string(self)
+    }
+
     /// Loads `path`; a missing file yields the embedded defaults.
     pub fn load(path: &Path) -> Result<(Config, Source), ConfigError> {
         match std::fs::read_to_string(path) {
@@ -629,6 +663,38 @@ mod tests {
         assert!(e.contains("proxy.limits.max_buffered_per_cgroup_bytes: must not exceed"), "{e}");
         let e = parse("proxy:\n  limits:\n    cgroup_fd_share_percent: 0\n").unwrap_err().to_string();
         assert!(e.contains("proxy.limits.cgroup_fd_share_percent"), "{e}");
+    }
+
+    #[test]
+    fn the_packaged_configuration_is_the_embedded_defaults() {
+        // deploy/debian/gateway.yaml is what the package installs as
+        // /etc/ci-gateway/gateway.yaml: spelling the defaults out must not
+        // change them.
+        let shipped = parse(include_str!("../../deploy/debian/gateway.yaml")).unwrap();
+        assert_eq!(shipped.to_yaml().unwrap(), Config::default().to_yaml().unwrap());
+        assert_eq!(shipped.intercept.on_shutdown, ShutdownMode::Enforce);
+    }
+
+    #[test]
+    fn effective_yaml_loads_back_to_itself() {
+        let c =
+            parse("proxy:\n  port: 15002\nintercept:\n  destinations:\n    - cidr: 10.0.0.0/8\n      ports: [443]\n")
+                .unwrap();
+        let yaml = c.to_yaml().unwrap();
+        assert_eq!(parse(&yaml).unwrap().to_yaml().unwrap(), yaml);
+        assert!(yaml.contains("cidr: 10.0.0.0/8"), "{yaml}");
+    }
+
+    #[test]
+    fn an_explicit_path_must_exist_the_default_may_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("typo.yaml");
+        let e = Config::load_chosen(Some(&missing)).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+        let file = dir.path().join("gw.yaml");
+        std::fs::write(&file, "proxy:\n  port: 15009\n").unwrap();
+        let (c, source) = Config::load_chosen(Some(&file)).unwrap();
+        assert_eq!((c.proxy.port, source), (15009, Source::File(file)));
     }
 
     #[test]

@@ -118,6 +118,11 @@ pub struct GatewayOptions {
     /// RLIMIT_NOFILE (soft and hard) the gateway starts with; `None`
     /// inherits the test's.
     pub nofile: Option<u64>,
+    /// Extra environment variables of the gateway process.
+    pub env: Vec<(String, String)>,
+    /// A program (and its arguments) the gateway is started through, e.g.
+    /// `setpriv` limiting its capabilities; empty: started directly.
+    pub wrapper: Vec<String>,
 }
 
 impl GatewayOptions {
@@ -133,6 +138,8 @@ impl GatewayOptions {
             policy_yaml: None,
             extra_cgroups: Vec::new(),
             nofile: None,
+            env: Vec::new(),
+            wrapper: Vec::new(),
         }
     }
 
@@ -175,6 +182,10 @@ pub struct TestGateway {
     lines: Arc<Mutex<Vec<String>>>,
     /// RLIMIT_NOFILE the gateway starts with.
     nofile: Option<u64>,
+    /// Extra environment of the gateway process.
+    env: Vec<(String, String)>,
+    /// [`GatewayOptions::wrapper`].
+    wrapper: Vec<String>,
 }
 
 impl TestGateway {
@@ -233,6 +244,8 @@ impl TestGateway {
             dir,
             lines: Arc::new(Mutex::new(Vec::new())),
             nofile: opts.nofile,
+            env: opts.env.clone(),
+            wrapper: opts.wrapper.clone(),
         };
         if opts.gateway_in_cgroup {
             std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
@@ -243,9 +256,17 @@ impl TestGateway {
 
     /// Starts (or restarts) the gateway process and waits until it runs.
     pub fn spawn(&mut self, in_cgroup: bool) {
-        let mut cmd = Command::new(gateway_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(gateway_bin());
+                cmd
+            }
+            None => Command::new(gateway_bin()),
+        };
         cmd.arg("--config").arg(&self.config_path).arg("run");
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).env_remove("RUST_LOG");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         if in_cgroup {
             in_cgroup_pre_exec(&mut cmd, &self.cgroup_dir);
         }

@@ -3,9 +3,12 @@
 //!
 //! * `cargo xtask setup` — system packages, nightly rust-src, bpf-linker,
 //!   the Python and npm packages the end-to-end clients use.
-//! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded defaults).
+//! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded
+//!   defaults, but Ctrl-C detaches); installs only what building and
+//!   running need.
 //! * `cargo xtask test` — build and run every test (what CI runs).
-//! * `cargo xtask bench` — run the benchmarks.
+//! * `cargo xtask package` — build the Debian package (release).
+//! * `cargo xtask bench` — run the benchmarks (and install their tools).
 
 use std::{
     env,
@@ -15,6 +18,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
+
+mod package;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -39,6 +44,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (release binary, split debug info, systemd
+    /// unit, configuration, docs) into target/package/.
+    Package {
+        /// Directory for the .deb files (default: target/package).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Package this gateway binary instead of building the release one
+        /// (the packaging test packages the debug build).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Compress with gzip -1 instead of xz (throw-away packages).
+        #[arg(long)]
+        fast: bool,
+    },
     /// Run the benchmarks (criterion and the interception harness).
     Bench {
         /// Extra arguments for `cargo bench`.
@@ -47,45 +66,100 @@ enum Cmd {
     },
 }
 
-/// Debian packages the build, the tests and the benchmarks use.
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages building and running the gateway needs: `run` installs
+/// only these.
+const APT_BUILD: &[&str] = &[
     "pkg-config",
+    // Hyperscan: the static-key detector (headers to build, libhyperscan5 to run).
     "libhyperscan-dev",
+    // bindgen in pg_query's build (libpg_query: PostgreSQL's own SQL grammar) needs libclang.
+    "libclang-dev",
+    // `gateway trust install` runs update-ca-certificates.
+    "ca-certificates",
+];
+
+/// Debian packages the tests add.
+const APT_TEST: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
-    "nginx-light",
-    "wrk",
     "curl",
-    // valgrind (callgrind): instruction counts per request, HTTPS_BENCH_MODE=callgrind.
-    "valgrind",
     "git",
     "python3",
     "python3-pip",
-    "ca-certificates",
+    // python requests and grpc: `gateway doctor` and the trust tests check
+    // that these runtimes trust the gateway CA.
+    "python3-requests",
+    "python3-grpcio",
     // dockerd, containerd and runc: the container tests start their own daemon.
     "docker.io",
-    // bindgen in pg_query's build (libpg_query: PostgreSQL's own SQL grammar) needs libclang.
-    "libclang-dev",
     // The PostgreSQL tests' server (initdb, postgres) and clients (psql, pgbench).
     "postgresql",
     "postgresql-client",
     // The postgres benchmark's baseline proxy (pool_mode session, TLS both sides).
     "pgbouncer",
     // More real PostgreSQL clients: pgjdbc, run by the JDK's single-file
-    // source launcher; node for node-postgres (installed by npm below).
+    // source launcher; node for node-postgres (installed by npm below). The
+    // JDK's keytool and java are also what the Java trust test uses.
     "libpostgresql-jdbc-java",
     "default-jdk-headless",
     "nodejs",
+    // The packaging tests: systemd-analyze verify on the unit, a Debian root
+    // made by debootstrap, dpkg-shlibdeps (dpkg-dev) and objcopy (binutils).
+    "systemd",
+    "debootstrap",
+    "dpkg-dev",
+    "binutils",
 ];
+
+/// Debian packages `cargo xtask package` uses: objcopy, dpkg-shlibdeps.
+const APT_PACKAGING: &[&str] = &["binutils", "dpkg-dev"];
+
+/// Debian packages only the benchmarks use.
+const APT_BENCH: &[&str] = &[
+    "nginx-light",
+    "wrk",
+    // valgrind (callgrind): instruction counts per request, HTTPS_BENCH_MODE=callgrind.
+    "valgrind",
+];
+
+/// What a command needs installed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// Building and running the gateway.
+    Run,
+    /// The tests (and packaging).
+    Test,
+    /// The benchmarks.
+    Bench,
+    /// Everything (`cargo xtask setup`).
+    All,
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Setup => setup(),
-        Cmd::Run { args } => setup().and_then(|()| run(&args)),
-        Cmd::Test { args } => setup().and_then(|()| test(&args)),
-        Cmd::Bench { args } => setup().and_then(|()| bench(&args)),
+        Cmd::Setup => setup(Needs::All),
+        // Root first: minutes of set-up and building must not end in "needs root".
+        Cmd::Run { args } => {
+            require_root("the gateway attaches eBPF programs to cgroups and needs root: run `sudo cargo xtask run`")
+                .and_then(|()| setup(Needs::Run))
+                .and_then(|()| run(&args))
+        }
+        Cmd::Test { args } => {
+            require_root("the tests attach real eBPF programs to cgroups they create: run `cargo xtask test` as root")
+                .and_then(|()| setup(Needs::Test))
+                .and_then(|()| test(&args))
+        }
+        Cmd::Bench { args } => setup(Needs::Bench).and_then(|()| bench(&args)),
+        Cmd::Package { out, binary, fast } => {
+            let opts =
+                package::Options { out: out.unwrap_or_else(|| workspace_root().join("target/package")), binary, fast };
+            // A given binary needs nothing built (the tests call this).
+            let ready = if opts.binary.is_some() { Ok(()) } else { setup(Needs::Run) };
+            let ready = ready.and_then(|()| apt_packages(APT_PACKAGING));
+            ready.and_then(|()| package::build(&workspace_root(), &opts))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -132,12 +206,29 @@ fn cache_dir() -> PathBuf {
     home.join(".cache/ci-gateway")
 }
 
-fn setup() -> Result<()> {
-    apt_packages()?;
+fn require_root(why: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{why}");
+    }
+    Ok(())
+}
+
+fn setup(needs: Needs) -> Result<()> {
+    let mut apt: Vec<&str> = APT_BUILD.to_vec();
+    if matches!(needs, Needs::Test | Needs::All) {
+        apt.extend(APT_TEST);
+    }
+    if matches!(needs, Needs::Bench | Needs::All) {
+        apt.extend(APT_BENCH);
+    }
+    apt_packages(&apt)?;
     nightly_rust_src()?;
     bpf_linker()?;
-    python_packages()?;
-    npm_packages()?;
+    if matches!(needs, Needs::Test | Needs::All) {
+        python_packages()?;
+        npm_packages()?;
+        package::debootstrap_cache()?;
+    }
     Ok(())
 }
 
@@ -220,8 +311,8 @@ fn npm_packages() -> Result<()> {
     )
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -303,20 +394,38 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// The development gateway's configuration: the embedded defaults except
+/// that a clean shutdown (Ctrl-C) detaches everything, so a developer's
+/// host is left as it was. The embedded default (`enforce`) is what
+/// production gets.
+const DEV_CONFIG: &str = "\
+# Written by `cargo xtask run`: the embedded defaults, except that Ctrl-C
+# detaches the programs instead of leaving them refusing connections.
+intercept:
+  on_shutdown: detach
+";
+
 fn run(args: &[String]) -> Result<()> {
-    status(cargo().args(["build", "--release", "-p", "gateway"]))?;
-    let bin = workspace_root().join("target/release/gateway");
-    let args: Vec<String> = if args.is_empty() { vec!["run".into()] } else { args.to_vec() };
-    if !is_root() {
-        bail!("the gateway attaches eBPF programs to cgroups and needs root: run `sudo cargo xtask run`");
+    status(cargo().args(["build", "--release", "-p", "gateway", "--bins"]))?;
+    let root = workspace_root();
+    let bin = root.join("target/release/gateway");
+    let config = root.join("target/xtask-run/gateway.yaml");
+    if let Some(dir) = config.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    status(Command::new(bin).args(&args))
+    std::fs::write(&config, DEV_CONFIG).with_context(|| format!("writing {}", config.display()))?;
+    let mut cmd = Command::new(bin);
+    // An explicit --config among the arguments wins (clap refuses two).
+    if !args.iter().any(|a| a == "--config" || a.starts_with("--config=")) {
+        cmd.arg("--config").arg(&config);
+    }
+    if args.is_empty() {
+        cmd.arg("run");
+    }
+    status(cmd.args(args))
 }
 
 fn test(args: &[String]) -> Result<()> {
-    if !is_root() {
-        bail!("the tests attach real eBPF programs to cgroups they create: run `cargo xtask test` as root");
-    }
     // The end-to-end tests drive the gateway binary; build it first so they
     // test what was just compiled. Building tests in the same command keeps
     // feature unification identical to `cargo test`, so nothing builds twice.

@@ -12,7 +12,7 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod admin;
 mod client;
@@ -28,7 +28,7 @@ pub use review::serve_review;
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ci-gateway/admin.sock";
 
 /// `api:` in the configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
     /// Listen address of the public API; `null` disables it.

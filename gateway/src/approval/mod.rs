@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod model;
 mod rules;
@@ -43,7 +43,7 @@ pub const DEFAULT_DATABASE_FILE: &str = "approvals.db";
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// Approval settings (`approvals:` in the configuration file).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApprovalConfig {
     /// Approver groups: group name -> the unix user names of its members.
@@ -105,6 +105,34 @@ fn default_webhook_retries() -> u32 {
 
 fn default_webhook_backoff() -> Duration {
     Duration::from_secs(1)
+}
+
+impl Serialize for WebhookConfig {
+    // `gateway config check` prints the configuration as YAML: header values
+    // are typically bearer tokens, and a webhook URL's path or query often
+    // is the token itself (chat webhooks), so only the origin is shown.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let headers: BTreeMap<&str, &str> = self.headers.keys().map(|k| (k.as_str(), "[redacted]")).collect();
+        let mut st = s.serialize_struct("WebhookConfig", 5)?;
+        st.serialize_field("url", &redacted_url(&self.url))?;
+        st.serialize_field("timeout", &humantime::format_duration(self.timeout).to_string())?;
+        st.serialize_field("headers", &headers)?;
+        st.serialize_field("retries", &self.retries)?;
+        st.serialize_field("retry_backoff", &humantime::format_duration(self.retry_backoff).to_string())?;
+        st.end()
+    }
+}
+
+/// `scheme://host[:port]` of a URL, with `/[redacted]` when it has more
+/// (user information is dropped as well).
+fn redacted_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let more = rest.len() > authority.len() && &rest[authority.len()..] != "/";
+    let redacted = if more || host.len() != authority.len() { "/[redacted]" } else { "" };
+    format!("{scheme}://{host}{redacted}")
 }
 
 impl std::fmt::Debug for WebhookConfig {
@@ -312,5 +340,20 @@ impl ApprovalError {
             ApprovalError::Invalid(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    #[test]
+    fn webhook_urls_show_only_their_origin() {
+        use super::redacted_url;
+        assert_eq!(
+            redacted_url("https://hooks.example.com/services/T0/B0/secret"),
+            "https://hooks.example.com/[redacted]"
+        );
+        assert_eq!(redacted_url("https://user:pw@hooks.example.com"), "https://hooks.example.com/[redacted]");
+        assert_eq!(redacted_url("https://hooks.example.com:8443/"), "https://hooks.example.com:8443");
+        assert_eq!(redacted_url("http://h?token=x"), "http://h/[redacted]");
     }
 }

@@ -1,5 +1,6 @@
 //! `gateway ca ...` and `gateway trust ...`: the gateway's certificate
-//! authority, and making the host and its jobs trust it. The work is done by
+//! authority, and making the host and its jobs trust it (system store, an
+//! environment file for every common runtime, the JDKs' trust stores). The work is done by
 //! [`crate::tls::trust`].
 //!
 //! Exit status: 0 on success, 1 when the CA or the trust store could not be
@@ -53,6 +54,9 @@ pub enum TrustCommand {
         /// Leave the system trust store alone.
         #[arg(long)]
         no_system: bool,
+        /// Leave the JDKs' trust stores alone.
+        #[arg(long)]
+        no_java: bool,
     },
     /// Undo `trust install` (the CA itself is kept).
     Uninstall {
@@ -62,6 +66,9 @@ pub enum TrustCommand {
         /// Leave the system trust store alone.
         #[arg(long)]
         no_system: bool,
+        /// Leave the JDKs' trust stores alone.
+        #[arg(long)]
+        no_java: bool,
     },
 }
 
@@ -85,13 +92,21 @@ pub fn run_ca(config: &Config, args: &CaArgs) -> anyhow::Result<ExitCode> {
 /// Runs `gateway trust`.
 pub fn run_trust(config: &Config, args: &TrustArgs) -> anyhow::Result<ExitCode> {
     let result = match &args.command {
-        TrustCommand::Install { env_file, no_system } => {
-            let paths = TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
+        TrustCommand::Install { env_file, no_system, no_java } => {
+            let mut paths =
+                TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
+            if *no_java {
+                paths.java.clear();
+            }
             CertificateAuthority::load_or_create(&config.state_dir)
                 .and_then(|ca| install_trust(&paths, &ca, !no_system))
         }
-        TrustCommand::Uninstall { env_file, no_system } => {
-            let paths = TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
+        TrustCommand::Uninstall { env_file, no_system, no_java } => {
+            let mut paths =
+                TrustPaths::for_host(&config.state_dir, env_file.as_deref().unwrap_or(&config.tls.env_file));
+            if *no_java {
+                paths.java.clear();
+            }
             uninstall_trust(&paths, !no_system)
         }
     };

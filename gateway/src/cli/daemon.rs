@@ -82,14 +82,7 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     // must reach these handlers, not kill the process with the default
     // action (skipping the clean shutdown and leaving the programs redirecting).
     let signals = Signals::install()?;
-    tracing::info!(
-        cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
-        destinations = set.len(),
-        listen_v4 = %config.proxy.listen_v4,
-        listen_v6 = ?config.proxy.listen_v6,
-        port = config.proxy.port,
-        "gateway running"
-    );
+    let destinations_count = set.len();
 
     let shutdown = CancellationToken::new();
     let refresher = tokio::spawn(refresh_dns(
@@ -156,6 +149,18 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         .map(|ring| tokio::spawn(intercept::alerts::run(ring, namespaces.clone(), shutdown.clone())));
     let namespaces_task = tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
     tokio::spawn(release_freed_memory(shutdown.clone()));
+    tracing::info!(
+        cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        destinations = destinations_count,
+        listen_v4 = %config.proxy.listen_v4,
+        listen_v6 = ?config.proxy.listen_v6,
+        port = config.proxy.port,
+        "gateway running"
+    );
+    // Only now, with the programs attached and every listener bound, may
+    // systemd (Type=notify) start the units ordered after this one: a runner
+    // started earlier could open connections nobody inspects.
+    notify_systemd(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("attached; proxy listening")]);
 
     let reloadable = Reloadable {
         identities: services_identities,
@@ -165,6 +170,7 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     };
     wait_for_signal(signals, &reloadable).await;
     tracing::info!(mode = ?config.intercept.on_shutdown, "shutting down");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     let _ = serving.await;
     let _ = namespaces_task.await;
@@ -191,6 +197,16 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
     interceptor.shutdown(config.intercept.on_shutdown)?;
     Ok(())
+}
+
+/// Tells the service manager (`$NOTIFY_SOCKET`, set by systemd for
+/// `Type=notify` units) about a state change; without one this does nothing.
+/// A failure is logged, not fatal: the gateway works, only systemd's view of
+/// it is late (and a unit with `Type=notify` then times out visibly).
+fn notify_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
 }
 
 /// What SIGHUP reloads: identity mappings, policy and held credentials. A broken

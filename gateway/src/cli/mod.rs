@@ -18,7 +18,7 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 use crate::{
-    config::{self, Config, LogFormat, Source},
+    config::{Config, LogFormat, Source},
     intercept::{self, Cgroup},
 };
 
@@ -26,6 +26,7 @@ pub mod approvals;
 pub mod ca;
 pub mod config_check;
 pub mod daemon;
+pub mod doctor;
 pub mod exec;
 pub mod findings;
 pub mod identity;
@@ -39,9 +40,11 @@ pub mod status;
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version, about)]
 pub struct Cli {
-    /// Configuration file (YAML). A missing file means the embedded defaults.
-    #[arg(long, global = true, env = "GATEWAY_CONFIG", default_value = config::DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
+    /// Configuration file (YAML) [default: /etc/ci-gateway/gateway.yaml].
+    /// A file named here (or in GATEWAY_CONFIG) must exist; the embedded
+    /// defaults apply only when no file is named and the default one is absent.
+    #[arg(long, global = true, env = "GATEWAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -70,6 +73,8 @@ pub enum Command {
     Ca(ca::CaArgs),
     /// Make the host trust the gateway's CA.
     Trust(ca::TrustArgs),
+    /// In a job's environment: which TLS runtimes trust the gateway, and the fix.
+    Doctor(doctor::DoctorArgs),
     /// Review static-key findings.
     Findings(findings::FindingsArgs),
     /// Explain process identities, check mapping files.
@@ -85,9 +90,9 @@ pub enum Command {
 /// `gateway config ...`.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a configuration file and print the effective configuration.
+    /// Validate a configuration file and print the effective configuration (YAML).
     Check {
-        /// The file (defaults to --config).
+        /// The file (defaults to --config, then /etc/ci-gateway/gateway.yaml).
         file: Option<PathBuf>,
     },
 }
@@ -102,6 +107,7 @@ impl Command {
             Command::Run | Command::Exec(_) | Command::Status(_) | Command::Detach => ExitCode::FAILURE,
             Command::Ca(_) | Command::Trust(_) => ExitCode::FAILURE,
             Command::Config { .. }
+            | Command::Doctor(_)
             | Command::Scan(_)
             | Command::Findings(_)
             | Command::Identity(_)
@@ -126,9 +132,9 @@ pub fn main() -> ExitCode {
 fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     // Checking a configuration must not require a loadable one.
     if let Command::Config { command: ConfigCommand::Check { file } } = &cli.command {
-        return Ok(config_check::run(file.as_deref().unwrap_or(&cli.config)));
+        return Ok(config_check::run(file.as_deref().or(cli.config.as_deref())));
     }
-    let (config, source) = match Config::load(&cli.config) {
+    let (config, source) = match Config::load_chosen(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gateway: {e}");
@@ -147,13 +153,14 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Scan(args) => scan::run(&config, args),
         Command::Ca(args) => ca::run_ca(&config, args),
         Command::Trust(args) => ca::run_trust(&config, args),
+        Command::Doctor(args) => doctor::run(&config, args),
         Command::Findings(args) => findings::run(&config, args),
         Command::Identity(args) => identity::run(&config, args),
         Command::Policy(args) => policy::run(&config, args),
         Command::Approvals(args) => approvals::run(&config, args),
         Command::Sessions(args) => sessions::run(&config, args),
         Command::Config { command: ConfigCommand::Check { file } } => {
-            Ok(config_check::run(file.as_deref().unwrap_or(&cli.config)))
+            Ok(config_check::run(file.as_deref().or(cli.config.as_deref())))
         }
     }
 }

@@ -17,7 +17,7 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod b64;
 pub mod body;
@@ -56,7 +56,7 @@ pub use websocket::{WsConfig, WsScanner};
 pub const DEFAULT_MAX_DECODED_BODY: usize = 64 << 20;
 
 /// Detector settings (`detect:` in the configuration file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DetectConfig {
     /// Whether the built-in rule set is loaded.

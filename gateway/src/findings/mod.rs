@@ -40,7 +40,7 @@ pub use store::FindingStore;
 pub const DEFAULT_DATABASE_FILE: &str = "gateway.db";
 
 /// Findings settings (`findings:` in the configuration file).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct FindingsConfig {
     /// An HTTP(S) endpoint that receives a JSON POST for every new finding
@@ -130,7 +130,7 @@ impl std::str::FromStr for Action {
 }
 
 /// One entry of `findings.actions`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionRule {
     /// Destination host: exact (`api.example.com`), a glob (`*.internal`),

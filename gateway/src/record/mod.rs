@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod chain;
 mod encode;
@@ -42,7 +42,7 @@ pub use writer::{Recorder, SessionRecorder};
 pub const DEFAULT_DATABASE_FILE: &str = "sessions.db";
 
 /// Session recording settings (`record:` in the configuration file).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RecordConfig {
     /// Record sessions at all.

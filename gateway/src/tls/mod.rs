@@ -20,7 +20,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod ca;
 pub mod hello;
@@ -36,7 +36,7 @@ pub use mint::LeafCache;
 pub use upstream::UpstreamTls;
 
 /// TLS interception settings (`tls:` in the configuration file).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Host name patterns whose TLS is terminated: exact names (`cursor.sh`),

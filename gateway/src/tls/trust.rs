@@ -44,6 +44,45 @@ pub struct TrustPaths {
     pub update_command: PathBuf,
     /// The environment file for jobs.
     pub env_file: PathBuf,
+    /// Java trust stores to import the CA into (one per JDK installed).
+    pub java: Vec<JavaStore>,
+}
+
+/// One JDK's trust store and the `keytool` that edits it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JavaStore {
+    /// The `cacerts` keystore (resolved: Debian's JDKs share /etc/ssl/certs/java/cacerts).
+    pub keystore: PathBuf,
+    /// That JDK's `bin/keytool`.
+    pub keytool: PathBuf,
+}
+
+/// Alias of the gateway CA in Java trust stores.
+pub const JAVA_ALIAS: &str = "ci-gateway";
+/// Where JDKs are installed (Debian, RHEL, SUSE, Alpine alike).
+const JVM_DIR: &str = "/usr/lib/jvm";
+/// The password every JDK ships its `cacerts` with (it guards integrity,
+/// not secrecy: the store holds only public certificates).
+const CACERTS_PASSWORD: &str = "changeit";
+
+/// Every JDK's trust store on this host: below /usr/lib/jvm and `$JAVA_HOME`,
+/// each store once.
+pub fn java_stores() -> Vec<JavaStore> {
+    let mut homes: Vec<PathBuf> = std::env::var_os("JAVA_HOME").map(PathBuf::from).into_iter().collect();
+    if let Ok(entries) = fs::read_dir(JVM_DIR) {
+        let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        found.sort();
+        homes.extend(found);
+    }
+    let mut stores: Vec<JavaStore> = Vec::new();
+    for home in homes {
+        let keytool = home.join("bin/keytool");
+        let Ok(keystore) = fs::canonicalize(home.join("lib/security/cacerts")) else { continue };
+        if keytool.is_file() && !stores.iter().any(|s| s.keystore == keystore) {
+            stores.push(JavaStore { keystore, keytool });
+        }
+    }
+    stores
 }
 
 impl TrustPaths {
@@ -57,6 +96,7 @@ impl TrustPaths {
             system_bundles: SYSTEM_BUNDLES.iter().map(PathBuf::from).collect(),
             update_command: PathBuf::from("update-ca-certificates"),
             env_file: env_file.to_owned(),
+            java: java_stores(),
         }
     }
 }
@@ -110,10 +150,65 @@ pub fn install_trust(paths: &TrustPaths, ca: &CertificateAuthority, system: bool
     fs::create_dir_all(env_dir).map_err(|e| TlsError::io(env_dir, "create directory", e))?;
     write_atomically(&paths.env_file, env_file_contents(paths).as_bytes(), 0o644)?;
     done.push(format!(
-        "wrote {} (SSL_CERT_FILE, REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, GIT_SSL_CAINFO -> bundle; NODE_EXTRA_CA_CERTS -> CA)",
-        paths.env_file.display()
+        "wrote {} ({} -> bundle; NODE_EXTRA_CA_CERTS -> CA)",
+        paths.env_file.display(),
+        BUNDLE_VARS.join(", ")
     ));
+    for store in &paths.java {
+        done.push(java_import(store, &paths.ca.cert)?);
+    }
+    if paths.java.is_empty() {
+        done.push("no JDK found (/usr/lib/jvm, JAVA_HOME): no Java trust store to update".to_owned());
+    }
     Ok(done)
+}
+
+/// Variables that name the bundle (system roots plus the gateway CA), so a
+/// runtime that reads only this file still verifies public hosts.
+pub const BUNDLE_VARS: [&str; 8] = [
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "GIT_SSL_CAINFO",
+    "PIP_CERT",
+    "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
+    "AWS_CA_BUNDLE",
+    "NPM_CONFIG_CAFILE",
+];
+
+fn keytool(store: &JavaStore, args: &[&str]) -> Command {
+    let mut cmd = Command::new(&store.keytool);
+    cmd.args(args).arg("-keystore").arg(&store.keystore).args(["-storepass", CACERTS_PASSWORD, "-noprompt"]);
+    cmd
+}
+
+fn java_has_alias(store: &JavaStore) -> Result<bool, TlsError> {
+    let out = keytool(store, &["-list", "-alias", JAVA_ALIAS])
+        .output()
+        .map_err(|e| TlsError::Command { command: store.keytool.display().to_string(), reason: e.to_string() })?;
+    Ok(out.status.success())
+}
+
+fn run_keytool(store: &JavaStore, args: &[&str]) -> Result<(), TlsError> {
+    let shown = format!("{} {}", store.keytool.display(), args.first().copied().unwrap_or(""));
+    let out = keytool(store, args)
+        .output()
+        .map_err(|e| TlsError::Command { command: shown.clone(), reason: e.to_string() })?;
+    if !out.status.success() {
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned() + String::from_utf8_lossy(&out.stderr).trim();
+        return Err(TlsError::Command { command: shown, reason: format!("{}: {said}", out.status) });
+    }
+    Ok(())
+}
+
+/// Imports the CA into one Java trust store, replacing an older gateway CA.
+fn java_import(store: &JavaStore, cert: &Path) -> Result<String, TlsError> {
+    if java_has_alias(store)? {
+        run_keytool(store, &["-delete", "-alias", JAVA_ALIAS])?;
+    }
+    let file = cert.to_string_lossy();
+    run_keytool(store, &["-importcert", "-alias", JAVA_ALIAS, "-file", &file])?;
+    Ok(format!("imported the CA into the Java trust store {} as `{JAVA_ALIAS}`", store.keystore.display()))
 }
 
 /// Reverses [`install_trust`]; the CA itself is kept. Returns what was done.
@@ -149,6 +244,12 @@ pub fn uninstall_trust(paths: &TrustPaths, system: bool) -> Result<Vec<String>, 
     } else {
         done.push(format!("{} was not present", paths.bundle.display()));
     }
+    for store in &paths.java {
+        if java_has_alias(store)? {
+            run_keytool(store, &["-delete", "-alias", JAVA_ALIAS])?;
+            done.push(format!("removed `{JAVA_ALIAS}` from the Java trust store {}", store.keystore.display()));
+        }
+    }
     done.push(format!("kept the CA in {} (delete it to retire the CA for good)", paths.ca.dir.display()));
     Ok(done)
 }
@@ -156,15 +257,17 @@ pub fn uninstall_trust(paths: &TrustPaths, system: bool) -> Result<Vec<String>, 
 fn env_file_contents(paths: &TrustPaths) -> String {
     let bundle = paths.bundle.display();
     let ca = paths.ca.cert.display();
-    format!(
+    let mut text = format!(
         "{ENV_MARKER}: makes TLS clients in CI jobs trust the CI gateway CA.\n\
          # Plain KEY=value lines: usable as a systemd EnvironmentFile, a docker --env-file, or `set -a; . FILE`.\n\
-         SSL_CERT_FILE={bundle}\n\
-         REQUESTS_CA_BUNDLE={bundle}\n\
-         CURL_CA_BUNDLE={bundle}\n\
-         GIT_SSL_CAINFO={bundle}\n\
-         NODE_EXTRA_CA_CERTS={ca}\n"
-    )
+         # The bundle is the system roots plus the gateway CA, so public hosts still verify.\n"
+    );
+    for var in BUNDLE_VARS {
+        text.push_str(&format!("{var}={bundle}\n"));
+    }
+    // Node adds this file to its built-in roots (it never reads the system store).
+    text.push_str(&format!("NODE_EXTRA_CA_CERTS={ca}\n"));
+    text
 }
 
 /// Whether a path can be written unquoted in an env file and read back the
@@ -252,6 +355,7 @@ mod tests {
         paths.system_anchor = r.join("share/ca-certificates/ci-gateway.crt");
         paths.system_bundles = vec![r.join("missing.crt"), r.join("system.crt")];
         paths.update_command = update;
+        paths.java = Vec::new();
         Fixture { _state: state, root, ca, paths }
     }
 
@@ -288,6 +392,10 @@ mod tests {
                 ("REQUESTS_CA_BUNDLE", bundle_path),
                 ("CURL_CA_BUNDLE", bundle_path),
                 ("GIT_SSL_CAINFO", bundle_path),
+                ("PIP_CERT", bundle_path),
+                ("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", bundle_path),
+                ("AWS_CA_BUNDLE", bundle_path),
+                ("NPM_CONFIG_CAFILE", bundle_path),
                 ("NODE_EXTRA_CA_CERTS", f.paths.ca.cert.to_str().expect("utf8")),
             ]
         );
@@ -369,6 +477,31 @@ mod tests {
         let err = uninstall_trust(&f.paths, false).expect_err("foreign env file").to_string();
         assert!(err.contains("ca.env") && err.contains("not written by"), "{err}");
         assert!(f.paths.env_file.exists());
+    }
+
+    /// The real keytool of an installed JDK, on a copy of its trust store.
+    #[test]
+    fn java_trust_store_gets_the_ca_and_loses_it_again() {
+        let host = java_stores();
+        let jdk = host
+            .first()
+            .unwrap_or_else(|| panic!("no JDK in /usr/lib/jvm: `cargo xtask setup` installs default-jdk-headless"));
+        let mut f = fixture();
+        let store = f.root.path().join("cacerts");
+        fs::copy(&jdk.keystore, &store).expect("copy cacerts");
+        f.paths.java = vec![JavaStore { keystore: store.clone(), keytool: jdk.keytool.clone() }];
+        let count = |paths: &TrustPaths| {
+            let out = keytool(&paths.java[0], &["-list"]).output().expect("keytool -list");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with(&format!("{JAVA_ALIAS},"))).count()
+        };
+        install_trust(&f.paths, &f.ca, false).expect("install");
+        assert_eq!(count(&f.paths), 1);
+        install_trust(&f.paths, &f.ca, false).expect("install again");
+        assert_eq!(count(&f.paths), 1, "idempotent");
+        let actions = uninstall_trust(&f.paths, false).expect("uninstall");
+        assert!(actions.iter().any(|a| a.contains("Java trust store")), "{actions:?}");
+        assert_eq!(count(&f.paths), 0);
     }
 
     #[test]
