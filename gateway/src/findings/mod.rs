@@ -67,7 +67,7 @@ pub struct FindingsConfig {
 }
 
 /// One entry of `findings.min_confidence`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfidenceRule {
     /// Detection rule id glob.
