@@ -1138,6 +1138,31 @@ fn postgres_result_masking() {
         "{said}"
     );
 
+    // A masked column read under another name, in a whole row or in a
+    // condition (an oracle) is refused with 42501 naming the rule, never
+    // answered in clear; the session goes on, the plain select still masked.
+    let out = scene.psql(
+        FLAG_IP,
+        &scene.job_password,
+        &[
+            "\\set VERBOSITY verbose",
+            "select ssn as x from people where id = 1",
+            "select upper(api_token) from people where id = 1",
+            "select to_json(p) from people p where id = 1",
+            "with c as (select ssn as a from people) select a from c",
+            "select id from people where ssn like '1%'",
+            "select id, ssn from people where id = 1",
+        ],
+    );
+    let said = text(&out);
+    clean(&said);
+    for value in ["123-45-6789", "987-65-4321", "tok-a", "TOK-A", "1234"] {
+        assert!(!said.contains(value), "a masked value reached the client in clear: {said}");
+    }
+    assert_eq!(said.matches("ERROR:  42501").count(), 5, "each unmaskable read refused with 42501: {said}");
+    assert!(said.contains("rule `people`") && said.contains("masked column `ssn`"), "{said}");
+    assert!(said.lines().any(|l| l == "1|[MASKED:column]"), "the plain select is masked: {said}");
+
     // COPY out of a masked table is refused, not sent in clear.
     let out = scene.psql(FLAG_IP, &scene.job_password, &["copy people to stdout"]);
     let said = text(&out);

@@ -140,6 +140,7 @@ impl Policy {
             has_where: None,
             span: 0..0,
             inner: vec![],
+            columns: Default::default(),
         };
         let pg = PostgresFacts { database, user, statement: Some(&unknown) };
         SqlExplanation {

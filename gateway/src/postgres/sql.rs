@@ -22,6 +22,11 @@
 //!   unqualified name referring to a CTE in scope (PostgreSQL's scoping:
 //!   a CTE's query sees earlier CTEs only, unless `RECURSIVE`) is not a
 //!   relation; the table a statement writes or creates always is.
+//! - Column references are recorded for column masks ([`ColumnReads`]):
+//!   every column named other than as a plain output column of the
+//!   top-level select list, and whether whole rows are read. The gate
+//!   refuses such reads of masked columns, which a mask matching result
+//!   column names could not follow.
 //! - `SELECT ... INTO t` creates a table: it is [`StatementKind::Ddl`].
 //! - `SET ROLE` and `SET SESSION AUTHORIZATION` change the privileges the
 //!   session acts with: [`StatementKind::Grant`], like `GRANT`, `ALTER ROLE`
@@ -285,6 +290,46 @@ pub struct Statement {
     /// `EXPLAIN`'s, `PREPARE`'s and `DECLARE CURSOR`'s statement, `COPY`'s
     /// query, and data-modifying statements nested anywhere (CTEs, rules).
     pub inner: Vec<Statement>,
+    /// The columns it reads other than as plain output columns, for column
+    /// masks (of the whole statement, inner statements included; empty for
+    /// inner statements themselves).
+    #[serde(skip)]
+    pub columns: ColumnReads,
+}
+
+/// The columns a statement reads in a way a column mask cannot follow:
+/// anywhere but as a plain, un-aliased output column of its top-level
+/// target list (or `RETURNING` list), where the server names the result
+/// column after the column itself (`SELECT ssn`, `SELECT t.ssn`, `SELECT *`).
+///
+/// An alias (`ssn AS x`), an expression (`upper(ssn)`), a subquery, a CTE,
+/// a condition (`WHERE ssn LIKE '1%'`: an oracle), `ORDER BY`, `GROUP BY`,
+/// `JOIN ... USING (ssn)`: each reads the column under another name or
+/// none, so a statement whose mask matches one of these names is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnReads {
+    /// The column names read so, each NUL-terminated (as PostgreSQL
+    /// resolves identifiers; a name may repeat): one buffer, not a `String`
+    /// per name, as every statement is classified.
+    names: String,
+    /// Whether it reads a whole row or every column so: a range's name
+    /// used as a value (`SELECT p FROM t p`, `to_json(p)`), `*` anywhere
+    /// but a plain output (`row(t.*)`, `(SELECT * FROM t)`), an alias column
+    /// list (`FROM t AS x(a, b)`), a `NATURAL` join.
+    pub whole_row: bool,
+}
+
+impl ColumnReads {
+    /// The column names read other than as plain output columns (a name
+    /// may repeat).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.split_terminator('\0')
+    }
+
+    /// Whether nothing is read other than as plain output columns.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && !self.whole_row
+    }
 }
 
 impl Statement {
@@ -367,7 +412,11 @@ fn classify_parsed(
 /// Classifies one parsed statement.
 fn classify_node(node: &NodeEnum, span: Range<usize>) -> Result<Statement, SqlError> {
     let tree_error = |e: walk::WalkError| SqlError::Tree(e.to_string());
-    let (mut relations, _) = walk::relations(node).map_err(tree_error)?;
+    let (mut relations, _, refs) = walk::relations_and_columns(node).map_err(tree_error)?;
+    let mut plain = Vec::new();
+    plain_outputs(node, &mut plain);
+    let (names, whole_row) = refs.reads(&plain);
+    let columns = ColumnReads { names, whole_row };
     if let NodeEnum::DropStmt(d) = node {
         dropped_relations(d, &mut relations);
     }
@@ -380,7 +429,58 @@ fn classify_node(node: &NodeEnum, span: Range<usize>) -> Result<Statement, SqlEr
         None => walk::modifications(node, true, &span).map_err(tree_error)?,
     };
     owner_change(node, kind, &relations, &span, &mut inner);
-    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner })
+    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner, columns })
+}
+
+/// A `RETURNING` list's entries.
+fn returning(r: &Option<pg_query::protobuf::ReturningClause>) -> Option<&[pg_query::Node]> {
+    r.as_ref().map(|r| &r.exprs[..])
+}
+
+/// The locations of the `ColumnRef`s that are plain output columns of
+/// `node`: bare, un-aliased entries of its top-level target list (for a set
+/// operation, its leftmost query's, which names the result's columns) or
+/// `RETURNING` list; those of the query `EXPLAIN`, `PREPARE` and `DECLARE`
+/// carry. Not `SELECT ... INTO` (the rows go to a table) nor `COPY` (its
+/// rows are not masked: refused by the handler).
+fn plain_outputs(node: &NodeEnum, out: &mut Vec<i32>) {
+    let carried = |n: &Option<Box<pg_query::Node>>, out: &mut Vec<i32>| {
+        if let Some(n) = n.as_deref().and_then(|n| n.node.as_ref()) {
+            plain_outputs(n, out);
+        }
+    };
+    let targets = match node {
+        NodeEnum::SelectStmt(s) => {
+            let mut s: &pg_query::protobuf::SelectStmt = s;
+            while s.op != pg_query::protobuf::SetOperation::SetopNone as i32 {
+                match s.larg.as_deref() {
+                    Some(l) => s = l,
+                    None => return,
+                }
+            }
+            if s.into_clause.is_some() {
+                return;
+            }
+            Some(&s.target_list[..])
+        }
+        NodeEnum::InsertStmt(s) => returning(&s.returning_clause),
+        NodeEnum::UpdateStmt(s) => returning(&s.returning_clause),
+        NodeEnum::DeleteStmt(s) => returning(&s.returning_clause),
+        NodeEnum::MergeStmt(s) => returning(&s.returning_clause),
+        NodeEnum::ExplainStmt(e) => return carried(&e.query, out),
+        NodeEnum::PrepareStmt(p) => return carried(&p.query, out),
+        NodeEnum::DeclareCursorStmt(d) => return carried(&d.query, out),
+        _ => None,
+    };
+    for target in targets.into_iter().flatten() {
+        let Some(NodeEnum::ResTarget(t)) = target.node.as_ref() else { continue };
+        if !t.name.is_empty() || !t.indirection.is_empty() {
+            continue;
+        }
+        if let Some(NodeEnum::ColumnRef(c)) = t.val.as_deref().and_then(|v| v.node.as_ref()) {
+            out.push(c.location);
+        }
+    }
 }
 
 /// `ALTER TABLE t OWNER TO r, ADD ...`: a privilege change inside a schema
@@ -399,6 +499,7 @@ fn owner_change(
             has_where: None,
             span: span.clone(),
             inner: vec![],
+            columns: ColumnReads::default(),
         });
     }
 }

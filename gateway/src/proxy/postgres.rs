@@ -1450,6 +1450,7 @@ impl Relay<'_> {
             has_where: None,
             span: 0..0,
             inner: Vec::new(),
+            columns: Default::default(),
         }];
         let (verdict, rule, masks) =
             self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}")).await;

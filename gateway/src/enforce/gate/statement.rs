@@ -113,6 +113,7 @@ impl Passage {
                     has_where: None,
                     span: 0..0,
                     inner: Vec::new(),
+                    columns: Default::default(),
                 }];
                 (&unparsed[..], Some(e.to_string()))
             }
@@ -142,6 +143,8 @@ impl Passage {
         for top in statements {
             let mut strictest: Option<policy::Decision<'_>> = None;
             let mut columns: Vec<String> = Vec::new();
+            // The first rule masking columns whole: it refuses a read of them it cannot mask.
+            let mut column_rule: Option<String> = None;
             let mut values = None;
             let mut refusal = None;
             top.visit(&mut |st| {
@@ -161,6 +164,9 @@ impl Passage {
                 }
                 record = fuller(record, d.record);
                 if let (Some(m), Some(id)) = (d.mask, d.mask_id) {
+                    if column_rule.is_none() && !m.columns.is_empty() {
+                        column_rule = Some(d.rule.to_owned());
+                    }
                     for c in &m.columns {
                         if !columns.contains(c) {
                             columns.push(c.clone());
@@ -180,6 +186,11 @@ impl Passage {
             }
             let Some(d) = strictest else { continue };
             let mask = (!columns.is_empty() || values.is_some()).then(|| result_mask(columns, values));
+            if let (Some(m), Some(rule)) = (&mask, column_rule) {
+                if let Some(reason) = unmaskable_read(top, m) {
+                    return Err((Reason::Denied { rule: rule.clone(), reason }, rule));
+                }
+            }
             verdicts.push(StatementVerdict { kind: top.kind, decided: decided(&d), mask });
             if query.is_none_or(|q| d.action.strictness() > q.action.strictness()) {
                 query = Some(d);
@@ -220,6 +231,31 @@ impl Passage {
         })
         .await
     }
+}
+
+/// Why `statement` reads a column `mask` masks where the mask cannot follow
+/// it (see [`crate::postgres::sql::ColumnReads`]): under an alias, in an
+/// expression, a subquery or a condition, or in a whole row. A column mask
+/// matches the name the server gives a result column, so such a read would
+/// come back in clear, or leak through the rows a condition selects.
+fn unmaskable_read(statement: &Statement, mask: &ResultMask) -> Option<String> {
+    const FIX: &str = "select masked columns only by name in the outer select list (`SELECT col` or \
+                       `SELECT t.col`, no alias, expression, subquery or condition on them), and no whole \
+                       rows (`SELECT t`, `row(t.*)`, `to_json(t)`)";
+    let reads = &statement.columns;
+    if reads.whole_row {
+        return Some(format!(
+            "the statement reads whole rows or every column other than as plain output columns, and \
+             the policy masks columns ({}): {FIX}",
+            mask.columns.join(", ")
+        ));
+    }
+    reads.names().find(|name| mask.masks_column(name)).map(|name| {
+        format!(
+            "the statement reads the masked column `{name}` other than as a plain output column (an \
+             alias, an expression, a subquery, a condition, an ordering or grouping): {FIX}"
+        )
+    })
 }
 
 fn decided(d: &policy::Decision<'_>) -> DecisionFacts {
@@ -359,6 +395,42 @@ defaults: { action: allow, record: none }
         statements: Result<&'a [Statement], &'a SqlError>,
     ) -> StatementAsk<'a> {
         StatementAsk { host: "db.internal", tls: true, database, user, statements }
+    }
+
+    #[tokio::test]
+    async fn reads_a_column_mask_cannot_follow_are_refused_by_the_masking_rule() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = passage(dir.path());
+        let judge = |sql: &str| {
+            let parsed = classify(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            p.statements(ask("app", "ci", Ok(&parsed))).map(|d| d.statements.len())
+        };
+        for sql in [
+            "SELECT ssn AS x FROM public.people",
+            "SELECT upper(api_token) FROM public.people",
+            "SELECT name FROM public.people WHERE ssn LIKE '1%'",
+            "SELECT to_json(p) FROM public.people p",
+            "SELECT x FROM (SELECT * FROM public.people) s",
+            "SELECT 1; SELECT ssn || '' FROM public.people",
+        ] {
+            match judge(sql) {
+                Err((Reason::Denied { rule, reason }, _)) => {
+                    assert_eq!(rule, "people", "{sql}");
+                    assert!(reason.contains("plain output column"), "{sql}: {reason}");
+                }
+                other => panic!("{sql}: {other:?}"),
+            }
+        }
+        // Plain output columns are masked, and columns no mask names are
+        // free anywhere; statements no column mask covers are not looked at.
+        for sql in [
+            "SELECT ssn, name FROM public.people",
+            "SELECT * FROM public.people p",
+            "SELECT upper(name) AS n FROM public.people WHERE id = 1 ORDER BY name",
+            "SELECT ssn AS x FROM t",
+        ] {
+            assert!(judge(sql).is_ok(), "{sql}: {:?}", judge(sql));
+        }
     }
 
     #[tokio::test]

@@ -150,8 +150,14 @@ fn the_strictest_statement_decides_the_query() {
 #[test]
 fn unknown_statements_are_refused_unless_a_rule_names_unknown() {
     let p = parse(PG);
-    let unknown =
-        Statement { kind: StatementKind::Unknown, relations: vec![], has_where: None, span: 0..0, inner: vec![] };
+    let unknown = Statement {
+        kind: StatementKind::Unknown,
+        relations: vec![],
+        has_where: None,
+        span: 0..0,
+        inner: vec![],
+        columns: Default::default(),
+    };
     let f = F::tcp("db.internal", 5432);
     let judge = |policy: &Policy, user: &str| {
         let pg = PostgresFacts { database: "app", user, statement: Some(&unknown) };

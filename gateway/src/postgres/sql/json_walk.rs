@@ -44,9 +44,18 @@ fn classify_node_json(node: &NodeEnum, span: Range<usize>) -> Result<Statement, 
             has_where: None,
             span: span.clone(),
             inner: vec![],
+            columns: Default::default(),
         });
     }
-    Ok(Statement { kind, relations: relations.into_iter().collect(), has_where, span, inner })
+    // Column references are the direct walk's alone (the comparison ignores them).
+    Ok(Statement {
+        kind,
+        relations: relations.into_iter().collect(),
+        has_where,
+        span,
+        inner,
+        columns: Default::default(),
+    })
 }
 
 /// Every `RangeVar` in a serialised parse tree, except unqualified
@@ -138,6 +147,7 @@ fn nested_modifications(v: &Value, top: bool, span: &Range<usize>, out: &mut Vec
                             has_where,
                             span: span.clone(),
                             inner,
+                            columns: Default::default(),
                         });
                         return;
                     }

@@ -578,6 +578,7 @@ const DIFFERENTIAL_WRAPPERS: &[&str] = &[
 fn canonical(mut statements: Vec<Statement>) -> Vec<Statement> {
     for s in &mut statements {
         s.inner = canonical(std::mem::take(&mut s.inner));
+        s.columns = ColumnReads::default();
     }
     statements.sort_by_key(|s| format!("{s:?}"));
     statements
@@ -588,6 +589,7 @@ fn canonical_top(result: Result<Vec<Statement>, SqlError>) -> Result<Vec<Stateme
         v.into_iter()
             .map(|mut s| {
                 s.inner = canonical(std::mem::take(&mut s.inner));
+                s.columns = ColumnReads::default();
                 s
             })
             .collect()
@@ -618,4 +620,110 @@ fn direct_walk_agrees_with_the_json_walk() {
     }
     assert!(queries.len() > 400, "{} queries", queries.len());
     assert!(classified > 350, "only {classified} of {} queries classified", queries.len());
+}
+
+/// The column names a statement reads other than as plain output columns,
+/// sorted and each once, and whether it reads whole rows.
+fn reads(sql: &str) -> (Vec<String>, bool) {
+    let s = one(sql);
+    let mut names: Vec<String> = s.columns.names().map(str::to_owned).collect();
+    names.sort_unstable();
+    names.dedup();
+    (names, s.columns.whole_row)
+}
+
+#[test]
+fn plain_output_columns_are_not_reads_a_mask_cannot_follow() {
+    for sql in [
+        "SELECT ssn FROM people",
+        "SELECT ssn, name FROM people",
+        "SELECT people.ssn FROM people",
+        "SELECT p.ssn FROM people p",
+        "SELECT public.people.ssn FROM public.people",
+        "SELECT * FROM people",
+        "SELECT p.* FROM people AS p",
+        "TABLE people",
+        "SELECT DISTINCT ssn FROM people",
+        "SELECT ssn FROM people LIMIT 3",
+        "SELECT ssn FROM people UNION ALL SELECT 'x'",
+        "DELETE FROM people RETURNING ssn",
+        "INSERT INTO people (name) VALUES ('a') RETURNING *",
+        "PREPARE q AS SELECT ssn FROM people",
+        "DECLARE c CURSOR FOR SELECT ssn FROM people",
+        "EXPLAIN SELECT ssn FROM people",
+        "SELECT count(*) FROM people",
+        "SELECT 1",
+        // The parser drops the parentheses: the server names it `ssn`.
+        "SELECT (ssn) FROM people",
+    ] {
+        assert_eq!(reads(sql), (vec![], false), "{sql}");
+    }
+}
+
+#[test]
+fn aliases_expressions_and_conditions_read_the_column_by_another_name() {
+    let ssn = |sql: &str| {
+        let (names, _) = reads(sql);
+        assert!(names.iter().any(|n| n == "ssn"), "{sql}: {names:?}");
+    };
+    for sql in [
+        "SELECT ssn AS x FROM people",
+        "SELECT ssn x FROM people",
+        "SELECT p.ssn AS x FROM people p",
+        "SELECT upper(ssn) FROM people",
+        "SELECT ssn || '' FROM people",
+        "SELECT ssn::text FROM people",
+        "SELECT CASE WHEN true THEN ssn END FROM people",
+        "SELECT (SELECT ssn FROM people LIMIT 1)",
+        "SELECT ARRAY(SELECT ssn FROM people)",
+        "SELECT x FROM (SELECT ssn AS x FROM people) s",
+        "SELECT ssn FROM (SELECT ssn FROM people) s",
+        "WITH c AS (SELECT ssn AS a FROM people) SELECT a FROM c",
+        "SELECT row(ssn) FROM people",
+        "SELECT name FROM people WHERE ssn LIKE '1%'",
+        "SELECT name FROM people ORDER BY ssn",
+        "SELECT count(*) FROM people GROUP BY ssn",
+        "SELECT name FROM people p JOIN guesses g ON g.v = p.ssn",
+        "SELECT 1 FROM people JOIN guesses USING (ssn)",
+        "SELECT DISTINCT ON (ssn) name FROM people",
+        "SELECT name FROM people UNION SELECT ssn FROM people",
+        "DELETE FROM people RETURNING ssn AS x",
+        "UPDATE people SET name = ssn WHERE id = 1 RETURNING name",
+        "INSERT INTO copy SELECT ssn FROM people",
+        "CREATE TABLE copy AS SELECT ssn FROM people",
+        "SELECT ssn INTO copy FROM people",
+        "COPY (SELECT ssn FROM people) TO STDOUT",
+        "PREPARE q AS SELECT ssn AS x FROM people",
+        "DECLARE c CURSOR FOR SELECT upper(ssn) FROM people",
+        "SELECT ssn.part FROM people",
+        "SELECT sum(length(ssn)) OVER (PARTITION BY ssn) FROM people",
+    ] {
+        ssn(sql);
+    }
+}
+
+#[test]
+fn whole_rows_and_renamed_columns_read_every_column() {
+    for sql in [
+        "SELECT p FROM people p",
+        "SELECT people FROM people",
+        "SELECT to_json(p) FROM people p",
+        "SELECT row_to_json(people) FROM people",
+        "SELECT row(p.*) FROM people p",
+        "SELECT to_json(p.*) FROM people p",
+        "SELECT (p).ssn FROM people p",
+        "SELECT x FROM (SELECT * FROM people) s",
+        "SELECT * FROM (SELECT * FROM people) s",
+        "WITH c AS (SELECT * FROM people) SELECT * FROM c",
+        "SELECT c FROM (SELECT ssn FROM people) c",
+        "SELECT * FROM people AS p(a, b, c)",
+        "SELECT 1 FROM people NATURAL JOIN guesses",
+        "INSERT INTO copy SELECT * FROM people",
+        "COPY (SELECT * FROM people) TO STDOUT",
+        "DELETE FROM people RETURNING old",
+    ] {
+        assert!(reads(sql).1, "{sql}: {:?}", reads(sql));
+    }
+    // A plain `*` qualified by a relation is no whole-row value.
+    assert!(!reads("SELECT people.* FROM people").1);
 }

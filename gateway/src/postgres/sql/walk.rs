@@ -1,6 +1,6 @@
 //! One walk over EVERY node of a pg_query parse tree, without building a
-//! copy of it: relations (with PostgreSQL's CTE scoping) and nested
-//! data-modifying statements.
+//! copy of it: relations (with PostgreSQL's CTE scoping), column
+//! references (for column masks) and nested data-modifying statements.
 //!
 //! The walk is driven by the tree's own `serde::Serialize` implementations,
 //! which pg_query generates for every protobuf message with the messages
@@ -50,11 +50,100 @@ impl ser::Error for WalkError {
 /// excepted, see [`Relations`]), and whether its own (top-level) node has a
 /// non-null `where_clause`.
 pub(super) fn relations<T: Serialize + ?Sized>(node: &T) -> Result<(BTreeSet<Relation>, bool), WalkError> {
+    let (relations, top_where, _) = relations_and_columns(node)?;
+    Ok((relations, top_where))
+}
+
+/// [`relations`], and the column references of `node` (see [`Columns`]).
+pub(super) fn relations_and_columns<T: Serialize + ?Sized>(
+    node: &T,
+) -> Result<(BTreeSet<Relation>, bool, Columns), WalkError> {
     let mut walk = Relations::default();
     node.serialize(&mut walk)?;
-    let Relations { mut out, pending, top_where, .. } = walk;
+    let Relations { mut out, pending, top_where, columns, .. } = walk;
     out.extend(pending.into_iter().map(|name| Relation { schema: None, name }));
-    Ok((out, top_where))
+    Ok((out, top_where, columns))
+}
+
+/// The column references of a tree, as written, for column masks: every
+/// `ColumnRef`'s fields, the names a range can be referred to by (relation
+/// names, aliases, CTE names), and the constructs that read or rename
+/// columns without naming them.
+#[derive(Default)]
+pub(super) struct Columns {
+    /// The fields of every `ColumnRef`, each followed by a NUL (which no
+    /// identifier holds): one buffer rather than a `String` per name.
+    names: String,
+    /// Each `ColumnRef`: its fields' range in `names`, whether it ends in
+    /// `*`, and its location in the text.
+    refs: Vec<ColumnRef>,
+    /// NUL-terminated names a range is known by: relation names, aliases,
+    /// CTE names, `RETURNING`'s `old`/`new` and their aliases.
+    ranges: String,
+    /// Columns read or renamed without a `ColumnRef`: an alias column list
+    /// (`t AS x(a, b)`) or a `NATURAL` join.
+    pub(super) unnamed: bool,
+    /// The names of a `JOIN ... USING (a, b)`, NUL-terminated: columns
+    /// compared, never output columns.
+    using: String,
+}
+
+/// One `ColumnRef`.
+struct ColumnRef {
+    fields: Range<usize>,
+    star: bool,
+    location: i32,
+}
+
+impl Columns {
+    /// Whether `name` is what a range (relation, alias, CTE) is called.
+    fn is_range(&self, name: &str) -> bool {
+        self.ranges.split_terminator('\0').any(|r| r == name)
+    }
+
+    /// The column names referenced other than as a plain output column
+    /// (the `ColumnRef`s at `plain` locations), NUL-terminated (a name may
+    /// come more than once), and whether a whole row or every column is
+    /// read (a range's name used as a value, `*` anywhere but a plain
+    /// output, an alias column list, a `NATURAL` join).
+    pub(super) fn reads(&self, plain: &[i32]) -> (String, bool) {
+        let mut other = self.using.clone();
+        let mut whole_row = self.unnamed;
+        for r in &self.refs {
+            let is_plain = plain.contains(&r.location);
+            if r.star {
+                // `*`, `t.*`: every column of the range(s), named by the
+                // server after themselves only as a plain output.
+                whole_row |= !is_plain;
+                continue;
+            }
+            let fields = &self.names[r.fields.clone()];
+            let count = fields.split_terminator('\0').count();
+            // `schema.table.column`, `t.column`: what comes up to the last
+            // range name qualifies; what follows it is a column and, in
+            // front of the last field, composite field access
+            // (`(c).field` written `c.field`).
+            let first_column = fields
+                .split_terminator('\0')
+                .take(count.saturating_sub(1))
+                .enumerate()
+                .filter(|(_, f)| self.is_range(f))
+                .last()
+                .map_or(0, |(i, _)| i + 1);
+            for (i, name) in fields.split_terminator('\0').enumerate().skip(first_column) {
+                if self.is_range(name) {
+                    // A range's name as a value: its whole row.
+                    whole_row = true;
+                }
+                // A plain output column is named by its last field.
+                if !(is_plain && i + 1 == count) {
+                    other.push_str(name);
+                    other.push('\0');
+                }
+            }
+        }
+        (other, whole_row)
+    }
 }
 
 /// The data-modifying statements (`INSERT`, `UPDATE`, `DELETE`, `MERGE`)
@@ -100,6 +189,14 @@ struct Relations {
     finished_with: Option<(Vec<String>, Vec<String>)>,
     /// Whether the walked node's own `where_clause` is set.
     top_where: bool,
+    /// The column references (see [`Columns`]).
+    columns: Columns,
+    /// Inside a `ColumnRef`'s `fields`: its index in `columns.refs`.
+    in_column_ref: Option<usize>,
+    /// Inside an `Alias`'s `colnames`.
+    in_alias_columns: bool,
+    /// Inside a `JoinExpr`'s `using_clause`.
+    in_using: bool,
 }
 
 /// A `WITH` clause being walked.
@@ -121,6 +218,12 @@ enum Role {
     RangeVar,
     With,
     Cte,
+    ColumnRef,
+    /// A name in a `ColumnRef`'s fields or a `JOIN ... USING` list.
+    Name,
+    Alias,
+    Join,
+    ReturningOption,
 }
 
 /// A struct being walked by [`Relations`].
@@ -338,7 +441,30 @@ impl<'w> Serializer for &'w mut Relations {
         } else if name == "CommonTableExpr" && self.withs.last().is_some_and(|w| w.depth + 2 == self.depth) {
             Role::Cte
         } else {
-            Role::Plain
+            match name {
+                "String" if self.in_column_ref.is_some() || self.in_using => Role::Name,
+                "AStar" => {
+                    if let Some(r) = self.in_column_ref.and_then(|i| self.columns.refs.get_mut(i)) {
+                        r.star = true;
+                    }
+                    Role::Plain
+                }
+                "String" | "Node" if self.in_alias_columns => {
+                    self.columns.unnamed = true;
+                    Role::Plain
+                }
+                "ColumnRef" => Role::ColumnRef,
+                "Alias" => Role::Alias,
+                "JoinExpr" => Role::Join,
+                "ReturningClause" => {
+                    self.columns.ranges.push_str("old\0new\0");
+                    Role::Plain
+                }
+                "ReturningOption" => Role::ReturningOption,
+                // `CommonTableExpr` out of a `WITH` (no such tree is known):
+                // its name still names a range.
+                _ => Role::Plain,
+            }
         };
         Ok(RelStruct { walk: self, role, start, schema: String::new(), name: String::new(), with: None })
     }
@@ -356,6 +482,48 @@ impl ser::SerializeStruct for RelStruct<'_> {
             walk.top_where = value.serialize(Leaf)?.is_set();
         }
         match (self.role, key) {
+            (Role::ColumnRef, "fields") => {
+                let start = walk.columns.names.len();
+                walk.columns.refs.push(ColumnRef { fields: start..start, star: false, location: -1 });
+                walk.in_column_ref = Some(walk.columns.refs.len() - 1);
+                value.serialize(&mut *walk)?;
+                walk.in_column_ref = None;
+                let end = walk.columns.names.len();
+                if let Some(r) = walk.columns.refs.last_mut() {
+                    r.fields = start..end;
+                }
+            }
+            (Role::ColumnRef, "location") => {
+                if let (LeafValue::Int(at), Some(r)) = (value.serialize(Leaf)?, walk.columns.refs.last_mut()) {
+                    r.location = i32::try_from(at).unwrap_or(-1);
+                }
+            }
+            (Role::Name, "sval") => {
+                let name = value.serialize(Leaf)?.into_string()?;
+                let buf = if walk.in_using { &mut walk.columns.using } else { &mut walk.columns.names };
+                buf.push_str(&name);
+                buf.push('\0');
+            }
+            (Role::Alias, "aliasname") | (Role::ReturningOption, "value") => {
+                let name = value.serialize(Leaf)?.into_string()?;
+                walk.columns.ranges.push_str(&name);
+                walk.columns.ranges.push('\0');
+            }
+            (Role::Alias, "colnames") => {
+                walk.in_alias_columns = true;
+                value.serialize(&mut *walk)?;
+                walk.in_alias_columns = false;
+            }
+            (Role::Join, "is_natural") => {
+                if value.serialize(Leaf)?.into_bool()? {
+                    walk.columns.unnamed = true;
+                }
+            }
+            (Role::Join, "using_clause") => {
+                walk.in_using = true;
+                value.serialize(&mut *walk)?;
+                walk.in_using = false;
+            }
             (Role::RangeVar, "schemaname") => self.schema = value.serialize(Leaf)?.into_string()?,
             (Role::RangeVar | Role::Cte, "relname" | "ctename") => self.name = value.serialize(Leaf)?.into_string()?,
             (Role::With, "recursive") => {
@@ -384,6 +552,10 @@ impl ser::SerializeStruct for RelStruct<'_> {
 
     fn end(self) -> Result<(), WalkError> {
         let RelStruct { walk, role, start, schema, name, with } = self;
+        if matches!(role, Role::RangeVar | Role::Cte) && !name.is_empty() {
+            walk.columns.ranges.push_str(&name);
+            walk.columns.ranges.push('\0');
+        }
         match role {
             Role::RangeVar if name.is_empty() => {}
             Role::RangeVar if schema.is_empty() => walk.pending.push(name),
@@ -417,7 +589,7 @@ impl ser::SerializeStruct for RelStruct<'_> {
                 }
                 walk.finished_with = Some((names, escaped));
             }
-            Role::Plain => {}
+            Role::Plain | Role::ColumnRef | Role::Name | Role::Alias | Role::Join | Role::ReturningOption => {}
         }
         // A statement with a `WITH`: its own unqualified names naming one of
         // its CTEs are the CTE; its CTEs' queries' unresolved names go on
@@ -479,6 +651,7 @@ impl Serializer for &mut Modifications<'_> {
             has_where: kind.filters_rows().then_some(has_where),
             span: self.span.clone(),
             inner,
+            columns: super::ColumnReads::default(),
         });
         Ok(())
     }
@@ -512,6 +685,7 @@ enum LeafValue {
     Set,
     Str(String),
     Bool(bool),
+    Int(i64),
     /// Any other scalar.
     Other,
 }
@@ -560,8 +734,8 @@ impl Serializer for Leaf {
     fn serialize_i16(self, _: i16) -> Result<LeafValue, WalkError> {
         Ok(LeafValue::Other)
     }
-    fn serialize_i32(self, _: i32) -> Result<LeafValue, WalkError> {
-        Ok(LeafValue::Other)
+    fn serialize_i32(self, v: i32) -> Result<LeafValue, WalkError> {
+        Ok(LeafValue::Int(i64::from(v)))
     }
     fn serialize_i64(self, _: i64) -> Result<LeafValue, WalkError> {
         Ok(LeafValue::Other)
