@@ -118,6 +118,10 @@ fn main() -> Result<()> {
     catch_interrupts()?;
     let settings = Settings::from_env()?;
     let tools = Tools::find(settings.mode)?;
+    if settings.mode == Mode::Idle {
+        // Fresh processes each round: an allocator keeps what a burst took.
+        return idle::run(&tools, settings.rounds).map(|report| report.print());
+    }
     let mut scene = Scene::start(&tools, settings.mode)?;
     // Ctrl-C also reaches wrk and the gateway, so the measurement in flight
     // may fail for that reason: say so.
@@ -129,7 +133,8 @@ fn main() -> Result<()> {
         Mode::Proxies => run(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
         Mode::Recording => run_recording(&tools, &mut scene, &settings).map_err(interrupted)?.print(&settings),
         Mode::Callgrind => run_callgrind(&tools, &scene, &settings).map_err(interrupted)?.print(&settings),
-        Mode::Idle => idle::run(&scene, settings.rounds).map_err(interrupted)?.print(),
+        // Runs above, before the shared scene exists.
+        Mode::Idle => {}
     }
     // `scene` drops here: gateway stopped and detached, nginx stopped, cgroup
     // and temp files removed. Errors above drop it on the way out too.

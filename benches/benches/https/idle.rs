@@ -10,9 +10,10 @@
 //! [`SETTLE`] (past the gateway's `upstream_idle_timeout`, so idle clients no
 //! longer hold upstream connections, the steady state of an idle job), then
 //! reads the proxy's resident memory (the gateway process, or every process
-//! of that nginx instance) and reports (RSS now - RSS before) / N. Rounds run
-//! the two paths in turn against the same processes; the table gives each
-//! round and the median.
+//! of that nginx instance) and reports (RSS now - RSS before) / N. Each
+//! round starts fresh processes (an allocator keeps the memory a burst took,
+//! so a second burst into the same process measures almost nothing) and runs
+//! the two paths in turn; the table gives each round and the median.
 //!
 //! N is `HTTPS_BENCH_IDLE_CONNS` (default 8000): the descriptor limit a
 //! process may raise itself to on this host decides the ceiling, and the
@@ -29,7 +30,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context as _, Result};
 
-use super::{check_interrupted, median, Route, Scene, SMALL_BODY};
+use super::{check_interrupted, median, Mode, Route, Scene, Tools, SMALL_BODY};
 
 /// Set in the client process: `<ip:port> <connections>`.
 pub const CLIENT_ENV: &str = "HTTPS_BENCH_IDLE_CLIENT";
@@ -60,8 +61,8 @@ pub struct IdleReport {
     rounds: Vec<Vec<Reading>>,
 }
 
-/// Runs the idle-memory rounds over the scene's nginx proxy and gateway.
-pub fn run(scene: &Scene, rounds: usize) -> Result<IdleReport> {
+/// Runs the idle-memory rounds, each over a fresh nginx proxy and gateway.
+pub fn run(tools: &Tools, rounds: usize) -> Result<IdleReport> {
     let conns = match std::env::var("HTTPS_BENCH_IDLE_CONNS") {
         Ok(v) => v.parse().with_context(|| format!("HTTPS_BENCH_IDLE_CONNS={v}"))?,
         Err(_) => 8000,
@@ -70,6 +71,8 @@ pub fn run(scene: &Scene, rounds: usize) -> Result<IdleReport> {
     let exe = std::env::current_exe()?;
     let mut all = Vec::new();
     for round in 0..rounds {
+        let scene = Scene::start(tools, Mode::Idle)?;
+        let scene = &scene;
         let mut readings = Vec::new();
         for route in scene.routes() {
             check_interrupted()?;
