@@ -17,6 +17,8 @@ pub mod detect;
 pub mod enforce;
 pub mod event;
 pub mod findings;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod intercept;

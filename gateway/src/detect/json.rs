@@ -240,6 +240,9 @@ impl JsonLexer {
             self.end_key(sink);
         }
         if self.state == State::Literal && !literal_ok(&self.literal) {
+            // What is buffered (a comment's text) belongs to the field before,
+            // as it would had a chunk ended here.
+            self.flush(sink);
             // Not a literal after all: its bytes are scanned as text.
             let lit = std::mem::take(&mut self.literal);
             sink.begin("");
@@ -406,4 +409,51 @@ impl JsonLexer {
 /// optional whitespace (a byte-order mark already removed).
 pub(crate) fn looks_like_json(data: &[u8]) -> bool {
     matches!(data.iter().find(|b| !b.is_ascii_whitespace()), Some(b'{' | b'['))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(path, text)` per field, as emitted.
+    #[derive(Default)]
+    struct Fields(Vec<(String, Vec<u8>)>);
+
+    impl Emit for Fields {
+        fn begin(&mut self, path: &str) {
+            self.0.push((path.to_owned(), Vec::new()));
+        }
+        fn data(&mut self, bytes: &[u8]) {
+            match self.0.last_mut() {
+                Some((_, text)) => text.extend_from_slice(bytes),
+                None => self.0.push((String::new(), bytes.to_vec())),
+            }
+        }
+    }
+
+    /// Lexes `chunks` and ends as the body scanner does when the input
+    /// stops being JSON.
+    fn lex(chunks: &[&[u8]]) -> Vec<(String, Vec<u8>)> {
+        let mut lexer = JsonLexer::default();
+        let mut sink = Fields::default();
+        for chunk in chunks {
+            if lexer.feed(chunk, &mut sink).is_err() {
+                lexer.take_pending();
+                break;
+            }
+        }
+        lexer.finish(&mut sink);
+        sink.0
+    }
+
+    /// Found by fuzz target json_lex: a comment's text still buffered when
+    /// a would-be literal turned out not to be one went to the next field
+    /// (`""`) unless a chunk had ended after the comment.
+    #[test]
+    fn chunking_does_not_move_comment_text_to_another_field() {
+        let doc: &[u8] = b"/* c */tru,";
+        let whole = lex(&[doc]);
+        assert_eq!(whole, lex(&[&doc[..7], &doc[7..]]));
+        assert!(whole.iter().any(|(path, text)| !path.is_empty() && text.as_slice() == b" c *"), "{whole:?}");
+    }
 }

@@ -19,23 +19,23 @@ use std::{path::PathBuf, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-mod b64;
+pub(crate) mod b64;
 pub mod body;
-mod collect;
+pub(crate) mod collect;
 pub mod confirm;
 mod engine;
 mod grpc;
 pub mod http_scan;
-mod json;
+pub(crate) mod json;
 mod multipart;
 mod payload;
-mod protobuf;
+pub(crate) mod protobuf;
 pub mod rules;
 pub mod secret;
 pub mod short_lived;
 pub mod status;
 pub mod stream;
-mod utf16;
+pub(crate) mod utf16;
 pub mod websocket;
 
 #[cfg(test)]

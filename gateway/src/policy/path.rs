@@ -157,6 +157,11 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath<'_>, PathRejection> {
         return Ok(NormalizedPath { path: Cow::Borrowed(path), query });
     }
     let decoded = decode_unreserved(path);
+    // Decoding an escaped hex digit can complete a `%25XX` that `scan` did
+    // not see (`%25%36%31` becomes `%2561`, `/a` to a server decoding twice).
+    if double_encoded(&decoded) {
+        return Err(PathRejection::DoubleEncoding);
+    }
     let path = remove_dot_segments(&decoded)?;
     Ok(NormalizedPath { path: Cow::Owned(path), query })
 }
@@ -261,6 +266,11 @@ fn check_escaped_utf8(path: &str) -> Result<(), PathRejection> {
         }
     }
     std::str::from_utf8(&decoded).map(drop).map_err(|_| PathRejection::EncodedNotUtf8)
+}
+
+/// Whether `path` holds `%25` followed by two hex digits.
+fn double_encoded(path: &str) -> bool {
+    path.as_bytes().windows(5).any(|w| w.starts_with(b"%25") && hex(w[3]).is_some() && hex(w[4]).is_some())
 }
 
 /// Decodes escapes of unreserved characters and upper-cases the hex digits
@@ -392,6 +402,10 @@ mod tests {
             ("/v1/%%61", InvalidPercentEncoding),
             ("/v1/%2561dmin", DoubleEncoding),
             ("/v1/%252e%252e/admin", DoubleEncoding),
+            // Found by fuzz target path_diff: the hex digits after `%25`
+            // themselves escaped, so only the decoded path shows `%25XX`.
+            ("/v1/%25%36%31dmin", DoubleEncoding),
+            ("/%251%41%4f/%41", DoubleEncoding),
             ("/v1/%C0%AFadmin", EncodedNotUtf8),
             ("/v1/%C3", EncodedNotUtf8),
             ("/v1/%FF", EncodedNotUtf8),

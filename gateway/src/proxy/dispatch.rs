@@ -29,7 +29,7 @@ use crate::{
 
 /// What the first bytes say.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-enum Sniffed {
+pub(crate) enum Sniffed {
     /// A TLS handshake record.
     Tls,
     /// The start of an HTTP/1.x request (any method, leading empty lines
@@ -55,7 +55,7 @@ const SNIFF_LEN: usize = 512;
 /// HTTP/1 parser) rejects for its version.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-fn classify(first: &[u8]) -> Sniffed {
+pub(crate) fn classify(first: &[u8]) -> Sniffed {
     if first.is_empty() {
         return Sniffed::Closed;
     }

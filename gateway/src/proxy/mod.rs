@@ -33,7 +33,7 @@ use crate::{
 };
 
 pub mod admission;
-mod dispatch;
+pub(crate) mod dispatch;
 mod http;
 mod postgres;
 mod tcp;

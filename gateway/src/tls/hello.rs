@@ -124,7 +124,7 @@ async fn peek_loop(stream: &TcpStream) -> Result<Peeked, HelloError> {
 
 /// The outcome of parsing what has arrived so far.
 #[derive(Debug, PartialEq, Eq)]
-enum Parse {
+pub(crate) enum Parse {
     NotTls,
     /// At least this many bytes (from the start) are needed to go on.
     Need(usize),
@@ -133,7 +133,7 @@ enum Parse {
 }
 
 /// Parses the records at the start of `buf` up to a complete ClientHello.
-fn parse(buf: &[u8]) -> Parse {
+pub(crate) fn parse(buf: &[u8]) -> Parse {
     if !starts_like_tls(buf) {
         return Parse::NotTls;
     }
