@@ -76,8 +76,8 @@ pub fn run(tools: &Tools, rounds: usize) -> Result<IdleReport> {
         let mut readings = Vec::new();
         for route in scene.routes() {
             check_interrupted()?;
-            let reading = measure(scene, &exe, &route, conns)
-                .with_context(|| format!("round {}, {}", round + 1, route.label))?;
+            let reading =
+                measure(scene, &exe, &route, conns).with_context(|| format!("round {}, {}", round + 1, route.label))?;
             eprintln!(
                 "round {}: {:<28} {:>8.1} KiB per connection",
                 round + 1,
