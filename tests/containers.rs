@@ -65,13 +65,49 @@ impl Scene {
     }
 
     /// A container under the gateway's intercepted cgroup.
+    /// A container of the job, its namespace served by the running gateway.
     fn container(&self, name: &str, host_network: bool) -> Container {
+        let c = self.start_container(name, host_network);
+        if !host_network {
+            self.wait_served(&c);
+        }
+        c
+    }
+
+    /// A container of the job, started without waiting for the gateway.
+    fn start_container(&self, name: &str, host_network: bool) -> Container {
         self.docker.run(&RunSpec {
             name: format!("{name}-{}", std::process::id()),
             cgroup_parent: Some(self.gw.cgroup_path()),
             host_network,
             mounts: vec![(self.pki_dir.path().to_owned(), "/pki".into())],
         })
+    }
+
+    /// Waits until the gateway serves `c`'s network namespace. It starts to
+    /// when the container's first process joins the intercepted cgroup (the
+    /// kernel's `cgroup_attach_task`), asynchronously: a connect that beats
+    /// it is refused once (docs/architecture.md). These tests are about
+    /// inspection, so under a loaded suite they must not depend on that race.
+    fn wait_served(&self, c: &Container) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let status = self.gw.status();
+            let served = status["namespaces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|ns| ns["cgroup"].as_str().is_some_and(|cg| cg.contains(c.id.as_str())));
+            if served {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the gateway never served the namespace of {}: {status:#}",
+                c.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     fn resolve(&self) -> String {
@@ -374,7 +410,7 @@ fn bridge_container_jobs_are_inspected_like_host_jobs() {
 fn a_container_started_before_the_gateway_is_served() {
     let mut scene = Scene::start("ctr-before");
     scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
-    let c = scene.container("before", false);
+    let c = scene.start_container("before", false);
     scene.gw.spawn(false);
     let (status, body, out) = scene.curl(&c, &[&scene.url("/after-start")]);
     assert_eq!(status, 200, "{body} {}\n{}", String::from_utf8_lossy(&out.stderr), scene.gw.log_errors());
