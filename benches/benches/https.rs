@@ -81,6 +81,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use gateway_tests::median;
 use nix::{
     sys::signal::{kill, killpg, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal},
     unistd::Pid,
@@ -1368,15 +1369,6 @@ fn run(tools: &Tools, scene: &Scene, settings: &Settings) -> Result<Report> {
     Ok(Report { routes, runs, downloads })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Median of each metric over the rounds of one path.
 struct Summary {
     rps: f64,
@@ -1389,7 +1381,7 @@ struct Summary {
 
 impl Summary {
     fn of(runs: &[WrkRun]) -> Summary {
-        let m = |f: fn(&WrkRun) -> f64| median(runs.iter().map(f).collect());
+        let m = |f: fn(&WrkRun) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
         Summary {
             rps: m(|r| r.rps),
             p50: m(|r| r.p50_us),
@@ -1712,7 +1704,9 @@ impl RecordingReport {
                 let (lo, hi) =
                     paired.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                 let cpu = x.proxy_cpu.unwrap_or(f64::NAN);
-                let busy = median(runs[r].iter().map(|w| w.drain.unwrap_or_default().as_secs_f64() * 1e3).collect());
+                let busy = median(
+                    &runs[r].iter().map(|w| w.drain.unwrap_or_default().as_secs_f64() * 1e3).collect::<Vec<_>>(),
+                );
                 println!(
                     "{:<26} {:>9.0} {:>8.1} {:>8.1} {:>9.3} {:>15} {:>11.1} us {:>10.3} {:>9.0}",
                     route.label,
@@ -1986,11 +1980,11 @@ impl CallgrindReport {
         let per: Vec<f64> = self
             .counts
             .iter()
-            .map(|c| median(c.iter().map(|(a, b)| b.saturating_sub(*a) as f64 / n as f64).collect()))
+            .map(|c| median(&c.iter().map(|(a, b)| b.saturating_sub(*a) as f64 / n as f64).collect::<Vec<_>>()))
             .collect();
         let nginx = self.routes.iter().position(|r| r.gateway.is_none()).map(|i| per[i]);
         for ((route, counts), ir) in self.routes.iter().zip(&self.counts).zip(&per) {
-            let m = |f: fn(&(u64, u64)) -> u64| median(counts.iter().map(|c| f(c) as f64).collect());
+            let m = |f: fn(&(u64, u64)) -> u64| median(&counts.iter().map(|c| f(c) as f64).collect::<Vec<_>>());
             println!(
                 "{:<26} {:>14.0} {:>14.0} {:>12.0} {:>9.2}",
                 route.label,

@@ -39,7 +39,7 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
-use gateway_tests::{keys, run_as, unique_port, GatewayOptions, TestGateway};
+use gateway_tests::{keys, median, run_as, unique_port, GatewayOptions, TestGateway};
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const SERVER_IP: &str = "127.0.0.31";
@@ -220,12 +220,12 @@ fn main() -> Result<()> {
                 table,
                 "| {} | {clients} | {:.0} | {:.0} | {:.0} | **{:.2}** ({}) | {:.2} ({}) |",
                 script.name(),
-                median(runs[0].clone()),
-                median(runs[1].clone()),
-                median(runs[2].clone()),
-                median(g.clone()),
+                median(&runs[0]),
+                median(&runs[1]),
+                median(&runs[2]),
+                median(&g),
                 spread(&g),
-                median(b.clone()),
+                median(&b),
                 spread(&b),
             )?;
         }
@@ -328,15 +328,6 @@ fn parse_tps(report: &str) -> Result<f64> {
         .and_then(|l| l.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no tps in the pgbench report:\n{report}"))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// A CA and a certificate for the server's and PgBouncer's addresses, as PEM.

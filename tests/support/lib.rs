@@ -79,6 +79,18 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 /// the port between the probe and the bind that uses it.
 const PORTS: std::ops::Range<u16> = 20000..32000;
 
+/// The median of `values` (the mean of the middle two for an even count);
+/// NaN when there are none. Benchmarks report the median over rounds.
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 /// A port unlikely to collide with another test in this process or another
 /// test binary running at the same time.
 pub fn unique_port() -> u16 {

@@ -29,8 +29,9 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
+use gateway_tests::median;
 
-use super::{check_interrupted, median, Mode, Route, Scene, Tools, SMALL_BODY};
+use super::{check_interrupted, Mode, Route, Scene, Tools, SMALL_BODY};
 
 /// Set in the client process: `<ip:port> <connections>`.
 pub const CLIENT_ENV: &str = "HTTPS_BENCH_IDLE_CLIENT";
@@ -150,7 +151,7 @@ impl IdleReport {
                     r.gateway_fds.map_or("-".into(), |n| n.to_string())
                 );
             }
-            let m = median(of.iter().map(|r| r.per_conn_bytes()).collect());
+            let m = median(&of.iter().map(|r| r.per_conn_bytes()).collect::<Vec<_>>());
             medians.push((*label, m));
         }
         println!();
