@@ -188,14 +188,6 @@ fn wait_served(gw: &TestGateway, pid: u32) -> u64 {
     })
 }
 
-fn intercept_events(gw: &TestGateway, kind: &str) -> Vec<Value> {
-    gw.log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == "gateway::intercept" && v["kind"] == kind)
-        .collect()
-}
-
 /// A process that sits in the namespace (and the cgroup) until killed.
 struct Holder(Child);
 
@@ -287,7 +279,7 @@ fn ip_netns_job_is_served_attributed_and_inspected() {
         }
     });
     assert!(!ns.listens_on(gw.proxy_port), "no listener is left in the namespace");
-    assert_eq!(intercept_events(&gw, "netns_released").len(), 1);
+    assert_eq!(gw.intercept_events("netns_released").len(), 1);
 }
 
 /// Python client for `unshare -n`: retries its first connect (a namespace
@@ -326,16 +318,18 @@ print(json.dumps(out))
 
 /// `unshare -n`: a namespace with nothing but a loopback that is down. The
 /// gateway serves it (brings the loopback up, listens there) as soon as it
-/// learns of it: from the process entering the cgroup (the cgroup-move
-/// tracepoint) when that is handled after `unshare`, else from the first
-/// connect, which is then refused (EPERM) and reported, and the retry goes
-/// through the proxy. Either way nothing goes around the gateway.
+/// learns of it: from the kernel's report of the `unshare` (or of the
+/// process entering the cgroup), usually before the client connects, else
+/// from the first connect, which is then refused (EPERM) and reported, and
+/// the retry goes through the proxy. Either way nothing goes around the
+/// gateway.
 #[test]
 fn unshare_namespace_is_served_after_its_first_refused_connect() {
     let port = unique_port();
     let server = HttpServer::start(format!("127.0.0.2:{port}").parse().expect("addr"));
     let mut opts = GatewayOptions::new("unshare", &[&format!("{{cidr: 127.0.0.2/32, ports: [{port}]}}")]);
-    // Only the kernel's refusal can tell the gateway about this namespace.
+    // Only the kernel (its reports of the unshare and of a refused connect)
+    // can tell the gateway about this namespace: no scan.
     opts.intercept_yaml = "  netns_scan_interval: 1h\n".into();
     let gw = TestGateway::start(opts);
     let key = gateway_tests::keys::cursor_key();
@@ -353,9 +347,9 @@ fn unshare_namespace_is_served_after_its_first_refused_connect() {
     assert_eq!(server.saw("GET /ns"), 1, "only the clean request reached the upstream");
     assert_eq!(server.saw(&key), 0);
 
-    let refused = intercept_events(&gw, "refused_unserved_netns");
+    let refused = gw.intercept_events("refused_unserved_netns");
     assert_eq!(refused.len(), usize::from(refused_first), "a refusal is reported once: {refused:?}");
-    let served = intercept_events(&gw, "netns_served");
+    let served = gw.intercept_events("netns_served");
     assert_eq!(served.len(), 1, "{served:?}");
     assert_eq!(served[0]["brought_up_loopback"], true, "{served:?}");
     let cookie = served[0]["netns"].as_u64().expect("cookie");
@@ -385,7 +379,7 @@ fn a_namespace_with_its_loopback_down_gets_a_clear_reason() {
     let errnos = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(errnos.lines().collect::<Vec<_>>(), ["1", "1"], "refused, not sent anywhere: {errnos}");
     let reason =
-        wait_for("the reason is logged", || intercept_events(&gw, "netns_unserved").first().cloned().ok_or("not yet"));
+        wait_for("the reason is logged", || gw.intercept_events("netns_unserved").first().cloned().ok_or("not yet"));
     let text = reason["reason"].as_str().unwrap_or_default();
     assert!(text.contains("loopback") && text.contains("bring_up_loopback"), "{reason}");
 }
@@ -572,7 +566,7 @@ fn quic_to_a_captured_port_is_refused_and_the_tcp_fallback_is_captured() {
     let stats = &gw.status()["stats"];
     assert!(stats["denied_udp"].as_u64().unwrap_or(0) >= 2, "the probe and the QUIC handshake: {stats}");
     let reported =
-        wait_for("the refusal is reported", || intercept_events(&gw, "refused_udp").first().cloned().ok_or("not yet"));
+        wait_for("the refusal is reported", || gw.intercept_events("refused_udp").first().cloned().ok_or("not yet"));
     assert_eq!(reported["orig_dst"], format!("{}:{port}", ns.ns_ip));
 }
 
@@ -609,7 +603,7 @@ fn a_job_that_sets_the_upstream_mark_is_still_redirected() {
     assert_eq!(gw.wait_events(1).len(), 1);
     assert!(gw.status()["stats"]["spoofed_mark"].as_u64().unwrap_or(0) >= 1);
     let reported =
-        wait_for("the mark is reported", || intercept_events(&gw, "spoofed_mark").first().cloned().ok_or("not yet"));
+        wait_for("the mark is reported", || gw.intercept_events("spoofed_mark").first().cloned().ok_or("not yet"));
     assert_eq!(reported["orig_dst"], server.addr.to_string());
 
     gw.stop(Signal::SIGTERM);
@@ -678,7 +672,7 @@ fn a_job_leaving_the_intercepted_cgroup_is_reported() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pid: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid");
     let reported = wait_for("the move is reported", || {
-        intercept_events(&gw, "left_intercepted_cgroup")
+        gw.intercept_events("left_intercepted_cgroup")
             .first()
             .cloned()
             .ok_or_else(|| format!("not yet; gateway warnings and errors:\n{}", gw.log_errors()))

@@ -85,10 +85,10 @@ impl Scene {
     }
 
     /// Waits until the gateway serves `c`'s network namespace. It starts to
-    /// when the container's first process joins the intercepted cgroup (the
-    /// kernel's `cgroup_attach_task`), asynchronously: a connect that beats
-    /// it is refused once (docs/architecture.md). These tests are about
-    /// inspection, so under a loaded suite they must not depend on that race.
+    /// when the runtime enters the container's namespace (the kernel reports
+    /// the `setns`), before the container's command runs; these tests are
+    /// about inspection, so under a loaded suite they wait for it anyway
+    /// (`a_container_job_that_connects_as_it_starts_is_served` does not).
     fn wait_served(&self, c: &Container) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
@@ -401,6 +401,42 @@ fn bridge_container_jobs_are_inspected_like_host_jobs() {
     let events = scene.gw.wait_events(4);
     assert!(events.iter().filter(|e| e["container_id"] == c.id.as_str()).count() >= 4, "{events:#?}");
     scene.assert_no_key_in_clear(&key);
+}
+
+/// A container whose command is the job (`docker run IMAGE curl ...`)
+/// connects the moment it starts. The gateway learns of the container's
+/// namespace when the runtime enters it, before the command runs, so the
+/// first connect is served, not refused. Several times: it is a race the
+/// gateway must win every time.
+#[test]
+fn a_container_job_that_connects_as_it_starts_is_served() {
+    let scene = Scene::start("ctr-first");
+    let resolve = scene.resolve();
+    let url = scene.url("/first-connect");
+    for round in 0..4 {
+        let spec = RunSpec {
+            name: format!("first-{round}-{}", std::process::id()),
+            cgroup_parent: Some(scene.gw.cgroup_path()),
+            host_network: false,
+            mounts: vec![(scene.pki_dir.path().to_owned(), "/pki".into())],
+        };
+        let mut args =
+            vec!["curl", "-sS", "--max-time", "60", "--resolve", &resolve, "--cacert", "/pki/gateway-ca.pem"];
+        args.extend(gateway_tests::CURL_STATUS);
+        args.push(&url);
+        let out = scene.docker.run_job(&spec, &args);
+        let (status, body) = gateway_tests::curl_reply(&out.stdout);
+        assert_eq!(
+            status,
+            200,
+            "round {round}: the container's first connect: {body} {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            scene.gw.log_errors()
+        );
+    }
+    let refused = scene.gw.intercept_events("refused_unserved_netns");
+    assert!(refused.is_empty(), "no connect may be refused for want of a listener: {refused:#?}");
+    assert_eq!(scene.upstream.requests().iter().filter(|r| r.target == "/first-connect").count(), 4);
 }
 
 /// A container that was already running when the gateway started (a

@@ -12,8 +12,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use gateway_common::{
-    attach_tp, v4_mapped, Alert, AlertKind, Capture, ConnRecord, Mode, PortSet, RedirectConfig, ServedNetns, SockKey,
-    Stat, AF_INET, AF_INET6, ALERTS_BYTES, COMM_LEN, DNS_PORT, PROCESS_EPOCHS, SERVED_V4, SERVED_V6, STATS_LEN,
+    attach_tp, sys_exit_tp, v4_mapped, Alert, AlertKind, Capture, ConnRecord, Mode, PortSet, RedirectConfig,
+    ServedNetns, SockKey, Stat, AF_INET, AF_INET6, ALERTS_BYTES, COMM_LEN, DNS_PORT, PROCESS_EPOCHS, SERVED_V4,
+    SERVED_V6, STATS_LEN,
 };
 
 /// Return value of cgroup hooks that lets the operation proceed.
@@ -516,6 +517,38 @@ pub fn gw_cgroup_attach(ctx: TracePointContext) -> u32 {
         comm: [0u8; COMM_LEN],
     };
     entry.comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+    let _ = ALERTS.output::<Alert>(&entry, 0);
+    0
+}
+
+/// A thread's `setns` or `unshare` returned: it may have entered a network
+/// namespace. A container runtime moves its process into the job's cgroup
+/// before that process joins the container's namespace, so the cgroup move
+/// alone finds it still in the host namespace; this report lets the gateway
+/// serve the container's namespace before the job in it can connect.
+/// Attached to `sys_exit_setns` and `sys_exit_unshare`, which are rare, so
+/// every success is reported and the gateway filters.
+#[tracepoint]
+pub fn gw_namespace_entered(ctx: TracePointContext) -> u32 {
+    let ret: i64 = unsafe { ctx.read_at(sys_exit_tp::RET) }.unwrap_or(-1);
+    if ret != 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let entry = Alert {
+        kind: AlertKind::NamespaceEntered as u32,
+        // The thread, not the process: /proc/TID/ns/net is the namespace
+        // of the thread that switched.
+        tgid: pid_tgid as u32,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: 0,
+        addr: [0; 4],
+        port: 0,
+        family: 0,
+        _pad: 0,
+        other: pid_tgid >> 32,
+        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+    };
     let _ = ALERTS.output::<Alert>(&entry, 0);
     0
 }

@@ -200,8 +200,29 @@ impl Docker {
     /// Starts a container of [`IMAGE`] that sleeps until removed; commands
     /// run in it with [`Container::exec`].
     pub fn run(&'static self, spec: &RunSpec) -> Container {
+        let out = self.run_command(spec, &["-d"]).args([IMAGE, "sleep", "3600"]).output().expect("docker run");
+        assert!(
+            out.status.success(),
+            "docker run failed: {}\ndockerd's log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.daemon_log()
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert_eq!(id.len(), 64, "docker run printed no container id: {id}");
+        Container { id, name: spec.name.clone(), docker: self }
+    }
+
+    /// Runs `args` as the container's own command, in the foreground
+    /// (`docker run --rm IMAGE args...`), as a CI job's container does:
+    /// the job starts working the moment the container starts.
+    pub fn run_job(&self, spec: &RunSpec, args: &[&str]) -> Output {
+        self.run_command(spec, &["--rm"]).arg(IMAGE).args(args).output().expect("docker run")
+    }
+
+    /// `docker run` with `options` and everything `spec` asks for.
+    fn run_command(&self, spec: &RunSpec, options: &[&str]) -> Command {
         let mut cmd = self.cmd();
-        cmd.args(["run", "-d", "--name", &spec.name, "-v", "/usr:/usr:ro"]);
+        cmd.arg("run").args(options).args(["--name", &spec.name, "-v", "/usr:/usr:ro"]);
         if let Some(parent) = &spec.cgroup_parent {
             cmd.arg("--cgroup-parent").arg(parent);
             self.parents.lock().expect("parents").push(parent.clone());
@@ -212,16 +233,7 @@ impl Docker {
         for (host, inside) in &spec.mounts {
             cmd.arg("-v").arg(format!("{}:{inside}:ro", host.display()));
         }
-        let out = cmd.args([IMAGE, "sleep", "3600"]).output().expect("docker run");
-        assert!(
-            out.status.success(),
-            "docker run failed: {}\ndockerd's log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.daemon_log()
-        );
-        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert_eq!(id.len(), 64, "docker run printed no container id: {id}");
-        Container { id, name: spec.name.clone(), docker: self }
+        cmd
     }
 
     fn build_image(&self) -> anyhow::Result<()> {

@@ -345,6 +345,18 @@ impl TestGateway {
             .collect()
     }
 
+    /// Interception events (target `gateway::intercept`) of `kind` logged so
+    /// far (`refused_unserved_netns`, `netns_served`...).
+    pub fn intercept_events(&self, kind: &str) -> Vec<Value> {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "gateway::intercept" && v["kind"] == kind)
+            .collect()
+    }
+
     /// Waits (up to [`PATIENCE`]) until at least `n` connection events were
     /// logged, and returns the events logged by then. A connection's event is
     /// logged when it closes, after the client may already have exited.

@@ -59,6 +59,9 @@ pub mod names {
     pub const PROG_SENDMSG6: &str = "gw_sendmsg6";
     /// Tracepoint program (cgroup/cgroup_attach_task): reports processes moved between cgroups.
     pub const PROG_CGROUP_ATTACH: &str = "gw_cgroup_attach";
+    /// Tracepoint program (syscalls/sys_exit_setns and sys_exit_unshare):
+    /// reports threads that entered namespaces.
+    pub const PROG_NAMESPACE_ENTERED: &str = "gw_namespace_entered";
 }
 
 /// Layout of the `cgroup:cgroup_attach_task` tracepoint record the
@@ -70,6 +73,13 @@ pub mod attach_tp {
     pub const DST_ID: usize = 16;
     /// Offset of `int pid` (the task that moved).
     pub const PID: usize = 24;
+}
+
+/// Layout of the `syscalls:sys_exit_*` tracepoint records the programs read
+/// (checked against the kernel's format files before attaching).
+pub mod sys_exit_tp {
+    /// Offset of `long ret` (the syscall's return value).
+    pub const RET: usize = 16;
 }
 
 /// UDP port left alone even when captured: DNS must keep working.
@@ -283,6 +293,10 @@ pub enum AlertKind {
     SpoofedMark = 3,
     /// A process was moved to another cgroup (v2); `other` is the destination cgroup id.
     CgroupAttach = 4,
+    /// A thread's `setns` or `unshare` succeeded: it may now be in a network
+    /// namespace the gateway does not serve yet. `tgid` holds the thread id,
+    /// `other` the process id.
+    NamespaceEntered = 5,
 }
 
 /// One entry of the `ALERTS` ring buffer.
@@ -305,7 +319,8 @@ pub struct Alert {
     pub family: u16,
     /// Padding, always zero.
     pub _pad: u32,
-    /// Kind-specific: the destination cgroup id of a [`AlertKind::CgroupAttach`].
+    /// Kind-specific: the destination cgroup id of a [`AlertKind::CgroupAttach`],
+    /// the process id of a [`AlertKind::NamespaceEntered`].
     pub other: u64,
     /// The caller's `comm`, NUL padded.
     pub comm: [u8; COMM_LEN],

@@ -63,10 +63,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         capture_ports: config.intercept.capture_ports.clone(),
     };
     let mut interceptor = Interceptor::load(&config.intercept.bpffs_dir, target)?;
-    if let Err(e) = interceptor.watch_cgroup_moves() {
+    if let Err(e) = interceptor.watch_tasks() {
         tracing::warn!(
             error = %format!("{:#}", anyhow::Error::new(e)),
-            "cannot watch cgroup moves: jobs leaving the intercepted cgroups are not reported, and new namespaces are found by scans and refused connects only"
+            "cannot watch cgroup moves and namespace changes: jobs leaving the intercepted cgroups are not reported, and new namespaces (containers) are found by scans and refused connects only, so a container's first connects may be refused"
         );
     }
 

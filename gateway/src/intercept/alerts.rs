@@ -2,7 +2,8 @@
 //! buffer and turned into log events (target [`ALERT_TARGET`], with a
 //! `kind` field) and actions: a connect refused because its namespace is
 //! not served makes the gateway serve it; a process moved between cgroups
-//! is checked against the intercepted trees.
+//! is checked against the intercepted trees; a thread that entered a
+//! namespace has that namespace served if it is a job's.
 
 use std::{
     collections::HashMap,
@@ -16,7 +17,10 @@ use gateway_common::{Alert, AlertKind};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 
-use super::{netns::NamespaceServer, words_addr};
+use super::{
+    netns::{NamespaceServer, Serve},
+    words_addr,
+};
 
 /// tracing target of interception events (refusals, namespaces served).
 pub const ALERT_TARGET: &str = "gateway::intercept";
@@ -68,6 +72,13 @@ pub enum KernelAlert {
         /// Who moved it.
         mover: String,
     },
+    /// A thread's `setns` or `unshare` succeeded.
+    NamespaceEntered {
+        /// The thread (its `/proc/TID/ns/net` is the namespace it entered).
+        tid: u32,
+        /// Its process.
+        tgid: u32,
+    },
 }
 
 impl KernelAlert {
@@ -90,6 +101,9 @@ impl KernelAlert {
             k if k == AlertKind::SpoofedMark as u32 => KernelAlert::SpoofedMark { tgid: a.tgid, comm, dst },
             k if k == AlertKind::CgroupAttach as u32 => {
                 KernelAlert::CgroupAttach { pid: a.tgid, dst_cgroup_id: a.other, mover: comm }
+            }
+            k if k == AlertKind::NamespaceEntered as u32 => {
+                KernelAlert::NamespaceEntered { tid: a.tgid, tgid: a.other as u32 }
             }
             _ => return None,
         })
@@ -198,6 +212,20 @@ async fn handle(
             let ns = namespaces.clone();
             let _ = tokio::task::spawn_blocking(move || ns.on_cgroup_move(pid, dst_cgroup_id, &mover)).await;
         }
+        // The gateway's own threads enter namespaces to open listeners.
+        KernelAlert::NamespaceEntered { tgid, .. } if tgid == std::process::id() => {}
+        KernelAlert::NamespaceEntered { tid, .. } => {
+            let ns = namespaces.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                // A runtime's helper thread may be gone already (runc's
+                // intermediate process forks the container's init and
+                // exits): its children are in the namespace, so walk the tree.
+                if ns.serve_pid(tid) == Serve::Gone {
+                    ns.scan();
+                }
+            })
+            .await;
+        }
     }
 }
 
@@ -232,5 +260,12 @@ mod tests {
             })
         );
         assert_eq!(KernelAlert::decode(&bytes[..10]), None);
+
+        let entered = Alert { kind: AlertKind::NamespaceEntered as u32, tgid: 43, other: 42, ..alert };
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&entered as *const Alert).cast::<u8>(), std::mem::size_of::<Alert>())
+        };
+        assert_eq!(KernelAlert::decode(bytes), Some(KernelAlert::NamespaceEntered { tid: 43, tgid: 42 }));
     }
 }

@@ -71,6 +71,28 @@ const PINNED_MAPS: [&str; 5] = [names::CONFIG, names::PENDING, names::ORIGINAL, 
 const ATTACH_FORMAT: [&str; 3] =
     ["field:int dst_root;\toffset:8;", "field:u64 dst_id;\toffset:16;", "field:int pid;\toffset:24;"];
 
+/// The syscalls after which a thread may be in another network namespace.
+const NAMESPACE_SYSCALLS: [&str; 2] = ["sys_exit_setns", "sys_exit_unshare"];
+
+/// The `syscalls:sys_exit_*` field the namespace program reads.
+const SYS_EXIT_RET: &str = "field:long ret;\toffset:16;";
+
+/// Checks that a tracepoint's record has the fields (name and offset) a
+/// program reads; a different kernel layout would make it read garbage.
+fn check_format(event: &str, fields: &[&str]) -> Result<(), InterceptError> {
+    let path = PathBuf::from(format!("/sys/kernel/tracing/events/{event}/format"));
+    let format = fs::read_to_string(&path)
+        .or_else(|_| fs::read_to_string(format!("/sys/kernel/debug/tracing/events/{event}/format")))
+        .map_err(|source| InterceptError::Io { what: format!("reading {}", path.display()), source })?;
+    match fields.iter().find(|field| !format.contains(*field)) {
+        Some(missing) => Err(InterceptError::Pin {
+            path,
+            reason: format!("unexpected tracepoint layout (no `{}`)", missing.replace('\t', " ")),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Everything that can go wrong while setting up or tearing down interception.
 #[derive(Debug, thiserror::Error)]
 pub enum InterceptError {
@@ -273,27 +295,30 @@ impl Interceptor {
         Ok(interceptor)
     }
 
-    /// Attaches the host-wide `cgroup_attach_task` tracepoint, which tells
-    /// the gateway about processes entering or leaving the intercepted
-    /// tree. It only reports, so the link is not pinned: it ends with the
-    /// gateway. Fails when the kernel's record layout is not the expected one.
-    pub fn watch_cgroup_moves(&mut self) -> Result<(), InterceptError> {
+    /// Attaches the host-wide tracepoints that tell the gateway about
+    /// processes entering or leaving the intercepted tree
+    /// (`cgroup_attach_task`) and threads entering namespaces
+    /// (`sys_exit_setns`, `sys_exit_unshare`). They only report, so the links
+    /// are not pinned: they end with the gateway. Fails when the kernel's
+    /// record layout is not the expected one.
+    pub fn watch_tasks(&mut self) -> Result<(), InterceptError> {
         mount_tracefs();
-        let path = Path::new("/sys/kernel/tracing/events/cgroup/cgroup_attach_task/format");
-        let format = fs::read_to_string(path)
-            .or_else(|_| fs::read_to_string("/sys/kernel/debug/tracing/events/cgroup/cgroup_attach_task/format"))
-            .map_err(|source| InterceptError::Io { what: format!("reading {}", path.display()), source })?;
-        if let Some(missing) = ATTACH_FORMAT.iter().find(|field| !format.contains(*field)) {
-            return Err(InterceptError::Pin {
-                path: path.to_owned(),
-                reason: format!("unexpected tracepoint layout (no `{missing}`)"),
-            });
+        check_format("cgroup/cgroup_attach_task", &ATTACH_FORMAT)?;
+        for syscall in NAMESPACE_SYSCALLS {
+            check_format(&format!("syscalls/{syscall}"), &[SYS_EXIT_RET])?;
         }
         let name = names::PROG_CGROUP_ATTACH;
         let prog: &mut TracePoint =
             self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
         prog.attach("cgroup", "cgroup_attach_task").map_err(prog_err(name))?;
+        let name = names::PROG_NAMESPACE_ENTERED;
+        let prog: &mut TracePoint =
+            self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
+        prog.load().map_err(prog_err(name))?;
+        for syscall in NAMESPACE_SYSCALLS {
+            prog.attach("syscalls", syscall).map_err(prog_err(name))?;
+        }
         Ok(())
     }
 
@@ -651,7 +676,7 @@ fn mount_tracefs() {
     }
     let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC;
     match nix::mount::mount(Some("tracefs"), at, Some("tracefs"), flags, None::<&str>) {
-        Ok(()) => tracing::info!(path = %at.display(), "mounted tracefs to watch cgroup moves"),
+        Ok(()) => tracing::info!(path = %at.display(), "mounted tracefs to watch cgroup moves and namespace changes"),
         Err(e) => tracing::warn!(path = %at.display(), error = %e, "cannot mount tracefs"),
     }
 }

@@ -11,9 +11,13 @@
 //! `SERVED_NETNS` map, and from that moment the connect hooks redirect that
 //! namespace's captured connects instead of refusing them.
 //!
-//! Namespaces are found by walking the intercepted cgroup trees (at start,
-//! every `intercept.netns_scan_interval`, when the kernel reports a connect
-//! from an unserved namespace, and when a process is moved into the tree).
+//! Namespaces are found when the kernel reports a job's thread entering one
+//! (`setns`, `unshare`: a container runtime joins the container's namespace
+//! after moving the process into the job's cgroup, so this is what serves
+//! a container before its job runs), a process moved into the tree, or a
+//! connect refused from an unserved namespace; and by walking the
+//! intercepted cgroup trees at start and every
+//! `intercept.netns_scan_interval`, which catches anything missed.
 //! A namespace without an intercepted process left loses its listener (a
 //! listening socket keeps a namespace alive) and its map entry.
 
@@ -279,6 +283,23 @@ struct State {
     /// cgroup moves into them): a move out of the tree is reported.
     jobs: HashSet<u32>,
     last_scan: Option<Instant>,
+    /// Set once at shutdown (under `opening`): no namespace is served
+    /// after the listeners were closed, so none is left marked served.
+    closed: bool,
+}
+
+/// What [`NamespaceServer::serve_pid`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// The process is not in an intercepted tree, or is in the host's
+    /// namespace: nothing to serve.
+    NotAJob,
+    /// Its namespace is served (now or already).
+    Served,
+    /// The process is gone before its cgroup or namespace could be read.
+    Gone,
+    /// Its namespace could not be served (logged); its connects stay refused.
+    Failed,
 }
 
 /// Serves every network namespace that holds an intercepted process.
@@ -358,7 +379,12 @@ impl NamespaceServer {
                 _ = tokio::time::sleep(interval) => {}
             }
         }
+        // Under `opening`: a serve in progress finishes first, and none
+        // starts after this (an alert handled during shutdown must not
+        // mark a namespace served once its listener is closed).
+        let _opening = self.opening.lock();
         if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
             for (_, entry) in state.served.drain() {
                 entry.stop.cancel();
             }
@@ -399,23 +425,26 @@ impl NamespaceServer {
             self.close(entry);
         }
         for (_, pid, cgroup) in new {
-            self.serve(pid, cgroup);
+            let _ = self.serve(pid, cgroup);
         }
     }
 
     /// Serves the namespace of `pid` now, if `pid` is in an intercepted
     /// tree and its namespace is not served yet (a connect from it was
     /// just refused).
-    pub fn serve_pid(&self, pid: u32) {
-        let Some(cgroup) = super::cgroup::cgroup_of(pid) else { return };
+    pub fn serve_pid(&self, pid: u32) -> Serve {
+        let Some(cgroup) = super::cgroup::cgroup_of(pid) else { return Serve::Gone };
         if !self.in_tree(&cgroup) {
-            return;
+            return Serve::NotAJob;
         }
-        let Ok(ns) = NsId::of_pid(pid) else { return };
-        if ns == self.host || self.state.lock().map(|s| s.served.contains_key(&ns)).unwrap_or(true) {
-            return;
+        let Ok(ns) = NsId::of_pid(pid) else { return Serve::Gone };
+        if ns == self.host {
+            return Serve::NotAJob;
         }
-        self.serve(pid, cgroup);
+        if self.state.lock().map(|s| s.served.contains_key(&ns)).unwrap_or(false) {
+            return Serve::Served;
+        }
+        self.serve(pid, cgroup)
     }
 
     /// A process moved to another cgroup. Into the tree: serve its
@@ -427,7 +456,7 @@ impl NamespaceServer {
             if let Ok(mut state) = self.state.lock() {
                 state.jobs.insert(pid);
             }
-            self.serve_pid(pid);
+            let _ = self.serve_pid(pid);
             return;
         }
         let was_job = self.state.lock().map(|mut s| s.jobs.remove(&pid)).unwrap_or(false);
@@ -452,16 +481,20 @@ impl NamespaceServer {
         format!("/{}", dir.strip_prefix(&self.mount).unwrap_or(dir).display())
     }
 
-    fn serve(&self, pid: u32, cgroup: String) {
-        let Ok(_opening) = self.opening.lock() else { return };
-        if let Ok(ns) = NsId::of_pid(pid) {
-            if self.state.lock().map(|s| s.served.contains_key(&ns)).unwrap_or(true) {
-                return;
+    fn serve(&self, pid: u32, cgroup: String) -> Serve {
+        let Ok(_opening) = self.opening.lock() else { return Serve::Failed };
+        match self.state.lock() {
+            Ok(s) if s.closed => return Serve::Failed,
+            Ok(s) => {
+                if NsId::of_pid(pid).is_ok_and(|ns| s.served.contains_key(&ns)) {
+                    return Serve::Served;
+                }
             }
+            Err(_) => return Serve::Failed,
         }
         let opened = match open_in(pid, self.listen, self.bring_up_loopback) {
             Ok(o) => o,
-            Err(NetnsError::Gone { .. }) => return,
+            Err(NetnsError::Gone { .. }) => return Serve::Gone,
             Err(e) => {
                 let reason = e.to_string();
                 let ns = NsId::of_pid(pid).ok();
@@ -481,7 +514,7 @@ impl NamespaceServer {
                         "cannot serve a job's network namespace: its intercepted connects are refused"
                     );
                 }
-                return;
+                return Serve::Failed;
             }
         };
         let cgroup_id = fs::metadata(self.mount.join(cgroup.trim_start_matches('/'))).map(|m| m.ino()).unwrap_or(0);
@@ -495,10 +528,10 @@ impl NamespaceServer {
         };
         let stop = CancellationToken::new();
         {
-            let Ok(mut state) = self.state.lock() else { return };
+            let Ok(mut state) = self.state.lock() else { return Serve::Failed };
             if state.served.contains_key(&opened.id) {
                 // Served meanwhile (a scan and an alert raced): drop ours.
-                return;
+                return Serve::Served;
             }
             // Accept first, then tell the programs: a connect redirected
             // from now on finds a listener.
@@ -510,7 +543,7 @@ impl NamespaceServer {
             if let Err(e) = self.interceptor.serve_netns(info.cookie, ServedNetns { flags, pid, cgroup_id }) {
                 tracing::error!(error = %e, pid, "cannot mark a namespace as served; its connects stay refused");
                 stop.cancel();
-                return;
+                return Serve::Failed;
             }
             state.failed.remove(&opened.id);
             state.served.insert(opened.id, Entry { info: info.clone(), stop });
@@ -526,6 +559,7 @@ impl NamespaceServer {
             brought_up_loopback = info.brought_up_loopback,
             "serving a job's network namespace"
         );
+        Serve::Served
     }
 
     fn close(&self, entry: Entry) {
