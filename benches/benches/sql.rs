@@ -8,13 +8,16 @@
 //!   and nested modifications), for pgbench's statements and a few complex
 //!   ones;
 //! * `parse/<name>`: `pg_query::parse` alone, the floor the walk adds to;
-//! * `scan/<name>`: `pg_query::scan` alone (libpg_query's lexer), the cost a
-//!   literal-blind shape cache would pay per statement instead of a parse.
+//! * `scan/<name>`: `pg_query::scan` alone (libpg_query's lexer);
+//! * `memo/<name>`: what the relay pays now for a statement whose text it has
+//!   not seen but whose shape it has (`gateway::postgres::sql::Memo`: lex,
+//!   look the shape up, map the spans): the same statement with a new
+//!   literal every iteration, as pgbench sends it.
 //!
 //! Run with `cargo bench -p gateway-benches --bench sql`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use gateway::postgres::sql::classify;
+use gateway::postgres::sql::{classify, Memo};
 
 /// pgbench's built-in scripts as its simple protocol sends them (literals
 /// substituted), and statements that exercise every part of the walk.
@@ -65,7 +68,36 @@ fn benches(c: &mut Criterion) {
             b.iter(|| pg_query::parse(black_box(sql), pg_query::ParserOptions::DEFAULT))
         });
         c.bench_function(&format!("scan/{name}"), |b| b.iter(|| pg_query::scan(black_box(sql))));
+        // New literals every time: 4,096 variants, more than the memo keeps
+        // by exact text, so none is found by text.
+        let variants: Vec<String> = (0..4096).map(|n| with_new_literals(sql, n)).collect();
+        let mut memo = Memo::default();
+        memo.classify(sql);
+        let mut next = variants.iter().cycle();
+        c.bench_function(&format!("memo/{name}"), |b| {
+            b.iter(|| memo.classify(black_box(next.next().map(String::as_str).unwrap_or(sql))))
+        });
+        let stats = memo.stats();
+        assert!(stats.shape > stats.parsed, "{name}: the memo must find most variants by shape: {stats:?}");
     }
+}
+
+/// `sql` with every integer literal replaced by one derived from `n` (a
+/// different length now and then, so spans move).
+fn with_new_literals(sql: &str, n: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut digits = false;
+    for c in sql.chars() {
+        let starts_number = c.is_ascii_digit() && !digits && !out.ends_with(|p: char| p.is_alphanumeric() || p == '_');
+        if starts_number {
+            out.push_str(&(n * 7919 % 1_000_003).to_string());
+            digits = true;
+        } else if !(digits && c.is_ascii_digit()) {
+            digits = false;
+            out.push(c);
+        }
+    }
+    out
 }
 
 criterion_group!(sql, benches);

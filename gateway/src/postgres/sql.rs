@@ -452,13 +452,16 @@ fn plain_outputs(node: &NodeEnum, out: &mut Vec<i32>) {
     let targets = match node {
         NodeEnum::SelectStmt(s) => {
             let mut s: &pg_query::protobuf::SelectStmt = s;
+            if sorts_by_position(s) {
+                return;
+            }
             while s.op != pg_query::protobuf::SetOperation::SetopNone as i32 {
                 match s.larg.as_deref() {
                     Some(l) => s = l,
                     None => return,
                 }
             }
-            if s.into_clause.is_some() {
+            if s.into_clause.is_some() || sorts_by_position(s) {
                 return;
             }
             Some(&s.target_list[..])
@@ -481,6 +484,21 @@ fn plain_outputs(node: &NodeEnum, out: &mut Vec<i32>) {
             out.push(c.location);
         }
     }
+}
+
+/// Whether `ORDER BY`, `GROUP BY` or `DISTINCT ON` names an output column
+/// by its position (`ORDER BY 1`): that sorts or groups by the column
+/// itself, an oracle on its values like `ORDER BY ssn`. Which column it is
+/// would depend on the constant's value, and classification must not (the
+/// memo classifies queries that differ only in literals alike): so any
+/// positional reference makes every output column count as read.
+fn sorts_by_position(s: &pg_query::protobuf::SelectStmt) -> bool {
+    let constant = |n: &pg_query::Node| matches!(n.node, Some(NodeEnum::AConst(_)));
+    s.sort_clause.iter().any(|n| match &n.node {
+        Some(NodeEnum::SortBy(by)) => by.node.as_deref().is_some_and(constant),
+        _ => false,
+    }) || s.group_clause.iter().any(constant)
+        || s.distinct_clause.iter().any(constant)
 }
 
 /// `ALTER TABLE t OWNER TO r, ADD ...`: a privilege change inside a schema
@@ -686,6 +704,9 @@ fn dropped_relations(d: &pg_query::protobuf::DropStmt, out: &mut BTreeSet<Relati
 
 #[cfg(test)]
 mod json_walk;
+mod memo;
 #[cfg(test)]
 mod tests;
 mod walk;
+
+pub use memo::{Classified, Memo};

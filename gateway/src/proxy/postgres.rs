@@ -87,12 +87,6 @@ const RECORDED_TEXT: usize = 4096;
 
 /// SQLSTATE `insufficient_privilege`: a statement the gateway refused.
 const SQLSTATE_REFUSED: &str = "42501";
-/// Queries a session remembers classified, and the longest one remembered.
-const MAX_REMEMBERED_QUERIES: usize = 256;
-const MAX_REMEMBERED_QUERY: usize = 8 * 1024;
-
-/// What [`sql::classify`] made of a query.
-type Classified = Result<Vec<sql::Statement>, sql::SqlError>;
 
 /// `syntax_error`: a query PostgreSQL's grammar rejects.
 const SQLSTATE_SYNTAX_ERROR: &str = "42601";
@@ -445,7 +439,7 @@ impl Proxy {
             database: database.clone(),
             user: user.clone(),
             tls: tls.is_some(),
-            classified: Mutex::new(HashMap::new()),
+            classified: Mutex::new(sql::Memo::default()),
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
             prepared: Mutex::new(Prepared::default()),
@@ -823,10 +817,10 @@ struct Relay<'a> {
     user: String,
     /// Whether the client's leg is TLS.
     tls: bool,
-    /// Queries already classified in this session, by text: drivers send
-    /// the same statements again and again (a Parse per execution in the
-    /// extended protocol), and classification is a function of the text.
-    classified: Mutex<HashMap<Box<str>, Arc<Classified>>>,
+    /// Queries already classified in this session, by text and by shape
+    /// (literals left out): drivers send the same statements again and
+    /// again, with the same or new literals.
+    classified: Mutex<sql::Memo>,
     max_message: usize,
     /// What the server owes for each message sent upstream that it
     /// answers (a ReadyForQuery per Query, Sync or FunctionCall; results of
@@ -1417,20 +1411,8 @@ impl Relay<'_> {
     }
 
     /// `sql` classified, from the session's memory when it was seen before.
-    fn classify(&self, sql: &str) -> Arc<Classified> {
-        let lock = || self.classified.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(known) = lock().get(sql) {
-            return Arc::clone(known);
-        }
-        let fresh = Arc::new(sql::classify(sql));
-        if sql.len() <= MAX_REMEMBERED_QUERY {
-            let mut memory = lock();
-            if memory.len() >= MAX_REMEMBERED_QUERIES {
-                memory.clear();
-            }
-            memory.insert(sql.into(), Arc::clone(&fresh));
-        }
-        fresh
+    fn classify(&self, sql: &str) -> Arc<sql::Classified> {
+        self.classified.lock().unwrap_or_else(|p| p.into_inner()).classify(sql)
     }
 
     /// The policy's verdict on `sql`'s statements, the deciding rule and the

@@ -697,9 +697,17 @@ fn aliases_expressions_and_conditions_read_the_column_by_another_name() {
         "DECLARE c CURSOR FOR SELECT upper(ssn) FROM people",
         "SELECT ssn.part FROM people",
         "SELECT sum(length(ssn)) OVER (PARTITION BY ssn) FROM people",
+        // By position: an oracle like `ORDER BY ssn`, whichever position.
+        "SELECT ssn FROM people ORDER BY 1",
+        "SELECT name, ssn FROM people ORDER BY 1",
+        "SELECT ssn, count(*) FROM people GROUP BY 1",
+        "SELECT DISTINCT ON (1) ssn, name FROM people",
+        "SELECT ssn FROM people UNION SELECT name FROM people ORDER BY 1",
     ] {
         ssn(sql);
     }
+    // ... and a star is every column.
+    assert!(reads("SELECT * FROM people ORDER BY 2").1);
 }
 
 #[test]
