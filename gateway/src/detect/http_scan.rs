@@ -368,27 +368,6 @@ fn is_key_header(name: &str) -> bool {
 /// Name parts that make any header a key header.
 const KEY_HEADER_PARTS: &[&str] = &["api-key", "apikey", "access-key", "secret", "-token", "-auth-key"];
 
-#[cfg(test)]
-mod key_header_tests {
-    use super::*;
-
-    #[test]
-    fn every_key_header_passes_the_hints() {
-        for name in KEY_HEADERS.iter().chain(KEY_HEADER_PARTS) {
-            assert!(
-                KEY_HEADER_HINTS.iter().any(|h| name.contains(h)),
-                "{name} has no hint: is_key_header would miss it"
-            );
-        }
-        for name in ["x-api-key", "x-my-secret", "x-custom-token", "x-honeycomb-team", "x-auth-user"] {
-            assert!(is_key_header(name), "{name}");
-        }
-        for name in ["host", "user-agent", "accept", "content-type", "x-csrf-token", "x-request-id"] {
-            assert!(!is_key_header(name), "{name}");
-        }
-    }
-}
-
 /// Every credential presented in authentication headers, whatever its format:
 /// `Authorization`/`Proxy-Authorization` (`Basic` decoded: the password, or the
 /// user name when the password is empty as with key-as-user APIs; other
@@ -478,5 +457,26 @@ pub(crate) fn hex_val(b: Option<&u8>) -> Option<u8> {
         b @ b'a'..=b'f' => Some(b - b'a' + 10),
         b @ b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod key_header_tests {
+    use super::*;
+
+    #[test]
+    fn every_key_header_passes_the_hints() {
+        for name in KEY_HEADERS.iter().chain(KEY_HEADER_PARTS) {
+            assert!(
+                KEY_HEADER_HINTS.iter().any(|h| name.contains(h)),
+                "{name} has no hint: is_key_header would miss it"
+            );
+        }
+        for name in ["x-api-key", "x-my-secret", "x-custom-token", "x-honeycomb-team", "x-auth-user"] {
+            assert!(is_key_header(name), "{name}");
+        }
+        for name in ["host", "user-agent", "accept", "content-type", "x-csrf-token", "x-request-id"] {
+            assert!(!is_key_header(name), "{name}");
+        }
     }
 }
