@@ -97,6 +97,66 @@ impl fmt::Display for Location {
 /// location)` is reported once; the request line only adds secrets not
 /// found elsewhere.
 pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &HeaderMap) -> Vec<Hit> {
+    scan_head_inner(detector, method, uri, headers, None)
+}
+
+/// Header lines (`name: value`) in which a detector found nothing, for one
+/// connection: the same lines come with every request on a keep-alive
+/// connection (`host`, `user-agent`, `accept`), and scanning a line is a
+/// function of the detector and its bytes alone, so a line found clean is
+/// clean again and is not scanned again. Bounded; owned copies compared in
+/// full; tied to one detector (a reloaded one starts over). Credentials
+/// headers are never remembered.
+#[derive(Default)]
+pub struct CleanHeaders {
+    detector: Option<Arc<Detector>>,
+    lines: Vec<(HeaderName, Vec<u8>)>,
+}
+
+/// Lines a [`CleanHeaders`] keeps, and the longest value it keeps.
+const CLEAN_LINES: usize = 16;
+const CLEAN_VALUE_MAX: usize = 256;
+
+impl CleanHeaders {
+    fn holds(&self, name: &HeaderName, value: &[u8]) -> bool {
+        self.lines.iter().any(|(n, v)| n == name && v == value)
+    }
+
+    fn remember(&mut self, name: &HeaderName, value: &[u8]) {
+        if value.len() <= CLEAN_VALUE_MAX && self.lines.len() < CLEAN_LINES {
+            self.lines.push((name.clone(), value.to_vec()));
+        }
+    }
+
+    /// Forgets everything when `detector` is not the one remembered for.
+    fn for_detector(&mut self, detector: &Arc<Detector>) {
+        if !self.detector.as_ref().is_some_and(|d| Arc::ptr_eq(d, detector)) {
+            self.detector = Some(Arc::clone(detector));
+            self.lines.clear();
+        }
+    }
+}
+
+/// [`scan_head`], skipping the header lines `clean` remembers as clean and
+/// remembering the ones found clean now: the same hits.
+pub fn scan_head_remembering(
+    detector: &Arc<Detector>,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    clean: &mut CleanHeaders,
+) -> Vec<Hit> {
+    clean.for_detector(detector);
+    scan_head_inner(detector, method, uri, headers, Some(clean))
+}
+
+fn scan_head_inner(
+    detector: &Detector,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    mut clean: Option<&mut CleanHeaders>,
+) -> Vec<Hit> {
     let mut hits = Vec::new();
     let mut seen: HashSet<(Arc<str>, Secret, Location)> = HashSet::new();
     let mut secrets: HashSet<(Arc<str>, Secret)> = HashSet::new();
@@ -130,7 +190,16 @@ pub fn scan_head(detector: &Detector, method: &Method, uri: &Uri, headers: &Head
         }
     }
     for (name, value) in headers {
-        for (d, location) in scan_header(detector, name, value.as_bytes()) {
+        let memo = clean.as_deref_mut().filter(|_| !is_authorization(name) && !is_key_header(name.as_str()));
+        if memo.as_ref().is_some_and(|m| m.holds(name, value.as_bytes())) {
+            continue;
+        }
+        let found = scan_header(detector, name, value.as_bytes());
+        match memo {
+            Some(m) if found.is_empty() => m.remember(name, value.as_bytes()),
+            _ => {}
+        }
+        for (d, location) in found {
             push(&mut hits, d, location);
         }
     }
@@ -278,15 +347,26 @@ const KEY_HEADERS: &[&str] = &[
 /// Name parts that mark anti-forgery or tracing tokens rather than credentials.
 const NOT_CREDENTIAL_PARTS: &[&str] = &["csrf", "xsrf", "request", "trace", "correlation", "idempotency", "nonce"];
 
+/// Every name [`is_key_header`] accepts contains one of these (a test
+/// checks it), so most headers (`host`, `accept`...) are answered with a
+/// few short searches instead of the whole list, on every request.
+const KEY_HEADER_HINTS: &[&str] = &["key", "token", "secret", "auth", "api", "team"];
+
 fn is_key_header(name: &str) -> bool {
+    if !KEY_HEADER_HINTS.iter().any(|h| name.contains(h)) {
+        return false;
+    }
     if KEY_HEADERS.contains(&name) {
         return true;
     }
     if NOT_CREDENTIAL_PARTS.iter().any(|p| name.contains(p)) {
         return false;
     }
-    ["api-key", "apikey", "access-key", "secret", "-token", "-auth-key"].iter().any(|p| name.contains(p))
+    KEY_HEADER_PARTS.iter().any(|p| name.contains(p))
 }
+
+/// Name parts that make any header a key header.
+const KEY_HEADER_PARTS: &[&str] = &["api-key", "apikey", "access-key", "secret", "-token", "-auth-key"];
 
 /// Every credential presented in authentication headers, whatever its format:
 /// `Authorization`/`Proxy-Authorization` (`Basic` decoded: the password, or the
@@ -377,5 +457,26 @@ pub(crate) fn hex_val(b: Option<&u8>) -> Option<u8> {
         b @ b'a'..=b'f' => Some(b - b'a' + 10),
         b @ b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod key_header_tests {
+    use super::*;
+
+    #[test]
+    fn every_key_header_passes_the_hints() {
+        for name in KEY_HEADERS.iter().chain(KEY_HEADER_PARTS) {
+            assert!(
+                KEY_HEADER_HINTS.iter().any(|h| name.contains(h)),
+                "{name} has no hint: is_key_header would miss it"
+            );
+        }
+        for name in ["x-api-key", "x-my-secret", "x-custom-token", "x-honeycomb-team", "x-auth-user"] {
+            assert!(is_key_header(name), "{name}");
+        }
+        for name in ["host", "user-agent", "accept", "content-type", "x-csrf-token", "x-request-id"] {
+            assert!(!is_key_header(name), "{name}");
+        }
     }
 }

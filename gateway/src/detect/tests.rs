@@ -298,3 +298,52 @@ fn invalid_json_falls_back_to_raw() {
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].location, Location::Body(String::new()));
 }
+
+/// A connection's remembered clean header lines change nothing: every
+/// head gets the hits `scan_head` gives it, a line with a key is never
+/// remembered, and the same name with another value is scanned again.
+#[test]
+fn remembered_clean_header_lines_give_the_same_hits() {
+    let det = detector();
+    let key = cursor_key();
+    let uri: Uri = "/v1/things".parse().unwrap();
+    let clean = [("host", "api.example.com"), ("user-agent", "curl/8.5.0"), ("accept", "*/*")];
+    let head = |extra: &[(&'static str, String)]| {
+        let mut headers = HeaderMap::new();
+        for (n, v) in clean {
+            headers.append(n, HeaderValue::from_static(v));
+        }
+        for (n, v) in extra {
+            headers.append(*n, HeaderValue::from_str(v).unwrap());
+        }
+        headers
+    };
+    let heads = [
+        head(&[]),
+        head(&[("x-note", format!("deploy with {key}"))]),
+        head(&[("x-note", format!("deploy with {key}"))]),
+        head(&[("x-note", "nothing here".to_string())]),
+        head(&[("x-note", format!("again {key}"))]),
+        head(&[("user-agent", key.clone())]),
+    ];
+    let summary = |hits: &[http_scan::Hit]| {
+        let mut v: Vec<String> = hits
+            .iter()
+            .map(|h| {
+                let fp = h.detection.secret.fingerprint(&FingerprintKey::from_bytes([7; 32]));
+                format!("{} {} {fp}", h.detection.rule_id, h.location)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut memo = http_scan::CleanHeaders::default();
+    for (i, headers) in heads.iter().enumerate() {
+        let plain = http_scan::scan_head(&det, &Method::GET, &uri, headers);
+        let remembered = http_scan::scan_head_remembering(&det, &Method::GET, &uri, headers, &mut memo);
+        assert_eq!(summary(&plain), summary(&remembered), "head {i}");
+        if i > 0 && i != 3 {
+            assert!(!plain.is_empty(), "head {i} carries a key: {}", redact(&key));
+        }
+    }
+}

@@ -232,7 +232,7 @@ pub(crate) async fn inspect<B: BodyInspector>(
                         }
                     };
                     if let BodyVerdict::Respond(r) = inspector.feed(data).await {
-                        return Ok(Inspected::Blocked(drain(incoming, inspector, r, limits).await));
+                        return Ok(Inspected::Blocked(Box::pin(drain(incoming, inspector, r, limits)).await));
                     }
                     buffered += data.len();
                     conn_buffered = held.grow(data.len(), reserved);

@@ -4,13 +4,11 @@
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
 };
-
-use tokio::sync::watch;
 
 use super::{Exchange, ExchangeOutcome, ResponseInspector, HTTP_TARGET};
 
@@ -33,20 +31,49 @@ pub(crate) struct ExchangeLog {
 }
 
 /// Exchanges in progress on one connection, for its idle timeout.
+///
+/// Starting and ending an exchange only updates two atomics: the idle
+/// watcher is not woken per request (a `watch` channel woke the connection
+/// task and re-armed a timer twice per request). The watcher instead sleeps
+/// until the idle deadline the last change implies and re-reads the state
+/// when it wakes, so the deadline is the same: `timeout` after the last
+/// exchange ended.
 #[derive(Clone)]
-pub(crate) struct Activity(Arc<watch::Sender<usize>>);
+pub(crate) struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    /// Exchanges in progress.
+    busy: AtomicUsize,
+    /// When an exchange last started or ended, in ns after `epoch`.
+    changed: AtomicU64,
+    /// tokio's clock, which tests can pause.
+    epoch: tokio::time::Instant,
+}
+
+impl ActivityState {
+    /// Marks a start or an end now.
+    fn touch(&self) {
+        let ns = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.changed.fetch_max(ns, Ordering::SeqCst);
+    }
+}
 
 /// One exchange in progress; the count goes down on drop.
-pub(crate) struct Active(Arc<watch::Sender<usize>>);
+pub(crate) struct Active(Arc<ActivityState>);
 
 impl Activity {
     pub(crate) fn new() -> Activity {
-        Activity(Arc::new(watch::Sender::new(0)))
+        Activity(Arc::new(ActivityState {
+            busy: AtomicUsize::new(0),
+            changed: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        }))
     }
 
     /// An exchange starts.
     pub(crate) fn begin(&self) -> Active {
-        self.0.send_modify(|n| *n += 1);
+        self.0.busy.fetch_add(1, Ordering::SeqCst);
+        self.0.touch();
         Active(self.0.clone())
     }
 
@@ -60,38 +87,55 @@ impl Activity {
                 first = None;
             }
         }
-        let mut rx = self.0.subscribe();
+        // How often a busy (or, with only `first`, an idle) connection
+        // looks again; nothing wakes it when exchanges start or end.
+        let recheck = match (&first, timeout) {
+            (Some((early, _)), _) => *early,
+            (None, Some(t)) => t,
+            (None, None) => return std::future::pending().await,
+        };
+        let s = &self.0;
+        // The idle stretch (its start) `first` was called for.
+        let mut called_for = None;
         loop {
-            if *rx.borrow_and_update() > 0 {
-                // The sender lives as long as `self`: `changed` cannot fail.
-                let _ = rx.changed().await;
+            // Busy first: an exchange ends by marking the time, then
+            // leaving, so once none is seen busy its end time is seen too.
+            if s.busy.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(recheck).await;
                 continue;
             }
-            let mut waited = Duration::ZERO;
-            if let Some((early, on_early)) = first.as_mut() {
-                if tokio::time::timeout(*early, rx.changed()).await.is_ok() {
-                    continue;
+            let since = s.changed.load(Ordering::SeqCst);
+            let idle_since = s.epoch + Duration::from_nanos(since);
+            let deadline = match (&mut first, timeout) {
+                (Some((early, on_early)), _) if called_for != Some(since) => {
+                    let at = idle_since + *early;
+                    if tokio::time::Instant::now() >= at {
+                        on_early();
+                        called_for = Some(since);
+                        continue;
+                    }
+                    at
                 }
-                on_early();
-                waited = *early;
-            }
-            match timeout {
-                Some(t) => {
-                    if tokio::time::timeout(t - waited, rx.changed()).await.is_err() {
+                (_, Some(t)) => {
+                    let at = idle_since + t;
+                    if tokio::time::Instant::now() >= at {
                         return;
                     }
+                    at
                 }
-                None => {
-                    let _ = rx.changed().await;
-                }
-            }
+                // `first` done for this stretch and no timeout: look again
+                // later for the next stretch.
+                (_, None) => tokio::time::Instant::now() + recheck,
+            };
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

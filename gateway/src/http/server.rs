@@ -308,7 +308,9 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
                 if let Some(w) = watch {
                     log.set_response_inspector(Box::new(w));
                 }
-                let r = body::drain(body, inspector, response, &self.limits).await;
+                // Boxed, like every await only a refused request reaches:
+                // the request future is copied whole into place per request.
+                let r = Box::pin(body::drain(body, inspector, response, &self.limits)).await;
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));
             }
             HeadVerdict::Forward { body, response } => {

@@ -145,7 +145,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
                     self.slots.clone().acquire_owned().await.map_err(|_| HttpError::SlotsClosed)?
                 }
             };
-            return match self.connect(hint, permit).await? {
+            return match Box::pin(self.connect(hint, permit)).await? {
                 Conn::H1(tx) => Ok(Sender::H1 { tx, reused: false, pooled: false }),
                 Conn::H2(_) => Err(HttpError::Upgrade("upstream negotiated HTTP/2 for an HTTP/1.1 upgrade".into())),
             };
@@ -166,7 +166,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 Slot::Idle(tx) => return Ok(Sender::H1 { tx, reused: true, pooled: true }),
                 Slot::New(permit) => permit,
             };
-            return Ok(match self.connect(hint, permit).await? {
+            return Ok(match Box::pin(self.connect(hint, permit)).await? {
                 Conn::H1(tx) => Sender::H1 { tx, reused: false, pooled: true },
                 Conn::H2(tx) => {
                     self.state.lock().await.h2 = Some(tx.clone());
@@ -178,7 +178,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
             Slot::Idle(tx) => return Ok(Sender::H1 { tx, reused: true, pooled: true }),
             Slot::New(permit) => permit,
         };
-        Ok(match self.connect(hint, permit).await? {
+        Ok(match Box::pin(self.connect(hint, permit)).await? {
             Conn::H1(tx) => {
                 state.known_h1 = true;
                 Sender::H1 { tx, reused: false, pooled: true }
@@ -210,6 +210,9 @@ impl<U: UpstreamConnector> Upstreams<U> {
         }
     }
 
+    /// Opens a connection. Callers box its future: it holds a TLS
+    /// handshake and is large, and every request's future would otherwise
+    /// have room for it (and be copied whole), pooled connection or not.
     async fn connect(&self, hint: ConnectHint, permit: OwnedSemaphorePermit) -> Result<Conn, HttpError> {
         let timeout = self.limits.connect_timeout;
         tokio::time::timeout(timeout, self.connect_inner(hint, permit))

@@ -151,13 +151,16 @@ pub(super) struct HttpGate {
     /// The largest WebSocket message followed: it is held whole until
     /// judged, like a buffered body (`proxy.limits.max_buffered_body_bytes`).
     max_ws_message: usize,
+    /// Request header lines of this connection found clean, not scanned
+    /// again ([`http_scan::CleanHeaders`]).
+    clean_headers: std::sync::Mutex<http_scan::CleanHeaders>,
 }
 
 impl HttpGate {
     /// The inspector of the connection going through `passage`.
     pub(super) fn new(passage: Arc<Passage>, limits: &crate::http::Limits) -> HttpGate {
         let max_ws_message = limits.max_buffered_body.min(passage.gate().body_limits.max_decoded);
-        HttpGate { passage, requests: AtomicU64::new(0), max_ws_message }
+        HttpGate { passage, requests: AtomicU64::new(0), max_ws_message, clean_headers: Default::default() }
     }
 }
 
@@ -241,7 +244,8 @@ impl HttpGate {
         };
         let token = value.to_str().unwrap_or_default().trim();
         let token = token.strip_prefix("Bearer ").unwrap_or(token);
-        match validator.validate(token).await {
+        // Boxed: only requests that present a token pay for its future.
+        match Box::pin(validator.validate(token)).await {
             Ok(claims) => {
                 tracing::info!(
                     target: OIDC_TARGET,
@@ -314,7 +318,11 @@ impl HttpGate {
     /// Static keys in a request head.
     fn head_hits(&self, parts: &http::request::Parts) -> Vec<Hit> {
         let detector = &self.passage.gate().detector;
-        let mut hits = http_scan::scan_head(detector, &parts.method, &parts.uri, &parts.headers);
+        let mut hits = {
+            // Poisoned only by a panic mid-scan: what it holds is still sound.
+            let mut clean = self.clean_headers.lock().unwrap_or_else(|p| p.into_inner());
+            http_scan::scan_head_remembering(detector, &parts.method, &parts.uri, &parts.headers, &mut clean)
+        };
         // The gateway issues no credentials of its own yet, so every
         // credential in an authentication header is a static one.
         hits.extend(http_scan::unknown_credentials(detector, &parts.headers, |_| false));
@@ -370,7 +378,7 @@ impl HttpGate {
         let hits = self.head_hits(parts);
         let mut refused = refusal;
         if !hits.is_empty() {
-            if let Some(more) = self.passage.judge(&judged, hits, None).await.refusal {
+            if let Some(more) = Box::pin(self.passage.judge(&judged, hits, None)).await.refusal {
                 merge(&mut refused, more);
             }
         }
@@ -412,7 +420,7 @@ impl Inspector for HttpGate {
                 let refusal = self.passage.refuse(reason, "host");
                 let host = self.passage.destination_host(None);
                 let judged = Judged { host, verified: BTreeMap::new(), static_keys: None };
-                return self.refuse_head(stream, summary, parts, judged, refusal, "host").await;
+                return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, "host")).await;
             }
         };
         let host_named = named.is_some();
@@ -421,7 +429,7 @@ impl Inspector for HttpGate {
             Ok(v) => v,
             Err(refusal) => {
                 let judged = Judged { host, verified: BTreeMap::new(), static_keys: None };
-                return self.refuse_head(stream, summary, parts, judged, refusal, "oidc").await;
+                return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, "oidc")).await;
             }
         };
         let facts = HttpAsk {
@@ -436,7 +444,7 @@ impl Inspector for HttpGate {
             Err((reason, rule)) => {
                 let refusal = self.passage.refuse(reason, &rule);
                 let judged = Judged { host, verified, static_keys: None };
-                return self.refuse_head(stream, summary, parts, judged, refusal, &rule).await;
+                return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, &rule)).await;
             }
         };
         let tunnel = match self.upgrade_plan(parts, uninspectable) {
@@ -444,7 +452,7 @@ impl Inspector for HttpGate {
             Err(why) => {
                 let refusal = self.passage.refuse(Reason::Uninspectable(why), "uninspectable");
                 let judged = Judged { host, verified, static_keys };
-                return self.refuse_head(stream, summary, parts, judged, refusal, "uninspectable").await;
+                return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, "uninspectable")).await;
             }
         };
         if record == RecordLevel::Full && self.passage.session().is_some() {
@@ -489,7 +497,10 @@ impl Inspector for HttpGate {
                     .map(|outcome| tracing::debug!(removed = outcome.removed, "credential swapped in the request head"))
                     .map_err(|e| e.to_string())
             };
-            let judgement = self.passage.judge(&judged, hits, Some(&mut swap)).await;
+            // Boxed, like every await taken only when something was found:
+            // a request future is as large as its largest await, and it is
+            // moved (copied whole) into place for every request.
+            let judgement = Box::pin(self.passage.judge(&judged, hits, Some(&mut swap))).await;
             lock(&capture).findings.extend(judgement.findings);
             if let Some(refusal) = judgement.refusal {
                 // The watch records the blocked exchange when it finishes;
@@ -811,7 +822,7 @@ impl BodyGate {
             self.refused = self.understood();
         }
         if !hits.is_empty() {
-            let judgement = self.passage.judge(&self.req.judged, hits, None).await;
+            let judgement = Box::pin(self.passage.judge(&self.req.judged, hits, None)).await;
             lock(&self.req.capture).findings.extend(judgement.findings);
             if let Some(refusal) = judgement.refusal {
                 match &mut self.refused {
@@ -878,7 +889,7 @@ impl BodyGate {
             destination: format!("{}:{}", self.req.judged.host, self.passage.conn().dst.port()),
             body_preview,
         };
-        match self.passage.approve(ask).await {
+        match Box::pin(self.passage.approve(ask)).await {
             Ok(()) => BodyVerdict::Continue,
             Err(refusal) => BodyVerdict::Respond(render(&refusal)),
         }
