@@ -1,7 +1,9 @@
 //! SQL classification (pg_query parse, statement kinds, tables, the
-//! `standard_conforming_strings` readings) on arbitrary text.
+//! `standard_conforming_strings` readings) on arbitrary text, and the
+//! session memo (shape by lexing) against the parse: a query classified
+//! by shape must classify exactly as it parses.
 #![no_main]
-use gateway::postgres::sql::{classify_with, ParseOptions};
+use gateway::postgres::sql::{classify, classify_with, Memo, ParseOptions};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,5 +18,15 @@ fuzz_target!(|data: &[u8]| {
         for s in &statements {
             let _ = s.text(query);
         }
+    }
+    // The memo, twice (the second by text), and with every digit changed
+    // (by shape when the shape holds).
+    let mut memo = Memo::default();
+    let parsed = classify(query);
+    let other: String = query.chars().map(|c| if c.is_ascii_digit() { '7' } else { c }).collect();
+    for q in [query, query, other.as_str()] {
+        let remembered = memo.classify(q);
+        let direct = if q == query { parsed.clone() } else { classify(q) };
+        assert_eq!(remembered.as_ref().as_ref().ok(), direct.as_ref().ok(), "{q:?}");
     }
 });

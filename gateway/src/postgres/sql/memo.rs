@@ -115,6 +115,13 @@ impl Shape {
         if query.contains('\\') {
             return None;
         }
+        // Only whitespace (PostgreSQL's: space, \t, \n, \r, \f, \v) lexes
+        // to no token, and `scan_tokens` then builds a slice from a null
+        // pointer (undefined behaviour in pg_query 18.1): never ask it.
+        // Comments are tokens, so anything else has one.
+        if query.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)) {
+            return None;
+        }
         let tokens = pg_query::scan_tokens(query).ok()?;
         let mut key = String::with_capacity(query.len() + tokens.len());
         for t in &tokens {
@@ -356,5 +363,12 @@ mod tests {
         same_as_parsed(&mut memo, "SELECT 1 FROM t WHERE a = 1 AND");
         same_as_parsed(&mut memo, "SELECT 1 FROM t WHERE a = 2 AND");
         assert!(memo.shapes.is_empty(), "{:?}", memo.shapes.keys().collect::<Vec<_>>());
+        // No token at all (pg_query's scan would build a slice from a null
+        // pointer: this test aborts in a debug build if it is asked), and
+        // comments alone, which are tokens.
+        for q in ["", " \t\r\n\x0b\x0c", "-- only a comment", "/* only a comment */", ";", "  "] {
+            same_as_parsed(&mut memo, q);
+        }
+        assert_eq!(memo.stats().shape, 0);
     }
 }
