@@ -32,8 +32,12 @@ pub(crate) enum ClientKind {
     Grpc,
     /// A Connect unary call: HTTP error status, Connect's JSON error.
     ConnectUnary,
-    /// A Connect streaming call: HTTP 200 and an end-of-stream message.
-    ConnectStream,
+    /// A Connect streaming call: HTTP 200 and an end-of-stream message,
+    /// in the content type of the request (`json`: `connect+json`).
+    ConnectStream {
+        /// The request was `application/connect+json` (else `+proto`).
+        json: bool,
+    },
     /// npm, pnpm, yarn: the JSON body's `error` string is printed.
     Npm,
     /// pip: the status line's reason phrase is printed.
@@ -58,7 +62,7 @@ impl ClientKind {
             return ClientKind::Grpc;
         }
         if content_type.starts_with("application/connect+") {
-            return ClientKind::ConnectStream;
+            return ClientKind::ConnectStream { json: content_type.starts_with("application/connect+json") };
         }
         if parts.headers.contains_key("connect-protocol-version") {
             return ClientKind::ConnectUnary;
@@ -143,7 +147,7 @@ pub(crate) fn render(refusal: &Refusal, client: ClientKind) -> http::Response<By
             }
             return r;
         }
-        ClientKind::ConnectStream => {
+        ClientKind::ConnectStream { json } => {
             // An end-of-stream message (flag 0x02) carrying the error.
             let end = json!({ "error": { "code": rpc_code(&refusal.reason).1, "message": message } }).to_string();
             let mut body = BytesMut::with_capacity(5 + end.len());
@@ -151,7 +155,10 @@ pub(crate) fn render(refusal: &Refusal, client: ClientKind) -> http::Response<By
             body.put_u32(u32::try_from(end.len()).unwrap_or(u32::MAX));
             body.put_slice(end.as_bytes());
             let mut r = http::Response::new(body.freeze());
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/connect+json"));
+            // The client checks that the response keeps its codec; the
+            // end-of-stream message is JSON whatever the codec.
+            let codec = if json { "application/connect+json" } else { "application/connect+proto" };
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(codec));
             return r;
         }
         ClientKind::ConnectUnary => {
@@ -262,7 +269,8 @@ mod tests {
             ("/v1/complete", &[("anthropic-version", "2023-06-01")], Anthropic),
             ("/pkg.Svc/Call", &[("content-type", "application/grpc+proto")], Grpc),
             ("/pkg.Svc/Call", &[("content-type", "application/grpc-web+proto")], Grpc),
-            ("/pkg.Svc/Call", &[("content-type", "application/connect+proto")], ConnectStream),
+            ("/pkg.Svc/Call", &[("content-type", "application/connect+proto")], ConnectStream { json: false }),
+            ("/pkg.Svc/Call", &[("content-type", "application/connect+json")], ConnectStream { json: true }),
             ("/pkg.Svc/Call", &[("content-type", "application/json"), ("connect-protocol-version", "1")], ConnectUnary),
             ("/left-pad", &[("user-agent", "npm/11.1.0 node/v20.0.0 linux x64")], Npm),
             ("/simple/requests/", &[("user-agent", "pip/23.2.1 {\"ci\":null}")], Pip),
@@ -292,7 +300,7 @@ mod tests {
             ClientKind::OpenAi,
             ClientKind::Anthropic,
             ClientKind::ConnectUnary,
-            ClientKind::ConnectStream,
+            ClientKind::ConnectStream { json: false },
             ClientKind::Npm,
             ClientKind::Pip,
             ClientKind::Generic,
@@ -309,7 +317,8 @@ mod tests {
         assert_eq!(anthropic["type"], "error");
         let npm: serde_json::Value = serde_json::from_slice(render(&blocked(), ClientKind::Npm).body()).unwrap();
         assert!(npm["error"].as_str().unwrap().contains("F-7"));
-        let connect = render(&blocked(), ClientKind::ConnectStream);
+        let connect = render(&blocked(), ClientKind::ConnectStream { json: false });
+        assert_eq!(connect.headers()[header::CONTENT_TYPE], "application/connect+proto");
         assert_eq!(connect.body()[0], 0x02, "end-of-stream flag");
         let end: serde_json::Value = serde_json::from_slice(&connect.body()[5..]).unwrap();
         assert_eq!(end["error"]["code"], "permission_denied");
