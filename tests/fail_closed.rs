@@ -338,8 +338,19 @@ fn bodies_the_gateway_cannot_decode_are_refused_and_keys_in_every_shape_are_foun
     frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
     frame.extend_from_slice(&message);
     let proto = file("proto", &frame);
-    let (code, json) = post("/pkg.Svc/Call", &["Content-Type: application/grpc+proto", "TE: trailers"], &proto);
-    assert_ne!(code, 200, "a key in a gRPC message must not pass: {json}");
+    // Refused as gRPC clients read it: trailers-only, PERMISSION_DENIED.
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--http2", "--resolve", &format!("{HOST}:{}:{TLS_IP}", scene.tls_port), "--cacert"])
+        .arg(&scene.gateway_ca)
+        .args(["-D", "-", "-o", "/dev/null", "-X", "POST", "--data-binary", &proto])
+        .args(["-H", "Content-Type: application/grpc+proto", "-H", "TE: trailers", &scene.url("/pkg.Svc/Call")])
+        .output()
+        .expect("curl");
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(head.contains("grpc-status: 7"), "a key in a gRPC message must not pass: {head}");
+    assert!(head.contains("grpc-message: ") && head.contains("f-"), "grpc-message names the finding: {head}");
     assert_eq!(scene.tls_received("/pkg.Svc/Call"), 0, "the keyed gRPC call never reached the server");
     let mut clean_msg = vec![0x0a, 5];
     clean_msg.extend_from_slice(b"hello");

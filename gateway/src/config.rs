@@ -471,6 +471,15 @@ pub enum Source {
 }
 
 impl Config {
+    /// What the policy is checked against: the approver groups and the
+    /// held credentials' entries.
+    pub fn policy_context(&self) -> crate::policy::PolicyContext {
+        crate::policy::PolicyContext {
+            credentials: Some(self.credentials.credentials.clone().into()),
+            ..self.approvals.policy_context()
+        }
+    }
+
     /// Loads the file named on the command line, which must exist, or, when
     /// none was named, [`DEFAULT_CONFIG_PATH`], whose absence means the
     /// embedded defaults.

@@ -245,10 +245,17 @@ fn setup(needs: Needs) -> Result<()> {
 }
 
 /// Python packages the end-to-end tests' clients use (a real QUIC client
-/// and server for the UDP refusal test, PostgreSQL drivers), installed for
+/// and server for the UDP refusal test, PostgreSQL drivers, the OpenAI and
+/// Anthropic SDKs), installed for
 /// the `python3` the tests run.
-const PYTHON_PACKAGES: &[(&str, &str)] =
-    &[("aioquic", "aioquic"), ("psycopg", "psycopg[binary]"), ("asyncpg", "asyncpg")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("aioquic", "aioquic"),
+    ("psycopg", "psycopg[binary]"),
+    ("asyncpg", "asyncpg"),
+    // The AI SDKs whose error output tests/refusals.rs checks.
+    ("openai", "openai"),
+    ("anthropic", "anthropic"),
+];
 
 /// The pythons the tests run: Debian's (what clients running as other uids
 /// use; a pyenv first on root's PATH is not readable by them) and whatever

@@ -205,6 +205,7 @@ impl ApprovalConfig {
             approval_check: Some(std::sync::Arc::new(move |spec: &crate::policy::ApprovalSpec| {
                 approvals.check_spec(&ApprovalSpec::from(spec))
             })),
+            credentials: None,
         }
     }
 

@@ -108,6 +108,8 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     if let Some(minter) = minter {
         tokio::spawn(rotate_keys(minter, shutdown.clone()));
     }
+    // Always running: a reload (SIGHUP) may bring expiring sources in.
+    tokio::spawn(refresh_credentials(services_credentials.clone(), shutdown.clone()));
     let mut admin_task = None;
     if let Some(listener) = admin_listener {
         let lookup = job_identity_lookup(&services, &cgroups);
@@ -275,6 +277,24 @@ async fn wait_for_signal(signals: Signals, reloadable: &Reloadable) {
 }
 
 /// Rotates the JWT signing key when due and prunes expired public keys.
+/// Reads expiring credentials again ahead of their expiry (each entry's
+/// `refresh_before`); checked every second, which costs nothing when no
+/// source expires.
+async fn refresh_credentials(credentials: Arc<crate::credentials::CredentialStore>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        if !credentials.has_expiring() {
+            continue;
+        }
+        let store = credentials.clone();
+        // Commands block: off the runtime's workers.
+        let _ = tokio::task::spawn_blocking(move || store.refresh_due(std::time::SystemTime::now())).await;
+    }
+}
+
 async fn rotate_keys(minter: Arc<crate::credentials::Minter>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -374,11 +394,10 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         )?;
         Some(Arc::new(validator))
     };
-    let policy =
-        crate::policy::PolicyHandle::load_in(&config.policy, config.approvals.policy_context()).map_err(|errors| {
-            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            anyhow::anyhow!("policy:\n  {}", text.join("\n  "))
-        })?;
+    let policy = crate::policy::PolicyHandle::load_in(&config.policy, config.policy_context()).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("policy:\n  {}", text.join("\n  "))
+    })?;
     let approvals = crate::approval::Approvals::open(
         &config.approvals,
         &config.state_dir,

@@ -12,8 +12,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::Config;
 use crate::policy::{
-    judged_host, normalize, Action, Explanation, HttpRequestFacts, MaskRules, PathRejection, Policy, PolicyContext,
-    PolicyError, RequestFacts,
+    judged_host, normalize, Action, CredentialUse, Explanation, HttpRequestFacts, MaskRules, PathRejection, Policy,
+    PolicyContext, PolicyError, RequestFacts, StaticKeyAction,
 };
 
 /// `gateway policy ...`.
@@ -115,7 +115,7 @@ pub enum ConnectionProtocol {
 /// Runs a `gateway policy` subcommand with the configuration's policy file
 /// and approver groups. Exit 1 when the policy file is invalid.
 pub fn run(config: &Config, args: &PolicyArgs) -> anyhow::Result<ExitCode> {
-    run_with(args, config.policy.file.as_deref(), &config.approvals.policy_context())
+    run_with(args, config.policy.file.as_deref(), &config.policy_context())
 }
 
 /// [`run`] with `config_file` as `policy.file` of the gateway configuration,
@@ -127,7 +127,7 @@ pub fn run_with(args: &PolicyArgs, config_file: Option<&Path>, context: &PolicyC
             Some(f) => Ok(check(f, context)),
             None => bail!("no policy file given, and `policy.file` is not set in the configuration"),
         },
-        PolicyCommand::Explain(e) => explain(e, e.file.as_deref().or(config_file)),
+        PolicyCommand::Explain(e) => explain(e, e.file.as_deref().or(config_file), context),
     }
 }
 
@@ -245,7 +245,7 @@ fn headers(args: &ExplainArgs) -> anyhow::Result<HeaderMap> {
     Ok(map)
 }
 
-fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+fn explain(args: &ExplainArgs, file: Option<&Path>, context: &PolicyContext) -> anyhow::Result<ExitCode> {
     let policy = match file {
         Some(f) => match Policy::load(f) {
             Ok(p) => p,
@@ -289,12 +289,82 @@ fn explain(args: &ExplainArgs, file: Option<&Path>) -> anyhow::Result<ExitCode> 
         return explain_sql(&policy, &facts, database, &args.db_user, sql, args.json);
     }
     let e = policy.explain(&facts);
+    let held = held_credential(&e, &facts, context);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&e).context("serialising the explanation")?);
+        let mut body = serde_json::to_value(&e).context("serialising the explanation")?;
+        if let Some(held) = &held {
+            body["credential"] = held.json();
+        }
+        println!("{}", serde_json::to_string_pretty(&body).context("serialising the explanation")?);
     } else {
         print_explanation(&e, &facts);
+        if let Some(held) = &held {
+            println!("{}", held.text());
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which held credential a swap or an injection would use.
+enum Held {
+    /// `credentials.credentials[index]`.
+    Entry { index: usize, identity: String, host: String, why: &'static str },
+    /// None: such requests are refused.
+    Missing { why: &'static str },
+    /// The configuration was not given (explain without a configuration's credentials).
+    Unknown { why: &'static str },
+}
+
+impl Held {
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Held::Entry { index, identity, host, why } => serde_json::json!({
+                "for": why, "entry": index, "identity": identity, "host": host,
+            }),
+            Held::Missing { why } => serde_json::json!({
+                "for": why, "entry": null,
+                "warning": "no credential held for this identity and destination: such requests are refused",
+            }),
+            Held::Unknown { why } => {
+                serde_json::json!({ "for": why, "entry": null, "warning": "credentials not known" })
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        match self {
+            Held::Entry { index, identity, host, why } => {
+                format!("  held       {why}: credentials.credentials[{index}] (identity `{identity}`, host `{host}`)")
+            }
+            Held::Missing { why } => format!(
+                "  held       {why}: WARNING no credential held for this identity and destination \
+                 (no credentials.credentials entry matches): such requests are refused"
+            ),
+            Held::Unknown { why } => format!("  held       {why}: the configuration's credentials are not known here"),
+        }
+    }
+}
+
+/// The credential entry a decision that swaps or injects would use for the
+/// facts' identity and host; `None` when the decision does neither.
+fn held_credential(e: &Explanation<'_>, facts: &RequestFacts<'_>, context: &PolicyContext) -> Option<Held> {
+    let d = &e.decision;
+    if matches!(d.action, Action::Deny { .. }) {
+        return None;
+    }
+    let why = match (d.credential, d.static_keys) {
+        (CredentialUse::Inject, _) => "inject",
+        (_, Some(StaticKeyAction::Swap)) => "swap",
+        _ => return None,
+    };
+    let Some(entries) = &context.credentials else { return Some(Held::Unknown { why }) };
+    Some(match crate::credentials::store::entry_for(entries, facts.identity_uri, facts.host) {
+        Some(index) => {
+            let entry = &entries[index];
+            Held::Entry { index, identity: entry.identity.clone(), host: entry.host.clone(), why }
+        }
+        None => Held::Missing { why },
+    })
 }
 
 /// A path the gateway refuses before any rule is consulted.
@@ -346,6 +416,7 @@ fn print_explanation(e: &Explanation<'_>, f: &RequestFacts<'_>) {
         Some(s) => println!("static_keys  {s}"),
         None => println!("static_keys  (findings.actions decide)"),
     }
+    println!("credential   {}", d.credential.as_str());
     match (d.mask, d.mask_id) {
         (Some(m), Some(id)) => {
             let rules = match &m.rules {

@@ -39,7 +39,7 @@ impl Default for CredentialsConfig {
 }
 
 /// One upstream credential and where it applies.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CredentialEntry {
     /// Glob over identity URIs: `*` within one `/` segment, `**` across segments.
@@ -54,7 +54,14 @@ pub struct CredentialEntry {
     /// How the credential goes into the request.
     #[serde(with = "serde_yaml_ng::with::singleton_map")]
     pub inject: Injection,
+    /// For a source that says when its value expires (`command` with
+    /// `output: json`): how long before the expiry it is read again.
+    #[serde(with = "humantime_serde")]
+    pub refresh_before: Duration,
 }
+
+/// Default [`CredentialEntry::refresh_before`].
+pub const DEFAULT_REFRESH_BEFORE: Duration = Duration::from_secs(60);
 
 /// Where a credential's value is read from. Values are trimmed of surrounding
 /// whitespace; an empty value is an error.
@@ -69,6 +76,18 @@ pub enum Source {
     Command(CommandSource),
 }
 
+impl Default for CredentialEntry {
+    fn default() -> Self {
+        CredentialEntry {
+            identity: String::new(),
+            host: String::new(),
+            source: None,
+            inject: Injection::default(),
+            refresh_before: DEFAULT_REFRESH_BEFORE,
+        }
+    }
+}
+
 /// A command whose standard output is a credential.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -78,12 +97,27 @@ pub struct CommandSource {
     /// How long the command may run before it is killed and the load fails.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// What its standard output is.
+    pub output: CommandOutput,
 }
 
 impl Default for CommandSource {
     fn default() -> Self {
-        Self { argv: Vec::new(), timeout: Duration::from_secs(10) }
+        Self { argv: Vec::new(), timeout: Duration::from_secs(10), output: CommandOutput::Text }
     }
+}
+
+/// The form of a credential command's output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandOutput {
+    /// The credential itself.
+    #[default]
+    Text,
+    /// A JSON object: `credential` and when it expires, `expires_at`
+    /// (RFC 3339) or `expires_in` (seconds from now). The gateway reads it
+    /// again `refresh_before` the expiry and never sends it after.
+    Json,
 }
 
 /// How a credential is written into a request. Templates may contain
@@ -317,6 +351,9 @@ impl CredentialsConfig {
                     }
                     if cmd.timeout.is_zero() || cmd.timeout > Duration::from_secs(300) {
                         return Err((at("source.command.timeout"), "must be between 1ms and 5m".into()));
+                    }
+                    if entry.refresh_before < Duration::from_secs(1) {
+                        return Err((at("refresh_before"), "must be at least 1s".into()));
                     }
                 }
                 _ => {}

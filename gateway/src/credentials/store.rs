@@ -5,6 +5,11 @@
 //! [`CredentialStore::load`] and [`CredentialStore::reload`] through
 //! `tokio::task::spawn_blocking`. Lookups never block on a reload: they read
 //! an immutable snapshot that a reload replaces in one step.
+//!
+//! A source may say when its value expires (a command with `output: json`):
+//! [`CredentialStore::refresh_due`] reads such entries again
+//! `refresh_before` their expiry, and a lookup reports the expiry so that
+//! the gate never sends an expired value (it refuses instead).
 
 use std::{
     io::Read,
@@ -13,13 +18,13 @@ use std::{
     process::{Command, Stdio},
     sync::{Arc, RwLock},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use zeroize::Zeroizing;
 
 use super::{
-    config::{CommandSource, CredentialEntry, Injection, Source},
+    config::{CommandOutput, CommandSource, CredentialEntry, Injection, Source},
     glob,
     secret::SecretString,
 };
@@ -44,6 +49,15 @@ pub struct Credential {
     pub inject: Injection,
     /// Index of the matching entry in the configuration (for logs and findings).
     pub entry: usize,
+    /// When the value expires, if its source says.
+    pub expires_at: Option<SystemTime>,
+}
+
+impl Credential {
+    /// Whether the value has expired at `now` (then it must not be sent).
+    pub fn expired(&self, now: SystemTime) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
 }
 
 /// One loaded entry.
@@ -53,7 +67,14 @@ struct Loaded {
     host: String,
     value: Option<SecretString>,
     inject: Injection,
+    /// When the value expires, if its source says.
+    expires_at: Option<SystemTime>,
+    /// When to read the source again (before `expires_at`, or a retry).
+    refresh_at: Option<SystemTime>,
 }
+
+/// Pause between attempts when refreshing an expiring credential fails.
+const REFRESH_RETRY: Duration = Duration::from_secs(5);
 
 /// The credential set, replaced as a whole on reload.
 #[derive(Debug)]
@@ -124,7 +145,93 @@ impl CredentialStore {
             .iter()
             .enumerate()
             .find(|(_, e)| glob::matches(&e.identity, identity, b'/') && glob::host_matches(&e.host, host))
-            .map(|(entry, e)| Credential { value: e.value.clone(), inject: e.inject.clone(), entry })
+            .map(|(entry, e)| Credential {
+                value: e.value.clone(),
+                inject: e.inject.clone(),
+                entry,
+                expires_at: e.expires_at,
+            })
+    }
+
+    /// Reads again every source whose value expires within its entry's
+    /// `refresh_before` (or whose last refresh failed, every 5 s), and
+    /// installs the new values. Blocks (commands): call it through
+    /// `spawn_blocking`. A failure keeps the old value, which stops being
+    /// used at its expiry, and is logged. Returns how many were refreshed.
+    pub fn refresh_due(&self, now: SystemTime) -> usize {
+        let entries = Arc::clone(&read(&self.entries));
+        let loaded = Arc::clone(&read(&self.loaded));
+        let due: Vec<usize> = loaded
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.refresh_at.is_some_and(|at| at <= now))
+            .map(|(i, _)| i)
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let mut updated: Vec<(usize, Loaded)> = Vec::new();
+        let mut refreshed = 0;
+        for index in due {
+            let (Some(entry), Some(old)) = (entries.get(index), loaded.get(index)) else { continue };
+            match load_entry(index, entry, self.options, now) {
+                Ok(fresh) => {
+                    tracing::info!(
+                        entry = index,
+                        expires_at = fresh.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        "credential refreshed ahead of its expiry"
+                    );
+                    refreshed += 1;
+                    updated.push((index, fresh));
+                }
+                Err(e) => {
+                    tracing::error!(
+                        entry = index,
+                        error = %e,
+                        expires_at = old.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+                        "refreshing an expiring credential failed; it will not be sent once expired"
+                    );
+                    updated.push((
+                        index,
+                        Loaded {
+                            identity: old.identity.clone(),
+                            host: old.host.clone(),
+                            value: old.value.clone(),
+                            inject: old.inject.clone(),
+                            expires_at: old.expires_at,
+                            refresh_at: Some(now + REFRESH_RETRY),
+                        },
+                    ));
+                }
+            }
+        }
+        let mut guard = write(&self.loaded);
+        // Only if no reload replaced the set meanwhile.
+        if Arc::ptr_eq(&guard, &loaded) {
+            let mut next: Vec<Loaded> = Vec::with_capacity(loaded.len());
+            for (i, l) in loaded.iter().enumerate() {
+                match updated.iter().position(|(u, _)| *u == i) {
+                    Some(p) => next.push(updated.swap_remove(p).1),
+                    None => next.push(Loaded {
+                        identity: l.identity.clone(),
+                        host: l.host.clone(),
+                        value: l.value.clone(),
+                        inject: l.inject.clone(),
+                        expires_at: l.expires_at,
+                        refresh_at: l.refresh_at,
+                    }),
+                }
+            }
+            *guard = Arc::new(next);
+        }
+        refreshed
+    }
+
+    /// Whether some value expires (then [`refresh_due`](Self::refresh_due)
+    /// must run periodically).
+    pub fn has_expiring(&self) -> bool {
+        let entries = read(&self.entries);
+        entries.iter().any(|e| matches!(&e.source, Some(Source::Command(c)) if c.output == CommandOutput::Json))
     }
 
     /// Number of loaded entries.
@@ -138,6 +245,18 @@ impl CredentialStore {
     }
 }
 
+/// The index of the entry that [`CredentialStore::lookup`] would use for
+/// `identity` and `host`, judged on the configuration alone (nothing is
+/// read): for `policy check` and `policy explain`.
+pub fn entry_for(entries: &[CredentialEntry], identity: &str, host: &str) -> Option<usize> {
+    entries.iter().position(|e| glob::matches(&e.identity, identity, b'/') && glob::host_matches(&e.host, host))
+}
+
+/// Whether some entry could apply to `host` for some identity.
+pub fn any_entry_for_host(entries: &[CredentialEntry], host: &str) -> bool {
+    entries.iter().any(|e| glob::host_matches(&e.host, host))
+}
+
 /// Locks are only held to clone an `Arc`, so a poisoned lock still holds a
 /// consistent value; recovering beats taking the proxy down.
 fn read<T>(lock: &RwLock<Arc<T>>) -> Arc<T> {
@@ -149,25 +268,59 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 fn load_all(entries: &[CredentialEntry], options: LoadOptions) -> Result<Vec<Loaded>, StoreError> {
-    entries
-        .iter()
-        .enumerate()
-        .map(|(index, entry)| {
-            let value = match &entry.source {
-                None => None,
-                Some(source) => Some(read_source(source, options).map_err(|reason| StoreError { index, reason })?),
-            };
-            Ok(Loaded {
-                identity: entry.identity.clone(),
-                host: entry.host.clone(),
-                value,
-                inject: entry.inject.clone(),
-            })
-        })
-        .collect()
+    let now = SystemTime::now();
+    entries.iter().enumerate().map(|(index, entry)| load_entry(index, entry, options, now)).collect()
 }
 
-fn read_source(source: &Source, options: LoadOptions) -> Result<SecretString, String> {
+fn load_entry(
+    index: usize,
+    entry: &CredentialEntry,
+    options: LoadOptions,
+    now: SystemTime,
+) -> Result<Loaded, StoreError> {
+    let (value, expires_at) = match &entry.source {
+        None => (None, None),
+        Some(source) => {
+            let (value, expires_at) =
+                read_source(source, options, now).map_err(|reason| StoreError { index, reason })?;
+            (Some(value), expires_at)
+        }
+    };
+    if expires_at.is_some_and(|at| at <= now) {
+        return Err(StoreError { index, reason: format!("{}: the value has already expired", describe_entry(entry)) });
+    }
+    let refresh_at = expires_at.map(|at| at.checked_sub(entry.refresh_before).unwrap_or(now).max(now));
+    Ok(Loaded {
+        identity: entry.identity.clone(),
+        host: entry.host.clone(),
+        value,
+        inject: entry.inject.clone(),
+        expires_at,
+        refresh_at,
+    })
+}
+
+fn describe_entry(entry: &CredentialEntry) -> String {
+    entry.source.as_ref().map_or_else(|| "jwt".to_owned(), describe)
+}
+
+/// What a JSON credential command prints.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonOutput {
+    credential: String,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    expires_at: Option<time::OffsetDateTime>,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+fn read_source(
+    source: &Source,
+    options: LoadOptions,
+    now: SystemTime,
+) -> Result<(SecretString, Option<SystemTime>), String> {
+    let mut expires_at = None;
     let raw = match source {
         Source::File(path) => read_file(path, options)?,
         Source::Env(name) => match std::env::var(name) {
@@ -175,13 +328,41 @@ fn read_source(source: &Source, options: LoadOptions) -> Result<SecretString, St
             Err(std::env::VarError::NotPresent) => return Err(format!("env: `{name}` is not set")),
             Err(std::env::VarError::NotUnicode(_)) => return Err(format!("env: `{name}` is not valid UTF-8")),
         },
-        Source::Command(cmd) => run_command(cmd)?,
+        Source::Command(cmd) => {
+            let out = run_command(cmd)?;
+            match cmd.output {
+                CommandOutput::Text => out,
+                CommandOutput::Json => {
+                    // The error never quotes the output: it holds the credential.
+                    let parsed: JsonOutput = serde_json::from_str(&out).map_err(|e| {
+                        format!(
+                            "{}: output is not the expected JSON ({{\"credential\", \"expires_at\" | \"expires_in\"}}): \
+                             line {} column {}",
+                            describe(source),
+                            e.line(),
+                            e.column()
+                        )
+                    })?;
+                    expires_at = match (parsed.expires_at, parsed.expires_in) {
+                        (Some(at), None) => Some(SystemTime::from(at)),
+                        (None, Some(secs)) => Some(now + Duration::from_secs(secs)),
+                        _ => {
+                            return Err(format!(
+                                "{}: the JSON output must give exactly one of `expires_at` and `expires_in`",
+                                describe(source)
+                            ))
+                        }
+                    };
+                    Zeroizing::new(parsed.credential)
+                }
+            }
+        }
     };
     let value = raw.trim();
     if value.is_empty() {
         return Err(format!("{}: the value is empty", describe(source)));
     }
-    Ok(SecretString::new(value.to_owned()))
+    Ok((SecretString::new(value.to_owned()), expires_at))
 }
 
 fn describe(source: &Source) -> String {
@@ -286,6 +467,7 @@ mod tests {
             host: host.into(),
             source: Some(source),
             inject: Injection::default(),
+            ..CredentialEntry::default()
         }
     }
 
@@ -326,6 +508,7 @@ mod tests {
                 Source::Command(CommandSource {
                     argv: vec!["/bin/sh".into(), "-c".into(), "echo ' cmd-value '".into()],
                     timeout: Duration::from_secs(5),
+                    output: CommandOutput::Text,
                 }),
             ),
         ])
@@ -375,6 +558,7 @@ mod tests {
             Source::Command(CommandSource {
                 argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
                 timeout: Duration::from_millis(timeout),
+                output: CommandOutput::Text,
             })
         };
         let e = load(vec![entry("*", "*", sh("echo leaked-stdout; echo nope >&2; exit 3", 5000))]).unwrap_err();
@@ -431,5 +615,77 @@ mod tests {
             assert!(!text.contains("sk-super-secret-123"), "{text}");
             assert!(text.contains("redacted"), "{text}");
         }
+    }
+
+    /// A command printing JSON: `v<n>` (n counts its runs) expiring in an
+    /// hour, failing while `fail` exists.
+    fn counting_command(dir: &Path) -> Source {
+        let script = format!(
+            "d={}; [ -e $d/fail ] && exit 3; n=$(cat $d/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > $d/n; \
+             printf '{{\"credential\": \"v%s\", \"expires_in\": 3600}}' $n",
+            dir.display()
+        );
+        Source::Command(CommandSource {
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
+            output: CommandOutput::Json,
+            ..CommandSource::default()
+        })
+    }
+
+    #[test]
+    fn expiring_sources_refresh_ahead_of_expiry_and_report_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = load(vec![entry("*", "*", counting_command(dir.path()))]).unwrap();
+        assert!(store.has_expiring());
+        let first = store.lookup("a", "b").unwrap();
+        let expires = first.expires_at.expect("an expiry");
+        let now = SystemTime::now();
+        assert!(expires > now + Duration::from_secs(3590) && expires <= now + Duration::from_secs(3601));
+        assert!(!first.expired(now) && first.expired(expires));
+        assert_eq!(value(&store, "a", "b").as_deref(), Some("v1"));
+        // Not yet due: nothing is read.
+        assert_eq!(store.refresh_due(now), 0);
+        assert_eq!(value(&store, "a", "b").as_deref(), Some("v1"));
+        // Within refresh_before (60 s) of the expiry: read again.
+        let due = expires - Duration::from_secs(59);
+        assert_eq!(store.refresh_due(due), 1);
+        assert_eq!(value(&store, "a", "b").as_deref(), Some("v2"));
+        // A failing refresh keeps the old value (with its expiry, after which
+        // the gate does not send it) and retries.
+        let second = store.lookup("a", "b").unwrap().expires_at.unwrap();
+        std::fs::write(dir.path().join("fail"), "").unwrap();
+        let due = second - Duration::from_secs(30);
+        assert_eq!(store.refresh_due(due), 0);
+        let kept = store.lookup("a", "b").unwrap();
+        assert_eq!(kept.expires_at, Some(second));
+        assert!(kept.expired(second));
+        assert_eq!(store.refresh_due(due + Duration::from_secs(1)), 0, "the retry waits 5 s");
+        std::fs::remove_file(dir.path().join("fail")).unwrap();
+        assert_eq!(store.refresh_due(due + REFRESH_RETRY), 1);
+        assert_eq!(value(&store, "a", "b").as_deref(), Some("v3"));
+    }
+
+    #[test]
+    fn json_output_errors_never_quote_the_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("printf 'sk-not-json-123'", "not the expected JSON"),
+            ("printf '{\"credential\": \"sk-secret-123\"}'", "exactly one of"),
+            (
+                "printf '{\"credential\": \"sk-secret-123\", \"expires_at\": \"2001-01-01T00:00:00Z\"}'",
+                "already expired",
+            ),
+        ];
+        for (script, want) in cases {
+            let source = Source::Command(CommandSource {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                output: CommandOutput::Json,
+                ..CommandSource::default()
+            });
+            let err = load(vec![entry("*", "*", source)]).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+            assert!(!err.contains("sk-"), "{err}");
+        }
+        let _ = dir;
     }
 }

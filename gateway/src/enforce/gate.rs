@@ -30,7 +30,7 @@ use std::{
 use serde_json::json;
 
 use super::{
-    refusal::{BlockedFinding, NotApproved, Reason, Refusal, Uninspectable},
+    refusal::{BlockedFinding, CredentialProblem, NotApproved, Reason, Refusal, Unavailable, Uninspectable},
     Caller, MaskCache, FINDING_TARGET, POLICY_TARGET,
 };
 use crate::{
@@ -213,6 +213,8 @@ pub struct RequestDecision {
     pub uninspectable: policy::Uninspectable,
     /// Whether keys in it are looked for (the destination is protected).
     pub inspect: bool,
+    /// Whether the gateway injects the credential it holds.
+    pub credential: policy::CredentialUse,
 }
 
 /// The policy's decision for a connection judged as a whole at its start
@@ -228,6 +230,10 @@ pub struct ConnectionDecision {
     /// How much of the session is kept.
     pub record: RecordLevel,
 }
+
+/// What a refusal says when the gateway holds no credential to swap in or
+/// inject.
+const NO_CREDENTIAL: &str = "no credential held for this identity and destination";
 
 /// The handler's part of a credential swap: replaces the keys at the
 /// targets in its request with the rendered credential.
@@ -251,6 +257,8 @@ pub struct Judgement {
     pub findings: Vec<String>,
     /// Set when the request must not go on.
     pub refusal: Option<Refusal>,
+    /// Whether the held credential replaced the job's key in the head.
+    pub swapped: bool,
 }
 
 /// One connection's passage through the gate: its caller, destination,
@@ -564,7 +572,7 @@ impl Passage {
             (Some(rule), Some(id)) => Some(self.gate.masks.get(&policy, id, rule)),
             _ => None,
         };
-        let (static_keys, record) = (d.static_keys, record_level(d.record));
+        let (static_keys, record, credential) = (d.static_keys, record_level(d.record), d.credential);
         drop(policy);
         Ok(RequestDecision {
             decided,
@@ -574,6 +582,7 @@ impl Passage {
             approval,
             uninspectable: self.uninspectable(),
             inspect: self.protects(request.host_named.then_some(host)),
+            credential,
         })
     }
 
@@ -587,10 +596,9 @@ impl Passage {
     pub async fn judge(&self, req: &Judged, hits: Vec<Hit>, swap: Option<&mut SwapFn<'_>>) -> Judgement {
         let host = req.host.as_str();
         let identity = &self.conn.caller.identity;
-        let credential = match swap {
-            Some(_) => self.gate.credentials.lookup(&identity.uri, host),
-            None => None,
-        };
+        let credential = swap.as_ref().map(|_| self.usable_credential(host));
+        // Why the gateway could not supply the credential a swap called for.
+        let mut unavailable: Option<(CredentialProblem, String)> = None;
         let mut seen = HashSet::new();
         let waivers = self.gate.waivers.current();
         let now = time::OffsetDateTime::now_utc();
@@ -642,10 +650,14 @@ impl Passage {
             let mut action = match configured {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
-                Action::Swap => match (credential.is_some(), SwapTarget::from_location(&hit.location)) {
-                    (true, Some(target)) => {
+                Action::Swap => match (&credential, SwapTarget::from_location(&hit.location)) {
+                    (Some(Ok(_)), Some(target)) => {
                         swap_targets.push(target);
                         Action::Swap
+                    }
+                    (Some(Err(problem)), Some(_)) => {
+                        unavailable = Some(problem.clone());
+                        Action::Block
                     }
                     _ => Action::Block,
                 },
@@ -667,23 +679,31 @@ impl Passage {
             decided.push((hit, fingerprint, location, action, allowed_by));
         }
         let blocking = more_block || decided.iter().any(|(_, _, _, a, _)| *a == Action::Block);
+        let mut judgement_swapped = false;
         if !blocking && !swap_targets.is_empty() {
             let swapped = match (swap, credential.as_ref()) {
-                (Some(apply), Some(credential)) => self.swap(credential, host, &req.verified).and_then(|rendered| {
-                    apply(&swap_targets, &rendered)?;
-                    tracing::info!(
-                        target: FINDING_TARGET,
-                        identity = identity.uri,
-                        host,
-                        credential_entry = credential.entry,
-                        "swapped a static credential for the gateway-held one"
-                    );
-                    Ok(())
-                }),
+                (Some(apply), Some(Ok(credential))) => {
+                    self.swap(credential, host, &req.verified).and_then(|rendered| {
+                        apply(&swap_targets, &rendered)?;
+                        tracing::info!(
+                            target: FINDING_TARGET,
+                            identity = identity.uri,
+                            host,
+                            credential_entry = credential.entry,
+                            "swapped a static credential for the gateway-held one"
+                        );
+                        Ok(())
+                    })
+                }
                 _ => Err("no request head or credential to swap".to_owned()),
             };
+            judgement_swapped = swapped.is_ok();
             if let Err(reason) = swapped {
                 tracing::error!(target: FINDING_TARGET, conn_id = self.conn.id, reason, "credential swap failed; blocking the request");
+                unavailable = Some((
+                    CredentialProblem::Unusable,
+                    format!("the credential held for this identity and destination could not be used: {reason}"),
+                ));
                 for d in decided.iter_mut() {
                     if d.3 == Action::Swap {
                         d.3 = Action::Block;
@@ -692,7 +712,7 @@ impl Passage {
             }
         }
 
-        let mut judgement = Judgement::default();
+        let mut judgement = Judgement { swapped: judgement_swapped, ..Judgement::default() };
         let mut blocked = Vec::new();
         let secrets: Vec<(Secret, String)> =
             decided.iter().map(|(hit, ..)| (hit.detection.secret.clone(), hit.detection.secret.preview())).collect();
@@ -780,11 +800,111 @@ impl Passage {
             tracing::warn!(target: FINDING_TARGET, conn_id = self.conn.id, more, cap = MAX_FINDINGS_PER_REQUEST, "more keys in one request than are recorded one by one");
         }
         if !blocked.is_empty() || more_block {
-            judgement.refusal =
-                Some(Refusal { conn_id: self.conn.id, reason: Reason::StaticCredential { findings: blocked, more } });
+            let reason = match unavailable {
+                Some((problem, detail)) => {
+                    tracing::warn!(
+                        target: FINDING_TARGET,
+                        conn_id = self.conn.id,
+                        identity = identity.uri,
+                        host,
+                        detail,
+                        "static_keys says swap but the gateway cannot supply a credential: request refused"
+                    );
+                    Reason::CredentialUnavailable(Box::new(Unavailable {
+                        identity: identity.uri.clone(),
+                        host: host.to_owned(),
+                        problem,
+                        detail,
+                        findings: blocked,
+                    }))
+                }
+                None => Reason::StaticCredential { findings: blocked, more },
+            };
+            judgement.refusal = Some(Refusal { conn_id: self.conn.id, reason });
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
         judgement
+    }
+
+    /// The credential held for the caller and `host`, if there is one that
+    /// may be sent: an expired value (its refresh failed) is never sent.
+    fn usable_credential(&self, host: &str) -> Result<crate::credentials::Credential, (CredentialProblem, String)> {
+        let identity = &self.conn.caller.identity;
+        let Some(credential) = self.gate.credentials.lookup(&identity.uri, host) else {
+            return Err((CredentialProblem::NotHeld, NO_CREDENTIAL.to_owned()));
+        };
+        let now = std::time::SystemTime::now();
+        if credential.expired(now) {
+            let at =
+                credential.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()).unwrap_or_default();
+            tracing::error!(
+                target: FINDING_TARGET,
+                conn_id = self.conn.id,
+                identity = identity.uri,
+                host,
+                credential_entry = credential.entry,
+                expired_at = at,
+                "the held credential has expired and was not refreshed: not sent, the request is refused"
+            );
+            if let Some(s) = &self.session {
+                s.event(
+                    EventKind::Error,
+                    json!({ "error": "credential_expired", "credential_entry": credential.entry, "expired_at": at }),
+                );
+            }
+            return Err((
+                CredentialProblem::Expired,
+                format!("the credential held for this identity and destination expired at {at} and was not refreshed"),
+            ));
+        }
+        Ok(credential)
+    }
+
+    /// Injects the credential the gateway holds for the caller and the
+    /// request's host (`credential: inject`) through `apply`, the handler's
+    /// protocol-specific part, replacing whatever the job put in the
+    /// injection's header or parameter. Without a held credential, or when
+    /// it cannot be rendered, the request is refused (and recorded as such):
+    /// never sent without the credential the policy says it must carry.
+    pub fn inject(&self, req: &Judged, apply: &mut SwapFn<'_>) -> Result<(), Refusal> {
+        let identity = &self.conn.caller.identity;
+        let host = req.host.as_str();
+        let injected = match self.usable_credential(host) {
+            Err(problem) => Err(problem),
+            Ok(credential) => self
+                .swap(&credential, host, &req.verified)
+                .and_then(|rendered| apply(&[], &rendered))
+                .map(|()| credential.entry)
+                .map_err(|e| {
+                    (
+                        CredentialProblem::Unusable,
+                        format!("the credential held for this identity and destination could not be used: {e}"),
+                    )
+                }),
+        };
+        match injected {
+            Ok(entry) => {
+                tracing::info!(
+                    target: FINDING_TARGET,
+                    conn_id = self.conn.id,
+                    identity = identity.uri,
+                    host,
+                    credential_entry = entry,
+                    "injected the gateway-held credential"
+                );
+                Ok(())
+            }
+            Err((problem, detail)) => {
+                let reason = Reason::CredentialUnavailable(Box::new(Unavailable {
+                    identity: identity.uri.clone(),
+                    host: host.to_owned(),
+                    problem,
+                    detail,
+                    findings: Vec::new(),
+                }));
+                Err(self.refuse(reason, "credential"))
+            }
+        }
     }
 
     /// Renders the credential the gateway holds for this caller and `host`.

@@ -20,7 +20,7 @@ pub use gate::{
     MAX_FINDINGS_PER_REQUEST,
 };
 pub use masks::{decode_prefix, MaskCache};
-pub use refusal::{BlockedFinding, NotApproved, Reason, Refusal, Uninspectable};
+pub use refusal::{BlockedFinding, CredentialProblem, NotApproved, Reason, Refusal, Unavailable, Uninspectable};
 
 use crate::{identity::Identity, process::ProcessInfo};
 

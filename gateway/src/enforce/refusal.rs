@@ -73,6 +73,11 @@ pub enum Reason {
         /// What is ambiguous about it.
         detail: String,
     },
+    /// The policy has the gateway supply the credential for this
+    /// destination (`credential: inject`, or `static_keys: swap` for a key
+    /// the job sent) and it has none to supply: refused rather than sent
+    /// without one or with the job's own. Boxed: rare, and large.
+    CredentialUnavailable(Box<Unavailable>),
     /// A SQL statement the gateway cannot classify, which no policy rule
     /// naming `kind: unknown` allows (PostgreSQL: SQLSTATE 42601 with a
     /// syntax error, else 42501).
@@ -80,6 +85,45 @@ pub enum Reason {
         /// The parser's complaint, when the text does not parse.
         syntax_error: Option<String>,
     },
+}
+
+/// A credential the gateway should have supplied and could not.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    /// The caller's identity.
+    pub identity: String,
+    /// The destination host.
+    pub host: String,
+    /// What is wrong with it.
+    pub problem: CredentialProblem,
+    /// Why, for people. Never a credential.
+    pub detail: String,
+    /// Keys the job sent (each a finding), if any.
+    pub findings: Vec<BlockedFinding>,
+}
+
+/// Why the gateway could not supply a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialProblem {
+    /// No `credentials.credentials` entry matches the identity and host.
+    NotHeld,
+    /// The held value expired and could not be refreshed: never sent.
+    Expired,
+    /// The entry could not be rendered or applied (a `{jwt}` not minted, a
+    /// login where a header is needed).
+    Unusable,
+}
+
+impl CredentialProblem {
+    /// The machine-readable error clients see.
+    pub fn code(self) -> &'static str {
+        match self {
+            CredentialProblem::NotHeld => "no_credential_held",
+            CredentialProblem::Expired => "credential_expired",
+            CredentialProblem::Unusable => "credential_unusable",
+        }
+    }
 }
 
 /// How a held request ended without approval.
@@ -223,6 +267,7 @@ impl Reason {
             Reason::AmbiguousPath { .. } => "path_refused",
             Reason::AmbiguousHost { .. } => "host_refused",
             Reason::UnclassifiedStatement { .. } => "unclassified_statement",
+            Reason::CredentialUnavailable(u) => u.problem.code(),
         }
     }
 }
@@ -261,6 +306,23 @@ impl Refusal {
                 "The CI gateway refused this request: its path is ambiguous ({detail}). Nothing was sent \
                  to the server. Send the path without encoded slashes or backslashes."
             ),
+            Reason::CredentialUnavailable(u) => {
+                let Unavailable { identity, host, detail, findings, .. } = &**u;
+                let ids: Vec<&str> = findings.iter().filter_map(|f| f.id.as_deref()).collect();
+                let found = if ids.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " The key the job sent is finding {}: remove it from the job and rotate it.",
+                        ids.join(", ")
+                    )
+                };
+                format!(
+                    "The CI gateway refused this request: {detail} (identity `{identity}`, destination `{host}`). \
+                     The policy has the gateway supply the credential for this destination, so nothing was sent \
+                     to the server. Ask the operators to add a `credentials` entry for this identity and host.{found}"
+                )
+            }
             Reason::UnclassifiedStatement { syntax_error: Some(e) } => format!(
                 "The CI gateway refused this statement: it does not parse as PostgreSQL SQL ({e}). Nothing \
                  was sent to the server."
@@ -284,6 +346,10 @@ impl Refusal {
             Reason::AmbiguousPath { code, detail } => json!({ "code": code, "detail": detail }),
             Reason::AmbiguousHost { detail } => json!({ "detail": detail }),
             Reason::UnclassifiedStatement { syntax_error } => json!({ "syntax_error": syntax_error }),
+            Reason::CredentialUnavailable(u) => {
+                let Unavailable { identity, host, problem, detail, findings } = &**u;
+                json!({ "identity": identity, "host": host, "problem": problem, "detail": detail, "findings": findings })
+            }
         }
     }
 }

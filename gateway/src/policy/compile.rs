@@ -131,6 +131,7 @@ fn push(mut path: Vec<Seg>, seg: Seg) -> Vec<Seg> {
 /// The defaults every rule inherits from.
 struct Inherited {
     static_keys: Option<super::decision::StaticKeyAction>,
+    credential: super::decision::CredentialUse,
     mask_id: Option<usize>,
     record: RecordLevel,
     uninspectable: Uninspectable,
@@ -214,10 +215,14 @@ impl Compiler<'_> {
         let outcome = Outcome {
             action,
             static_keys: spec.static_keys,
+            credential: spec.credential.unwrap_or_default(),
             mask_id,
             record: spec.record.unwrap_or_default(),
             uninspectable,
         };
+        if self.errors.len() == before {
+            self.check_credentials(None, &base, DEFAULT_RULE, &outcome, None);
+        }
         (self.errors.len() == before).then_some(outcome)
     }
 
@@ -263,12 +268,14 @@ impl Compiler<'_> {
         let inherited = match default {
             Some(d) => Inherited {
                 static_keys: d.static_keys,
+                credential: d.credential,
                 mask_id: d.mask_id,
                 record: d.record,
                 uninspectable: d.uninspectable,
             },
             None => Inherited {
                 static_keys: None,
+                credential: super::decision::CredentialUse::AsSent,
                 mask_id: None,
                 record: RecordLevel::Full,
                 uninspectable: Uninspectable::Refuse,
@@ -285,11 +292,59 @@ impl Compiler<'_> {
         let outcome = Outcome {
             action: action?,
             static_keys: spec.static_keys.or(inherited.static_keys),
+            credential: spec.credential.unwrap_or(inherited.credential),
             mask_id,
             record: spec.record.unwrap_or(inherited.record),
             uninspectable: spec.uninspectable.unwrap_or(inherited.uninspectable),
         };
-        Some(Rule { name, selectors: selectors?, outcome })
+        let selectors = selectors?;
+        self.check_credentials(Some(index), &base, &name, &outcome, selectors.host.as_ref());
+        Some(Rule { name, selectors, outcome })
+    }
+
+    /// A rule that swaps or injects credentials needs a held credential for
+    /// its hosts: warned about (naming the hosts) when the configuration's
+    /// `credentials.credentials` names none of them, since such requests
+    /// would be refused. Host patterns with wildcards are only checked
+    /// against an empty credential list: entry globs and rule globs cannot
+    /// be compared exactly.
+    fn check_credentials(
+        &mut self,
+        index: Option<usize>,
+        base: &[Seg],
+        name: &str,
+        outcome: &Outcome,
+        hosts: Option<&super::glob::GlobList>,
+    ) {
+        use super::decision::{CredentialUse, StaticKeyAction};
+        let Some(entries) = self.context.credentials.clone() else { return };
+        if matches!(outcome.action, Action::Deny { .. }) {
+            return;
+        }
+        let what = match (outcome.credential, outcome.static_keys) {
+            (CredentialUse::Inject, _) => "injects",
+            (_, Some(StaticKeyAction::Swap)) => "swaps in",
+            _ => return,
+        };
+        let uncovered: Vec<&str> = match hosts {
+            _ if entries.is_empty() => vec!["any host"],
+            None => return,
+            Some(hosts) => hosts
+                .sources()
+                .iter()
+                .filter(|h| !h.contains('*') && !crate::credentials::store::any_entry_for_host(&entries, h))
+                .map(String::as_str)
+                .collect(),
+        };
+        if uncovered.is_empty() {
+            return;
+        }
+        let message = format!(
+            "rule `{name}` {what} the gateway-held credential, but no `credentials.credentials` entry is held for {}: \
+             its requests will be refused (\"no credential held for this identity and destination\")",
+            uncovered.iter().map(|h| format!("`{h}`")).collect::<Vec<_>>().join(", ")
+        );
+        self.warn(index, base.to_vec(), message);
     }
 
     /// A rule's own `uninspectable` must be able to apply: not on a `deny`

@@ -209,6 +209,7 @@ impl Selectors {
 pub(super) struct Outcome {
     pub(super) action: Action,
     pub(super) static_keys: Option<StaticKeyAction>,
+    pub(super) credential: super::decision::CredentialUse,
     pub(super) mask_id: Option<usize>,
     pub(super) record: RecordLevel,
     pub(super) uninspectable: Uninspectable,
@@ -224,6 +225,7 @@ impl Policy {
             default: Outcome {
                 action: Action::Allow,
                 static_keys: None,
+                credential: super::decision::CredentialUse::AsSent,
                 mask_id: None,
                 record: RecordLevel::Full,
                 uninspectable: Uninspectable::Refuse,
@@ -321,6 +323,7 @@ impl Policy {
             index,
             action: &o.action,
             static_keys: o.static_keys,
+            credential: o.credential,
             mask: o.mask_id.and_then(|i| self.masks.get(i)),
             mask_id: o.mask_id,
             record: o.record,

@@ -20,6 +20,32 @@ pub const UNCLASSIFIED_RULE: &str = "unclassified";
 pub const UNCLASSIFIED_REASON: &str =
     "the gateway cannot classify this statement; only a policy rule with `kind: unknown` allows it";
 
+/// Whether the gateway writes the credential it holds for the caller's
+/// identity and the destination into requests itself (`credential:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialUse {
+    /// Requests keep what the job sent; a static key in them is treated as
+    /// `static_keys` says (`swap` replaces it).
+    #[default]
+    AsSent,
+    /// The gateway injects the credential held for the identity and
+    /// destination into every request, whether the job sent a key, a
+    /// placeholder or nothing (a detected static key is still a finding).
+    /// Refused when no credential is held.
+    Inject,
+}
+
+impl CredentialUse {
+    /// `as_sent` or `inject`, as written in the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialUse::AsSent => "as_sent",
+            CredentialUse::Inject => "inject",
+        }
+    }
+}
+
 /// What happens to the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -172,6 +198,8 @@ pub struct Decision<'p> {
     /// Override of `findings.actions` for static keys; `None` lets
     /// `findings.actions` decide.
     pub static_keys: Option<StaticKeyAction>,
+    /// Whether the gateway injects the held credential.
+    pub credential: CredentialUse,
     /// Response masking, if any.
     pub mask: Option<&'p MaskRule>,
     /// Index of `mask` in [`super::Policy::masks`]: stable for one policy

@@ -36,8 +36,8 @@ use serde::{Deserialize, Serialize};
 pub use compile::{DEFAULT_APPROVAL_TIMEOUT, POLICY_VERSION};
 pub use compiled::{Policy, PolicySource, BUILTIN_POLICY};
 pub use decision::{
-    Action, ApprovalSpec, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction, Uninspectable,
-    DEFAULT_RULE, UNCLASSIFIED_REASON, UNCLASSIFIED_RULE,
+    Action, ApprovalSpec, CredentialUse, Decision, MaskRule, MaskRules, NamedPattern, RecordLevel, StaticKeyAction,
+    Uninspectable, DEFAULT_RULE, UNCLASSIFIED_REASON, UNCLASSIFIED_RULE,
 };
 pub use error::PolicyError;
 pub use explain::{Explanation, RuleMiss, SqlExplanation, StatementExplanation};
@@ -58,11 +58,18 @@ pub struct PolicyContext {
     /// The approvals configuration's verdict on each approval spec; `None`
     /// leaves approval specs unchecked.
     pub approval_check: Option<ApprovalCheck>,
+    /// The configured credentials (`credentials.credentials`): a rule that
+    /// swaps or injects credentials for a host none of them names is
+    /// warned about. `None` leaves it unchecked.
+    pub credentials: Option<std::sync::Arc<[crate::credentials::CredentialEntry]>>,
 }
 
 impl std::fmt::Debug for PolicyContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyContext").field("approval_check", &self.approval_check.is_some()).finish()
+        f.debug_struct("PolicyContext")
+            .field("approval_check", &self.approval_check.is_some())
+            .field("credentials", &self.credentials.as_ref().map(|c| c.len()))
+            .finish()
     }
 }
 

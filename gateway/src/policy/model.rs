@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, IntoDeserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use super::decision::{RecordLevel, StaticKeyAction, Uninspectable};
+use super::decision::{CredentialUse, RecordLevel, StaticKeyAction, Uninspectable};
 use super::facts::Protocol;
 
 /// The top level of a policy file.
@@ -43,6 +43,8 @@ pub(super) struct RuleSpec {
     #[serde(default)]
     pub(super) static_keys: Option<StaticKeyAction>,
     #[serde(default)]
+    pub(super) credential: Option<CredentialUse>,
+    #[serde(default)]
     pub(super) mask: Option<MaskSetting>,
     #[serde(default)]
     pub(super) record: Option<RecordLevel>,
@@ -60,6 +62,8 @@ pub(super) struct DefaultsSpec {
     pub(super) reason: Option<String>,
     #[serde(default)]
     pub(super) static_keys: Option<StaticKeyAction>,
+    #[serde(default)]
+    pub(super) credential: Option<CredentialUse>,
     #[serde(default)]
     pub(super) mask: Option<MaskSetting>,
     #[serde(default)]

@@ -733,6 +733,7 @@ fn release_group_context() -> PolicyContext {
             }
             other => Err(format!("approver group `{other}` is not defined in approvals.groups (defined: release)")),
         })),
+        credentials: None,
     }
 }
 
@@ -1056,3 +1057,41 @@ fn explain_cli_judges_connections_by_host_and_port() {
 }
 
 mod postgres;
+
+#[test]
+fn credential_inject_is_inherited_and_checked_against_the_held_credentials() {
+    use crate::credentials::CredentialEntry;
+    let text = "version: 1\nrules:\n  - name: api\n    match:\n      destination:\n        host: [api.example.com, other.example.com, '*.wild.example']\n    action: allow\n    credential: inject\n  - name: plain\n    match:\n      destination:\n        host: plain.example.com\n    action: allow\n    credential: as_sent\ndefaults:\n  action: allow\n  static_keys: swap\n";
+    let p = parse(text);
+    assert_eq!(p.evaluate(&F::https("api.example.com", "/").facts()).credential, CredentialUse::Inject);
+    assert_eq!(p.evaluate(&F::https("plain.example.com", "/").facts()).credential, CredentialUse::AsSent);
+    let d = p.evaluate(&F::https("elsewhere.example.com", "/").facts());
+    assert_eq!((d.credential, d.static_keys), (CredentialUse::AsSent, Some(StaticKeyAction::Swap)));
+    assert!(p.warnings().is_empty(), "unchecked without the credentials: {:?}", p.warnings());
+
+    let held = |hosts: &[&str]| PolicyContext {
+        credentials: Some(
+            hosts
+                .iter()
+                .map(|h| CredentialEntry { identity: "**".into(), host: (*h).into(), ..CredentialEntry::default() })
+                .collect::<Vec<_>>()
+                .into(),
+        ),
+        ..PolicyContext::default()
+    };
+    let path = std::path::Path::new("p.yaml");
+    let warned = |context: &PolicyContext| -> Vec<String> {
+        Policy::parse_in(path, text, context).unwrap().warnings().iter().map(|w| w.to_string()).collect()
+    };
+    // Nothing held: every rule that swaps or injects, and the default.
+    let none = warned(&held(&[]));
+    assert_eq!(none.len(), 3, "{none:?}");
+    assert!(none.iter().all(|w| w.contains("no credential held for this identity and destination")), "{none:?}");
+    // One host held: the literal host without an entry is named; globs are not guessed at.
+    let some = warned(&held(&["api.example.com"]));
+    assert_eq!(some.len(), 2, "{some:?}");
+    let api = some.iter().find(|w| w.contains("rule `api` injects")).expect("api warned about");
+    assert!(api.contains("`other.example.com`") && !api.contains("`api.example.com`"), "{api}");
+    assert!(some.iter().any(|w| w.contains("rule `plain` swaps in") && w.contains("`plain.example.com`")), "{some:?}");
+    assert!(warned(&held(&["*.example.com"])).is_empty());
+}

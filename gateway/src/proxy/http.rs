@@ -41,7 +41,11 @@ use crate::{
     tls,
 };
 
-use super::{tcp::RawScan, Handled, Intercepted, PlainConnector, Proxy, TlsConnector};
+use super::{
+    http_refusal::{render, ClientKind},
+    tcp::RawScan,
+    Handled, Intercepted, PlainConnector, Proxy, TlsConnector,
+};
 
 /// Upper bound on the client's TLS handshake with the gateway.
 const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -189,31 +193,6 @@ pub(crate) fn judged_host(
 
 fn path_and_query(parts: &http::request::Parts) -> &str {
     parts.uri.path_and_query().map_or("/", |p| p.as_str())
-}
-
-/// Renders a refusal as the HTTP response the job sees: a status saying
-/// what kind of refusal it is, and a JSON body with the machine-readable
-/// reason, a message for people, and the details (finding ids, rule,
-/// approval).
-pub(crate) fn render(refusal: &Refusal) -> http::Response<Bytes> {
-    use http::StatusCode;
-    let status = match &refusal.reason {
-        Reason::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
-        Reason::AmbiguousPath { .. } | Reason::AmbiguousHost { .. } => StatusCode::BAD_REQUEST,
-        Reason::Uninspectable(Uninspectable::Body { .. }) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        _ => StatusCode::FORBIDDEN,
-    };
-    let mut body = json!({
-        "error": refusal.reason.code(),
-        "message": refusal.message(),
-        "conn_id": refusal.conn_id,
-    });
-    if let (Some(body), serde_json::Value::Object(detail)) = (body.as_object_mut(), refusal.detail()) {
-        for (k, v) in detail {
-            body.entry(k).or_insert(v);
-        }
-    }
-    crate::enforce::json_response(status, &body)
 }
 
 /// What one request carries from its head to its body inspection.
@@ -372,7 +351,8 @@ impl HttpGate {
         refusal: Refusal,
         rule: &str,
     ) -> HeadVerdict<BodyGate, GatedResponse> {
-        let response = render(&refusal);
+        let client = ClientKind::of(parts);
+        let response = render(&refusal, client);
         self.record_refusal(stream, summary, &response, &refusal, rule);
         let judged = Judged { static_keys: Some(crate::findings::Action::Block), ..judged };
         let hits = self.head_hits(parts);
@@ -382,7 +362,7 @@ impl HttpGate {
                 merge(&mut refused, more);
             }
         }
-        let body = BodyGate::draining(self.passage.clone(), judged, SharedCapture::default(), &parts.headers, refused);
+        let body = BodyGate::draining(self.passage.clone(), judged, SharedCapture::default(), parts, refused);
         HeadVerdict::RespondAfterBody { response, body, watch: None }
     }
 }
@@ -439,14 +419,15 @@ impl Inspector for HttpGate {
             host_named,
         };
         let decision = self.passage.request(&host, ctx.tls, &verified, facts);
-        let RequestDecision { decided, static_keys, mask, record, approval, uninspectable, inspect } = match decision {
-            Ok(d) => d,
-            Err((reason, rule)) => {
-                let refusal = self.passage.refuse(reason, &rule);
-                let judged = Judged { host, verified, static_keys: None };
-                return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, &rule)).await;
-            }
-        };
+        let RequestDecision { decided, static_keys, mask, record, approval, uninspectable, inspect, credential } =
+            match decision {
+                Ok(d) => d,
+                Err((reason, rule)) => {
+                    let refusal = self.passage.refuse(reason, &rule);
+                    let judged = Judged { host, verified, static_keys: None };
+                    return Box::pin(self.refuse_head(stream, summary, parts, judged, refusal, &rule)).await;
+                }
+            };
         let tunnel = match self.upgrade_plan(parts, uninspectable) {
             Ok(plan) => plan,
             Err(why) => {
@@ -491,6 +472,9 @@ impl Inspector for HttpGate {
         }
         let watch = GatedResponse { watch, tunnel };
         let hits = self.head_hits(parts);
+        let mut swapped = false;
+        // Before anything is swapped or injected: the job's own head.
+        let client = ClientKind::of(parts);
         if !hits.is_empty() {
             let mut swap = |targets: &[SwapTarget], rendered: &RenderedInjection| {
                 apply_swap(parts, targets, rendered)
@@ -502,11 +486,24 @@ impl Inspector for HttpGate {
             // moved (copied whole) into place for every request.
             let judgement = Box::pin(self.passage.judge(&judged, hits, Some(&mut swap))).await;
             lock(&capture).findings.extend(judgement.findings);
+            swapped = judgement.swapped;
             if let Some(refusal) = judgement.refusal {
                 // The watch records the blocked exchange when it finishes;
                 // the body is still read for its keys.
-                let response = render(&refusal);
-                let body = BodyGate::draining(self.passage.clone(), judged, capture, &parts.headers, refusal);
+                let response = render(&refusal, client);
+                let body = BodyGate::draining(self.passage.clone(), judged, capture, parts, refusal);
+                return HeadVerdict::RespondAfterBody { response, body, watch: Some(watch) };
+            }
+        }
+        if credential == policy::CredentialUse::Inject && !swapped {
+            // The job sent no key (or a placeholder, or one flagged): the
+            // held credential goes in all the same.
+            let mut inject = |targets: &[SwapTarget], rendered: &RenderedInjection| {
+                apply_swap(parts, targets, rendered).map(|_| ()).map_err(|e| e.to_string())
+            };
+            if let Err(refusal) = self.passage.inject(&judged, &mut inject) {
+                let response = render(&refusal, client);
+                let body = BodyGate::draining(self.passage.clone(), judged, capture, parts, refusal);
                 return HeadVerdict::RespondAfterBody { response, body, watch: Some(watch) };
             }
         }
@@ -521,6 +518,7 @@ impl Inspector for HttpGate {
             method: parts.method.to_string(),
             url,
             refused: None,
+            client: ClientKind::of(parts),
         };
         HeadVerdict::Forward { body: Some(body), response: Some(watch) }
     }
@@ -792,6 +790,8 @@ pub(super) struct BodyGate {
     /// Set once the request is refused: the rest of the body is still
     /// scanned (by the engine's drain) and its keys recorded and listed.
     refused: Option<Refusal>,
+    /// The client, for the shape of a refusal.
+    client: ClientKind,
 }
 
 impl BodyGate {
@@ -801,11 +801,11 @@ impl BodyGate {
         passage: Arc<Passage>,
         judged: Judged,
         capture: SharedCapture,
-        headers: &http::HeaderMap,
+        head: &http::request::Parts,
         refusal: Refusal,
     ) -> BodyGate {
         let gate = passage.gate();
-        let scanner = BodyScanner::new(gate.detector.clone(), headers, gate.body_limits);
+        let scanner = BodyScanner::new(gate.detector.clone(), &head.headers, gate.body_limits);
         BodyGate {
             req: RequestState { judged, capture, uninspectable: policy::Uninspectable::Pass },
             scanner: Scan::Decoded(scanner),
@@ -813,6 +813,7 @@ impl BodyGate {
             method: String::new(),
             url: String::new(),
             refused: Some(refusal),
+            client: ClientKind::of(head),
             passage,
         }
     }
@@ -832,7 +833,7 @@ impl BodyGate {
             }
         }
         match &self.refused {
-            Some(refusal) => BodyVerdict::Respond(render(refusal)),
+            Some(refusal) => BodyVerdict::Respond(render(refusal, self.client)),
             None => BodyVerdict::Continue,
         }
     }
@@ -891,7 +892,7 @@ impl BodyGate {
         };
         match Box::pin(self.passage.approve(ask)).await {
             Ok(()) => BodyVerdict::Continue,
-            Err(refusal) => BodyVerdict::Respond(render(&refusal)),
+            Err(refusal) => BodyVerdict::Respond(render(&refusal, self.client)),
         }
     }
 }

@@ -35,6 +35,7 @@ use crate::{
 pub mod admission;
 pub(crate) mod dispatch;
 mod http;
+mod http_refusal;
 mod postgres;
 mod tcp;
 mod upstream;
