@@ -70,6 +70,12 @@ const PLACEHOLDER_WORDS: &[&[u8]] = &[
     b"123456789",
     b"abcdefghij",
     b"qwertyuiop",
+    // Sequential stand-ins and "put it here" fillers seen in docs and tests.
+    b"a1b2c3d4",
+    b"stringhere",
+    b"tokenhere",
+    b"keyhere",
+    b"secrethere",
 ];
 
 /// Whole values that are never credentials.
