@@ -70,8 +70,7 @@ const PLACEHOLDER_WORDS: &[&[u8]] = &[
     b"123456789",
     b"abcdefghij",
     b"qwertyuiop",
-    // Sequential stand-ins and "put it here" fillers seen in docs and tests.
-    b"a1b2c3d4",
+    // "Put it here" fillers seen in docs and tests.
     b"stringhere",
     b"tokenhere",
     b"keyhere",
