@@ -1,1 +1,4 @@
 //! Benchmark support.
+
+pub mod corpus;
+pub mod gosrc;

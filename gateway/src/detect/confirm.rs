@@ -18,6 +18,13 @@ pub enum Check {
     /// URL userinfo: the password must differ from the user name and from
     /// well-known defaults.
     Userinfo,
+    /// Base64 of a whole PEM or OpenSSH file: the decoded head must be a
+    /// `-----BEGIN … PRIVATE KEY-----` line (public keys and certificates fail).
+    Base64PrivateKey,
+    /// At least a fifth of the letters are uppercase and a fifth lowercase,
+    /// as in a random mixed-case token (`hf_…`, `sk_test_…`); camelCase
+    /// identifiers and lowercase words that share the prefix fail.
+    MixedCase,
 }
 
 /// Shannon entropy in bits per byte.
@@ -63,6 +70,11 @@ const PLACEHOLDER_WORDS: &[&[u8]] = &[
     b"123456789",
     b"abcdefghij",
     b"qwertyuiop",
+    // "Put it here" fillers seen in docs and tests.
+    b"stringhere",
+    b"tokenhere",
+    b"keyhere",
+    b"secrethere",
 ];
 
 /// Whole values that are never credentials.
@@ -161,6 +173,8 @@ impl Check {
             Check::Jwt => jwt_ok(secret),
             Check::BasicAuth => basic_auth_ok(secret),
             Check::Userinfo => userinfo_ok(secret, user.unwrap_or_default()),
+            Check::Base64PrivateKey => base64_private_key_ok(secret),
+            Check::MixedCase => mixed_case_ok(secret),
         }
     }
 }
@@ -220,6 +234,34 @@ fn basic_auth_ok(secret: &[u8]) -> bool {
         return user.len() >= 16 && !is_placeholder(user) && shannon_entropy(user) >= 3.0;
     }
     !is_placeholder(password) && password != user
+}
+
+fn mixed_case_ok(secret: &[u8]) -> bool {
+    let upper = secret.iter().filter(|b| b.is_ascii_uppercase()).count();
+    let lower = secret.iter().filter(|b| b.is_ascii_lowercase()).count();
+    let letters = upper + lower;
+    letters > 0 && upper * 5 >= letters && lower * 5 >= letters
+}
+
+fn base64_private_key_ok(secret: &[u8]) -> bool {
+    // Decode what is there (a run cut short still decodes up to its last
+    // whole quantum), then judge it as the `private-key` rule judges PEM: a
+    // `-----BEGIN … PRIVATE KEY-----` line, then key material that is not a
+    // stand-in (`...`, `XXXX`) and has the entropy of base64.
+    let trimmed = secret.strip_suffix(b"==").or_else(|| secret.strip_suffix(b"=")).unwrap_or(secret);
+    let usable = &trimmed[..trimmed.len() - trimmed.len() % 4];
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(usable) else {
+        return false;
+    };
+    let mut lines = decoded.split(|&b| b == b'\n').map(<[u8]>::trim_ascii);
+    let first = lines.next().unwrap_or_default();
+    if !(first.starts_with(b"-----BEGIN ") && first.ends_with(b"PRIVATE KEY-----")) {
+        return false;
+    }
+    // Header lines such as `Proc-Type: 4,ENCRYPTED` are not key material.
+    let body: Vec<u8> =
+        lines.take_while(|l| !l.starts_with(b"-----")).filter(|l| !l.contains(&b':')).flatten().copied().collect();
+    body.len() >= 40 && !is_placeholder(&body) && shannon_entropy(&body) >= 4.5
 }
 
 /// Default passwords of database images and brokers; finding them is noise.
@@ -293,6 +335,31 @@ mod tests {
         let last = token.len() - 1;
         token[last] = if token[last] == b'A' { b'B' } else { b'A' };
         assert!(!github_crc32_ok(&token));
+    }
+
+    #[test]
+    fn base64_private_keys() {
+        let enc = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let body =
+            "MIIEowIBAAKCAQEAzZ3w0aLmQ2v8Xb9yR7tU1kP4nJ6hG5fD3sA2qW9eE8rT7yU6iO\nk3Jd8Qm2Lx7Vb4Nc1Zp9Rt5Yw0Hs6Gf\n";
+        let pem = |kind: &str| enc(&format!("-----BEGIN {kind}-----\n{body}-----END {kind}-----\n"));
+        assert!(base64_private_key_ok(pem("RSA PRIVATE KEY").as_bytes()));
+        assert!(base64_private_key_ok(pem("OPENSSH PRIVATE KEY").as_bytes()));
+        // Cut short (a prefix of the run) still counts once the body is long enough.
+        assert!(base64_private_key_ok(&pem("PRIVATE KEY").as_bytes()[..150]));
+        assert!(!base64_private_key_ok(pem("PUBLIC KEY").as_bytes()));
+        assert!(!base64_private_key_ok(pem("CERTIFICATE").as_bytes()));
+        let stand_in = enc("-----BEGIN PRIVATE KEY-----\nXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\n-----END PRIVATE KEY-----\n");
+        assert!(!base64_private_key_ok(stand_in.as_bytes()));
+        assert!(!base64_private_key_ok(b"LS0tLS1CRUdJTi!!!"));
+    }
+
+    #[test]
+    fn mixed_case() {
+        assert!(mixed_case_ok(b"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"));
+        assert!(!mixed_case_ok(b"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"));
+        assert!(!mixed_case_ok(b"sk_test_35lqkviqmyau9kraduep9fwoznp7bq"));
+        assert!(!mixed_case_ok(b"0123456789"));
     }
 
     #[test]
