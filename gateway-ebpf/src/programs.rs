@@ -504,20 +504,7 @@ pub fn gw_cgroup_attach(ctx: TracePointContext) -> u32 {
     }
     let dst_id: u64 = unsafe { ctx.read_at(attach_tp::DST_ID) }.unwrap_or(0);
     let pid: i32 = unsafe { ctx.read_at(attach_tp::PID) }.unwrap_or(0);
-    let mut entry = Alert {
-        kind: AlertKind::CgroupAttach as u32,
-        tgid: pid as u32,
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        netns_cookie: 0,
-        addr: [0; 4],
-        port: 0,
-        family: 0,
-        _pad: 0,
-        other: dst_id,
-        comm: [0u8; COMM_LEN],
-    };
-    entry.comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
-    let _ = ALERTS.output::<Alert>(&entry, 0);
+    report_task(AlertKind::CgroupAttach, pid as u32, dst_id);
     0
 }
 
@@ -535,20 +522,27 @@ pub fn gw_namespace_entered(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
+    // The thread, not the process: /proc/TID/ns/net is the namespace of the
+    // thread that switched.
+    report_task(AlertKind::NamespaceEntered, pid_tgid as u32, pid_tgid >> 32);
+    0
+}
+
+/// Tells the gateway about a task (not a socket): `task` and `other` as
+/// [`Alert`] documents them for `kind`.
+#[inline(always)]
+fn report_task(kind: AlertKind, task: u32, other: u64) {
     let entry = Alert {
-        kind: AlertKind::NamespaceEntered as u32,
-        // The thread, not the process: /proc/TID/ns/net is the namespace
-        // of the thread that switched.
-        tgid: pid_tgid as u32,
+        kind: kind as u32,
+        tgid: task,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: 0,
         addr: [0; 4],
         port: 0,
         family: 0,
         _pad: 0,
-        other: pid_tgid >> 32,
+        other,
         comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
     };
     let _ = ALERTS.output::<Alert>(&entry, 0);
-    0
 }
