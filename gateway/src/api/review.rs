@@ -115,6 +115,28 @@ fn decided_by(uid: u32, name: String, by: Option<String>) -> Result<String, Refu
     }
 }
 
+/// A reviewer's decision, ready to apply: the caller (kernel-checked), the
+/// name it is recorded under, and the request body.
+struct Decision<B> {
+    uid: u32,
+    by: String,
+    body: B,
+}
+
+/// Checks the caller, reads the body and settles whom the decision is
+/// recorded as (`by`: the body's `by` field).
+fn decision<B>(
+    review: &Review,
+    peer: Peer,
+    body: Result<Json<B>, JsonRejection>,
+    by: impl FnOnce(&mut B) -> Option<String>,
+) -> Result<Decision<B>, Refused> {
+    let (uid, name) = reviewer(review, peer)?;
+    let Json(mut body) = body.map_err(|e| (StatusCode::BAD_REQUEST, e.body_text()))?;
+    let by = decided_by(uid, name, by(&mut body))?;
+    Ok(Decision { uid, by, body })
+}
+
 fn findings_error(e: &FindingsError) -> Response {
     let status = match e {
         FindingsError::NotFound(_) | FindingsError::NoSuchAllowEntry(_) => StatusCode::NOT_FOUND,
@@ -226,21 +248,13 @@ async fn set_status(
     UrlPath(raw): UrlPath<String>,
     body: Result<Json<StatusBody>, JsonRejection>,
 ) -> Response {
-    let (uid, name) = match reviewer(&review, peer) {
-        Ok(who) => who,
+    let Decision { uid, by, body } = match decision(&review, peer, body, |b| b.by.take()) {
+        Ok(d) => d,
         Err((status, message)) => return error(status, message),
-    };
-    let Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let (id, status) = match (raw.parse::<FindingId>(), body.status.parse::<Status>()) {
         (Ok(id), Ok(status)) => (id, status),
         (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
-    };
-    let by = match decided_by(uid, name, body.by) {
-        Ok(by) => by,
-        Err((status, message)) => return error(status, message),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %status, by, uid, "review decision");
     let notifier = review.notifier.clone();
@@ -271,21 +285,13 @@ async fn allow(
     UrlPath(raw): UrlPath<String>,
     body: Result<Json<AllowBody>, JsonRejection>,
 ) -> Response {
-    let (uid, name) = match reviewer(&review, peer) {
-        Ok(who) => who,
+    let Decision { uid, by, body } = match decision(&review, peer, body, |b| b.by.take()) {
+        Ok(d) => d,
         Err((status, message)) => return error(status, message),
-    };
-    let Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let (id, scope) = match (raw.parse::<FindingId>(), body.scope.parse::<Scope>()) {
         (Ok(id), Ok(scope)) => (id, scope),
         (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
-    };
-    let by = match decided_by(uid, name, body.by) {
-        Ok(by) => by,
-        Err((status, message)) => return error(status, message),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %scope, by, uid, "allowlist entry");
     let notifier = review.notifier.clone();
@@ -319,21 +325,13 @@ async fn revoke(
     UrlPath(raw): UrlPath<String>,
     body: Result<Json<RevokeBody>, JsonRejection>,
 ) -> Response {
-    let (uid, name) = match reviewer(&review, peer) {
-        Ok(who) => who,
+    let Decision { by, body, .. } = match decision(&review, peer, body, |b| b.by.take()) {
+        Ok(d) => d,
         Err((status, message)) => return error(status, message),
-    };
-    let Json(body) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
     let id = match raw.parse::<AllowId>() {
         Ok(id) => id,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
-    };
-    let by = match decided_by(uid, name, body.by) {
-        Ok(by) => by,
-        Err((status, message)) => return error(status, message),
     };
     let notifier = review.notifier.clone();
     with_store(&review, true, move |store| {
