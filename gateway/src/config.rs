@@ -294,6 +294,10 @@ pub struct ProxyLimits {
     /// its idle upstream connections (they are reopened on its next request).
     #[serde(with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
+    /// Longest wait for upstream's response head after a request is sent
+    /// (its upload included); past it the job gets 504.
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_timeout: Duration,
     /// HTTP/2 PING interval towards clients.
     #[serde(with = "humantime_serde")]
     pub h2_keep_alive_interval: Duration,
@@ -327,6 +331,7 @@ impl Default for ProxyLimits {
             idle_timeout: http.idle_timeout.unwrap_or(Duration::from_secs(20)),
             body_idle_timeout: http.body_idle_timeout,
             upstream_idle_timeout: http.upstream_idle_timeout.unwrap_or(Duration::from_secs(5)),
+            upstream_response_timeout: http.response_timeout,
             h2_keep_alive_interval: http.h2_keep_alive_interval.unwrap_or(Duration::from_secs(30)),
             h2_keep_alive_timeout: http.h2_keep_alive_timeout,
             h2_stream_window_bytes: http.h2_stream_window,
@@ -354,6 +359,7 @@ impl ProxyLimits {
             idle_timeout: Some(self.idle_timeout),
             body_idle_timeout: self.body_idle_timeout,
             upstream_idle_timeout: Some(self.upstream_idle_timeout),
+            response_timeout: self.upstream_response_timeout,
             h2_keep_alive_interval: Some(self.h2_keep_alive_interval),
             h2_keep_alive_timeout: self.h2_keep_alive_timeout,
             h2_stream_window: self.h2_stream_window_bytes,
@@ -407,6 +413,7 @@ impl ProxyLimits {
             ("header_read_timeout", self.header_read_timeout),
             ("idle_timeout", self.idle_timeout),
             ("body_idle_timeout", self.body_idle_timeout),
+            ("upstream_response_timeout", self.upstream_response_timeout),
             ("h2_keep_alive_interval", self.h2_keep_alive_interval),
             ("h2_keep_alive_timeout", self.h2_keep_alive_timeout),
         ] {

@@ -62,6 +62,24 @@ impl TestPki {
     }
 }
 
+impl TestPki {
+    /// Writes the leaf certificate and its key as PEM files into `dir`, for
+    /// servers the tests do not write in Rust: (certificate, key).
+    pub fn write_leaf(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        use base64::Engine as _;
+        let pem = |label: &str, der: &[u8]| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> =
+                b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("base64 is ASCII")).collect();
+            format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
+        };
+        let (cert, key) = (dir.join("leaf.pem"), dir.join("leaf-key.pem"));
+        std::fs::write(&cert, pem("CERTIFICATE", self.cert.as_ref())).expect("write the leaf");
+        std::fs::write(&key, pem("PRIVATE KEY", self.key.secret_der())).expect("write the leaf key");
+        (cert, key)
+    }
+}
+
 /// The running upstream.
 pub struct Upstream {
     /// Where it listens.

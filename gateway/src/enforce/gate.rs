@@ -445,6 +445,8 @@ impl Passage {
             // What cannot be inspected is refused before anyone is asked to
             // approve it; a deny still says its own reason.
             Some(Reason::Uninspectable(why))
+        } else if let Some(reason) = self.unrecordable(&action, record) {
+            Some(reason)
         } else {
             let port = self.conn.dst.port();
             self.connection_action(&action, &rule, host, format!("tcp://{host}:{port}")).await
@@ -490,11 +492,24 @@ impl Passage {
         }
         let port = self.conn.dst.port();
         let url = format!("postgres://{user}@{host}:{port}/{database}");
-        let refusal = self.connection_action(&action, &rule, &host, url).await;
+        let refusal = match self.unrecordable(&action, record) {
+            Some(reason) => Some(reason),
+            None => self.connection_action(&action, &rule, &host, url).await,
+        };
         if let Some(reason) = refusal {
             return Err(self.refuse(reason, &rule));
         }
         Ok(ConnectionDecision { host, rule, static_keys, record: record_level(record) })
+    }
+
+    /// Refuses what the policy records (and does not deny anyway) while the
+    /// recorder cannot take records and `record.on_failure` is `refuse`:
+    /// checked before approvers are asked, since the answer would not matter.
+    fn unrecordable(&self, action: &policy::Action, record: policy::RecordLevel) -> Option<Reason> {
+        if record == policy::RecordLevel::None || matches!(action, policy::Action::Deny { .. }) {
+            return None;
+        }
+        self.gate.recorder.refusing().map(|health| Reason::RecordingUnavailable { health })
     }
 
     /// What a connection-level decision means for the connection to `host`
@@ -563,6 +578,9 @@ impl Passage {
         let decided = DecisionFacts { rule: d.rule.to_owned(), action: d.action.name().to_owned() };
         if let policy::Action::Deny { reason } = d.action {
             return Err((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));
+        }
+        if let Some(reason) = self.unrecordable(d.action, d.record) {
+            return Err((reason, d.rule.to_owned()));
         }
         let approval = match d.action {
             policy::Action::RequireApproval(spec) => Some((d.rule.to_owned(), spec.clone())),

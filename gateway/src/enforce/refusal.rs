@@ -10,6 +10,8 @@ use std::{fmt, time::Duration};
 
 use serde::Serialize;
 
+use crate::record::Health;
+
 /// A refusal: what the gate decided, for the connection it concerns.
 #[derive(Debug, Clone)]
 pub struct Refusal {
@@ -84,6 +86,13 @@ pub enum Reason {
     UnclassifiedStatement {
         /// The parser's complaint, when the text does not parse.
         syntax_error: Option<String>,
+    },
+    /// The policy records this traffic and the session recorder cannot take
+    /// records now (`record.on_failure: refuse`): refused rather than sent
+    /// unrecorded.
+    RecordingUnavailable {
+        /// What is wrong with the recorder.
+        health: Health,
     },
 }
 
@@ -268,6 +277,7 @@ impl Reason {
             Reason::AmbiguousHost { .. } => "host_refused",
             Reason::UnclassifiedStatement { .. } => "unclassified_statement",
             Reason::CredentialUnavailable(u) => u.problem.code(),
+            Reason::RecordingUnavailable { .. } => "recording_unavailable",
         }
     }
 }
@@ -331,6 +341,15 @@ impl Refusal {
                  cannot classify it, and the policy only lets such statements through with a rule naming \
                  `kind: unknown`. Nothing was sent to the server."
                 .to_owned(),
+            Reason::RecordingUnavailable { health } => format!(
+                "The CI gateway refused this: it must record this traffic and its session recorder is not \
+                 taking records ({}). Nothing was sent to the server. Retry later; the operators are alerted \
+                 (`gateway status` shows the recorder).",
+                match health {
+                    Health::Backlogged => "too many records are waiting",
+                    _ => "its database is failing",
+                }
+            ),
         }
     }
 
@@ -350,6 +369,7 @@ impl Refusal {
                 let Unavailable { identity, host, problem, detail, findings } = &**u;
                 json!({ "identity": identity, "host": host, "problem": problem, "detail": detail, "findings": findings })
             }
+            Reason::RecordingUnavailable { health } => json!({ "recorder": health }),
         }
     }
 }

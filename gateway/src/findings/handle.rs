@@ -4,10 +4,16 @@
 //! fsync of every commit) block, and must not stall tokio's workers. Requests
 //! that queue up while a commit is in flight are committed together in the
 //! next transaction (group commit), so one fsync serves a burst of findings.
+//!
+//! A finding the database refuses (disk full, I/O error) is answered with the
+//! error at once (the gate blocks the request: losing a finding never lets a
+//! key through), and kept to be written again with back-off, so that it is
+//! not lost once the database recovers.
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -18,6 +24,12 @@ use super::{FindingStore, FindingsError, NewFinding, Recorded};
 const MAX_BATCH: usize = 64;
 /// Requests that may wait for the writer before `record` callers wait to enqueue.
 const QUEUE: usize = 1024;
+/// Most findings kept for another attempt while the database fails; beyond
+/// it the oldest are dropped (and logged: each was also logged when seen).
+const MAX_RETRY: usize = 10_000;
+/// Back-off between attempts to write kept findings.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 struct Request {
     finding: NewFinding,
@@ -67,25 +79,74 @@ impl FindingsHandle {
 }
 
 fn writer(store: FindingStore, mut rx: mpsc::Receiver<Request>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut findings = vec![first.finding];
-        let mut replies = vec![first.reply];
+    // Findings the database refused, oldest first, written again before new ones.
+    let mut retry: Vec<NewFinding> = Vec::new();
+    let mut pause = RETRY_FIRST;
+    loop {
+        let mut findings = Vec::new();
+        let mut replies = Vec::new();
+        if retry.is_empty() {
+            let Some(first) = rx.blocking_recv() else { break };
+            findings.push(first.finding);
+            replies.push(first.reply);
+        } else {
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(RETRY_MAX);
+        }
         while findings.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Request { finding, reply }) => {
                     findings.push(finding);
                     replies.push(reply);
                 }
-                Err(_) => break,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) if retry.is_empty() && findings.is_empty() => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
-        let results = store.record_batch(&findings);
+        let kept = retry.len();
+        let results = if kept == 0 {
+            store.record_batch(&findings)
+        } else {
+            retry.append(&mut findings);
+            let mut results = store.record_batch(&retry);
+            findings = retry.split_off(kept);
+            let mut failed = Vec::new();
+            for (finding, result) in retry.drain(..).zip(results.drain(..kept)) {
+                match result {
+                    Ok(recorded) => tracing::warn!(
+                        finding = recorded.id.to_string(),
+                        rule = %finding.rule_id,
+                        "a finding the database refused earlier is recorded now"
+                    ),
+                    Err(_) => failed.push(finding),
+                }
+            }
+            retry = failed;
+            results
+        };
         for ((reply, result), finding) in replies.into_iter().zip(results).zip(&findings) {
             if let Err(e) = &result {
-                tracing::error!(error = %e, rule = %finding.rule_id, host = %finding.dest_host, "recording a finding failed");
+                tracing::error!(error = %e, rule = %finding.rule_id, host = %finding.dest_host, "recording a finding failed; it is kept and written again once the database recovers");
+                if retryable(e) {
+                    retry.push(finding.clone());
+                }
             }
             // The caller may have given up waiting; the outcome is logged above.
             let _ = reply.send(result);
         }
+        if retry.is_empty() {
+            pause = RETRY_FIRST;
+        } else if retry.len() > MAX_RETRY {
+            let dropped = retry.len() - MAX_RETRY;
+            retry.drain(..dropped);
+            tracing::error!(dropped, "the findings database has failed for too long: the oldest findings kept for it are dropped (each was logged when seen)");
+        }
     }
+}
+
+/// Whether writing a finding again may succeed: the database failed, not
+/// the finding.
+fn retryable(e: &FindingsError) -> bool {
+    matches!(e, FindingsError::Database { .. })
 }

@@ -20,6 +20,9 @@ pub enum HttpError {
     /// The connector (or the HTTP handshake) took too long.
     #[error("upstream connect timed out after {0:?}")]
     ConnectTimeout(Duration),
+    /// Upstream sent no response head in time.
+    #[error("upstream response timed out: no response head within {0:?}")]
+    ResponseTimeout(Duration),
     /// The HTTP handshake with upstream failed.
     #[error("upstream handshake failed: {0}")]
     Handshake(#[source] hyper::Error),

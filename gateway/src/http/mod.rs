@@ -401,6 +401,10 @@ pub struct Limits {
     pub drain_after_refusal: usize,
     /// How long reading the rest of a refused request's body may take.
     pub drain_timeout: Duration,
+    /// Longest wait for upstream's response head, from when the request is
+    /// sent (its upload included): a server that stalls gets the job a 504
+    /// rather than a hang.
+    pub response_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -427,6 +431,7 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             drain_after_refusal: 8 * 1024 * 1024,
             drain_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(300),
         }
     }
 }

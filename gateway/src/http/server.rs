@@ -369,6 +369,9 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
 
         let hint = ConnectHint { allow_h2: !upgrade, client_h2 };
         let send = self.upstreams.send(Request::from_parts(parts, body), hint, &authority, self.ctx.tls);
+        let limit = self.limits.response_timeout;
+        let send =
+            async move { tokio::time::timeout(limit, send).await.unwrap_or(Err(HttpError::ResponseTimeout(limit))) };
         tokio::pin!(send);
         let result = match blocked.as_mut() {
             None => send.await,
@@ -462,7 +465,10 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         tracing::warn!(target: HTTP_TARGET, conn_id = self.ctx.conn_id, error = %err, "upstream failed");
         let body = serde_json::json!({ "error": err.to_string(), "conn_id": self.ctx.conn_id });
         let mut resp = Response::new(Bytes::from(body.to_string()));
-        *resp.status_mut() = StatusCode::BAD_GATEWAY;
+        *resp.status_mut() = match err {
+            HttpError::ConnectTimeout(_) | HttpError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         local(resp, log, ExchangeOutcome::UpstreamFailed, version)
     }

@@ -103,6 +103,8 @@ fn status_of(reason: &Reason) -> StatusCode {
         Reason::InvalidToken { .. } => StatusCode::UNAUTHORIZED,
         Reason::AmbiguousPath { .. } | Reason::AmbiguousHost { .. } => StatusCode::BAD_REQUEST,
         Reason::Uninspectable(Uninspectable::Body { .. }) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        // Not the job's fault, and temporary: clients that retry should.
+        Reason::RecordingUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     }
 }
@@ -112,6 +114,7 @@ fn rpc_code(reason: &Reason) -> (u16, &'static str) {
     match status_of(reason) {
         StatusCode::UNAUTHORIZED => (16, "unauthenticated"),
         StatusCode::BAD_REQUEST => (3, "invalid_argument"),
+        StatusCode::SERVICE_UNAVAILABLE => (14, "unavailable"),
         _ => (7, "permission_denied"),
     }
 }
@@ -121,6 +124,7 @@ fn ai_type(status: StatusCode) -> &'static str {
     match status {
         StatusCode::UNAUTHORIZED => "authentication_error",
         StatusCode::FORBIDDEN => "permission_error",
+        StatusCode::SERVICE_UNAVAILABLE => "api_error",
         _ => "invalid_request_error",
     }
 }

@@ -96,6 +96,12 @@ const SQLSTATE_INVALID_PASSWORD: &str = "28P01";
 const SQLSTATE_INVALID_AUTHORIZATION: &str = "28000";
 /// SQLSTATE `protocol_violation`.
 const SQLSTATE_PROTOCOL_VIOLATION: &str = "08P01";
+/// SQLSTATE `cannot_connect_now`: a connection refused because the gateway
+/// cannot record it now (drivers treat it as transient).
+const SQLSTATE_CANNOT_CONNECT_NOW: &str = "57P03";
+/// SQLSTATE `insufficient_resources`: a statement refused because the
+/// gateway cannot record it now.
+const SQLSTATE_INSUFFICIENT_RESOURCES: &str = "53000";
 
 /// How a connection's negotiation ended.
 enum Negotiated {
@@ -340,7 +346,11 @@ impl Proxy {
         let decision = match passage.postgres_connection(tls.clone(), &database, &user).await {
             Ok(d) => d,
             Err(refusal) => {
-                codec::error_response(&mut out, Severity::Fatal, SQLSTATE_INVALID_AUTHORIZATION, &refusal.message());
+                let sqlstate = match refusal.reason {
+                    Reason::RecordingUnavailable { .. } => SQLSTATE_CANNOT_CONNECT_NOW,
+                    _ => SQLSTATE_INVALID_AUTHORIZATION,
+                };
+                codec::error_response(&mut out, Severity::Fatal, sqlstate, &refusal.message());
                 let _ = send(&mut *client, &out).await;
                 return Err(End::Refused(refusal));
             }
@@ -1468,6 +1478,7 @@ impl Relay<'_> {
             Err((reason, rule)) => {
                 let sqlstate = match &reason {
                     Reason::UnclassifiedStatement { syntax_error: Some(_) } => SQLSTATE_SYNTAX_ERROR,
+                    Reason::RecordingUnavailable { .. } => SQLSTATE_INSUFFICIENT_RESOURCES,
                     _ => SQLSTATE_REFUSED,
                 };
                 let refusal = passage.refuse(reason, &rule);

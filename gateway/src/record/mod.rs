@@ -35,7 +35,7 @@ pub use model::{
 };
 pub use retention::prune;
 pub use store::SessionStore;
-pub use writer::{Recorder, SessionRecorder};
+pub use writer::{Health, Recorder, RecorderStatus, SessionRecorder};
 
 /// File name of the sessions database inside `state_dir` when
 /// `record.database` is not set.
@@ -62,6 +62,33 @@ pub struct RecordConfig {
     /// Longest a record waits in memory before it is committed.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// What happens to traffic the policy records while the database cannot
+    /// take records (disk full, I/O errors, a writer far behind).
+    pub on_failure: OnRecordFailure,
+}
+
+/// What the gateway does with traffic it should record while it cannot
+/// (`record.on_failure`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnRecordFailure {
+    /// Refuse connections and requests whose policy records them until the
+    /// database takes records again: no traffic goes unrecorded.
+    #[default]
+    Refuse,
+    /// Keep serving; records wait in memory (up to a bound, beyond which they
+    /// are dropped and counted) and are committed once the database recovers.
+    Serve,
+}
+
+impl OnRecordFailure {
+    /// The name used in configuration and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRecordFailure::Refuse => "refuse",
+            OnRecordFailure::Serve => "serve",
+        }
+    }
 }
 
 impl Default for RecordConfig {
@@ -73,6 +100,7 @@ impl Default for RecordConfig {
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(600),
             flush_interval: Duration::from_millis(100),
+            on_failure: OnRecordFailure::Refuse,
         }
     }
 }

@@ -10,19 +10,27 @@
 //! Senders wake it early only for a flush, a shutdown or a full batch.
 //! Nothing is dropped when SQLite is slow: the queue grows and the recorder
 //! says so loudly; a failed commit is retried with back-off, keeping the
-//! batch.
+//! batch. The queue is bounded only against a database that stays down (or a
+//! job flooding a failing one): past [`MAX_QUEUED`] records or
+//! [`MAX_QUEUED_BYTES`] of bodies, records are dropped and counted.
+//!
+//! The recorder's [`Health`] is two atomics the gate reads per decision: with
+//! `record.on_failure: refuse` (the default) traffic the policy records is
+//! refused while the database cannot take it.
 
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
         mpsc::{self, TryRecvError},
         Arc, Mutex,
     },
     thread::{JoinHandle, Thread},
     time::{Duration, Instant, SystemTime},
 };
+
+use serde::Serialize;
 
 use crate::{
     process::ProcessSnapshot,
@@ -36,8 +44,8 @@ use super::{
     model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
-    EventKind, ExchangeRecord, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd, SessionId,
-    SessionOutcome, SessionStart,
+    EventKind, ExchangeRecord, OnRecordFailure, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd,
+    SessionId, SessionOutcome, SessionStart,
 };
 
 /// Commit early when a batch holds this many records...
@@ -47,9 +55,17 @@ const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Queue lengths at which the recorder logs an error (then every further
 /// power of ten).
 const QUEUE_ALARM: usize = 10_000;
-/// Back-off between attempts to commit a failed batch.
+/// Most records waiting in memory: beyond it (a database down for long, or
+/// a job flooding a failing one) records are dropped and counted rather than
+/// growing memory without bound.
+const MAX_QUEUED: usize = 1_000_000;
+/// Most body bytes waiting in memory, for the same reason.
+const MAX_QUEUED_BYTES: usize = 256 * 1024 * 1024;
+/// Back-off between attempts to commit a failed batch. Short at its longest:
+/// an attempt is one small transaction, and while it fails traffic that must
+/// be recorded is refused, so recovery should be noticed within seconds.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 /// Attempts per batch once the recorder is shutting down.
 const SHUTDOWN_ATTEMPTS: u32 = 3;
 
@@ -83,9 +99,62 @@ impl Msg {
     }
 }
 
+/// Whether the recorder is taking records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Records are committed as they come (or recording is disabled).
+    Recording,
+    /// The last commit failed (disk full, I/O error, a locked or unreadable
+    /// database): records wait in memory and the commit is retried.
+    Failing,
+    /// So many records wait that new ones are dropped.
+    Backlogged,
+}
+
+impl Health {
+    /// The name used in events and `gateway status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Recording => "recording",
+            Health::Failing => "failing",
+            Health::Backlogged => "backlogged",
+        }
+    }
+}
+
+/// The recorder's state for `gateway status` and metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecorderStatus {
+    /// Whether records are being committed.
+    pub health: Health,
+    /// What happens to recorded traffic while they are not.
+    pub on_failure: OnRecordFailure,
+    /// Records waiting to be committed.
+    pub queued: usize,
+    /// Body bytes of those records.
+    pub queued_bytes: usize,
+    /// Records dropped since start because the queue was full.
+    pub dropped: u64,
+    /// Since when commits have been failing (Unix seconds).
+    pub failing_since: Option<i64>,
+    /// The last commit error, while failing.
+    pub error: Option<String>,
+}
+
 /// State shared by the senders and the writer.
 #[derive(Debug, Default)]
 struct Shared {
+    /// What the gate does with recorded traffic while recording fails.
+    on_failure: OnRecordFailure,
+    /// Set while commits fail, cleared by the next that succeeds.
+    failing: AtomicBool,
+    /// Unix seconds of the first failed commit, while failing (else 0).
+    failing_since: AtomicI64,
+    /// The last commit error, while failing.
+    error: Mutex<Option<String>>,
+    /// Records dropped because the queue was at its bound.
+    dropped: AtomicU64,
     /// Records sent and not yet taken by the writer.
     queued: AtomicUsize,
     /// Body bytes of those records.
@@ -113,6 +182,20 @@ impl Sink {
     /// record): only the record that fills a batch does.
     fn send(&self, msg: Msg) {
         let body_bytes = msg.body_bytes();
+        if self.shared.full(body_bytes) {
+            let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if is_power_of_ten(dropped as usize) {
+                tracing::error!(
+                    target: TARGET,
+                    dropped,
+                    max_records = MAX_QUEUED,
+                    max_body_bytes = MAX_QUEUED_BYTES,
+                    "the session recorder's queue is full (the database has not taken records for too long); \
+                     session records are being dropped"
+                );
+            }
+            return;
+        }
         let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes_before =
             if body_bytes > 0 { self.shared.queued_bytes.fetch_add(body_bytes, Ordering::Relaxed) } else { 0 };
@@ -142,6 +225,28 @@ impl Sink {
         self.tx.send(msg).map_err(|_| RecordError::Writer("the writer has stopped".into()))?;
         self.writer.unpark();
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Whether a record carrying `body_bytes` would pass the queue's bound.
+    fn full(&self, body_bytes: usize) -> bool {
+        self.queued.load(Ordering::Relaxed) >= MAX_QUEUED
+            || self.queued_bytes.load(Ordering::Relaxed) + body_bytes > MAX_QUEUED_BYTES
+    }
+
+    fn health(&self) -> Health {
+        if self.full(0) {
+            Health::Backlogged
+        } else if self.failing.load(Ordering::Relaxed) {
+            Health::Failing
+        } else {
+            Health::Recording
+        }
+    }
+
+    fn error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.error.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -189,7 +294,7 @@ impl Recorder {
         let writer_lock = lock::acquire(&path)?;
         let store = SessionStore::open(&path)?;
         let live_since = writer_lock.since;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared { on_failure: config.on_failure, ..Shared::default() });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             store,
@@ -223,6 +328,38 @@ impl Recorder {
     /// The database, if recording.
     pub fn path(&self) -> Option<&Path> {
         self.inner.as_ref().map(|i| i.path.as_path())
+    }
+
+    /// Whether records are being committed ([`Health::Recording`] when
+    /// recording is disabled: nothing is waiting). Two atomic loads.
+    pub fn health(&self) -> Health {
+        self.inner.as_ref().map_or(Health::Recording, |i| i.sink.shared.health())
+    }
+
+    /// Whether traffic the policy records must be refused now: the recorder
+    /// is not taking records and `record.on_failure` is `refuse`. `Some`
+    /// says why.
+    pub fn refusing(&self) -> Option<Health> {
+        let shared = &self.inner.as_ref()?.sink.shared;
+        if shared.on_failure != OnRecordFailure::Refuse {
+            return None;
+        }
+        Some(shared.health()).filter(|h| *h != Health::Recording)
+    }
+
+    /// The recorder's state (`None` when recording is disabled).
+    pub fn status(&self) -> Option<RecorderStatus> {
+        let shared = &self.inner.as_ref()?.sink.shared;
+        let since = shared.failing_since.load(Ordering::Relaxed);
+        Some(RecorderStatus {
+            health: shared.health(),
+            on_failure: shared.on_failure,
+            queued: shared.queued.load(Ordering::Relaxed),
+            queued_bytes: shared.queued_bytes.load(Ordering::Relaxed),
+            dropped: shared.dropped.load(Ordering::Relaxed),
+            failing_since: (since != 0).then_some(since),
+            error: shared.error().clone(),
+        })
     }
 
     /// How often the writer has woken up so far.
@@ -569,6 +706,7 @@ impl Writer {
         while !self.batch.is_empty() {
             match self.store.write_batch(&self.batch) {
                 Ok(missing) => {
+                    self.recovered();
                     for id in missing {
                         tracing::warn!(target: TARGET, session = %id, "session row vanished (pruned or deleted) while the session was live; its later records are orphaned");
                     }
@@ -577,6 +715,7 @@ impl Writer {
                 Err(e) => {
                     attempt += 1;
                     let records = self.batch.records.len();
+                    self.failed(&e);
                     for waiter in self.waiters.drain(..) {
                         let _ = waiter.send(Err(e.to_string()));
                     }
@@ -599,6 +738,51 @@ impl Writer {
             self.shared.alarmed.store(false, Ordering::Relaxed);
             tracing::warn!(target: TARGET, "the session writer has caught up with its queue");
         }
+    }
+}
+
+impl Writer {
+    /// Marks the recorder failing (the gate reads it per decision) and says
+    /// once what that means for traffic.
+    fn failed(&self, e: &RecordError) {
+        *self.shared.error() = Some(e.to_string());
+        if self.shared.failing.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.shared.failing_since.store(i64::try_from(now).unwrap_or(i64::MAX), Ordering::Relaxed);
+        let consequence = match self.shared.on_failure {
+            OnRecordFailure::Refuse => {
+                "traffic the policy records is refused until it recovers (record.on_failure: refuse)"
+            }
+            OnRecordFailure::Serve => {
+                "traffic is still served and its records wait in memory (record.on_failure: serve)"
+            }
+        };
+        tracing::error!(
+            target: TARGET,
+            event = "recording_failed",
+            error = %e,
+            on_failure = self.shared.on_failure.as_str(),
+            "session recording is failing; {consequence}"
+        );
+    }
+
+    /// Clears the failing state after a successful commit.
+    fn recovered(&self) {
+        if !self.shared.failing.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let since = self.shared.failing_since.swap(0, Ordering::Relaxed);
+        *self.shared.error() = None;
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        tracing::warn!(
+            target: TARGET,
+            event = "recording_recovered",
+            failed_for_s = i64::try_from(now).unwrap_or(i64::MAX).saturating_sub(since),
+            queued = self.shared.queued.load(Ordering::Relaxed),
+            "session recording recovered; every record kept in memory is being committed"
+        );
     }
 }
 

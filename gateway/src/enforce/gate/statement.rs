@@ -129,6 +129,9 @@ impl Passage {
             if let policy::Action::Deny { reason } = d.action {
                 return Err((Reason::Denied { rule: d.rule.to_owned(), reason: reason.clone() }, d.rule.to_owned()));
             }
+            if let Some(reason) = self.unrecordable(d.action, d.record) {
+                return Err((reason, d.rule.to_owned()));
+            }
             return Ok(StatementDecision {
                 decided: decided(&d),
                 statements: Vec::new(),
@@ -200,6 +203,9 @@ impl Passage {
             // Unreachable: every statement yields a decision or a refusal.
             return Err((Reason::UnclassifiedStatement { syntax_error }, policy::UNCLASSIFIED_RULE.to_owned()));
         };
+        if let Some(reason) = self.unrecordable(d.action, record) {
+            return Err((reason, d.rule.to_owned()));
+        }
         Ok(StatementDecision {
             decided: decided(&d),
             statements: verdicts,
