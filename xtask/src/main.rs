@@ -10,6 +10,10 @@
 //!   `XTASK_FUZZ_SECONDS=N`, then every fuzz target for N seconds.
 //! * `cargo xtask fuzz [--seconds N] [TARGET...]` — the fuzz targets alone.
 //! * `cargo xtask package` — build the Debian package (release).
+//! * `cargo xtask image` — the container image `ci-gateway:<version>`, from
+//!   a debootstrapped Debian root with the package installed (no registry).
+//! * `cargo xtask demo` — the Docker Compose quick start (deploy/compose/):
+//!   builds the images, shows a job's hard-coded key blocked and found.
 //! * `cargo xtask bench` — run the benchmarks (and install their tools).
 
 use std::{
@@ -21,6 +25,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod image;
 mod package;
 
 #[derive(Parser)]
@@ -59,6 +64,31 @@ enum Cmd {
         /// Compress with gzip -1 instead of xz (throw-away packages).
         #[arg(long)]
         fast: bool,
+    },
+    /// Build the container image ci-gateway:<version> (and :latest) from a
+    /// debootstrapped Debian root with the package installed, with the
+    /// docker CLI's daemon (DOCKER_HOST); no registry is used.
+    Image {
+        /// Install the package of this gateway binary instead of the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Compress the package with gzip -1 (throw-away images).
+        #[arg(long)]
+        fast: bool,
+    },
+    /// The Docker Compose quick start: build the images, run
+    /// deploy/compose/ and show the job's key blocked, the finding and the
+    /// session; then remove everything it started.
+    Demo {
+        /// Use the package of this gateway binary instead of the release one.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// Compress the package with gzip -1.
+        #[arg(long)]
+        fast: bool,
+        /// Leave the demo running afterwards.
+        #[arg(long)]
+        keep: bool,
     },
     /// Run the fuzz targets in fuzz/ (cargo-fuzz), each for a bounded time;
     /// a crash fails with the reproducer's path.
@@ -121,10 +151,17 @@ const APT_TEST: &[&str] = &[
     "debootstrap",
     "dpkg-dev",
     "binutils",
+    // The quick start's test runs `cargo xtask demo` (Compose v1 in bookworm).
+    "docker-compose",
 ];
 
 /// Debian packages `cargo xtask package` uses: objcopy, dpkg-shlibdeps.
 const APT_PACKAGING: &[&str] = &["binutils", "dpkg-dev"];
+
+/// Debian packages `cargo xtask image` and `demo` use: debootstrap for the
+/// roots, dpkg-dev and binutils for the package, dockerd and Compose
+/// (Debian's docker-compose is Compose v1, 1.29).
+const APT_IMAGE: &[&str] = &["debootstrap", "binutils", "dpkg-dev", "docker.io", "docker-compose"];
 
 /// Debian packages only the benchmarks use.
 const APT_BENCH: &[&str] = &[
@@ -169,7 +206,22 @@ fn main() -> ExitCode {
             // A given binary needs nothing built (the tests call this).
             let ready = if opts.binary.is_some() { Ok(()) } else { setup(Needs::Run) };
             let ready = ready.and_then(|()| apt_packages(APT_PACKAGING));
-            ready.and_then(|()| package::build(&workspace_root(), &opts))
+            ready.and_then(|()| package::build(&workspace_root(), &opts)).map(|_| ())
+        }
+        Cmd::Image { binary, fast } => {
+            let ready = if binary.is_some() { Ok(()) } else { setup(Needs::Run) };
+            ready
+                .and_then(|()| apt_packages(APT_IMAGE))
+                .and_then(|()| image::gateway_image(&workspace_root(), &image::ImageOptions { binary, fast }))
+                .map(|_| ())
+        }
+        Cmd::Demo { binary, fast, keep } => {
+            require_root("the demo's gateway attaches eBPF programs and its images are built with chroot: run `sudo cargo xtask demo`")
+                .and_then(|()| if binary.is_some() { Ok(()) } else { setup(Needs::Run) })
+                .and_then(|()| apt_packages(APT_IMAGE))
+                .and_then(|()| {
+                    image::demo(&workspace_root(), &image::DemoOptions { image: image::ImageOptions { binary, fast }, keep })
+                })
         }
         Cmd::Fuzz { seconds, targets } => setup(Needs::Run).and_then(|()| fuzz(seconds, &targets)),
     };
@@ -240,6 +292,7 @@ fn setup(needs: Needs) -> Result<()> {
         python_packages()?;
         npm_packages()?;
         package::debootstrap_cache()?;
+        package::DEMO.ensure()?;
     }
     Ok(())
 }
@@ -255,6 +308,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     // The AI SDKs whose error output tests/refusals.rs checks.
     ("openai", "openai"),
     ("anthropic", "anthropic"),
+    // Validates deploy/kubernetes/ against the vendored Kubernetes schemas.
+    ("jsonschema", "jsonschema"),
 ];
 
 /// The pythons the tests run: Debian's (what clients running as other uids

@@ -37,8 +37,8 @@ pub struct Options {
     pub fast: bool,
 }
 
-/// Builds both packages and prints their paths.
-pub fn build(root: &Path, opts: &Options) -> Result<()> {
+/// Builds both packages, prints their paths and returns the main one's.
+pub fn build(root: &Path, opts: &Options) -> Result<PathBuf> {
     let binary = match &opts.binary {
         Some(b) => b.clone(),
         None => {
@@ -142,7 +142,7 @@ pub fn build(root: &Path, opts: &Options) -> Result<()> {
     }
     fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
     println!("{}\n{}", deb.display(), dbgsym.display());
-    Ok(())
+    Ok(deb)
 }
 
 const COPYRIGHT: &str = "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n\
@@ -187,35 +187,62 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The clean Debian root the packaging test installs into, as a tarball
-/// below the cache: made once by `debootstrap` (minbase plus the runtime
-/// libraries the package depends on, so `dpkg -i` resolves offline), then
-/// unpacked in seconds by every test run.
-pub fn debootstrap_tarball() -> PathBuf {
-    cache_dir().join(format!("debian-{SUITE}-minbase.tar.gz"))
+/// A Debian root made by `debootstrap` (minbase plus `include`), cached as
+/// a tarball below [`cache_dir`]: made once from Debian's mirror, then
+/// unpacked in seconds by every user.
+#[derive(Clone, Copy)]
+pub struct DebianRoot {
+    /// Names the tarball.
+    pub name: &'static str,
+    /// Packages added to minbase.
+    pub include: &'static str,
 }
 
-/// Makes [`debootstrap_tarball`] when it is missing.
-pub fn debootstrap_cache() -> Result<()> {
-    let tarball = debootstrap_tarball();
-    if tarball.exists() {
-        return Ok(());
+/// The clean Debian root the packaging test installs into and the gateway
+/// image is made from: minbase plus the runtime libraries the package
+/// depends on, so `dpkg -i` resolves offline.
+pub const MINBASE: DebianRoot = DebianRoot { name: "minbase", include: "libhyperscan5,ca-certificates" };
+
+/// The quick start's second image (`ci-gateway-demo`): the job (curl), the
+/// stand-in backend (python3's http.server with TLS) and the one-shot that
+/// makes the demo's certificates (openssl).
+pub const DEMO: DebianRoot = DebianRoot { name: "demo", include: "ca-certificates,curl,python3,openssl" };
+
+impl DebianRoot {
+    /// Where the tarball is cached.
+    pub fn tarball(self) -> PathBuf {
+        cache_dir().join(format!("debian-{SUITE}-{}.tar.gz", self.name))
     }
-    let dir = cache_dir().join(format!("debian-{SUITE}-minbase.tmp"));
-    let _ = fs::remove_dir_all(&dir);
-    eprintln!("xtask: making a clean Debian {SUITE} root with debootstrap from {MIRROR} (once)");
-    status(
-        Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=libhyperscan5,ca-certificates", SUITE])
-            .arg(&dir)
-            .arg(MIRROR),
-    )
-    .context("debootstrap failed: is the Debian mirror reachable?")?;
-    // Downloaded packages are not part of a clean root.
-    status(Command::new("find").arg(dir.join("var/cache/apt/archives")).args(["-name", "*.deb", "-delete"]))?;
-    let partial = tarball.with_extension("partial");
-    status(Command::new("tar").arg("-C").arg(&dir).arg("-czf").arg(&partial).arg("."))?;
-    fs::rename(&partial, &tarball)?;
-    fs::remove_dir_all(&dir)?;
-    Ok(())
+
+    /// Makes [`DebianRoot::tarball`] when it is missing.
+    pub fn ensure(self) -> Result<PathBuf> {
+        let tarball = self.tarball();
+        if tarball.exists() {
+            return Ok(tarball);
+        }
+        let dir = cache_dir().join(format!("debian-{SUITE}-{}.tmp", self.name));
+        let _ = fs::remove_dir_all(&dir);
+        eprintln!("xtask: making a Debian {SUITE} root ({}) with debootstrap from {MIRROR} (once)", self.name);
+        status(
+            Command::new("debootstrap")
+                .arg("--variant=minbase")
+                .arg(format!("--include={}", self.include))
+                .arg(SUITE)
+                .arg(&dir)
+                .arg(MIRROR),
+        )
+        .context("debootstrap failed: is the Debian mirror reachable?")?;
+        // Downloaded packages and package lists are not part of a clean root.
+        status(Command::new("find").arg(dir.join("var/cache/apt/archives")).args(["-name", "*.deb", "-delete"]))?;
+        let partial = tarball.with_extension("partial");
+        status(Command::new("tar").arg("-C").arg(&dir).arg("-czf").arg(&partial).arg("."))?;
+        fs::rename(&partial, &tarball)?;
+        fs::remove_dir_all(&dir)?;
+        Ok(tarball)
+    }
+}
+
+/// Makes the packaging test's root ([`MINBASE`]) when it is missing.
+pub fn debootstrap_cache() -> Result<()> {
+    MINBASE.ensure().map(|_| ())
 }
