@@ -121,6 +121,9 @@ const APT_TEST: &[&str] = &[
     "debootstrap",
     "dpkg-dev",
     "binutils",
+    // promtool: tests/metrics.rs checks deploy/prometheus/alerts.yml with
+    // `promtool check rules` (the package also ships the server, unused).
+    "prometheus",
 ];
 
 /// Debian packages `cargo xtask package` uses: objcopy, dpkg-shlibdeps.
@@ -255,6 +258,9 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     // The AI SDKs whose error output tests/refusals.rs checks.
     ("openai", "openai"),
     ("anthropic", "anthropic"),
+    // tests/metrics.rs parses `/metrics` with the Prometheus client's own
+    // OpenMetrics parser.
+    ("prometheus_client", "prometheus-client"),
 ];
 
 /// The pythons the tests run: Debian's (what clients running as other uids

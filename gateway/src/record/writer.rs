@@ -225,6 +225,15 @@ impl Recorder {
         self.inner.as_ref().map(|i| i.path.as_path())
     }
 
+    /// Records sent and not yet taken by the writer, and their body bytes
+    /// (the recorder's backlog, for `/metrics`); `None` when not recording.
+    pub fn queued(&self) -> Option<(usize, usize)> {
+        self.inner.as_ref().map(|i| {
+            let shared = &i.sink.shared;
+            (shared.queued.load(Ordering::Relaxed), shared.queued_bytes.load(Ordering::Relaxed))
+        })
+    }
+
     /// How often the writer has woken up so far.
     #[cfg(test)]
     pub(crate) fn writer_wakeups(&self) -> usize {
