@@ -127,11 +127,7 @@ fn scrape(gw: &TestGateway) -> Scrape {
 
 /// Events of `target` in the gateway's JSON log.
 fn events(gw: &TestGateway, target: &str) -> Vec<Value> {
-    gw.log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"] == target)
-        .collect()
+    gw.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter(|v| v["target"] == target).collect()
 }
 
 fn curl(gw: &TestGateway, ca: &Path, port: u16, args: &[&str]) -> u16 {
@@ -230,7 +226,10 @@ fn metrics_parse_and_match_the_events() {
     let decided: f64 =
         m.all("gateway_requests_total").iter().filter(|s| s.labels["kind"] == "http").map(|s| s.value).sum();
     assert_eq!(decided, http_requests, "every HTTP request the events count is decided once");
-    assert_eq!(m.get("gateway_requests_total", &[("kind", "http"), ("decision", "allow")]), (ALLOWED + keys.len()) as f64);
+    assert_eq!(
+        m.get("gateway_requests_total", &[("kind", "http"), ("decision", "allow")]),
+        (ALLOWED + keys.len()) as f64
+    );
     assert_eq!(m.get("gateway_requests_total", &[("kind", "http"), ("decision", "deny")]), 1.0);
     assert_eq!(m.get("gateway_policy_evaluation_duration_seconds_count", &[("kind", "http")]), http_requests);
 
@@ -276,10 +275,7 @@ fn metrics_parse_and_match_the_events() {
         + m.get("gateway_attestation_cache_lookups_total", &[("result", "miss")]);
     assert_eq!(lookups, conns.iter().filter(|e| e["attestation"].is_string()).count() as f64);
     assert_eq!(m.get("gateway_attestation_cache_lookups_total", &[("result", "hit")]), attested("cached"));
-    assert_eq!(
-        m.get("gateway_attestation_duration_seconds_count", &[]),
-        attested("fresh") + attested("unattested"),
-    );
+    assert_eq!(m.get("gateway_attestation_duration_seconds_count", &[]), attested("fresh") + attested("unattested"),);
 
     // Upstream: one connect and one response per allowed request (curl
     // opens a connection per run; blocked and denied ones never leave).
@@ -336,11 +332,12 @@ fn the_example_alert_rules_pass_promtool() {
     let mut used = 0;
     for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
         if let Some(family) = word.strip_prefix("gateway_") {
-            let base = ["_total", "_bucket", "_count", "_sum"]
-                .iter()
-                .find_map(|s| family.strip_suffix(s))
-                .unwrap_or(family);
-            assert!(docs.contains(&format!("gateway_{base}")), "alerts.yml uses gateway_{family}, not in docs/metrics.md");
+            let base =
+                ["_total", "_bucket", "_count", "_sum"].iter().find_map(|s| family.strip_suffix(s)).unwrap_or(family);
+            assert!(
+                docs.contains(&format!("gateway_{base}")),
+                "alerts.yml uses gateway_{family}, not in docs/metrics.md"
+            );
             used += 1;
         }
     }
