@@ -1,8 +1,9 @@
 //! `/metrics` against what the gateway logged: a real gateway (real eBPF
 //! redirect, TLS interception, a real HTTPS upstream) serves jobs in its
 //! cgroup that make allowed requests, requests carrying a hard-coded key
-//! (blocked), a request the policy denies and a connection speaking a
-//! protocol the gateway does not inspect (refused). curl scrapes
+//! (blocked), a request the policy denies, one held for approval (and
+//! approved) and a connection speaking a protocol the gateway does not
+//! inspect (refused). curl scrapes
 //! `/metrics` on the public listener, the Prometheus client library's own
 //! OpenMetrics parser (Python `prometheus_client`, strict about the format)
 //! reads it, and every counter is compared with the connection, finding and
@@ -34,6 +35,10 @@ rules:
     match: { request: { path: "/deny/**" } }
     action: deny
     reason: "denied for the test"
+  - name: held
+    match: { request: { path: "/approve/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 1, timeout: 120s }
 defaults:
   action: allow
   static_keys: block
@@ -156,6 +161,7 @@ fn metrics_parse_and_match_the_events() {
     opts.extra_yaml = format!(
         "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\n\
          policy:\n  file: {policy}\n  watch: false\n\
+         approvals:\n  groups: {{ release: [alice] }}\n\
          record:\n  flush_interval: 50ms\n",
         ca = pki.ca_path.display(),
         policy = policy.display(),
@@ -197,7 +203,39 @@ fn metrics_parse_and_match_the_events() {
     assert!(refused.status.success(), "raw client: {}", String::from_utf8_lossy(&refused.stderr));
     assert_eq!(String::from_utf8_lossy(&refused.stdout).trim(), "0", "the gateway closes what it cannot inspect");
 
-    let connections = ALLOWED + keys.len() + 2;
+    // Held for approval: the pending gauge shows it while it waits.
+    let mut held = gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--resolve", &format!("{HOST}:{port}:{UPSTREAM_IP}")])
+        .arg("--cacert")
+        .arg(&ca)
+        .arg(url("/approve/deploy"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl");
+    wait_for("the held request shows in gateway_approvals_pending", || {
+        let pending = scrape(&gw).get("gateway_approvals_pending", &[]);
+        if pending == 1.0 {
+            Ok(())
+        } else {
+            Err(format!("pending {pending}; gateway errors:\n{}", gw.log_errors()))
+        }
+    });
+    let list = gw.cli(&["approvals", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).expect("approvals list --json");
+    let id = list.as_array().into_iter().flatten().find(|a| a["state"] == "pending").expect("a pending approval")["id"]
+        .as_str()
+        .expect("approval id")
+        .to_owned();
+    let approved = gw.cli(&["approvals", "approve", &id, "--by", "alice"]);
+    assert!(approved.status.success(), "approve: {}", String::from_utf8_lossy(&approved.stderr));
+    let mut status = String::new();
+    std::io::Read::read_to_string(&mut held.stdout.take().expect("stdout"), &mut status).expect("curl output");
+    assert!(held.wait().expect("curl").success());
+    assert_eq!(status.trim(), "200", "the approved request went through");
+    const FORWARDED: usize = ALLOWED + 1;
+
+    let connections = FORWARDED + keys.len() + 2;
     let conns = gw.wait_events(connections);
     assert_eq!(conns.len(), connections, "one event per connection:\n{}", gw.log_errors());
     // The status is read after the last connection: nothing connects between it and the scrape.
@@ -215,7 +253,7 @@ fn metrics_parse_and_match_the_events() {
         let key = (s.labels["protocol"].clone(), s.labels["outcome"].clone());
         assert_eq!(s.value, by_pair.get(&key).copied().unwrap_or(0.0), "connections {key:?}; events {by_pair:?}");
     }
-    assert_eq!(by_pair.get(&("https".into(), "closed".into())), Some(&(ALLOWED as f64)), "{by_pair:?}");
+    assert_eq!(by_pair.get(&("https".into(), "closed".into())), Some(&(FORWARDED as f64)), "{by_pair:?}");
     assert_eq!(by_pair.get(&("https".into(), "blocked".into())), Some(&3.0), "{by_pair:?}");
     assert_eq!(by_pair.get(&("tcp".into(), "blocked".into())), Some(&1.0), "{by_pair:?}");
     let family = m.samples.iter().find(|s| s.name == "gateway_connections_total").expect("connections");
@@ -231,6 +269,7 @@ fn metrics_parse_and_match_the_events() {
         (ALLOWED + keys.len()) as f64
     );
     assert_eq!(m.get("gateway_requests_total", &[("kind", "http"), ("decision", "deny")]), 1.0);
+    assert_eq!(m.get("gateway_requests_total", &[("kind", "http"), ("decision", "require_approval")]), 1.0);
     assert_eq!(m.get("gateway_policy_evaluation_duration_seconds_count", &[("kind", "http")]), http_requests);
 
     // Refusals by reason: the policy log's, plus the keys' blocks.
@@ -279,13 +318,14 @@ fn metrics_parse_and_match_the_events() {
 
     // Upstream: one connect and one response per allowed request (curl
     // opens a connection per run; blocked and denied ones never leave).
-    assert_eq!(m.get("gateway_upstream_connect_duration_seconds_count", &[]), ALLOWED as f64);
-    assert_eq!(m.get("gateway_upstream_response_duration_seconds_count", &[]), ALLOWED as f64);
+    assert_eq!(m.get("gateway_upstream_connect_duration_seconds_count", &[]), FORWARDED as f64);
+    assert_eq!(m.get("gateway_upstream_response_duration_seconds_count", &[]), FORWARDED as f64);
     assert!(m.get("gateway_upstream_response_duration_seconds_sum", &[]) > 0.0);
 
-    // Approvals: none held now, none asked.
+    // Approvals: the one asked was approved; none is held now.
     assert_eq!(m.get("gateway_approvals_pending", &[]), 0.0);
-    assert_eq!(m.all("gateway_approvals_decided_total").iter().map(|s| s.value).sum::<f64>(), 0.0);
+    assert_eq!(m.get("gateway_approvals_decided_total", &[("outcome", "approved")]), 1.0);
+    assert_eq!(m.all("gateway_approvals_decided_total").iter().map(|s| s.value).sum::<f64>(), 1.0);
     // The recorder's queue is exported (recording is on by default).
     wait_for("the recorder's queue drains", || {
         let q = scrape(&gw).get("gateway_recorder_queue_records", &[]);
