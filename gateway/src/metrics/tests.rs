@@ -189,3 +189,43 @@ fn the_recorder_queue_is_exported_while_recording() {
     m.observe_recorder(crate::record::Recorder::disabled());
     assert!(!encoded(&m).contains("gateway_recorder_queue"));
 }
+
+#[test]
+fn label_enums_index_their_handles() {
+    // `connection` and `request` index arrays by discriminant: the ALL
+    // arrays must list every variant in declaration order. The matches are
+    // exhaustive, so a new variant does not compile here until it is listed.
+    let protocol = |p: Protocol| match p {
+        Protocol::Tcp => 0,
+        Protocol::TlsPassthrough => 1,
+        Protocol::Https => 2,
+        Protocol::Http => 3,
+        Protocol::Tls => 4,
+        Protocol::Postgres => 5,
+    };
+    let outcome = |o: Outcome| match o {
+        Outcome::Closed => 0,
+        Outcome::Unattributed => 1,
+        Outcome::UpstreamFailed => 2,
+        Outcome::Error => 3,
+        Outcome::Blocked => 4,
+        Outcome::Refused => 5,
+    };
+    assert_eq!(Protocol::ALL.len(), 6);
+    assert_eq!(Outcome::ALL.len(), 6);
+    for (i, p) in Protocol::ALL.iter().enumerate() {
+        assert_eq!((*p as usize, protocol(*p)), (i, i), "{p:?}");
+    }
+    for (i, o) in Outcome::ALL.iter().enumerate() {
+        assert_eq!((*o as usize, outcome(*o)), (i, i), "{o:?}");
+    }
+    for (i, k) in RequestKind::ALL.iter().enumerate() {
+        assert_eq!(*k as usize, i, "{k:?}");
+    }
+    for (i, d) in Decision::ALL.iter().enumerate() {
+        assert_eq!(*d as usize, i, "{d:?}");
+    }
+    for (i, o) in ApprovalOutcome::ALL.iter().enumerate() {
+        assert_eq!(*o as usize, i, "{o:?}");
+    }
+}
