@@ -517,5 +517,14 @@ defaults: { action: allow, record: none }
         }
         let d = judge("app", "legacy", "SELEC 1").expect("legacy may");
         assert_eq!(d.decided.rule, "legacy");
+
+        // Every query's decision is counted once; the startup's judgements are not queries.
+        let text = p.gate().metrics.encode().expect("metrics");
+        for (decision, n) in [("allow", 2), ("deny", 4), ("require_approval", 1), ("refused", 1)] {
+            let line = format!("gateway_requests_total{{kind=\"postgres\",decision=\"{decision}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        let line = "gateway_policy_evaluation_duration_seconds_count{kind=\"postgres\"} 8";
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
 }
