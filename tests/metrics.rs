@@ -347,6 +347,12 @@ fn metrics_parse_and_match_the_events() {
     for word in [HOST, UPSTREAM_IP, "identity", "/ok/"] {
         assert!(!m.text.contains(word), "`{word}` in /metrics:\n{}", m.text);
     }
+
+    // The metrics do not keep the interceptor: a clean stop still leaves
+    // the programs refusing (deny mode), as without metrics.
+    let mut gw = gw;
+    gw.stop(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(gw.status()["mode"], "deny", "clean shutdown:\n{}", gw.log_errors());
 }
 
 /// The example alert rules are valid Prometheus rules (`promtool`, from

@@ -22,7 +22,7 @@
 use std::{
     borrow::Cow,
     fmt,
-    sync::{Arc, OnceLock},
+    sync::{Arc, OnceLock, Weak},
     time::Duration,
 };
 
@@ -410,8 +410,10 @@ impl Metrics {
     }
 
     /// Exports the eBPF programs' counters (`gateway_ebpf_events_total`),
-    /// read at each scrape. Set once; later calls are ignored.
-    pub fn observe_ebpf(&self, counters: Arc<dyn EbpfCounters>) {
+    /// read at each scrape. Set once; later calls are ignored. Weak: the
+    /// metrics must not keep the interceptor alive (the daemon takes it back
+    /// at shutdown to detach or leave the programs in deny mode).
+    pub fn observe_ebpf(&self, counters: Weak<dyn EbpfCounters>) {
         let _ = self.live.ebpf.set(counters);
     }
 
@@ -450,7 +452,7 @@ impl Drop for PendingApproval {
 /// Values read at scrape time from their owners.
 #[derive(Default)]
 struct Live {
-    ebpf: OnceLock<Arc<dyn EbpfCounters>>,
+    ebpf: OnceLock<Weak<dyn EbpfCounters>>,
     recorder: OnceLock<crate::record::Recorder>,
     outbox: OnceLock<OutboxSource>,
 }
@@ -467,7 +469,7 @@ impl fmt::Debug for Live {
 
 impl Collector for Live {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        if let Some(ebpf) = self.ebpf.get() {
+        if let Some(ebpf) = self.ebpf.get().and_then(Weak::upgrade) {
             match ebpf.read() {
                 Ok(stats) => {
                     let mut family = encoder.encode_descriptor(

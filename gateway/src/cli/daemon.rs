@@ -79,7 +79,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     services.gate.destinations.update(&resolved);
     interceptor.attach(&cgroups)?;
     let interceptor = Arc::new(interceptor);
-    metrics.observe_ebpf(interceptor.clone());
+    let counters: std::sync::Weak<dyn crate::metrics::EbpfCounters> =
+        Arc::downgrade(&interceptor) as std::sync::Weak<_>;
+    metrics.observe_ebpf(counters);
     // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
     // must reach these handlers, not kill the process with the default
     // action (skipping the clean shutdown and leaving the programs redirecting).

@@ -141,17 +141,23 @@ impl EbpfCounters for FakeEbpf {
 fn ebpf_counters_are_read_at_each_scrape() {
     let m = Metrics::new();
     let ebpf = Arc::new(FakeEbpf { redirected: AtomicU64::new(5), broken: false });
-    m.observe_ebpf(ebpf.clone());
+    let counters: Arc<dyn EbpfCounters> = ebpf.clone();
+    m.observe_ebpf(Arc::downgrade(&counters));
     let text = encoded(&m);
     assert!(text.contains("# TYPE gateway_ebpf_events counter"), "{text}");
     assert_eq!(sample(&text, "gateway_ebpf_events_total{event=\"redirected\"}"), Some(5.0));
     assert_eq!(sample(&text, "gateway_ebpf_events_total{event=\"denied_netns\"}"), Some(3.0));
     ebpf.redirected.store(9, Ordering::Relaxed);
     assert_eq!(sample(&encoded(&m), "gateway_ebpf_events_total{event=\"redirected\"}"), Some(9.0));
+    // Not kept alive by the metrics (the daemon takes the interceptor back
+    // at shutdown): once it is gone, the counters are left out.
+    drop((ebpf, counters));
+    assert!(!encoded(&m).contains("gateway_ebpf_events"));
 
     // Unreadable: left out of the scrape, the rest still encodes.
     let m = Metrics::new();
-    m.observe_ebpf(Arc::new(FakeEbpf { redirected: AtomicU64::new(0), broken: true }));
+    let broken: Arc<dyn EbpfCounters> = Arc::new(FakeEbpf { redirected: AtomicU64::new(0), broken: true });
+    m.observe_ebpf(Arc::downgrade(&broken));
     let text = encoded(&m);
     assert!(!text.contains("gateway_ebpf_events"), "{text}");
     assert!(text.contains("gateway_connections_total"), "{text}");
