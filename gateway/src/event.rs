@@ -30,6 +30,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in declaration order (`ALL[o as usize] == o`).
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Closed,
+        Outcome::Unattributed,
+        Outcome::UpstreamFailed,
+        Outcome::Error,
+        Outcome::Blocked,
+        Outcome::Refused,
+    ];
+
     /// The name used in events.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,6 +72,10 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol, in declaration order (`ALL[p as usize] == p`).
+    pub const ALL: [Protocol; 6] =
+        [Protocol::Tcp, Protocol::TlsPassthrough, Protocol::Https, Protocol::Http, Protocol::Tls, Protocol::Postgres];
+
     /// The name used in events and recordings.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -115,8 +129,11 @@ pub struct ConnectionEvent<'a> {
 }
 
 impl ConnectionEvent<'_> {
-    /// Emits the event.
-    pub fn emit(&self) {
+    /// Emits the event and counts it in `metrics` (connections by protocol
+    /// and outcome, refusals by a limit): the metrics are derived from the
+    /// events, so they cannot disagree.
+    pub fn emit(&self, metrics: &crate::metrics::Metrics) {
+        metrics.connection(self.protocol, self.outcome, self.limit.is_some());
         let p = self.process;
         let exe = p.and_then(|p| p.exe.as_ref()).map(|e| e.display().to_string());
         let orig_dst = self.orig_dst.map(|d| d.to_string());

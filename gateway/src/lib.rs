@@ -24,6 +24,7 @@ pub mod identity;
 pub mod intercept;
 pub mod limits;
 pub mod mask;
+pub mod metrics;
 pub mod policy;
 pub mod postgres;
 pub mod process;

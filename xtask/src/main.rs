@@ -153,6 +153,9 @@ const APT_TEST: &[&str] = &[
     "binutils",
     // The quick start's test runs `cargo xtask demo` (Compose v1 in bookworm).
     "docker-compose",
+    // promtool: tests/metrics.rs checks deploy/prometheus/alerts.yml with
+    // `promtool check rules` (the package also ships the server, unused).
+    "prometheus",
 ];
 
 /// Debian packages `cargo xtask package` uses: objcopy, dpkg-shlibdeps.
@@ -310,6 +313,9 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("anthropic", "anthropic"),
     // Validates deploy/kubernetes/ against the vendored Kubernetes schemas.
     ("jsonschema", "jsonschema"),
+    // tests/metrics.rs parses `/metrics` with the Prometheus client's own
+    // OpenMetrics parser.
+    ("prometheus_client", "prometheus-client"),
 ];
 
 /// The pythons the tests run: Debian's (what clients running as other uids

@@ -3,7 +3,8 @@
 //! Three listeners, three audiences:
 //! - [`serve`]: read-only and public, on a loopback TCP address: what
 //!   internal backends need to verify the gateway's tokens (the JWKS
-//!   document and OIDC discovery) and a health check.
+//!   document and OIDC discovery), a health check and the Prometheus
+//!   metrics (`/metrics`, [`crate::metrics`]).
 //! - [`serve_admin`]: privileged, on a unix socket, where the kernel tells
 //!   who is calling (peer credentials): approval decisions
 //!   (`docs/approvals.md`). [`AdminClient`] is its client, used by the CLI.

@@ -320,7 +320,8 @@ mod public {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(super::super::serve(listener, minter, shutdown.clone()));
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let server = tokio::spawn(super::super::serve(listener, minter, metrics, shutdown.clone()));
 
         let (status, jwks) = get(addr, http::Method::GET, super::super::JWKS_PATH).await;
         assert_eq!(status, StatusCode::OK);
@@ -332,6 +333,9 @@ mod public {
         assert_eq!(discovery["jwks_uri"], format!("http://{addr}/.well-known/jwks.json"));
         let (status, health) = get(addr, http::Method::GET, "/healthz").await;
         assert_eq!((status, health), (StatusCode::OK, serde_json::json!({"status": "ok"})));
+        // The metrics are OpenMetrics text, not JSON (tests/metrics.rs parses them).
+        let (status, _) = get(addr, http::Method::GET, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
         let (status, missing) = get(addr, http::Method::GET, "/v1/approvals").await;
         assert_eq!((status, missing), (StatusCode::NOT_FOUND, serde_json::json!({"error": "not_found"})));
 

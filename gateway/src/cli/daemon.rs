@@ -42,7 +42,8 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let cgroups = resolve_cgroups(&config, true)?;
     // Everything that can fail on bad state or configuration comes before
     // the programs are attached.
-    let services = build_services(&config)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let services = build_services(&config, &metrics)?;
 
     // Listen before attaching: from the moment the programs are attached,
     // redirected connections need someone to accept them.
@@ -78,6 +79,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     services.gate.destinations.update(&resolved);
     interceptor.attach(&cgroups)?;
     let interceptor = Arc::new(interceptor);
+    let counters: std::sync::Weak<dyn crate::metrics::EbpfCounters> =
+        Arc::downgrade(&interceptor) as std::sync::Weak<_>;
+    metrics.observe_ebpf(counters);
     // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
     // must reach these handlers, not kill the process with the default
     // action (skipping the clean shutdown and leaving the programs redirecting).
@@ -101,9 +105,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let mut api_task = None;
     if let (Some(addr), Some(minter)) = (config.api.listen, minter.clone()) {
         let listener =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the admin API on {addr}"))?;
-        tracing::info!(%addr, "admin API listening");
-        api_task = Some(tokio::spawn(crate::api::serve(listener, minter, shutdown.clone())));
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the public API on {addr}"))?;
+        tracing::info!(%addr, "public API listening");
+        api_task = Some(tokio::spawn(crate::api::serve(listener, minter, metrics.clone(), shutdown.clone())));
     }
     if let Some(minter) = minter {
         tokio::spawn(rotate_keys(minter, shutdown.clone()));
@@ -352,7 +356,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// TLS interception, upstream TLS, detector and findings store.
-fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
+fn build_services(config: &Config, metrics: &Arc<crate::metrics::Metrics>) -> anyhow::Result<proxy::Services> {
     let ca = crate::tls::CertificateAuthority::load_or_create(&config.state_dir)?;
     let leaf_cache = crate::tls::LeafCache::new(ca, config.tls.leaf_validity, config.tls.leaf_cache_size);
     let upstream_tls = Arc::new(crate::tls::UpstreamTls::new(&config.tls)?);
@@ -404,6 +408,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
         Some(crate::tls::UpstreamTls::new(&config.tls)?),
     )?;
     let recorder = crate::record::Recorder::open(&config.record, &config.state_dir)?;
+    metrics.observe_recorder(recorder.clone());
     tracing::info!(
         policy = %policy.current().short_digest(),
         rules = policy.current().len(),
@@ -432,6 +437,7 @@ fn build_services(config: &Config) -> anyhow::Result<proxy::Services> {
     let gate = crate::enforce::Gate {
         protected,
         destinations: Default::default(),
+        metrics: metrics.clone(),
         masks,
         policy,
         approvals,

@@ -43,6 +43,7 @@ use crate::{
     event::Protocol,
     findings::{Action, FindingsConfig, FindingsHandle, NewFinding, Notifier, WaiverSet},
     mask::Masker,
+    metrics::{ApprovalOutcome, Decision, RequestKind},
     policy::{self, PolicyHandle, RequestFacts},
     record::{
         DecisionFacts, EventKind, RecordLevel, Recorder, SessionOutcome, SessionRecorder, SessionStart, TlsFacts,
@@ -96,6 +97,8 @@ pub struct Gate {
     pub protected: ProtectedNames,
     /// Configured names of intercepted addresses.
     pub destinations: Arc<DestinationNames>,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Names whose traffic is inspected at any address: the `tls.intercept`
@@ -539,6 +542,7 @@ impl Passage {
         let refusal = Refusal { conn_id: self.conn.id, reason };
         self.refused.fetch_add(1, Ordering::Relaxed);
         let code = refusal.reason.code();
+        self.gate.metrics.refusal(code);
         tracing::info!(
             target: POLICY_TARGET,
             conn_id = self.conn.id,
@@ -562,6 +566,25 @@ impl Passage {
     /// understood. A `deny` is a refusal (recorded by the caller with the
     /// request); everything else says how to treat the request.
     pub fn request(
+        &self,
+        host: &str,
+        tls: bool,
+        claims: &BTreeMap<String, String>,
+        request: HttpAsk<'_>,
+    ) -> Result<RequestDecision, (Reason, String)> {
+        let started = std::time::Instant::now();
+        let decided = self.decide_request(host, tls, claims, request);
+        let decision = match &decided {
+            Ok(d) if d.approval.is_some() => Decision::RequireApproval,
+            Ok(_) => Decision::Allow,
+            Err((Reason::Denied { .. }, _)) => Decision::Deny,
+            Err(_) => Decision::Refused,
+        };
+        self.gate.metrics.request(RequestKind::Http, decision, started.elapsed());
+        decided
+    }
+
+    fn decide_request(
         &self,
         host: &str,
         tls: bool,
@@ -810,6 +833,7 @@ impl Passage {
                 allowed_by,
                 "static credential"
             );
+            self.gate.metrics.finding(&entry.rule, action);
             if action == Action::Block {
                 blocked.push(entry);
             }
@@ -838,6 +862,7 @@ impl Passage {
                 }
                 None => Reason::StaticCredential { findings: blocked, more },
             };
+            self.gate.metrics.refusal(reason.code());
             judgement.refusal = Some(Refusal { conn_id: self.conn.id, reason });
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -994,7 +1019,17 @@ impl Passage {
             );
         }
         tracing::info!(target: POLICY_TARGET, conn_id = self.conn.id, rule, group = spec.group, identity = caller.identity.uri, "held for approval");
-        let outcome = self.gate.approvals.request(new, &approval_spec).await;
+        let outcome = {
+            let _pending = self.gate.metrics.approval_pending();
+            self.gate.approvals.request(new, &approval_spec).await
+        };
+        self.gate.metrics.approval_decided(match &outcome {
+            approval::Outcome::Approved { .. } => ApprovalOutcome::Approved,
+            approval::Outcome::Denied { .. } => ApprovalOutcome::Denied,
+            approval::Outcome::TimedOut { .. } => ApprovalOutcome::TimedOut,
+            approval::Outcome::Limited(_) => ApprovalOutcome::Limited,
+            approval::Outcome::Failed { .. } => ApprovalOutcome::Failed,
+        });
         let not_approved = |approval: Option<String>, outcome: NotApproved, message: String| Reason::NotApproved {
             approval,
             outcome,

@@ -159,6 +159,7 @@ impl ExchangeLog {
                 // (client reset the stream) was aborted.
                 outcome: ExchangeOutcome::Aborted,
                 duration: Default::default(),
+                response_head: None,
                 bytes_up: 0,
                 bytes_down: 0,
             },
@@ -192,6 +193,11 @@ impl ExchangeLog {
 
     pub(crate) fn set_status(&mut self, status: u16) {
         self.exchange.status = status;
+    }
+
+    /// Upstream's response head arrived now.
+    pub(crate) fn response_head_received(&mut self) {
+        self.exchange.response_head = Some(self.started.elapsed());
     }
 
     pub(crate) fn set_outcome(&mut self, outcome: ExchangeOutcome) {

@@ -498,6 +498,9 @@ pub struct Exchange {
     pub outcome: ExchangeOutcome,
     /// From request head to the end of the response body.
     pub duration: Duration,
+    /// From request head to the upstream response's head, when upstream
+    /// answered.
+    pub response_head: Option<Duration>,
     /// Request body bytes sent upstream.
     pub bytes_up: u64,
     /// Response body bytes sent to the client.

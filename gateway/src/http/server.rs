@@ -389,7 +389,10 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
         };
 
         let (mut resp, pool_return) = match result {
-            Ok(sent) => sent,
+            Ok(sent) => {
+                log.response_head_received();
+                sent
+            }
             Err(e) if abort.is_cancelled() => {
                 // The body was aborted under the request: either blocked
                 // (the verdict is on its way) or the client's body failed.

@@ -559,6 +559,44 @@ pub struct NamespaceStatus {
     pub v6: bool,
 }
 
+/// The `STATS` counters by the name `gateway status` and the metrics give
+/// them, in slot order.
+pub const STAT_NAMES: [(Stat, &str); STATS_LEN as usize] = [
+    (Stat::Redirected, "redirected"),
+    (Stat::DeniedStopped, "denied_stopped"),
+    (Stat::DeniedNetns, "denied_netns"),
+    (Stat::SkippedSelf, "skipped_self"),
+    (Stat::Established, "established"),
+    (Stat::ReleasedUnestablished, "released_unestablished"),
+    (Stat::RedirectedPort, "redirected_port"),
+    (Stat::DeniedUdp, "denied_udp"),
+    (Stat::SpoofedMark, "spoofed_mark"),
+    (Stat::DeniedNoV6, "denied_no_v6"),
+];
+
+/// Every `STATS` counter summed over CPUs, named as in [`STAT_NAMES`].
+fn sum_stats<T: std::borrow::Borrow<MapData>>(
+    stats: &PerCpuArray<T, u64>,
+) -> Result<Vec<(&'static str, u64)>, InterceptError> {
+    STAT_NAMES
+        .iter()
+        .map(|&(stat, name)| {
+            let values = stats.get(&(stat as u32), 0).map_err(map_err(names::STATS))?;
+            Ok((name, values.iter().sum()))
+        })
+        .collect()
+}
+
+impl Interceptor {
+    /// The programs' counters (`STATS`, summed over CPUs), read now: what
+    /// `gateway status` prints and `/metrics` exports.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, InterceptError> {
+        let map = self._ebpf.map(names::STATS).ok_or(InterceptError::Missing(names::STATS))?;
+        let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(names::STATS))?;
+        sum_stats(&stats)
+    }
+}
+
 /// What `gateway status` reports, read from the pinned maps.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Status {
@@ -627,24 +665,7 @@ impl Status {
                 }
             }
         }
-        let labels = [
-            (Stat::Redirected, "redirected"),
-            (Stat::DeniedStopped, "denied_stopped"),
-            (Stat::DeniedNetns, "denied_netns"),
-            (Stat::SkippedSelf, "skipped_self"),
-            (Stat::Established, "established"),
-            (Stat::ReleasedUnestablished, "released_unestablished"),
-            (Stat::RedirectedPort, "redirected_port"),
-            (Stat::DeniedUdp, "denied_udp"),
-            (Stat::SpoofedMark, "spoofed_mark"),
-            (Stat::DeniedNoV6, "denied_no_v6"),
-        ];
-        debug_assert_eq!(labels.len() as u32, STATS_LEN);
-        let mut counters = std::collections::BTreeMap::new();
-        for (stat, label) in labels {
-            let values = stats.get(&(stat as u32), 0).map_err(map_err(names::STATS))?;
-            counters.insert(label.to_owned(), values.iter().sum());
-        }
+        let counters = sum_stats(&stats)?.into_iter().map(|(name, value)| (name.to_owned(), value)).collect();
         Ok(Some(Status {
             mode: match cfg.mode() {
                 Mode::Redirect => "redirect".into(),

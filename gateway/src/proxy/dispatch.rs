@@ -181,8 +181,13 @@ impl Proxy {
                 Err(e) => Handled::new(Protocol::Tcp).failed(Outcome::Error, format!("reading from the client: {e}")),
             };
         }
-        let upstream = match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout)
-            .await
+        let upstream = match connect_upstream(
+            conn.orig_dst,
+            self.config.upstream_mark,
+            self.config.connect_timeout,
+            &self.services.gate.metrics,
+        )
+        .await
         {
             Ok(u) => u,
             Err(e) => {

@@ -87,6 +87,7 @@ impl Proxy {
             timeout: self.config.connect_timeout,
             server_name: name.clone(),
             tls: self.services.upstream_tls.clone(),
+            metrics: self.services.gate.metrics.clone(),
         };
         let ctx = HttpContext { conn_id: conn.id, server_name: name, orig_dst: conn.orig_dst, tls: true };
         self.serve_http(stream, Some(client_h2), ctx, passage, connector, handled).await
@@ -98,6 +99,7 @@ impl Proxy {
             dst: conn.orig_dst,
             mark: self.config.upstream_mark,
             timeout: self.config.connect_timeout,
+            metrics: self.services.gate.metrics.clone(),
         };
         // The Host header names the server; the engine falls back to it.
         let ctx = HttpContext { conn_id: conn.id, server_name: String::new(), orig_dst: conn.orig_dst, tls: false };
@@ -521,6 +523,12 @@ impl Inspector for HttpGate {
             client: ClientKind::of(parts),
         };
         HeadVerdict::Forward { body: Some(body), response: Some(watch) }
+    }
+
+    fn on_exchange(&self, _ctx: &HttpContext, exchange: &crate::http::Exchange) {
+        if let Some(took) = exchange.response_head {
+            self.passage.gate().metrics.upstream_response(took);
+        }
     }
 }
 

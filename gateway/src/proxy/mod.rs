@@ -233,7 +233,7 @@ impl Proxy {
                 event.error = Some(limit.to_string());
                 event.limit = Some(limit);
                 event.duration = started.elapsed();
-                event.emit();
+                event.emit(&self.services.gate.metrics);
             };
             let mut admitted = match self.admission.accept(id) {
                 Ok(a) => a,
@@ -253,7 +253,7 @@ impl Proxy {
                 // go: closing is the only safe choice.
                 event.outcome = Outcome::Unattributed;
                 event.duration = started.elapsed();
-                event.emit();
+                event.emit(&self.services.gate.metrics);
                 return;
             };
             let orig_dst = SocketAddr::new(words_addr(record.orig_addr), record.orig_port);
@@ -281,7 +281,7 @@ impl Proxy {
             event.outcome = handled.outcome;
             event.error = handled.error;
             event.duration = started.elapsed();
-            event.emit();
+            event.emit(&self.services.gate.metrics);
             drop(admitted);
         }
         .instrument(span)
@@ -301,15 +301,20 @@ impl Proxy {
             Some(kept) => (Attestation::Attested(Box::new(kept)), "cached"),
             None => {
                 let attestor = self.services.attestor.clone();
+                let started = Instant::now();
                 let attested = tokio::task::spawn_blocking(move || match cache {
                     Some(cache) => cache.attest(&attestor, &record, needs),
                     None => attestor.attest_with(&record, needs),
                 })
                 .await
                 .unwrap_or_else(|e| Attestation::Unattested { reason: format!("attestation task failed: {e}") });
+                self.services.gate.metrics.attestation(started.elapsed());
                 (attested, "fresh")
             }
         };
+        if self.services.attestations.is_some() {
+            self.services.gate.metrics.attestation_cache(how == "cached");
+        }
         if let Attestation::Attested(a) = &mut attestation {
             self.services.containers.enrich(a).await;
         }
@@ -384,7 +389,14 @@ impl Handled {
 
 /// Connects to `dst` from a socket carrying the gateway's mark, so the
 /// connect hooks never redirect it back into the proxy.
-pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
+/// Observes the connect's duration in `metrics` when it succeeds.
+pub async fn connect_upstream(
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+    metrics: &crate::metrics::Metrics,
+) -> io::Result<TcpStream> {
+    let started = Instant::now();
     let sock =
         socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_mark(mark)?;
@@ -393,7 +405,12 @@ pub async fn connect_upstream(dst: SocketAddr, mark: u32, timeout: Duration) -> 
     let std_stream: std::net::TcpStream = sock.into();
     let socket = tokio::net::TcpSocket::from_std_stream(std_stream);
     match tokio::time::timeout(timeout, socket.connect(dst)).await {
-        Ok(result) => result,
+        Ok(result) => {
+            if result.is_ok() {
+                metrics.upstream_connect(started.elapsed());
+            }
+            result
+        }
         Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out after {timeout:?}"))),
     }
 }

@@ -292,8 +292,13 @@ impl Proxy {
         let mut packet = BytesMut::new();
         codec::cancel_request(&mut packet, target.process_id, target.secret_key);
         let sent = async {
-            let mut upstream =
-                connect_upstream(target.dst, self.config.upstream_mark, self.config.connect_timeout).await?;
+            let mut upstream = connect_upstream(
+                target.dst,
+                self.config.upstream_mark,
+                self.config.connect_timeout,
+                &self.services.gate.metrics,
+            )
+            .await?;
             upstream.write_all(&packet).await?;
             // The server answers by closing; wait for it so the cancel is
             // delivered before the client's connection ends.
@@ -474,9 +479,10 @@ impl Proxy {
     ) -> Result<Upstream, LoginError> {
         let dst = passage.conn().dst;
         let other = |e: String| LoginError::Other(Outcome::UpstreamFailed, e);
-        let mut tcp = connect_upstream(dst, self.config.upstream_mark, self.config.connect_timeout)
-            .await
-            .map_err(|e| other(format!("connecting to {dst}: {e}")))?;
+        let mut tcp =
+            connect_upstream(dst, self.config.upstream_mark, self.config.connect_timeout, &self.services.gate.metrics)
+                .await
+                .map_err(|e| other(format!("connecting to {dst}: {e}")))?;
         let mut ssl = BytesMut::new();
         ssl.put_u32(8);
         ssl.put_u32(codec::SSL_REQUEST);

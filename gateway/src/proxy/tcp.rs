@@ -53,7 +53,13 @@ impl Proxy {
         };
         let upstream = match dialled {
             Some(u) => u,
-            None => match connect_upstream(conn.orig_dst, self.config.upstream_mark, self.config.connect_timeout).await
+            None => match connect_upstream(
+                conn.orig_dst,
+                self.config.upstream_mark,
+                self.config.connect_timeout,
+                &self.services.gate.metrics,
+            )
+            .await
             {
                 Ok(u) => u,
                 Err(e) => {

@@ -21,11 +21,13 @@ pub struct PlainConnector {
     pub mark: u32,
     /// Connect timeout.
     pub timeout: Duration,
+    /// Where the connect time is observed.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl UpstreamConnector for PlainConnector {
     async fn connect(&self, hint: ConnectHint) -> io::Result<(BoxedIo, bool)> {
-        let tcp = connect_upstream(self.dst, self.mark, self.timeout).await?;
+        let tcp = connect_upstream(self.dst, self.mark, self.timeout, &self.metrics).await?;
         // Plaintext has no ALPN: mirror the client (h2c with prior knowledge).
         Ok((Box::new(tcp), hint.allow_h2 && hint.client_h2))
     }
@@ -46,11 +48,13 @@ pub struct TlsConnector {
     pub server_name: String,
     /// The verifying client.
     pub tls: Arc<UpstreamTls>,
+    /// Where the connect time is observed.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl UpstreamConnector for TlsConnector {
     async fn connect(&self, hint: ConnectHint) -> io::Result<(BoxedIo, bool)> {
-        let tcp = connect_upstream(self.dst, self.mark, self.timeout).await?;
+        let tcp = connect_upstream(self.dst, self.mark, self.timeout, &self.metrics).await?;
         // Mirror the client: an HTTP/1.1 client gets an HTTP/1.1 upstream, so
         // what the server sees is what the job sent.
         let alpn =

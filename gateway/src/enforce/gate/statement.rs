@@ -17,6 +17,7 @@ use crate::{
     enforce::refusal::{Reason, Refusal},
     findings::Action,
     mask::Masker,
+    metrics::{Decision, RequestKind},
     policy::{self, PostgresFacts},
     postgres::sql::{SqlError, Statement, StatementKind},
     record::{DecisionFacts, RecordLevel},
@@ -103,6 +104,23 @@ impl Passage {
     /// `Err` is the refusal reason and deciding rule (not yet recorded:
     /// pass them to [`Passage::refuse`]).
     pub fn statements(&self, ask: StatementAsk<'_>) -> Result<StatementDecision, (Reason, String)> {
+        // The startup's judgement (no statement) is not a query.
+        if matches!(ask.statements, Ok([])) {
+            return self.decide_statements(ask);
+        }
+        let started = std::time::Instant::now();
+        let decided = self.decide_statements(ask);
+        let decision = match &decided {
+            Ok(d) if d.approval.is_some() => Decision::RequireApproval,
+            Ok(_) => Decision::Allow,
+            Err((Reason::Denied { .. }, _)) => Decision::Deny,
+            Err(_) => Decision::Refused,
+        };
+        self.gate.metrics.request(RequestKind::Postgres, decision, started.elapsed());
+        decided
+    }
+
+    fn decide_statements(&self, ask: StatementAsk<'_>) -> Result<StatementDecision, (Reason, String)> {
         let unparsed;
         let (statements, syntax_error) = match ask.statements {
             Ok(s) => (s, None),
@@ -365,6 +383,7 @@ defaults: { action: allow, record: none }
             record_body_cap: 0,
             protected: ProtectedNames::new(Vec::new()),
             destinations: Default::default(),
+            metrics: Default::default(),
             detector,
         });
         let process = ProcessInfo {
@@ -504,5 +523,14 @@ defaults: { action: allow, record: none }
         }
         let d = judge("app", "legacy", "SELEC 1").expect("legacy may");
         assert_eq!(d.decided.rule, "legacy");
+
+        // Every query's decision is counted once; the startup's judgements are not queries.
+        let text = p.gate().metrics.encode().expect("metrics");
+        for (decision, n) in [("allow", 2), ("deny", 4), ("require_approval", 1), ("refused", 1)] {
+            let line = format!("gateway_requests_total{{kind=\"postgres\",decision=\"{decision}\"}} {n}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        let line = "gateway_policy_evaluation_duration_seconds_count{kind=\"postgres\"} 8";
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
 }
