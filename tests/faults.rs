@@ -142,7 +142,7 @@ impl Scene {
 
     /// The URLs of every exchange committed so far, all sessions.
     fn recorded_urls(&self) -> Vec<String> {
-        let sessions = self.cli_json(&["sessions", "list", "--json"]);
+        let sessions = self.cli_json(&["sessions", "list", "--json", "--limit", "1000000"]);
         let mut urls = Vec::new();
         for s in sessions.as_array().into_iter().flatten() {
             let id = s["id"].as_str().or(s["session"].as_str()).expect("session id").to_owned();
@@ -395,7 +395,9 @@ while not os.path.exists('{stop}'):
         std::thread::sleep(std::time::Duration::from_millis(rng.random_range(100..800)));
         if round % 10 == 9 {
             // Sessions that had ended before this kill must all survive it.
-            for s in scene.cli_json(&["sessions", "list", "--json"]).as_array().into_iter().flatten() {
+            for s in
+                scene.cli_json(&["sessions", "list", "--json", "--limit", "1000000"]).as_array().into_iter().flatten()
+            {
                 if s["state"] == "ended" {
                     ended_before_kills.insert(s["id"].as_str().expect("id").to_owned());
                 }
@@ -436,7 +438,7 @@ while not os.path.exists('{stop}'):
     // Every session that had ended before a kill is still there, and every
     // chain (interrupted ones up to their last committed record) verifies.
     let now: std::collections::BTreeSet<String> = scene
-        .cli_json(&["sessions", "list", "--json"])
+        .cli_json(&["sessions", "list", "--json", "--limit", "1000000"])
         .as_array()
         .into_iter()
         .flatten()
@@ -650,7 +652,8 @@ fn an_upstream_that_fails_in_every_way_gives_the_job_a_clear_error_and_a_recorde
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     wait_for("every failure is recorded", || {
-        let sessions: Value = serde_json::from_str(&scene_cli(&["sessions", "list", "--json"])).expect("json");
+        let sessions: Value =
+            serde_json::from_str(&scene_cli(&["sessions", "list", "--json", "--limit", "1000000"])).expect("json");
         let mut exchanges = Vec::new();
         for s in sessions.as_array().into_iter().flatten() {
             let id = s["id"].as_str().expect("id");
@@ -694,4 +697,52 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// An intercepted cgroup removed while the gateway runs (its programs go
+/// with it) and created again at the same path, by the gateway (it was
+/// configured with `create: true`) or by whoever removed it: each time the
+/// programs are on the new cgroup before a job starts in it, with an event
+/// saying so, and a job's key is still blocked rather than sent around the
+/// gateway.
+#[test]
+fn an_intercepted_cgroup_removed_and_created_again_is_intercepted_again() {
+    let disk = SmallDisk::mount(64);
+    let scene = Scene::start("cgroup-again", &disk, "refuse");
+    let token = github_token();
+    let auth = format!("authorization: token {token}");
+    assert_eq!(scene.post("/first", 1, Some(&auth)).0, 403, "intercepted at start");
+    let events = |event: &str| scene.gw.log_messages_with("event", event).len();
+
+    // Removed: the gateway puts it back (create: true) and attaches.
+    std::fs::remove_dir(&scene.gw.cgroup_dir).expect("remove the (empty) intercepted cgroup");
+    wait_for("the removal is reported and the cgroup attached again", || {
+        match (events("intercepted_cgroup_removed"), events("intercepted_cgroup_reattached")) {
+            (1, 1) => Ok(()),
+            other => Err(format!("events (removed, reattached): {other:?}")),
+        }
+    });
+    assert!(scene.gw.cgroup_dir.is_dir(), "the gateway did not create the cgroup again");
+    let before = scene.upstream.requests().len();
+    assert_eq!(scene.post("/after-removal", 1, Some(&auth)).0, 403, "a job in the new cgroup went around the gateway");
+
+    // Removed and created again at once, as a runner would between jobs.
+    std::fs::remove_dir(&scene.gw.cgroup_dir).expect("remove the intercepted cgroup");
+    match std::fs::create_dir(&scene.gw.cgroup_dir) {
+        Ok(()) => {}
+        // The gateway was faster.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => panic!("create the cgroup again: {e}"),
+    }
+    wait_for("the new cgroup is attached", || match events("intercepted_cgroup_reattached") {
+        2 => Ok(()),
+        n => Err(format!("{n} reattached events")),
+    });
+    assert_eq!(
+        scene.post("/after-recreation", 1, Some(&auth)).0,
+        403,
+        "a job in the new cgroup went around the gateway"
+    );
+    assert_eq!(scene.upstream.requests().len(), before, "a keyed request reached the server");
+    assert_eq!(scene.post("/clean", 1, None).0, 200, "clean requests still pass");
 }

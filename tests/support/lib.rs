@@ -425,6 +425,17 @@ impl TestGateway {
             .collect()
     }
 
+    /// Log lines (JSON objects) whose `field` is `value` (e.g. `event`).
+    pub fn log_messages_with(&self, field: &str, value: &str) -> Vec<Value> {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v[field] == value)
+            .collect()
+    }
+
     /// A cgroup below the intercepted one (intercepted too, with a cgroup
     /// id of its own: a second job), removed when the guard is dropped.
     pub fn child_cgroup(&self, name: &str) -> ChildCgroup {

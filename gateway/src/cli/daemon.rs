@@ -79,6 +79,17 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     services.gate.destinations.update(&resolved);
     interceptor.attach(&cgroups)?;
     let interceptor = Arc::new(interceptor);
+    let shutdown = CancellationToken::new();
+    // A configured cgroup removed and created again starts without programs:
+    // the watcher puts them back on it.
+    let watched = config.intercept.cgroups.iter().cloned().zip(cgroups.iter().cloned()).collect();
+    let cgroup_watch = intercept::cgroup_watch::spawn(
+        interceptor.clone(),
+        intercept::cgroup::cgroup2_mount()?,
+        watched,
+        shutdown.clone(),
+    )
+    .context("starting the cgroup watcher")?;
     let counters: std::sync::Weak<dyn crate::metrics::EbpfCounters> =
         Arc::downgrade(&interceptor) as std::sync::Weak<_>;
     metrics.observe_ebpf(counters);
@@ -88,7 +99,6 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let signals = Signals::install()?;
     let destinations_count = set.len();
 
-    let shutdown = CancellationToken::new();
     let refresher = tokio::spawn(refresh_dns(
         interceptor.clone(),
         services.gate.destinations.clone(),
@@ -199,6 +209,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     }
     // Connections have drained: every session record is queued; commit them.
     tokio::task::spawn_blocking(move || recorder.shutdown()).await.context("closing the session recorder")?;
+    // It holds the interceptor; it notices the shutdown within 250ms.
+    if !matches!(tokio::task::spawn_blocking(move || cgroup_watch.join()).await, Ok(Ok(()))) {
+        tracing::error!("the cgroup watcher panicked");
+    }
     let interceptor = Arc::try_unwrap(interceptor)
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
     interceptor.shutdown(config.intercept.on_shutdown)?;

@@ -20,6 +20,7 @@
 pub mod alerts;
 pub mod bpffs;
 pub mod cgroup;
+pub mod cgroup_watch;
 pub mod destinations;
 pub mod epochs;
 pub mod netns;
@@ -217,9 +218,11 @@ type Tries = (LpmTrie<MapData, [u8; 4], PortSet>, LpmTrie<MapData, [u8; 16], Por
 /// gateway writes (intercept set, mode, served namespaces) and reads
 /// (connection records, alerts).
 pub struct Interceptor {
-    _ebpf: Ebpf,
+    /// Locked only to attach (start-up, a re-created cgroup) and to read counters.
+    ebpf: Mutex<Ebpf>,
     pin_dir: PathBuf,
-    links: Vec<PinnedLink>,
+    /// The links pinned by this gateway, by pin path.
+    links: Mutex<Vec<(PathBuf, PinnedLink)>>,
     config: Mutex<Array<MapData, RedirectConfig>>,
     tries: Mutex<Tries>,
     original: Mutex<BpfHashMap<MapData, SockKey, ConnRecord>>,
@@ -282,7 +285,7 @@ impl Interceptor {
 
         let interceptor = Interceptor {
             pin_dir: pin_dir.to_owned(),
-            links: Vec::new(),
+            links: Mutex::new(Vec::new()),
             config: Mutex::new(config),
             tries: Mutex::new((v4, v6)),
             original: Mutex::new(original),
@@ -290,7 +293,7 @@ impl Interceptor {
             alerts: Mutex::new(Some(alerts)),
             redirect,
             host_netns_cookie,
-            _ebpf: ebpf,
+            ebpf: Mutex::new(ebpf),
         };
         Ok(interceptor)
     }
@@ -304,17 +307,18 @@ impl Interceptor {
     pub fn watch_tasks(&mut self) -> Result<(), InterceptError> {
         mount_tracefs();
         check_format("cgroup/cgroup_attach_task", &ATTACH_FORMAT)?;
+        let ebpf = self.ebpf.get_mut().map_err(|_| InterceptError::Missing("ebpf lock"))?;
         for syscall in NAMESPACE_SYSCALLS {
             check_format(&format!("syscalls/{syscall}"), &[SYS_EXIT_RET])?;
         }
         let name = names::PROG_CGROUP_ATTACH;
         let prog: &mut TracePoint =
-            self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
         prog.attach("cgroup", "cgroup_attach_task").map_err(prog_err(name))?;
         let name = names::PROG_NAMESPACE_ENTERED;
         let prog: &mut TracePoint =
-            self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
+            ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?.try_into().map_err(prog_err(name))?;
         prog.load().map_err(prog_err(name))?;
         for syscall in NAMESPACE_SYSCALLS {
             prog.attach("syscalls", syscall).map_err(prog_err(name))?;
@@ -352,56 +356,93 @@ impl Interceptor {
     /// Attaches every program to every cgroup, pins the links, and then
     /// drops whatever an earlier gateway had pinned.
     pub fn attach(&mut self, cgroups: &[Cgroup]) -> Result<(), InterceptError> {
-        let links_dir = self.pin_dir.join("links");
-        fs::create_dir_all(&links_dir)
-            .map_err(|source| InterceptError::Io { what: format!("creating {}", links_dir.display()), source })?;
+        let links_dir = self.links_dir()?;
         let stale = pins_in(&links_dir)?;
-
         let mut fresh: Vec<(PathBuf, FdLink)> = Vec::new();
         for cg in cgroups {
-            let file = cg.open()?;
-            for name in PROGRAMS {
-                let prog = self._ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
-                // Single mode goes through bpf_link on current kernels, which
-                // coexists with other programs attached to the same cgroup.
-                let link: FdLink = match prog {
-                    aya::programs::Program::CgroupSockAddr(p) => {
-                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                        let link = p.take_link(id).map_err(prog_err(name))?;
-                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                            path: cg.dir.clone(),
-                            reason: format!("{name} was not attached with a bpf_link: {e}"),
-                        })?
-                    }
-                    aya::programs::Program::SockOps(p) => {
-                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                        let link = p.take_link(id).map_err(prog_err(name))?;
-                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                            path: cg.dir.clone(),
-                            reason: format!("{name} was not attached with a bpf_link: {e}"),
-                        })?
-                    }
-                    aya::programs::Program::CgroupSock(p) => {
-                        let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                        let link = p.take_link(id).map_err(prog_err(name))?;
-                        FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                            path: cg.dir.clone(),
-                            reason: format!("{name} was not attached with a bpf_link: {e}"),
-                        })?
-                    }
-                    _ => return Err(InterceptError::Missing(name)),
-                };
-                fresh.push((links_dir.join(format!("{}-{name}", cg.id)), link));
-            }
+            fresh.extend(self.link_cgroup(cg, &links_dir)?);
         }
         // Our programs are live on every cgroup: now the old ones can go.
         for path in stale {
             remove_link_pin(&path)?;
         }
+        self.pin_links(fresh)
+    }
+
+    /// Attaches every program to `cg`, a configured cgroup that was removed
+    /// and created again under the same path (a new cgroup, with nothing
+    /// attached), and drops the pins of the one it replaces (`old_id`),
+    /// whose links the kernel ended with it.
+    pub fn reattach(&self, cg: &Cgroup, old_id: u64) -> Result<(), InterceptError> {
+        let links_dir = self.links_dir()?;
+        let fresh = self.link_cgroup(cg, &links_dir)?;
+        self.pin_links(fresh)?;
+        let prefix = format!("{old_id}-");
+        for path in pins_in(&links_dir)? {
+            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)) {
+                remove_link_pin(&path)?;
+            }
+        }
+        let mut links = self.links.lock().map_err(|_| InterceptError::Missing("links lock"))?;
+        links.retain(|(path, _)| !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)));
+        Ok(())
+    }
+
+    fn links_dir(&self) -> Result<PathBuf, InterceptError> {
+        let links_dir = self.pin_dir.join("links");
+        fs::create_dir_all(&links_dir)
+            .map_err(|source| InterceptError::Io { what: format!("creating {}", links_dir.display()), source })?;
+        Ok(links_dir)
+    }
+
+    /// Attaches every program to `cg`; the links, unpinned yet, with the
+    /// pin each gets.
+    fn link_cgroup(&self, cg: &Cgroup, links_dir: &Path) -> Result<Vec<(PathBuf, FdLink)>, InterceptError> {
+        let file = cg.open()?;
+        let mut ebpf = self.ebpf.lock().map_err(|_| InterceptError::Missing("ebpf lock"))?;
+        let mut fresh = Vec::with_capacity(PROGRAMS.len());
+        for name in PROGRAMS {
+            let prog = ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
+            // Single mode goes through bpf_link on current kernels, which
+            // coexists with other programs attached to the same cgroup.
+            let link: FdLink = match prog {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                    let link = p.take_link(id).map_err(prog_err(name))?;
+                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                        path: cg.dir.clone(),
+                        reason: format!("{name} was not attached with a bpf_link: {e}"),
+                    })?
+                }
+                aya::programs::Program::SockOps(p) => {
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                    let link = p.take_link(id).map_err(prog_err(name))?;
+                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                        path: cg.dir.clone(),
+                        reason: format!("{name} was not attached with a bpf_link: {e}"),
+                    })?
+                }
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                    let link = p.take_link(id).map_err(prog_err(name))?;
+                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                        path: cg.dir.clone(),
+                        reason: format!("{name} was not attached with a bpf_link: {e}"),
+                    })?
+                }
+                _ => return Err(InterceptError::Missing(name)),
+            };
+            fresh.push((links_dir.join(format!("{}-{name}", cg.id)), link));
+        }
+        Ok(fresh)
+    }
+
+    fn pin_links(&self, fresh: Vec<(PathBuf, FdLink)>) -> Result<(), InterceptError> {
+        let mut links = self.links.lock().map_err(|_| InterceptError::Missing("links lock"))?;
         for (path, link) in fresh {
             let pinned =
                 link.pin(&path).map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
-            self.links.push(pinned);
+            links.push((path, pinned));
         }
         Ok(())
     }
@@ -469,7 +510,7 @@ impl Interceptor {
             }
             crate::config::ShutdownMode::Detach => {
                 // Unpinning (in detach_all) drops the last reference to each link.
-                self.links.clear();
+                self.links.get_mut().map(Vec::clear).map_err(|_| InterceptError::Missing("links lock"))?;
                 detach_all(&self.pin_dir)
             }
         }
@@ -591,7 +632,8 @@ impl Interceptor {
     /// The programs' counters (`STATS`, summed over CPUs), read now: what
     /// `gateway status` prints and `/metrics` exports.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, InterceptError> {
-        let map = self._ebpf.map(names::STATS).ok_or(InterceptError::Missing(names::STATS))?;
+        let ebpf = self.ebpf.lock().map_err(|_| InterceptError::Missing("ebpf lock"))?;
+        let map = ebpf.map(names::STATS).ok_or(InterceptError::Missing(names::STATS))?;
         let stats: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map).map_err(map_err(names::STATS))?;
         sum_stats(&stats)
     }
