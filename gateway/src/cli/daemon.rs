@@ -129,6 +129,15 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
     });
+    // The outbox to the fleet's central store: its own thread, reading the
+    // local stores' committed rows (never on the request path).
+    let shipper = if config.fleet.enabled() {
+        let shipper = crate::fleet::Shipper::new(&config).context("preparing the fleet shipper")?;
+        tracing::info!(host_id = shipper.host_id(), "shipping to the fleet's central store");
+        Some(shipper.spawn(shutdown.clone()).context("starting the fleet shipper")?)
+    } else {
+        None
+    };
     let recorder = services.gate.recorder.clone();
     let fds = proxy::Descriptors::raise().context("raising the descriptor limit")?;
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services, fds);
@@ -195,6 +204,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     }
     // Connections have drained: every session record is queued; commit them.
     tokio::task::spawn_blocking(move || recorder.shutdown()).await.context("closing the session recorder")?;
+    // What the shipper has not shipped stays behind its cursor for the next start.
+    if let Some(shipper) = shipper {
+        let _ = tokio::task::spawn_blocking(move || shipper.join()).await;
+    }
     let interceptor = Arc::try_unwrap(interceptor)
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;
     interceptor.shutdown(config.intercept.on_shutdown)?;
