@@ -39,7 +39,17 @@ const HOST: &str = "api.test.internal";
 const UPSTREAM_IP: &str = "127.0.0.41";
 const CENTRAL_IP: &str = "127.0.0.42";
 
-const POLICY: &str = "version: 1\nrules: []\ndefaults:\n  action: allow\n  record: metadata\n  static_keys: flag\n";
+const POLICY: &str = r#"version: 1
+rules:
+  - name: held
+    match: { request: { path: "/approve/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 1, timeout: 120s }
+defaults:
+  action: allow
+  record: metadata
+  static_keys: flag
+"#;
 
 /// The central store, an upstream, and the files the gateways share.
 struct Central {
@@ -118,7 +128,7 @@ impl Central {
         opts.policy_yaml = Some(POLICY.into());
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n\
-             findings:\n  default_action: flag\n{fleet}",
+             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice] }}\n{fleet}",
             ca = self.upstream_ca.display(),
             fleet = self.fleet_yaml(host_id, fleet_extra),
         );
@@ -147,6 +157,12 @@ impl Central {
 
 /// curl in `gw`'s cgroup with an optional bearer key: the HTTP status.
 fn curl(central: &Central, gw: &TestGateway, key: Option<&str>) -> u16 {
+    let out: Output = curl_command(central, gw, key, "/v1/models").output().expect("curl");
+    gateway_tests::curl_reply(&out.stdout).0
+}
+
+/// The curl command of [`curl`], for `path`.
+fn curl_command(central: &Central, gw: &TestGateway, key: Option<&str>, path: &str) -> std::process::Command {
     let mut cmd = gw.command_in_cgroup("curl");
     cmd.args(["-sS", "--max-time", "20", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", central.upstream_port)])
         .arg("--cacert")
@@ -155,9 +171,8 @@ fn curl(central: &Central, gw: &TestGateway, key: Option<&str>) -> u16 {
     if let Some(key) = key {
         cmd.args(["-H", &format!("Authorization: Bearer {key}")]);
     }
-    cmd.arg(format!("https://{HOST}:{}/v1/models", central.upstream_port));
-    let out: Output = cmd.output().expect("curl");
-    gateway_tests::curl_reply(&out.stdout).0
+    cmd.arg(format!("https://{HOST}:{}{path}", central.upstream_port));
+    cmd
 }
 
 fn cli_json(gw: &TestGateway, args: &[&str]) -> Value {
@@ -258,6 +273,36 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
         assert_eq!(curl(&central, gw, Some(own)), 200, "a flagged key passes");
         assert_eq!(curl(&central, gw, None), 200, "a clean request");
     }
+    // A request held for approval on runner-1: shipped while pending, then
+    // again once approved, with the decision.
+    let mut held = curl_command(&central, &gws[0], None, "/approve/deploy");
+    let held = std::thread::spawn(move || held.output().expect("curl"));
+    let pending = wait_for("the request is held for approval", || {
+        let list = cli_json(&gws[0], &["approvals", "list", "--json"]);
+        list.as_array().and_then(|a| a.first().cloned()).ok_or_else(|| format!("nothing pending: {list}"))
+    });
+    let approval = pending["id"].as_str().expect("approval id").trim_start_matches("A-").to_owned();
+    wait_for("the pending approval is central", || {
+        match central.sql("SELECT state FROM approvals WHERE host_id = 'runner-1'").trim() {
+            "pending" => Ok(()),
+            other => Err(format!("state {other:?}")),
+        }
+    });
+    ok("approve", &gws[0].cli(&["approvals", "approve", pending["id"].as_str().expect("id"), "--by", "alice"]));
+    let out = held.join().expect("held curl");
+    assert_eq!(gateway_tests::curl_reply(&out.stdout).0, 200, "the approved request went through");
+    wait_for("the decision is central", || {
+        let said = central.sql(
+            "SELECT a.local_id, a.state, d.approver FROM approvals a JOIN decisions d
+             ON d.host_id = a.host_id AND d.approval_local_id = a.local_id WHERE a.host_id = 'runner-1'",
+        );
+        if said.trim() == format!("{approval}|approved|alice") {
+            Ok(())
+        } else {
+            Err(said)
+        }
+    });
+
     let mut total_sessions = 0;
     for (gw, host) in gws.iter().zip(hosts) {
         let chains = wait_shipped(&central, gw, host);
@@ -319,6 +364,28 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
     let (intact, said) = central.verify(&gws[0]);
     assert!(intact, "{said}");
     assert!(said.contains(&format!("{total_sessions} sessions verified in the central store, 0 broken")), "{said}");
+
+    // Reviewers read the fleet: every session with its host, each finding
+    // with the hosts that saw it.
+    let listed = cli_json(&gws[1], &["sessions", "list", "--store", &central.url(), "--limit", "100000", "--json"]);
+    let listed = listed.as_array().expect("sessions");
+    assert_eq!(listed.len(), total_sessions);
+    for host in hosts {
+        assert!(listed.iter().any(|s| s["host_id"] == host && s["records"].as_u64() >= Some(3)), "{host}");
+    }
+    let listed = cli_json(&gws[1], &["findings", "list", "--store", &central.url(), "--json"]);
+    let shared_central = listed
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["fingerprint"] == shared_fp.as_str())
+        .unwrap_or_else(|| panic!("the shared key's finding is not listed: {listed:#}"));
+    let seen_by: Vec<&str> =
+        shared_central["hosts"].as_array().expect("hosts").iter().filter_map(|h| h["host_id"].as_str()).collect();
+    assert_eq!(seen_by, hosts, "{shared_central:#}");
+    assert_eq!(shared_central["sightings"], 3, "{shared_central:#}");
+    let table = ok("findings list --store", &gws[1].cli(&["findings", "list", "--store", &central.url()]));
+    assert!(table.contains("runner-1 (F-") && table.contains("runner-3 (F-"), "{table}");
 
     // No key in the central store, in any table.
     let dump = central.server.dump("fleet");

@@ -8,7 +8,8 @@
 //! each, keyed by (host id, local id) so that shipping twice changes
 //! nothing: at-least-once, idempotent, in order per session, resumable
 //! after a crash. [`central`] connects (rustls, verify-full) and migrates the
-//! central schema; [`verify`] checks the shipped hash chains there.
+//! central schema; [`verify`] checks the shipped hash chains there;
+//! [`read`] lists the fleet's sessions and findings for reviewers.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod central;
 pub mod outbox;
+pub mod read;
 pub mod verify;
 
 pub use central::{connect, migrate, schema_version, SCHEMA_VERSION};
