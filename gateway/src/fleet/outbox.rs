@@ -331,7 +331,12 @@ impl Shipper {
             }
             self.check_backlog();
             let mut pause = self.config.ship_interval;
-            match self.step(&mut client).await {
+            // A connect can take up to its timeout: shutting down must not wait for it.
+            let stepped = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                stepped = self.step(&mut client) => stepped,
+            };
+            match stepped {
                 Ok(shipped) => {
                     if let Some(error) = unreachable.take() {
                         tracing::info!(target: FLEET_TARGET, kind = "store_reachable", host_id = %self.host_id, previous_error = %error, "central store reachable again; shipping the backlog");
