@@ -206,7 +206,7 @@ pub enum FleetError {
     #[error("central store TLS: {0}")]
     Tls(String),
     /// PostgreSQL said no, or the connection failed.
-    #[error("central store: {doing}: {source}")]
+    #[error("central store: {doing}: {}", pg_message(source))]
     Postgres {
         /// What the gateway was doing.
         doing: &'static str,
@@ -248,6 +248,18 @@ pub enum FleetError {
         /// Why.
         reason: String,
     },
+}
+
+/// The driver's error with what the server said: its `Display` alone is
+/// only "db error" for a server-side error.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 impl FleetError {
