@@ -1277,4 +1277,36 @@ mod tests {
         assert_eq!(shipper.host_id(), "runner-t");
         assert!(Shipper::new(&Config::default()).is_err(), "no store configured: no shipper");
     }
+
+    #[test]
+    fn shipped_retention_deletes_only_shipped_ended_sessions_and_keeps_the_newest_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.fleet.shipped_retention = Some(Duration::from_secs(1));
+        let conn = sessions_db(&config, 3);
+        // A second ended session, recorded after s1, holding the newest record.
+        conn.execute_batch(
+            "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s2', 0, 5, 'start', '{}', 'p', 'h');
+             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
+                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
+             VALUES ('s2', 2, 5, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 5, 5, 0, 0, 'closed');",
+        )
+        .unwrap();
+        let sessions = |conn: &Connection| -> Vec<String> {
+            conn.prepare("SELECT id FROM sessions ORDER BY id")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                .unwrap()
+        };
+        let mut shipper = Shipper::new(&config).unwrap();
+        shipper.cursors.set(Stream::Records, 2).unwrap();
+        shipper.shipped_retention().unwrap();
+        assert_eq!(sessions(&conn), ["s1", "s2"], "s1's last record is not shipped yet");
+
+        shipper.cursors.set(Stream::Records, 4).unwrap();
+        shipper.last_retention = None;
+        shipper.shipped_retention().unwrap();
+        assert_eq!(sessions(&conn), ["s2"], "shipped and ended long ago: deleted; the newest record's session stays");
+        let records: i64 = conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0)).unwrap();
+        assert_eq!(records, 1);
+    }
 }
