@@ -360,6 +360,30 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
         assert_eq!(central.count(&format!("SELECT count(*) FROM sightings WHERE host_id = '{host}'")), local, "{host}");
     }
 
+    // A reviewer's status change on runner-1 reaches the store: the host's
+    // view of the finding and its review history.
+    let shared_local = findings
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["fingerprint"] == shared_fp.as_str())
+        .and_then(|f| f["id"].as_str())
+        .expect("the shared key's local id")
+        .to_owned();
+    ok("findings ack", &gws[0].cli(&["findings", "ack", &shared_local, "--by", "sam", "--comment", "rotating"]));
+    wait_for("the review is central", || {
+        let said = central.sql(
+            "SELECT h.status, r.to_status, r.changed_by FROM host_findings h JOIN finding_reviews r
+             ON r.host_id = h.host_id AND r.local_finding_id = h.local_id
+             WHERE h.host_id = 'runner-1' AND r.changed_by = 'sam'",
+        );
+        if said.trim() == "acknowledged|acknowledged|sam" {
+            Ok(())
+        } else {
+            Err(said)
+        }
+    });
+
     // The chains verify centrally.
     let (intact, said) = central.verify(&gws[0]);
     assert!(intact, "{said}");
