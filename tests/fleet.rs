@@ -5,7 +5,9 @@
 //!
 //! * Three gateways: `gateway store migrate` creates the schema; every
 //!   session, record and finding each host recorded reaches the central
-//!   store (one finding per key, with sightings from every host), the
+//!   store (one finding per key, with sightings from every host; an
+//!   approval with its decision; a reviewer's status change), the listings
+//!   read it (`sessions list --store`, `findings list --store`), the
 //!   chains verify there (`sessions verify --store`), an edited and a
 //!   deleted central record are each named by the verification, the
 //!   central dump holds none of the keys, and a gateway started against a
