@@ -17,153 +17,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use gateway_tests::{keys, run_as, unique_port, wait_for, GatewayOptions, TestGateway};
+use gateway_tests::{
+    keys,
+    pg::{ok, pki, PgServer},
+    unique_port, wait_for, GatewayOptions, TestGateway,
+};
 use serde_json::Value;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const BLOCK_IP: &str = "127.0.0.21";
 const FLAG_IP: &str = "127.0.0.22";
 const SWAP_IP: &str = "127.0.0.23";
-
-/// The `postgres` system user the server runs as (initdb refuses root).
-fn postgres_user() -> (u32, u32) {
-    let user = nix::unistd::User::from_name("postgres")
-        .expect("reading the user database")
-        .expect("the `postgres` user must exist: install Debian's `postgresql` (cargo xtask setup)");
-    (user.uid.as_raw(), user.gid.as_raw())
-}
-
-fn as_postgres(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new(program);
-    let (uid, gid) = postgres_user();
-    run_as(&mut cmd, uid, gid);
-    cmd
-}
-
-fn ok(what: &str, out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A CA and a server certificate for the given IP addresses, as PEM.
-struct Pki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn pki(ips: &[&str]) -> Pki {
-    let ca_key = rcgen::KeyPair::generate().expect("ca key");
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "PostgreSQL Test CA");
-    ca_params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key).expect("ca cert");
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("leaf params");
-    params.subject_alt_names = ips.iter().map(|ip| rcgen::SanType::IpAddress(ip.parse().expect("ip"))).collect();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "postgres test server");
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf = params.signed_by(&leaf_key, &issuer).expect("leaf cert");
-    Pki { ca_pem: ca.pem(), cert_pem: leaf.pem(), key_pem: leaf_key.serialize_pem() }
-}
-
-/// A PostgreSQL server in a temporary directory, stopped when dropped.
-struct PgServer {
-    dir: tempfile::TempDir,
-    port: u16,
-}
-
-impl PgServer {
-    fn start(ips: &[&str], port: u16, pki: &Pki) -> PgServer {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (uid, gid) = postgres_user();
-        let chown = |p: &Path| nix::unistd::chown(p, Some(uid.into()), Some(gid.into())).expect("chown");
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
-        chown(dir.path());
-        let data = dir.path().join("data");
-        let init = as_postgres(format!("{PG_BIN}/initdb"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "admin", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
-            .args(["--locale=C", "--no-sync"])
-            .output()
-            .expect("run initdb");
-        ok("initdb", &init);
-        for (name, pem) in [("server.crt", &pki.cert_pem), ("server.key", &pki.key_pem)] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, pem).expect("write tls file");
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
-            chown(&path);
-        }
-        let conf = format!(
-            "listen_addresses = '{ips}'\nport = {port}\nunix_socket_directories = '{dir}'\n\
-             ssl = on\nssl_cert_file = '{dir}/server.crt'\nssl_key_file = '{dir}/server.key'\n\
-             password_encryption = 'scram-sha-256'\nfsync = off\nsynchronous_commit = off\n",
-            ips = ips.join(","),
-            dir = dir.path().display(),
-        );
-        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).expect("read conf");
-        existing.push_str(&conf);
-        std::fs::write(data.join("postgresql.conf"), existing).expect("write conf");
-        // TLS and SCRAM only: the gateway must log in upstream over TLS.
-        std::fs::write(data.join("pg_hba.conf"), "local all all trust\nhostssl all all 127.0.0.0/8 scram-sha-256\n")
-            .expect("write hba");
-        let start = as_postgres(format!("{PG_BIN}/pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.path().join("server.log"))
-            .args(["-w", "-t", "60", "start"])
-            .output()
-            .expect("run pg_ctl");
-        let server = PgServer { dir, port };
-        if !start.status.success() {
-            panic!(
-                "pg_ctl start failed:\n{}\n{}",
-                String::from_utf8_lossy(&start.stderr),
-                std::fs::read_to_string(server.dir.path().join("server.log")).unwrap_or_default()
-            );
-        }
-        server
-    }
-
-    /// Runs SQL as the superuser over the unix socket (not intercepted).
-    fn admin_sql(&self, sql: &str) -> String {
-        self.admin_sql_in("postgres", sql)
-    }
-
-    /// [`PgServer::admin_sql`] in database `db`.
-    fn admin_sql_in(&self, db: &str, sql: &str) -> String {
-        let out = as_postgres("psql")
-            .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-U", "admin", "-d", db, "-h"])
-            .arg(self.dir.path())
-            .args(["-p", &self.port.to_string(), "-c", sql])
-            .output()
-            .expect("run psql");
-        ok("admin psql", &out)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        let _ = as_postgres(format!("{PG_BIN}/pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .output();
-    }
-}
 
 struct Scene {
     gw: TestGateway,

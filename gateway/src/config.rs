@@ -78,6 +78,8 @@ pub struct Config {
     pub approvals: crate::approval::ApprovalConfig,
     /// Session recording.
     pub record: crate::record::RecordConfig,
+    /// The fleet's central store and the outbox that ships to it.
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 impl Default for Config {
@@ -96,6 +98,7 @@ impl Default for Config {
             policy: Default::default(),
             approvals: Default::default(),
             record: Default::default(),
+            fleet: Default::default(),
         }
     }
 }
@@ -619,6 +622,7 @@ impl Config {
         self.api.validate()?;
         self.approvals.validate()?;
         self.record.validate()?;
+        self.fleet.validate()?;
         Ok(())
     }
 }

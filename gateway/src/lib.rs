@@ -6,7 +6,8 @@
 //! ([`http`]), applies the policy ([`policy`], [`enforce`], [`approval`]),
 //! looks for static keys ([`detect`]) and records findings ([`findings`]),
 //! masks responses ([`mask`]), records the session ([`record`]), and
-//! forwards to the original destination.
+//! forwards to the original destination. What the local stores record is
+//! shipped to the fleet's central store ([`fleet`]).
 
 pub mod api;
 pub mod approval;
@@ -17,6 +18,7 @@ pub mod detect;
 pub mod enforce;
 pub mod event;
 pub mod findings;
+pub mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -176,8 +176,9 @@ impl EbpfCounters for crate::intercept::Interceptor {
 pub struct OutboxBacklog {
     /// Records written locally and not yet shipped to the central store.
     pub records: u64,
-    /// Age of the oldest of them (zero when there is none).
-    pub oldest: Duration,
+    /// Age of the oldest of them (zero when there is none); `None` when the
+    /// shipper does not know it (the gauge is left out).
+    pub oldest: Option<Duration>,
 }
 
 type OutboxSource = Box<dyn Fn() -> OutboxBacklog + Send + Sync>;
@@ -536,13 +537,15 @@ impl Collector for Live {
                 None,
                 records,
             )?;
-            gauge(
-                &mut encoder,
-                "gateway_outbox_oldest_age",
-                "Age of the oldest record not yet shipped to the central store",
-                Some(&Unit::Seconds),
-                backlog.oldest.as_secs_f64(),
-            )?;
+            if let Some(oldest) = backlog.oldest {
+                gauge(
+                    &mut encoder,
+                    "gateway_outbox_oldest_age",
+                    "Age of the oldest record not yet shipped to the central store",
+                    Some(&Unit::Seconds),
+                    oldest.as_secs_f64(),
+                )?;
+            }
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ use anyhow::{bail, Context as _, Result};
 
 pub mod docker;
 pub mod keys;
+pub mod pg;
 pub mod upstream;
 use serde_json::Value;
 

@@ -93,6 +93,13 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let counters: std::sync::Weak<dyn crate::metrics::EbpfCounters> =
         Arc::downgrade(&interceptor) as std::sync::Weak<_>;
     metrics.observe_ebpf(counters);
+    if config.fleet.enabled() {
+        // The shipper keeps its backlog in a counter: a load per scrape.
+        metrics.observe_outbox(|| crate::metrics::OutboxBacklog {
+            records: crate::fleet::outbox::current_backlog().unwrap_or(0),
+            oldest: None,
+        });
+    }
     // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
     // must reach these handlers, not kill the process with the default
     // action (skipping the clean shutdown and leaving the programs redirecting).
@@ -143,6 +150,15 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
     });
+    // The outbox to the fleet's central store: its own thread, reading the
+    // local stores' committed rows (never on the request path).
+    let shipper = if config.fleet.enabled() {
+        let shipper = crate::fleet::Shipper::new(&config).context("preparing the fleet shipper")?;
+        tracing::info!(host_id = shipper.host_id(), "shipping to the fleet's central store");
+        Some(shipper.spawn(shutdown.clone()).context("starting the fleet shipper")?)
+    } else {
+        None
+    };
     let recorder = services.gate.recorder.clone();
     let fds = proxy::Descriptors::raise().context("raising the descriptor limit")?;
     let proxy = Proxy::new(interceptor.clone(), config.proxy.clone(), services, fds);
@@ -212,6 +228,10 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     // It holds the interceptor; it notices the shutdown within 250ms.
     if !matches!(tokio::task::spawn_blocking(move || cgroup_watch.join()).await, Ok(Ok(()))) {
         tracing::error!("the cgroup watcher panicked");
+    }
+    // What the shipper has not shipped stays behind its cursor for the next start.
+    if let Some(shipper) = shipper {
+        let _ = tokio::task::spawn_blocking(move || shipper.join()).await;
     }
     let interceptor = Arc::try_unwrap(interceptor)
         .map_err(|_| anyhow::anyhow!("internal error: interceptor still shared at shutdown"))?;

@@ -60,6 +60,11 @@ pub enum FindingsCommand {
         /// Print JSON (an array of findings, with history).
         #[arg(long)]
         json: bool,
+        /// List the fleet's central store instead (a PostgreSQL connection
+        /// string or URL; TLS and password as in `fleet:`): one finding per
+        /// key and rule, with each host that saw it.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["status", "rule", "host", "fingerprint", "identity", "project", "since"])]
+        store: Option<String>,
     },
     /// Show one finding: the key, its review history and the timeline of
     /// every sighting (who, from where, to where, what was done, session).
@@ -198,11 +203,49 @@ pub fn run(config: &Config, args: &FindingsArgs) -> anyhow::Result<ExitCode> {
     Ok(run_reporting(config, args))
 }
 
+/// `gateway findings list --store URL`: the central store's findings, with the hosts that saw each.
+fn list_central(config: &Config, url: &str, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    let findings = runtime.block_on(async {
+        let client = crate::fleet::connect(&config.fleet, Some(url)).await?;
+        crate::fleet::read::findings(&client).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &findings)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let mut t = Table::new(["ID", "RULE", "KEY", "LAST SEEN", "SIGHTINGS", "HOSTS (local id: status)"]);
+    for f in &findings {
+        let last = OffsetDateTime::from_unix_timestamp_nanos(i128::from(f.last_seen))
+            .map(when)
+            .unwrap_or_else(|_| f.last_seen.to_string());
+        let hosts: Vec<String> =
+            f.hosts.iter().map(|h| format!("{} (F-{}: {})", safe(&h.host_id), h.local_id, safe(&h.status))).collect();
+        t.row([f.id.to_string(), safe(&f.rule_id), safe(&f.preview), last, f.sightings.to_string(), hosts.join(", ")]);
+    }
+    out.write_all(t.render().as_bytes())?;
+    Ok(())
+}
+
 /// [`run`]: every failure is printed here, with its exit status.
 fn run_reporting(config: &Config, args: &FindingsArgs) -> ExitCode {
     if let Err((field, reason)) = config.findings.validate() {
         eprintln!("gateway: configuration: {field}: {reason}");
         return ExitCode::from(2);
+    }
+    if let FindingsCommand::List { store: Some(url), json, .. } = &args.command {
+        return match list_central(config, url, *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gateway: {e:#}");
+                ExitCode::from(2)
+            }
+        };
     }
     let path = config.findings.database_path(&config.state_dir);
     if let Some(socket) = config.findings.review_socket.as_deref() {
@@ -260,7 +303,7 @@ fn execute(path: &Path, command: &FindingsCommand) -> Result<(), Failure> {
     let store = if path.exists() { Some(FindingStore::open(path)?) } else { None };
     let mut stdout = std::io::stdout().lock();
     match command {
-        FindingsCommand::List { status, rule, host, fingerprint, identity, project, since, json } => {
+        FindingsCommand::List { status, rule, host, fingerprint, identity, project, since, json, .. } => {
             let filter = ListFilter {
                 status: *status,
                 rule: rule.clone(),
@@ -456,7 +499,7 @@ async fn socket_call(
         }
     };
     match command {
-        FindingsCommand::List { status, rule, host, fingerprint, identity, project, since, json } => {
+        FindingsCommand::List { status, rule, host, fingerprint, identity, project, since, json, .. } => {
             let mut query = Vec::new();
             let mut add = |k: &str, v: Option<String>| {
                 if let Some(v) = v {

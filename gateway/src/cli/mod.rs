@@ -1,6 +1,6 @@
 //! The command line: the clap [`Cli`] and its dispatch ([`main`]), the
 //! daemon's start-up ([`daemon`], `gateway run`), and one module per command
-//! group. Domain modules (`findings`, `record`, `approval`, `policy`, ...)
+//! group (`store`: the fleet's central store). Domain modules (`findings`, `record`, `approval`, `policy`, ...)
 //! know nothing of clap or of the terminal: the commands here parse
 //! arguments, call their library functions and print what they return
 //! through [`crate::term`].
@@ -35,6 +35,7 @@ pub mod scan;
 pub mod sessions;
 pub mod since;
 pub mod status;
+pub mod store;
 
 /// Transparent interception gateway for shared CI runner hosts.
 #[derive(Debug, Parser)]
@@ -85,6 +86,8 @@ pub enum Command {
     Approvals(approvals::ApprovalsArgs),
     /// List, show, replay, export and verify recorded sessions.
     Sessions(sessions::SessionsArgs),
+    /// The fleet's central store: schema migrations and status.
+    Store(store::StoreArgs),
 }
 
 /// `gateway config ...`.
@@ -113,7 +116,8 @@ impl Command {
             | Command::Identity(_)
             | Command::Policy(_)
             | Command::Approvals(_)
-            | Command::Sessions(_) => ExitCode::from(2),
+            | Command::Sessions(_)
+            | Command::Store(_) => ExitCode::from(2),
         }
     }
 }
@@ -159,6 +163,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Policy(args) => policy::run(&config, args),
         Command::Approvals(args) => approvals::run(&config, args),
         Command::Sessions(args) => sessions::run(&config, args),
+        Command::Store(args) => store::run(&config, args),
         Command::Config { command: ConfigCommand::Check { file } } => {
             Ok(config_check::run(file.as_deref().or(cli.config.as_deref())))
         }

@@ -56,6 +56,14 @@ pub enum SessionsCommand {
         /// Print JSON (an array of sessions).
         #[arg(long)]
         json: bool,
+        /// List the fleet's central store instead (a PostgreSQL connection
+        /// string or URL; TLS and password as in `fleet:`), with each
+        /// session's host.
+        #[arg(long, value_name = "URL", conflicts_with_all = ["identity", "since", "host", "outcome", "finding"])]
+        store: Option<String>,
+        /// With --store: only this host's sessions.
+        #[arg(long, requires = "store")]
+        host_id: Option<String>,
     },
     /// Show a session's metadata and every record.
     Show {
@@ -82,18 +90,88 @@ pub enum SessionsCommand {
     /// Check sessions' hash chains; exit 1 at the first broken one.
     Verify {
         /// Session id, or an unambiguous prefix of it.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present_any = ["all", "store"], conflicts_with_all = ["all", "store"])]
         id: Option<String>,
         /// Verify every session.
         #[arg(long)]
         all: bool,
+        /// Verify every session the fleet's central store holds (a
+        /// PostgreSQL connection string or URL; TLS and password as in
+        /// `fleet:`), listing each broken one with its host.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// With --store: only this host's sessions.
+        #[arg(long, requires = "store")]
+        host_id: Option<String>,
     },
 }
 
 /// Runs `gateway sessions` against the configuration's sessions database.
 pub fn run(config: &Config, args: &SessionsArgs) -> anyhow::Result<ExitCode> {
+    if let SessionsCommand::Verify { store: Some(url), host_id, .. } = &args.command {
+        return verify_central(config, url, host_id.as_deref());
+    }
+    if let SessionsCommand::List { store: Some(url), host_id, limit, json, .. } = &args.command {
+        return list_central(config, url, host_id.as_deref(), *limit, *json);
+    }
     let findings = config.findings.database_path(&config.state_dir);
     run_on_with(args, &config.record.database_path(&config.state_dir), Some(&findings))
+}
+
+/// `gateway sessions verify --store URL`: every chain in the central store.
+fn verify_central(config: &Config, url: &str, host: Option<&str>) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    let report = runtime.block_on(async {
+        let client = crate::fleet::connect(&config.fleet, Some(url)).await?;
+        crate::fleet::verify::verify_central(&client, host).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    for b in &report.broken {
+        writeln!(out, "{}/{}  {}", safe(&b.host_id), safe(&b.session), safe(&b.problem))?;
+    }
+    writeln!(out, "{} sessions verified in the central store, {} broken", report.checked, report.broken.len())?;
+    Ok(if report.is_intact() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `gateway sessions list --store URL`: the central store's sessions, with their hosts.
+fn list_central(config: &Config, url: &str, host: Option<&str>, limit: usize, json: bool) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let sessions = runtime.block_on(async {
+        let client = crate::fleet::connect(&config.fleet, Some(url)).await?;
+        crate::fleet::read::sessions(&client, host, limit).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &sessions)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t =
+        Table::new(["HOST ID", "SESSION", "STARTED", "IDENTITY", "DESTINATION", "PROTOCOL", "OUTCOME", "RECORDS"]);
+    for s in &sessions {
+        let started = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(s.started))
+            .map(when)
+            .unwrap_or_else(|_| s.started.to_string());
+        t.row([
+            safe(&s.host_id),
+            safe(&s.id),
+            started,
+            safe(&s.identity),
+            safe(&s.host),
+            safe(&s.protocol),
+            safe(s.outcome.as_deref().unwrap_or("-")),
+            s.records.to_string(),
+        ]);
+    }
+    out.write_all(t.render().as_bytes())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `gateway sessions` against the database at `database`.
@@ -156,7 +234,7 @@ fn execute(
         })
     };
     match command {
-        SessionsCommand::List { identity, since, limit, json, host, outcome, finding: _ } => {
+        SessionsCommand::List { identity, since, limit, json, host, outcome, .. } => {
             let filter = SessionFilter {
                 identity: identity.clone(),
                 since: *since,
@@ -636,8 +714,8 @@ pub(crate) mod tests {
             parse(&["list", "--identity", "spiffe://ci/*", "--limit", "5", "--json"]).unwrap(),
             SessionsCommand::List { identity: Some(_), limit: 5, json: true, .. }
         ));
-        assert!(matches!(parse(&["verify", "--all"]).unwrap(), SessionsCommand::Verify { id: None, all: true }));
-        assert!(matches!(parse(&["verify", "0193"]).unwrap(), SessionsCommand::Verify { id: Some(_), all: false }));
+        assert!(matches!(parse(&["verify", "--all"]).unwrap(), SessionsCommand::Verify { id: None, all: true, .. }));
+        assert!(matches!(parse(&["verify", "0193"]).unwrap(), SessionsCommand::Verify { id: Some(_), all: false, .. }));
         assert!(parse(&["verify"]).is_err(), "an id or --all is required");
         assert!(parse(&["verify", "0193", "--all"]).is_err());
         assert!(matches!(

@@ -1,6 +1,7 @@
 //! `gateway status`: the pinned interception state (mode, map sizes,
 //! counters, served namespaces) and the containers the configured runtimes
-//! run, with those the intercepted cgroups do not cover.
+//! run, with those the intercepted cgroups do not cover, and the fleet
+//! backlog (rows not yet shipped to the central store).
 
 use std::process::ExitCode;
 
@@ -25,6 +26,7 @@ pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
     };
     let containers = container_status(config)?;
+    let fleet = fleet_status(config);
     if json {
         #[derive(serde::Serialize)]
         struct Report<'a> {
@@ -32,8 +34,9 @@ pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             intercept: &'a Status,
             #[serde(flatten)]
             containers: &'a ContainerStatus,
+            fleet: &'a Option<FleetStatus>,
         }
-        println!("{}", serde_json::to_string(&Report { intercept: &status, containers: &containers })?);
+        println!("{}", serde_json::to_string(&Report { intercept: &status, containers: &containers, fleet: &fleet })?);
     } else {
         println!("mode:            {}", status.mode);
         println!("gateway pid:     {}", status.gateway_tgid);
@@ -59,8 +62,38 @@ pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
             println!("{name:<24} {value}");
         }
         containers.print();
+        if let Some(f) = &fleet {
+            let backlog = match (&f.backlog, &f.error) {
+                (Some(b), _) => format!("{} rows not yet shipped{}", b.total, if f.alarm { " (ALARM)" } else { "" }),
+                (None, Some(e)) => format!("unknown: {}", safe(e)),
+                (None, None) => "unknown".into(),
+            };
+            println!("fleet backlog:   {backlog} (host id {})", safe(&f.host_id));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The fleet part of `gateway status`: rows recorded locally and not yet
+/// shipped to the central store (from the local files: no connection).
+#[derive(Debug, serde::Serialize)]
+struct FleetStatus {
+    host_id: String,
+    backlog: Option<crate::fleet::Backlog>,
+    /// The backlog is at or above `fleet.backlog_alarm`.
+    alarm: bool,
+    error: Option<String>,
+}
+
+fn fleet_status(config: &Config) -> Option<FleetStatus> {
+    if !config.fleet.enabled() {
+        return None;
+    }
+    let host_id = config.fleet.host_id().unwrap_or_else(|e| e.to_string());
+    Some(match crate::fleet::backlog(config) {
+        Ok(b) => FleetStatus { host_id, alarm: b.total >= config.fleet.backlog_alarm, backlog: Some(b), error: None },
+        Err(e) => FleetStatus { host_id, backlog: None, alarm: false, error: Some(e.to_string()) },
+    })
 }
 
 /// The container part of `gateway status`: what the configured runtimes

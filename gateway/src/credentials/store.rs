@@ -300,6 +300,15 @@ fn load_entry(
     })
 }
 
+/// Reads one credential source now, with the same checks as the store's
+/// entries (root-owned 0600/0400 files, trimmed, non-empty): for the
+/// gateway's own credentials, such as its login to the fleet's central
+/// store. An expiry a JSON command reports is ignored: the caller reads the
+/// source again at every use (every connection).
+pub fn read_gateway_secret(source: &Source) -> Result<SecretString, String> {
+    read_source(source, LoadOptions { file_owner: ROOT_UID }, SystemTime::now()).map(|(value, _)| value)
+}
+
 fn describe_entry(entry: &CredentialEntry) -> String {
     entry.source.as_ref().map_or_else(|| "jwt".to_owned(), describe)
 }

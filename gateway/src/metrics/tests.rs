@@ -170,7 +170,7 @@ fn the_outbox_hook_is_read_at_each_scrape() {
     let source = backlog.clone();
     m.observe_outbox(move || OutboxBacklog {
         records: source.load(Ordering::Relaxed),
-        oldest: Duration::from_millis(1500),
+        oldest: Some(Duration::from_millis(1500)),
     });
     let text = encoded(&m);
     assert_eq!(sample(&text, "gateway_outbox_backlog_records"), Some(12.0), "{text}");

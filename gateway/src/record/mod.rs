@@ -35,6 +35,9 @@ pub use model::{
 };
 pub use retention::prune;
 pub use store::SessionStore;
+// The fleet's central store verifies shipped chains with the same check.
+pub(crate) use chain::verify as verify_chain;
+pub(crate) use store::SessionRow;
 pub use writer::{Health, Recorder, RecorderStatus, SessionRecorder};
 
 /// File name of the sessions database inside `state_dir` when

@@ -392,6 +392,14 @@ impl SessionStore {
         row.map(|row| self.checked(row)).transpose()
     }
 
+    /// The sessions row of `id` as stored, on any connection to a sessions
+    /// database (the fleet outbox reads inside its own read transaction).
+    pub(crate) fn stored_row(conn: &Connection, id: &str) -> rusqlite::Result<Option<SessionRow>> {
+        conn.prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"))
+            .and_then(|mut st| st.query_row([id], SessionRow::from_row).optional())
+            .map(|row| row.map(|(row, _)| row))
+    }
+
     fn checked(&self, (row, pid): (SessionRow, i64)) -> Result<SessionRow, RecordError> {
         if u32::try_from(pid).is_err() {
             return Err(RecordError::BadRow {

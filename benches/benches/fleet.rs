@@ -1,0 +1,156 @@
+//! The fleet outbox as N simulated hosts shipping into one PostgreSQL
+//! (Debian's PostgreSQL 15, TLS verify-full, SCRAM, in a temporary
+//! directory): each host is a state directory whose sessions database holds
+//! a backlog of recorded sessions, and the real shipping code
+//! (`fleet::Shipper::ship_once`) drains them all at once, one connection per
+//! host. Reports records per second, the drain time and the central
+//! store's bytes per record.
+//!
+//! `cargo bench -p gateway-benches --bench fleet` (as root: the server runs
+//! as the `postgres` user). `FLEET_HOSTS=10,100` and
+//! `FLEET_RECORDS_PER_HOST=2000` choose the sizes.
+
+use std::{path::Path, time::Instant};
+
+use gateway::{config::Config, fleet};
+use gateway_tests::pg::{pki, PgServer};
+
+const CENTRAL_IP: &str = "127.0.0.43";
+/// Records per session (start, exchanges, end), as a short HTTPS session.
+const PER_SESSION: u64 = 5;
+
+fn main() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("the fleet benchmark starts PostgreSQL as the `postgres` user: run it as root");
+    }
+    let hosts: Vec<usize> = std::env::var("FLEET_HOSTS")
+        .unwrap_or_else(|_| "10,100".into())
+        .split(',')
+        .map(|n| n.trim().parse())
+        .collect::<Result<_, _>>()?;
+    let per_host: u64 = std::env::var("FLEET_RECORDS_PER_HOST").ok().map(|n| n.parse()).transpose()?.unwrap_or(1000);
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let tls = pki(&[CENTRAL_IP]);
+    let server = PgServer::start(&[CENTRAL_IP], gateway_tests::unique_port(), &tls);
+    let password = gateway_tests::keys::random(24);
+    server.admin_sql(&format!("CREATE ROLE gateway LOGIN PASSWORD '{password}'"));
+    server.admin_sql("CREATE DATABASE fleet OWNER gateway");
+    // One connection per simulated host, as a real fleet holds.
+    server.admin_sql("ALTER SYSTEM SET max_connections = 1000");
+    server.halt();
+    server.resume();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &tls.ca_pem)?;
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, &password)?;
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let yaml = |state: &Path, host: &str| {
+        format!(
+            "state_dir: {}\nfleet:\n  store: \"host={CENTRAL_IP} port={} dbname=fleet user=gateway\"\n  password: {{file: {}}}\n  tls: {{ca_file: {}}}\n  host_id: {host}\n",
+            state.display(),
+            server.port,
+            pw.display(),
+            ca.display()
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let migrator = Config::parse(Path::new("bench.yaml"), &yaml(dir.path(), "migrator"))?;
+    runtime.block_on(async {
+        let mut client = fleet::connect(&migrator.fleet, None).await?;
+        fleet::migrate(&mut client).await.map(drop)
+    })?;
+
+    println!("hosts  records/host  records   drain s   records/s   central bytes/record");
+    for (round, n) in hosts.iter().enumerate() {
+        let mut configs = Vec::new();
+        for h in 0..*n {
+            let state = dir.path().join(format!("r{round}-h{h}"));
+            std::fs::create_dir_all(&state)?;
+            let config = Config::parse(Path::new("bench.yaml"), &yaml(&state, &format!("bench-{round}-{h}")))?;
+            fill(&config, per_host)?;
+            configs.push(config);
+        }
+        let size_before: i64 = server.admin_sql("SELECT pg_database_size('fleet')").trim().parse()?;
+        let started = Instant::now();
+        let shipped = runtime.block_on(async {
+            let mut tasks = Vec::new();
+            for config in configs {
+                tasks.push(tokio::spawn(async move {
+                    let mut shipper = fleet::Shipper::new(&config)?;
+                    let mut client = fleet::connect(&config.fleet, None).await?;
+                    let mut rows = 0;
+                    loop {
+                        let done = shipper.ship_once(&mut client).await?;
+                        rows += done.rows;
+                        if done.rows == 0 {
+                            return Ok::<u64, fleet::FleetError>(rows);
+                        }
+                    }
+                }));
+            }
+            let mut total = 0;
+            for t in tasks {
+                total += t.await??;
+            }
+            Ok::<u64, anyhow::Error>(total)
+        })?;
+        let secs = started.elapsed().as_secs_f64();
+        server.admin_sql("CHECKPOINT");
+        let size_after: i64 = server.admin_sql("SELECT pg_database_size('fleet')").trim().parse()?;
+        let records = *n as u64 * per_host;
+        anyhow::ensure!(shipped == records, "shipped {shipped} rows, expected {records}");
+        println!(
+            "{n:>5}  {per_host:>12}  {records:>7}  {secs:>8.2}  {:>10.0}  {:>20.0}",
+            records as f64 / secs,
+            (size_after - size_before) as f64 / records as f64
+        );
+    }
+    Ok(())
+}
+
+/// Writes `records` records (sessions of [`PER_SESSION`]) into the host's
+/// sessions database, as the recorder lays them out, with ~400 bytes of data each.
+fn fill(config: &Config, records: u64) -> anyhow::Result<()> {
+    let path = config.record.database_path(&config.state_dir);
+    drop(gateway::record::SessionStore::open(&path)?);
+    let mut conn = rusqlite_open(&path)?;
+    let tx = conn.transaction()?;
+    let data = format!("{{\"method\":\"POST\",\"url\":\"https://api.example/v1/{}\"}}", "x".repeat(360));
+    for s in 0..records / PER_SESSION {
+        let id = format!("{s:012x}-{:012x}", rand_u64());
+        let mut prev = gateway::record::GENESIS_HASH.to_owned();
+        for seq in 0..PER_SESSION {
+            let kind = match seq {
+                0 => "start",
+                s if s + 1 == PER_SESSION => "end",
+                _ => "exchange",
+            };
+            let hash = gateway::record::hash_record(&id, &prev, seq, seq as i64, kind, &data);
+            tx.execute(
+                "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![id, seq as i64, kind, data, prev, hash],
+            )?;
+            prev = hash;
+        }
+        tx.execute(
+            "INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
+                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
+             VALUES (?1, 1, 0, 'spiffe://ci/bench', 'api.example', '10.0.0.1:443', 'https', 7, 'curl', ?2, ?3, ?4, ?5, ?4, ?4, 10, 20, 'closed')",
+            rusqlite::params![id, data, PER_SESSION as i64 - 2, PER_SESSION as i64 - 1, prev],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn rusqlite_open(path: &Path) -> anyhow::Result<rusqlite::Connection> {
+    Ok(rusqlite::Connection::open(path)?)
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}

@@ -1,0 +1,76 @@
+//! `gateway store ...`: the fleet's central store: apply its schema
+//! migrations, show its schema version and this host's shipping backlog.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+
+use crate::{config::Config, fleet};
+
+/// Arguments of `gateway store`.
+#[derive(Debug, clap::Args)]
+pub struct StoreArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: StoreCommand,
+}
+
+/// Sub-commands of `gateway store`.
+#[derive(Debug, clap::Subcommand)]
+pub enum StoreCommand {
+    /// Apply the central store's schema migrations (each in a transaction).
+    Migrate {
+        /// Connection string or URL of the store [default: fleet.store].
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+    },
+    /// Show the central store's schema version and this host's backlog.
+    Status {
+        /// Connection string or URL of the store [default: fleet.store].
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `gateway store`.
+pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async {
+        match &args.command {
+            StoreCommand::Migrate { store } => {
+                let mut client = fleet::connect(&config.fleet, store.as_deref()).await?;
+                let done = fleet::migrate(&mut client).await?;
+                if done.from == done.to {
+                    println!("central store schema is up to date (version {})", done.to);
+                } else {
+                    println!("central store schema migrated from version {} to {}", done.from, done.to);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            StoreCommand::Status { store, json } => {
+                let client = fleet::connect(&config.fleet, store.as_deref()).await?;
+                let version = fleet::schema_version(&client).await?;
+                let backlog = fleet::backlog(config)?;
+                let host_id = config.fleet.host_id()?;
+                if *json {
+                    let report = serde_json::json!({
+                        "schema_version": version,
+                        "known_version": fleet::SCHEMA_VERSION,
+                        "host_id": host_id,
+                        "backlog": backlog,
+                    });
+                    println!("{report}");
+                } else {
+                    println!("schema version:  {version} (this gateway ships against {})", fleet::SCHEMA_VERSION);
+                    println!("host id:         {}", crate::term::safe(&host_id));
+                    println!("backlog:         {}", backlog.total);
+                }
+                Ok(if version == fleet::SCHEMA_VERSION { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            }
+        }
+    })
+}

@@ -1,0 +1,595 @@
+//! The fleet's central store, end to end: a real PostgreSQL server (Debian's
+//! PostgreSQL 15, TLS only, SCRAM only) and real gateways (each its own
+//! state directory, cgroup, ports and host id) whose jobs make clean and
+//! keyed requests through TLS interception to a real HTTPS upstream.
+//!
+//! * Three gateways: `gateway store migrate` creates the schema; every
+//!   session, record and finding each host recorded reaches the central
+//!   store (one finding per key, with sightings from every host; an
+//!   approval with its decision; a reviewer's status change), the listings
+//!   read it (`sessions list --store`, `findings list --store`), the
+//!   chains verify there (`sessions verify --store`), an edited and a
+//!   deleted central record are each named by the verification, the
+//!   central dump holds none of the keys, and a gateway started against a
+//!   newer schema refuses to ship and says so.
+//! * Outages: PostgreSQL stopped for a while during traffic (the backlog
+//!   grows, the alarm fires, nothing is refused) and started again: the
+//!   backlog drains, nothing lost, nothing twice; then a gateway SIGKILLed
+//!   while it ships a backlog: after its restart, the same.
+
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    process::Output,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use gateway_tests::{
+    gateway_bin, keys,
+    pg::{ok, pki, PgServer},
+    unique_port,
+    upstream::{TestPki, Upstream},
+    wait_for, GatewayOptions, TestGateway,
+};
+use serde_json::Value;
+
+const HOST: &str = "api.test.internal";
+const UPSTREAM_IP: &str = "127.0.0.41";
+const CENTRAL_IP: &str = "127.0.0.42";
+
+const POLICY: &str = r#"version: 1
+rules:
+  - name: held
+    match: { request: { path: "/approve/**" } }
+    action: require_approval
+    approval: { group: release, min_approvals: 1, timeout: 120s }
+defaults:
+  action: allow
+  record: metadata
+  static_keys: flag
+"#;
+
+/// The central store, an upstream, and the files the gateways share.
+struct Central {
+    server: PgServer,
+    _upstream: Upstream,
+    upstream_port: u16,
+    upstream_ca: PathBuf,
+    ca_file: PathBuf,
+    password_file: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Central {
+    fn start() -> Central {
+        gateway_tests::require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let pki = pki(&[CENTRAL_IP]);
+        let server = PgServer::start(&[CENTRAL_IP], unique_port(), &pki);
+        let password = keys::random(24);
+        server.admin_sql(&format!("CREATE ROLE gateway LOGIN PASSWORD '{password}'"));
+        server.admin_sql("CREATE DATABASE fleet OWNER gateway");
+        let ca_file = dir.path().join("central-ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem).expect("write ca");
+        let password_file = dir.path().join("fleet-password");
+        std::fs::write(&password_file, &password).expect("write password");
+        std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        let test_pki = TestPki::new(dir.path(), &[HOST]);
+        let upstream_port = unique_port();
+        let upstream = Upstream::start(format!("{UPSTREAM_IP}:{upstream_port}").parse().expect("addr"), &test_pki);
+        Central {
+            server,
+            _upstream: upstream,
+            upstream_port,
+            upstream_ca: test_pki.ca_path.clone(),
+            ca_file,
+            password_file,
+            dir,
+        }
+    }
+
+    /// The connection string (no password: it comes from the credential file).
+    fn url(&self) -> String {
+        format!("postgres://gateway@{CENTRAL_IP}:{}/fleet", self.server.port)
+    }
+
+    fn fleet_yaml(&self, host_id: &str, extra: &str) -> String {
+        format!(
+            "fleet:\n  store: \"host={CENTRAL_IP} port={port} dbname=fleet user=gateway\"\n  password: {{file: {pw}}}\n\
+             \x20 tls: {{ca_file: {ca}}}\n  host_id: {host_id}\n  ship_interval: 200ms\n{extra}",
+            port = self.server.port,
+            pw = self.password_file.display(),
+            ca = self.ca_file.display(),
+        )
+    }
+
+    /// `gateway store migrate` with a configuration of its own (no gateway runs).
+    fn migrate(&self) -> String {
+        let config = self.dir.path().join("migrate.yaml");
+        let state = self.dir.path().join("migrate-state");
+        std::fs::write(&config, format!("state_dir: {}\n{}", state.display(), self.fleet_yaml("migrator", "")))
+            .expect("write config");
+        let out = std::process::Command::new(gateway_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["store", "migrate", "--store", &self.url()])
+            .output()
+            .expect("run gateway store migrate");
+        ok("gateway store migrate", &out)
+    }
+
+    fn gateway(&self, name: &str, host_id: &str, fleet_extra: &str) -> TestGateway {
+        let mut opts =
+            GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{}]}}", self.upstream_port)]);
+        opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
+        opts.policy_yaml = Some(POLICY.into());
+        opts.extra_yaml = format!(
+            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n\
+             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice] }}\n{fleet}",
+            ca = self.upstream_ca.display(),
+            fleet = self.fleet_yaml(host_id, fleet_extra),
+        );
+        let gw = TestGateway::start(opts);
+        let out = gw.cli(&["ca", "export", "--out", gw.dir.path().join("gateway-ca.pem").to_str().expect("utf8")]);
+        ok("ca export", &out);
+        gw
+    }
+
+    /// One SQL query's rows (`psql -At`), as the superuser.
+    fn sql(&self, query: &str) -> String {
+        self.server.admin_sql_in("fleet", query)
+    }
+
+    fn count(&self, query: &str) -> u64 {
+        self.sql(query).trim().parse().unwrap_or_else(|e| panic!("{query}: not a count ({e})"))
+    }
+
+    /// `gateway sessions verify --store` through `gw`'s configuration.
+    fn verify(&self, gw: &TestGateway) -> (bool, String) {
+        let out = gw.cli(&["sessions", "verify", "--store", &self.url()]);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+/// curl in `gw`'s cgroup with an optional bearer key: the HTTP status.
+fn curl(central: &Central, gw: &TestGateway, key: Option<&str>) -> u16 {
+    let out: Output = curl_command(central, gw, key, "/v1/models").output().expect("curl");
+    gateway_tests::curl_reply(&out.stdout).0
+}
+
+/// The curl command of [`curl`], for `path`.
+fn curl_command(central: &Central, gw: &TestGateway, key: Option<&str>, path: &str) -> std::process::Command {
+    let mut cmd = gw.command_in_cgroup("curl");
+    cmd.args(["-sS", "--max-time", "20", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", central.upstream_port)])
+        .arg("--cacert")
+        .arg(gw.dir.path().join("gateway-ca.pem"))
+        .args(gateway_tests::CURL_STATUS);
+    if let Some(key) = key {
+        cmd.args(["-H", &format!("Authorization: Bearer {key}")]);
+    }
+    cmd.arg(format!("https://{HOST}:{}{path}", central.upstream_port));
+    cmd
+}
+
+fn cli_json(gw: &TestGateway, args: &[&str]) -> Value {
+    let out = gw.cli(args);
+    let text = ok(&format!("gateway {args:?}"), &out);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("gateway {args:?}: not JSON ({e}): {text}"))
+}
+
+/// A host's sessions as (id, records, ended), locally and centrally.
+type Chains = BTreeSet<(String, u64, bool)>;
+
+fn local_chains(gw: &TestGateway) -> Chains {
+    let listed = cli_json(gw, &["sessions", "list", "--limit", "100000", "--json"]);
+    listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().expect("id").to_owned(),
+                s["records"].as_u64().expect("records"),
+                s["ended"].as_str().is_some() || s["ended"].is_number(),
+            )
+        })
+        .collect()
+}
+
+fn central_chains(central: &Central, host_id: &str) -> Chains {
+    central
+        .sql(&format!(
+            "SELECT s.id, (SELECT count(*) FROM records r WHERE r.host_id = s.host_id AND r.session = s.id), s.ended IS NOT NULL
+             FROM sessions s WHERE s.host_id = '{host_id}'"
+        ))
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut f = l.split('|');
+            let id = f.next().expect("id").to_owned();
+            let n = f.next().and_then(|n| n.parse().ok()).expect("count");
+            (id, n, f.next() == Some("t"))
+        })
+        .collect()
+}
+
+/// Waits until every session and record of `gw` is in the central store,
+/// as many as locally (so: none lost, none twice), and its backlog is 0.
+fn wait_shipped(central: &Central, gw: &TestGateway, host_id: &str) -> Chains {
+    wait_for(&format!("{host_id}: the central store holds what the host recorded"), || {
+        let local = local_chains(gw);
+        let remote = central_chains(central, host_id);
+        let backlog = &gw.status()["fleet"]["backlog"]["total"];
+        if local == remote && !local.is_empty() && backlog == 0 {
+            Ok(local)
+        } else {
+            Err(format!(
+                "{} local sessions, {} central; only local: {:?}; only central: {:?}; backlog {backlog}",
+                local.len(),
+                remote.len(),
+                local.difference(&remote).collect::<Vec<_>>(),
+                remote.difference(&local).collect::<Vec<_>>(),
+            ))
+        }
+    })
+}
+
+/// Gives `gw` the fingerprint key of `from` (a fleet shares one, so that a
+/// key seen on two hosts has one fingerprint) and restarts it.
+fn share_fingerprint_key(from: &TestGateway, gw: &mut TestGateway) {
+    gw.stop(nix::sys::signal::Signal::SIGTERM);
+    let name = "detect-fingerprint.key";
+    std::fs::copy(from.dir.path().join("state").join(name), gw.dir.path().join("state").join(name))
+        .expect("copy the fingerprint key");
+    gw.spawn(false);
+}
+
+#[test]
+fn three_gateways_ship_to_one_central_store_that_verifies() {
+    let central = Central::start();
+    let said = central.migrate();
+    assert!(said.contains("migrated from version 0 to 1"), "{said}");
+    let said = central.migrate();
+    assert!(said.contains("up to date (version 1)"), "{said}");
+    assert_eq!(central.count("SELECT max(version) FROM schema_version"), 1);
+
+    let hosts = ["runner-1", "runner-2", "runner-3"];
+    let mut gws: Vec<TestGateway> =
+        hosts.iter().enumerate().map(|(i, h)| central.gateway(&format!("fleet-{i}"), h, "")).collect();
+    let (first, rest) = gws.split_at_mut(1);
+    for gw in rest {
+        share_fingerprint_key(&first[0], gw);
+    }
+
+    let shared = keys::openai_key();
+    let own: Vec<String> = hosts.iter().map(|_| keys::github_token()).collect();
+    for (gw, own) in gws.iter().zip(&own) {
+        assert_eq!(curl(&central, gw, None), 200, "a clean request");
+        assert_eq!(curl(&central, gw, Some(&shared)), 200, "a flagged key passes");
+        assert_eq!(curl(&central, gw, Some(own)), 200, "a flagged key passes");
+        assert_eq!(curl(&central, gw, None), 200, "a clean request");
+    }
+    // A request held for approval on runner-1: shipped while pending, then
+    // again once approved, with the decision.
+    let mut held = curl_command(&central, &gws[0], None, "/approve/deploy");
+    let held = std::thread::spawn(move || held.output().expect("curl"));
+    let pending = wait_for("the request is held for approval", || {
+        let list = cli_json(&gws[0], &["approvals", "list", "--json"]);
+        list.as_array().and_then(|a| a.first().cloned()).ok_or_else(|| format!("nothing pending: {list}"))
+    });
+    let approval = pending["id"].as_str().expect("approval id").trim_start_matches("A-").to_owned();
+    wait_for("the pending approval is central", || {
+        match central.sql("SELECT state FROM approvals WHERE host_id = 'runner-1'").trim() {
+            "pending" => Ok(()),
+            other => Err(format!("state {other:?}")),
+        }
+    });
+    ok("approve", &gws[0].cli(&["approvals", "approve", pending["id"].as_str().expect("id"), "--by", "alice"]));
+    let out = held.join().expect("held curl");
+    assert_eq!(gateway_tests::curl_reply(&out.stdout).0, 200, "the approved request went through");
+    wait_for("the decision is central", || {
+        let said = central.sql(
+            "SELECT a.local_id, a.state, d.approver FROM approvals a JOIN decisions d
+             ON d.host_id = a.host_id AND d.approval_local_id = a.local_id WHERE a.host_id = 'runner-1'",
+        );
+        if said.trim() == format!("{approval}|approved|alice") {
+            Ok(())
+        } else {
+            Err(said)
+        }
+    });
+
+    let mut total_sessions = 0;
+    for (gw, host) in gws.iter().zip(hosts) {
+        let chains = wait_shipped(&central, gw, host);
+        assert!(chains.len() >= 4, "{host}: {chains:?}");
+        assert!(chains.iter().all(|(_, records, ended)| *records >= 3 && *ended), "{host}: {chains:?}");
+        total_sessions += chains.len();
+    }
+
+    // Findings: one central finding per key, with every host's sightings.
+    let findings = cli_json(&gws[0], &["findings", "list", "--json"]);
+    let shared_fp = findings
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["rule_id"].as_str().is_some_and(|r| r.contains("openai")))
+        .and_then(|f| f["fingerprint"].as_str())
+        .unwrap_or_else(|| panic!("no OpenAI finding on runner-1: {findings:#}"))
+        .to_owned();
+    wait_for("every host's sightings of the shared key are central", || {
+        let hosts = central.count(&format!(
+            "SELECT count(DISTINCT s.host_id) FROM sightings s JOIN findings f ON f.id = s.finding_id WHERE f.fingerprint = '{shared_fp}'"
+        ));
+        if hosts == 3 {
+            Ok(())
+        } else {
+            Err(format!("sightings from {hosts} hosts"))
+        }
+    });
+    // One central finding per key and rule, whatever host saw it.
+    let mut keys_seen = BTreeSet::new();
+    let mut host_findings = 0;
+    for gw in &gws {
+        for f in cli_json(gw, &["findings", "list", "--json"]).as_array().expect("findings") {
+            keys_seen.insert((f["fingerprint"].to_string(), f["rule_id"].to_string()));
+            host_findings += 1;
+        }
+    }
+    assert!(keys_seen.len() >= 4 && host_findings >= 6, "{keys_seen:?}");
+    assert_eq!(
+        central.count("SELECT count(*) FROM findings"),
+        keys_seen.len() as u64,
+        "{}",
+        central.sql("SELECT * FROM findings")
+    );
+    assert_eq!(central.count("SELECT count(DISTINCT fingerprint) FROM findings"), 4, "the shared key and one per host");
+    assert_eq!(central.count("SELECT count(*) FROM host_findings"), host_findings);
+    assert_eq!(central.count("SELECT count(DISTINCT host_id) FROM fleet_hosts"), 3);
+    for (gw, host) in gws.iter().zip(hosts) {
+        let local: u64 = cli_json(gw, &["findings", "list", "--json"])
+            .as_array()
+            .expect("findings")
+            .iter()
+            .map(|f| f["count"].as_u64().expect("count"))
+            .sum();
+        assert_eq!(central.count(&format!("SELECT count(*) FROM sightings WHERE host_id = '{host}'")), local, "{host}");
+    }
+
+    // A reviewer's status change on runner-1 reaches the store: the host's
+    // view of the finding and its review history.
+    let shared_local = findings
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["fingerprint"] == shared_fp.as_str())
+        .and_then(|f| f["id"].as_str())
+        .expect("the shared key's local id")
+        .to_owned();
+    ok("findings ack", &gws[0].cli(&["findings", "ack", &shared_local, "--by", "sam", "--comment", "rotating"]));
+    wait_for("the review is central", || {
+        let said = central.sql(
+            "SELECT h.status, r.to_status, r.changed_by FROM host_findings h JOIN finding_reviews r
+             ON r.host_id = h.host_id AND r.local_finding_id = h.local_id
+             WHERE h.host_id = 'runner-1' AND r.changed_by = 'sam'",
+        );
+        if said.trim() == "acknowledged|acknowledged|sam" {
+            Ok(())
+        } else {
+            Err(said)
+        }
+    });
+
+    // The chains verify centrally.
+    let (intact, said) = central.verify(&gws[0]);
+    assert!(intact, "{said}");
+    assert!(said.contains(&format!("{total_sessions} sessions verified in the central store, 0 broken")), "{said}");
+
+    // Reviewers read the fleet: every session with its host, each finding
+    // with the hosts that saw it.
+    let listed = cli_json(&gws[1], &["sessions", "list", "--store", &central.url(), "--limit", "100000", "--json"]);
+    let listed = listed.as_array().expect("sessions");
+    assert_eq!(listed.len(), total_sessions);
+    for host in hosts {
+        assert!(listed.iter().any(|s| s["host_id"] == host && s["records"].as_u64() >= Some(3)), "{host}");
+    }
+    let listed = cli_json(&gws[1], &["findings", "list", "--store", &central.url(), "--json"]);
+    let shared_central = listed
+        .as_array()
+        .expect("findings")
+        .iter()
+        .find(|f| f["fingerprint"] == shared_fp.as_str())
+        .unwrap_or_else(|| panic!("the shared key's finding is not listed: {listed:#}"));
+    let seen_by: Vec<&str> =
+        shared_central["hosts"].as_array().expect("hosts").iter().filter_map(|h| h["host_id"].as_str()).collect();
+    assert_eq!(seen_by, hosts, "{shared_central:#}");
+    assert_eq!(shared_central["sightings"], 3, "{shared_central:#}");
+    let table = ok("findings list --store", &gws[1].cli(&["findings", "list", "--store", &central.url()]));
+    assert!(table.contains("runner-1 (F-") && table.contains("runner-3 (F-"), "{table}");
+
+    // No key in the central store, in any table.
+    let dump = central.server.dump("fleet");
+    assert!(dump.contains(&shared_fp), "the dump holds the findings (else the check below proves nothing)");
+    for key in own.iter().chain([&shared]) {
+        assert!(!dump.contains(key.as_str()), "a key is in the central store");
+    }
+
+    // An edited record and a deleted one are each named.
+    let sessions: Vec<String> = central
+        .sql("SELECT id FROM sessions WHERE host_id = 'runner-2' ORDER BY started")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let (edited, deleted) = (&sessions[0], &sessions[1]);
+    central.sql(&format!(
+        "UPDATE records SET ts = ts + 1 WHERE host_id = 'runner-2' AND session = '{edited}' AND seq = 1"
+    ));
+    central.sql(&format!("DELETE FROM records WHERE host_id = 'runner-2' AND session = '{deleted}' AND seq = 1"));
+    let (intact, said) = central.verify(&gws[2]);
+    assert!(!intact, "verification passed a tampered store:\n{said}");
+    assert!(said.contains(&format!("runner-2/{edited}  BROKEN at record 1: hash mismatch")), "{said}");
+    assert!(said.contains(&format!("runner-2/{deleted}  BROKEN at record 1: record 1 is missing")), "{said}");
+    assert!(said.contains("2 broken"), "{said}");
+
+    // A schema newer than the gateway knows: it refuses to ship, and says so.
+    central.sql("INSERT INTO schema_version (version, description) VALUES (2, 'from a newer gateway')");
+    let gw = &mut gws[2];
+    gw.stop(nix::sys::signal::Signal::SIGTERM);
+    gw.spawn(false);
+    wait_for("the gateway reports the unknown schema", || {
+        let log = gw.log();
+        if log.lines().any(|l| l.contains("\"kind\":\"schema_unknown\"") && l.contains("schema version 2")) {
+            Ok(())
+        } else {
+            Err("no schema_unknown event yet".to_owned())
+        }
+    });
+    assert_eq!(curl(&central, gw, None), 200, "the gateway itself keeps working");
+    let out = gw.cli(&["store", "status", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "store status flags the mismatch");
+}
+
+#[test]
+fn nothing_is_lost_or_doubled_when_the_store_stops_or_the_gateway_is_killed() {
+    let central = Central::start();
+    central.migrate();
+    let host = "runner-outage";
+    let mut gw = central.gateway("fleet-outage", host, "  backlog_alarm: 20\n  batch_size: 2\n");
+    assert_eq!(curl(&central, &gw, None), 200);
+    wait_shipped(&central, &gw, host);
+
+    // Traffic all along, from another thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        let curl_cmd = {
+            let mut args = vec![
+                "-sS".to_owned(),
+                "--max-time".into(),
+                "20".into(),
+                "--resolve".into(),
+                format!("{HOST}:{}:{UPSTREAM_IP}", central.upstream_port),
+                "--cacert".into(),
+                gw.dir.path().join("gateway-ca.pem").display().to_string(),
+                "-w".into(),
+                "\n%{http_code}".into(),
+            ];
+            args.push(format!("https://{HOST}:{}/v1/models", central.upstream_port));
+            args
+        };
+        let cgroup = gw.cgroup_dir.clone();
+        let key = keys::openai_key();
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut cmd = std::process::Command::new("curl");
+                gateway_tests::in_cgroup_pre_exec(&mut cmd, &cgroup);
+                cmd.args(&curl_cmd);
+                if n.is_multiple_of(3) {
+                    cmd.args(["-H", &format!("Authorization: Bearer {key}")]);
+                }
+                let out = cmd.output().expect("curl");
+                let code = gateway_tests::curl_reply(&out.stdout).0;
+                if code != 200 {
+                    failures.push(code);
+                }
+                n += 1;
+                sent.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (failures, key)
+        })
+    };
+
+    // (b) The store goes away for a while: recording goes on, the backlog
+    // grows past the alarm, and drains once the store is back.
+    std::thread::sleep(Duration::from_secs(1));
+    central.server.halt();
+    let halted = Instant::now();
+    wait_for("the outage is reported", || {
+        if gw.log().contains("\"kind\":\"store_unreachable\"") {
+            Ok(())
+        } else {
+            Err("no store_unreachable event")
+        }
+    });
+    wait_for("the backlog alarm fires", || {
+        if gw.log().contains("\"kind\":\"backlog_alarm\"") {
+            Ok(())
+        } else {
+            Err(format!("backlog {}", gw.status()["fleet"]["backlog"]["total"]))
+        }
+    });
+    let status = gw.status();
+    assert_eq!(status["fleet"]["alarm"], true, "{status:#}");
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(halted.elapsed()));
+    central.server.resume();
+    let outage = halted.elapsed();
+    let during = sent.load(Ordering::Relaxed);
+    assert!(during >= 20, "traffic went on during the outage ({during} requests)");
+    wait_for("the store is reported back", || {
+        if gw.log().contains("\"kind\":\"store_reachable\"") {
+            Ok(())
+        } else {
+            Err("no store_reachable event")
+        }
+    });
+
+    // (c) Killed while shipping that backlog (batches of 2 rows): after the
+    // restart the outbox resumes from its cursor.
+    let before = central.count(&format!("SELECT count(*) FROM records WHERE host_id = '{host}'"));
+    wait_for("shipping is under way", || {
+        let now = central.count(&format!("SELECT count(*) FROM records WHERE host_id = '{host}'"));
+        if now > before {
+            Ok(())
+        } else {
+            Err(format!("{now} records central"))
+        }
+    });
+    gw.stop(nix::sys::signal::Signal::SIGKILL);
+    let backlog_at_kill = gateway::fleet::backlog(&load_config(&gw)).expect("backlog").total;
+    gw.spawn(false);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (failures, key) = traffic.join().expect("traffic thread");
+    assert!(failures.iter().all(|c| *c == 200 || *c == 0), "requests failed: {failures:?}");
+
+    let chains = wait_shipped(&central, &gw, host);
+    assert!(gw.log().contains("\"kind\":\"backlog_cleared\""), "the alarm is cleared once drained");
+    let records: u64 = chains.iter().map(|(_, n, _)| n).sum();
+    assert_eq!(central.count(&format!("SELECT count(*) FROM records WHERE host_id = '{host}'")), records);
+    assert_eq!(
+        central.count(&format!("SELECT count(DISTINCT local_id) FROM records WHERE host_id = '{host}'")),
+        records,
+        "no record twice"
+    );
+    let local_sightings: u64 = cli_json(&gw, &["findings", "list", "--json"])
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| f["count"].as_u64().expect("count"))
+        .sum();
+    assert!(local_sightings > 3, "the keyed requests were flagged");
+    assert_eq!(central.count(&format!("SELECT count(*) FROM sightings WHERE host_id = '{host}'")), local_sightings);
+    let (intact, said) = central.verify(&gw);
+    assert!(intact, "{said}");
+    assert!(!central.server.dump("fleet").contains(&key), "the key is in the central store");
+    eprintln!(
+        "fleet outage: {during} requests during a {}s outage, backlog {backlog_at_kill} rows at the SIGKILL, {} sessions / {records} records shipped",
+        outage.as_secs(),
+        chains.len()
+    );
+}
+
+/// `gw`'s configuration, as the gateway loads it.
+fn load_config(gw: &TestGateway) -> gateway::config::Config {
+    gateway::config::Config::load_chosen(Some(&gw.config_path)).expect("load the gateway's configuration").0
+}
