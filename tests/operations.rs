@@ -132,14 +132,7 @@ fn the_units_capabilities_are_enough_to_intercept_and_attest() {
         .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
         .collect();
     let port = gateway_tests::unique_port();
-    let listener = std::net::TcpListener::bind(("127.0.0.9", port)).expect("bind the destination");
-    let server = std::thread::spawn(move || {
-        use std::io::{Read as _, Write as _};
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).expect("read");
-        s.write_all(&buf).expect("echo");
-    });
+    let server = echo_once(port);
     let mut opts = GatewayOptions::opaque("caps", &[&format!("{{cidr: 127.0.0.9/32, ports: [{port}]}}")]);
     opts.wrapper = vec![
         "setpriv".into(),
@@ -168,6 +161,18 @@ fn the_units_capabilities_are_enough_to_intercept_and_attest() {
     let errors = gw.log_errors();
     let other: Vec<&str> = errors.lines().filter(|l| !l.contains("uninspectable: pass")).collect();
     assert!(other.is_empty(), "warnings with the unit's capabilities:\n{}", other.join("\n"));
+}
+
+/// A destination on 127.0.0.9:`port` that echoes one 4-byte message.
+fn echo_once(port: u16) -> std::thread::JoinHandle<()> {
+    let listener = std::net::TcpListener::bind(("127.0.0.9", port)).expect("bind the destination");
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).expect("read");
+        s.write_all(&buf).expect("echo");
+    })
 }
 
 /// systemd's side of `Type=notify`: a datagram socket named by
@@ -328,4 +333,36 @@ fn the_package_installs_into_a_clean_debian_root_and_upgrades_over_itself() {
     chroot_ok(&root, &["gateway", "--version"]);
     let status = chroot_ok(&root, &["dpkg-query", "-W", "-f=${Status}", "ci-gateway"]);
     assert_eq!(status, "install ok installed");
+}
+
+/// A gateway started in a private cgroup namespace (what container runtimes
+/// give a container on cgroup-v2 hosts, the DaemonSet's case) joins the
+/// host's, so a job's cgroup reads as the configured host path: the job is
+/// attributed to its cgroup and its connection served.
+#[test]
+fn a_gateway_started_in_a_private_cgroup_namespace_sees_jobs_by_their_host_cgroup() {
+    require_root();
+    let port = gateway_tests::unique_port();
+    let server = echo_once(port);
+    let mut opts = GatewayOptions::opaque("cgroupns", &[&format!("{{cidr: 127.0.0.9/32, ports: [{port}]}}")]);
+    // A new cgroup namespace rooted at the test's own cgroup; the test's
+    // namespace stands for the host's (this machine's init may not be
+    // readable, as without the host's PID namespace).
+    opts.wrapper = vec!["unshare".into(), "--cgroup".into()];
+    let host_ns = format!("/proc/{}/ns/cgroup", std::process::id());
+    opts.intercept_yaml = format!("  cgroup_namespace: {host_ns}\n");
+    let gw = TestGateway::start(opts);
+    let pid = gw.child.as_ref().expect("running").id();
+    let own = std::fs::read_link(format!("/proc/{pid}/ns/cgroup")).expect("the gateway's cgroup namespace");
+    let host = std::fs::read_link(&host_ns).expect("the test's cgroup namespace");
+    assert_eq!(own, host, "the gateway did not join the host's cgroup namespace");
+    let client = format!(
+        "import socket; s = socket.create_connection(('127.0.0.9', {port})); s.sendall(b'ping'); assert s.recv(4) == b'ping'"
+    );
+    let out = gw.command_in_cgroup("python3").args(["-c", &client]).output().expect("client");
+    assert!(out.status.success(), "the job's connection failed: {}", String::from_utf8_lossy(&out.stderr));
+    server.join().expect("server");
+    let events = gw.wait_events(1);
+    assert_eq!(events[0]["cgroup"], gw.cgroup_path(), "the job's cgroup as the gateway read it: {}", events[0]);
+    assert!(gw.log().contains("joined the host's cgroup namespace"), "{}", gw.log());
 }

@@ -133,6 +133,10 @@ pub struct InterceptConfig {
     pub bpffs_dir: PathBuf,
     /// What a clean shutdown leaves behind.
     pub on_shutdown: ShutdownMode,
+    /// The cgroup namespace whose paths the configuration uses, joined at
+    /// start when the gateway runs in another (a container's private one).
+    /// `None`: the host init's, `/proc/1/ns/cgroup`, when it can be read.
+    pub cgroup_namespace: Option<PathBuf>,
 }
 
 impl Default for InterceptConfig {
@@ -149,6 +153,7 @@ impl Default for InterceptConfig {
             dns_refresh: Duration::from_secs(30),
             bpffs_dir: PathBuf::from("/sys/fs/bpf/ci-gateway"),
             on_shutdown: ShutdownMode::Enforce,
+            cgroup_namespace: None,
         }
     }
 }

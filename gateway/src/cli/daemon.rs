@@ -22,6 +22,8 @@ use crate::{
 /// `gateway run`: runs until SIGINT/SIGTERM.
 pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
     require_root("gateway run")?;
+    // Before any thread exists: threads started later inherit it.
+    join_host_cgroup_namespace(config.intercept.cgroup_namespace.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("gateway")
@@ -29,6 +31,46 @@ pub fn run(config: &Config) -> anyhow::Result<ExitCode> {
         .context("starting the async runtime")?;
     runtime.block_on(run_async(config.clone()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Joins the host's cgroup namespace when the gateway starts in another one.
+/// Container runtimes give each container a private cgroup namespace on
+/// cgroup-v2 hosts (containerd, CRI-O, Docker's default there), in which
+/// `/proc/PID/cgroup` shows paths relative to the container's own cgroup:
+/// a job's cgroup would not match the configured (host) paths, and jobs
+/// would be neither attributed nor served. The host's init (`/proc/1`,
+/// with the host's PID namespace: `hostPID` in Kubernetes) names the host's
+/// namespace unless `intercept.cgroup_namespace` names another; joining it
+/// needs CAP_SYS_ADMIN, which the gateway has.
+fn join_host_cgroup_namespace(configured: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let reference = configured.unwrap_or(std::path::Path::new("/proc/1/ns/cgroup"));
+    let ns = |path: &std::path::Path| std::fs::metadata(path).map(|m| m.ino());
+    let own = ns(std::path::Path::new("/proc/self/ns/cgroup")).context("reading /proc/self/ns/cgroup")?;
+    let target = match ns(reference) {
+        Ok(ino) => ino,
+        // Init's namespace is unreadable where the gateway does not see the
+        // host's init (no host PID namespace) or may not trace it: nothing
+        // to compare with, so nothing to join.
+        Err(e) if configured.is_none() => {
+            tracing::info!(error = %e, "cannot read /proc/1/ns/cgroup; staying in this cgroup namespace (set intercept.cgroup_namespace if the gateway runs in a container's private one)");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading intercept.cgroup_namespace {}", reference.display())),
+    };
+    if own == target {
+        return Ok(());
+    }
+    let host = std::fs::File::open(reference).with_context(|| format!("opening {}", reference.display()))?;
+    nix::sched::setns(host, nix::sched::CloneFlags::CLONE_NEWCGROUP).with_context(|| {
+        format!(
+            "joining the cgroup namespace {} (the gateway runs in another, where jobs' cgroup paths do not match the \
+             configuration; it needs CAP_SYS_ADMIN)",
+            reference.display()
+        )
+    })?;
+    tracing::info!(namespace = %reference.display(), "joined the host's cgroup namespace (the gateway was started in another)");
+    Ok(())
 }
 
 async fn run_async(mut config: Config) -> anyhow::Result<()> {

@@ -127,8 +127,10 @@ fn writer(store: FindingStore, mut rx: mpsc::Receiver<Request>) {
         };
         for ((reply, result), finding) in replies.into_iter().zip(results).zip(&findings) {
             if let Err(e) = &result {
-                tracing::error!(error = %e, rule = %finding.rule_id, host = %finding.dest_host, "recording a finding failed; it is kept and written again once the database recovers");
-                if retryable(e) {
+                // Kept when the database failed, not the finding.
+                let kept = retryable(e);
+                tracing::error!(error = %e, rule = %finding.rule_id, host = %finding.dest_host, kept, "recording a finding failed (when kept, it is written again once the database recovers)");
+                if kept {
                     retry.push(finding.clone());
                 }
             }
