@@ -160,6 +160,17 @@ impl Scene {
         urls
     }
 
+    /// Asserts that every session's chain verifies.
+    fn verify_all(&self) {
+        let out = self.gw.cli(&["sessions", "verify", "--all"]);
+        assert!(
+            out.status.success(),
+            "sessions verify: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn log_has(&self, event: &str) -> bool {
         self.gw.log().lines().any(|l| {
             serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == event || v["fields"]["event"] == event)
@@ -285,13 +296,7 @@ fn full_disk(name: &str, on_failure: &str) {
         assert!(log.contains("a finding the database refused earlier is recorded now"));
     }
     // Every chain verifies; the key itself was never written anywhere.
-    let out = scene.gw.cli(&["sessions", "verify", "--all"]);
-    assert!(
-        out.status.success(),
-        "sessions verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    scene.verify_all();
     for file in ["sessions.db", "sessions.db-wal", "findings.db", "findings.db-wal"] {
         if let Ok(bytes) = std::fs::read(disk.path().join(file)) {
             assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()), "{file} holds the key in clear");
@@ -446,13 +451,7 @@ while not os.path.exists('{stop}'):
         .collect();
     let lost: Vec<&String> = ended_before_kills.difference(&now).collect();
     assert!(!ended_before_kills.is_empty() && lost.is_empty(), "ended sessions lost: {lost:?}");
-    let out = scene.gw.cli(&["sessions", "verify", "--all"]);
-    assert!(
-        out.status.success(),
-        "sessions verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    scene.verify_all();
     for key in &keys {
         assert!(!scene.gw.log().contains(key.as_str()), "the log holds a key in clear");
     }

@@ -405,31 +405,21 @@ impl Interceptor {
             let prog = ebpf.program_mut(name).ok_or(InterceptError::Missing(name))?;
             // Single mode goes through bpf_link on current kernels, which
             // coexists with other programs attached to the same cgroup.
+            // The three program types share no trait for this: one body, three types.
+            macro_rules! attach {
+                ($p:expr) => {{
+                    let id = $p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
+                    let link = $p.take_link(id).map_err(prog_err(name))?;
+                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
+                        path: cg.dir.clone(),
+                        reason: format!("{name} was not attached with a bpf_link: {e}"),
+                    })?
+                }};
+            }
             let link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                        path: cg.dir.clone(),
-                        reason: format!("{name} was not attached with a bpf_link: {e}"),
-                    })?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                        path: cg.dir.clone(),
-                        reason: format!("{name} was not attached with a bpf_link: {e}"),
-                    })?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p.attach(&file, CgroupAttachMode::Single).map_err(prog_err(name))?;
-                    let link = p.take_link(id).map_err(prog_err(name))?;
-                    FdLink::try_from(link).map_err(|e| InterceptError::Pin {
-                        path: cg.dir.clone(),
-                        reason: format!("{name} was not attached with a bpf_link: {e}"),
-                    })?
-                }
+                aya::programs::Program::CgroupSockAddr(p) => attach!(p),
+                aya::programs::Program::SockOps(p) => attach!(p),
+                aya::programs::Program::CgroupSock(p) => attach!(p),
                 _ => return Err(InterceptError::Missing(name)),
             };
             fresh.push((links_dir.join(format!("{}-{name}", cg.id)), link));
