@@ -90,6 +90,14 @@ impl Msg {
         }
     }
 
+    /// Whether it may be dropped when the queue is at its bound: exchanges
+    /// and events (the bulk). Starts and ends are kept, so that every chain
+    /// stays whole and the writer's open sessions end; they are bounded by
+    /// the connections the gateway admits.
+    fn droppable(&self) -> bool {
+        matches!(self, Msg::Exchange { .. } | Msg::Event { .. })
+    }
+
     /// Body bytes it carries, which dominate a queued record's size.
     fn body_bytes(&self) -> usize {
         match self {
@@ -182,7 +190,7 @@ impl Sink {
     /// record): only the record that fills a batch does.
     fn send(&self, msg: Msg) {
         let body_bytes = msg.body_bytes();
-        if self.shared.full(body_bytes) {
+        if msg.droppable() && self.shared.full(body_bytes) {
             let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if is_power_of_ten(dropped as usize) {
                 tracing::error!(
