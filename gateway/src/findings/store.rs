@@ -427,35 +427,11 @@ impl FindingStore {
     pub fn sightings(&self, id: FindingId) -> Result<Vec<Sighting>, FindingsError> {
         let rows = self
             .conn
-            .prepare_cached(
-                "SELECT seen_at, identity, job, pid, uid, exe, comm, cgroup, container, command, script, \
-                 dest_host, dest_port, location, action, allowed_by, session_id \
-                 FROM sightings WHERE finding_id = ?1 ORDER BY seen_at, id",
-            )
-            .and_then(|mut st| {
-                st.query_map([id.0], |r| {
-                    Ok(RawSighting {
-                        seen_at: r.get(0)?,
-                        identity: r.get(1)?,
-                        job: r.get(2)?,
-                        pid: r.get(3)?,
-                        uid: r.get(4)?,
-                        exe: r.get(5)?,
-                        comm: r.get(6)?,
-                        cgroup: r.get(7)?,
-                        container: r.get(8)?,
-                        command: r.get(9)?,
-                        script: r.get(10)?,
-                        dest_host: r.get(11)?,
-                        dest_port: r.get(12)?,
-                        location: r.get(13)?,
-                        action: r.get(14)?,
-                        allowed_by: r.get(15)?,
-                        session_id: r.get(16)?,
-                    })
-                })?
-                .collect::<Result<Vec<_>, _>>()
-            })
+            .prepare_cached(&format!(
+                "SELECT {} FROM sightings WHERE finding_id = ?1 ORDER BY seen_at, id",
+                RawSighting::COLUMNS
+            ))
+            .and_then(|mut st| st.query_map([id.0], |r| RawSighting::from_row(r, 0))?.collect::<Result<Vec<_>, _>>())
             .map_err(self.err("reading sightings"))?;
         rows.into_iter()
             .map(|r| {
@@ -992,25 +968,57 @@ impl RawFinding {
     }
 }
 
-/// A row of `sightings` before validation.
-struct RawSighting {
-    seen_at: i64,
-    identity: Option<String>,
-    job: String,
-    pid: i64,
-    uid: i64,
-    exe: Option<String>,
-    comm: String,
-    cgroup: Option<String>,
-    container: Option<String>,
-    command: Option<String>,
-    script: Option<String>,
-    dest_host: String,
-    dest_port: i64,
-    location: String,
-    action: String,
-    allowed_by: Option<String>,
-    session_id: Option<String>,
+/// A row of `sightings` before validation (the fleet's outbox ships it as
+/// stored).
+#[derive(Debug)]
+pub(crate) struct RawSighting {
+    pub(crate) seen_at: i64,
+    pub(crate) identity: Option<String>,
+    pub(crate) job: String,
+    pub(crate) pid: i64,
+    pub(crate) uid: i64,
+    pub(crate) exe: Option<String>,
+    pub(crate) comm: String,
+    pub(crate) cgroup: Option<String>,
+    pub(crate) container: Option<String>,
+    pub(crate) command: Option<String>,
+    pub(crate) script: Option<String>,
+    pub(crate) dest_host: String,
+    pub(crate) dest_port: i64,
+    pub(crate) location: String,
+    pub(crate) action: String,
+    pub(crate) allowed_by: Option<String>,
+    pub(crate) session_id: Option<String>,
+}
+
+impl RawSighting {
+    /// The columns [`RawSighting::from_row`] reads, in order.
+    pub(crate) const COLUMNS: &'static str =
+        "seen_at, identity, job, pid, uid, exe, comm, cgroup, container, command, \
+         script, dest_host, dest_port, location, action, allowed_by, session_id";
+
+    /// Reads [`RawSighting::COLUMNS`] starting at column `at`.
+    pub(crate) fn from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RawSighting> {
+        Ok(RawSighting {
+            seen_at: r.get(at + 0)?,
+            identity: r.get(at + 1)?,
+            job: r.get(at + 2)?,
+            pid: r.get(at + 3)?,
+            uid: r.get(at + 4)?,
+            exe: r.get(at + 5)?,
+            comm: r.get(at + 6)?,
+            cgroup: r.get(at + 7)?,
+            container: r.get(at + 8)?,
+            command: r.get(at + 9)?,
+            script: r.get(at + 10)?,
+            dest_host: r.get(at + 11)?,
+            dest_port: r.get(at + 12)?,
+            location: r.get(at + 13)?,
+            action: r.get(at + 14)?,
+            allowed_by: r.get(at + 15)?,
+            session_id: r.get(at + 16)?,
+        })
+    }
 }
 
 /// A [`NewFinding`] checked, bounded and normalized for storage.

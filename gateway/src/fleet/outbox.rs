@@ -29,7 +29,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{central, FleetConfig, FleetError, FLEET_TARGET};
-use crate::config::Config;
+use crate::{config::Config, findings::store::RawSighting};
 
 /// One kind of shipped row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -571,23 +571,7 @@ struct FindingOut {
 struct SightingOut {
     local_id: i64,
     finding: i64,
-    seen_at: i64,
-    identity: Option<String>,
-    job: String,
-    pid: i64,
-    uid: i64,
-    exe: Option<String>,
-    comm: String,
-    cgroup: Option<String>,
-    container: Option<String>,
-    command: Option<String>,
-    script: Option<String>,
-    dest_host: String,
-    dest_port: i64,
-    location: String,
-    action: String,
-    allowed_by: Option<String>,
-    session_id: Option<String>,
+    row: RawSighting,
 }
 
 #[derive(Debug)]
@@ -730,34 +714,13 @@ fn read_batch(
         }
         Stream::Sightings => {
             let sightings: Vec<SightingOut> = tx
-                .prepare_cached(
-                    "SELECT id, finding_id, seen_at, identity, job, pid, uid, exe, comm, cgroup, container, command, script,
-                            dest_host, dest_port, location, action, allowed_by, session_id
-                     FROM sightings WHERE id > ?1 ORDER BY id LIMIT ?2",
-                )
+                .prepare_cached(&format!(
+                    "SELECT id, finding_id, {} FROM sightings WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    RawSighting::COLUMNS
+                ))
                 .and_then(|mut st| {
                     st.query_map([after, limit], |r| {
-                        Ok(SightingOut {
-                            local_id: r.get(0)?,
-                            finding: r.get(1)?,
-                            seen_at: r.get(2)?,
-                            identity: r.get(3)?,
-                            job: r.get(4)?,
-                            pid: r.get(5)?,
-                            uid: r.get(6)?,
-                            exe: r.get(7)?,
-                            comm: r.get(8)?,
-                            cgroup: r.get(9)?,
-                            container: r.get(10)?,
-                            command: r.get(11)?,
-                            script: r.get(12)?,
-                            dest_host: r.get(13)?,
-                            dest_port: r.get(14)?,
-                            location: r.get(15)?,
-                            action: r.get(16)?,
-                            allowed_by: r.get(17)?,
-                            session_id: r.get(18)?,
-                        })
+                        Ok(SightingOut { local_id: r.get(0)?, finding: r.get(1)?, row: RawSighting::from_row(r, 2)? })
                     })?
                     .collect()
                 })
@@ -996,23 +959,23 @@ async fn write_batch(tx: &tokio_postgres::Transaction<'_>, host: &str, data: &Ba
                 &s.iter().map(|x| x.local_id).collect::<Vec<_>>(),
                 &s.iter().map(|x| central_of(x.finding).unwrap_or_default()).collect::<Vec<_>>(),
                 &s.iter().map(|x| x.finding).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.seen_at).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.identity.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.job.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.pid).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.uid).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.exe.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.comm.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.cgroup.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.container.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.command.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.script.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.dest_host.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| i32::try_from(x.dest_port).unwrap_or_default()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.location.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.action.as_str()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.allowed_by.as_deref()).collect::<Vec<_>>(),
-                &s.iter().map(|x| x.session_id.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.seen_at).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.identity.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.job.as_str()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.pid).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.uid).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.exe.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.comm.as_str()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.cgroup.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.container.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.command.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.script.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.dest_host.as_str()).collect::<Vec<_>>(),
+                &s.iter().map(|x| i32::try_from(x.row.dest_port).unwrap_or_default()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.location.as_str()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.action.as_str()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.allowed_by.as_deref()).collect::<Vec<_>>(),
+                &s.iter().map(|x| x.row.session_id.as_deref()).collect::<Vec<_>>(),
             ],
         )
         .await
