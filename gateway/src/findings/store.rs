@@ -1000,7 +1000,7 @@ impl RawSighting {
     /// Reads [`RawSighting::COLUMNS`] starting at column `at`.
     pub(crate) fn from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RawSighting> {
         Ok(RawSighting {
-            seen_at: r.get(at + 0)?,
+            seen_at: r.get(at)?,
             identity: r.get(at + 1)?,
             job: r.get(at + 2)?,
             pid: r.get(at + 3)?,
