@@ -445,3 +445,135 @@ fn injected_credentials_reach_upstream_and_missing_ones_are_refused_with_the_rea
     assert!(log.contains("refreshing an expiring credential failed"));
     assert!(log.contains("the held credential has expired and was not refreshed"));
 }
+
+#[test]
+fn per_session_credentials_are_issued_for_each_session_and_revoked_when_it_ends() {
+    gateway_tests::require_root();
+    // Values unique to this run, so "never logged" means something.
+    let tag = random(24);
+    let policy = "version: 1\nrules:\n  - name: inject-api\n    match:\n      request:\n        path: ['/v1/**']\n    action: allow\n    credential: inject\ndefaults:\n  action: allow\n";
+    let tag_for_config = tag.clone();
+    let scene = Scene::start("refuse-lease", Some(policy), move |dir| {
+        // A stand-in for a dynamic-secrets engine: each run issues a new
+        // value with a lease id; the revoke command appends what it is
+        // given, and fails (echoing the value on stderr) while `rfail` exists.
+        let issue = dir.join("issue.sh");
+        std::fs::write(
+            &issue,
+            format!(
+                "d={d}\n[ -e $d/fail ] && {{ echo 'engine sealed' >&2; exit 3; }}\n\
+                 n=$(cat $d/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > $d/n\n\
+                 printf '{{\"credential\": \"sess-{tag_for_config}-%s\", \"expires_in\": 300, \"lease_id\": \"lease-%s\"}}' $n $n\n",
+                d = dir.display()
+            ),
+        )
+        .expect("write issue");
+        let revoke = dir.join("revoke.sh");
+        std::fs::write(
+            &revoke,
+            format!(
+                "d={d}\nin=$(cat)\n[ -e $d/rfail ] && {{ echo \"cannot revoke $in\" >&2; exit 4; }}\n\
+                 printf '%s\\n' \"$in\" >> $d/revoked.jsonl\n",
+                d = dir.display()
+            ),
+        )
+        .expect("write revoke");
+        format!(
+            "credentials:\n  credentials:\n    - identity: '**'\n      host: '{HOST}'\n      source: {{command: {{argv: [/bin/sh, {}], output: json}}}}\n      inject: {{bearer: '{{credential}}'}}\n      revoke: {{argv: [/bin/sh, {}]}}\n",
+            issue.display(),
+            revoke.display()
+        )
+    });
+    let url = |path: &str| format!("https://{HOST}:{}{path}", scene.port);
+    // One curl, one connection: every URL it is given is one session.
+    let curl = |paths: &[&str]| {
+        // `-o` applies to one URL: each gets its own.
+        let urls: Vec<String> = paths.iter().flat_map(|p| ["-o".to_owned(), "/dev/null".to_owned(), url(p)]).collect();
+        scene
+            .gw
+            .command_in_cgroup("curl")
+            .args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", scene.port), "--cacert", scene.ca()])
+            .args(["-w", "%{http_code} %{num_connects}\n"])
+            .args(&urls)
+            .output()
+            .expect("curl")
+    };
+    let sent = |path: &str| -> Vec<String> {
+        scene
+            .upstream
+            .requests()
+            .iter()
+            .filter(|r| r.target == path)
+            .flat_map(|r| r.headers.iter().filter(|(k, _)| k == "authorization").map(|(_, v)| v.clone()))
+            .collect()
+    };
+    let revoked = || -> Vec<Value> {
+        std::fs::read_to_string(scene.dir.path().join("revoked.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("revoke input is JSON"))
+            .collect()
+    };
+
+    // First session: two requests on one connection share one issued value.
+    let out = curl(&["/v1/a", "/v1/b"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1\n200 0\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let first = format!("Bearer sess-{tag}-1");
+    assert_eq!(sent("/v1/a"), vec![first.clone()]);
+    assert_eq!(sent("/v1/b"), vec![first]);
+    // The session ended with curl: its value is revoked, with its lease.
+    let input = gateway_tests::wait_for("the first session's credential is revoked", || match revoked().as_slice() {
+        [one] => Ok(one.clone()),
+        other => Err(format!("{} revocations", other.len())),
+    });
+    assert_eq!(input["credential"], format!("sess-{tag}-1"));
+    assert_eq!(input["lease_id"], "lease-1");
+    assert_eq!(input["destination"], HOST);
+    assert!(input["identity"].as_str().is_some_and(|i| i.starts_with("spiffe://")), "{input}");
+
+    // Second session: a value of its own, revoked in turn.
+    let out = curl(&["/v1/c"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1\n");
+    assert_eq!(sent("/v1/c"), vec![format!("Bearer sess-{tag}-2")]);
+    gateway_tests::wait_for("the second session's credential is revoked", || match revoked().as_slice() {
+        [_, two] if two["lease_id"] == "lease-2" => Ok(()),
+        other => Err(format!("{} revocations", other.len())),
+    });
+
+    // A revoke command that fails is retried, then reported, and its
+    // stderr never brings the value into the log.
+    std::fs::write(scene.dir.path().join("rfail"), "").expect("flag");
+    let out = curl(&["/v1/d"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1\n");
+    gateway_tests::wait_for("the failed revocation is reported", || {
+        if scene.gw.log().contains("revoking a per-session credential failed: it stays valid") {
+            Ok(())
+        } else {
+            Err("not yet")
+        }
+    });
+    std::fs::remove_file(scene.dir.path().join("rfail")).expect("unflag");
+
+    // A source that cannot issue: the request is refused, nothing goes up.
+    std::fs::write(scene.dir.path().join("fail"), "").expect("flag");
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", scene.port), "--cacert", scene.ca()])
+        .args(gateway_tests::CURL_STATUS)
+        .arg(url("/v1/sealed"))
+        .output()
+        .expect("curl");
+    let (status, body) = gateway_tests::curl_reply(&out.stdout);
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["error"], "credential_unusable", "{v}");
+    assert!(v["message"].as_str().unwrap_or("").contains("could not be issued"), "{v}");
+    assert!(sent("/v1/sealed").is_empty(), "nothing went upstream");
+
+    let log = scene.gw.log();
+    assert!(log.contains("issued a per-session credential"));
+    assert!(log.contains("revoked a per-session credential"));
+    assert!(log.contains("issuing a per-session credential failed"));
+    assert!(!log.contains(&format!("sess-{tag}")), "no issued value is ever logged");
+}

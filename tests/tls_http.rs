@@ -813,3 +813,89 @@ fn oidc_tokens_presented_by_jobs_are_verified_or_refused() {
     assert_eq!(f["process"]["job"]["oidc.repository"], "acme/api", "{f}");
     assert_eq!(f["process"]["job"]["oidc.run_id"], "777", "{f}");
 }
+
+#[test]
+fn the_jwks_listener_serves_backends_elsewhere_over_tls_and_picks_up_a_renewed_certificate() {
+    const NAME: &str = "jwks.test.internal";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki_at = |sub: &str| {
+        let d = dir.path().join(sub);
+        std::fs::create_dir(&d).expect("mkdir");
+        let pki = TestPki::new(&d, &[NAME]);
+        let (cert, key) = pki.write_leaf(&d);
+        // The key gets the checks of a credential file: root's, 0600.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+        (pki.ca_path.clone(), cert, key)
+    };
+    let (ca, cert, key) = pki_at("first");
+    let port = unique_port();
+    let issuer = format!("https://{NAME}:{port}");
+    let mut opts = GatewayOptions::new("jwks-listener", &["{cidr: 127.0.0.99/32, ports: [9]}"]);
+    opts.api_yaml = format!(
+        "  jwks:\n    listen: 127.0.0.1:{port}\n    cert_file: {}\n    key_file: {}\n",
+        cert.display(),
+        key.display()
+    );
+    opts.extra_yaml = format!("credentials:\n  jwt:\n    issuer: {issuer}\n");
+    let gw = TestGateway::start(opts);
+    let fetch = |path: &str, ca: &std::path::Path| {
+        let out = Command::new("curl")
+            .args(["-sS", "--resolve", &format!("{NAME}:{port}:127.0.0.1"), "--cacert"])
+            .arg(ca)
+            .args(gateway_tests::CURL_STATUS)
+            .arg(format!("{issuer}{path}"))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "{path}: {}", String::from_utf8_lossy(&out.stderr));
+        gateway_tests::curl_reply(&out.stdout)
+    };
+
+    // Discovery where OIDC expects it, advertising this listener's JWKS.
+    let (status, body) = fetch("/.well-known/openid-configuration", &ca);
+    assert_eq!(status, 200, "{body}");
+    let discovery: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(discovery["issuer"], issuer.as_str());
+    assert_eq!(discovery["jwks_uri"], format!("{issuer}/.well-known/jwks.json"));
+    // The same keys as the loopback API's.
+    let (status, remote) = fetch("/.well-known/jwks.json", &ca);
+    assert_eq!(status, 200, "{remote}");
+    let remote: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&remote).expect("jwks");
+    let out = Command::new("curl")
+        .args(["-sS", &format!("http://127.0.0.1:{}/.well-known/jwks.json", gw.api_port)])
+        .output()
+        .expect("curl");
+    let local: jsonwebtoken::jwk::JwkSet = serde_json::from_slice(&out.stdout).expect("jwks");
+    assert!(!remote.keys.is_empty());
+    assert_eq!(
+        remote.keys.iter().map(|k| k.common.key_id.clone()).collect::<Vec<_>>(),
+        local.keys.iter().map(|k| k.common.key_id.clone()).collect::<Vec<_>>()
+    );
+    // Only the documents: the metrics stay on loopback.
+    let (status, _) = fetch("/metrics", &ca);
+    assert_eq!(status, 404);
+    // TLS only: a plain HTTP request gets no document.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://127.0.0.1:{port}/.well-known/jwks.json")])
+        .output()
+        .expect("curl");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"keys\""), "no JWKS in clear");
+
+    // A renewed certificate (another CA here) is served without a restart.
+    let (new_ca, new_cert, new_key) = pki_at("renewed");
+    std::fs::copy(&new_key, &key).expect("renew key");
+    std::fs::copy(&new_cert, &cert).expect("renew cert");
+    wait_for("the renewed certificate is served", || {
+        let out = Command::new("curl")
+            .args(["-sS", "--resolve", &format!("{NAME}:{port}:127.0.0.1"), "--cacert"])
+            .arg(&new_ca)
+            .arg(format!("{issuer}/healthz"))
+            .output()
+            .expect("curl");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    assert!(gw.log().contains("certificate reloaded"));
+}

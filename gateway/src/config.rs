@@ -625,6 +625,9 @@ impl Config {
             }
         }
         self.api.validate()?;
+        if let Some(jwks) = &self.api.jwks {
+            jwks.validate(&self.credentials.jwt.issuer)?;
+        }
         self.approvals.validate()?;
         self.record.validate()?;
         self.fleet.validate()?;

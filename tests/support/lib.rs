@@ -121,6 +121,8 @@ pub struct GatewayOptions {
     pub proxy_yaml: String,
     /// Extra lines under `intercept:` (each indented by two spaces).
     pub intercept_yaml: String,
+    /// Extra lines under `api:` (each indented by two spaces).
+    pub api_yaml: String,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
     /// A policy file's content; `None` runs the built-in policy.
@@ -147,6 +149,7 @@ impl GatewayOptions {
             extra_yaml: String::new(),
             proxy_yaml: String::new(),
             intercept_yaml: String::new(),
+            api_yaml: String::new(),
             gateway_in_cgroup: false,
             policy_yaml: None,
             extra_cgroups: Vec::new(),
@@ -229,8 +232,9 @@ impl TestGateway {
         }
         yaml.push_str(&format!("proxy:\n  port: {proxy_port}\n{}", opts.proxy_yaml));
         yaml.push_str(&format!(
-            "api:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\nlog:\n  format: json\n  level: info\n",
+            "api:\n  listen: 127.0.0.1:{api_port}\n  admin_socket: {socket}\n{api}log:\n  format: json\n  level: info\n",
             socket = dir.path().join("admin.sock").display(),
+            api = opts.api_yaml,
         ));
         if let Some(policy) = &opts.policy_yaml {
             let path = dir.path().join("policy.yaml");

@@ -1,10 +1,12 @@
 //! The gateway's HTTP APIs.
 //!
-//! Three listeners, three audiences:
+//! Four listeners, three audiences:
 //! - [`serve`]: read-only and public, on a loopback TCP address: what
 //!   internal backends need to verify the gateway's tokens (the JWKS
 //!   document and OIDC discovery), a health check and the Prometheus
 //!   metrics (`/metrics`, [`crate::metrics`]).
+//! - [`JwksServer`] (optional, `api.jwks`): the JWKS and discovery alone,
+//!   on any address, over TLS off loopback, for backends on other hosts.
 //! - [`serve_admin`]: privileged, on a unix socket, where the kernel tells
 //!   who is calling (peer credentials): approval decisions
 //!   (`docs/approvals.md`). [`AdminClient`] is its client, used by the CLI.
@@ -17,11 +19,13 @@ use serde::{Deserialize, Serialize};
 
 mod admin;
 mod client;
+mod jwks;
 mod public;
 mod review;
 
 pub use admin::{bind_admin, serve_admin, AdminListener, IdentityLookup};
 pub use client::{AdminClient, ClientError};
+pub use jwks::{JwksError, JwksListenerConfig, JwksServer};
 pub use public::{serve, DISCOVERY_PATH, JWKS_PATH};
 pub use review::serve_review;
 
@@ -40,6 +44,10 @@ pub struct ApiConfig {
     /// Unix group given access to the admin socket (mode 0660); without
     /// it only root can connect.
     pub admin_group: Option<String>,
+    /// A listener of its own for the JWKS and discovery, reachable by
+    /// backends on other hosts; `null` (the default) serves them only on
+    /// `listen`.
+    pub jwks: Option<JwksListenerConfig>,
 }
 
 impl Default for ApiConfig {
@@ -48,6 +56,7 @@ impl Default for ApiConfig {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 15080))),
             admin_socket: Some(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
             admin_group: None,
+            jwks: None,
         }
     }
 }

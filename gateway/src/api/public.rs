@@ -24,10 +24,9 @@ pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 pub const METRICS_PATH: &str = "/metrics";
 
 #[derive(Clone)]
-struct Public {
+struct Documents {
     minter: Arc<Minter>,
     jwks_uri: Arc<str>,
-    metrics: Arc<Metrics>,
 }
 
 /// Serves the public API on `listener` until `shutdown` fires.
@@ -43,28 +42,33 @@ pub async fn serve(listener: TcpListener, minter: Arc<Minter>, metrics: Arc<Metr
 }
 
 fn router(minter: Arc<Minter>, jwks_uri: String, metrics: Arc<Metrics>) -> Router {
+    documents(minter, jwks_uri).merge(Router::new().route(METRICS_PATH, axum::routing::get(scrape)).with_state(metrics))
+}
+
+/// The documents backends need to verify minted tokens (JWKS, discovery)
+/// and a health check, with `jwks_uri` advertised by discovery: the public
+/// API's and the JWKS listener's ([`super::jwks`]) common part.
+pub(super) fn documents(minter: Arc<Minter>, jwks_uri: String) -> Router {
     // `any`: the documents answer every method as before; the JWKS handler
     // itself refuses what it does not serve.
     Router::new()
         .route(JWKS_PATH, any(jwks))
         .route(DISCOVERY_PATH, any(discovery))
-        .route(METRICS_PATH, axum::routing::get(scrape))
         .route("/healthz", any(|| async { json(StatusCode::OK, "{\"status\":\"ok\"}".to_owned()) }))
         .fallback(|| async { json(StatusCode::NOT_FOUND, "{\"error\":\"not_found\"}".to_owned()) })
-        .with_state(Public { minter, jwks_uri: jwks_uri.into(), metrics })
+        .with_state(Documents { minter, jwks_uri: jwks_uri.into() })
 }
 
-async fn jwks(State(state): State<Public>, request: Request) -> Response {
+async fn jwks(State(state): State<Documents>, request: Request) -> Response {
     state.minter.handle_jwks_request(&request).map(Body::new)
 }
 
-async fn discovery(State(state): State<Public>) -> Response {
+async fn discovery(State(state): State<Documents>) -> Response {
     json(StatusCode::OK, state.minter.discovery_document(&state.jwks_uri).to_string())
 }
 
 /// The metrics, encoded on a blocking thread: a scrape reads the eBPF maps.
-async fn scrape(State(state): State<Public>) -> Response {
-    let metrics = state.metrics.clone();
+async fn scrape(State(metrics): State<Arc<Metrics>>) -> Response {
     match tokio::task::spawn_blocking(move || metrics.encode()).await {
         Ok(Ok(text)) => {
             (StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static(crate::metrics::CONTENT_TYPE))], text)

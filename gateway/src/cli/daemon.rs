@@ -168,6 +168,16 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         tracing::info!(%addr, "public API listening");
         api_task = Some(tokio::spawn(crate::api::serve(listener, minter, metrics.clone(), shutdown.clone())));
     }
+    let mut jwks_task = None;
+    if let (Some(jwks), Some(minter)) = (config.api.jwks.clone(), minter.clone()) {
+        let addr = jwks.listen;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the JWKS listener on {addr}"))?;
+        tracing::info!(%addr, tls = jwks.cert_file.is_some(), "JWKS listener serving");
+        let server = crate::api::JwksServer::new(listener, &jwks, minter).context("starting the JWKS listener")?;
+        jwks_task = Some(tokio::spawn(server.serve(shutdown.clone())));
+    }
     if let Some(minter) = minter {
         tokio::spawn(rotate_keys(minter, shutdown.clone()));
     }
@@ -259,11 +269,22 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     if let Some(admin) = admin_task {
         let _ = admin.await;
     }
+    if let Some(jwks) = jwks_task {
+        let _ = jwks.await;
+    }
     if let Some(review) = review_task {
         let _ = review.await;
     }
     if let Some(watch) = policy_watch {
         let _ = watch.await;
+    }
+    // Connections have drained, so their per-session credentials are being
+    // revoked: give the revoke commands a bounded time to finish.
+    let unrevoked = tokio::task::spawn_blocking(|| crate::credentials::lease::wait_for_revocations(REVOKE_GRACE))
+        .await
+        .unwrap_or(0);
+    if unrevoked > 0 {
+        tracing::error!(unrevoked, "shutting down with per-session credentials still being revoked");
     }
     // Connections have drained: every session record is queued; commit them.
     tokio::task::spawn_blocking(move || recorder.shutdown()).await.context("closing the session recorder")?;
@@ -280,6 +301,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     interceptor.shutdown(config.intercept.on_shutdown)?;
     Ok(())
 }
+
+/// How long shutdown waits for revoke commands still running.
+const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Tells the service manager (`$NOTIFY_SOCKET`, set by systemd for
 /// `Type=notify` units) about a state change; without one this does nothing.

@@ -58,6 +58,31 @@ pub struct CredentialEntry {
     /// `output: json`): how long before the expiry it is read again.
     #[serde(with = "humantime_serde")]
     pub refresh_before: Duration,
+    /// Makes the credential per session: with it, the `command` source runs
+    /// when a session (an intercepted connection) first needs the
+    /// credential, the value serves that session only, and this command
+    /// revokes it when the session ends (`docs/credentials.md`).
+    pub revoke: Option<RevokeCommand>,
+}
+
+/// A command that revokes a per-session credential when its session ends.
+/// It gets a JSON document on its standard input (never in its arguments,
+/// which other users can read in `/proc`): `credential`, `lease_id` when
+/// the source gave one, `entry`, `identity` and `destination`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RevokeCommand {
+    /// Program and arguments; the program is an absolute path.
+    pub argv: Vec<String>,
+    /// How long one attempt may run before it is killed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for RevokeCommand {
+    fn default() -> Self {
+        Self { argv: Vec::new(), timeout: Duration::from_secs(10) }
+    }
 }
 
 /// Default [`CredentialEntry::refresh_before`].
@@ -84,6 +109,7 @@ impl Default for CredentialEntry {
             source: None,
             inject: Injection::default(),
             refresh_before: DEFAULT_REFRESH_BEFORE,
+            revoke: None,
         }
     }
 }
@@ -115,8 +141,9 @@ pub enum CommandOutput {
     #[default]
     Text,
     /// A JSON object: `credential` and when it expires, `expires_at`
-    /// (RFC 3339) or `expires_in` (seconds from now). The gateway reads it
-    /// again `refresh_before` the expiry and never sends it after.
+    /// (RFC 3339) or `expires_in` (seconds from now), and optionally a
+    /// `lease_id` handed to the revoke command. The gateway reads it again
+    /// `refresh_before` the expiry and never sends it after.
     Json,
 }
 
@@ -339,16 +366,7 @@ impl CredentialsConfig {
                     return Err((at("source.env"), format!("`{name}` is not an environment variable name")))
                 }
                 Some(Source::Command(cmd)) => {
-                    match cmd.argv.first() {
-                        None => return Err((at("source.command.argv"), "empty command".into())),
-                        Some(p) if !p.starts_with('/') => {
-                            return Err((
-                                at("source.command.argv"),
-                                format!("`{p}` must be an absolute path (no PATH lookup for credential commands)"),
-                            ))
-                        }
-                        _ => {}
-                    }
+                    validate_argv(&cmd.argv).map_err(|r| (at("source.command.argv"), r))?;
                     if cmd.timeout.is_zero() || cmd.timeout > Duration::from_secs(300) {
                         return Err((at("source.command.timeout"), "must be between 1ms and 5m".into()));
                     }
@@ -357,6 +375,18 @@ impl CredentialsConfig {
                     }
                 }
                 _ => {}
+            }
+            if let Some(revoke) = &entry.revoke {
+                if !matches!(entry.source, Some(Source::Command(_))) {
+                    return Err((
+                        at("revoke"),
+                        "a per-session credential needs a `command` source that issues one value per session".into(),
+                    ));
+                }
+                validate_argv(&revoke.argv).map_err(|r| (at("revoke.argv"), r))?;
+                if revoke.timeout.is_zero() || revoke.timeout > Duration::from_secs(300) {
+                    return Err((at("revoke.timeout"), "must be between 1ms and 5m".into()));
+                }
             }
         }
         self.jwt.validate(needs_jwt)?;
@@ -436,6 +466,18 @@ impl OidcProvider {
             }
         }
         Ok(())
+    }
+}
+
+/// A credential command's program: present, and an absolute path (no PATH
+/// lookup, so the environment cannot choose what runs).
+fn validate_argv(argv: &[String]) -> Result<(), String> {
+    match argv.first() {
+        None => Err("empty command".into()),
+        Some(p) if !p.starts_with('/') => {
+            Err(format!("`{p}` must be an absolute path (no PATH lookup for credential commands)"))
+        }
+        Some(_) => Ok(()),
     }
 }
 
@@ -583,6 +625,18 @@ oidc:
                 "credentials: [{identity: a, host: b, source: {command: {argv: [vault]}}}]",
                 "credentials.credentials[0].source.command.argv",
             ),
+            (
+                "credentials: [{identity: a, host: b, source: {env: X}, revoke: {argv: [/bin/revoke]}}]",
+                "credentials.credentials[0].revoke",
+            ),
+            (
+                "credentials: [{identity: a, host: b, source: {command: {argv: [/bin/issue]}}, revoke: {argv: [revoke]}}]",
+                "credentials.credentials[0].revoke.argv",
+            ),
+            (
+                "credentials: [{identity: a, host: b, source: {command: {argv: [/bin/issue]}}, revoke: {argv: [/bin/r], timeout: 0s}}]",
+                "credentials.credentials[0].revoke.timeout",
+            ),
             ("credentials: [{identity: a, host: b, inject: {bearer: '{jwt}'}}]", "credentials.jwt.issuer"),
             ("jwt: { lifetime: 30s }", "credentials.jwt.lifetime"),
             (
@@ -605,6 +659,9 @@ oidc:
             assert_eq!(f, field, "{yaml}: {reason}");
             assert!(!reason.is_empty());
         }
+        parse("credentials: [{identity: a, host: b, source: {command: {argv: [/bin/issue], output: json}}, revoke: {argv: [/bin/revoke]}}]")
+            .validate()
+            .unwrap();
         parse("oidc: [{issuer: x, audiences: [a], jwks_url: 'http://127.0.0.1:8080/jwks'}]").validate().unwrap();
         parse("oidc: [{issuer: x, audiences: [a], jwks_url: 'http://[::1]:8080/jwks'}]").validate().unwrap();
     }

@@ -9,6 +9,8 @@
 //! * [`swap`]: removes the job's key from a request head and injects the
 //!   gateway-held credential (`Authorization: Bearer …`, Basic, a custom header
 //!   or a query parameter), or a freshly minted JWT.
+//! * [`lease`]: per-session credentials (entries with `revoke`), issued
+//!   when a session first needs one and revoked when it ends.
 //! * [`jwt`]: short-lived JWTs (ES256 or EdDSA) signed by rotating keys kept
 //!   in `state_dir/jwt/`, with a JWKS document so backends can verify callers.
 //! * [`oidc`]: validation of OIDC ID tokens a job presents (e.g. the CI
@@ -23,6 +25,7 @@ pub mod config;
 mod glob;
 pub(crate) mod http_fetch;
 pub mod jwt;
+pub mod lease;
 pub mod oidc;
 pub mod secret;
 pub mod store;
@@ -33,10 +36,12 @@ mod test_support;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    CommandSource, CredentialEntry, CredentialsConfig, Injection, JwtAlgorithm, JwtConfig, OidcProvider, Source,
+    CommandSource, CredentialEntry, CredentialsConfig, Injection, JwtAlgorithm, JwtConfig, OidcProvider, RevokeCommand,
+    Source,
 };
 pub use jwt::{GatewayClaims, JwtError, MintRequest, MintedToken, Minter};
+pub use lease::{LeaseHolder, SessionLeases};
 pub use oidc::{OidcError, OidcValidator, VerifiedClaims};
 pub use secret::SecretString;
-pub use store::{Credential, CredentialStore, StoreError};
+pub use store::{Credential, CredentialStore, SessionIssue, StoreError};
 pub use swap::{apply_swap, prepare, RenderedInjection, SwapError, SwapOutcome, SwapTarget};

@@ -10,6 +10,10 @@
 //! [`CredentialStore::refresh_due`] reads such entries again
 //! `refresh_before` their expiry, and a lookup reports the expiry so that
 //! the gate never sends an expired value (it refuses instead).
+//!
+//! An entry with `revoke` is per session: nothing is read at load, and a
+//! lookup hands out its [`SessionIssue`], which each session runs on its
+//! own (`super::lease`).
 
 use std::{
     io::Read,
@@ -24,7 +28,7 @@ use std::{
 use zeroize::Zeroizing;
 
 use super::{
-    config::{CommandOutput, CommandSource, CredentialEntry, Injection, Source},
+    config::{CommandOutput, CredentialEntry, Injection, RevokeCommand, Source},
     glob,
     secret::SecretString,
 };
@@ -51,6 +55,42 @@ pub struct Credential {
     pub entry: usize,
     /// When the value expires, if its source says.
     pub expires_at: Option<SystemTime>,
+    /// For a per-session entry (`revoke` set): how a session gets its own
+    /// value; `value` is then `None` until the session has issued one.
+    pub per_session: Option<Arc<SessionIssue>>,
+}
+
+/// How a per-session credential is issued and revoked.
+#[derive(Debug)]
+pub struct SessionIssue {
+    /// Index of the entry in the configuration.
+    pub entry: usize,
+    source: Source,
+    /// The command that revokes an issued value.
+    pub revoke: RevokeCommand,
+}
+
+/// A value issued for one session.
+pub struct Issued {
+    /// The credential.
+    pub value: SecretString,
+    /// When it expires, if the source says.
+    pub expires_at: Option<SystemTime>,
+    /// The source's handle on it (a Vault lease id), for the revoke command.
+    pub lease_id: Option<String>,
+}
+
+impl SessionIssue {
+    /// Runs the source once for a new value. Blocks (a child process): call
+    /// it through `spawn_blocking`.
+    pub fn issue(&self) -> Result<Issued, String> {
+        let now = SystemTime::now();
+        let read = read_source(&self.source, LoadOptions { file_owner: ROOT_UID }, now)?;
+        if read.expires_at.is_some_and(|at| at <= now) {
+            return Err(format!("{}: the issued value has already expired", describe(&self.source)));
+        }
+        Ok(Issued { value: read.value, expires_at: read.expires_at, lease_id: read.lease_id })
+    }
 }
 
 impl Credential {
@@ -71,6 +111,23 @@ struct Loaded {
     expires_at: Option<SystemTime>,
     /// When to read the source again (before `expires_at`, or a retry).
     refresh_at: Option<SystemTime>,
+    /// Set for a per-session entry, which holds no value of its own.
+    per_session: Option<Arc<SessionIssue>>,
+}
+
+impl Loaded {
+    /// A copy with `refresh_at` replaced (the value is shared, not re-read).
+    fn with_refresh_at(&self, refresh_at: Option<SystemTime>) -> Loaded {
+        Loaded {
+            identity: self.identity.clone(),
+            host: self.host.clone(),
+            value: self.value.clone(),
+            inject: self.inject.clone(),
+            expires_at: self.expires_at,
+            refresh_at,
+            per_session: self.per_session.clone(),
+        }
+    }
 }
 
 /// Pause between attempts when refreshing an expiring credential fails.
@@ -150,6 +207,7 @@ impl CredentialStore {
                 inject: e.inject.clone(),
                 entry,
                 expires_at: e.expires_at,
+                per_session: e.per_session.clone(),
             })
     }
 
@@ -191,17 +249,7 @@ impl CredentialStore {
                         expires_at = old.expires_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
                         "refreshing an expiring credential failed; it will not be sent once expired"
                     );
-                    updated.push((
-                        index,
-                        Loaded {
-                            identity: old.identity.clone(),
-                            host: old.host.clone(),
-                            value: old.value.clone(),
-                            inject: old.inject.clone(),
-                            expires_at: old.expires_at,
-                            refresh_at: Some(now + REFRESH_RETRY),
-                        },
-                    ));
+                    updated.push((index, old.with_refresh_at(Some(now + REFRESH_RETRY))));
                 }
             }
         }
@@ -212,14 +260,7 @@ impl CredentialStore {
             for (i, l) in loaded.iter().enumerate() {
                 match updated.iter().position(|(u, _)| *u == i) {
                     Some(p) => next.push(updated.swap_remove(p).1),
-                    None => next.push(Loaded {
-                        identity: l.identity.clone(),
-                        host: l.host.clone(),
-                        value: l.value.clone(),
-                        inject: l.inject.clone(),
-                        expires_at: l.expires_at,
-                        refresh_at: l.refresh_at,
-                    }),
+                    None => next.push(l.with_refresh_at(l.refresh_at)),
                 }
             }
             *guard = Arc::new(next);
@@ -231,7 +272,10 @@ impl CredentialStore {
     /// must run periodically).
     pub fn has_expiring(&self) -> bool {
         let entries = read(&self.entries);
-        entries.iter().any(|e| matches!(&e.source, Some(Source::Command(c)) if c.output == CommandOutput::Json))
+        // Per-session values are issued by each session, not refreshed here.
+        entries.iter().any(|e| {
+            e.revoke.is_none() && matches!(&e.source, Some(Source::Command(c)) if c.output == CommandOutput::Json)
+        })
     }
 
     /// Number of loaded entries.
@@ -278,12 +322,23 @@ fn load_entry(
     options: LoadOptions,
     now: SystemTime,
 ) -> Result<Loaded, StoreError> {
+    if let (Some(revoke), Some(source)) = (&entry.revoke, &entry.source) {
+        // Per session: each session runs the source for a value of its own.
+        return Ok(Loaded {
+            identity: entry.identity.clone(),
+            host: entry.host.clone(),
+            value: None,
+            inject: entry.inject.clone(),
+            expires_at: None,
+            refresh_at: None,
+            per_session: Some(Arc::new(SessionIssue { entry: index, source: source.clone(), revoke: revoke.clone() })),
+        });
+    }
     let (value, expires_at) = match &entry.source {
         None => (None, None),
         Some(source) => {
-            let (value, expires_at) =
-                read_source(source, options, now).map_err(|reason| StoreError { index, reason })?;
-            (Some(value), expires_at)
+            let read = read_source(source, options, now).map_err(|reason| StoreError { index, reason })?;
+            (Some(read.value), read.expires_at)
         }
     };
     if expires_at.is_some_and(|at| at <= now) {
@@ -297,6 +352,7 @@ fn load_entry(
         inject: entry.inject.clone(),
         expires_at,
         refresh_at,
+        per_session: None,
     })
 }
 
@@ -306,7 +362,7 @@ fn load_entry(
 /// store. An expiry a JSON command reports is ignored: the caller reads the
 /// source again at every use (every connection).
 pub fn read_gateway_secret(source: &Source) -> Result<SecretString, String> {
-    read_source(source, LoadOptions { file_owner: ROOT_UID }, SystemTime::now()).map(|(value, _)| value)
+    read_source(source, LoadOptions { file_owner: ROOT_UID }, SystemTime::now()).map(|read| read.value)
 }
 
 fn describe_entry(entry: &CredentialEntry) -> String {
@@ -322,14 +378,19 @@ struct JsonOutput {
     expires_at: Option<time::OffsetDateTime>,
     #[serde(default)]
     expires_in: Option<u64>,
+    #[serde(default)]
+    lease_id: Option<String>,
 }
 
-fn read_source(
-    source: &Source,
-    options: LoadOptions,
-    now: SystemTime,
-) -> Result<(SecretString, Option<SystemTime>), String> {
-    let mut expires_at = None;
+/// What a source gave.
+struct SourceRead {
+    value: SecretString,
+    expires_at: Option<SystemTime>,
+    lease_id: Option<String>,
+}
+
+fn read_source(source: &Source, options: LoadOptions, now: SystemTime) -> Result<SourceRead, String> {
+    let (mut expires_at, mut lease_id) = (None, None);
     let raw = match source {
         Source::File(path) => read_file(path, options)?,
         Source::Env(name) => match std::env::var(name) {
@@ -338,7 +399,7 @@ fn read_source(
             Err(std::env::VarError::NotUnicode(_)) => return Err(format!("env: `{name}` is not valid UTF-8")),
         },
         Source::Command(cmd) => {
-            let out = run_command(cmd)?;
+            let out = run_command(&cmd.argv, cmd.timeout, None)?;
             match cmd.output {
                 CommandOutput::Text => out,
                 CommandOutput::Json => {
@@ -362,6 +423,7 @@ fn read_source(
                             ))
                         }
                     };
+                    lease_id = parsed.lease_id;
                     Zeroizing::new(parsed.credential)
                 }
             }
@@ -371,7 +433,7 @@ fn read_source(
     if value.is_empty() {
         return Err(format!("{}: the value is empty", describe(source)));
     }
-    Ok((SecretString::new(value.to_owned()), expires_at))
+    Ok(SourceRead { value: SecretString::new(value.to_owned()), expires_at, lease_id })
 }
 
 fn describe(source: &Source) -> String {
@@ -414,16 +476,29 @@ fn read_file(path: &Path, options: LoadOptions) -> Result<Zeroizing<String>, Str
 
 /// Runs the command without a shell and with a deadline. Its stderr goes into
 /// the error (commands print diagnostics there), its stdout never does.
-fn run_command(cmd: &CommandSource) -> Result<Zeroizing<String>, String> {
-    let program = cmd.argv.first().ok_or_else(|| "command: empty argv".to_string())?;
+/// `input`, when given, is written to its standard input (which is closed
+/// after it), from a thread of its own like the pipes it reads.
+pub(crate) fn run_command(
+    argv: &[String],
+    timeout: Duration,
+    input: Option<Zeroizing<Vec<u8>>>,
+) -> Result<Zeroizing<String>, String> {
+    let program = argv.first().ok_or_else(|| "command: empty argv".to_string())?;
     let at = || format!("command: {program}");
     let mut child = Command::new(program)
-        .args(&cmd.argv[1..])
-        .stdin(Stdio::null())
+        .args(&argv[1..])
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("{}: cannot start: {e}", at()))?;
+    if let (Some(mut stdin), Some(input)) = (child.stdin.take(), input) {
+        // A command that never reads must not block us: the deadline below
+        // still applies, and a write error (it exited) is its own business.
+        thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut stdin, &input);
+        });
+    }
     // Pipes are drained on their own threads so a chatty command cannot block
     // on a full pipe while we wait for it to exit.
     let stdout = child.stdout.take().map(|mut out| {
@@ -440,14 +515,14 @@ fn run_command(cmd: &CommandSource) -> Result<Zeroizing<String>, String> {
             buf
         })
     });
-    let deadline = Instant::now() + cmd.timeout;
+    let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{}: timed out after {:?}", at(), cmd.timeout));
+                return Err(format!("{}: timed out after {timeout:?}", at()));
             }
             Ok(None) => thread::sleep(Duration::from_millis(10)),
             Err(e) => return Err(format!("{}: {e}", at())),
@@ -469,6 +544,7 @@ mod tests {
     use std::{io::Write, os::unix::fs::PermissionsExt, path::PathBuf};
 
     use super::*;
+    use crate::credentials::config::CommandSource;
 
     fn entry(identity: &str, host: &str, source: Source) -> CredentialEntry {
         CredentialEntry {

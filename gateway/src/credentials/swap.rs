@@ -472,13 +472,23 @@ mod tests {
                 .unwrap();
         let mint =
             MintRequest { subject: "spiffe://ci/x".into(), audience: "api.example".into(), ..Default::default() };
-        let static_cred =
-            Credential { value: Some(secret(NEW)), inject: Injection::default(), entry: 0, expires_at: None };
+        let static_cred = Credential {
+            value: Some(secret(NEW)),
+            inject: Injection::default(),
+            entry: 0,
+            expires_at: None,
+            per_session: None,
+        };
         let RenderedInjection::Header { value, .. } = prepare(&static_cred, None, &mint).unwrap() else { panic!() };
         assert_eq!(value, format!("Bearer {NEW}").as_str());
 
-        let jwt_cred =
-            Credential { value: None, inject: Injection::Bearer("{jwt}".into()), entry: 1, expires_at: None };
+        let jwt_cred = Credential {
+            value: None,
+            inject: Injection::Bearer("{jwt}".into()),
+            entry: 1,
+            expires_at: None,
+            per_session: None,
+        };
         assert!(matches!(prepare(&jwt_cred, None, &mint), Err(SwapError::MissingJwt)));
         let RenderedInjection::Header { value, .. } = prepare(&jwt_cred, Some(&minter), &mint).unwrap() else {
             panic!()

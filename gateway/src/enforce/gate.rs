@@ -274,6 +274,9 @@ pub struct Passage {
     /// The destination's `uninspectable`, judged once per connection (by
     /// its address, like every connection-level decision), not per request.
     uninspectable: std::sync::OnceLock<policy::Uninspectable>,
+    /// Per-session credentials this connection was issued, revoked when the
+    /// passage (the connection) is dropped.
+    leases: crate::credentials::SessionLeases,
 }
 
 impl Gate {
@@ -286,6 +289,7 @@ impl Gate {
             session: None,
             refused: AtomicU64::new(0),
             uninspectable: std::sync::OnceLock::new(),
+            leases: Default::default(),
         }
     }
 
@@ -637,7 +641,10 @@ impl Passage {
     pub async fn judge(&self, req: &Judged, hits: Vec<Hit>, swap: Option<&mut SwapFn<'_>>) -> Judgement {
         let host = req.host.as_str();
         let identity = &self.conn.caller.identity;
-        let credential = swap.as_ref().map(|_| self.usable_credential(host));
+        let credential = match swap {
+            Some(_) => Some(self.usable_credential(host).await),
+            None => None,
+        };
         // Why the gateway could not supply the credential a swap called for.
         let mut unavailable: Option<(CredentialProblem, String)> = None;
         let mut seen = HashSet::new();
@@ -871,11 +878,36 @@ impl Passage {
 
     /// The credential held for the caller and `host`, if there is one that
     /// may be sent: an expired value (its refresh failed) is never sent.
-    fn usable_credential(&self, host: &str) -> Result<crate::credentials::Credential, (CredentialProblem, String)> {
+    async fn usable_credential(
+        &self,
+        host: &str,
+    ) -> Result<crate::credentials::Credential, (CredentialProblem, String)> {
         let identity = &self.conn.caller.identity;
-        let Some(credential) = self.gate.credentials.lookup(&identity.uri, host) else {
+        let Some(mut credential) = self.gate.credentials.lookup(&identity.uri, host) else {
             return Err((CredentialProblem::NotHeld, NO_CREDENTIAL.to_owned()));
         };
+        if let Some(issue) = &credential.per_session {
+            let holder =
+                crate::credentials::LeaseHolder { identity: identity.uri.clone(), destination: host.to_owned() };
+            match self.leases.credential(issue, holder).await {
+                Ok((value, expires_at)) => (credential.value, credential.expires_at) = (Some(value), expires_at),
+                Err(e) => {
+                    tracing::error!(
+                        target: FINDING_TARGET,
+                        conn_id = self.conn.id,
+                        identity = identity.uri,
+                        host,
+                        credential_entry = credential.entry,
+                        error = %e,
+                        "issuing a per-session credential failed: the request is refused"
+                    );
+                    return Err((
+                        CredentialProblem::Unusable,
+                        format!("the credential for this identity and destination could not be issued: {e}"),
+                    ));
+                }
+            }
+        }
         let now = std::time::SystemTime::now();
         if credential.expired(now) {
             let at =
@@ -909,10 +941,10 @@ impl Passage {
     /// injection's header or parameter. Without a held credential, or when
     /// it cannot be rendered, the request is refused (and recorded as such):
     /// never sent without the credential the policy says it must carry.
-    pub fn inject(&self, req: &Judged, apply: &mut SwapFn<'_>) -> Result<(), Refusal> {
+    pub async fn inject(&self, req: &Judged, apply: &mut SwapFn<'_>) -> Result<(), Refusal> {
         let identity = &self.conn.caller.identity;
         let host = req.host.as_str();
-        let injected = match self.usable_credential(host) {
+        let injected = match self.usable_credential(host).await {
             Err(problem) => Err(problem),
             Ok(credential) => self
                 .swap(&credential, host, &req.verified)

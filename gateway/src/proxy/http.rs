@@ -503,7 +503,7 @@ impl Inspector for HttpGate {
             let mut inject = |targets: &[SwapTarget], rendered: &RenderedInjection| {
                 apply_swap(parts, targets, rendered).map(|_| ()).map_err(|e| e.to_string())
             };
-            if let Err(refusal) = self.passage.inject(&judged, &mut inject) {
+            if let Err(refusal) = self.passage.inject(&judged, &mut inject).await {
                 let response = render(&refusal, client);
                 let body = BodyGate::draining(self.passage.clone(), judged, capture, parts, refusal);
                 return HeadVerdict::RespondAfterBody { response, body, watch: Some(watch) };
