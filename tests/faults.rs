@@ -1,7 +1,9 @@
 //! Faults injected into a running gateway (issue 17): its stores' disk
-//! fills up and frees again. Real eBPF redirect, a real gateway, curl in the
-//! intercepted cgroup, a real HTTPS upstream, and the session and findings
-//! databases on a small tmpfs the test mounts and fills.
+//! fills up and frees again, it is killed over and over, its upstream fails,
+//! its intercepted cgroup goes away, its own cgroup is frozen, its clock
+//! jumps. Real eBPF redirect, a real gateway, curl in the intercepted
+//! cgroup, a real HTTPS upstream, and the session and findings databases on
+//! a small tmpfs the test mounts.
 
 use std::{
     path::{Path, PathBuf},
@@ -87,6 +89,11 @@ struct Scene {
 
 impl Scene {
     fn start(name: &str, disk: &SmallDisk, on_failure: &str) -> Scene {
+        Scene::start_with(name, disk, on_failure, |_| {})
+    }
+
+    /// [`Scene::start`] with the gateway's options adjusted by `tweak`.
+    fn start_with(name: &str, disk: &SmallDisk, on_failure: &str, tweak: impl FnOnce(&mut GatewayOptions)) -> Scene {
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST]);
@@ -103,6 +110,7 @@ impl Scene {
             sessions = disk.path().join("sessions.db").display(),
             findings = disk.path().join("findings.db").display(),
         );
+        tweak(&mut opts);
         let gw = TestGateway::start(opts);
         let gateway_ca = gw.dir.path().join("gateway-ca.pem");
         let out = gw.cli(&["ca", "export", "--out", gateway_ca.to_str().expect("utf8")]);
@@ -744,4 +752,136 @@ fn an_intercepted_cgroup_removed_and_created_again_is_intercepted_again() {
     );
     assert_eq!(scene.upstream.requests().len(), before, "a keyed request reached the server");
     assert_eq!(scene.post("/clean", 1, None).0, 200, "clean requests still pass");
+}
+
+/// A cgroup of its own for the gateway process, to freeze it: thawed and
+/// removed at drop (after the gateway, declared before it, has exited).
+struct OwnCgroup {
+    dir: PathBuf,
+}
+
+impl OwnCgroup {
+    fn holding(name: &str, pid: u32) -> OwnCgroup {
+        let dir = gateway_tests::cgroup2_mount().join("gateway-tests").join(format!("{name}-self"));
+        std::fs::create_dir_all(&dir).expect("create the gateway's own cgroup");
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("move the gateway into its own cgroup");
+        OwnCgroup { dir }
+    }
+
+    fn freeze(&self, frozen: bool) {
+        std::fs::write(self.dir.join("cgroup.freeze"), if frozen { "1" } else { "0" }).expect("cgroup.freeze");
+        let want = format!("frozen {}", u8::from(frozen));
+        wait_for("the freezer to settle", || {
+            let events = std::fs::read_to_string(self.dir.join("cgroup.events")).expect("cgroup.events");
+            if events.lines().any(|l| l == want) {
+                Ok(())
+            } else {
+                Err(events)
+            }
+        });
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("cgroup.freeze"), "0");
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        eprintln!("could not remove {}", self.dir.display());
+    }
+}
+
+/// The gateway's own cgroup frozen for a few seconds while jobs connect:
+/// their connections wait (nothing reaches the server, nothing goes around
+/// the gateway), and once thawed each is inspected as usual: the keyed one
+/// blocked, the clean one served. The gateway then reports the stall.
+#[test]
+fn a_frozen_gateway_holds_jobs_back_and_reports_the_stall() {
+    let disk = SmallDisk::mount(64);
+    let token = github_token();
+    let auth = format!("authorization: token {token}");
+    let own;
+    let scene = Scene::start("frozen", &disk, "refuse");
+    let pid = scene.gw.child.as_ref().expect("gateway").id();
+    own = OwnCgroup::holding("frozen", pid);
+    assert_eq!(scene.post("/before", 1, None).0, 200);
+    let before = scene.upstream.requests().len();
+
+    own.freeze(true);
+    let (keyed, clean) = std::thread::scope(|s| {
+        let keyed = s.spawn(|| scene.post("/while-frozen/keyed", 1, Some(&auth)));
+        let clean = s.spawn(|| scene.post("/while-frozen/clean", 1, None));
+        std::thread::sleep(std::time::Duration::from_secs(4));
+        assert_eq!(
+            scene.upstream.requests().len(),
+            before,
+            "a request reached the server while the gateway was frozen"
+        );
+        assert!(!keyed.is_finished() && !clean.is_finished(), "the jobs wait for the gateway");
+        own.freeze(false);
+        (keyed.join().expect("keyed"), clean.join().expect("clean"))
+    });
+    assert_eq!(keyed.0, 403, "the keyed request is inspected after the thaw: {}", keyed.1);
+    assert!(!keyed.1.contains(&token));
+    assert_eq!(clean.0, 200, "the clean request is served after the thaw: {}", clean.1);
+    assert_eq!(scene.upstream.requests().len(), before + 1, "only the clean request reached the server");
+    wait_for("the stall is reported", || match scene.gw.log_messages_with("event", "gateway_stalled").as_slice() {
+        [one] if one["stalled_s"].as_f64().is_some_and(|s| s >= 3.0) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    scene.verify_all();
+}
+
+/// The gateway's wall clock jumps forward, then back past where it was
+/// (libfaketime, for the gateway process only; its monotonic clock runs
+/// on): each jump is an event, a job's key is still blocked after each, and
+/// every recorded session still verifies although its timestamps went back.
+#[test]
+fn clock_jumps_are_reported_and_let_nothing_through() {
+    const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install Debian's `faketime` (cargo xtask test does)"
+    );
+    let disk = SmallDisk::mount(64);
+    let clock = disk.path().join("faketime");
+    std::fs::write(&clock, "+0\n").expect("write the clock offset");
+    let scene = Scene::start_with("clock-jump", &disk, "refuse", |opts| {
+        opts.env.extend([
+            ("LD_PRELOAD".to_owned(), LIBFAKETIME.to_owned()),
+            ("FAKETIME_TIMESTAMP_FILE".to_owned(), clock.display().to_string()),
+            ("FAKETIME_NO_CACHE".to_owned(), "1".to_owned()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
+        ]);
+    });
+    let token = github_token();
+    let auth = format!("authorization: token {token}");
+    let jumps = || scene.gw.log_messages_with("event", "clock_jumped");
+    assert_eq!(scene.post("/before", 1, Some(&auth)).0, 403);
+    assert!(jumps().is_empty(), "no jump yet: {:?}", jumps());
+    let served = scene.upstream.requests().len();
+
+    // Forward two minutes (less than minted leaves are backdated, so jobs
+    // still accept them), then back four.
+    for (offset, by, n) in [("+120", 120.0, 1), ("-120", -240.0, 2)] {
+        std::fs::write(&clock, format!("{offset}\n")).expect("jump");
+        let seen = wait_for("the jump is reported", || match jumps().as_slice() {
+            all if all.len() == n => Ok(all[n - 1].clone()),
+            other => Err(format!("{other:?}")),
+        });
+        let got = seen["by_s"].as_f64().expect("by_s");
+        assert!((got - by).abs() < 5.0, "jumped by {got} s, expected about {by}");
+        assert_eq!(
+            scene.post(&format!("/after{offset}/keyed"), 1, Some(&auth)).0,
+            403,
+            "a key went through after a jump"
+        );
+        assert_eq!(scene.post(&format!("/after{offset}/clean"), 1, None).0, 200);
+    }
+    assert_eq!(scene.upstream.requests().len(), served + 2, "only the clean requests reached the server");
+    scene.verify_all();
 }

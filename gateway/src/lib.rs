@@ -37,3 +37,4 @@ pub mod relay;
 pub mod sqlite;
 pub mod term;
 pub mod tls;
+pub mod watchdog;

@@ -209,6 +209,9 @@ pub struct Metrics {
     policy_seconds: [Histogram; RequestKind::ALL.len()],
     upstream_connect_seconds: Histogram,
     upstream_response_seconds: Histogram,
+    stalls: Counter,
+    /// `[backward, forward]`.
+    clock_jumps: [Counter; 2],
     live: Arc<Live>,
 }
 
@@ -326,6 +329,20 @@ impl Metrics {
             upstream_response_seconds.clone(),
         );
 
+        let stalls = Counter::default();
+        registry.register(
+            "gateway_stalls",
+            "Times the gateway itself stopped running for seconds (its cgroup frozen, the host suspended, starved of CPU)",
+            stalls.clone(),
+        );
+        let jumps_family = Family::<Labels1, Counter>::default();
+        registry.register(
+            "gateway_clock_jumps",
+            "Wall-clock jumps the gateway noticed, by direction",
+            jumps_family.clone(),
+        );
+        let clock_jumps = ["backward", "forward"].map(|d| jumps_family.get_or_create(&[("direction", d)]).clone());
+
         let live = Arc::new(Live::default());
         registry.register_collector(Box::new(live.clone()));
 
@@ -344,8 +361,20 @@ impl Metrics {
             policy_seconds,
             upstream_connect_seconds,
             upstream_response_seconds,
+            stalls,
+            clock_jumps,
             live,
         }
+    }
+
+    /// Counts a stall of the gateway ([`crate::watchdog`]).
+    pub fn stall(&self) {
+        self.stalls.inc();
+    }
+
+    /// Counts a wall-clock jump ([`crate::watchdog`]).
+    pub fn clock_jump(&self, forward: bool) {
+        self.clock_jumps[usize::from(forward)].inc();
     }
 
     /// The metrics as OpenMetrics text ([`CONTENT_TYPE`]).

@@ -156,6 +156,8 @@ const APT_TEST: &[&str] = &[
     // promtool: tests/metrics.rs checks deploy/prometheus/alerts.yml with
     // `promtool check rules` (the package also ships the server, unused).
     "prometheus",
+    // libfaketime: tests/faults.rs jumps the gateway's wall clock.
+    "faketime",
 ];
 
 /// Debian packages `cargo xtask package` uses: objcopy, dpkg-shlibdeps.

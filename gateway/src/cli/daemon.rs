@@ -233,6 +233,7 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         .map(|ring| tokio::spawn(intercept::alerts::run(ring, namespaces.clone(), shutdown.clone())));
     let namespaces_task = tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
     tokio::spawn(release_freed_memory(shutdown.clone()));
+    tokio::spawn(crate::watchdog::run(metrics.clone(), shutdown.clone()));
     tracing::info!(
         cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
         destinations = destinations_count,
