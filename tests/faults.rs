@@ -193,8 +193,58 @@ impl Scene {
 /// disk has room again; a key sent meanwhile is blocked and its finding is
 /// written once the findings database recovers. With `serve`, everything is
 /// served and everything is recorded after recovery.
+/// What keeps the stores from writing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StoreFault {
+    /// The disk under them is full.
+    DiskFull,
+    /// Another process holds their write lock (SQLite busy).
+    Locked,
+}
+
+/// Another process holding both databases' write locks (`BEGIN
+/// EXCLUSIVE`) until dropped: the gateway's writers get SQLITE_BUSY once
+/// their `busy_timeout` runs out.
+struct StoreLock {
+    child: std::process::Child,
+}
+
+impl StoreLock {
+    fn hold(dir: &Path) -> StoreLock {
+        use std::io::BufRead as _;
+        let script = "import sqlite3, sys\n\
+                      held = [sqlite3.connect(p, isolation_level=None, timeout=30) for p in sys.argv[1:]]\n\
+                      for c in held: c.execute('BEGIN EXCLUSIVE')\n\
+                      print('locked', flush=True)\n\
+                      sys.stdin.read()\n";
+        let mut child = Command::new("python3")
+            .args(["-c", script])
+            .arg(dir.join("sessions.db"))
+            .arg(dir.join("findings.db"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read");
+        assert_eq!(line.trim(), "locked", "the lock holder did not take the locks");
+        StoreLock { child }
+    }
+}
+
+impl Drop for StoreLock {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn full_disk(name: &str, on_failure: &str) {
-    let disk = SmallDisk::mount(6);
+    store_fault(name, on_failure, StoreFault::DiskFull);
+}
+
+fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
+    let disk = SmallDisk::mount(if fault == StoreFault::DiskFull { 6 } else { 64 });
     let scene = Scene::start(name, &disk, on_failure);
     let refuse = on_failure == "refuse";
 
@@ -213,13 +263,25 @@ fn full_disk(name: &str, on_failure: &str) {
         }
     });
 
-    disk.fill();
+    let mut lock = None;
+    match fault {
+        StoreFault::DiskFull => disk.fill(),
+        StoreFault::Locked => lock = Some(StoreLock::hold(disk.path())),
+    }
     // Bodies big enough that the write-ahead log must grow: the first
     // commit that needs space fails.
     let mut refused_body = None;
-    for i in 0..200 {
+    // A locked database fails a commit only after the writer's busy
+    // timeout (10 s): until then requests are served and queued.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let body_kib = if fault == StoreFault::DiskFull { 48 } else { 4 };
+    for i in 0.. {
+        assert!(std::time::Instant::now() < deadline, "the stores' failure was never noticed");
+        if fault == StoreFault::DiskFull && i >= 200 {
+            break;
+        }
         let path = format!("/while-full/{i}");
-        let (status, body) = scene.post(&path, 48, None);
+        let (status, body) = scene.post(&path, body_kib, None);
         match status {
             200 => forwarded.push(path),
             503 if refuse => {
@@ -255,8 +317,11 @@ fn full_disk(name: &str, on_failure: &str) {
     assert_eq!(status, if refuse { 503 } else { 403 }, "a key is blocked whatever the disk says");
     assert_eq!(scene.upstream.requests().len(), before, "the keyed request reached the server");
 
-    disk.free();
-    wait_for("requests pass again once the disk has room", || {
+    match fault {
+        StoreFault::DiskFull => disk.free(),
+        StoreFault::Locked => drop(lock.take()),
+    }
+    wait_for("requests pass again once the stores can write", || {
         let path = "/after/probe".to_owned();
         match scene.post(&path, 1, None) {
             (200, _) => Ok(()),
@@ -321,6 +386,14 @@ fn a_full_disk_refuses_what_must_be_recorded_and_loses_nothing_it_acknowledged()
 #[test]
 fn a_full_disk_with_on_failure_serve_keeps_serving_and_records_everything_after() {
     full_disk("disk-serve", "serve");
+}
+
+/// The same while another process holds both databases' write locks
+/// (SQLite busy), with `refuse` and with `serve`.
+#[test]
+fn locked_stores_refuse_what_must_be_recorded_and_lose_nothing_once_released() {
+    store_fault("busy-refuse", "refuse", StoreFault::Locked);
+    store_fault("busy-serve", "serve", StoreFault::Locked);
 }
 
 /// The finding ids (`F-<n>`) a refusal names.
