@@ -958,3 +958,54 @@ fn clock_jumps_are_reported_and_let_nothing_through() {
     assert_eq!(scene.upstream.requests().len(), served + 2, "only the clean requests reached the server");
     scene.verify_all();
 }
+
+/// A bpf file system of the test's own, unmounted at drop.
+struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    fn mount() -> PrivateBpffs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(dir.path()).output().expect("run mount");
+        assert!(out.status.success(), "mount bpffs: {}", String::from_utf8_lossy(&out.stderr));
+        PrivateBpffs { dir }
+    }
+
+    fn unmount(&self) {
+        let out = Command::new("umount").arg("-l").arg(self.dir.path()).output().expect("run umount");
+        assert!(out.status.success(), "umount bpffs: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).output();
+    }
+}
+
+/// The bpf file system holding the gateway's pins unmounted while it runs:
+/// jobs are still captured (the gateway holds the links), a keyed request
+/// is still blocked, and a `pins_lost` event says that a stop would now
+/// leave jobs uncaptured.
+#[test]
+fn bpffs_unmounted_under_the_gateway_is_reported_and_lets_nothing_through() {
+    let disk = SmallDisk::mount(64);
+    let bpffs = PrivateBpffs::mount();
+    let pins = bpffs.dir.path().join("gw");
+    let scene = Scene::start_with("bpffs-gone", &disk, "refuse", |opts| opts.bpffs_dir = Some(pins.clone()));
+    let token = github_token();
+    let auth = format!("authorization: token {token}");
+    assert_eq!(scene.post("/before", 1, Some(&auth)).0, 403);
+    assert!(pins.join("links").is_dir(), "the links are pinned on the private bpffs");
+
+    bpffs.unmount();
+    wait_for("the lost pins are reported", || match scene.gw.log_messages_with("event", "pins_lost").as_slice() {
+        [one] if one["missing"].as_u64().is_some_and(|n| n > 0) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    let served = scene.upstream.requests().len();
+    assert_eq!(scene.post("/after/keyed", 1, Some(&auth)).0, 403, "a key went through after bpffs was unmounted");
+    assert_eq!(scene.post("/after/clean", 1, None).0, 200, "jobs are still served");
+    assert_eq!(scene.upstream.requests().len(), served + 1, "only the clean request reached the server");
+}

@@ -123,6 +123,9 @@ pub struct GatewayOptions {
     pub intercept_yaml: String,
     /// Extra lines under `api:` (each indented by two spaces).
     pub api_yaml: String,
+    /// The bpffs pin directory; `None`: one of the tests' own below
+    /// /sys/fs/bpf/gateway-tests.
+    pub bpffs_dir: Option<PathBuf>,
     /// Start the gateway process itself inside the intercepted cgroup.
     pub gateway_in_cgroup: bool,
     /// A policy file's content; `None` runs the built-in policy.
@@ -150,6 +153,7 @@ impl GatewayOptions {
             proxy_yaml: String::new(),
             intercept_yaml: String::new(),
             api_yaml: String::new(),
+            bpffs_dir: None,
             gateway_in_cgroup: false,
             policy_yaml: None,
             extra_cgroups: Vec::new(),
@@ -214,7 +218,8 @@ impl TestGateway {
         let tag = format!("{}-{}", opts.name, std::process::id());
         let cgroup_parent = cgroup2_mount().join("gateway-tests");
         let cgroup_rel = format!("gateway-tests/{tag}");
-        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/gateway-tests/{tag}"));
+        let bpffs_dir =
+            opts.bpffs_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/sys/fs/bpf/gateway-tests/{tag}")));
         let proxy_port = unique_port();
         let api_port = unique_port();
         let mut cgroups = format!("{{path: {cgroup_rel}, create: true}}");

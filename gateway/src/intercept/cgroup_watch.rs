@@ -80,6 +80,7 @@ fn run(interceptor: &Interceptor, mount: &Path, mut watched: Vec<Watched>, shutd
         }
     }
     let timeout = PollTimeout::try_from(CHECK_EVERY).unwrap_or(PollTimeout::NONE);
+    let mut pins_lost = false;
     while !shutdown.is_cancelled() {
         match &inotify {
             Some(inotify) => {
@@ -94,7 +95,26 @@ fn run(interceptor: &Interceptor, mount: &Path, mut watched: Vec<Watched>, shutd
         for w in &mut watched {
             check(interceptor, mount, w);
         }
+        pins_lost = check_pins(interceptor, pins_lost);
     }
+}
+
+/// Reports link pins going missing (and coming back): the programs stay
+/// attached while this process holds their links, but not after it exits.
+fn check_pins(interceptor: &Interceptor, was_lost: bool) -> bool {
+    let missing = interceptor.missing_pins();
+    if missing > 0 && !was_lost {
+        tracing::error!(
+            target: TARGET,
+            event = "pins_lost",
+            missing,
+            "link pins are gone (bpffs unmounted or the pin files removed): jobs are still captured while this \
+             gateway runs, but not after it stops; remount bpffs and restart the gateway"
+        );
+    } else if missing == 0 && was_lost {
+        tracing::info!(target: TARGET, event = "pins_restored", "link pins are back");
+    }
+    missing > 0
 }
 
 /// Compares the cgroup at `w`'s path with the one its programs are on.

@@ -437,6 +437,15 @@ impl Interceptor {
         Ok(())
     }
 
+    /// How many of this gateway's link pins are gone (bpffs unmounted, or
+    /// the files removed). The links stay attached while the gateway holds
+    /// them, but with `on_shutdown: enforce` nothing would keep them once it
+    /// exits: jobs would then connect uncaptured.
+    pub fn missing_pins(&self) -> usize {
+        let Ok(links) = self.links.lock() else { return 0 };
+        links.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_err()).count()
+    }
+
     /// Writes the intercept set to the tries: new entries first, then
     /// stale ones removed, so no intercepted destination is ever missing.
     pub fn set_destinations(&self, set: &InterceptSet) -> Result<(), InterceptError> {
@@ -493,6 +502,17 @@ impl Interceptor {
     pub fn shutdown(mut self, mode: crate::config::ShutdownMode) -> Result<(), InterceptError> {
         match mode {
             crate::config::ShutdownMode::Enforce => {
+                let missing = self.missing_pins();
+                if missing > 0 {
+                    tracing::error!(
+                        target: "gateway::intercept",
+                        event = "pins_lost",
+                        missing,
+                        pin_dir = %self.pin_dir.display(),
+                        "exiting with link pins gone (bpffs unmounted?): those programs detach with this process, \
+                         so jobs connect uncaptured until a gateway starts again"
+                    );
+                }
                 // The pins keep the programs attached; from now on they refuse.
                 let stopped = RedirectConfig { mode: Mode::Deny as u32, gateway_tgid: 0, ..self.redirect };
                 let mut config = self.config.lock().map_err(|_| InterceptError::Missing("config lock"))?;
