@@ -30,12 +30,26 @@
 //! creates: a PostgreSQL cluster and a PgBouncer in temporary directories
 //! on 127.0.0.31 and 127.0.0.32 (stopped on drop), and a gateway with its
 //! own cgroup under `gateway-tests/` and its own pins (removed on drop).
+//!
+//! `PG_BENCH_MODE=callgrind` counts instructions instead of time (wall-clock
+//! figures swing with the shared machine's other load; instruction counts do
+//! not). The server (every backend it forks), PgBouncer and the gateway run
+//! under `valgrind --tool=callgrind`; pgbench runs a fixed number of
+//! transactions (`-t`, `PG_BENCH_TRANSACTIONS`, default 1000) on one
+//! connection, N and then 2N, for each leg and each of select-only `-M
+//! simple`, select-only `-M extended` and TPC-B-like `-M simple` (N/4).
+//! Ir/statement is (Ir(2N) - Ir(N)) / (N x statements per transaction), so
+//! start-up, login and the connection's end cancel out. The proxies'
+//! counters are zeroed before each run and dumped once the process went
+//! idle (`callgrind_control`); a backend dumps when it exits, one file per
+//! process. `PG_BENCH_PROFILES=DIR` keeps the gateway's N and 2N dumps for
+//! `callgrind_annotate --inclusive=yes`.
 
 use std::{
     fmt::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, ensure, Context as _, Result};
@@ -114,6 +128,15 @@ impl Leg {
 
 fn main() -> Result<()> {
     ensure!(nix::unistd::geteuid().is_root(), "the postgres benchmark attaches eBPF programs: run it as root");
+    match std::env::var("PG_BENCH_MODE").as_deref() {
+        Ok("tps") | Err(_) => tps(),
+        Ok("callgrind") => callgrind::measure(),
+        Ok(other) => bail!("PG_BENCH_MODE={other}: expected `tps` (the default) or `callgrind`"),
+    }
+}
+
+/// The wall-clock mode: tps of every leg, rounds interleaved.
+fn tps() -> Result<()> {
     let knobs = Knobs::from_env()?;
     let dir = tempfile::tempdir().context("tempdir")?;
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
@@ -123,8 +146,8 @@ fn main() -> Result<()> {
     let password = format!("bench-{}", keys::random(24));
     server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
     server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
-    let bouncer = PgBouncer::start(port, &password, &pki)?;
-    let gw = start_gateway(dir.path(), port, &pki)?;
+    let bouncer = PgBouncer::start(port, &password, &pki, None)?;
+    let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
 
     let conninfo = |leg: Leg| match leg {
         Leg::Direct | Leg::Gateway => format!("host={SERVER_IP} port={port} user=ci dbname=bench sslmode=require"),
@@ -244,7 +267,7 @@ fn main() -> Result<()> {
 /// The gateway: intercepts the server's address and port for its cgroup,
 /// with a statement policy (so every statement is classified and judged)
 /// and static-key findings flagged (the job's password is one).
-fn start_gateway(dir: &Path, port: u16, pki: &Pki) -> Result<TestGateway> {
+fn start_gateway(dir: &Path, port: u16, pki: &Pki, wrapper: Vec<String>) -> Result<TestGateway> {
     let ca_path = dir.join("server-ca.pem");
     std::fs::write(&ca_path, &pki.ca_pem)?;
     let destination = format!("{{cidr: {SERVER_IP}/32, ports: [{port}]}}");
@@ -261,6 +284,11 @@ fn start_gateway(dir: &Path, port: u16, pki: &Pki) -> Result<TestGateway> {
     );
     opts.extra_yaml =
         format!("tls:\n  extra_upstream_cas: [{ca}]\nfindings:\n  default_action: flag\n", ca = ca_path.display());
+    if !wrapper.is_empty() {
+        // Compiling the detector under valgrind takes a while.
+        opts.start_patience = Duration::from_secs(600);
+    }
+    opts.wrapper = wrapper;
     Ok(TestGateway::start(opts))
 }
 
@@ -418,6 +446,49 @@ impl PgServer {
         Ok(server)
     }
 
+    /// Stops the server and starts it again under callgrind, every process
+    /// (each backend is a fork) dumping its counts at exit into
+    /// `<out>/callgrind.<pid>`; autovacuum off, so the only backends are
+    /// the benchmark's. Returns the postmaster's pid.
+    fn restart_under(&mut self, valgrind: &Path, out: &Path) -> Result<u32> {
+        let data = self.dir.path().join("data");
+        let stop = as_postgres(format!("{PG_BIN}/pg_ctl"))?
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output()?;
+        ok("pg_ctl stop", &stop)?;
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        conf.push_str("autovacuum = off\n");
+        std::fs::write(data.join("postgresql.conf"), conf)?;
+        std::fs::create_dir_all(out)?;
+        chown_postgres(out)?;
+        let log = std::fs::File::create(self.dir.path().join("server-valgrind.log"))?;
+        let child = as_postgres(valgrind)?
+            .args(callgrind::VALGRIND_ARGS)
+            .arg(format!("--callgrind-out-file={}/callgrind.%p", out.display()))
+            .arg(format!("{PG_BIN}/postgres"))
+            .arg("-D")
+            .arg(&data)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("run postgres under valgrind")?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect((SERVER_IP, self.port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "postgres under valgrind did not listen within 120 s:\n{}",
+                std::fs::read_to_string(self.dir.path().join("server-valgrind.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // pg_ctl stops it on drop (by postmaster.pid); dropping the handle leaves it running.
+        drop(child);
+        Ok(pid)
+    }
+
     /// Runs SQL as the superuser over the unix socket.
     fn admin_sql(&self, sql: &str) -> Result<String> {
         let out = as_postgres("psql")?
@@ -448,7 +519,8 @@ struct PgBouncer {
 }
 
 impl PgBouncer {
-    fn start(server_port: u16, password: &str, pki: &Pki) -> Result<PgBouncer> {
+    /// `valgrind`: run it under callgrind, its counts dumped to `<dir>/callgrind.out.N`.
+    fn start(server_port: u16, password: &str, pki: &Pki, valgrind: Option<&Path>) -> Result<PgBouncer> {
         let dir = tempfile::tempdir()?;
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         chown_postgres(dir.path())?;
@@ -459,7 +531,7 @@ impl PgBouncer {
             "[databases]\nbench = host={SERVER_IP} port={server_port} dbname=bench\n\
              [pgbouncer]\nlisten_addr = {BOUNCER_IP}\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {d}/userlist.txt\npool_mode = session\n\
-             max_client_conn = 200\ndefault_pool_size = 32\n\
+             max_client_conn = 200\ndefault_pool_size = 32\nserver_idle_timeout = 0\n\
              client_tls_sslmode = require\nclient_tls_cert_file = {d}/server.crt\nclient_tls_key_file = {d}/server.key\n\
              server_tls_sslmode = verify-full\nserver_tls_ca_file = {d}/ca.crt\n\
              logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
@@ -470,14 +542,24 @@ impl PgBouncer {
             std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             chown_postgres(&path)?;
         }
-        let child = as_postgres("pgbouncer")?
+        let mut cmd = match valgrind {
+            Some(valgrind) => {
+                let mut cmd = as_postgres(valgrind)?;
+                cmd.args(callgrind::VALGRIND_ARGS)
+                    .arg(format!("--callgrind-out-file={}", dir.path().join("callgrind.out").display()))
+                    .arg(callgrind::which("pgbouncer").context("pgbouncer not found (cargo xtask setup)")?);
+                cmd
+            }
+            None => as_postgres("pgbouncer")?,
+        };
+        let child = cmd
             .arg(dir.path().join("pgbouncer.ini"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .context("run pgbouncer (install Debian's pgbouncer: cargo xtask setup)")?;
         let mut bouncer = PgBouncer { dir, port, child };
-        for _ in 0..500 {
+        for _ in 0..3000 {
             if std::net::TcpStream::connect((BOUNCER_IP, port)).is_ok() {
                 return Ok(bouncer);
             }
@@ -489,7 +571,7 @@ impl PgBouncer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("pgbouncer did not listen on {BOUNCER_IP}:{port} within 10 s")
+        bail!("pgbouncer did not listen on {BOUNCER_IP}:{port} within 60 s")
     }
 }
 
@@ -497,5 +579,337 @@ impl Drop for PgBouncer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The instruction-count mode (`PG_BENCH_MODE=callgrind`): see the module
+/// documentation.
+mod callgrind {
+    use super::*;
+
+    /// valgrind's arguments before the output file and the program.
+    pub(super) const VALGRIND_ARGS: &[&str] = &["-q", "--tool=callgrind", "--dump-instr=no", "--collect-systime=no"];
+
+    /// A pgbench workload measured: script, protocol, transactions (as a
+    /// fraction of N), statements per transaction.
+    struct Workload {
+        label: &'static str,
+        script: Script,
+        protocol: &'static str,
+        divisor: u64,
+        statements: u64,
+    }
+
+    const WORKLOADS: [Workload; 3] = [
+        Workload {
+            label: "select-only -M simple",
+            script: Script::SelectOnly,
+            protocol: "simple",
+            divisor: 1,
+            statements: 1,
+        },
+        Workload {
+            label: "select-only -M extended",
+            script: Script::SelectOnly,
+            protocol: "extended",
+            divisor: 1,
+            statements: 1,
+        },
+        // BEGIN, 3 UPDATEs, SELECT, INSERT, END.
+        Workload {
+            label: "tpcb-like -M simple",
+            script: Script::TpcbLike,
+            protocol: "simple",
+            divisor: 4,
+            statements: 7,
+        },
+    ];
+
+    /// `name` on PATH (or the usual system directories).
+    pub(super) fn which(name: &str) -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    }
+
+    pub(super) fn measure() -> Result<()> {
+        let valgrind = which("valgrind").context("valgrind not found (package valgrind)")?;
+        let ctl = which("callgrind_control").context("callgrind_control not found (package valgrind)")?;
+        let n: u64 = match std::env::var("PG_BENCH_TRANSACTIONS") {
+            Ok(v) => v.parse().with_context(|| format!("PG_BENCH_TRANSACTIONS={v} is not a number"))?,
+            Err(_) => 1000,
+        };
+        let scale: u64 = match std::env::var("PG_BENCH_SCALE") {
+            Ok(v) => v.parse().with_context(|| format!("PG_BENCH_SCALE={v} is not a number"))?,
+            Err(_) => 1,
+        };
+        let dir = tempfile::tempdir().context("tempdir")?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
+        let port = unique_port();
+        let mut server = PgServer::start(port, &pki)?;
+        let password = format!("bench-{}", keys::random(24));
+        server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
+        server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
+        let direct = format!("host={SERVER_IP} port={port} user=ci dbname=bench sslmode=require");
+        eprintln!("postgres callgrind: pgbench -i -s {scale} (before valgrind)");
+        let mut init = Command::new("pgbench");
+        init.env("PGPASSWORD", &password).args(["-i", "-q", "-s", &scale.to_string()]).arg(&direct);
+        ok("pgbench -i", &run(init, Duration::from_secs(600))?)?;
+
+        let backends = dir.path().join("backends");
+        eprintln!("postgres callgrind: restarting the server under valgrind");
+        let postmaster = server.restart_under(&valgrind, &backends)?;
+        let gw_out = dir.path().join("gateway-callgrind");
+        std::fs::create_dir_all(&gw_out)?;
+        let wrapper: Vec<String> = std::iter::once(valgrind.display().to_string())
+            .chain(VALGRIND_ARGS.iter().map(|a| (*a).to_owned()))
+            .chain([format!("--callgrind-out-file={}", gw_out.join("callgrind.out").display())])
+            .collect();
+        eprintln!("postgres callgrind: starting the gateway under valgrind");
+        let gw = start_gateway(dir.path(), port, &pki, wrapper)?;
+        let gw_pid = gw.child.as_ref().context("the gateway is not running")?.id();
+        // One-time work (the first leaf certificate, scratch space, caches)
+        // stays out of the counts.
+        for protocol in ["simple", "extended"] {
+            let mut cmd = gw.command_in_cgroup("pgbench");
+            cmd.env("PGPASSWORD", &password).args(["-n", "-S", "-t", "20", "-M", protocol]).arg(&direct);
+            ok("pgbench warm-up through the gateway", &run(cmd, Duration::from_secs(600))?)?;
+        }
+
+        let mut table = String::new();
+        writeln!(
+            table,
+            "\n| workload | leg | proxy Ir/statement | server backend Ir/statement | proxy / direct backend |"
+        )?;
+        writeln!(table, "|---|---|---:|---:|---:|")?;
+        let keep = std::env::var_os("PG_BENCH_PROFILES").map(PathBuf::from);
+        for w in &WORKLOADS {
+            let txns = (n / w.divisor).max(1);
+            // The direct leg's backend Ir/statement: the server's own work.
+            let mut server_per = f64::NAN;
+            for leg in Leg::ALL {
+                let mut proxy = [0u64; 2];
+                let mut backend = [0u64; 2];
+                for (i, t) in [txns, 2 * txns].into_iter().enumerate() {
+                    // PgBouncer runs as `postgres`, where callgrind_control
+                    // cannot reach it: a fresh one per run, its counts dumped
+                    // when it exits.
+                    let bouncer = match leg {
+                        Leg::PgBouncer => Some(PgBouncer::start(port, &password, &pki, Some(&valgrind))?),
+                        _ => None,
+                    };
+                    let conninfo = match &bouncer {
+                        Some(b) => format!("host={BOUNCER_IP} port={} user=ci dbname=bench sslmode=require", b.port),
+                        None => direct.clone(),
+                    };
+                    let before_redirected = redirected(&gw)?;
+                    let events_before = gw.connection_events().len();
+                    let dumped_before = dump_files(&backends)?;
+                    if leg == Leg::Gateway {
+                        wait_idle(gw_pid)?;
+                        control(&ctl, gw_pid, "--zero")?;
+                    }
+                    let mut cmd = match leg {
+                        Leg::Gateway => gw.command_in_cgroup("pgbench"),
+                        Leg::Direct | Leg::PgBouncer => Command::new("pgbench"),
+                    };
+                    cmd.env("PGPASSWORD", &password)
+                        .args(["-n", "-c", "1", "-j", "1", "-M", w.protocol, "-t", &t.to_string()])
+                        .args(w.script.args())
+                        .arg(&conninfo);
+                    let report = ok(
+                        &format!("pgbench {} {} -t {t}", w.label, leg.name()),
+                        &run(cmd, Duration::from_secs(3600))?,
+                    )?;
+                    ensure!(
+                        report.contains(&format!("number of transactions actually processed: {t}/{t}")),
+                        "pgbench did not process {t} transactions:\n{report}"
+                    );
+                    if leg == Leg::Gateway {
+                        // pgbench's own connection and the client's.
+                        let deadline = Instant::now() + Duration::from_secs(300);
+                        while gw.connection_events().len() < events_before + 2 {
+                            ensure!(
+                                Instant::now() < deadline,
+                                "no connection events from the gateway 300 s after pgbench"
+                            );
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                    if leg == Leg::Gateway {
+                        wait_idle(gw_pid)?;
+                        let out = gw_out.join("callgrind.out");
+                        let before = numbered(&out)?;
+                        control(&ctl, gw_pid, "--dump")?;
+                        let dump = numbered(&out)?
+                            .into_iter()
+                            .find(|d| !before.contains(d))
+                            .with_context(|| format!("callgrind_control --dump wrote no new {}.N", out.display()))?;
+                        proxy[i] = dump_total(&dump)?;
+                        if let Some(keep) = &keep {
+                            std::fs::create_dir_all(keep)?;
+                            let name = w.label.replace([' ', '-'], "_");
+                            std::fs::copy(&dump, keep.join(format!("callgrind.gateway.{name}.{t}.out")))?;
+                        }
+                    }
+                    if let Some(bouncer) = bouncer {
+                        proxy[i] = bouncer.stop_counted()?;
+                    }
+                    // pgbench's two connections (the scale query's and the
+                    // client's); PgBouncer's one server connection.
+                    let expected = if leg == Leg::PgBouncer { 1 } else { 2 };
+                    backend[i] = backend_total(&backends, &dumped_before, postmaster, expected)?;
+                    let rose = redirected(&gw)? - before_redirected;
+                    if leg == Leg::Gateway {
+                        ensure!(rose >= 1, "gateway leg: nothing was redirected: not intercepted\n{}", gw.log_errors());
+                        let events = gw.connection_events();
+                        let served: u64 = events[events_before..]
+                            .iter()
+                            .filter(|e| e["protocol"] == "postgres")
+                            .filter_map(|e| e["requests"].as_u64())
+                            .sum();
+                        ensure!(
+                            served >= t * w.statements,
+                            "the gateway's connection events count {served} statements, pgbench sent {}",
+                            t * w.statements
+                        );
+                    } else {
+                        ensure!(rose == 0, "{} leg: {rose} connections were redirected", leg.name());
+                    }
+                }
+                let per = |c: [u64; 2]| c[1].saturating_sub(c[0]) as f64 / (txns * w.statements) as f64;
+                let (p, b) = (per(proxy), per(backend));
+                eprintln!(
+                    "{:<24} {:<9} proxy {proxy:?} Ir, backend {backend:?} Ir: {p:.0} / {b:.0} Ir/statement",
+                    w.label,
+                    leg.name()
+                );
+                if leg == Leg::Direct {
+                    server_per = b;
+                }
+                let proxy_cell = if leg == Leg::Direct { "-".to_owned() } else { format!("{p:.0}") };
+
+                let ratio = if leg == Leg::Direct { "-".to_owned() } else { format!("{:.2}", p / server_per) };
+                writeln!(table, "| {} | {} | {proxy_cell} | {b:.0} | {ratio} |", w.label, leg.name())?;
+            }
+        }
+        println!(
+            "{table}\nuser-space instructions under callgrind, pgbench -c 1 -t N and 2N (N = {n}, TPC-B-like N/4), \
+             Ir/statement = (Ir(2N) - Ir(N)) / statements; scale {scale}, TLS on every leg"
+        );
+        drop(gw);
+        drop(server);
+        Ok(())
+    }
+
+    impl PgBouncer {
+        /// Stops it with SIGTERM and returns the instructions its callgrind
+        /// dump counts.
+        fn stop_counted(mut self) -> Result<u64> {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while self.child.try_wait()?.is_none() {
+                ensure!(Instant::now() < deadline, "pgbouncer did not exit 120 s after SIGTERM");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            dump_total(&self.dir.path().join("callgrind.out"))
+        }
+    }
+
+    /// Runs `callgrind_control ARG PID`.
+    fn control(control: &Path, pid: u32, arg: &str) -> Result<()> {
+        let out = Command::new(control).arg(arg).arg(pid.to_string()).stdin(Stdio::null()).output()?;
+        ensure!(
+            out.status.success(),
+            "callgrind_control {arg} {pid} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
+
+    /// CPU time (user + system, clock ticks) of process `pid`.
+    fn cpu_ticks(pid: u32) -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime); `rest` starts at field 3.
+        Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+    }
+
+    /// Waits until `pid` used at most 2 ticks of CPU in 500 ms.
+    fn wait_idle(pid: u32) -> Result<()> {
+        let start = Instant::now();
+        let mut last = cpu_ticks(pid)?;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = cpu_ticks(pid)?;
+            if now.saturating_sub(last) <= 2 {
+                return Ok(());
+            }
+            ensure!(start.elapsed() < Duration::from_secs(300), "process {pid} still busy after 300 s");
+            last = now;
+        }
+    }
+
+    /// The numbered dumps of `out` (`out.1`, `out.2`...).
+    fn numbered(out: &Path) -> Result<Vec<PathBuf>> {
+        let dir = out.parent().context("a dump path without a directory")?;
+        let stem = format!("{}.", out.file_name().and_then(|n| n.to_str()).context("a dump name")?);
+        Ok(std::fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&stem)))
+            .map(|e| e.path())
+            .collect())
+    }
+
+    /// The per-process dumps in `dir`.
+    fn dump_files(dir: &Path) -> Result<Vec<PathBuf>> {
+        Ok(std::fs::read_dir(dir)?.flatten().map(|e| e.path()).collect())
+    }
+
+    /// The instructions of the busiest backend that exited since `before`
+    /// was listed (pgbench's client; its other connection only reads the
+    /// scale), once their dumps stopped changing.
+    fn backend_total(dir: &Path, before: &[PathBuf], postmaster: u32, expected: usize) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last: Vec<(PathBuf, u64)> = Vec::new();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let mut now: Vec<(PathBuf, u64)> = dump_files(dir)?
+                .into_iter()
+                .filter(|p| !before.contains(p) && !p.ends_with(format!("callgrind.{postmaster}")))
+                .map(|p| {
+                    let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                    (p, len)
+                })
+                .collect();
+            now.sort();
+            if now.len() >= expected && now == last {
+                let mut best = 0;
+                for (p, _) in &now {
+                    best = best.max(dump_total(p)?);
+                }
+                return Ok(best);
+            }
+            ensure!(Instant::now() < deadline, "the backends' dumps did not appear in {}: {now:?}", dir.display());
+            last = now;
+        }
+    }
+
+    /// The `totals:` (or `summary:`) instruction count of a callgrind dump.
+    fn dump_total(dump: &Path) -> Result<u64> {
+        let text = std::fs::read_to_string(dump).with_context(|| format!("reading {}", dump.display()))?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("totals:") || l.starts_with("summary:"))
+            .with_context(|| format!("no totals in {}", dump.display()))?;
+        let ir = line.split_whitespace().nth(1).with_context(|| format!("`{line}` in {}", dump.display()))?;
+        ir.parse().with_context(|| format!("`{line}` in {}", dump.display()))
     }
 }

@@ -141,6 +141,9 @@ pub struct GatewayOptions {
     /// A program (and its arguments) the gateway is started through, e.g.
     /// `setpriv` limiting its capabilities; empty: started directly.
     pub wrapper: Vec<String>,
+    /// How long the gateway may take to start ([`PATIENCE`]; longer under
+    /// valgrind).
+    pub start_patience: Duration,
 }
 
 impl GatewayOptions {
@@ -160,6 +163,7 @@ impl GatewayOptions {
             nofile: None,
             env: Vec::new(),
             wrapper: Vec::new(),
+            start_patience: PATIENCE,
         }
     }
 
@@ -206,6 +210,8 @@ pub struct TestGateway {
     env: Vec<(String, String)>,
     /// [`GatewayOptions::wrapper`].
     wrapper: Vec<String>,
+    /// [`GatewayOptions::start_patience`].
+    start_patience: Duration,
 }
 
 impl TestGateway {
@@ -268,6 +274,7 @@ impl TestGateway {
             nofile: opts.nofile,
             env: opts.env.clone(),
             wrapper: opts.wrapper.clone(),
+            start_patience: opts.start_patience,
         };
         if opts.gateway_in_cgroup {
             std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
@@ -312,7 +319,7 @@ impl TestGateway {
             }
         });
         self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + self.start_patience;
         loop {
             if self.lines.lock().expect("lines")[start..].iter().any(|l| l.contains("\"gateway running\"")) {
                 return;
@@ -320,7 +327,12 @@ impl TestGateway {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 panic!("gateway exited with {status} before it was running:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "gateway did not start within {PATIENCE:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not start within {:?}:\n{}",
+                self.start_patience,
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -3,6 +3,8 @@
 //! decisions back into PostgreSQL messages.
 //!
 //! * [`codec`]: message framing and parsing, without I/O.
+//! * [`clean`]: SQL texts a session already found clean (no key), so the
+//!   same text again is not scanned and masked again.
 //! * [`cancel`]: the cancel keys the gateway issues, mapped to the
 //!   upstream sessions' own.
 //! * [`rows`]: masking of result rows (DataRow) by the policy's `mask`.
@@ -10,6 +12,7 @@
 //!   policy.
 
 pub mod cancel;
+pub mod clean;
 pub mod codec;
 pub mod rows;
 pub mod sql;

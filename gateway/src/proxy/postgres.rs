@@ -50,13 +50,15 @@ use crate::{
     credentials::{RenderedInjection, SecretString, SwapTarget},
     detect::{
         http_scan::{Hit, Location},
-        Confidence, Detection, Secret, StreamScanner,
+        Confidence, Detection, Detector, Secret, StreamScanner,
     },
     enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, StatementAsk, StatementVerdict, Uninspectable},
     event::{Outcome, Protocol},
     http::BoxedIo,
+    mask::Masker,
     postgres::{
         cancel::CancelTarget,
+        clean::{CleanTexts, Known},
         codec::{self, CodecError, Frame, Frontend, Severity, Startup, Target, Value},
         rows::{MaskCounts, RowMask, RowPlan},
         sql,
@@ -455,6 +457,7 @@ impl Proxy {
             user: user.clone(),
             tls: tls.is_some(),
             classified: Mutex::new(sql::Memo::default()),
+            clean: Mutex::new(CleanTexts::default()),
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
             prepared: Mutex::new(Prepared::default()),
@@ -837,6 +840,9 @@ struct Relay<'a> {
     /// (literals left out): drivers send the same statements again and
     /// again, with the same or new literals.
     classified: Mutex<sql::Memo>,
+    /// Texts the detector found nothing in, and how the recording shows
+    /// them (`postgres::clean`: why remembering them is sound).
+    clean: Mutex<CleanTexts<Detector, Masker>>,
     max_message: usize,
     /// What the server owes for each message sent upstream that it
     /// answers (a ReadyForQuery per Query, Sync or FunctionCall; results of
@@ -1392,12 +1398,20 @@ impl Relay<'_> {
     async fn judge_statements(&self, kind: &str, sql: &str) -> (Verdict, Vec<Option<Arc<RowMask>>>) {
         let passage = self.passage;
         let detector = &passage.gate().detector;
-        let location = Location::Postgres(kind.to_owned());
-        let hits: Vec<Hit> = detector
-            .scan(sql.as_bytes())
-            .into_iter()
-            .map(|detection| Hit { detection, location: location.clone() })
-            .collect();
+        let masker = passage.gate().recording_masker();
+        let known = self.clean.lock().unwrap_or_else(PoisonError::into_inner).get(detector, masker, sql);
+        let hits: Vec<Hit> = match known {
+            // The same text, the same detector: nothing to find again.
+            Known::Clean(_) => Vec::new(),
+            Known::Unknown => {
+                let location = Location::Postgres(kind.to_owned());
+                detector
+                    .scan(sql.as_bytes())
+                    .into_iter()
+                    .map(|detection| Hit { detection, location: location.clone() })
+                    .collect()
+            }
+        };
         let found = hits.len();
         let mut verdict = judge_keys(passage, &self.judged, hits).await;
         let mut rule = None;
@@ -1408,20 +1422,40 @@ impl Relay<'_> {
             rule = Some(r);
             masks = m;
         }
-        if let Some(s) = passage.session() {
-            let masker = passage.gate().recording_masker();
-            let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
-            let decision = match verdict {
-                Verdict::Allow => "allow",
-                Verdict::Deny(_) => "deny",
-            };
-            s.event(
-                EventKind::PostgresStatement,
-                json!({
-                    "kind": kind, "sql": masker.mask_text(text), "decision": decision, "rule": rule, "keys": found,
-                    "masked": masks.iter().any(Option::is_some),
-                }),
-            );
+        let recorded = match passage.session() {
+            Some(s) => {
+                let shown: Arc<str> = match &known {
+                    Known::Clean(Some(shown)) => Arc::clone(shown),
+                    _ => {
+                        let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
+                        Arc::from(masker.mask_text(text).as_ref())
+                    }
+                };
+                let decision = match verdict {
+                    Verdict::Allow => "allow",
+                    Verdict::Deny(_) => "deny",
+                };
+                s.event(
+                    EventKind::PostgresStatement,
+                    json!({
+                        "kind": kind, "sql": &*shown, "decision": decision, "rule": rule, "keys": found,
+                        "masked": masks.iter().any(Option::is_some),
+                    }),
+                );
+                Some(shown)
+            }
+            None => None,
+        };
+        let learned = match known {
+            Known::Unknown => found == 0,
+            // Masked now for the first time.
+            Known::Clean(None) => recorded.is_some(),
+            Known::Clean(Some(_)) => false,
+        };
+        // A whole text scanned clean (the recorded form is all of it: the
+        // memory keeps no text longer than RECORDED_TEXT).
+        if learned && sql.len() <= RECORDED_TEXT {
+            self.clean.lock().unwrap_or_else(PoisonError::into_inner).remember(detector, masker, sql, recorded);
         }
         (verdict, masks)
     }

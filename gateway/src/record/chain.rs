@@ -55,7 +55,8 @@ pub fn hash_record(session: &str, prev_hash: &str, seq: u64, ts: i64, kind: &str
     let mut out = [0u8; 64];
     // 32 bytes always fill 64 hex digits, which are ASCII.
     let _ = hex::encode_to_slice(h.finalize(), &mut out);
-    out.iter().map(|&c| char::from(c)).collect()
+    // One copy, not a char-by-char build (the writer hashes every record).
+    std::str::from_utf8(&out).map(str::to_owned).unwrap_or_default()
 }
 
 /// `value` as canonical JSON: no whitespace, object keys sorted by code

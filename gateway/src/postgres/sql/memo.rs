@@ -25,7 +25,7 @@
 //! The detector still scans every query's full text, literals included:
 //! the shape only spares the parse.
 
-use std::{collections::HashMap, fmt::Write as _, ops::Range, sync::Arc};
+use std::{collections::HashMap, ops::Range, sync::Arc};
 
 use pg_query::protobuf::{ScanToken, Token};
 
@@ -135,7 +135,8 @@ impl Shape {
             }
             // The type first, so `'1'` and `1` differ, and a separator no
             // token text holds outside a literal or a quoted identifier.
-            let _ = write!(key, "{}\u{1}", t.token);
+            push_decimal(&mut key, i64::from(t.token));
+            key.push('\u{1}');
             if !matches!(
                 kind,
                 Token::Sconst
@@ -148,12 +149,34 @@ impl Shape {
             ) {
                 // A quoted identifier may hold \u{1}: its length goes first.
                 let text = query.get(span(t)?)?;
-                let _ = write!(key, "{}\u{1}{text}", text.len());
+                push_decimal(&mut key, text.len() as i64);
+                key.push('\u{1}');
+                key.push_str(text);
             }
             key.push('\u{2}');
         }
         Some(Shape { key, tokens })
     }
+}
+
+/// Appends `n` in decimal, as `write!` would, without the formatting
+/// machinery (every token of every query goes through here).
+fn push_decimal(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut n = n.unsigned_abs();
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
 }
 
 /// A token's byte range, when it is a valid one.
@@ -264,6 +287,15 @@ mod tests {
         let parsed = classify(query);
         assert_eq!(remembered.as_ref().as_ref().ok(), parsed.as_ref().ok(), "{query}");
         assert_eq!(remembered.is_err(), parsed.is_err(), "{query}");
+    }
+
+    #[test]
+    fn push_decimal_writes_what_format_writes() {
+        for n in [0, 7, 10, 99, 100, 4096, -1, -42, i64::from(i32::MAX), i64::MAX, i64::MIN] {
+            let mut out = String::from("k");
+            push_decimal(&mut out, n);
+            assert_eq!(out, format!("k{n}"));
+        }
     }
 
     #[test]
