@@ -26,3 +26,10 @@ pub fn github_token() -> String {
     let check = gateway::detect::confirm::base62_crc32(body.as_bytes());
     format!("ghp_{body}{}", String::from_utf8_lossy(&check))
 }
+
+/// An AWS access key id (`AKIA` and 16 base32 characters).
+pub fn aws_access_key_id() -> String {
+    let tail: String =
+        (0..16).map(|_| char::from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"[rand::rng().random_range(0..32)])).collect();
+    format!("AKIA{tail}")
+}

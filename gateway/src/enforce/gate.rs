@@ -37,7 +37,7 @@ use crate::{
     approval::{self, Approvals, NewApproval},
     credentials::{prepare, CredentialStore, MintRequest, Minter, OidcValidator, RenderedInjection, SwapTarget},
     detect::{
-        http_scan::{BodyLimits, Hit},
+        http_scan::{BodyLimits, Hit, Location},
         Detector, FingerprintKey, Secret,
     },
     event::Protocol,
@@ -54,6 +54,8 @@ use crate::{
 mod statement;
 
 pub use statement::{ResultMask, StatementAsk, StatementDecision, StatementVerdict};
+
+pub use super::redact::{RedactFn, Redaction};
 
 /// Findings recorded one by one per request; keys beyond it are counted.
 pub const MAX_FINDINGS_PER_REQUEST: usize = 256;
@@ -639,6 +641,26 @@ impl Passage {
     /// A swap without a held credential, or one that fails, blocks: it
     /// fails closed. Losing a finding blocks too.
     pub async fn judge(&self, req: &Judged, hits: Vec<Hit>, swap: Option<&mut SwapFn<'_>>) -> Judgement {
+        self.judge_with(req, hits, swap, None).await
+    }
+
+    /// [`judge`](Self::judge) for keys found in a request body the handler
+    /// can still rewrite: where the static-key action says `redact`, the
+    /// keys (each a [`Redaction`]) are handed to `redact`, the handler's
+    /// part, which replaces them before the body goes upstream, or refuses
+    /// (`Err`: the body already streams, say), and then they block: a key
+    /// the gateway decided to redact is never forwarded as it is.
+    pub async fn judge_body(&self, req: &Judged, hits: Vec<Hit>, redact: &mut RedactFn<'_>) -> Judgement {
+        self.judge_with(req, hits, None, Some(redact)).await
+    }
+
+    async fn judge_with(
+        &self,
+        req: &Judged,
+        hits: Vec<Hit>,
+        swap: Option<&mut SwapFn<'_>>,
+        redact: Option<&mut RedactFn<'_>>,
+    ) -> Judgement {
         let host = req.host.as_str();
         let identity = &self.conn.caller.identity;
         let credential = match swap {
@@ -698,6 +720,12 @@ impl Passage {
             let mut action = match configured {
                 Action::Flag => Action::Flag,
                 Action::Block => Action::Block,
+                // Only a key in a body can be cut out; one presented where
+                // credentials go (a header, user info, the query) is blocked.
+                Action::Redact => match (&redact, &hit.location) {
+                    (Some(_), Location::Body(_)) => Action::Redact,
+                    _ => Action::Block,
+                },
                 Action::Swap => match (&credential, SwapTarget::from_location(&hit.location)) {
                     (Some(Ok(_)), Some(target)) => {
                         swap_targets.push(target);
@@ -713,7 +741,7 @@ impl Passage {
             // A reviewer's waiver (false positive, accepted risk in scope)
             // lets the key through unchanged; it is still recorded.
             let mut allowed_by = None;
-            if action == Action::Block {
+            if matches!(action, Action::Block | Action::Redact) {
                 if let Some(by) = waivers.waiver(&fingerprint, host, Some(&identity.uri), now) {
                     action = Action::Flag;
                     allowed_by = Some(by.to_owned());
@@ -721,12 +749,35 @@ impl Passage {
             }
             if decided.len() >= MAX_FINDINGS_PER_REQUEST {
                 more += 1;
-                more_block |= action == Action::Block;
+                // Not recorded one by one, so not redacted either: blocks.
+                more_block |= matches!(action, Action::Block | Action::Redact);
                 continue;
             }
             decided.push((hit, fingerprint, location, action, allowed_by));
         }
         let blocking = more_block || decided.iter().any(|(_, _, _, a, _)| *a == Action::Block);
+        if !blocking && decided.iter().any(|d| d.3 == Action::Redact) {
+            let redactions: Vec<Redaction> = decided
+                .iter()
+                .filter(|d| d.3 == Action::Redact)
+                .map(|(hit, fingerprint, ..)| {
+                    Redaction::new(&hit.detection.rule_id, fingerprint, hit.detection.secret.clone())
+                })
+                .collect();
+            let applied = match redact {
+                Some(apply) => apply(redactions),
+                None => Err("nothing to redact in".to_owned()),
+            };
+            if let Err(reason) = applied {
+                tracing::warn!(target: FINDING_TARGET, conn_id = self.conn.id, reason, "keys to redact cannot be redacted; blocking the request");
+                for d in decided.iter_mut() {
+                    if d.3 == Action::Redact {
+                        d.3 = Action::Block;
+                    }
+                }
+            }
+        }
+        let blocking = blocking || decided.iter().any(|d| d.3 == Action::Block);
         let mut judgement_swapped = false;
         if !blocking && !swap_targets.is_empty() {
             let swapped = match (swap, credential.as_ref()) {

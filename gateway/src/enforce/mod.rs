@@ -9,6 +9,7 @@ use std::sync::Arc;
 mod exchange;
 pub mod gate;
 mod masks;
+pub mod redact;
 pub mod refusal;
 
 /// Recorded request and response headers, credentials redacted.

@@ -133,6 +133,12 @@ pub(super) fn sarif(findings: &[Finding]) -> Value {
             result
         })
         .collect();
+    sarif_log(rules, results)
+}
+
+/// A SARIF 2.1.0 log of one run of the gateway's tool with these rules and
+/// results (findings exports and `gateway scan --format sarif`).
+pub(crate) fn sarif_log(rules: Vec<Value>, results: Vec<Value>) -> Value {
     json!({
         "$schema": "https://json.schemastore.org/sarif-2.1.0.json",
         "version": "2.1.0",

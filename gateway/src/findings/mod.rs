@@ -27,6 +27,7 @@ pub mod origin;
 pub mod store;
 
 pub use allowlist::{AllowEntry, AllowId, Scope, WaiverSet, Waivers};
+pub(crate) use export::sarif_log;
 pub use handle::FindingsHandle;
 pub use model::{
     project_of, ExportFormat, Finding, FindingId, ListFilter, NewFinding, Recorded, Sighting, Status, StatusChange,
@@ -83,6 +84,28 @@ pub struct ConfidenceRule {
 pub const DEFAULT_MIN_CONFIDENCE: &[(&str, Confidence)] =
     &[(crate::detect::http_scan::UNKNOWN_AUTH_RULE, Confidence::Medium)];
 
+/// AI backends whose keys in request bodies are redacted rather than the
+/// request blocked, unless `findings.actions` says otherwise or
+/// `findings.default_action` is not `block`: jobs send them source code
+/// and logs, where a key is collateral, not the credential being used.
+/// Keys where credentials go (headers, user info, query) are still blocked.
+pub const AI_BACKENDS: &[&str] = &[
+    "api.openai.com",
+    "*.openai.azure.com",
+    "api.anthropic.com",
+    "*.cursor.sh",
+    "generativelanguage.googleapis.com",
+    "api.mistral.ai",
+    "api.groq.com",
+    "api.together.xyz",
+    "api.deepseek.com",
+    "api.x.ai",
+    "openrouter.ai",
+    "api.cohere.com",
+    "api.githubcopilot.com",
+    "*.githubcopilot.com",
+];
+
 /// What the proxy does with a request carrying a detected static key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,6 +120,14 @@ pub enum Action {
     /// can be written ahead of it; until that feature exists the gateway
     /// must enforce it as [`Action::Block`] (fail closed).
     Swap,
+    /// For a key in a request body (a prompt, a log sent to an AI backend):
+    /// forward the request with the key replaced by
+    /// `[REDACTED:<rule>:<fingerprint prefix>]`, the body re-encoded and
+    /// re-framed. A key presented where credentials go (a header, the
+    /// URL's user info or query) cannot be redacted and is blocked; so is
+    /// one in a body the gateway cannot rewrite (an unsupported encoding,
+    /// a body too large to hold): it fails closed.
+    Redact,
 }
 
 impl Action {
@@ -106,6 +137,7 @@ impl Action {
             Action::Block => "block",
             Action::Flag => "flag",
             Action::Swap => "swap",
+            Action::Redact => "redact",
         }
     }
 }
@@ -124,7 +156,8 @@ impl std::str::FromStr for Action {
             "block" => Ok(Action::Block),
             "flag" => Ok(Action::Flag),
             "swap" => Ok(Action::Swap),
-            other => Err(format!("`{other}` is not an action (block, flag, swap)")),
+            "redact" => Ok(Action::Redact),
+            other => Err(format!("`{other}` is not an action (block, flag, swap, redact)")),
         }
     }
 }
@@ -162,16 +195,24 @@ impl FindingsConfig {
         self.reviewers_group.as_deref().unwrap_or(DEFAULT_REVIEWERS_GROUP)
     }
 
-    /// The action for a key found by `rule_id` in a request to `host`.
+    /// The action for a key found by `rule_id` in a request to `host`: the
+    /// first matching `actions` entry; else, while `default_action` is
+    /// `block`, `redact` for the AI backends of [`AI_BACKENDS`] (keys in
+    /// prompt bodies are replaced, keys in auth positions still blocked);
+    /// else `default_action`.
     pub fn action_for(&self, host: &str, rule_id: &str) -> Action {
         let host = normalize_host(host);
-        self.actions
-            .iter()
-            .find(|r| {
-                glob_match(&normalize_host(&r.host), &host)
-                    && r.rule.as_deref().is_none_or(|pattern| glob_match(pattern, rule_id))
-            })
-            .map_or(self.default_action, |r| r.action)
+        let configured = self.actions.iter().find(|r| {
+            glob_match(&normalize_host(&r.host), &host)
+                && r.rule.as_deref().is_none_or(|pattern| glob_match(pattern, rule_id))
+        });
+        match configured {
+            Some(r) => r.action,
+            None if self.default_action == Action::Block && AI_BACKENDS.iter().any(|p| glob_match(p, &host)) => {
+                Action::Redact
+            }
+            None => self.default_action,
+        }
     }
 
     /// Where the findings database lives.
@@ -410,7 +451,13 @@ mod tests {
         assert_eq!(c.action_for("GIT.INTERNAL.", "aws-key"), Action::Flag);
         assert_eq!(c.action_for("api.example.com", "aws-key"), Action::Swap);
         assert_eq!(c.action_for("other.com", "aws-key"), Action::Block);
+        // AI backends redact body keys by default, unless configured otherwise.
+        assert_eq!(c.action_for("API.OpenAI.com", "aws-key"), Action::Redact);
+        assert_eq!(c.action_for("api2.cursor.sh", "aws-key"), Action::Redact);
+        let c = FindingsConfig { actions: vec![rule("api.openai.com", None, Action::Block)], ..c };
+        assert_eq!(c.action_for("api.openai.com", "aws-key"), Action::Block, "configured first");
         let flag_all = FindingsConfig { default_action: Action::Flag, ..Default::default() };
+        assert_eq!(flag_all.action_for("api.openai.com", "aws-key"), Action::Flag, "only while the default blocks");
         assert_eq!(flag_all.reviewers_group(), "reviewers");
         assert_eq!(flag_all.min_confidence_for("unknown-auth-credential"), Confidence::Medium);
         assert_eq!(flag_all.min_confidence_for("openai-api-key"), Confidence::Low);

@@ -148,6 +148,71 @@ CREATE TABLE allowlist (
 ) STRICT;
 CREATE INDEX allowlist_fingerprint ON allowlist (fingerprint);
 "#,
+    // `redact` joins the actions. SQLite cannot change a CHECK in place:
+    // both tables are rebuilt (foreign keys are enforced only after the
+    // migrations ran, see `FindingStore::open`, so the drops are allowed and
+    // the references by name stay valid).
+    r#"
+CREATE TABLE findings_v4 (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule_id     TEXT    NOT NULL,
+    confidence  TEXT    NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    preview     TEXT    NOT NULL,
+    location    TEXT    NOT NULL,
+    dest_host   TEXT    NOT NULL,
+    dest_port   INTEGER NOT NULL,
+    pid         INTEGER NOT NULL,
+    uid         INTEGER NOT NULL,
+    exe         TEXT,
+    comm        TEXT    NOT NULL,
+    cgroup      TEXT,
+    job         TEXT    NOT NULL,
+    identity    TEXT,
+    first_seen  INTEGER NOT NULL,
+    last_seen   INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    action      TEXT    NOT NULL CHECK (action IN ('block', 'flag', 'swap', 'redact')),
+    status      TEXT    NOT NULL CHECK (status IN ('open', 'acknowledged', 'resolved', 'false_positive')),
+    container   TEXT,
+    merged_into INTEGER REFERENCES findings (id)
+) STRICT;
+INSERT INTO findings_v4 SELECT id, rule_id, confidence, fingerprint, preview, location, dest_host, dest_port,
+    pid, uid, exe, comm, cgroup, job, identity, first_seen, last_seen, count, action, status, container, merged_into
+    FROM findings;
+CREATE TABLE sightings_v4 (
+    id          INTEGER PRIMARY KEY,
+    finding_id  INTEGER NOT NULL REFERENCES findings (id),
+    seen_at     INTEGER NOT NULL,
+    identity    TEXT,
+    job         TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,
+    uid         INTEGER NOT NULL,
+    exe         TEXT,
+    comm        TEXT    NOT NULL,
+    cgroup      TEXT,
+    container   TEXT,
+    command     TEXT,
+    script      TEXT,
+    dest_host   TEXT    NOT NULL,
+    dest_port   INTEGER NOT NULL,
+    location    TEXT    NOT NULL,
+    action      TEXT    NOT NULL CHECK (action IN ('block', 'flag', 'swap', 'redact')),
+    allowed_by  TEXT,
+    session_id  TEXT
+) STRICT;
+INSERT INTO sightings_v4 SELECT id, finding_id, seen_at, identity, job, pid, uid, exe, comm, cgroup, container,
+    command, script, dest_host, dest_port, location, action, allowed_by, session_id FROM sightings;
+DROP TABLE sightings;
+DROP TABLE findings;
+ALTER TABLE findings_v4 RENAME TO findings;
+ALTER TABLE sightings_v4 RENAME TO sightings;
+CREATE INDEX findings_last_seen ON findings (last_seen);
+CREATE INDEX findings_status ON findings (status, last_seen);
+CREATE UNIQUE INDEX findings_key ON findings (fingerprint, rule_id) WHERE merged_into IS NULL;
+CREATE INDEX sightings_finding ON sightings (finding_id, seen_at);
+CREATE INDEX sightings_session ON sightings (session_id) WHERE session_id IS NOT NULL;
+"#,
 ];
 
 /// Who automatic status changes are attributed to.
@@ -202,8 +267,12 @@ impl FindingStore {
     pub fn open(path: &Path) -> Result<FindingStore, FindingsError> {
         let conn = crate::sqlite::open_private(path, BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
         let store = FindingStore { conn, path: path.to_owned() };
-        store.conn.pragma_update(None, "foreign_keys", true).map_err(store.err("enabling foreign keys"))?;
+        // Migrations without foreign keys (SQLite here enforces them by
+        // default): one rebuilds tables others refer to, keeping their ids.
+        // The pragma is a no-op inside a transaction, so it is set around.
+        store.conn.pragma_update(None, "foreign_keys", false).map_err(store.err("disabling foreign keys"))?;
         store.migrate()?;
+        store.conn.pragma_update(None, "foreign_keys", true).map_err(store.err("enabling foreign keys"))?;
         Ok(store)
     }
 

@@ -25,8 +25,8 @@ use tokio::{
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::{
-    error::BoxError, exchange::ExchangeLog, upstream::PoolReturn, BodyInspector, BodyVerdict, ExchangeOutcome,
-    HttpError, Limits,
+    error::BoxError, exchange::ExchangeLog, upstream::PoolReturn, BodyEdit, BodyInspector, BodyVerdict,
+    ExchangeOutcome, HttpError, Limits,
 };
 use crate::limits::{Budget, Limit, LimitExceeded, Reservation};
 
@@ -160,8 +160,14 @@ pub(crate) enum Inspected {
     /// A limit refused (no room to buffer, or the body stalled); nothing
     /// was sent anywhere.
     Refused(LimitExceeded),
-    /// Fully read and inspected.
-    Buffered(RequestBody),
+    /// Fully read and inspected; `edited` is the new data length when the
+    /// inspector replaced the data ([`BodyEdit::Replace`]).
+    Buffered {
+        /// The body to send.
+        body: RequestBody,
+        /// The new length, when edited.
+        edited: Option<u64>,
+    },
     /// Too large to buffer: streams on, still inspected. If the inspector
     /// (or the body idle timeout) refuses later, `blocked` yields the
     /// response for the client (after the body was aborted).
@@ -214,7 +220,19 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
                     return Ok(Inspected::Blocked(r));
                 }
-                return Ok(Inspected::Buffered(RequestBody::frames(frames, exact, sent, held)));
+                let edited = match inspector.edit(&frames) {
+                    BodyEdit::Keep => None,
+                    BodyEdit::Refuse(r) => return Ok(Inspected::Blocked(r)),
+                    BodyEdit::Replace(data) => {
+                        let len = data.len() as u64;
+                        // The data is replaced whole; trailers stay.
+                        frames.retain(|f| !f.is_data());
+                        frames.push_front(Frame::data(data));
+                        Some(len)
+                    }
+                };
+                let body = RequestBody::frames(frames, exact, sent, held);
+                return Ok(Inspected::Buffered { body, edited });
             }
             Some(Err(e)) => return Err(HttpError::ClientBody(e)),
             Some(Ok(frame)) => {
@@ -254,6 +272,9 @@ pub(crate) async fn inspect<B: BodyInspector>(
                 }
             }
         }
+    }
+    if let BodyVerdict::Respond(r) = inspector.streaming() {
+        return Ok(Inspected::Blocked(r));
     }
     if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
         return Ok(Inspected::Blocked(r));

@@ -28,7 +28,7 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::VecDeque, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -96,6 +96,17 @@ pub enum BodyVerdict {
     /// this response if its response has not started (else its stream is
     /// aborted).
     Respond(http::Response<Bytes>),
+}
+
+/// What [`BodyInspector::edit`] does with a buffered request body.
+#[derive(Debug)]
+pub enum BodyEdit {
+    /// Send it as received.
+    Keep,
+    /// Send these bytes instead (already in the body's content encoding).
+    Replace(Bytes),
+    /// Refuse the request with this response; nothing goes upstream.
+    Refuse(http::Response<Bytes>),
 }
 
 /// What happens to a response before the client sees it.
@@ -242,6 +253,23 @@ pub trait BodyInspector: Send + 'static {
     /// `Continue`. The default lets them through unseen.
     fn trailers(&mut self, _trailers: &http::HeaderMap) -> impl Future<Output = BodyVerdict> + Send {
         std::future::ready(BodyVerdict::Continue)
+    }
+
+    /// The whole body was read and inspected (it fit
+    /// [`Limits::max_buffered_body`]) and upstream is about to be
+    /// contacted: the inspector may replace the body's data (`frames`, as
+    /// received; trailers stay) with an edited copy, for example with keys
+    /// redacted. Called after [`before_upstream`](Self::before_upstream).
+    /// The engine corrects the framing (`Content-Length`).
+    fn edit(&mut self, _frames: &VecDeque<http_body::Frame<Bytes>>) -> BodyEdit {
+        BodyEdit::Keep
+    }
+
+    /// The body is larger than [`Limits::max_buffered_body`]: from now on
+    /// it streams, so it can no longer be edited. Called once, before
+    /// [`before_upstream`](Self::before_upstream); `Respond` refuses.
+    fn streaming(&mut self) -> BodyVerdict {
+        BodyVerdict::Continue
     }
 
     /// Upstream is about to be contacted: called once, after the whole body

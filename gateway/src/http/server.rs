@@ -356,7 +356,17 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
                         }
                         return Ok(local(r, log, ExchangeOutcome::Refused, version));
                     }
-                    Ok(Inspected::Buffered(b)) => (b, None),
+                    Ok(Inspected::Buffered { body, edited }) => {
+                        if let Some(len) = edited {
+                            // Edited (keys redacted): a length the client
+                            // declared is now wrong; a chunked body stays
+                            // chunked.
+                            if parts.headers.remove(header::CONTENT_LENGTH).is_some() {
+                                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                            }
+                        }
+                        (body, None)
+                    }
                     Ok(Inspected::Streaming { body, blocked }) => (body, Some(blocked)),
                     Err(e) => {
                         log.set_outcome(ExchangeOutcome::Aborted);

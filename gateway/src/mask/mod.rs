@@ -127,6 +127,22 @@ pub struct MaskPattern {
     pub regex: String,
 }
 
+/// A literal for [`Masker::replacing`]: every occurrence of `needle` is
+/// replaced by `text`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Replacement {
+    /// The bytes to find (a secret: never logged).
+    pub needle: Vec<u8>,
+    /// What replaces them (visible ASCII).
+    pub text: String,
+}
+
+impl fmt::Debug for Replacement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Replacement").field("needle_len", &self.needle.len()).field("text", &self.text).finish()
+    }
+}
+
 /// Why a masker could not be built or a body could not be masked.
 #[derive(Debug, thiserror::Error)]
 pub enum MaskError {
@@ -356,6 +372,33 @@ impl Masker {
             hold_back = hold_back.max(j.max_key_len() + LOOK);
         }
         Ok(Masker { detector, rule_labels, patterns, json, labels, hold_back })
+    }
+
+    /// A masker that replaces literal byte strings, each by its own text
+    /// (request redaction: `[REDACTED:<rule>:<fingerprint>]`), through the
+    /// same streaming window and content-encoding round trip as response
+    /// masking. Each [`Masked`] it reports names the replacement's text as
+    /// its rule, so a caller can tell which literals were found.
+    pub fn replacing(replacements: &[Replacement]) -> Result<Masker, MaskError> {
+        let mut labels = Vec::with_capacity(replacements.len());
+        let mut patterns = Vec::with_capacity(replacements.len());
+        let mut hold_back = 0;
+        for r in replacements {
+            let err = |reason: String| MaskError::Pattern { name: r.text.clone(), reason };
+            // Every byte escaped: the literal is data, never syntax, and may
+            // not be UTF-8.
+            let mut source = String::with_capacity(6 + 4 * r.needle.len());
+            source.push_str("(?-u:");
+            for b in &r.needle {
+                source.push_str(&format!("\\x{b:02x}"));
+            }
+            source.push(')');
+            let regex = BoundedRegex::new(&source).map_err(|e| err(format!("literal {e}")))?;
+            hold_back = usize::max(hold_back, regex.max_len + LOOK);
+            patterns.push(CompiledPattern { regex, label: label_id(labels.len()) });
+            labels.push(Label { rule: Arc::from(r.text.as_str()), text: r.text.as_bytes().into() });
+        }
+        Ok(Masker { detector: None, rule_labels: HashMap::new(), patterns, json: None, labels, hold_back })
     }
 
     /// Whether the spec masks anything at all.

@@ -27,14 +27,15 @@ use crate::{
         http_scan::{self, BodyLimits, BodyScanner, Hit},
         ScanStatus, WsConfig, WsScanner,
     },
+    enforce::redact::{redact_body, Redaction},
     enforce::{
         lock, ApprovalAsk, ExchangeWatch, HttpAsk, Judged, Passage, Reason, Refusal, RequestDecision, RequestSummary,
         SharedCapture, Uninspectable, WatchSpec, OIDC_TARGET,
     },
     event::{Outcome, Protocol},
     http::{
-        BodyInspector, BodyVerdict, BoxFuture, HeadVerdict, HttpContext, Inspector, ResponseInspector, ResponseVerdict,
-        Tunnel, TunnelInspector, TunnelVerdict,
+        BodyEdit, BodyInspector, BodyVerdict, BoxFuture, HeadVerdict, HttpContext, Inspector, ResponseInspector,
+        ResponseVerdict, Tunnel, TunnelInspector, TunnelVerdict,
     },
     policy,
     record::{DecisionFacts, ExchangeRecord, RecordLevel, TlsFacts},
@@ -521,6 +522,9 @@ impl Inspector for HttpGate {
             url,
             refused: None,
             client: ClientKind::of(parts),
+            redactions: Vec::new(),
+            streaming: false,
+            framing: body_framing(&parts.headers),
         };
         HeadVerdict::Forward { body: Some(body), response: Some(watch) }
     }
@@ -800,6 +804,25 @@ pub(super) struct BodyGate {
     refused: Option<Refusal>,
     /// The client, for the shape of a refusal.
     client: ClientKind,
+    /// Keys the gate decided to redact, replaced once the whole body is in.
+    redactions: Vec<Redaction>,
+    /// Set once the body streams (too large to hold): nothing can be
+    /// redacted from then on.
+    streaming: bool,
+    /// The request's `Content-Type` and `Content-Encoding`: how a
+    /// redacted body is re-encoded and rescanned.
+    framing: http::HeaderMap,
+}
+
+/// The headers a body's redaction depends on.
+fn body_framing(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut framing = http::HeaderMap::new();
+    for name in [http::header::CONTENT_TYPE, http::header::CONTENT_ENCODING] {
+        for value in headers.get_all(&name) {
+            framing.append(name.clone(), value.clone());
+        }
+    }
+    framing
 }
 
 impl BodyGate {
@@ -822,6 +845,9 @@ impl BodyGate {
             url: String::new(),
             refused: Some(refusal),
             client: ClientKind::of(head),
+            redactions: Vec::new(),
+            streaming: false,
+            framing: http::HeaderMap::new(),
             passage,
         }
     }
@@ -831,7 +857,21 @@ impl BodyGate {
             self.refused = self.understood();
         }
         if !hits.is_empty() {
-            let judgement = Box::pin(self.passage.judge(&self.req.judged, hits, None)).await;
+            let judgement = if self.refused.is_some() {
+                // Refused anyway: nothing will be forwarded to redact.
+                Box::pin(self.passage.judge(&self.req.judged, hits, None)).await
+            } else {
+                let streaming = self.streaming;
+                let pending = &mut self.redactions;
+                let mut redact = |found: Vec<Redaction>| {
+                    if streaming {
+                        return Err("the body is larger than the gateway holds and already streams".to_owned());
+                    }
+                    pending.extend(found);
+                    Ok(())
+                };
+                Box::pin(self.passage.judge_body(&self.req.judged, hits, &mut redact)).await
+            };
             lock(&self.req.capture).findings.extend(judgement.findings);
             if let Some(refusal) = judgement.refusal {
                 match &mut self.refused {
@@ -886,6 +926,18 @@ impl BodyGate {
         Some(self.passage.refuse(why, "uninspectable"))
     }
 
+    /// Refuses a request whose keys must be redacted but cannot be: it fails
+    /// closed, never forwarded with the keys in it.
+    fn refuse_unredactable(&mut self, detail: String) -> BodyVerdict {
+        let why = Reason::Uninspectable(Uninspectable::Body {
+            detail: format!("a key in it must be redacted but cannot be: {detail}"),
+        });
+        let refusal = self.passage.refuse(why, "redact");
+        let response = render(&refusal, self.client);
+        self.refused = Some(refusal);
+        BodyVerdict::Respond(response)
+    }
+
     /// Holds the request until its approval is decided.
     async fn await_approval(&self, rule: &str, spec: &policy::ApprovalSpec) -> BodyVerdict {
         let body_preview =
@@ -930,6 +982,42 @@ impl BodyInspector for BodyGate {
         let mut hits = http_scan::scan_head(detector, &http::Method::GET, &http::Uri::from_static("/"), trailers);
         hits.extend(http_scan::unknown_credentials(detector, trailers, |_| false));
         self.verdict(hits).await
+    }
+
+    fn streaming(&mut self) -> BodyVerdict {
+        self.streaming = true;
+        if self.redactions.is_empty() {
+            return BodyVerdict::Continue;
+        }
+        let detail = "keys in it must be redacted, but it is larger than the gateway holds \
+                      (proxy.limits.max_buffered_body_bytes)";
+        self.refuse_unredactable(detail.to_owned())
+    }
+
+    fn edit(&mut self, frames: &std::collections::VecDeque<http_body::Frame<Bytes>>) -> BodyEdit {
+        if self.redactions.is_empty() {
+            return BodyEdit::Keep;
+        }
+        let mut body = Vec::with_capacity(frames.iter().filter_map(|f| f.data_ref()).map(Bytes::len).sum());
+        for data in frames.iter().filter_map(|f| f.data_ref()) {
+            body.extend_from_slice(data);
+        }
+        let gate = self.passage.gate();
+        match redact_body(&body, &self.framing, &self.redactions, &gate.detector, gate.body_limits) {
+            Ok(edited) => {
+                tracing::info!(
+                    target: crate::enforce::FINDING_TARGET,
+                    conn_id = self.passage.conn().id,
+                    keys = self.redactions.len(),
+                    "keys redacted from the request body"
+                );
+                BodyEdit::Replace(edited)
+            }
+            Err(e) => match self.refuse_unredactable(e.to_string()) {
+                BodyVerdict::Respond(r) => BodyEdit::Refuse(r),
+                BodyVerdict::Continue => BodyEdit::Keep,
+            },
+        }
     }
 
     async fn before_upstream(&mut self) -> BodyVerdict {

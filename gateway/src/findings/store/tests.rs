@@ -844,7 +844,7 @@ fn newer_schema_is_refused_and_reopen_keeps_data() {
     store.conn.pragma_update(None, "user_version", 99).unwrap();
     drop(store);
     let e = FindingStore::open(&path).unwrap_err();
-    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 3, .. }), "{e:?}");
+    assert!(matches!(e, FindingsError::UnsupportedSchema { found: 99, supported: 4, .. }), "{e:?}");
 }
 
 #[test]
@@ -916,4 +916,50 @@ fn a_database_from_before_containers_is_migrated_in_place() {
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].fingerprint, "fp-old");
     assert_eq!(all[0].process.container, None);
+}
+
+#[test]
+fn a_redacted_key_is_recorded_after_the_schema_4_rebuild() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.db");
+    let (id, allow) = {
+        let store = FindingStore::open(&path).unwrap();
+        let id = store.record(&simple("fp")).unwrap().id;
+        // Back to version 3 with data in every table that refers to findings.
+        store.conn.pragma_update(None, "user_version", 3).unwrap();
+        store
+            .conn
+            .execute(
+                "INSERT INTO allowlist (finding_id, fingerprint, scope, reason, created_by, created_at) \
+                 VALUES (?1, 'fp', 'everywhere', 'test', 't', 1)",
+                rusqlite::params![id.0],
+            )
+            .unwrap();
+        (id, store.conn.last_insert_rowid())
+    };
+    let store = FindingStore::open(&path).unwrap();
+    let mut redacted = simple("fp");
+    redacted.action = Action::Redact;
+    assert_eq!(store.record(&redacted).unwrap().id, id, "the same finding, its id kept");
+    let f = store.get(id).unwrap().unwrap();
+    assert_eq!(f.action, Action::Redact);
+    assert_eq!(f.sightings.len(), 2, "the old sighting survived the rebuild");
+    let refs: i64 = store
+        .conn
+        .query_row(
+            "SELECT count(*) FROM allowlist WHERE id = ?1 AND finding_id = ?2",
+            rusqlite::params![allow, id.0],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(refs, 1, "references to the rebuilt table still hold");
+    let broken: Vec<String> = store
+        .conn
+        .prepare("PRAGMA foreign_key_check")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(broken.is_empty(), "{broken:?}");
 }
