@@ -80,6 +80,8 @@ pub struct Config {
     pub record: crate::record::RecordConfig,
     /// The fleet's central store and the outbox that ships to it.
     pub fleet: crate::fleet::FleetConfig,
+    /// The review console (web, OIDC sign-in); off unless `listen` is set.
+    pub console: crate::console::ConsoleConfig,
 }
 
 impl Default for Config {
@@ -99,6 +101,7 @@ impl Default for Config {
             approvals: Default::default(),
             record: Default::default(),
             fleet: Default::default(),
+            console: Default::default(),
         }
     }
 }
@@ -631,6 +634,7 @@ impl Config {
         self.approvals.validate()?;
         self.record.validate()?;
         self.fleet.validate()?;
+        self.console.validate()?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod api;
 pub mod approval;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod credentials;
 pub mod detect;
 pub mod enforce;

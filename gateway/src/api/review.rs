@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::admin::{error, AdminListener, Peer};
 use crate::findings::{
-    AllowId, FindingEvent, FindingId, FindingStore, FindingsError, ListFilter, Notifier, Scope, Status, WaiverSet,
+    AllowEntry, AllowId, Finding, FindingEvent, FindingId, FindingStore, FindingsError, ListFilter, Notifier, Scope,
+    Status, WaiverSet,
 };
 
 /// Decisions are a few short strings.
@@ -32,25 +33,120 @@ const MAX_BODY: usize = 16 * 1024;
 
 #[derive(Clone)]
 struct Review {
+    desk: ReviewDesk,
+    group: Option<String>,
+}
+
+/// The reviewers' operations on the findings store, shared by the review
+/// socket and the web console (`crate::console`): each runs on the blocking
+/// pool, announces its decision through the notifier, and after a decision
+/// reloads the gate's waivers before returning, so the caller's answer is
+/// already in force. Who decides (`by`) is settled by the caller.
+#[derive(Clone)]
+pub struct ReviewDesk {
     store: Arc<Mutex<FindingStore>>,
     waivers: WaiverSet,
     notifier: Notifier,
-    group: Option<String>,
+}
+
+impl ReviewDesk {
+    /// A desk over `store`, refreshing `waivers` and announcing through `notifier`.
+    pub fn new(store: FindingStore, waivers: WaiverSet, notifier: Notifier) -> ReviewDesk {
+        ReviewDesk { store: Arc::new(Mutex::new(store)), waivers, notifier }
+    }
+
+    /// Runs `work` on the store on the blocking pool; after a decision
+    /// (`refresh`), reloads the gate's waivers.
+    async fn run<T: Send + 'static>(
+        &self,
+        refresh: bool,
+        work: impl FnOnce(&FindingStore, &Notifier) -> Result<T, FindingsError> + Send + 'static,
+    ) -> Result<T, FindingsError> {
+        let store = self.store.clone();
+        let waivers = self.waivers.clone();
+        let notifier = self.notifier.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = store.lock().map_err(|_| FindingsError::WriterStopped)?;
+            let answer = work(&store, &notifier)?;
+            if refresh {
+                waivers.replace(store.waivers(OffsetDateTime::now_utc())?);
+            }
+            Ok(answer)
+        })
+        .await
+        .map_err(|_| FindingsError::WriterStopped)?
+    }
+
+    /// Findings matching `filter`.
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<Finding>, FindingsError> {
+        self.run(false, move |store, _| store.list(&filter)).await
+    }
+
+    /// One finding with its sightings and history.
+    pub async fn get(&self, id: FindingId) -> Result<Finding, FindingsError> {
+        self.run(false, move |store, _| store.get(id)?.ok_or(FindingsError::NotFound(id))).await
+    }
+
+    /// Moves finding `id` to `status`, recorded as `by`.
+    pub async fn set_status(
+        &self,
+        id: FindingId,
+        status: Status,
+        by: String,
+        comment: String,
+    ) -> Result<Finding, FindingsError> {
+        self.run(true, move |store, notifier| {
+            let finding = store.set_status(id, status, &by, &comment)?;
+            notifier.status(&finding);
+            Ok(finding)
+        })
+        .await
+    }
+
+    /// Allows finding `id`'s key in `scope` until `expires_at`, recorded as `by`.
+    pub async fn allow(
+        &self,
+        id: FindingId,
+        scope: Scope,
+        expires_at: Option<OffsetDateTime>,
+        reason: String,
+        by: String,
+    ) -> Result<AllowEntry, FindingsError> {
+        self.run(true, move |store, notifier| {
+            let entry = store.allow(id, &scope, expires_at, &reason, &by)?;
+            notifier.allowlist(FindingEvent::Allowed, &entry);
+            Ok(entry)
+        })
+        .await
+    }
+
+    /// Every allowlist entry, revoked and expired ones included.
+    pub async fn allowlist(&self) -> Result<Vec<AllowEntry>, FindingsError> {
+        self.run(false, |store, _| store.allowlist()).await
+    }
+
+    /// Revokes allowlist entry `id`, recorded as `by`.
+    pub async fn revoke(&self, id: AllowId, by: String, comment: String) -> Result<AllowEntry, FindingsError> {
+        self.run(true, move |store, notifier| {
+            let entry = store.revoke(id, &by, &comment)?;
+            notifier.allowlist(FindingEvent::Revoked, &entry);
+            Ok(entry)
+        })
+        .await
+    }
 }
 
 /// Serves the reviewers' API on `listener` (bound with [`super::bind_admin`]
 /// and group `group`) until `shutdown` fires, then removes the socket file.
-/// Decisions are announced through `notifier`.
+/// Decisions go through `desk`.
 pub async fn serve_review(
     listener: AdminListener,
-    store: FindingStore,
-    waivers: WaiverSet,
-    notifier: Notifier,
+    desk: ReviewDesk,
     group: Option<String>,
     shutdown: CancellationToken,
 ) {
     let path = listener.path().to_owned();
-    let app = router(Review { store: Arc::new(Mutex::new(store)), waivers, notifier, group });
+    let app = router(Review { desk, group });
     tracing::info!(path = %path.display(), "reviewers' API listening");
     let served = axum::serve(listener.into_inner(), app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -147,28 +243,11 @@ fn findings_error(e: &FindingsError) -> Response {
     error(status, e.to_string())
 }
 
-/// Runs `work` on the store on the blocking pool; after a decision
-/// (`refresh`), reloads the gate's waivers before answering.
-async fn with_store<T: serde::Serialize + Send + 'static>(
-    review: &Review,
-    refresh: bool,
-    work: impl FnOnce(&FindingStore) -> Result<T, FindingsError> + Send + 'static,
-) -> Response {
-    let store = review.store.clone();
-    let waivers = review.waivers.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let store = store.lock().map_err(|_| FindingsError::WriterStopped)?;
-        let answer = work(&store)?;
-        if refresh {
-            waivers.replace(store.waivers(OffsetDateTime::now_utc())?);
-        }
-        Ok::<_, FindingsError>(answer)
-    })
-    .await;
-    match done {
-        Ok(Ok(answer)) => Json(answer).into_response(),
-        Ok(Err(e)) => findings_error(&e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the store task failed: {e}")),
+/// The JSON answer for a desk's result.
+fn answer<T: serde::Serialize>(result: Result<T, FindingsError>) -> Response {
+    match result {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => findings_error(&e),
     }
 }
 
@@ -214,7 +293,7 @@ async fn list(
         identity: q.identity,
         project: q.project,
     };
-    with_store(&review, false, move |store| store.list(&filter)).await
+    answer(review.desk.list(filter).await)
 }
 
 async fn show(
@@ -229,7 +308,7 @@ async fn show(
         Ok(id) => id,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    with_store(&review, false, move |store| store.get(id)?.ok_or(FindingsError::NotFound(id))).await
+    answer(review.desk.get(id).await)
 }
 
 /// Body of `POST /v1/findings/{id}/status`.
@@ -257,13 +336,7 @@ async fn set_status(
         (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %status, by, uid, "review decision");
-    let notifier = review.notifier.clone();
-    with_store(&review, true, move |store| {
-        let finding = store.set_status(id, status, &by, &body.comment)?;
-        notifier.status(&finding);
-        Ok(finding)
-    })
-    .await
+    answer(review.desk.set_status(id, status, by, body.comment).await)
 }
 
 /// Body of `POST /v1/findings/{id}/allow`.
@@ -294,20 +367,14 @@ async fn allow(
         (Err(reason), _) | (_, Err(reason)) => return error(StatusCode::BAD_REQUEST, reason),
     };
     tracing::info!(target: "gateway::finding", finding = %id, %scope, by, uid, "allowlist entry");
-    let notifier = review.notifier.clone();
-    with_store(&review, true, move |store| {
-        let entry = store.allow(id, &scope, body.expires_at, &body.reason, &by)?;
-        notifier.allowlist(FindingEvent::Allowed, &entry);
-        Ok(entry)
-    })
-    .await
+    answer(review.desk.allow(id, scope, body.expires_at, body.reason, by).await)
 }
 
 async fn allowlist(State(review): State<Review>, ConnectInfo(peer): ConnectInfo<Peer>) -> Response {
     if let Err((status, message)) = reviewer(&review, peer) {
         return error(status, message);
     }
-    with_store(&review, false, |store| store.allowlist()).await
+    answer(review.desk.allowlist().await)
 }
 
 /// Body of `POST /v1/allowlist/{id}/revoke`.
@@ -333,11 +400,5 @@ async fn revoke(
         Ok(id) => id,
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
-    let notifier = review.notifier.clone();
-    with_store(&review, true, move |store| {
-        let entry = store.revoke(id, &by, &body.comment)?;
-        notifier.allowlist(FindingEvent::Revoked, &entry);
-        Ok(entry)
-    })
-    .await
+    answer(review.desk.revoke(id, by, body.comment).await)
 }

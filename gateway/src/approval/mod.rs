@@ -30,7 +30,7 @@ mod tests;
 
 pub use model::{
     ApprovalEvent, ApprovalId, ApprovalSpec, ApprovalView, Approver, DecisionView, EventKind, ListFilter, NewApproval,
-    Outcome, State, Verdict,
+    Outcome, State, Verdict, Vouched,
 };
 pub use service::{Approvals, UserLookup};
 

@@ -203,6 +203,25 @@ pub struct Approver {
     pub pid: u32,
     /// Identity URI of the calling process, when it resolves to one.
     pub identity: Option<String>,
+    /// Who vouches for `name`.
+    pub vouched: Vouched,
+}
+
+/// Who vouches for an approver's name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Vouched {
+    /// The kernel: the name must be the calling uid's user name (root may
+    /// act for others). The admin socket.
+    #[default]
+    Kernel,
+    /// The organisation's identity provider: the name is the signed-in
+    /// user's (e-mail or subject) from a verified ID token. The console.
+    Oidc {
+        /// Every other name the provider gave for the same person
+        /// (preferred user name, subject, e-mail and its local part): none
+        /// of them may be behind the request being approved.
+        aliases: Vec<String>,
+    },
 }
 
 /// One stored decision.

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{ApprovalError, ApprovalView, Approver, NewApproval, State, Verdict};
+use super::{ApprovalError, ApprovalView, Approver, NewApproval, State, Verdict, Vouched};
 
 /// CI variables naming the person who triggered a job: that person may not
 /// approve the job's requests.
@@ -59,7 +59,11 @@ pub(crate) fn authorize(
     // The kernel vouches for the uid; the name typed after --by only counts
     // when it is that uid's own name. Root is trusted to act for others, and
     // the record says so.
-    let recorded_as = if approver.uid == 0 {
+    let recorded_as = if let Vouched::Oidc { .. } = approver.vouched {
+        // The identity provider vouches for the name (a verified ID token);
+        // the record says so.
+        format!("oidc:{name}")
+    } else if approver.uid == 0 {
         if name == "root" {
             name.to_owned()
         } else {
@@ -101,9 +105,16 @@ pub(crate) fn authorize(
                 approval.identity
             )));
         }
-        if approval.requesters.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+        let aliases = match &approver.vouched {
+            Vouched::Kernel => &[][..],
+            Vouched::Oidc { aliases } => aliases.as_slice(),
+        };
+        if let Some(who) = std::iter::once(name)
+            .chain(aliases.iter().map(String::as_str))
+            .find(|n| approval.requesters.iter().any(|r| r.eq_ignore_ascii_case(n)))
+        {
             return Err(ApprovalError::NotAllowed(format!(
-                "{name} is behind {} (as requester) and cannot approve it",
+                "{who} is behind {} (as requester) and cannot approve it",
                 approval.id
             )));
         }
@@ -187,7 +198,32 @@ mod tests {
     }
 
     fn who(name: &str, uid: u32, identity: Option<&str>) -> Approver {
-        Approver { name: name.into(), uid, pid: 42, identity: identity.map(Into::into) }
+        Approver { name: name.into(), uid, pid: 42, identity: identity.map(Into::into), vouched: Vouched::Kernel }
+    }
+
+    #[test]
+    fn a_console_approver_is_recorded_as_oidc_and_never_approves_under_any_of_their_names() {
+        let mut a = approval("release", 1);
+        a.requesters.push("alice-gh".into());
+        let console = |aliases: &[&str]| Approver {
+            name: "alice@example.com".into(),
+            uid: 0,
+            pid: 42,
+            identity: None,
+            vouched: Vouched::Oidc { aliases: aliases.iter().map(|s| (*s).to_owned()).collect() },
+        };
+        let mut groups = groups();
+        groups.get_mut("release").unwrap().push("alice@example.com".into());
+        let ok = authorize(&a, &console(&["alice"]), Verdict::Approve, None, &groups).unwrap();
+        assert_eq!(ok.recorded_as, "oidc:alice@example.com");
+        let refused = authorize(&a, &console(&["ALICE-GH"]), Verdict::Approve, None, &groups).unwrap_err();
+        assert!(refused.to_string().contains("ALICE-GH is behind"), "{refused}");
+        // Denying is withdrawing: allowed.
+        authorize(&a, &console(&["alice-gh"]), Verdict::Deny, None, &groups).unwrap();
+        // Group membership still applies to console approvers.
+        let mut outsider = console(&[]);
+        outsider.name = "eve@example.com".into();
+        assert!(authorize(&a, &outsider, Verdict::Approve, None, &groups).is_err());
     }
 
     fn decision(name: &str, verdict: Verdict) -> DecisionView {

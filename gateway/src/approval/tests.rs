@@ -7,7 +7,7 @@ use tokio::sync::broadcast;
 
 use super::{
     store::ApprovalStore, ApprovalConfig, ApprovalError, ApprovalEvent, ApprovalId, ApprovalSpec, Approvals, Approver,
-    EventKind, ListFilter, NewApproval, Outcome, State, Verdict, WebhookConfig,
+    EventKind, ListFilter, NewApproval, Outcome, State, Verdict, Vouched, WebhookConfig,
 };
 use crate::limits::{Limit, LimitExceeded};
 
@@ -67,7 +67,7 @@ fn new_request() -> NewApproval {
 }
 
 fn root_for(name: &str) -> Approver {
-    Approver { name: name.into(), uid: 0, pid: 1, identity: None }
+    Approver { name: name.into(), uid: 0, pid: 1, identity: None, vouched: Vouched::Kernel }
 }
 
 /// Starts a request on a task and returns its id once it is stored.
@@ -137,7 +137,7 @@ async fn min_approvals_counts_distinct_approvers() {
     let view = approvals.decide(id, Verdict::Approve, root_for("alice"), None).await.unwrap();
     assert_eq!(view.state, State::Pending);
     // Root acting for alice again, or alice herself, is still alice.
-    let again = Approver { name: "alice".into(), uid: 1000, pid: 9, identity: None };
+    let again = Approver { name: "alice".into(), uid: 1000, pid: 9, identity: None, vouched: Vouched::Kernel };
     let err = approvals.decide(id, Verdict::Approve, again, None).await.unwrap_err();
     assert!(matches!(err, ApprovalError::AlreadyDecided { ref approver, .. } if approver == "alice"), "{err}");
     assert_eq!(err.http_status(), http::StatusCode::CONFLICT);
@@ -196,17 +196,23 @@ async fn a_non_root_approver_decides_only_under_their_own_name() {
     let (id, task) = held(&approvals, &mut events, spec(1, Duration::from_secs(60))).await;
 
     // uid 1001 is eve: she cannot type her way into being alice.
-    let eve_as_alice = Approver { name: "alice".into(), uid: 1001, pid: 5, identity: None };
+    let eve_as_alice = Approver { name: "alice".into(), uid: 1001, pid: 5, identity: None, vouched: Vouched::Kernel };
     let err = approvals.decide(id, Verdict::Approve, eve_as_alice, None).await.unwrap_err();
     assert!(matches!(err, ApprovalError::NotAllowed(ref m) if m.contains("you are eve")), "{err}");
     // A uid without a user name matches nobody.
-    let nameless = Approver { name: "alice".into(), uid: 4321, pid: 5, identity: None };
+    let nameless = Approver { name: "alice".into(), uid: 4321, pid: 5, identity: None, vouched: Vouched::Kernel };
     assert!(matches!(
         approvals.decide(id, Verdict::Deny, nameless, None).await.unwrap_err(),
         ApprovalError::NotAllowed(_)
     ));
 
-    let alice = Approver { name: "alice".into(), uid: 1000, pid: 5, identity: Some("spiffe://ci.test/laptop".into()) };
+    let alice = Approver {
+        name: "alice".into(),
+        uid: 1000,
+        pid: 5,
+        identity: Some("spiffe://ci.test/laptop".into()),
+        vouched: Vouched::Kernel,
+    };
     approvals.decide(id, Verdict::Approve, alice, None).await.unwrap();
     assert_eq!(outcome(task).await, Outcome::Approved { id, by: vec!["alice".into()] });
     let stored = approvals.get(id).await.unwrap().unwrap();
@@ -221,7 +227,8 @@ async fn the_requester_cannot_approve_its_own_request() {
     let (id, task) = held(&approvals, &mut events, spec(1, Duration::from_secs(60))).await;
 
     // The approving process has the requesting identity.
-    let same_identity = Approver { name: "alice".into(), uid: 0, pid: 7, identity: Some(IDENTITY.into()) };
+    let same_identity =
+        Approver { name: "alice".into(), uid: 0, pid: 7, identity: Some(IDENTITY.into()), vouched: Vouched::Kernel };
     let err = approvals.decide(id, Verdict::Approve, same_identity, None).await.unwrap_err();
     assert!(matches!(err, ApprovalError::NotAllowed(ref m) if m.contains("own request")), "{err}");
     // carol triggered the job (GITHUB_ACTOR) and is in the group.

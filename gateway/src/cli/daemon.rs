@@ -193,11 +193,24 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     if let Some(listener) = review_listener {
         let store = crate::findings::FindingStore::open(&config.findings.database_path(&config.state_dir))?;
         let group = Some(config.findings.reviewers_group().to_owned());
-        let waivers = services.gate.waivers.clone();
-        let notifier = services.gate.notifier.clone();
-        review_task =
-            Some(tokio::spawn(crate::api::serve_review(listener, store, waivers, notifier, group, shutdown.clone())));
+        let desk = crate::api::ReviewDesk::new(store, services.gate.waivers.clone(), services.gate.notifier.clone());
+        review_task = Some(tokio::spawn(crate::api::serve_review(listener, desk, group, shutdown.clone())));
     }
+    let console_task = if config.console.listen.is_some() {
+        let desk = crate::api::ReviewDesk::new(
+            crate::findings::FindingStore::open(&config.findings.database_path(&config.state_dir))?,
+            services.gate.waivers.clone(),
+            services.gate.notifier.clone(),
+        );
+        let console = crate::console::ConsoleServices {
+            desk,
+            approvals: services.gate.approvals.clone(),
+            sessions_db: config.record.database_path(&config.state_dir),
+        };
+        crate::console::serve_console(&config.console, console, shutdown.clone()).await.context("review console")?
+    } else {
+        None
+    };
     let policy_watch = config.policy.watch.then(|| {
         let handle = services.gate.policy.clone();
         tokio::spawn(crate::policy::watch(handle, config.policy.watch_interval, shutdown.clone()))
@@ -275,6 +288,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     }
     if let Some(review) = review_task {
         let _ = review.await;
+    }
+    if let Some(console) = console_task {
+        let _ = console.await;
     }
     if let Some(watch) = policy_watch {
         let _ = watch.await;

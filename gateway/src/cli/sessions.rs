@@ -562,6 +562,18 @@ fn postgres_line(name: &str, d: &serde_json::Value) -> Option<String> {
 /// Longest body preview replay prints.
 const PREVIEW_BYTES: usize = 2048;
 
+/// The replay of a session as `gateway sessions replay` prints it (all at
+/// once): what the review console shows. Recordings hold masked data only;
+/// this adds no unmasking.
+pub fn replay_text(s: &SessionSummary, records: &[Record]) -> String {
+    let mut out = Vec::new();
+    if let Err(e) = replay(s, records, false, &mut out) {
+        // Writing to a Vec cannot fail; keep whatever was produced.
+        tracing::debug!(error = %e, "replay into memory failed");
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let start = i64::try_from(s.started.unix_timestamp_nanos()).unwrap_or(0);
     let mut head = format!("session {}  {}\n", safe(s.id.as_str()), s.state);
