@@ -531,6 +531,21 @@ fn per_session_credentials_are_issued_for_each_session_and_revoked_when_it_ends(
     assert_eq!(input["destination"], HOST);
     assert!(input["identity"].as_str().is_some_and(|i| i.starts_with("spiffe://")), "{input}");
 
+    // A request that is blocked (a key where the policy says block) issues
+    // nothing: no database user or lease is made for it.
+    let issued = || std::fs::read_to_string(scene.dir.path().join("n")).unwrap_or_default().trim().to_owned();
+    let before = issued();
+    let out = scene
+        .gw
+        .command_in_cgroup("curl")
+        .args(["-sS", "--resolve", &format!("{HOST}:{}:{UPSTREAM_IP}", scene.port), "--cacert", scene.ca()])
+        .args(gateway_tests::CURL_STATUS)
+        .args(["-H", &format!("Authorization: Bearer {}", keys::cursor_key()), &url("/v1/keyed")])
+        .output()
+        .expect("curl");
+    assert_eq!(gateway_tests::curl_reply(&out.stdout).0, 403);
+    assert_eq!(issued(), before, "a blocked request caused an issuance");
+
     // Second session: a value of its own, revoked in turn.
     let out = curl(&["/v1/c"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1\n");

@@ -663,10 +663,16 @@ impl Passage {
     ) -> Judgement {
         let host = req.host.as_str();
         let identity = &self.conn.caller.identity;
-        let credential = match swap {
-            Some(_) => Some(self.usable_credential(host).await),
-            None => None,
-        };
+        // Only when some key would be swapped: a per-session credential is
+        // issued by its source (a new database user, a Vault lease), which a
+        // request that is blocked or has nothing to swap must not cause.
+        let may_swap = swap.is_some()
+            && hits.iter().any(|h| {
+                let configured =
+                    req.static_keys.unwrap_or_else(|| self.gate.actions.action_for(host, &h.detection.rule_id));
+                configured == Action::Swap && SwapTarget::from_location(&h.location).is_some()
+            });
+        let credential = if may_swap { Some(self.usable_credential(host).await) } else { None };
         // Why the gateway could not supply the credential a swap called for.
         let mut unavailable: Option<(CredentialProblem, String)> = None;
         let mut seen = HashSet::new();
