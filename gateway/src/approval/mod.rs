@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 mod model;
 mod rules;
 mod service;
-mod store;
+pub(crate) mod store;
 mod waiters;
 pub(crate) mod webhook;
 

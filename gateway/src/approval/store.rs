@@ -316,11 +316,11 @@ impl ApprovalStore {
             .map_err(self.err("reading an approval request"))?;
         let Some(raw) = raw else { return Ok(None) };
         let decisions = conn
-            .prepare_cached(
-                "SELECT verdict, approver, recorded_as, uid, pid, identity, comment, decided_at \
-                 FROM decisions WHERE approval_id = ?1 ORDER BY id",
-            )
-            .and_then(|mut st| st.query_map([id.0], RawDecision::from_row)?.collect::<Result<Vec<_>, _>>())
+            .prepare_cached(&format!(
+                "SELECT {} FROM decisions WHERE approval_id = ?1 ORDER BY id",
+                RawDecision::COLUMNS
+            ))
+            .and_then(|mut st| st.query_map([id.0], |r| RawDecision::from_row(r, 0))?.collect::<Result<Vec<_>, _>>())
             .map_err(self.err("reading decisions"))?;
         let decisions = decisions.into_iter().map(|d| d.decode(self, id.0)).collect::<Result<Vec<_>, _>>()?;
         raw.decode(self, decisions).map(Some)
@@ -425,28 +425,35 @@ impl RawApproval {
     }
 }
 
-struct RawDecision {
-    verdict: String,
-    approver: String,
-    recorded_as: String,
-    uid: i64,
-    pid: i64,
-    identity: Option<String>,
-    comment: Option<String>,
-    decided_at: i64,
+/// A decision row as stored, before decoding: also what the fleet outbox
+/// ships.
+#[derive(Debug)]
+pub(crate) struct RawDecision {
+    pub(crate) verdict: String,
+    pub(crate) approver: String,
+    pub(crate) recorded_as: String,
+    pub(crate) uid: i64,
+    pub(crate) pid: i64,
+    pub(crate) identity: Option<String>,
+    pub(crate) comment: Option<String>,
+    pub(crate) decided_at: i64,
 }
 
 impl RawDecision {
-    fn from_row(r: &Row<'_>) -> rusqlite::Result<RawDecision> {
+    /// The columns [`RawDecision::from_row`] reads, in order.
+    pub(crate) const COLUMNS: &'static str = "verdict, approver, recorded_as, uid, pid, identity, comment, decided_at";
+
+    /// Reads [`RawDecision::COLUMNS`] starting at column `at`.
+    pub(crate) fn from_row(r: &Row<'_>, at: usize) -> rusqlite::Result<RawDecision> {
         Ok(RawDecision {
-            verdict: r.get(0)?,
-            approver: r.get(1)?,
-            recorded_as: r.get(2)?,
-            uid: r.get(3)?,
-            pid: r.get(4)?,
-            identity: r.get(5)?,
-            comment: r.get(6)?,
-            decided_at: r.get(7)?,
+            verdict: r.get(at)?,
+            approver: r.get(at + 1)?,
+            recorded_as: r.get(at + 2)?,
+            uid: r.get(at + 3)?,
+            pid: r.get(at + 4)?,
+            identity: r.get(at + 5)?,
+            comment: r.get(at + 6)?,
+            decided_at: r.get(at + 7)?,
         })
     }
 

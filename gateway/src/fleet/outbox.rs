@@ -29,7 +29,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::{central, FleetConfig, FleetError, FLEET_TARGET};
-use crate::{config::Config, findings::store::RawSighting};
+use crate::{approval::store::RawDecision, config::Config, findings::store::RawSighting};
 
 /// One kind of shipped row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -602,14 +602,7 @@ struct ApprovalOut {
 struct DecisionOut {
     local_id: i64,
     approval: i64,
-    verdict: String,
-    approver: String,
-    recorded_as: String,
-    uid: i64,
-    pid: i64,
-    identity: Option<String>,
-    comment: Option<String>,
-    decided_at: i64,
+    row: RawDecision,
 }
 
 /// What one batch carries to the central store.
@@ -807,24 +800,13 @@ fn read_batch(
         }
         Stream::Decisions => {
             let decisions: Vec<DecisionOut> = tx
-                .prepare_cached(
-                    "SELECT id, approval_id, verdict, approver, recorded_as, uid, pid, identity, comment, decided_at
-                     FROM decisions WHERE id > ?1 ORDER BY id LIMIT ?2",
-                )
+                .prepare_cached(&format!(
+                    "SELECT id, approval_id, {} FROM decisions WHERE id > ?1 ORDER BY id LIMIT ?2",
+                    RawDecision::COLUMNS
+                ))
                 .and_then(|mut st| {
                     st.query_map([after, limit], |r| {
-                        Ok(DecisionOut {
-                            local_id: r.get(0)?,
-                            approval: r.get(1)?,
-                            verdict: r.get(2)?,
-                            approver: r.get(3)?,
-                            recorded_as: r.get(4)?,
-                            uid: r.get(5)?,
-                            pid: r.get(6)?,
-                            identity: r.get(7)?,
-                            comment: r.get(8)?,
-                            decided_at: r.get(9)?,
-                        })
+                        Ok(DecisionOut { local_id: r.get(0)?, approval: r.get(1)?, row: RawDecision::from_row(r, 2)? })
                     })?
                     .collect()
                 })
@@ -1060,14 +1042,14 @@ async fn write_batch(tx: &tokio_postgres::Transaction<'_>, host: &str, data: &Ba
                 &host,
                 &d.iter().map(|x| x.local_id).collect::<Vec<_>>(),
                 &d.iter().map(|x| x.approval).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.verdict.as_str()).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.approver.as_str()).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.recorded_as.as_str()).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.uid).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.pid).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.identity.as_deref()).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.comment.as_deref()).collect::<Vec<_>>(),
-                &d.iter().map(|x| x.decided_at).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.verdict.as_str()).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.approver.as_str()).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.recorded_as.as_str()).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.uid).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.pid).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.identity.as_deref()).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.comment.as_deref()).collect::<Vec<_>>(),
+                &d.iter().map(|x| x.row.decided_at).collect::<Vec<_>>(),
             ],
         )
         .await
