@@ -18,7 +18,7 @@ use std::{
 use axum::Router;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
+    server::{conn::auto, graceful::GracefulConnection},
     service::TowerToHyperService,
 };
 use rustls::{
@@ -189,36 +189,14 @@ async fn serve_one(
 }
 
 /// Drives a connection, closing it gracefully when `shutdown` fires.
-async fn serve_until<C, E>(conn: C, shutdown: &CancellationToken) -> Result<(), E>
-where
-    C: std::future::Future<Output = Result<(), E>> + GracefulConnection,
-{
+async fn serve_until<C: GracefulConnection>(conn: C, shutdown: &CancellationToken) -> Result<(), C::Error> {
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => result,
         _ = shutdown.cancelled() => {
-            conn.as_mut().graceful();
+            conn.as_mut().graceful_shutdown();
             conn.await
         }
-    }
-}
-
-/// A hyper connection that can be asked to finish gracefully.
-trait GracefulConnection {
-    fn graceful(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, E> GracefulConnection for auto::Connection<'_, I, S, E>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::ResBody: http_body::Body + Send + 'static,
-    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
-{
-    fn graceful(self: std::pin::Pin<&mut Self>) {
-        self.graceful_shutdown();
     }
 }
 
