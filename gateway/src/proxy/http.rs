@@ -928,14 +928,14 @@ impl BodyGate {
 
     /// Refuses a request whose keys must be redacted but cannot be: it fails
     /// closed, never forwarded with the keys in it.
-    fn refuse_unredactable(&mut self, detail: String) -> BodyVerdict {
+    fn refuse_unredactable(&mut self, detail: String) -> http::Response<Bytes> {
         let why = Reason::Uninspectable(Uninspectable::Body {
             detail: format!("a key in it must be redacted but cannot be: {detail}"),
         });
         let refusal = self.passage.refuse(why, "redact");
         let response = render(&refusal, self.client);
         self.refused = Some(refusal);
-        BodyVerdict::Respond(response)
+        response
     }
 
     /// Holds the request until its approval is decided.
@@ -991,7 +991,7 @@ impl BodyInspector for BodyGate {
         }
         let detail = "keys in it must be redacted, but it is larger than the gateway holds \
                       (proxy.limits.max_buffered_body_bytes)";
-        self.refuse_unredactable(detail.to_owned())
+        BodyVerdict::Respond(self.refuse_unredactable(detail.to_owned()))
     }
 
     fn edit(&mut self, frames: &std::collections::VecDeque<http_body::Frame<Bytes>>) -> BodyEdit {
@@ -1013,10 +1013,8 @@ impl BodyInspector for BodyGate {
                 );
                 BodyEdit::Replace(edited)
             }
-            Err(e) => match self.refuse_unredactable(e.to_string()) {
-                BodyVerdict::Respond(r) => BodyEdit::Refuse(r),
-                BodyVerdict::Continue => BodyEdit::Keep,
-            },
+            // No way to forward the body as it is from here.
+            Err(e) => BodyEdit::Refuse(self.refuse_unredactable(e.to_string())),
         }
     }
 
