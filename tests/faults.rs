@@ -1009,3 +1009,116 @@ fn bpffs_unmounted_under_the_gateway_is_reported_and_lets_nothing_through() {
     assert_eq!(scene.post("/after/clean", 1, None).0, 200, "jobs are still served");
     assert_eq!(scene.upstream.requests().len(), served + 1, "only the clean request reached the server");
 }
+
+/// Writes garbage over all of `file` and drops its write-ahead log: what a
+/// failing disk or a bad restore leaves. (Garbage over the first page alone
+/// is not damage while the log still holds that page: SQLite reads it from
+/// there and the next checkpoint rewrites it.)
+fn damage(file: &Path) {
+    let len = std::fs::metadata(file).unwrap_or_else(|e| panic!("{}: {e}", file.display())).len() as usize;
+    let garbage = b"not a database, only damage. ".iter().copied().cycle().take(len.max(4096)).collect::<Vec<u8>>();
+    std::fs::write(file, garbage).expect("write the damage");
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+    }
+}
+
+/// Runs `gateway run` on `config` for at most 60 s: its exit status
+/// (`None`: still running, then killed) and its stderr.
+fn run_briefly(config: &Path) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = Command::new(gateway_tests::gateway_bin())
+        .arg("--config")
+        .arg(config)
+        .arg("run")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the gateway");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the gateway") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr).expect("read stderr");
+    (status, stderr)
+}
+
+/// A store damaged while the gateway was stopped (a disk error, a bad
+/// restore): the gateway refuses to start and says which file and what to
+/// do, the programs its last run left pinned keep refusing the jobs'
+/// connections meanwhile (nothing goes uncaptured because a store is
+/// broken), and once the operator moves the file aside as told, it starts
+/// on a new store and serves again, leaving the damaged file for
+/// investigation. For each store: sessions, findings, approvals.
+#[test]
+fn a_damaged_store_keeps_the_gateway_from_starting_and_lets_nothing_through() {
+    let disk = SmallDisk::mount(64);
+    let mut scene = Scene::start("damaged-store", &disk, "refuse");
+    assert_eq!(scene.post("/before", 1, None).0, 200);
+    // A clean stop: the programs stay attached and refuse (on_shutdown: enforce).
+    scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
+    let served = scene.upstream.requests().len();
+    let state = scene.gw.dir.path().join("state");
+    let stores = [
+        ("sessions", disk.path().join("sessions.db")),
+        ("findings", disk.path().join("findings.db")),
+        ("approvals", state.join("approvals.db")),
+    ];
+    for (what, file) in &stores {
+        assert!(file.is_file(), "the {what} store {} exists after a run", file.display());
+        let intact: Vec<(String, Vec<u8>)> = ["", "-wal", "-shm"]
+            .into_iter()
+            .filter_map(|suffix| {
+                let path = format!("{}{suffix}", file.display());
+                std::fs::read(&path).ok().map(|bytes| (path, bytes))
+            })
+            .collect();
+        damage(file);
+        let (status, stderr) = run_briefly(&scene.gw.config_path);
+        assert!(!status.is_some_and(|s| s.success()), "the gateway started on a damaged {what} store:\n{stderr}");
+        assert!(status.is_some(), "the gateway was still running after 60 s on a damaged {what} store:\n{stderr}");
+        assert!(
+            stderr.contains(&file.display().to_string())
+                && stderr.contains("corrupt")
+                && stderr.contains("move it aside"),
+            "the error names the damaged {what} store and what to do:\n{stderr}"
+        );
+        // Fail closed: the job's connection is refused while no gateway runs.
+        let (status, body) = scene.post(&format!("/while-down/{what}"), 1, None);
+        assert_ne!(status, 200, "a request went through while the gateway could not start: {body}");
+        assert_eq!(scene.upstream.requests().len(), served, "a request reached the server while no gateway ran");
+        for (path, bytes) in intact {
+            std::fs::write(path, bytes).expect("restore the store");
+        }
+    }
+
+    // The operator moves the damaged sessions store aside: a new one is made.
+    let (_, sessions) = &stores[0];
+    damage(sessions);
+    let aside = sessions.with_extension("db.damaged");
+    std::fs::rename(sessions, &aside).expect("move the store aside");
+    scene.gw.spawn(false);
+    assert_eq!(scene.post("/after", 1, None).0, 200, "served again on a new store");
+    assert!(aside.is_file(), "the damaged file is left for investigation");
+    wait_for("the new store records", || {
+        let urls = scene.recorded_urls();
+        if urls.iter().any(|u| u.ends_with("/after")) {
+            Ok(())
+        } else {
+            Err(format!("{urls:?}"))
+        }
+    });
+    scene.verify_all();
+}

@@ -266,6 +266,14 @@ pub enum ApprovalError {
         /// Newest version this build knows.
         supported: i64,
     },
+    /// The file is not a (healthy) SQLite database.
+    #[error("{path}: the approvals database is corrupt or not a SQLite database ({source}); move it aside and let the gateway create a new one, keeping the old file for investigation")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        source: rusqlite::Error,
+    },
     /// An SQLite operation failed.
     #[error("{path}: approvals database error while {doing}: {source}")]
     Database {

@@ -116,7 +116,7 @@ impl ApprovalStore {
     }
 
     fn err(&self, doing: &'static str) -> impl FnOnce(rusqlite::Error) -> ApprovalError + '_ {
-        move |source| ApprovalError::Database { path: self.path.clone(), doing, source }
+        move |source| classify(&self.path, doing, source)
     }
 
     fn bad_row(&self, id: i64, field: &'static str, reason: impl ToString) -> ApprovalError {
@@ -495,11 +495,20 @@ fn from_nanos(n: i64) -> Result<OffsetDateTime, String> {
 fn open_error(path: &Path, e: crate::sqlite::OpenError) -> ApprovalError {
     match e {
         crate::sqlite::OpenError::Unusable(reason) => ApprovalError::Open { path: path.to_owned(), reason },
-        crate::sqlite::OpenError::Sqlite { doing, source } => {
-            ApprovalError::Database { path: path.to_owned(), doing, source }
-        }
+        crate::sqlite::OpenError::Sqlite { doing, source } => classify(path, doing, source),
         crate::sqlite::OpenError::UnsupportedSchema { found, supported } => {
             ApprovalError::UnsupportedSchema { path: path.to_owned(), found, supported }
         }
+    }
+}
+
+/// Maps SQLite's "this file is damaged / not a database" codes to
+/// [`ApprovalError::Corrupt`] so the message says what to do about it.
+fn classify(path: &Path, doing: &'static str, source: rusqlite::Error) -> ApprovalError {
+    match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase) => {
+            ApprovalError::Corrupt { path: path.to_owned(), source }
+        }
+        _ => ApprovalError::Database { path: path.to_owned(), doing, source },
     }
 }
