@@ -1122,3 +1122,80 @@ fn a_damaged_store_keeps_the_gateway_from_starting_and_lets_nothing_through() {
     });
     scene.verify_all();
 }
+
+/// Runs the program after the flag file's path (the gateway) with its
+/// stderr piped through this script, which passes every line on to its own
+/// stderr except while the flag file exists: then it stops reading, as a
+/// stalled journald or a container runtime that does not drain a log does.
+/// SIGTERM is passed on.
+const STALLING_LOG_READER: &str = r#"
+import os, signal, subprocess, sys, time
+flag = sys.argv[1]
+child = subprocess.Popen(sys.argv[2:], stderr=subprocess.PIPE)
+signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
+for line in child.stderr:
+    sys.stderr.buffer.write(line)
+    sys.stderr.flush()
+    while os.path.exists(flag):
+        time.sleep(0.05)
+sys.exit(child.wait())
+"#;
+
+/// The log's reader stops reading while jobs keep sending (a stalled
+/// journald, a pipe nobody drains): connections are served on regardless,
+/// since the daemon's log lines go through a queue of their own, and every
+/// line gets through once the reader reads again.
+#[test]
+fn a_stalled_log_reader_holds_no_connection_back() {
+    let disk = SmallDisk::mount(64);
+    let flag = disk.path().join("stall-the-log");
+    let scene = Scene::start_with("log-stalled", &disk, "refuse", |opts| {
+        opts.wrapper =
+            vec!["python3".to_owned(), "-c".to_owned(), STALLING_LOG_READER.to_owned(), flag.display().to_string()];
+    });
+    assert_eq!(scene.post("/before", 1, None).0, 200);
+    std::fs::write(&flag, b"").expect("stall the log's reader");
+    // Each connection logs a line of about 1 KiB: far more than a pipe holds.
+    const REQUESTS: usize = 200;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let scene = &scene;
+        s.spawn(move || {
+            for i in 0..REQUESTS {
+                if tx.send(scene.post(&format!("/while-stalled/{i}"), 1, None)).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stuck = None;
+        for i in 0..REQUESTS {
+            match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok((200, _)) => {}
+                Ok((status, body)) => {
+                    stuck = Some(format!("request {i} while the log was stalled: {status} {body}"));
+                    break;
+                }
+                Err(_) => {
+                    stuck =
+                        Some(format!("request {i} did not complete within 10 s while the log's reader was stalled"));
+                    break;
+                }
+            }
+        }
+        // Let the reader go on either way, so that a stuck gateway comes loose.
+        std::fs::remove_file(&flag).expect("let the log's reader go on");
+        drop(rx);
+        if let Some(why) = stuck {
+            panic!("{why}");
+        }
+    });
+    assert_eq!(scene.upstream.requests().len(), REQUESTS + 1, "every request reached the server");
+    wait_for("every connection's line reaches the log", || {
+        let logged = scene.gw.connection_events().len();
+        if logged > REQUESTS {
+            Ok(())
+        } else {
+            Err(format!("{logged} connection events so far"))
+        }
+    });
+}

@@ -26,6 +26,7 @@ pub mod http;
 pub mod identity;
 pub mod intercept;
 pub mod limits;
+pub mod logging;
 pub mod mask;
 pub mod metrics;
 pub mod policy;

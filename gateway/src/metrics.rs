@@ -556,6 +556,15 @@ impl Collector for Live {
                 bytes,
             )?;
         }
+        if let Some(dropped) = crate::logging::dropped_lines() {
+            let family = encoder.encode_descriptor(
+                "gateway_log_lines_dropped",
+                "Log lines dropped because the log's reader (journald, a pipe) did not keep up; connections are never held back for the log",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(dropped).encode(family)?;
+        }
         if let Some(outbox) = self.outbox.get() {
             let backlog = outbox();
             let records = i64::try_from(backlog.records).unwrap_or(i64::MAX);

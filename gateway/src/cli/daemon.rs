@@ -247,6 +247,7 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let namespaces_task = tokio::spawn(namespaces.clone().run(config.intercept.netns_scan_interval, shutdown.clone()));
     tokio::spawn(release_freed_memory(shutdown.clone()));
     tokio::spawn(crate::watchdog::run(metrics.clone(), shutdown.clone()));
+    tokio::spawn(crate::logging::watch_dropped(shutdown.clone()));
     tracing::info!(
         cgroups = ?cgroups.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
         destinations = destinations_count,

@@ -16,6 +16,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 use crate::{
     config::{Config, LogFormat, Source},
@@ -145,7 +146,8 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(2));
         }
     };
-    init_logging(&config);
+    // Held until the command returns: dropping it flushes the daemon's queue.
+    let _log = init_logging(&config, matches!(cli.command, Command::Run));
     if let Source::Defaults(path) = &source {
         tracing::info!(path = %path.display(), "configuration file not found; using the embedded defaults");
     }
@@ -170,21 +172,28 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Sets up the log: masked stderr, written in place for the commands and
+/// by a thread of its own for the daemon (`background`; see
+/// [`crate::logging`]), whose guard must be held until the last line.
+fn init_logging(config: &Config, background: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let (writer, guard) = if background {
+        let (writer, guard) = crate::logging::background();
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(crate::mask::log::MaskedStderr), None)
+    };
     // A closed stderr (a restarted journald, a dead pipe) must not take the
     // gateway down: its own error reporting would panic on the same stream.
     // Lines are masked once `gateway run` has its detector (see `mask::log`).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(crate::mask::log::MaskedStderr)
-        .log_internal_errors(false);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).log_internal_errors(false);
     // Logging may already be set up (tests call into the library); that is fine.
     let _ = match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    guard
 }
 
 /// Refuses early, with the reason, when a command that loads or reads eBPF
