@@ -634,6 +634,16 @@ fn decide_central(central: &Central, gw: &TestGateway, verb: &str, host: &str, i
     gw.cli(&["approvals", verb, &id, "--store", &central.url(), "--host-id", host, "--by", by])
 }
 
+/// One unlabelled sample from `gw`'s `/metrics`.
+fn metric(gw: &TestGateway, name: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", gw.api_port);
+    let out = std::process::Command::new("curl").args(["-sS", "--fail", &url]).output().expect("run curl");
+    let body = ok(&format!("curl {url}"), &out);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} sample in /metrics:\n{body}"))
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -676,13 +686,17 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
     );
 
     // A forged central decision (inserted by hand, as anyone who can write
-    // the store could): root is behind the request, so A refuses it.
+    // the store could): root is behind the request, so A refuses it. With
+    // the notification trigger off, A finds it by polling (the fallback for
+    // a lost notification), within fleet.approval_poll (2 s).
     let requesters = cli_json(&a, &["approvals", "show", &format!("A-{first}"), "--json"])["requesters"].clone();
     assert!(requesters.as_array().is_some_and(|r| r.iter().any(|n| n == "root")), "{requesters}");
+    central.sql("ALTER TABLE central_decisions DISABLE TRIGGER central_decisions_notify");
     central.sql(&format!(
         "INSERT INTO central_decisions (host_id, approval_local_id, verdict, approver, uid, decided_on, decided_at)
          VALUES ('runner-a', {first}, 'approve', 'root', 0, 'psql', 0)"
     ));
+    let forged_at = Instant::now();
     wait_for("runner-a rejects the forged decision", || {
         let outcome = central.sql("SELECT outcome, outcome_reason FROM central_decisions WHERE decided_on = 'psql'");
         if outcome.starts_with("rejected|") && outcome.contains("as requester") {
@@ -691,6 +705,10 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
             Err(outcome)
         }
     });
+    let polled = forged_at.elapsed();
+    println!("forged decision found by polling and rejected in {} ms", polled.as_millis());
+    assert!(polled < Duration::from_secs(5), "the poll fallback took {polled:?}");
+    central.sql("ALTER TABLE central_decisions ENABLE TRIGGER central_decisions_notify");
     let events = a.log_messages_with("kind", "central_decision_rejected");
     assert_eq!(events.len(), 1, "{}", a.log());
     assert!(!held.is_finished(), "a forged decision released the request");
@@ -807,6 +825,9 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
     let backlog = &status["fleet"]["backlog"];
     assert!(backlog["total"].as_u64() > Some(0), "{status}");
     assert!(backlog["oldest_age_seconds"].as_f64() > Some(3.0), "{backlog}");
+    let age = metric(&a, "gateway_outbox_oldest_age_seconds");
+    assert!(age > 3.0, "gateway_outbox_oldest_age_seconds {age}");
+    assert!(metric(&a, "gateway_outbox_backlog_records") > 0.0);
     let kept: Chains = local_chains(&a).into_iter().filter(|(id, _, _)| !shipped.contains(id)).collect();
     assert_eq!(kept, unshipped, "sessions not yet shipped were pruned locally");
 
@@ -827,6 +848,7 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
             Err(format!("{} local sessions, shipped: {shipped}", local.len()))
         }
     });
+    assert_eq!(metric(&a, "gateway_outbox_oldest_age_seconds"), 0.0, "nothing waits");
     let central_chains_now = central_chains(&central, "runner-a");
     for session in &unshipped {
         assert!(central_chains_now.contains(session), "{session:?} was pruned before it reached the store");

@@ -53,6 +53,9 @@ pub const STATUS_FILE: &str = "central-approvals.json";
 /// Longest comment a central decision may carry (as locally).
 const MAX_COMMENT: usize = 1000;
 
+/// First wait before reconnecting.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -412,7 +415,7 @@ impl Applier {
     /// while the store is unreachable (saying so once per distinct error).
     pub async fn run(self, shutdown: CancellationToken) {
         let mut last_error: Option<String> = None;
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = FIRST_RETRY;
         // Unknown until the first connection says otherwise.
         self.set_status(Availability::Unavailable, Some("connecting to the central store".into()));
         loop {
@@ -423,13 +426,14 @@ impl Applier {
             match result {
                 Ok(()) => break,
                 Err(e) => {
+                    // A fresh failure (first, or after being connected)
+                    // retries soon; a repeated one backs off.
+                    backoff = if last_error.is_none() { FIRST_RETRY } else { (backoff * 2).min(MAX_BACKOFF) };
                     let text = e.to_string();
                     if last_error.as_deref() != Some(text.as_str()) {
                         tracing::warn!(target: FLEET_TARGET, kind = "central_approvals_unavailable", host_id = %self.host_id, error = %text, "central approvals unavailable: requests held here can be decided on this host only (gateway approvals approve|deny) until the store is back");
                         self.set_status(Availability::Unavailable, Some(text.clone()));
                         last_error = Some(text);
-                    } else {
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                 }
             }
