@@ -611,3 +611,32 @@ fn nanos(t: OffsetDateTime) -> i64 {
 fn from_nanos(n: i64) -> Result<OffsetDateTime, String> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_round_trip_and_unknown_ones_are_not_taken() {
+        for a in [Applied::Applied, Applied::Rejected, Applied::Stale] {
+            assert_eq!(Applied::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(Applied::parse("approved"), None);
+    }
+
+    #[test]
+    fn the_status_file_is_read_back_and_a_missing_or_damaged_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_status(dir.path()), None);
+        let status = CentralStatus {
+            state: Availability::Unavailable,
+            since: OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap(),
+            error: Some("central store: connecting: refused".into()),
+            pid: 42,
+        };
+        std::fs::write(dir.path().join(STATUS_FILE), serde_json::to_vec(&status).unwrap()).unwrap();
+        assert_eq!(read_status(dir.path()), Some(status));
+        std::fs::write(dir.path().join(STATUS_FILE), b"{").unwrap();
+        assert_eq!(read_status(dir.path()), None);
+    }
+}
