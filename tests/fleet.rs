@@ -124,13 +124,18 @@ impl Central {
     }
 
     fn gateway(&self, name: &str, host_id: &str, fleet_extra: &str) -> TestGateway {
+        self.gateway_with(name, host_id, fleet_extra, "")
+    }
+
+    /// [`Central::gateway`] with more `record:` settings.
+    fn gateway_with(&self, name: &str, host_id: &str, fleet_extra: &str, record_extra: &str) -> TestGateway {
         let mut opts =
             GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{}]}}", self.upstream_port)]);
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.policy_yaml = Some(POLICY.into());
         opts.extra_yaml = format!(
-            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n\
-             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice] }}\n{fleet}",
+            "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n{record_extra}\
+             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice, bob, root] }}\n{fleet}",
             ca = self.upstream_ca.display(),
             fleet = self.fleet_yaml(host_id, fleet_extra),
         );
@@ -254,10 +259,10 @@ fn share_fingerprint_key(from: &TestGateway, gw: &mut TestGateway) {
 fn three_gateways_ship_to_one_central_store_that_verifies() {
     let central = Central::start();
     let said = central.migrate();
-    assert!(said.contains("migrated from version 0 to 1"), "{said}");
+    assert!(said.contains("migrated from version 0 to 2"), "{said}");
     let said = central.migrate();
-    assert!(said.contains("up to date (version 1)"), "{said}");
-    assert_eq!(central.count("SELECT max(version) FROM schema_version"), 1);
+    assert!(said.contains("up to date (version 2)"), "{said}");
+    assert_eq!(central.count("SELECT max(version) FROM schema_version"), 2);
 
     let hosts = ["runner-1", "runner-2", "runner-3"];
     let mut gws: Vec<TestGateway> =
@@ -438,13 +443,13 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
     assert!(said.contains("2 broken"), "{said}");
 
     // A schema newer than the gateway knows: it refuses to ship, and says so.
-    central.sql("INSERT INTO schema_version (version, description) VALUES (2, 'from a newer gateway')");
+    central.sql("INSERT INTO schema_version (version, description) VALUES (3, 'from a newer gateway')");
     let gw = &mut gws[2];
     gw.stop(nix::sys::signal::Signal::SIGTERM);
     gw.spawn(false);
     wait_for("the gateway reports the unknown schema", || {
         let log = gw.log();
-        if log.lines().any(|l| l.contains("\"kind\":\"schema_unknown\"") && l.contains("schema version 2")) {
+        if log.lines().any(|l| l.contains("\"kind\":\"schema_unknown\"") && l.contains("schema version 3")) {
             Ok(())
         } else {
             Err("no schema_unknown event yet".to_owned())
@@ -592,4 +597,261 @@ fn nothing_is_lost_or_doubled_when_the_store_stops_or_the_gateway_is_killed() {
 /// `gw`'s configuration, as the gateway loads it.
 fn load_config(gw: &TestGateway) -> gateway::config::Config {
     gateway::config::Config::load_chosen(Some(&gw.config_path)).expect("load the gateway's configuration").0
+}
+
+/// A request held on `gw` for approval, in a thread: its curl output and
+/// when curl returned.
+fn hold(central: &Central, gw: &TestGateway) -> std::thread::JoinHandle<(Output, std::time::SystemTime)> {
+    let mut cmd = curl_command(central, gw, None, "/approve/deploy");
+    std::thread::spawn(move || {
+        let out = cmd.output().expect("curl");
+        (out, std::time::SystemTime::now())
+    })
+}
+
+/// Waits until `gw` holds a pending request other than `seen`: its local id.
+fn held_id(gw: &TestGateway, seen: &[i64]) -> i64 {
+    wait_for("a request is held for approval", || {
+        let list = cli_json(gw, &["approvals", "list", "--json"]);
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["id"].as_str()?.trim_start_matches("A-").parse::<i64>().ok())
+            .find(|id| !seen.contains(id))
+            .ok_or_else(|| format!("nothing new pending: {list}"))
+    })
+}
+
+/// The central state of `host`'s request `id`.
+fn central_state(central: &Central, host: &str, id: i64) -> String {
+    central.sql(&format!("SELECT state FROM approvals WHERE host_id = '{host}' AND local_id = {id}")).trim().to_owned()
+}
+
+/// `approvals approve|deny` on `gw` through the central store, for the
+/// request `id` held on `host`: the CLI's output.
+fn decide_central(central: &Central, gw: &TestGateway, verb: &str, host: &str, id: i64, by: &str) -> Output {
+    let id = format!("A-{id}");
+    gw.cli(&["approvals", verb, &id, "--store", &central.url(), "--host-id", host, "--by", by])
+}
+
+/// One unlabelled sample from `gw`'s `/metrics`.
+fn metric(gw: &TestGateway, name: &str) -> f64 {
+    let url = format!("http://127.0.0.1:{}/metrics", gw.api_port);
+    let out = std::process::Command::new("curl").args(["-sS", "--fail", &url]).output().expect("run curl");
+    let body = ok(&format!("curl {url}"), &out);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} sample in /metrics:\n{body}"))
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
+    let central = Central::start();
+    let said = central.migrate();
+    assert!(said.contains("to 2"), "{said}");
+    // Host A keeps sessions locally for 3 s only (pruned every 500 ms),
+    // unless they have not reached the store.
+    let a = central.gateway_with("central-a", "runner-a", "", "  retention: 3s\n  prune_interval: 500ms\n");
+    let b = central.gateway("central-b", "runner-b", "");
+    wait_for("runner-a listens for central decisions", || {
+        let status = a.status();
+        match status["fleet"]["central_approvals"]["state"].as_str() {
+            Some("available") => Ok(()),
+            other => Err(format!("{other:?}: {}", status["fleet"])),
+        }
+    });
+    let said = ok("store status", &a.cli(&["store", "status", "--store", &central.url()]));
+    assert!(said.contains("schema version:  2") && said.contains("central approvals: on (0 decisions"), "{said}");
+
+    // (a) Held on A, approved on B's CLI: released within a second.
+    let held = hold(&central, &a);
+    let first = held_id(&a, &[]);
+    let pending_at = Instant::now();
+    wait_for("the held request is central at once", || match central_state(&central, "runner-a", first).as_str() {
+        "pending" => Ok(()),
+        other => Err(format!("state {other:?}")),
+    });
+    println!("held request central {} ms after it was listed locally", pending_at.elapsed().as_millis());
+
+    let listed = cli_json(&b, &["approvals", "list", "--store", &central.url(), "--json"]);
+    assert!(
+        listed
+            .as_array()
+            .is_some_and(|l| l.iter().any(|r| r["host_id"] == "runner-a" && r["id"] == format!("A-{first}"))),
+        "{listed}"
+    );
+
+    // A forged central decision (inserted by hand, as anyone who can write
+    // the store could): root is behind the request, so A refuses it. With
+    // the notification trigger off, A finds it by polling (the fallback for
+    // a lost notification), within fleet.approval_poll (2 s).
+    let requesters = cli_json(&a, &["approvals", "show", &format!("A-{first}"), "--json"])["requesters"].clone();
+    assert!(requesters.as_array().is_some_and(|r| r.iter().any(|n| n == "root")), "{requesters}");
+    central.sql("ALTER TABLE central_decisions DISABLE TRIGGER central_decisions_notify");
+    central.sql(&format!(
+        "INSERT INTO central_decisions (host_id, approval_local_id, verdict, approver, uid, decided_on, decided_at)
+         VALUES ('runner-a', {first}, 'approve', 'root', 0, 'psql', 0)"
+    ));
+    let forged_at = Instant::now();
+    wait_for("runner-a rejects the forged decision", || {
+        let outcome = central.sql("SELECT outcome, outcome_reason FROM central_decisions WHERE decided_on = 'psql'");
+        if outcome.starts_with("rejected|") && outcome.contains("as requester") {
+            Ok(())
+        } else {
+            Err(outcome)
+        }
+    });
+    let polled = forged_at.elapsed();
+    println!("forged decision found by polling and rejected in {} ms", polled.as_millis());
+    assert!(polled < Duration::from_secs(5), "the poll fallback took {polled:?}");
+    central.sql("ALTER TABLE central_decisions ENABLE TRIGGER central_decisions_notify");
+    let events = a.log_messages_with("kind", "central_decision_rejected");
+    assert_eq!(events.len(), 1, "{}", a.log());
+    assert!(!held.is_finished(), "a forged decision released the request");
+    assert_eq!(cli_json(&a, &["approvals", "show", &format!("A-{first}"), "--json"])["state"], "pending");
+
+    // Self-approval through the CLI is refused before anything is written.
+    let out = decide_central(&central, &b, "approve", "runner-a", first, "root");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("root is behind") && text(&out).contains("as requester"), "{}", text(&out));
+    // A non-member too.
+    let out = decide_central(&central, &b, "approve", "runner-a", first, "mallory");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("not a member"), "{}", text(&out));
+    assert_eq!(central.count("SELECT count(*) FROM central_decisions WHERE decided_on = 'runner-b'"), 0);
+
+    let out = decide_central(&central, &b, "approve", "runner-a", first, "alice");
+    let said = ok("approve through the store", &out);
+    assert!(said.contains("runner-a/A-") && said.contains("runner-a applied it"), "{said}");
+    let (curl_out, released) = held.join().expect("held curl");
+    assert_eq!(gateway_tests::curl_reply(&curl_out.stdout).0, 200, "the approved request went through");
+    let decided_at: i64 = central
+        .sql(&format!(
+            "SELECT decided_at FROM central_decisions WHERE decided_on = 'runner-b' AND approval_local_id = {first}"
+        ))
+        .trim()
+        .parse()
+        .expect("decided_at");
+    let released = released.duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as i64;
+    let latency = Duration::from_nanos(u64::try_from(released - decided_at).unwrap_or(0));
+    println!("central decision to release on runner-a: {} ms", latency.as_millis());
+    assert!(latency < Duration::from_secs(1), "released {latency:?} after the central decision");
+    let view = cli_json(&a, &["approvals", "show", &format!("A-{first}"), "--json"]);
+    assert_eq!(view["state"], "approved");
+    assert_eq!(view["decisions"][0]["recorded_as"], "alice (central, on runner-b)", "{view:#}");
+    // The local decision ships back as the host's own record; no new
+    // central decision comes of it (no loop).
+    wait_for("the decision is central as runner-a recorded it", || {
+        let said = central.sql(&format!(
+            "SELECT a.state, d.recorded_as FROM approvals a JOIN decisions d
+             ON d.host_id = a.host_id AND d.approval_local_id = a.local_id
+             WHERE a.host_id = 'runner-a' AND a.local_id = {first}"
+        ));
+        if said.trim() == "approved|alice (central, on runner-b)" {
+            Ok(())
+        } else {
+            Err(said)
+        }
+    });
+    assert_eq!(central.count("SELECT count(*) FROM central_decisions"), 2, "the forged row and alice's");
+
+    // (b) Denied on B: refused on A at once.
+    let held = hold(&central, &a);
+    let second = held_id(&a, &[first]);
+    wait_for("the second request is central", || match central_state(&central, "runner-a", second).as_str() {
+        "pending" => Ok(()),
+        other => Err(format!("state {other:?}")),
+    });
+    let said = ok("deny through the store", &decide_central(&central, &b, "deny", "runner-a", second, "bob"));
+    assert!(said.contains("denied by bob") && said.contains("runner-a applied it"), "{said}");
+    let (curl_out, _) = held.join().expect("held curl");
+    let (code, body) = gateway_tests::curl_reply(&curl_out.stdout);
+    assert_ne!(code, 200, "a denied request went through: {body}");
+    assert_eq!(cli_json(&a, &["approvals", "show", &format!("A-{second}"), "--json"])["state"], "denied");
+    // Deciding it again is refused (finished).
+    let out = decide_central(&central, &b, "approve", "runner-a", second, "alice");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+
+    // (c) The store goes away: A says central approvals are unavailable,
+    // its local approval path works, and unshipped sessions outlive the
+    // local retention.
+    // (Not wait_shipped: with a 3 s retention, shipped sessions may already
+    // be gone locally.)
+    let shipped_ids = |central: &Central| -> BTreeSet<String> {
+        central_chains(central, "runner-a").into_iter().map(|(id, _, _)| id).collect()
+    };
+    let shipped = wait_for("runner-a has shipped everything", || {
+        let local = local_chains(&a);
+        let central_ids = shipped_ids(&central);
+        let backlog = a.status()["fleet"]["backlog"]["total"].clone();
+        if backlog == 0 && local.iter().all(|(id, _, ended)| *ended && central_ids.contains(id)) {
+            Ok(central_ids)
+        } else {
+            Err(format!("backlog {backlog}, local {local:?}"))
+        }
+    });
+    central.server.halt();
+    wait_for("runner-a reports central approvals unavailable", || {
+        let status = a.status();
+        match status["fleet"]["central_approvals"]["state"].as_str() {
+            Some("unavailable") => Ok(()),
+            other => Err(format!("{other:?}: {}", status["fleet"])),
+        }
+    });
+    assert!(!a.log_messages_with("kind", "central_approvals_unavailable").is_empty());
+    let said = ok("status", &a.cli(&["status"]));
+    assert!(said.contains("central approvals: UNAVAILABLE"), "{said}");
+    let held = hold(&central, &a);
+    let third = held_id(&a, &[first, second]);
+    ok("local approve", &a.cli(&["approvals", "approve", &format!("A-{third}"), "--by", "alice"]));
+    let (curl_out, _) = held.join().expect("held curl");
+    assert_eq!(gateway_tests::curl_reply(&curl_out.stdout).0, 200, "approved locally while the store is down");
+    assert_eq!(curl(&central, &a, None), 200);
+    let unshipped = wait_for("the sessions recorded during the outage have ended", || {
+        let local = local_chains(&a);
+        let new: Chains = local.into_iter().filter(|(id, _, _)| !shipped.contains(id)).collect();
+        if new.len() >= 2 && new.iter().all(|(_, _, ended)| *ended) {
+            Ok(new)
+        } else {
+            Err(format!("{new:?}"))
+        }
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let status = a.status();
+    let backlog = &status["fleet"]["backlog"];
+    assert!(backlog["total"].as_u64() > Some(0), "{status}");
+    assert!(backlog["oldest_age_seconds"].as_f64() > Some(3.0), "{backlog}");
+    let age = metric(&a, "gateway_outbox_oldest_age_seconds");
+    assert!(age > 3.0, "gateway_outbox_oldest_age_seconds {age}");
+    assert!(metric(&a, "gateway_outbox_backlog_records") > 0.0);
+    let kept: Chains = local_chains(&a).into_iter().filter(|(id, _, _)| !shipped.contains(id)).collect();
+    assert_eq!(kept, unshipped, "sessions not yet shipped were pruned locally");
+
+    central.server.resume();
+    wait_for("runner-a reports central approvals available again", || {
+        match a.status()["fleet"]["central_approvals"]["state"].as_str() {
+            Some("available") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    // Once shipped, the sessions past the retention go (the newest stays).
+    wait_for("shipped sessions past the retention are pruned locally", || {
+        let local = local_chains(&a);
+        let shipped = a.status()["fleet"]["backlog"]["total"] == 0;
+        if shipped && local.len() <= 1 {
+            Ok(())
+        } else {
+            Err(format!("{} local sessions, shipped: {shipped}", local.len()))
+        }
+    });
+    assert_eq!(metric(&a, "gateway_outbox_oldest_age_seconds"), 0.0, "nothing waits");
+    let central_chains_now = central_chains(&central, "runner-a");
+    for session in &unshipped {
+        assert!(central_chains_now.contains(session), "{session:?} was pruned before it reached the store");
+    }
+    assert_eq!(central_state(&central, "runner-a", third), "approved");
 }

@@ -19,7 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 mod model;
-mod rules;
+pub(crate) mod rules;
 mod service;
 pub(crate) mod store;
 mod waiters;

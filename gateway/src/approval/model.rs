@@ -222,6 +222,16 @@ pub enum Vouched {
         /// of them may be behind the request being approved.
         aliases: Vec<String>,
     },
+    /// The fleet's central store: the decision was taken on another host's
+    /// CLI (or console) and reached this host through the store. Nothing
+    /// vouches for the name beyond whoever could write the store, so the
+    /// holding host applies every rule it can check itself (group
+    /// membership, no self-approval, distinct approvers, pending) and the
+    /// record names the host it came from.
+    Central {
+        /// Host id the decision was taken on, as the store says.
+        host: String,
+    },
 }
 
 /// One stored decision.

@@ -63,6 +63,14 @@ pub(crate) fn authorize(
         // The identity provider vouches for the name (a verified ID token);
         // the record says so.
         format!("oidc:{name}")
+    } else if let Vouched::Central { host } = &approver.vouched {
+        // Only the store vouches: the record says where it came from.
+        if host.is_empty() || host.len() > 255 || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ApprovalError::Invalid(
+                "a central decision must name the host it was taken on (1 to 255 characters without spaces)".into(),
+            ));
+        }
+        format!("{name} (central, on {host})")
     } else if approver.uid == 0 {
         if name == "root" {
             name.to_owned()
@@ -106,7 +114,7 @@ pub(crate) fn authorize(
             )));
         }
         let aliases = match &approver.vouched {
-            Vouched::Kernel => &[][..],
+            Vouched::Kernel | Vouched::Central { .. } => &[][..],
             Vouched::Oidc { aliases } => aliases.as_slice(),
         };
         if let Some(who) = std::iter::once(name)
@@ -224,6 +232,31 @@ mod tests {
         let mut outsider = console(&[]);
         outsider.name = "eve@example.com".into();
         assert!(authorize(&a, &outsider, Verdict::Approve, None, &groups).is_err());
+    }
+
+    #[test]
+    fn a_central_decision_is_checked_like_any_other_and_names_its_host() {
+        let central = |name: &str, host: &str| Approver {
+            name: name.into(),
+            uid: 4242,
+            pid: 0,
+            identity: None,
+            vouched: Vouched::Central { host: host.into() },
+        };
+        let a = approval("release", 1);
+        // The uid is the deciding host's: never looked up here.
+        let ok = authorize(&a, &central("alice", "runner-b"), Verdict::Approve, Some("eve"), &groups()).unwrap();
+        assert_eq!(ok.recorded_as, "alice (central, on runner-b)");
+        let err = authorize(&a, &central("mallory", "runner-b"), Verdict::Approve, None, &groups()).unwrap_err();
+        assert!(matches!(err, ApprovalError::NotAllowed(ref m) if m.contains("as requester")), "{err}");
+        let err = authorize(&a, &central("carol", "runner-b"), Verdict::Approve, None, &groups()).unwrap_err();
+        assert!(matches!(err, ApprovalError::NotAllowed(ref m) if m.contains("not a member")), "{err}");
+        let err = authorize(&a, &central("alice", "two words"), Verdict::Approve, None, &groups()).unwrap_err();
+        assert_eq!(err.http_status(), http::StatusCode::BAD_REQUEST);
+        let mut decided = approval("release", 2);
+        decided.decisions.push(decision("alice", Verdict::Approve));
+        let err = authorize(&decided, &central("alice", "runner-c"), Verdict::Approve, None, &groups()).unwrap_err();
+        assert!(matches!(err, ApprovalError::AlreadyDecided { .. }), "{err}");
     }
 
     fn decision(name: &str, verdict: Verdict) -> DecisionView {

@@ -2,6 +2,11 @@
 //! A client of the admin API on its unix socket, so the gateway (not this
 //! process) checks who is deciding.
 //!
+//! With `--store`, `approve` and `deny` decide a request held on any host of
+//! the fleet through the central store instead (see `fleet::approvals`):
+//! the rules are checked here against the store's copy of the request, and
+//! again by the holding host before it releases anything.
+//!
 //! Exit status: 0 on success, 1 when the gateway refused the request (not an
 //! approver, no such request, already decided...), 2 when it could not be
 //! asked (not running, no access to the socket...).
@@ -42,6 +47,11 @@ pub enum ApprovalsCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// List the fleet's central store instead (every host's requests):
+        /// this connection string or URL, or `fleet.store` when given
+        /// without a value.
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+        store: Option<String>,
     },
     /// Show one request with its decisions.
     Show {
@@ -73,6 +83,19 @@ pub struct DecideArgs {
     /// Print the request afterwards as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Decide through the fleet's central store (a request held on any
+    /// host): this connection string or URL, or `fleet.store` when given
+    /// without a value.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub store: Option<String>,
+    /// With --store: the host holding the request (needed when its id is
+    /// pending on several hosts).
+    #[arg(long, requires = "store")]
+    pub host_id: Option<String>,
+    /// With --store: how long to wait for the holding host to apply the
+    /// decision, in seconds.
+    #[arg(long, requires = "store", default_value_t = 5)]
+    pub wait: u64,
 }
 
 fn parse_state(s: &str) -> Result<State, String> {
@@ -86,6 +109,30 @@ fn parse_id(s: &str) -> Result<ApprovalId, String> {
 /// Runs `gateway approvals` against the admin socket of `config`
 /// (`api.admin_socket`).
 pub fn run(config: &Config, args: &ApprovalsArgs) -> anyhow::Result<ExitCode> {
+    if let ApprovalsCommand::Approve(d @ DecideArgs { store: Some(_), .. })
+    | ApprovalsCommand::Deny(d @ DecideArgs { store: Some(_), .. }) = &args.command
+    {
+        let verdict =
+            if matches!(args.command, ApprovalsCommand::Approve(_)) { Verdict::Approve } else { Verdict::Deny };
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+        return runtime.block_on(decide_central(config, d, verdict, &mut std::io::stdout().lock()));
+    }
+    if let ApprovalsCommand::List { all, state, limit, json, store: Some(url) } = &args.command {
+        let state = if *all { None } else { Some(state.unwrap_or(State::Pending)) };
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+        let listed = runtime.block_on(async {
+            let client = crate::fleet::connect(&config.fleet, Some(url.as_str()).filter(|u| !u.is_empty())).await?;
+            crate::fleet::approvals::list(&client, state, *limit).await
+        })?;
+        let text = if *json { render_json(&listed) } else { render_central_list(&listed) };
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to standard output"),
+            _ => Ok(ExitCode::SUCCESS),
+        };
+    }
     let Some(socket) = config.api.admin_socket.as_deref() else {
         bail!("api.admin_socket is null: the admin API, and with it approvals, is disabled");
     };
@@ -100,7 +147,7 @@ pub fn run(config: &Config, args: &ApprovalsArgs) -> anyhow::Result<ExitCode> {
 pub async fn run_to(args: &ApprovalsArgs, socket: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(socket);
     let result = match &args.command {
-        ApprovalsCommand::List { all, state, limit, json } => {
+        ApprovalsCommand::List { all, state, limit, json, .. } => {
             let state = if *all { None } else { Some(state.unwrap_or(State::Pending)) };
             let filter = ListFilter { state, limit: *limit };
             client.approvals(&filter).await.map(|views| render_list(&views, *json))
@@ -136,6 +183,87 @@ pub async fn run_to(args: &ApprovalsArgs, socket: &Path, out: &mut dyn Write) ->
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// `gateway approvals approve|deny ID --store [URL]`: records the decision
+/// in the central store after checking it there, then waits (`--wait`) for
+/// the holding host to apply it and says what it did.
+async fn decide_central(
+    config: &Config,
+    d: &DecideArgs,
+    verdict: Verdict,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    use crate::fleet::approvals::{self as central, Applied, CentralDecision, DecideError};
+    let url = d.store.as_deref().filter(|s| !s.is_empty());
+    let uid = nix::unistd::getuid().as_raw();
+    let caller_user = own_user_name();
+    let by = match &d.by {
+        Some(by) => by.clone(),
+        None => {
+            caller_user.clone().with_context(|| format!("uid {uid} has no user name; name the approver with --by"))?
+        }
+    };
+    let decided_on = config.fleet.host_id()?;
+    let mut client = crate::fleet::connect(&config.fleet, url).await?;
+    let decision = CentralDecision {
+        host_id: d.host_id.as_deref(),
+        id: d.id,
+        verdict,
+        by: &by,
+        uid,
+        caller_user: caller_user.as_deref(),
+        comment: d.comment.as_deref(),
+        decided_on: &decided_on,
+    };
+    let decided = match central::decide(&mut client, &config.approvals.groups, &decision).await {
+        Ok(decided) => decided,
+        Err(DecideError::Refused(e)) => {
+            eprintln!("gateway: {e}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(DecideError::Store(e)) => return Err(e.into()),
+    };
+    let applied = central::wait_applied(&client, decided.decision_id, std::time::Duration::from_secs(d.wait)).await?;
+    let host = &decided.host_id;
+    let what = match verdict {
+        Verdict::Approve => "approved",
+        Verdict::Deny => "denied",
+    };
+    let text = if d.json {
+        render_json(&serde_json::json!({
+            "decision_id": decided.decision_id,
+            "host_id": host,
+            "id": d.id,
+            "verdict": verdict,
+            "by": by,
+            "outcome": applied.as_ref().map(|(a, _)| *a),
+            "reason": applied.as_ref().and_then(|(_, r)| r.clone()),
+        }))
+    } else {
+        let then = match &applied {
+            Some((Applied::Applied, _)) => format!("{} applied it", safe(host)),
+            Some((other, reason)) => {
+                format!("{} {} it: {}", safe(host), other.as_str(), safe(reason.as_deref().unwrap_or("no reason given")))
+            }
+            None => format!(
+                "{} has not applied it yet (it will when it next reaches the store; the request may time out meanwhile)",
+                safe(host)
+            ),
+        };
+        format!(
+            "{}/{} {what} by {} in the central store (decision {}); {then}\n",
+            safe(host),
+            d.id,
+            safe(&by),
+            decided.decision_id
+        )
+    };
+    out.write_all(text.as_bytes()).and_then(|()| out.flush()).context("writing to standard output")?;
+    Ok(match applied {
+        Some((Applied::Rejected | Applied::Stale, _)) => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
+    })
 }
 
 fn own_user_name() -> Option<String> {
@@ -182,6 +310,29 @@ fn render_list(views: &[ApprovalView], json: bool) -> String {
             safe(&v.rule),
             safe(&format!("{} {}", v.method, v.url)),
             safe(&v.identity),
+        ));
+    }
+    text
+}
+
+fn render_central_list(list: &[crate::fleet::approvals::CentralApproval]) -> String {
+    if list.is_empty() {
+        return "no approval requests in the central store\n".to_owned();
+    }
+    let mut text = format!(
+        "{:<16} {:<8} {:<10} {:<20} {:<20} {:<40} {}\n",
+        "HOST", "ID", "STATE", "REQUESTED", "RULE", "REQUEST", "IDENTITY"
+    );
+    for a in list {
+        text.push_str(&format!(
+            "{:<16} {:<8} {:<10} {:<20} {:<20} {:<40} {}\n",
+            safe(&a.host_id),
+            a.id.to_string(),
+            safe(&a.state),
+            when(a.created_at),
+            safe(&a.rule),
+            safe(&format!("{} {}", a.method, a.url)),
+            safe(&a.identity),
         ));
     }
     text

@@ -139,7 +139,9 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
         // The shipper keeps its backlog in a counter: a load per scrape.
         metrics.observe_outbox(|| crate::metrics::OutboxBacklog {
             records: crate::fleet::outbox::current_backlog().unwrap_or(0),
-            oldest: None,
+            oldest: Some(crate::fleet::outbox::current_oldest_unshipped().map_or(std::time::Duration::ZERO, |t| {
+                (time::OffsetDateTime::now_utc() - t).try_into().unwrap_or(std::time::Duration::ZERO)
+            })),
         });
     }
     // Before the gateway says it runs: a SIGTERM or SIGHUP sent from then on
@@ -220,7 +222,29 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let shipper = if config.fleet.enabled() {
         let shipper = crate::fleet::Shipper::new(&config).context("preparing the fleet shipper")?;
         tracing::info!(host_id = shipper.host_id(), "shipping to the fleet's central store");
-        Some(shipper.spawn(shutdown.clone()).context("starting the fleet shipper")?)
+        let shipper = shipper.spawn(shutdown.clone()).context("starting the fleet shipper")?;
+        // A request held for approval (and every decision) ships at once,
+        // not at the next ship_interval: approvers on other hosts see it there.
+        let mut events = services.gate.approvals.subscribe();
+        let wake_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = wake_shutdown.cancelled() => return,
+                    event = events.recv() => match event {
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => crate::fleet::outbox::wake(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+            }
+        });
+        if config.fleet.central_approvals {
+            // Decisions taken on other hosts' CLIs, through the store.
+            let applier = crate::fleet::approvals::Applier::new(&config, services.gate.approvals.clone())
+                .context("preparing central approvals")?;
+            tokio::spawn(applier.run(shutdown.clone()));
+        }
+        Some(shipper)
     } else {
         None
     };
@@ -525,7 +549,18 @@ fn build_services(config: &Config, metrics: &Arc<crate::metrics::Metrics>) -> an
         &config.state_dir,
         Some(crate::tls::UpstreamTls::new(&config.tls)?),
     )?;
-    let recorder = crate::record::Recorder::open(&config.record, &config.state_dir)?;
+    // With a central store the outbox owns local session retention, and
+    // prunes only what it shipped (fleet::outbox): the recorder's own pruner,
+    // which knows nothing of shipping, must never delete a session whose
+    // records have not reached the store (an outage longer than the
+    // retention would lose them). Its cutoff (now - MAX) is before 1970:
+    // it deletes nothing.
+    let record_config = if config.fleet.enabled() {
+        crate::record::RecordConfig { retention: std::time::Duration::MAX, ..config.record.clone() }
+    } else {
+        config.record.clone()
+    };
+    let recorder = crate::record::Recorder::open(&record_config, &config.state_dir)?;
     metrics.observe_recorder(recorder.clone());
     tracing::info!(
         policy = %policy.current().short_digest(),

@@ -26,7 +26,7 @@ pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
         bail!("nothing is pinned under {}: no gateway is attached", config.intercept.bpffs_dir.display());
     };
     let containers = container_status(config)?;
-    let fleet = fleet_status(config);
+    let fleet = fleet_status(config, status.gateway_tgid);
     if json {
         #[derive(serde::Serialize)]
         struct Report<'a> {
@@ -69,6 +69,12 @@ pub fn run(config: &Config, args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 (None, None) => "unknown".into(),
             };
             println!("fleet backlog:   {backlog} (host id {})", safe(&f.host_id));
+            if let Some(age) = f.backlog.as_ref().and_then(|b| b.oldest_age_seconds) {
+                println!("oldest unshipped: {age:.1} s ago");
+            }
+            if let Some(c) = &f.central_approvals {
+                println!("central approvals: {}", c.describe());
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -83,16 +89,65 @@ struct FleetStatus {
     /// The backlog is at or above `fleet.backlog_alarm`.
     alarm: bool,
     error: Option<String>,
+    /// Whether decisions taken on other hosts reach this one (`None` when
+    /// `fleet.central_approvals` is off).
+    central_approvals: Option<CentralApprovals>,
 }
 
-fn fleet_status(config: &Config) -> Option<FleetStatus> {
+/// `gateway status`'s view of central approvals.
+#[derive(Debug, serde::Serialize)]
+struct CentralApprovals {
+    /// `available`, `unavailable` or `unknown` (the running gateway has not
+    /// said).
+    state: &'static str,
+    since: Option<String>,
+    error: Option<String>,
+}
+
+impl CentralApprovals {
+    fn read(config: &Config, gateway_pid: u32) -> CentralApprovals {
+        use crate::fleet::approvals::{read_status, Availability};
+        match read_status(&config.state_dir) {
+            Some(s) if s.pid == gateway_pid => CentralApprovals {
+                state: match s.state {
+                    Availability::Available => "available",
+                    Availability::Unavailable => "unavailable",
+                },
+                since: s.since.format(&time::format_description::well_known::Rfc3339).ok(),
+                error: s.error,
+            },
+            _ => CentralApprovals { state: "unknown", since: None, error: None },
+        }
+    }
+
+    fn describe(&self) -> String {
+        let since = self.since.as_deref().map(|s| format!(" since {s}")).unwrap_or_default();
+        match self.state {
+            "available" => format!("available{since} (decisions taken on other hosts apply here)"),
+            "unavailable" => format!(
+                "UNAVAILABLE{since}: {}; requests held here can be decided on this host only",
+                safe(self.error.as_deref().unwrap_or("unknown error"))
+            ),
+            _ => "unknown (the running gateway has not reported it)".to_owned(),
+        }
+    }
+}
+
+fn fleet_status(config: &Config, gateway_pid: u32) -> Option<FleetStatus> {
     if !config.fleet.enabled() {
         return None;
     }
     let host_id = config.fleet.host_id().unwrap_or_else(|e| e.to_string());
+    let central_approvals = config.fleet.central_approvals.then(|| CentralApprovals::read(config, gateway_pid));
     Some(match crate::fleet::backlog(config) {
-        Ok(b) => FleetStatus { host_id, alarm: b.total >= config.fleet.backlog_alarm, backlog: Some(b), error: None },
-        Err(e) => FleetStatus { host_id, backlog: None, alarm: false, error: Some(e.to_string()) },
+        Ok(b) => FleetStatus {
+            host_id,
+            alarm: b.total >= config.fleet.backlog_alarm,
+            backlog: Some(b),
+            error: None,
+            central_approvals,
+        },
+        Err(e) => FleetStatus { host_id, backlog: None, alarm: false, error: Some(e.to_string()), central_approvals },
     })
 }
 

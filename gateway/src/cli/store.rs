@@ -56,18 +56,26 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                 let version = fleet::schema_version(&client).await?;
                 let backlog = fleet::backlog(config)?;
                 let host_id = config.fleet.host_id()?;
+                // Central decisions this host has not applied yet (schema 2 on).
+                let unapplied =
+                    if version >= 2 { Some(fleet::approvals::unapplied(&client, &host_id).await?) } else { None };
                 if *json {
                     let report = serde_json::json!({
                         "schema_version": version,
                         "known_version": fleet::SCHEMA_VERSION,
                         "host_id": host_id,
                         "backlog": backlog,
+                        "central_approvals": unapplied.map(|n| serde_json::json!({ "unapplied_decisions": n })),
                     });
                     println!("{report}");
                 } else {
                     println!("schema version:  {version} (this gateway ships against {})", fleet::SCHEMA_VERSION);
                     println!("host id:         {}", crate::term::safe(&host_id));
                     println!("backlog:         {}", backlog.total);
+                    match unapplied {
+                        Some(n) => println!("central approvals: on ({n} decisions for this host not applied yet)"),
+                        None => println!("central approvals: not in this schema (run `gateway store migrate`)"),
+                    }
                 }
                 Ok(if version == fleet::SCHEMA_VERSION { ExitCode::SUCCESS } else { ExitCode::from(1) })
             }

@@ -5,12 +5,16 @@
 
 use std::sync::Arc;
 
-use tokio_postgres::{config::SslMode, Client, NoTls};
+use tokio::sync::mpsc;
+use tokio_postgres::{config::SslMode, AsyncMessage, Client, NoTls, Notification};
 
 use super::{FleetConfig, FleetError, TlsMode, FLEET_TARGET};
 
 /// The migrations, in order: entry `i` is version `i + 1`.
-const MIGRATIONS: &[(&str, &str)] = &[("initial schema", include_str!("sql/0001_initial.sql"))];
+const MIGRATIONS: &[(&str, &str)] = &[
+    ("initial schema", include_str!("sql/0001_initial.sql")),
+    ("central approvals", include_str!("sql/0002_central_approvals.sql")),
+];
 
 /// The central schema version this gateway ships against (and the newest it knows).
 pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
@@ -25,6 +29,23 @@ const MIGRATION_LOCK: i64 = 0x6369_6777_666c_7431; // "cigwflt1"
 /// (verify-full: required, never a silent fallback to plaintext). The
 /// connection's driver runs on a task of the current runtime.
 pub async fn connect(config: &FleetConfig, url: Option<&str>) -> Result<Client, FleetError> {
+    connect_with(config, url, None).await
+}
+
+/// Like [`connect`], and forwards the connection's notifications (`LISTEN`)
+/// to the returned channel, which closes when the connection does.
+pub async fn connect_listening(
+    config: &FleetConfig,
+) -> Result<(Client, mpsc::UnboundedReceiver<Notification>), FleetError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    Ok((connect_with(config, None, Some(tx)).await?, rx))
+}
+
+async fn connect_with(
+    config: &FleetConfig,
+    url: Option<&str>,
+    notifications: Option<mpsc::UnboundedSender<Notification>>,
+) -> Result<Client, FleetError> {
     let url = url.or(config.store.as_deref()).ok_or(FleetError::NotConfigured)?;
     let mut pg: tokio_postgres::Config =
         url.parse().map_err(|e: tokio_postgres::Error| FleetError::BadUrl(e.to_string()))?;
@@ -48,22 +69,46 @@ pub async fn connect(config: &FleetConfig, url: Option<&str>) -> Result<Client, 
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(std::time::Duration::from_secs(10));
     }
-    let on_error = |e: tokio_postgres::Error| {
-        tracing::debug!(target: FLEET_TARGET, error = %e, "central store connection closed");
-    };
     match config.tls.mode {
         TlsMode::VerifyFull => {
             pg.ssl_mode(SslMode::Require);
             let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(config)?);
             let (client, connection) = pg.connect(tls).await.map_err(FleetError::pg("connecting"))?;
-            tokio::spawn(async move { connection.await.unwrap_or_else(on_error) });
+            tokio::spawn(drive(connection, notifications));
             Ok(client)
         }
         TlsMode::Disable => {
             pg.ssl_mode(SslMode::Disable);
             let (client, connection) = pg.connect(NoTls).await.map_err(FleetError::pg("connecting"))?;
-            tokio::spawn(async move { connection.await.unwrap_or_else(on_error) });
+            tokio::spawn(drive(connection, notifications));
             Ok(client)
+        }
+    }
+}
+
+/// Runs a connection until it closes, handing its notifications to
+/// `notifications` (when somebody listens; otherwise they are dropped).
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notifications: Option<mpsc::UnboundedSender<Notification>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                if let Some(tx) = &notifications {
+                    // The listener has gone: nothing left to tell.
+                    let _ = tx.send(n);
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::debug!(target: FLEET_TARGET, error = %e, "central store connection closed");
+                return;
+            }
+            None => return,
         }
     }
 }

@@ -7,7 +7,8 @@
 //! `state_dir/fleet.db` and ships it in batches, one PostgreSQL transaction
 //! each, keyed by (host id, local id) so that shipping twice changes
 //! nothing: at-least-once, idempotent, in order per session, resumable
-//! after a crash. [`central`] connects (rustls, verify-full) and migrates the
+//! after a crash. [`approvals`] lets a request held on one host be decided
+//! from any host through the store. [`central`] connects (rustls, verify-full) and migrates the
 //! central schema; [`verify`] checks the shipped hash chains there;
 //! [`read`] lists the fleet's sessions and findings for reviewers.
 
@@ -15,6 +16,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub mod approvals;
 pub mod central;
 pub mod outbox;
 pub mod read;
@@ -62,6 +64,14 @@ pub struct FleetConfig {
     /// `record.retention`. Unshipped sessions are never deleted for this.
     #[serde(with = "humantime_serde")]
     pub shipped_retention: Option<Duration>,
+    /// Apply approval decisions taken on other hosts (through the central
+    /// store) to requests held here. On by default when `store` is set;
+    /// off, requests held here are decided on this host only.
+    pub central_approvals: bool,
+    /// How often the central decisions for this host are read even without
+    /// a notification (the fallback when a notification is lost).
+    #[serde(with = "humantime_serde")]
+    pub approval_poll: Duration,
 }
 
 impl Default for FleetConfig {
@@ -75,6 +85,8 @@ impl Default for FleetConfig {
             batch_size: 500,
             ship_interval: Duration::from_secs(1),
             shipped_retention: None,
+            central_approvals: true,
+            approval_poll: Duration::from_secs(2),
         }
     }
 }
@@ -175,6 +187,9 @@ impl FleetConfig {
         if self.ship_interval < Duration::from_millis(10) || self.ship_interval > Duration::from_secs(3600) {
             return err("ship_interval", "must be between 10ms and 1h".into());
         }
+        if self.approval_poll < Duration::from_millis(100) || self.approval_poll > Duration::from_secs(60) {
+            return err("approval_poll", "must be between 100ms and 1m".into());
+        }
         if self.shipped_retention.is_some_and(|d| d.is_zero()) {
             return err("shipped_retention", "must be positive (omit it to keep record.retention)".into());
         }
@@ -214,6 +229,9 @@ pub enum FleetError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The connection to the store closed (the server went away).
+    #[error("central store: the connection closed while {0}")]
+    Closed(&'static str),
     /// The central schema is newer than this gateway knows.
     #[error("the central store has schema version {found}; this gateway knows up to {known}: upgrade the gateway (it ships nothing until then)")]
     SchemaTooNew {

@@ -20,7 +20,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -72,6 +72,18 @@ impl Stream {
         }
     }
 
+    /// The column of its local table that says when a row was recorded
+    /// (Unix nanoseconds).
+    fn time_column(self) -> &'static str {
+        match self {
+            Stream::Records => "ts",
+            Stream::Sightings => "seen_at",
+            Stream::Reviews => "changed_at",
+            Stream::Approvals => "created_at",
+            Stream::Decisions => "decided_at",
+        }
+    }
+
     /// The local table.
     fn table(self) -> &'static str {
         match self {
@@ -93,12 +105,26 @@ enum Source {
 }
 
 /// Rows recorded locally and not yet shipped.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Backlog {
     /// All streams together.
     pub total: u64,
     /// Per stream.
     pub streams: BTreeMap<Stream, u64>,
+    /// How long ago the oldest row not yet shipped was recorded, in seconds
+    /// (`None` when nothing waits).
+    pub oldest_age_seconds: Option<f64>,
+}
+
+impl Backlog {
+    /// Takes `recorded_at` (Unix ns) of a stream's oldest unshipped row into
+    /// account.
+    fn saw(&mut self, recorded_at: Option<i64>) {
+        let Some(at) = recorded_at else { return };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let age = ((now - i128::from(at)).max(0) as f64) / 1e9;
+        self.oldest_age_seconds = Some(self.oldest_age_seconds.map_or(age, |a| a.max(age)));
+    }
 }
 
 /// The running shipper's latest backlog, for metrics (`None` when no
@@ -107,8 +133,35 @@ pub fn current_backlog() -> Option<u64> {
     RUNNING.load(Ordering::Relaxed).then(|| BACKLOG.load(Ordering::Relaxed))
 }
 
+/// When the oldest row the running shipper has not shipped yet was recorded
+/// (`None` when nothing waits, or no shipper runs): its age is the
+/// `gateway_outbox_oldest_age_seconds` gauge.
+pub fn current_oldest_unshipped() -> Option<time::OffsetDateTime> {
+    if !RUNNING.load(Ordering::Relaxed) {
+        return None;
+    }
+    match OLDEST.load(Ordering::Relaxed) {
+        0 => None,
+        n => time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).ok(),
+    }
+}
+
+/// Wakes the running shipper now instead of at its next `ship_interval`:
+/// a request just held for approval must reach the store (where other
+/// hosts' approvers see it) at once.
+pub fn wake() {
+    wakeup().notify_one();
+}
+
+fn wakeup() -> &'static tokio::sync::Notify {
+    static WAKE: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
+    WAKE.get_or_init(tokio::sync::Notify::new)
+}
+
 static RUNNING: AtomicBool = AtomicBool::new(false);
 static BACKLOG: AtomicU64 = AtomicU64::new(0);
+/// Unix ns of the oldest unshipped row (0: none).
+static OLDEST: AtomicI64 = AtomicI64::new(0);
 
 /// The backlog as the local files say, without a running gateway (for
 /// `gateway status`): counts rows past each stream's cursor.
@@ -132,6 +185,7 @@ pub fn backlog(config: &Config) -> Result<Backlog, FleetError> {
         let n = count_after(&conn, path, stream, after)?;
         out.total += n;
         out.streams.insert(stream, n);
+        out.saw(first_time_after(&conn, path, stream, after)?);
     }
     Ok(out)
 }
@@ -147,6 +201,16 @@ fn count_after(conn: &Connection, path: &Path, stream: Stream, after: i64) -> Re
         Ok(n) => Ok(n.max(0) as u64),
         Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => Ok(0),
         Err(e) => Err(local(path, "counting unshipped rows")(e)),
+    }
+}
+
+/// When the first row of `stream` past `after` was recorded (Unix ns).
+fn first_time_after(conn: &Connection, path: &Path, stream: Stream, after: i64) -> Result<Option<i64>, FleetError> {
+    let sql = format!("SELECT {} FROM {} WHERE id > ?1 ORDER BY id LIMIT 1", stream.time_column(), stream.table());
+    match conn.query_row(&sql, [after], |r| r.get::<_, i64>(0)).optional() {
+        Ok(t) => Ok(t),
+        Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => Ok(None),
+        Err(e) => Err(local(path, "reading the oldest unshipped row")(e)),
     }
 }
 
@@ -253,6 +317,14 @@ pub struct Shipper {
     conns: BTreeMap<Source, Connection>,
     alarmed: bool,
     last_retention: Option<Instant>,
+    /// `record.retention`: with a store configured the outbox, not the
+    /// recorder, prunes local sessions, and only shipped ones.
+    record_retention: Duration,
+    /// How often local sessions are pruned.
+    retention_every: Duration,
+    /// Unix ns when this gateway started: unended sessions started before
+    /// were interrupted (never live).
+    live_since: i64,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -292,6 +364,9 @@ impl Shipper {
             conns: BTreeMap::new(),
             alarmed: false,
             last_retention: None,
+            record_retention: config.record.retention,
+            retention_every: config.record.prune_interval.min(RETENTION_EVERY),
+            live_since: i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX),
         })
     }
 
@@ -372,6 +447,8 @@ impl Shipper {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
+                    // New approval requests and decisions ship at once.
+                    _ = wakeup().notified() => {}
                 }
             }
         }
@@ -395,14 +472,15 @@ impl Shipper {
     /// Emits the backlog alarm when the backlog crosses `backlog_alarm`
     /// (and the all-clear when it drains below), and publishes it for metrics.
     fn check_backlog(&mut self) {
-        let total = match self.backlog() {
-            Ok(b) => b.total,
+        let (total, oldest) = match self.backlog_and_oldest() {
+            Ok(b) => b,
             Err(e) => {
                 tracing::warn!(target: FLEET_TARGET, error = %e, "cannot count the fleet backlog");
                 return;
             }
         };
         BACKLOG.store(total, Ordering::Relaxed);
+        OLDEST.store(oldest.unwrap_or(0), Ordering::Relaxed);
         let threshold = self.config.backlog_alarm;
         if total >= threshold && !self.alarmed {
             self.alarmed = true;
@@ -411,6 +489,21 @@ impl Shipper {
             self.alarmed = false;
             tracing::info!(target: FLEET_TARGET, kind = "backlog_cleared", host_id = %self.host_id, backlog = total, threshold, "fleet backlog below the alarm threshold again");
         }
+    }
+
+    /// The backlog's size and when its oldest row was recorded (Unix ns).
+    fn backlog_and_oldest(&mut self) -> Result<(u64, Option<i64>), FleetError> {
+        let mut total = 0;
+        let mut oldest: Option<i64> = None;
+        for stream in Stream::ALL {
+            let after = self.cursors.get(stream)?;
+            let Some((conn, path)) = open_source(&mut self.conns, &self.paths, stream.source())? else { continue };
+            total += count_after(conn, path, stream, after)?;
+            if let Some(t) = first_time_after(conn, path, stream, after)? {
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+        Ok((total, oldest))
     }
 
     /// The backlog, counted on the shipper's own connections.
@@ -422,6 +515,7 @@ impl Shipper {
             let n = count_after(conn, path, stream, after)?;
             out.total += n;
             out.streams.insert(stream, n);
+            out.saw(first_time_after(conn, path, stream, after)?);
         }
         Ok(out)
     }
@@ -475,12 +569,18 @@ impl Shipper {
         Ok(total)
     }
 
-    /// Deletes local sessions that ended before `shipped_retention` and
-    /// whose every record was shipped (at most once a minute). The session
+    /// Local retention of sessions when a store is configured (the
+    /// recorder's own pruner is off then): deletes the sessions whose every
+    /// record was shipped and whose last record is older than
+    /// `shipped_retention` or `record.retention`, whichever is shorter, if
+    /// they ended or were interrupted (unended from before this gateway
+    /// started). A session with a record not yet shipped is never deleted,
+    /// however old: an outage longer than `record.retention` loses nothing.
+    /// Runs every `record.prune_interval` (at most a minute). The session
     /// holding the newest record is kept so local ids never restart.
     fn shipped_retention(&mut self) -> Result<(), FleetError> {
-        let Some(keep) = self.config.shipped_retention else { return Ok(()) };
-        if self.last_retention.is_some_and(|t| t.elapsed() < RETENTION_EVERY) {
+        let keep = self.config.shipped_retention.map_or(self.record_retention, |k| k.min(self.record_retention));
+        if self.last_retention.is_some_and(|t| t.elapsed() < self.retention_every) {
             return Ok(());
         }
         self.last_retention = Some(Instant::now());
@@ -492,12 +592,14 @@ impl Shipper {
             .map_err(local(path, "starting a transaction"))?;
         let ids: Vec<String> = tx
             .prepare(
-                "SELECT s.id FROM sessions s WHERE s.ended IS NOT NULL AND s.last_ts < ?1
+                "SELECT s.id FROM sessions s WHERE (s.ended IS NOT NULL OR s.started < ?3) AND s.last_ts < ?1
                    AND NOT EXISTS (SELECT 1 FROM records r WHERE r.session = s.id AND r.id > ?2)
                    AND s.id IS NOT (SELECT session FROM records ORDER BY id DESC LIMIT 1)
                  LIMIT 1000",
             )
-            .and_then(|mut st| st.query_map(rusqlite::params![cutoff, shipped], |r| r.get(0))?.collect())
+            .and_then(|mut st| {
+                st.query_map(rusqlite::params![cutoff, shipped, self.live_since], |r| r.get(0))?.collect()
+            })
             .map_err(local(path, "finding shipped sessions"))?;
         for id in &ids {
             tx.execute("DELETE FROM records WHERE session = ?1", [id]).map_err(local(path, "deleting records"))?;
@@ -505,7 +607,7 @@ impl Shipper {
         }
         tx.commit().map_err(local(path, "committing"))?;
         if !ids.is_empty() {
-            tracing::info!(target: FLEET_TARGET, sessions = ids.len(), "shipped sessions past fleet.shipped_retention deleted locally");
+            tracing::info!(target: FLEET_TARGET, sessions = ids.len(), retention = ?keep, "shipped sessions past their retention deleted locally");
         }
         Ok(())
     }
@@ -1221,6 +1323,51 @@ mod tests {
         assert_eq!(shipper.backlog().unwrap().total, 0);
         assert_eq!(shipper.host_id(), "runner-t");
         assert!(Shipper::new(&Config::default()).is_err(), "no store configured: no shipper");
+    }
+
+    #[test]
+    fn record_retention_waits_for_shipping_however_old_and_the_backlog_has_an_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        // No shipped_retention: record.retention applies, to shipped sessions only.
+        config.record.retention = Duration::from_secs(1);
+        let conn = sessions_db(&config, 3);
+        // An interrupted session (never ended, from before this gateway
+        // started) recorded after s1, and s3 holding the newest record.
+        conn.execute_batch(
+            "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s2', 0, 5, 'start', '{}', 'p', 'h');
+             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
+                                   last_seq, last_hash, last_ts, bytes_up, bytes_down)
+             VALUES ('s2', 2, 5, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 5, 0, 0);
+             INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s3', 0, 6, 'start', '{}', 'p', 'h');
+             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
+                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
+             VALUES ('s3', 3, 6, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 6, 6, 0, 0, 'closed');",
+        )
+        .unwrap();
+        let sessions = |conn: &Connection| -> Vec<String> {
+            conn.prepare("SELECT id FROM sessions ORDER BY id")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                .unwrap()
+        };
+        let mut shipper = Shipper::new(&config).unwrap();
+        // Nothing shipped: every session is decades past the retention, and stays.
+        shipper.shipped_retention().unwrap();
+        assert_eq!(sessions(&conn), ["s1", "s2", "s3"]);
+        let b = shipper.backlog().unwrap();
+        assert_eq!(b.total, 5);
+        // The oldest unshipped record was recorded at t = 0 ns: 1970.
+        assert!(b.oldest_age_seconds.is_some_and(|age| age > 1.7e9), "{b:?}");
+        let status = backlog(&config).unwrap().oldest_age_seconds.unwrap_or_default();
+        assert!((status - b.oldest_age_seconds.unwrap_or_default()).abs() < 60.0, "status reads the same: {status}");
+
+        // Everything shipped: s1 and the interrupted s2 go; s3 holds the
+        // newest record and stays.
+        shipper.cursors.set(Stream::Records, 5).unwrap();
+        shipper.last_retention = None;
+        shipper.shipped_retention().unwrap();
+        assert_eq!(sessions(&conn), ["s3"]);
+        assert_eq!(shipper.backlog().unwrap().oldest_age_seconds, None, "nothing waits: no age");
     }
 
     #[test]
