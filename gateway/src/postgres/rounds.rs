@@ -101,7 +101,8 @@ impl Rounds {
     /// is returned, to be written now.
     pub fn message(&mut self, message: PostgresMessage) -> Option<PostgresExchange> {
         let round = self.open_round();
-        if round.exchange.messages.is_empty() {
+        if round.written && round.exchange.messages.is_empty() {
+            // The first message since part of it was written early.
             round.oldest = Instant::now();
         }
         round.exchange.messages.push(message);

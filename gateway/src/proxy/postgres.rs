@@ -27,6 +27,11 @@
 //!   keeps its answer. A FIFO of what the server owes (`Pending`) matches
 //!   the server's answers to what asked for them.
 //!
+//! Each round trip (a Query, or an extended batch up to its Sync, with the
+//! server's answers up to ReadyForQuery) is recorded as one `exchange`
+//! record (`postgres::rounds`), handed over before the ReadyForQuery is
+//! relayed.
+//!
 //! A statement refused is answered with an ErrorResponse (SQLSTATE 42501)
 //! in the place of its results: the handler sends a Sync upstream instead
 //! of the refused message (or of the rest of an extended-protocol batch up

@@ -463,13 +463,15 @@ pub enum EventKind {
     PostgresPassword,
     /// The gateway logged in upstream (method, TLS of both legs).
     PostgresLogin,
-    /// A statement (masked text) and its decision.
+    /// A statement (masked text) and its decision. Written by earlier
+    /// versions; a round trip is now one `exchange` ([`PostgresExchange`]).
     PostgresStatement,
-    /// Bind or function-call parameters (masked).
+    /// Bind or function-call parameters (masked). Earlier versions only.
     PostgresParams,
-    /// A statement's command tag.
+    /// A statement's command tag. Earlier versions only.
     PostgresResult,
-    /// An error the server returned (SQLSTATE and message).
+    /// An error the server returned (SQLSTATE and message). Earlier
+    /// versions only.
     PostgresError,
 }
 
@@ -604,7 +606,8 @@ pub struct EventData {
 pub enum RecordKind {
     /// The session's metadata ([`SessionMeta`]); always record 0.
     Start,
-    /// One request and its response ([`ExchangeData`]).
+    /// One request and its response ([`ExchangeData`]), or a PostgreSQL
+    /// round trip ([`PostgresExchangeData`]); [`AnyExchange`] reads either.
     Exchange,
     /// Something the gate did ([`EventData`]).
     Event,
