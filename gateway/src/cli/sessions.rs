@@ -14,8 +14,8 @@ use crate::{
     config::Config,
     findings::FindingId,
     record::{
-        BodyData, EventData, ExchangeData, MessageData, Record, RecordError, RecordKind, SessionEnd, SessionFilter,
-        SessionMeta, SessionOutcome, SessionStore, SessionSummary,
+        AnyExchange, BodyData, EventData, ExchangeData, MessageData, PostgresExchangeData, Record, RecordError,
+        RecordKind, SessionEnd, SessionFilter, SessionMeta, SessionOutcome, SessionStore, SessionSummary,
     },
     term::{safe, safe_keeping, when_ms as when, Keep, Table},
 };
@@ -483,8 +483,12 @@ fn describe_meta(o: &mut String, m: &SessionMeta) {
 fn record_line(r: &Record) -> String {
     match r.record_kind() {
         Some(RecordKind::Start) => "session metadata".into(),
-        Some(RecordKind::Exchange) => match serde_json::from_str::<ExchangeData>(&r.data) {
-            Ok(e) => {
+        Some(RecordKind::Exchange) => match AnyExchange::parse(&r.data) {
+            Ok(AnyExchange::Postgres(e)) => {
+                let lines: Vec<String> = postgres_transcript(&e).iter().map(|l| l.trim().to_owned()).collect();
+                format!("postgres #{} ({}): {}", e.stream, duration(e.duration_ns), cell(&lines.join("  "), 400))
+            }
+            Ok(AnyExchange::Http(e)) => {
                 let mut l =
                     format!("{} {} -> {} ({})", safe(&e.method), cell(&e.url, 80), e.status, duration(e.duration_ns));
                 let _ = write!(l, " stream {}", e.stream);
@@ -559,6 +563,46 @@ fn postgres_line(name: &str, d: &serde_json::Value) -> Option<String> {
     Some(line)
 }
 
+/// A PostgreSQL round trip (one `exchange` record) as psql-like lines:
+/// each statement after a prompt, parameters, then the command tags or the
+/// error, as the per-message events of earlier recordings read.
+fn postgres_transcript(e: &PostgresExchangeData) -> Vec<String> {
+    let mut lines = Vec::with_capacity(e.messages.len() + e.results.len() + 1);
+    for m in &e.messages {
+        match m.kind.as_str() {
+            "query" | "parse" => {
+                let prompt = if m.kind == "parse" { "parse" } else { "=>" };
+                let decision = match m.decision.as_deref() {
+                    Some("allow") | None => String::new(),
+                    Some(other) => format!("    [{}]", safe(other)),
+                };
+                lines.push(format!("{prompt} {}{decision}", cell(m.sql.as_deref().unwrap_or_default(), 400)));
+            }
+            kind => {
+                let params = serde_json::to_string(&m.params).unwrap_or_default();
+                lines.push(format!("   {} {}", safe(kind), cell(&params, 200)));
+            }
+        }
+    }
+    for r in &e.results {
+        match (&r.tag, &r.sqlstate) {
+            (Some(tag), _) => lines.push(format!("   {}", safe(tag))),
+            (None, code) => lines.push(format!(
+                "   ERROR {}: {}",
+                safe(code.as_deref().unwrap_or_default()),
+                cell(r.message.as_deref().unwrap_or_default(), 200)
+            )),
+        }
+    }
+    match e.outcome.as_str() {
+        "ready" => {}
+        "running" => lines.push("   (still running when recorded; its answers follow)".into()),
+        "incomplete" => lines.push("   (no answer: the session ended first)".into()),
+        other => lines.push(format!("   ({})", safe(other))),
+    }
+    lines
+}
+
 /// Longest body preview replay prints.
 const PREVIEW_BYTES: usize = 2048;
 
@@ -587,7 +631,7 @@ fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn 
         .iter()
         .map(|r| {
             let at = if r.record_kind() == Some(RecordKind::Exchange) {
-                serde_json::from_str::<ExchangeData>(&r.data).map_or(r.ts, |e| e.started)
+                AnyExchange::parse(&r.data).map_or(r.ts, |e| e.started())
             } else {
                 r.ts
             };
@@ -608,8 +652,14 @@ fn replay(s: &SessionSummary, records: &[Record], realtime: bool, out: &mut dyn 
             Some(RecordKind::Start) => {
                 let _ = writeln!(block, "{t}  start");
             }
-            Some(RecordKind::Exchange) => match serde_json::from_str::<ExchangeData>(&r.data) {
-                Ok(e) => exchange_block(&mut block, &t, &e),
+            Some(RecordKind::Exchange) => match AnyExchange::parse(&r.data) {
+                Ok(AnyExchange::Http(e)) => exchange_block(&mut block, &t, &e),
+                Ok(AnyExchange::Postgres(e)) => {
+                    let pad = " ".repeat(t.len() + 2);
+                    for (i, line) in postgres_transcript(&e).iter().enumerate() {
+                        let _ = writeln!(block, "{}{line}", if i == 0 { format!("{t}  ") } else { pad.clone() });
+                    }
+                }
                 Err(e) => {
                     let _ = writeln!(block, "{t}  exchange (undecodable: {e})");
                 }

@@ -7,6 +7,7 @@
 //!   same text again is not scanned and masked again.
 //! * [`cancel`]: the cancel keys the gateway issues, mapped to the
 //!   upstream sessions' own.
+//! * [`rounds`]: what a session records, one record per round trip.
 //! * [`rows`]: masking of result rows (DataRow) by the policy's `mask`.
 //! * [`sql`]: statements classified with PostgreSQL's own grammar, for the
 //!   policy.
@@ -14,5 +15,6 @@
 pub mod cancel;
 pub mod clean;
 pub mod codec;
+pub mod rounds;
 pub mod rows;
 pub mod sql;

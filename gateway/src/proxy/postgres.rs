@@ -27,6 +27,11 @@
 //!   keeps its answer. A FIFO of what the server owes (`Pending`) matches
 //!   the server's answers to what asked for them.
 //!
+//! Each round trip (a Query, or an extended batch up to its Sync, with the
+//! server's answers up to ReadyForQuery) is recorded as one `exchange`
+//! record (`postgres::rounds`), handed over before the ReadyForQuery is
+//! relayed.
+//!
 //! A statement refused is answered with an ErrorResponse (SQLSTATE 42501)
 //! in the place of its results: the handler sends a Sync upstream instead
 //! of the refused message (or of the rest of an extended-protocol batch up
@@ -35,8 +40,11 @@
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
+    time::{Duration, Instant},
 };
 
 use bytes::{BufMut as _, Bytes, BytesMut};
@@ -60,10 +68,11 @@ use crate::{
         cancel::CancelTarget,
         clean::{CleanTexts, Known},
         codec::{self, CodecError, Frame, Frontend, Severity, Startup, Target, Value},
+        rounds::{self, Rounds},
         rows::{MaskCounts, RowMask, RowPlan},
         sql,
     },
-    record::{EventKind, SessionOutcome, TlsFacts},
+    record::{EventKind, PostgresExchange, PostgresMessage, PostgresResult, SessionOutcome, TlsFacts},
     tls,
 };
 
@@ -461,6 +470,9 @@ impl Proxy {
             max_message: self.services.http_limits.max_buffered_body.min(self.services.gate.body_limits.max_decoded),
             pipeline: Mutex::new(VecDeque::new()),
             prepared: Mutex::new(Prepared::default()),
+            rounds: passage.session().map(|_| Mutex::new(Rounds::default())),
+            round_begun: tokio::sync::Notify::new(),
+            watch_idle: AtomicBool::new(true),
         };
         let result = relay.run(client, rest, upstream_io, upstream_rest).await;
         handled.bytes_up = result.up;
@@ -850,6 +862,14 @@ struct Relay<'a> {
     pipeline: Mutex<VecDeque<Pending>>,
     /// Result masks of prepared statements and portals.
     prepared: Mutex<Prepared>,
+    /// The round trips being recorded, one record each (`None`: the
+    /// session is not recorded).
+    rounds: Option<Mutex<Rounds>>,
+    /// Wakes the watch for overdue round trips (`watch_rounds`) when one
+    /// begins while it idles.
+    round_begun: tokio::sync::Notify,
+    /// Whether that watch idles (waits for `round_begun`).
+    watch_idle: AtomicBool,
 }
 
 /// How the relay ended.
@@ -876,8 +896,11 @@ impl Relay<'_> {
         let end = {
             let up = self.client_side(client_read, client_rest, &mut upstream_write, &mut counts.0, &mut counts.2);
             let down = self.server_side(upstream_read, upstream_rest, &mut client_write, &mut counts.1);
-            tokio::pin!(up, down);
+            let watch = self.watch_rounds();
+            tokio::pin!(up, down, watch);
             tokio::select! {
+                // Never ends.
+                () = &mut watch => None,
                 r = &mut up => match r {
                     // The client is done: let the server's last answers out.
                     Ok(()) => {
@@ -889,6 +912,7 @@ impl Relay<'_> {
                 r = &mut down => r.err(),
             }
         };
+        self.finish_rounds();
         if let Some(End::Refused(refusal)) = &end {
             let mut out = BytesMut::new();
             codec::error_response(&mut out, Severity::Fatal, SQLSTATE_PROTOCOL_VIOLATION, &refusal.message());
@@ -1215,6 +1239,8 @@ impl Relay<'_> {
                         if let Some(error) = owed {
                             out.extend_from_slice(&error);
                         }
+                        // Recorded before the client learns it is done.
+                        self.round_answered();
                         put_frame(&mut out, &frame);
                     }
                     b'C' | b'I' | b's' => {
@@ -1229,10 +1255,8 @@ impl Relay<'_> {
                                 _ => {}
                             }
                         }
-                        if frame.tag == b'C' {
-                            if let Some(s) = self.passage.session() {
-                                s.event(EventKind::PostgresResult, json!({ "tag": codec::command_tag(&frame.body) }));
-                            }
+                        if frame.tag == b'C' && self.rounds.is_some() {
+                            self.record_result(rounds::tag_result(codec::command_tag(&frame.body)));
                         }
                         put_frame(&mut out, &frame);
                     }
@@ -1248,11 +1272,11 @@ impl Relay<'_> {
                                 pipeline.pop_front();
                             }
                         }
-                        if let Some(s) = self.passage.session() {
-                            let (code, text) = codec::error_fields(&frame.body);
+                        if self.rounds.is_some() {
+                            let (sqlstate, text) = codec::error_fields(&frame.body);
                             let masker = self.passage.gate().recording_masker();
-                            let text = text.map(|t| masker.mask_text(&t).into_owned());
-                            s.event(EventKind::PostgresError, json!({ "sqlstate": code, "message": text }));
+                            let message = text.map(|t| masker.mask_text(&t).into_owned());
+                            self.record_result(PostgresResult { sqlstate, message, ..PostgresResult::default() });
                         }
                         put_frame(&mut out, &frame);
                     }
@@ -1312,6 +1336,9 @@ impl Relay<'_> {
     /// Notes an answer the server will send, before what asks for it goes
     /// upstream.
     fn expect(&self, pending: Pending) {
+        if matches!(pending, Pending::Ready { .. }) {
+            self.round_sent();
+        }
         self.pipeline.lock().unwrap_or_else(PoisonError::into_inner).push_back(pending);
     }
 
@@ -1340,19 +1367,106 @@ impl Relay<'_> {
     }
 
     fn record_values(&self, prefix: &str, values: &[Value]) {
-        let Some(s) = self.passage.session() else { return };
+        if self.rounds.is_none() {
+            return;
+        }
         let masker = self.passage.gate().recording_masker();
-        let shown: Vec<serde_json::Value> = values
+        let shown = values
             .iter()
             .map(|v| match v {
-                Value::Null => serde_json::Value::Null,
+                Value::Null => None,
                 Value::Bytes(b) => {
-                    let text = String::from_utf8_lossy(&b[..b.len().min(RECORDED_TEXT)]).into_owned();
-                    json!(masker.mask_text(&text))
+                    let text = String::from_utf8_lossy(&b[..b.len().min(RECORDED_TEXT)]);
+                    Some(masker.mask_text(&text).into_owned())
                 }
             })
             .collect();
-        s.event(EventKind::PostgresParams, json!({ "kind": prefix, "params": shown }));
+        self.record_message(PostgresMessage {
+            kind: prefix.to_owned(),
+            params: Some(shown),
+            ..PostgresMessage::default()
+        });
+    }
+
+    /// A client message joins the round trip being recorded.
+    fn record_message(&self, message: PostgresMessage) {
+        let Some(rounds) = &self.rounds else { return };
+        let full = rounds.lock().unwrap_or_else(PoisonError::into_inner).message(message);
+        if let Some(exchange) = full {
+            self.write_round(exchange);
+        }
+        // Cheap when the watch is already running: one atomic load.
+        if self.watch_idle.load(Ordering::SeqCst) && self.watch_idle.swap(false, Ordering::SeqCst) {
+            self.round_begun.notify_one();
+        }
+    }
+
+    /// A command tag or error of the server's joins its round trip.
+    fn record_result(&self, result: PostgresResult) {
+        if let Some(rounds) = &self.rounds {
+            rounds.lock().unwrap_or_else(PoisonError::into_inner).result(result);
+        }
+    }
+
+    /// The client sent what the server answers with ReadyForQuery.
+    fn round_sent(&self) {
+        if let Some(rounds) = &self.rounds {
+            rounds.lock().unwrap_or_else(PoisonError::into_inner).close();
+        }
+    }
+
+    /// The server's ReadyForQuery: its round trip's record is written.
+    fn round_answered(&self) {
+        let Some(rounds) = &self.rounds else { return };
+        let done = rounds.lock().unwrap_or_else(PoisonError::into_inner).ready();
+        if let Some(exchange) = done {
+            self.write_round(exchange);
+        }
+    }
+
+    /// The session ended: what is left of its round trips is written.
+    fn finish_rounds(&self) {
+        let Some(rounds) = &self.rounds else { return };
+        let left = rounds.lock().unwrap_or_else(PoisonError::into_inner).finish();
+        for exchange in left {
+            self.write_round(exchange);
+        }
+    }
+
+    fn write_round(&self, exchange: PostgresExchange) {
+        if let Some(s) = self.passage.session() {
+            s.postgres(exchange);
+        }
+    }
+
+    /// Writes round trips the server has not answered within
+    /// [`rounds::OVERDUE`] (see `postgres::rounds`). Idles while no round
+    /// trip waits, so an idle session costs no timer; never returns.
+    async fn watch_rounds(&self) {
+        let Some(rounds) = &self.rounds else { return std::future::pending().await };
+        loop {
+            self.round_begun.notified().await;
+            loop {
+                tokio::time::sleep(rounds::OVERDUE).await;
+                let (overdue, waiting) = {
+                    let mut rounds = rounds.lock().unwrap_or_else(PoisonError::into_inner);
+                    (rounds.overdue(Instant::now(), rounds::OVERDUE), rounds.waiting())
+                };
+                for exchange in overdue {
+                    self.write_round(exchange);
+                }
+                if waiting {
+                    continue;
+                }
+                self.watch_idle.store(true, Ordering::SeqCst);
+                // A round trip that began since `waiting` was read, whose
+                // sender saw the watch running: keep watching.
+                let begun = rounds.lock().unwrap_or_else(PoisonError::into_inner).waiting();
+                if !(begun && self.watch_idle.swap(false, Ordering::SeqCst)) {
+                    break;
+                }
+            }
+        }
     }
 
     async fn judge_keys(&self, hits: Vec<Hit>) -> Verdict {
@@ -1422,8 +1536,8 @@ impl Relay<'_> {
             rule = Some(r);
             masks = m;
         }
-        let recorded = match passage.session() {
-            Some(s) => {
+        let recorded = match &self.rounds {
+            Some(_) => {
                 let shown: Arc<str> = match &known {
                     Known::Clean(Some(shown)) => Arc::clone(shown),
                     _ => {
@@ -1435,13 +1549,15 @@ impl Relay<'_> {
                     Verdict::Allow => "allow",
                     Verdict::Deny(_) => "deny",
                 };
-                s.event(
-                    EventKind::PostgresStatement,
-                    json!({
-                        "kind": kind, "sql": &*shown, "decision": decision, "rule": rule, "keys": found,
-                        "masked": masks.iter().any(Option::is_some),
-                    }),
-                );
+                self.record_message(PostgresMessage {
+                    decision: Some(decision.to_owned()),
+                    keys: Some(found as u64),
+                    kind: kind.to_owned(),
+                    masked: Some(masks.iter().any(Option::is_some)),
+                    params: None,
+                    rule,
+                    sql: Some(shown.to_string()),
+                });
                 Some(shown)
             }
             None => None,

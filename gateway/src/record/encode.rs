@@ -19,7 +19,7 @@ use serde::{ser::SerializeMap as _, Serialize, Serializer};
 
 use crate::redact::{is_sensitive_header, redact_header_pairs};
 
-use super::{model::nanos, ExchangeRecord, RecordLevel, REDACTED};
+use super::{model::nanos, ExchangeRecord, PostgresExchange, PostgresMessage, PostgresResult, RecordLevel, REDACTED};
 
 /// Caps on text that comes from the traffic or the job (attacker-controlled
 /// on a shared runner), so one hostile job cannot bloat the database with
@@ -59,6 +59,20 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> String {
 /// The data of an `exchange` record at the exchange's level.
 pub(crate) fn exchange(e: &ExchangeRecord, max_body_bytes: usize, names: &SensitiveNames) -> String {
     to_json(&Exchange::new(e, max_body_bytes, names))
+}
+
+/// The data of a PostgreSQL `exchange` record: the round trip's text
+/// capped (the proxy masked it), written canonically like the others.
+pub(crate) fn postgres(e: &PostgresExchange) -> String {
+    to_json(&Postgres {
+        duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
+        messages: PgMessages(&e.messages),
+        outcome: e.outcome.as_str(),
+        protocol: "postgres",
+        results: PgResults(&e.results),
+        started: nanos(e.started),
+        stream: e.stream,
+    })
 }
 
 /// Which header names carry credentials, remembered: every exchange brings
@@ -138,6 +152,89 @@ struct Exchange<'a> {
     status: u16,
     stream: u64,
     url: &'a str,
+}
+
+#[derive(Serialize)]
+struct Postgres<'a> {
+    duration_ns: u64,
+    messages: PgMessages<'a>,
+    outcome: &'static str,
+    protocol: &'static str,
+    results: PgResults<'a>,
+    started: i64,
+    stream: u64,
+}
+
+/// A round trip's client messages, text capped. Their number is bounded by
+/// the proxy, which writes a long pipeline in several records rather than
+/// leaving any statement out.
+struct PgMessages<'a>(&'a [PostgresMessage]);
+
+#[derive(Serialize)]
+struct PgMessage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    decision: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys: Option<u64>,
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    masked: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<PgParams<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sql: Option<&'a str>,
+}
+
+impl Serialize for PgMessages<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|m| PgMessage {
+            decision: m.decision.as_deref().map(|v| capped(v, limits::SHORT)),
+            keys: m.keys,
+            kind: capped(&m.kind, limits::SHORT),
+            masked: m.masked,
+            params: m.params.as_deref().map(PgParams),
+            rule: m.rule.as_deref().map(|v| capped(v, limits::SHORT)),
+            sql: m.sql.as_deref().map(|v| capped(v, limits::TEXT)),
+        }))
+    }
+}
+
+/// Bind parameters: the first [`limits::HEADERS`], each capped.
+struct PgParams<'a>(&'a [Option<String>]);
+
+impl Serialize for PgParams<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer
+            .collect_seq(self.0.iter().take(limits::HEADERS).map(|p| p.as_deref().map(|v| capped(v, limits::TEXT))))
+    }
+}
+
+/// The server's answers, text capped.
+struct PgResults<'a>(&'a [PostgresResult]);
+
+#[derive(Serialize)]
+struct PgResult<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sqlstate: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tag: Option<&'a str>,
+}
+
+impl Serialize for PgResults<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter().map(|r| PgResult {
+            message: r.message.as_deref().map(|v| capped(v, limits::TEXT)),
+            rows: r.rows,
+            sqlstate: r.sqlstate.as_deref().map(|v| capped(v, limits::SHORT)),
+            tag: r.tag.as_deref().map(|v| capped(v, limits::SHORT)),
+        }))
+    }
 }
 
 #[derive(Serialize)]
@@ -521,6 +618,48 @@ mod tests {
         assert_eq!(to_json(&meta), canonical(serde_json::to_value(&meta).unwrap()));
         let end = SessionEnd { bytes_up: 1, bytes_down: u64::MAX, outcome: AWKWARD.into() };
         assert_eq!(to_json(&end), canonical(serde_json::to_value(&end).unwrap()));
+    }
+
+    #[test]
+    fn postgres_exchanges_are_canonical_and_capped() {
+        use crate::record::{AnyExchange, PostgresExchange, PostgresMessage, PostgresOutcome, PostgresResult};
+        let long = format!("select '{}'", "x".repeat(limits::TEXT));
+        let e = PostgresExchange {
+            stream: 3,
+            started: UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789),
+            duration: Duration::from_micros(1500),
+            messages: vec![
+                PostgresMessage {
+                    decision: Some("allow".into()),
+                    keys: Some(0),
+                    kind: "parse".into(),
+                    masked: Some(false),
+                    rule: Some(AWKWARD.into()),
+                    sql: Some(long),
+                    ..PostgresMessage::default()
+                },
+                PostgresMessage {
+                    kind: "bind".into(),
+                    params: Some(vec![None, Some(AWKWARD.into())]),
+                    ..PostgresMessage::default()
+                },
+            ],
+            results: vec![
+                PostgresResult { tag: Some("UPDATE 2".into()), rows: Some(2), ..PostgresResult::default() },
+                PostgresResult { sqlstate: Some("42P01".into()), message: Some(AWKWARD.into()), ..Default::default() },
+            ],
+            outcome: PostgresOutcome::Running,
+        };
+        let data = postgres(&e);
+        assert_eq!(canonical_json(&serde_json::from_str(&data).unwrap()), data, "canonical");
+        let Ok(AnyExchange::Postgres(read)) = AnyExchange::parse(&data) else { panic!("reads back: {data}") };
+        assert_eq!((read.stream, read.outcome.as_str(), read.duration_ns), (3, "running", 1_500_000));
+        assert_eq!(read.messages[0].sql.as_ref().map(String::len), Some(limits::TEXT));
+        assert_eq!(read.messages[1].params, Some(vec![None, Some(AWKWARD.into())]));
+        assert_eq!(read.results, e.results);
+        // An HTTP exchange still reads as one.
+        let http = exchange(&rich_exchange(), 64, &SensitiveNames::default());
+        assert!(matches!(AnyExchange::parse(&http), Ok(AnyExchange::Http(_))));
     }
 
     #[test]

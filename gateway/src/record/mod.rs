@@ -29,7 +29,8 @@ mod writer;
 pub use crate::redact::{redact_header_pairs, redact_headers, REDACTED};
 pub use chain::{hash_record, Verdict, GENESIS_HASH};
 pub use model::{
-    BodyData, DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, MessageData, Record, RecordKind,
+    AnyExchange, BodyData, DecisionFacts, EventData, EventKind, ExchangeData, ExchangeRecord, MessageData,
+    PostgresExchange, PostgresExchangeData, PostgresMessage, PostgresOutcome, PostgresResult, Record, RecordKind,
     RecordLevel, SessionEnd, SessionFilter, SessionId, SessionMeta, SessionOutcome, SessionStart, SessionState,
     SessionSummary, TlsFacts,
 };

@@ -233,6 +233,173 @@ pub struct ExchangeData {
     pub findings: Vec<String>,
 }
 
+/// One PostgreSQL round trip as the proxy hands it over: what the client
+/// sent up to the message the server answers with ReadyForQuery (a simple
+/// Query, or an extended-protocol batch up to its Sync), the gate's
+/// decisions on it and the server's answers. SQL text and values must
+/// already be masked; the recorder only caps them. Stored as an `exchange`
+/// record ([`PostgresExchangeData`]).
+#[derive(Debug, Clone)]
+pub struct PostgresExchange {
+    /// Round trip number within the session (from 1). A round trip written
+    /// before the server answered ([`PostgresOutcome::Running`]) has its
+    /// answers in a later record with the same number.
+    pub stream: u64,
+    /// When its first message reached the gateway.
+    pub started: SystemTime,
+    /// Until the record was written.
+    pub duration: Duration,
+    /// What the client sent, in order.
+    pub messages: Vec<PostgresMessage>,
+    /// What the server answered, in order.
+    pub results: Vec<PostgresResult>,
+    /// Why the record was written.
+    pub outcome: PostgresOutcome,
+}
+
+impl PostgresExchange {
+    /// Bytes of text it carries (SQL, parameters, messages), which dominate
+    /// its size in the recorder's queue.
+    pub fn text_bytes(&self) -> usize {
+        let messages: usize = self
+            .messages
+            .iter()
+            .map(|m| {
+                m.sql.as_ref().map_or(0, String::len)
+                    + m.params.iter().flatten().flatten().map(String::len).sum::<usize>()
+            })
+            .sum();
+        let results: usize = self
+            .results
+            .iter()
+            .map(|r| r.tag.as_ref().map_or(0, String::len) + r.message.as_ref().map_or(0, String::len))
+            .sum();
+        messages + results
+    }
+}
+
+/// Why a [`PostgresExchange`] was written. The names are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PostgresOutcome {
+    /// The server answered with ReadyForQuery.
+    #[default]
+    Ready,
+    /// Still running when the record was written (so that a crash cannot
+    /// lose a long statement): its answers follow in a later record.
+    Running,
+    /// The session ended before the server answered.
+    Incomplete,
+}
+
+impl PostgresOutcome {
+    /// The stored name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PostgresOutcome::Ready => "ready",
+            PostgresOutcome::Running => "running",
+            PostgresOutcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// One client message of a [`PostgresExchange`] that the recording keeps
+/// (fields in sorted order: stored as they are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresMessage {
+    /// `allow` or `deny`, for SQL the gate judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// Keys the detector found in the SQL text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+    /// `query`, `parse`, `bind` or `function-call`.
+    pub kind: String,
+    /// Whether the policy masks the statement's results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<bool>,
+    /// Bind or function-call parameters, masked (`None`: SQL NULL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<Vec<Option<String>>>,
+    /// The rule that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// The SQL text, masked and capped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<String>,
+}
+
+/// One answer of the server in a [`PostgresExchange`]: a command tag or an
+/// error (fields in sorted order: stored as they are).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresResult {
+    /// The error's message, masked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Rows the command returned or affected (the tag's count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<u64>,
+    /// The error's SQLSTATE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqlstate: Option<String>,
+    /// The command tag (`SELECT 1`, `UPDATE 3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// The data of a PostgreSQL `exchange` record: one round trip. Told apart
+/// from an HTTP exchange ([`ExchangeData`]) by `protocol`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostgresExchangeData {
+    /// Nanoseconds from its first message to the record.
+    pub duration_ns: u64,
+    /// What the client sent.
+    pub messages: Vec<PostgresMessage>,
+    /// A [`PostgresOutcome`] name.
+    pub outcome: String,
+    /// Always `postgres`.
+    pub protocol: String,
+    /// What the server answered.
+    pub results: Vec<PostgresResult>,
+    /// First message, Unix nanoseconds.
+    pub started: i64,
+    /// Round trip number.
+    pub stream: u64,
+}
+
+/// The data of an `exchange` record, whichever protocol wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyExchange {
+    /// An HTTP (gRPC, Connect) request and its response.
+    Http(Box<ExchangeData>),
+    /// A PostgreSQL round trip.
+    Postgres(PostgresExchangeData),
+}
+
+impl AnyExchange {
+    /// Decodes an `exchange` record's data.
+    pub fn parse(data: &str) -> Result<AnyExchange, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Probe<'a> {
+            #[serde(borrow, default)]
+            protocol: Option<std::borrow::Cow<'a, str>>,
+        }
+        let probe: Probe<'_> = serde_json::from_str(data)?;
+        match probe.protocol.as_deref() {
+            Some("postgres") => serde_json::from_str(data).map(AnyExchange::Postgres),
+            _ => serde_json::from_str(data).map(|e| AnyExchange::Http(Box::new(e))),
+        }
+    }
+
+    /// When it started, Unix nanoseconds.
+    pub fn started(&self) -> i64 {
+        match self {
+            AnyExchange::Http(e) => e.started,
+            AnyExchange::Postgres(e) => e.started,
+        }
+    }
+}
+
 /// One side of an exchange.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageData {
@@ -296,13 +463,15 @@ pub enum EventKind {
     PostgresPassword,
     /// The gateway logged in upstream (method, TLS of both legs).
     PostgresLogin,
-    /// A statement (masked text) and its decision.
+    /// A statement (masked text) and its decision. Written by earlier
+    /// versions; a round trip is now one `exchange` ([`PostgresExchange`]).
     PostgresStatement,
-    /// Bind or function-call parameters (masked).
+    /// Bind or function-call parameters (masked). Earlier versions only.
     PostgresParams,
-    /// A statement's command tag.
+    /// A statement's command tag. Earlier versions only.
     PostgresResult,
-    /// An error the server returned (SQLSTATE and message).
+    /// An error the server returned (SQLSTATE and message). Earlier
+    /// versions only.
     PostgresError,
 }
 
@@ -437,7 +606,8 @@ pub struct EventData {
 pub enum RecordKind {
     /// The session's metadata ([`SessionMeta`]); always record 0.
     Start,
-    /// One request and its response ([`ExchangeData`]).
+    /// One request and its response ([`ExchangeData`]), or a PostgreSQL
+    /// round trip ([`PostgresExchangeData`]); [`AnyExchange`] reads either.
     Exchange,
     /// Something the gate did ([`EventData`]).
     Event,

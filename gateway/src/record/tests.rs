@@ -892,3 +892,102 @@ fn recorders_can_be_shared_across_tasks() {
     shareable::<Recorder>();
     sendable::<super::SessionRecorder>();
 }
+
+/// A PostgreSQL session as earlier versions recorded it (an event per
+/// statement, parameters, command tag and error) and as this one does (one
+/// `exchange` per round trip): both verify and replay like psql.
+#[test]
+fn postgres_recordings_of_both_formats_replay() {
+    use super::{PostgresExchange, PostgresMessage, PostgresOutcome, PostgresResult};
+    use serde_json::json;
+
+    let dir = tempfile::tempdir().unwrap();
+    let database = db(dir.path());
+    let recorder = open(dir.path());
+    let pg_start = || SessionStart { protocol: crate::event::Protocol::Postgres, ..start_facts() };
+
+    // The earlier format, exactly as that handler wrote it.
+    let old = recorder.start(pg_start());
+    let old_id = old.id().clone();
+    old.event(EventKind::PostgresStartup, json!({ "database": "app", "user": "ci", "rule": "db", "action": "allow" }));
+    old.event(
+        EventKind::PostgresStatement,
+        json!({ "kind": "query", "sql": "select 41 + 1", "decision": "allow", "rule": "db", "keys": 0, "masked": false }),
+    );
+    old.event(EventKind::PostgresResult, json!({ "tag": "SELECT 1" }));
+    old.event(
+        EventKind::PostgresStatement,
+        json!({ "kind": "parse", "sql": "select * from missing where id = $1", "decision": "allow", "rule": "db" }),
+    );
+    old.event(EventKind::PostgresParams, json!({ "kind": "bind", "params": ["7", null] }));
+    old.event(
+        EventKind::PostgresError,
+        json!({ "sqlstate": "42P01", "message": "relation \"missing\" does not exist" }),
+    );
+    end(&old);
+
+    // This format: one record per round trip.
+    let new = recorder.start(pg_start());
+    let new_id = new.id().clone();
+    let started = SystemTime::now() - Duration::from_millis(3);
+    let round = |stream, messages, results, outcome| PostgresExchange {
+        stream,
+        started,
+        duration: Duration::from_millis(2),
+        messages,
+        results,
+        outcome,
+    };
+    let query = |sql: &str| PostgresMessage {
+        decision: Some("allow".into()),
+        keys: Some(0),
+        kind: "query".into(),
+        masked: Some(false),
+        rule: Some("db".into()),
+        sql: Some(sql.into()),
+        ..PostgresMessage::default()
+    };
+    let tag = |t: &str| crate::postgres::rounds::tag_result(t.into());
+    new.postgres(round(1, vec![query("select 41 + 1")], vec![tag("SELECT 1")], PostgresOutcome::Ready));
+    let parse = PostgresMessage { kind: "parse".into(), ..query("update t set v = $1") };
+    let bind =
+        PostgresMessage { kind: "bind".into(), params: Some(vec![Some("7".into()), None]), ..Default::default() };
+    new.postgres(round(2, vec![parse, bind], Vec::new(), PostgresOutcome::Running));
+    let error = PostgresResult { sqlstate: Some("42P01".into()), message: Some("no t".into()), ..Default::default() };
+    new.postgres(round(2, Vec::new(), vec![tag("UPDATE 3"), error], PostgresOutcome::Ready));
+    new.postgres(round(3, vec![query("select pg_sleep(9)")], Vec::new(), PostgresOutcome::Incomplete));
+    end(&new);
+    recorder.shutdown();
+
+    for id in [&old_id, &new_id] {
+        assert!(matches!(verdict(dir.path(), id), Verdict::Intact { .. }), "{id} verifies");
+    }
+    let (code, out) = run_captured(&database, &["replay", old_id.as_str()]);
+    assert_eq!(code, ExitCode::SUCCESS);
+    for expected in
+        ["=> select 41 + 1", "   SELECT 1", "parse select * from missing", "params [\"7\",null]", "ERROR 42P01"]
+    {
+        assert!(out.contains(expected), "old format: missing {expected:?} in\n{out}");
+    }
+    let (code, out) = run_captured(&database, &["replay", new_id.as_str()]);
+    assert_eq!(code, ExitCode::SUCCESS);
+    for expected in [
+        "=> select 41 + 1\n",
+        "   SELECT 1\n",
+        "parse update t set v = $1\n",
+        "   bind [\"7\",null]\n",
+        "   (still running when recorded; its answers follow)\n",
+        "   UPDATE 3\n",
+        "   ERROR 42P01: no t\n",
+        "=> select pg_sleep(9)\n",
+        "   (no answer: the session ended first)\n",
+    ] {
+        assert!(out.contains(expected), "new format: missing {expected:?} in\n{out}");
+    }
+    let (_, out) = run_captured(&database, &["show", new_id.as_str()]);
+    assert!(out.contains("exchanges:    4") && out.contains("postgres #2"), "{out}");
+    let (_, out) = run_captured(&database, &["show", new_id.as_str(), "--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let data = &shown["records"][1]["data"];
+    assert_eq!((data["protocol"].as_str(), data["results"][0]["rows"].as_u64()), (Some("postgres"), Some(1)));
+}

@@ -44,8 +44,8 @@ use super::{
     model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
-    EventKind, ExchangeRecord, OnRecordFailure, Record, RecordConfig, RecordError, RecordKind, RecordLevel, SessionEnd,
-    SessionId, SessionOutcome, SessionStart,
+    EventKind, ExchangeRecord, OnRecordFailure, PostgresExchange, Record, RecordConfig, RecordError, RecordKind,
+    RecordLevel, SessionEnd, SessionId, SessionOutcome, SessionStart,
 };
 
 /// Commit early when a batch holds this many records...
@@ -75,6 +75,7 @@ const TARGET: &str = "gateway::record";
 enum Msg {
     Start { id: SessionId, ts: i64, start: Box<SessionStart> },
     Exchange { id: SessionId, ts: i64, exchange: Box<ExchangeRecord> },
+    Postgres { id: SessionId, ts: i64, exchange: Box<PostgresExchange> },
     Event { id: SessionId, ts: i64, kind: EventKind, detail: serde_json::Value },
     End { id: SessionId, ts: i64, end: SessionEnd },
     Flush(mpsc::SyncSender<Result<(), String>>),
@@ -85,7 +86,11 @@ impl Msg {
     /// When a record was sent (Unix ns); `None` for control messages.
     fn sent(&self) -> Option<i64> {
         match self {
-            Msg::Start { ts, .. } | Msg::Exchange { ts, .. } | Msg::Event { ts, .. } | Msg::End { ts, .. } => Some(*ts),
+            Msg::Start { ts, .. }
+            | Msg::Exchange { ts, .. }
+            | Msg::Postgres { ts, .. }
+            | Msg::Event { ts, .. }
+            | Msg::End { ts, .. } => Some(*ts),
             Msg::Flush(_) | Msg::Shutdown => None,
         }
     }
@@ -95,13 +100,14 @@ impl Msg {
     /// stays whole and the writer's open sessions end; they are bounded by
     /// the connections the gateway admits.
     fn droppable(&self) -> bool {
-        matches!(self, Msg::Exchange { .. } | Msg::Event { .. })
+        matches!(self, Msg::Exchange { .. } | Msg::Postgres { .. } | Msg::Event { .. })
     }
 
     /// Body bytes it carries, which dominate a queued record's size.
     fn body_bytes(&self) -> usize {
         match self {
             Msg::Exchange { exchange, .. } => exchange.request_body.len() + exchange.response_body.len(),
+            Msg::Postgres { exchange, .. } => exchange.text_bytes(),
             _ => 0,
         }
     }
@@ -451,6 +457,14 @@ impl SessionRecorder {
         }
     }
 
+    /// Records a PostgreSQL round trip as one `exchange` record.
+    pub fn postgres(&self, exchange: PostgresExchange) {
+        if let Some(sink) = &self.sink {
+            let ts = nanos(SystemTime::now());
+            sink.send(Msg::Postgres { id: self.id.clone(), ts, exchange: Box::new(exchange) });
+        }
+    }
+
     /// Records an event (`refused`, `approval_requested`, `masked`, ...)
     /// with free-form details.
     pub fn event(&self, kind: EventKind, detail: serde_json::Value) {
@@ -586,6 +600,10 @@ impl Writer {
             }
             Msg::Exchange { id, ts, exchange } => {
                 let data = encode::exchange(&exchange, self.max_body_bytes, &self.names);
+                self.append(&id, ts, RecordKind::Exchange, data, None);
+            }
+            Msg::Postgres { id, ts, exchange } => {
+                let data = encode::postgres(&exchange);
                 self.append(&id, ts, RecordKind::Exchange, data, None);
             }
             Msg::Event { id, ts, kind, detail } => {
