@@ -1127,11 +1127,14 @@ fn a_damaged_store_keeps_the_gateway_from_starting_and_lets_nothing_through() {
 /// stderr piped through this script, which passes every line on to its own
 /// stderr except while the flag file exists: then it stops reading, as a
 /// stalled journald or a container runtime that does not drain a log does.
-/// SIGTERM is passed on.
+/// SIGTERM is passed on; if the script is killed, the gateway is too
+/// (`PR_SET_PDEATHSIG`), so a failed test leaves no gateway running.
 const STALLING_LOG_READER: &str = r#"
-import os, signal, subprocess, sys, time
+import ctypes, os, signal, subprocess, sys, time
 flag = sys.argv[1]
-child = subprocess.Popen(sys.argv[2:], stderr=subprocess.PIPE)
+PR_SET_PDEATHSIG = 1
+child = subprocess.Popen(sys.argv[2:], stderr=subprocess.PIPE,
+    preexec_fn=lambda: ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL))
 signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
 for line in child.stderr:
     sys.stderr.buffer.write(line)
@@ -1149,7 +1152,7 @@ sys.exit(child.wait())
 fn a_stalled_log_reader_holds_no_connection_back() {
     let disk = SmallDisk::mount(64);
     let flag = disk.path().join("stall-the-log");
-    let scene = Scene::start_with("log-stalled", &disk, "refuse", |opts| {
+    let mut scene = Scene::start_with("log-stalled", &disk, "refuse", |opts| {
         opts.wrapper =
             vec!["python3".to_owned(), "-c".to_owned(), STALLING_LOG_READER.to_owned(), flag.display().to_string()];
     });
@@ -1198,4 +1201,6 @@ fn a_stalled_log_reader_holds_no_connection_back() {
             Err(format!("{logged} connection events so far"))
         }
     });
+    // Through the reader, which passes SIGTERM on: a clean stop.
+    scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
 }
