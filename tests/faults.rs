@@ -1146,8 +1146,8 @@ sys.exit(child.wait())
 
 /// The log's reader stops reading while jobs keep sending (a stalled
 /// journald, a pipe nobody drains): connections are served on regardless,
-/// since the daemon's log lines go through a queue of their own, and every
-/// line gets through once the reader reads again.
+/// since the daemon never waits for the log's reader (lines queue while it
+/// is behind), and every line gets through once the reader reads again.
 #[test]
 fn a_stalled_log_reader_holds_no_connection_back() {
     let disk = SmallDisk::mount(64);

@@ -173,8 +173,13 @@ fn burst_of_200_connections_is_attributed_without_leaks() {
     for h in handles {
         let (pid, results) = h.join().expect("client thread");
         assert_eq!(results.len(), 50);
+        // Whether each went through the gateway is shown below by its
+        // connection event and the redirect counter, not by `proxied()`:
+        // among 200 connections the gateway's upstream socket may well get
+        // the same ephemeral port number as the client's own (another
+        // destination, so the kernel may hand it out again).
         for r in &results {
-            assert!(r.errno.is_none() && r.proxied(), "pid {pid}: {r:?}");
+            assert!(r.errno.is_none() && r.server_saw.is_some(), "pid {pid}: {r:?}");
         }
         pids.push(pid);
     }

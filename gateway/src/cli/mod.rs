@@ -173,16 +173,21 @@ fn dispatch(cli: &Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Sets up the log: masked stderr, written in place for the commands and
-/// by a thread of its own for the daemon (`background`; see
-/// [`crate::logging`]), whose guard must be held until the last line.
-fn init_logging(config: &Config, background: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+/// without ever blocking for the daemon (see [`crate::logging`]), whose
+/// guard must be held until the last line.
+fn init_logging(config: &Config, daemon: bool) -> Option<crate::logging::LogGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let (writer, guard) = if background {
-        let (writer, guard) = crate::logging::background();
-        (BoxMakeWriter::new(writer), Some(guard))
+    let daemon_log = if daemon {
+        crate::logging::daemon()
+            .map_err(|e| eprintln!("gateway: cannot start the log writer thread ({e}); logging in place"))
+            .ok()
     } else {
-        (BoxMakeWriter::new(crate::mask::log::MaskedStderr), None)
+        None
+    };
+    let (writer, guard) = match daemon_log {
+        Some((writer, guard)) => (BoxMakeWriter::new(writer), Some(guard)),
+        None => (BoxMakeWriter::new(crate::mask::log::MaskedStderr), None),
     };
     // A closed stderr (a restarted journald, a dead pipe) must not take the
     // gateway down: its own error reporting would panic on the same stream.
