@@ -259,10 +259,10 @@ fn share_fingerprint_key(from: &TestGateway, gw: &mut TestGateway) {
 fn three_gateways_ship_to_one_central_store_that_verifies() {
     let central = Central::start();
     let said = central.migrate();
-    assert!(said.contains("migrated from version 0 to 2"), "{said}");
+    assert!(said.contains("migrated from version 0 to 3"), "{said}");
     let said = central.migrate();
-    assert!(said.contains("up to date (version 2)"), "{said}");
-    assert_eq!(central.count("SELECT max(version) FROM schema_version"), 2);
+    assert!(said.contains("up to date (version 3)"), "{said}");
+    assert_eq!(central.count("SELECT max(version) FROM schema_version"), 3);
 
     let hosts = ["runner-1", "runner-2", "runner-3"];
     let mut gws: Vec<TestGateway> =
@@ -357,6 +357,14 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
     assert_eq!(central.count("SELECT count(DISTINCT fingerprint) FROM findings"), 4, "the shared key and one per host");
     assert_eq!(central.count("SELECT count(*) FROM host_findings"), host_findings);
     assert_eq!(central.count("SELECT count(DISTINCT host_id) FROM fleet_hosts"), 3);
+    // The hosts share one fingerprint key, and `store status` says so; a
+    // host registered with another key is named.
+    let said = ok("store status", &gws[0].cli(&["store", "status"]));
+    assert!(said.contains("fingerprint keys: one (") && said.contains("shared by 3 hosts"), "{said}");
+    assert!(!gws[0].log().contains("fingerprint_key_mismatch"), "the hosts share their key");
+    central.sql("UPDATE fleet_hosts SET fingerprint_key_id = '0123456789abcdef' WHERE host_id = 'runner-3'");
+    let said = ok("store status", &gws[0].cli(&["store", "status"]));
+    assert!(said.contains("fingerprint keys: 2 DIFFERENT") && said.contains("0123456789abcdef: runner-3"), "{said}");
     for (gw, host) in gws.iter().zip(hosts) {
         let local: u64 = cli_json(gw, &["findings", "list", "--json"])
             .as_array()
@@ -443,13 +451,13 @@ fn three_gateways_ship_to_one_central_store_that_verifies() {
     assert!(said.contains("2 broken"), "{said}");
 
     // A schema newer than the gateway knows: it refuses to ship, and says so.
-    central.sql("INSERT INTO schema_version (version, description) VALUES (3, 'from a newer gateway')");
+    central.sql("INSERT INTO schema_version (version, description) VALUES (4, 'from a newer gateway')");
     let gw = &mut gws[2];
     gw.stop(nix::sys::signal::Signal::SIGTERM);
     gw.spawn(false);
     wait_for("the gateway reports the unknown schema", || {
         let log = gw.log();
-        if log.lines().any(|l| l.contains("\"kind\":\"schema_unknown\"") && l.contains("schema version 3")) {
+        if log.lines().any(|l| l.contains("\"kind\":\"schema_unknown\"") && l.contains("schema version 4")) {
             Ok(())
         } else {
             Err("no schema_unknown event yet".to_owned())
@@ -652,7 +660,7 @@ fn text(out: &Output) -> String {
 fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
     let central = Central::start();
     let said = central.migrate();
-    assert!(said.contains("to 2"), "{said}");
+    assert!(said.contains("to 3"), "{said}");
     // Host A keeps sessions locally for 3 s only (pruned every 500 ms),
     // unless they have not reached the store.
     let a = central.gateway_with("central-a", "runner-a", "", "  retention: 3s\n  prune_interval: 500ms\n");
@@ -665,7 +673,7 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
         }
     });
     let said = ok("store status", &a.cli(&["store", "status", "--store", &central.url()]));
-    assert!(said.contains("schema version:  2") && said.contains("central approvals: on (0 decisions"), "{said}");
+    assert!(said.contains("schema version:  3") && said.contains("central approvals: on (0 decisions"), "{said}");
 
     // (a) Held on A, approved on B's CLI: released within a second.
     let held = hold(&central, &a);

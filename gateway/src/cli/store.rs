@@ -59,6 +59,9 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                 // Central decisions this host has not applied yet (schema 2 on).
                 let unapplied =
                     if version >= 2 { Some(fleet::approvals::unapplied(&client, &host_id).await?) } else { None };
+                // Hosts by fingerprint key (schema 3 on): one group is a fleet
+                // whose findings merge across hosts.
+                let keys = if version >= 3 { Some(fleet::fingerprint_keys(&client).await?) } else { None };
                 if *json {
                     let report = serde_json::json!({
                         "schema_version": version,
@@ -66,6 +69,10 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                         "host_id": host_id,
                         "backlog": backlog,
                         "central_approvals": unapplied.map(|n| serde_json::json!({ "unapplied_decisions": n })),
+                        "fingerprint_keys": keys.as_ref().map(|keys| keys
+                            .iter()
+                            .map(|(id, hosts)| serde_json::json!({ "key_id": id, "hosts": hosts }))
+                            .collect::<Vec<_>>()),
                     });
                     println!("{report}");
                 } else {
@@ -75,6 +82,21 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                     match unapplied {
                         Some(n) => println!("central approvals: on ({n} decisions for this host not applied yet)"),
                         None => println!("central approvals: not in this schema (run `gateway store migrate`)"),
+                    }
+                    match keys.as_deref() {
+                        None => {}
+                        Some([]) => println!("fingerprint keys: none registered yet"),
+                        Some([(id, hosts)]) => println!("fingerprint keys: one ({id}), shared by {} hosts", hosts.len()),
+                        Some(groups) => {
+                            println!(
+                                "fingerprint keys: {} DIFFERENT: a secret seen on hosts of two groups is two findings; give every host the same state_dir/detect-fingerprint.key",
+                                groups.len()
+                            );
+                            for (id, hosts) in groups {
+                                let hosts: Vec<String> = hosts.iter().map(|h| crate::term::safe(h)).collect();
+                                println!("  {id}: {}", hosts.join(", "));
+                            }
+                        }
                     }
                 }
                 Ok(if version == fleet::SCHEMA_VERSION { ExitCode::SUCCESS } else { ExitCode::from(1) })

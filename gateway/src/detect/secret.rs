@@ -126,6 +126,20 @@ impl FingerprintKey {
         Self(bytes)
     }
 
+    /// A short, non-secret name of this key (16 hex digits of an HMAC of a
+    /// fixed label): hosts of a fleet compare it to know they share one key,
+    /// and so one fingerprint per secret. It says nothing about the key.
+    pub fn id(&self) -> String {
+        let mut mac = match Hmac::<Sha256>::new_from_slice(&self.0) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC-SHA256 takes keys of any length"),
+        };
+        mac.update(b"ci-gateway fingerprint key id v1");
+        let mut hex = hex::encode(mac.finalize().into_bytes());
+        hex.truncate(16);
+        hex
+    }
+
     /// Path of the key file inside `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join(FINGERPRINT_KEY_FILE)

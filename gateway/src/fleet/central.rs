@@ -14,6 +14,7 @@ use super::{FleetConfig, FleetError, TlsMode, FLEET_TARGET};
 const MIGRATIONS: &[(&str, &str)] = &[
     ("initial schema", include_str!("sql/0001_initial.sql")),
     ("central approvals", include_str!("sql/0002_central_approvals.sql")),
+    ("fingerprint key id per host", include_str!("sql/0003_fingerprint_key_id.sql")),
 ];
 
 /// The central schema version this gateway ships against (and the newest it knows).
@@ -153,6 +154,21 @@ pub async fn schema_version(client: &Client) -> Result<i32, FleetError> {
         .await
         .map_err(FleetError::pg("reading the schema version"))?;
     Ok(row.get(0))
+}
+
+/// The fingerprint keys the fleet's hosts registered (schema 3 on): each
+/// key id with its hosts, the most shared first. More than one entry means
+/// a secret seen on hosts of different entries is several findings.
+pub async fn fingerprint_keys(client: &Client) -> Result<Vec<(String, Vec<String>)>, FleetError> {
+    let rows = client
+        .query(
+            "SELECT fingerprint_key_id, array_agg(host_id ORDER BY host_id) FROM fleet_hosts
+             WHERE fingerprint_key_id IS NOT NULL GROUP BY 1 ORDER BY count(*) DESC, 1",
+            &[],
+        )
+        .await
+        .map_err(FleetError::pg("reading the hosts' fingerprint keys"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Fails unless the store's schema is exactly the one this gateway ships

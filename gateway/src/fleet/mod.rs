@@ -22,7 +22,7 @@ pub mod outbox;
 pub mod read;
 pub mod verify;
 
-pub use central::{connect, migrate, schema_version, SCHEMA_VERSION};
+pub use central::{connect, fingerprint_keys, migrate, schema_version, SCHEMA_VERSION};
 pub use outbox::{backlog, Backlog, Shipper, Stream};
 
 /// File name of the shipping cursors (high-water marks) inside `state_dir`.

@@ -307,6 +307,28 @@ impl Cursors {
     }
 }
 
+/// Warns (once per start) when other hosts register another fingerprint
+/// key: the same secret seen there and here is two findings, not one.
+async fn compare_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    host_id: &str,
+    own: Option<&str>,
+) -> Result<(), FleetError> {
+    let Some(own) = own else { return Ok(()) };
+    let rows = tx
+        .query(
+            "SELECT host_id FROM fleet_hosts WHERE fingerprint_key_id IS NOT NULL AND fingerprint_key_id <> $1 ORDER BY host_id LIMIT 20",
+            &[&own],
+        )
+        .await
+        .map_err(FleetError::pg("comparing fingerprint keys"))?;
+    if !rows.is_empty() {
+        let others: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        tracing::warn!(target: FLEET_TARGET, kind = "fingerprint_key_mismatch", %host_id, key_id = %own, other_hosts = ?others, "other hosts of the fleet use another fingerprint key: a secret seen there and here is two findings; give every host the same state_dir/detect-fingerprint.key");
+    }
+    Ok(())
+}
+
 /// Ships this host's local stores to the central store.
 pub struct Shipper {
     config: FleetConfig,
@@ -325,6 +347,11 @@ pub struct Shipper {
     /// Unix ns when this gateway started: unended sessions started before
     /// were interrupted (never live).
     live_since: i64,
+    /// The id of this host's fingerprint key (`None`: none yet), registered
+    /// with the host so hosts with different keys are told apart.
+    key_id: Option<String>,
+    /// Whether the other hosts' key ids were compared since the start.
+    keys_compared: bool,
 }
 
 impl std::fmt::Debug for Shipper {
@@ -367,6 +394,10 @@ impl Shipper {
             record_retention: config.record.retention,
             retention_every: config.record.prune_interval.min(RETENTION_EVERY),
             live_since: i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX),
+            // The detector created the key before the shipper starts; a
+            // key that cannot be read is the detector's error to report.
+            key_id: crate::detect::FingerprintKey::load(&config.state_dir).ok().flatten().map(|k| k.id()),
+            keys_compared: false,
         })
     }
 
@@ -549,11 +580,16 @@ impl Shipper {
             }
             let tx = client.transaction().await.map_err(FleetError::pg("starting a batch"))?;
             tx.execute(
-                "INSERT INTO fleet_hosts (host_id) VALUES ($1) ON CONFLICT (host_id) DO UPDATE SET last_shipped = now()",
-                &[&self.host_id],
+                "INSERT INTO fleet_hosts (host_id, fingerprint_key_id) VALUES ($1, $2)
+                 ON CONFLICT (host_id) DO UPDATE SET last_shipped = now(), fingerprint_key_id = EXCLUDED.fingerprint_key_id",
+                &[&self.host_id, &self.key_id],
             )
             .await
             .map_err(FleetError::pg("registering the host"))?;
+            if !self.keys_compared {
+                self.keys_compared = true;
+                compare_keys(&tx, &self.host_id, self.key_id.as_deref()).await?;
+            }
             write_batch(&tx, &self.host_id, &read.data).await?;
             tx.commit().await.map_err(FleetError::pg("committing a batch"))?;
             if let Some(last) = read.last_id {
