@@ -100,7 +100,7 @@ struct Sink {
     /// Lines (or rests of lines) queued for the writer thread; taken with
     /// every direct write too, so that lines never overtake each other.
     queued: Mutex<usize>,
-    tx: Mutex<mpsc::Sender<Vec<u8>>>,
+    tx: mpsc::Sender<Vec<u8>>,
     dropped: AtomicU64,
 }
 
@@ -121,9 +121,11 @@ impl Sink {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let sent = self.tx.lock().map(|tx| tx.send(rest.to_vec()).is_ok()).unwrap_or(false);
-        if sent {
+        if self.tx.send(rest.to_vec()).is_ok() {
             *queued += 1;
+        } else {
+            // The writer thread is gone: nothing will write it.
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -187,8 +189,7 @@ impl Drop for LogGuard {
 /// until the daemon has logged its last line.
 pub fn daemon() -> io::Result<(DaemonLog, LogGuard)> {
     let (tx, rx) = mpsc::channel();
-    let sink =
-        Arc::new(Sink { out: Out::of_stderr(), queued: Mutex::new(0), tx: Mutex::new(tx), dropped: AtomicU64::new(0) });
+    let sink = Arc::new(Sink { out: Out::of_stderr(), queued: Mutex::new(0), tx, dropped: AtomicU64::new(0) });
     let writer = sink.clone();
     std::thread::Builder::new().name("log-writer".into()).spawn(move || writer.drain(rx))?;
     let _ = SINK.set(sink);
@@ -252,12 +253,7 @@ mod tests {
             .open(format!("/proc/self/fd/{}", w.as_raw_fd()))
             .expect("reopen the pipe");
         let (tx, rx) = mpsc::channel();
-        let sink = Arc::new(Sink {
-            out: Out::Pipe(reopened),
-            queued: Mutex::new(0),
-            tx: Mutex::new(tx),
-            dropped: AtomicU64::new(0),
-        });
+        let sink = Arc::new(Sink { out: Out::Pipe(reopened), queued: Mutex::new(0), tx, dropped: AtomicU64::new(0) });
         let started = Instant::now();
         let lines: Vec<String> = (0..2000).map(|i| format!("{i:05} {}\n", "x".repeat(100))).collect();
         for line in &lines {

@@ -1317,6 +1317,13 @@ mod tests {
         conn
     }
 
+    /// The ids of the local sessions, in order.
+    fn sessions(conn: &Connection) -> Vec<String> {
+        conn.prepare("SELECT id FROM sessions ORDER BY id")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .unwrap()
+    }
+
     #[test]
     fn a_batch_that_ends_inside_a_session_claims_only_the_shipped_prefix() {
         let dir = tempfile::tempdir().unwrap();
@@ -1381,11 +1388,6 @@ mod tests {
              VALUES ('s3', 3, 6, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 6, 6, 0, 0, 'closed');",
         )
         .unwrap();
-        let sessions = |conn: &Connection| -> Vec<String> {
-            conn.prepare("SELECT id FROM sessions ORDER BY id")
-                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-                .unwrap()
-        };
         let mut shipper = Shipper::new(&config).unwrap();
         // Nothing shipped: every session is decades past the retention, and stays.
         shipper.shipped_retention().unwrap();
@@ -1420,11 +1422,6 @@ mod tests {
              VALUES ('s2', 2, 5, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 5, 5, 0, 0, 'closed');",
         )
         .unwrap();
-        let sessions = |conn: &Connection| -> Vec<String> {
-            conn.prepare("SELECT id FROM sessions ORDER BY id")
-                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-                .unwrap()
-        };
         let mut shipper = Shipper::new(&config).unwrap();
         shipper.cursors.set(Stream::Records, 2).unwrap();
         shipper.shipped_retention().unwrap();
