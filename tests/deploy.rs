@@ -5,7 +5,8 @@
 //!   the binary under test installed into a debootstrapped Debian root) and
 //!   the demo image, brings the compose project up on this test process's
 //!   private dockerd, and must show the job's hard-coded key blocked, the
-//!   finding and the session, then leave no container, network, volume,
+//!   finding and the session, and the finding in the review console signed
+//!   in at the demo's stand-in identity provider, then leave no container, network, volume,
 //!   cgroup or pinned program behind;
 //! * the Kubernetes manifests (deploy/kubernetes/), validated offline
 //!   against the vendored Kubernetes API schemas with Python's `jsonschema`,
@@ -79,6 +80,11 @@ fn the_quick_start_shows_a_hard_coded_key_blocked_found_and_recorded() {
     let sessions = stdout.split("=== gateway sessions list ===").nth(1).expect("sessions section");
     assert!(sessions.lines().any(|l| l.contains("api2.cursor.sh") && l.ends_with("blocked")), "{stdout}");
     assert!(sessions.contains("findings F-1"), "the blocked session names the finding: {stdout}");
+    // The reviewer's view: signed in to the console at the stand-in
+    // identity provider, the findings page lists the finding.
+    let console = stdout.split("=== the review console,").nth(1).expect("console section");
+    assert!(console.contains("signed in as reviewer@demo.example"), "{stdout}");
+    assert!(console.contains("F-1") && console.contains("cursor-api-key"), "{stdout}");
     assert!(stdout.contains("xtask: the key was blocked (HTTP 403), found, and the session recorded"));
     assert!(!has_key_in_clear(&stdout) && !has_key_in_clear(&stderr), "a key is printed in clear:\n{stdout}");
     println!("the quick start took {took:.0?} (images included)");

@@ -32,6 +32,10 @@ pub const DEMO_IMAGE: &str = "ci-gateway-demo";
 pub const PROJECT: &str = "cigwdemo";
 /// The cgroup the demo's job container is put in (deploy/compose/gateway.yaml).
 pub const DEMO_CGROUP: &str = "cigwdemo.slice";
+/// The console's findings page in the quick start (deploy/compose/gateway.yaml).
+const CONSOLE_FINDINGS: &str = "http://127.0.0.1:15343/findings";
+/// The one user of the quick start's stand-in identity provider (deploy/compose/idp.py).
+const CONSOLE_USER: &str = "reviewer@demo.example";
 
 /// How to build the images.
 pub struct ImageOptions {
@@ -187,7 +191,10 @@ pub fn demo(root: &Path, opts: &DemoOptions) -> Result<()> {
     compose.down();
     let result = compose.run_job().and_then(|()| compose.show());
     if opts.keep {
-        println!("xtask: left running; stop it with `docker-compose -p {PROJECT} down -v`");
+        println!(
+            "xtask: left running; the review console is {CONSOLE_FINDINGS} in a browser on this host \
+             (sign in at the stand-in provider as {CONSOLE_USER}); stop it all with `docker-compose -p {PROJECT} down -v`"
+        );
     } else {
         compose.down();
     }
@@ -272,11 +279,19 @@ impl Compose {
             let session = self.gateway(&["sessions", "show", &id])?;
             println!("\n=== gateway sessions show {id} ===\n{}", session.trim_end());
         }
+        // The reviewer's view: the console, signed in at the stand-in
+        // identity provider as a browser would be (idp.py sign-in).
+        let console = output(self.cmd().args(["exec", "-T", "idp", "python3", "/demo/idp.py", "sign-in", CONSOLE_FINDINGS]))
+            .with_context(|| format!("signing in to the console; the gateway's log:\n{}", self.logs("gateway").unwrap_or_default()))?;
+        println!("\n=== the review console, {CONSOLE_FINDINGS}, signed in as {CONSOLE_USER} ===\n{}", console.trim_end());
         if !job.contains("job: HTTP 403") {
             bail!("the job's call was not blocked (expected HTTP 403); the gateway's log:\n{}", self.logs("gateway")?);
         }
         if !findings.contains("cursor") {
             bail!("no finding for the job's key; the gateway's log:\n{}", self.logs("gateway")?);
+        }
+        if !console.contains("F-1") {
+            bail!("the console does not list the finding; the gateway's log:\n{}", self.logs("gateway")?);
         }
         println!("\nxtask: the key was blocked (HTTP 403), found, and the session recorded");
         Ok(())
