@@ -10,6 +10,8 @@
 //!   captured, and through an iptables `REDIRECT` rule to the same proxy
 //!   listener; plus time to the server's first byte (connect, ClientHello,
 //!   one byte back) direct and through the passthrough;
+//! * with `CAPTURE_BENCH_LINK_MBIT`, the same over a veth shaped to a NIC's
+//!   rate, where the link rather than the CPU limits a transfer;
 //! * **container job vs host job**: the same connect, first-byte and bulk
 //!   figures from a container on a private dockerd's bridge (placed under the
 //!   gateway's cgroup with `--cgroup-parent`) and from a host process.
@@ -55,6 +57,10 @@ struct Knobs {
     /// has one relay and ignores it.
     relay_modes: Vec<String>,
     containers: bool,
+    /// `CAPTURE_BENCH_LINK_MBIT`: shape the veth to this rate (a token
+    /// bucket on both ends), as a runner's NIC limits what reaches a real
+    /// service; 0: unshaped (memory speed, every party CPU-bound).
+    link_mbit: u64,
 }
 
 impl Knobs {
@@ -75,6 +81,7 @@ impl Knobs {
             bulk_bytes: num("CAPTURE_BENCH_BULK_MIB", 1024)? << 20,
             relay_modes,
             containers: std::env::var("CAPTURE_BENCH_CONTAINERS").as_deref() != Ok("0"),
+            link_mbit: num("CAPTURE_BENCH_LINK_MBIT", 0)?,
         })
     }
 }
@@ -271,6 +278,7 @@ fn serve_on(ip: &str, ports: &Ports, bulk_bytes: u64) -> Result<()> {
 struct Netns {
     name: String,
     host_if: String,
+    ns_if: String,
     ns_ip: String,
 }
 
@@ -282,8 +290,13 @@ impl Netns {
         // intercept benchmark 10.254).
         let block = (pid % 8192) * 8;
         let octets = |k: u32| format!("10.253.{}.{}", (block + k) >> 8, (block + k) & 255);
-        let ns = Netns { name: format!("gwcap-{tag}"), host_if: format!("gwch{tag}"), ns_ip: octets(2) };
         let ns_if = format!("gwcn{tag}");
+        let ns = Netns {
+            name: format!("gwcap-{tag}"),
+            host_if: format!("gwch{tag}"),
+            ns_if: ns_if.clone(),
+            ns_ip: octets(2),
+        };
         let ip = |args: &[&str]| -> Result<()> {
             let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
             ensure!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -298,6 +311,23 @@ impl Netns {
         ip(&["-n", &ns.name, "link", "set", &ns_if, "up"])?;
         ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Limits both directions of the veth to `mbit` with a token bucket
+    /// (`tc qdisc ... tbf`), with a burst of 4 ms at that rate.
+    fn shape(&self, mbit: u64) -> Result<()> {
+        let burst = format!("{}b", (mbit * 1_000_000 / 8 / 250).max(64 * 1024));
+        let rate = format!("{mbit}mbit");
+        for (netns, dev) in [(None, &self.host_if), (Some(&self.name), &self.ns_if)] {
+            let mut cmd = Command::new("tc");
+            if let Some(n) = netns {
+                cmd.args(["-n", n]);
+            }
+            cmd.args(["qdisc", "add", "dev", dev, "root", "tbf", "rate", &rate, "burst", &burst, "latency", "20ms"]);
+            let out = cmd.output().context("running tc (iproute2)")?;
+            ensure!(out.status.success(), "tc on {dev}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
     }
 
     /// Runs `f` in a thread that entered the namespace: sockets it binds
@@ -550,6 +580,9 @@ fn orchestrate() -> Result<()> {
     let br_ports = Ports { accept: vec![port()], first: port(), bulk: port() };
 
     let netns = Netns::create()?;
+    if knobs.link_mbit > 0 {
+        netns.shape(knobs.link_mbit)?;
+    }
     let ns_ip = netns.ns_ip.clone();
     let bulk_bytes = knobs.bulk_bytes;
     {
@@ -731,6 +764,12 @@ fn orchestrate() -> Result<()> {
         bulk_bytes >> 20
     );
     println!("load average before: {load_before}; after: {}", uptime());
+    match knobs.link_mbit {
+        0 => println!("link: the veth unshaped (memory speed: every party CPU-bound)"),
+        mbit => {
+            println!("link: the veth shaped to {mbit} Mbit/s each way (tbf), as a runner's NIC limits a real service")
+        }
+    }
     println!("'p50 ratio': median over all samples / the first row's; 'rounds': the same ratio per round, min–max");
     let rows = |r: std::ops::Range<usize>| -> Vec<&Series> { lat[r].iter().map(|(s, _, _)| s).collect() };
     latency_table("connect() latency, server in a network namespace (veth); base: direct", &rows(0..lat_connect));
