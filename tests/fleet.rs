@@ -40,6 +40,9 @@ use serde_json::Value;
 const HOST: &str = "api.test.internal";
 const UPSTREAM_IP: &str = "127.0.0.41";
 const CENTRAL_IP: &str = "127.0.0.42";
+/// The console user of the fleet console test (an approver, signed in at
+/// the stand-in identity provider of deploy/compose/idp.py).
+const CONSOLE_APPROVER: &str = "carol@example.com";
 
 const POLICY: &str = r#"version: 1
 rules:
@@ -129,13 +132,26 @@ impl Central {
 
     /// [`Central::gateway`] with more `record:` settings.
     fn gateway_with(&self, name: &str, host_id: &str, fleet_extra: &str, record_extra: &str) -> TestGateway {
+        self.gateway_full(name, host_id, fleet_extra, record_extra, "")
+    }
+
+    /// [`Central::gateway_with`] with more top-level configuration (`more`).
+    fn gateway_full(
+        &self,
+        name: &str,
+        host_id: &str,
+        fleet_extra: &str,
+        record_extra: &str,
+        more: &str,
+    ) -> TestGateway {
         let mut opts =
             GatewayOptions::new(name, &[&format!("{{cidr: {UPSTREAM_IP}/32, ports: [{}]}}", self.upstream_port)]);
         opts.proxy_yaml = "  client_first_timeout: 30s\n".into();
         opts.policy_yaml = Some(POLICY.into());
         opts.extra_yaml = format!(
             "tls:\n  intercept: ['*.test.internal']\n  extra_upstream_cas: [{ca}]\nrecord:\n  flush_interval: 50ms\n{record_extra}\
-             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice, bob, root] }}\n{fleet}",
+             findings:\n  default_action: flag\napprovals:\n  groups: {{ release: [alice, bob, root, {CONSOLE_APPROVER}] }}\n\
+             {fleet}{more}",
             ca = self.upstream_ca.display(),
             fleet = self.fleet_yaml(host_id, fleet_extra),
         );
@@ -862,4 +878,176 @@ fn a_request_held_on_one_host_is_decided_from_another_through_the_store() {
         assert!(central_chains_now.contains(session), "{session:?} was pruned before it reached the store");
     }
     assert_eq!(central_state(&central, "runner-a", third), "approved");
+}
+
+/// The quick start's stand-in identity provider (deploy/compose/idp.py),
+/// run for one console; killed on drop.
+struct StandInIdp {
+    child: std::process::Child,
+    env: Vec<(&'static str, String)>,
+}
+
+impl StandInIdp {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/compose/idp.py")
+    }
+
+    fn start(dir: &std::path::Path, console_port: u16, email: &str, groups: &str) -> (StandInIdp, PathBuf) {
+        let port = unique_port();
+        let key = dir.join("idp.key");
+        let out = std::process::Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&key)
+            .arg("2048")
+            .output()
+            .expect("run openssl genrsa");
+        ok("openssl genrsa", &out);
+        let secret = dir.join("console-oidc-secret");
+        std::fs::write(&secret, keys::random(32)).expect("write secret");
+        let env = vec![
+            ("IDP_PORT", port.to_string()),
+            ("IDP_CLIENT_ID", "fleet-console".to_owned()),
+            ("IDP_REDIRECT_URI", format!("http://127.0.0.1:{console_port}/auth/callback")),
+            ("IDP_SECRET_FILE", secret.display().to_string()),
+            ("IDP_KEY_FILE", key.display().to_string()),
+            ("IDP_EMAIL", email.to_owned()),
+            ("IDP_GROUPS", groups.to_owned()),
+        ];
+        let child = std::process::Command::new("python3")
+            .arg(Self::script())
+            .arg("serve")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start the stand-in identity provider");
+        wait_for("the stand-in identity provider listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).map(drop).map_err(|e| e.to_string())
+        });
+        (StandInIdp { child, env }, secret)
+    }
+
+    fn issuer(&self) -> String {
+        format!("http://127.0.0.1:{}", self.env[0].1)
+    }
+
+    /// Signs in to the console at `page` as a browser does: the session
+    /// cookie and CSRF token.
+    fn session(&self, page: &str) -> (String, String) {
+        let out = std::process::Command::new("python3")
+            .arg(Self::script())
+            .args(["session", page])
+            .envs(self.env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .expect("run idp.py session");
+        let said: Value = serde_json::from_str(&ok("idp.py session", &out)).expect("session JSON");
+        (said["cookie"].as_str().expect("cookie").to_owned(), said["csrf"].as_str().expect("csrf").to_owned())
+    }
+}
+
+impl Drop for StandInIdp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A console page (GET) or form (POST, `form` fields): status and body.
+fn console_call(url: &str, cookie: &str, form: &[(&str, &str)]) -> (u16, String) {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-H", &format!("Cookie: {cookie}")]);
+    for (k, v) in form {
+        cmd.args(["--data-urlencode", &format!("{k}={v}")]);
+    }
+    let out = cmd.arg(url).output().expect("run curl");
+    let text = ok(&format!("curl {url}"), &out);
+    let (body, status) = text.rsplit_once('\n').expect("status line");
+    (status.trim().parse().expect("status"), body.to_owned())
+}
+
+#[test]
+fn the_console_shows_the_fleet_and_releases_a_request_held_on_another_host() {
+    let central = Central::start();
+    central.migrate();
+    let console_port = unique_port();
+    let (idp, secret) = StandInIdp::start(central.dir.path(), console_port, CONSOLE_APPROVER, "release-managers");
+    let console = format!(
+        "console:\n  listen: 127.0.0.1:{console_port}\n  oidc:\n    issuer: {issuer}\n    client_id: fleet-console\n\
+         \x20   client_secret_file: {secret}\n    redirect_url: http://127.0.0.1:{console_port}/auth/callback\n\
+         \x20   roles: {{ release-managers: approver }}\n",
+        issuer = idp.issuer(),
+        secret = secret.display(),
+    );
+    let a = central.gateway("fleet-console-a", "runner-a", "");
+    let b = central.gateway_full("fleet-console-b", "runner-b", "", "", &console);
+    wait_for("runner-a listens for central decisions", || {
+        match a.status()["fleet"]["central_approvals"]["state"].as_str() {
+            Some("available") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+
+    // A keyed request on A: its finding and session reach the store.
+    let key = keys::github_token();
+    assert_eq!(curl(&central, &a, Some(&key)), 200, "flagged, not blocked");
+    let held = hold(&central, &a);
+    let id = held_id(&a, &[]);
+    wait_for("the held request is central", || match central_state(&central, "runner-a", id).as_str() {
+        "pending" => Ok(()),
+        other => Err(format!("state {other:?}")),
+    });
+    wait_for("runner-a's finding is central", || {
+        match central.count("SELECT count(*) FROM host_findings WHERE host_id = 'runner-a'") {
+            0 => Err("none yet"),
+            _ => Ok(()),
+        }
+    });
+
+    // Signed in on B's console: A's request is in the fleet's queue.
+    let base = format!("http://127.0.0.1:{console_port}");
+    let (cookie, csrf) = idp.session(&format!("{base}/fleet/approvals"));
+    let (status, page) = console_call(&format!("{base}/fleet/approvals"), &cookie, &[]);
+    assert_eq!(status, 200, "{page}");
+    let action = format!("/fleet/approvals/runner-a/A-{id}/decide");
+    assert!(page.contains("runner-a") && page.contains(&action), "{page}");
+    assert!(page.contains(r#"href="/fleet/approvals""#), "the navigation links the fleet: {page}");
+
+    // Without the session's CSRF token nothing is decided.
+    let (status, page) = console_call(&format!("{base}{action}"), &cookie, &[("csrf", "0"), ("verdict", "approve")]);
+    assert_eq!(status, 403, "{page}");
+    assert_eq!(central.count("SELECT count(*) FROM central_decisions"), 0);
+
+    // Approved in the console: A releases the request.
+    let (status, page) = console_call(
+        &format!("{base}{action}"),
+        &cookie,
+        &[("csrf", &csrf), ("verdict", "approve"), ("comment", "release window")],
+    );
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("runner-a applied it"), "{page}");
+    let (curl_out, _) = held.join().expect("held curl");
+    assert_eq!(gateway_tests::curl_reply(&curl_out.stdout).0, 200, "the approved request went through");
+    let view = cli_json(&a, &["approvals", "show", &format!("A-{id}"), "--json"]);
+    assert_eq!(view["state"], "approved", "{view:#}");
+    assert_eq!(view["decisions"][0]["recorded_as"], format!("{CONSOLE_APPROVER} (central, on runner-b)"), "{view:#}");
+    assert_eq!(view["decisions"][0]["comment"], "release window", "{view:#}");
+    let logged = b.log_messages("central approval decision recorded");
+    assert_eq!(logged.len(), 1, "{}", b.log());
+
+    // The fleet's findings and sessions, each with its host; no key in clear.
+    let (status, findings) = console_call(&format!("{base}/fleet/findings"), &cookie, &[]);
+    assert_eq!(status, 200, "{findings}");
+    assert!(findings.contains("runner-a: F-1 (open)") && findings.contains("github"), "{findings}");
+    let (status, sessions) = console_call(&format!("{base}/fleet/sessions?host_id=runner-a"), &cookie, &[]);
+    assert_eq!(status, 200, "{sessions}");
+    assert!(sessions.contains("runner-a") && sessions.contains(HOST), "{sessions}");
+    assert!(!sessions.contains("<td>runner-b</td>"), "filtered to runner-a: {sessions}");
+    for page in [&findings, &sessions] {
+        assert!(!page.contains(&key), "a fleet page holds the key in clear");
+    }
+
+    // The store down: the page says so instead of showing a stale list.
+    central.server.halt();
+    let (status, page) = console_call(&format!("{base}/fleet/findings"), &cookie, &[]);
+    assert_eq!(status, 502, "{page}");
+    assert!(page.contains("central store cannot be read"), "{page}");
 }

@@ -14,6 +14,13 @@ A stand-in for a demo: never put it in front of a real console.
     idp.py sign-in URL      sign in to the console as a browser would (the
                             consent form submitted), then print the text of
                             the console page at URL
+    idp.py session URL      the same, then print the signed-in session as
+                            JSON: {"cookie": "name=value", "csrf": token}
+                            (tests drive the console with it)
+
+The environment can change the provider (the tests run one per console):
+IDP_PORT, IDP_CLIENT_ID, IDP_REDIRECT_URI, IDP_SECRET_FILE, IDP_KEY_FILE,
+IDP_EMAIL and IDP_GROUPS (comma-separated).
 
 Signing uses the openssl command (in the demo image), so nothing but
 Python's standard library is needed.
@@ -25,6 +32,7 @@ import html
 import http.cookiejar
 import http.server
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -34,17 +42,19 @@ import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 
-ISSUER = "http://127.0.0.1:15390"
-CLIENT_ID = "ci-gateway-demo-console"
-REDIRECT_URI = "http://127.0.0.1:15343/auth/callback"
-SECRET_FILE = "/pki/console-oidc-secret"
-KEY_FILE = "/pki/idp.key"
+PORT = int(os.environ.get("IDP_PORT", "15390"))
+ISSUER = "http://127.0.0.1:%d" % PORT
+CLIENT_ID = os.environ.get("IDP_CLIENT_ID", "ci-gateway-demo-console")
+REDIRECT_URI = os.environ.get("IDP_REDIRECT_URI", "http://127.0.0.1:15343/auth/callback")
+SECRET_FILE = os.environ.get("IDP_SECRET_FILE", "/pki/console-oidc-secret")
+KEY_FILE = os.environ.get("IDP_KEY_FILE", "/pki/idp.key")
+EMAIL = os.environ.get("IDP_EMAIL", "reviewer@demo.example")
 USER = {
-    "sub": "demo-reviewer",
-    "email": "reviewer@demo.example",
+    "sub": "demo-" + EMAIL.split("@")[0],
+    "email": EMAIL,
     "email_verified": True,
-    "preferred_username": "reviewer",
-    "groups": ["security-team"],
+    "preferred_username": EMAIL.split("@")[0],
+    "groups": os.environ.get("IDP_GROUPS", "security-team").split(","),
 }
 CODE_TTL = 60
 
@@ -216,8 +226,8 @@ def serve():
     Provider.keys = jwks()
     with open(SECRET_FILE) as f:
         Provider.secret = f.read().strip()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 15390), Provider)
-    print("idp: stand-in identity provider at %s (one user: %s)" % (ISSUER, USER["email"]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Provider)
+    print("idp: stand-in identity provider at %s (one user: %s)" % (ISSUER, USER["email"]), flush=True)
     server.serve_forever()
 
 
@@ -259,9 +269,24 @@ class ConsentForm(HTMLParser):
             self.fields[attrs["name"]] = attrs.get("value", "")
 
 
-def sign_in(page):
-    """Signs in to the console as a browser does and prints `page`'s text."""
-    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+class Csrf(HTMLParser):
+    """The CSRF token the console puts in every signed-in page's head."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "meta" and attrs.get("name") == "csrf-token":
+            self.token = attrs.get("content")
+
+
+def sign_in(page, session=False):
+    """Signs in to the console as a browser does and prints `page`'s text
+    (or, with `session`, the session cookie and CSRF token as JSON)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     # The console sends the browser to the provider; the provider shows
     # its consent form.
     with opener.open(page, timeout=30) as response:
@@ -276,17 +301,24 @@ def sign_in(page):
     with opener.open(urllib.parse.urljoin(ISSUER, consent.action), data=data, timeout=30) as response:
         response.read()
     with opener.open(page, timeout=30) as response:
-        text = Text()
-        text.feed(response.read().decode())
+        html_text = response.read().decode()
         if not response.geturl().startswith(page):
             sys.exit("sign-in: not signed in (at %s)" % response.geturl())
+    if session:
+        csrf = Csrf()
+        csrf.feed(html_text)
+        cookies = ["%s=%s" % (c.name, c.value) for c in jar if "session" in c.name]
+        print(json.dumps({"cookie": "; ".join(cookies), "csrf": csrf.token}))
+        return
+    text = Text()
+    text.feed(html_text)
     print("\n".join(text.lines))
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1] == "serve":
         serve()
-    elif len(sys.argv) == 3 and sys.argv[1] == "sign-in":
-        sign_in(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] in ("sign-in", "session"):
+        sign_in(sys.argv[2], session=sys.argv[1] == "session")
     else:
         sys.exit(__doc__)

@@ -281,9 +281,18 @@ impl Compose {
         }
         // The reviewer's view: the console, signed in at the stand-in
         // identity provider as a browser would be (idp.py sign-in).
-        let console = output(self.cmd().args(["exec", "-T", "idp", "python3", "/demo/idp.py", "sign-in", CONSOLE_FINDINGS]))
-            .with_context(|| format!("signing in to the console; the gateway's log:\n{}", self.logs("gateway").unwrap_or_default()))?;
-        println!("\n=== the review console, {CONSOLE_FINDINGS}, signed in as {CONSOLE_USER} ===\n{}", console.trim_end());
+        let console =
+            output(self.cmd().args(["exec", "-T", "idp", "python3", "/demo/idp.py", "sign-in", CONSOLE_FINDINGS]))
+                .with_context(|| {
+                    format!(
+                        "signing in to the console; the gateway's log:\n{}",
+                        self.logs("gateway").unwrap_or_default()
+                    )
+                })?;
+        println!(
+            "\n=== the review console, {CONSOLE_FINDINGS}, signed in as {CONSOLE_USER} ===\n{}",
+            console.trim_end()
+        );
         if !job.contains("job: HTTP 403") {
             bail!("the job's call was not blocked (expected HTTP 403); the gateway's log:\n{}", self.logs("gateway")?);
         }

@@ -211,6 +211,7 @@ async fn decide_central(
         id: d.id,
         verdict,
         by: &by,
+        vouched: &crate::approval::Vouched::Kernel,
         uid,
         caller_user: caller_user.as_deref(),
         comment: d.comment.as_deref(),

@@ -14,7 +14,10 @@
 //! through [`crate::api::ReviewDesk`] (as the review socket's do), approval
 //! decisions through [`crate::approval::Approvals::decide`] (the same rules:
 //! approver groups, N distinct approvers, no self-approval), session replay
-//! and verification through the session store and the CLI's replay.
+//! and verification through the session store and the CLI's replay. With
+//! a fleet store configured, the fleet pages read every host's findings,
+//! sessions and approval requests there and decide approvals through it
+//! (`fleet::approvals::decide`, as `gateway approvals approve --store`).
 
 use std::{
     net::SocketAddr,
@@ -25,13 +28,14 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 mod auth;
+mod fleet;
 mod pages;
 mod routes;
 mod serve;
 mod session;
 
 pub use routes::CSP;
-pub use serve::{serve_console, ConsoleServices};
+pub use serve::{serve_console, ConsoleServices, FleetDesk};
 pub use session::Role;
 
 /// `console:` in the configuration.

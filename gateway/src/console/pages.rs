@@ -26,13 +26,13 @@ use crate::{
 };
 
 /// UTC to the second: what a reviewer reads.
-fn when(t: OffsetDateTime) -> String {
+pub(super) fn when(t: OffsetDateTime) -> String {
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]Z");
     t.to_offset(time::UtcOffset::UTC).format(&format).unwrap_or_else(|_| t.to_string())
 }
 
 /// The frame of every page: navigation, the signed-in user, sign-out.
-fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
+pub(super) fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -57,6 +57,9 @@ fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                             }
                             a href="/approvals" { "Approvals" }
                             a href="/sessions" { "Sessions" }
+                            @if s.fleet {
+                                a href="/fleet/approvals" { "Fleet" }
+                            }
                         }
                         span.user {
                             span #user-name { (s.user.name) }
@@ -94,7 +97,7 @@ pub fn signed_out() -> Markup {
     layout("Signed out", None, html! { p { a href="/auth/login" { "Sign in again" } } })
 }
 
-fn csrf(session: &Session) -> Markup {
+pub(super) fn csrf(session: &Session) -> Markup {
     html! { input type="hidden" name="csrf" value=(session.csrf); }
 }
 

@@ -97,7 +97,7 @@ impl Console {
 
     /// A page request: the session, or a redirect to sign in; a 403 when
     /// the role is short of `need`.
-    fn page(&self, headers: &HeaderMap, need: Role) -> Result<Session, Box<Response>> {
+    pub(super) fn page(&self, headers: &HeaderMap, need: Role) -> Result<Session, Box<Response>> {
         let Some((_, session)) = self.session_of(headers) else {
             return Err(Box::new(Redirect::to("/auth/login").into_response()));
         };
@@ -109,7 +109,7 @@ impl Console {
 
     /// A POST: a live session, the request's own origin, the session's
     /// CSRF token, and at least role `need`.
-    fn post(&self, headers: &HeaderMap, csrf: &str, need: Role) -> Result<Session, Box<Response>> {
+    pub(super) fn post(&self, headers: &HeaderMap, csrf: &str, need: Role) -> Result<Session, Box<Response>> {
         let Some((_, session)) = self.session_of(headers) else {
             return Err(Box::new(pages::error(StatusCode::UNAUTHORIZED, "sign in first", None)));
         };
@@ -175,6 +175,7 @@ pub fn router(console: Console) -> Router {
         .route("/approvals/{id}/decide", post(decide))
         .route("/sessions", get(sessions))
         .route("/sessions/{id}", get(session))
+        .merge(super::fleet::routes())
         .route("/assets/console.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], CSS) }))
         .route("/assets/console.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], JS) }))
         // Browsers ask for it on every site; nothing to show.

@@ -25,6 +25,20 @@ pub struct ConsoleServices {
     pub approvals: Approvals,
     /// The sessions database (opened per request, read-only use).
     pub sessions_db: std::path::PathBuf,
+    /// The fleet's central store, when `fleet.store` is configured.
+    pub fleet: Option<Arc<FleetDesk>>,
+}
+
+/// What the console's fleet pages need: where the central store is and
+/// how to reach it, this host's id (decisions taken here say so), and the
+/// approver groups the CLI checks a central decision against.
+pub struct FleetDesk {
+    /// `fleet:` of the configuration.
+    pub config: crate::fleet::FleetConfig,
+    /// This host's id.
+    pub host_id: String,
+    /// `approvals.groups`.
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Binds the console (fails the start when the address, certificate or
@@ -45,10 +59,11 @@ pub async fn serve_console(
         _ => None,
     };
     let redirect = openidconnect::url::Url::parse(&oidc.redirect_url).context("console.oidc.redirect_url")?;
+    let fleet = services.fleet.is_some();
     let state = routes::Console {
         services,
         provider: Arc::new(provider),
-        sessions: Arc::new(Sessions::new(config.session_ttl)),
+        sessions: Arc::new(Sessions::new(config.session_ttl).showing_fleet(fleet)),
         tls: tls.is_some(),
         origin: redirect.origin().ascii_serialization(),
         callback: redirect.path().to_owned(),

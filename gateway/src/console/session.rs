@@ -66,6 +66,8 @@ pub struct Session {
     pub user: User,
     /// The synchronizer token every POST of this session must carry.
     pub csrf: String,
+    /// The console also shows the fleet's central store (`fleet.store`).
+    pub fleet: bool,
     expires: Instant,
 }
 
@@ -89,6 +91,7 @@ const PENDING_TTL: Duration = Duration::from_secs(600);
 /// The server-side session table.
 pub struct Sessions {
     ttl: Duration,
+    fleet: bool,
     sessions: Mutex<HashMap<String, Session>>,
     pending: Mutex<HashMap<String, Pending>>,
 }
@@ -108,7 +111,12 @@ pub fn same_token(a: &str, b: &str) -> bool {
 impl Sessions {
     /// An empty table whose sessions last `ttl`.
     pub fn new(ttl: Duration) -> Sessions {
-        Sessions { ttl, sessions: Mutex::new(HashMap::new()), pending: Mutex::new(HashMap::new()) }
+        Sessions { ttl, fleet: false, sessions: Mutex::new(HashMap::new()), pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// Sessions of a console that also shows the fleet's central store.
+    pub fn showing_fleet(self, fleet: bool) -> Sessions {
+        Sessions { fleet, ..self }
     }
 
     /// How long a session lasts.
@@ -146,7 +154,7 @@ impl Sessions {
             return None;
         }
         let id = random_token();
-        sessions.insert(id.clone(), Session { user, csrf: random_token(), expires: now + self.ttl });
+        sessions.insert(id.clone(), Session { user, csrf: random_token(), fleet: self.fleet, expires: now + self.ttl });
         Some(id)
     }
 

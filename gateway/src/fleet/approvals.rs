@@ -103,8 +103,11 @@ pub struct CentralDecision<'a> {
     pub id: ApprovalId,
     /// Approve or deny.
     pub verdict: Verdict,
-    /// The named approver (`--by`).
+    /// The named approver (`--by`, or the console's signed-in user).
     pub by: &'a str,
+    /// Who vouches for `by` on the deciding host: the kernel (the CLI) or
+    /// the identity provider (the console).
+    pub vouched: &'a Vouched,
     /// Unix uid of the deciding process.
     pub uid: u32,
     /// The user name of `uid` on the deciding host.
@@ -210,7 +213,7 @@ pub async fn decide(
         uid: d.uid,
         pid: std::process::id(),
         identity: None,
-        vouched: Vouched::Kernel,
+        vouched: d.vouched.clone(),
     };
     let who = rules::authorize(&view, &approver, d.verdict, d.caller_user, groups)?;
     let now = nanos(OffsetDateTime::now_utc());
