@@ -1045,6 +1045,43 @@ fn the_console_shows_the_fleet_and_releases_a_request_held_on_another_host() {
         assert!(!page.contains(&key), "a fleet page holds the key in clear");
     }
 
+    // Retention: ended sessions go whole (records with them, the chains
+    // left verify), the approved request stays until it expires, answered
+    // central decisions go, findings stay; a dry run counts and keeps.
+    wait_for("runner-a's ended sessions are central", || {
+        match central.count("SELECT count(*) FROM sessions WHERE host_id = 'runner-a' AND ended IS NOT NULL") {
+            n if n >= 2 => Ok(()),
+            n => Err(format!("{n} ended")),
+        }
+    });
+    std::thread::sleep(Duration::from_millis(1100));
+    let totals = || {
+        ["sessions", "records", "approvals", "central_decisions", "findings"]
+            .map(|t| central.count(&format!("SELECT count(*) FROM {t}")))
+    };
+    let before = totals();
+    let dry = cli_json(&b, &["store", "prune", "--before", "1s", "--dry-run", "--json"]);
+    assert_eq!(totals(), before, "a dry run deleted something: {dry}");
+    assert!(dry["pruned"]["sessions"].as_u64().is_some_and(|n| n >= 2), "{dry}");
+    assert_eq!(dry["pruned"]["central_decisions"], 1, "{dry}");
+    assert_eq!(dry["pruned"]["approvals"], 0, "the approved request has not expired: {dry}");
+    let pruned = cli_json(&b, &["store", "prune", "--before", "1s", "--json"])["pruned"].clone();
+    let after = totals();
+    assert!(pruned["sessions"].as_u64() >= dry["pruned"]["sessions"].as_u64(), "{pruned} {dry}");
+    assert_eq!(before[0] - after[0], pruned["sessions"].as_u64().expect("sessions"), "{pruned}");
+    assert_eq!(before[1] - after[1], pruned["records"].as_u64().expect("records"), "{pruned}");
+    assert_eq!((after[2], after[3], after[4]), (before[2], 0, before[4]), "{pruned}");
+    assert_eq!(
+        central.count(
+            "SELECT count(*) FROM records r WHERE NOT EXISTS
+             (SELECT 1 FROM sessions s WHERE s.host_id = r.host_id AND s.id = r.session)"
+        ),
+        0,
+        "records of pruned sessions were left"
+    );
+    let (verified, said) = central.verify(&b);
+    assert!(verified, "{said}");
+
     // The store down: the page says so instead of showing a stale list.
     central.server.halt();
     let (status, page) = console_call(&format!("{base}/fleet/findings"), &cookie, &[]);

@@ -3,12 +3,16 @@
 //! directory): each host is a state directory whose sessions database holds
 //! a backlog of recorded sessions, and the real shipping code
 //! (`fleet::Shipper::ship_once`) drains them all at once, one connection per
-//! host. Reports records per second, the drain time and the central
-//! store's bytes per record.
+//! host. Reports records per second, the drain time, the central store's
+//! bytes per record, and CPU per record on both sides: the PostgreSQL
+//! server's (the postmaster and every backend, exited ones included, from
+//! /proc) and the shippers' (this process).
 //!
 //! `cargo bench -p gateway-benches --bench fleet` (as root: the server runs
 //! as the `postgres` user). `FLEET_HOSTS=10,100` and
-//! `FLEET_RECORDS_PER_HOST=2000` choose the sizes.
+//! `FLEET_RECORDS_PER_HOST=2000` choose the sizes; `FLEET_DURABLE=1` runs
+//! the server with `fsync` and `synchronous_commit` on (the test server's
+//! default is off), so commits wait for this machine's disk.
 
 use std::{path::Path, time::Instant};
 
@@ -38,6 +42,11 @@ fn main() -> anyhow::Result<()> {
     server.admin_sql("CREATE DATABASE fleet OWNER gateway");
     // One connection per simulated host, as a real fleet holds.
     server.admin_sql("ALTER SYSTEM SET max_connections = 1000");
+    let durable = std::env::var("FLEET_DURABLE").is_ok_and(|v| v == "1");
+    if durable {
+        server.admin_sql("ALTER SYSTEM SET fsync = on");
+        server.admin_sql("ALTER SYSTEM SET synchronous_commit = on");
+    }
     server.halt();
     server.resume();
     let ca = dir.path().join("ca.pem");
@@ -61,7 +70,19 @@ fn main() -> anyhow::Result<()> {
         fleet::migrate(&mut client).await.map(drop)
     })?;
 
-    println!("hosts  records/host  records   drain s   records/s   central bytes/record");
+    let postmaster: u32 = std::fs::read_to_string(server.dir.path().join("data/postmaster.pid"))?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .parse()?;
+    println!(
+        "server: fsync and synchronous_commit {}",
+        if durable { "on (commits wait for the disk)" } else { "off (an upper bound for the shipping path)" }
+    );
+    println!(
+        "hosts  records/host  records   drain s   records/s   central bytes/record   server CPU us/record   shipper CPU us/record"
+    );
     for (round, n) in hosts.iter().enumerate() {
         let mut configs = Vec::new();
         for h in 0..*n {
@@ -72,6 +93,8 @@ fn main() -> anyhow::Result<()> {
             configs.push(config);
         }
         let size_before: i64 = server.admin_sql("SELECT pg_database_size('fleet')").trim().parse()?;
+        let server_cpu_before = tree_cpu(postmaster)?;
+        let own_cpu_before = own_cpu();
         let started = Instant::now();
         let shipped = runtime.block_on(async {
             let mut tasks = Vec::new();
@@ -96,17 +119,56 @@ fn main() -> anyhow::Result<()> {
             Ok::<u64, anyhow::Error>(total)
         })?;
         let secs = started.elapsed().as_secs_f64();
+        let own_cpu = own_cpu() - own_cpu_before;
+        // The backends exit as their connections close; their time moves to
+        // the postmaster's children's time once reaped.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let server_cpu = tree_cpu(postmaster)? - server_cpu_before;
         server.admin_sql("CHECKPOINT");
         let size_after: i64 = server.admin_sql("SELECT pg_database_size('fleet')").trim().parse()?;
         let records = *n as u64 * per_host;
         anyhow::ensure!(shipped == records, "shipped {shipped} rows, expected {records}");
         println!(
-            "{n:>5}  {per_host:>12}  {records:>7}  {secs:>8.2}  {:>10.0}  {:>20.0}",
+            "{n:>5}  {per_host:>12}  {records:>7}  {secs:>8.2}  {:>10.0}  {:>20.0}  {:>21.1}  {:>22.1}",
             records as f64 / secs,
-            (size_after - size_before) as f64 / records as f64
+            (size_after - size_before) as f64 / records as f64,
+            server_cpu * 1e6 / records as f64,
+            own_cpu * 1e6 / records as f64,
         );
     }
     Ok(())
+}
+
+/// CPU seconds (user and system) of process `pid` and its children, the
+/// exited ones it reaped included.
+fn tree_cpu(pid: u32) -> anyhow::Result<f64> {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    // Fields after the command's closing parenthesis: state is 3, utime
+    // 14, stime 15, cutime 16, cstime 17 (proc(5)).
+    let times = |stat: &str| -> f64 {
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        (11..15).filter_map(|i| f.get(i)?.parse::<f64>().ok()).sum::<f64>() / tick
+    };
+    let ppid = |stat: &str| -> Option<u32> { stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok() };
+    let mut total = times(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?);
+    for entry in std::fs::read_dir("/proc")? {
+        let name = entry?.file_name();
+        let Some(child) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        if ppid(&stat) == Some(pid) {
+            total += times(&stat);
+        }
+    }
+    Ok(total)
+}
+
+/// This process's CPU seconds (user and system).
+fn own_cpu() -> f64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).map_or(0.0, |u| {
+        let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+        t(u.user_time()) + t(u.system_time())
+    })
 }
 
 /// Writes `records` records (sessions of [`PER_SESSION`]) into the host's

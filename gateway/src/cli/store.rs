@@ -1,5 +1,6 @@
 //! `gateway store ...`: the fleet's central store: apply its schema
-//! migrations, show its schema version and this host's shipping backlog.
+//! migrations, show its schema version and this host's shipping backlog,
+//! prune what is old enough (`fleet::prune`).
 
 use std::process::ExitCode;
 
@@ -29,6 +30,24 @@ pub enum StoreCommand {
         /// Connection string or URL of the store [default: fleet.store].
         #[arg(long, value_name = "URL")]
         store: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete from the central store what ended before a time: ended
+    /// sessions with all their records, finished and expired approval
+    /// requests with their decisions, answered central decisions. Findings
+    /// are kept.
+    Prune {
+        /// Connection string or URL of the store [default: fleet.store].
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// The cut-off: a time (RFC 3339, YYYY-MM-DD) or an age (90d, 26w).
+        #[arg(long, value_parser = super::since::parse_since)]
+        before: time::OffsetDateTime,
+        /// Count what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -100,6 +119,22 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                     }
                 }
                 Ok(if version == fleet::SCHEMA_VERSION { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            }
+            StoreCommand::Prune { store, before, dry_run, json } => {
+                let mut client = fleet::connect(&config.fleet, store.as_deref()).await?;
+                let cut = i64::try_from(before.unix_timestamp_nanos()).context("--before is out of range")?;
+                let pruned = fleet::prune::prune(&mut client, cut, *dry_run).await?;
+                if *json {
+                    println!("{}", serde_json::json!({ "dry_run": dry_run, "before": before.to_string(), "pruned": pruned }));
+                } else {
+                    let verb = if *dry_run { "would delete" } else { "deleted" };
+                    println!(
+                        "{verb}: {} sessions ({} records), {} approval requests ({} decisions), {} central decisions; \
+                         findings are kept",
+                        pruned.sessions, pruned.records, pruned.approvals, pruned.decisions, pruned.central_decisions
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
             }
         }
     })

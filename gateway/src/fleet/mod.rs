@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub mod approvals;
 pub mod central;
 pub mod outbox;
+pub mod prune;
 pub mod read;
 pub mod verify;
 
