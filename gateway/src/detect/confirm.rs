@@ -132,6 +132,17 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
         return true;
     }
+    // Typed, not generated: `abcdef`, `klmnop`, `987654`, `a1b2c3d4`. A
+    // random base62 value holds six consecutive characters in sequence with
+    // odds of about 1 in 10^7 per position (hex: 1 in 10^6).
+    if has_sequence(&lower, 1, 6) || has_sequence(&lower, 2, 4) {
+        return true;
+    }
+    // A reference to the environment, not a value: `env.DB_PASSWORD`,
+    // `process.env.TOKEN`, `os.environ[...]`, `os.getenv(...)`.
+    if ENV_REFERENCES.iter().any(|r| lower.starts_with(r)) {
+        return true;
+    }
     // A value dominated by one character (aaaa…, 0000…) is filler, not a key.
     let mut counts = [0usize; 256];
     for &b in secret {
@@ -139,6 +150,30 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     }
     let max = counts.iter().copied().max().unwrap_or(0);
     max * 10 >= secret.len() * 6
+}
+
+/// How values that name an environment variable instead of holding one start.
+const ENV_REFERENCES: &[&[u8]] =
+    &[b"env.", b"process.env", b"os.environ", b"os.getenv", b"getenv(", b"system.getenv", b"env[", b"env("];
+
+/// Whether `data` (lowercase) holds `n` characters, `stride` apart, each one
+/// up (or each one down) from the previous among `0-9` or `a-z`; with
+/// `stride` 2 both interleaved runs must be sequences (`a1b2c3d4`).
+fn has_sequence(data: &[u8], stride: usize, n: usize) -> bool {
+    let run = |i: usize, step: i16| {
+        (1..n).all(|k| {
+            let (a, b) = (data[i + (k - 1) * stride], data[i + k * stride]);
+            let same_class =
+                (a.is_ascii_digit() && b.is_ascii_digit()) || (a.is_ascii_lowercase() && b.is_ascii_lowercase());
+            same_class && i16::from(b) - i16::from(a) == step
+        })
+    };
+    let span = (n - 1) * stride + 1;
+    if data.len() < span + stride - 1 {
+        return false;
+    }
+    (0..=data.len() - span - (stride - 1))
+        .any(|i| [1i16, -1].iter().any(|&step| run(i, step) && (stride == 1 || (1..stride).all(|o| run(i + o, step)))))
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -229,6 +264,10 @@ fn basic_auth_ok(secret: &[u8]) -> bool {
         return false;
     };
     let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+    // A JSON object (a JWT header sent after `Basic`) has a colon too.
+    if user.iter().any(|b| matches!(b, b'"' | b'{' | b'}')) {
+        return false;
+    }
     if password.is_empty() {
         // Key-as-user-name APIs (Cursor, Stripe): the user name is the secret.
         return user.len() >= 16 && !is_placeholder(user) && shannon_entropy(user) >= 3.0;
@@ -283,11 +322,20 @@ const DEFAULT_PASSWORDS: &[&[u8]] = &[
     b"p@ssw0rd",
 ];
 
+/// Spellings of "password" that documentation uses as the password
+/// (`P@ssw0rd`, MongoDB's `D1fficultP%40ssw0rd`).
+const PASSWORD_WORDS: &[&[u8]] = &[b"password", b"passw0rd", b"ssw0rd", b"p@ss", b"p%40ss"];
+
 fn userinfo_ok(secret: &[u8], user: &[u8]) -> bool {
     let lower = secret.to_ascii_lowercase();
+    // `pass456`, `secret1`, `admin123`: a default word with digits appended.
+    let stem = &lower[..lower.len() - lower.iter().rev().take_while(|b| b.is_ascii_digit()).count()];
     !is_placeholder(secret)
         && !secret.eq_ignore_ascii_case(user)
         && !DEFAULT_PASSWORDS.contains(&lower.as_slice())
+        && !DEFAULT_PASSWORDS.contains(&stem)
+        && !PLACEHOLDER_VALUES.contains(&stem)
+        && !PASSWORD_WORDS.iter().any(|w| contains(&lower, w))
         // Leaves room for `*`/`:` in URLs that are really `scheme://host:port@...` noise.
         && secret.iter().any(|b| b.is_ascii_alphanumeric())
 }
@@ -320,7 +368,12 @@ mod tests {
         ] {
             assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
-        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9"] {
+        for p in
+            [&b"shpss_a1b2c3d4e5f6a7b8c9d0e1f2"[..], b"sk-klmnopqrstuvwx-3456yza7", b"Zq9876543wL", b"env.DB_PASSWORD"]
+        {
+            assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9", b"abcde9fghij", b"a1b2c3x4"] {
             assert!(!is_placeholder(p));
         }
     }
@@ -369,5 +422,14 @@ mod tests {
         assert!(basic_auth_ok(enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()));
         assert!(!basic_auth_ok(enc("user:password").as_bytes()));
         assert!(!basic_auth_ok(enc("user").as_bytes()));
+        assert!(!basic_auth_ok(enc(r#"{"alg":"HS256","typ":"JWT"}"#).as_bytes()));
+    }
+
+    #[test]
+    fn userinfo() {
+        assert!(userinfo_ok(b"Zx8Q2mL0pR7vT4nB", b"ci"));
+        for weak in [&b"pass456"[..], b"admin123", b"D1fficultP%40ssw0rd", b"secret1", b"ci"] {
+            assert!(!userinfo_ok(weak, b"ci"), "{}", String::from_utf8_lossy(weak));
+        }
     }
 }
