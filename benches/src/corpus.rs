@@ -374,10 +374,10 @@ const PLACEHOLDERS: &[&str] = &[
     "p%40ssw0rd",
 ];
 
-/// Typed rather than generated: six characters in sequence up or down
-/// (`abcdef`, `456789`, `klmnop`) or letters and digits interleaved in
-/// sequence (`a1b2c3d4`). Random base62 text holds either with odds of
-/// about one in ten million per position.
+/// Typed rather than generated, by the same test as the detector's
+/// placeholder filter: six letters in sequence up or down (`abcdef`,
+/// `klmnop`), seven digits (`1234567`), or letters and digits interleaved
+/// in sequence (`a1b2c3d4`).
 fn typed_sequence(lower: &[u8]) -> bool {
     let class = |b: u8| {
         if b.is_ascii_digit() {
@@ -396,7 +396,8 @@ fn typed_sequence(lower: &[u8]) -> bool {
     };
     (0..lower.len()).any(|i| {
         [1i16, -1].iter().any(|&step| {
-            (i + 6 <= lower.len() && seq(i, 1, 6, step))
+            (i + 6 <= lower.len() && class(lower[i]) == 2 && seq(i, 1, 6, step))
+                || (i + 7 <= lower.len() && class(lower[i]) == 1 && seq(i, 1, 7, step))
                 || (i + 8 <= lower.len() && seq(i, 2, 4, step) && seq(i + 1, 2, 4, step))
         })
     })

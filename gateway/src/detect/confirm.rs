@@ -132,10 +132,15 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
         return true;
     }
-    // Typed, not generated: `abcdef`, `klmnop`, `987654`, `a1b2c3d4`. A
-    // random base62 value holds six consecutive characters in sequence with
-    // odds of about 1 in 10^7 per position (hex: 1 in 10^6).
-    if has_sequence(&lower, 1, 6) || has_sequence(&lower, 2, 4) {
+    // Typed, not generated: six letters in sequence (`abcdef`, `klmnop`),
+    // seven digits (`1234567`, `9876543`), or both interleaved (`a1b2c3d4`).
+    // Digits need one more: hex is mostly digits, and a random 64-digit hex
+    // key holds a run of seven with odds of about 1 in 500,000 (letters:
+    // a base62 key holds six with odds under 1 in 10^7).
+    if has_sequence(&lower, 1, 6, |b| b.is_ascii_lowercase())
+        || has_sequence(&lower, 1, 7, |b| b.is_ascii_digit())
+        || has_sequence(&lower, 2, 4, |b| b.is_ascii_alphanumeric())
+    {
         return true;
     }
     // A reference to the environment, not a value: `env.DB_PASSWORD`,
@@ -156,16 +161,16 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
 const ENV_REFERENCES: &[&[u8]] =
     &[b"env.", b"process.env", b"os.environ", b"os.getenv", b"getenv(", b"system.getenv", b"env[", b"env("];
 
-/// Whether `data` (lowercase) holds `n` characters, `stride` apart, each one
-/// up (or each one down) from the previous among `0-9` or `a-z`; with
-/// `stride` 2 both interleaved runs must be sequences (`a1b2c3d4`).
-fn has_sequence(data: &[u8], stride: usize, n: usize) -> bool {
+/// Whether `data` (lowercase) holds `n` characters of `class`, `stride`
+/// apart, each one up (or each one down) from the previous within `0-9` or
+/// `a-z`; with `stride` 2 both interleaved runs must be sequences (`a1b2c3d4`).
+fn has_sequence(data: &[u8], stride: usize, n: usize, class: fn(u8) -> bool) -> bool {
     let run = |i: usize, step: i16| {
         (1..n).all(|k| {
             let (a, b) = (data[i + (k - 1) * stride], data[i + k * stride]);
             let same_class =
                 (a.is_ascii_digit() && b.is_ascii_digit()) || (a.is_ascii_lowercase() && b.is_ascii_lowercase());
-            same_class && i16::from(b) - i16::from(a) == step
+            class(a) && class(b) && same_class && i16::from(b) - i16::from(a) == step
         })
     };
     let span = (n - 1) * stride + 1;
@@ -369,11 +374,11 @@ mod tests {
             assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
         for p in
-            [&b"shpss_a1b2c3d4e5f6a7b8c9d0e1f2"[..], b"sk-klmnopqrstuvwx-3456yza7", b"Zq9876543wL", b"env.DB_PASSWORD"]
+            [&b"shpss_a1b2c3d4e5f6a7b8c9d0e1f2"[..], b"sk-klmnopqrstuvwx-3456yza7", b"Zq98765432wL", b"env.DB_PASSWORD"]
         {
             assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
-        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9", b"abcde9fghij", b"a1b2c3x4"] {
+        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9", b"abcde9fghij", b"a1b2c3x4", b"f0e1d2234567a9"] {
             assert!(!is_placeholder(p));
         }
     }
