@@ -133,13 +133,16 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
         return true;
     }
     // Typed, not generated: six letters in sequence (`abcdef`, `klmnop`),
-    // seven digits (`1234567`, `9876543`), or both interleaved (`a1b2c3d4`).
-    // Digits need one more: hex is mostly digits, and a random 64-digit hex
-    // key holds a run of seven with odds of about 1 in 500,000 (letters:
-    // a base62 key holds six with odds under 1 in 10^7).
-    if has_sequence(&lower, 1, 6, |b| b.is_ascii_lowercase())
-        || has_sequence(&lower, 1, 7, |b| b.is_ascii_digit())
-        || has_sequence(&lower, 2, 4, |b| b.is_ascii_alphanumeric())
+    // seven digits (`1234567`, `9876543`), or both interleaved (`a1b2c3d4`),
+    // making up a fifth of the value or more. The share keeps real keys
+    // safe: a random key holds a short run now and then (six hex letters
+    // `abcdef` in a 64-digit hex key about once in 140,000 keys), and a key
+    // dismissed as a stand-in is a key let through; a run of a fifth of a
+    // 64-digit key (13 in sequence) does not happen by chance.
+    let typed = |run: usize, min: usize| run >= min && run * 5 >= secret.len();
+    if typed(longest_sequence(&lower, 1, |b| b.is_ascii_lowercase()), 6)
+        || typed(longest_sequence(&lower, 1, |b| b.is_ascii_digit()), 7)
+        || typed(longest_sequence(&lower, 2, |b| b.is_ascii_alphanumeric()), 8)
     {
         return true;
     }
@@ -161,24 +164,36 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
 const ENV_REFERENCES: &[&[u8]] =
     &[b"env.", b"process.env", b"os.environ", b"os.getenv", b"getenv(", b"system.getenv", b"env[", b"env("];
 
-/// Whether `data` (lowercase) holds `n` characters of `class`, `stride`
-/// apart, each one up (or each one down) from the previous within `0-9` or
-/// `a-z`; with `stride` 2 both interleaved runs must be sequences (`a1b2c3d4`).
-fn has_sequence(data: &[u8], stride: usize, n: usize, class: fn(u8) -> bool) -> bool {
-    let run = |i: usize, step: i16| {
-        (1..n).all(|k| {
-            let (a, b) = (data[i + (k - 1) * stride], data[i + k * stride]);
-            let same_class =
-                (a.is_ascii_digit() && b.is_ascii_digit()) || (a.is_ascii_lowercase() && b.is_ascii_lowercase());
-            class(a) && class(b) && same_class && i16::from(b) - i16::from(a) == step
-        })
+/// The most characters of `class` in `data` (lowercase) that run in
+/// sequence, `stride` apart, each one up (or each one down) from the
+/// previous within `0-9` or `a-z`. With `stride` 2 the two interleaved
+/// chains must both be sequences (`a1b2c3d4`: 8); the count is both
+/// chains' characters while they run together.
+fn longest_sequence(data: &[u8], stride: usize, class: fn(u8) -> bool) -> usize {
+    let next = |a: u8, b: u8, step: i16| {
+        let same_class =
+            (a.is_ascii_digit() && b.is_ascii_digit()) || (a.is_ascii_lowercase() && b.is_ascii_lowercase());
+        class(a) && class(b) && same_class && i16::from(b) - i16::from(a) == step
     };
-    let span = (n - 1) * stride + 1;
-    if data.len() < span + stride - 1 {
-        return false;
+    // Characters in one chain from `i`, going `step`.
+    let chain = |i: usize, step: i16| {
+        let mut n = 1;
+        while i + n * stride < data.len() && next(data[i + (n - 1) * stride], data[i + n * stride], step) {
+            n += 1;
+        }
+        n
+    };
+    let mut best = 0;
+    for i in 0..data.len().saturating_sub(stride - 1) {
+        for step in [1i16, -1] {
+            // Every chain starting at i..i+stride must run: the shortest counts.
+            let together = (0..stride).map(|o| chain(i + o, step)).min().unwrap_or(0);
+            if together >= 2 {
+                best = best.max(together * stride);
+            }
+        }
     }
-    (0..=data.len() - span - (stride - 1))
-        .any(|i| [1i16, -1].iter().any(|&step| run(i, step) && (stride == 1 || (1..stride).all(|o| run(i + o, step)))))
+    best
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -380,6 +395,16 @@ mod tests {
         }
         for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9", b"abcde9fghij", b"a1b2c3x4", b"f0e1d2234567a9"] {
             assert!(!is_placeholder(p));
+        }
+        // Real keys hold short runs by chance: a run that is not a fifth of
+        // the value does not make it a stand-in (a missed key is let through).
+        for p in [
+            &b"key_9f3e0a7c55abcdef01c4d2b8e6f1a0937c2d4e8f6a1b3c5d7e9f0a2b4c6d8e0f1"[..],
+            b"key_0c7f2e9a1b2c3d4e5f6a8b0c2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7",
+            b"7d1e3f5a9c1234567b0e2d4f6a8c0e2f4a6c8e0b2d4f6a8c0e2f4a6b8d0f2e4c6a8",
+            b"sk_live_51Hx9QmKlmnopqAbR7tY2uVw3xZ4",
+        ] {
+            assert!(!is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
     }
 
