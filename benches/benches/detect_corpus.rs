@@ -17,7 +17,12 @@
 //!
 //! Any of the three variables may be left out; at least one is needed.
 //! `--dump FILE` writes those samples' text to FILE for rule authors (keep
-//! it outside the repository). `--list` prints the origin (`path:line`) and rule of every unambiguous
+//! it outside the repository). `--rules FILE` scans with the rules of FILE
+//! instead of the built-in set (a rule author's draft, read at run time:
+//! no rebuild between edits). `--gitleaks-rules FILE` (gitleaks'
+//! `config/gitleaks.toml`) also applies gitleaks' default rules to the same
+//! samples, the way gitleaks applies them (see `gateway_benches::gitleaks`
+//! for what is approximated), and prints its figures beside ours. `--list` prints the origin (`path:line`) and rule of every unambiguous
 //! miss and false positive. A detection counts as found when any rule
 //! reports it; "blocking" counts only rules of medium or high confidence
 //! (what blocks by default), and the false-positive rate is given both ways.
@@ -25,7 +30,10 @@
 use std::{collections::BTreeMap, path::PathBuf, process::ExitCode, time::Instant};
 
 use gateway::detect::{Confidence, Detector};
-use gateway_benches::corpus::{self, Extracted, Sample};
+use gateway_benches::{
+    corpus::{self, Extracted, Sample},
+    gitleaks::GitleaksRules,
+};
 
 /// Reads one project's samples from its source tree.
 type Extractor = fn(&std::path::Path) -> anyhow::Result<Extracted>;
@@ -124,9 +132,32 @@ fn run() -> anyhow::Result<()> {
              (e.g. `git clone --depth 1 https://github.com/gitleaks/gitleaks`); see docs/detection.md"
         );
     }
-    corpus::ambiguity(&mut samples);
+    corpus::ambiguity(&mut samples)?;
 
-    let detector = Detector::builtin()?;
+    let detector = match args.iter().position(|a| a == "--rules").and_then(|i| args.get(i + 1)) {
+        Some(path) => {
+            let specs = gateway::detect::rules::load_rule_file(std::path::Path::new(path))?;
+            Detector::from_specs(&specs.into_iter().map(|s| (path.clone(), s)).collect::<Vec<_>>())?
+        }
+        None => Detector::builtin()?,
+    };
+    let gitleaks = match args.iter().position(|a| a == "--gitleaks-rules").and_then(|i| args.get(i + 1)) {
+        Some(path) => {
+            let rules = GitleaksRules::load(std::path::Path::new(path))?;
+            eprintln!(
+                "gitleaks rules: {} loaded, {} path-only (never apply to a sample), {} regexes skipped: {:?}",
+                rules.len(),
+                rules.path_only,
+                rules.skipped.len(),
+                rules.skipped
+            );
+            Some(rules)
+        }
+        None => None,
+    };
+    let mut gl_by_source: BTreeMap<&str, Tally> = BTreeMap::new();
+    let mut gl_by_family: BTreeMap<&str, Tally> = BTreeMap::new();
+    let mut gl_total = Tally::default();
     let started = Instant::now();
     let mut by_source: BTreeMap<&str, Tally> = BTreeMap::new();
     let mut by_family: BTreeMap<&str, Tally> = BTreeMap::new();
@@ -157,6 +188,24 @@ fn run() -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed();
+    if let Some(gl) = &gitleaks {
+        for s in &samples {
+            // gitleaks has no confidence levels: every finding counts both ways.
+            let hit = !gl.scan(&s.text).is_empty();
+            gl_by_source.entry(s.source.as_str()).or_default().add(s, hit, hit);
+            gl_by_family.entry(corpus::family(&s.provider)).or_default().add(s, hit, hit);
+            gl_total.add(s, hit, hit);
+        }
+        println!("-- gitleaks' default rules on the same samples (reproduced with the regex crate)");
+        for (k, t) in &gl_by_source {
+            println!("{}", t.line(k));
+        }
+        println!("{}", gl_total.line("all"));
+        println!("-- gitleaks by family");
+        for (k, t) in &gl_by_family {
+            println!("{}", t.line(k));
+        }
+    }
 
     let header = format!(
         "{:<26} {:>5} {:>6} {:>6} {:>5} {:>6} {:>6} {:>5}",

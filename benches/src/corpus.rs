@@ -50,6 +50,19 @@ pub enum Ambiguity {
     /// lists only because it was published (gitleaks' Firebase SDK sample
     /// Google API keys): blocking it is right for a gateway.
     PublishedKey,
+    /// A trufflehog negative whose test case calls its text a valid pattern
+    /// (`valid pattern - key out of prefix range`, `… - no keyword`): by
+    /// trufflehog's own label the key is well formed, and the case tests only
+    /// that its detector wants the provider's name nearby.
+    ValidOutOfContext,
+    /// A negative holding a token that passes a format's published structure
+    /// check (see [`WellFormed`]): a key of another kind than the one
+    /// the test is about, which a gateway should block.
+    WellFormedKey,
+    /// The project itself labels it an identifier, not a secret (Nosey
+    /// Parker's `AWS S3 Bucket`, `Amazon Resource Name`, `Google Client ID`…:
+    /// rules whose `categories` have `identifier` and not `secret`).
+    Identifier,
 }
 
 /// One sample.
@@ -67,6 +80,11 @@ pub struct Sample {
     pub positive: bool,
     /// Set when it does not count.
     pub ambiguous: Option<Ambiguity>,
+    /// The test case's `name:` (trufflehog), else empty.
+    pub case: String,
+    /// The project labels what the sample holds an identifier, not a secret
+    /// (a Nosey Parker rule whose `categories` have `identifier` but not `secret`).
+    pub identifier_only: bool,
 }
 
 /// Samples of one project, and how many elements could not be evaluated.
@@ -90,6 +108,8 @@ struct NpRule {
     examples: Vec<String>,
     #[serde(default)]
     negative_examples: Vec<String>,
+    #[serde(default)]
+    categories: Vec<String>,
 }
 
 fn provider_of(path: &Path) -> String {
@@ -116,6 +136,8 @@ pub fn noseyparker(root: &Path) -> anyhow::Result<Extracted> {
         let provider = provider_of(&path);
         let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
         for rule in file.rules {
+            let identifier_only =
+                rule.categories.iter().any(|c| c == "identifier") && !rule.categories.iter().any(|c| c == "secret");
             for (list, positive) in [(&rule.examples, true), (&rule.negative_examples, false)] {
                 for (k, s) in list.iter().enumerate() {
                     out.samples.push(Sample {
@@ -129,6 +151,8 @@ pub fn noseyparker(root: &Path) -> anyhow::Result<Extracted> {
                         text: s.clone(),
                         positive,
                         ambiguous: None,
+                        case: String::new(),
+                        identifier_only,
                     });
                 }
             }
@@ -197,6 +221,8 @@ pub fn gitleaks(root: &Path) -> anyhow::Result<Extracted> {
                             text: s.clone(),
                             positive,
                             ambiguous: None,
+                            case: String::new(),
+                            identifier_only: false,
                         });
                     }
                     ev.env.insert(name, v);
@@ -265,9 +291,15 @@ pub fn trufflehog(root: &Path) -> anyhow::Result<Extracted> {
             }
             i += 1;
         }
-        // Pass 2: `input: expr` … `want: …` pairs.
+        // Pass 2: `input: expr` … `want: …` pairs, with the case's `name:`.
         let mut i = 0;
+        let mut case = String::new();
         while i + 1 < toks.len() {
+            if toks[i].tok == Tok::Ident("name".into()) && toks[i + 1].tok == Tok::Punct(':') {
+                if let Some(Tok::Str(n)) = toks.get(i + 2).map(|t| &t.tok) {
+                    case = n.clone();
+                }
+            }
             let is_input = toks[i].tok == Tok::Ident("input".into()) && toks[i + 1].tok == Tok::Punct(':');
             if !is_input {
                 i += 1;
@@ -306,6 +338,8 @@ pub fn trufflehog(root: &Path) -> anyhow::Result<Extracted> {
                     text,
                     positive,
                     ambiguous: None,
+                    case: std::mem::take(&mut case),
+                    identifier_only: false,
                 }),
                 (Some(_), _) => out.unextracted += 1,
                 (None, _) => {}
@@ -334,23 +368,107 @@ const PLACEHOLDERS: &[&str] = &[
     "replace_me",
     "1234567890",
     "abcdefghij",
+    // Documentation's passwords (`P@ssw0rd`, MongoDB's `D1fficultP%40ssw0rd`).
+    "passw0rd",
+    "p@ssw0rd",
+    "p%40ssw0rd",
 ];
+
+/// Typed rather than generated, by the same test as the detector's
+/// placeholder filter: six letters in sequence up or down (`abcdef`,
+/// `klmnop`), seven digits (`1234567`), or letters and digits interleaved
+/// in sequence (`a1b2c3d4`).
+fn typed_sequence(lower: &[u8]) -> bool {
+    let class = |b: u8| {
+        if b.is_ascii_digit() {
+            1
+        } else if b.is_ascii_lowercase() {
+            2
+        } else {
+            0
+        }
+    };
+    let seq = |i: usize, stride: usize, n: usize, step: i16| {
+        (1..n).all(|k| {
+            let (a, b) = (lower[i + (k - 1) * stride], lower[i + k * stride]);
+            class(a) != 0 && class(a) == class(b) && i16::from(b) - i16::from(a) == step
+        })
+    };
+    (0..lower.len()).any(|i| {
+        [1i16, -1].iter().any(|&step| {
+            (i + 6 <= lower.len() && class(lower[i]) == 2 && seq(i, 1, 6, step))
+                || (i + 7 <= lower.len() && class(lower[i]) == 1 && seq(i, 1, 7, step))
+                || (i + 8 <= lower.len() && seq(i, 2, 4, step) && seq(i + 1, 2, 4, step))
+        })
+    })
+}
+
+/// Tokens passing a published format's structure: GitHub's `gh?_` tokens
+/// with their CRC32 check digits; OpenAI keys with the `T3BlbkFJ` marker
+/// (base64 of `OpenAI`) between two 20-character halves, or a
+/// project/service/admin key around it; GitLab OAuth application secrets
+/// (`gloas-` and exactly 64 hex digits); Azure SAS signatures that are an
+/// HMAC-SHA256 (43 base64 characters and `=`, `+` and `/` possibly
+/// percent-encoded).
+pub struct WellFormed(Vec<regex::Regex>);
+
+impl WellFormed {
+    /// Compiles the structure patterns.
+    pub fn new() -> anyhow::Result<WellFormed> {
+        let patterns = [
+            r"(?:^|[^A-Za-z0-9_])gh[pousr]_([A-Za-z0-9]{36})(?:[^A-Za-z0-9_]|$)",
+            r"(?:^|[^A-Za-z0-9_-])sk-[A-Za-z0-9]{20}T3BlbkFJ[A-Za-z0-9]{20}(?:[^A-Za-z0-9_-]|$)",
+            r"(?:^|[^A-Za-z0-9_-])sk-(?:proj|svcacct|admin)-[A-Za-z0-9_-]{20,}T3BlbkFJ[A-Za-z0-9_-]{20,}",
+            r"(?:^|[^A-Za-z0-9_-])gloas-[0-9a-f]{64}(?:[^A-Za-z0-9_-]|$)",
+            r"[?&]sig=(?:[A-Za-z0-9+/]|%2[BbFf]){43}(?:%3D|=)(?:[^A-Za-z0-9%+/=]|$)",
+        ];
+        let res = patterns.iter().map(|p| regex::Regex::new(p)).collect::<Result<Vec<_>, _>>()?;
+        Ok(WellFormed(res))
+    }
+
+    /// Whether `text` holds such a token.
+    pub fn matches(&self, text: &str) -> bool {
+        self.0.iter().enumerate().any(|(k, re)| {
+            re.captures_iter(text).any(|c| match (k, c.get(1)) {
+                // GitHub: 30 random characters, then their CRC32 in base62.
+                (0, Some(body)) => {
+                    let (random, check) = body.as_str().split_at(30);
+                    gateway::detect::confirm::base62_crc32(random.as_bytes()) == check.as_bytes()
+                }
+                _ => true,
+            })
+        })
+    }
+}
 
 /// Labels samples that cannot fairly count: a placeholder marker anywhere
 /// in the text; no token (run of `[A-Za-z0-9+/=_.-]`) of 12 characters or
 /// more, or a longest token one character makes up 60% of (truncated or
 /// filler); or text that is a positive in one place and a negative in
-/// another (`Conflict`); and [`Ambiguity::PublishedKey`]. Applied to positives and negatives alike.
-pub fn ambiguity(samples: &mut [Sample]) {
+/// another (`Conflict`); a sample the project labels an identifier
+/// ([`Ambiguity::Identifier`]); and, for negatives only, [`Ambiguity::PublishedKey`],
+/// [`Ambiguity::ValidOutOfContext`] and [`Ambiguity::WellFormedKey`]. The
+/// placeholder, truncation and conflict rules apply to positives and negatives alike.
+pub fn ambiguity(samples: &mut [Sample]) -> anyhow::Result<()> {
+    let well_formed = WellFormed::new()?;
     let positives: HashSet<String> = samples.iter().filter(|s| s.positive).map(|s| s.text.clone()).collect();
     let negatives: HashSet<String> = samples.iter().filter(|s| !s.positive).map(|s| s.text.clone()).collect();
     for s in samples.iter_mut() {
         let lower = s.text.to_ascii_lowercase();
         s.ambiguous = if positives.contains(&s.text) && negatives.contains(&s.text) {
             Some(Ambiguity::Conflict)
+        } else if s.identifier_only {
+            Some(Ambiguity::Identifier)
         } else if !s.positive && is_published_key(s) {
             Some(Ambiguity::PublishedKey)
-        } else if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
+        } else if !s.positive
+            && s.source == Source::Trufflehog
+            && s.case.to_ascii_lowercase().starts_with("valid pattern")
+        {
+            Some(Ambiguity::ValidOutOfContext)
+        } else if !s.positive && well_formed.matches(&s.text) {
+            Some(Ambiguity::WellFormedKey)
+        } else if PLACEHOLDERS.iter().any(|p| lower.contains(p)) || typed_sequence(lower.as_bytes()) {
             Some(Ambiguity::Placeholder)
         } else if is_truncated(&s.text) {
             Some(Ambiguity::Truncated)
@@ -358,6 +476,7 @@ pub fn ambiguity(samples: &mut [Sample]) {
             None
         };
     }
+    Ok(())
 }
 
 /// gitleaks' `gcp.go` negatives that are whole 39-character `AIza…` keys (sample keys

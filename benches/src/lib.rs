@@ -1,4 +1,5 @@
 //! Benchmark support.
 
 pub mod corpus;
+pub mod gitleaks;
 pub mod gosrc;

@@ -132,6 +132,25 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if [b'x', b'*', b'.', b'#'].iter().any(|&c| has_run(&lower, c, 6)) {
         return true;
     }
+    // Typed, not generated: six letters in sequence (`abcdef`, `klmnop`),
+    // seven digits (`1234567`, `9876543`), or both interleaved (`a1b2c3d4`),
+    // making up a fifth of the value or more. The share keeps real keys
+    // safe: a random key holds a short run now and then (six hex letters
+    // `abcdef` in a 64-digit hex key about once in 140,000 keys), and a key
+    // dismissed as a stand-in is a key let through; a run of a fifth of a
+    // 64-digit key (13 in sequence) does not happen by chance.
+    let typed = |run: usize, min: usize| run >= min && run * 5 >= secret.len();
+    if typed(longest_sequence(&lower, 1, |b| b.is_ascii_lowercase()), 6)
+        || typed(longest_sequence(&lower, 1, |b| b.is_ascii_digit()), 7)
+        || typed(longest_sequence(&lower, 2, |b| b.is_ascii_alphanumeric()), 8)
+    {
+        return true;
+    }
+    // A reference to the environment, not a value: `env.DB_PASSWORD`,
+    // `process.env.TOKEN`, `os.environ[...]`, `os.getenv(...)`.
+    if ENV_REFERENCES.iter().any(|r| lower.starts_with(r)) {
+        return true;
+    }
     // A value dominated by one character (aaaa…, 0000…) is filler, not a key.
     let mut counts = [0usize; 256];
     for &b in secret {
@@ -139,6 +158,42 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     }
     let max = counts.iter().copied().max().unwrap_or(0);
     max * 10 >= secret.len() * 6
+}
+
+/// How values that name an environment variable instead of holding one start.
+const ENV_REFERENCES: &[&[u8]] =
+    &[b"env.", b"process.env", b"os.environ", b"os.getenv", b"getenv(", b"system.getenv", b"env[", b"env("];
+
+/// The most characters of `class` in `data` (lowercase) that run in
+/// sequence, `stride` apart, each one up (or each one down) from the
+/// previous within `0-9` or `a-z`. With `stride` 2 the two interleaved
+/// chains must both be sequences (`a1b2c3d4`: 8); the count is both
+/// chains' characters while they run together.
+fn longest_sequence(data: &[u8], stride: usize, class: fn(u8) -> bool) -> usize {
+    let next = |a: u8, b: u8, step: i16| {
+        let same_class =
+            (a.is_ascii_digit() && b.is_ascii_digit()) || (a.is_ascii_lowercase() && b.is_ascii_lowercase());
+        class(a) && class(b) && same_class && i16::from(b) - i16::from(a) == step
+    };
+    // Characters in one chain from `i`, going `step`.
+    let chain = |i: usize, step: i16| {
+        let mut n = 1;
+        while i + n * stride < data.len() && next(data[i + (n - 1) * stride], data[i + n * stride], step) {
+            n += 1;
+        }
+        n
+    };
+    let mut best = 0;
+    for i in 0..data.len().saturating_sub(stride - 1) {
+        for step in [1i16, -1] {
+            // Every chain starting at i..i+stride must run: the shortest counts.
+            let together = (0..stride).map(|o| chain(i + o, step)).min().unwrap_or(0);
+            if together >= 2 {
+                best = best.max(together * stride);
+            }
+        }
+    }
+    best
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -229,6 +284,10 @@ fn basic_auth_ok(secret: &[u8]) -> bool {
         return false;
     };
     let (user, password) = (&decoded[..colon], &decoded[colon + 1..]);
+    // A JSON object (a JWT header sent after `Basic`) has a colon too.
+    if user.iter().any(|b| matches!(b, b'"' | b'{' | b'}')) {
+        return false;
+    }
     if password.is_empty() {
         // Key-as-user-name APIs (Cursor, Stripe): the user name is the secret.
         return user.len() >= 16 && !is_placeholder(user) && shannon_entropy(user) >= 3.0;
@@ -283,11 +342,20 @@ const DEFAULT_PASSWORDS: &[&[u8]] = &[
     b"p@ssw0rd",
 ];
 
+/// Spellings of "password" that documentation uses as the password
+/// (`P@ssw0rd`, MongoDB's `D1fficultP%40ssw0rd`).
+const PASSWORD_WORDS: &[&[u8]] = &[b"password", b"passw0rd", b"ssw0rd", b"p@ss", b"p%40ss"];
+
 fn userinfo_ok(secret: &[u8], user: &[u8]) -> bool {
     let lower = secret.to_ascii_lowercase();
+    // `pass456`, `secret1`, `admin123`: a default word with digits appended.
+    let stem = &lower[..lower.len() - lower.iter().rev().take_while(|b| b.is_ascii_digit()).count()];
     !is_placeholder(secret)
         && !secret.eq_ignore_ascii_case(user)
         && !DEFAULT_PASSWORDS.contains(&lower.as_slice())
+        && !DEFAULT_PASSWORDS.contains(&stem)
+        && !PLACEHOLDER_VALUES.contains(&stem)
+        && !PASSWORD_WORDS.iter().any(|w| contains(&lower, w))
         // Leaves room for `*`/`:` in URLs that are really `scheme://host:port@...` noise.
         && secret.iter().any(|b| b.is_ascii_alphanumeric())
 }
@@ -320,8 +388,23 @@ mod tests {
         ] {
             assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
-        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9"] {
+        for p in
+            [&b"shpss_a1b2c3d4e5f6a7b8c9d0e1f2"[..], b"sk-klmnopqrstuvwx-3456yza7", b"Zq98765432wL", b"env.DB_PASSWORD"]
+        {
+            assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+        for p in [&b"Zx8Q2mL0pR7vT4nB6wK1yH3j"[..], b"ghp_R8xk2Lq9", b"abcde9fghij", b"a1b2c3x4", b"f0e1d2234567a9"] {
             assert!(!is_placeholder(p));
+        }
+        // Real keys hold short runs by chance: a run that is not a fifth of
+        // the value does not make it a stand-in (a missed key is let through).
+        for p in [
+            &b"key_9f3e0a7c55abcdef01c4d2b8e6f1a0937c2d4e8f6a1b3c5d7e9f0a2b4c6d8e0f1"[..],
+            b"key_0c7f2e9a1b2c3d4e5f6a8b0c2d4e6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7",
+            b"7d1e3f5a9c1234567b0e2d4f6a8c0e2f4a6c8e0b2d4f6a8c0e2f4a6b8d0f2e4c6a8",
+            b"sk_live_51Hx9QmKlmnopqAbR7tY2uVw3xZ4",
+        ] {
+            assert!(!is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
     }
 
@@ -369,5 +452,14 @@ mod tests {
         assert!(basic_auth_ok(enc("key_9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d:").as_bytes()));
         assert!(!basic_auth_ok(enc("user:password").as_bytes()));
         assert!(!basic_auth_ok(enc("user").as_bytes()));
+        assert!(!basic_auth_ok(enc(r#"{"alg":"HS256","typ":"JWT"}"#).as_bytes()));
+    }
+
+    #[test]
+    fn userinfo() {
+        assert!(userinfo_ok(b"Zx8Q2mL0pR7vT4nB", b"ci"));
+        for weak in [&b"pass456"[..], b"admin123", b"D1fficultP%40ssw0rd", b"secret1", b"ci"] {
+            assert!(!userinfo_ok(weak, b"ci"), "{}", String::from_utf8_lossy(weak));
+        }
     }
 }

@@ -95,7 +95,8 @@ fn concurrent_scans_share_one_detector() {
 }
 
 fn cursor_key() -> String {
-    format!("key_{}", "3f9a1c7e5b2d8046".repeat(3) + "a1b2c3d4e5f60718")
+    // No typed run (`a1b2c3d4`, `abcdef`): those read as placeholders.
+    format!("key_{}", "3f9a1c7e5b2d8046".repeat(3) + "9e0d7c1b5a3f6248")
 }
 
 fn write_rules(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
