@@ -1,9 +1,10 @@
 //! Faults injected into a running gateway (issue 17): its stores' disk
 //! fills up and frees again, it is killed over and over, its upstream fails,
 //! its intercepted cgroup goes away, its own cgroup is frozen, its clock
-//! jumps. Real eBPF redirect, a real gateway, curl in the intercepted
-//! cgroup, a real HTTPS upstream, and the session and findings databases on
-//! a small tmpfs the test mounts.
+//! jumps, the device under its stores fails every I/O. Real eBPF redirect,
+//! a real gateway, curl in the intercepted cgroup, a real HTTPS upstream,
+//! and the session and findings databases on a small file system the test
+//! mounts (a tmpfs, or ext4 on a loop device it can make fail).
 
 use std::{
     path::{Path, PathBuf},
@@ -73,6 +74,99 @@ impl SmallDisk {
     }
 }
 
+impl AsRef<Path> for SmallDisk {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
+
+/// A small ext4 file system (no journal, `errors=continue`, `sync`: every
+/// write reaches the device at once) on a loop device the test can make
+/// fail every I/O and work again: a failing disk, without root's power to
+/// read past permissions. The device's size limit (`LOOP_SET_STATUS64`) is
+/// cut to one block, so everything past the superblock is beyond its end
+/// (I/O error), then lifted. (device-mapper's `error` target would be the
+/// usual tool; the test machines' kernels are built without device-mapper.)
+/// Torn down at drop.
+struct FailingDisk {
+    dir: tempfile::TempDir,
+    _image_dir: tempfile::TempDir,
+    loop_dev: String,
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Sets a loop device's size limit (0: the whole backing file), keeping
+/// the rest of its `loop_info64` (`lo_sizelimit` is at byte 32).
+const SET_LOOP_LIMIT: &str = "import fcntl, struct, sys\n\
+                              with open(sys.argv[1], 'rb') as f:\n\
+                              \x20   info = bytearray(232)\n\
+                              \x20   fcntl.ioctl(f, 0x4C05, info)\n\
+                              \x20   struct.pack_into('<Q', info, 32, int(sys.argv[2]))\n\
+                              \x20   fcntl.ioctl(f, 0x4C04, bytes(info))\n";
+
+impl FailingDisk {
+    fn mount(mib: u64) -> FailingDisk {
+        let image_dir = tempfile::tempdir().expect("tempdir");
+        let image = image_dir.path().join("disk.img");
+        std::fs::File::create(&image).and_then(|f| f.set_len(mib << 20)).expect("create the image");
+        let loop_dev = run_ok(Command::new("losetup").args(["--find", "--show"]).arg(&image));
+        let disk = FailingDisk { dir: tempfile::tempdir().expect("tempdir"), _image_dir: image_dir, loop_dev };
+        run_ok(Command::new("mkfs.ext4").args(["-q", "-F", "-O", "^has_journal", &disk.loop_dev]));
+        run_ok(Command::new("mount").args(["-o", "sync,errors=continue", &disk.loop_dev]).arg(disk.dir.path()));
+        disk
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn limit(&self, bytes: u64) {
+        run_ok(Command::new("python3").args(["-c", SET_LOOP_LIMIT, &self.loop_dev, &bytes.to_string()]));
+    }
+
+    /// Every read and write fails from now on; the databases' cached pages
+    /// are dropped so that reading them fails too (the shared-memory index,
+    /// mapped by SQLite, keeps its pages).
+    fn fail(&self) {
+        self.limit(4096);
+        for file in ["sessions.db", "sessions.db-wal", "findings.db", "findings.db-wal"] {
+            let path = self.path().join(file);
+            if path.exists() {
+                // dd with iflag=nocache and no count drops the file's cache.
+                run_ok(Command::new("dd").arg(format!("if={}", path.display())).args([
+                    "iflag=nocache",
+                    "count=0",
+                    "status=none",
+                ]));
+            }
+        }
+    }
+
+    /// The device works again.
+    fn heal(&self) {
+        self.limit(0);
+    }
+}
+
+impl AsRef<Path> for FailingDisk {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("python3").args(["-c", SET_LOOP_LIMIT, &self.loop_dev, "0"]).status();
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let _ = Command::new("losetup").args(["-d", &self.loop_dev]).status();
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
@@ -88,12 +182,18 @@ struct Scene {
 }
 
 impl Scene {
-    fn start(name: &str, disk: &SmallDisk, on_failure: &str) -> Scene {
+    fn start(name: &str, disk: &impl AsRef<Path>, on_failure: &str) -> Scene {
         Scene::start_with(name, disk, on_failure, |_| {})
     }
 
     /// [`Scene::start`] with the gateway's options adjusted by `tweak`.
-    fn start_with(name: &str, disk: &SmallDisk, on_failure: &str, tweak: impl FnOnce(&mut GatewayOptions)) -> Scene {
+    fn start_with(
+        name: &str,
+        disk: &impl AsRef<Path>,
+        on_failure: &str,
+        tweak: impl FnOnce(&mut GatewayOptions),
+    ) -> Scene {
+        let disk = disk.as_ref();
         let pki_dir = tempfile::tempdir().expect("tempdir");
         std::fs::set_permissions(pki_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
         let pki = TestPki::new(pki_dir.path(), &[HOST]);
@@ -107,8 +207,8 @@ impl Scene {
              record:\n  flush_interval: 20ms\n  database: {sessions}\n  on_failure: {on_failure}\n\
              findings:\n  database: {findings}\n",
             ca = pki.ca_path.display(),
-            sessions = disk.path().join("sessions.db").display(),
-            findings = disk.path().join("findings.db").display(),
+            sessions = disk.join("sessions.db").display(),
+            findings = disk.join("findings.db").display(),
         );
         tweak(&mut opts);
         let gw = TestGateway::start(opts);
@@ -179,6 +279,16 @@ impl Scene {
         );
     }
 
+    /// The state `gateway_recorder_health` reports as 1 on `/metrics`.
+    fn recorder_health(&self) -> Option<String> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.gw.api_port);
+        let out = Command::new("curl").args(["-sS", "--max-time", "10", &url]).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().filter_map(|l| l.strip_prefix("gateway_recorder_health{state=\"")).find_map(|rest| {
+            rest.split_once("\"} ").filter(|(_, v)| v.trim() == "1").map(|(state, _)| state.to_owned())
+        })
+    }
+
     fn log_has(&self, event: &str) -> bool {
         self.gw.log().lines().any(|l| {
             serde_json::from_str::<Value>(l).is_ok_and(|v| v["event"] == event || v["fields"]["event"] == event)
@@ -200,6 +310,23 @@ enum StoreFault {
     DiskFull,
     /// Another process holds their write lock (SQLite busy).
     Locked,
+    /// Their device fails every read and write (I/O errors).
+    IoError,
+}
+
+/// The disk under the stores in a [`store_fault`] test.
+enum Disk {
+    Small(SmallDisk),
+    Failing(FailingDisk),
+}
+
+impl AsRef<Path> for Disk {
+    fn as_ref(&self) -> &Path {
+        match self {
+            Disk::Small(d) => d.path(),
+            Disk::Failing(d) => d.path(),
+        }
+    }
 }
 
 /// Another process holding both databases' write locks (`BEGIN
@@ -244,7 +371,11 @@ fn full_disk(name: &str, on_failure: &str) {
 }
 
 fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
-    let disk = SmallDisk::mount(if fault == StoreFault::DiskFull { 6 } else { 64 });
+    let disk = match fault {
+        StoreFault::DiskFull => Disk::Small(SmallDisk::mount(6)),
+        StoreFault::Locked => Disk::Small(SmallDisk::mount(64)),
+        StoreFault::IoError => Disk::Failing(FailingDisk::mount(64)),
+    };
     let scene = Scene::start(name, &disk, on_failure);
     let refuse = on_failure == "refuse";
 
@@ -264,9 +395,11 @@ fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
     });
 
     let mut lock = None;
-    match fault {
-        StoreFault::DiskFull => disk.fill(),
-        StoreFault::Locked => lock = Some(StoreLock::hold(disk.path())),
+    match (fault, &disk) {
+        (StoreFault::DiskFull, Disk::Small(d)) => d.fill(),
+        (StoreFault::Locked, _) => lock = Some(StoreLock::hold(disk.as_ref())),
+        (StoreFault::IoError, Disk::Failing(d)) => d.fail(),
+        _ => unreachable!("each fault has its disk"),
     }
     // Bodies big enough that the write-ahead log must grow: the first
     // commit that needs space fails.
@@ -295,6 +428,14 @@ fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
         }
     }
     assert!(scene.log_has("recording_failed"), "no recording_failed event:\n{}", scene.gw.log_errors());
+    if fault == StoreFault::IoError {
+        // SQLite's own word for it: the device, not space or a lock.
+        assert!(
+            scene.gw.log().contains("disk I/O error"),
+            "the failure is not an I/O error:\n{}",
+            scene.gw.log_errors()
+        );
+    }
     if refuse {
         let body = refused_body.expect("nothing was refused while the disk was full");
         assert!(body.contains("recording_unavailable"), "the refusal says why: {body}");
@@ -317,9 +458,14 @@ fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
     assert_eq!(status, if refuse { 503 } else { 403 }, "a key is blocked whatever the disk says");
     assert_eq!(scene.upstream.requests().len(), before, "the keyed request reached the server");
 
-    match fault {
-        StoreFault::DiskFull => disk.free(),
-        StoreFault::Locked => drop(lock.take()),
+    // The recorder says it is failing in its metric too.
+    let health = scene.recorder_health();
+    assert_eq!(health.as_deref(), Some("failing"), "gateway_recorder_health while the stores fail");
+    match (fault, &disk) {
+        (StoreFault::DiskFull, Disk::Small(d)) => d.free(),
+        (StoreFault::Locked, _) => drop(lock.take()),
+        (StoreFault::IoError, Disk::Failing(d)) => d.heal(),
+        _ => unreachable!("each fault has its disk"),
     }
     wait_for("requests pass again once the stores can write", || {
         let path = "/after/probe".to_owned();
@@ -368,10 +514,11 @@ fn store_fault(name: &str, on_failure: &str, fault: StoreFault) {
         assert!(log.contains("recording a finding failed"), "the finding's first write should have failed");
         assert!(log.contains("a finding the database refused earlier is recorded now"));
     }
+    assert_eq!(scene.recorder_health().as_deref(), Some("recording"), "gateway_recorder_health after recovery");
     // Every chain verifies; the key itself was never written anywhere.
     scene.verify_all();
     for file in ["sessions.db", "sessions.db-wal", "findings.db", "findings.db-wal"] {
-        if let Ok(bytes) = std::fs::read(disk.path().join(file)) {
+        if let Ok(bytes) = std::fs::read(disk.as_ref().join(file)) {
             assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()), "{file} holds the key in clear");
         }
     }
@@ -394,6 +541,16 @@ fn a_full_disk_with_on_failure_serve_keeps_serving_and_records_everything_after(
 fn locked_stores_refuse_what_must_be_recorded_and_lose_nothing_once_released() {
     store_fault("busy-refuse", "refuse", StoreFault::Locked);
     store_fault("busy-serve", "serve", StoreFault::Locked);
+}
+
+/// The device under both stores fails every I/O while jobs send (a dying
+/// disk; root reads past permissions, so this is how a store becomes
+/// unreadable), then works again: as for the full disk, with `refuse` and
+/// with `serve`.
+#[test]
+fn stores_on_a_failing_device_refuse_what_must_be_recorded_and_lose_nothing_once_it_works() {
+    store_fault("eio-refuse", "refuse", StoreFault::IoError);
+    store_fault("eio-serve", "serve", StoreFault::IoError);
 }
 
 /// The finding ids (`F-<n>`) a refusal names.

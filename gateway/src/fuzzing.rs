@@ -111,3 +111,10 @@ pub fn json_lex<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> JsonLexed {
 
 /// See [`json_lex`].
 pub type JsonLexed = (Vec<(String, Vec<u8>)>, Option<(usize, Vec<u8>)>);
+
+/// What `gateway scan --json` prints for a saved file named `name` (its
+/// extension matters: `.har` is read as HAR) holding `data`: one JSON
+/// object a line.
+pub fn scan_saved(detector: std::sync::Arc<crate::detect::Detector>, name: &str, data: &[u8]) -> Vec<u8> {
+    crate::cli::scan::json_report(detector, std::path::Path::new(name), data)
+}

@@ -6,9 +6,11 @@
 //! * `cargo xtask run [-- ARGS]` — build and run the gateway (embedded
 //!   defaults, but Ctrl-C detaches); installs only what building and
 //!   running need.
-//! * `cargo xtask test` — build and run every test (what CI runs); with
-//!   `XTASK_FUZZ_SECONDS=N`, then every fuzz target for N seconds.
-//! * `cargo xtask fuzz [--seconds N] [TARGET...]` — the fuzz targets alone.
+//! * `cargo xtask test` — build and run every test (what CI runs), then
+//!   every fuzz target briefly (`XTASK_FUZZ_SECONDS`, default
+//!   [`fuzz::CI_SECONDS`]; 0 skips).
+//! * `cargo xtask fuzz [--quick] [--seconds N] [TARGET...]` — the fuzz
+//!   targets alone (cargo-fuzz release build, or the CI step's).
 //! * `cargo xtask package` — build the Debian package (release).
 //! * `cargo xtask image` — the container image `ci-gateway:<version>`, from
 //!   a debootstrapped Debian root with the package installed (no registry).
@@ -25,6 +27,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod fuzz;
 mod image;
 mod package;
 
@@ -90,12 +93,16 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run the fuzz targets in fuzz/ (cargo-fuzz), each for a bounded time;
-    /// a crash fails with the reproducer's path.
+    /// Run the fuzz targets in fuzz/ (cargo-fuzz, release), each for a
+    /// bounded time; a crash fails with the reproducer's path.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// The CI step's build instead: debug, sharing the test build's
+        /// dependencies, only the gateway and the targets instrumented.
+        #[arg(long)]
+        quick: bool,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
@@ -192,6 +199,10 @@ enum Needs {
 }
 
 fn main() -> ExitCode {
+    // `cargo xtask fuzz --quick` makes this binary cargo's RUSTC_WRAPPER.
+    if let Some(code) = fuzz::as_rustc_wrapper() {
+        return code;
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Setup => setup(Needs::All),
@@ -230,7 +241,13 @@ fn main() -> ExitCode {
                     image::demo(&workspace_root(), &image::DemoOptions { image: image::ImageOptions { binary, fast }, keep })
                 })
         }
-        Cmd::Fuzz { seconds, targets } => setup(Needs::Run).and_then(|()| fuzz(seconds, &targets)),
+        Cmd::Fuzz { seconds, quick, targets } => setup(Needs::Run).and_then(|()| {
+            if quick {
+                fuzz::quick(seconds, &targets)
+            } else {
+                fuzz::long(seconds, &targets)
+            }
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -249,6 +266,27 @@ fn workspace_root() -> PathBuf {
 fn cargo() -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
+    // What `cargo run` set for this process describes xtask, not the build:
+    // build scripts that watch these (ring's does, through the cc crate)
+    // would otherwise rerun, and rebuild their dependents, whenever a build
+    // alternates between `cargo xtask ...` and a plain `cargo build`.
+    for (name, _) in env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("CARGO_PKG_")
+            || matches!(
+                name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            cmd.env_remove(name);
+        }
+    }
     cmd
 }
 
@@ -493,15 +531,6 @@ intercept:
   on_shutdown: detach
 ";
 
-/// cargo-fuzz (the fuzz targets' runner), from crates.io.
-fn cargo_fuzz() -> Result<()> {
-    if output(Command::new("rustup").args(["run", "nightly", "cargo", "fuzz", "--version"])).is_ok() {
-        return Ok(());
-    }
-    eprintln!("xtask: installing cargo-fuzz");
-    status(cargo().args(["install", "cargo-fuzz", "--locked"]))
-}
-
 fn run(args: &[String]) -> Result<()> {
     status(cargo().args(["build", "--release", "-p", "gateway", "--bins"]))?;
     let root = workspace_root();
@@ -535,105 +564,18 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         return Ok(());
     }
+    // Every target, briefly, on every run: a debug build beside the tests'
+    // that shares their dependencies (minutes, not the quarter hour a
+    // cargo-fuzz build takes). XTASK_FUZZ_SECONDS=0 turns it off.
     let seconds: u64 = match env::var("XTASK_FUZZ_SECONDS") {
         Ok(s) => s.parse().with_context(|| format!("XTASK_FUZZ_SECONDS={s:?} is not a number of seconds"))?,
-        Err(_) => 0,
+        Err(_) => fuzz::CI_SECONDS,
     };
     if seconds == 0 {
-        // Not on by default: building the targets from a clean clone takes
-        // about 15 minutes on two cores, more than the whole suite.
-        println!(
-            "xtask: fuzzing not run (set XTASK_FUZZ_SECONDS=N to run every target N seconds after the tests, \
-             or run `cargo xtask fuzz`)"
-        );
+        println!("xtask: fuzzing not run (XTASK_FUZZ_SECONDS=0)");
         return Ok(());
     }
-    fuzz(seconds, &[])
-}
-
-/// How the fuzz targets are built: no sanitizer (safe Rust; ASan would
-/// double the build time on CI's two cores and the run's cost per input),
-/// debug assertions on (overflow checks), release optimisation.
-const FUZZ_BUILD_FLAGS: &[&str] = &["--sanitizer", "none", "--debug-assertions"];
-
-/// The fuzz targets: `fuzz/fuzz_targets/*.rs`.
-fn fuzz_targets() -> Result<Vec<String>> {
-    let dir = workspace_root().join("fuzz/fuzz_targets");
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                names.push(stem.to_owned());
-            }
-        }
-    }
-    names.sort();
-    if names.is_empty() {
-        bail!("no fuzz targets in {}", dir.display());
-    }
-    Ok(names)
-}
-
-fn cargo_fuzz_cmd() -> Command {
-    let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "fuzz"]).current_dir(workspace_root());
-    cmd
-}
-
-/// Builds every fuzz target, then runs each (`targets`, or all) for
-/// `seconds` from its checked-in seeds; the first crash, panic, leak or
-/// timeout fails with the reproducer's path.
-fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
-    let all = fuzz_targets()?;
-    let chosen: Vec<String> = if targets.is_empty() { all.clone() } else { targets.to_vec() };
-    if let Some(unknown) = chosen.iter().find(|t| !all.contains(t)) {
-        bail!("no fuzz target {unknown:?} (there are: {})", all.join(", "));
-    }
-    cargo_fuzz()?;
-    let started = std::time::Instant::now();
-    status(cargo_fuzz_cmd().arg("build").args(FUZZ_BUILD_FLAGS))?;
-    println!("xtask: fuzz targets built in {:.0?}", started.elapsed());
-    let root = workspace_root();
-    for target in &chosen {
-        let corpus = root.join("fuzz/corpus").join(target);
-        let artifacts = root.join("fuzz/artifacts").join(target);
-        std::fs::create_dir_all(&corpus).with_context(|| format!("creating {}", corpus.display()))?;
-        std::fs::create_dir_all(&artifacts).with_context(|| format!("creating {}", artifacts.display()))?;
-        let before = dir_entries(&artifacts)?;
-        let st = cargo_fuzz_cmd()
-            .args(["run"])
-            .args(FUZZ_BUILD_FLAGS)
-            .arg(target)
-            .arg(&corpus)
-            .args(["--", &format!("-max_total_time={seconds}"), "-timeout=10", "-rss_limit_mb=2048"])
-            .arg(format!("-artifact_prefix={}/", artifacts.display()))
-            .status()
-            .with_context(|| format!("running fuzz target {target}"))?;
-        if !st.success() {
-            let new: Vec<String> = dir_entries(&artifacts)?
-                .into_iter()
-                .filter(|p| !before.contains(p))
-                .map(|p| p.display().to_string())
-                .collect();
-            bail!(
-                "fuzz target {target} failed ({st}); reproducer: {}; rerun with \
-                 `cargo +nightly fuzz run {} {target} <reproducer>`",
-                if new.is_empty() { "none written".to_owned() } else { new.join(", ") },
-                FUZZ_BUILD_FLAGS.join(" ")
-            );
-        }
-    }
-    println!("xtask: {} fuzz targets ran {seconds} s each, no crash ({:.0?} in all)", chosen.len(), started.elapsed());
-    Ok(())
-}
-
-fn dir_entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        out.push(entry?.path());
-    }
-    Ok(out)
+    fuzz::quick(seconds, &[])
 }
 
 /// Runs `cargo test`, echoing its output, and ends with one total line over

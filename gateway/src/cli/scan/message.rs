@@ -279,6 +279,40 @@ mod tests {
         assert!(!is_har(Path::new("a.json"), b"{\"x\": 1}"));
     }
 
+    /// Found by the `scan_saved` fuzz target: a key used as a query
+    /// parameter's name was printed in clear in the report's location.
+    #[test]
+    fn a_key_used_as_a_name_is_masked_in_the_location() {
+        // A made-up OpenAI-shaped key (letters from a fixed LCG).
+        let mut x: u32 = 0x2545_f491;
+        let mut part = || -> String {
+            (0..48)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    char::from(
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x >> 16) as usize % 62],
+                    )
+                })
+                .collect()
+        };
+        let key = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
+        let detector = std::sync::Arc::new(crate::detect::Detector::builtin().expect("rules"));
+        for (msg, location) in [
+            (format!("GET /v1?{key}=1 HTTP/1.1\r\nHost: x\r\n\r\n"), "\"location\":\"query:[MASKED:openai"),
+            (
+                format!("POST /v1 HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{{\"{key}\": 1}}"),
+                "\"location\":\"body:$[",
+            ),
+        ] {
+            let out = super::super::json_report(detector.clone(), Path::new("saved.http"), msg.as_bytes());
+            let out = String::from_utf8(out).expect("utf8");
+            assert!(out.contains("openai"), "the key is reported ({} lines)", out.lines().count());
+            assert!(!out.contains(&key), "the key is printed in clear");
+            // Printed only once the key is known not to be in it.
+            assert!(out.contains(location), "the location shows where: {out}");
+        }
+    }
+
     #[test]
     fn dechunks() {
         assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").as_deref(), Some(&b"abcde"[..]));

@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use crate::{
     config::Config,
     detect::{http_scan::BodyLimits, DetectConfig, Detection, Detector, FingerprintKey},
+    mask::{MaskSpec, Masker},
     term::safe,
 };
 
@@ -100,10 +101,18 @@ fn scan(config: &Config, args: &ScanArgs) -> ExitCode {
             FingerprintKey::ephemeral()
         }
     };
+    let masker = match Masker::new(detector.clone(), &MaskSpec::default()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("gateway scan: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let stdout = std::io::stdout();
     let format = if args.json { OutputFormat::Json } else { args.format };
     let mut scan = Scan {
         detector,
+        masker,
         key,
         format,
         max_file_size: args.max_file_size,
@@ -158,6 +167,9 @@ pub(crate) struct Place<'a> {
 
 pub(crate) struct Scan<W: Write> {
     pub detector: Arc<Detector>,
+    /// Masks keys in the places printed (a key used as a query parameter's
+    /// or a JSON field's name is in its location).
+    masker: Masker,
     key: FingerprintKey,
     format: OutputFormat,
     max_file_size: u64,
@@ -220,21 +232,26 @@ impl<W: Write> Scan<W> {
             Ok(data) => data,
             Err(e) => return self.error(path, &e),
         };
+        self.contents(path, &data);
+    }
+
+    /// Scans a file's contents: as HAR, as a saved HTTP message, or as text.
+    fn contents(&mut self, path: &Path, data: &[u8]) {
         let name = path.display().to_string();
-        if message::is_har(path, &data) {
-            match message::scan_har(self, &name, &data) {
+        if message::is_har(path, data) {
+            match message::scan_har(self, &name, data) {
                 Ok(()) => return,
                 Err(why) => eprintln!("gateway scan: {}: not read as HAR ({why}); scanned as text", safe(&name)),
             }
         }
         // Before the binary check: a saved message's body may be compressed.
-        if message::is_http_message(&data) && message::scan_http_message(self, &name, &data).is_ok() {
+        if message::is_http_message(data) && message::scan_http_message(self, &name, data).is_ok() {
             return;
         }
-        if is_binary(&data) {
+        if is_binary(data) {
             return;
         }
-        self.text(&name, None, &data, 1);
+        self.text(&name, None, data, 1);
     }
 
     /// Scans `data` as plain text whose first line is line `first_line`.
@@ -283,6 +300,16 @@ impl<W: Write> Scan<W> {
         let fingerprint = d.secret.fingerprint(&self.key);
         let preview = d.secret.preview();
         let Place { path, line, column, commit, location } = place;
+        // As the gateway stores a finding's location: keys in it masked,
+        // and this key wherever it stands (the detector may not find it
+        // again in the location's text, say glued to other characters).
+        let location = location.as_deref().map(|l| {
+            let masked = self.masker.mask_text(l);
+            match std::str::from_utf8(d.secret.as_bytes()) {
+                Ok(secret) if !secret.is_empty() => masked.replace(secret, &format!("[MASKED:{}]", d.rule_id)),
+                _ => masked.into_owned(),
+            }
+        });
         let result = match self.format {
             OutputFormat::Json => {
                 let obj = json!({
@@ -381,6 +408,31 @@ impl<W: Write> Scan<W> {
         eprintln!("gateway scan: {}: {e}", safe(&path.display().to_string()));
         self.errors += 1;
     }
+}
+
+/// What `gateway scan --json` prints for a file named `path` holding
+/// `data` (read as HAR, a saved HTTP message or text, as for a file on
+/// disk), with a throw-away fingerprint key. For the fuzz targets
+/// (`crate::fuzzing::scan_saved`).
+pub(crate) fn json_report(detector: Arc<Detector>, path: &Path, data: &[u8]) -> Vec<u8> {
+    let Ok(masker) = Masker::new(detector.clone(), &MaskSpec::default()) else {
+        return Vec::new();
+    };
+    let mut scan = Scan {
+        detector,
+        masker,
+        key: FingerprintKey::ephemeral(),
+        format: OutputFormat::Json,
+        max_file_size: u64::MAX,
+        ignore: true,
+        limits: BodyLimits::default(),
+        out: Vec::new(),
+        sarif: Vec::new(),
+        found: 0,
+        errors: 0,
+    };
+    scan.contents(path, data);
+    scan.out
 }
 
 fn is_binary(data: &[u8]) -> bool {
