@@ -203,6 +203,23 @@ struct Ran {
     failure: Option<String>,
 }
 
+/// A copy of this binary for cargo to run as the rustc wrapper. Not the
+/// binary itself: `cargo xtask test` builds the workspace, xtask included,
+/// before this step, and a relinked target/debug/xtask leaves the running
+/// one deleted (`current_exe()` then names `xtask (deleted)`). The kernel
+/// still serves the running image as /proc/self/exe.
+fn wrapper_copy() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/fuzz-wrapper");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let copy = dir.join("xtask-rustc-wrapper");
+    // Replaced, not overwritten in place: a wrapper still running from an
+    // earlier step keeps its own file.
+    let _ = std::fs::remove_file(&copy);
+    std::fs::copy("/proc/self/exe", &copy)
+        .with_context(|| format!("copying the xtask binary to {}", copy.display()))?;
+    Ok(copy)
+}
+
 /// The CI step: builds the targets in debug beside the test build (see the
 /// module docs), then runs each (`targets`, or all) for `seconds`, as many
 /// at once as there are cores. Fails on the first target that crashed,
@@ -210,7 +227,7 @@ struct Ran {
 pub fn quick(seconds: u64, targets: &[String]) -> Result<()> {
     let chosen = chosen(targets)?;
     let started = Instant::now();
-    let wrapper = env::current_exe().context("finding the xtask binary (the rustc wrapper)")?;
+    let wrapper = wrapper_copy()?;
     // The whole workspace but the gateway package is selected (only the
     // targets are built) so that features resolve as in the test build and
     // every dependency is the test build's artifact.
