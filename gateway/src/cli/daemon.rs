@@ -208,13 +208,14 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
             desk,
             approvals: services.gate.approvals.clone(),
             sessions_db: config.record.database_path(&config.state_dir),
-            fleet: match config.fleet.enabled() {
-                true => Some(std::sync::Arc::new(crate::console::FleetDesk {
+            fleet: if config.fleet.enabled() {
+                Some(std::sync::Arc::new(crate::console::FleetDesk {
                     config: config.fleet.clone(),
                     host_id: config.fleet.host_id().context("fleet.host_id")?,
                     groups: config.approvals.groups.clone(),
-                })),
-                false => None,
+                }))
+            } else {
+                None
             },
         };
         crate::console::serve_console(&config.console, console, shutdown.clone()).await.context("review console")?

@@ -125,7 +125,8 @@ pub fn run(config: &Config, args: &StoreArgs) -> anyhow::Result<ExitCode> {
                 let cut = i64::try_from(before.unix_timestamp_nanos()).context("--before is out of range")?;
                 let pruned = fleet::prune::prune(&mut client, cut, *dry_run).await?;
                 if *json {
-                    println!("{}", serde_json::json!({ "dry_run": dry_run, "before": before.to_string(), "pruned": pruned }));
+                    let before = before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+                    println!("{}", serde_json::json!({ "dry_run": dry_run, "before": before, "pruned": pruned }));
                 } else {
                     let verb = if *dry_run { "would delete" } else { "deleted" };
                     println!(
