@@ -4,10 +4,7 @@
 //! (`regex::replace_all` is the reference), whatever the chunking; and the
 //! built-in rules never panic on arbitrary bytes.
 #![no_main]
-use std::{
-    io::{Read, Write},
-    sync::{Arc, OnceLock},
-};
+use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use gateway::{
@@ -16,18 +13,13 @@ use gateway::{
 };
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../common/codings.rs"]
+mod codings;
+use codings::{decode, encode, Coding};
+
 /// The masked pattern: bounded length, so a match never spans more than
 /// the masker holds back between chunks.
 const PATTERN: &str = "KEY[0-9A-F]{6}";
-
-#[derive(Arbitrary, Debug, Clone, Copy)]
-enum Coding {
-    Identity,
-    Gzip,
-    Deflate,
-    Brotli,
-    Zstd,
-}
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -60,65 +52,10 @@ fn builtin_masker() -> Arc<Masker> {
     M.get_or_init(|| Arc::new(Masker::new(detector(), &MaskSpec::default()).expect("spec is valid"))).clone()
 }
 
-fn encode(c: Coding, data: &[u8]) -> Vec<u8> {
-    match c {
-        Coding::Identity => data.to_vec(),
-        Coding::Gzip => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Deflate => {
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Brotli => {
-            let mut out = Vec::new();
-            {
-                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 1, 18);
-                w.write_all(data).expect("in memory");
-            }
-            out
-        }
-        Coding::Zstd => zstd::bulk::compress(data, 1).expect("in memory"),
-    }
-}
-
-fn decode(c: Coding, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match c {
-        Coding::Identity => out.extend_from_slice(data),
-        Coding::Gzip => {
-            flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out).expect("masker output is valid gzip");
-        }
-        Coding::Deflate => {
-            flate2::read::ZlibDecoder::new(data).read_to_end(&mut out).expect("masker output is valid deflate");
-        }
-        Coding::Brotli => {
-            brotli::Decompressor::new(data, 4096).read_to_end(&mut out).expect("masker output is valid br");
-        }
-        Coding::Zstd => {
-            out = zstd::stream::decode_all(data).expect("masker output is valid zstd");
-        }
-    }
-    out
-}
-
-fn name(c: Coding) -> Option<&'static str> {
-    match c {
-        Coding::Identity => None,
-        Coding::Gzip => Some("gzip"),
-        Coding::Deflate => Some("deflate"),
-        Coding::Brotli => Some("br"),
-        Coding::Zstd => Some("zstd"),
-    }
-}
-
 fuzz_target!(|input: Input| {
     let masker = if input.builtin { builtin_masker() } else { pattern_masker() };
     let wire = encode(input.coding, &input.body);
-    let Ok(mut body) = masker.body(name(input.coding)) else { return };
+    let Ok(mut body) = masker.body(input.coding.name()) else { return };
     let mut cuts: Vec<usize> = input.cuts.iter().map(|&c| usize::from(c) % (wire.len() + 1)).collect();
     cuts.sort_unstable();
     let mut out = Vec::new();

@@ -13,10 +13,7 @@
 //! cleanly or pass through. (zstd is decoded but not re-encoded by the
 //! masker: a zstd body with a key to redact is refused.)
 #![no_main]
-use std::{
-    io::{Read, Write},
-    sync::{Arc, OnceLock},
-};
+use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use gateway::{
@@ -30,17 +27,12 @@ use gateway::{
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
+#[path = "../common/codings.rs"]
+mod codings;
+use codings::{decode, encode, Coding};
+
 #[path = "../common/keys.rs"]
 mod keys;
-
-#[derive(Arbitrary, Debug, Clone, Copy, PartialEq)]
-enum Coding {
-    Identity,
-    Gzip,
-    Deflate,
-    Brotli,
-    Zstd,
-}
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Shape {
@@ -85,59 +77,6 @@ fn form_encode(data: &[u8]) -> Vec<u8> {
         }
     }
     out
-}
-
-fn encode(c: Coding, data: &[u8]) -> Vec<u8> {
-    match c {
-        Coding::Identity => data.to_vec(),
-        Coding::Gzip => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Deflate => {
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Brotli => {
-            let mut out = Vec::new();
-            {
-                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 1, 18);
-                w.write_all(data).expect("in memory");
-            }
-            out
-        }
-        Coding::Zstd => zstd::bulk::compress(data, 1).expect("in memory"),
-    }
-}
-
-fn decode(c: Coding, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match c {
-        Coding::Identity => out.extend_from_slice(data),
-        Coding::Gzip => {
-            flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out).expect("redacted body is valid gzip");
-        }
-        Coding::Deflate => {
-            flate2::read::ZlibDecoder::new(data).read_to_end(&mut out).expect("redacted body is valid deflate");
-        }
-        Coding::Brotli => {
-            brotli::Decompressor::new(data, 4096).read_to_end(&mut out).expect("redacted body is valid br");
-        }
-        Coding::Zstd => out = zstd::stream::decode_all(data).expect("redacted body is valid zstd"),
-    }
-    out
-}
-
-fn coding_name(c: Coding) -> Option<&'static str> {
-    match c {
-        Coding::Identity => None,
-        Coding::Gzip => Some("gzip"),
-        Coding::Deflate => Some("deflate"),
-        Coding::Brotli => Some("br"),
-        Coding::Zstd => Some("zstd"),
-    }
 }
 
 /// The forms of a key a literal replacement must reach: as it is,
@@ -219,7 +158,7 @@ fuzz_target!(|input: Input| {
     if input.typed {
         headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     }
-    if let Some(name) = coding_name(input.coding) {
+    if let Some(name) = input.coding.name() {
         headers.insert(http::header::CONTENT_ENCODING, HeaderValue::from_static(name));
     }
     let wire = match &input.garbage {

@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 
 use super::{
     pages::{self, csrf, layout, when},
-    routes::Console,
+    routes::{Console, DecideForm},
     session::{Role, Session},
     FleetDesk,
 };
@@ -114,15 +114,6 @@ async fn approvals(State(console): State<Console>, headers: HeaderMap) -> Respon
     }
 }
 
-/// An approval decision taken through the store.
-#[derive(Debug, Deserialize)]
-struct DecideForm {
-    csrf: String,
-    verdict: String,
-    #[serde(default)]
-    comment: String,
-}
-
 async fn decide(
     State(console): State<Console>,
     headers: HeaderMap,
@@ -137,10 +128,9 @@ async fn decide(
         Ok(d) => d,
         Err(r) => return *r,
     };
-    let verdict = match form.verdict.as_str() {
-        "approve" => Verdict::Approve,
-        "deny" => Verdict::Deny,
-        other => return pages::error(StatusCode::BAD_REQUEST, &format!("`{other}` is not a verdict"), Some(&session)),
+    let verdict = match form.verdict(&session) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let id = match raw.parse::<ApprovalId>() {
         Ok(id) => id,
@@ -153,7 +143,7 @@ async fn decide(
     // The gateway takes the decision on the user's behalf; the rules check
     // the user's names (every alias the provider gave), not the daemon's uid.
     let vouched = Vouched::Oidc { aliases: session.user.aliases.clone() };
-    let comment = Some(form.comment.trim()).filter(|c| !c.is_empty());
+    let comment = form.comment();
     let decision = CentralDecision {
         host_id: Some(&host),
         id,

@@ -510,13 +510,33 @@ async fn approvals_json(State(console): State<Console>, headers: HeaderMap) -> R
     }
 }
 
-/// An approval decision.
+/// An approval decision (the local queue's form and the fleet's).
 #[derive(Debug, Deserialize)]
-struct DecideForm {
-    csrf: String,
+pub(super) struct DecideForm {
+    pub(super) csrf: String,
     verdict: String,
     #[serde(default)]
     comment: String,
+}
+
+impl DecideForm {
+    /// The verdict, or the error page for anything else.
+    pub(super) fn verdict(&self, session: &Session) -> Result<Verdict, Box<Response>> {
+        match self.verdict.as_str() {
+            "approve" => Ok(Verdict::Approve),
+            "deny" => Ok(Verdict::Deny),
+            other => Err(Box::new(pages::error(
+                StatusCode::BAD_REQUEST,
+                &format!("`{other}` is not a verdict"),
+                Some(session),
+            ))),
+        }
+    }
+
+    /// The comment, trimmed; `None` when empty.
+    pub(super) fn comment(&self) -> Option<&str> {
+        Some(self.comment.trim()).filter(|c| !c.is_empty())
+    }
 }
 
 async fn decide(
@@ -529,10 +549,9 @@ async fn decide(
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let verdict = match form.verdict.as_str() {
-        "approve" => Verdict::Approve,
-        "deny" => Verdict::Deny,
-        other => return pages::error(StatusCode::BAD_REQUEST, &format!("`{other}` is not a verdict"), Some(&session)),
+    let verdict = match form.verdict(&session) {
+        Ok(v) => v,
+        Err(r) => return *r,
     };
     let id = match raw.parse::<ApprovalId>() {
         Ok(id) => id,
@@ -548,7 +567,7 @@ async fn decide(
         identity: None,
         vouched: Vouched::Oidc { aliases: session.user.aliases.clone() },
     };
-    let comment = Some(form.comment.trim().to_owned()).filter(|c| !c.is_empty());
+    let comment = form.comment().map(str::to_owned);
     match console.services.approvals.decide(id, verdict, approver, comment).await {
         Ok(_) => Redirect::to("/approvals").into_response(),
         Err(e) => {
