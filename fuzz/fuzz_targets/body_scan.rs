@@ -4,12 +4,15 @@
 //! arbitrary chunks. The body is either encoded here (so the decoders get
 //! valid streams and the parsers behind them get reached) or passed raw.
 #![no_main]
-use std::{io::Write, sync::Arc, sync::OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use arbitrary::Arbitrary;
 use gateway::detect::{body::BodyLimits, body::BodyScanner, Detector};
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
+
+#[path = "../common/codings.rs"]
+mod codings;
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Type {
@@ -25,12 +28,30 @@ enum Type {
     None,
 }
 
+/// A compressing coding (the scanner is fed bodies that declare one).
 #[derive(Arbitrary, Debug, Clone, Copy)]
 enum Coding {
     Gzip,
     Deflate,
     Brotli,
     Zstd,
+}
+
+impl Coding {
+    /// The shared reference codec's coding.
+    fn codec(self) -> codings::Coding {
+        match self {
+            Coding::Gzip => codings::Coding::Gzip,
+            Coding::Deflate => codings::Coding::Deflate,
+            Coding::Brotli => codings::Coding::Brotli,
+            Coding::Zstd => codings::Coding::Zstd,
+        }
+    }
+
+    /// Its `Content-Encoding` token.
+    fn name(self) -> &'static str {
+        self.codec().name().unwrap_or("identity")
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -47,39 +68,6 @@ struct Input {
 fn detector() -> Arc<Detector> {
     static D: OnceLock<Arc<Detector>> = OnceLock::new();
     D.get_or_init(|| Arc::new(Detector::builtin().expect("built-in rules compile"))).clone()
-}
-
-fn name(c: Coding) -> &'static str {
-    match c {
-        Coding::Gzip => "gzip",
-        Coding::Deflate => "deflate",
-        Coding::Brotli => "br",
-        Coding::Zstd => "zstd",
-    }
-}
-
-fn encode(c: Coding, data: &[u8]) -> Vec<u8> {
-    match c {
-        Coding::Gzip => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Deflate => {
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).expect("in memory");
-            e.finish().expect("in memory")
-        }
-        Coding::Brotli => {
-            let mut out = Vec::new();
-            {
-                let mut w = brotli::CompressorWriter::new(&mut out, 4096, 1, 18);
-                w.write_all(data).expect("in memory");
-            }
-            out
-        }
-        Coding::Zstd => zstd::bulk::compress(data, 1).expect("in memory"),
-    }
 }
 
 fuzz_target!(|input: Input| {
@@ -100,17 +88,17 @@ fuzz_target!(|input: Input| {
         headers.insert("content-type", HeaderValue::from_static(ct));
     }
     if let Some(c) = input.grpc_encoding {
-        headers.insert("grpc-encoding", HeaderValue::from_static(name(c)));
+        headers.insert("grpc-encoding", HeaderValue::from_static(c.name()));
     }
     let encodings: Vec<Coding> = input.encodings.iter().copied().take(3).collect();
     if !encodings.is_empty() {
-        let value = encodings.iter().map(|&c| name(c)).collect::<Vec<_>>().join(", ");
+        let value = encodings.iter().map(|&c| c.name()).collect::<Vec<_>>().join(", ");
         headers.insert("content-encoding", HeaderValue::from_str(&value).expect("ascii"));
     }
     let mut body = input.body;
     if input.encode_here {
         for &c in &encodings {
-            body = encode(c, &body);
+            body = codings::encode(c.codec(), &body);
         }
     }
     let limits = BodyLimits { max_decoded: if input.small_limit { 256 } else { 1 << 20 } };

@@ -128,13 +128,9 @@ async fn decide(
         Ok(d) => d,
         Err(r) => return *r,
     };
-    let verdict = match form.verdict(&session) {
-        Ok(v) => v,
+    let (verdict, id) = match form.decision(&raw, &session) {
+        Ok(d) => d,
         Err(r) => return *r,
-    };
-    let id = match raw.parse::<ApprovalId>() {
-        Ok(id) => id,
-        Err(reason) => return pages::error(StatusCode::BAD_REQUEST, &reason, Some(&session)),
     };
     let mut client = match store(desk, &session).await {
         Ok(c) => c,

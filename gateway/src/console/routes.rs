@@ -520,17 +520,17 @@ pub(super) struct DecideForm {
 }
 
 impl DecideForm {
-    /// The verdict, or the error page for anything else.
-    pub(super) fn verdict(&self, session: &Session) -> Result<Verdict, Box<Response>> {
-        match self.verdict.as_str() {
-            "approve" => Ok(Verdict::Approve),
-            "deny" => Ok(Verdict::Deny),
-            other => Err(Box::new(pages::error(
-                StatusCode::BAD_REQUEST,
-                &format!("`{other}` is not a verdict"),
-                Some(session),
-            ))),
-        }
+    /// The verdict and the request (`raw`, from the path) it is for, or
+    /// the error page for anything else.
+    pub(super) fn decision(&self, raw: &str, session: &Session) -> Result<(Verdict, ApprovalId), Box<Response>> {
+        let bad = |reason: &str| Box::new(pages::error(StatusCode::BAD_REQUEST, reason, Some(session)));
+        let verdict = match self.verdict.as_str() {
+            "approve" => Verdict::Approve,
+            "deny" => Verdict::Deny,
+            other => return Err(bad(&format!("`{other}` is not a verdict"))),
+        };
+        let id = raw.parse::<ApprovalId>().map_err(|reason| bad(&reason))?;
+        Ok((verdict, id))
     }
 
     /// The comment, trimmed; `None` when empty.
@@ -549,13 +549,9 @@ async fn decide(
         Ok(s) => s,
         Err(r) => return *r,
     };
-    let verdict = match form.verdict(&session) {
-        Ok(v) => v,
+    let (verdict, id) = match form.decision(&raw, &session) {
+        Ok(d) => d,
         Err(r) => return *r,
-    };
-    let id = match raw.parse::<ApprovalId>() {
-        Ok(id) => id,
-        Err(reason) => return pages::error(StatusCode::BAD_REQUEST, &reason, Some(&session)),
     };
     // The gateway process takes the decision on the user's behalf; the
     // record names the user (`oidc:<name>`) and the approval rules check
