@@ -1279,3 +1279,156 @@ fn postgres_transparency_and_split_messages() {
     assert!(lines.get(1).is_some_and(|l| l.ends_with("differing []")), "{said}");
     assert_eq!(lines.get(2), Some(&"bytewise True"), "{said}");
 }
+
+/// A key spelled in SQL's own encodings: escape strings (`E'\x67…'`,
+/// octal, `\u`), Unicode escapes (`U&'…'`, `UESCAPE`, `U&"…"`
+/// identifiers), `standard_conforming_strings = off`, `bytea` hex and
+/// escape formats, `decode(…, 'hex' | 'base64')`; in a query, a bind
+/// parameter and COPY data (its text-format escapes, a line padded past
+/// the scanner's window). Each is refused like the key written plainly,
+/// the clean controls pass, and no form of the key is in anything the
+/// gateway wrote.
+#[test]
+fn postgres_keys_in_sql_encodings() {
+    gateway_tests::require_root();
+    let scene = Scene::start("pgencode");
+    let key = keys::github_token();
+    let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+    let hex_escaped: String = key.bytes().map(|b| format!("\\x{b:02x}")).collect();
+    let octal: String = key.bytes().map(|b| format!("\\{b:03o}")).collect();
+    let u_escaped: String = key.bytes().map(|b| format!("\\u{b:04x}")).collect();
+    let unicode: String = key.bytes().map(|b| format!("\\{b:04x}")).collect();
+    let unicode_bang: String = key.bytes().map(|b| format!("!{b:04x}")).collect();
+    let b64 = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(key.as_bytes())
+    };
+    let partial = key.replacen("ghp_", "gh\\x70_", 1);
+
+    let keyed = [
+        format!("insert into leak (v) values (E'{hex_escaped}')"),
+        format!("insert into leak (v) values (E'{octal}')"),
+        format!("insert into leak (v) values (E'{u_escaped}')"),
+        format!("insert into leak (v) values (E'{partial}')"),
+        format!("insert into leak (v) values (U&'{unicode}')"),
+        format!("insert into leak (v) values (U&'{unicode_bang}' UESCAPE '!')"),
+        format!("create table U&\"{unicode}\" (a int)"),
+        format!("insert into leak (b) values (decode('{b64}', 'base64'))"),
+        format!("insert into leak (b) values (decode('{hex}', 'hex'))"),
+        format!("insert into leak (b) values ('\\x{hex}'::bytea)"),
+        format!("insert into leak (b) values ('{octal}'::bytea)"),
+    ];
+    let clean_hex: String = b"nothing secret in these bytes, really".iter().map(|b| format!("{b:02x}")).collect();
+    let mut commands = vec!["create table leak (v text, b bytea)".to_owned()];
+    commands.extend(keyed.iter().cloned());
+    commands.push("set standard_conforming_strings = off".into());
+    commands.push(format!("insert into leak (v) values ('{hex_escaped}')"));
+    commands.push("set standard_conforming_strings = on".into());
+    commands.push("insert into leak (v) values (E'\\x68\\x65\\x6c\\x6c\\x6f, world, \\150\\151')".into());
+    commands.push(format!("insert into leak (b) values (decode('{clean_hex}', 'hex'))"));
+    commands.push("select count(*) from leak".into());
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    let out = scene.psql(FLAG_IP, &scene.job_password, &commands);
+    let said = text(&out);
+    let refusals: Vec<&str> = said.lines().filter(|l| l.starts_with("ERROR:") && l.contains("github-pat")).collect();
+    assert_eq!(
+        refusals.len(),
+        keyed.len() + 1,
+        "every encoding of the key is refused, naming the finding:\n{}",
+        said.replace(&key, "<KEY>")
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().last().map(str::trim), Some("2"), "only the clean controls were inserted:\n{said}");
+
+    // Bind parameters (text format) and COPY data.
+    let json: String = key.bytes().map(|b| format!("\\\\u{b:04x}")).collect();
+    let copy_escaped: String = key.bytes().map(|b| format!("\\\\{b:03o}")).collect();
+    // In the Python source below: each backslash doubled.
+    let py_hex_escaped = hex_escaped.replace('\\', "\\\\");
+    let script = format!(
+        r#"
+import os, psycopg
+conn = psycopg.connect(os.environ["DSN"], autocommit=True)
+def attempt(name, f):
+    try:
+        f()
+        print(name, "PASSED")
+    except psycopg.errors.InsufficientPrivilege as e:
+        print(name, "refused", "github-pat" in str(e))
+    except psycopg.Error as e:
+        print(name, "failed", "refused by the CI gateway" in str(e))
+attempt("bytea-hex", lambda: conn.execute("insert into leak (b) values (%s::bytea)", ["\\x{hex}"]))
+attempt("base64", lambda: conn.execute("insert into leak (b) values (decode(%s, 'base64'))", ["{b64}"]))
+attempt("json", lambda: conn.execute("insert into leak (v) values (%s::jsonb->>'k')", ['{{"k":"{json}"}}']))
+conn.execute("insert into leak (v) values (%s)", ["a clean parameter"])
+def copy(name, data):
+    def go():
+        with conn.cursor().copy("copy leak (v) from stdin") as c:
+            for chunk in data:
+                c.write(chunk)
+    attempt(name, go)
+copy("copy-escaped", ["row one\n", "{py_hex_escaped}\n"])
+copy("copy-octal", ["{copy_escaped}\n"])
+copy("copy-split", ["{py_hex_escaped}"[:37], "{py_hex_escaped}"[37:] + "\n"])
+copy("copy-padded", ["z" * 600000, "{copy_escaped}\n"])
+copy("copy-bytea", ["\\\\x{hex}\n"])
+copy("copy-clean", ["a clean row\n", "z" * 300000 + "\n"])
+print("count", conn.execute("select count(*) from leak").fetchone()[0])
+"#
+    );
+    let out = scene.python(FLAG_IP, &script);
+    let said = ok("psycopg", &out);
+    for name in ["bytea-hex", "base64", "json"] {
+        assert!(said.contains(&format!("{name} refused True")), "{name}:\n{}", said.replace(&key, "<KEY>"));
+    }
+    for name in ["copy-escaped", "copy-octal", "copy-split", "copy-padded", "copy-bytea"] {
+        assert!(said.contains(&format!("{name} failed True")), "{name}:\n{}", said.replace(&key, "<KEY>"));
+    }
+    assert!(said.contains("copy-clean PASSED"), "{said}");
+    assert!(said.contains("count 5"), "two clean rows from psql, one bound, two copied:\n{said}");
+    // One key, one finding (by fingerprint), seen once per refusal.
+    let findings = scene.findings_of("github-pat", FLAG_IP);
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    let refused = keyed.len() + 1 + 3 + 5;
+    assert_eq!(findings[0]["count"], refused, "every refused message counted: {findings:?}");
+
+    // No form of the key anywhere the gateway wrote.
+    let mut exported = String::new();
+    let sessions = scene.cli_json(&["sessions", "list", "--json"]);
+    for s in sessions.as_array().expect("sessions") {
+        let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
+        exported.push_str(&String::from_utf8_lossy(&scene.gw.cli(&["sessions", "export", id]).stdout));
+        exported.push_str(&ok("replay", &scene.gw.cli(&["sessions", "replay", id])));
+    }
+    assert!(exported.contains("[MASKED:github-pat]"), "the refused statements are recorded, masked");
+    let mut files = Vec::new();
+    collect_files(&scene.gw.dir.path().join("state"), &mut files);
+    let log = scene.gw.log();
+    let findings = serde_json::to_string(&scene.findings()).expect("json");
+    let forms = [
+        ("plain", key.clone()),
+        ("hex", hex.clone()),
+        ("\\x-escaped", hex_escaped.clone()),
+        ("octal", octal.clone()),
+        ("\\u-escaped", u_escaped.clone()),
+        ("U&", unicode.clone()),
+        ("UESCAPE", unicode_bang.clone()),
+        ("base64", b64.clone()),
+    ];
+    for (name, form) in &forms {
+        for (what, text) in [("log", &log), ("findings", &findings), ("exports", &exported)] {
+            assert!(!text.contains(form.as_str()), "the key ({name}) is in the {what}");
+        }
+        for (path, bytes) in &files {
+            if let Some(at) = bytes.windows(form.len()).position(|w| w == form.as_bytes()) {
+                // What precedes it, every form of the key hidden.
+                let before = forms
+                    .iter()
+                    .fold(String::from_utf8_lossy(&bytes[at.saturating_sub(300)..at]).into_owned(), |t, (n, f)| {
+                        t.replace(f.as_str(), &format!("<{n}>"))
+                    });
+                panic!("the key ({name}) is in {}, after: {before}", path.display());
+            }
+        }
+    }
+}

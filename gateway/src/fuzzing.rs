@@ -118,3 +118,16 @@ pub type JsonLexed = (Vec<(String, Vec<u8>)>, Option<(usize, Vec<u8>)>);
 pub fn scan_saved(detector: std::sync::Arc<crate::detect::Detector>, name: &str, data: &[u8]) -> Vec<u8> {
     crate::cli::scan::json_report(detector, std::path::Path::new(name), data)
 }
+
+/// The keys the PostgreSQL handler finds in a SQL text (`postgres::encoded`):
+/// each as (rule, found range). `None` when the text holds more nested
+/// encodings than are decoded (the handler refuses it).
+pub fn sql_keys(detector: &crate::detect::Detector, sql: &str) -> Option<Vec<(String, std::ops::Range<usize>)>> {
+    let found = crate::postgres::encoded::find_in_sql(detector, sql).ok()?;
+    Some(found.into_iter().map(|f| (f.detection.rule_id.to_string(), f.range)).collect())
+}
+
+/// COPY text-format escapes decoded (`postgres::encoded::copy_unescape`).
+pub fn copy_unescape(block: &[u8]) -> Option<Vec<u8>> {
+    crate::postgres::encoded::copy_unescape(block)
+}

@@ -42,7 +42,7 @@ mod json;
 pub mod log;
 mod pattern;
 mod plain;
-mod views;
+pub(crate) mod views;
 mod window;
 
 #[cfg(test)]
@@ -573,6 +573,34 @@ impl Masker {
         Cow::Owned(out.to_vec())
     }
 
+    /// Masks `data` for a stored copy from a scan the caller already made
+    /// of it with `detector` (raw and through every view:
+    /// `views::find_all`), which found `found`: each found range is replaced
+    /// by its rule's label, and the masker itself runs only where it could
+    /// find more (its own patterns or JSON fields, or a detector other than
+    /// the scan's). Scan once: what the gate found is what the recording
+    /// masks. Ranges past the end of `data` (a scan of a longer text than
+    /// is kept) are cut at its end.
+    pub(crate) fn mask_scanned<'a>(
+        &self,
+        detector: &Arc<Detector>,
+        data: &'a [u8],
+        found: &[views::Found],
+    ) -> Cow<'a, [u8]> {
+        let replaced = replace_ranges(data, found);
+        let more = !self.patterns.is_empty()
+            || self.json.is_some()
+            || self.detector.as_ref().is_some_and(|d| !Arc::ptr_eq(d, detector));
+        if !more {
+            return replaced;
+        }
+        let mut log = MaskedLog::default();
+        match self.mask_stored(&replaced, &mut log) {
+            Cow::Borrowed(_) => replaced,
+            Cow::Owned(masked) => Cow::Owned(masked),
+        }
+    }
+
     /// Where the selected detector rules find secrets in `text`, raw or
     /// encoded; sorted by start.
     fn secret_ranges(&self, text: &[u8]) -> Result<Vec<Range>, views::OverBudget> {
@@ -584,7 +612,7 @@ impl Masker {
             }
         }
         for found in views::find(detector, text)? {
-            if let Some(&label) = self.rule_labels.get(&*found.rule) {
+            if let Some(&label) = self.rule_labels.get(&*found.detection.rule_id) {
                 if found.range.end > found.range.start {
                     ranges.push(Range { start: found.range.start as u64, end: found.range.end as u64, label });
                 }
@@ -597,4 +625,36 @@ impl Masker {
 
 fn label_id(index: usize) -> LabelId {
     LabelId::try_from(index).unwrap_or(LabelId::MAX)
+}
+
+/// `data` with each found range (overlapping ones merged, the first one's
+/// rule naming it) replaced by `[MASKED:<rule>]`.
+fn replace_ranges<'a>(data: &'a [u8], found: &[views::Found]) -> Cow<'a, [u8]> {
+    if found.is_empty() {
+        return Cow::Borrowed(data);
+    }
+    let mut ranges: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|f| {
+            let start = f.range.start.min(data.len());
+            (start, f.range.end.clamp(start, data.len()), &*f.detection.rule_id)
+        })
+        .collect();
+    ranges.sort_unstable_by_key(|r| (r.0, r.1));
+    let mut out = Vec::with_capacity(data.len());
+    let mut at = 0;
+    for (start, end, rule) in ranges {
+        if end <= at {
+            continue;
+        }
+        if start >= at {
+            out.extend_from_slice(&data[at..start]);
+            out.extend_from_slice(b"[MASKED:");
+            out.extend_from_slice(rule.as_bytes());
+            out.push(b']');
+        }
+        at = end;
+    }
+    out.extend_from_slice(&data[at..]);
+    Cow::Owned(out)
 }

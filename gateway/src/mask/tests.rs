@@ -989,3 +989,31 @@ fn log_lines_are_masked_json_and_text_alike() {
     assert_eq!(first["path"], "/v1/[MASKED:openai-project-key]");
     assert_eq!(lines[1], "INFO gateway::http: path=/v1/[MASKED:openai-project-key]");
 }
+
+#[test]
+fn mask_scanned_masks_what_the_scan_found_and_runs_only_for_more() {
+    let stripe = key("stripe-secret-key");
+    let text = cat(&[b"a \xff binary ", &stripe, b" and more"]);
+    let found = views::find_all(&detector(), &text).unwrap();
+    assert_eq!(found.len(), 1);
+    // Rules only: the scan's ranges, byte-exact even around invalid UTF-8.
+    let out = all_rules().mask_scanned(&detector(), &text, &found);
+    assert_eq!(out.as_ref(), b"a \xff binary [MASKED:stripe-secret-key] and more");
+    // Nothing found, nothing else to look for: borrowed, not scanned again.
+    assert!(matches!(all_rules().mask_scanned(&detector(), b"clean", &[]), Cow::Borrowed(_)));
+    // A pattern of the masker's own still applies.
+    let m = masker(MaskSpec {
+        patterns: vec![MaskPattern { name: "ticket".into(), regex: "TICKET-[0-9]{1,8}".into() }],
+        ..MaskSpec::default()
+    });
+    let out = m.mask_scanned(&detector(), b"see TICKET-42", &[]);
+    assert_eq!(text_of(&out), "see [MASKED:ticket]");
+    // A scan cut short (a longer text than is kept): cut at the end.
+    let kept = &text[..text.len() - 12];
+    let out = all_rules().mask_scanned(&detector(), kept, &found);
+    assert_absent(&out, &stripe[..stripe.len() - 3]);
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

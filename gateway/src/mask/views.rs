@@ -26,7 +26,7 @@
 //! views multiply stops at [`Budget`]; the caller then withholds the text
 //! rather than keep it unmasked.
 
-use std::{ops::Range, sync::Arc};
+use std::ops::Range;
 
 use base64::{
     alphabet,
@@ -34,7 +34,7 @@ use base64::{
     Engine as _,
 };
 
-use crate::detect::Detector;
+use crate::detect::{Detection, Detector};
 
 /// Views of views, at most this deep (a view of the text is depth 1).
 const MAX_DEPTH: u8 = 3;
@@ -43,18 +43,23 @@ const MAX_DEPTH: u8 = 3;
 const CONTEXT: usize = 1024;
 /// Shortest base64 run decoded: 12 bytes, shorter than any key a rule finds.
 const MIN_RUN: usize = 16;
+/// Shortest hex run decoded: 16 bytes, shorter than any key a rule finds.
+const MIN_HEX_RUN: usize = 32;
+/// Distinct `UESCAPE` characters of one text given a view each, at most.
+const MAX_UESCAPES: usize = 4;
 /// Decoded view bytes allowed per source byte, beyond [`BUDGET_SLACK`].
 const BUDGET_FACTOR: usize = 16;
 /// View bytes always allowed.
 const BUDGET_SLACK: usize = 64 << 10;
 
 /// A secret found in a decoded view: where it sits in the source text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Found {
     /// Source bytes to mask (whole escape sequences, whole base64 runs).
     pub range: Range<usize>,
-    /// The detector rule that found it.
-    pub rule: Arc<str>,
+    /// The detection in its decoded view: the rule, and the secret as
+    /// decoded (what a finding fingerprints); its offsets are the view's.
+    pub detection: Detection,
 }
 
 /// The views' output was cut short: the text holds more encodings than the
@@ -77,6 +82,26 @@ impl Budget {
     }
 }
 
+/// Every secret in `text`: the detector's detections in the raw bytes and
+/// in every decoded view, as source ranges. One key seen both raw and
+/// through a view (a view decodes the neighbourhood of an escape, which may
+/// hold a raw key too) is reported once, where the raw pass found it.
+pub(crate) fn find_all(detector: &Detector, text: &[u8]) -> Result<Vec<Found>, OverBudget> {
+    let mut out: Vec<Found> = detector
+        .scan(text)
+        .into_iter()
+        .map(|d| Found { range: d.start as usize..d.end as usize, detection: d })
+        .collect();
+    for f in find(detector, text)? {
+        let known =
+            out.iter().any(|o| o.detection.rule_id == f.detection.rule_id && o.detection.secret == f.detection.secret);
+        if !known {
+            out.push(f);
+        }
+    }
+    Ok(out)
+}
+
 /// Every secret the detector finds in a decoded view of `text` (not in
 /// `text` itself: the raw pass is the caller's), as source ranges.
 pub(crate) fn find(detector: &Detector, text: &[u8]) -> Result<Vec<Found>, OverBudget> {
@@ -93,15 +118,17 @@ fn find_in(
     budget: &mut Budget,
     out: &mut Vec<Found>,
 ) -> Result<(), OverBudget> {
-    for escapes in [Escapes::Percent, Escapes::Form, Escapes::Backslash, Escapes::QuotedPrintable] {
+    let fixed =
+        [Escapes::Percent, Escapes::Form, Escapes::Backslash, Escapes::QuotedPrintable, Escapes::Unicode(b'\\')];
+    for escapes in fixed.into_iter().chain(uescapes(text).map(Escapes::Unicode)) {
         let Some(view) = ByteView::build(escapes, text, budget)? else { continue };
         let mut found = Vec::new();
         scan(detector, &view.bytes, depth, budget, &mut found)?;
-        out.extend(found.into_iter().map(|f| Found { range: view.source(f.range), rule: f.rule }));
+        out.extend(found.into_iter().map(|f| Found { range: view.source(f.range), detection: f.detection }));
     }
-    if let Some(view) = Base64View::build(text, budget)? {
+    for view in [RunView::base64(text, budget)?, RunView::hex(text, budget)?].into_iter().flatten() {
         for d in detector.scan(&view.bytes) {
-            out.push(Found { range: view.source(d.start as usize..d.end as usize), rule: d.rule_id });
+            out.push(Found { range: view.source(d.start as usize..d.end as usize), detection: d });
         }
         if depth < MAX_DEPTH {
             // Only decoded text can hold further encodings worth decoding;
@@ -109,7 +136,7 @@ fn find_in(
             for seg in view.segments.iter().filter(|s| is_text(&view.bytes[s.view.clone()])) {
                 let mut inner = Vec::new();
                 find_in(detector, &view.bytes[seg.view.clone()], depth + 1, budget, &mut inner)?;
-                out.extend(inner.into_iter().map(|f| Found { range: seg.src.clone(), rule: f.rule }));
+                out.extend(inner.into_iter().map(|f| Found { range: seg.src.clone(), detection: f.detection }));
             }
         }
     }
@@ -126,7 +153,7 @@ fn scan(
     out: &mut Vec<Found>,
 ) -> Result<(), OverBudget> {
     for d in detector.scan(bytes) {
-        out.push(Found { range: d.start as usize..d.end as usize, rule: d.rule_id });
+        out.push(Found { range: d.start as usize..d.end as usize, detection: d });
     }
     if depth < MAX_DEPTH {
         find_in(detector, bytes, depth + 1, budget, out)?;
@@ -151,6 +178,33 @@ enum Escapes {
     Backslash,
     /// `=XX` and soft line breaks (`=` at a line end), as in MIME parts.
     QuotedPrintable,
+    /// `<c>XXXX` and `<c>+XXXXXX` code points, `<c><c>` for `c` itself:
+    /// SQL's Unicode escape strings (`U&'\0067'`, and with `UESCAPE '!'`
+    /// `U&'!0067'`), CSS-like `\0067`.
+    Unicode(u8),
+}
+
+/// The characters a text names with `UESCAPE '<c>'` (SQL, any case), each
+/// once, at most [`MAX_UESCAPES`].
+fn uescapes(text: &[u8]) -> impl Iterator<Item = u8> {
+    let mut found: Vec<u8> = Vec::new();
+    for at in memchr::memchr2_iter(b'u', b'U', text) {
+        if found.len() >= MAX_UESCAPES {
+            break;
+        }
+        let Some(word) = text.get(at..at + 7) else { break };
+        if !word.eq_ignore_ascii_case(b"uescape") {
+            continue;
+        }
+        let rest = &text[at + 7..];
+        let skip = rest.iter().take_while(|b| b.is_ascii_whitespace()).count();
+        if let Some(&[b'\'', c, b'\'']) = rest.get(skip..skip + 3) {
+            if c != b'\\' && !found.contains(&c) {
+                found.push(c);
+            }
+        }
+    }
+    found.into_iter()
 }
 
 impl Escapes {
@@ -162,6 +216,7 @@ impl Escapes {
             Escapes::Form => memchr::memchr2(b'%', b'+', rest),
             Escapes::Backslash => memchr::memchr(b'\\', rest),
             Escapes::QuotedPrintable => memchr::memchr(b'=', rest),
+            Escapes::Unicode(c) => memchr::memchr(c, rest),
         };
         at.map(|i| from + i)
     }
@@ -175,6 +230,8 @@ impl Escapes {
             Escapes::Form => text[at] == b'+',
             Escapes::QuotedPrintable => soft_break_len(&text[at..]).is_some(),
             Escapes::Percent | Escapes::Backslash => self.decode(text, at, &mut Vec::new()).is_some(),
+            // A code point, not a doubled escape character.
+            Escapes::Unicode(c) => text.get(at + 1) != Some(&c) && self.decode(text, at, &mut Vec::new()).is_some(),
         }
     }
 
@@ -194,6 +251,17 @@ impl Escapes {
                 Some(1)
             }
             (Escapes::Backslash, b'\\') => backslash(rest, out),
+            (Escapes::Unicode(c), &first) if first == c => {
+                if rest.get(1) == Some(&c) {
+                    out.push(c);
+                    return Some(2);
+                }
+                let (digits, skip) =
+                    if rest.get(1) == Some(&b'+') { (rest.get(2..8)?, 8) } else { (rest.get(1..5)?, 5) };
+                let value = digits.iter().try_fold(0u32, |acc, &b| Some(acc << 4 | u32::from(hex_digit(b)?)))?;
+                push_char(char::from_u32(value)?, out);
+                Some(skip)
+            }
             (Escapes::QuotedPrintable, b'=') => {
                 if let Some(n) = soft_break_len(rest) {
                     return Some(n);
@@ -251,6 +319,11 @@ fn backslash(rest: &[u8], out: &mut Vec<u8>) -> Option<usize> {
         b't' => simple(b'\t', out),
         b'b' => simple(0x08, out),
         b'f' => simple(0x0c, out),
+        // `\147`: three octal digits (C, Python, PostgreSQL's `E'…'`).
+        b'0'..=b'3' if rest.get(2..4).is_some_and(|d| d.iter().all(|b| (b'0'..=b'7').contains(b))) => {
+            out.push(((c - b'0') << 6) | ((rest[2] - b'0') << 3) | (rest[3] - b'0'));
+            Some(4)
+        }
         b'0' => simple(0, out),
         b'x' => {
             out.push(hex_byte(rest.get(2..4)?)?);
@@ -368,10 +441,10 @@ impl ByteView {
     }
 }
 
-/// Base64 runs of a text, decoded.
+/// Base64 or hex runs of a text, decoded.
 #[derive(Debug)]
-struct Base64View {
-    /// Decoded runs (one per tried alignment), separated by `\n`.
+struct RunView {
+    /// Decoded runs (base64: one per tried alignment), separated by `\n`.
     bytes: Vec<u8>,
     /// Where each decoded run is, in order.
     segments: Vec<Segment>,
@@ -397,11 +470,11 @@ fn is_b64(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_')
 }
 
-impl Base64View {
+impl RunView {
     /// The view of `text`'s runs of at least [`MIN_RUN`] base64 characters,
     /// or `None` when it has none.
-    fn build(text: &[u8], budget: &mut Budget) -> Result<Option<Base64View>, OverBudget> {
-        let mut view = Base64View { bytes: Vec::new(), segments: Vec::new() };
+    fn base64(text: &[u8], budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
+        let mut view = RunView { bytes: Vec::new(), segments: Vec::new() };
         let mut chars = Vec::new();
         let mut i = 0;
         while i < text.len() {
@@ -477,6 +550,35 @@ impl Base64View {
         Ok((!view.segments.is_empty()).then_some(view))
     }
 
+    /// The view of `text`'s runs of at least [`MIN_HEX_RUN`] hex digits
+    /// (`decode(…, 'hex')`, `bytea`'s `\x…`, hex dumps), or `None`. An odd
+    /// run's last digit is left out.
+    fn hex(text: &[u8], budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
+        let mut view = RunView { bytes: Vec::new(), segments: Vec::new() };
+        let mut i = 0;
+        while i < text.len() {
+            if !text[i].is_ascii_hexdigit() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < text.len() && text[i].is_ascii_hexdigit() {
+                i += 1;
+            }
+            if i - start < MIN_HEX_RUN {
+                continue;
+            }
+            budget.spend((i - start) / 2 + 1)?;
+            if !view.bytes.is_empty() {
+                view.bytes.push(b'\n');
+            }
+            let from = view.bytes.len();
+            view.bytes.extend(text[start..i].chunks_exact(2).filter_map(hex_byte));
+            view.segments.push(Segment { view: from..view.bytes.len(), src: start..i });
+        }
+        Ok((!view.segments.is_empty()).then_some(view))
+    }
+
     /// The runs whose decoded bytes `view[range]` touches, as one source
     /// range (runs between them included: masking more, never less).
     fn source(&self, range: Range<usize>) -> Range<usize> {
@@ -537,6 +639,37 @@ mod tests {
     }
 
     #[test]
+    fn keys_spelled_in_escapes_are_found() {
+        let detector = Detector::builtin().unwrap();
+        let body: String = (0..30).map(|i| char::from(b"aB3dEf6hIj9kLm2nOp5qRs8tUv1wXy"[i])).collect();
+        let check = crate::detect::confirm::base62_crc32(body.as_bytes());
+        let key = format!("ghp_{body}{}", String::from_utf8_lossy(&check));
+        let each = |f: &dyn Fn(u8) -> String| key.bytes().map(f).collect::<String>();
+        let forms = [
+            format!("E'{}'", each(&|b| format!("\\x{b:02x}"))),
+            format!("E'{}'", each(&|b| format!("\\{b:03o}"))),
+            format!("E'{}'", key.replacen("ghp_", "gh\\160_", 1)),
+            format!("U&'{}'", each(&|b| format!("\\{b:04x}"))),
+            format!("U&'{}'", each(&|b| format!("\\+{b:06X}"))),
+            format!("U&'{}' UESCAPE '!'", each(&|b| format!("!{b:04x}"))),
+            format!("u&\"{}\" uescape '#'", key.replacen("ghp_", "#0067hp_", 1)),
+            format!("decode('{}', 'hex')", each(&|b| format!("{b:02x}"))),
+            format!("'\\x{}'::bytea", each(&|b| format!("{b:02X}"))),
+        ];
+        for form in &forms {
+            let text = format!("insert into t values ({form})");
+            let found = find_all(&detector, text.as_bytes()).unwrap();
+            let hit = found.iter().find(|f| &*f.detection.rule_id == "github-pat");
+            let hit = hit.unwrap_or_else(|| panic!("{form}: {found:?}"));
+            assert_eq!(hit.detection.secret.as_bytes(), key.as_bytes(), "{form}");
+            let masked = &text[hit.range.clone()];
+            assert!(form.contains(masked) && masked.len() >= key.len(), "{form}: masks {masked}");
+        }
+        // A doubled escape character is the character, not a code point.
+        assert!(find_all(&detector, br"U&'\\0067 no key'").unwrap().is_empty());
+    }
+
+    #[test]
     fn quoted_printable_views_need_a_soft_break() {
         let text = "key: sk-pr=\r\noj=2Dx=\nyz";
         let (decoded, v) = view(Escapes::QuotedPrintable, text).unwrap();
@@ -564,8 +697,8 @@ mod tests {
         }
     }
 
-    fn base64_decoded(text: &str) -> Option<(Vec<u8>, Base64View)> {
-        let v = Base64View::build(text.as_bytes(), &mut Budget::for_text(text.len())).unwrap()?;
+    fn base64_decoded(text: &str) -> Option<(Vec<u8>, RunView)> {
+        let v = RunView::base64(text.as_bytes(), &mut Budget::for_text(text.len())).unwrap()?;
         Some((v.bytes.clone(), v))
     }
 
@@ -613,7 +746,7 @@ mod tests {
         // trigger again.
         let unit = "%25%5C+\\u0025\\\\=\r\nQUJDREVGR0hJSktMTU5PUFFSU1RVVldY ";
         let text = unit.repeat(4096);
-        assert_eq!(find(&detector, text.as_bytes()), Err(OverBudget));
+        assert!(matches!(find(&detector, text.as_bytes()), Err(OverBudget)));
         // Ordinary escaped text is nowhere near it.
         let json =
             r#"{"msg":"caf\u00e9 \"quoted\" line\nnext","path":"a%2Fb","id":"3f2c9a4e5b1d4c8e9f0a7e6d5c4b3a21"} "#;

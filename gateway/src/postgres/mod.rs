@@ -3,6 +3,8 @@
 //! decisions back into PostgreSQL messages.
 //!
 //! * [`codec`]: message framing and parsing, without I/O.
+//! * [`encoded`]: keys in SQL's own encodings (escape strings, Unicode
+//!   escapes, `bytea` formats, hex), decoded for the detector.
 //! * [`clean`]: SQL texts a session already found clean (no key), so the
 //!   same text again is not scanned and masked again.
 //! * [`cancel`]: the cancel keys the gateway issues, mapped to the
@@ -15,6 +17,7 @@
 pub mod cancel;
 pub mod clean;
 pub mod codec;
+pub mod encoded;
 pub mod rounds;
 pub mod rows;
 pub mod sql;

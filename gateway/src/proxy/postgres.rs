@@ -58,16 +58,20 @@ use crate::{
     credentials::{RenderedInjection, SecretString, SwapTarget},
     detect::{
         http_scan::{Hit, Location},
-        Confidence, Detection, Detector, Secret, StreamScanner,
+        Confidence, Detection, Detector, Secret,
     },
     enforce::{ConnectionDecision, Judged, Passage, Reason, Refusal, StatementAsk, StatementVerdict, Uninspectable},
     event::{Outcome, Protocol},
     http::BoxedIo,
-    mask::Masker,
+    mask::{
+        views::{Found, OverBudget},
+        Masker,
+    },
     postgres::{
         cancel::CancelTarget,
         clean::{CleanTexts, Known},
         codec::{self, CodecError, Frame, Frontend, Severity, Startup, Target, Value},
+        encoded,
         rounds::{self, Rounds},
         rows::{MaskCounts, RowMask, RowPlan},
         sql,
@@ -938,7 +942,7 @@ impl Relay<'_> {
         let mut discarding: Option<Bytes> = None;
         // Set after refused COPY data: the rest of the copy is dropped.
         let mut copy_refused = false;
-        let mut copy_scan: Option<StreamScanner> = None;
+        let mut copy_scan: Option<encoded::CopyScanner> = None;
         loop {
             let frame = match codec::decode_frame(&mut buf, self.max_message) {
                 Ok(Some(f)) => f,
@@ -1011,9 +1015,17 @@ impl Relay<'_> {
                 Frontend::Bind { params, .. } | Frontend::FunctionCall { args: params, .. } => {
                     let call = matches!(message, Frontend::FunctionCall { .. });
                     let prefix = if call { "function-call" } else { "bind" };
-                    let hits = self.scan_values(prefix, params);
-                    self.record_values(prefix, params);
-                    let mut verdict = self.judge_keys(hits).await;
+                    let mut verdict = match self.scan_values(prefix, params) {
+                        Ok(found) => {
+                            self.record_values(prefix, params, Some(&found));
+                            let hits = found.into_iter().flat_map(|k| k.hits).collect();
+                            self.judge_keys(hits).await
+                        }
+                        Err(OverBudget) => {
+                            self.record_values(prefix, params, None);
+                            self.refuse_encodings("a parameter")
+                        }
+                    };
                     if let (Verdict::Allow, Frontend::FunctionCall { oid, .. }) = (&verdict, &message) {
                         verdict = self.judge_call(*oid).await;
                     }
@@ -1044,37 +1056,30 @@ impl Relay<'_> {
                     }
                 }
                 Frontend::CopyData(data) => {
-                    let scanner = copy_scan.get_or_insert_with(|| self.passage.gate().detector.stream());
-                    let hits = scanner
-                        .feed(data)
-                        .into_iter()
-                        .map(|detection| Hit { detection, location: Location::Postgres("copy".into()) })
-                        .collect();
-                    match self.judge_keys(hits).await {
+                    let detector = &self.passage.gate().detector;
+                    let scanner = copy_scan.get_or_insert_with(|| encoded::CopyScanner::new(detector));
+                    let verdict = match scanner.feed(data) {
+                        Ok(found) => self.judge_keys(copy_hits(found)).await,
+                        Err(OverBudget) => self.refuse_encodings("the COPY data"),
+                    };
+                    match verdict {
                         Verdict::Allow => put_frame(&mut out, &frame),
                         Verdict::Deny(_) => {
                             // The server ends the COPY with its own error, and
                             // the session stays in step.
-                            codec::copy_fail(
-                                &mut out,
-                                "refused by the CI gateway: the data carries a hard-coded credential",
-                            );
+                            codec::copy_fail(&mut out, COPY_REFUSED);
                             copy_refused = true;
                         }
                     }
                 }
                 Frontend::CopyDone => {
                     if let Some(mut scanner) = copy_scan.take() {
-                        let hits = scanner
-                            .finish()
-                            .into_iter()
-                            .map(|detection| Hit { detection, location: Location::Postgres("copy".into()) })
-                            .collect();
-                        if let Verdict::Deny(_) = self.judge_keys(hits).await {
-                            codec::copy_fail(
-                                &mut out,
-                                "refused by the CI gateway: the data carries a hard-coded credential",
-                            );
+                        let verdict = match scanner.finish() {
+                            Ok(found) => self.judge_keys(copy_hits(found)).await,
+                            Err(OverBudget) => self.refuse_encodings("the COPY data"),
+                        };
+                        if let Verdict::Deny(_) = verdict {
+                            codec::copy_fail(&mut out, COPY_REFUSED);
                             continue;
                         }
                     }
@@ -1352,38 +1357,73 @@ impl Relay<'_> {
         End::Refused(self.passage.refuse(Reason::Uninspectable(why), "uninspectable"))
     }
 
-    fn scan_values(&self, prefix: &str, values: &[Value]) -> Vec<Hit> {
+    /// The keys in each value, in every encoding `postgres::encoded`
+    /// knows (values without any left out).
+    fn scan_values(&self, prefix: &str, values: &[Value]) -> Result<Vec<ValueKeys>, OverBudget> {
         let detector = &self.passage.gate().detector;
-        let mut hits = Vec::new();
+        let mut out = Vec::new();
         for (i, value) in values.iter().enumerate() {
             if let Value::Bytes(bytes) = value {
+                let found = encoded::find_in_value(detector, bytes)?;
+                if found.is_empty() {
+                    continue;
+                }
                 let location = Location::Postgres(format!("{prefix}:${}", i + 1));
-                hits.extend(
-                    detector.scan(bytes).into_iter().map(|detection| Hit { detection, location: location.clone() }),
-                );
+                let hits =
+                    found.iter().map(|f| Hit { detection: f.detection.clone(), location: location.clone() }).collect();
+                out.push(ValueKeys { index: i, found, hits });
             }
         }
-        hits
+        Ok(out)
     }
 
-    fn record_values(&self, prefix: &str, values: &[Value]) {
+    /// Records a Bind's or FunctionCall's values, masked from their scan
+    /// (`found`, by index); `None`: the scan was cut short, every value is
+    /// withheld.
+    fn record_values(&self, prefix: &str, values: &[Value], found: Option<&[ValueKeys]>) {
         if self.rounds.is_none() {
             return;
         }
+        let detector = &self.passage.gate().detector;
         let masker = self.passage.gate().recording_masker();
         let shown = values
             .iter()
-            .map(|v| match v {
-                Value::Null => None,
-                Value::Bytes(b) => {
-                    let text = String::from_utf8_lossy(&b[..b.len().min(RECORDED_TEXT)]);
-                    Some(masker.mask_text(&text).into_owned())
+            .enumerate()
+            .map(|(i, v)| match (v, found) {
+                (Value::Null, _) => None,
+                (Value::Bytes(_), None) => Some("[MASKED:too-many-encodings]".to_owned()),
+                (Value::Bytes(b), Some(found)) => {
+                    let kept = &b[..b.len().min(RECORDED_TEXT)];
+                    let ranges = found.iter().find(|k| k.index == i).map_or(&[][..], |k| k.found.as_slice());
+                    Some(String::from_utf8_lossy(&masker.mask_scanned(detector, kept, ranges)).into_owned())
                 }
             })
             .collect();
         self.record_message(PostgresMessage {
             kind: prefix.to_owned(),
             params: Some(shown),
+            ..PostgresMessage::default()
+        });
+    }
+
+    /// A message holding more nested encodings than the gateway decodes
+    /// within bounds: what it hides is unknown, so it is refused.
+    fn refuse_encodings(&self, what: &str) -> Verdict {
+        let detail = format!("{what} holds more nested encodings than the gateway decodes");
+        let refusal = self.passage.refuse(Reason::Uninspectable(Uninspectable::Postgres { detail }), "uninspectable");
+        record_refusal(self.passage, &refusal, "uninspectable");
+        Verdict::Deny(error_bytes(&refusal.message()))
+    }
+
+    /// Records a statement refused unread (its text withheld).
+    fn record_refused_text(&self, kind: &str, sql: &str) {
+        if self.rounds.is_none() {
+            return;
+        }
+        self.record_message(PostgresMessage {
+            decision: Some("deny".to_owned()),
+            kind: kind.to_owned(),
+            sql: Some(format!("[MASKED:too-many-encodings] ({} bytes)", sql.len())),
             ..PostgresMessage::default()
         });
     }
@@ -1490,6 +1530,24 @@ async fn judge_keys(passage: &Passage, judged: &Judged, hits: Vec<Hit>) -> Verdi
     }
 }
 
+/// The keys found in one parameter value.
+struct ValueKeys {
+    /// The value's position (0-based).
+    index: usize,
+    /// Where in the value, for its recording.
+    found: Vec<Found>,
+    /// The same keys as the gate's hits.
+    hits: Vec<Hit>,
+}
+
+/// What the server is told when the gateway ends a COPY.
+const COPY_REFUSED: &str = "refused by the CI gateway: the data carries a hard-coded credential";
+
+/// A COPY's detections as the gate's hits.
+fn copy_hits(found: Vec<Detection>) -> Vec<Hit> {
+    found.into_iter().map(|detection| Hit { detection, location: Location::Postgres("copy".into()) }).collect()
+}
+
 fn error_bytes(text: &str) -> Bytes {
     error_bytes_with(SQLSTATE_REFUSED, text)
 }
@@ -1514,19 +1572,22 @@ impl Relay<'_> {
         let detector = &passage.gate().detector;
         let masker = passage.gate().recording_masker();
         let known = self.clean.lock().unwrap_or_else(PoisonError::into_inner).get(detector, masker, sql);
-        let hits: Vec<Hit> = match known {
+        let found: Vec<Found> = match known {
             // The same text, the same detector: nothing to find again.
             Known::Clean(_) => Vec::new(),
-            Known::Unknown => {
-                let location = Location::Postgres(kind.to_owned());
-                detector
-                    .scan(sql.as_bytes())
-                    .into_iter()
-                    .map(|detection| Hit { detection, location: location.clone() })
-                    .collect()
-            }
+            Known::Unknown => match encoded::find_in_sql(detector, sql) {
+                Ok(found) => found,
+                Err(OverBudget) => {
+                    let verdict = self.refuse_encodings("the SQL text");
+                    self.record_refused_text(kind, sql);
+                    return (verdict, Vec::new());
+                }
+            },
         };
-        let found = hits.len();
+        let location = Location::Postgres(kind.to_owned());
+        let hits: Vec<Hit> =
+            found.iter().map(|f| Hit { detection: f.detection.clone(), location: location.clone() }).collect();
+        let found_keys = hits.len();
         let mut verdict = judge_keys(passage, &self.judged, hits).await;
         let mut rule = None;
         let mut masks = Vec::new();
@@ -1542,7 +1603,8 @@ impl Relay<'_> {
                     Known::Clean(Some(shown)) => Arc::clone(shown),
                     _ => {
                         let text = &sql[..floor_char_boundary(sql, RECORDED_TEXT)];
-                        Arc::from(masker.mask_text(text).as_ref())
+                        // Scan once: the recording masks what the gate found.
+                        Arc::from(String::from_utf8_lossy(&masker.mask_scanned(detector, text.as_bytes(), &found)))
                     }
                 };
                 let decision = match verdict {
@@ -1551,7 +1613,7 @@ impl Relay<'_> {
                 };
                 self.record_message(PostgresMessage {
                     decision: Some(decision.to_owned()),
-                    keys: Some(found as u64),
+                    keys: Some(found_keys as u64),
                     kind: kind.to_owned(),
                     masked: Some(masks.iter().any(Option::is_some)),
                     params: None,
@@ -1563,7 +1625,7 @@ impl Relay<'_> {
             None => None,
         };
         let learned = match known {
-            Known::Unknown => found == 0,
+            Known::Unknown => found_keys == 0,
             // Masked now for the first time.
             Known::Clean(None) => recorded.is_some(),
             Known::Clean(Some(_)) => false,
