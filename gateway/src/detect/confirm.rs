@@ -485,6 +485,59 @@ mod tests {
     }
 
     #[test]
+    fn template_and_elision_placeholders() {
+        for p in [
+            &b"neo4j:[PASSWORD]"[..],
+            b"[your token]",
+            b"ops_eyJzaWduSW5BZGRyZXNzIjoiaHR0cHM6...",
+            b"...4f9a2c7e1b",
+            "sk-proj-Xq7vT2Lp\u{2026}".as_bytes(),
+            b"%(db_password)s",
+        ] {
+            assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+        // Generated secrets hold `%(`, `[`, `.` in other shapes.
+        for p in [
+            &b"django-insecure-_du9e^cmago!%(^+=gr@cu@v9-v7ulhbk2s3!w&39w4+n3*k*$"[..],
+            b"Xq7[vT2]Lp9W8mZr4Nc1",
+            b"WKf4Q~q1MVGfGo8Z7y1FaANFtYQ2VN.hC7Ob1bKc",
+            b"Zx8Q2mL0pR7vT4nB[ab]",
+        ] {
+            assert!(!is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+    }
+
+    #[test]
+    fn jwt_structure_and_published_keys() {
+        use hmac::{Hmac, Mac};
+        let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+        let sign = |key: &[u8], header: &str, claims: &str| {
+            let signed = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+            mac.update(signed.as_bytes());
+            format!("{signed}.{}", b64(&mac.finalize().into_bytes()))
+        };
+        let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+        let claims = r#"{"sub":"ci-deploy","iat":1718193826}"#;
+        assert!(jwt_ok(sign(b"Zx8Q2mL0pR7vT4nB6wK1yH3j", header, claims).as_bytes()));
+        // A weak key a real service may use still makes a credential.
+        assert!(jwt_ok(sign(b"secret", header, claims).as_bytes()));
+        for key in PUBLISHED_JWT_KEYS {
+            assert!(!jwt_ok(sign(key, header, claims).as_bytes()));
+        }
+        // Claims that are not a JSON object: not a token.
+        assert!(!jwt_ok(sign(b"Zx8Q2mL0pR7vT4nB6wK1yH3j", header, "[1,2,3]").as_bytes()));
+        let garbled = format!(
+            "{}.eyJhdWQiOiJhcGkiLCJqdGkiOiJa3Kq9ZxLp0Wm2Rt7Yb4Nc8Vd.Tq8mZ2vR5xKp0LwN7cYb3HdF",
+            b64(header.as_bytes())
+        );
+        assert!(!jwt_ok(garbled.as_bytes()));
+        // Asymmetric algorithms are not tried against keys (nothing to verify with).
+        let rs = format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), b64(claims.as_bytes()), b64(&[7u8; 256]));
+        assert!(jwt_ok(rs.as_bytes()));
+    }
+
+    #[test]
     fn github_check_digits() {
         let random = b"aBcDeFgHiJkLmNoPqRsTuVwXyZ0123";
         let mut token = b"ghp_".to_vec();
