@@ -128,7 +128,7 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if bracketed_name(&lower) {
         return true;
     }
-    // Elided: `ops_eyJzaWdu...`, `...f3a9`, as documentation and dashboards
+    // Elided: `ops_eyJlbWFp...`, `...f3a9`, as documentation and dashboards
     // show a key (`…` is U+2026). Ends only: a key whose alphabet has `.`
     // (Azure AD secrets) holds `...` inside about once in 9,000.
     const ELLIPSES: &[&[u8]] = &[b"...", "\u{2026}".as_bytes()];
@@ -489,7 +489,7 @@ mod tests {
         for p in [
             &b"neo4j:[PASSWORD]"[..],
             b"[your token]",
-            b"ops_eyJzaWduSW5BZGRyZXNzIjoiaHR0cHM6...",
+            b"ops_eyJlbWFpbCI6ImNpQGFjbWUtYnVpbGRzLm5ldCIs...",
             b"...4f9a2c7e1b",
             "sk-proj-Xq7vT2Lp\u{2026}".as_bytes(),
             b"%(db_password)s",
@@ -498,7 +498,7 @@ mod tests {
         }
         // Generated secrets hold `%(`, `[`, `.` in other shapes.
         for p in [
-            &b"django-insecure-_du9e^cmago!%(^+=gr@cu@v9-v7ulhbk2s3!w&39w4+n3*k*$"[..],
+            &b"django-insecure-$q=w(=^7b3!%(^khx4py8g!pa_n0rl)yk+ei$$2iiaan"[..],
             b"Xq7[vT2]Lp9W8mZr4Nc1",
             b"WKf4Q~q1MVGfGo8Z7y1FaANFtYQ2VN.hC7Ob1bKc",
             b"Zx8Q2mL0pR7vT4nB[ab]",
