@@ -114,9 +114,25 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     if PLACEHOLDER_VALUES.contains(&lower.as_slice()) {
         return true;
     }
-    // Template and variable syntaxes: ${VAR}, {{ var }}, $(cmd), %(var)s, %VAR%, <your-key>.
-    const SYNTAX: &[&[u8]] = &[b"${", b"{{", b"}}", b"$(", b"%(", b"<", b">"];
+    // Template and variable syntaxes: ${VAR}, {{ var }}, $(cmd), %VAR%, <your-key>.
+    const SYNTAX: &[&[u8]] = &[b"${", b"{{", b"}}", b"$(", b"<", b">"];
     if SYNTAX.iter().any(|s| contains(&lower, s)) {
+        return true;
+    }
+    // `%(name)s` (Python); not any `%(`, which generated secrets hold (Django's
+    // key alphabet has both characters).
+    if python_format(&lower) {
+        return true;
+    }
+    // `[PASSWORD]`, `[your token]`: a name in square brackets stands for a value.
+    if bracketed_name(&lower) {
+        return true;
+    }
+    // Elided: `ops_eyJlbWFp...`, `...f3a9`, as documentation and dashboards
+    // show a key (`…` is U+2026). Ends only: a key whose alphabet has `.`
+    // (Azure AD secrets) holds `...` inside about once in 9,000.
+    const ELLIPSES: &[&[u8]] = &[b"...", "\u{2026}".as_bytes()];
+    if ELLIPSES.iter().any(|e| lower.ends_with(e) || lower.starts_with(e)) {
         return true;
     }
     if secret[0] == b'$' && secret.get(1).is_some_and(|b| b.is_ascii_uppercase() || *b == b'_') {
@@ -158,6 +174,25 @@ pub fn is_placeholder(secret: &[u8]) -> bool {
     }
     let max = counts.iter().copied().max().unwrap_or(0);
     max * 10 >= secret.len() * 6
+}
+
+/// Whether `lower` holds a Python `%(name)` reference.
+fn python_format(lower: &[u8]) -> bool {
+    lower.windows(2).enumerate().filter(|(_, w)| *w == b"%(").any(|(i, _)| {
+        let name = &lower[i + 2..];
+        let n = name.iter().take_while(|b| b.is_ascii_alphanumeric() || **b == b'_').count();
+        n > 0 && !name[0].is_ascii_digit() && name.get(n) == Some(&b')')
+    })
+}
+
+/// Whether `lower` holds `[` + a name of three letters or more (letters,
+/// `_`, `-`, spaces) + `]`.
+fn bracketed_name(lower: &[u8]) -> bool {
+    lower.iter().enumerate().filter(|(_, b)| **b == b'[').any(|(i, _)| {
+        let name = &lower[i + 1..];
+        let n = name.iter().take_while(|b| b.is_ascii_lowercase() || matches!(b, b'_' | b'-' | b' ')).count();
+        name.get(n) == Some(&b']') && name[..n].iter().filter(|b| b.is_ascii_lowercase()).count() >= 3
+    })
 }
 
 /// How values that name an environment variable instead of holding one start.
@@ -260,17 +295,58 @@ fn github_crc32_ok(secret: &[u8]) -> bool {
     base62_crc32(random) == check
 }
 
+/// HMAC keys documentation signs its sample tokens with (jwt.io's defaults,
+/// old and new). A weak key a real service may still use (`secret`) is not
+/// one: a token it signs still opens that service.
+const PUBLISHED_JWT_KEYS: &[&[u8]] = &[
+    b"your-256-bit-secret",
+    b"your-384-bit-secret",
+    b"your-512-bit-secret",
+    b"a-string-secret-at-least-256-bits-long",
+];
+
 fn jwt_ok(secret: &[u8]) -> bool {
-    let Some(header) = secret.split(|&b| b == b'.').next() else {
+    let b64 = &base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut parts = secret.split(|&b| b == b'.');
+    let (Some(header), Some(claims), Some(signature)) = (parts.next(), parts.next(), parts.next()) else {
         return false;
     };
-    let Ok(decoded) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+    let json_object = |part: &[u8]| match b64.decode(part).map(|d| serde_json::from_slice::<serde_json::Value>(&d)) {
+        Ok(Ok(serde_json::Value::Object(map))) => Some(map),
+        _ => None,
+    };
+    let Some(header_map) = json_object(header) else {
         return false;
     };
-    match serde_json::from_slice::<serde_json::Value>(&decoded) {
-        Ok(serde_json::Value::Object(map)) => {
-            // `alg: none` tokens are unsigned test fixtures, not credentials.
-            map.get("alg").and_then(|a| a.as_str()).is_some_and(|a| !a.eq_ignore_ascii_case("none"))
+    // `alg: none` tokens are unsigned test fixtures, not credentials.
+    let Some(alg) = header_map.get("alg").and_then(|a| a.as_str()).filter(|a| !a.eq_ignore_ascii_case("none")) else {
+        return false;
+    };
+    // A JWS's claims are a JSON object too: garbage there is not a token.
+    if json_object(claims).is_none() {
+        return false;
+    }
+    // A token that verifies under a published key is a sample anyone can
+    // mint: it guards nothing.
+    let Ok(sig) = b64.decode(signature) else {
+        return true;
+    };
+    let signed = &secret[..header.len() + 1 + claims.len()];
+    !PUBLISHED_JWT_KEYS.iter().any(|key| hmac_verifies(alg, key, signed, &sig))
+}
+
+/// Whether `sig` is the JWS HMAC (`HS256`/`HS384`/`HS512`) of `signed` under `key`.
+fn hmac_verifies(alg: &str, key: &[u8], signed: &[u8], sig: &[u8]) -> bool {
+    use hmac::{Hmac, Mac};
+    match alg {
+        "HS256" => {
+            Hmac::<sha2::Sha256>::new_from_slice(key).is_ok_and(|m| m.chain_update(signed).verify_slice(sig).is_ok())
+        }
+        "HS384" => {
+            Hmac::<sha2::Sha384>::new_from_slice(key).is_ok_and(|m| m.chain_update(signed).verify_slice(sig).is_ok())
+        }
+        "HS512" => {
+            Hmac::<sha2::Sha512>::new_from_slice(key).is_ok_and(|m| m.chain_update(signed).verify_slice(sig).is_ok())
         }
         _ => false,
     }
@@ -406,6 +482,59 @@ mod tests {
         ] {
             assert!(!is_placeholder(p), "{}", String::from_utf8_lossy(p));
         }
+    }
+
+    #[test]
+    fn template_and_elision_placeholders() {
+        for p in [
+            &b"neo4j:[PASSWORD]"[..],
+            b"[your token]",
+            b"ops_eyJlbWFpbCI6ImNpQGFjbWUtYnVpbGRzLm5ldCIs...",
+            b"...4f9a2c7e1b",
+            "sk-proj-Xq7vT2Lp\u{2026}".as_bytes(),
+            b"%(db_password)s",
+        ] {
+            assert!(is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+        // Generated secrets hold `%(`, `[`, `.` in other shapes.
+        for p in [
+            &b"django-insecure-$q=w(=^7b3!%(^khx4py8g!pa_n0rl)yk+ei$$2iiaan"[..],
+            b"Xq7[vT2]Lp9W8mZr4Nc1",
+            b"WKf4Q~q1MVGfGo8Z7y1FaANFtYQ2VN.hC7Ob1bKc",
+            b"Zx8Q2mL0pR7vT4nB[ab]",
+        ] {
+            assert!(!is_placeholder(p), "{}", String::from_utf8_lossy(p));
+        }
+    }
+
+    #[test]
+    fn jwt_structure_and_published_keys() {
+        use hmac::{Hmac, Mac};
+        let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+        let sign = |key: &[u8], header: &str, claims: &str| {
+            let signed = format!("{}.{}", b64(header.as_bytes()), b64(claims.as_bytes()));
+            let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+            mac.update(signed.as_bytes());
+            format!("{signed}.{}", b64(&mac.finalize().into_bytes()))
+        };
+        let header = r#"{"alg":"HS256","typ":"JWT"}"#;
+        let claims = r#"{"sub":"ci-deploy","iat":1718193826}"#;
+        assert!(jwt_ok(sign(b"Zx8Q2mL0pR7vT4nB6wK1yH3j", header, claims).as_bytes()));
+        // A weak key a real service may use still makes a credential.
+        assert!(jwt_ok(sign(b"secret", header, claims).as_bytes()));
+        for key in PUBLISHED_JWT_KEYS {
+            assert!(!jwt_ok(sign(key, header, claims).as_bytes()));
+        }
+        // Claims that are not a JSON object: not a token.
+        assert!(!jwt_ok(sign(b"Zx8Q2mL0pR7vT4nB6wK1yH3j", header, "[1,2,3]").as_bytes()));
+        let garbled = format!(
+            "{}.eyJhdWQiOiJhcGkiLCJqdGkiOiJa3Kq9ZxLp0Wm2Rt7Yb4Nc8Vd.Tq8mZ2vR5xKp0LwN7cYb3HdF",
+            b64(header.as_bytes())
+        );
+        assert!(!jwt_ok(garbled.as_bytes()));
+        // Asymmetric algorithms are not tried against keys (nothing to verify with).
+        let rs = format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), b64(claims.as_bytes()), b64(&[7u8; 256]));
+        assert!(jwt_ok(rs.as_bytes()));
     }
 
     #[test]
