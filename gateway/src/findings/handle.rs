@@ -87,7 +87,10 @@ fn commit(store: &mut FindingStore, findings: &[NewFinding]) -> Vec<Result<Recor
         let path = store.path().to_owned();
         match FindingStore::open(&path) {
             Ok(reopened) => {
-                *store = reopened;
+                // Never closed, as the session writer's: closing would let
+                // SQLite checkpoint into the damaged file and delete the new
+                // store's -wal and -shm by name.
+                std::mem::forget(std::mem::replace(store, reopened));
                 tracing::warn!(
                     event = "findings_store_reopened",
                     database = %path.display(),

@@ -785,7 +785,13 @@ impl Writer {
         let path = self.store.path().to_owned();
         match SessionStore::open(&path) {
             Ok(store) => {
-                self.store = store;
+                // The old connection is never closed: closing it would let
+                // SQLite checkpoint into the damaged file (wherever it was
+                // moved) and delete `<path>-wal` and `-shm` by name, which
+                // are the new store's now. It also keeps the deleted log it
+                // holds readable (/proc/<pid>/fd) for investigation. One
+                // connection per such event.
+                std::mem::forget(std::mem::replace(&mut self.store, store));
                 tracing::warn!(
                     target: TARGET,
                     event = "recording_store_reopened",
