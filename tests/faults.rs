@@ -1133,6 +1133,12 @@ impl PrivateBpffs {
         let out = Command::new("umount").arg("-l").arg(self.dir.path()).output().expect("run umount");
         assert!(out.status.success(), "umount bpffs: {}", String::from_utf8_lossy(&out.stderr));
     }
+
+    /// A new, empty bpffs at the same place (after [`Self::unmount`]).
+    fn mount_again(&self) {
+        let out = Command::new("mount").args(["-t", "bpf", "bpf"]).arg(self.dir.path()).output().expect("run mount");
+        assert!(out.status.success(), "mount bpffs again: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }
 
 impl Drop for PrivateBpffs {
@@ -1144,27 +1150,79 @@ impl Drop for PrivateBpffs {
 /// The bpf file system holding the gateway's pins unmounted while it runs:
 /// jobs are still captured (the gateway holds the links), a keyed request
 /// is still blocked, and a `pins_lost` event says that a stop would now
-/// leave jobs uncaptured.
+/// leave jobs uncaptured. Then a new bpffs is mounted at the same place:
+/// the gateway pins its links and maps there again (`pins_restored`), so
+/// that after a clean stop (`on_shutdown: enforce`) the programs stay
+/// attached and refuse the jobs' connections.
 #[test]
 fn bpffs_unmounted_under_the_gateway_is_reported_and_lets_nothing_through() {
     let disk = SmallDisk::mount(64);
     let bpffs = PrivateBpffs::mount();
     let pins = bpffs.dir.path().join("gw");
-    let scene = Scene::start_with("bpffs-gone", &disk, "refuse", |opts| opts.bpffs_dir = Some(pins.clone()));
+    let mut scene = Scene::start_with("bpffs-gone", &disk, "refuse", |opts| opts.bpffs_dir = Some(pins.clone()));
     let token = github_token();
     let auth = format!("authorization: token {token}");
     assert_eq!(scene.post("/before", 1, Some(&auth)).0, 403);
-    assert!(pins.join("links").is_dir(), "the links are pinned on the private bpffs");
+    let pinned = |dir: &str| std::fs::read_dir(pins.join(dir)).map_or(0, |entries| entries.count());
+    let links = pinned("links");
+    assert!(links > 0, "the links are pinned on the private bpffs");
+    let maps = pinned("maps");
 
     bpffs.unmount();
     wait_for("the lost pins are reported", || match scene.gw.log_messages_with("event", "pins_lost").as_slice() {
-        [one] if one["missing"].as_u64().is_some_and(|n| n > 0) => Ok(()),
+        [one] if one["missing"].as_u64() == Some(links as u64) => Ok(()),
         other => Err(format!("{other:?}")),
     });
     let served = scene.upstream.requests().len();
     assert_eq!(scene.post("/after/keyed", 1, Some(&auth)).0, 403, "a key went through after bpffs was unmounted");
     assert_eq!(scene.post("/after/clean", 1, None).0, 200, "jobs are still served");
     assert_eq!(scene.upstream.requests().len(), served + 1, "only the clean request reached the server");
+    // Reported once, not at every check; nothing pinned on what lies under the mount.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(scene.gw.log_messages_with("event", "pins_lost").len(), 1, "pins_lost is reported once");
+    assert!(!pins.exists(), "the gateway created its pin directory off bpffs");
+
+    // bpffs is back (empty): the gateway pins everything there again.
+    bpffs.mount_again();
+    wait_for("the pins are restored", || match scene.gw.log_messages_with("event", "pins_restored").as_slice() {
+        [one] if one["links"].as_u64() == Some(links as u64) && one["maps"].as_u64() == Some(maps as u64) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!((pinned("links"), pinned("maps")), (links, maps), "every link and map is pinned again");
+    assert_eq!(scene.post("/restored/keyed", 1, Some(&auth)).0, 403);
+    assert_eq!(scene.post("/restored/clean", 1, None).0, 200);
+    let served = scene.upstream.requests().len();
+
+    // A clean stop (on_shutdown: enforce): the pins hold the programs,
+    // which now refuse the jobs' connections outright.
+    scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(scene.gw.log_messages_with("event", "pins_lost").len() == 1, "no pins_lost at exit: the pins are in place");
+    let status = scene.gw.status();
+    assert_eq!(status["mode"], "deny", "the pinned maps say the gateway stopped: {status}");
+    assert_eq!(status["links"].as_u64(), Some(links as u64), "{status}");
+    let denied = |status: &Value| status["stats"]["denied_stopped"].as_u64().expect("denied_stopped");
+    let denied_before = denied(&status);
+    for (path, header) in [("/stopped/keyed", Some(auth.as_str())), ("/stopped/clean", None)] {
+        // --insecure: were the programs gone, curl would reach the server itself.
+        let mut cmd = scene.gw.command_in_cgroup("curl");
+        cmd.args([
+            "-sS",
+            "--insecure",
+            "--max-time",
+            "10",
+            "--resolve",
+            &format!("{HOST}:{}:{UPSTREAM_IP}", scene.port),
+        ]);
+        if let Some(h) = header {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.arg(format!("https://{HOST}:{}{path}", scene.port)).output().expect("curl");
+        // 7: failed to connect (refused).
+        assert_eq!(out.status.code(), Some(7), "{path} after the stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(scene.upstream.requests().len(), served, "a request reached the server after the gateway stopped");
+    assert!(denied(&scene.gw.status()) >= denied_before + 2, "the pinned programs refused the connections");
+    // The test's cgroup, pins and mounts go with `scene` (detach) and `bpffs`.
 }
 
 /// Writes garbage over all of `file` and drops its write-ahead log: what a
@@ -1360,4 +1418,199 @@ fn a_stalled_log_reader_holds_no_connection_back() {
     });
     // Through the reader, which passes SIGTERM on: a clean stop.
     scene.gw.stop(nix::sys::signal::Signal::SIGTERM);
+}
+
+/// Requests sent one after another from a thread until stopped: traffic
+/// flowing while a fault is injected. Each reply with when it was sent.
+struct Flow<'a> {
+    stop: &'a std::sync::atomic::AtomicBool,
+    replies: std::sync::Mutex<Vec<(String, std::time::Instant, u16)>>,
+}
+
+impl<'a> Flow<'a> {
+    fn run(&self, scene: &Scene, prefix: &str) {
+        for i in 0.. {
+            if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let path = format!("{prefix}/{i}");
+            let sent = std::time::Instant::now();
+            let (status, _) = scene.post(&path, 1, None);
+            self.replies.lock().expect("replies").push((path, sent, status));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// A store damaged while the gateway runs and traffic flows: garbage over
+/// the whole file and its write-ahead log deleted (SQLite goes on
+/// committing into the deleted log it still holds open, and would lose it
+/// all at close). The gateway notices at its next commit and fails closed:
+/// `recording_failed` naming the file and saying it is corrupt, the health
+/// metric failing, recorded traffic refused (`on_failure: refuse`) without
+/// reaching the server, a key still blocked, the damaged file left where it
+/// is. Once the operator moves it aside, the gateway opens a new store at
+/// the path by itself and every request it served after the damage is in
+/// it. Then the same for the findings store: a key is blocked meanwhile,
+/// and its finding is written once the damaged file is moved aside.
+#[test]
+fn a_store_damaged_while_running_fails_closed_and_keeps_what_it_acknowledged() {
+    let disk = SmallDisk::mount(64);
+    let scene = Scene::start("damaged-live", &disk, "refuse");
+    let token = github_token();
+    let auth = format!("authorization: token {token}");
+    for i in 0..3 {
+        assert_eq!(scene.post(&format!("/before/{i}"), 1, None).0, 200);
+    }
+    let sessions = disk.path().join("sessions.db");
+    let findings = disk.path().join("findings.db");
+
+    // The sessions store, while requests flow.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let flow = Flow { stop: &stop, replies: std::sync::Mutex::new(Vec::new()) };
+    let damaged_at = std::thread::scope(|s| {
+        s.spawn(|| flow.run(&scene, "/flow"));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        damage(&sessions);
+        let damaged_at = std::time::Instant::now();
+        wait_for("the damage is reported", || {
+            match scene.gw.log_messages_with("event", "recording_failed").as_slice() {
+                [one] => {
+                    let error = one["error"].as_str().unwrap_or_default();
+                    if error.contains(&sessions.display().to_string()) && error.contains("corrupt") {
+                        Ok(())
+                    } else {
+                        Err(format!("the event does not name the file or say corrupt: {one}"))
+                    }
+                }
+                other => Err(format!("{other:?}")),
+            }
+        });
+        // Requests go on failing (refused) for a while.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        damaged_at
+    });
+    let replies = flow.replies.into_inner().expect("replies");
+    assert!(replies.iter().any(|(_, _, status)| *status == 503), "nothing was refused after the damage: {replies:?}");
+    assert!(
+        replies.iter().all(|(_, _, status)| *status == 200 || *status == 503),
+        "only served or refused: {replies:?}"
+    );
+    assert_eq!(scene.recorder_health().as_deref(), Some("failing"), "gateway_recorder_health with a damaged store");
+    let before = scene.upstream.requests().len();
+    let (status, body) = scene.post("/damaged/recorded", 1, None);
+    assert_eq!(status, 503, "recorded traffic is refused: {body}");
+    assert!(body.contains("recording_unavailable"), "{body}");
+    assert_eq!(scene.post("/damaged/keyed", 1, Some(&auth)).0, 503, "a key is refused");
+    assert_eq!(scene.upstream.requests().len(), before, "a refused request reached the server");
+    assert_eq!(scene.post("/unrecorded/damaged", 1, None).0, 200, "record: none traffic still passes");
+    // The gateway waits for the operator: the damaged file stays as it is.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let garbage = std::fs::read(&sessions).expect("the damaged file is still there");
+    assert!(garbage.starts_with(b"not a database"), "the damaged file was rewritten");
+    assert_eq!(scene.recorder_health().as_deref(), Some("failing"));
+
+    // The operator moves it aside: a new store at the path, nothing served since the damage missing.
+    let aside = disk.path().join("sessions.db.damaged");
+    std::fs::rename(&sessions, &aside).expect("move the damaged store aside");
+    wait_for("recording recovers on a new store", || {
+        match (scene.log_has("recording_store_reopened"), scene.log_has("recording_recovered")) {
+            (true, true) => Ok(()),
+            other => Err(format!("(reopened, recovered): {other:?}\n{}", scene.gw.log_errors())),
+        }
+    });
+    assert_eq!(scene.post("/after/sessions", 1, None).0, 200, "served again");
+    assert_eq!(scene.recorder_health().as_deref(), Some("recording"));
+    // The old connection left the new store's log alone.
+    for suffix in ["-wal", "-shm"] {
+        assert!(disk.path().join(format!("sessions.db{suffix}")).exists(), "the new store's {suffix} is gone");
+    }
+    assert_eq!(std::fs::read(&aside).expect("the damaged file is kept"), garbage, "the damaged file was changed");
+    let mut served_since: Vec<String> = replies
+        .iter()
+        .filter(|(_, sent, status)| *sent > damaged_at && *status == 200)
+        .map(|(p, _, _)| p.clone())
+        .collect();
+    served_since.push("/after/sessions".to_owned());
+    wait_for("everything served since the damage is recorded", || {
+        let urls = scene.recorded_urls();
+        let missing: Vec<&String> =
+            served_since.iter().filter(|p| !urls.iter().any(|u| u.ends_with(p.as_str()))).collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("missing {missing:?} of {served_since:?}; recorded {urls:?}"))
+        }
+    });
+    // Every chain in the new store verifies, except a session the flow had
+    // open across the change: its start is in the damaged file, and
+    // verification says so rather than passing it.
+    let out = scene.gw.cli(&["sessions", "verify", "--all"]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let broken: Vec<&str> = report.lines().filter(|l| l.contains("BROKEN")).collect();
+    assert!(
+        broken.len() <= 1 && broken.iter().all(|l| l.contains("records without a sessions row")),
+        "sessions verify: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.success(), broken.is_empty(), "{report}");
+
+    // The findings store, while requests flow.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let flow = Flow { stop: &stop, replies: std::sync::Mutex::new(Vec::new()) };
+    std::thread::scope(|s| {
+        s.spawn(|| flow.run(&scene, "/flow-findings"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        damage(&findings);
+        let before = scene.upstream.requests().len();
+        let (status, body) = scene.post("/findings-damaged/keyed", 1, Some(&auth));
+        assert_eq!(status, 403, "a key is blocked though its finding cannot be written: {body}");
+        assert!(!body.contains(&token));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Only the flow's clean requests reached the server meanwhile.
+        let keyed_reached =
+            scene.upstream.requests().iter().skip(before).any(|r| r.target.starts_with("/findings-damaged/"));
+        assert!(!keyed_reached, "the keyed request reached the server");
+    });
+    let replies = flow.replies.into_inner().expect("replies");
+    assert!(replies.iter().all(|(_, _, status)| *status == 200), "clean traffic is served: {replies:?}");
+    wait_for("the failed finding is reported", || {
+        let log = scene.gw.log();
+        if log.lines().any(|l| {
+            l.contains("recording a finding failed")
+                && l.contains("corrupt")
+                && l.contains(&findings.display().to_string())
+        }) {
+            Ok(())
+        } else {
+            Err(scene.gw.log_errors())
+        }
+    });
+    assert!(findings.is_file(), "the damaged findings store is left where it is");
+    let aside = disk.path().join("findings.db.damaged");
+    std::fs::rename(&findings, &aside).expect("move the damaged findings store aside");
+    wait_for("the finding is written to a new store", || {
+        match (
+            scene.log_has("findings_store_reopened"),
+            scene.gw.log().contains("a finding the database refused earlier is recorded now"),
+        ) {
+            (true, true) => Ok(()),
+            other => Err(format!("(reopened, recorded): {other:?}\n{}", scene.gw.log_errors())),
+        }
+    });
+    let listed = scene.cli_json(&["findings", "list", "--json"]);
+    assert_eq!(listed.as_array().map_or(0, Vec::len), 1, "the finding is in the new store: {listed}");
+    assert!(aside.is_file(), "the damaged findings store is kept");
+    for suffix in ["-wal", "-shm"] {
+        assert!(disk.path().join(format!("findings.db{suffix}")).exists(), "the new store's {suffix} is gone");
+    }
+    for file in [&sessions, &findings] {
+        for suffix in ["", "-wal"] {
+            if let Ok(bytes) = std::fs::read(format!("{}{suffix}", file.display())) {
+                assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()), "{} holds the key", file.display());
+            }
+        }
+    }
+    assert!(!scene.gw.log().contains(&token), "the log holds the key in clear");
 }

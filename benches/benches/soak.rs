@@ -1,6 +1,7 @@
 //! Soak (issue 17): mixed traffic at a steady moderate rate through one
 //! gateway for a long time, sampling the gateway's resident memory, open
-//! descriptors and threads, and reporting their slopes after warm-up. At the
+//! descriptors, threads and async tasks (`gateway_runtime_alive_tasks`), and
+//! reporting their slopes after warm-up. At the
 //! end: no session is left open and every recording verifies.
 //!
 //! The traffic, each kind from its own worker in the gateway's intercepted
@@ -85,16 +86,18 @@ fn main() -> Result<()> {
     }
 
     let pid = scene.gw.child.as_ref().context("the gateway is not running")?.id();
+    let api = scene.gw.api_port;
     let start = Instant::now();
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
-        let s = Sample::of(pid, start.elapsed())?;
+        let s = Sample::of(pid, api, start.elapsed())?;
         eprintln!(
-            "soak: t={:>5.0}s rss={} KiB fds={} threads={} rounds ok={} failed={}",
+            "soak: t={:>5.0}s rss={} KiB fds={} threads={} tasks={} rounds ok={} failed={}",
             s.at,
             s.rss_kib,
             s.fds,
             s.threads,
+            s.tasks,
             scene.ok.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
             scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
         );
@@ -105,10 +108,10 @@ fn main() -> Result<()> {
     for w in workers {
         let _ = w.join();
     }
-    samples.push(Sample::of(pid, start.elapsed())?);
+    samples.push(Sample::of(pid, api, start.elapsed())?);
     // Sessions end when their connections close; give the writer its flush.
     thread::sleep(Duration::from_secs(3));
-    let after = Sample::of(pid, start.elapsed())?;
+    let after = Sample::of(pid, api, start.elapsed())?;
 
     let open = scene.open_sessions()?;
     let verify = scene.gw.cli(&["sessions", "verify", "--all"]);
@@ -345,18 +348,40 @@ struct Sample {
     rss_kib: u64,
     fds: u64,
     threads: u64,
+    /// Tasks alive on the gateway's async runtime.
+    tasks: u64,
 }
 
 impl Sample {
-    fn of(pid: u32, at: Duration) -> Result<Sample> {
+    fn of(pid: u32, api_port: u16, at: Duration) -> Result<Sample> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let field = |name: &str| -> Result<u64> {
             let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name}"))?;
             Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
         };
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
-        Ok(Sample { at: at.as_secs_f64(), rss_kib: field("VmRSS:")?, fds, threads: field("Threads:")? })
+        Ok(Sample {
+            at: at.as_secs_f64(),
+            rss_kib: field("VmRSS:")?,
+            fds,
+            threads: field("Threads:")?,
+            tasks: alive_tasks(api_port)?,
+        })
     }
+}
+
+/// `gateway_runtime_alive_tasks` from the gateway's `/metrics`.
+fn alive_tasks(api_port: u16) -> Result<u64> {
+    let mut stream = TcpStream::connect(("127.0.0.1", api_port)).context("connecting to the metrics endpoint")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("gateway_runtime_alive_tasks "))
+        .context("no gateway_runtime_alive_tasks in /metrics")?;
+    Ok(line.trim().parse::<f64>()? as u64)
 }
 
 /// Least-squares slope of `y` over `x`, per minute.
@@ -405,6 +430,13 @@ fn report(scene: &Scene, samples: &[Sample], after: &Sample, open: usize, verifi
         warm.last().map_or(0, |s| s.threads),
         after.threads,
         slope_per_minute(&series(|s| s.threads))
+    );
+    println!(
+        "| async tasks | {} | {} (idle: {}) | {:+.3}/min |",
+        warm.first().map_or(0, |s| s.tasks),
+        warm.last().map_or(0, |s| s.tasks),
+        after.tasks,
+        slope_per_minute(&series(|s| s.tasks))
     );
     println!("\nsessions left open: {open}; sessions verify --all: {}", if verified { "ok" } else { "FAILED" });
 }

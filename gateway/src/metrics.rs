@@ -456,6 +456,13 @@ impl Metrics {
         let _ = self.live.recorder.set(recorder);
     }
 
+    /// Exports the async runtime's live task count
+    /// (`gateway_runtime_alive_tasks`), read at each scrape: a count that
+    /// only grows under steady traffic is a task leak. Set once.
+    pub fn observe_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.live.runtime.set(runtime);
+    }
+
     /// Hook for the outbox that ships local records to the central store:
     /// `backlog` is called at each scrape and exported as
     /// `gateway_outbox_backlog_records` and
@@ -488,6 +495,7 @@ struct Live {
     ebpf: OnceLock<Weak<dyn EbpfCounters>>,
     recorder: OnceLock<crate::record::Recorder>,
     outbox: OnceLock<OutboxSource>,
+    runtime: OnceLock<tokio::runtime::Handle>,
 }
 
 impl fmt::Debug for Live {
@@ -496,6 +504,7 @@ impl fmt::Debug for Live {
             .field("ebpf", &self.ebpf.get().is_some())
             .field("recorder", &self.recorder.get().is_some())
             .field("outbox", &self.outbox.get().is_some())
+            .field("runtime", &self.runtime.get().is_some())
             .finish()
     }
 }
@@ -564,6 +573,15 @@ impl Collector for Live {
                 MetricType::Counter,
             )?;
             ConstCounter::new(dropped).encode(family)?;
+        }
+        if let Some(runtime) = self.runtime.get() {
+            gauge(
+                &mut encoder,
+                "gateway_runtime_alive_tasks",
+                "Tasks alive on the gateway's async runtime (spawned and not yet finished): connections, relays, timers, background work",
+                None,
+                i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX),
+            )?;
         }
         if let Some(outbox) = self.outbox.get() {
             let backlog = outbox();

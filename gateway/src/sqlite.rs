@@ -3,7 +3,11 @@
 //! with `synchronous = FULL`, and bring the schema up to date by
 //! `user_version`.
 
-use std::{os::unix::fs::OpenOptionsExt as _, path::Path, time::Duration};
+use std::{
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
@@ -110,6 +114,95 @@ pub fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), OpenError> 
         tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sqlite("setting the schema version"))?;
     }
     tx.commit().map_err(sqlite("committing the schema"))
+}
+
+/// Which file a store opened (device and inode), to notice it being
+/// replaced or moved away under the open connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The file at `path` now.
+    pub fn of(path: &Path) -> std::io::Result<FileId> {
+        let meta = std::fs::metadata(path)?;
+        Ok(FileId { dev: meta.dev(), ino: meta.ino() })
+    }
+}
+
+/// How a store's files were found damaged under its open connection.
+///
+/// SQLite does not notice these by itself: its page cache and the
+/// write-ahead log it still holds open (unlinked) let commits succeed into
+/// files nobody will ever read again. The stores check before and after
+/// each commit. (Garbage written over the file in place, its log intact, is
+/// SQLite's to notice: it reports the file corrupt when it reads a damaged
+/// page. Reading the header here would mean opening the file, and closing
+/// that descriptor would drop the POSIX locks SQLite holds on it.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Damage {
+    /// Its write-ahead log was deleted while the connection had it open:
+    /// what is committed into it is lost when the connection closes.
+    #[error("its write-ahead log ({}) was deleted under the open connection", .0.suffix())]
+    LogGone(LogFile),
+    /// Nothing is at the path any more (moved away or deleted).
+    #[error("the file was moved away or deleted")]
+    Gone,
+    /// Another file is at the path now (moved in, restored).
+    #[error("another file was put at its path")]
+    Replaced,
+}
+
+/// One of the files SQLite keeps next to a WAL-mode database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFile {
+    /// The write-ahead log.
+    Wal,
+    /// Its shared-memory index.
+    Shm,
+}
+
+impl LogFile {
+    fn suffix(self) -> &'static str {
+        match self {
+            LogFile::Wal => "-wal",
+            LogFile::Shm => "-shm",
+        }
+    }
+}
+
+impl Damage {
+    /// Whether the path now holds another file or none: the store can be
+    /// opened again there (someone moved the damaged file aside or restored
+    /// one). Damage in place waits for the operator.
+    pub fn reopenable(self) -> bool {
+        matches!(self, Damage::Gone | Damage::Replaced)
+    }
+}
+
+/// Checks that `path` is still the SQLite file `opened` (WAL mode, with a
+/// connection open: SQLite keeps its -wal and -shm until the last
+/// connection closes), with its -wal and -shm. Only metadata is read (see
+/// [`Damage`]); other I/O errors are left to SQLite, which reports them on use.
+pub fn check_files(path: &Path, opened: FileId) -> Result<(), Damage> {
+    match FileId::of(path) {
+        Ok(now) if now != opened => return Err(Damage::Replaced),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Damage::Gone),
+        Err(_) => return Ok(()),
+    }
+    for log in [LogFile::Wal, LogFile::Shm] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(log.suffix());
+        if let Err(e) = std::fs::symlink_metadata(PathBuf::from(name)) {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                return Err(Damage::LogGone(log));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -135,6 +135,7 @@ async fn run_async(mut config: Config) -> anyhow::Result<()> {
     let counters: std::sync::Weak<dyn crate::metrics::EbpfCounters> =
         Arc::downgrade(&interceptor) as std::sync::Weak<_>;
     metrics.observe_ebpf(counters);
+    metrics.observe_runtime(tokio::runtime::Handle::current());
     if config.fleet.enabled() {
         // The shipper keeps its backlog in a counter: a load per scrape.
         metrics.observe_outbox(|| crate::metrics::OutboxBacklog {

@@ -78,7 +78,44 @@ impl FindingsHandle {
     }
 }
 
-fn writer(store: FindingStore, mut rx: mpsc::Receiver<Request>) {
+/// Commits `findings` when the store's files are intact before and after
+/// the commit (a commit into a log deleted under the connection "succeeds"
+/// and is lost at close); otherwise each fails with the damage, and is kept.
+/// A store whose file was moved aside or replaced is opened again first.
+fn commit(store: &mut FindingStore, findings: &[NewFinding]) -> Vec<Result<Recorded, FindingsError>> {
+    if store.check_files().is_err_and(crate::sqlite::Damage::reopenable) {
+        let path = store.path().to_owned();
+        match FindingStore::open(&path) {
+            Ok(reopened) => {
+                // Never closed, as the session writer's: closing would let
+                // SQLite checkpoint into the damaged file and delete the new
+                // store's -wal and -shm by name.
+                std::mem::forget(std::mem::replace(store, reopened));
+                tracing::warn!(
+                    event = "findings_store_reopened",
+                    database = %path.display(),
+                    "the findings database was moved aside or replaced: findings are recorded in the file now at its path"
+                );
+            }
+            Err(e) => {
+                tracing::error!(database = %path.display(), error = %e, "cannot open the findings database again")
+            }
+        }
+    }
+    let damaged = |store: &FindingStore, damage| -> Vec<Result<Recorded, FindingsError>> {
+        findings.iter().map(|_| Err(FindingsError::Damaged { path: store.path().to_owned(), damage })).collect()
+    };
+    if let Err(damage) = store.check_files() {
+        return damaged(store, damage);
+    }
+    let results = store.record_batch(findings);
+    match store.check_files() {
+        Ok(()) => results,
+        Err(damage) => damaged(store, damage),
+    }
+}
+
+fn writer(mut store: FindingStore, mut rx: mpsc::Receiver<Request>) {
     // Findings the database refused, oldest first, written again before new ones.
     let mut retry: Vec<NewFinding> = Vec::new();
     let mut pause = RETRY_FIRST;
@@ -106,10 +143,10 @@ fn writer(store: FindingStore, mut rx: mpsc::Receiver<Request>) {
         }
         let kept = retry.len();
         let results = if kept == 0 {
-            store.record_batch(&findings)
+            commit(&mut store, &findings)
         } else {
             retry.append(&mut findings);
-            let mut results = store.record_batch(&retry);
+            let mut results = commit(&mut store, &retry);
             findings = retry.split_off(kept);
             let mut failed = Vec::new();
             for (finding, result) in retry.drain(..).zip(results.drain(..kept)) {
@@ -150,5 +187,5 @@ fn writer(store: FindingStore, mut rx: mpsc::Receiver<Request>) {
 /// Whether writing a finding again may succeed: the database failed, not
 /// the finding.
 fn retryable(e: &FindingsError) -> bool {
-    matches!(e, FindingsError::Database { .. })
+    matches!(e, FindingsError::Database { .. } | FindingsError::Corrupt { .. } | FindingsError::Damaged { .. })
 }

@@ -253,6 +253,8 @@ mod limits {
 pub struct FindingStore {
     conn: Connection,
     path: PathBuf,
+    /// The file opened, to notice it replaced or its log deleted ([`Self::check_files`]).
+    opened: Option<crate::sqlite::FileId>,
 }
 
 impl std::fmt::Debug for FindingStore {
@@ -266,7 +268,8 @@ impl FindingStore {
     /// up to date. The directory must exist.
     pub fn open(path: &Path) -> Result<FindingStore, FindingsError> {
         let conn = crate::sqlite::open_private(path, BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
-        let store = FindingStore { conn, path: path.to_owned() };
+        let opened = crate::sqlite::FileId::of(path).ok();
+        let store = FindingStore { conn, path: path.to_owned(), opened };
         // Migrations without foreign keys (SQLite here enforces them by
         // default): one rebuilds tables others refer to, keeping their ids.
         // The pragma is a no-op inside a transaction, so it is set around.
@@ -279,6 +282,13 @@ impl FindingStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Checks that the files under the open connection are still the ones
+    /// it opened, with their write-ahead log (see [`crate::sqlite::Damage`]):
+    /// commits are durable only then.
+    pub fn check_files(&self) -> Result<(), crate::sqlite::Damage> {
+        self.opened.map_or(Ok(()), |opened| crate::sqlite::check_files(&self.path, opened))
     }
 
     fn err(&self, doing: &'static str) -> impl FnOnce(rusqlite::Error) -> FindingsError + '_ {

@@ -27,7 +27,7 @@ use nix::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Cgroup, Interceptor};
+use super::{Cgroup, Interceptor, PinRepair};
 use crate::config::CgroupSpec;
 
 /// Longest time between two checks when inotify says nothing.
@@ -80,7 +80,7 @@ fn run(interceptor: &Interceptor, mount: &Path, mut watched: Vec<Watched>, shutd
         }
     }
     let timeout = PollTimeout::try_from(CHECK_EVERY).unwrap_or(PollTimeout::NONE);
-    let mut pins_lost = false;
+    let mut pins = PinState::Held;
     while !shutdown.is_cancelled() {
         match &inotify {
             Some(inotify) => {
@@ -95,26 +95,74 @@ fn run(interceptor: &Interceptor, mount: &Path, mut watched: Vec<Watched>, shutd
         for w in &mut watched {
             check(interceptor, mount, w);
         }
-        pins_lost = check_pins(interceptor, pins_lost);
+        pins = check_pins(interceptor, pins);
     }
 }
 
-/// Reports link pins going missing (and coming back): the programs stay
-/// attached while this process holds their links, but not after it exits.
-fn check_pins(interceptor: &Interceptor, was_lost: bool) -> bool {
-    let missing = interceptor.missing_pins();
-    if missing > 0 && !was_lost {
+/// Where this gateway's pins stand, as last reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PinState {
+    /// Every pin in place.
+    Held,
+    /// Pins gone and reported (`pins_lost`).
+    Lost,
+    /// Pins gone, and pinning them again failed (reported once).
+    RepinFailed,
+}
+
+/// Keeps the pins in place: when some are gone (bpffs unmounted, or the
+/// files removed), reports it once (`pins_lost`: the programs stay attached
+/// while this process holds their links, but not after it exits), and as
+/// soon as a bpf file system is mounted at the pin directory again, pins the
+/// links and maps there again (`pins_restored`).
+fn check_pins(interceptor: &Interceptor, was: PinState) -> PinState {
+    let repair = interceptor.restore_pins();
+    let lost_links = match &repair {
+        Ok(PinRepair::Intact) => 0,
+        Ok(PinRepair::NoBpffs { links, .. } | PinRepair::Restored { links, .. }) => *links,
+        Err(_) => interceptor.missing_pins(),
+    };
+    if was == PinState::Held && !matches!(repair, Ok(PinRepair::Intact)) {
         tracing::error!(
             target: TARGET,
             event = "pins_lost",
-            missing,
+            missing = lost_links,
             "link pins are gone (bpffs unmounted or the pin files removed): jobs are still captured while this \
-             gateway runs, but not after it stops; remount bpffs and restart the gateway"
+             gateway runs, but not after it stops; the gateway pins them again as soon as a bpf file system is \
+             mounted at intercept.bpffs_dir"
         );
-    } else if missing == 0 && was_lost {
-        tracing::info!(target: TARGET, event = "pins_restored", "link pins are back");
     }
-    missing > 0
+    match repair {
+        Ok(PinRepair::Intact) => {
+            if was != PinState::Held {
+                tracing::info!(target: TARGET, event = "pins_restored", "link pins are back");
+            }
+            PinState::Held
+        }
+        Ok(PinRepair::NoBpffs { .. }) => PinState::Lost,
+        Ok(PinRepair::Restored { links, maps }) => {
+            tracing::warn!(
+                target: TARGET,
+                event = "pins_restored",
+                links,
+                maps,
+                "pinned the links and maps again on the bpf file system mounted at intercept.bpffs_dir: \
+                 enforcement outlives this gateway again"
+            );
+            PinState::Held
+        }
+        Err(e) => {
+            if was != PinState::RepinFailed {
+                tracing::error!(
+                    target: TARGET,
+                    event = "pins_restore_failed",
+                    error = %format!("{:#}", anyhow::Error::new(e)),
+                    "cannot pin the links again; retrying every 250ms"
+                );
+            }
+            PinState::RepinFailed
+        }
+    }
 }
 
 /// Compares the cgroup at `w`'s path with the one its programs are on.

@@ -28,6 +28,7 @@ pub mod netns;
 use std::{
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -221,8 +222,11 @@ pub struct Interceptor {
     /// Locked only to attach (start-up, a re-created cgroup) and to read counters.
     ebpf: Mutex<Ebpf>,
     pin_dir: PathBuf,
-    /// The links pinned by this gateway, by pin path.
-    links: Mutex<Vec<(PathBuf, PinnedLink)>>,
+    /// The links this gateway attached and pinned: a descriptor of each
+    /// (which keeps it attached while the gateway runs) and its pin path.
+    links: Mutex<Vec<HeldLink>>,
+    /// A handle of each pinned map, to pin it again ([`Self::restore_pins`]).
+    pinned_maps: Vec<(&'static str, MapData)>,
     config: Mutex<Array<MapData, RedirectConfig>>,
     tries: Mutex<Tries>,
     original: Mutex<BpfHashMap<MapData, SockKey, ConnRecord>>,
@@ -248,6 +252,14 @@ impl Interceptor {
             loaded.map_err(prog_err(name))?;
         }
         pin_maps(&ebpf, &pin_dir.join("maps"))?;
+        // Handles of their own, since the typed maps below take the
+        // object's: they outlive the pins and can pin the maps again.
+        let pinned_maps = PINNED_MAPS
+            .into_iter()
+            .map(|name| {
+                MapData::from_pin(pin_dir.join("maps").join(name)).map(|data| (name, data)).map_err(map_err(name))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or(InterceptError::Missing(name));
         let mut config: Array<MapData, RedirectConfig> =
             Array::try_from(take(&mut ebpf, names::CONFIG)?).map_err(map_err(names::CONFIG))?;
@@ -286,6 +298,7 @@ impl Interceptor {
         let interceptor = Interceptor {
             pin_dir: pin_dir.to_owned(),
             links: Mutex::new(Vec::new()),
+            pinned_maps,
             config: Mutex::new(config),
             tries: Mutex::new((v4, v6)),
             original: Mutex::new(original),
@@ -358,7 +371,7 @@ impl Interceptor {
     pub fn attach(&mut self, cgroups: &[Cgroup]) -> Result<(), InterceptError> {
         let links_dir = self.links_dir()?;
         let stale = pins_in(&links_dir)?;
-        let mut fresh: Vec<(PathBuf, FdLink)> = Vec::new();
+        let mut fresh: Vec<HeldLink> = Vec::new();
         for cg in cgroups {
             fresh.extend(self.link_cgroup(cg, &links_dir)?);
         }
@@ -384,7 +397,9 @@ impl Interceptor {
             }
         }
         let mut links = self.links.lock().map_err(|_| InterceptError::Missing("links lock"))?;
-        links.retain(|(path, _)| !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)));
+        links.retain(|HeldLink { path, .. }| {
+            !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))
+        });
         Ok(())
     }
 
@@ -397,7 +412,7 @@ impl Interceptor {
 
     /// Attaches every program to `cg`; the links, unpinned yet, with the
     /// pin each gets.
-    fn link_cgroup(&self, cg: &Cgroup, links_dir: &Path) -> Result<Vec<(PathBuf, FdLink)>, InterceptError> {
+    fn link_cgroup(&self, cg: &Cgroup, links_dir: &Path) -> Result<Vec<HeldLink>, InterceptError> {
         let file = cg.open()?;
         let mut ebpf = self.ebpf.lock().map_err(|_| InterceptError::Missing("ebpf lock"))?;
         let mut fresh = Vec::with_capacity(PROGRAMS.len());
@@ -422,17 +437,26 @@ impl Interceptor {
                 aya::programs::Program::CgroupSock(p) => attach!(p),
                 _ => return Err(InterceptError::Missing(name)),
             };
-            fresh.push((links_dir.join(format!("{}-{name}", cg.id)), link));
+            // A descriptor of our own (see `bpffs`): aya's goes when this
+            // `FdLink` is dropped, ours keeps the link attached.
+            let fd = link
+                .info()
+                .map_err(|e| e.to_string())
+                .and_then(|info| bpffs::link_fd(info.id()).map_err(|e| e.to_string()))
+                .map_err(|reason| InterceptError::Pin {
+                    path: cg.dir.clone(),
+                    reason: format!("opening {name}'s link: {reason}"),
+                })?;
+            fresh.push(HeldLink { path: links_dir.join(format!("{}-{name}", cg.id)), fd });
         }
         Ok(fresh)
     }
 
-    fn pin_links(&self, fresh: Vec<(PathBuf, FdLink)>) -> Result<(), InterceptError> {
+    fn pin_links(&self, fresh: Vec<HeldLink>) -> Result<(), InterceptError> {
         let mut links = self.links.lock().map_err(|_| InterceptError::Missing("links lock"))?;
-        for (path, link) in fresh {
-            let pinned =
-                link.pin(&path).map_err(|e| InterceptError::Pin { path: path.clone(), reason: e.to_string() })?;
-            links.push((path, pinned));
+        for link in fresh {
+            link.pin()?;
+            links.push(link);
         }
         Ok(())
     }
@@ -443,7 +467,38 @@ impl Interceptor {
     /// exits: jobs would then connect uncaptured.
     pub fn missing_pins(&self) -> usize {
         let Ok(links) = self.links.lock() else { return 0 };
-        links.iter().filter(|(path, _)| std::fs::symlink_metadata(path).is_err()).count()
+        links.iter().filter(|link| !link.is_pinned()).count()
+    }
+
+    /// Pins again whatever of this gateway's links and maps lost its pin,
+    /// when a bpf file system is mounted over `intercept.bpffs_dir` (bpffs
+    /// was unmounted and mounted again, or the pin files were removed).
+    /// With no bpffs there, nothing is created: the pins would be plain
+    /// files that hold nothing.
+    pub fn restore_pins(&self) -> Result<PinRepair, InterceptError> {
+        let links = self.links.lock().map_err(|_| InterceptError::Missing("links lock"))?;
+        let maps_dir = self.pin_dir.join("maps");
+        let lost_links: Vec<&HeldLink> = links.iter().filter(|link| !link.is_pinned()).collect();
+        let lost_maps: Vec<&(&'static str, MapData)> =
+            self.pinned_maps.iter().filter(|(name, _)| fs::symlink_metadata(maps_dir.join(name)).is_err()).collect();
+        if lost_links.is_empty() && lost_maps.is_empty() {
+            return Ok(PinRepair::Intact);
+        }
+        if !bpffs::is_mounted(&self.pin_dir)? {
+            return Ok(PinRepair::NoBpffs { links: lost_links.len(), maps: lost_maps.len() });
+        }
+        for dir in [self.pin_dir.join("links"), maps_dir.clone()] {
+            fs::create_dir_all(&dir)
+                .map_err(|source| InterceptError::Io { what: format!("creating {}", dir.display()), source })?;
+        }
+        for link in &lost_links {
+            link.pin()?;
+        }
+        for (name, data) in &lost_maps {
+            let path = maps_dir.join(name);
+            data.pin(&path).map_err(|e| InterceptError::Pin { path, reason: e.to_string() })?;
+        }
+        Ok(PinRepair::Restored { links: lost_links.len(), maps: lost_maps.len() })
     }
 
     /// Writes the intercept set to the tries: new entries first, then
@@ -502,6 +557,23 @@ impl Interceptor {
     pub fn shutdown(mut self, mode: crate::config::ShutdownMode) -> Result<(), InterceptError> {
         match mode {
             crate::config::ShutdownMode::Enforce => {
+                // A bpffs mounted again since the watcher's last look: pin there now.
+                match self.restore_pins() {
+                    Ok(PinRepair::Restored { links, maps }) => tracing::warn!(
+                        target: "gateway::intercept",
+                        event = "pins_restored",
+                        links,
+                        maps,
+                        pin_dir = %self.pin_dir.display(),
+                        "pinned the links and maps again on the bpf file system mounted at the pin directory"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(
+                        target: "gateway::intercept",
+                        error = %format!("{:#}", anyhow::Error::new(e)),
+                        "cannot pin the links again"
+                    ),
+                }
                 let missing = self.missing_pins();
                 if missing > 0 {
                     tracing::error!(
@@ -525,6 +597,45 @@ impl Interceptor {
             }
         }
     }
+}
+
+/// A link this gateway attached: its own descriptor of it and its pin.
+struct HeldLink {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl HeldLink {
+    fn is_pinned(&self) -> bool {
+        fs::symlink_metadata(&self.path).is_ok()
+    }
+
+    /// Pins the link at its path; the descriptor stays, whatever happens.
+    fn pin(&self) -> Result<(), InterceptError> {
+        bpffs::pin(self.fd.as_fd(), &self.path)
+            .map_err(|e| InterceptError::Pin { path: self.path.clone(), reason: format!("BPF_OBJ_PIN: {e}") })
+    }
+}
+
+/// What [`Interceptor::restore_pins`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinRepair {
+    /// Every pin is where it was put.
+    Intact,
+    /// Pins are gone and no bpffs is mounted at the pin directory: nothing done.
+    NoBpffs {
+        /// Link pins gone.
+        links: usize,
+        /// Map pins gone.
+        maps: usize,
+    },
+    /// Pins were gone and are back, on the bpffs mounted there now.
+    Restored {
+        /// Links pinned again.
+        links: usize,
+        /// Maps pinned again.
+        maps: usize,
+    },
 }
 
 /// Pins the maps `gateway status` reads, replacing an earlier gateway's pins.

@@ -235,3 +235,20 @@ fn label_enums_index_their_handles() {
         assert_eq!(*o as usize, i, "{o:?}");
     }
 }
+
+#[test]
+fn the_runtime_task_count_is_exported() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let m = Metrics::new();
+    assert!(!encoded(&m).contains("gateway_runtime_alive_tasks"), "absent until observed");
+    m.observe_runtime(runtime.handle().clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = runtime.spawn(async move {
+        let _ = stopped.await;
+    });
+    let text = encoded(&m);
+    assert_eq!(sample(&text, "gateway_runtime_alive_tasks"), Some(1.0), "{text}");
+    let _ = stop.send(());
+    runtime.block_on(task).expect("the task ends");
+    assert_eq!(sample(&encoded(&m), "gateway_runtime_alive_tasks"), Some(0.0));
+}

@@ -173,6 +173,15 @@ pub enum RecordError {
         /// What SQLite said.
         source: rusqlite::Error,
     },
+    /// The files under the writer's open connection were damaged, replaced
+    /// or removed: commits would no longer be durable.
+    #[error("{path}: the sessions database is corrupt: {damage}; nothing more is committed to it. Move it aside (keep it for investigation) or put a good copy at its path: the gateway then opens the file there, creating a new one if none")]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// What was found.
+        damage: crate::sqlite::Damage,
+    },
     /// The database was written by a newer gateway.
     #[error("{path}: the sessions database has schema version {found}; this gateway understands up to {supported} (upgrade the gateway)")]
     UnsupportedSchema {

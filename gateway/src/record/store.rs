@@ -83,6 +83,8 @@ const SESSION_COLUMNS: &str = "id, conn_id, started, identity, host, orig_dst, p
 pub struct SessionStore {
     conn: Connection,
     path: PathBuf,
+    /// The file opened, to notice it replaced or its log deleted ([`Self::check_files`]).
+    opened: Option<crate::sqlite::FileId>,
 }
 
 impl std::fmt::Debug for SessionStore {
@@ -215,7 +217,8 @@ impl SessionStore {
         // once per group commit (at most every flush_interval under steady
         // load), never by the proxy.
         let conn = crate::sqlite::open_private(path, BUSY_TIMEOUT).map_err(|e| open_error(path, e))?;
-        let store = SessionStore { conn, path: path.to_owned() };
+        let opened = crate::sqlite::FileId::of(path).ok();
+        let store = SessionStore { conn, path: path.to_owned(), opened };
         store
             .conn
             .pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
@@ -227,6 +230,17 @@ impl SessionStore {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Checks that the files under the open connection are still the ones
+    /// it opened, with their write-ahead log (see [`crate::sqlite::Damage`]):
+    /// the writer's commits are durable only then.
+    pub(crate) fn check_files(&self) -> Result<(), RecordError> {
+        match self.opened {
+            Some(opened) => crate::sqlite::check_files(&self.path, opened)
+                .map_err(|damage| RecordError::Damaged { path: self.path.clone(), damage }),
+            None => Ok(()),
+        }
     }
 
     fn err(&self, doing: &'static str) -> impl FnOnce(rusqlite::Error) -> RecordError + '_ {

@@ -730,7 +730,14 @@ impl Writer {
         let mut attempt = 0u32;
         let mut pause = RETRY_FIRST;
         while !self.batch.is_empty() {
-            match self.store.write_batch(&self.batch) {
+            // Checked before and after: a commit into a log deleted under
+            // the connection "succeeds" and is lost at close.
+            let committed = self
+                .store
+                .check_files()
+                .and_then(|()| self.store.write_batch(&self.batch))
+                .and_then(|missing| self.store.check_files().map(|()| missing));
+            match committed {
                 Ok(missing) => {
                     self.recovered();
                     for id in missing {
@@ -750,6 +757,9 @@ impl Writer {
                         self.batch.clear();
                         break;
                     }
+                    if matches!(&e, RecordError::Damaged { damage, .. } if damage.reopenable()) && self.reopen() {
+                        continue;
+                    }
                     tracing::error!(target: TARGET, error = %e, records, attempt, retry_in = ?pause, "committing session records failed; the batch is kept and retried");
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(RETRY_MAX);
@@ -768,6 +778,36 @@ impl Writer {
 }
 
 impl Writer {
+    /// Opens the store again at its path, once the damaged file there was
+    /// moved aside or replaced (creating a new one if none): the gateway
+    /// never moves or deletes a store itself. True when it did.
+    fn reopen(&mut self) -> bool {
+        let path = self.store.path().to_owned();
+        match SessionStore::open(&path) {
+            Ok(store) => {
+                // The old connection is never closed: closing it would let
+                // SQLite checkpoint into the damaged file (wherever it was
+                // moved) and delete `<path>-wal` and `-shm` by name, which
+                // are the new store's now. It also keeps the deleted log it
+                // holds readable (/proc/<pid>/fd) for investigation. One
+                // connection per such event.
+                std::mem::forget(std::mem::replace(&mut self.store, store));
+                tracing::warn!(
+                    target: TARGET,
+                    event = "recording_store_reopened",
+                    database = %path.display(),
+                    "the sessions database was moved aside or replaced: recording goes on in the file now at its path; \
+                     sessions open across the change keep their earlier records in the old file"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!(target: TARGET, database = %path.display(), error = %e, "cannot open the sessions database again");
+                false
+            }
+        }
+    }
+
     /// Marks the recorder failing (the gate reads it per decision) and says
     /// once what that means for traffic.
     fn failed(&self, e: &RecordError) {
