@@ -276,9 +276,13 @@ impl TestGateway {
             wrapper: opts.wrapper.clone(),
             start_patience: opts.start_patience,
         };
-        if opts.gateway_in_cgroup {
-            std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
-        }
+        // The harness makes the test's cgroup, not the gateway: the shared
+        // parent (`gateway-tests`) comes and goes as other tests of the
+        // binary end (each removes it when empty), and creating it again
+        // under the cgroup2 root (mode 0555) needs CAP_DAC_OVERRIDE, which a
+        // gateway limited to the unit's capabilities does not have. The
+        // child keeps the parent from being removed meanwhile.
+        std::fs::create_dir_all(&gw.cgroup_dir).expect("create cgroup");
         gw.spawn(opts.gateway_in_cgroup);
         gw
     }
