@@ -42,7 +42,7 @@ const MIN_CONSTANT: usize = 8;
 /// start to its end). `Err` when the text holds more nested encodings than
 /// can be decoded within bounds: what it hides is unknown.
 pub(crate) fn find_in_sql(detector: &Detector, sql: &str) -> Result<Vec<Found>, OverBudget> {
-    let mut found = find_in_value(detector, sql.as_bytes())?;
+    let mut found = views::find_all(detector, sql.as_bytes())?;
     if has_escapes(sql) {
         let tokens = pg_query::scan_tokens(sql).ok();
         for constant in constants(sql) {
@@ -54,24 +54,18 @@ pub(crate) fn find_in_sql(detector: &Detector, sql: &str) -> Result<Vec<Found>, 
                 // Not a token start (a node's location, not its constant's):
                 // from there to the end, which is sure to cover it.
                 .unwrap_or(constant.at.min(sql.len())..sql.len());
-            let inner = find_in_value(detector, constant.value.as_bytes())?;
+            let inner = views::find_all(detector, constant.value.as_bytes())?;
             merge(&mut found, inner.into_iter().map(|f| Found { range: span.clone(), detection: f.detection }));
         }
     }
     Ok(found)
 }
 
-/// Every key in a value (a bind parameter, a block of COPY data): as it
-/// is and through every view, as ranges of `value`.
-pub(crate) fn find_in_value(detector: &Detector, value: &[u8]) -> Result<Vec<Found>, OverBudget> {
-    views::find_all(detector, value)
-}
-
 /// The keys in a COPY's data: the bytes as they are, as one stream across
 /// CopyData messages (a key split between two is found), and each block of
 /// whole lines (a row never spans lines in text format; CSV's quoted
-/// newlines do not split keys) through [`find_in_value`], as sent and with
-/// COPY's text-format escapes decoded (`\x67`, `\147`, `\\x6768…` for a
+/// newlines do not split keys) through the masker's views, as sent (its raw
+/// bytes are the stream's) and with COPY's text-format escapes decoded (`\x67`, `\147`, `\\x6768…` for a
 /// `bytea`). A line longer than [`COPY_WINDOW`] is searched in windows that
 /// overlap by [`COPY_OVERLAP`], so padding cannot push a key out of sight.
 /// Each key is reported once per COPY.
@@ -124,9 +118,10 @@ impl CopyScanner {
     }
 
     fn block(&self, block: &[u8]) -> Result<Vec<Detection>, OverBudget> {
-        let mut found = find_in_value(&self.detector, block)?;
+        // The raw bytes were the stream's: only the views here.
+        let mut found = views::find(&self.detector, block)?;
         if let Some(decoded) = copy_unescape(block) {
-            merge(&mut found, find_in_value(&self.detector, &decoded)?);
+            merge(&mut found, views::find_all(&self.detector, &decoded)?);
         }
         Ok(found.into_iter().map(|f| f.detection).collect())
     }
@@ -289,6 +284,18 @@ mod tests {
     fn copy_escapes_decode_as_the_server_reads_them() {
         assert_eq!(copy_unescape(br"\x67\150p_\t\\x41\x4").as_deref(), Some(&b"ghp_\t\\x41\x04"[..]));
         assert_eq!(copy_unescape(b"plain"), None);
+    }
+
+    #[test]
+    fn text_too_costly_to_decode_is_an_error_not_a_pass() {
+        // Every view of this holds every trigger again (as in
+        // `mask::views`' own test): the handler refuses on `Err`.
+        let detector = Arc::new(Detector::builtin().unwrap());
+        let hostile = "%25%5C+\\u0025\\\\=\r\nQUJDREVGR0hJSktMTU5PUFFSU1RVVldY ".repeat(4096);
+        assert!(find_in_sql(&detector, &hostile).is_err());
+        let mut copy = CopyScanner::new(&detector);
+        let fed = copy.feed(hostile.as_bytes()).and_then(|_| copy.finish());
+        assert!(fed.is_err());
     }
 
     #[test]

@@ -64,7 +64,7 @@ use crate::{
     event::{Outcome, Protocol},
     http::BoxedIo,
     mask::{
-        views::{Found, OverBudget},
+        views::{self, Found, OverBudget},
         Masker,
     },
     postgres::{
@@ -1364,7 +1364,7 @@ impl Relay<'_> {
         let mut out = Vec::new();
         for (i, value) in values.iter().enumerate() {
             if let Value::Bytes(bytes) = value {
-                let found = encoded::find_in_value(detector, bytes)?;
+                let found = views::find_all(detector, bytes)?;
                 if found.is_empty() {
                     continue;
                 }
