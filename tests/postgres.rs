@@ -95,6 +95,7 @@ impl Scene {
              credentials:\n  credentials:\n\
              \x20   - identity: \"**\"\n      host: \"{SWAP_IP}\"\n      source: {{file: {held}}}\n\
              \x20     inject: {{postgres: {{user: ci_swap, password: \"{{credential}}\"}}}}\n\
+             approvals:\n  groups: {{ dba: [alice] }}\n\
              record:\n  flush_interval: 50ms\n",
             ca = ca_path.display(),
             held = held.display(),
@@ -147,6 +148,29 @@ impl Scene {
 
     fn findings(&self) -> Vec<Value> {
         self.cli_json(&["findings", "list", "--json"]).as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits for a pending approval of a job process named `comm`, other
+    /// than those in `seen`.
+    fn next_approval(&self, comm: &str, seen: &[String]) -> Value {
+        wait_for(&format!("a pending approval of {comm}"), || {
+            let list = self.cli_json(&["approvals", "list", "--json"]);
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| {
+                    a["state"] == "pending"
+                        && a["process"]["comm"] == comm
+                        && !seen.iter().any(|s| a["id"].as_str() == Some(s.as_str()))
+                })
+                .cloned()
+                .ok_or_else(|| format!("none yet: {list}"))
+        })
+    }
+
+    /// An approver (`alice`, of group `dba`) approves or denies (`verb`).
+    fn decide(&self, id: &str, verb: &str) -> Output {
+        self.gw.cli(&["approvals", verb, id, "--by", "alice", "--comment", "e2e"])
     }
 
     fn findings_of(&self, rule: &str, host: &str) -> Vec<Value> {
@@ -526,7 +550,10 @@ fn collect_files(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
 /// password), `KEY_FLAG` (a key the gateway flags), `KEY_BLOCK` (one it
 /// blocks) and `TABLE` in its environment; with `LOGIN_ONLY` set it stops
 /// after printing `user <current_user>`; with `CANCEL` set it cancels a
-/// long query through the gateway and prints `cancelled true`.
+/// long query through the gateway and prints `cancelled true`; with
+/// `APPROVE` set it executes one UPDATE twice, each execution held for
+/// approval (see [`APPROVED_LINES`]); with `COPY` set it copies rows in,
+/// one of them with `KEY_BLOCK` (see [`COPIED_LINES`]).
 #[derive(Debug, Clone, Copy)]
 enum Driver {
     /// asyncpg (PyPI): its own protocol code, binary formats, its own SCRAM.
@@ -548,6 +575,22 @@ const DRIVERS: [Driver; 4] = [Driver::Asyncpg, Driver::NodePg, Driver::TokioPost
 const CLIENT_SCRIPT_LINES: [&str; 6] =
     ["user ci", "bound true", "refused 42501 true false", "after 42", "denied 42501 ", "count 2"];
 
+/// What every driver prints in `APPROVE` mode: the first execution
+/// approved (two rows updated), the second denied by the approver (the
+/// driver's error says so), and the session going on.
+const APPROVED_LINES: [&str; 4] = ["user ci", "approved 2", "rejected 42501 true", "after 2"];
+
+/// What every driver prints in `COPY` mode: two clean rows copied in, a row
+/// carrying a blocked key refused (the server ends the COPY with the
+/// gateway's CopyFail: 57014), and nothing of it in the table.
+const COPIED_LINES: [&str; 4] = ["user ci", "copied 2", "copy refused 57014 true", "count 2"];
+
+/// Updates with a WHERE clause need a DBA's approval (each execution).
+const APPROVAL_RULES: &str =
+    "\x20 - name: updates-need-approval\n    match: { postgres: { kind: [update], where: true } }\n\
+                              \x20   action: require_approval\n    reason: \"updates need a DBA\"\n\
+                              \x20   approval: { group: dba, min_approvals: 1, timeout: 60s }\n";
+
 const ASYNCPG_SCRIPT: &str = r#"
 import asyncio, os, ssl, time, asyncpg
 async def main():
@@ -568,6 +611,33 @@ async def main():
         except asyncio.TimeoutError:
             pass
         print("cancelled", str(await conn.fetchval("select 1") == 1 and time.monotonic() - t < 20).lower())
+        await conn.close()
+        return
+    if os.environ.get("COPY"):
+        # asyncpg's COPY is in binary format.
+        t = table + "_copy"
+        await conn.execute(f"create table {t} (v text)")
+        await conn.copy_records_to_table(t, records=[("clean one",), ("clean two",)])
+        print("copied", await conn.fetchval(f"select count(*) from {t}"))
+        try:
+            await conn.copy_records_to_table(t, records=[("deploy " + os.environ["KEY_BLOCK"],)])
+            print("NOT REFUSED")
+        except asyncpg.PostgresError as e:
+            print("copy refused", e.sqlstate, str("CI gateway" in str(e)).lower())
+        print("count", await conn.fetchval(f"select count(*) from {t}"))
+        await conn.close()
+        return
+    if os.environ.get("APPROVE"):
+        # asyncpg prepares the statement once and binds it twice: each
+        # execution is held on its own.
+        q, flag = f"update {table} set a = a + 10 where a > $1 and $2::text <> ''", os.environ["KEY_FLAG"]
+        print("approved", (await conn.execute(q, 0, flag)).split()[-1])
+        try:
+            await conn.execute(q, 100, flag)
+            print("NOT HELD")
+        except asyncpg.exceptions.InsufficientPrivilegeError as e:
+            print("rejected", e.sqlstate, str("approval" in str(e).lower()).lower())
+        print("after", await conn.fetchval(f"select count(*) from {table} where a > 10"))
         await conn.close()
         return
     flag, block = os.environ["KEY_FLAG"], os.environ["KEY_BLOCK"]
@@ -600,6 +670,41 @@ const env = process.env;
   await c.connect();
   console.log('user', (await c.query('select current_user as u')).rows[0].u);
   if (env.LOGIN_ONLY) { await c.end(); return; }
+  if (env.COPY) {
+    const { from } = require('pg-copy-streams');
+    const t = `${env.TABLE}_copy`;
+    await c.query(`create table ${t} (v text)`);
+    const copy = (rows) => new Promise((resolve, reject) => {
+      const stream = c.query(from(`copy ${t} from stdin`));
+      stream.on('error', reject);
+      stream.on('finish', resolve);
+      stream.end(rows);
+    });
+    await copy('clean one\nclean two\n');
+    console.log('copied', (await c.query(`select count(*)::int as n from ${t}`)).rows[0].n);
+    try {
+      await copy(`deploy ${env.KEY_BLOCK}\n`);
+      console.log('NOT REFUSED');
+    } catch (e) {
+      console.log('copy refused', e.code, e.message.includes('CI gateway'));
+    }
+    console.log('count', (await c.query(`select count(*)::int as n from ${t}`)).rows[0].n);
+    await c.end();
+    return;
+  }
+  if (env.APPROVE) {
+    const q = `update ${env.TABLE} set a = a + 10 where a > $1 and $2::text <> ''`;
+    console.log('approved', (await c.query(q, [0, env.KEY_FLAG])).rowCount);
+    try {
+      await c.query(q, [100, env.KEY_FLAG]);
+      console.log('NOT HELD');
+    } catch (e) {
+      console.log('rejected', e.code, e.message.toLowerCase().includes('approval'));
+    }
+    console.log('after', (await c.query(`select count(*)::int as n from ${env.TABLE} where a > 10`)).rows[0].n);
+    await c.end();
+    return;
+  }
   const bound = await c.query('select $1::text as v', [env.KEY_FLAG]);
   console.log('bound', bound.rows[0].v === env.KEY_FLAG);
   try {
@@ -651,6 +756,48 @@ public class PgClient {
                     System.out.println("NOT CANCELLED");
                 } catch (SQLException e) {
                     System.out.println("cancelled " + ("57014".equals(e.getSQLState()) && System.nanoTime() - t < 20_000_000_000L));
+                }
+                return;
+            }
+            if (env.get("COPY") != null) {
+                String t = table + "_copy";
+                s.execute("create table " + t + " (v text)");
+                var copy = new org.postgresql.copy.CopyManager(c.unwrap(org.postgresql.core.BaseConnection.class));
+                copy.copyIn("copy " + t + " from stdin", new java.io.StringReader("clean one\nclean two\n"));
+                try (ResultSet r = s.executeQuery("select count(*) from " + t)) {
+                    r.next();
+                    System.out.println("copied " + r.getLong(1));
+                }
+                try {
+                    copy.copyIn("copy " + t + " from stdin", new java.io.StringReader("deploy " + block + "\n"));
+                    System.out.println("NOT REFUSED");
+                } catch (SQLException e) {
+                    System.out.println("copy refused " + e.getSQLState() + " " + String.valueOf(e.getMessage()).contains("CI gateway"));
+                }
+                try (ResultSet r = s.executeQuery("select count(*) from " + t)) {
+                    r.next();
+                    System.out.println("count " + r.getLong(1));
+                }
+                return;
+            }
+            if (env.get("APPROVE") != null) {
+                String q = "update " + table + " set a = a + 10 where a > ? and ?::text <> ''";
+                try (PreparedStatement p = c.prepareStatement(q)) {
+                    p.setInt(1, 0);
+                    p.setString(2, flag);
+                    System.out.println("approved " + p.executeUpdate());
+                    p.setInt(1, 100);
+                    try {
+                        p.executeUpdate();
+                        System.out.println("NOT HELD");
+                    } catch (SQLException e) {
+                        String m = String.valueOf(e.getMessage()).toLowerCase();
+                        System.out.println("rejected " + e.getSQLState() + " " + m.contains("approval"));
+                    }
+                }
+                try (ResultSet r = s.executeQuery("select count(*) from " + table + " where a > 10")) {
+                    r.next();
+                    System.out.println("after " + r.getLong(1));
                 }
                 return;
             }
@@ -772,7 +919,7 @@ impl Driver {
 #[test]
 fn postgres_real_drivers() {
     gateway_tests::require_root();
-    let scene = Scene::start("postgres-drivers");
+    let scene = Scene::with_rules("postgres-drivers", APPROVAL_RULES);
     let port = scene.server.port.to_string();
     let mut keys_used = Vec::new();
     for driver in DRIVERS {
@@ -860,22 +1007,137 @@ fn postgres_real_drivers() {
         assert_eq!(said.trim(), "user ci\ncancelled true", "{driver:?}: the cancel took effect at once");
     }
 
+    // Approval, one execution at a time: each driver prepares one UPDATE
+    // and executes it twice; the first execution is approved, the second
+    // denied, and the session goes on. Approvers see the statement and the
+    // values bound to it, the key among them masked.
+    for driver in DRIVERS {
+        let flag = keys::openai_key();
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", FLAG_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", &scene.job_password)
+            .env("KEY_FLAG", &flag)
+            .env("TABLE", driver.table())
+            .env("APPROVE", "1");
+        let client = std::thread::spawn(move || run(cmd));
+        let mut seen = Vec::new();
+        for (verb, values) in [("approve", "$1 = "), ("deny", "$1 = ")] {
+            let held = scene.next_approval(driver.comm(), &seen);
+            let preview = held["body_preview"].as_str().expect("body_preview");
+            assert_eq!(held["rule"], "updates-need-approval", "{driver:?}: {held:#}");
+            assert_eq!(held["method"], "SQL", "{driver:?}: {held:#}");
+            assert!(
+                held["url"].as_str().is_some_and(|u| u.starts_with("postgres://ci@") && u.ends_with("/app")),
+                "{driver:?}: {held:#}"
+            );
+            assert!(preview.contains(&format!("update {}", driver.table())), "{driver:?}: {preview}");
+            assert!(
+                preview.contains(values) && preview.contains("[MASKED:"),
+                "{driver:?} shows the values masked: {preview}"
+            );
+            assert!(!preview.contains(&flag), "{driver:?}: the key bound is in the approval in clear");
+            let id = held["id"].as_str().expect("id").to_owned();
+            ok(&format!("{driver:?}: approvals {verb}"), &scene.decide(&id, verb));
+            seen.push(id);
+        }
+        let out = client.join().expect("client thread");
+        let said = ok(&format!("{driver:?} approvals"), &out);
+        let lines: Vec<&str> = said.lines().collect();
+        assert_eq!(lines, APPROVED_LINES, "{driver:?} printed:\n{said}");
+        assert!(!said.contains(&flag));
+        keys_used.push(flag);
+    }
+
+    // COPY in, each driver its own way (asyncpg binary format, pgjdbc's
+    // CopyManager, node's pg-copy-streams, tokio-postgres' copy_in): clean
+    // rows arrive, a row with a blocked key is refused and never arrives.
+    for driver in DRIVERS {
+        let block = keys::github_token();
+        let mut cmd = driver.command(&scene);
+        cmd.env("HOST", FLAG_IP)
+            .env("PORT", &port)
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", &scene.job_password)
+            .env("KEY_BLOCK", &block)
+            .env("TABLE", driver.table())
+            .env("COPY", "1");
+        let said = ok(&format!("{driver:?} COPY"), &run(cmd));
+        assert_eq!(said.lines().collect::<Vec<_>>(), COPIED_LINES, "{driver:?} printed:\n{said}");
+        let refused = scene.findings_of("github-pat", FLAG_IP);
+        assert!(
+            refused.iter().any(|f| f["location"] == "postgres:copy"
+                && f["action"] == "block"
+                && f["process"]["comm"] == driver.comm()),
+            "{driver:?}'s key in COPY data is a blocking finding: {refused:?}"
+        );
+        assert!(!scene.server.log().contains(&block), "{driver:?}: the blocked key never reached the server");
+        keys_used.push(block);
+    }
+
+    // psql: a simple Query is held as a whole; a PREPAREd statement that
+    // needed approval is held again at every EXECUTE (the gateway does not
+    // follow SQL-level names, so each EXECUTE after it is held).
+    let table = Driver::TokioPostgres.table();
+    let (bump, run_a, run_b) = (
+        format!("prepare bump as update {table} set a = a where a > $1"),
+        "execute bump(1000)".to_owned(),
+        "execute bump(2000)".to_owned(),
+    );
+    let simple = format!("update {table} set a = a where a > 1000");
+    let psql_client = {
+        let mut cmd = scene.gw.command_in_cgroup("psql");
+        cmd.env("PGPASSWORD", &scene.job_password).args(["-X", "-At", &scene.conninfo(FLAG_IP)]);
+        for c in [&simple, &bump, &run_a, &run_b] {
+            cmd.args(["-c", c]);
+        }
+        std::thread::spawn(move || run(cmd))
+    };
+    let mut seen = Vec::new();
+    for want in [&simple, &bump, &run_a, &run_b] {
+        let held = scene.next_approval("psql", &seen);
+        let preview = held["body_preview"].as_str().expect("body_preview");
+        assert!(preview.starts_with(want.as_str()), "psql: the approval shows `{want}`: {preview}");
+        if want.starts_with("execute") {
+            assert!(preview.contains(&format!("may run what was prepared as: {bump}")), "{preview}");
+        }
+        let id = held["id"].as_str().expect("id").to_owned();
+        ok("psql: approvals approve", &scene.decide(&id, "approve"));
+        seen.push(id);
+    }
+    let said = ok("psql approvals", &psql_client.join().expect("psql thread"));
+    assert_eq!(said.lines().collect::<Vec<_>>(), ["UPDATE 0", "PREPARE", "UPDATE 0", "UPDATE 0"], "{said}");
+
     // Every driver's two sessions recorded (a session is written when it ends).
     let exported = wait_for("the drivers' recorded sessions", || {
         let all = scene.cli_json(&["sessions", "list", "--json"]).as_array().cloned().unwrap_or_default();
         if all.len() < 2 * DRIVERS.len() + 3 {
             return Err(format!("{} sessions so far", all.len()));
         }
-        let mut exported = String::new();
+        let (mut exported, mut replayed) = (String::new(), String::new());
         for s in &all {
             let id = s["session"].as_str().or(s["id"].as_str()).expect("session id");
             exported.push_str(&ok("sessions export", &scene.gw.cli(&["sessions", "export", id])));
+            replayed.push_str(&ok("sessions replay", &scene.gw.cli(&["sessions", "replay", id])));
         }
-        Ok(exported)
+        Ok((exported, replayed))
     });
+    let (exported, replayed) = exported;
     for driver in DRIVERS {
         let denied = format!("delete from {}", driver.table());
         assert!(exported.contains(&denied), "{driver:?}'s denied statement is recorded");
+        // Each driver's session replays like a psql transcript: the denied
+        // statement with its decision, the approved UPDATE, the COPY.
+        let table = driver.table();
+        for said in [format!("delete from {table}    [deny]"), format!("update {table} set a = a + 10")] {
+            assert!(replayed.contains(&said), "{driver:?}: `{said}` is in the replay");
+        }
+        let copied = replayed
+            .lines()
+            .map(str::to_lowercase)
+            .any(|l| l.contains(&format!("{table}_copy")) && l.contains("from stdin"));
+        assert!(copied, "{driver:?}'s COPY is in the replay");
     }
     assert!(exported.contains("bounded-deletes"), "the deciding rule is recorded");
     let log = scene.gw.log();
@@ -887,6 +1149,7 @@ fn postgres_real_drivers() {
         assert!(!log.contains(secret.as_str()), "secret #{n} is in the gateway's log");
         assert!(!findings.contains(secret.as_str()), "secret #{n} is in the findings");
         assert!(!exported.contains(secret.as_str()), "secret #{n} is in a session export");
+        assert!(!replayed.contains(secret.as_str()), "secret #{n} is in a replay");
         for (path, bytes) in &files {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),

@@ -4,8 +4,9 @@
 //! script as the other drivers there, with the same environment (`HOST`,
 //! `PORT`, `CA`, `PGPASSWORD`, `KEY_FLAG`, `KEY_BLOCK`, `TABLE`), and prints
 //! the same lines (`LOGIN_ONLY`: only the first; `CANCEL`: a long query
-//! cancelled through the gateway; `MASK`: reads masked tables, see
-//! [`masked`]). tokio-postgres binds parameters and reads results in
+//! cancelled through the gateway; `APPROVE`: executions held for approval,
+//! see [`approved`]; `COPY`: rows copied in, see [`copied`]; `MASK`: reads
+//! masked tables, see [`masked`]). tokio-postgres binds parameters and reads results in
 //! binary format; TLS is rustls (tokio-postgres-rustls) trusting only the
 //! gateway's CA.
 
@@ -49,6 +50,12 @@ async fn script(client: &Client, tls: MakeRustlsConnect) -> Result<()> {
     if env::var_os("MASK").is_some() {
         return masked(client).await;
     }
+    if env::var_os("APPROVE").is_some() {
+        return approved(client).await;
+    }
+    if env::var_os("COPY").is_some() {
+        return copied(client).await;
+    }
     let (flag, block, table) = (var("KEY_FLAG")?, var("KEY_BLOCK")?, var("TABLE")?);
     let bound: String = client.query_one("select $1::text", &[&flag]).await?.get(0);
     println!("bound {}", bound == flag);
@@ -71,6 +78,55 @@ async fn script(client: &Client, tls: MakeRustlsConnect) -> Result<()> {
     }
     let count: i64 = client.query_one(&format!("select count(*) from {table}"), &[]).await?.get(0);
     println!("count {count}");
+    Ok(())
+}
+
+/// `APPROVE`: one prepared UPDATE executed twice, each execution held for
+/// approval (the test approves the first and denies the second), then a
+/// query showing the session goes on.
+async fn approved(client: &Client) -> Result<()> {
+    let (flag, table) = (var("KEY_FLAG")?, var("TABLE")?);
+    let statement = client.prepare(&format!("update {table} set a = a + 10 where a > $1 and $2::text <> ''")).await?;
+    println!("approved {}", client.execute(&statement, &[&0i32, &flag]).await?);
+    match client.execute(&statement, &[&100i32, &flag]).await {
+        Ok(_) => println!("NOT HELD"),
+        Err(e) => {
+            let (state, message) = sqlstate_and_message(&e);
+            println!("rejected {state} {}", message.to_lowercase().contains("approval"));
+        }
+    }
+    let after: i64 = client.query_one(&format!("select count(*) from {table} where a > 10"), &[]).await?.get(0);
+    println!("after {after}");
+    Ok(())
+}
+
+/// `COPY`: two clean rows copied in (text format), then a row carrying
+/// `KEY_BLOCK`, which the gateway refuses, then the count.
+async fn copied(client: &Client) -> Result<()> {
+    use futures_util::SinkExt as _;
+    let (block, table) = (var("KEY_BLOCK")?, format!("{}_copy", var("TABLE")?));
+    client.batch_execute(&format!("create table {table} (v text)")).await?;
+    let copy = |rows: String| {
+        let statement = format!("copy {table} from stdin");
+        async move {
+            let sink = client.copy_in::<_, bytes::Bytes>(&statement).await?;
+            let mut sink = std::pin::pin!(sink);
+            sink.send(bytes::Bytes::from(rows)).await?;
+            sink.as_mut().finish().await
+        }
+    };
+    copy("clean one\nclean two\n".into()).await?;
+    let counted = format!("select count(*) from {table}");
+    let count = || client.query_one(&counted, &[]);
+    println!("copied {}", count().await?.get::<_, i64>(0));
+    match copy(format!("deploy {block}\n")).await {
+        Ok(_) => println!("NOT REFUSED"),
+        Err(e) => {
+            let (state, message) = sqlstate_and_message(&e);
+            println!("copy refused {state} {}", message.contains("CI gateway"));
+        }
+    }
+    println!("count {}", count().await?.get::<_, i64>(0));
     Ok(())
 }
 

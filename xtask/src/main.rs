@@ -396,13 +396,17 @@ fn python_packages() -> Result<()> {
 }
 
 /// npm packages the end-to-end tests use, as (module, package): node-postgres
-/// as a client; playwright-core (driving Debian's chromium) and
+/// as a client, with pg-copy-streams for its COPY; playwright-core (driving Debian's chromium) and
 /// oidc-provider (a local identity provider; v9 is ESM, which node's
 /// `require` loads from 20.19 on) for the console test. Installed below
 /// [`cache_dir`]`/npm`, where the tests look for them
 /// (`$HOME/.cache/ci-gateway/npm/node_modules`).
-const NPM_PACKAGES: &[(&str, &str)] =
-    &[("pg", "pg"), ("playwright-core", "playwright-core@1"), ("oidc-provider", "oidc-provider@9")];
+const NPM_PACKAGES: &[(&str, &str)] = &[
+    ("pg", "pg"),
+    ("pg-copy-streams", "pg-copy-streams"),
+    ("playwright-core", "playwright-core@1"),
+    ("oidc-provider", "oidc-provider@9"),
+];
 
 fn npm_packages() -> Result<()> {
     let prefix = cache_dir().join("npm");

@@ -67,6 +67,7 @@ use crate::{
         views::{self, Found, OverBudget},
         Masker,
     },
+    policy,
     postgres::{
         cancel::CancelTarget,
         clean::{CleanTexts, Known},
@@ -829,12 +830,34 @@ impl QueryMasks {
 /// Masks of the session's prepared statements and portals, by name.
 #[derive(Default)]
 struct Prepared {
-    statements: HashMap<String, Option<Arc<RowMask>>>,
+    statements: HashMap<String, PreparedStatement>,
     portals: HashMap<String, Option<Arc<RowMask>>>,
     /// Every mask of a statement whose rows a later one returns (`PREPARE`,
     /// `DECLARE ... CURSOR`): applied to `EXECUTE`, `FETCH` and to portals
     /// the client did not Bind (cursors).
     deferred: Option<Arc<RowMask>>,
+    /// The approval a `PREPARE` of this session needed: every `EXECUTE`
+    /// after it needs one too (the gateway does not follow SQL-level
+    /// statement names, so any `EXECUTE` may run it).
+    execute_approval: Option<Arc<HeldStatement>>,
+}
+
+/// A statement the client Parsed (extended protocol).
+#[derive(Default, Clone)]
+struct PreparedStatement {
+    /// How to mask its rows.
+    mask: Option<Arc<RowMask>>,
+    /// Held for approval at each Bind: one approval is one execution, and
+    /// approvers see the values bound.
+    approval: Option<Arc<HeldStatement>>,
+}
+
+/// A statement that needs approval each time it runs.
+struct HeldStatement {
+    /// The deciding rule and its approval settings.
+    approval: (String, policy::ApprovalSpec),
+    /// The text approvers see (masked when shown).
+    text: String,
 }
 
 /// The masking of the result whose rows pass now.
@@ -989,7 +1012,7 @@ impl Relay<'_> {
                 Frontend::Query { sql } | Frontend::Parse { sql, .. } => {
                     *statements += 1;
                     let kind = if matches!(message, Frontend::Query { .. }) { "query" } else { "parse" };
-                    let (verdict, masks) = self.judge_statements(kind, sql).await;
+                    let (verdict, masks, held) = self.judge_statements(kind, sql).await;
                     match (verdict, kind) {
                         (Verdict::Allow, "query") => {
                             let query = masks.iter().any(Option::is_some).then_some(QueryMasks { masks, at: 0 });
@@ -1001,7 +1024,8 @@ impl Relay<'_> {
                                 // One statement (the server refuses more):
                                 // all the masks, to be sure.
                                 let mask = RowMask::union(masks.iter().flatten().flat_map(|m| m.parts())).map(Arc::new);
-                                self.prepared().statements.insert(name.clone(), mask);
+                                let statement = PreparedStatement { mask, approval: held };
+                                self.prepared().statements.insert(name.clone(), statement);
                             }
                             put_frame(&mut out, &frame);
                         }
@@ -1026,8 +1050,15 @@ impl Relay<'_> {
                             self.refuse_encodings("a parameter")
                         }
                     };
-                    if let (Verdict::Allow, Frontend::FunctionCall { oid, .. }) = (&verdict, &message) {
-                        verdict = self.judge_call(*oid).await;
+                    match (&verdict, &message) {
+                        (Verdict::Allow, Frontend::FunctionCall { oid, .. }) => verdict = self.judge_call(*oid).await,
+                        (Verdict::Allow, Frontend::Bind { statement, .. }) => {
+                            let held = self.prepared().statements.get(statement).and_then(|s| s.approval.clone());
+                            if let Some(held) = held {
+                                verdict = self.approve_execution(&held, params).await;
+                            }
+                        }
+                        _ => {}
                     }
                     match (verdict, call) {
                         (Verdict::Allow, true) => {
@@ -1041,7 +1072,7 @@ impl Relay<'_> {
                                 // gateway; one it did not see gets every
                                 // deferred mask, to be sure.
                                 let mask = match prepared.statements.get(statement) {
-                                    Some(m) => m.clone(),
+                                    Some(s) => s.mask.clone(),
                                     None => prepared.deferred.clone(),
                                 };
                                 prepared.portals.insert(portal.clone(), mask);
@@ -1119,9 +1150,9 @@ impl Relay<'_> {
                 Frontend::Close(target, name) => {
                     let mut prepared = self.prepared();
                     match target {
-                        Target::Statement => prepared.statements.remove(name),
-                        Target::Portal => prepared.portals.remove(name),
-                    };
+                        Target::Statement => drop(prepared.statements.remove(name)),
+                        Target::Portal => drop(prepared.portals.remove(name)),
+                    }
                     drop(prepared);
                     put_frame(&mut out, &frame);
                 }
@@ -1552,6 +1583,19 @@ fn error_bytes(text: &str) -> Bytes {
     error_bytes_with(SQLSTATE_REFUSED, text)
 }
 
+/// When a statement that needs approval is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Approve {
+    /// Before it goes upstream (a simple Query, a function call).
+    Now,
+    /// At each Bind of it (a Parse, which runs nothing).
+    EachBind,
+}
+
+/// The policy's verdict on a query, its deciding rule, its statements'
+/// result masks and, for [`Approve::EachBind`], what each Bind is held for.
+type Judgement = (Verdict, String, Vec<Option<Arc<RowMask>>>, Option<Arc<HeldStatement>>);
+
 fn error_bytes_with(sqlstate: &str, text: &str) -> Bytes {
     let mut out = BytesMut::new();
     codec::error_response(&mut out, Severity::Error, sqlstate, text);
@@ -1566,8 +1610,14 @@ impl Relay<'_> {
     /// `protocol: postgres` rules at the gate, held for approval where a
     /// rule says so. A query the parser cannot classify is refused unless a
     /// rule allows `unknown`. With an allowing verdict come the result
-    /// masks of the statements, in order.
-    async fn judge_statements(&self, kind: &str, sql: &str) -> (Verdict, Vec<Option<Arc<RowMask>>>) {
+    /// masks of the statements, in order, and for a Parse whose statement
+    /// needs approval what to hold each Bind of it for (a Parse runs
+    /// nothing; approvers decide on each execution, with its values).
+    async fn judge_statements(
+        &self,
+        kind: &str,
+        sql: &str,
+    ) -> (Verdict, Vec<Option<Arc<RowMask>>>, Option<Arc<HeldStatement>>) {
         let passage = self.passage;
         let detector = &passage.gate().detector;
         let masker = passage.gate().recording_masker();
@@ -1580,7 +1630,7 @@ impl Relay<'_> {
                 Err(OverBudget) => {
                     let verdict = self.refuse_encodings("the SQL text");
                     self.record_refused_text(kind, sql);
-                    return (verdict, Vec::new());
+                    return (verdict, Vec::new(), None);
                 }
             },
         };
@@ -1591,11 +1641,14 @@ impl Relay<'_> {
         let mut verdict = judge_keys(passage, &self.judged, hits).await;
         let mut rule = None;
         let mut masks = Vec::new();
+        let mut held = None;
         if matches!(verdict, Verdict::Allow) {
-            let (v, r, m) = self.judge_policy(sql).await;
+            let when = if kind == "parse" { Approve::EachBind } else { Approve::Now };
+            let (v, r, m, h) = self.judge_policy(sql, when).await;
             verdict = v;
             rule = Some(r);
             masks = m;
+            held = h;
         }
         let recorded = match &self.rounds {
             Some(_) => {
@@ -1635,7 +1688,7 @@ impl Relay<'_> {
         if learned && sql.len() <= RECORDED_TEXT {
             self.clean.lock().unwrap_or_else(PoisonError::into_inner).remember(detector, masker, sql, recorded);
         }
-        (verdict, masks)
+        (verdict, masks, held)
     }
 
     /// `sql` classified, from the session's memory when it was seen before.
@@ -1645,9 +1698,9 @@ impl Relay<'_> {
 
     /// The policy's verdict on `sql`'s statements, the deciding rule and the
     /// statements' result masks.
-    async fn judge_policy(&self, sql: &str) -> (Verdict, String, Vec<Option<Arc<RowMask>>>) {
+    async fn judge_policy(&self, sql: &str, when: Approve) -> Judgement {
         let classified = self.classify(sql);
-        self.judge_parsed(classified.as_ref().as_deref(), sql).await
+        self.judge_parsed(classified.as_ref().as_deref(), sql, when).await
     }
 
     /// The policy's verdict on a fastpath FunctionCall, which runs a
@@ -1662,8 +1715,8 @@ impl Relay<'_> {
             inner: Vec::new(),
             columns: Default::default(),
         }];
-        let (verdict, rule, masks) =
-            self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}")).await;
+        let (verdict, rule, masks, _) =
+            self.judge_parsed(Ok(&call), &format!("-- FunctionCall, function oid {oid}"), Approve::Now).await;
         if masks.iter().any(Option::is_some) {
             // A function's result names no column: nothing to mask it by.
             let reason = Reason::Uninspectable(Uninspectable::Postgres {
@@ -1682,7 +1735,8 @@ impl Relay<'_> {
         &self,
         statements: Result<&[sql::Statement], &sql::SqlError>,
         text: &str,
-    ) -> (Verdict, String, Vec<Option<Arc<RowMask>>>) {
+        when: Approve,
+    ) -> Judgement {
         let passage = self.passage;
         let ask = StatementAsk {
             host: &self.judged.host,
@@ -1700,7 +1754,7 @@ impl Relay<'_> {
                     _ => SQLSTATE_REFUSED,
                 };
                 let refusal = passage.refuse(reason, &rule);
-                return (Verdict::Deny(error_bytes_with(sqlstate, &refusal.message())), rule, Vec::new());
+                return (Verdict::Deny(error_bytes_with(sqlstate, &refusal.message())), rule, Vec::new(), None);
             }
         };
         let rule = decision.decided.rule.clone();
@@ -1708,12 +1762,63 @@ impl Relay<'_> {
             Ok(m) => m,
             Err(detail) => {
                 let refusal = passage.refuse(Reason::Uninspectable(Uninspectable::Postgres { detail }), &rule);
-                return (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new());
+                return (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new(), None);
             }
         };
-        match passage.approve_statement(&ask, &decision, text).await {
-            Ok(()) => (Verdict::Allow, rule, masks),
-            Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new()),
+        let has = |kind: sql::StatementKind| decision.statements.iter().any(|v| v.kind == kind);
+        let held = match &decision.approval {
+            Some(approval) => Some(Arc::new(HeldStatement { approval: approval.clone(), text: text.to_owned() })),
+            // A PREPAREd statement that needed approval runs again with each
+            // EXECUTE: each is held as the PREPARE was.
+            None if has(sql::StatementKind::Execute) => self.prepared().execute_approval.clone().map(|prepared| {
+                let text = format!("{text}\n-- may run what was prepared as: {}", prepared.text);
+                Arc::new(HeldStatement { approval: prepared.approval.clone(), text })
+            }),
+            None => None,
+        };
+        let Some(held) = held else { return (Verdict::Allow, rule, masks, None) };
+        if when == Approve::EachBind {
+            return (Verdict::Allow, rule, masks, Some(held));
+        }
+        match passage.approve_statement(&ask, &held.approval, &held.text, &[]).await {
+            Ok(()) => {
+                if decision.approval.is_some() && has(sql::StatementKind::Prepare) {
+                    let mut prepared = self.prepared();
+                    // The statement needing the most approvers decides.
+                    let stricter = prepared
+                        .execute_approval
+                        .as_ref()
+                        .is_none_or(|p| p.approval.1.min_approvals < held.approval.1.min_approvals);
+                    if stricter {
+                        prepared.execute_approval = Some(Arc::clone(&held));
+                    }
+                }
+                (Verdict::Allow, rule, masks, None)
+            }
+            Err(refusal) => (Verdict::Deny(error_bytes(&refusal.message())), rule, Vec::new(), None),
+        }
+    }
+
+    /// Holds one execution of a Parsed statement that needs approval (its
+    /// Bind) until approvers decide on it and the values bound.
+    async fn approve_execution(&self, held: &HeldStatement, params: &[Value]) -> Verdict {
+        let ask = StatementAsk {
+            host: &self.judged.host,
+            tls: self.tls,
+            database: &self.database,
+            user: &self.user,
+            statements: Ok(&[]),
+        };
+        let values: Vec<Option<&[u8]>> = params
+            .iter()
+            .map(|v| match v {
+                Value::Bytes(b) => Some(&b[..]),
+                Value::Null => None,
+            })
+            .collect();
+        match self.passage.approve_statement(&ask, &held.approval, &held.text, &values).await {
+            Ok(()) => Verdict::Allow,
+            Err(refusal) => Verdict::Deny(error_bytes(&refusal.message())),
         }
     }
 

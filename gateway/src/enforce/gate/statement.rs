@@ -233,28 +233,56 @@ impl Passage {
         })
     }
 
-    /// Holds a query that [`Passage::statements`] said needs approval until
-    /// approvers decide; the approvers see `query` with every detected key
-    /// masked, and the destination as `postgres://user@host:port/database`.
+    /// Holds a query that [`Passage::statements`] said needs approval
+    /// (`approval`: the rule and its spec) until approvers decide. One
+    /// approval is one execution: approvers see `query` and the values bound
+    /// to it (`params`, `None` for NULL), every detected key masked, and the
+    /// destination as `postgres://user@host:port/database`.
     pub async fn approve_statement(
         &self,
         ask: &StatementAsk<'_>,
-        decision: &StatementDecision,
+        approval: &(String, policy::ApprovalSpec),
         query: &str,
+        params: &[Option<&[u8]>],
     ) -> Result<(), Refusal> {
-        let Some((rule, spec)) = &decision.approval else { return Ok(()) };
+        let (rule, spec) = approval;
         let port = self.conn.dst.port();
-        let masked = self.gate.masks.recording().mask_text(query).into_owned();
+        let masker = self.gate.masks.recording();
+        let mut shown = masker.mask_text(query).into_owned();
+        for (i, value) in params.iter().enumerate() {
+            shown.push_str(&format!("\n${} = {}", i + 1, shown_value(masker, *value)));
+        }
         self.approve(ApprovalAsk {
             rule,
             spec,
             method: "SQL".into(),
             url: format!("postgres://{}@{}:{port}/{}", ask.user, ask.host, ask.database),
             destination: format!("{}:{port}", ask.host),
-            body_preview: masked,
+            body_preview: shown,
         })
         .await
     }
+}
+
+/// How much of one bound value approvers see, after masking.
+const SHOWN_VALUE: usize = 256;
+
+/// A bound value as approvers see it: text quoted, anything else (a binary
+/// format value, control characters) as `\x` hex, which the masker's hex
+/// view reads. Masked before it is cut short, so a cut cannot leave part of
+/// a key the masker would no longer recognise.
+fn shown_value(masker: &Masker, value: Option<&[u8]>) -> String {
+    let Some(bytes) = value else { return "NULL".into() };
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) if !t.chars().any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r')) => format!("'{t}'"),
+        _ => format!("\\x{}", hex::encode(bytes)),
+    };
+    let masked = masker.mask_text(&text);
+    if masked.len() <= SHOWN_VALUE {
+        return masked.into_owned();
+    }
+    let cut = (0..=SHOWN_VALUE).rev().find(|&i| masked.is_char_boundary(i)).unwrap_or(0);
+    format!("{}... ({} bytes)", &masked[..cut], bytes.len())
 }
 
 /// Why `statement` reads a column `mask` masks where the mask cannot follow
@@ -420,6 +448,31 @@ defaults: { action: allow, record: none }
         statements: Result<&'a [Statement], &'a SqlError>,
     ) -> StatementAsk<'a> {
         StatementAsk { host: "db.internal", tls: true, database, user, statements }
+    }
+
+    #[test]
+    fn bound_values_are_shown_masked_and_cut_after_masking() {
+        let masker =
+            Masker::new(Arc::new(Detector::builtin().expect("detector")), &Default::default()).expect("masker");
+        // An OpenAI project key made up here (the detector's shape).
+        let key = format!("sk-proj-{}T3BlbkFJ{}", "a1B2c3D4".repeat(6), "Z9y8X7w6".repeat(6));
+        assert_eq!(shown_value(&masker, None), "NULL");
+        assert_eq!(shown_value(&masker, Some(b"42")), "'42'");
+        // A binary value (int4 0) as hex; a key in binary form masked too.
+        assert_eq!(shown_value(&masker, Some(&[0, 0, 0, 0])), "\\x00000000");
+        let mut binary = vec![0u8, 1];
+        binary.extend_from_slice(key.as_bytes());
+        for value in [key.clone(), format!("deploy {key}")].iter().map(|v| v.as_bytes()).chain([&binary[..]]) {
+            let shown = shown_value(&masker, Some(value));
+            assert!(shown.contains("[MASKED:"), "{shown}");
+            assert!(!shown.contains(&key) && !shown.contains(&hex::encode(&key)), "{shown}");
+        }
+        // A long value: masked first, then cut, so the key cannot be cut
+        // into a prefix the masker would not know.
+        let long = format!("{}{key}", "x".repeat(SHOWN_VALUE - 20));
+        let shown = shown_value(&masker, Some(long.as_bytes()));
+        assert!(!shown.contains(&key[..20]), "{shown}");
+        assert!(shown.ends_with(&format!("... ({} bytes)", long.len())), "{shown}");
     }
 
     #[tokio::test]
