@@ -97,6 +97,8 @@ use serde_json::Value;
 mod haproxy;
 #[path = "https/idle.rs"]
 mod idle;
+#[path = "https/pingora.rs"]
+mod pingora;
 
 const ORIGIN_IP: &str = "127.0.0.8";
 const PROXY_IP: &str = "127.0.0.9";
@@ -231,6 +233,9 @@ struct Tools {
     nginx: PathBuf,
     /// [`Mode::Proxies`] and [`Mode::Callgrind`]: the second peer proxy.
     haproxy: Option<PathBuf>,
+    /// [`Mode::Proxies`] and [`Mode::Callgrind`], opt-in: the third peer
+    /// (see [`pingora`]).
+    pingora: Option<PathBuf>,
     wrk: PathBuf,
     curl: PathBuf,
     /// [`Mode::Callgrind`] only: `valgrind` and `callgrind_control`.
@@ -272,9 +277,24 @@ impl Tools {
             }
             Mode::Recording | Mode::Idle => None,
         };
+        let pingora = match (mode, std::env::var_os(pingora::ENV)) {
+            (Mode::Proxies | Mode::Callgrind, Some(bin)) => {
+                let bin = PathBuf::from(bin);
+                ensure!(
+                    bin.is_file(),
+                    "{}={} is not a file: build it with `OPENSSL_NO_VENDOR=1 cargo build --release --manifest-path \
+                     benches/pingora-proxy/Cargo.toml` (needs cmake and libssl-dev), or unset it",
+                    pingora::ENV,
+                    bin.display()
+                );
+                Some(bin)
+            }
+            _ => None,
+        };
         Ok(Tools {
             valgrind,
             haproxy,
+            pingora,
             gateway,
             nginx: which("nginx").with_context(|| missing("nginx (package nginx-light, /usr/sbin/nginx)"))?,
             wrk: which("wrk").with_context(|| missing("wrk (package wrk)"))?,
@@ -851,11 +871,15 @@ const CALLGRIND_NGINX: &str = "nginx proxy (1 process)";
 const CALLGRIND_HAPROXY: &str = "haproxy (1 thread)";
 /// The label of [`Mode::Proxies`]'s HAProxy.
 const PROXIES_HAPROXY: &str = "haproxy, threads auto";
+/// The labels of the Pingora proxy in [`Mode::Proxies`] and [`Mode::Callgrind`].
+const PROXIES_PINGORA: &str = "pingora, threads auto";
+const CALLGRIND_PINGORA: &str = "pingora (1 thread)";
 
 /// A peer proxy the gateway is compared with.
 enum Peer {
     Nginx(Nginx),
     Haproxy(haproxy::Haproxy),
+    Pingora(pingora::Pingora),
 }
 
 impl Peer {
@@ -864,6 +888,7 @@ impl Peer {
         match self {
             Peer::Nginx(n) => n.pgid(),
             Peer::Haproxy(h) => h.pgid(),
+            Peer::Pingora(p) => p.pgid(),
         }
     }
 
@@ -873,6 +898,7 @@ impl Peer {
         match self {
             Peer::Nginx(n) => (n.child.id(), n.prefix.join("callgrind.out")),
             Peer::Haproxy(h) => (h.child.id(), h.dir.join("callgrind.out")),
+            Peer::Pingora(p) => (p.child.id(), p.dir.join("callgrind.out")),
         }
     }
 }
@@ -962,6 +988,15 @@ impl Scene {
                 eprintln!("{PROXIES_HAPROXY}: {} threads", h.threads()?);
                 let base = format!("https://{PROXY_IP}:{port}");
                 proxies.push((Route { label: PROXIES_HAPROXY, base, gateway: None }, Peer::Haproxy(h)));
+                if let Some(bin) = &tools.pingora {
+                    let port = free_port(PROXY_IP)?;
+                    let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+                    let prefix = dir.path().join("pingora-auto");
+                    let p = pingora::Pingora::start(bin, prefix, threads, &pki, port, origin_port, None)
+                        .with_context(|| format!("starting the {PROXIES_PINGORA}"))?;
+                    let base = format!("https://{PROXY_IP}:{port}");
+                    proxies.push((Route { label: PROXIES_PINGORA, base, gateway: None }, Peer::Pingora(p)));
+                }
                 let gw = Gateway::start(tools, dir.path(), "gw", origin_addr, &pki.ca, "", None);
                 gateways.push(gw.context("starting the gateway")?);
             }
@@ -1010,6 +1045,15 @@ impl Scene {
                 .context("starting haproxy under valgrind")?;
                 let base = format!("https://{PROXY_IP}:{port}");
                 proxies.push((Route { label: CALLGRIND_HAPROXY, base, gateway: None }, Peer::Haproxy(h)));
+                if let Some(bin) = &tools.pingora {
+                    let port = free_port(PROXY_IP)?;
+                    let prefix = dir.path().join("pingora-callgrind");
+                    let launcher = Launcher { valgrind: valgrind.clone(), out: prefix.join("callgrind.out") };
+                    let p = pingora::Pingora::start(bin, prefix, 1, &pki, port, origin_port, Some(&launcher))
+                        .context("starting pingora under valgrind")?;
+                    let base = format!("https://{PROXY_IP}:{port}");
+                    proxies.push((Route { label: CALLGRIND_PINGORA, base, gateway: None }, Peer::Pingora(p)));
+                }
                 for (label, name, level) in CALLGRIND {
                     let sections = recording_sections(dir.path(), name, level)?;
                     // Gateway::start puts its files in `gateway-<name>`.
@@ -1479,8 +1523,8 @@ impl Report {
     fn print(&self, settings: &Settings) {
         let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(0);
         println!(
-            "\nHTTPS through the gateway vs direct vs nginx and HAProxy TLS reverse proxies ({cores} cores, all on \
-             this host)"
+            "\nHTTPS through the gateway vs direct vs nginx, HAProxy (and Pingora, if built) TLS reverse proxies \
+             ({cores} cores, all on this host)"
         );
         println!(
             "wrk keep-alive GET / ({} byte body), {}s per run, median of {} interleaved rounds",
@@ -2110,12 +2154,13 @@ impl CallgrindReport {
                 off / nginx,
                 if full <= 0.8 * nginx { "PASS" } else { "FAIL" }
             );
-            if let Some(haproxy) = haproxy {
+            for peer in [CALLGRIND_HAPROXY, CALLGRIND_PINGORA] {
+                let Some(ir) = at(peer) else { continue };
                 println!(
-                    "Against HAProxy (1 thread): {:.2}x (recording full), {:.2}x (recording off): {}",
-                    full / haproxy,
-                    off / haproxy,
-                    if full <= 0.8 * haproxy { "at most 0.8x" } else { "above 0.8x" }
+                    "Against {peer}: {:.2}x (recording full), {:.2}x (recording off): {}",
+                    full / ir,
+                    off / ir,
+                    if full <= 0.8 * ir { "at most 0.8x" } else { "above 0.8x" }
                 );
             }
             println!(
