@@ -8,13 +8,8 @@
 //! (`DIR` holds Pingora's pid file and upgrade socket). Started and stopped
 //! by `benches/benches/https.rs`.
 
-
 use async_trait::async_trait;
-use pingora::{
-    prelude::*,
-    server::configuration::ServerConf,
-    upstreams::peer::HttpPeer,
-};
+use pingora::{prelude::*, server::configuration::ServerConf, upstreams::peer::HttpPeer};
 
 /// Forwards every request to the one origin.
 struct Forward {
