@@ -504,7 +504,8 @@ impl Inspector for HttpGate {
             let mut inject = |targets: &[SwapTarget], rendered: &RenderedInjection| {
                 apply_swap(parts, targets, rendered).map(|_| ()).map_err(|e| e.to_string())
             };
-            if let Err(refusal) = self.passage.inject(&judged, &mut inject).await {
+            // Boxed, like every await only some requests reach.
+            if let Err(refusal) = Box::pin(self.passage.inject(&judged, &mut inject)).await {
                 let response = render(&refusal, client);
                 let body = BodyGate::draining(self.passage.clone(), judged, capture, parts, refusal);
                 return HeadVerdict::RespondAfterBody { response, body, watch: Some(watch) };
