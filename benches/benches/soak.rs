@@ -92,6 +92,43 @@ fn main() -> Result<()> {
     let api = scene.gw.api_port;
     let start = Instant::now();
     let mut samples = Vec::new();
+    // A failed sample stops the workers before returning, so that the
+    // scene (the gateway, its cgroup and pins, the PostgreSQL cluster) is
+    // dropped and cleaned up: returning with workers still holding it left
+    // them running after the process exited.
+    let sampled = sample_until(&scene, pid, api, start, seconds, sample, &mut samples);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    sampled?;
+    samples.push(Sample::of(pid, api, start.elapsed())?);
+    // Sessions end when their connections close; give the writer its flush.
+    thread::sleep(Duration::from_secs(3));
+    let after = Sample::of(pid, api, start.elapsed())?;
+
+    let open = scene.open_sessions()?;
+    let verify = scene.gw.cli(&["sessions", "verify", "--all"]);
+    let verified = verify.status.success();
+
+    report(&scene, &samples, &after, open, verified);
+    ensure!(open == 0, "{open} sessions were left open");
+    ensure!(verified, "sessions verify --all failed: {}", String::from_utf8_lossy(&verify.stdout));
+    let failed: u64 = scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+    ensure!(failed == 0, "{failed} rounds failed");
+    Ok(())
+}
+
+/// Samples every `sample` until `seconds` have passed since `start`.
+fn sample_until(
+    scene: &Scene,
+    pid: u32,
+    api: u16,
+    start: Instant,
+    seconds: u64,
+    sample: Duration,
+    samples: &mut Vec<Sample>,
+) -> Result<()> {
     while start.elapsed() < Duration::from_secs(seconds) {
         let s = Sample::of(pid, api, start.elapsed())?;
         eprintln!(
@@ -109,24 +146,6 @@ fn main() -> Result<()> {
         samples.push(s);
         thread::sleep(sample.min(Duration::from_secs(seconds).saturating_sub(start.elapsed())));
     }
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        let _ = w.join();
-    }
-    samples.push(Sample::of(pid, api, start.elapsed())?);
-    // Sessions end when their connections close; give the writer its flush.
-    thread::sleep(Duration::from_secs(3));
-    let after = Sample::of(pid, api, start.elapsed())?;
-
-    let open = scene.open_sessions()?;
-    let verify = scene.gw.cli(&["sessions", "verify", "--all"]);
-    let verified = verify.status.success();
-
-    report(&scene, &samples, &after, open, verified);
-    ensure!(open == 0, "{open} sessions were left open");
-    ensure!(verified, "sessions verify --all failed: {}", String::from_utf8_lossy(&verify.stdout));
-    let failed: u64 = scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-    ensure!(failed == 0, "{failed} rounds failed");
     Ok(())
 }
 
