@@ -1,8 +1,11 @@
 //! Soak (issue 17): mixed traffic at a steady moderate rate through one
-//! gateway for a long time, sampling the gateway's resident memory, open
-//! descriptors, threads and async tasks (`gateway_runtime_alive_tasks`), and
-//! reporting their slopes after warm-up. At the
-//! end: no session is left open and every recording verifies.
+//! gateway for a long time, sampling the gateway's resident memory, its
+//! live heap and what its allocator holds (`gateway_heap_allocated_bytes`,
+//! `gateway_heap_resident_bytes`), open descriptors, threads and async
+//! tasks (`gateway_runtime_alive_tasks`), and reporting their slopes after
+//! warm-up. RSS growing while the live heap is flat is the allocator
+//! keeping freed memory; the live heap growing is a leak. At the end: no
+//! session is left open and every recording verifies.
 //!
 //! The traffic, each kind from its own worker in the gateway's intercepted
 //! cgroup, real clients against real servers:
@@ -89,25 +92,16 @@ fn main() -> Result<()> {
     let api = scene.gw.api_port;
     let start = Instant::now();
     let mut samples = Vec::new();
-    while start.elapsed() < Duration::from_secs(seconds) {
-        let s = Sample::of(pid, api, start.elapsed())?;
-        eprintln!(
-            "soak: t={:>5.0}s rss={} KiB fds={} threads={} tasks={} rounds ok={} failed={}",
-            s.at,
-            s.rss_kib,
-            s.fds,
-            s.threads,
-            s.tasks,
-            scene.ok.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
-            scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
-        );
-        samples.push(s);
-        thread::sleep(sample.min(Duration::from_secs(seconds).saturating_sub(start.elapsed())));
-    }
+    // A failed sample stops the workers before returning, so that the
+    // scene (the gateway, its cgroup and pins, the PostgreSQL cluster) is
+    // dropped and cleaned up: returning with workers still holding it left
+    // them running after the process exited.
+    let sampled = sample_until(&scene, pid, api, start, seconds, sample, &mut samples);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.join();
     }
+    sampled?;
     samples.push(Sample::of(pid, api, start.elapsed())?);
     // Sessions end when their connections close; give the writer its flush.
     thread::sleep(Duration::from_secs(3));
@@ -122,6 +116,36 @@ fn main() -> Result<()> {
     ensure!(verified, "sessions verify --all failed: {}", String::from_utf8_lossy(&verify.stdout));
     let failed: u64 = scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum();
     ensure!(failed == 0, "{failed} rounds failed");
+    Ok(())
+}
+
+/// Samples every `sample` until `seconds` have passed since `start`.
+fn sample_until(
+    scene: &Scene,
+    pid: u32,
+    api: u16,
+    start: Instant,
+    seconds: u64,
+    sample: Duration,
+    samples: &mut Vec<Sample>,
+) -> Result<()> {
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let s = Sample::of(pid, api, start.elapsed())?;
+        eprintln!(
+            "soak: t={:>5.0}s rss={} KiB heap={} KiB held={} KiB fds={} threads={} tasks={} rounds ok={} failed={}",
+            s.at,
+            s.rss_kib,
+            s.heap_kib,
+            s.held_kib,
+            s.fds,
+            s.threads,
+            s.tasks,
+            scene.ok.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
+            scene.failed.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>(),
+        );
+        samples.push(s);
+        thread::sleep(sample.min(Duration::from_secs(seconds).saturating_sub(start.elapsed())));
+    }
     Ok(())
 }
 
@@ -350,6 +374,11 @@ struct Sample {
     threads: u64,
     /// Tasks alive on the gateway's async runtime.
     tasks: u64,
+    /// The live heap (`gateway_heap_allocated_bytes`), KiB; 0 from a
+    /// gateway without the metric (an older binary).
+    heap_kib: u64,
+    /// What the allocator holds, used or free (`gateway_heap_resident_bytes`), KiB.
+    held_kib: u64,
 }
 
 impl Sample {
@@ -360,27 +389,35 @@ impl Sample {
             Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
         };
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+        let metrics = scrape(api_port)?;
         Ok(Sample {
             at: at.as_secs_f64(),
             rss_kib: field("VmRSS:")?,
             fds,
             threads: field("Threads:")?,
-            tasks: alive_tasks(api_port)?,
+            tasks: metric(&metrics, "gateway_runtime_alive_tasks")?,
+            heap_kib: metric(&metrics, "gateway_heap_allocated_bytes").unwrap_or(0) / 1024,
+            held_kib: metric(&metrics, "gateway_heap_resident_bytes").unwrap_or(0) / 1024,
         })
     }
 }
 
-/// `gateway_runtime_alive_tasks` from the gateway's `/metrics`.
-fn alive_tasks(api_port: u16) -> Result<u64> {
+/// The gateway's `/metrics` text.
+fn scrape(api_port: u16) -> Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", api_port)).context("connecting to the metrics endpoint")?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// The label-less sample `name` of a scrape.
+fn metric(text: &str, name: &str) -> Result<u64> {
     let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("gateway_runtime_alive_tasks "))
-        .context("no gateway_runtime_alive_tasks in /metrics")?;
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .with_context(|| format!("no {name} in /metrics"))?;
     Ok(line.trim().parse::<f64>()? as u64)
 }
 
@@ -417,6 +454,20 @@ fn report(scene: &Scene, samples: &[Sample], after: &Sample, open: usize, verifi
     }
     println!("\n| measure | after warm-up | end | slope |\n| --- | ---: | ---: | ---: |");
     println!("| RSS | {first} KiB | {last} KiB | {:+.1} KiB/min |", slope_per_minute(&series(|s| s.rss_kib)));
+    println!(
+        "| live heap | {} KiB | {} KiB (idle: {}) | {:+.1} KiB/min |",
+        warm.first().map_or(0, |s| s.heap_kib),
+        warm.last().map_or(0, |s| s.heap_kib),
+        after.heap_kib,
+        slope_per_minute(&series(|s| s.heap_kib))
+    );
+    println!(
+        "| allocator holds | {} KiB | {} KiB (idle: {}) | {:+.1} KiB/min |",
+        warm.first().map_or(0, |s| s.held_kib),
+        warm.last().map_or(0, |s| s.held_kib),
+        after.held_kib,
+        slope_per_minute(&series(|s| s.held_kib))
+    );
     println!(
         "| descriptors | {} | {} (idle: {}) | {:+.3}/min |",
         warm.first().map_or(0, |s| s.fds),

@@ -478,6 +478,50 @@ fn policy_histogram() -> Histogram {
     Histogram::new(POLICY_BUCKETS)
 }
 
+/// The process's heap as its allocator reports it: exported at each scrape
+/// as `gateway_heap_allocated_bytes` and `gateway_heap_resident_bytes`.
+/// Beside the process's RSS it tells a leak (`allocated` grows under steady
+/// load) from the allocator keeping freed memory (RSS grows, `allocated`
+/// does not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeapStats {
+    /// Bytes allocated and not yet freed: the live heap.
+    pub allocated: u64,
+    /// Bytes the allocator holds in memory, in use or free (jemalloc: its
+    /// resident pages, metadata included; glibc: its arenas and mmapped
+    /// chunks).
+    pub resident: u64,
+}
+
+/// Reads the heap figures; `None` when the allocator cannot say.
+pub type HeapSource = fn() -> Option<HeapStats>;
+
+/// Where `gateway_heap_*` come from: process-wide, like the allocator. The
+/// library does not know which allocator the binary links, so the binary
+/// says ([`observe_heap`]).
+static HEAP: OnceLock<HeapSource> = OnceLock::new();
+
+/// Exports the heap figures (`gateway_heap_*`, absent until this is
+/// called), read at each scrape by `source`, which must be cheap and must
+/// not block. Called by the binary, which chose the allocator. Set once;
+/// later calls are ignored.
+pub fn observe_heap(source: HeapSource) {
+    let _ = HEAP.set(source);
+}
+
+/// glibc malloc's figures (`mallinfo2`), for a binary that keeps the system
+/// allocator. It walks every arena's free lists under its lock: a scrape's
+/// cost, not a hot path's.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn glibc_heap() -> Option<HeapStats> {
+    // SAFETY: mallinfo2 takes no arguments and returns a struct by value.
+    let info = unsafe { libc::mallinfo2() };
+    // Chunks served by mmap (`hblkhd`) are in use and held until freed.
+    let allocated = info.uordblks.saturating_add(info.hblkhd);
+    let resident = info.arena.saturating_add(info.hblkhd);
+    Some(HeapStats { allocated: u64::try_from(allocated).ok()?, resident: u64::try_from(resident).ok()? })
+}
+
 /// Keeps one request counted in `gateway_approvals_pending` while it waits
 /// (also when the waiting future is dropped: the client went away).
 #[derive(Debug)]
@@ -581,6 +625,22 @@ impl Collector for Live {
                 "Tasks alive on the gateway's async runtime (spawned and not yet finished): connections, relays, timers, background work",
                 None,
                 i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX),
+            )?;
+        }
+        if let Some(heap) = HEAP.get().and_then(|read| read()) {
+            gauge(
+                &mut encoder,
+                "gateway_heap_allocated",
+                "Heap bytes allocated and not freed (the live heap), as the allocator counts them",
+                Some(&Unit::Bytes),
+                i64::try_from(heap.allocated).unwrap_or(i64::MAX),
+            )?;
+            gauge(
+                &mut encoder,
+                "gateway_heap_resident",
+                "Bytes the allocator holds in memory, in use or free (RSS minus code, stacks and other mappings)",
+                Some(&Unit::Bytes),
+                i64::try_from(heap.resident).unwrap_or(i64::MAX),
             )?;
         }
         if let Some(outbox) = self.outbox.get() {

@@ -252,3 +252,25 @@ fn the_runtime_task_count_is_exported() {
     runtime.block_on(task).expect("the task ends");
     assert_eq!(sample(&encoded(&m), "gateway_runtime_alive_tasks"), Some(0.0));
 }
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn the_heap_is_exported_once_its_source_is_known() {
+    // The only test that sets the process-wide source.
+    let m = Metrics::new();
+    assert!(!encoded(&m).contains("gateway_heap_allocated"), "absent until observed");
+    observe_heap(glibc_heap);
+    let before = sample(&encoded(&m), "gateway_heap_allocated_bytes").expect("allocated");
+    // 256 MiB, so that what other tests allocate or free meanwhile cannot hide it.
+    let block = std::hint::black_box(vec![1u8; 256 << 20]);
+    let text = encoded(&m);
+    let (during, resident) = (
+        sample(&text, "gateway_heap_allocated_bytes").expect("allocated"),
+        sample(&text, "gateway_heap_resident_bytes").expect("resident"),
+    );
+    assert!(during - before > 200.0 * 1048576.0, "{before} -> {during}");
+    assert!(resident >= during, "resident {resident} < allocated {during}");
+    drop(block);
+    let after = sample(&encoded(&m), "gateway_heap_allocated_bytes").expect("allocated");
+    assert!(during - after > 200.0 * 1048576.0, "{during} -> {after}");
+}
