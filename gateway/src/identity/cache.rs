@@ -44,8 +44,15 @@ pub trait ProcessEpochs: Send + Sync {
 }
 
 /// Bound on kept attestations; entries of exited processes are dropped when
-/// next looked up, the bound covers the rest.
+/// next looked up or at the next sweep, the bound covers the rest.
 const CAPACITY: usize = 16_384;
+
+/// Attestations kept between two sweeps for entries of processes that
+/// exited or exec'd. A CI job starts many short processes whose pids are
+/// never looked up again: without sweeps their entries (about 640 bytes
+/// each) piled up to [`CAPACITY`] before the map was cleared, the 10 MiB
+/// sawtooth in the soak's heap (docs/reliability.md, "Soak").
+const SWEEP_EVERY: u64 = 256;
 
 /// One kept attestation.
 struct Entry {
@@ -79,6 +86,8 @@ pub struct AttestationCache {
     last_token: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Attestations kept so far, for [`SWEEP_EVERY`].
+    kept: AtomicU64,
 }
 
 impl AttestationCache {
@@ -90,6 +99,7 @@ impl AttestationCache {
             last_token: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            kept: AtomicU64::new(0),
         }
     }
 
@@ -193,12 +203,39 @@ impl AttestationCache {
     }
 
     fn keep(&self, entry: Entry) {
+        if self.kept.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            self.sweep();
+        }
         let Ok(mut entries) = self.entries.lock() else { return };
         if entries.len() >= CAPACITY && !entries.contains_key(&entry.attested.pid) {
             // Crude but bounded: a full reset only costs a round of misses.
             entries.clear();
         }
         entries.insert(entry.attested.pid, Arc::new(entry));
+    }
+
+    /// Drops the entries whose process (or an ancestor they vouch for) is
+    /// gone: they can never be used again. The kernel is asked outside the
+    /// lock; an entry replaced meanwhile is left alone.
+    fn sweep(&self) {
+        let kept: Vec<(u32, Arc<Entry>)> = match self.entries.lock() {
+            Ok(entries) => entries.iter().map(|(&pid, e)| (pid, Arc::clone(e))).collect(),
+            Err(_) => return,
+        };
+        let current = |pid, epoch| self.epochs.current(pid) == Some(epoch);
+        let dead: Vec<(u32, Arc<Entry>)> = kept
+            .into_iter()
+            .filter(|(pid, e)| !current(*pid, e.epoch) || !e.ancestors.iter().all(|&(p, epoch)| current(p, epoch)))
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let Ok(mut entries) = self.entries.lock() else { return };
+        for (pid, entry) in dead {
+            if entries.get(&pid).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                entries.remove(&pid);
+            }
+        }
     }
 }
 
@@ -263,6 +300,30 @@ mod tests {
         assert_eq!(hit.comm, comm_of(&second));
         assert_eq!(hit.connect_ns, second.ts_ns);
         assert_eq!(cache.stats(), CacheStats { hits: 1, misses: 1, entries: 1 });
+    }
+
+    #[test]
+    fn entries_of_exited_processes_are_swept_though_never_looked_up_again() {
+        let (epochs, cache) = cache();
+        let me = std::process::id();
+        let Attestation::Attested(mine) = cache.attest(&attestor(), &record(me, procfs::monotonic_ns()), NO_ANCESTORS)
+        else {
+            panic!("unattested")
+        };
+        // Short-lived processes, each attested once and never seen again.
+        let pids = (1..3 * SWEEP_EVERY as u32).map(|i| 4_000_000 + i);
+        for pid in pids.clone() {
+            let epoch = cache.begin(pid).expect("tracked");
+            let mut attested = (*mine).clone();
+            attested.pid = pid;
+            cache.keep(Entry { epoch, ancestors: Vec::new(), since: 0, needs: NO_ANCESTORS, attested });
+            epochs.end(pid);
+        }
+        // Each sweep dropped every ended process: what is left is this
+        // process and those kept since the last sweep.
+        let entries = cache.stats().entries;
+        assert!(entries <= SWEEP_EVERY, "{entries} entries kept");
+        assert!(cache.lookup(&record(me, procfs::monotonic_ns()), NO_ANCESTORS).is_some(), "the live one stays");
     }
 
     #[test]
