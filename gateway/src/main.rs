@@ -1,9 +1,11 @@
 //! The `gateway` binary: every command lives in [`gateway::cli`]; this file
 //! chooses the global allocator.
 //!
-//! jemalloc (feature `jemalloc`, the default), unprefixed: Rust's and the C
-//! libraries' allocations alike. Measured against glibc's malloc on the same
-//! code (docs/reliability.md, "Soak"; docs/benchmarks.md): about 5% fewer
+//! jemalloc (feature `jemalloc`, the default) for Rust's allocations; the C
+//! libraries (SQLite, Hyperscan, libpg_query) keep glibc's malloc, so a
+//! preloaded library that allocates while it starts (libfaketime) never
+//! starts jemalloc inside its own start. Measured against glibc's malloc
+//! on the same code (docs/reliability.md, "Soak"; docs/benchmarks.md): about 5% fewer
 //! instructions per request (9% with full recording), less memory per idle
 //! connection, and an exact live-heap figure for `/metrics`
 //! (`gateway_heap_allocated_bytes`), which is how the soak's RSS sawtooth

@@ -113,41 +113,27 @@ where
     // http2_only are ignored when serving with upgrades.
     // Each arm's connection is boxed so that an HTTP/1.1 connection does
     // not carry room for HTTP/2's (or auto's) state.
-    let serving = async {
-        match client_h2 {
-            Some(false) => {
-                let mut b = hyper_conn::http1::Builder::new();
-                h1_limits(&mut b, &limits);
-                let conn = b.serve_connection(io, service).with_upgrades();
-                Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
-            }
-            Some(true) => {
-                let mut b = hyper_conn::http2::Builder::new(StreamExecutor(tunnels.clone()));
-                h2_limits(&mut b, &limits);
-                let conn = b.serve_connection(io, service);
-                Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
-            }
-            None => {
-                let mut b = auto::Builder::new(StreamExecutor(tunnels.clone()));
-                h1_limits(&mut b.http1(), &limits);
-                h2_limits(&mut b.http2(), &limits);
-                let conn = b.serve_connection_with_upgrades(io, service);
-                Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
-            }
+    let result: Result<(), BoxError> = match client_h2 {
+        Some(false) => {
+            let mut b = hyper_conn::http1::Builder::new();
+            h1_limits(&mut b, &limits);
+            let conn = b.serve_connection(io, service).with_upgrades();
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
+        }
+        Some(true) => {
+            let mut b = hyper_conn::http2::Builder::new(StreamExecutor(tunnels.clone()));
+            h2_limits(&mut b, &limits);
+            let conn = b.serve_connection(io, service);
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
+        }
+        None => {
+            let mut b = auto::Builder::new(StreamExecutor(tunnels.clone()));
+            h1_limits(&mut b.http1(), &limits);
+            h2_limits(&mut b.http2(), &limits);
+            let conn = b.serve_connection_with_upgrades(io, service);
+            Box::pin(drive(conn, &shutdown, idle, |c| c.graceful_shutdown())).await
         }
     };
-    // The upstream connections run in this task beside the client's
-    // (`Drivers`): polled with it until the client connection ends, then
-    // handed to tasks of their own to finish (also when this future is
-    // dropped mid-way: HTTP/2 stream tasks may still be reading responses).
-    let upstream = std::future::poll_fn(|cx| shared.upstreams.drivers.poll_drive(cx));
-    let detach = shared.upstreams.drivers.detach_on_drop();
-    let result: Result<(), BoxError> = tokio::select! {
-        biased;
-        result = serving => result,
-        () = upstream => Ok(()),
-    };
-    drop(detach);
 
     tunnels.close();
     tunnels.wait().await;

@@ -4,21 +4,11 @@
 //! [`Limits::max_upstream_per_connection`] are open at once, so one client
 //! connection (an HTTP/2 client with many streams towards an HTTP/1.1
 //! upstream) cannot take a descriptor per stream.
-//!
-//! The upstream connections' own futures (hyper's connection state
-//! machines) are not spawned: the client connection's task polls them
-//! ([`Drivers`]), so a request and the upstream connection carrying it wake
-//! one task, and an exchange never hops between worker threads.
 
 use std::{
-    future::Future,
-    pin::Pin,
-    sync::{Arc, Mutex, MutexGuard, Weak},
-    task::{Context, Poll, Waker},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
-
-use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 use http::{Request, Response, StatusCode};
 use hyper::{
@@ -73,89 +63,6 @@ pub(crate) struct Upstreams<U> {
     slots: Arc<Semaphore>,
     /// Wakes requests waiting for a slot when a connection returns to the pool.
     recycled: Arc<Notify>,
-    /// The open connections' futures, polled by the client connection's task.
-    pub(crate) drivers: Drivers,
-}
-
-/// An upstream connection's future: it runs the connection until it closes.
-type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The futures of one client connection's upstream connections, polled by
-/// the client connection's own task ([`Drivers::poll_drive`]) instead of a
-/// task each. With a task each, every request woke the upstream
-/// connection's task and every response woke the client's, often on the
-/// other worker thread (a futex wake-up and a context switch each way); in
-/// one task an exchange stays on one thread.
-#[derive(Default)]
-pub(crate) struct Drivers(Mutex<DriverSet>);
-
-#[derive(Default)]
-struct DriverSet {
-    running: FuturesUnordered<Driver>,
-    /// The task polling them, woken when a connection is added.
-    waker: Option<Waker>,
-    /// The client connection ended: connections still open then (an
-    /// upgrade completing, an idle one closing) and any added later run as
-    /// tasks of their own.
-    detached: bool,
-}
-
-impl Drivers {
-    fn lock(&self) -> MutexGuard<'_, DriverSet> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Runs `driver` with the others.
-    fn add(&self, driver: Driver) {
-        let mut set = self.lock();
-        if set.detached {
-            drop(set);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(driver);
-            }
-            return;
-        }
-        set.running.push(driver);
-        if let Some(waker) = set.waker.take() {
-            waker.wake();
-        }
-    }
-
-    /// Polls the connections that were woken; pending for ever (the client
-    /// connection's end decides when to stop, then [`Drivers::detach`]).
-    pub(crate) fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut set = self.lock();
-        if !set.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            set.waker = Some(cx.waker().clone());
-        }
-        while let Poll::Ready(Some(())) = set.running.poll_next_unpin(cx) {}
-        Poll::Pending
-    }
-
-    /// Hands the connections still open to tasks of their own once the
-    /// guard drops: nothing polls [`Drivers::poll_drive`] after that.
-    pub(crate) fn detach_on_drop(&self) -> Detach<'_> {
-        Detach(self)
-    }
-}
-
-/// See [`Drivers::detach_on_drop`].
-pub(crate) struct Detach<'a>(&'a Drivers);
-
-impl Drop for Detach<'_> {
-    fn drop(&mut self) {
-        let mut set = self.0.lock();
-        set.detached = true;
-        set.waker = None;
-        let running = std::mem::take(&mut set.running);
-        drop(set);
-        // Outside a runtime (it is shutting down) the connections close.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            for driver in running {
-                runtime.spawn(driver);
-            }
-        }
-    }
 }
 
 /// What a request waiting to connect got.
@@ -175,7 +82,6 @@ impl<U: UpstreamConnector> Upstreams<U> {
             slots: Arc::new(Semaphore::new(limits.max_upstream_per_connection.max(1))),
             recycled: Arc::new(Notify::new()),
             limits,
-            drivers: Drivers::default(),
         }
     }
 
@@ -193,16 +99,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            // A pooled connection is the common case: taken without the
-            // (large) future of `acquire`, which every request's future
-            // would otherwise have room for and copy whole; an upgrade
-            // needs a connection of its own.
-            let idle = if hint.allow_h2 { self.take_idle() } else { None };
-            let sender = match idle {
-                Some(tx) => Sender::H1 { tx, reused: true, pooled: true },
-                None => Box::pin(self.acquire(hint)).await?,
-            };
-            let (result, retry_ok, back) = match sender {
+            let (result, retry_ok, back) = match self.acquire(hint).await? {
                 Sender::H2(mut tx) => {
                     headers::prepare(&mut req, true, authority, tls).map_err(HttpError::Request)?;
                     let r = tx.try_send_request(req).await;
@@ -335,21 +232,21 @@ impl<U: UpstreamConnector> Upstreams<U> {
                 .handshake(io)
                 .await
                 .map_err(HttpError::Handshake)?;
-            self.drivers.add(Box::pin(async move {
+            tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream h2 connection ended");
                 }
                 drop(permit);
-            }));
+            });
             Ok(Conn::H2(tx))
         } else {
             let (tx, conn) = http1::Builder::new().handshake(io).await.map_err(HttpError::Handshake)?;
-            self.drivers.add(Box::pin(async move {
+            tokio::spawn(async move {
                 if let Err(e) = conn.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream h1 connection ended");
                 }
                 drop(permit);
-            }));
+            });
             Ok(Conn::H1(tx))
         }
     }
@@ -446,73 +343,5 @@ fn put_back(idle: &Weak<Mutex<Vec<H1>>>, recycled: &Notify, max: usize, tx: H1) 
         idle.push(tx);
         drop(idle);
         recycled.notify_one();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use super::*;
-
-    /// A connection future that counts its polls and ends when `end` fires.
-    fn counted(polls: &Arc<AtomicUsize>, end: tokio::sync::oneshot::Receiver<()>) -> Driver {
-        let polls = polls.clone();
-        let mut end = end;
-        Box::pin(std::future::poll_fn(move |cx| {
-            polls.fetch_add(1, Ordering::SeqCst);
-            Pin::new(&mut end).poll(cx).map(|_| ())
-        }))
-    }
-
-    #[tokio::test]
-    async fn connections_run_in_the_driving_task_then_on_their_own_once_detached() {
-        let drivers = Arc::new(Drivers::default());
-        let (polls, (end_tx, end_rx)) = (Arc::new(AtomicUsize::new(0)), tokio::sync::oneshot::channel());
-        let driving = {
-            let drivers = drivers.clone();
-            tokio::spawn(async move {
-                let _detach = drivers.detach_on_drop();
-                std::future::poll_fn(|cx| drivers.poll_drive(cx)).await;
-            })
-        };
-        // Added while the task waits: it is woken and polls the new one.
-        tokio::task::yield_now().await;
-        drivers.add(counted(&polls, end_rx));
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while polls.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the driving task polled the connection");
-        assert_eq!(drivers.lock().running.len(), 1);
-
-        // The driving task ends: the open connection becomes a task of its own.
-        driving.abort();
-        let _ = driving.await;
-        assert!(drivers.lock().detached && drivers.lock().running.is_empty());
-        let before = polls.load(Ordering::SeqCst);
-        end_tx.send(()).expect("the connection is still alive");
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while polls.load(Ordering::SeqCst) == before {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("the detached connection still runs");
-
-        // Added after the end: spawned at once.
-        let (later, (tx, rx)) = (Arc::new(AtomicUsize::new(0)), tokio::sync::oneshot::channel::<()>());
-        drivers.add(counted(&later, rx));
-        assert!(drivers.lock().running.is_empty());
-        drop(tx);
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while later.load(Ordering::SeqCst) == 0 {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("a connection added after the end runs");
     }
 }
