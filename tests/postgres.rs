@@ -871,6 +871,19 @@ impl Driver {
         }
     }
 
+    /// [`Driver::command`] to `ip` with `password`, the gateway's CA and the
+    /// driver's table in its environment (the script's mode and keys are
+    /// the caller's to add).
+    fn to(self, scene: &Scene, ip: &str, password: &str) -> Command {
+        let mut cmd = self.command(scene);
+        cmd.env("HOST", ip)
+            .env("PORT", scene.server.port.to_string())
+            .env("CA", &scene.gateway_ca)
+            .env("PGPASSWORD", password)
+            .env("TABLE", self.table());
+        cmd
+    }
+
     /// The driver's command in the intercepted cgroup, failing loudly when
     /// the driver is not installed.
     fn command(self, scene: &Scene) -> Command {
@@ -920,19 +933,12 @@ impl Driver {
 fn postgres_real_drivers() {
     gateway_tests::require_root();
     let scene = Scene::with_rules("postgres-drivers", APPROVAL_RULES);
-    let port = scene.server.port.to_string();
     let mut keys_used = Vec::new();
     for driver in DRIVERS {
         let started = Instant::now();
         let (flag, block) = (keys::openai_key(), keys::github_token());
-        let mut cmd = driver.command(&scene);
-        cmd.env("HOST", FLAG_IP)
-            .env("PORT", &port)
-            .env("CA", &scene.gateway_ca)
-            .env("PGPASSWORD", &scene.job_password)
-            .env("KEY_FLAG", &flag)
-            .env("KEY_BLOCK", &block)
-            .env("TABLE", driver.table());
+        let mut cmd = driver.to(&scene, FLAG_IP, &scene.job_password);
+        cmd.env("KEY_FLAG", &flag).env("KEY_BLOCK", &block);
         let out = run(cmd);
         let said = ok(&format!("{driver:?}"), &out);
         let lines: Vec<&str> = said.lines().collect();
@@ -977,13 +983,8 @@ fn postgres_real_drivers() {
     // Swap: the job's connection string holds an old password; the server
     // sees the login the gateway holds.
     for driver in DRIVERS {
-        let mut cmd = driver.command(&scene);
-        cmd.env("HOST", SWAP_IP)
-            .env("PORT", &port)
-            .env("CA", &scene.gateway_ca)
-            .env("PGPASSWORD", "an-old-password-that-no-longer-works")
-            .env("TABLE", driver.table())
-            .env("LOGIN_ONLY", "1");
+        let mut cmd = driver.to(&scene, SWAP_IP, "an-old-password-that-no-longer-works");
+        cmd.env("LOGIN_ONLY", "1");
         let said = ok(&format!("{driver:?} through swap"), &run(cmd));
         assert_eq!(said.trim(), "user ci_swap", "{driver:?}: the server saw the gateway-held login");
         let swapped = scene.findings_of("postgres-password", SWAP_IP);
@@ -996,13 +997,8 @@ fn postgres_real_drivers() {
     // No password and no key in clear anywhere the gateway wrote.
     // Cancel through the gateway's cancel key (node-postgres has no cancel).
     for driver in [Driver::Asyncpg, Driver::TokioPostgres, Driver::Jdbc] {
-        let mut cmd = driver.command(&scene);
-        cmd.env("HOST", FLAG_IP)
-            .env("PORT", &port)
-            .env("CA", &scene.gateway_ca)
-            .env("PGPASSWORD", &scene.job_password)
-            .env("TABLE", driver.table())
-            .env("CANCEL", "1");
+        let mut cmd = driver.to(&scene, FLAG_IP, &scene.job_password);
+        cmd.env("CANCEL", "1");
         let said = ok(&format!("{driver:?} cancel"), &run(cmd));
         assert_eq!(said.trim(), "user ci\ncancelled true", "{driver:?}: the cancel took effect at once");
     }
@@ -1013,17 +1009,11 @@ fn postgres_real_drivers() {
     // values bound to it, the key among them masked.
     for driver in DRIVERS {
         let flag = keys::openai_key();
-        let mut cmd = driver.command(&scene);
-        cmd.env("HOST", FLAG_IP)
-            .env("PORT", &port)
-            .env("CA", &scene.gateway_ca)
-            .env("PGPASSWORD", &scene.job_password)
-            .env("KEY_FLAG", &flag)
-            .env("TABLE", driver.table())
-            .env("APPROVE", "1");
+        let mut cmd = driver.to(&scene, FLAG_IP, &scene.job_password);
+        cmd.env("KEY_FLAG", &flag).env("APPROVE", "1");
         let client = std::thread::spawn(move || run(cmd));
         let mut seen = Vec::new();
-        for (verb, values) in [("approve", "$1 = "), ("deny", "$1 = ")] {
+        for verb in ["approve", "deny"] {
             let held = scene.next_approval(driver.comm(), &seen);
             let preview = held["body_preview"].as_str().expect("body_preview");
             assert_eq!(held["rule"], "updates-need-approval", "{driver:?}: {held:#}");
@@ -1034,7 +1024,7 @@ fn postgres_real_drivers() {
             );
             assert!(preview.contains(&format!("update {}", driver.table())), "{driver:?}: {preview}");
             assert!(
-                preview.contains(values) && preview.contains("[MASKED:"),
+                preview.contains("$1 = ") && preview.contains("$2 = '[MASKED:"),
                 "{driver:?} shows the values masked: {preview}"
             );
             assert!(!preview.contains(&flag), "{driver:?}: the key bound is in the approval in clear");
@@ -1055,14 +1045,8 @@ fn postgres_real_drivers() {
     // rows arrive, a row with a blocked key is refused and never arrives.
     for driver in DRIVERS {
         let block = keys::github_token();
-        let mut cmd = driver.command(&scene);
-        cmd.env("HOST", FLAG_IP)
-            .env("PORT", &port)
-            .env("CA", &scene.gateway_ca)
-            .env("PGPASSWORD", &scene.job_password)
-            .env("KEY_BLOCK", &block)
-            .env("TABLE", driver.table())
-            .env("COPY", "1");
+        let mut cmd = driver.to(&scene, FLAG_IP, &scene.job_password);
+        cmd.env("KEY_BLOCK", &block).env("COPY", "1");
         let said = ok(&format!("{driver:?} COPY"), &run(cmd));
         assert_eq!(said.lines().collect::<Vec<_>>(), COPIED_LINES, "{driver:?} printed:\n{said}");
         let refused = scene.findings_of("github-pat", FLAG_IP);
@@ -1296,13 +1280,8 @@ fn postgres_result_masking() {
     assert!(!out.status.success() && said.contains("COPY's data"), "COPY of masked data is refused: {said}");
 
     // --- tokio-postgres, binary format, while the gateway's memory is watched.
-    let mut cmd = Driver::TokioPostgres.command(&scene);
-    cmd.env("HOST", FLAG_IP)
-        .env("PORT", scene.server.port.to_string())
-        .env("CA", &scene.gateway_ca)
-        .env("PGPASSWORD", &scene.job_password)
-        .env("MASK", "1")
-        .env("KEY", &key);
+    let mut cmd = Driver::TokioPostgres.to(&scene, FLAG_IP, &scene.job_password);
+    cmd.env("MASK", "1").env("KEY", &key);
     let before = scene.gw.rss_kib();
     let client = std::thread::spawn(move || run(cmd));
     let mut peak = before;
