@@ -289,6 +289,12 @@ fn cargo() -> Command {
             cmd.env_remove(name);
         }
     }
+    // Incremental state is a second copy of every workspace crate's build
+    // (gigabytes here) that a one-off build (CI's clean clone, a test run)
+    // never reuses; a developer who wants it sets CARGO_INCREMENTAL=1.
+    if env::var_os("CARGO_INCREMENTAL").is_none() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
