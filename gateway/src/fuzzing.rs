@@ -114,9 +114,14 @@ pub type JsonLexed = (Vec<(String, Vec<u8>)>, Option<(usize, Vec<u8>)>);
 
 /// What `gateway scan --json` prints for a saved file named `name` (its
 /// extension matters: `.har` is read as HAR) holding `data`: one JSON
-/// object a line.
-pub fn scan_saved(detector: std::sync::Arc<crate::detect::Detector>, name: &str, data: &[u8]) -> Vec<u8> {
-    crate::cli::scan::json_report(detector, std::path::Path::new(name), data)
+/// object a line, each key fingerprinted with `key`.
+pub fn scan_saved(
+    detector: std::sync::Arc<crate::detect::Detector>,
+    key: crate::detect::secret::FingerprintKey,
+    name: &str,
+    data: &[u8],
+) -> Vec<u8> {
+    crate::cli::scan::json_report(detector, key, std::path::Path::new(name), data)
 }
 
 /// The keys the PostgreSQL handler finds in a SQL text (`postgres::encoded`):

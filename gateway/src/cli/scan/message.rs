@@ -15,7 +15,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use serde_json::Value;
 
 use super::{position, Place, Scan};
-use crate::detect::http_scan::{self, BodyScanner, Hit, Location};
+use crate::detect::{
+    http_scan::{self, BodyScanner, Hit, Location},
+    Detection,
+};
 
 /// Most headers read from one saved message.
 const MAX_HEADERS: usize = 256;
@@ -96,6 +99,7 @@ pub(super) fn scan_http_message<W: Write>(scan: &mut Scan<W>, name: &str, data: 
             super::safe(name)
         );
     }
+    let mut found = Vec::new();
     for hit in dedup(hits) {
         let offset = match &hit.location {
             Location::Header(h) | Location::BasicAuthUser(h) | Location::BasicAuthPassword(h) => {
@@ -114,8 +118,9 @@ pub(super) fn scan_http_message<W: Write>(scan: &mut Scan<W>, name: &str, data: 
         });
         let (line, column) = position(data, offset);
         let place = Place { path: name, line, column, commit: None, location: Some(hit.location.to_string()) };
-        scan.report(&place, &hit.detection);
+        found.push((place, hit.detection));
     }
+    scan.report_found(&found);
     Ok(())
 }
 
@@ -124,6 +129,9 @@ pub(super) fn scan_http_message<W: Write>(scan: &mut Scan<W>, name: &str, data: 
 pub(super) fn scan_har<W: Write>(scan: &mut Scan<W>, name: &str, data: &[u8]) -> Result<(), String> {
     let doc: Value = serde_json::from_slice(data).map_err(|e| e.to_string())?;
     let entries = doc["log"]["entries"].as_array().ok_or("no log.entries")?;
+    // Reported together at the end, each location masked with every key of
+    // the file (`Scan::report_found`).
+    let mut found = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
         let req = &entry["request"];
         let headers = har_headers(&req["headers"]);
@@ -141,7 +149,7 @@ pub(super) fn scan_har<W: Write>(scan: &mut Scan<W>, name: &str, data: &[u8]) ->
             }
         }
         hits.extend(har_body(scan, &headers, post["mimeType"].as_str(), &text));
-        report_har(scan, name, data, &format!("entries[{i}].request"), hits);
+        found.extend(har_places(name, data, &format!("entries[{i}].request"), hits));
 
         let resp = &entry["response"];
         let headers = har_headers(&resp["headers"]);
@@ -155,8 +163,9 @@ pub(super) fn scan_har<W: Write>(scan: &mut Scan<W>, name: &str, data: &[u8]) ->
             text.as_bytes().to_vec()
         };
         hits.extend(har_body(scan, &headers, content["mimeType"].as_str(), &body));
-        report_har(scan, name, data, &format!("entries[{i}].response"), hits);
+        found.extend(har_places(name, data, &format!("entries[{i}].response"), hits));
     }
+    scan.report_found(&found);
     Ok(())
 }
 
@@ -179,9 +188,10 @@ fn har_body<W: Write>(scan: &Scan<W>, headers: &HeaderMap, mime: Option<&str>, b
     hits
 }
 
-/// Reports HAR hits at the line where the secret (or its JSON-escaped
+/// Places HAR hits at the line where the secret (or its JSON-escaped
 /// form) first appears in the file.
-fn report_har<W: Write>(scan: &mut Scan<W>, name: &str, data: &[u8], part: &str, hits: Vec<Hit>) {
+fn har_places<'a>(name: &'a str, data: &[u8], part: &str, hits: Vec<Hit>) -> Vec<(Place<'a>, Detection)> {
+    let mut found = Vec::new();
     for hit in dedup(hits) {
         let secret = hit.detection.secret.as_bytes();
         let escaped = std::str::from_utf8(secret).ok().and_then(|s| serde_json::to_string(s).ok());
@@ -191,8 +201,9 @@ fn report_har<W: Write>(scan: &mut Scan<W>, name: &str, data: &[u8], part: &str,
         let (line, column) = position(data, at);
         let place =
             Place { path: name, line, column, commit: None, location: Some(format!("{part}.{}", hit.location)) };
-        scan.report(&place, &hit.detection);
+        found.push((place, hit.detection));
     }
+    found
 }
 
 fn har_headers(list: &Value) -> HeaderMap {
@@ -304,12 +315,68 @@ mod tests {
                 "\"location\":\"body:$[",
             ),
         ] {
-            let out = super::super::json_report(detector.clone(), Path::new("saved.http"), msg.as_bytes());
+            let out = super::super::json_report(
+                detector.clone(),
+                crate::detect::secret::FingerprintKey::ephemeral(),
+                Path::new("saved.http"),
+                msg.as_bytes(),
+            );
             let out = String::from_utf8(out).expect("utf8");
             assert!(out.contains("openai"), "the key is reported ({} lines)", out.lines().count());
             assert!(!out.contains(&key), "the key is printed in clear");
             // Printed only once the key is known not to be in it.
             assert!(out.contains(location), "the location shows where: {out}");
+        }
+    }
+
+    /// Found by the `scan_saved` fuzz target (finding 5): a key found in
+    /// the body also stood glued inside a query parameter's name (not found
+    /// there), and another finding's location printed that name, the key
+    /// in it, in clear. Every location is now masked with every key of the
+    /// file. The same in a HAR file, the key found in a later entry.
+    #[test]
+    fn a_key_found_anywhere_in_the_file_is_masked_in_every_location() {
+        let mut x: u32 = 0x1b87_3593;
+        let mut part = || -> String {
+            (0..40)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    char::from(
+                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x >> 16) as usize % 62],
+                    )
+                })
+                .collect()
+        };
+        let key = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
+        let other = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
+        let detector = std::sync::Arc::new(crate::detect::Detector::builtin().expect("rules"));
+        // Glued to a long low-entropy run, the key in the name is not found
+        // there (the match would be mostly padding).
+        let glue = "z".repeat(170);
+        let body = format!("token {key}\n");
+        let message = format!(
+            "GET /v1?{key}{glue}={other} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let har = serde_json::json!({ "log": { "version": "1.2", "entries": [
+            { "request": { "method": "GET", "url": format!("https://x.test/v1?{key}{glue}={other}"), "headers": [] },
+              "response": { "status": 200, "headers": [] } },
+            { "request": { "method": "POST", "url": "https://x.test/v2", "headers": [],
+                           "postData": { "mimeType": "text/plain", "text": format!("token {key}") } },
+              "response": { "status": 200, "headers": [] } },
+        ] } })
+        .to_string();
+        for (name, data) in [("saved.http", message), ("saved.har", har)] {
+            let out = super::super::json_report(
+                detector.clone(),
+                crate::detect::secret::FingerprintKey::ephemeral(),
+                Path::new(name),
+                data.as_bytes(),
+            );
+            let out = String::from_utf8(out).expect("utf8");
+            assert_eq!(out.lines().count(), 2, "{name}: the two keys are reported, the glued one is not found");
+            assert!(!out.contains(&key) && !out.contains(&other), "{name}: a key is printed in clear");
+            assert!(out.contains("query:[MASKED:openai-project-key]zzz"), "{name}: the location shows where");
         }
     }
 

@@ -296,19 +296,43 @@ impl<W: Write> Scan<W> {
 
     /// Prints one secret (fingerprint and preview only).
     pub(crate) fn report(&mut self, place: &Place<'_>, d: &Detection) {
+        self.report_masked(place, d, &[(d.secret.as_bytes(), &d.rule_id)]);
+    }
+
+    /// Prints what one file (an HTTP message, a HAR file) was found to
+    /// hold. Every location is masked with every key found in the file, not
+    /// only its own: a key found in the body may also stand in a query
+    /// parameter's name, glued to other characters (so not found there),
+    /// which another finding's location prints.
+    pub(crate) fn report_found(&mut self, found: &[(Place<'_>, Detection)]) {
+        let mut keys: Vec<(&[u8], &str)> = found.iter().map(|(_, d)| (d.secret.as_bytes(), &*d.rule_id)).collect();
+        // Longest first: a key inside a longer one is masked with it.
+        keys.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(b.0)));
+        keys.dedup_by(|a, b| a.0 == b.0);
+        for (place, d) in found {
+            self.report_masked(place, d, &keys);
+        }
+    }
+
+    /// [`Self::report`], its location masked as the gateway stores a
+    /// finding's location (keys the masker finds), and each of `keys`
+    /// replaced wherever it stands (the detector may not find it again in
+    /// the location's text, say glued to other characters).
+    fn report_masked(&mut self, place: &Place<'_>, d: &Detection, keys: &[(&[u8], &str)]) {
         self.found += 1;
         let fingerprint = d.secret.fingerprint(&self.key);
         let preview = d.secret.preview();
         let Place { path, line, column, commit, location } = place;
-        // As the gateway stores a finding's location: keys in it masked,
-        // and this key wherever it stands (the detector may not find it
-        // again in the location's text, say glued to other characters).
         let location = location.as_deref().map(|l| {
-            let masked = self.masker.mask_text(l);
-            match std::str::from_utf8(d.secret.as_bytes()) {
-                Ok(secret) if !secret.is_empty() => masked.replace(secret, &format!("[MASKED:{}]", d.rule_id)),
-                _ => masked.into_owned(),
+            let mut masked = self.masker.mask_text(l).into_owned();
+            for (key, rule) in keys {
+                if let Ok(key) = std::str::from_utf8(key) {
+                    if !key.is_empty() && masked.contains(key) {
+                        masked = masked.replace(key, &format!("[MASKED:{rule}]"));
+                    }
+                }
             }
+            masked
         });
         let result = match self.format {
             OutputFormat::Json => {
@@ -412,16 +436,16 @@ impl<W: Write> Scan<W> {
 
 /// What `gateway scan --json` prints for a file named `path` holding
 /// `data` (read as HAR, a saved HTTP message or text, as for a file on
-/// disk), with a throw-away fingerprint key. For the fuzz targets
-/// (`crate::fuzzing::scan_saved`).
-pub(crate) fn json_report(detector: Arc<Detector>, path: &Path, data: &[u8]) -> Vec<u8> {
+/// disk), fingerprinted with `key` (the fuzz target's own, so that it can
+/// tell which of its keys were reported). For `crate::fuzzing::scan_saved`.
+pub(crate) fn json_report(detector: Arc<Detector>, key: FingerprintKey, path: &Path, data: &[u8]) -> Vec<u8> {
     let Ok(masker) = Masker::new(detector.clone(), &MaskSpec::default()) else {
         return Vec::new();
     };
     let mut scan = Scan {
         detector,
         masker,
-        key: FingerprintKey::ephemeral(),
+        key,
         format: OutputFormat::Json,
         max_file_size: u64::MAX,
         ignore: true,
