@@ -206,7 +206,10 @@ const MAX_REMEMBERED_NAMES: usize = 1024;
 
 thread_local! {
     /// Which header names carry credentials, as `is_sensitive_header` says.
-    static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool>> = RefCell::new(HashMap::new());
+    /// (foldhash: SipHash cost more per request than the decisions it saved;
+    /// the memory is bounded, so forced collisions only slow it down.)
+    static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// What `record::redact_headers` returns, for every request and response

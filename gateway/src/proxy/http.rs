@@ -293,8 +293,9 @@ impl HttpGate {
     }
 
     fn masked_url(&self, parts: &http::request::Parts) -> String {
-        let (masked, _) = self.passage.gate().recording_masker().mask_bytes(path_and_query(parts).as_bytes());
-        String::from_utf8_lossy(&masked).into_owned()
+        // Remembered per thread when clean: a keep-alive connection asks
+        // for the same paths again and again.
+        self.passage.gate().recording_masker().mask_text_remembered(path_and_query(parts)).into_owned()
     }
 
     /// Static keys in a request head.
