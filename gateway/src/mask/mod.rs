@@ -496,6 +496,44 @@ impl Masker {
         })
     }
 
+    /// What [`mask_headers_remembered`](Self::mask_headers_remembered) would
+    /// leave in `headers`, without changing them or copying the map (a
+    /// recording's copy of a head): `each` gets every header in order with
+    /// its masked value, the original one when nothing needed masking. Only
+    /// values that are not remembered clean are copied, to be masked.
+    /// `each` must not mask (the memory is borrowed meanwhile).
+    pub fn masked_headers_remembered(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        mut each: impl FnMut(&HeaderName, &HeaderValue),
+    ) {
+        CLEAN_LINES.with(|memory| {
+            // Never borrowed re-entrantly: masking does not call back here,
+            // and `each` does not mask.
+            let mut memory = memory.borrow_mut();
+            memory.serve(self);
+            let mut masked = Vec::new();
+            let mut text = Vec::new();
+            for (name, value) in headers {
+                let key = memory.key(name, value);
+                if memory.contains(key, name, value) {
+                    each(name, value);
+                    continue;
+                }
+                let mut copy = value.clone();
+                let before = masked.len();
+                self.mask_header(name, &mut copy, &mut text, &mut masked);
+                if masked.len() == before && value.len() <= MAX_REMEMBERED_VALUE {
+                    if memory.lines.len() >= MAX_REMEMBERED_LINES {
+                        memory.lines.clear();
+                    }
+                    memory.lines.insert(key, (name.as_str().into(), value.as_bytes().into()));
+                }
+                each(name, &copy);
+            }
+        });
+    }
+
     /// [`mask_text`](Self::mask_text) for a masker that sees the same texts
     /// again and again (a keep-alive connection's request paths): a text of
     /// up to [`MAX_REMEMBERED_VALUE`] bytes that this masker passed unchanged

@@ -287,9 +287,7 @@ impl HttpGate {
     /// Request headers as a recording may keep them: secrets masked,
     /// credentials redacted.
     fn recorded_headers(&self, headers: &http::HeaderMap) -> Vec<(String, String)> {
-        let mut headers = headers.clone();
-        self.passage.gate().recording_masker().mask_headers_remembered(&mut headers);
-        crate::enforce::redact_recorded_headers(&headers)
+        crate::enforce::recorded_headers(self.passage.gate().recording_masker(), headers)
     }
 
     fn masked_url(&self, parts: &http::request::Parts) -> String {
