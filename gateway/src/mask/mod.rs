@@ -63,6 +63,9 @@ const MAX_REMEMBERED_LINES: usize = 256;
 /// Longest header value remembered (longer ones are masked every time).
 const MAX_REMEMBERED_VALUE: usize = 512;
 
+/// A remembered line: the header name (empty for a text) and the value.
+type CleanLine = (Box<str>, Box<[u8]>);
+
 /// Header lines one masker passed unchanged, for
 /// [`Masker::mask_headers_remembered`]: owned copies (a parsed value would
 /// pin its whole read buffer), found by a hash and compared in full.
@@ -74,7 +77,7 @@ struct CleanLines {
     /// or forced) only costs a re-scan, since lines are compared in full,
     /// and the memory is bounded.
     hasher: foldhash::fast::RandomState,
-    lines: HashMap<u64, (Box<str>, Box<[u8]>), foldhash::fast::RandomState>,
+    lines: HashMap<u64, CleanLine, foldhash::fast::RandomState>,
 }
 
 impl CleanLines {
