@@ -206,39 +206,63 @@ const MAX_REMEMBERED_NAMES: usize = 1024;
 
 thread_local! {
     /// Which header names carry credentials, as `is_sensitive_header` says.
-    static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool>> = RefCell::new(HashMap::new());
+    /// (foldhash: SipHash cost more per request than the decisions it saved;
+    /// the memory is bounded, so forced collisions only slow it down.)
+    static SENSITIVE_NAMES: RefCell<HashMap<http::HeaderName, bool, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// What `record::redact_headers` returns, for every request and response
 /// recorded at `full`: they bring the same few names, so whether a name is a credential
 /// name is remembered rather than decided again (a lowercase copy and a
 /// dozen substring searches per header).
+#[cfg(test)]
 pub(crate) fn redact_response_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
     SENSITIVE_NAMES.with(|known| {
         // Never borrowed re-entrantly: nothing below calls back.
         let mut known = known.borrow_mut();
-        headers
-            .iter()
-            .map(|(name, value)| {
-                let sensitive = match known.get(name) {
-                    Some(&sensitive) => sensitive,
-                    None => {
-                        let sensitive = is_sensitive_header(name.as_str());
-                        if known.len() >= MAX_REMEMBERED_NAMES {
-                            known.clear();
-                        }
-                        known.insert(name.clone(), sensitive);
-                        sensitive
-                    }
-                };
-                let pair = (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned());
-                match sensitive {
-                    false => pair,
-                    true => redact_header_pairs(&[pair]).pop().unwrap_or_default(),
-                }
-            })
-            .collect()
+        headers.iter().map(|(name, value)| redacted_pair(&mut known, name, value)).collect()
     })
+}
+
+/// A head's headers as a recording keeps them: masked by the recording
+/// masker (lines it passed clean before are remembered, see
+/// [`Masker::masked_headers_remembered`]), then credentials redacted as
+/// [`redact_response_headers`] does. The same pairs as masking a copy of
+/// the map and redacting it, without the copy.
+pub(crate) fn recorded_headers(recording: &Arc<Masker>, headers: &http::HeaderMap) -> Vec<(String, String)> {
+    let mut pairs = Vec::with_capacity(headers.len());
+    SENSITIVE_NAMES.with(|known| {
+        // Never borrowed re-entrantly: nothing below calls back.
+        let mut known = known.borrow_mut();
+        recording.masked_headers_remembered(headers, |name, value| pairs.push(redacted_pair(&mut known, name, value)));
+    });
+    pairs
+}
+
+/// One header as a recording keeps it: credentials redacted (whether a name
+/// is a credential's is remembered in `known`).
+fn redacted_pair(
+    known: &mut HashMap<http::HeaderName, bool, foldhash::fast::RandomState>,
+    name: &http::HeaderName,
+    value: &http::HeaderValue,
+) -> (String, String) {
+    let sensitive = match known.get(name) {
+        Some(&sensitive) => sensitive,
+        None => {
+            let sensitive = is_sensitive_header(name.as_str());
+            if known.len() >= MAX_REMEMBERED_NAMES {
+                known.clear();
+            }
+            known.insert(name.clone(), sensitive);
+            sensitive
+        }
+    };
+    let pair = (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned());
+    match sensitive {
+        false => pair,
+        true => redact_header_pairs(&[pair]).pop().unwrap_or_default(),
+    }
 }
 
 /// Whether a `Content-Encoding` value means no encoding (as `decode_prefix`
@@ -279,9 +303,7 @@ impl ResponseInspector for ExchangeWatch {
         };
         self.response_encoding = encoding;
         if self.full() {
-            let mut headers = parts.headers.clone();
-            self.recording.mask_headers_remembered(&mut headers);
-            self.response_headers = redact_response_headers(&headers);
+            self.response_headers = recorded_headers(&self.recording, &parts.headers);
         }
         verdict
     }
@@ -402,6 +424,30 @@ mod tests {
         use rand::{distr::Alphanumeric, Rng as _};
         let random = |n| rand::rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect::<String>();
         format!("sk-proj-{}T3BlbkFJ{}", random(40), random(40))
+    }
+
+    #[test]
+    fn recorded_headers_are_a_masked_and_redacted_copy() {
+        let masker = Arc::new(recording_masker());
+        let key = fake_key();
+        let mut headers = HeaderMap::new();
+        headers.append("content-type", HeaderValue::from_static("application/json"));
+        headers.append("authorization", HeaderValue::from_str(&format!("Bearer {key}")).unwrap());
+        headers.append("x-note", HeaderValue::from_str(&format!("see {key} here")).unwrap());
+        headers.append("set-cookie", HeaderValue::from_static("sid=1"));
+        headers.append("x-note", HeaderValue::from_static("second"));
+        let mut masked = headers.clone();
+        masker.mask_headers(&mut masked);
+        let expected = redact_response_headers(&masked);
+        // The first time fills the memory of clean lines; later ones use it.
+        for round in 0..3 {
+            let got = recorded_headers(&masker, &headers);
+            assert_eq!(got, expected, "round {round}");
+            assert!(got.iter().all(|(_, v)| !v.contains(&key)), "round {round}: {got:?}");
+        }
+        // Both values of a repeated name are kept, the keyed one masked.
+        let notes: Vec<&str> = expected.iter().filter(|(n, _)| n == "x-note").map(|(_, v)| v.as_str()).collect();
+        assert!(notes.len() == 2 && notes[0].starts_with("see [MASKED:") && notes[1] == "second", "{expected:?}");
     }
 
     #[test]

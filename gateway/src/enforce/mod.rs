@@ -13,7 +13,7 @@ pub mod redact;
 pub mod refusal;
 
 /// Recorded request and response headers, credentials redacted.
-pub(crate) use exchange::redact_response_headers as redact_recorded_headers;
+pub(crate) use exchange::recorded_headers;
 pub use exchange::{lock, ExchangeWatch, RequestCapture, RequestSummary, SharedCapture, WatchSpec};
 pub use gate::{
     ApprovalAsk, Capture, ConnFacts, ConnectionDecision, DestinationNames, Gate, HttpAsk, Judged, Judgement, Opaque,

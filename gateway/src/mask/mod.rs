@@ -20,14 +20,7 @@
 //! encoding. The log itself is masked line by line ([`log`]). See
 //! `docs/masking.md`.
 
-use std::{
-    borrow::Cow,
-    cell::RefCell,
-    collections::HashMap,
-    fmt,
-    hash::{BuildHasher as _, RandomState},
-    sync::Arc,
-};
+use std::{borrow::Cow, cell::RefCell, collections::HashMap, fmt, hash::BuildHasher as _, sync::Arc};
 
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -70,6 +63,9 @@ const MAX_REMEMBERED_LINES: usize = 256;
 /// Longest header value remembered (longer ones are masked every time).
 const MAX_REMEMBERED_VALUE: usize = 512;
 
+/// A remembered line: the header name (empty for a text) and the value.
+type CleanLine = (Box<str>, Box<[u8]>);
+
 /// Header lines one masker passed unchanged, for
 /// [`Masker::mask_headers_remembered`]: owned copies (a parsed value would
 /// pin its whole read buffer), found by a hash and compared in full.
@@ -77,11 +73,21 @@ const MAX_REMEMBERED_VALUE: usize = 512;
 struct CleanLines {
     /// The masker they passed; held, so that its address is not reused.
     masker: Option<Arc<Masker>>,
-    hasher: RandomState,
-    lines: HashMap<u64, (Box<str>, Box<[u8]>)>,
+    /// Seeded per memory; foldhash rather than SipHash: a collision (found
+    /// or forced) only costs a re-scan, since lines are compared in full,
+    /// and the memory is bounded.
+    hasher: foldhash::fast::RandomState,
+    lines: HashMap<u64, CleanLine, foldhash::fast::RandomState>,
 }
 
 impl CleanLines {
+    /// Starts over unless the memory is `masker`'s.
+    fn serve(&mut self, masker: &Arc<Masker>) {
+        if !self.masker.as_ref().is_some_and(|m| Arc::ptr_eq(m, masker)) {
+            *self = CleanLines { masker: Some(Arc::clone(masker)), ..CleanLines::default() };
+        }
+    }
+
     fn key(&self, name: &HeaderName, value: &HeaderValue) -> u64 {
         self.hasher.hash_one((name.as_str(), value.as_bytes()))
     }
@@ -472,9 +478,7 @@ impl Masker {
         CLEAN_LINES.with(|memory| {
             // Never borrowed re-entrantly: masking does not call back here.
             let mut memory = memory.borrow_mut();
-            if !memory.masker.as_ref().is_some_and(|m| Arc::ptr_eq(m, self)) {
-                *memory = CleanLines { masker: Some(Arc::clone(self)), ..CleanLines::default() };
-            }
+            memory.serve(self);
             let mut masked = Vec::new();
             let mut text = Vec::new();
             for (name, value) in headers.iter_mut() {
@@ -490,6 +494,75 @@ impl Masker {
                     }
                     memory.lines.insert(key, (name.as_str().into(), value.as_bytes().into()));
                 }
+            }
+            masked
+        })
+    }
+
+    /// What [`mask_headers_remembered`](Self::mask_headers_remembered) would
+    /// leave in `headers`, without changing them or copying the map (a
+    /// recording's copy of a head): `each` gets every header in order with
+    /// its masked value, the original one when nothing needed masking. Only
+    /// values that are not remembered clean are copied, to be masked.
+    /// `each` must not mask (the memory is borrowed meanwhile).
+    pub fn masked_headers_remembered(
+        self: &Arc<Self>,
+        headers: &HeaderMap,
+        mut each: impl FnMut(&HeaderName, &HeaderValue),
+    ) {
+        CLEAN_LINES.with(|memory| {
+            // Never borrowed re-entrantly: masking does not call back here,
+            // and `each` does not mask.
+            let mut memory = memory.borrow_mut();
+            memory.serve(self);
+            let mut masked = Vec::new();
+            let mut text = Vec::new();
+            for (name, value) in headers {
+                let key = memory.key(name, value);
+                if memory.contains(key, name, value) {
+                    each(name, value);
+                    continue;
+                }
+                let mut copy = value.clone();
+                let before = masked.len();
+                self.mask_header(name, &mut copy, &mut text, &mut masked);
+                if masked.len() == before && value.len() <= MAX_REMEMBERED_VALUE {
+                    if memory.lines.len() >= MAX_REMEMBERED_LINES {
+                        memory.lines.clear();
+                    }
+                    memory.lines.insert(key, (name.as_str().into(), value.as_bytes().into()));
+                }
+                each(name, &copy);
+            }
+        });
+    }
+
+    /// [`mask_text`](Self::mask_text) for a masker that sees the same texts
+    /// again and again (a keep-alive connection's request paths): a text of
+    /// up to [`MAX_REMEMBERED_VALUE`] bytes that this masker passed unchanged
+    /// is remembered per thread, in the memory of
+    /// [`mask_headers_remembered`](Self::mask_headers_remembered) (under an
+    /// empty name, which no header line has), and passes again without the
+    /// detector and its views. Masking is a function of the masker and the
+    /// bytes alone, so the result is the same.
+    pub fn mask_text_remembered<'a>(self: &Arc<Self>, text: &'a str) -> Cow<'a, str> {
+        if text.len() > MAX_REMEMBERED_VALUE {
+            return self.mask_text(text);
+        }
+        CLEAN_LINES.with(|memory| {
+            // Never borrowed re-entrantly: masking does not call back here.
+            let mut memory = memory.borrow_mut();
+            memory.serve(self);
+            let key = memory.hasher.hash_one(("", text.as_bytes()));
+            if memory.lines.get(&key).is_some_and(|(n, v)| n.is_empty() && **v == *text.as_bytes()) {
+                return Cow::Borrowed(text);
+            }
+            let masked = self.mask_text(text);
+            if matches!(masked, Cow::Borrowed(_)) {
+                if memory.lines.len() >= MAX_REMEMBERED_LINES {
+                    memory.lines.clear();
+                }
+                memory.lines.insert(key, (Box::from(""), text.as_bytes().into()));
             }
             masked
         })

@@ -379,6 +379,42 @@ fn remembered_header_lines_mask_as_mask_headers_does() {
 }
 
 #[test]
+fn remembered_texts_mask_as_mask_text_does() {
+    let ghp = String::from_utf8(key("github-pat")).unwrap();
+    let m = all_rules();
+    let clean = "/v1/repos/acme/app/issues?state=open";
+    let keyed = format!("/v1/hook?token={ghp}");
+    let expected = m.mask_text(&keyed).into_owned();
+    assert_ne!(expected, keyed, "the key is masked");
+    for round in 0..3 {
+        assert!(matches!(m.mask_text_remembered(clean), Cow::Borrowed(t) if t == clean), "round {round}");
+        let got = m.mask_text_remembered(&keyed);
+        assert_eq!(got, expected, "round {round}");
+        assert_absent(got.as_bytes(), ghp.as_bytes());
+    }
+    // A header line with the same bytes as a remembered text (or the other
+    // way round) is not taken for it: texts are remembered under no name.
+    let mut h = HeaderMap::new();
+    h.insert("x-token", HeaderValue::from_str(&ghp).unwrap());
+    assert!(m.mask_text_remembered(&ghp) != ghp);
+    m.mask_headers_remembered(&mut h);
+    assert_absent(h["x-token"].as_bytes(), ghp.as_bytes());
+    // Another masker does not use this one's memory: a pattern masker masks
+    // the path the first one passed.
+    let other = masker(MaskSpec {
+        patterns: vec![MaskPattern { name: "repo".into(), regex: "acme/app".into() }],
+        ..MaskSpec::default()
+    });
+    assert_eq!(other.mask_text_remembered(clean), "/v1/repos/[MASKED:repo]/issues?state=open");
+    // Texts longer than what is remembered are masked every time.
+    let long = format!("/{}?k={ghp}", "p".repeat(MAX_REMEMBERED_VALUE));
+    for _ in 0..2 {
+        assert_absent(m.mask_text_remembered(&long).as_bytes(), ghp.as_bytes());
+    }
+    CLEAN_LINES.with(|memory| assert!(memory.borrow().lines.len() <= MAX_REMEMBERED_LINES));
+}
+
+#[test]
 fn remembered_lines_are_bounded() {
     let m = all_rules();
     for i in 0..MAX_REMEMBERED_LINES + 10 {

@@ -287,14 +287,13 @@ impl HttpGate {
     /// Request headers as a recording may keep them: secrets masked,
     /// credentials redacted.
     fn recorded_headers(&self, headers: &http::HeaderMap) -> Vec<(String, String)> {
-        let mut headers = headers.clone();
-        self.passage.gate().recording_masker().mask_headers_remembered(&mut headers);
-        crate::enforce::redact_recorded_headers(&headers)
+        crate::enforce::recorded_headers(self.passage.gate().recording_masker(), headers)
     }
 
     fn masked_url(&self, parts: &http::request::Parts) -> String {
-        let (masked, _) = self.passage.gate().recording_masker().mask_bytes(path_and_query(parts).as_bytes());
-        String::from_utf8_lossy(&masked).into_owned()
+        // Remembered per thread when clean: a keep-alive connection asks
+        // for the same paths again and again.
+        self.passage.gate().recording_masker().mask_text_remembered(path_and_query(parts)).into_owned()
     }
 
     /// Static keys in a request head.

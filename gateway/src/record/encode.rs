@@ -19,7 +19,7 @@ use serde::{ser::SerializeMap as _, Serialize, Serializer};
 
 use crate::redact::{is_sensitive_header, redact_header_pairs};
 
-use super::{model::nanos, ExchangeRecord, PostgresExchange, PostgresMessage, PostgresResult, RecordLevel, REDACTED};
+use super::{model::nanos, ExchangeRecord, PostgresExchange, RecordLevel, REDACTED};
 
 /// Caps on text that comes from the traffic or the job (attacker-controlled
 /// on a shared runner), so one hostile job cannot bloat the database with
@@ -57,29 +57,293 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> String {
 }
 
 /// The data of an `exchange` record at the exchange's level.
+///
+/// Written by hand ([`Out`]) rather than through serde: the writer encodes
+/// one of these per HTTP request, and serde_json's byte-at-a-time string
+/// escaping and per-field machinery cost it about 14,000 instructions per
+/// record. The bytes are the same (the tests hold it to the `Value`-based
+/// reference encoding, and to serde_json's escaping for every byte).
 pub(crate) fn exchange(e: &ExchangeRecord, max_body_bytes: usize, names: &SensitiveNames) -> String {
-    to_json(&Exchange::new(e, max_body_bytes, names))
+    let full = e.level == RecordLevel::Full;
+    let url = capped(&e.url, limits::URL);
+    let mut room = 320 + url.len() + e.findings.len() * 24;
+    if full {
+        let headers = |h: &[(String, String)]| h.iter().map(|(n, v)| n.len() + v.len() + 8).sum::<usize>();
+        room += headers(&e.request_headers) + headers(&e.response_headers);
+        room += e.request_body.len().min(max_body_bytes) + e.response_body.len().min(max_body_bytes);
+    }
+    let mut out = Out(String::with_capacity(room));
+    out.raw("{");
+    if let Some(d) = &e.decision {
+        out.raw("\"decision\":{\"action\":");
+        out.str(capped(&d.action, limits::SHORT));
+        out.raw(",\"rule\":");
+        out.str(capped(&d.rule, limits::SHORT));
+        out.raw("},");
+    }
+    out.raw("\"duration_ns\":");
+    out.u64(u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX));
+    out.raw(",\"findings\":[");
+    for (i, f) in e.findings.iter().take(limits::FINDINGS).enumerate() {
+        if i > 0 {
+            out.raw(",");
+        }
+        out.str(capped(f, limits::SHORT));
+    }
+    out.raw("],\"level\":");
+    out.str(e.level.as_str());
+    out.raw(",\"method\":");
+    out.str(capped(&e.method, limits::SHORT));
+    out.raw(",\"outcome\":");
+    out.str(e.outcome.as_str());
+    out.raw(",\"request\":");
+    out.message(full, &e.request_headers, &e.request_body, e.request_body_size, max_body_bytes, names);
+    out.raw(",\"response\":");
+    out.message(full, &e.response_headers, &e.response_body, e.response_body_size, max_body_bytes, names);
+    if let Some(rpc) = &e.rpc {
+        out.raw(",\"rpc\":");
+        out.str(capped(rpc, limits::TEXT));
+    }
+    out.raw(",\"started\":");
+    out.i64(nanos(e.started));
+    out.raw(",\"status\":");
+    out.u64(u64::from(e.status));
+    out.raw(",\"stream\":");
+    out.u64(e.stream);
+    out.raw(",\"url\":");
+    out.str(url);
+    out.raw("}");
+    out.0
+}
+
+/// Canonical JSON written by hand: the caller writes keys in sorted order
+/// and the separators; strings are escaped exactly as serde_json escapes
+/// them (`"`, `\\`, and control characters, as `\b \t \n \f \r` or
+/// `\u00xx` in lower-case hex; nothing else), numbers written as serde_json
+/// writes them (itoa).
+struct Out(String);
+
+impl Out {
+    fn raw(&mut self, s: &str) {
+        self.0.push_str(s);
+    }
+
+    fn str(&mut self, s: &str) {
+        self.0.push('"');
+        escape_into(&mut self.0, s);
+        self.0.push('"');
+    }
+
+    fn u64(&mut self, n: u64) {
+        self.0.push_str(itoa::Buffer::new().format(n));
+    }
+
+    fn i64(&mut self, n: i64) {
+        self.0.push_str(itoa::Buffer::new().format(n));
+    }
+
+    /// A request or response: `{"body":…,"body_size":…,"headers":…}`, body
+    /// and headers only at `full`.
+    fn message(
+        &mut self,
+        full: bool,
+        headers: &[(String, String)],
+        body: &[u8],
+        size: u64,
+        max_body_bytes: usize,
+        names: &SensitiveNames,
+    ) {
+        self.raw("{");
+        if full {
+            let body = Body::new(body, size, max_body_bytes);
+            self.raw("\"body\":{\"content\":");
+            self.str(&body.content);
+            self.raw(",\"encoding\":");
+            self.str(body.encoding);
+            self.raw(",\"stored\":");
+            self.u64(body.stored);
+            self.raw(if body.truncated { ",\"truncated\":true}," } else { ",\"truncated\":false}," });
+        }
+        self.raw("\"body_size\":");
+        self.u64(size);
+        if full {
+            // The first [`limits::HEADERS`], names and values capped, then
+            // redacted (again, whatever the proxy did).
+            self.raw(",\"headers\":[");
+            for (i, (name, value)) in headers.iter().take(limits::HEADERS).enumerate() {
+                let name = capped(name, limits::SHORT);
+                let value = capped(value, limits::HEADER_VALUE);
+                self.raw(if i > 0 { ",[" } else { "[" });
+                self.str(name);
+                self.raw(",");
+                if names.get(name) {
+                    self.str(&redacted(name, value));
+                } else {
+                    self.str(value);
+                }
+                self.raw("]");
+            }
+            self.raw("]");
+        }
+        self.raw("}");
+    }
+}
+
+/// Whether any of the eight bytes of `w` is below 0x20, `"` or `\\`: the
+/// bytes a JSON string escapes. Exact for "any" (the borrow of the
+/// zero-byte test only spills past a byte that matched).
+fn any_to_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGH;
+    control | zero(w ^ (ONES * u64::from(b'"'))) | zero(w ^ (ONES * u64::from(b'\\'))) != 0
+}
+
+/// `s` escaped as serde_json escapes string contents, appended to `out`.
+/// Eight bytes at a time while none needs escaping (serde_json looks each
+/// byte up in a table: several instructions per byte of every body).
+fn escape_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(word) = bytes.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(word);
+            if !any_to_escape(u64::from_le_bytes(w)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        let short = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            0x09 => "\\t",
+            0x0a => "\\n",
+            0x0c => "\\f",
+            0x0d => "\\r",
+            0x00..=0x1f => "",
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // Every byte escaped is ASCII, so these cuts are on character
+        // boundaries.
+        out.push_str(&s[start..i]);
+        if short.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(short);
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(&s[start..]);
 }
 
 /// The data of a PostgreSQL `exchange` record: the round trip's text
-/// capped (the proxy masked it), written canonically like the others.
+/// capped (the proxy masked it), written canonically like the others, by
+/// hand as [`exchange`] is (the tests hold it to the serde encoding).
 pub(crate) fn postgres(e: &PostgresExchange) -> String {
-    to_json(&Postgres {
-        duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
-        messages: PgMessages(&e.messages),
-        outcome: e.outcome.as_str(),
-        protocol: "postgres",
-        results: PgResults(&e.results),
-        started: nanos(e.started),
-        stream: e.stream,
-    })
+    let room = 192 + e.text_bytes() + e.messages.len() * 64 + e.results.len() * 48;
+    let mut out = Out(String::with_capacity(room));
+    out.raw("{\"duration_ns\":");
+    out.u64(u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX));
+    out.raw(",\"messages\":[");
+    for (i, m) in e.messages.iter().enumerate() {
+        out.raw(if i > 0 { ",{" } else { "{" });
+        // Fields in sorted order, absent ones left out; `kind` is always
+        // there, so every other field is written after or before a comma
+        // that it certainly needs.
+        if let Some(decision) = &m.decision {
+            out.raw("\"decision\":");
+            out.str(capped(decision, limits::SHORT));
+            out.raw(",");
+        }
+        if let Some(keys) = m.keys {
+            out.raw("\"keys\":");
+            out.u64(keys);
+            out.raw(",");
+        }
+        out.raw("\"kind\":");
+        out.str(capped(&m.kind, limits::SHORT));
+        if let Some(masked) = m.masked {
+            out.raw(if masked { ",\"masked\":true" } else { ",\"masked\":false" });
+        }
+        if let Some(params) = &m.params {
+            out.raw(",\"params\":[");
+            for (j, p) in params.iter().take(limits::HEADERS).enumerate() {
+                if j > 0 {
+                    out.raw(",");
+                }
+                match p {
+                    Some(v) => out.str(capped(v, limits::TEXT)),
+                    None => out.raw("null"),
+                }
+            }
+            out.raw("]");
+        }
+        if let Some(rule) = &m.rule {
+            out.raw(",\"rule\":");
+            out.str(capped(rule, limits::SHORT));
+        }
+        if let Some(sql) = &m.sql {
+            out.raw(",\"sql\":");
+            out.str(capped(sql, limits::TEXT));
+        }
+        out.raw("}");
+    }
+    out.raw("],\"outcome\":");
+    out.str(e.outcome.as_str());
+    out.raw(",\"protocol\":\"postgres\",\"results\":[");
+    for (i, r) in e.results.iter().enumerate() {
+        out.raw(if i > 0 { ",{" } else { "{" });
+        // No field is always there: a comma before every field but the first.
+        let mut first = true;
+        let mut field = |out: &mut Out, key: &str| {
+            if !std::mem::take(&mut first) {
+                out.raw(",");
+            }
+            out.raw(key);
+        };
+        if let Some(message) = &r.message {
+            field(&mut out, "\"message\":");
+            out.str(capped(message, limits::TEXT));
+        }
+        if let Some(rows) = r.rows {
+            field(&mut out, "\"rows\":");
+            out.u64(rows);
+        }
+        if let Some(sqlstate) = &r.sqlstate {
+            field(&mut out, "\"sqlstate\":");
+            out.str(capped(sqlstate, limits::SHORT));
+        }
+        if let Some(tag) = &r.tag {
+            field(&mut out, "\"tag\":");
+            out.str(capped(tag, limits::SHORT));
+        }
+        out.raw("}");
+    }
+    out.raw("],\"started\":");
+    out.i64(nanos(e.started));
+    out.raw(",\"stream\":");
+    out.u64(e.stream);
+    out.raw("}");
+    out.0
 }
 
 /// Which header names carry credentials, remembered: every exchange brings
 /// the same few names, and deciding takes a lowercase copy and a dozen
 /// substring searches.
 #[derive(Debug, Default)]
-pub(crate) struct SensitiveNames(RefCell<HashMap<Box<str>, bool>>);
+pub(crate) struct SensitiveNames(RefCell<HashMap<Box<str>, bool, foldhash::fast::RandomState>>);
 
 /// Names remembered at most; a job sending ever new names only makes the
 /// memory start over.
@@ -135,160 +399,118 @@ struct Event<'a> {
     name: &'a str,
 }
 
-#[derive(Serialize)]
-struct Exchange<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    decision: Option<Decision<'a>>,
-    duration_ns: u64,
-    findings: Findings<'a>,
-    level: RecordLevel,
-    method: &'a str,
-    outcome: &'a str,
-    request: Message<'a>,
-    response: Message<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rpc: Option<&'a str>,
-    started: i64,
-    status: u16,
-    stream: u64,
-    url: &'a str,
-}
+/// The serde encoding of PostgreSQL records that [`postgres`] replaced,
+/// kept as the reference it must match byte for byte.
+#[cfg(test)]
+mod pg_reference {
+    use serde::{Serialize, Serializer};
 
-#[derive(Serialize)]
-struct Postgres<'a> {
-    duration_ns: u64,
-    messages: PgMessages<'a>,
-    outcome: &'static str,
-    protocol: &'static str,
-    results: PgResults<'a>,
-    started: i64,
-    stream: u64,
-}
+    use super::{capped, limits, nanos, PostgresExchange};
+    use crate::record::{PostgresMessage, PostgresResult};
 
-/// A round trip's client messages, text capped. Their number is bounded by
-/// the proxy, which writes a long pipeline in several records rather than
-/// leaving any statement out.
-struct PgMessages<'a>(&'a [PostgresMessage]);
-
-#[derive(Serialize)]
-struct PgMessage<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    decision: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    keys: Option<u64>,
-    kind: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    masked: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    params: Option<PgParams<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rule: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sql: Option<&'a str>,
-}
-
-impl Serialize for PgMessages<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|m| PgMessage {
-            decision: m.decision.as_deref().map(|v| capped(v, limits::SHORT)),
-            keys: m.keys,
-            kind: capped(&m.kind, limits::SHORT),
-            masked: m.masked,
-            params: m.params.as_deref().map(PgParams),
-            rule: m.rule.as_deref().map(|v| capped(v, limits::SHORT)),
-            sql: m.sql.as_deref().map(|v| capped(v, limits::TEXT)),
-        }))
+    pub(crate) fn postgres(e: &PostgresExchange) -> String {
+        super::to_json(&Postgres {
+            duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
+            messages: PgMessages(&e.messages),
+            outcome: e.outcome.as_str(),
+            protocol: "postgres",
+            results: PgResults(&e.results),
+            started: nanos(e.started),
+            stream: e.stream,
+        })
     }
-}
 
-/// Bind parameters: the first [`limits::HEADERS`], each capped.
-struct PgParams<'a>(&'a [Option<String>]);
-
-impl Serialize for PgParams<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer
-            .collect_seq(self.0.iter().take(limits::HEADERS).map(|p| p.as_deref().map(|v| capped(v, limits::TEXT))))
+    #[derive(Serialize)]
+    struct Postgres<'a> {
+        duration_ns: u64,
+        messages: PgMessages<'a>,
+        outcome: &'static str,
+        protocol: &'static str,
+        results: PgResults<'a>,
+        started: i64,
+        stream: u64,
     }
-}
 
-/// The server's answers, text capped.
-struct PgResults<'a>(&'a [PostgresResult]);
+    /// A round trip's client messages, text capped. Their number is bounded by
+    /// the proxy, which writes a long pipeline in several records rather than
+    /// leaving any statement out.
+    struct PgMessages<'a>(&'a [PostgresMessage]);
 
-#[derive(Serialize)]
-struct PgResult<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rows: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    sqlstate: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tag: Option<&'a str>,
-}
-
-impl Serialize for PgResults<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|r| PgResult {
-            message: r.message.as_deref().map(|v| capped(v, limits::TEXT)),
-            rows: r.rows,
-            sqlstate: r.sqlstate.as_deref().map(|v| capped(v, limits::SHORT)),
-            tag: r.tag.as_deref().map(|v| capped(v, limits::SHORT)),
-        }))
+    #[derive(Serialize)]
+    struct PgMessage<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        decision: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        keys: Option<u64>,
+        kind: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        masked: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        params: Option<PgParams<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rule: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sql: Option<&'a str>,
     }
-}
 
-#[derive(Serialize)]
-struct Decision<'a> {
-    action: &'a str,
-    rule: &'a str,
-}
+    impl Serialize for PgMessages<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|m| PgMessage {
+                decision: m.decision.as_deref().map(|v| capped(v, limits::SHORT)),
+                keys: m.keys,
+                kind: capped(&m.kind, limits::SHORT),
+                masked: m.masked,
+                params: m.params.as_deref().map(PgParams),
+                rule: m.rule.as_deref().map(|v| capped(v, limits::SHORT)),
+                sql: m.sql.as_deref().map(|v| capped(v, limits::TEXT)),
+            }))
+        }
+    }
 
-#[derive(Serialize)]
-struct Message<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    body: Option<Body<'a>>,
-    body_size: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    headers: Option<Headers<'a>>,
+    /// Bind parameters: the first [`limits::HEADERS`], each capped.
+    struct PgParams<'a>(&'a [Option<String>]);
+
+    impl Serialize for PgParams<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer
+                .collect_seq(self.0.iter().take(limits::HEADERS).map(|p| p.as_deref().map(|v| capped(v, limits::TEXT))))
+        }
+    }
+
+    /// The server's answers, text capped.
+    struct PgResults<'a>(&'a [PostgresResult]);
+
+    #[derive(Serialize)]
+    struct PgResult<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rows: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sqlstate: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<&'a str>,
+    }
+
+    impl Serialize for PgResults<'_> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|r| PgResult {
+                message: r.message.as_deref().map(|v| capped(v, limits::TEXT)),
+                rows: r.rows,
+                sqlstate: r.sqlstate.as_deref().map(|v| capped(v, limits::SHORT)),
+                tag: r.tag.as_deref().map(|v| capped(v, limits::SHORT)),
+            }))
+        }
+    }
 }
 
 /// A stored (possibly cut) body; [`super::BodyData`] is its owned, readable
 /// form.
-#[derive(Serialize)]
 pub(crate) struct Body<'a> {
     content: Cow<'a, str>,
     encoding: &'static str,
     stored: u64,
     truncated: bool,
-}
-
-impl<'a> Exchange<'a> {
-    fn new(e: &'a ExchangeRecord, max_body_bytes: usize, names: &'a SensitiveNames) -> Exchange<'a> {
-        let full = e.level == RecordLevel::Full;
-        let message = |headers: &'a [(String, String)], body: &'a [u8], size: u64| Message {
-            body: full.then(|| Body::new(body, size, max_body_bytes)),
-            body_size: size,
-            headers: full.then_some(Headers { pairs: headers, names }),
-        };
-        Exchange {
-            decision: e
-                .decision
-                .as_ref()
-                .map(|d| Decision { action: capped(&d.action, limits::SHORT), rule: capped(&d.rule, limits::SHORT) }),
-            duration_ns: u64::try_from(e.duration.as_nanos()).unwrap_or(u64::MAX),
-            findings: Findings(&e.findings),
-            level: e.level,
-            method: capped(&e.method, limits::SHORT),
-            outcome: e.outcome.as_str(),
-            request: message(&e.request_headers, &e.request_body, e.request_body_size),
-            response: message(&e.response_headers, &e.response_body, e.response_body_size),
-            rpc: e.rpc.as_deref().map(|v| capped(v, limits::TEXT)),
-            started: nanos(e.started),
-            status: e.status,
-            stream: e.stream,
-            url: capped(&e.url, limits::URL),
-        }
-    }
 }
 
 impl<'a> Body<'a> {
@@ -312,33 +534,6 @@ impl<'a> Body<'a> {
             None => (Cow::Owned(base64::engine::general_purpose::STANDARD.encode(kept)), "base64"),
         };
         Body { content, encoding, stored: kept.len() as u64, truncated: (kept.len() as u64) < size }
-    }
-}
-
-/// The first [`limits::FINDINGS`] finding ids, capped.
-struct Findings<'a>(&'a [String]);
-
-impl Serialize for Findings<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().take(limits::FINDINGS).map(|f| capped(f, limits::SHORT)))
-    }
-}
-
-/// Headers as `[name, value]` pairs, in order: the first
-/// [`limits::HEADERS`], names and values capped, then redacted (again,
-/// whatever the proxy did). Only redacted values are copied.
-struct Headers<'a> {
-    pairs: &'a [(String, String)],
-    names: &'a SensitiveNames,
-}
-
-impl Serialize for Headers<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.pairs.iter().take(limits::HEADERS).map(|(name, value)| {
-            let name = capped(name, limits::SHORT);
-            let value = capped(value, limits::HEADER_VALUE);
-            (name, if self.names.get(name) { redacted(name, value) } else { Cow::Borrowed(value) })
-        }))
     }
 }
 
@@ -651,7 +846,49 @@ mod tests {
             outcome: PostgresOutcome::Running,
         };
         let data = postgres(&e);
+        assert_eq!(data, pg_reference::postgres(&e), "as serde encodes it");
         assert_eq!(canonical_json(&serde_json::from_str(&data).unwrap()), data, "canonical");
+        // Every optional field present or absent, empty lists, long lists.
+        let full_message = PostgresMessage {
+            decision: Some(AWKWARD.into()),
+            keys: Some(u64::MAX),
+            kind: AWKWARD.into(),
+            masked: Some(true),
+            params: Some((0..limits::HEADERS + 3).map(|i| (i % 3 != 0).then(|| format!("{AWKWARD}{i}"))).collect()),
+            rule: Some("r".into()),
+            sql: Some(format!("select '{AWKWARD}'")),
+        };
+        let full_result = PostgresResult {
+            message: Some(AWKWARD.into()),
+            rows: Some(0),
+            sqlstate: Some("XX000".into()),
+            tag: Some(AWKWARD.into()),
+        };
+        let variants = [
+            PostgresExchange { messages: Vec::new(), results: Vec::new(), ..e.clone() },
+            PostgresExchange {
+                messages: vec![full_message.clone(), PostgresMessage::default(), full_message],
+                results: vec![PostgresResult::default(), full_result.clone()],
+                started: UNIX_EPOCH - Duration::from_secs(1),
+                duration: Duration::MAX,
+                outcome: PostgresOutcome::Incomplete,
+                ..e.clone()
+            },
+            PostgresExchange {
+                messages: vec![PostgresMessage { params: Some(Vec::new()), ..PostgresMessage::default() }],
+                results: vec![
+                    PostgresResult { rows: Some(5), ..PostgresResult::default() },
+                    PostgresResult { sqlstate: Some("1".into()), ..PostgresResult::default() },
+                    PostgresResult { tag: Some("t".into()), ..PostgresResult::default() },
+                    full_result,
+                ],
+                outcome: PostgresOutcome::Ready,
+                ..e.clone()
+            },
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_eq!(postgres(v), pg_reference::postgres(v), "variant {i}");
+        }
         let Ok(AnyExchange::Postgres(read)) = AnyExchange::parse(&data) else { panic!("reads back: {data}") };
         assert_eq!((read.stream, read.outcome.as_str(), read.duration_ns), (3, "running", 1_500_000));
         assert_eq!(read.messages[0].sql.as_ref().map(String::len), Some(limits::TEXT));
@@ -660,6 +897,48 @@ mod tests {
         // An HTTP exchange still reads as one.
         let http = exchange(&rich_exchange(), 64, &SensitiveNames::default());
         assert!(matches!(AnyExchange::parse(&http), Ok(AnyExchange::Http(_))));
+    }
+
+    #[test]
+    fn strings_escape_exactly_as_serde_json_escapes_them() {
+        let serde = |s: &str| serde_json::to_string(s).unwrap();
+        let ours = |s: &str| {
+            let mut out = Out(String::new());
+            out.str(s);
+            out.0
+        };
+        // Every character up to U+00FF, alone and at every offset of a word.
+        for c in (0u32..=0xff).filter_map(char::from_u32) {
+            for lead in 0..17 {
+                for tail in [0, 1, 9] {
+                    let s = format!("{}{c}{}", "a".repeat(lead), "é".repeat(tail));
+                    assert_eq!(ours(&s), serde(&s), "{s:?}");
+                }
+            }
+        }
+        // Runs of escapes, multi-byte characters across words, and longer
+        // random texts over an alphabet rich in what is escaped.
+        let alphabet: Vec<char> = "\"\\\n\t\r\u{8}\u{c}\u{0}\u{1f}\u{7f}aZ9 /é€😀\u{2028}".chars().collect();
+        use rand::Rng as _;
+        let mut rng = rand::rng();
+        for _ in 0..2_000 {
+            let len = rng.random_range(0..64);
+            let s: String = (0..len).map(|_| alphabet[rng.random_range(0..alphabet.len())]).collect();
+            assert_eq!(ours(&s), serde(&s), "{s:?}");
+        }
+        for n in [0u64, 1, 9, 10, 99, 100, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Out(String::new());
+            out.u64(n);
+            assert_eq!(out.0, serde_json::to_string(&n).unwrap());
+        }
+        for n in [i64::MIN, -1, 0, 1, i64::MAX] {
+            let mut out = Out(String::new());
+            out.i64(n);
+            assert_eq!(out.0, serde_json::to_string(&n).unwrap());
+        }
+        for level in [RecordLevel::Full, RecordLevel::Metadata, RecordLevel::None] {
+            assert_eq!(serde_json::to_string(&level).unwrap(), format!("\"{}\"", level.as_str()));
+        }
     }
 
     #[test]

@@ -148,6 +148,17 @@ pub enum RecordLevel {
     None,
 }
 
+impl RecordLevel {
+    /// The stored name (as serde writes it).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RecordLevel::Full => "full",
+            RecordLevel::Metadata => "metadata",
+            RecordLevel::None => "none",
+        }
+    }
+}
+
 /// The policy decision taken for an exchange.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DecisionFacts {

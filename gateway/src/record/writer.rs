@@ -316,7 +316,7 @@ impl Recorder {
             shared: Arc::clone(&shared),
             flush_interval: config.flush_interval,
             max_body_bytes: config.max_body_bytes,
-            chains: HashMap::new(),
+            chains: HashMap::default(),
             batch: Batch::default(),
             names: SensitiveNames::default(),
             waiters: Vec::new(),
@@ -506,7 +506,9 @@ struct Writer {
     shared: Arc<Shared>,
     flush_interval: Duration,
     max_body_bytes: usize,
-    chains: HashMap<SessionId, Chain>,
+    /// foldhash: looked up per record (ids are the gateway's own, not the
+    /// traffic's).
+    chains: HashMap<SessionId, Chain, foldhash::fast::RandomState>,
     batch: Batch,
     names: SensitiveNames,
     waiters: Vec<mpsc::SyncSender<Result<(), String>>>,
