@@ -199,6 +199,7 @@ pub(crate) struct BodyBudgets<'a> {
 /// An `async move` block, not an `async fn`: an `async fn` keeps a second
 /// copy of its arguments (the inspector) in its future, which is part of
 /// every request's.
+#[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
 pub(crate) fn inspect<'a, B: BodyInspector>(
     mut incoming: Incoming,
     mut inspector: B,

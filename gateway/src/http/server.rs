@@ -465,6 +465,7 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
 
     /// The request body's phase of [`handle`](Self::handle): inspected
     /// (buffered or streaming), drained after a refusal, or passed on.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
     fn body_phase(
         &self,
         incoming: Incoming,
@@ -508,6 +509,7 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
     /// The upstream exchange's phase of [`handle`](Self::handle): sends
     /// the request and waits for the response head, within the response
     /// timeout; a streaming body's late refusal (`blocked`) wins.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
     fn send_phase<'a>(
         &'a self,
         req: Request<RequestBody>,

@@ -92,6 +92,7 @@ impl<U: UpstreamConnector> Upstreams<U> {
     ///
     /// An `async move` block, not an `async fn`, which would keep a second
     /// copy of `req` in its future (part of every request's).
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
     pub(crate) fn send<'a>(
         &'a self,
         mut req: Request<RequestBody>,
