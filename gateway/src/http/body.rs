@@ -195,106 +195,113 @@ pub(crate) struct BodyBudgets<'a> {
 /// sends nothing for `limits.body_idle_timeout` is refused too. Polling the
 /// body is what makes hyper send `100 Continue`, so this must not wait for
 /// anything else first.
-pub(crate) async fn inspect<B: BodyInspector>(
+///
+/// An `async move` block, not an `async fn`: an `async fn` keeps a second
+/// copy of its arguments (the inspector) in its future, which is part of
+/// every request's.
+#[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
+pub(crate) fn inspect<'a, B: BodyInspector>(
     mut incoming: Incoming,
     mut inspector: B,
-    budgets: BodyBudgets<'_>,
+    budgets: BodyBudgets<'a>,
     abort: CancellationToken,
     sent: Arc<AtomicU64>,
-) -> Result<Inspected, HttpError> {
-    let limits = budgets.limits;
-    let exact = incoming.size_hint().exact().is_some();
-    let mut held = Held::new(budgets.conn.clone());
-    let mut conn_buffered = 0;
-    let mut frames = VecDeque::new();
-    let mut buffered = 0usize;
-    loop {
-        let Ok(next) = tokio::time::timeout(limits.body_idle_timeout, incoming.frame()).await else {
-            return Ok(Inspected::Refused(body_idle(limits)));
-        };
-        match next {
-            None => {
-                if let BodyVerdict::Respond(r) = inspector.finish().await {
-                    return Ok(Inspected::Blocked(r));
-                }
-                if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
-                    return Ok(Inspected::Blocked(r));
-                }
-                let edited = match inspector.edit(&frames) {
-                    BodyEdit::Keep => None,
-                    BodyEdit::Refuse(r) => return Ok(Inspected::Blocked(r)),
-                    BodyEdit::Replace(data) => {
-                        let len = data.len() as u64;
-                        // The data is replaced whole; trailers stay.
-                        frames.retain(|f| !f.is_data());
-                        frames.push_front(Frame::data(data));
-                        Some(len)
-                    }
-                };
-                let body = RequestBody::frames(frames, exact, sent, held);
-                return Ok(Inspected::Buffered { body, edited });
-            }
-            Some(Err(e)) => return Err(HttpError::ClientBody(e)),
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    if data.is_empty() {
-                        continue;
-                    }
-                    // Room first: while there is none, nothing more is read
-                    // from this client (its window or socket fills up).
-                    let reserved = match budgets.pool.reserve(data.len(), limits.buffer_wait).await {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::info!(conn_id = budgets.conn_id, limit = %e.limit, max = e.max, "request refused: no room to buffer its body");
-                            return Ok(Inspected::Refused(e));
-                        }
-                    };
-                    if let BodyVerdict::Respond(r) = inspector.feed(data).await {
-                        return Ok(Inspected::Blocked(Box::pin(drain(incoming, inspector, r, limits)).await));
-                    }
-                    buffered += data.len();
-                    conn_buffered = held.grow(data.len(), reserved);
-                } else if let Some(trailers) = frame.trailers_ref() {
-                    if let BodyVerdict::Respond(r) = inspector.trailers(trailers).await {
+) -> impl Future<Output = Result<Inspected, HttpError>> + Send + 'a {
+    async move {
+        let limits = budgets.limits;
+        let exact = incoming.size_hint().exact().is_some();
+        let mut held = Held::new(budgets.conn.clone());
+        let mut conn_buffered = 0;
+        let mut frames = VecDeque::new();
+        let mut buffered = 0usize;
+        loop {
+            let Ok(next) = tokio::time::timeout(limits.body_idle_timeout, incoming.frame()).await else {
+                return Ok(Inspected::Refused(body_idle(limits)));
+            };
+            match next {
+                None => {
+                    if let BodyVerdict::Respond(r) = inspector.finish().await {
                         return Ok(Inspected::Blocked(r));
                     }
+                    if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
+                        return Ok(Inspected::Blocked(r));
+                    }
+                    let edited = match inspector.edit(&frames) {
+                        BodyEdit::Keep => None,
+                        BodyEdit::Refuse(r) => return Ok(Inspected::Blocked(r)),
+                        BodyEdit::Replace(data) => {
+                            let len = data.len() as u64;
+                            // The data is replaced whole; trailers stay.
+                            frames.retain(|f| !f.is_data());
+                            frames.push_front(Frame::data(data));
+                            Some(len)
+                        }
+                    };
+                    let body = RequestBody::frames(frames, exact, sent, held);
+                    return Ok(Inspected::Buffered { body, edited });
                 }
-                // A frame is a slice of hyper's (or h2's) read buffer and
-                // would pin all of it while buffered: kept as a copy of its
-                // own size, the memory held is what the pools count.
-                let frame = match frame.into_data() {
-                    Ok(data) => Frame::data(Bytes::copy_from_slice(&data)),
-                    Err(other) => other,
-                };
-                frames.push_back(frame);
-                if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
-                    break;
+                Some(Err(e)) => return Err(HttpError::ClientBody(e)),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        // Room first: while there is none, nothing more is read
+                        // from this client (its window or socket fills up).
+                        let reserved = match budgets.pool.reserve(data.len(), limits.buffer_wait).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::info!(conn_id = budgets.conn_id, limit = %e.limit, max = e.max, "request refused: no room to buffer its body");
+                                return Ok(Inspected::Refused(e));
+                            }
+                        };
+                        if let BodyVerdict::Respond(r) = inspector.feed(data).await {
+                            return Ok(Inspected::Blocked(Box::pin(drain(incoming, inspector, r, limits)).await));
+                        }
+                        buffered += data.len();
+                        conn_buffered = held.grow(data.len(), reserved);
+                    } else if let Some(trailers) = frame.trailers_ref() {
+                        if let BodyVerdict::Respond(r) = inspector.trailers(trailers).await {
+                            return Ok(Inspected::Blocked(r));
+                        }
+                    }
+                    // A frame is a slice of hyper's (or h2's) read buffer and
+                    // would pin all of it while buffered: kept as a copy of its
+                    // own size, the memory held is what the pools count.
+                    let frame = match frame.into_data() {
+                        Ok(data) => Frame::data(Bytes::copy_from_slice(&data)),
+                        Err(other) => other,
+                    };
+                    frames.push_back(frame);
+                    if buffered > limits.max_buffered_body || conn_buffered > limits.max_buffered_per_connection {
+                        break;
+                    }
                 }
             }
         }
+        if let BodyVerdict::Respond(r) = inspector.streaming() {
+            return Ok(Inspected::Blocked(r));
+        }
+        if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
+            return Ok(Inspected::Blocked(r));
+        }
+        let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
+        let (blocked_tx, blocked) = oneshot::channel();
+        let pump = Pump {
+            incoming,
+            inspector,
+            tx,
+            blocked: Some(blocked_tx),
+            abort: abort.clone(),
+            limits: limits.clone(),
+            conn_id: budgets.conn_id,
+        };
+        tokio::spawn(pump.run(frames, held));
+        Ok(Inspected::Streaming {
+            body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _held: None },
+            blocked,
+        })
     }
-    if let BodyVerdict::Respond(r) = inspector.streaming() {
-        return Ok(Inspected::Blocked(r));
-    }
-    if let BodyVerdict::Respond(r) = inspector.before_upstream().await {
-        return Ok(Inspected::Blocked(r));
-    }
-    let (tx, rx) = mpsc::channel(PUMP_CHANNEL_FRAMES);
-    let (blocked_tx, blocked) = oneshot::channel();
-    let pump = Pump {
-        incoming,
-        inspector,
-        tx,
-        blocked: Some(blocked_tx),
-        abort: abort.clone(),
-        limits: limits.clone(),
-        conn_id: budgets.conn_id,
-    };
-    tokio::spawn(pump.run(frames, held));
-    Ok(Inspected::Streaming {
-        body: RequestBody { kind: RequestKind::Channel { rx, abort }, sent, _held: None },
-        blocked,
-    })
 }
 
 /// A request was refused with `response`: reads the rest of its body

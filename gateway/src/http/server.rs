@@ -18,15 +18,20 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::conn::auto,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::oneshot,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::limits::LimitExceeded;
 
 use super::{
     body::{self, BodyBudgets, BodyFilter, ConnBuffered, Counters, CountingIo, Inspected, RequestBody, ResponseBody},
     error::BoxError,
     exchange::{Activity, ExchangeLog, Hook},
     headers, upgrade,
-    upstream::Upstreams,
+    upstream::{PoolReturn, Upstreams},
     ConnectHint, Exchange, ExchangeOutcome, HeadVerdict, HttpContext, HttpError, Inspector, Limits, ResponseInspector,
     ResponseVerdict, ServeStats, Tunnel, UpstreamConnector, HTTP_TARGET,
 };
@@ -277,201 +282,267 @@ struct Shared<I, U> {
 }
 
 impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<ResponseBody>, HttpError> {
+    /// One request, from its head to the response head sent back.
+    ///
+    /// Shaped for the size of its future, which is moved (copied whole)
+    /// into its box for every request (`docs/benchmarks.md`, "The request
+    /// future"): rustc gives every local alive across two or more awaits a
+    /// place of its own, and overlaps only what lives across one. So each
+    /// phase is one future awaited once (the head, the body, the upstream
+    /// exchange), a phase's result is matched in the statement that awaits
+    /// it (a `let` of the result would stay alive, half moved, to the end),
+    /// nothing is awaited inside those matches, and what one phase hands
+    /// the next is moved. The phases are `async move` blocks rather than
+    /// `async fn`s: an `async fn` keeps a second copy of every argument.
+    fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, HttpError>> + Send + 'static {
         let started = Instant::now();
         let active = self.activity.begin();
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let version = req.version();
-        let client_h2 = version == Version::HTTP_2;
-        let path = req.uri().path().to_string();
         let (mut parts, body) = req.into_parts();
+        async move {
+            let version = parts.version;
+            let client_h2 = version == Version::HTTP_2;
+            let path = parts.uri.path().to_string();
 
-        let verdict = self.inspector.inspect_head(&self.ctx, &mut parts).await;
-        // After the inspector, which may have declined an upgrade by
-        // removing its headers (h2c, say).
-        let upgrade = headers::is_upgrade_request(version, &parts.headers);
-        let authority = headers::authority(&self.ctx, headers::request_host(&parts).as_deref());
-        let mut log = ExchangeLog::new(
-            self.ctx.conn_id,
-            parts.method.clone(),
-            authority.clone(),
-            path,
-            started,
-            self.hook.clone(),
-        );
-        log.hold_active(active);
-        let body_inspector = match verdict {
-            HeadVerdict::Respond(r) => {
-                return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-            }
-            HeadVerdict::RespondAfterBody { response, body: inspector, watch } => {
-                if let Some(w) = watch {
-                    log.set_response_inspector(Box::new(w));
-                }
-                // Boxed, like every await only a refused request reaches:
-                // the request future is copied whole into place per request.
-                let r = Box::pin(body::drain(body, inspector, response, &self.limits)).await;
-                return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-            }
-            HeadVerdict::Forward { body, response } => {
-                if let Some(r) = response {
-                    log.set_response_inspector(Box::new(r));
-                }
-                body
-            }
-        };
-        let bodyless_response = parts.method == Method::HEAD;
-        if parts.method == Method::CONNECT {
-            // Tunnels inside an intercepted connection would bypass
-            // inspection; transparent clients have no reason to send one.
-            let mut r = Response::new(Bytes::from_static(b"CONNECT is not supported\n"));
-            *r.status_mut() = StatusCode::NOT_IMPLEMENTED;
-            return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-        }
-
-        let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
-        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-
-        let abort = CancellationToken::new();
-        let (body, mut blocked) = match body_inspector {
-            None => (RequestBody::incoming(body, log.bytes_up()), None),
-            Some(inspector) => {
-                let budgets = BodyBudgets {
-                    limits: &self.limits,
-                    conn: &self.buffered,
-                    pool: &self.pool,
-                    conn_id: self.ctx.conn_id,
-                };
-                let inspected = body::inspect(body, inspector, budgets, abort.clone(), log.bytes_up()).await;
-                match inspected {
-                    Ok(Inspected::Blocked(r)) => {
-                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-                    }
-                    Ok(Inspected::Refused(limit)) => {
-                        let mut r = limit.http_response(self.ctx.conn_id);
-                        if version < Version::HTTP_2 {
-                            // The body was not read to its end: the
-                            // connection cannot carry another request.
-                            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // A match, not `let verdict = ...await`: a `let` would keep the
+            // verdict (1 KiB) alive, half moved, across every later await.
+            #[allow(clippy::match_single_binding)]
+            let (step, mut log, authority, upgrade) = match self.inspector.inspect_head(&self.ctx, &mut parts).await {
+                verdict => {
+                    // After the inspector, which may have declined an
+                    // upgrade by removing its headers (h2c, say).
+                    let upgrade = headers::is_upgrade_request(version, &parts.headers);
+                    let authority = headers::authority(&self.ctx, headers::request_host(&parts).as_deref());
+                    let mut log = ExchangeLog::new(
+                        self.ctx.conn_id,
+                        parts.method.clone(),
+                        authority.clone(),
+                        path,
+                        started,
+                        self.hook.clone(),
+                    );
+                    log.hold_active(active);
+                    let step = match verdict {
+                        HeadVerdict::Respond(r) => return Ok(local(r, log, ExchangeOutcome::Blocked, version)),
+                        HeadVerdict::RespondAfterBody { response, body: inspector, watch } => {
+                            if let Some(w) = watch {
+                                log.set_response_inspector(Box::new(w));
+                            }
+                            BodyStep::Drain { inspector, response }
                         }
-                        return Ok(local(r, log, ExchangeOutcome::Refused, version));
-                    }
-                    Ok(Inspected::Buffered { body, edited }) => {
-                        if let Some(len) = edited {
-                            // Edited (keys redacted): a length the client
-                            // declared is now wrong; a chunked body stays
-                            // chunked.
-                            if parts.headers.remove(header::CONTENT_LENGTH).is_some() {
-                                parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                        HeadVerdict::Forward { body, response } => {
+                            if let Some(r) = response {
+                                log.set_response_inspector(Box::new(r));
+                            }
+                            match body {
+                                Some(inspector) => BodyStep::Inspect(inspector),
+                                None => BodyStep::Pass,
                             }
                         }
-                        (body, None)
-                    }
-                    Ok(Inspected::Streaming { body, blocked }) => (body, Some(blocked)),
-                    Err(e) => {
-                        log.set_outcome(ExchangeOutcome::Aborted);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        let streaming = blocked.is_some();
-
-        let hint = ConnectHint { allow_h2: !upgrade, client_h2 };
-        let send = self.upstreams.send(Request::from_parts(parts, body), hint, &authority, self.ctx.tls);
-        let limit = self.limits.response_timeout;
-        let send =
-            async move { tokio::time::timeout(limit, send).await.unwrap_or(Err(HttpError::ResponseTimeout(limit))) };
-        tokio::pin!(send);
-        let result = match blocked.as_mut() {
-            None => send.await,
-            Some(rx) => tokio::select! {
-                r = &mut send => r,
-                verdict = rx => {
-                    blocked = None;
-                    match verdict {
-                        Ok(r) => return Ok(local(r, log, ExchangeOutcome::Blocked, version)),
-                        // The pump finished without objection.
-                        Err(_) => send.await,
-                    }
-                }
-            },
-        };
-
-        let (mut resp, pool_return) = match result {
-            Ok(sent) => {
-                log.response_head_received();
-                sent
-            }
-            Err(e) if abort.is_cancelled() => {
-                // The body was aborted under the request: either blocked
-                // (the verdict is on its way) or the client's body failed.
-                if let Some(rx) = blocked {
-                    if let Ok(r) = rx.await {
-                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-                    }
-                }
-                log.set_outcome(ExchangeOutcome::Aborted);
-                return Err(e);
-            }
-            Err(e) => return Ok(self.bad_gateway(&e, log, version)),
-        };
-
-        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-        if switching {
-            match client_upgrade {
-                Some(client_up) if upgrade => {
-                    let tunnel = match log.response_inspector() {
-                        Some(inspector) => inspector.upgraded(resp.headers()),
-                        None => ResponseInspector::upgraded(&mut super::PassResponses, resp.headers()),
                     };
-                    if let Tunnel::Refuse(r) = tunnel {
-                        // Upstream's side of the tunnel is dropped unused.
-                        return Ok(local(r, log, ExchangeOutcome::Blocked, version));
-                    }
-                    let upstream_up = hyper::upgrade::on(&mut resp);
-                    let max_pending = self.limits.max_buffered_body;
-                    self.tunnels.spawn(upgrade::run(self.ctx.conn_id, client_up, upstream_up, tunnel, max_pending));
-                    log.set_outcome(ExchangeOutcome::Upgraded);
+                    (step, log, authority, upgrade)
                 }
-                _ => {
-                    let e = HttpError::Upgrade("upstream switched protocols unasked".into());
-                    return Ok(self.bad_gateway(&e, log, version));
-                }
-            }
-        }
-        let (mut parts, body) = resp.into_parts();
-        headers::strip_hop_by_hop(&mut parts.headers, switching);
-        let verdict = log.response_inspector().map(|r| r.head(&mut parts));
-        let filter = match verdict {
-            // A tunnel's bytes are not HTTP: nothing to filter.
-            _ if switching => BodyFilter::Off,
-            None | Some(ResponseVerdict::Pass) => BodyFilter::Off,
-            Some(ResponseVerdict::Observe) => BodyFilter::Observe,
-            Some(ResponseVerdict::Filter) => {
-                let has_body =
-                    !bodyless_response && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
-                // The filter may change the length; hyper re-frames
-                // (chunked on HTTP/1.1). A HEAD answer's length describes a
-                // body never sent, so it stays.
-                if has_body {
-                    parts.headers.remove(header::CONTENT_LENGTH);
-                    BodyFilter::Rewrite
-                } else {
-                    BodyFilter::Off
-                }
-            }
-            Some(ResponseVerdict::Replace(r)) => {
+            };
+            let refused = matches!(step, BodyStep::Drain { .. });
+            let bodyless_response = parts.method == Method::HEAD;
+            if !refused && parts.method == Method::CONNECT {
+                // Tunnels inside an intercepted connection would bypass
+                // inspection; transparent clients have no reason to send one.
+                let mut r = Response::new(Bytes::from_static(b"CONNECT is not supported\n"));
+                *r.status_mut() = StatusCode::NOT_IMPLEMENTED;
                 return Ok(local(r, log, ExchangeOutcome::Blocked, version));
             }
-        };
-        parts.version = version;
-        log.set_status(parts.status.as_u16());
-        if !switching {
-            log.set_outcome(ExchangeOutcome::Forwarded);
+            let client_upgrade = if upgrade && !refused { parts.extensions.remove::<OnUpgrade>() } else { None };
+            if !refused {
+                headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+            }
+
+            let abort = CancellationToken::new();
+            let (body, blocked) = match self.body_phase(body, step, log.bytes_up(), abort.clone()).await {
+                BodyOutcome::Forward { body, blocked, edited } => {
+                    if let Some(len) = edited {
+                        // Edited (keys redacted): a length the client
+                        // declared is now wrong; a chunked body stays
+                        // chunked.
+                        if parts.headers.remove(header::CONTENT_LENGTH).is_some() {
+                            parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                        }
+                    }
+                    (body, blocked)
+                }
+                BodyOutcome::Blocked(r) => return Ok(local(r, log, ExchangeOutcome::Blocked, version)),
+                BodyOutcome::Refused(limit) => {
+                    let mut r = limit.http_response(self.ctx.conn_id);
+                    if version < Version::HTTP_2 {
+                        // The body was not read to its end: the
+                        // connection cannot carry another request.
+                        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    return Ok(local(r, log, ExchangeOutcome::Refused, version));
+                }
+                BodyOutcome::Failed(e) => {
+                    log.set_outcome(ExchangeOutcome::Aborted);
+                    return Err(e);
+                }
+            };
+            let streaming = blocked.is_some();
+
+            let hint = ConnectHint { allow_h2: !upgrade, client_h2 };
+            let req = Request::from_parts(parts, body);
+            let (mut resp, pool_return) = match self.send_phase(req, hint, &authority, blocked, &abort).await {
+                Sent::Response(resp, pool_return) => {
+                    log.response_head_received();
+                    (resp, pool_return)
+                }
+                Sent::Blocked(r) => return Ok(local(r, log, ExchangeOutcome::Blocked, version)),
+                Sent::Aborted(e) => {
+                    log.set_outcome(ExchangeOutcome::Aborted);
+                    return Err(e);
+                }
+                Sent::Failed(e) => return Ok(self.bad_gateway(&e, log, version)),
+            };
+
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            if switching {
+                match client_upgrade {
+                    Some(client_up) if upgrade => {
+                        let tunnel = match log.response_inspector() {
+                            Some(inspector) => inspector.upgraded(resp.headers()),
+                            None => ResponseInspector::upgraded(&mut super::PassResponses, resp.headers()),
+                        };
+                        if let Tunnel::Refuse(r) = tunnel {
+                            // Upstream's side of the tunnel is dropped unused.
+                            return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                        }
+                        let upstream_up = hyper::upgrade::on(&mut resp);
+                        let max_pending = self.limits.max_buffered_body;
+                        self.tunnels.spawn(upgrade::run(self.ctx.conn_id, client_up, upstream_up, tunnel, max_pending));
+                        log.set_outcome(ExchangeOutcome::Upgraded);
+                    }
+                    _ => {
+                        let e = HttpError::Upgrade("upstream switched protocols unasked".into());
+                        return Ok(self.bad_gateway(&e, log, version));
+                    }
+                }
+            }
+            let (mut parts, body) = resp.into_parts();
+            headers::strip_hop_by_hop(&mut parts.headers, switching);
+            let verdict = log.response_inspector().map(|r| r.head(&mut parts));
+            let filter = match verdict {
+                // A tunnel's bytes are not HTTP: nothing to filter.
+                _ if switching => BodyFilter::Off,
+                None | Some(ResponseVerdict::Pass) => BodyFilter::Off,
+                Some(ResponseVerdict::Observe) => BodyFilter::Observe,
+                Some(ResponseVerdict::Filter) => {
+                    let has_body = !bodyless_response
+                        && !matches!(parts.status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+                    // The filter may change the length; hyper re-frames
+                    // (chunked on HTTP/1.1). A HEAD answer's length describes a
+                    // body never sent, so it stays.
+                    if has_body {
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                        BodyFilter::Rewrite
+                    } else {
+                        BodyFilter::Off
+                    }
+                }
+                Some(ResponseVerdict::Replace(r)) => {
+                    return Ok(local(r, log, ExchangeOutcome::Blocked, version));
+                }
+            };
+            parts.version = version;
+            log.set_status(parts.status.as_u16());
+            if !switching {
+                log.set_outcome(ExchangeOutcome::Forwarded);
+            }
+            let abort = streaming.then_some(abort);
+            Ok(Response::from_parts(parts, ResponseBody::upstream(body, pool_return, abort, log, filter)))
         }
-        let abort = streaming.then_some(abort);
-        Ok(Response::from_parts(parts, ResponseBody::upstream(body, pool_return, abort, log, filter)))
+    }
+
+    /// The request body's phase of [`handle`](Self::handle): inspected
+    /// (buffered or streaming), drained after a refusal, or passed on.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
+    fn body_phase(
+        &self,
+        incoming: Incoming,
+        step: BodyStep<I::Body>,
+        sent: Arc<AtomicU64>,
+        abort: CancellationToken,
+    ) -> impl Future<Output = BodyOutcome> + Send + '_ {
+        async move {
+            match step {
+                BodyStep::Pass => {
+                    BodyOutcome::Forward { body: RequestBody::incoming(incoming, sent), blocked: None, edited: None }
+                }
+                BodyStep::Drain { inspector, response } => {
+                    // Boxed, like every await only a refused request
+                    // reaches: it would make every request's future larger.
+                    BodyOutcome::Blocked(Box::pin(body::drain(incoming, inspector, response, &self.limits)).await)
+                }
+                BodyStep::Inspect(inspector) => {
+                    let budgets = BodyBudgets {
+                        limits: &self.limits,
+                        conn: &self.buffered,
+                        pool: &self.pool,
+                        conn_id: self.ctx.conn_id,
+                    };
+                    match body::inspect(incoming, inspector, budgets, abort, sent).await {
+                        Ok(Inspected::Blocked(r)) => BodyOutcome::Blocked(r),
+                        Ok(Inspected::Refused(limit)) => BodyOutcome::Refused(limit),
+                        Ok(Inspected::Buffered { body, edited }) => {
+                            BodyOutcome::Forward { body, blocked: None, edited }
+                        }
+                        Ok(Inspected::Streaming { body, blocked }) => {
+                            BodyOutcome::Forward { body, blocked: Some(blocked), edited: None }
+                        }
+                        Err(e) => BodyOutcome::Failed(e),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The upstream exchange's phase of [`handle`](Self::handle): sends
+    /// the request and waits for the response head, within the response
+    /// timeout; a streaming body's late refusal (`blocked`) wins.
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
+    fn send_phase<'a>(
+        &'a self,
+        req: Request<RequestBody>,
+        hint: ConnectHint,
+        authority: &'a str,
+        blocked: Option<oneshot::Receiver<Response<Bytes>>>,
+        abort: &'a CancellationToken,
+    ) -> impl Future<Output = Sent> + Send + 'a {
+        async move {
+            let limit = self.limits.response_timeout;
+            let timed_out = |_| Err(HttpError::ResponseTimeout(limit));
+            let send = |req| tokio::time::timeout(limit, self.upstreams.send(req, hint, authority, self.ctx.tls));
+            // Made in each arm: made before the match, it would be alive
+            // across more than one await, with room of its own.
+            let result = match blocked {
+                None => send(req).await.unwrap_or_else(timed_out),
+                // Boxed: only streaming (large) request bodies race a late
+                // refusal, and the race's future is the larger one.
+                Some(rx) => {
+                    let send = send(req);
+                    let send = async move { send.await.unwrap_or_else(timed_out) };
+                    match Box::pin(race_refusal(send, rx, abort)).await {
+                        Ok(r) => r,
+                        Err(refused) => return refused,
+                    }
+                }
+            };
+            match result {
+                Ok((resp, pool_return)) => Sent::Response(resp, pool_return),
+                Err(e) if abort.is_cancelled() => Sent::Aborted(e),
+                Err(e) => Sent::Failed(e),
+            }
+        }
     }
 
     fn bad_gateway(&self, err: &HttpError, log: ExchangeLog, version: Version) -> Response<ResponseBody> {
@@ -487,6 +558,38 @@ impl<I: Inspector, U: UpstreamConnector> Shared<I, U> {
     }
 }
 
+/// Waits for upstream's answer to a request whose body still streams
+/// while its inspection goes on: a refusal from the inspection (`rx`)
+/// wins. `Err` is how the exchange ended instead of upstream's answer.
+async fn race_refusal<F, T>(
+    send: F,
+    mut rx: oneshot::Receiver<Response<Bytes>>,
+    abort: &CancellationToken,
+) -> Result<Result<T, HttpError>, Sent>
+where
+    F: Future<Output = Result<T, HttpError>>,
+{
+    tokio::pin!(send);
+    tokio::select! {
+        r = &mut send => match r {
+            Err(e) if abort.is_cancelled() => {
+                // The body was aborted under the request: either blocked
+                // (the verdict is on its way) or the client's body failed.
+                match rx.await {
+                    Ok(r) => Err(Sent::Blocked(r)),
+                    Err(_) => Err(Sent::Aborted(e)),
+                }
+            }
+            r => Ok(r),
+        },
+        verdict = &mut rx => match verdict {
+            Ok(r) => Err(Sent::Blocked(r)),
+            // The pump finished without objection.
+            Err(_) => Ok(send.await),
+        },
+    }
+}
+
 /// A response made here rather than by upstream.
 fn local(
     resp: Response<Bytes>,
@@ -499,4 +602,40 @@ fn local(
     log.set_status(parts.status.as_u16());
     log.set_outcome(outcome);
     Response::from_parts(parts, ResponseBody::full(body, log))
+}
+
+/// What the head phase of [`Shared::handle`] leaves for the body's.
+enum BodyStep<B> {
+    /// Forwarded uninspected (the inspector did not ask to see it).
+    Pass,
+    /// Inspected before (and while) it goes upstream.
+    Inspect(B),
+    /// Refused at its head: read into `inspector` for its keys, then
+    /// answered with `response` (or the inspector's later answer).
+    Drain { inspector: B, response: Response<Bytes> },
+}
+
+/// How the body phase of [`Shared::handle`] ended.
+enum BodyOutcome {
+    /// Upstream gets `body`; `blocked` yields a streaming body's late
+    /// refusal; `edited` is the data's new length when it was edited.
+    Forward { body: RequestBody, blocked: Option<oneshot::Receiver<Response<Bytes>>>, edited: Option<u64> },
+    /// The inspector refused: the client gets this, nothing went upstream.
+    Blocked(Response<Bytes>),
+    /// A limit refused the body.
+    Refused(LimitExceeded),
+    /// The client's body failed.
+    Failed(HttpError),
+}
+
+/// How the upstream phase of [`Shared::handle`] ended.
+enum Sent {
+    /// Upstream answered.
+    Response(Response<Incoming>, Option<PoolReturn>),
+    /// The streaming body was refused on the way: the client gets this.
+    Blocked(Response<Bytes>),
+    /// The client's body failed under the request.
+    Aborted(HttpError),
+    /// Upstream failed (or timed out): a 502 or 504.
+    Failed(HttpError),
 }

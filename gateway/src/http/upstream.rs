@@ -6,6 +6,7 @@
 //! upstream) cannot take a descriptor per stream.
 
 use std::{
+    future::Future,
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -88,48 +89,54 @@ impl<U: UpstreamConnector> Upstreams<U> {
     /// Sends `req` (already stripped of hop-by-hop headers), retrying on a
     /// fresh connection when a pooled one turns out to be dead before the
     /// request was written.
-    pub(crate) async fn send(
-        &self,
+    ///
+    /// An `async move` block, not an `async fn`, which would keep a second
+    /// copy of `req` in its future (part of every request's).
+    #[allow(clippy::manual_async_fn)] // an `async fn` would copy its arguments
+    pub(crate) fn send<'a>(
+        &'a self,
         mut req: Request<RequestBody>,
         hint: ConnectHint,
-        authority: &str,
+        authority: &'a str,
         tls: bool,
-    ) -> Result<(Response<Incoming>, Option<PoolReturn>), HttpError> {
-        let max_attempts = self.limits.max_idle_upstream + 2;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let (result, retry_ok, back) = match self.acquire(hint).await? {
-                Sender::H2(mut tx) => {
-                    headers::prepare(&mut req, true, authority, tls).map_err(HttpError::Request)?;
-                    let r = tx.try_send_request(req).await;
-                    if r.is_err() {
-                        self.forget_h2(&tx).await;
-                    }
-                    (r, attempt < 2, None)
-                }
-                Sender::H1 { mut tx, reused, pooled } => {
-                    headers::prepare(&mut req, false, authority, tls).map_err(HttpError::Request)?;
-                    let r = tx.try_send_request(req).await;
-                    let back = match &r {
-                        Ok(resp) if pooled && resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
-                            Some(self.pool_return(tx))
+    ) -> impl Future<Output = Result<(Response<Incoming>, Option<PoolReturn>), HttpError>> + Send + 'a {
+        async move {
+            let max_attempts = self.limits.max_idle_upstream + 2;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let (result, retry_ok, back) = match self.acquire(hint).await? {
+                    Sender::H2(mut tx) => {
+                        headers::prepare(&mut req, true, authority, tls).map_err(HttpError::Request)?;
+                        let r = tx.try_send_request(req).await;
+                        if r.is_err() {
+                            self.forget_h2(&tx).await;
                         }
-                        _ => None,
-                    };
-                    (r, reused || attempt < 2, back)
-                }
-            };
-            match result {
-                Ok(resp) => return Ok((resp, back)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: safe to replay, body untouched.
-                    Some(back) if retry_ok && attempt < max_attempts => {
-                        tracing::debug!(error = %e.error(), "upstream connection was stale, retrying");
-                        req = back;
+                        (r, attempt < 2, None)
                     }
-                    _ => return Err(HttpError::Upstream(e.into_error())),
-                },
+                    Sender::H1 { mut tx, reused, pooled } => {
+                        headers::prepare(&mut req, false, authority, tls).map_err(HttpError::Request)?;
+                        let r = tx.try_send_request(req).await;
+                        let back = match &r {
+                            Ok(resp) if pooled && resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
+                                Some(self.pool_return(tx))
+                            }
+                            _ => None,
+                        };
+                        (r, reused || attempt < 2, back)
+                    }
+                };
+                match result {
+                    Ok(resp) => return Ok((resp, back)),
+                    Err(mut e) => match e.take_message() {
+                        // Never written: safe to replay, body untouched.
+                        Some(back) if retry_ok && attempt < max_attempts => {
+                            tracing::debug!(error = %e.error(), "upstream connection was stale, retrying");
+                            req = back;
+                        }
+                        _ => return Err(HttpError::Upstream(e.into_error())),
+                    },
+                }
             }
         }
     }

@@ -521,7 +521,9 @@ impl Inspector for HttpGate {
             method: parts.method.to_string(),
             url,
             refused: None,
-            client: ClientKind::of(parts),
+            // The head as the job sent it (a swap or an injection changes
+            // only credential headers, which do not tell clients apart).
+            client,
             redactions: Vec::new(),
             streaming: false,
             framing: body_framing(&parts.headers),
