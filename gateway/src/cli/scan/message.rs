@@ -290,23 +290,28 @@ mod tests {
         assert!(!is_har(Path::new("a.json"), b"{\"x\": 1}"));
     }
 
-    /// Found by the `scan_saved` fuzz target: a key used as a query
-    /// parameter's name was printed in clear in the report's location.
-    #[test]
-    fn a_key_used_as_a_name_is_masked_in_the_location() {
-        // A made-up OpenAI-shaped key (letters from a fixed LCG).
-        let mut x: u32 = 0x2545_f491;
+    /// A made-up OpenAI-shaped key: two runs of `len` letters and digits
+    /// from a fixed LCG started at `seed`.
+    fn made_up_key(seed: u32, len: usize) -> String {
+        let mut x = seed;
         let mut part = || -> String {
-            (0..48)
+            (0..len)
                 .map(|_| {
-                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                     char::from(
                         b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x >> 16) as usize % 62],
                     )
                 })
                 .collect()
         };
-        let key = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
+        format!("sk-proj-{}T3BlbkFJ{}", part(), part())
+    }
+
+    /// Found by the `scan_saved` fuzz target: a key used as a query
+    /// parameter's name was printed in clear in the report's location.
+    #[test]
+    fn a_key_used_as_a_name_is_masked_in_the_location() {
+        let key = made_up_key(0x2545_f491, 48);
         let detector = std::sync::Arc::new(crate::detect::Detector::builtin().expect("rules"));
         for (msg, location) in [
             (format!("GET /v1?{key}=1 HTTP/1.1\r\nHost: x\r\n\r\n"), "\"location\":\"query:[MASKED:openai"),
@@ -336,19 +341,8 @@ mod tests {
     /// file. The same in a HAR file, the key found in a later entry.
     #[test]
     fn a_key_found_anywhere_in_the_file_is_masked_in_every_location() {
-        let mut x: u32 = 0x1b87_3593;
-        let mut part = || -> String {
-            (0..40)
-                .map(|_| {
-                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                    char::from(
-                        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"[(x >> 16) as usize % 62],
-                    )
-                })
-                .collect()
-        };
-        let key = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
-        let other = format!("sk-proj-{}T3BlbkFJ{}", part(), part());
+        let key = made_up_key(0x1b87_3593, 40);
+        let other = made_up_key(0x0a5c_e1d7, 40);
         let detector = std::sync::Arc::new(crate::detect::Detector::builtin().expect("rules"));
         // Glued to a long low-entropy run, the key in the name is not found
         // there (the match would be mostly padding).
