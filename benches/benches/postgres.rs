@@ -44,6 +44,15 @@
 //! idle (`callgrind_control`); a backend dumps when it exits, one file per
 //! process. `PG_BENCH_PROFILES=DIR` keeps the gateway's N and 2N dumps for
 //! `callgrind_annotate --inclusive=yes`.
+//!
+//! `PG_BENCH_MODE=native` measures what callgrind cannot see: for pgbench
+//! select-only `-M simple` at 1 and 16 clients through the gateway, through
+//! PgBouncer and direct, the proxy's user and system time, its syscalls by
+//! kind (perf's syscall tracepoints), its context switches (every task's
+//! `/proc/PID/task/*/status`) and the wake-ups it makes (`sched:sched_wakeup`),
+//! each per statement; the machine's busy time per statement too. With
+//! `PG_BENCH_PROFILES=DIR`, a second run of each proxy leg is sampled with
+//! `perf record -e cpu-clock -g` into DIR.
 
 use std::{
     fmt::Write as _,
@@ -131,7 +140,8 @@ fn main() -> Result<()> {
     match std::env::var("PG_BENCH_MODE").as_deref() {
         Ok("tps") | Err(_) => tps(),
         Ok("callgrind") => callgrind::measure(),
-        Ok(other) => bail!("PG_BENCH_MODE={other}: expected `tps` (the default) or `callgrind`"),
+        Ok("native") => native::measure(),
+        Ok(other) => bail!("PG_BENCH_MODE={other}: expected `tps` (the default), `callgrind` or `native`"),
     }
 }
 
@@ -911,5 +921,270 @@ mod callgrind {
             .with_context(|| format!("no totals in {}", dump.display()))?;
         let ir = line.split_whitespace().nth(1).with_context(|| format!("`{line}` in {}", dump.display()))?;
         ir.parse().with_context(|| format!("`{line}` in {}", dump.display()))
+    }
+}
+
+/// The native mode (`PG_BENCH_MODE=native`): see the module documentation.
+mod native {
+    use super::*;
+
+    /// The syscalls counted by kind (perf tracepoints `syscalls:sys_enter_*`);
+    /// `raw_syscalls:sys_enter` counts them all.
+    const SYSCALLS: &[&str] = &[
+        "read",
+        "write",
+        "readv",
+        "writev",
+        "recvfrom",
+        "sendto",
+        "recvmsg",
+        "sendmsg",
+        "epoll_wait",
+        "epoll_pwait",
+        "epoll_ctl",
+        "futex",
+        "sched_yield",
+        "clock_nanosleep",
+        "getrandom",
+        "statx",
+        "openat",
+    ];
+
+    /// Counters of one process over a run.
+    #[derive(Clone, Copy, Default)]
+    struct Times {
+        /// utime, stime (clock ticks).
+        user: u64,
+        system: u64,
+        /// Over all tasks.
+        voluntary: u64,
+        involuntary: u64,
+    }
+
+    fn times(pid: u32) -> Result<Times> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let mut t = Times { user: field(11), system: field(12), ..Times::default() };
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+            for line in status.lines() {
+                let num = |v: &str| v.trim().parse::<u64>().unwrap_or(0);
+                if let Some(v) = line.strip_prefix("voluntary_ctxt_switches:") {
+                    t.voluntary += num(v);
+                } else if let Some(v) = line.strip_prefix("nonvoluntary_ctxt_switches:") {
+                    t.involuntary += num(v);
+                }
+            }
+        }
+        Ok(t)
+    }
+
+    /// Busy and total jiffies of the whole machine (`/proc/stat`).
+    fn machine() -> Result<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let cpu = stat.lines().next().context("empty /proc/stat")?;
+        let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let total: u64 = v.iter().sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        Ok((total - idle, total))
+    }
+
+    fn processed(report: &str) -> Result<u64> {
+        report
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+            .and_then(|l| l.split(['/', ' ']).next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no transaction count in the pgbench report:\n{report}"))
+    }
+
+    /// Starts `perf stat` on `pid` for the syscall and scheduler tracepoints.
+    fn perf_stat(pid: u32, out: &Path) -> Result<std::process::Child> {
+        let mut events: Vec<String> = vec!["raw_syscalls:sys_enter".into(), "sched:sched_wakeup".into()];
+        events.extend(SYSCALLS.iter().map(|s| format!("syscalls:sys_enter_{s}")));
+        Command::new("perf")
+            .args(["stat", "-x", ";", "-o"])
+            .arg(out)
+            .args(["-e", &events.join(","), "-p", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("run perf (package linux-perf)")
+    }
+
+    /// Stops a perf started on a pid (SIGINT: it writes its output).
+    fn stop_perf(child: std::process::Child) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success() || out.status.code() == Some(130) || out.status.code().is_none(),
+            "perf: {}",
+            out.status
+        );
+        Ok(())
+    }
+
+    /// `event -> count` from `perf stat -x ;` output.
+    fn perf_counts(out: &Path) -> Result<Vec<(String, u64)>> {
+        let text = std::fs::read_to_string(out)?;
+        Ok(text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(';').collect();
+                let count = f.first()?.trim().parse::<u64>().ok()?;
+                let name = f.get(2)?.trim();
+                let name = name
+                    .strip_prefix("syscalls:sys_enter_")
+                    .or_else(|| name.strip_prefix("raw_syscalls:sys_"))
+                    .unwrap_or(name);
+                Some((name.to_owned(), count))
+            })
+            .collect())
+    }
+
+    pub(super) fn measure() -> Result<()> {
+        let knobs = Knobs::from_env()?;
+        let dir = tempfile::tempdir().context("tempdir")?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
+        let port = unique_port();
+        let server = PgServer::start(port, &pki)?;
+        let password = format!("bench-{}", keys::random(24));
+        server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
+        server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
+        let bouncer = PgBouncer::start(port, &password, &pki, None)?;
+        let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
+        let gw_pid = gw.child.as_ref().context("the gateway is not running")?.id();
+        let bouncer_pid = bouncer.child.id();
+        let keep = std::env::var_os("PG_BENCH_PROFILES").map(PathBuf::from);
+        let conninfo = |leg: Leg| match leg {
+            Leg::Direct | Leg::Gateway => format!("host={SERVER_IP} port={port} user=ci dbname=bench sslmode=require"),
+            Leg::PgBouncer => format!("host={BOUNCER_IP} port={} user=ci dbname=bench sslmode=require", bouncer.port),
+        };
+        let pgbench = |leg: Leg, args: &[String]| -> Result<Output> {
+            let mut cmd = match leg {
+                Leg::Gateway => gw.command_in_cgroup("pgbench"),
+                Leg::Direct | Leg::PgBouncer => Command::new("pgbench"),
+            };
+            cmd.env("PGPASSWORD", &password).args(args).arg(conninfo(leg));
+            run(cmd, Duration::from_secs(knobs.seconds * 3 + 600))
+        };
+        eprintln!("postgres native: pgbench -i -s {} (direct)", knobs.scale);
+        ok("pgbench -i", &pgbench(Leg::Direct, &["-i".into(), "-q".into(), "-s".into(), knobs.scale.to_string()])?)?;
+        let args = |clients: u32| -> Vec<String> {
+            let mut a: Vec<String> = ["-n", "-S", "-M", "simple", "-c"].map(String::from).into();
+            a.extend([
+                clients.to_string(),
+                "-j".into(),
+                clients.min(2).to_string(),
+                "-T".into(),
+                knobs.seconds.to_string(),
+            ]);
+            a
+        };
+        // Warm-up: the first leaf certificate, caches.
+        ok("warm-up", &pgbench(Leg::Gateway, &["-n".into(), "-S".into(), "-t".into(), "50".into()])?)?;
+
+        let mut table = String::new();
+        writeln!(
+            table,
+            "\n| leg | clients | tps | machine busy µs/stmt | proxy user µs/stmt | proxy sys µs/stmt | syscalls/stmt | \
+             ctx switches/stmt (vol+invol) | wake-ups/stmt | syscalls by kind /stmt |"
+        )?;
+        writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
+        let tick_us = 1e6 / 100.0;
+        for round in 0..knobs.rounds {
+            for &clients in CLIENTS {
+                for k in 0..Leg::ALL.len() {
+                    let leg = Leg::ALL[(k + round) % Leg::ALL.len()];
+                    let pid = match leg {
+                        Leg::Gateway => Some(gw_pid),
+                        Leg::PgBouncer => Some(bouncer_pid),
+                        Leg::Direct => None,
+                    };
+                    let stat_out = dir.path().join("perf-stat.txt");
+                    let before_redirected = redirected(&gw)?;
+                    let perf = pid.map(|p| perf_stat(p, &stat_out)).transpose()?;
+                    let t0 = pid.map(times).transpose()?.unwrap_or_default();
+                    let m0 = machine()?;
+                    let out = pgbench(leg, &args(clients))?;
+                    let m1 = machine()?;
+                    let t1 = pid.map(times).transpose()?.unwrap_or_default();
+                    if let Some(perf) = perf {
+                        stop_perf(perf)?;
+                    }
+                    let report = ok(&format!("pgbench {clients} clients {}", leg.name()), &out)?;
+                    let rose = redirected(&gw)? - before_redirected;
+                    if leg == Leg::Gateway {
+                        ensure!(rose >= u64::from(clients), "gateway leg: only {rose} connections redirected");
+                    } else {
+                        ensure!(rose == 0, "{} leg: {rose} connections were redirected", leg.name());
+                    }
+                    let n = processed(&report)? as f64;
+                    let tps = parse_tps(&report)?;
+                    let busy = (m1.0 - m0.0) as f64 * tick_us / n;
+                    let (user, sys) =
+                        ((t1.user - t0.user) as f64 * tick_us / n, (t1.system - t0.system) as f64 * tick_us / n);
+                    let cs = ((t1.voluntary - t0.voluntary) as f64 / n, (t1.involuntary - t0.involuntary) as f64 / n);
+                    let (mut total, mut wakeups, mut kinds) = (f64::NAN, f64::NAN, String::new());
+                    if pid.is_some() {
+                        for (name, count) in perf_counts(&stat_out)? {
+                            let per = count as f64 / n;
+                            match name.as_str() {
+                                "enter" => total = per,
+                                "sched:sched_wakeup" => wakeups = per,
+                                _ if per >= 0.01 => write!(kinds, "{name} {per:.2}, ")?,
+                                _ => {}
+                            }
+                        }
+                    }
+                    let kinds = kinds.trim_end_matches(", ");
+                    eprintln!(
+                        "round {}: {:<9} {clients:>2} clients {tps:>8.0} tps, busy {busy:.1} µs/stmt, proxy user {user:.1} sys {sys:.1} µs/stmt, \
+                         {total:.2} syscalls, {:.2}+{:.2} ctx switches, {wakeups:.2} wake-ups /stmt: {kinds}",
+                        round + 1,
+                        leg.name(),
+                        cs.0,
+                        cs.1
+                    );
+                    writeln!(
+                        table,
+                        "| {} | {clients} | {tps:.0} | {busy:.1} | {user:.1} | {sys:.1} | {total:.2} | {:.2}+{:.2} | {wakeups:.2} | {kinds} |",
+                        leg.name(),
+                        cs.0,
+                        cs.1
+                    )?;
+                    // A sampled profile of the proxy, in a run of its own.
+                    if let (Some(keep), Some(pid), 0) = (&keep, pid, round) {
+                        std::fs::create_dir_all(keep)?;
+                        let file = keep.join(format!("perf.{}.{clients}.data", leg.name()));
+                        let rec = Command::new("perf")
+                            .args(["record", "-q", "-e", "cpu-clock", "-g", "-o"])
+                            .arg(&file)
+                            .args(["-p", &pid.to_string()])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn()
+                            .context("run perf record")?;
+                        let out = pgbench(leg, &args(clients))?;
+                        stop_perf(rec)?;
+                        ok("pgbench under perf record", &out)?;
+                    }
+                }
+            }
+        }
+        println!(
+            "{table}\npgbench -S -M simple, {} s per run, scale {}, TLS on every leg; per statement (= transaction); \
+             machine busy = all CPUs' non-idle time",
+            knobs.seconds, knobs.scale
+        );
+        drop(gw);
+        drop(bouncer);
+        drop(server);
+        Ok(())
     }
 }

@@ -24,6 +24,18 @@
 //!
 //! The detector still scans every query's full text, literals included:
 //! the shape only spares the parse.
+//!
+//! Before the lexer, a *quick shape* ([`Quick`]): one pass over the bytes
+//! that recognises only the simplest literals (`'...'` strings without a
+//! prefix, decimal integers) and gives up on everything whose lexing it does
+//! not follow exactly (comments, dollar quotes, backslashes, prefixed strings
+//! (`E''`, `B''`, `X''`, `N''`, `U&''`), Unicode escapes, non-ASCII text
+//! outside strings, numbers touching letters, dots or underscores). Its key
+//! is the query's bytes with each literal replaced by its token type, so two
+//! queries of one quick key are the same bytes outside literals the server's
+//! lexer reads as single tokens of the same type: the quick key is a
+//! stricter shape than the lexer's, and needs no lex. A query the quick pass
+//! gives up on takes the lexer's shape as before.
 
 use std::{collections::HashMap, ops::Range, sync::Arc};
 
@@ -42,6 +54,7 @@ const MAX_REMEMBERED_QUERY: usize = 8 * 1024;
 #[derive(Default)]
 pub struct Memo {
     exact: HashMap<Box<str>, Arc<Classified>>,
+    quick: HashMap<Box<str>, QuickTemplate>,
     shapes: HashMap<Box<str>, Template>,
     stats: MemoStats,
 }
@@ -51,7 +64,7 @@ pub struct Memo {
 pub struct MemoStats {
     /// Remembered by exact text.
     pub exact: u64,
-    /// Remembered by shape.
+    /// Remembered by shape (the quick one or the lexer's).
     pub shape: u64,
     /// Parsed.
     pub parsed: u64,
@@ -69,21 +82,44 @@ impl Memo {
             self.stats.parsed += 1;
             return Arc::new(classify(query));
         }
-        let shape = Shape::of(query);
-        if let Some(shape) = &shape {
-            if let Some(statements) = self.shapes.get(&*shape.key).and_then(|t| t.instantiate(query, &shape.tokens)) {
+        let quick = Quick::of(query);
+        if let Some(quick) = &quick {
+            if let Some(statements) = self.quick.get(&*quick.key).and_then(|t| t.instantiate(&quick.literals)) {
                 self.stats.shape += 1;
                 return Arc::new(Ok(statements));
             }
         }
-        self.stats.parsed += 1;
-        let fresh = Arc::new(classify(query));
-        if let (Some(shape), Ok(statements)) = (shape, fresh.as_ref()) {
-            if let Some(template) = Template::of(statements, query, &shape.tokens) {
-                remember(&mut self.shapes, shape.key.into_boxed_str(), template);
+        let shape = Shape::of(query);
+        let mut fresh = None;
+        if let Some(shape) = &shape {
+            if let Some(statements) = self.shapes.get(&*shape.key).and_then(|t| t.instantiate(query, &shape.tokens)) {
+                self.stats.shape += 1;
+                fresh = Some(Arc::new(Ok(statements)));
             }
         }
-        remember(&mut self.exact, query.into(), Arc::clone(&fresh));
+        let fresh = match fresh {
+            Some(known) => known,
+            None => {
+                self.stats.parsed += 1;
+                let fresh = Arc::new(classify(query));
+                if let (Some(shape), Ok(statements)) = (shape, fresh.as_ref()) {
+                    if let Some(template) = Template::of(statements, query, &shape.tokens) {
+                        remember(&mut self.shapes, shape.key.into_boxed_str(), template);
+                    }
+                }
+                fresh
+            }
+        };
+        match (quick, fresh.as_ref()) {
+            // The quick shape serves this text again as cheaply as the exact
+            // memory would (one pass, one lookup), without keeping the text.
+            (Some(quick), Ok(statements)) => {
+                if let Some(template) = QuickTemplate::of(statements, &quick.literals) {
+                    remember(&mut self.quick, quick.key.into_boxed_str(), template);
+                }
+            }
+            _ => remember(&mut self.exact, query.into(), Arc::clone(&fresh)),
+        }
         fresh
     }
 
@@ -100,6 +136,212 @@ fn remember<V>(memory: &mut HashMap<Box<str>, V>, key: Box<str>, value: V) {
         memory.clear();
     }
     memory.insert(key, value);
+}
+
+/// A query's literals as the quick pass finds them (see the module doc), and
+/// its quick key: the query's bytes with each literal replaced by `\u{1}`
+/// and its token type (`S`: string, `I`: integer that fits 32 bits, `F`:
+/// larger integer, a numeric constant to the server).
+struct Quick {
+    key: String,
+    /// Each literal's byte range, quotes included, in order.
+    literals: Vec<Range<usize>>,
+}
+
+/// Bytes that continue an identifier (or would make a number trailing
+/// junk): ASCII letters, digits, `_`, `$`, and any non-ASCII byte.
+fn ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
+}
+
+impl Quick {
+    /// `None` when the quick pass does not follow the query's lexing
+    /// exactly: it then takes the lexer's shape.
+    fn of(query: &str) -> Option<Quick> {
+        let b = query.as_bytes();
+        let mut key = String::with_capacity(query.len());
+        let mut literals = Vec::new();
+        // Start of the bytes not yet copied into the key.
+        let mut copied = 0;
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'\'' => {
+                    // A prefix (`E`, `B`, `X`, `N`, `U&`, or an identifier
+                    // ending in one) changes what the string is.
+                    if i > 0 && (ident_byte(b[i - 1]) || b[i - 1] == b'&') {
+                        return None;
+                    }
+                    let start = i;
+                    i += 1;
+                    loop {
+                        // Backslashes were ruled out for the whole text, and
+                        // a NUL would end the text for the parser.
+                        let at = i + memchr::memchr3(b'\'', b'\\', 0, &b[i..])?;
+                        if b[at] != b'\'' {
+                            return None;
+                        }
+                        if b.get(at + 1) == Some(&b'\'') {
+                            i = at + 2;
+                        } else {
+                            i = at + 1;
+                            break;
+                        }
+                    }
+                    key.push_str(&query[copied..start]);
+                    key.push_str("\u{1}S");
+                    literals.push(start..i);
+                    copied = i;
+                }
+                b'0'..=b'9' => {
+                    // After a dot: a fraction, or a field (`t.1`), either way
+                    // not a lone integer.
+                    if i > 0 && b[i - 1] == b'.' {
+                        return None;
+                    }
+                    let start = i;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    // `1e5`, `1.5`, `0x1f`, `1_000`, `1abc`: not this pass's.
+                    if i < b.len() && (ident_byte(b[i]) || b[i] == b'.') {
+                        return None;
+                    }
+                    let digits = &query[start..i];
+                    // The server's lexer: an integer that does not fit an
+                    // int4 is a numeric constant (another token type).
+                    let small = digits.len() <= 10 && digits.parse::<u64>().is_ok_and(|v| v <= i32::MAX as u64);
+                    key.push_str(&query[copied..start]);
+                    key.push_str(if small { "\u{1}I" } else { "\u{1}F" });
+                    literals.push(start..i);
+                    copied = i;
+                }
+                b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                    let start = i;
+                    while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$') {
+                        i += 1;
+                    }
+                    // Non-ASCII identifiers, and `UESCAPE` (only meaningful
+                    // after a Unicode escape, given up on anyway).
+                    if (i < b.len() && b[i] >= 0x80) || query[start..i].eq_ignore_ascii_case("uescape") {
+                        return None;
+                    }
+                }
+                b'"' => {
+                    // A quoted identifier is copied as it is; `U&"` is not
+                    // this pass's.
+                    if i > 0 && (ident_byte(b[i - 1]) || b[i - 1] == b'&') {
+                        return None;
+                    }
+                    i += 1;
+                    loop {
+                        let at = i + memchr::memchr3(b'"', b'\\', 0, &b[i..])?;
+                        if b[at] != b'"' {
+                            return None;
+                        }
+                        if b.get(at + 1) == Some(&b'"') {
+                            i = at + 2;
+                        } else {
+                            i = at + 1;
+                            break;
+                        }
+                    }
+                    // Non-ASCII inside stays in the key byte for byte.
+                }
+                b'$' => {
+                    // A parameter (`$1`) is copied; anything else after `$`
+                    // is a dollar quote (or an error).
+                    i += 1;
+                    let digits = i;
+                    while i < b.len() && b[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                    if i == digits || (i < b.len() && (ident_byte(b[i]) || b[i] == b'.')) {
+                        return None;
+                    }
+                }
+                // Comments (`--`, `/*`, also inside a run of operator
+                // characters), where the lexer reads to the line's end or
+                // the matching `*/`.
+                b'-' if b.get(i + 1) == Some(&b'-') => return None,
+                b'/' if b.get(i + 1) == Some(&b'*') => return None,
+                // Whitespace, operators and punctuation, copied.
+                b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c => i += 1,
+                b'!'..=b'~' if b[i] != b'\\' && b[i] != b'`' => i += 1,
+                // Control characters (the key's separator among them),
+                // backslashes, backquotes, non-ASCII bytes outside strings.
+                _ => return None,
+            }
+        }
+        key.push_str(&query[copied..]);
+        Some(Quick { key, literals })
+    }
+}
+
+/// Where a statement span boundary lies for every query of a quick shape:
+/// `after` literals come before it, and it lies `offset` bytes after the
+/// last of them (after the start of the text when `after` is 0). The bytes
+/// between are the same in every such query.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct QuickBound {
+    after: usize,
+    offset: usize,
+}
+
+impl QuickBound {
+    /// `None` when `at` lies inside a literal.
+    fn of(at: usize, literals: &[Range<usize>]) -> Option<QuickBound> {
+        let after = literals.partition_point(|l| l.end <= at);
+        if literals.get(after).is_some_and(|l| l.start < at) {
+            return None;
+        }
+        let base = if after == 0 { 0 } else { literals[after - 1].end };
+        Some(QuickBound { after, offset: at - base })
+    }
+
+    fn at(self, literals: &[Range<usize>]) -> Option<usize> {
+        let base = match self.after {
+            0 => 0,
+            n => literals.get(n - 1)?.end,
+        };
+        Some(base + self.offset)
+    }
+}
+
+/// A classification for every query of one quick shape, each statement's
+/// span (depth first) as [`QuickBound`]s.
+struct QuickTemplate {
+    statements: Vec<Statement>,
+    spans: Vec<(QuickBound, QuickBound)>,
+}
+
+impl QuickTemplate {
+    fn of(statements: &[Statement], literals: &[Range<usize>]) -> Option<QuickTemplate> {
+        let mut spans = Vec::new();
+        let mut ok = true;
+        for s in statements {
+            s.visit(&mut |s| match (QuickBound::of(s.span.start, literals), QuickBound::of(s.span.end, literals)) {
+                (Some(a), Some(b)) => spans.push((a, b)),
+                _ => ok = false,
+            });
+        }
+        ok.then(|| QuickTemplate { statements: statements.to_vec(), spans })
+    }
+
+    /// The statements of a query of this shape whose literals lie at
+    /// `literals` (as many as the template's: the keys are equal).
+    fn instantiate(&self, literals: &[Range<usize>]) -> Option<Vec<Statement>> {
+        let mut out = self.statements.clone();
+        let mut spans = self.spans.iter();
+        let mut ok = true;
+        for s in &mut out {
+            visit_mut(s, &mut |s| match spans.next().and_then(|(a, b)| Some(a.at(literals)?..b.at(literals)?)) {
+                Some(range) => s.span = range,
+                None => ok = false,
+            });
+        }
+        ok.then_some(out)
+    }
 }
 
 /// A query's tokens, and its shape key: each token's type, with its text
@@ -315,7 +557,11 @@ mod tests {
         }
         assert_eq!(memo.stats(), MemoStats { exact: 0, shape: 4, parsed: 4 }, "the second of each pair by shape");
         assert_eq!(memo.shapes.len(), 4, "one template per shape");
+        // A text seen before: by its quick shape (texts with one are not
+        // kept), the others by the text.
         same_as_parsed(&mut memo, "SELECT abalance FROM pgbench_accounts WHERE aid = 1;");
+        assert_eq!(memo.stats(), MemoStats { exact: 0, shape: 5, parsed: 4 });
+        same_as_parsed(&mut memo, "WITH d AS (DELETE FROM a WHERE x = $$dollar$$ RETURNING *) SELECT * FROM d");
         assert_eq!(memo.stats().exact, 1);
     }
 
@@ -365,6 +611,174 @@ mod tests {
             rest = &rest[at + 3..];
         }
         out + rest
+    }
+
+    #[test]
+    fn the_quick_shape_gives_up_on_what_it_does_not_follow() {
+        for q in [
+            "SELECT 1 -- comment",
+            "SELECT 1 /* comment */",
+            "SELECT 1 /* outer /* nested */ still comment ' */",
+            "SELECT 1 +-- comment\n 2",
+            "SELECT 1 */* comment */ 2",
+            "SELECT $$dollar ' quoted$$",
+            "SELECT $tag$x$tag$",
+            "SELECT $",
+            "SELECT $1abc",
+            "SELECT E'x'",
+            "SELECT e'x'",
+            "SELECT B'101'",
+            "SELECT X'1f'",
+            "SELECT N'x'",
+            "SELECT U&'x'",
+            "SELECT u&'x'",
+            "SELECT U&\"x\"",
+            "SELECT foo'x'",
+            "SELECT 1'x'",
+            "SELECT 1e5",
+            "SELECT 1.5",
+            "SELECT .5",
+            "SELECT t.1",
+            "SELECT 1.",
+            "SELECT 0x1f",
+            "SELECT 0o17",
+            "SELECT 0b101",
+            "SELECT 1_000",
+            "SELECT 1abc",
+            "SELECT 1$",
+            "SELECT é FROM t",
+            "SELECT aé FROM t",
+            "SELECT 'a\\' FROM t",
+            "SELECT 'a' UESCAPE '!'",
+            "SELECT 'a\u{0}'",
+            "SELECT \u{1}S FROM t",
+            "SELECT `a`",
+            "SELECT 'unterminated",
+            "SELECT \"unterminated",
+        ] {
+            assert!(Quick::of(q).is_none(), "{q:?}");
+        }
+    }
+
+    #[test]
+    fn the_quick_key_keeps_all_but_the_literals() {
+        let key = |q: &str| Quick::of(q).map(|s| s.key);
+        assert_eq!(key("SELECT a FROM t WHERE id = 1"), key("SELECT a FROM t WHERE id = 4821377"));
+        assert_eq!(key("SELECT 'x''y', \"q'\" FROM t"), key("SELECT '--/*$$\u{1}é\n', \"q'\" FROM t"));
+        for (a, b) in [
+            ("SELECT a FROM t WHERE id = 1", "SELECT a FROM u WHERE id = 1"),
+            ("SELECT a FROM t WHERE id = 1", "SELECT a FROM t WHERE id = '1'"),
+            ("SELECT a FROM t WHERE id = 1", "SELECT a FROM t WHERE id = 2147483648"),
+            ("SELECT a FROM t WHERE id = 1", "SELECT a FROM t WHERE id = $1"),
+            ("SELECT a FROM t WHERE id = 1", "select a from t where id = 1"),
+            ("SELECT 'a'\n'b'", "SELECT 'a' 'b'"),
+            ("SELECT \"T\" FROM t", "SELECT \"t\" FROM t"),
+            ("SELECT 1 FROM t", "SELECT 1  FROM t"),
+        ] {
+            assert!(key(a).is_some() && key(b).is_some(), "{a:?} {b:?}");
+            assert_ne!(key(a), key(b), "{a:?} {b:?}");
+        }
+        // The largest int4 is an integer to the server, one more a numeric.
+        assert_eq!(key("SELECT 2147483647"), key("SELECT 0000000001"));
+        assert_ne!(key("SELECT 2147483647"), key("SELECT 2147483648"));
+        assert_ne!(key("SELECT 1"), key("SELECT 00000000001"));
+    }
+
+    #[test]
+    fn adversarial_literals_classify_as_parsed() {
+        let mut memo = Memo::default();
+        for q in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 2147483648;",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 7;",
+            "SELECT 'x' FROM t; DELETE FROM u WHERE a = 'y'",
+            "SELECT '; DELETE FROM u --' FROM t; DELETE FROM u WHERE a = '/* x'",
+            "SELECT ''';DROP TABLE v;''' FROM t; DELETE FROM u WHERE a = ''",
+            "SELECT 'a'\n'b' FROM t WHERE c = 1",
+            "SELECT 'a'\n'bcdef' FROM t WHERE c = 22",
+            "SELECT 'a' 'b' FROM t WHERE c = 1",
+            "SELECT 'a' 'bcdef' FROM t WHERE c = 22",
+            "SELECT \"a\"\"b\"'x' FROM t WHERE c = 1",
+            "SELECT \"a\"\"b\"'xyz' FROM t WHERE c = 12",
+            "SELECT \"it's\" FROM \"t;u\" WHERE x = 'it''s'",
+            "SELECT \"it's\" FROM \"t;u\" WHERE x = 'é \u{1} $$ --'",
+            "PREPARE p AS DELETE FROM t WHERE a = 1; EXECUTE p",
+            "PREPARE p AS DELETE FROM t WHERE a = 123456; EXECUTE p",
+            "EXPLAIN ANALYZE DELETE FROM t WHERE a = 'x'; SELECT 1",
+            "EXPLAIN ANALYZE DELETE FROM t WHERE a = 'xyzzy'; SELECT 99",
+            "SELECT * FROM t ORDER BY 1",
+            "SELECT * FROM t ORDER BY 2",
+            "SELECT * FROM t LIMIT 1 OFFSET 2; SELECT 3",
+            "SELECT * FROM t LIMIT 10 OFFSET 200; SELECT 3000",
+            "SELECT interval '1 day', date '2020-01-01'",
+            "SELECT interval 'not an interval', date 'not a date'",
+            "SELECT $1 FROM t WHERE a = 1",
+            "SELECT $1 FROM t WHERE a = 11",
+            "SELECT 1 FROM t WHERE",
+            "SELECT 2 FROM t WHERE",
+            "",
+            "   ",
+        ] {
+            same_as_parsed(&mut memo, q);
+        }
+        assert!(memo.stats().shape >= 10, "{:?}", memo.stats());
+    }
+
+    /// Fragments, literal and not, that a query is built from.
+    const FRAGMENTS: &[&str] = &[
+        "SELECT ",
+        "DELETE FROM t",
+        "UPDATE t SET a = ",
+        " WHERE b = ",
+        ";",
+        " ",
+        "\n",
+        ", ",
+        "(",
+        ")",
+        "-",
+        "+",
+        "* ",
+        "t",
+        "\"q'\"",
+        "'{s}'",
+        "{i}",
+        "'{s}'\n'{s}'",
+        " FROM u",
+        "$1",
+        "E'{s}'",
+        "--c\n",
+        "/* c */",
+        "$$ {s} $$",
+        "U&'{s}'",
+        "1.{i}",
+        "::int",
+        " ORDER BY ",
+        " LIMIT ",
+        "x.{i}",
+        "PREPARE p AS ",
+        "EXPLAIN ",
+        " RETURNING *",
+        "WITH d AS (DELETE FROM v RETURNING *) SELECT * FROM d",
+    ];
+
+    proptest::proptest! {
+        /// Built from fragments (adversarial ones among them) and filled with
+        /// any literals, a query the memo classifies by a shape is classified
+        /// as it parses.
+        #[test]
+        fn fragments_with_any_literals_classify_as_parsed(
+            parts in proptest::collection::vec(0usize..FRAGMENTS.len(), 1..12),
+            ints in proptest::collection::vec(0u64..10_000_000_000, 4),
+            strs in proptest::collection::vec("[a-z '\"$;/*\u{1}é\n-]{0,8}", 4),
+        ) {
+            let template: String = parts.iter().map(|&p| FRAGMENTS[p]).collect();
+            let mut memo = Memo::default();
+            same_as_parsed(&mut memo, &fill(&template, &[1, 2, 3, 4], &["a", "b", "c", "d"]));
+            let strs: Vec<String> = strs.iter().map(|s| s.replace('\'', "''")).collect();
+            let strs: Vec<&str> = strs.iter().map(String::as_str).collect();
+            same_as_parsed(&mut memo, &fill(&template, &ints, &strs));
+        }
     }
 
     #[test]
