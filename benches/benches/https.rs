@@ -81,7 +81,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -1105,16 +1105,25 @@ impl Scene {
         route.gateway.and_then(|i| self.gateways.get(i))
     }
 
-    /// CPU time so far of the proxy serving `route` (None for direct): the
-    /// gateway process, or the nginx instance's process group.
-    fn proxy_cpu(&self, route: &Route) -> Result<Option<Duration>> {
+    /// The processes of the proxy serving `route` (None for direct): the
+    /// gateway process, or every process of the peer's process group.
+    fn proxy_pids(&self, route: &Route) -> Result<Option<Vec<u32>>> {
         if let Some(gw) = self.gateway(route) {
-            return cpu_time(|pid, _| pid == gw.pid()).map(Some);
+            return Ok(Some(vec![gw.pid()]));
         }
         match self.proxies.iter().find(|(r, _)| r.label == route.label) {
-            Some((_, peer)) => cpu_time(|_, pgid| pgid == peer.pgid().as_raw() as u32).map(Some),
+            Some((_, peer)) => {
+                let pgid = peer.pgid().as_raw() as u32;
+                Ok(Some(processes()?.into_iter().filter(|p| p.pgrp == pgid).map(|p| p.pid).collect()))
+            }
             None => Ok(None),
         }
+    }
+
+    /// CPU time and context switches so far of the proxy serving `route`
+    /// (None for direct).
+    fn proxy_usage(&self, route: &Route) -> Result<Option<Usage>> {
+        self.proxy_pids(route)?.map(|pids| usage(&pids)).transpose()
     }
 
     /// Resident memory (KiB) of the proxy serving `route`: the gateway
@@ -1211,6 +1220,50 @@ struct Process {
     pgrp: u32,
     /// utime + stime, in clock ticks.
     cpu_ticks: u64,
+    /// stime, in clock ticks.
+    sys_ticks: u64,
+}
+
+/// What a set of processes has used so far (all threads).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    /// User + system CPU time.
+    cpu: Duration,
+    /// System CPU time (syscalls, the network stack, page faults).
+    sys: Duration,
+    /// Voluntary (blocking: waiting for I/O or a wake-up) and involuntary
+    /// (preempted) context switches, summed over live threads.
+    switches: u64,
+}
+
+/// The [`Usage`] of processes `pids`. A thread that exited meanwhile takes
+/// its context switches with it (the gateway's runtime threads live as
+/// long as it does).
+fn usage(pids: &[u32]) -> Result<Usage> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(ticks > 0, "sysconf(_SC_CLK_TCK) failed");
+    let secs = |t: u64| Duration::from_secs_f64(t as f64 / ticks as f64);
+    let procs: Vec<Process> = processes()?.into_iter().filter(|p| pids.contains(&p.pid)).collect();
+    let mut switches = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+            switches += status
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:").or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|v| v.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Ok(Usage {
+        cpu: secs(procs.iter().map(|p| p.cpu_ticks).sum()),
+        sys: secs(procs.iter().map(|p| p.sys_ticks).sum()),
+        switches,
+    })
 }
 
 /// Every live process.
@@ -1225,8 +1278,9 @@ fn processes() -> Result<Vec<Process>> {
         let Some((_, rest)) = stat.rsplit_once(')') else { continue };
         let f: Vec<&str> = rest.split_whitespace().collect();
         let (Some(pgrp), Some(utime), Some(stime)) = (f.get(2), f.get(11), f.get(12)) else { continue };
-        let cpu_ticks = utime.parse::<u64>().unwrap_or(0) + stime.parse::<u64>().unwrap_or(0);
-        all.push(Process { pid, pgrp: pgrp.parse().unwrap_or(0), cpu_ticks });
+        let sys_ticks = stime.parse::<u64>().unwrap_or(0);
+        let cpu_ticks = utime.parse::<u64>().unwrap_or(0) + sys_ticks;
+        all.push(Process { pid, pgrp: pgrp.parse().unwrap_or(0), cpu_ticks, sys_ticks });
     }
     Ok(all)
 }
@@ -1242,6 +1296,10 @@ struct WrkRun {
     requests: u64,
     /// Proxy CPU time per request (None for direct).
     proxy_cpu_us: Option<f64>,
+    /// The system part of it.
+    proxy_sys_us: Option<f64>,
+    /// Proxy context switches per request.
+    proxy_switches: Option<f64>,
     origin_cpu_us: f64,
     /// Connections the origin accepted during the run.
     origin_conns: u64,
@@ -1255,7 +1313,8 @@ fn wrk(tools: &Tools, scene: &Scene, route: &Route, conns: u32, threads: u32, se
     let gw = scene.gateway(route);
     let mark = gw.map(Gateway::mark).transpose()?;
     let accepts0 = scene.origin_accepts(tools)?;
-    let (proxy0, origin0) = (scene.proxy_cpu(route)?, scene.origin_cpu()?);
+    let (proxy0, origin0) = (scene.proxy_usage(route)?, scene.origin_cpu()?);
+    let attached = attach(scene, route, conns)?;
     let out = scene
         .command(&tools.wrk, route)
         .args([format!("-t{threads}"), format!("-c{conns}"), format!("-d{secs}s"), "--timeout".into(), "5s".into()])
@@ -1267,26 +1326,86 @@ fn wrk(tools: &Tools, scene: &Scene, route: &Route, conns: u32, threads: u32, se
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "wrk {url} failed ({}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
     let parsed = parse_wrk(&text).with_context(|| format!("wrk {url} -c{conns}, output:\n{text}"))?;
+    if let Some(attached) = attached {
+        attached.detach(parsed.requests)?;
+    }
     // A recorder that fell behind works on after the run; that work belongs
     // to this run's requests, and must not eat into the next route's run.
     let drain = match (scene.mode, gw) {
         (Mode::Recording, Some(gw)) => Some(wait_idle(gw)?),
         _ => None,
     };
-    let (proxy1, origin1) = (scene.proxy_cpu(route)?, scene.origin_cpu()?);
+    let (proxy1, origin1) = (scene.proxy_usage(route)?, scene.origin_cpu()?);
     // Minus the second reading's own connection.
     let origin_conns = scene.origin_accepts(tools)?.saturating_sub(accepts0 + 1);
     if let (Some(gw), Some(mark)) = (gw, mark) {
         gw.verify(&mark, scene.origin_addr, "wrk", conns.into(), 0)?;
     }
     let per_req = |d: Duration| d.as_secs_f64() * 1e6 / parsed.requests.max(1) as f64;
+    let proxy = proxy0.zip(proxy1);
     Ok(WrkRun {
-        proxy_cpu_us: proxy0.zip(proxy1).map(|(a, b)| per_req(b.saturating_sub(a))),
+        proxy_cpu_us: proxy.map(|(a, b)| per_req(b.cpu.saturating_sub(a.cpu))),
+        proxy_sys_us: proxy.map(|(a, b)| per_req(b.sys.saturating_sub(a.sys))),
+        proxy_switches: proxy
+            .map(|(a, b)| b.switches.saturating_sub(a.switches) as f64 / parsed.requests.max(1) as f64),
         origin_cpu_us: per_req(origin1.saturating_sub(origin0)),
         origin_conns,
         drain,
         ..parsed
     })
+}
+
+/// `HTTPS_BENCH_ATTACH`: a shell command run for the length of every wrk
+/// run through a proxy (not direct), for native profiles: `perf stat`,
+/// `perf trace -s`, `perf record`, `strace -c`. `{pids}` becomes the
+/// proxy's process ids, comma-separated, and `{out}` a path prefix in
+/// `HTTPS_BENCH_ATTACH_DIR`, one per run (sequence number, route,
+/// connections); the command's output goes to `{out}.txt`. It gets SIGINT
+/// when wrk ends, on which perf and strace print their summaries; the
+/// file then ends with `# requests: N`, the requests of the run. What
+/// tracing costs the proxy counts in its CPU time.
+fn attach(scene: &Scene, route: &Route, conns: u32) -> Result<Option<Attached>> {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let Ok(template) = std::env::var("HTTPS_BENCH_ATTACH") else { return Ok(None) };
+    let Some(pids) = scene.proxy_pids(route)? else { return Ok(None) };
+    let dir = std::env::var("HTTPS_BENCH_ATTACH_DIR").context("HTTPS_BENCH_ATTACH needs HTTPS_BENCH_ATTACH_DIR")?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir}"))?;
+    let seq = SEQ.fetch_add(1, Ordering::SeqCst);
+    let slug: String = route.label.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect();
+    let out = format!("{dir}/{seq:03}-{slug}-c{conns}");
+    let pids = pids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let command = template.replace("{pids}", &pids).replace("{out}", &out);
+    let log = std::fs::File::create(format!("{out}.txt")).with_context(|| format!("creating {out}.txt"))?;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("exec {command}")).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    term_with_parent(&mut cmd);
+    let child = cmd.spawn().with_context(|| format!("starting HTTPS_BENCH_ATTACH: {command}"))?;
+    // Time to attach before the load starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(Some(Attached { child, log: format!("{out}.txt") }))
+}
+
+/// A command started by [`attach`].
+struct Attached {
+    child: Child,
+    log: String,
+}
+
+impl Attached {
+    /// Stops the command, waits for its summary and notes the run's
+    /// request count after it.
+    fn detach(mut self, requests: u64) -> Result<()> {
+        use std::io::Write as _;
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).context("stopping HTTPS_BENCH_ATTACH")?;
+        if !wait_exit(&mut self.child, Duration::from_secs(60)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            bail!("HTTPS_BENCH_ATTACH did not stop within 60 s of SIGINT");
+        }
+        let mut log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        writeln!(log, "# requests: {requests}")?;
+        Ok(())
+    }
 }
 
 /// How long the gateway's CPU time is sampled to call it idle, and the most
@@ -1362,6 +1481,8 @@ fn parse_wrk(text: &str) -> Result<WrkRun> {
         p99_us: p99.context("no 99% latency line")?,
         requests,
         proxy_cpu_us: None,
+        proxy_sys_us: None,
+        proxy_switches: None,
         origin_cpu_us: 0.0,
         origin_conns: 0,
         drain: None,
@@ -1501,6 +1622,8 @@ struct Summary {
     p50: f64,
     p99: f64,
     proxy_cpu: Option<f64>,
+    proxy_sys: Option<f64>,
+    proxy_switches: Option<f64>,
     origin_cpu: f64,
     origin_conns: f64,
 }
@@ -1513,6 +1636,8 @@ impl Summary {
             p50: m(|r| r.p50_us),
             p99: m(|r| r.p99_us),
             proxy_cpu: runs[0].proxy_cpu_us.map(|_| m(|r| r.proxy_cpu_us.unwrap_or(f64::NAN))),
+            proxy_sys: runs[0].proxy_sys_us.map(|_| m(|r| r.proxy_sys_us.unwrap_or(f64::NAN))),
+            proxy_switches: runs[0].proxy_switches.map(|_| m(|r| r.proxy_switches.unwrap_or(f64::NAN))),
             origin_cpu: m(|r| r.origin_cpu_us),
             origin_conns: m(|r| r.origin_conns as f64),
         }
@@ -1538,7 +1663,7 @@ impl Report {
             let direct = &s[0];
             println!("\n{conns} connection(s), wrk -t{threads} -c{conns}");
             println!(
-                "{:<28} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>14} {:>15} {:>13}",
+                "{:<28} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>14} {:>10} {:>8} {:>15} {:>13}",
                 "path",
                 "req/s",
                 "p50 us",
@@ -1547,6 +1672,8 @@ impl Report {
                 "+p99 us",
                 "÷direct",
                 "proxy CPU/req",
+                "of it sys",
+                "csw/req",
                 "origin CPU/req",
                 "origin conns"
             );
@@ -1559,8 +1686,10 @@ impl Report {
                     }
                 };
                 let cpu = x.proxy_cpu.map_or("-".to_owned(), |c| format!("{c:.1} us"));
+                let sys = x.proxy_sys.map_or("-".to_owned(), |c| format!("{c:.1} us"));
+                let switches = x.proxy_switches.map_or("-".to_owned(), |c| format!("{c:.2}"));
                 println!(
-                    "{:<28} {:>9.0} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.2} {:>14} {:>15} {:>13.0}",
+                    "{:<28} {:>9.0} {:>8.1} {:>8.1} {:>8} {:>8} {:>8.2} {:>14} {:>10} {:>8} {:>15} {:>13.0}",
                     route.label,
                     x.rps,
                     x.p50,
@@ -1569,6 +1698,8 @@ impl Report {
                     added(x.p99, direct.p99),
                     x.rps / direct.rps,
                     cpu,
+                    sys,
+                    switches,
                     format!("{:.1} us", x.origin_cpu),
                     x.origin_conns,
                 );
@@ -1626,7 +1757,8 @@ impl Report {
         }
         println!(
             "\n+p50/+p99: latency added over direct. CPU columns: user+system CPU time of the proxy process(es) \
-             and of the origin per request (clock-tick resolution). origin conns: connections the origin accepted \
+             and of the origin per request (clock-tick resolution); `of it sys`: the proxy's system time. csw/req: \
+             the proxy's voluntary and involuntary context switches per request (all threads). origin conns: connections the origin accepted \
              during a run; a pooling proxy needs one per client connection. wrk makes one probe connect before \
              each run, so direct shows c+1 (the gateway never forwards the probe). Every gateway measurement was \
              checked to have been intercepted (eBPF redirect counter and https connection events)."
@@ -1685,13 +1817,15 @@ fn run_recording(tools: &Tools, scene: &mut Scene, settings: &Settings) -> Resul
                 let run = wrk(tools, scene, route, conns, threads, settings.secs)?;
                 eprintln!(
                     "round {round}/{}  c={conns:<2}  {:<26} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  \
-                     CPU/req {:>6.1} us  busy after {:>5.0} ms",
+                     CPU/req {:>6.1} us (sys {:>5.1})  csw/req {:>5.2}  busy after {:>5.0} ms",
                     settings.rounds,
                     route.label,
                     run.rps,
                     run.p50_us,
                     run.p99_us,
                     run.proxy_cpu_us.unwrap_or(f64::NAN),
+                    run.proxy_sys_us.unwrap_or(f64::NAN),
+                    run.proxy_switches.unwrap_or(f64::NAN),
                     run.drain.unwrap_or_default().as_secs_f64() * 1e3,
                 );
                 runs[l][r].push(run);
