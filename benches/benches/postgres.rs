@@ -148,31 +148,9 @@ fn main() -> Result<()> {
 /// The wall-clock mode: tps of every leg, rounds interleaved.
 fn tps() -> Result<()> {
     let knobs = Knobs::from_env()?;
-    let dir = tempfile::tempdir().context("tempdir")?;
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-    let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
-    let port = unique_port();
-    let server = PgServer::start(port, &pki)?;
-    let password = format!("bench-{}", keys::random(24));
-    server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
-    server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
-    let bouncer = PgBouncer::start(port, &password, &pki, None)?;
-    let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
-
-    let conninfo = |leg: Leg| match leg {
-        Leg::Direct | Leg::Gateway => format!("host={SERVER_IP} port={port} user=ci dbname=bench sslmode=require"),
-        Leg::PgBouncer => {
-            format!("host={BOUNCER_IP} port={} user=ci dbname=bench sslmode=require", bouncer.port)
-        }
-    };
-    let pgbench = |leg: Leg, args: &[String]| -> Result<Output> {
-        let mut cmd = match leg {
-            Leg::Gateway => gw.command_in_cgroup("pgbench"),
-            Leg::Direct | Leg::PgBouncer => Command::new("pgbench"),
-        };
-        cmd.env("PGPASSWORD", &password).args(args).arg(conninfo(leg));
-        run(cmd, Duration::from_secs(knobs.seconds * 3 + 600))
-    };
+    let legs = Legs::start()?;
+    let gw = &legs.gw;
+    let pgbench = |leg: Leg, args: &[String]| legs.pgbench(leg, args, &knobs);
 
     eprintln!("postgres bench: pgbench -i -s {} (direct)", knobs.scale);
     let init = pgbench(Leg::Direct, &["-i".into(), "-q".into(), "-s".into(), knobs.scale.to_string()])?;
@@ -188,7 +166,7 @@ fn tps() -> Result<()> {
                 for k in 0..Leg::ALL.len() {
                     let li = (k + round + si + ci) % Leg::ALL.len();
                     let leg = Leg::ALL[li];
-                    let before = redirected(&gw)?;
+                    let before = redirected(gw)?;
                     let mut args: Vec<String> = vec![
                         "-n".into(),
                         "-M".into(),
@@ -203,7 +181,7 @@ fn tps() -> Result<()> {
                     args.extend(script.args().iter().map(|a| (*a).to_owned()));
                     let out = pgbench(leg, &args)?;
                     let report = ok(&format!("pgbench {} {clients} clients {}", script.name(), leg.name()), &out)?;
-                    let rose = redirected(&gw)? - before;
+                    let rose = redirected(gw)? - before;
                     if leg == Leg::Gateway {
                         ensure!(
                             rose >= u64::from(clients),
@@ -268,10 +246,52 @@ fn tps() -> Result<()> {
          pgbench -M simple, scale {}, TLS on every leg",
         knobs.rounds, knobs.seconds, knobs.scale
     );
-    drop(gw);
-    drop(bouncer);
-    drop(server);
+    // The gateway and PgBouncer stop before the server (`Legs`' field order).
+    drop(legs);
     Ok(())
+}
+
+/// The three legs the wall-clock modes compare, started: the server (with
+/// the `ci` role and the `bench` database), PgBouncer in front of it, and
+/// the gateway intercepting it. Fields drop in declaration order: the
+/// proxies stop before the server, the directory goes last.
+struct Legs {
+    gw: TestGateway,
+    bouncer: PgBouncer,
+    _server: PgServer,
+    password: String,
+    port: u16,
+    _pki: Pki,
+    dir: tempfile::TempDir,
+}
+
+impl Legs {
+    fn start() -> Result<Legs> {
+        let dir = tempfile::tempdir().context("tempdir")?;
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
+        let port = unique_port();
+        let server = PgServer::start(port, &pki)?;
+        let password = format!("bench-{}", keys::random(24));
+        server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
+        server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
+        let bouncer = PgBouncer::start(port, &password, &pki, None)?;
+        let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
+        Ok(Legs { gw, bouncer, _server: server, password, port, _pki: pki, dir })
+    }
+
+    /// pgbench with `args` on `leg` (in the gateway's cgroup for the gateway's).
+    fn pgbench(&self, leg: Leg, args: &[String], knobs: &Knobs) -> Result<Output> {
+        let (mut cmd, host, port) = match leg {
+            Leg::Gateway => (self.gw.command_in_cgroup("pgbench"), SERVER_IP, self.port),
+            Leg::Direct => (Command::new("pgbench"), SERVER_IP, self.port),
+            Leg::PgBouncer => (Command::new("pgbench"), BOUNCER_IP, self.bouncer.port),
+        };
+        cmd.env("PGPASSWORD", &self.password)
+            .args(args)
+            .arg(format!("host={host} port={port} user=ci dbname=bench sslmode=require"));
+        run(cmd, Duration::from_secs(knobs.seconds * 3 + 600))
+    }
 }
 
 /// The gateway: intercepts the server's address and port for its cgroup,
@@ -1048,31 +1068,12 @@ mod native {
 
     pub(super) fn measure() -> Result<()> {
         let knobs = Knobs::from_env()?;
-        let dir = tempfile::tempdir().context("tempdir")?;
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
-        let port = unique_port();
-        let server = PgServer::start(port, &pki)?;
-        let password = format!("bench-{}", keys::random(24));
-        server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
-        server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
-        let bouncer = PgBouncer::start(port, &password, &pki, None)?;
-        let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
+        let legs = Legs::start()?;
+        let (gw, dir) = (&legs.gw, &legs.dir);
         let gw_pid = gw.child.as_ref().context("the gateway is not running")?.id();
-        let bouncer_pid = bouncer.child.id();
+        let bouncer_pid = legs.bouncer.child.id();
         let keep = std::env::var_os("PG_BENCH_PROFILES").map(PathBuf::from);
-        let conninfo = |leg: Leg| match leg {
-            Leg::Direct | Leg::Gateway => format!("host={SERVER_IP} port={port} user=ci dbname=bench sslmode=require"),
-            Leg::PgBouncer => format!("host={BOUNCER_IP} port={} user=ci dbname=bench sslmode=require", bouncer.port),
-        };
-        let pgbench = |leg: Leg, args: &[String]| -> Result<Output> {
-            let mut cmd = match leg {
-                Leg::Gateway => gw.command_in_cgroup("pgbench"),
-                Leg::Direct | Leg::PgBouncer => Command::new("pgbench"),
-            };
-            cmd.env("PGPASSWORD", &password).args(args).arg(conninfo(leg));
-            run(cmd, Duration::from_secs(knobs.seconds * 3 + 600))
-        };
+        let pgbench = |leg: Leg, args: &[String]| legs.pgbench(leg, args, &knobs);
         eprintln!("postgres native: pgbench -i -s {} (direct)", knobs.scale);
         ok("pgbench -i", &pgbench(Leg::Direct, &["-i".into(), "-q".into(), "-s".into(), knobs.scale.to_string()])?)?;
         let args = |clients: u32| -> Vec<String> {
@@ -1107,7 +1108,7 @@ mod native {
                         Leg::Direct => None,
                     };
                     let stat_out = dir.path().join("perf-stat.txt");
-                    let before_redirected = redirected(&gw)?;
+                    let before_redirected = redirected(gw)?;
                     let perf = pid.map(|p| perf_stat(p, &stat_out)).transpose()?;
                     let t0 = pid.map(times).transpose()?.unwrap_or_default();
                     let m0 = machine()?;
@@ -1118,7 +1119,7 @@ mod native {
                         stop_perf(perf)?;
                     }
                     let report = ok(&format!("pgbench {clients} clients {}", leg.name()), &out)?;
-                    let rose = redirected(&gw)? - before_redirected;
+                    let rose = redirected(gw)? - before_redirected;
                     if leg == Leg::Gateway {
                         ensure!(rose >= u64::from(clients), "gateway leg: only {rose} connections redirected");
                     } else {
@@ -1182,9 +1183,7 @@ mod native {
              machine busy = all CPUs' non-idle time",
             knobs.seconds, knobs.scale
         );
-        drop(gw);
-        drop(bouncer);
-        drop(server);
+        drop(legs);
         Ok(())
     }
 }

@@ -154,6 +154,27 @@ fn ident_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80
 }
 
+/// Where the quoted string or identifier opening at `open` (its quote
+/// doubled inside) ends: the index after its closing quote. `None` when it
+/// is not closed, or holds a backslash (an escape with
+/// `standard_conforming_strings` off) or a NUL (the text's end to the
+/// parser): not the quick pass's.
+fn quoted_end(b: &[u8], open: usize) -> Option<usize> {
+    let quote = b[open];
+    let mut i = open + 1;
+    loop {
+        let at = i + memchr::memchr3(quote, b'\\', 0, &b[i..])?;
+        if b[at] != quote {
+            return None;
+        }
+        if b.get(at + 1) == Some(&quote) {
+            i = at + 2;
+        } else {
+            return Some(at + 1);
+        }
+    }
+}
+
 impl Quick {
     /// `None` when the quick pass does not follow the query's lexing
     /// exactly: it then takes the lexer's shape.
@@ -173,21 +194,7 @@ impl Quick {
                         return None;
                     }
                     let start = i;
-                    i += 1;
-                    loop {
-                        // Backslashes were ruled out for the whole text, and
-                        // a NUL would end the text for the parser.
-                        let at = i + memchr::memchr3(b'\'', b'\\', 0, &b[i..])?;
-                        if b[at] != b'\'' {
-                            return None;
-                        }
-                        if b.get(at + 1) == Some(&b'\'') {
-                            i = at + 2;
-                        } else {
-                            i = at + 1;
-                            break;
-                        }
-                    }
+                    i = quoted_end(b, i)?;
                     key.push_str(&query[copied..start]);
                     key.push_str("\u{1}S");
                     literals.push(start..i);
@@ -233,19 +240,7 @@ impl Quick {
                     if i > 0 && (ident_byte(b[i - 1]) || b[i - 1] == b'&') {
                         return None;
                     }
-                    i += 1;
-                    loop {
-                        let at = i + memchr::memchr3(b'"', b'\\', 0, &b[i..])?;
-                        if b[at] != b'"' {
-                            return None;
-                        }
-                        if b.get(at + 1) == Some(&b'"') {
-                            i = at + 2;
-                        } else {
-                            i = at + 1;
-                            break;
-                        }
-                    }
+                    i = quoted_end(b, i)?;
                     // Non-ASCII inside stays in the key byte for byte.
                 }
                 b'$' => {
