@@ -90,15 +90,12 @@ impl Memo {
             }
         }
         let shape = Shape::of(query);
-        let mut fresh = None;
-        if let Some(shape) = &shape {
-            if let Some(statements) = self.shapes.get(&*shape.key).and_then(|t| t.instantiate(query, &shape.tokens)) {
+        let known = shape.as_ref().and_then(|s| self.shapes.get(&*s.key)?.instantiate(query, &s.tokens));
+        let fresh = match known {
+            Some(statements) => {
                 self.stats.shape += 1;
-                fresh = Some(Arc::new(Ok(statements)));
+                Arc::new(Ok(statements))
             }
-        }
-        let fresh = match fresh {
-            Some(known) => known,
             None => {
                 self.stats.parsed += 1;
                 let fresh = Arc::new(classify(query));
