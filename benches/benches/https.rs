@@ -18,6 +18,10 @@
 //!   alike (its own leaf, `verify required` against the test CA, an
 //!   `http-reuse always` pool of kept-alive origin connections), one thread
 //!   per core.
+//! * **TCP relay** on `127.0.0.9`: HAProxy in `mode tcp`, relaying the
+//!   client's TLS to the origin unread. It does none of the work, so it is
+//!   the floor any process between client and origin pays on this host (two
+//!   more socket hops per byte), and a target no proxy can beat here.
 //! * **gateway**: the release binary, intercepting `127.0.0.8:P` for its own
 //!   cgroup, terminating TLS with its CA (wrk sends the IP as SNI, curl sends
 //!   none: both are intercepted), scanning every request with the built-in
@@ -871,6 +875,9 @@ const CALLGRIND_NGINX: &str = "nginx proxy (1 process)";
 const CALLGRIND_HAPROXY: &str = "haproxy (1 thread)";
 /// The label of [`Mode::Proxies`]'s HAProxy.
 const PROXIES_HAPROXY: &str = "haproxy, threads auto";
+/// The label of [`Mode::Proxies`]'s floor: HAProxy relaying TCP
+/// ([`haproxy::Relay::Tcp`]).
+const PROXIES_TCP_RELAY: &str = "tcp relay (haproxy, floor)";
 /// The labels of the Pingora proxy in [`Mode::Proxies`] and [`Mode::Callgrind`].
 const PROXIES_PINGORA: &str = "pingora, threads auto";
 const CALLGRIND_PINGORA: &str = "pingora (1 thread)";
@@ -978,6 +985,7 @@ impl Scene {
                 let h = haproxy::Haproxy::start(
                     haproxy_bin(tools)?,
                     prefix,
+                    haproxy::Relay::Http,
                     haproxy::Threads::Auto,
                     &pki,
                     port,
@@ -988,6 +996,20 @@ impl Scene {
                 eprintln!("{PROXIES_HAPROXY}: {} threads", h.threads()?);
                 let base = format!("https://{PROXY_IP}:{port}");
                 proxies.push((Route { label: PROXIES_HAPROXY, base, gateway: None }, Peer::Haproxy(h)));
+                let port = free_port(PROXY_IP)?;
+                let h = haproxy::Haproxy::start(
+                    haproxy_bin(tools)?,
+                    dir.path().join("tcp-relay"),
+                    haproxy::Relay::Tcp,
+                    haproxy::Threads::Auto,
+                    &pki,
+                    port,
+                    origin_port,
+                    None,
+                )
+                .with_context(|| format!("starting the {PROXIES_TCP_RELAY}"))?;
+                let base = format!("https://{PROXY_IP}:{port}");
+                proxies.push((Route { label: PROXIES_TCP_RELAY, base, gateway: None }, Peer::Haproxy(h)));
                 if let Some(bin) = &tools.pingora {
                     let port = free_port(PROXY_IP)?;
                     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
@@ -1036,6 +1058,7 @@ impl Scene {
                 let h = haproxy::Haproxy::start(
                     haproxy_bin(tools)?,
                     prefix,
+                    haproxy::Relay::Http,
                     haproxy::Threads::One,
                     &pki,
                     port,
@@ -1707,6 +1730,21 @@ impl Report {
             let g = &s[gw];
             let verdict = |ok: bool| if ok { "target met" } else { "TARGET MISSED" };
             for (route, n) in self.routes.iter().zip(&s).skip(1).take(gw - 1) {
+                if route.label == PROXIES_TCP_RELAY {
+                    // The floor is not a peer: no proxy that reads the
+                    // traffic can match it. Its figures say what the host
+                    // charges for any process in the path.
+                    println!(
+                        "floor ({}): req/s {:.2}x direct, added p50 {:+.1} us, proxy CPU/req {:.1} us; \
+                         the gateway's CPU/req is {:.2}x the floor's",
+                        route.label,
+                        n.rps / direct.rps,
+                        n.p50 - direct.p50,
+                        n.proxy_cpu.unwrap_or(f64::NAN),
+                        g.proxy_cpu.unwrap_or(f64::NAN) / n.proxy_cpu.unwrap_or(f64::NAN),
+                    );
+                    continue;
+                }
                 let rps_ok = g.rps >= n.rps;
                 let (g50, n50) = (g.p50 - direct.p50, n.p50 - direct.p50);
                 let (g99, n99) = (g.p99 - direct.p99, n.p99 - direct.p99);

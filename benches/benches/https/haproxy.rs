@@ -15,6 +15,9 @@
 //! runtime and nginx's `worker_processes auto`; with [`Threads::One`] one
 //! thread does all the work, so that callgrind sees all of it, as nginx's
 //! `master_process off`.
+//!
+//! With [`Relay::Tcp`] the same HAProxy is the benchmark's floor instead: a
+//! relay in `mode tcp` that passes the client's TLS to the origin unread.
 
 use std::{
     net::SocketAddr,
@@ -31,6 +34,18 @@ use nix::{
 };
 
 use super::{launched, term_with_parent, wait_exit, wait_listening, Launcher, Pki, ORIGIN_IP, ORIGIN_NAME, PROXY_IP};
+
+/// What HAProxy does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// A TLS reverse proxy configured like nginx's (the peer row).
+    Http,
+    /// `mode tcp`: the client's bytes, TLS included, relayed unread to the
+    /// origin over one new connection each. It inspects nothing and
+    /// terminates no TLS, so it is the floor: what putting any process
+    /// between the client and the origin costs on this host.
+    Tcp,
+}
 
 /// How many threads HAProxy runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,9 +69,11 @@ impl Haproxy {
     /// [`PROXY_IP`]`:port` in front of the origin on `origin_port`, checks
     /// it (`haproxy -c`), starts HAProxy (under `launcher` if there is one)
     /// and waits until it accepts.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         haproxy: &Path,
         dir: PathBuf,
+        relay: Relay,
         threads: Threads,
         pki: &Pki,
         port: u16,
@@ -73,7 +90,7 @@ impl Haproxy {
             Threads::Auto => "",
             Threads::One => "    nbthread 1\n",
         };
-        let conf = format!(
+        let http = format!(
             r#"# Written by benches/benches/https/haproxy.rs.
 global
 {nbthread}    # Enough for the benchmark; also keeps the descriptor limit HAProxy
@@ -108,6 +125,31 @@ backend origin
             pem = pem.display(),
             ca = pki.ca.display(),
         );
+        // The floor: no TLS termination, no HTTP, no pool (one origin
+        // connection per client connection, made when the client connects).
+        let tcp = format!(
+            r#"# Written by benches/benches/https/haproxy.rs (the TCP relay).
+global
+{nbthread}    maxconn 4096
+
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+
+frontend relay
+    bind {PROXY_IP}:{port}
+    default_backend origin
+
+backend origin
+    server origin {ORIGIN_IP}:{origin_port}
+"#
+        );
+        let conf = match relay {
+            Relay::Http => http,
+            Relay::Tcp => tcp,
+        };
         let conf_path = dir.join("haproxy.cfg");
         std::fs::write(&conf_path, conf)?;
         let out = Command::new(haproxy)
