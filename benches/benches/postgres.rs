@@ -39,7 +39,7 @@
 //!
 //! `PG_BENCH_MODE=callgrind` counts instructions instead of time (wall-clock
 //! figures swing with the shared machine's other load; instruction counts do
-//! not). The server (every backend it forks), PgBouncer and the gateway run
+//! not); it measures direct, the gateway and PgBouncer (not the relay). The server (every backend it forks), PgBouncer and the gateway run
 //! under `valgrind --tool=callgrind`; pgbench runs a fixed number of
 //! transactions (`-t`, `PG_BENCH_TRANSACTIONS`, default 1000) on one
 //! connection, N and then 2N, for each leg and each of select-only `-M
@@ -53,7 +53,7 @@
 //!
 //! `PG_BENCH_MODE=native` measures what callgrind cannot see: for pgbench
 //! select-only `-M simple` at 1 and 16 clients through the gateway, through
-//! PgBouncer and direct, the proxy's user and system time, its syscalls by
+//! PgBouncer, through the TCP relay and direct, the proxy's user and system time, its syscalls by
 //! kind (perf's syscall tracepoints), its context switches (every task's
 //! `/proc/PID/task/*/status`) and the wake-ups it makes (`sched:sched_wakeup`),
 //! each per statement; the machine's busy time per statement too. With
