@@ -1,6 +1,8 @@
 //! pgbench through the gateway (issue 12), every figure a ratio against
 //! pgbench straight to the server in the same run, rounds interleaved,
-//! medians reported with the spread between rounds:
+//! medians reported with the spread between rounds, and for every leg the
+//! proxy's user and system CPU time and the machine's busy time per
+//! statement:
 //!
 //! * **direct**: pgbench (outside the intercepted cgroup) to the server;
 //! * **gateway**: the same pgbench in the gateway's intercepted cgroup, to
@@ -10,7 +12,11 @@
 //!   session, and relays;
 //! * **pgbouncer**: pgbench (outside the cgroup) to Debian's PgBouncer in
 //!   `pool_mode = session`, TLS on both sides like the gateway, SCRAM to
-//!   the server: what a plain PostgreSQL proxy costs.
+//!   the server: what a plain PostgreSQL proxy costs;
+//! * **relay**: pgbench (outside the cgroup) to HAProxy in `mode tcp`, which
+//!   relays the bytes (pgbench's SSLRequest and TLS go end to end to the
+//!   server) and inspects nothing: the floor, what any proxy that
+//!   terminates the TCP connection costs on this host.
 //!
 //! Each for pgbench's select-only script (`-S`) and its default TPC-B-like
 //! script, at 1 and 16 clients, simple query protocol (pgbench's default:
@@ -23,17 +29,17 @@
 //! intercepted fails the run instead of reporting direct figures as the
 //! gateway's.
 //!
-//! Needs root (eBPF, cgroups) and Debian's `postgresql` and `pgbouncer`
-//! (`cargo xtask setup`). Run with `cargo xtask bench --bench postgres`;
+//! Needs root (eBPF, cgroups) and Debian's `postgresql`, `pgbouncer` and
+//! `haproxy` (`cargo xtask setup`). Run with `cargo xtask bench --bench postgres`;
 //! knobs: `PG_BENCH_ROUNDS` (3), `PG_BENCH_SECONDS` per run (10),
 //! `PG_BENCH_SCALE` (pgbench -s, 10). See docs/benchmarks.md. What it
-//! creates: a PostgreSQL cluster and a PgBouncer in temporary directories
-//! on 127.0.0.31 and 127.0.0.32 (stopped on drop), and a gateway with its
+//! creates: a PostgreSQL cluster, a PgBouncer and an HAProxy in temporary
+//! directories on 127.0.0.31, 127.0.0.32 and 127.0.0.33 (stopped on drop), and a gateway with its
 //! own cgroup under `gateway-tests/` and its own pins (removed on drop).
 //!
 //! `PG_BENCH_MODE=callgrind` counts instructions instead of time (wall-clock
 //! figures swing with the shared machine's other load; instruction counts do
-//! not). The server (every backend it forks), PgBouncer and the gateway run
+//! not); it measures direct, the gateway and PgBouncer (not the relay). The server (every backend it forks), PgBouncer and the gateway run
 //! under `valgrind --tool=callgrind`; pgbench runs a fixed number of
 //! transactions (`-t`, `PG_BENCH_TRANSACTIONS`, default 1000) on one
 //! connection, N and then 2N, for each leg and each of select-only `-M
@@ -47,7 +53,7 @@
 //!
 //! `PG_BENCH_MODE=native` measures what callgrind cannot see: for pgbench
 //! select-only `-M simple` at 1 and 16 clients through the gateway, through
-//! PgBouncer and direct, the proxy's user and system time, its syscalls by
+//! PgBouncer, through the TCP relay and direct, the proxy's user and system time, its syscalls by
 //! kind (perf's syscall tracepoints), its context switches (every task's
 //! `/proc/PID/task/*/status`) and the wake-ups it makes (`sched:sched_wakeup`),
 //! each per statement; the machine's busy time per statement too. With
@@ -67,6 +73,7 @@ use gateway_tests::{keys, median, run_as, unique_port, GatewayOptions, TestGatew
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const SERVER_IP: &str = "127.0.0.31";
 const BOUNCER_IP: &str = "127.0.0.32";
+const RELAY_IP: &str = "127.0.0.33";
 const CLIENTS: &[u32] = &[1, 16];
 
 /// Run length knobs (environment variables).
@@ -93,7 +100,7 @@ impl Knobs {
 }
 
 /// pgbench's built-in scripts measured.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Script {
     SelectOnly,
     TpcbLike,
@@ -113,6 +120,14 @@ impl Script {
             Script::TpcbLike => &[],
         }
     }
+
+    /// Statements per transaction (TPC-B-like: BEGIN, 3 UPDATEs, SELECT, INSERT, END).
+    fn statements(self) -> u64 {
+        match self {
+            Script::SelectOnly => 1,
+            Script::TpcbLike => 7,
+        }
+    }
 }
 
 /// Where pgbench connects.
@@ -121,16 +136,19 @@ enum Leg {
     Direct,
     Gateway,
     PgBouncer,
+    /// HAProxy in `mode tcp`: the floor.
+    Relay,
 }
 
 impl Leg {
-    const ALL: [Leg; 3] = [Leg::Direct, Leg::Gateway, Leg::PgBouncer];
+    const ALL: [Leg; 4] = [Leg::Direct, Leg::Relay, Leg::PgBouncer, Leg::Gateway];
 
     fn name(self) -> &'static str {
         match self {
             Leg::Direct => "direct",
             Leg::Gateway => "gateway",
             Leg::PgBouncer => "pgbouncer",
+            Leg::Relay => "relay",
         }
     }
 }
@@ -145,7 +163,8 @@ fn main() -> Result<()> {
     }
 }
 
-/// The wall-clock mode: tps of every leg, rounds interleaved.
+/// The wall-clock mode: tps of every leg, rounds interleaved, with the
+/// proxy's CPU time and the machine's busy time per statement.
 fn tps() -> Result<()> {
     let knobs = Knobs::from_env()?;
     let legs = Legs::start()?;
@@ -156,9 +175,10 @@ fn tps() -> Result<()> {
     let init = pgbench(Leg::Direct, &["-i".into(), "-q".into(), "-s".into(), knobs.scale.to_string()])?;
     ok("pgbench -i", &init)?;
 
-    // tps[script][clients][leg][round]
+    // runs[script][clients][leg][round]
     let scripts = [Script::SelectOnly, Script::TpcbLike];
-    let mut tps = vec![vec![vec![Vec::new(); Leg::ALL.len()]; CLIENTS.len()]; scripts.len()];
+    let mut runs = vec![vec![vec![Vec::<Run>::new(); Leg::ALL.len()]; CLIENTS.len()]; scripts.len()];
+    let load0 = load_average();
     for round in 0..knobs.rounds {
         for (si, script) in scripts.iter().enumerate() {
             for (ci, &clients) in CLIENTS.iter().enumerate() {
@@ -179,7 +199,12 @@ fn tps() -> Result<()> {
                         knobs.seconds.to_string(),
                     ];
                     args.extend(script.args().iter().map(|a| (*a).to_owned()));
+                    let pid = legs.proxy_pid(leg);
+                    let t0 = pid.map(native::times).transpose()?.unwrap_or_default();
+                    let m0 = native::machine()?;
                     let out = pgbench(leg, &args)?;
+                    let m1 = native::machine()?;
+                    let t1 = pid.map(native::times).transpose()?.unwrap_or_default();
                     let report = ok(&format!("pgbench {} {clients} clients {}", script.name(), leg.name()), &out)?;
                     let rose = redirected(gw)? - before;
                     if leg == Leg::Gateway {
@@ -191,18 +216,30 @@ fn tps() -> Result<()> {
                     } else {
                         ensure!(rose == 0, "{} leg: {rose} connections were redirected", leg.name());
                     }
-                    let t = parse_tps(&report)?;
+                    let statements = (native::processed(&report)? * script.statements()) as f64;
+                    let per = |ticks: u64| ticks as f64 * TICK_US / statements;
+                    let r = Run {
+                        tps: parse_tps(&report)?,
+                        busy: per(m1.0 - m0.0),
+                        user: per(t1.user - t0.user),
+                        system: per(t1.system - t0.system),
+                    };
                     eprintln!(
-                        "round {}: {} {clients:>2} clients {:<9} {t:>9.1} tps",
+                        "round {}: {} {clients:>2} clients {:<9} {:>9.1} tps, busy {:.1}, proxy user {:.1} sys {:.1} µs/stmt",
                         round + 1,
                         script.name(),
-                        leg.name()
+                        leg.name(),
+                        r.tps,
+                        r.busy,
+                        r.user,
+                        r.system
                     );
-                    tps[si][ci][li].push(t);
+                    runs[si][ci][li].push(r);
                 }
             }
         }
     }
+    let load1 = load_average();
     // The gateway spoke PostgreSQL on those connections (it judged statements, it did not relay blind).
     let events = gw.wait_events(1);
     ensure!(
@@ -212,52 +249,99 @@ fn tps() -> Result<()> {
     );
 
     let mut table = String::new();
+    let proxies = [Leg::Relay, Leg::PgBouncer, Leg::Gateway];
+    let index = |leg: Leg| Leg::ALL.iter().position(|l| *l == leg).unwrap_or(0);
     writeln!(
         table,
-        "\n| script | clients | direct tps | gateway tps | pgbouncer tps | gateway/direct | pgbouncer/direct |"
+        "\n| script | clients | direct tps | relay tps | pgbouncer tps | gateway tps | relay/direct | pgbouncer/direct | gateway/direct |"
     )?;
-    writeln!(table, "|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.2}-{hi:.2}")
+    };
     for (si, script) in scripts.iter().enumerate() {
         for (ci, clients) in CLIENTS.iter().enumerate() {
-            let runs = &tps[si][ci];
-            let ratio = |li: usize| -> Vec<f64> { runs[li].iter().zip(&runs[0]).map(|(x, d)| x / d).collect() };
-            let spread = |v: &[f64]| {
-                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                format!("{lo:.2}-{hi:.2}")
-            };
-            let (g, b) = (ratio(1), ratio(2));
-            writeln!(
-                table,
-                "| {} | {clients} | {:.0} | {:.0} | {:.0} | **{:.2}** ({}) | {:.2} ({}) |",
-                script.name(),
-                median(&runs[0]),
-                median(&runs[1]),
-                median(&runs[2]),
-                median(&g),
-                spread(&g),
-                median(&b),
-                spread(&b),
-            )?;
+            let r = &runs[si][ci];
+            let tps = |leg: Leg| -> Vec<f64> { r[index(leg)].iter().map(|x| x.tps).collect() };
+            let direct = tps(Leg::Direct);
+            write!(table, "| {} | {clients} | {:.0} |", script.name(), median(&direct))?;
+            for leg in proxies {
+                write!(table, " {:.0} |", median(&tps(leg)))?;
+            }
+            for leg in proxies {
+                let ratio: Vec<f64> = tps(leg).iter().zip(&direct).map(|(x, d)| x / d).collect();
+                let bold = if leg == Leg::Gateway { "**" } else { "" };
+                write!(table, " {bold}{:.2}{bold} ({}) |", median(&ratio), spread(&ratio))?;
+            }
+            writeln!(table)?;
+        }
+    }
+    writeln!(
+        table,
+        "\n| script | clients | leg | machine busy µs/stmt | proxy user µs/stmt | proxy sys µs/stmt | proxy CPU / machine busy |"
+    )?;
+    writeln!(table, "|---|---:|---|---:|---:|---:|---:|")?;
+    for (si, script) in scripts.iter().enumerate() {
+        for (ci, clients) in CLIENTS.iter().enumerate() {
+            for leg in Leg::ALL {
+                let r = &runs[si][ci][index(leg)];
+                let m = |f: fn(&Run) -> f64| median(&r.iter().map(f).collect::<Vec<_>>());
+                let (busy, user, system) = (m(|x| x.busy), m(|x| x.user), m(|x| x.system));
+                if leg == Leg::Direct {
+                    writeln!(table, "| {} | {clients} | direct | {busy:.1} | | | |", script.name())?;
+                } else {
+                    writeln!(
+                        table,
+                        "| {} | {clients} | {} | {busy:.1} | {user:.1} | {system:.1} | {:.2} |",
+                        script.name(),
+                        leg.name(),
+                        (user + system) / busy
+                    )?;
+                }
+            }
         }
     }
     println!(
         "{table}\nmedians of {} interleaved rounds of {} s each (ratio spread between rounds in parentheses); \
-         pgbench -M simple, scale {}, TLS on every leg",
+         pgbench -M simple, scale {}, TLS on every leg (end to end through the relay); per statement: \
+         TPC-B-like transactions count 7; machine busy = all CPUs' non-idle time; \
+         load average {load0} at the start, {load1} at the end",
         knobs.rounds, knobs.seconds, knobs.scale
     );
-    // The gateway and PgBouncer stop before the server (`Legs`' field order).
+    // The proxies stop before the server (`Legs`' field order).
     drop(legs);
     Ok(())
 }
 
-/// The three legs the wall-clock modes compare, started: the server (with
-/// the `ci` role and the `bench` database), PgBouncer in front of it, and
-/// the gateway intercepting it. Fields drop in declaration order: the
-/// proxies stop before the server, the directory goes last.
+/// Microseconds per clock tick (`/proc` times count in 1/100 s).
+const TICK_US: f64 = 1e6 / 100.0;
+
+/// One pgbench run's figures, per statement (µs) except `tps`.
+#[derive(Clone, Copy)]
+struct Run {
+    tps: f64,
+    busy: f64,
+    user: f64,
+    system: f64,
+}
+
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The legs the wall-clock modes compare, started: the server (with the
+/// `ci` role and the `bench` database), PgBouncer and the TCP relay in
+/// front of it, and the gateway intercepting it. Fields drop in declaration
+/// order: the proxies stop before the server, the directory goes last.
 struct Legs {
     gw: TestGateway,
     bouncer: PgBouncer,
+    relay: TcpRelay,
     _server: PgServer,
     password: String,
     port: u16,
@@ -269,15 +353,26 @@ impl Legs {
     fn start() -> Result<Legs> {
         let dir = tempfile::tempdir().context("tempdir")?;
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
-        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP])?;
+        let pki = Pki::new(&[SERVER_IP, BOUNCER_IP, RELAY_IP])?;
         let port = unique_port();
         let server = PgServer::start(port, &pki)?;
         let password = format!("bench-{}", keys::random(24));
         server.admin_sql(&format!("CREATE ROLE ci LOGIN PASSWORD '{password}';"))?;
         server.admin_sql("CREATE DATABASE bench OWNER ci;")?;
         let bouncer = PgBouncer::start(port, &password, &pki, None)?;
+        let relay = TcpRelay::start(port)?;
         let gw = start_gateway(dir.path(), port, &pki, Vec::new())?;
-        Ok(Legs { gw, bouncer, _server: server, password, port, _pki: pki, dir })
+        Ok(Legs { gw, bouncer, relay, _server: server, password, port, _pki: pki, dir })
+    }
+
+    /// The proxy process of `leg` (none for direct).
+    fn proxy_pid(&self, leg: Leg) -> Option<u32> {
+        match leg {
+            Leg::Direct => None,
+            Leg::Gateway => self.gw.child.as_ref().map(|c| c.id()),
+            Leg::PgBouncer => Some(self.bouncer.child.id()),
+            Leg::Relay => Some(self.relay.child.id()),
+        }
     }
 
     /// pgbench with `args` on `leg` (in the gateway's cgroup for the gateway's).
@@ -286,6 +381,7 @@ impl Legs {
             Leg::Gateway => (self.gw.command_in_cgroup("pgbench"), SERVER_IP, self.port),
             Leg::Direct => (Command::new("pgbench"), SERVER_IP, self.port),
             Leg::PgBouncer => (Command::new("pgbench"), BOUNCER_IP, self.bouncer.port),
+            Leg::Relay => (Command::new("pgbench"), RELAY_IP, self.relay.port),
         };
         cmd.env("PGPASSWORD", &self.password)
             .args(args)
@@ -612,6 +708,67 @@ impl Drop for PgBouncer {
     }
 }
 
+/// HAProxy in `mode tcp` in front of the server: it relays the bytes both
+/// ways and inspects nothing (pgbench's SSLRequest and the TLS session go
+/// end to end to the server), the cheapest interposer that terminates the
+/// TCP connection. One process in the foreground (`-db`), one thread per
+/// CPU (HAProxy's default, the gateway's runtime's too); stopped when
+/// dropped.
+struct TcpRelay {
+    _dir: tempfile::TempDir,
+    port: u16,
+    child: std::process::Child,
+}
+
+impl TcpRelay {
+    fn start(server_port: u16) -> Result<TcpRelay> {
+        let haproxy = callgrind::which("haproxy").context("haproxy not found (Debian's haproxy: cargo xtask setup)")?;
+        let dir = tempfile::tempdir()?;
+        let port = unique_port();
+        let conf = format!(
+            "# Written by benches/benches/postgres.rs: a TCP relay, no inspection.\n\
+             global\n    maxconn 4096\n\
+             defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n\
+             frontend pg\n    bind {RELAY_IP}:{port}\n    default_backend server\n\
+             backend server\n    server pg {SERVER_IP}:{server_port}\n"
+        );
+        let path = dir.path().join("haproxy.cfg");
+        std::fs::write(&path, conf)?;
+        let check = Command::new(&haproxy).args(["-c", "-q", "-f"]).arg(&path).output().context("haproxy -c")?;
+        ok("haproxy -c", &check)?;
+        let log = std::fs::File::create(dir.path().join("haproxy.log"))?;
+        let child = Command::new(&haproxy)
+            .args(["-db", "-q", "-f"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("run haproxy")?;
+        let mut relay = TcpRelay { _dir: dir, port, child };
+        for _ in 0..3000 {
+            if std::net::TcpStream::connect((RELAY_IP, port)).is_ok() {
+                return Ok(relay);
+            }
+            if let Some(status) = relay.child.try_wait()? {
+                bail!(
+                    "haproxy exited with {status}:\n{}",
+                    std::fs::read_to_string(relay._dir.path().join("haproxy.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("haproxy did not listen on {RELAY_IP}:{port} within 60 s")
+    }
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The instruction-count mode (`PG_BENCH_MODE=callgrind`): see the module
 /// documentation.
 mod callgrind {
@@ -720,7 +877,8 @@ mod callgrind {
             let txns = (n / w.divisor).max(1);
             // The direct leg's backend Ir/statement: the server's own work.
             let mut server_per = f64::NAN;
-            for leg in Leg::ALL {
+            // The TCP relay is measured on the wall clock only.
+            for leg in [Leg::Direct, Leg::Gateway, Leg::PgBouncer] {
                 let mut proxy = [0u64; 2];
                 let mut backend = [0u64; 2];
                 for (i, t) in [txns, 2 * txns].into_iter().enumerate() {
@@ -744,7 +902,7 @@ mod callgrind {
                     }
                     let mut cmd = match leg {
                         Leg::Gateway => gw.command_in_cgroup("pgbench"),
-                        Leg::Direct | Leg::PgBouncer => Command::new("pgbench"),
+                        Leg::Direct | Leg::PgBouncer | Leg::Relay => Command::new("pgbench"),
                     };
                     cmd.env("PGPASSWORD", &password)
                         .args(["-n", "-c", "1", "-j", "1", "-M", w.protocol, "-t", &t.to_string()])
@@ -972,16 +1130,17 @@ mod native {
 
     /// Counters of one process over a run.
     #[derive(Clone, Copy, Default)]
-    struct Times {
+    pub(super) struct Times {
         /// utime, stime (clock ticks).
-        user: u64,
-        system: u64,
+        pub(super) user: u64,
+        pub(super) system: u64,
         /// Over all tasks.
         voluntary: u64,
         involuntary: u64,
     }
 
-    fn times(pid: u32) -> Result<Times> {
+    /// CPU times and context switches of process `pid` (all its threads).
+    pub(super) fn times(pid: u32) -> Result<Times> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
         let f: Vec<&str> = rest.split_whitespace().collect();
@@ -1002,7 +1161,7 @@ mod native {
     }
 
     /// Busy and total jiffies of the whole machine (`/proc/stat`).
-    fn machine() -> Result<(u64, u64)> {
+    pub(super) fn machine() -> Result<(u64, u64)> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let cpu = stat.lines().next().context("empty /proc/stat")?;
         let v: Vec<u64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
@@ -1011,7 +1170,8 @@ mod native {
         Ok((total - idle, total))
     }
 
-    fn processed(report: &str) -> Result<u64> {
+    /// pgbench's "number of transactions actually processed".
+    pub(super) fn processed(report: &str) -> Result<u64> {
         report
             .lines()
             .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
@@ -1070,8 +1230,6 @@ mod native {
         let knobs = Knobs::from_env()?;
         let legs = Legs::start()?;
         let (gw, dir) = (&legs.gw, &legs.dir);
-        let gw_pid = gw.child.as_ref().context("the gateway is not running")?.id();
-        let bouncer_pid = legs.bouncer.child.id();
         let keep = std::env::var_os("PG_BENCH_PROFILES").map(PathBuf::from);
         let pgbench = |leg: Leg, args: &[String]| legs.pgbench(leg, args, &knobs);
         eprintln!("postgres native: pgbench -i -s {} (direct)", knobs.scale);
@@ -1090,6 +1248,7 @@ mod native {
         // Warm-up: the first leaf certificate, caches.
         ok("warm-up", &pgbench(Leg::Gateway, &["-n".into(), "-S".into(), "-t".into(), "50".into()])?)?;
 
+        let load0 = load_average();
         let mut table = String::new();
         writeln!(
             table,
@@ -1097,16 +1256,11 @@ mod native {
              ctx switches/stmt (vol+invol) | wake-ups/stmt | syscalls by kind /stmt |"
         )?;
         writeln!(table, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")?;
-        let tick_us = 1e6 / 100.0;
         for round in 0..knobs.rounds {
             for &clients in CLIENTS {
                 for k in 0..Leg::ALL.len() {
                     let leg = Leg::ALL[(k + round) % Leg::ALL.len()];
-                    let pid = match leg {
-                        Leg::Gateway => Some(gw_pid),
-                        Leg::PgBouncer => Some(bouncer_pid),
-                        Leg::Direct => None,
-                    };
+                    let pid = legs.proxy_pid(leg);
                     let stat_out = dir.path().join("perf-stat.txt");
                     let before_redirected = redirected(gw)?;
                     let perf = pid.map(|p| perf_stat(p, &stat_out)).transpose()?;
@@ -1127,9 +1281,9 @@ mod native {
                     }
                     let n = processed(&report)? as f64;
                     let tps = parse_tps(&report)?;
-                    let busy = (m1.0 - m0.0) as f64 * tick_us / n;
+                    let busy = (m1.0 - m0.0) as f64 * TICK_US / n;
                     let (user, sys) =
-                        ((t1.user - t0.user) as f64 * tick_us / n, (t1.system - t0.system) as f64 * tick_us / n);
+                        ((t1.user - t0.user) as f64 * TICK_US / n, (t1.system - t0.system) as f64 * TICK_US / n);
                     let cs = ((t1.voluntary - t0.voluntary) as f64 / n, (t1.involuntary - t0.involuntary) as f64 / n);
                     let (mut total, mut wakeups, mut kinds) = (f64::NAN, f64::NAN, String::new());
                     if pid.is_some() {
@@ -1180,8 +1334,10 @@ mod native {
         }
         println!(
             "{table}\npgbench -S -M simple, {} s per run, scale {}, TLS on every leg; per statement (= transaction); \
-             machine busy = all CPUs' non-idle time",
-            knobs.seconds, knobs.scale
+             machine busy = all CPUs' non-idle time; load average {load0} at the start, {} at the end",
+            knobs.seconds,
+            knobs.scale,
+            load_average()
         );
         drop(legs);
         Ok(())

@@ -180,7 +180,8 @@ const APT_IMAGE: &[&str] = &["debootstrap", "binutils", "dpkg-dev", "docker.io",
 /// Debian packages only the benchmarks use.
 const APT_BENCH: &[&str] = &[
     "nginx-light",
-    // The HTTPS benchmark's second peer proxy (issue 13), next to nginx.
+    // The HTTPS benchmark's second peer proxy (issue 13), next to nginx;
+    // the PostgreSQL benchmark's TCP relay (the floor, issue 12).
     "haproxy",
     "wrk",
     // valgrind (callgrind): instruction counts per request, HTTPS_BENCH_MODE=callgrind.
