@@ -42,6 +42,18 @@ fn sqlite(doing: &'static str) -> impl FnOnce(rusqlite::Error) -> OpenError {
 /// usual NORMAL may lose the last commits on power loss). The directory
 /// must exist.
 pub fn open_private(path: &Path, busy_timeout: Duration) -> Result<Connection, OpenError> {
+    open_private_paged(path, busy_timeout, None)
+}
+
+/// [`open_private`], and a database that has no page yet (new) is created
+/// with pages of `page_size` bytes (a power of two, 512 to 65,536) instead
+/// of SQLite's 4,096. The size is fixed once the database holds a page (in
+/// WAL mode for good), so an existing database keeps the size it has.
+pub fn open_private_paged(
+    path: &Path,
+    busy_timeout: Duration,
+    page_size: Option<u32>,
+) -> Result<Connection, OpenError> {
     let uid = nix::unistd::geteuid();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
@@ -75,6 +87,14 @@ pub fn open_private(path: &Path, busy_timeout: Duration) -> Result<Connection, O
         return Err(OpenError::Unusable(format!("the file is not writable by this user (uid {uid})")));
     }
     conn.busy_timeout(busy_timeout).map_err(sqlite("setting busy_timeout"))?;
+    if let Some(size) = page_size {
+        // Before WAL is enabled: that writes the first page, which fixes the size.
+        let pages: i64 =
+            conn.pragma_query_value(None, "page_count", |row| row.get(0)).map_err(sqlite("reading the page count"))?;
+        if pages == 0 {
+            conn.pragma_update(None, "page_size", size).map_err(sqlite("setting the page size"))?;
+        }
+    }
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| match e.sqlite_error_code() {

@@ -991,3 +991,39 @@ fn postgres_recordings_of_both_formats_replay() {
     let data = &shown["records"][1]["data"];
     assert_eq!((data["protocol"].as_str(), data["results"][0]["rows"].as_u64()), (Some("postgres"), Some(1)));
 }
+
+fn page_size(database: &Path) -> i64 {
+    let conn = rusqlite::Connection::open(database).unwrap();
+    conn.pragma_query_value(None, "page_size", |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn new_databases_get_large_pages_and_old_ones_keep_theirs() {
+    // New: the writer's pages are 16 KiB (a quarter of the WAL writes).
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = open(dir.path());
+    let id = complete_session(&recorder);
+    recorder.shutdown();
+    assert_eq!(page_size(&db(dir.path())), i64::from(super::store::PAGE_SIZE));
+    assert_eq!(verdict(dir.path(), &id), Verdict::Intact { records: 5 });
+
+    // A database created by an earlier version (SQLite's 4 KiB pages, WAL)
+    // keeps its size: recording goes on in it and verifies.
+    let old = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(db(old.path())).unwrap();
+        let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+    }
+    assert_eq!(page_size(&db(old.path())), 4096);
+    let recorder = open(old.path());
+    let first = complete_session(&recorder);
+    recorder.shutdown();
+    let recorder = open(old.path());
+    let second = complete_session(&recorder);
+    recorder.shutdown();
+    assert_eq!(page_size(&db(old.path())), 4096);
+    for id in [&first, &second] {
+        assert_eq!(verdict(old.path(), id), Verdict::Intact { records: 5 });
+    }
+}
