@@ -28,6 +28,9 @@ pub struct Detector {
     /// Bytes before a prefilter match end where a secret can start, over all
     /// rules: what a stream keeps from one chunk to the next.
     tail: usize,
+    /// Lower bound on the bytes any detection's match spans (see
+    /// [`Detector::min_match_len`]).
+    min_match: usize,
 }
 
 impl std::fmt::Debug for Detector {
@@ -76,6 +79,7 @@ impl Detector {
         let mut seen = HashSet::new();
         let mut compiled = Vec::with_capacity(specs.len());
         let mut patterns = Vec::with_capacity(specs.len());
+        let mut min_match = usize::MAX;
         for (i, (source, spec)) in specs.iter().enumerate() {
             let rule_err =
                 |reason: String| DetectError::Rule { source_name: source.clone(), rule: spec.id.clone(), reason };
@@ -90,9 +94,16 @@ impl Detector {
             if info.min_width() == 0 {
                 return Err(rule_err("pattern can match the empty string".into()));
             }
-            compiled.push(spec.compile(source, info.max_width())?);
+            let rule = spec.compile(source, info.max_width())?;
+            // The confirm match, not the prefilter's: Hyperscan's min_width
+            // bounds only the prefilter match, which a scan without
+            // Hyperscan (see `scan_buffer`) does not need.
+            min_match = min_match.min(confirm_min_len(&rule));
+            compiled.push(rule);
             patterns.push(pattern);
         }
+        // No rules, no detections; 0 keeps callers from reasoning about it.
+        let min_match = if compiled.is_empty() { 0 } else { min_match };
         let db = if patterns.is_empty() {
             None
         } else {
@@ -100,7 +111,7 @@ impl Detector {
             Some(db)
         };
         let tail = compiled.iter().map(|r| r.lookback).max().unwrap_or(0) + KEYWORD_CONTEXT;
-        let detector = Detector { rules: compiled, db, scratch: Mutex::new(Vec::new()), tail };
+        let detector = Detector { rules: compiled, db, scratch: Mutex::new(Vec::new()), tail, min_match };
         // Fail at startup, not on the first request, if scratch cannot be had.
         let scratch = detector.take_scratch()?;
         detector.put_scratch(scratch);
@@ -131,6 +142,19 @@ impl Detector {
     /// chunks is still seen whole (more while a candidate awaits its end).
     pub fn overlap(&self) -> usize {
         self.tail
+    }
+
+    /// No detection spans fewer bytes of the scanned buffer than this, so a
+    /// buffer shorter than it holds none. Sound because a detection only
+    /// ever comes from a match of its rule's confirm regex lying inside the
+    /// buffer (after a prefilter hit, or without one when Hyperscan fails
+    /// and every rule is confirmed on the whole buffer), the entropy,
+    /// placeholder, keyword and check steps after it only reject, and this
+    /// is the minimum over all rules of the confirm regex's shortest match
+    /// (in bytes, as compiled: no Unicode). 0 (no bound) when a regex's
+    /// minimum is unknown.
+    pub fn min_match_len(&self) -> usize {
+        self.min_match
     }
 
     /// Confirmed detections in `data`, ordered by offset.
@@ -270,6 +294,21 @@ impl Detector {
                     secret: Secret::new(secret),
                 },
             ));
+        }
+    }
+}
+
+/// The fewest bytes a match of `rule`'s confirm regex spans, as
+/// `regex-syntax` computes it for the regex as compiled (bytes, no
+/// Unicode); 0 when that is unknown (it never is for a regex that
+/// compiled, but 0 only disables the views' skip).
+fn confirm_min_len(rule: &Rule) -> usize {
+    let hir = regex_syntax::ParserBuilder::new().unicode(false).utf8(false).build().parse(rule.confirm.as_str());
+    match hir {
+        Ok(hir) => hir.properties().minimum_len().unwrap_or(0),
+        Err(e) => {
+            tracing::warn!(rule = %rule.id, error = %e, "detector: confirm regex not re-parsed; no match-length bound");
+            0
         }
     }
 }

@@ -348,3 +348,54 @@ fn remembered_clean_header_lines_give_the_same_hits() {
         }
     }
 }
+
+fn spec_detector(yaml: &str) -> Detector {
+    let specs = rules::parse_rule_file("test rules", yaml).unwrap();
+    Detector::from_specs(&specs.into_iter().map(|s| ("test rules".to_string(), s)).collect::<Vec<_>>()).unwrap()
+}
+
+#[test]
+fn min_match_len_is_the_shortest_confirm_match() {
+    let one = |pattern: &str, confirm: Option<&str>| {
+        let confirm = confirm.map_or(String::new(), |c| format!("  confirm: '{c}'\n"));
+        spec_detector(&format!("rules:\n- id: a\n  pattern: '{pattern}'\n{confirm}")).min_match_len()
+    };
+    // No confirm regex: the pattern is the confirm regex.
+    assert_eq!(one("tok_[a-z0-9]{20}", None), 24);
+    // A confirm match shorter than any prefilter match: the confirm's
+    // (the whole match, not only the secret's group).
+    assert_eq!(one("tok_[a-z0-9]{20}", Some("(?:^|x)(k_[a-z0-9]{20})")), 22);
+    assert_eq!(one("tok_[a-z0-9]{20}", Some("tok_(?P<secret>[a-z0-9]{1,20})")), 5);
+    // A prefilter shorter than the confirm match: still the confirm's,
+    // since only a confirm match in the buffer makes a detection.
+    assert_eq!(one("(?i)psexec", Some("(?i)psexec\\s-p\\s(?P<secret>\\S{3,128})")), 13);
+    // Alternatives and optional parts count at their shortest.
+    assert_eq!(one("(?:ab[0-9]{3}|abcd[0-9]{10})x?", None), 5);
+    // The shortest rule bounds the detector.
+    let two = spec_detector("rules:\n- id: a\n  pattern: 'tok_[a-z0-9]{20}'\n- id: b\n  pattern: 'zz[0-9]{7}'\n");
+    assert_eq!(two.min_match_len(), 9);
+}
+
+#[test]
+fn no_builtin_known_positive_is_shorter_than_the_bound() {
+    let bound = detector().min_match_len();
+    // Pinned so that a rule change moving it is seen: the views skip
+    // base64 and hex runs that decode to fewer bytes (`mask::views`).
+    assert_eq!(bound, BUILTIN_MIN_MATCH, "built-in rules' shortest match changed");
+    let mut shortest = usize::MAX;
+    for spec in rules::builtin_specs().unwrap() {
+        let rule = spec.compile(rules::BUILTIN_SOURCE, rules::MAX_LOOKBACK).unwrap();
+        for ex in &spec.examples {
+            // What a detection of this example spans: its confirm match.
+            let whole = rule.confirm.find_iter(ex.as_bytes()).map(|m| m.len()).min();
+            let whole = whole.unwrap_or_else(|| panic!("{}: example {} has no confirm match", spec.id, redact(ex)));
+            assert!(whole >= bound, "{}: example {} matches {whole} bytes < {bound}", spec.id, redact(ex));
+            shortest = shortest.min(whole);
+        }
+    }
+    assert!(shortest >= bound && shortest < usize::MAX, "{shortest}");
+}
+
+/// The built-in rules' shortest possible match: curl's `-u a:bcd`
+/// (`curl-user-credentials`).
+const BUILTIN_MIN_MATCH: usize = 8;

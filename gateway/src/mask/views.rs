@@ -41,9 +41,15 @@ const MAX_DEPTH: u8 = 3;
 /// Raw bytes decoded on each side of an escape: room for the longest
 /// ordinary key and the assignment before it (`"password": "…`).
 const CONTEXT: usize = 1024;
-/// Shortest base64 run decoded: 12 bytes, shorter than any key a rule finds.
+/// Shortest base64 run decoded (12 bytes). A floor for cost, not derived
+/// from the detector: shorter runs are mostly words and identifiers. The
+/// detector's [`Detector::min_match_len`] applies on top of it (a run whose
+/// decoded bytes are fewer is not decoded either), which only matters for
+/// rule sets whose shortest match exceeds 12 bytes; the built-in rules'
+/// shortest matches are shorter than that (`-u a:bcd`, URL credentials),
+/// so deriving the floor from the bound would decode more runs, not fewer.
 const MIN_RUN: usize = 16;
-/// Shortest hex run decoded: 16 bytes, shorter than any key a rule finds.
+/// Shortest hex run decoded (16 bytes): a floor for cost, as [`MIN_RUN`].
 const MIN_HEX_RUN: usize = 32;
 /// Distinct `UESCAPE` characters of one text given a view each, at most.
 const MAX_UESCAPES: usize = 4;
@@ -118,6 +124,13 @@ fn find_in(
     budget: &mut Budget,
     out: &mut Vec<Found>,
 ) -> Result<(), OverBudget> {
+    // No view decodes to more bytes than its source (every escape and run
+    // is at least as long as what it stands for), so a text shorter than
+    // the shortest match has no view, at any depth, that holds one.
+    let min_match = detector.min_match_len();
+    if text.len() < min_match {
+        return Ok(());
+    }
     let fixed =
         [Escapes::Percent, Escapes::Form, Escapes::Backslash, Escapes::QuotedPrintable, Escapes::Unicode(b'\\')];
     for escapes in fixed.into_iter().chain(uescapes(text).map(Escapes::Unicode)) {
@@ -126,7 +139,8 @@ fn find_in(
         scan(detector, &view.bytes, depth, budget, &mut found)?;
         out.extend(found.into_iter().map(|f| Found { range: view.source(f.range), detection: f.detection }));
     }
-    for view in [RunView::base64(text, budget)?, RunView::hex(text, budget)?].into_iter().flatten() {
+    let runs = [RunView::base64(text, min_match, budget)?, RunView::hex(text, min_match, budget)?];
+    for view in runs.into_iter().flatten() {
         for d in detector.scan(&view.bytes) {
             out.push(Found { range: view.source(d.start as usize..d.end as usize), detection: d });
         }
@@ -152,6 +166,10 @@ fn scan(
     budget: &mut Budget,
     out: &mut Vec<Found>,
 ) -> Result<(), OverBudget> {
+    if bytes.len() < detector.min_match_len() {
+        // Nor can its own views (see `find_in`).
+        return Ok(());
+    }
     for d in detector.scan(bytes) {
         out.push(Found { range: d.start as usize..d.end as usize, detection: d });
     }
@@ -471,9 +489,15 @@ fn is_b64(b: u8) -> bool {
 }
 
 impl RunView {
-    /// The view of `text`'s runs of at least [`MIN_RUN`] base64 characters,
-    /// or `None` when it has none.
-    fn base64(text: &[u8], budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
+    /// The view of `text`'s runs of at least [`MIN_RUN`] base64 characters
+    /// that decode to at least `min_len` bytes, or `None` when it has none.
+    ///
+    /// A shorter run cannot hold a match on its own. The view joins runs
+    /// with `\n`, so a match could in principle span two of them (a
+    /// keyword decoded from one run, the key from the next); those are
+    /// separate values in the text, and such a match is an artifact of the
+    /// join, not something this skip has to keep.
+    fn base64(text: &[u8], min_len: usize, budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
         let mut view = RunView { bytes: Vec::new(), segments: Vec::new() };
         let mut chars = Vec::new();
         let mut i = 0;
@@ -534,6 +558,10 @@ impl RunView {
                     // A lone last character carries no whole byte.
                     usable = &usable[..usable.len() - 1];
                 }
+                // 4 characters are 3 bytes, 3 are 2, 2 are 1.
+                if usable.len() * 3 / 4 < min_len {
+                    continue;
+                }
                 budget.spend(usable.len() / 4 * 3 + 3)?;
                 if !view.bytes.is_empty() {
                     view.bytes.push(b'\n');
@@ -551,9 +579,10 @@ impl RunView {
     }
 
     /// The view of `text`'s runs of at least [`MIN_HEX_RUN`] hex digits
-    /// (`decode(…, 'hex')`, `bytea`'s `\x…`, hex dumps), or `None`. An odd
-    /// run's last digit is left out.
-    fn hex(text: &[u8], budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
+    /// (`decode(…, 'hex')`, `bytea`'s `\x…`, hex dumps) that decode to at
+    /// least `min_len` bytes, or `None`. An odd run's last digit is left
+    /// out. Shorter runs are skipped as in [`RunView::base64`].
+    fn hex(text: &[u8], min_len: usize, budget: &mut Budget) -> Result<Option<RunView>, OverBudget> {
         let mut view = RunView { bytes: Vec::new(), segments: Vec::new() };
         let mut i = 0;
         while i < text.len() {
@@ -565,7 +594,7 @@ impl RunView {
             while i < text.len() && text[i].is_ascii_hexdigit() {
                 i += 1;
             }
-            if i - start < MIN_HEX_RUN {
+            if i - start < MIN_HEX_RUN || (i - start) / 2 < min_len {
                 continue;
             }
             budget.spend((i - start) / 2 + 1)?;
@@ -698,7 +727,7 @@ mod tests {
     }
 
     fn base64_decoded(text: &str) -> Option<(Vec<u8>, RunView)> {
-        let v = RunView::base64(text.as_bytes(), &mut Budget::for_text(text.len())).unwrap()?;
+        let v = RunView::base64(text.as_bytes(), 0, &mut Budget::for_text(text.len())).unwrap()?;
         Some((v.bytes.clone(), v))
     }
 
@@ -737,6 +766,100 @@ mod tests {
         let at = bytes.windows(8).position(|w| w == b"lazy dog").unwrap();
         let run = v.source(at..at + 8);
         assert_eq!(&text[run], wrapped.join("\r\n"));
+    }
+
+    /// A detector whose one rule's shortest match is 24 bytes, longer
+    /// than a [`MIN_RUN`] run decodes to, so the bound alone decides.
+    fn long_key_detector() -> Detector {
+        let specs = crate::detect::rules::parse_rule_file(
+            "test rules",
+            "rules:\n- id: tok\n  pattern: 'tok_[a-z0-9]{20}'\n  confidence: high\n",
+        )
+        .unwrap();
+        let det = Detector::from_specs(&specs.into_iter().map(|s| ("test rules".to_string(), s)).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(det.min_match_len(), 24);
+        det
+    }
+
+    /// A key of exactly the rule's shortest length.
+    const KEY: &str = "tok_k3j4h5g6f7d8s9a0q1w2";
+
+    fn found_once(detector: &Detector, text: &str) -> Range<usize> {
+        let found = find_all(detector, text.as_bytes()).unwrap();
+        assert_eq!(found.len(), 1, "{text}: {found:?}");
+        assert_eq!(found[0].detection.secret.as_bytes(), KEY.as_bytes(), "{text}");
+        found[0].range.clone()
+    }
+
+    #[test]
+    fn runs_shorter_than_the_shortest_match_are_not_decoded() {
+        assert_eq!(KEY.len(), 24);
+        let b = |n: usize| RunView::base64(b64(&KEY.as_bytes()[..n], false).as_bytes(), 24, &mut Budget(1 << 20));
+        // 32 characters decode to 24 bytes: decoded; 23 bytes are not (but
+        // would be without the bound: they pass MIN_RUN).
+        assert!(b(24).unwrap().is_some());
+        assert!(b(23).unwrap().is_none());
+        assert!(RunView::base64(b64(&KEY.as_bytes()[..23], false).as_bytes(), 0, &mut Budget(1 << 20))
+            .unwrap()
+            .is_some());
+        let h = |n: usize| {
+            let hex: String = KEY.bytes().take(n).map(|b| format!("{b:02x}")).collect();
+            RunView::hex(hex.as_bytes(), 24, &mut Budget(1 << 20))
+        };
+        assert!(h(24).unwrap().is_some());
+        assert!(h(23).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_key_at_the_shortest_match_length_is_found_in_the_shortest_run_decoded() {
+        let detector = long_key_detector();
+        // Base64 of exactly the key: the shortest run that must be decoded.
+        let encoded = b64(KEY.as_bytes(), false);
+        assert_eq!(encoded.len(), 32);
+        let text = format!("select '{encoded}';");
+        assert_eq!(&text[found_once(&detector, &text)], encoded);
+        // URL-safe, unpadded, after a prefix that shifts the alignment.
+        let text = format!("/v1/x-{}", b64(KEY.as_bytes(), true));
+        assert_eq!(found_once(&detector, &text), 0..text.len());
+        // Hex: 48 digits, 24 bytes.
+        let hex: String = KEY.bytes().map(|b| format!("{b:02x}")).collect();
+        let text = format!("decode('{hex}', 'hex')");
+        assert_eq!(&text[found_once(&detector, &text)], hex);
+        // And masked.
+        let masker =
+            crate::mask::Masker::new(std::sync::Arc::new(long_key_detector()), &crate::mask::MaskSpec::default())
+                .unwrap();
+        let text = format!("select '{encoded}';");
+        let masked = masker.mask_text(&text);
+        assert!(!masked.contains(&encoded) && masked.starts_with("select '"), "{masked}");
+    }
+
+    #[test]
+    fn nested_views_keep_keys_at_the_shortest_match_length() {
+        let detector = long_key_detector();
+        // Base64 of the percent-encoded key: the inner view is 24 bytes.
+        let escaped = KEY.replacen('_', "%5F", 1);
+        let text = format!("q={}", b64(escaped.as_bytes(), false));
+        assert_eq!(found_once(&detector, &text), 2..text.len());
+        // Base64 of the JSON-escaped key.
+        let escaped = format!(r#"{{"k":"{}"}}"#, KEY.replacen('t', r"\u0074", 1));
+        let text = b64(escaped.as_bytes(), true);
+        assert_eq!(found_once(&detector, &text), 0..text.len());
+        // Percent-encoded base64 of the key: the run appears in the
+        // percent view, 32 characters long, decoding to 24 bytes.
+        let encoded = b64(KEY.as_bytes(), false);
+        let text = format!("a=%{:02X}{}", encoded.as_bytes()[0], &encoded[1..]);
+        let range = found_once(&detector, &text);
+        assert_eq!(&text[range], &text[2..]);
+        // Base64 of base64 of the key (three deep with the raw text).
+        let twice = b64(b64(KEY.as_bytes(), false).as_bytes(), false);
+        assert_eq!(found_once(&detector, &twice), 0..twice.len());
+        // One byte short of a key, at every depth: nothing.
+        let short = &KEY[..23];
+        for text in [b64(short.as_bytes(), false), b64(b64(short.as_bytes(), false).as_bytes(), false)] {
+            assert!(find_all(&detector, text.as_bytes()).unwrap().is_empty());
+        }
     }
 
     #[test]
