@@ -980,36 +980,27 @@ impl Scene {
                             .with_context(|| format!("starting the {label}"))?;
                     proxies.push((Route { label, base: format!("https://{addr}"), gateway: None }, Peer::Nginx(nginx)));
                 }
-                let port = free_port(PROXY_IP)?;
-                let prefix = dir.path().join("haproxy-auto");
-                let h = haproxy::Haproxy::start(
-                    haproxy_bin(tools)?,
-                    prefix,
-                    haproxy::Relay::Http,
-                    haproxy::Threads::Auto,
-                    &pki,
-                    port,
-                    origin_port,
-                    None,
-                )
-                .with_context(|| format!("starting the {PROXIES_HAPROXY}"))?;
-                eprintln!("{PROXIES_HAPROXY}: {} threads", h.threads()?);
-                let base = format!("https://{PROXY_IP}:{port}");
-                proxies.push((Route { label: PROXIES_HAPROXY, base, gateway: None }, Peer::Haproxy(h)));
-                let port = free_port(PROXY_IP)?;
-                let h = haproxy::Haproxy::start(
-                    haproxy_bin(tools)?,
-                    dir.path().join("tcp-relay"),
-                    haproxy::Relay::Tcp,
-                    haproxy::Threads::Auto,
-                    &pki,
-                    port,
-                    origin_port,
-                    None,
-                )
-                .with_context(|| format!("starting the {PROXIES_TCP_RELAY}"))?;
-                let base = format!("https://{PROXY_IP}:{port}");
-                proxies.push((Route { label: PROXIES_TCP_RELAY, base, gateway: None }, Peer::Haproxy(h)));
+                // The peer, then the floor: the same HAProxy, relaying HTTP or TCP.
+                for (label, name, relay) in [
+                    (PROXIES_HAPROXY, "haproxy-auto", haproxy::Relay::Http),
+                    (PROXIES_TCP_RELAY, "tcp-relay", haproxy::Relay::Tcp),
+                ] {
+                    let port = free_port(PROXY_IP)?;
+                    let h = haproxy::Haproxy::start(
+                        haproxy_bin(tools)?,
+                        dir.path().join(name),
+                        relay,
+                        haproxy::Threads::Auto,
+                        &pki,
+                        port,
+                        origin_port,
+                        None,
+                    )
+                    .with_context(|| format!("starting the {label}"))?;
+                    eprintln!("{label}: {} threads", h.threads()?);
+                    let base = format!("https://{PROXY_IP}:{port}");
+                    proxies.push((Route { label, base, gateway: None }, Peer::Haproxy(h)));
+                }
                 if let Some(bin) = &tools.pingora {
                     let port = free_port(PROXY_IP)?;
                     let threads = std::thread::available_parallelism().map(usize::from).unwrap_or(1);

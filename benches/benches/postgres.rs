@@ -685,19 +685,9 @@ impl PgBouncer {
             .spawn()
             .context("run pgbouncer (install Debian's pgbouncer: cargo xtask setup)")?;
         let mut bouncer = PgBouncer { dir, port, child };
-        for _ in 0..3000 {
-            if std::net::TcpStream::connect((BOUNCER_IP, port)).is_ok() {
-                return Ok(bouncer);
-            }
-            if let Some(status) = bouncer.child.try_wait()? {
-                bail!(
-                    "pgbouncer exited with {status}:\n{}",
-                    std::fs::read_to_string(bouncer.dir.path().join("pgbouncer.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("pgbouncer did not listen on {BOUNCER_IP}:{port} within 60 s")
+        let log = bouncer.dir.path().join("pgbouncer.log");
+        wait_accepting("pgbouncer", BOUNCER_IP, port, &mut bouncer.child, &log)?;
+        Ok(bouncer)
     }
 }
 
@@ -708,6 +698,27 @@ impl Drop for PgBouncer {
     }
 }
 
+/// Waits up to 60 s until `name`, started as `child`, accepts on
+/// `ip:port`; fails with its log if it exits first.
+fn wait_accepting(
+    name: &str,
+    ip: &str,
+    port: u16,
+    child: &mut std::process::Child,
+    log: &std::path::Path,
+) -> Result<()> {
+    for _ in 0..3000 {
+        if std::net::TcpStream::connect((ip, port)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{name} exited with {status}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{name} did not listen on {ip}:{port} within 60 s")
+}
+
 /// HAProxy in `mode tcp` in front of the server: it relays the bytes both
 /// ways and inspects nothing (pgbench's SSLRequest and the TLS session go
 /// end to end to the server), the cheapest interposer that terminates the
@@ -715,7 +726,7 @@ impl Drop for PgBouncer {
 /// CPU (HAProxy's default, the gateway's runtime's too); stopped when
 /// dropped.
 struct TcpRelay {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     port: u16,
     child: std::process::Child,
 }
@@ -745,20 +756,10 @@ impl TcpRelay {
             .stderr(log)
             .spawn()
             .context("run haproxy")?;
-        let mut relay = TcpRelay { _dir: dir, port, child };
-        for _ in 0..3000 {
-            if std::net::TcpStream::connect((RELAY_IP, port)).is_ok() {
-                return Ok(relay);
-            }
-            if let Some(status) = relay.child.try_wait()? {
-                bail!(
-                    "haproxy exited with {status}:\n{}",
-                    std::fs::read_to_string(relay._dir.path().join("haproxy.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        bail!("haproxy did not listen on {RELAY_IP}:{port} within 60 s")
+        let mut relay = TcpRelay { dir, port, child };
+        let log = relay.dir.path().join("haproxy.log");
+        wait_accepting("haproxy", RELAY_IP, port, &mut relay.child, &log)?;
+        Ok(relay)
     }
 }
 
