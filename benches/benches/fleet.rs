@@ -182,6 +182,9 @@ fn fill(config: &Config, records: u64) -> anyhow::Result<()> {
     for s in 0..records / PER_SESSION {
         let id = format!("{s:012x}-{:012x}", rand_u64());
         let mut prev = gateway::record::GENESIS_HASH.to_owned();
+        // One row per session, as the recorder stores a session whose
+        // records fall in one batch (the layout: gateway/src/record/chunk.rs).
+        let mut body = Vec::new();
         for seq in 0..PER_SESSION {
             let kind = match seq {
                 0 => "start",
@@ -189,12 +192,24 @@ fn fill(config: &Config, records: u64) -> anyhow::Result<()> {
                 _ => "exchange",
             };
             let hash = gateway::record::hash_record(&id, &prev, seq, seq as i64, kind, &data);
-            tx.execute(
-                "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6)",
-                rusqlite::params![id, seq as i64, kind, data, prev, hash],
-            )?;
+            body.extend_from_slice(&(seq as i64).to_le_bytes());
+            for text in [kind, hash.as_str(), data.as_str()] {
+                body.extend_from_slice(&(text.len() as u32).to_le_bytes());
+                body.extend_from_slice(text.as_bytes());
+            }
             prev = hash;
         }
+        tx.execute(
+            "INSERT INTO chunks (id, session, first_seq, n, exchanges, prev_hash, ts, body) VALUES (?1, ?2, 0, ?3, ?4, ?5, 0, ?6)",
+            rusqlite::params![
+                (s * PER_SESSION + 1) as i64,
+                id,
+                PER_SESSION as i64,
+                PER_SESSION as i64 - 2,
+                gateway::record::GENESIS_HASH,
+                body
+            ],
+        )?;
         tx.execute(
             "INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
                                    last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)

@@ -110,9 +110,34 @@ pub fn open_private_paged(
     Ok(conn)
 }
 
+/// One schema migration.
+#[derive(Clone, Copy)]
+pub enum Migration {
+    /// Statements run as one batch.
+    Sql(&'static str),
+    /// Code, for what SQL cannot say (re-encoding rows); it runs inside the
+    /// migration's transaction.
+    Code(fn(&Connection) -> rusqlite::Result<()>),
+}
+
+impl std::fmt::Debug for Migration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Migration::Sql(sql) => f.debug_tuple("Sql").field(sql).finish(),
+            Migration::Code(_) => f.write_str("Code(..)"),
+        }
+    }
+}
+
 /// Applies the `migrations` the database has not seen yet (`user_version`
 /// counts those applied), in one immediate transaction.
-pub fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), OpenError> {
+pub fn migrate(conn: &Connection, migrations: &[&'static str]) -> Result<(), OpenError> {
+    let steps: Vec<Migration> = migrations.iter().map(|sql| Migration::Sql(sql)).collect();
+    migrate_steps(conn, &steps)
+}
+
+/// [`migrate`], with steps that may be code.
+pub fn migrate_steps(conn: &Connection, migrations: &[Migration]) -> Result<(), OpenError> {
     let supported = migrations.len() as i64;
     let version = |conn: &Connection| -> Result<i64, OpenError> {
         conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(sqlite("reading the schema version"))
@@ -129,8 +154,12 @@ pub fn migrate(conn: &Connection, migrations: &[&str]) -> Result<(), OpenError> 
         return Err(OpenError::UnsupportedSchema { found, supported });
     }
     let start = usize::try_from(found).unwrap_or(0);
-    for (i, sql) in migrations.iter().enumerate().skip(start) {
-        tx.execute_batch(sql).map_err(sqlite("creating the schema"))?;
+    for (i, step) in migrations.iter().enumerate().skip(start) {
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql),
+            Migration::Code(run) => run(&tx),
+        }
+        .map_err(sqlite("creating the schema"))?;
         tx.pragma_update(None, "user_version", i as i64 + 1).map_err(sqlite("setting the schema version"))?;
     }
     tx.commit().map_err(sqlite("committing the schema"))

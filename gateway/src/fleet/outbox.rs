@@ -72,8 +72,33 @@ impl Stream {
         }
     }
 
+    /// SQL: how many of its rows have a local id above `?1`.
+    fn count_after(self) -> String {
+        match self {
+            Stream::Records => crate::record::COUNT_RECORDS_AFTER.to_owned(),
+            _ => format!("SELECT count(*) FROM {} WHERE id > ?1", self.table()),
+        }
+    }
+
+    /// SQL: when the first row past `?1` was recorded (Unix nanoseconds).
+    fn first_time_after(self) -> String {
+        match self {
+            Stream::Records => crate::record::FIRST_TIME_AFTER.to_owned(),
+            _ => format!("SELECT {} FROM {} WHERE id > ?1 ORDER BY id LIMIT 1", self.time_column(), self.table()),
+        }
+    }
+
+    /// SQL: the newest local id (NULL when none).
+    fn newest_id(self) -> String {
+        match self {
+            Stream::Records => crate::record::NEWEST_RECORD_ID.to_owned(),
+            _ => format!("SELECT max(id) FROM {}", self.table()),
+        }
+    }
+
     /// The column of its local table that says when a row was recorded
-    /// (Unix nanoseconds).
+    /// (Unix nanoseconds); records keep theirs in the rows that hold them
+    /// (see `record::store`).
     fn time_column(self) -> &'static str {
         match self {
             Stream::Records => "ts",
@@ -87,7 +112,7 @@ impl Stream {
     /// The local table.
     fn table(self) -> &'static str {
         match self {
-            Stream::Records => "records",
+            Stream::Records => "chunks",
             Stream::Sightings => "sightings",
             Stream::Reviews => "status_history",
             Stream::Approvals => "approvals",
@@ -196,8 +221,7 @@ fn local<'a>(path: &'a Path, doing: &'static str) -> impl FnOnce(rusqlite::Error
 
 /// Rows of `stream` past `after` (a table that does not exist yet has none).
 fn count_after(conn: &Connection, path: &Path, stream: Stream, after: i64) -> Result<u64, FleetError> {
-    let sql = format!("SELECT count(*) FROM {} WHERE id > ?1", stream.table());
-    match conn.query_row(&sql, [after], |r| r.get::<_, i64>(0)) {
+    match conn.query_row(&stream.count_after(), [after], |r| r.get::<_, i64>(0)) {
         Ok(n) => Ok(n.max(0) as u64),
         Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => Ok(0),
         Err(e) => Err(local(path, "counting unshipped rows")(e)),
@@ -206,8 +230,7 @@ fn count_after(conn: &Connection, path: &Path, stream: Stream, after: i64) -> Re
 
 /// When the first row of `stream` past `after` was recorded (Unix ns).
 fn first_time_after(conn: &Connection, path: &Path, stream: Stream, after: i64) -> Result<Option<i64>, FleetError> {
-    let sql = format!("SELECT {} FROM {} WHERE id > ?1 ORDER BY id LIMIT 1", stream.time_column(), stream.table());
-    match conn.query_row(&sql, [after], |r| r.get::<_, i64>(0)).optional() {
+    match conn.query_row(&stream.first_time_after(), [after], |r| r.get::<_, i64>(0)).optional() {
         Ok(t) => Ok(t),
         Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => Ok(None),
         Err(e) => Err(local(path, "reading the oldest unshipped row")(e)),
@@ -563,12 +586,11 @@ impl Shipper {
             // A local database made anew (moved aside, or emptied by
             // retention) numbers its rows from 1 again: ship it from the
             // start (idempotent) rather than skip it.
-            let max: Option<i64> =
-                match conn.query_row(&format!("SELECT max(id) FROM {}", stream.table()), [], |r| r.get(0)) {
-                    Ok(v) => v,
-                    Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => continue,
-                    Err(e) => return Err(local(path, "reading the newest id")(e)),
-                };
+            let max: Option<i64> = match conn.query_row(&stream.newest_id(), [], |r| r.get(0)) {
+                Ok(v) => v,
+                Err(rusqlite::Error::SqliteFailure(_, Some(msg))) if msg.starts_with("no such table") => continue,
+                Err(e) => return Err(local(path, "reading the newest id")(e)),
+            };
             if max.unwrap_or(0) < after {
                 tracing::warn!(target: FLEET_TARGET, stream = stream.as_str(), cursor = after, newest = max.unwrap_or(0), "local ids restarted below the shipped mark (a new database); shipping it from the start");
                 after = 0;
@@ -629,8 +651,8 @@ impl Shipper {
         let ids: Vec<String> = tx
             .prepare(
                 "SELECT s.id FROM sessions s WHERE (s.ended IS NOT NULL OR s.started < ?3) AND s.last_ts < ?1
-                   AND NOT EXISTS (SELECT 1 FROM records r WHERE r.session = s.id AND r.id > ?2)
-                   AND s.id IS NOT (SELECT session FROM records ORDER BY id DESC LIMIT 1)
+                   AND NOT EXISTS (SELECT 1 FROM chunks c WHERE c.session = s.id AND c.id + c.n - 1 > ?2)
+                   AND s.id IS NOT (SELECT session FROM chunks ORDER BY id DESC LIMIT 1)
                  LIMIT 1000",
             )
             .and_then(|mut st| {
@@ -638,7 +660,7 @@ impl Shipper {
             })
             .map_err(local(path, "finding shipped sessions"))?;
         for id in &ids {
-            tx.execute("DELETE FROM records WHERE session = ?1", [id]).map_err(local(path, "deleting records"))?;
+            tx.execute("DELETE FROM chunks WHERE session = ?1", [id]).map_err(local(path, "deleting records"))?;
             tx.execute("DELETE FROM sessions WHERE id = ?1", [id]).map_err(local(path, "deleting a session"))?;
         }
         tx.commit().map_err(local(path, "committing"))?;
@@ -783,27 +805,28 @@ fn read_batch(
     let e = |doing| local(path, doing);
     match stream {
         Stream::Records => {
-            let records: Vec<RecordOut> = tx
-                .prepare_cached(
-                    "SELECT id, session, seq, ts, kind, data, prev_hash, hash FROM records WHERE id > ?1 ORDER BY id LIMIT ?2",
-                )
-                .and_then(|mut st| {
-                    st.query_map([after, limit], |r| {
-                        Ok(RecordOut {
-                            local_id: r.get(0)?,
-                            session: r.get(1)?,
-                            seq: r.get(2)?,
-                            ts: r.get(3)?,
-                            kind: r.get(4)?,
-                            data: r.get(5)?,
-                            prev_hash: r.get(6)?,
-                            hash: r.get(7)?,
-                        })
-                    })?
-                    .collect()
+            let read = crate::record::records_after(&tx, after, limit as usize).map_err(e("reading records"))?;
+            for (session, first_seq, why) in &read.damaged {
+                // Shipped without them: the central chain then shows the
+                // gap, where a reviewer sees it, rather than the outbox
+                // stopping for good at a row it cannot read.
+                tracing::error!(target: FLEET_TARGET, kind = "damaged_records", session, first_seq, reason = %why, "stored session records do not decode; shipping the session without them");
+            }
+            let records: Vec<RecordOut> = read
+                .records
+                .into_iter()
+                .map(|(local_id, r)| RecordOut {
+                    local_id,
+                    session: r.session.as_str().to_owned(),
+                    seq: r.seq as i64,
+                    ts: r.ts,
+                    kind: r.kind,
+                    data: r.data,
+                    prev_hash: r.prev_hash,
+                    hash: r.hash,
                 })
-                .map_err(e("reading records"))?;
-            out.last_id = records.last().map(|r| r.local_id);
+                .collect();
+            out.last_id = read.last_id;
             out.rows = records.len() as u64;
             // The last record of each session in this batch.
             let mut tails: BTreeMap<&str, &RecordOut> = BTreeMap::new();
@@ -823,17 +846,12 @@ fn read_batch(
                     // More of the chain is committed locally than this batch
                     // ships: the central row claims only what it holds, so a
                     // verification there never sees a removed tail.
-                    let exchanges: i64 = tx
-                        .query_row(
-                            "SELECT count(*) FROM records WHERE session = ?1 AND seq <= ?2 AND kind = 'exchange'",
-                            rusqlite::params![session, tail.seq],
-                            |r| r.get(0),
-                        )
+                    let exchanges = crate::record::exchanges_through(&tx, session, tail.seq as u64)
                         .map_err(e("counting exchanges"))?;
                     row.last_seq = tail.seq as u64;
                     row.last_hash = tail.hash.clone();
                     row.last_ts = tail.ts;
-                    row.exchanges = exchanges as u64;
+                    row.exchanges = exchanges;
                     row.ended = None;
                     row.bytes_up = None;
                     row.bytes_down = None;
@@ -1285,27 +1303,27 @@ mod tests {
     }
 
     /// A sessions database with one session of `records` records (start,
-    /// exchanges, end), written as the recorder writes them.
+    /// exchanges, end), written as the recorder writes them, in rows of at
+    /// most three (three writer batches' worth, for batches that end inside
+    /// a session).
     fn sessions_db(config: &Config, records: u64) -> Connection {
         let path = config.record.database_path(&config.state_dir);
         drop(crate::record::SessionStore::open(&path).expect("create the sessions database"));
         let conn = Connection::open(&path).expect("open");
+        let kinds: Vec<(i64, &str, &str)> = (0..records)
+            .map(|seq| {
+                let kind = match seq {
+                    0 => "start",
+                    s if s + 1 == records => "end",
+                    _ => "exchange",
+                };
+                (seq as i64, kind, "{}")
+            })
+            .collect();
         let mut prev = crate::record::GENESIS_HASH.to_owned();
-        let mut hashes = Vec::new();
-        for seq in 0..records {
-            let kind = match seq {
-                0 => "start",
-                s if s + 1 == records => "end",
-                _ => "exchange",
-            };
-            let hash = crate::record::hash_record("s1", &prev, seq, seq as i64, kind, "{}");
-            conn.execute(
-                "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s1', ?1, ?1, ?2, '{}', ?3, ?4)",
-                rusqlite::params![seq as i64, kind, prev, hash],
-            )
-            .expect("insert record");
-            prev = hash.clone();
-            hashes.push(hash);
+        for (i, row) in kinds.chunks(3).enumerate() {
+            let first = i as u64 * 3;
+            prev = crate::record::insert_test_row(&conn, first as i64 + 1, "s1", first, &prev, row);
         }
         conn.execute(
             "INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
@@ -1315,6 +1333,19 @@ mod tests {
         )
         .expect("insert session");
         conn
+    }
+
+    /// Adds a session `id` whose one record (a start at `ts`) has the local
+    /// id `local`, ended or not.
+    fn one_record_session(conn: &Connection, local: i64, id: &str, ts: i64, ended: bool) {
+        crate::record::insert_test_row(conn, local, id, 0, crate::record::GENESIS_HASH, &[(ts, "start", "{}")]);
+        conn.execute(
+            "INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
+                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
+             VALUES (?1, 2, ?2, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', ?2, ?3, 0, 0, ?4)",
+            rusqlite::params![id, ts, ended.then_some(ts), ended.then_some("closed")],
+        )
+        .expect("insert session");
     }
 
     /// The ids of the local sessions, in order.
@@ -1348,6 +1379,31 @@ mod tests {
     }
 
     #[test]
+    fn a_cursor_inside_a_row_ships_the_rest_of_it_and_a_damaged_row_is_passed_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let conn = sessions_db(&config, 5);
+        let path = config.record.database_path(&config.state_dir);
+        // A cursor inside the first row (ids 1..=3), as a migrated database
+        // or an older gateway's shipping leaves it: whole rows are read,
+        // only the records past it are shipped.
+        let read = read_batch(&conn, &path, Stream::Records, 1, 1, &[]).unwrap();
+        let seqs: Vec<i64> = read.data.records.iter().map(|r| r.seq).collect();
+        assert_eq!((seqs, read.last_id), (vec![1, 2], Some(3)));
+        assert_eq!(read.data.records[0].local_id, 2);
+        assert_eq!(count_after(&conn, &path, Stream::Records, 1).unwrap(), 4);
+        assert_eq!(count_after(&conn, &path, Stream::Records, 3).unwrap(), 2);
+        assert_eq!(first_time_after(&conn, &path, Stream::Records, 3).unwrap(), Some(3));
+
+        // The second row's body cut short: its records are not shipped (the
+        // central chain shows the gap) and the cursor moves past it.
+        conn.execute("UPDATE chunks SET body = substr(body, 1, 10) WHERE id = 4", []).unwrap();
+        let read = read_batch(&conn, &path, Stream::Records, 3, 10, &[]).unwrap();
+        assert_eq!((read.rows, read.last_id), (0, Some(5)));
+        assert!(read.data.records.is_empty());
+    }
+
+    #[test]
     fn the_backlog_counts_rows_past_each_cursor_and_a_new_database_ships_from_the_start() {
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path());
@@ -1377,17 +1433,8 @@ mod tests {
         let conn = sessions_db(&config, 3);
         // An interrupted session (never ended, from before this gateway
         // started) recorded after s1, and s3 holding the newest record.
-        conn.execute_batch(
-            "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s2', 0, 5, 'start', '{}', 'p', 'h');
-             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
-                                   last_seq, last_hash, last_ts, bytes_up, bytes_down)
-             VALUES ('s2', 2, 5, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 5, 0, 0);
-             INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s3', 0, 6, 'start', '{}', 'p', 'h');
-             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
-                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
-             VALUES ('s3', 3, 6, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 6, 6, 0, 0, 'closed');",
-        )
-        .unwrap();
+        one_record_session(&conn, 4, "s2", 5, false);
+        one_record_session(&conn, 5, "s3", 6, true);
         let mut shipper = Shipper::new(&config).unwrap();
         // Nothing shipped: every session is decades past the retention, and stays.
         shipper.shipped_retention().unwrap();
@@ -1415,13 +1462,7 @@ mod tests {
         config.fleet.shipped_retention = Some(Duration::from_secs(1));
         let conn = sessions_db(&config, 3);
         // A second ended session, recorded after s1, holding the newest record.
-        conn.execute_batch(
-            "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES ('s2', 0, 5, 'start', '{}', 'p', 'h');
-             INSERT INTO sessions (id, conn_id, started, identity, host, orig_dst, protocol, pid, comm, meta, exchanges,
-                                   last_seq, last_hash, last_ts, ended, bytes_up, bytes_down, outcome)
-             VALUES ('s2', 2, 5, 'id', 'h', '1.2.3.4:443', 'https', 7, 'curl', '{}', 0, 0, 'h', 5, 5, 0, 0, 'closed');",
-        )
-        .unwrap();
+        one_record_session(&conn, 4, "s2", 5, true);
         let mut shipper = Shipper::new(&config).unwrap();
         shipper.cursors.set(Stream::Records, 2).unwrap();
         shipper.shipped_retention().unwrap();
@@ -1431,7 +1472,7 @@ mod tests {
         shipper.last_retention = None;
         shipper.shipped_retention().unwrap();
         assert_eq!(sessions(&conn), ["s2"], "shipped and ended long ago: deleted; the newest record's session stays");
-        let records: i64 = conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0)).unwrap();
+        let records: i64 = conn.query_row("SELECT sum(n) FROM chunks", [], |r| r.get(0)).unwrap();
         assert_eq!(records, 1);
     }
 }

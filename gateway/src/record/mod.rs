@@ -19,6 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 mod chain;
+mod chunk;
 mod encode;
 mod lock;
 mod model;
@@ -38,7 +39,11 @@ pub use retention::prune;
 pub use store::SessionStore;
 // The fleet's central store verifies shipped chains with the same check.
 pub(crate) use chain::verify as verify_chain;
-pub(crate) use store::SessionRow;
+#[cfg(test)]
+pub(crate) use store::insert_test_row;
+pub(crate) use store::{
+    exchanges_through, records_after, SessionRow, COUNT_RECORDS_AFTER, FIRST_TIME_AFTER, NEWEST_RECORD_ID,
+};
 pub use writer::{Health, Recorder, RecorderStatus, SessionRecorder};
 
 /// File name of the sessions database inside `state_dir` when

@@ -19,15 +19,20 @@ use rusqlite::{
     TransactionBehavior,
 };
 
+use crate::sqlite::Migration;
+
 use super::{
     chain::{self, Verdict},
+    chunk::{self, Chunk, ChunkError},
     lock,
     model::{from_nanos, SessionEnd},
     Record, RecordError, SessionFilter, SessionId, SessionState, SessionSummary,
 };
 
 /// Schema migrations; entry `i` takes the database from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[Migration] = &[
+    Migration::Sql(
+        r#"
 -- One row per session: a copy of the start record's data (`meta`) and the
 -- fields listings filter on, plus the chain's current tail and the end.
 -- `verify` checks all of it against the records.
@@ -66,7 +71,168 @@ CREATE TABLE records (
     hash        TEXT    NOT NULL,
     UNIQUE (session, seq)
 ) STRICT;
-"#];
+"#,
+    ),
+    Migration::Code(records_into_chunks),
+];
+
+/// The table of version 2: one row per session per writer batch (see
+/// [`chunk`](super::chunk)). A record's local id (the fleet outbox's cursor)
+/// is the row's `id` plus its place in the row, so rows take consecutive
+/// ranges of ids and a record keeps the id it had as a row of its own.
+const CHUNKS_TABLE: &str = r#"
+CREATE TABLE chunks (
+    id          INTEGER PRIMARY KEY,  -- local id of its first record
+    session     TEXT    NOT NULL,
+    first_seq   INTEGER NOT NULL,
+    n           INTEGER NOT NULL,     -- records in body
+    exchanges   INTEGER NOT NULL,     -- of which exchanges
+    prev_hash   TEXT    NOT NULL,     -- hash of the record before the first
+    ts          INTEGER NOT NULL,     -- the first record's time
+    body        BLOB    NOT NULL,
+    UNIQUE (session, first_seq)
+) STRICT;
+"#;
+
+/// Most body bytes a migrated row collects.
+const MIGRATED_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Version 1 to 2: the records, one row each, into `chunks`. A run of rows
+/// with consecutive ids of one session, consecutive seqs and each `prev_hash`
+/// the hash before it becomes one row, so every id is kept and whatever a
+/// damaged database held (a broken link, a gap, an edited text) is still
+/// there for verification to find.
+fn records_into_chunks(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(CHUNKS_TABLE)?;
+    let mut read = conn.prepare("SELECT id, session, seq, ts, kind, data, prev_hash, hash FROM records ORDER BY id")?;
+    let mut insert = conn.prepare(INSERT_CHUNK)?;
+    let mut rows = read.query([])?;
+    // The run being collected: its first id, and the hash of its last record.
+    let mut run: Option<(i64, Chunk, Vec<u8>)> = None;
+    // The body keeps the records' texts byte for byte, invalid UTF-8
+    // included; the row's own TEXT columns (session, prev_hash) take a
+    // lossy copy, which a damaged link then still fails to match.
+    let text = |r: &Row<'_>, i: usize| -> rusqlite::Result<String> {
+        Ok(String::from_utf8_lossy(r.get_ref(i)?.as_bytes()?).into_owned())
+    };
+    while let Some(r) = rows.next()? {
+        let id: i64 = r.get(0)?;
+        let session = text(r, 1)?;
+        let seq: i64 = r.get(2)?;
+        let prev_hash = r.get_ref(6)?.as_bytes()?;
+        let continues = run.as_ref().is_some_and(|(first, c, last_hash)| {
+            *first + i64::from(c.records) == id
+                && c.session.as_str() == session
+                && c.first_seq as i64 + i64::from(c.records) == seq
+                && last_hash.as_slice() == prev_hash
+                && c.body.len() < MIGRATED_CHUNK_BYTES
+        });
+        if !continues {
+            if let Some((first, c, _)) = run.take() {
+                insert_chunk(&mut insert, first, &c)?;
+            }
+            run = Some((id, Chunk::new(SessionId::from_stored(session), seq as u64, text(r, 6)?), Vec::new()));
+        }
+        let Some((_, c, last_hash)) = run.as_mut() else { continue };
+        let raw = |i: usize| r.get_ref(i).and_then(|v| Ok(v.as_bytes()?.to_vec()));
+        c.push_raw(r.get(3)?, &raw(4)?, &raw(7)?, &raw(5)?);
+        *last_hash = raw(7)?;
+    }
+    if let Some((first, c, _)) = run.take() {
+        insert_chunk(&mut insert, first, &c)?;
+    }
+    drop(rows);
+    drop(read);
+    drop(insert);
+    conn.execute_batch("DROP TABLE records;")
+}
+
+/// `first_seq, n, prev_hash, body` of a `chunks` row read in that order.
+pub(crate) fn chunk_row<'a>(r: &'a Row<'_>) -> rusqlite::Result<(u64, u64, String, &'a [u8])> {
+    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get_ref(3)?.as_bytes()?))
+}
+
+/// Records past a local id, for the fleet outbox ([`records_after`]).
+#[derive(Debug, Default)]
+pub(crate) struct RecordsAfter {
+    /// Each record with its local id, in id order.
+    pub(crate) records: Vec<(i64, Record)>,
+    /// Stored rows that do not decode: the session, the first seq, why.
+    pub(crate) damaged: Vec<(String, u64, String)>,
+    /// The last local id read (damaged rows included).
+    pub(crate) last_id: Option<i64>,
+}
+
+/// The records whose local id is above `after`, whole rows at a time, until
+/// at least `min` (or the end). Every session's last record read is thus the
+/// last of its row, which the outbox relies on to count its exchanges
+/// ([`exchanges_through`]).
+pub(crate) fn records_after(conn: &Connection, after: i64, min: usize) -> rusqlite::Result<RecordsAfter> {
+    // The row holding `after` may hold later records too.
+    let mut st = conn.prepare_cached(
+        "SELECT first_seq, n, prev_hash, body, id, session FROM chunks \
+         WHERE id >= coalesce((SELECT id FROM chunks WHERE id <= ?1 ORDER BY id DESC LIMIT 1), 0) ORDER BY id",
+    )?;
+    let mut rows = st.query([after])?;
+    let mut out = RecordsAfter::default();
+    while out.records.len() < min {
+        let Some(r) = rows.next()? else { break };
+        let (first_seq, n, prev_hash, body) = chunk_row(r)?;
+        let (id, session): (i64, String) = (r.get(4)?, r.get(5)?);
+        let last = id.saturating_add(i64::try_from(n).unwrap_or(i64::MAX)).saturating_sub(1);
+        if last <= after {
+            continue;
+        }
+        out.last_id = Some(last);
+        match chunk::decode(&SessionId::from_stored(session.clone()), first_seq, prev_hash, n, body) {
+            Ok(records) => {
+                let numbered = (id..).zip(records).filter(|(local, _)| *local > after);
+                out.records.extend(numbered);
+            }
+            Err(e) => out.damaged.push((session, first_seq, e.to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// How many exchanges a session's records hold up to the end of the row
+/// that ends at `seq` (rows of one session never overlap).
+pub(crate) fn exchanges_through(conn: &Connection, session: &str, seq: u64) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT coalesce(sum(exchanges), 0) FROM chunks WHERE session = ?1 AND first_seq <= ?2")?
+        .query_row(params![session, seq as i64], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
+}
+
+const INSERT_CHUNK: &str = "INSERT INTO chunks (id, session, first_seq, n, exchanges, prev_hash, ts, body) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+// The fleet outbox's questions about local ids (`?1` is its cursor). A row
+// holds the ids `id ..= id + n - 1`; the row holding `?1` may hold later
+// ids too, and rowid order finds it without a scan.
+
+/// How many records have a local id above `?1`.
+pub(crate) const COUNT_RECORDS_AFTER: &str = "SELECT coalesce(sum(max(0, min(n, id + n - 1 - ?1))), 0) FROM chunks \
+     WHERE id >= coalesce((SELECT id FROM chunks WHERE id <= ?1 ORDER BY id DESC LIMIT 1), 0)";
+/// When the first record after `?1` was recorded, to the row: its row's first record's time.
+pub(crate) const FIRST_TIME_AFTER: &str = "SELECT ts FROM chunks \
+     WHERE id >= coalesce((SELECT id FROM chunks WHERE id <= ?1 ORDER BY id DESC LIMIT 1), 0) AND id + n - 1 > ?1 \
+     ORDER BY id LIMIT 1";
+/// The newest local id (NULL when there are no records).
+pub(crate) const NEWEST_RECORD_ID: &str = "SELECT (SELECT id + n - 1 FROM chunks ORDER BY id DESC LIMIT 1)";
+
+fn insert_chunk(st: &mut rusqlite::Statement<'_>, id: i64, c: &Chunk) -> rusqlite::Result<()> {
+    st.execute(params![
+        id,
+        c.session.as_str(),
+        c.first_seq as i64,
+        i64::from(c.records),
+        i64::from(c.exchanges),
+        c.prev_hash,
+        c.ts,
+        c.body
+    ])
+    .map(drop)
+}
 
 /// How long a writer waits for another connection's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -202,17 +368,20 @@ pub(crate) struct Tail {
 pub(crate) struct Batch {
     /// Sessions started in this batch (their row as of the start record).
     pub(crate) new_sessions: Vec<SessionRow>,
-    /// Records, in chain order per session.
-    pub(crate) records: Vec<Record>,
+    /// One chunk per session with records in this batch, in the order of
+    /// their first record.
+    pub(crate) chunks: Vec<Chunk>,
     /// Each touched session's tail after the batch.
     pub(crate) tails: BTreeMap<SessionId, Tail>,
+    /// Records in `chunks`.
+    pub(crate) records: usize,
     /// Approximate size, to cut batches of big bodies short.
     pub(crate) bytes: usize,
 }
 
 impl Batch {
     pub(crate) fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.records == 0
     }
 
     pub(crate) fn clear(&mut self) {
@@ -260,7 +429,7 @@ impl SessionStore {
     }
 
     fn migrate(&self) -> Result<(), RecordError> {
-        crate::sqlite::migrate(&self.conn, MIGRATIONS).map_err(|e| open_error(&self.path, e))
+        crate::sqlite::migrate_steps(&self.conn, MIGRATIONS).map_err(|e| open_error(&self.path, e))
     }
 
     fn begin(&self, behavior: TransactionBehavior) -> Result<Transaction<'_>, RecordError> {
@@ -297,16 +466,19 @@ impl SessionStore {
             })
             .map_err(self.err("inserting a session"))?;
         }
-        // One statement for the whole batch: it holds up to thousands of records.
-        let mut insert = tx
-            .prepare_cached(
-                "INSERT INTO records (session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
-            .map_err(self.err("inserting a record"))?;
-        for r in &batch.records {
-            insert
-                .execute(params![r.session.as_str(), r.seq as i64, r.ts, r.kind, r.data, r.prev_hash, r.hash])
-                .map_err(self.err("inserting a record"))?;
+        // Rows take consecutive ranges of local ids after the newest row's:
+        // the fleet outbox ships records in that order. The newest row is
+        // the one pruning keeps (see `Outbox::shipped_retention`).
+        let mut next_id: i64 = tx
+            .prepare_cached("SELECT id + n FROM chunks ORDER BY id DESC LIMIT 1")
+            .and_then(|mut st| st.query_row([], |r| r.get(0)).optional())
+            .map_err(self.err("reading the last record id"))?
+            .unwrap_or(1);
+        // One statement for the whole batch: it holds up to thousands of rows.
+        let mut insert = tx.prepare_cached(INSERT_CHUNK).map_err(self.err("inserting records"))?;
+        for c in &batch.chunks {
+            insert_chunk(&mut insert, next_id, c).map_err(self.err("inserting records"))?;
+            next_id += i64::from(c.records);
         }
         drop(insert);
         let mut missing = Vec::new();
@@ -446,23 +618,32 @@ impl SessionStore {
 
     /// One session's records, in chain order.
     pub fn records(&self, id: &SessionId) -> Result<Vec<Record>, RecordError> {
-        self.conn
-            .prepare_cached("SELECT seq, ts, kind, data, prev_hash, hash FROM records WHERE session = ?1 ORDER BY seq")
-            .and_then(|mut st| {
-                st.query_map([id.as_str()], |r| {
-                    Ok(Record {
-                        session: id.clone(),
-                        seq: r.get::<_, i64>(0)? as u64,
-                        ts: r.get(1)?,
-                        kind: r.get(2)?,
-                        data: r.get(3)?,
-                        prev_hash: r.get(4)?,
-                        hash: r.get(5)?,
-                    })
-                })?
-                .collect()
-            })
-            .map_err(self.err("reading records"))
+        self.stored_records(id)?.map_err(|(first_seq, e)| RecordError::BadRow {
+            path: self.path.clone(),
+            id: id.to_string(),
+            field: "records",
+            reason: format!("the row of records from {first_seq} on does not decode: {e}"),
+        })
+    }
+
+    /// One session's records, or the first stored row that does not decode
+    /// (its first seq, and why).
+    fn stored_records(&self, id: &SessionId) -> Result<Result<Vec<Record>, (u64, ChunkError)>, RecordError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT first_seq, n, prev_hash, body FROM chunks WHERE session = ?1 ORDER BY first_seq")
+            .map_err(self.err("reading records"))?;
+        let mut rows = st.query([id.as_str()]).map_err(self.err("reading records"))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(self.err("reading records"))? {
+            let (first_seq, n, prev_hash, body) = chunk_row(r).map_err(self.err("reading records"))?;
+            match chunk::decode(id, first_seq, prev_hash, n, body) {
+                Ok(records) if out.is_empty() => out = records,
+                Ok(records) => out.extend(records),
+                Err(e) => return Ok(Err((first_seq, e))),
+            }
+        }
+        Ok(Ok(out))
     }
 
     /// Verifies one session's chain against itself and its sessions row
@@ -471,9 +652,15 @@ impl SessionStore {
     pub fn verify(&self, id: &SessionId) -> Result<Verdict, RecordError> {
         let tx = self.begin(TransactionBehavior::Deferred)?;
         let row = self.row(id)?.ok_or_else(|| RecordError::NotFound(id.to_string()))?;
-        let records = self.records(id)?;
+        let records = self.stored_records(id)?;
         tx.finish().map_err(self.err("ending a read"))?;
-        Ok(chain::verify(&row, &records))
+        Ok(match records {
+            Ok(records) => chain::verify(&row, &records),
+            Err((first_seq, e)) => Verdict::Broken {
+                seq: Some(e.seq(first_seq)),
+                problem: format!("the stored row of records from {first_seq} on does not decode: {e}"),
+            },
+        })
     }
 
     /// Every session id, oldest first.
@@ -489,7 +676,7 @@ impl SessionStore {
     pub fn orphaned_sessions(&self) -> Result<Vec<String>, RecordError> {
         self.conn
             .prepare(
-                "SELECT DISTINCT session FROM records WHERE session NOT IN (SELECT id FROM sessions) ORDER BY session",
+                "SELECT DISTINCT session FROM chunks WHERE session NOT IN (SELECT id FROM sessions) ORDER BY session",
             )
             .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
             .map_err(self.err("looking for orphaned records"))
@@ -511,7 +698,7 @@ impl SessionStore {
                 .and_then(|mut st| st.query_map(params![cutoff, keep_unended_since, batch], |r| r.get(0))?.collect())
                 .map_err(self.err("finding expired sessions"))?;
             for id in &ids {
-                tx.prepare_cached("DELETE FROM records WHERE session = ?1")
+                tx.prepare_cached("DELETE FROM chunks WHERE session = ?1")
                     .and_then(|mut st| st.execute([id]))
                     .map_err(self.err("deleting records"))?;
                 tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")
@@ -533,6 +720,29 @@ impl SessionStore {
     pub(crate) fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Stores records of `session` as one row, as the writer does: local ids
+/// from `id`, seqs from `first_seq`, chained from `prev_hash`, each record
+/// `(ts, kind, data)`. Returns the last record's hash.
+#[cfg(test)]
+pub(crate) fn insert_test_row(
+    conn: &Connection,
+    id: i64,
+    session: &str,
+    first_seq: u64,
+    prev_hash: &str,
+    records: &[(i64, &str, &str)],
+) -> String {
+    let mut c = Chunk::new(SessionId::from_stored(session.to_owned()), first_seq, prev_hash.to_owned());
+    let mut prev = prev_hash.to_owned();
+    for (i, (ts, kind, data)) in records.iter().enumerate() {
+        let hash = chain::hash_record(session, &prev, first_seq + i as u64, *ts, kind, data);
+        c.push(*ts, kind, &hash, data);
+        prev = hash;
+    }
+    insert_chunk(&mut conn.prepare(INSERT_CHUNK).expect("prepare"), id, &c).expect("insert a row of records");
+    prev
 }
 
 /// Maps SQLite's "this file is damaged / not a database" codes to

@@ -119,6 +119,80 @@ fn sql(dir: &Path, statement: &str, id: &SessionId) -> usize {
     store.connection().execute(statement, params![id.as_str()]).unwrap()
 }
 
+/// Rewrites a session's stored records as someone with write access to the
+/// file could: `edit` gets each stored row's records (first seq, records)
+/// and changes, removes or splits them; each row is then stored again with
+/// its records' own hashes and the hash before its first record.
+fn tamper(dir: &Path, id: &SessionId, edit: impl FnOnce(&mut Vec<(u64, Vec<super::Record>)>)) {
+    let store = SessionStore::open(&db(dir)).unwrap();
+    let conn = store.connection();
+    let mut rows: Vec<(u64, Vec<super::Record>)> = conn
+        .prepare("SELECT first_seq, n, prev_hash, body FROM chunks WHERE session = ?1 ORDER BY first_seq")
+        .unwrap()
+        .query_map([id.as_str()], |r| {
+            let (first_seq, n, prev, body) = super::store::chunk_row(r)?;
+            Ok((first_seq, super::chunk::decode(id, first_seq, prev, n, body).unwrap()))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let first_id: i64 =
+        conn.query_row("SELECT min(id) FROM chunks WHERE session = ?1", [id.as_str()], |r| r.get(0)).unwrap();
+    edit(&mut rows);
+    conn.execute("DELETE FROM chunks WHERE session = ?1", [id.as_str()]).unwrap();
+    let mut local = first_id;
+    for (first_seq, records) in rows.into_iter().filter(|(_, records)| !records.is_empty()) {
+        let mut c = super::chunk::Chunk::new(id.clone(), first_seq, records[0].prev_hash.clone());
+        for r in &records {
+            c.push(r.ts, &r.kind, &r.hash, &r.data);
+        }
+        conn.execute(
+            "INSERT INTO chunks (id, session, first_seq, n, exchanges, prev_hash, ts, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![local, id.as_str(), first_seq as i64, c.records, c.exchanges, c.prev_hash, c.ts, c.body],
+        )
+        .unwrap();
+        local += i64::from(c.records);
+    }
+}
+
+/// [`tamper`] with one record, wherever it is stored.
+fn tamper_record(dir: &Path, id: &SessionId, seq: u64, edit: impl FnOnce(&mut super::Record)) {
+    tamper(dir, id, |rows| {
+        let record = rows.iter_mut().flat_map(|(_, records)| records.iter_mut()).find(|r| r.seq == seq);
+        edit(record.expect("the record to edit"));
+    });
+}
+
+/// [`tamper`]: removes the records with seqs in `seqs`; `split` stores what
+/// follows them as a row of its own (from its own seq), else they close up.
+fn remove_records(dir: &Path, id: &SessionId, seqs: std::ops::RangeInclusive<u64>, split: bool) {
+    tamper(dir, id, |rows| {
+        let mut out = Vec::new();
+        for (first_seq, records) in rows.drain(..) {
+            let (mut before, mut after) = (Vec::new(), Vec::new());
+            for r in records {
+                if r.seq < *seqs.start() {
+                    before.push(r);
+                } else if r.seq > *seqs.end() {
+                    after.push(r);
+                }
+            }
+            match after.first() {
+                Some(next) if split => {
+                    let next_seq = next.seq;
+                    out.push((first_seq, before));
+                    out.push((next_seq, after));
+                }
+                _ => {
+                    before.extend(after);
+                    out.push((first_seq, before));
+                }
+            }
+        }
+        *rows = out;
+    });
+}
+
 #[test]
 fn a_complete_session_reads_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,7 +330,7 @@ fn cli_reads_back() {
     assert_eq!(code, ExitCode::SUCCESS, "{out}");
     assert!(out.contains("1 sessions verified, 0 broken"), "{out}");
 
-    sql(dir.path(), "UPDATE records SET data = replace(data, 'widget', 'gadget') WHERE session = ?1 AND seq = 1", &id);
+    tamper_record(dir.path(), &id, 1, |r| r.data = r.data.replace("widget", "gadget"));
     let (code, out) = run_captured(&database, &["verify", short]);
     assert_eq!(code, ExitCode::from(1));
     assert!(out.contains("BROKEN at record 1"), "{out}");
@@ -277,10 +351,10 @@ fn edited_record_is_named() {
     let recorder = open(dir.path());
     let id = complete_session(&recorder);
     recorder.shutdown();
-    assert_eq!(
-        sql(dir.path(), "UPDATE records SET data = replace(data, '201', '200') WHERE session = ?1 AND seq = 2", &id),
-        1
-    );
+    tamper_record(dir.path(), &id, 2, |r| {
+        assert!(r.data.contains("201"));
+        r.data = r.data.replace("201", "200");
+    });
     match verdict(dir.path(), &id) {
         Verdict::Broken { seq: Some(2), problem } => assert!(problem.contains("hash mismatch"), "{problem}"),
         other => panic!("{other:?}"),
@@ -290,7 +364,7 @@ fn edited_record_is_named() {
     let recorder = open(dir.path());
     let id = complete_session(&recorder);
     recorder.shutdown();
-    sql(dir.path(), "UPDATE records SET ts = ts + 1 WHERE session = ?1 AND seq = 3", &id);
+    tamper_record(dir.path(), &id, 3, |r| r.ts += 1);
     assert!(matches!(verdict(dir.path(), &id), Verdict::Broken { seq: Some(3), .. }));
 }
 
@@ -299,17 +373,26 @@ fn removed_records_are_detected() {
     let dir = tempfile::tempdir().unwrap();
     let recorder = open(dir.path());
     let middle = complete_session(&recorder);
+    let split = complete_session(&recorder);
     let tail = complete_session(&recorder);
     let whole_tail = complete_session(&recorder);
     recorder.shutdown();
 
-    sql(dir.path(), "DELETE FROM records WHERE session = ?1 AND seq = 2", &middle);
+    // Cut out of its row, the records after it close up: the next one no
+    // longer chains where it now stands.
+    remove_records(dir.path(), &middle, 2..=2, false);
     match verdict(dir.path(), &middle) {
+        Verdict::Broken { seq: Some(2), problem } => assert!(problem.contains("hash mismatch"), "{problem}"),
+        other => panic!("{other:?}"),
+    }
+    // Cut out with the rest stored as a row from its own seq: a gap.
+    remove_records(dir.path(), &split, 2..=2, true);
+    match verdict(dir.path(), &split) {
         Verdict::Broken { seq: Some(2), problem } => assert!(problem.contains("missing"), "{problem}"),
         other => panic!("{other:?}"),
     }
 
-    sql(dir.path(), "DELETE FROM records WHERE session = ?1 AND seq >= 3", &tail);
+    remove_records(dir.path(), &tail, 3..=u64::MAX, false);
     match verdict(dir.path(), &tail) {
         Verdict::Broken { seq: Some(3), problem } => assert!(problem.contains("tail"), "{problem}"),
         other => panic!("{other:?}"),
@@ -317,7 +400,7 @@ fn removed_records_are_detected() {
 
     // Removing the tail and rewinding the row's tail pointer still leaves
     // the recorded end without its end record.
-    sql(dir.path(), "DELETE FROM records WHERE session = ?1 AND seq = 4", &whole_tail);
+    remove_records(dir.path(), &whole_tail, 4..=4, false);
     let store = SessionStore::open(&db(dir.path())).unwrap();
     let last = store.records(&whole_tail).unwrap().pop().unwrap();
     store
@@ -354,14 +437,14 @@ fn metadata_edits_are_detected() {
     let recorder = open(dir.path());
     let id = complete_session(&recorder);
     recorder.shutdown();
-    sql(dir.path(), "UPDATE records SET data = replace(data, 'curl', 'wget') WHERE session = ?1 AND seq = 0", &id);
+    tamper_record(dir.path(), &id, 0, |r| r.data = r.data.replace("curl", "wget"));
     sql(dir.path(), "UPDATE sessions SET meta = replace(meta, 'curl', 'wget'), comm = 'wget' WHERE id = ?1", &id);
     assert!(matches!(verdict(dir.path(), &id), Verdict::Broken { seq: Some(0), .. }));
 }
 
 fn committed_records(database: &Path) -> i64 {
     let conn = rusqlite::Connection::open(database).unwrap();
-    conn.query_row("SELECT count(*) FROM records", [], |r| r.get(0)).unwrap()
+    conn.query_row("SELECT coalesce(sum(n), 0) FROM chunks", [], |r| r.get(0)).unwrap()
 }
 
 #[test]
@@ -635,7 +718,7 @@ fn retention_prunes_only_old_sessions() {
     assert_eq!(store.session_ids().unwrap().len(), 2);
     assert!(store.summary(&old_unended_id).is_ok());
     for id in &old {
-        assert_eq!(count(dir.path(), "SELECT count(*) FROM records WHERE session = ?1", id), 0);
+        assert_eq!(count(dir.path(), "SELECT count(*) FROM chunks WHERE session = ?1", id), 0);
         assert!(matches!(store.summary(id), Err(RecordError::NotFound(_))));
     }
     // Interrupted by an earlier run: pruned like an ended session.
@@ -1026,4 +1109,101 @@ fn new_databases_get_large_pages_and_old_ones_keep_theirs() {
     for id in [&first, &second] {
         assert_eq!(verdict(old.path(), id), Verdict::Intact { records: 5 });
     }
+}
+
+#[test]
+fn a_damaged_row_of_records_is_reported_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = open(dir.path());
+    let id = complete_session(&recorder);
+    recorder.shutdown();
+    // Cut short inside record 0.
+    assert_eq!(sql(dir.path(), "UPDATE chunks SET body = substr(body, 1, 20) WHERE session = ?1", &id), 1);
+    match verdict(dir.path(), &id) {
+        Verdict::Broken { seq: Some(0), problem } => assert!(problem.contains("does not decode"), "{problem}"),
+        other => panic!("{other:?}"),
+    }
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    let err = store.records(&id).unwrap_err();
+    assert!(matches!(err, RecordError::BadRow { field: "records", .. }), "{err}");
+    let (code, out) = run_captured(&db(dir.path()), &["verify", "--all"]);
+    assert_eq!(code, ExitCode::from(1), "{out}");
+    assert!(out.contains("1 broken"), "{out}");
+}
+
+#[test]
+fn a_version_1_database_is_migrated_keeping_every_record_its_id_and_its_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = open(dir.path());
+    let (a, b, c) = (complete_session(&recorder), complete_session(&recorder), complete_session(&recorder));
+    recorder.shutdown();
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    let before: Vec<Vec<super::Record>> = [&a, &b, &c].map(|id| store.records(id).unwrap()).into();
+    // Back to version 1 as its writer stored them: a row per record, a's
+    // and b's interleaved (ids 1..=10), then c's (11..=15); b's record 3
+    // linked to a wrong hash.
+    let conn = store.connection();
+    conn.execute_batch(
+        "DROP TABLE chunks;
+         CREATE TABLE records (
+             id INTEGER PRIMARY KEY, session TEXT NOT NULL, seq INTEGER NOT NULL, ts INTEGER NOT NULL,
+             kind TEXT NOT NULL, data TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL,
+             UNIQUE (session, seq)
+         ) STRICT;
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    let interleaved = before[0].iter().zip(&before[1]).flat_map(|(x, y)| [x, y]);
+    for (local, r) in (1i64..).zip(interleaved.chain(&before[2])) {
+        let prev = if r.session == b && r.seq == 3 { "0".repeat(63) + "1" } else { r.prev_hash.clone() };
+        conn.execute(
+            "INSERT INTO records (id, session, seq, ts, kind, data, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![local, r.session.as_str(), r.seq as i64, r.ts, r.kind, r.data, prev, r.hash],
+        )
+        .unwrap();
+    }
+    drop(store);
+
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    let conn = store.connection();
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(store.records(&a).unwrap(), before[0]);
+    assert_eq!(store.records(&c).unwrap(), before[2]);
+    assert_eq!(store.verify(&a).unwrap(), Verdict::Intact { records: 5 });
+    assert_eq!(store.verify(&c).unwrap(), Verdict::Intact { records: 5 });
+    match store.verify(&b).unwrap() {
+        Verdict::Broken { seq: Some(3), problem } => assert!(problem.contains("prev_hash"), "{problem}"),
+        other => panic!("{other:?}"),
+    }
+    // Every record keeps its local id (the fleet outbox's cursor); c's run
+    // of consecutive ids became one row.
+    let shipped = super::records_after(conn, 0, 100).unwrap();
+    let ids: Vec<(i64, String, u64)> =
+        shipped.records.iter().map(|(local, r)| (*local, r.session.to_string(), r.seq)).collect();
+    let expected: Vec<(i64, String, u64)> = (1i64..)
+        .zip(
+            (0..5)
+                .flat_map(|seq| [(a.to_string(), seq), (b.to_string(), seq)])
+                .chain((0..5).map(|seq| (c.to_string(), seq))),
+        )
+        .map(|(local, (session, seq))| (local, session, seq))
+        .collect();
+    assert_eq!(ids, expected);
+    assert_eq!(shipped.last_id, Some(15));
+    let rows = |id: &SessionId| -> i64 {
+        conn.query_row("SELECT count(*) FROM chunks WHERE session = ?1", [id.as_str()], |r| r.get(0)).unwrap()
+    };
+    assert_eq!((rows(&a), rows(&c)), (5, 1));
+    // And the writer numbers after them.
+    drop(store);
+    let recorder = open(dir.path());
+    let d = complete_session(&recorder);
+    recorder.shutdown();
+    let store = SessionStore::open(&db(dir.path())).unwrap();
+    let first: i64 = store
+        .connection()
+        .query_row("SELECT min(id) FROM chunks WHERE session = ?1", [d.as_str()], |r| r.get(0))
+        .unwrap();
+    assert_eq!(first, 16);
 }

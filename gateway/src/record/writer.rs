@@ -39,13 +39,14 @@ use crate::{
 
 use super::{
     chain::{hash_record, GENESIS_HASH},
+    chunk::Chunk,
     encode::{self, limits, SensitiveNames},
     lock::{self, WriterLock},
     model::{nanos, SessionMeta},
     retention::Pruner,
     store::{Batch, SessionRow, SessionStore, Tail},
-    EventKind, ExchangeRecord, OnRecordFailure, PostgresExchange, Record, RecordConfig, RecordError, RecordKind,
-    RecordLevel, SessionEnd, SessionId, SessionOutcome, SessionStart,
+    EventKind, ExchangeRecord, OnRecordFailure, PostgresExchange, RecordConfig, RecordError, RecordKind, RecordLevel,
+    SessionEnd, SessionId, SessionOutcome, SessionStart,
 };
 
 /// Commit early when a batch holds this many records...
@@ -318,6 +319,7 @@ impl Recorder {
             max_body_bytes: config.max_body_bytes,
             chains: HashMap::default(),
             batch: Batch::default(),
+            generation: 0,
             names: SensitiveNames::default(),
             waiters: Vec::new(),
             _lock: writer_lock,
@@ -498,6 +500,8 @@ struct Chain {
     next_seq: u64,
     last_hash: String,
     exchanges: u64,
+    /// Its chunk in the batch: the batch's generation and the chunk's index.
+    chunk: Option<(u64, usize)>,
 }
 
 struct Writer {
@@ -510,6 +514,9 @@ struct Writer {
     /// traffic's).
     chains: HashMap<SessionId, Chain, foldhash::fast::RandomState>,
     batch: Batch,
+    /// Counts batches committed (or given up), so a chain knows whether its
+    /// chunk is in the current one.
+    generation: u64,
     names: SensitiveNames,
     waiters: Vec<mpsc::SyncSender<Result<(), String>>>,
     /// Held until the thread exits (or the process dies).
@@ -591,7 +598,7 @@ impl Writer {
     }
 
     fn batch_full(&self) -> bool {
-        self.batch.records.len() >= MAX_BATCH_RECORDS || self.batch.bytes >= MAX_BATCH_BYTES
+        self.batch.records >= MAX_BATCH_RECORDS || self.batch.bytes >= MAX_BATCH_BYTES
     }
 
     fn take(&mut self, msg: Msg) -> After {
@@ -680,17 +687,10 @@ impl Writer {
             bytes_down: None,
             outcome: None,
         });
-        self.batch.bytes += data.len();
-        self.batch.records.push(Record {
-            session: id.clone(),
-            seq: 0,
-            ts,
-            kind: RecordKind::Start.as_str().into(),
-            data,
-            prev_hash: GENESIS_HASH.into(),
-            hash: hash.clone(),
-        });
-        self.chains.insert(id, Chain { next_seq: 1, last_hash: hash, exchanges: 0 });
+        let mut chain = Chain { next_seq: 1, last_hash: String::new(), exchanges: 0, chunk: None };
+        push(&mut self.batch, self.generation, &mut chain, &id, 0, ts, RecordKind::Start, &hash, &data);
+        chain.last_hash = hash;
+        self.chains.insert(id, chain);
     }
 
     fn append(&mut self, id: &SessionId, ts: i64, kind: RecordKind, data: String, end: Option<SessionEnd>) {
@@ -705,25 +705,16 @@ impl Writer {
         }
         let seq = chain.next_seq;
         let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind.as_str(), &data);
-        let prev_hash = std::mem::replace(&mut chain.last_hash, hash.clone());
+        push(&mut self.batch, self.generation, chain, id, seq, ts, kind, &hash, &data);
         chain.next_seq += 1;
         let tail = Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end };
+        chain.last_hash = hash;
         match self.batch.tails.get_mut(id) {
             Some(known) => *known = tail,
             None => {
                 self.batch.tails.insert(id.clone(), tail);
             }
         }
-        self.batch.bytes += data.len();
-        self.batch.records.push(Record {
-            session: id.clone(),
-            seq,
-            ts,
-            kind: kind.as_str().into(),
-            data,
-            prev_hash,
-            hash,
-        });
     }
 
     /// Commits the batch, retrying with back-off until it succeeds (or, once
@@ -746,10 +737,11 @@ impl Writer {
                         tracing::warn!(target: TARGET, session = %id, "session row vanished (pruned or deleted) while the session was live; its later records are orphaned");
                     }
                     self.batch.clear();
+                    self.generation += 1;
                 }
                 Err(e) => {
                     attempt += 1;
-                    let records = self.batch.records.len();
+                    let records = self.batch.records;
                     self.failed(&e);
                     for waiter in self.waiters.drain(..) {
                         let _ = waiter.send(Err(e.to_string()));
@@ -757,6 +749,7 @@ impl Writer {
                     if self.shared.stopping.load(Ordering::Relaxed) && attempt >= SHUTDOWN_ATTEMPTS {
                         tracing::error!(target: TARGET, error = %e, records, "giving up: these session records are lost");
                         self.batch.clear();
+                        self.generation += 1;
                         break;
                     }
                     if matches!(&e, RecordError::Damaged { damage, .. } if damage.reopenable()) && self.reopen() {
@@ -852,6 +845,36 @@ impl Writer {
             "session recording recovered; every record kept in memory is being committed"
         );
     }
+}
+
+/// Adds a record to its session's chunk in `batch`, opening one when this is
+/// the session's first record in the batch (`generation` tells whether the
+/// chunk `chain` remembers is in it). `chain.last_hash` is still the
+/// previous record's hash.
+#[allow(clippy::too_many_arguments)]
+fn push(
+    batch: &mut Batch,
+    generation: u64,
+    chain: &mut Chain,
+    id: &SessionId,
+    seq: u64,
+    ts: i64,
+    kind: RecordKind,
+    hash: &str,
+    data: &str,
+) {
+    let open = chain.chunk.filter(|(of, i)| *of == generation && *i < batch.chunks.len()).map(|(_, i)| i);
+    let i = open.unwrap_or_else(|| {
+        let prev = if seq == 0 { GENESIS_HASH.to_owned() } else { chain.last_hash.clone() };
+        batch.chunks.push(Chunk::new(id.clone(), seq, prev));
+        batch.chunks.len() - 1
+    });
+    chain.chunk = Some((generation, i));
+    if let Some(chunk) = batch.chunks.get_mut(i) {
+        chunk.push(ts, kind.as_str(), hash, data);
+    }
+    batch.records += 1;
+    batch.bytes += data.len();
 }
 
 fn process_facts(p: &ProcessSnapshot) -> ProcessSnapshot {
