@@ -9,7 +9,6 @@
 //! reviewer's CLI can share the file (`busy_timeout` queues writers).
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -363,17 +362,26 @@ pub(crate) struct Tail {
     pub(crate) end: Option<SessionEnd>,
 }
 
+/// One session's part of a batch: its new records and, when it had records
+/// after its start, the chain's tail after them.
+#[derive(Debug)]
+pub(crate) struct Appended {
+    /// The records, as one row.
+    pub(crate) chunk: Chunk,
+    /// The sessions row's new tail (`None` when the batch holds only the
+    /// start, which the new row already says).
+    pub(crate) tail: Option<Tail>,
+}
+
 /// What the writer commits in one transaction.
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     /// Sessions started in this batch (their row as of the start record).
     pub(crate) new_sessions: Vec<SessionRow>,
-    /// One chunk per session with records in this batch, in the order of
+    /// One entry per session with records in this batch, in the order of
     /// their first record.
-    pub(crate) chunks: Vec<Chunk>,
-    /// Each touched session's tail after the batch.
-    pub(crate) tails: BTreeMap<SessionId, Tail>,
-    /// Records in `chunks`.
+    pub(crate) sessions: Vec<Appended>,
+    /// Records in `sessions`.
     pub(crate) records: usize,
     /// Approximate size, to cut batches of big bodies short.
     pub(crate) bytes: usize,
@@ -476,13 +484,13 @@ impl SessionStore {
             .unwrap_or(1);
         // One statement for the whole batch: it holds up to thousands of rows.
         let mut insert = tx.prepare_cached(INSERT_CHUNK).map_err(self.err("inserting records"))?;
-        for c in &batch.chunks {
-            insert_chunk(&mut insert, next_id, c).map_err(self.err("inserting records"))?;
-            next_id += i64::from(c.records);
+        for s in &batch.sessions {
+            insert_chunk(&mut insert, next_id, &s.chunk).map_err(self.err("inserting records"))?;
+            next_id += i64::from(s.chunk.records);
         }
         drop(insert);
         let mut missing = Vec::new();
-        for (id, t) in &batch.tails {
+        for (id, t) in batch.sessions.iter().filter_map(|s| Some((&s.chunk.session, s.tail.as_ref()?))) {
             let end = t.end.as_ref();
             let changed = tx
                 .prepare_cached(

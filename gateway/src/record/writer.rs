@@ -44,7 +44,7 @@ use super::{
     lock::{self, WriterLock},
     model::{nanos, SessionMeta},
     retention::Pruner,
-    store::{Batch, SessionRow, SessionStore, Tail},
+    store::{Appended, Batch, SessionRow, SessionStore, Tail},
     EventKind, ExchangeRecord, OnRecordFailure, PostgresExchange, RecordConfig, RecordError, RecordKind, RecordLevel,
     SessionEnd, SessionId, SessionOutcome, SessionStart,
 };
@@ -500,7 +500,7 @@ struct Chain {
     next_seq: u64,
     last_hash: String,
     exchanges: u64,
-    /// Its chunk in the batch: the batch's generation and the chunk's index.
+    /// Its entry in the batch: the batch's generation and the entry's index.
     chunk: Option<(u64, usize)>,
 }
 
@@ -705,16 +705,24 @@ impl Writer {
         }
         let seq = chain.next_seq;
         let hash = hash_record(id.as_str(), &chain.last_hash, seq, ts, kind.as_str(), &data);
-        push(&mut self.batch, self.generation, chain, id, seq, ts, kind, &hash, &data);
+        let appended = push(&mut self.batch, self.generation, chain, id, seq, ts, kind, &hash, &data);
         chain.next_seq += 1;
-        let tail = Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges: chain.exchanges, end };
-        chain.last_hash = hash;
-        match self.batch.tails.get_mut(id) {
-            Some(known) => *known = tail,
+        let exchanges = chain.exchanges;
+        match &mut appended.tail {
+            Some(tail) => {
+                // In place: the hash's buffer is reused record after record.
+                tail.last_seq = seq;
+                tail.last_hash.clear();
+                tail.last_hash.push_str(&hash);
+                tail.last_ts = ts;
+                tail.exchanges = exchanges;
+                tail.end = end;
+            }
             None => {
-                self.batch.tails.insert(id.clone(), tail);
+                appended.tail = Some(Tail { last_seq: seq, last_hash: hash.clone(), last_ts: ts, exchanges, end });
             }
         }
+        chain.last_hash = hash;
     }
 
     /// Commits the batch, retrying with back-off until it succeeds (or, once
@@ -847,13 +855,13 @@ impl Writer {
     }
 }
 
-/// Adds a record to its session's chunk in `batch`, opening one when this is
-/// the session's first record in the batch (`generation` tells whether the
-/// chunk `chain` remembers is in it). `chain.last_hash` is still the
-/// previous record's hash.
+/// Adds a record to its session's entry in `batch`, opening one when this
+/// is the session's first record in the batch (`generation` tells whether
+/// the entry `chain` remembers is in it), and returns the entry.
+/// `chain.last_hash` is still the previous record's hash.
 #[allow(clippy::too_many_arguments)]
-fn push(
-    batch: &mut Batch,
+fn push<'b>(
+    batch: &'b mut Batch,
     generation: u64,
     chain: &mut Chain,
     id: &SessionId,
@@ -862,19 +870,20 @@ fn push(
     kind: RecordKind,
     hash: &str,
     data: &str,
-) {
-    let open = chain.chunk.filter(|(of, i)| *of == generation && *i < batch.chunks.len()).map(|(_, i)| i);
-    let i = open.unwrap_or_else(|| {
-        let prev = if seq == 0 { GENESIS_HASH.to_owned() } else { chain.last_hash.clone() };
-        batch.chunks.push(Chunk::new(id.clone(), seq, prev));
-        batch.chunks.len() - 1
-    });
-    chain.chunk = Some((generation, i));
-    if let Some(chunk) = batch.chunks.get_mut(i) {
-        chunk.push(ts, kind.as_str(), hash, data);
-    }
+) -> &'b mut Appended {
     batch.records += 1;
     batch.bytes += data.len();
+    let open = chain.chunk.filter(|(of, i)| *of == generation && *i < batch.sessions.len()).map(|(_, i)| i);
+    let i = open.unwrap_or_else(|| {
+        let prev = if seq == 0 { GENESIS_HASH.to_owned() } else { chain.last_hash.clone() };
+        batch.sessions.push(Appended { chunk: Chunk::new(id.clone(), seq, prev), tail: None });
+        batch.sessions.len() - 1
+    });
+    chain.chunk = Some((generation, i));
+    // In bounds: checked above, or just pushed.
+    let appended = &mut batch.sessions[i];
+    appended.chunk.push(ts, kind.as_str(), hash, data);
+    appended
 }
 
 fn process_facts(p: &ProcessSnapshot) -> ProcessSnapshot {
