@@ -1248,7 +1248,13 @@ struct Usage {
     /// Voluntary (blocking: waiting for I/O or a wake-up) and involuntary
     /// (preempted) context switches, summed over live threads.
     switches: u64,
+    /// User + system CPU time of the gateway's session recorder thread
+    /// (`record-writer`), part of `cpu`.
+    writer: Duration,
 }
+
+/// The name the gateway gives its session recorder's writer thread.
+const WRITER_THREAD: &str = "record-writer";
 
 /// The [`Usage`] of processes `pids`. A thread that exited meanwhile takes
 /// its context switches with it (the gateway's runtime threads live as
@@ -1260,9 +1266,17 @@ fn usage(pids: &[u32]) -> Result<Usage> {
     let secs = |t: u64| Duration::from_secs_f64(t as f64 / ticks as f64);
     let procs: Vec<Process> = processes()?.into_iter().filter(|p| pids.contains(&p.pid)).collect();
     let mut switches = 0;
+    let mut writer = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { continue };
         for task in tasks.flatten() {
+            if let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) {
+                if let Some((comm, ticks)) = comm_and_ticks(&stat) {
+                    if comm == WRITER_THREAD {
+                        writer += ticks;
+                    }
+                }
+            }
             let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
             switches += status
                 .lines()
@@ -1277,7 +1291,17 @@ fn usage(pids: &[u32]) -> Result<Usage> {
         cpu: secs(procs.iter().map(|p| p.cpu_ticks).sum()),
         sys: secs(procs.iter().map(|p| p.sys_ticks).sum()),
         switches,
+        writer: secs(writer),
     })
+}
+
+/// The command name and utime + stime (clock ticks) of a /proc `stat` line.
+fn comm_and_ticks(stat: &str) -> Option<(&str, u64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1;
+    // After the comm: state(3) ... utime(14) stime(15), counted from 1 overall.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((comm, f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?))
 }
 
 /// Every live process.
@@ -1314,6 +1338,9 @@ struct WrkRun {
     proxy_sys_us: Option<f64>,
     /// Proxy context switches per request.
     proxy_switches: Option<f64>,
+    /// The gateway's recorder thread's CPU time per request (part of
+    /// `proxy_cpu_us`; zero with recording off).
+    writer_cpu_us: Option<f64>,
     origin_cpu_us: f64,
     /// Connections the origin accepted during the run.
     origin_conns: u64,
@@ -1362,6 +1389,7 @@ fn wrk(tools: &Tools, scene: &Scene, route: &Route, conns: u32, threads: u32, se
         proxy_sys_us: proxy.map(|(a, b)| per_req(b.sys.saturating_sub(a.sys))),
         proxy_switches: proxy
             .map(|(a, b)| b.switches.saturating_sub(a.switches) as f64 / parsed.requests.max(1) as f64),
+        writer_cpu_us: proxy.map(|(a, b)| per_req(b.writer.saturating_sub(a.writer))),
         origin_cpu_us: per_req(origin1.saturating_sub(origin0)),
         origin_conns,
         drain,
@@ -1497,6 +1525,7 @@ fn parse_wrk(text: &str) -> Result<WrkRun> {
         proxy_cpu_us: None,
         proxy_sys_us: None,
         proxy_switches: None,
+        writer_cpu_us: None,
         origin_cpu_us: 0.0,
         origin_conns: 0,
         drain: None,
@@ -1638,6 +1667,7 @@ struct Summary {
     proxy_cpu: Option<f64>,
     proxy_sys: Option<f64>,
     proxy_switches: Option<f64>,
+    writer_cpu: Option<f64>,
     origin_cpu: f64,
     origin_conns: f64,
 }
@@ -1652,6 +1682,7 @@ impl Summary {
             proxy_cpu: runs[0].proxy_cpu_us.map(|_| m(|r| r.proxy_cpu_us.unwrap_or(f64::NAN))),
             proxy_sys: runs[0].proxy_sys_us.map(|_| m(|r| r.proxy_sys_us.unwrap_or(f64::NAN))),
             proxy_switches: runs[0].proxy_switches.map(|_| m(|r| r.proxy_switches.unwrap_or(f64::NAN))),
+            writer_cpu: runs[0].writer_cpu_us.map(|_| m(|r| r.writer_cpu_us.unwrap_or(f64::NAN))),
             origin_cpu: m(|r| r.origin_cpu_us),
             origin_conns: m(|r| r.origin_conns as f64),
         }
@@ -1846,7 +1877,7 @@ fn run_recording(tools: &Tools, scene: &mut Scene, settings: &Settings) -> Resul
                 let run = wrk(tools, scene, route, conns, threads, settings.secs)?;
                 eprintln!(
                     "round {round}/{}  c={conns:<2}  {:<26} {:>9.0} req/s  p50 {:>7.1} us  p99 {:>7.1} us  \
-                     CPU/req {:>6.1} us (sys {:>5.1})  csw/req {:>5.2}  busy after {:>5.0} ms",
+                     CPU/req {:>6.1} us (sys {:>5.1}, writer {:>4.2})  csw/req {:>5.2}  busy after {:>5.0} ms",
                     settings.rounds,
                     route.label,
                     run.rps,
@@ -1854,6 +1885,7 @@ fn run_recording(tools: &Tools, scene: &mut Scene, settings: &Settings) -> Resul
                     run.p99_us,
                     run.proxy_cpu_us.unwrap_or(f64::NAN),
                     run.proxy_sys_us.unwrap_or(f64::NAN),
+                    run.writer_cpu_us.unwrap_or(f64::NAN),
                     run.proxy_switches.unwrap_or(f64::NAN),
                     run.drain.unwrap_or_default().as_secs_f64() * 1e3,
                 );
@@ -1986,13 +2018,16 @@ impl RecordingReport {
         );
         let full = self.routes.len() - 1;
         let mut verdict = None;
+        // Full recording's extra CPU per request at 16 connections, and the
+        // writer thread's share of it.
+        let mut split = None;
         for (l, &(conns, threads)) in LOADS.iter().enumerate() {
             let runs = &self.runs[l];
             let s: Vec<Summary> = runs.iter().map(|r| Summary::of(r)).collect();
             let base = &s[0];
             println!("\n{conns} connection(s), wrk -t{threads} -c{conns}");
             println!(
-                "{:<26} {:>9} {:>8} {:>8} {:>9} {:>15} {:>14} {:>10} {:>9}",
+                "{:<26} {:>9} {:>8} {:>8} {:>9} {:>15} {:>14} {:>10} {:>15} {:>9}",
                 "gateway",
                 "req/s",
                 "p50 us",
@@ -2001,6 +2036,7 @@ impl RecordingReport {
                 "rounds ÷base",
                 "proxy CPU/req",
                 "CPU ÷base",
+                "of it writer",
                 "busy ms"
             );
             for (r, (route, x)) in self.routes.iter().zip(&s).enumerate() {
@@ -2014,7 +2050,7 @@ impl RecordingReport {
                     &runs[r].iter().map(|w| w.drain.unwrap_or_default().as_secs_f64() * 1e3).collect::<Vec<_>>(),
                 );
                 println!(
-                    "{:<26} {:>9.0} {:>8.1} {:>8.1} {:>9.3} {:>15} {:>11.1} us {:>10.3} {:>9.0}",
+                    "{:<26} {:>9.0} {:>8.1} {:>8.1} {:>9.3} {:>15} {:>11.1} us {:>10.3} {:>12.2} us {:>9.0}",
                     route.label,
                     x.rps,
                     x.p50,
@@ -2023,12 +2059,16 @@ impl RecordingReport {
                     format!("{lo:.2}–{hi:.2}"),
                     cpu,
                     cpu / base.proxy_cpu.unwrap_or(f64::NAN),
+                    x.writer_cpu.unwrap_or(f64::NAN),
                     busy,
                 );
             }
             if conns == 16 {
                 let cpu = s[full].proxy_cpu.unwrap_or(f64::NAN) / base.proxy_cpu.unwrap_or(f64::NAN);
                 verdict = Some((s[full].rps / base.rps, cpu));
+                let extra = s[full].proxy_cpu.unwrap_or(f64::NAN) - base.proxy_cpu.unwrap_or(f64::NAN);
+                let writer = s[full].writer_cpu.unwrap_or(f64::NAN);
+                split = Some((extra, writer));
             }
         }
         println!("\nrecorded (checked after the run)");
@@ -2049,8 +2089,8 @@ impl RecordingReport {
         println!(
             "\n÷baseline: median req/s over median baseline req/s; rounds ÷base: lowest and highest ratio to the \
              baseline of the same round. CPU columns: user+system CPU time of the gateway process per request, \
-             measured until it went idle after wrk stopped; busy ms: how long that took (median; the recorder \
-             catching up). Every measurement was checked to have been intercepted by its gateway; recordings were \
+             measured until it went idle after wrk stopped; of it writer: the session recorder's writer thread \
+             (`record-writer`) alone; busy ms: how long that took (median; the recorder catching up). Every measurement was checked to have been intercepted by its gateway; recordings were \
              read back after the gateways stopped."
         );
         if let Some((ratio, cpu)) = verdict {
@@ -2067,6 +2107,18 @@ impl RecordingReport {
                  of the baseline (cost {:.1}%)",
                 1.0 / cpu,
                 (1.0 - 1.0 / cpu) * 100.0
+            );
+            println!(
+                "Target (issue 13): full recording <= 10% of CPU per request over recording off: {:+.1}%: {}",
+                (cpu - 1.0) * 100.0,
+                if cpu <= 1.10 { "PASS" } else { "FAIL" }
+            );
+        }
+        if let Some((extra, writer)) = split {
+            println!(
+                "Full recording's extra CPU per request (16 connections): {extra:.1} us, of it the writer thread \
+                 {writer:.2} us and the other threads {:.1} us",
+                extra - writer
             );
         }
     }
