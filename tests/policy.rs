@@ -403,16 +403,21 @@ fn sessions_read_back_verify_and_detect_tampering() {
     assert!(!out.status.success(), "an edited record must fail verification ({conn})");
 }
 
-/// Rewrites the data of one exchange record of `session`; returns what it changed.
+/// Rewrites the status of the first exchange of `session` in its stored row
+/// of records (`chunks.body`, the bytes as stored, as someone with write
+/// access to the file could); returns what it changed.
 fn rusqlite_edit(db: &Path, session: &str) -> String {
     let script = format!(
-        "import sqlite3; c=sqlite3.connect('{db}'); cur=c.execute(\"select seq from records where session=? and kind='exchange' order by seq limit 1\", ('{session}',)); \
-         seq=cur.fetchone()[0]; c.execute(\"update records set data=replace(data, '200', '201') where session=? and seq=?\", ('{session}', seq)); c.commit(); print(seq)",
+        "import sqlite3; c=sqlite3.connect('{db}'); \
+         rows=c.execute(\"select id, body from chunks where session=? order by first_seq\", ('{session}',)).fetchall(); \
+         hit=[(i, b) for i, b in rows if b'\"status\":200' in b][0]; \
+         c.execute(\"update chunks set body=? where id=?\", (hit[1].replace(b'\"status\":200', b'\"status\":201', 1), hit[0])); \
+         c.commit(); print(hit[0])",
         db = db.display()
     );
     let out = Command::new("python3").arg("-c").arg(&script).output().expect("python3 sqlite3");
     assert!(out.status.success(), "editing the database: {}", String::from_utf8_lossy(&out.stderr));
-    format!("seq {}", String::from_utf8_lossy(&out.stdout).trim())
+    format!("row {}", String::from_utf8_lossy(&out.stdout).trim())
 }
 
 #[test]

@@ -136,3 +136,18 @@ pub fn sql_keys(detector: &crate::detect::Detector, sql: &str) -> Option<Vec<(St
 pub fn copy_unescape(block: &[u8]) -> Option<Vec<u8>> {
     crate::postgres::encoded::copy_unescape(block)
 }
+
+/// Decodes a stored row of session records (`n` records from seq
+/// `first_seq`) as `sessions verify` does: how many it held and the row
+/// encoded again from them, or the seq of the first record it could not
+/// read.
+pub fn record_row(body: &[u8], first_seq: u64, n: u64) -> Result<(usize, Vec<u8>), u64> {
+    use crate::record::{chunk, SessionId, GENESIS_HASH};
+    let session = SessionId::from_stored("0123456789ab-0123456789ab".into());
+    let records = chunk::decode(&session, first_seq, GENESIS_HASH.to_owned(), n, body).map_err(|e| e.seq(first_seq))?;
+    let mut again = chunk::Chunk::new(session, first_seq, GENESIS_HASH.to_owned());
+    for r in &records {
+        again.push(r.ts, &r.kind, &r.hash, &r.data);
+    }
+    Ok((records.len(), again.body))
+}

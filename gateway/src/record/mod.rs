@@ -19,7 +19,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 mod chain;
-mod chunk;
+pub(crate) mod chunk;
 mod encode;
 mod lock;
 mod model;
